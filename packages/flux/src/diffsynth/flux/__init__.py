@@ -1,0 +1,1 @@
+"""DiffSynth FLUX family: FLUX.1 and FLUX.2 (not built yet)."""

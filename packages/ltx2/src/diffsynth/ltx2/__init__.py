@@ -1,0 +1,1 @@
+"""DiffSynth LTX-2 audio+video family (not built yet)."""

@@ -1,0 +1,1 @@
+"""DiffSynth Qwen-Image family (not built yet)."""

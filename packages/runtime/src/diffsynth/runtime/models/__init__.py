@@ -1,0 +1,1 @@
+"""Architectures shared by several families (AutoencoderKL, causal 3D VAE, text encoders)."""

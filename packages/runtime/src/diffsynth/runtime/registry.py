@@ -1,0 +1,167 @@
+"""What installed model families declare: specs that recognise checkpoints, presets, pipelines.
+
+Each family package exposes one `Family` object through the entry-point group `diffsynth.models`
+(for example `z_image = "diffsynth.z_image.formats:FAMILY"`). The runtime discovers them here, so
+there is no global table and the CLI only knows the families that are installed.
+
+Recognition works on shapes only (meta tensors), so a 20B checkpoint is identified without reading
+its weights:
+
+- a `KeyLayout` is one way a model's weights are stored on disk (diffusers names, original names,
+  a ComfyUI repack...). It has a key prefix, `signature` keys that must all be present, and a
+  `convert` function from that layout to our module's names (identity when `None`);
+- a `ModelSpec` is one of our modules: its layouts, how to derive its config from converted shapes
+  (and the `config.json` beside the file when there is one), and how to build it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+StateDict = Mapping[str, torch.Tensor]
+ENTRY_POINT_GROUP = "diffsynth.models"
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """One on-disk key layout of a model.
+
+    `signature` keys are given without `prefix`. `owns(key)` decides which keys of a file belong to
+    this layout (all keys under `prefix`, unless `owns_prefixes` narrows it, for files that hold
+    several models). `convert` takes the prefix-stripped state dict (real or meta tensors) and
+    returns it in our module's names; it must raise `KeyError` naming any key it cannot map.
+    """
+
+    name: str
+    signature: tuple[str, ...]
+    prefix: str = ""
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    owns_prefixes: tuple[str, ...] | None = None
+
+    def owns(self, key: str) -> bool:
+        if not key.startswith(self.prefix):
+            return False
+        if self.owns_prefixes is None:
+            return True
+        rest = key[len(self.prefix):]
+        return any(rest.startswith(p) for p in self.owns_prefixes)
+
+    def signature_hits(self, keys: Iterable[str]) -> int:
+        keys = set(keys)
+        return sum(1 for k in self.signature if self.prefix + k in keys)
+
+    def matches(self, keys: Iterable[str]) -> bool:
+        return self.signature_hits(keys) == len(self.signature)
+
+    def to_ours(self, state: StateDict) -> dict[str, torch.Tensor]:
+        """Select this layout's keys, strip the prefix and convert to our names."""
+        n = len(self.prefix)
+        stripped = {k[n:]: v for k, v in state.items() if self.owns(k)}
+        return dict(self.convert(stripped)) if self.convert is not None else stripped
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One of our model classes and the files it can be loaded from.
+
+    `config_from_state(state, config_json)` gets our-named meta tensors and the parsed
+    `config.json` found beside the checkpoint (or None) and returns the model's config dataclass.
+    `build(config)` returns the module (called under the meta device by the loader).
+    """
+
+    name: str
+    role: str
+    layouts: tuple[KeyLayout, ...]
+    config_from_state: Callable[[StateDict, dict | None], Any]
+    build: Callable[[Any], torch.nn.Module]
+    description: str = ""
+
+    def match(self, keys: Iterable[str]) -> KeyLayout | None:
+        keys = set(keys)
+        for layout in self.layouts:
+            if layout.matches(keys):
+                return layout
+        return None
+
+    def closeness(self, keys: Iterable[str]) -> float:
+        """Best fraction of a layout signature present in `keys` (for 'closest spec' errors)."""
+        keys = set(keys)
+        return max((lay.signature_hits(keys) / max(len(lay.signature), 1) for lay in self.layouts), default=0.0)
+
+
+@dataclass(frozen=True)
+class PresetFile:
+    """One model file (or shard set) of a preset, in DiffSynth-Studio's (model_id, pattern) terms."""
+
+    model_id: str
+    origin_file_pattern: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A known hub repo: which files to fetch and the authors' default generation settings."""
+
+    name: str
+    files: tuple[PresetFile, ...]
+    tokenizer: PresetFile | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything a model package contributes to the runtime."""
+
+    name: str
+    specs: tuple[ModelSpec, ...] = ()
+    presets: Mapping[str, Preset] = field(default_factory=dict)
+    pipeline: str | None = None  # "module:Class", imported only when used
+    description: str = ""
+
+    def pipeline_class(self):
+        if self.pipeline is None:
+            raise LookupError(f"family {self.name!r} has no pipeline")
+        module, _, attr = self.pipeline.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@cache
+def installed_families() -> dict[str, Family]:
+    """All families registered under the `diffsynth.models` entry-point group."""
+    from importlib.metadata import entry_points
+
+    families: dict[str, Family] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            family = ep.load()
+        except Exception as exc:  # a broken family must not hide the others
+            logger.warning("could not load model family %r (%s): %s", ep.name, ep.value, exc)
+            continue
+        families[family.name] = family
+    return families
+
+
+def all_specs() -> list[ModelSpec]:
+    return [spec for fam in installed_families().values() for spec in fam.specs]
+
+
+def find_preset(name: str) -> tuple[Family, Preset]:
+    """The family and preset for a hub repo name such as `Tongyi-MAI/Z-Image-Turbo`."""
+    from .errors import ConfigError, preview
+
+    known: list[str] = []
+    for fam in installed_families().values():
+        for key, preset in fam.presets.items():
+            if key.lower() == name.lower():
+                return fam, preset
+            known.append(key)
+    raise ConfigError(f"unknown model preset {name!r}; installed presets: {preview(sorted(known), 50)}")
