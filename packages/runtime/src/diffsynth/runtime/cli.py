@@ -1,0 +1,176 @@
+"""The `diffsynth` command: generate, list-models, inspect.
+
+Families are discovered through entry points and imported only when a command needs them, so
+`diffsynth --help` stays fast and knows exactly the families that are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import DiffSynthError
+
+logger = logging.getLogger("diffsynth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffsynth", description="Run diffusion models: images and videos.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = commands.add_parser("generate", help="generate an image or video from a prompt")
+    gen.add_argument("--model", required=True, help="a preset (see `diffsynth list-models`) or a local model folder")
+    gen.add_argument("--prompt", required=True, help="what to draw")
+    gen.add_argument("--negative-prompt", default="", help="what to avoid (used when --cfg > 1)")
+    gen.add_argument("--output", default="output.png", help="file to write (.png/.jpg for images, .mp4 for video)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (preset default)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (preset default)")
+    gen.add_argument("--steps", type=int, default=None, help="number of denoising steps (preset default)")
+    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (preset default)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--input-image", default=None, help="image-to-image: the starting image")
+    gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
+    gen.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA (repeatable), e.g. a.safetensors:0.8"
+    )
+    gen.add_argument("--vram-limit", type=float, default=None, help="GiB of VRAM the models may use")
+    gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    gen.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32 (default bfloat16)")
+
+    commands.add_parser("list-models", help="list the installed model families and their presets")
+
+    ins = commands.add_parser("inspect", help="say what a checkpoint file is: model, config, dtype, parameters")
+    ins.add_argument("file", nargs="+", help="a checkpoint file, several shards, or a folder")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "list-models":
+            return _list_models()
+        return _inspect(args)
+    except DiffSynthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, sep, scale = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _pipeline_class(model: str):
+    from .errors import ConfigError, preview
+    from .registry import find_preset, installed_families
+
+    if Path(model).is_dir():
+        return _family_for_folder(Path(model)).pipeline_class()
+    if Path(model).exists():
+        raise ConfigError(f"--model {model!r} is a file; pass a preset name or a folder with the model's subfolders")
+    try:
+        family, _ = find_preset(model)
+    except ConfigError:
+        if "/" not in model and not installed_families():
+            raise ConfigError(f"no model families are installed; install one, e.g. pip install diffsynth-z-image") from None
+        raise
+    if family.pipeline is None:
+        raise ConfigError(f"family {family.name!r} has no pipeline; families with pipelines: "
+                          f"{preview(n for n, f in installed_families().items() if f.pipeline)}")
+    return family.pipeline_class()
+
+
+def _family_for_folder(folder: Path):
+    """The installed family whose denoiser spec recognises a weight file in the folder."""
+    from .checkpoint import open_checkpoint
+    from .errors import ConfigError
+    from .pipeline import WEIGHT_SUFFIXES
+    from .registry import installed_families
+
+    weight_dirs = [d for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+                   if any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir() if f.is_file())]
+    for family in installed_families().values():
+        if family.pipeline is None:
+            continue
+        for spec in family.specs:
+            for d in weight_dirs:
+                if spec.match(open_checkpoint(str(d)).shapes().keys()) is not None:
+                    return family
+    raise ConfigError(f"no installed family recognises the weights in {folder} (folders with weights: "
+                      f"{[d.name for d in weight_dirs]}); see `diffsynth list-models`")
+
+
+def _generate(args) -> int:
+    from .dtypes import parse_dtype
+
+    cls = _pipeline_class(args.model)
+    pipe = cls.from_pretrained(args.model, torch_dtype=parse_dtype(args.dtype), device=args.device,
+                               vram_limit=args.vram_limit)
+    for spec in args.lora:
+        path, scale = _parse_lora(spec)
+        pipe.load_lora(path, scale=scale)
+    result = pipe(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg, height=args.height,
+        width=args.width, num_inference_steps=args.steps, seed=args.seed, input_image=args.input_image,
+        denoising_strength=args.denoising_strength,
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(result, list):  # video frames
+        from .media import save_video
+
+        save_video(result, str(output))
+    else:
+        result.save(output)
+    logger.info("wrote %s", output)
+    return 0
+
+
+def _list_models() -> int:
+    from .registry import installed_families
+
+    families = installed_families()
+    if not families:
+        print("no model families installed (pip install diffsynth-z-image, diffsynth-wan, ...)")
+    for name, family in sorted(families.items()):
+        print(f"{name}: {family.description}")
+        for spec in family.specs:
+            print(f"  model   {spec.name} ({spec.role})")
+        for preset_name, preset in sorted(family.presets.items()):
+            print(f"  preset  {preset_name}  {preset.description}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .checkpoint import describe_checkpoint
+
+    paths = args.file[0] if len(args.file) == 1 else args.file
+    info = describe_checkpoint(paths)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{key}:")
+            for item in value:
+                print("  - " + json.dumps(item, default=str))
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

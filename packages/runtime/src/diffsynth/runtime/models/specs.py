@@ -1,0 +1,13 @@
+"""The runtime's own `Family`: specs of architectures shared by several model families."""
+
+from __future__ import annotations
+
+from ..registry import Family
+from .autoencoder_kl import AUTOENCODER_KL_SPEC
+from .qwen3 import QWEN3_SPEC
+
+FAMILY = Family(
+    name="runtime",
+    specs=(AUTOENCODER_KL_SPEC, QWEN3_SPEC),
+    description="Shared architectures: FLUX.1-style AutoencoderKL, Qwen3 text encoder.",
+)

@@ -1,0 +1,300 @@
+"""`BasePipeline`: what every family pipeline shares.
+
+A family pipeline declares its model slots (attribute name -> spec role), its family name (for
+presets) and implements `__call__` as a short sequence of named stages. This base class loads the
+models (from presets, `ModelConfig`s or a local hub-style folder), moves them between stages,
+makes seeded noise, applies classifier-free guidance, shows progress, and converts outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .dtypes import parse_device, parse_dtype
+from .errors import ConfigError, preview
+from .hub import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class BasePipeline:
+    """Shared machinery of the family pipelines (see the module docstring)."""
+
+    family: ClassVar[str] = ""
+    model_slots: ClassVar[dict[str, str]] = {}  # attribute -> spec role
+    optional_slots: ClassVar[tuple[str, ...]] = ()
+    stage_order: ClassVar[tuple[str, ...]] = ()  # model-level offload follows the stages
+    size_multiple: ClassVar[int] = 16
+
+    def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
+        self.device = torch.device(parse_device(device or _default_device()))
+        self.torch_dtype = parse_dtype(torch_dtype)
+        self.defaults: dict[str, Any] = {}
+        self.tokenizer = None
+        self.model_configs: dict[str, ModelConfig | None] = {}
+        self.model_offload = False
+        for slot in self.model_slots:
+            setattr(self, slot, None)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_configs: str | os.PathLike | Sequence[ModelConfig] | None = None,
+        *,
+        torch_dtype: torch.dtype | str = torch.bfloat16,
+        device: str | torch.device | None = None,
+        model_configs: Sequence[ModelConfig] = (),
+        tokenizer_config: ModelConfig | None = None,
+        vram_limit: float | None = None,
+    ):
+        """Build the pipeline from a preset name, a local hub-style folder, or `ModelConfig`s.
+
+        `XPipeline.from_pretrained("Org/Model")` uses the family preset (its files and the
+        authors' defaults); a folder path loads `transformer/`, `vae/`, `text_encoder/`,
+        `tokenizer/` (or whatever subfolders hold weights); `model_configs=[...]` works like
+        DiffSynth-Studio.
+        """
+        configs = list(model_configs)
+        defaults: dict[str, Any] = {}
+        if isinstance(model_id_or_configs, (list, tuple)):
+            configs = list(model_id_or_configs) + configs
+        elif model_id_or_configs is not None:
+            source = str(model_id_or_configs)
+            if Path(source).is_dir():
+                found, tok = _configs_from_folder(Path(source))
+                configs += found
+                tokenizer_config = tokenizer_config or tok
+                defaults = _folder_defaults(Path(source))
+            else:
+                preset = cls._preset(source)
+                configs += [ModelConfig(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern) for f in preset.files]
+                if tokenizer_config is None and preset.tokenizer is not None:
+                    tokenizer_config = ModelConfig(
+                        model_id=preset.tokenizer.model_id, origin_file_pattern=preset.tokenizer.origin_file_pattern
+                    )
+                defaults = dict(preset.defaults)
+        if not configs:
+            raise ConfigError(
+                f"{cls.__name__}.from_pretrained needs a preset name, a folder or model_configs=[ModelConfig(...)]"
+            )
+        if vram_limit is not None and (not isinstance(vram_limit, (int, float)) or vram_limit <= 0):
+            raise ConfigError(f"vram_limit must be a positive number of GiB, got {vram_limit!r}")
+
+        pipe = cls(device=device, torch_dtype=torch_dtype)
+        pipe.defaults.update(defaults)
+        pipe.vram_limit = vram_limit
+        for config in configs:
+            pipe._load_config(config)
+        missing = [s for s in cls.model_slots if getattr(pipe, s) is None and s not in cls.optional_slots]
+        if missing:
+            raise ConfigError(
+                f"{cls.__name__} needs models for {missing}; the given files provided "
+                f"{[s for s in cls.model_slots if getattr(pipe, s) is not None]}"
+            )
+        if tokenizer_config is not None:
+            pipe.tokenizer = pipe._load_tokenizer(tokenizer_config)
+        pipe._place_models()
+        return pipe
+
+    @classmethod
+    def _preset(cls, name: str):
+        from .registry import installed_families
+
+        family = installed_families().get(cls.family)
+        presets = dict(family.presets) if family else {}
+        for key, preset in presets.items():
+            if key.lower() == name.lower():
+                return preset
+        raise ConfigError(
+            f"{name!r} is neither a folder nor a known {cls.__name__} preset; presets: {preview(sorted(presets), 30)}"
+        )
+
+    def _load_config(self, config: ModelConfig) -> None:
+        from .loading import load_models
+
+        paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        _fetch_companion_config(config)  # the loader reads config.json beside the weights
+        dtype = parse_dtype(config.offload_dtype) if config.offload_dtype else self.torch_dtype
+        loaded = load_models(paths, torch_dtype=dtype, device="cpu")
+        roles = {role: slot for slot, role in self.model_slots.items()}
+        for item in loaded:
+            slot = roles.get(item.role)
+            if slot is None:
+                raise ConfigError(
+                    f"{_describe(config)} holds a {item.role!r} model ({item.spec}), which {type(self).__name__} "
+                    f"does not use; it takes {sorted(roles)}"
+                )
+            if getattr(self, slot) is not None:
+                logger.warning("%s replaces an earlier %s model", _describe(config), slot)
+            setattr(self, slot, item.module.eval().requires_grad_(False))
+            self.model_configs[slot] = config
+
+    def _load_tokenizer(self, config: ModelConfig):
+        from transformers import AutoTokenizer
+
+        paths = config.resolve()
+        folder = paths[0] if Path(paths[0]).is_dir() else str(Path(paths[0]).parent)
+        return AutoTokenizer.from_pretrained(folder)
+
+    def _place_models(self) -> None:
+        """Model-level placement: all on the device, or parked on CPU and moved per stage."""
+        offload = self.vram_limit is not None or any(
+            c is not None and c.offload_device not in (None, str(self.device)) for c in self.model_configs.values()
+        )
+        self.model_offload = offload and self.device.type != "cpu"
+        for slot in self.model_slots:
+            model = getattr(self, slot)
+            if model is not None:
+                model.to(device="cpu" if self.model_offload else self.device)
+
+    def load_models_to_device(self, slots: Iterable[str]) -> None:
+        """Move the models a stage needs to the device and park the others (when offloading)."""
+        slots = set(slots)
+        for slot in self.model_slots:
+            model = getattr(self, slot)
+            if model is None:
+                continue
+            if slot in slots:
+                model.to(self.device)
+            elif self.model_offload:
+                model.to("cpu")
+        if self.model_offload and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ helpers for __call__
+    def setting(self, name: str, value: Any, fallback: Any) -> Any:
+        """An explicit argument wins, then the preset's default, then the pipeline's own."""
+        if value is not None:
+            return value
+        return self.defaults.get(name, fallback)
+
+    def check_size(self, height: int, width: int) -> tuple[int, int]:
+        """Round sizes to the model's multiple with a warning; reject sizes that cannot work."""
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < m:
+                raise ConfigError(f"{name}={value!r} is not accepted: use an integer multiple of {m}, at least {m}")
+        new_h, new_w = max(m, round(height / m) * m), max(m, round(width / m) * m)
+        if (new_h, new_w) != (height, width):
+            logger.warning("height/width %dx%d rounded to %dx%d (multiples of %d)", height, width, new_h, new_w, m)
+        return new_h, new_w
+
+    @staticmethod
+    def check_prompts(prompt: str | Sequence[str], name: str = "prompt", allow_empty: bool = False) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+        if not allow_empty and any(not p.strip() for p in prompts):
+            raise ConfigError(f"{name} is empty; describe the image you want (an empty string is only accepted as negative_prompt)")
+        return prompts
+
+    def generate_noise(self, shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu") -> torch.Tensor:
+        """Seeded float32 noise drawn on `rand_device`: the same seed gives the same noise on any compute device."""
+        rand_device = parse_device(rand_device)
+        generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+        noise = torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32)
+        return noise.to(self.device)
+
+    def check_latents(self, latents: torch.Tensor, expected: Sequence[int]) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(expected):
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ConfigError(f"latents must be a tensor of shape {tuple(expected)} (unpacked layout), got {got}")
+        return latents.to(device=self.device, dtype=torch.float32)
+
+    @staticmethod
+    def guide(positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Classifier-free guidance: cfg_scale 1 returns the positive prediction."""
+        return negative + cfg_scale * (positive - negative)
+
+    def progress(self, iterable, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, disable=not enabled, desc=type(self).__name__)
+
+    # ------------------------------------------------------------------ user-facing extras
+    def load_lora(self, path, scale: float = 1.0, fuse: bool = True, slot: str = "dit", name: str | None = None):
+        """Apply a LoRA file to one model (the denoiser by default)."""
+        from .lora import load_lora
+
+        model = getattr(self, slot, None)
+        if model is None:
+            raise ConfigError(f"no model in slot {slot!r}; slots: {list(self.model_slots)}")
+        return load_lora(model, path, scale=scale, fuse=fuse, name=name)
+
+    def clear_loras(self, slot: str = "dit") -> None:
+        from .lora import clear_loras
+
+        clear_loras(getattr(self, slot))
+
+    def compile(self, slot: str = "dit", **compile_kwargs) -> None:
+        """Regional torch.compile: compile each repeated block once instead of the whole model."""
+        model = getattr(self, slot)
+        for path in getattr(model, "compile_units", ()):
+            module = model.get_submodule(path)
+            blocks = module if isinstance(module, torch.nn.ModuleList) else [module]
+            for block in blocks:
+                block.compile(**compile_kwargs)
+
+
+def _configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:
+    """ModelConfigs for each subfolder (or the folder itself) that holds weight files."""
+    configs: list[ModelConfig] = []
+    tokenizer = None
+    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
+    for sub in candidates:
+        weights = sorted(str(p) for p in sub.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        if weights:
+            configs.append(ModelConfig(path=weights))
+        if sub != folder and (sub / "tokenizer_config.json").exists():
+            tokenizer = ModelConfig(path=str(sub))
+    if not configs:
+        listing = preview(sorted(p.name for p in folder.iterdir()))
+        raise ConfigError(f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); it contains {listing}")
+    return configs, tokenizer
+
+
+def _folder_defaults(folder: Path) -> dict[str, Any]:
+    """Generation defaults a local folder may carry in `diffsynth.json` (e.g. the bundled demo model)."""
+    import json
+
+    path = folder / "diffsynth.json"
+    return dict(json.loads(path.read_text()).get("defaults", {})) if path.exists() else {}
+
+
+def _describe(config: ModelConfig) -> str:
+    if config.path is not None:
+        return f"ModelConfig(path={config.path!r})"
+    return f"ModelConfig(model_id={config.model_id!r}, origin_file_pattern={config.origin_file_pattern!r})"
+
+
+def _fetch_companion_config(config: ModelConfig) -> None:
+    """Fetch the `config.json` beside a model's weights when they come from a hub repo."""
+    if config.model_id is None or config.path is not None:
+        return
+    folder = os.path.dirname(config.origin_file_pattern or "")
+    if not folder:
+        return None
+    companion = ModelConfig(
+        model_id=config.model_id,
+        origin_file_pattern=f"{folder}/config.json",
+        download_source=config.download_source,
+        local_model_path=config.local_model_path,
+        skip_download=config.skip_download,
+    )
+    try:
+        companion.resolve()
+    except Exception as exc:  # the config is optional: shapes decide when it is absent
+        logger.info("no %s/config.json for %s (%s); deriving the config from shapes", folder, config.model_id, exc)

@@ -1,0 +1,1 @@
+"""Test helpers shared by every package: the model conformance suite and tiny offline assets."""

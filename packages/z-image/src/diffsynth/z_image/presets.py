@@ -1,0 +1,40 @@
+"""Known Z-Image hub repos: their files and the authors' default generation settings.
+
+Defaults come from the authors' published inference code (the Tongyi-MAI model cards, which use
+the diffusers `ZImagePipeline` the Z-Image team wrote). Our `cfg_scale` is the usual
+`uncond + cfg_scale * (cond - uncond)`, so 1 means off; the authors' `guidance_scale` g is written
+`cond + g * (cond - uncond)`, which is our `cfg_scale = g + 1`.
+"""
+
+from __future__ import annotations
+
+from diffsynth.runtime.registry import Preset, PresetFile
+
+
+def _repo_files(repo: str) -> tuple[PresetFile, ...]:
+    return (
+        PresetFile(repo, "transformer/*.safetensors*"),  # shards and their index
+        PresetFile(repo, "text_encoder/*.safetensors*"),
+        PresetFile(repo, "vae/diffusion_pytorch_model.safetensors"),
+    )
+
+
+
+PRESETS: dict[str, Preset] = {
+    "Tongyi-MAI/Z-Image-Turbo": Preset(
+        name="Tongyi-MAI/Z-Image-Turbo",
+        files=_repo_files("Tongyi-MAI/Z-Image-Turbo"),
+        tokenizer=PresetFile("Tongyi-MAI/Z-Image-Turbo", "tokenizer/"),
+        # Model card: 9 steps (8 effective NFEs), guidance 0 (distilled), 1024x1024.
+        defaults={"num_inference_steps": 9, "cfg_scale": 1.0, "height": 1024, "width": 1024, "sigma_shift": 3.0},
+        description="Z-Image-Turbo 6B, distilled: 9 steps, no CFG.",
+    ),
+    "Tongyi-MAI/Z-Image": Preset(
+        name="Tongyi-MAI/Z-Image",
+        files=_repo_files("Tongyi-MAI/Z-Image"),
+        tokenizer=PresetFile("Tongyi-MAI/Z-Image", "tokenizer/"),
+        # Model card: 50 steps, guidance_scale 4 (= our cfg_scale 5), negative prompt supported.
+        defaults={"num_inference_steps": 50, "cfg_scale": 5.0, "height": 1024, "width": 1024, "sigma_shift": 3.0},
+        description="Z-Image 6B base: 50 steps with CFG.",
+    ),
+}
