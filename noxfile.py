@@ -32,9 +32,22 @@ def _constraints() -> str:
     path = ROOT / ".nox" / "constraints.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["uv", "export", "--frozen", "--no-hashes", "--no-emit-workspace", "--all-packages", "--all-groups",
-         "--no-header", "--no-annotate", "-o", str(path)],
-        cwd=ROOT, check=True, capture_output=True,
+        [
+            "uv",
+            "export",
+            "--frozen",
+            "--no-hashes",
+            "--no-emit-workspace",
+            "--all-packages",
+            "--all-groups",
+            "--no-header",
+            "--no-annotate",
+            "-o",
+            str(path),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
     return str(path)
 
@@ -48,9 +61,7 @@ def _local_deps(package: str) -> list[str]:
 
 def _pytest(session: nox.Session, name: str, *args: str) -> None:
     REPORTS.mkdir(parents=True, exist_ok=True)
-    session.run(
-        "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={REPORTS / name}.xml", *args, *session.posargs
-    )
+    session.run("pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={REPORTS / name}.xml", *args, *session.posargs)
 
 
 @nox.session
@@ -72,7 +83,8 @@ def isolation(session: nox.Session, family: str) -> None:
     module = family.replace("-", "_")
     others = [f.replace("-", "_") for f in FAMILIES if f != family]
     session.run(
-        "python", "-c",
+        "python",
+        "-c",
         "import importlib.util, sys\n"
         f"import diffsynth.{module}\n"
         f"present = [m for m in {others!r} if importlib.util.find_spec('diffsynth.' + m) is not None]\n"
@@ -85,23 +97,27 @@ def isolation(session: nox.Session, family: str) -> None:
 @nox.session
 def parity(session: nox.Session) -> None:
     """Numerical parity against diffusers / transformers on tiny configs (CPU, fp32)."""
-    session.install("-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS,
-                    "diffusers==0.42.*", "transformers>=5.0")
+    session.install(
+        "-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS, "diffusers==0.42.*", "transformers>=5.0"
+    )
     _pytest(session, "parity", "packages", "-m", "parity and not gpu")
 
 
 @nox.session
 def gpu(session: nox.Session) -> None:
     """Tests marked gpu (skipped without CUDA)."""
-    session.install("-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS,
-                    "diffusers==0.42.*", "transformers>=5.0")
+    session.install(
+        "-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS, "diffusers==0.42.*", "transformers>=5.0"
+    )
     _pytest(session, "gpu", "packages", "-m", "gpu")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side with diffusers (needs a GPU); results go to benchmarks/results/."""
-    session.install("-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], "diffusers==0.42.*", "transformers>=5.0")
+    session.install(
+        "-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], "diffusers==0.42.*", "transformers>=5.0"
+    )
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
 

@@ -22,11 +22,13 @@ import torch
 def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
     """Matmul FLOPs of one forward (2 * MACs); attention included, elementwise ignored."""
     d, ffn = cfg.dim, cfg.ffn_hidden_dim if hasattr(cfg, "ffn_hidden_dim") else int(cfg.dim / 3 * 8)
+
     def block(tokens):
         proj = 4 * tokens * d * d
         attn = 2 * tokens * tokens * d
         mlp = 3 * tokens * d * ffn
         return 2 * (proj + attn + mlp)
+
     total = image_tokens + text_tokens
     return cfg.n_layers * block(total) + cfg.n_refiner_layers * (block(image_tokens) + block(text_tokens))
 
@@ -76,16 +78,19 @@ def main() -> None:
     with torch.inference_mode():
         results["diffsynth"] = timed(lambda: ours(x, t, text), args.steps, args.warmup)
         x_list = list(x.unsqueeze(2).unbind(0))
-        results["diffusers"] = timed(lambda: ref(x_list, t, text, return_dict=False), args.steps, args.warmup)
-        del ref
+
+        def reference_step():
+            return ref(x_list, t, text, return_dict=False)
+
+        results["diffusers"] = timed(reference_step, args.steps, args.warmup)
     record = {
         "benchmark": "z_image_dit_step",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "card": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": "python benchmarks/bench_z_image_dit.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": "python benchmarks/bench_z_image_dit.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "image_tokens": image_tokens,
         "text_tokens": args.caption_len,
         "results": {

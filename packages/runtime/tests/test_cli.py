@@ -33,8 +33,21 @@ def test_generate_help_documents_the_flags(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = capsys.readouterr().out
-    for flag in ["--model", "--prompt", "--negative-prompt", "--height", "--width", "--steps", "--cfg", "--seed",
-                 "--lora", "--vram-limit", "--device", "--dtype", "--output"]:
+    for flag in [
+        "--model",
+        "--prompt",
+        "--negative-prompt",
+        "--height",
+        "--width",
+        "--steps",
+        "--cfg",
+        "--seed",
+        "--lora",
+        "--vram-limit",
+        "--device",
+        "--dtype",
+        "--output",
+    ]:
         assert flag in out
 
 

@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--input-image", default=None, help="image-to-image: the starting image")
     gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
     gen.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA (repeatable), e.g. a.safetensors:0.8"
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA (repeatable), e.g. a.safetensors:0.8",
     )
     gen.add_argument("--vram-limit", type=float, default=None, help="GiB of VRAM the models may use")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -51,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "generate":
             return _generate(args)
@@ -85,11 +91,15 @@ def _pipeline_class(model: str):
         family, _ = find_preset(model)
     except ConfigError:
         if "/" not in model and not installed_families():
-            raise ConfigError(f"no model families are installed; install one, e.g. pip install diffsynth-z-image") from None
+            raise ConfigError(
+                "no model families are installed; install one, e.g. pip install diffsynth-z-image"
+            ) from None
         raise
     if family.pipeline is None:
-        raise ConfigError(f"family {family.name!r} has no pipeline; families with pipelines: "
-                          f"{preview(n for n, f in installed_families().items() if f.pipeline)}")
+        raise ConfigError(
+            f"family {family.name!r} has no pipeline; families with pipelines: "
+            f"{preview(n for n, f in installed_families().items() if f.pipeline)}"
+        )
     return family.pipeline_class()
 
 
@@ -100,8 +110,11 @@ def _family_for_folder(folder: Path):
     from .pipeline import WEIGHT_SUFFIXES
     from .registry import installed_families
 
-    weight_dirs = [d for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
-                   if any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir() if f.is_file())]
+    weight_dirs = [
+        d
+        for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+        if any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir() if f.is_file())
+    ]
     for family in installed_families().values():
         if family.pipeline is None:
             continue
@@ -109,22 +122,31 @@ def _family_for_folder(folder: Path):
             for d in weight_dirs:
                 if spec.match(open_checkpoint(str(d)).shapes().keys()) is not None:
                     return family
-    raise ConfigError(f"no installed family recognises the weights in {folder} (folders with weights: "
-                      f"{[d.name for d in weight_dirs]}); see `diffsynth list-models`")
+    raise ConfigError(
+        f"no installed family recognises the weights in {folder} (folders with weights: "
+        f"{[d.name for d in weight_dirs]}); see `diffsynth list-models`"
+    )
 
 
 def _generate(args) -> int:
     from .dtypes import parse_dtype
 
     cls = _pipeline_class(args.model)
-    pipe = cls.from_pretrained(args.model, torch_dtype=parse_dtype(args.dtype), device=args.device,
-                               vram_limit=args.vram_limit)
+    pipe = cls.from_pretrained(
+        args.model, torch_dtype=parse_dtype(args.dtype), device=args.device, vram_limit=args.vram_limit
+    )
     for spec in args.lora:
         path, scale = _parse_lora(spec)
         pipe.load_lora(path, scale=scale)
     result = pipe(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg, height=args.height,
-        width=args.width, num_inference_steps=args.steps, seed=args.seed, input_image=args.input_image,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        cfg_scale=args.cfg,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        seed=args.seed,
+        input_image=args.input_image,
         denoising_strength=args.denoising_strength,
     )
     output = Path(args.output)

@@ -80,7 +80,9 @@ class BasePipeline:
                 defaults = _folder_defaults(Path(source))
             else:
                 preset = cls._preset(source)
-                configs += [ModelConfig(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern) for f in preset.files]
+                configs += [
+                    ModelConfig(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern) for f in preset.files
+                ]
                 if tokenizer_config is None and preset.tokenizer is not None:
                     tokenizer_config = ModelConfig(
                         model_id=preset.tokenizer.model_id, origin_file_pattern=preset.tokenizer.origin_file_pattern
@@ -198,10 +200,14 @@ class BasePipeline:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
         if not allow_empty and any(not p.strip() for p in prompts):
-            raise ConfigError(f"{name} is empty; describe the image you want (an empty string is only accepted as negative_prompt)")
+            raise ConfigError(
+                f"{name} is empty; describe the image you want (an empty string is only accepted as negative_prompt)"
+            )
         return prompts
 
-    def generate_noise(self, shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu") -> torch.Tensor:
+    def generate_noise(
+        self, shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """Seeded float32 noise drawn on `rand_device`: the same seed gives the same noise on any compute device."""
         rand_device = parse_device(rand_device)
         generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))

@@ -52,7 +52,7 @@ class KeyLayout:
             return False
         if self.owns_prefixes is None:
             return True
-        rest = key[len(self.prefix):]
+        rest = key[len(self.prefix) :]
         return any(rest.startswith(p) for p in self.owns_prefixes)
 
     def signature_hits(self, keys: Iterable[str]) -> int:

@@ -109,7 +109,17 @@ class ZImagePipeline(BasePipeline):
         )
         self.load_models_to_device(["vae"] if input_image is not None else [])
         x = self.prepare_latents(
-            len(prompts), height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
+            len(prompts),
+            height,
+            width,
+            seed,
+            rand_device,
+            latents,
+            input_image,
+            scheduler,
+            tiled,
+            tile_size,
+            tile_stride,
         )
 
         # 3. denoise
@@ -131,14 +141,18 @@ class ZImagePipeline(BasePipeline):
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> list[torch.Tensor]:
         if self.tokenizer is None:
             raise ConfigError("ZImagePipeline has no tokenizer: pass tokenizer_config=ModelConfig(..., 'tokenizer/')")
-        embeds = encode_prompts(self.text_encoder, self.tokenizer, prompts, max_length=max_sequence_length, device=self.device)
+        embeds = encode_prompts(
+            self.text_encoder, self.tokenizer, prompts, max_length=max_sequence_length, device=self.device
+        )
         return [e.to(self.device) for e in embeds]
 
     def prepare_latents(
         self, batch, height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
     ) -> torch.Tensor:
         shape = (batch, self.dit.config.in_channels, height // 8, width // 8)
-        noise = self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
+        noise = (
+            self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
+        )
         if input_image is None:
             return noise
         images = input_image if isinstance(input_image, (list, tuple)) else [input_image]

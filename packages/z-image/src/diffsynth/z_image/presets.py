@@ -19,7 +19,6 @@ def _repo_files(repo: str) -> tuple[PresetFile, ...]:
     )
 
 
-
 PRESETS: dict[str, Preset] = {
     "Tongyi-MAI/Z-Image-Turbo": Preset(
         name="Tongyi-MAI/Z-Image-Turbo",
