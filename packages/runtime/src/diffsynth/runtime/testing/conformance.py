@@ -1,0 +1,211 @@
+"""Conformance checks every model runs in its own tests.
+
+Each check is a plain function taking a `factory` (zero-argument callable that builds the tiny
+model with its weights; it must also work under `torch.device("meta")`) and example inputs
+(`args` tuple, optional `kwargs`). Checks raise `AssertionError` with a message naming what is
+wrong, so they read well inside pytest. Model outputs may be a tensor or nested tuples, lists or
+dicts of tensors.
+
+    from diffsynth.runtime.testing import conformance as cf
+    cf.check_forward(make_model, (x, t, text), expected_shapes=[x.shape])
+    cf.check_meta_load(make_model, (x, t, text))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import KeyLayout, ModelSpec
+
+Factory = Callable[[], nn.Module]
+
+__all__ = [
+    "check_backward",
+    "check_declared_units",
+    "check_forward",
+    "check_gradient_checkpointing",
+    "check_layout_roundtrip",
+    "check_meta_load",
+    "check_spec_config",
+    "output_tensors",
+]
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """All tensors in a model output, in order (tensor, tuple/list, dict values)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in output_tensors(v)]
+    return []
+
+
+def _call(model: nn.Module, args: Sequence, kwargs: dict | None) -> list[torch.Tensor]:
+    tensors = output_tensors(model(*args, **(kwargs or {})))
+    assert tensors, f"{type(model).__name__} returned no tensors"
+    return tensors
+
+
+def _input_dtype(args: Sequence) -> torch.dtype | None:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.dtype
+    return None
+
+
+def check_forward(
+    factory: Factory,
+    args: Sequence,
+    kwargs: dict | None = None,
+    *,
+    expected_shapes: Sequence[Sequence[int]] | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Forward in eval mode: outputs finite, with `expected_shapes` and `dtype` (default: the
+    dtype of the first floating-point input). Returns the outputs."""
+    model = factory().eval()
+    with torch.no_grad():
+        outs = _call(model, args, kwargs)
+    dtype = dtype or _input_dtype(args)
+    if expected_shapes is not None:
+        got = [tuple(o.shape) for o in outs]
+        want = [tuple(s) for s in expected_shapes]
+        assert got == want, f"{type(model).__name__} output shapes {got}, expected {want}"
+    for i, o in enumerate(outs):
+        if dtype is not None and o.is_floating_point():
+            assert o.dtype == dtype, f"output {i} has dtype {o.dtype}, expected {dtype}"
+        assert torch.isfinite(o).all(), f"output {i} of {type(model).__name__} has non-finite values"
+    return outs
+
+
+def check_backward(
+    factory: Factory, args: Sequence, kwargs: dict | None = None, *, allow_unused: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Backward in train mode: every trainable parameter (except `allow_unused`) gets a finite
+    gradient. Returns the gradients by parameter name."""
+    model = factory().train()
+    loss = sum(o.float().square().mean() for o in _call(model, args, kwargs) if o.is_floating_point())
+    loss.backward()
+    allowed = set(allow_unused)
+    grads = {}
+    missing = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            if name not in allowed:
+                missing.append(name)
+            continue
+        assert torch.isfinite(p.grad).all(), f"gradient of {name!r} has non-finite values"
+        grads[name] = p.grad
+    assert not missing, f"parameters without gradient: {missing[:8]} ({len(missing)} in all)"
+    return grads
+
+
+def check_gradient_checkpointing(factory: Factory, args: Sequence, kwargs: dict | None = None, atol: float = 1e-6):
+    """With `gradient_checkpointing = True` the output and gradients equal those without."""
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = factory().train()
+        assert hasattr(model, "gradient_checkpointing"), f"{type(model).__name__} has no gradient_checkpointing flag"
+        model.gradient_checkpointing = flag
+        outs = _call(model, args, kwargs)
+        sum(o.float().square().mean() for o in outs).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(([o.detach() for o in outs], grads))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    for a, b in zip(outs_a, outs_b, strict=True):
+        torch.testing.assert_close(b, a, atol=atol, rtol=0)
+    assert grads_a.keys() == grads_b.keys(), "gradient checkpointing changes which parameters get gradients"
+    for name in grads_a:
+        torch.testing.assert_close(
+            grads_b[name], grads_a[name], atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def check_meta_load(factory: Factory, args: Sequence, kwargs: dict | None = None) -> None:
+    """Build on the meta device, `load_state_dict(assign=True, strict=True)` the weights of a real
+    build: nothing is left on meta (non-persistent buffers!) and the output is bit-identical."""
+    reference = factory().eval()
+    state = reference.state_dict()
+    with torch.device("meta"):
+        model = factory()
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not on_meta, f"still on the meta device after an assign=True load: {on_meta[:8]}"
+    with torch.no_grad():
+        want = _call(reference, args, kwargs)
+        got = _call(model, args, kwargs)
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        assert torch.equal(a, b), f"output {i} differs after meta build + load (max abs diff {(a - b).abs().max()})"
+
+
+def check_declared_units(factory: Factory | nn.Module) -> None:
+    """`offload_units` / `compile_units` are dotted paths to modules (a ModuleList means each child
+    is a unit); every `lora_target_modules` name ends the name of at least one Linear. Takes a
+    factory or a built model; a meta build is enough."""
+    if isinstance(factory, nn.Module):
+        model = factory
+    else:
+        with torch.device("meta"):
+            model = factory()
+    for attr in ("offload_units", "compile_units"):
+        for path in getattr(model, attr, ()):
+            try:
+                module = model.get_submodule(path)
+            except AttributeError as exc:
+                raise AssertionError(f"{type(model).__name__}.{attr} names {path!r}, which does not exist") from exc
+            assert isinstance(module, nn.Module), f"{attr} entry {path!r} is not a module"
+            if isinstance(module, nn.ModuleList):
+                assert all(isinstance(m, nn.Module) for m in module), f"{attr} entry {path!r} holds non-modules"
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for target in getattr(model, "lora_target_modules", ()):
+        hits = [n for n in linears if n == target or n.endswith("." + target)]
+        assert hits, f"lora_target_modules entry {target!r} matches no Linear of {type(model).__name__}"
+
+
+def check_layout_roundtrip(
+    factory: Factory,
+    layout: KeyLayout,
+    from_ours: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Our state dict written in `layout` (by `from_ours`, identity by default, prefix added here)
+    is recognised by the layout's signature and converts back to exactly our keys and tensors."""
+    ours = factory().state_dict()
+    written = dict(ours) if from_ours is None else from_ours(dict(ours))
+    stored = {layout.prefix + k: v for k, v in written.items()}
+    assert layout.matches(stored), (
+        f"layout {layout.name!r} does not recognise its own keys; missing signature keys: "
+        f"{[k for k in layout.signature if layout.prefix + k not in stored]}"
+    )
+    back = layout.to_ours(stored)
+    missing, extra = sorted(ours.keys() - back.keys()), sorted(back.keys() - ours.keys())
+    assert not missing and not extra, f"layout {layout.name!r} round trip: missing {missing[:8]}, extra {extra[:8]}"
+    for key, value in ours.items():
+        assert torch.equal(back[key], value), f"layout {layout.name!r} round trip changes the values of {key!r}"
+
+
+def check_spec_config(spec: ModelSpec, factory: Factory, config_json: dict | None = None) -> Any:
+    """The config `spec` derives from the model's own (meta) shapes builds a model with exactly the
+    same keys and shapes. Returns that config."""
+    with torch.device("meta"):
+        model = factory()
+        state = model.state_dict()
+        config = spec.config_from_state(state, config_json)
+        rebuilt = spec.build(config)
+    want = {k: tuple(v.shape) for k, v in state.items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    assert got == want, (
+        f"{spec.name}: config derived from shapes builds a different model; "
+        f"missing {sorted(want.keys() - got.keys())[:8]}, extra {sorted(got.keys() - want.keys())[:8]}, "
+        f"shape changes {[k for k in want.keys() & got.keys() if want[k] != got[k]][:8]}"
+    )
+    return config

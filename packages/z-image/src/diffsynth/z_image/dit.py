@@ -1,0 +1,364 @@
+"""The Z-Image denoiser: a single-stream DiT (Tongyi-MAI/Z-Image-Turbo, Z-Image).
+
+Image patches and caption tokens are first refined separately (`noise_refiner`: image only,
+time-modulated; `context_refiner`: text only, unmodulated), then concatenated as
+`[image, caption]` and run through `layers`. Blocks use sandwich RMSNorms (before and after
+attention / FFN), SwiGLU, QK-RMSNorm and 3-axis RoPE over (caption index / frame, row, column).
+
+Both streams are padded to multiples of 32 tokens with learned pad tokens (`x_pad_token`,
+`cap_pad_token`) that take part in attention like real tokens; only the batch padding of
+captions of different lengths is masked, so a sample gives the same result alone or in a batch.
+
+Module names equal the official diffusers checkpoint (`transformer/` folder), so it loads as is.
+The timestep is the model's native input, the reversed time `1 - sigma`; the prediction points
+from noise to data (the pipeline negates it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffsynth.runtime.attention import attention
+from diffsynth.runtime.layers import MultiAxisRope, apply_rope, timestep_embedding
+
+logger = logging.getLogger(__name__)
+
+SEQ_MULTIPLE = 32  # both token streams are padded to a multiple of this
+ADALN_DIM = 256  # width of the time embedding that drives the modulation (min with dim)
+TIME_FREQ_DIM = 256  # sinusoidal features fed to the time MLP
+TIME_HIDDEN = 1024  # hidden width of the time MLP
+QK_NORM_EPS = 1e-5  # fixed in the official code, independent of norm_eps
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ZImageDiTConfig:
+    """Architecture of the Z-Image DiT; defaults are the released 6B checkpoint."""
+
+    patch_size: int = 2
+    f_patch_size: int = 1
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: tuple[int, ...] = (32, 48, 48)
+    axes_lens: tuple[int, ...] = (1536, 512, 512)
+
+    def __post_init__(self):
+        self.axes_dims = tuple(int(d) for d in self.axes_dims)
+        self.axes_lens = tuple(int(n) for n in self.axes_lens)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"ZImageDiTConfig.{f.name}={value!r} must be a non-negative integer")
+        for name in ("patch_size", "f_patch_size", "in_channels", "dim", "n_heads", "cap_feat_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ZImageDiTConfig.{name}={getattr(self, name)!r} must be at least 1")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ZImageDiTConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError(
+                f"ZImageDiTConfig.n_kv_heads={self.n_kv_heads} must equal n_heads={self.n_heads}: "
+                "the official architecture has no grouped-query attention"
+            )
+        if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
+            raise ValueError(
+                f"ZImageDiTConfig.axes_dims={self.axes_dims} / axes_lens={self.axes_lens} must have 3 entries "
+                "(caption/frame, height, width)"
+            )
+        if sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
+            raise ValueError(
+                f"ZImageDiTConfig.axes_dims={self.axes_dims} must be even and sum to head_dim={self.head_dim} "
+                f"(dim {self.dim} / n_heads {self.n_heads})"
+            )
+        if self.norm_eps <= 0:
+            raise ValueError(f"ZImageDiTConfig.norm_eps={self.norm_eps!r} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU width: 8/3 of dim, truncated as the official code does (3840 -> 10240)."""
+        return int(self.dim / 3 * 8)
+
+    @property
+    def adaln_dim(self) -> int:
+        return min(self.dim, ADALN_DIM)
+
+    @property
+    def patch_key(self) -> str:
+        """Name of the embedder / final layer in the checkpoint, e.g. `2-1`."""
+        return f"{self.patch_size}-{self.f_patch_size}"
+
+    @property
+    def patch_dim(self) -> int:
+        return self.f_patch_size * self.patch_size**2 * self.in_channels
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: `w2(silu(w1 x) * w3 x)`, no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with QK-RMSNorm and RoPE (diffusers `Attention` key names)."""
+
+    def __init__(self, dim: int, n_heads: int, qk_norm: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        head_dim = dim // n_heads
+        self.norm_q = nn.RMSNorm(head_dim, eps=QK_NORM_EPS) if qk_norm else None
+        self.norm_k = nn.RMSNorm(head_dim, eps=QK_NORM_EPS) if qk_norm else None
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
+        q = self.to_q(x).unflatten(-1, (self.n_heads, -1))
+        k = self.to_k(x).unflatten(-1, (self.n_heads, -1))
+        v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.to_out[0](attention(q, k, v, mask).flatten(2))
+
+
+class ZImageBlock(nn.Module):
+    """Sandwich-norm transformer block; time-modulated (scale + tanh gate) when `modulation`."""
+
+    def __init__(self, config: ZImageDiTConfig, modulation: bool):
+        super().__init__()
+        dim, eps = config.dim, config.norm_eps
+        self.attention = SelfAttention(dim, config.n_heads, config.qk_norm)
+        self.feed_forward = FeedForward(dim, config.ffn_dim)
+        self.attention_norm1 = nn.RMSNorm(dim, eps=eps)
+        self.ffn_norm1 = nn.RMSNorm(dim, eps=eps)
+        self.attention_norm2 = nn.RMSNorm(dim, eps=eps)
+        self.ffn_norm2 = nn.RMSNorm(dim, eps=eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(config.adaln_dim, 4 * dim))
+
+    def forward(
+        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, adaln: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
+        h = self.attention(self.attention_norm1(x) * (1.0 + scale_attn), rope, mask)
+        x = x + gate_attn.tanh() * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn))
+        return x + gate_ffn.tanh() * self.ffn_norm2(h)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) scaled by the time embedding, then the patch projection."""
+
+    def __init__(self, dim: int, adaln_dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.adaLN_modulation(adaln)[:, None]
+        return self.linear(self.norm_final(x) * scale)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of `t * t_scale` through a two-layer SiLU MLP."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, TIME_HIDDEN), nn.SiLU(), nn.Linear(TIME_HIDDEN, out_dim))
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, TIME_FREQ_DIM).to(dtype))
+
+
+def _round_up(n: int) -> int:
+    return n + (-n) % SEQ_MULTIPLE
+
+
+class ZImageDiT(nn.Module):
+    """Z-Image single-stream DiT. `forward(x [B,C,H,W], timestep [B], text [L_i, cap_feat_dim] * B)`."""
+
+    offload_units = ("noise_refiner", "context_refiner", "layers")
+    compile_units = ("noise_refiner", "context_refiner", "layers")
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
+
+    def __init__(self, config: ZImageDiTConfig | None = None):
+        super().__init__()
+        self.config = config = config if config is not None else ZImageDiTConfig()
+        self.gradient_checkpointing = False
+        dim = config.dim
+        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.all_x_embedder = nn.ModuleDict({config.patch_key: nn.Linear(config.patch_dim, dim)})
+        self.all_final_layer = nn.ModuleDict({config.patch_key: FinalLayer(dim, config.adaln_dim, config.patch_dim)})
+        self.noise_refiner = nn.ModuleList(ZImageBlock(config, True) for _ in range(config.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(ZImageBlock(config, False) for _ in range(config.n_refiner_layers))
+        self.t_embedder = TimestepEmbedder(config.adaln_dim)
+        self.cap_embedder = nn.Sequential(
+            nn.RMSNorm(config.cap_feat_dim, eps=config.norm_eps), nn.Linear(config.cap_feat_dim, dim)
+        )
+        self.layers = nn.ModuleList(ZImageBlock(config, True) for _ in range(config.n_layers))
+        self.rope = MultiAxisRope(config.rope_theta, config.axes_dims, config.axes_lens)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, text: list[torch.Tensor]) -> torch.Tensor:
+        """Denoiser output for latents `x` `[B, C, H, W]` (or `[B, C, F, H, W]`).
+
+        `timestep` is `[B]` (or a scalar) in the model's own convention (`1 - sigma`); `text` is one
+        `[L_i, cap_feat_dim]` tensor per sample. Computation runs in `x.dtype`.
+        """
+        cfg = self.config
+        video = x.dim() == 5
+        x5 = x if video else x.unsqueeze(2)
+        b, _, frames, height, width = x5.shape
+        grid = self._check_inputs(x5, text)
+        lengths = [int(t.shape[0]) for t in text]
+        padded = [_round_up(n) for n in lengths]
+        dtype, device = x.dtype, x.device
+
+        t = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1).expand(b)
+        adaln = self.t_embedder(t * cfg.t_scale, dtype)
+
+        img = self.all_x_embedder[cfg.patch_key](self._patchify(x5))
+        n_img = img.shape[1]
+        n_img_pad = (-n_img) % SEQ_MULTIPLE
+        if n_img_pad:
+            img = torch.cat([img, self.x_pad_token.to(dtype).expand(b, n_img_pad, -1)], dim=1)
+
+        cap, cap_mask = self._embed_captions(text, lengths, padded, dtype, device)
+        cos, sin = self.rope(self._positions(grid, n_img_pad, padded, cap.shape[1], device))
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+        s_img = img.shape[1]
+        rope_img = (cos[:, :s_img], sin[:, :s_img])
+        rope_cap = (cos[:, s_img:], sin[:, s_img:])
+
+        for block in self.noise_refiner:
+            img = self._run(block, img, rope_img, None, adaln)
+        for block in self.context_refiner:
+            cap = self._run(block, cap, rope_cap, cap_mask, None)
+
+        seq = torch.cat([img, cap], dim=1)
+        mask = None
+        if cap_mask is not None:
+            mask = torch.cat([cap_mask.new_ones(b, s_img), cap_mask], dim=1)
+        for block in self.layers:
+            seq = self._run(block, seq, (cos, sin), mask, adaln)
+
+        out = self.all_final_layer[cfg.patch_key](seq[:, :n_img], adaln)
+        out = self._unpatchify(out, frames, height, width)
+        return out if video else out.squeeze(2)
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _check_inputs(self, x: torch.Tensor, text: list[torch.Tensor]) -> tuple[int, int, int]:
+        cfg = self.config
+        b, c, frames, height, width = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"latents have {c} channels; this Z-Image DiT takes in_channels={cfg.in_channels}")
+        p, pf = cfg.patch_size, cfg.f_patch_size
+        if height % p or width % p or frames % pf:
+            raise ValueError(
+                f"latent size (frames {frames}, height {height}, width {width}) must be divisible by "
+                f"the patch ({pf}, {p}, {p})"
+            )
+        if len(text) != b:
+            raise ValueError(f"got {len(text)} caption tensors for a batch of {b} latents")
+        for i, t in enumerate(text):
+            if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] != cfg.cap_feat_dim:
+                raise ValueError(
+                    f"caption {i} has shape {tuple(t.shape)}; expected [length >= 1, cap_feat_dim={cfg.cap_feat_dim}]"
+                )
+        grid = (frames // pf, height // p, width // p)
+        longest = max(_round_up(int(t.shape[0])) for t in text)
+        limits = (longest + grid[0], grid[1] - 1, grid[2] - 1)
+        for axis, (needed, size) in enumerate(zip(limits, cfg.axes_lens, strict=True)):
+            if needed >= size:
+                raise ValueError(
+                    f"RoPE axis {axis} needs position {needed} but axes_lens[{axis}]={size}: "
+                    f"caption (padded length {longest}) or latent grid {grid} too large"
+                )
+        return grid
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, C, F, H, W]` -> `[B, F'*H'*W', pF*pH*pW*C]` (tokens row-major, channels last)."""
+        p, pf = self.config.patch_size, self.config.f_patch_size
+        b, c, frames, height, width = x.shape
+        x = x.view(b, c, frames // pf, pf, height // p, p, width // p, p)
+        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
+        return x.reshape(b, (frames // pf) * (height // p) * (width // p), -1)
+
+    def _unpatchify(self, x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+        p, pf, c = self.config.patch_size, self.config.f_patch_size, self.config.in_channels
+        b = x.shape[0]
+        x = x.view(b, frames // pf, height // p, width // p, pf, p, p, c)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, c, frames, height, width)
+
+    def _embed_captions(
+        self, text: list[torch.Tensor], lengths: list[int], padded: list[int], dtype: torch.dtype, device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedded captions `[B, max padded length, dim]` with pad tokens, and the batch mask.
+
+        Positions past a caption's own length (up to its multiple of 32) hold `cap_pad_token`;
+        positions past that exist only for batching and are masked (mask None when all agree).
+        """
+        width = max(padded)
+        feats = torch.nn.utils.rnn.pad_sequence([t.to(device, dtype) for t in text], batch_first=True)
+        feats = F.pad(feats, (0, 0, 0, width - feats.shape[1]))
+        cap = self.cap_embedder(feats)
+        index = torch.arange(width, device=cap.device)
+        is_text = index < torch.tensor(lengths, device=cap.device)[:, None]
+        cap = torch.where(is_text[..., None], cap, self.cap_pad_token.to(dtype))
+        if len(set(padded)) == 1:
+            return cap, None
+        return cap, index < torch.tensor(padded, device=cap.device)[:, None]
+
+    def _positions(
+        self, grid: tuple[int, int, int], n_img_pad: int, padded: list[int], cap_width: int, device
+    ) -> torch.LongTensor:
+        """RoPE ids `[B, S_img + S_cap, 3]` for the joint `[image, caption]` sequence.
+
+        Caption token j sits at (1 + j, 0, 0); image patch (f, h, w) at (L + 1 + f, h, w), with L
+        the sample's padded caption length; image pad tokens at (0, 0, 0).
+        """
+        b = len(padded)
+        axes = [torch.arange(n, device=device) for n in grid]
+        img = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(1, -1, 3).repeat(b, 1, 1)
+        img[..., 0] += torch.tensor(padded, device=device)[:, None] + 1
+        img = F.pad(img, (0, 0, 0, n_img_pad))
+        cap = torch.zeros(cap_width, 3, dtype=torch.long, device=device)
+        cap[:, 0] = torch.arange(1, cap_width + 1, device=device)
+        return torch.cat([img, cap.expand(b, -1, -1)], dim=1)
