@@ -72,7 +72,7 @@ class ZImagePipeline(BasePipeline):
         output_type: str = "pil",
         progress_bar: bool = True,
     ):
-        """Generate images. Returns one image for one prompt, a list for a list of prompts.
+        """Generate images: a PIL image for one prompt, a list for a list of prompts; "np"/"pt" give the batch.
 
         `cfg_scale` > 1 enables classifier-free guidance with `negative_prompt` (1 = off);
         `cfg_truncation` turns guidance off once the normalised time `1 - sigma` exceeds it;
@@ -135,7 +135,7 @@ class ZImagePipeline(BasePipeline):
         images = self.vae.decode(x.to(dit_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
         self.load_models_to_device([])
         out = tensor_to_output(images.float(), output_type)
-        return out[0] if isinstance(prompt, str) else out
+        return out[0] if isinstance(prompt, str) and output_type == "pil" else out
 
     # ------------------------------------------------------------------ stages
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> list[torch.Tensor]:

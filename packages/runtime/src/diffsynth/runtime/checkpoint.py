@@ -1,0 +1,443 @@
+"""Lazy state dicts over checkpoint files, so a 20B model is identified without reading its weights.
+
+`open_checkpoint` takes one file, several shards, a folder (its `*.index.json` when there is one)
+or an index file, and returns a `LazyStateDict`: a read-only `Mapping[str, Tensor]` whose keys,
+shapes and dtypes come from headers only. safetensors files are parsed here (the header is JSON)
+and tensors are views of a copy-on-write memory map, made only when a key is asked for, so loading
+with `assign=True` keeps unchanged weights file-backed (what the VRAM manager's `disk` needs).
+`.pth/.pt/.bin/.ckpt` go through `torch.load(weights_only=True, mmap=True)`, which reads the
+pickle but not the tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+
+from .dtypes import dtype_name
+from .errors import CheckpointError, ConfigError, UnknownModelError, preview
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+INDEX_SUFFIX = ".index.json"
+NESTED_STATE_KEYS = ("state_dict", "model", "module", "model_state")
+_MAX_HEADER = 100_000_000  # the safetensors format's own limit
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
+        "U8": "uint8",
+        "BOOL": "bool",
+        "C64": "complex64",
+    }.items()
+    if hasattr(torch, attr)
+}
+
+
+def _corrupt(path: str, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} looks truncated or corrupt: {detail}. Re-download it (delete the file and fetch it again)."
+    )
+
+
+class _SafetensorsFile:
+    """One safetensors file: its header now, tensors (memory-map views) on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER or 8 + n > size:
+                raise _corrupt(path, f"the header claims {n} bytes but the file holds only {size} bytes")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _corrupt(path, f"the header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise _corrupt(path, "the header is not a JSON object")
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, info in header.items():
+            self.entries[key] = self._entry(key, info, size)
+        self._map: mmap.mmap | None = None
+
+    def _entry(self, key: str, info, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise _corrupt(self.path, f"tensor {key!r} has a malformed header entry ({exc!r})") from None
+        if code not in _ST_DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} has dtype {code!r}, which this torch cannot hold; "
+                f"supported: {', '.join(_ST_DTYPES)}"
+            )
+        dtype = _ST_DTYPES[code]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+            raise _corrupt(self.path, f"tensor {key!r} has offsets {[begin, end]} that do not fit shape {list(shape)}")
+        if self.data_start + end > size:
+            raise _corrupt(
+                self.path,
+                f"tensor {key!r} ends at byte {self.data_start + end} but the file holds only {size} bytes",
+            )
+        return dtype, shape, begin, end
+
+    def tensor(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[key]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:  # copy-on-write: writable views, the file is never changed
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        offset = self.data_start + begin
+        if offset % dtype.itemsize:  # unaligned data: copy rather than hand kernels a misaligned pointer
+            return torch.frombuffer(bytearray(self._map[offset : self.data_start + end]), dtype=dtype).reshape(shape)
+        count = (end - begin) // dtype.itemsize
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+class _TorchFile:
+    """One pickle checkpoint, loaded with mmap so tensor data stays on disk until used."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        obj = _torch_load(path)
+        self.tensors = _unwrap(obj, path)
+        self.entries = {k: (v.dtype, tuple(v.shape)) for k, v in self.tensors.items()}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+def _torch_load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc) and "zipfile" not in str(exc):
+            raise _load_error(path, exc) from None
+        logger.info("%s uses the legacy torch format (no mmap); reading it into memory", path)
+    except Exception as exc:
+        raise _load_error(path, exc) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _load_error(path, exc) from None
+
+
+def _load_error(path: str, exc: Exception) -> CheckpointError:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    refused = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line]
+    if refused or "Weights only load failed" in lines[0]:
+        reason = (refused or lines)[0].split(" was not an allowed global")[0]
+        return CheckpointError(
+            f"{path} holds Python objects besides tensors, which are not unpickled for safety "
+            f"(torch.load weights_only=True refused: {reason}). Re-save its state dict as .safetensors "
+            "with a tool you trust."
+        )
+    return _corrupt(path, f"torch.load failed ({type(exc).__name__}: {lines[0]})")
+
+
+def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
+    """The flat tensor dict of a pickle: one nested `state_dict`/`model`/`module`/`model_state` is opened."""
+    for _ in range(2):
+        if not isinstance(obj, Mapping) or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        nested = [k for k in NESTED_STATE_KEYS if isinstance(obj.get(k), Mapping)]
+        if len(nested) > 1:
+            raise CheckpointError(
+                f"{path} holds several state dicts ({nested}); save the one you want to load on its own"
+            )
+        if not nested:
+            break
+        logger.debug("%s: using the nested %r state dict", path, nested[0])
+        obj = obj[nested[0]]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(
+            f"{path} holds no tensors; its top-level keys are {preview(map(str, obj.keys()))} "
+            f"(nested state dicts are looked for under {list(NESTED_STATE_KEYS)})"
+        )
+    if len(tensors) < len(obj):
+        logger.debug("%s: ignoring %d non-tensor entries", path, len(obj) - len(tensors))
+    return tensors
+
+
+class LazyStateDict(Mapping):
+    """A read-only state dict over checkpoint files; tensors are read only when asked for."""
+
+    def __init__(self, files: Sequence[str]):
+        self.files: list[str] = list(files)
+        self._readers: list[_SafetensorsFile | _TorchFile] = []
+        self._where: dict[str, int] = {}
+        for path in self.files:
+            reader = _SafetensorsFile(path) if path.endswith(SAFETENSORS_SUFFIXES) else _TorchFile(path)
+            for key in reader.entries:
+                if key in self._where:
+                    other = self.files[self._where[key]]
+                    raise CheckpointError(
+                        f"key {key!r} is in both {other} and {path}; pass only one of them "
+                        "(two variants of a model in one folder, e.g. fp16 and full precision?)"
+                    )
+                self._where[key] = len(self._readers)
+            self._readers.append(reader)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._readers[self._where[key]].tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({len(self)} tensors in {preview(self.files, 3)})"
+
+    def _entry(self, key: str):
+        return self._readers[self._where[key]].entries[key]
+
+    def file_of(self, key: str) -> str:
+        return self.files[self._where[key]]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self._entry(k)[1] for k in self._where}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {k: self._entry(k)[0] for k in self._where}
+
+    def meta_state_dict(self) -> dict[str, torch.Tensor]:
+        """Meta tensors of the right shape and dtype: enough to recognise, configure and check a model."""
+        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape, *_) in self._entries()}
+
+    def parameter_count(self) -> int:
+        return sum(_numel(shape) for _, (_, shape, *_) in self._entries())
+
+    def nbytes(self) -> int:
+        return sum(_numel(shape) * dtype.itemsize for _, (dtype, shape, *_) in self._entries())
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """safetensors `__metadata__` of all files, merged (empty for pickles)."""
+        merged: dict[str, str] = {}
+        for reader in self._readers:
+            merged.update(reader.metadata)
+        return merged
+
+    def _entries(self):
+        return ((k, self._entry(k)) for k in self._where)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ----------------------------------------------------------------------------------- paths
+def open_checkpoint(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> LazyStateDict:
+    """A lazy state dict over a file, shards, a folder of weight files, or a `*.index.json`."""
+    return LazyStateDict(weight_files(paths))
+
+
+def weight_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The weight files `paths` stands for (folders and index files expanded, duplicates removed)."""
+    if isinstance(paths, (str, os.PathLike)):
+        items = [paths]
+    elif isinstance(paths, (list, tuple)) and paths and all(isinstance(p, (str, os.PathLike)) for p in paths):
+        items = list(paths)
+    else:
+        raise ConfigError(
+            f"checkpoint paths must be a path or a non-empty list of paths (files, folders, *.index.json), got {paths!r}"
+        )
+    files: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        for path in _expand(Path(item)):
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                files.append(path)
+    return files
+
+
+def _expand(path: Path) -> list[str]:
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; {folder_listing(path.parent)}")
+    if path.is_dir():
+        return _expand_dir(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _shards_of(path)
+    if not path.name.endswith(WEIGHT_SUFFIXES):
+        raise CheckpointError(
+            f"{path} is not a weight file; accepted: {', '.join(WEIGHT_SUFFIXES)}, a *{INDEX_SUFFIX} or a folder"
+        )
+    return [str(path)]
+
+
+def _expand_dir(folder: Path) -> list[str]:
+    indexes = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(INDEX_SUFFIX))
+    preferred = [p for p in indexes if p.name.endswith(".safetensors" + INDEX_SUFFIX)] or indexes
+    if len(preferred) > 1:
+        raise CheckpointError(
+            f"{folder} holds several shard indexes ({[p.name for p in preferred]}); pass the index you want"
+        )
+    if preferred:
+        return _shards_of(preferred[0])
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise CheckpointError(
+            f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); it contains "
+            f"{preview(sorted(p.name for p in folder.iterdir()))}"
+        )
+    safetensors = [p for p in files if p.name.endswith(SAFETENSORS_SUFFIXES)]
+    if safetensors and len(safetensors) < len(files):
+        ignored = [p.name for p in files if p not in safetensors]
+        logger.info("%s: using the .safetensors files, ignoring %s", folder, ignored)
+        files = safetensors
+    gaps = missing_shards(files)
+    if gaps:
+        raise CheckpointError(
+            f"shard {Path(gaps[0]).name!r} is missing from {folder} (the file names say the set has more "
+            f"shards; missing: {preview(Path(g).name for g in gaps)}); fetch the missing shards again"
+        )
+    return [str(p) for p in files]
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` (key -> shard file name) of a `*.index.json`."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise _corrupt(str(index), f"it is not a JSON shard index ({exc})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _corrupt(str(index), "it has no 'weight_map' (tensor name -> shard file)")
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _shards_of(index: Path) -> list[str]:
+    names = sorted(set(read_index(index).values()))
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"shard {missing[0]!r} listed in {index} is missing from {index.parent} "
+            f"({len(names) - len(missing)} of {len(names)} shards present; missing: {preview(missing)}); "
+            "the download is incomplete: fetch the missing shards again"
+        )
+    return [str(index.parent / n) for n in names]
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")
+
+
+def missing_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Shards absent beside `paths`: those listed by an index among them, and gaps in `-0000i-of-0000N` names."""
+    missing: list[str] = []
+    for path in map(Path, paths):
+        if path.name.endswith(INDEX_SUFFIX) and path.is_file():
+            missing += [str(path.parent / n) for n in sorted(set(read_index(path).values()))]
+            continue
+        found = _SHARD_NAME.match(path.name)
+        if found:
+            width, total = len(found["i"]), int(found["n"])
+            for i in range(1, total + 1):
+                name = f"{found['stem']}-{i:0{width}d}-of-{found['n']}{found['ext']}"
+                missing.append(str(path.parent / name))
+    return sorted({p for p in missing if not Path(p).is_file()})
+
+
+def folder_listing(folder: Path) -> str:
+    """What `folder` (or its nearest existing parent) contains, for "not found" messages."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{folder} does not exist either"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in probe.iterdir())
+    where = f"{probe} (the nearest existing folder)" if probe != folder else str(probe)
+    return f"{where} contains {preview(names, 20)}"
+
+
+# ----------------------------------------------------------------------------------- inspect
+def describe_checkpoint(paths, *, specs=None) -> dict:
+    """What `diffsynth inspect` prints: files, counts, dtypes and the models recognised in them."""
+    from .loading import config_json_beside, derive_config, recognise
+
+    state = open_checkpoint(paths)
+    histogram: dict[str, dict[str, int]] = {}
+    for dtype, shape, *_ in (e for _, e in state._entries()):
+        slot = histogram.setdefault(dtype_name(dtype), {"tensors": 0, "parameters": 0})
+        slot["tensors"] += 1
+        slot["parameters"] += _numel(shape)
+    info: dict = {
+        "files": state.files,
+        "tensors": len(state),
+        "parameters": state.parameter_count(),
+        "bytes": state.nbytes(),
+        "dtypes": histogram,
+    }
+    if state.metadata:
+        info["metadata"] = {k: v if len(v) <= 120 else v[:120] + "..." for k, v in state.metadata.items()}
+    meta = state.meta_state_dict()
+    try:
+        found = recognise(meta, specs=specs, label=checkpoint_label(state.files))
+    except UnknownModelError as exc:
+        info["models"] = []
+        info["unrecognised"] = str(exc)
+        return info
+    config_json = config_json_beside(state.files) if len(found) == 1 else None
+    models = []
+    for item in found:
+        entry = {"spec": item.spec.name, "role": item.spec.role, "layout": item.layout.name, "keys": len(item.keys)}
+        try:
+            config = derive_config(item, meta, config_json, checkpoint_label(state.files))
+            entry["config"] = asdict(config) if is_dataclass(config) and not isinstance(config, type) else repr(config)
+        except Exception as exc:  # inspect reports, it does not stop
+            entry["config_error"] = str(exc)
+        models.append(entry)
+    info["models"] = models
+    return info
+
+
+def checkpoint_label(files: Sequence[str]) -> str:
+    """How messages name a checkpoint: its file, or its first shard and how many more."""
+    return files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more shards)"

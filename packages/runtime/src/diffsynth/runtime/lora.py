@@ -1,0 +1,502 @@
+"""LoRA files in the layouts people share, applied to our models fused (fast) or unfused (hot-swappable).
+
+Reading normalises every layout to `LoRAWeights`: one `LoRATarget` (down [r, in], up [out, r], alpha, and
+optional full deltas `diff`/`diff_b`) per target module, named like our modules (the official checkpoint names,
+dotted, without `.weight`). Recognised layouts:
+
+- peft / diffusers: `<name>.lora_A.weight`, `<name>.lora_B.weight` (also `lora_A.<adapter>.weight`), optional
+  `<name>.alpha`; prefixes `base_model.model.`, `model.diffusion_model.`, `diffusion_model.`, `transformer.`,
+  `unet.` are dropped;
+- kohya / ComfyUI: `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+  (also `lora_transformer_`, `lycoris_`); the underscored names are ambiguous, so they are resolved against the
+  model's module names when the LoRA is applied;
+- `lora_down` / `lora_up` with dotted names and the prefixes above; ComfyUI's `.diff` / `.diff_b`.
+Text-encoder entries (`lora_te*_`, `text_encoder*.`) are skipped: a denoiser LoRA is applied to the denoiser.
+
+Unfused LoRAs are attached with a forward hook on the target `nn.Linear` and kept in a plain attribute of it,
+not in a wrapper module or a parametrization. That keeps the module object, its class and its state-dict keys
+exactly as they were (the VRAM manager, strict loads and `compile_units` keep seeing the same model), costs
+one small matmul pair per call instead of recomputing the full weight (parametrize would), and `clear_loras`
+restores the original by removing the hook and the attribute. The LoRA tensors are cast to the input's device
+and dtype on first use and cached, so a model moved or offloaded after the LoRA was applied still works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, LoRAError, preview
+
+logger = logging.getLogger(__name__)
+
+KeyMap = Callable[[str], "str | None"]
+
+DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
+SKIPPED_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.")
+SAVE_FORMATS = ("diffsynth", "peft", "kohya")
+_DEFAULT_SAVE_PREFIX = {"diffsynth": "", "peft": "diffusion_model.", "kohya": "lora_unet_"}
+_ATTR = "_diffsynth_loras"
+
+# (regex, field): the suffix that says what a tensor is; the name in front of it is the target.
+_SUFFIXES = (
+    (re.compile(r"^(.+)\.lora_A(?:\.[A-Za-z0-9_\-]+)?\.weight$"), "down"),
+    (re.compile(r"^(.+)\.lora_B(?:\.[A-Za-z0-9_\-]+)?\.weight$"), "up"),
+    (re.compile(r"^(.+)\.lora_down\.weight$"), "down"),
+    (re.compile(r"^(.+)\.lora_up\.weight$"), "up"),
+    (re.compile(r"^(.+)\.alpha$"), "alpha"),
+    (re.compile(r"^(.+)\.diff$"), "diff"),
+    (re.compile(r"^(.+)\.diff_b$"), "diff_b"),
+)
+_UNSUPPORTED = {
+    "hada_w": "LoHa",
+    "lokr_w": "LoKr",
+    "dora_scale": "DoRA",
+    "lora_mid": "LoCon (Tucker)",
+    "lora_magnitude_vector": "DoRA",
+}
+
+
+@dataclass
+class LoRATarget:
+    """What one LoRA changes in one Linear: delta W = (alpha / rank) * up @ down, plus `diff`/`diff_b`."""
+
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    diff: torch.Tensor | None = None
+    diff_b: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else int(self.down.shape[0])
+
+    @property
+    def factor(self) -> float:
+        """alpha / rank; an absent alpha means the file's convention of no extra scaling."""
+        return 1.0 if self.alpha is None or self.rank == 0 else float(self.alpha) / self.rank
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """The weight change at scale 1, in float32 (None when the target only changes the bias)."""
+        delta = None
+        if self.down is not None:
+            delta = self.factor * (self.up.float() @ self.down.float())
+        if self.diff is not None:
+            delta = self.diff.float() if delta is None else delta + self.diff.float()
+        return delta
+
+
+@dataclass
+class LoRAWeights:
+    """A LoRA in normalised form: target module name -> `LoRATarget`. Names without dots may be kohya names
+    that still need resolving against a model (`resolve_lora`)."""
+
+    targets: dict[str, LoRATarget]
+    source: str = "<state dict>"
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+# ----------------------------------------------------------------------------------- reading
+def read_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights) -> LoRAWeights:
+    """Read a LoRA file (safetensors or torch pickle) or state dict into `LoRAWeights`."""
+    if isinstance(path_or_state_dict, LoRAWeights):
+        return path_or_state_dict
+    if isinstance(path_or_state_dict, Mapping):
+        state, source = dict(path_or_state_dict), "<state dict>"
+    elif isinstance(path_or_state_dict, (str, os.PathLike)):
+        state, source = _read_file(Path(path_or_state_dict)), str(path_or_state_dict)
+    else:
+        raise LoRAError(
+            f"a LoRA must be a file path, a state dict or LoRAWeights, got {type(path_or_state_dict).__name__}"
+        )
+    return _normalise(state, source)
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    from .checkpoint import folder_listing, open_checkpoint
+
+    if not path.is_file():
+        raise LoRAError(f"LoRA file {path} does not exist; {folder_listing(path.parent)}")
+    try:
+        lazy = open_checkpoint(str(path))
+        return {key: lazy[key] for key in lazy}
+    except CheckpointError as exc:
+        raise LoRAError(f"cannot read LoRA file {path}: {exc}") from None
+
+
+def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
+    targets: dict[str, LoRATarget] = {}
+    origin: dict[tuple[str, str], str] = {}  # (target, field) -> key, to name keys in errors
+    skipped: list[str] = []
+    unknown: list[str] = []
+    for key, tensor in state.items():
+        for marker, kind in _UNSUPPORTED.items():
+            if marker in key:
+                raise LoRAError(
+                    f"{source}: key {key!r} belongs to a {kind} adapter, which is not supported; "
+                    "accepted are plain LoRA (lora_A/lora_B, lora_down/lora_up with alpha) and diff/diff_b"
+                )
+        parsed = _parse_key(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        name, kind = parsed
+        if name is None:
+            skipped.append(key)
+            continue
+        if (name, kind) in origin:
+            raise LoRAError(
+                f"{source}: keys {origin[(name, kind)]!r} and {key!r} both give the {kind} of {name!r} "
+                "(the same module under two prefixes?)"
+            )
+        origin[(name, kind)] = key
+        target = targets.setdefault(name, LoRATarget())
+        if kind == "alpha":
+            if tensor.numel() != 1:
+                raise LoRAError(f"{source}: {key!r} should be a scalar alpha, got shape {tuple(tensor.shape)}")
+            target.alpha = float(tensor.float().item())
+        else:
+            setattr(target, kind, tensor)
+    if unknown and not targets:
+        raise LoRAError(
+            f"{source} holds no LoRA keys we recognise; its keys start with {preview(sorted(unknown), 5)}. "
+            "Accepted: '<module>.lora_A.weight'/'.lora_B.weight' (peft, diffusers), "
+            "'lora_unet_<module>.lora_down.weight'/'.lora_up.weight'/'.alpha' (kohya, ComfyUI), '<module>.diff'"
+        )
+    if unknown:
+        raise LoRAError(
+            f"{source} mixes LoRA keys with keys we do not recognise: {preview(sorted(unknown), 5)}; "
+            "refusing to apply it partly"
+        )
+    if not targets:
+        what = "only text-encoder weights" if skipped else "no tensors"
+        raise LoRAError(f"{source} holds {what} ({preview(sorted(skipped), 5)}); there is nothing for the denoiser")
+    for name, target in targets.items():
+        _check_target(name, target, origin, source)
+    if skipped:
+        logger.info("%s: skipped %d text-encoder LoRA keys (e.g. %s)", source, len(skipped), skipped[0])
+    return LoRAWeights(targets=targets, source=source, skipped=skipped)
+
+
+def _parse_key(key: str) -> tuple[str | None, str] | None:
+    """(target name, field) of a LoRA key; the name is None for keys of other models; None if unrecognised."""
+    for pattern, kind in _SUFFIXES:
+        match = pattern.match(key)
+        if match:
+            return _target_name(match.group(1)), kind
+    return None
+
+
+def _target_name(raw: str) -> str | None:
+    if raw.startswith(SKIPPED_PREFIXES):
+        return None
+    for prefix in KOHYA_PREFIXES:
+        if raw.startswith(prefix):
+            return raw[len(prefix) :]
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in DOTTED_PREFIXES:
+            if raw.startswith(prefix) and len(raw) > len(prefix):
+                raw, stripped = raw[len(prefix) :], True
+    return raw
+
+
+def _check_target(name: str, t: LoRATarget, origin: dict, source: str) -> None:
+    key = origin.get((name, "down")) or origin.get((name, "up")) or origin.get((name, "alpha")) or name
+    if (t.down is None) != (t.up is None):
+        have, lacks = ("down (lora_A/lora_down)", "up") if t.up is None else ("up (lora_B/lora_up)", "down")
+        raise LoRAError(f"{source}: {key!r} has the {have} matrix but no {lacks} matrix for module {name!r}")
+    if t.down is None and t.diff is None and t.diff_b is None:
+        raise LoRAError(f"{source}: {key!r} gives an alpha for {name!r} but no LoRA matrices")
+    if t.down is not None:
+        if t.down.dim() != 2 or t.up.dim() != 2:
+            raise LoRAError(
+                f"{source}: {key!r} has shapes down {tuple(t.down.shape)}, up {tuple(t.up.shape)}; only LoRAs "
+                "on Linear layers (2-D matrices) are supported, not convolution LoRAs"
+            )
+        if t.down.shape[0] != t.up.shape[1]:
+            raise LoRAError(
+                f"{source}: {key!r} has rank {t.down.shape[0]} in its down matrix {tuple(t.down.shape)} but "
+                f"{t.up.shape[1]} in its up matrix {tuple(t.up.shape)}; the file is inconsistent"
+            )
+
+
+# ----------------------------------------------------------------------------------- matching a model
+def resolve_lora(model: nn.Module, lora: LoRAWeights, key_map: KeyMap | None = None) -> LoRAWeights:
+    """`lora` with every target renamed to a Linear of `model` and checked against its shapes.
+
+    `key_map` (a family's mapper) sees each name as read (dotted, prefixes dropped; kohya names underscored,
+    `lora_unet_` dropped) and returns our dotted name, an underscored name to resolve, or None to skip it."""
+    modules = dict(model.named_modules())
+    underscored: dict[str, list[str]] = {}
+    for module_name in modules:
+        if module_name:
+            underscored.setdefault(module_name.replace(".", "_"), []).append(module_name)
+    resolved: dict[str, LoRATarget] = {}
+    unmatched: list[str] = []
+    for raw, target in lora.targets.items():
+        name = key_map(raw) if key_map is not None else raw
+        if name is None:
+            continue
+        if name not in modules and "." not in name:
+            candidates = underscored.get(name, [])
+            if len(candidates) > 1:
+                raise LoRAError(
+                    f"{lora.source}: kohya name {raw!r} fits several modules of {type(model).__name__} "
+                    f"({candidates}); pass key_map= to say which"
+                )
+            name = candidates[0] if candidates else name
+        if not isinstance(modules.get(name), nn.Linear):
+            unmatched.append(raw if name == raw else f"{raw} -> {name}")
+            continue
+        if name in resolved:
+            raise LoRAError(f"{lora.source}: two LoRA targets map to module {name!r} of {type(model).__name__}")
+        _check_shapes(modules[name], name, target, lora.source, type(model).__name__)
+        resolved[name] = target
+    if unmatched:
+        raise LoRAError(
+            f"{lora.source}: {len(unmatched)} of {len(lora.targets)} LoRA targets are not Linear layers of "
+            f"{type(model).__name__}: {preview(unmatched, 5)}. The LoRA was probably made for a different model "
+            "(or needs this family's key mapping)"
+        )
+    return LoRAWeights(targets=resolved, source=lora.source, skipped=list(lora.skipped))
+
+
+def _check_shapes(module: nn.Linear, name: str, t: LoRATarget, source: str, model_name: str) -> None:
+    out_features, in_features = module.weight.shape
+    problems = []
+    if t.down is not None and (t.down.shape[1] != in_features or t.up.shape[0] != out_features):
+        problems.append(f"down {tuple(t.down.shape)} / up {tuple(t.up.shape)} vs weight {tuple(module.weight.shape)}")
+    if t.diff is not None and tuple(t.diff.shape) != tuple(module.weight.shape):
+        problems.append(f"diff {tuple(t.diff.shape)} vs weight {tuple(module.weight.shape)}")
+    if t.diff_b is not None:
+        if module.bias is None:
+            problems.append("diff_b given but the layer has no bias")
+        elif tuple(t.diff_b.shape) != tuple(module.bias.shape):
+            problems.append(f"diff_b {tuple(t.diff_b.shape)} vs bias {tuple(module.bias.shape)}")
+    if problems:
+        raise LoRAError(
+            f"{source}: LoRA for {name!r} does not fit {model_name}.{name} ({'; '.join(problems)}); "
+            "the LoRA was probably made for a different model or model size"
+        )
+
+
+# ----------------------------------------------------------------------------------- applying
+def apply_lora(
+    model: nn.Module,
+    lora: LoRAWeights | str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    scale: float = 1.0,
+    fuse: bool = True,
+    name: str | None = None,
+    key_map: KeyMap | None = None,
+) -> str | None:
+    """Apply a LoRA to `model`. Fused: added into the weights for good (returns None). Unfused: attached
+    under `name` (default `lora_<n>`; re-using a name replaces that LoRA) and returned, for
+    `set_lora_scale` / `clear_loras`."""
+    resolved = resolve_lora(model, read_lora(lora), key_map)
+    if fuse:
+        for target_name, target in resolved.targets.items():
+            _fuse(model.get_submodule(target_name), target, float(scale))
+        logger.info("fused LoRA %s into %d layers (scale %g)", resolved.source, len(resolved), scale)
+        return None
+    loaded = list_loras(model)
+    if name is None:
+        n = len(loaded)
+        while f"lora_{n}" in loaded:
+            n += 1
+        name = f"lora_{n}"
+    elif name in loaded:
+        clear_loras(model, name)
+    for target_name, target in resolved.targets.items():
+        module = model.get_submodule(target_name)
+        _stack(module).adapters[name] = _Adapter(target, float(scale), module.weight.device)
+    logger.info("attached LoRA %r from %s to %d layers (scale %g)", name, resolved.source, len(resolved), scale)
+    return name
+
+
+def load_lora(
+    model: nn.Module,
+    path: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights,
+    scale: float = 1.0,
+    fuse: bool = True,
+    name: str | None = None,
+    key_map: KeyMap | None = None,
+) -> str | None:
+    """`read_lora` + `apply_lora`."""
+    return apply_lora(model, read_lora(path), scale=scale, fuse=fuse, name=name, key_map=key_map)
+
+
+@torch.no_grad()
+def _fuse(module: nn.Linear, t: LoRATarget, scale: float) -> None:
+    weight = module.weight
+    delta = t.delta_weight()
+    if delta is not None:
+        new = weight.float() + scale * delta.to(weight.device)
+        weight.copy_(new.to(weight.dtype))
+    if t.diff_b is not None:
+        bias = module.bias
+        bias.copy_((bias.float() + scale * t.diff_b.float().to(bias.device)).to(bias.dtype))
+
+
+class _Adapter:
+    """One unfused LoRA on one Linear: its tensors, its scale, and a copy cast for the last input seen."""
+
+    def __init__(self, t: LoRATarget, scale: float, device: torch.device):
+        device = torch.device("cpu") if device.type == "meta" else device
+
+        def move(x):
+            return None if x is None else x.detach().to(device)
+
+        self.tensors = (move(t.down), move(t.up), move(t.diff), move(t.diff_b))
+        self.factor = t.factor
+        self.scale = scale
+        self._cast: tuple = ()
+        self._cast_key: tuple | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        key = (x.device, x.dtype)
+        if key != self._cast_key:
+            self._cast = tuple(None if w is None else w.to(device=x.device, dtype=x.dtype) for w in self.tensors)
+            self._cast_key = key
+        down, up, diff, diff_b = self._cast
+        y = None
+        if down is not None:
+            y = F.linear(F.linear(x, down), up) * (self.scale * self.factor)
+        if diff is not None or diff_b is not None:
+            extra = F.linear(x, diff, diff_b) if diff is not None else diff_b.expand(*x.shape[:-1], -1)
+            y = extra * self.scale if y is None else y + extra * self.scale
+        return y
+
+
+class _LoRAStack:
+    """The unfused LoRAs attached to one Linear, with the hook that adds them to its output."""
+
+    def __init__(self, module: nn.Linear):
+        self.adapters: dict[str, _Adapter] = {}
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        for adapter in self.adapters.values():
+            if adapter.scale != 0.0:
+                y = adapter(args[0])
+                if y is not None:
+                    output = output + y.to(output.dtype)
+        return output
+
+
+def _stack(module: nn.Linear) -> _LoRAStack:
+    stack = module.__dict__.get(_ATTR)
+    if stack is None:
+        stack = _LoRAStack(module)
+        module.__dict__[_ATTR] = stack
+    return stack
+
+
+def _stacks(model: nn.Module):
+    for module in model.modules():
+        stack = module.__dict__.get(_ATTR)
+        if stack is not None:
+            yield module, stack
+
+
+def list_loras(model: nn.Module) -> dict[str, float]:
+    """The unfused LoRAs attached to `model`: name -> scale."""
+    found: dict[str, float] = {}
+    for _, stack in _stacks(model):
+        for name, adapter in stack.adapters.items():
+            found.setdefault(name, adapter.scale)
+    return found
+
+
+def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Change the scale of the unfused LoRA `name` (0 switches it off without removing it)."""
+    hits = 0
+    for _, stack in _stacks(model):
+        if name in stack.adapters:
+            stack.adapters[name].scale = float(scale)
+            hits += 1
+    if not hits:
+        raise LoRAError(
+            f"no unfused LoRA named {name!r} on {type(model).__name__}; loaded: {preview(list_loras(model))}"
+        )
+
+
+def clear_loras(model: nn.Module, name: str | None = None) -> None:
+    """Remove unfused LoRAs (all, or the one called `name`), leaving each Linear exactly as it was.
+    Fused LoRAs are part of the weights and cannot be removed: reload the model for those."""
+    if name is not None and name not in list_loras(model):
+        raise LoRAError(
+            f"no unfused LoRA named {name!r} on {type(model).__name__}; loaded: {preview(list_loras(model))}"
+        )
+    for module, stack in list(_stacks(model)):
+        if name is None:
+            stack.adapters.clear()
+        else:
+            stack.adapters.pop(name, None)
+        if not stack.adapters:
+            stack.handle.remove()
+            del module.__dict__[_ATTR]
+
+
+# ----------------------------------------------------------------------------------- saving
+def save_lora(
+    lora_state: LoRAWeights | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    format: str = "diffsynth",
+    *,
+    prefix: str | None = None,
+) -> None:
+    """Write a LoRA as safetensors in one of `SAVE_FORMATS`, atomically.
+
+    - "diffsynth": `<name>.lora_A.weight` / `.lora_B.weight`, no alpha (what DiffSynth-Studio loads; an alpha
+      other than the rank is folded into lora_B, so reading it back gives the same delta with alpha None);
+    - "peft": `<prefix><name>.lora_A.weight` / `.lora_B.weight` / `.alpha`, prefix `diffusion_model.` by
+      default (ComfyUI's name for official-layout models);
+    - "kohya": `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+    `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format. Names should be resolved
+    (dotted, `resolve_lora`) for the first two."""
+    from safetensors.torch import save_file
+
+    lora = read_lora(lora_state)
+    if format not in SAVE_FORMATS:
+        raise LoRAError(f"unknown LoRA save format {format!r}; accepted: {list(SAVE_FORMATS)}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise LoRAError(f"LoRA files are written as .safetensors; got the path {path}")
+    prefix = _DEFAULT_SAVE_PREFIX[format] if prefix is None else prefix
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in lora.targets.items():
+        key = prefix + (name.replace(".", "_") if format == "kohya" else name)
+        if t.down is not None:
+            down_key, up_key = ("lora_down", "lora_up") if format == "kohya" else ("lora_A", "lora_B")
+            up = t.up
+            if format == "diffsynth" and t.alpha is not None and t.factor != 1.0:
+                up = (up.float() * t.factor).to(up.dtype)
+            tensors[f"{key}.{down_key}.weight"] = t.down
+            tensors[f"{key}.{up_key}.weight"] = up
+            if format != "diffsynth" and t.alpha is not None:
+                tensors[f"{key}.alpha"] = torch.tensor(float(t.alpha))
+        if t.diff is not None:
+            tensors[f"{key}.diff"] = t.diff
+        if t.diff_b is not None:
+            tensors[f"{key}.diff_b"] = t.diff_b
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "diffsynth_lora_format": format})
+    os.replace(tmp, path)
+    logger.info("wrote %d LoRA targets to %s (%s layout)", len(lora), path, format)

@@ -1,0 +1,325 @@
+"""Images, videos and audio in and out of pipelines: PIL images, H.264 mp4 through `av`, PCM16 wav.
+
+Pixel tensors are [-1, 1] with channels first ([B, 3, H, W], videos [B, 3, F, H, W]), the range the VAEs
+work in; `tensor_to_output` turns them into what users asked for ("pil", "np" channels-last in [0, 1],
+"pt" in [0, 1]). Audio waveforms are float [C, N] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import wave
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+PathLike = str | os.PathLike
+
+
+def _existing(path: PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    return path
+
+
+# ----------------------------------------------------------------------------------- images
+def load_image(image: PathLike | Image.Image) -> Image.Image:
+    """An RGB PIL image from a path or an image (any mode: RGBA, L, P ... are converted)."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise ConfigError(f"an image must be a file path or a PIL.Image, got {type(image).__name__}")
+    path = _existing(image, "image")
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+def save_image(image: Image.Image, path: PathLike) -> None:
+    """Write `image`; the format follows the file extension; parent folders are created."""
+    if not isinstance(image, Image.Image):
+        raise ConfigError(f"save_image takes a PIL.Image, got {type(image).__name__} (see tensor_to_pil)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def pil_to_tensor(
+    images: Image.Image | Sequence[Image.Image],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] from one image or a list of images of one size."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    if not images:
+        raise ConfigError("pil_to_tensor got an empty list of images")
+    sizes = {load_image(im).size for im in images}
+    if len(sizes) > 1:
+        raise ConfigError(f"images in one batch must share a size (width, height), got {sorted(sizes)}")
+    array = np.stack([np.asarray(load_image(im), dtype=np.uint8) for im in images])
+    pixels = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels.to(device=device, dtype=dtype)
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[-1, 1] floats -> uint8 array with the same layout."""
+    scaled = ((pixels.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()
+    return scaled.to(torch.uint8).cpu().numpy()
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """PIL images from [B, 3, H, W] (or one [3, H, W]) in [-1, 1]."""
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ConfigError(f"tensor_to_pil takes [B, 3, H, W] or [3, H, W] in [-1, 1], got {tuple(images.shape)}")
+    return [Image.fromarray(a) for a in _to_uint8(images).transpose(0, 2, 3, 1)]
+
+
+def tensor_to_output(images: torch.Tensor, output_type: str = "pil"):
+    """What a pipeline returns for decoded pixels [B, 3, H, W] or videos [B, 3, F, H, W] in [-1, 1]:
+    "pil": a list of B images (videos: B lists of frames); "np": float32 [B, H, W, 3] / [B, F, H, W, 3]
+    in [0, 1]; "pt": float32 in [0, 1] in the input layout."""
+    if output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+    if images.dim() not in (4, 5) or images.shape[1] != 3:
+        raise ConfigError(
+            f"decoded pixels must be [B, 3, H, W] or [B, 3, F, H, W] in [-1, 1], got {tuple(images.shape)}"
+        )
+    if output_type == "pil":
+        if images.dim() == 4:
+            return tensor_to_pil(images)
+        return [tensor_to_pil(video.transpose(0, 1)) for video in images]
+    unit = (images.detach().float().clamp(-1, 1) + 1.0) / 2.0
+    if output_type == "pt":
+        return unit
+    channels_last = unit.permute(0, 2, 3, 1) if unit.dim() == 4 else unit.permute(0, 2, 3, 4, 1)
+    return channels_last.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------- video
+def _frames_uint8(frames) -> list[np.ndarray]:
+    """HxWx3 uint8 arrays from a list of PIL images or an array/tensor [F, H, W, 3] or [3, F, H, W]
+    (uint8, or floats in [0, 1])."""
+    if isinstance(frames, (list, tuple)):
+        if not frames:
+            raise ConfigError("the list of video frames is empty")
+        if all(isinstance(f, Image.Image) for f in frames):
+            arrays = [np.asarray(load_image(f), dtype=np.uint8) for f in frames]
+        else:
+            arrays = list(_frames_uint8(np.stack([np.asarray(f) for f in frames])))
+    elif isinstance(frames, (np.ndarray, torch.Tensor)):
+        array = frames.detach().float().cpu().numpy() if isinstance(frames, torch.Tensor) else frames
+        if array.ndim == 4 and array.shape[-1] != 3 and array.shape[0] == 3:
+            array = array.transpose(1, 2, 3, 0)  # [3, F, H, W] -> [F, H, W, 3]
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise ConfigError(
+                f"video frames must be a list of PIL images or an array [F, H, W, 3] / [3, F, H, W], "
+                f"got shape {tuple(array.shape)}"
+            )
+        if array.shape[0] == 0:
+            raise ConfigError("the video has no frames (first dimension is 0)")
+        if array.dtype != np.uint8:
+            array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        arrays = list(array)
+    else:
+        raise ConfigError(
+            f"video frames must be a list of PIL images, an ndarray or a tensor, got {type(frames).__name__}"
+        )
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise ConfigError(f"all video frames must share one size, got {sorted(sizes)}")
+    return arrays
+
+
+def _even(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """H.264 in yuv420p needs even sizes: odd ones get their last row/column repeated once."""
+    h, w = arrays[0].shape[:2]
+    pad_h, pad_w = h % 2, w % 2
+    if not (pad_h or pad_w):
+        return arrays
+    logger.warning("video size %dx%d is odd; repeating the edge to %dx%d for H.264", w, h, w + pad_w, h + pad_h)
+    return [np.pad(a, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge") for a in arrays]
+
+
+def quality_to_crf(quality: float) -> int:
+    """imageio's 0-10 quality scale (10 best, DiffSynth-Studio's default 5) as an x264 CRF (51 worst, 0 lossless)."""
+    if not 0 <= quality <= 10:
+        raise ConfigError(f"quality must be between 0 (smallest file) and 10 (best), got {quality}")
+    return int((1.0 - quality / 10.0) * 51)
+
+
+def _rate(fps: float) -> Fraction:
+    if not fps or fps <= 0:
+        raise ConfigError(f"fps must be a positive number, got {fps}")
+    return Fraction(fps).limit_denominator(1001)
+
+
+def _add_video_stream(container, arrays: list[np.ndarray], fps: float, quality: float):
+    import av
+
+    codec = "libx264" if "libx264" in av.codecs_available else "h264"
+    stream = container.add_stream(codec, rate=_rate(fps))
+    stream.height, stream.width = arrays[0].shape[:2]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": str(quality_to_crf(quality))}
+    return stream
+
+
+def _encode_video(container, stream, arrays: list[np.ndarray]) -> None:
+    import av
+
+    for i, array in enumerate(arrays):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+        frame.pts = i
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5) -> None:
+    """Write frames (list of PIL, or [F, H, W, 3] / [3, F, H, W] uint8 or [0, 1] floats) as H.264 mp4."""
+    import av
+
+    arrays = _even(_frames_uint8(frames))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = _add_video_stream(container, arrays, fps, quality)
+        _encode_video(container, stream, arrays)
+    logger.info("wrote %d frames to %s", len(arrays), path)
+
+
+def load_video(
+    path: PathLike, num_frames: int | None = None, height: int | None = None, width: int | None = None
+) -> list[Image.Image]:
+    """The first `num_frames` frames (all when None) as RGB images, resized to height x width when given
+    (one of them alone keeps the aspect ratio)."""
+    import av
+
+    path = _existing(path, "video")
+    frames: list[Image.Image] = []
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ConfigError(f"{path} holds no video stream")
+        for frame in container.decode(video=0):
+            frames.append(frame.to_image().convert("RGB"))
+            if num_frames is not None and len(frames) >= num_frames:
+                break
+    if not frames:
+        raise ConfigError(f"{path} holds no decodable video frames")
+    if num_frames is not None and len(frames) < num_frames:
+        raise ConfigError(f"{path} has {len(frames)} frames, fewer than num_frames={num_frames}")
+    if height is None and width is None:
+        return frames
+    w0, h0 = frames[0].size
+    if height is None:
+        height = round(h0 * width / w0)
+    if width is None:
+        width = round(w0 * height / h0)
+    return [f.resize((int(width), int(height)), Image.BICUBIC) for f in frames]
+
+
+# ----------------------------------------------------------------------------------- audio
+def _waveform(waveform) -> np.ndarray:
+    """float32 [C, N] from a tensor or array [C, N] or [N]."""
+    array = waveform.detach().float().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ConfigError(f"a waveform must be [channels, samples] or [samples], got shape {tuple(array.shape)}")
+    return array.astype(np.float32)
+
+
+def _sample_rate(sample_rate) -> int:
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ConfigError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    return int(sample_rate)
+
+
+def save_audio(waveform, path: PathLike, sample_rate: int) -> None:
+    """Write a float waveform in [-1, 1] as 16-bit PCM wav (value k/32768 is stored as k exactly)."""
+    array = _waveform(waveform)
+    sample_rate = _sample_rate(sample_rate)
+    path = Path(path)
+    if path.suffix.lower() != ".wav":
+        raise ConfigError(f"save_audio writes .wav files; got {path} (use mux_video_audio for mp4 with sound)")
+    pcm = np.clip(np.round(array * 32768.0), -32768, 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(pcm.shape[0])
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm.T.tobytes())
+
+
+def load_audio(path: PathLike) -> tuple[torch.Tensor, int]:
+    """(float32 waveform [C, N] in [-1, 1], sample rate): PCM wav directly, anything else through av."""
+    path = _existing(path, "audio")
+    try:
+        with wave.open(str(path), "rb") as src:
+            width, channels, rate = src.getsampwidth(), src.getnchannels(), src.getframerate()
+            raw = src.readframes(src.getnframes())
+    except (wave.Error, EOFError):
+        return _load_audio_av(path)
+    if width == 1:
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width in (2, 4):
+        samples = np.frombuffer(raw, f"<i{width}").astype(np.float32) / float(2 ** (8 * width - 1))
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8  # sign-extend 24-bit
+        samples = ints.astype(np.float32) / float(2**23)
+    else:
+        return _load_audio_av(path)
+    return torch.from_numpy(samples.reshape(-1, channels).T.copy()), rate
+
+
+def _load_audio_av(path: Path) -> tuple[torch.Tensor, int]:
+    import av
+
+    chunks: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ConfigError(f"{path} holds no audio stream")
+        rate = container.streams.audio[0].rate
+        resampler = av.AudioResampler(format="fltp")
+        for frame in container.decode(audio=0):
+            for planar in resampler.resample(frame):
+                chunks.append(planar.to_ndarray())
+    if not chunks:
+        raise ConfigError(f"{path} holds no decodable audio")
+    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), int(rate)
+
+
+def mux_video_audio(frames, waveform, sample_rate: int, path: PathLike, fps: float = 16, quality: float = 5) -> None:
+    """Write an mp4 with the frames as H.264 and the waveform ([C, N] or [N], 1 or 2 channels) as AAC."""
+    import av
+
+    arrays = _even(_frames_uint8(frames))
+    audio = np.clip(_waveform(waveform), -1.0, 1.0)
+    sample_rate = _sample_rate(sample_rate)
+    if audio.shape[0] not in (1, 2):
+        raise ConfigError(f"mux_video_audio writes mono or stereo audio, got {audio.shape[0]} channels")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layout = "mono" if audio.shape[0] == 1 else "stereo"
+    with av.open(str(path), mode="w") as container:
+        video = _add_video_stream(container, arrays, fps, quality)
+        sound = container.add_stream("aac", rate=sample_rate, layout=layout)
+        _encode_video(container, video, arrays)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio), format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        frame.pts = 0
+        container.mux(sound.encode(frame))
+        container.mux(sound.encode(None))
+    logger.info("wrote %d frames and %.2f s of audio to %s", len(arrays), audio.shape[1] / sample_rate, path)

@@ -1,0 +1,253 @@
+"""ModelConfig: local folders first, env defaults, and downloads only of what is missing (no network)."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from diffsynth.runtime import hub
+from diffsynth.runtime.errors import CheckpointError, ConfigError
+from diffsynth.runtime.hub import ModelConfig
+
+ENV = ("DIFFSYNTH_DOWNLOAD_SOURCE", "DIFFSYNTH_MODEL_BASE_PATH", "DIFFSYNTH_SKIP_DOWNLOAD")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"download attempted: {args} {kwargs}")
+
+    monkeypatch.setattr(hub, "_download", refuse)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """models/Org/Model with a sharded transformer, a vae file and a tokenizer folder."""
+    root = tmp_path / "models" / "Org" / "Model"
+    (root / "transformer").mkdir(parents=True)
+    shards = [f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for name in shards:
+        (root / "transformer" / name).write_bytes(b"x")
+    index = {"weight_map": {f"w{i}": name for i, name in enumerate(shards)}}
+    (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (root / "vae").mkdir()
+    (root / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    return root
+
+
+def test_defaults_and_env(monkeypatch, tmp_path):
+    config = ModelConfig(model_id="Org/Model")
+    assert (config.download_source, config.local_model_path, config.skip_download) == ("modelscope", "./models", False)
+    monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "HuggingFace")
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "true")
+    config = ModelConfig(model_id="Org/Model")
+    assert (config.download_source, config.local_model_path, config.skip_download) == (
+        "huggingface",
+        str(tmp_path),
+        True,
+    )
+    explicit = ModelConfig(
+        model_id="Org/Model", download_source="modelscope", local_model_path="x", skip_download=False
+    )
+    assert (explicit.download_source, explicit.local_model_path, explicit.skip_download) == ("modelscope", "x", False)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "match"),
+    [
+        ("DIFFSYNTH_DOWNLOAD_SOURCE", "civitai", "DIFFSYNTH_DOWNLOAD_SOURCE='civitai'.*modelscope"),
+        ("DIFFSYNTH_SKIP_DOWNLOAD", "maybe", "DIFFSYNTH_SKIP_DOWNLOAD='maybe'"),
+    ],
+)
+def test_bad_env_values_are_named(monkeypatch, env, value, match):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(model_id="Org/Model")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "needs path=.* or model_id"),
+        ({"model_id": "Org/M", "download_source": "s3"}, "download_source='s3'"),
+        ({"model_id": "Org/M", "skip_download": "yes"}, "skip_download must be"),
+        ({"model_id": "Org/M", "origin_file_pattern": 3}, "origin_file_pattern"),
+        ({"path": 3}, "path must be"),
+        ({"path": "x", "offload_dtype": "float8"}, "offload_dtype: unknown dtype 'float8'"),
+        ({"path": "x", "onload_device": "gpu"}, "onload_device: unknown device 'gpu'"),
+    ],
+)
+def test_bad_fields(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**kwargs)
+
+
+def test_vram_keys_are_parsed():
+    config = ModelConfig(
+        path="x",
+        offload_dtype="fp8_e4m3fn",
+        offload_device="disk",
+        onload_dtype=torch.bfloat16,
+        onload_device=torch.device("cpu"),
+        computation_dtype="torch.bfloat16",
+        computation_device="cuda:0",
+    )
+    assert config.vram_config() == {
+        "offload_dtype": torch.float8_e4m3fn,
+        "offload_device": "disk",
+        "onload_dtype": torch.bfloat16,
+        "onload_device": "cpu",
+        "preparing_dtype": None,
+        "preparing_device": None,
+        "computation_dtype": torch.bfloat16,
+        "computation_device": "cuda:0",
+    }
+
+
+def test_local_folder_with_skip_download(monkeypatch, repo, no_network):
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(repo.parents[1]))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    config = ModelConfig(model_id="Org/Model", origin_file_pattern="transformer/*.safetensors")
+    paths = config.resolve()
+    assert [p.rsplit("/", 1)[1] for p in paths] == sorted(p.name for p in (repo / "transformer").glob("*.safetensors"))
+    assert config.path is None  # resolve() does not change the config
+    tokenizer = ModelConfig(model_id="Org/Model", origin_file_pattern="tokenizer/")
+    assert tokenizer.resolve() == [str(repo / "tokenizer")]
+    both = ModelConfig(model_id="Org/Model", origin_file_pattern=["vae/*.safetensors", "tokenizer/"])
+    assert both.resolve() == [str(repo / "vae" / "diffusion_pytorch_model.safetensors"), str(repo / "tokenizer")]
+    assert ModelConfig(model_id="Org/Model").resolve() == [str(repo)]
+
+
+def test_complete_local_files_need_no_download_even_when_allowed(repo, no_network):
+    config = ModelConfig(
+        model_id="Org/Model", origin_file_pattern="transformer/*", local_model_path=str(repo.parents[1])
+    )
+    assert len(config.resolve()) == 4  # three shards and the index
+
+
+def test_download_if_necessary_sets_path_like_diffsynth_studio(repo, no_network):
+    config = ModelConfig(
+        model_id="Org/Model", origin_file_pattern="vae/*.safetensors", local_model_path=str(repo.parents[1])
+    )
+    assert config.download_if_necessary() == [str(repo / "vae" / "diffusion_pytorch_model.safetensors")]
+    assert config.path == str(repo / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+def test_pattern_matching_nothing_is_a_clear_error(repo, no_network):
+    config = ModelConfig(
+        model_id="Org/Model", origin_file_pattern="text_encoder/*.safetensors", local_model_path=str(repo.parents[1])
+    )
+    config.skip_download = True
+    with pytest.raises(CheckpointError) as info:
+        config.resolve()
+    message = str(info.value)
+    assert "text_encoder/*.safetensors" in message and str(repo) in message
+    assert "transformer/" in message and "vae/" in message  # what is there
+    assert "DIFFSYNTH_SKIP_DOWNLOAD=0" in message
+
+
+def test_missing_model_folder_points_at_the_nearest_one(tmp_path, no_network):
+    config = ModelConfig(model_id="Org/Nope", origin_file_pattern="*.safetensors", local_model_path=str(tmp_path))
+    config.skip_download = True
+    with pytest.raises(CheckpointError, match="nearest existing folder"):
+        config.resolve()
+
+
+def test_only_missing_shards_are_downloaded(repo, monkeypatch):
+    missing = repo / "transformer" / "diffusion_pytorch_model-00002-of-00003.safetensors"
+    missing.unlink()
+    calls = []
+
+    def fake_download(source, model_id, local_dir, allow_patterns, ignore_patterns):
+        calls.append((source, model_id, local_dir, allow_patterns, ignore_patterns))
+        missing.write_bytes(b"x")
+
+    monkeypatch.setattr(hub, "_download", fake_download)
+    config = ModelConfig(
+        model_id="Org/Model", origin_file_pattern="transformer/*", local_model_path=str(repo.parents[1])
+    )
+    paths = config.resolve()
+    assert str(missing) in paths and len(paths) == 4
+    ((source, model_id, local_dir, allow, ignore),) = calls
+    assert (source, model_id, local_dir, allow) == ("modelscope", "Org/Model", str(repo), ["transformer/*"])
+    assert sorted(ignore) == [
+        "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+    ]
+    config.resolve()
+    assert len(calls) == 1  # complete now: no second download
+
+
+def test_missing_shard_with_downloads_off_names_the_shard(repo, no_network):
+    (repo / "transformer" / "diffusion_pytorch_model-00003-of-00003.safetensors").unlink()
+    config = ModelConfig(
+        model_id="Org/Model",
+        origin_file_pattern="transformer/*",
+        local_model_path=str(repo.parents[1]),
+        skip_download=True,
+    )
+    with pytest.raises(CheckpointError, match="missing shard .*diffusion_pytorch_model-00003-of-00003.safetensors"):
+        config.resolve()
+
+
+def test_download_that_brings_nothing(repo, monkeypatch):
+    monkeypatch.setattr(hub, "_download", lambda *args: None)
+    config = ModelConfig(model_id="Org/Model", origin_file_pattern="unet/*", local_model_path=str(repo.parents[1]))
+    with pytest.raises(CheckpointError, match="no match for 'unet/\\*'.*did not bring them"):
+        config.resolve()
+
+
+def test_download_failure_is_one_clear_error(repo, monkeypatch):
+    def offline(*args):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(hub, "_download", offline)
+    config = ModelConfig(model_id="Org/Model", origin_file_pattern="unet/*", local_model_path=str(repo.parents[1]))
+    with pytest.raises(CheckpointError, match="from modelscope failed: OSError: network is unreachable.*huggingface"):
+        config.resolve()
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "first_arg"),
+    [("modelscope", "modelscope", "model_id"), ("huggingface", "huggingface_hub", "repo_id")],
+)
+def test_hub_clients_get_local_dir_and_patterns(tmp_path, monkeypatch, source, module, first_arg):
+    seen = {}
+
+    def snapshot_download(*args, **kwargs):
+        seen.update(kwargs, args=args)
+        (tmp_path / "Org" / "Model").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "Org" / "Model" / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(snapshot_download=snapshot_download))
+    config = ModelConfig(
+        model_id="Org/Model",
+        origin_file_pattern="*.safetensors",
+        local_model_path=str(tmp_path),
+        download_source=source,
+    )
+    assert config.resolve() == [str(tmp_path / "Org" / "Model" / "model.safetensors")]
+    assert seen["local_dir"] == str(tmp_path / "Org" / "Model")
+    assert seen["allow_patterns"] == ["*.safetensors"] and seen["ignore_patterns"] is None
+    assert "Org/Model" in (*seen["args"], seen.get(first_arg))
+
+
+def test_explicit_path(tmp_path, no_network):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    assert ModelConfig(path=file).resolve() == [str(file)]
+    assert ModelConfig(path=[str(file), tmp_path]).resolve() == [str(file), str(tmp_path)]
+    with pytest.raises(CheckpointError, match="other.safetensors does not exist.*model.safetensors"):
+        ModelConfig(path=str(tmp_path / "other.safetensors")).resolve()

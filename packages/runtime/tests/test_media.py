@@ -1,0 +1,159 @@
+"""Images, output types, video and audio files."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.media import (
+    load_audio,
+    load_image,
+    load_video,
+    mux_video_audio,
+    pil_to_tensor,
+    quality_to_crf,
+    save_audio,
+    save_image,
+    save_video,
+    tensor_to_output,
+    tensor_to_pil,
+)
+
+
+def random_image(seed: int, size=(12, 10)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_image_file_and_tensor_round_trip(tmp_path):
+    images = [random_image(0), random_image(1)]
+    save_image(images[0], tmp_path / "sub" / "a.png")
+    loaded = load_image(tmp_path / "sub" / "a.png")
+    assert loaded.mode == "RGB" and np.array_equal(np.asarray(loaded), np.asarray(images[0]))
+    pixels = pil_to_tensor(images, dtype=torch.float32)
+    assert pixels.shape == (2, 3, 10, 12) and pixels.min() >= -1 and pixels.max() <= 1
+    # independent: pixel value p maps to p / 127.5 - 1
+    want = torch.from_numpy(np.array(images[1])).permute(2, 0, 1).double() / 127.5 - 1
+    torch.testing.assert_close(pixels[1].double(), want, rtol=0, atol=1e-6)
+    back = tensor_to_pil(pixels)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(back, images, strict=True))
+
+
+def test_load_image_converts_modes():
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 128))
+    assert load_image(rgba).mode == "RGB"
+    assert load_image(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_output_types_and_ranges():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 6, 8, generator=g) * 2.4 - 1.2  # a little outside [-1, 1]: clamped
+    pil = tensor_to_output(images, "pil")
+    assert len(pil) == 2 and pil[0].size == (8, 6)
+    arr = tensor_to_output(images, "np")
+    assert arr.shape == (2, 6, 8, 3) and arr.dtype == np.float32 and arr.min() >= 0 and arr.max() <= 1
+    pt = tensor_to_output(images, "pt")
+    assert pt.shape == (2, 3, 6, 8) and pt.min() == 0 and pt.max() == 1
+    torch.testing.assert_close(torch.from_numpy(arr).permute(0, 3, 1, 2), pt)
+    torch.testing.assert_close(pt, ((images.clamp(-1, 1) + 1) / 2))
+    np.testing.assert_allclose(np.asarray(pil[1]) / 255.0, arr[1], atol=0.5 / 255 + 1e-6)
+
+
+def test_video_output_types():
+    video = torch.rand(1, 3, 4, 6, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    frames = tensor_to_output(video, "pil")
+    assert len(frames) == 1 and len(frames[0]) == 4 and frames[0][0].size == (8, 6)
+    assert tensor_to_output(video, "np").shape == (1, 4, 6, 8, 3)
+    assert tensor_to_output(video, "pt").shape == (1, 3, 4, 6, 8)
+    np.testing.assert_allclose(
+        np.asarray(frames[0][2]) / 255.0, tensor_to_output(video, "np")[0, 2], atol=0.5 / 255 + 1e-6
+    )
+
+
+def test_bad_output_type():
+    with pytest.raises(ConfigError, match=r"output_type must be one of \['pil', 'np', 'pt'\], got 'latent'"):
+        tensor_to_output(torch.zeros(1, 3, 2, 2), "latent")
+    with pytest.raises(ConfigError, match=r"\[B, 3, H, W\].*\(1, 4, 2, 2\)"):
+        tensor_to_output(torch.zeros(1, 4, 2, 2), "pil")
+
+
+def smooth_frames(n: int, h: int = 32, w: int = 48) -> list[Image.Image]:
+    """Flat colours per frame: H.264 keeps them within a few levels."""
+    return [Image.new("RGB", (w, h), (20 + 40 * i, 200 - 30 * i, 90)) for i in range(n)]
+
+
+def test_video_round_trip(tmp_path):
+    frames = smooth_frames(6)
+    save_video(frames, tmp_path / "v.mp4", fps=8, quality=9)
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.average_rate == 8
+    back = load_video(tmp_path / "v.mp4")
+    assert len(back) == 6 and back[0].size == (48, 32)
+    for a, b in zip(frames, back, strict=True):
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() < 4
+    first = load_video(tmp_path / "v.mp4", num_frames=2, height=16)
+    assert len(first) == 2 and first[0].size == (24, 16)
+    with pytest.raises(ConfigError, match="6 frames, fewer than num_frames=10"):
+        load_video(tmp_path / "v.mp4", num_frames=10)
+
+
+def test_video_from_arrays_and_odd_sizes(tmp_path):
+    video = torch.zeros(3, 4, 15, 21)  # [3, F, H, W] in [0, 1], odd size
+    video[0] = 1.0
+    save_video(video, tmp_path / "t.mp4", fps=10)
+    back = load_video(tmp_path / "t.mp4")
+    assert len(back) == 4 and back[0].size == (22, 16)  # edge repeated to even sizes
+    red = np.asarray(back[0], np.float32)
+    assert red[..., 0].mean() > 230 and red[..., 1].mean() < 25
+    array = np.full((3, 8, 8, 3), 128, np.uint8)
+    save_video(array, tmp_path / "n.mp4")
+    assert len(load_video(tmp_path / "n.mp4")) == 3
+
+
+def test_video_errors(tmp_path):
+    with pytest.raises(ConfigError, match="empty"):
+        save_video([], tmp_path / "e.mp4")
+    with pytest.raises(ConfigError, match="quality must be between 0"):
+        save_video(smooth_frames(2), tmp_path / "q.mp4", quality=11)
+    with pytest.raises(ConfigError, match=r"missing\.mp4 does not exist"):
+        load_video(tmp_path / "missing.mp4")
+    with pytest.raises(ConfigError, match=r"nope\.png does not exist"):
+        load_image(tmp_path / "nope.png")
+    assert quality_to_crf(10) == 0 and quality_to_crf(5) == 25 and quality_to_crf(0) == 51
+
+
+def test_audio_round_trip_is_exact_for_pcm16_values(tmp_path):
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-32768, 32768, size=(2, 1000))
+    ints[0, :2] = (-32768, 32767)
+    waveform = torch.from_numpy(ints / 32768.0).float()
+    save_audio(waveform, tmp_path / "a.wav", sample_rate=22050)
+    back, rate = load_audio(tmp_path / "a.wav")
+    assert rate == 22050 and back.dtype == torch.float32
+    assert torch.equal(back, waveform)
+    mono = torch.tensor([0.0, 0.5, -0.25, 2.0])  # out of range: clipped to the largest value
+    save_audio(mono, tmp_path / "m.wav", 8000)
+    back, _ = load_audio(tmp_path / "m.wav")
+    assert torch.equal(back, torch.tensor([[0.0, 0.5, -0.25, 32767 / 32768]]))
+    with pytest.raises(ConfigError, match=r"writes \.wav"):
+        save_audio(mono, tmp_path / "m.mp3", 8000)
+
+
+def test_mux_video_audio_has_both_streams(tmp_path):
+    rate = 16000
+    t = torch.arange(rate) / rate
+    tone = 0.4 * torch.sin(2 * torch.pi * 440 * t)
+    mux_video_audio(smooth_frames(8), torch.stack([tone, tone]), rate, tmp_path / "av.mp4", fps=8)
+    with av.open(str(tmp_path / "av.mp4")) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+        assert c.streams.audio[0].codec_context.name == "aac" and c.streams.audio[0].rate == rate
+    assert len(load_video(tmp_path / "av.mp4")) == 8
+    audio, got_rate = load_audio(tmp_path / "av.mp4")
+    assert got_rate == rate and audio.shape[0] == 2 and audio.shape[1] >= rate
+    # AAC is lossy and adds a short priming delay: compare energy, not samples
+    assert abs(float(audio.pow(2).mean().sqrt()) - 0.4 / 2**0.5) < 0.03

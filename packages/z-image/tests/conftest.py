@@ -1,0 +1,127 @@
+"""A tiny random Z-Image repo laid out like the hub (transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+Built with our own classes and written in the official file layouts with diffusers/transformers-style
+config.json files, so both our `from_pretrained` and diffusers' classes can load the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+CAPTIONS = [
+    "a red circle on a blue background",
+    "a small green square in the top left corner",
+    "a yellow triangle on a black background",
+    "bad quality, blurry",
+]
+
+DIT_CONFIG = {
+    "_class_name": "ZImageTransformer2DModel",
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 4,
+    "dim": 64,
+    "n_layers": 2,
+    "n_refiner_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "cap_feat_dim": 32,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [8, 12, 12],
+    "axes_lens": [256, 64, 64],
+}
+
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [32, 32, 32, 32],
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+
+TEXT_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "attention_bias": False,
+}
+
+SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": False,
+}
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded random weights everywhere (zero-initialised gates would make parity tests vacuous)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.dim() == 1 and "norm" in name:
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(0.1 * noise)
+    return module
+
+
+def build_tiny_repo(root: Path) -> Path:
+    from diffsynth.runtime.models.autoencoder_kl import AUTOENCODER_KL_SPEC
+    from diffsynth.runtime.models.qwen3 import QWEN3_SPEC
+    from diffsynth.runtime.testing.tokenizers import build_tiny_qwen_tokenizer
+    from diffsynth.z_image.formats import DIT_SPEC
+
+    tokenizer = build_tiny_qwen_tokenizer(root / "tokenizer", texts=CAPTIONS * 4)
+    text_config = dict(TEXT_CONFIG, vocab_size=len(tokenizer))
+    parts = [
+        ("transformer", DIT_SPEC, DIT_CONFIG, "diffusion_pytorch_model.safetensors", "", 1),
+        ("vae", AUTOENCODER_KL_SPEC, VAE_CONFIG, "diffusion_pytorch_model.safetensors", "", 2),
+        ("text_encoder", QWEN3_SPEC, text_config, "model.safetensors", "model.", 3),
+    ]
+    for folder, spec, config_json, filename, prefix, seed in parts:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "config.json").write_text(json.dumps(config_json, indent=2))
+        config = spec.config_from_state({}, config_json)
+        model = randomize(spec.build(config), seed)
+        state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(root / folder / filename))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image"))

@@ -1,0 +1,108 @@
+"""ZImagePipeline behaviour on a tiny random repo: seeding, batching, latents=, img2img, outputs, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.z_image import ZImagePipeline
+
+PROMPT = "a red circle on a blue background"
+FAST = {"height": 64, "width": 64, "num_inference_steps": 2, "progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_repo):
+    return ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+
+
+def test_same_seed_same_image_other_seed_differs(pipe):
+    a = pipe(PROMPT, seed=1, output_type="np", **FAST)
+    b = pipe(PROMPT, seed=1, output_type="np", **FAST)
+    c = pipe(PROMPT, seed=2, output_type="np", **FAST)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_latents_argument_equals_seeded_noise(pipe):
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(7))
+    from_seed = pipe(PROMPT, seed=7, output_type="pt", **FAST)
+    from_latents = pipe(PROMPT, latents=noise, output_type="pt", **FAST)
+    torch.testing.assert_close(from_seed, from_latents, rtol=0, atol=0)
+
+
+def test_batch_of_prompts_equals_one_by_one(pipe):
+    prompts = [PROMPT, "a small green square in the top left corner"]
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(3))
+    batch = pipe(prompts, latents=noise, output_type="pt", **FAST)
+    for i, prompt in enumerate(prompts):
+        single = pipe(prompt, latents=noise[i : i + 1], output_type="pt", **FAST)
+        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_scale_one_ignores_negative_prompt_and_cfg_changes_output(pipe):
+    base = pipe(PROMPT, seed=0, output_type="np", **FAST)
+    same = pipe(PROMPT, negative_prompt="bad quality", cfg_scale=1.0, seed=0, output_type="np", **FAST)
+    guided = pipe(PROMPT, negative_prompt="bad quality", cfg_scale=4.0, seed=0, output_type="np", **FAST)
+    assert np.array_equal(base, same)
+    assert np.abs(base - guided).max() > 1e-3
+
+
+def test_output_types(pipe):
+    pil = pipe(PROMPT, seed=0, **FAST)
+    arr = pipe(PROMPT, seed=0, output_type="np", **FAST)
+    ten = pipe(PROMPT, seed=0, output_type="pt", **FAST)
+    assert pil.size == (64, 64)
+    assert arr.shape == (1, 64, 64, 3) and 0.0 <= arr.min() and arr.max() <= 1.0
+    assert ten.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(ten.permute(0, 2, 3, 1).numpy(), arr, atol=1e-6)
+    assert np.abs(np.asarray(pil, dtype=np.float32) / 255 - arr[0]).max() <= 1 / 255 + 1e-6
+
+
+def test_image_to_image_starts_from_the_noised_input(pipe):
+    """Strength 0.5 of 4 steps: 2 DiT calls, the first on (1 - s) * encode(image) + s * noise."""
+    from diffsynth.runtime.media import pil_to_tensor
+    from diffsynth.runtime.schedulers import FlowMatchScheduler
+
+    source = pipe(PROMPT, seed=0, **FAST)
+    calls = []
+    hook = pipe.dit.register_forward_pre_hook(lambda module, args: calls.append(args[0].clone()))
+    try:
+        pipe(PROMPT, input_image=source, denoising_strength=0.5, seed=5, **dict(FAST, num_inference_steps=4))
+    finally:
+        hook.remove()
+    scheduler = FlowMatchScheduler("z_image")
+    scheduler.set_timesteps(4, denoising_strength=0.5, shift=3.0)
+    clean = pipe.vae.encode(pil_to_tensor([source], dtype=torch.float32, device="cpu"))
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
+    expected = scheduler.add_noise(clean, noise, scheduler.sigmas[0])
+    assert len(calls) == 2 == len(scheduler.timesteps)
+    torch.testing.assert_close(calls[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": PROMPT, "height": 0}, "height=0"),
+        ({"prompt": PROMPT, "width": 7}, "width=7"),
+        ({"prompt": PROMPT, "output_type": "jpeg"}, "output_type='jpeg'"),
+        ({"prompt": PROMPT, "latents": torch.zeros(1, 4, 4, 4)}, "latents must be"),
+        ({"prompt": [PROMPT, PROMPT], "negative_prompt": ["a", "b", "c"]}, "negative_prompt has 3"),
+    ],
+)
+def test_bad_input_names_the_argument(pipe, kwargs, fragment):
+    args = dict(FAST, seed=0, **{k: v for k, v in kwargs.items() if k != "prompt"})
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        pipe(kwargs["prompt"], **args)
+
+
+def test_size_off_the_grid_is_rounded_with_warning(pipe, caplog):
+    image = pipe(PROMPT, seed=0, **dict(FAST, height=70))
+    assert image.size == (64, 64)
+    assert "rounded" in caplog.text
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="Tongyi-MAI/Z-Image-Turbo"):
+        ZImagePipeline.from_pretrained("Tongyi-MAI/No-Such-Model")
