@@ -12,7 +12,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelConfig": "hub",
     "load_model": "loading",
+    "load_models": "loading",
+    "LoadedModel": "loading",
     "open_checkpoint": "checkpoint",
+    "describe_checkpoint": "checkpoint",
+    "parse_dtype": "dtypes",
+    "parse_device": "dtypes",
     "attention": "attention",
     "BasePipeline": "pipeline",
     "FlowMatchScheduler": "schedulers",
@@ -20,6 +25,10 @@ _EXPORTS = {
     "load_video": "media",
     "save_audio": "media",
     "load_lora": "lora",
+    "read_lora": "lora",
+    "save_lora": "lora",
+    "load_image": "media",
+    "save_image": "media",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,83 @@
+"""`diffsynth generate` with a local Z-Image folder, and LoRA through the pipeline."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.runtime.cli import main
+from diffsynth.runtime.errors import LoRAError
+from diffsynth.runtime.lora import LoRATarget, LoRAWeights, save_lora
+from diffsynth.z_image import ZImagePipeline
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+FAST = ["--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
+
+
+def test_generate_writes_the_image(tiny_repo, tmp_path):
+    out = tmp_path / "out" / "circle.png"
+    code = main(["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--output", str(out), *FAST])
+    assert code == 0
+    assert pixels(out).shape == (64, 64, 3)
+
+
+def test_generate_matches_the_python_api(tiny_repo, tmp_path):
+    out = tmp_path / "cli.png"
+    main(
+        ["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--seed", "3", "--output", str(out), *FAST]
+    )
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    image = pipe("a red circle", seed=3, height=64, width=64, num_inference_steps=2, progress_bar=False)
+    assert np.array_equal(pixels(out), np.asarray(image))
+
+
+def _tiny_lora(pipe, rank=2):
+    g = torch.Generator().manual_seed(4)
+    targets = {}
+    for name in ["layers.0.attention.to_q", "layers.1.feed_forward.w1"]:
+        weight = pipe.dit.get_submodule(name).weight
+        targets[name] = LoRATarget(
+            down=torch.randn(rank, weight.shape[1], generator=g), up=torch.randn(weight.shape[0], rank, generator=g)
+        )
+    return LoRAWeights(targets)
+
+
+def test_lora_flag_changes_the_image_and_kohya_file_loads(tiny_repo, tmp_path):
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    path = tmp_path / "style.safetensors"
+    save_lora(_tiny_lora(pipe), path, format="kohya")
+    plain, styled = tmp_path / "plain.png", tmp_path / "styled.png"
+    assert main(["generate", "--model", str(tiny_repo), "--prompt", "a cat", "--output", str(plain), *FAST]) == 0
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "a cat", "--output", str(styled), "--lora"]
+    assert main([*args, f"{path}:0.5", *FAST]) == 0
+    assert not np.array_equal(pixels(plain), pixels(styled))
+
+
+def test_unfused_lora_can_be_cleared(tiny_repo, tmp_path):
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    path = tmp_path / "style.safetensors"
+    save_lora(_tiny_lora(pipe), path, format="peft")
+    kwargs = dict(seed=0, height=64, width=64, num_inference_steps=2, output_type="pt", progress_bar=False)
+    before = pipe("a cat", **kwargs)
+    pipe.load_lora(str(path), scale=0.7, fuse=False)
+    styled = pipe("a cat", **kwargs)
+    pipe.clear_loras()
+    after = pipe("a cat", **kwargs)
+    assert (styled - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_lora_for_another_model_is_refused(tiny_repo, tmp_path):
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    foreign = LoRAWeights({"double_blocks.0.img_attn.qkv": LoRATarget(down=torch.zeros(2, 8), up=torch.zeros(24, 2))})
+    path = tmp_path / "flux_lora.safetensors"
+    save_lora(foreign, path, format="peft")
+    with pytest.raises(LoRAError, match="double_blocks"):
+        pipe.load_lora(str(path))
+    with pytest.raises(LoRAError, match="missing.safetensors"):
+        pipe.load_lora(str(tmp_path / "missing.safetensors"))
