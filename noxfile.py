@@ -17,7 +17,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "uv"
-nox.options.sessions = ["lint", "tests", "isolation", "parity"]
+nox.options.sessions = ["lint", "tests", "isolation", "parity", "integration"]
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).parent
@@ -69,7 +69,9 @@ def _pytest(session: nox.Session, name: str, *args: str) -> None:
 def tests(session: nox.Session, package: str) -> None:
     """CPU tests of one package, in a venv holding only that package and what it declares."""
     session.install("-c", _constraints(), *_local_deps(package), *TEST_DEPS)
-    _pytest(session, f"tests-{package}", f"packages/{package}/tests", "-m", "not parity and not gpu")
+    _pytest(
+        session, f"tests-{package}", f"packages/{package}/tests", "-m", "not parity and not gpu and not integration"
+    )
 
 
 @nox.session
@@ -100,7 +102,14 @@ def parity(session: nox.Session) -> None:
     session.install(
         "-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS, "diffusers==0.42.*", "transformers>=5.0"
     )
-    _pytest(session, "parity", "packages", "-m", "parity and not gpu")
+    _pytest(session, "parity", "packages", "-m", "parity and not gpu and not integration")
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Tests that cross packages (a family trained by the trainer), with every package installed."""
+    session.install("-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS)
+    _pytest(session, "integration", "packages", "-m", "integration and not parity and not gpu")
 
 
 @nox.session

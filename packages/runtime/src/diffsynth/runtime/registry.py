@@ -125,13 +125,23 @@ class Family:
     specs: tuple[ModelSpec, ...] = ()
     presets: Mapping[str, Preset] = field(default_factory=dict)
     pipeline: str | None = None  # "module:Class", imported only when used
+    training: str | None = None  # "module:Class" of the family's training task, imported only when used
     description: str = ""
 
     def pipeline_class(self):
         if self.pipeline is None:
             raise LookupError(f"family {self.name!r} has no pipeline")
-        module, _, attr = self.pipeline.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _import(self.pipeline)
+
+    def training_class(self):
+        if self.training is None:
+            raise LookupError(f"family {self.name!r} has no training task")
+        return _import(self.training)
+
+
+def _import(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @cache
