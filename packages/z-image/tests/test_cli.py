@@ -81,3 +81,17 @@ def test_lora_for_another_model_is_refused(tiny_repo, tmp_path):
         pipe.load_lora(str(path))
     with pytest.raises(LoRAError, match="missing.safetensors"):
         pipe.load_lora(str(tmp_path / "missing.safetensors"))
+
+
+def test_preset_name_resolves_offline_from_the_model_base_path(tiny_repo, tmp_path, monkeypatch):
+    """`--model Tongyi-MAI/Z-Image-Turbo` through the preset: files found under DIFFSYNTH_MODEL_BASE_PATH."""
+    import shutil
+
+    base = tmp_path / "models"
+    shutil.copytree(tiny_repo, base / "Tongyi-MAI" / "Z-Image-Turbo")
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    out = tmp_path / "turbo.png"
+    args = ["generate", "--model", "Tongyi-MAI/Z-Image-Turbo", "--prompt", "a red circle", "--output", str(out)]
+    assert main([*args, *FAST]) == 0
+    assert pixels(out).shape == (64, 64, 3)
