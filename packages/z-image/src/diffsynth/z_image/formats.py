@@ -255,5 +255,6 @@ FAMILY = Family(
     specs=(DIT_SPEC,),
     presets=PRESETS,
     pipeline="diffsynth.z_image.pipeline:ZImagePipeline",
+    training="diffsynth.z_image.training:ZImageTrainingTask",
     description="Z-Image-Turbo and Z-Image (Tongyi-MAI): 6B single-stream DiT, Qwen3-4B text encoder, FLUX.1 VAE",
 )

@@ -1,0 +1,224 @@
+"""What a run writes: resume checkpoints (atomic, prunable) and the trained weights in loadable formats.
+
+A resume checkpoint is a folder `<output_path>/checkpoints/step-NNNNNN/`:
+
+    trainable.safetensors   the trained parameters (LoRA matrices, or the fine-tuned models)
+    state.pt                optimizer, LR scheduler, progress (step, epoch, batches done), the config
+    rng-<rank>.pt           each process's random states (python, numpy, torch, cuda, the noise generator)
+
+It is written under a temporary name and renamed into place with `os.replace` once complete, so a run killed
+mid-save leaves the previous checkpoints intact and never a partial one that `--resume latest` would pick.
+
+Exports, for use: a LoRA as `<output_path>/step-NNNNNN.safetensors` in our format (`.peft.safetensors` /
+`.kohya.safetensors` on request, via `diffsynth.runtime.lora.save_lora`); full weights as
+`<output_path>/step-NNNNNN/<slot>/diffusion_pytorch_model.safetensors` with the official keys (our module names
+are the official keys) and a copy of the `config.json` the model was loaded with, so they load like the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffsynth.runtime.errors import ConfigError, preview
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# ----------------------------------------------------------------------------------- random states
+def rng_state(noise: torch.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "noise": noise.get_state(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any], noise: torch.Generator) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    noise.set_state(state["noise"])
+
+
+# ----------------------------------------------------------------------------------- resume checkpoints
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    trainable: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    rng: Mapping[str, Any],
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically. Every process calls it (each writes its random state);
+    process 0 writes the weights and `state` and renames the folder into place."""
+    from safetensors.torch import save_file
+
+    final = root / step_name(step)
+    tmp = root / f".{step_name(step)}.tmp"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(dict(rng), tmp / f"rng-{rank}.pt")
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(dict(state), tmp / "state.pt")
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / "state.pt").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(resume: str, output_path: Path) -> Path | None:
+    """The folder `--resume` names: 'latest' (None when there is none yet) or a checkpoint folder."""
+    if resume == "latest":
+        found = list_checkpoints(output_path / CHECKPOINTS)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.pt").is_file():
+        listing = preview(p.name for p in list_checkpoints(output_path / CHECKPOINTS))
+        raise ConfigError(
+            f"--resume {resume}: not a checkpoint folder (no state.pt); checkpoints in {output_path / CHECKPOINTS}: "
+            f"{listing}; or pass --resume latest"
+        )
+    return path
+
+
+def load_checkpoint(folder: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(trainable weights, state, this process's random state) of a checkpoint."""
+    from safetensors.torch import load_file
+
+    rng_file = folder / f"rng-{rank}.pt"
+    if not rng_file.is_file():
+        raise ConfigError(
+            f"--resume {folder}: no random state for process {rank}; it was saved with fewer processes than this run"
+        )
+    trainable = load_file(str(folder / "trainable.safetensors"))
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+    return trainable, state, rng
+
+
+def prune_checkpoints(root: Path, keep_last: int | None) -> None:
+    """Delete all but the newest `keep_last` checkpoints (and any temporary folder left by a crash)."""
+    for stale in root.glob(".step-*.tmp") if root.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last is None:
+        return
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old)
+        logger.info("removed old checkpoint %s (--keep_last %d)", old, keep_last)
+
+
+# ----------------------------------------------------------------------------------- exports
+def lora_weights(model: nn.Module):
+    """The peft LoRA layers of `model` as `LoRAWeights` named after our (= the official) module names."""
+    from peft.tuners.lora import LoraLayer
+
+    from diffsynth.runtime.lora import LoRATarget, LoRAWeights
+
+    targets = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            targets[name] = LoRATarget(
+                down=module.lora_A["default"].weight.detach(),
+                up=module.lora_B["default"].weight.detach(),
+                alpha=float(module.lora_alpha["default"]),
+            )
+    if not targets:
+        raise ConfigError(f"{type(model).__name__} carries no LoRA layers to save")
+    return LoRAWeights(targets=targets, source="training")
+
+
+def save_lora_files(model: nn.Module, output_path: Path, name: str, formats: list[str]) -> list[Path]:
+    """`<name>.safetensors` in our format (first of `formats`), plus `<name>.<format>.safetensors` for the rest."""
+    from diffsynth.runtime.lora import save_lora
+
+    weights = lora_weights(model)
+    written = []
+    for i, fmt in enumerate(formats):
+        path = output_path / (f"{name}.safetensors" if i == 0 else f"{name}.{fmt}.safetensors")
+        save_lora(weights, path, format=fmt)
+        written.append(path)
+    return written
+
+
+def save_full_weights(
+    module: nn.Module, folder: Path, dtype: torch.dtype, source_files: list[str] | None = None
+) -> Path:
+    """`folder/diffusion_pytorch_model.safetensors` with the module's state dict in `dtype`, plus the
+    `config.json` that was beside the loaded weights, written atomically."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in module.state_dict().items()
+    }
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    for source in source_files or []:
+        source = Path(source)
+        config = (source if source.is_dir() else source.parent) / "config.json"
+        if config.is_file():
+            shutil.copyfile(config, folder / "config.json")
+            break
+    logger.info("saved %d tensors to %s", len(state), path)
+    return path
+
+
+__all__ = [
+    "CHECKPOINTS",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "lora_weights",
+    "prune_checkpoints",
+    "rng_state",
+    "save_checkpoint",
+    "save_full_weights",
+    "save_lora_files",
+    "set_rng_state",
+    "step_name",
+]

@@ -1,0 +1,323 @@
+"""`TrainConfig`: every setting of a training run, typed, from CLI flags, a YAML file, or Python.
+
+The flags are the field names (`--learning_rate 1e-4`), named like DiffSynth-Studio's training scripts where
+those have the setting; a YAML file (`--config run.yaml`) uses the same names as keys, and flags given on the
+command line override it. Lists are written comma-separated on the command line (`--lora_target_modules
+to_q,to_k`) and as lists or comma-separated strings in YAML. Every check names the flag to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from diffsynth.runtime.errors import ConfigError
+
+LORA_FORMATS = ("diffsynth", "peft", "kohya")
+
+
+def _arg(default: Any, help: str, group: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "group": group})
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Groups: model, data, adapter, optimisation, output."""
+
+    # ------------------------------------------------------------------ model
+    family: str | None = _arg(
+        None,
+        "model family to train (e.g. z_image), or 'module:Class' of a training task; default: the family of the "
+        "--model preset, or the only installed family with a training task",
+        "model",
+    )
+    model: str | None = _arg(None, "a preset (e.g. Tongyi-MAI/Z-Image-Turbo) or a local hub-style folder", "model")
+    model_paths: list[str] = _arg([], "extra weight files or folders to load, comma-separated", "model")
+    model_id_with_origin_paths: list[str] = _arg(
+        [], "extra hub files as Org/Model:pattern, comma-separated (DiffSynth-Studio style)", "model"
+    )
+    tokenizer_path: str | None = _arg(None, "tokenizer folder (default: the preset's or the folder's)", "model")
+    dtype: str = _arg("bfloat16", "dtype of the frozen models (bfloat16, float16, float32)", "model")
+
+    # ------------------------------------------------------------------ data
+    dataset_base_path: str | None = _arg(
+        None, "dataset folder: metadata.csv/.json/.jsonl and the files it names", "data"
+    )
+    dataset_metadata_path: str | None = _arg(None, "metadata file (default: metadata.* in the dataset folder)", "data")
+    data_file_keys: list[str] = _arg(["image", "video"], "metadata columns that hold file paths", "data")
+    max_pixels: int = _arg(
+        1024 * 1024, "largest training size in pixels (height * width); larger images shrink", "data"
+    )
+    height: int | None = _arg(None, "fixed training height (with --width); default: buckets under --max_pixels", "data")
+    width: int | None = _arg(None, "fixed training width (with --height)", "data")
+    bucket_step: int = _arg(64, "bucket sizes are multiples of this many pixels", "data")
+    num_frames: int = _arg(81, "frames read from each video", "data")
+    dataset_repeat: int = _arg(1, "times each sample is seen per epoch", "data")
+    dataset_num_workers: int = _arg(0, "data loading worker processes", "data")
+    cache_dir: str | None = _arg(
+        None, "cached two-stage training: folder of encoded samples (written by --stage encode)", "data"
+    )
+    stage: Literal["train", "encode"] = _arg(
+        "train", "encode: write the encoded dataset to --cache_dir; train: train (from --cache_dir when given)", "data"
+    )
+
+    # ------------------------------------------------------------------ adapter
+    trainable_models: list[str] = _arg(
+        [], "full fine-tuning of these models (e.g. dit); default: train a LoRA instead", "adapter"
+    )
+    lora_base_model: str | None = _arg(None, "model that gets the LoRA (default: the denoiser)", "adapter")
+    lora_target_modules: list[str] = _arg(
+        [], "Linear layer names the LoRA adapts, comma-separated (default: the model's own list)", "adapter"
+    )
+    lora_rank: int = _arg(32, "LoRA rank", "adapter")
+    lora_alpha: float | None = _arg(None, "LoRA alpha (default: the rank, i.e. scale 1)", "adapter")
+    lora_formats: list[str] = _arg(
+        ["diffsynth"], "LoRA files to write: diffsynth, peft (ComfyUI/diffusers keys), kohya", "adapter"
+    )
+    trainable_dtype: str = _arg("float32", "dtype of the trained weights (fp32 master weights by default)", "adapter")
+    save_dtype: str | None = _arg(None, "dtype of saved full weights (default: --dtype)", "adapter")
+
+    # ------------------------------------------------------------------ optimisation
+    learning_rate: float = _arg(1e-4, "AdamW learning rate", "optimisation")
+    weight_decay: float = _arg(0.01, "AdamW weight decay", "optimisation")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _arg(
+        "constant", "learning rate after warm-up", "optimisation"
+    )
+    lr_warmup_steps: int = _arg(0, "linear warm-up steps", "optimisation")
+    max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)", "optimisation")
+    batch_size: int = _arg(1, "samples per process per micro-batch (one bucket per batch)", "optimisation")
+    gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step", "optimisation")
+    num_epochs: int = _arg(1, "passes over the dataset (times --dataset_repeat)", "optimisation")
+    max_steps: int | None = _arg(None, "stop after this many optimizer steps", "optimisation")
+    seed: int = _arg(0, "seed of the data order, LoRA init, noise and timesteps", "optimisation")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _arg("bf16", "autocast precision", "optimisation")
+    use_gradient_checkpointing: bool = _arg(False, "recompute activations in the backward pass", "optimisation")
+    loss_weighting: Literal["scheduler", "none"] = _arg(
+        "scheduler", "scheduler: the family's timestep loss weights; none: plain MSE", "optimisation"
+    )
+    min_timestep_boundary: float = _arg(0.0, "sample timesteps from this fraction of the grid...", "optimisation")
+    max_timestep_boundary: float = _arg(1.0, "...up to this one (0 = noisiest end)", "optimisation")
+    find_unused_parameters: bool = _arg(False, "DDP: allow parameters that get no gradient", "optimisation")
+
+    # ------------------------------------------------------------------ output
+    output_path: str = _arg("./models/train", "folder for LoRA / weights, checkpoints and logs", "output")
+    save_steps: int | None = _arg(None, "save every N optimizer steps (always at epoch ends)", "output")
+    keep_last: int | None = _arg(None, "keep only the newest N resume checkpoints", "output")
+    resume: str | None = _arg(None, "continue from a checkpoint folder, or 'latest' in --output_path", "output")
+    log_every: int = _arg(10, "log the loss every N optimizer steps", "output")
+
+    # ------------------------------------------------------------------ checks
+    def check(self) -> TrainConfig:
+        """Raise `ConfigError` naming the flag when a value cannot work; returns self."""
+        from diffsynth.runtime.dtypes import parse_dtype
+
+        for f in fields(self):
+            _check_type(f, getattr(self, f.name))
+        for name in ("max_pixels", "bucket_step", "num_frames", "dataset_repeat", "lora_rank", "batch_size"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("gradient_accumulation_steps", "num_epochs", "log_every"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("max_steps", "save_steps", "keep_last", "height", "width"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        for name in ("dataset_num_workers", "lr_warmup_steps"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("dtype", "trainable_dtype", "save_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_dtype(value)
+                except ConfigError:
+                    raise ConfigError(f"--{name} {value!r} is not a dtype; use bfloat16, float16 or float32") from None
+        if (self.height is None) != (self.width is None):
+            raise ConfigError(
+                f"--height and --width go together (got --height {self.height}, --width {self.width}); "
+                "give both for a fixed size, or neither to bucket under --max_pixels"
+            )
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate {self.learning_rate} must be > 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError(
+                f"--weight_decay {self.weight_decay} and --max_grad_norm {self.max_grad_norm} must be >= 0"
+            )
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"--lora_alpha {self.lora_alpha} must be > 0")
+        if not 0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1:
+            raise ConfigError(
+                f"--min_timestep_boundary {self.min_timestep_boundary} and --max_timestep_boundary "
+                f"{self.max_timestep_boundary} must satisfy 0 <= min < max <= 1"
+            )
+        bad = [f for f in self.lora_formats if f not in LORA_FORMATS]
+        if bad or not self.lora_formats:
+            raise ConfigError(f"--lora_formats {','.join(self.lora_formats)!r}: choose from {', '.join(LORA_FORMATS)}")
+        if self.trainable_models and (self.lora_base_model or self.lora_target_modules):
+            raise ConfigError(
+                f"--trainable_models {','.join(self.trainable_models)} (full fine-tuning) cannot be combined with "
+                "--lora_base_model / --lora_target_modules (LoRA); give one or the other"
+            )
+        if self.stage == "encode" and self.cache_dir is None:
+            raise ConfigError("--stage encode writes the encoded dataset to --cache_dir; give --cache_dir")
+        if self.dataset_base_path is None and not (self.cache_dir and self.stage == "train"):
+            raise ConfigError("--dataset_base_path is required (the folder holding metadata.csv/.json/.jsonl)")
+        if not (self.model or self.model_paths or self.model_id_with_origin_paths or ":" in (self.family or "")):
+            raise ConfigError(
+                "no model given: pass --model (a preset or a local folder), --model_paths or --model_id_with_origin_paths"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------- parsing
+def build_parser() -> argparse.ArgumentParser:
+    """The `diffsynth-train` parser: `--config FILE` plus one flag per `TrainConfig` field."""
+    parser = argparse.ArgumentParser(
+        prog="diffsynth-train",
+        description="Train a LoRA or fine-tune a diffusion model of any installed DiffSynth family.",
+        epilog="YAML keys are the flag names; flags given here override the file. See the diffsynth-training README.",
+    )
+    parser.add_argument("--config", metavar="FILE", default=None, help="YAML file with any of the settings below")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = _hints()
+    for f in fields(TrainConfig):
+        group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        kind, choices = _base_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {shown})"}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            options.update(type=_split, metavar="A,B")
+        else:
+            options.update(type=kind, choices=choices, metavar=None if choices else kind.__name__.upper())
+        group.add_argument(f"--{f.name}", **options)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """`TrainConfig` from the command line (YAML file first, flags over it), checked."""
+    args = build_parser().parse_args(argv)
+    values = load_yaml(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "verbose")})
+    return from_dict(values, source=args.config).check(), args
+
+
+def from_dict(values: Mapping[str, Any], source: str | os.PathLike | None = None) -> TrainConfig:
+    """A `TrainConfig` from flat `name: value` pairs (a parsed YAML file or flags); unknown names are errors."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    where = f"{source}: " if source else ""
+    if unknown:
+        raise ConfigError(
+            f"{where}unknown setting(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))} "
+            "(YAML keys are the flag names without --)"
+        )
+    hints = _hints()
+    coerced = {name: _coerce(name, hints[name], value, where) for name, value in values.items()}
+    return TrainConfig(**coerced)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("--config needs PyYAML: pip install pyyaml") from None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(data).__name__}")
+    return dict(data)
+
+
+def dump_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _base_type(hint) -> tuple[type, tuple | None]:
+    """(int/float/str/bool/list, Literal choices) of a field annotation, `X | None` unwrapped."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is Literal:
+        return str, typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return list, None
+    return hint, None
+
+
+def _optional(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _coerce(name: str, hint, value, where: str):
+    kind, choices = _base_type(hint)
+    if value is None and _optional(hint):
+        return None
+    if kind is list:
+        if isinstance(value, str):
+            return _split(value)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, os.PathLike)):
+            value = os.fspath(value)
+            if choices and value not in choices:
+                raise ConfigError(f"{where}--{name} {value!r}: choose from {', '.join(choices)}")
+            return value
+    wanted = {list: "a list or comma-separated string", bool: "true or false", int: "an integer"}.get(
+        kind, "a number" if kind is float else "a string"
+    )
+    raise ConfigError(f"{where}--{name} must be {wanted}, got {value!r}")
+
+
+def _check_type(f: dataclasses.Field, value) -> None:
+    _coerce(f.name, _hints()[f.name], value, "")
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"--{name} {value} must be >= {low}")
+
+
+__all__ = ["LORA_FORMATS", "TrainConfig", "build_parser", "dump_yaml", "from_dict", "load_yaml", "parse_args"]

@@ -1,0 +1,365 @@
+"""Datasets: a folder with `metadata.csv` / `.json` / `.jsonl`, size buckets, batch plans, the encoded cache.
+
+- A metadata row names its files in the `--data_file_keys` columns (paths relative to the dataset folder) and
+  carries the prompt and any extra inputs in other columns.
+- Each sample gets a bucket, a (width, height) in multiples of `--bucket_step` with at most `--max_pixels` (the
+  image is shrunk keeping its aspect ratio, never enlarged), or the fixed `--height`/`--width`. Images are
+  resized to cover the bucket and centre-cropped. Sizes come from the file headers, so planning is cheap.
+- `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
+  drawn from one bucket, cut to the same count on every process and to whole gradient-accumulation steps.
+  Resuming skips the batches already trained, without loading them.
+- The cache (`--stage encode`) stores each encoded sample as `items/NNNNNN.safetensors` and an `index.json`
+  with the buckets and the settings that shaped them; training from it needs neither encoders nor VAE.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diffsynth.runtime.errors import ConfigError, preview
+
+logger = logging.getLogger(__name__)
+
+METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
+CACHE_VERSION = 1
+Bucket = tuple[int, int]  # (width, height) in pixels
+
+
+# ----------------------------------------------------------------------------------- metadata
+def metadata_file(base: Path, explicit: str | None = None) -> Path:
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"--dataset_metadata_path {path}: no such file")
+        return path
+    if not base.is_dir():
+        raise ConfigError(f"--dataset_base_path {base}: no such folder")
+    for name in METADATA_NAMES:
+        if (base / name).is_file():
+            return base / name
+    listing = preview(sorted(p.name for p in base.iterdir()), 10)
+    raise ConfigError(
+        f"--dataset_base_path {base} has no {' / '.join(METADATA_NAMES)} (it holds {listing}); add one, with a "
+        "column per input (e.g. image,prompt), or pass --dataset_metadata_path"
+    )
+
+
+def read_metadata(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metadata file: CSV with a header, a JSON list of objects, or JSON lines."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        raise ConfigError(f"metadata file {path} must be .csv, .json or .jsonl")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{path} must hold a list of objects (one per sample)")
+    if not rows:
+        raise ConfigError(f"{path} holds no samples")
+    return rows
+
+
+# ----------------------------------------------------------------------------------- sizes
+def bucket_for(width: int, height: int, *, max_pixels: int, step: int, fixed: Bucket | None = None) -> Bucket:
+    """The training size of a `width` x `height` image: `fixed`, or shrunk under `max_pixels` (aspect kept,
+    never enlarged) and rounded down to multiples of `step` (at least one step)."""
+    if fixed is not None:
+        return fixed
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    w = max(step, int(width * scale) // step * step)
+    h = max(step, int(height * scale) // step * step)
+    if w * h > max_pixels:  # the one-step floor of a very thin image: trim its long side instead
+        if w >= h:
+            w = max(step, max_pixels // h // step * step)
+        else:
+            h = max(step, max_pixels // w // step * step)
+    return w, h
+
+
+def fit(image: Image.Image, size: Bucket) -> Image.Image:
+    """Resize to cover `size` (aspect kept), then crop the centre."""
+    width, height = size
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC
+    )
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def media_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header."""
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return stream.codec_context.width, stream.codec_context.height
+    with Image.open(path) as image:
+        return image.size
+
+
+# ----------------------------------------------------------------------------------- datasets
+class MetadataDataset(Dataset):
+    """Rows of a metadata file with their files loaded: images as [3, H, W] and videos as [3, F, H, W] float32
+    tensors in [-1, 1] at the row's bucket size; other columns as they are."""
+
+    def __init__(
+        self,
+        base: str | os.PathLike,
+        *,
+        media: Sequence[str],
+        file_keys: Sequence[str] = ("image", "video"),
+        metadata_path: str | None = None,
+        max_pixels: int = 1024 * 1024,
+        step: int = 64,
+        fixed: Bucket | None = None,
+        num_frames: int = 81,
+    ):
+        self.base = Path(base)
+        self.metadata = metadata_file(self.base, metadata_path)
+        self.rows = read_metadata(self.metadata)
+        self.file_keys = tuple(file_keys)
+        self.num_frames = num_frames
+        self.buckets: list[Bucket] = []
+        missing: list[str] = []
+        for i, row in enumerate(self.rows):
+            main = next((k for k in media if row.get(k)), None)
+            if main is None:
+                raise ConfigError(
+                    f"{self.metadata} row {i + 1} has no {' or '.join(media)} column value; this model trains on "
+                    f"{', '.join(media)} (columns found: {', '.join(row)})"
+                )
+            if main not in self.file_keys:
+                raise ConfigError(f"--data_file_keys {','.join(self.file_keys)} must include {main!r}")
+            for key in self.file_keys:
+                if row.get(key) and not (self.base / str(row[key])).is_file():
+                    missing.append(str(row[key]))
+            if fixed is not None:
+                self.buckets.append(fixed)
+            elif not missing:
+                width, height = media_size(self.base / str(row[main]))
+                self.buckets.append(bucket_for(width, height, max_pixels=max_pixels, step=step))
+        if missing:
+            raise ConfigError(
+                f"{self.metadata} names {len(missing)} files missing from {self.base}: {preview(missing, 5)}"
+            )
+        logger.info(
+            "dataset %s: %d samples in %d buckets %s",
+            self.metadata,
+            len(self.rows),
+            len(set(self.buckets)),
+            preview(sorted(set(self.buckets)), 6),
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from diffsynth.runtime.media import load_image, load_video, pil_to_tensor
+
+        row, size = dict(self.rows[index]), self.buckets[index]
+        for key in self.file_keys:
+            value = row.get(key)
+            if not value:
+                continue
+            path = self.base / str(value)
+            if path.suffix.lower() in VIDEO_SUFFIXES:
+                frames = [fit(f, size) for f in load_video(path, num_frames=self.num_frames)]
+                row[key] = pil_to_tensor(frames).transpose(0, 1)  # [3, F, H, W]
+            else:
+                row[key] = pil_to_tensor(fit(load_image(path), size))[0]
+        return row
+
+
+class CachedDataset(Dataset):
+    """Encoded samples written by `--stage encode` (see `write_cache`)."""
+
+    def __init__(self, cache_dir: str | os.PathLike, expected: dict[str, Any] | None = None):
+        self.root = Path(cache_dir)
+        index_path = self.root / "index.json"
+        if not index_path.is_file():
+            raise ConfigError(
+                f"--cache_dir {self.root} holds no finished cache (index.json); write it first with the same "
+                "settings and --stage encode"
+            )
+        index = json.loads(index_path.read_text())
+        if index.get("version") != CACHE_VERSION:
+            raise ConfigError(f"--cache_dir {self.root} was written by another version; encode it again")
+        for name, value in (expected or {}).items():
+            if name == "metadata_sha256" and value is not None and index["settings"].get(name) != value:
+                raise ConfigError(
+                    f"--cache_dir {self.root} was encoded from another version of the dataset's metadata; "
+                    "encode again into a new --cache_dir"
+                )
+            if value is not None and index["settings"].get(name) != value:
+                raise ConfigError(
+                    f"--cache_dir {self.root} was encoded with --{name} {index['settings'].get(name)!r}, "
+                    f"this run has --{name} {value!r}; use the same setting or encode again into a new --cache_dir"
+                )
+        self.settings = index["settings"]
+        self.buckets = [tuple(b) for b in index["buckets"]]
+        self.files = [self.root / "items" / f"{i:06d}.safetensors" for i in range(len(self.buckets))]
+        missing = [f.name for f in self.files if not f.is_file()]
+        if missing:
+            raise ConfigError(
+                f"--cache_dir {self.root} lacks {len(missing)} samples ({preview(missing, 5)}); encode again"
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.files[index]))
+
+
+def cache_settings(config, family: str) -> dict[str, Any]:
+    """What shapes the encoded samples: a cache is reused only with the same values."""
+    metadata_sha256 = None
+    if config.dataset_base_path:
+        path = metadata_file(Path(config.dataset_base_path), config.dataset_metadata_path)
+        metadata_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {
+        "family": family,
+        "metadata_sha256": metadata_sha256,
+        "max_pixels": config.max_pixels,
+        "bucket_step": config.bucket_step,
+        "height": config.height,
+        "width": config.width,
+        "num_frames": config.num_frames,
+    }
+
+
+def write_cache(
+    encode,
+    dataset: MetadataDataset,
+    cache_dir: Path,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+) -> int:
+    """Encode this process's share of `dataset` (samples `i % world == rank`) into `cache_dir/items`, skipping
+    samples already there; returns how many were encoded. `encode(rows)` gives one tensor dict per row.
+    The caller writes the index (`write_cache_index`) once every process is done."""
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader
+
+    items = cache_dir / "items"
+    items.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(rank, len(dataset), world) if not (items / f"{i:06d}.safetensors").is_file()]
+    by_bucket: dict[Bucket, list[int]] = {}
+    for i in todo:
+        by_bucket.setdefault(dataset.buckets[i], []).append(i)
+    batches = [group[k : k + batch_size] for group in by_bucket.values() for k in range(0, len(group), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=list)
+    for indices, rows in zip(batches, loader, strict=True):
+        with torch.no_grad():
+            samples = encode(rows)
+        for i, sample in zip(indices, samples, strict=True):
+            _check_sample(sample, i)
+            path = items / f"{i:06d}.safetensors"
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in sample.items()}, str(tmp))
+            os.replace(tmp, path)
+    return len(todo)
+
+
+def write_cache_index(cache_dir: Path, dataset: MetadataDataset, settings: dict) -> None:
+    index = {
+        "version": CACHE_VERSION,
+        "count": len(dataset),
+        "buckets": [list(b) for b in dataset.buckets],
+        "settings": settings,
+        "metadata": str(dataset.metadata),
+    }
+    atomic_write_text(cache_dir / "index.json", json.dumps(index, indent=1))
+
+
+def _check_sample(sample, index: int) -> None:
+    if not isinstance(sample, dict) or "latents" not in sample:
+        raise TypeError(f"the task's encode() must return dicts with 'latents' (sample {index})")
+    bad = [k for k, v in sample.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"the task's encode() returned non-tensor values {bad} (sample {index}); only tensors cache")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- batch plans
+def batch_plan(
+    buckets: Sequence[Bucket],
+    *,
+    batch_size: int,
+    repeat: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    accumulation: int = 1,
+) -> list[list[int]]:
+    """This process's batches (lists of sample indices) for `epoch`.
+
+    Every process computes the same seeded plan: the `repeat`-times dataset is shuffled, grouped by bucket
+    into batches of at most `batch_size`, the batches shuffled; process `rank` takes every `world`-th batch,
+    all processes the same count, cut to whole multiples of `accumulation` (the rest is dropped)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    samples = [i for _ in range(repeat) for i in range(len(buckets))]
+    order = torch.randperm(len(samples), generator=generator).tolist()
+    groups: dict[Bucket, list[int]] = {}
+    for j in order:
+        groups.setdefault(tuple(buckets[samples[j]]), []).append(samples[j])
+    batches = [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+    per_process = len(batches) // world
+    mine = batches[rank : per_process * world : world]
+    return mine[: len(mine) // accumulation * accumulation]
+
+
+def steps_per_epoch(buckets: Sequence[Bucket], *, batch_size: int, repeat: int, world: int, accumulation: int) -> int:
+    """Optimizer steps per epoch (the same for every epoch: only the order changes)."""
+    counts: dict[Bucket, int] = {}
+    for b in buckets:
+        counts[tuple(b)] = counts.get(tuple(b), 0) + repeat
+    batches = sum(math.ceil(n / batch_size) for n in counts.values())
+    return batches // world // accumulation
+
+
+__all__ = [
+    "Bucket",
+    "CachedDataset",
+    "MetadataDataset",
+    "batch_plan",
+    "bucket_for",
+    "cache_settings",
+    "fit",
+    "metadata_file",
+    "read_metadata",
+    "steps_per_epoch",
+    "write_cache",
+    "write_cache_index",
+]

@@ -1,0 +1,184 @@
+"""The `TrainingTask` protocol: the only thing a model family writes to be trainable.
+
+A family's task turns dataset rows into model inputs with its frozen encoders, and runs the same per-step
+model call its pipeline uses. Everything else (data, noise, loss, LoRA, optimizer, checkpoints, multi-GPU) is
+the trainer's. Families declare their task in `Family(training="module:Class")` and implement the protocol
+structurally: a family package never imports `diffsynth.training`.
+
+The trainer, per micro-batch:
+
+    samples = task.encode(rows)                 # frozen encoders, no grad; or read back from the cache
+    batch = task.collate(samples)               # batch["latents"]: clean latents x0 [B, C, ...]
+    sigma = task.scheduler.sample_training_sigmas(B, generator)
+    noisy = (1 - sigma) * x0 + sigma * noise
+    loss = weight(sigma) * mse(task.velocity(denoiser, batch, noisy, sigma), noise - x0)
+
+`encode` returns one `dict[str, Tensor]` per row (no batch dimension), so the cached two-stage mode can
+store each sample as a safetensors file and training from the cache sees exactly what encoding on the fly
+gives. `velocity` gets the denoiser from the trainer (possibly wrapped for DDP or carrying a LoRA), never
+`self`'s copy, so gradients flow through the wrapper.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+Row = dict[str, Any]  # one metadata row: "prompt": str, "image": Tensor [3, H, W] in [-1, 1], "video": [3, F, H, W]
+Sample = dict[str, torch.Tensor]  # one encoded row
+
+
+@runtime_checkable
+class TrainingTask(Protocol):
+    """What a family supplies (see the module docstring). Attributes:
+
+    - `family`: the family name (recorded in caches and checkpoints);
+    - `denoiser_slot`: the model the per-step call runs ("dit"); LoRA goes there by default;
+    - `size_multiple`: training sizes in pixels are multiples of this;
+    - `media`: the metadata columns the task reads its main input from, in order of preference ("image",);
+    - `scheduler`: a `FlowMatchScheduler` with the family's template: training timesteps and loss weights;
+    - `models`: the loaded models by slot (the encoders are absent when built with `encoders=False`);
+    - `model_files`: the files each model was loaded from (full fine-tuning copies the `config.json` beside them).
+    """
+
+    family: ClassVar[str]
+    denoiser_slot: ClassVar[str]
+    size_multiple: ClassVar[int]
+    media: ClassVar[tuple[str, ...]]
+    scheduler: FlowMatchScheduler
+
+    @property
+    def models(self) -> Mapping[str, nn.Module]: ...
+
+    @property
+    def model_files(self) -> Mapping[str, list[str]]: ...
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_configs: Sequence[ModelConfig],
+        *,
+        tokenizer_config: ModelConfig | None = None,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        encoders: bool = True,
+        denoiser: bool = True,
+    ) -> TrainingTask:
+        """Load what a stage needs: `encoders` (text encoders, VAE, tokenizer) and/or the `denoiser`."""
+        ...
+
+    def encode(self, rows: list[Row]) -> list[Sample]:
+        """One dict of tensors per row, holding `"latents"` (clean, normalised, no batch dim)."""
+        ...
+
+    def collate(self, samples: list[Sample]) -> dict[str, Any]:
+        """The model inputs of a batch; `"latents"` is the stacked clean latents."""
+        ...
+
+    def velocity(
+        self, denoiser: nn.Module, batch: dict[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """The flow velocity (noise - x0) the denoiser predicts at noise level `sigma` [B]."""
+        ...
+
+
+_REQUIRED = ("family", "denoiser_slot", "size_multiple", "media", "from_pretrained", "encode", "collate", "velocity")
+
+
+# ----------------------------------------------------------------------------------- finding the task
+def trainable_families() -> dict[str, str]:
+    """Installed family name -> its "module:Class" training task."""
+    from diffsynth.runtime.registry import installed_families
+
+    return {name: fam.training for name, fam in installed_families().items() if fam.training}
+
+
+def task_class(config: TrainConfig) -> type:
+    """The task class for `--family` (a family name or "module:Class"), else the preset's family, else the only
+    installed family that has one."""
+    name = config.family
+    if name is None and config.model and not Path(config.model).is_dir():
+        from diffsynth.runtime.registry import find_preset
+
+        name = find_preset(config.model)[0].name
+    families = trainable_families()
+    if name is None:
+        if len(families) != 1:
+            raise ConfigError(f"pass --family: installed families with a training task are {preview(sorted(families))}")
+        name = next(iter(families))
+    target = families.get(name, name if ":" in name else None)
+    if target is None:
+        raise ConfigError(
+            f"--family {name!r} has no training task; installed families with one: {preview(sorted(families))} "
+            "(or pass 'module:Class' of your own task)"
+        )
+    module, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--family {name!r}: cannot import the training task {target!r} ({exc})") from None
+    missing = [a for a in _REQUIRED if not hasattr(cls, a)]
+    if missing:
+        raise ConfigError(f"training task {target!r} does not implement {', '.join(missing)} (see TrainingTask)")
+    return cls
+
+
+def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig | None]:
+    """The `ModelConfig`s and tokenizer config that --model, --model_paths, --model_id_with_origin_paths and
+    --tokenizer_path name."""
+    configs: list[ModelConfig] = []
+    tokenizer = ModelConfig(path=config.tokenizer_path) if config.tokenizer_path else None
+    if config.model:
+        if Path(config.model).is_dir():
+            from diffsynth.runtime.pipeline import _configs_from_folder  # TODO(runtime): make this public
+
+            found, folder_tokenizer = _configs_from_folder(Path(config.model))
+            configs += found
+            tokenizer = tokenizer or folder_tokenizer
+        else:
+            from diffsynth.runtime.registry import find_preset
+
+            _, preset = find_preset(config.model)
+            configs += [
+                ModelConfig(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern) for f in preset.files
+            ]
+            if tokenizer is None and preset.tokenizer is not None:
+                tokenizer = ModelConfig(
+                    model_id=preset.tokenizer.model_id, origin_file_pattern=preset.tokenizer.origin_file_pattern
+                )
+    configs += [ModelConfig(path=p) for p in config.model_paths]
+    for item in config.model_id_with_origin_paths:
+        model_id, sep, pattern = item.partition(":")
+        if not sep or not model_id or not pattern:
+            raise ConfigError(
+                f"--model_id_with_origin_paths entry {item!r} must look like Org/Model:path/pattern*.safetensors"
+            )
+        configs.append(ModelConfig(model_id=model_id, origin_file_pattern=pattern))
+    return configs, tokenizer
+
+
+def check_task(task, target: str) -> None:
+    """Fail early, naming what is wrong, when a built task does not hold what the trainer reads."""
+    if not isinstance(task.scheduler, FlowMatchScheduler):
+        raise ConfigError(f"{target}.scheduler must be a FlowMatchScheduler, got {type(task.scheduler).__name__}")
+    if task.denoiser_slot not in task.models:
+        raise ConfigError(
+            f"{target} was built without its denoiser {task.denoiser_slot!r}; it holds {preview(task.models)}"
+        )
+
+
+__all__ = ["Row", "Sample", "TrainingTask", "check_task", "model_sources", "task_class", "trainable_families"]

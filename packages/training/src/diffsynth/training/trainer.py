@@ -1,0 +1,523 @@
+"""The trainer: one flow-matching loop for every family.
+
+    diffsynth-train --config run.yaml                      # train (LoRA by default)
+    diffsynth-train --config run.yaml --stage encode --cache_dir cache/   # cached mode, stage 1
+    diffsynth-train --config run.yaml --cache_dir cache/   # cached mode, stage 2: no encoders, no VAE
+    accelerate launch --num_processes 8 -m diffsynth.training.cli --config run.yaml   # DDP on 8 GPUs
+
+`train(config)` reads top to bottom: `setup` loads the family's task, the data and the optimizer into a `Run`;
+`resume` restores a checkpoint into a `TrainState`; each `train_step` runs one gradient-accumulation group and
+one optimizer step; `save` writes the weights and a resume checkpoint every `--save_steps`, at epoch ends and at
+the end. The loss is flow matching: `x_sigma = (1 - sigma) x0 + sigma noise`, the target velocity `noise - x0`,
+sigmas and loss weights from the family's scheduler, and the prediction from the same per-step model call the
+family's pipeline makes (`task.velocity`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from diffsynth.runtime.dtypes import parse_dtype
+from diffsynth.runtime.errors import ConfigError, preview
+
+from .checkpoint import (
+    CHECKPOINTS,
+    find_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    save_full_weights,
+    save_lora_files,
+    set_rng_state,
+    step_name,
+)
+from .config import TrainConfig, dump_yaml
+from .data import (
+    CachedDataset,
+    MetadataDataset,
+    batch_plan,
+    cache_settings,
+    steps_per_epoch,
+    write_cache,
+    write_cache_index,
+)
+from .task import TrainingTask, check_task, model_sources, task_class
+
+logger = logging.getLogger(__name__)
+
+# Settings that may change between a checkpoint and the run that resumes it without a warning.
+_RESUMABLE_CHANGES = {
+    "resume",
+    "max_steps",
+    "num_epochs",
+    "save_steps",
+    "keep_last",
+    "log_every",
+    "dataset_num_workers",
+}
+
+
+@dataclass
+class TrainState:
+    """Progress, passed from step to step and saved in checkpoints."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batches_done: int = 0  # micro-batches of this epoch each process has trained on
+    loss: float = math.nan  # mean loss of the last step, over micro-batches and processes
+    noise: torch.Generator = field(default_factory=torch.Generator)  # this process's timesteps and noise
+
+
+@dataclass
+class Run:
+    """What `setup` builds and every step uses."""
+
+    config: TrainConfig
+    accelerator: Any  # accelerate.Accelerator
+    task: TrainingTask
+    dataset: Dataset
+    model: nn.Module  # the denoiser as trained: with the LoRA, possibly wrapped for DDP
+    trainable: dict[str, nn.Parameter]  # name (in the unwrapped denoiser) -> parameter
+    optimizer: Any
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    lora: bool
+    cached: bool
+    steps_per_epoch: int
+    total_steps: int
+    output: Path
+
+
+# ----------------------------------------------------------------------------------- the recipe
+def train(config: TrainConfig) -> TrainState:
+    """Train as `config` says; returns the final state."""
+    run = setup(config)
+    acc, cfg = run.accelerator, run.config
+    state = TrainState(noise=torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index))
+    if cfg.resume:
+        found = find_checkpoint(cfg.resume, run.output)
+        if found is None:
+            logger.info("--resume latest: no checkpoint in %s yet, starting from scratch", run.output / CHECKPOINTS)
+        else:
+            state = resume(run, found, state)
+    logger.info(
+        "training %s %s: %d steps (%d per epoch x %d epochs, capped by --max_steps %s), from step %d",
+        run.task.family,
+        "LoRA" if run.lora else "full weights",
+        run.total_steps,
+        run.steps_per_epoch,
+        cfg.num_epochs,
+        cfg.max_steps,
+        state.step,
+    )
+    progress = _progress(run, state)
+    started, since = time.perf_counter(), state.step
+    while state.step < run.total_steps and state.epoch < cfg.num_epochs:
+        plan = batch_plan(
+            run.dataset.buckets,
+            batch_size=cfg.batch_size,
+            repeat=cfg.dataset_repeat,
+            seed=cfg.seed,
+            epoch=state.epoch,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            accumulation=cfg.gradient_accumulation_steps,
+        )
+        if state.batches_done >= len(plan):  # resumed at the very end of an epoch
+            state = replace(state, epoch=state.epoch + 1, batches_done=0)
+            continue
+        loader = DataLoader(
+            run.dataset, batch_sampler=plan[state.batches_done :], num_workers=cfg.dataset_num_workers, collate_fn=list
+        )
+        group: list[list[dict]] = []
+        for items in loader:
+            group.append(items)
+            if len(group) < cfg.gradient_accumulation_steps:
+                continue
+            state = train_step(run, state, group)
+            group = []
+            epoch_done = state.batches_done >= len(plan)
+            if epoch_done:
+                state = replace(state, epoch=state.epoch + 1, batches_done=0)
+            progress.update(1)
+            progress.set_postfix(loss=f"{state.loss:.4f}", epoch=state.epoch)
+            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+                _log(run, state, (time.perf_counter() - started) / max(state.step - since, 1))
+            if epoch_done or state.step == run.total_steps or (cfg.save_steps and state.step % cfg.save_steps == 0):
+                save(run, state)
+            if state.step >= run.total_steps:
+                break
+    progress.close()
+    acc.end_training()
+    return state
+
+
+def setup(config: TrainConfig) -> Run:
+    """Load the task (without encoders when training from a cache), the data, the LoRA or trainable weights, and
+    the optimizer."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    cfg = config.check()
+    cls = task_class(cfg)
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+    )
+    set_seed(cfg.seed)
+    cached = cfg.cache_dir is not None
+    task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
+    dataset = (
+        CachedDataset(cfg.cache_dir, expected=cache_settings(cfg, task.family)) if cached else make_dataset(cfg, task)
+    )
+
+    slot = task.denoiser_slot
+    module = task.models[slot]
+    module.requires_grad_(False)
+    lora = not cfg.trainable_models
+    _check_slots(cfg, task)
+    if cfg.use_gradient_checkpointing:
+        if not hasattr(module, "gradient_checkpointing"):
+            raise ConfigError(f"--use_gradient_checkpointing: {type(module).__name__} has no gradient_checkpointing")
+        module.gradient_checkpointing = True
+    if lora:
+        add_lora(module, cfg)
+    else:
+        module.to(parse_dtype(cfg.trainable_dtype)).requires_grad_(True)
+    module.train()
+    trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    logger.info(
+        "training %d tensors, %.2fM parameters", len(trainable), sum(p.numel() for p in trainable.values()) / 1e6
+    )
+
+    per_epoch = steps_per_epoch(
+        dataset.buckets,
+        batch_size=cfg.batch_size,
+        repeat=cfg.dataset_repeat,
+        world=acc.num_processes,
+        accumulation=cfg.gradient_accumulation_steps,
+    )
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{len(dataset)} samples x --dataset_repeat {cfg.dataset_repeat} in batches of --batch_size "
+            f"{cfg.batch_size} over {acc.num_processes} processes give less than one step of "
+            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower those or raise --dataset_repeat"
+        )
+    total = per_epoch * cfg.num_epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.num_epochs)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
+    model, optimizer = acc.prepare(module, optimizer)
+
+    output = Path(cfg.output_path)
+    if acc.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, output / "config.yaml")
+    return Run(
+        cfg, acc, task, dataset, model, trainable, optimizer, lr_scheduler, lora, cached, per_epoch, total, output
+    )
+
+
+def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainState:
+    """One optimizer step over `group`, a list of micro-batches (each a list of dataset items)."""
+    acc, cfg = run.accelerator, run.config
+    losses = []
+    for k, items in enumerate(group):
+        batch = prepare_batch(run, items)
+        sync = acc.no_sync(run.model) if k < len(group) - 1 else contextlib.nullcontext()
+        with sync:
+            with acc.autocast():
+                loss = flow_matching_loss(run, run.model, batch, state.noise)
+            acc.backward(loss / len(group))
+        losses.append(loss.detach().float())
+    if cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
+    if not torch.isfinite(loss):
+        logger.warning("step %d: the loss is %s", state.step + 1, float(loss))
+    return replace(state, step=state.step + 1, batches_done=state.batches_done + len(group), loss=float(loss))
+
+
+def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_rng: torch.Generator) -> torch.Tensor:
+    """Weighted MSE between the predicted and the true velocity at sigmas drawn from the family's training grid.
+    Sigmas and noise are drawn on the CPU from `noise_rng`, so a run is reproducible on any device."""
+    cfg, scheduler = run.config, run.task.scheduler
+    x0 = batch["latents"].float()
+    sigma = scheduler.sample_training_sigmas(
+        x0.shape[0], noise_rng, min_boundary=cfg.min_timestep_boundary, max_boundary=cfg.max_timestep_boundary
+    )
+    noise = torch.randn(x0.shape, generator=noise_rng).to(x0.device)
+    noisy = scheduler.add_noise(x0, noise, sigma.to(x0.device))
+    predicted = run.task.velocity(model, batch, noisy, sigma.to(x0.device))
+    error = (predicted.float() - scheduler.training_target(x0, noise)).pow(2).flatten(1).mean(1)
+    if cfg.loss_weighting == "scheduler":
+        error = error * scheduler.training_weight(sigma).to(x0.device)
+    return error.mean()
+
+
+def save(run: Run, state: TrainState) -> None:
+    """Write the trained weights (LoRA file(s) or full weights) and a resume checkpoint; prune old ones."""
+    acc, cfg = run.accelerator, run.config
+    module = acc.unwrap_model(run.model)
+    name = step_name(state.step)
+    if acc.is_main_process:
+        if run.lora:
+            written = save_lora_files(module, run.output, name, cfg.lora_formats)
+        else:
+            dtype = parse_dtype(cfg.save_dtype or cfg.dtype)
+            slot = run.task.denoiser_slot
+            written = [save_full_weights(module, run.output / name / slot, dtype, run.task.model_files.get(slot))]
+        logger.info("step %d: wrote %s", state.step, ", ".join(str(p) for p in written))
+    progress = {"step": state.step, "epoch": state.epoch, "batches_done": state.batches_done}
+    saved_state = {
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "progress": progress,
+        "config": cfg.to_dict(),
+        "family": run.task.family,
+    }
+    save_checkpoint(
+        run.output / CHECKPOINTS,
+        state.step,
+        trainable=run.trainable,
+        state=saved_state,
+        rng=rng_state(state.noise),
+        rank=acc.process_index,
+        barrier=acc.wait_for_everyone,
+    )
+    if acc.is_main_process:
+        prune_checkpoints(run.output / CHECKPOINTS, cfg.keep_last)
+
+
+def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
+    """Restore the trained weights, optimizer, LR schedule, random states and data position of `folder`."""
+    trainable, saved, rng = load_checkpoint(folder, run.accelerator.process_index)
+    missing, extra = sorted(set(run.trainable) - set(trainable)), sorted(set(trainable) - set(run.trainable))
+    if missing or extra:
+        raise ConfigError(
+            f"--resume {folder} does not fit this run: it lacks {preview(missing)} and has extra {preview(extra)} "
+            "(was it saved with other --lora_rank / --lora_target_modules / --trainable_models?)"
+        )
+    with torch.no_grad():
+        for name, param in run.trainable.items():
+            if param.shape != trainable[name].shape:
+                raise ConfigError(
+                    f"--resume {folder}: {name} has shape {tuple(trainable[name].shape)} there, "
+                    f"{tuple(param.shape)} here (another --lora_rank?)"
+                )
+            param.copy_(trainable[name])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    set_rng_state(rng, state.noise)
+    before, now = saved["config"], run.config.to_dict()
+    changed = [k for k in now if k not in _RESUMABLE_CHANGES and before.get(k) != now[k]]
+    if changed:
+        logger.warning(
+            "resuming with changed settings (the run will not match an uninterrupted one): %s",
+            ", ".join(f"--{k} {before.get(k)!r} -> {now[k]!r}" for k in changed),
+        )
+    progress = saved["progress"]
+    logger.info("resumed from %s: step %d, epoch %d", folder, progress["step"], progress["epoch"] + 1)
+    return replace(state, step=progress["step"], epoch=progress["epoch"], batches_done=progress["batches_done"])
+
+
+# ----------------------------------------------------------------------------------- cached mode, stage 1
+def encode_dataset(config: TrainConfig) -> Path:
+    """Stage 1 of cached training: encode every sample into `--cache_dir` (resumable: finished samples are
+    kept). Loads the encoders and the VAE, not the denoiser."""
+    from accelerate import Accelerator
+
+    cfg = config.check()
+    cls = task_class(cfg)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    task = build_task(cls, cfg, acc.device, encoders=True, denoiser=False)
+    dataset = make_dataset(cfg, task)
+    cache = Path(cfg.cache_dir)
+    settings = cache_settings(cfg, task.family)
+    recorded = cache / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise ConfigError(
+            f"--cache_dir {cache} holds samples encoded with other settings ({recorded}); use a new --cache_dir"
+        )
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        cache.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(settings, indent=1))
+    acc.wait_for_everyone()
+    count = write_cache(
+        task.encode,
+        dataset,
+        cache,
+        batch_size=cfg.batch_size,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        num_workers=cfg.dataset_num_workers,
+    )
+    logger.info("encoded %d samples into %s", count, cache)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_cache_index(cache, dataset, settings)
+    acc.wait_for_everyone()
+    return cache
+
+
+def run_stage(config: TrainConfig) -> TrainState | Path:
+    """What `diffsynth-train` does: `--stage encode` writes the cache, otherwise train."""
+    return encode_dataset(config) if config.stage == "encode" else train(config)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser: bool) -> TrainingTask:
+    configs, tokenizer = model_sources(cfg)
+    task = cls.from_pretrained(
+        configs,
+        tokenizer_config=tokenizer,
+        torch_dtype=parse_dtype(cfg.dtype),
+        device=device,
+        encoders=encoders,
+        denoiser=denoiser,
+    )
+    if denoiser:
+        check_task(task, f"{cls.__module__}:{cls.__qualname__}")
+    return task
+
+
+def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
+    m = task.size_multiple
+    for name in ("height", "width", "bucket_step"):
+        value = getattr(cfg, name)
+        if value is not None and value % m:
+            raise ConfigError(f"--{name} {value} must be a multiple of {m} for {task.family}")
+    fixed = (cfg.width, cfg.height) if cfg.height is not None else None
+    return MetadataDataset(
+        cfg.dataset_base_path,
+        media=task.media,
+        file_keys=cfg.data_file_keys,
+        metadata_path=cfg.dataset_metadata_path,
+        max_pixels=cfg.max_pixels,
+        step=cfg.bucket_step,
+        fixed=fixed,
+        num_frames=cfg.num_frames,
+    )
+
+
+def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
+    """Model inputs on the device: encoded now (frozen encoders, no grad) or read from the cache."""
+    if run.cached:
+        samples = items
+    else:
+        with torch.no_grad():
+            samples = run.task.encode(items)
+    return _to_device(run.task.collate(samples), run.accelerator.device)
+
+
+def add_lora(module: nn.Module, cfg: TrainConfig) -> None:
+    """Inject peft LoRA layers into `module`'s target Linears (module replacement; names keep our keys)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = cfg.lora_target_modules or list(getattr(module, "lora_target_modules", ()))
+    if not targets:
+        raise ConfigError(
+            f"--lora_target_modules: {type(module).__name__} declares no default lora_target_modules; name its "
+            "Linear layers (e.g. --lora_target_modules to_q,to_k,to_v)"
+        )
+    lora_config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets, lora_dropout=0.0
+    )
+    torch.manual_seed(cfg.seed)
+    try:
+        inject_adapter_in_model(lora_config, module)
+    except ValueError as exc:
+        raise ConfigError(f"--lora_target_modules {','.join(targets)}: {exc}") from None
+    dtype = parse_dtype(cfg.trainable_dtype)
+    for name, param in module.named_parameters():
+        if ".lora_" in name:
+            param.data = param.data.to(dtype)
+            param.requires_grad_(True)
+
+
+def _check_slots(cfg: TrainConfig, task: TrainingTask) -> None:
+    slot = task.denoiser_slot
+    for flag, names in (("trainable_models", cfg.trainable_models), ("lora_base_model", [cfg.lora_base_model])):
+        bad = [n for n in names if n is not None and n != slot]
+        if bad:
+            raise ConfigError(
+                f"--{flag} {','.join(bad)}: only the denoiser {slot!r} is trained (the encoders stay frozen, "
+                f"which the cached mode relies on); models here: {', '.join(task.models)}"
+            )
+
+
+def _lr_lambda(cfg: TrainConfig, total: int):
+    warmup, kind = cfg.lr_warmup_steps, cfg.lr_scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _progress(run: Run, state: TrainState):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total_steps, initial=state.step, desc="train", disable=not run.accelerator.is_main_process)
+
+
+def _log(run: Run, state: TrainState, seconds_per_step: float) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    lr = run.lr_scheduler.get_last_lr()[0]
+    logger.info(
+        "step %d/%d (%d epochs done) loss %.5f lr %.3g (%.2f s/step)",
+        state.step,
+        run.total_steps,
+        state.epoch,
+        state.loss,
+        lr,
+        seconds_per_step,
+    )
+    record = {"step": state.step, "epoch": state.epoch, "loss": state.loss, "lr": lr, "time": time.time()}
+    with (run.output / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+__all__ = [
+    "Run",
+    "TrainState",
+    "add_lora",
+    "encode_dataset",
+    "flow_matching_loss",
+    "resume",
+    "run_stage",
+    "save",
+    "setup",
+    "train",
+    "train_step",
+]

@@ -1,0 +1,95 @@
+"""TrainConfig from flags and YAML: types, overrides, and messages that name the flag to change."""
+
+import pytest
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.training.cli import main
+from diffsynth.training.config import TrainConfig, from_dict, parse_args
+
+BASE = ["--model", "some/folder", "--dataset_base_path", "data"]
+
+
+def test_flags_become_typed_fields():
+    config, _ = parse_args(
+        [
+            *BASE,
+            "--lora_rank",
+            "8",
+            "--learning_rate",
+            "5e-5",
+            "--lora_target_modules",
+            "to_q, to_k",
+            "--use_gradient_checkpointing",
+            "--height",
+            "512",
+            "--width",
+            "768",
+            "--lr_scheduler",
+            "cosine",
+        ]
+    )
+    assert config.lora_rank == 8 and config.learning_rate == 5e-5
+    assert config.lora_target_modules == ["to_q", "to_k"]
+    assert config.use_gradient_checkpointing is True
+    assert (config.height, config.width, config.lr_scheduler) == (512, 768, "cosine")
+    assert config.batch_size == TrainConfig.batch_size  # untouched fields keep their defaults
+
+
+def test_yaml_file_with_flags_overriding_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: Tongyi-MAI/Z-Image-Turbo\ndataset_base_path: data\nlora_rank: 16\nlearning_rate: 1e-4\n"
+        "lora_formats: [diffsynth, kohya]\nuse_gradient_checkpointing: true\n"
+    )
+    config, _ = parse_args(["--config", str(path), "--lora_rank", "4"])
+    assert config.lora_rank == 4  # the flag wins
+    assert config.learning_rate == 1e-4  # YAML's 1e-4 is a string to PyYAML; we read it as a float
+    assert config.lora_formats == ["diffsynth", "kohya"] and config.use_gradient_checkpointing is True
+
+
+def test_unknown_yaml_key_lists_the_accepted_ones(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: x\nlora_rnak: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) lora_rnak; accepted: .*lora_rank"):
+        parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"lora_rank": 0}, "--lora_rank 0 must be >= 1"),
+        ({"lora_rank": "four"}, "--lora_rank must be an integer"),
+        ({"height": 512}, "--height and --width go together"),
+        ({"lora_formats": "diffsynth,safetensors"}, "--lora_formats .* choose from diffsynth, peft, kohya"),
+        ({"trainable_models": "dit", "lora_rank": 4, "lora_target_modules": "to_q"}, "--trainable_models dit"),
+        ({"stage": "encode"}, "--stage encode .* give --cache_dir"),
+        ({"stage": "cache"}, "--stage 'cache': choose from train, encode"),
+        ({"dtype": "bf17"}, "--dtype 'bf17' is not a dtype"),
+        ({"min_timestep_boundary": 0.8, "max_timestep_boundary": 0.2}, "--min_timestep_boundary 0.8"),
+    ],
+)
+def test_bad_values_name_the_flag(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
+
+
+def test_a_dataset_and_a_model_are_required():
+    with pytest.raises(ConfigError, match="--dataset_base_path is required"):
+        TrainConfig(model="m").check()
+    with pytest.raises(ConfigError, match="no model given: pass --model"):
+        TrainConfig(dataset_base_path="d").check()
+    TrainConfig(model="m", cache_dir="c").check()  # training from a cache needs no dataset folder
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--lora_rank", "--trainable_models", "--cache_dir", "--resume", "--max_pixels"):
+        assert flag in out
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys):
+    assert main(["--dataset_base_path", "d", "--model", "m", "--lora_rank", "0"]) == 2
+    assert "--lora_rank 0 must be >= 1" in capsys.readouterr().err

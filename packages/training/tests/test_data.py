@@ -1,0 +1,104 @@
+"""Metadata files, size buckets, the per-process batch plan and the dataset items."""
+
+import pytest
+import torch
+from diffsynth_training_toy import write_dataset
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.training.data import MetadataDataset, batch_plan, bucket_for, fit, read_metadata, steps_per_epoch
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((1024, 1024), (1024, 1024)),  # at the limit: unchanged
+        ((2048, 2048), (1024, 1024)),  # shrunk to the limit
+        ((1000, 600), (960, 576)),  # smaller than the limit: never enlarged, rounded down to the step
+        ((4000, 1000), (2048, 512)),  # wide: aspect kept under the limit
+        ((5000, 10), (4992, 64)),  # extreme aspect: at least one step each side
+        ((100_000, 10), (16384, 64)),  # ... and still under the limit
+    ],
+)
+def test_buckets_keep_aspect_under_max_pixels(size, expected):
+    bucket = bucket_for(*size, max_pixels=1024 * 1024, step=64)
+    assert bucket == expected
+    assert bucket[0] % 64 == 0 and bucket[1] % 64 == 0 and bucket[0] * bucket[1] <= 1024 * 1024
+
+
+def test_fixed_size_wins():
+    assert bucket_for(300, 200, max_pixels=100, step=64, fixed=(512, 256)) == (512, 256)
+
+
+def test_fit_covers_and_crops_the_centre():
+    image = Image.new("RGB", (200, 100), "red")
+    image.paste((0, 0, 255), (0, 0, 50, 100))  # a blue left quarter
+    out = fit(image, (100, 100))
+    assert out.size == (100, 100)
+    assert out.getpixel((50, 50)) == (255, 0, 0)  # the middle of a red centre crop
+    assert out.getpixel((0, 50))[2] < 128  # the blue quarter was cropped away
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_metadata_formats_read_alike(tmp_path, fmt):
+    folder = write_dataset(tmp_path / fmt, [(64, 64)] * 3, fmt=fmt)
+    rows = read_metadata(next(folder.glob("metadata.*")))
+    assert [r["image"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
+    assert rows[0]["prompt"] == "a red circle"
+
+
+def test_items_are_loaded_at_their_bucket_size(dataset):
+    data = MetadataDataset(dataset, media=("image",), max_pixels=64 * 128, step=16)
+    assert data.buckets == [(64, 64)] * 4 + [(128, 64)] * 2
+    item = data[4]
+    assert item["image"].shape == (3, 64, 128) and item["image"].dtype == torch.float32
+    assert -1.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["prompt"] == "a black line"
+
+
+def test_missing_files_and_metadata_are_reported(tmp_path, dataset):
+    (dataset / "img2.png").unlink()
+    with pytest.raises(ConfigError, match=r"names 1 files missing .*'img2.png'"):
+        MetadataDataset(dataset, media=("image",))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"--dataset_base_path .*empty has no metadata.csv"):
+        MetadataDataset(tmp_path / "empty", media=("image",))
+    with pytest.raises(ConfigError, match="has no video column value"):
+        MetadataDataset(dataset, media=("video",))
+
+
+BUCKETS = [(64, 64)] * 5 + [(128, 64)] * 3 + [(64, 128)] * 2
+
+
+def test_a_plan_batches_one_bucket_at_a_time_and_covers_every_repeat():
+    plan = batch_plan(BUCKETS, batch_size=2, repeat=3, seed=1, epoch=0)
+    assert all(len({BUCKETS[i] for i in batch}) == 1 for batch in plan)
+    assert sorted(i for batch in plan for i in batch) == sorted(list(range(10)) * 3)
+    assert len(plan) == steps_per_epoch(BUCKETS, batch_size=2, repeat=3, world=1, accumulation=1)
+
+
+def test_plans_are_seeded_per_epoch():
+    assert batch_plan(BUCKETS, batch_size=2, seed=1, epoch=0) == batch_plan(BUCKETS, batch_size=2, seed=1, epoch=0)
+    assert batch_plan(BUCKETS, batch_size=2, seed=1, epoch=0) != batch_plan(BUCKETS, batch_size=2, seed=1, epoch=1)
+
+
+def test_processes_get_disjoint_equal_shares_in_whole_accumulation_groups():
+    shares = [batch_plan(BUCKETS, batch_size=1, seed=0, rank=r, world=3, accumulation=2) for r in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 2]  # 10 batches -> 3 each -> 2 each in whole groups of 2
+    taken = [tuple(b) for s in shares for b in s]
+    assert len(taken) == len(set(taken))
+    assert steps_per_epoch(BUCKETS, batch_size=1, repeat=1, world=3, accumulation=2) == 1
+
+
+def test_videos_are_read_to_num_frames_at_their_bucket(tmp_path):
+    from diffsynth.runtime.media import save_video
+
+    folder = tmp_path / "videos"
+    frames = [Image.new("RGB", (64, 48), (40 * i, 0, 0)) for i in range(6)]
+    save_video(frames, folder / "clip.mp4", fps=8)
+    (folder / "metadata.csv").write_text("video,prompt\nclip.mp4,a red fade\n")
+    data = MetadataDataset(folder, media=("video",), max_pixels=64 * 48, step=16, num_frames=4)
+    assert data.buckets == [(64, 48)]
+    item = data[0]
+    assert item["video"].shape == (3, 4, 48, 64) and item["prompt"] == "a red fade"
+    assert item["video"][0, 3].mean() > item["video"][0, 0].mean()  # frames in order: red grows

@@ -1,0 +1,211 @@
+"""The trainer with the toy family: LoRA and full fine-tuning, exact resume, the cached two-stage mode,
+checkpoint pruning and atomic saves."""
+
+import json
+import math
+
+import pytest
+import torch
+from diffsynth_training_toy import TASK, ToyTask, build
+from safetensors.torch import load_file
+
+import diffsynth.training.checkpoint as checkpoint_module
+import diffsynth.training.trainer as trainer
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.lora import load_lora, read_lora
+from diffsynth.training.checkpoint import list_checkpoints
+from diffsynth.training.config import TrainConfig
+from diffsynth.training.data import batch_plan
+from diffsynth.training.task import TrainingTask
+from diffsynth.training.trainer import TrainState, save, setup, train, train_step
+
+
+def toy_config(tmp_path, dataset, name="out", **overrides) -> TrainConfig:
+    values = dict(
+        family=TASK,
+        dataset_base_path=str(dataset),
+        output_path=str(tmp_path / name),
+        max_pixels=64 * 128,
+        bucket_step=16,
+        batch_size=2,
+        mixed_precision="no",
+        dtype="float32",
+        lora_rank=4,
+        learning_rate=1e-2,
+        max_steps=4,
+        num_epochs=10,
+        log_every=1,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def trained(output_path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(output_path / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors"))
+
+
+def toy_inputs():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    text = [torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)]
+    return x, torch.tensor([0.3, 0.8]), text
+
+
+def test_lora_steps_log_a_finite_loss_and_export_lora_files_the_runtime_loads(tmp_path, dataset):
+    config = toy_config(tmp_path, dataset, lora_formats=["diffsynth", "kohya", "peft"], lora_alpha=8.0)
+    run = setup(config)
+    assert isinstance(run.task, TrainingTask)
+    state = TrainState(noise=torch.Generator().manual_seed(0))
+    plan = batch_plan(run.dataset.buckets, batch_size=2)
+    for batch in plan[:2]:
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        assert math.isfinite(state.loss)
+    save(run, state)
+
+    x, sigma, text = toy_inputs()
+    with torch.no_grad():
+        expected = run.model(x, sigma, text)
+        base = build("denoiser")(x, sigma, text)
+    assert (expected - base).abs().max() > 1e-4  # the LoRA learned something
+    for suffix in ("", ".kohya", ".peft"):
+        path = run.output / f"step-000002{suffix}.safetensors"
+        assert len(read_lora(path)) == 3  # proj_in, blocks.0.0, proj_out
+        fresh = build("denoiser")
+        load_lora(fresh, path)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x, sigma, text), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_train_writes_metrics_config_and_a_final_checkpoint(tmp_path, dataset):
+    state = train(toy_config(tmp_path, dataset, max_steps=4))
+    out = tmp_path / "out"
+    assert (state.step, state.epoch, state.batches_done) == (4, 1, 1)  # 3 batches per epoch
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert (out / "config.yaml").is_file()
+    # saved at the epoch end (step 3) and at the end (step 4)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000003", "step-000004"]
+    assert (out / "step-000003.safetensors").is_file() and (out / "step-000004.safetensors").is_file()
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(2, 1), (1, 2)])
+def test_resume_continues_exactly_where_it_stopped(tmp_path, dataset, monkeypatch, batch_size, accumulation):
+    """4 steps straight == 2 steps, a crash, then --resume latest for the rest (across an epoch end, with a
+    cosine schedule and warm-up, so the LR schedule, optimizer, noise and data position all matter)."""
+    settings = dict(
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        save_steps=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=1,
+        max_steps=5,
+    )
+    train(toy_config(tmp_path, dataset, "straight", **settings))
+
+    real_step = trainer.train_step
+
+    def crash_after_two(run, state, group):
+        if state.step == 2:
+            raise Crash
+        return real_step(run, state, group)
+
+    monkeypatch.setattr(trainer, "train_step", crash_after_two)
+    with pytest.raises(Crash):
+        train(toy_config(tmp_path, dataset, "resumed", **settings))
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    state = train(toy_config(tmp_path, dataset, "resumed", resume="latest", **settings))
+
+    assert state.step == 5
+    straight, resumed = trained(tmp_path / "straight", 5), trained(tmp_path / "resumed", 5)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_resume_with_another_lora_rank_is_refused(tmp_path, dataset):
+    train(toy_config(tmp_path, dataset, max_steps=1))
+    with pytest.raises(ConfigError, match="--resume .*has shape .*another --lora_rank"):
+        train(toy_config(tmp_path, dataset, max_steps=2, lora_rank=8, resume="latest"))
+
+
+def test_cached_two_stage_equals_direct_and_skips_the_encoders(tmp_path, dataset):
+    direct = toy_config(tmp_path, dataset, "direct", max_steps=3, dataset_num_workers=1)
+    train(direct)
+    cache = str(tmp_path / "cache")
+    ToyTask.builds.clear()
+    trainer.run_stage(toy_config(tmp_path, dataset, "cached", cache_dir=cache, stage="encode", max_steps=3))
+    trainer.run_stage(toy_config(tmp_path, dataset, "cached", cache_dir=cache, max_steps=3))
+    assert ToyTask.builds == [{"encoders": True, "denoiser": False}, {"encoders": False, "denoiser": True}]
+    a, b = trained(tmp_path / "direct", 3), trained(tmp_path / "cached", 3)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_a_cache_made_with_other_settings_is_refused(tmp_path, dataset):
+    cache = str(tmp_path / "cache")
+    trainer.run_stage(toy_config(tmp_path, dataset, cache_dir=cache, stage="encode"))
+    with pytest.raises(ConfigError, match="encoded with --max_pixels 8192, this run has --max_pixels 4096"):
+        train(toy_config(tmp_path, dataset, cache_dir=cache, max_pixels=4096))
+
+
+def test_full_finetune_saves_every_weight_under_the_model_names(tmp_path, dataset):
+    train(toy_config(tmp_path, dataset, trainable_models=["denoiser"], learning_rate=1e-3, max_steps=2))
+    saved = load_file(str(tmp_path / "out" / "step-000002" / "denoiser" / "diffusion_pytorch_model.safetensors"))
+    fresh = build("denoiser")
+    original = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh.load_state_dict(saved, strict=True)
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    assert all(not torch.equal(saved[k], original[k]) for k in original)  # every tensor was trained
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path, dataset):
+    train(toy_config(tmp_path, dataset, "plain", max_steps=2))
+    train(toy_config(tmp_path, dataset, "checkpointed", max_steps=2, use_gradient_checkpointing=True))
+    a, b = trained(tmp_path / "plain", 2), trained(tmp_path / "checkpointed", 2)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, dataset):
+    train(toy_config(tmp_path, dataset, save_steps=1, keep_last=2, max_steps=4))
+    out = tmp_path / "out"
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000003", "step-000004"]
+    assert len(list(out.glob("step-*.safetensors"))) == 4  # LoRA exports are all kept
+
+
+def test_an_interrupted_save_leaves_no_partial_checkpoint(tmp_path, dataset, monkeypatch):
+    config = toy_config(tmp_path, dataset, save_steps=1, max_steps=2)
+    real_save = torch.save
+
+    def fail_on_second_state(obj, path, *args, **kwargs):
+        if str(path).endswith("state.pt") and ".step-000002.tmp" in str(path):
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", fail_on_second_state)
+    with pytest.raises(OSError, match="disk full"):
+        train(config)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000001"]
+    state = train(toy_config(tmp_path, dataset, save_steps=1, max_steps=2, resume="latest"))
+    assert state.step == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000001", "step-000002"]  # the .tmp is gone
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora_target_modules": ["nope"]}, "--lora_target_modules nope"),
+        ({"trainable_models": ["vae"]}, "--trainable_models vae: only the denoiser 'denoiser' is trained"),
+        ({"height": 60, "width": 64}, "--height 60 must be a multiple of 8"),
+    ],
+)
+def test_setup_errors_name_the_flag(tmp_path, dataset, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        setup(toy_config(tmp_path, dataset, **overrides))

@@ -1,0 +1,138 @@
+"""Z-Image trained end to end by the trainer on the tiny random hub-style repo of the z-image tests.
+
+Integration: needs diffsynth-z-image installed (the `integration` nox session installs every package).
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffsynth.z_image")
+
+import torch  # noqa: E402
+from diffsynth_training_toy import write_images  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from diffsynth.runtime import ModelConfig, load_model  # noqa: E402
+from diffsynth.training.config import TrainConfig  # noqa: E402
+from diffsynth.training.data import batch_plan  # noqa: E402
+from diffsynth.training.task import TrainingTask  # noqa: E402
+from diffsynth.training.trainer import TrainState, run_stage, save, setup, train, train_step  # noqa: E402
+from diffsynth.z_image import ZImagePipeline  # noqa: E402
+from diffsynth.z_image.pipeline import z_image_velocity  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+FAST = {"height": 64, "width": 64, "num_inference_steps": 2, "progress_bar": False}
+
+
+def _z_image_test_helpers():
+    path = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("z_image_tiny_repo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    return _z_image_test_helpers().build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    names = write_images(folder, [(64, 64)] * 4, seed=1)
+    captions = _z_image_test_helpers().CAPTIONS
+    rows = [{"image": name, "prompt": captions[i % 3]} for i, name in enumerate(names)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def config(tiny_repo, dataset, output, **overrides) -> TrainConfig:
+    values = dict(
+        model=str(tiny_repo),
+        dataset_base_path=str(dataset),
+        output_path=str(output),
+        family="z_image",
+        max_pixels=64 * 64,
+        bucket_step=16,
+        batch_size=2,
+        lora_rank=4,
+        learning_rate=1e-3,
+        mixed_precision="no",
+        dtype="float32",
+        max_steps=2,
+        log_every=1,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_lora_training_gives_a_lora_the_pipeline_applies_exactly(tiny_repo, dataset, tmp_path):
+    run = setup(config(tiny_repo, dataset, tmp_path / "out", lora_formats=["diffsynth", "kohya"]))
+    state = TrainState(noise=torch.Generator().manual_seed(0))
+    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        assert math.isfinite(state.loss) and state.loss > 0
+    save(run, state)
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    base = pipe("a red circle on a blue background", seed=0, output_type="pt", **FAST)
+    g = torch.Generator().manual_seed(3)
+    latents, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([0.7])
+    text = pipe.encode_prompt(["a red circle on a blue background"])
+    with torch.no_grad():
+        trained = z_image_velocity(run.model, latents, sigma, text)
+        for suffix in ("", ".kohya"):
+            pipe.load_lora(tmp_path / "out" / f"step-000002{suffix}.safetensors", fuse=False, name="trained")
+            torch.testing.assert_close(z_image_velocity(pipe.dit, latents, sigma, text), trained, atol=1e-5, rtol=1e-5)
+    after = pipe("a red circle on a blue background", seed=0, output_type="pt", **FAST)
+    assert (after - base).abs().max() > 1e-3  # the LoRA changes the image
+
+
+def test_cached_two_stage_training_equals_direct_training(tiny_repo, dataset, tmp_path):
+    train(config(tiny_repo, dataset, tmp_path / "direct"))
+    cache = str(tmp_path / "cache")
+    run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache, stage="encode"))
+    state = run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache))
+    assert state.step == 2
+    step = "checkpoints/step-000002/trainable.safetensors"
+    direct, cached = load_file(str(tmp_path / "direct" / step)), load_file(str(tmp_path / "cached" / step))
+    assert direct.keys() == cached.keys() and len(direct) > 0
+    for name in direct:
+        torch.testing.assert_close(cached[name], direct[name], rtol=0, atol=1e-6)
+    stage2 = setup(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache))
+    assert isinstance(stage2.task, TrainingTask)  # the family implements the protocol structurally
+    assert set(stage2.task.models) == {"dit"}  # no text encoder, no VAE
+    assert stage2.task.pipe.tokenizer is None
+
+
+def test_full_finetune_writes_official_weights_that_load_strictly(tiny_repo, dataset, tmp_path):
+    train(config(tiny_repo, dataset, tmp_path / "out", trainable_models=["dit"], max_steps=1, learning_rate=1e-3))
+    folder = tmp_path / "out" / "step-000001" / "dit"
+    saved = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(tiny_repo / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert saved.keys() == original.keys()  # the official (diffusers) key layout
+    assert json.loads((folder / "config.json").read_text()) == json.loads(
+        (tiny_repo / "transformer" / "config.json").read_text()
+    )
+    assert any(not torch.equal(saved[k], original[k]) for k in saved)
+
+    dit = load_model(str(folder / "diffusion_pytorch_model.safetensors"), torch_dtype="float32")  # strict load
+    for key, value in dit.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    configs = [
+        ModelConfig(path=str(folder / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(tiny_repo / "text_encoder" / "model.safetensors")),
+    ]
+    tuned = ZImagePipeline.from_pretrained(
+        configs, tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")), torch_dtype="float32", device="cpu"
+    )
+    base = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    prompt = "a small green square in the top left corner"
+    image, reference = tuned(prompt, seed=1, output_type="pt", **FAST), base(prompt, seed=1, output_type="pt", **FAST)
+    assert image.shape == (1, 3, 64, 64) and (image - reference).abs().max() > 1e-4

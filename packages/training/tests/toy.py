@@ -1,0 +1,165 @@
+"""Test helpers: a toy family and dataset writers.
+
+The toy family has a pooling "VAE", a byte-embedding "text encoder" and a small MLP denoiser, and implements
+the `TrainingTask` protocol the way a real family does (structurally). conftest.py loads this file as the
+module `diffsynth_training_toy`, so configs name the task `diffsynth_training_toy:ToyTask`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+
+TASK = "diffsynth_training_toy:ToyTask"
+LATENT_CHANNELS = 4
+TEXT_DIM = 8
+
+
+class ToyVAE(nn.Module):
+    """8x average pooling and a 1x1 convolution: [B, 3, H, W] -> [B, 4, H/8, W/8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, LATENT_CHANNELS, 1)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.avg_pool2d(pixels, 8))
+
+
+class ToyTextEncoder(nn.Module):
+    """One embedding per byte of the prompt: [len(prompt), 8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, TEXT_DIM)
+
+    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        device = self.embed.weight.device
+        return [self.embed(torch.tensor(list(p.encode() or b" "), device=device)) for p in prompts]
+
+
+class ToyDenoiser(nn.Module):
+    """Per-latent-pixel MLP conditioned on sigma and the mean text embedding."""
+
+    lora_target_modules = ("proj_in", "blocks.0.0", "proj_out")
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.proj_in = nn.Linear(LATENT_CHANNELS, width)
+        self.time = nn.Linear(1, width)
+        self.text = nn.Linear(TEXT_DIM, width)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.SiLU())])
+        self.proj_out = nn.Linear(width, LATENT_CHANNELS)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text: list[torch.Tensor]) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        cond = self.time(sigma.view(b, 1).to(x.dtype)) + self.text(torch.stack([t.mean(0) for t in text]).to(x.dtype))
+        hidden = F.silu(self.proj_in(tokens) + cond[:, None])
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                hidden = hidden + checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = hidden + block(hidden)
+        return self.proj_out(hidden).transpose(1, 2).reshape(b, c, h, w)
+
+
+def build(name: str) -> nn.Module:
+    """The toy model `name` with fixed weights (the global random state is left untouched)."""
+    seeds = {"vae": 1, "text_encoder": 2, "denoiser": 3}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds[name])
+        return {"vae": ToyVAE, "text_encoder": ToyTextEncoder, "denoiser": ToyDenoiser}[name]()
+
+
+class ToyTask:
+    family: ClassVar[str] = "toy"
+    denoiser_slot: ClassVar[str] = "denoiser"
+    size_multiple: ClassVar[int] = 8
+    media: ClassVar[tuple[str, ...]] = ("image",)
+    builds: ClassVar[list[dict[str, bool]]] = []  # what each from_pretrained call loaded (tests read it)
+
+    def __init__(self, models: dict[str, nn.Module], device: torch.device):
+        self._models = models
+        self.device = device
+        self.scheduler = FlowMatchScheduler("z_image")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_configs,
+        *,
+        tokenizer_config=None,
+        torch_dtype=torch.float32,
+        device=None,
+        encoders=True,
+        denoiser=True,
+    ):
+        cls.builds.append({"encoders": encoders, "denoiser": denoiser})
+        names = (["vae", "text_encoder"] if encoders else []) + (["denoiser"] if denoiser else [])
+        device = torch.device(device or "cpu")
+        models = {n: build(n).to(device=device, dtype=torch_dtype).eval().requires_grad_(False) for n in names}
+        return cls(models, device)
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        return dict(self._models)
+
+    @property
+    def model_files(self) -> dict[str, list[str]]:
+        return {}
+
+    def encode(self, rows: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        pixels = torch.stack([r["image"] for r in rows]).to(self.device)
+        latents = self._models["vae"].encode(pixels)
+        text = self._models["text_encoder"].encode([r["prompt"] for r in rows])
+        return [{"latents": lat, "text": t} for lat, t in zip(latents, text, strict=True)]
+
+    def collate(self, samples):
+        return {"latents": torch.stack([s["latents"] for s in samples]), "text": [s["text"] for s in samples]}
+
+    def velocity(self, denoiser, batch, noisy_latents, sigma):
+        return denoiser(noisy_latents, sigma, batch["text"])
+
+
+# ----------------------------------------------------------------------------------- datasets
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a black line", "a white dot"]
+
+
+def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[str]:
+    """Random RGB images of the given (width, height) sizes; returns their file names."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, (w, h) in enumerate(sizes):
+        name = f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+        names.append(name)
+    return names
+
+
+def write_dataset(folder: Path, sizes: list[tuple[int, int]], fmt: str = "csv") -> Path:
+    names = write_images(folder, sizes)
+    rows = [{"image": n, "prompt": PROMPTS[i % len(PROMPTS)]} for i, n in enumerate(names)]
+    if fmt == "csv":
+        with (folder / "metadata.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "prompt"])
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "json":
+        (folder / "metadata.json").write_text(json.dumps(rows))
+    else:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
