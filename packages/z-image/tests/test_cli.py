@@ -95,3 +95,9 @@ def test_preset_name_resolves_offline_from_the_model_base_path(tiny_repo, tmp_pa
     args = ["generate", "--model", "Tongyi-MAI/Z-Image-Turbo", "--prompt", "a red circle", "--output", str(out)]
     assert main([*args, *FAST]) == 0
     assert pixels(out).shape == (64, 64, 3)
+
+
+def test_video_only_flag_is_refused_for_an_image_model(tiny_repo, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "a cat", "--output", str(tmp_path / "x.png")]
+    assert main([*args, "--num-frames", "9", *FAST]) == 2
+    assert "--num-frames is not used by ZImagePipeline" in capsys.readouterr().err

@@ -25,10 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate an image or video from a prompt")
     gen.add_argument("--model", required=True, help="a preset (see `diffsynth list-models`) or a local model folder")
     gen.add_argument("--prompt", required=True, help="what to draw")
-    gen.add_argument("--negative-prompt", default="", help="what to avoid (used when --cfg > 1)")
+    gen.add_argument("--negative-prompt", default=None, help="what to avoid, used when --cfg > 1 (preset default)")
     gen.add_argument("--output", default="output.png", help="file to write (.png/.jpg for images, .mp4 for video)")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (preset default)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (preset default)")
+    gen.add_argument(
+        "--num-frames", type=int, default=None, help="video length in frames (video models; preset default)"
+    )
+    gen.add_argument("--fps", type=int, default=None, help="frames per second of a written video (preset default)")
     gen.add_argument("--steps", type=int, default=None, help="number of denoising steps (preset default)")
     gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (preset default)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -129,7 +133,10 @@ def _family_for_folder(folder: Path):
 
 
 def _generate(args) -> int:
+    import inspect
+
     from .dtypes import parse_dtype
+    from .errors import ConfigError
 
     cls = _pipeline_class(args.model)
     pipe = cls.from_pretrained(
@@ -138,23 +145,31 @@ def _generate(args) -> int:
     for spec in args.lora:
         path, scale = _parse_lora(spec)
         pipe.load_lora(path, scale=scale)
-    result = pipe(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        cfg_scale=args.cfg,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        seed=args.seed,
-        input_image=args.input_image,
-        denoising_strength=args.denoising_strength,
-    )
+    options = {
+        "negative_prompt": args.negative_prompt,
+        "cfg_scale": args.cfg,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.steps,
+        "input_image": args.input_image,
+    }
+    # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
+    options = {name: value for name, value in options.items() if value is not None}
+    if args.input_image is not None:
+        options["denoising_strength"] = args.denoising_strength
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    for name in options:
+        if name not in accepted:
+            flag = "--" + {"num_inference_steps": "steps", "cfg_scale": "cfg"}.get(name, name).replace("_", "-")
+            raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
+    result = pipe(prompt=args.prompt, seed=args.seed, **options)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(result, list):  # video frames
         from .media import save_video
 
-        save_video(result, str(output))
+        save_video(result, str(output), fps=args.fps or pipe.defaults.get("fps", 16))
     else:
         result.save(output)
     logger.info("wrote %s", output)
