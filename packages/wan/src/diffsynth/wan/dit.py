@@ -1,0 +1,402 @@
+"""The Wan video denoiser: Wan 2.1 (T2V, I2V), Wan 2.2 (T2V/I2V-A14B experts, TI2V-5B).
+
+Video latents `[B, C, F, H, W]` are cut into (1, 2, 2) patches by a Conv3d and run through
+`num_layers` blocks of self-attention (3-axis RoPE over frame / row / column, QK-RMSNorm across
+all heads), cross-attention to the UMT5 text (and, for Wan 2.1 I2V, a second key/value set over
+CLIP image tokens) and a GELU feed-forward. Self-attention and feed-forward are modulated by the
+timestep (shift, scale, gate); cross-attention is not.
+
+Module names equal the ORIGINAL Wan checkpoints (`blocks.N.self_attn.q`, `head.head`, ...), which
+is what the official hub repos hold even though their files carry diffusers-style names.
+
+Numerics follow the authors where it matters: the residual stream, norms, the modulation tables
+and the gates stay in float32 (the authors' code runs them under a float32 autocast), while the
+linear layers and attention run in the dtype of the latents passed in. Per-token timesteps
+(TI2V-5B gives the first frame t=0) are embedded once per distinct value and gathered per token,
+so a `[B, tokens]` timestep never materialises a `[B, tokens, 6, dim]` float32 table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffsynth.runtime.attention import attention
+from diffsynth.runtime.layers import MultiAxisRope, apply_rope, timestep_embedding
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
+IMAGE_EMBED_EPS = 1e-5  # the CLIP projection uses torch's default LayerNorm eps, not config.eps
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class WanDiTConfig:
+    """Architecture of a Wan DiT; defaults are Wan2.1-T2V-14B (= each Wan2.2-T2V-A14B expert).
+
+    `in_dim` counts every channel fed to the patch embedding: noise latents plus the I2V
+    conditioning `y` (16 + 4 mask + 16 = 36 for the 14B I2V models). `has_image_input` adds the
+    CLIP projection `img_emb` and the image keys/values of every cross-attention (Wan 2.1 I2V
+    only; Wan2.2-I2V-A14B is `model_type="i2v"` without it). `model_type` is the authors' label,
+    used by the pipeline to choose how to condition.
+    """
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    text_len: int = 512
+    has_image_input: bool = False
+    image_dim: int = 1280
+    image_pos_len: int = 0  # FLF2V: learned positions of the 2 x 257 first+last-frame CLIP tokens (514)
+    model_type: str = "t2v"
+    rope_theta: float = 10000.0
+    rope_max_len: int = 1024
+
+    def __post_init__(self):
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        for name in ("dim", "ffn_dim", "num_heads", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"WanDiTConfig.{name}={value!r} must be a positive integer")
+        for name in ("num_layers", "image_dim", "image_pos_len", "rope_max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"WanDiTConfig.{name}={value!r} must be a non-negative integer")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"WanDiTConfig.patch_size={self.patch_size} must be three positive integers (t, h, w)")
+        if self.dim % self.num_heads:
+            raise ValueError(f"WanDiTConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(
+                f"WanDiTConfig.head_dim={self.head_dim} (dim {self.dim} / num_heads {self.num_heads}) must be even "
+                "and at least 6 to split into frame/row/column rotary axes"
+            )
+        if self.freq_dim % 2:
+            raise ValueError(f"WanDiTConfig.freq_dim={self.freq_dim} must be even")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"WanDiTConfig.model_type={self.model_type!r} must be one of {MODEL_TYPES}")
+        if self.has_image_input and self.model_type != "i2v":
+            raise ValueError(
+                f"WanDiTConfig.has_image_input=True needs model_type='i2v', got model_type={self.model_type!r}"
+            )
+        if self.image_pos_len and not self.has_image_input:
+            raise ValueError(f"WanDiTConfig.image_pos_len={self.image_pos_len} needs has_image_input=True (FLF2V)")
+        if self.has_image_input and self.image_dim < 1:
+            raise ValueError(f"WanDiTConfig.image_dim={self.image_dim} must be positive with has_image_input=True")
+        if self.eps <= 0:
+            raise ValueError(f"WanDiTConfig.eps={self.eps!r} must be positive")
+        if self.rope_theta <= 0:
+            raise ValueError(f"WanDiTConfig.rope_theta={self.rope_theta!r} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """Alias of `patch_size`."""
+        return self.patch_size
+
+    @property
+    def rope_axes_dims(self) -> tuple[int, int, int]:
+        """Head channels rotated by frame, row and column: rows and columns get `2 * (d // 6)`
+        each and frames the rest, as the authors split it (128 -> 44, 42, 42)."""
+        hw = 2 * (self.head_dim // 6)
+        return (self.head_dim - 2 * hw, hw, hw)
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed and returned in float32 whatever the input and weight dtypes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.unflatten(-1, (n, -1))
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with RMSNorm on the full q/k width (across heads) and 3-axis RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        n = self.num_heads
+        q = apply_rope(_heads(self.norm_q(self.q(x)), n), *rope)
+        k = apply_rope(_heads(self.norm_k(self.k(x)), n), *rope)
+        return self.o(attention(q, k, _heads(self.v(x), n)).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention to the text tokens; with `image_input`, plus a separate attention over the CLIP
+    image tokens (own keys/values, same queries), summed before the output projection."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image_input: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.image_input = image_input
+        if image_input:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = nn.RMSNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor | None) -> torch.Tensor:
+        n = self.num_heads
+        q = _heads(self.norm_q(self.q(x)), n)
+        out = attention(q, _heads(self.norm_k(self.k(context)), n), _heads(self.v(context), n))
+        if self.image_input:
+            k_img = _heads(self.norm_k_img(self.k_img(context_img)), n)
+            out = out + attention(q, k_img, _heads(self.v_img(context_img), n))
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    """Modulated self-attention, unmodulated cross-attention, modulated GELU feed-forward."""
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = Fp32LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps)
+        self.norm3 = Fp32LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.has_image_input)
+        self.norm2 = Fp32LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        index: torch.Tensor,
+        context: torch.Tensor,
+        context_img: torch.Tensor | None,
+        rope: Rope,
+    ) -> torch.Tensor:
+        """`x` `[B, S, dim]` float32 residual; `e` `[U, 6, dim]` float32 per distinct timestep;
+        `index` `[B, 1]` or `[B, S]` picks each sample's (or token's) row of `e`."""
+        dtype = context.dtype
+        mod = self.modulation.float() + e
+        shift, scale, gate = (mod[:, i][index] for i in range(3))
+        y = self.self_attn((self.norm1(x) * (1 + scale) + shift).to(dtype), rope)
+        x = x + y.float() * gate
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img).float()
+        shift, scale, gate = (mod[:, i][index] for i in range(3, 6))
+        y = self.ffn((self.norm2(x) * (1 + scale) + shift).to(dtype))
+        return x + y.float() * gate
+
+
+class Head(nn.Module):
+    """Final LayerNorm modulated by the time embedding (shift, scale), then the patch projection."""
+
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.norm = Fp32LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        mod = self.modulation.float() + temb[:, None]
+        shift, scale = mod[:, 0][index], mod[:, 1][index]
+        return self.head((self.norm(x) * (1 + scale) + shift).to(dtype))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens -> model width: LayerNorm, Linear, GELU, Linear, LayerNorm (`img_emb.proj`)."""
+
+    def __init__(self, in_dim: int, dim: int, pos_len: int = 0):
+        super().__init__()
+        # FLF2V adds learned positions so the first- and last-frame CLIP tokens stay distinguishable
+        self.emb_pos = nn.Parameter(torch.zeros(1, pos_len, in_dim)) if pos_len else None
+        self.proj = nn.Sequential(
+            Fp32LayerNorm(in_dim, eps=IMAGE_EMBED_EPS),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, dim),
+            Fp32LayerNorm(dim, eps=IMAGE_EMBED_EPS),
+        )
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        norm_in, fc1, act, fc2, norm_out = self.proj
+        if self.emb_pos is not None:
+            if x.shape[1] != self.emb_pos.shape[1]:
+                raise ValueError(
+                    f"clip_feature has {x.shape[1]} tokens; this FLF2V DiT takes {self.emb_pos.shape[1]} "
+                    "(first and last frame CLIP tokens joined)"
+                )
+            x = x.float() + self.emb_pos.float()
+        h = fc2(act(fc1(norm_in(x).to(dtype))))
+        return norm_out(h).to(dtype)
+
+
+class WanDiT(nn.Module):
+    """Wan DiT. `forward(x [B,C,F,H,W], timestep [B] | [B,tokens], context [B,L,text_dim],
+    clip_feature=None, y=None) -> [B, out_dim, F, H, W]`."""
+
+    offload_units = ("blocks",)
+    compile_units = ("blocks",)
+    lora_target_modules = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+
+    def __init__(self, config: WanDiTConfig | None = None):
+        super().__init__()
+        self.config = config = config if config is not None else WanDiTConfig()
+        self.gradient_checkpointing = False
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
+        if config.has_image_input:
+            self.img_emb = ImageEmbedding(config.image_dim, dim, config.image_pos_len)
+        self.rope = MultiAxisRope(config.rope_theta, config.rope_axes_dims, (config.rope_max_len,) * 3)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        context: torch.Tensor,
+        clip_feature: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction for latents `x` `[B, C, F, H, W]`; computation runs in `x.dtype`.
+
+        `timestep` is in [0, 1000]: `[B]` (or a scalar), or `[B, tokens]` per patch token
+        (`tokens = F/pt * H/ph * W/pw`, row-major over frame, row, column) for TI2V.
+        `context` is the UMT5 output `[B, L <= text_len, text_dim]`; shorter context is zero-padded
+        to `text_len` as the authors do (the padding is attended, so it changes the result).
+        `clip_feature` `[B, N, image_dim]` is required exactly when `has_image_input`; `y` (I2V
+        conditioning) is concatenated to `x` on channels before the patch embedding.
+        """
+        cfg = self.config
+        if y is not None:
+            if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+                raise ValueError(f"y has shape {tuple(y.shape)}; it must match x {tuple(x.shape)} except on channels")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        grid = self._check_inputs(x, context, clip_feature)
+        b, dtype, device = x.shape[0], x.dtype, x.device
+
+        seq = self.patch_embedding(x).flatten(2).transpose(1, 2).float()
+        values, index = self._timestep_index(timestep, b, seq.shape[1], device)
+        temb = self.time_embedding(timestep_embedding(values, cfg.freq_dim).to(dtype))
+        e = self.time_projection(temb).float().unflatten(-1, (6, cfg.dim))
+        context = self.text_embedding(F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1])))
+        context_img = self.img_emb(clip_feature, dtype) if cfg.has_image_input else None
+        rope = self._rope(grid, device)
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                seq = checkpoint(block, seq, e, index, context, context_img, rope, use_reentrant=False)
+            else:
+                seq = block(seq, e, index, context, context_img, rope)
+
+        out = self.head(seq, temb.float(), index, dtype)
+        return self._unpatchify(out, grid)
+
+    def _check_inputs(
+        self, x: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor | None
+    ) -> tuple[int, int, int]:
+        cfg = self.config
+        if x.dim() != 5:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, C, F, H, W]")
+        b, c, *size = x.shape
+        if c != cfg.in_dim:
+            raise ValueError(
+                f"x (with y) has {c} channels; this Wan DiT takes in_dim={cfg.in_dim} "
+                f"(model_type {cfg.model_type!r}{', pass y' if c < cfg.in_dim else ''})"
+            )
+        if any(s % p for s, p in zip(size, cfg.patch_size, strict=True)):
+            raise ValueError(f"latent size (F, H, W)={tuple(size)} must be divisible by the patch {cfg.patch_size}")
+        grid = tuple(s // p for s, p in zip(size, cfg.patch_size, strict=True))
+        if max(grid) > cfg.rope_max_len:
+            raise ValueError(f"patch grid {grid} exceeds rope_max_len={cfg.rope_max_len} positions on an axis")
+        if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context has shape {tuple(context.shape)}; expected [{b}, L, text_dim={cfg.text_dim}]")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(
+                f"context has {context.shape[1]} tokens; this Wan DiT takes at most text_len={cfg.text_len}"
+            )
+        if cfg.has_image_input:
+            if clip_feature is None:
+                raise ValueError("this Wan DiT has image input (Wan 2.1 I2V): pass clip_feature [B, N, image_dim]")
+            if clip_feature.dim() != 3 or clip_feature.shape[0] != b or clip_feature.shape[2] != cfg.image_dim:
+                raise ValueError(
+                    f"clip_feature has shape {tuple(clip_feature.shape)}; expected [{b}, N, image_dim={cfg.image_dim}]"
+                )
+        elif clip_feature is not None:
+            raise ValueError("clip_feature was given but this Wan DiT has no image input (has_image_input=False)")
+        return grid
+
+    @staticmethod
+    def _timestep_index(
+        timestep: torch.Tensor | float, b: int, tokens: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distinct timesteps `[U]` and, per sample or token, the row to use (`[B, 1]` or `[B, S]`)."""
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=device)
+        if t.dim() <= 1:
+            t = t.reshape(-1)
+            if t.numel() == 1:
+                t = t.expand(b)
+            if t.numel() != b:
+                raise ValueError(f"timestep has {t.numel()} values for a batch of {b}")
+            return t, torch.arange(b, device=device)[:, None]
+        if t.shape != (b, tokens):
+            raise ValueError(
+                f"timestep has shape {tuple(t.shape)}; expected [{b}] or per token [{b}, {tokens}] "
+                "(tokens = F/pt * H/ph * W/pw)"
+            )
+        values, index = torch.unique(t, return_inverse=True)
+        return values, index
+
+    def _rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
+        """cos/sin `[1, S, 1, head_dim/2]` for the patch grid, tokens row-major over (frame, row, column)."""
+        axes = [torch.arange(n, device=device) for n in grid]
+        ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        cos, sin = self.rope(ids)
+        return cos[None, :, None], sin[None, :, None]
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """`[B, S, pt*ph*pw*C]` (channels fastest within a patch) -> `[B, C, F, H, W]`."""
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        b = x.shape[0]
+        x = x.view(b, f, h, w, pt, ph, pw, self.config.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.config.out_dim, f * pt, h * ph, w * pw)

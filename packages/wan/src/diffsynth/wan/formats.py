@@ -1,0 +1,312 @@
+"""How Wan DiT checkpoints are recognised, converted and configured.
+
+Our DiT uses the ORIGINAL Wan names. The official hub repos (`Wan-AI/Wan2.1-*`, `Wan-AI/Wan2.2-*`)
+store exactly those keys, in files that only look like diffusers files
+(`diffusion_pytorch_model*.safetensors` beside a `config.json` whose `_class_name` is `WanModel`),
+so they load as is. Also accepted:
+
+- the same keys under `model.diffusion_model.` (ComfyUI / single-file repacks);
+- the diffusers names of the `*-Diffusers` repos (`condition_embedder.*`, `blocks.N.attn1.to_q`,
+  `scale_shift_table`, ...), renamed by the tables below (no tensor changes shape or value).
+
+The config comes from the repo's `config.json` when there is one (the original `WanModel` fields
+or diffusers' `WanTransformer3DModel` fields), checked against and completed from the shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict
+
+from .dit import WanDiT, WanDiTConfig
+
+PREFIX = "model.diffusion_model."
+HEAD_DIM = 128  # every released Wan DiT; heads are not visible in the shapes
+FLF2V_CLIP_TOKENS = 2 * 257  # first- and last-frame CLIP tokens, each with a learned position
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+# ----------------------------------------------------------------------------------- diffusers names
+# Module paths, diffusers -> ours; `.weight` / `.bias` are appended below.
+_DIFFUSERS_TOP_MODULES = {
+    "patch_embedding": "patch_embedding",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+    "proj_out": "head.head",
+}
+_DIFFUSERS_BLOCK_MODULES = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn1.norm_q": "self_attn.norm_q",
+    "attn1.norm_k": "self_attn.norm_k",
+    "norm2": "norm3",  # the affine cross-attention pre-norm; diffusers' norm1/norm3 have no weights
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "attn2.norm_q": "cross_attn.norm_q",
+    "attn2.norm_k": "cross_attn.norm_k",
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+    "attn2.norm_added_k": "cross_attn.norm_k_img",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+# Full key templates, diffusers -> ours; `{}` is the block index.
+DIFFUSERS_TO_OURS: dict[str, str] = {
+    "scale_shift_table": "head.modulation",
+    "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",
+    "blocks.{}.scale_shift_table": "blocks.{}.modulation",
+    **{f"{src}.{p}": f"{dst}.{p}" for src, dst in _DIFFUSERS_TOP_MODULES.items() for p in ("weight", "bias")},
+    **{
+        f"blocks.{{}}.{src}.{p}": f"blocks.{{}}.{dst}.{p}"
+        for src, dst in _DIFFUSERS_BLOCK_MODULES.items()
+        for p in ("weight", "bias")
+    },
+}
+OURS_TO_DIFFUSERS: dict[str, str] = {ours: theirs for theirs, ours in DIFFUSERS_TO_OURS.items()}
+# Present in some diffusers-format I2V files, unused by the model (diffusers ignores it too).
+DIFFUSERS_IGNORED = frozenset({"blocks.{}.attn2.norm_added_q.weight"})
+
+
+def _template(key: str) -> tuple[str, list[int]]:
+    m = _BLOCK_KEY.match(key)
+    if m is None:
+        return key, []
+    return f"blocks.{{}}.{m.group(2)}", [int(m.group(1))]
+
+
+def _rename(state: dict[str, torch.Tensor], table: dict[str, str], ignored: frozenset, what: str):
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        template, index = _template(key)
+        if template in table:
+            out[table[template].format(*index)] = value
+        elif template not in ignored:
+            raise KeyError(f"Wan DiT ({what}): no mapping for key {key!r}")
+    return out
+
+
+def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers-layout Wan DiT state dict to the original names; `KeyError` names any
+    key without a mapping."""
+    return _rename(state, DIFFUSERS_TO_OURS, DIFFUSERS_IGNORED, "diffusers layout")
+
+
+def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (original) names -> diffusers names (for exports such as LoRA files)."""
+    return _rename(state, OURS_TO_DIFFUSERS, frozenset(), "original layout")
+
+
+ORIGINAL_SIGNATURE = (
+    "patch_embedding.weight",
+    "text_embedding.0.weight",
+    "time_embedding.0.weight",
+    "time_projection.1.weight",
+    "blocks.0.modulation",
+    "blocks.0.self_attn.q.weight",
+    "blocks.0.cross_attn.q.weight",
+    "head.modulation",
+    "head.head.weight",
+)
+DIFFUSERS_SIGNATURE = (
+    "patch_embedding.weight",
+    "condition_embedder.time_embedder.linear_1.weight",
+    "condition_embedder.text_embedder.linear_1.weight",
+    "condition_embedder.time_proj.weight",
+    "blocks.0.scale_shift_table",
+    "blocks.0.attn1.to_q.weight",
+    "blocks.0.attn2.to_q.weight",
+    "scale_shift_table",
+    "proj_out.weight",
+)
+_OWNS_ORIGINAL = (
+    "patch_embedding.",
+    "text_embedding.",
+    "time_embedding.",
+    "time_projection.",
+    "blocks.",
+    "head.",
+    "img_emb.",
+)
+_OWNS_DIFFUSERS = ("patch_embedding.", "condition_embedder.", "blocks.", "scale_shift_table", "proj_out.")
+
+LAYOUTS = (
+    KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
+    KeyLayout("original_prefixed", ORIGINAL_SIGNATURE, prefix=PREFIX),
+    KeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
+)
+
+
+# ----------------------------------------------------------------------------------- config
+_ORIGINAL_JSON = (  # WanModel config.json fields with the same name and meaning as ours
+    "model_type",
+    "dim",
+    "ffn_dim",
+    "num_heads",
+    "num_layers",
+    "in_dim",
+    "out_dim",
+    "text_dim",
+    "text_len",
+    "freq_dim",
+    "eps",
+    "patch_size",
+    "has_image_input",  # not written by the authors; accepted so a json alone can describe Wan2.2-I2V
+    "image_dim",  # likewise (the authors fix the CLIP width at 1280)
+)
+_DIFFUSERS_JSON = {  # WanTransformer3DModel config.json -> ours
+    "num_attention_heads": "num_heads",
+    "in_channels": "in_dim",
+    "out_channels": "out_dim",
+    "text_dim": "text_dim",
+    "freq_dim": "freq_dim",
+    "ffn_dim": "ffn_dim",
+    "num_layers": "num_layers",
+    "eps": "eps",
+    "patch_size": "patch_size",
+    "rope_max_seq_len": "rope_max_len",
+    "pos_embed_seq_len": "image_pos_len",
+}
+
+
+def _check_supported(config_json: dict) -> None:
+    window = config_json.get("window_size")
+    if window is not None and tuple(window) != (-1, -1):
+        raise ConfigError(f"config.json window_size={window}: local attention windows are not supported")
+    accepted = {"qk_norm": (True, "rms_norm_across_heads"), "cross_attn_norm": (True,)}
+    for name, values in accepted.items():
+        if name in config_json and config_json[name] not in values:
+            raise ConfigError(
+                f"config.json {name}={config_json[name]!r}: only {values} (the released layout) is supported"
+            )
+
+
+def _fields_from_json(config_json: dict) -> dict:
+    _check_supported(config_json)
+    diffusers = config_json.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config_json
+    if not diffusers:
+        given = {name: config_json[name] for name in _ORIGINAL_JSON if config_json.get(name) is not None}
+    else:
+        given = {ours: config_json[name] for name, ours in _DIFFUSERS_JSON.items() if config_json.get(name) is not None}
+        if config_json.get("attention_head_dim") is not None and "num_heads" in given:
+            given["dim"] = int(config_json["attention_head_dim"]) * int(given["num_heads"])
+        if "image_dim" in config_json:
+            given["has_image_input"] = config_json["image_dim"] is not None
+            if config_json["image_dim"] is not None:
+                given["image_dim"] = config_json["image_dim"]
+    if "patch_size" in given:
+        given["patch_size"] = tuple(int(p) for p in given["patch_size"])
+    if given.get("model_type") == "flf2v":  # the authors' label; conditioned like I2V, plus CLIP positions
+        given["model_type"] = "i2v"
+        given.setdefault("image_pos_len", FLF2V_CLIP_TOKENS)
+    return given
+
+
+def _count_blocks(state: StateDict) -> int:
+    n = 0
+    while f"blocks.{n}.modulation" in state:
+        n += 1
+    return n
+
+
+def _fields_from_shapes(state: StateDict) -> dict:
+    """Everything the shapes fix exactly (not the head count, text_len, eps or rope)."""
+    dim, in_dim, *patch = state["patch_embedding.weight"].shape
+    patch = tuple(int(p) for p in patch)
+    fields = dict(
+        dim=int(dim),
+        in_dim=int(in_dim),
+        patch_size=patch,
+        out_dim=int(state["head.head.weight"].shape[0]) // math.prod(patch),
+        ffn_dim=int(state["blocks.0.ffn.0.weight"].shape[0]),
+        num_layers=_count_blocks(state),
+        text_dim=int(state["text_embedding.0.weight"].shape[1]),
+        freq_dim=int(state["time_embedding.0.weight"].shape[1]),
+        has_image_input="img_emb.proj.1.weight" in state,
+    )
+    if fields["has_image_input"]:
+        fields["image_dim"] = int(state["img_emb.proj.1.weight"].shape[1])
+    if "img_emb.emb_pos" in state:
+        fields["image_pos_len"] = int(state["img_emb.emb_pos"].shape[1])
+    return fields
+
+
+def _guess_model_type(fields: dict) -> str:
+    """The authors' label from the shapes: CLIP input or extra conditioning channels -> i2v,
+    the Wan2.2 VAE's 48 channels -> ti2v, else t2v."""
+    defaults = WanDiTConfig()
+    in_dim, out_dim = fields.get("in_dim", defaults.in_dim), fields.get("out_dim", defaults.out_dim)
+    if fields.get("has_image_input") or in_dim != out_dim:
+        return "i2v"
+    return "ti2v" if in_dim == 48 else "t2v"
+
+
+def config_from_state(state: StateDict, config_json: dict | None = None) -> WanDiTConfig:
+    """Config from our-named shapes and, when present, the `config.json` beside the file.
+
+    The json may be the original `WanModel` one (`model_type, dim, ffn_dim, num_heads, ...`) or
+    diffusers' `WanTransformer3DModel` one. A json value that contradicts the shapes is an error
+    naming the field. Without a json, heads are `dim / 128` and the model type is guessed from
+    the channels. An empty `state` uses the json alone; then an `i2v` json means Wan 2.1 I2V (with
+    CLIP input) unless it says `"has_image_input": false`.
+    """
+    given = _fields_from_json(config_json) if config_json else {}
+    if state:
+        derived = _fields_from_shapes(state)
+        for name, value in derived.items():
+            if name in given and given[name] != value:
+                raise ConfigError(
+                    f"Wan DiT config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
+                )
+        merged = {**derived, **given}
+    else:
+        merged = dict(given)
+        merged.setdefault("has_image_input", merged.get("model_type") == "i2v")
+    merged.setdefault("model_type", _guess_model_type(merged))
+    if "num_heads" not in merged and "dim" in merged:
+        if merged["dim"] % HEAD_DIM:
+            raise ConfigError(
+                f"Wan DiT dim={merged['dim']} is not a multiple of {HEAD_DIM}: the head count cannot be derived "
+                "from the shapes; give num_heads in the config"
+            )
+        merged["num_heads"] = merged["dim"] // HEAD_DIM
+    try:
+        return WanDiTConfig(**merged)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Wan DiT checkpoint gives an invalid config: {exc}") from exc
+
+
+DIT_SPEC = ModelSpec(
+    name="wan_dit",
+    role="dit",
+    layouts=LAYOUTS,
+    config_from_state=config_from_state,
+    build=WanDiT,
+    description="Wan 2.1 / 2.2 video DiT (original keys as on the hub, ComfyUI-prefixed, or diffusers names)",
+)
+
+from .encoder_formats import ENCODER_SPECS  # noqa: E402  (written by the encoder modules; import nothing from here)
+from .presets import PRESETS  # noqa: E402
+
+FAMILY = Family(
+    name="wan",
+    specs=(DIT_SPEC, *ENCODER_SPECS),
+    presets=PRESETS,
+    pipeline="diffsynth.wan.pipeline:WanVideoPipeline",
+    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V DiTs, UMT5-XXL text encoder, "
+    "open-clip XLM-R image encoder, causal 3D VAEs",
+)

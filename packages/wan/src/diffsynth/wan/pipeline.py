@@ -1,0 +1,474 @@
+"""`WanVideoPipeline`: Wan 2.1 / 2.2 text-to-video, image-to-video, first-last-frame and video-to-video.
+
+Stages: encode prompts (umT5, zero-padded to 512 tokens) -> image conditions (CLIP features and the
+VAE latent of the first/last frame, as the authors build them) -> prepare latents (seeded noise, or
+the noised input video) -> denoise (Euler on the Wan sigma template; the Wan 2.2 A14B models hand
+over from the high-noise expert `dit` to the low-noise expert `dit2` below `switch_DiT_boundary`)
+-> decode (the causal video VAE). `wan_velocity` is the per-step model call; the trainer reuses it.
+
+How each DiT is conditioned follows its `model_type` (the authors' label):
+- "t2v": text only;
+- "i2v": `y` = 4 mask channels (which frames are given) + the VAE latent of the given frames with
+  zeros elsewhere, concatenated to the noise on channels; Wan 2.1 I2V/FLF2V also take CLIP features
+  of the given frames (`has_image_input`);
+- "ti2v" (Wan2.2-TI2V-5B): an optional first frame replaces the first latent frame, which is given
+  timestep 0 token by token and restored after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, _folder_defaults
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+
+from .image_encoder import encode_image
+from .text_encoder import encode_prompts
+
+logger = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike | Image.Image
+MASK_CHANNELS = 4  # the I2V mask: one channel per frame folded into each latent frame (temporal compression 4)
+
+
+@dataclass
+class WanConditions:
+    """What a denoiser call needs besides latents and timestep: text states `[B, 512, 4096]`, CLIP
+    features `[B, 257 or 514, 1280]` (Wan 2.1 I2V / FLF2V) and the I2V channels `y`."""
+
+    context: torch.Tensor
+    clip_feature: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype inputs of `module` should have: the VRAM manager's compute dtype when it manages the
+    model (its weights may be stored in fp8), else that of its first floating parameter."""
+    from diffsynth.runtime.vram import vram_handle
+
+    handle = vram_handle(module)
+    if getattr(handle, "act_dtype", None) is not None:
+        return handle.act_dtype
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def wan_velocity(
+    dit,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    clip_feature: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flow velocity (noise - clean) predicted by a Wan DiT, in float32.
+
+    `timestep` is `1000 * sigma`, `[B]` or per token `[B, tokens]` (TI2V); it stays float32 (the
+    authors embed it in full precision). Everything else runs in the DiT's weight dtype.
+    """
+    dtype = module_dtype(dit)
+    out = dit(
+        x.to(dtype),
+        timestep.to(device=x.device, dtype=torch.float32),
+        context.to(dtype),
+        clip_feature=None if clip_feature is None else clip_feature.to(dtype),
+        y=None if y is None else y.to(dtype),
+    )
+    return out.float()
+
+
+class WanVideoPipeline(BasePipeline):
+    """Wan video generation, API compatible with DiffSynth-Studio's `WanVideoPipeline`."""
+
+    family = "wan"
+    # Both Wan 2.2 A14B experts have the role "dit": `_load_config` sends the low-noise one to `dit2`.
+    model_slots = {
+        "dit": "dit",
+        "dit2": "dit",
+        "vae": "vae",
+        "text_encoder": "text_encoder",
+        "image_encoder": "image_encoder",
+    }
+    optional_slots = ("dit2", "image_encoder")
+    stage_order = ("text_encoder", "image_encoder", "vae", "dit", "dit2", "vae")
+    size_multiple = 16  # set per model after loading: VAE compression x patch size
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model_id_or_configs=None, **kwargs):
+        """As `BasePipeline.from_pretrained`; a local folder in the Wan hub layout is also accepted.
+
+        In a folder (e.g. `./models/Wan-AI/Wan2.1-T2V-1.3B`), each `.pth` at the root is one model,
+        the `.safetensors` of a folder one (possibly sharded) model, subfolders such as
+        `high_noise_model/` and `low_noise_model/` (or diffusers-style `transformer/`, `vae/`, ...)
+        hold one model each, and the tokenizer is `google/umt5-xxl/` (or `tokenizer/`). A folder
+        named like a preset (`Org/Name`) gets that preset's defaults.
+        """
+        if isinstance(model_id_or_configs, (str, os.PathLike)) and Path(model_id_or_configs).is_dir():
+            folder = Path(model_id_or_configs)
+            configs, tokenizer = folder_model_configs(folder)
+            kwargs["model_configs"] = [*configs, *kwargs.get("model_configs", ())]
+            kwargs["tokenizer_config"] = kwargs.get("tokenizer_config") or tokenizer
+            pipe = super().from_pretrained(None, **kwargs)
+            pipe.defaults.update(cls._folder_preset_defaults(folder))
+            pipe.defaults.update(_folder_defaults(folder))
+            return pipe
+        return super().from_pretrained(model_id_or_configs, **kwargs)
+
+    @classmethod
+    def _folder_preset_defaults(cls, folder: Path) -> dict:
+        name = f"{folder.resolve().parent.name}/{folder.resolve().name}"
+        try:
+            return dict(cls._preset(name).defaults)
+        except ConfigError:
+            return {}
+
+    def _load_config(self, config: ModelConfig) -> None:
+        """Load as the base class does, routing a DiT to `dit` or `dit2` (the A14B low-noise expert).
+
+        A DiT from a `low_noise_model/` (or diffusers `transformer_2/`) folder goes to `dit2`, one
+        from `high_noise_model/` to `dit`; otherwise the first DiT is `dit` and the next `dit2`, as
+        in DiffSynth-Studio (list the high-noise expert first).
+        """
+        slot = self._dit_slot(config)
+        self.model_slots = {s: r for s, r in type(self).model_slots.items() if r != "dit" or s == slot}
+        try:
+            super()._load_config(config)
+        finally:
+            del self.model_slots  # back to the class mapping
+
+    def _dit_slot(self, config: ModelConfig) -> str:
+        if config.path is not None:
+            places = [Path(p).parent.name for p in ([config.path] if isinstance(config.path, str) else config.path)]
+        else:
+            pattern = config.origin_file_pattern
+            places = [os.path.dirname(p) for p in ([pattern] if isinstance(pattern, str) else pattern or [])]
+        where = " ".join(places)
+        if re.search(r"low_noise|transformer_2", where):
+            return "dit2"
+        if "high_noise" in where:
+            return "dit"
+        return "dit" if self.dit is None else "dit2"
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        input_image: ImageInput | Sequence[ImageInput] | None = None,
+        end_image: ImageInput | Sequence[ImageInput] | None = None,
+        input_video: Sequence[ImageInput] | None = None,
+        denoising_strength: float = 1.0,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        cfg_scale: float | None = None,
+        cfg_scale_2: float | None = None,
+        cfg_merge: bool = False,
+        switch_DiT_boundary: float | None = None,
+        num_inference_steps: int | None = None,
+        sigma_shift: float | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int = 512,
+        tiled: bool = True,
+        tile_size: int | tuple[int, int] | None = None,
+        tile_stride: int | tuple[int, int] | None = None,
+        output_type: str = "pil",
+        progress_bar: bool = True,
+    ):
+        """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
+        prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
+
+        `negative_prompt` None means the preset's (the authors' negative prompt), else "" (no text).
+        `input_image` is the first frame (I2V, TI2V), `end_image` the last (FLF2V); `input_video` with
+        `denoising_strength` < 1 starts from that video noised (video-to-video). `num_frames` is rounded
+        to 4k + 1 and height/width to the model's multiple, with a warning. `cfg_scale` guides the
+        (high-noise) `dit`, `cfg_scale_2` the low-noise expert `dit2` (default: `cfg_scale` when that
+        is given, else the preset's). `switch_DiT_boundary` is the t / 1000 below which `dit2` takes over.
+        `cfg_merge` runs the two guidance branches as one batch. `latents` is the initial noise
+        `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N values, the terminal 0 is
+        appended). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed to the VAE.
+        """
+        prompts = self.check_prompts(prompt)
+        negative = self.setting("negative_prompt", negative_prompt, "")
+        negatives = self.check_prompts(negative, "negative_prompt", allow_empty=True)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        if output_type not in ("pil", "np", "pt"):
+            raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
+        steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
+        shift = float(self.setting("sigma_shift", sigma_shift, 5.0))
+        scale = float(self.setting("cfg_scale", cfg_scale, 5.0))
+        if cfg_scale_2 is None:  # an explicit cfg_scale applies to both experts, as in DiffSynth-Studio
+            cfg_scale_2 = scale if cfg_scale is not None else self.defaults.get("cfg_scale_2", scale)
+        scale_2 = float(cfg_scale_2)
+        boundary = float(self.setting("switch_DiT_boundary", switch_DiT_boundary, 0.875))
+        self.size_multiple = self.vae.spatial_compression * max(self.dit.config.patch_size[1:])
+        height, width = self.check_size(
+            int(self.setting("height", height, 480)), int(self.setting("width", width, 832))
+        )
+        frames = self.check_num_frames(self.setting("num_frames", num_frames, 81))
+        first, last = self.check_images(input_image, end_image, len(prompts))
+        use_cfg = scale != 1.0 or (self.dit2 is not None and scale_2 != 1.0)
+        vae_kwargs = {"tiled": tiled}
+        vae_kwargs.update({k: v for k, v in (("tile_size", tile_size), ("tile_stride", tile_stride)) if v is not None})
+
+        # 1. prompts
+        self.load_models_to_device(["text_encoder"])
+        context = self.encode_prompt(prompts, max_sequence_length)
+        negative_context = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
+
+        # 2. image conditions (CLIP features, I2V channels, the TI2V first-frame latent)
+        clip_feature = self.encode_clip(first, last, height, width)
+        if first is not None:
+            self.load_models_to_device(["vae"])
+        y = self.encode_frames(first, last, len(prompts), frames, height, width, vae_kwargs)
+        first_latent = self.encode_first_latent(first, len(prompts), height, width, vae_kwargs)
+        cond = WanConditions(context, clip_feature, y)
+        uncond = replace(cond, context=negative_context) if use_cfg else None
+
+        # 3. schedule and latents
+        scheduler = FlowMatchScheduler("wan")
+        strength = denoising_strength if input_video is not None else 1.0
+        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, shift=shift)
+        x = self.prepare_latents(
+            len(prompts), frames, height, width, seed, rand_device, latents, input_video, scheduler, vae_kwargs
+        )
+
+        # 4. denoise
+        x = self.denoise(x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar)
+
+        # 5. decode
+        self.load_models_to_device(["vae"])
+        video = self.vae.decode(x.to(module_dtype(self.vae)), **vae_kwargs)
+        self.load_models_to_device([])
+        out = tensor_to_output(video.float(), output_type)
+        return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+
+    # ------------------------------------------------------------------ checks
+    def check_num_frames(self, num_frames) -> int:
+        """Round to the nearest 1 + 4k (the VAE's temporal compression) with a warning."""
+        tc = self.vae.temporal_compression
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ConfigError(f"num_frames={num_frames!r} is not accepted: use 1 + {tc}k frames, e.g. 81")
+        rounded = max(1, (num_frames - 1 + tc // 2) // tc * tc + 1)
+        if rounded != num_frames:
+            logger.warning("num_frames=%d rounded to %d (1 + %dk frames)", num_frames, rounded, tc)
+        return rounded
+
+    def check_images(self, input_image, end_image, batch: int):
+        """The first/last frames as lists of RGB images (one per prompt), checked against the DiT's kind."""
+        kind = self.dit.config.model_type
+        if kind == "t2v" and (input_image is not None or end_image is not None):
+            raise ConfigError(
+                "this Wan model is text-to-video: it takes no input_image or end_image (use an I2V/TI2V model, "
+                "or input_video with denoising_strength for video-to-video)"
+            )
+        if kind == "i2v" and input_image is None:
+            raise ConfigError("this Wan model is image-to-video: pass input_image (the first frame)")
+        if kind == "ti2v" and end_image is not None:
+            raise ConfigError("Wan2.2-TI2V takes an input_image (first frame) but no end_image")
+        if self.dit.config.has_image_input and self.image_encoder is None:
+            raise ConfigError(
+                "this Wan I2V model needs the CLIP image encoder: add "
+                "ModelConfig(..., origin_file_pattern='models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth')"
+            )
+        return self._image_list(input_image, batch, "input_image"), self._image_list(end_image, batch, "end_image")
+
+    @staticmethod
+    def _image_list(images, batch: int, name: str) -> list[Image.Image] | None:
+        if images is None:
+            return None
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(items) == 1:
+            items = items * batch
+        if len(items) != batch:
+            raise ConfigError(f"{name} has {len(items)} images for {batch} prompts; give one, or one per prompt")
+        return [load_image(im) for im in items]
+
+    # ------------------------------------------------------------------ stages
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ConfigError(
+                "WanVideoPipeline has no tokenizer: pass tokenizer_config=ModelConfig(model_id='Wan-AI/Wan2.1-T2V-1.3B', "
+                "origin_file_pattern='google/umt5-xxl/')"
+            )
+        return encode_prompts(
+            self.text_encoder, self.tokenizer, prompts, max_length=max_sequence_length, device=self.device
+        )
+
+    def _pixels(self, images: list[Image.Image], height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1], each image resized to the video size."""
+        return pil_to_tensor(
+            [im.resize((width, height), Image.BICUBIC) for im in images], dtype=dtype, device=self.device
+        )
+
+    def encode_clip(self, first, last, height: int, width: int) -> torch.Tensor | None:
+        """CLIP features of the first frame `[B, 257, 1280]`, with the last frame's appended for FLF2V."""
+        if first is None or not self.dit.config.has_image_input:
+            return None
+        self.load_models_to_device(["image_encoder"])
+        frames = [first] if last is None else [first, last]
+        dtype = module_dtype(self.image_encoder)
+        features = [
+            encode_image(self.image_encoder, self._pixels(f, height, width, torch.float32), self.device, dtype)
+            for f in frames
+        ]
+        return torch.cat(features, dim=1)
+
+    def encode_frames(
+        self, first, last, batch: int, frames: int, height: int, width: int, vae_kwargs
+    ) -> torch.Tensor | None:
+        """I2V channels `y` `[B, 4 + z, T, h, w]`: which frames are given, and the latent of the video
+        that holds them (zeros elsewhere), as the authors' image2video / first_last_frame2video build it."""
+        if self.dit.config.model_type != "i2v":
+            return None
+        dtype = module_dtype(self.vae)
+        video = torch.zeros(batch, 3, frames, height, width, dtype=dtype, device=self.device)
+        video[:, :, 0] = self._pixels(first, height, width, dtype)
+        given = torch.zeros(frames, device=self.device)
+        given[0] = 1
+        if last is not None:
+            video[:, :, -1] = self._pixels(last, height, width, dtype)
+            given[-1] = 1
+        latent = self.vae.encode(video, **vae_kwargs).float()
+        tc, (t, h, w) = self.vae.temporal_compression, latent.shape[2:]
+        # the first frame stands for a whole latent frame: repeat it, then fold tc frames into channels
+        given = torch.cat([given[:1].repeat(tc), given[1:]]).view(t, tc).transpose(0, 1)
+        mask = given[None, :, :, None, None].expand(batch, tc, t, h, w)
+        y = torch.cat([mask, latent], dim=1)
+        expected = self.dit.config.in_dim - self.dit.config.out_dim
+        if y.shape[1] != expected:
+            raise ConfigError(
+                f"the I2V conditioning has {y.shape[1]} channels ({tc} mask + {latent.shape[1]} latent) but the DiT "
+                f"takes {expected}: the VAE does not fit this DiT"
+            )
+        return y
+
+    def encode_first_latent(self, first, batch: int, height: int, width: int, vae_kwargs) -> torch.Tensor | None:
+        """TI2V: the VAE latent of the first frame `[B, z, 1, h, w]`, which replaces the first latent frame."""
+        if first is None or self.dit.config.model_type != "ti2v":
+            return None
+        pixels = self._pixels(first, height, width, module_dtype(self.vae))
+        return self.vae.encode(pixels[:, :, None], **vae_kwargs).float()
+
+    def prepare_latents(
+        self, batch, frames, height, width, seed, rand_device, latents, input_video, scheduler, vae_kwargs
+    ) -> torch.Tensor:
+        s, tc = self.vae.spatial_compression, self.vae.temporal_compression
+        shape = (batch, self.vae.z_dim, (frames - 1) // tc + 1, height // s, width // s)
+        noise = (
+            self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
+        )
+        if input_video is None:
+            return noise
+        video = list(input_video)
+        if len(video) < frames:
+            raise ConfigError(f"input_video has {len(video)} frames, fewer than num_frames={frames}")
+        self.load_models_to_device(["vae"])
+        pixels = self._pixels([load_image(f) for f in video[:frames]], height, width, module_dtype(self.vae))
+        clean = self.vae.encode(pixels.transpose(0, 1)[None], **vae_kwargs).float()
+        return scheduler.add_noise(clean.expand(batch, -1, -1, -1, -1), noise, scheduler.sigmas[0])
+
+    def denoise(
+        self, x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar
+    ) -> torch.Tensor:
+        """Euler steps; the high-noise `dit` runs while t >= boundary * 1000, then `dit2` (if loaded)."""
+        dit, guidance = self.dit, scale
+        self.load_models_to_device(["dit"])
+        if first_latent is not None:
+            x = x.clone()
+            x[:, :, :1] = first_latent
+        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+            t = scheduler.timesteps[i]
+            if self.dit2 is not None and dit is not self.dit2 and float(t) < boundary * scheduler.num_train_timesteps:
+                self.load_models_to_device(["dit2"])
+                dit, guidance = self.dit2, scale_2
+            timestep = self.timestep_input(dit, x, t, first_latent is not None)
+            velocity = self.predict(dit, x, timestep, cond, uncond if guidance != 1.0 else None, guidance, cfg_merge)
+            x = scheduler.step(velocity, i, x)
+            if first_latent is not None:
+                x[:, :, :1] = first_latent
+        return x
+
+    @staticmethod
+    def timestep_input(dit, x: torch.Tensor, t: torch.Tensor, fixed_first_frame: bool) -> torch.Tensor:
+        """`[B]`, or per token `[B, tokens]` with 0 on the first latent frame's tokens (TI2V with an image)."""
+        batch = x.shape[0]
+        t = t.to(device=x.device, dtype=torch.float32)
+        if not fixed_first_frame:
+            return t.expand(batch)
+        pt, ph, pw = dit.config.patch_size  # pt is 1 in every Wan model: one latent frame per token frame
+        per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
+        tokens = torch.full((batch, (x.shape[2] // pt) * per_frame), float(t), device=x.device)
+        tokens[:, :per_frame] = 0.0
+        return tokens
+
+    def predict(self, dit, x, timestep, cond: WanConditions, uncond: WanConditions | None, scale, cfg_merge):
+        """One guided velocity; the negative branch uses the same image conditions as the positive one."""
+        if uncond is None:
+            return wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y)
+        if not cfg_merge:
+            positive = wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y)
+            negative = wan_velocity(dit, x, timestep, uncond.context, uncond.clip_feature, uncond.y)
+            return self.guide(positive, negative, scale)
+
+        def twice(a):
+            return None if a is None else torch.cat([a, a])
+
+        both = wan_velocity(
+            dit,
+            twice(x),
+            twice(timestep),
+            torch.cat([cond.context, uncond.context]),
+            twice(cond.clip_feature),
+            twice(cond.y),
+        )
+        positive, negative = both.chunk(2)
+        return self.guide(positive, negative, scale)
+
+
+# ----------------------------------------------------------------------------------------- folders
+def folder_model_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:
+    """ModelConfigs for a local Wan repo: each `.pth`/`.bin`/`.ckpt` is one model, the `.safetensors`
+    of one folder one model (shards); the tokenizer is `google/umt5-xxl/`, else a folder holding a
+    tokenizer config."""
+    configs: list[ModelConfig] = []
+    for sub in [folder] + sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(p for p in sub.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        shards = [str(p) for p in files if p.name.endswith(".safetensors")]
+        if shards:
+            configs.append(ModelConfig(path=shards))
+        configs += [ModelConfig(path=str(p)) for p in files if not p.name.endswith(".safetensors")]
+    if not configs:
+        raise ConfigError(
+            f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); it contains "
+            f"{preview(sorted(p.name for p in folder.iterdir()))}"
+        )
+    candidates = [folder / "google" / "umt5-xxl", folder / "tokenizer"]
+    candidates += sorted(p.parent for p in folder.glob("*/tokenizer_config.json"))
+    candidates += sorted(p.parent for p in folder.glob("*/*/tokenizer_config.json"))
+    tokenizers = [p for p in candidates if (p / "tokenizer_config.json").is_file() and "xlm-roberta" not in p.name]
+    return configs, ModelConfig(path=str(tokenizers[0])) if tokenizers else None
+
+
+__all__ = ["WanConditions", "WanVideoPipeline", "folder_model_configs", "module_dtype", "wan_velocity"]

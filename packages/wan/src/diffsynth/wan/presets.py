@@ -1,0 +1,129 @@
+"""Known Wan hub repos: their files and the authors' default generation settings.
+
+Files are named as in DiffSynth-Studio's Wan examples (`ModelConfig(model_id, origin_file_pattern)`);
+the umT5 tokenizer is the `google/umt5-xxl/` folder of Wan2.1-T2V-1.3B for every model, as there.
+Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 and Wan2.2):
+
+- Wan 2.1: 50 steps (40 for I2V), guide scale 5, shift 5 (3 for 480p I2V, 16 for FLF2V), 81 frames,
+  16 fps, the configs' negative prompt (I2V prefixes "镜头晃动，", FLF2V also "镜头切换，").
+- Wan 2.2 A14B: two experts; the high-noise one runs while t >= boundary * 1000 (0.875 T2V, 0.9 I2V),
+  guide scales (high, low) = (4, 3) for T2V and (3.5, 3.5) for I2V, shift 12 / 5, 40 steps.
+- Wan2.2-TI2V-5B: 1280x704, 121 frames at 24 fps, 50 steps, guide 5, shift 5.
+
+Sizes are the authors' default `--size` (1280*720 = width*height; 832*480 for the 480p-only models).
+The authors sample with UniPC; we take Euler steps on the same shifted schedule (as DiffSynth-Studio).
+The guide scale is the usual `uncond + g * (cond - uncond)`, so `cfg_scale = g`; `cfg_scale_2` is the
+low-noise expert's.
+"""
+
+from __future__ import annotations
+
+from diffsynth.runtime.registry import Preset, PresetFile
+
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+I2V_NEGATIVE_PROMPT = "镜头晃动，" + NEGATIVE_PROMPT
+FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
+
+TOKENIZER = PresetFile("Wan-AI/Wan2.1-T2V-1.3B", "google/umt5-xxl/")
+DIT = "diffusion_pytorch_model*.safetensors"
+T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE21 = "Wan2.1_VAE.pth"
+VAE22 = "Wan2.2_VAE.pth"
+
+_COMMON = {"num_frames": 81, "fps": 16, "cfg_scale": 5.0, "sigma_shift": 5.0, "negative_prompt": NEGATIVE_PROMPT}
+_480P = {"height": 480, "width": 832}
+_720P = {"height": 720, "width": 1280}
+
+
+def _preset(repo: str, patterns: tuple[str, ...], description: str, **defaults) -> Preset:
+    return Preset(
+        name=repo,
+        files=tuple(PresetFile(repo, p) for p in patterns),
+        tokenizer=TOKENIZER,
+        defaults={**_COMMON, **defaults},
+        description=description,
+    )
+
+
+_PRESETS = (
+    _preset(
+        "Wan-AI/Wan2.1-T2V-1.3B",
+        (DIT, T5, VAE21),
+        "Wan 2.1 text-to-video 1.3B, 480p.",
+        num_inference_steps=50,
+        **_480P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.1-T2V-14B",
+        (DIT, T5, VAE21),
+        "Wan 2.1 text-to-video 14B, 720p (480p works too).",
+        num_inference_steps=50,
+        **_720P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.1-I2V-14B-480P",
+        (DIT, T5, VAE21, CLIP),
+        "Wan 2.1 image-to-video 14B, 480p: pass input_image.",
+        num_inference_steps=40,
+        sigma_shift=3.0,
+        negative_prompt=I2V_NEGATIVE_PROMPT,
+        **_480P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.1-I2V-14B-720P",
+        (DIT, T5, VAE21, CLIP),
+        "Wan 2.1 image-to-video 14B, 720p: pass input_image.",
+        num_inference_steps=40,
+        negative_prompt=I2V_NEGATIVE_PROMPT,
+        **_720P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.1-FLF2V-14B-720P",
+        (DIT, T5, VAE21, CLIP),
+        "Wan 2.1 first-last-frame-to-video 14B, 720p: pass input_image and end_image.",
+        num_inference_steps=50,
+        sigma_shift=16.0,
+        negative_prompt=FLF2V_NEGATIVE_PROMPT,
+        **_720P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.2-TI2V-5B",
+        (DIT, T5, VAE22),
+        "Wan 2.2 text/image-to-video 5B (16x VAE), 1280x704, 121 frames at 24 fps; input_image optional.",
+        num_inference_steps=50,
+        num_frames=121,
+        fps=24,
+        height=704,
+        width=1280,
+    ),
+    _preset(
+        "Wan-AI/Wan2.2-T2V-A14B",
+        (f"high_noise_model/{DIT}", f"low_noise_model/{DIT}", T5, VAE21),
+        "Wan 2.2 text-to-video, two 14B experts (high noise, then low noise), 720p.",
+        num_inference_steps=40,
+        sigma_shift=12.0,
+        cfg_scale=4.0,
+        cfg_scale_2=3.0,
+        switch_DiT_boundary=0.875,
+        **_720P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.2-I2V-A14B",
+        (f"high_noise_model/{DIT}", f"low_noise_model/{DIT}", T5, VAE21),
+        "Wan 2.2 image-to-video, two 14B experts, 720p: pass input_image.",
+        num_inference_steps=40,
+        cfg_scale=3.5,
+        cfg_scale_2=3.5,
+        switch_DiT_boundary=0.9,
+        **_720P,
+    ),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
+
+__all__ = ["FLF2V_NEGATIVE_PROMPT", "I2V_NEGATIVE_PROMPT", "NEGATIVE_PROMPT", "PRESETS"]

@@ -1,0 +1,494 @@
+"""WanVideoPipeline on tiny random repos: seeding, latents=, frame rounding, outputs, bad input, video-to-video,
+the A14B expert hand-over, I2V / FLF2V / TI2V conditioning, folder loading, the CLI, presets; and parity with
+diffusers' WanPipeline / WanImageToVideoPipeline on the same repos, noise and schedule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.media import pil_to_tensor
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.vram import ParkedWeightError
+from diffsynth.wan import WanVideoPipeline
+
+PROMPT = "a red circle on a blue background"
+FAST = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2, "cfg_scale": 1.0, "progress_bar": False}
+NOISE_SHAPE = (1, 16, 2, 4, 4)  # z 16, 1 + (5 - 1) / 4 latent frames, 32 / 8
+
+
+def load(repo) -> WanVideoPipeline:
+    return WanVideoPipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
+
+
+def image(seed: int, size=(32, 32)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+class Calls:
+    """Records every DiT call (inputs as passed to forward) through a forward pre-hook."""
+
+    def __init__(self, *modules):
+        self.calls: list[tuple[torch.nn.Module, tuple, dict]] = []
+        self.hooks = [m.register_forward_pre_hook(self._record, with_kwargs=True) for m in modules]
+
+    def _record(self, module, args, kwargs):
+        self.calls.append((module, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs)))
+
+    def __enter__(self):
+        return self.calls
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_repo):
+    return load(tiny_repo)
+
+
+@pytest.fixture(scope="module")
+def reference(pipe):
+    """One video every test can compare with: seed 7, no guidance, as "pt"."""
+    return pipe(PROMPT, seed=7, output_type="pt", **FAST)
+
+
+# ----------------------------------------------------------------------------------------- text-to-video
+def test_loads_every_model_from_the_hub_layout(pipe):
+    assert type(pipe.dit).__name__ == "WanDiT" and pipe.dit2 is None and pipe.image_encoder is None
+    assert type(pipe.text_encoder).__name__ == "WanTextEncoder" and type(pipe.vae).__name__ == "WanVAE"
+    assert pipe.tokenizer is not None
+
+
+def test_seeding_and_output_types(pipe, reference):
+    arr = pipe(PROMPT, seed=7, output_type="np", **FAST)
+    frames = pipe(PROMPT, seed=7, **FAST)
+    other = pipe(PROMPT, seed=8, output_type="np", **FAST)
+    assert reference.shape == (1, 3, 5, 32, 32) and arr.shape == (1, 5, 32, 32, 3)
+    assert np.array_equal(reference.permute(0, 2, 3, 4, 1).numpy(), arr)  # same seed, same video
+    assert 0.0 <= arr.min() and arr.max() <= 1.0 and np.abs(arr - other).max() > 1e-3
+    assert isinstance(frames, list) and len(frames) == 5 and frames[0].size == (32, 32)
+    assert np.abs(np.asarray(frames[2], dtype=np.float32) / 255 - arr[0, 2]).max() <= 1 / 255 + 1e-6
+
+
+def test_latents_argument_equals_seeded_noise(pipe, reference):
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator("cpu").manual_seed(7))
+    torch.testing.assert_close(pipe(PROMPT, latents=noise, output_type="pt", **FAST), reference, rtol=0, atol=0)
+
+
+def test_batch_of_prompts_equals_one_by_one(pipe, reference):
+    other = "a yellow triangle on a black background"
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator("cpu").manual_seed(7))
+    batch = pipe([PROMPT, other], latents=torch.cat([noise, noise.flip(-1)]), output_type="pt", **FAST)
+    single = pipe(other, latents=noise.flip(-1), output_type="pt", **FAST)
+    torch.testing.assert_close(batch[:1], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[1:], single, atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_one_ignores_the_negative_prompt_and_cfg_merge_equals_two_passes(pipe, reference):
+    same = pipe(PROMPT, negative_prompt="bad quality", seed=7, output_type="pt", **FAST)
+    guided = pipe(PROMPT, negative_prompt="bad quality", seed=7, output_type="pt", **dict(FAST, cfg_scale=4.0))
+    merged = pipe(
+        PROMPT, negative_prompt="bad quality", seed=7, output_type="pt", cfg_merge=True, **dict(FAST, cfg_scale=4.0)
+    )
+    torch.testing.assert_close(same, reference, rtol=0, atol=0)
+    assert (reference - guided).abs().max() > 1e-3
+    torch.testing.assert_close(merged, guided, atol=1e-5, rtol=1e-5)
+
+
+def test_frames_and_size_are_rounded_with_warnings(pipe, reference, caplog):
+    got = pipe(PROMPT, seed=7, output_type="pt", **dict(FAST, num_frames=6, height=40))
+    assert "num_frames=6 rounded to 5" in caplog.text and "rounded to 32x32" in caplog.text
+    torch.testing.assert_close(got, reference, rtol=0, atol=0)
+    assert pipe.check_num_frames(8) == 9 and pipe.check_num_frames(81) == 81 and pipe.check_num_frames(2) == 1
+
+
+def test_video_to_video_starts_from_the_noised_input(pipe, reference):
+    """Strength 0.5 of 4 steps: 2 DiT calls, the first on (1 - s) * encode(video) + s * noise."""
+    video = [Image.fromarray(f) for f in (reference[0].permute(1, 2, 3, 0).numpy() * 255).round().astype(np.uint8)]
+    with Calls(pipe.dit) as calls:
+        pipe(PROMPT, input_video=video, denoising_strength=0.5, seed=5, **dict(FAST, num_inference_steps=4))
+    scheduler = FlowMatchScheduler("wan")
+    scheduler.set_timesteps(4, denoising_strength=0.5, shift=5.0)
+    clean = pipe.vae.encode(pil_to_tensor(video).transpose(0, 1)[None], tiled=True)
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator("cpu").manual_seed(5))
+    assert len(calls) == 2 == len(scheduler.timesteps)
+    torch.testing.assert_close(
+        calls[0][1][0], scheduler.add_noise(clean, noise, scheduler.sigmas[0]), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(calls[0][1][1], scheduler.timesteps[:1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"height": 0}, "height=0"),
+        ({"num_frames": 0}, "num_frames=0"),
+        ({"output_type": "gif"}, "output_type='gif'"),
+        ({"latents": torch.zeros(1, 16, 1, 8, 8)}, "latents must be"),
+        ({"prompt": [PROMPT, PROMPT], "negative_prompt": ["a", "b", "c"]}, "negative_prompt has 3"),
+        ({"input_image": Image.new("RGB", (32, 32))}, "text-to-video"),
+        ({"input_video": [Image.new("RGB", (32, 32))] * 2, "denoising_strength": 0.5}, "input_video has 2 frames"),
+    ],
+)
+def test_bad_input_names_the_argument(pipe, kwargs, fragment):
+    prompt = kwargs.pop("prompt", PROMPT)
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        pipe(prompt, seed=0, **{**FAST, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------- Wan 2.2 A14B
+def test_a14b_experts_hand_over_at_the_boundary_with_their_own_guidance(tiny_repo_factory, monkeypatch):
+    from safetensors.torch import load_file
+
+    repo = tiny_repo_factory("a14b")
+    pipe = load(repo)
+    for slot, folder in (("dit", "high_noise_model"), ("dit2", "low_noise_model")):
+        expected = load_file(str(repo / folder / "diffusion_pytorch_model.safetensors"))["head.head.weight"]
+        torch.testing.assert_close(getattr(pipe, slot).state_dict()["head.head.weight"], expected)
+
+    seen = []
+    real = WanVideoPipeline.predict
+
+    def spy(self, dit, x, timestep, cond, uncond, scale, cfg_merge):
+        seen.append(("dit" if dit is self.dit else "dit2", scale if uncond is not None else 1.0))
+        return real(self, dit, x, timestep, cond, uncond, scale, cfg_merge)
+
+    monkeypatch.setattr(WanVideoPipeline, "predict", spy)
+    scheduler = FlowMatchScheduler("wan")
+    scheduler.set_timesteps(4, shift=5.0)
+    high = int((scheduler.timesteps >= 875).sum())
+    assert 0 < high < 4
+    run = {k: v for k, v in FAST.items() if k != "cfg_scale"} | {"num_inference_steps": 4, "switch_DiT_boundary": 0.875}
+    pipe.defaults.update(cfg_scale=4.0, cfg_scale_2=3.0)  # as the Wan2.2-T2V-A14B preset
+    pipe(PROMPT, seed=0, **run)
+    assert seen == [("dit", 4.0)] * high + [("dit2", 3.0)] * (4 - high)
+    seen.clear()
+    pipe(PROMPT, seed=0, cfg_scale=2.0, **run)  # an explicit cfg_scale applies to both experts
+    assert {s for _, s in seen} == {2.0}
+    seen.clear()
+    pipe(PROMPT, seed=0, cfg_scale=2.0, cfg_scale_2=1.0, **dict(run, switch_DiT_boundary=0.0))
+    assert seen == [("dit", 2.0)] * 4  # boundary 0: the low-noise expert never runs
+
+
+def test_model_configs_in_order_fill_dit_then_dit2(tiny_repo_factory):
+    from diffsynth.runtime.hub import ModelConfig
+
+    repo = tiny_repo_factory("a14b")
+    configs = [
+        ModelConfig(path=str(repo / "low_noise_model" / "diffusion_pytorch_model.safetensors")),  # named: goes to dit2
+        ModelConfig(path=str(repo / "high_noise_model" / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(repo / "models_t5_umt5-xxl-enc-bf16.pth")),
+        ModelConfig(path=str(repo / "Wan2.1_VAE.pth")),
+    ]
+    pipe = WanVideoPipeline.from_pretrained(
+        torch_dtype="float32",
+        device="cpu",
+        model_configs=configs,
+        tokenizer_config=ModelConfig(path=str(repo / "google" / "umt5-xxl")),
+    )
+    assert pipe.model_configs["dit2"] is configs[0] and pipe.model_configs["dit"] is configs[1]
+
+
+# ----------------------------------------------------------------------------------------- image conditioning
+def test_i2v_conditions_on_mask_latent_and_clip(tiny_repo_factory):
+    pipe = load(tiny_repo_factory("i2v"))
+    assert type(pipe.image_encoder).__name__ == "WanImageEncoder"
+    with pytest.raises(ConfigError, match="pass input_image"):
+        pipe(PROMPT, seed=0, **FAST)
+    with Calls(pipe.dit) as calls:
+        pipe(PROMPT, input_image=image(1), seed=0, **FAST)
+    _, (x, t, context), kwargs = calls[0]
+    y, clip = kwargs["y"], kwargs["clip_feature"]
+    assert x.shape == NOISE_SHAPE and context.shape == (1, 512, 32)
+    assert y.shape == (1, 4 + 16, 2, 4, 4) and clip.shape == (1, 5, 128)
+    assert torch.equal(y[:, :4, 0], torch.ones_like(y[:, :4, 0])) and torch.count_nonzero(y[:, :4, 1]) == 0
+    video = torch.zeros(1, 3, 5, 32, 32)
+    video[:, :, 0] = pil_to_tensor(image(1))
+    torch.testing.assert_close(y[:, 4:], pipe.vae.encode(video, tiled=True), atol=1e-5, rtol=1e-5)
+
+    with Calls(pipe.dit) as calls:  # first and last frame (FLF2V conditioning)
+        pipe(PROMPT, input_image=image(1), end_image=image(2), seed=0, **FAST)
+    y, clip = calls[0][2]["y"], calls[0][2]["clip_feature"]
+    assert clip.shape == (1, 10, 128)
+    assert torch.equal(y[:, :4, 1, 0, 0], torch.tensor([[0.0, 0.0, 0.0, 1.0]]))  # the last of 4 folded frames
+
+
+def test_ti2v_keeps_the_first_latent_frame_and_gives_it_timestep_zero(tiny_repo_factory):
+    pipe = load(tiny_repo_factory("ti2v"))
+    assert pipe.vae.z_dim == 48 and pipe.vae.spatial_compression == 16
+    run = dict(FAST, num_inference_steps=3)
+    first = pipe.vae.encode(pil_to_tensor(image(3))[:, :, None], tiled=True)
+    with Calls(pipe.dit) as calls:
+        frames = pipe(PROMPT, input_image=image(3), seed=0, **run)
+    assert len(frames) == 5 and len(calls) == 3
+    tokens_per_frame = (32 // 16 // 2) ** 2
+    for _, (x, t, _), _ in calls:
+        torch.testing.assert_close(x[:, :, :1], first, atol=1e-5, rtol=1e-5)
+        assert t.shape == (1, 2 * tokens_per_frame)
+        assert torch.count_nonzero(t[:, :tokens_per_frame]) == 0 and (t[:, tokens_per_frame:] > 0).all()
+    with Calls(pipe.dit) as calls:  # text-to-video with the same model: one timestep per sample
+        pipe(PROMPT, seed=0, **run)
+    assert calls[0][1][1].shape == (1,)
+
+
+def test_vram_managed_models_give_the_same_video(tiny_repo_factory):
+    """Every unit streamed (a limit far below the models): the stages activate what they use in time."""
+    pipe = load(tiny_repo_factory("i2v"))
+    run = dict(FAST, input_image=image(4), seed=0, output_type="pt")
+    expected = pipe(PROMPT, **run)
+    pipe.enable_vram_management(slots=["dit", "text_encoder", "image_encoder"], vram_limit=1e-6)
+    torch.testing.assert_close(pipe(PROMPT, **run), expected, rtol=0, atol=0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ParkedWeightError,
+    reason="WanVAE runs the layers inside an offload unit one by one, so a streamed VAE unit is never activated",
+)
+def test_vram_managed_vae_gives_the_same_video(tiny_repo):
+    pipe = load(tiny_repo)
+    expected = pipe(PROMPT, seed=0, output_type="pt", **FAST)
+    pipe.enable_vram_management(slots=["vae"], vram_limit=1e-6)
+    torch.testing.assert_close(pipe(PROMPT, seed=0, output_type="pt", **FAST), expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- folders, CLI, presets
+def test_cli_generates_an_mp4_from_a_local_folder(tiny_repo, tmp_path):
+    import av
+
+    from diffsynth.runtime.cli import main
+
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+    defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "cfg_scale": 1.0}
+    (repo / "diffsynth.json").write_text(json.dumps({"defaults": defaults}))
+    out = tmp_path / "video.mp4"
+    args = ["generate", "--model", str(repo), "--prompt", PROMPT, "--output", str(out), "--device", "cpu"]
+    assert main([*args, "--dtype", "float32"]) == 0
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+@pytest.mark.parametrize(
+    "kind, preset",
+    [
+        ("t2v", "Wan-AI/Wan2.1-T2V-1.3B"),
+        ("i2v", "Wan-AI/Wan2.1-I2V-14B-480P"),
+        ("a14b", "Wan-AI/Wan2.2-T2V-A14B"),
+        ("ti2v", "Wan-AI/Wan2.2-TI2V-5B"),
+    ],
+)
+def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path, monkeypatch, kind, preset):
+    """A preset's (model_id, pattern) files resolve in a local copy laid out like the hub repo (no download)."""
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    repo = tiny_repo_factory(kind)
+    shutil.copytree(repo, tmp_path / preset)
+    tokenizer = tmp_path / "Wan-AI" / "Wan2.1-T2V-1.3B" / "google" / "umt5-xxl"  # every preset's tokenizer
+    if not tokenizer.exists():
+        shutil.copytree(repo / "google" / "umt5-xxl", tokenizer)
+    pipe = WanVideoPipeline.from_pretrained(preset, torch_dtype="float32", device="cpu")
+    assert pipe.tokenizer is not None and (pipe.dit2 is not None) == (kind == "a14b")
+    assert (pipe.image_encoder is not None) == (kind == "i2v")
+    assert pipe.defaults["num_inference_steps"] == {"t2v": 50, "i2v": 40, "a14b": 40, "ti2v": 50}[kind]
+
+
+def test_presets_are_data_with_the_authors_defaults():
+    from diffsynth.runtime.registry import installed_families
+
+    presets = installed_families()["wan"].presets
+    assert sorted(presets) == sorted(
+        f"Wan-AI/{n}"
+        for n in (
+            "Wan2.1-T2V-1.3B",
+            "Wan2.1-T2V-14B",
+            "Wan2.1-I2V-14B-480P",
+            "Wan2.1-I2V-14B-720P",
+            "Wan2.1-FLF2V-14B-720P",
+            "Wan2.2-TI2V-5B",
+            "Wan2.2-T2V-A14B",
+            "Wan2.2-I2V-A14B",
+        )
+    )
+    a14b = presets["Wan-AI/Wan2.2-T2V-A14B"]
+    assert [f.origin_file_pattern for f in a14b.files][:2] == [
+        "high_noise_model/diffusion_pytorch_model*.safetensors",
+        "low_noise_model/diffusion_pytorch_model*.safetensors",
+    ]
+    assert (a14b.defaults["sigma_shift"], a14b.defaults["cfg_scale"], a14b.defaults["cfg_scale_2"]) == (12.0, 4.0, 3.0)
+    assert presets["Wan-AI/Wan2.2-I2V-A14B"].defaults["switch_DiT_boundary"] == 0.9
+    assert presets["Wan-AI/Wan2.1-I2V-14B-480P"].defaults["sigma_shift"] == 3.0
+    ti2v = presets["Wan-AI/Wan2.2-TI2V-5B"].defaults
+    assert (ti2v["num_frames"], ti2v["height"], ti2v["width"]) == (121, 704, 1280)
+    assert all(p.tokenizer.origin_file_pattern == "google/umt5-xxl/" for p in presets.values())
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="Wan-AI/Wan2.1-T2V-1.3B"):
+        WanVideoPipeline.from_pretrained("Wan-AI/No-Such-Model")
+
+
+# ----------------------------------------------------------------------------------------- parity with diffusers
+def diffusers_dit(folder):
+    """diffusers' WanTransformer3DModel with the weights of a tiny repo DiT (through diffusers' own converter)."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import load_file
+
+    c = json.loads((folder / "config.json").read_text())
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    with_clip = "img_emb.proj.1.weight" in state
+    image = {"image_dim": state["img_emb.proj.1.weight"].shape[1], "added_kv_proj_dim": c["dim"]} if with_clip else {}
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=c["num_heads"],
+        attention_head_dim=c["dim"] // c["num_heads"],
+        in_channels=c["in_dim"],
+        out_channels=c["out_dim"],
+        text_dim=c["text_dim"],
+        freq_dim=c["freq_dim"],
+        ffn_dim=c["ffn_dim"],
+        num_layers=c["num_layers"],
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        **image,
+    )
+    model.load_state_dict(convert_wan_transformer_to_diffusers(state))
+    return model.eval()
+
+
+def diffusers_parts(repo, ours):
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16)  # released latent statistics are its defaults
+    vae.load_state_dict(convert_wan_vae_to_diffusers(torch.load(repo / "Wan2.1_VAE.pth")))
+    text_encoder = UMT5EncoderModel(ours.text_encoder.config)
+    text_encoder.load_state_dict(ours.text_encoder.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(repo / "google" / "umt5-xxl")
+    return dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer)
+
+
+def euler(shift: float, steps: int):
+    """diffusers' Euler scheduler and its sigmas (it shifts its grid twice, so ours is fed its sigmas)."""
+    import diffusers
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    probe = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    probe.set_timesteps(steps)
+    return scheduler, probe.sigmas[:-1].clone()
+
+
+PARITY = {"height": 32, "width": 32, "num_frames": 5, "output_type": "np"}
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_t2v_matches_diffusers(tiny_repo, pipe, guidance):
+    diffusers = pytest.importorskip("diffusers")
+    scheduler, sigmas = euler(5.0, 3)
+    ref = diffusers.WanPipeline(
+        scheduler=scheduler, transformer=diffusers_dit(tiny_repo), **diffusers_parts(tiny_repo, pipe)
+    )
+    ref.set_progress_bar_config(disable=True)
+    prompts, negative = [PROMPT, "a yellow triangle on a black background"], ["bad quality, blurry"] * 2
+    noise = torch.randn((2, *NOISE_SHAPE[1:]), generator=torch.Generator().manual_seed(11))
+    expected = ref(
+        prompt=list(prompts), negative_prompt=list(negative), guidance_scale=guidance, num_inference_steps=3,
+        latents=noise.clone(), **PARITY,
+    ).frames  # fmt: skip
+    got = pipe(
+        prompts, negative_prompt=negative, cfg_scale=guidance, sigmas=sigmas, latents=noise.clone(), tiled=False,
+        progress_bar=False, **PARITY,
+    )  # fmt: skip
+    assert got.shape == expected.shape == (2, 5, 32, 32, 3)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.parity
+def test_a14b_matches_diffusers_two_experts(tiny_repo_factory):
+    diffusers = pytest.importorskip("diffusers")
+    repo = tiny_repo_factory("a14b")
+    ours = load(repo)
+    scheduler, sigmas = euler(5.0, 4)
+    assert 0 < int((sigmas * 1000 >= 875).sum()) < 4  # both experts run
+    ref = diffusers.WanPipeline(
+        scheduler=scheduler,
+        transformer=diffusers_dit(repo / "high_noise_model"),
+        transformer_2=diffusers_dit(repo / "low_noise_model"),
+        boundary_ratio=0.875,
+        **diffusers_parts(repo, ours),
+    )
+    ref.set_progress_bar_config(disable=True)
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator().manual_seed(12))
+    expected = ref(
+        prompt=PROMPT, negative_prompt="bad quality", guidance_scale=4.0, guidance_scale_2=3.0, num_inference_steps=4,
+        latents=noise.clone(), **PARITY,
+    ).frames  # fmt: skip
+    got = ours(
+        PROMPT, negative_prompt="bad quality", cfg_scale=4.0, cfg_scale_2=3.0, switch_DiT_boundary=0.875, sigmas=sigmas,
+        latents=noise.clone(), tiled=False, progress_bar=False, **PARITY,
+    )  # fmt: skip
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+class WanClipProcessor:
+    """Stands in for diffusers' CLIPImageProcessor (resize the short side + centre crop) with the authors'
+    preprocessing (stretch to the square), so both pipelines feed CLIP the same pixels."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, images, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        from diffsynth.wan.image_encoder import preprocess
+
+        return BatchFeature({"pixel_values": preprocess(images, self.size)})
+
+
+@pytest.mark.parity
+def test_i2v_matches_diffusers(tiny_repo_factory, tiny_sizes, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if not hasattr(pipeline_wan_i2v, "ftfy"):  # its prompt cleaning calls ftfy without checking it is installed
+        monkeypatch.setattr(
+            pipeline_wan_i2v, "ftfy", type("NoFtfy", (), {"fix_text": staticmethod(str)}), raising=False
+        )
+
+    repo = tiny_repo_factory("i2v")
+    ours = load(repo)
+    clip = CLIPVisionModel(CLIPVisionConfig(**tiny_sizes.clip))
+    clip.load_state_dict({k: v for k, v in ours.image_encoder.state_dict().items()})
+    scheduler, sigmas = euler(3.0, 3)
+    ref = diffusers.WanImageToVideoPipeline(
+        scheduler=scheduler,
+        transformer=diffusers_dit(repo),
+        image_encoder=clip.eval(),
+        image_processor=WanClipProcessor(tiny_sizes.clip["image_size"]),
+        **diffusers_parts(repo, ours),
+    )
+    ref.set_progress_bar_config(disable=True)
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator().manual_seed(13))
+    first = image(21)  # already 32x32: neither pipeline resamples it
+    expected = ref(
+        image=first, prompt=PROMPT, negative_prompt="bad quality", guidance_scale=5.0, num_inference_steps=3,
+        latents=noise.clone(), **PARITY,
+    ).frames  # fmt: skip
+    got = ours(
+        PROMPT, negative_prompt="bad quality", input_image=first, cfg_scale=5.0, sigmas=sigmas, latents=noise.clone(),
+        tiled=False, progress_bar=False, **PARITY,
+    )  # fmt: skip
+    assert np.abs(got - expected).max() <= 1e-4
