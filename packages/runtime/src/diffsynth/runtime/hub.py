@@ -83,6 +83,8 @@ class ModelConfig:
             value = getattr(self, key)
             if value is None:
                 continue
+            if key.endswith("_dtype") and value == "disk":  # DiffSynth-Studio's spelling of "stays in the file"
+                continue
             try:
                 parsed = parse_dtype(value) if key.endswith("_dtype") else str(parse_device(value))
             except ConfigError as exc:

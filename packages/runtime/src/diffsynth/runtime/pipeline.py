@@ -45,6 +45,7 @@ class BasePipeline:
         self.tokenizer = None
         self.model_configs: dict[str, ModelConfig | None] = {}
         self.model_offload = False
+        self.vram_handles: dict[str, Any] = {}  # slot -> VramHandle of block-managed models
         for slot in self.model_slots:
             setattr(self, slot, None)
 
@@ -74,10 +75,10 @@ class BasePipeline:
         elif model_id_or_configs is not None:
             source = str(model_id_or_configs)
             if Path(source).is_dir():
-                found, tok = _configs_from_folder(Path(source))
+                found, tok = configs_from_folder(Path(source))
                 configs += found
                 tokenizer_config = tokenizer_config or tok
-                defaults = _folder_defaults(Path(source))
+                defaults = folder_defaults(Path(source))
             else:
                 preset = cls._preset(source)
                 configs += [
@@ -92,8 +93,8 @@ class BasePipeline:
             raise ConfigError(
                 f"{cls.__name__}.from_pretrained needs a preset name, a folder or model_configs=[ModelConfig(...)]"
             )
-        if vram_limit is not None and (not isinstance(vram_limit, (int, float)) or vram_limit <= 0):
-            raise ConfigError(f"vram_limit must be a positive number of GiB, got {vram_limit!r}")
+        if vram_limit is not None and (not isinstance(vram_limit, (int, float)) or vram_limit < 0):
+            raise ConfigError(f"vram_limit must be a number of GiB >= 0 (0 streams everything), got {vram_limit!r}")
 
         pipe = cls(device=device, torch_dtype=torch_dtype)
         pipe.defaults.update(defaults)
@@ -129,8 +130,8 @@ class BasePipeline:
 
         paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
         _fetch_companion_config(config)  # the loader reads config.json beside the weights
-        dtype = parse_dtype(config.offload_dtype) if config.offload_dtype else self.torch_dtype
-        loaded = load_models(paths, torch_dtype=dtype, device="cpu")
+        # load in the pipeline dtype: storage dtypes (fp8 with scales, disk) are the VRAM manager's job
+        loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu")
         roles = {role: slot for slot, role in self.model_slots.items()}
         for item in loaded:
             slot = roles.get(item.role)
@@ -152,29 +153,113 @@ class BasePipeline:
         return AutoTokenizer.from_pretrained(folder)
 
     def _place_models(self) -> None:
-        """Model-level placement: all on the device, or parked on CPU and moved per stage."""
-        offload = self.vram_limit is not None or any(
-            c is not None and c.offload_device not in (None, str(self.device)) for c in self.model_configs.values()
+        """Model-level placement after loading.
+
+        Without VRAM settings every model goes to the device. With a `vram_limit` or any of the
+        eight VRAM keys in a model's `ModelConfig`, every model is put under the VRAM manager
+        (block-granular offload, streaming, fp8, disk) and parked until its stage runs.
+        """
+        configs = {slot: self.model_configs.get(slot) for slot in self.model_slots if getattr(self, slot) is not None}
+        wants = getattr(self, "vram_limit", None) is not None or any(
+            c is not None and any(v is not None for v in c.vram_config().values()) for c in configs.values()
         )
-        self.model_offload = offload and self.device.type != "cpu"
-        for slot in self.model_slots:
+        self.model_offload = wants
+        if not wants:
+            for slot in configs:
+                getattr(self, slot).to(self.device)
+            return
+        self.enable_vram_management(slots=list(configs))
+
+    def enable_vram_management(self, slots: Iterable[str] | None = None, **settings):
+        """Put the pipeline's models (all, or `slots`) under the VRAM manager; returns handles by slot.
+
+        `vram_limit=` (GiB; None for no limit; when not given, the one from from_pretrained) bounds
+        each model while its stage runs, minus what models that never leave the device hold. The
+        eight DiffSynth-Studio keys (`offload_device=`, `preparing_dtype=`, ...) override each
+        model's `ModelConfig` keys. Models are parked afterwards; stages activate them.
+        """
+        from .vram import VramConfig, enable_vram_management, vram_handle
+        from .vram.plan import GIB
+        from .vram.report import device_bytes
+
+        vram_keys = dict(settings)
+        if "vram_limit" in vram_keys:
+            self.vram_limit = vram_keys.pop("vram_limit")
+        limit = getattr(self, "vram_limit", None)
+        handles = self.vram_handles
+        chosen = [s for s in (self.model_slots if slots is None else slots) if getattr(self, s, None) is not None]
+        unknown = [s for s in chosen if s not in self.model_slots]
+        if unknown:
+            raise ConfigError(f"unknown model slot(s) {unknown}; slots: {list(self.model_slots)}")
+        resolved = {}
+        for slot in chosen:
+            model_config = self.model_configs.get(slot)
+            keys = dict(model_config.vram_config()) if model_config is not None else {}
+            keys.update({k: v for k, v in vram_keys.items() if v is not None})
+            resolved[slot] = VramConfig.resolve(
+                keys, device=self.device, dtype=self.torch_dtype, streaming=limit is not None
+            )
+        staying = {s: device_bytes(getattr(self, s), c.computation_dtype) for s, c in resolved.items() if not c.parks}
+        for slot, config in resolved.items():
             model = getattr(self, slot)
-            if model is not None:
-                model.to(device="cpu" if self.model_offload else self.device)
+            if vram_handle(model) is not None:
+                vram_handle(model).disable()
+            budget = None
+            if limit is not None:
+                budget = max(0.0, limit - sum(b for s, b in staying.items() if s != slot) / GIB)
+            checkpoint = None
+            if config.offload_device == "disk" and self.model_configs.get(slot) is not None:
+                paths = self.model_configs[slot].resolve()
+                checkpoint = [p for p in paths if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+            handles[slot] = enable_vram_management(
+                model, config, vram_limit=budget, checkpoint=checkpoint, name=f"{type(self).__name__}.{slot}"
+            )
+            handles[slot].park()
+        self.model_offload = True
+        return dict(handles)
 
     def load_models_to_device(self, slots: Iterable[str]) -> None:
         """Move the models a stage needs to the device and park the others (when offloading)."""
         slots = set(slots)
+        handles = self.vram_handles
+        parked = False
+        for slot in self.model_slots:  # free memory first, then fill it
+            model = getattr(self, slot)
+            if model is None or slot in slots:
+                continue
+            if slot in handles:
+                parked |= handles[slot].state == "active"
+                handles[slot].park()
+            elif self.model_offload:
+                model.to("cpu")
+                parked = True
+        for slot in slots:
+            model = getattr(self, slot, None)
+            if model is None:
+                continue
+            if slot in handles:
+                handles[slot].activate()
+            else:
+                model.to(self.device)
+        if parked and self.model_offload and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def vram_report(self) -> dict:
+        """Per model slot: a `VramReport` (resident bytes on the device, bytes streamed per step,
+        seconds waiting on copies, the plan); unmanaged models report their resident bytes only."""
+        from .vram import VramReport
+
+        handles = self.vram_handles
+        reports = {}
         for slot in self.model_slots:
             model = getattr(self, slot)
             if model is None:
                 continue
-            if slot in slots:
-                model.to(self.device)
-            elif self.model_offload:
-                model.to("cpu")
-        if self.model_offload and self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            if slot in handles:
+                reports[slot] = handles[slot].report()
+                continue
+            reports[slot] = VramReport.unmanaged(f"{type(self).__name__}.{slot}", model, self.device)
+        return reports
 
     # ------------------------------------------------------------------ helpers for __call__
     def setting(self, name: str, value: Any, fallback: Any) -> Any:
@@ -238,6 +323,10 @@ class BasePipeline:
         model = getattr(self, slot, None)
         if model is None:
             raise ConfigError(f"no model in slot {slot!r}; slots: {list(self.model_slots)}")
+        handle = self.vram_handles.get(slot)
+        if fuse and handle is not None:  # streamed / fp8 weights: fuse into the real values, stored back
+            with handle.materialized():
+                return load_lora(model, path, scale=scale, fuse=True, name=name)
         return load_lora(model, path, scale=scale, fuse=fuse, name=name)
 
     def clear_loras(self, slot: str = "dit") -> None:
@@ -248,14 +337,16 @@ class BasePipeline:
     def compile(self, slot: str = "dit", **compile_kwargs) -> None:
         """Regional torch.compile: compile each repeated block once instead of the whole model."""
         model = getattr(self, slot)
+        if slot in self.vram_handles:  # streaming hooks must stay outside the traced graphs
+            self.vram_handles[slot].prepare_for_compile()
         for path in getattr(model, "compile_units", ()):
             module = model.get_submodule(path)
-            blocks = module if isinstance(module, torch.nn.ModuleList) else [module]
+            blocks = module if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) else [module]
             for block in blocks:
                 block.compile(**compile_kwargs)
 
 
-def _configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:
+def configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:
     """ModelConfigs for each subfolder (or the folder itself) that holds weight files."""
     configs: list[ModelConfig] = []
     tokenizer = None
@@ -272,7 +363,7 @@ def _configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig |
     return configs, tokenizer
 
 
-def _folder_defaults(folder: Path) -> dict[str, Any]:
+def folder_defaults(folder: Path) -> dict[str, Any]:
     """Generation defaults a local folder may carry in `diffsynth.json` (e.g. the bundled demo model)."""
     import json
 

@@ -144,9 +144,9 @@ def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig |
     tokenizer = ModelConfig(path=config.tokenizer_path) if config.tokenizer_path else None
     if config.model:
         if Path(config.model).is_dir():
-            from diffsynth.runtime.pipeline import _configs_from_folder  # TODO(runtime): make this public
+            from diffsynth.runtime.pipeline import configs_from_folder
 
-            found, folder_tokenizer = _configs_from_folder(Path(config.model))
+            found, folder_tokenizer = configs_from_folder(Path(config.model))
             configs += found
             tokenizer = tokenizer or folder_tokenizer
         else:

@@ -30,7 +30,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, _folder_defaults
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 
 from .image_encoder import encode_image
@@ -124,7 +124,7 @@ class WanVideoPipeline(BasePipeline):
             kwargs["tokenizer_config"] = kwargs.get("tokenizer_config") or tokenizer
             pipe = super().from_pretrained(None, **kwargs)
             pipe.defaults.update(cls._folder_preset_defaults(folder))
-            pipe.defaults.update(_folder_defaults(folder))
+            pipe.defaults.update(folder_defaults(folder))
             return pipe
         return super().from_pretrained(model_id_or_configs, **kwargs)
 

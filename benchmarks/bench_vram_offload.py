@@ -1,0 +1,193 @@
+"""Offloaded vs resident: one step of the full-size Z-Image DiT under the VRAM manager, side by side with diffusers.
+
+Random weights (the same for every mode), bf16, 1024x1024 (4096 image tokens), a caption of
+`--caption-len` tokens, batch 1. Modes:
+
+- `resident`: the whole DiT on the GPU (the baseline);
+- `streamed`: every block streamed from pinned CPU memory (`vram_limit=0`), prefetching block i+1
+  on a side stream while block i computes;
+- `streamed_limit`: blocks resident as far as `--vram-limit` GiB allows, the rest streamed;
+- `streamed_fp8`: every block stored in fp8 (e4m3, scales) on the CPU, streamed, computed in bf16;
+- `diffusers_group`: diffusers' `enable_group_offload(block_level, use_stream=True)`, its closest
+  equivalent; `diffusers_sequential`: accelerate's `cpu_offload` (what `enable_sequential_cpu_offload`
+  applies per model). The model-level `enable_model_cpu_offload` moves the whole DiT once per
+  pipeline stage, so within the denoising loop it equals `resident`: it is not timed separately.
+
+Reports seconds per step, peak GPU memory, bytes streamed per step and the time the compute stream
+waited on copies, and appends a JSON record to benchmarks/results/vram_offload.jsonl with the card
+and torch version.
+
+    python benchmarks/bench_vram_offload.py [--steps 5] [--warmup 2] [--vram-limit 8] [--modes resident,streamed,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# streamed_fp8 runs last: disabling it leaves the weights fp8-rounded
+MODES = ("resident", "streamed", "streamed_limit", "diffusers_group", "diffusers_sequential", "streamed_fp8")
+STREAM = {"offload_device": "cpu", "onload_device": "cpu"}
+FP8 = {"offload_device": "cpu", "onload_device": "cpu", "offload_dtype": "float8_e4m3fn"}
+
+
+@torch.inference_mode()
+def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
+
+
+def random_dit(cfg, dtype):
+    """The full-size DiT with seeded random weights, initialised on the GPU (fast), kept on the CPU."""
+    from diffsynth.z_image.dit import ZImageDiT
+
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    model = model.to_empty(device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+    return model.to(dtype).cpu().eval().requires_grad_(False)
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--caption-len", type=int, default=128)
+    parser.add_argument("--vram-limit", type=float, default=8.0, help="GiB for the streamed_limit mode")
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; choose from {list(MODES)}")
+    modes = [m for m in MODES if m in modes]
+
+    from diffsynth.runtime.vram import enable_vram_management
+    from diffsynth.z_image.dit import ZImageDiTConfig
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    cfg = ZImageDiTConfig()
+    model = random_dit(cfg, dtype)
+    h, w = args.height // 8, args.width // 8
+    x = torch.randn(1, cfg.in_channels, h, w, device=device, dtype=dtype)
+    t = torch.tensor([0.5], device=device)
+    text = [torch.randn(args.caption_len, cfg.cap_feat_dim, device=device, dtype=dtype)]
+
+    results: dict[str, dict] = {}
+    for mode in modes:
+        free()
+        try:
+            results[mode] = run_mode(mode, model, cfg, x, t, text, args, enable_vram_management)
+        except Exception as exc:  # a mode that cannot run here is recorded, not fatal
+            results[mode] = {"skipped": f"{type(exc).__name__}: {exc}"}
+        print(mode, json.dumps(results[mode]), flush=True)
+
+    record = {
+        "benchmark": "vram_offload_z_image_dit_step",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "card": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "python benchmarks/bench_vram_offload.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "image_tokens": (h // 2) * (w // 2),
+        "text_tokens": args.caption_len,
+        "results": results,
+    }
+    print(json.dumps(record, indent=2))
+    out = Path(__file__).parent / "results" / "vram_offload.jsonl"
+    out.parent.mkdir(exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_mode(mode, model, cfg, x, t, text, args, enable_vram_management) -> dict:
+    if mode == "resident":
+        model.cuda()
+        try:
+            s, peak = timed(lambda: model(x, t, text), args.steps, args.warmup)
+        finally:
+            model.cpu()
+        return {"s_per_step": s, "peak_gib": peak}
+    if mode.startswith("streamed"):
+        config = FP8 if mode == "streamed_fp8" else STREAM
+        limit = args.vram_limit if mode == "streamed_limit" else 0
+        began = time.perf_counter()
+        handle = enable_vram_management(model, config, vram_limit=limit, device="cuda", dtype=torch.bfloat16)
+        setup = time.perf_counter() - began
+        try:
+            s, peak = timed(lambda: model(x, t, text), args.steps, args.warmup)
+            report = handle.report()
+        finally:
+            handle.disable()
+        calls = max(report.forward_calls, 1)
+        return {
+            "s_per_step": s,
+            "peak_gib": peak,
+            "setup_s": setup,
+            "resident_units": report.resident_units,
+            "streamed_units": report.streamed_units,
+            "gib_streamed_per_step": report.bytes_per_step / 2**30,
+            "gpu_wait_s_per_step": report.gpu_wait_s / calls,
+            "host_wait_s_per_step": report.host_wait_s / calls,
+            "peak_in_flight": report.peak_in_flight,
+            "plan": report.plan,
+        }
+    return run_diffusers(mode, model, cfg, x, t, text, args)
+
+
+def run_diffusers(mode, model, cfg, x, t, text, args) -> dict:
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        ref = ZImageTransformer2DModel(axes_lens=list(cfg.axes_lens))
+    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
+    ref = ref.to(torch.bfloat16).eval()
+    if mode == "diffusers_group":
+        ref.enable_group_offload(
+            onload_device=torch.device("cuda"),
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
+    else:
+        from accelerate import cpu_offload
+
+        cpu_offload(ref, execution_device=torch.device("cuda"))
+    x_list = list(x.unsqueeze(2).unbind(0))
+    s, peak = timed(lambda: ref(x_list, t, text, return_dict=False), args.steps, args.warmup)
+    return {"s_per_step": s, "peak_gib": peak}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""VRAM management through a pipeline: ModelConfig keys and vram_limit applied by from_pretrained,
+models activated and parked per stage without user code, and `pipe.vram_report()`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffsynth.runtime.hub import ModelConfig
+
+pytest.importorskip("diffsynth.z_image")
+from diffsynth.z_image import ZImagePipeline  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+FAST = {"height": 32, "width": 32, "num_inference_steps": 2, "progress_bar": False, "output_type": "pt", "seed": 0}
+DISK = {"offload_device": "disk", "onload_device": "disk"}
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    """The tiny random Z-Image repo the z-image package's tests build (one builder, not a copy)."""
+    conftest = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("z_image_tiny_repo", conftest)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image-vram"))
+
+
+def configs(root: Path, **keys) -> list[ModelConfig]:
+    files = ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+    files += ("text_encoder/model.safetensors",)
+    return [ModelConfig(path=str(root / f), **keys) for f in files]
+
+
+def test_from_pretrained_applies_the_keys_and_stages_move_models(tiny_repo):
+    base = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    expected = base(PROMPT, **FAST)
+    assert all(r.state == "unmanaged" for r in base.vram_report().values())
+
+    pipe = ZImagePipeline.from_pretrained(
+        model_configs=configs(tiny_repo, **DISK),
+        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+        torch_dtype="float32",
+        device="cpu",
+        vram_limit=1e-6,  # from_pretrained takes positive limits; the plan streams everything
+    )
+    events = []
+    for slot, handle in pipe.vram_handles.items():
+        for method in ("activate", "park"):
+            original = getattr(handle, method)
+
+            def record(original=original, slot=slot, method=method):
+                events.append((slot, method))
+                original()
+
+            setattr(handle, method, record)
+    torch.testing.assert_close(pipe(PROMPT, **FAST), expected, rtol=0, atol=0)
+    assert [slot for slot, method in events if method == "activate"] == ["text_encoder", "dit", "vae"]
+    report = pipe.vram_report()
+    assert set(report) == {"dit", "vae", "text_encoder"}
+    assert all(r.state == "parked" and r.resident_bytes == 0 for r in report.values())
+    assert report["dit"].streamed_units == 4 and report["dit"].bytes_per_step > 0
+    assert report["vae"].bytes_per_step > 0 and report["text_encoder"].bytes_moved > 0
+    assert all(r.peak_in_flight <= 2 for r in report.values())
+
+    handles = pipe.enable_vram_management(vram_limit=None, slots=["dit"], preparing_dtype="float8_e4m3fn")
+    assert handles["dit"].config.preparing_dtype == torch.float8_e4m3fn and handles["dit"].plan.streamed == ()
+    out = pipe(PROMPT, **FAST)
+    assert 0 < (out - expected).abs().max() < 0.25  # fp8 weights: close, not equal
