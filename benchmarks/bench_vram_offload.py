@@ -23,32 +23,17 @@ and torch version.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+from common import record, timed
 
 # streamed_fp8 runs last: disabling it leaves the weights fp8-rounded
 MODES = ("resident", "streamed", "streamed_limit", "diffusers_group", "diffusers_sequential", "streamed_fp8")
 STREAM = {"offload_device": "cpu", "onload_device": "cpu"}
 FP8 = {"offload_device": "cpu", "onload_device": "cpu", "offload_dtype": "float8_e4m3fn"}
-
-
-@torch.inference_mode()
-def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
 
 
 def random_dit(cfg, dtype):
@@ -111,23 +96,10 @@ def main() -> None:
             results[mode] = {"skipped": f"{type(exc).__name__}: {exc}"}
         print(mode, json.dumps(results[mode]), flush=True)
 
-    record = {
-        "benchmark": "vram_offload_z_image_dit_step",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "card": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": "python benchmarks/bench_vram_offload.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "image_tokens": (h // 2) * (w // 2),
-        "text_tokens": args.caption_len,
-        "results": results,
-    }
-    print(json.dumps(record, indent=2))
-    out = Path(__file__).parent / "results" / "vram_offload.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    record(
+        "vram_offload",
+        {"image_tokens": (h // 2) * (w // 2), "text_tokens": args.caption_len, "results": results},
+    )
 
 
 def run_mode(mode, model, cfg, x, t, text, args, enable_vram_management) -> dict:

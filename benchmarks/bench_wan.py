@@ -11,25 +11,14 @@ benchmarks/results/wan.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import time
-from pathlib import Path
 
 import torch
+from common import record, require_cuda, timed
 
 
-def timed(fn, steps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return {"s": (time.perf_counter() - start) / steps, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+def timed_dict(fn, steps: int, warmup: int) -> dict:
+    seconds, peak = timed(fn, steps, warmup)
+    return {"s": seconds, "peak_gib": peak}
 
 
 def bench_dit(args, device, dtype) -> dict:
@@ -50,8 +39,8 @@ def bench_dit(args, device, dtype) -> dict:
     context = torch.randn(1, 512, 4096, device=device, dtype=dtype)
     out = {}
     with torch.inference_mode():
-        out["diffsynth"] = timed(lambda: ours(x, t, context), args.steps, args.warmup)
-        out["diffusers"] = timed(lambda: ref(x, t, context, return_dict=False), args.steps, args.warmup)
+        out["diffsynth"] = timed_dict(lambda: ours(x, t, context), args.steps, args.warmup)
+        out["diffusers"] = timed_dict(lambda: ref(x, t, context, return_dict=False), args.steps, args.warmup)
     return out  # the models go out of scope here, before the VAE runs
 
 
@@ -69,11 +58,11 @@ def bench_vae(args, device, dtype) -> dict:
     z = torch.randn(1, 16, frames, args.height // 8, args.width // 8, device=device, dtype=dtype)
     out = {}
     with torch.inference_mode():
-        out["diffsynth_untiled"] = timed(lambda: ours.decode(z), 1, 0)
-        out["diffsynth_tiled"] = timed(lambda: ours.decode(z, tiled=True), 1, 0)
-        out["diffusers_untiled"] = timed(lambda: ref.decode(z, return_dict=False), 1, 0)
+        out["diffsynth_untiled"] = timed_dict(lambda: ours.decode(z), 1, 0)
+        out["diffsynth_tiled"] = timed_dict(lambda: ours.decode(z, tiled=True), 1, 0)
+        out["diffusers_untiled"] = timed_dict(lambda: ref.decode(z, return_dict=False), 1, 0)
         ref.enable_tiling()
-        out["diffusers_tiled"] = timed(lambda: ref.decode(z, return_dict=False), 1, 0)
+        out["diffusers_tiled"] = timed_dict(lambda: ref.decode(z, return_dict=False), 1, 0)
     return out
 
 
@@ -86,26 +75,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--skip-vae", action="store_true")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
+    require_cuda()
     device, dtype = torch.device("cuda"), torch.bfloat16
-    record = {
-        "benchmark": "wan21_t2v_1_3b",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "card": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": "python benchmarks/bench_wan.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not False),
-        "dit_step": bench_dit(args, device, dtype),
-    }
+    fields = {"dit_step": bench_dit(args, device, dtype)}
     if not args.skip_vae:
-        record["vae_decode"] = bench_vae(args, device, dtype)
-    print(json.dumps(record, indent=2))
-    out = Path(__file__).parent / "results" / "wan.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        fields["vae_decode"] = bench_vae(args, device, dtype)
+    record("wan", fields)
 
 
 if __name__ == "__main__":

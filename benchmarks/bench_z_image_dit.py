@@ -10,13 +10,9 @@ memory, and appends a JSON record to benchmarks/results/ with the card and torch
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import time
-from pathlib import Path
 
 import torch
+from common import record, require_cuda, timed
 
 
 def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
@@ -33,18 +29,6 @@ def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
     return cfg.n_layers * block(total) + cfg.n_refiner_layers * (block(image_tokens) + block(text_tokens))
 
 
-def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated() / 2**30
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -53,8 +37,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--caption-len", type=int, default=128)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
+    require_cuda()
 
     from diffusers import ZImageTransformer2DModel
 
@@ -83,25 +66,17 @@ def main() -> None:
             return ref(x_list, t, text, return_dict=False)
 
         results["diffusers"] = timed(reference_step, args.steps, args.warmup)
-    record = {
-        "benchmark": "z_image_dit_step",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "card": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": "python benchmarks/bench_z_image_dit.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "image_tokens": image_tokens,
-        "text_tokens": args.caption_len,
-        "results": {
-            name: {"s_per_step": s, "tflops": flops / s / 1e12, "peak_gib": mem} for name, (s, mem) in results.items()
+    record(
+        "z_image_dit_step",
+        {
+            "image_tokens": image_tokens,
+            "text_tokens": args.caption_len,
+            "results": {
+                name: {"s_per_step": s, "tflops": flops / s / 1e12, "peak_gib": mem}
+                for name, (s, mem) in results.items()
+            },
         },
-    }
-    print(json.dumps(record, indent=2))
-    out = Path(__file__).parent / "results" / "z_image_dit_step.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    )
 
 
 if __name__ == "__main__":
