@@ -45,6 +45,7 @@ class BasePipeline:
         self.tokenizer = None
         self.model_configs: dict[str, ModelConfig | None] = {}
         self.model_offload = False
+        self.vram_limit: float | None = None  # GiB; set by from_pretrained / enable_vram_management
         self.vram_handles: dict[str, Any] = {}  # slot -> VramHandle of block-managed models
         for slot in self.model_slots:
             setattr(self, slot, None)
@@ -160,7 +161,7 @@ class BasePipeline:
         (block-granular offload, streaming, fp8, disk) and parked until its stage runs.
         """
         configs = {slot: self.model_configs.get(slot) for slot in self.model_slots if getattr(self, slot) is not None}
-        wants = getattr(self, "vram_limit", None) is not None or any(
+        wants = self.vram_limit is not None or any(
             c is not None and any(v is not None for v in c.vram_config().values()) for c in configs.values()
         )
         self.model_offload = wants
@@ -185,7 +186,7 @@ class BasePipeline:
         vram_keys = dict(settings)
         if "vram_limit" in vram_keys:
             self.vram_limit = vram_keys.pop("vram_limit")
-        limit = getattr(self, "vram_limit", None)
+        limit = self.vram_limit
         handles = self.vram_handles
         chosen = [s for s in (self.model_slots if slots is None else slots) if getattr(self, s, None) is not None]
         unknown = [s for s in chosen if s not in self.model_slots]
