@@ -1,1 +1,4 @@
-"""DiffSynth FLUX family: FLUX.1 and FLUX.2 (not built yet)."""
+"""DiffSynth FLUX family: the FLUX.1 DiT (dev, Krea, Kontext; BFL, diffusers and ComfyUI layouts).
+
+The pipeline, text encoders and FLUX.2 are still to come; `diffsynth.flux.flux1` holds the DiT.
+"""

@@ -1,0 +1,343 @@
+"""The FLUX.1 denoiser (dev, Krea, Kontext, schnell), with Black Forest Labs' original key names.
+
+Image tokens (2x2-packed 16-channel latents, 64 features) and T5 text tokens first run through
+double-stream blocks (separate weights per stream, joint attention over `[text, image]`), then the
+concatenated sequence runs through single-stream blocks (attention and MLP in parallel from one
+fused projection). Every block is modulated (shift, scale, gate) by a vector built from the
+timestep, the distilled guidance and the pooled CLIP embedding. RoPE over 3-axis ids (t, h, w).
+
+Module names equal `flux1-dev.safetensors`, so original files load as is. Conventions follow
+BFL's `Flux.forward`: timesteps and guidance are given in [0, 1] and multiplied by 1000 inside.
+Kontext is the same model with the reference image's tokens appended to `img` (ids first axis 1);
+the caller keeps the first (noisy) tokens of the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffsynth.runtime.attention import attention
+from diffsynth.runtime.layers import apply_rope, rope_inverse_frequencies, timestep_embedding
+
+TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
+TIME_FACTOR = 1000.0  # timesteps and guidance arrive in [0, 1]
+NORM_EPS = 1e-6
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Flux1DiTConfig:
+    """Architecture of the FLUX.1 DiT (BFL `FluxParams` names); defaults are FLUX.1-dev."""
+
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: float = 10000.0
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+
+    def __post_init__(self):
+        self.axes_dim = tuple(int(d) for d in self.axes_dim)
+        for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Flux1DiTConfig.{name}={value!r} must be a positive integer")
+        for name in ("depth", "depth_single_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Flux1DiTConfig.{name}={value!r} must be a non-negative integer")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"Flux1DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
+            raise ValueError(
+                f"Flux1DiTConfig.axes_dim={self.axes_dim} must be even and sum to head_dim={self.head_dim} "
+                f"(hidden_size {self.hidden_size} / num_heads {self.num_heads})"
+            )
+        if self.mlp_ratio <= 0 or self.mlp_hidden_dim < 1:
+            raise ValueError(f"Flux1DiTConfig.mlp_ratio={self.mlp_ratio!r} must be positive")
+        if self.theta <= 0:
+            raise ValueError(f"Flux1DiTConfig.theta={self.theta!r} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+class MLPEmbedder(nn.Module):
+    """`out_layer(silu(in_layer(x)))`: the time, guidance and pooled-text embedders."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class ScaleRMSNorm(nn.Module):
+    """RMSNorm over the last axis with a `scale` parameter (BFL's name), computed in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=NORM_EPS).to(x.dtype) * self.scale.to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = ScaleRMSNorm(head_dim)
+        self.key_norm = ScaleRMSNorm(head_dim)
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv projection, QK-norm and output projection of one stream (attention runs jointly)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[B, L, dim]` -> q, k, v each `[B, L, H, D]`, q and k normalised."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+class Modulation(nn.Module):
+    """`lin(silu(vec))` split into (shift, scale, gate) triples, one (single) or two (double)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim)
+
+    def forward(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.lin(F.silu(vec))[:, None].chunk(self.multiplier, dim=-1))
+
+
+def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+def _joint_attention(q, k, v, rope: Rope) -> torch.Tensor:
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return attention(q, k, v).flatten(2)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate image/text weights, joint attention over the concatenated `[text, image]` tokens."""
+
+    def __init__(self, config: Flux1DiTConfig):
+        super().__init__()
+        dim, mlp = config.hidden_size, config.mlp_hidden_dim
+        self.img_mod = Modulation(dim, double=True)
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.img_attn = SelfAttention(dim, config.num_heads, config.qkv_bias)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.img_mlp = _mlp(dim, mlp)
+        self.txt_mod = Modulation(dim, double=True)
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.txt_attn = SelfAttention(dim, config.num_heads, config.qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.txt_mlp = _mlp(dim, mlp)
+
+    def forward(self, img, txt, vec, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+        iq, ik, iv = self.img_attn.qkv_heads((1 + i_scale1) * self.img_norm1(img) + i_shift1)
+        tq, tk, tv = self.txt_attn.qkv_heads((1 + t_scale1) * self.txt_norm1(txt) + t_shift1)
+        out = _joint_attention(torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1), rope)
+        txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
+        img = img + i_gate1 * self.img_attn.proj(img_out)
+        img = img + i_gate2 * self.img_mlp((1 + i_scale2) * self.img_norm2(img) + i_shift2)
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_out)
+        txt = txt + t_gate2 * self.txt_mlp((1 + t_scale2) * self.txt_norm2(txt) + t_shift2)
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP: `linear1` gives q, k, v and the MLP input; `linear2` merges both."""
+
+    def __init__(self, config: Flux1DiTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_heads
+        self.mlp_hidden_dim = config.mlp_hidden_dim
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden_dim)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden_dim, dim)
+        self.norm = QKNorm(config.head_dim)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.modulation = Modulation(dim, double=False)
+
+    def forward(self, x, vec, rope: Rope) -> torch.Tensor:
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = self.linear1((1 + scale) * self.pre_norm(x) + shift).split(
+            [3 * x.shape[-1], self.mlp_hidden_dim], dim=-1
+        )
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        out = _joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return x + gate * self.linear2(torch.cat((out, F.gelu(mlp, approximate="tanh")), dim=-1))
+
+
+class LastLayer(nn.Module):
+    """Modulated LayerNorm (shift, scale from `adaLN_modulation`) and the output projection."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        return self.linear((1 + scale) * self.norm_final(x) + shift)
+
+
+def rope_from_ids(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> Rope:
+    """`(cos, sin)` `[B, L, 1, head_dim / 2]` for float position ids `[B, L, n_axes]`.
+
+    Ids may be any real values (Kontext offsets, fractional positions), so angles are computed per
+    call in float64 (float32 on backends without it) and rounded after cos/sin, as diffusers does.
+    """
+    wide = torch.float32 if ids.device.type == "mps" else torch.float64
+    angles = torch.cat(
+        [
+            ids[..., a].to(wide)[..., None] * rope_inverse_frequencies(dim, theta).to(ids.device, wide)
+            for a, dim in enumerate(axes_dim)
+        ],
+        dim=-1,
+    )
+    return angles.cos().float().unsqueeze(2), angles.sin().float().unsqueeze(2)
+
+
+class Flux1DiT(nn.Module):
+    """FLUX.1 DiT. `forward(img, img_ids, txt, txt_ids, timesteps, y, guidance)` -> `[B, L_img, out]`."""
+
+    offload_units = ("double_blocks", "single_blocks")
+    compile_units = ("double_blocks", "single_blocks")
+    lora_target_modules = (
+        "img_attn.qkv",
+        "img_attn.proj",
+        "txt_attn.qkv",
+        "txt_attn.proj",
+        "img_mlp.0",
+        "img_mlp.2",
+        "txt_mlp.0",
+        "txt_mlp.2",
+        "img_mod.lin",
+        "txt_mod.lin",
+        "linear1",
+        "linear2",
+        "modulation.lin",
+    )
+
+    def __init__(self, config: Flux1DiTConfig | None = None):
+        super().__init__()
+        self.config = config = config if config is not None else Flux1DiTConfig()
+        self.gradient_checkpointing = False
+        dim = config.hidden_size
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(TIME_FREQ_DIM, dim) if config.guidance_embed else None
+        self.txt_in = nn.Linear(config.context_in_dim, dim)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
+        self.final_layer = LastLayer(dim, config.out_channels)
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        y: torch.Tensor,
+        guidance: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Velocity for packed image tokens `img` `[B, L_img, in_channels]`.
+
+        `img_ids` / `txt_ids` are `[B or 1, L, 3]` (or `[L, 3]`) positions of any length, `txt` is
+        `[B, L_txt, context_in_dim]`, `timesteps` `[B]` (or a scalar) in [0, 1], `y` the pooled CLIP
+        embedding `[B, vec_in_dim]`, `guidance` `[B]` in BFL's units (needed by guidance-distilled
+        models, ignored by the others). Computation runs in `img.dtype`.
+        """
+        cfg = self.config
+        b, n_img = img.shape[:2]
+        img_ids, txt_ids = self._check_inputs(img, img_ids, txt, txt_ids, y)
+        dtype, device = img.dtype, img.device
+
+        t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(b)
+        vec = self.time_in(timestep_embedding(t * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this FLUX.1 DiT is guidance-distilled (guidance_embed=True): pass `guidance`")
+            g = torch.as_tensor(guidance, device=device, dtype=torch.float32).reshape(-1).expand(b)
+            vec = vec + self.guidance_in(timestep_embedding(g * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+
+        img = self.img_in(img)
+        txt = self.txt_in(txt.to(dtype))
+        ids = torch.cat((txt_ids.expand(b, -1, -1), img_ids.expand(b, -1, -1)), dim=1)
+        rope = rope_from_ids(ids, cfg.axes_dim, cfg.theta)
+
+        for block in self.double_blocks:
+            img, txt = self._run(block, img, txt, vec, rope)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = self._run(block, x, vec, rope)
+        return self.final_layer(x[:, -n_img:], vec)
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _check_inputs(self, img, img_ids, txt, txt_ids, y) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if img.dim() != 3 or img.shape[-1] != cfg.in_channels:
+            raise ValueError(f"img has shape {tuple(img.shape)}; expected [B, L_img, in_channels={cfg.in_channels}]")
+        b = img.shape[0]
+        if txt.dim() != 3 or txt.shape[0] != b or txt.shape[-1] != cfg.context_in_dim:
+            raise ValueError(
+                f"txt has shape {tuple(txt.shape)}; expected [B={b}, L_txt, context_in_dim={cfg.context_in_dim}]"
+            )
+        if y.dim() != 2 or y.shape[0] != b or y.shape[-1] != cfg.vec_in_dim:
+            raise ValueError(f"y has shape {tuple(y.shape)}; expected [B={b}, vec_in_dim={cfg.vec_in_dim}]")
+        checked = []
+        for name, ids, tokens in (("img_ids", img_ids, img), ("txt_ids", txt_ids, txt)):
+            ids = ids.unsqueeze(0) if ids.dim() == 2 else ids
+            if ids.dim() != 3 or ids.shape[0] not in (1, b) or ids.shape[1] != tokens.shape[1]:
+                raise ValueError(
+                    f"{name} has shape {tuple(ids.shape)}; expected [B={b} or 1, {tokens.shape[1]}, "
+                    f"{len(cfg.axes_dim)}]"
+                )
+            if ids.shape[2] != len(cfg.axes_dim):
+                raise ValueError(f"{name} has {ids.shape[2]} axes; axes_dim={cfg.axes_dim} needs {len(cfg.axes_dim)}")
+            checked.append(ids)
+        return checked[0], checked[1]

@@ -1,0 +1,300 @@
+"""How FLUX.1 DiT checkpoints are recognised, converted and configured.
+
+Our module names are BFL's originals (`flux1-dev.safetensors`, `flux1-kontext-dev.safetensors`,
+Krea, schnell), so that layout loads as is. Also accepted:
+
+- the same keys under `model.diffusion_model.` (ComfyUI single files);
+- the diffusers `transformer/` folder: renamed through tables, plus a few fused-tensor rules:
+  `to_q/to_k/to_v` (and `add_*_proj`) stack into `qkv`; single blocks' `to_q/to_k/to_v` and
+  `proj_mlp` stack into `linear1`; `norm_out.linear` stores (scale, shift) where BFL's
+  `final_layer.adaLN_modulation.1` stores (shift, scale), so its halves are swapped.
+
+`ours_to_diffusers` is the exact inverse (used by tests and for writing diffusers layouts).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
+
+from .dit import Flux1DiT, Flux1DiTConfig
+
+PREFIX = "model.diffusion_model."
+_BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+# diffusers -> ours, for `.weight` and `.bias` alike (suffix appended). `{}` is the block index.
+_TOP = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "proj_out": "final_layer.linear",
+}
+_DOUBLE = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+_NORMS = {  # weight -> scale
+    "transformer_blocks.{}.attn.norm_q.weight": "double_blocks.{}.img_attn.norm.query_norm.scale",
+    "transformer_blocks.{}.attn.norm_k.weight": "double_blocks.{}.img_attn.norm.key_norm.scale",
+    "transformer_blocks.{}.attn.norm_added_q.weight": "double_blocks.{}.txt_attn.norm.query_norm.scale",
+    "transformer_blocks.{}.attn.norm_added_k.weight": "double_blocks.{}.txt_attn.norm.key_norm.scale",
+    "single_transformer_blocks.{}.attn.norm_q.weight": "single_blocks.{}.norm.query_norm.scale",
+    "single_transformer_blocks.{}.attn.norm_k.weight": "single_blocks.{}.norm.key_norm.scale",
+}
+DIFFUSERS_TO_OURS: dict[str, str] = {
+    **{f"{src}.{s}": f"{dst}.{s}" for src, dst in _TOP.items() for s in ("weight", "bias")},
+    **{
+        f"transformer_blocks.{{}}.{src}.{s}": f"double_blocks.{{}}.{dst}.{s}"
+        for src, dst in _DOUBLE.items()
+        for s in ("weight", "bias")
+    },
+    **{
+        f"single_transformer_blocks.{{}}.{src}.{s}": f"single_blocks.{{}}.{dst}.{s}"
+        for src, dst in _SINGLE.items()
+        for s in ("weight", "bias")
+    },
+    **_NORMS,
+}
+# Our fused tensors and the diffusers tensors stacked (dim 0, in this order) to make them.
+_FUSED_PARTS = {
+    "double_blocks.{}.img_attn.qkv": tuple(f"transformer_blocks.{{}}.attn.to_{n}" for n in "qkv"),
+    "double_blocks.{}.txt_attn.qkv": tuple(f"transformer_blocks.{{}}.attn.add_{n}_proj" for n in "qkv"),
+    "single_blocks.{}.linear1": (
+        *(f"single_transformer_blocks.{{}}.attn.to_{n}" for n in "qkv"),
+        "single_transformer_blocks.{}.proj_mlp",
+    ),
+}
+OURS_FUSED: dict[str, tuple[str, ...]] = {
+    f"{ours}.{s}": tuple(f"{p}.{s}" for p in parts) for ours, parts in _FUSED_PARTS.items() for s in ("weight", "bias")
+}
+DIFFUSERS_FUSED: dict[str, tuple[str, int]] = {  # diffusers part -> (our fused tensor, position)
+    part: (ours, i) for ours, parts in OURS_FUSED.items() for i, part in enumerate(parts)
+}
+# Stored as (scale, shift) by diffusers and (shift, scale) by BFL: halves swapped.
+SWAPPED = {f"norm_out.linear.{s}": f"final_layer.adaLN_modulation.1.{s}" for s in ("weight", "bias")}
+
+
+def _template(key: str) -> tuple[str, list[int]]:
+    m = _BLOCK_KEY.match(key)
+    if m is None:
+        return key, []
+    return f"{m.group(1)}.{{}}.{m.group(3)}", [int(m.group(2))]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    if any(p.is_meta for p in parts):  # torch.cat on meta tensors is slow: build the shape instead
+        rows = sum(p.shape[0] for p in parts)
+        return torch.empty(rows, *parts[0].shape[1:], dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, dim=0)
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return _cat([b, a])
+
+
+def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a diffusers `FluxTransformer2DModel` state dict to our (BFL) names.
+
+    Raises `KeyError` naming the first key without a mapping, or a fused tensor missing a part.
+    """
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        template, index = _template(key)
+        if template in DIFFUSERS_TO_OURS:
+            out[DIFFUSERS_TO_OURS[template].format(*index)] = value
+        elif template in DIFFUSERS_FUSED:
+            target, position = DIFFUSERS_FUSED[template]
+            pending.setdefault(target.format(*index), {})[position] = value
+        elif key in SWAPPED:
+            out[SWAPPED[key]] = _swap_halves(value)
+        else:
+            raise KeyError(f"FLUX.1 DiT (diffusers layout): no mapping for key {key!r}")
+    for target, parts in pending.items():
+        template, index = _template(target)
+        names = OURS_FUSED[template]
+        missing = [names[i].format(*index) for i in range(len(names)) if i not in parts]
+        if missing:
+            raise KeyError(f"FLUX.1 DiT (diffusers layout): {target!r} needs {missing} as well")
+        out[target] = _cat([parts[i] for i in range(len(names))])
+    return out
+
+
+_OURS_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_TO_OURS.items()}
+_SWAPPED_BACK = {v: k for k, v in SWAPPED.items()}
+
+
+def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (BFL) names -> diffusers `FluxTransformer2DModel` names; inverse of `diffusers_to_ours`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        template, index = _template(key)
+        if template in _OURS_TO_DIFFUSERS:
+            out[_OURS_TO_DIFFUSERS[template].format(*index)] = value
+        elif template in OURS_FUSED:
+            names = OURS_FUSED[template]
+            if len(names) == 3:
+                sizes = [value.shape[0] // 3] * 3
+            else:  # linear1: q, k, v of hidden width, then the MLP input
+                hidden = state[f"single_blocks.{index[0]}.linear1.weight"].shape[1]
+                sizes = [hidden] * 3 + [value.shape[0] - 3 * hidden]
+            for name, part in zip(names, value.split(sizes, dim=0), strict=True):
+                out[name.format(*index)] = part
+        elif key in _SWAPPED_BACK:
+            out[_SWAPPED_BACK[key]] = _swap_halves(value)
+        else:
+            raise KeyError(f"FLUX.1 DiT: no diffusers name for key {key!r}")
+    return out
+
+
+ORIGINAL_SIGNATURE = (
+    "img_in.weight",
+    "time_in.in_layer.weight",
+    "vector_in.in_layer.weight",
+    "txt_in.weight",
+    "double_blocks.0.img_mod.lin.weight",
+    "double_blocks.0.img_attn.qkv.weight",
+    "single_blocks.0.linear1.weight",
+    "final_layer.adaLN_modulation.1.weight",
+)
+DIFFUSERS_SIGNATURE = (
+    "x_embedder.weight",
+    "context_embedder.weight",
+    "time_text_embed.timestep_embedder.linear_1.weight",
+    "time_text_embed.text_embedder.linear_1.weight",
+    "transformer_blocks.0.attn.to_q.weight",
+    "single_transformer_blocks.0.proj_mlp.weight",
+    "norm_out.linear.weight",
+)
+_OWNS_ORIGINAL = (
+    "img_in.",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+    "txt_in.",
+    "double_blocks.",
+    "single_blocks.",
+    "final_layer.",
+)
+_OWNS_DIFFUSERS = (
+    "x_embedder.",
+    "context_embedder.",
+    "time_text_embed.",
+    "transformer_blocks.",
+    "single_transformer_blocks.",
+    "norm_out.",
+    "proj_out.",
+)
+
+LAYOUTS = (
+    KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
+    KeyLayout("comfyui", ORIGINAL_SIGNATURE, prefix=PREFIX, owns_prefixes=_OWNS_ORIGINAL),
+    KeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
+)
+
+
+# ----------------------------------------------------------------------------------- config
+def _count(state: StateDict, template: str) -> int:
+    n = 0
+    while template.format(n) in state:
+        n += 1
+    return n
+
+
+def _fields_from_shapes(state: StateDict) -> dict:
+    hidden, in_channels = state["img_in.weight"].shape
+    depth = _count(state, "double_blocks.{}.img_attn.qkv.weight")
+    single = _count(state, "single_blocks.{}.linear1.weight")
+    norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
+    fields = dict(
+        in_channels=in_channels,
+        out_channels=state["final_layer.linear.weight"].shape[0],
+        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=state["txt_in.weight"].shape[1],
+        hidden_size=hidden,
+        depth=depth,
+        depth_single_blocks=single,
+        guidance_embed="guidance_in.in_layer.weight" in state,
+    )
+    if norm in state:
+        fields["num_heads"] = hidden // state[norm].shape[0]
+    if depth:
+        fields["mlp_ratio"] = state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden
+        fields["qkv_bias"] = "double_blocks.0.img_attn.qkv.bias" in state
+    elif single:
+        fields["mlp_ratio"] = (state["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden) / hidden
+    return fields
+
+
+def _fields_from_json(config_json: dict) -> dict:
+    if config_json.get("patch_size", 1) != 1:
+        raise ConfigError(f"config.json patch_size={config_json['patch_size']}: FLUX.1 DiTs take packed tokens (1)")
+    names = {
+        "in_channels": "in_channels",
+        "out_channels": "out_channels",
+        "num_layers": "depth",
+        "num_single_layers": "depth_single_blocks",
+        "num_attention_heads": "num_heads",
+        "joint_attention_dim": "context_in_dim",
+        "pooled_projection_dim": "vec_in_dim",
+        "guidance_embeds": "guidance_embed",
+        "axes_dims_rope": "axes_dim",
+    }
+    given = {ours: config_json[name] for name, ours in names.items() if config_json.get(name) is not None}
+    if "out_channels" not in given and "in_channels" in given:
+        given["out_channels"] = given["in_channels"]  # diffusers: out_channels None means in_channels
+    if config_json.get("attention_head_dim") is not None and "num_heads" in given:
+        given["hidden_size"] = int(config_json["attention_head_dim"]) * int(given["num_heads"])
+    if "axes_dim" in given:
+        given["axes_dim"] = tuple(given["axes_dim"])
+    return given
+
+
+def config_from_state(state: StateDict, config_json: dict | None = None) -> Flux1DiTConfig:
+    """Config from our-named shapes and, when present, the diffusers `config.json` beside the file.
+
+    Shapes give widths, block counts, heads (QK-norm width is head_dim), MLP ratio and whether the
+    guidance embedder exists (FLUX.1-schnell has none); RoPE axes and theta come from the json or
+    the released defaults. A json value contradicting the shapes is an error naming the field.
+    """
+    given = _fields_from_json(config_json) if config_json else {}
+    merged = dict(given)
+    if state:
+        derived = _fields_from_shapes(state)
+        for name, value in derived.items():
+            if name in given and given[name] != value:
+                raise ConfigError(
+                    f"FLUX.1 DiT config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
+                )
+        merged = {**derived, **given}
+    try:
+        return Flux1DiTConfig(**merged)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"FLUX.1 DiT checkpoint gives an invalid config: {exc}") from exc
+
+
+FLUX1_DIT_SPEC = ModelSpec(
+    name="flux1_dit",
+    role="dit",
+    layouts=LAYOUTS,
+    config_from_state=config_from_state,
+    build=Flux1DiT,
+    description="FLUX.1 DiT: dev, Krea, Kontext, schnell (BFL original files, ComfyUI single files, diffusers folders)",
+)

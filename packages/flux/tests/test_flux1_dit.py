@@ -1,0 +1,217 @@
+"""FLUX.1 DiT: conformance suite, released config, Kontext-style token lists and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffsynth.flux.flux1 import dit as dit_module
+from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
+from diffsynth.runtime.testing import conformance as cf
+
+
+def tiny_config(**overrides) -> Flux1DiTConfig:
+    """The one place tiny FLUX.1 DiT sizes live (other test modules load it from here)."""
+    fields = dict(
+        in_channels=16,
+        out_channels=16,
+        vec_in_dim=24,
+        context_in_dim=32,
+        hidden_size=32,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 6, 6),
+    )
+    return Flux1DiTConfig(**{**fields, **overrides})
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights everywhere (norm scales around 1)."""
+    if any(p.is_meta for p in model.parameters()):
+        return model
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.1 * noise if name.endswith(".scale") else 0.2 * noise)
+    return model
+
+
+def make_model(config: Flux1DiTConfig | None = None, seed: int = 0) -> Flux1DiT:
+    return randomize(Flux1DiT(config or tiny_config()), seed)
+
+
+def image_ids(height: int, width: int, first: float = 0.0) -> torch.Tensor:
+    """`[1, h*w, 3]` ids (first, row, column) of a packed latent grid, as the FLUX pipelines build them."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ids = torch.stack([torch.full_like(rows, 0), rows, cols], dim=-1).reshape(1, -1, 3).float()
+    ids[..., 0] = first
+    return ids
+
+
+def inputs(batch=2, grid=(4, 4), txt_len=7, seed=1, config: Flux1DiTConfig | None = None):
+    cfg = config or tiny_config()
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(batch, grid[0] * grid[1], cfg.in_channels, generator=g)
+    txt = torch.randn(batch, txt_len, cfg.context_in_dim, generator=g)
+    txt_ids = torch.zeros(1, txt_len, 3)
+    timesteps = torch.rand(batch, generator=g)
+    y = torch.randn(batch, cfg.vec_in_dim, generator=g)
+    guidance = 1.0 + 4.0 * torch.rand(batch, generator=g)
+    return img, image_ids(*grid), txt, txt_ids, timesteps, y, guidance
+
+
+# ------------------------------------------------------------------ config
+def test_default_config_is_flux1_dev():
+    cfg = Flux1DiTConfig()
+    assert (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.depth, cfg.depth_single_blocks) == (3072, 24, 128, 19, 38)
+    assert (cfg.in_channels, cfg.out_channels, cfg.context_in_dim, cfg.vec_in_dim) == (64, 64, 4096, 768)
+    assert cfg.mlp_hidden_dim == 12288 and cfg.axes_dim == (16, 56, 56) and cfg.theta == 10000.0
+    assert cfg.qkv_bias and cfg.guidance_embed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"hidden_size": 33}, "hidden_size"),
+        ({"axes_dim": (4, 6, 8)}, "axes_dim"),
+        ({"axes_dim": (5, 5, 6)}, "axes_dim"),
+        ({"depth": -1}, "depth"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio"),
+        ({"theta": 0.0}, "theta"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+# ------------------------------------------------------------------ conformance suite
+def test_forward_shape_and_dtype():
+    args = inputs()
+    cf.check_forward(make_model, args, expected_shapes=[args[0].shape])
+
+
+def test_forward_bfloat16_keeps_dtype():
+    img, *rest = inputs()
+    cf.check_forward(lambda: make_model().to(torch.bfloat16), (img.bfloat16(), *rest), expected_shapes=[img.shape])
+
+
+def test_backward_reaches_every_parameter():
+    cf.check_backward(make_model, inputs())
+
+
+def test_gradient_checkpointing_gives_same_output_and_grads():
+    cf.check_gradient_checkpointing(make_model, inputs(), atol=1e-6)
+
+
+def test_meta_build_and_assign_load_are_identical():
+    cf.check_meta_load(make_model, inputs())
+
+
+def test_declared_units_exist():
+    cf.check_declared_units(make_model)
+    assert Flux1DiT.offload_units == Flux1DiT.compile_units == ("double_blocks", "single_blocks")
+
+
+def test_released_model_builds_on_meta_with_12b_parameters():
+    with torch.device("meta"):
+        model = Flux1DiT()
+    cf.check_declared_units(model)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 11.90
+
+
+# ------------------------------------------------------------------ behaviour
+def test_batch_equals_each_sample_alone():
+    model = make_model().eval()
+    args = inputs(batch=3)
+    with torch.no_grad():
+        batch = model(*args)
+        for i in range(3):
+            img, img_ids, txt, txt_ids, t, y, g = args
+            alone = model(img[i : i + 1], img_ids, txt[i : i + 1], txt_ids, t[i : i + 1], y[i : i + 1], g[i : i + 1])
+            torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_kontext_reference_tokens_of_any_length_and_per_sample_ids():
+    """Kontext appends reference-image tokens (ids first axis 1) to `img`; output covers all tokens."""
+    model = make_model().eval()
+    img, img_ids, txt, txt_ids, t, y, g = inputs(batch=2, grid=(4, 4))
+    ref = torch.randn(2, 3 * 5, 16, generator=torch.Generator().manual_seed(5))
+    joint = torch.cat([img, ref], dim=1)
+    joint_ids = torch.cat([img_ids, image_ids(3, 5, first=1.0)], dim=1)
+    with torch.no_grad():
+        out = model(joint, joint_ids, txt, txt_ids, t, y, g)
+        per_sample = model(joint, joint_ids.expand(2, -1, -1), txt, txt_ids.expand(2, -1, -1), t, y, g)
+        unbatched_ids = model(joint, joint_ids[0], txt, txt_ids[0], t, y, g)
+        without_ref = model(img, img_ids, txt, txt_ids, t, y, g)
+    assert out.shape == (2, 31, 16)
+    assert torch.equal(out, per_sample) and torch.equal(out, unbatched_ids)
+    assert (out[:, :16] - without_ref).abs().max() > 1e-4  # the reference tokens are attended to
+
+
+def test_positions_move_the_output():
+    model = make_model().eval()
+    img, img_ids, *rest = inputs()
+    with torch.no_grad():
+        a = model(img, img_ids, *rest)
+        b = model(img, img_ids + torch.tensor([0.0, 1.0, 0.0]), *rest)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_scalar_timestep_and_guidance_broadcast():
+    model = make_model().eval()
+    img, img_ids, txt, txt_ids, _, y, _ = inputs()
+    with torch.no_grad():
+        per_sample = model(img, img_ids, txt, txt_ids, torch.full((2,), 0.5), y, torch.full((2,), 3.5))
+        scalar = model(img, img_ids, txt, txt_ids, 0.5, y, 3.5)
+    assert torch.equal(per_sample, scalar)
+
+
+def test_schnell_style_model_without_guidance_embedder():
+    cfg = tiny_config(guidance_embed=False)
+    model = make_model(cfg).eval()
+    assert model.guidance_in is None and not any(k.startswith("guidance_in") for k in model.state_dict())
+    img, img_ids, txt, txt_ids, t, y, _ = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(img, img_ids, txt, txt_ids, t, y), model(img, img_ids, txt, txt_ids, t, y, 4.0))
+
+
+def test_guidance_distilled_model_needs_guidance():
+    img, img_ids, txt, txt_ids, t, y, _ = inputs()
+    with pytest.raises(ValueError, match="guidance"):
+        make_model()(img, img_ids, txt, txt_ids, t, y)
+
+
+def test_attention_goes_through_the_runtime_entry_point(monkeypatch):
+    calls = []
+
+    def spy(q, k, v, mask=None, scale=None):
+        calls.append(tuple(q.shape))
+        return original(q, k, v, mask, scale)
+
+    original = dit_module.attention
+    monkeypatch.setattr(dit_module, "attention", spy)
+    with torch.no_grad():
+        make_model()(*inputs())
+    assert calls == [(2, 7 + 16, 2, 16)] * 4  # 2 double + 2 single blocks, joint [text, image] sequence
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({0: torch.zeros(2, 16, 15)}, "img has shape"),
+        ({2: torch.zeros(2, 7, 31)}, "txt has shape"),
+        ({5: torch.zeros(2, 23)}, "y has shape"),
+        ({1: torch.zeros(1, 15, 3)}, "img_ids"),
+        ({3: torch.zeros(1, 7, 2)}, "txt_ids"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    args = list(inputs())
+    for index, value in change.items():
+        args[index] = value
+    with pytest.raises(ValueError, match=message):
+        make_model()(*args)
