@@ -1,0 +1,340 @@
+"""The Qwen-Image denoiser: an MMDiT of dual-stream blocks (Qwen/Qwen-Image, Qwen-Image-Edit).
+
+Image tokens (packed 2x2 latent patches, 64 channels) and text tokens (Qwen2.5-VL hidden states,
+RMS-normalised by `txt_norm`) keep separate weights (`img_*` / `txt_*` modulation, MLPs and
+projections) and meet in one joint attention over `[text, image]`, with QK-RMSNorm and MSRoPE:
+
+- image tokens of image `i` in a sample get positions (frame `i + f`, row, column), rows and columns
+  centred on 0 (`-(h - h // 2) .. h // 2 - 1`, the "scale_rope" layout);
+- text tokens get the same position on all three axes, starting after the largest half-size
+  `max(h // 2, w // 2)` of the sample's images.
+
+Edit models append the reference images' tokens to the latent sequence (several `img_shapes`
+entries per sample). With `zero_cond_t` (Qwen-Image-Edit-2511) those reference tokens are
+modulated with the embedding of timestep 0, the generated image with the real timestep.
+
+Module names equal the official diffusers checkpoint (`transformer/` folder), so it loads as is.
+The timestep is sigma in [0, 1] (scaled by 1000 inside); the prediction is the flow velocity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffsynth.runtime.attention import attention
+from diffsynth.runtime.layers import apply_rope, rope_inverse_frequencies, timestep_embedding
+
+TIME_FREQ_DIM = 256  # sinusoidal features fed to the time MLP
+TIME_SCALE = 1000.0  # sigma -> diffusers timestep
+ROPE_THETA = 10000.0
+EPS = 1e-6
+
+ImageShape = tuple[int, int, int]  # (frames, height, width) in patch units
+
+
+@dataclass
+class QwenImageDiTConfig:
+    """Sizes of the Qwen-Image DiT; defaults are the released 20B checkpoint."""
+
+    patch_size: int = 2
+    in_channels: int = 64  # packed: latent channels * patch_size ** 2
+    out_channels: int = 16  # latent channels; the output is packed to patch_size ** 2 * out_channels
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    zero_cond_t: bool = False
+    guidance_embeds: bool = False
+
+    def __post_init__(self) -> None:
+        self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)
+        for name in ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_attention_heads < 1 or self.joint_attention_dim < 1:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} and joint_attention_dim="
+                f"{self.joint_attention_dim} must be >= 1"
+            )
+        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope={self.axes_dims_rope} must be three even numbers")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope={self.axes_dims_rope} sums to {sum(self.axes_dims_rope)}, "
+                f"but attention_head_dim={self.attention_head_dim}"
+            )
+        if self.guidance_embeds:
+            raise ValueError("guidance_embeds=True is not supported (no released Qwen-Image has guidance weights)")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.out_channels
+
+
+# ------------------------------------------------------------------------------------ MSRoPE
+def _axis_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Angles `[N, dim // 2]` in float32 (as the reference computes them) for integer positions."""
+    inv = rope_inverse_frequencies(dim, ROPE_THETA).float().to(positions.device)
+    return torch.outer(positions.float(), inv)
+
+
+def _centred(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device) - (n - n // 2)
+
+
+def msrope_angles(
+    shapes: Sequence[ImageShape], text_len: int, axes_dims: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary angles of one sample: `(image [L_img, D/2], text [L_txt, D/2])`, axes concatenated."""
+    parts = []
+    for index, (f, h, w) in enumerate(shapes):
+        axes = (
+            torch.arange(index, index + f, device=device),
+            _centred(h, device),
+            _centred(w, device),
+        )
+        grids = torch.meshgrid(*axes, indexing="ij")
+        parts.append(torch.cat([_axis_angles(g.reshape(-1), d) for g, d in zip(grids, axes_dims, strict=True)], -1))
+    start = max(max(h // 2, w // 2) for _, h, w in shapes)
+    text_pos = torch.arange(start, start + text_len, device=device)
+    text = torch.cat([_axis_angles(text_pos, d) for d in axes_dims], dim=-1)
+    return torch.cat(parts, dim=0), text
+
+
+# ------------------------------------------------------------------------------------ modules
+class TimestepEmbedder(nn.Module):
+    """`linear_2(silu(linear_1(sinusoid(1000 * sigma))))`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(TIME_FREQ_DIM, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        freqs = timestep_embedding(sigma, TIME_FREQ_DIM, scale=TIME_SCALE, cos_first=True)
+        return self.linear_2(F.silu(self.linear_1(freqs.to(dtype))))
+
+
+class TimeTextEmbed(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+
+
+class FeedForward(nn.Module):
+    """GELU (tanh) MLP with the diffusers names `net.0.proj` / `net.2`."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        proj = nn.Module()
+        proj.proj = nn.Linear(dim, hidden)
+        self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class JointAttention(nn.Module):
+    """Joint attention of the text (`add_*`) and image (`to_*`) streams."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        # registration order follows the diffusers state dict
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=EPS), nn.RMSNorm(head_dim, eps=EPS)
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.add_k_proj, self.add_v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.add_q_proj = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.to_add_out = nn.Linear(inner, dim)
+        self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=EPS), nn.RMSNorm(head_dim, eps=EPS)
+
+    def forward(self, img, txt, img_rope, txt_rope, mask):
+        def heads(x):
+            return x.unflatten(-1, (self.heads, self.head_dim))
+
+        q = torch.cat(
+            [
+                apply_rope(self.norm_added_q(heads(self.add_q_proj(txt))), *txt_rope),
+                apply_rope(self.norm_q(heads(self.to_q(img))), *img_rope),
+            ],
+            dim=1,
+        )
+        k = torch.cat(
+            [
+                apply_rope(self.norm_added_k(heads(self.add_k_proj(txt))), *txt_rope),
+                apply_rope(self.norm_k(heads(self.to_k(img))), *img_rope),
+            ],
+            dim=1,
+        )
+        v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], dim=1)
+        out = attention(q, k, v, mask=mask).flatten(2)
+        n_txt = txt.shape[1]
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=EPS)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _layer_norm(x) * (1 + scale) + shift
+
+
+class QwenImageBlock(nn.Module):
+    """One dual-stream block: AdaLN-modulated joint attention and per-stream MLPs."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn = JointAttention(dim, heads, head_dim)
+        self.img_mlp = FeedForward(dim, 4 * dim)
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mlp = FeedForward(dim, 4 * dim)
+
+    def forward(self, img, txt, temb, img_rope, txt_rope, mask, cond_index):
+        """`temb` is `[B, D]`, or `[2B, D]` (real, zero timestep) when `cond_index` `[B, L_img]` is given."""
+        img_params = self.img_mod(temb)
+        if cond_index is not None:
+            real, zero = img_params.unsqueeze(1).chunk(2, dim=0)
+            img_params = torch.where(cond_index.unsqueeze(-1), zero, real)  # [B, L_img, 6D]
+            txt_params = self.txt_mod(temb.chunk(2, dim=0)[0]).unsqueeze(1)
+        else:
+            img_params = img_params.unsqueeze(1)
+            txt_params = self.txt_mod(temb).unsqueeze(1)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = img_params.chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_params.chunk(6, dim=-1)
+
+        img_attn, txt_attn = self.attn(
+            _modulate(img, i_shift1, i_scale1), _modulate(txt, t_shift1, t_scale1), img_rope, txt_rope, mask
+        )
+        img = img + i_gate1 * img_attn
+        txt = txt + t_gate1 * txt_attn
+        img = img + i_gate2 * self.img_mlp(_modulate(img, i_shift2, i_scale2))
+        txt = txt + t_gate2 * self.txt_mlp(_modulate(txt, t_shift2, t_scale2))
+        if img.dtype == torch.float16:
+            img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
+        return img, txt
+
+
+class OutputNorm(nn.Module):
+    """AdaLN before the output projection: `norm(x) * (1 + scale) + shift`, scale first."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb)).unsqueeze(1).chunk(2, dim=-1)
+        return _modulate(x, shift, scale)
+
+
+# ------------------------------------------------------------------------------------ model
+class QwenImageDiT(nn.Module):
+    """Qwen-Image MMDiT with the official diffusers module names."""
+
+    offload_units = ("transformer_blocks",)
+    compile_units = ("transformer_blocks",)
+    lora_target_modules = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_out.0",
+        "to_add_out",
+        "img_mlp.net.2",
+        "img_mod.1",
+        "txt_mlp.net.2",
+        "txt_mod.1",
+    )
+
+    def __init__(self, config: QwenImageDiTConfig | None = None):
+        super().__init__()
+        self.config = config = config or QwenImageDiTConfig()
+        dim = config.inner_dim
+        self.time_text_embed = TimeTextEmbed(dim)
+        self.txt_norm = nn.RMSNorm(config.joint_attention_dim, eps=EPS)
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.txt_in = nn.Linear(config.joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            QwenImageBlock(dim, config.num_attention_heads, config.attention_head_dim) for _ in range(config.num_layers)
+        )
+        self.norm_out = OutputNorm(dim)
+        self.proj_out = nn.Linear(dim, config.out_dim)
+        self.gradient_checkpointing = False
+
+    def _rope(self, img_shapes, n_img: int, n_txt: int, device) -> tuple[tuple, tuple]:
+        img_angles, txt_angles = [], []
+        for b, shapes in enumerate(img_shapes):
+            total = sum(math.prod(s) for s in shapes)
+            if total != n_img:
+                raise ValueError(f"img_shapes[{b}]={list(shapes)} covers {total} tokens, but latents have {n_img}")
+            img, txt = msrope_angles(shapes, n_txt, self.config.axes_dims_rope, device)
+            img_angles.append(img)
+            txt_angles.append(txt)
+        img, txt = torch.stack(img_angles)[:, :, None], torch.stack(txt_angles)[:, :, None]  # [B, S, 1, D/2]
+        return (img.cos(), img.sin()), (txt.cos(), txt.sin())
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        img_shapes: Sequence[Sequence[ImageShape]] | Sequence[ImageShape] | None = None,
+    ) -> torch.Tensor:
+        """`latents` `[B, L_img, in_channels]` packed tokens, `timestep` `[B]` sigma, `text`
+        `[B, L_txt, joint_attention_dim]`, `text_mask` `[B, L_txt]` (True = real token),
+        `img_shapes` one list of `(frames, h, w)` per sample (target image first, then edit
+        references; a single list is shared by the batch). Returns `[B, L_img, out_dim]`."""
+        cfg = self.config
+        b, n_img, _ = latents.shape
+        if img_shapes is None:
+            raise ValueError("img_shapes is required: one list of (frames, h, w) per sample")
+        if len(img_shapes) and isinstance(img_shapes[0][0], int):
+            img_shapes = [img_shapes] * b
+        if len(img_shapes) != b:
+            raise ValueError(f"img_shapes has {len(img_shapes)} entries for a batch of {b}")
+        img_shapes = [[tuple(int(n) for n in s) for s in shapes] for shapes in img_shapes]
+
+        img = self.img_in(latents)
+        txt = self.txt_in(self.txt_norm(text))
+        timestep = timestep.to(img.dtype).reshape(b)
+
+        cond_index = None
+        if cfg.zero_cond_t:
+            timestep = torch.cat([timestep, torch.zeros_like(timestep)])
+            first = [math.prod(shapes[0]) for shapes in img_shapes]
+            cond_index = torch.arange(n_img, device=img.device)[None] >= torch.tensor(first, device=img.device)[:, None]
+        temb = self.time_text_embed.timestep_embedder(timestep, img.dtype)
+
+        img_rope, txt_rope = self._rope(img_shapes, n_img, txt.shape[1], img.device)
+        mask = None
+        if text_mask is not None:
+            mask = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
+
+        for block in self.transformer_blocks:
+            args = (img, txt, temb, img_rope, txt_rope, mask, cond_index)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                img, txt = checkpoint(block, *args, use_reentrant=False)
+            else:
+                img, txt = block(*args)
+
+        if cfg.zero_cond_t:
+            temb = temb.chunk(2, dim=0)[0]
+        return self.proj_out(self.norm_out(img, temb))

@@ -1,0 +1,119 @@
+"""How Qwen-Image DiT checkpoints are recognised and configured.
+
+Our DiT uses the official diffusers names (`transformer/` folder of the hub repos), so that
+layout loads as is; the same keys under `model.diffusion_model.` (ComfyUI single files) are
+accepted too. The pipeline and presets come later; `FAMILY` declares the DiT only.
+"""
+
+from __future__ import annotations
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict
+
+from .dit import QwenImageDiT, QwenImageDiTConfig
+
+PREFIX = "model.diffusion_model."
+
+SIGNATURE = (
+    "time_text_embed.timestep_embedder.linear_1.weight",
+    "txt_norm.weight",
+    "img_in.weight",
+    "txt_in.weight",
+    "transformer_blocks.0.img_mod.1.weight",
+    "transformer_blocks.0.attn.add_q_proj.weight",
+    "transformer_blocks.0.attn.norm_added_q.weight",
+    "norm_out.linear.weight",
+    "proj_out.weight",
+)
+_OWNS = ("time_text_embed.", "txt_norm.", "img_in.", "txt_in.", "transformer_blocks.", "norm_out.", "proj_out.")
+
+LAYOUTS = (
+    KeyLayout("diffusers", SIGNATURE, owns_prefixes=_OWNS),
+    KeyLayout("diffusers_prefixed", SIGNATURE, prefix=PREFIX, owns_prefixes=_OWNS),
+)
+
+# diffusers config.json fields we read (same names as our config)
+_JSON_FIELDS = (
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "guidance_embeds",
+    "axes_dims_rope",
+    "zero_cond_t",
+)
+# variants whose extra weights or RoPE we do not implement (Qwen-Image-Layered)
+_UNSUPPORTED = ("use_additional_t_cond", "use_layer3d_rope")
+
+
+def _fields_from_json(config_json: dict) -> dict:
+    for name in _UNSUPPORTED:
+        if config_json.get(name):
+            raise ConfigError(f"Qwen-Image DiT config.json {name}={config_json[name]!r} is not supported")
+    given = {name: config_json[name] for name in _JSON_FIELDS if config_json.get(name) is not None}
+    if "axes_dims_rope" in given:
+        given["axes_dims_rope"] = tuple(given["axes_dims_rope"])
+    return given
+
+
+def _fields_from_shapes(state: StateDict, patch_size: int) -> dict:
+    inner, in_channels = state["img_in.weight"].shape
+    head_dim = state["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+    out_dim = state["proj_out.weight"].shape[0]
+    if out_dim % (patch_size * patch_size):
+        raise ConfigError(f"Qwen-Image DiT proj_out has {out_dim} outputs, not a multiple of patch_size**2")
+    n = 0
+    while f"transformer_blocks.{n}.img_mod.1.weight" in state:
+        n += 1
+    return dict(
+        in_channels=in_channels,
+        out_channels=out_dim // (patch_size * patch_size),
+        num_layers=n,
+        attention_head_dim=head_dim,
+        num_attention_heads=inner // head_dim,
+        joint_attention_dim=state["txt_in.weight"].shape[1],
+    )
+
+
+def config_from_state(state: StateDict, config_json: dict | None = None) -> QwenImageDiTConfig:
+    """Config from our-named shapes and, when present, the diffusers `config.json` beside the file.
+
+    Shapes give channels, widths, heads (from the QK-norm width) and the layer count; the patch
+    size, RoPE axes and `zero_cond_t` come from the json or the released defaults. A json value
+    that contradicts the shapes is an error naming the field. An empty `state` uses the json alone.
+    """
+    given = _fields_from_json(config_json) if config_json else {}
+    merged = dict(given)
+    if state:
+        derived = _fields_from_shapes(state, int(given.get("patch_size", QwenImageDiTConfig.patch_size)))
+        for name, value in derived.items():
+            if name in given and given[name] != value:
+                raise ConfigError(
+                    f"Qwen-Image DiT config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
+                )
+        merged = {**derived, **given}
+    try:
+        return QwenImageDiTConfig(**merged)
+    except ValueError as exc:
+        raise ConfigError(f"Qwen-Image DiT checkpoint gives an invalid config: {exc}") from exc
+
+
+DIT_SPEC = ModelSpec(
+    name="qwen_image_dit",
+    role="dit",
+    layouts=LAYOUTS,
+    config_from_state=config_from_state,
+    build=QwenImageDiT,
+    description="Qwen-Image / Qwen-Image-Edit MMDiT (diffusers `transformer/` folder, prefixed single files)",
+)
+
+FAMILY = Family(
+    name="qwen_image",
+    specs=(DIT_SPEC,),
+    presets={},
+    pipeline=None,
+    description="Qwen-Image and Qwen-Image-Edit: 20B MMDiT (60 dual-stream blocks), Qwen2.5-VL-7B text encoder",
+)
