@@ -8,7 +8,7 @@ accepted too. The pipeline and presets come later; `FAMILY` declares the DiT onl
 from __future__ import annotations
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
 from .dit import QwenImageDiT, QwenImageDiTConfig
 
@@ -86,19 +86,9 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> Qwen
     that contradicts the shapes is an error naming the field. An empty `state` uses the json alone.
     """
     given = _fields_from_json(config_json) if config_json else {}
-    merged = dict(given)
-    if state:
-        derived = _fields_from_shapes(state, int(given.get("patch_size", QwenImageDiTConfig.patch_size)))
-        for name, value in derived.items():
-            if name in given and given[name] != value:
-                raise ConfigError(
-                    f"Qwen-Image DiT config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
-                )
-        merged = {**derived, **given}
-    try:
-        return QwenImageDiTConfig(**merged)
-    except ValueError as exc:
-        raise ConfigError(f"Qwen-Image DiT checkpoint gives an invalid config: {exc}") from exc
+    patch = int(given.get("patch_size", QwenImageDiTConfig.patch_size))
+    derived = _fields_from_shapes(state, patch) if state else {}
+    return build_config(QwenImageDiTConfig, "Qwen-Image DiT", merge_fields("Qwen-Image DiT", given, derived))
 
 
 DIT_SPEC = ModelSpec(

@@ -175,3 +175,29 @@ def find_preset(name: str) -> tuple[Family, Preset]:
                 return fam, preset
             known.append(key)
     raise ConfigError(f"unknown model preset {name!r}; installed presets: {preview(sorted(known), 50)}")
+
+
+def merge_fields(label: str, given: Mapping[str, Any], derived: Mapping[str, Any]) -> dict[str, Any]:
+    """Config fields from a `config.json` (`given`) over those the shapes fix (`derived`).
+
+    The shapes are the truth: a json value that contradicts them is an error naming the field; the
+    json adds what shapes cannot tell (RoPE, eps, ...). Empty `derived` means the json alone.
+    """
+    from .errors import ConfigError
+
+    for name, value in derived.items():
+        if name in given and given[name] != value:
+            raise ConfigError(
+                f"{label} config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
+            )
+    return {**derived, **given}
+
+
+def build_config(config_cls, label: str, fields: Mapping[str, Any]):
+    """`config_cls(**fields)`, with an invalid combination reported as a ConfigError naming the model."""
+    from .errors import ConfigError
+
+    try:
+        return config_cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{label} checkpoint gives an invalid config: {exc}") from exc

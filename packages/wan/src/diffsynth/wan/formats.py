@@ -21,7 +21,7 @@ import re
 import torch
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
 from .dit import WanDiT, WanDiTConfig
 
@@ -265,16 +265,8 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> WanD
     CLIP input) unless it says `"has_image_input": false`.
     """
     given = _fields_from_json(config_json) if config_json else {}
-    if state:
-        derived = _fields_from_shapes(state)
-        for name, value in derived.items():
-            if name in given and given[name] != value:
-                raise ConfigError(
-                    f"Wan DiT config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
-                )
-        merged = {**derived, **given}
-    else:
-        merged = dict(given)
+    merged = merge_fields("Wan DiT", given, _fields_from_shapes(state) if state else {})
+    if not state:
         merged.setdefault("has_image_input", merged.get("model_type") == "i2v")
     merged.setdefault("model_type", _guess_model_type(merged))
     if "num_heads" not in merged and "dim" in merged:
@@ -284,10 +276,7 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> WanD
                 "from the shapes; give num_heads in the config"
             )
         merged["num_heads"] = merged["dim"] // HEAD_DIM
-    try:
-        return WanDiTConfig(**merged)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"Wan DiT checkpoint gives an invalid config: {exc}") from exc
+    return build_config(WanDiTConfig, "Wan DiT", merged)
 
 
 DIT_SPEC = ModelSpec(

@@ -19,7 +19,7 @@ import re
 import torch
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
 from .dit import ZImageDiT, ZImageDiTConfig
 
@@ -224,19 +224,8 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> ZIma
     `state` uses the json alone.
     """
     given = _fields_from_json(config_json) if config_json else {}
-    merged = dict(given)
-    if state:
-        derived = _fields_from_shapes(state)
-        for name, value in derived.items():
-            if name in given and given[name] != value:
-                raise ConfigError(
-                    f"Z-Image DiT config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
-                )
-        merged = {**derived, **given}
-    try:
-        return ZImageDiTConfig(**merged)
-    except ValueError as exc:
-        raise ConfigError(f"Z-Image DiT checkpoint gives an invalid config: {exc}") from exc
+    derived = _fields_from_shapes(state) if state else {}
+    return build_config(ZImageDiTConfig, "Z-Image DiT", merge_fields("Z-Image DiT", given, derived))
 
 
 DIT_SPEC = ModelSpec(

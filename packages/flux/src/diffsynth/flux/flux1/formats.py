@@ -19,7 +19,7 @@ import re
 import torch
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
 from .dit import Flux1DiT, Flux1DiTConfig
 
@@ -275,19 +275,8 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> Flux
     the released defaults. A json value contradicting the shapes is an error naming the field.
     """
     given = _fields_from_json(config_json) if config_json else {}
-    merged = dict(given)
-    if state:
-        derived = _fields_from_shapes(state)
-        for name, value in derived.items():
-            if name in given and given[name] != value:
-                raise ConfigError(
-                    f"FLUX.1 DiT config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
-                )
-        merged = {**derived, **given}
-    try:
-        return Flux1DiTConfig(**merged)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"FLUX.1 DiT checkpoint gives an invalid config: {exc}") from exc
+    derived = _fields_from_shapes(state) if state else {}
+    return build_config(Flux1DiTConfig, "FLUX.1 DiT", merge_fields("FLUX.1 DiT", given, derived))
 
 
 FLUX1_DIT_SPEC = ModelSpec(
