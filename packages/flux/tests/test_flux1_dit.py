@@ -8,6 +8,7 @@ import torch
 from diffsynth.flux.flux1 import dit as dit_module
 from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
 from diffsynth.runtime.testing import conformance as cf
+from diffsynth.runtime.testing.weights import random_weights
 
 
 def tiny_config(**overrides) -> Flux1DiTConfig:
@@ -28,14 +29,7 @@ def tiny_config(**overrides) -> Flux1DiTConfig:
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Seeded random weights everywhere (norm scales around 1)."""
-    if any(p.is_meta for p in model.parameters()):
-        return model
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if name.endswith(".scale") else 0.2 * noise)
-    return model
+    return random_weights(model, seed, scale=0.2, is_norm=lambda name, p: name.endswith(".scale"))
 
 
 def make_model(config: Flux1DiTConfig | None = None, seed: int = 0) -> Flux1DiT:

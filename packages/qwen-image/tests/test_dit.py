@@ -7,6 +7,7 @@ import torch
 
 from diffsynth.qwen_image.dit import QwenImageDiT, QwenImageDiTConfig, msrope_angles
 from diffsynth.runtime.testing import conformance as cf
+from diffsynth.runtime.testing.weights import random_weights
 
 
 def tiny_config(**overrides) -> QwenImageDiTConfig:
@@ -25,15 +26,8 @@ def tiny_config(**overrides) -> QwenImageDiTConfig:
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded random weights everywhere (norm weights near 1)."""
-    if any(p.is_meta for p in model.parameters()):
-        return model
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if p.dim() == 1 and "norm" in name else 0.1 * noise)
-    return model
+    """Seeded random weights everywhere, norm weights near 1 (see `random_weights`)."""
+    return random_weights(model, seed)
 
 
 def make_model(config: QwenImageDiTConfig | None = None, seed: int = 0) -> QwenImageDiT:

@@ -13,6 +13,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.models.qwen3 import QWEN3_SPEC, Qwen3TextEncoder, config_from_state
 from diffsynth.runtime.testing import conformance as cf
+from diffsynth.runtime.testing.weights import random_weights
 
 KEYS = Path(__file__).parent / "data" / "keys"
 
@@ -82,12 +83,7 @@ def tiny_config_json(**overrides) -> dict:
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Seeded random weights everywhere, norms around 1 (all-ones norms would hide a swapped norm)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.2 * noise)
-    return module
+    return random_weights(module, seed, scale=0.2, is_norm=lambda name, p: "norm" in name)
 
 
 def reference(config_json: dict, seed: int = 0) -> Qwen3ForCausalLM:

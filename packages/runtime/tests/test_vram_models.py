@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.weights import random_weights
 from diffsynth.runtime.vram import enable_vram_management, find_units, quantize
 
 E4M3 = torch.float8_e4m3fn
@@ -23,12 +24,7 @@ FP8 = {"offload_device": "cpu", "preparing_dtype": "float8_e4m3fn"}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if p.dim() == 1 and "norm" in name else 0.1 * noise)
-    return model.eval().requires_grad_(False)
+    return random_weights(model, seed).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------- the three models

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffsynth.runtime.testing.weights import random_weights
+
 CAPTIONS = [
     "a red circle on a blue background",
     "a small green square in the top left corner",
@@ -62,13 +64,9 @@ TOKENIZER_DIR = "google/umt5-xxl"
 # ----------------------------------------------------------------------------------------- helpers
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Seeded random weights everywhere (norm weights near 1), so no path hides behind a zero init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            is_norm = (param.dim() == 1 and "norm" in name) or name.endswith("gamma")
-            param.copy_(1.0 + 0.1 * noise if is_norm else 0.2 * noise)
-    return module
+    return random_weights(
+        module, seed, scale=0.2, is_norm=lambda name, p: (p.dim() == 1 and "norm" in name) or name.endswith("gamma")
+    )
 
 
 def build_umt5_tokenizer(directory, texts=None, vocab_size: int = 200):

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.weights import random_weights
+
 CAPTIONS = [
     "a red circle on a blue background",
     "a small green square in the top left corner",
@@ -83,17 +85,9 @@ SCHEDULER_CONFIG = {
 }
 
 
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded random weights everywhere (zero-initialised gates would make parity tests vacuous)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.dim() == 1 and "norm" in name:
-                param.copy_(1.0 + 0.1 * noise)
-            else:
-                param.copy_(0.1 * noise)
-    return module
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights everywhere, norm weights near 1 (see `random_weights`)."""
+    return random_weights(model, seed)
 
 
 def build_tiny_repo(root: Path) -> Path:

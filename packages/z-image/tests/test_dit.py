@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffsynth.runtime.testing import conformance as cf
+from diffsynth.runtime.testing.weights import random_weights
 from diffsynth.z_image import dit as dit_module
 from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
 
@@ -27,15 +28,8 @@ def tiny_config(**overrides) -> ZImageDiTConfig:
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded random weights everywhere: zero-initialised pad tokens would hide pad-token bugs."""
-    if any(p.is_meta for p in model.parameters()):
-        return model
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if p.dim() == 1 and "norm" in name else 0.1 * noise)
-    return model
+    """Seeded random weights everywhere, norm weights near 1 (see `random_weights`)."""
+    return random_weights(model, seed)
 
 
 def make_model(config: ZImageDiTConfig | None = None, seed: int = 0) -> ZImageDiT:
