@@ -1,4 +1,22 @@
-"""DiffSynth Qwen-Image family: the Qwen-Image MMDiT (Qwen-Image, 2512, Edit, Edit-2509/2511 with zero_cond_t).
+"""DiffSynth Qwen-Image family: Qwen-Image / Qwen-Image-2512 text-to-image and image-to-image, the Qwen-Image
+MMDiT (also Edit, Edit-2509/2511 with zero_cond_t) and its Qwen2.5-VL text encoder."""
 
-The pipeline and the Qwen2.5-VL text encoder are still to come; `diffsynth.qwen_image.dit` holds the DiT.
-"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "QwenImagePipeline": "pipeline",
+    "QwenImageDiT": "dit",
+    "QwenImageDiTConfig": "dit",
+    "QwenImageTextEncoder": "text_encoder",
+    "qwen_image_velocity": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'diffsynth.qwen_image' has no attribute {name!r}")

@@ -1,0 +1,324 @@
+"""`QwenImagePipeline`: text-to-image, image-to-image (Qwen-Image, 2512) and editing (Qwen-Image-Edit, 2509, 2511).
+
+Stages: encode prompts (Qwen2.5-VL, last hidden states after the template's 34 tokens) -> prepare
+latents (seeded noise `[B, 16, H/8, W/8]`, or the noised input image) -> denoise (Euler on the
+Qwen-Image sigma template, true CFG with the authors' norm rescale) -> decode (the Wan 2.1 VAE
+that Qwen ships in `vae/`). `qwen_image_velocity` is the per-step model call; a trainer reuses it.
+
+Editing: each edit image is resized to about 1024x1024 pixels (aspect kept), VAE-encoded, and its
+tokens follow the generated image's in the DiT; the prompt is encoded together with the images by the
+Qwen2.5-VL vision tower (the `processor/` folder), with the Edit template (64 tokens dropped). Edit-2509
+and 2511 number the images ("Picture 1: ...") and show the vision tower a 384x384-pixel version; the
+first Edit shows it the 1024x1024 one (the `edit_template` default: "plus" or "edit").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+
+from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
+
+logger = logging.getLogger(__name__)
+
+CONDITION_AREA = 384 * 384  # Edit-2509/2511: what the vision tower sees of each edit image
+EDIT_AREA = 1024 * 1024  # edit images' VAE size, and the default output size, for every Edit model
+
+
+def area_size(width: int, height: int, area: int) -> tuple[int, int]:
+    """(width, height) of about `area` pixels with the aspect ratio of `width x height`, multiples of 32."""
+    ratio = width / height
+    new_width = math.sqrt(area * ratio)
+    return round(new_width / 32) * 32, round(new_width / ratio / 32) * 32
+
+
+def pack(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B, H/p * W/p, C * p * p]` tokens (channel-major inside a token, as the DiT expects)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> torch.Tensor:
+    """Inverse of `pack` for a latent of `height` x `width` cells."""
+    b, _, d = tokens.shape
+    c = d // (patch * patch)
+    x = tokens.reshape(b, height // patch, width // patch, c, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def dit_dtype(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def qwen_image_velocity(
+    dit,
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+    edit_latents: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """Flow velocity (noise - clean) `[B, 16, H, W]` (float32) predicted at noise level `sigma` [B].
+
+    `latents` are unpacked `[B, 16, H, W]`; `edit_latents` (Edit models) are clean reference latents
+    `[B, 16, h, w]` whose tokens follow the image's, their predictions discarded.
+    """
+    p = dit.config.patch_size
+    b, _, h, w = latents.shape
+    dtype = dit_dtype(dit)
+    tokens = [pack(latents, p)] + [pack(e, p) for e in edit_latents]
+    shapes = [(1, h // p, w // p)] + [(1, e.shape[-2] // p, e.shape[-1] // p) for e in edit_latents]
+    out = dit(
+        torch.cat(tokens, dim=1).to(dtype),
+        sigma.to(latents.device, torch.float32).expand(b),
+        text.to(dtype),
+        text_mask,
+        [shapes] * b,
+    )
+    return unpack(out[:, : tokens[0].shape[1]].float(), h, w, p)
+
+
+def true_cfg(positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float, patch: int = 2) -> torch.Tensor:
+    """The authors' true CFG: `neg + s * (pos - neg)`, then each token's guided velocity rescaled
+    to the norm of its conditional one (norms over a token's packed channels)."""
+    h, w = positive.shape[-2:]
+    pos, neg = pack(positive, patch), pack(negative, patch)
+    guided = neg + cfg_scale * (pos - neg)
+    guided = guided * (pos.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+    return unpack(guided, h, w, patch)
+
+
+class QwenImagePipeline(BasePipeline):
+    """Qwen-Image text-to-image / image-to-image, API compatible with DiffSynth-Studio."""
+
+    family = "qwen_image"
+    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+    size_multiple = 16  # VAE 8x, patch 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processor = None  # VisionPromptProcessor (tokenizer + image preprocessing) for editing
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        cfg_scale: float | None = None,
+        input_image=None,
+        denoising_strength: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        num_inference_steps: int | None = None,
+        exponential_shift_mu: float | None = None,
+        latents: torch.Tensor | None = None,
+        edit_image=None,
+        edit_image_auto_resize: bool = True,
+        max_sequence_length: int = 512,
+        tiled: bool = False,
+        tile_size: int | tuple[int, int] = (34, 34),
+        tile_stride: int | tuple[int, int] = (18, 16),
+        output_type: str = "pil",
+        progress_bar: bool = True,
+    ):
+        """Generate images: a PIL image for one prompt, a list for a list of prompts; "np"/"pt" give the batch.
+
+        `cfg_scale` is the authors' `true_cfg_scale` (> 1 runs a second, negative pass; 1 = off).
+        `exponential_shift_mu` overrides the schedule's resolution-dependent shift. `latents` is the
+        initial noise, unpacked: `[B, 16, H/8, W/8]` (or `[B, 16, 1, H/8, W/8]`, the VAE's layout).
+        Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
+        `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
+        `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
+        """
+        edits = self.prepare_edit_images(edit_image, edit_image_auto_resize)
+        if edits is not None and height is None and width is None:
+            width, height = area_size(*edits[-1][2], EDIT_AREA)
+            height, width = height // 16 * 16, width // 16 * 16
+        prompts = self.check_prompts(prompt)
+        negative_prompt = self.setting("negative_prompt", negative_prompt, "")
+        negatives = self.check_prompts(negative_prompt, "negative_prompt", allow_empty=True)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 4.0))
+        steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
+        height, width = self.check_size(
+            int(self.setting("height", height, 1328)), int(self.setting("width", width, 1328))
+        )
+        if output_type not in ("pil", "np", "pt"):
+            raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
+        if not 0.0 < denoising_strength <= 1.0:
+            raise ConfigError(f"denoising_strength={denoising_strength!r} must be in (0, 1]")
+        use_cfg = cfg_scale > 1.0
+
+        # 1. prompts
+        self.load_models_to_device(["text_encoder"])
+        text, mask = self.encode_prompt(prompts, max_sequence_length, edits)
+        negative = self.encode_prompt(negatives, max_sequence_length, edits) if use_cfg else None
+
+        # 2. schedule and latents
+        scheduler = FlowMatchScheduler("qwen_image")
+        strength = denoising_strength if input_image is not None else 1.0
+        scheduler.set_timesteps(
+            steps, denoising_strength=strength, image_seq_len=(height // 16) * (width // 16), mu=exponential_shift_mu
+        )
+        self.load_models_to_device(["vae"] if input_image is not None or edits is not None else [])
+        x = self.prepare_latents(
+            len(prompts),
+            height,
+            width,
+            seed,
+            rand_device,
+            latents,
+            input_image,
+            scheduler,
+            tiled,
+            tile_size,
+            tile_stride,
+        )
+        references = (
+            [] if edits is None else self.encode_edit_images(edits, len(prompts), tiled, tile_size, tile_stride)
+        )
+
+        # 3. denoise
+        self.load_models_to_device(["dit"])
+        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+            sigma = scheduler.sigmas[i].expand(x.shape[0])
+            velocity = qwen_image_velocity(self.dit, x, sigma, text, mask, references)
+            if negative is not None:
+                negative_velocity = qwen_image_velocity(self.dit, x, sigma, *negative, references)
+                velocity = true_cfg(velocity, negative_velocity, cfg_scale, self.dit.config.patch_size)
+            x = scheduler.step(velocity, i, x)
+
+        # 4. decode
+        self.load_models_to_device(["vae"])
+        video = self.vae.decode(
+            x.unsqueeze(2).to(dit_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
+        )
+        self.load_models_to_device([])
+        out = tensor_to_output(video[:, :, 0].float(), output_type)
+        return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+
+    # ------------------------------------------------------------------ stages
+    def encode_prompt(
+        self, prompts: list[str], max_sequence_length: int = 512, edits: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings `[B, L, 3584]` and their mask `[B, L]`, on the pipeline's device; with
+        `edits` (from `prepare_edit_images`) the images are encoded with the prompt."""
+        if edits is not None:
+            if self.processor is None:
+                raise ConfigError(
+                    "edit_image needs the Qwen2-VL processor: load a folder or preset with a `processor/` folder"
+                )
+            embeds, mask = encode_prompts_with_images(
+                self.text_encoder,
+                self.processor,
+                prompts,
+                [edit[0] for edit in edits],
+                numbered=self.setting("edit_template", None, "plus") == "plus",
+                max_sequence_length=max_sequence_length,
+                device=self.device,
+            )
+            return embeds.to(self.device), mask.to(self.device)
+        if self.tokenizer is None:
+            raise ConfigError(
+                "QwenImagePipeline has no tokenizer: pass tokenizer_config=ModelConfig(..., origin_file_pattern="
+                "'tokenizer/')"
+            )
+        embeds, mask = encode_prompts(
+            self.text_encoder,
+            self.tokenizer,
+            prompts,
+            max_sequence_length=max_sequence_length,
+            template=T2I_TEMPLATE,
+            device=self.device,
+        )
+        return embeds.to(self.device), mask.to(self.device)
+
+    def prepare_edit_images(self, edit_image, auto_resize: bool) -> list[tuple] | None:
+        """(vision-tower image, VAE image, original size) per edit image, at the sizes the authors use."""
+        if edit_image is None:
+            return None
+        images = list(edit_image) if isinstance(edit_image, (list, tuple)) else [edit_image]
+        if not images:
+            raise ConfigError("edit_image is an empty list; pass one image or a list of images")
+        style = self.setting("edit_template", None, "plus")
+        if style not in ("plus", "edit"):
+            raise ConfigError(f"edit_template={style!r} is not known; use 'plus' (Edit-2509/2511) or 'edit'")
+        pairs = []
+        for image in images:
+            image = load_image(image)
+            if auto_resize:
+                vae_size = area_size(*image.size, EDIT_AREA)
+            else:
+                vae_size = (max(16, image.width // 16 * 16), max(16, image.height // 16 * 16))
+            vae_image = image.resize(vae_size, Image.LANCZOS)
+            if style == "plus":
+                vision = image.resize(area_size(*image.size, CONDITION_AREA), Image.LANCZOS)
+            else:
+                vision = vae_image
+            pairs.append((vision, vae_image, image.size))
+        return pairs
+
+    def encode_edit_images(self, edits, batch, tiled, tile_size, tile_stride) -> list[torch.Tensor]:
+        """Normalised VAE latents `[B, 16, h, w]` of each edit image (the posterior mode)."""
+        latents = []
+        for _, image, _ in edits:
+            pixels = pil_to_tensor(image, dtype=dit_dtype(self.vae), device=self.device).unsqueeze(2)
+            z = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)[:, :, 0].float()
+            latents.append(z.expand(batch, -1, -1, -1))
+        return latents
+
+    def _load_tokenizer(self, config):
+        """The tokenizer, and the Qwen2-VL processor when a `processor/` folder is there (Edit models)."""
+        paths = config.resolve()
+        folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
+        for candidate in (folder, folder.parent / "processor"):
+            if (candidate / "preprocessor_config.json").exists():
+                self.processor = VisionPromptProcessor.from_folder(candidate)
+                break
+        if (folder / "preprocessor_config.json").exists():
+            return self.processor.tokenizer
+        return super()._load_tokenizer(config)
+
+    def prepare_latents(
+        self, batch, height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
+    ) -> torch.Tensor:
+        shape = (batch, self.vae.z_dim, height // 8, width // 8)
+        if latents is not None and isinstance(latents, torch.Tensor) and latents.dim() == 5 and latents.shape[2] == 1:
+            latents = latents[:, :, 0]
+        noise = (
+            self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
+        )
+        if input_image is None:
+            return noise
+        images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
+        images = [load_image(im).resize((width, height)) for im in images]
+        pixels = pil_to_tensor(images, dtype=dit_dtype(self.vae), device=self.device)
+        clean = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        clean = clean[:, :, 0].float()
+        if clean.shape[0] == 1 and batch > 1:
+            clean = clean.expand(batch, -1, -1, -1)
+        elif clean.shape[0] != batch:
+            raise ConfigError(f"input_image has {clean.shape[0]} images for {batch} prompts")
+        return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
+
+
+__all__ = ["QwenImagePipeline", "pack", "qwen_image_velocity", "true_cfg", "unpack"]

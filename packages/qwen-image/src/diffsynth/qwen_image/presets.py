@@ -1,0 +1,61 @@
+"""Known Qwen-Image hub repos: their files and the authors' default generation settings.
+
+Defaults follow the authors' model cards (which call diffusers' `QwenImagePipeline` /
+`QwenImageEditPipeline` / `QwenImageEditPlusPipeline`): 1328x1328, `true_cfg_scale=4` with a
+negative prompt of one space. Our `cfg_scale` is that `true_cfg_scale` (the same formula, with the
+authors' rescale of each token's guided velocity to the norm of the conditional one), so 1 means off.
+Edit presets read the tokenizer from `processor/` (the Qwen2-VL processor the vision tower needs) and
+name their prompt template (`edit_template`: "edit" for the first Edit, "plus" for 2509/2511).
+"""
+
+from __future__ import annotations
+
+from diffsynth.runtime.registry import Preset, PresetFile
+
+
+def _repo_files(repo: str) -> tuple[PresetFile, ...]:
+    return (
+        PresetFile(repo, "transformer/*.safetensors*"),  # shards and their index
+        PresetFile(repo, "text_encoder/*.safetensors*"),
+        PresetFile(repo, "vae/diffusion_pytorch_model.safetensors"),
+    )
+
+
+_T2I = {"num_inference_steps": 50, "cfg_scale": 4.0, "height": 1328, "width": 1328, "negative_prompt": " "}
+_EDIT_PLUS = {"num_inference_steps": 40, "cfg_scale": 4.0, "negative_prompt": " ", "edit_template": "plus"}
+
+
+def _preset(repo: str, defaults: dict, description: str, tokenizer: str = "tokenizer/") -> Preset:
+    return Preset(
+        name=repo,
+        files=_repo_files(repo),
+        tokenizer=PresetFile(repo, tokenizer),
+        defaults=defaults,
+        description=description,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "Qwen/Qwen-Image": _preset("Qwen/Qwen-Image", _T2I, "Qwen-Image 20B text-to-image: 50 steps, true CFG 4."),
+    "Qwen/Qwen-Image-2512": _preset(
+        "Qwen/Qwen-Image-2512", _T2I, "Qwen-Image-2512 (December 2025 update): 50 steps, true CFG 4."
+    ),
+    "Qwen/Qwen-Image-Edit": _preset(
+        "Qwen/Qwen-Image-Edit",
+        {"num_inference_steps": 50, "cfg_scale": 4.0, "negative_prompt": " ", "edit_template": "edit"},
+        "Qwen-Image-Edit: one edit image, 50 steps, true CFG 4.",
+        tokenizer="processor/",
+    ),
+    "Qwen/Qwen-Image-Edit-2509": _preset(
+        "Qwen/Qwen-Image-Edit-2509",
+        _EDIT_PLUS,
+        "Qwen-Image-Edit-2509: 1-3 edit images, 40 steps, true CFG 4.",
+        tokenizer="processor/",
+    ),
+    "Qwen/Qwen-Image-Edit-2511": _preset(
+        "Qwen/Qwen-Image-Edit-2511",
+        _EDIT_PLUS,
+        "Qwen-Image-Edit-2511 (zero_cond_t): 1-3 edit images, 40 steps, true CFG 4.",
+        tokenizer="processor/",
+    ),
+}

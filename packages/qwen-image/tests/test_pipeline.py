@@ -1,0 +1,160 @@
+"""QwenImagePipeline on the tiny repo: output sizes, seeds, image-to-image, input errors, presets (no diffusers)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.qwen_image import QwenImagePipeline
+from diffsynth.qwen_image.pipeline import pack, true_cfg, unpack
+from diffsynth.runtime.errors import ConfigError
+
+FAST = dict(num_inference_steps=2, height=32, width=48, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_repo):
+    return QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+
+
+def test_text_to_image_size_and_seed(pipe):
+    image = pipe("a red circle", seed=1, **FAST)
+    assert isinstance(image, Image.Image) and image.size == (48, 32)
+    a = pipe("a red circle", seed=1, output_type="pt", **FAST)
+    b = pipe("a red circle", seed=1, output_type="pt", **FAST)
+    c = pipe("a red circle", seed=2, output_type="pt", **FAST)
+    assert a.shape == (1, 3, 32, 48)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_batch_and_five_dimensional_latents(pipe):
+    noise = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    flat = pipe(["a red circle", "a yellow triangle"], latents=noise, output_type="np", **FAST)
+    video = pipe(["a red circle", "a yellow triangle"], latents=noise[:, :, None], output_type="np", **FAST)
+    assert flat.shape == (2, 32, 48, 3)
+    np.testing.assert_array_equal(flat, video)
+
+
+def test_image_to_image_starts_from_the_input(pipe):
+    source = Image.fromarray(np.full((32, 48, 3), 200, dtype=np.uint8))
+    light = pipe("a red circle", input_image=source, denoising_strength=0.3, seed=0, output_type="pt", **FAST)
+    full = pipe("a red circle", seed=0, output_type="pt", **FAST)
+    assert light.shape == full.shape == (1, 3, 32, 48)
+    assert (light - full).abs().max() > 1e-4
+
+
+def test_cfg_off_ignores_the_negative_prompt(pipe):
+    a = pipe("a red circle", negative_prompt="blurry", cfg_scale=1.0, seed=0, output_type="pt", **FAST)
+    b = pipe("a red circle", negative_prompt="dark", cfg_scale=1.0, seed=0, output_type="pt", **FAST)
+    c = pipe("a red circle", negative_prompt="dark", cfg_scale=4.0, seed=0, output_type="pt", **FAST)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(height=8), "height=8"),
+        (dict(width=0), "width=0"),
+        (dict(prompt="  "), "prompt is empty"),
+        (dict(prompt=[]), "prompt must be"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries"),
+        (dict(output_type="jpeg"), "output_type='jpeg'"),
+        (dict(denoising_strength=0.0), "denoising_strength=0.0"),
+        (dict(latents=torch.zeros(1, 16, 5, 5)), "latents must be a tensor of shape"),
+        (dict(max_sequence_length=0), "max_sequence_length=0"),
+    ],
+)
+def test_bad_inputs_name_the_value(pipe, kwargs, match):
+    args = dict(prompt="a red circle", num_inference_steps=1, height=32, width=32, progress_bar=False)
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=match):
+        pipe(**args)
+
+
+def test_pack_roundtrip_and_true_cfg_keeps_the_conditional_norm():
+    x = torch.randn(2, 16, 4, 6)
+    torch.testing.assert_close(unpack(pack(x), 4, 6), x, atol=0, rtol=0)
+    pos, neg = torch.randn(1, 16, 4, 6), torch.randn(1, 16, 4, 6)
+    guided = true_cfg(pos, neg, 4.0)
+    torch.testing.assert_close(pack(guided).norm(dim=-1), pack(pos).norm(dim=-1))
+    torch.testing.assert_close(true_cfg(pos, neg, 1.0), pos)
+
+
+def test_presets_carry_the_authors_defaults():
+    from diffsynth.qwen_image.presets import PRESETS
+
+    assert set(PRESETS) == {
+        "Qwen/Qwen-Image",
+        "Qwen/Qwen-Image-2512",
+        "Qwen/Qwen-Image-Edit",
+        "Qwen/Qwen-Image-Edit-2509",
+        "Qwen/Qwen-Image-Edit-2511",
+    }
+    base = PRESETS["Qwen/Qwen-Image"]
+    assert base.defaults["cfg_scale"] == 4.0 and base.defaults["num_inference_steps"] == 50
+    assert (base.defaults["height"], base.defaults["width"]) == (1328, 1328)
+    assert base.tokenizer.origin_file_pattern == "tokenizer/"
+    assert {f.origin_file_pattern for f in base.files} >= {"transformer/*.safetensors*", "text_encoder/*.safetensors*"}
+    assert PRESETS["Qwen/Qwen-Image-Edit-2509"].defaults["num_inference_steps"] == 40
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="Qwen/Qwen-Image"):
+        QwenImagePipeline.from_pretrained("Qwen/Qwen-Image-XL")
+
+
+@pytest.fixture
+def small_edit_areas(monkeypatch):
+    from diffsynth.qwen_image import pipeline as module
+
+    monkeypatch.setattr(module, "EDIT_AREA", 64 * 64)
+    monkeypatch.setattr(module, "CONDITION_AREA", 56 * 56)
+
+
+@pytest.mark.parametrize("style", ["plus", "edit"])
+def test_edit_runs_and_defaults_to_the_last_images_aspect(pipe, small_edit_areas, style):
+    pipe.defaults["edit_template"] = style
+    try:
+        images = [Image.new("RGB", (96, 48), (200, 10, 10)), Image.new("RGB", (40, 80), (10, 200, 10))]
+        if style == "edit":
+            images = images[-1:]
+        out = pipe("make it blue", edit_image=images, num_inference_steps=2, seed=0, progress_bar=False)
+        assert out.size == (32, 96)  # ~64x64 pixels, the last image's 1:2 aspect, multiples of 32 (the authors')
+        other = pipe(
+            "make it blue",
+            edit_image=images[-1:],
+            num_inference_steps=2,
+            seed=0,
+            height=48,
+            width=48,
+            progress_bar=False,
+        )
+        assert other.size == (48, 48)
+    finally:
+        pipe.defaults.pop("edit_template")
+
+
+def test_edit_errors(pipe):
+    with pytest.raises(ConfigError, match="edit_image is an empty list"):
+        pipe("a cat", edit_image=[], num_inference_steps=1, height=32, width=32, progress_bar=False)
+    pipe.defaults["edit_template"] = "v3"
+    try:
+        with pytest.raises(ConfigError, match="edit_template='v3'"):
+            pipe("a cat", edit_image=Image.new("RGB", (32, 32)), num_inference_steps=1, progress_bar=False)
+    finally:
+        pipe.defaults.pop("edit_template")
+
+
+def test_vision_processor_expands_each_image_placeholder(pipe):
+    from diffsynth.qwen_image.text_encoder import IMAGE_PAD, edit_image_prefix
+
+    images = [Image.new("RGB", (56, 56)), Image.new("RGB", (112, 56))]
+    out = pipe.processor(text=[edit_image_prefix(2, numbered=True) + "a cat"], images=images)
+    pad = pipe.processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    expected = int(out["image_grid_thw"].prod(dim=1).sum()) // 4
+    assert int((out["input_ids"] == pad).sum()) == expected
+    assert out["pixel_values"].shape[0] == int(out["image_grid_thw"].prod(dim=1).sum())
+    with pytest.raises(ConfigError, match="1 image placeholders for 2 images"):
+        pipe.processor(text=[edit_image_prefix(1, numbered=True)], images=images)
