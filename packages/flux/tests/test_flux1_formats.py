@@ -186,10 +186,17 @@ def test_shapes_that_need_other_rope_axes_say_so():
         config_from_state(state, None)
 
 
-def test_family_declares_the_dit():
-    assert FAMILY.name == "flux" and FAMILY.specs == (FLUX1_DIT_SPEC,)
+def test_family_declares_the_dit_encoders_presets_and_pipeline():
+    from diffsynth.flux.flux1.encoder_formats import CLIP_TEXT_SPEC, T5_ENCODER_SPEC
+
+    assert FAMILY.name == "flux" and FAMILY.specs == (FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC)
     assert FLUX1_DIT_SPEC.name == "flux1_dit" and FLUX1_DIT_SPEC.role == "dit"
-    assert FAMILY.pipeline is None and dict(FAMILY.presets) == {}
+    assert FAMILY.pipeline == "diffsynth.flux.pipeline:FluxImagePipeline"
+    assert sorted(FAMILY.presets) == [
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        "black-forest-labs/FLUX.1-Krea-dev",
+        "black-forest-labs/FLUX.1-dev",
+    ]
 
 
 @pytest.mark.parity

@@ -1,0 +1,377 @@
+"""`FluxImagePipeline`: FLUX.1-dev, Krea-dev and Kontext-dev text-to-image, image-to-image and editing.
+
+Stages: encode prompts (CLIP-L pooled + T5-XXL states) -> prepare latents (seeded noise, or the
+noised input image; Kontext reference images VAE-encoded and packed) -> denoise (Euler on the FLUX.1
+schedule, distilled guidance embedded, optional true CFG batched with the conditional pass) ->
+decode (AutoencoderKL). `flux_velocity` is the per-step model call; a trainer reuses it.
+
+Latents are `[B, 16, H/8, W/8]` outside the DiT; it sees them packed 2x2 into `[B, H/16 * W/16, 64]`
+tokens with (t, row, col) position ids, as BFL and diffusers do. Kontext reference tokens are
+appended after the image tokens with t = 1 and the DiT output is cut back to the image tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+
+from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds, encode_prompts
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev model card
+DEFAULT_STEPS = 28  # diffusers FluxPipeline
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B, H/2 * W/2, C * 4]`: each 2x2 patch becomes one token (channel-major)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent of `height` x `width`."""
+    b, _, features = tokens.shape
+    c = features // 4
+    return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def latent_ids(height: int, width: int, index: float = 0.0, device=None) -> torch.Tensor:
+    """`[H/2 * W/2, 3]` position ids (index, row, col) of the packed tokens of a `height` x `width` latent."""
+    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(height // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+@dataclass
+class KontextLatents:
+    """Packed reference-image tokens `[1 or B, N, 64]` and their ids `[N, 3]` (first axis 1)."""
+
+    tokens: torch.Tensor
+    ids: torch.Tensor
+
+
+def dit_dtype(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def flux_velocity(
+    dit,
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    prompt: FluxPromptEmbeds,
+    guidance: torch.Tensor | float | None = DEFAULT_GUIDANCE,
+    kontext: KontextLatents | None = None,
+) -> torch.Tensor:
+    """Flow velocity (noise - clean) `[B, 16, H/8, W/8]` (float32) predicted at noise level `sigma` [B].
+
+    `guidance` is the distilled guidance (BFL units, e.g. 3.5) per sample or shared; models without a
+    guidance embedder ignore it. Computation runs in the DiT's dtype.
+    """
+    dtype = dit_dtype(dit)
+    b, _, h, w = latents.shape
+    img = pack_latents(latents)
+    ids = latent_ids(h, w, device=latents.device)
+    n_img = img.shape[1]
+    if kontext is not None:
+        img = torch.cat([img, kontext.tokens.to(img.dtype).expand(b, -1, -1)], dim=1)
+        ids = torch.cat([ids, kontext.ids.to(ids.device)], dim=0)
+    txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=latents.device)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
+    if guidance is not None:
+        guidance = torch.as_tensor(guidance, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
+    out = dit(img.to(dtype), ids, prompt.t5.to(dtype), txt_ids, sigma, prompt.pooled.to(dtype), guidance)
+    return unpack_latents(out[:, :n_img].float(), h, w)
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+class FluxImagePipeline(BasePipeline):
+    """FLUX.1 text-to-image / image-to-image / Kontext editing, API compatible with DiffSynth-Studio."""
+
+    family = "flux"
+    model_slots = {
+        "dit": "dit",
+        "vae": "vae",
+        "text_encoder_1": "clip_text_encoder",
+        "text_encoder_2": "t5_text_encoder",
+    }
+    size_multiple = 16  # VAE 8x, 2x2 packing
+
+    def __init__(self, device=None, torch_dtype=torch.bfloat16):
+        super().__init__(device=device, torch_dtype=torch_dtype)
+        self.tokenizer_1 = None  # CLIP
+        self.tokenizer_2 = None  # T5
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_configs: str | os.PathLike | Sequence[ModelConfig] | None = None,
+        *,
+        torch_dtype: torch.dtype | str = torch.bfloat16,
+        device: str | torch.device | None = None,
+        model_configs: Sequence[ModelConfig] = (),
+        tokenizer_config: ModelConfig | None = None,
+        tokenizer_1_config: ModelConfig | None = None,
+        tokenizer_2_config: ModelConfig | None = None,
+        vram_limit: float | None = None,
+    ):
+        """As `BasePipeline.from_pretrained`, with FLUX.1's two tokenizers.
+
+        `tokenizer_1_config` (CLIP, `tokenizer/`; `tokenizer_config` is accepted for it too) and
+        `tokenizer_2_config` (T5, `tokenizer_2/`) default to those folders of the given local folder
+        or preset repo.
+        """
+        pipe = super().from_pretrained(
+            model_id_or_configs,
+            torch_dtype=torch_dtype,
+            device=device,
+            model_configs=model_configs,
+            vram_limit=vram_limit,
+        )
+        first = tokenizer_1_config or tokenizer_config
+        second = tokenizer_2_config
+        if isinstance(model_id_or_configs, (str, os.PathLike)):
+            source = str(model_id_or_configs)
+            if Path(source).is_dir():
+                found = [Path(source) / name for name in ("tokenizer", "tokenizer_2")]
+                defaults = [ModelConfig(path=str(p)) if p.is_dir() else None for p in found]
+            else:
+                preset = cls._preset(source)
+                repo = preset.tokenizer.model_id if preset.tokenizer is not None else preset.name
+                defaults = [
+                    ModelConfig(model_id=repo, origin_file_pattern=f"{n}/") for n in ("tokenizer", "tokenizer_2")
+                ]
+            first, second = first or defaults[0], second or defaults[1]
+        if first is not None:
+            pipe.tokenizer_1 = BasePipeline._load_tokenizer(pipe, first)
+        if second is not None:
+            pipe.tokenizer_2 = BasePipeline._load_tokenizer(pipe, second)
+        return pipe
+
+    def _load_tokenizer(self, config: ModelConfig):
+        """The base class finds at most one tokenizer; `from_pretrained` loads FLUX.1's two itself."""
+        return None
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        cfg_scale: float | None = None,
+        embedded_guidance: float | None = None,
+        t5_sequence_length: int | None = None,
+        input_image=None,
+        denoising_strength: float = 1.0,
+        kontext_images=None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        num_inference_steps: int | None = None,
+        sigma_shift: float | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        tiled: bool = False,
+        tile_size: int = 512,
+        tile_stride: int = 384,
+        output_type: str = "pil",
+        progress_bar: bool = True,
+    ):
+        """Generate images: a PIL image for one prompt, a list for a list of prompts; "np"/"pt" give the batch.
+
+        `embedded_guidance` is the distilled guidance the DiT is conditioned on (dev: 3.5);
+        `cfg_scale` > 1 adds true classifier-free guidance with `negative_prompt` (twice the compute).
+        `sigma_shift` replaces the resolution-dependent FLUX.1 shift by a fixed one. `kontext_images`
+        (one image or a list; Kontext-dev) are used at their own size rounded down to multiples of 16;
+        without `height`/`width` the output takes the first one's size. `latents` is the initial
+        noise `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (terminal 0 appended).
+        """
+        prompts = self.check_prompts(prompt)
+        negatives = self.check_prompts(negative_prompt, "negative_prompt", allow_empty=True)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
+        guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
+        text_len = self.setting("t5_sequence_length", t5_sequence_length, T5_SEQUENCE_LENGTH)
+        if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
+            raise ConfigError(f"t5_sequence_length={text_len!r} is not accepted; use an integer >= 1 (512 for dev)")
+        steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
+        references = self.load_kontext_images(kontext_images)
+        if references:
+            height = height if height is not None else references[0].height
+            width = width if width is not None else references[0].width
+        height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
+        if output_type not in ("pil", "np", "pt"):
+            raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
+        use_cfg = cfg_scale != 1.0
+
+        # 1. prompts
+        self.load_models_to_device(["text_encoder_1", "text_encoder_2"])
+        text = self.encode_prompt(prompts, text_len)
+        negative_text = self.encode_prompt(negatives, text_len) if use_cfg else None
+
+        # 2. schedule, latents and reference tokens
+        scheduler = FlowMatchScheduler("flux1")
+        shift = self.setting("sigma_shift", sigma_shift, None)
+        shape = {"image_seq_len": (height // 16) * (width // 16)}
+        if shift is not None:
+            if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+                raise ConfigError(f"sigma_shift={shift!r} is not accepted; use a number > 0 (or None for FLUX.1's)")
+            shape = {"mu": math.log(shift)}  # e^mu / (e^mu + 1/t - 1) is the static shift by e^mu
+        strength = denoising_strength if input_image is not None else 1.0
+        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, **shape)
+        self.load_models_to_device(["vae"] if input_image is not None or references else [])
+        x = self.prepare_latents(
+            len(prompts),
+            height,
+            width,
+            seed,
+            rand_device,
+            latents,
+            input_image,
+            scheduler,
+            tiled,
+            tile_size,
+            tile_stride,
+        )
+        kontext = self.encode_kontext(references, tiled, tile_size, tile_stride) if references else None
+
+        # 3. denoise
+        self.load_models_to_device(["dit"])
+        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+            velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, kontext)
+            x = scheduler.step(velocity, i, x)
+
+        # 4. decode
+        self.load_models_to_device(["vae"])
+        images = self.vae.decode(x.to(dit_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        self.load_models_to_device([])
+        out = tensor_to_output(images.float(), output_type)
+        return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+
+    # ------------------------------------------------------------------ checks
+    def check_size(self, height, width) -> tuple[int, int]:
+        """FLUX.1 needs multiples of 16 (8x VAE, 2x2 packing): other sizes are refused, naming what fits."""
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < m:
+                raise ConfigError(f"{name}={value!r} is not accepted: use an integer multiple of {m}, at least {m}")
+            if value % m:
+                lower, upper = max(m, value // m * m), (value // m + 1) * m
+                raise ConfigError(f"{name}={value} is not a multiple of {m}; use {lower} or {upper}")
+        return height, width
+
+    # ------------------------------------------------------------------ stages
+    def encode_prompt(self, prompts: list[str], t5_sequence_length: int = T5_SEQUENCE_LENGTH) -> FluxPromptEmbeds:
+        missing = [
+            n
+            for n, t in (
+                ("tokenizer_1_config (tokenizer/)", self.tokenizer_1),
+                ("tokenizer_2_config (tokenizer_2/)", self.tokenizer_2),
+            )
+            if t is None
+        ]
+        if missing:
+            raise ConfigError(
+                f"FluxImagePipeline has no tokenizer for {missing}: pass ModelConfig(..., 'tokenizer/') etc."
+            )
+        return encode_prompts(
+            self.text_encoder_1,
+            self.tokenizer_1,
+            self.text_encoder_2,
+            self.tokenizer_2,
+            prompts,
+            t5_sequence_length,
+            device=self.device,
+        )
+
+    def prepare_latents(
+        self, batch, height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
+    ) -> torch.Tensor:
+        shape = (batch, self.vae.config.latent_channels, height // 8, width // 8)
+        noise = (
+            self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
+        )
+        if input_image is None:
+            return noise
+        images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
+        images = [load_image(im).resize((width, height), Image.LANCZOS) for im in images]
+        if len(images) not in (1, batch):
+            raise ConfigError(f"input_image has {len(images)} images for {batch} prompts; give one or one per prompt")
+        clean = self.vae_encode(images, tiled, tile_size, tile_stride)
+        if clean.shape[0] == 1 and batch > 1:
+            clean = clean.expand(batch, -1, -1, -1)
+        return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
+
+    def vae_encode(self, images: list[Image.Image], tiled=False, tile_size=512, tile_stride=384) -> torch.Tensor:
+        pixels = pil_to_tensor(images, dtype=dit_dtype(self.vae), device=self.device)
+        return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
+
+    def load_kontext_images(self, kontext_images) -> list[Image.Image]:
+        """Reference images as RGB, each resized down to the nearest multiple of 16 (as diffusers does)."""
+        if kontext_images is None:
+            return []
+        items = list(kontext_images) if isinstance(kontext_images, (list, tuple)) else [kontext_images]
+        images = []
+        for i, item in enumerate(items):
+            image = load_image(item)
+            w, h = image.width // 16 * 16, image.height // 16 * 16
+            if w < 16 or h < 16:
+                raise ConfigError(
+                    f"kontext_images[{i}] is {image.width}x{image.height}; it needs at least 16x16 pixels"
+                )
+            images.append(image if (w, h) == image.size else image.resize((w, h), Image.LANCZOS))
+        return images
+
+    def encode_kontext(self, images: list[Image.Image], tiled=False, tile_size=512, tile_stride=384) -> KontextLatents:
+        """Every reference image VAE-encoded (posterior mean), packed, with ids (1, row, col)."""
+        tokens, ids = [], []
+        for image in images:
+            z = self.vae_encode([image], tiled, tile_size, tile_stride)
+            tokens.append(pack_latents(z))
+            ids.append(latent_ids(z.shape[2], z.shape[3], index=1.0, device=self.device))
+        return KontextLatents(torch.cat(tokens, dim=1), torch.cat(ids, dim=0))
+
+    def predict(self, x, sigma, text, negative_text, cfg_scale, guidance, kontext=None) -> torch.Tensor:
+        """One denoiser evaluation; with true CFG the two branches run as one batch."""
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if negative_text is None:
+            return flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext)
+        both = flux_velocity(
+            self.dit, torch.cat([x, x]), sigma.expand(2 * batch), text.cat(negative_text), guidance, kontext
+        )
+        return self.guide(both[:batch], both[batch:], cfg_scale)
+
+
+__all__ = [
+    "FluxImagePipeline",
+    "KontextLatents",
+    "flux_velocity",
+    "latent_ids",
+    "pack_latents",
+    "unpack_latents",
+]

@@ -1,0 +1,53 @@
+"""Known FLUX.1 hub repos: their files and the authors' default generation settings.
+
+Each preset fetches BFL's single-file DiT and `ae.safetensors` (the layouts the DiT and VAE use as
+they are) and the diffusers folders of the two text encoders and tokenizers. Defaults follow the
+model cards (diffusers `FluxPipeline` / `FluxKontextPipeline` with 28 steps): embedded guidance 3.5
+for dev, 4.5 for Krea-dev, 2.5 for Kontext-dev; no true CFG (`cfg_scale` 1). Kontext presets give
+no size: the output takes the reference image's.
+"""
+
+from __future__ import annotations
+
+from diffsynth.runtime.registry import Preset, PresetFile
+
+
+def _repo_files(repo: str, dit_file: str) -> tuple[PresetFile, ...]:
+    return (
+        PresetFile(repo, dit_file),
+        PresetFile(repo, "ae.safetensors"),
+        PresetFile(repo, "text_encoder/model.safetensors"),
+        PresetFile(repo, "text_encoder_2/*.safetensors*"),  # two shards and their index
+    )
+
+
+def _preset(repo: str, dit_file: str, defaults: dict, description: str) -> Preset:
+    return Preset(
+        name=repo,
+        files=_repo_files(repo, dit_file),
+        tokenizer=PresetFile(repo, "tokenizer/"),  # the T5 one is `tokenizer_2/` of the same repo
+        defaults=defaults,
+        description=description,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "black-forest-labs/FLUX.1-dev": _preset(
+        "black-forest-labs/FLUX.1-dev",
+        "flux1-dev.safetensors",
+        {"num_inference_steps": 28, "embedded_guidance": 3.5, "cfg_scale": 1.0, "height": 1024, "width": 1024},
+        "FLUX.1-dev 12B, guidance-distilled: 28 steps, embedded guidance 3.5.",
+    ),
+    "black-forest-labs/FLUX.1-Krea-dev": _preset(
+        "black-forest-labs/FLUX.1-Krea-dev",
+        "flux1-krea-dev.safetensors",
+        {"num_inference_steps": 28, "embedded_guidance": 4.5, "cfg_scale": 1.0, "height": 1024, "width": 1024},
+        "FLUX.1-Krea-dev 12B (aesthetic fine-tune of dev): 28 steps, embedded guidance 4.5.",
+    ),
+    "black-forest-labs/FLUX.1-Kontext-dev": _preset(
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        "flux1-kontext-dev.safetensors",
+        {"num_inference_steps": 28, "embedded_guidance": 2.5, "cfg_scale": 1.0},
+        "FLUX.1-Kontext-dev 12B, image editing: pass kontext_images; 28 steps, embedded guidance 2.5.",
+    ),
+}

@@ -1,0 +1,220 @@
+"""FluxImagePipeline on the tiny repo: outputs, seeds, image-to-image, Kontext, input errors, presets, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.flux.pipeline import (
+    FluxImagePipeline,
+    flux_velocity,
+    latent_ids,
+    pack_latents,
+    unpack_latents,
+)
+from diffsynth.runtime.cli import main
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+
+FAST = dict(height=32, width=32, num_inference_steps=2, t5_sequence_length=16, progress_bar=False)
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _image(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_packing_round_trip_and_ids():
+    x = torch.randn(2, 16, 6, 4)
+    tokens = pack_latents(x)
+    assert tokens.shape == (2, 6, 64)
+    torch.testing.assert_close(unpack_latents(tokens, 6, 4), x, atol=0, rtol=0)
+    ids = latent_ids(6, 4, index=1.0)
+    assert ids.shape == (6, 3)
+    assert ids[:, 0].eq(1).all() and ids[-1].tolist() == [1.0, 2.0, 1.0]
+
+
+def test_text_to_image_size_and_seed(tiny_pipe):
+    first = tiny_pipe("a red circle", seed=3, output_type="pt", **{**FAST, "width": 48})
+    again = tiny_pipe("a red circle", seed=3, output_type="pt", **{**FAST, "width": 48})
+    other = tiny_pipe("a red circle", seed=4, output_type="pt", **{**FAST, "width": 48})
+    assert first.shape == (1, 3, 32, 48) and 0 <= first.min() and first.max() <= 1
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert (first - other).abs().max() > 1e-3
+    image = tiny_pipe("a red circle", seed=3, **FAST)
+    assert isinstance(image, Image.Image) and image.size == (32, 32)
+    batch = tiny_pipe(["a red circle", "a cat"], seed=3, **FAST)
+    assert isinstance(batch, list) and len(batch) == 2
+
+
+def test_given_latents_replace_the_seed(tiny_pipe):
+    noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    a = tiny_pipe("a cat", latents=noise, seed=1, output_type="pt", **FAST)
+    b = tiny_pipe("a cat", latents=noise, seed=2, output_type="pt", **FAST)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="latents must be a tensor of shape"):
+        tiny_pipe("a cat", latents=torch.zeros(1, 16, 8, 8), **FAST)
+
+
+def test_guidance_and_cfg_change_the_image(tiny_pipe):
+    base = tiny_pipe("a cat", seed=0, output_type="pt", **FAST)
+    guided = tiny_pipe("a cat", seed=0, embedded_guidance=1.0, output_type="pt", **FAST)
+    cfg = tiny_pipe("a cat", negative_prompt="blurry", cfg_scale=2.0, seed=0, output_type="pt", **FAST)
+    assert (base - guided).abs().max() > 1e-4
+    assert (base - cfg).abs().max() > 1e-4
+
+
+def test_image_to_image_keeps_the_input_at_low_strength(tiny_pipe):
+    source = _image(32, 32)
+    low = tiny_pipe("a cat", input_image=source, denoising_strength=0.3, seed=0, output_type="pt", **FAST)
+    full = tiny_pipe("a cat", input_image=source, denoising_strength=1.0, seed=0, output_type="pt", **FAST)
+    t2i = tiny_pipe("a cat", seed=0, output_type="pt", **FAST)
+    assert low.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(full, t2i, atol=1e-5, rtol=0)  # strength 1: (almost) pure noise
+    assert (low - t2i).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="denoising_strength"):
+        tiny_pipe("a cat", input_image=source, denoising_strength=0.0, **FAST)
+
+
+def test_kontext_images_condition_the_output(tiny_pipe):
+    fast = {k: v for k, v in FAST.items() if k not in ("height", "width")}
+    one = tiny_pipe("make it red", kontext_images=_image(48, 32), seed=0, output_type="pt", **fast)
+    assert one.shape == (1, 3, 32, 48)  # the reference's size
+    other = tiny_pipe("make it red", kontext_images=_image(48, 32, seed=1), seed=0, output_type="pt", **fast)
+    assert (one - other).abs().max() > 1e-4
+    odd = tiny_pipe("make it red", kontext_images=[_image(50, 35), _image(32, 32)], seed=0, output_type="pt", **fast)
+    assert odd.shape == (1, 3, 32, 48)  # 50x35 rounded down to 48x32
+    sized = tiny_pipe("make it red", kontext_images=_image(48, 32), seed=0, output_type="pt", **FAST)
+    assert sized.shape == (1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="kontext_images\\[0\\]"):
+        tiny_pipe("make it red", kontext_images=_image(8, 8), **fast)
+
+
+def test_flux_velocity_is_the_per_step_call(tiny_pipe):
+    pipe = tiny_pipe
+    text = pipe.encode_prompt(["a cat", "a dog"], 16)
+    x = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    v = flux_velocity(pipe.dit, x, torch.tensor([0.7, 0.3]), text, 3.5)
+    assert v.shape == x.shape and v.dtype == torch.float32
+    single = flux_velocity(pipe.dit, x[:1], torch.tensor([0.7]), type(text)(text.t5[:1], text.pooled[:1]), 3.5)
+    torch.testing.assert_close(v[:1], single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(height=40), "height=40 is not a multiple of 16; use 32 or 48"),
+        (dict(width=70), "width=70 is not a multiple of 16; use 64 or 80"),
+        (dict(height=8), "height=8 is not accepted"),
+        (dict(t5_sequence_length=0), "t5_sequence_length=0"),
+        (dict(sigma_shift=-1.0), "sigma_shift=-1.0"),
+        (dict(output_type="jpg"), "output_type='jpg'"),
+        (dict(num_inference_steps=0), "num_inference_steps=0"),
+    ],
+)
+def test_bad_inputs_name_the_value(tiny_pipe, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_pipe("a cat", **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", [], None])
+def test_empty_prompt_is_refused(tiny_pipe, prompt):
+    with pytest.raises(ConfigError, match="prompt"):
+        tiny_pipe(prompt, **FAST)
+
+
+def test_sigma_shift_and_sigmas(tiny_pipe):
+    shifted = tiny_pipe("a cat", seed=0, sigma_shift=3.0, output_type="pt", **FAST)
+    default = tiny_pipe("a cat", seed=0, output_type="pt", **FAST)
+    explicit = tiny_pipe("a cat", seed=0, sigmas=[1.0, 0.5], output_type="pt", **FAST)
+    assert (shifted - default).abs().max() > 1e-5
+    assert explicit.shape == default.shape
+
+
+def test_model_configs_with_tokenizer_configs(tiny_repo):
+    configs = [
+        ModelConfig(path=str(tiny_repo / "transformer" / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(tiny_repo / "text_encoder" / "model.safetensors")),
+        ModelConfig(path=sorted(str(p) for p in (tiny_repo / "text_encoder_2").glob("*.safetensors"))),
+    ]
+    pipe = FluxImagePipeline.from_pretrained(
+        model_configs=configs,
+        torch_dtype="float32",
+        device="cpu",
+        tokenizer_1_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+        tokenizer_2_config=ModelConfig(path=str(tiny_repo / "tokenizer_2")),
+    )
+    assert pipe("a cat", seed=0, **FAST).size == (32, 32)
+    bare = FluxImagePipeline.from_pretrained(model_configs=configs, torch_dtype="float32", device="cpu")
+    with pytest.raises(ConfigError, match="tokenizer_2_config"):
+        bare("a cat", **FAST)
+
+
+def test_missing_text_encoder_is_reported(tiny_repo):
+    configs = [
+        ModelConfig(path=str(tiny_repo / "transformer" / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(tiny_repo / "text_encoder" / "model.safetensors")),
+    ]
+    with pytest.raises(ConfigError, match="text_encoder_2"):
+        FluxImagePipeline.from_pretrained(model_configs=configs, torch_dtype="float32", device="cpu")
+
+
+# ----------------------------------------------------------------------------------------- presets and CLI
+def test_presets_are_registered_with_the_authors_defaults():
+    from diffsynth.runtime.registry import find_preset
+
+    family, dev = find_preset("black-forest-labs/FLUX.1-dev")
+    assert family.name == "flux" and family.pipeline_class() is FluxImagePipeline
+    assert dev.defaults["num_inference_steps"] == 28 and dev.defaults["embedded_guidance"] == 3.5
+    patterns = [f.origin_file_pattern for f in dev.files]
+    assert patterns == [
+        "flux1-dev.safetensors",
+        "ae.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/*.safetensors*",
+    ]
+    assert find_preset("black-forest-labs/FLUX.1-Krea-dev")[1].defaults["embedded_guidance"] == 4.5
+    kontext = find_preset("black-forest-labs/flux.1-kontext-dev")[1]
+    assert kontext.files[0].origin_file_pattern == "flux1-kontext-dev.safetensors" and "height" not in kontext.defaults
+    with pytest.raises(ConfigError, match="FLUX.1-dev"):
+        FluxImagePipeline.from_pretrained("black-forest-labs/FLUX.1-pro")
+
+
+def test_preset_loads_offline_and_cli_generates(bfl_repo_base, tmp_path, monkeypatch):
+    """`--model black-forest-labs/FLUX.1-dev`: BFL single file + ae.safetensors found under the base path."""
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(bfl_repo_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    out = tmp_path / "out" / "flux.png"
+    args = ["generate", "--model", "black-forest-labs/FLUX.1-dev", "--prompt", "a red circle", "--seed", "3"]
+    fast = ["--height", "32", "--width", "48", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
+    assert main([*args, "--output", str(out), *fast]) == 0
+    assert pixels(out).shape == (32, 48, 3)
+
+    pipe = FluxImagePipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype="float32", device="cpu")
+    assert pipe.defaults["embedded_guidance"] == 3.5 and pipe.tokenizer_2 is not None
+    image = pipe("a red circle", seed=3, height=32, width=48, num_inference_steps=2, progress_bar=False)
+    assert np.array_equal(pixels(out), np.asarray(image))
+
+
+def test_preset_with_missing_files_names_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    with pytest.raises(Exception, match="flux1-dev.safetensors"):
+        FluxImagePipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype="float32", device="cpu")
+
+
+def test_vram_managed_pipeline_gives_the_same_image(tiny_repo, tiny_pipe):
+    """Every model (text encoders included) under the VRAM manager, all units streamed: same output."""
+    managed = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu", vram_limit=0)
+    assert sorted(managed.vram_handles) == ["dit", "text_encoder_1", "text_encoder_2", "vae"]
+    kwargs = dict(seed=0, output_type="pt", **FAST)
+    torch.testing.assert_close(managed("a cat", **kwargs), tiny_pipe("a cat", **kwargs), atol=0, rtol=0)
