@@ -63,6 +63,23 @@ def test_unknown_preset_is_one_clear_error(capsys):
     assert "Nobody/No-Such-Model" in err and "Traceback" not in err
 
 
+def test_default_model_without_its_package_says_what_to_install(monkeypatch, capsys):
+    from diffsynth.runtime import registry
+
+    monkeypatch.setattr(registry, "installed_families", lambda: {})
+    code = main(["generate", "--prompt", "a red circle on a blue background"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "diffsynth-z-image" in err and "--model" in err
+
+
+def test_disk_is_not_a_compute_device(capsys):
+    code = main(["generate", "--model", "Nobody/No-Such-Model", "--prompt", "a cat", "--device", "disk"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--device disk" in err and "cuda or cpu" in err
+
+
 def test_list_models_runs(capsys):
     assert main(["list-models"]) == 0
     assert "runtime" in capsys.readouterr().out

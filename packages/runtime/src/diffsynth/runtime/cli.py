@@ -16,6 +16,8 @@ from .errors import DiffSynthError
 
 logger = logging.getLogger("diffsynth")
 
+DEFAULT_MODEL = "demo"  # shipped with diffsynth-z-image, runs anywhere without downloads
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffsynth", description="Run diffusion models: images and videos.")
@@ -23,8 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = commands.add_parser("generate", help="generate an image or video from a prompt")
-    gen.add_argument("--model", required=True, help="a preset (see `diffsynth list-models`) or a local model folder")
-    gen.add_argument("--prompt", required=True, help="what to draw")
+    gen.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a preset (see `diffsynth list-models`) or a local model folder (default: the bundled demo model, "
+        "a tiny Z-Image that draws shapes, from diffsynth-z-image)",
+    )
+    gen.add_argument("--prompt", required=True, help="what to draw, e.g. 'a red circle on a blue background'")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid, used when --cfg > 1 (preset default)")
     gen.add_argument("--output", default="output.png", help="file to write (.png/.jpg for images, .mp4 for video)")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (preset default)")
@@ -47,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--vram-limit", type=float, default=None, help="GiB of VRAM the models may use")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    gen.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32 (default bfloat16)")
+    gen.add_argument(
+        "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on a GPU, float32 on the CPU)"
+    )
 
     commands.add_parser("list-models", help="list the installed model families and their presets")
 
@@ -94,6 +103,11 @@ def _pipeline_class(model: str):
     try:
         family, _ = find_preset(model)
     except ConfigError:
+        if model == DEFAULT_MODEL:
+            raise ConfigError(
+                f"the default model {DEFAULT_MODEL!r} ships with diffsynth-z-image, which is not installed: "
+                "pip install diffsynth-z-image, or name a model with --model"
+            ) from None
         if "/" not in model and not installed_families():
             raise ConfigError(
                 "no model families are installed; install one, e.g. pip install diffsynth-z-image"
@@ -135,13 +149,20 @@ def _family_for_folder(folder: Path):
 def _generate(args) -> int:
     import inspect
 
-    from .dtypes import parse_dtype
+    import torch
+
+    from .dtypes import parse_device, parse_dtype
     from .errors import ConfigError
 
+    device = parse_device(args.device)  # None: cuda when available
+    if not isinstance(device, torch.device):
+        raise ConfigError(
+            f"--device {args.device} is where weights may be offloaded, not where models run; use cuda or cpu"
+        )
+    device = torch.device(device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cls = _pipeline_class(args.model)
-    pipe = cls.from_pretrained(
-        args.model, torch_dtype=parse_dtype(args.dtype), device=args.device, vram_limit=args.vram_limit
-    )
+    pipe = cls.from_pretrained(args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit)
     for spec in args.lora:
         path, scale = _parse_lora(spec)
         pipe.load_lora(path, scale=scale)

@@ -77,19 +77,11 @@ class BasePipeline:
             source = str(model_id_or_configs)
             if Path(source).is_dir():
                 found, tok = configs_from_folder(Path(source))
-                configs += found
-                tokenizer_config = tokenizer_config or tok
                 defaults = folder_defaults(Path(source))
             else:
-                preset = cls._preset(source)
-                configs += [
-                    ModelConfig(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern) for f in preset.files
-                ]
-                if tokenizer_config is None and preset.tokenizer is not None:
-                    tokenizer_config = ModelConfig(
-                        model_id=preset.tokenizer.model_id, origin_file_pattern=preset.tokenizer.origin_file_pattern
-                    )
-                defaults = dict(preset.defaults)
+                found, tok, defaults = preset_sources(cls._preset(source))
+            configs += found
+            tokenizer_config = tokenizer_config or tok
         if not configs:
             raise ConfigError(
                 f"{cls.__name__}.from_pretrained needs a preset name, a folder or model_configs=[ModelConfig(...)]"
@@ -362,6 +354,26 @@ def configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig | 
         listing = preview(sorted(p.name for p in folder.iterdir()))
         raise ConfigError(f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); it contains {listing}")
     return configs, tokenizer
+
+
+def preset_sources(preset) -> tuple[list[ModelConfig], ModelConfig | None, dict[str, Any]]:
+    """A preset's model configs, tokenizer config and generation defaults: its hub files, or the folder
+    shipped with its package (loaded like any local folder, its `diffsynth.json` under the preset's defaults)."""
+    configs: list[ModelConfig] = []
+    tokenizer = None
+    defaults: dict[str, Any] = {}
+    if preset.folder is not None:
+        folder = Path(preset.folder)
+        if not folder.is_dir():
+            raise ConfigError(f"preset {preset.name!r}: its model folder {folder} is missing; reinstall its package")
+        configs, tokenizer = configs_from_folder(folder)
+        defaults = folder_defaults(folder)
+    configs += [ModelConfig(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern) for f in preset.files]
+    if tokenizer is None and preset.tokenizer is not None:
+        tokenizer = ModelConfig(
+            model_id=preset.tokenizer.model_id, origin_file_pattern=preset.tokenizer.origin_file_pattern
+        )
+    return configs, tokenizer, {**defaults, **preset.defaults}
 
 
 def folder_defaults(folder: Path) -> dict[str, Any]:

@@ -108,13 +108,15 @@ class PresetFile:
 
 @dataclass(frozen=True)
 class Preset:
-    """A known hub repo: which files to fetch and the authors' default generation settings."""
+    """A known model: the hub files to fetch (or a local `folder` shipped with its package, such as the
+    bundled demo model, laid out like a hub repo) and the authors' default generation settings."""
 
     name: str
-    files: tuple[PresetFile, ...]
+    files: tuple[PresetFile, ...] = ()
     tokenizer: PresetFile | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    folder: str | None = None
 
 
 @dataclass(frozen=True)

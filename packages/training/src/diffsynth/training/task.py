@@ -150,16 +150,12 @@ def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig |
             configs += found
             tokenizer = tokenizer or folder_tokenizer
         else:
+            from diffsynth.runtime.pipeline import preset_sources
             from diffsynth.runtime.registry import find_preset
 
-            _, preset = find_preset(config.model)
-            configs += [
-                ModelConfig(model_id=f.model_id, origin_file_pattern=f.origin_file_pattern) for f in preset.files
-            ]
-            if tokenizer is None and preset.tokenizer is not None:
-                tokenizer = ModelConfig(
-                    model_id=preset.tokenizer.model_id, origin_file_pattern=preset.tokenizer.origin_file_pattern
-                )
+            found, preset_tokenizer, _ = preset_sources(find_preset(config.model)[1])
+            configs += found
+            tokenizer = tokenizer or preset_tokenizer
     configs += [ModelConfig(path=p) for p in config.model_paths]
     for item in config.model_id_with_origin_paths:
         model_id, sep, pattern = item.partition(":")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from diffsynth.runtime.registry import Preset, PresetFile
 
+from .demo import MODEL_FOLDER as DEMO_FOLDER
+
 
 def _repo_files(repo: str) -> tuple[PresetFile, ...]:
     return (
@@ -35,5 +37,11 @@ PRESETS: dict[str, Preset] = {
         # Model card: 50 steps, guidance_scale 4 (= our cfg_scale 5), negative prompt supported.
         defaults={"num_inference_steps": 50, "cfg_scale": 5.0, "height": 1024, "width": 1024, "sigma_shift": 3.0},
         description="Z-Image 6B base: 50 steps with CFG.",
+    ),
+    "demo": Preset(
+        name="demo",
+        folder=str(DEMO_FOLDER),
+        description="DiffSynth demo: a tiny Z-Image trained from scratch on shapes, shipped with the package "
+        "(128x128, CPU in seconds; see diffsynth.z_image.demo).",
     ),
 }
