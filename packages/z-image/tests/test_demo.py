@@ -120,6 +120,11 @@ def test_demo_draws_held_out_scenes(demo_pipe):
     assert share_without("shape is", "no shape") >= 0.75, problems
 
 
+def test_sizes_beyond_the_dits_rope_are_refused_by_name(demo_pipe):
+    with pytest.raises(ConfigError, match="width=1024 .* at most 512 pixels"):
+        demo_pipe("a red circle on a blue background", width=1024, num_inference_steps=1, progress_bar=False)
+
+
 def test_demo_follows_the_prompt_not_the_seed(demo_pipe):
     """Same seed, captions differing only in colour or place: the pictures follow the captions."""
     scenes = [Scene("square", colour, "black", "large", place) for colour in ("red", "yellow") for place in PLACES]

@@ -137,6 +137,17 @@ class ZImagePipeline(BasePipeline):
         out = tensor_to_output(images.float(), output_type)
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
 
+    # ------------------------------------------------------------------ checks
+    def check_size(self, height: int, width: int) -> tuple[int, int]:
+        """The base rounding, then the DiT's RoPE range: it places at most `axes_lens` rows and columns of patches."""
+        height, width = super().check_size(height, width)
+        config = self.dit.config
+        cell = 8 * config.patch_size
+        for name, value, rows in (("height", height, config.axes_lens[1]), ("width", width, config.axes_lens[2])):
+            if value // cell > rows:
+                raise ConfigError(f"{name}={value} is more than this DiT can place: at most {rows * cell} pixels")
+        return height, width
+
     # ------------------------------------------------------------------ stages
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> list[torch.Tensor]:
         if self.tokenizer is None:
