@@ -6,7 +6,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +25,10 @@ def main_command() -> str:
     raise AssertionError(f"{README} has no '# run the main job' line")
 
 
+def _in_venv(folder: str) -> bool:
+    return bool(folder) and (Path(folder).parent / "pyvenv.cfg").exists()
+
+
 def test_main_command_uses_the_demo_model():
     argv = shlex.split(main_command().split("&&")[-1])
     assert argv[argv.index("run") :][:3] == ["run", "--all-packages", "--no-dev"]
@@ -42,10 +45,10 @@ def test_main_command_runs_as_written(tmp_path):
     output = ROOT / shlex.split(command)[shlex.split(command).index("--output") + 1]
     if output.exists():
         pytest.skip(f"{output} exists; not overwriting it")
-    # A user's shell: this test's venv off PATH (python3 is the system one, which has pip), and uv's
-    # project environment in a temporary folder so the developer's .venv is left alone.
-    venv_bin = str(Path(sys.prefix) / "bin")
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    # A user's shell: virtual environments off PATH (this test's, and the one `uvx nox` runs in), so python3
+    # is the system one, which has pip; uv's project environment in a temporary folder, so the developer's
+    # .venv is left alone.
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not _in_venv(p))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(PATH=path, UV_PROJECT_ENVIRONMENT=str(tmp_path / "venv"))
     started = time.time()
