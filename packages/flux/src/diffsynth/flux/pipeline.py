@@ -207,12 +207,7 @@ class FluxImagePipeline(BasePipeline):
         without `height`/`width` the output takes the first one's size. `latents` is the initial
         noise `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (terminal 0 appended).
         """
-        prompts = self.check_prompts(prompt)
-        negatives = self.check_prompts(negative_prompt, "negative_prompt", allow_empty=True)
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
         text_len = self.setting("t5_sequence_length", t5_sequence_length, T5_SEQUENCE_LENGTH)

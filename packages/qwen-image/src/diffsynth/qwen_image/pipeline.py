@@ -150,13 +150,8 @@ class QwenImagePipeline(BasePipeline):
         if edits is not None and height is None and width is None:
             width, height = area_size(*edits[-1][2], EDIT_AREA)
             height, width = height // 16 * 16, width // 16 * 16
-        prompts = self.check_prompts(prompt)
         negative_prompt = self.setting("negative_prompt", negative_prompt, "")
-        negatives = self.check_prompts(negative_prompt, "negative_prompt", allow_empty=True)
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 4.0))
         steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
         height, width = self.check_size(

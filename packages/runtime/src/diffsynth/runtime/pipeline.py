@@ -283,6 +283,18 @@ class BasePipeline:
             )
         return prompts
 
+    def check_prompt_pair(
+        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        """Prompts and one negative prompt each: a single negative is shared by every prompt."""
+        prompts = self.check_prompts(prompt)
+        negatives = self.check_prompts(negative_prompt, "negative_prompt", allow_empty=True)
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        return prompts, negatives
+
     def generate_noise(
         self, shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu"
     ) -> torch.Tensor:

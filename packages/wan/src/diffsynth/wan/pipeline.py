@@ -206,13 +206,8 @@ class WanVideoPipeline(BasePipeline):
         `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N values, the terminal 0 is
         appended). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed to the VAE.
         """
-        prompts = self.check_prompts(prompt)
         negative = self.setting("negative_prompt", negative_prompt, "")
-        negatives = self.check_prompts(negative, "negative_prompt", allow_empty=True)
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        prompts, negatives = self.check_prompt_pair(prompt, negative)
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         steps = int(self.setting("num_inference_steps", num_inference_steps, 50))

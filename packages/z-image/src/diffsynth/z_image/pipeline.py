@@ -81,12 +81,7 @@ class ZImagePipeline(BasePipeline):
         unpacked layout `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (N values, the
         terminal 0 is appended).
         """
-        prompts = self.check_prompts(prompt)
-        negatives = self.check_prompts(negative_prompt, "negative_prompt", allow_empty=True)
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ConfigError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         steps = int(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = float(self.setting("sigma_shift", sigma_shift, 3.0))
