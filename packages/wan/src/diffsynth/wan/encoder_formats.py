@@ -21,6 +21,7 @@ import re
 import torch
 
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.models.t5_shapes import t5_shape_facts
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
 
 # ----------------------------------------------------------------------------------------- umT5 encoder
@@ -68,8 +69,6 @@ def umt5_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-_T5_LAYER = re.compile(r"encoder\.block\.(\d+)\.")
-
 # umT5-XXL released values for what shapes cannot tell (google/umt5-xxl config; Wan's t5.py).
 UMT5_XXL_DEFAULTS = dict(
     relative_attention_max_distance=128,
@@ -80,26 +79,11 @@ UMT5_XXL_DEFAULTS = dict(
 )
 
 
-def _umt5_facts(state: StateDict) -> dict[str, object]:
-    vocab, d_model = state["shared.weight"].shape
-    buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-    layers = {int(m.group(1)) for k in state if (m := _T5_LAYER.match(k))}
-    return dict(
-        vocab_size=vocab,
-        d_model=d_model,
-        num_heads=heads,
-        relative_attention_num_buckets=buckets,
-        d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
-        d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-        num_layers=max(layers) + 1,
-    )
-
-
 def umt5_config_from_state(state: StateDict, config_json: dict | None = None):
     """`UMT5Config` from shapes (and a umT5/T5 `config.json` when one is beside the file)."""
     from transformers import UMT5Config
 
-    facts = _umt5_facts(state)
+    facts = t5_shape_facts(state)
     given = config_json if config_json and config_json.get("model_type") in ("umt5", "t5") else None
     if given is None:
         return UMT5Config(**UMT5_XXL_DEFAULTS, **facts)

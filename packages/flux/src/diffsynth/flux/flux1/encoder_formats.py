@@ -22,6 +22,7 @@ import re
 import torch
 
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.models.t5_shapes import t5_shape_facts
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
 
 # ----------------------------------------------------------------------------------------- CLIP text
@@ -122,7 +123,6 @@ CLIP_TEXT_SPEC = ModelSpec(
 
 # ----------------------------------------------------------------------------------------- T5 encoder
 _T5_EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
-_T5_LAYER = re.compile(r"encoder\.block\.(\d+)\.")
 
 # google/t5-v1_1-xxl values for what shapes cannot tell (FLUX.1 text_encoder_2/config.json).
 T5_XXL_DEFAULTS = dict(
@@ -147,26 +147,11 @@ def t5_fill_embeddings(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _t5_facts(state: StateDict) -> dict[str, object]:
-    vocab, d_model = state["shared.weight"].shape
-    buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-    layers = {int(m.group(1)) for k in state if (m := _T5_LAYER.match(k))}
-    return dict(
-        vocab_size=vocab,
-        d_model=d_model,
-        num_heads=heads,
-        relative_attention_num_buckets=buckets,
-        d_kv=state["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
-        d_ff=state["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-        num_layers=max(layers) + 1,
-    )
-
-
 def t5_config_from_state(state: StateDict, config_json: dict | None = None):
     """`T5Config` from shapes (and a T5 `config.json` beside the file, checked against them)."""
     from transformers import T5Config
 
-    facts = _t5_facts(state)
+    facts = t5_shape_facts(state)
     given = config_json if config_json and config_json.get("model_type") == "t5" else {}
     drop = ("architectures", "model_type", "num_decoder_layers")
     fields = {k: v for k, v in given.items() if not k.startswith("_") and k not in drop}
