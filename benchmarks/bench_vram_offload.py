@@ -4,9 +4,12 @@ Random weights (the same for every mode), bf16, 1024x1024 (4096 image tokens), a
 `--caption-len` tokens, batch 1. Modes:
 
 - `resident`: the whole DiT on the GPU (the baseline);
-- `streamed`: every block streamed from pinned CPU memory (`vram_limit=0`), prefetching block i+1
-  on a side stream while block i computes;
-- `streamed_limit`: blocks resident as far as `--vram-limit` GiB allows, the rest streamed;
+- `limit_50`, `limit_25`: `vram_limit` at 50% / 25% of the DiT's bytes: blocks resident as far as it
+  allows, the rest streamed from pinned CPU memory;
+- `streamed`: every block streamed (`vram_limit=0`), prefetching block i+1 on a side stream while
+  block i computes;
+- `streamed_limit`: `vram_limit=--vram-limit` GiB;
+- `streamed_disk`: every block read from the safetensors file's memory map (offload device `disk`);
 - `streamed_fp8`: every block stored in fp8 (e4m3, scales) on the CPU, streamed, computed in bf16;
 - `diffusers_group`: diffusers' `enable_group_offload(block_level, use_stream=True)`, its closest
   equivalent; `diffusers_sequential`: accelerate's `cpu_offload` (what `enable_sequential_cpu_offload`
@@ -14,7 +17,10 @@ Random weights (the same for every mode), bf16, 1024x1024 (4096 image tokens), a
   pipeline stage, so within the denoising loop it equals `resident`: it is not timed separately.
 
 Reports seconds per step, peak GPU memory, bytes streamed per step and the time the compute stream
-waited on copies, and appends a JSON record to benchmarks/results/vram_offload.jsonl with the card
+waited on copies; measures the pinned host-to-device bandwidth and from it the transfer floor (the
+DiT's bytes over that bandwidth); checks issue #4's targets (50%: at most 1.1x resident; 0%: at most
+1.1x the larger of the floor and resident; faster than diffusers' group offloading at no more peak
+memory), and appends a JSON record to benchmarks/results/vram_offload.jsonl with the card
 and torch version.
 
     python benchmarks/bench_vram_offload.py [--steps 5] [--warmup 2] [--vram-limit 8] [--modes resident,streamed,...]
@@ -26,14 +32,27 @@ import argparse
 import gc
 import json
 import time
+from pathlib import Path
 
 import torch
 from common import record, timed
 
 # streamed_fp8 runs last: disabling it leaves the weights fp8-rounded
-MODES = ("resident", "streamed", "streamed_limit", "diffusers_group", "diffusers_sequential", "streamed_fp8")
+MODES = (
+    "resident",
+    "limit_50",
+    "limit_25",
+    "streamed",
+    "streamed_limit",
+    "streamed_disk",
+    "diffusers_group",
+    "diffusers_sequential",
+    "streamed_fp8",
+)
+LIMIT_SHARES = {"limit_50": 0.5, "limit_25": 0.25}
 STREAM = {"offload_device": "cpu", "onload_device": "cpu"}
 FP8 = {"offload_device": "cpu", "onload_device": "cpu", "offload_dtype": "float8_e4m3fn"}
+DISK = {"offload_device": "disk", "onload_device": "disk"}
 
 
 def random_dit(cfg, dtype):
@@ -87,6 +106,13 @@ def main() -> None:
     t = torch.tensor([0.5], device=device)
     text = [torch.randn(args.caption_len, cfg.cap_feat_dim, device=device, dtype=dtype)]
 
+    dit_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    bandwidth = pinned_bandwidth_gbps()
+    floor = dit_gib * 2**30 / (bandwidth * 1e9)
+    print(
+        f"DiT {dit_gib:.2f} GiB; pinned host-to-device {bandwidth:.1f} GB/s; transfer floor {floor:.3f} s", flush=True
+    )
+    args.dit_gib = dit_gib
     results: dict[str, dict] = {}
     for mode in modes:
         free()
@@ -98,8 +124,49 @@ def main() -> None:
 
     record(
         "vram_offload",
-        {"image_tokens": (h // 2) * (w // 2), "text_tokens": args.caption_len, "results": results},
+        {
+            "image_tokens": (h // 2) * (w // 2),
+            "text_tokens": args.caption_len,
+            "dit_gib": dit_gib,
+            "pinned_h2d_gbps": bandwidth,
+            "transfer_floor_s": floor,
+            "targets": targets(results, floor),
+            "results": results,
+        },
     )
+
+
+def pinned_bandwidth_gbps(gib: float = 1.0, repeats: int = 5) -> float:
+    """Host-to-device copy speed from pinned memory, GB/s (the bound of any streamed step)."""
+    host = torch.empty(int(gib * 2**30), dtype=torch.uint8).pin_memory()
+    device = torch.empty_like(host, device="cuda")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return repeats * host.numel() / (time.perf_counter() - start) / 1e9
+
+
+def targets(results: dict, floor: float) -> dict:
+    """Issue #4's targets, each True/False (None where a mode it needs did not run)."""
+
+    def s(mode):
+        return results.get(mode, {}).get("s_per_step")
+
+    resident, half, none, group = s("resident"), s("limit_50"), s("streamed"), s("diffusers_group")
+    out = {
+        "limit_50_within_1.1x_resident": None if None in (resident, half) else half <= 1.1 * resident,
+        "streamed_within_1.1x_floor_or_resident": None
+        if None in (resident, none)
+        else none <= 1.1 * max(floor, resident),
+        "streamed_beats_diffusers_group_at_no_more_peak": None
+        if None in (none, group)
+        else none < group and results["streamed"]["peak_gib"] <= results["diffusers_group"]["peak_gib"],
+    }
+    print("targets", json.dumps(out), flush=True)
+    return out
 
 
 def run_mode(mode, model, cfg, x, t, text, args, enable_vram_management) -> dict:
@@ -110,11 +177,12 @@ def run_mode(mode, model, cfg, x, t, text, args, enable_vram_management) -> dict
         finally:
             model.cpu()
         return {"s_per_step": s, "peak_gib": peak}
-    if mode.startswith("streamed"):
-        config = FP8 if mode == "streamed_fp8" else STREAM
-        limit = args.vram_limit if mode == "streamed_limit" else 0
+    if mode.startswith(("streamed", "limit_")):
+        config = {"streamed_fp8": FP8, "streamed_disk": DISK}.get(mode, STREAM)
+        limit = args.vram_limit if mode == "streamed_limit" else LIMIT_SHARES.get(mode, 0) * args.dit_gib
+        extra = {"checkpoint": [save_for_disk(model)]} if mode == "streamed_disk" else {}
         began = time.perf_counter()
-        handle = enable_vram_management(model, config, vram_limit=limit, device="cuda", dtype=torch.bfloat16)
+        handle = enable_vram_management(model, config, vram_limit=limit, device="cuda", dtype=torch.bfloat16, **extra)
         setup = time.perf_counter() - began
         try:
             s, peak = timed(lambda: model(x, t, text), args.steps, args.warmup)
@@ -135,6 +203,17 @@ def run_mode(mode, model, cfg, x, t, text, args, enable_vram_management) -> dict
             "plan": report.plan,
         }
     return run_diffusers(mode, model, cfg, x, t, text, args)
+
+
+def save_for_disk(model) -> str:
+    """The DiT's weights as one safetensors file, the way a checkpoint on disk is read in `disk` mode."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(tempfile.mkdtemp(prefix="bench_vram_")) / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
 
 
 def run_diffusers(mode, model, cfg, x, t, text, args) -> dict:

@@ -102,10 +102,8 @@ def demo_pipe():
 def test_demo_draws_held_out_scenes(demo_pipe):
     """24 caption combinations never drawn in training, at the preset's defaults, checked property by property.
 
-    Issue #9 asks for 90% of scenes right in every property. The shipped model draws the background and the
-    place right in at least 90% of them, but the shape's colour in 18 of 24 (small shapes blur into their
-    background: yellow on red reads orange, blue on orange purple), so the colour bar here sits one scene
-    under the measured level (17 of 24), a regression guard until a better-trained demo lands.
+    Issue #9's bar: at least 90% of the prompts right in background, shape colour and place. The shipped model
+    (the recipe's GPU run) draws all 24 right at seeds 0-3; 90% leaves room for CPU rounding differences.
     """
     scenes = held_out_scenes()
     images = demo_pipe([s.caption for s in scenes], seed=0, progress_bar=False)
@@ -117,7 +115,8 @@ def test_demo_draws_held_out_scenes(demo_pipe):
 
     assert share_without("background", "no shape") >= 0.9, problems
     assert share_without("shape centre", "no shape") >= 0.9, problems
-    assert share_without("shape is", "no shape") >= 17 / 24, problems
+    assert share_without("shape is", "no shape") >= 0.9, problems
+    assert sum(not found for found in problems.values()) / len(scenes) >= 0.9, problems  # every property at once
 
 
 def test_sizes_beyond_the_dits_rope_are_refused_by_name(demo_pipe):

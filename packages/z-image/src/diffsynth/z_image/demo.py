@@ -34,7 +34,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.2, "large": 0.36}  # shape width as a fraction of the image side
+SIZES = {"small": 0.25, "large": 0.36}  # shape width as a fraction of the image side
 # place -> (row, column) on the 3x3 grid, and how a caption says it
 PLACES: dict[str, tuple[tuple[int, int], str]] = {
     "top left": ((0, 0), "in the top left corner"),
