@@ -16,6 +16,7 @@ from diffsynth.runtime.lora import (
     list_loras,
     load_lora,
     read_lora,
+    read_lora_state,
     resolve_lora,
     save_lora,
     set_lora_scale,
@@ -387,3 +388,37 @@ def test_unknown_names_for_scale_and_clear():
 def test_bad_save_format(tmp_path):
     with pytest.raises(LoRAError, match=r"unknown LoRA save format 'civitai'.*diffsynth"):
         save_lora(make_lora(), tmp_path / "x.safetensors", format="civitai")
+
+
+def test_raw_state_source_and_keys_for_family_converters(tmp_path):
+    state = to_state_dict(make_lora(), "kohya")
+    path = tmp_path / "family.safetensors"
+    save_file(state, str(path))
+    raw, source = read_lora_state(path)
+    assert raw.keys() == state.keys() and source == str(path)
+    lora = read_lora(raw, source=source)
+    assert lora.source == str(path)
+    assert lora.keys["x_embedder"] == "lora_unet_x_embedder.lora_down.weight"
+    with pytest.raises(LoRAError, match="family.safetensors"):
+        read_lora({"odd.weight": torch.zeros(1)}, source=str(path))
+
+
+def test_pipeline_read_lora_is_the_family_hook():
+    from diffsynth.runtime.pipeline import BasePipeline
+
+    class Renaming(BasePipeline):
+        model_slots = {"dit": "dit"}
+
+        def read_lora(self, path, slot="dit"):
+            lora = read_lora(path)
+            return LoRAWeights({name.replace("ours_", ""): t for name, t in lora.targets.items()}, lora.source)
+
+    lora = make_lora()
+    renamed = LoRAWeights({f"ours_{name}": t for name, t in lora.targets.items()})
+    pipe = Renaming(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = make_model()
+    reference = make_model()
+    apply_lora(reference, lora, scale=0.5)
+    pipe.load_lora(renamed, scale=0.5)
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(pipe.dit(x), reference(x))

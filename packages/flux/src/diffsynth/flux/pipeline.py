@@ -172,6 +172,17 @@ class FluxImagePipeline(BasePipeline):
         """The base class finds at most one tokenizer; `from_pretrained` loads FLUX.1's two itself."""
         return None
 
+    def read_lora(self, path, slot: str = "dit"):
+        """FLUX.1 DiT LoRAs in BFL, kohya, diffusers/peft and XLabs layouts, merged onto our fused layers
+        (`flux1/lora.py`); other slots read the common layouts."""
+        from .flux1.dit import Flux1DiT
+        from .flux1.lora import read_flux1_lora
+
+        model = getattr(self, slot, None)
+        if isinstance(model, Flux1DiT):
+            return read_flux1_lora(path, model)
+        return super().read_lora(path, slot)
+
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(

@@ -103,25 +103,31 @@ class LoRAWeights:
     targets: dict[str, LoRATarget]
     source: str = "<state dict>"
     skipped: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # target -> one key of the file, for messages
 
     def __len__(self) -> int:
         return len(self.targets)
 
 
 # ----------------------------------------------------------------------------------- reading
-def read_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights) -> LoRAWeights:
-    """Read a LoRA file (safetensors or torch pickle) or state dict into `LoRAWeights`."""
+def read_lora(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights, *, source: str | None = None
+) -> LoRAWeights:
+    """Read a LoRA file (safetensors or torch pickle) or state dict into `LoRAWeights`; `source` names a
+    state dict in messages (a family converter passes the file it rewrote keys of)."""
     if isinstance(path_or_state_dict, LoRAWeights):
         return path_or_state_dict
+    state, read_from = read_lora_state(path_or_state_dict)
+    return _normalise(state, source or read_from)
+
+
+def read_lora_state(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict, str]:
+    """The raw tensors of a LoRA file or state dict, and the name to use for it in messages."""
     if isinstance(path_or_state_dict, Mapping):
-        state, source = dict(path_or_state_dict), "<state dict>"
-    elif isinstance(path_or_state_dict, (str, os.PathLike)):
-        state, source = _read_file(Path(path_or_state_dict)), str(path_or_state_dict)
-    else:
-        raise LoRAError(
-            f"a LoRA must be a file path, a state dict or LoRAWeights, got {type(path_or_state_dict).__name__}"
-        )
-    return _normalise(state, source)
+        return dict(path_or_state_dict), "<state dict>"
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        return _read_file(Path(path_or_state_dict)), str(path_or_state_dict)
+    raise LoRAError(f"a LoRA must be a file path, a state dict or LoRAWeights, got {type(path_or_state_dict).__name__}")
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -187,7 +193,12 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
         _check_target(name, target, origin, source)
     if skipped:
         logger.info("%s: skipped %d text-encoder LoRA keys (e.g. %s)", source, len(skipped), skipped[0])
-    return LoRAWeights(targets=targets, source=source, skipped=skipped)
+    keys = {name: _first_key(name, origin) for name in targets}
+    return LoRAWeights(targets=targets, source=source, skipped=skipped, keys=keys)
+
+
+def _first_key(name: str, origin: dict) -> str:
+    return next((origin[(name, k)] for k in ("down", "up", "diff", "diff_b", "alpha") if (name, k) in origin), name)
 
 
 def _parse_key(key: str) -> tuple[str | None, str] | None:

@@ -328,11 +328,20 @@ class BasePipeline:
         model = getattr(self, slot, None)
         if model is None:
             raise ConfigError(f"no model in slot {slot!r}; slots: {list(self.model_slots)}")
+        path = self.read_lora(path, slot)
         handle = self.vram_handles.get(slot)
         if fuse and handle is not None:  # streamed / fp8 weights: fuse into the real values, stored back
             with handle.materialized():
                 return load_lora(model, path, scale=scale, fuse=True, name=name)
         return load_lora(model, path, scale=scale, fuse=fuse, name=name)
+
+    def read_lora(self, path, slot: str = "dit"):
+        """The LoRA at `path` as `LoRAWeights` for the model in `slot`. The common layouts are read here;
+        a family whose LoRAs also come in its own key layouts (split or fused projections, other names)
+        overrides this to convert them to its module names."""
+        from .lora import read_lora
+
+        return read_lora(path)
 
     def clear_loras(self, slot: str = "dit") -> None:
         from .lora import clear_loras

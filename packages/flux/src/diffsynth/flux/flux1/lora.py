@@ -1,0 +1,207 @@
+"""FLUX.1 DiT LoRAs in the layouts people share, converted to our (BFL) module names.
+
+Accepted (text-encoder entries in any of them are skipped; `diffusion_model.` / `transformer.` prefixes and
+the key suffixes are read by `diffsynth.runtime.lora`):
+
+- BFL names: `double_blocks.0.img_attn.qkv.lora_A.weight` / `.lora_B.weight`, or `lora_down` / `lora_up` /
+  `alpha` (ComfyUI), and ComfyUI's `.diff` / `.diff_b`;
+- kohya with BFL names: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` / `.lora_up.weight` / `.alpha`;
+- diffusers / peft names: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, `add_q_proj`,
+  `single_transformer_blocks.0.proj_mlp`, `norm_out.linear`, ... (optional `.alpha`), and the same names
+  kohya-style (`lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight`);
+- XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` / `.up.weight` (`qkv_lora1`, `proj_lora1` for the
+  image stream, `qkv_lora2`, `proj_lora2` for the text stream; single blocks `qkv_lora`, `proj_lora`), no alpha.
+
+Where diffusers splits one of our fused Linears (`img_attn.qkv` = to_q, to_k, to_v; `single_blocks.N.linear1` =
+to_q, to_k, to_v, proj_mlp) the parts are merged into one LoRA on the fused layer: the downs stacked along the
+rank, the up block-diagonal with each part's alpha / rank folded in, zero rows for parts the file leaves out.
+XLabs' single-block `qkv_lora` covers the q, k, v rows of `linear1` the same way. diffusers' `norm_out.linear`
+stores (scale, shift) where our `final_layer.adaLN_modulation.1` stores (shift, scale), so the rows of its up
+matrix (and diff) are swapped like the weights in `formats.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffsynth.runtime.errors import LoRAError, preview
+from diffsynth.runtime.lora import LoRATarget, LoRAWeights, read_lora, read_lora_state
+
+from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
+
+# Ours -> XLabs processor names (the `.down` / `.up` LoRALinearLayer in each block's processor).
+XLABS_NAMES = {
+    "double_blocks.{}.img_attn.qkv": "double_blocks.{}.processor.qkv_lora1",
+    "double_blocks.{}.img_attn.proj": "double_blocks.{}.processor.proj_lora1",
+    "double_blocks.{}.txt_attn.qkv": "double_blocks.{}.processor.qkv_lora2",
+    "double_blocks.{}.txt_attn.proj": "double_blocks.{}.processor.proj_lora2",
+    "single_blocks.{}.linear1": "single_blocks.{}.processor.qkv_lora",  # the q, k, v rows only
+    "single_blocks.{}.linear2": "single_blocks.{}.processor.proj_lora",
+}
+_XLABS_SUFFIXES = {".down.weight": ".lora_A.weight", ".up.weight": ".lora_B.weight"}
+_DIFFUSERS_NAMES = {ours.removesuffix(".weight"): d.removesuffix(".weight") for d, ours in DIFFUSERS_TO_OURS.items()}
+_DIFFUSERS_SWAPPED = {ours.removesuffix(".weight"): d.removesuffix(".weight") for d, ours in SWAPPED.items()}
+
+
+@dataclass(frozen=True)
+class LoRAPart:
+    """Where a named LoRA target lands in our model: output rows `start:start+rows` of Linear `module`
+    (rows None: all of them); `swap`: its two output halves are stored the other way round."""
+
+    module: str
+    start: int = 0
+    rows: int | None = None
+    swap: bool = False
+
+
+def lora_names(model: nn.Module) -> dict[str, LoRAPart]:
+    """Every dotted LoRA target name we accept for `model` (ours, diffusers, XLabs) -> where it lands."""
+    names: dict[str, LoRAPart] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        names[name] = LoRAPart(name)
+        template, index = _template(name)
+        out_features, in_features = module.weight.shape
+        if template in _DIFFUSERS_NAMES:
+            names[_DIFFUSERS_NAMES[template].format(*index)] = LoRAPart(name)
+        elif template in _DIFFUSERS_SWAPPED:
+            names[_DIFFUSERS_SWAPPED[template]] = LoRAPart(name, swap=True)
+        elif f"{template}.weight" in OURS_FUSED:
+            parts = [p.removesuffix(".weight") for p in OURS_FUSED[f"{template}.weight"]]
+            # q, k, v of the hidden width each, then (single blocks) the MLP input
+            width = out_features // 3 if len(parts) == 3 else in_features
+            sizes = [width] * 3 + [out_features - 3 * width] * (len(parts) - 3)
+            start = 0
+            for part, rows in zip(parts, sizes, strict=True):
+                names[part.format(*index)] = LoRAPart(name, start, rows)
+                start += rows
+        if template in XLABS_NAMES:
+            rows = 3 * in_features if template.endswith("linear1") else None
+            names[XLABS_NAMES[template].format(*index)] = LoRAPart(name, 0, rows)
+    return names
+
+
+def read_flux1_lora(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights, model: nn.Module
+) -> LoRAWeights:
+    """Read a FLUX.1 DiT LoRA in any layout above and return it targeted at `model`'s Linears (our names)."""
+    if isinstance(path_or_state_dict, LoRAWeights):
+        return convert_flux1_lora(path_or_state_dict, model)
+    state, source = read_lora_state(path_or_state_dict)
+    return convert_flux1_lora(read_lora(_xlabs_to_peft(state), source=source), model)
+
+
+def _xlabs_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """XLabs `<block>.processor.<name>.down.weight` -> `<block>.processor.<name>.lora_A.weight` (and up -> B)."""
+    out = {}
+    for key, value in state.items():
+        if ".processor." in key:
+            for old, new in _XLABS_SUFFIXES.items():
+                if key.endswith(old):
+                    key = key.removesuffix(old) + new
+                    break
+        out[key] = value
+    return out
+
+
+def convert_flux1_lora(lora: LoRAWeights, model: nn.Module) -> LoRAWeights:
+    """`lora` (names as read: dotted, or kohya-underscored) renamed and merged onto `model`'s Linears.
+
+    Raises `LoRAError` naming the file and key for a target that is no layer of the FLUX.1 DiT, a part whose
+    shape does not fit its layer, or two entries giving the same rows of one layer."""
+    names = lora_names(model)
+    underscored = {name.replace(".", "_"): name for name in names}
+    modules = dict(model.named_modules())
+    groups: dict[str, list[tuple[LoRAPart, LoRATarget, str]]] = {}
+    unknown = []
+    for raw, target in lora.targets.items():
+        key = lora.keys.get(raw, raw)
+        name = raw if raw in names else underscored.get(raw)
+        if name is None:
+            unknown.append(key)
+            continue
+        part = names[name]
+        groups.setdefault(part.module, []).append((part, target, key))
+    if unknown:
+        raise LoRAError(
+            f"{lora.source}: {len(unknown)} of {len(lora.targets)} LoRA entries match no layer of the "
+            f"{type(model).__name__}: {preview(unknown, 5)}. Accepted are BFL names (double_blocks.0.img_attn.qkv), "
+            "diffusers names (transformer_blocks.0.attn.to_q), their kohya forms (lora_unet_double_blocks_0_..., "
+            "lora_transformer_transformer_blocks_0_...) and XLabs (double_blocks.0.processor.qkv_lora1)"
+        )
+    targets = {module: _merge(modules[module], module, parts, lora.source) for module, parts in groups.items()}
+    keys = {module: parts[0][2] for module, parts in groups.items()}
+    return LoRAWeights(targets=targets, source=lora.source, skipped=list(lora.skipped), keys=keys)
+
+
+@torch.no_grad()
+def _merge(linear: nn.Linear, module: str, parts: list, source: str) -> LoRATarget:
+    out_features, in_features = linear.weight.shape
+    spans = []
+    for part, t, key in parts:
+        rows = out_features if part.rows is None else part.rows
+        where = repr(module) if part.rows is None else f"rows {part.start}:{part.start + rows} of {module!r}"
+        _check_part(t, key, where, rows, in_features, source)
+        spans.append((part.start, part.start + rows, key))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise LoRAError(f"{source}: {first!r} and {second!r} both change rows of {module!r}; give one of them")
+    if len(parts) == 1 and parts[0][0].rows is None:
+        part, t, _ = parts[0]
+        return _swap_halves(t) if part.swap else t
+    # several parts of one fused Linear (or one part of it): one LoRA of the summed rank, block-diagonal up
+    first = next(x for _, t, _ in parts for x in (t.down, t.diff, t.diff_b) if x is not None)
+    dtype, device = first.dtype, first.device
+    ranked = [(p, t) for p, t, _ in parts if t.down is not None]
+    merged = LoRATarget()
+    if ranked:
+        up = torch.zeros(out_features, sum(t.rank for _, t in ranked), device=device)
+        column = 0
+        for p, t in ranked:
+            up[p.start : p.start + t.up.shape[0], column : column + t.rank] = t.up.float().to(device) * t.factor
+            column += t.rank
+        merged.down = torch.cat([t.down.float().to(device) for _, t in ranked]).to(dtype)
+        merged.up = up.to(dtype)
+    if any(t.diff is not None for _, t, _ in parts):
+        merged.diff = torch.zeros(out_features, in_features, dtype=dtype, device=device)
+        for p, t, _ in parts:
+            if t.diff is not None:
+                merged.diff[p.start : p.start + t.diff.shape[0]] = t.diff.to(dtype)
+    if any(t.diff_b is not None for _, t, _ in parts):
+        merged.diff_b = torch.zeros(out_features, dtype=dtype, device=device)
+        for p, t, _ in parts:
+            if t.diff_b is not None:
+                merged.diff_b[p.start : p.start + t.diff_b.shape[0]] = t.diff_b.to(dtype)
+    return merged
+
+
+def _check_part(t: LoRATarget, key: str, where: str, rows: int, in_features: int, source: str) -> None:
+    problems = []
+    if t.down is not None and (t.down.shape[1] != in_features or t.up.shape[0] != rows):
+        problems.append(f"down {tuple(t.down.shape)} / up {tuple(t.up.shape)}")
+    if t.diff is not None and tuple(t.diff.shape) != (rows, in_features):
+        problems.append(f"diff {tuple(t.diff.shape)}")
+    if t.diff_b is not None and tuple(t.diff_b.shape) != (rows,):
+        problems.append(f"diff_b {tuple(t.diff_b.shape)}")
+    if problems:
+        raise LoRAError(
+            f"{source}: {key!r} has {', '.join(problems)} but lands on {where} of the FLUX.1 DiT, which takes "
+            f"[{rows}, {in_features}]; the LoRA was probably made for a different model or model size"
+        )
+
+
+def _swap_halves(t: LoRATarget) -> LoRATarget:
+    def swap(x):
+        if x is None:
+            return None
+        a, b = x.chunk(2, dim=0)
+        return torch.cat([b, a])
+
+    return LoRATarget(down=t.down, up=swap(t.up), alpha=t.alpha, diff=swap(t.diff), diff_b=swap(t.diff_b))
