@@ -156,6 +156,14 @@ def test_disk_keeps_unmatched_tensors_in_memory(tmp_path, caplog):
     torch.testing.assert_close(model(X), make()(X), rtol=0, atol=0)
 
 
+def test_units_whose_weights_all_train_stay_resident_and_run():
+    """A model left trainable (requires_grad) has nothing to stream: its units run untouched, not as 'parked'."""
+    model = make().requires_grad_(True)
+    handle = enable_vram_management(model, STREAM, vram_limit=0, device="cpu")
+    assert all(not u.targets for u in handle.units)
+    torch.testing.assert_close(model(X), make()(X), rtol=0, atol=0)
+
+
 def test_errors_name_the_problem():
     model, _ = managed(STREAM)
     with pytest.raises(ConfigError, match="already VRAM-managed"):

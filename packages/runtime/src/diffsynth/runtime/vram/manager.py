@@ -117,7 +117,8 @@ class VramHandle:
         resident = set(self.plan.resident)
         for unit in self.units:
             unit.streamed = unit.name not in resident
-            unit.fetched = unit.streamed or not self._plain(unit)
+            # a unit whose weights all train stays resident, untouched: there is nothing to fetch for it
+            unit.fetched = bool(unit.targets) and (unit.streamed or not self._plain(unit))
         self.streamer = Streamer(self.units, self.device, max_in_flight=max_in_flight, granularity=granularity)
         self.streamer.install()
         self._prepared: dict[int, Packed] = {}
