@@ -182,3 +182,68 @@ def build_tiny_repo(root: Path) -> Path:
 def tiny_repo(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return build_tiny_repo(tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+LORA_LAYOUTS = ("peft", "diffusion_model", "diffusion_model_alpha", "kohya")
+
+
+def make_random_lora(model: torch.nn.Module, layout: str, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> dict:
+    """A random LoRA on every Linear of `model` (named like diffusers' Qwen-Image transformer), in one layout:
+
+    - "peft": `transformer.<name>.lora_A.weight` / `.lora_B.weight` (diffusers `save_lora_weights`);
+    - "diffusion_model": `diffusion_model.<name>.lora_A.weight` / `.lora_B.weight` (Qwen-Image-Lightning);
+    - "diffusion_model_alpha": `diffusion_model.<name>.lora_down.weight` / `.lora_up.weight` / `.alpha`;
+    - "kohya": `lora_unet_<name, dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha` (ComfyUI).
+    """
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        down = torch.randn(rank, module.in_features, generator=g) * 0.2
+        up = torch.randn(module.out_features, rank, generator=g) * 0.2
+        if layout == "peft":
+            state |= {f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up}
+        elif layout == "diffusion_model":
+            state |= {f"diffusion_model.{name}.lora_A.weight": down, f"diffusion_model.{name}.lora_B.weight": up}
+        elif layout in ("diffusion_model_alpha", "kohya"):
+            base = (
+                f"diffusion_model.{name}"
+                if layout == "diffusion_model_alpha"
+                else f"lora_unet_{name.replace('.', '_')}"
+            )
+            state |= {
+                f"{base}.lora_down.weight": down,
+                f"{base}.lora_up.weight": up,
+                f"{base}.alpha": torch.tensor(alpha),
+            }
+        else:
+            raise ValueError(f"layout={layout!r}; use one of {LORA_LAYOUTS}")
+    return state
+
+
+def load_into_diffusers(transformer, state: dict):
+    """`transformer` (diffusers) with `state` loaded through `QwenImagePipeline.load_lora_weights`."""
+    import diffusers
+
+    pipe = diffusers.QwenImagePipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+    )
+    pipe.load_lora_weights(dict(state))
+    return transformer
+
+
+@pytest.fixture(scope="session")
+def random_lora():
+    """`make_random_lora`, for test modules (conftest is not importable under importlib mode)."""
+    return make_random_lora
+
+
+@pytest.fixture(scope="session")
+def diffusers_with_lora():
+    """`load_into_diffusers`, for test modules."""
+    return load_into_diffusers

@@ -158,3 +158,43 @@ def test_vision_processor_expands_each_image_placeholder(pipe):
     assert out["pixel_values"].shape[0] == int(out["image_grid_thw"].prod(dim=1).sum())
     with pytest.raises(ConfigError, match="1 image placeholders for 2 images"):
         pipe.processor(text=[edit_image_prefix(1, numbered=True)], images=images)
+
+
+# ------------------------------------------------------------------ sigma templates
+@pytest.fixture
+def sigmas_seen(pipe, monkeypatch):
+    """The sigma of every DiT call of the next pipeline run."""
+    from diffsynth.qwen_image import pipeline as module
+
+    seen, velocity = [], module.qwen_image_velocity
+
+    def record(dit, latents, sigma, *args, **kwargs):
+        seen.append(round(float(sigma[0]), 6))
+        return velocity(dit, latents, sigma, *args, **kwargs)
+
+    monkeypatch.setattr(module, "qwen_image_velocity", record)
+    return seen
+
+
+def test_lightning_template_is_shift_3_without_terminal_stretch(pipe, sigmas_seen):
+    pipe("a red circle", seed=0, sigma_template="lightning", cfg_scale=1.0, **dict(FAST, num_inference_steps=4))
+    assert sigmas_seen == [1.0, 0.9, 0.75, 0.5]  # 3t / (1 + 2t) on 1, 3/4, 1/2, 1/4 at any size
+
+
+def test_exponential_shift_mu_overrides_either_template(pipe, sigmas_seen):
+    run = dict(FAST, num_inference_steps=4, cfg_scale=1.0, seed=0)
+    pipe("a red circle", sigma_template="lightning", exponential_shift_mu=0.0, **run)
+    pipe("a red circle", exponential_shift_mu=0.0, **run)
+    assert sigmas_seen[:4] == [1.0, 0.75, 0.5, 0.25]  # mu = 0: no shift
+    assert sigmas_seen[4:8] == [1.0, 0.673333, 0.346667, 0.02]  # the default still stretches to 0.02
+
+
+def test_sigma_template_from_the_preset_defaults(pipe, sigmas_seen, monkeypatch):
+    monkeypatch.setitem(pipe.defaults, "sigma_template", "lightning")
+    pipe("a red circle", seed=0, cfg_scale=1.0, **dict(FAST, num_inference_steps=2))
+    assert sigmas_seen == [1.0, 0.75]
+
+
+def test_unknown_sigma_template_names_the_argument(pipe):
+    with pytest.raises(ConfigError, match=r"sigma_template='turbo' is not known; use one of qwen_image, lightning"):
+        pipe("a red circle", sigma_template="turbo", **FAST)

@@ -20,6 +20,7 @@ from diffsynth.runtime.schedulers import (
     linear_mu,
     ltx2,
     qwen_image,
+    qwen_image_lightning,
     wan,
     z_image,
 )
@@ -139,6 +140,41 @@ def test_qwen_image_matches_diffusers(n, seq_len):
     ours = qwen_image(n, image_seq_len=seq_len)
     _assert_close(ours, ref_sigmas)
     assert ours[-2].item() == pytest.approx(0.02, abs=1e-7)
+
+
+# lightx2v/Qwen-Image-Lightning's README: the Qwen-Image config with base_shift = max_shift = ln 3, no terminal stretch
+QWEN_IMAGE_LIGHTNING_CONFIG = {
+    **QWEN_IMAGE_CONFIG,
+    "base_shift": math.log(3),
+    "max_shift": math.log(3),
+    "shift_terminal": None,
+}
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("n", [1, 4, 8])
+@pytest.mark.parametrize("seq_len", [16, 4096, 16384])
+def test_qwen_image_lightning_matches_diffusers(n, seq_len):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(seq_len, 256, 8192, math.log(3), math.log(3))
+    ref_sigmas, ref_timesteps = _diffusers_sigmas(n, QWEN_IMAGE_LIGHTNING_CONFIG, mu=mu)
+    scheduler = FlowMatchScheduler("qwen_image_lightning")
+    scheduler.set_timesteps(n, image_seq_len=seq_len)
+    _assert_close(scheduler.sigmas, ref_sigmas)
+    _assert_close(scheduler.timesteps, ref_timesteps, atol=1e-3)
+    _assert_close(qwen_image_lightning(n), static_shift_3(n))  # mu = ln 3 is a static shift 3 at any size
+
+
+def static_shift_3(n):
+    grid = torch.linspace(1, 0, n + 1, dtype=torch.float64)[:n]
+    return torch.cat([3 * grid / (1 + 2 * grid), torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def test_qwen_image_lightning_mu_override_and_no_stretch():
+    assert qwen_image_lightning(4, mu=0.5).tolist() == qwen_image(4, mu=0.5, shift_terminal=None).tolist()
+    assert qwen_image_lightning(4, mu=math.log(2.5))[1].item() == pytest.approx(2.5 * 0.75 / (1 + 1.5 * 0.75))
+    assert qwen_image_lightning(8)[-2].item() == pytest.approx(0.3, abs=1e-7)  # 1/8 shifted by 3, not 0.02
 
 
 # ------------------------------------------------------------------------------------- closed forms / tables

@@ -5,6 +5,13 @@ latents (seeded noise `[B, 16, H/8, W/8]`, or the noised input image) -> denoise
 Qwen-Image sigma template, true CFG with the authors' norm rescale) -> decode (the Wan 2.1 VAE
 that Qwen ships in `vae/`). `qwen_image_velocity` is the per-step model call; a trainer reuses it.
 
+Sigma templates (`sigma_template=`): "qwen_image" (the authors' schedule) and "lightning" (the fixed shift 3
+without terminal stretch that lightx2v's Qwen-Image-Lightning LoRAs were distilled with).
+
+Inpainting (`input_image` + `inpaint_mask`, white = repaint), as DiffSynth-Studio does it: outside the mask
+each step's velocity is replaced by the one that carries the latent to the input image's latent noised to
+the next sigma, so that region follows the input image's noising trajectory and ends on its clean latent.
+
 Editing: each edit image is resized to about 1024x1024 pixels (aspect kept), VAE-encoded, and its
 tokens follow the generated image's in the DiT; the prompt is encoded together with the images by the
 Qwen2.5-VL vision tower (the `processor/` folder), with the Edit template (64 tokens dropped). Edit-2509
@@ -19,6 +26,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -30,6 +38,9 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
 
 logger = logging.getLogger(__name__)
+
+# `sigma_template=` name -> runtime sigma template
+SIGMA_TEMPLATES = {"qwen_image": "qwen_image", "lightning": "qwen_image_lightning"}
 
 CONDITION_AREA = 384 * 384  # Edit-2509/2511: what the vision tower sees of each edit image
 EDIT_AREA = 1024 * 1024  # edit images' VAE size, and the default output size, for every Edit model
@@ -92,6 +103,20 @@ def qwen_image_velocity(
     return unpack(out[:, : tokens[0].shape[1]].float(), h, w, p)
 
 
+def inpaint_velocity(
+    velocity: torch.Tensor, latents: torch.Tensor, clean: torch.Tensor, sigma, mask: torch.Tensor
+) -> torch.Tensor:
+    """DiffSynth-Studio's inpainting step: `mask * velocity + (1 - mask) * (latents - clean) / sigma`.
+
+    Outside the mask (0) the Euler step from `sigma` to `sigma_next` then lands on
+    `(1 - sigma_next) * clean + sigma_next * noise` when `latents` is `clean` noised to `sigma` with `noise`:
+    the input image latent re-noised to each sigma, and `clean` itself after the last step.
+    `mask` `[B or 1, 1, H, W]` in [0, 1]: 1 repaints (the model's velocity), fractions blend.
+    """
+    keep = (latents.float() - clean.float()) / torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+    return mask * velocity.float() + (1 - mask) * keep
+
+
 def true_cfg(positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float, patch: int = 2) -> torch.Tensor:
     """The authors' true CFG: `neg + s * (pos - neg)`, then each token's guided velocity rescaled
     to the norm of its conditional one (norms over a token's packed channels)."""
@@ -127,7 +152,9 @@ class QwenImagePipeline(BasePipeline):
         rand_device: str = "cpu",
         num_inference_steps: int | None = None,
         exponential_shift_mu: float | None = None,
+        sigma_template: str | None = None,
         latents: torch.Tensor | None = None,
+        inpaint_mask=None,
         edit_image=None,
         edit_image_auto_resize: bool = True,
         max_sequence_length: int = 512,
@@ -140,8 +167,11 @@ class QwenImagePipeline(BasePipeline):
         """Generate images: a PIL image for one prompt, a list for a list of prompts; "np"/"pt" give the batch.
 
         `cfg_scale` is the authors' `true_cfg_scale` (> 1 runs a second, negative pass; 1 = off).
-        `exponential_shift_mu` overrides the schedule's resolution-dependent shift. `latents` is the
+        `exponential_shift_mu` overrides the schedule's shift (resolution-dependent for "qwen_image", ln 3 for
+        `sigma_template="lightning"`, the Qwen-Image-Lightning LoRAs' schedule). `latents` is the
         initial noise, unpacked: `[B, 16, H/8, W/8]` (or `[B, 16, 1, H/8, W/8]`, the VAE's layout).
+        `inpaint_mask` (with `input_image`; a PIL "L" image of the input image's size, or one per input
+        image; white = repaint) keeps the rest of the input image (see `inpaint_velocity`).
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
@@ -162,32 +192,28 @@ class QwenImagePipeline(BasePipeline):
         if not 0.0 < denoising_strength <= 1.0:
             raise ConfigError(f"denoising_strength={denoising_strength!r} must be in (0, 1]")
         use_cfg = cfg_scale > 1.0
+        template = self.setting("sigma_template", sigma_template, "qwen_image")
+        if template not in SIGMA_TEMPLATES:
+            raise ConfigError(f"sigma_template={template!r} is not known; use one of {', '.join(SIGMA_TEMPLATES)}")
+        repaint = self.prepare_inpaint_mask(inpaint_mask, input_image, len(prompts), height, width)
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
-        text, mask = self.encode_prompt(prompts, max_sequence_length, edits)
+        text, text_mask = self.encode_prompt(prompts, max_sequence_length, edits)
         negative = self.encode_prompt(negatives, max_sequence_length, edits) if use_cfg else None
 
         # 2. schedule and latents
-        scheduler = FlowMatchScheduler("qwen_image")
+        scheduler = FlowMatchScheduler(SIGMA_TEMPLATES[template])
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(
             steps, denoising_strength=strength, image_seq_len=(height // 16) * (width // 16), mu=exponential_shift_mu
         )
         self.load_models_to_device(["vae"] if input_image is not None or edits is not None else [])
-        x = self.prepare_latents(
-            len(prompts),
-            height,
-            width,
-            seed,
-            rand_device,
-            latents,
-            input_image,
-            scheduler,
-            tiled,
-            tile_size,
-            tile_stride,
-        )
+        noise = self.prepare_noise(len(prompts), height, width, seed, rand_device, latents)
+        clean = None
+        if input_image is not None:
+            clean = self.encode_input_image(input_image, len(prompts), height, width, tiled, tile_size, tile_stride)
+        x = noise if clean is None else scheduler.add_noise(clean, noise, scheduler.sigmas[0])
         references = (
             [] if edits is None else self.encode_edit_images(edits, len(prompts), tiled, tile_size, tile_stride)
         )
@@ -196,10 +222,12 @@ class QwenImagePipeline(BasePipeline):
         self.load_models_to_device(["dit"])
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             sigma = scheduler.sigmas[i].expand(x.shape[0])
-            velocity = qwen_image_velocity(self.dit, x, sigma, text, mask, references)
+            velocity = qwen_image_velocity(self.dit, x, sigma, text, text_mask, references)
             if negative is not None:
                 negative_velocity = qwen_image_velocity(self.dit, x, sigma, *negative, references)
                 velocity = true_cfg(velocity, negative_velocity, cfg_scale, self.dit.config.patch_size)
+            if repaint is not None:
+                velocity = inpaint_velocity(velocity, x, clean, scheduler.sigmas[i], repaint)
             x = scheduler.step(velocity, i, x)
 
         # 4. decode
@@ -293,19 +321,22 @@ class QwenImagePipeline(BasePipeline):
             return self.processor.tokenizer
         return super()._load_tokenizer(config)
 
-    def prepare_latents(
-        self, batch, height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
-    ) -> torch.Tensor:
+    def prepare_noise(self, batch, height, width, seed, rand_device, latents) -> torch.Tensor:
+        """The initial noise `[B, 16, H/8, W/8]`: `latents` when given (checked), else seeded noise."""
         shape = (batch, self.vae.z_dim, height // 8, width // 8)
         if latents is not None and isinstance(latents, torch.Tensor) and latents.dim() == 5 and latents.shape[2] == 1:
             latents = latents[:, :, 0]
-        noise = (
-            self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
-        )
-        if input_image is None:
-            return noise
+        if latents is not None:
+            return self.check_latents(latents, shape)
+        return self.generate_noise(shape, seed, rand_device)
+
+    def input_images(self, input_image) -> list[Image.Image]:
         images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
-        images = [load_image(im).resize((width, height)) for im in images]
+        return [load_image(im) for im in images]
+
+    def encode_input_image(self, input_image, batch, height, width, tiled, tile_size, tile_stride) -> torch.Tensor:
+        """Normalised VAE latents `[B, 16, H/8, W/8]` of the input image(s), resized to `width x height`."""
+        images = [im.resize((width, height)) for im in self.input_images(input_image)]
         pixels = pil_to_tensor(images, dtype=dit_dtype(self.vae), device=self.device)
         clean = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
         clean = clean[:, :, 0].float()
@@ -313,7 +344,57 @@ class QwenImagePipeline(BasePipeline):
             clean = clean.expand(batch, -1, -1, -1)
         elif clean.shape[0] != batch:
             raise ConfigError(f"input_image has {clean.shape[0]} images for {batch} prompts")
-        return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
+        return clean
+
+    def prepare_inpaint_mask(self, inpaint_mask, input_image, batch, height, width) -> torch.Tensor | None:
+        """`inpaint_mask` as `[B or 1, 1, H/8, W/8]` floats in [0, 1] on the latent grid (1 = repaint).
+
+        One PIL "L" image for every input image, or a list with one per input image; each the size of its
+        input image (which is resized to `width x height`; the mask goes straight to the latent grid, bicubic,
+        as DiffSynth-Studio does)."""
+        if inpaint_mask is None:
+            return None
+        if input_image is None:
+            raise ConfigError("inpaint_mask needs input_image: the mask says which part of input_image to repaint")
+        images = self.input_images(input_image)
+        masks = list(inpaint_mask) if isinstance(inpaint_mask, (list, tuple)) else [inpaint_mask]
+        if len(masks) != 1 and len(masks) != len(images):
+            raise ConfigError(
+                f"inpaint_mask is a list of {len(masks)} masks for {len(images)} input images; "
+                "pass one mask, or one per input image"
+            )
+        grids = []
+        for index, mask in enumerate(masks):
+            name = "inpaint_mask" if len(masks) == 1 else f"inpaint_mask[{index}]"
+            if not isinstance(mask, Image.Image):
+                raise ConfigError(
+                    f"{name} must be a PIL image in mode 'L' (white = repaint), got {type(mask).__name__}"
+                )
+            if mask.mode != "L":
+                raise ConfigError(
+                    f"{name} has mode {mask.mode!r}; use a grayscale mask in mode 'L' (white = repaint), "
+                    f"e.g. mask.convert('L')"
+                )
+            image = images[index] if len(masks) > 1 else images[0]
+            if mask.size != image.size:
+                raise ConfigError(
+                    f"{name} is {mask.size[0]}x{mask.size[1]} but input_image is {image.size[0]}x{image.size[1]}; "
+                    "the mask must have its input image's size"
+                )
+            small = mask.resize((width // 8, height // 8), Image.BICUBIC)
+            grids.append(torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0))
+        mask = torch.stack(grids)[:, None].to(self.device)
+        if mask.shape[0] not in (1, batch):
+            raise ConfigError(f"inpaint_mask has {mask.shape[0]} masks for {batch} prompts")
+        return mask
 
 
-__all__ = ["QwenImagePipeline", "pack", "qwen_image_velocity", "true_cfg", "unpack"]
+__all__ = [
+    "SIGMA_TEMPLATES",
+    "QwenImagePipeline",
+    "inpaint_velocity",
+    "pack",
+    "qwen_image_velocity",
+    "true_cfg",
+    "unpack",
+]

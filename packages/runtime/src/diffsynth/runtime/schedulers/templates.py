@@ -161,19 +161,45 @@ def qwen_image(
     image_seq_len: float = DEFAULT_IMAGE_SEQ_LEN,
     base_shift: float = 0.5,
     max_shift: float = 0.9,
-    shift_terminal: float = 0.02,
+    shift_terminal: float | None = 0.02,
     mu: float | None = None,
 ) -> torch.Tensor:
     """Qwen-Image: exponential shift, mu linear in tokens (0.5 @ 256 .. 0.9 @ 8192), last sigma stretched to 0.02.
 
     The authors ship diffusers: QwenImagePipeline with the Qwen/Qwen-Image `scheduler_config.json`
     (`use_dynamic_shifting`, `time_shift_type="exponential"`, `shift_terminal=0.02`). `image_seq_len` is
-    H/16 * W/16.
+    H/16 * W/16. `shift_terminal=None` skips the stretch.
     """
     if mu is None:
         mu = linear_mu(_seq_len(image_seq_len), 256, 8192, base_shift, max_shift)
     sigmas = exponential_shift(linear_grid(num_inference_steps), mu)
-    return _finish(stretch_to_terminal(sigmas, _unit("shift_terminal", shift_terminal, high_open=True)))
+    if shift_terminal is not None:
+        sigmas = stretch_to_terminal(sigmas, _unit("shift_terminal", shift_terminal, high_open=True))
+    return _finish(sigmas)
+
+
+QWEN_IMAGE_LIGHTNING_MU = math.log(3.0)  # shift 3, what lightx2v distilled Qwen-Image-Lightning with
+
+
+def qwen_image_lightning(
+    num_inference_steps: int, *, image_seq_len: float = DEFAULT_IMAGE_SEQ_LEN, mu: float | None = None
+) -> torch.Tensor:
+    """Qwen-Image-Lightning (lightx2v's 4/8-step distillation LoRAs): exponential shift with mu = ln 3 at every
+    token count (a static shift 3), no terminal stretch.
+
+    lightx2v/Qwen-Image-Lightning runs diffusers' QwenImagePipeline with a scheduler config of
+    `base_shift = max_shift = ln 3` ("we use shift=3 in distillation") and `shift_terminal=None`;
+    DiffSynth-Studio's "Qwen-Image-Lightning" template is the same. `image_seq_len` is accepted (and has no
+    effect) so the Qwen-Image pipeline passes the same settings to either template; `mu` overrides ln 3.
+    """
+    return qwen_image(
+        num_inference_steps,
+        image_seq_len=image_seq_len,
+        base_shift=QWEN_IMAGE_LIGHTNING_MU,
+        max_shift=QWEN_IMAGE_LIGHTNING_MU,
+        shift_terminal=None,
+        mu=mu,
+    )
 
 
 def wan(num_inference_steps: int, *, shift: float = 5.0, sigma_max: float = 1.0) -> torch.Tensor:
@@ -238,6 +264,7 @@ TEMPLATES = {
     "ltx2": ltx2,
     "ltx2_distilled": ltx2_distilled,
     "ltx2_stage2": ltx2_stage2,
+    "qwen_image_lightning": qwen_image_lightning,
 }
 FIXED_TABLES = frozenset({"ltx2_distilled", "ltx2_stage2"})
 
