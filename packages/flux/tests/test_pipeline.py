@@ -17,6 +17,7 @@ from diffsynth.flux.pipeline import (
 from diffsynth.runtime.cli import main
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.schedulers import FlowMatchScheduler
 
 FAST = dict(height=32, width=32, num_inference_steps=2, t5_sequence_length=16, progress_bar=False)
 
@@ -187,6 +188,38 @@ def test_presets_are_registered_with_the_authors_defaults():
     assert kontext.files[0].origin_file_pattern == "flux1-kontext-dev.safetensors" and "height" not in kontext.defaults
     with pytest.raises(ConfigError, match="FLUX.1-dev"):
         FluxImagePipeline.from_pretrained("black-forest-labs/FLUX.1-pro")
+
+
+def test_schnell_preset_samples_four_unshifted_steps_with_short_prompts(tiny_repo):
+    """FLUX.1-schnell: BFL samples it with `shift=False`; diffusers' schnell scheduler (shift 1, no dynamic
+    shifting) gives the same linear sigmas 1, 0.75, 0.5, 0.25, 0."""
+    from diffsynth.runtime.registry import find_preset
+
+    schnell = find_preset("black-forest-labs/FLUX.1-schnell")[1]
+    assert schnell.files[0].origin_file_pattern == "flux1-schnell.safetensors"
+    pipe = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    pipe.defaults = dict(schnell.defaults)
+    seen = {}
+    original = FlowMatchScheduler.set_timesteps
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen["sigmas"] = self.sigmas.clone()
+
+    encode = pipe.encode_prompt
+
+    def encode_spy(prompts, length):
+        seen["t5_length"] = length
+        return encode(prompts, length)
+
+    pipe.encode_prompt = encode_spy
+    FlowMatchScheduler.set_timesteps = spy
+    try:
+        pipe("a cat", seed=0, height=32, width=32, progress_bar=False)
+    finally:
+        FlowMatchScheduler.set_timesteps = original
+    torch.testing.assert_close(seen["sigmas"], torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), atol=1e-6, rtol=0)
+    assert seen["t5_length"] == 256
 
 
 def test_preset_loads_offline_and_cli_generates(bfl_repo_base, tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ Each preset fetches BFL's single-file DiT and `ae.safetensors` (the layouts the 
 they are) and the diffusers folders of the two text encoders and tokenizers. Defaults follow the
 model cards (diffusers `FluxPipeline` / `FluxKontextPipeline` with 28 steps): embedded guidance 3.5
 for dev, 4.5 for Krea-dev, 2.5 for Kontext-dev; no true CFG (`cfg_scale` 1). Kontext presets give
-no size: the output takes the reference image's.
+no size: the output takes the reference image's. FLUX.1-schnell (timestep-distilled, no guidance embedder)
+samples 4 steps without the time shift (BFL's `shift=False`, diffusers' schnell scheduler config: shift 1,
+no dynamic shifting), with T5 prompts of 256 tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ PRESETS: dict[str, Preset] = {
         "flux1-krea-dev.safetensors",
         {"num_inference_steps": 28, "embedded_guidance": 4.5, "cfg_scale": 1.0, "height": 1024, "width": 1024},
         "FLUX.1-Krea-dev 12B (aesthetic fine-tune of dev): 28 steps, embedded guidance 4.5.",
+    ),
+    "black-forest-labs/FLUX.1-schnell": _preset(
+        "black-forest-labs/FLUX.1-schnell",
+        "flux1-schnell.safetensors",
+        {
+            "num_inference_steps": 4,
+            "sigma_shift": 1.0,
+            "t5_sequence_length": 256,
+            "cfg_scale": 1.0,
+            "height": 1024,
+            "width": 1024,
+        },
+        "FLUX.1-schnell 12B (Apache-2.0), timestep-distilled: 4 steps, no time shift, no guidance.",
     ),
     "black-forest-labs/FLUX.1-Kontext-dev": _preset(
         "black-forest-labs/FLUX.1-Kontext-dev",
