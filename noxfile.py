@@ -113,6 +113,10 @@ def parity(session: nox.Session) -> None:
         "-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS, "diffusers==0.42.*", "transformers>=5.0"
     )
     _pytest(session, "parity", "packages", "-m", "parity and not gpu and not integration")
+    # the ours-vs-diffusers benchmark scripts run on GPUs only; a tiny CPU dry run here keeps them from rotting
+    for script, size in (("bench_z_image_dit.py", "64"), ("bench_flux.py", "64"), ("bench_qwen_image.py", "64")):
+        dry = ["--tiny", "--device", "cpu", "--height", size, "--width", size, "--caption-len", "7", "--steps", "1"]
+        session.run("python", str(ROOT / "benchmarks" / script), *dry, "--warmup", "0", silent=True)
 
 
 @nox.session

@@ -12,10 +12,8 @@ to benchmarks/results/flux_dit_step.jsonl with the card and torch version.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import max_abs_diff, random_model, record, share_weights, timed
+from common import compare_steps, parse_step_args, random_model, share_weights, step_parser
 
 
 def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
@@ -55,17 +53,7 @@ def diffusers_flux(cfg):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--caption-len", type=int, default=512)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny config: check the script runs (CPU is fine)")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (or --tiny --device cpu for a dry run)")
+    args = parse_step_args(step_parser(__doc__.splitlines()[0], 10, 3, 1024, 1024, 512))
 
     from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
     from diffsynth.flux.flux1.formats import ours_to_diffusers
@@ -109,27 +97,16 @@ def main() -> None:
             return_dict=False,
         )[0]
 
-    with torch.inference_mode():
-        agreement = max_abs_diff(ours_step(), reference_step())
-        results = {
-            "diffsynth": timed(ours_step, args.steps, args.warmup),
-            "diffusers": timed(reference_step, args.steps, args.warmup),
-        }
-    flops = flops_per_step(cfg, h * w, args.caption_len)
-    record(
+    compare_steps(
         "flux_dit_step",
-        {
-            "model": "tiny" if args.tiny else "FLUX.1-dev DiT (random weights)",
-            "dtype": str(dtype),
-            "image_tokens": h * w,
-            "text_tokens": args.caption_len,
-            "agreement": agreement,
-            "results": {
-                name: {"s_per_step": s, "tflops": flops / s / 1e12, "peak_gib": mem}
-                for name, (s, mem) in results.items()
-            },
-        },
-        save=not args.tiny,
+        ours_step,
+        reference_step,
+        flops_per_step(cfg, h * w, args.caption_len),
+        args,
+        model="tiny" if args.tiny else "FLUX.1-dev DiT (random weights)",
+        dtype=str(dtype),
+        image_tokens=h * w,
+        text_tokens=args.caption_len,
     )
 
 

@@ -11,10 +11,8 @@ the card and torch version.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import max_abs_diff, random_model, record, share_weights, timed
+from common import compare_steps, parse_step_args, random_model, share_weights, step_parser
 
 
 def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
@@ -32,17 +30,7 @@ def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--caption-len", type=int, default=128)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny config: check the script runs (CPU is fine)")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (or --tiny --device cpu for a dry run)")
+    args = parse_step_args(step_parser(__doc__.splitlines()[0], 10, 3, 1024, 1024, 128))
 
     from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel
@@ -79,28 +67,18 @@ def main() -> None:
     def ours_step():
         return ours(x, t, text)
 
-    def reference_step():
-        return ref(x_list, t, text, return_dict=False)
+    def reference_step():  # diffusers returns a list of [C, 1, H, W]
+        return torch.stack([o.squeeze(1) for o in ref(x_list, t, text, return_dict=False)[0]])
 
-    results = {}
-    with torch.inference_mode():
-        got, want = ours_step(), reference_step()[0][0].squeeze(1)
-        agreement = max_abs_diff(got[0], want)
-        results["diffsynth"] = timed(ours_step, args.steps, args.warmup)
-        results["diffusers"] = timed(reference_step, args.steps, args.warmup)
-    record(
+    compare_steps(
         "z_image_dit_step",
-        {
-            "image_tokens": image_tokens,
-            "text_tokens": args.caption_len,
-            "model": "tiny" if args.tiny else "Z-Image DiT (random weights)",
-            "agreement": agreement,
-            "results": {
-                name: {"s_per_step": s, "tflops": flops / s / 1e12, "peak_gib": mem}
-                for name, (s, mem) in results.items()
-            },
-        },
-        save=not args.tiny,
+        ours_step,
+        reference_step,
+        flops,
+        args,
+        model="tiny" if args.tiny else "Z-Image DiT (random weights)",
+        image_tokens=image_tokens,
+        text_tokens=args.caption_len,
     )
 
 

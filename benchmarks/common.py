@@ -102,3 +102,47 @@ def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> dict:
         "output_max_abs": want.abs().max().item(),
         "finite": bool(torch.isfinite(got).all() and torch.isfinite(want).all()),
     }
+
+
+def step_parser(description: str, steps: int, warmup: int, height: int, width: int, caption_len: int):
+    """The arguments every ours-vs-diffusers DiT step benchmark takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--height", type=int, default=height)
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--caption-len", type=int, default=caption_len)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny config: check the script runs (CPU is fine)")
+    return parser
+
+
+def parse_step_args(parser):
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --tiny --device cpu for a dry run)")
+    return args
+
+
+def compare_steps(name: str, ours_step, reference_step, flops: float, args, **fields) -> dict:
+    """Time our step and diffusers' on the same inputs, check how far their outputs are apart, record both."""
+    with torch.inference_mode():
+        agreement = max_abs_diff(ours_step(), reference_step())
+        results = {
+            "diffsynth": timed(ours_step, args.steps, args.warmup),
+            "diffusers": timed(reference_step, args.steps, args.warmup),
+        }
+    return record(
+        name,
+        {
+            **fields,
+            "agreement": agreement,
+            "results": {
+                side: {"s_per_step": s, "tflops": flops / s / 1e12, "peak_gib": mem}
+                for side, (s, mem) in results.items()
+            },
+        },
+        save=not args.tiny,
+    )
