@@ -4,7 +4,7 @@ A resume checkpoint is a folder `<output_path>/checkpoints/step-NNNNNN/`:
 
     trainable.safetensors   the trained parameters (LoRA matrices, or the fine-tuned models)
     state.pt                optimizer, LR scheduler, progress (step, epoch, batches done), the config
-    rng-<rank>.pt           each process's random states (python, numpy, torch, cuda, the noise generator)
+    rng-<rank>.pt           each process's random states (python, numpy, torch, cuda)
 
 It is written under a temporary name and renamed into place with `os.replace` once complete, so a run killed
 mid-save leaves the previous checkpoints intact and never a partial one that `--resume latest` would pick.
@@ -43,25 +43,25 @@ def step_name(step: int) -> str:
 
 
 # ----------------------------------------------------------------------------------- random states
-def rng_state(noise: torch.Generator) -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "noise": noise.get_state(),
     }
 
 
-def set_rng_state(state: Mapping[str, Any], noise: torch.Generator) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `rng_state` saved (a "noise" entry of older checkpoints is not needed: the trainer keys
+    each micro-batch's noise by its index)."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    noise.set_state(state["noise"])
 
 
 # ----------------------------------------------------------------------------------- resume checkpoints

@@ -19,8 +19,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,6 @@ class TrainState:
     epoch: int = 0  # epoch in progress
     batches_done: int = 0  # micro-batches of this epoch each process has trained on
     loss: float = math.nan  # mean loss of the last step, over micro-batches and processes
-    noise: torch.Generator = field(default_factory=torch.Generator)  # this process's timesteps and noise
 
 
 @dataclass
@@ -104,7 +104,7 @@ def train(config: TrainConfig) -> TrainState:
     """Train as `config` says; returns the final state."""
     run = setup(config)
     acc, cfg = run.accelerator, run.config
-    state = TrainState(noise=torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index))
+    state = TrainState()
     if cfg.resume:
         found = find_checkpoint(cfg.resume, run.output)
         if found is None:
@@ -166,14 +166,12 @@ def train(config: TrainConfig) -> TrainState:
 def setup(config: TrainConfig) -> Run:
     """Load the task (without encoders when training from a cache), the data, the LoRA or trainable weights, and
     the optimizer."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     cfg = config.check()
     cls = task_class(cfg)
-    acc = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+    acc = make_accelerator(
+        cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)]
     )
     set_seed(cfg.seed)
     cached = cfg.cache_dir is not None
@@ -228,16 +226,28 @@ def setup(config: TrainConfig) -> Run:
     )
 
 
+def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of the timesteps and noise of micro-batch `index` of `epoch`, counted over all processes.
+
+    Keyed by the batch, not drawn from one stream per process: batch `index` is the same data (`batch_plan`) and
+    gets the same noise whether one process trains it with gradient accumulation or N processes each train
+    one of N consecutive batches, so `--gradient_accumulation_steps N` on one GPU and DDP on N GPUs take the
+    same optimizer steps. Resuming needs no generator state either."""
+    key = ((seed % 2**31) * 1_000_003 + epoch) * 1_000_003 + index
+    return torch.Generator().manual_seed(key % 2**63)
+
+
 def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainState:
     """One optimizer step over `group`, a list of micro-batches (each a list of dataset items)."""
     acc, cfg = run.accelerator, run.config
     losses = []
     for k, items in enumerate(group):
         batch = prepare_batch(run, items)
+        index = (state.batches_done + k) * acc.num_processes + acc.process_index  # batch_plan's order
         sync = acc.no_sync(run.model) if k < len(group) - 1 else contextlib.nullcontext()
         with sync:
             with acc.autocast():
-                loss = flow_matching_loss(run, run.model, batch, state.noise)
+                loss = flow_matching_loss(run, run.model, batch, micro_batch_noise(cfg.seed, state.epoch, index))
             acc.backward(loss / len(group))
         losses.append(loss.detach().float())
     if cfg.max_grad_norm > 0:
@@ -294,7 +304,7 @@ def save(run: Run, state: TrainState) -> None:
         state.step,
         trainable=run.trainable,
         state=saved_state,
-        rng=rng_state(state.noise),
+        rng=rng_state(),
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
     )
@@ -321,7 +331,7 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
             param.copy_(trainable[name])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    set_rng_state(rng, state.noise)
+    set_rng_state(rng)
     before, now = saved["config"], run.config.to_dict()
     changed = [k for k in now if k not in _RESUMABLE_CHANGES and before.get(k) != now[k]]
     if changed:
@@ -338,11 +348,9 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
 def encode_dataset(config: TrainConfig) -> Path:
     """Stage 1 of cached training: encode every sample into `--cache_dir` (resumable: finished samples are
     kept). Loads the encoders and the VAE, not the denoiser."""
-    from accelerate import Accelerator
-
     cfg = config.check()
     cls = task_class(cfg)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = make_accelerator(cfg)
     task = build_task(cls, cfg, acc.device, encoders=True, denoiser=False)
     dataset = make_dataset(cfg, task)
     cache = Path(cfg.cache_dir)
@@ -380,6 +388,21 @@ def run_stage(config: TrainConfig) -> TrainState | Path:
 
 
 # ----------------------------------------------------------------------------------- helpers
+def make_accelerator(cfg: TrainConfig, **kwargs):
+    """The `Accelerator` of a run. Without CUDA it is told so (`cpu=True`): only then does accelerate join the
+    processes `torchrun` / `accelerate launch` started into one CPU (gloo) group, instead of running each alone."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise ConfigError(
+            f"this run was launched as {launched} processes (WORLD_SIZE) but accelerate joined {acc.num_processes}; "
+            "they would each train alone and overwrite each other's output (check the accelerate config)"
+        )
+    return acc
+
+
 def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser: bool) -> TrainingTask:
     configs, tokenizer = model_sources(cfg)
     task = cls.from_pretrained(
