@@ -209,3 +209,57 @@ def test_an_interrupted_save_leaves_no_partial_checkpoint(tmp_path, dataset, mon
 def test_setup_errors_name_the_flag(tmp_path, dataset, overrides, message):
     with pytest.raises(ConfigError, match=message):
         setup(toy_config(tmp_path, dataset, **overrides))
+
+
+def first_losses(config: TrainConfig, steps: int = 2) -> tuple[list[float], object]:
+    run = setup(config)
+    state, losses = TrainState(), []
+    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:steps]:
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        losses.append(state.loss)
+    return losses, run
+
+
+def test_fp8_base_stores_the_frozen_weights_in_fp8_and_trains_the_lora(tmp_path, dataset):
+    from diffsynth.runtime.vram import vram_handle
+
+    plain, _ = first_losses(toy_config(tmp_path, dataset, "plain"))
+    fp8, run = first_losses(toy_config(tmp_path, dataset, "fp8", fp8_models=["denoiser"]))
+    handle = vram_handle(run.task.models["denoiser"])
+    assert handle is not None and handle.config.preparing_dtype == torch.float8_e4m3fn
+    frozen = [t for u in handle.units for t in u.targets]
+    assert frozen and all(not t.param.requires_grad for t in frozen)  # the LoRA's own weights stay out of it
+    assert all(math.isfinite(x) for x in fp8)
+    assert fp8[0] != plain[0] and abs(fp8[0] - plain[0]) < 0.05 * plain[0]  # fp8-rounded base: close, not equal
+    lora_b = [p for n, p in run.trainable.items() if "lora_B" in n]
+    assert max(p.abs().max().item() for p in lora_b) > 0  # B starts at zero: the LoRA trained
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fp8_models": ["nope"]}, "--fp8_models nope: no such model"),
+        ({"fp8_models": ["denoiser"], "trainable_models": ["denoiser"]}, "--fp8_models denoiser: a model trained"),
+    ],
+)
+def test_fp8_models_errors_name_the_flag(tmp_path, dataset, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        setup(toy_config(tmp_path, dataset, **overrides))
+
+
+def test_activation_offload_saves_to_cpu_and_changes_nothing(tmp_path, dataset, monkeypatch):
+    plain, _ = first_losses(toy_config(tmp_path, dataset, "plain", use_gradient_checkpointing=True))
+    entered = []
+    original = torch.autograd.graph.save_on_cpu
+
+    def counting(*args, **kwargs):
+        entered.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    offload = toy_config(
+        tmp_path, dataset, "offload", use_gradient_checkpointing=True, use_gradient_checkpointing_offload=True
+    )
+    offloaded, _ = first_losses(offload)
+    assert len(entered) == 2 and entered[0] == {"pin_memory": False}  # once per micro-batch, no pinning on CPU
+    assert offloaded == plain

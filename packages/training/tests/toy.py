@@ -53,6 +53,7 @@ class ToyDenoiser(nn.Module):
     """Per-latent-pixel MLP conditioned on sigma and the mean text embedding."""
 
     lora_target_modules = ("proj_in", "blocks.0.0", "proj_out")
+    offload_units = ("blocks",)  # what the VRAM manager manages (--fp8_models)
 
     def __init__(self, width: int = 32):
         super().__init__()

@@ -102,6 +102,14 @@ class TrainConfig:
     seed: int = _arg(0, "seed of the data order, LoRA init, noise and timesteps", "optimisation")
     mixed_precision: Literal["no", "bf16", "fp16"] = _arg("bf16", "autocast precision", "optimisation")
     use_gradient_checkpointing: bool = _arg(False, "recompute activations in the backward pass", "optimisation")
+    use_gradient_checkpointing_offload: bool = _arg(
+        False, "keep the activations saved for the backward pass in CPU memory (pinned) instead of the GPU's",
+        "optimisation",
+    )  # fmt: skip
+    fp8_models: list[str] = _arg(
+        [], "frozen models whose weights are stored in float8_e4m3fn, computed in --dtype (e.g. dit for a LoRA)",
+        "optimisation",
+    )  # fmt: skip
     loss_weighting: Literal["scheduler", "none"] = _arg(
         "scheduler", "scheduler: the family's timestep loss weights; none: plain MSE", "optimisation"
     )
@@ -164,6 +172,12 @@ class TrainConfig:
             raise ConfigError(
                 f"--trainable_models {','.join(self.trainable_models)} (full fine-tuning) cannot be combined with "
                 "--lora_base_model / --lora_target_modules (LoRA); give one or the other"
+            )
+        trained_fp8 = [m for m in self.fp8_models if m in self.trainable_models]
+        if trained_fp8:
+            raise ConfigError(
+                f"--fp8_models {','.join(trained_fp8)}: a model trained in full (--trainable_models) keeps its "
+                "weights in --trainable_dtype; fp8 storage is for frozen models (e.g. the base of a LoRA)"
             )
         if self.stage == "encode" and self.cache_dir is None:
             raise ConfigError("--stage encode writes the encoded dataset to --cache_dir; give --cache_dir")
