@@ -263,3 +263,20 @@ def test_activation_offload_saves_to_cpu_and_changes_nothing(tmp_path, dataset, 
     offloaded, _ = first_losses(offload)
     assert len(entered) == 2 and entered[0] == {"pin_memory": False}  # once per micro-batch, no pinning on CPU
     assert offloaded == plain
+
+
+def test_preset_lora_is_fused_into_the_base_and_the_new_lora_trains_on_top(tmp_path, dataset):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    down, up = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    preset = tmp_path / "style.safetensors"
+    save_file({"blocks.0.0.lora_A.weight": down, "blocks.0.0.lora_B.weight": up}, str(preset))
+    run = setup(toy_config(tmp_path, dataset, preset_lora_path=str(preset), preset_lora_scale=0.5))
+    layer = run.task.models["denoiser"].blocks[0][0]
+    expected = build("denoiser").blocks[0][0].weight + 0.5 * up @ down
+    torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
+    assert not layer.base_layer.weight.requires_grad and layer.lora_B["default"].weight.requires_grad
+    assert all("lora_" in name for name in run.trainable)  # the preset is part of the base, not of the new LoRA
+    with pytest.raises(ConfigError, match="--preset_lora_path fuses"):
+        setup(toy_config(tmp_path, dataset, preset_lora_path=str(preset), trainable_models=["denoiser"]))

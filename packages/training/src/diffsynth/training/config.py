@@ -81,6 +81,10 @@ class TrainConfig:
     )
     lora_rank: int = _arg(32, "LoRA rank", "adapter")
     lora_alpha: float | None = _arg(None, "LoRA alpha (default: the rank, i.e. scale 1)", "adapter")
+    preset_lora_path: str | None = _arg(
+        None, "differential LoRA: fuse this LoRA file into the frozen denoiser before training a new one", "adapter"
+    )
+    preset_lora_scale: float = _arg(1.0, "scale of --preset_lora_path when fused", "adapter")
     lora_formats: list[str] = _arg(
         ["diffsynth"], "LoRA files to write: diffsynth, peft (ComfyUI/diffusers keys), kohya", "adapter"
     )
@@ -178,6 +182,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--fp8_models {','.join(trained_fp8)}: a model trained in full (--trainable_models) keeps its "
                 "weights in --trainable_dtype; fp8 storage is for frozen models (e.g. the base of a LoRA)"
+            )
+        if self.preset_lora_path is not None and self.trainable_models:
+            raise ConfigError(
+                "--preset_lora_path fuses a LoRA into the frozen base of a new LoRA; with --trainable_models (full "
+                "fine-tuning) fuse it into the weights you start from instead"
             )
         if self.stage == "encode" and self.cache_dir is None:
             raise ConfigError("--stage encode writes the encoded dataset to --cache_dir; give --cache_dir")

@@ -190,6 +190,7 @@ def setup(config: TrainConfig) -> Run:
             raise ConfigError(f"--use_gradient_checkpointing: {type(module).__name__} has no gradient_checkpointing")
         module.gradient_checkpointing = True
     if lora:
+        fuse_preset_lora(module, cfg, task)
         add_lora(module, cfg)
     else:
         module.to(parse_dtype(cfg.trainable_dtype)).requires_grad_(True)
@@ -476,6 +477,20 @@ def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
         with torch.no_grad():
             samples = run.task.encode(items)
     return _to_device(run.task.collate(samples), run.accelerator.device)
+
+
+def fuse_preset_lora(module: nn.Module, cfg: TrainConfig, task: TrainingTask) -> None:
+    """`--preset_lora_path` (differential LoRA, as DiffSynth-Studio calls it): fuse a LoRA into the frozen
+    denoiser, so the new LoRA learns only what differs from it. A task with a `read_lora(path)` method (a family
+    whose LoRAs come in its own key layouts) reads the file; otherwise the runtime's common layouts do."""
+    if cfg.preset_lora_path is None:
+        return
+    from diffsynth.runtime.lora import apply_lora, read_lora
+
+    reader = getattr(task, "read_lora", None)
+    lora = reader(cfg.preset_lora_path) if callable(reader) else read_lora(cfg.preset_lora_path)
+    apply_lora(module, lora, scale=cfg.preset_lora_scale, fuse=True)
+    logger.info("fused --preset_lora_path %s (scale %g) into the base", cfg.preset_lora_path, cfg.preset_lora_scale)
 
 
 def add_lora(module: nn.Module, cfg: TrainConfig) -> None:
