@@ -280,3 +280,18 @@ def test_preset_lora_is_fused_into_the_base_and_the_new_lora_trains_on_top(tmp_p
     assert all("lora_" in name for name in run.trainable)  # the preset is part of the base, not of the new LoRA
     with pytest.raises(ConfigError, match="--preset_lora_path fuses"):
         setup(toy_config(tmp_path, dataset, preset_lora_path=str(preset), trainable_models=["denoiser"]))
+
+
+def test_sharded_accelerate_configs_are_refused_by_name(tmp_path, dataset, monkeypatch):
+    """FSDP / DeepSpeed would hand the save path sharded modules: refused up front, not written wrong."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    class ShardedAccelerator(accelerate.Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+
+    monkeypatch.setattr(accelerate, "Accelerator", ShardedAccelerator)
+    with pytest.raises(ConfigError, match="configured for FSDP"):
+        setup(toy_config(tmp_path, dataset))

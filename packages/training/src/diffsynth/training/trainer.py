@@ -432,6 +432,13 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
             f"this run was launched as {launched} processes (WORLD_SIZE) but accelerate joined {acc.num_processes}; "
             "they would each train alone and overwrite each other's output (check the accelerate config)"
         )
+    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            f"accelerate is configured for {kind}: the trainer saves LoRA / full weights and resume checkpoints "
+            "from unsharded modules and optimizers, so it runs single-process or DDP for now "
+            "(accelerate config: distributed_type MULTI_GPU)"
+        )
     return acc
 
 
