@@ -93,3 +93,12 @@ def test_help_lists_the_flags(capsys):
 def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert main(["--dataset_base_path", "d", "--model", "m", "--lora_rank", "0"]) == 2
     assert "--lora_rank 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_validation_prompts_split_on_bars_so_prompts_keep_their_commas():
+    from diffsynth.training.config import parse_args
+
+    argv = ["--family", "m:T", "--model", "m", "--dataset_base_path", "d", "--lora_target_modules", "a,b"]
+    config, _ = parse_args([*argv, "--validation_prompts", "a red fox, in the snow|a cat"])
+    assert config.validation_prompts == ["a red fox, in the snow", "a cat"]
+    assert config.lora_target_modules == ["a", "b"]

@@ -4,6 +4,7 @@ checkpoint pruning and atomic saves."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffsynth_training_toy import TASK, ToyTask, build
@@ -295,3 +296,39 @@ def test_sharded_accelerate_configs_are_refused_by_name(tmp_path, dataset, monke
     monkeypatch.setattr(accelerate, "Accelerator", ShardedAccelerator)
     with pytest.raises(ConfigError, match="configured for FSDP"):
         setup(toy_config(tmp_path, dataset))
+
+
+def test_validation_prompts_are_sampled_with_the_weights_in_training(tmp_path, dataset):
+    from PIL import Image
+
+    prompts = ["a red circle", "a blue square"]
+    config = toy_config(tmp_path, dataset, validation_prompts=prompts, validation_steps=2, max_steps=4)
+    train(config)
+    folder = tmp_path / "out" / "validation"
+    assert sorted(p.name for p in folder.iterdir()) == [f"step-00000{s}-{k}.png" for s in (2, 4) for k in (0, 1)]
+    early, late = (np.asarray(Image.open(folder / f"step-00000{s}-0.png")) for s in (2, 4))
+    assert early.shape == (32, 32, 3) and not np.array_equal(early, late)  # the LoRA moved between the two
+
+    # the same seed and weights draw the same picture: the samples compare runs, not noise
+    run = setup(toy_config(tmp_path, dataset, "again", validation_prompts=prompts))
+    first = trainer.validate(run, TrainState(step=7))
+    second = trainer.validate(run, TrainState(step=8))
+    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(second[0])))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"validation_prompts": ["a cat"], "cache_dir": "cache"}, "--validation_prompts needs the text encoders"),
+        ({"validation_steps": 0}, "--validation_steps"),
+    ],
+)
+def test_validation_errors_name_the_flag(tmp_path, dataset, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        setup(toy_config(tmp_path, dataset, **overrides))
+
+
+def test_validation_needs_a_task_that_can_sample(tmp_path, dataset, monkeypatch):
+    monkeypatch.delattr(ToyTask, "sample")
+    with pytest.raises(ConfigError, match="the toy training task cannot sample"):
+        setup(toy_config(tmp_path, dataset, validation_prompts=["a cat"]))

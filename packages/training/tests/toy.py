@@ -134,6 +134,16 @@ class ToyTask:
     def velocity(self, denoiser, batch, noisy_latents, sigma):
         return denoiser(noisy_latents, sigma, batch["text"])
 
+    def sample(self, denoiser, prompts, *, seed):
+        """Euler steps from seeded noise; the toy has no decoder, so the latents' first 3 channels are the picture."""
+        text = self._models["text_encoder"].encode(prompts)
+        x = torch.randn(len(prompts), LATENT_CHANNELS, 8, 8, generator=torch.Generator().manual_seed(seed))
+        sigmas = torch.linspace(1.0, 0.0, 5)
+        for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            x = x + (s_next - s) * denoiser(x, s.expand(len(prompts)), text)
+        pixels = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(p).resize((32, 32)) for p in pixels]
+
 
 # ----------------------------------------------------------------------------------- datasets
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a black line", "a white dot"]

@@ -127,6 +127,11 @@ class TrainConfig:
     keep_last: int | None = _arg(None, "keep only the newest N resume checkpoints", "output")
     resume: str | None = _arg(None, "continue from a checkpoint folder, or 'latest' in --output_path", "output")
     log_every: int = _arg(10, "log the loss every N optimizer steps", "output")
+    validation_prompts: list[str] = _arg(
+        [], "prompts sampled with the weights in training (separated by |), written to OUTPUT/validation/", "output"
+    )
+    validation_steps: int | None = _arg(None, "sample the validation prompts every N steps (and at the end)", "output")
+    validation_seed: int = _arg(0, "seed of the validation samples (the same each time, to compare)", "output")
 
     # ------------------------------------------------------------------ checks
     def check(self) -> TrainConfig:
@@ -139,7 +144,7 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 1)
         for name in ("gradient_accumulation_steps", "num_epochs", "log_every"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("max_steps", "save_steps", "keep_last", "height", "width"):
+        for name in ("max_steps", "save_steps", "keep_last", "height", "width", "validation_steps"):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
         for name in ("dataset_num_workers", "lr_warmup_steps"):
@@ -188,6 +193,11 @@ class TrainConfig:
                 "--preset_lora_path fuses a LoRA into the frozen base of a new LoRA; with --trainable_models (full "
                 "fine-tuning) fuse it into the weights you start from instead"
             )
+        if self.validation_prompts and self.cache_dir is not None and self.stage == "train":
+            raise ConfigError(
+                "--validation_prompts needs the text encoders and the VAE, which training from --cache_dir does not "
+                "load; sample the saved LoRA / weights with the pipeline instead"
+            )
         if self.stage == "encode" and self.cache_dir is None:
             raise ConfigError("--stage encode writes the encoded dataset to --cache_dir; give --cache_dir")
         if self.dataset_base_path is None and not (self.cache_dir and self.stage == "train"):
@@ -223,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            options.update(type=_split, metavar="A,B")
+            sep = _SEPARATORS.get(f.name, ",")
+            options.update(type=functools.partial(_split, sep=sep), metavar=f"A{sep}B")
         else:
             options.update(type=kind, choices=choices, metavar=None if choices else kind.__name__.upper())
         group.add_argument(f"--{f.name}", **options)
@@ -274,8 +285,11 @@ def dump_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+_SEPARATORS = {"validation_prompts": "|"}  # list flags whose items may hold commas
+
+
+def _split(text: str, sep: str = ",") -> list[str]:
+    return [part.strip() for part in text.split(sep) if part.strip()]
 
 
 def _base_type(hint) -> tuple[type, tuple | None]:
@@ -300,7 +314,7 @@ def _coerce(name: str, hint, value, where: str):
         return None
     if kind is list:
         if isinstance(value, str):
-            return _split(value)
+            return _split(value, _SEPARATORS.get(name, ","))
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             return [str(v) for v in value]
     elif kind is bool:

@@ -156,6 +156,10 @@ def train(config: TrainConfig) -> TrainState:
                 _log(run, state, (time.perf_counter() - started) / max(state.step - since, 1))
             if epoch_done or state.step == run.total_steps or (cfg.save_steps and state.step % cfg.save_steps == 0):
                 save(run, state)
+            if cfg.validation_prompts and (
+                state.step == run.total_steps or (cfg.validation_steps and state.step % cfg.validation_steps == 0)
+            ):
+                validate(run, state)
             if state.step >= run.total_steps:
                 break
     progress.close()
@@ -185,6 +189,8 @@ def setup(config: TrainConfig) -> Run:
     module.requires_grad_(False)
     lora = not cfg.trainable_models
     _check_slots(cfg, task)
+    if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
+        raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
     if cfg.use_gradient_checkpointing:
         if not hasattr(module, "gradient_checkpointing"):
             raise ConfigError(f"--use_gradient_checkpointing: {type(module).__name__} has no gradient_checkpointing")
@@ -279,6 +285,36 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
     if cfg.loss_weighting == "scheduler":
         error = error * scheduler.training_weight(sigma).to(x0.device)
     return error.mean()
+
+
+def validate(run: Run, state: TrainState) -> list[Path]:
+    """Sample `--validation_prompts` with the weights as they are now (main process; the same seed each time)
+    into OUTPUT/validation/step-N-K.png (or .mp4 for a video family)."""
+    from diffsynth.runtime.media import save_image, save_video
+
+    acc, cfg = run.accelerator, run.config
+    written: list[Path] = []
+    if acc.is_main_process:
+        module = acc.unwrap_model(run.model)
+        module.eval()
+        try:
+            with torch.no_grad():
+                samples = run.task.sample(module, list(cfg.validation_prompts), seed=cfg.validation_seed)
+        finally:
+            module.train()
+        folder = run.output / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, sample in enumerate(samples):
+            if isinstance(sample, (list, tuple)):  # video frames
+                path = folder / f"{step_name(state.step)}-{k}.mp4"
+                save_video(sample, path)
+            else:
+                path = folder / f"{step_name(state.step)}-{k}.png"
+                save_image(sample, path)
+            written.append(path)
+        logger.info("step %d: validation samples in %s", state.step, folder)
+    acc.wait_for_everyone()
+    return written
 
 
 def _saved_activations(cfg: TrainConfig, device: torch.device):
