@@ -136,3 +136,22 @@ def test_full_finetune_writes_official_weights_that_load_strictly(tiny_repo, dat
     prompt = "a small green square in the top left corner"
     image, reference = tuned(prompt, seed=1, output_type="pt", **FAST), base(prompt, seed=1, output_type="pt", **FAST)
     assert image.shape == (1, 3, 64, 64) and (image - reference).abs().max() > 1e-4
+
+
+def test_validation_samples_are_the_pipeline_with_the_lora_in_training(tiny_repo, dataset, tmp_path):
+    """The sample written at the last step is what the pipeline draws with the saved LoRA applied."""
+    import numpy as np
+    from PIL import Image
+
+    size = {"validation_height": 32, "validation_width": 32, "validation_num_inference_steps": 2}
+    train(config(tiny_repo, dataset, tmp_path / "out", validation_prompts=["a red circle"], **size))
+    drawn = np.asarray(Image.open(tmp_path / "out" / "validation" / "step-000002-0.png"))
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    fast = {"seed": 0, "height": 32, "width": 32, "num_inference_steps": 2, "progress_bar": False}
+    base = np.asarray(pipe("a red circle", **fast)).astype(int)
+    pipe.load_lora(str(tmp_path / "out" / "step-000002.safetensors"))
+    expected = np.asarray(pipe("a red circle", **fast)).astype(int)
+    assert drawn.shape == (32, 32, 3)
+    assert np.abs(drawn - expected).max() <= 1  # PNG rounding of the same picture
+    assert np.abs(drawn - base).max() > 1  # and not the base model's

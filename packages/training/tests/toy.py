@@ -134,7 +134,7 @@ class ToyTask:
     def velocity(self, denoiser, batch, noisy_latents, sigma):
         return denoiser(noisy_latents, sigma, batch["text"])
 
-    def sample(self, denoiser, prompts, *, seed):
+    def sample(self, denoiser, prompts, *, seed, **options):
         """Euler steps from seeded noise; the toy has no decoder, so the latents' first 3 channels are the picture."""
         text = self._models["text_encoder"].encode(prompts)
         x = torch.randn(len(prompts), LATENT_CHANNELS, 8, 8, generator=torch.Generator().manual_seed(seed))

@@ -8,6 +8,7 @@ makes seeded noise, applies classifier-free guidance, shows progress, and conver
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -321,6 +322,19 @@ class BasePipeline:
         return tqdm(iterable, disable=not enabled, desc=type(self).__name__)
 
     # ------------------------------------------------------------------ user-facing extras
+    @contextlib.contextmanager
+    def using(self, slot: str, model: torch.nn.Module):
+        """Run with `model` in `slot` for the duration (a trainer samples with the denoiser it is training,
+        which may be wrapped or carry a LoRA); the slot's own model is put back afterwards."""
+        if slot not in self.model_slots:
+            raise ConfigError(f"no model slot {slot!r}; slots: {list(self.model_slots)}")
+        original = getattr(self, slot)
+        setattr(self, slot, model)
+        try:
+            yield self
+        finally:
+            setattr(self, slot, original)
+
     def load_lora(self, path, scale: float = 1.0, fuse: bool = True, slot: str = "dit", name: str | None = None):
         """Apply a LoRA file to one model (the denoiser by default)."""
         from .lora import load_lora

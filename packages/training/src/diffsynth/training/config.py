@@ -132,6 +132,11 @@ class TrainConfig:
     )
     validation_steps: int | None = _arg(None, "sample the validation prompts every N steps (and at the end)", "output")
     validation_seed: int = _arg(0, "seed of the validation samples (the same each time, to compare)", "output")
+    validation_height: int | None = _arg(None, "height of the validation samples (default: the pipeline's)", "output")
+    validation_width: int | None = _arg(None, "width of the validation samples (default: the pipeline's)", "output")
+    validation_num_inference_steps: int | None = _arg(
+        None, "denoising steps of the validation samples (default: the pipeline's)", "output"
+    )
 
     # ------------------------------------------------------------------ checks
     def check(self) -> TrainConfig:
@@ -144,7 +149,17 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 1)
         for name in ("gradient_accumulation_steps", "num_epochs", "log_every"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("max_steps", "save_steps", "keep_last", "height", "width", "validation_steps"):
+        for name in (
+            "max_steps",
+            "save_steps",
+            "keep_last",
+            "height",
+            "width",
+            "validation_steps",
+            "validation_height",
+            "validation_width",
+            "validation_num_inference_steps",
+        ):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
         for name in ("dataset_num_workers", "lr_warmup_steps"):

@@ -96,9 +96,10 @@ class TrainingTask(Protocol):
         ...
 
 
-# Optional: `sample(denoiser, prompts, *, seed) -> list[PIL.Image | list[PIL.Image]]` draws one picture (or
-# video, a list of frames) per prompt with the family's pipeline, the given denoiser in place of the loaded
-# one; the trainer calls it for `--validation_prompts` (a task without it refuses that flag).
+# Optional: `sample(denoiser, prompts, *, seed, **options) -> list[PIL.Image | list[PIL.Image]]` draws one
+# picture (or video, a list of frames) per prompt with the family's pipeline, the given denoiser in place of the
+# loaded one, `options` (height, width, num_inference_steps) over the pipeline's defaults; the trainer calls it
+# for `--validation_prompts` (a task without it refuses that flag).
 
 _REQUIRED = ("family", "denoiser_slot", "size_multiple", "media", "from_pretrained", "encode", "collate", "velocity")
 

@@ -288,18 +288,24 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
 
 
 def validate(run: Run, state: TrainState) -> list[Path]:
-    """Sample `--validation_prompts` with the weights as they are now (main process; the same seed each time)
-    into OUTPUT/validation/step-N-K.png (or .mp4 for a video family)."""
+    """Sample `--validation_prompts` with the weights as they are now (main process; the same seed each time;
+    `--validation_height/width/num_inference_steps` when given) into OUTPUT/validation/step-N-K.png (or .mp4
+    for a video family)."""
     from diffsynth.runtime.media import save_image, save_video
 
     acc, cfg = run.accelerator, run.config
+    options = {
+        name: value
+        for name in ("height", "width", "num_inference_steps")
+        if (value := getattr(cfg, f"validation_{name}")) is not None
+    }
     written: list[Path] = []
     if acc.is_main_process:
         module = acc.unwrap_model(run.model)
         module.eval()
         try:
             with torch.no_grad():
-                samples = run.task.sample(module, list(cfg.validation_prompts), seed=cfg.validation_seed)
+                samples = run.task.sample(module, list(cfg.validation_prompts), seed=cfg.validation_seed, **options)
         finally:
             module.train()
         folder = run.output / "validation"

@@ -169,6 +169,12 @@ class WanTrainingTask:
         context = batch["text"].to(noisy_latents.device)
         return wan_velocity(dit, noisy_latents, timestep.expand(noisy_latents.shape[0]), context)
 
+    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
+        """Validation samples for the trainer: the pipeline with `denoiser` (the weights in training) as its DiT,
+        one picture per prompt at the pipeline's defaults unless `options` (height, width, ...) say otherwise."""
+        with self.pipe.using("dit", denoiser):
+            return [self.pipe(prompt, seed=seed, progress_bar=False, **options) for prompt in prompts]
+
 
 def _one_model_each(configs: Sequence[ModelConfig]) -> list[ModelConfig]:
     """Local configs split as the Wan hub layout means them: each `.pth`/`.bin`/`.ckpt` is one model, the

@@ -119,6 +119,12 @@ class ZImageTrainingTask:
     ) -> torch.Tensor:
         return z_image_velocity(dit, noisy_latents, sigma, batch["text"])
 
+    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
+        """Validation samples for the trainer: the pipeline with `denoiser` (the weights in training) as its DiT,
+        one picture per prompt at the pipeline's defaults unless `options` (height, width, ...) say otherwise."""
+        with self.pipe.using("dit", denoiser):
+            return [self.pipe(prompt, seed=seed, progress_bar=False, **options) for prompt in prompts]
+
 
 def _roles(config: ModelConfig) -> set[str]:
     """The model roles a config's files hold, from their headers (no weights are read)."""
