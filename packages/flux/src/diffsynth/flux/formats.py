@@ -13,6 +13,7 @@ FAMILY = Family(
     specs=(FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC),
     presets=PRESETS,
     pipeline="diffsynth.flux.pipeline:FluxImagePipeline",
+    training="diffsynth.flux.training:FluxTrainingTask",
     description="FLUX.1 (dev, Krea, Kontext, schnell) from Black Forest Labs: 12B double/single-stream DiT, "
     "CLIP-L + T5-XXL text encoders, FLUX.1 VAE",
 )

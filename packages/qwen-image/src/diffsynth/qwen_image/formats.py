@@ -109,5 +109,6 @@ FAMILY = Family(
     specs=(DIT_SPEC, TEXT_ENCODER_SPEC),
     presets=PRESETS,
     pipeline="diffsynth.qwen_image.pipeline:QwenImagePipeline",
+    training="diffsynth.qwen_image.training:QwenImageTrainingTask",
     description="Qwen-Image and Qwen-Image-Edit: 20B MMDiT (60 dual-stream blocks), Qwen2.5-VL-7B text encoder",
 )

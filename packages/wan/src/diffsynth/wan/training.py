@@ -1,9 +1,10 @@
 """Wan's training task, for the DiffSynth trainer (`diffsynth-train`, package diffsynth-training).
 
 It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
-trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models` and
-`model_files`; `from_pretrained(model_configs, *, tokenizer_config, torch_dtype, device, encoders, denoiser)`;
-`encode(rows)`, `collate(samples)` and `velocity(dit, batch, noisy_latents, sigma)`.
+trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
+`model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
+tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
+`velocity(dit, batch, noisy_latents, sigma)`.
 
 A row is `{"prompt": str, "video": [3, F, H, W] in [-1, 1]}` (F = 1 + 4k, see `--num_frames`) or
 `{"prompt": str, "image": [3, H, W]}`, which trains as a one-frame video. It is encoded as the pipeline
@@ -30,8 +31,8 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 
 from .pipeline import WanVideoPipeline, module_dtype, wan_velocity
 
@@ -40,13 +41,7 @@ logger = logging.getLogger(__name__)
 ENCODER_SLOTS = ("vae", "text_encoder")
 
 
-class _PartialPipeline(WanVideoPipeline):
-    """The pipeline with every model optional: a training stage loads only the models it needs."""
-
-    optional_slots = ("dit", "dit2", "vae", "text_encoder", "image_encoder")
-
-
-class WanTrainingTask:
+class WanTrainingTask(PipelineTrainingTask):
     """Turns rows into Wan inputs and runs the pipeline's per-step DiT call (see the module docstring)."""
 
     family: ClassVar[str] = "wan"
@@ -73,32 +68,24 @@ class WanTrainingTask:
     ) -> WanTrainingTask:
         """Load the models a stage needs: the DiT (`denoiser`) and/or the VAE, umT5 text encoder and tokenizer
         (`encoders`). Files of models not needed are recognised from their headers and not loaded."""
-        wanted = ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set())
-        roles = [(c, _roles(c)) for c in _one_model_each(model_configs)]
-        if "image_encoder" in set().union(*(r for _, r in roles)):
+        configs = _one_model_each(model_configs)
+        if any("image_encoder" in model_roles(c) for c in configs):
             raise ConfigError(
                 "Wan training supports text-to-video models so far; the given files hold a CLIP image encoder "
                 "(an I2V / FLF2V model): train a T2V model, or leave the image encoder out"
             )
-        configs = [c for c, r in roles if r & wanted]
-        if not configs:
-            raise ConfigError(f"Wan training needs the {sorted(wanted)} models; none of the given files hold them")
         if encoders and tokenizer_config is None:
             tokenizer_config = _tokenizer_beside(model_configs)
-        pipe = _PartialPipeline.from_pretrained(
-            model_configs=configs,
+        pipe = load_partial_pipeline(
+            WanVideoPipeline,
+            configs,
+            ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
+            tokenizers=("tokenizer",) if encoders else (),
+            name="Wan",
             tokenizer_config=tokenizer_config if encoders else None,
             torch_dtype=torch_dtype,
             device=device,
         )
-        missing = [slot for slot in sorted(wanted) if getattr(pipe, slot) is None]
-        if encoders and pipe.tokenizer is None:
-            missing.append("tokenizer")
-        if missing:
-            raise ConfigError(
-                f"Wan training needs {missing} too; the given files provided "
-                f"{[s for s in pipe.model_slots if getattr(pipe, s) is not None]}"
-            )
         if pipe.dit2 is not None:
             raise ConfigError(
                 "the given files hold two Wan DiTs (the Wan 2.2 A14B high- and low-noise experts); train one "
@@ -109,16 +96,6 @@ class WanTrainingTask:
                 f"Wan training supports text-to-video DiTs so far; this DiT is {pipe.dit.config.model_type!r}"
             )
         return cls(pipe, **task_options)
-
-    @property
-    def models(self) -> dict[str, nn.Module]:
-        return {
-            slot: getattr(self.pipe, slot) for slot in self.pipe.model_slots if getattr(self.pipe, slot) is not None
-        }
-
-    @property
-    def model_files(self) -> dict[str, list[str]]:
-        return {slot: config.resolve() for slot, config in self.pipe.model_configs.items() if config is not None}
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
@@ -169,12 +146,6 @@ class WanTrainingTask:
         context = batch["text"].to(noisy_latents.device)
         return wan_velocity(dit, noisy_latents, timestep.expand(noisy_latents.shape[0]), context)
 
-    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
-        """Validation samples for the trainer: the pipeline with `denoiser` (the weights in training) as its DiT,
-        one picture per prompt at the pipeline's defaults unless `options` (height, width, ...) say otherwise."""
-        with self.pipe.using("dit", denoiser):
-            return [self.pipe(prompt, seed=seed, progress_bar=False, **options) for prompt in prompts]
-
 
 def _one_model_each(configs: Sequence[ModelConfig]) -> list[ModelConfig]:
     """Local configs split as the Wan hub layout means them: each `.pth`/`.bin`/`.ckpt` is one model, the
@@ -204,18 +175,6 @@ def _tokenizer_beside(configs: Sequence[ModelConfig]) -> ModelConfig | None:
             if (folder / "tokenizer_config.json").is_file():
                 return ModelConfig(path=str(folder))
     return None
-
-
-def _roles(config: ModelConfig) -> set[str]:
-    """The model roles a config's files hold, from their headers (no weights are read)."""
-    from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
-    from diffsynth.runtime.loading import recognise
-
-    paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
-    if not paths:
-        return set()
-    state = open_checkpoint(paths)
-    return {rec.spec.role for rec in recognise(state.meta_state_dict(), label=checkpoint_label(state.files))}
 
 
 __all__ = ["WanTrainingTask"]

@@ -1,9 +1,10 @@
 """Z-Image's training task, for the DiffSynth trainer (`diffsynth-train`, package diffsynth-training).
 
 It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
-trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models` and
-`model_files`; `from_pretrained(model_configs, *, tokenizer_config, torch_dtype, device, encoders, denoiser)`;
-`encode(rows)`, `collate(samples)` and `velocity(dit, batch, noisy_latents, sigma)`.
+trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
+`model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
+tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
+`velocity(dit, batch, noisy_latents, sigma)`.
 
 A row is `{"prompt": str, "image": [3, H, W] in [-1, 1]}`. It is encoded as the pipeline encodes: the prompt
 through `encode_prompts` (Qwen3, second-to-last hidden states of the chat-templated prompt) and the image
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,8 +24,8 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 
 from .pipeline import ZImagePipeline, dit_dtype, z_image_velocity
 
@@ -34,13 +34,7 @@ logger = logging.getLogger(__name__)
 ENCODER_SLOTS = ("vae", "text_encoder")
 
 
-class _PartialPipeline(ZImagePipeline):
-    """The pipeline with every model optional: a training stage loads only the models it needs."""
-
-    optional_slots = ("dit", "vae", "text_encoder")
-
-
-class ZImageTrainingTask:
+class ZImageTrainingTask(PipelineTrainingTask):
     """Turns rows into Z-Image inputs and runs the pipeline's per-step DiT call (see the module docstring)."""
 
     family: ClassVar[str] = "z_image"
@@ -67,35 +61,17 @@ class ZImageTrainingTask:
     ) -> ZImageTrainingTask:
         """Load the models a stage needs: the DiT (`denoiser`) and/or the VAE, text encoder and tokenizer
         (`encoders`). Files of models not needed are recognised from their headers and not loaded."""
-        wanted = ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set())
-        configs = [c for c in model_configs if _roles(c) & wanted]
-        if not configs:
-            raise ConfigError(f"Z-Image training needs the {sorted(wanted)} models; none of the given files hold them")
-        pipe = _PartialPipeline.from_pretrained(
-            model_configs=configs,
+        pipe = load_partial_pipeline(
+            ZImagePipeline,
+            model_configs,
+            ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
+            tokenizers=("tokenizer",) if encoders else (),
+            name="Z-Image",
             tokenizer_config=tokenizer_config if encoders else None,
             torch_dtype=torch_dtype,
             device=device,
         )
-        missing = [slot for slot in sorted(wanted) if getattr(pipe, slot) is None]
-        if encoders and pipe.tokenizer is None:
-            missing.append("tokenizer")
-        if missing:
-            raise ConfigError(
-                f"Z-Image training needs {missing} too; the given files provided "
-                f"{[s for s in pipe.model_slots if getattr(pipe, s) is not None]}"
-            )
         return cls(pipe, **task_options)
-
-    @property
-    def models(self) -> dict[str, nn.Module]:
-        return {
-            slot: getattr(self.pipe, slot) for slot in self.pipe.model_slots if getattr(self.pipe, slot) is not None
-        }
-
-    @property
-    def model_files(self) -> dict[str, list[str]]:
-        return {slot: config.resolve() for slot, config in self.pipe.model_configs.items() if config is not None}
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
@@ -118,24 +94,6 @@ class ZImageTrainingTask:
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
         return z_image_velocity(dit, noisy_latents, sigma, batch["text"])
-
-    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
-        """Validation samples for the trainer: the pipeline with `denoiser` (the weights in training) as its DiT,
-        one picture per prompt at the pipeline's defaults unless `options` (height, width, ...) say otherwise."""
-        with self.pipe.using("dit", denoiser):
-            return [self.pipe(prompt, seed=seed, progress_bar=False, **options) for prompt in prompts]
-
-
-def _roles(config: ModelConfig) -> set[str]:
-    """The model roles a config's files hold, from their headers (no weights are read)."""
-    from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
-    from diffsynth.runtime.loading import recognise
-
-    paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
-    if not paths:
-        return set()
-    state = open_checkpoint(paths)
-    return {rec.spec.role for rec in recognise(state.meta_state_dict(), label=checkpoint_label(state.files))}
 
 
 __all__ = ["ZImageTrainingTask"]

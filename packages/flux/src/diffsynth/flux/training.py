@@ -1,0 +1,162 @@
+"""FLUX.1's training task, for the DiffSynth trainer (`diffsynth-train`, package diffsynth-training).
+
+It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
+trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
+`model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
+tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
+`velocity(dit, batch, noisy_latents, sigma)`.
+
+A row is `{"prompt": str, "image": [3, H, W] in [-1, 1]}` (text-to-image). It is encoded as the pipeline
+encodes: the prompt through `FluxImagePipeline.encode_prompt` (CLIP-L pooled output, T5 states padded to
+`t5_sequence_length` = 512 tokens) and the image through the FLUX.1 AutoencoderKL (posterior mean, shifted and
+scaled latents), giving `{"latents": [16, H/8, W/8], "t5": [512, D], "pooled": [D']}`. The model call is
+`flux_velocity`, the pipeline's per-step call (2x2 packing, position ids), with the distilled guidance embedded
+at `embedded_guidance` = 1.0 as DiffSynth-Studio trains FLUX.1-dev (models without a guidance embedder ignore
+it). Noise levels and loss weights: the "flux1" template at a static shift 3 (`mu = ln 3`), DiffSynth-Studio's
+FLUX.1 training schedule (it spans sigma 1 .. 0.003 where ours spans 1 .. 0.001; the shift is the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+
+from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
+from .pipeline import FluxImagePipeline, dit_dtype, flux_velocity
+
+logger = logging.getLogger(__name__)
+
+ENCODER_SLOTS = ("vae", "text_encoder_1", "text_encoder_2")
+TRAINING_GUIDANCE = 1.0  # DiffSynth-Studio's FLUX.1 training scripts: embedded_guidance=1
+
+
+class FluxTrainingTask(PipelineTrainingTask):
+    """Turns rows into FLUX.1 inputs and runs the pipeline's per-step DiT call (see the module docstring)."""
+
+    family: ClassVar[str] = "flux"
+    denoiser_slot: ClassVar[str] = "dit"
+    size_multiple: ClassVar[int] = FluxImagePipeline.size_multiple
+    media: ClassVar[tuple[str, ...]] = ("image",)
+
+    def __init__(
+        self,
+        pipe: FluxImagePipeline,
+        *,
+        sigma_shift: float = 3.0,
+        embedded_guidance: float = TRAINING_GUIDANCE,
+        t5_sequence_length: int = T5_SEQUENCE_LENGTH,
+    ):
+        self.pipe = pipe
+        self.scheduler = FlowMatchScheduler("flux1", mu=math.log(sigma_shift))
+        self.embedded_guidance = embedded_guidance
+        self.t5_sequence_length = t5_sequence_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_configs: Sequence[ModelConfig],
+        *,
+        tokenizer_config: ModelConfig | None = None,
+        torch_dtype: torch.dtype | str = torch.bfloat16,
+        device: str | torch.device | None = None,
+        encoders: bool = True,
+        denoiser: bool = True,
+        **task_options: Any,
+    ) -> FluxTrainingTask:
+        """Load the models a stage needs: the DiT (`denoiser`) and/or the VAE, CLIP-L and T5 encoders and their
+        tokenizers (`encoders`). `tokenizer_config` names either tokenizer folder (`tokenizer/`, CLIP, or
+        `tokenizer_2/`, T5); the other is taken beside it. Without one, the tokenizers are looked for beside the
+        model files. Files of models not needed are recognised from their headers and not loaded."""
+        tokenizers = _tokenizer_pair(tokenizer_config, model_configs) if encoders else (None, None)
+        pipe = load_partial_pipeline(
+            FluxImagePipeline,
+            model_configs,
+            ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
+            tokenizers=("tokenizer_1", "tokenizer_2") if encoders else (),
+            name="FLUX.1",
+            tokenizer_1_config=tokenizers[0],
+            tokenizer_2_config=tokenizers[1],
+            torch_dtype=torch_dtype,
+            device=device,
+        )
+        return cls(pipe, **task_options)
+
+    # ------------------------------------------------------------------ the protocol
+    def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """`{"latents": [16, H/8, W/8], "t5": [L, D], "pooled": [D']}` per row; rows of one call share a size."""
+        for i, row in enumerate(rows):
+            if "prompt" not in row or not isinstance(row.get("image"), torch.Tensor):
+                raise ConfigError(
+                    f"FLUX.1 trains on rows with an image and a prompt; row {i} of the batch has {preview(row)}"
+                )
+        pipe = self.pipe
+        text = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.t5_sequence_length)
+        pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, dit_dtype(pipe.vae))
+        latents = pipe.vae.encode(pixels).float()
+        return [
+            {"latents": lat, "t5": t5, "pooled": pooled}
+            for lat, t5, pooled in zip(latents, text.t5, text.pooled, strict=True)
+        ]
+
+    def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+        return {name: torch.stack([s[name] for s in samples]) for name in ("latents", "t5", "pooled")}
+
+    def velocity(
+        self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
+        return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance)
+
+
+def _tokenizer_pair(
+    tokenizer_config: ModelConfig | None, model_configs: Sequence[ModelConfig]
+) -> tuple[ModelConfig | None, ModelConfig | None]:
+    """The CLIP (`tokenizer/`) and T5 (`tokenizer_2/`) tokenizer configs of a FLUX.1 repo.
+
+    From a hub repo's `tokenizer/` pattern, the same repo's `tokenizer_2/`; from a local folder named either,
+    its sibling; without one, the two folders beside the model files (a hub-style folder or the BFL layout)."""
+    names = ("tokenizer", "tokenizer_2")
+    if tokenizer_config is not None and tokenizer_config.model_id is not None:
+        pattern = (tokenizer_config.origin_file_pattern or "tokenizer/").rstrip("/")
+        root = pattern.rsplit("/", 1)[0] + "/" if "/" in pattern else ""
+        return tuple(
+            ModelConfig(
+                model_id=tokenizer_config.model_id,
+                origin_file_pattern=f"{root}{name}/",
+                download_source=tokenizer_config.download_source,
+                local_model_path=tokenizer_config.local_model_path,
+                skip_download=tokenizer_config.skip_download,
+            )
+            for name in names
+        )
+    candidates: list[Path] = []
+    if tokenizer_config is not None and tokenizer_config.path is not None:
+        path = Path(tokenizer_config.path if isinstance(tokenizer_config.path, str) else tokenizer_config.path[0])
+        folder = path if path.is_dir() else path.parent
+        if folder.name not in names:
+            raise ConfigError(
+                f"FLUX.1 needs two tokenizers (CLIP in tokenizer/, T5 in tokenizer_2/); --tokenizer_path {folder} "
+                "is neither: pass the repo's tokenizer/ folder, with tokenizer_2/ beside it"
+            )
+        candidates.append(folder.parent)
+    for config in model_configs:
+        for path in [config.path] if isinstance(config.path, str) else list(config.path or ()):
+            candidates += [Path(path).parent, Path(path).parent.parent]
+    for root in candidates:
+        if all((root / name / "tokenizer_config.json").is_file() for name in names):
+            return tuple(ModelConfig(path=str(root / name)) for name in names)
+    return None, None
+
+
+__all__ = ["FluxTrainingTask"]

@@ -1,0 +1,183 @@
+"""The FLUX.1 training task: its encodings and model call are the pipeline's own, and the trainer
+(`diffsynth-train --family flux`) trains it end to end on the tiny repo.
+
+The trainer tests are `integration` (they need diffsynth-training installed, which the per-package session does
+not install); the task tests need only this package and the runtime.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.flux.pipeline import FluxImagePipeline
+from diffsynth.flux.training import FluxTrainingTask
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.pipeline import configs_from_folder
+
+PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner"]
+FAST = {"height": 64, "width": 64, "num_inference_steps": 2, "progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def task(tiny_repo):
+    configs, tokenizer = configs_from_folder(tiny_repo)
+    return FluxTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu")
+
+
+def rows():
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt": p, "image": torch.rand(3, 64, 64, generator=g) * 2 - 1} for p in PROMPTS]
+
+
+def test_task_declares_the_protocol_attributes(task):
+    assert (task.family, task.denoiser_slot, task.media, task.size_multiple) == ("flux", "dit", ("image",), 16)
+    assert set(task.models) == {"dit", "vae", "text_encoder_1", "text_encoder_2"}
+    assert set(task.model_files) == set(task.models)
+    assert task.embedded_guidance == 1.0  # DiffSynth-Studio trains FLUX.1-dev at embedded guidance 1
+    task.scheduler.set_training_grid()
+    t = torch.linspace(1, 0, 1001, dtype=torch.float64)[:-1]
+    torch.testing.assert_close(task.scheduler.train_sigmas, (3 * t / (1 + 2 * t)).float())  # static shift 3
+
+
+def test_encode_and_collate_give_the_pipeline_encodings(task, tiny_pipe):
+    batch_rows = rows()
+    samples = task.encode(batch_rows)
+    assert [tuple(s["latents"].shape) for s in samples] == [(16, 8, 8)] * 2
+    assert [tuple(s["t5"].shape) for s in samples] == [(512, 32)] * 2
+    assert [tuple(s["pooled"].shape) for s in samples] == [(32,)] * 2
+    text = tiny_pipe.encode_prompt(PROMPTS)
+    pixels = torch.stack([r["image"] for r in batch_rows])
+    batch = task.collate(samples)
+    assert batch["latents"].shape == (2, 16, 8, 8)
+    assert torch.equal(batch["t5"], text.t5) and torch.equal(batch["pooled"], text.pooled)
+    assert torch.equal(batch["latents"], tiny_pipe.vae.encode(pixels).float())
+
+
+def test_velocity_is_the_pipeline_per_step_call(task, tiny_pipe):
+    """Bit-equal to the pipeline's `predict` (its denoise loop's call) on the same inputs, with the guidance
+    embedded at 1.0: one sigma per sample, and one shared sigma as the loop gives it."""
+    batch = task.collate(task.encode(rows()))
+    noisy = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.75, 0.3])
+    text = tiny_pipe.encode_prompt(PROMPTS)
+    with torch.no_grad():
+        ours = task.velocity(task.models["dit"], batch, noisy, sigma)
+        assert torch.equal(ours, tiny_pipe.predict(noisy, sigma, text, None, 1.0, 1.0))
+        step = tiny_pipe.predict(noisy, sigma[0], text, None, 1.0, 1.0)
+        assert torch.equal(task.velocity(task.models["dit"], batch, noisy, sigma[:1].expand(2)), step)
+        assert not torch.equal(step, tiny_pipe.predict(noisy, sigma[0], text, None, 1.0, 3.5))  # guidance counts
+    assert ours.shape == (2, 16, 8, 8) and ours.dtype == torch.float32
+
+
+def test_stages_load_only_what_they_need(tiny_repo):
+    configs, tokenizer = configs_from_folder(tiny_repo)
+    trainer_side = FluxTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu", encoders=False
+    )
+    assert set(trainer_side.models) == {"dit"}
+    assert trainer_side.pipe.tokenizer_1 is None and trainer_side.pipe.tokenizer_2 is None
+    # no tokenizer config: the two folders are found beside the model files
+    encoder_side = FluxTrainingTask.from_pretrained(configs, torch_dtype="float32", device="cpu", denoiser=False)
+    assert set(encoder_side.models) == {"vae", "text_encoder_1", "text_encoder_2"}
+    assert encoder_side.pipe.tokenizer_1 is not None and encoder_side.pipe.tokenizer_2 is not None
+
+
+def test_preset_sources_give_both_tokenizers(bfl_repo_base, monkeypatch):
+    """`--model black-forest-labs/FLUX.1-dev`: the preset names `tokenizer/`; `tokenizer_2/` comes from the same repo."""
+    from diffsynth.runtime.pipeline import preset_sources
+    from diffsynth.runtime.registry import find_preset
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(bfl_repo_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    configs, tokenizer, _ = preset_sources(find_preset("black-forest-labs/FLUX.1-dev")[1])
+    task = FluxTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu", denoiser=False
+    )
+    assert set(task.models) == {"vae", "text_encoder_1", "text_encoder_2"}
+    assert task.pipe.tokenizer_1 is not None and task.pipe.tokenizer_2 is not None
+
+
+def test_clear_errors(task, tiny_repo, tmp_path):
+    with pytest.raises(ConfigError, match="row 0 of the batch"):
+        task.encode([{"prompt": "x"}])
+    configs, _ = configs_from_folder(tiny_repo)
+    with pytest.raises(ConfigError, match="tokenizer_2/"):
+        FluxTrainingTask.from_pretrained(
+            configs, tokenizer_config=ModelConfig(path=str(tmp_path)), torch_dtype="float32", device="cpu"
+        )
+    dit_only = [c for c in configs if "transformer" in str(c.path)]
+    with pytest.raises(ConfigError, match="needs"):
+        FluxTrainingTask.from_pretrained(dit_only, torch_dtype="float32", device="cpu")
+
+
+# ----------------------------------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flux-data")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, prompt in enumerate(PROMPTS):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "prompt": prompt}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def train(tiny_repo, dataset, output, *extra) -> list[float]:
+    from diffsynth.training.cli import main
+
+    argv = [
+        "--model", str(tiny_repo), "--family", "flux", "--dataset_base_path", str(dataset),
+        "--output_path", str(output), "--max_pixels", "4096", "--bucket_step", "16", "--batch_size", "2",
+        "--dataset_repeat", "2", "--lora_rank", "4", "--learning_rate", "1e-2", "--mixed_precision", "no",
+        "--dtype", "float32", "--max_steps", "2", "--log_every", "1", *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    metrics = Path(output) / "metrics.jsonl"
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+@pytest.mark.integration
+def test_lora_training_gives_a_lora_the_pipeline_loads(tiny_repo, dataset, tmp_path):
+    losses = train(tiny_repo, dataset, tmp_path / "out")
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] > 0
+    pipe = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    base = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
+    pipe.load_lora(tmp_path / "out" / "step-000002.safetensors")
+    after = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
+    assert after.shape == base.shape == (1, 3, 64, 64)
+    assert (after - base).abs().max() > 1e-4  # the LoRA changes the image
+
+
+@pytest.mark.integration
+def test_full_training_writes_weights_the_pipeline_loads(tiny_repo, tiny_pipe, dataset, tmp_path):
+    losses = train(tiny_repo, dataset, tmp_path / "out", "--trainable_models", "dit", "--max_steps", "1")
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    files = sorted((tmp_path / "out" / "step-000001" / "dit").glob("*.safetensors"))
+    assert files
+    configs = [c for c in configs_from_folder(tiny_repo)[0] if "transformer" not in str(c.path)]
+    tuned = FluxImagePipeline.from_pretrained(
+        [ModelConfig(path=[str(f) for f in files]), *configs],
+        tokenizer_1_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+        tokenizer_2_config=ModelConfig(path=str(tiny_repo / "tokenizer_2")),
+        torch_dtype="float32",
+        device="cpu",
+    )
+    image = tuned(PROMPTS[1], seed=1, output_type="pt", **FAST)
+    reference = tiny_pipe(PROMPTS[1], seed=1, output_type="pt", **FAST)
+    assert (image - reference).abs().max() > 1e-5
+
+
+@pytest.mark.integration
+def test_cached_two_stage_training_gives_the_on_the_fly_loss(tiny_repo, dataset, tmp_path):
+    direct = train(tiny_repo, dataset, tmp_path / "direct", "--max_steps", "1")
+    cache = str(tmp_path / "cache")
+    train(tiny_repo, dataset, tmp_path / "cached", "--max_steps", "1", "--cache_dir", cache, "--stage", "encode")
+    cached = train(tiny_repo, dataset, tmp_path / "cached", "--max_steps", "1", "--cache_dir", cache)
+    assert len(direct) == len(cached) == 1
+    assert cached[0] == pytest.approx(direct[0], rel=1e-6, abs=1e-7)

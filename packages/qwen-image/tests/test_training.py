@@ -1,0 +1,175 @@
+"""The Qwen-Image training task: its encodings and model call are the pipeline's own, and the trainer
+(`diffsynth-train --family qwen_image`) trains it end to end on the tiny repo.
+
+The trainer tests are `integration` (they need diffsynth-training installed, which the per-package session does
+not install); the task tests need only this package and the runtime.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.qwen_image import QwenImagePipeline
+from diffsynth.qwen_image.pipeline import qwen_image_velocity
+from diffsynth.qwen_image.training import QwenImageTrainingTask
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.pipeline import configs_from_folder
+
+PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner"]
+FAST = {"height": 64, "width": 64, "num_inference_steps": 2, "cfg_scale": 1.0, "progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_repo):
+    return QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def task(tiny_repo):
+    configs, tokenizer = configs_from_folder(tiny_repo)
+    return QwenImageTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu"
+    )
+
+
+def rows():
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt": p, "image": torch.rand(3, 64, 64, generator=g) * 2 - 1} for p in PROMPTS]
+
+
+def test_task_declares_the_protocol_attributes(task):
+    assert (task.family, task.denoiser_slot, task.media, task.size_multiple) == ("qwen_image", "dit", ("image",), 16)
+    assert set(task.models) == {"dit", "vae", "text_encoder"}
+    assert set(task.model_files) == set(task.models)
+    assert task.scheduler.template == "qwen_image" and task.scheduler.template_defaults == {"mu": 0.8}
+
+
+def test_encode_and_collate_give_the_pipeline_encodings(task, pipe):
+    batch_rows = rows()
+    samples = task.encode(batch_rows)
+    text, mask = pipe.encode_prompt(PROMPTS)
+    assert mask.shape[0] == 2 and mask.sum(1).tolist()[0] != mask.sum(1).tolist()[1]  # two prompt lengths
+    for sample, m in zip(samples, mask, strict=True):
+        assert sample["latents"].shape == (16, 8, 8)
+        assert sample["text"].shape == (int(m.sum()), 32)  # the prompt's own tokens, no padding
+    batch = task.collate(samples)
+    assert batch["latents"].shape == (2, 16, 8, 8)
+    assert torch.equal(batch["text"], text) and torch.equal(batch["text_mask"], mask)  # padded as the pipeline
+    pixels = torch.stack([r["image"] for r in batch_rows])[:, :, None]
+    assert torch.equal(batch["latents"], pipe.vae.encode(pixels)[:, :, 0].float())
+
+
+def test_velocity_is_the_pipeline_per_step_call(task, pipe):
+    batch = task.collate(task.encode(rows()))
+    noisy = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.75, 0.3])
+    with torch.no_grad():
+        ours = task.velocity(task.models["dit"], batch, noisy, sigma)
+        theirs = qwen_image_velocity(pipe.dit, noisy, sigma, *pipe.encode_prompt(PROMPTS))
+    assert ours.shape == (2, 16, 8, 8) and torch.equal(ours, theirs)
+
+
+def test_stages_load_only_what_they_need(tiny_repo):
+    configs, tokenizer = configs_from_folder(tiny_repo)
+    trainer_side = QwenImageTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu", encoders=False
+    )
+    assert set(trainer_side.models) == {"dit"} and trainer_side.pipe.tokenizer is None
+    encoder_side = QwenImageTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu", denoiser=False
+    )
+    assert set(encoder_side.models) == {"vae", "text_encoder"}
+
+
+def test_edit_models_and_edit_rows_are_refused(task, tiny_repo, tmp_path):
+    configs, tokenizer = configs_from_folder(tiny_repo)
+    processor = ModelConfig(path=str(tiny_repo / "processor"))
+    with pytest.raises(ConfigError, match=r"processor/.*--model Qwen/Qwen-Image-Edit"):
+        QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=processor, torch_dtype="float32", device="cpu")
+    hub_processor = ModelConfig(model_id="Qwen/Qwen-Image-Edit-2509", origin_file_pattern="processor/")
+    with pytest.raises(ConfigError, match="Edit model"):
+        QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=hub_processor, encoders=False)
+    edit_dit = tmp_path / "transformer"
+    shutil.copytree(tiny_repo / "transformer", edit_dit)
+    config = json.loads((edit_dit / "config.json").read_text())
+    (edit_dit / "config.json").write_text(json.dumps({**config, "zero_cond_t": True}))
+    dit_config = ModelConfig(path=[str(p) for p in edit_dit.glob("*.safetensors")])
+    with pytest.raises(ConfigError, match="zero_cond_t"):
+        QwenImageTrainingTask.from_pretrained([dit_config], torch_dtype="float32", device="cpu", encoders=False)
+    with pytest.raises(ConfigError, match="edit_image.*--data_file_keys"):
+        task.encode([{**rows()[0], "edit_image": rows()[1]["image"]}])
+    with pytest.raises(ConfigError, match="row 0 of the batch"):
+        task.encode([{"prompt": "x"}])
+
+
+# ----------------------------------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("qwen-data")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, prompt in enumerate(PROMPTS):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "prompt": prompt}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def train(tiny_repo, dataset, output, *extra) -> list[float]:
+    from diffsynth.training.cli import main
+
+    argv = [
+        "--model", str(tiny_repo), "--family", "qwen_image", "--dataset_base_path", str(dataset),
+        "--output_path", str(output), "--max_pixels", "4096", "--bucket_step", "16", "--batch_size", "2",
+        "--dataset_repeat", "2", "--lora_rank", "4", "--learning_rate", "1e-2", "--mixed_precision", "no",
+        "--dtype", "float32", "--max_steps", "2", "--log_every", "1", *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    metrics = Path(output) / "metrics.jsonl"
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+@pytest.mark.integration
+def test_lora_training_gives_a_lora_the_pipeline_loads(tiny_repo, dataset, tmp_path):
+    losses = train(tiny_repo, dataset, tmp_path / "out")
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] > 0
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    base = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
+    pipe.load_lora(tmp_path / "out" / "step-000002.safetensors")
+    after = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
+    assert after.shape == base.shape == (1, 3, 64, 64)
+    assert (after - base).abs().max() > 1e-4  # the LoRA changes the image
+
+
+@pytest.mark.integration
+def test_full_training_writes_weights_the_pipeline_loads(tiny_repo, pipe, dataset, tmp_path):
+    losses = train(tiny_repo, dataset, tmp_path / "out", "--trainable_models", "dit", "--max_steps", "1")
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    files = sorted((tmp_path / "out" / "step-000001" / "dit").glob("*.safetensors"))
+    assert files
+    configs = [c for c in configs_from_folder(tiny_repo)[0] if "transformer" not in str(c.path)]
+    tuned = QwenImagePipeline.from_pretrained(
+        [ModelConfig(path=[str(f) for f in files]), *configs],
+        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
+        torch_dtype="float32",
+        device="cpu",
+    )
+    image = tuned(PROMPTS[1], seed=1, output_type="pt", **FAST)
+    reference = pipe(PROMPTS[1], seed=1, output_type="pt", **FAST)
+    assert (image - reference).abs().max() > 1e-5
+
+
+@pytest.mark.integration
+def test_cached_two_stage_training_gives_the_on_the_fly_loss(tiny_repo, dataset, tmp_path):
+    direct = train(tiny_repo, dataset, tmp_path / "direct", "--max_steps", "1")
+    cache = str(tmp_path / "cache")
+    train(tiny_repo, dataset, tmp_path / "cached", "--max_steps", "1", "--cache_dir", cache, "--stage", "encode")
+    cached = train(tiny_repo, dataset, tmp_path / "cached", "--max_steps", "1", "--cache_dir", cache)
+    assert len(direct) == len(cached) == 1
+    assert cached[0] == pytest.approx(direct[0], rel=1e-6, abs=1e-7)

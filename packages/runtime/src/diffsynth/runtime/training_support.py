@@ -1,0 +1,104 @@
+"""What the families' training tasks share: a pipeline loaded with only the models a training stage needs.
+
+A trainer's stages need different parts of a pipeline: encoding needs the text encoders, VAE and tokenizers;
+training from a cache needs only the denoiser. `load_partial_pipeline` recognises each given file's models from
+its header (no weights read), loads the files holding the wanted slots into the family's pipeline with every
+slot optional, and fails naming what is missing. `PipelineTrainingTask` gives a task built over such a pipeline
+(`self.pipe`) its `models`, `model_files` and validation `sample`. The trainer itself lives in
+diffsynth-training; families implement its protocol structurally and import only this.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError
+from .hub import ModelConfig
+from .pipeline import WEIGHT_SUFFIXES, BasePipeline
+
+
+def model_roles(config: ModelConfig) -> set[str]:
+    """The model roles a config's files hold, from their headers (no weights are read)."""
+    from .checkpoint import checkpoint_label, open_checkpoint
+    from .loading import recognise
+
+    paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+    if not paths:
+        return set()
+    state = open_checkpoint(paths)
+    return {rec.spec.role for rec in recognise(state.meta_state_dict(), label=checkpoint_label(state.files))}
+
+
+@functools.cache
+def _partial(pipeline_cls: type[BasePipeline]) -> type[BasePipeline]:
+    """`pipeline_cls` with every model slot optional."""
+    return type(
+        pipeline_cls.__name__,
+        (pipeline_cls,),
+        {"optional_slots": tuple(pipeline_cls.model_slots), "__module__": pipeline_cls.__module__},
+    )
+
+
+def load_partial_pipeline(
+    pipeline_cls: type[BasePipeline],
+    model_configs: Sequence[ModelConfig],
+    slots: Iterable[str],
+    *,
+    tokenizers: Iterable[str] = (),
+    name: str,
+    **from_pretrained: Any,
+) -> BasePipeline:
+    """`pipeline_cls.from_pretrained` with the files of `slots` only; the other slots stay empty.
+
+    `tokenizers` are the pipeline attributes (e.g. "tokenizer") that must be loaded too; `name` ("Z-Image")
+    names the family in errors; `from_pretrained` (torch_dtype, device, tokenizer configs) is passed on.
+    """
+    slots = sorted(slots)
+    unknown = [s for s in slots if s not in pipeline_cls.model_slots]
+    if unknown:
+        raise ConfigError(f"{pipeline_cls.__name__} has no slots {unknown}; it has {list(pipeline_cls.model_slots)}")
+    wanted = {pipeline_cls.model_slots[s] for s in slots}
+    configs = [c for c in model_configs if model_roles(c) & wanted]
+    if not configs:
+        raise ConfigError(f"{name} training needs the {slots} models; none of the given files hold them")
+    pipe = _partial(pipeline_cls).from_pretrained(model_configs=configs, **from_pretrained)
+    missing = [s for s in slots if getattr(pipe, s) is None] + [t for t in tokenizers if getattr(pipe, t) is None]
+    if missing:
+        raise ConfigError(
+            f"{name} training needs {missing} too; the given files provided "
+            f"{[s for s in pipe.model_slots if getattr(pipe, s) is not None]}"
+        )
+    return pipe
+
+
+class PipelineTrainingTask:
+    """The parts of a training task that only read its pipeline `self.pipe` (see the module docstring)."""
+
+    pipe: BasePipeline
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        """The loaded models by slot."""
+        return {
+            slot: getattr(self.pipe, slot) for slot in self.pipe.model_slots if getattr(self.pipe, slot) is not None
+        }
+
+    @property
+    def model_files(self) -> dict[str, list[str]]:
+        """The files each loaded model came from."""
+        return {slot: config.resolve() for slot, config in self.pipe.model_configs.items() if config is not None}
+
+    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
+        """Validation samples for a trainer: the pipeline with `denoiser` (the weights in training) as its DiT,
+        one picture (or video) per prompt at the pipeline's defaults unless `options` (height, width, ...) say
+        otherwise."""
+        with self.pipe.using("dit", denoiser):
+            return [self.pipe(prompt, seed=seed, progress_bar=False, **options) for prompt in prompts]
+
+
+__all__ = ["PipelineTrainingTask", "load_partial_pipeline", "model_roles"]
