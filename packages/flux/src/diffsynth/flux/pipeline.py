@@ -8,6 +8,12 @@ decode (AutoencoderKL). `flux_velocity` is the per-step model call; a trainer re
 Latents are `[B, 16, H/8, W/8]` outside the DiT; it sees them packed 2x2 into `[B, H/16 * W/16, 64]`
 tokens with (t, row, col) position ids, as BFL and diffusers do. Kontext reference tokens are
 appended after the image tokens with t = 1 and the DiT output is cut back to the image tokens.
+
+ControlNets (diffusers `FluxControlNetModel` files: InstantX Union, alimama inpainting, jasperai
+upscaler, ...) are loaded with `from_pretrained(..., controlnet=...)` or `load_controlnet(...)`
+and used through `controlnet_inputs=[ControlNetInput(...)]`: each control image is VAE-encoded and
+packed like the latents, every active net runs on the noisy tokens each step and the residuals of
+all of them, each times its scale, are summed into the DiT's blocks.
 """
 
 from __future__ import annotations
@@ -19,15 +25,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 
+from .flux1.controlnet import UNION_MODES, Flux1ControlNet
+from .flux1.dit import residual_per_block
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds, encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -67,6 +77,67 @@ class KontextLatents:
     ids: torch.Tensor
 
 
+@dataclass
+class ControlNetInput:
+    """One control for `FluxImagePipeline(controlnet_inputs=[...])`.
+
+    `image` is the control image as the net expects it (a canny/depth/pose map, the low-resolution
+    image for an upscaler, the image to inpaint; no annotator is run), resized to the output size.
+    `scale` multiplies the net's residuals; `start` / `end` are the fractions of the denoising steps
+    where it acts (diffusers' `control_guidance_start/end`: step i of n runs when
+    `start <= i / n` and `(i + 1) / n <= end`). `processor_id` is the control mode of a union net
+    (a `UNION_MODES` name such as "canny" or "depth", or its index); other nets ignore it.
+    `inpaint_mask` (white = repaint) is needed by inpainting nets (alimama). `controlnet_id` picks
+    the loaded ControlNet (in load order); several inputs may share one net.
+    """
+
+    image: Image.Image | str | os.PathLike | None = None
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    processor_id: str | int | None = None
+    inpaint_mask: Image.Image | str | os.PathLike | None = None
+    controlnet_id: int = 0
+
+
+@dataclass
+class ControlCondition:
+    """A control prepared for the denoiser: the net, its packed condition tokens `[1 or B, N, C]`, the
+    union mode (None for other nets), its scale and the fractions of the steps where it acts."""
+
+    model: Flux1ControlNet
+    tokens: torch.Tensor
+    mode: int | None = None
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def active(self, step: int, steps: int) -> bool:
+        return not (step / steps < self.start or (step + 1) / steps > self.end)
+
+
+class Flux1ControlNets(torch.nn.Module):
+    """The pipeline's `controlnet` slot: the loaded ControlNets in load order (`controlnet_id`)."""
+
+    def __init__(self, nets: Sequence[Flux1ControlNet] = ()):
+        super().__init__()
+        self.nets = torch.nn.ModuleList()
+        self.offload_units: tuple[str, ...] = ()
+        self.compile_units: tuple[str, ...] = ()
+        for net in nets:
+            self.append(net)
+
+    def append(self, net: Flux1ControlNet) -> int:
+        self.nets.append(net)
+        i = len(self.nets) - 1
+        self.offload_units += tuple(f"nets.{i}.{u}" for u in net.offload_units)
+        self.compile_units += tuple(f"nets.{i}.{u}" for u in net.compile_units)
+        return i
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+
 def dit_dtype(module: torch.nn.Module) -> torch.dtype:
     for p in module.parameters():
         if p.is_floating_point():
@@ -81,26 +152,88 @@ def flux_velocity(
     prompt: FluxPromptEmbeds,
     guidance: torch.Tensor | float | None = DEFAULT_GUIDANCE,
     kontext: KontextLatents | None = None,
+    controls: Sequence[ControlCondition] = (),
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 16, H/8, W/8]` (float32) predicted at noise level `sigma` [B].
 
     `guidance` is the distilled guidance (BFL units, e.g. 3.5) per sample or shared; models without a
-    guidance embedder ignore it. Computation runs in the DiT's dtype.
+    guidance embedder ignore it. Computation runs in the DiT's dtype. `controls` are the ControlNets
+    acting at this step: each sees the noisy image tokens (not Kontext's) and the same text, and
+    their scaled residuals are summed into the DiT's blocks.
     """
     dtype = dit_dtype(dit)
     b, _, h, w = latents.shape
     img = pack_latents(latents)
     ids = latent_ids(h, w, device=latents.device)
     n_img = img.shape[1]
-    if kontext is not None:
-        img = torch.cat([img, kontext.tokens.to(img.dtype).expand(b, -1, -1)], dim=1)
-        ids = torch.cat([ids, kontext.ids.to(ids.device)], dim=0)
     txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=latents.device)
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
     if guidance is not None:
         guidance = torch.as_tensor(guidance, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
-    out = dit(img.to(dtype), ids, prompt.t5.to(dtype), txt_ids, sigma, prompt.pooled.to(dtype), guidance)
+    residuals = {}
+    if controls:
+        blocks = (len(dit.double_blocks), len(dit.single_blocks))
+        residuals = controlnet_residuals(controls, img, ids, prompt, txt_ids, sigma, guidance, blocks)
+    if kontext is not None:
+        img = torch.cat([img, kontext.tokens.to(img.dtype).expand(b, -1, -1)], dim=1)
+        ids = torch.cat([ids, kontext.ids.to(ids.device)], dim=0)
+    out = dit(img.to(dtype), ids, prompt.t5.to(dtype), txt_ids, sigma, prompt.pooled.to(dtype), guidance, **residuals)
     return unpack_latents(out[:, :n_img].float(), h, w)
+
+
+def controlnet_residuals(
+    controls: Sequence[ControlCondition],
+    img: torch.Tensor,
+    img_ids: torch.Tensor,
+    prompt: FluxPromptEmbeds,
+    txt_ids: torch.Tensor,
+    sigma: torch.Tensor,
+    guidance: torch.Tensor | None,
+    blocks: tuple[int, int],
+) -> dict[str, list[torch.Tensor] | None]:
+    """The summed, scaled residuals of `controls` as `Flux1DiT.forward` keyword arguments.
+
+    Nets whose residual lists have the same length are summed sample by sample (diffusers'
+    multi-ControlNet); otherwise each list is first spread over the DiT's `blocks` (double, single).
+    """
+    b = img.shape[0]
+    doubles, singles = [], []
+    for control in controls:
+        net = control.model
+        dtype = dit_dtype(net)
+        tokens = control.tokens.to(img.device, dtype)
+        if tokens.shape[0] not in (1, b):
+            tokens = tokens.repeat(b // tokens.shape[0], 1, 1)  # true CFG doubles the batch
+        double, single = net(
+            img.to(dtype),
+            img_ids,
+            prompt.t5.to(dtype),
+            txt_ids,
+            sigma,
+            prompt.pooled.to(dtype),
+            guidance,
+            cond=tokens,
+            mode=control.mode,
+            scale=control.scale,
+        )
+        doubles.append(double)
+        singles.append(single)
+    return {
+        "controlnet_block_samples": _sum_residuals(doubles, blocks[0]),
+        "controlnet_single_block_samples": _sum_residuals(singles, blocks[1]),
+    }
+
+
+def _sum_residuals(lists: list[list[torch.Tensor]], blocks: int) -> list[torch.Tensor] | None:
+    lists = [items for items in lists if items]
+    if not lists:
+        return None
+    if len({len(items) for items in lists}) > 1:
+        lists = [residual_per_block(items, blocks, "ControlNet residuals") for items in lists]
+    total = list(lists[0])
+    for items in lists[1:]:
+        total = [a + b for a, b in zip(total, items, strict=True)]
+    return total
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
@@ -113,7 +246,9 @@ class FluxImagePipeline(BasePipeline):
         "vae": "vae",
         "text_encoder_1": "clip_text_encoder",
         "text_encoder_2": "t5_text_encoder",
+        "controlnet": "controlnet",
     }
+    optional_slots = ("controlnet",)
     size_multiple = 16  # VAE 8x, 2x2 packing
 
     def __init__(self, device=None, torch_dtype=torch.bfloat16):
@@ -134,12 +269,13 @@ class FluxImagePipeline(BasePipeline):
         tokenizer_1_config: ModelConfig | None = None,
         tokenizer_2_config: ModelConfig | None = None,
         vram_limit: float | None = None,
+        controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
     ):
         """As `BasePipeline.from_pretrained`, with FLUX.1's two tokenizers.
 
         `tokenizer_1_config` (CLIP, `tokenizer/`; `tokenizer_config` is accepted for it too) and
         `tokenizer_2_config` (T5, `tokenizer_2/`) default to those folders of the given local folder
-        or preset repo.
+        or preset repo. `controlnet` loads one or several ControlNets (see `load_controlnet`).
         """
         pipe = super().from_pretrained(
             model_id_or_configs,
@@ -166,7 +302,56 @@ class FluxImagePipeline(BasePipeline):
             pipe.tokenizer_1 = BasePipeline._load_tokenizer(pipe, first)
         if second is not None:
             pipe.tokenizer_2 = BasePipeline._load_tokenizer(pipe, second)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet)
         return pipe
+
+    def load_controlnet(
+        self, controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig]
+    ) -> list[int]:
+        """Load FLUX.1 ControlNets (diffusers `FluxControlNetModel` files) and return their `controlnet_id`s.
+
+        Each item is a `ModelConfig`, a local file or folder (the `config.json` beside the weights
+        is read when present), or a hub repo id such as "InstantX/FLUX.1-dev-Controlnet-Union-alpha"
+        (its root `diffusion_pytorch_model.safetensors`). Nets are loaded in the pipeline's dtype
+        and placed like the other models (on the device, or under VRAM management).
+        """
+        from diffsynth.runtime.loading import load_models
+
+        from .flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
+
+        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if not items:
+            raise ConfigError("load_controlnet got an empty list; give a path, a hub repo id or a ModelConfig")
+        ids = []
+        for item in items:
+            config = _controlnet_config(item)
+            paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+            for loaded in load_models(paths, torch_dtype=self.torch_dtype, device="cpu", specs=[FLUX1_CONTROLNET_SPEC]):
+                ids.append(self._add_controlnet(loaded.module, config))
+        if self.vram_handles:
+            self.enable_vram_management(slots=["controlnet"])
+        elif not self.model_offload:
+            self.controlnet.to(self.device)
+        return ids
+
+    def _add_controlnet(self, net: Flux1ControlNet, config: ModelConfig | None) -> int:
+        if self.controlnet is None:
+            self.controlnet = Flux1ControlNets()
+        self.model_configs.setdefault("controlnet", config)
+        index = self.controlnet.append(net.eval().requires_grad_(False))
+        logger.info("ControlNet %d: %s", index, _describe_net(net))
+        return index
+
+    def _load_config(self, config: ModelConfig) -> None:
+        """ControlNet files among `model_configs` (once their spec is registered) join the `controlnet` slot."""
+        held, self.controlnet = self.controlnet, None
+        try:
+            super()._load_config(config)
+        finally:
+            loaded, self.controlnet = self.controlnet, held
+        if loaded is not None:
+            self._add_controlnet(loaded, config)
 
     def _load_tokenizer(self, config: ModelConfig):
         """The base class finds at most one tokenizer; `from_pretrained` loads FLUX.1's two itself."""
@@ -195,6 +380,7 @@ class FluxImagePipeline(BasePipeline):
         input_image=None,
         denoising_strength: float = 1.0,
         kontext_images=None,
+        controlnet_inputs: Sequence[ControlNetInput] | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -217,6 +403,7 @@ class FluxImagePipeline(BasePipeline):
         (one image or a list; Kontext-dev) are used at their own size rounded down to multiples of 16;
         without `height`/`width` the output takes the first one's size. `latents` is the initial
         noise `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (terminal 0 appended).
+        `controlnet_inputs` are `ControlNetInput`s for the loaded ControlNets (several at once).
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
@@ -249,7 +436,7 @@ class FluxImagePipeline(BasePipeline):
             shape = {"mu": math.log(shift)}  # e^mu / (e^mu + 1/t - 1) is the static shift by e^mu
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, **shape)
-        self.load_models_to_device(["vae"] if input_image is not None or references else [])
+        self.load_models_to_device(["vae"] if input_image is not None or references or controlnet_inputs else [])
         x = self.prepare_latents(
             len(prompts),
             height,
@@ -264,11 +451,14 @@ class FluxImagePipeline(BasePipeline):
             tile_stride,
         )
         kontext = self.encode_kontext(references, tiled, tile_size, tile_stride) if references else None
+        controls = self.prepare_controls(controlnet_inputs, height, width, tiled, tile_size, tile_stride)
 
         # 3. denoise
-        self.load_models_to_device(["dit"])
-        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
-            velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, kontext)
+        self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
+        steps = len(scheduler.timesteps)
+        for i in self.progress(range(steps), progress_bar):
+            active = [c for c in controls if c.active(i, steps)]
+            velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, kontext, active)
             x = scheduler.step(velocity, i, x)
 
         # 4. decode
@@ -361,20 +551,130 @@ class FluxImagePipeline(BasePipeline):
             ids.append(latent_ids(z.shape[2], z.shape[3], index=1.0, device=self.device))
         return KontextLatents(torch.cat(tokens, dim=1), torch.cat(ids, dim=0))
 
-    def predict(self, x, sigma, text, negative_text, cfg_scale, guidance, kontext=None) -> torch.Tensor:
-        """One denoiser evaluation; with true CFG the two branches run as one batch."""
+    def predict(self, x, sigma, text, negative_text, cfg_scale, guidance, kontext=None, controls=()) -> torch.Tensor:
+        """One denoiser evaluation; with true CFG the two branches run as one batch (the ControlNets
+        see each branch's own prompt)."""
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if negative_text is None:
-            return flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext)
+            return flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext, controls)
         both = flux_velocity(
-            self.dit, torch.cat([x, x]), sigma.expand(2 * batch), text.cat(negative_text), guidance, kontext
+            self.dit, torch.cat([x, x]), sigma.expand(2 * batch), text.cat(negative_text), guidance, kontext, controls
         )
         return self.guide(both[:batch], both[batch:], cfg_scale)
 
+    # ------------------------------------------------------------------ ControlNet
+    def controlnets(self) -> list[Flux1ControlNet]:
+        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
+        return list(self.controlnet.nets) if self.controlnet is not None else []
+
+    def prepare_controls(
+        self, inputs, height: int, width: int, tiled=False, tile_size=512, tile_stride=384
+    ) -> list[ControlCondition]:
+        """Check `controlnet_inputs` and encode each control image (and inpainting mask) for its net."""
+        if not inputs:
+            return []
+        items = [inputs] if isinstance(inputs, ControlNetInput) else list(inputs)
+        nets = self.controlnets()
+        if not nets:
+            raise ConfigError(
+                "controlnet_inputs were given but no ControlNet is loaded: use "
+                "FluxImagePipeline.from_pretrained(..., controlnet=...) or pipe.load_controlnet(...)"
+            )
+        controls = []
+        for i, item in enumerate(items):
+            where = f"controlnet_inputs[{i}]"
+            if not isinstance(item, ControlNetInput):
+                raise ConfigError(f"{where} is a {type(item).__name__}; use ControlNetInput(image=..., ...)")
+            cid = item.controlnet_id
+            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < len(nets):
+                raise ConfigError(f"{where}.controlnet_id={cid!r}: {len(nets)} ControlNet(s) are loaded (ids 0..)")
+            if isinstance(item.scale, bool) or not isinstance(item.scale, (int, float)):
+                raise ConfigError(f"{where}.scale={item.scale!r} must be a number")
+            if not (0.0 <= item.start < item.end <= 1.0):
+                raise ConfigError(
+                    f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
+                    "(fractions of the denoising steps)"
+                )
+            if item.image is None:
+                raise ConfigError(f"{where}.image is missing: give the control image")
+            net = nets[cid]
+            image = load_image(item.image).resize((width, height), Image.LANCZOS)
+            if net.takes_mask:
+                if item.inpaint_mask is None:
+                    raise ConfigError(
+                        f"{where}: ControlNet {cid} is an inpainting net; give inpaint_mask (white = repaint)"
+                    )
+                tokens = self.encode_inpaint_control(image, item.inpaint_mask, tiled, tile_size, tile_stride)
+            else:
+                if item.inpaint_mask is not None:
+                    raise ConfigError(
+                        f"{where}.inpaint_mask is given but ControlNet {cid} takes no mask "
+                        f"(condition width {net.config.cond_in_channels})"
+                    )
+                tokens = pack_latents(self.vae_encode([image], tiled, tile_size, tile_stride))
+            mode = _control_mode(net, item.processor_id, where)
+            controls.append(ControlCondition(net, tokens, mode, float(item.scale), float(item.start), float(item.end)))
+        return controls
+
+    def encode_inpaint_control(self, image: Image.Image, mask, tiled=False, tile_size=512, tile_stride=384):
+        """alimama's inpainting condition: the image with the masked pixels black, VAE-encoded, and the
+        kept region (1 - mask, nearest-resized to the latent grid) as a 17th channel, packed (68 features)."""
+        if isinstance(mask, (str, os.PathLike)):
+            with Image.open(mask) as opened:
+                mask = opened.convert("L")
+        if not isinstance(mask, Image.Image):
+            raise ConfigError(f"inpaint_mask must be a file path or a PIL.Image, got {type(mask).__name__}")
+        gray = mask.convert("L").resize(image.size, Image.LANCZOS)
+        repaint = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0 >= 0.5).float()[None, None]
+        pixels = pil_to_tensor([image], dtype=dit_dtype(self.vae), device=self.device)
+        pixels = pixels.masked_fill(repaint.to(self.device).bool(), -1.0)
+        z = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
+        keep = 1.0 - F.interpolate(repaint, size=z.shape[-2:]).to(z.device)
+        return pack_latents(torch.cat([z, keep], dim=1))
+
+
+def _controlnet_config(item) -> ModelConfig:
+    if isinstance(item, ModelConfig):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        source = str(item)
+        if Path(source).exists():
+            return ModelConfig(path=source)
+        if source.count("/") == 1 and not source.startswith((".", "/")):
+            return ModelConfig(model_id=source, origin_file_pattern="diffusion_pytorch_model.safetensors")
+        raise ConfigError(f"controlnet={source!r} is neither an existing file or folder nor a hub repo id (Org/Name)")
+    raise ConfigError(f"controlnet must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+
+
+def _control_mode(net: Flux1ControlNet, processor_id, where: str) -> int | None:
+    """The union control mode for `processor_id` (a `UNION_MODES` name or an index); None for other nets."""
+    if not net.is_union:
+        return None
+    n = net.config.num_modes
+    if isinstance(processor_id, str) and processor_id.lower() in UNION_MODES:
+        processor_id = UNION_MODES[processor_id.lower()]
+    if isinstance(processor_id, bool) or not isinstance(processor_id, int) or not 0 <= processor_id < n:
+        given = "is missing" if processor_id is None else f"={processor_id!r} is not one of its modes"
+        raise ConfigError(
+            f"{where}.processor_id {given}: this union ControlNet ({n} modes) needs a control mode, "
+            f"one of {UNION_MODES} (those below {n}) or an index in [0, {n})"
+        )
+    return processor_id
+
+
+def _describe_net(net: Flux1ControlNet) -> str:
+    cfg = net.config
+    kind = "union" if net.is_union else "inpainting" if net.takes_mask else "single-condition"
+    return f"{kind}, {cfg.depth} double + {cfg.depth_single_blocks} single blocks"
+
 
 __all__ = [
+    "ControlCondition",
+    "ControlNetInput",
     "FluxImagePipeline",
+    "Flux1ControlNets",
+    "controlnet_residuals",
     "KontextLatents",
     "flux_velocity",
     "latent_ids",

@@ -9,11 +9,14 @@ timestep, the distilled guidance and the pooled CLIP embedding. RoPE over 3-axis
 Module names equal `flux1-dev.safetensors`, so original files load as is. Conventions follow
 BFL's `Flux.forward`: timesteps and guidance are given in [0, 1] and multiplied by 1000 inside.
 Kontext is the same model with the reference image's tokens appended to `img` (ids first axis 1);
-the caller keeps the first (noisy) tokens of the output.
+the caller keeps the first (noisy) tokens of the output. ControlNet residuals (`controlnet.py`) are
+added to the image tokens after the blocks, spread over the blocks as diffusers does.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -279,6 +282,8 @@ class Flux1DiT(nn.Module):
         timesteps: torch.Tensor | float,
         y: torch.Tensor,
         guidance: torch.Tensor | float | None = None,
+        controlnet_block_samples: Sequence[torch.Tensor] | None = None,
+        controlnet_single_block_samples: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Velocity for packed image tokens `img` `[B, L_img, in_channels]`.
 
@@ -286,31 +291,36 @@ class Flux1DiT(nn.Module):
         `[B, L_txt, context_in_dim]`, `timesteps` `[B]` (or a scalar) in [0, 1], `y` the pooled CLIP
         embedding `[B, vec_in_dim]`, `guidance` `[B]` in BFL's units (needed by guidance-distilled
         models, ignored by the others). Computation runs in `img.dtype`.
+
+        `controlnet_block_samples` / `controlnet_single_block_samples` are ControlNet residuals
+        `[B or 1, L, hidden_size]` added to the first `L` image tokens after the double / single
+        blocks; a list shorter than the blocks is spread over them (block `i` takes sample
+        `i // ceil(blocks / samples)`), as diffusers' `FluxTransformer2DModel` does.
         """
         cfg = self.config
         b, n_img = img.shape[:2]
-        img_ids, txt_ids = self._check_inputs(img, img_ids, txt, txt_ids, y)
-        dtype, device = img.dtype, img.device
+        img_ids, txt_ids = check_inputs(cfg, img, img_ids, txt, txt_ids, y)
+        double_res = residual_per_block(controlnet_block_samples, len(self.double_blocks), "controlnet_block_samples")
+        single_res = residual_per_block(
+            controlnet_single_block_samples, len(self.single_blocks), "controlnet_single_block_samples"
+        )
+        dtype = img.dtype
 
-        t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(b)
-        vec = self.time_in(timestep_embedding(t * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise ValueError("this FLUX.1 DiT is guidance-distilled (guidance_embed=True): pass `guidance`")
-            g = torch.as_tensor(guidance, device=device, dtype=torch.float32).reshape(-1).expand(b)
-            vec = vec + self.guidance_in(timestep_embedding(g * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
-        vec = vec + self.vector_in(y.to(dtype))
-
+        vec = conditioning_vector(self, timesteps, y, guidance, b, dtype)
         img = self.img_in(img)
         txt = self.txt_in(txt.to(dtype))
         ids = torch.cat((txt_ids.expand(b, -1, -1), img_ids.expand(b, -1, -1)), dim=1)
         rope = rope_from_ids(ids, cfg.axes_dim, cfg.theta)
 
-        for block in self.double_blocks:
+        for i, block in enumerate(self.double_blocks):
             img, txt = self._run(block, img, txt, vec, rope)
+            if double_res is not None:
+                img = add_residual(img, double_res[i], 0)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
+        for i, block in enumerate(self.single_blocks):
             x = self._run(block, x, vec, rope)
+            if single_res is not None:
+                x = add_residual(x, single_res[i], txt.shape[1])
         return self.final_layer(x[:, -n_img:], vec)
 
     def _run(self, block: nn.Module, *args):
@@ -318,26 +328,68 @@ class Flux1DiT(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_inputs(self, img, img_ids, txt, txt_ids, y) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        if img.dim() != 3 or img.shape[-1] != cfg.in_channels:
-            raise ValueError(f"img has shape {tuple(img.shape)}; expected [B, L_img, in_channels={cfg.in_channels}]")
-        b = img.shape[0]
-        if txt.dim() != 3 or txt.shape[0] != b or txt.shape[-1] != cfg.context_in_dim:
+
+def check_inputs(cfg, img, img_ids, txt, txt_ids, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes of a FLUX.1 DiT / ControlNet call (`cfg` has in_channels, context_in_dim, vec_in_dim, axes_dim);
+    returns the ids as `[B or 1, L, axes]`."""
+    if img.dim() != 3 or img.shape[-1] != cfg.in_channels:
+        raise ValueError(f"img has shape {tuple(img.shape)}; expected [B, L_img, in_channels={cfg.in_channels}]")
+    b = img.shape[0]
+    if txt.dim() != 3 or txt.shape[0] != b or txt.shape[-1] != cfg.context_in_dim:
+        raise ValueError(
+            f"txt has shape {tuple(txt.shape)}; expected [B={b}, L_txt, context_in_dim={cfg.context_in_dim}]"
+        )
+    if y.dim() != 2 or y.shape[0] != b or y.shape[-1] != cfg.vec_in_dim:
+        raise ValueError(f"y has shape {tuple(y.shape)}; expected [B={b}, vec_in_dim={cfg.vec_in_dim}]")
+    checked = []
+    for name, ids, tokens in (("img_ids", img_ids, img), ("txt_ids", txt_ids, txt)):
+        ids = ids.unsqueeze(0) if ids.dim() == 2 else ids
+        if ids.dim() != 3 or ids.shape[0] not in (1, b) or ids.shape[1] != tokens.shape[1]:
             raise ValueError(
-                f"txt has shape {tuple(txt.shape)}; expected [B={b}, L_txt, context_in_dim={cfg.context_in_dim}]"
+                f"{name} has shape {tuple(ids.shape)}; expected [B={b} or 1, {tokens.shape[1]}, {len(cfg.axes_dim)}]"
             )
-        if y.dim() != 2 or y.shape[0] != b or y.shape[-1] != cfg.vec_in_dim:
-            raise ValueError(f"y has shape {tuple(y.shape)}; expected [B={b}, vec_in_dim={cfg.vec_in_dim}]")
-        checked = []
-        for name, ids, tokens in (("img_ids", img_ids, img), ("txt_ids", txt_ids, txt)):
-            ids = ids.unsqueeze(0) if ids.dim() == 2 else ids
-            if ids.dim() != 3 or ids.shape[0] not in (1, b) or ids.shape[1] != tokens.shape[1]:
-                raise ValueError(
-                    f"{name} has shape {tuple(ids.shape)}; expected [B={b} or 1, {tokens.shape[1]}, "
-                    f"{len(cfg.axes_dim)}]"
-                )
-            if ids.shape[2] != len(cfg.axes_dim):
-                raise ValueError(f"{name} has {ids.shape[2]} axes; axes_dim={cfg.axes_dim} needs {len(cfg.axes_dim)}")
-            checked.append(ids)
-        return checked[0], checked[1]
+        if ids.shape[2] != len(cfg.axes_dim):
+            raise ValueError(f"{name} has {ids.shape[2]} axes; axes_dim={cfg.axes_dim} needs {len(cfg.axes_dim)}")
+        checked.append(ids)
+    return checked[0], checked[1]
+
+
+def conditioning_vector(model: nn.Module, timesteps, y: torch.Tensor, guidance, batch: int, dtype) -> torch.Tensor:
+    """The modulation vector `[B, hidden]` from `model.time_in`, `guidance_in` (when not None) and `vector_in`."""
+    device = y.device
+    t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+    vec = model.time_in(timestep_embedding(t * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
+    if model.guidance_in is not None:
+        if guidance is None:
+            raise ValueError(
+                f"this {type(model).__name__} is guidance-distilled (guidance_embed=True): pass `guidance`"
+            )
+        g = torch.as_tensor(guidance, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        vec = vec + model.guidance_in(timestep_embedding(g * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
+    return vec + model.vector_in(y.to(dtype))
+
+
+def residual_per_block(samples: Sequence[torch.Tensor] | None, blocks: int, name: str) -> list[torch.Tensor] | None:
+    """ControlNet residuals spread over `blocks` blocks: block `i` takes `samples[i // ceil(blocks / n)]`."""
+    if samples is None:
+        return None
+    samples = list(samples)
+    if not samples:
+        raise ValueError(f"{name} is empty; pass None for no residuals")
+    interval = max(1, math.ceil(blocks / len(samples)))
+    return [samples[i // interval] for i in range(blocks)]
+
+
+def add_residual(x: torch.Tensor, residual: torch.Tensor, start: int) -> torch.Tensor:
+    """`x` with `residual` `[B or 1, L, D]` added to tokens `start:start + L` (out of place)."""
+    end = start + residual.shape[1]
+    if residual.dim() != 3 or residual.shape[0] not in (1, x.shape[0]) or residual.shape[2] != x.shape[2]:
+        raise ValueError(
+            f"a ControlNet residual has shape {tuple(residual.shape)}; expected [B={x.shape[0]} or 1, L, {x.shape[2]}]"
+        )
+    if end > x.shape[1]:
+        raise ValueError(f"a ControlNet residual has {residual.shape[1]} tokens; the image has {x.shape[1] - start}")
+    residual = residual.to(x.dtype)
+    if start == 0 and end == x.shape[1]:
+        return x + residual
+    return torch.cat((x[:, :start], x[:, start:end] + residual, x[:, end:]), dim=1)
