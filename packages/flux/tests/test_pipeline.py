@@ -186,6 +186,7 @@ def test_presets_are_registered_with_the_authors_defaults():
     assert find_preset("black-forest-labs/FLUX.1-Krea-dev")[1].defaults["embedded_guidance"] == 4.5
     kontext = find_preset("black-forest-labs/flux.1-kontext-dev")[1]
     assert kontext.files[0].origin_file_pattern == "flux1-kontext-dev.safetensors" and "height" not in kontext.defaults
+    assert kontext.defaults["kontext_auto_resize"] is True  # references go to the Kontext training resolutions
     with pytest.raises(ConfigError, match="FLUX.1-dev"):
         FluxImagePipeline.from_pretrained("black-forest-labs/FLUX.1-pro")
 

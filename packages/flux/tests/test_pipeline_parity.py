@@ -150,6 +150,39 @@ def test_kontext_matches_diffusers(both):
     assert _max_abs(got, expected) <= 1e-4
 
 
+def test_kontext_auto_resize_matches_diffusers(both):
+    """`kontext_auto_resize` (the Kontext preset's default) against diffusers' `_auto_resize`: the same training
+    resolutions, the same choice, the same image (a 48x32 reference becomes 1248x832)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    from diffsynth.flux.pipeline import KONTEXT_RESOLUTIONS, kontext_resolution
+
+    assert list(KONTEXT_RESOLUTIONS) == list(PREFERRED_KONTEXT_RESOLUTIONS)
+    for w, h in [(48, 32), (32, 48), (1000, 1000), (3000, 1000), (700, 1000), (1333, 1000)]:
+        want = min((abs(w / h - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)[1:]
+        assert kontext_resolution(w, h) == want, (w, h)
+
+    _, _, kontext = both
+    ours = both[0]
+    image = _reference_image(48, 32, seed=3)
+    noise = _noise(1, 32, 48, seed=8)
+    common = {"num_inference_steps": 2, "output_type": "np"}
+    expected = kontext(
+        image=image, prompt=PROMPTS[0], guidance_scale=2.5, height=32, width=48, max_area=32 * 48,
+        latents=pack_latents(noise.clone()), max_sequence_length=TEXT_LEN, _auto_resize=True, **common,
+    ).images  # fmt: skip
+    got = ours(
+        PROMPTS[0], kontext_images=image, kontext_auto_resize=True, embedded_guidance=2.5, height=32, width=48,
+        latents=noise.clone(), t5_sequence_length=TEXT_LEN, progress_bar=False, **common,
+    )  # fmt: skip
+    plain = ours(
+        PROMPTS[0], kontext_images=image, embedded_guidance=2.5, height=32, width=48, latents=noise.clone(),
+        t5_sequence_length=TEXT_LEN, progress_bar=False, **common,
+    )  # fmt: skip
+    assert _max_abs(got, expected) <= 1e-4
+    assert _max_abs(got, plain) > 1e-3  # the resize reached the model
+
+
 def test_text_encoders_match_transformers(both):
     """Our CLIP/T5 modules (loaded from the hub's transformers 4.x file names) equal transformers' own load."""
     ours, ref, _ = both

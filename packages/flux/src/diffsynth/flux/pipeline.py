@@ -44,6 +44,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev model card
 DEFAULT_STEPS = 28  # diffusers FluxPipeline
+# (width, height) FLUX.1-Kontext was trained at (BFL's list, also diffusers'); `kontext_auto_resize` picks one
+KONTEXT_RESOLUTIONS = tuple(
+    (w, h)
+    for w, h in zip(
+        (672, 688, 720, 752, 800, 832, 880, 944, 1024, 1104, 1184, 1248, 1328, 1392, 1456, 1504, 1568),
+        (1568, 1504, 1456, 1392, 1328, 1248, 1184, 1104, 1024, 944, 880, 832, 800, 752, 720, 688, 672),
+        strict=True,
+    )
+)
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -237,6 +246,11 @@ def _sum_residuals(lists: list[list[torch.Tensor]], blocks: int) -> list[torch.T
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
+def kontext_resolution(width: int, height: int) -> tuple[int, int]:
+    """The (width, height) of `KONTEXT_RESOLUTIONS` whose aspect ratio is nearest `width / height`."""
+    return min(KONTEXT_RESOLUTIONS, key=lambda wh: (abs(width / height - wh[0] / wh[1]), wh))
+
+
 class FluxImagePipeline(BasePipeline):
     """FLUX.1 text-to-image / image-to-image / Kontext editing, API compatible with DiffSynth-Studio."""
 
@@ -380,6 +394,7 @@ class FluxImagePipeline(BasePipeline):
         input_image=None,
         denoising_strength: float = 1.0,
         kontext_images=None,
+        kontext_auto_resize: bool | None = None,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -400,7 +415,8 @@ class FluxImagePipeline(BasePipeline):
         `embedded_guidance` is the distilled guidance the DiT is conditioned on (dev: 3.5);
         `cfg_scale` > 1 adds true classifier-free guidance with `negative_prompt` (twice the compute).
         `sigma_shift` replaces the resolution-dependent FLUX.1 shift by a fixed one. `kontext_images`
-        (one image or a list; Kontext-dev) are used at their own size rounded down to multiples of 16;
+        (one image or a list; Kontext-dev) are used at their own size rounded down to multiples of 16, or with
+        `kontext_auto_resize` (the Kontext preset's default) at the training resolution nearest their aspect;
         without `height`/`width` the output takes the first one's size. `latents` is the initial
         noise `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (terminal 0 appended).
         `controlnet_inputs` are `ControlNetInput`s for the loaded ControlNets (several at once).
@@ -412,7 +428,8 @@ class FluxImagePipeline(BasePipeline):
         if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
             raise ConfigError(f"t5_sequence_length={text_len!r} is not accepted; use an integer >= 1 (512 for dev)")
         steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
-        references = self.load_kontext_images(kontext_images)
+        auto_resize = bool(self.setting("kontext_auto_resize", kontext_auto_resize, False))
+        references = self.load_kontext_images(kontext_images, auto_resize)
         if references:
             height = height if height is not None else references[0].height
             width = width if width is not None else references[0].width
@@ -526,14 +543,18 @@ class FluxImagePipeline(BasePipeline):
         pixels = pil_to_tensor(images, dtype=dit_dtype(self.vae), device=self.device)
         return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
 
-    def load_kontext_images(self, kontext_images) -> list[Image.Image]:
-        """Reference images as RGB, each resized down to the nearest multiple of 16 (as diffusers does)."""
+    def load_kontext_images(self, kontext_images, auto_resize: bool = False) -> list[Image.Image]:
+        """Reference images as RGB, each resized down to the nearest multiple of 16 (as diffusers does), or
+        with `auto_resize` to the Kontext training resolution nearest its aspect ratio (`kontext_resolution`)."""
         if kontext_images is None:
             return []
         items = list(kontext_images) if isinstance(kontext_images, (list, tuple)) else [kontext_images]
         images = []
         for i, item in enumerate(items):
             image = load_image(item)
+            if auto_resize:
+                images.append(image.resize(kontext_resolution(image.width, image.height), Image.LANCZOS))
+                continue
             w, h = image.width // 16 * 16, image.height // 16 * 16
             if w < 16 or h < 16:
                 raise ConfigError(

@@ -4,7 +4,8 @@ Each preset fetches BFL's single-file DiT and `ae.safetensors` (the layouts the 
 they are) and the diffusers folders of the two text encoders and tokenizers. Defaults follow the
 model cards (diffusers `FluxPipeline` / `FluxKontextPipeline` with 28 steps): embedded guidance 3.5
 for dev, 4.5 for Krea-dev, 2.5 for Kontext-dev; no true CFG (`cfg_scale` 1). Kontext presets give
-no size: the output takes the reference image's. FLUX.1-schnell (timestep-distilled, no guidance embedder)
+no size: the output takes the reference image's, which they resize to the Kontext training resolution nearest
+its aspect ratio (`kontext_auto_resize`, as BFL and diffusers do). FLUX.1-schnell (timestep-distilled, no guidance embedder)
 samples 4 steps without the time shift (BFL's `shift=False`, diffusers' schnell scheduler config: shift 1,
 no dynamic shifting), with T5 prompts of 256 tokens.
 """
@@ -62,7 +63,7 @@ PRESETS: dict[str, Preset] = {
     "black-forest-labs/FLUX.1-Kontext-dev": _preset(
         "black-forest-labs/FLUX.1-Kontext-dev",
         "flux1-kontext-dev.safetensors",
-        {"num_inference_steps": 28, "embedded_guidance": 2.5, "cfg_scale": 1.0},
+        {"num_inference_steps": 28, "embedded_guidance": 2.5, "cfg_scale": 1.0, "kontext_auto_resize": True},
         "FLUX.1-Kontext-dev 12B, image editing: pass kontext_images; 28 steps, embedded guidance 2.5.",
     ),
 }
