@@ -45,14 +45,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev model card
 DEFAULT_STEPS = 28  # diffusers FluxPipeline
 # (width, height) FLUX.1-Kontext was trained at (BFL's list, also diffusers'); `kontext_auto_resize` picks one
-KONTEXT_RESOLUTIONS = tuple(
-    (w, h)
-    for w, h in zip(
-        (672, 688, 720, 752, 800, 832, 880, 944, 1024, 1104, 1184, 1248, 1328, 1392, 1456, 1504, 1568),
-        (1568, 1504, 1456, 1392, 1328, 1248, 1184, 1104, 1024, 944, 880, 832, 800, 752, 720, 688, 672),
-        strict=True,
-    )
-)
+_KONTEXT_WIDTHS = (672, 688, 720, 752, 800, 832, 880, 944, 1024, 1104, 1184, 1248, 1328, 1392, 1456, 1504, 1568)
+KONTEXT_RESOLUTIONS = tuple(zip(_KONTEXT_WIDTHS, reversed(_KONTEXT_WIDTHS), strict=True))  # the list is symmetric
 
 
 # ----------------------------------------------------------------------------------------------- tokens
