@@ -99,11 +99,7 @@ DIFFUSERS_DEFAULTS = {
 
 
 # ----------------------------------------------------------------------------------- config
-def _count(state: StateDict, template: str) -> int:
-    n = 0
-    while template.format(n) in state:
-        n += 1
-    return n
+_count = dit_formats._count  # blocks present, counted the DiT's way
 
 
 def _fields_from_shapes(state: StateDict) -> dict:
