@@ -114,8 +114,9 @@ def parity(session: nox.Session) -> None:
     )
     _pytest(session, "parity", "packages", "-m", "parity and not gpu and not integration")
     # the ours-vs-diffusers benchmark scripts run on GPUs only; a tiny CPU dry run here keeps them from rotting
-    for script, size in (("bench_z_image_dit.py", "64"), ("bench_flux.py", "64"), ("bench_qwen_image.py", "64")):
-        dry = ["--tiny", "--device", "cpu", "--height", size, "--width", size, "--caption-len", "7", "--steps", "1"]
+    scripts = ("bench_z_image_dit.py", "bench_flux.py", "bench_qwen_image.py", "bench_training.py")
+    for script in scripts:
+        dry = ["--tiny", "--device", "cpu", "--height", "64", "--width", "64", "--caption-len", "7", "--steps", "1"]
         session.run("python", str(ROOT / "benchmarks" / script), *dry, "--warmup", "0", silent=True)
 
 

@@ -87,23 +87,23 @@ def test_stages_load_only_what_they_need(tiny_repo):
     assert set(encoder_side.models) == {"vae", "text_encoder"}
 
 
-def test_edit_models_and_edit_rows_are_refused(task, tiny_repo, tmp_path):
-    configs, tokenizer = configs_from_folder(tiny_repo)
+def test_edit_models_are_recognised(task, tiny_repo, tmp_path):
+    """A `processor/` tokenizer or Edit-2511's `zero_cond_t` DiT makes an Edit task (rows need edit_image; see
+    test_training_edit.py); the text-to-image task takes rows as they come."""
+    assert task.edit is None and task.conditioning == ("edit_image",)
+    configs, _ = configs_from_folder(tiny_repo)
     processor = ModelConfig(path=str(tiny_repo / "processor"))
-    with pytest.raises(ConfigError, match=r"processor/.*--model Qwen/Qwen-Image-Edit"):
-        QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=processor, torch_dtype="float32", device="cpu")
+    edit = QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=processor, encoders=False)
+    assert edit.edit is True
     hub_processor = ModelConfig(model_id="Qwen/Qwen-Image-Edit-2509", origin_file_pattern="processor/")
-    with pytest.raises(ConfigError, match="Edit model"):
-        QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=hub_processor, encoders=False)
+    assert QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=hub_processor, encoders=False).edit
     edit_dit = tmp_path / "transformer"
     shutil.copytree(tiny_repo / "transformer", edit_dit)
     config = json.loads((edit_dit / "config.json").read_text())
     (edit_dit / "config.json").write_text(json.dumps({**config, "zero_cond_t": True}))
     dit_config = ModelConfig(path=[str(p) for p in edit_dit.glob("*.safetensors")])
-    with pytest.raises(ConfigError, match="zero_cond_t"):
-        QwenImageTrainingTask.from_pretrained([dit_config], torch_dtype="float32", device="cpu", encoders=False)
-    with pytest.raises(ConfigError, match="edit_image.*--data_file_keys"):
-        task.encode([{**rows()[0], "edit_image": rows()[1]["image"]}])
+    zero_cond = QwenImageTrainingTask.from_pretrained([dit_config], torch_dtype="float32", encoders=False)
+    assert zero_cond.edit is True
     with pytest.raises(ConfigError, match="row 0 of the batch"):
         task.encode([{"prompt": "x"}])
 

@@ -21,7 +21,7 @@ def readme_blocks(language: str) -> list[str]:
 def readme_commands() -> list[list[str]]:
     commands = []
     for block in readme_blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
             words = shlex.split(line, comments=True)
             if "diffsynth-train" in words:
                 commands.append(words[words.index("diffsynth-train") + 1 :])
@@ -41,7 +41,7 @@ def readme_yaml(tmp_path, monkeypatch) -> Path:
 
 def test_readme_commands_parse(readme_yaml):
     commands = readme_commands()
-    assert len(commands) == 9
+    assert len(commands) == 10
     for argv in commands:
         parse_args(argv)  # raises on an unknown flag or a value that does not check
 

@@ -102,3 +102,17 @@ def test_validation_prompts_split_on_bars_so_prompts_keep_their_commas():
     config, _ = parse_args([*argv, "--validation_prompts", "a red fox, in the snow|a cat"])
     assert config.validation_prompts == ["a red fox, in the snow", "a cat"]
     assert config.lora_target_modules == ["a", "b"]
+
+
+def test_task_options_from_flags_and_yaml(tmp_path):
+    config, _ = parse_args([*BASE, "--task_options", "sigma_shift=3, kontext_auto_resize=true,note=a b"])
+    assert config.task_options == {"sigma_shift": 3, "kontext_auto_resize": True, "note": "a b"}
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndataset_base_path: d\ntask_options:\n  embedded_guidance: 1.0\n")
+    config, _ = parse_args(["--config", str(path)])
+    assert config.task_options == {"embedded_guidance": 1.0}
+    assert parse_args(BASE)[0].task_options == {}
+    with pytest.raises(ConfigError, match="--task_options 'sigma_shift': write name=value pairs"):
+        parse_args([*BASE, "--task_options", "sigma_shift"])
+    with pytest.raises(ConfigError, match="--task_options must be a mapping or name=value pairs, got 3"):
+        from_dict({"model": "m", "dataset_base_path": "d", "task_options": 3})

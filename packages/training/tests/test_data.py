@@ -67,6 +67,35 @@ def test_missing_files_and_metadata_are_reported(tmp_path, dataset):
         MetadataDataset(dataset, media=("video",))
 
 
+def test_conditioning_columns_keep_their_own_size_and_may_list_several_files(tmp_path, dataset):
+    """A task's reference-image column (here "edit_image") is read whatever --data_file_keys says: one path or a
+    JSON list of paths, each image at its own bucket under max_pixels, not the row's bucket."""
+    import json
+
+    Image.new("RGB", (200, 100), "red").save(dataset / "wide.png")
+    Image.new("RGB", (48, 80), "blue").save(dataset / "tall.png")
+    rows = [
+        {"image": "img0.png", "prompt": "one", "edit_image": "wide.png"},
+        {"image": "img1.png", "prompt": "two", "edit_image": ["tall.png", "wide.png"]},
+    ]
+    (dataset / "metadata.csv").unlink()
+    (dataset / "metadata.json").write_text(json.dumps(rows))
+    data = MetadataDataset(dataset, media=("image",), conditioning=("edit_image",), max_pixels=64 * 64, step=16)
+    assert data.buckets == [(64, 64)] * 2  # the rows' buckets come from their images only
+    first, second = data[0], data[1]
+    assert first["image"].shape == (3, 64, 64)
+    assert first["edit_image"].shape == (3, 32, 80)  # 200x100 under 64*64 pixels: 90x45 -> 80x32
+    assert isinstance(second["edit_image"], list) and [t.shape for t in second["edit_image"]] == [
+        (3, 80, 48),  # 48x80 fits: kept
+        (3, 32, 80),
+    ]
+    assert torch.allclose(second["edit_image"][0][2], torch.ones(80, 48))  # blue, in [-1, 1]
+    rows[1]["edit_image"] = ["tall.png", "gone.png"]
+    (dataset / "metadata.json").write_text(json.dumps(rows))
+    with pytest.raises(ConfigError, match=r"names 1 files missing .*'gone.png' \(at row 2 column edit_image\)"):
+        MetadataDataset(dataset, media=("image",), conditioning=("edit_image",))
+
+
 BUCKETS = [(64, 64)] * 5 + [(128, 64)] * 3 + [(64, 128)] * 2
 
 

@@ -154,6 +154,31 @@ def test_a_cache_made_with_other_settings_is_refused(tmp_path, dataset):
         train(toy_config(tmp_path, dataset, cache_dir=cache, max_pixels=4096))
 
 
+def test_task_options_reach_the_task_and_unknown_ones_are_named(tmp_path, dataset):
+    run = setup(toy_config(tmp_path, dataset, task_options={"sigma_shift": 7.0, "text_scale": 2.0}))
+    default = setup(toy_config(tmp_path, dataset, "default"))
+    assert run.task.text_scale == 2.0
+    for task in (run.task, default.task):
+        task.scheduler.set_training_grid()
+    grid, shifted = default.task.scheduler.train_sigmas, run.task.scheduler.train_sigmas
+    assert (shifted[1:] > grid[1:]).all()  # a larger shift moves every sigma below 1 up
+    with pytest.raises(
+        ConfigError, match=r"--task_options sigma_shfit: the toy training task takes sigma_shift, text_scale"
+    ):
+        setup(toy_config(tmp_path, dataset, task_options={"sigma_shfit": 7.0}))
+
+
+def test_a_cache_refuses_other_encoding_task_options_but_not_loss_options(tmp_path, dataset):
+    cache = str(tmp_path / "cache")
+    trainer.run_stage(toy_config(tmp_path, dataset, cache_dir=cache, stage="encode", task_options={"text_scale": 2.0}))
+    with pytest.raises(
+        ConfigError, match=r"encoded with --task_options \{'text_scale': 2.0\}, this run has --task_options \{\}"
+    ):
+        setup(toy_config(tmp_path, dataset, cache_dir=cache))
+    run = setup(toy_config(tmp_path, dataset, cache_dir=cache, task_options={"text_scale": 2.0, "sigma_shift": 5.0}))
+    assert run.cached and run.task.scheduler is not None
+
+
 def test_full_finetune_saves_every_weight_under_the_model_names(tmp_path, dataset):
     train(toy_config(tmp_path, dataset, trainable_models=["denoiser"], learning_rate=1e-3, max_steps=2))
     saved = load_file(str(tmp_path / "out" / "step-000002" / "denoiser" / "diffusion_pytorch_model.safetensors"))
@@ -283,18 +308,29 @@ def test_preset_lora_is_fused_into_the_base_and_the_new_lora_trains_on_top(tmp_p
         setup(toy_config(tmp_path, dataset, preset_lora_path=str(preset), trainable_models=["denoiser"]))
 
 
-def test_sharded_accelerate_configs_are_refused_by_name(tmp_path, dataset, monkeypatch):
-    """FSDP / DeepSpeed would hand the save path sharded modules: refused up front, not written wrong."""
+@pytest.mark.parametrize(
+    ("kind", "fsdp_version", "message"), [("DEEPSPEED", None, "DeepSpeed"), ("FSDP", 1, "FSDP version 1")]
+)
+def test_accelerate_modes_the_trainer_cannot_save_are_refused_by_name(
+    tmp_path, dataset, monkeypatch, kind, fsdp_version, message
+):
+    """DeepSpeed and FSDP1 would hand the save path state it does not gather: refused up front, not written
+    wrong (FSDP2 runs: test_fsdp.py)."""
+    import types
+
     import accelerate
     from accelerate.utils import DistributedType
 
-    class ShardedAccelerator(accelerate.Accelerator):
+    class ConfiguredAccelerator(accelerate.Accelerator):
         @property
         def distributed_type(self):
-            return DistributedType.FSDP
+            return DistributedType[kind]
 
-    monkeypatch.setattr(accelerate, "Accelerator", ShardedAccelerator)
-    with pytest.raises(ConfigError, match="configured for FSDP"):
+    monkeypatch.setattr(accelerate, "Accelerator", ConfiguredAccelerator)
+    if fsdp_version is not None:
+        plugin = types.SimpleNamespace(fsdp_version=fsdp_version)
+        monkeypatch.setattr(accelerate.state.AcceleratorState, "fsdp_plugin", plugin, raising=False)
+    with pytest.raises(ConfigError, match=message):
         setup(toy_config(tmp_path, dataset))
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -91,11 +95,20 @@ class ToyTask:
     size_multiple: ClassVar[int] = 8
     media: ClassVar[tuple[str, ...]] = ("image",)
     builds: ClassVar[list[dict[str, bool]]] = []  # what each from_pretrained call loaded (tests read it)
+    loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift",)  # --task_options that do not shape the cache
 
-    def __init__(self, models: dict[str, nn.Module], device: torch.device):
+    def __init__(
+        self,
+        models: dict[str, nn.Module],
+        device: torch.device,
+        *,
+        sigma_shift: float | None = None,
+        text_scale: float = 1.0,
+    ):
         self._models = models
         self.device = device
-        self.scheduler = FlowMatchScheduler("z_image")
+        self.scheduler = FlowMatchScheduler("z_image", **({} if sigma_shift is None else {"shift": sigma_shift}))
+        self.text_scale = text_scale  # an option that shapes the encoded samples
 
     @classmethod
     def from_pretrained(
@@ -107,12 +120,13 @@ class ToyTask:
         device=None,
         encoders=True,
         denoiser=True,
+        **options,
     ):
         cls.builds.append({"encoders": encoders, "denoiser": denoiser})
         names = (["vae", "text_encoder"] if encoders else []) + (["denoiser"] if denoiser else [])
         device = torch.device(device or "cpu")
         models = {n: build(n).to(device=device, dtype=torch_dtype).eval().requires_grad_(False) for n in names}
-        return cls(models, device)
+        return cls(models, device, **options)
 
     @property
     def models(self) -> dict[str, nn.Module]:
@@ -125,7 +139,7 @@ class ToyTask:
     def encode(self, rows: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         pixels = torch.stack([r["image"] for r in rows]).to(self.device)
         latents = self._models["vae"].encode(pixels)
-        text = self._models["text_encoder"].encode([r["prompt"] for r in rows])
+        text = [t * self.text_scale for t in self._models["text_encoder"].encode([r["prompt"] for r in rows])]
         return [{"latents": lat, "text": t} for lat, t in zip(latents, text, strict=True)]
 
     def collate(self, samples):
@@ -174,3 +188,60 @@ def write_dataset(folder: Path, sizes: list[tuple[int, int]], fmt: str = "csv") 
     else:
         (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+# ----------------------------------------------------------------------------------- two-process runs
+# Settings of the multi-process tests: tiny, float32, three optimizer steps.
+DISTRIBUTED_SETTINGS = dict(
+    family=TASK,
+    max_pixels=64 * 128,
+    bucket_step=16,
+    batch_size=1,
+    mixed_precision="no",
+    dtype="float32",
+    lora_rank=4,
+    learning_rate=1e-2,
+    max_steps=3,
+    num_epochs=1,
+)
+# Runs `diffsynth.training.cli` with this toy family registered, after `prelude` (code run before the trainer).
+_LAUNCHER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("diffsynth_training_toy", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules["diffsynth_training_toy"] = module
+spec.loader.exec_module(module)
+import torch
+torch.set_num_threads(1)
+{prelude}
+from diffsynth.training.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(
+    folder: Path, settings: dict[str, Any], prelude: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`diffsynth-train` with `settings` as flags in two CPU processes (gloo) started by torch.distributed.run,
+    with `env` added to the environment; asserts that it succeeded and returns the finished process (its stderr
+    holds the log)."""
+    launcher = folder / f"launch_{free_port()}.py"
+    launcher.write_text(_LAUNCHER.format(prelude=prelude))
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    done = subprocess.run(
+        [*command, str(launcher), __file__, *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return done

@@ -14,6 +14,10 @@ upscaler, ...) are loaded with `from_pretrained(..., controlnet=...)` or `load_c
 and used through `controlnet_inputs=[ControlNetInput(...)]`: each control image is VAE-encoded and
 packed like the latents, every active net runs on the noisy tokens each step and the residuals of
 all of them, each times its scale, are summed into the DiT's blocks.
+
+IP-Adapters (InstantX FLUX.1-dev-IP-Adapter with SigLIP, XLabs flux-ip-adapter with CLIP-L) are loaded with
+`load_ip_adapter(...)` and used through `ipadapter_images` / `ipadapter_scale`: the images are encoded once and
+turned into per-block keys/values that the DiT's image queries attend to (`flux1/ip_adapter.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 
 from .flux1.controlnet import UNION_MODES, Flux1ControlNet
 from .flux1.dit import residual_per_block
+from .flux1.eligen import EliGenEntities, check_entity_inputs, entity_regions, joint_inputs
+from .flux1.ip_adapter import IPAdapterKV
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds, encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -156,13 +162,17 @@ def flux_velocity(
     guidance: torch.Tensor | float | None = DEFAULT_GUIDANCE,
     kontext: KontextLatents | None = None,
     controls: Sequence[ControlCondition] = (),
+    eligen: EliGenEntities | None = None,
+    ip_adapter: IPAdapterKV | None = None,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 16, H/8, W/8]` (float32) predicted at noise level `sigma` [B].
 
     `guidance` is the distilled guidance (BFL units, e.g. 3.5) per sample or shared; models without a
     guidance embedder ignore it. Computation runs in the DiT's dtype. `controls` are the ControlNets
     acting at this step: each sees the noisy image tokens (not Kontext's) and the same text, and
-    their scaled residuals are summed into the DiT's blocks.
+    their scaled residuals are summed into the DiT's blocks. `eligen` adds the entity prompts before
+    the global one and restricts the DiT's attention to their regions (`flux1/eligen.py`).
+    `ip_adapter` holds the IP-Adapter's per-block image keys/values (`flux1/ip_adapter.py`).
     """
     dtype = dit_dtype(dit)
     b, _, h, w = latents.shape
@@ -180,7 +190,15 @@ def flux_velocity(
     if kontext is not None:
         img = torch.cat([img, kontext.tokens.to(img.dtype).expand(b, -1, -1)], dim=1)
         ids = torch.cat([ids, kontext.ids.to(ids.device)], dim=0)
-    out = dit(img.to(dtype), ids, prompt.t5.to(dtype), txt_ids, sigma, prompt.pooled.to(dtype), guidance, **residuals)
+    txt, masked = prompt.t5, {}
+    if eligen is not None:
+        txt, mask = joint_inputs(prompt.t5, eligen, img.shape[1])
+        txt_ids, masked = torch.zeros(txt.shape[1], 3, device=latents.device), {"attn_mask": mask}
+    if ip_adapter is not None:
+        masked["ip_adapter"] = ip_adapter
+    out = dit(
+        img.to(dtype), ids, txt.to(dtype), txt_ids, sigma, prompt.pooled.to(dtype), guidance, **residuals, **masked
+    )
     return unpack_latents(out[:, :n_img].float(), h, w)
 
 
@@ -255,8 +273,10 @@ class FluxImagePipeline(BasePipeline):
         "text_encoder_1": "clip_text_encoder",
         "text_encoder_2": "t5_text_encoder",
         "controlnet": "controlnet",
+        "ipadapter": "flux_ip_adapter",
+        "ipadapter_image_encoder": "ip_adapter_image_encoder",
     }
-    optional_slots = ("controlnet",)
+    optional_slots = ("controlnet", "ipadapter", "ipadapter_image_encoder")
     size_multiple = 16  # VAE 8x, 2x2 packing
 
     def __init__(self, device=None, torch_dtype=torch.bfloat16):
@@ -390,6 +410,11 @@ class FluxImagePipeline(BasePipeline):
         kontext_images=None,
         kontext_auto_resize: bool | None = None,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
+        eligen_entity_prompts: Sequence[str] | None = None,
+        eligen_entity_masks: Sequence[Image.Image] | None = None,
+        eligen_enable_on_negative: bool = False,
+        ipadapter_images: Image.Image | Sequence[Image.Image] | None = None,
+        ipadapter_scale: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -414,8 +439,17 @@ class FluxImagePipeline(BasePipeline):
         without `height`/`width` the output takes the first one's size. `latents` is the initial
         noise `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (terminal 0 appended).
         `controlnet_inputs` are `ControlNetInput`s for the loaded ControlNets (several at once).
+        `eligen_entity_prompts` / `eligen_entity_masks` (one PIL mask each, white = entity) are EliGen's
+        regional prompts; `eligen_enable_on_negative` gives the CFG branch the same regions, each with
+        the negative prompt (see `flux1/eligen.py`).
+        `ipadapter_images` (one or several reference images) condition the loaded IP-Adapter
+        (`load_ip_adapter`), its attention output times `ipadapter_scale`.
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
+        entity_prompts, entity_masks = check_entity_inputs(eligen_entity_prompts, eligen_entity_masks)
+        if not isinstance(eligen_enable_on_negative, bool):
+            raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
+        ip_images = self.check_ip_adapter_inputs(ipadapter_images, ipadapter_scale)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
         text_len = self.setting("t5_sequence_length", t5_sequence_length, T5_SEQUENCE_LENGTH)
@@ -436,6 +470,10 @@ class FluxImagePipeline(BasePipeline):
         self.load_models_to_device(["text_encoder_1", "text_encoder_2"])
         text = self.encode_prompt(prompts, text_len)
         negative_text = self.encode_prompt(negatives, text_len) if use_cfg else None
+        entities = self.prepare_eligen(
+            entity_prompts, entity_masks, negative_text, eligen_enable_on_negative, height, width, text_len
+        )
+        ip_kv = self.prepare_ip_adapter(ip_images, ipadapter_scale, use_cfg)
 
         # 2. schedule, latents and reference tokens
         scheduler = FlowMatchScheduler("flux1")
@@ -469,7 +507,9 @@ class FluxImagePipeline(BasePipeline):
         steps = len(scheduler.timesteps)
         for i in self.progress(range(steps), progress_bar):
             active = [c for c in controls if c.active(i, steps)]
-            velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, kontext, active)
+            velocity = self.predict(
+                x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, kontext, active, entities, ip_kv
+            )
             x = scheduler.step(velocity, i, x)
 
         # 4. decode
@@ -566,17 +606,176 @@ class FluxImagePipeline(BasePipeline):
             ids.append(latent_ids(z.shape[2], z.shape[3], index=1.0, device=self.device))
         return KontextLatents(torch.cat(tokens, dim=1), torch.cat(ids, dim=0))
 
-    def predict(self, x, sigma, text, negative_text, cfg_scale, guidance, kontext=None, controls=()) -> torch.Tensor:
+    def predict(
+        self,
+        x,
+        sigma,
+        text,
+        negative_text,
+        cfg_scale,
+        guidance,
+        kontext=None,
+        controls=(),
+        entities=(None, None),
+        ip_adapter=(None, None),
+    ) -> torch.Tensor:
         """One denoiser evaluation; with true CFG the two branches run as one batch (the ControlNets
-        see each branch's own prompt)."""
+        see each branch's own prompt), or one after the other when only one branch has EliGen
+        `entities` (positive, negative). `ip_adapter` holds each branch's IP-Adapter keys/values."""
+        eligen, negative_eligen = entities
+        ip, negative_ip = ip_adapter
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if negative_text is None:
-            return flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext, controls)
+            return flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip)
+        # text lengths differ, or only one branch has IP keys
+        if (eligen is None) != (negative_eligen is None) or (ip is None) != (negative_ip is None):
+            positive = flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip)
+            negative = flux_velocity(
+                self.dit,
+                x,
+                sigma.expand(batch),
+                negative_text,
+                guidance,
+                kontext,
+                controls,
+                negative_eligen,
+                negative_ip,
+            )
+            return self.guide(positive, negative, cfg_scale)
+        if eligen is not None:
+            eligen = eligen.cat(negative_eligen, text.batch, negative_text.batch)
+        if ip is not None:
+            ip = ip.cat(negative_ip, batch, batch)
         both = flux_velocity(
-            self.dit, torch.cat([x, x]), sigma.expand(2 * batch), text.cat(negative_text), guidance, kontext, controls
+            self.dit,
+            torch.cat([x, x]),
+            sigma.expand(2 * batch),
+            text.cat(negative_text),
+            guidance,
+            kontext,
+            controls,
+            eligen,
+            ip,
         )
         return self.guide(both[:batch], both[batch:], cfg_scale)
+
+    # ------------------------------------------------------------------ EliGen
+    def prepare_eligen(
+        self, prompts, masks, negative_text, on_negative: bool, height: int, width: int, text_len: int
+    ) -> tuple[EliGenEntities | None, EliGenEntities | None]:
+        """Entity prompts T5-encoded (their CLIP vectors are not used) and masks reduced to token regions,
+        for the positive branch and, with `on_negative` and true CFG, the negative prompt in every region."""
+        if not prompts:
+            return None, None
+        regions = entity_regions(masks, height, width).to(self.device)
+        for i in torch.nonzero(~regions.any(dim=1)).flatten().tolist():
+            logger.warning(
+                "eligen_entity_masks[%d] covers no latent token at %dx%d; it has no effect", i, width, height
+            )
+        states = self.encode_prompt(list(prompts), text_len).t5
+        positive = EliGenEntities(states[None], regions[None])
+        if not on_negative or negative_text is None:
+            return positive, None
+        n = len(prompts)
+        return positive, EliGenEntities(negative_text.t5[:, None].expand(-1, n, -1, -1), regions[None])
+
+    # ------------------------------------------------------------------ IP-Adapter
+    def load_ip_adapter(
+        self,
+        ip_adapter: str | os.PathLike | ModelConfig,
+        image_encoder: str | os.PathLike | ModelConfig | None = None,
+    ) -> None:
+        """Load a FLUX.1 IP-Adapter and its image encoder (see `flux1/ip_adapter.py`).
+
+        `ip_adapter` is a `ModelConfig`, a local file or folder, or a known hub repo id
+        (`IP_ADAPTER_REPOS`: InstantX's `ip-adapter.bin`, XLabs' `ip_adapter.safetensors`). The format
+        is told from the keys. `image_encoder` (SigLIP for InstantX, CLIP ViT-L/14 with projection for
+        XLabs; a folder with its `config.json`, a file, a repo id or a `ModelConfig`) defaults to the
+        one the adapter was trained with. Both load in the pipeline's dtype, placed like the other models.
+        """
+        from .flux1.ip_adapter import XLABS, check_fits, load_image_encoder, load_ip_adapter_model
+
+        config = _ip_adapter_config(ip_adapter, "ip_adapter")
+        paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        double = self.dit.config.depth if self.dit is not None else None
+        adapter = load_ip_adapter_model(paths, self.torch_dtype, double_blocks=double)
+        if self.dit is not None:
+            check_fits(adapter, self.dit)
+        fmt = adapter.config.format
+        encoder_config = _ip_adapter_config(
+            image_encoder if image_encoder is not None else IP_ADAPTER_ENCODERS[fmt], "image_encoder"
+        )
+        paths = [p for p in encoder_config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        encoder = load_image_encoder(paths, self.torch_dtype)
+        wanted = "clip" if fmt == XLABS else "siglip"
+        if encoder.kind != wanted:
+            raise ConfigError(
+                f"image_encoder is a {encoder.kind} vision model; the {fmt} IP-Adapter was trained with {wanted}"
+            )
+        width = encoder.config.projection_dim if wanted == "clip" else encoder.config.hidden_size
+        if width != adapter.config.image_embed_dim:
+            raise ConfigError(
+                f"image_encoder gives {width}-wide image embeddings; the IP-Adapter takes {adapter.config.image_embed_dim}"
+            )
+        self.ipadapter = adapter.eval().requires_grad_(False)
+        self.ipadapter_image_encoder = encoder.eval().requires_grad_(False)
+        self.model_configs["ipadapter"], self.model_configs["ipadapter_image_encoder"] = config, encoder_config
+        logger.info(
+            "IP-Adapter (%s, %d tokens per image, %d double + %d single block layers)",
+            fmt,
+            adapter.config.num_tokens,
+            adapter.config.double_blocks,
+            adapter.config.single_blocks,
+        )
+        if self.vram_handles:
+            self.enable_vram_management(slots=["ipadapter", "ipadapter_image_encoder"])
+        elif not self.model_offload:
+            self.ipadapter.to(self.device)
+            self.ipadapter_image_encoder.to(self.device)
+
+    def check_ip_adapter_inputs(self, images, scale) -> list[Image.Image]:
+        """`ipadapter_images` as a list of RGB images (empty for none); refused without a loaded adapter."""
+        if images is None:
+            return []
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            return []
+        if self.ipadapter is None or self.ipadapter_image_encoder is None:
+            raise ConfigError(
+                "ipadapter_images were given but no IP-Adapter is loaded: use "
+                "pipe.load_ip_adapter('InstantX/FLUX.1-dev-IP-Adapter') (or a local file / ModelConfig)"
+            )
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ConfigError(f"ipadapter_scale={scale!r} must be a number")
+        return [load_image(item) for item in items]
+
+    def prepare_ip_adapter(
+        self, images: list[Image.Image], scale: float, use_cfg: bool
+    ) -> tuple[IPAdapterKV | None, IPAdapterKV | None]:
+        """Image embeddings -> per-block IP keys/values, for the positive branch and (true CFG) the
+        negative one: zero embeddings for InstantX (as DiffSynth-Studio), a black image for XLabs (as
+        diffusers), both at `scale` (DiffSynth-Studio gives its negative branch scale 1)."""
+        from .flux1.ip_adapter import XLABS, check_fits, preprocess
+
+        if not images:
+            return None, None
+        adapter, encoder = self.ipadapter, self.ipadapter_image_encoder
+        check_fits(adapter, self.dit)
+        self.load_models_to_device(["ipadapter_image_encoder", "ipadapter"])
+        size = encoder.config.image_size
+        dtype = dit_dtype(encoder)
+        embeds = encoder.image_embeds(preprocess(images, encoder.kind, size).to(self.device, dtype))
+        heads = self.dit.config.num_heads
+        positive = adapter(embeds, heads, scale)
+        if not use_cfg:
+            return positive, None
+        if adapter.config.format == XLABS:
+            black = [Image.new("RGB", (size, size))] * len(images)
+            negative_embeds = encoder.image_embeds(preprocess(black, encoder.kind, size).to(self.device, dtype))
+        else:
+            negative_embeds = torch.zeros_like(embeds)
+        return positive, adapter(negative_embeds, heads, scale)
 
     # ------------------------------------------------------------------ ControlNet
     def controlnets(self) -> list[Flux1ControlNet]:
@@ -660,6 +859,33 @@ def _controlnet_config(item) -> ModelConfig:
             return ModelConfig(model_id=source, origin_file_pattern="diffusion_pytorch_model.safetensors")
         raise ConfigError(f"controlnet={source!r} is neither an existing file or folder nor a hub repo id (Org/Name)")
     raise ConfigError(f"controlnet must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+
+
+# hub repos of the released adapters: their weight file and the image encoder they were trained with
+IP_ADAPTER_REPOS = {
+    "InstantX/FLUX.1-dev-IP-Adapter": "ip-adapter.bin",
+    "XLabs-AI/flux-ip-adapter": "ip_adapter.safetensors",
+    "XLabs-AI/flux-ip-adapter-v2": "ip_adapter.safetensors",
+}
+IP_ADAPTER_ENCODERS = {"instantx": "google/siglip-so400m-patch14-384", "xlabs": "openai/clip-vit-large-patch14"}
+
+
+def _ip_adapter_config(item, name: str) -> ModelConfig:
+    if isinstance(item, ModelConfig):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        source = str(item)
+        if Path(source).exists():
+            return ModelConfig(path=source)
+        if name == "ip_adapter" and source in IP_ADAPTER_REPOS:
+            return ModelConfig(model_id=source, origin_file_pattern=IP_ADAPTER_REPOS[source])
+        if name == "image_encoder" and source.count("/") == 1 and not source.startswith((".", "/")):
+            return ModelConfig(model_id=source, origin_file_pattern=["model.safetensors", "config.json"])
+        known = f"; known repos: {sorted(IP_ADAPTER_REPOS)}" if name == "ip_adapter" else ""
+        raise ConfigError(
+            f"{name}={source!r} is not an existing file or folder{known}; pass a ModelConfig for other repos"
+        )
+    raise ConfigError(f"{name} must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
 
 
 def _control_mode(net: Flux1ControlNet, processor_id, where: str) -> int | None:

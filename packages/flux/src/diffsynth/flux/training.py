@@ -6,14 +6,25 @@ trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; 
 tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
 `velocity(dit, batch, noisy_latents, sigma)`.
 
-A row is `{"prompt": str, "image": [3, H, W] in [-1, 1]}` (text-to-image). It is encoded as the pipeline
-encodes: the prompt through `FluxImagePipeline.encode_prompt` (CLIP-L pooled output, T5 states padded to
-`t5_sequence_length` = 512 tokens) and the image through the FLUX.1 AutoencoderKL (posterior mean, shifted and
-scaled latents), giving `{"latents": [16, H/8, W/8], "t5": [512, D], "pooled": [D']}`. The model call is
-`flux_velocity`, the pipeline's per-step call (2x2 packing, position ids), with the distilled guidance embedded
-at `embedded_guidance` = 1.0 as DiffSynth-Studio trains FLUX.1-dev (models without a guidance embedder ignore
-it). Noise levels and loss weights: the "flux1" template at a static shift 3 (`mu = ln 3`), DiffSynth-Studio's
-FLUX.1 training schedule (it spans sigma 1 .. 0.003 where ours spans 1 .. 0.001; the shift is the same).
+A row is `{"prompt": str, "image": [3, H, W] in [-1, 1]}` (text-to-image), plus for FLUX.1 Kontext
+`"kontext_images"`: one reference image or a list (tensors [3, h, w] in [-1, 1] at their own size, as the
+trainer's dataset reads the `conditioning` column; PIL images or paths work too). It is encoded as the
+pipeline encodes: the prompt through `FluxImagePipeline.encode_prompt` (CLIP-L pooled output, T5 states padded
+to `t5_sequence_length`, the pipeline's setting: 512 for dev), the image through the FLUX.1 AutoencoderKL
+(posterior mean, shifted and scaled latents) and the references through `load_kontext_images` +
+`encode_kontext` (each rounded down to multiples of 16, or with `kontext_auto_resize` moved to the nearest
+Kontext resolution; VAE-encoded, packed, ids (1, row, col)), giving `{"latents": [16, H/8, W/8], "t5": [512, D],
+"pooled": [D']}` and with references `"kontext": [N, 64]`, `"kontext_ids": [N, 3]`. The model call is
+`flux_velocity`, the pipeline's per-step call (2x2 packing, position ids, the reference tokens appended and the
+output cut back to the image's), with the distilled guidance embedded at `embedded_guidance` = 1.0 as
+DiffSynth-Studio trains FLUX.1-dev and Kontext-dev (models without a guidance embedder ignore it). Noise levels
+and loss weights: the "flux1" template at a static shift 3 (`mu = ln 3`), DiffSynth-Studio's FLUX.1 training
+schedule (it spans sigma 1 .. 0.003 where ours spans 1 .. 0.001; the shift is the same).
+
+References are sized as DiffSynth-Studio's trainer sizes them: the dataset shrinks each under `--max_pixels`
+keeping its aspect ratio (not to the target's size); the pipeline's own Kontext auto-resize is off unless asked.
+A Kontext model (a file, folder or hub repo named "Kontext", or `kontext=True`) refuses rows without references;
+rows of one batch must agree on having references and on their sizes (`--batch_size 1` always does).
 """
 
 from __future__ import annotations
@@ -29,11 +40,13 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import tensor_to_pil
+from diffsynth.runtime.pipeline import folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
-from .pipeline import FluxImagePipeline, dit_dtype, flux_velocity
+from .pipeline import FluxImagePipeline, KontextLatents, dit_dtype, flux_velocity
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +61,12 @@ class FluxTrainingTask(PipelineTrainingTask):
     denoiser_slot: ClassVar[str] = "dit"
     size_multiple: ClassVar[int] = FluxImagePipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("image",)
+    conditioning: ClassVar[tuple[str, ...]] = ("kontext_images",)
+
+    loss_options: ClassVar[tuple[str, ...]] = (
+        "sigma_shift",
+        "embedded_guidance",
+    )  # --task_options that leave a cache valid
 
     def __init__(
         self,
@@ -56,11 +75,16 @@ class FluxTrainingTask(PipelineTrainingTask):
         sigma_shift: float = 3.0,
         embedded_guidance: float = TRAINING_GUIDANCE,
         t5_sequence_length: int = T5_SEQUENCE_LENGTH,
+        kontext: bool | None = None,
+        kontext_auto_resize: bool = False,
     ):
+        """`kontext`: True requires `kontext_images` in every row, None takes them where rows have them."""
         self.pipe = pipe
         self.scheduler = FlowMatchScheduler("flux1", mu=math.log(sigma_shift))
         self.embedded_guidance = embedded_guidance
         self.t5_sequence_length = t5_sequence_length
+        self.kontext = kontext
+        self.kontext_auto_resize = kontext_auto_resize
 
     @classmethod
     def from_pretrained(
@@ -77,7 +101,11 @@ class FluxTrainingTask(PipelineTrainingTask):
         """Load the models a stage needs: the DiT (`denoiser`) and/or the VAE, CLIP-L and T5 encoders and their
         tokenizers (`encoders`). `tokenizer_config` names either tokenizer folder (`tokenizer/`, CLIP, or
         `tokenizer_2/`, T5); the other is taken beside it. Without one, the tokenizers are looked for beside the
-        model files. Files of models not needed are recognised from their headers and not loaded."""
+        model files. Files of models not needed are recognised from their headers and not loaded.
+
+        The T5 length is the pipeline's: the preset's or the model folder's `diffsynth.json` setting (schnell:
+        256), else 512. A Kontext preset, or model files named like one (`flux1-kontext-dev.safetensors`, a
+        `FLUX.1-Kontext-dev` folder or repo), makes a Kontext task unless `kontext` is given."""
         tokenizers = _tokenizer_pair(tokenizer_config, model_configs) if encoders else (None, None)
         pipe = load_partial_pipeline(
             FluxImagePipeline,
@@ -90,33 +118,101 @@ class FluxTrainingTask(PipelineTrainingTask):
             torch_dtype=torch_dtype,
             device=device,
         )
+        defaults = _source_defaults(model_configs)
+        task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
+        kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
+        task_options.setdefault("kontext", True if kontext else None)
         return cls(pipe, **task_options)
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
-        """`{"latents": [16, H/8, W/8], "t5": [L, D], "pooled": [D']}` per row; rows of one call share a size."""
+        """`{"latents": [16, H/8, W/8], "t5": [L, D], "pooled": [D']}` per row, with `"kontext"` [N, 64] and
+        `"kontext_ids"` [N, 3] for a row with references; rows of one call share an image size."""
         for i, row in enumerate(rows):
             if "prompt" not in row or not isinstance(row.get("image"), torch.Tensor):
                 raise ConfigError(
                     f"FLUX.1 trains on rows with an image and a prompt; row {i} of the batch has {preview(row)}"
                 )
+            if self.kontext and not _references(row):
+                raise ConfigError(
+                    f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r}) has no kontext_images: a FLUX.1 "
+                    "Kontext model trains on rows with image, prompt and kontext_images (one path, or a list of "
+                    f"paths in JSON metadata); its columns are {', '.join(row)}"
+                )
         pipe = self.pipe
         text = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.t5_sequence_length)
         pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, dit_dtype(pipe.vae))
         latents = pipe.vae.encode(pixels).float()
-        return [
+        samples = [
             {"latents": lat, "t5": t5, "pooled": pooled}
             for lat, t5, pooled in zip(latents, text.t5, text.pooled, strict=True)
         ]
+        for sample, row in zip(samples, rows, strict=True):
+            references = _references(row)
+            if references:
+                kontext = pipe.encode_kontext(pipe.load_kontext_images(references, self.kontext_auto_resize))
+                sample.update(kontext=kontext.tokens[0], kontext_ids=kontext.ids)
+        return samples
 
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-        return {name: torch.stack([s[name] for s in samples]) for name in ("latents", "t5", "pooled")}
+        """Stacked; the reference tokens too, with the ids they share (one reference layout per batch)."""
+        batch = {name: torch.stack([s[name] for s in samples]) for name in ("latents", "t5", "pooled")}
+        with_references = sum("kontext" in s for s in samples)
+        if with_references == 0:
+            return batch
+        if with_references < len(samples):
+            raise ConfigError(
+                f"a batch mixes {with_references} rows with kontext_images and {len(samples) - with_references} "
+                "without; give every row kontext_images (or none)"
+            )
+        ids = samples[0]["kontext_ids"]
+        if any(s["kontext_ids"].shape != ids.shape or not torch.equal(s["kontext_ids"], ids) for s in samples):
+            raise ConfigError(
+                "the rows of a batch have kontext_images of different sizes or counts; train with --batch_size 1 "
+                "or give the rows of one size bucket references of one size"
+            )
+        return {**batch, "kontext": torch.stack([s["kontext"] for s in samples]), "kontext_ids": ids}
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
         prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
-        return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance)
+        kontext = KontextLatents(batch["kontext"], batch["kontext_ids"]) if "kontext" in batch else None
+        return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext)
+
+
+def _references(row: Mapping[str, Any]) -> list:
+    """A row's Kontext references as images: dataset tensors back to PIL (lossless for 8-bit files)."""
+    value = row.get("kontext_images")
+    if value is None or (isinstance(value, (str, list, tuple)) and not value):
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [tensor_to_pil(item)[0] if isinstance(item, torch.Tensor) else item for item in items]
+
+
+def _source_defaults(model_configs: Sequence[ModelConfig]) -> dict[str, Any]:
+    """The generation settings the models' source carries, as the pipeline reads them: the preset of a hub repo,
+    or the `diffsynth.json` of a local model folder (beside the files or one folder up)."""
+    from .presets import PRESETS
+
+    for config in model_configs:
+        if config.model_id is not None:
+            preset = next((p for name, p in PRESETS.items() if name.lower() == config.model_id.lower()), None)
+            if preset is not None:
+                return dict(preset.defaults)
+        for path in [config.path] if isinstance(config.path, str) else list(config.path or ()):
+            for folder in (Path(path).parent, Path(path).parent.parent):
+                if (folder / "diffsynth.json").is_file():
+                    return folder_defaults(folder)
+    return {}
+
+
+def _names_kontext(config: ModelConfig) -> bool:
+    """Whether a model config names a Kontext model: its hub repo, or its file or the two folders above it."""
+    names = [config.model_id or "", config.origin_file_pattern or ""]
+    for path in [config.path] if isinstance(config.path, str) else list(config.path or ()):
+        names += [part for part in Path(path).parts[-3:]]
+    return any("kontext" in name.lower() for name in names)
 
 
 def _tokenizer_pair(

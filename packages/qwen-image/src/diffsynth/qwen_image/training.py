@@ -6,17 +6,27 @@ trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; 
 tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
 `velocity(dit, batch, noisy_latents, sigma)`.
 
-A row is `{"prompt": str, "image": [3, H, W] in [-1, 1]}` (text-to-image). It is encoded as the pipeline
-encodes: the prompt through `QwenImagePipeline.encode_prompt` (Qwen2.5-VL last hidden states of the
-text-to-image template, its 34 leading tokens dropped, at most `max_sequence_length` tokens) and the image as a
-one-frame video through the Wan-style causal VAE (posterior mode, latents normalised by the per-channel
-mean/std), giving `{"latents": [16, H/8, W/8], "text": [L, D]}` with L the prompt's own token count. `collate`
+A row is `{"prompt": str, "image": [3, H, W] in [-1, 1]}` (text-to-image), plus for the Edit models
+(Qwen-Image-Edit, -2509, -2511) `"edit_image"`: one image or a list (tensors [3, h, w] in [-1, 1] at their own
+size, as the trainer's dataset reads the `conditioning` column; PIL images or paths work too). It is encoded as
+the pipeline encodes: the image as a one-frame video through the Wan-style causal VAE (posterior mode, latents
+normalised by the per-channel mean/std) and the prompt through `QwenImagePipeline.encode_prompt`: without edit
+images the text-to-image template (34 leading tokens dropped); with them `prepare_edit_images` (each resized to
+about 1024x1024 pixels for the VAE and, with the "plus" template of 2509/2511, to 384x384 for the vision tower)
+and the Edit template with the images through the Qwen2.5-VL vision tower (64 tokens dropped), at most
+`max_sequence_length` tokens. That gives `{"latents": [16, H/8, W/8], "text": [L, D]}` with L the prompt's own
+token count, and `"edit_0"`, `"edit_1"`, ... ([16, h, w], `encode_edit_images`) per edit image. `collate`
 zero-pads the prompts of a batch to the longest with a mask, as the pipeline's batched encoding does. The model
-call is `qwen_image_velocity`, the pipeline's per-step call. Noise levels and loss weights: the "qwen_image"
+call is `qwen_image_velocity`, the pipeline's per-step call, with the edit latents appended to the image tokens
+(Edit-2511's `zero_cond_t` DiT gives them timestep 0 itself). Noise levels and loss weights: the "qwen_image"
 template at mu = 0.8 (terminal sigma stretched to 0.02), DiffSynth-Studio's Qwen-Image training schedule.
 
-Text-to-image models (Qwen/Qwen-Image, Qwen/Qwen-Image-2512) are supported; the Edit models (their
-`processor/` tokenizer, Edit-2511's `zero_cond_t` DiT) and rows with an `edit_image` are refused for now.
+Edit images are sized as DiffSynth-Studio's trainer sizes them: the dataset shrinks each under `--max_pixels`
+keeping its aspect ratio (not to the target's size), then the pipeline's auto-resize above applies. The prompt
+template is the pipeline's `edit_template` setting: the Edit preset's ("edit" for Qwen/Qwen-Image-Edit, "plus"
+for 2509/2511) when the tokenizer comes from the hub repo, a local folder's `diffsynth.json` default, else
+"plus". An Edit model (a `processor/` tokenizer or a `zero_cond_t` DiT) refuses rows without `edit_image`; rows
+of one batch must agree on their edit images' count and sizes (`--batch_size 1` always does).
 """
 
 from __future__ import annotations
@@ -31,21 +41,19 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import tensor_to_pil
+from diffsynth.runtime.pipeline import folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 
 from .pipeline import QwenImagePipeline, dit_dtype, qwen_image_velocity
+from .presets import PRESETS
 
 logger = logging.getLogger(__name__)
 
 ENCODER_SLOTS = ("vae", "text_encoder")
 TRAINING_MU = 0.8  # DiffSynth-Studio's "Qwen-Image" schedule without a dynamic shift length
-
-_EDIT_REFUSAL = (
-    "Qwen-Image training supports the text-to-image models (--model Qwen/Qwen-Image or Qwen/Qwen-Image-2512) so "
-    "far; {what} belongs to an Edit model (--model Qwen/Qwen-Image-Edit, -Edit-2509, -Edit-2511), whose training "
-    "(edit images in the DiT and the prompt encoding) is not supported yet"
-)
+EDIT_TEMPLATES = ("plus", "edit")
 
 
 class QwenImageTrainingTask(PipelineTrainingTask):
@@ -55,13 +63,29 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     denoiser_slot: ClassVar[str] = "dit"
     size_multiple: ClassVar[int] = QwenImagePipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("image",)
+    conditioning: ClassVar[tuple[str, ...]] = ("edit_image",)
+
+    loss_options: ClassVar[tuple[str, ...]] = ("exponential_shift_mu",)  # --task_options that leave a cache valid
 
     def __init__(
-        self, pipe: QwenImagePipeline, *, exponential_shift_mu: float = TRAINING_MU, max_sequence_length: int = 512
+        self,
+        pipe: QwenImagePipeline,
+        *,
+        exponential_shift_mu: float = TRAINING_MU,
+        max_sequence_length: int = 512,
+        edit: bool | None = None,
+        edit_template: str | None = None,
     ):
+        """`edit`: True requires `edit_image` in every row, None takes edit images where rows have them.
+        `edit_template` ("plus" or "edit") overrides the pipeline's setting."""
         self.pipe = pipe
         self.scheduler = FlowMatchScheduler("qwen_image", mu=exponential_shift_mu)
         self.max_sequence_length = max_sequence_length
+        self.edit = edit
+        if edit_template is not None:
+            if edit_template not in EDIT_TEMPLATES:
+                raise ConfigError(f"edit_template={edit_template!r} is not known; use one of {EDIT_TEMPLATES}")
+            pipe.defaults["edit_template"] = edit_template
 
     @classmethod
     def from_pretrained(
@@ -76,9 +100,8 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         **task_options: Any,
     ) -> QwenImageTrainingTask:
         """Load the models a stage needs: the DiT (`denoiser`) and/or the VAE, Qwen2.5-VL text encoder and
-        tokenizer (`encoders`). Files of models not needed are recognised from their headers and not loaded."""
-        if tokenizer_config is not None and _is_edit_processor(tokenizer_config):
-            raise ConfigError(_EDIT_REFUSAL.format(what="the tokenizer (a processor/ folder)"))
+        tokenizer (`encoders`; an Edit model's `processor/` folder brings the vision preprocessing too). Files of
+        models not needed are recognised from their headers and not loaded."""
         pipe = load_partial_pipeline(
             QwenImagePipeline,
             model_configs,
@@ -89,31 +112,52 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             torch_dtype=torch_dtype,
             device=device,
         )
-        if pipe.dit is not None and pipe.dit.config.zero_cond_t:
-            raise ConfigError(_EDIT_REFUSAL.format(what="this DiT (zero_cond_t, Qwen-Image-Edit-2511)"))
+        pipe.defaults.update(_tokenizer_defaults(tokenizer_config))
+        edit_model = (tokenizer_config is not None and _is_edit_processor(tokenizer_config)) or (
+            pipe.dit is not None and pipe.dit.config.zero_cond_t
+        )
+        task_options.setdefault("edit", True if edit_model else None)
         return cls(pipe, **task_options)
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
-        """`{"latents": [16, H/8, W/8], "text": [L, D]}` per row; rows of one call share an image size."""
+        """`{"latents": [16, H/8, W/8], "text": [L, D]}` per row, with `"edit_0"`, `"edit_1"`, ... [16, h, w]
+        for a row with edit images; rows of one call share an image size."""
         for i, row in enumerate(rows):
-            if row.get("edit_image") is not None:
-                raise ConfigError(
-                    f"row {i} has an edit_image: "
-                    + _EDIT_REFUSAL.format(what="editing data")
-                    + "; drop edit_image from --data_file_keys and the metadata to train text-to-image"
-                )
             if "prompt" not in row or not isinstance(row.get("image"), torch.Tensor):
                 raise ConfigError(
                     f"Qwen-Image trains on rows with an image and a prompt; row {i} of the batch has {preview(row)}"
                 )
+            if self.edit and not _edit_images(row):
+                raise ConfigError(
+                    f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r}) has no edit_image: a Qwen-Image-Edit "
+                    "model trains on rows with image, prompt and edit_image (one path, or a list of paths in JSON "
+                    f"metadata); its columns are {', '.join(row)}"
+                )
         pipe = self.pipe
-        embeds, mask = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.max_sequence_length)
         pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, dit_dtype(pipe.vae))
         latents = pipe.vae.encode(pixels.unsqueeze(2))[:, :, 0].float()
-        return [
-            {"latents": lat, "text": emb[keep]} for lat, emb, keep in zip(latents, embeds, mask.bool(), strict=True)
-        ]
+        samples: list[dict[str, torch.Tensor]] = [{"latents": lat} for lat in latents]
+        plain = [i for i, row in enumerate(rows) if not _edit_images(row)]
+        if plain:
+            embeds, mask = pipe.encode_prompt([str(rows[i]["prompt"]) for i in plain], self.max_sequence_length)
+            for i, emb, keep in zip(plain, embeds, mask.bool(), strict=True):
+                samples[i]["text"] = emb[keep]
+        for sample, row in zip(samples, rows, strict=True):
+            images = _edit_images(row)
+            if not images:
+                continue
+            if pipe.processor is None:
+                raise ConfigError(
+                    "rows with edit_image need the Qwen2-VL processor of an Edit model: pass its processor/ folder "
+                    "(--tokenizer_path .../processor, or --model Qwen/Qwen-Image-Edit-2509)"
+                )
+            edits = pipe.prepare_edit_images(images, auto_resize=True)
+            embeds, mask = pipe.encode_prompt([str(row["prompt"])], self.max_sequence_length, edits)
+            sample["text"] = embeds[0][mask[0].bool()]
+            edit_latents = pipe.encode_edit_images(edits, 1, False, (34, 34), (18, 16))
+            sample.update({f"edit_{k}": z[0] for k, z in enumerate(edit_latents)})
+        return samples
 
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """Latents stacked; prompts zero-padded to the longest, `text_mask` True on real tokens."""
@@ -124,12 +168,47 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         for i, t in enumerate(texts):
             text[i, : t.shape[0]] = t
             mask[i, : t.shape[0]] = True
-        return {"latents": torch.stack([s["latents"] for s in samples]), "text": text, "text_mask": mask}
+        batch = {"latents": torch.stack([s["latents"] for s in samples]), "text": text, "text_mask": mask}
+        counts = [sum(name.startswith("edit_") for name in s) for s in samples]
+        if max(counts) == 0:
+            return batch
+        shapes = [[tuple(s[f"edit_{k}"].shape) for k in range(n)] for s, n in zip(samples, counts, strict=True)]
+        if any(shape != shapes[0] for shape in shapes):
+            raise ConfigError(
+                f"the rows of a batch have different edit images (count and latent sizes {shapes}); every row needs "
+                "edit_image, and one batch needs edit images of one count and size: train with --batch_size 1"
+            )
+        batch["edit_latents"] = [torch.stack([s[f"edit_{k}"] for s in samples]) for k in range(counts[0])]
+        return batch
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
-        return qwen_image_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"])
+        edits = batch.get("edit_latents", ())
+        return qwen_image_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"], edits)
+
+
+def _edit_images(row: Mapping[str, Any]) -> list:
+    """A row's edit images: dataset tensors back to PIL (lossless for 8-bit files)."""
+    value = row.get("edit_image")
+    if value is None or (isinstance(value, (str, list, tuple)) and not value):
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [tensor_to_pil(item)[0] if isinstance(item, torch.Tensor) else item for item in items]
+
+
+def _tokenizer_defaults(config: ModelConfig | None) -> dict[str, Any]:
+    """The pipeline settings (`edit_template`) a tokenizer source implies: its preset's, or its folder's."""
+    if config is None:
+        return {}
+    if config.model_id is not None:
+        preset = next((p for name, p in PRESETS.items() if name.lower() == config.model_id.lower()), None)
+        return {k: v for k, v in (preset.defaults if preset else {}).items() if k == "edit_template"}
+    paths = [config.path] if isinstance(config.path, str) else list(config.path or ())
+    if not paths:
+        return {}
+    folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
+    return {k: v for k, v in folder_defaults(folder.parent).items() if k == "edit_template"}
 
 
 def _is_edit_processor(config: ModelConfig) -> bool:

@@ -2,7 +2,7 @@
 
 A family makes itself trainable with a `TrainingTask` (`task.py`): how a dataset row becomes model inputs through
 its frozen encoders, and the per-step model call its pipeline already makes. The trainer owns the rest: datasets
-and size buckets, the cached two-stage mode, LoRA (peft) or full fine-tuning, accelerate (DDP), atomic resumable
+and size buckets, the cached two-stage mode, LoRA (peft) or full fine-tuning, accelerate (DDP, FSDP2), atomic resumable
 checkpoints. Use `diffsynth-train` (see the README) or `train(TrainConfig(...))`.
 """
 

@@ -150,30 +150,40 @@ def prune_checkpoints(root: Path, keep_last: int | None) -> None:
 
 
 # ----------------------------------------------------------------------------------- exports
-def lora_weights(model: nn.Module):
-    """The peft LoRA layers of `model` as `LoRAWeights` named after our (= the official) module names."""
+def lora_weights(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None):
+    """The peft LoRA layers of `model` as `LoRAWeights` named after our (= the official) module names; their
+    matrices from `state` (full tensors gathered from a sharded model) when given."""
     from peft.tuners.lora import LoraLayer
 
     from diffsynth.runtime.lora import LoRATarget, LoRAWeights
+
+    def matrix(name: str, part: str, layer: nn.Module) -> torch.Tensor:
+        key = f"{name}.lora_{part}.default.weight"
+        return state[key] if state is not None else getattr(layer, f"lora_{part}")["default"].weight.detach()
 
     targets = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
             targets[name] = LoRATarget(
-                down=module.lora_A["default"].weight.detach(),
-                up=module.lora_B["default"].weight.detach(),
-                alpha=float(module.lora_alpha["default"]),
+                down=matrix(name, "A", module), up=matrix(name, "B", module), alpha=float(module.lora_alpha["default"])
             )
     if not targets:
         raise ConfigError(f"{type(model).__name__} carries no LoRA layers to save")
     return LoRAWeights(targets=targets, source="training")
 
 
-def save_lora_files(model: nn.Module, output_path: Path, name: str, formats: list[str]) -> list[Path]:
-    """`<name>.safetensors` in our format (first of `formats`), plus `<name>.<format>.safetensors` for the rest."""
+def save_lora_files(
+    model: nn.Module,
+    output_path: Path,
+    name: str,
+    formats: list[str],
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> list[Path]:
+    """`<name>.safetensors` in our format (first of `formats`), plus `<name>.<format>.safetensors` for the rest
+    (the matrices from `state` when given, see `lora_weights`)."""
     from diffsynth.runtime.lora import save_lora
 
-    weights = lora_weights(model)
+    weights = lora_weights(model, state)
     written = []
     for i, fmt in enumerate(formats):
         path = output_path / (f"{name}.safetensors" if i == 0 else f"{name}.{fmt}.safetensors")
@@ -183,17 +193,18 @@ def save_lora_files(model: nn.Module, output_path: Path, name: str, formats: lis
 
 
 def save_full_weights(
-    module: nn.Module, folder: Path, dtype: torch.dtype, source_files: list[str] | None = None
+    weights: nn.Module | Mapping[str, torch.Tensor],
+    folder: Path,
+    dtype: torch.dtype,
+    source_files: list[str] | None = None,
 ) -> Path:
-    """`folder/diffusion_pytorch_model.safetensors` with the module's state dict in `dtype`, plus the
-    `config.json` that was beside the loaded weights, written atomically."""
+    """`folder/diffusion_pytorch_model.safetensors` with a module's state dict (or the given full state) in
+    `dtype`, plus the `config.json` that was beside the loaded weights, written atomically."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in module.state_dict().items()
-    }
+    items = weights.state_dict().items() if isinstance(weights, nn.Module) else weights.items()
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in items}
     path = folder / "diffusion_pytorch_model.safetensors"
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})

@@ -25,8 +25,8 @@ LORA_FORMATS = ("diffsynth", "peft", "kohya")
 
 
 def _arg(default: Any, help: str, group: str):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "group": group})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "group": group})
     return field(default=default, metadata={"help": help, "group": group})
 
 
@@ -48,6 +48,12 @@ class TrainConfig:
     )
     tokenizer_path: str | None = _arg(None, "tokenizer folder (default: the preset's or the folder's)", "model")
     dtype: str = _arg("bfloat16", "dtype of the frozen models (bfloat16, float16, float32)", "model")
+    task_options: dict[str, Any] = _arg(
+        {},
+        "settings of the family's training task as name=value, comma-separated (e.g. sigma_shift=3 for Z-Image, "
+        "embedded_guidance=1 for FLUX.1); a mapping in YAML; an unknown name is an error that lists the task's",
+        "model",
+    )
 
     # ------------------------------------------------------------------ data
     dataset_base_path: str | None = _arg(
@@ -244,9 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         kind, choices = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = ",".join(default) if isinstance(default, list) else default
+        if isinstance(default, dict):
+            shown = ",".join(f"{k}={v}" for k, v in default.items()) or "none"
         options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {shown})"}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            options.update(type=str, metavar="NAME=VALUE,...")  # parsed by from_dict, whose errors name the flag
         elif kind is list:
             sep = _SEPARATORS.get(f.name, ",")
             options.update(type=functools.partial(_split, sep=sep), metavar=f"A{sep}B")
@@ -307,6 +317,19 @@ def _split(text: str, sep: str = ",") -> list[str]:
     return [part.strip() for part in text.split(sep) if part.strip()]
 
 
+def _parse_options(text: str, name: str = "task_options") -> dict[str, Any]:
+    """`a=1,b=true,c=text` -> {"a": 1, "b": True, "c": "text"} (values read as YAML scalars)."""
+    import yaml
+
+    options = {}
+    for part in _split(text):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--{name} {text!r}: write name=value pairs separated by commas (e.g. sigma_shift=3)")
+        options[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else None
+    return options
+
+
 def _base_type(hint) -> tuple[type, tuple | None]:
     """(int/float/str/bool/list, Literal choices) of a field annotation, `X | None` unwrapped."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -316,6 +339,8 @@ def _base_type(hint) -> tuple[type, tuple | None]:
         return str, typing.get_args(hint)
     if typing.get_origin(hint) is list:
         return list, None
+    if typing.get_origin(hint) is dict:
+        return dict, None
     return hint, None
 
 
@@ -332,6 +357,11 @@ def _coerce(name: str, hint, value, where: str):
             return _split(value, _SEPARATORS.get(name, ","))
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             return [str(v) for v in value]
+    elif kind is dict:
+        if isinstance(value, str):
+            return _parse_options(value, name)
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif kind is bool:
         if isinstance(value, bool):
             return value
@@ -352,9 +382,12 @@ def _coerce(name: str, hint, value, where: str):
             if choices and value not in choices:
                 raise ConfigError(f"{where}--{name} {value!r}: choose from {', '.join(choices)}")
             return value
-    wanted = {list: "a list or comma-separated string", bool: "true or false", int: "an integer"}.get(
-        kind, "a number" if kind is float else "a string"
-    )
+    wanted = {
+        list: "a list or comma-separated string",
+        dict: "a mapping or name=value pairs",
+        bool: "true or false",
+        int: "an integer",
+    }.get(kind, "a number" if kind is float else "a string")
     raise ConfigError(f"{where}--{name} must be {wanted}, got {value!r}")
 
 

@@ -1,7 +1,9 @@
 """Datasets: a folder with `metadata.csv` / `.json` / `.jsonl`, size buckets, batch plans, the encoded cache.
 
 - A metadata row names its files in the `--data_file_keys` columns (paths relative to the dataset folder) and
-  carries the prompt and any extra inputs in other columns.
+  carries the prompt and any extra inputs in other columns. A JSON/JSONL value may be a list of paths.
+- A task's `conditioning` columns (reference images such as `kontext_images`, `edit_image`) are file columns
+  too; each of their images keeps its own size (its own bucket under `--max_pixels`), not the row's.
 - Each sample gets a bucket, a (width, height) in multiples of `--bucket_step` with at most `--max_pixels` (the
   image is shrunk keeping its aspect ratio, never enlarged), or the fixed `--height`/`--width`. Images are
   resized to cover the bucket and centre-cropped. Sizes come from the file headers, so planning is cheap.
@@ -119,7 +121,8 @@ def media_size(path: Path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------- datasets
 class MetadataDataset(Dataset):
     """Rows of a metadata file with their files loaded: images as [3, H, W] and videos as [3, F, H, W] float32
-    tensors in [-1, 1] at the row's bucket size; other columns as they are."""
+    tensors in [-1, 1] at the row's bucket size (a list of paths gives a list); other columns as they are.
+    `conditioning` columns hold images loaded at their own bucket (`bucket_for` their size), not the row's."""
 
     def __init__(
         self,
@@ -127,6 +130,7 @@ class MetadataDataset(Dataset):
         *,
         media: Sequence[str],
         file_keys: Sequence[str] = ("image", "video"),
+        conditioning: Sequence[str] = (),
         metadata_path: str | None = None,
         max_pixels: int = 1024 * 1024,
         step: int = 64,
@@ -136,10 +140,13 @@ class MetadataDataset(Dataset):
         self.base = Path(base)
         self.metadata = metadata_file(self.base, metadata_path)
         self.rows = read_metadata(self.metadata)
-        self.file_keys = tuple(file_keys)
+        self.conditioning = tuple(conditioning)
+        self.file_keys = tuple(dict.fromkeys([*file_keys, *self.conditioning]))
         self.num_frames = num_frames
+        self.max_pixels, self.step = max_pixels, step
         self.buckets: list[Bucket] = []
         missing: list[str] = []
+        where: list[str] = []
         for i, row in enumerate(self.rows):
             main = next((k for k in media if row.get(k)), None)
             if main is None:
@@ -150,8 +157,10 @@ class MetadataDataset(Dataset):
             if main not in self.file_keys:
                 raise ConfigError(f"--data_file_keys {','.join(self.file_keys)} must include {main!r}")
             for key in self.file_keys:
-                if row.get(key) and not (self.base / str(row[key])).is_file():
-                    missing.append(str(row[key]))
+                for name in _paths(row.get(key)):
+                    if not (self.base / name).is_file():
+                        missing.append(name)
+                        where.append(f"row {i + 1} column {key}")
             if fixed is not None:
                 self.buckets.append(fixed)
             elif not missing:
@@ -159,7 +168,8 @@ class MetadataDataset(Dataset):
                 self.buckets.append(bucket_for(width, height, max_pixels=max_pixels, step=step))
         if missing:
             raise ConfigError(
-                f"{self.metadata} names {len(missing)} files missing from {self.base}: {preview(missing, 5)}"
+                f"{self.metadata} names {len(missing)} files missing from {self.base}: {preview(missing, 5)} "
+                f"(at {', '.join(where[:5])})"
             )
         logger.info(
             "dataset %s: %d samples in %d buckets %s",
@@ -180,13 +190,28 @@ class MetadataDataset(Dataset):
             value = row.get(key)
             if not value:
                 continue
-            path = self.base / str(value)
-            if path.suffix.lower() in VIDEO_SUFFIXES:
-                frames = [fit(f, size) for f in load_video(path, num_frames=self.num_frames)]
-                row[key] = pil_to_tensor(frames).transpose(0, 1)  # [3, F, H, W]
-            else:
-                row[key] = pil_to_tensor(fit(load_image(path), size))[0]
+            loaded = []
+            for name in _paths(value):
+                path = self.base / name
+                if path.suffix.lower() in VIDEO_SUFFIXES:
+                    frames = [fit(f, size) for f in load_video(path, num_frames=self.num_frames)]
+                    loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
+                    continue
+                image = load_image(path)
+                if key in self.conditioning:
+                    own = bucket_for(*image.size, max_pixels=self.max_pixels, step=self.step)
+                    loaded.append(pil_to_tensor(fit(image, own))[0])
+                else:
+                    loaded.append(pil_to_tensor(fit(image, size))[0])
+            row[key] = loaded if isinstance(value, list) else loaded[0]
         return row
+
+
+def _paths(value) -> list[str]:
+    """The file names a metadata cell holds: none, one path, or a list of paths (JSON metadata)."""
+    if not value:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 class CachedDataset(Dataset):
@@ -209,10 +234,11 @@ class CachedDataset(Dataset):
                     f"--cache_dir {self.root} was encoded from another version of the dataset's metadata; "
                     "encode again into a new --cache_dir"
                 )
-            if value is not None and index["settings"].get(name) != value:
+            recorded = index["settings"].get(name, {} if name == "task_options" else None)  # older caches: none
+            if value is not None and recorded != value:
                 raise ConfigError(
-                    f"--cache_dir {self.root} was encoded with --{name} {index['settings'].get(name)!r}, "
-                    f"this run has --{name} {value!r}; use the same setting or encode again into a new --cache_dir"
+                    f"--cache_dir {self.root} was encoded with --{name} {recorded!r}, this run has --{name} "
+                    f"{value!r}; use the same setting or encode again into a new --cache_dir"
                 )
         self.settings = index["settings"]
         self.buckets = [tuple(b) for b in index["buckets"]]

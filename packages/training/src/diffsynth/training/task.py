@@ -11,7 +11,7 @@ The trainer, per micro-batch:
     batch = task.collate(samples)               # batch["latents"]: clean latents x0 [B, C, ...]
     sigma = task.scheduler.sample_training_sigmas(B, generator)
     noisy = (1 - sigma) * x0 + sigma * noise
-    loss = weight(sigma) * mse(task.velocity(denoiser, batch, noisy, sigma), noise - x0)
+    loss = weight(sigma) * mse(task.velocity(denoiser, batch, noisy, sigma), noise - x0)   # over loss_mask, if any
 
 `encode` returns one `dict[str, Tensor]` per row (no batch dimension), so the cached two-stage mode can
 store each sample as a safetensors file and training from the cache sees exactly what encoding on the fly
@@ -100,6 +100,20 @@ class TrainingTask(Protocol):
 # picture (or video, a list of frames) per prompt with the family's pipeline, the given denoiser in place of the
 # loaded one, `options` (height, width, num_inference_steps) over the pipeline's defaults; the trainer calls it
 # for `--validation_prompts` (a task without it refuses that flag).
+#
+# Optional: `loss_mask(batch) -> Tensor | None`, 1 where the loss counts and 0 where it does not, broadcastable to
+# `batch["latents"]` (at least one counted element per sample); each sample's MSE is then the mean over the counted
+# elements. For latents the model is given rather than asked for: Wan2.2-TI2V's clean first frame, which its
+# `velocity` puts in place of the noisy one. Without the method (or when it returns None) every element counts.
+#
+# Optional: `conditioning: ClassVar[tuple[str, ...]]`, metadata columns of reference images (FLUX.1 Kontext's
+# "kontext_images", Qwen-Image-Edit's "edit_image"): the dataset reads them as file columns whatever
+# `--data_file_keys` says, one path or a JSON list of paths per row, each image at its own size (see `data.py`).
+
+# Task options (`--task_options name=value,...`): keyword-only arguments of the task's constructor, which
+# `from_pretrained(..., **options)` passes on (e.g. `sigma_shift`). Optional: `loss_options: ClassVar[tuple[str,
+# ...]]`, those that act only in the loss or the model call; the others shape the encoded samples, so a cache
+# written with other values is refused.
 
 _REQUIRED = ("family", "denoiser_slot", "size_multiple", "media", "from_pretrained", "encode", "collate", "velocity")
 

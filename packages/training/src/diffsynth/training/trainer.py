@@ -4,6 +4,7 @@
     diffsynth-train --config run.yaml --stage encode --cache_dir cache/   # cached mode, stage 1
     diffsynth-train --config run.yaml --cache_dir cache/   # cached mode, stage 2: no encoders, no VAE
     accelerate launch --num_processes 8 -m diffsynth.training.cli --config run.yaml   # DDP on 8 GPUs
+    accelerate launch --config_file $(python -m diffsynth.training.distributed fsdp2) ...   # FSDP2 (distributed.py)
 
 `train(config)` reads top to bottom: `setup` loads the family's task, the data and the optimizer into a `Run`;
 `resume` restores a checkpoint into a `TrainState`; each `train_step` runs one gradient-accumulation group and
@@ -53,6 +54,15 @@ from .data import (
     steps_per_epoch,
     write_cache,
     write_cache_index,
+)
+from .distributed import (
+    check_mode,
+    configure_fsdp,
+    full_optimizer_state,
+    full_state,
+    is_sharded,
+    load_optimizer,
+    load_trainable,
 )
 from .task import TrainingTask, check_task, model_sources, task_class
 
@@ -180,9 +190,7 @@ def setup(config: TrainConfig) -> Run:
     set_seed(cfg.seed)
     cached = cfg.cache_dir is not None
     task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
-    dataset = (
-        CachedDataset(cfg.cache_dir, expected=cache_settings(cfg, task.family)) if cached else make_dataset(cfg, task)
-    )
+    dataset = CachedDataset(cfg.cache_dir, expected=encoding_settings(cfg, task)) if cached else make_dataset(cfg, task)
 
     slot = task.denoiser_slot
     module = task.models[slot]
@@ -222,7 +230,15 @@ def setup(config: TrainConfig) -> Run:
     total = per_epoch * cfg.num_epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.num_epochs)
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
+    if is_sharded(acc):
+        if slot in cfg.fp8_models:
+            raise ConfigError(
+                f"--fp8_models {slot}: FSDP shards the denoiser's weights itself; leave it out of --fp8_models"
+            )
+        configure_fsdp(acc, module)
     model, optimizer = acc.prepare(module, optimizer)
+    # FSDP replaces the parameters with sharded ones: name the ones the optimizer now holds
+    trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
     store_in_fp8(cfg, task, acc.device, all_loaded=not cached)
 
     output = Path(cfg.output_path)
@@ -271,7 +287,8 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
 
 def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_rng: torch.Generator) -> torch.Tensor:
     """Weighted MSE between the predicted and the true velocity at sigmas drawn from the family's training grid.
-    Sigmas and noise are drawn on the CPU from `noise_rng`, so a run is reproducible on any device."""
+    Sigmas and noise are drawn on the CPU from `noise_rng`, so a run is reproducible on any device. A task's
+    optional `loss_mask(batch)` limits each sample's mean to the elements it counts (see `task.py`)."""
     cfg, scheduler = run.config, run.task.scheduler
     x0 = batch["latents"].float()
     sigma = scheduler.sample_training_sigmas(
@@ -281,7 +298,13 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
     noisy = scheduler.add_noise(x0, noise, sigma.to(x0.device))
     with _saved_activations(cfg, x0.device):
         predicted = run.task.velocity(model, batch, noisy, sigma.to(x0.device))
-    error = (predicted.float() - scheduler.training_target(x0, noise)).pow(2).flatten(1).mean(1)
+    squared = (predicted.float() - scheduler.training_target(x0, noise)).pow(2)
+    mask = run.task.loss_mask(batch) if callable(getattr(run.task, "loss_mask", None)) else None
+    if mask is None:
+        error = squared.flatten(1).mean(1)
+    else:  # the mean over the elements the task counts (Wan TI2V leaves out its given first frame)
+        mask = mask.to(squared).expand_as(squared).flatten(1)
+        error = (squared.flatten(1) * mask).sum(1) / mask.sum(1)
     if cfg.loss_weighting == "scheduler":
         error = error * scheduler.training_weight(sigma).to(x0.device)
     return error.mean()
@@ -300,7 +323,7 @@ def validate(run: Run, state: TrainState) -> list[Path]:
         if (value := getattr(cfg, f"validation_{name}")) is not None
     }
     written: list[Path] = []
-    if acc.is_main_process:
+    if acc.is_main_process or is_sharded(run.accelerator):  # a sharded model's forward needs every process
         module = acc.unwrap_model(run.model)
         module.eval()
         try:
@@ -308,6 +331,7 @@ def validate(run: Run, state: TrainState) -> list[Path]:
                 samples = run.task.sample(module, list(cfg.validation_prompts), seed=cfg.validation_seed, **options)
         finally:
             module.train()
+    if acc.is_main_process:
         folder = run.output / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         for k, sample in enumerate(samples):
@@ -336,17 +360,21 @@ def save(run: Run, state: TrainState) -> None:
     acc, cfg = run.accelerator, run.config
     module = acc.unwrap_model(run.model)
     name = step_name(state.step)
+    trained = full_state(module, trainable_only=True)  # every process takes part (FSDP gathers the shards)
+    weights = trained if run.lora else full_state(module, trainable_only=False)
+    optimizer_state = full_optimizer_state(module, run.optimizer)
     if acc.is_main_process:
         if run.lora:
-            written = save_lora_files(module, run.output, name, cfg.lora_formats)
+            written = save_lora_files(module, run.output, name, cfg.lora_formats, state=weights)
         else:
             dtype = parse_dtype(cfg.save_dtype or cfg.dtype)
             slot = run.task.denoiser_slot
-            written = [save_full_weights(module, run.output / name / slot, dtype, run.task.model_files.get(slot))]
+            files = run.task.model_files.get(slot)
+            written = [save_full_weights(weights, run.output / name / slot, dtype, files)]
         logger.info("step %d: wrote %s", state.step, ", ".join(str(p) for p in written))
     progress = {"step": state.step, "epoch": state.epoch, "batches_done": state.batches_done}
     saved_state = {
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "progress": progress,
         "config": cfg.to_dict(),
@@ -355,7 +383,7 @@ def save(run: Run, state: TrainState) -> None:
     save_checkpoint(
         run.output / CHECKPOINTS,
         state.step,
-        trainable=run.trainable,
+        trainable=trained,
         state=saved_state,
         rng=rng_state(),
         rank=acc.process_index,
@@ -374,15 +402,15 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
             f"--resume {folder} does not fit this run: it lacks {preview(missing)} and has extra {preview(extra)} "
             "(was it saved with other --lora_rank / --lora_target_modules / --trainable_models?)"
         )
-    with torch.no_grad():
-        for name, param in run.trainable.items():
-            if param.shape != trainable[name].shape:
-                raise ConfigError(
-                    f"--resume {folder}: {name} has shape {tuple(trainable[name].shape)} there, "
-                    f"{tuple(param.shape)} here (another --lora_rank?)"
-                )
-            param.copy_(trainable[name])
-    run.optimizer.load_state_dict(saved["optimizer"])
+    for name, param in run.trainable.items():
+        if param.shape != trainable[name].shape:  # a sharded parameter's shape is the full one
+            raise ConfigError(
+                f"--resume {folder}: {name} has shape {tuple(trainable[name].shape)} there, "
+                f"{tuple(param.shape)} here (another --lora_rank?)"
+            )
+    module = run.accelerator.unwrap_model(run.model)
+    load_trainable(module, trainable)
+    load_optimizer(module, run.optimizer, saved["optimizer"])
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     set_rng_state(rng)
     before, now = saved["config"], run.config.to_dict()
@@ -408,7 +436,7 @@ def encode_dataset(config: TrainConfig) -> Path:
     store_in_fp8(cfg, task, acc.device, all_loaded=False)
     dataset = make_dataset(cfg, task)
     cache = Path(cfg.cache_dir)
-    settings = cache_settings(cfg, task.family)
+    settings = encoding_settings(cfg, task)
     recorded = cache / "settings.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != settings:
         raise ConfigError(
@@ -464,7 +492,8 @@ def store_in_fp8(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded: bo
 
 def make_accelerator(cfg: TrainConfig, **kwargs):
     """The `Accelerator` of a run. Without CUDA it is told so (`cpu=True`): only then does accelerate join the
-    processes `torchrun` / `accelerate launch` started into one CPU (gloo) group, instead of running each alone."""
+    processes `torchrun` / `accelerate launch` started into one CPU (gloo) group, instead of running each alone.
+    DDP and FSDP2 run; FSDP1 and DeepSpeed are refused (`distributed.check_mode`)."""
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
@@ -474,17 +503,12 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
             f"this run was launched as {launched} processes (WORLD_SIZE) but accelerate joined {acc.num_processes}; "
             "they would each train alone and overwrite each other's output (check the accelerate config)"
         )
-    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(
-            f"accelerate is configured for {kind}: the trainer saves LoRA / full weights and resume checkpoints "
-            "from unsharded modules and optimizers, so it runs single-process or DDP for now "
-            "(accelerate config: distributed_type MULTI_GPU)"
-        )
+    check_mode(acc)
     return acc
 
 
 def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser: bool) -> TrainingTask:
+    check_task_options(cls, cfg.task_options)
     configs, tokenizer = model_sources(cfg)
     task = cls.from_pretrained(
         configs,
@@ -493,10 +517,35 @@ def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser:
         device=device,
         encoders=encoders,
         denoiser=denoiser,
+        **cfg.task_options,
     )
     if denoiser:
         check_task(task, f"{cls.__module__}:{cls.__qualname__}")
     return task
+
+
+def check_task_options(cls: type, options: dict[str, Any]) -> None:
+    """`--task_options` names must be keyword settings of the task's constructor."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"--task_options {', '.join(unknown)}: the {getattr(cls, 'family', cls.__name__)} training task takes "
+            f"{', '.join(accepted) or 'no options'}"
+        )
+
+
+def encoding_settings(cfg: TrainConfig, task: TrainingTask) -> dict[str, Any]:
+    """What a cache must have been encoded with: `cache_settings` plus the task options that shape the encoded
+    samples (all but the ones the task lists in `loss_options`, which act only in the loss)."""
+    loss_only = set(getattr(task, "loss_options", ()))
+    options = {k: v for k, v in sorted(cfg.task_options.items()) if k not in loss_only}
+    return {**cache_settings(cfg, task.family), "task_options": options}
 
 
 def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
@@ -510,6 +559,7 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         cfg.dataset_base_path,
         media=task.media,
         file_keys=cfg.data_file_keys,
+        conditioning=getattr(task, "conditioning", ()),  # a task's reference-image columns (optional attribute)
         metadata_path=cfg.dataset_metadata_path,
         max_pixels=cfg.max_pixels,
         step=cfg.bucket_step,

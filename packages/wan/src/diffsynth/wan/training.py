@@ -3,24 +3,44 @@
 It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
 trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
 `model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
-tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
-`velocity(dit, batch, noisy_latents, sigma)`.
+tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)`,
+`velocity(dit, batch, noisy_latents, sigma)` and the optional `loss_mask(batch)`.
 
 A row is `{"prompt": str, "video": [3, F, H, W] in [-1, 1]}` (F = 1 + 4k, see `--num_frames`) or
-`{"prompt": str, "image": [3, H, W]}`, which trains as a one-frame video. It is encoded as the pipeline
-encodes: the prompt through `WanVideoPipeline.encode_prompt` (umT5, zero-padded to `max_sequence_length`
-tokens) and the video through the causal VAE (posterior mode, normalised latents), giving
-`{"latents": [z, 1 + (F - 1) / 4, H / 8, W / 8], "text": [L, D]}`. The model call is `wan_velocity`, the
-pipeline's per-step call, with the timestep `1000 * sigma` as the denoise loop gives it; the noise levels and
-loss weights come from the "wan" flow-matching template (shift 5).
+`{"prompt": str, "image": [3, H, W]}`, which trains as a one-frame video; image-conditioned DiTs also read
+`"input_image"` / `"end_image"` `[3, H, W]` when the row has them (list them in `--data_file_keys`). Every
+row is encoded as the pipeline encodes: the prompt through `WanVideoPipeline.encode_prompt` (umT5,
+zero-padded to `max_sequence_length` tokens) and the video through the causal VAE (posterior mode,
+normalised latents), giving `{"latents": [z, 1 + (F - 1) / 4, H / 8, W / 8], "text": [L, D]}`, plus what
+the DiT's `model_type` asks for, built by the pipeline's own stages at the video's size and frame count:
 
-Text-to-video DiTs (Wan 2.1 T2V, one Wan 2.2 T2V expert) are supported; image-conditioned DiTs (I2V, FLF2V,
-TI2V) are refused with a clear error for now.
+- "t2v" (Wan 2.1 T2V, a Wan 2.2 T2V A14B expert): nothing more;
+- "i2v" (Wan 2.1 I2V / FLF2V, a Wan 2.2 I2V A14B expert): `"y"` `[4 + z, T, h, w]` (`encode_frames`: the
+  mask of given frames and the latent of the video holding them) and, for the Wan 2.1 models with CLIP
+  input, `"clip_feature"` `[257 or 514, 1280]` (`encode_clip`). The given frames are the row's
+  `input_image` (else the video's first frame) and, for FLF2V (a DiT with CLIP positions for two images)
+  or a row with an `end_image`, its `end_image` (else the video's last frame), as DiffSynth-Studio's
+  `--extra_inputs input_image,end_image` take them from the video;
+- "ti2v" (Wan2.2-TI2V-5B): `"first_latent"` `[z, 1, h, w]` (`encode_first_latent` of the `input_image`,
+  else of the first frame). The model sees it in place of the first noisy latent frame, with timestep 0
+  on that frame's tokens (`timestep_input`), and `loss_mask` leaves that frame out of the loss, as the
+  pipeline keeps the frame fixed while it denoises the rest. One-frame rows train as text-to-image.
+
+Images reach the pipeline's stages as 8-bit pictures, as a user's `input_image` does (exact for frames
+read from image or video files). The model call is the pipeline's per-step `predict`, with the timestep
+`1000 * sigma`; the noise levels and loss weights come from the "wan" flow-matching template (shift 5).
+
+A Wan 2.2 A14B model trains one expert at a time; each expert trains only on its own noise levels: the
+high-noise one on `sigma >= boundary`, the low-noise one below (0.875 for T2V, 0.9 for I2V: the presets'
+`switch_DiT_boundary`, where the pipeline hands over). The expert is read from the DiT's folder
+(`high_noise_model/`, `low_noise_model/`), as the pipeline reads it, or given as `expert="high"|"low"`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,14 +51,86 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import tensor_to_pil
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 
-from .pipeline import WanVideoPipeline, module_dtype, wan_velocity
+from .dit import WanDiTConfig
+from .pipeline import WanConditions, WanVideoPipeline, module_dtype
+from .presets import PRESETS
 
 logger = logging.getLogger(__name__)
 
 ENCODER_SLOTS = ("vae", "text_encoder")
+EXPERTS = ("high", "low")
+# Where the pipeline hands a Wan 2.2 A14B model from the high-noise expert to the low-noise one (t / 1000).
+EXPERT_BOUNDARY = {
+    "t2v": PRESETS["Wan-AI/Wan2.2-T2V-A14B"].defaults["switch_DiT_boundary"],
+    "i2v": PRESETS["Wan-AI/Wan2.2-I2V-A14B"].defaults["switch_DiT_boundary"],
+}
+CONDITION_KEYS = ("input_image", "end_image")
+
+
+class ExpertScheduler(FlowMatchScheduler):
+    """The "wan" scheduler of one Wan 2.2 A14B expert: training sigmas are drawn only from the expert's share
+    of the training grid, `sigma >= boundary` for the high-noise expert and below it for the low-noise one.
+    `min_boundary` / `max_boundary` (`--min/max_timestep_boundary`, grid fractions counted from the noisy end
+    as DiffSynth-Studio counts them) narrow the draw further; a range outside the expert's share is an error.
+    """
+
+    def __init__(self, expert: str, boundary: float, **template_defaults):
+        if expert not in EXPERTS:
+            raise ConfigError(f"expert={expert!r} is not accepted; use one of {EXPERTS}")
+        if not 0 < boundary < 1:
+            raise ConfigError(f"expert_boundary={boundary!r} is not accepted; use a number in (0, 1)")
+        super().__init__("wan", **template_defaults)
+        self.expert, self.boundary = expert, float(boundary)
+
+    def expert_span(self) -> tuple[int, int]:
+        """The expert's grid positions `[start, stop)` (the grid runs from the noisy end down)."""
+        if self.train_sigmas is None:
+            self.set_training_grid()
+        t, edge = self.train_sigmas * self.num_train_timesteps, self.boundary * self.num_train_timesteps
+        high = int((t >= edge).sum())  # the grid decreases: the high-noise share is a prefix
+        return (0, high) if self.expert == "high" else (high, len(self.train_sigmas))
+
+    def sample_training_sigmas(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        *,
+        min_boundary: float = 0.0,
+        max_boundary: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch={batch!r} is not accepted; use an integer >= 1")
+        start, stop = self.expert_span()
+        size = len(self.train_sigmas)
+        low, high = max(start, int(min_boundary * size)), min(stop, int(max_boundary * size))
+        if not (0 <= min_boundary < max_boundary <= 1) or low >= high:
+            raise ConfigError(
+                f"--min_timestep_boundary {min_boundary} / --max_timestep_boundary {max_boundary} leave no "
+                f"timestep of the {self.expert}-noise expert (t {'>=' if self.expert == 'high' else '<'} "
+                f"{self.boundary * self.num_train_timesteps:g}: grid positions {start}..{stop - 1} of {size}); "
+                "widen them or leave them at 0 and 1"
+            )
+        gen_device = generator.device if generator is not None else "cpu"
+        index = torch.randint(low, high, (batch,), generator=generator, device=gen_device).cpu()
+        return self.train_sigmas[index].to(device)
+
+    def __repr__(self) -> str:
+        return f"ExpertScheduler({self.expert!r}, boundary={self.boundary:g}; {super().__repr__()})"
+
+
+class _DitShape(nn.Module):
+    """Stands in the pipeline's empty "dit" slot while encoding without the DiT: the stages that build image
+    conditions read only `dit.config` (read from the DiT file's header, no weights loaded)."""
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        self.config = config
 
 
 class WanTrainingTask(PipelineTrainingTask):
@@ -48,11 +140,37 @@ class WanTrainingTask(PipelineTrainingTask):
     denoiser_slot: ClassVar[str] = "dit"
     size_multiple: ClassVar[int] = WanVideoPipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("video", "image")
+    # --task_options that leave a cache valid: they act only on the noise levels drawn
+    loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift", "expert", "expert_boundary")
 
-    def __init__(self, pipe: WanVideoPipeline, *, sigma_shift: float = 5.0, max_sequence_length: int = 512):
+    def __init__(
+        self,
+        pipe: WanVideoPipeline,
+        dit_config: WanDiTConfig | None = None,
+        *,
+        sigma_shift: float = 5.0,
+        max_sequence_length: int = 512,
+        expert: str | None = None,
+        expert_boundary: float | None = None,
+    ):
         self.pipe = pipe
-        self.scheduler = FlowMatchScheduler("wan", shift=sigma_shift)
+        self.dit_config = dit_config if dit_config is not None else pipe.dit.config
+        self.kind = self.dit_config.model_type
         self.max_sequence_length = max_sequence_length
+        if expert is None:
+            if expert_boundary is not None:
+                raise ConfigError("expert_boundary needs expert='high' or 'low' (which Wan 2.2 A14B expert this is)")
+            self.scheduler = FlowMatchScheduler("wan", shift=sigma_shift)
+        else:
+            if self.kind not in EXPERT_BOUNDARY:
+                raise ConfigError(f"expert={expert!r}: a {self.kind!r} Wan DiT is not a Wan 2.2 A14B expert")
+            boundary = EXPERT_BOUNDARY[self.kind] if expert_boundary is None else expert_boundary
+            self.scheduler = ExpertScheduler(expert, boundary, shift=sigma_shift)
+        if pipe.vae is not None:  # VAE compression x patch size: 16, or 32 for Wan2.2-TI2V-5B
+            self.size_multiple = pipe.vae.spatial_compression * max(self.dit_config.patch_size[1:])
+        self._shape = _DitShape(self.dit_config)
+        if self.kind == "i2v":
+            self.sample = None  # validation samples would need a conditioning image; the trainer refuses the flag
 
     @classmethod
     def from_pretrained(
@@ -67,45 +185,70 @@ class WanTrainingTask(PipelineTrainingTask):
         **task_options: Any,
     ) -> WanTrainingTask:
         """Load the models a stage needs: the DiT (`denoiser`) and/or the VAE, umT5 text encoder and tokenizer
-        (`encoders`). Files of models not needed are recognised from their headers and not loaded."""
+        and, for a DiT with CLIP input, the CLIP image encoder (`encoders`). Files of models not needed are
+        recognised from their headers and not loaded; the DiT's header alone says how to condition it.
+        `task_options`: `sigma_shift`, `max_sequence_length`, `expert` ("high" / "low", read from the DiT's
+        folder when not given) and `expert_boundary` (the preset's by default)."""
         configs = _one_model_each(model_configs)
-        if any("image_encoder" in model_roles(c) for c in configs):
+        roles = [model_roles(c) for c in configs]
+        dits = [c for c, r in zip(configs, roles, strict=True) if "dit" in r]
+        if len(dits) > 1:
             raise ConfigError(
-                "Wan training supports text-to-video models so far; the given files hold a CLIP image encoder "
-                "(an I2V / FLF2V model): train a T2V model, or leave the image encoder out"
+                "the given files hold two Wan DiTs (the Wan 2.2 A14B high- and low-noise experts); train one "
+                "expert at a time: pass only its files with --model_paths (e.g. high_noise_model/*.safetensors)"
             )
-        if encoders and tokenizer_config is None:
-            tokenizer_config = _tokenizer_beside(model_configs)
+        if not dits:
+            raise ConfigError(
+                "Wan training needs the DiT's files (diffusion_pytorch_model*.safetensors), also to encode: its "
+                "header says how the DiT is conditioned (text, image or first frame)"
+            )
+        dit_config = _dit_config(dits[0])
+        expert = task_options.get("expert", _expert_of(dits[0]))
+        # the pipeline routes a DiT from a low-noise expert's folder to "dit2"; here it is the one denoiser
+        dit_slot = "dit2" if _expert_of(dits[0], folders=False) == "low" else "dit"
+        slots = {dit_slot} if denoiser else set()
+        if encoders:
+            slots |= set(ENCODER_SLOTS)
+            if dit_config.has_image_input:
+                if not any("image_encoder" in r for r in roles):
+                    raise ConfigError(
+                        "this Wan I2V DiT takes CLIP image features: add the image encoder "
+                        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (e.g. with --model_paths)"
+                    )
+                slots.add("image_encoder")
+            if tokenizer_config is None:
+                tokenizer_config = _tokenizer_beside(model_configs)
         pipe = load_partial_pipeline(
             WanVideoPipeline,
             configs,
-            ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
+            slots,
             tokenizers=("tokenizer",) if encoders else (),
             name="Wan",
             tokenizer_config=tokenizer_config if encoders else None,
             torch_dtype=torch_dtype,
             device=device,
         )
-        if pipe.dit2 is not None:
-            raise ConfigError(
-                "the given files hold two Wan DiTs (the Wan 2.2 A14B high- and low-noise experts); train one "
-                "expert at a time: pass only its files with --model_paths"
-            )
-        if pipe.dit is not None and pipe.dit.config.model_type != "t2v":
-            raise ConfigError(
-                f"Wan training supports text-to-video DiTs so far; this DiT is {pipe.dit.config.model_type!r}"
-            )
-        return cls(pipe, **task_options)
+        if dit_slot == "dit2":
+            pipe.dit, pipe.dit2 = pipe.dit2, None
+            pipe.model_configs["dit"] = pipe.model_configs.pop("dit2")
+        if expert is not None:
+            logger.info("training the %s-noise expert of a Wan 2.2 A14B model", expert)
+        task_options["expert"] = expert
+        return cls(pipe, dit_config=pipe.dit.config if pipe.dit is not None else dit_config, **task_options)
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
-        """`{"latents": [z, T, H/8, W/8], "text": [L, D]}` per row."""
+        """`{"latents": [z, T, H/8, W/8], "text": [L, D]}` per row, plus the image conditions of the DiT."""
         pipe = self.pipe
         videos = [self._video(i, row) for i, row in enumerate(rows)]
         context = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.max_sequence_length)
         dtype = module_dtype(pipe.vae)
-        latents = [pipe.vae.encode(video[None].to(pipe.device, dtype))[0].float() for video in videos]
-        return [{"latents": lat, "text": ctx} for lat, ctx in zip(latents, context, strict=True)]
+        samples = []
+        with pipe.using("dit", pipe.dit if pipe.dit is not None else self._shape):
+            for i, (row, video, ctx) in enumerate(zip(rows, videos, context, strict=True)):
+                latents = pipe.vae.encode(video[None].to(pipe.device, dtype))[0].float()
+                samples.append({"latents": latents, "text": ctx, **self._conditions(i, row, video, latents)})
+        return samples
 
     def _video(self, index: int, row: Mapping[str, Any]) -> torch.Tensor:
         """The row's video `[3, F, H, W]` (an image is one frame), checked against the VAE."""
@@ -127,6 +270,60 @@ class WanTrainingTask(PipelineTrainingTask):
             )
         return video
 
+    def _conditions(
+        self, index: int, row: Mapping[str, Any], video: torch.Tensor, latents: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The image conditions of one row, from the pipeline's stages (see the module docstring)."""
+        pipe, kind = self.pipe, self.kind
+        given = {key: self._image(index, row, key) for key in CONDITION_KEYS}
+        if kind == "t2v":
+            named = [key for key, value in given.items() if value is not None]
+            if named:
+                raise ConfigError(
+                    f"row {index} has {' and '.join(named)}, but this Wan DiT is text-to-video and takes no "
+                    "image: train an I2V / TI2V model, or drop the column"
+                )
+            return {}
+        _, frames, height, width = video.shape
+        first = tensor_to_pil(given["input_image"] if given["input_image"] is not None else video[:, 0])
+        if kind == "ti2v":
+            if given["end_image"] is not None:
+                raise ConfigError(f"row {index} has an end_image; Wan2.2-TI2V takes a first frame only")
+            if latents.shape[1] == 1:  # one frame: nothing after the first to learn; train it as text-to-image
+                if given["input_image"] is not None:
+                    raise ConfigError(
+                        f"row {index} is a single frame with an input_image: TI2V learns the frames after the "
+                        "given first one; give it a video (--num_frames 5 or more) or drop the input_image"
+                    )
+                return {}
+            first_latent = pipe.encode_first_latent(first, 1, height, width, {})
+            return {"first_latent": first_latent[0].float()}
+        last = given["end_image"]
+        if last is None and self.dit_config.image_pos_len:  # FLF2V: the last frame is the second condition
+            last = video[:, -1]
+        last = None if last is None else tensor_to_pil(last)
+        conditions = {"y": pipe.encode_frames(first, last, 1, frames, height, width, {})[0].float()}
+        clip = pipe.encode_clip(first, last, height, width)
+        if clip is not None:
+            conditions["clip_feature"] = clip[0].float()
+        return conditions
+
+    @staticmethod
+    def _image(index: int, row: Mapping[str, Any], key: str) -> torch.Tensor | None:
+        """The row's `key` image `[3, H, W]` in [-1, 1], or None when the row has none."""
+        value = row.get(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if isinstance(value, (str, os.PathLike)):
+            raise ConfigError(
+                f"row {index}: {key} is the path {str(value)!r}, not a loaded image; add {key} to --data_file_keys "
+                f"(e.g. --data_file_keys video,{key})"
+            )
+        if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[0] != 3:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(f"row {index}: {key} must be an image [3, H, W] in [-1, 1], got {shape}")
+        return value
+
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         shapes = {tuple(s["latents"].shape) for s in samples}
         if len(shapes) > 1:
@@ -134,17 +331,83 @@ class WanTrainingTask(PipelineTrainingTask):
                 f"a Wan batch mixes latent shapes {sorted(shapes)}: use one --num_frames for every video, and "
                 "do not mix images and videos in one batch (or use --batch_size 1)"
             )
-        return {
-            "latents": torch.stack([s["latents"] for s in samples]),
-            "text": torch.stack([s["text"] for s in samples]),
-        }
+        keys = {tuple(sorted(s)) for s in samples}
+        if len(keys) > 1:
+            raise ConfigError(f"a Wan batch mixes samples encoded with different inputs: {sorted(keys)}")
+        for key in samples[0]:
+            shapes = {tuple(s[key].shape) for s in samples}
+            if len(shapes) > 1:  # CLIP features of one image or two (rows with and without an end_image)
+                raise ConfigError(
+                    f"a Wan batch mixes {key} shapes {sorted(shapes)}: give every row an end_image or none, "
+                    "or use --batch_size 1"
+                )
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
-        timestep = sigma.to(device=noisy_latents.device, dtype=torch.float32) * self.scheduler.num_train_timesteps
-        context = batch["text"].to(noisy_latents.device)
-        return wan_velocity(dit, noisy_latents, timestep.expand(noisy_latents.shape[0]), context)
+        device = noisy_latents.device
+        t = sigma.to(device=device, dtype=torch.float32) * self.scheduler.num_train_timesteps
+        t = t.expand(noisy_latents.shape[0])
+
+        def given(key):
+            return batch[key].to(device) if key in batch else None
+
+        conditions = WanConditions(given("text"), given("clip_feature"), given("y"))
+        if (self.kind == "i2v") != (conditions.y is not None):
+            raise ConfigError(
+                f"this batch was encoded for another kind of Wan model than this {self.kind!r} DiT (I2V conditions "
+                f"{'missing' if conditions.y is None else 'present'}): encode the cache again with this model"
+            )
+        first = given("first_latent")
+        if first is None:
+            timestep = t
+        else:  # TI2V: the clean first frame in place, at timestep 0 token by token, as the pipeline denoises
+            noisy_latents = torch.cat([first.to(noisy_latents.dtype), noisy_latents[:, :, 1:]], dim=2)
+            timestep = torch.cat(
+                [self.pipe.timestep_input(self._shape, noisy_latents[k : k + 1], t[k], True) for k in range(len(t))]
+            )
+        return self.pipe.predict(dit, noisy_latents, timestep, conditions, None, 1.0, False)
+
+    def loss_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """TI2V: 0 on the first latent frame (given, not learned), 1 on the rest; None (all count) otherwise."""
+        if "first_latent" not in batch:
+            return None
+        latents = batch["latents"]
+        mask = torch.ones(latents.shape[0], 1, latents.shape[2], 1, 1, device=latents.device)
+        mask[:, :, 0] = 0
+        return mask
+
+
+def _dit_config(config: ModelConfig) -> WanDiTConfig:
+    """The DiT's config from its files' header (and the `config.json` beside them); no weights are read."""
+    from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
+    from diffsynth.runtime.loading import config_json_beside, derive_config, recognise
+
+    paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+    state = open_checkpoint(paths)
+    label = checkpoint_label(state.files)
+    meta = state.meta_state_dict()
+    found = [rec for rec in recognise(meta, label=label) if rec.spec.role == "dit"]
+    return derive_config(found[0], meta, config_json_beside(state.files), label)
+
+
+def _expert_of(config: ModelConfig, *, folders: bool = True) -> str | None:
+    """ "high" / "low" when the DiT's files sit in a Wan 2.2 A14B expert folder (`high_noise_model/`,
+    `low_noise_model/`, diffusers' `transformer_2/` for the low one), as the pipeline routes them; else None.
+    With `folders`, a path that is itself such a folder counts too (the pipeline's routing looks only at the
+    folders holding files)."""
+    if config.path is not None:
+        paths = [config.path] if isinstance(config.path, str) else list(config.path)
+        places = [Path(p).parent.name for p in paths]
+        places += [Path(p).name for p in paths if folders and Path(p).is_dir()]
+    else:
+        pattern = config.origin_file_pattern
+        places = [os.path.dirname(p) for p in ([pattern] if isinstance(pattern, str) else pattern or [])]
+    where = " ".join(places)
+    if re.search(r"low_noise|transformer_2", where):
+        return "low"
+    return "high" if "high_noise" in where else None
 
 
 def _one_model_each(configs: Sequence[ModelConfig]) -> list[ModelConfig]:
@@ -177,4 +440,4 @@ def _tokenizer_beside(configs: Sequence[ModelConfig]) -> ModelConfig | None:
     return None
 
 
-__all__ = ["WanTrainingTask"]
+__all__ = ["EXPERT_BOUNDARY", "ExpertScheduler", "WanTrainingTask"]

@@ -41,6 +41,7 @@ class ZImageTrainingTask(PipelineTrainingTask):
     denoiser_slot: ClassVar[str] = "dit"
     size_multiple: ClassVar[int] = ZImagePipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("image",)
+    loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift",)  # --task_options that leave a cache valid
 
     def __init__(self, pipe: ZImagePipeline, *, sigma_shift: float = 3.0, max_sequence_length: int = 512):
         self.pipe = pipe

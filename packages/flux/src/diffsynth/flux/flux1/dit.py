@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,11 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import apply_rope, rope_inverse_frequencies, timestep_embedding
+
+from .eligen import check_attention_mask
+
+if TYPE_CHECKING:
+    from .ip_adapter import IPAdapterKV
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
 TIME_FACTOR = 1000.0  # timesteps and guidance arrive in [0, 1]
@@ -147,9 +153,9 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def _joint_attention(q, k, v, rope: Rope) -> torch.Tensor:
+def _joint_attention(q, k, v, rope: Rope, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return attention(q, k, v).flatten(2)
+    return attention(q, k, v, attn_mask).flatten(2)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -169,15 +175,21 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.txt_mlp = _mlp(dim, mlp)
 
-    def forward(self, img, txt, vec, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, img, txt, vec, rope: Rope, attn_mask=None, ip=None) -> tuple[torch.Tensor, torch.Tensor]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
         iq, ik, iv = self.img_attn.qkv_heads((1 + i_scale1) * self.img_norm1(img) + i_shift1)
         tq, tk, tv = self.txt_attn.qkv_heads((1 + t_scale1) * self.txt_norm1(txt) + t_shift1)
-        out = _joint_attention(torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1), rope)
+        q, k, v = torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1)
+        out = _joint_attention(q, k, v, rope, attn_mask)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
+        ip_out = ip.attend(iq) if ip is not None else None  # IP-Adapter (`ip_adapter.py`)
+        if ip_out is not None and not ip.after_mlp:
+            img_out = img_out + ip_out
         img = img + i_gate1 * self.img_attn.proj(img_out)
         img = img + i_gate2 * self.img_mlp((1 + i_scale2) * self.img_norm2(img) + i_shift2)
+        if ip_out is not None and ip.after_mlp:
+            img = img + ip_out
         txt = txt + t_gate1 * self.txt_attn.proj(txt_out)
         txt = txt + t_gate2 * self.txt_mlp((1 + t_scale2) * self.txt_norm2(txt) + t_shift2)
         return img, txt
@@ -197,13 +209,15 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x, vec, rope: Rope) -> torch.Tensor:
+    def forward(self, x, vec, rope: Rope, attn_mask=None, ip=None) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = self.linear1((1 + scale) * self.pre_norm(x) + shift).split(
             [3 * x.shape[-1], self.mlp_hidden_dim], dim=-1
         )
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
-        out = _joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        out = _joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, attn_mask)
+        if ip is not None:  # IP-Adapter: every token's query attends to the image tokens
+            out = out + ip.attend(self.norm.query_norm(q))
         return x + gate * self.linear2(torch.cat((out, F.gelu(mlp, approximate="tanh")), dim=-1))
 
 
@@ -284,6 +298,8 @@ class Flux1DiT(nn.Module):
         guidance: torch.Tensor | float | None = None,
         controlnet_block_samples: Sequence[torch.Tensor] | None = None,
         controlnet_single_block_samples: Sequence[torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        ip_adapter: IPAdapterKV | None = None,
     ) -> torch.Tensor:
         """Velocity for packed image tokens `img` `[B, L_img, in_channels]`.
 
@@ -296,10 +312,21 @@ class Flux1DiT(nn.Module):
         `[B or 1, L, hidden_size]` added to the first `L` image tokens after the double / single
         blocks; a list shorter than the blocks is spread over them (block `i` takes sample
         `i // ceil(blocks / samples)`), as diffusers' `FluxTransformer2DModel` does.
+
+        `attn_mask` (bool, True = attend, or additive float) `[B or 1, 1 or heads, S, S]` restricts the
+        joint attention over `[txt, img]` (S = L_txt + L_img) in every block (EliGen, `eligen.py`).
+
+        `ip_adapter` holds an IP-Adapter's per-block image keys/values and scale (`ip_adapter.py`).
         """
         cfg = self.config
         b, n_img = img.shape[:2]
         img_ids, txt_ids = check_inputs(cfg, img, img_ids, txt, txt_ids, y)
+        if attn_mask is not None:
+            check_attention_mask(attn_mask, b, cfg.num_heads, txt.shape[1] + n_img)
+        n_double, n_single = len(self.double_blocks), len(self.single_blocks)
+        ip_double, ip_single = [None] * n_double, [None] * n_single
+        if ip_adapter is not None:
+            ip_double, ip_single = ip_adapter.blocks(n_double, n_single, b)
         double_res = residual_per_block(controlnet_block_samples, len(self.double_blocks), "controlnet_block_samples")
         single_res = residual_per_block(
             controlnet_single_block_samples, len(self.single_blocks), "controlnet_single_block_samples"
@@ -313,12 +340,12 @@ class Flux1DiT(nn.Module):
         rope = rope_from_ids(ids, cfg.axes_dim, cfg.theta)
 
         for i, block in enumerate(self.double_blocks):
-            img, txt = self._run(block, img, txt, vec, rope)
+            img, txt = self._run(block, img, txt, vec, rope, attn_mask, ip_double[i])
             if double_res is not None:
                 img = add_residual(img, double_res[i], 0)
         x = torch.cat((txt, img), dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, vec, rope)
+            x = self._run(block, x, vec, rope, attn_mask, ip_single[i])
             if single_res is not None:
                 x = add_residual(x, single_res[i], txt.shape[1])
         return self.final_layer(x[:, -n_img:], vec)

@@ -1,0 +1,188 @@
+"""A LoRA training step of the full-size Z-Image DiT at 1024x1024 on one GPU: seconds per step and peak memory
+for each memory option of `diffsynth-train`, and the same step on diffusers' Z-Image transformer with a peft
+LoRA and its gradient checkpointing, in the same run.
+
+Random weights (bf16, shared by assignment between ours and diffusers'), batch 1, a caption of `--caption-len`
+tokens, LoRA rank 32 on the trainer's default targets (attention and MLP Linears), fp32 LoRA weights, bf16
+autocast, AdamW over the LoRA, as the trainer runs it. The issue's goal: a full-size LoRA step within 24 GiB.
+
+    python benchmarks/bench_training.py [--steps 5] [--warmup 2] [--modes bf16,checkpointing,...]
+    python benchmarks/bench_training.py --tiny --device cpu   # a dry run of the script, nothing recorded
+
+Modes: `bf16` (no memory option), `checkpointing` (--use_gradient_checkpointing), `checkpointing_offload`
+(+ --use_gradient_checkpointing_offload), `fp8_checkpointing` (+ --fp8_models dit), `fp8_checkpointing_offload`,
+`diffusers_checkpointing` (diffusers' model, `enable_gradient_checkpointing`, peft `add_adapter`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+
+import torch
+from common import random_model, record, share_weights, step_parser
+
+MODES = (
+    "bf16",
+    "checkpointing",
+    "checkpointing_offload",
+    "fp8_checkpointing",
+    "fp8_checkpointing_offload",
+    "diffusers_checkpointing",
+)
+LORA_RANK = 32
+
+
+def time_steps(step, steps: int, warmup: int, cuda: bool) -> tuple[float, float]:
+    """Mean seconds per training step after `warmup`, and the peak GiB allocated over warmup and steps."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return (time.perf_counter() - start) / steps, peak
+
+
+def train_step(model, forward, params, offload: bool, device: torch.device):
+    """One optimizer step as the trainer takes it: bf16 autocast forward, MSE to a fixed target, backward
+    (activations saved to pinned CPU memory with `offload`), AdamW over the LoRA."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        saved = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
+        with autocast, saved:
+            out = forward()
+        loss = (out.float() - 1.0).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def main() -> None:
+    parser = step_parser(__doc__.splitlines()[0], 5, 2, 1024, 1024, 128)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --tiny --device cpu for a dry run)")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"--modes {','.join(unknown)}: choose from {', '.join(MODES)}")
+
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.trainer import add_lora
+    from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
+    from diffsynth.z_image.pipeline import z_image_velocity
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    tiny = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=(4, 6, 6))
+    cfg = ZImageDiTConfig(**tiny) if args.tiny else ZImageDiTConfig()
+    dtype = torch.bfloat16
+    lora = TrainConfig(lora_rank=LORA_RANK)
+    h, w = args.height // 8, args.width // 8
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, h, w, device=device, dtype=dtype, generator=g)
+    sigma = torch.tensor([0.5], device=device)
+    text = [torch.randn(args.caption_len, cfg.cap_feat_dim, device=device, dtype=dtype, generator=g)]
+
+    results = {}
+    for mode in modes:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        ours = random_model(lambda: ZImageDiT(cfg), device, dtype)
+        if mode == "diffusers_checkpointing":
+            model, forward, params = diffusers_model(cfg, ours, device, x, sigma, text)
+            del ours
+        else:
+            model = ours
+            model.gradient_checkpointing = "checkpointing" in mode
+            add_lora(model, lora)
+            if mode.startswith("fp8"):
+                from diffsynth.runtime.vram import enable_vram_management
+
+                enable_vram_management(
+                    model, {"preparing_dtype": "float8_e4m3fn"}, device=device, dtype=dtype, name="dit"
+                )
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def forward(model=model):
+                return z_image_velocity(model, x, sigma, text)
+
+        step = train_step(model, forward, params, offload=mode.endswith("offload") and cuda, device=device)
+        seconds, peak = time_steps(step, args.steps, args.warmup, cuda)
+        results[mode] = {
+            "s_per_step": seconds,
+            "peak_gib": peak,
+            "lora_parameters": sum(p.numel() for p in params),
+        }
+        print(mode, results[mode], flush=True)
+        del model, params, step, forward
+    record(
+        "training_lora_step",
+        {
+            "model": "tiny" if args.tiny else "Z-Image DiT (random weights)",
+            "height": args.height,
+            "width": args.width,
+            "text_tokens": args.caption_len,
+            "lora_rank": LORA_RANK,
+            "goal_peak_gib": 24,
+            "results": results,
+        },
+        save=not args.tiny,
+    )
+
+
+def diffusers_model(cfg, ours, device, x, sigma, text):
+    """diffusers' transformer on our weights, with a peft LoRA on the same Linears and its own checkpointing."""
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+    from peft import LoraConfig
+
+    with init_empty_weights():
+        ref = ZImageTransformer2DModel(
+            dim=cfg.dim,
+            n_layers=cfg.n_layers,
+            n_refiner_layers=cfg.n_refiner_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            cap_feat_dim=cfg.cap_feat_dim,
+            axes_dims=list(cfg.axes_dims),
+            axes_lens=list(cfg.axes_lens),
+        )
+    ref = share_weights(ref, ours.state_dict(), device)
+    torch.manual_seed(0)
+    ref.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(ours.lora_target_modules)))
+    for name, p in ref.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    ref.enable_gradient_checkpointing()
+    ref.train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    x_list = list(x.unsqueeze(2).unbind(0))
+    t = 1.0 - sigma  # diffusers' Z-Image takes the reversed time, as our velocity gives it
+
+    def forward():
+        return torch.stack([o.squeeze(1) for o in ref(x_list, t, text, return_dict=False)[0]])
+
+    return ref, forward, params
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""FLUX.1 Kontext training: reference images encoded and appended as the pipeline does, and the trainer
+(`diffsynth-train --family flux`) overfitting a tiny Kontext dataset.
+
+The Kontext model is the tiny repo in a folder named like the hub's (`FLUX.1-Kontext-dev`), which is how the
+task recognises one, with a `diffsynth.json` setting 32 T5 tokens (the pipeline and the task both read it; it
+keeps the trainer tests fast) and its VAE scaling factor raised to 2 so the latents, not the noise, dominate the
+loss the overfitting test watches.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.flux.flux1.text_encoder import FluxPromptEmbeds
+from diffsynth.flux.pipeline import FluxImagePipeline, latent_ids
+from diffsynth.flux.training import FluxTrainingTask
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.media import pil_to_tensor
+from diffsynth.runtime.pipeline import configs_from_folder
+
+PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner"]
+
+
+T5_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def kontext_repo(tiny_repo, tmp_path_factory) -> Path:
+    repo = shutil.copytree(tiny_repo, tmp_path_factory.mktemp("hub") / "FLUX.1-Kontext-dev")
+    (repo / "diffsynth.json").write_text(json.dumps({"defaults": {"t5_sequence_length": T5_TOKENS}}))
+    vae = json.loads((repo / "vae" / "config.json").read_text())
+    (repo / "vae" / "config.json").write_text(json.dumps({**vae, "scaling_factor": 2.0}))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def kontext_pipe(kontext_repo):
+    return FluxImagePipeline.from_pretrained(str(kontext_repo), torch_dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def task(kontext_repo):
+    configs, tokenizer = configs_from_folder(kontext_repo)
+    return FluxTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu")
+
+
+def picture(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def rows(references) -> list[dict]:
+    """Rows as the dataset gives them: tensors in [-1, 1], references at their own size."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for prompt, refs in zip(PROMPTS, references, strict=True):
+        value = [pil_to_tensor(r)[0] for r in refs] if isinstance(refs, list) else pil_to_tensor(refs)[0]
+        out.append({"prompt": prompt, "image": torch.rand(3, 64, 64, generator=g) * 2 - 1, "kontext_images": value})
+    return out
+
+
+def test_a_kontext_named_model_makes_a_kontext_task(task, tiny_repo):
+    assert task.kontext is True and task.conditioning == ("kontext_images",)
+    assert task.t5_sequence_length == T5_TOKENS and task.kontext_auto_resize is False
+    configs, tokenizer = configs_from_folder(tiny_repo)
+    plain = FluxTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, encoders=False)
+    assert plain.kontext is None  # FLUX.1-dev: references only where rows have them
+
+
+def test_references_are_encoded_as_the_pipeline_encodes_them(task, kontext_pipe):
+    ref = picture(1, 48, 32)
+    samples = task.encode(rows([ref, [ref]]))
+    expected = kontext_pipe.encode_kontext(kontext_pipe.load_kontext_images([ref]))
+    for sample in samples:
+        assert sample["kontext"].shape == (3 * 2, 64)  # 48x32 pixels -> 6x4 latent -> 3x2 packed tokens
+        assert torch.equal(sample["kontext"], expected.tokens[0]) and torch.equal(sample["kontext_ids"], expected.ids)
+    assert torch.equal(samples[0]["kontext_ids"], latent_ids(4, 6, index=1.0))  # t = 1, rows and columns from 0
+
+
+def test_velocity_is_the_pipeline_per_step_call_with_the_references(task, kontext_pipe):
+    """One reference shared by the batch: bit-equal to the pipeline's `predict` (its denoise loop's call) at
+    embedded guidance 1. Each row with its own two references: each sample equals the pipeline's call on it."""
+    noisy = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.75, 0.3])
+    text = kontext_pipe.encode_prompt(PROMPTS, T5_TOKENS)
+    dit = task.models["dit"]
+    ref = picture(1, 48, 32)
+    batch = task.collate(task.encode(rows([ref, ref])))
+    kontext = kontext_pipe.encode_kontext(kontext_pipe.load_kontext_images([ref]))
+    with torch.no_grad():
+        ours = task.velocity(dit, batch, noisy, sigma)
+        assert torch.equal(ours, kontext_pipe.predict(noisy, sigma, text, None, 1.0, 1.0, kontext))
+        assert not torch.allclose(ours, kontext_pipe.predict(noisy, sigma, text, None, 1.0, 1.0), atol=1e-3)
+        pairs = [[picture(2, 32, 32), picture(3, 16, 48)], [picture(4, 32, 32), picture(5, 16, 48)]]
+        ours = task.velocity(dit, task.collate(task.encode(rows(pairs))), noisy, sigma)
+        for i, refs in enumerate(pairs):
+            kontext = kontext_pipe.encode_kontext(kontext_pipe.load_kontext_images(refs))
+            prompt = FluxPromptEmbeds(text.t5[i : i + 1], text.pooled[i : i + 1])
+            theirs = kontext_pipe.predict(noisy[i : i + 1], sigma[i], prompt, None, 1.0, 1.0, kontext)
+            torch.testing.assert_close(ours[i : i + 1], theirs, rtol=0, atol=1e-5)
+
+
+def test_clear_errors(task):
+    ref = picture(1, 48, 32)
+    no_refs = rows([ref, ref])
+    del no_refs[1]["kontext_images"]
+    with pytest.raises(ConfigError, match=r"row 1 of the batch \(prompt 'a small green.*has no kontext_images"):
+        task.encode(no_refs)
+    plain = FluxTrainingTask(task.pipe)  # a model not named Kontext takes the rows as they come ...
+    samples = plain.encode(no_refs)
+    with pytest.raises(ConfigError, match="mixes 1 rows with kontext_images and 1 without"):
+        plain.collate(samples)  # ... but not mixed in one batch
+    with pytest.raises(ConfigError, match="different sizes or counts.*--batch_size 1"):
+        task.collate(task.encode(rows([ref, picture(2, 32, 32)])))
+
+
+# ----------------------------------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Two recolouring edits (plain pictures: their latents are easy to learn); one row names its reference as
+    a path, the other as a JSON list of one path. References are 48x32 (kept at their size), targets 64x64."""
+    folder = tmp_path_factory.mktemp("kontext-data")
+    lines = []
+    for i, prompt in enumerate(PROMPTS):
+        reference = np.full((32, 48, 3), [(40, 60, 200), (200, 40, 40)][i], dtype=np.uint8)
+        target = np.full((64, 64, 3), [(230, 200, 30), (20, 140, 60)][i], dtype=np.uint8)
+        Image.fromarray(reference).save(folder / f"ref{i}.png")
+        Image.fromarray(target).save(folder / f"img{i}.png")
+        references = "ref0.png" if i == 0 else ["ref1.png"]
+        lines.append(json.dumps({"image": f"img{i}.png", "prompt": prompt, "kontext_images": references}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def train_config(repo, dataset, output, **overrides):
+    """A LoRA (also on the DiT's input and output layers), no loss weights, low noise (sigma <= 0.1)."""
+    from diffsynth.flux.flux1.dit import Flux1DiT
+    from diffsynth.training.config import TrainConfig
+
+    values = dict(
+        model=str(repo), family="flux", dataset_base_path=str(dataset), output_path=str(output), max_pixels=4096,
+        bucket_step=16, batch_size=2, lora_rank=8, learning_rate=2e-2, loss_weighting="none",
+        lora_target_modules=[*Flux1DiT.lora_target_modules, "img_in", "final_layer.linear"],
+        min_timestep_boundary=0.9, max_timestep_boundary=1.0, mixed_precision="no", dtype="float32",
+        max_steps=20, log_every=1, seed=0, num_epochs=1000,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_trainer_overfits_a_kontext_dataset_with_a_lora(kontext_repo, dataset, tmp_path):
+    trainer = pytest.importorskip("diffsynth.training.trainer")
+    state = trainer.train(train_config(kontext_repo, dataset, tmp_path / "out"))
+    curve = losses(tmp_path / "out")
+    assert state.step == 20 and len(curve) == 20
+    assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve  # seeded: 13.9 -> 5.6 (mean of the last 3)
+    assert (tmp_path / "out" / "step-000020.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_cached_training_gives_the_online_losses(kontext_repo, dataset, tmp_path):
+    trainer = pytest.importorskip("diffsynth.training.trainer")
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=3)
+    trainer.train(train_config(kontext_repo, dataset, tmp_path / "online", **settings))
+    cache = str(tmp_path / "cache")
+    trainer.run_stage(train_config(kontext_repo, dataset, tmp_path / "cached", cache_dir=cache, stage="encode", **settings))  # fmt: skip
+    stored = load_file(str(Path(cache) / "items" / "000001.safetensors"))
+    assert set(stored) == {"latents", "t5", "pooled", "kontext", "kontext_ids"} and stored["kontext"].shape == (6, 64)
+    trainer.run_stage(train_config(kontext_repo, dataset, tmp_path / "cached", cache_dir=cache, **settings))
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "online"), rel=1e-5)

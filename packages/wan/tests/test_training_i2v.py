@@ -1,0 +1,325 @@
+"""Image-conditioned Wan training: I2V / FLF2V conditions, TI2V's clean first frame, the A14B experts' noise ranges.
+
+The references are the pipeline's own generation path (its DiT call, recorded by a hook while it generates one
+step from the same latents) and the loss as DiffSynth-Studio defines it; the trainer tests need diffsynth-training.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import pil_to_tensor
+from diffsynth.wan import WanVideoPipeline
+from diffsynth.wan.pipeline import folder_model_configs
+from diffsynth.wan.training import EXPERT_BOUNDARY, ExpertScheduler, WanTrainingTask
+
+PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner"]
+
+
+def load_task(repo, *, keep=lambda config: True, **options) -> WanTrainingTask:
+    configs, tokenizer = folder_model_configs(repo)
+    configs = [c for c in configs if keep(c)]
+    return WanTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu", **options
+    )
+
+
+def frames(seed: int, count: int = 5, size: int = 32) -> list[Image.Image]:
+    """8-bit random frames, as a dataset's files give them."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def as_video(pictures: list[Image.Image]) -> torch.Tensor:
+    return pil_to_tensor(pictures).transpose(0, 1)  # [3, F, H, W]
+
+
+def pipeline_velocity(pipe: WanVideoPipeline, prompt: str, noisy: torch.Tensor, sigma: float, **images):
+    """What the pipeline's DiT returns at its first step from `noisy` at `sigma` (one step, no guidance)."""
+    seen = []
+    hook = pipe.dit.register_forward_hook(lambda module, args, output: seen.append(output.detach().clone()))
+    try:
+        _, _, f, h, w = noisy.shape
+        s = pipe.vae.spatial_compression
+        pipe(
+            prompt, latents=noisy, sigmas=[sigma], height=h * s, width=w * s, num_frames=1 + 4 * (f - 1),
+            cfg_scale=1.0, tiled=False, progress_bar=False, output_type="pt", **images,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def i2v(tiny_repo_factory):
+    repo = tiny_repo_factory("i2v")
+    return load_task(repo), WanVideoPipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ti2v(tiny_repo_factory):
+    repo = tiny_repo_factory("ti2v")
+    return load_task(repo), WanVideoPipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
+
+
+# ----------------------------------------------------------------------------------------- (a) the pipeline's call
+def test_i2v_velocity_is_the_pipeline_prediction_with_first_frame_conditions(i2v):
+    task, pipe = i2v
+    videos = [frames(1), frames(2)]
+    samples = task.encode([{"prompt": p, "video": as_video(v)} for p, v in zip(PROMPTS, videos, strict=True)])
+    assert set(samples[0]) == {"latents", "text", "y", "clip_feature"}
+    assert samples[0]["y"].shape == (4 + 16, 2, 4, 4) and samples[0]["clip_feature"].shape == (5, 128)
+    batch = task.collate(samples)
+    noisy = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.8, 0.35])
+    with torch.no_grad():
+        ours = task.velocity(task.models["dit"], batch, noisy, sigma)
+    for k in range(2):  # the pipeline conditioned on the video's first frame, given as its input_image
+        theirs = pipeline_velocity(pipe, PROMPTS[k], noisy[k : k + 1], float(sigma[k]), input_image=videos[k][0])
+        torch.testing.assert_close(ours[k : k + 1], theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_i2v_input_and_end_image_columns_are_the_pipeline_input_and_end_image(i2v):
+    task, pipe = i2v
+    video, start, end = frames(3), frames(4, count=1)[0], frames(5, count=1)[0]
+    row = {"prompt": PROMPTS[0], "video": as_video(video), "input_image": pil_to_tensor(start)[0]}
+    row["end_image"] = pil_to_tensor(end)[0]
+    batch = task.collate(task.encode([row]))
+    assert batch["clip_feature"].shape == (1, 10, 128)  # first and last image (FLF2V conditioning)
+    noisy = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = task.velocity(task.models["dit"], batch, noisy, torch.tensor([0.6]))
+    theirs = pipeline_velocity(pipe, PROMPTS[0], noisy, 0.6, input_image=start, end_image=end)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="mixes clip_feature shapes"):
+        task.collate(task.encode([row, {"prompt": PROMPTS[1], "video": as_video(video)}]))
+
+
+def test_ti2v_velocity_is_the_pipeline_prediction_with_the_clean_first_frame(ti2v):
+    task, pipe = ti2v
+    assert task.size_multiple == 32  # 16x VAE, 2x2 patches
+    videos = [frames(6, size=64), frames(7, size=64)]
+    samples = task.encode([{"prompt": p, "video": as_video(v)} for p, v in zip(PROMPTS, videos, strict=True)])
+    assert set(samples[0]) == {"latents", "text", "first_latent"} and samples[0]["first_latent"].shape == (48, 1, 4, 4)
+    batch = task.collate(samples)
+    noisy = torch.randn(2, 48, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        ours = task.velocity(task.models["dit"], batch, noisy, sigma)
+    for k in range(2):
+        theirs = pipeline_velocity(pipe, PROMPTS[k], noisy[k : k + 1], float(sigma[k]), input_image=videos[k][0])
+        torch.testing.assert_close(ours[k : k + 1], theirs, rtol=1e-5, atol=1e-5)
+    image_row = task.encode([{"prompt": PROMPTS[0], "image": as_video(videos[0][:1])[:, 0]}])[0]
+    assert set(image_row) == {"latents", "text"}  # one frame: nothing to condition on, trains as text-to-image
+
+
+def test_encoding_without_the_dit_gives_the_same_samples(i2v, tiny_repo_factory):
+    task, _ = i2v
+    encoder = load_task(tiny_repo_factory("i2v"), denoiser=False)
+    assert set(encoder.models) == {"vae", "text_encoder", "image_encoder"}
+    row = {"prompt": PROMPTS[0], "video": as_video(frames(8))}
+    for ours, theirs in zip(encoder.encode([row]), task.encode([row]), strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), key
+    trainer_side = load_task(tiny_repo_factory("i2v"), encoders=False)
+    assert set(trainer_side.models) == {"dit"}
+
+    # FLF2V (a DiT with CLIP positions for two images): the video's last frame is the end image by default
+    flf2v = WanTrainingTask(encoder.pipe, dit_config=replace(encoder.dit_config, image_pos_len=10))
+    (implicit,) = flf2v.encode([row])
+    (explicit,) = encoder.encode([dict(row, end_image=row["video"][:, -1])])
+    assert implicit["clip_feature"].shape == (10, 128) and implicit.keys() == explicit.keys()
+    for key in implicit:
+        assert torch.equal(implicit[key], explicit[key]), key
+
+
+# ----------------------------------------------------------------------------------------- (d) TI2V's loss
+def test_ti2v_loss_leaves_out_the_first_latent_frame(ti2v):
+    trainer = pytest.importorskip("diffsynth.training.trainer")
+    task, _ = ti2v
+    batch = task.collate(task.encode([{"prompt": PROMPTS[0], "video": as_video(frames(9, size=64))}]))
+    config = types.SimpleNamespace(
+        min_timestep_boundary=0.0, max_timestep_boundary=1.0, loss_weighting="scheduler",
+        use_gradient_checkpointing_offload=False,
+    )  # fmt: skip
+    predictions = []
+    real_velocity = task.velocity
+
+    def recording(dit, batch, noisy, sigma):
+        out = real_velocity(dit, batch, noisy, sigma)
+        out.retain_grad()
+        predictions.append(out)
+        return out
+
+    run = types.SimpleNamespace(config=config, task=types.SimpleNamespace(**vars(task)))
+    run.task.velocity, run.task.loss_mask, run.task.scheduler = recording, task.loss_mask, task.scheduler
+    dit = task.models["dit"]
+    dit.requires_grad_(True)
+    try:
+        loss = trainer.flow_matching_loss(run, dit, batch, torch.Generator().manual_seed(5))
+        loss.backward()
+    finally:
+        dit.requires_grad_(False)
+        dit.zero_grad(set_to_none=True)
+    grad = predictions[0].grad
+    assert torch.count_nonzero(grad[:, :, :1]) == 0 and torch.count_nonzero(grad[:, :, 1:]) == grad[:, :, 1:].numel()
+
+    # DiffSynth-Studio's loss: MSE over the frames after the first, with the clean first frame in the input
+    g = torch.Generator().manual_seed(5)
+    x0 = batch["latents"]
+    sigma = task.scheduler.sample_training_sigmas(1, g)
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        predicted = task.velocity(dit, batch, (1 - sigma) * x0 + sigma * noise, sigma)
+    expected = (predicted - (noise - x0))[:, :, 1:].pow(2).mean() * task.scheduler.training_weight(sigma)
+    torch.testing.assert_close(loss.detach(), expected[0], rtol=1e-5, atol=1e-6)
+
+    # what the first frame of x0 holds never matters: the model gets the given frame, the loss skips it
+    changed = dict(batch, latents=torch.cat([torch.randn_like(x0[:, :, :1]), x0[:, :, 1:]], dim=2))
+    run.task.velocity = real_velocity
+    with torch.no_grad():
+        again = trainer.flow_matching_loss(run, dit, changed, torch.Generator().manual_seed(5))
+    assert torch.equal(again, loss.detach())
+
+
+# ----------------------------------------------------------------------------------------- (e) A14B experts
+def test_a14b_experts_draw_sigmas_only_in_their_range(tiny_repo_factory):
+    repo = tiny_repo_factory("i2v_a14b")
+    high = load_task(repo, keep=lambda c: "low_noise" not in str(c.path), encoders=False)
+    low = load_task(repo, keep=lambda c: "high_noise" not in str(c.path), encoders=False)
+    assert isinstance(high.scheduler, ExpertScheduler) and isinstance(low.scheduler, ExpertScheduler)
+    assert (high.scheduler.expert, low.scheduler.expert) == ("high", "low")
+    assert high.scheduler.boundary == low.scheduler.boundary == EXPERT_BOUNDARY["i2v"] == 0.9
+    g = torch.Generator().manual_seed(0)
+    drawn_high = high.scheduler.sample_training_sigmas(20000, g)
+    drawn_low = low.scheduler.sample_training_sigmas(20000, g)
+    assert (drawn_high >= 0.9).all() and (drawn_low < 0.9).all()
+    # together they draw every grid point: the range is split at the boundary, nothing is lost
+    grid = high.scheduler.train_sigmas
+    assert len(set(drawn_high.tolist()) | set(drawn_low.tolist())) == len(grid) == 1000
+    # DiffSynth-Studio's scripts train the I2V experts with --max/--min_timestep_boundary 0.358 (shift 5)
+    assert high.scheduler.expert_span() == (0, 358) and low.scheduler.expert_span() == (358, 1000)
+    # the user's --min/max_timestep_boundary narrow the expert's range further
+    narrowed = high.scheduler.sample_training_sigmas(500, g, min_boundary=0.1, max_boundary=0.9)
+    assert (narrowed >= 0.9).all() and (narrowed <= grid[100]).all()
+    with pytest.raises(ConfigError, match="min_timestep_boundary 0.5.*high-noise expert"):
+        high.scheduler.sample_training_sigmas(1, g, min_boundary=0.5)
+
+
+def test_a14b_expert_from_the_folder_or_the_option(tiny_repo_factory):
+    repo = tiny_repo_factory("a14b")
+    low = load_task(repo, keep=lambda c: "high_noise" not in str(c.path), encoders=False)
+    assert low.scheduler.expert == "low" and low.scheduler.boundary == EXPERT_BOUNDARY["t2v"] == 0.875
+    assert low.scheduler.expert_span() == (417, 1000)  # DiffSynth-Studio's T2V A14B scripts: 0.417
+    g = torch.Generator().manual_seed(1)
+    assert (low.scheduler.sample_training_sigmas(2000, g) < 0.875).all()
+    forced = load_task(repo, keep=lambda c: "high_noise" not in str(c.path), encoders=False, expert="high")
+    assert (forced.scheduler.sample_training_sigmas(2000, g) >= 0.875).all()
+    folder = WanTrainingTask.from_pretrained(  # the expert's folder itself given (--model_paths a folder)
+        [ModelConfig(path=str(repo / "low_noise_model"))], torch_dtype="float32", device="cpu", encoders=False
+    )
+    assert folder.scheduler.expert == "low" and set(folder.models) == {"dit"}
+    plain = load_task(tiny_repo_factory("t2v"), encoders=False)  # Wan 2.1: the whole range
+    assert type(plain.scheduler).__name__ == "FlowMatchScheduler"
+    with pytest.raises(ConfigError, match="train one expert at a time"):
+        load_task(repo, encoders=False)
+    with pytest.raises(ConfigError, match="expert='x'"):
+        load_task(repo, keep=lambda c: "high_noise" not in str(c.path), encoders=False, expert="x")
+    with pytest.raises(ConfigError, match="not a Wan 2.2 A14B expert"):
+        load_task(tiny_repo_factory("ti2v"), encoders=False, expert="high")
+
+
+# ----------------------------------------------------------------------------------------- (f) errors
+def test_clear_errors(i2v, tiny_repo_factory, tiny_repo):
+    task, _ = i2v
+    video = as_video(frames(10))
+    with pytest.raises(ConfigError, match=r"row 0: input_image is the path 'first.png'.*--data_file_keys"):
+        task.encode([{"prompt": "x", "video": video, "input_image": "first.png"}])
+    with pytest.raises(ConfigError, match=r"row 0: end_image must be an image \[3, H, W\]"):
+        task.encode([{"prompt": "x", "video": video, "end_image": video}])
+    assert task.sample is None  # --validation_prompts would need an input image: the trainer refuses the flag
+    t2v = load_task(tiny_repo, encoders=True, denoiser=False)
+    with pytest.raises(ConfigError, match="row 0 has input_image.*text-to-video"):
+        t2v.encode([{"prompt": "x", "video": video, "input_image": video[:, 0]}])
+    ti2v = load_task(tiny_repo_factory("ti2v"), denoiser=False)
+    with pytest.raises(ConfigError, match="row 0 has an end_image; Wan2.2-TI2V"):
+        ti2v.encode([{"prompt": "x", "video": video, "end_image": video[:, 0]}])
+    with pytest.raises(ConfigError, match="row 0 is a single frame with an input_image"):
+        ti2v.encode([{"prompt": "x", "image": video[:, 0], "input_image": video[:, 0]}])
+    repo = tiny_repo_factory("i2v")
+    with pytest.raises(ConfigError, match="takes CLIP image features: add the image encoder"):
+        load_task(repo, keep=lambda c: "clip" not in str(c.path))
+    with pytest.raises(ConfigError, match="needs the DiT's files"):
+        load_task(repo, keep=lambda c: "diffusion_pytorch_model" not in str(c.path), denoiser=False)
+
+
+# ----------------------------------------------------------------------------------------- (b, c) the trainer
+def video_dataset(folder: Path, size: int) -> Path:
+    """Two 5-frame mp4 videos of a square moving across a plain background."""
+    from diffsynth.runtime.media import save_video
+
+    rows = []
+    for i, (background, square) in enumerate([((20, 40, 200), (230, 30, 30)), ((10, 10, 10), (40, 220, 60))]):
+        pictures = np.empty((5, size, size, 3), dtype=np.uint8)
+        pictures[:] = background
+        for f in range(5):
+            pictures[f, size // 4 : size // 2, f * size // 8 : f * size // 8 + size // 3] = square
+        save_video(list(pictures), folder / f"clip{i}.mp4", fps=8)
+        rows.append({"video": f"clip{i}.mp4", "prompt": PROMPTS[i]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def train_config(repo, dataset, output, size, **overrides):
+    from diffsynth.training.config import TrainConfig
+
+    values = dict(
+        model=str(repo), dataset_base_path=str(dataset), output_path=str(output), family="wan", num_frames=5,
+        max_pixels=size * size, bucket_step=size, batch_size=2, trainable_models=["dit"], learning_rate=2e-2,
+        loss_weighting="none", min_timestep_boundary=0.45, max_timestep_boundary=0.55, mixed_precision="no",
+        dtype="float32", max_steps=10, log_every=1, seed=0, num_epochs=1000,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind, size, steps", [("i2v", 32, 10), ("ti2v", 64, 16)])
+def test_trainer_overfits_two_videos(tiny_repo_factory, tmp_path, kind, size, steps):
+    """Full fine-tuning at a narrow noise band; seeded: i2v 4.47 -> 2.02, ti2v 171 -> 55.9 (mean of the last 3)."""
+    trainer = pytest.importorskip("diffsynth.training.trainer")
+    dataset = video_dataset(tmp_path, size)
+    state = trainer.train(train_config(tiny_repo_factory(kind), dataset, tmp_path / "out", size, max_steps=steps))
+    curve = losses(tmp_path / "out")
+    assert state.step == steps and len(curve) == steps
+    assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve
+
+
+@pytest.mark.integration
+def test_i2v_cached_training_gives_the_online_losses(tiny_repo_factory, tmp_path):
+    trainer = pytest.importorskip("diffsynth.training.trainer")
+    repo, dataset = tiny_repo_factory("i2v"), video_dataset(tmp_path, 32)
+    settings = dict(max_steps=3, trainable_models=[], lora_rank=4, learning_rate=1e-2)
+    trainer.train(train_config(repo, dataset, tmp_path / "online", 32, **settings))
+    cache = str(tmp_path / "cache")
+    trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", 32, cache_dir=cache, stage="encode", **settings))
+    from safetensors.torch import load_file
+
+    stored = load_file(str(Path(cache) / "items" / "000000.safetensors"))
+    assert set(stored) == {"latents", "text", "y", "clip_feature"}
+    trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", 32, cache_dir=cache, **settings))
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "online"), rel=1e-5)
