@@ -22,6 +22,7 @@ from diffsynth.training.trainer import train
 
 CPU_FSDP2 = """
 import accelerate
+from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 class CpuFsdp2Accelerator(accelerate.Accelerator):
@@ -29,6 +30,7 @@ class CpuFsdp2Accelerator(accelerate.Accelerator):
         super().__init__(*args, **kwargs)
         self.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the FSDP_* variables
         self.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what AcceleratorState() rereads
 
 accelerate.Accelerator = CpuFsdp2Accelerator
 """
@@ -83,10 +85,19 @@ def test_fsdp2_lora_matches_one_process_and_resumes(tmp_path, dataset):
     assert_same(final, load_file(str(resumed / "checkpoints" / "step-000003" / "trainable.safetensors")))
 
 
-def test_fsdp2_shard_grad_op_full_fine_tuning_writes_the_gathered_model(tmp_path, dataset):
-    one = train_one(tmp_path, dataset, trainable_models=["denoiser"], max_steps=2, learning_rate=1e-3)
+def test_fsdp2_shard_grad_op_full_fine_tuning_writes_the_gathered_model_and_validates(tmp_path, dataset):
+    import numpy as np
+    from PIL import Image
+
+    settings = dict(max_steps=2, learning_rate=1e-3, validation_steps=2)
+    one = train_one(tmp_path, dataset, trainable_models=["denoiser"], validation_prompts=["a red circle"], **settings)
     sharded = train_sharded(
-        tmp_path, dataset, "fsdp", "fsdp2_shard_grad_op", trainable_models="denoiser", max_steps=2, learning_rate=1e-3
-    )
+        tmp_path, dataset, "fsdp", "fsdp2_shard_grad_op", trainable_models="denoiser",
+        validation_prompts="a red circle", **settings,
+    )  # fmt: skip
     name = "step-000002/denoiser/diffusion_pytorch_model.safetensors"
     assert_same(load_file(str(one / name)), load_file(str(sharded / name)))
+    # the sharded model samples (every process runs the forward, the first writes) what one process samples
+    picture = "validation/step-000002-0.png"
+    a, b = (np.asarray(Image.open(folder / picture), dtype=np.int16) for folder in (one, sharded))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1  # rounding to 8 bits may flip on a 1e-6 difference
