@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import time
 
 import torch
-from common import random_model, record, share_weights, step_parser
+from common import random_model, record, share_weights, step_parser, timed
 
 MODES = (
     "bf16",
@@ -32,24 +31,6 @@ MODES = (
     "diffusers_checkpointing",
 )
 LORA_RANK = 32
-
-
-def time_steps(step, steps: int, warmup: int, cuda: bool) -> tuple[float, float]:
-    """Mean seconds per training step after `warmup`, and the peak GiB allocated over warmup and steps."""
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return (time.perf_counter() - start) / steps, peak
 
 
 def train_step(model, forward, params, offload: bool, device: torch.device):
@@ -125,7 +106,7 @@ def main() -> None:
                 return z_image_velocity(model, x, sigma, text)
 
         step = train_step(model, forward, params, offload=mode.endswith("offload") and cuda, device=device)
-        seconds, peak = time_steps(step, args.steps, args.warmup, cuda)
+        seconds, peak = timed(step, args.steps, args.warmup, inference=False)
         results[mode] = {
             "s_per_step": seconds,
             "peak_gib": peak,

@@ -19,9 +19,14 @@ def require_cuda() -> None:
         raise SystemExit("this benchmark needs a CUDA GPU")
 
 
-@torch.inference_mode()
-def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
-    """Mean seconds per call over `steps` calls after `warmup`, and peak GiB allocated during them."""
+def timed(fn, steps: int, warmup: int, inference: bool = True) -> tuple[float, float]:
+    """Mean seconds per call over `steps` calls after `warmup`, and peak GiB allocated during them; the calls
+    run under `torch.inference_mode` unless `inference=False` (training steps)."""
+    with torch.inference_mode(inference):
+        return _timed(fn, steps, warmup)
+
+
+def _timed(fn, steps: int, warmup: int) -> tuple[float, float]:
     cuda = torch.cuda.is_available()  # False only in a --tiny dry run on a CPU machine
     for _ in range(warmup):
         fn()

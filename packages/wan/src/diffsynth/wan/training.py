@@ -95,30 +95,16 @@ class ExpertScheduler(FlowMatchScheduler):
         high = int((t >= edge).sum())  # the grid decreases: the high-noise share is a prefix
         return (0, high) if self.expert == "high" else (high, len(self.train_sigmas))
 
-    def sample_training_sigmas(
-        self,
-        batch: int,
-        generator: torch.Generator | None = None,
-        *,
-        min_boundary: float = 0.0,
-        max_boundary: float = 1.0,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"batch={batch!r} is not accepted; use an integer >= 1")
+    training_span = expert_span  # what `sample_training_sigmas` draws from
+
+    def span_error(self, min_boundary: float, max_boundary: float) -> ConfigError:
         start, stop = self.expert_span()
-        size = len(self.train_sigmas)
-        low, high = max(start, int(min_boundary * size)), min(stop, int(max_boundary * size))
-        if not (0 <= min_boundary < max_boundary <= 1) or low >= high:
-            raise ConfigError(
-                f"--min_timestep_boundary {min_boundary} / --max_timestep_boundary {max_boundary} leave no "
-                f"timestep of the {self.expert}-noise expert (t {'>=' if self.expert == 'high' else '<'} "
-                f"{self.boundary * self.num_train_timesteps:g}: grid positions {start}..{stop - 1} of {size}); "
-                "widen them or leave them at 0 and 1"
-            )
-        gen_device = generator.device if generator is not None else "cpu"
-        index = torch.randint(low, high, (batch,), generator=generator, device=gen_device).cpu()
-        return self.train_sigmas[index].to(device)
+        return ConfigError(
+            f"--min_timestep_boundary {min_boundary} / --max_timestep_boundary {max_boundary} leave no "
+            f"timestep of the {self.expert}-noise expert (t {'>=' if self.expert == 'high' else '<'} "
+            f"{self.boundary * self.num_train_timesteps:g}: grid positions {start}..{stop - 1} of "
+            f"{len(self.train_sigmas)}); widen them or leave them at 0 and 1"
+        )
 
     def __repr__(self) -> str:
         return f"ExpertScheduler({self.expert!r}, boundary={self.boundary:g}; {super().__repr__()})"

@@ -171,18 +171,28 @@ class FlowMatchScheduler:
         """
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"batch={batch!r} is not accepted; use an integer >= 1")
-        if self.train_sigmas is None:
-            self.set_training_grid()
+        start, stop = self.training_span()
         size = len(self.train_sigmas)
-        low, high = int(min_boundary * size), int(max_boundary * size)
+        low, high = max(start, int(min_boundary * size)), min(stop, int(max_boundary * size))
         if not (0 <= min_boundary < max_boundary <= 1) or low >= high:
-            raise ConfigError(
-                f"min_boundary={min_boundary!r}, max_boundary={max_boundary!r} are not accepted; "
-                f"use 0 <= min_boundary < max_boundary <= 1 spanning at least one of {size} grid points"
-            )
+            raise self.span_error(min_boundary, max_boundary)
         gen_device = generator.device if generator is not None else "cpu"
         index = torch.randint(low, high, (batch,), generator=generator, device=gen_device).cpu()
         return self.train_sigmas[index].to(device)
+
+    def training_span(self) -> tuple[int, int]:
+        """The training-grid positions `[start, stop)` draws may come from: all of them here; a subclass narrows
+        it (one Wan 2.2 A14B expert's noise levels)."""
+        if self.train_sigmas is None:
+            self.set_training_grid()
+        return 0, len(self.train_sigmas)
+
+    def span_error(self, min_boundary: float, max_boundary: float) -> ConfigError:
+        """What `sample_training_sigmas` raises when the boundaries leave no grid point of the span."""
+        return ConfigError(
+            f"min_boundary={min_boundary!r}, max_boundary={max_boundary!r} are not accepted; "
+            f"use 0 <= min_boundary < max_boundary <= 1 spanning at least one of {len(self.train_sigmas)} grid points"
+        )
 
     def training_weight(self, sigmas: torch.Tensor | float) -> torch.Tensor:
         """Loss weight of each sigma: the weight of the nearest training-grid point (float32, same shape)."""
