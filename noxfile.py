@@ -40,6 +40,7 @@ def _constraints() -> str:
             "--no-emit-workspace",
             "--all-packages",
             "--all-groups",
+            "--all-extras",
             "--no-header",
             "--no-annotate",
             "-o",
@@ -52,11 +53,16 @@ def _constraints() -> str:
     return str(path)
 
 
+# optional extras a package's own tests exercise (its tests skip without them)
+TEST_EXTRAS = {"training": "[deepspeed]"}
+
+
 def _local_deps(package: str) -> list[str]:
-    """The package folder plus the runtime it depends on (not published to an index yet)."""
+    """The package folder (with the extras its tests exercise) plus the runtime it depends on (not published
+    to an index yet)."""
     if package == "runtime":
         return ["packages/runtime"]
-    return ["packages/runtime", f"packages/{package}"]
+    return ["packages/runtime", f"packages/{package}{TEST_EXTRAS.get(package, '')}"]
 
 
 def _pytest(session: nox.Session, name: str, *args: str, allow_empty: bool = False) -> None:

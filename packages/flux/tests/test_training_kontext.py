@@ -178,3 +178,20 @@ def test_cached_training_gives_the_online_losses(kontext_repo, dataset, tmp_path
     assert set(stored) == {"latents", "t5", "pooled", "kontext", "kontext_ids"} and stored["kontext"].shape == (6, 64)
     trainer.run_stage(train_config(kontext_repo, dataset, tmp_path / "cached", cache_dir=cache, **settings))
     assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "online"), rel=1e-5)
+
+
+def test_validation_samples_are_the_pipeline_with_the_same_references(task, kontext_pipe):
+    """`sample` (the trainer's --validation_images) draws what the pipeline draws from the same references, seed
+    and size; the references matter (without them the picture differs)."""
+    references = [[picture(6, 32, 48)], [picture(7, 48, 32), picture(8, 16, 16)]]
+    # the T5 length given: the task's pipeline is loaded without the folder's diffsynth.json defaults
+    size = {"height": 32, "width": 32, "num_inference_steps": 2, "t5_sequence_length": T5_TOKENS}
+    assert task.validation_references == "expected"
+    with torch.no_grad():
+        drawn = task.sample(task.models["dit"], PROMPTS, seed=3, references=references, **size)
+        plain = task.sample(task.models["dit"], PROMPTS[:1], seed=3, **size)
+        for prompt, images, ours in zip(PROMPTS, references, drawn, strict=True):
+            theirs = kontext_pipe(prompt, kontext_images=images, seed=3, progress_bar=False, **size)
+            diff = np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int))
+            assert ours.size == (32, 32) and diff.max() <= 1
+    assert np.abs(np.asarray(plain[0], dtype=int) - np.asarray(drawn[0], dtype=int)).max() > 8

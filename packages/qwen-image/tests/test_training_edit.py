@@ -202,3 +202,21 @@ def test_a_missing_edit_image_is_named(repo, dataset, tmp_path):
     (broken / "edit1.png").unlink()
     with pytest.raises(ConfigError, match=r"'edit1.png' \(at row 2 column edit_image\)"):
         trainer.train(train_config(repo, broken, tmp_path / "out"))
+
+
+def test_validation_samples_are_the_pipeline_with_the_same_edit_images(repo):
+    """`sample` (the trainer's --validation_images) draws what the pipeline draws from the same edit images, seed
+    and size (one image, and two as 2509/2511 take them); the images matter (without them the picture differs).
+    Compared as floats: the tiny random models' pictures move by about one 8-bit level with the images."""
+    task = make_task(repo)
+    pipe = QwenImagePipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
+    references = [[picture(6, 40, 56)], [picture(7, 64, 48), picture(8, 32, 32)]]
+    size = {"height": 32, "width": 32, "num_inference_steps": 2, "cfg_scale": 1.0, "output_type": "np"}
+    assert task.validation_references == "expected"
+    with torch.no_grad():
+        drawn = task.sample(task.models["dit"], PROMPTS, seed=3, references=references, **size)
+        plain = task.sample(task.models["dit"], PROMPTS[:1], seed=3, **size)
+        for prompt, images, ours in zip(PROMPTS, references, drawn, strict=True):
+            theirs = pipe(prompt, edit_image=images, seed=3, progress_bar=False, **size)
+            assert ours.shape == (1, 32, 32, 3) and np.abs(ours - theirs).max() <= 1e-5
+    assert np.abs(plain[0] - drawn[0]).max() > 1e-4  # deterministic: equal pictures would differ by 0

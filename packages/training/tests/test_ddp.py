@@ -7,11 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffsynth_training_toy import DISTRIBUTED_SETTINGS, run_two_processes
+from diffsynth_training_toy import DISTRIBUTED_SETTINGS, assert_same_tensors, run_two_processes, train_one_process
 from safetensors.torch import load_file
-
-from diffsynth.training.config import TrainConfig
-from diffsynth.training.trainer import train
 
 
 def final_weights(output: Path) -> dict[str, torch.Tensor]:
@@ -19,12 +16,9 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_processes_equal_one_process_accumulating_two_micro_batches(tmp_path, dataset):
-    train(TrainConfig(**DISTRIBUTED_SETTINGS, dataset_base_path=str(dataset), output_path=str(tmp_path / "one"),
-                      gradient_accumulation_steps=2))  # fmt: skip
+    train_one_process(tmp_path, dataset, accumulation=2)
     run_two_processes(tmp_path, {**DISTRIBUTED_SETTINGS, "dataset_base_path": dataset, "output_path": tmp_path / "ddp"})
 
     one, ddp = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
-    assert one.keys() == ddp.keys() and len(one) > 0
     assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-4  # B starts at zero: it trained
-    for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_same_tensors(one, ddp)

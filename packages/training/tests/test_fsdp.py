@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from diffsynth_training_toy import DISTRIBUTED_SETTINGS, run_two_processes
+from diffsynth_training_toy import DISTRIBUTED_SETTINGS, assert_same_tensors, run_two_processes, train_one_process
 from safetensors.torch import load_file
 
-from diffsynth.training.config import TrainConfig
 from diffsynth.training.distributed import accelerate_config
-from diffsynth.training.trainer import train
 
 CPU_FSDP2 = """
 import accelerate
@@ -57,32 +54,21 @@ def train_sharded(tmp_path: Path, dataset: Path, output: str, config: str = "fsd
     return tmp_path / output
 
 
-def train_one(tmp_path: Path, dataset: Path, **overrides) -> Path:
-    settings = {**DISTRIBUTED_SETTINGS, **overrides}
-    train(TrainConfig(**settings, dataset_base_path=str(dataset), output_path=str(tmp_path / "one"),
-                      gradient_accumulation_steps=2))  # fmt: skip
-    return tmp_path / "one"
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
-
-
 def test_fsdp2_lora_matches_one_process_and_resumes(tmp_path, dataset):
-    one = train_one(tmp_path, dataset)
+    one = train_one_process(tmp_path, dataset)
     sharded = train_sharded(tmp_path, dataset, "fsdp", save_steps=1)
 
     # the exported LoRA and the checkpoint's trained weights are gathered from both shards
-    assert_same(load_file(str(one / "step-000003.safetensors")), load_file(str(sharded / "step-000003.safetensors")))
+    assert_same_tensors(
+        load_file(str(one / "step-000003.safetensors")), load_file(str(sharded / "step-000003.safetensors"))
+    )
     final = load_file(str(sharded / "checkpoints" / "step-000003" / "trainable.safetensors"))
-    assert_same(load_file(str(one / "checkpoints" / "step-000003" / "trainable.safetensors")), final)
+    assert_same_tensors(load_file(str(one / "checkpoints" / "step-000003" / "trainable.safetensors")), final)
     assert max(v.abs().max().item() for k, v in final.items() if "lora_B" in k) > 1e-4  # B starts at zero
 
     # resuming the sharded run at step 2 (weights, Adam moments, schedule, data position) ends where it ended
     resumed = train_sharded(tmp_path, dataset, "resumed", resume=sharded / "checkpoints" / "step-000002")
-    assert_same(final, load_file(str(resumed / "checkpoints" / "step-000003" / "trainable.safetensors")))
+    assert_same_tensors(final, load_file(str(resumed / "checkpoints" / "step-000003" / "trainable.safetensors")))
 
 
 def test_fsdp2_shard_grad_op_full_fine_tuning_writes_the_gathered_model_and_validates(tmp_path, dataset):
@@ -90,13 +76,15 @@ def test_fsdp2_shard_grad_op_full_fine_tuning_writes_the_gathered_model_and_vali
     from PIL import Image
 
     settings = dict(max_steps=2, learning_rate=1e-3, validation_steps=2)
-    one = train_one(tmp_path, dataset, trainable_models=["denoiser"], validation_prompts=["a red circle"], **settings)
+    one = train_one_process(
+        tmp_path, dataset, trainable_models=["denoiser"], validation_prompts=["a red circle"], **settings
+    )
     sharded = train_sharded(
         tmp_path, dataset, "fsdp", "fsdp2_shard_grad_op", trainable_models="denoiser",
         validation_prompts="a red circle", **settings,
     )  # fmt: skip
     name = "step-000002/denoiser/diffusion_pytorch_model.safetensors"
-    assert_same(load_file(str(one / name)), load_file(str(sharded / name)))
+    assert_same_tensors(load_file(str(one / name)), load_file(str(sharded / name)))
     # the sharded model samples (every process runs the forward, the first writes) what one process samples
     picture = "validation/step-000002-0.png"
     a, b = (np.asarray(Image.open(folder / picture), dtype=np.int16) for folder in (one, sharded))

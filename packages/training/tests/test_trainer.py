@@ -309,13 +309,13 @@ def test_preset_lora_is_fused_into_the_base_and_the_new_lora_trains_on_top(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("kind", "fsdp_version", "message"), [("DEEPSPEED", None, "DeepSpeed"), ("FSDP", 1, "FSDP version 1")]
+    ("kind", "fsdp_version", "message"), [("MEGATRON_LM", None, "MEGATRON_LM"), ("FSDP", 1, "FSDP version 1")]
 )
 def test_accelerate_modes_the_trainer_cannot_save_are_refused_by_name(
     tmp_path, dataset, monkeypatch, kind, fsdp_version, message
 ):
-    """DeepSpeed and FSDP1 would hand the save path state it does not gather: refused up front, not written
-    wrong (FSDP2 runs: test_fsdp.py)."""
+    """Megatron-LM and FSDP1 would hand the save path state it does not gather: refused up front, not written
+    wrong (FSDP2 runs: test_fsdp.py; DeepSpeed: test_deepspeed.py)."""
     import types
 
     import accelerate

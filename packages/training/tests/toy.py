@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -146,7 +147,9 @@ class ToyTask:
         return {"latents": torch.stack([s["latents"] for s in samples]), "text": [s["text"] for s in samples]}
 
     def velocity(self, denoiser, batch, noisy_latents, sigma):
-        return denoiser(noisy_latents, sigma, batch["text"])
+        # reads the denoiser's own attributes, as real families do (Qwen-Image: `dit.config.patch_size`), which
+        # the trainer must keep reachable when DDP or DeepSpeed wraps the model
+        return denoiser(noisy_latents.to(denoiser.proj_in.weight.dtype), sigma, batch["text"])
 
     def sample(self, denoiser, prompts, *, seed, **options):
         """Euler steps from seeded noise; the toy has no decoder, so the latents' first 3 channels are the picture."""
@@ -225,6 +228,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_one_process(folder: Path, dataset: Path, accumulation: int = 2, **overrides) -> Path:
+    """The reference of the multi-process tests: one process training `DISTRIBUTED_SETTINGS` (with `overrides`)
+    and accumulating `accumulation` micro-batches per optimizer step, into `folder / "one"`."""
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.trainer import train
+
+    settings = {**DISTRIBUTED_SETTINGS, **overrides}
+    output = folder / "one"
+    train(TrainConfig(**settings, dataset_base_path=str(dataset), output_path=str(output),
+                      gradient_accumulation_steps=accumulation))  # fmt: skip
+    return output
+
+
+def assert_same_tensors(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> None:
+    """The same non-empty set of names, each tensor equal to float32 round-off."""
+    assert expected.keys() == got.keys() and len(expected) > 0
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _without_bytecode_switch(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment minus PYTHONDONTWRITEBYTECODE: launched processes import torch (and DeepSpeed) from
+    source, which with that switch set is compiled anew in every process (about 10 s each here); without it
+    the first launch caches the bytecode for the others."""
+    return {k: v for k, v in environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run_two_processes(
     folder: Path, settings: dict[str, Any], prelude: str = "", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
@@ -233,7 +263,7 @@ def run_two_processes(
     holds the log)."""
     launcher = folder / f"launch_{free_port()}.py"
     launcher.write_text(_LAUNCHER.format(prelude=prelude))
-    flags = [f"--{k}={v}" for k, v in settings.items()]
+    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}" for k, v in settings.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     done = subprocess.run(
         [*command, str(launcher), __file__, *flags],
@@ -241,7 +271,7 @@ def run_two_processes(
         text=True,
         timeout=300,
         check=False,
-        env={**os.environ, **(env or {})},
+        env={**_without_bytecode_switch(os.environ), **(env or {})},
     )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return done

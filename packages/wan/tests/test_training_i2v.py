@@ -248,7 +248,7 @@ def test_clear_errors(i2v, tiny_repo_factory, tiny_repo):
         task.encode([{"prompt": "x", "video": video, "input_image": "first.png"}])
     with pytest.raises(ConfigError, match=r"row 0: end_image must be an image \[3, H, W\]"):
         task.encode([{"prompt": "x", "video": video, "end_image": video}])
-    assert task.sample is None  # --validation_prompts would need an input image: the trainer refuses the flag
+    assert task.validation_references == "required"  # the trainer refuses --validation_prompts without images
     t2v = load_task(tiny_repo, encoders=True, denoiser=False)
     with pytest.raises(ConfigError, match="row 0 has input_image.*text-to-video"):
         t2v.encode([{"prompt": "x", "video": video, "input_image": video[:, 0]}])
@@ -323,3 +323,40 @@ def test_i2v_cached_training_gives_the_online_losses(tiny_repo_factory, tmp_path
     assert set(stored) == {"latents", "text", "y", "clip_feature"}
     trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", 32, cache_dir=cache, **settings))
     assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "online"), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- validation samples
+def test_i2v_validation_samples_are_the_pipeline_with_the_same_frames(i2v):
+    """`sample` (the trainer's --validation_images) draws what the pipeline draws from the same first (and last)
+    frame, seed and size; the frames matter (another first frame gives another video); none is an error."""
+    task, pipe = i2v
+    first, other, last = frames(11, count=3)
+    references = [[first], [first, last]]
+    size = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2, "cfg_scale": 1.0}
+    size.update(tiled=False, output_type="np")
+    assert task.validation_references == "required"
+    with torch.no_grad():
+        drawn = task.sample(task.models["dit"], PROMPTS, seed=3, references=references, **size)
+        moved = task.sample(task.models["dit"], PROMPTS[:1], seed=3, references=[[other]], **size)
+        for prompt, images, ours in zip(PROMPTS, references, drawn, strict=True):
+            ends = {"end_image": images[1]} if len(images) == 2 else {}
+            theirs = pipe(prompt, input_image=images[0], seed=3, progress_bar=False, **ends, **size)
+            assert ours.shape == (1, 5, 32, 32, 3) and np.abs(ours - theirs).max() <= 1e-5
+    assert np.abs(moved[0] - drawn[0]).max() > 1e-4  # deterministic: ignored frames would give 0
+    with pytest.raises(ConfigError, match="Wan I2V validation needs --validation_images"):
+        task.sample(task.models["dit"], PROMPTS[:1], seed=3, **size)
+    with pytest.raises(ConfigError, match="3 reference images for one Wan validation sample"):
+        task.reference_arguments([first, other, last])
+
+
+def test_ti2v_and_t2v_validation_references(ti2v, tiny_repo):
+    task, _ = ti2v
+    first = frames(12, count=1)[0]
+    assert task.validation_references == "expected"
+    assert task.reference_arguments([first]) == {"input_image": first} and task.reference_arguments([]) == {}
+    with pytest.raises(ConfigError, match="takes a first frame only"):
+        task.reference_arguments([first, first])
+    t2v = load_task(tiny_repo, encoders=False)
+    assert t2v.validation_references == "none"
+    with pytest.raises(ConfigError, match="text-to-video and takes no reference images"):
+        t2v.reference_arguments([first])

@@ -354,8 +354,9 @@ class FluxImagePipeline(BasePipeline):
         ids = []
         for item in items:
             config = _controlnet_config(item)
-            paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
-            for loaded in load_models(paths, torch_dtype=self.torch_dtype, device="cpu", specs=[FLUX1_CONTROLNET_SPEC]):
+            for loaded in load_models(
+                _weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=[FLUX1_CONTROLNET_SPEC]
+            ):
                 ids.append(self._add_controlnet(loaded.module, config))
         if self.vram_handles:
             self.enable_vram_management(slots=["controlnet"])
@@ -696,18 +697,14 @@ class FluxImagePipeline(BasePipeline):
         """
         from .flux1.ip_adapter import XLABS, check_fits, load_image_encoder, load_ip_adapter_model
 
-        config = _ip_adapter_config(ip_adapter, "ip_adapter")
-        paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        config = _ip_adapter_config(ip_adapter)
         double = self.dit.config.depth if self.dit is not None else None
-        adapter = load_ip_adapter_model(paths, self.torch_dtype, double_blocks=double)
+        adapter = load_ip_adapter_model(_weight_paths(config), self.torch_dtype, double_blocks=double)
         if self.dit is not None:
             check_fits(adapter, self.dit)
         fmt = adapter.config.format
-        encoder_config = _ip_adapter_config(
-            image_encoder if image_encoder is not None else IP_ADAPTER_ENCODERS[fmt], "image_encoder"
-        )
-        paths = [p for p in encoder_config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
-        encoder = load_image_encoder(paths, self.torch_dtype)
+        encoder_config = _image_encoder_config(image_encoder if image_encoder is not None else IP_ADAPTER_ENCODERS[fmt])
+        encoder = load_image_encoder(_weight_paths(encoder_config), self.torch_dtype)
         wanted = "clip" if fmt == XLABS else "siglip"
         if encoder.kind != wanted:
             raise ConfigError(
@@ -848,17 +845,31 @@ class FluxImagePipeline(BasePipeline):
         return pack_latents(torch.cat([z, keep], dim=1))
 
 
-def _controlnet_config(item) -> ModelConfig:
+def _model_source(item, name: str, hub_files, hub_hint: str) -> ModelConfig:
+    """What the user gave for `name` (a file or folder, a hub repo id, or a ModelConfig) as a ModelConfig.
+    `hub_files(repo_id)` gives the files to fetch from a repo, or None for a repo this argument does not know."""
     if isinstance(item, ModelConfig):
         return item
-    if isinstance(item, (str, os.PathLike)):
-        source = str(item)
-        if Path(source).exists():
-            return ModelConfig(path=source)
-        if source.count("/") == 1 and not source.startswith((".", "/")):
-            return ModelConfig(model_id=source, origin_file_pattern="diffusion_pytorch_model.safetensors")
-        raise ConfigError(f"controlnet={source!r} is neither an existing file or folder nor a hub repo id (Org/Name)")
-    raise ConfigError(f"controlnet must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+    if not isinstance(item, (str, os.PathLike)):
+        raise ConfigError(f"{name} must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+    source = str(item)
+    if Path(source).exists():
+        return ModelConfig(path=source)
+    looks_like_repo = source.count("/") == 1 and not source.startswith((".", "/"))
+    files = hub_files(source) if looks_like_repo else None
+    if files is None:
+        raise ConfigError(f"{name}={source!r} is neither an existing file or folder nor {hub_hint}")
+    return ModelConfig(model_id=source, origin_file_pattern=files)
+
+
+def _weight_paths(config: ModelConfig) -> list[str]:
+    return [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+
+
+def _controlnet_config(item) -> ModelConfig:
+    return _model_source(
+        item, "controlnet", lambda repo: "diffusion_pytorch_model.safetensors", "a hub repo id (Org/Name)"
+    )
 
 
 # hub repos of the released adapters: their weight file and the image encoder they were trained with
@@ -870,22 +881,13 @@ IP_ADAPTER_REPOS = {
 IP_ADAPTER_ENCODERS = {"instantx": "google/siglip-so400m-patch14-384", "xlabs": "openai/clip-vit-large-patch14"}
 
 
-def _ip_adapter_config(item, name: str) -> ModelConfig:
-    if isinstance(item, ModelConfig):
-        return item
-    if isinstance(item, (str, os.PathLike)):
-        source = str(item)
-        if Path(source).exists():
-            return ModelConfig(path=source)
-        if name == "ip_adapter" and source in IP_ADAPTER_REPOS:
-            return ModelConfig(model_id=source, origin_file_pattern=IP_ADAPTER_REPOS[source])
-        if name == "image_encoder" and source.count("/") == 1 and not source.startswith((".", "/")):
-            return ModelConfig(model_id=source, origin_file_pattern=["model.safetensors", "config.json"])
-        known = f"; known repos: {sorted(IP_ADAPTER_REPOS)}" if name == "ip_adapter" else ""
-        raise ConfigError(
-            f"{name}={source!r} is not an existing file or folder{known}; pass a ModelConfig for other repos"
-        )
-    raise ConfigError(f"{name} must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+def _ip_adapter_config(item) -> ModelConfig:
+    hint = f"one of the known repos {sorted(IP_ADAPTER_REPOS)} (pass a ModelConfig for other repos)"
+    return _model_source(item, "ip_adapter", IP_ADAPTER_REPOS.get, hint)
+
+
+def _image_encoder_config(item) -> ModelConfig:
+    return _model_source(item, "image_encoder", lambda repo: ["model.safetensors", "config.json"], "a hub repo id")
 
 
 def _control_mode(net: Flux1ControlNet, processor_id, where: str) -> int | None:

@@ -2,7 +2,8 @@
 
 It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
 trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
-`model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
+`model_files` and `sample` (the runtime's `PipelineTrainingTask`; a Kontext model's validation samples take
+their references as `kontext_images`); `from_pretrained(model_configs, *,
 tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
 `velocity(dit, batch, noisy_latents, sigma)`.
 
@@ -85,6 +86,8 @@ class FluxTrainingTask(PipelineTrainingTask):
         self.t5_sequence_length = t5_sequence_length
         self.kontext = kontext
         self.kontext_auto_resize = kontext_auto_resize
+        # a Kontext model's validation samples are edits of their references: without them they say little
+        self.validation_references = "expected" if kontext else "optional"
 
     @classmethod
     def from_pretrained(
@@ -123,6 +126,13 @@ class FluxTrainingTask(PipelineTrainingTask):
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
         task_options.setdefault("kontext", True if kontext else None)
         return cls(pipe, **task_options)
+
+    def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
+        """A validation sample's references as the pipeline's `kontext_images`, sized as training sizes them
+        (`kontext_auto_resize` of this task, not the pipeline's default)."""
+        if not images:
+            return {}
+        return {"kontext_images": list(images), "kontext_auto_resize": self.kontext_auto_resize}
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:

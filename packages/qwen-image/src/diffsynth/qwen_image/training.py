@@ -2,7 +2,8 @@
 
 It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
 trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
-`model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
+`model_files` and `sample` (the runtime's `PipelineTrainingTask`; an Edit model's validation samples take
+their references as `edit_image`); `from_pretrained(model_configs, *,
 tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)` and
 `velocity(dit, batch, noisy_latents, sigma)`.
 
@@ -82,6 +83,8 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         self.scheduler = FlowMatchScheduler("qwen_image", mu=exponential_shift_mu)
         self.max_sequence_length = max_sequence_length
         self.edit = edit
+        # an Edit model's validation samples are edits of their images: without them they say little
+        self.validation_references = "expected" if edit else "optional"
         if edit_template is not None:
             if edit_template not in EDIT_TEMPLATES:
                 raise ConfigError(f"edit_template={edit_template!r} is not known; use one of {EDIT_TEMPLATES}")
@@ -118,6 +121,17 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         )
         task_options.setdefault("edit", True if edit_model else None)
         return cls(pipe, **task_options)
+
+    def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
+        """A validation sample's references as the pipeline's `edit_image` (one or several, for 2509/2511)."""
+        if not images:
+            return {}
+        if self.pipe.processor is None:
+            raise ConfigError(
+                "validation samples with edit images need the Qwen2-VL processor of an Edit model: pass its "
+                "processor/ folder (--tokenizer_path .../processor, or --model Qwen/Qwen-Image-Edit-2509)"
+            )
+        return {"edit_image": list(images)}
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:

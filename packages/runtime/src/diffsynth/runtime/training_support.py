@@ -4,8 +4,10 @@ A trainer's stages need different parts of a pipeline: encoding needs the text e
 training from a cache needs only the denoiser. `load_partial_pipeline` recognises each given file's models from
 its header (no weights read), loads the files holding the wanted slots into the family's pipeline with every
 slot optional, and fails naming what is missing. `PipelineTrainingTask` gives a task built over such a pipeline
-(`self.pipe`) its `models`, `model_files` and validation `sample`. The trainer itself lives in
-diffsynth-training; families implement its protocol structurally and import only this.
+(`self.pipe`) its `models`, `model_files` and validation `sample`; a family whose validation samples take
+reference images (Kontext, Edit, image-to-video) says so in `validation_references` and maps them to its
+pipeline's arguments in `reference_arguments`. The trainer itself lives in diffsynth-training; families
+implement its protocol structurally and import only this.
 """
 
 from __future__ import annotations
@@ -93,12 +95,45 @@ class PipelineTrainingTask:
         """The files each loaded model came from."""
         return {slot: config.resolve() for slot, config in self.pipe.model_configs.items() if config is not None}
 
-    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
+    # How validation samples use reference images (the trainer's --validation_images): "none" (refused),
+    # "optional" (taken when given), "expected" (the model is conditioned on them: sampling without them warns),
+    # "required" (sampling needs them: the trainer refuses --validation_prompts without --validation_images).
+    validation_references: str = "none"
+
+    def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
+        """The pipeline keyword arguments that give one validation sample its reference images (PIL, in the
+        order given). Families that take references override this; here, none are taken."""
+        if images:
+            family = getattr(self, "family", type(self).__name__)
+            raise ConfigError(
+                f"the {family} training task takes no reference images for its validation samples "
+                f"(got {len(images)}); drop --validation_images"
+            )
+        return {}
+
+    def sample(
+        self,
+        denoiser: nn.Module,
+        prompts: Sequence[str],
+        *,
+        seed: int,
+        references: Sequence[Sequence[Any]] | None = None,
+        **options: Any,
+    ) -> list:
         """Validation samples for a trainer: the pipeline with `denoiser` (the weights in training) as its DiT,
         one picture (or video) per prompt at the pipeline's defaults unless `options` (height, width, ...) say
-        otherwise."""
+        otherwise. `references` holds each prompt's reference images (a list per prompt), which
+        `reference_arguments` turns into the pipeline's arguments."""
+        if references is None:
+            references = [[] for _ in prompts]
+        if len(references) != len(prompts):
+            raise ConfigError(f"{len(references)} lists of reference images for {len(prompts)} prompts; give one each")
+        arguments = [self.reference_arguments(list(images)) for images in references]
         with self.pipe.using("dit", denoiser):
-            return [self.pipe(prompt, seed=seed, progress_bar=False, **options) for prompt in prompts]
+            return [
+                self.pipe(prompt, seed=seed, progress_bar=False, **extra, **options)
+                for prompt, extra in zip(prompts, arguments, strict=True)
+            ]
 
 
 __all__ = ["PipelineTrainingTask", "load_partial_pipeline", "model_roles"]

@@ -5,6 +5,7 @@ A resume checkpoint is a folder `<output_path>/checkpoints/step-NNNNNN/`:
     trainable.safetensors   the trained parameters (LoRA matrices, or the fine-tuned models)
     state.pt                optimizer, LR scheduler, progress (step, epoch, batches done), the config
     rng-<rank>.pt           each process's random states (python, numpy, torch, cuda)
+    deepspeed/              under DeepSpeed: its fp32 master weights and optimizer partitions (its own layout)
 
 It is written under a temporary name and renamed into place with `os.replace` once complete, so a run killed
 mid-save leaves the previous checkpoints intact and never a partial one that `--resume latest` would pick.
@@ -74,9 +75,11 @@ def save_checkpoint(
     rng: Mapping[str, Any],
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically. Every process calls it (each writes its random state);
-    process 0 writes the weights and `state` and renames the folder into place."""
+    """Write checkpoint `step` under `root` atomically. Every process calls it (each writes its random state,
+    and calls `write_more(folder)` when given); process 0 writes the weights and `state` and renames the folder
+    into place."""
     from safetensors.torch import save_file
 
     final = root / step_name(step)
@@ -87,6 +90,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(dict(rng), tmp / f"rng-{rank}.pt")
+    if write_more is not None:
+        write_more(tmp)
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(dict(state), tmp / "state.pt")

@@ -136,6 +136,13 @@ class TrainConfig:
     validation_prompts: list[str] = _arg(
         [], "prompts sampled with the weights in training (separated by |), written to OUTPUT/validation/", "output"
     )
+    validation_images: list[str] = _arg(
+        [],
+        "reference images of the validation prompts, one item per prompt (separated by |), several for one prompt "
+        "joined by , (Kontext references; Wan FLF2V first then last frame); relative paths are read against "
+        "--dataset_base_path",
+        "output",
+    )
     validation_steps: int | None = _arg(None, "sample the validation prompts every N steps (and at the end)", "output")
     validation_seed: int = _arg(0, "seed of the validation samples (the same each time, to compare)", "output")
     validation_height: int | None = _arg(None, "height of the validation samples (default: the pipeline's)", "output")
@@ -213,6 +220,17 @@ class TrainConfig:
             raise ConfigError(
                 "--preset_lora_path fuses a LoRA into the frozen base of a new LoRA; with --trainable_models (full "
                 "fine-tuning) fuse it into the weights you start from instead"
+            )
+        if self.validation_images and not self.validation_prompts:
+            raise ConfigError(
+                "--validation_images gives the reference images of --validation_prompts (one item per prompt); "
+                "give the prompts too"
+            )
+        if self.validation_images and len(self.validation_images) != len(self.validation_prompts):
+            raise ConfigError(
+                f"--validation_images has {len(self.validation_images)} items and --validation_prompts "
+                f"{len(self.validation_prompts)} prompts; give one item per prompt, separated by | (several images "
+                "for one prompt joined by ,)"
             )
         if self.validation_prompts and self.cache_dir is not None and self.stage == "train":
             raise ConfigError(
@@ -310,7 +328,7 @@ def dump_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------------- helpers
-_SEPARATORS = {"validation_prompts": "|"}  # list flags whose items may hold commas
+_SEPARATORS = {"validation_prompts": "|", "validation_images": "|"}  # list flags whose items may hold commas
 
 
 def _split(text: str, sep: str = ",") -> list[str]:

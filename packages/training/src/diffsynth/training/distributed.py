@@ -8,6 +8,15 @@ DTensors: the trainer reads and writes weights and optimizer state through torch
 state-dict functions, which gather full tensors to process 0 (on the CPU) and slice them back when resuming,
 so a checkpoint holds the same files whatever the mode and can be resumed under another one.
 
+DeepSpeed ZeRO (accelerate's `distributed_type: DEEPSPEED`) partitions the optimizer state (stage 1), the
+gradients (2) and the weights (3) over the processes. The trainer's flags own what DeepSpeed's config also says
+(`--batch_size`, `--gradient_accumulation_steps`, `--max_grad_norm`, `--mixed_precision`), so the same run
+config trains the same way in every mode. DeepSpeed keeps fp32 master copies of the trained weights inside its
+optimizer; its own `save_checkpoint` writes them with the optimizer partitions (one file per process) into the
+resume checkpoint's `deepspeed/` folder, beside the gathered weights the trainer exports, and only a DeepSpeed
+run with the same stage and number of processes resumes it. Under ZeRO-3 the weights are gathered one parameter
+at a time when they are written.
+
 Each declared offload unit of the denoiser (its transformer blocks) becomes one FSDP group unless the
 accelerate config names `fsdp_transformer_layer_cls_to_wrap` itself. The accelerate configs ship in
 `accelerate_configs/`; `python -m diffsynth.training.distributed fsdp2` prints the path of one.
@@ -29,11 +38,13 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FOLDER = Path(__file__).with_name("accelerate_configs")
 FSDP_CONFIGS = "fsdp2.yaml, fsdp2_shard_grad_op.yaml; `python -m diffsynth.training.distributed NAME` prints the path"
+DEEPSPEED_FOLDER = "deepspeed"  # in a resume checkpoint: DeepSpeed's own files (master weights, optimizer)
+_DEEPSPEED_TAG = "state"
 
 
 def accelerate_config(name: str) -> Path:
-    """The path of a shipped accelerate config (`fsdp2`, `fsdp2_shard_grad_op`), for `accelerate launch
-    --config_file`."""
+    """The path of a shipped accelerate config (`fsdp2`, `fsdp2_shard_grad_op`, `deepspeed_zero2`,
+    `deepspeed_zero3`), for `accelerate launch --config_file`."""
     path = CONFIG_FOLDER / f"{name.removesuffix('.yaml')}.yaml"
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in CONFIG_FOLDER.glob("*.yaml")))
@@ -46,8 +57,21 @@ def distributed_kind(acc) -> str:
     return str(acc.distributed_type).rsplit(".", 1)[-1]
 
 
+def is_deepspeed(acc) -> bool:
+    return distributed_kind(acc) == "DEEPSPEED"
+
+
+def zero_stage(acc) -> int:
+    """The DeepSpeed ZeRO stage of a DeepSpeed run (0 when it is not one)."""
+    if not is_deepspeed(acc):
+        return 0
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def is_sharded(acc) -> bool:
-    return distributed_kind(acc) == "FSDP"
+    """Whether the weights themselves are split over the processes (FSDP2, ZeRO-3): then every process must
+    take part in a forward pass, validation samples included."""
+    return distributed_kind(acc) == "FSDP" or zero_stage(acc) == 3
 
 
 def check_mode(acc) -> None:
@@ -59,13 +83,64 @@ def check_mode(acc) -> None:
             f"fsdp_version: 2 in the accelerate config (shipped: {FSDP_CONFIGS})"
         )
     if kind == "DEEPSPEED":
+        zero = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        offloaded = [
+            f"{part}_device {zero[part].get('device')}"
+            for part in ("offload_optimizer", "offload_param")
+            if isinstance(zero.get(part), dict) and zero[part].get("device") not in (None, "none")
+        ]
+        if offloaded:
+            raise ConfigError(
+                f"the DeepSpeed config offloads to the CPU ({', '.join(offloaded)}), which needs DeepSpeed's own "
+                "CPU Adam; the trainer offloads the frozen base with --fp8_models and activations with "
+                "--use_gradient_checkpointing_offload instead: set the offload devices to none"
+            )
+    if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED"):
         raise ConfigError(
-            "accelerate is configured for DeepSpeed, which the trainer does not run; use FSDP2 for sharded "
-            f"training (full sharding is ZeRO-3, fsdp_reshard_after_forward false is ZeRO-2; shipped: "
-            f"{FSDP_CONFIGS}) or DDP"
+            f"accelerate is configured for {kind}; the trainer runs single-process, DDP, FSDP2 or DeepSpeed"
         )
-    if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
-        raise ConfigError(f"accelerate is configured for {kind}; the trainer runs single-process, DDP or FSDP2")
+
+
+def configure_deepspeed(acc, cfg) -> None:
+    """Before `prepare`: DeepSpeed's batch size, accumulation and clipping from the trainer's flags (which
+    DeepSpeed must know: it checks the global batch and clips inside its optimizer step). A config file that says
+    otherwise is overruled, with a warning naming both values."""
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * acc.num_processes,
+        "gradient_clipping": float(cfg.max_grad_norm),
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given not in ("auto", value):
+            logger.warning("DeepSpeed config: %s %s overruled by the trainer's flags: %s", key, given, value)
+        config[key] = value
+    logger.info("DeepSpeed ZeRO stage %d", zero_stage(acc))
+
+
+def deepspeed_backward(acc, loss: torch.Tensor, *, last: bool) -> None:
+    """One micro-batch's backward pass under DeepSpeed; the last of an accumulation group also takes the
+    optimizer step (with DeepSpeed's clipping). The loss is already divided by the group's length."""
+    acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=last, scale_wrt_gas=False)
+
+
+def save_deepspeed_state(acc, folder: Path) -> None:
+    """Every process: DeepSpeed's master weights and optimizer partitions into `folder` (the trained weights
+    only; the frozen base is not written)."""
+    engine = acc.deepspeed_engine_wrapped.engine
+    engine.save_checkpoint(str(folder), tag=_DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+
+def load_deepspeed_state(acc, folder: Path) -> None:
+    """Every process: restore what `save_deepspeed_state` wrote (the trained weights from the fp32 masters)."""
+    engine = acc.deepspeed_engine_wrapped.engine
+    path, _ = engine.load_checkpoint(
+        str(folder), tag=_DEEPSPEED_TAG, load_module_strict=False, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise ConfigError(f"--resume: DeepSpeed could not read its state in {folder}")
 
 
 def configure_fsdp(acc, module: nn.Module) -> None:
@@ -89,16 +164,61 @@ def configure_fsdp(acc, module: nn.Module) -> None:
     logger.info("FSDP: one group per %s", ", ".join(names))
 
 
+class PreparedDenoiser:
+    """The denoiser as a family's per-step call sees it: calling it runs the prepared wrapper (DDP's gradient
+    reduction, DeepSpeed's engine), while its attributes (`config`, blocks, parameters) are the model's own,
+    which those wrappers do not pass through (Qwen-Image's call reads `dit.config.patch_size`)."""
+
+    def __init__(self, prepared: nn.Module, module: nn.Module):
+        self._prepared, self._module = prepared, module
+
+    def __call__(self, *args, **kwargs):
+        return self._prepared(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
 def _options(**kwargs):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(**kwargs)
 
 
+def _zero3_parameters(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _gathered_zero3_state(module: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """ZeRO-3: each parameter gathered from its partitions in turn (one full tensor on the device at a time);
+    process 0 keeps the CPU copies, the others get an empty dict."""
+    import deepspeed
+
+    keep = torch.distributed.get_rank() == 0
+    state = {}
+    for name, param in module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param]):
+            if keep:
+                state[name] = param.detach().cpu().clone()
+    if keep and not trainable_only:
+        state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
+    return state
+
+
+def parameter_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 holds only a partition of it."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def full_state(module: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The module's weights as full CPU tensors (only the trainable ones with `trainable_only`). Every process
     must call it; under FSDP process 0 gets the tensors and the others an empty dict."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if _zero3_parameters(module):
+        return _gathered_zero3_state(module, trainable_only=trainable_only)
 
     state = get_model_state_dict(
         module, options=_options(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
@@ -136,15 +256,24 @@ def load_optimizer(module: nn.Module, optimizer, state: dict[str, Any]) -> None:
 
 
 __all__ = [
+    "DEEPSPEED_FOLDER",
+    "PreparedDenoiser",
     "accelerate_config",
     "check_mode",
+    "configure_deepspeed",
     "configure_fsdp",
+    "deepspeed_backward",
     "distributed_kind",
     "full_optimizer_state",
     "full_state",
+    "is_deepspeed",
     "is_sharded",
+    "load_deepspeed_state",
     "load_optimizer",
     "load_trainable",
+    "parameter_shape",
+    "save_deepspeed_state",
+    "zero_stage",
 ]
 
 

@@ -96,10 +96,16 @@ class TrainingTask(Protocol):
         ...
 
 
-# Optional: `sample(denoiser, prompts, *, seed, **options) -> list[PIL.Image | list[PIL.Image]]` draws one
-# picture (or video, a list of frames) per prompt with the family's pipeline, the given denoiser in place of the
-# loaded one, `options` (height, width, num_inference_steps) over the pipeline's defaults; the trainer calls it
-# for `--validation_prompts` (a task without it refuses that flag).
+# Optional: `sample(denoiser, prompts, *, seed, references=None, **options) -> list[PIL.Image | list[PIL.Image]]`
+# draws one picture (or video, a list of frames) per prompt with the family's pipeline, the given denoiser in
+# place of the loaded one, `options` (height, width, num_inference_steps) over the pipeline's defaults; the
+# trainer calls it for `--validation_prompts` (a task without it refuses that flag). `references` (passed only
+# with `--validation_images`) holds each prompt's reference images, a list of RGB PIL images per prompt.
+# `validation_references: str` says what the samples do with them: "none" (the default: the flag is refused),
+# "optional", "expected" (the model is conditioned on them: sampling without them is allowed with a warning) or
+# "required" (Wan I2V: `--validation_prompts` without `--validation_images` is refused). Optional:
+# `reference_arguments(images) -> dict`, the pipeline arguments of one prompt's references, raising
+# `ConfigError` for a count the model cannot take; the trainer calls it at setup to check each prompt's.
 #
 # Optional: `loss_mask(batch) -> Tensor | None`, 1 where the loss counts and 0 where it does not, broadcastable to
 # `batch["latents"]` (at least one counted element per sample); each sample's MSE is then the mean over the counted

@@ -5,6 +5,7 @@
     diffsynth-train --config run.yaml --cache_dir cache/   # cached mode, stage 2: no encoders, no VAE
     accelerate launch --num_processes 8 -m diffsynth.training.cli --config run.yaml   # DDP on 8 GPUs
     accelerate launch --config_file $(python -m diffsynth.training.distributed fsdp2) ...   # FSDP2 (distributed.py)
+    accelerate launch --config_file $(python -m diffsynth.training.distributed deepspeed_zero2) ...   # DeepSpeed
 
 `train(config)` reads top to bottom: `setup` loads the family's task, the data and the optimizer into a `Run`;
 `resume` restores a checkpoint into a `TrainState`; each `train_step` runs one gradient-accumulation group and
@@ -56,13 +57,23 @@ from .data import (
     write_cache_index,
 )
 from .distributed import (
+    DEEPSPEED_FOLDER,
+    PreparedDenoiser,
     check_mode,
+    configure_deepspeed,
     configure_fsdp,
+    deepspeed_backward,
+    distributed_kind,
     full_optimizer_state,
     full_state,
+    is_deepspeed,
     is_sharded,
+    load_deepspeed_state,
     load_optimizer,
     load_trainable,
+    parameter_shape,
+    save_deepspeed_state,
+    zero_stage,
 )
 from .task import TrainingTask, check_task, model_sources, task_class
 
@@ -98,7 +109,7 @@ class Run:
     accelerator: Any  # accelerate.Accelerator
     task: TrainingTask
     dataset: Dataset
-    model: nn.Module  # the denoiser as trained: with the LoRA, possibly wrapped for DDP
+    model: nn.Module  # the denoiser as trained: with the LoRA, possibly wrapped (DDP, DeepSpeed)
     trainable: dict[str, nn.Parameter]  # name (in the unwrapped denoiser) -> parameter
     optimizer: Any
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -107,6 +118,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     output: Path
+    validation_references: list | None = None  # --validation_images loaded (PIL, RGB): a list per prompt
 
 
 # ----------------------------------------------------------------------------------- the recipe
@@ -199,6 +211,7 @@ def setup(config: TrainConfig) -> Run:
     _check_slots(cfg, task)
     if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
         raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
+    references = validation_references(cfg, task)
     if cfg.use_gradient_checkpointing:
         if not hasattr(module, "gradient_checkpointing"):
             raise ConfigError(f"--use_gradient_checkpointing: {type(module).__name__} has no gradient_checkpointing")
@@ -230,14 +243,18 @@ def setup(config: TrainConfig) -> Run:
     total = per_epoch * cfg.num_epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.num_epochs)
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
-    if is_sharded(acc):
-        if slot in cfg.fp8_models:
-            raise ConfigError(
-                f"--fp8_models {slot}: FSDP shards the denoiser's weights itself; leave it out of --fp8_models"
-            )
+    if (is_sharded(acc) or is_deepspeed(acc)) and slot in cfg.fp8_models:
+        raise ConfigError(
+            f"--fp8_models {slot}: {distributed_kind(acc)} manages the denoiser's weights itself; leave it out of "
+            "--fp8_models"
+        )
+    if is_deepspeed(acc):
+        configure_deepspeed(acc, cfg)
+    elif is_sharded(acc):
         configure_fsdp(acc, module)
     model, optimizer = acc.prepare(module, optimizer)
-    # FSDP replaces the parameters with sharded ones: name the ones the optimizer now holds
+    # FSDP replaces the parameters with sharded ones: name the ones the optimizer now holds (ZeRO-3 keeps the
+    # objects and empties them)
     trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
     store_in_fp8(cfg, task, acc.device, all_loaded=not cached)
 
@@ -246,7 +263,20 @@ def setup(config: TrainConfig) -> Run:
         output.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, output / "config.yaml")
     return Run(
-        cfg, acc, task, dataset, model, trainable, optimizer, lr_scheduler, lora, cached, per_epoch, total, output
+        cfg,
+        acc,
+        task,
+        dataset,
+        model,
+        trainable,
+        optimizer,
+        lr_scheduler,
+        lora,
+        cached,
+        per_epoch,
+        total,
+        output,
+        references,
     )
 
 
@@ -264,21 +294,27 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
 def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainState:
     """One optimizer step over `group`, a list of micro-batches (each a list of dataset items)."""
     acc, cfg = run.accelerator, run.config
+    denoiser = PreparedDenoiser(run.model, acc.unwrap_model(run.model))
     losses = []
     for k, items in enumerate(group):
         batch = prepare_batch(run, items)
         index = (state.batches_done + k) * acc.num_processes + acc.process_index  # batch_plan's order
-        sync = acc.no_sync(run.model) if k < len(group) - 1 else contextlib.nullcontext()
+        last = k == len(group) - 1
+        sync = acc.no_sync(run.model) if not last else contextlib.nullcontext()
         with sync:
             with acc.autocast():
-                loss = flow_matching_loss(run, run.model, batch, micro_batch_noise(cfg.seed, state.epoch, index))
-            acc.backward(loss / len(group))
+                loss = flow_matching_loss(run, denoiser, batch, micro_batch_noise(cfg.seed, state.epoch, index))
+            if is_deepspeed(acc):  # DeepSpeed steps (and clips) inside the last backward pass
+                deepspeed_backward(acc, loss / len(group), last=last)
+            else:
+                acc.backward(loss / len(group))
         losses.append(loss.detach().float())
-    if cfg.max_grad_norm > 0:
-        acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
-    run.optimizer.step()
+    if not is_deepspeed(acc):
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
     if not torch.isfinite(loss):
         logger.warning("step %d: the loss is %s", state.step + 1, float(loss))
@@ -312,8 +348,8 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
 
 def validate(run: Run, state: TrainState) -> list[Path]:
     """Sample `--validation_prompts` with the weights as they are now (main process; the same seed each time;
-    `--validation_height/width/num_inference_steps` when given) into OUTPUT/validation/step-N-K.png (or .mp4
-    for a video family)."""
+    `--validation_height/width/num_inference_steps` when given, each prompt's `--validation_images` as its
+    references) into OUTPUT/validation/step-N-K.png (or .mp4 for a video family)."""
     from diffsynth.runtime.media import save_image, save_video
 
     acc, cfg = run.accelerator, run.config
@@ -322,6 +358,8 @@ def validate(run: Run, state: TrainState) -> list[Path]:
         for name in ("height", "width", "num_inference_steps")
         if (value := getattr(cfg, f"validation_{name}")) is not None
     }
+    if run.validation_references is not None:  # tasks that take no references need not know the keyword
+        options["references"] = run.validation_references
     written: list[Path] = []
     if acc.is_main_process or is_sharded(run.accelerator):  # a sharded model's forward needs every process
         module = acc.unwrap_model(run.model)
@@ -347,6 +385,65 @@ def validate(run: Run, state: TrainState) -> list[Path]:
     return written
 
 
+def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | None:
+    """`--validation_images` loaded once (PIL, RGB; relative paths read against --dataset_base_path), a list per
+    prompt; None without the flag. The task's `validation_references` says what its samples do with references
+    ("none": refused, "optional", "expected": warned about when missing, "required": refused when missing) and
+    its optional `reference_arguments(images)` checks each prompt's, so a bad flag fails now, not at the first
+    validation step (see `task.py`)."""
+    if not cfg.validation_prompts:
+        return None
+    kind = getattr(task, "validation_references", "none")
+    check = getattr(task, "reference_arguments", None)
+    if not cfg.validation_images:
+        if kind == "required":
+            if callable(check):
+                check([])  # the family's own words
+            raise ConfigError(
+                f"--validation_prompts: the {task.family} model draws its samples from reference images; give "
+                "--validation_images, one item per prompt"
+            )
+        if kind == "expected":
+            logger.warning(
+                "--validation_prompts without --validation_images: the %s model is conditioned on reference "
+                "images, but its validation samples are drawn without them",
+                task.family,
+            )
+        return None
+    if kind == "none":
+        raise ConfigError(
+            f"--validation_images: the {task.family} training task takes no reference images for its validation "
+            "samples; drop the flag"
+        )
+    base = Path(cfg.dataset_base_path or ".")
+    references = []
+    for k, item in enumerate(cfg.validation_images):
+        images = [_validation_image(base, name.strip()) for name in item.split(",") if name.strip()]
+        if callable(check):
+            try:
+                check(images)
+            except ConfigError as exc:
+                raise ConfigError(f"--validation_images item {k + 1} ({item!r}): {exc}") from None
+        references.append(images)
+    return references
+
+
+def _validation_image(base: Path, name: str):
+    from PIL import Image
+
+    path = base / name  # an absolute name stays as it is
+    if not path.is_file():
+        raise ConfigError(
+            f"--validation_images: no such file {path}"
+            + ("" if Path(name).is_absolute() else f" (relative paths are read against --dataset_base_path {base})")
+        )
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as exc:  # PIL's UnidentifiedImageError is one
+        raise ConfigError(f"--validation_images: cannot read {path} as an image ({exc})") from None
+
+
 def _saved_activations(cfg: TrainConfig, device: torch.device):
     """`--use_gradient_checkpointing_offload`: what autograd saves for the backward pass (with gradient
     checkpointing, each block's input) goes to CPU memory, pinned on CUDA, and comes back for the backward."""
@@ -362,7 +459,10 @@ def save(run: Run, state: TrainState) -> None:
     name = step_name(state.step)
     trained = full_state(module, trainable_only=True)  # every process takes part (FSDP gathers the shards)
     weights = trained if run.lora else full_state(module, trainable_only=False)
-    optimizer_state = full_optimizer_state(module, run.optimizer)
+    if is_deepspeed(acc):  # DeepSpeed writes its optimizer partitions and master weights itself
+        optimizer_state = {"deepspeed": {"zero_stage": zero_stage(acc), "processes": acc.num_processes}}
+    else:
+        optimizer_state = full_optimizer_state(module, run.optimizer)
     if acc.is_main_process:
         if run.lora:
             written = save_lora_files(module, run.output, name, cfg.lora_formats, state=weights)
@@ -388,6 +488,7 @@ def save(run: Run, state: TrainState) -> None:
         rng=rng_state(),
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
+        write_more=(lambda folder: save_deepspeed_state(acc, folder / DEEPSPEED_FOLDER)) if is_deepspeed(acc) else None,
     )
     if acc.is_main_process:
         prune_checkpoints(run.output / CHECKPOINTS, cfg.keep_last)
@@ -403,14 +504,26 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
             "(was it saved with other --lora_rank / --lora_target_modules / --trainable_models?)"
         )
     for name, param in run.trainable.items():
-        if param.shape != trainable[name].shape:  # a sharded parameter's shape is the full one
+        if parameter_shape(param) != trainable[name].shape:  # a sharded parameter's shape is the full one
             raise ConfigError(
                 f"--resume {folder}: {name} has shape {tuple(trainable[name].shape)} there, "
-                f"{tuple(param.shape)} here (another --lora_rank?)"
+                f"{tuple(parameter_shape(param))} here (another --lora_rank?)"
             )
-    module = run.accelerator.unwrap_model(run.model)
-    load_trainable(module, trainable)
-    load_optimizer(module, run.optimizer, saved["optimizer"])
+    acc = run.accelerator
+    written_by = saved["optimizer"].get("deepspeed")
+    here = {"zero_stage": zero_stage(acc), "processes": acc.num_processes} if is_deepspeed(acc) else None
+    if written_by != here:
+        raise ConfigError(
+            f"--resume {folder}: written {_mode_name(written_by)}, resumed {_mode_name(here)}; DeepSpeed keeps its "
+            "own optimizer files, so resume a DeepSpeed checkpoint with the same stage and number of processes "
+            "(other modes resume each other's checkpoints)"
+        )
+    module = acc.unwrap_model(run.model)
+    if is_deepspeed(acc):  # the weights come back from DeepSpeed's fp32 masters, with its optimizer partitions
+        load_deepspeed_state(acc, folder / DEEPSPEED_FOLDER)
+    else:
+        load_trainable(module, trainable)
+        load_optimizer(module, run.optimizer, saved["optimizer"])
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     set_rng_state(rng)
     before, now = saved["config"], run.config.to_dict()
@@ -423,6 +536,12 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
     progress = saved["progress"]
     logger.info("resumed from %s: step %d, epoch %d", folder, progress["step"], progress["epoch"] + 1)
     return replace(state, step=progress["step"], epoch=progress["epoch"], batches_done=progress["batches_done"])
+
+
+def _mode_name(deepspeed: dict[str, int] | None) -> str:
+    if deepspeed is None:
+        return "without DeepSpeed"
+    return f"under DeepSpeed ZeRO-{deepspeed['zero_stage']} by {deepspeed['processes']} processes"
 
 
 # ----------------------------------------------------------------------------------- cached mode, stage 1
@@ -493,7 +612,7 @@ def store_in_fp8(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded: bo
 def make_accelerator(cfg: TrainConfig, **kwargs):
     """The `Accelerator` of a run. Without CUDA it is told so (`cpu=True`): only then does accelerate join the
     processes `torchrun` / `accelerate launch` started into one CPU (gloo) group, instead of running each alone.
-    DDP and FSDP2 run; FSDP1 and DeepSpeed are refused (`distributed.check_mode`)."""
+    DDP, FSDP2 and DeepSpeed run; FSDP1 and DeepSpeed's CPU offload are refused (`distributed.check_mode`)."""
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)

@@ -2,7 +2,8 @@
 
 It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
 trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
-`model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
+`model_files` and `sample` (the runtime's `PipelineTrainingTask`; I2V / TI2V validation samples take their
+first (and last) frame as `input_image` / `end_image`); `from_pretrained(model_configs, *,
 tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)`,
 `velocity(dit, batch, noisy_latents, sigma)` and the optional `loss_mask(batch)`.
 
@@ -155,8 +156,8 @@ class WanTrainingTask(PipelineTrainingTask):
         if pipe.vae is not None:  # VAE compression x patch size: 16, or 32 for Wan2.2-TI2V-5B
             self.size_multiple = pipe.vae.spatial_compression * max(self.dit_config.patch_size[1:])
         self._shape = _DitShape(self.dit_config)
-        if self.kind == "i2v":
-            self.sample = None  # validation samples would need a conditioning image; the trainer refuses the flag
+        # validation samples: I2V / FLF2V cannot draw without their frames; TI2V trains on a given first frame
+        self.validation_references = {"i2v": "required", "ti2v": "expected"}.get(self.kind, "none")
 
     @classmethod
     def from_pretrained(
@@ -221,6 +222,30 @@ class WanTrainingTask(PipelineTrainingTask):
             logger.info("training the %s-noise expert of a Wan 2.2 A14B model", expert)
         task_options["expert"] = expert
         return cls(pipe, dit_config=pipe.dit.config if pipe.dit is not None else dit_config, **task_options)
+
+    def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
+        """A validation sample's frames as the pipeline's `input_image` (the first frame) and, when two are
+        given, `end_image` (the last, FLF2V)."""
+        images = list(images)
+        if self.kind == "t2v":
+            if images:
+                raise ConfigError(
+                    f"this Wan DiT is text-to-video and takes no reference images (got {len(images)}); "
+                    "drop --validation_images"
+                )
+            return {}
+        if not images:
+            if self.kind == "i2v":
+                raise ConfigError(
+                    "Wan I2V validation needs --validation_images: the first frame of each sample, one item per "
+                    "--validation_prompts prompt (for FLF2V the first and the last frame, joined by ',')"
+                )
+            return {}
+        most = 2 if self.kind == "i2v" else 1
+        if len(images) > most:
+            what = "a first and a last frame" if most == 2 else "a first frame only (Wan2.2-TI2V)"
+            raise ConfigError(f"{len(images)} reference images for one Wan validation sample; it takes {what}")
+        return {"input_image": images[0], **({"end_image": images[1]} if len(images) == 2 else {})}
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
