@@ -155,3 +155,25 @@ def test_validation_samples_are_the_pipeline_with_the_lora_in_training(tiny_repo
     assert drawn.shape == (32, 32, 3)
     assert np.abs(drawn - expected).max() <= 1  # PNG rounding of the same picture
     assert np.abs(drawn - base).max() > 1  # and not the base model's
+
+
+@pytest.mark.parametrize("preset", ["Tongyi-MAI/Z-Image", "Tongyi-MAI/Z-Image-Turbo"])
+def test_validation_samples_draw_with_the_presets_settings(tiny_repo, tmp_path, monkeypatch, preset):
+    """`--model Org/Name` expands to the preset's files; the task's pipeline keeps the preset's steps and
+    guidance, so a Z-Image (base) LoRA is validated at 50 steps with CFG 5, not at Turbo's 9 without CFG."""
+    import shutil
+
+    from diffsynth.training.task import model_sources
+    from diffsynth.training.trainer import build_task, task_class
+    from diffsynth.z_image.presets import PRESETS
+
+    base = tmp_path / "models"
+    shutil.copytree(tiny_repo, base / preset)
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    cfg = TrainConfig(model=preset, dataset_base_path=str(tmp_path), family="z_image", dtype="float32")
+    task = build_task(task_class(cfg), cfg, "cpu", encoders=True, denoiser=True)
+    assert model_sources(cfg)[0][0].model_id == preset  # the files came from the preset, not a folder
+    wanted = PRESETS[preset].defaults
+    assert {k: task.pipe.defaults.get(k) for k in wanted} == wanted
+    assert PRESETS["Tongyi-MAI/Z-Image"].defaults != PRESETS["Tongyi-MAI/Z-Image-Turbo"].defaults

@@ -42,7 +42,6 @@ from torch import nn
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import tensor_to_pil
-from diffsynth.runtime.pipeline import folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 
@@ -121,7 +120,7 @@ class FluxTrainingTask(PipelineTrainingTask):
             torch_dtype=torch_dtype,
             device=device,
         )
-        defaults = _source_defaults(model_configs)
+        defaults = pipe.defaults  # the preset's or the model folder's (load_partial_pipeline)
         task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
         task_options.setdefault("kontext", True if kontext else None)
@@ -198,23 +197,6 @@ def _references(row: Mapping[str, Any]) -> list:
         return []
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     return [tensor_to_pil(item)[0] if isinstance(item, torch.Tensor) else item for item in items]
-
-
-def _source_defaults(model_configs: Sequence[ModelConfig]) -> dict[str, Any]:
-    """The generation settings the models' source carries, as the pipeline reads them: the preset of a hub repo,
-    or the `diffsynth.json` of a local model folder (beside the files or one folder up)."""
-    from .presets import PRESETS
-
-    for config in model_configs:
-        if config.model_id is not None:
-            preset = next((p for name, p in PRESETS.items() if name.lower() == config.model_id.lower()), None)
-            if preset is not None:
-                return dict(preset.defaults)
-        for path in [config.path] if isinstance(config.path, str) else list(config.path or ()):
-            for folder in (Path(path).parent, Path(path).parent.parent):
-                if (folder / "diffsynth.json").is_file():
-                    return folder_defaults(folder)
-    return {}
 
 
 def _names_kontext(config: ModelConfig) -> bool:

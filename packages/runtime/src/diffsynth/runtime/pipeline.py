@@ -411,6 +411,24 @@ def preset_sources(preset) -> tuple[list[ModelConfig], ModelConfig | None, dict[
     return configs, tokenizer, {**defaults, **preset.defaults}
 
 
+def source_defaults(pipeline_cls: type[BasePipeline], model_configs: Sequence[ModelConfig]) -> dict[str, Any]:
+    """The generation defaults `from_pretrained` would have taken for models given as `ModelConfig`s: those of
+    the first config whose hub repo is one of the family's presets, or of the `diffsynth.json` in the folder of a
+    config's files (or one folder up, a hub-style model folder). Used where a pipeline is built from the configs a
+    preset or folder expanded to (the trainer), so its samples keep the model's own steps and guidance."""
+    for config in model_configs:
+        if config.model_id is not None:
+            try:
+                return preset_sources(pipeline_cls._preset(config.model_id))[2]
+            except ConfigError:
+                pass
+        for path in [config.path] if isinstance(config.path, (str, os.PathLike)) else list(config.path or ()):
+            for folder in (Path(path).parent, Path(path).parent.parent):
+                if (folder / "diffsynth.json").is_file():
+                    return folder_defaults(folder)
+    return {}
+
+
 def folder_defaults(folder: Path) -> dict[str, Any]:
     """Generation defaults a local folder may carry in `diffsynth.json` (e.g. the bundled demo model)."""
     import json

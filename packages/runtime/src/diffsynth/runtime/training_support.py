@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .hub import ModelConfig
-from .pipeline import WEIGHT_SUFFIXES, BasePipeline
+from .pipeline import WEIGHT_SUFFIXES, BasePipeline, source_defaults
 
 
 def model_roles(config: ModelConfig) -> set[str]:
@@ -69,6 +69,7 @@ def load_partial_pipeline(
     if not configs:
         raise ConfigError(f"{name} training needs the {slots} models; none of the given files hold them")
     pipe = _partial(pipeline_cls).from_pretrained(model_configs=configs, **from_pretrained)
+    pipe.defaults.update(source_defaults(pipeline_cls, model_configs))  # validation samples draw as the model's own
     missing = [s for s in slots if getattr(pipe, s) is None] + [t for t in tokenizers if getattr(pipe, t) is None]
     if missing:
         raise ConfigError(
