@@ -184,8 +184,8 @@ def test_validation_samples_are_the_pipeline_with_the_same_references(task, kont
     """`sample` (the trainer's --validation_images) draws what the pipeline draws from the same references, seed
     and size; the references matter (without them the picture differs)."""
     references = [[picture(6, 32, 48)], [picture(7, 48, 32), picture(8, 16, 16)]]
-    # the T5 length given: the task's pipeline is loaded without the folder's diffsynth.json defaults
-    size = {"height": 32, "width": 32, "num_inference_steps": 2, "t5_sequence_length": T5_TOKENS}
+    # the T5 length is not given: the task's pipeline keeps the folder's diffsynth.json setting, as the pipeline
+    size = {"height": 32, "width": 32, "num_inference_steps": 2}
     assert task.validation_references == "expected"
     with torch.no_grad():
         drawn = task.sample(task.models["dit"], PROMPTS, seed=3, references=references, **size)

@@ -155,6 +155,7 @@ class ToyTask:
         """Euler steps from seeded noise; the toy has no decoder, so the latents' first 3 channels are the picture."""
         text = self._models["text_encoder"].encode(prompts)
         x = torch.randn(len(prompts), LATENT_CHANNELS, 8, 8, generator=torch.Generator().manual_seed(seed))
+        x = x.to(denoiser.proj_in.weight.dtype)  # as pipelines do: a DeepSpeed bf16 run holds a bf16 denoiser
         sigmas = torch.linspace(1.0, 0.0, 5)
         for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
             x = x + (s_next - s) * denoiser(x, s.expand(len(prompts)), text)
