@@ -472,3 +472,34 @@ def T_pack(latents):
     from diffsynth.flux.pipeline import pack_latents
 
     return pack_latents(latents.clone())
+
+
+def test_model_configs_load_the_adapter_and_its_encoder_as_diffsynth_studio_lists_them(tiny_repo, encoders, tmp_path):
+    """`from_pretrained(model_configs=[..., adapter, image encoder])` in any order equals `load_ip_adapter`."""
+    from diffsynth.flux.pipeline import FluxImagePipeline
+    from diffsynth.runtime.hub import ModelConfig
+    from diffsynth.runtime.pipeline import configs_from_folder
+
+    reference = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    d = reference.dit.config
+    cfg = tiny_adapter_config(
+        image_embed_dim=32, hidden_size=d.hidden_size, double_blocks=d.depth, single_blocks=d.depth_single_blocks
+    )
+    adapter = ModelConfig(path=str(_instantx_file(make_adapter(cfg, seed=5), tmp_path / "ip-adapter.bin")))
+    encoder = ModelConfig(path=str(encoders["siglip"]))
+    reference.load_ip_adapter(adapter, image_encoder=encoder)
+
+    found, _ = configs_from_folder(tiny_repo)
+    tokenizers = {f"tokenizer_{i}_config": ModelConfig(path=str(tiny_repo / name))
+                  for i, name in ((1, "tokenizer"), (2, "tokenizer_2"))}  # fmt: skip
+    listed = FluxImagePipeline.from_pretrained(
+        model_configs=[adapter, *found, encoder], torch_dtype="float32", device="cpu", **tokenizers
+    )  # the adapter comes before the DiT it is sized by
+    assert listed.ipadapter.config == cfg and listed.ipadapter_image_encoder.kind == "siglip"
+    images = {"ipadapter_images": [_image(3)], "ipadapter_scale": 0.8}
+    ours = _run(listed, **images)
+    assert np.array_equal(ours, _run(reference, **images))
+    assert np.abs(ours - _run(listed)).max() > 1e-3  # the adapter acts
+
+    with pytest.raises(ConfigError, match="image encoder .* but no IP-Adapter file"):
+        FluxImagePipeline.from_pretrained(model_configs=[*found, encoder], torch_dtype="float32", device="cpu")

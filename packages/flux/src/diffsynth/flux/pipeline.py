@@ -283,6 +283,7 @@ class FluxImagePipeline(BasePipeline):
         super().__init__(device=device, torch_dtype=torch_dtype)
         self.tokenizer_1 = None  # CLIP
         self.tokenizer_2 = None  # T5
+        self._ip_adapter_sources: dict[str, ModelConfig] = {}  # model_configs entries loaded by load_ip_adapter
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -332,6 +333,14 @@ class FluxImagePipeline(BasePipeline):
             pipe.tokenizer_2 = BasePipeline._load_tokenizer(pipe, second)
         if controlnet is not None:
             pipe.load_controlnet(controlnet)
+        sources, pipe._ip_adapter_sources = pipe._ip_adapter_sources, {}
+        if sources:  # an IP-Adapter among model_configs, as DiffSynth-Studio lists it: loaded once the DiT is
+            if "adapter" not in sources:
+                raise ConfigError(
+                    f"model_configs hold an IP-Adapter image encoder ({sources['image_encoder']}) but no IP-Adapter "
+                    "file; add the adapter (ip-adapter.bin / ip_adapter.safetensors) or drop the encoder"
+                )
+            pipe.load_ip_adapter(sources["adapter"], image_encoder=sources.get("image_encoder"))
         return pipe
 
     def load_controlnet(
@@ -373,7 +382,18 @@ class FluxImagePipeline(BasePipeline):
         return index
 
     def _load_config(self, config: ModelConfig) -> None:
-        """ControlNet files among `model_configs` (once their spec is registered) join the `controlnet` slot."""
+        """ControlNet files among `model_configs` (once their spec is registered) join the `controlnet` slot; an
+        IP-Adapter and its image encoder are kept for `from_pretrained` to load once the DiT is there."""
+        from .flux1.ip_adapter import source_part
+
+        part = source_part(_weight_paths(config))
+        if part is not None:
+            if part in self._ip_adapter_sources:
+                raise ConfigError(
+                    f"model_configs hold two IP-Adapter {part}s: {self._ip_adapter_sources[part]}, {config}"
+                )
+            self._ip_adapter_sources[part] = config
+            return
         held, self.controlnet = self.controlnet, None
         try:
             super()._load_config(config)

@@ -392,6 +392,28 @@ def read_ip_adapter_state(path: str) -> dict[str, torch.Tensor]:
     return {k: state[k] for k in state}
 
 
+def source_part(paths: str | Sequence[str]) -> str | None:
+    """What a model file or folder given among a pipeline's `model_configs` is to the IP-Adapter, told from its
+    key names: "adapter" (any IP-Adapter layout), "image_encoder" (a SigLIP or CLIP vision tower, alone or in a
+    whole two-tower model), or None (another model: the DiT, a text encoder, the VAE). Safetensors are told from
+    their headers; pickles are read (memory-mapped), as InstantX's nested `ip-adapter.bin` needs."""
+    from diffsynth.runtime.checkpoint import TORCH_SUFFIXES, open_checkpoint, weight_files
+    from diffsynth.runtime.errors import DiffSynthError
+
+    keys: set[str] = set()
+    for path in weight_files(paths):
+        try:
+            keys |= set(read_ip_adapter_state(path) if path.endswith(TORCH_SUFFIXES) else open_checkpoint(path))
+        except DiffSynthError:
+            return None  # not a state dict this part reads; the pipeline's own loading names the problem
+    if FLUX_IP_ADAPTER_SPEC.match(keys) is not None:
+        return "adapter"
+    vision = [k for k in keys if not k.startswith(_OTHER_TOWER) and not k.endswith("position_ids")]
+    if vision and any(spec.match(vision) is not None for spec in (SIGLIP_VISION_SPEC, CLIP_VISION_SPEC)):
+        return "image_encoder"
+    return None
+
+
 def load_ip_adapter_model(
     paths: str | Sequence[str], torch_dtype=None, double_blocks: int | None = None
 ) -> FluxIPAdapter:
@@ -589,6 +611,7 @@ __all__ = [
     "FluxIPAdapterConfig",
     "IPAdapterKV",
     "SIGLIP_VISION_SPEC",
+    "source_part",
     "check_fits",
     "encoder_classes",
     "load_image_encoder",
