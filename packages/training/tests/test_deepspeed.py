@@ -60,9 +60,10 @@ def train_deepspeed(tmp_path: Path, dataset: Path, output: str, config: str, **o
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_matches_one_process_and_resumes(tmp_path, dataset, stage):
     pytest.importorskip("deepspeed")
-    one = train_one_process(tmp_path, dataset)
+    schedule = dict(lr_scheduler="cosine", lr_warmup_steps=1)  # DeepSpeed steps the optimizer the schedule sets
+    one = train_one_process(tmp_path, dataset, **schedule)
     config = f"deepspeed_zero{stage}"
-    zero = train_deepspeed(tmp_path, dataset, "zero", config, save_steps=1)
+    zero = train_deepspeed(tmp_path, dataset, "zero", config, save_steps=1, **schedule)
 
     # the exported LoRA and the checkpoint's trained weights: the same steps as one process (clipping at 1.0 and
     # the LR schedule included), not one process's half of the data
@@ -74,7 +75,9 @@ def test_lora_matches_one_process_and_resumes(tmp_path, dataset, stage):
     assert (zero / "checkpoints" / "step-000003" / "deepspeed").is_dir()
 
     # resuming at step 2 (DeepSpeed's master weights and Adam partitions, the schedule, the data position)
-    resumed = train_deepspeed(tmp_path, dataset, "resumed", config, resume=zero / "checkpoints" / "step-000002")
+    resumed = train_deepspeed(
+        tmp_path, dataset, "resumed", config, resume=zero / "checkpoints" / "step-000002", **schedule
+    )
     assert_same_tensors(final, load_file(str(resumed / "checkpoints" / "step-000003" / "trainable.safetensors")))
 
     # DeepSpeed's optimizer files only fit a DeepSpeed run: one process refuses them by name
