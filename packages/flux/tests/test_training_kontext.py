@@ -121,45 +121,31 @@ def test_clear_errors(task):
 # ----------------------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """Two recolouring edits (plain pictures: their latents are easy to learn); one row names its reference as
-    a path, the other as a JSON list of one path. References are 48x32 (kept at their size), targets 64x64."""
-    folder = tmp_path_factory.mktemp("kontext-data")
-    lines = []
-    for i, prompt in enumerate(PROMPTS):
-        reference = np.full((32, 48, 3), [(40, 60, 200), (200, 40, 40)][i], dtype=np.uint8)
-        target = np.full((64, 64, 3), [(230, 200, 30), (20, 140, 60)][i], dtype=np.uint8)
-        Image.fromarray(reference).save(folder / f"ref{i}.png")
-        Image.fromarray(target).save(folder / f"img{i}.png")
-        references = "ref0.png" if i == 0 else ["ref1.png"]
-        lines.append(json.dumps({"image": f"img{i}.png", "prompt": prompt, "kontext_images": references}) + "\n")
-    (folder / "metadata.jsonl").write_text("".join(lines))
-    return folder
+    """Two recolouring edits of plain pictures, each with its reference in `kontext_images` (`ref{i}.png`)."""
+    testing = pytest.importorskip("diffsynth.training.testing")
+    return testing.write_edit_dataset(tmp_path_factory.mktemp("kontext-data"), PROMPTS, "kontext_images", "ref")
 
 
 def train_config(repo, dataset, output, **overrides):
     """A LoRA (also on the DiT's input and output layers), no loss weights, low noise (sigma <= 0.1)."""
     from diffsynth.flux.flux1.dit import Flux1DiT
-    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.testing import tiny_config
 
     values = dict(
-        model=str(repo), family="flux", dataset_base_path=str(dataset), output_path=str(output), max_pixels=4096,
-        bucket_step=16, batch_size=2, lora_rank=8, learning_rate=2e-2, loss_weighting="none",
+        lora_rank=8, learning_rate=2e-2, loss_weighting="none",
         lora_target_modules=[*Flux1DiT.lora_target_modules, "img_in", "final_layer.linear"],
-        min_timestep_boundary=0.9, max_timestep_boundary=1.0, mixed_precision="no", dtype="float32",
-        max_steps=20, log_every=1, seed=0, num_epochs=1000,
+        min_timestep_boundary=0.9, max_timestep_boundary=1.0, max_steps=20, seed=0, num_epochs=1000,
     )  # fmt: skip
-    return TrainConfig(**{**values, **overrides})
-
-
-def losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return tiny_config(repo, "flux", dataset, output, **{**values, **overrides})
 
 
 @pytest.mark.integration
 def test_trainer_overfits_a_kontext_dataset_with_a_lora(kontext_repo, dataset, tmp_path):
     trainer = pytest.importorskip("diffsynth.training.trainer")
+    from diffsynth.training.testing import logged_losses
+
     state = trainer.train(train_config(kontext_repo, dataset, tmp_path / "out"))
-    curve = losses(tmp_path / "out")
+    curve = logged_losses(tmp_path / "out")
     assert state.step == 20 and len(curve) == 20
     assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve  # seeded: 13.9 -> 5.6 (mean of the last 3)
     assert (tmp_path / "out" / "step-000020.safetensors").is_file()
@@ -170,6 +156,8 @@ def test_cached_training_gives_the_online_losses(kontext_repo, dataset, tmp_path
     trainer = pytest.importorskip("diffsynth.training.trainer")
     from safetensors.torch import load_file
 
+    from diffsynth.training.testing import logged_losses
+
     settings = dict(max_steps=3)
     trainer.train(train_config(kontext_repo, dataset, tmp_path / "online", **settings))
     cache = str(tmp_path / "cache")
@@ -177,7 +165,7 @@ def test_cached_training_gives_the_online_losses(kontext_repo, dataset, tmp_path
     stored = load_file(str(Path(cache) / "items" / "000001.safetensors"))
     assert set(stored) == {"latents", "t5", "pooled", "kontext", "kontext_ids"} and stored["kontext"].shape == (6, 64)
     trainer.run_stage(train_config(kontext_repo, dataset, tmp_path / "cached", cache_dir=cache, **settings))
-    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "online"), rel=1e-5)
+    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "online"), rel=1e-5)
 
 
 def test_validation_samples_are_the_pipeline_with_the_same_references(task, kontext_pipe):

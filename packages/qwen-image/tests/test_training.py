@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffsynth.qwen_image import QwenImagePipeline
 from diffsynth.qwen_image.pipeline import qwen_image_velocity
@@ -111,28 +110,14 @@ def test_edit_models_are_recognised(task, tiny_repo, tmp_path):
 # ----------------------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("qwen-data")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, prompt in enumerate(PROMPTS):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        lines.append(json.dumps({"image": f"img{i}.png", "prompt": prompt}) + "\n")
-    (folder / "metadata.jsonl").write_text("".join(lines))
-    return folder
+    testing = pytest.importorskip("diffsynth.training.testing")
+    return testing.write_caption_dataset(tmp_path_factory.mktemp("qwen-data"), PROMPTS)
 
 
 def train(tiny_repo, dataset, output, *extra) -> list[float]:
-    from diffsynth.training.cli import main
+    from diffsynth.training.testing import train_with_cli
 
-    argv = [
-        "--model", str(tiny_repo), "--family", "qwen_image", "--dataset_base_path", str(dataset),
-        "--output_path", str(output), "--max_pixels", "4096", "--bucket_step", "16", "--batch_size", "2",
-        "--dataset_repeat", "2", "--lora_rank", "4", "--learning_rate", "1e-2", "--mixed_precision", "no",
-        "--dtype", "float32", "--max_steps", "2", "--log_every", "1", *extra,
-    ]  # fmt: skip
-    assert main(argv) == 0
-    metrics = Path(output) / "metrics.jsonl"
-    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return train_with_cli(tiny_repo, "qwen_image", dataset, output, "--dataset_repeat", "2", *extra)
 
 
 @pytest.mark.integration

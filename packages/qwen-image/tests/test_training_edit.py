@@ -137,44 +137,31 @@ def test_clear_errors(tiny_repo):
 # ----------------------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """Two recolouring edits of plain pictures: one row names its edit image as a path, the other as a JSON
-    list of one path. Edit images are 48x32 (kept at their size), targets 64x64."""
-    folder = tmp_path_factory.mktemp("edit-data")
-    lines = []
-    for i, prompt in enumerate(PROMPTS):
-        Image.new("RGB", (48, 32), [(40, 60, 200), (200, 40, 40)][i]).save(folder / f"edit{i}.png")
-        Image.new("RGB", (64, 64), [(230, 200, 30), (20, 140, 60)][i]).save(folder / f"img{i}.png")
-        edit = "edit0.png" if i == 0 else ["edit1.png"]
-        lines.append(json.dumps({"image": f"img{i}.png", "prompt": prompt, "edit_image": edit}) + "\n")
-    (folder / "metadata.jsonl").write_text("".join(lines))
-    return folder
+    """Two recolouring edits of plain pictures, each with its edit image in `edit_image` (`edit{i}.png`)."""
+    testing = pytest.importorskip("diffsynth.training.testing")
+    return testing.write_edit_dataset(tmp_path_factory.mktemp("edit-data"), PROMPTS, "edit_image", "edit")
 
 
 def train_config(repo, dataset, output, **overrides):
     """A LoRA (also on the DiT's input and output layers), no loss weights, low noise."""
     from diffsynth.qwen_image.dit import QwenImageDiT
-    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.testing import tiny_config
 
     values = dict(
-        model=str(repo), family="qwen_image", tokenizer_path=str(Path(repo) / "processor"),
-        dataset_base_path=str(dataset), output_path=str(output), max_pixels=4096, bucket_step=16, batch_size=2,
-        lora_rank=8, learning_rate=2e-2, loss_weighting="none",
+        tokenizer_path=str(Path(repo) / "processor"), lora_rank=8, learning_rate=2e-2, loss_weighting="none",
         lora_target_modules=[*QwenImageDiT.lora_target_modules, "img_in", "proj_out"],
-        min_timestep_boundary=0.9, max_timestep_boundary=1.0, mixed_precision="no", dtype="float32",
-        max_steps=12, log_every=1, seed=0, num_epochs=1000,
+        min_timestep_boundary=0.9, max_timestep_boundary=1.0, max_steps=12, seed=0, num_epochs=1000,
     )  # fmt: skip
-    return TrainConfig(**{**values, **overrides})
-
-
-def losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return tiny_config(repo, "qwen_image", dataset, output, **{**values, **overrides})
 
 
 @pytest.mark.integration
 def test_trainer_overfits_an_edit_dataset_with_a_lora(repo, dataset, tmp_path):
     trainer = pytest.importorskip("diffsynth.training.trainer")
+    from diffsynth.training.testing import logged_losses
+
     state = trainer.train(train_config(repo, dataset, tmp_path / "out"))
-    curve = losses(tmp_path / "out")
+    curve = logged_losses(tmp_path / "out")
     assert state.step == 12 and len(curve) == 12
     assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve
     assert (tmp_path / "out" / "step-000012.safetensors").is_file()
@@ -185,6 +172,8 @@ def test_cached_training_gives_the_online_losses(repo, dataset, tmp_path):
     trainer = pytest.importorskip("diffsynth.training.trainer")
     from safetensors.torch import load_file
 
+    from diffsynth.training.testing import logged_losses
+
     settings = dict(max_steps=3)
     trainer.train(train_config(repo, dataset, tmp_path / "online", **settings))
     cache = str(tmp_path / "cache")
@@ -192,7 +181,7 @@ def test_cached_training_gives_the_online_losses(repo, dataset, tmp_path):
     stored = load_file(str(Path(cache) / "items" / "000001.safetensors"))
     assert set(stored) == {"latents", "text", "edit_0"} and stored["edit_0"].shape == (16, 4, 4)  # 32x32 px
     trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", cache_dir=cache, **settings))
-    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "online"), rel=1e-5)
+    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "online"), rel=1e-5)
 
 
 @pytest.mark.integration

@@ -3,8 +3,6 @@
 Integration: needs diffsynth-wan installed (the `integration` nox session installs every package).
 """
 
-import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from diffsynth.runtime.media import save_video  # noqa: E402
 from diffsynth.training import trainer  # noqa: E402
 from diffsynth.training.config import TrainConfig  # noqa: E402
 from diffsynth.training.task import TrainingTask  # noqa: E402
+from diffsynth.training.testing import load_module, logged_losses, tiny_config, write_video_dataset  # noqa: E402
 from diffsynth.training.trainer import run_stage, setup, train  # noqa: E402
 from diffsynth.wan import WanVideoPipeline  # noqa: E402
 from diffsynth.wan.pipeline import wan_velocity  # noqa: E402
@@ -29,60 +27,29 @@ PROMPTS = ["a red circle on a blue background", "a small green square in the top
 FAST = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2, "cfg_scale": 1.0, "progress_bar": False}
 
 
-def _wan_test_helpers():
-    path = Path(__file__).parents[2] / "wan" / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("wan_tiny_repo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return _wan_test_helpers().build_tiny_repo(tmp_path_factory.mktemp("tiny-wan"), "t2v")
+    wan_tests = load_module(Path(__file__).parents[2] / "wan" / "tests" / "conftest.py", "wan_tiny_repo")
+    return wan_tests.build_tiny_repo(tmp_path_factory.mktemp("tiny-wan"), "t2v")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """Two 5-frame 32x32 mp4 videos of a square moving across a plain background."""
-    folder = tmp_path_factory.mktemp("videos")
-    rows = []
-    for i, (background, square) in enumerate([((20, 40, 200), (230, 30, 30)), ((10, 10, 10), (40, 220, 60))]):
+    videos = []
+    for background, square in [((20, 40, 200), (230, 30, 30)), ((10, 10, 10), (40, 220, 60))]:
         frames = np.empty((5, 32, 32, 3), dtype=np.uint8)
         frames[:] = background
         for f in range(5):
             frames[f, 8:20, 4 + 4 * f : 16 + 4 * f] = square
-        save_video(list(frames), folder / f"clip{i}.mp4", fps=8)
-        rows.append({"video": f"clip{i}.mp4", "prompt": PROMPTS[i]})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+        videos.append(frames)
+    return write_video_dataset(tmp_path_factory.mktemp("videos"), PROMPTS, videos)
 
 
 def config(tiny_repo, dataset, output, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(tiny_repo),
-        dataset_base_path=str(dataset),
-        output_path=str(output),
-        family="wan",
-        num_frames=5,
-        max_pixels=32 * 32,
-        bucket_step=16,
-        batch_size=2,
-        lora_rank=4,
-        learning_rate=1e-2,
-        mixed_precision="no",
-        dtype="float32",
-        max_steps=4,
-        log_every=1,
-        seed=0,
-        num_epochs=1000,
-    )
-    return TrainConfig(**{**values, **overrides})
-
-
-def losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    values = dict(num_frames=5, max_pixels=32 * 32, max_steps=4, seed=0, num_epochs=1000)
+    return tiny_config(tiny_repo, "wan", dataset, output, **{**values, **overrides})
 
 
 class Crash(Exception):
@@ -95,7 +62,7 @@ def test_full_finetune_overfits_two_videos(tiny_repo, dataset, tmp_path):
         trainable_models=["dit"], loss_weighting="none", min_timestep_boundary=0.45, max_timestep_boundary=0.55
     )
     state = train(config(tiny_repo, dataset, tmp_path / "out", max_steps=12, learning_rate=2e-2, **settings))
-    curve = losses(tmp_path / "out")
+    curve = logged_losses(tmp_path / "out")
     assert state.step == 12 and len(curve) == 12
     assert sum(curve[-4:]) / 4 < 0.5 * curve[0], curve  # seeded: 5.06 -> 2.39 (mean of the last 4)
 
@@ -106,7 +73,7 @@ def test_cached_two_stage_training_equals_direct_training_and_the_lora_loads(tin
     run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache, stage="encode"))
     state = run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache))
     assert state.step == 4
-    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "direct"), rel=1e-5)
+    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "direct"), rel=1e-5)
     step = "checkpoints/step-000004/trainable.safetensors"
     direct, cached = load_file(str(tmp_path / "direct" / step)), load_file(str(tmp_path / "cached" / step))
     assert direct.keys() == cached.keys() and len(direct) > 0
@@ -147,7 +114,8 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tiny_repo, dataset, tmp_pa
     monkeypatch.setattr(trainer, "train_step", real_step)
     state = train(config(tiny_repo, dataset, tmp_path / "resumed", resume="latest", **settings))
     assert state.step == 4
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # steps 1-2, then 3-4 after the resume
+    # steps 1-2, then 3-4 after the resume
+    assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "straight")
     step = "checkpoints/step-000004/trainable.safetensors"
     straight, resumed = load_file(str(tmp_path / "straight" / step)), load_file(str(tmp_path / "resumed" / step))
     for name in straight:

@@ -3,7 +3,6 @@
 Integration: needs diffsynth-z-image installed (the `integration` nox session installs every package).
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,13 +12,13 @@ import pytest
 pytest.importorskip("diffsynth.z_image")
 
 import torch  # noqa: E402
-from diffsynth_training_toy import write_images  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from diffsynth.runtime import ModelConfig, load_model  # noqa: E402
 from diffsynth.training.config import TrainConfig  # noqa: E402
 from diffsynth.training.data import batch_plan  # noqa: E402
 from diffsynth.training.task import TrainingTask  # noqa: E402
+from diffsynth.training.testing import load_module, tiny_config, write_caption_dataset  # noqa: E402
 from diffsynth.training.trainer import TrainState, run_stage, save, setup, train, train_step  # noqa: E402
 from diffsynth.z_image import ZImagePipeline  # noqa: E402
 from diffsynth.z_image.pipeline import z_image_velocity  # noqa: E402
@@ -30,11 +29,7 @@ FAST = {"height": 64, "width": 64, "num_inference_steps": 2, "progress_bar": Fal
 
 
 def _z_image_test_helpers():
-    path = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("z_image_tiny_repo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py", "z_image_tiny_repo")
 
 
 @pytest.fixture(scope="module")
@@ -44,31 +39,12 @@ def tiny_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    names = write_images(folder, [(64, 64)] * 4, seed=1)
     captions = _z_image_test_helpers().CAPTIONS
-    rows = [{"image": name, "prompt": captions[i % 3]} for i, name in enumerate(names)]
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+    return write_caption_dataset(tmp_path_factory.mktemp("data"), [captions[i % 3] for i in range(4)], seed=1)
 
 
 def config(tiny_repo, dataset, output, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(tiny_repo),
-        dataset_base_path=str(dataset),
-        output_path=str(output),
-        family="z_image",
-        max_pixels=64 * 64,
-        bucket_step=16,
-        batch_size=2,
-        lora_rank=4,
-        learning_rate=1e-3,
-        mixed_precision="no",
-        dtype="float32",
-        max_steps=2,
-        log_every=1,
-    )
-    return TrainConfig(**{**values, **overrides})
+    return tiny_config(tiny_repo, "z_image", dataset, output, **{"learning_rate": 1e-3, **overrides})
 
 
 def test_lora_training_gives_a_lora_the_pipeline_applies_exactly(tiny_repo, dataset, tmp_path):

@@ -6,7 +6,6 @@ step from the same latents) and the loss as DiffSynth-Studio defines it; the tra
 
 from __future__ import annotations
 
-import json
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -267,34 +266,27 @@ def test_clear_errors(i2v, tiny_repo_factory, tiny_repo):
 # ----------------------------------------------------------------------------------------- (b, c) the trainer
 def video_dataset(folder: Path, size: int) -> Path:
     """Two 5-frame mp4 videos of a square moving across a plain background."""
-    from diffsynth.runtime.media import save_video
+    from diffsynth.training.testing import write_video_dataset
 
-    rows = []
-    for i, (background, square) in enumerate([((20, 40, 200), (230, 30, 30)), ((10, 10, 10), (40, 220, 60))]):
+    videos = []
+    for background, square in [((20, 40, 200), (230, 30, 30)), ((10, 10, 10), (40, 220, 60))]:
         pictures = np.empty((5, size, size, 3), dtype=np.uint8)
         pictures[:] = background
         for f in range(5):
             pictures[f, size // 4 : size // 2, f * size // 8 : f * size // 8 + size // 3] = square
-        save_video(list(pictures), folder / f"clip{i}.mp4", fps=8)
-        rows.append({"video": f"clip{i}.mp4", "prompt": PROMPTS[i]})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
+        videos.append(pictures)
+    return write_video_dataset(folder, PROMPTS, videos)
 
 
 def train_config(repo, dataset, output, size, **overrides):
-    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.testing import tiny_config
 
     values = dict(
-        model=str(repo), dataset_base_path=str(dataset), output_path=str(output), family="wan", num_frames=5,
-        max_pixels=size * size, bucket_step=size, batch_size=2, trainable_models=["dit"], learning_rate=2e-2,
-        loss_weighting="none", min_timestep_boundary=0.45, max_timestep_boundary=0.55, mixed_precision="no",
-        dtype="float32", max_steps=10, log_every=1, seed=0, num_epochs=1000,
+        num_frames=5, max_pixels=size * size, bucket_step=size, trainable_models=["dit"], learning_rate=2e-2,
+        loss_weighting="none", min_timestep_boundary=0.45, max_timestep_boundary=0.55, max_steps=10, seed=0,
+        num_epochs=1000,
     )  # fmt: skip
-    return TrainConfig(**{**values, **overrides})
-
-
-def losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return tiny_config(repo, "wan", dataset, output, **{**values, **overrides})
 
 
 @pytest.mark.integration
@@ -302,9 +294,11 @@ def losses(output: Path) -> list[float]:
 def test_trainer_overfits_two_videos(tiny_repo_factory, tmp_path, kind, size, steps):
     """Full fine-tuning at a narrow noise band; seeded: i2v 4.47 -> 2.02, ti2v 171 -> 55.9 (mean of the last 3)."""
     trainer = pytest.importorskip("diffsynth.training.trainer")
+    from diffsynth.training.testing import logged_losses
+
     dataset = video_dataset(tmp_path, size)
     state = trainer.train(train_config(tiny_repo_factory(kind), dataset, tmp_path / "out", size, max_steps=steps))
-    curve = losses(tmp_path / "out")
+    curve = logged_losses(tmp_path / "out")
     assert state.step == steps and len(curve) == steps
     assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve
 
@@ -312,6 +306,8 @@ def test_trainer_overfits_two_videos(tiny_repo_factory, tmp_path, kind, size, st
 @pytest.mark.integration
 def test_i2v_cached_training_gives_the_online_losses(tiny_repo_factory, tmp_path):
     trainer = pytest.importorskip("diffsynth.training.trainer")
+    from diffsynth.training.testing import logged_losses
+
     repo, dataset = tiny_repo_factory("i2v"), video_dataset(tmp_path, 32)
     settings = dict(max_steps=3, trainable_models=[], lora_rank=4, learning_rate=1e-2)
     trainer.train(train_config(repo, dataset, tmp_path / "online", 32, **settings))
@@ -322,7 +318,7 @@ def test_i2v_cached_training_gives_the_online_losses(tiny_repo_factory, tmp_path
     stored = load_file(str(Path(cache) / "items" / "000000.safetensors"))
     assert set(stored) == {"latents", "text", "y", "clip_feature"}
     trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", 32, cache_dir=cache, **settings))
-    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "online"), rel=1e-5)
+    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "online"), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- validation samples
