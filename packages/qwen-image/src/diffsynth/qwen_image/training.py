@@ -67,6 +67,9 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     conditioning: ClassVar[tuple[str, ...]] = ("edit_image",)
 
     loss_options: ClassVar[tuple[str, ...]] = ("exponential_shift_mu",)  # --task_options that leave a cache valid
+    # the last block's text-stream outputs (attn.to_add_out, txt_mlp) feed nothing, so their weights (or LoRAs)
+    # get no gradient: DDP must look for unused parameters
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -107,6 +107,9 @@ class TrainingTask(Protocol):
 # `reference_arguments(images) -> dict`, the pipeline arguments of one prompt's references, raising
 # `ConfigError` for a count the model cannot take; the trainer calls it at setup to check each prompt's.
 #
+# Optional: `ddp_find_unused_parameters: ClassVar[bool]`, True when some of the denoiser's weights never get a
+# gradient (Qwen-Image's last text stream): DDP then looks for them instead of waiting for their reduction.
+#
 # Optional: `loss_mask(batch) -> Tensor | None`, 1 where the loss counts and 0 where it does not, broadcastable to
 # `batch["latents"]` (at least one counted element per sample); each sample's MSE is then the mean over the counted
 # elements. For latents the model is given rather than asked for: Wan2.2-TI2V's clean first frame, which its

@@ -196,9 +196,9 @@ def setup(config: TrainConfig) -> Run:
 
     cfg = config.check()
     cls = task_class(cfg)
-    acc = make_accelerator(
-        cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)]
-    )
+    # a family whose denoiser has weights that never get a gradient says so (Qwen-Image's last text stream)
+    find_unused = cfg.find_unused_parameters or getattr(cls, "ddp_find_unused_parameters", False)
+    acc = make_accelerator(cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
     set_seed(cfg.seed)
     cached = cfg.cache_dir is not None
     task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
