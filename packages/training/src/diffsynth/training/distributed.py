@@ -24,6 +24,7 @@ accelerate config names `fsdp_transformer_layer_cls_to_wrap` itself. The acceler
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -118,6 +119,28 @@ def configure_deepspeed(acc, cfg) -> None:
             logger.warning("DeepSpeed config: %s %s overruled by the trainer's flags: %s", key, given, value)
         config[key] = value
     logger.info("DeepSpeed ZeRO stage %d", zero_stage(acc))
+
+
+@contextlib.contextmanager
+def loading_whole_models(acc):
+    """Load the task's models whole under ZeRO-3 too. accelerate registers its DeepSpeed config with
+    transformers, which then builds its models (the families' text encoders) for `deepspeed.zero.Init`
+    partitioning and fails on our meta-device build; the trainer loads whole models and DeepSpeed partitions the
+    denoiser at `prepare` (the shipped configs' `zero3_init_flag: false`), so the registration is lifted while
+    the task loads."""
+    if zero_stage(acc) != 3:
+        yield
+        return
+    try:
+        from transformers.integrations import unset_hf_deepspeed_config
+    except ImportError:  # nothing registered without transformers
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        acc.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def deepspeed_backward(acc, loss: torch.Tensor, *, last: bool) -> None:
@@ -269,6 +292,7 @@ __all__ = [
     "is_deepspeed",
     "is_sharded",
     "load_deepspeed_state",
+    "loading_whole_models",
     "load_optimizer",
     "load_trainable",
     "parameter_shape",

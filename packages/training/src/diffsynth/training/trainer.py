@@ -71,6 +71,7 @@ from .distributed import (
     load_deepspeed_state,
     load_optimizer,
     load_trainable,
+    loading_whole_models,
     parameter_shape,
     save_deepspeed_state,
     zero_stage,
@@ -201,7 +202,8 @@ def setup(config: TrainConfig) -> Run:
     acc = make_accelerator(cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
     set_seed(cfg.seed)
     cached = cfg.cache_dir is not None
-    task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
+    with loading_whole_models(acc):
+        task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
     dataset = CachedDataset(cfg.cache_dir, expected=encoding_settings(cfg, task)) if cached else make_dataset(cfg, task)
 
     slot = task.denoiser_slot
@@ -551,7 +553,8 @@ def encode_dataset(config: TrainConfig) -> Path:
     cfg = config.check()
     cls = task_class(cfg)
     acc = make_accelerator(cfg)
-    task = build_task(cls, cfg, acc.device, encoders=True, denoiser=False)
+    with loading_whole_models(acc):
+        task = build_task(cls, cfg, acc.device, encoders=True, denoiser=False)
     store_in_fp8(cfg, task, acc.device, all_loaded=False)
     dataset = make_dataset(cfg, task)
     cache = Path(cfg.cache_dir)
