@@ -129,7 +129,7 @@ def parity(session: nox.Session) -> None:
 @nox.session
 def integration(session: nox.Session) -> None:
     """Tests that cross packages (a family trained by the trainer), with every package installed."""
-    session.install("-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS)
+    session.install("-c", _constraints(), *[f"packages/{p}{TEST_EXTRAS.get(p, '')}" for p in PACKAGES], *TEST_DEPS)
     _pytest(session, "integration", "packages", "-m", "integration and not parity and not gpu", allow_empty=True)
 
 
