@@ -124,6 +124,7 @@ def parity(session: nox.Session) -> None:
     for script in scripts:
         dry = ["--tiny", "--device", "cpu", "--height", "64", "--width", "64", "--caption-len", "7", "--steps", "1"]
         session.run("python", str(ROOT / "benchmarks" / script), *dry, "--warmup", "0", silent=True)
+    session.run("python", str(ROOT / "benchmarks" / "bench_training.py"), "--estimate", *dry, silent=True)
 
 
 @nox.session

@@ -8,10 +8,15 @@ autocast, AdamW over the LoRA, as the trainer runs it. The issue's goal: a full-
 
     python benchmarks/bench_training.py [--steps 5] [--warmup 2] [--modes bf16,checkpointing,...]
     python benchmarks/bench_training.py --tiny --device cpu   # a dry run of the script, nothing recorded
+    python benchmarks/bench_training.py --estimate            # predicted peaks on a CPU machine (fake tensors)
 
 Modes: `bf16` (no memory option), `checkpointing` (--use_gradient_checkpointing), `checkpointing_offload`
 (+ --use_gradient_checkpointing_offload), `fp8_checkpointing` (+ --fp8_models dit), `fp8_checkpointing_offload`,
 `diffusers_checkpointing` (diffusers' model, `enable_gradient_checkpointing`, peft `add_adapter`).
+
+`--estimate` predicts the peak of the `bf16` and `checkpointing` modes without a GPU (`memory_estimate.py`:
+the step on fake tensors, every storage counted while it lives; no allocator overhead or workspaces). The other
+modes need CUDA (activation offload) or real values (fp8 quantisation).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import contextlib
 import gc
 
 import torch
-from common import random_model, record, share_weights, step_parser, timed
+from common import diffusers_z_image, random_model, record, step_parser, timed
+from memory_estimate import estimate_peak_gib, fake_parameters
 
 MODES = (
     "bf16",
@@ -30,14 +36,16 @@ MODES = (
     "fp8_checkpointing_offload",
     "diffusers_checkpointing",
 )
+TINY = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=(4, 6, 6))
+ESTIMATED_MODES = ("bf16", "checkpointing")
 LORA_RANK = 32
 
 
-def train_step(model, forward, params, offload: bool, device: torch.device):
+def train_step(model, forward, params, offload: bool, device: torch.device, autocast: bool):
     """One optimizer step as the trainer takes it: bf16 autocast forward, MSE to a fixed target, backward
     (activations saved to pinned CPU memory with `offload`), AdamW over the LoRA."""
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
 
     def step():
         saved = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
@@ -55,7 +63,10 @@ def train_step(model, forward, params, offload: bool, device: torch.device):
 def main() -> None:
     parser = step_parser(__doc__.splitlines()[0], 5, 2, 1024, 1024, 128)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--estimate", action="store_true", help="predict peaks on fake tensors (no GPU needed)")
     args = parser.parse_args()
+    if args.estimate:
+        return estimate(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --tiny --device cpu for a dry run)")
     modes = [m for m in args.modes.split(",") if m]
@@ -70,8 +81,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    tiny = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=(4, 6, 6))
-    cfg = ZImageDiTConfig(**tiny) if args.tiny else ZImageDiTConfig()
+    cfg = ZImageDiTConfig(**TINY) if args.tiny else ZImageDiTConfig()
     dtype = torch.bfloat16
     lora = TrainConfig(lora_rank=LORA_RANK)
     h, w = args.height // 8, args.width // 8
@@ -105,7 +115,8 @@ def main() -> None:
             def forward(model=model):
                 return z_image_velocity(model, x, sigma, text)
 
-        step = train_step(model, forward, params, offload=mode.endswith("offload") and cuda, device=device)
+        offload = mode.endswith("offload") and cuda
+        step = train_step(model, forward, params, offload=offload, device=device, autocast=cuda)
         seconds, peak = timed(step, args.steps, args.warmup, inference=False)
         results[mode] = {
             "s_per_step": seconds,
@@ -129,24 +140,59 @@ def main() -> None:
     )
 
 
+def estimate(args) -> None:
+    """Predicted peak GiB of a LoRA step per mode: the full-size DiT (or `--tiny`) on fake CPU tensors."""
+    from accelerate import init_empty_weights
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.trainer import add_lora
+    from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
+    from diffsynth.z_image.pipeline import z_image_velocity
+
+    cfg = ZImageDiTConfig(**TINY) if args.tiny else ZImageDiTConfig()
+    modes = [m for m in args.modes.split(",") if m in ESTIMATED_MODES] or list(ESTIMATED_MODES)
+    results = {}
+    for mode in modes:
+        fake = FakeTensorMode(allow_non_fake_inputs=True)  # real buffers (RoPE tables) enter as constants
+        with init_empty_weights():
+            model = ZImageDiT(cfg).to(torch.bfloat16)
+        model.requires_grad_(False)
+        model.gradient_checkpointing = mode == "checkpointing"
+        add_lora(model, TrainConfig(lora_rank=LORA_RANK))
+        model = fake_parameters(model, fake).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        with fake:
+            x = torch.randn(1, cfg.in_channels, args.height // 8, args.width // 8, dtype=torch.bfloat16)
+            sigma = torch.tensor([0.5])
+            text = [torch.randn(args.caption_len, cfg.cap_feat_dim, dtype=torch.bfloat16)]
+
+        def forward(model=model, x=x, sigma=sigma, text=text):
+            return z_image_velocity(model, x, sigma, text)
+
+        step = train_step(model, forward, params, offload=False, device=torch.device("cpu"), autocast=True)
+        results[mode] = {"estimated_peak_gib": estimate_peak_gib(model, fake, step, [x, sigma, *text])}
+        print(mode, results[mode], flush=True)
+    record(
+        "training_lora_step_estimate",
+        {
+            "model": "tiny" if args.tiny else "Z-Image DiT (fake tensors)",
+            "height": args.height,
+            "width": args.width,
+            "text_tokens": args.caption_len,
+            "lora_rank": LORA_RANK,
+            "goal_peak_gib": 24,
+            "results": results,
+        },
+        save=not args.tiny,
+    )
+
+
 def diffusers_model(cfg, ours, device, x, sigma, text):
     """diffusers' transformer on our weights, with a peft LoRA on the same Linears and its own checkpointing."""
-    from accelerate import init_empty_weights
-    from diffusers import ZImageTransformer2DModel
     from peft import LoraConfig
 
-    with init_empty_weights():
-        ref = ZImageTransformer2DModel(
-            dim=cfg.dim,
-            n_layers=cfg.n_layers,
-            n_refiner_layers=cfg.n_refiner_layers,
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads,
-            cap_feat_dim=cfg.cap_feat_dim,
-            axes_dims=list(cfg.axes_dims),
-            axes_lens=list(cfg.axes_lens),
-        )
-    ref = share_weights(ref, ours.state_dict(), device)
+    ref = diffusers_z_image(cfg, ours, device)
     torch.manual_seed(0)
     ref.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(ours.lora_target_modules)))
     for name, p in ref.named_parameters():

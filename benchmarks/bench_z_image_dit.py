@@ -12,7 +12,7 @@ the card and torch version.
 from __future__ import annotations
 
 import torch
-from common import compare_steps, parse_step_args, random_model, share_weights, step_parser
+from common import compare_steps, diffusers_z_image, parse_step_args, random_model, step_parser
 
 
 def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
@@ -32,9 +32,6 @@ def flops_per_step(cfg, image_tokens: int, text_tokens: int) -> float:
 def main() -> None:
     args = parse_step_args(step_parser(__doc__.splitlines()[0], 10, 3, 1024, 1024, 128))
 
-    from accelerate import init_empty_weights
-    from diffusers import ZImageTransformer2DModel
-
     from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
 
     device = torch.device(args.device)
@@ -42,18 +39,7 @@ def main() -> None:
     tiny = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=(4, 6, 6))
     cfg = ZImageDiTConfig(**tiny) if args.tiny else ZImageDiTConfig()
     ours = random_model(lambda: ZImageDiT(cfg), device, dtype)
-    with init_empty_weights():
-        ref = ZImageTransformer2DModel(
-            dim=cfg.dim,
-            n_layers=cfg.n_layers,
-            n_refiner_layers=cfg.n_refiner_layers,
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_kv_heads,
-            cap_feat_dim=cfg.cap_feat_dim,
-            axes_dims=list(cfg.axes_dims),
-            axes_lens=list(cfg.axes_lens),
-        )
-    ref = share_weights(ref, ours.state_dict(), device)
+    ref = diffusers_z_image(cfg, ours, device)
 
     h, w = args.height // 8, args.width // 8
     g = torch.Generator(device).manual_seed(0)

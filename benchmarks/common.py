@@ -98,6 +98,25 @@ def share_weights(model, state: dict, device):
     return model.to(device).eval().requires_grad_(False)
 
 
+def diffusers_z_image(cfg, ours, device):
+    """diffusers' Z-Image transformer with the shape of our `cfg`, holding `ours`' weight tensors."""
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+
+    with init_empty_weights():
+        ref = ZImageTransformer2DModel(
+            dim=cfg.dim,
+            n_layers=cfg.n_layers,
+            n_refiner_layers=cfg.n_refiner_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            cap_feat_dim=cfg.cap_feat_dim,
+            axes_dims=list(cfg.axes_dims),
+            axes_lens=list(cfg.axes_lens),
+        )
+    return share_weights(ref, ours.state_dict(), device)
+
+
 def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> dict:
     """Output agreement of two implementations: max abs difference and the output's own scale."""
     got, want = got.float(), want.float()
