@@ -459,8 +459,13 @@ def save(run: Run, state: TrainState) -> None:
     acc, cfg = run.accelerator, run.config
     module = acc.unwrap_model(run.model)
     name = step_name(state.step)
-    trained = full_state(module, trainable_only=True)  # every process takes part (FSDP gathers the shards)
-    weights = trained if run.lora else full_state(module, trainable_only=False)
+    # every process takes part (FSDP and ZeRO-3 gather the shards); a full fine-tune gathers the model once and
+    # the resume checkpoint's trained weights are the same tensors, so host memory holds one copy of the model
+    if run.lora:
+        weights = trained = full_state(module, trainable_only=True)
+    else:
+        weights = full_state(module, trainable_only=False)
+        trained = {name: weights[name] for name in run.trainable} if weights else {}
     if is_deepspeed(acc):  # DeepSpeed writes its optimizer partitions and master weights itself
         optimizer_state = {"deepspeed": {"zero_stage": zero_stage(acc), "processes": acc.num_processes}}
     else:
