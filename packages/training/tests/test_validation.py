@@ -148,3 +148,16 @@ def test_absolute_paths_are_read_as_they_are(tmp_path, dataset, recording, refer
     absolute = str(dataset / references[2])
     run = setup(toy_config(tmp_path, dataset, validation_images=[absolute, references[0]]))
     assert run.validation_references[0][0].size == (8, 8)
+
+
+def test_an_item_naming_a_file_with_a_comma_is_one_path(tmp_path, dataset, recording, references):
+    comma = dataset / "refs" / "cat, dog.png"
+    (dataset / references[1]).rename(comma)
+    items = ["refs/cat, dog.png", f"refs/cat, dog.png,{references[2]}"]
+    run = setup(toy_config(tmp_path, dataset, validation_images=items))
+    got = run.validation_references
+    assert [len(images) for images in got] == [1, 2]
+    with Image.open(comma) as first, Image.open(dataset / references[2]) as second:
+        assert np.array_equal(np.asarray(got[0][0]), np.asarray(first.convert("RGB")))
+        assert np.array_equal(np.asarray(got[1][0]), np.asarray(first.convert("RGB")))
+        assert np.array_equal(np.asarray(got[1][1]), np.asarray(second.convert("RGB")))

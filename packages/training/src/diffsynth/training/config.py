@@ -139,8 +139,8 @@ class TrainConfig:
     validation_images: list[str] = _arg(
         [],
         "reference images of the validation prompts, one item per prompt (separated by |), several for one prompt "
-        "joined by , (Kontext references; Wan FLF2V first then last frame); relative paths are read against "
-        "--dataset_base_path",
+        "joined by , (Kontext references; Wan FLF2V first then last frame; a path that holds a comma is "
+        "recognised as long as the file exists); relative paths are read against --dataset_base_path",
         "output",
     )
     validation_steps: int | None = _arg(None, "sample the validation prompts every N steps (and at the end)", "output")

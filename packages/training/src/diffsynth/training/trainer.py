@@ -420,7 +420,7 @@ def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | 
     base = Path(cfg.dataset_base_path or ".")
     references = []
     for k, item in enumerate(cfg.validation_images):
-        images = [_validation_image(base, name.strip()) for name in item.split(",") if name.strip()]
+        images = [_validation_image(base, name) for name in _reference_names(base, item)]
         if callable(check):
             try:
                 check(images)
@@ -428,6 +428,19 @@ def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | 
                 raise ConfigError(f"--validation_images item {k + 1} ({item!r}): {exc}") from None
         references.append(images)
     return references
+
+
+def _reference_names(base: Path, item: str) -> list[str]:
+    """One prompt's reference files: the item split on commas, where the pieces that together name a file (a
+    path holding a comma) are joined back. Pieces that name nothing are kept apart, for the error to name."""
+    names, pending = [], []
+    for piece in item.split(","):
+        pending.append(piece)
+        joined = ",".join(pending).strip()
+        if joined and (base / joined).is_file():
+            names.append(joined)
+            pending = []
+    return names + [piece.strip() for piece in pending if piece.strip()]
 
 
 def _validation_image(base: Path, name: str):
