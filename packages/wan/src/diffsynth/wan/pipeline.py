@@ -282,6 +282,10 @@ class WanVideoPipeline(BasePipeline):
             raise ConfigError("this Wan model is image-to-video: pass input_image (the first frame)")
         if kind == "ti2v" and end_image is not None:
             raise ConfigError("Wan2.2-TI2V takes an input_image (first frame) but no end_image")
+        if self.dit.config.image_pos_len and end_image is None:
+            raise ConfigError(
+                "this Wan model is first-last-frame-to-video (FLF2V): pass end_image (the last frame) too"
+            )
         if self.dit.config.has_image_input and self.image_encoder is None:
             raise ConfigError(
                 "this Wan I2V model needs the CLIP image encoder: add "

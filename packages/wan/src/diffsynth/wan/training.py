@@ -245,6 +245,11 @@ class WanTrainingTask(PipelineTrainingTask):
         if len(images) > most:
             what = "a first and a last frame" if most == 2 else "a first frame only (Wan2.2-TI2V)"
             raise ConfigError(f"{len(images)} reference images for one Wan validation sample; it takes {what}")
+        if self.dit_config.image_pos_len and len(images) != 2:
+            raise ConfigError(
+                "this Wan FLF2V DiT draws each sample between a first and a last frame: give both, joined by ',' "
+                f"(got {len(images)} image)"
+            )
         return {"input_image": images[0], **({"end_image": images[1]} if len(images) == 2 else {})}
 
     # ------------------------------------------------------------------ the protocol
