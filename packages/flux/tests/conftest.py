@@ -5,6 +5,7 @@
 as the hub stores it), `tokenizer/` (CLIP BPE), `tokenizer_2/` (T5 unigram) and `scheduler/`, so
 both our `from_pretrained` and diffusers' classes load the same folder. `bfl_copy` lays the same
 weights out like the preset expects (`flux1-dev.safetensors` + `ae.safetensors` at the root).
+It also loads `helpers.py` as the module `diffsynth_flux_test_helpers`, which the test modules import from.
 
 The DiT keeps FLUX.1's head width (128, RoPE axes 16/56/56) so files without a config.json (BFL
 single files) derive the right config; everything else is tiny.
@@ -12,9 +13,11 @@ single files) derive the right config; everything else is tiny.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,19 @@ import torch
 from safetensors.torch import save_file
 
 from diffsynth.runtime.testing.weights import random_weights
+
+
+def _load_helpers():
+    name = "diffsynth_flux_test_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+helpers = _load_helpers()
 
 CAPTIONS = [
     "a red circle on a blue background",
@@ -218,15 +234,22 @@ def tiny_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_repo):
-    from diffsynth.flux.pipeline import FluxImagePipeline
-
-    return FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    return helpers.our_pipeline(tiny_repo)
 
 
 @pytest.fixture(scope="session")
 def tiny_configs() -> dict[str, dict]:
     """The tiny config.json dicts (test modules cannot import conftest under importlib mode)."""
     return {"dit": DIT_CONFIG, "vae": VAE_CONFIG, "clip": CLIP_CONFIG, "t5": T5_CONFIG}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: intra-op threads only add scheduling overhead (seconds per call on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

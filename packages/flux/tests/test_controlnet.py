@@ -3,15 +3,25 @@ the DiT's residual inputs and the pipeline's `controlnet_inputs` checks (no diff
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffsynth_flux_test_helpers import (
+    controlnet_config_json,
+    controlnet_inputs,
+    dit_inputs,
+    latent_noise,
+    make_controlnet,
+    make_dit,
+    our_pipeline,
+    random_image,
+    repo_controlnet_config,
+    tiny_controlnet_config,
+    write_controlnet_folder,
+)
 from PIL import Image
-from safetensors.torch import save_file
 
 from diffsynth.flux.flux1.controlnet import UNION_MODES, Flux1ControlNet, Flux1ControlNetConfig
 from diffsynth.flux.flux1.controlnet_formats import (
@@ -25,56 +35,7 @@ from diffsynth.runtime.errors import CheckpointError, ConfigError, UnknownModelE
 from diffsynth.runtime.loading import load_model
 from diffsynth.runtime.testing import conformance as cf
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads only add scheduling overhead (seconds per call on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _test_dit():
-    """`tiny_config` of the DiT lives only in test_flux1_dit.py; load that module by path."""
-    path = Path(__file__).with_name("test_flux1_dit.py")
-    spec = importlib.util.spec_from_file_location("flux1_test_dit_for_controlnet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
-
-
-def tiny_config(**overrides) -> Flux1ControlNetConfig:
-    """The one place tiny FLUX.1 ControlNet sizes live (widths equal the tiny DiT's)."""
-    dit = T.tiny_config()
-    fields = dict(
-        in_channels=dit.in_channels,
-        vec_in_dim=dit.vec_in_dim,
-        context_in_dim=dit.context_in_dim,
-        hidden_size=dit.hidden_size,
-        num_heads=dit.num_heads,
-        depth=2,
-        depth_single_blocks=3,
-        axes_dim=dit.axes_dim,
-        num_modes=4,
-    )
-    return Flux1ControlNetConfig(**{**fields, **overrides})
-
-
-def make_model(config: Flux1ControlNetConfig | None = None, seed: int = 0) -> Flux1ControlNet:
-    return T.randomize(Flux1ControlNet(config or tiny_config()), seed)
-
-
-def inputs(batch=2, grid=(4, 4), txt_len=7, seed=1, config: Flux1ControlNetConfig | None = None):
-    """DiT inputs plus the condition tokens and a mode per sample, as one args tuple."""
-    cfg = config or tiny_config()
-    img, img_ids, txt, txt_ids, t, y, g = T.inputs(batch, grid, txt_len, seed, T.tiny_config())
-    cond = torch.randn(batch, img.shape[1], cfg.cond_in_channels, generator=torch.Generator().manual_seed(seed + 1))
-    mode = torch.arange(batch) % (cfg.num_modes or 1)
-    return img, img_ids, txt, txt_ids, t, y, g, cond, mode
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ config
@@ -105,40 +66,40 @@ def test_released_union_builds_on_meta_with_diffusers_keys():
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"Flux1ControlNetConfig.*{field}"):
-        tiny_config(**overrides)
+        tiny_controlnet_config(**overrides)
 
 
 # ------------------------------------------------------------------ conformance suite
 def test_forward_gives_one_residual_per_block():
-    args = inputs()
-    cf.check_forward(make_model, args, expected_shapes=[(2, 16, 32)] * 5)
+    args = controlnet_inputs()
+    cf.check_forward(make_controlnet, args, expected_shapes=[(2, 16, 32)] * 5)
 
 
 def test_backward_reaches_every_parameter():
-    cf.check_backward(make_model, inputs())
+    cf.check_backward(make_controlnet, controlnet_inputs())
 
 
 def test_gradient_checkpointing_gives_same_output_and_grads():
-    cf.check_gradient_checkpointing(make_model, inputs(), atol=1e-6)
+    cf.check_gradient_checkpointing(make_controlnet, controlnet_inputs(), atol=1e-6)
 
 
 def test_meta_build_and_assign_load_are_identical():
-    cf.check_meta_load(make_model, inputs())
+    cf.check_meta_load(make_controlnet, controlnet_inputs())
 
 
 def test_declared_units_exist():
-    cf.check_declared_units(make_model)
+    cf.check_declared_units(make_controlnet)
 
 
 def test_fresh_model_gives_zero_residuals():
     """The output projections start at zero (a new ControlNet leaves the DiT unchanged)."""
-    double, single = Flux1ControlNet(tiny_config())(*inputs())
+    double, single = Flux1ControlNet(tiny_controlnet_config())(*controlnet_inputs())
     assert all(bool((r == 0).all()) for r in double + single)
 
 
 def test_union_mode_changes_the_output_and_is_required():
-    model = make_model().eval()
-    *args, cond, mode = inputs()
+    model = make_controlnet().eval()
+    *args, cond, mode = controlnet_inputs()
     with torch.no_grad():
         a = model(*args, cond=cond, mode=0)[0][0]
         b = model(*args, cond=cond, mode=1)[0][0]
@@ -150,8 +111,8 @@ def test_union_mode_changes_the_output_and_is_required():
 
 
 def test_cond_shape_is_checked():
-    model = make_model()
-    *args, cond, mode = inputs()
+    model = make_controlnet()
+    *args, cond, mode = controlnet_inputs()
     with pytest.raises(ValueError, match="cond has shape"):
         model(*args, cond=cond[:, :3], mode=mode)
 
@@ -160,49 +121,24 @@ def test_cond_shape_is_checked():
 def test_diffusers_round_trip_is_exact():
     for layout in LAYOUTS:
         convert = ours_to_diffusers if layout.name == "diffusers" else None
-        cf.check_layout_roundtrip(make_model, layout, convert)
-    ours = make_model().state_dict()
+        cf.check_layout_roundtrip(make_controlnet, layout, convert)
+    ours = make_controlnet().state_dict()
     back = diffusers_to_ours(ours_to_diffusers(dict(ours)))
     assert back.keys() == ours.keys() and all(torch.equal(back[k], v) for k, v in ours.items())
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(num_modes=None, guidance_embed=False), dict(depth_single_blocks=0)])
 def test_spec_config_from_shapes(overrides):
-    axes = {"axes_dims_rope": list(tiny_config().axes_dim)}  # RoPE axes are not in the shapes
-    cfg = cf.check_spec_config(FLUX1_CONTROLNET_SPEC, lambda: make_model(tiny_config(**overrides)), axes)
-    assert cfg.num_modes == tiny_config(**overrides).num_modes
-
-
-def _write_folder(folder: Path, model: Flux1ControlNet, config_json: dict | None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(ours_to_diffusers(model.state_dict()), str(folder / "diffusion_pytorch_model.safetensors"))
-    if config_json is not None:
-        (folder / "config.json").write_text(json.dumps(config_json))
-    return folder
-
-
-def _config_json(cfg: Flux1ControlNetConfig) -> dict:
-    """What diffusers writes for this model (`FluxControlNetModel.save_pretrained`)."""
-    return {
-        "_class_name": "FluxControlNetModel",
-        "patch_size": 1,
-        "in_channels": cfg.in_channels,
-        "num_layers": cfg.depth,
-        "num_single_layers": cfg.depth_single_blocks,
-        "attention_head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_in_dim,
-        "pooled_projection_dim": cfg.vec_in_dim,
-        "guidance_embeds": cfg.guidance_embed,
-        "axes_dims_rope": list(cfg.axes_dim),
-        "num_mode": cfg.num_modes,
-        "conditioning_embedding_channels": None,
-    }
+    axes = {"axes_dims_rope": list(tiny_controlnet_config().axes_dim)}  # RoPE axes are not in the shapes
+    cfg = cf.check_spec_config(
+        FLUX1_CONTROLNET_SPEC, lambda: make_controlnet(tiny_controlnet_config(**overrides)), axes
+    )
+    assert cfg.num_modes == tiny_controlnet_config(**overrides).num_modes
 
 
 def test_strict_load_of_a_diffusers_folder(tmp_path):
-    model = make_model()
-    folder = _write_folder(tmp_path / "cn", model, _config_json(model.config))
+    model = make_controlnet()
+    folder = write_controlnet_folder(tmp_path / "cn", model, controlnet_config_json(model.config))
     loaded = load_model(str(folder), specs=[FLUX1_CONTROLNET_SPEC])
     assert isinstance(loaded, Flux1ControlNet) and loaded.config == model.config
     want = model.state_dict()
@@ -211,8 +147,8 @@ def test_strict_load_of_a_diffusers_folder(tmp_path):
 
 def test_alimama_inpainting_width_is_read_from_the_shapes(tmp_path):
     """alimama's Inpainting-Beta: 68 condition features (latents + packed mask), no single blocks."""
-    model = make_model(tiny_config(cond_in_channels=20, num_modes=None, depth_single_blocks=0))
-    folder = _write_folder(tmp_path / "inpaint", model, {"axes_dims_rope": list(model.config.axes_dim)})
+    model = make_controlnet(tiny_controlnet_config(cond_in_channels=20, num_modes=None, depth_single_blocks=0))
+    folder = write_controlnet_folder(tmp_path / "inpaint", model, {"axes_dims_rope": list(model.config.axes_dim)})
     loaded = load_model(str(folder / "diffusion_pytorch_model.safetensors"), specs=[FLUX1_CONTROLNET_SPEC])
     assert loaded.config.cond_in_channels == 20 and loaded.takes_mask and not loaded.is_union
     assert len(loaded.controlnet_single_blocks) == 0
@@ -228,8 +164,8 @@ def test_config_from_config_json_alone():
 
 def test_config_json_contradicting_the_shapes_names_the_field():
     with torch.device("meta"):
-        state = make_model().state_dict()
-    json_cfg = _config_json(tiny_config(depth=3))
+        state = make_controlnet().state_dict()
+    json_cfg = controlnet_config_json(tiny_controlnet_config(depth=3))
     with pytest.raises(ConfigError, match="depth=3"):
         config_from_state(state, json_cfg)
 
@@ -240,12 +176,12 @@ def test_unsupported_hint_block_config_is_refused():
 
 
 def test_unknown_and_missing_keys_are_named(tmp_path):
-    state = ours_to_diffusers(make_model().state_dict())
+    state = ours_to_diffusers(make_controlnet().state_dict())
     with pytest.raises(KeyError, match="not_a_key.weight"):
         diffusers_to_ours({**state, "transformer_blocks.0.not_a_key.weight": torch.zeros(1)})
     with pytest.raises(KeyError, match="input_hint_block.0.weight"):
         diffusers_to_ours({**state, "input_hint_block.0.weight": torch.zeros(1)})
-    axes = {"axes_dims_rope": list(tiny_config().axes_dim)}
+    axes = {"axes_dims_rope": list(tiny_controlnet_config().axes_dim)}
     extra = {**state, "transformer_blocks.0.not_a_key.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="not_a_key"):
         load_model(extra, specs=[FLUX1_CONTROLNET_SPEC], config=axes)
@@ -259,15 +195,15 @@ def test_a_dit_file_is_not_a_controlnet():
     from diffsynth.flux.flux1.formats import ours_to_diffusers as dit_to_diffusers
 
     with torch.device("meta"):
-        dit = T.make_model().state_dict()
+        dit = make_dit().state_dict()
     with pytest.raises(UnknownModelError, match="flux1_controlnet"):
         load_model(dit_to_diffusers(dit), specs=[FLUX1_CONTROLNET_SPEC])
 
 
 # ------------------------------------------------------------------ DiT residual inputs
 def test_dit_without_residuals_is_unchanged_and_zero_residuals_change_nothing():
-    dit = T.make_model().eval()
-    args = T.inputs()
+    dit = make_dit().eval()
+    args = dit_inputs()
     zeros = torch.zeros(1, args[0].shape[1], dit.config.hidden_size)
     with torch.no_grad():
         plain = dit(*args)
@@ -277,8 +213,8 @@ def test_dit_without_residuals_is_unchanged_and_zero_residuals_change_nothing():
 
 def test_dit_spreads_short_residual_lists_over_its_blocks():
     """One sample for two blocks equals that sample given for each block."""
-    dit = T.make_model().eval()
-    args = T.inputs()
+    dit = make_dit().eval()
+    args = dit_inputs()
     g = torch.Generator().manual_seed(3)
     r = [torch.randn(2, args[0].shape[1], dit.config.hidden_size, generator=g) for _ in range(2)]
     with torch.no_grad():
@@ -296,36 +232,24 @@ def test_dit_spreads_short_residual_lists_over_its_blocks():
 def cn_folders(tiny_configs, tmp_path_factory) -> list[str]:
     """A union net (0) and an inpainting net (1) of the tiny DiT's widths, as diffusers folders."""
     dit = tiny_configs["dit"]
-    common = dict(
-        in_channels=64,
-        vec_in_dim=dit["pooled_projection_dim"],
-        context_in_dim=dit["joint_attention_dim"],
-        hidden_size=dit["attention_head_dim"] * dit["num_attention_heads"],
-        num_heads=dit["num_attention_heads"],
-        depth=1,
-        depth_single_blocks=1,
-    )
     root = tmp_path_factory.mktemp("controlnets")
-    union = _write_folder(root / "union", make_model(Flux1ControlNetConfig(**common, num_modes=4)), None)
-    inpaint_cfg = Flux1ControlNetConfig(**{**common, "depth_single_blocks": 0}, cond_in_channels=68, num_modes=None)
-    inpaint = _write_folder(root / "inpaint", make_model(inpaint_cfg), None)
+    union = write_controlnet_folder(root / "union", make_controlnet(repo_controlnet_config(dit, num_modes=4)), None)
+    inpaint_cfg = repo_controlnet_config(dit, depth_single_blocks=0, cond_in_channels=68)
+    inpaint = write_controlnet_folder(root / "inpaint", make_controlnet(inpaint_cfg), None)
     return [str(union), str(inpaint)]
 
 
 @pytest.fixture(scope="module")
 def cn_pipe(tiny_repo, cn_folders):
-    from diffsynth.flux.pipeline import FluxImagePipeline
-
-    return FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu", controlnet=cn_folders)
+    return our_pipeline(tiny_repo, controlnet=cn_folders)
 
 
-def _image(seed=0, size=(32, 32)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+def _image(seed=0):
+    return random_image(32, 32, seed)
 
 
 def _run(pipe, controls, steps=2, **kwargs):
-    noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = latent_noise(1, 32, 32, seed=0)
     return pipe(
         "a red circle on a blue background",
         controlnet_inputs=controls,
@@ -408,9 +332,9 @@ def test_unknown_controlnet_source_is_refused(tiny_pipe):
 
 def test_vram_managed_controlnets_give_the_same_image(tiny_repo, cn_folders, cn_pipe):
     """The ControlNets under the VRAM manager (every block streamed) change nothing."""
-    from diffsynth.flux.pipeline import ControlNetInput, FluxImagePipeline
+    from diffsynth.flux.pipeline import ControlNetInput
 
-    managed = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu", vram_limit=0)
+    managed = our_pipeline(tiny_repo, vram_limit=0)
     managed.load_controlnet(cn_folders)
     assert "controlnet" in managed.vram_handles
     controls = [

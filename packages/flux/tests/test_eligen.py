@@ -3,13 +3,12 @@ what image tokens can and cannot see in the DiT, and the pipeline with entities 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffsynth_flux_test_helpers import dit_inputs, image_ids, make_dit, tiny_dit_config
 from PIL import Image
 
 from diffsynth.flux.flux1 import dit as dit_module
@@ -26,18 +25,6 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import apply_rope
 
 FAST = dict(height=32, width=32, num_inference_steps=2, t5_sequence_length=8, progress_bar=False)
-
-
-def _test_dit():
-    """`tiny_config` of the DiT lives only in test_flux1_dit.py; load that module by path."""
-    path = Path(__file__).with_name("test_flux1_dit.py")
-    spec = importlib.util.spec_from_file_location("flux1_test_dit_for_eligen", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
 
 
 def _mask(width, height, box=None, value=255):
@@ -128,14 +115,14 @@ def _dit_call(model, entity_t5, regions, seed=1, prompt_len=4, grid=(2, 4)):
     entities = EliGenEntities(entity_t5, regions)
     txt, mask = joint_inputs(prompt, entities, img.shape[1])
     txt_ids = torch.zeros(txt.shape[1], 3)
-    return model(img, T.image_ids(*grid), txt, txt_ids, t, y, guidance, attn_mask=mask)
+    return model(img, image_ids(*grid), txt, txt_ids, t, y, guidance, attn_mask=mask)
 
 
 @pytest.mark.parametrize(("depth", "single"), [(1, 0), (0, 1)])
 def test_image_tokens_see_only_their_entities(depth, single):
     """After one block (double or single), tokens outside every region ignore the entity prompts; tokens
     inside a region change with that entity's prompt and ignore the other entity's."""
-    model = T.make_model(T.tiny_config(depth=depth, depth_single_blocks=single))
+    model = make_dit(tiny_dit_config(depth=depth, depth_single_blocks=single))
     g = torch.Generator().manual_seed(5)
     regions = torch.zeros(1, 2, 8, dtype=torch.bool)
     regions[0, 0, [0, 1]] = True
@@ -155,8 +142,8 @@ def test_image_tokens_see_only_their_entities(depth, single):
 def test_empty_regions_and_all_true_mask_change_nothing():
     """Entities covering no token leave the image as the plain call makes it (the global prompt and the
     image never see entity text); an all-True mask equals no mask."""
-    model = T.make_model()
-    img, img_ids, txt, txt_ids, t, y, guidance = T.inputs(batch=2, grid=(2, 4), txt_len=4)
+    model = make_dit()
+    img, img_ids, txt, txt_ids, t, y, guidance = dit_inputs(batch=2, grid=(2, 4), txt_len=4)
     g = torch.Generator().manual_seed(3)
     entities = EliGenEntities(torch.randn(1, 2, 4, 32, generator=g), torch.zeros(1, 2, 8, dtype=torch.bool))
     joint, mask = joint_inputs(txt, entities, img.shape[1])

@@ -4,56 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffsynth_flux_test_helpers import dit_inputs, image_ids, make_dit, tiny_dit_config
 
 from diffsynth.flux.flux1 import dit as dit_module
 from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
 from diffsynth.runtime.testing import conformance as cf
-from diffsynth.runtime.testing.weights import random_weights
-
-
-def tiny_config(**overrides) -> Flux1DiTConfig:
-    """The one place tiny FLUX.1 DiT sizes live (other test modules load it from here)."""
-    fields = dict(
-        in_channels=16,
-        out_channels=16,
-        vec_in_dim=24,
-        context_in_dim=32,
-        hidden_size=32,
-        num_heads=2,
-        depth=2,
-        depth_single_blocks=2,
-        axes_dim=(4, 6, 6),
-    )
-    return Flux1DiTConfig(**{**fields, **overrides})
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded random weights everywhere (norm scales around 1)."""
-    return random_weights(model, seed, scale=0.2, is_norm=lambda name, p: name.endswith(".scale"))
-
-
-def make_model(config: Flux1DiTConfig | None = None, seed: int = 0) -> Flux1DiT:
-    return randomize(Flux1DiT(config or tiny_config()), seed)
-
-
-def image_ids(height: int, width: int, first: float = 0.0) -> torch.Tensor:
-    """`[1, h*w, 3]` ids (first, row, column) of a packed latent grid, as the FLUX pipelines build them."""
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    ids = torch.stack([torch.full_like(rows, 0), rows, cols], dim=-1).reshape(1, -1, 3).float()
-    ids[..., 0] = first
-    return ids
-
-
-def inputs(batch=2, grid=(4, 4), txt_len=7, seed=1, config: Flux1DiTConfig | None = None):
-    cfg = config or tiny_config()
-    g = torch.Generator().manual_seed(seed)
-    img = torch.randn(batch, grid[0] * grid[1], cfg.in_channels, generator=g)
-    txt = torch.randn(batch, txt_len, cfg.context_in_dim, generator=g)
-    txt_ids = torch.zeros(1, txt_len, 3)
-    timesteps = torch.rand(batch, generator=g)
-    y = torch.randn(batch, cfg.vec_in_dim, generator=g)
-    guidance = 1.0 + 4.0 * torch.rand(batch, generator=g)
-    return img, image_ids(*grid), txt, txt_ids, timesteps, y, guidance
 
 
 # ------------------------------------------------------------------ config
@@ -79,34 +34,34 @@ def test_default_config_is_flux1_dev():
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
-        tiny_config(**overrides)
+        tiny_dit_config(**overrides)
 
 
 # ------------------------------------------------------------------ conformance suite
 def test_forward_shape_and_dtype():
-    args = inputs()
-    cf.check_forward(make_model, args, expected_shapes=[args[0].shape])
+    args = dit_inputs()
+    cf.check_forward(make_dit, args, expected_shapes=[args[0].shape])
 
 
 def test_forward_bfloat16_keeps_dtype():
-    img, *rest = inputs()
-    cf.check_forward(lambda: make_model().to(torch.bfloat16), (img.bfloat16(), *rest), expected_shapes=[img.shape])
+    img, *rest = dit_inputs()
+    cf.check_forward(lambda: make_dit().to(torch.bfloat16), (img.bfloat16(), *rest), expected_shapes=[img.shape])
 
 
 def test_backward_reaches_every_parameter():
-    cf.check_backward(make_model, inputs())
+    cf.check_backward(make_dit, dit_inputs())
 
 
 def test_gradient_checkpointing_gives_same_output_and_grads():
-    cf.check_gradient_checkpointing(make_model, inputs(), atol=1e-6)
+    cf.check_gradient_checkpointing(make_dit, dit_inputs(), atol=1e-6)
 
 
 def test_meta_build_and_assign_load_are_identical():
-    cf.check_meta_load(make_model, inputs())
+    cf.check_meta_load(make_dit, dit_inputs())
 
 
 def test_declared_units_exist():
-    cf.check_declared_units(make_model)
+    cf.check_declared_units(make_dit)
     assert Flux1DiT.offload_units == Flux1DiT.compile_units == ("double_blocks", "single_blocks")
 
 
@@ -119,8 +74,8 @@ def test_released_model_builds_on_meta_with_12b_parameters():
 
 # ------------------------------------------------------------------ behaviour
 def test_batch_equals_each_sample_alone():
-    model = make_model().eval()
-    args = inputs(batch=3)
+    model = make_dit().eval()
+    args = dit_inputs(batch=3)
     with torch.no_grad():
         batch = model(*args)
         for i in range(3):
@@ -131,8 +86,8 @@ def test_batch_equals_each_sample_alone():
 
 def test_kontext_reference_tokens_of_any_length_and_per_sample_ids():
     """Kontext appends reference-image tokens (ids first axis 1) to `img`; output covers all tokens."""
-    model = make_model().eval()
-    img, img_ids, txt, txt_ids, t, y, g = inputs(batch=2, grid=(4, 4))
+    model = make_dit().eval()
+    img, img_ids, txt, txt_ids, t, y, g = dit_inputs(batch=2, grid=(4, 4))
     ref = torch.randn(2, 3 * 5, 16, generator=torch.Generator().manual_seed(5))
     joint = torch.cat([img, ref], dim=1)
     joint_ids = torch.cat([img_ids, image_ids(3, 5, first=1.0)], dim=1)
@@ -147,8 +102,8 @@ def test_kontext_reference_tokens_of_any_length_and_per_sample_ids():
 
 
 def test_positions_move_the_output():
-    model = make_model().eval()
-    img, img_ids, *rest = inputs()
+    model = make_dit().eval()
+    img, img_ids, *rest = dit_inputs()
     with torch.no_grad():
         a = model(img, img_ids, *rest)
         b = model(img, img_ids + torch.tensor([0.0, 1.0, 0.0]), *rest)
@@ -156,8 +111,8 @@ def test_positions_move_the_output():
 
 
 def test_scalar_timestep_and_guidance_broadcast():
-    model = make_model().eval()
-    img, img_ids, txt, txt_ids, _, y, _ = inputs()
+    model = make_dit().eval()
+    img, img_ids, txt, txt_ids, _, y, _ = dit_inputs()
     with torch.no_grad():
         per_sample = model(img, img_ids, txt, txt_ids, torch.full((2,), 0.5), y, torch.full((2,), 3.5))
         scalar = model(img, img_ids, txt, txt_ids, 0.5, y, 3.5)
@@ -165,18 +120,18 @@ def test_scalar_timestep_and_guidance_broadcast():
 
 
 def test_schnell_style_model_without_guidance_embedder():
-    cfg = tiny_config(guidance_embed=False)
-    model = make_model(cfg).eval()
+    cfg = tiny_dit_config(guidance_embed=False)
+    model = make_dit(cfg).eval()
     assert model.guidance_in is None and not any(k.startswith("guidance_in") for k in model.state_dict())
-    img, img_ids, txt, txt_ids, t, y, _ = inputs()
+    img, img_ids, txt, txt_ids, t, y, _ = dit_inputs()
     with torch.no_grad():
         assert torch.equal(model(img, img_ids, txt, txt_ids, t, y), model(img, img_ids, txt, txt_ids, t, y, 4.0))
 
 
 def test_guidance_distilled_model_needs_guidance():
-    img, img_ids, txt, txt_ids, t, y, _ = inputs()
+    img, img_ids, txt, txt_ids, t, y, _ = dit_inputs()
     with pytest.raises(ValueError, match="guidance"):
-        make_model()(img, img_ids, txt, txt_ids, t, y)
+        make_dit()(img, img_ids, txt, txt_ids, t, y)
 
 
 def test_attention_goes_through_the_runtime_entry_point(monkeypatch):
@@ -189,7 +144,7 @@ def test_attention_goes_through_the_runtime_entry_point(monkeypatch):
     original = dit_module.attention
     monkeypatch.setattr(dit_module, "attention", spy)
     with torch.no_grad():
-        make_model()(*inputs())
+        make_dit()(*dit_inputs())
     assert calls == [(2, 7 + 16, 2, 16)] * 4  # 2 double + 2 single blocks, joint [text, image] sequence
 
 
@@ -204,8 +159,8 @@ def test_attention_goes_through_the_runtime_entry_point(monkeypatch):
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, message):
-    args = list(inputs())
+    args = list(dit_inputs())
     for index, value in change.items():
         args[index] = value
     with pytest.raises(ValueError, match=message):
-        make_model()(*args)
+        make_dit()(*args)

@@ -8,63 +8,28 @@ max abs diff <= 1e-5 times the output's largest magnitude (at least 1).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from diffsynth_flux_test_helpers import (
+    dit_inputs,
+    image_ids,
+    make_dit,
+    reference_dit,
+    reference_dit_output,
+    tiny_dit_config,
+)
 
 from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
-from diffsynth.flux.flux1.formats import ours_to_diffusers
 
 pytestmark = pytest.mark.parity
 
 
-def _test_dit():
-    """`tiny_config` and friends live only in test_flux1_dit.py; load that module by path."""
-    path = Path(__file__).with_name("test_flux1_dit.py")
-    spec = importlib.util.spec_from_file_location("flux1_test_dit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
-
-
-def _reference(cfg: Flux1DiTConfig):
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim,
-        guidance_embeds=cfg.guidance_embed,
-        axes_dims_rope=cfg.axes_dim,
-    ).eval()
-
-
 def _compare(ours, reference, args, guidance_embed=True):
-    img, img_ids, txt, txt_ids, t, y, g = args
     with torch.no_grad():
         got = ours(*args)
-        want = reference(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=t,
-            img_ids=img_ids[0],  # diffusers takes 2-D ids
-            txt_ids=txt_ids[0],
-            guidance=g if guidance_embed else None,
-            return_dict=False,
-        )[0]
+        want = reference_dit_output(reference, args, guidance=guidance_embed)
     scale = want.abs().max().item()
     print(f"parity: max abs diff {(got - want).abs().max().item():.3g}, output scale {scale:.3g}")
     assert scale > 0.1  # a vacuous comparison (all zeros) would prove nothing
@@ -82,15 +47,14 @@ def _compare(ours, reference, args, guidance_embed=True):
 )
 def test_tiny_matches_diffusers_through_ours_to_diffusers(guidance_embed, grid, txt_len, ref_grid):
     pytest.importorskip("diffusers")
-    cfg = T.tiny_config(depth=1, depth_single_blocks=1, guidance_embed=guidance_embed)  # Appendix A sizes
-    ours = T.make_model(cfg, seed=3).eval()
-    reference = _reference(cfg)
-    reference.load_state_dict(ours_to_diffusers(ours.state_dict()), strict=True)
-    img, img_ids, txt, txt_ids, t, y, g = T.inputs(batch=2, grid=grid, txt_len=txt_len, seed=txt_len, config=cfg)
+    cfg = tiny_dit_config(depth=1, depth_single_blocks=1, guidance_embed=guidance_embed)  # Appendix A sizes
+    ours = make_dit(cfg, seed=3).eval()
+    reference = reference_dit(cfg, ours)
+    img, img_ids, txt, txt_ids, t, y, g = dit_inputs(batch=2, grid=grid, txt_len=txt_len, seed=txt_len, config=cfg)
     if ref_grid is not None:
         ref = torch.randn(2, ref_grid[0] * ref_grid[1], cfg.in_channels, generator=torch.Generator().manual_seed(9))
         img = torch.cat([img, ref], dim=1)
-        img_ids = torch.cat([img_ids, T.image_ids(*ref_grid, first=1.0)], dim=1)
+        img_ids = torch.cat([img_ids, image_ids(*ref_grid, first=1.0)], dim=1)
     diff, scale = _compare(ours, reference, (img, img_ids, txt, txt_ids, t, y, g), guidance_embed)
     assert diff <= 1e-5 * max(1.0, scale), f"max abs diff {diff:.3g} (output scale {scale:.3g}) vs diffusers"
 
@@ -125,7 +89,7 @@ def test_released_widths_match_diffusers_through_the_diffusers_converter():
     cfg = Flux1DiTConfig(depth=1, depth_single_blocks=1)
     with torch.device("meta"):
         ours = Flux1DiT(cfg)
-        reference = _reference(cfg)
+        reference = reference_dit(cfg)
     state = _cheap_random_state(ours, seed=0)
     ours.load_state_dict(state, strict=True, assign=True)
     converted = convert_flux_transformer_checkpoint_to_diffusers(dict(state))
@@ -133,7 +97,7 @@ def test_released_widths_match_diffusers_through_the_diffusers_converter():
     ours.eval()
 
     g = torch.Generator().manual_seed(1)
-    img_ids = T.image_ids(3, 4)
+    img_ids = image_ids(3, 4)
     args = (
         torch.randn(1, 12, cfg.in_channels, generator=g),
         img_ids,

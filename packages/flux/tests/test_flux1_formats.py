@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from diffsynth_flux_test_helpers import dit_inputs, make_dit, tiny_dit_config
 
 from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
 from diffsynth.flux.flux1.formats import (
@@ -38,17 +38,6 @@ RELEASED_CONFIG_JSON = {
     "patch_size": 1,
     "pooled_projection_dim": 768,
 }
-
-
-def _test_dit():
-    """`tiny_config` and friends live only in test_flux1_dit.py; load that module by path."""
-    spec = importlib.util.spec_from_file_location("flux1_test_dit", Path(__file__).with_name("test_flux1_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
 
 
 def released_meta_state() -> dict[str, torch.Tensor]:
@@ -135,12 +124,12 @@ def test_flux2_style_files_are_not_taken_for_flux1():
 # ------------------------------------------------------------------ tiny: conversions round trip
 @pytest.mark.parametrize("name", ["original", "comfyui"])
 def test_original_layouts_round_trip(name):
-    cf.check_layout_roundtrip(T.make_model, LAYOUTS[name])
+    cf.check_layout_roundtrip(make_dit, LAYOUTS[name])
 
 
 @pytest.mark.parametrize("guidance_embed", [True, False])
 def test_diffusers_layout_inverts_ours_to_diffusers_exactly(guidance_embed):
-    factory = lambda: T.make_model(T.tiny_config(guidance_embed=guidance_embed))  # noqa: E731
+    factory = lambda: make_dit(tiny_dit_config(guidance_embed=guidance_embed))  # noqa: E731
     cf.check_layout_roundtrip(factory, LAYOUTS["diffusers"], from_ours=ours_to_diffusers)
     diffusers = ours_to_diffusers(factory().state_dict())
     back = ours_to_diffusers(diffusers_to_ours(diffusers))
@@ -148,14 +137,14 @@ def test_diffusers_layout_inverts_ours_to_diffusers_exactly(guidance_embed):
 
 
 def test_final_modulation_halves_are_swapped():
-    ours = T.make_model().state_dict()
+    ours = make_dit().state_dict()
     theirs = ours_to_diffusers(ours)["norm_out.linear.weight"]
     shift, scale = ours["final_layer.adaLN_modulation.1.weight"].chunk(2)
     assert torch.equal(theirs, torch.cat([scale, shift]))
 
 
 def test_unmapped_and_incomplete_keys_are_errors_naming_them():
-    diffusers = ours_to_diffusers(T.make_model().state_dict())
+    diffusers = ours_to_diffusers(make_dit().state_dict())
     with pytest.raises(KeyError, match="transformer_blocks.0.attn.rogue.weight"):
         diffusers_to_ours({**diffusers, "transformer_blocks.0.attn.rogue.weight": torch.zeros(1)})
     without_v = {k: v for k, v in diffusers.items() if k != "single_transformer_blocks.1.attn.to_v.weight"}
@@ -174,14 +163,14 @@ def test_layouts_own_only_dit_keys():
 
 def test_spec_config_from_tiny_shapes_rebuilds_the_same_model():
     """Shapes give widths, counts, heads, MLP ratio; RoPE axes come from the json (or released defaults)."""
-    tiny = T.tiny_config()
+    tiny = tiny_dit_config()
     json_rope = {"axes_dims_rope": list(tiny.axes_dim)}
-    assert cf.check_spec_config(FLUX1_DIT_SPEC, T.make_model, json_rope) == tiny
+    assert cf.check_spec_config(FLUX1_DIT_SPEC, make_dit, json_rope) == tiny
 
 
 def test_shapes_that_need_other_rope_axes_say_so():
     with torch.device("meta"):
-        state = T.make_model().state_dict()
+        state = make_dit().state_dict()
     with pytest.raises(ConfigError, match="axes_dim"):
         config_from_state(state, None)
 
@@ -216,15 +205,15 @@ def test_original_to_diffusers_matches_the_diffusers_converter_at_full_size():
 def test_runtime_loader_builds_the_same_model_from_each_layout(layout):
     from diffsynth.runtime.loading import load_model
 
-    reference = T.make_model().eval()
+    reference = make_dit().eval()
     state = reference.state_dict()
     if layout == "comfyui":
         state = {PREFIX + k: v for k, v in state.items()}
     elif layout == "diffusers":
         state = ours_to_diffusers(state)
-    rope = {"axes_dims_rope": list(T.tiny_config().axes_dim)}
+    rope = {"axes_dims_rope": list(tiny_dit_config().axes_dim)}
     model = load_model(state, specs=[FLUX1_DIT_SPEC], config=rope)
-    assert isinstance(model, Flux1DiT) and model.config == T.tiny_config()
-    args = T.inputs()
+    assert isinstance(model, Flux1DiT) and model.config == tiny_dit_config()
+    args = dit_inputs()
     with torch.no_grad():
         assert torch.equal(model(*args), reference(*args))

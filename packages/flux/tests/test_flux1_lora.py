@@ -5,12 +5,11 @@ loads the file builders below from here."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from diffsynth_flux_test_helpers import dit_inputs, make_dit, tiny_dit_config
 from safetensors.torch import save_file
 from torch import nn
 
@@ -18,18 +17,6 @@ from diffsynth.flux.flux1.formats import ours_to_diffusers
 from diffsynth.flux.flux1.lora import read_flux1_lora
 from diffsynth.runtime.errors import LoRAError
 from diffsynth.runtime.lora import apply_lora, clear_loras
-
-
-def _test_dit():
-    """`tiny_config` and friends live only in test_flux1_dit.py; load that module by path."""
-    path = Path(__file__).with_name("test_flux1_dit.py")
-    spec = importlib.util.spec_from_file_location("flux1_test_dit_for_lora", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
 
 
 # ----------------------------------------------------------------------------------- LoRA builders
@@ -107,13 +94,13 @@ def xlabs_file(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 def tiny():
-    cfg = T.tiny_config(depth=1, depth_single_blocks=1)
-    return cfg, T.make_model(cfg, seed=3).eval()
+    cfg = tiny_dit_config(depth=1, depth_single_blocks=1)
+    return cfg, make_dit(cfg, seed=3).eval()
 
 
 def run(model, cfg, seed=5):
     with torch.no_grad():
-        return model(*T.inputs(batch=2, grid=(3, 4), txt_len=5, seed=seed, config=cfg))
+        return model(*dit_inputs(batch=2, grid=(3, 4), txt_len=5, seed=seed, config=cfg))
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> float:
@@ -304,6 +291,6 @@ def test_pipeline_load_lora_reads_every_layout(tmp_path):
     pipe.clear_loras()
     assert name == "lora_0"
     torch.testing.assert_close(run(pipe.dit, cfg), run(base, cfg))
-    pipe.dit = T.make_model(T.tiny_config(depth=1, depth_single_blocks=1, hidden_size=64, num_heads=4))
+    pipe.dit = make_dit(tiny_dit_config(depth=1, depth_single_blocks=1, hidden_size=64, num_heads=4))
     with pytest.raises(LoRAError, match=r"kohya\.safetensors: 'lora_unet_.*' has down"):  # a LoRA for another size
         pipe.load_lora(str(path))

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from diffsynth.flux.flux1.formats import ours_to_diffusers
+from diffsynth_flux_test_helpers import dit_inputs, reference_dit, reference_dit_output
 
 pytestmark = [
     pytest.mark.parity,
@@ -38,26 +37,12 @@ def _load(name: str):
 
 
 L = _load("test_flux1_lora.py")
-T = L.T
 
 
 def _diffusers_output(base, cfg, files_and_scales):
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
-    reference = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim,
-        guidance_embeds=cfg.guidance_embed,
-        axes_dims_rope=cfg.axes_dim,
-    ).eval()
-    reference.load_state_dict(ours_to_diffusers(base.state_dict()), strict=True)
+    reference = reference_dit(cfg, base)
     names = []
     for i, (state, _) in enumerate(files_and_scales):
         converted, alphas = FluxPipeline.lora_state_dict(dict(state), return_alphas=True)
@@ -68,18 +53,8 @@ def _diffusers_output(base, cfg, files_and_scales):
         reference.load_lora_adapter(converted, network_alphas=alphas or None, adapter_name=f"lora{i}")
         names.append(f"lora{i}")
     reference.set_adapters(names, weights=[scale for _, scale in files_and_scales])
-    img, img_ids, txt, txt_ids, t, y, g = T.inputs(batch=2, grid=(3, 4), txt_len=5, seed=5, config=cfg)
     with torch.no_grad():
-        return reference(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=t,
-            img_ids=img_ids[0],
-            txt_ids=txt_ids[0],
-            guidance=g,
-            return_dict=False,
-        )[0]
+        return reference_dit_output(reference, dit_inputs(batch=2, grid=(3, 4), txt_len=5, seed=5, config=cfg))
 
 
 def _compare(base, cfg, files_and_scales, fuse=True):

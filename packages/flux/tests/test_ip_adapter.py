@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,10 +16,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from diffsynth_flux_test_helpers import (
+    dit_inputs,
+    latent_noise,
+    make_dit,
+    our_images,
+    our_pipeline,
+    random_image,
+    reference_components,
+    reference_dit,
+    reference_dit_output,
+    reference_images,
+    tiny_dit_config,
+)
 from safetensors.torch import save_file
 
-from diffsynth.flux.flux1.dit import Flux1DiT
 from diffsynth.flux.flux1.ip_adapter import (
     INSTANTX,
     XLABS,
@@ -39,19 +49,8 @@ KEYS = Path(__file__).parent / "data" / "keys"
 TEXT_LEN = 16
 
 
-def _test_dit():
-    """`tiny_config` and friends live only in test_flux1_dit.py; load that module by path."""
-    spec = importlib.util.spec_from_file_location("flux1_test_dit", Path(__file__).with_name("test_flux1_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
-
-
 def tiny_adapter_config(**overrides) -> FluxIPAdapterConfig:
-    """InstantX-format adapter for `T.tiny_config()` (width 32, 2 + 2 blocks, T5 width 32)."""
+    """InstantX-format adapter for `tiny_dit_config()` (width 32, 2 + 2 blocks, T5 width 32)."""
     fields = dict(format=INSTANTX, image_embed_dim=8, context_dim=32, num_tokens=3, hidden_size=32)
     return FluxIPAdapterConfig(**{**fields, "double_blocks": 2, "single_blocks": 2, **overrides})
 
@@ -180,28 +179,6 @@ class InstantXReference:
         return attn.to_out[1](attn.to_out[0](img)), attn.to_add_out(out[:, :n_txt])
 
 
-def _reference_dit(cfg, ours: Flux1DiT):
-    from diffusers import FluxTransformer2DModel
-
-    from diffsynth.flux.flux1.formats import ours_to_diffusers
-
-    reference = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim,
-        guidance_embeds=cfg.guidance_embed,
-        axes_dims_rope=cfg.axes_dim,
-    ).eval()
-    reference.load_state_dict(ours_to_diffusers(ours.state_dict()), strict=True)
-    return reference
-
-
 def _instantx_tokens(adapter: FluxIPAdapter, embeds: torch.Tensor) -> torch.Tensor:
     """InstantX's MLPProjModel, test side: Linear, exact GELU, Linear, reshape to tokens, LayerNorm."""
     s = adapter.state_dict()
@@ -216,12 +193,12 @@ def _instantx_tokens(adapter: FluxIPAdapter, embeds: torch.Tensor) -> torch.Tens
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_instantx_dit_matches_the_reference_equations(n_images):
     pytest.importorskip("diffusers")
-    cfg = T.tiny_config()
-    ours = T.make_model(cfg, seed=3).eval()
+    cfg = tiny_dit_config()
+    ours = make_dit(cfg, seed=3).eval()
     adapter = make_adapter(tiny_adapter_config(), seed=4)
     embeds = torch.randn(n_images, 8, generator=torch.Generator().manual_seed(5))
     scale = 0.7
-    reference = _reference_dit(cfg, ours)
+    reference = reference_dit(cfg, ours)
     tokens = _instantx_tokens(adapter, embeds)
     s = adapter.state_dict()
     names = [f"transformer_blocks.{i}.attn.processor" for i in range(cfg.depth)]
@@ -234,21 +211,12 @@ def test_instantx_dit_matches_the_reference_equations(n_images):
             for i, name in enumerate(names)
         }
     )
-    img, img_ids, txt, txt_ids, t, y, g = T.inputs(batch=2, grid=(3, 4), txt_len=5, seed=6, config=cfg)
+    img, img_ids, txt, txt_ids, t, y, g = dit_inputs(batch=2, grid=(3, 4), txt_len=5, seed=6, config=cfg)
     with torch.no_grad():
         kv = adapter(embeds, cfg.num_heads, scale)
         got = ours(img, img_ids, txt, txt_ids, t, y, g, ip_adapter=kv)
         plain = ours(img, img_ids, txt, txt_ids, t, y, g)
-        want = reference(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=t,
-            img_ids=img_ids[0],
-            txt_ids=txt_ids[0],
-            guidance=g,
-            return_dict=False,
-        )[0]
+        want = reference_dit_output(reference, (img, img_ids, txt, txt_ids, t, y, g))
     diff = (got - want).abs().max().item()
     print(f"InstantX DiT parity ({n_images} image(s)): max abs diff {diff:.3g}")
     assert (got - plain).abs().max().item() > 1e-2  # the adapter does act
@@ -256,9 +224,9 @@ def test_instantx_dit_matches_the_reference_equations(n_images):
 
 
 def test_scale_zero_is_exactly_the_plain_dit():
-    cfg = T.tiny_config()
-    ours = T.make_model(cfg, seed=3).eval()
-    args = T.inputs(batch=2, grid=(3, 4), txt_len=5, seed=6, config=cfg)
+    cfg = tiny_dit_config()
+    ours = make_dit(cfg, seed=3).eval()
+    args = dit_inputs(batch=2, grid=(3, 4), txt_len=5, seed=6, config=cfg)
     embeds = torch.randn(1, 8, generator=torch.Generator().manual_seed(5))
     for adapter_cfg in (tiny_adapter_config(), tiny_adapter_config(format=XLABS, single_blocks=0)):
         adapter = make_adapter(adapter_cfg, seed=4)
@@ -271,20 +239,15 @@ def test_scale_zero_is_exactly_the_plain_dit():
 
 
 def test_dit_refuses_keys_for_other_blocks():
-    cfg = T.tiny_config()
-    ours = T.make_model(cfg, seed=3).eval()
+    cfg = tiny_dit_config()
+    ours = make_dit(cfg, seed=3).eval()
     adapter = make_adapter(tiny_adapter_config(double_blocks=1, single_blocks=3), seed=4)
     kv = adapter(torch.randn(1, 8), cfg.num_heads, 1.0)
     with pytest.raises(ValueError, match="1 double \\+ 3 single"):
-        ours(*T.inputs(config=cfg), ip_adapter=kv)
+        ours(*dit_inputs(config=cfg), ip_adapter=kv)
 
 
 # ----------------------------------------------------------------------------------------- preprocessing
-def _image(seed, size=(40, 40)):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
 @pytest.mark.parity
 def test_preprocessing_matches_the_transformers_processors():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -318,24 +281,22 @@ def encoders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def pipe(tiny_repo):
-    from diffsynth.flux.pipeline import FluxImagePipeline
-
-    return FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    return our_pipeline(tiny_repo)
 
 
-def _noise(seed=11, size=32):
-    return torch.randn((1, 16, size // 8, size // 8), generator=torch.Generator("cpu").manual_seed(seed))
+SETTINGS = dict(height=32, width=32, num_inference_steps=2)
+
+
+def _image(seed, size=(40, 40)):
+    return random_image(*size, seed)
 
 
 def _run(pipe, **kwargs):
-    settings = dict(height=32, width=32, num_inference_steps=2, t5_sequence_length=TEXT_LEN, output_type="np")
-    return pipe("a red circle", latents=_noise(), progress_bar=False, **{**settings, **kwargs})
+    return our_images(pipe, "a red circle", latent_noise(1, 32, 32), TEXT_LEN, **{**SETTINGS, **kwargs})
 
 
 def test_images_without_an_adapter_are_refused(tiny_repo):
-    from diffsynth.flux.pipeline import FluxImagePipeline
-
-    fresh = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    fresh = our_pipeline(tiny_repo)
     with pytest.raises(ConfigError, match="no IP-Adapter is loaded"):
         _run(fresh, ipadapter_images=[_image(0)])
 
@@ -377,7 +338,7 @@ def test_instantx_pipeline_runs_and_scale_zero_changes_nothing(pipe, encoders, t
         for (k, v), (k0, v0) in zip(negative.double + negative.single, zeros.double + zeros.single, strict=True):
             assert torch.equal(k, k0) and torch.equal(v, v0)
         text, negative_text = pipe.encode_prompt(["a red circle"], TEXT_LEN), pipe.encode_prompt(["blurry"], TEXT_LEN)
-        x, sigma = _noise(), torch.tensor(0.6)
+        x, sigma = latent_noise(1, 32, 32), torch.tensor(0.6)
         batched = pipe.predict(x, sigma, text, negative_text, 2.0, 3.5, ip_adapter=(positive, negative))
         one = flux_velocity(pipe.dit, x, sigma[None], text, 3.5, ip_adapter=positive)
         other = flux_velocity(pipe.dit, x, sigma[None], negative_text, 3.5, ip_adapter=negative)
@@ -385,16 +346,14 @@ def test_instantx_pipeline_runs_and_scale_zero_changes_nothing(pipe, encoders, t
     assert (one - other).abs().max().item() > 1e-3
 
 
+def _xlabs_config(dit_cfg) -> FluxIPAdapterConfig:
+    """An XLabs-format adapter (CLIP's 16-wide embeds, 4 tokens, double blocks only) for the pipeline's DiT."""
+    fields = dict(image_embed_dim=16, num_tokens=4, hidden_size=dit_cfg.hidden_size, double_blocks=dit_cfg.depth)
+    return tiny_adapter_config(format=XLABS, single_blocks=0, **fields)
+
+
 def test_loading_a_siglip_encoder_for_an_xlabs_adapter_is_refused(pipe, encoders, tmp_path):
-    dit_cfg = pipe.dit.config
-    cfg = tiny_adapter_config(
-        format=XLABS,
-        image_embed_dim=16,
-        num_tokens=4,
-        hidden_size=dit_cfg.hidden_size,
-        double_blocks=dit_cfg.depth,
-        single_blocks=0,
-    )
+    cfg = _xlabs_config(pipe.dit.config)
     save_file(ours_to_xlabs(make_adapter(cfg).state_dict()), str(tmp_path / "ip_adapter.safetensors"))
     with pytest.raises(ConfigError, match="trained with clip"):
         pipe.load_ip_adapter(str(tmp_path / "ip_adapter.safetensors"), image_encoder=str(encoders["siglip"]))
@@ -404,29 +363,11 @@ def test_loading_a_siglip_encoder_for_an_xlabs_adapter_is_refused(pipe, encoders
 def xlabs(pipe, encoders, tiny_repo, tmp_path_factory):
     """An XLabs-format adapter for the tiny DiT, loaded into our pipeline and diffusers' FluxPipeline."""
     import diffusers
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    dit_cfg = pipe.dit.config
-    cfg = tiny_adapter_config(
-        format=XLABS,
-        image_embed_dim=16,
-        num_tokens=4,
-        hidden_size=dit_cfg.hidden_size,
-        double_blocks=dit_cfg.depth,
-        single_blocks=0,
-    )
+    cfg = _xlabs_config(pipe.dit.config)
     folder = tmp_path_factory.mktemp("xlabs")
     save_file(ours_to_xlabs(make_adapter(cfg, seed=8).state_dict()), str(folder / "ip_adapter.safetensors"))
-    repo = tiny_repo
-    reference = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(repo / "scheduler"),
-        vae=diffusers.AutoencoderKL.from_pretrained(repo / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(repo / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(repo / "tokenizer"),
-        text_encoder_2=T5EncoderModel.from_pretrained(repo / "text_encoder_2"),
-        tokenizer_2=T5TokenizerFast.from_pretrained(repo / "tokenizer_2"),
-        transformer=diffusers.FluxTransformer2DModel.from_pretrained(repo / "transformer"),
-    ).to(torch.float32)
+    reference = diffusers.FluxPipeline(**reference_components(tiny_repo)).to(torch.float32)
     reference.set_progress_bar_config(disable=True)
     reference.load_ip_adapter(
         str(folder),
@@ -447,19 +388,17 @@ def test_xlabs_pipeline_matches_diffusers(pipe, encoders, xlabs, cfg_scale):
     image = _image(5, (32, 32))
     reference.set_ip_adapter_scale(0.7)
     negative = {"negative_prompt": "blurry"} if cfg_scale != 1.0 else {}
-    expected = reference(
-        "a red circle",
+    expected = reference_images(
+        reference,
+        latent_noise(1, 32, 32),
+        TEXT_LEN,
+        prompt="a red circle",
         ip_adapter_image=image,
         true_cfg_scale=cfg_scale,
         guidance_scale=3.5,
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        latents=T_pack(_noise()),
-        max_sequence_length=TEXT_LEN,
-        output_type="np",
+        **SETTINGS,
         **negative,
-    ).images
+    )
     got = _run(pipe, ipadapter_images=[image], ipadapter_scale=0.7, cfg_scale=cfg_scale, **negative)
     plain = _run(pipe, cfg_scale=cfg_scale, **negative)
     diff = float(np.abs(got - expected).max())
@@ -468,19 +407,13 @@ def test_xlabs_pipeline_matches_diffusers(pipe, encoders, xlabs, cfg_scale):
     assert diff <= 1e-4
 
 
-def T_pack(latents):
-    from diffsynth.flux.pipeline import pack_latents
-
-    return pack_latents(latents.clone())
-
-
 def test_model_configs_load_the_adapter_and_its_encoder_as_diffsynth_studio_lists_them(tiny_repo, encoders, tmp_path):
     """`from_pretrained(model_configs=[..., adapter, image encoder])` in any order equals `load_ip_adapter`."""
     from diffsynth.flux.pipeline import FluxImagePipeline
     from diffsynth.runtime.hub import ModelConfig
     from diffsynth.runtime.pipeline import configs_from_folder
 
-    reference = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    reference = our_pipeline(tiny_repo)
     d = reference.dit.config
     cfg = tiny_adapter_config(
         image_embed_dim=32, hidden_size=d.hidden_size, double_blocks=d.depth, single_blocks=d.depth_single_blocks

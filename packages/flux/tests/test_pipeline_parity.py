@@ -3,127 +3,67 @@
 fp32 on the CPU; max abs difference of the decoded images (in [0, 1]) <= 1e-4.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from diffsynth_flux_test_helpers import (
+    latent_noise,
+    max_abs,
+    our_images,
+    our_pipeline,
+    random_image,
+    reference_components,
+    reference_images,
+)
 
 pytest.importorskip("diffusers")
-
-from diffsynth.flux.pipeline import FluxImagePipeline, pack_latents  # noqa: E402
 
 pytestmark = pytest.mark.parity
 PROMPTS = ["a red circle on a blue background", "a yellow triangle on a black background"]
 TEXT_LEN = 48  # keeps the tests fast; the padded length is part of the conditioning on both sides
 
 
-def _components(repo):
-    import diffusers
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    return dict(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(repo / "scheduler"),
-        vae=diffusers.AutoencoderKL.from_pretrained(repo / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(repo / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(repo / "tokenizer"),
-        text_encoder_2=T5EncoderModel.from_pretrained(repo / "text_encoder_2"),
-        tokenizer_2=T5TokenizerFast.from_pretrained(repo / "tokenizer_2"),
-        transformer=diffusers.FluxTransformer2DModel.from_pretrained(repo / "transformer"),
-    )
-
-
 @pytest.fixture(scope="module")
 def both(tiny_repo):
     import diffusers
 
-    parts = _components(tiny_repo)
+    parts = reference_components(tiny_repo)
     ref = diffusers.FluxPipeline(**parts).to(torch.float32)
     kontext = diffusers.FluxKontextPipeline(**parts).to(torch.float32)
     for pipe in (ref, kontext):
         pipe.set_progress_bar_config(disable=True)
-    ours = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
-    return ours, ref, kontext
-
-
-def _noise(batch, height, width, seed=11):
-    return torch.randn((batch, 16, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(seed))
-
-
-def _max_abs(got, expected) -> float:
-    assert got.shape == expected.shape
-    return float(np.abs(got - expected).max())
+    return our_pipeline(tiny_repo), ref, kontext
 
 
 @pytest.mark.parametrize("guidance", [3.5, 1.0])
 def test_images_match_diffusers(both, guidance):
     ours, ref, _ = both
-    noise = _noise(2, 64, 48)
-    expected = ref(
-        list(PROMPTS),
-        guidance_scale=guidance,
-        num_inference_steps=4,
-        height=64,
-        width=48,
-        latents=pack_latents(noise.clone()),
-        max_sequence_length=TEXT_LEN,
-        output_type="np",
-    ).images
-    got = ours(
-        PROMPTS,
-        embedded_guidance=guidance,
-        num_inference_steps=4,
-        height=64,
-        width=48,
-        latents=noise.clone(),
-        t5_sequence_length=TEXT_LEN,
-        output_type="np",
-        progress_bar=False,
-    )
-    assert _max_abs(got, expected) <= 1e-4
+    noise = latent_noise(2, 64, 48)
+    size = dict(num_inference_steps=4, height=64, width=48)
+    expected = reference_images(ref, noise, TEXT_LEN, prompt=list(PROMPTS), guidance_scale=guidance, **size)
+    got = our_images(ours, PROMPTS, noise, TEXT_LEN, embedded_guidance=guidance, **size)
+    assert max_abs(got, expected) <= 1e-4
 
 
 def test_true_cfg_matches_diffusers(both):
     ours, ref, _ = both
-    noise = _noise(1, 32, 32, seed=5)
-    expected = ref(
-        PROMPTS[0],
-        negative_prompt="bad quality, blurry",
-        true_cfg_scale=3.0,
-        guidance_scale=3.5,
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        latents=pack_latents(noise.clone()),
-        max_sequence_length=TEXT_LEN,
-        output_type="np",
-    ).images
-    got = ours(
-        PROMPTS[0],
-        negative_prompt="bad quality, blurry",
-        cfg_scale=3.0,
-        embedded_guidance=3.5,
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        latents=noise.clone(),
-        t5_sequence_length=TEXT_LEN,
-        output_type="np",
-        progress_bar=False,
+    noise = latent_noise(1, 32, 32, seed=5)
+    common = dict(negative_prompt="bad quality, blurry", num_inference_steps=3, height=32, width=32)
+    expected = reference_images(
+        ref, noise, TEXT_LEN, prompt=PROMPTS[0], true_cfg_scale=3.0, guidance_scale=3.5, **common
     )
-    assert _max_abs(got, expected) <= 1e-4
-
-
-def _reference_image(width, height, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    got = our_images(ours, PROMPTS[0], noise, TEXT_LEN, cfg_scale=3.0, embedded_guidance=3.5, **common)
+    assert max_abs(got, expected) <= 1e-4
 
 
 def test_kontext_matches_diffusers(both):
     _, _, kontext = both
     ours = both[0]
-    image = _reference_image(48, 32)
-    noise = _noise(1, 32, 48, seed=7)
-    expected = kontext(
+    image = random_image(48, 32)
+    noise = latent_noise(1, 32, 48, seed=7)
+    expected = reference_images(
+        kontext,
+        noise,
+        TEXT_LEN,
         image=image,
         prompt=PROMPTS[0],
         guidance_scale=2.5,
@@ -131,23 +71,13 @@ def test_kontext_matches_diffusers(both):
         height=32,  # diffusers scales the output to max_area (1 MP by default) whatever the image;
         width=48,  # ours takes the reference image's size
         max_area=32 * 48,
-        latents=pack_latents(noise.clone()),
-        max_sequence_length=TEXT_LEN,
-        output_type="np",
         _auto_resize=False,
-    ).images
-    got = ours(
-        PROMPTS[0],
-        kontext_images=image,
-        embedded_guidance=2.5,
-        num_inference_steps=3,
-        latents=noise.clone(),
-        t5_sequence_length=TEXT_LEN,
-        output_type="np",
-        progress_bar=False,
+    )
+    got = our_images(
+        ours, PROMPTS[0], noise, TEXT_LEN, kontext_images=image, embedded_guidance=2.5, num_inference_steps=3
     )
     assert got.shape == (1, 32, 48, 3)
-    assert _max_abs(got, expected) <= 1e-4
+    assert max_abs(got, expected) <= 1e-4
 
 
 def test_kontext_auto_resize_matches_diffusers(both):
@@ -164,23 +94,15 @@ def test_kontext_auto_resize_matches_diffusers(both):
 
     _, _, kontext = both
     ours = both[0]
-    image = _reference_image(48, 32, seed=3)
-    noise = _noise(1, 32, 48, seed=8)
-    common = {"num_inference_steps": 2, "output_type": "np"}
-    expected = kontext(
-        image=image, prompt=PROMPTS[0], guidance_scale=2.5, height=32, width=48, max_area=32 * 48,
-        latents=pack_latents(noise.clone()), max_sequence_length=TEXT_LEN, _auto_resize=True, **common,
-    ).images  # fmt: skip
-    got = ours(
-        PROMPTS[0], kontext_images=image, kontext_auto_resize=True, embedded_guidance=2.5, height=32, width=48,
-        latents=noise.clone(), t5_sequence_length=TEXT_LEN, progress_bar=False, **common,
-    )  # fmt: skip
-    plain = ours(
-        PROMPTS[0], kontext_images=image, embedded_guidance=2.5, height=32, width=48, latents=noise.clone(),
-        t5_sequence_length=TEXT_LEN, progress_bar=False, **common,
-    )  # fmt: skip
-    assert _max_abs(got, expected) <= 1e-4
-    assert _max_abs(got, plain) > 1e-3  # the resize reached the model
+    image = random_image(48, 32, seed=3)
+    noise = latent_noise(1, 32, 48, seed=8)
+    common = {"embedded_guidance": 2.5, "height": 32, "width": 48, "num_inference_steps": 2}
+    reference = dict(image=image, prompt=PROMPTS[0], guidance_scale=2.5, max_area=32 * 48, _auto_resize=True)
+    expected = reference_images(kontext, noise, TEXT_LEN, height=32, width=48, num_inference_steps=2, **reference)
+    got = our_images(ours, PROMPTS[0], noise, TEXT_LEN, kontext_images=image, kontext_auto_resize=True, **common)
+    plain = our_images(ours, PROMPTS[0], noise, TEXT_LEN, kontext_images=image, **common)
+    assert max_abs(got, expected) <= 1e-4
+    assert max_abs(got, plain) > 1e-3  # the resize reached the model
 
 
 def test_text_encoders_match_transformers(both):
