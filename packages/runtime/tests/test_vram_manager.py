@@ -9,7 +9,7 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.lora import load_lora
-from diffsynth.runtime.vram import ParkedWeightError, enable_vram_management, vram_handle
+from diffsynth.runtime.vram import ParkedWeightError, enable_vram_management, module_dtype, vram_handle
 
 STREAM = {"offload_device": "cpu", "onload_device": "cpu"}
 DISK = {"offload_device": "disk", "onload_device": "disk"}
@@ -192,3 +192,30 @@ def test_prefetch_follows_the_forward_then_the_backward_order():
     assert second.misses == first.misses and second.peak_in_flight <= 2
     assert second.fetches - first.fetches == 2 * len(handle.units) - 2
     assert not handle.streamer.live  # everything released when backward ends
+
+
+def test_module_dtype_is_the_compute_dtype_when_weights_are_stored_in_fp8():
+    """Pipelines cast their inputs to `module_dtype(dit)`: a model kept resident in fp8 still computes in its own
+    dtype, so the answer is the handle's, not its first parameter's."""
+
+    class Blocks(nn.Module):
+        offload_units = ("blocks",)
+        vram_activation_gib = 0.0
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = make().blocks
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = Blocks()
+    assert module_dtype(model) == torch.float32
+    handle = enable_vram_management(model, {"preparing_dtype": "float8_e4m3fn"}, device="cpu", dtype=torch.float32)
+    handle.activate()
+    assert handle.state == "active" and handle.config.preparing_dtype == torch.float8_e4m3fn
+    assert module_dtype(model) == torch.float32
+    handle.disable()
+    assert module_dtype(model) == torch.float32 and vram_handle(model) is None

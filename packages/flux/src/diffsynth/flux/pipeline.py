@@ -39,6 +39,7 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.vram import module_dtype
 
 from .flux1.controlnet import UNION_MODES, Flux1ControlNet
 from .flux1.dit import residual_per_block
@@ -147,13 +148,6 @@ class Flux1ControlNets(torch.nn.Module):
         return len(self.nets)
 
 
-def dit_dtype(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def flux_velocity(
     dit,
     latents: torch.Tensor,
@@ -174,7 +168,7 @@ def flux_velocity(
     the global one and restricts the DiT's attention to their regions (`flux1/eligen.py`).
     `ip_adapter` holds the IP-Adapter's per-block image keys/values (`flux1/ip_adapter.py`).
     """
-    dtype = dit_dtype(dit)
+    dtype = module_dtype(dit)
     b, _, h, w = latents.shape
     img = pack_latents(latents)
     ids = latent_ids(h, w, device=latents.device)
@@ -221,7 +215,7 @@ def controlnet_residuals(
     doubles, singles = [], []
     for control in controls:
         net = control.model
-        dtype = dit_dtype(net)
+        dtype = module_dtype(net)
         tokens = control.tokens.to(img.device, dtype)
         if tokens.shape[0] not in (1, b):
             tokens = tokens.repeat(b // tokens.shape[0], 1, 1)  # true CFG doubles the batch
@@ -535,7 +529,9 @@ class FluxImagePipeline(BasePipeline):
 
         # 4. decode
         self.load_models_to_device(["vae"])
-        images = self.vae.decode(x.to(dit_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        images = self.vae.decode(
+            x.to(module_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
+        )
         self.load_models_to_device([])
         out = tensor_to_output(images.float(), output_type)
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
@@ -595,7 +591,7 @@ class FluxImagePipeline(BasePipeline):
         return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
 
     def vae_encode(self, images: list[Image.Image], tiled=False, tile_size=512, tile_stride=384) -> torch.Tensor:
-        pixels = pil_to_tensor(images, dtype=dit_dtype(self.vae), device=self.device)
+        pixels = pil_to_tensor(images, dtype=module_dtype(self.vae), device=self.device)
         return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
 
     def load_kontext_images(self, kontext_images, auto_resize: bool = False) -> list[Image.Image]:
@@ -781,7 +777,7 @@ class FluxImagePipeline(BasePipeline):
         check_fits(adapter, self.dit)
         self.load_models_to_device(["ipadapter_image_encoder", "ipadapter"])
         size = encoder.config.image_size
-        dtype = dit_dtype(encoder)
+        dtype = module_dtype(encoder)
         embeds = encoder.image_embeds(preprocess(images, encoder.kind, size).to(self.device, dtype))
         heads = self.dit.config.num_heads
         positive = adapter(embeds, heads, scale)
@@ -858,7 +854,7 @@ class FluxImagePipeline(BasePipeline):
             raise ConfigError(f"inpaint_mask must be a file path or a PIL.Image, got {type(mask).__name__}")
         gray = mask.convert("L").resize(image.size, Image.LANCZOS)
         repaint = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0 >= 0.5).float()[None, None]
-        pixels = pil_to_tensor([image], dtype=dit_dtype(self.vae), device=self.device)
+        pixels = pil_to_tensor([image], dtype=module_dtype(self.vae), device=self.device)
         pixels = pixels.masked_fill(repaint.to(self.device).bool(), -1.0)
         z = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
         keep = 1.0 - F.interpolate(repaint, size=z.shape[-2:]).to(z.device)

@@ -44,9 +44,10 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import tensor_to_pil
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+from diffsynth.runtime.vram import module_dtype
 
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
-from .pipeline import FluxImagePipeline, KontextLatents, dit_dtype, flux_velocity
+from .pipeline import FluxImagePipeline, KontextLatents, flux_velocity
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class FluxTrainingTask(PipelineTrainingTask):
                 )
         pipe = self.pipe
         text = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.t5_sequence_length)
-        pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, dit_dtype(pipe.vae))
+        pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, module_dtype(pipe.vae))
         latents = pipe.vae.encode(pixels).float()
         samples = [
             {"latents": lat, "t5": t5, "pooled": pooled}

@@ -34,6 +34,7 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.vram import module_dtype
 
 from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
 
@@ -68,13 +69,6 @@ def unpack(tokens: torch.Tensor, height: int, width: int, patch: int = 2) -> tor
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
 
 
-def dit_dtype(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def qwen_image_velocity(
     dit,
     latents: torch.Tensor,
@@ -90,7 +84,7 @@ def qwen_image_velocity(
     """
     p = dit.config.patch_size
     b, _, h, w = latents.shape
-    dtype = dit_dtype(dit)
+    dtype = module_dtype(dit)
     tokens = [pack(latents, p)] + [pack(e, p) for e in edit_latents]
     shapes = [(1, h // p, w // p)] + [(1, e.shape[-2] // p, e.shape[-1] // p) for e in edit_latents]
     out = dit(
@@ -233,7 +227,7 @@ class QwenImagePipeline(BasePipeline):
         # 4. decode
         self.load_models_to_device(["vae"])
         video = self.vae.decode(
-            x.unsqueeze(2).to(dit_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
+            x.unsqueeze(2).to(module_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
         )
         self.load_models_to_device([])
         out = tensor_to_output(video[:, :, 0].float(), output_type)
@@ -304,7 +298,7 @@ class QwenImagePipeline(BasePipeline):
         """Normalised VAE latents `[B, 16, h, w]` of each edit image (the posterior mode)."""
         latents = []
         for _, image, _ in edits:
-            pixels = pil_to_tensor(image, dtype=dit_dtype(self.vae), device=self.device).unsqueeze(2)
+            pixels = pil_to_tensor(image, dtype=module_dtype(self.vae), device=self.device).unsqueeze(2)
             z = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)[:, :, 0].float()
             latents.append(z.expand(batch, -1, -1, -1))
         return latents
@@ -337,7 +331,7 @@ class QwenImagePipeline(BasePipeline):
     def encode_input_image(self, input_image, batch, height, width, tiled, tile_size, tile_stride) -> torch.Tensor:
         """Normalised VAE latents `[B, 16, H/8, W/8]` of the input image(s), resized to `width x height`."""
         images = [im.resize((width, height)) for im in self.input_images(input_image)]
-        pixels = pil_to_tensor(images, dtype=dit_dtype(self.vae), device=self.device)
+        pixels = pil_to_tensor(images, dtype=module_dtype(self.vae), device=self.device)
         clean = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
         clean = clean[:, :, 0].float()
         if clean.shape[0] == 1 and batch > 1:

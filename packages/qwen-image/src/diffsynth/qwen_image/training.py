@@ -46,8 +46,9 @@ from diffsynth.runtime.media import tensor_to_pil
 from diffsynth.runtime.pipeline import folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+from diffsynth.runtime.vram import module_dtype
 
-from .pipeline import QwenImagePipeline, dit_dtype, qwen_image_velocity
+from .pipeline import QwenImagePipeline, qwen_image_velocity
 from .presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class QwenImageTrainingTask(PipelineTrainingTask):
                     f"metadata); its columns are {', '.join(row)}"
                 )
         pipe = self.pipe
-        pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, dit_dtype(pipe.vae))
+        pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, module_dtype(pipe.vae))
         latents = pipe.vae.encode(pixels.unsqueeze(2))[:, :, 0].float()
         samples: list[dict[str, torch.Tensor]] = [{"latents": lat} for lat in latents]
         plain = [i for i, row in enumerate(rows) if not _edit_images(row)]

@@ -32,6 +32,7 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.vram import module_dtype
 
 from .image_encoder import encode_image
 from .text_encoder import encode_prompts
@@ -50,20 +51,6 @@ class WanConditions:
     context: torch.Tensor
     clip_feature: torch.Tensor | None = None
     y: torch.Tensor | None = None
-
-
-def module_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype inputs of `module` should have: the VRAM manager's compute dtype when it manages the
-    model (its weights may be stored in fp8), else that of its first floating parameter."""
-    from diffsynth.runtime.vram import vram_handle
-
-    handle = vram_handle(module)
-    if getattr(handle, "act_dtype", None) is not None:
-        return handle.act_dtype
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def wan_velocity(

@@ -56,9 +56,10 @@ from diffsynth.runtime.media import tensor_to_pil
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
+from diffsynth.runtime.vram import module_dtype
 
 from .dit import WanDiTConfig
-from .pipeline import WanConditions, WanVideoPipeline, module_dtype
+from .pipeline import WanConditions, WanVideoPipeline
 from .presets import PRESETS
 
 logger = logging.getLogger(__name__)

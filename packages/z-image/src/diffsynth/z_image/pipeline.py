@@ -17,6 +17,7 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.vram import module_dtype
 
 from .text_encoder import encode_prompts
 
@@ -29,15 +30,8 @@ def z_image_velocity(dit, latents: torch.Tensor, sigma: torch.Tensor, text: list
     The DiT was trained with the reversed time `1 - sigma` and predicts the opposite direction,
     as in the authors' code, hence both sign flips.
     """
-    out = dit(latents.to(dit_dtype(dit)), 1.0 - sigma.to(latents.device, torch.float32), text)
+    out = dit(latents.to(module_dtype(dit)), 1.0 - sigma.to(latents.device, torch.float32), text)
     return -out.float()
-
-
-def dit_dtype(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 class ZImagePipeline(BasePipeline):
@@ -127,7 +121,9 @@ class ZImagePipeline(BasePipeline):
 
         # 4. decode
         self.load_models_to_device(["vae"])
-        images = self.vae.decode(x.to(dit_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        images = self.vae.decode(
+            x.to(module_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
+        )
         self.load_models_to_device([])
         out = tensor_to_output(images.float(), output_type)
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
@@ -163,7 +159,7 @@ class ZImagePipeline(BasePipeline):
             return noise
         images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
         images = [load_image(im).resize((width, height)) for im in images]
-        pixels = pil_to_tensor(images, dtype=dit_dtype(self.vae), device=self.device)
+        pixels = pil_to_tensor(images, dtype=module_dtype(self.vae), device=self.device)
         clean = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
         if clean.shape[0] == 1 and batch > 1:
             clean = clean.expand(batch, -1, -1, -1)

@@ -26,8 +26,9 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+from diffsynth.runtime.vram import module_dtype
 
-from .pipeline import ZImagePipeline, dit_dtype, z_image_velocity
+from .pipeline import ZImagePipeline, z_image_velocity
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class ZImageTrainingTask(PipelineTrainingTask):
                 )
         pipe = self.pipe
         text = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.max_sequence_length)
-        pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, dit_dtype(pipe.vae))
+        pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, module_dtype(pipe.vae))
         latents = pipe.vae.encode(pixels)
         return [{"latents": lat, "text": emb} for lat, emb in zip(latents, text, strict=True)]
 

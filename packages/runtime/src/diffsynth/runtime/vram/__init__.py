@@ -11,7 +11,7 @@ side-stream prefetch), `fp8_matmul` (`torch._scaled_mm` Linear), `units` (which 
 from __future__ import annotations
 
 from .config import VRAM_KEYS, VramConfig
-from .manager import VramHandle, enable_vram_management, vram_handle
+from .manager import VramHandle, enable_vram_management, module_dtype, vram_handle
 from .parked import ParkedWeight, ParkedWeightError
 from .plan import DEFAULT_ACTIVATION_GIB, Plan, UnitSize, find_units, make_plan
 from .report import VramReport
@@ -31,6 +31,7 @@ __all__ = [
     "enable_vram_management",
     "find_units",
     "make_plan",
+    "module_dtype",
     "quantize",
     "vram_handle",
 ]

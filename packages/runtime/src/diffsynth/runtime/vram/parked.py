@@ -2,7 +2,7 @@
 
 Between forwards a streamed (or fp8-stored) weight has no tensor of its own shape and dtype: its
 bytes sit in a packed host buffer, on disk, or in fp8. The module still needs an attribute with
-the right shape, dtype and a device (LoRA matching, `dit_dtype`, repr) and anything that tries to
+the right shape, dtype and a device (LoRA matching, `module_dtype`, repr) and anything that tries to
 compute with it, copy it or move it must fail loudly instead of reading zeros or writing into
 nothing (a meta tensor would silently accept `copy_`). This wrapper tensor gives exactly that.
 """
