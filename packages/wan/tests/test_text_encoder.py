@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsynth.runtime.errors import CheckpointError
+from diffsynth.runtime.errors import CheckpointError, ConfigError
 from diffsynth.runtime.loading import load_model
-from diffsynth.wan.encoder_formats import UMT5_SPEC
+from diffsynth.wan.encoder_formats import UMT5_SPEC, umt5_config_from_state
 from diffsynth.wan.text_encoder import WanTextEncoder, clean_prompt, encode_prompts, tokenize
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -54,6 +54,16 @@ def test_embedding_is_tied_after_a_real_load(ours, tmp_path, reference, tiny_siz
 def test_config_derived_from_shapes(ours, reference):
     for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets"):
         assert getattr(ours.config, field) == getattr(reference.config, field), field
+
+
+def test_config_json_contradicting_the_shapes_is_named(reference):
+    """A umT5 config.json beside the file is read, but the shapes are the truth: a contradiction names the field."""
+    state = reference.state_dict()  # the transformers layout, which the spec's config reads
+    given = dict(reference.config.to_dict(), layer_norm_epsilon=1e-5)
+    assert umt5_config_from_state(state, given).layer_norm_epsilon == 1e-5
+    wrong = dict(given, num_layers=reference.config.num_layers + 1)
+    with pytest.raises(ConfigError, match=rf"umT5 config.json says num_layers={wrong['num_layers']} but the weights"):
+        umt5_config_from_state(state, wrong)
 
 
 def test_full_size_original_file_gives_exactly_the_transformers_keys():

@@ -20,7 +20,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, check_config_facts
 
 
 class QwenImageTextEncoder(Qwen2_5_VLModel):
@@ -181,11 +181,8 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> Qwen
         json_fields = {k: v for k, v in config_json.items() if not k.startswith("_")}
         config = Qwen2_5_VLConfig(**json_fields)
         text = config.text_config
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
-            if field in facts and getattr(text, field) != facts[field]:
-                raise ConfigError(
-                    f"Qwen2.5-VL config.json says {field}={getattr(text, field)!r} but the weights have {facts[field]!r}"
-                )
+        checked = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+        check_config_facts("Qwen2.5-VL config.json", text, {f: facts[f] for f in checked if f in facts})
         return config
     if not facts:
         raise ConfigError("Qwen2.5-VL: no config.json and no 'language_model.embed_tokens.weight' to derive it from")

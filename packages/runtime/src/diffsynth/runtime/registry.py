@@ -195,6 +195,23 @@ def merge_fields(label: str, given: Mapping[str, Any], derived: Mapping[str, Any
     return {**derived, **given}
 
 
+def check_config_facts(label: str, config: Any, facts: Mapping[str, Any]) -> None:
+    """A text/image encoder's config (a transformers config, or the mapping a `config.json` gave, checked only
+    on the fields it has) against what the weights' shapes fix: a contradiction is an error naming the field,
+    raised before a model of the wrong shape is built."""
+    from .errors import ConfigError
+
+    for name, value in facts.items():
+        if isinstance(config, Mapping):
+            if name not in config:
+                continue
+            said = config[name]
+        else:
+            said = getattr(config, name)
+        if said != value:
+            raise ConfigError(f"{label} says {name}={said!r} but the weights have {value!r}")
+
+
 def build_config(config_cls, label: str, fields: Mapping[str, Any]):
     """`config_cls(**fields)`, with an invalid combination reported as a ConfigError naming the model."""
     from .errors import ConfigError

@@ -22,7 +22,7 @@ import torch
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.models.t5_shapes import t5_shape_facts
-from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, check_config_facts
 
 # ----------------------------------------------------------------------------------------- umT5 encoder
 _T5_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -89,11 +89,7 @@ def umt5_config_from_state(state: StateDict, config_json: dict | None = None):
         return UMT5Config(**UMT5_XXL_DEFAULTS, **facts)
     fields = {k: v for k, v in given.items() if not k.startswith("_") and k not in ("architectures",)}
     config = UMT5Config(**{**UMT5_XXL_DEFAULTS, **fields})
-    for field, value in facts.items():
-        if getattr(config, field) != value:
-            raise ConfigError(
-                f"umT5 config.json says {field}={getattr(config, field)!r} but the weights have {value!r}"
-            )
+    check_config_facts("umT5 config.json", config, facts)
     return config
 
 
@@ -246,11 +242,7 @@ def clip_config_from_state(state: StateDict, config_json: dict | None = None):
         k: v for k, v in (given or {}).items() if not k.startswith("_") and k not in ("architectures", "model_type")
     }
     config = CLIPVisionConfig(**{**CLIP_VIT_H_DEFAULTS, "num_attention_heads": heads, **facts, **fields})
-    for field, value in facts.items():
-        if getattr(config, field) != value:
-            raise ConfigError(
-                f"CLIP vision config says {field}={getattr(config, field)!r} but the weights have {value!r}"
-            )
+    check_config_facts("CLIP vision config", config, facts)
     if hidden % config.num_attention_heads:
         raise ConfigError(
             f"CLIP vision: hidden_size={hidden} is not divisible by num_attention_heads={config.num_attention_heads}"

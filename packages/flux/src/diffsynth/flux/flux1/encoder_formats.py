@@ -23,7 +23,7 @@ import torch
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.models.t5_shapes import t5_shape_facts
-from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, check_config_facts
 
 # ----------------------------------------------------------------------------------------- CLIP text
 CLIP_FILE_PREFIX = "text_model."
@@ -80,11 +80,7 @@ def clip_config_from_state(state: StateDict, config_json: dict | None = None):
     hidden = facts["hidden_size"]
     heads = _CLIP_HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64))
     config = CLIPTextConfig(**{**CLIP_L_DEFAULTS, "num_attention_heads": heads, **facts, **fields})
-    for field, value in facts.items():
-        if getattr(config, field) != value:
-            raise ConfigError(
-                f"CLIP text config.json says {field}={getattr(config, field)!r} but the weights have {value!r}"
-            )
+    check_config_facts("CLIP text config.json", config, facts)
     if hidden % config.num_attention_heads:
         raise ConfigError(
             f"CLIP text: hidden_size={hidden} is not divisible by num_attention_heads={config.num_attention_heads}"
@@ -156,9 +152,8 @@ def t5_config_from_state(state: StateDict, config_json: dict | None = None):
     drop = ("architectures", "model_type", "num_decoder_layers")
     fields = {k: v for k, v in given.items() if not k.startswith("_") and k not in drop}
     config = T5Config(**{**T5_XXL_DEFAULTS, **fields, "num_decoder_layers": 0})
+    check_config_facts("T5 config.json", fields, facts)
     for field, value in facts.items():
-        if field in fields and fields[field] != value:
-            raise ConfigError(f"T5 config.json says {field}={fields[field]!r} but the weights have {value!r}")
         setattr(config, field, value)
     if not config.is_gated_act:
         raise ConfigError(

@@ -41,7 +41,7 @@ from torch import nn
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, check_config_facts
 
 INSTANTX, XLABS = "instantx", "xlabs"
 FORMATS = (INSTANTX, XLABS)
@@ -516,11 +516,7 @@ def _vision_fields(state: StateDict, config_json: dict | None, model_types: tupl
         num_hidden_layers=max(layers) + 1 if layers else 0,
         intermediate_size=state[f"{prefix}encoder.layers.0.mlp.fc1.weight"].shape[0],
     )
-    for name, value in facts.items():
-        if name in given and given[name] != value:
-            raise ConfigError(
-                f"the image encoder's config.json says {name}={given[name]!r} but the weights have {value!r}"
-            )
+    check_config_facts("the image encoder's config.json", given, facts)
     given.setdefault("num_attention_heads", _HEADS_BY_WIDTH.get(hidden, max(1, hidden // 64)))
     return {**given, **facts}
 

@@ -20,7 +20,7 @@ from transformers import Qwen3Config, Qwen3Model
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..errors import ConfigError
-from ..registry import KeyLayout, ModelSpec, StateDict
+from ..registry import KeyLayout, ModelSpec, StateDict, check_config_facts
 
 
 class Qwen3TextEncoder(Qwen3Model):
@@ -202,11 +202,7 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> Qwen
     facts = _shape_facts(state) if "embed_tokens.weight" in state else {}
     if config_json is not None:
         config = Qwen3Config(**config_json)
-        for field, value in facts.items():
-            if getattr(config, field) != value:
-                raise ConfigError(
-                    f"Qwen3 config.json says {field}={getattr(config, field)!r} but the weights have {value!r}"
-                )
+        check_config_facts("Qwen3 config.json", config, facts)
         return config
     if not facts:
         raise ConfigError("Qwen3: no config.json and no 'embed_tokens.weight' to derive the config from")
