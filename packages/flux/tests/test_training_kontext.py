@@ -129,43 +129,29 @@ def dataset(tmp_path_factory) -> Path:
 def train_config(repo, dataset, output, **overrides):
     """A LoRA (also on the DiT's input and output layers), no loss weights, low noise (sigma <= 0.1)."""
     from diffsynth.flux.flux1.dit import Flux1DiT
-    from diffsynth.training.testing import tiny_config
+    from diffsynth.training.testing import overfit_config
 
-    values = dict(
-        lora_rank=8, learning_rate=2e-2, loss_weighting="none",
-        lora_target_modules=[*Flux1DiT.lora_target_modules, "img_in", "final_layer.linear"],
-        min_timestep_boundary=0.9, max_timestep_boundary=1.0, max_steps=20, seed=0, num_epochs=1000,
-    )  # fmt: skip
-    return tiny_config(repo, "flux", dataset, output, **{**values, **overrides})
+    targets = [*Flux1DiT.lora_target_modules, "img_in", "final_layer.linear"]
+    values = dict(lora_rank=8, lora_target_modules=targets, max_steps=20)
+    return overfit_config(repo, "flux", dataset, output, noise=(0.9, 1.0), **{**values, **overrides})
 
 
 @pytest.mark.integration
 def test_trainer_overfits_a_kontext_dataset_with_a_lora(kontext_repo, dataset, tmp_path):
-    trainer = pytest.importorskip("diffsynth.training.trainer")
-    from diffsynth.training.testing import logged_losses
-
-    state = trainer.train(train_config(kontext_repo, dataset, tmp_path / "out"))
-    curve = logged_losses(tmp_path / "out")
-    assert state.step == 20 and len(curve) == 20
-    assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve  # seeded: 13.9 -> 5.6 (mean of the last 3)
+    testing = pytest.importorskip("diffsynth.training.testing")
+    state, curve = testing.train_and_log(train_config(kontext_repo, dataset, tmp_path / "out"))
+    testing.assert_overfits(state, curve, steps=20, last=3)  # seeded: 13.9 -> 5.6 (mean of the last 3)
     assert (tmp_path / "out" / "step-000020.safetensors").is_file()
 
 
 @pytest.mark.integration
 def test_cached_training_gives_the_online_losses(kontext_repo, dataset, tmp_path):
-    trainer = pytest.importorskip("diffsynth.training.trainer")
-    from safetensors.torch import load_file
-
-    from diffsynth.training.testing import logged_losses
-
-    settings = dict(max_steps=3)
-    trainer.train(train_config(kontext_repo, dataset, tmp_path / "online", **settings))
-    cache = str(tmp_path / "cache")
-    trainer.run_stage(train_config(kontext_repo, dataset, tmp_path / "cached", cache_dir=cache, stage="encode", **settings))  # fmt: skip
-    stored = load_file(str(Path(cache) / "items" / "000001.safetensors"))
+    testing = pytest.importorskip("diffsynth.training.testing")
+    runs = testing.train_direct_and_cached(train_config(kontext_repo, dataset, tmp_path, max_steps=3))
+    stored = runs.cached_item(1)
     assert set(stored) == {"latents", "t5", "pooled", "kontext", "kontext_ids"} and stored["kontext"].shape == (6, 64)
-    trainer.run_stage(train_config(kontext_repo, dataset, tmp_path / "cached", cache_dir=cache, **settings))
-    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "online"), rel=1e-5)
+    online, cached = runs.losses()
+    assert cached == pytest.approx(online, rel=1e-5)
 
 
 def test_validation_samples_are_the_pipeline_with_the_same_references(task, kontext_pipe):

@@ -7,7 +7,6 @@ not install); the task tests need only this package and the runtime.
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,52 +108,41 @@ def test_edit_models_are_recognised(task, tiny_repo, tmp_path):
 
 # ----------------------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def train(tiny_repo, tmp_path_factory):
+    """`diffsynth-train --family qwen_image` on the tiny repo and two captioned noise pictures, each seen twice."""
     testing = pytest.importorskip("diffsynth.training.testing")
-    return testing.write_caption_dataset(tmp_path_factory.mktemp("qwen-data"), PROMPTS)
-
-
-def train(tiny_repo, dataset, output, *extra) -> list[float]:
-    from diffsynth.training.testing import train_with_cli
-
-    return train_with_cli(tiny_repo, "qwen_image", dataset, output, "--dataset_repeat", "2", *extra)
+    dataset = testing.write_caption_dataset(tmp_path_factory.mktemp("qwen-data"), PROMPTS)
+    return testing.CliTrainer(tiny_repo, "qwen_image", dataset, "--dataset_repeat", "2")
 
 
 @pytest.mark.integration
-def test_lora_training_gives_a_lora_the_pipeline_loads(tiny_repo, dataset, tmp_path):
-    losses = train(tiny_repo, dataset, tmp_path / "out")
+def test_lora_training_gives_a_lora_the_pipeline_loads(tiny_repo, train, tmp_path):
+    from diffsynth.training.testing import outputs_before_and_after_lora
+
+    losses = train(tmp_path / "out")
     assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] > 0
     pipe = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
-    base = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
-    pipe.load_lora(tmp_path / "out" / "step-000002.safetensors")
-    after = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
+    lora = tmp_path / "out" / "step-000002.safetensors"
+    base, after = outputs_before_and_after_lora(pipe, lora, PROMPTS[0], seed=0, output_type="pt", **FAST)
     assert after.shape == base.shape == (1, 3, 64, 64)
     assert (after - base).abs().max() > 1e-4  # the LoRA changes the image
 
 
 @pytest.mark.integration
-def test_full_training_writes_weights_the_pipeline_loads(tiny_repo, pipe, dataset, tmp_path):
-    losses = train(tiny_repo, dataset, tmp_path / "out", "--trainable_models", "dit", "--max_steps", "1")
+def test_full_training_writes_weights_the_pipeline_loads(tiny_repo, pipe, train, tmp_path):
+    from diffsynth.training.testing import configs_with_trained_weights
+
+    losses = train(tmp_path / "out", "--trainable_models", "dit", "--max_steps", "1")
     assert len(losses) == 1 and np.isfinite(losses[0])
-    files = sorted((tmp_path / "out" / "step-000001" / "dit").glob("*.safetensors"))
-    assert files
-    configs = [c for c in configs_from_folder(tiny_repo)[0] if "transformer" not in str(c.path)]
-    tuned = QwenImagePipeline.from_pretrained(
-        [ModelConfig(path=[str(f) for f in files]), *configs],
-        tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")),
-        torch_dtype="float32",
-        device="cpu",
-    )
-    image = tuned(PROMPTS[1], seed=1, output_type="pt", **FAST)
-    reference = pipe(PROMPTS[1], seed=1, output_type="pt", **FAST)
+    configs = configs_with_trained_weights(tiny_repo, tmp_path / "out" / "step-000001" / "dit")  # asserts files
+    tokenizer = ModelConfig(path=str(tiny_repo / "tokenizer"))
+    tuned = QwenImagePipeline.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu")
+    image, reference = (p(PROMPTS[1], seed=1, output_type="pt", **FAST) for p in (tuned, pipe))
     assert (image - reference).abs().max() > 1e-5
 
 
 @pytest.mark.integration
-def test_cached_two_stage_training_gives_the_on_the_fly_loss(tiny_repo, dataset, tmp_path):
-    direct = train(tiny_repo, dataset, tmp_path / "direct", "--max_steps", "1")
-    cache = str(tmp_path / "cache")
-    train(tiny_repo, dataset, tmp_path / "cached", "--max_steps", "1", "--cache_dir", cache, "--stage", "encode")
-    cached = train(tiny_repo, dataset, tmp_path / "cached", "--max_steps", "1", "--cache_dir", cache)
+def test_cached_two_stage_training_gives_the_on_the_fly_loss(train, tmp_path):
+    direct, cached = train.direct_and_cached(tmp_path, "--max_steps", "1")
     assert len(direct) == len(cached) == 1
     assert cached[0] == pytest.approx(direct[0], rel=1e-6, abs=1e-7)

@@ -145,43 +145,29 @@ def dataset(tmp_path_factory) -> Path:
 def train_config(repo, dataset, output, **overrides):
     """A LoRA (also on the DiT's input and output layers), no loss weights, low noise."""
     from diffsynth.qwen_image.dit import QwenImageDiT
-    from diffsynth.training.testing import tiny_config
+    from diffsynth.training.testing import overfit_config
 
-    values = dict(
-        tokenizer_path=str(Path(repo) / "processor"), lora_rank=8, learning_rate=2e-2, loss_weighting="none",
-        lora_target_modules=[*QwenImageDiT.lora_target_modules, "img_in", "proj_out"],
-        min_timestep_boundary=0.9, max_timestep_boundary=1.0, max_steps=12, seed=0, num_epochs=1000,
-    )  # fmt: skip
-    return tiny_config(repo, "qwen_image", dataset, output, **{**values, **overrides})
+    targets = [*QwenImageDiT.lora_target_modules, "img_in", "proj_out"]
+    values = dict(tokenizer_path=str(Path(repo) / "processor"), lora_rank=8, lora_target_modules=targets, max_steps=12)
+    return overfit_config(repo, "qwen_image", dataset, output, noise=(0.9, 1.0), **{**values, **overrides})
 
 
 @pytest.mark.integration
 def test_trainer_overfits_an_edit_dataset_with_a_lora(repo, dataset, tmp_path):
-    trainer = pytest.importorskip("diffsynth.training.trainer")
-    from diffsynth.training.testing import logged_losses
-
-    state = trainer.train(train_config(repo, dataset, tmp_path / "out"))
-    curve = logged_losses(tmp_path / "out")
-    assert state.step == 12 and len(curve) == 12
-    assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve
+    testing = pytest.importorskip("diffsynth.training.testing")
+    state, curve = testing.train_and_log(train_config(repo, dataset, tmp_path / "out"))
+    testing.assert_overfits(state, curve, steps=12, last=3)
     assert (tmp_path / "out" / "step-000012.safetensors").is_file()
 
 
 @pytest.mark.integration
 def test_cached_training_gives_the_online_losses(repo, dataset, tmp_path):
-    trainer = pytest.importorskip("diffsynth.training.trainer")
-    from safetensors.torch import load_file
-
-    from diffsynth.training.testing import logged_losses
-
-    settings = dict(max_steps=3)
-    trainer.train(train_config(repo, dataset, tmp_path / "online", **settings))
-    cache = str(tmp_path / "cache")
-    trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", cache_dir=cache, stage="encode", **settings))
-    stored = load_file(str(Path(cache) / "items" / "000001.safetensors"))
+    testing = pytest.importorskip("diffsynth.training.testing")
+    runs = testing.train_direct_and_cached(train_config(repo, dataset, tmp_path, max_steps=3))
+    stored = runs.cached_item(1)
     assert set(stored) == {"latents", "text", "edit_0"} and stored["edit_0"].shape == (16, 4, 4)  # 32x32 px
-    trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", cache_dir=cache, **settings))
-    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "online"), rel=1e-5)
+    online, cached = runs.losses()
+    assert cached == pytest.approx(online, rel=1e-5)
 
 
 @pytest.mark.integration

@@ -15,9 +15,19 @@ from safetensors.torch import load_file  # noqa: E402
 
 from diffsynth.training import trainer  # noqa: E402
 from diffsynth.training.config import TrainConfig  # noqa: E402
-from diffsynth.training.task import TrainingTask  # noqa: E402
-from diffsynth.training.testing import load_module, logged_losses, tiny_config, write_video_dataset  # noqa: E402
-from diffsynth.training.trainer import run_stage, setup, train  # noqa: E402
+from diffsynth.training.testing import (  # noqa: E402
+    assert_overfits,
+    assert_same_training,
+    load_module,
+    logged_losses,
+    outputs_before_and_after_lora,
+    overfit_config,
+    tiny_config,
+    train_and_log,
+    train_direct_and_cached,
+    write_video_dataset,
+)
+from diffsynth.training.trainer import train  # noqa: E402
 from diffsynth.wan import WanVideoPipeline  # noqa: E402
 from diffsynth.wan.pipeline import wan_velocity  # noqa: E402
 
@@ -58,42 +68,27 @@ class Crash(Exception):
 
 def test_full_finetune_overfits_two_videos(tiny_repo, dataset, tmp_path):
     """Full fine-tuning at a narrow noise band (less noise in the loss) halves the loss in 12 steps."""
-    settings = dict(
-        trainable_models=["dit"], loss_weighting="none", min_timestep_boundary=0.45, max_timestep_boundary=0.55
-    )
-    state = train(config(tiny_repo, dataset, tmp_path / "out", max_steps=12, learning_rate=2e-2, **settings))
-    curve = logged_losses(tmp_path / "out")
-    assert state.step == 12 and len(curve) == 12
-    assert sum(curve[-4:]) / 4 < 0.5 * curve[0], curve  # seeded: 5.06 -> 2.39 (mean of the last 4)
+    settings = dict(num_frames=5, max_pixels=32 * 32, trainable_models=["dit"], max_steps=12)
+    state, curve = train_and_log(overfit_config(tiny_repo, "wan", dataset, tmp_path, noise=(0.45, 0.55), **settings))
+    assert_overfits(state, curve, steps=12, last=4)  # seeded: 5.06 -> 2.39 (mean of the last 4)
 
 
 def test_cached_two_stage_training_equals_direct_training_and_the_lora_loads(tiny_repo, dataset, tmp_path):
-    train(config(tiny_repo, dataset, tmp_path / "direct"))
-    cache = str(tmp_path / "cache")
-    run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache, stage="encode"))
-    state = run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache))
-    assert state.step == 4
-    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "direct"), rel=1e-5)
-    step = "checkpoints/step-000004/trainable.safetensors"
-    direct, cached = load_file(str(tmp_path / "direct" / step)), load_file(str(tmp_path / "cached" / step))
-    assert direct.keys() == cached.keys() and len(direct) > 0
-    for name in direct:
-        torch.testing.assert_close(cached[name], direct[name], rtol=0, atol=1e-6)
-    stage2 = setup(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache))
-    assert isinstance(stage2.task, TrainingTask)  # the family implements the protocol structurally
-    assert set(stage2.task.models) == {"dit"}  # no text encoder, no VAE
-    assert stage2.task.pipe.tokenizer is None
+    runs = train_direct_and_cached(config(tiny_repo, dataset, tmp_path))
+    assert runs.state.step == 4
+    direct_losses, cached_losses = runs.losses()
+    assert cached_losses == pytest.approx(direct_losses, rel=1e-5)
+    assert_same_training(runs, step=4, atol=1e-6)
 
     # the trained LoRA loads in the pipeline and changes its prediction and its video
     pipe = WanVideoPipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
-    base = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
     g = torch.Generator().manual_seed(3)
     latents, t = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([600.0])
     context = pipe.encode_prompt([PROMPTS[0]])
     before = wan_velocity(pipe.dit, latents, t, context)
-    pipe.load_lora(tmp_path / "direct" / "step-000004.safetensors", fuse=False, name="trained")
+    lora, load = tmp_path / "direct" / "step-000004.safetensors", dict(fuse=False, name="trained")
+    base, after = outputs_before_and_after_lora(pipe, lora, PROMPTS[0], load, seed=0, output_type="pt", **FAST)
     assert (wan_velocity(pipe.dit, latents, t, context) - before).abs().max() > 1e-4
-    after = pipe(PROMPTS[0], seed=0, output_type="pt", **FAST)
     assert after.shape == base.shape == (1, 3, 5, 32, 32) and (after - base).abs().max() > 1e-4
 
 

@@ -17,9 +17,15 @@ from safetensors.torch import load_file  # noqa: E402
 from diffsynth.runtime import ModelConfig, load_model  # noqa: E402
 from diffsynth.training.config import TrainConfig  # noqa: E402
 from diffsynth.training.data import batch_plan  # noqa: E402
-from diffsynth.training.task import TrainingTask  # noqa: E402
-from diffsynth.training.testing import load_module, tiny_config, write_caption_dataset  # noqa: E402
-from diffsynth.training.trainer import TrainState, run_stage, save, setup, train, train_step  # noqa: E402
+from diffsynth.training.testing import (  # noqa: E402
+    assert_same_training,
+    load_module,
+    outputs_before_and_after_lora,
+    tiny_config,
+    train_direct_and_cached,
+    write_caption_dataset,
+)
+from diffsynth.training.trainer import TrainState, save, setup, train, train_step  # noqa: E402
 from diffsynth.z_image import ZImagePipeline  # noqa: E402
 from diffsynth.z_image.pipeline import z_image_velocity  # noqa: E402
 
@@ -70,20 +76,9 @@ def test_lora_training_gives_a_lora_the_pipeline_applies_exactly(tiny_repo, data
 
 
 def test_cached_two_stage_training_equals_direct_training(tiny_repo, dataset, tmp_path):
-    train(config(tiny_repo, dataset, tmp_path / "direct"))
-    cache = str(tmp_path / "cache")
-    run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache, stage="encode"))
-    state = run_stage(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache))
-    assert state.step == 2
-    step = "checkpoints/step-000002/trainable.safetensors"
-    direct, cached = load_file(str(tmp_path / "direct" / step)), load_file(str(tmp_path / "cached" / step))
-    assert direct.keys() == cached.keys() and len(direct) > 0
-    for name in direct:
-        torch.testing.assert_close(cached[name], direct[name], rtol=0, atol=1e-6)
-    stage2 = setup(config(tiny_repo, dataset, tmp_path / "cached", cache_dir=cache))
-    assert isinstance(stage2.task, TrainingTask)  # the family implements the protocol structurally
-    assert set(stage2.task.models) == {"dit"}  # no text encoder, no VAE
-    assert stage2.task.pipe.tokenizer is None
+    runs = train_direct_and_cached(config(tiny_repo, dataset, tmp_path))
+    assert runs.state.step == 2
+    assert_same_training(runs, step=2, atol=1e-6)
 
 
 def test_full_finetune_writes_official_weights_that_load_strictly(tiny_repo, dataset, tmp_path):
@@ -125,9 +120,10 @@ def test_validation_samples_are_the_pipeline_with_the_lora_in_training(tiny_repo
 
     pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
     fast = {"seed": 0, "height": 32, "width": 32, "num_inference_steps": 2, "progress_bar": False}
-    base = np.asarray(pipe("a red circle", **fast)).astype(int)
-    pipe.load_lora(str(tmp_path / "out" / "step-000002.safetensors"))
-    expected = np.asarray(pipe("a red circle", **fast)).astype(int)
+    pictures = outputs_before_and_after_lora(
+        pipe, str(tmp_path / "out" / "step-000002.safetensors"), "a red circle", **fast
+    )
+    base, expected = (np.asarray(picture).astype(int) for picture in pictures)
     assert drawn.shape == (32, 32, 3)
     assert np.abs(drawn - expected).max() <= 1  # PNG rounding of the same picture
     assert np.abs(drawn - base).max() > 1  # and not the base model's

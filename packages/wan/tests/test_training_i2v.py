@@ -143,6 +143,27 @@ def test_encoding_without_the_dit_gives_the_same_samples(i2v, tiny_repo_factory)
         assert torch.equal(implicit[key], explicit[key]), key
 
 
+def test_flf2v_validation_and_pipeline_need_both_frames(i2v):
+    """An FLF2V DiT's CLIP positions are for two images: one frame is refused by name, at setup and in the pipeline,
+    rather than as a token-count mismatch inside the DiT."""
+    task, pipe = i2v
+    first, last = frames(13, count=2)
+    flf2v = WanTrainingTask(task.pipe, dit_config=replace(task.dit_config, image_pos_len=10))
+    assert flf2v.reference_arguments([first, last]) == {"input_image": first, "end_image": last}
+    with pytest.raises(ConfigError, match="FLF2V DiT draws each sample between a first and a last frame"):
+        flf2v.reference_arguments([first])
+    flf2v_pipe = types.SimpleNamespace(
+        dit=types.SimpleNamespace(config=replace(pipe.dit.config, image_pos_len=10)),
+        image_encoder=pipe.image_encoder,
+        _image_list=pipe._image_list,
+    )
+    firsts, lasts = WanVideoPipeline.check_images(flf2v_pipe, first, last, 1)
+    assert len(firsts) == len(lasts) == 1
+    with pytest.raises(ConfigError, match=r"FLF2V\): pass end_image"):
+        WanVideoPipeline.check_images(flf2v_pipe, first, None, 1)
+    assert WanVideoPipeline.check_images(pipe, first, None, 1)[1] is None  # plain I2V: the last frame is optional
+
+
 # ----------------------------------------------------------------------------------------- (d) TI2V's loss
 def test_ti2v_loss_leaves_out_the_first_latent_frame(ti2v):
     trainer = pytest.importorskip("diffsynth.training.trainer")
@@ -279,46 +300,31 @@ def video_dataset(folder: Path, size: int) -> Path:
 
 
 def train_config(repo, dataset, output, size, **overrides):
-    from diffsynth.training.testing import tiny_config
+    from diffsynth.training.testing import overfit_config
 
-    values = dict(
-        num_frames=5, max_pixels=size * size, bucket_step=size, trainable_models=["dit"], learning_rate=2e-2,
-        loss_weighting="none", min_timestep_boundary=0.45, max_timestep_boundary=0.55, max_steps=10, seed=0,
-        num_epochs=1000,
-    )  # fmt: skip
-    return tiny_config(repo, "wan", dataset, output, **{**values, **overrides})
+    values = dict(num_frames=5, max_pixels=size * size, bucket_step=size, trainable_models=["dit"], max_steps=10)
+    return overfit_config(repo, "wan", dataset, output, noise=(0.45, 0.55), **{**values, **overrides})
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("kind, size, steps", [("i2v", 32, 10), ("ti2v", 64, 16)])
 def test_trainer_overfits_two_videos(tiny_repo_factory, tmp_path, kind, size, steps):
     """Full fine-tuning at a narrow noise band; seeded: i2v 4.47 -> 2.02, ti2v 171 -> 55.9 (mean of the last 3)."""
-    trainer = pytest.importorskip("diffsynth.training.trainer")
-    from diffsynth.training.testing import logged_losses
-
+    testing = pytest.importorskip("diffsynth.training.testing")
     dataset = video_dataset(tmp_path, size)
-    state = trainer.train(train_config(tiny_repo_factory(kind), dataset, tmp_path / "out", size, max_steps=steps))
-    curve = logged_losses(tmp_path / "out")
-    assert state.step == steps and len(curve) == steps
-    assert sum(curve[-3:]) / 3 < 0.5 * curve[0], curve
+    config = train_config(tiny_repo_factory(kind), dataset, tmp_path / "out", size, max_steps=steps)
+    testing.assert_overfits(*testing.train_and_log(config), steps=steps, last=3)
 
 
 @pytest.mark.integration
 def test_i2v_cached_training_gives_the_online_losses(tiny_repo_factory, tmp_path):
-    trainer = pytest.importorskip("diffsynth.training.trainer")
-    from diffsynth.training.testing import logged_losses
-
+    testing = pytest.importorskip("diffsynth.training.testing")
     repo, dataset = tiny_repo_factory("i2v"), video_dataset(tmp_path, 32)
     settings = dict(max_steps=3, trainable_models=[], lora_rank=4, learning_rate=1e-2)
-    trainer.train(train_config(repo, dataset, tmp_path / "online", 32, **settings))
-    cache = str(tmp_path / "cache")
-    trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", 32, cache_dir=cache, stage="encode", **settings))
-    from safetensors.torch import load_file
-
-    stored = load_file(str(Path(cache) / "items" / "000000.safetensors"))
-    assert set(stored) == {"latents", "text", "y", "clip_feature"}
-    trainer.run_stage(train_config(repo, dataset, tmp_path / "cached", 32, cache_dir=cache, **settings))
-    assert logged_losses(tmp_path / "cached") == pytest.approx(logged_losses(tmp_path / "online"), rel=1e-5)
+    runs = testing.train_direct_and_cached(train_config(repo, dataset, tmp_path, 32, **settings))
+    assert set(runs.cached_item(0)) == {"latents", "text", "y", "clip_feature"}
+    online, cached = runs.losses()
+    assert cached == pytest.approx(online, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- validation samples

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
 from types import ModuleType
@@ -100,6 +101,145 @@ def tiny_config(
     """The `TrainConfig` of a tiny run: `TINY_SETTINGS`, then `overrides`."""
     paths = dict(model=str(model), family=family, dataset_base_path=str(dataset), output_path=str(output))
     return TrainConfig(**{**paths, **TINY_SETTINGS, **overrides})
+
+
+def overfit_config(
+    model: str | PathLike,
+    family: str,
+    dataset: str | PathLike,
+    output: str | PathLike,
+    *,
+    noise: tuple[float, float],
+    **overrides: Any,
+) -> TrainConfig:
+    """A tiny run that overfits a two-row dataset (`tiny_config`): seeded, epochs enough for any step count, no loss
+    weights, a learning rate of 2e-2 and timesteps only in the (min, max) boundaries `noise`, a narrow band so the
+    latents, not the noise drawn, decide the loss the tests watch fall. Then `overrides`."""
+    values = dict(
+        learning_rate=2e-2, loss_weighting="none", min_timestep_boundary=noise[0], max_timestep_boundary=noise[1],
+        seed=0, num_epochs=1000,
+    )  # fmt: skip
+    return tiny_config(model, family, dataset, output, **{**values, **overrides})
+
+
+def train_and_log(config: TrainConfig) -> tuple[Any, list[float]]:
+    """Trains `config` in this process; returns the last `TrainState` and the loss of every logged step."""
+    from diffsynth.training.trainer import train
+
+    state = train(config)
+    return state, logged_losses(config.output_path)
+
+
+def assert_overfits(state: Any, curve: Sequence[float], steps: int, last: int) -> None:
+    """The run took `steps` steps, logged each, and the mean loss of its `last` steps is under half the first's."""
+    assert state.step == steps and len(curve) == steps
+    assert sum(curve[-last:]) / last < 0.5 * curve[0], curve
+
+
+@dataclass
+class TwoStageRuns:
+    """One tiny run trained twice under `root`: directly in `direct/`, and in two stages, `--stage encode` into
+    `cache/` then the training from the cache in `cached/`. The two must agree: the cache holds what the first
+    stage would have computed on the fly."""
+
+    root: Path
+    state: Any  # the cached run's last TrainState
+    config: TrainConfig  # the cached run's second stage
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def losses(self) -> tuple[list[float], list[float]]:
+        """The logged losses of the direct run and of the cached one."""
+        return logged_losses(self.root / "direct"), logged_losses(self.root / "cached")
+
+    def cached_item(self, index: int) -> dict[str, Any]:
+        """The tensors the first stage stored for the dataset's row `index`."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.cache / "items" / f"{index:06d}.safetensors"))
+
+    def checkpoints(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The trainable weights both runs checkpointed at `step` (direct, cached)."""
+        from safetensors.torch import load_file
+
+        name = Path("checkpoints") / f"step-{step:06d}" / "trainable.safetensors"
+        return load_file(str(self.root / "direct" / name)), load_file(str(self.root / "cached" / name))
+
+
+def train_direct_and_cached(config: TrainConfig) -> TwoStageRuns:
+    """Trains `config` directly and in two stages (see `TwoStageRuns`) under its `output_path`."""
+    from diffsynth.training.trainer import run_stage, train
+
+    root = Path(config.output_path)
+    cache = str(root / "cache")
+    train(replace(config, output_path=str(root / "direct")))
+    run_stage(replace(config, output_path=str(root / "cached"), cache_dir=cache, stage="encode"))
+    second = replace(config, output_path=str(root / "cached"), cache_dir=cache)
+    return TwoStageRuns(root, run_stage(second), second)
+
+
+def assert_same_training(runs: TwoStageRuns, step: int, atol: float) -> None:
+    """Both runs checkpointed the same trainable weights at `step` (to `atol`), and the cached run's second stage
+    loads only the denoiser: no text encoder, no VAE, no tokenizer."""
+    import torch
+
+    from diffsynth.training.task import TrainingTask
+    from diffsynth.training.trainer import setup
+
+    direct, cached = runs.checkpoints(step)
+    assert direct.keys() == cached.keys() and len(direct) > 0
+    for name in direct:
+        torch.testing.assert_close(cached[name], direct[name], rtol=0, atol=atol)
+    stage2 = setup(runs.config)
+    assert isinstance(stage2.task, TrainingTask)  # the family implements the protocol structurally
+    assert set(stage2.task.models) == {"dit"}  # no text encoder, no VAE
+    assert stage2.task.pipe.tokenizer is None
+
+
+def outputs_before_and_after_lora(
+    pipe: Any, lora: str | PathLike, prompt: str, load: Mapping[str, Any] | None = None, **call: Any
+) -> tuple[Any, Any]:
+    """The pipeline's output for `prompt` (`call`: seed, size, output type) before and after it loads the LoRA file
+    `lora` (`load`: `load_lora`'s options), for the tests that check a trained LoRA changes what it draws."""
+    before = pipe(prompt, **call)
+    pipe.load_lora(lora, **(load or {}))
+    return before, pipe(prompt, **call)
+
+
+def configs_with_trained_weights(
+    folder: str | PathLike, weights: str | PathLike, replaces: str = "transformer"
+) -> list:
+    """The `ModelConfig`s of the tiny repo `folder` with the weights a full fine-tune saved (`weights`, its
+    `step-N/<model>/` folder) in place of the `replaces` subfolder's, to build the tuned pipeline from."""
+    from diffsynth.runtime.hub import ModelConfig
+    from diffsynth.runtime.pipeline import configs_from_folder
+
+    files = sorted(Path(weights).glob("*.safetensors"))
+    assert files, f"no *.safetensors saved in {weights}"
+    configs = [c for c in configs_from_folder(Path(folder))[0] if replaces not in str(c.path)]
+    return [ModelConfig(path=[str(f) for f in files]), *configs]
+
+
+class CliTrainer:
+    """`diffsynth-train` (`train_with_cli`) on one tiny repo and dataset with fixed extra flags, for a family's
+    trainer tests: `trainer(output, *flags)` trains and returns the logged losses."""
+
+    def __init__(self, model: str | PathLike, family: str, dataset: str | PathLike, *flags: str):
+        self.model, self.family, self.dataset, self.flags = model, family, dataset, flags
+
+    def __call__(self, output: str | PathLike, *extra: str) -> list[float]:
+        return train_with_cli(self.model, self.family, self.dataset, output, *self.flags, *extra)
+
+    def direct_and_cached(self, root: str | PathLike, *extra: str) -> tuple[list[float], list[float]]:
+        """The losses of a run trained directly (`root/direct`) and in two stages (`root/cached`, from the
+        cache the `--stage encode` run wrote in `root/cache`)."""
+        root = Path(root)
+        direct = self(root / "direct", *extra)
+        cache = str(root / "cache")
+        self(root / "cached", *extra, "--cache_dir", cache, "--stage", "encode")
+        return direct, self(root / "cached", *extra, "--cache_dir", cache)
 
 
 def train_with_cli(
