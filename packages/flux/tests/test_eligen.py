@@ -22,7 +22,7 @@ from diffsynth.flux.flux1.eligen import (
 )
 from diffsynth.flux.pipeline import flux_velocity
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.layers import apply_rope
+from diffsynth.runtime.layers import apply_rope, rope_tables
 
 FAST = dict(height=32, width=32, num_inference_steps=2, t5_sequence_length=8, progress_bar=False)
 
@@ -91,13 +91,13 @@ def test_masked_joint_attention_equals_per_token_reference(extra):
     length = 3 * prompt_len + image_len
     q, k, v = (torch.randn(2, length, heads, dim, generator=g) for _ in range(3))
     ids = torch.rand(length, 3, generator=g) * 4
-    rope = dit_module.rope_from_ids(ids[None], (4, 6, 6), 10000.0)
+    half = dit_module.rope_from_ids(ids[None], (4, 6, 6), 10000.0)
     mask = attention_mask(regions[None], prompt_len, image_len)
     assert mask.shape == (1, 1, length, length)
 
-    out = dit_module._joint_attention(q, k, v, rope, mask).unflatten(-1, (heads, dim))
+    out = dit_module._joint_attention(q, k, v, rope_tables(*half), mask).unflatten(-1, (heads, dim))
 
-    qr, kr = apply_rope(q, *rope), apply_rope(k, *rope)
+    qr, kr = apply_rope(q, *half), apply_rope(k, *half)
     for query in range(length):
         keys = _visible_keys(query, regions, prompt_len, image_len)
         scores = torch.einsum("bhd,bkhd->bhk", qr[:, query], kr[:, keys]) / math.sqrt(dim)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
-from diffsynth.runtime.layers import apply_rope, rope_inverse_frequencies, timestep_embedding
+from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to the time MLP
 TIME_SCALE = 1000.0  # sigma -> diffusers timestep
@@ -37,6 +37,7 @@ ROPE_THETA = 10000.0
 EPS = 1e-6
 
 ImageShape = tuple[int, int, int]  # (frames, height, width) in patch units
+Rope = tuple[torch.Tensor, torch.Tensor]  # per-channel (cos, signed sin) [B, S, 1, head_dim], float32
 
 
 @dataclass
@@ -162,26 +163,16 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(inner, dim)
         self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=EPS), nn.RMSNorm(head_dim, eps=EPS)
 
-    def forward(self, img, txt, img_rope, txt_rope, mask):
+    def forward(self, img, txt, rope: Rope, mask):
+        """`rope` covers the joint `[text, image]` sequence: both streams are rotated in one pass."""
+
         def heads(x):
             return x.unflatten(-1, (self.heads, self.head_dim))
 
-        q = torch.cat(
-            [
-                apply_rope(self.norm_added_q(heads(self.add_q_proj(txt))), *txt_rope),
-                apply_rope(self.norm_q(heads(self.to_q(img))), *img_rope),
-            ],
-            dim=1,
-        )
-        k = torch.cat(
-            [
-                apply_rope(self.norm_added_k(heads(self.add_k_proj(txt))), *txt_rope),
-                apply_rope(self.norm_k(heads(self.to_k(img))), *img_rope),
-            ],
-            dim=1,
-        )
+        q = torch.cat([self.norm_added_q(heads(self.add_q_proj(txt))), self.norm_q(heads(self.to_q(img)))], dim=1)
+        k = torch.cat([self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))], dim=1)
         v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], dim=1)
-        out = attention(q, k, v, mask=mask).flatten(2)
+        out = attention(rotate(q, *rope), rotate(k, *rope), v, mask=mask).flatten(2)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -191,7 +182,7 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _layer_norm(x) * (1 + scale) + shift
+    return add_mul(shift, _layer_norm(x), 1 + scale)
 
 
 class QwenImageBlock(nn.Module):
@@ -205,7 +196,7 @@ class QwenImageBlock(nn.Module):
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mlp = FeedForward(dim, 4 * dim)
 
-    def forward(self, img, txt, temb, img_rope, txt_rope, mask, cond_index):
+    def forward(self, img, txt, temb, rope: Rope, mask, cond_index):
         """`temb` is `[B, D]`, or `[2B, D]` (real, zero timestep) when `cond_index` `[B, L_img]` is given."""
         img_params = self.img_mod(temb)
         if cond_index is not None:
@@ -219,12 +210,12 @@ class QwenImageBlock(nn.Module):
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_params.chunk(6, dim=-1)
 
         img_attn, txt_attn = self.attn(
-            _modulate(img, i_shift1, i_scale1), _modulate(txt, t_shift1, t_scale1), img_rope, txt_rope, mask
+            _modulate(img, i_shift1, i_scale1), _modulate(txt, t_shift1, t_scale1), rope, mask
         )
-        img = img + i_gate1 * img_attn
-        txt = txt + t_gate1 * txt_attn
-        img = img + i_gate2 * self.img_mlp(_modulate(img, i_shift2, i_scale2))
-        txt = txt + t_gate2 * self.txt_mlp(_modulate(txt, t_shift2, t_scale2))
+        img = add_mul(img, i_gate1, img_attn)
+        txt = add_mul(txt, t_gate1, txt_attn)
+        img = add_mul(img, i_gate2, self.img_mlp(_modulate(img, i_shift2, i_scale2)))
+        txt = add_mul(txt, t_gate2, self.txt_mlp(_modulate(txt, t_shift2, t_scale2)))
         if img.dtype == torch.float16:
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt
@@ -278,7 +269,8 @@ class QwenImageDiT(nn.Module):
         self.proj_out = nn.Linear(dim, config.out_dim)
         self.gradient_checkpointing = False
 
-    def _rope(self, img_shapes, n_img: int, n_txt: int, device) -> tuple[tuple, tuple]:
+    def _rope(self, img_shapes, n_img: int, n_txt: int, device) -> Rope:
+        """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]`."""
         img_angles, txt_angles = [], []
         for b, shapes in enumerate(img_shapes):
             total = sum(math.prod(s) for s in shapes)
@@ -287,8 +279,8 @@ class QwenImageDiT(nn.Module):
             img, txt = msrope_angles(shapes, n_txt, self.config.axes_dims_rope, device)
             img_angles.append(img)
             txt_angles.append(txt)
-        img, txt = torch.stack(img_angles)[:, :, None], torch.stack(txt_angles)[:, :, None]  # [B, S, 1, D/2]
-        return (img.cos(), img.sin()), (txt.cos(), txt.sin())
+        angles = torch.cat([torch.stack(txt_angles), torch.stack(img_angles)], dim=1)[:, :, None]  # [B, S, 1, D/2]
+        return rope_tables(angles.cos(), angles.sin())
 
     def forward(
         self,
@@ -323,13 +315,13 @@ class QwenImageDiT(nn.Module):
             cond_index = torch.arange(n_img, device=img.device)[None] >= torch.tensor(first, device=img.device)[:, None]
         temb = self.time_text_embed.timestep_embedder(timestep, img.dtype)
 
-        img_rope, txt_rope = self._rope(img_shapes, n_img, txt.shape[1], img.device)
+        rope = self._rope(img_shapes, n_img, txt.shape[1], img.device)
         mask = None
         if text_mask is not None:
             mask = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
 
         for block in self.transformer_blocks:
-            args = (img, txt, temb, img_rope, txt_rope, mask, cond_index)
+            args = (img, txt, temb, rope, mask, cond_index)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 img, txt = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MultiAxisRope", "apply_rope", "rope_inverse_frequencies", "timestep_embedding"]
+__all__ = [
+    "MultiAxisRope",
+    "add_mul",
+    "apply_rope",
+    "rope_inverse_frequencies",
+    "rope_tables",
+    "rotate",
+    "timestep_embedding",
+]
 
 
 def timestep_embedding(
@@ -89,6 +97,33 @@ class MultiAxisRope:
         return cos, sin
 
 
+def add_mul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`a + b * c`: AdaLN modulation (`shift + x * (1 + scale)`), gated residuals (`x + gate * y`) and RoPE.
+
+    These are memory-bound passes over whole activations. With half-precision `b` (the activations) they are
+    one `addcmul`: each tensor read and written once, one rounding. In float32 the two-op form is kept, so
+    float32 outputs stay equal to the references' (diffusers, the authors' code) to the last bit.
+    """
+    if b.dtype in (torch.bfloat16, torch.float16):
+        return torch.addcmul(a, b, c)
+    return a + b * c
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half tables `[..., D/2]` -> per-channel `(cos, signed sin)` `[..., D]` for `rotate`: channel pair
+    `(2i, 2i+1)` gets `(cos_i, cos_i)` and `(-sin_i, sin_i)`. A DiT builds them once per forward (they are
+    `1 / heads` the size of q), and every block's rotation is then two fused passes."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with `rope_tables`' tables: `x * cos + swap_pairs(x) * signed_sin` in float32, returned in
+    `x.dtype`. The multiplies with the float32 tables upcast inside the kernel, so q/k are never copied to
+    float32 first; in float32 the products and sums are those of the complex multiplication, bit for bit."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return add_mul(x * cos, swapped, signed_sin).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs `(2i, 2i+1)` of `x` by the angles behind `cos`/`sin`.
 
@@ -96,8 +131,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Lumina, Z-Image, Wan and Qwen-Image, written with real tensors so it compiles well and runs
     on backends without complex support. `cos`/`sin` broadcast against `x[..., ::2]` (e.g.
     `[B, S, 1, D/2]` for `x` in `[B, S, H, D]`). Computed in float32, returned in `x.dtype`.
+    A model that rotates q and k in many blocks builds `rope_tables` once and calls `rotate`.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    return rotate(x, *rope_tables(cos, sin))

@@ -28,14 +28,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
-from diffsynth.runtime.layers import MultiAxisRope, apply_rope, timestep_embedding
+from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 IMAGE_EMBED_EPS = 1e-5  # the CLIP projection uses torch's default LayerNorm eps, not config.eps
 
-Rope = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]  # `rope_tables`: per-channel (cos, signed sin), float32
 
 
 @dataclass
@@ -148,8 +148,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         n = self.num_heads
-        q = apply_rope(_heads(self.norm_q(self.q(x)), n), *rope)
-        k = apply_rope(_heads(self.norm_k(self.k(x)), n), *rope)
+        q = rotate(_heads(self.norm_q(self.q(x)), n), *rope)
+        k = rotate(_heads(self.norm_k(self.k(x)), n), *rope)
         return self.o(attention(q, k, _heads(self.v(x), n)).flatten(2))
 
 
@@ -387,11 +387,11 @@ class WanDiT(nn.Module):
         return values, index
 
     def _rope(self, grid: tuple[int, int, int], device: torch.device) -> Rope:
-        """cos/sin `[1, S, 1, head_dim/2]` for the patch grid, tokens row-major over (frame, row, column)."""
+        """`rope_tables` `[1, S, 1, head_dim]` of the patch grid, tokens row-major over (frame, row, column)."""
         axes = [torch.arange(n, device=device) for n in grid]
         ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         cos, sin = self.rope(ids)
-        return cos[None, :, None], sin[None, :, None]
+        return rope_tables(cos[None, :, None], sin[None, :, None])
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, S, pt*ph*pw*C]` (channels fastest within a patch) -> `[B, C, F, H, W]`."""

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
-from diffsynth.runtime.layers import MultiAxisRope, apply_rope, timestep_embedding
+from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ TIME_FREQ_DIM = 256  # sinusoidal features fed to the time MLP
 TIME_HIDDEN = 1024  # hidden width of the time MLP
 QK_NORM_EPS = 1e-5  # fixed in the official code, independent of norm_eps
 
-Rope = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]  # `rope_tables`: per-channel (cos, signed sin), float32
 
 
 @dataclass
@@ -144,7 +144,7 @@ class SelfAttention(nn.Module):
         v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         return self.to_out[0](attention(q, k, v, mask).flatten(2))
 
 
@@ -258,7 +258,7 @@ class ZImageDiT(nn.Module):
 
         cap, cap_mask = self._embed_captions(text, lengths, padded, dtype, device)
         cos, sin = self.rope(self._positions(grid, n_img_pad, padded, cap.shape[1], device))
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+        cos, sin = rope_tables(cos.unsqueeze(2), sin.unsqueeze(2))  # broadcast over heads
         s_img = img.shape[1]
         rope_img = (cos[:, :s_img], sin[:, :s_img])
         rope_cap = (cos[:, s_img:], sin[:, s_img:])

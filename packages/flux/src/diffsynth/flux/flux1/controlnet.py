@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffsynth.runtime.layers import rope_tables
+
 from .dit import (
     TIME_FREQ_DIM,
     DoubleStreamBlock,
@@ -189,7 +191,7 @@ class Flux1ControlNet(nn.Module):
             txt = torch.cat((token.to(dtype), txt), dim=1)
             txt_ids = torch.cat((txt_ids[:, :1], txt_ids), dim=1)
         ids = torch.cat((txt_ids, img_ids.expand(b, -1, -1)), dim=1)
-        rope = rope_from_ids(ids, cfg.axes_dim, cfg.theta)
+        rope = rope_tables(*rope_from_ids(ids, cfg.axes_dim, cfg.theta))
 
         double = []
         for block, out in zip(self.double_blocks, self.controlnet_blocks, strict=True):

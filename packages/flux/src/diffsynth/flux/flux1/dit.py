@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
-from diffsynth.runtime.layers import apply_rope, rope_inverse_frequencies, timestep_embedding
+from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
 
 from .eligen import check_attention_mask
 
@@ -37,7 +37,7 @@ TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
 TIME_FACTOR = 1000.0  # timesteps and guidance arrive in [0, 1]
 NORM_EPS = 1e-6
 
-Rope = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]  # `rope_tables`: per-channel (cos, signed sin), float32
 
 
 @dataclass
@@ -104,14 +104,19 @@ class MLPEmbedder(nn.Module):
 
 
 class ScaleRMSNorm(nn.Module):
-    """RMSNorm over the last axis with a `scale` parameter (BFL's name), computed in float32."""
+    """RMSNorm over the last axis with a `scale` parameter (BFL's name).
+
+    One `F.rms_norm` call with the scale as its weight: it accumulates in float32 and rounds once
+    (as diffusers' `nn.RMSNorm` does), and on CUDA it is a single fused kernel instead of an upcast
+    copy, a float32 norm, a downcast and a multiply over every query and key.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=NORM_EPS).to(x.dtype) * self.scale.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.scale.to(x.dtype), NORM_EPS)
 
 
 class QKNorm(nn.Module):
@@ -153,8 +158,14 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`(1 + scale) * x + shift` (AdaLN modulation)."""
+    return add_mul(shift, x, 1 + scale)
+
+
 def _joint_attention(q, k, v, rope: Rope, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    """Rotate q and k (`rope`: `rope_tables` of `rope_from_ids`) and attend."""
+    q, k = rotate(q, *rope), rotate(k, *rope)
     return attention(q, k, v, attn_mask).flatten(2)
 
 
@@ -178,20 +189,20 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img, txt, vec, rope: Rope, attn_mask=None, ip=None) -> tuple[torch.Tensor, torch.Tensor]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        iq, ik, iv = self.img_attn.qkv_heads((1 + i_scale1) * self.img_norm1(img) + i_shift1)
-        tq, tk, tv = self.txt_attn.qkv_heads((1 + t_scale1) * self.txt_norm1(txt) + t_shift1)
+        iq, ik, iv = self.img_attn.qkv_heads(_modulate(self.img_norm1(img), i_shift1, i_scale1))
+        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), t_shift1, t_scale1))
         q, k, v = torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1)
         out = _joint_attention(q, k, v, rope, attn_mask)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
         ip_out = ip.attend(iq) if ip is not None else None  # IP-Adapter (`ip_adapter.py`)
         if ip_out is not None and not ip.after_mlp:
             img_out = img_out + ip_out
-        img = img + i_gate1 * self.img_attn.proj(img_out)
-        img = img + i_gate2 * self.img_mlp((1 + i_scale2) * self.img_norm2(img) + i_shift2)
+        img = add_mul(img, i_gate1, self.img_attn.proj(img_out))
+        img = add_mul(img, i_gate2, self.img_mlp(_modulate(self.img_norm2(img), i_shift2, i_scale2)))
         if ip_out is not None and ip.after_mlp:
             img = img + ip_out
-        txt = txt + t_gate1 * self.txt_attn.proj(txt_out)
-        txt = txt + t_gate2 * self.txt_mlp((1 + t_scale2) * self.txt_norm2(txt) + t_shift2)
+        txt = add_mul(txt, t_gate1, self.txt_attn.proj(txt_out))
+        txt = add_mul(txt, t_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
         return img, txt
 
 
@@ -211,14 +222,14 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, rope: Rope, attn_mask=None, ip=None) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1((1 + scale) * self.pre_norm(x) + shift).split(
+        qkv, mlp = self.linear1(_modulate(self.pre_norm(x), shift, scale)).split(
             [3 * x.shape[-1], self.mlp_hidden_dim], dim=-1
         )
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
         out = _joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, attn_mask)
         if ip is not None:  # IP-Adapter: every token's query attends to the image tokens
             out = out + ip.attend(self.norm.query_norm(q))
-        return x + gate * self.linear2(torch.cat((out, F.gelu(mlp, approximate="tanh")), dim=-1))
+        return add_mul(x, gate, self.linear2(torch.cat((out, F.gelu(mlp, approximate="tanh")), dim=-1)))
 
 
 class LastLayer(nn.Module):
@@ -232,7 +243,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
-        return self.linear((1 + scale) * self.norm_final(x) + shift)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
 def rope_from_ids(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> Rope:
@@ -337,7 +348,7 @@ class Flux1DiT(nn.Module):
         img = self.img_in(img)
         txt = self.txt_in(txt.to(dtype))
         ids = torch.cat((txt_ids.expand(b, -1, -1), img_ids.expand(b, -1, -1)), dim=1)
-        rope = rope_from_ids(ids, cfg.axes_dim, cfg.theta)
+        rope = rope_tables(*rope_from_ids(ids, cfg.axes_dim, cfg.theta))
 
         for i, block in enumerate(self.double_blocks):
             img, txt = self._run(block, img, txt, vec, rope, attn_mask, ip_double[i])
