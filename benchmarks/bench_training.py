@@ -14,9 +14,9 @@ Modes: `bf16` (no memory option), `checkpointing` (--use_gradient_checkpointing)
 (+ --use_gradient_checkpointing_offload), `fp8_checkpointing` (+ --fp8_models dit), `fp8_checkpointing_offload`,
 `diffusers_checkpointing` (diffusers' model, `enable_gradient_checkpointing`, peft `add_adapter`).
 
-`--estimate` predicts the peak of the `bf16` and `checkpointing` modes without a GPU (`memory_estimate.py`:
-the step on fake tensors, every storage counted while it lives; no allocator overhead or workspaces). The other
-modes need CUDA (activation offload) or real values (fp8 quantisation).
+`--estimate` predicts the peak of the `bf16`, `checkpointing` and `diffusers_checkpointing` modes without a GPU
+(`memory_estimate.py`: the step on fake tensors, every storage counted while it lives; no allocator overhead or
+workspaces). The other modes need CUDA (activation offload) or real values (fp8 quantisation).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MODES = (
     "diffusers_checkpointing",
 )
 TINY = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=(4, 6, 6))
-ESTIMATED_MODES = ("bf16", "checkpointing")
+ESTIMATED_MODES = ("bf16", "checkpointing", "diffusers_checkpointing")
 LORA_RANK = 32
 
 
@@ -155,20 +155,25 @@ def estimate(args) -> None:
     results = {}
     for mode in modes:
         fake = FakeTensorMode(allow_non_fake_inputs=True)  # real buffers (RoPE tables) enter as constants
-        with init_empty_weights():
-            model = ZImageDiT(cfg).to(torch.bfloat16)
-        model.requires_grad_(False)
-        model.gradient_checkpointing = mode == "checkpointing"
-        add_lora(model, TrainConfig(lora_rank=LORA_RANK))
-        model = fake_parameters(model, fake).train()
-        params = [p for p in model.parameters() if p.requires_grad]
         with fake:
             x = torch.randn(1, cfg.in_channels, args.height // 8, args.width // 8, dtype=torch.bfloat16)
             sigma = torch.tensor([0.5])
             text = [torch.randn(args.caption_len, cfg.cap_feat_dim, dtype=torch.bfloat16)]
+        with init_empty_weights():
+            model = ZImageDiT(cfg).to(torch.bfloat16)
+        model.requires_grad_(False)
+        if mode == "diffusers_checkpointing":
+            targets = model.lora_target_modules
+            model, forward, _ = with_diffusers_lora(diffusers_z_image(cfg).to(torch.bfloat16), targets, x, sigma, text)
+        else:
+            model.gradient_checkpointing = mode == "checkpointing"
+            add_lora(model, TrainConfig(lora_rank=LORA_RANK))
 
-        def forward(model=model, x=x, sigma=sigma, text=text):
-            return z_image_velocity(model, x, sigma, text)
+            def forward(model=model, x=x, sigma=sigma, text=text):
+                return z_image_velocity(model, x, sigma, text)
+
+        model = fake_parameters(model, fake).train()
+        params = [p for p in model.parameters() if p.requires_grad]
 
         step = train_step(model, forward, params, offload=False, device=torch.device("cpu"), autocast=True)
         results[mode] = {"estimated_peak_gib": estimate_peak_gib(model, fake, step, [x, sigma, *text])}
@@ -190,11 +195,16 @@ def estimate(args) -> None:
 
 def diffusers_model(cfg, ours, device, x, sigma, text):
     """diffusers' transformer on our weights, with a peft LoRA on the same Linears and its own checkpointing."""
+    return with_diffusers_lora(diffusers_z_image(cfg, ours, device), ours.lora_target_modules, x, sigma, text)
+
+
+def with_diffusers_lora(ref, targets, x, sigma, text):
+    """`ref` with a peft LoRA (fp32) on the `targets` Linears and diffusers' gradient checkpointing, in training
+    mode; returns it, its step's forward and its trainable parameters."""
     from peft import LoraConfig
 
-    ref = diffusers_z_image(cfg, ours, device)
     torch.manual_seed(0)
-    ref.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(ours.lora_target_modules)))
+    ref.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(targets)))
     for name, p in ref.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()

@@ -98,8 +98,9 @@ def share_weights(model, state: dict, device):
     return model.to(device).eval().requires_grad_(False)
 
 
-def diffusers_z_image(cfg, ours, device):
-    """diffusers' Z-Image transformer with the shape of our `cfg`, holding `ours`' weight tensors."""
+def diffusers_z_image(cfg, ours=None, device=None):
+    """diffusers' Z-Image transformer with the shape of our `cfg`, holding `ours`' weight tensors (without
+    `ours`: its parameters on the meta device)."""
     from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel
 
@@ -114,7 +115,7 @@ def diffusers_z_image(cfg, ours, device):
             axes_dims=list(cfg.axes_dims),
             axes_lens=list(cfg.axes_lens),
         )
-    return share_weights(ref, ours.state_dict(), device)
+    return ref if ours is None else share_weights(ref, ours.state_dict(), device)
 
 
 def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> dict:
