@@ -125,19 +125,7 @@ def main() -> None:
         }
         print(mode, results[mode], flush=True)
         del model, params, step, forward
-    record(
-        "training_lora_step",
-        {
-            "model": "tiny" if args.tiny else "Z-Image DiT (random weights)",
-            "height": args.height,
-            "width": args.width,
-            "text_tokens": args.caption_len,
-            "lora_rank": LORA_RANK,
-            "goal_peak_gib": 24,
-            "results": results,
-        },
-        save=not args.tiny,
-    )
+    record_results("training_lora_step", "Z-Image DiT (random weights)", args, results)
 
 
 def estimate(args) -> None:
@@ -178,19 +166,14 @@ def estimate(args) -> None:
         step = train_step(model, forward, params, offload=False, device=torch.device("cpu"), autocast=True)
         results[mode] = {"estimated_peak_gib": estimate_peak_gib(model, fake, step, [x, sigma, *text])}
         print(mode, results[mode], flush=True)
-    record(
-        "training_lora_step_estimate",
-        {
-            "model": "tiny" if args.tiny else "Z-Image DiT (fake tensors)",
-            "height": args.height,
-            "width": args.width,
-            "text_tokens": args.caption_len,
-            "lora_rank": LORA_RANK,
-            "goal_peak_gib": 24,
-            "results": results,
-        },
-        save=not args.tiny,
-    )
+    record_results("training_lora_step_estimate", "Z-Image DiT (fake tensors)", args, results)
+
+
+def record_results(name: str, model: str, args, results: dict) -> None:
+    """One result line per run: the step's sizes, the goal and each mode's figures (printed only for --tiny)."""
+    fields = {"model": "tiny" if args.tiny else model, "height": args.height, "width": args.width}
+    fields.update(text_tokens=args.caption_len, lora_rank=LORA_RANK, goal_peak_gib=24, results=results)
+    record(name, fields, save=not args.tiny)
 
 
 def diffusers_model(cfg, ours, device, x, sigma, text):
