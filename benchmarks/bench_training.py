@@ -14,15 +14,16 @@ Modes: `bf16` (no memory option), `checkpointing` (--use_gradient_checkpointing)
 (+ --use_gradient_checkpointing_offload), `fp8_checkpointing` (+ --fp8_models dit), `fp8_checkpointing_offload`,
 `diffusers_checkpointing` (diffusers' model, `enable_gradient_checkpointing`, peft `add_adapter`).
 
-`--estimate` predicts the peak of the `bf16`, `checkpointing` and `diffusers_checkpointing` modes without a GPU
-(`memory_estimate.py`: the step on fake tensors, every storage counted while it lives; no allocator overhead or
-workspaces). The other modes need CUDA (activation offload) or real values (fp8 quantisation).
+`--estimate` predicts the peak of the `bf16`, `checkpointing`, `fp8_checkpointing` and `diffusers_checkpointing`
+modes without a GPU (`memory_estimate.py`: the step on fake tensors, every storage counted while it lives; no
+allocator overhead or workspaces). The offload modes need CUDA (the activations go to pinned host memory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+from functools import partial
 
 import torch
 from common import diffusers_z_image, random_model, record, step_parser, timed
@@ -37,7 +38,7 @@ MODES = (
     "diffusers_checkpointing",
 )
 TINY = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=(4, 6, 6))
-ESTIMATED_MODES = ("bf16", "checkpointing", "diffusers_checkpointing")
+ESTIMATED_MODES = ("bf16", "checkpointing", "fp8_checkpointing", "diffusers_checkpointing")
 LORA_RANK = 32
 
 
@@ -133,6 +134,7 @@ def estimate(args) -> None:
     from accelerate import init_empty_weights
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from diffsynth.runtime.vram import enable_vram_management
     from diffsynth.training.config import TrainConfig
     from diffsynth.training.trainer import add_lora
     from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
@@ -154,7 +156,7 @@ def estimate(args) -> None:
             targets = model.lora_target_modules
             model, forward, _ = with_diffusers_lora(diffusers_z_image(cfg).to(torch.bfloat16), targets, x, sigma, text)
         else:
-            model.gradient_checkpointing = mode == "checkpointing"
+            model.gradient_checkpointing = "checkpointing" in mode
             add_lora(model, TrainConfig(lora_rank=LORA_RANK))
 
             def forward(model=model, x=x, sigma=sigma, text=text):
@@ -164,7 +166,12 @@ def estimate(args) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
 
         step = train_step(model, forward, params, offload=False, device=torch.device("cpu"), autocast=True)
-        results[mode] = {"estimated_peak_gib": estimate_peak_gib(model, fake, step, [x, sigma, *text])}
+        setup = None
+        if mode.startswith("fp8"):  # per-tensor scales: the per-channel choice reads values (a few KiB apart)
+            settings = {"preparing_dtype": "float8_e4m3fn"}
+            setup = partial(enable_vram_management, model, settings, device="cpu", dtype=torch.bfloat16, name="dit")
+            setup = partial(setup, fp8_granularity="tensor")
+        results[mode] = {"estimated_peak_gib": estimate_peak_gib(model, fake, step, [x, sigma, *text], setup=setup)}
         print(mode, results[mode], flush=True)
     record_results("training_lora_step_estimate", "Z-Image DiT (fake tensors)", args, results)
 

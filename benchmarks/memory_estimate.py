@@ -9,6 +9,7 @@ figure.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -60,13 +61,18 @@ def fake_parameters(model: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Mo
     return model
 
 
-def estimate_peak_gib(model: torch.nn.Module, mode: FakeTensorMode, step, inputs, steps: int = 2) -> float:
+def estimate_peak_gib(model: torch.nn.Module, mode: FakeTensorMode, step, inputs, steps: int = 2, setup=None) -> float:
     """Peak GiB over `steps` calls of `step()` (two, so the optimizer's state is created and then held), counting
-    `model`'s parameters and buffers and `inputs` as live from the start."""
+    `model`'s parameters and buffers and `inputs` as live from the start. `setup()` runs first, counted (e.g. the
+    VRAM manager storing the weights in fp8 frees the bf16 ones); its own transient peak is not the step's."""
     tracker = PeakTracker()
     for tensor in [*model.parameters(), *model.buffers(), *inputs]:
         tracker.add(tensor)
-    with mode, tracker:
+    with mode, tracker, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # fake storages
+        if setup is not None:
+            setup()
+            tracker.peak = tracker.current
         for _ in range(steps):
             step()
     return tracker.peak / 2**30
