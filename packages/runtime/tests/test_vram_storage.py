@@ -108,3 +108,7 @@ def test_fp8_matmul_linear(granularity):
     assert rel_err(out.float(), dequantized.float()) < 0.05  # only the input's rounding differs
     out.float().square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():  # inference skips the autograd node, not the math; a zero input gives zeros
+        assert torch.equal(linear(x), out.detach())
+        zero = linear(torch.zeros(2, 64, dtype=torch.bfloat16))
+    assert torch.equal(zero, linear.bias.expand(2, -1))

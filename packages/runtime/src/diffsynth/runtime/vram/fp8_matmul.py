@@ -62,30 +62,40 @@ def _fp8_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     scale, per_channel = scaled
     if per_channel and x.dtype not in _ROWWISE_OUT:
         return F.linear(x, dequantize(weight, scale, x.dtype), self.bias)
-    out = _ScaledLinear.apply(x, weight, scale, per_channel)
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _ScaledLinear.apply(x, weight, scale, per_channel)
+    else:  # inference: no autograd node, whose bookkeeping costs as much as a small layer's kernels
+        out = _scaled_linear(x, weight, scale, per_channel)
     return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
+def _scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """x @ (w * scale).T with x quantised to e4m3 by its own absolute maximum (per token with per-channel weight
+    scales). Few kernels, as the layers are small enough at inference that launches count: the maximum is one
+    float32 infinity norm; a zero input gets a tiny scale instead of a branch (it quantises to zeros either way);
+    dividing by the float32 scale upcasts inside the kernel."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    limit = FP8_MAX[INPUT_DTYPE]
+    dims = -1 if per_channel else (0, 1)
+    amax = torch.linalg.vector_norm(x2, float("inf"), dim=dims, keepdim=True, dtype=torch.float32)
+    scale_a = amax.clamp_min_(torch.finfo(torch.float32).tiny).div_(limit)  # [M, 1], or [1, 1] per tensor
+    xq = (x2 / scale_a).clamp_(-limit, limit).to(INPUT_DTYPE)
+    if per_channel:
+        scale_b = scale.reshape(1, -1)
+    else:
+        scale_a, scale_b = scale_a.reshape(()), scale.reshape(-1)[0]
+    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
 class _ScaledLinear(torch.autograd.Function):
-    """x @ (w * scale).T with x quantised on the fly; gradient for x through the dequantised weight."""
+    """`_scaled_linear` with a gradient for x through the dequantised weight."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, per_channel: bool):
         ctx.save_for_backward(weight, scale)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        limit = FP8_MAX[INPUT_DTYPE]
-        if per_channel:
-            amax = x2.abs().amax(dim=-1, keepdim=True).float()
-            scale_a = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
-            scale_b = scale.reshape(1, -1)
-        else:
-            amax = x2.abs().amax().float()
-            scale_a = torch.where(amax > 0, amax / limit, torch.ones_like(amax))
-            scale_b = scale.reshape(-1)[0]
-        xq = (x2.float() / scale_a).clamp_(-limit, limit).to(INPUT_DTYPE)
-        out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
-        return out.reshape(*shape[:-1], weight.shape[0])
+        return _scaled_linear(x, weight, scale, per_channel)
 
     @staticmethod
     def backward(ctx, grad):
