@@ -75,16 +75,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--modes {','.join(unknown)}: choose from {', '.join(MODES)}")
 
-    from diffsynth.training.config import TrainConfig
-    from diffsynth.training.trainer import add_lora
     from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
-    from diffsynth.z_image.pipeline import z_image_velocity
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     cfg = ZImageDiTConfig(**TINY) if args.tiny else ZImageDiTConfig()
     dtype = torch.bfloat16
-    lora = TrainConfig(lora_rank=LORA_RANK)
     h, w = args.height // 8, args.width // 8
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(1, cfg.in_channels, h, w, device=device, dtype=dtype, generator=g)
@@ -102,19 +98,11 @@ def main() -> None:
             del ours
         else:
             model = ours
-            model.gradient_checkpointing = "checkpointing" in mode
-            add_lora(model, lora)
+            forward = with_our_lora(model, mode, x, sigma, text)
             if mode.startswith("fp8"):
-                from diffsynth.runtime.vram import enable_vram_management
-
-                enable_vram_management(
-                    model, {"preparing_dtype": "float8_e4m3fn"}, device=device, dtype=dtype, name="dit"
-                )
+                store_fp8(model, device)
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
-
-            def forward(model=model):
-                return z_image_velocity(model, x, sigma, text)
 
         offload = mode.endswith("offload") and cuda
         step = train_step(model, forward, params, offload=offload, device=device, autocast=cuda)
@@ -134,11 +122,7 @@ def estimate(args) -> None:
     from accelerate import init_empty_weights
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffsynth.runtime.vram import enable_vram_management
-    from diffsynth.training.config import TrainConfig
-    from diffsynth.training.trainer import add_lora
     from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
-    from diffsynth.z_image.pipeline import z_image_velocity
 
     cfg = ZImageDiTConfig(**TINY) if args.tiny else ZImageDiTConfig()
     modes = [m for m in args.modes.split(",") if m in ESTIMATED_MODES] or list(ESTIMATED_MODES)
@@ -156,24 +140,37 @@ def estimate(args) -> None:
             targets = model.lora_target_modules
             model, forward, _ = with_diffusers_lora(diffusers_z_image(cfg).to(torch.bfloat16), targets, x, sigma, text)
         else:
-            model.gradient_checkpointing = "checkpointing" in mode
-            add_lora(model, TrainConfig(lora_rank=LORA_RANK))
-
-            def forward(model=model, x=x, sigma=sigma, text=text):
-                return z_image_velocity(model, x, sigma, text)
-
+            forward = with_our_lora(model, mode, x, sigma, text)
         model = fake_parameters(model, fake).train()
         params = [p for p in model.parameters() if p.requires_grad]
-
-        step = train_step(model, forward, params, offload=False, device=torch.device("cpu"), autocast=True)
-        setup = None
-        if mode.startswith("fp8"):  # per-tensor scales: the per-channel choice reads values (a few KiB apart)
-            settings = {"preparing_dtype": "float8_e4m3fn"}
-            setup = partial(enable_vram_management, model, settings, device="cpu", dtype=torch.bfloat16, name="dit")
-            setup = partial(setup, fp8_granularity="tensor")
+        cpu = torch.device("cpu")
+        step = train_step(model, forward, params, offload=False, device=cpu, autocast=True)
+        # per-tensor scales: the per-channel choice reads the values (the scales are a few KiB either way)
+        setup = partial(store_fp8, model, cpu, fp8_granularity="tensor") if mode.startswith("fp8") else None
         results[mode] = {"estimated_peak_gib": estimate_peak_gib(model, fake, step, [x, sigma, *text], setup=setup)}
         print(mode, results[mode], flush=True)
     record_results("training_lora_step_estimate", "Z-Image DiT (fake tensors)", args, results)
+
+
+def with_our_lora(model, mode: str, x, sigma, text):
+    """The trainer's LoRA (`add_lora`, rank `LORA_RANK`) on our DiT, gradient checkpointing as `mode` says;
+    returns the step's forward."""
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.trainer import add_lora
+    from diffsynth.z_image.pipeline import z_image_velocity
+
+    model.gradient_checkpointing = "checkpointing" in mode
+    add_lora(model, TrainConfig(lora_rank=LORA_RANK))
+    return lambda: z_image_velocity(model, x, sigma, text)
+
+
+def store_fp8(model, device, **options) -> None:
+    """`--fp8_models dit`: the VRAM manager keeps the frozen weights in float8_e4m3fn and casts them block by
+    block to bf16 as they run."""
+    from diffsynth.runtime.vram import enable_vram_management
+
+    settings = {"preparing_dtype": "float8_e4m3fn"}
+    enable_vram_management(model, settings, device=device, dtype=torch.bfloat16, name="dit", **options)
 
 
 def record_results(name: str, model: str, args, results: dict) -> None:
