@@ -187,11 +187,9 @@ def merge_fields(label: str, given: Mapping[str, Any], derived: Mapping[str, Any
     """
     from .errors import ConfigError
 
-    for name, value in derived.items():
-        if name in given and given[name] != value:
-            raise ConfigError(
-                f"{label} config.json says {name}={given[name]!r} but the checkpoint's shapes give {value!r}"
-            )
+    if (wrong := _contradiction(given, derived)) is not None:
+        name, said, value = wrong
+        raise ConfigError(f"{label} config.json says {name}={said!r} but the checkpoint's shapes give {value!r}")
     return {**derived, **given}
 
 
@@ -201,6 +199,14 @@ def check_config_facts(label: str, config: Any, facts: Mapping[str, Any]) -> Non
     raised before a model of the wrong shape is built."""
     from .errors import ConfigError
 
+    if (wrong := _contradiction(config, facts)) is not None:
+        name, said, value = wrong
+        raise ConfigError(f"{label} says {name}={said!r} but the weights have {value!r}")
+
+
+def _contradiction(config: Any, facts: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first field where `config` (a mapping, compared only on the keys it has, or an object with the
+    fields as attributes) differs from `facts`: (name, what the config says, what the facts say)."""
     for name, value in facts.items():
         if isinstance(config, Mapping):
             if name not in config:
@@ -209,7 +215,8 @@ def check_config_facts(label: str, config: Any, facts: Mapping[str, Any]) -> Non
         else:
             said = getattr(config, name)
         if said != value:
-            raise ConfigError(f"{label} says {name}={said!r} but the weights have {value!r}")
+            return name, said, value
+    return None
 
 
 def build_config(config_cls, label: str, fields: Mapping[str, Any]):
