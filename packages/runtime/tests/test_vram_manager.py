@@ -195,8 +195,8 @@ def test_prefetch_follows_the_forward_then_the_backward_order():
 
 
 def test_module_dtype_is_the_compute_dtype_when_weights_are_stored_in_fp8():
-    """Pipelines cast their inputs to `module_dtype(dit)`: a model kept resident in fp8 still computes in its own
-    dtype, so the answer is the handle's, not its first parameter's."""
+    """Pipelines cast their inputs to `module_dtype(dit)`: a model whose weights the manager keeps in fp8 still
+    computes in its own dtype, and says so."""
 
     class Blocks(nn.Module):
         offload_units = ("blocks",)

@@ -11,11 +11,12 @@ side-stream prefetch), `fp8_matmul` (`torch._scaled_mm` Linear), `units` (which 
 from __future__ import annotations
 
 from .config import VRAM_KEYS, VramConfig
-from .manager import VramHandle, enable_vram_management, module_dtype, vram_handle
+from .manager import VramHandle, enable_vram_management, vram_handle
 from .parked import ParkedWeight, ParkedWeightError
 from .plan import DEFAULT_ACTIVATION_GIB, Plan, UnitSize, find_units, make_plan
 from .report import VramReport
 from .storage import dequantize, quantize
+from .units import module_dtype
 
 __all__ = [
     "DEFAULT_ACTIVATION_GIB",

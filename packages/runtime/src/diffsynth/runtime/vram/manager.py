@@ -529,18 +529,6 @@ def vram_handle(model: nn.Module) -> VramHandle | None:
     return model.__dict__.get(HANDLE_ATTR)
 
 
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype `module`'s inputs should have: the compute dtype of a managed model (whose weights may be stored
-    in fp8 or parked), else that of its first floating parameter."""
-    handle = vram_handle(module)
-    if handle is not None:
-        return handle.act_dtype
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def _castable(p: torch.Tensor) -> bool:
     return p.is_floating_point() and not p.requires_grad
 
@@ -549,4 +537,4 @@ def _show(value) -> str:
     return dtype_name(value) if isinstance(value, torch.dtype) else str(value)
 
 
-__all__ = ["VramHandle", "enable_vram_management", "module_dtype", "vram_handle"]
+__all__ = ["VramHandle", "enable_vram_management", "vram_handle"]

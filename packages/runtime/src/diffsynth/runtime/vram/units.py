@@ -91,4 +91,11 @@ def floating_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-__all__ = ["ModelParams", "UnitParams", "collect", "floating_dtype"]
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a model's inputs should have (pipelines cast latents and pixels to it): `floating_dtype`, which
+    a managed model answers with its compute dtype (outside forward its unit weights are placeholders in that
+    dtype, whatever they are stored as), else float32."""
+    return floating_dtype(module) or torch.float32
+
+
+__all__ = ["ModelParams", "UnitParams", "collect", "floating_dtype", "module_dtype"]
