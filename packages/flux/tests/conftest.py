@@ -39,6 +39,19 @@ def _load_helpers():
 
 helpers = _load_helpers()
 
+
+def _load_flux2_repo():
+    name = "diffsynth_flux2_test_repo"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("flux2_repo.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+flux2_repo = _load_flux2_repo()
+
 CAPTIONS = [
     "a red circle on a blue background",
     "a small green square in the top left corner",
@@ -258,3 +271,15 @@ def bfl_repo_base(tiny_repo, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("models")
     bfl_copy(tiny_repo, base / "black-forest-labs" / "FLUX.1-dev")
     return base
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_repo(tmp_path_factory) -> Path:
+    """A tiny FLUX.2-klein repo (see `flux2_repo.py`)."""
+    torch.manual_seed(0)
+    return flux2_repo.build_tiny_klein_repo(tmp_path_factory.mktemp("tiny-flux2-klein"))
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_pipe(tiny_klein_repo):
+    return flux2_repo.our_pipeline(tiny_klein_repo)

@@ -35,3 +35,14 @@ def test_family_is_discoverable_and_a_tiny_dit_runs():
     with torch.no_grad():
         out = model(img, ids, txt, torch.zeros(3, 3), torch.tensor([0.5]), torch.randn(1, 8), torch.tensor([3.5]))
     assert out.shape == (1, 4, 16) and torch.isfinite(out).all()
+
+
+def test_flux2_family_is_discoverable_beside_flux1():
+    from diffsynth.flux import Flux2ImagePipeline
+    from diffsynth.runtime.registry import find_preset, installed_families
+
+    family = installed_families()["flux2"]
+    assert {"flux2_dit", "flux2_vae", "mistral3_text_encoder"} <= {spec.name for spec in family.specs}
+    assert family.pipeline_class() is Flux2ImagePipeline
+    found, preset = find_preset("black-forest-labs/FLUX.2-klein-4B")
+    assert found is family and preset.defaults["num_inference_steps"] == 4

@@ -331,3 +331,35 @@ def test_load_logs_what_it_loaded(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="diffsynth.runtime.loading")
     load_model(toy_state(), specs=SPECS)
     assert "loaded toy (dit, layout ours)" in caplog.text
+
+
+def test_an_entry_point_may_register_several_families(monkeypatch, caplog):
+    """A package with two generations (FLUX.1 and FLUX.2) registers both through its one entry point."""
+    import importlib.metadata
+
+    from diffsynth.runtime import registry
+
+    first, second = registry.Family(name="gen1"), registry.Family(name="gen2")
+
+    class EntryPoint:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def load(self):
+            return self.value
+
+    points = [
+        EntryPoint("pair", (first, second)),
+        EntryPoint("single", registry.Family(name="solo")),
+        EntryPoint("odd", 3),
+    ]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: points)
+    registry.installed_families.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            families = registry.installed_families()
+    finally:
+        registry.installed_families.cache_clear()
+    assert list(families) == ["gen1", "gen2", "solo"]
+    assert families["gen1"] is first and families["gen2"] is second
+    assert "'odd'" in caplog.text and "not a Family" in caplog.text

@@ -1,7 +1,8 @@
-"""DiffSynth FLUX family: FLUX.1 (dev, Krea, Kontext) pipeline, DiT, CLIP-L and T5-XXL encoders.
+"""DiffSynth FLUX family: FLUX.1 (dev, Krea, Kontext, schnell) and FLUX.2 (dev, klein) pipelines, DiTs, encoders.
 
-`FluxImagePipeline` and `ControlNetInput` are imported lazily (the pipeline pulls in transformers);
-`diffsynth.flux.flux1` holds the DiT, the ControlNet and the text encoders with their checkpoint formats.
+`FluxImagePipeline`, `ControlNetInput` and `Flux2ImagePipeline` are imported lazily (the pipelines pull in
+transformers); `diffsynth.flux.flux1` and `diffsynth.flux.flux2` hold each generation's models with their
+checkpoint formats.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ def __getattr__(name: str):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "Flux2ImagePipeline":
+        from .flux2 import pipeline as flux2_pipeline
+
+        return flux2_pipeline.Flux2ImagePipeline
     raise AttributeError(f"module 'diffsynth.flux' has no attribute {name!r}")
 
 
-__all__ = ["ControlNetInput", "FluxImagePipeline"]
+__all__ = ["ControlNetInput", "Flux2ImagePipeline", "FluxImagePipeline"]

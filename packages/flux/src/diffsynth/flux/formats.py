@@ -1,4 +1,5 @@
-"""What the FLUX package contributes to the runtime: model specs, presets and the FLUX.1 pipeline."""
+"""What the FLUX package contributes to the runtime: two families, FLUX.1 and FLUX.2, with their model
+specs, presets, pipelines and training tasks (registered together through one entry point)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from diffsynth.runtime.registry import Family
 from .flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
 from .flux1.encoder_formats import CLIP_TEXT_SPEC, T5_ENCODER_SPEC
 from .flux1.formats import FLUX1_DIT_SPEC
+from .flux2.encoder_formats import MISTRAL3_TEXT_SPEC
+from .flux2.formats import FLUX2_DIT_SPEC
+from .flux2.presets import PRESETS as FLUX2_PRESETS
+from .flux2.vae_formats import FLUX2_VAE_SPEC
 from .presets import PRESETS
 
 FAMILY = Family(
@@ -18,3 +23,15 @@ FAMILY = Family(
     description="FLUX.1 (dev, Krea, Kontext, schnell) from Black Forest Labs: 12B double/single-stream DiT, "
     "CLIP-L + T5-XXL text encoders, FLUX.1 VAE, ControlNets in the diffusers FluxControlNetModel format",
 )
+
+FLUX2_FAMILY = Family(
+    name="flux2",
+    specs=(FLUX2_DIT_SPEC, FLUX2_VAE_SPEC, MISTRAL3_TEXT_SPEC),  # klein's Qwen3 encoder is the runtime's
+    presets=FLUX2_PRESETS,
+    pipeline="diffsynth.flux.flux2.pipeline:Flux2ImagePipeline",
+    training="diffsynth.flux.flux2.training:Flux2TrainingTask",
+    description="FLUX.2 (dev 32B with Mistral-Small-3.1; klein 4B/9B with Qwen3) from Black Forest Labs: "
+    "shared-modulation double/single-stream DiT, 32-channel VAE, multi-reference editing",
+)
+
+FAMILIES = (FAMILY, FLUX2_FAMILY)

@@ -148,17 +148,25 @@ def _import(target: str):
 
 @cache
 def installed_families() -> dict[str, Family]:
-    """All families registered under the `diffsynth.models` entry-point group."""
+    """All families registered under the `diffsynth.models` entry-point group.
+
+    An entry point names one `Family` or a tuple of them (a package holding two generations of a
+    model, such as FLUX.1 and FLUX.2, registers both through its one entry point).
+    """
     from importlib.metadata import entry_points
 
     families: dict[str, Family] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            family = ep.load()
+            loaded = ep.load()
         except Exception as exc:  # a broken family must not hide the others
             logger.warning("could not load model family %r (%s): %s", ep.name, ep.value, exc)
             continue
-        families[family.name] = family
+        for family in loaded if isinstance(loaded, (tuple, list)) else (loaded,):
+            if not isinstance(family, Family):
+                logger.warning("entry point %r (%s) gave %r, not a Family", ep.name, ep.value, type(family).__name__)
+                continue
+            families[family.name] = family
     return families
 
 

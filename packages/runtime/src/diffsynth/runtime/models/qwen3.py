@@ -37,13 +37,7 @@ class Qwen3TextEncoder(Qwen3Model):
 
     def reset_rotary(self, device: torch.device | str | None = None) -> None:
         """Recompute the rotary buffers on `device` (default: where the embeddings live)."""
-        device = torch.device(device) if device is not None else self.embed_tokens.weight.device
-        if device.type == "meta":
-            return
-        with torch.device(device):
-            fresh = type(self.rotary_emb)(config=self.config)
-        for name, buffer in fresh.named_buffers(recurse=False):
-            setattr(self.rotary_emb, name, buffer)
+        reset_rotary(self, device)
 
     def materialize_buffers(self) -> None:
         """Loader hook: rebuild what a meta build left on meta (the rotary tables)."""
@@ -71,34 +65,65 @@ class Qwen3TextEncoder(Qwen3Model):
         Index 0 is the embeddings, i the output of layer i-1, and the last (`-1`) the final-normed
         output, as in `Qwen3Model(..., output_hidden_states=True).hidden_states`.
         """
-        n = len(self.layers)
-        wanted = []
-        for index in indices:
-            resolved = index + n + 1 if index < 0 else index
-            if not 0 <= resolved <= n:
-                raise IndexError(f"hidden state index {index} out of range for {n} layers ({-n - 1}..{n})")
-            wanted.append(resolved)
-        stop = max(wanted)
+        return partial_hidden_states(self, input_ids, attention_mask, indices)
 
-        x = self.embed_tokens(input_ids)
-        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        masks = {"full_attention": _mask(create_causal_mask, self.config, x, attention_mask, position_ids)}
-        if "sliding_attention" in self.config.layer_types:
-            masks["sliding_attention"] = _mask(
-                create_sliding_window_causal_mask, self.config, x, attention_mask, position_ids
-            )
-        rope = self.rotary_emb(x, position_ids)
-        states = {0: x}
-        for i, layer in enumerate(self.layers[: min(stop, n)]):
-            x = layer(
-                x, attention_mask=masks[self.config.layer_types[i]], position_ids=position_ids, position_embeddings=rope
-            )
-            if isinstance(x, tuple):  # older transformers returned (hidden, ...)
-                x = x[0]
-            states[i + 1] = x
-        if stop == n:
-            states[n] = self.norm(x)
-        return [states[i] for i in wanted]
+
+def reset_rotary(model: torch.nn.Module, device: torch.device | str | None = None) -> None:
+    """Recompute a transformers decoder's rotary buffers (`model.rotary_emb`) on `device`.
+
+    Default device: where `model.embed_tokens` lives. Shared by the decoder-only text encoders
+    (Qwen3 here, Mistral for FLUX.2-dev), whose rotary tables no checkpoint carries.
+    """
+    device = torch.device(device) if device is not None else model.embed_tokens.weight.device
+    if device.type == "meta":
+        return
+    with torch.device(device):
+        fresh = type(model.rotary_emb)(config=model.config)
+    for name, buffer in fresh.named_buffers(recurse=False):
+        setattr(model.rotary_emb, name, buffer)
+
+
+def _layer_mask_kinds(config, n: int) -> list[str]:
+    """The mask each layer reads: per-layer `layer_types` (Qwen3), else one kind for all (Mistral: sliding
+    only when `sliding_window` is set), as the transformers models choose."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * n
+
+
+def partial_hidden_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    indices: Sequence[int],
+) -> list[torch.Tensor]:
+    """`hidden_states_at` for a transformers decoder with `embed_tokens`, `layers`, `norm`, `rotary_emb`."""
+    n = len(model.layers)
+    wanted = []
+    for index in indices:
+        resolved = index + n + 1 if index < 0 else index
+        if not 0 <= resolved <= n:
+            raise IndexError(f"hidden state index {index} out of range for {n} layers ({-n - 1}..{n})")
+        wanted.append(resolved)
+    stop = max(wanted)
+
+    config = model.config
+    x = model.embed_tokens(input_ids)
+    position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    kinds = _layer_mask_kinds(config, n)
+    builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {kind: _mask(builders[kind], config, x, attention_mask, position_ids) for kind in set(kinds[:stop])}
+    rope = model.rotary_emb(x, position_ids)
+    states = {0: x}
+    for i, layer in enumerate(model.layers[: min(stop, n)]):
+        x = layer(x, attention_mask=masks[kinds[i]], position_ids=position_ids, position_embeddings=rope)
+        if isinstance(x, tuple):  # older transformers returned (hidden, ...)
+            x = x[0]
+        states[i + 1] = x
+    if stop == n:
+        states[n] = model.norm(x)
+    return [states[i] for i in wanted]
 
 
 def _mask(make_mask, config, x: torch.Tensor, attention_mask, position_ids) -> object:
@@ -222,4 +247,11 @@ QWEN3_SPEC = ModelSpec(
     description="Qwen3 text encoder (Qwen3-4B: Z-Image-Turbo, FLUX.2-klein-4B); hidden states only",
 )
 
-__all__ = ["LAYOUTS", "QWEN3_SPEC", "Qwen3TextEncoder", "config_from_state"]
+__all__ = [
+    "LAYOUTS",
+    "QWEN3_SPEC",
+    "Qwen3TextEncoder",
+    "config_from_state",
+    "partial_hidden_states",
+    "reset_rotary",
+]

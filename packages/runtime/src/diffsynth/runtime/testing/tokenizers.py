@@ -5,6 +5,9 @@ pre-tokenizer regex and special tokens) on a few sentences, with a chat template
 system/user/assistant messages and the `enable_thinking` switch the way Qwen3's does. Only the
 vocabulary is tiny; what the pipelines rely on (chat layout, no BOS, right padding, pad token) is
 the real tokenizer's.
+
+`build_tiny_mistral_tokenizer` does the same for Mistral-Small-3.1 (FLUX.2-dev): control tokens first,
+BOS added, `[SYSTEM_PROMPT]`/`[INST]` chat layout with list-of-parts message content.
 """
 
 from __future__ import annotations
@@ -124,3 +127,83 @@ def _write_qwen_config(directory: Path) -> None:
     if not (directory / "chat_template.jinja").exists():  # older transformers keep it in the config
         config["chat_template"] = QWEN3_CHAT_TEMPLATE
     config_path.write_text(json.dumps(config, indent=2))
+
+
+# Mistral-Small-3.x (Tekken) control tokens take the first ids; the pad token is `<pad>`.
+MISTRAL_SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[IMG]",
+    "<pad>",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+)
+
+# Our rendering of Mistral-Small-3.1's template for text and image messages: the BOS token once, the
+# system turn in [SYSTEM_PROMPT] tags, user turns in [INST] tags. Content is a string or a list of
+# parts (`{"type": "text", "text": ...}`, an image part becomes `[IMG]`), as the processor passes it.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for m in messages -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- if m.content is string -%}{%- set ns.text = m.content -%}"
+    "{%- else -%}{%- for part in m.content -%}"
+    "{%- if part.type == 'text' -%}{%- set ns.text = ns.text + part.text -%}"
+    "{%- else -%}{%- set ns.text = ns.text + '[IMG]' -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if m.role == 'system' -%}{{- '[SYSTEM_PROMPT]' + ns.text + '[/SYSTEM_PROMPT]' -}}"
+    "{%- elif m.role == 'user' -%}{{- '[INST]' + ns.text + '[/INST]' -}}"
+    "{%- else -%}{{- ns.text + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def build_tiny_mistral_tokenizer(
+    directory, texts: list[str] | None = None, vocab_size: int = 300, padding_side: str = "left"
+):
+    """Train a Mistral-style byte-level BPE (BOS added, control tokens first), save it to `directory`, load it back.
+
+    The folder loads offline with `AutoTokenizer.from_pretrained(directory)`. Only the vocabulary is
+    tiny; what the FLUX.2-dev prompt encoding relies on (chat layout, one BOS, `<pad>`) is the real
+    tokenizer's. `padding_side` is a parameter so tests can cover both sides.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(MISTRAL_SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size={vocab_size} must be at least {256 + len(MISTRAL_SPECIAL_TOKENS)} (bytes + specials)"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(MISTRAL_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts) if texts else list(DEFAULT_CORPUS), trainer=trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side=padding_side,
+        clean_up_tokenization_spaces=False,
+        model_max_length=131072,
+    )
+    wrapped.chat_template = MISTRAL_CHAT_TEMPLATE
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(str(directory))
+    logger.debug("tiny Mistral tokenizer (%d tokens) saved to %s", len(wrapped), directory)
+    return AutoTokenizer.from_pretrained(str(directory))

@@ -1,0 +1,367 @@
+"""The FLUX.2 denoiser (dev, klein-4B, klein-9B and the klein base models), with BFL's original key names.
+
+Same two-stage design as FLUX.1 (double-stream blocks with joint attention over `[text, image]`, then
+single-stream blocks over the concatenated sequence) with these changes:
+
+- no biases anywhere; SwiGLU MLPs (`silu(first half) * second half` of one fused input projection);
+- modulation is computed once per call and shared by every block: `double_stream_modulation_img` /
+  `_txt` (shift, scale, gate for attention and MLP) and `single_stream_modulation`;
+- the modulation vector is built from the timestep and, on guidance-distilled models (dev), the
+  guidance; there is no pooled text embedding;
+- image tokens are 2x2-packed 32-channel latents (128 features); RoPE runs over 4-axis ids (t, h, w, l)
+  with theta 2000. Reference images for editing are extra image tokens with t = 10, 20, ...
+
+Module names equal `flux2-dev.safetensors` / `flux-2-klein-4b.safetensors`, so original files load as
+is. Conventions follow BFL's `Flux2.forward`: timesteps in [0, 1] and guidance in the pipeline's units
+(e.g. 4.0), both multiplied by 1000 inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffsynth.runtime.attention import attention
+from diffsynth.runtime.layers import add_mul, rope_tables, rotate, timestep_embedding
+
+from ..flux1.dit import QKNorm, Rope, rope_from_ids
+
+TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
+TIME_FACTOR = 1000.0  # timesteps and guidance are multiplied by this before the embedding
+NORM_EPS = 1e-6
+
+# The released DiTs, as overrides of the defaults (FLUX.2-dev). klein-base-4B/9B equal klein-4B/9B.
+VARIANTS: dict[str, dict] = {
+    "dev": {},
+    "klein-4b": dict(
+        hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20, context_in_dim=7680, guidance_embed=False
+    ),
+    "klein-9b": dict(
+        hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24, context_in_dim=12288, guidance_embed=False
+    ),
+}
+
+
+@dataclass
+class Flux2DiTConfig:
+    """Architecture of the FLUX.2 DiT (BFL `Flux2Params` names); defaults are FLUX.2-dev."""
+
+    in_channels: int = 128
+    out_channels: int = 128
+    context_in_dim: int = 15360
+    hidden_size: int = 6144
+    mlp_ratio: float = 3.0
+    num_heads: int = 48
+    depth: int = 8
+    depth_single_blocks: int = 48
+    axes_dim: tuple[int, ...] = (32, 32, 32, 32)
+    theta: float = 2000.0
+    guidance_embed: bool = True
+
+    def __post_init__(self):
+        self.axes_dim = tuple(int(d) for d in self.axes_dim)
+        self.theta = float(self.theta)
+        for name in ("in_channels", "out_channels", "context_in_dim", "hidden_size", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Flux2DiTConfig.{name}={value!r} must be a positive integer")
+        for name in ("depth", "depth_single_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"Flux2DiTConfig.{name}={value!r} must be a non-negative integer")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"Flux2DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
+            raise ValueError(
+                f"Flux2DiTConfig.axes_dim={self.axes_dim} must be even and sum to head_dim={self.head_dim} "
+                f"(hidden_size {self.hidden_size} / num_heads {self.num_heads})"
+            )
+        if self.mlp_ratio <= 0 or self.mlp_hidden_dim < 1:
+            raise ValueError(f"Flux2DiTConfig.mlp_ratio={self.mlp_ratio!r} must be positive")
+        if self.theta <= 0:
+            raise ValueError(f"Flux2DiTConfig.theta={self.theta!r} must be positive")
+
+    @classmethod
+    def variant(cls, name: str) -> Flux2DiTConfig:
+        """The config of a released DiT: "dev", "klein-4b" or "klein-9b" (klein base models: same as klein)."""
+        key = name.lower().removeprefix("flux.2-").removeprefix("flux2-").replace("-base", "")
+        if key not in VARIANTS:
+            raise ValueError(f"unknown FLUX.2 DiT variant {name!r}; known: {sorted(VARIANTS)}")
+        return cls(**VARIANTS[key])
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """Width after the SwiGLU gate (the fused input projections are twice this)."""
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+class MLPEmbedder(nn.Module):
+    """`out_layer(silu(in_layer(x)))` without biases: the time and guidance embedders."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden, bias=False)
+        self.out_layer = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class SwiGLU(nn.Module):
+    """`silu(a) * b` for the two halves `(a, b)` of the last axis (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    gate, value = x.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv projection, QK-norm and output projection of one stream (attention runs jointly)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[B, L, dim]` -> q, k, v each `[B, L, H, D]`, q and k normalised."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+class Modulation(nn.Module):
+    """`lin(silu(vec))` split into (shift, scale, gate) triples: two (double) or one (single), each `[B, 1, dim]`.
+
+    One per model and stream kind, shared by all blocks of that kind (computed once per call)."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=False)
+
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.lin(F.silu(vec))[:, None].chunk(self.multiplier, dim=-1)
+
+
+def _mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`(1 + scale) * x + shift` (AdaLN modulation)."""
+    return add_mul(shift, x, 1 + scale)
+
+
+def _joint_attention(q, k, v, rope: Rope) -> torch.Tensor:
+    """Rotate q and k (`rope`: `rope_tables` of `rope_from_ids`) and attend; `[B, L, H * D]`."""
+    q, k = rotate(q, *rope), rotate(k, *rope)
+    return attention(q, k, v).flatten(2)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate image/text weights, joint attention over the concatenated `[text, image]` tokens."""
+
+    def __init__(self, config: Flux2DiTConfig):
+        super().__init__()
+        dim, mlp = config.hidden_size, config.mlp_hidden_dim
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.img_attn = SelfAttention(dim, config.num_heads)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.img_mlp = _mlp(dim, mlp)
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.txt_attn = SelfAttention(dim, config.num_heads)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.txt_mlp = _mlp(dim, mlp)
+
+    def forward(self, img, txt, mod_img, mod_txt, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt
+        iq, ik, iv = self.img_attn.qkv_heads(_modulate(self.img_norm1(img), i_shift1, i_scale1))
+        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), t_shift1, t_scale1))
+        q, k, v = torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1)
+        out = _joint_attention(q, k, v, rope)
+        txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
+        img = add_mul(img, i_gate1, self.img_attn.proj(img_out))
+        img = add_mul(img, i_gate2, self.img_mlp(_modulate(self.img_norm2(img), i_shift2, i_scale2)))
+        txt = add_mul(txt, t_gate1, self.txt_attn.proj(txt_out))
+        txt = add_mul(txt, t_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + SwiGLU MLP: `linear1` gives q, k, v and the MLP input; `linear2` merges both."""
+
+    def __init__(self, config: Flux2DiTConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_heads
+        self.mlp_hidden_dim = config.mlp_hidden_dim
+        self.linear1 = nn.Linear(dim, 3 * dim + 2 * self.mlp_hidden_dim, bias=False)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden_dim, dim, bias=False)
+        self.norm = QKNorm(config.head_dim)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+
+    def forward(self, x, mod, rope: Rope) -> torch.Tensor:
+        shift, scale, gate = mod
+        qkv, mlp = self.linear1(_modulate(self.pre_norm(x), shift, scale)).split(
+            [3 * x.shape[-1], 2 * self.mlp_hidden_dim], dim=-1
+        )
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
+        out = _joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        return add_mul(x, gate, self.linear2(torch.cat((out, swiglu(mlp)), dim=-1)))
+
+
+class LastLayer(nn.Module):
+    """Modulated LayerNorm (shift, scale from `adaLN_modulation`) and the output projection."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.linear = nn.Linear(dim, out_channels, bias=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+class Flux2DiT(nn.Module):
+    """FLUX.2 DiT. `forward(img, img_ids, txt, txt_ids, timesteps, guidance=None)` -> `[B, L_img, out]`."""
+
+    offload_units = ("double_blocks", "single_blocks")
+    compile_units = ("double_blocks", "single_blocks")
+    lora_target_modules = (
+        "img_attn.qkv",
+        "img_attn.proj",
+        "txt_attn.qkv",
+        "txt_attn.proj",
+        "img_mlp.0",
+        "img_mlp.2",
+        "txt_mlp.0",
+        "txt_mlp.2",
+        "linear1",
+        "linear2",
+    )
+
+    def __init__(self, config: Flux2DiTConfig | None = None):
+        super().__init__()
+        self.config = config = config if config is not None else Flux2DiTConfig()
+        self.gradient_checkpointing = False
+        dim = config.hidden_size
+        self.img_in = nn.Linear(config.in_channels, dim, bias=False)
+        self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
+        self.guidance_in = MLPEmbedder(TIME_FREQ_DIM, dim) if config.guidance_embed else None
+        self.txt_in = nn.Linear(config.context_in_dim, dim, bias=False)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
+        self.double_stream_modulation_img = Modulation(dim, double=True)
+        self.double_stream_modulation_txt = Modulation(dim, double=True)
+        self.single_stream_modulation = Modulation(dim, double=False)
+        self.final_layer = LastLayer(dim, config.out_channels)
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        guidance: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Velocity for packed image tokens `img` `[B, L_img, in_channels]`.
+
+        `img_ids` / `txt_ids` are `[B or 1, L, 4]` (or `[L, 4]`) positions (t, h, w, l), integer or
+        float; `txt` is `[B, L_txt, context_in_dim]`; `timesteps` `[B]` (or a scalar) in [0, 1];
+        `guidance` `[B]` (or a scalar) in the pipeline's units, needed by guidance-distilled models
+        (dev) and ignored by the others (klein). Reference-image tokens for editing are appended to
+        `img` (with their ids); the output covers every image token, the caller keeps the first ones.
+        Computation runs in `img.dtype`.
+        """
+        cfg = self.config
+        b = img.shape[0]
+        img_ids, txt_ids = check_inputs(cfg, img, img_ids, txt, txt_ids)
+        dtype = img.dtype
+
+        vec = self.conditioning_vector(timesteps, guidance, b, img.device, dtype)
+        mod_img = self.double_stream_modulation_img(vec)
+        mod_txt = self.double_stream_modulation_txt(vec)
+        mod_single = self.single_stream_modulation(vec)
+        img = self.img_in(img)
+        txt = self.txt_in(txt.to(dtype))
+        n_ids = max(img_ids.shape[0], txt_ids.shape[0])  # ids shared by the batch give one table
+        id_dtype = torch.promote_types(txt_ids.dtype, img_ids.dtype)
+        ids = torch.cat((txt_ids.to(id_dtype).expand(n_ids, -1, -1), img_ids.to(id_dtype).expand(n_ids, -1, -1)), 1)
+        rope = rope_tables(*rope_from_ids(ids, cfg.axes_dim, cfg.theta))
+
+        for block in self.double_blocks:
+            img, txt = self._run(block, img, txt, mod_img, mod_txt, rope)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = self._run(block, x, mod_single, rope)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
+
+    def conditioning_vector(self, timesteps, guidance, batch: int, device, dtype) -> torch.Tensor:
+        """The modulation vector `[B, hidden]`: `time_in(t)` plus `guidance_in(guidance)` where it exists."""
+        t = _per_sample("timesteps", timesteps, batch, device)
+        vec = self.time_in(timestep_embedding(t * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError(
+                    f"this {type(self).__name__} is guidance-distilled (guidance_embed=True, FLUX.2-dev): "
+                    "pass `guidance` (e.g. 4.0)"
+                )
+            g = _per_sample("guidance", guidance, batch, device)
+            vec = vec + self.guidance_in(timestep_embedding(g * TIME_FACTOR, TIME_FREQ_DIM).to(dtype))
+        return vec
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+def _per_sample(name: str, value, batch: int, device) -> torch.Tensor:
+    """A scalar or `[1]` / `[B]` tensor as float32 `[B]`."""
+    t = torch.as_tensor(value, device=device, dtype=torch.float32).reshape(-1)
+    if t.numel() not in (1, batch):
+        raise ValueError(f"{name} has {t.numel()} values; expected a scalar, 1 or batch={batch}")
+    return t.expand(batch)
+
+
+def check_inputs(cfg: Flux2DiTConfig, img, img_ids, txt, txt_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes of a FLUX.2 DiT call; returns the ids as `[B or 1, L, axes]`."""
+    if img.dim() != 3 or img.shape[-1] != cfg.in_channels:
+        raise ValueError(f"img has shape {tuple(img.shape)}; expected [B, L_img, in_channels={cfg.in_channels}]")
+    b = img.shape[0]
+    if txt.dim() != 3 or txt.shape[0] != b or txt.shape[-1] != cfg.context_in_dim:
+        raise ValueError(
+            f"txt has shape {tuple(txt.shape)}; expected [B={b}, L_txt, context_in_dim={cfg.context_in_dim}]"
+        )
+    checked = []
+    axes = len(cfg.axes_dim)
+    for name, ids, tokens in (("img_ids", img_ids, img), ("txt_ids", txt_ids, txt)):
+        ids = ids.unsqueeze(0) if ids.dim() == 2 else ids
+        if ids.dim() != 3 or ids.shape[0] not in (1, b) or ids.shape[1] != tokens.shape[1]:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}; expected [B={b} or 1, {tokens.shape[1]}, {axes}]")
+        if ids.shape[2] != axes:
+            raise ValueError(
+                f"{name} has {ids.shape[2]} axes; FLUX.2 ids are (t, h, w, l) and axes_dim={cfg.axes_dim} needs {axes}"
+            )
+        checked.append(ids)
+    return checked[0], checked[1]

@@ -1,0 +1,267 @@
+"""How FLUX.2 DiT checkpoints are recognised, converted and configured.
+
+Our module names are BFL's originals (`flux2-dev.safetensors`, `flux-2-klein-4b.safetensors`, klein-9B
+and the klein base models), so that layout loads as is. Also accepted:
+
+- the same keys under `model.diffusion_model.` (ComfyUI single files);
+- the diffusers `transformer/` folder: renamed through tables, plus two tensor rules: the double
+  blocks' `to_q/to_k/to_v` (and `add_{q,k,v}_proj`) stack into `qkv`, and `norm_out.linear` stores
+  (scale, shift) where BFL's `final_layer.adaLN_modulation.1` stores (shift, scale), so its halves are
+  swapped. The single blocks' `to_qkv_mlp_proj` is already fused like BFL's `linear1`.
+
+FLUX.1 files are told apart by their keys: FLUX.1 has `vector_in` and per-block `img_mod` / `modulation`,
+FLUX.2 the shared `*_stream_modulation*` layers (and `time_guidance_embed` / `to_qkv_mlp_proj` in
+diffusers names). `ours_to_diffusers` is the exact inverse of `diffusers_to_ours`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
+
+from ..flux1.formats import _cat, _swap_halves
+from .dit import TIME_FREQ_DIM, Flux2DiT, Flux2DiTConfig
+
+PREFIX = "model.diffusion_model."
+_BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_MODULATIONS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
+
+# diffusers -> ours (FLUX.2 has no biases: every key is a weight or a norm scale). `{}` is the block index.
+DIFFUSERS_TO_OURS: dict[str, str] = {
+    "x_embedder.weight": "img_in.weight",
+    "context_embedder.weight": "txt_in.weight",
+    "time_guidance_embed.timestep_embedder.linear_1.weight": "time_in.in_layer.weight",
+    "time_guidance_embed.timestep_embedder.linear_2.weight": "time_in.out_layer.weight",
+    "time_guidance_embed.guidance_embedder.linear_1.weight": "guidance_in.in_layer.weight",
+    "time_guidance_embed.guidance_embedder.linear_2.weight": "guidance_in.out_layer.weight",
+    **{f"{m}.linear.weight": f"{m}.lin.weight" for m in _MODULATIONS},
+    "proj_out.weight": "final_layer.linear.weight",
+    **{
+        f"transformer_blocks.{{}}.{src}": f"double_blocks.{{}}.{dst}"
+        for src, dst in {
+            "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+            "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+            "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+            "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+            "attn.to_out.0.weight": "img_attn.proj.weight",
+            "attn.to_add_out.weight": "txt_attn.proj.weight",
+            "ff.linear_in.weight": "img_mlp.0.weight",
+            "ff.linear_out.weight": "img_mlp.2.weight",
+            "ff_context.linear_in.weight": "txt_mlp.0.weight",
+            "ff_context.linear_out.weight": "txt_mlp.2.weight",
+        }.items()
+    },
+    **{
+        f"single_transformer_blocks.{{}}.{src}": f"single_blocks.{{}}.{dst}"
+        for src, dst in {
+            "attn.to_qkv_mlp_proj.weight": "linear1.weight",
+            "attn.to_out.weight": "linear2.weight",
+            "attn.norm_q.weight": "norm.query_norm.scale",
+            "attn.norm_k.weight": "norm.key_norm.scale",
+        }.items()
+    },
+}
+# Our fused qkv tensors and the diffusers tensors stacked (dim 0, q, k, v) to make them.
+OURS_FUSED: dict[str, tuple[str, ...]] = {
+    "double_blocks.{}.img_attn.qkv.weight": tuple(f"transformer_blocks.{{}}.attn.to_{n}.weight" for n in "qkv"),
+    "double_blocks.{}.txt_attn.qkv.weight": tuple(f"transformer_blocks.{{}}.attn.add_{n}_proj.weight" for n in "qkv"),
+}
+DIFFUSERS_FUSED: dict[str, tuple[str, int]] = {  # diffusers part -> (our fused tensor, position)
+    part: (ours, i) for ours, parts in OURS_FUSED.items() for i, part in enumerate(parts)
+}
+# Stored as (scale, shift) by diffusers and (shift, scale) by BFL: halves swapped.
+SWAPPED = {"norm_out.linear.weight": "final_layer.adaLN_modulation.1.weight"}
+
+
+def _template(key: str) -> tuple[str, list[int]]:
+    m = _BLOCK_KEY.match(key)
+    if m is None:
+        return key, []
+    return f"{m.group(1)}.{{}}.{m.group(3)}", [int(m.group(2))]
+
+
+def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a diffusers `Flux2Transformer2DModel` state dict to our (BFL) names.
+
+    Raises `KeyError` naming the first key without a mapping, or a fused tensor missing a part.
+    """
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        template, index = _template(key)
+        if template in DIFFUSERS_TO_OURS:
+            out[DIFFUSERS_TO_OURS[template].format(*index)] = value
+        elif template in DIFFUSERS_FUSED:
+            target, position = DIFFUSERS_FUSED[template]
+            pending.setdefault(target.format(*index), {})[position] = value
+        elif key in SWAPPED:
+            out[SWAPPED[key]] = _swap_halves(value)
+        else:
+            raise KeyError(f"FLUX.2 DiT (diffusers layout): no mapping for key {key!r}")
+    for target, parts in pending.items():
+        template, index = _template(target)
+        names = OURS_FUSED[template]
+        missing = [names[i].format(*index) for i in range(len(names)) if i not in parts]
+        if missing:
+            raise KeyError(f"FLUX.2 DiT (diffusers layout): {target!r} needs {missing} as well")
+        out[target] = _cat([parts[i] for i in range(len(names))])
+    return out
+
+
+_OURS_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_TO_OURS.items()}
+_SWAPPED_BACK = {v: k for k, v in SWAPPED.items()}
+
+
+def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (BFL) names -> diffusers `Flux2Transformer2DModel` names; inverse of `diffusers_to_ours`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        template, index = _template(key)
+        if template in _OURS_TO_DIFFUSERS:
+            out[_OURS_TO_DIFFUSERS[template].format(*index)] = value
+        elif template in OURS_FUSED:
+            for name, part in zip(OURS_FUSED[template], value.chunk(3, dim=0), strict=True):
+                out[name.format(*index)] = part
+        elif key in _SWAPPED_BACK:
+            out[_SWAPPED_BACK[key]] = _swap_halves(value)
+        else:
+            raise KeyError(f"FLUX.2 DiT: no diffusers name for key {key!r}")
+    return out
+
+
+ORIGINAL_SIGNATURE = (
+    "img_in.weight",
+    "time_in.in_layer.weight",
+    "txt_in.weight",
+    "double_stream_modulation_img.lin.weight",
+    "double_stream_modulation_txt.lin.weight",
+    "single_stream_modulation.lin.weight",
+    "double_blocks.0.img_attn.qkv.weight",
+    "single_blocks.0.linear1.weight",
+    "final_layer.adaLN_modulation.1.weight",
+)
+DIFFUSERS_SIGNATURE = (
+    "x_embedder.weight",
+    "context_embedder.weight",
+    "time_guidance_embed.timestep_embedder.linear_1.weight",
+    "double_stream_modulation_img.linear.weight",
+    "single_stream_modulation.linear.weight",
+    "transformer_blocks.0.attn.to_q.weight",
+    "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+    "norm_out.linear.weight",
+)
+_OWNS_ORIGINAL = (
+    "img_in.",
+    "time_in.",
+    "guidance_in.",
+    "txt_in.",
+    "double_blocks.",
+    "single_blocks.",
+    "final_layer.",
+    *(f"{m}." for m in _MODULATIONS),
+)
+_OWNS_DIFFUSERS = (
+    "x_embedder.",
+    "context_embedder.",
+    "time_guidance_embed.",
+    "transformer_blocks.",
+    "single_transformer_blocks.",
+    "norm_out.",
+    "proj_out.",
+    *(f"{m}." for m in _MODULATIONS),
+)
+
+LAYOUTS = (
+    KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
+    KeyLayout("comfyui", ORIGINAL_SIGNATURE, prefix=PREFIX, owns_prefixes=_OWNS_ORIGINAL),
+    KeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
+)
+
+
+# ----------------------------------------------------------------------------------- config
+def _count(state: StateDict, template: str) -> int:
+    n = 0
+    while template.format(n) in state:
+        n += 1
+    return n
+
+
+def _fields_from_shapes(state: StateDict) -> dict:
+    hidden, in_channels = state["img_in.weight"].shape
+    depth = _count(state, "double_blocks.{}.img_attn.qkv.weight")
+    single = _count(state, "single_blocks.{}.linear1.weight")
+    fields = dict(
+        in_channels=in_channels,
+        out_channels=state["final_layer.linear.weight"].shape[0],
+        context_in_dim=state["txt_in.weight"].shape[1],
+        hidden_size=hidden,
+        depth=depth,
+        depth_single_blocks=single,
+        guidance_embed="guidance_in.in_layer.weight" in state,
+    )
+    norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
+    if norm in state:
+        fields["num_heads"] = hidden // state[norm].shape[0]
+    if depth:  # the SwiGLU input projection is twice the MLP width
+        fields["mlp_ratio"] = state["double_blocks.0.img_mlp.0.weight"].shape[0] / 2 / hidden
+    elif single:
+        fields["mlp_ratio"] = (state["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden) / 2 / hidden
+    return fields
+
+
+# diffusers config.json field -> our config field
+_JSON_FIELDS = {
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "num_layers": "depth",
+    "num_single_layers": "depth_single_blocks",
+    "num_attention_heads": "num_heads",
+    "joint_attention_dim": "context_in_dim",
+    "guidance_embeds": "guidance_embed",
+    "axes_dims_rope": "axes_dim",
+    "rope_theta": "theta",
+    "mlp_ratio": "mlp_ratio",
+}
+# Architecture facts the json may state but that we do not vary: value our model has.
+_FIXED_JSON = {"patch_size": 1, "timestep_guidance_channels": TIME_FREQ_DIM, "eps": 1e-6}
+
+
+def _fields_from_json(config_json: dict) -> dict:
+    for name, ours in _FIXED_JSON.items():
+        if config_json.get(name) is not None and config_json[name] != ours:
+            raise ConfigError(f"FLUX.2 DiT config.json {name}={config_json[name]!r}: only {ours!r} is supported")
+    given = {ours: config_json[name] for name, ours in _JSON_FIELDS.items() if config_json.get(name) is not None}
+    if "out_channels" not in given and "in_channels" in given:
+        given["out_channels"] = given["in_channels"]  # diffusers: out_channels None means in_channels
+    if config_json.get("attention_head_dim") is not None and "num_heads" in given:
+        given["hidden_size"] = int(config_json["attention_head_dim"]) * int(given["num_heads"])
+    if "axes_dim" in given:
+        given["axes_dim"] = tuple(given["axes_dim"])
+    return given
+
+
+def config_from_state(state: StateDict, config_json: dict | None = None) -> Flux2DiTConfig:
+    """Config from our-named shapes and, when present, the diffusers `config.json` beside the file.
+
+    Shapes give widths, block counts, heads (QK-norm width is head_dim), MLP ratio and whether the
+    guidance embedder exists (klein has none); RoPE axes and theta come from the json or the released
+    defaults. A json value contradicting the shapes is an error naming the field.
+    """
+    given = _fields_from_json(config_json) if config_json else {}
+    derived = _fields_from_shapes(state) if state else {}
+    return build_config(Flux2DiTConfig, "FLUX.2 DiT", merge_fields("FLUX.2 DiT", given, derived))
+
+
+FLUX2_DIT_SPEC = ModelSpec(
+    name="flux2_dit",
+    role="dit",
+    layouts=LAYOUTS,
+    config_from_state=config_from_state,
+    build=Flux2DiT,
+    description="FLUX.2 DiT: dev, klein-4B, klein-9B, klein base (BFL original files, ComfyUI single files, "
+    "diffusers folders)",
+)

@@ -1,0 +1,324 @@
+"""`Flux2ImagePipeline`: FLUX.2-dev and FLUX.2-klein text-to-image, image-to-image and multi-reference editing.
+
+Stages: encode prompts (Mistral-Small-3.1 for dev, Qwen3 for klein: three inner layers' hidden
+states side by side) -> prepare latents (seeded noise, or the noised input image; reference images
+VAE-encoded) -> denoise (Euler on FLUX.2's schedule; dev embeds its distilled guidance, klein base
+models use true CFG batched with the conditional pass) -> decode (FLUX.2 VAE).
+`flux2_velocity` is the per-step model call; the trainer reuses it.
+
+Latents are `[B, 128, H/16, W/16]` outside the DiT: the VAE's 32 channels packed 2x2 and
+normalised by its BatchNorm statistics (`Flux2VAE.encode` returns them so). The DiT sees them as
+`H/16 * W/16` tokens in row-major order with 4-axis ids (t, row, col, 0); text tokens get
+(0, 0, 0, index). Reference images (`edit_image`) are appended after the image tokens, the i-th
+with t = 10 * (i + 1), and the output is cut back to the image tokens, as BFL and diffusers do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.models.qwen3 import Qwen3TextEncoder
+from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.vram import module_dtype
+
+from .text_encoder import load_mistral_tokenizer, mistral_prompt_embeds, qwen3_prompt_embeds
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GUIDANCE = 4.0  # FLUX.2-dev model card and diffusers' Flux2Pipeline
+DEFAULT_STEPS = 50
+REFERENCE_TIME_SCALE = 10  # reference image i is placed at t = 10 * (i + 1)
+REFERENCE_MAX_AREA = 1024 * 1024  # larger reference images are scaled down to this many pixels
+REFERENCE_MIN_SIDE = 64
+REFERENCE_MAX_ASPECT = 8
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """`[B, C, h, w]` -> `[B, h * w, C]` in row-major order."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def tokens_to_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `latents_to_tokens` for an `height` x `width` latent grid."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+def grid_ids(height: int, width: int, t: float = 0.0, device=None) -> torch.Tensor:
+    """`[h * w, 4]` position ids (t, row, col, 0) of an `height` x `width` latent grid, row-major."""
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    ids = torch.zeros(height, width, 4, device=device)
+    ids[..., 0] = t
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(-1, 4)
+
+
+def text_ids(length: int, device=None) -> torch.Tensor:
+    """`[L, 4]` ids (0, 0, 0, index) of the text tokens."""
+    ids = torch.zeros(length, 4, device=device)
+    ids[:, 3] = torch.arange(length, device=device, dtype=torch.float32)
+    return ids
+
+
+@dataclass
+class ReferenceLatents:
+    """Reference-image tokens `[1 or B, N, 128]` and their ids `[N, 4]` (t = 10, 20, ... per image)."""
+
+    tokens: torch.Tensor
+    ids: torch.Tensor
+
+
+def flux2_velocity(
+    dit,
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    guidance: torch.Tensor | float | None = None,
+    references: ReferenceLatents | None = None,
+) -> torch.Tensor:
+    """Flow velocity (noise - clean) `[B, 128, h, w]` (float32) predicted at noise level `sigma` [B].
+
+    `prompt_embeds` `[B, L, context]` come from `encode_prompt`. `guidance` is the distilled guidance
+    of FLUX.2-dev (e.g. 4.0), per sample or shared; it is not passed to models without a guidance
+    embedder (klein). `references` are appended after the image tokens and cut from the output.
+    Computation runs in the DiT's dtype.
+    """
+    dtype = module_dtype(dit)
+    b, _, h, w = latents.shape
+    img = latents_to_tokens(latents)
+    ids = grid_ids(h, w, device=latents.device)
+    n_img = img.shape[1]
+    if references is not None:
+        img = torch.cat([img, references.tokens.to(img.dtype).expand(b, -1, -1)], dim=1)
+        ids = torch.cat([ids, references.ids.to(ids.device)], dim=0)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
+    if getattr(dit.config, "guidance_embed", False):
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        guidance = torch.as_tensor(guidance, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
+    else:
+        guidance = None
+    txt_ids = text_ids(prompt_embeds.shape[1], device=latents.device)
+    out = dit(img.to(dtype), ids, prompt_embeds.to(dtype), txt_ids, sigma, guidance)
+    return tokens_to_latents(out[:, :n_img].float(), h, w)
+
+
+def reference_size(width: int, height: int) -> tuple[int, int]:
+    """The size a reference image is used at: scaled down to at most 1024 x 1024 pixels of area (keeping
+    its aspect), then cut to multiples of 16 (BFL's and diffusers' rule)."""
+    if width * height > REFERENCE_MAX_AREA:
+        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return width, height
+
+
+class Flux2ImagePipeline(BasePipeline):
+    """FLUX.2 text-to-image / image-to-image / editing, API compatible with DiffSynth-Studio."""
+
+    family = "flux2"
+    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+    size_multiple = 16  # VAE 8x, 2x2 packing
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        cfg_scale: float | None = None,
+        embedded_guidance: float | None = None,
+        input_image=None,
+        denoising_strength: float = 1.0,
+        edit_image=None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        num_inference_steps: int | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int = 512,
+        tiled: bool = False,
+        tile_size: int = 512,
+        tile_stride: int = 384,
+        output_type: str = "pil",
+        progress_bar: bool = True,
+    ):
+        """Generate images: a PIL image for one prompt, a list for a list of prompts; "np"/"pt" give the batch.
+
+        `embedded_guidance` is FLUX.2-dev's distilled guidance (4 by default; klein has none).
+        `cfg_scale` > 1 adds true classifier-free guidance with `negative_prompt` (the klein base
+        models' preset uses 4; the distilled models 1 = off). `edit_image` (one image or a list) are
+        reference images for editing, used at their own size (scaled down to 1024x1024 pixels of area
+        when larger, cut to multiples of 16); without `height`/`width` the output takes the first one's
+        size. `input_image` with `denoising_strength` < 1 is image-to-image. `latents` is the initial
+        noise `[B, 128, H/16, W/16]`; `sigmas` an explicit schedule (terminal 0 appended).
+        """
+        prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
+        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
+        guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
+        steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
+        references = self.load_edit_images(edit_image)
+        if references:
+            height = height if height is not None else references[0].height
+            width = width if width is not None else references[0].width
+        height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
+        if output_type not in ("pil", "np", "pt"):
+            raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
+        if cfg_scale != 1.0 and self.dit.config.guidance_embed:
+            logger.warning("cfg_scale=%s on a guidance-distilled FLUX.2 model doubles the compute", cfg_scale)
+        use_cfg = cfg_scale != 1.0
+
+        # 1. prompts
+        self.load_models_to_device(["text_encoder"])
+        text = self.encode_prompt(prompts, max_sequence_length)
+        negative_text = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
+
+        # 2. schedule, latents and reference tokens
+        scheduler = FlowMatchScheduler("flux2")
+        strength = denoising_strength if input_image is not None else 1.0
+        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, image_seq_len=height * width // 256)
+        self.load_models_to_device(["vae"] if input_image is not None or references else [])
+        x = self.prepare_latents(
+            len(prompts),
+            height,
+            width,
+            seed,
+            rand_device,
+            latents,
+            input_image,
+            scheduler,
+            tiled,
+            tile_size,
+            tile_stride,
+        )
+        refs = self.encode_references(references, tiled, tile_size, tile_stride) if references else None
+
+        # 3. denoise
+        self.load_models_to_device(["dit"])
+        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+            velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, refs)
+            x = scheduler.step(velocity, i, x)
+
+        # 4. decode
+        self.load_models_to_device(["vae"])
+        images = self.vae.decode(
+            x.to(module_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
+        )
+        self.load_models_to_device([])
+        out = tensor_to_output(images.float(), output_type)
+        return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+
+    def _load_tokenizer(self, config: ModelConfig):
+        """klein's Qwen tokenizer as is; FLUX.2-dev's Pixtral folder with the processor's chat template
+        (`load_mistral_tokenizer`), chosen by the text encoder loaded beside it."""
+        if isinstance(self.text_encoder, Qwen3TextEncoder):
+            return super()._load_tokenizer(config)
+        paths = config.resolve()
+        return load_mistral_tokenizer(paths[0] if Path(paths[0]).is_dir() else Path(paths[0]).parent)
+
+    # ------------------------------------------------------------------ stages
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
+        """`[B, L, context]`: Qwen3 (klein) or Mistral-Small (dev) hidden states of three layers, side by side."""
+        if self.tokenizer is None:
+            raise ConfigError(
+                "Flux2ImagePipeline has no tokenizer: pass tokenizer_config=ModelConfig(..., origin_file_pattern='tokenizer/')"
+            )
+        encode = qwen3_prompt_embeds if isinstance(self.text_encoder, Qwen3TextEncoder) else mistral_prompt_embeds
+        embeds = encode(
+            self.text_encoder, self.tokenizer, prompts, max_sequence_length=max_sequence_length, device=self.device
+        )
+        # without a DiT (a trainer's encoding stage) there is nothing to check the width against
+        context = self.dit.config.context_in_dim if self.dit is not None else embeds.shape[-1]
+        if embeds.shape[-1] != context:
+            raise ConfigError(
+                f"the text encoder gives {embeds.shape[-1]} features per token but this DiT takes {context}: "
+                "the text encoder and the DiT come from different FLUX.2 models"
+            )
+        return embeds.to(self.device)
+
+    def prepare_latents(
+        self, batch, height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
+    ) -> torch.Tensor:
+        shape = (batch, self.dit.config.in_channels, height // 16, width // 16)
+        noise = (
+            self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
+        )
+        if input_image is None:
+            return noise
+        images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
+        images = [load_image(im).resize((width, height), Image.LANCZOS) for im in images]
+        if len(images) not in (1, batch):
+            raise ConfigError(f"input_image has {len(images)} images for {batch} prompts; give one or one per prompt")
+        clean = self.vae_encode(images, tiled, tile_size, tile_stride)
+        if clean.shape[0] == 1 and batch > 1:
+            clean = clean.expand(batch, -1, -1, -1)
+        return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
+
+    def vae_encode(self, images: list[Image.Image], tiled=False, tile_size=512, tile_stride=384) -> torch.Tensor:
+        pixels = pil_to_tensor(images, dtype=module_dtype(self.vae), device=self.device)
+        return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
+
+    def load_edit_images(self, edit_image) -> list[Image.Image]:
+        """Reference images as RGB at the size they are encoded at (`reference_size`, then a centred cut to
+        multiples of 16); too small or too elongated images are refused, naming the item."""
+        if edit_image is None:
+            return []
+        items = list(edit_image) if isinstance(edit_image, (list, tuple)) else [edit_image]
+        images = []
+        for i, item in enumerate(items):
+            image = load_image(item)
+            w, h = image.size
+            if min(w, h) < REFERENCE_MIN_SIDE:
+                raise ConfigError(f"edit_image[{i}] is {w}x{h}; both sides need at least {REFERENCE_MIN_SIDE} pixels")
+            if max(w / h, h / w) > REFERENCE_MAX_ASPECT:
+                raise ConfigError(
+                    f"edit_image[{i}] is {w}x{h}; its aspect ratio may be at most {REFERENCE_MAX_ASPECT}:1"
+                )
+            size = reference_size(w, h)
+            if size != image.size:
+                image = image.resize(size, Image.LANCZOS)
+            cut_w, cut_h = image.width // 16 * 16, image.height // 16 * 16
+            left, top = (image.width - cut_w) // 2, (image.height - cut_h) // 2
+            images.append(image.crop((left, top, left + cut_w, top + cut_h)))
+        return images
+
+    def encode_references(self, images: list[Image.Image], tiled=False, tile_size=512, tile_stride=384):
+        """Every reference image VAE-encoded (posterior mode), as tokens with ids (10 * (i + 1), row, col, 0)."""
+        tokens, ids = [], []
+        for i, image in enumerate(images):
+            z = self.vae_encode([image], tiled, tile_size, tile_stride)
+            tokens.append(latents_to_tokens(z))
+            ids.append(grid_ids(z.shape[2], z.shape[3], t=REFERENCE_TIME_SCALE * (i + 1), device=self.device))
+        return ReferenceLatents(torch.cat(tokens, dim=1), torch.cat(ids, dim=0))
+
+    def predict(self, x, sigma, text, negative_text, cfg_scale, guidance, references=None) -> torch.Tensor:
+        """One denoiser evaluation; with true CFG the two branches run as one batch."""
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if negative_text is None:
+            return flux2_velocity(self.dit, x, sigma.expand(batch), text, guidance, references)
+        both = flux2_velocity(
+            self.dit, torch.cat([x, x]), sigma.expand(2 * batch), _cat_padded(text, negative_text), guidance, references
+        )
+        return self.guide(both[:batch], both[batch:], cfg_scale)
+
+
+def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two prompt batches as one; both are padded to `max_sequence_length`, so lengths agree."""
+    if a.shape[1] != b.shape[1]:
+        raise ConfigError(f"prompt and negative prompt embeddings differ in length ({a.shape[1]} vs {b.shape[1]})")
+    return torch.cat([a, b])
