@@ -184,3 +184,17 @@ def test_klein_preset_loads_offline_and_cli_generates(tiny_klein_repo, tmp_path,
         with Image.open(out) as image:
             assert image.size == (48, 32)
     assert steps == [4, 50]  # the preset's 4 steps; a bare folder gets the pipeline's own default
+
+
+def test_vram_managed_pipeline_gives_the_same_image(tiny_klein_repo, tiny_klein_pipe, one_thread):
+    """Every model under the VRAM manager with every unit streamed, and an edit reference: the same output."""
+    managed = our_pipeline(tiny_klein_repo, vram_limit=0)
+    assert sorted(managed.vram_handles) == ["dit", "text_encoder", "vae"]
+    kwargs = dict(seed=0, output_type="pt", height=H, width=W, num_inference_steps=2, progress_bar=False)
+    refs = [random_image(64, 80, seed=6)]
+    torch.testing.assert_close(
+        managed(CAPTIONS[3], edit_image=refs, **kwargs),
+        tiny_klein_pipe(CAPTIONS[3], edit_image=refs, **kwargs),
+        atol=0,
+        rtol=0,
+    )
