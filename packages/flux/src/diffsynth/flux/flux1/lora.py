@@ -18,13 +18,16 @@ rank, the up block-diagonal with each part's alpha / rank folded in, zero rows f
 XLabs' single-block `qkv_lora` covers the q, k, v rows of `linear1` the same way. diffusers' `norm_out.linear`
 stores (scale, shift) where our `final_layer.adaLN_modulation.1` stores (shift, scale), so the rows of its up
 matrix (and diff) are swapped like the weights in `formats.py`.
+
+The machinery is shared with FLUX.2 (`flux2/lora.py`): a family hands its name tables over as a `LoRANaming`
+(diffusers -> ours, fused parts, swapped layers, XLabs names) and `convert_lora` does the rest.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,8 +47,41 @@ XLABS_NAMES = {
     "single_blocks.{}.linear2": "single_blocks.{}.processor.proj_lora",
 }
 _XLABS_SUFFIXES = {".down.weight": ".lora_A.weight", ".up.weight": ".lora_B.weight"}
-_DIFFUSERS_NAMES = {ours.removesuffix(".weight"): d.removesuffix(".weight") for d, ours in DIFFUSERS_TO_OURS.items()}
-_DIFFUSERS_SWAPPED = {ours.removesuffix(".weight"): d.removesuffix(".weight") for d, ours in SWAPPED.items()}
+
+
+@dataclass(frozen=True)
+class LoRANaming:
+    """A family's LoRA names, from its `formats.py` tables (tensor names with `{}` for the block index):
+    diffusers -> ours, our fused tensors -> the diffusers parts stacked in them, diffusers -> ours for the layers
+    whose two output halves are stored the other way round, and ours -> XLabs processor names. `aliases` are
+    (other prefix, diffusers prefix) pairs some exporters write; `model` and `accepted` word the messages."""
+
+    model: str
+    diffusers_to_ours: Mapping[str, str]
+    ours_fused: Mapping[str, tuple[str, ...]]
+    swapped: Mapping[str, str]
+    template: Callable[[str], tuple[str, list[int]]]
+    accepted: str
+    xlabs: Mapping[str, str] = field(default_factory=dict)
+    aliases: tuple[tuple[str, str], ...] = ()
+
+
+FLUX1_NAMING = LoRANaming(
+    model="FLUX.1 DiT",
+    diffusers_to_ours=DIFFUSERS_TO_OURS,
+    ours_fused=OURS_FUSED,
+    swapped=SWAPPED,
+    template=_template,
+    xlabs=XLABS_NAMES,
+    accepted="BFL names (double_blocks.0.img_attn.qkv), diffusers names (transformer_blocks.0.attn.to_q), their "
+    "kohya forms (lora_unet_double_blocks_0_..., lora_transformer_transformer_blocks_0_...) and XLabs "
+    "(double_blocks.0.processor.qkv_lora1)",
+)
+
+
+def _layer_names(table: Mapping[str, str]) -> dict[str, str]:
+    """{ours: theirs} of a {theirs: ours} tensor table, as layer names (no `.weight`; biases drop out)."""
+    return {o.removesuffix(".weight"): t.removesuffix(".weight") for t, o in table.items() if o.endswith(".weight")}
 
 
 @dataclass(frozen=True)
@@ -59,21 +95,22 @@ class LoRAPart:
     swap: bool = False
 
 
-def lora_names(model: nn.Module) -> dict[str, LoRAPart]:
+def lora_names(model: nn.Module, naming: LoRANaming = FLUX1_NAMING) -> dict[str, LoRAPart]:
     """Every dotted LoRA target name we accept for `model` (ours, diffusers, XLabs) -> where it lands."""
+    diffusers_names, diffusers_swapped = _layer_names(naming.diffusers_to_ours), _layer_names(naming.swapped)
     names: dict[str, LoRAPart] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         names[name] = LoRAPart(name)
-        template, index = _template(name)
+        template, index = naming.template(name)
         out_features, in_features = module.weight.shape
-        if template in _DIFFUSERS_NAMES:
-            names[_DIFFUSERS_NAMES[template].format(*index)] = LoRAPart(name)
-        elif template in _DIFFUSERS_SWAPPED:
-            names[_DIFFUSERS_SWAPPED[template]] = LoRAPart(name, swap=True)
-        elif f"{template}.weight" in OURS_FUSED:
-            parts = [p.removesuffix(".weight") for p in OURS_FUSED[f"{template}.weight"]]
+        if template in diffusers_names:
+            names[diffusers_names[template].format(*index)] = LoRAPart(name)
+        elif template in diffusers_swapped:
+            names[diffusers_swapped[template].format(*index)] = LoRAPart(name, swap=True)
+        elif f"{template}.weight" in naming.ours_fused:
+            parts = [p.removesuffix(".weight") for p in naming.ours_fused[f"{template}.weight"]]
             # q, k, v of the hidden width each, then (single blocks) the MLP input
             width = out_features // 3 if len(parts) == 3 else in_features
             sizes = [width] * 3 + [out_features - 3 * width] * (len(parts) - 3)
@@ -81,9 +118,11 @@ def lora_names(model: nn.Module) -> dict[str, LoRAPart]:
             for part, rows in zip(parts, sizes, strict=True):
                 names[part.format(*index)] = LoRAPart(name, start, rows)
                 start += rows
-        if template in XLABS_NAMES:
+        if template in naming.xlabs:
             rows = 3 * in_features if template.endswith("linear1") else None
-            names[XLABS_NAMES[template].format(*index)] = LoRAPart(name, 0, rows)
+            names[naming.xlabs[template].format(*index)] = LoRAPart(name, 0, rows)
+    for alias, prefix in naming.aliases:
+        names.update({alias + n.removeprefix(prefix): p for n, p in list(names.items()) if n.startswith(prefix)})
     return names
 
 
@@ -111,11 +150,17 @@ def _xlabs_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def convert_flux1_lora(lora: LoRAWeights, model: nn.Module) -> LoRAWeights:
-    """`lora` (names as read: dotted, or kohya-underscored) renamed and merged onto `model`'s Linears.
+    """`lora` (names as read: dotted, or kohya-underscored) renamed and merged onto `model`'s Linears."""
+    return convert_lora(lora, model, FLUX1_NAMING)
 
-    Raises `LoRAError` naming the file and key for a target that is no layer of the FLUX.1 DiT, a part whose
+
+def convert_lora(lora: LoRAWeights, model: nn.Module, naming: LoRANaming) -> LoRAWeights:
+    """`lora` (names as read: dotted, or kohya-underscored) renamed through `naming` and merged onto `model`'s
+    Linears.
+
+    Raises `LoRAError` naming the file and key for a target that is no layer of the model, a part whose
     shape does not fit its layer, or two entries giving the same rows of one layer."""
-    names = lora_names(model)
+    names = lora_names(model, naming)
     underscored = {name.replace(".", "_"): name for name in names}
     modules = dict(model.named_modules())
     groups: dict[str, list[tuple[LoRAPart, LoRATarget, str]]] = {}
@@ -131,23 +176,23 @@ def convert_flux1_lora(lora: LoRAWeights, model: nn.Module) -> LoRAWeights:
     if unknown:
         raise LoRAError(
             f"{lora.source}: {len(unknown)} of {len(lora.targets)} LoRA entries match no layer of the "
-            f"{type(model).__name__}: {preview(unknown, 5)}. Accepted are BFL names (double_blocks.0.img_attn.qkv), "
-            "diffusers names (transformer_blocks.0.attn.to_q), their kohya forms (lora_unet_double_blocks_0_..., "
-            "lora_transformer_transformer_blocks_0_...) and XLabs (double_blocks.0.processor.qkv_lora1)"
+            f"{type(model).__name__}: {preview(unknown, 5)}. Accepted are {naming.accepted}"
         )
-    targets = {module: _merge(modules[module], module, parts, lora.source) for module, parts in groups.items()}
+    targets = {
+        module: _merge(modules[module], module, parts, lora.source, naming.model) for module, parts in groups.items()
+    }
     keys = {module: parts[0][2] for module, parts in groups.items()}
     return LoRAWeights(targets=targets, source=lora.source, skipped=list(lora.skipped), keys=keys)
 
 
 @torch.no_grad()
-def _merge(linear: nn.Linear, module: str, parts: list, source: str) -> LoRATarget:
+def _merge(linear: nn.Linear, module: str, parts: list, source: str, model: str) -> LoRATarget:
     out_features, in_features = linear.weight.shape
     spans = []
     for part, t, key in parts:
         rows = out_features if part.rows is None else part.rows
         where = repr(module) if part.rows is None else f"rows {part.start}:{part.start + rows} of {module!r}"
-        _check_part(t, key, where, rows, in_features, source)
+        _check_part(t, key, where, rows, in_features, source, model)
         spans.append((part.start, part.start + rows, key))
     spans.sort()
     for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
@@ -182,7 +227,7 @@ def _merge(linear: nn.Linear, module: str, parts: list, source: str) -> LoRATarg
     return merged
 
 
-def _check_part(t: LoRATarget, key: str, where: str, rows: int, in_features: int, source: str) -> None:
+def _check_part(t: LoRATarget, key: str, where: str, rows: int, in_features: int, source: str, model: str) -> None:
     problems = []
     if t.down is not None and (t.down.shape[1] != in_features or t.up.shape[0] != rows):
         problems.append(f"down {tuple(t.down.shape)} / up {tuple(t.up.shape)}")
@@ -192,7 +237,7 @@ def _check_part(t: LoRATarget, key: str, where: str, rows: int, in_features: int
         problems.append(f"diff_b {tuple(t.diff_b.shape)}")
     if problems:
         raise LoRAError(
-            f"{source}: {key!r} has {', '.join(problems)} but lands on {where} of the FLUX.1 DiT, which takes "
+            f"{source}: {key!r} has {', '.join(problems)} but lands on {where} of the {model}, which takes "
             f"[{rows}, {in_features}]; the LoRA was probably made for a different model or model size"
         )
 

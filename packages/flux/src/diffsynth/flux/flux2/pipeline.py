@@ -148,7 +148,7 @@ class Flux2ImagePipeline(BasePipeline):
         num_inference_steps: int | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         tiled: bool = False,
         tile_size: int = 512,
         tile_stride: int = 384,
@@ -169,6 +169,7 @@ class Flux2ImagePipeline(BasePipeline):
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
         steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
+        max_sequence_length = self.setting("max_sequence_length", max_sequence_length, 512)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
         references = self.load_edit_images(edit_image)
@@ -229,6 +230,17 @@ class Flux2ImagePipeline(BasePipeline):
             return super()._load_tokenizer(config)
         paths = config.resolve()
         return load_mistral_tokenizer(paths[0] if Path(paths[0]).is_dir() else Path(paths[0]).parent)
+
+    def read_lora(self, path, slot: str = "dit"):
+        """FLUX.2 DiT LoRAs in BFL, kohya, ComfyUI/ai-toolkit and diffusers/peft layouts, merged onto our fused
+        layers (`flux2/lora.py`); other slots read the common layouts."""
+        from .dit import Flux2DiT
+        from .lora import read_flux2_lora
+
+        model = getattr(self, slot, None)
+        if isinstance(model, Flux2DiT):
+            return read_flux2_lora(path, model)
+        return super().read_lora(path, slot)
 
     # ------------------------------------------------------------------ stages
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
