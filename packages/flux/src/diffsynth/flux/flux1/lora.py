@@ -25,7 +25,10 @@ The machinery is shared with FLUX.2 (`flux2/lora.py`): a family hands its name t
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -133,7 +136,49 @@ def read_flux1_lora(
     if isinstance(path_or_state_dict, LoRAWeights):
         return convert_flux1_lora(path_or_state_dict, model)
     state, source = read_lora_state(path_or_state_dict)
-    return convert_flux1_lora(read_lora(_xlabs_to_peft(state), source=source), model)
+    lora = with_diffusers_alphas(read_lora(_xlabs_to_peft(state), source=source), path_or_state_dict)
+    return convert_flux1_lora(lora, model)
+
+
+def with_diffusers_alphas(lora: LoRAWeights, path: object, prefix: str = "transformer") -> LoRAWeights:
+    """`lora` with the alphas diffusers keeps out of the tensors filled in.
+
+    diffusers' `save_lora_weights` (and its training scripts) write no `.alpha` keys: the peft config goes into
+    the safetensors header (`lora_adapter_metadata`: `<prefix>.lora_alpha`, `.alpha_pattern`, `.use_rslora`), and
+    its loader scales each layer by that alpha / rank. Targets without an alpha of their own get the one peft
+    would use (the first `alpha_pattern` key matching the module name's end, else `lora_alpha`); a file without
+    that header is returned as is."""
+    config = _diffusers_lora_config(path, prefix, lora.source)
+    if config is None or config.get("lora_alpha") is None:
+        return lora
+    patterns = config.get("alpha_pattern") or {}
+    for name, target in lora.targets.items():
+        if target.alpha is not None or target.down is None:
+            continue
+        key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+        alpha = float(patterns[key] if key is not None else config["lora_alpha"])
+        target.alpha = alpha * math.sqrt(target.rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha/sqrt(r)
+    return lora
+
+
+def _diffusers_lora_config(path: object, prefix: str, source: str) -> dict | None:
+    if not isinstance(path, (str, os.PathLike)) or not str(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoRAError(f"{source}: its lora_adapter_metadata header is not JSON ({exc})") from None
+    if any(key.startswith(f"{prefix}.") for key in config):  # a pipeline's file: one config per model
+        config = {
+            key.removeprefix(f"{prefix}."): value for key, value in config.items() if key.startswith(f"{prefix}.")
+        }
+    return config
 
 
 def _xlabs_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,8 @@ parts are merged into one LoRA on the fused layer (`flux1/lora.py`: downs stacke
 block-diagonal, zero rows for parts the file leaves out). The single blocks' `to_qkv_mlp_proj` is fused exactly
 like our `linear1`, so it maps one to one. diffusers' `norm_out.linear` stores (scale, shift) where our
 `final_layer.adaLN_modulation.1` stores (shift, scale), so its up rows are swapped like the weights in
-`formats.py`. (diffusers 0.42 renames a BFL-named `final_layer.adaLN_modulation.1` LoRA to `norm_out.linear`
+`formats.py`. diffusers' own files keep their alphas in the safetensors header (`lora_adapter_metadata`), which
+is read too. (diffusers 0.42 renames a BFL-named `final_layer.adaLN_modulation.1` LoRA to `norm_out.linear`
 without that swap; we apply it as BFL's model and ComfyUI do.)
 """
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from diffsynth.runtime.lora import LoRAWeights, read_lora
 
-from ..flux1.lora import LoRANaming, convert_lora
+from ..flux1.lora import LoRANaming, convert_lora, with_diffusers_alphas
 from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
 
 FLUX2_NAMING = LoRANaming(
@@ -56,7 +57,8 @@ def read_flux2_lora(
 
     Raises `LoRAError` naming the file and key for an entry that is no layer of the FLUX.2 DiT or does not fit
     its shape (a FLUX.1 LoRA, or one for another FLUX.2 size)."""
-    return convert_lora(read_lora(path_or_state_dict), model, FLUX2_NAMING)
+    lora = with_diffusers_alphas(read_lora(path_or_state_dict), path_or_state_dict)
+    return convert_lora(lora, model, FLUX2_NAMING)
 
 
 __all__ = ["FLUX2_NAMING", "read_flux2_lora"]
