@@ -1,0 +1,456 @@
+"""The LTX-2 video VAE: 32x spatial / 8x temporal compression into 128 latent channels.
+
+A plain convolutional VAE without attention or norm weights (the norms are parameter-free RMS over
+channels), so the whole model is 3x3x3 convolutions plus rearrangements:
+
+- the video is first patchified 4x4 (3 -> 48 channels);
+- the encoder alternates residual stages with space-to-depth downsamplers whose skip path averages
+  channel groups (no weights); each downsampler doubles the channels and halves space, time or both;
+- the decoder mirrors it with depth-to-space upsamplers whose skip path repeats channels;
+- time is padded by repeating the edge frames (first frame only when causal, both ends otherwise);
+  the encoder is causal and the released decoder is not. The first frame is special: temporal
+  downsamplers duplicate it before pairing frames and upsamplers drop the extra first frame, so
+  `1 + 8k` frames map to `1 + k` latent frames and back.
+
+Module names are ltx-core's (`vae.*` of `ltx-2-19b-dev.safetensors` without the prefix), so the
+original file loads as is; `video_vae_formats` converts diffusers' `AutoencoderKLLTX2Video`. Of the five
+`per_channel_statistics` vectors in the file only `mean-of-means` / `std-of-means` are used (by
+ltx-core and diffusers' pipelines alike): latents are `(z - mean-of-means) / std-of-means`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffsynth.runtime.errors import ConfigError
+
+# the Wan VAE's patch order (c, column offset, row offset) is ltx-core's too; `_tiled` blends spatial tiles
+from diffsynth.runtime.models.wan_vae import _tiled, patchify, unpatchify
+
+# stride (time, height, width) of each resampling kind
+STRIDES = {"space": (1, 2, 2), "time": (2, 1, 1), "all": (2, 2, 2)}
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+MEAN_KEY, STD_KEY = "mean-of-means", "std-of-means"
+DEFAULT_TILE_SIZE = (16, 16)  # latent cells: 512 pixels; the stride defaults to 2 cells less (64-pixel overlaps)
+
+
+@dataclass
+class LTX2VideoVAEConfig:
+    """Defaults are the released LTX-2 video VAE.
+
+    The encoder starts at `latent_channels` wide and doubles at each of `encoder_downsamples`
+    ("space", "time" or "all"); `encoder_layers` counts the residual blocks of each stage (one more
+    stage than downsamplers). The decoder starts at `decoder_base_channels * 2**len(decoder_upsamples)`
+    and halves at each upsampler; `decoder_layers` / `decoder_upsamples` / `decoder_upsample_residual`
+    are listed from the latent side. Latents are `(z - mean) * scaling_factor / std`.
+    """
+
+    in_channels: int = 3
+    latent_channels: int = 128
+    patch_size: int = 4
+    encoder_layers: tuple[int, ...] = (4, 6, 6, 2, 2)
+    encoder_downsamples: tuple[str, ...] = ("space", "time", "all", "all")
+    decoder_base_channels: int = 128
+    decoder_layers: tuple[int, ...] = (5, 5, 5, 5)
+    decoder_upsamples: tuple[str, ...] = ("all", "all", "all")
+    decoder_upsample_residual: tuple[bool, ...] = (True, True, True)
+    encoder_causal: bool = True
+    decoder_causal: bool = False
+    encoder_padding_mode: str = "zeros"
+    decoder_padding_mode: str = "reflect"
+    scaling_factor: float = 1.0
+
+    def __post_init__(self):
+        for name in ("encoder_layers", "encoder_downsamples", "decoder_layers", "decoder_upsamples"):
+            setattr(self, name, tuple(getattr(self, name)))
+        self.decoder_upsample_residual = tuple(bool(r) for r in self.decoder_upsample_residual)
+        for name in ("in_channels", "latent_channels", "patch_size", "decoder_base_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LTX2VideoVAEConfig.{name} must be a positive int, got {value!r}")
+        for name in ("encoder_layers", "decoder_layers"):
+            value = getattr(self, name)
+            if not value or any(not isinstance(n, int) or n < 1 for n in value):
+                raise ValueError(f"LTX2VideoVAEConfig.{name} must be positive block counts, got {value!r}")
+        for name in ("encoder_downsamples", "decoder_upsamples"):
+            bad = [k for k in getattr(self, name) if k not in STRIDES]
+            if bad:
+                raise ValueError(f"LTX2VideoVAEConfig.{name} entries must be in {sorted(STRIDES)}, got {bad!r}")
+        if len(self.encoder_layers) != len(self.encoder_downsamples) + 1:
+            raise ValueError(
+                f"LTX2VideoVAEConfig.encoder_layers has {len(self.encoder_layers)} stages, expected "
+                f"len(encoder_downsamples) + 1 = {len(self.encoder_downsamples) + 1}"
+            )
+        if len(self.decoder_layers) != len(self.decoder_upsamples) + 1:
+            raise ValueError(
+                f"LTX2VideoVAEConfig.decoder_layers has {len(self.decoder_layers)} stages, expected "
+                f"len(decoder_upsamples) + 1 = {len(self.decoder_upsamples) + 1}"
+            )
+        if len(self.decoder_upsample_residual) != len(self.decoder_upsamples):
+            raise ValueError(
+                f"LTX2VideoVAEConfig.decoder_upsample_residual has {len(self.decoder_upsample_residual)} "
+                f"entries, expected one per decoder upsampler ({len(self.decoder_upsamples)})"
+            )
+        for name in ("encoder_padding_mode", "decoder_padding_mode"):
+            if getattr(self, name) not in PADDING_MODES:
+                raise ValueError(
+                    f"LTX2VideoVAEConfig.{name} must be one of {PADDING_MODES}, got {getattr(self, name)!r}"
+                )
+        if not self.scaling_factor > 0:
+            raise ValueError(f"LTX2VideoVAEConfig.scaling_factor must be positive, got {self.scaling_factor!r}")
+        enc = _compression(self.encoder_downsamples)
+        dec = _compression(self.decoder_upsamples)
+        if enc != dec:
+            raise ValueError(
+                f"LTX2VideoVAEConfig: encoder_downsamples={self.encoder_downsamples} compress (time, space) by {enc} "
+                f"but decoder_upsamples={self.decoder_upsamples} expand by {dec}"
+            )
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.patch_size * _compression(self.encoder_downsamples)[1]
+
+    @property
+    def temporal_compression(self) -> int:
+        return _compression(self.encoder_downsamples)[0]
+
+
+def _compression(kinds) -> tuple[int, int]:
+    return math.prod(STRIDES[k][0] for k in kinds), math.prod(STRIDES[k][1] for k in kinds)
+
+
+# ----------------------------------------------------------------------------------- building blocks
+class PixelNorm(nn.Module):
+    """RMS over channels, no weights (ltx-core's `PixelNorm`, eps 1e-8)."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + self.eps)
+
+
+class CausalConv3d(nn.Module):
+    """3x3x3 conv (`conv.*`) padded in space by the conv itself and in time by repeating edge frames:
+    the first frame twice when causal, the first and last once each otherwise."""
+
+    def __init__(self, in_channels: int, out_channels: int, padding_mode: str = "zeros"):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=(0, 1, 1), padding_mode=padding_mode)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        first = x[:, :, :1]
+        if causal:
+            x = torch.cat([first, first, x], dim=2)
+        else:
+            x = torch.cat([first, x, x[:, :, -1:]], dim=2)
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """x + conv2(SiLU(norm(conv1(SiLU(norm(x)))))), width kept."""
+
+    def __init__(self, channels: int, padding_mode: str):
+        super().__init__()
+        self.norm = PixelNorm()
+        self.conv1 = CausalConv3d(channels, channels, padding_mode)
+        self.conv2 = CausalConv3d(channels, channels, padding_mode)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm(x)), causal)
+        return x + self.conv2(F.silu(self.norm(h)), causal)
+
+
+class ResStage(nn.Module):
+    """`res_blocks.N`: residual blocks of one width (ltx-core's `UNetMidBlock3D`)."""
+
+    def __init__(self, channels: int, num_layers: int, padding_mode: str):
+        super().__init__()
+        self.res_blocks = nn.ModuleList(ResBlock(channels, padding_mode) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        for block in self.res_blocks:
+            x = block(x, causal)
+        return x
+
+
+def space_to_depth(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, T*st, H*sh, W*sw] -> [B, C*st*sh*sw, T, H, W], channel order (c, t, h, w offsets)."""
+    st, sh, sw = stride
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t // st, st, h // sh, sh, w // sw, sw).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * st * sh * sw, t // st, h // sh, w // sw)
+
+
+def depth_to_space(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of `space_to_depth`."""
+    st, sh, sw = stride
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c // (st * sh * sw), st, sh, sw, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c // (st * sh * sw), t * st, h * sh, w * sw)
+
+
+class Downsample(nn.Module):
+    """Doubles the width and halves `kind`'s axes: a conv to `2C / prod(stride)` channels, space-to-depth,
+    plus the input space-to-depth'd with channel groups averaged (ltx-core's `SpaceToDepthDownsample`).
+    Halving time first duplicates the first frame, so `1 + 2k` frames become `1 + k`."""
+
+    def __init__(self, channels: int, kind: str, padding_mode: str):
+        super().__init__()
+        self.stride = STRIDES[kind]
+        self.conv = CausalConv3d(channels, 2 * channels // math.prod(self.stride), padding_mode)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        if self.stride[0] == 2:
+            x = torch.cat([x[:, :, :1], x], dim=2)
+        skip = space_to_depth(x, self.stride)
+        b, c, t, h, w = skip.shape
+        width = 2 * x.shape[1]
+        skip = skip.view(b, width, c // width, t, h, w).mean(dim=2)
+        return space_to_depth(self.conv(x, causal), self.stride) + skip
+
+
+class Upsample(nn.Module):
+    """Halves the width and doubles `kind`'s axes: a conv to `C * prod(stride) / 2` channels and
+    depth-to-space, plus (when `residual`) the input depth-to-space'd with its channels tiled twice
+    (ltx-core's `DepthToSpaceUpsample`). Doubling time drops the first output frame: `1 + k` -> `1 + 2k`."""
+
+    def __init__(self, channels: int, kind: str, residual: bool, padding_mode: str):
+        super().__init__()
+        self.stride = STRIDES[kind]
+        self.residual = residual
+        self.conv = CausalConv3d(channels, channels * math.prod(self.stride) // 2, padding_mode)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        out = depth_to_space(self.conv(x, causal), self.stride)
+        if self.residual:
+            skip = depth_to_space(x, self.stride)
+            out = out + skip.repeat(1, out.shape[1] // skip.shape[1], 1, 1, 1)
+        return out[:, :, 1:] if self.stride[0] == 2 else out
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, causal: bool, checkpointing: bool) -> torch.Tensor:
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, causal, use_reentrant=False)
+        else:
+            x = block(x, causal)
+    return x
+
+
+class Encoder(nn.Module):
+    """Patchified video -> `latent_channels + 1` channels: the posterior means and one shared log-variance."""
+
+    def __init__(self, config: LTX2VideoVAEConfig):
+        super().__init__()
+        self.causal = config.encoder_causal
+        self.gradient_checkpointing = False
+        mode, width = config.encoder_padding_mode, config.latent_channels
+        self.conv_in = CausalConv3d(config.in_channels * config.patch_size**2, width, mode)
+        blocks: list[nn.Module] = []
+        for i, num_layers in enumerate(config.encoder_layers):
+            blocks.append(ResStage(width, num_layers, mode))
+            if i < len(config.encoder_downsamples):
+                blocks.append(Downsample(width, config.encoder_downsamples[i], mode))
+                width *= 2
+        self.down_blocks = nn.ModuleList(blocks)
+        self.conv_norm_out = PixelNorm()
+        self.conv_out = CausalConv3d(width, config.latent_channels + 1, mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x, self.causal)
+        x = _run_blocks(self.down_blocks, x, self.causal, self.gradient_checkpointing)
+        return self.conv_out(F.silu(self.conv_norm_out(x)), self.causal)
+
+
+class Decoder(nn.Module):
+    """Latents -> patchified video (no timestep conditioning or noise injection in LTX-2)."""
+
+    def __init__(self, config: LTX2VideoVAEConfig):
+        super().__init__()
+        self.causal = config.decoder_causal
+        self.gradient_checkpointing = False
+        mode = config.decoder_padding_mode
+        width = config.decoder_base_channels * 2 ** len(config.decoder_upsamples)
+        self.conv_in = CausalConv3d(config.latent_channels, width, mode)
+        blocks: list[nn.Module] = []
+        for i, num_layers in enumerate(config.decoder_layers):
+            blocks.append(ResStage(width, num_layers, mode))
+            if i < len(config.decoder_upsamples):
+                residual = config.decoder_upsample_residual[i]
+                blocks.append(Upsample(width, config.decoder_upsamples[i], residual, mode))
+                width //= 2
+        self.up_blocks = nn.ModuleList(blocks)
+        self.conv_norm_out = PixelNorm()
+        self.conv_out = CausalConv3d(width, config.in_channels * config.patch_size**2, mode)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z, self.causal)
+        x = _run_blocks(self.up_blocks, x, self.causal, self.gradient_checkpointing)
+        return self.conv_out(F.silu(self.conv_norm_out(x)), self.causal)
+
+
+class PerChannelStatistics(nn.Module):
+    """The latent normalisation: buffers named as in the file (`mean-of-means`, `std-of-means`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer(MEAN_KEY, torch.zeros(channels))
+        self.register_buffer(STD_KEY, torch.ones(channels))
+
+    def stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        mean = self.get_buffer(MEAN_KEY).to(device=like.device, dtype=like.dtype).view(shape)
+        std = self.get_buffer(STD_KEY).to(device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+
+# ----------------------------------------------------------------------------------- the model
+class LTX2VideoVAE(nn.Module):
+    """Video `[B, 3, 1+8k, H, W]` in [-1, 1] <-> normalised latents `[B, 128, 1+k, H/32, W/32]`."""
+
+    # dotted paths the runtime reads; a ModuleList path means each child is one unit
+    offload_units = ("encoder.down_blocks", "decoder.up_blocks")
+    compile_units = ("encoder.down_blocks", "decoder.up_blocks")
+
+    def __init__(self, config: LTX2VideoVAEConfig | None = None):
+        super().__init__()
+        self.config = config = config if config is not None else LTX2VideoVAEConfig()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.per_channel_statistics = PerChannelStatistics(config.latent_channels)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing and self.decoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = bool(value)
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.config.spatial_compression
+
+    @property
+    def temporal_compression(self) -> int:
+        return self.config.temporal_compression
+
+    @property
+    def z_dim(self) -> int:
+        return self.config.latent_channels
+
+    def encode(
+        self,
+        video: torch.Tensor,
+        *,
+        tiled: bool = False,
+        tile_size: int | tuple[int, int] = DEFAULT_TILE_SIZE,
+        tile_stride: int | tuple[int, int] | None = None,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Normalised latents `(z - mean-of-means) * scaling_factor / std-of-means`.
+
+        `z` is the posterior's mode by default (what the authors' and diffusers' pipelines use);
+        `sample=True` draws from it with `generator`. Tiles are `(height, width)` in latent cells (an
+        int means square; `tile_stride` None means 2 cells less), each encoded whole in time; overlaps
+        are blended linearly.
+        """
+        self._check_video(video)
+        if tiled:
+            cells = _tile_cells(tile_size, tile_stride)
+            moments = _tiled(self._moments, video, *cells, in_cell=self.spatial_compression, out_cell=1)
+        else:
+            moments = self._moments(video)
+        z, logvar = moments[:, :-1], moments[:, -1:]
+        if sample:
+            device = generator.device if generator is not None else z.device
+            noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
+            z = z + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+        mean, std = self.per_channel_statistics.stats(z)
+        return (z - mean) * self.config.scaling_factor / std
+
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        tiled: bool = False,
+        tile_size: int | tuple[int, int] = DEFAULT_TILE_SIZE,
+        tile_stride: int | tuple[int, int] | None = None,
+        clamp: bool = True,
+    ) -> torch.Tensor:
+        """Video `[B, 3, 1 + 8(T-1), 32H, 32W]` from normalised latents, clamped to [-1, 1] (as the
+        pipelines do) unless `clamp=False`; tiles as in `encode` (latent cells, at least 2 each)."""
+        self._check_latents(latents)
+        mean, std = self.per_channel_statistics.stats(latents)
+        z = latents * std / self.config.scaling_factor + mean
+        if tiled:
+            cells = _tile_cells(tile_size, tile_stride)
+            video = _tiled(self._decode_raw, z, *cells, in_cell=1, out_cell=self.spatial_compression)
+        else:
+            video = self._decode_raw(z)
+        return video.clamp(-1.0, 1.0) if clamp else video
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Reconstruction through the posterior mode (a smoke path; pipelines call encode/decode)."""
+        return self.decode(self.encode(video))
+
+    def _moments(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encoder(patchify(video, self.config.patch_size))
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return unpatchify(self.decoder(z), self.config.patch_size)
+
+    def _check_video(self, video) -> None:
+        s, tc, c = self.spatial_compression, self.temporal_compression, self.config.in_channels
+        if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != c:
+            got = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ConfigError(f"video must be a [B, {c}, F, H, W] tensor, got {got}")
+        frames, height, width = video.shape[2:]
+        if frames % tc != 1 % tc:
+            below = max(1, frames - (frames - 1) % tc)
+            raise ConfigError(
+                f"video has {frames} frames; the LTX-2 VAE needs 1 + {tc}k frames (e.g. {below} or {below + tc})"
+            )
+        if height % s or width % s or not height or not width:
+            raise ConfigError(f"video height and width must be positive multiples of {s}, got {(height, width)}")
+
+    def _check_latents(self, latents) -> None:
+        z = self.config.latent_channels
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[1] != z:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ConfigError(f"latents must be a [B, {z}, T, H, W] tensor, got {got}")
+        if self.config.decoder_padding_mode == "reflect" and min(latents.shape[3:]) < 2:
+            raise ConfigError(
+                f"latents of height x width {tuple(latents.shape[3:])} are too small for the decoder's reflect "
+                f"padding: each must be at least 2 (a video at least {2 * self.spatial_compression} pixels)"
+            )
+
+
+def _tile_cells(tile_size, tile_stride) -> tuple[tuple[int, int], tuple[int, int]]:
+    pairs = []
+    for name, value in (("tile_size", tile_size), ("tile_stride", tile_stride)):
+        pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+        if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+            raise ConfigError(f"{name} must be a positive int or (height, width) in latent cells, got {value!r}")
+        pairs.append(pair)
+        if tile_stride is None:  # 2 cells of overlap
+            pairs.append(tuple(max(1, v - 2) for v in pair))
+            break
+    size, stride = pairs
+    if min(size) < 2:
+        raise ConfigError(f"tile_size={size} must be at least 2 latent cells (the decoder pads by reflection)")
+    if stride[0] > size[0] or stride[1] > size[1]:
+        raise ConfigError(f"tile_stride={stride} must not exceed tile_size={size} (tiles would leave gaps)")
+    return size, stride
+
+
+__all__ = ["LTX2VideoVAE", "LTX2VideoVAEConfig", "depth_to_space", "space_to_depth"]

@@ -1,0 +1,652 @@
+"""LTX-2 audio-video DiT: conformance suite, behaviour, full-size keys on meta, formats, loading, VRAM manager,
+and parity with diffusers' `LTX2VideoTransformer3DModel(rope_type="split")` on the same weights (fp32, CPU).
+
+Inputs are built like diffusers' LTX-2 pipeline builds them: frame-major video tokens with latent sizes
+(num_frames, height, width) and fps, audio tokens, connector outputs (3840-wide at full size) with a
+keep-mask, and the scheduler's timesteps (sigma * 1000).
+
+`data/ltx2_full.json` is `/work/shared/formats/keys/ltx2_full.json` (every key and shape of
+`ltx-2-19b-dev.safetensors`), `data/ltx2_transformer_diffusers.json` the diffusers `transformer/` keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffsynth.ltx2 import dit as dit_module
+from diffsynth.ltx2.dit import LTX2DiT, LTX2DiTConfig, audio_positions, video_positions
+from diffsynth.ltx2.dit_formats import (
+    LTX2_DIT_SPEC,
+    PREFIX,
+    config_from_state,
+    diffusers_to_ours,
+    ours_to_diffusers,
+)
+from diffsynth.runtime.errors import ConfigError, UnknownModelError
+from diffsynth.runtime.loading import load_model
+from diffsynth.runtime.testing import conformance as cf
+from diffsynth.runtime.testing.weights import random_weights
+
+DATA = Path(__file__).parent / "data"
+LAYOUTS = {layout.name: layout for layout in LTX2_DIT_SPEC.layouts}
+CONNECTORS = ("video_embeddings_connector.", "audio_embeddings_connector.")
+
+
+# ------------------------------------------------------------------ tiny models and inputs
+def tiny_config(**overrides) -> LTX2DiTConfig:
+    """The one place tiny LTX-2 DiT sizes live (video 2 heads x 8, audio 2 heads x 4; Appendix A's sizes)."""
+    fields = dict(
+        in_channels=4,
+        out_channels=4,
+        num_heads=2,
+        head_dim=8,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_heads=2,
+        audio_head_dim=4,
+        num_layers=2,
+        caption_channels=16,
+    )
+    return LTX2DiTConfig(**{**fields, **overrides})
+
+
+def make_dit(config: LTX2DiTConfig | None = None, seed: int = 0) -> LTX2DiT:
+    return random_weights(LTX2DiT(config or tiny_config()), seed, scale=0.2)
+
+
+GRID = (2, 4, 4)  # latent frames, height, width
+AUDIO_FRAMES = 9
+TEXT_LEN = 7
+FPS = 25.0
+
+
+def dit_inputs(batch=2, seed=1, config: LTX2DiTConfig | None = None, masked=True):
+    """Positional inputs (video, audio, video_context, audio_context, timestep) and keyword inputs (masks,
+    latent sizes, fps) of a DiT call, as the diffusers pipeline passes them."""
+    cfg = config or tiny_config()
+    g = torch.Generator().manual_seed(seed)
+    f, h, w = GRID
+    video = torch.randn(batch, f * h * w, cfg.in_channels, generator=g)
+    audio = torch.randn(batch, AUDIO_FRAMES, cfg.audio_in_channels, generator=g)
+    video_context = torch.randn(batch, TEXT_LEN, cfg.caption_channels, generator=g)
+    audio_context = torch.randn(batch, TEXT_LEN, cfg.caption_channels, generator=g)
+    timestep = 1000 * torch.rand(batch, generator=g)
+    mask = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
+    if masked:
+        mask[-1, 4:] = False  # the last sample's prompt is shorter
+    kwargs = dict(video_context_mask=mask, audio_context_mask=mask, num_frames=f, height=h, width=w, fps=FPS)
+    return (video, audio, video_context, audio_context, timestep), kwargs
+
+
+def expected_shapes(args, cfg: LTX2DiTConfig | None = None):
+    cfg = cfg or tiny_config()
+    video, audio = args[:2]
+    return [(*video.shape[:2], cfg.out_channels), (*audio.shape[:2], cfg.audio_out_channels)]
+
+
+def meta_state_from_keys(name: str) -> dict[str, torch.Tensor]:
+    shapes = json.loads((DATA / name).read_text())
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def meta_state(config: LTX2DiTConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return LTX2DiT(config).state_dict()
+
+
+def shapes(state) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+def dit_part_of_full_file() -> dict[str, list[int]]:
+    full = json.loads((DATA / "ltx2_full.json").read_text())
+    return {
+        k[len(PREFIX) :]: v
+        for k, v in full.items()
+        if k.startswith(PREFIX) and not k[len(PREFIX) :].startswith(CONNECTORS)
+    }
+
+
+# ------------------------------------------------------------------ config
+def test_default_config_is_the_released_19b_model():
+    cfg = LTX2DiTConfig()
+    assert (cfg.dim, cfg.num_heads, cfg.head_dim, cfg.audio_dim, cfg.audio_num_heads, cfg.audio_head_dim) == (
+        4096, 32, 128, 2048, 32, 64,
+    )  # fmt: skip
+    assert (cfg.in_channels, cfg.out_channels, cfg.audio_in_channels, cfg.audio_out_channels) == (128,) * 4
+    assert (cfg.num_layers, cfg.caption_channels, cfg.rope_type, cfg.rope_theta) == (48, 3840, "split", 10000.0)
+    assert cfg.rope_max_pos == (20, 2048, 2048) and cfg.audio_rope_max_pos == 20
+    assert cfg.vae_scale_factors == (8, 32, 32) and (cfg.audio_sampling_rate, cfg.audio_hop_length) == (16000, 160)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"num_heads": 0}, "num_heads"),
+        ({"head_dim": 7}, "head_dim"),
+        ({"audio_head_dim": 5}, "audio_head_dim"),
+        ({"num_layers": -1}, "num_layers"),
+        ({"caption_channels": 0}, "caption_channels"),
+        ({"rope_type": "rotary"}, "rope_type"),
+        ({"rope_max_pos": (20, 2048)}, "rope_max_pos"),
+        ({"rope_theta": 1.0}, "rope_theta"),
+        ({"norm_eps": 0.0}, "norm_eps"),
+        ({"in_channels": True}, "in_channels"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+# ------------------------------------------------------------------ conformance suite
+def test_forward_shapes_and_dtype():
+    args, kwargs = dit_inputs()
+    cf.check_forward(make_dit, args, kwargs, expected_shapes=expected_shapes(args))
+
+
+def test_forward_bfloat16_keeps_dtype_and_stays_close_to_float32():
+    args, kwargs = dit_inputs()
+    low_args = tuple(a.bfloat16() if a.is_floating_point() and a.dim() == 3 else a for a in args)
+    lows = cf.check_forward(
+        lambda: make_dit().to(torch.bfloat16), low_args, kwargs, expected_shapes=expected_shapes(args)
+    )
+    with torch.no_grad():
+        fulls = make_dit().eval()(*args, **kwargs)
+    for name, low, full in zip(("video", "audio"), lows, fulls, strict=True):
+        error = ((low.float() - full).norm() / full.norm()).item()
+        assert error < 0.03, f"{name}: bf16 relative error {error:.3g}"
+
+
+def test_backward_reaches_every_parameter():
+    args, kwargs = dit_inputs()
+    cf.check_backward(make_dit, args, kwargs)
+
+
+def test_gradient_checkpointing_gives_same_output_and_grads():
+    args, kwargs = dit_inputs()
+    cf.check_gradient_checkpointing(make_dit, args, kwargs, atol=1e-6)
+
+
+def test_meta_build_and_assign_load_are_identical():
+    args, kwargs = dit_inputs()
+    cf.check_meta_load(make_dit, args, kwargs)
+
+
+def test_declared_units_exist():
+    cf.check_declared_units(make_dit)
+    assert LTX2DiT.offload_units == LTX2DiT.compile_units == ("transformer_blocks",)
+
+
+def test_spec_config_from_tiny_shapes_rebuilds_the_same_model():
+    """Shapes give channels, widths, block count; head counts come from the json."""
+    tiny = tiny_config()
+    config_json = {"num_attention_heads": 2, "audio_num_attention_heads": 2}
+    assert cf.check_spec_config(LTX2_DIT_SPEC, make_dit, config_json) == tiny
+
+
+# ------------------------------------------------------------------ behaviour
+def test_batch_equals_each_sample_alone():
+    model = make_dit().eval()
+    args, kwargs = dit_inputs(batch=3)
+    mask = kwargs.pop("video_context_mask")
+    kwargs.pop("audio_context_mask")
+    with torch.no_grad():
+        video, audio = model(*args, video_context_mask=mask, audio_context_mask=mask, **kwargs)
+        for i in range(3):
+            s = slice(i, i + 1)
+            alone = model(*(a[s] for a in args), video_context_mask=mask[s], audio_context_mask=mask[s], **kwargs)
+            torch.testing.assert_close(video[s], alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(audio[s], alone[1], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_text_tokens_are_ignored_and_a_full_mask_equals_none():
+    model = make_dit().eval()
+    (video, audio, vctx, actx, t), kwargs = dit_inputs()
+    changed_v, changed_a = vctx.clone(), actx.clone()
+    changed_v[-1, 4:] += 5.0
+    changed_a[-1, 4:] -= 5.0
+    with torch.no_grad():
+        base = model(video, audio, vctx, actx, t, **kwargs)
+        moved = model(video, audio, changed_v, changed_a, t, **kwargs)
+        unmasked = model(video, audio, changed_v, changed_a, t, **{**kwargs, "video_context_mask": None})
+        full = torch.ones(2, TEXT_LEN)  # 0/1 float masks work too
+        ones = model(video, audio, vctx, actx, t, **{**kwargs, "video_context_mask": full, "audio_context_mask": full})
+        none = model(video, audio, vctx, actx, t, **{**kwargs, "video_context_mask": None, "audio_context_mask": None})
+    for a, b in zip(base, moved, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert (unmasked[0][-1] - base[0][-1]).abs().max() > 1e-4  # without the mask those tokens matter
+    assert all(torch.equal(a, b) for a, b in zip(ones, none, strict=True))
+
+
+def test_positions_built_from_sizes_equal_explicit_coordinates_and_matter():
+    model = make_dit().eval()
+    args, kwargs = dit_inputs()
+    cfg = model.config
+    coords = dict(
+        video_coords=video_positions(cfg, 2, *GRID, FPS),
+        audio_coords=audio_positions(cfg, 2, AUDIO_FRAMES),
+        video_context_mask=kwargs["video_context_mask"],
+        audio_context_mask=kwargs["audio_context_mask"],
+    )
+    with torch.no_grad():
+        built = model(*args, **kwargs)
+        explicit = model(*args, **coords)
+        per_sample = model(*args, **{**coords, "video_coords": coords["video_coords"].clone()})  # not expanded
+        other_fps = model(*args, **{**kwargs, "fps": 12.0})
+        shifted = model(*args, **{**coords, "audio_coords": audio_positions(cfg, 2, AUDIO_FRAMES, shift=3)})
+    assert all(torch.equal(a, b) for a, b in zip(built, explicit, strict=True))
+    for a, b in zip(built, per_sample, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert (other_fps[0] - built[0]).abs().max() > 1e-4  # fps moves the video time axis
+    assert (shifted[1] - built[1]).abs().max() > 1e-4 and (shifted[0] - built[0]).abs().max() > 1e-5
+
+
+def test_positions_are_pixel_and_second_bounds():
+    cfg = LTX2DiTConfig()
+    video = video_positions(cfg, 1, 2, 1, 2, fps=24.0)  # tokens (f, h, w): (0,0,0), (0,0,1), (1,0,0), (1,0,1)
+    assert video.shape == (1, 3, 4, 2)
+    # first latent frame covers pixel frame 0 only (causal), the second frames 1..8
+    torch.testing.assert_close(video[0, 0, :, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]) / 24)
+    torch.testing.assert_close(video[0, 0, :, 1], torch.tensor([1.0, 1.0, 9.0, 9.0]) / 24)
+    torch.testing.assert_close(video[0, 2], torch.tensor([[0.0, 32.0], [32.0, 64.0], [0.0, 32.0], [32.0, 64.0]]))
+    audio = audio_positions(cfg, 1, 3)  # 4 mel hops of 10 ms per latent frame, first one causal
+    torch.testing.assert_close(audio[0, 0], torch.tensor([[0.0, 0.01], [0.01, 0.05], [0.05, 0.09]]))
+
+
+def test_timestep_forms_are_equivalent_and_audio_timestep_drives_audio():
+    model = make_dit().eval()
+    (video, audio, vctx, actx, _), kwargs = dit_inputs()
+    t = torch.tensor([300.0, 700.0])
+    per_token = t[:, None].expand(2, video.shape[1])
+    with torch.no_grad():
+        base = model(video, audio, vctx, actx, t, **kwargs)
+        tokens = model(video, audio, vctx, actx, per_token, audio_timestep=t, **kwargs)
+        scalar = model(video, audio, vctx, actx, 500.0, **kwargs)
+        vector = model(video, audio, vctx, actx, torch.full((2,), 500.0), **kwargs)
+        other_audio = model(video, audio, vctx, actx, t, audio_timestep=torch.tensor([900.0, 100.0]), **kwargs)
+    for a, b in zip(base, tokens, strict=True):  # same values, computed as [B, L] rows instead of [B, 1]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(scalar, vector, strict=True))
+    assert (other_audio[1] - base[1]).abs().max() > 1e-4
+
+
+def test_attention_goes_through_the_runtime_entry_point(monkeypatch):
+    calls = []
+    original = dit_module.attention
+
+    def spy(q, k, v, mask=None, scale=None):
+        calls.append((tuple(q.shape), tuple(k.shape), mask is not None))
+        return original(q, k, v, mask, scale)
+
+    monkeypatch.setattr(dit_module, "attention", spy)
+    args, kwargs = dit_inputs()
+    with torch.no_grad():
+        make_dit()(*args, **kwargs)
+    lv = GRID[0] * GRID[1] * GRID[2]
+    per_block = [
+        ((2, lv, 2, 8), (2, lv, 2, 8), False),  # video self
+        ((2, AUDIO_FRAMES, 2, 4), (2, AUDIO_FRAMES, 2, 4), False),  # audio self
+        ((2, lv, 2, 8), (2, TEXT_LEN, 2, 8), True),  # video <- text (masked)
+        ((2, AUDIO_FRAMES, 2, 4), (2, TEXT_LEN, 2, 4), True),  # audio <- text
+        ((2, lv, 2, 4), (2, AUDIO_FRAMES, 2, 4), False),  # audio -> video, at the audio width
+        ((2, AUDIO_FRAMES, 2, 4), (2, lv, 2, 4), False),  # video -> audio
+    ]
+    assert calls == per_block * 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({0: torch.zeros(2, 32, 5)}, "video has shape"),
+        ({1: torch.zeros(1, 9, 4)}, "audio has shape"),
+        ({2: torch.zeros(2, 7, 15)}, "video_context has shape"),
+        ({3: torch.zeros(3, 7, 16)}, "audio_context has shape"),
+        ({4: torch.zeros(3)}, "timestep has shape"),
+        ({"num_frames": 3}, "num_frames"),
+        ({"video_context_mask": torch.ones(2, 6)}, "video_context_mask has shape"),
+        ({"video_coords": torch.zeros(2, 3, 31, 2)}, "video_coords has shape"),
+        ({"audio_coords": torch.zeros(2, 3, 9, 2)}, "audio_coords has shape"),
+        ({4: torch.zeros(2, 32)}, "audio_timestep"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    args, kwargs = dit_inputs()
+    args = list(args)
+    for key, value in change.items():
+        if isinstance(key, int):
+            args[key] = value
+        else:
+            kwargs[key] = value
+    with pytest.raises(ValueError, match=message):
+        make_dit()(*args, **kwargs)
+
+
+# ------------------------------------------------------------------ full size, meta device
+def test_released_model_has_exactly_the_dit_keys_and_shapes_of_the_official_file():
+    official = dit_part_of_full_file()
+    ours = shapes(meta_state(LTX2DiTConfig()))
+    assert sorted(ours.keys() - official.keys()) == [] and sorted(official.keys() - ours.keys()) == []
+    assert ours == official
+    assert len(ours) == 3510 and round(sum(torch.Size(s).numel() for s in ours.values()) / 1e9, 2) == 18.88
+
+
+def test_official_file_is_recognised_owning_the_dit_keys_only():
+    full = meta_state_from_keys("ltx2_full.json")
+    layout = LTX2_DIT_SPEC.match(full)
+    assert layout is not None and layout.name == "original"
+    owned = {k for k in full if layout.owns(k)}
+    assert owned == {PREFIX + k for k in dit_part_of_full_file()}  # not the connectors, VAEs, vocoder
+    ours = layout.to_ours(full)
+    assert config_from_state(ours, None) == LTX2DiTConfig()
+
+
+def test_diffusers_folder_converts_to_exactly_our_keys_and_shapes():
+    diffusers = meta_state_from_keys("ltx2_transformer_diffusers.json")
+    layout = LTX2_DIT_SPEC.match(diffusers)
+    assert layout.name == "diffusers"
+    ours = meta_state(LTX2DiTConfig())
+    assert shapes(layout.to_ours(diffusers)) == shapes(ours)
+    assert shapes(ours_to_diffusers(ours)) == json.loads((DATA / "ltx2_transformer_diffusers.json").read_text())
+    assert config_from_state(layout.to_ours(diffusers), RELEASED_CONFIG_JSON) == LTX2DiTConfig()
+
+
+# transformer/config.json fields of the released diffusers folder (LTX-2.0, split RoPE)
+RELEASED_CONFIG_JSON = {
+    "_class_name": "LTX2VideoTransformer3DModel",
+    "in_channels": 128,
+    "out_channels": 128,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "num_attention_heads": 32,
+    "attention_head_dim": 128,
+    "cross_attention_dim": 4096,
+    "vae_scale_factors": [8, 32, 32],
+    "pos_embed_max_pos": 20,
+    "base_height": 2048,
+    "base_width": 2048,
+    "audio_in_channels": 128,
+    "audio_out_channels": 128,
+    "audio_num_attention_heads": 32,
+    "audio_attention_head_dim": 64,
+    "audio_cross_attention_dim": 2048,
+    "audio_scale_factor": 4,
+    "audio_pos_embed_max_pos": 20,
+    "audio_sampling_rate": 16000,
+    "audio_hop_length": 160,
+    "num_layers": 48,
+    "activation_fn": "gelu-approximate",
+    "qk_norm": "rms_norm_across_heads",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-06,
+    "caption_channels": 3840,
+    "attention_bias": True,
+    "attention_out_bias": True,
+    "rope_theta": 10000.0,
+    "rope_double_precision": True,
+    "causal_offset": 1,
+    "timestep_scale_multiplier": 1000,
+    "cross_attn_timestep_scale_multiplier": 1000,
+    "rope_type": "split",
+}
+
+
+def test_config_json_alone_gives_the_released_config():
+    assert config_from_state({}, RELEASED_CONFIG_JSON) == LTX2DiTConfig()
+
+
+# ------------------------------------------------------------------ formats and configs (tiny)
+@pytest.mark.parametrize("name", ["original", "original_unprefixed"])
+def test_original_layouts_round_trip(name):
+    cf.check_layout_roundtrip(make_dit, LAYOUTS[name])
+
+
+def test_diffusers_layout_inverts_ours_to_diffusers_exactly():
+    cf.check_layout_roundtrip(make_dit, LAYOUTS["diffusers"], from_ours=ours_to_diffusers)
+    ours = make_dit().state_dict()
+    diffusers = ours_to_diffusers(ours)
+    back = diffusers_to_ours(diffusers)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+    assert (
+        diffusers["transformer_blocks.1.audio_to_video_attn.norm_q.weight"]
+        is ours["transformer_blocks.1.audio_to_video_attn.q_norm.weight"]
+    )
+    assert diffusers["av_cross_attn_audio_v2a_gate.linear.bias"] is ours["av_ca_v2a_gate_adaln_single.linear.bias"]
+
+
+def test_unmapped_keys_are_errors_naming_them():
+    diffusers = ours_to_diffusers(make_dit().state_dict())
+    for rogue in ("transformer_blocks.0.attn1.to_gate_logits.weight", "prompt_adaln.linear.weight"):
+        with pytest.raises(KeyError, match=rogue):
+            diffusers_to_ours({**diffusers, rogue: torch.zeros(1)})
+    with pytest.raises(KeyError, match="video_embeddings_connector"):
+        ours_to_diffusers({"video_embeddings_connector.learnable_registers": torch.zeros(1)})
+
+
+def test_layouts_own_only_dit_keys():
+    original = LAYOUTS["original"]
+    assert original.owns(PREFIX + "transformer_blocks.3.attn1.to_q.weight")
+    assert original.owns(PREFIX + "audio_scale_shift_table") and original.owns(PREFIX + "adaln_single.linear.bias")
+    assert not original.owns(PREFIX + "video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.weight")
+    assert not original.owns("vae.decoder.conv_in.conv.weight") and not original.owns("transformer_blocks.0.ff")
+    assert not LAYOUTS["diffusers"].owns("video_connector.learnable_registers")
+
+
+def test_heads_come_from_the_json_or_the_released_head_width():
+    state = meta_state(tiny_config())
+    with pytest.raises(ConfigError, match="num_heads"):  # widths 16 / 8 are not multiples of 128 / 64
+        config_from_state(state, None)
+    cfg = config_from_state(state, {"attention_head_dim": 8, "audio_attention_head_dim": 4})
+    assert (cfg.num_heads, cfg.audio_num_heads) == (2, 2)
+    wide = tiny_config(num_heads=1, head_dim=128, audio_num_heads=1, audio_head_dim=64)
+    assert config_from_state(meta_state(wide), None) == wide
+
+
+def test_config_json_that_contradicts_the_shapes_or_the_model_is_an_error():
+    state = meta_state(LTX2DiTConfig())
+    with pytest.raises(ConfigError, match="num_layers"):
+        config_from_state(state, {**RELEASED_CONFIG_JSON, "num_layers": 47})
+    with pytest.raises(ConfigError, match="caption_channels"):
+        config_from_state(state, {**RELEASED_CONFIG_JSON, "caption_channels": 4096})
+    with pytest.raises(ConfigError, match="num_heads"):
+        config_from_state(state, {**RELEASED_CONFIG_JSON, "num_attention_heads": 16})
+    with pytest.raises(ConfigError, match="gated_attn"):  # LTX-2.3
+        config_from_state({}, {**RELEASED_CONFIG_JSON, "gated_attn": True})
+    with pytest.raises(ConfigError, match="patch_size"):
+        config_from_state({}, {**RELEASED_CONFIG_JSON, "patch_size": 2})
+    with pytest.raises(ConfigError, match="cross_attention_dim"):
+        config_from_state({}, {**RELEASED_CONFIG_JSON, "cross_attention_dim": 2048})
+    with pytest.raises(ConfigError, match="rope_type"):
+        config_from_state({}, {**RELEASED_CONFIG_JSON, "rope_type": "rotary"})
+
+
+# ------------------------------------------------------------------ loading files
+def _file_config() -> LTX2DiTConfig:
+    """Small, but with the released head widths (128 / 64), so an original file without a config derives it."""
+    return tiny_config(num_heads=1, head_dim=128, audio_num_heads=1, audio_head_dim=64, num_layers=1)
+
+
+def _diffusers_config_json(cfg: LTX2DiTConfig) -> dict:
+    """What diffusers writes for a model of `cfg`'s sizes."""
+    return {
+        **RELEASED_CONFIG_JSON,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.head_dim,
+        "cross_attention_dim": cfg.dim,
+        "audio_in_channels": cfg.audio_in_channels,
+        "audio_out_channels": cfg.audio_out_channels,
+        "audio_num_attention_heads": cfg.audio_num_heads,
+        "audio_attention_head_dim": cfg.audio_head_dim,
+        "audio_cross_attention_dim": cfg.audio_dim,
+        "num_layers": cfg.num_layers,
+        "caption_channels": cfg.caption_channels,
+    }
+
+
+@pytest.mark.parametrize("layout", ["original", "original_unprefixed", "diffusers"])
+def test_runtime_loader_builds_the_same_model_from_a_file_in_each_layout(layout, tmp_path):
+    cfg = _file_config() if layout != "diffusers" else tiny_config()
+    reference = make_dit(cfg, seed=4).eval()
+    state = reference.state_dict()
+    if layout == "original":
+        state = {PREFIX + k: v for k, v in state.items()}
+    elif layout == "diffusers":
+        state = ours_to_diffusers(state)
+        (tmp_path / "config.json").write_text(json.dumps(_diffusers_config_json(cfg)))
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = load_model(str(path), specs=[LTX2_DIT_SPEC])
+    assert isinstance(model, LTX2DiT) and model.config == cfg
+    args, kwargs = dit_inputs(config=cfg)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(*args, **kwargs), reference(*args, **kwargs), strict=True))
+
+
+def test_runtime_loader_takes_a_state_dict_with_the_heads_given_and_casts():
+    reference = make_dit()
+    config = {"num_attention_heads": 2, "audio_num_attention_heads": 2}
+    model = load_model(reference.state_dict(), torch.bfloat16, specs=[LTX2_DIT_SPEC], config=config)
+    assert model.config == tiny_config() and model.patchify_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_whole_ltx2_file_names_the_keys_no_installed_model_owns(tmp_path):
+    """The connectors share the DiT's prefix: with only the DiT spec they are reported, not dropped."""
+    state = {PREFIX + k: v for k, v in make_dit(_file_config()).state_dict().items()}
+    state[PREFIX + "video_embeddings_connector.learnable_registers"] = torch.zeros(8, 16)
+    path = tmp_path / "ltx-2-tiny.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(UnknownModelError, match="video_embeddings_connector"):
+        load_model(str(path), specs=[LTX2_DIT_SPEC])
+
+
+# ------------------------------------------------------------------ VRAM manager
+def test_vram_managed_dit_equals_the_unmanaged_one():
+    from diffsynth.runtime.vram import enable_vram_management
+
+    def factory():
+        return make_dit(seed=2).eval().requires_grad_(False)
+
+    args, kwargs = dit_inputs()
+    with torch.no_grad():
+        reference = factory()(*args, **kwargs)
+        model = factory()
+        handle = enable_vram_management(model, {"offload_device": "cpu", "onload_device": "cpu"}, vram_limit=0,
+                                        device="cpu")  # fmt: skip
+        assert handle.plan.resident == () and len(handle.units) == 2
+        assert all(torch.equal(a, b) for a, b in zip(model(*args, **kwargs), reference, strict=True))
+        assert handle.report().bytes_moved > 0
+
+
+# ------------------------------------------------------------------ parity with diffusers
+def reference_dit(cfg: LTX2DiTConfig, state: dict | None = None):
+    """diffusers' `LTX2VideoTransformer3DModel` of `cfg`'s sizes, eval mode, strictly loaded with a
+    diffusers-named `state` when given."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    reference = LTX2VideoTransformer3DModel(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        cross_attention_dim=cfg.dim,
+        audio_in_channels=cfg.audio_in_channels,
+        audio_out_channels=cfg.audio_out_channels,
+        audio_num_attention_heads=cfg.audio_num_heads,
+        audio_attention_head_dim=cfg.audio_head_dim,
+        audio_cross_attention_dim=cfg.audio_dim,
+        num_layers=cfg.num_layers,
+        caption_channels=cfg.caption_channels,
+        rope_type=cfg.rope_type,
+        rope_double_precision=cfg.rope_double_precision,
+    ).eval()
+    if state is not None:
+        reference.load_state_dict(state, strict=True)
+    return reference
+
+
+def _compare(ours, reference, args, kwargs) -> float:
+    video, audio, vctx, actx, t = args
+    with torch.no_grad():
+        got = ours(*args, **kwargs)
+        want = reference(
+            hidden_states=video,
+            audio_hidden_states=audio,
+            encoder_hidden_states=vctx,
+            audio_encoder_hidden_states=actx,
+            timestep=t,
+            audio_timestep=kwargs.get("audio_timestep"),
+            encoder_attention_mask=kwargs["video_context_mask"],
+            audio_encoder_attention_mask=kwargs["audio_context_mask"],
+            num_frames=kwargs["num_frames"],
+            height=kwargs["height"],
+            width=kwargs["width"],
+            fps=kwargs["fps"],
+            audio_num_frames=audio.shape[1],
+            return_dict=False,
+        )
+    worst = 0.0
+    for name, g, w in zip(("video", "audio"), got, want, strict=True):
+        diff, scale = (g - w).abs().max().item(), w.abs().max().item()
+        print(f"parity {name}: max abs diff {diff:.3g}, output scale {scale:.3g}")
+        assert scale > 0.1  # a vacuous comparison (all zeros) would prove nothing
+        assert diff <= 1e-5 * max(1.0, scale), f"{name}: max abs diff {diff:.3g} (scale {scale:.3g}) vs diffusers"
+        worst = max(worst, diff)
+    return worst
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("rope_type", ["split", "interleaved"])
+def test_parity_with_diffusers_on_our_weights(rope_type):
+    pytest.importorskip("diffusers")
+    cfg = tiny_config(rope_type=rope_type)
+    ours = make_dit(cfg).eval()
+    args, kwargs = dit_inputs(config=cfg)
+    _compare(ours, reference_dit(cfg, ours_to_diffusers(ours.state_dict())), args, kwargs)
+
+
+@pytest.mark.parity
+def test_parity_with_per_token_timesteps_audio_timestep_and_float_positions():
+    """Image-to-video style call: per-token video timesteps (conditioning frame at 0) and a separate audio
+    timestep, single-precision RoPE."""
+    pytest.importorskip("diffusers")
+    cfg = tiny_config(rope_double_precision=False)
+    ours = make_dit(cfg, seed=3).eval()
+    args, kwargs = dit_inputs(config=cfg, seed=5)
+    per_token = args[4][:, None].repeat(1, args[0].shape[1])
+    per_token[:, : GRID[1] * GRID[2]] = 0.0  # first latent frame is clean
+    args = (*args[:4], per_token)
+    kwargs["audio_timestep"] = torch.tensor([400.0, 850.0])
+    _compare(ours, reference_dit(cfg, ours_to_diffusers(ours.state_dict())), args, kwargs)
+
+
+@pytest.mark.parity
+def test_parity_through_diffusers_converter_of_the_original_file():
+    """Our original-layout file (with a connector key beside it, as in the real file) through diffusers'
+    `convert_ltx2_transformer_to_diffusers`, strictly loaded, gives our outputs."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+
+    cfg = tiny_config()
+    ours = make_dit(cfg, seed=6).eval()
+    original = {PREFIX + k: v for k, v in ours.state_dict().items()}
+    original[PREFIX + "audio_embeddings_connector.learnable_registers"] = torch.zeros(8, 16)
+    converted = convert_ltx2_transformer_to_diffusers(dict(original))
+    _compare(ours, reference_dit(cfg, converted), *dit_inputs(config=cfg, seed=7))
+
+
+@pytest.mark.parity
+def test_parity_from_diffusers_weights_converted_to_ours():
+    """The other direction: a diffusers model's own (randomised) weights through `diffusers_to_ours`."""
+    pytest.importorskip("diffusers")
+    cfg = tiny_config()
+    reference = random_weights(reference_dit(cfg), seed=8, scale=0.2)
+    ours = LTX2DiT(cfg)
+    ours.load_state_dict(diffusers_to_ours(reference.state_dict()), strict=True)
+    _compare(ours.eval(), reference.eval(), *dit_inputs(config=cfg, seed=9))
