@@ -1,4 +1,5 @@
-"""Smoke test: the package installs and imports on its own (its models are not built yet)."""
+"""Smoke test (also run by the isolation session): the package installs and imports on its own, and its family
+is discoverable with the six LTX-2 models and the pipeline."""
 
 import importlib
 
@@ -7,3 +8,14 @@ def test_imports_with_docstring():
     module = importlib.import_module("diffsynth.ltx2")
     assert module.__doc__ and "DiffSynth" in module.__doc__
     assert module.__file__ is not None and module.__file__.endswith("__init__.py")
+
+
+def test_family_is_discoverable():
+    from diffsynth.ltx2 import LTX2Pipeline
+    from diffsynth.runtime.registry import find_preset, installed_families
+
+    family = installed_families()["ltx2"]
+    assert {spec.role for spec in family.specs} == {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder"}
+    assert family.pipeline_class() is LTX2Pipeline
+    found, preset = find_preset("Lightricks/LTX-2")
+    assert found is family and preset.defaults["num_frames"] == 121

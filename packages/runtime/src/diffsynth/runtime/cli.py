@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True, help="what to draw, e.g. 'a red circle on a blue background'")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid, used when --cfg > 1 (preset default)")
-    gen.add_argument("--output", default="output.png", help="file to write (.png/.jpg for images, .mp4 for video)")
+    gen.add_argument(
+        "--output", default=None, help="file to write (.png/.jpg for images, .mp4 for video; default output.png/.mp4)"
+    )
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (preset default)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (preset default)")
     gen.add_argument(
@@ -180,17 +182,28 @@ def _generate(args) -> int:
     if args.input_image is not None:
         options["denoising_strength"] = args.denoising_strength
     accepted = inspect.signature(type(pipe).__call__).parameters
+    if args.fps is not None and "frame_rate" in accepted:  # models that place frames in time (LTX-2)
+        options["frame_rate"] = args.fps
     for name in options:
         if name not in accepted:
             flag = "--" + {"num_inference_steps": "steps", "cfg_scale": "cfg"}.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
+    makes_video = "num_frames" in accepted
+    output = Path(args.output or ("output.mp4" if makes_video else "output.png"))
+    if makes_video and output.suffix.lower() != ".mp4":
+        raise ConfigError(f"{type(pipe).__name__} makes videos: --output must name an .mp4 file, not {output}")
     result = pipe(prompt=args.prompt, seed=args.seed, **options)
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(result, list):  # video frames
+    fps = args.fps or pipe.defaults.get("fps") or pipe.defaults.get("frame_rate") or 16
+    if isinstance(result, tuple) and len(result) == 2:  # video frames with their sound
+        from .media import mux_video_audio
+
+        frames, (waveform, sample_rate) = result
+        mux_video_audio(frames, waveform, sample_rate, str(output), fps=fps)
+    elif isinstance(result, list):  # video frames
         from .media import save_video
 
-        save_video(result, str(output), fps=args.fps or pipe.defaults.get("fps", 16))
+        save_video(result, str(output), fps=fps)
     else:
         result.save(output)
     logger.info("wrote %s", output)

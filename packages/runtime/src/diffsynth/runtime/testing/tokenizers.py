@@ -8,6 +8,9 @@ the real tokenizer's.
 
 `build_tiny_mistral_tokenizer` does the same for Mistral-Small-3.1 (FLUX.2-dev): control tokens first,
 BOS added, `[SYSTEM_PROMPT]`/`[INST]` chat layout with list-of-parts message content.
+
+`build_tiny_gemma_tokenizer` does the same for Gemma 3 (LTX-2): `<pad>`/`<eos>`/`<bos>` at ids 0/1/2,
+BOS added, spaces as `▁`, left padding, `<start_of_turn>` chat layout.
 """
 
 from __future__ import annotations
@@ -206,4 +209,65 @@ def build_tiny_mistral_tokenizer(
     directory.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(directory))
     logger.debug("tiny Mistral tokenizer (%d tokens) saved to %s", len(wrapped), directory)
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+# Gemma 3 control tokens take the first ids, in the real order: `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3.
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
+
+# Our rendering of Gemma 3's template for text messages: BOS once, each turn in <start_of_turn> tags
+# (the assistant's role is `model`), content a string or a list of text parts.
+GEMMA_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for m in messages -%}"
+    "{%- set ns = namespace(text='') -%}"
+    "{%- if m.content is string -%}{%- set ns.text = m.content -%}"
+    "{%- else -%}{%- for part in m.content -%}{%- if part.type == 'text' -%}"
+    "{%- set ns.text = ns.text + part.text -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- set role = 'model' if m.role == 'assistant' else m.role -%}"
+    "{{- '<start_of_turn>' + role + '\\n' + ns.text + '<end_of_turn>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+
+
+def build_tiny_gemma_tokenizer(
+    directory, texts: list[str] | None = None, vocab_size: int = 300, padding_side: str = "left"
+):
+    """Train a Gemma-style BPE (spaces as `▁`, BOS added, `<pad>`/`<eos>`/`<bos>` at ids 0/1/2), save it to
+    `directory`, load it back.
+
+    The folder loads offline with `AutoTokenizer.from_pretrained(directory)`. Only the vocabulary is tiny;
+    what LTX-2's prompt encoding relies on (one BOS, `<pad>` id 0, left padding) is the real tokenizer's.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if vocab_size < 64 + len(GEMMA_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} must be at least {64 + len(GEMMA_SPECIAL_TOKENS)}")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Replace("\u2581", " ")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(GEMMA_SPECIAL_TOKENS), show_progress=False)
+    tokenizer.train_from_iterator(list(texts) if texts else list(DEFAULT_CORPUS), trainer=trainer)
+    bos = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        padding_side=padding_side,
+        clean_up_tokenization_spaces=False,
+        model_max_length=131072,
+    )
+    wrapped.chat_template = GEMMA_CHAT_TEMPLATE
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(str(directory))
+    logger.debug("tiny Gemma tokenizer (%d tokens) saved to %s", len(wrapped), directory)
     return AutoTokenizer.from_pretrained(str(directory))

@@ -1,0 +1,34 @@
+"""What the LTX-2 package contributes to the runtime: the "ltx2" family with the specs of its six models
+(DiT, text connectors, video VAE, audio VAE, vocoder, Gemma-3 text encoder), presets and pipeline.
+
+One `ltx-2-19b-*.safetensors` file holds the five LTX models under their own prefixes; each spec takes
+its share, so the file loads whole. Gemma comes from its own repo.
+"""
+
+from __future__ import annotations
+
+from diffsynth.runtime.registry import Family
+
+from .audio_vae_formats import LTX2_AUDIO_VAE_SPEC
+from .connectors_formats import LTX2_CONNECTORS_SPEC
+from .dit_formats import LTX2_DIT_SPEC
+from .presets import PRESETS
+from .text_encoder_formats import GEMMA3_TEXT_SPEC
+from .video_vae_formats import LTX2_VIDEO_VAE_SPEC
+from .vocoder_formats import LTX2_VOCODER_SPEC
+
+FAMILY = Family(
+    name="ltx2",
+    specs=(
+        LTX2_DIT_SPEC,
+        LTX2_CONNECTORS_SPEC,
+        LTX2_VIDEO_VAE_SPEC,
+        LTX2_AUDIO_VAE_SPEC,
+        LTX2_VOCODER_SPEC,
+        GEMMA3_TEXT_SPEC,
+    ),
+    presets=PRESETS,
+    pipeline="diffsynth.ltx2.pipeline:LTX2Pipeline",
+    description="LTX-2 (Lightricks) 19B text-to-video with synchronised audio: audio-video DiT, Gemma-3-12B "
+    "text encoder with text connectors, 128-channel video VAE, mel audio VAE and vocoder",
+)

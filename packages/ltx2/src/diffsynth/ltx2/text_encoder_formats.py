@@ -1,0 +1,192 @@
+"""How LTX-2's Gemma-3-12B text encoder files are recognised, converted and configured.
+
+The released encoder is `google/gemma-3-12b-it-qat-q4_0-unquantized` (`model-*.safetensors`, 1065
+tensors): a whole `Gemma3ForConditionalGeneration` (SigLIP vision tower, projector, language model;
+no `lm_head`, it is tied). LTX-2 reads hidden states of the language model only, so our module is
+transformers' `Gemma3TextModel` (`embed_tokens.*`, `layers.N.*`, `norm.*`) and the vision tower and
+projector (and an `lm_head`, where a file stores one) are dropped on purpose. The spec owns the whole
+file, so the loader does not stop on the dropped keys; any other key is an error naming it. Layouts:
+
+- hub files (transformers 4.x names): `language_model.model.*`, `vision_tower.vision_model.*`,
+  `multi_modal_projector.*`;
+- transformers 5 `Gemma3ForConditionalGeneration.state_dict()`: `model.language_model.*`,
+  `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.weight`.
+
+Shapes give the widths, layer and head counts (`q_norm` is one head wide). Sliding window, layer
+pattern, RoPE and attention scaling come from the `config.json` beside the file (its `text_config`),
+else from the released Gemma-3-12B values. Gemma files are told apart from Mistral3 ones by the
+Gemma-only `pre_feedforward_layernorm` and `mm_input_projection_weight`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, check_config_facts
+
+# Gemma-3-12B text config values the shapes cannot tell (its config.json `text_config` plus the
+# Gemma3TextConfig defaults it relies on), in the legacy form transformers converts.
+GEMMA3_12B_DEFAULTS = dict(
+    query_pre_attn_scalar=256,
+    sliding_window=1024,
+    sliding_window_pattern=6,  # every 6th layer attends globally
+    rope_theta=1_000_000.0,  # global layers, with linear scaling x8
+    rope_scaling={"factor": 8.0, "rope_type": "linear"},
+    rope_local_base_freq=10_000.0,  # sliding layers
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=131072,
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+_LAYER_PARAMS = frozenset(
+    [f"self_attn.{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias")]
+    + ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    + [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    + [f"{n}_layernorm.weight" for n in ("input", "post_attention", "pre_feedforward", "post_feedforward")]
+)
+_TOP_PARAMS = frozenset(["embed_tokens.weight", "norm.weight"])
+
+
+def _language_model(
+    state: dict[str, torch.Tensor], layout: str, lm_prefix: str, dropped_prefixes: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The language model's keys without `lm_prefix`; vision tower, projector and lm_head dropped."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(dropped_prefixes):
+            continue
+        if not key.startswith(lm_prefix):
+            raise KeyError(f"Gemma3 ({layout} layout): no mapping for key {key!r}")
+        name = key[len(lm_prefix) :]
+        m = _LAYER_KEY.fullmatch(name)
+        if not (name in _TOP_PARAMS or (m is not None and m.group(2) in _LAYER_PARAMS)):
+            raise KeyError(f"Gemma3 ({layout} layout): no mapping for key {key!r}")
+        out[name] = value
+    return out
+
+
+def gemma3_from_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _language_model(
+        state, "hub", "language_model.model.", ("language_model.lm_head.", "vision_tower.", "multi_modal_projector.")
+    )
+
+
+def gemma3_from_transformers5(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _language_model(
+        state,
+        "transformers5",
+        "model.language_model.",
+        ("lm_head.", "model.vision_tower.", "model.multi_modal_projector."),
+    )
+
+
+_LM_SIGNATURE = (
+    "embed_tokens.weight",
+    "layers.0.self_attn.q_proj.weight",
+    "layers.0.self_attn.q_norm.weight",
+    "layers.0.mlp.gate_proj.weight",
+    "layers.0.pre_feedforward_layernorm.weight",
+    "norm.weight",
+)
+_PROJECTOR = "multi_modal_projector.mm_input_projection_weight"
+
+LAYOUTS = (
+    KeyLayout(
+        "hub",
+        tuple("language_model.model." + k for k in _LM_SIGNATURE) + (_PROJECTOR,),
+        convert=gemma3_from_hub,
+        owns_prefixes=("language_model.", "vision_tower.", "multi_modal_projector."),
+    ),
+    KeyLayout(
+        "transformers5",
+        tuple("model.language_model." + k for k in _LM_SIGNATURE) + ("model." + _PROJECTOR,),
+        convert=gemma3_from_transformers5,
+        owns_prefixes=("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "lm_head."),
+    ),
+)
+
+_BOOKKEEPING = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version")
+
+
+def _text_json(config_json: dict | None) -> dict | None:
+    """The Gemma3 text config inside a Gemma3 `config.json` (or a bare `gemma3_text` one), minus bookkeeping."""
+    if not config_json:
+        return None
+    kind = config_json.get("model_type")
+    if isinstance(config_json.get("text_config"), dict):
+        text = config_json["text_config"]
+    elif kind == "gemma3_text":
+        text = config_json
+    else:
+        raise ConfigError(
+            f"Gemma3 text encoder: the config.json beside the file is a {kind!r} config with no text_config; "
+            "expected the Gemma3 (model_type 'gemma3') config.json of the text encoder's folder"
+        )
+    return {k: v for k, v in text.items() if not k.startswith("_") and k not in _BOOKKEEPING}
+
+
+def _shape_facts(state: StateDict) -> dict[str, object]:
+    vocab, hidden = state["embed_tokens.weight"].shape
+    head_dim = state["layers.0.self_attn.q_norm.weight"].shape[0]
+    layers = {int(m.group(1)) for k in state if (m := _LAYER_KEY.fullmatch(k))}
+    q_width = state["layers.0.self_attn.q_proj.weight"].shape[0]
+    kv_width = state["layers.0.self_attn.k_proj.weight"].shape[0]
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=max(layers) + 1,
+        head_dim=head_dim,
+        num_attention_heads=q_width // head_dim,
+        num_key_value_heads=kv_width // head_dim,
+        intermediate_size=state["layers.0.mlp.gate_proj.weight"].shape[0],
+        attention_bias="layers.0.self_attn.q_proj.bias" in state,
+    )
+
+
+def gemma3_text_config(state: StateDict, config_json: dict | None = None):
+    """`Gemma3TextConfig` of the language model: shapes, plus the `config.json` (checked against them) or
+    the released Gemma-3-12B values."""
+    from transformers import Gemma3TextConfig
+
+    given = _text_json(config_json)
+    facts = _shape_facts(state)
+    if given is None:
+        fields = dict(GEMMA3_12B_DEFAULTS)
+    else:
+        check_config_facts("Gemma3 config.json text_config", given, facts)
+        fields = given
+    return build_config(Gemma3TextConfig, "Gemma3 text encoder", {**fields, **facts})
+
+
+def build_gemma3_text(config):
+    from .text_encoder import Gemma3TextEncoder
+
+    return Gemma3TextEncoder(config)
+
+
+GEMMA3_TEXT_SPEC = ModelSpec(
+    name="gemma3_text_encoder",
+    role="text_encoder",
+    layouts=LAYOUTS,
+    config_from_state=gemma3_text_config,
+    build=build_gemma3_text,
+    description="Gemma-3-12B language model (LTX-2 text encoder, gemma-3-12b-it-qat-q4_0-unquantized); hidden states only",
+)
+
+__all__ = [
+    "GEMMA3_12B_DEFAULTS",
+    "GEMMA3_TEXT_SPEC",
+    "LAYOUTS",
+    "gemma3_from_hub",
+    "gemma3_from_transformers5",
+    "gemma3_text_config",
+]

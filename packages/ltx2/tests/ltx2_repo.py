@@ -1,0 +1,325 @@
+"""A tiny random LTX-2 model base laid out like the hub, built offline with our own classes.
+
+`build_tiny_base(base)` writes `Lightricks/LTX-2/ltx-2-19b-dev.safetensors` (DiT, text connectors, video VAE,
+audio VAE and vocoder under the released file's prefixes and names) and
+`google/gemma-3-12b-it-qat-q4_0-unquantized/` (a tiny `Gemma3ForConditionalGeneration` as `save_pretrained`
+writes it, with a tiny offline tokenizer beside it), so the `Lightricks/LTX-2` preset resolves to it with
+downloads off. No diffusers needed; `reference_pipeline` builds diffusers' `LTX2Pipeline` from the same
+weights (through our converters) for the parity tests, and `write_diffusers_folder` the diffusers layout.
+
+A single file carries no config, so the per-head widths are the release's (128 for video and text, 64 for
+audio, one head each) and the vocoder keeps the released kernels and rates: the shapes alone give the models.
+Every parameter is random and both VAEs' latent statistics are away from (0, 1).
+Loaded by conftest as the module `diffsynth_ltx2_test_repo` (test modules cannot import each other).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from diffsynth.runtime.testing.weights import random_weights
+
+CAPTIONS = [
+    "a cat plays the piano and sings",
+    "waves crash on a rocky beach at dawn",
+    "a drummer in a small jazz club",
+    "blurry, low quality, distorted audio",
+]
+LTX_REPO, GEMMA_REPO = "Lightricks/LTX-2", "google/gemma-3-12b-it-qat-q4_0-unquantized"
+SINGLE_FILE = "ltx-2-19b-dev.safetensors"
+MAX_SEQUENCE_LENGTH = 16  # a multiple of the connectors' 8 registers
+FRAMES, HEIGHT, WIDTH = 9, 64, 64  # 2 x 2 x 2 video latents, 9 audio latent frames at 24 fps
+TEXT_LAYERS, TEXT_WIDTH = 2, 128  # Gemma hidden states: embeddings + 2 layers, 128 wide
+
+
+def tiny_configs() -> dict:
+    """The one place tiny LTX-2 sizes live: our config of each model, by pipeline slot."""
+    from diffsynth.ltx2.audio_vae import LTX2AudioVAEConfig
+    from diffsynth.ltx2.connectors import LTX2ConnectorsConfig
+    from diffsynth.ltx2.dit import LTX2DiTConfig
+    from diffsynth.ltx2.video_vae import LTX2VideoVAEConfig
+    from diffsynth.ltx2.vocoder import LTX2VocoderConfig
+
+    side = dict(num_heads=1, head_dim=128, num_layers=1, num_registers=8)
+    return {
+        "dit": LTX2DiTConfig(
+            in_channels=8,
+            out_channels=8,
+            num_heads=1,
+            head_dim=128,
+            audio_in_channels=8,  # audio latents: 2 channels x 4 mel bins
+            audio_out_channels=8,
+            audio_num_heads=1,
+            audio_head_dim=64,
+            num_layers=2,
+            caption_channels=TEXT_WIDTH,
+        ),
+        "connectors": LTX2ConnectorsConfig(
+            caption_channels=TEXT_WIDTH,
+            text_proj_in_factor=TEXT_LAYERS + 1,
+            **{f"video_{k}": v for k, v in side.items()},
+            **{f"audio_{k}": v for k, v in side.items()},
+        ),
+        "vae": LTX2VideoVAEConfig(
+            latent_channels=8, encoder_layers=(2, 1, 1, 1, 1), decoder_base_channels=8, decoder_layers=(1, 2, 1, 1)
+        ),
+        "audio_vae": LTX2AudioVAEConfig(base_channels=8, num_res_blocks=1, latent_channels=2, mel_bins=16),
+        "vocoder": LTX2VocoderConfig(
+            in_channels=32, hidden_channels=32, resblock_kernel_sizes=(3,), resblock_dilations=((1, 3, 5),)
+        ),
+    }
+
+
+def gemma_config(vocab_size: int):
+    from transformers import Gemma3Config
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=32,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=256,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],  # both kinds, as in the 12B (5 local : 1 global)
+        rope_theta=10000.0,
+        rope_local_base_freq=10000.0,
+        query_pre_attn_scalar=8,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+
+
+# weight scales that keep activations in range (the vocoder's tanh unsaturated, the frames mostly unclamped)
+SCALES = {"dit": 0.2, "connectors": 0.2, "vae": 0.05, "audio_vae": 0.1, "vocoder": 0.2}
+
+
+def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """Our five LTX models with seeded random weights and statistics, by pipeline slot."""
+    from diffsynth.ltx2.audio_vae import LTX2AudioVAE
+    from diffsynth.ltx2.connectors import LTX2TextConnectors
+    from diffsynth.ltx2.dit import LTX2DiT
+    from diffsynth.ltx2.video_vae import LTX2VideoVAE
+    from diffsynth.ltx2.vocoder import LTX2Vocoder
+
+    classes = {
+        "dit": LTX2DiT,
+        "connectors": LTX2TextConnectors,
+        "vae": LTX2VideoVAE,
+        "audio_vae": LTX2AudioVAE,
+        "vocoder": LTX2Vocoder,
+    }
+    models = {}
+    for i, (slot, config) in enumerate(tiny_configs().items()):
+        model = random_weights(classes[slot](config).eval(), seed + i, scale=SCALES[slot])
+        stats = getattr(model, "per_channel_statistics", None)
+        if stats is not None:
+            generator = torch.Generator().manual_seed(seed + 10 + i)
+            mean, std = stats.get_buffer("mean-of-means"), stats.get_buffer("std-of-means")
+            mean.copy_(0.3 * torch.randn(mean.shape, generator=generator))
+            std.copy_(0.5 + torch.rand(std.shape, generator=generator))
+        models[slot] = model
+    return models
+
+
+def single_file_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The five models as `ltx-2-19b-dev.safetensors` lays them out: DiT and connectors under
+    `model.diffusion_model.` (the aggregate projection at the top level), then `vae.` (with the three
+    statistics nobody reads), `audio_vae.` and `vocoder.`."""
+    from diffsynth.ltx2.connectors_formats import ours_to_original
+    from diffsynth.ltx2.video_vae_formats import UNUSED_STATISTICS
+
+    state = {f"model.diffusion_model.{k}": v for k, v in models["dit"].state_dict().items()}
+    state.update(ours_to_original(models["connectors"].state_dict()))
+    for prefix in ("vae", "audio_vae", "vocoder"):
+        state.update({f"{prefix}.{k}": v for k, v in models[prefix].state_dict().items()})
+    channels = models["vae"].config.latent_channels
+    state.update({f"vae.{name}": torch.full((channels,), 2.0 + i) for i, name in enumerate(UNUSED_STATISTICS)})
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def build_tiny_base(base: Path, seed: int = 0) -> Path:
+    """Write the tiny model base (see the module docstring); returns `base`."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    from diffsynth.runtime.testing.tokenizers import build_tiny_gemma_tokenizer
+
+    gemma = base / GEMMA_REPO
+    tokenizer = build_tiny_gemma_tokenizer(gemma, texts=CAPTIONS * 4)
+    torch.manual_seed(seed)
+    text = random_weights(Gemma3ForConditionalGeneration(gemma_config(len(tokenizer))), seed + 20)
+    text.save_pretrained(gemma)
+    ltx = base / LTX_REPO
+    ltx.mkdir(parents=True, exist_ok=True)
+    save_file(single_file_state(tiny_models(seed)), str(ltx / SINGLE_FILE))
+    return base
+
+
+def our_pipeline(base: Path, **kwargs):
+    """Our pipeline from the tiny base through ModelConfig paths (no preset defaults), fp32 on CPU."""
+    from diffsynth.ltx2.pipeline import LTX2Pipeline
+    from diffsynth.runtime.hub import ModelConfig
+
+    gemma = base / GEMMA_REPO
+    return LTX2Pipeline.from_pretrained(
+        [
+            ModelConfig(path=str(base / LTX_REPO / SINGLE_FILE)),
+            ModelConfig(path=sorted(str(p) for p in gemma.glob("model*.safetensors"))),
+        ],
+        tokenizer_config=ModelConfig(path=str(gemma)),
+        device="cpu",
+        torch_dtype=torch.float32,
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------- diffusers (tests only)
+def _kinds(kinds) -> tuple[str, ...]:
+    names = {"space": "spatial", "time": "temporal", "all": "spatiotemporal"}
+    return tuple(names[k] for k in kinds)
+
+
+def diffusers_configs() -> dict[str, dict]:
+    """The diffusers constructor arguments of `tiny_configs()`, by pipeline slot."""
+    c = tiny_configs()
+    dit, vae, audio, vocoder, conn = c["dit"], c["vae"], c["audio_vae"], c["vocoder"], c["connectors"]
+    return {
+        "dit": dict(
+            in_channels=dit.in_channels,
+            out_channels=dit.out_channels,
+            num_attention_heads=dit.num_heads,
+            attention_head_dim=dit.head_dim,
+            cross_attention_dim=dit.dim,
+            audio_in_channels=dit.audio_in_channels,
+            audio_out_channels=dit.audio_out_channels,
+            audio_num_attention_heads=dit.audio_num_heads,
+            audio_attention_head_dim=dit.audio_head_dim,
+            audio_cross_attention_dim=dit.audio_dim,
+            num_layers=dit.num_layers,
+            caption_channels=dit.caption_channels,
+            rope_type=dit.rope_type,
+        ),
+        "vae": dict(
+            latent_channels=vae.latent_channels,
+            block_out_channels=tuple(vae.latent_channels * 2 ** (i + 1) for i in range(len(vae.encoder_downsamples))),
+            decoder_block_out_channels=tuple(
+                vae.decoder_base_channels * 2 ** (i + 1) for i in range(len(vae.decoder_upsamples))
+            ),
+            layers_per_block=vae.encoder_layers,
+            decoder_layers_per_block=tuple(reversed(vae.decoder_layers)),
+            downsample_type=_kinds(vae.encoder_downsamples),
+            upsample_type=_kinds(vae.decoder_upsamples),
+            upsample_residual=tuple(reversed(vae.decoder_upsample_residual)),
+            decoder_causal=vae.decoder_causal,
+            spatial_compression_ratio=vae.spatial_compression,
+            temporal_compression_ratio=vae.temporal_compression,
+        ),
+        "audio_vae": dict(
+            base_channels=audio.base_channels,
+            ch_mult=audio.ch_mult,
+            num_res_blocks=audio.num_res_blocks,
+            latent_channels=audio.latent_channels,
+            mel_bins=audio.mel_bins,
+        ),
+        "vocoder": dict(
+            in_channels=vocoder.in_channels,
+            hidden_channels=vocoder.hidden_channels,
+            out_channels=vocoder.out_channels,
+            upsample_kernel_sizes=list(vocoder.upsample_kernel_sizes),
+            upsample_factors=list(vocoder.upsample_rates),
+            resnet_kernel_sizes=list(vocoder.resblock_kernel_sizes),
+            resnet_dilations=[list(d) for d in vocoder.resblock_dilations],
+        ),
+        "connectors": dict(
+            caption_channels=conn.caption_channels,
+            text_proj_in_factor=conn.text_proj_in_factor,
+            video_connector_num_attention_heads=conn.video_num_heads,
+            video_connector_attention_head_dim=conn.video_head_dim,
+            video_connector_num_layers=conn.video_num_layers,
+            video_connector_num_learnable_registers=conn.video_num_registers,
+            audio_connector_num_attention_heads=conn.audio_num_heads,
+            audio_connector_attention_head_dim=conn.audio_head_dim,
+            audio_connector_num_layers=conn.audio_num_layers,
+            audio_connector_num_learnable_registers=conn.audio_num_registers,
+            rope_type=conn.rope_type,
+        ),
+    }
+
+
+# the authors shift the schedule as for 4096 tokens at any size: equal shifts make diffusers' mu that constant
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    use_dynamic_shifting=True,
+    base_shift=2.05,
+    max_shift=2.05,
+    base_image_seq_len=1024,
+    max_image_seq_len=4096,
+    shift_terminal=0.1,
+    time_shift_type="exponential",
+)
+
+
+def diffusers_models(pipe) -> dict:
+    """diffusers modules holding the weights of `pipe`'s five LTX models (our converters, strict loads)."""
+    import diffusers
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from diffsynth.ltx2 import audio_vae_formats, connectors_formats, dit_formats, video_vae_formats, vocoder_formats
+
+    classes = {
+        "dit": (diffusers.LTX2VideoTransformer3DModel, dit_formats),
+        "vae": (diffusers.AutoencoderKLLTX2Video, video_vae_formats),
+        "audio_vae": (diffusers.AutoencoderKLLTX2Audio, audio_vae_formats),
+        "vocoder": (LTX2Vocoder, vocoder_formats),
+        "connectors": (LTX2TextConnectors, connectors_formats),
+    }
+    configs = diffusers_configs()
+    models = {}
+    for slot, (cls, formats) in classes.items():
+        model = cls(**configs[slot]).eval()
+        model.load_state_dict(formats.ours_to_diffusers(getattr(pipe, slot).state_dict()), strict=True)
+        models[slot] = model
+    return models
+
+
+def reference_pipeline(pipe, base: Path):
+    """diffusers' `LTX2Pipeline` with `pipe`'s LTX weights and the tiny base's Gemma and tokenizer."""
+    import diffusers
+    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    models = diffusers_models(pipe)
+    gemma = base / GEMMA_REPO
+    return diffusers.LTX2Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=models["vae"],
+        audio_vae=models["audio_vae"],
+        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(gemma).eval(),
+        tokenizer=AutoTokenizer.from_pretrained(gemma),
+        connectors=models["connectors"],
+        transformer=models["dit"],
+        vocoder=models["vocoder"],
+    )
+
+
+def write_diffusers_folder(pipe, base: Path, folder: Path) -> Path:
+    """`pipe`'s models as a diffusers-style folder (`transformer/`, `vae/`, ..., `text_encoder/`, `tokenizer/`)."""
+    import shutil
+
+    names = {"dit": "transformer", "vae": "vae", "audio_vae": "audio_vae", "vocoder": "vocoder"}
+    names["connectors"] = "connectors"
+    for slot, model in diffusers_models(pipe).items():
+        model.save_pretrained(folder / names[slot])
+    gemma = base / GEMMA_REPO
+    shutil.copytree(gemma, folder / "text_encoder", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"))
+    shutil.copytree(gemma, folder / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "LTX2Pipeline"}))
+    return folder

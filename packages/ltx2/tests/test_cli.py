@@ -1,0 +1,33 @@
+"""`diffsynth generate` with LTX-2: the preset found offline, the video written with its sound as one mp4."""
+
+from __future__ import annotations
+
+import av
+import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
+
+from diffsynth.runtime.cli import main
+
+FAST = ["--height", str(repo_module.HEIGHT), "--width", str(repo_module.WIDTH), "--num-frames", str(repo_module.FRAMES)]
+FAST += ["--steps", "1", "--device", "cpu", "--dtype", "float32", "--fps", "12"]
+
+
+def test_generate_writes_frames_and_sound_to_one_mp4(tiny_ltx2_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    out = tmp_path / "clip.mp4"
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", repo_module.CAPTIONS[0], "--output", str(out)]
+    assert main([*args, *FAST]) == 0
+    with av.open(str(out)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        assert float(video.average_rate) == 12  # --fps is the rate the model placed the frames at, too
+        assert sum(1 for _ in container.decode(video=0)) == repo_module.FRAMES
+        assert audio.channels == 2 and audio.rate == 24000
+
+
+def test_generate_refuses_an_image_file_for_a_video_model(tiny_ltx2_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", "a cat", "--output", str(tmp_path / "x.png")]
+    assert main([*args, *FAST]) == 2
+    assert "--output must name an .mp4 file" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
