@@ -330,6 +330,7 @@ def exported(model) -> LoRAWeights:
     return LoRAWeights(targets=targets, source="training")
 
 
+@pytest.mark.integration  # peft and the trainer's writers: the integration session has them
 @pytest.mark.parametrize("fmt", ["diffsynth", "peft", "kohya"])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_trainer_exports_read_back_to_the_trained_model(tmp_path, fmt, fuse):
@@ -343,6 +344,7 @@ def test_trainer_exports_read_back_to_the_trained_model(tmp_path, fmt, fuse):
     assert_close(run(with_loras(base, [(path, 1.0)], fuse=fuse), cfg), want)
 
 
+@pytest.mark.integration
 def test_the_trainers_own_export_reads_back(tmp_path):
     """The same through the trainer's `save_lora_files` when the trainer is installed (not in this package's
     isolated session)."""

@@ -275,6 +275,7 @@ def _diffusers_flux2():
     return diffusers, pipeline_flux2, pipeline_flux2_klein, system_messages
 
 
+@pytest.mark.parity
 def test_system_message_is_the_released_one():
     _, _, _, system_messages = _diffusers_flux2()
     assert SYSTEM_MESSAGE == system_messages.SYSTEM_MESSAGE
