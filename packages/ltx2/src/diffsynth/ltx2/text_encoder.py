@@ -21,50 +21,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import Gemma3TextConfig, Gemma3TextModel
+from transformers import Gemma3TextModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from diffsynth.runtime.models.qwen3 import reset_rotary
+from diffsynth.runtime.models.text_decoder import DecoderTextEncoder
 
 MAX_SEQUENCE_LENGTH = 1024
 PADDING_SIDE = "left"  # LTX-2 was trained on left-padded prompts (ltx-core and diffusers both pad left)
 
 
-class Gemma3TextEncoder(Gemma3TextModel):
-    """Gemma 3's language model (transformers' `Gemma3TextModel`) with runtime capabilities and a forward
-    that returns the hidden states LTX-2 reads."""
-
-    offload_units = ("layers",)
-    compile_units = ("layers",)
-
-    def __init__(self, config: Gemma3TextConfig):
-        super().__init__(config)
-        # The rotary tables and the embedding scale are non-persistent buffers: no checkpoint carries
-        # them, so a meta build would keep them on meta after an assign load. Rebuild after loads.
-        self.register_load_state_dict_post_hook(_rebuild_buffers_after_load)
-
-    def reset_rotary(self, device: torch.device | str | None = None) -> None:
-        """Recompute the (local and global) rotary buffers on `device` (default: where the embeddings live)."""
-        reset_rotary(self, device)
+class Gemma3TextEncoder(DecoderTextEncoder, Gemma3TextModel):
+    """Gemma 3's language model (transformers' `Gemma3TextModel`) with runtime capabilities
+    (`DecoderTextEncoder`) and a forward that returns the hidden states LTX-2 reads (its local and global
+    layers have their own masks and rotary tables)."""
 
     def materialize_buffers(self) -> None:
-        """Loader hook: rebuild what a meta build left on meta (rotary tables, embedding scale)."""
+        """Loader hook: rebuild what a meta build left on meta (rotary tables, and the embedding scale,
+        another non-persistent buffer)."""
         device = self.embed_tokens.weight.device
         if device.type == "meta":
             return
-        if any(b.device.type == "meta" for b in self.rotary_emb.buffers()):
-            self.reset_rotary(device)
+        super().materialize_buffers()
         if self.embed_tokens.embed_scale.device.type == "meta":
             self.embed_tokens.embed_scale = torch.tensor(self.embed_tokens.scalar_embed_scale, device=device)
-
-    def _apply(self, fn, recurse=True):
-        # Keep the rotary frequencies in float32 through `.to(bfloat16)`, as transformers' loading does
-        # (bf16 frequencies would move the angles of late tokens by radians).
-        super()._apply(fn, recurse)
-        tables = list(self.rotary_emb.buffers())
-        if tables and tables[0].dtype != torch.float32 and tables[0].device.type != "meta":
-            self.reset_rotary(tables[0].device)
-        return self
 
     def hidden_states_at(
         self,
@@ -104,10 +83,6 @@ def _resolve(index: int, n: int) -> int:
     if not 0 <= resolved <= n:
         raise IndexError(f"hidden state index {index} out of range for {n} layers ({-n - 1}..{n})")
     return resolved
-
-
-def _rebuild_buffers_after_load(module: Gemma3TextEncoder, incompatible_keys) -> None:
-    module.materialize_buffers()
 
 
 # ----------------------------------------------------------------------------------------- prompts

@@ -14,17 +14,15 @@ Krea, schnell), so that layout loads as is. Also accepted:
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
+from ..key_tables import DiffusersKeyTables, template
 from .dit import Flux1DiT, Flux1DiTConfig
 
 PREFIX = "model.diffusion_model."
-_BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 # diffusers -> ours, for `.weight` and `.bias` alike (suffix appended). `{}` is the block index.
 _TOP = {
@@ -83,85 +81,22 @@ _FUSED_PARTS = {
 OURS_FUSED: dict[str, tuple[str, ...]] = {
     f"{ours}.{s}": tuple(f"{p}.{s}" for p in parts) for ours, parts in _FUSED_PARTS.items() for s in ("weight", "bias")
 }
-DIFFUSERS_FUSED: dict[str, tuple[str, int]] = {  # diffusers part -> (our fused tensor, position)
-    part: (ours, i) for ours, parts in OURS_FUSED.items() for i, part in enumerate(parts)
-}
 # Stored as (scale, shift) by diffusers and (shift, scale) by BFL: halves swapped.
 SWAPPED = {f"norm_out.linear.{s}": f"final_layer.adaLN_modulation.1.{s}" for s in ("weight", "bias")}
 
 
-def _template(key: str) -> tuple[str, list[int]]:
-    m = _BLOCK_KEY.match(key)
-    if m is None:
-        return key, []
-    return f"{m.group(1)}.{{}}.{m.group(3)}", [int(m.group(2))]
+def _linear1_parts(fused: str, index: list[int], value: torch.Tensor, state) -> list[int]:
+    """q, k, v of the hidden width, then the rest (the single blocks' `linear1` also holds the MLP input)."""
+    if not fused.startswith("single_blocks."):
+        return [value.shape[0] // 3] * 3
+    hidden = state[f"single_blocks.{index[0]}.linear1.weight"].shape[1]
+    return [hidden] * 3 + [value.shape[0] - 3 * hidden]
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    if any(p.is_meta for p in parts):  # torch.cat on meta tensors is slow: build the shape instead
-        rows = sum(p.shape[0] for p in parts)
-        return torch.empty(rows, *parts[0].shape[1:], dtype=parts[0].dtype, device="meta")
-    return torch.cat(parts, dim=0)
-
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return _cat([b, a])
-
-
-def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers `FluxTransformer2DModel` state dict to our (BFL) names.
-
-    Raises `KeyError` naming the first key without a mapping, or a fused tensor missing a part.
-    """
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in state.items():
-        template, index = _template(key)
-        if template in DIFFUSERS_TO_OURS:
-            out[DIFFUSERS_TO_OURS[template].format(*index)] = value
-        elif template in DIFFUSERS_FUSED:
-            target, position = DIFFUSERS_FUSED[template]
-            pending.setdefault(target.format(*index), {})[position] = value
-        elif key in SWAPPED:
-            out[SWAPPED[key]] = _swap_halves(value)
-        else:
-            raise KeyError(f"FLUX.1 DiT (diffusers layout): no mapping for key {key!r}")
-    for target, parts in pending.items():
-        template, index = _template(target)
-        names = OURS_FUSED[template]
-        missing = [names[i].format(*index) for i in range(len(names)) if i not in parts]
-        if missing:
-            raise KeyError(f"FLUX.1 DiT (diffusers layout): {target!r} needs {missing} as well")
-        out[target] = _cat([parts[i] for i in range(len(names))])
-    return out
-
-
-_OURS_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_TO_OURS.items()}
-_SWAPPED_BACK = {v: k for k, v in SWAPPED.items()}
-
-
-def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our (BFL) names -> diffusers `FluxTransformer2DModel` names; inverse of `diffusers_to_ours`."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        template, index = _template(key)
-        if template in _OURS_TO_DIFFUSERS:
-            out[_OURS_TO_DIFFUSERS[template].format(*index)] = value
-        elif template in OURS_FUSED:
-            names = OURS_FUSED[template]
-            if len(names) == 3:
-                sizes = [value.shape[0] // 3] * 3
-            else:  # linear1: q, k, v of hidden width, then the MLP input
-                hidden = state[f"single_blocks.{index[0]}.linear1.weight"].shape[1]
-                sizes = [hidden] * 3 + [value.shape[0] - 3 * hidden]
-            for name, part in zip(names, value.split(sizes, dim=0), strict=True):
-                out[name.format(*index)] = part
-        elif key in _SWAPPED_BACK:
-            out[_SWAPPED_BACK[key]] = _swap_halves(value)
-        else:
-            raise KeyError(f"FLUX.1 DiT: no diffusers name for key {key!r}")
-    return out
+KEY_TABLES = DiffusersKeyTables("FLUX.1 DiT", DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, split=_linear1_parts)
+_template = template
+diffusers_to_ours = KEY_TABLES.to_ours  # a diffusers `FluxTransformer2DModel` state dict in our (BFL) names
+ours_to_diffusers = KEY_TABLES.to_diffusers  # the exact inverse
 
 
 ORIGINAL_SIGNATURE = (

@@ -16,18 +16,13 @@ diffusers names). `ours_to_diffusers` is the exact inverse of `diffusers_to_ours
 
 from __future__ import annotations
 
-import re
-
-import torch
-
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from ..flux1.formats import _cat, _swap_halves
+from ..key_tables import DiffusersKeyTables, template
 from .dit import TIME_FREQ_DIM, Flux2DiT, Flux2DiTConfig
 
 PREFIX = "model.diffusion_model."
-_BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 _MODULATIONS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 
 # diffusers -> ours (FLUX.2 has no biases: every key is a weight or a norm scale). `{}` is the block index.
@@ -70,67 +65,14 @@ OURS_FUSED: dict[str, tuple[str, ...]] = {
     "double_blocks.{}.img_attn.qkv.weight": tuple(f"transformer_blocks.{{}}.attn.to_{n}.weight" for n in "qkv"),
     "double_blocks.{}.txt_attn.qkv.weight": tuple(f"transformer_blocks.{{}}.attn.add_{n}_proj.weight" for n in "qkv"),
 }
-DIFFUSERS_FUSED: dict[str, tuple[str, int]] = {  # diffusers part -> (our fused tensor, position)
-    part: (ours, i) for ours, parts in OURS_FUSED.items() for i, part in enumerate(parts)
-}
 # Stored as (scale, shift) by diffusers and (shift, scale) by BFL: halves swapped.
 SWAPPED = {"norm_out.linear.weight": "final_layer.adaLN_modulation.1.weight"}
 
 
-def _template(key: str) -> tuple[str, list[int]]:
-    m = _BLOCK_KEY.match(key)
-    if m is None:
-        return key, []
-    return f"{m.group(1)}.{{}}.{m.group(3)}", [int(m.group(2))]
-
-
-def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a diffusers `Flux2Transformer2DModel` state dict to our (BFL) names.
-
-    Raises `KeyError` naming the first key without a mapping, or a fused tensor missing a part.
-    """
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in state.items():
-        template, index = _template(key)
-        if template in DIFFUSERS_TO_OURS:
-            out[DIFFUSERS_TO_OURS[template].format(*index)] = value
-        elif template in DIFFUSERS_FUSED:
-            target, position = DIFFUSERS_FUSED[template]
-            pending.setdefault(target.format(*index), {})[position] = value
-        elif key in SWAPPED:
-            out[SWAPPED[key]] = _swap_halves(value)
-        else:
-            raise KeyError(f"FLUX.2 DiT (diffusers layout): no mapping for key {key!r}")
-    for target, parts in pending.items():
-        template, index = _template(target)
-        names = OURS_FUSED[template]
-        missing = [names[i].format(*index) for i in range(len(names)) if i not in parts]
-        if missing:
-            raise KeyError(f"FLUX.2 DiT (diffusers layout): {target!r} needs {missing} as well")
-        out[target] = _cat([parts[i] for i in range(len(names))])
-    return out
-
-
-_OURS_TO_DIFFUSERS = {v: k for k, v in DIFFUSERS_TO_OURS.items()}
-_SWAPPED_BACK = {v: k for k, v in SWAPPED.items()}
-
-
-def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our (BFL) names -> diffusers `Flux2Transformer2DModel` names; inverse of `diffusers_to_ours`."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        template, index = _template(key)
-        if template in _OURS_TO_DIFFUSERS:
-            out[_OURS_TO_DIFFUSERS[template].format(*index)] = value
-        elif template in OURS_FUSED:
-            for name, part in zip(OURS_FUSED[template], value.chunk(3, dim=0), strict=True):
-                out[name.format(*index)] = part
-        elif key in _SWAPPED_BACK:
-            out[_SWAPPED_BACK[key]] = _swap_halves(value)
-        else:
-            raise KeyError(f"FLUX.2 DiT: no diffusers name for key {key!r}")
-    return out
+KEY_TABLES = DiffusersKeyTables("FLUX.2 DiT", DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED)
+_template = template
+diffusers_to_ours = KEY_TABLES.to_ours  # a diffusers `Flux2Transformer2DModel` state dict in our (BFL) names
+ours_to_diffusers = KEY_TABLES.to_diffusers  # the exact inverse
 
 
 ORIGINAL_SIGNATURE = (

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import MistralConfig, MistralModel
+from transformers import MistralModel
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.models.qwen3 import partial_hidden_states, reset_rotary
+from diffsynth.runtime.models.text_decoder import DecoderTextEncoder
 
 MAX_SEQUENCE_LENGTH = 512
 MISTRAL_LAYERS = (10, 20, 30)  # FLUX.2-dev: context 15360 = 3 x 5120
@@ -39,52 +39,14 @@ SYSTEM_MESSAGE = (
 )
 
 
-class Mistral3TextEncoder(MistralModel):
-    """The language model of Mistral-Small-3.1 (transformers' `MistralModel`), with our capabilities.
+class Mistral3TextEncoder(DecoderTextEncoder, MistralModel):
+    """The language model of Mistral-Small-3.1 (transformers' `MistralModel`), with our capabilities
+    (`DecoderTextEncoder`: units, rotary rebuild, partial forward; rope_theta is 1e9 here, so float32 rotary
+    frequencies matter).
 
     Built from the `text_config` of the Mistral3 checkpoint; the vision tower, projector and
     `lm_head` are not part of it (see `encoder_formats.py`).
     """
-
-    offload_units = ("layers",)
-    compile_units = ("layers",)
-
-    def __init__(self, config: MistralConfig):
-        super().__init__(config)
-        # Rotary tables are non-persistent buffers: a meta build keeps them on meta after an assign load.
-        self.register_load_state_dict_post_hook(_rebuild_rotary_after_load)
-
-    def reset_rotary(self, device: torch.device | str | None = None) -> None:
-        """Recompute the rotary buffers on `device` (default: where the embeddings live)."""
-        reset_rotary(self, device)
-
-    def materialize_buffers(self) -> None:
-        """Loader hook: rebuild the rotary tables a meta build left on meta."""
-        if self.rotary_emb.inv_freq.device.type == "meta":
-            self.reset_rotary()
-
-    def _apply(self, fn, recurse=True):
-        # Keep the rotary frequencies in float32 through `.to(bfloat16)`, as transformers' loading does
-        # (rope_theta is 1e9 here: rounded frequencies would move every angle).
-        super()._apply(fn, recurse)
-        inv_freq = self.rotary_emb.inv_freq
-        if inv_freq.dtype != torch.float32 and inv_freq.device.type != "meta":
-            self.reset_rotary(inv_freq.device)
-        return self
-
-    def hidden_states_at(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        indices: Sequence[int] = (-1,),
-    ) -> list[torch.Tensor]:
-        """Entries `indices` of transformers' `output_hidden_states` tuple, running only the layers needed."""
-        return partial_hidden_states(self, input_ids, attention_mask, indices)
-
-
-def _rebuild_rotary_after_load(module: Mistral3TextEncoder, incompatible_keys) -> None:
-    module.materialize_buffers()
 
 
 # ----------------------------------------------------------------------------------------- prompts
