@@ -20,11 +20,8 @@ Gemma-only `pre_feedforward_layernorm` and `mm_input_projection_weight`.
 
 from __future__ import annotations
 
-import re
-
-import torch
-
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.models.text_decoder import LAYER_KEY, language_model_converters
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, check_config_facts
 
 # Gemma-3-12B text config values the shapes cannot tell (its config.json `text_config` plus the
@@ -46,47 +43,17 @@ GEMMA3_12B_DEFAULTS = dict(
     bos_token_id=2,
 )
 
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 _LAYER_PARAMS = frozenset(
     [f"self_attn.{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias")]
     + ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     + [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     + [f"{n}_layernorm.weight" for n in ("input", "post_attention", "pre_feedforward", "post_feedforward")]
 )
-_TOP_PARAMS = frozenset(["embed_tokens.weight", "norm.weight"])
 
 
-def _language_model(
-    state: dict[str, torch.Tensor], layout: str, lm_prefix: str, dropped_prefixes: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """The language model's keys without `lm_prefix`; vision tower, projector and lm_head dropped."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(dropped_prefixes):
-            continue
-        if not key.startswith(lm_prefix):
-            raise KeyError(f"Gemma3 ({layout} layout): no mapping for key {key!r}")
-        name = key[len(lm_prefix) :]
-        m = _LAYER_KEY.fullmatch(name)
-        if not (name in _TOP_PARAMS or (m is not None and m.group(2) in _LAYER_PARAMS)):
-            raise KeyError(f"Gemma3 ({layout} layout): no mapping for key {key!r}")
-        out[name] = value
-    return out
-
-
-def gemma3_from_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _language_model(
-        state, "hub", "language_model.model.", ("language_model.lm_head.", "vision_tower.", "multi_modal_projector.")
-    )
-
-
-def gemma3_from_transformers5(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _language_model(
-        state,
-        "transformers5",
-        "model.language_model.",
-        ("lm_head.", "model.vision_tower.", "model.multi_modal_projector."),
-    )
+_CONVERTERS = language_model_converters("Gemma3", _LAYER_PARAMS)
+gemma3_from_hub = _CONVERTERS["hub"]  # the hub file: language_model.model.*, vision_tower.*, ...
+gemma3_from_transformers5 = _CONVERTERS["transformers5"]  # model.language_model.*, model.vision_tower.*, ...
 
 
 _LM_SIGNATURE = (
@@ -137,7 +104,7 @@ def _text_json(config_json: dict | None) -> dict | None:
 def _shape_facts(state: StateDict) -> dict[str, object]:
     vocab, hidden = state["embed_tokens.weight"].shape
     head_dim = state["layers.0.self_attn.q_norm.weight"].shape[0]
-    layers = {int(m.group(1)) for k in state if (m := _LAYER_KEY.fullmatch(k))}
+    layers = {int(m.group(1)) for k in state if (m := LAYER_KEY.fullmatch(k))}
     q_width = state["layers.0.self_attn.q_proj.weight"].shape[0]
     kv_width = state["layers.0.self_attn.k_proj.weight"].shape[0]
     return dict(

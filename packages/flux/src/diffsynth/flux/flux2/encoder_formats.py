@@ -20,11 +20,8 @@ untied `lm_head`) load through the runtime's `QWEN3_SPEC`.
 
 from __future__ import annotations
 
-import re
-
-import torch
-
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.models.text_decoder import LAYER_KEY, language_model_converters
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, check_config_facts
 
 # Mistral-Small-3.1-24B text config, for what shapes cannot tell (transformers' Mistral3Config
@@ -40,46 +37,16 @@ MISTRAL_SMALL_DEFAULTS = dict(
     tie_word_embeddings=False,
 )
 
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 _LAYER_PARAMS = frozenset(
     [f"self_attn.{p}_proj.weight" for p in "qkvo"]
     + [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     + ["input_layernorm.weight", "post_attention_layernorm.weight"]
 )
-_TOP_PARAMS = frozenset(["embed_tokens.weight", "norm.weight"])
 
 
-def _language_model(
-    state: dict[str, torch.Tensor], layout: str, lm_prefix: str, dropped_prefixes: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
-    """The language model's keys without `lm_prefix`; vision tower, projector and lm_head dropped."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(dropped_prefixes):
-            continue
-        if not key.startswith(lm_prefix):
-            raise KeyError(f"Mistral3 ({layout} layout): no mapping for key {key!r}")
-        name = key[len(lm_prefix) :]
-        m = _LAYER_KEY.fullmatch(name)
-        if not (name in _TOP_PARAMS or (m is not None and m.group(2) in _LAYER_PARAMS)):
-            raise KeyError(f"Mistral3 ({layout} layout): no mapping for key {key!r}")
-        out[name] = value
-    return out
-
-
-def mistral3_from_hub(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _language_model(
-        state, "hub", "language_model.model.", ("language_model.lm_head.", "vision_tower.", "multi_modal_projector.")
-    )
-
-
-def mistral3_from_transformers5(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _language_model(
-        state,
-        "transformers5",
-        "model.language_model.",
-        ("lm_head.", "model.vision_tower.", "model.multi_modal_projector."),
-    )
+_CONVERTERS = language_model_converters("Mistral3", _LAYER_PARAMS)
+mistral3_from_hub = _CONVERTERS["hub"]  # the hub file: language_model.model.*, vision_tower.*, ...
+mistral3_from_transformers5 = _CONVERTERS["transformers5"]  # model.language_model.*, model.vision_tower.*, ...
 
 
 # The language model's own keys plus one key each of the Pixtral tower and the Mistral3 projector:
@@ -130,7 +97,7 @@ def _text_json(config_json: dict | None) -> dict:
 
 def _shape_facts(state: StateDict, head_dim: int) -> dict[str, object]:
     vocab, hidden = state["embed_tokens.weight"].shape
-    layers = {int(m.group(1)) for k in state if (m := _LAYER_KEY.fullmatch(k))}
+    layers = {int(m.group(1)) for k in state if (m := LAYER_KEY.fullmatch(k))}
     q_width = state["layers.0.self_attn.q_proj.weight"].shape[0]
     kv_width = state["layers.0.self_attn.k_proj.weight"].shape[0]
     if q_width % head_dim or kv_width % head_dim:

@@ -10,7 +10,8 @@ angles of late tokens by radians).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -130,3 +131,43 @@ def _mask(make_mask, config, x: torch.Tensor, attention_mask, position_ids) -> o
         if name in params:
             kwargs[name] = None
     return make_mask(**kwargs)
+
+
+# ------------------------------------------------------------------ multimodal checkpoints, text part only
+LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")  # a decoder layer's parameter: (index, name within the layer)
+_TOP_PARAMS = frozenset(["embed_tokens.weight", "norm.weight"])
+# `XForConditionalGeneration` files: the hub's (transformers 4.x) names and transformers 5's, each with the
+# language model's prefix and the parts a text encoder drops (vision tower, projector, lm_head).
+MULTIMODAL_LAYOUTS = {
+    "hub": ("language_model.model.", ("language_model.lm_head.", "vision_tower.", "multi_modal_projector.")),
+    "transformers5": ("model.language_model.", ("lm_head.", "model.vision_tower.", "model.multi_modal_projector.")),
+}
+
+
+def language_model_converters(model: str, layer_params: frozenset[str]) -> dict[str, Callable]:
+    """Per layout of `MULTIMODAL_LAYOUTS`, a converter keeping the language model of a multimodal checkpoint
+    (Mistral-Small-3.1 for FLUX.2-dev, Gemma-3 for LTX-2) under its own names.
+
+    The vision tower, projector and lm_head are dropped on purpose (only hidden states are used); any
+    other key that is not a known language-model parameter (`layer_params` per layer) is a `KeyError`
+    naming it, so a file of another architecture is not half-loaded.
+    """
+
+    def converter(layout: str) -> Callable:
+        lm_prefix, dropped = MULTIMODAL_LAYOUTS[layout]
+
+        def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = {}
+            for key, value in state.items():
+                if key.startswith(dropped):
+                    continue
+                name = key[len(lm_prefix) :] if key.startswith(lm_prefix) else None
+                m = LAYER_KEY.fullmatch(name) if name is not None else None
+                if name is None or not (name in _TOP_PARAMS or (m is not None and m.group(2) in layer_params)):
+                    raise KeyError(f"{model} ({layout} layout): no mapping for key {key!r}")
+                out[name] = value
+            return out
+
+        return convert
+
+    return {layout: converter(layout) for layout in MULTIMODAL_LAYOUTS}
