@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.errors import ConfigError
 
-MEAN_KEY, STD_KEY = "mean-of-means", "std-of-means"
+from .latent_statistics import PerChannelStatistics
+
 LOG_MEL_FLOOR = 1e-5
 
 
@@ -240,22 +241,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(_pixel_norm(x)))
 
 
-class PerChannelStatistics(nn.Module):
-    """The latent normalisation, buffers named as in the file; entry `c * F + f` is channel c, mel bin f."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.register_buffer(MEAN_KEY, torch.zeros(size))
-        self.register_buffer(STD_KEY, torch.ones(size))
-
-    def stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) shaped `[1, C, 1, F]` to broadcast over latents `[B, C, L, F]`."""
-        shape = (1, like.shape[1], 1, like.shape[3])
-        mean = self.get_buffer(MEAN_KEY).to(device=like.device, dtype=like.dtype).view(shape)
-        std = self.get_buffer(STD_KEY).to(device=like.device, dtype=like.dtype).view(shape)
-        return mean, std
-
-
 # ----------------------------------------------------------------------------------- the model
 class LTX2AudioVAE(nn.Module):
     """Log-mel `[B, 2, T, 64]` <-> normalised latents `[B, 8, ceil(T/4), 16]`."""
@@ -305,14 +290,14 @@ class LTX2AudioVAE(nn.Module):
             device = generator.device if generator is not None else z.device
             noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
             z = z + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-        mean, std = self.per_channel_statistics.stats(z)
+        mean, std = self.per_channel_statistics.stats(z, (1, z.shape[1], 1, z.shape[3]))
         return (z - mean) / std
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Log-mel spectrogram `[B, 2, num_mel_frames(L), 64]` from normalised latents `[B, 8, L, 16]`."""
         c = self.config
         self._check(latents, "latents", c.latent_channels, c.latent_mel_bins, "L", "mel_bins / 4")
-        mean, std = self.per_channel_statistics.stats(latents)
+        mean, std = self.per_channel_statistics.stats(latents, (1, latents.shape[1], 1, latents.shape[3]))
         mel = self.decoder(latents * std + mean)
         frames, bins = self.num_mel_frames(latents.shape[2]), c.mel_bins
         mel = mel[:, :, :frames, :bins]

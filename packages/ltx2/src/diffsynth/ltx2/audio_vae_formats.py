@@ -24,7 +24,8 @@ import torch
 from diffsynth.runtime.errors import CheckpointError, ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from .audio_vae import MEAN_KEY, STD_KEY, LTX2AudioVAE, LTX2AudioVAEConfig
+from .audio_vae import LTX2AudioVAE, LTX2AudioVAEConfig
+from .latent_statistics import MEAN_KEY, STD_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -33,10 +33,11 @@ from diffsynth.runtime.errors import ConfigError
 # the Wan VAE's patch order (c, column offset, row offset) is ltx-core's too; `_tiled` blends spatial tiles
 from diffsynth.runtime.models.wan_vae import _tiled, patchify, unpatchify
 
+from .latent_statistics import PerChannelStatistics
+
 # stride (time, height, width) of each resampling kind
 STRIDES = {"space": (1, 2, 2), "time": (2, 1, 1), "all": (2, 2, 2)}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-MEAN_KEY, STD_KEY = "mean-of-means", "std-of-means"
 DEFAULT_TILE_SIZE = (16, 16)  # latent cells: 512 pixels; the stride defaults to 2 cells less (64-pixel overlaps)
 
 
@@ -297,21 +298,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)), self.causal)
 
 
-class PerChannelStatistics(nn.Module):
-    """The latent normalisation: buffers named as in the file (`mean-of-means`, `std-of-means`)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.register_buffer(MEAN_KEY, torch.zeros(channels))
-        self.register_buffer(STD_KEY, torch.ones(channels))
-
-    def stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, -1, 1, 1, 1)
-        mean = self.get_buffer(MEAN_KEY).to(device=like.device, dtype=like.dtype).view(shape)
-        std = self.get_buffer(STD_KEY).to(device=like.device, dtype=like.dtype).view(shape)
-        return mean, std
-
-
 # ----------------------------------------------------------------------------------- the model
 class LTX2VideoVAE(nn.Module):
     """Video `[B, 3, 1+8k, H, W]` in [-1, 1] <-> normalised latents `[B, 128, 1+k, H/32, W/32]`."""
@@ -375,7 +361,7 @@ class LTX2VideoVAE(nn.Module):
             device = generator.device if generator is not None else z.device
             noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype).to(z.device)
             z = z + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-        mean, std = self.per_channel_statistics.stats(z)
+        mean, std = self.per_channel_statistics.stats(z, (1, -1, 1, 1, 1))
         return (z - mean) * self.config.scaling_factor / std
 
     def decode(
@@ -390,7 +376,7 @@ class LTX2VideoVAE(nn.Module):
         """Video `[B, 3, 1 + 8(T-1), 32H, 32W]` from normalised latents, clamped to [-1, 1] (as the
         pipelines do) unless `clamp=False`; tiles as in `encode` (latent cells, at least 2 each)."""
         self._check_latents(latents)
-        mean, std = self.per_channel_statistics.stats(latents)
+        mean, std = self.per_channel_statistics.stats(latents, (1, -1, 1, 1, 1))
         z = latents * std / self.config.scaling_factor + mean
         if tiled:
             cells = _tile_cells(tile_size, tile_stride)

@@ -31,7 +31,8 @@ import torch
 from diffsynth.runtime.errors import CheckpointError, ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from .video_vae import MEAN_KEY, STD_KEY, STRIDES, LTX2VideoVAE, LTX2VideoVAEConfig
+from .latent_statistics import MEAN_KEY, STD_KEY
+from .video_vae import STRIDES, LTX2VideoVAE, LTX2VideoVAEConfig
 
 logger = logging.getLogger(__name__)
 
