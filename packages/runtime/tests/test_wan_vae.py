@@ -10,8 +10,8 @@ from diffsynth.runtime.models.wan_vae import (
     WAN22_LATENTS_STD,
     WanVAE,
     WanVAEConfig,
-    _tiled,
     patchify,
+    tiled_video,
     unpatchify,
 )
 from diffsynth.runtime.testing import conformance as cf
@@ -166,7 +166,7 @@ def test_tile_weights_form_a_partition_of_unity(in_cell, out_cell):
         t = torch.nn.functional.avg_pool3d(t, (1, in_cell, in_cell)) if in_cell > 1 else t
         return torch.tanh(2 * t.repeat_interleave(out_cell, 3).repeat_interleave(out_cell, 4))
 
-    out = _tiled(pointwise, x, (5, 4), (3, 2), in_cell=in_cell, out_cell=out_cell)
+    out = tiled_video(pointwise, x, (5, 4), (3, 2), in_cell=in_cell, out_cell=out_cell)
     assert torch.allclose(out, pointwise(x), atol=1e-6, rtol=0)
 
 

@@ -30,8 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.errors import ConfigError
 
-# the Wan VAE's patch order (c, column offset, row offset) is ltx-core's too; `_tiled` blends spatial tiles
-from diffsynth.runtime.models.wan_vae import _tiled, patchify, unpatchify
+# the Wan VAE's patch order (c, column offset, row offset) is ltx-core's too; `tiled_video` blends spatial tiles
+from diffsynth.runtime.models.wan_vae import patchify, tiled_video, unpatchify
 
 from .latent_statistics import PerChannelStatistics
 
@@ -353,7 +353,7 @@ class LTX2VideoVAE(nn.Module):
         self._check_video(video)
         if tiled:
             cells = _tile_cells(tile_size, tile_stride)
-            moments = _tiled(self._moments, video, *cells, in_cell=self.spatial_compression, out_cell=1)
+            moments = tiled_video(self._moments, video, *cells, in_cell=self.spatial_compression, out_cell=1)
         else:
             moments = self._moments(video)
         z, logvar = moments[:, :-1], moments[:, -1:]
@@ -380,7 +380,7 @@ class LTX2VideoVAE(nn.Module):
         z = latents * std / self.config.scaling_factor + mean
         if tiled:
             cells = _tile_cells(tile_size, tile_stride)
-            video = _tiled(self._decode_raw, z, *cells, in_cell=1, out_cell=self.spatial_compression)
+            video = tiled_video(self._decode_raw, z, *cells, in_cell=1, out_cell=self.spatial_compression)
         else:
             video = self._decode_raw(z)
         return video.clamp(-1.0, 1.0) if clamp else video

@@ -483,7 +483,9 @@ class WanVAE(nn.Module):
         if height % s or width % s:
             raise ConfigError(f"video height and width must be multiples of {s}, got {(height, width)}")
         if tiled:
-            moments = _tiled(self._moments, video, *self._tile_cells(tile_size, tile_stride), in_cell=s, out_cell=1)
+            moments = tiled_video(
+                self._moments, video, *self._tile_cells(tile_size, tile_stride), in_cell=s, out_cell=1
+            )
         else:
             moments = self._moments(video)
         mean, logvar = moments.chunk(2, dim=1)
@@ -513,7 +515,7 @@ class WanVAE(nn.Module):
         latents = latents * scale + shift
         if tiled:
             cells = self._tile_cells(tile_size, tile_stride)
-            video = _tiled(self._decode_raw, latents, *cells, in_cell=1, out_cell=self.spatial_compression)
+            video = tiled_video(self._decode_raw, latents, *cells, in_cell=1, out_cell=self.spatial_compression)
         else:
             video = self._decode_raw(latents)
         return video.clamp(-1.0, 1.0)
@@ -560,7 +562,7 @@ class WanVAE(nn.Module):
         return size, stride
 
 
-def _tiled(fn, x: torch.Tensor, tile, stride, *, in_cell: int, out_cell: int) -> torch.Tensor:
+def tiled_video(fn, x: torch.Tensor, tile, stride, *, in_cell: int, out_cell: int) -> torch.Tensor:
     """Run `fn` on overlapping spatial tiles of a video `[B, C, T, H, W]` and blend them.
 
     `tile`/`stride` are (h, w) in latent cells; `in_cell`/`out_cell` are how many input/output
