@@ -31,3 +31,18 @@ def test_generate_refuses_an_image_file_for_a_video_model(tiny_ltx2_base, tmp_pa
     assert main([*args, *FAST]) == 2
     assert "--output must name an .mp4 file" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_image_to_video_from_the_command_line(tiny_ltx2_base, tmp_path, monkeypatch):
+    """`--input-image` is LTX-2's first frame (no denoising strength there)."""
+    from PIL import Image
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    image = tmp_path / "first.png"
+    Image.new("RGB", (repo_module.WIDTH, repo_module.HEIGHT), (200, 30, 30)).save(image)
+    out = tmp_path / "i2v.mp4"
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", repo_module.CAPTIONS[0], "--output", str(out)]
+    assert main([*args, "--input-image", str(image), *FAST]) == 0
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == repo_module.FRAMES

@@ -79,8 +79,16 @@ def test_matches_diffusers(tiny_ltx2_pipe, reference, guidance):
     steps = 3
     sigmas = reference_sigmas(reference, steps)
     frames, audio = tiny_ltx2_pipe(
-        CAPTIONS[0], negative_prompt=CAPTIONS[3], seed=3, output_type="np", sigmas=sigmas, **guidance, **FAST
-    )  # sigmas set the step count (3)
+        CAPTIONS[0],
+        negative_prompt=CAPTIONS[3],
+        seed=3,
+        output_type="np",
+        sigmas=sigmas,
+        stg_scale=0.0,
+        modality_scale=1.0,
+        **guidance,
+        **FAST,
+    )  # sigmas set the step count (3); STG and modality guidance: test_guidance.py
     expected_frames, expected_audio = reference(
         prompt=CAPTIONS[0],
         negative_prompt=CAPTIONS[3],
@@ -148,9 +156,9 @@ def test_default_guidance_is_the_authors(tiny_ltx2_pipe, monkeypatch):
     seen = []
     real = LTX2Pipeline.predict
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         seen.append(args[5:])  # use_cfg, scale, audio_scale, rescale
-        return real(self, *args)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(LTX2Pipeline, "predict", spy)
     run(tiny_ltx2_pipe, num_inference_steps=1)
@@ -324,9 +332,10 @@ def test_distilled_mode_runs_the_fixed_table_without_cfg(tiny_ltx2_pipe, monkeyp
     seen = []
     real = LTX2Pipeline.predict
 
-    def spy(self, video, audio, sigma, text, *args):
+    def spy(self, video, audio, sigma, text, *args, **kwargs):
         seen.append((float(sigma), text.video.shape[0]))
-        return real(self, video, audio, sigma, text, *args)
+        assert not kwargs["guidance"].stg and not kwargs["guidance"].isolation  # no STG / modality passes
+        return real(self, video, audio, sigma, text, *args, **kwargs)
 
     monkeypatch.setattr(LTX2Pipeline, "predict", spy)
     run(tiny_ltx2_pipe, use_distilled_pipeline=True, num_inference_steps=8)

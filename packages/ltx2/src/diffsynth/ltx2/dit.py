@@ -24,6 +24,7 @@ scheduler's `t`), text embeddings as the connectors return them (3840 wide, proj
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,26 @@ from diffsynth.runtime.layers import add_mul, rope_tables, timestep_embedding
 TIME_FREQ_DIM = 256  # sinusoidal features fed to every adaln_single embedder
 MASK_BIAS = -10000.0  # additive score bias of a masked text token (the references' value)
 ROPE_TYPES = ("split", "interleaved")
+SKIP_KINDS = ("video_self", "audio_self", "a2v", "v2a")  # attentions `AttentionSkip` can switch off
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin), each [B, L, width] float32
+# Per attention of one block, which batch rows run it: None all, False none, else a bool keep-mask [B, 1, 1].
+Keep = torch.Tensor | bool | None
+
+
+@dataclass(frozen=True)
+class AttentionSkip:
+    """Attentions some rows of a batch skip, as the authors' extra guidance passes do (ltx-core's
+    `Perturbation`), so those passes can share one batch with the conditional one.
+
+    `kind`: "video_self" / "audio_self" replace a stream's self-attention by its value projection (STG,
+    spatio-temporal guidance); "a2v" / "v2a" drop the audio->video / video->audio attention's update
+    (modality isolation). `blocks`: block indices (None: every block); `samples`: batch rows (None: all).
+    """
+
+    kind: str
+    blocks: tuple[int, ...] | None = None
+    samples: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -288,17 +307,24 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         rope: Rope | None = None,
         k_rope: Rope | None = None,
+        keep: Keep = None,
     ) -> torch.Tensor:
+        """`keep` (STG): rows where it is False output `to_out(to_v(context))`, the values passed through
+        unmixed; `False` for the whole batch skips the query / key work."""
         context = x if context is None else context
+        v = self.to_v(context)
+        if keep is False:
+            return self.to_out[0](v)
         q = self.q_norm(self.to_q(x))
         k = self.k_norm(self.to_k(context))
-        v = self.to_v(context)
         if rope is not None:
             q = rotate(q, rope, self.head_dim, self.rope_type)
             k = rotate(k, rope if k_rope is None else k_rope, self.head_dim, self.rope_type)
         heads = (self.heads, self.head_dim)
-        out = attention(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), mask)
-        return self.to_out[0](out.flatten(2))
+        out = attention(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), mask).flatten(2)
+        if keep is not None:
+            out = torch.where(keep, out, v)
+        return self.to_out[0](out)
 
 
 @dataclass
@@ -359,18 +385,37 @@ class LTX2Block(nn.Module):
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
-    def forward(self, vx: torch.Tensor, ax: torch.Tensor, inp: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, vx: torch.Tensor, ax: torch.Tensor, inp: BlockInputs, keep: tuple[Keep, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`keep`: which rows run the video self-, audio self-, a2v and v2a attentions (SKIP_KINDS order);
+        None runs them all."""
+        keep_video, keep_audio, keep_a2v, keep_v2a = (None,) * 4 if keep is None else keep
         v_shift, v_scale, v_gate, v_shift_ff, v_scale_ff, v_gate_ff = _ada_values(self.scale_shift_table, inp.video_mod)
         a_shift, a_scale, a_gate, a_shift_ff, a_scale_ff, a_gate_ff = _ada_values(
             self.audio_scale_shift_table, inp.audio_mod
         )
         # self-attention, then text cross-attention (unmodulated), per stream
-        vx = add_mul(vx, self.attn1(_modulate(self._norm(vx), v_shift, v_scale), rope=inp.video_rope), v_gate)
-        ax = add_mul(ax, self.audio_attn1(_modulate(self._norm(ax), a_shift, a_scale), rope=inp.audio_rope), a_gate)
+        v_attn = self.attn1(_modulate(self._norm(vx), v_shift, v_scale), rope=inp.video_rope, keep=keep_video)
+        vx = add_mul(vx, v_attn, v_gate)
+        a_attn = self.audio_attn1(_modulate(self._norm(ax), a_shift, a_scale), rope=inp.audio_rope, keep=keep_audio)
+        ax = add_mul(ax, a_attn, a_gate)
         vx = vx + self.attn2(self._norm(vx), inp.video_context, inp.video_context_mask)
         ax = ax + self.audio_attn2(self._norm(ax), inp.audio_context, inp.audio_context_mask)
 
         # audio <-> video: both directions read the streams as they are now
+        if keep_a2v is not False or keep_v2a is not False:
+            vx, ax = self._cross_modal(vx, ax, inp, keep_a2v, keep_v2a)
+
+        vx = add_mul(vx, self.ff(_modulate(self._norm(vx), v_shift_ff, v_scale_ff)), v_gate_ff)
+        ax = add_mul(ax, self.audio_ff(_modulate(self._norm(ax), a_shift_ff, a_scale_ff)), a_gate_ff)
+        return vx, ax
+
+    def _cross_modal(
+        self, vx: torch.Tensor, ax: torch.Tensor, inp: BlockInputs, keep_a2v: Keep, keep_v2a: Keep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio->video and video->audio attentions; a direction whose `keep` is False is not computed,
+        rows whose keep-mask is False are left as they were."""
         v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = _ada_values(
             self.scale_shift_table_a2v_ca_video[:4], inp.video_cross_mod
         )
@@ -380,24 +425,28 @@ class LTX2Block(nn.Module):
         )
         (v2a_gate,) = _ada_values(self.scale_shift_table_a2v_ca_audio[4:], inp.audio_cross_gate)
         v_norm, a_norm = self._norm(vx), self._norm(ax)
-        a2v = self.audio_to_video_attn(
-            _modulate(v_norm, v_a2v_shift, v_a2v_scale),
-            _modulate(a_norm, a_a2v_shift, a_a2v_scale),
-            rope=inp.video_cross_rope,
-            k_rope=inp.audio_cross_rope,
-        )
-        v2a = self.video_to_audio_attn(
-            _modulate(a_norm, a_v2a_shift, a_v2a_scale),
-            _modulate(v_norm, v_v2a_shift, v_v2a_scale),
-            rope=inp.audio_cross_rope,
-            k_rope=inp.video_cross_rope,
-        )
-        vx = add_mul(vx, a2v_gate, a2v)
-        ax = add_mul(ax, v2a_gate, v2a)
-
-        vx = add_mul(vx, self.ff(_modulate(self._norm(vx), v_shift_ff, v_scale_ff)), v_gate_ff)
-        ax = add_mul(ax, self.audio_ff(_modulate(self._norm(ax), a_shift_ff, a_scale_ff)), a_gate_ff)
-        return vx, ax
+        new_vx, new_ax = vx, ax
+        if keep_a2v is not False:
+            a2v = self.audio_to_video_attn(
+                _modulate(v_norm, v_a2v_shift, v_a2v_scale),
+                _modulate(a_norm, a_a2v_shift, a_a2v_scale),
+                rope=inp.video_cross_rope,
+                k_rope=inp.audio_cross_rope,
+            )
+            new_vx = add_mul(vx, a2v_gate, a2v)
+            if keep_a2v is not None:
+                new_vx = torch.where(keep_a2v, new_vx, vx)
+        if keep_v2a is not False:
+            v2a = self.video_to_audio_attn(
+                _modulate(a_norm, a_v2a_shift, a_v2a_scale),
+                _modulate(v_norm, v_v2a_shift, v_v2a_scale),
+                rope=inp.audio_cross_rope,
+                k_rope=inp.video_cross_rope,
+            )
+            new_ax = add_mul(ax, v2a_gate, v2a)
+            if keep_v2a is not None:
+                new_ax = torch.where(keep_v2a, new_ax, ax)
+        return new_vx, new_ax
 
 
 # ----------------------------------------------------------------------------------- model
@@ -456,6 +505,7 @@ class LTX2DiT(nn.Module):
         height: int | None = None,
         width: int | None = None,
         fps: float = 24.0,
+        skips: Sequence[AttentionSkip] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Velocities for latent video tokens `video` `[B, L_v, in_channels]` (frame-major, patch 1) and audio
         tokens `audio` `[B, L_a, audio_in_channels]`.
@@ -465,7 +515,8 @@ class LTX2DiT(nn.Module):
         `t` = sigma * 1000: a scalar, `[B]`, or per token `[B, L_v]`; `audio_timestep` (default: `timestep`)
         likewise for audio. Positions: `video_coords` `[B, 3, L_v, 2]` and `audio_coords` `[B, 1, L_a, 2]`
         as `video_positions` / `audio_positions` build them, or built here from `num_frames`, `height`,
-        `width` (latent sizes) and `fps`. Computation runs in `video.dtype`.
+        `width` (latent sizes) and `fps`. `skips` switch attentions off for some rows (`AttentionSkip`: the
+        authors' STG and modality-isolation passes); none by default. Computation runs in `video.dtype`.
         """
         cfg = self.config
         b = video.shape[0]
@@ -512,14 +563,49 @@ class LTX2DiT(nn.Module):
             video_cross_rope=rope_from_positions(video_coords[:, :1], (cross_max,), adim, aheads, cfg),
             audio_cross_rope=rope_from_positions(audio_coords[:, :1], (cross_max,), adim, aheads, cfg),
         )
+        keeps = self._keeps(skips, b, video.device)
         vx = self.patchify_proj(video)
         ax = self.audio_patchify_proj(audio.to(dtype))
-        for block in self.transformer_blocks:
-            vx, ax = self._run(block, vx, ax, inputs)
+        for block, keep in zip(self.transformer_blocks, keeps, strict=True):
+            vx, ax = self._run(block, vx, ax, inputs, keep) if keep is not None else self._run(block, vx, ax, inputs)
         return (
             self._output(vx, self.scale_shift_table, video_embedded, self.proj_out),
             self._output(ax, self.audio_scale_shift_table, audio_embedded, self.audio_proj_out),
         )
+
+    def _keeps(self, skips: Sequence[AttentionSkip], batch: int, device) -> list[tuple[Keep, ...] | None]:
+        """Per block, which rows run each of its `SKIP_KINDS` attentions (None for a block nothing skips)."""
+        n = self.config.num_layers
+        if not skips:
+            return [None] * n
+        skipped = {(kind, i): set() for kind in SKIP_KINDS for i in range(n)}
+        for skip in skips:
+            if not isinstance(skip, AttentionSkip) or skip.kind not in SKIP_KINDS:
+                raise ValueError(f"skips holds {skip!r}; expected AttentionSkip with kind in {SKIP_KINDS}")
+            blocks = range(n) if skip.blocks is None else skip.blocks
+            samples = range(batch) if skip.samples is None else skip.samples
+            for name, values, size in (("blocks", blocks, n), ("samples", samples, batch)):
+                bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < size]
+                if bad:
+                    raise ValueError(f"AttentionSkip({skip.kind!r}) {name}={list(values)}: {bad} not in [0, {size})")
+            for i in blocks:
+                skipped[skip.kind, i].update(samples)
+        masks: dict[frozenset, Keep] = {}
+
+        def keep(rows: set) -> Keep:
+            if not rows:
+                return None
+            if len(rows) == batch:
+                return False
+            key = frozenset(rows)
+            if key not in masks:
+                mask = torch.ones(batch, 1, 1, dtype=torch.bool)
+                mask[sorted(rows)] = False
+                masks[key] = mask.to(device)
+            return masks[key]
+
+        per_block = [tuple(keep(skipped[kind, i]) for kind in SKIP_KINDS) for i in range(n)]
+        return [None if all(k is None for k in ks) else ks for ks in per_block]
 
     @staticmethod
     def _embed(adaln: AdaLayerNormSingle, t: torch.Tensor, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:

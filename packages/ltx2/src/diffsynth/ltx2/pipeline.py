@@ -10,26 +10,30 @@ batched with the conditional pass, with its own scale per stream and an optional
 The audio stream covers the video's duration: `L = round(F / frame_rate * 25)` latent frames (16 kHz mel,
 hop 160, 4x compressed). The schedule follows the authors' pipelines, which shift it as if the video
 had 4096 tokens whatever its size (diffusers shifts by the real token count; pass `sigmas=` to choose).
-The authors' two other guidance terms (STG, which perturbs block 29, and modality isolation) need
-DiT hooks we do not have yet and are not applied.
+Besides CFG the authors add two guidance terms, on by default: STG (spatio-temporal guidance, away from
+a pass whose block-29 self-attentions pass their values through) and modality isolation (away from a
+pass without the audio<->video attentions); `LTX2Guidance` holds their scales, and their passes join
+the CFG batch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import tensor_to_output
+from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import pack_latents, unpack_latents
-from .dit import audio_positions, video_positions
+from .dit import AttentionSkip, audio_positions, video_positions
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +41,15 @@ DEFAULT_STEPS = 40  # ltx-pipelines LTX_2_PARAMS (full model)
 DEFAULT_CFG = 3.0
 DEFAULT_AUDIO_CFG = 7.0
 DEFAULT_RESCALE = 0.7
+DEFAULT_STG = 1.0  # ltx-pipelines LTX_2_PARAMS, both streams
+DEFAULT_MODALITY = 3.0
+DEFAULT_STG_BLOCKS = (29,)  # of the released 48; a default block past a smaller DiT's depth is dropped
 DEFAULT_FRAME_RATE = 24.0
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # Gemma prompts are left-padded to this many tokens
 GEMMA_REPO = "google/gemma-3-12b-it-qat-q4_0-unquantized"
 SCHEDULE_TOKENS = 4096  # the authors call LTX2Scheduler without a latent: the shift of 4096 tokens
 TIMESTEP_SCALE = 1000.0
+ImageInput = str | os.PathLike | Image.Image
 
 
 @dataclass
@@ -87,12 +95,17 @@ def ltx2_velocity(
     text: LTX2Text,
     frame_rate: float = DEFAULT_FRAME_RATE,
     audio_sigma: torch.Tensor | float | None = None,
+    denoise_mask: torch.Tensor | None = None,
+    skips: Sequence[AttentionSkip] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow velocities (noise - clean), float32, of video latents `[B, 128, f, h, w]` and audio latents
     `[B, C, L, M]` at noise level `sigma` (scalar or `[B]`; `audio_sigma` defaults to it).
 
     `text` comes from `LTX2Pipeline.encode_prompt`; `frame_rate` places the video tokens in time (RoPE),
-    so it must be the rate the frames will be played at. Computation runs in the DiT's dtype.
+    so it must be the rate the frames will be played at. `denoise_mask` (`[1 or B, 1, f, h, w]`, 1 = being
+    denoised, 0 = a clean conditioning latent such as image-to-video's first frame) scales each video
+    token's timestep, so the DiT sees the given frames as clean. `skips` (`AttentionSkip`) switch DiT
+    attentions off for some rows (STG / modality isolation). Computation runs in the DiT's dtype.
     """
     dtype = module_dtype(dit)
     b, _, f, h, w = video.shape
@@ -101,6 +114,10 @@ def ltx2_velocity(
     if audio_sigma is not None:
         audio_sigma = torch.as_tensor(audio_sigma, dtype=torch.float32, device=video.device).reshape(-1).expand(b)
         audio_t = audio_sigma * TIMESTEP_SCALE
+    video_t = sigma * TIMESTEP_SCALE
+    if denoise_mask is not None:  # per-token timesteps [B, f * h * w]; the audio keeps the global one
+        audio_t = video_t if audio_t is None else audio_t
+        video_t = video_t[:, None] * denoise_mask.to(video.device, torch.float32).expand(b, 1, f, h, w).flatten(1)
     cfg = dit.config
     mask = text.mask
     v_video, v_audio = dit(
@@ -108,14 +125,26 @@ def ltx2_velocity(
         pack_latents(audio).to(dtype),
         text.video.to(dtype),
         text.audio.to(dtype),
-        sigma * TIMESTEP_SCALE,
+        video_t,
         audio_timestep=audio_t,
         video_context_mask=mask,
         audio_context_mask=mask,
         video_coords=video_positions(cfg, b, f, h, w, float(frame_rate), video.device),
         audio_coords=audio_positions(cfg, b, audio.shape[2], video.device),
+        skips=skips,
     )
     return unpack_video(v_video.float(), f, h, w), unpack_latents(v_audio.float(), audio.shape[3])
+
+
+def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
+    """`image` cropped at its centre to the aspect ratio `width / height`, then resized bilinearly to it."""
+    src_w, src_h = image.size
+    scale = max(height / src_h, width / src_w)
+    crop_w, crop_h = min(src_w, round(width / scale)), min(src_h, round(height / scale))
+    left, top = (src_w - crop_w) // 2, (src_h - crop_h) // 2
+    if (crop_w, crop_h) != (src_w, src_h):
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+    return image if image.size == (width, height) else image.resize((width, height), Image.BILINEAR)
 
 
 def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, factor: float) -> torch.Tensor:
@@ -124,6 +153,34 @@ def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, factor: float
     dims = tuple(range(1, guided.dim()))
     ratio = positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
     return guided * (factor * ratio + (1 - factor))
+
+
+@dataclass(frozen=True)
+class LTX2Guidance:
+    """The authors' guidance terms besides CFG, added to the conditional prediction per stream:
+    STG `stg_scale * (cond - perturbed)`, the perturbed pass replacing the self-attention of `blocks` by
+    its value projection (video self-attention if `stg_scale` is not 0, audio if `audio_stg_scale` is not),
+    and modality isolation `(modality_scale - 1) * (cond - isolated)`, the isolated pass skipping both
+    audio<->video attentions in every block. STG 0 and modality 1 turn a term off."""
+
+    stg_scale: float = 0.0
+    audio_stg_scale: float = 0.0
+    modality_scale: float = 1.0
+    audio_modality_scale: float = 1.0
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def stg(self) -> bool:
+        return bool(self.blocks) and (self.stg_scale != 0.0 or self.audio_stg_scale != 0.0)
+
+    @property
+    def isolation(self) -> bool:
+        return self.modality_scale != 1.0 or self.audio_modality_scale != 1.0
+
+    def stg_skips(self, rows: range) -> list[AttentionSkip]:
+        """What the perturbed pass (batch `rows`) skips."""
+        kinds = [k for k, s in (("video_self", self.stg_scale), ("audio_self", self.audio_stg_scale)) if s != 0.0]
+        return [AttentionSkip(kind, tuple(self.blocks), tuple(rows)) for kind in kinds]
 
 
 class LTX2Pipeline(BasePipeline):
@@ -148,6 +205,11 @@ class LTX2Pipeline(BasePipeline):
         cfg_scale: float | None = None,
         audio_cfg_scale: float | None = None,
         guidance_rescale: float | None = None,
+        stg_scale: float | None = None,
+        audio_stg_scale: float | None = None,
+        modality_scale: float | None = None,
+        audio_modality_scale: float | None = None,
+        spatio_temporal_guidance_blocks: Sequence[int] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
@@ -159,6 +221,9 @@ class LTX2Pipeline(BasePipeline):
         use_distilled_pipeline: bool | None = None,
         latents: torch.Tensor | None = None,
         audio_latents: torch.Tensor | None = None,
+        input_images: Sequence[ImageInput] | None = None,
+        input_images_indexes: Sequence[int] = (0,),
+        input_image: ImageInput | Sequence[ImageInput] | None = None,
         max_sequence_length: int | None = None,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = 16,
@@ -177,9 +242,17 @@ class LTX2Pipeline(BasePipeline):
         warning. `cfg_scale` guides the video stream and `audio_cfg_scale` the audio stream (1 = off; the
         authors' 3 and 7 by default, and the audio follows an explicit `cfg_scale` when not given itself);
         `guidance_rescale` in [0, 1] (default 0.7) pulls the guided prediction's spread back towards the
-        conditional one's. `use_distilled_pipeline` runs the distilled model's fixed 8-step table without
+        conditional one's. `stg_scale` / `audio_stg_scale` (STG, default 1, 0 = off; perturbing the self-
+        attentions of `spatio_temporal_guidance_blocks`, default [29]) and `modality_scale` /
+        `audio_modality_scale` (modality isolation, default 3, 1 = off) are the authors' two other terms
+        (`LTX2Guidance`); each audio scale follows an explicit video one. `use_distilled_pipeline` runs the distilled model's fixed 8-step table without
         CFG. `latents` / `audio_latents` are the initial noise (`[B, 128, 1 + (F-1)/8, H/32, W/32]` and
         `[B, 8, L, 16]`); `sigmas` an explicit schedule (terminal 0 appended). `tiled`, `tile_size`, `tile_stride` (latent cells) go to the video VAE.
+
+        Image-to-video: `input_images=[image]` (DiffSynth-Studio's name; `input_images_indexes` must be
+        `[0]`, the first frame) or `input_image=image` (one image for every prompt, or one per prompt). A
+        path or PIL image, resized to `width` x `height` and encoded by the video VAE: that latent replaces
+        the first latent frame, which the DiT is told is clean (timestep 0) and which no step changes.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -195,6 +268,11 @@ class LTX2Pipeline(BasePipeline):
         rescale = float(self.setting("guidance_rescale", guidance_rescale, DEFAULT_RESCALE))
         if not 0.0 <= rescale <= 1.0:
             raise ConfigError(f"guidance_rescale={rescale!r} is not accepted; use a number in [0, 1]")
+        stg = self._stream_scales("stg_scale", stg_scale, audio_stg_scale, 0.0 if distilled else DEFAULT_STG)
+        modality = self._stream_scales(
+            "modality_scale", modality_scale, audio_modality_scale, 1.0 if distilled else DEFAULT_MODALITY
+        )
+        guidance = LTX2Guidance(*stg, *modality, self.check_stg_blocks(spatio_temporal_guidance_blocks))
         fps = self.check_frame_rate(self.setting("frame_rate", frame_rate, DEFAULT_FRAME_RATE))
         max_len = self.setting("max_sequence_length", max_sequence_length, DEFAULT_MAX_SEQUENCE_LENGTH)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -202,6 +280,7 @@ class LTX2Pipeline(BasePipeline):
         height, width = self.check_size(self.setting("height", height, 512), self.setting("width", width, 768))
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 121))
         use_cfg = scale != 1.0 or audio_scale != 1.0
+        first_frames = self.check_input_images(input_images, input_images_indexes, input_image, len(prompts))
 
         # 1. prompts
         self.load_models_to_device(["text_encoder", "connectors"])
@@ -217,14 +296,20 @@ class LTX2Pipeline(BasePipeline):
         video, audio = self.prepare_latents(
             len(prompts), frames, height, width, fps, seed, rand_device, latents, audio_latents
         )
+        mask, extra = None, {}
+        if first_frames is not None:
+            video, mask = self.prepare_image_condition(video, first_frames, height, width)
+            extra = {"denoise_mask": mask}
 
         # 3. denoise
         self.load_models_to_device(["dit"])
         both = text.cat(negative_text) if use_cfg else text
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             sigma = scheduler.sigmas[i]
-            v_video, v_audio = self.predict(video, audio, sigma, both, fps, use_cfg, scale, audio_scale, rescale)
-            video = scheduler.step(v_video, i, video)
+            v_video, v_audio = self.predict(
+                video, audio, sigma, both, fps, use_cfg, scale, audio_scale, rescale, **extra, guidance=guidance
+            )
+            video = scheduler.step(v_video if mask is None else v_video * mask, i, video)  # clean frames stay
             audio = scheduler.step(v_audio, i, audio)
 
         # 4. decode
@@ -249,6 +334,30 @@ class LTX2Pipeline(BasePipeline):
         if rounded != num_frames:
             logger.warning("num_frames=%d rounded to %d (%dk + 1 frames)", num_frames, rounded, tc)
         return rounded
+
+    @staticmethod
+    def check_input_images(input_images, input_images_indexes, input_image, batch: int) -> list[Image.Image] | None:
+        """The first frame of each prompt's video as RGB images, from DiffSynth-Studio's `input_images`
+        (keyframes at `input_images_indexes`; only the first frame is supported) or our `input_image`."""
+        if input_images is not None and input_image is not None:
+            raise ConfigError("pass the first frame as input_images=[image] or as input_image=image, not both")
+        if input_images is not None:
+            images = [input_images] if isinstance(input_images, (str, os.PathLike, Image.Image)) else input_images
+            images, indexes = list(images), list(input_images_indexes)
+            if len(images) != 1 or indexes != [0]:
+                raise ConfigError(
+                    f"input_images has {len(images)} images at input_images_indexes={indexes}: only first-frame "
+                    "conditioning is supported, pass one image at index 0 (input_images=[image])"
+                )
+            input_image = images[0]
+        if input_image is None:
+            return None
+        items = list(input_image) if isinstance(input_image, (list, tuple)) else [input_image]
+        if len(items) == 1:
+            items = items * batch
+        if len(items) != batch:
+            raise ConfigError(f"input_image has {len(items)} images for {batch} prompts; give one, or one per prompt")
+        return [load_image(image) for image in items]
 
     @staticmethod
     def check_frame_rate(frame_rate) -> float:
@@ -311,24 +420,151 @@ class LTX2Pipeline(BasePipeline):
                 draws.append(noise.to(self.device))
         return draws[0], draws[1]
 
+    def prepare_image_condition(
+        self, video: torch.Tensor, images: list[Image.Image], height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-to-video: each image, fitted to the video size and encoded alone by the video VAE, replaces
+        the first latent frame of `video`. Returns the new latents and the denoise mask `[1, 1, f, h, w]`
+        (0 on that frame: the DiT sees it clean and steps keep it). Fitting crops the centre to the video's
+        aspect ratio (as the authors do; diffusers stretches instead), then resizes bilinearly."""
+        self.load_models_to_device(["vae"])
+        pixels = pil_to_tensor(
+            [fit_image(image, height, width) for image in images], dtype=module_dtype(self.vae), device=self.device
+        )
+        clean = self.vae.encode(pixels[:, :, None]).float()  # [B, C, 1, h, w]
+        video = torch.cat([clean, video[:, :, 1:]], dim=2)
+        mask = torch.ones((1, 1, *video.shape[2:]), device=video.device)
+        mask[:, :, 0] = 0.0
+        return video, mask
+
     def _check_initial(self, latents, expected, name: str) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(expected):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ConfigError(f"{name} must be a tensor of shape {tuple(expected)}, got {got}")
         return latents.to(device=self.device, dtype=torch.float32)
 
-    def predict(self, video, audio, sigma, text: LTX2Text, fps, use_cfg, scale, audio_scale, rescale):
-        """Guided velocities; with CFG the conditional and unconditional passes run as one batch."""
+    def predict(
+        self,
+        video,
+        audio,
+        sigma,
+        text: LTX2Text,
+        fps,
+        use_cfg,
+        scale,
+        audio_scale,
+        rescale,
+        denoise_mask=None,
+        guidance: LTX2Guidance | None = None,
+    ):
+        """Guided velocities; with CFG the conditional and unconditional passes run as one batch.
+        `denoise_mask` marks clean conditioning latents (see `ltx2_velocity`); `guidance` adds the STG and
+        modality-isolation passes to that batch."""
+        if guidance is not None and (guidance.stg or guidance.isolation):
+            return self._predict_guided(
+                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, guidance
+            )
         if not use_cfg:
-            return ltx2_velocity(self.dit, video, audio, sigma, text, fps)
+            return ltx2_velocity(self.dit, video, audio, sigma, text, fps, denoise_mask=denoise_mask)
+        if denoise_mask is not None and denoise_mask.shape[0] > 1:
+            denoise_mask = torch.cat([denoise_mask, denoise_mask])
         v_video, v_audio = ltx2_velocity(
-            self.dit, torch.cat([video, video]), torch.cat([audio, audio]), sigma, text, fps
+            self.dit, torch.cat([video, video]), torch.cat([audio, audio]), sigma, text, fps, denoise_mask=denoise_mask
         )
         b = video.shape[0]
         return (
             self._guide(video, v_video[:b], v_video[b:], sigma, scale, rescale),
             self._guide(audio, v_audio[:b], v_audio[b:], sigma, audio_scale, rescale),
         )
+
+    def _predict_guided(
+        self, video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, g: LTX2Guidance
+    ):
+        """One DiT call over the prompts, the negative prompts (with CFG), the prompts perturbed for STG and
+        the prompts with the modalities isolated (the authors batch their passes so too); each extra pass
+        repeats the prompts' rows and skips attentions only in its own rows."""
+        b = video.shape[0]
+        positive = LTX2Text(text.video[:b], text.audio[:b], None if text.mask is None else text.mask[:b])
+        batch, skips, rows = (text if use_cfg else positive), [], {}
+        n = 2 if use_cfg else 1
+        if g.stg:
+            rows["stg"] = range(n * b, (n + 1) * b)
+            skips += g.stg_skips(rows["stg"])
+            batch, n = batch.cat(positive), n + 1
+        if g.isolation:
+            rows["isolated"] = range(n * b, (n + 1) * b)
+            skips += [AttentionSkip(kind, None, tuple(rows["isolated"])) for kind in ("a2v", "v2a")]
+            batch, n = batch.cat(positive), n + 1
+        if denoise_mask is not None and denoise_mask.shape[0] > 1:
+            denoise_mask = torch.cat([denoise_mask] * n)
+        v_video, v_audio = ltx2_velocity(
+            self.dit,
+            torch.cat([video] * n),
+            torch.cat([audio] * n),
+            sigma,
+            batch,
+            fps,
+            denoise_mask=denoise_mask,
+            skips=skips,
+        )
+
+        def parts(v: torch.Tensor) -> list[torch.Tensor | None]:
+            extra = (v[rows[k].start : rows[k].stop] if k in rows else None for k in ("stg", "isolated"))
+            return [v[:b], v[b : 2 * b] if use_cfg else None, *extra]
+
+        return (
+            self._guide_terms(video, parts(v_video), sigma, (scale, g.stg_scale, g.modality_scale), rescale),
+            self._guide_terms(
+                audio, parts(v_audio), sigma, (audio_scale, g.audio_stg_scale, g.audio_modality_scale), rescale
+            ),
+        )
+
+    def _guide_terms(self, x, preds, sigma, scales, rescale) -> torch.Tensor:
+        """`preds` (cond, uncond, perturbed, isolated; None where not run) combined with `scales` (cfg, stg,
+        modality); the terms are added to the conditional prediction, on x0 when rescaling (as `_guide`)."""
+        if rescale != 0.0:
+            sigma, x = float(sigma), x.float()
+            preds = [None if p is None else x - sigma * p for p in preds]
+        cond, uncond, perturbed, isolated = preds
+        cfg, stg, modality = scales
+        guided = cond if uncond is None else self.guide(cond, uncond, cfg)
+        if perturbed is not None:
+            guided = guided + stg * (cond - perturbed)
+        if isolated is not None:
+            guided = guided + (modality - 1) * (cond - isolated)
+        if rescale == 0.0:
+            return guided
+        return (x - rescale_guidance(guided, cond, rescale)) / sigma
+
+    def _stream_scales(self, name: str, value, audio_value, fallback: float) -> tuple[float, float]:
+        """(video, audio) scales of one guidance term: an explicit `name` sets both streams unless the audio
+        one is given too, else the preset's defaults, else `fallback`."""
+        audio_name = f"audio_{name}"
+        video = self.setting(name, value, fallback)
+        if audio_value is None:
+            audio_value = video if value is not None else self.defaults.get(audio_name, fallback)
+        for key, v in ((name, video), (audio_name, audio_value)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{key}={v!r} is not accepted; use a number")
+        return float(video), float(audio_value)
+
+    def check_stg_blocks(self, blocks) -> tuple[int, ...]:
+        """STG's block indices: explicit ones must exist in the DiT; the defaults (for the released 48
+        blocks) keep only those that do, so a smaller DiT runs without STG."""
+        n = self.dit.config.num_layers
+        if blocks is None:
+            default = tuple(self.defaults.get("spatio_temporal_guidance_blocks", DEFAULT_STG_BLOCKS))
+            kept = tuple(i for i in default if 0 <= i < n)
+            if kept != default:
+                logger.debug("default STG blocks %s dropped: the DiT has %d blocks", default, n)
+            return kept
+        values = [blocks] if isinstance(blocks, int) else list(blocks)
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in values):
+            raise ConfigError(
+                f"spatio_temporal_guidance_blocks={blocks!r} is not accepted; use block indices in [0, {n}) "
+                "(the authors perturb block 29 of LTX-2's 48)"
+            )
+        return tuple(values)
 
     def _guide(self, x, positive, negative, sigma, scale, rescale) -> torch.Tensor:
         if rescale == 0.0:

@@ -4,7 +4,7 @@
 audio VAE, vocoder); the text encoder is Gemma-3-12B from its own repo, whose tokenizer files sit at
 that repo's root. Defaults follow ltx-pipelines (`utils/constants.py` `LTX_2_PARAMS`, the one-stage
 `TI2VidOneStagePipeline`): 40 steps, 768x512, 121 frames at 24 fps, CFG 3 on video and 7 on audio,
-guidance rescale 0.7. The authors also add STG and modality guidance, which we do not apply yet.
+guidance rescale 0.7, STG 1 at block 29 and modality guidance 3 on both streams.
 
 The distilled variant samples the authors' fixed 8-step table without CFG (their `DistilledPipeline`
 then refines a 2x-upsampled latent in a second stage, which needs the spatial upsampler: not built).
@@ -32,9 +32,14 @@ PRESETS: dict[str, Preset] = {
             "cfg_scale": 3.0,
             "audio_cfg_scale": 7.0,
             "guidance_rescale": 0.7,
+            "stg_scale": 1.0,
+            "audio_stg_scale": 1.0,
+            "modality_scale": 3.0,
+            "audio_modality_scale": 3.0,
+            "spatio_temporal_guidance_blocks": (29,),
         },
         description="LTX-2 19B text-to-video with audio (Lightricks), Gemma-3-12B text encoder: 40 steps, "
-        "CFG 3 (video) / 7 (audio), 768x512, 121 frames at 24 fps.",
+        "CFG 3 (video) / 7 (audio), STG 1 (block 29), modality guidance 3, 768x512, 121 frames at 24 fps.",
     ),
     f"{REPO}:distilled": Preset(
         name=f"{REPO}:distilled",

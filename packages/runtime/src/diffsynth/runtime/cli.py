@@ -179,9 +179,9 @@ def _generate(args) -> int:
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
-    if args.input_image is not None:
-        options["denoising_strength"] = args.denoising_strength
     accepted = inspect.signature(type(pipe).__call__).parameters
+    if args.input_image is not None and "denoising_strength" in accepted:  # image-to-video models take none
+        options["denoising_strength"] = args.denoising_strength
     if args.fps is not None and "frame_rate" in accepted:  # models that place frames in time (LTX-2)
         options["frame_rate"] = args.fps
     for name in options:
