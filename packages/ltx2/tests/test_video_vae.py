@@ -350,7 +350,7 @@ def test_load_model_from_the_original_single_file(tmp_path):
 
 
 def test_load_the_vae_part_of_a_file_holding_other_models(tmp_path):
-    """The README recipe while the other LTX-2 components have no spec: select the `vae.*` keys."""
+    """The README recipe for reading only the VAE: the VAE spec alone refuses the other keys; select `vae.*`."""
     model = tiny_model()
     path = tmp_path / "ltx-2-tiny.safetensors"
     save_file({**_original_file(model), "audio_vae.encoder.conv_in.conv.weight": torch.zeros(4, 2, 3, 3)}, path)
