@@ -22,6 +22,7 @@ FAST = dict(
     num_frames=F,
     num_inference_steps=2,
     max_sequence_length=repo_module.MAX_SEQUENCE_LENGTH,
+    image_crf=0,  # the picture as given; `test_h264_recompression_*` cover the default CRF 33
     progress_bar=False,
 )
 OFF = dict(stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0)  # CFG only
@@ -102,7 +103,8 @@ def test_matches_diffusers(tiny_ltx2_pipe, reference, guidance):
     """Frames and waveform against diffusers' `LTX2ImageToVideoPipeline` on the same weights, the same
     noise (seed 3 on a CPU generator: video noise first, then audio) and the same sigmas. The picture is
     96x96 for a 64x64 video: same aspect, so our centre crop is a no-op and both resize it bilinearly.
-    diffusers' H.264 re-compression of the picture is off (`image_crf=0`; we do not apply it), and
+    H.264 re-compression of the picture is off on both sides (`image_crf=0`: diffusers compresses the 96x96
+    picture before resizing, we the fitted one; see the CRF test below for pictures of the video's size), and
     `use_cross_timestep=False` is LTX-2.0's audio<->video modulation (every DiT timestep is the token's
     own, as in ltx-core's release and in our DiT); diffusers' default gives the conditioned tokens the
     global timestep in those modulations instead. The STG and modality-isolation passes join the guidance
@@ -153,6 +155,63 @@ def test_matches_diffusers(tiny_ltx2_pipe, reference, guidance):
     print(f"i2v parity {guidance}: frames {frame_diff:.3g}, audio {audio_diff:.3g} (t2v gap {gap:.3g})")
     assert frame_diff <= 1e-5 and audio_diff <= 1e-5
     assert gap > 1e-2
+
+
+@pytest.mark.parity
+def test_h264_recompression_matches_diffusers_default(tiny_ltx2_pipe, reference):
+    """The authors' default: the first frame goes through H.264 at CRF 33 before encoding (diffusers'
+    `image_crf=None` resolves to it for Gemma-3 models). A picture of the video's size, so both compress the
+    same pixels; the result differs from the uncompressed run, so the comparison sees the step."""
+    steps = 3
+    reference.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=2.05)
+    sigmas = reference.scheduler.sigmas.clone()
+    image = picture(4, size=(W, H))
+    settings = {**FAST, "image_crf": None}
+    common = dict(negative_prompt=CAPTIONS[3], seed=3, output_type="np", sigmas=sigmas, **settings)
+    frames, audio = tiny_ltx2_pipe(
+        CAPTIONS[0], input_images=[image], **OFF, cfg_scale=1.0, audio_cfg_scale=1.0, **common
+    )
+    expected_frames, expected_audio = reference(
+        image=image,
+        prompt=CAPTIONS[0],
+        height=H,
+        width=W,
+        num_frames=F,
+        frame_rate=24.0,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        audio_guidance_scale=1.0,
+        guidance_rescale=0.7,
+        audio_guidance_rescale=0.7,
+        stg_scale=0.0,
+        audio_stg_scale=0.0,
+        modality_scale=1.0,
+        audio_modality_scale=1.0,
+        use_cross_timestep=False,
+        generator=torch.Generator().manual_seed(3),
+        max_sequence_length=FAST["max_sequence_length"],
+        output_type="np",
+        return_dict=False,
+    )
+    assert np.abs(frames - expected_frames).max() <= 1e-5
+    assert (audio.waveform - expected_audio).abs().max().item() <= 1e-5
+    uncompressed, _ = tiny_ltx2_pipe(
+        CAPTIONS[0], input_images=[image], **OFF, cfg_scale=1.0, audio_cfg_scale=1.0, **{**common, "image_crf": 0}
+    )
+    assert np.abs(uncompressed - expected_frames).max() > 1e-4
+
+
+def test_h264_recompression_is_what_gets_encoded(tiny_ltx2_pipe, monkeypatch):
+    """With CRF 33 the first latent frame is the encoding of the H.264 round trip of the fitted picture."""
+    from diffsynth.runtime.media import h264_frame
+
+    image = picture(5)
+    latents = final_latents(tiny_ltx2_pipe, monkeypatch, input_images=[image], image_crf=33)
+    with torch.no_grad():
+        compressed = h264_frame(fit_image(image, H, W), 33)
+        clean = tiny_ltx2_pipe.vae.encode(pil_to_tensor(compressed)[:, :, None]).float()
+    torch.testing.assert_close(latents[:, :, :1], clean, atol=0, rtol=0)
+    assert (clean - encoded(tiny_ltx2_pipe, image)).abs().max() > 1e-4  # the compression changes the latent
 
 
 # ----------------------------------------------------------------------------------------- conditioning

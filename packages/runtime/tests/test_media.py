@@ -10,6 +10,7 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import (
+    h264_frame,
     load_audio,
     load_image,
     load_video,
@@ -157,3 +158,17 @@ def test_mux_video_audio_has_both_streams(tmp_path):
     assert got_rate == rate and audio.shape[0] == 2 and audio.shape[1] >= rate
     # AAC is lossy and adds a short priming delay: compare energy, not samples
     assert abs(float(audio.pow(2).mean().sqrt()) - 0.4 / 2**0.5) < 0.03
+
+
+def test_h264_frame_degrades_with_crf_and_keeps_the_even_size():
+    """One H.264 round trip: an odd size loses its last row/column, a higher CRF loses more detail (CRF 10 keeps
+    about the 4:2:0 chroma subsampling's error, a few levels of 255)."""
+    smooth = random_image(3, size=(8, 6)).resize((67, 49), Image.BILINEAR)
+    fine, coarse = h264_frame(smooth, 10), h264_frame(smooth, 45)
+    assert fine.size == coarse.size == (66, 48)
+    reference = np.asarray(smooth, dtype=np.float32)[:48, :66]
+    fine_error = np.abs(np.asarray(fine, dtype=np.float32) - reference).mean()
+    coarse_error = np.abs(np.asarray(coarse, dtype=np.float32) - reference).mean()
+    assert fine_error < 6 and coarse_error > 2 * fine_error
+    with pytest.raises(ConfigError, match="crf must be an integer from 0"):
+        h264_frame(smooth, 60)

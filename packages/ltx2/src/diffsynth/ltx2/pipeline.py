@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import h264_frame, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
@@ -45,6 +45,7 @@ DEFAULT_STG = 1.0  # ltx-pipelines LTX_2_PARAMS, both streams
 DEFAULT_MODALITY = 3.0
 DEFAULT_STG_BLOCKS = (29,)  # of the released 48; a default block past a smaller DiT's depth is dropped
 DEFAULT_FRAME_RATE = 24.0
+DEFAULT_IMAGE_CRF = 33  # the authors re-compress an image-to-video first frame with H.264 at CRF 33 (LTX-2.0)
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # Gemma prompts are left-padded to this many tokens
 GEMMA_REPO = "google/gemma-3-12b-it-qat-q4_0-unquantized"
 SCHEDULE_TOKENS = 4096  # the authors call LTX2Scheduler without a latent: the shift of 4096 tokens
@@ -224,6 +225,7 @@ class LTX2Pipeline(BasePipeline):
         input_images: Sequence[ImageInput] | None = None,
         input_images_indexes: Sequence[int] = (0,),
         input_image: ImageInput | Sequence[ImageInput] | None = None,
+        image_crf: int | None = None,
         max_sequence_length: int | None = None,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = 16,
@@ -252,7 +254,8 @@ class LTX2Pipeline(BasePipeline):
         Image-to-video: `input_images=[image]` (DiffSynth-Studio's name; `input_images_indexes` must be
         `[0]`, the first frame) or `input_image=image` (one image for every prompt, or one per prompt). A
         path or PIL image, resized to `width` x `height` and encoded by the video VAE: that latent replaces
-        the first latent frame, which the DiT is told is clean (timestep 0) and which no step changes.
+        the first latent frame, which the DiT is told is clean (timestep 0) and which no step changes. It is
+        first re-compressed with H.264 at `image_crf` (default 33, the authors'; 0 = as given).
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -298,7 +301,8 @@ class LTX2Pipeline(BasePipeline):
         )
         mask, extra = None, {}
         if first_frames is not None:
-            video, mask = self.prepare_image_condition(video, first_frames, height, width)
+            crf = self.setting("image_crf", image_crf, DEFAULT_IMAGE_CRF)
+            video, mask = self.prepare_image_condition(video, first_frames, height, width, crf)
             extra = {"denoise_mask": mask}
 
         # 3. denoise
@@ -421,16 +425,18 @@ class LTX2Pipeline(BasePipeline):
         return draws[0], draws[1]
 
     def prepare_image_condition(
-        self, video: torch.Tensor, images: list[Image.Image], height: int, width: int
+        self, video: torch.Tensor, images: list[Image.Image], height: int, width: int, crf: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image-to-video: each image, fitted to the video size and encoded alone by the video VAE, replaces
         the first latent frame of `video`. Returns the new latents and the denoise mask `[1, 1, f, h, w]`
         (0 on that frame: the DiT sees it clean and steps keep it). Fitting crops the centre to the video's
-        aspect ratio (as the authors do; diffusers stretches instead), then resizes bilinearly."""
+        aspect ratio (as the authors do; diffusers stretches instead), then resizes bilinearly; `crf` > 0 then
+        passes each through H.264 at that CRF (`h264_frame`), as the model saw first frames in training."""
         self.load_models_to_device(["vae"])
-        pixels = pil_to_tensor(
-            [fit_image(image, height, width) for image in images], dtype=module_dtype(self.vae), device=self.device
-        )
+        fitted = [fit_image(image, height, width) for image in images]
+        if crf:
+            fitted = [h264_frame(image, crf) for image in fitted]
+        pixels = pil_to_tensor(fitted, dtype=module_dtype(self.vae), device=self.device)
         clean = self.vae.encode(pixels[:, :, None]).float()  # [B, C, 1, h, w]
         video = torch.cat([clean, video[:, :, 1:]], dim=2)
         mask = torch.ones((1, 1, *video.shape[2:]), device=video.device)

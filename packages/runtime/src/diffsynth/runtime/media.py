@@ -186,6 +186,29 @@ def _encode_video(container, stream, arrays: list[np.ndarray]) -> None:
     container.mux(stream.encode(None))
 
 
+def h264_frame(image: Image.Image, crf: int) -> Image.Image:
+    """`image` after one trip through H.264 at `crf` (x264, preset veryfast, yuv420p; odd sizes lose their last
+    row / column): how video models trained on compressed clips (LTX-2) want a conditioning image to look."""
+    import io
+
+    import av
+
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ConfigError(f"crf must be an integer from 0 (lossless) to 51, got {crf!r}")
+    array = np.asarray(image.convert("RGB"))
+    array = np.ascontiguousarray(array[: array.shape[0] // 2 * 2, : array.shape[1] // 2 * 2])
+    with io.BytesIO() as buffer:
+        with av.open(buffer, "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=1, options={"crf": str(crf), "preset": "veryfast"})
+            stream.height, stream.width = array.shape[:2]
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format="yuv420p")
+            container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        data = buffer.getvalue()
+    with io.BytesIO(data) as buffer, av.open(buffer) as container:
+        return Image.fromarray(next(container.decode(video=0)).to_ndarray(format="rgb24"))
+
+
 def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5) -> None:
     """Write frames (list of PIL, or [F, H, W, 3] / [3, F, H, W] uint8 or [0, 1] floats) as H.264 mp4."""
     import av
