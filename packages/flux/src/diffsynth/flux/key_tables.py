@@ -28,6 +28,14 @@ def template(key: str) -> tuple[str, list[int]]:
     return f"{m.group(1)}.{{}}.{m.group(3)}", [int(m.group(2))]
 
 
+def count_blocks(state: Mapping, template: str) -> int:
+    """How many blocks `template` (`{}` = index) finds in `state`, counting from 0 until one is missing."""
+    n = 0
+    while template.format(n) in state:
+        n += 1
+    return n
+
+
 def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """`torch.cat(parts, 0)`, building only the shape for meta tensors (concatenating them is slow)."""
     if any(p.is_meta for p in parts):

@@ -17,6 +17,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
+from ..key_tables import count_blocks
 from . import formats as dit_formats
 from .controlnet import Flux1ControlNet, Flux1ControlNetConfig
 
@@ -99,13 +100,12 @@ DIFFUSERS_DEFAULTS = {
 
 
 # ----------------------------------------------------------------------------------- config
-_count = dit_formats._count  # blocks present, counted the DiT's way
 
 
 def _fields_from_shapes(state: StateDict) -> dict:
     hidden, in_channels = state["img_in.weight"].shape
-    depth = _count(state, "double_blocks.{}.img_attn.qkv.weight")
-    single = _count(state, "single_blocks.{}.linear1.weight")
+    depth = count_blocks(state, "double_blocks.{}.img_attn.qkv.weight")
+    single = count_blocks(state, "single_blocks.{}.linear1.weight")
     fields = dict(
         in_channels=in_channels,
         cond_in_channels=state["controlnet_x_embedder.weight"].shape[1],

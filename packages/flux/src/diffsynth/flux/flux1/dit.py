@@ -60,27 +60,9 @@ class Flux1DiTConfig:
 
     def __post_init__(self):
         self.axes_dim = tuple(int(d) for d in self.axes_dim)
-        for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Flux1DiTConfig.{name}={value!r} must be a positive integer")
-        for name in ("depth", "depth_single_blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"Flux1DiTConfig.{name}={value!r} must be a non-negative integer")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"Flux1DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
-        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
-            raise ValueError(
-                f"Flux1DiTConfig.axes_dim={self.axes_dim} must be even and sum to head_dim={self.head_dim} "
-                f"(hidden_size {self.hidden_size} / num_heads {self.num_heads})"
-            )
-        if self.mlp_ratio <= 0 or self.mlp_hidden_dim < 1:
-            raise ValueError(f"Flux1DiTConfig.mlp_ratio={self.mlp_ratio!r} must be positive")
-        if self.theta <= 0:
-            raise ValueError(f"Flux1DiTConfig.theta={self.theta!r} must be positive")
+        check_dit_config(
+            self, ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads")
+        )
 
     @property
     def head_dim(self) -> int:
@@ -89,6 +71,31 @@ class Flux1DiTConfig:
     @property
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+
+def check_dit_config(config, positive: tuple[str, ...]) -> None:
+    """The checks every FLUX DiT config shares (FLUX.1 and FLUX.2): `positive` fields are integers >= 1, block
+    counts >= 0, heads divide the width, RoPE axes are even and sum to the head width, ratio and theta > 0."""
+    name = type(config).__name__
+    for field in positive:
+        value = getattr(config, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}.{field}={value!r} must be a positive integer")
+    for field in ("depth", "depth_single_blocks"):
+        value = getattr(config, field)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}.{field}={value!r} must be a non-negative integer")
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"{name}.hidden_size={config.hidden_size} is not divisible by num_heads={config.num_heads}")
+    if sum(config.axes_dim) != config.head_dim or any(d % 2 for d in config.axes_dim):
+        raise ValueError(
+            f"{name}.axes_dim={config.axes_dim} must be even and sum to head_dim={config.head_dim} "
+            f"(hidden_size {config.hidden_size} / num_heads {config.num_heads})"
+        )
+    if config.mlp_ratio <= 0 or config.mlp_hidden_dim < 1:
+        raise ValueError(f"{name}.mlp_ratio={config.mlp_ratio!r} must be positive")
+    if config.theta <= 0:
+        raise ValueError(f"{name}.theta={config.theta!r} must be positive")
 
 
 class MLPEmbedder(nn.Module):

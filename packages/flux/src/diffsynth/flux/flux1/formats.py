@@ -19,7 +19,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from ..key_tables import DiffusersKeyTables, template
+from ..key_tables import DiffusersKeyTables, count_blocks, template
 from .dit import Flux1DiT, Flux1DiTConfig
 
 PREFIX = "model.diffusion_model."
@@ -146,17 +146,10 @@ LAYOUTS = (
 
 
 # ----------------------------------------------------------------------------------- config
-def _count(state: StateDict, template: str) -> int:
-    n = 0
-    while template.format(n) in state:
-        n += 1
-    return n
-
-
 def _fields_from_shapes(state: StateDict) -> dict:
     hidden, in_channels = state["img_in.weight"].shape
-    depth = _count(state, "double_blocks.{}.img_attn.qkv.weight")
-    single = _count(state, "single_blocks.{}.linear1.weight")
+    depth = count_blocks(state, "double_blocks.{}.img_attn.qkv.weight")
+    single = count_blocks(state, "single_blocks.{}.linear1.weight")
     norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
     fields = dict(
         in_channels=in_channels,

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_tables, rotate, timestep_embedding
 
-from ..flux1.dit import QKNorm, Rope, rope_from_ids
+from ..flux1.dit import QKNorm, Rope, check_dit_config, rope_from_ids
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
 TIME_FACTOR = 1000.0  # timesteps and guidance are multiplied by this before the embedding
@@ -65,27 +65,7 @@ class Flux2DiTConfig:
     def __post_init__(self):
         self.axes_dim = tuple(int(d) for d in self.axes_dim)
         self.theta = float(self.theta)
-        for name in ("in_channels", "out_channels", "context_in_dim", "hidden_size", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Flux2DiTConfig.{name}={value!r} must be a positive integer")
-        for name in ("depth", "depth_single_blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"Flux2DiTConfig.{name}={value!r} must be a non-negative integer")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"Flux2DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
-        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
-            raise ValueError(
-                f"Flux2DiTConfig.axes_dim={self.axes_dim} must be even and sum to head_dim={self.head_dim} "
-                f"(hidden_size {self.hidden_size} / num_heads {self.num_heads})"
-            )
-        if self.mlp_ratio <= 0 or self.mlp_hidden_dim < 1:
-            raise ValueError(f"Flux2DiTConfig.mlp_ratio={self.mlp_ratio!r} must be positive")
-        if self.theta <= 0:
-            raise ValueError(f"Flux2DiTConfig.theta={self.theta!r} must be positive")
+        check_dit_config(self, ("in_channels", "out_channels", "context_in_dim", "hidden_size", "num_heads"))
 
     @classmethod
     def variant(cls, name: str) -> Flux2DiTConfig:
