@@ -183,7 +183,7 @@ def test_batched_passes_equal_separate_calls(tiny_ltx2_pipe, use_cfg):
     pipe = tiny_ltx2_pipe
     text = pipe.encode_prompt(CAPTIONS[:1], FAST["max_sequence_length"])
     negative = pipe.encode_prompt(CAPTIONS[3:], FAST["max_sequence_length"])
-    video, audio = pipe.prepare_latents(1, F, H, W, 24.0, seed=1, rand_device="cpu")
+    video, audio = pipe.prepare_latents(1, F, H, W, 24.0, generator=1, rand_device="cpu")
     sigma = torch.tensor(0.6)
     g = LTX2Guidance(1.5, 2.0, 3.0, 2.5, (1,))
     both = text.cat(negative) if use_cfg else text
@@ -221,7 +221,7 @@ def test_guidance_settings_and_defaults(tiny_ltx2_pipe, monkeypatch):
     run(tiny_ltx2_pipe, **one)
     run(tiny_ltx2_pipe, **one, stg_scale=2.0, modality_scale=1.5, spatio_temporal_guidance_blocks=[1])
     run(tiny_ltx2_pipe, **one, stg_scale=2.0, audio_stg_scale=0.0, audio_modality_scale=1.0)
-    run(tiny_ltx2_pipe, use_distilled_pipeline=True, num_inference_steps=8)
+    run(tiny_ltx2_pipe, use_distilled_pipeline=True, use_two_stage_pipeline=False, num_inference_steps=8)
     assert seen[:3] == [
         LTX2Guidance(1.0, 1.0, 3.0, 3.0, ()),
         LTX2Guidance(2.0, 2.0, 1.5, 1.5, (1,)),

@@ -128,7 +128,7 @@ def test_batched_cfg_equals_two_passes(tiny_ltx2_pipe):
     pipe = tiny_ltx2_pipe
     text = pipe.encode_prompt(CAPTIONS[:1], FAST["max_sequence_length"])
     negative = pipe.encode_prompt(CAPTIONS[3:], FAST["max_sequence_length"])
-    video, audio = pipe.prepare_latents(1, F, H, W, 24.0, seed=1, rand_device="cpu")
+    video, audio = pipe.prepare_latents(1, F, H, W, 24.0, generator=1, rand_device="cpu")
     sigma = torch.tensor(0.6)
     with torch.no_grad():
         got_v, got_a = pipe.predict(video, audio, sigma, text.cat(negative), 24.0, True, 3.0, 6.0, 0.0)
@@ -225,7 +225,7 @@ def test_seeded_runs_repeat_and_differ_by_seed(tiny_ltx2_pipe):
 
 
 def test_given_latents_replace_the_seeded_noise(tiny_ltx2_pipe):
-    video, audio = tiny_ltx2_pipe.prepare_latents(1, F, H, W, 24.0, seed=5, rand_device="cpu")
+    video, audio = tiny_ltx2_pipe.prepare_latents(1, F, H, W, 24.0, generator=5, rand_device="cpu")
     assert video.shape == (1, 8, 2, 2, 2) and audio.shape == (1, 2, 9, 4)
     seeded = run(tiny_ltx2_pipe, seed=5)
     given = run(tiny_ltx2_pipe, seed=None, latents=video, audio_latents=audio)
@@ -276,7 +276,7 @@ def test_diffusers_folder_loads_the_same_models(tiny_ltx2_base, tiny_ltx2_pipe, 
     pytest.importorskip("diffusers")
     folder = repo_module.write_diffusers_folder(tiny_ltx2_pipe, tiny_ltx2_base, tmp_path / "LTX-2")
     pipe = LTX2Pipeline.from_pretrained(str(folder), device="cpu", torch_dtype=torch.float32)
-    for slot in LTX2Pipeline.model_slots:
+    for slot in set(LTX2Pipeline.model_slots) - {"upsampler"}:
         ours, theirs = getattr(pipe, slot).state_dict(), getattr(tiny_ltx2_pipe, slot).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), slot
     got, expected = run(pipe, negative_prompt=CAPTIONS[3]), run(tiny_ltx2_pipe, negative_prompt=CAPTIONS[3])
@@ -318,7 +318,8 @@ def test_family_is_installed_with_presets():
 
     family = installed_families()["ltx2"]
     assert family.pipeline_class() is LTX2Pipeline
-    assert {s.role for s in family.specs} == {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder"}
+    roles = {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "upsampler"}
+    assert {s.role for s in family.specs} == roles
     fam, preset = find_preset("Lightricks/LTX-2")
     assert fam is family and preset.defaults["num_inference_steps"] == 40
     assert [f.origin_file_pattern for f in preset.files][0] == "ltx-2-19b-dev.safetensors"
@@ -338,7 +339,7 @@ def test_distilled_mode_runs_the_fixed_table_without_cfg(tiny_ltx2_pipe, monkeyp
         return real(self, video, audio, sigma, text, *args, **kwargs)
 
     monkeypatch.setattr(LTX2Pipeline, "predict", spy)
-    run(tiny_ltx2_pipe, use_distilled_pipeline=True, num_inference_steps=8)
+    run(tiny_ltx2_pipe, use_distilled_pipeline=True, use_two_stage_pipeline=False, num_inference_steps=8)
     table = FlowMatchScheduler("ltx2_distilled")
     table.set_timesteps(8)
     assert [s for s, _ in seen] == pytest.approx(table.sigmas[:-1].tolist())
@@ -349,7 +350,7 @@ def test_distilled_mode_runs_the_fixed_table_without_cfg(tiny_ltx2_pipe, monkeyp
 def test_vram_managed_pipeline_gives_the_same_output(tiny_ltx2_base, tiny_ltx2_pipe):
     """Every model under the VRAM manager with every unit streamed: stages activate what they use in time."""
     managed = repo_module.our_pipeline(tiny_ltx2_base, vram_limit=0)
-    assert sorted(managed.vram_handles) == sorted(LTX2Pipeline.model_slots)
+    assert sorted(managed.vram_handles) == sorted(set(LTX2Pipeline.model_slots) - {"upsampler"})
     got, expected = run(managed, negative_prompt=CAPTIONS[3]), run(tiny_ltx2_pipe, negative_prompt=CAPTIONS[3])
     torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)

@@ -1,5 +1,5 @@
-"""What the LTX-2 package contributes to the runtime: the "ltx2" family with the specs of its six models
-(DiT, text connectors, video VAE, audio VAE, vocoder, Gemma-3 text encoder), presets and pipeline.
+"""What the LTX-2 package contributes to the runtime: the "ltx2" family with the specs of its seven models
+(DiT, text connectors, video VAE, audio VAE, vocoder, Gemma-3 text encoder, latent upsampler), presets and pipeline.
 
 One `ltx-2-19b-*.safetensors` file holds the five LTX models under their own prefixes; each spec takes
 its share, so the file loads whole. Gemma comes from its own repo.
@@ -14,6 +14,7 @@ from .connectors_formats import LTX2_CONNECTORS_SPEC
 from .dit_formats import LTX2_DIT_SPEC
 from .presets import PRESETS
 from .text_encoder_formats import GEMMA3_TEXT_SPEC
+from .upsampler_formats import LTX2_UPSAMPLER_SPEC
 from .video_vae_formats import LTX2_VIDEO_VAE_SPEC
 from .vocoder_formats import LTX2_VOCODER_SPEC
 
@@ -26,9 +27,11 @@ FAMILY = Family(
         LTX2_AUDIO_VAE_SPEC,
         LTX2_VOCODER_SPEC,
         GEMMA3_TEXT_SPEC,
+        LTX2_UPSAMPLER_SPEC,
     ),
     presets=PRESETS,
     pipeline="diffsynth.ltx2.pipeline:LTX2Pipeline",
+    training="diffsynth.ltx2.training:LTX2TrainingTask",
     description="LTX-2 (Lightricks) 19B text-to-video with synchronised audio: audio-video DiT, Gemma-3-12B "
     "text encoder with text connectors, 128-channel video VAE, mel audio VAE and vocoder",
 )

@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import h264_frame, load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -48,6 +49,8 @@ DEFAULT_FRAME_RATE = 24.0
 DEFAULT_IMAGE_CRF = 33  # the authors re-compress an image-to-video first frame with H.264 at CRF 33 (LTX-2.0)
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # Gemma prompts are left-padded to this many tokens
 GEMMA_REPO = "google/gemma-3-12b-it-qat-q4_0-unquantized"
+STAGE_2_LORA_STRENGTH = 0.8  # the authors' README runs the distilled LoRA at 0.8 in stage 2 (as DiffSynth-Studio)
+STAGE_2_LORA_NAME = "stage_2_distilled"
 SCHEDULE_TOKENS = 4096  # the authors call LTX2Scheduler without a latent: the shift of 4096 tokens
 TIMESTEP_SCALE = 1000.0
 ImageInput = str | os.PathLike | Image.Image
@@ -195,7 +198,9 @@ class LTX2Pipeline(BasePipeline):
         "vocoder": "vocoder",
         "connectors": "connectors",
         "text_encoder": "text_encoder",
+        "upsampler": "upsampler",
     }
+    optional_slots = ("upsampler",)  # only the two-stage pipelines use it
     size_multiple = 32  # the video VAE's spatial compression
 
     @torch.no_grad()
@@ -220,6 +225,8 @@ class LTX2Pipeline(BasePipeline):
         num_inference_steps: int | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
         use_distilled_pipeline: bool | None = None,
+        use_two_stage_pipeline: bool | None = None,
+        stage2_lora_strength: float | None = None,
         latents: torch.Tensor | None = None,
         audio_latents: torch.Tensor | None = None,
         input_images: Sequence[ImageInput] | None = None,
@@ -247,9 +254,19 @@ class LTX2Pipeline(BasePipeline):
         conditional one's. `stg_scale` / `audio_stg_scale` (STG, default 1, 0 = off; perturbing the self-
         attentions of `spatio_temporal_guidance_blocks`, default [29]) and `modality_scale` /
         `audio_modality_scale` (modality isolation, default 3, 1 = off) are the authors' two other terms
-        (`LTX2Guidance`); each audio scale follows an explicit video one. `use_distilled_pipeline` runs the distilled model's fixed 8-step table without
-        CFG. `latents` / `audio_latents` are the initial noise (`[B, 128, 1 + (F-1)/8, H/32, W/32]` and
-        `[B, 8, L, 16]`); `sigmas` an explicit schedule (terminal 0 appended). `tiled`, `tile_size`, `tile_stride` (latent cells) go to the video VAE.
+        (`LTX2Guidance`); each audio scale follows an explicit video one. `use_distilled_pipeline` runs the
+        distilled model's fixed 8-step table without CFG. `latents` / `audio_latents` are the initial noise
+        (`[B, 128, 1 + (F-1)/8, H/32, W/32]` and `[B, 8, L, 16]`, at the first stage's size); `sigmas` an
+        explicit schedule (terminal 0 appended). `tiled`, `tile_size`, `tile_stride` (latent cells) go to the
+        video VAE.
+
+        Two stages (`use_two_stage_pipeline`, on by default with `use_distilled_pipeline`, as the authors'
+        `DistilledPipeline` and DiffSynth-Studio run it): the first stage samples at half of `height` x
+        `width` (both multiples of 64), the latent upsampler (`upsampler`, `ltx-2-spatial-upscaler-x2`)
+        doubles the video latents, and the second stage re-noises video and audio to sigma 0.909375 and
+        refines them in the authors' 3 distilled steps without guidance, at full size. With the full model the
+        second stage runs with the distilled LoRA (`stage2_lora_config` of `from_pretrained`, at
+        `stage2_lora_strength`, default 0.8) attached, and removed afterwards.
 
         Image-to-video: `input_images=[image]` (DiffSynth-Studio's name; `input_images_indexes` must be
         `[0]`, the first frame) or `input_image=image` (one image for every prompt, or one per prompt). A
@@ -281,6 +298,12 @@ class LTX2Pipeline(BasePipeline):
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"max_sequence_length={max_len!r} is not accepted; use an integer >= 1")
         height, width = self.check_size(self.setting("height", height, 512), self.setting("width", width, 768))
+        two_stage = self.setting("use_two_stage_pipeline", use_two_stage_pipeline, None)
+        two_stage = distilled if two_stage is None else bool(two_stage)
+        if two_stage:
+            self.check_two_stage(height, width, distilled)
+            lora_strength = float(self.setting("stage2_lora_strength", stage2_lora_strength, STAGE_2_LORA_STRENGTH))
+        stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 121))
         use_cfg = scale != 1.0 or audio_scale != 1.0
         first_frames = self.check_input_images(input_images, input_images_indexes, input_image, len(prompts))
@@ -296,25 +319,24 @@ class LTX2Pipeline(BasePipeline):
             scheduler.set_timesteps(steps, sigmas=sigmas)
         else:
             scheduler.set_timesteps(steps, sigmas=sigmas, image_seq_len=SCHEDULE_TOKENS)
+        generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
         video, audio = self.prepare_latents(
-            len(prompts), frames, height, width, fps, seed, rand_device, latents, audio_latents
+            len(prompts), frames, stage_height, stage_width, fps, generator, rand_device, latents, audio_latents
         )
-        mask, extra = None, {}
+        crf = self.setting("image_crf", image_crf, DEFAULT_IMAGE_CRF) if first_frames is not None else 0
+        mask = None
         if first_frames is not None:
-            crf = self.setting("image_crf", image_crf, DEFAULT_IMAGE_CRF)
-            video, mask = self.prepare_image_condition(video, first_frames, height, width, crf)
-            extra = {"denoise_mask": mask}
+            video, mask = self.prepare_image_condition(video, first_frames, stage_height, stage_width, crf)
 
         # 3. denoise
-        self.load_models_to_device(["dit"])
         both = text.cat(negative_text) if use_cfg else text
-        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
-            sigma = scheduler.sigmas[i]
-            v_video, v_audio = self.predict(
-                video, audio, sigma, both, fps, use_cfg, scale, audio_scale, rescale, **extra, guidance=guidance
-            )
-            video = scheduler.step(v_video if mask is None else v_video * mask, i, video)  # clean frames stay
-            audio = scheduler.step(v_audio, i, audio)
+        guided = (use_cfg, scale, audio_scale, rescale, guidance)
+        video, audio = self.denoise(video, audio, scheduler, both, fps, mask, guided, progress_bar)
+        if two_stage:
+            video, audio = self.refine(
+                video, audio, text, fps, generator, rand_device, first_frames, size=(height, width), crf=crf,
+                lora_strength=None if distilled else lora_strength, progress_bar=progress_bar,
+            )  # fmt: skip
 
         # 4. decode
         self.load_models_to_device(["vae"])
@@ -328,7 +350,98 @@ class LTX2Pipeline(BasePipeline):
         sound = LTX2Audio(waveform[0] if single else waveform, self.sample_rate)
         return (frames_out[0] if single else frames_out), sound
 
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_configs: str | os.PathLike | Sequence[ModelConfig] | None = None,
+        *,
+        torch_dtype: torch.dtype | str = torch.bfloat16,
+        device: str | torch.device | None = None,
+        model_configs: Sequence[ModelConfig] = (),
+        tokenizer_config: ModelConfig | None = None,
+        vram_limit: float | None = None,
+        stage2_lora_config: ModelConfig | str | os.PathLike | None = None,
+        stage2_lora_strength: float | None = None,
+    ):
+        """As `BasePipeline.from_pretrained`, plus DiffSynth-Studio's two-stage settings: `stage2_lora_config`
+        is the distilled LoRA the full model's second stage runs with (a `ModelConfig` or a file; the
+        two-stage preset names `ltx-2-19b-distilled-lora-384.safetensors`, fetched at its first use), and
+        `stage2_lora_strength` its scale (default 0.8). Load the latent upsampler like any model, e.g.
+        `ModelConfig(model_id="Lightricks/LTX-2", origin_file_pattern="ltx-2-spatial-upscaler-x2-1.0.safetensors")`."""
+        pipe = super().from_pretrained(
+            model_id_or_configs,
+            torch_dtype=torch_dtype,
+            device=device,
+            model_configs=model_configs,
+            tokenizer_config=tokenizer_config,
+            vram_limit=vram_limit,
+        )
+        preset_lora = pipe.defaults.pop("stage2_lora", None)
+        if stage2_lora_config is None and preset_lora is not None:
+            stage2_lora_config = ModelConfig(model_id=preset_lora[0], origin_file_pattern=preset_lora[1])
+        pipe.stage2_lora = stage2_lora_config
+        if stage2_lora_strength is not None:
+            pipe.defaults["stage2_lora_strength"] = float(stage2_lora_strength)
+        return pipe
+
+    def read_lora(self, path, slot: str = "dit"):
+        """The part of an LTX-2 LoRA for `slot` in our names (see `lora.split_lora`): ltx-core / ComfyUI
+        files as they are, diffusers names renamed, connector targets given to the connectors."""
+        from diffsynth.runtime.lora import LoRAError, read_lora
+
+        from .lora import split_lora
+
+        weights = read_lora(path)
+        parts = split_lora(weights)
+        if slot not in parts:
+            raise LoRAError(f"{weights.source} has no LoRA for the {slot!r} model (it adapts {sorted(parts)})")
+        return parts[slot]
+
+    def load_lora(self, path, scale: float = 1.0, fuse: bool = True, slot: str = "dit", name: str | None = None):
+        """Apply a LoRA file; for the DiT (the default) its text-connector part, if any, goes to the connectors."""
+        from diffsynth.runtime.lora import read_lora
+
+        from .lora import split_lora
+
+        weights = read_lora(path)
+        parts = split_lora(weights)
+        if slot == "dit" and "connectors" in parts and "dit" not in parts:
+            slot = "connectors"
+        result = super().load_lora(weights, scale=scale, fuse=fuse, slot=slot, name=name)
+        if slot == "dit" and "connectors" in parts:
+            super().load_lora(weights, scale=scale, fuse=fuse, slot="connectors", name=name)
+        return result
+
     # ------------------------------------------------------------------ checks
+    def check_two_stage(self, height: int, width: int, distilled: bool) -> None:
+        """The two-stage pipeline needs the upsampler, sizes that halve to multiples of 32, and with the full
+        model the distilled LoRA."""
+        if self.upsampler is None:
+            raise ConfigError(
+                "the two-stage pipeline (use_two_stage_pipeline, on by default with use_distilled_pipeline) needs "
+                "the latent upsampler: add ModelConfig(model_id='Lightricks/LTX-2', origin_file_pattern="
+                "'ltx-2-spatial-upscaler-x2-1.0.safetensors') to model_configs, or pass use_two_stage_pipeline=False"
+            )
+        multiple = 2 * self.size_multiple
+        if height % multiple or width % multiple:
+            raise ConfigError(
+                f"height={height}, width={width}: the two-stage pipeline samples at half size first, so both must "
+                f"be multiples of {multiple} (e.g. 1024 x 1536)"
+            )
+        factor = self.upsampler.config.spatial_factor
+        if factor != 2.0 or self.upsampler.config.temporal_upsample:
+            raise ConfigError(
+                f"the loaded latent upsampler scales by {factor} (temporal: {self.upsampler.config.temporal_upsample});"
+                " the two-stage pipeline needs the spatial x2 model (ltx-2-spatial-upscaler-x2-1.0)"
+            )
+        if not distilled and getattr(self, "stage2_lora", None) is None:
+            raise ConfigError(
+                "the full model's second stage runs with the distilled LoRA: pass stage2_lora_config=ModelConfig("
+                "model_id='Lightricks/LTX-2', origin_file_pattern='ltx-2-19b-distilled-lora-384.safetensors') to "
+                "from_pretrained (the 'Lightricks/LTX-2:two-stage' preset does), or use the distilled model"
+            )
+
     def check_num_frames(self, num_frames) -> int:
         """Round to the nearest 8k + 1 (the video VAE's temporal compression) with a warning."""
         tc = self.vae.temporal_compression if self.vae is not None else 8
@@ -405,16 +518,17 @@ class LTX2Pipeline(BasePipeline):
         return int(self.vocoder.sampling_rate)
 
     def prepare_latents(
-        self, batch, num_frames, height, width, frame_rate, seed, rand_device, latents=None, audio_latents=None
+        self, batch, num_frames, height, width, frame_rate, generator, rand_device, latents=None, audio_latents=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Initial video and audio noise, float32. Drawn from one generator seeded with `seed` on
-        `rand_device`, video first (the same values on any compute device, and as diffusers draws them
+        """Initial video and audio noise, float32. Drawn from `generator` (seeded on `rand_device`; None
+        draws unseeded), video first (the same values on any compute device, and as diffusers draws them
         from a generator on that device)."""
+        if isinstance(generator, int):  # a seed
+            generator = torch.Generator(rand_device).manual_seed(generator)
         tc, sc = self.vae.temporal_compression, self.vae.spatial_compression
         video_shape = (batch, self.dit.config.in_channels, (num_frames - 1) // tc + 1, height // sc, width // sc)
         audio_shape = self.audio_latent_shape(batch, num_frames, frame_rate)
         device = torch.device(rand_device)
-        generator = None if seed is None else torch.Generator(device).manual_seed(int(seed))
         draws = []
         for given, shape, name in ((latents, video_shape, "latents"), (audio_latents, audio_shape, "audio_latents")):
             if given is not None:
@@ -442,6 +556,85 @@ class LTX2Pipeline(BasePipeline):
         mask = torch.ones((1, 1, *video.shape[2:]), device=video.device)
         mask[:, :, 0] = 0.0
         return video, mask
+
+    def denoise(self, video, audio, scheduler, text: LTX2Text, fps, mask, guided, progress_bar: bool = True):
+        """Euler steps over the scheduler's sigmas; `guided` is (use_cfg, cfg, audio cfg, rescale,
+        `LTX2Guidance`). Latents under `mask` 0 stay as they are."""
+        use_cfg, scale, audio_scale, rescale, guidance = guided
+        extra = {} if mask is None else {"denoise_mask": mask}
+        self.load_models_to_device(["dit"])
+        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+            sigma = scheduler.sigmas[i]
+            v_video, v_audio = self.predict(
+                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, **extra, guidance=guidance
+            )
+            video = scheduler.step(v_video if mask is None else v_video * mask, i, video)  # clean frames stay
+            audio = scheduler.step(v_audio, i, audio)
+        return video, audio
+
+    def upsample_latents(self, video: torch.Tensor) -> torch.Tensor:
+        """Normalised video latents at twice the width and height: the upsampler works on raw latents, so the
+        VAE's per-channel statistics are undone before and applied again after (ltx-core's `upsample_video`)."""
+        self.load_models_to_device(["upsampler"])
+        mean, std = self.vae.per_channel_statistics.stats(video, (1, -1, 1, 1, 1))
+        raw = (video * std + mean).to(module_dtype(self.upsampler))
+        return (self.upsampler(raw).float() - mean) / std
+
+    def refine(
+        self, video, audio, text, fps, generator, rand_device, first_frames, *, size, crf, lora_strength, progress_bar
+    ):
+        """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
+        (noise drawn from the first stage's generator in token layout, video first), put the first frame back
+        at full `size` for image-to-video, and take the authors' 3 distilled steps without guidance. With a
+        `lora_strength` (the full model) the distilled LoRA is attached for these steps only."""
+        height, width = size
+        video = self.upsample_latents(video)
+        scheduler = FlowMatchScheduler("ltx2_stage2")
+        scheduler.set_timesteps(3)
+        start = float(scheduler.sigmas[0])
+        video = start * self._token_noise(pack_video(video), generator, rand_device, video) + (1 - start) * video
+        audio = start * self._token_noise(pack_latents(audio), generator, rand_device, audio) + (1 - start) * audio
+        mask = None
+        if first_frames is not None:
+            video, mask = self.prepare_image_condition(video, first_frames, height, width, crf)
+        unguided = (False, 1.0, 1.0, 0.0, None)
+        if lora_strength is None:
+            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar)
+        self.load_models_to_device(["dit"])
+        self.load_lora(self._stage2_lora(), scale=lora_strength, fuse=False, name=STAGE_2_LORA_NAME)
+        try:
+            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar)
+        finally:
+            from diffsynth.runtime.lora import clear_loras, list_loras
+
+            for model in (self.dit, self.connectors):
+                if STAGE_2_LORA_NAME in list_loras(model):
+                    clear_loras(model, STAGE_2_LORA_NAME)
+
+    @staticmethod
+    def _token_noise(tokens: torch.Tensor, generator, rand_device, like: torch.Tensor) -> torch.Tensor:
+        """Noise drawn in the DiT's token layout (as ltx-core's noiser and diffusers draw the second stage's),
+        returned in `like`'s latent layout."""
+        noise = torch.randn(tokens.shape, generator=generator, device=torch.device(rand_device)).to(like.device)
+        if like.dim() == 5:  # video [B, C, F, H, W]
+            return unpack_video(noise, *like.shape[2:])
+        return unpack_latents(noise, like.shape[3])  # audio [B, C, L, M]
+
+    def _stage2_lora(self):
+        """The distilled LoRA, read once (a `ModelConfig` is fetched at its first use)."""
+        cached = getattr(self, "_stage2_weights", None)
+        if cached is not None:
+            return cached
+        from diffsynth.runtime.lora import read_lora
+
+        source = self.stage2_lora
+        if isinstance(source, ModelConfig):
+            files = [p for p in source.resolve() if p.endswith(WEIGHT_SUFFIXES)]
+            if len(files) != 1:
+                raise ConfigError(f"stage2_lora_config resolves to {len(files)} weight files {files}; name one")
+            source = files[0]
+        self._stage2_weights = read_lora(source)
+        return self._stage2_weights
 
     def _check_initial(self, latents, expected, name: str) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(expected):

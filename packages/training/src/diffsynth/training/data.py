@@ -10,6 +10,11 @@
 - `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
   drawn from one bucket, cut to the same count on every process and to whole gradient-accumulation steps.
   Resuming skips the batches already trained, without loading them.
+- Sound: a row's `audio` column (a file path in `--data_file_keys`: a sound file, or a video whose track is
+  meant) or else its video file's own audio track is read with `av` as `"audio"` `[channels, samples]` float32
+  in [-1, 1] (None for a video without one) at `"audio_sample_rate"` Hz (the file's own rate unless the dataset
+  is given `audio_rate`), covering the frames read. A video row also gets `"frame_rate"`: its own column's
+  value if it has one, else the file's rate. Tasks that train without sound ignore the three keys.
 - The cache (`--stage encode`) stores each encoded sample as `items/NNNNNN.safetensors` and an `index.json`
   with the buckets and the settings that shaped them; training from it needs neither encoders nor VAE.
 """
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
+AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`)
 CACHE_VERSION = 1
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -118,11 +124,60 @@ def media_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
+def video_frame_rate(path: Path) -> float:
+    """The frames per second a video file declares (its stream's average rate), from the header."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise ConfigError(f"{path} declares no frame rate; give the row a frame_rate column")
+    return float(rate)
+
+
+def read_audio(
+    path: str | os.PathLike, *, seconds: float | None = None, rate: int | None = None
+) -> tuple[torch.Tensor, int] | None:
+    """The first audio stream of `path` (a sound file or a video) as (float32 `[channels, samples]` in [-1, 1],
+    sample rate), from time 0 (an AAC encoder's priming samples before it are dropped); at most `seconds` long,
+    resampled to `rate` Hz when given. None when the file has no audio stream."""
+    import av
+    import numpy as np
+
+    chunks: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        out_rate = int(rate or stream.rate)
+        resampler = av.AudioResampler(format="fltp", rate=out_rate)
+        limit = None if seconds is None else math.ceil(seconds * out_rate)
+        skip, total = None, 0
+        for frame in container.decode(stream):
+            if skip is None:  # a negative first timestamp: samples before time 0 (encoder priming)
+                start = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
+                skip = max(0, round(-start * out_rate))
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+                total += chunks[-1].shape[1]
+            if limit is not None and total >= skip + limit:
+                break
+        else:
+            chunks += [out.to_ndarray() for out in resampler.resample(None)]  # what the resampler holds back
+        skip = skip or 0
+    if not chunks:
+        return None
+    waveform = torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))[:, skip:]
+    return (waveform if limit is None else waveform[:, :limit]).contiguous(), out_rate
+
+
 # ----------------------------------------------------------------------------------- datasets
 class MetadataDataset(Dataset):
     """Rows of a metadata file with their files loaded: images as [3, H, W] and videos as [3, F, H, W] float32
     tensors in [-1, 1] at the row's bucket size (a list of paths gives a list); other columns as they are.
-    `conditioning` columns hold images loaded at their own bucket (`bucket_for` their size), not the row's."""
+    `conditioning` columns hold images loaded at their own bucket (`bucket_for` their size), not the row's.
+    A video row also carries its sound and frame rate (see the module docstring; `audio_rate` resamples)."""
 
     def __init__(
         self,
@@ -136,8 +191,11 @@ class MetadataDataset(Dataset):
         step: int = 64,
         fixed: Bucket | None = None,
         num_frames: int = 81,
+        audio_rate: int | None = None,
     ):
         self.base = Path(base)
+        self.media = tuple(media)
+        self.audio_rate = audio_rate  # None: each file's own rate
         self.metadata = metadata_file(self.base, metadata_path)
         self.rows = read_metadata(self.metadata)
         self.conditioning = tuple(conditioning)
@@ -188,7 +246,7 @@ class MetadataDataset(Dataset):
         row, size = dict(self.rows[index]), self.buckets[index]
         for key in self.file_keys:
             value = row.get(key)
-            if not value:
+            if not value or key == AUDIO_KEY:
                 continue
             loaded = []
             for name in _paths(value):
@@ -204,7 +262,31 @@ class MetadataDataset(Dataset):
                 else:
                     loaded.append(pil_to_tensor(fit(image, size))[0])
             row[key] = loaded if isinstance(value, list) else loaded[0]
+        self._add_sound(row, index)
         return row
+
+    def _add_sound(self, row: dict[str, Any], index: int) -> None:
+        """A video row's `frame_rate` and `audio` / `audio_sample_rate` (see the module docstring)."""
+        source = self.rows[index]
+        main = next((k for k in self.media if source.get(k)), None)
+        video = self.base / str(source[main]) if main is not None else None
+        if video is None or isinstance(source[main], list) or video.suffix.lower() not in VIDEO_SUFFIXES:
+            return
+        if row.get("frame_rate") in (None, ""):
+            row["frame_rate"] = video_frame_rate(video)
+        try:
+            seconds = row[main].shape[1] / float(row["frame_rate"])
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise ConfigError(
+                f"{self.metadata} row {index + 1}: frame_rate {row['frame_rate']!r} is not a number of frames per second"
+            ) from None
+        own = source.get(AUDIO_KEY)
+        if own and AUDIO_KEY not in self.file_keys:
+            return  # a path the task cannot read: it says to list the column in --data_file_keys
+        track = read_audio(self.base / str(own) if own else video, seconds=seconds, rate=self.audio_rate)
+        row[AUDIO_KEY] = None if track is None else track[0]
+        if track is not None:
+            row["audio_sample_rate"] = track[1]
 
 
 def _paths(value) -> list[str]:
@@ -376,6 +458,7 @@ def steps_per_epoch(buckets: Sequence[Bucket], *, batch_size: int, repeat: int, 
 
 
 __all__ = [
+    "AUDIO_KEY",
     "Bucket",
     "CachedDataset",
     "MetadataDataset",
@@ -384,8 +467,10 @@ __all__ = [
     "cache_settings",
     "fit",
     "metadata_file",
+    "read_audio",
     "read_metadata",
     "steps_per_epoch",
+    "video_frame_rate",
     "write_cache",
     "write_cache_index",
 ]

@@ -1,0 +1,478 @@
+"""LTX-2's training task, for the DiffSynth trainer (`diffsynth-train --family ltx2`, package diffsynth-training).
+
+It implements the trainer's `TrainingTask` protocol structurally (this package does not depend on the
+trainer): class attributes `family`, `denoiser_slot`, `size_multiple`, `media`; a `scheduler`; `models`,
+`model_files` and `sample` (the runtime's `PipelineTrainingTask`); `from_pretrained(model_configs, *,
+tokenizer_config, torch_dtype, device, encoders, denoiser)`; `encode(rows)`, `collate(samples)`,
+`velocity(dit, batch, noisy_latents, sigma)` and `loss_mask(batch)`.
+
+A row is `{"prompt": str, "video": [3, F, H, W] in [-1, 1]}` (F = 8k + 1, H and W multiples of 32) or
+`{"prompt": str, "image": [3, H, W]}` (a one-frame video), with its sound as `"audio"`: a waveform
+`[channels, samples]` in [-1, 1] (mono or stereo) at `"audio_sample_rate"` Hz (the audio VAE's 16 kHz when
+not given), as the trainer's dataset reads it from an `audio` column or the video file's own track, or None
+for a clip without sound. The frame rate is the row's `"frame_rate"` (the dataset fills it from the video
+file when the metadata has no such column), else 24, the pipeline's default: it places the video tokens in
+time (RoPE) and sets how long the sound is. Each row is encoded as the pipeline encodes, at the same sizes:
+
+- the prompt through `LTX2Pipeline.encode_prompt` (Gemma-3, then the text connectors): `"text_video"`,
+  `"text_audio"` `[L_text, 3840]` and their `"text_mask"`;
+- the video through the video VAE (posterior mode, normalised), packed as the DiT reads it (`pack_video`):
+  `F' * H' * W'` tokens (F' = 1 + (F - 1) / 8, H' = H / 32, W' = W / 32);
+- the sound resampled to 16 kHz, cut or zero-padded to the clip's `F / frame_rate` seconds, through the
+  audio VAE's mel front end (`mel_spectrogram`) and encoder (posterior mode, normalised), cut to the
+  `L` latent frames `audio_latent_shape` gives for F frames at that rate, and packed (`pack_latents`).
+
+The trainer applies one noise level to one latent tensor per sample, so the two token sequences travel as
+one: `"latents"` `[F'H'W' + L, 128]`, video first, with `"video_shape"` (F', H', W'), `"audio_shape"` (C, L,
+mel bins), `"frame_rate"` and `"audio_weight"` (1, or 0 for a clip without sound) beside it. `velocity` splits
+the noisy tokens, calls `ltx2_velocity` (the pipeline's per-step call, both streams at the same sigma, as the
+pipeline denoises them) and joins the two velocities again.
+
+What the authors do, and what this task does with it (Lightricks' `ltx-trainer`, `text_to_video` strategy;
+DiffSynth-Studio's `FlowMatchSFTAudioVideoLoss` agrees on the loss):
+
+- Loss: the video's mean squared error plus the audio's, each a mean over its own tokens (a short sound
+  track weighs as much as the video). `loss_mask` gives the trainer per-element weights 1/size of each
+  stream, so a sample's loss is the mean of the two streams' errors: the authors' sum halved for every clip
+  with sound, which Adam's updates do not see (mind `--max_grad_norm`).
+- Clips without sound (and images): the authors' video-only training runs the DiT without an audio stream,
+  so the video never attends to audio. Here the sample keeps zero audio latents, out of the loss
+  (`audio_weight` 0), and the DiT's audio->video attentions are skipped for it (`AttentionSkip("a2v")`, the
+  modality-isolation switch): its video prediction is the video-only one. `with_audio="required"` refuses
+  such rows; `"none"` trains every row video-only (DiffSynth-Studio's `LTX-2-T2AV-noaudio` recipe).
+- Noise levels: the authors' default `shifted_logit_normal` sampler: sigmoid(N(mu, 1)) stretched between
+  its 0.5 and 99.9 percentiles to [0, 1] (reflected at 1e-3), mu = 0.95 + 1.1 (n - 1024) / 3072 for the n
+  video tokens of the batch, with one draw in ten uniform instead; `timestep_sampling="uniform"` is their
+  other choice. No loss weights (the authors weigh every noise level alike). `--min/max_timestep_boundary`
+  squeeze the draw into sigma in [1 - max, 1 - min]. DiffSynth-Studio instead draws from a 1000-step grid
+  and weighs it; we follow the model's authors.
+
+Image-to-video (`first_frame=true`): the clip's own clean first latent frame stands in place of the noisy
+one, the DiT sees it at timestep 0 token by token (`ltx2_velocity`'s `denoise_mask`, as the pipeline's
+`input_image` does) and `loss_mask` leaves it out of the loss: the authors' first-frame conditioning with
+`first_frame_conditioning_p` = 1 (their text-to-video default of 0.1, a random choice per sample, is not
+offered: the task gets no random numbers from the trainer). Validation samples then take their first frame
+from `--validation_images`. One-frame clips train as text-to-image.
+
+LoRA: the trainer wraps `LTX2DiT.lora_target_modules` (ltx-core's names: q/k/v/out of every attention and
+both feed-forwards), so the LoRA file loads in `LTX2Pipeline.load_lora`; `--lora_formats peft` adds one
+with `diffusion_model.` names, the layout ComfyUI and diffusers' `LTX2Pipeline.load_lora_weights` read.
+Validation samples are the pipeline's with CFG, STG and modality guidance off (cfg 1, stg 0, modality 1), as
+long as the clips trained and at their frame rate; the trainer keeps their frames (the sound is dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+from diffsynth.runtime.vram import module_dtype
+
+from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
+from .dit import AttentionSkip
+from .pipeline import (
+    DEFAULT_FRAME_RATE,
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    LTX2Pipeline,
+    LTX2Text,
+    ltx2_velocity,
+    pack_video,
+    unpack_video,
+)
+
+logger = logging.getLogger(__name__)
+
+ENCODER_SLOTS = ("vae", "audio_vae", "connectors", "text_encoder")
+WITH_AUDIO = ("auto", "required", "none")
+SAMPLINGS = ("shifted_logit_normal", "uniform")
+
+
+class LTX2TimestepSampler(FlowMatchScheduler):
+    """The authors' training noise levels (see the module docstring), unweighted. `tokens` is the video token
+    count the shift follows: the task sets it from each batch it collates, before the trainer draws."""
+
+    def __init__(self, sampling: str = "shifted_logit_normal", *, std: float = 1.0, uniform_prob: float = 0.1):
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"timestep_sampling={sampling!r} is not accepted; use one of {SAMPLINGS}")
+        if not std > 0 or not 0 <= uniform_prob <= 1:
+            raise ConfigError(f"timestep_std={std!r} must be > 0 and uniform_prob={uniform_prob!r} in [0, 1]")
+        super().__init__("ltx2")
+        self.sampling, self.std, self.uniform_prob, self.eps = sampling, float(std), float(uniform_prob), 1e-3
+        self.tokens = 4096
+
+    @staticmethod
+    def shift(tokens: int) -> float:
+        """mu of the logit-normal draw: 0.95 at 1024 video tokens, 2.05 at 4096, linear (not clamped) around."""
+        return 0.95 + (2.05 - 0.95) * (tokens - 1024) / (4096 - 1024)
+
+    def sample_training_sigmas(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        *,
+        min_boundary: float = 0.0,
+        max_boundary: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch={batch!r} is not accepted; use an integer >= 1")
+        if not 0 <= min_boundary < max_boundary <= 1:
+            raise ConfigError(
+                f"--min_timestep_boundary {min_boundary} / --max_timestep_boundary {max_boundary}: use "
+                "0 <= min < max <= 1 (LTX-2 trains on sigma in [1 - max, 1 - min])"
+            )
+        uniform = (1 - self.eps) * torch.rand(batch, generator=generator) + self.eps
+        if self.sampling == "uniform":
+            unit = torch.rand(batch, generator=generator)
+        else:
+            mu = self.shift(self.tokens)
+            drawn = torch.sigmoid(torch.randn(batch, generator=generator) * self.std + mu)
+            low, high = (torch.sigmoid(torch.tensor(mu + p * self.std)) for p in (-2.5758, 3.0902))
+            stretched = (drawn - low) / (high - low)
+            stretched = torch.where(stretched >= self.eps, stretched, 2 * self.eps - stretched).clamp(0, 1)
+            pick = torch.rand(batch, generator=generator)
+            unit = torch.where(pick > self.uniform_prob, stretched, uniform)
+        sigma = (1 - max_boundary) + (max_boundary - min_boundary) * unit
+        return sigma.float().to(device)
+
+    def training_weight(self, sigmas: torch.Tensor | float) -> torch.Tensor:
+        """1 for every noise level (the authors weigh none)."""
+        return torch.ones_like(torch.as_tensor(sigmas, dtype=torch.float32))
+
+    def __repr__(self) -> str:
+        return f"LTX2TimestepSampler({self.sampling!r}, tokens={self.tokens})"
+
+
+class LTX2TrainingTask(PipelineTrainingTask):
+    """Turns rows into LTX-2 video + audio tokens and runs the pipeline's per-step DiT call (see the module
+    docstring)."""
+
+    family: ClassVar[str] = "ltx2"
+    denoiser_slot: ClassVar[str] = "dit"
+    size_multiple: ClassVar[int] = LTX2Pipeline.size_multiple
+    media: ClassVar[tuple[str, ...]] = ("video", "image")
+    # --task_options that act only on the noise levels or the model call: a cache stays valid (with_audio
+    # shapes the samples)
+    loss_options: ClassVar[tuple[str, ...]] = ("timestep_sampling", "first_frame")
+    # a batch of clips without sound skips the audio->video attentions, whose weights then get no gradient
+    # (DiffSynth-Studio's video-only LTX-2 recipe passes --find_unused_parameters for the same reason)
+    ddp_find_unused_parameters: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        pipe: LTX2Pipeline,
+        *,
+        with_audio: str = "auto",
+        timestep_sampling: str = "shifted_logit_normal",
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        first_frame: bool = False,
+    ):
+        """`with_audio`: "auto" trains each clip's sound when it has one, "required" refuses clips without,
+        "none" trains the video alone; `timestep_sampling`: the authors' "shifted_logit_normal" or "uniform";
+        `max_sequence_length`: the padded prompt length (the pipeline's 1024); `first_frame`: image-to-video,
+        every clip of more than one frame conditioned on its own clean first latent frame."""
+        if with_audio not in WITH_AUDIO:
+            raise ConfigError(f"with_audio={with_audio!r} is not accepted; use one of {WITH_AUDIO}")
+        if not isinstance(first_frame, bool):
+            raise ConfigError(f"first_frame={first_frame!r} is not accepted; use true or false")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
+        self.pipe = pipe
+        self.with_audio = with_audio
+        self.max_sequence_length = max_sequence_length
+        self.scheduler = LTX2TimestepSampler(timestep_sampling)
+        self.temporal_compression = pipe.vae.temporal_compression if pipe.vae is not None else 8
+        self.clip: dict[str, Any] = {}  # the last batch's frame count and rate, for validation samples
+        self.first_frame = first_frame
+        # validation samples: an image-to-video LoRA is meant to be drawn from a first frame
+        self.validation_references = "expected" if first_frame else "optional"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_configs: Sequence[ModelConfig],
+        *,
+        tokenizer_config: ModelConfig | None = None,
+        torch_dtype: torch.dtype | str = torch.bfloat16,
+        device: str | torch.device | None = None,
+        encoders: bool = True,
+        denoiser: bool = True,
+        **task_options: Any,
+    ) -> LTX2TrainingTask:
+        """Load the models a stage needs: the DiT (`denoiser`) and/or the video VAE, audio VAE, text
+        connectors, Gemma and its tokenizer (`encoders`; the vocoder too when the files hold it, for validation
+        samples). Without `tokenizer_config`, tokenizer files beside the Gemma weights are used. One LTX-2
+        single file holds the DiT and the encoders: it is read whole, and the models not wanted are dropped."""
+        slots = ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set())
+        if encoders and tokenizer_config is None:
+            tokenizer_config = _tokenizer_beside(model_configs)
+        pipe = load_partial_pipeline(
+            LTX2Pipeline,
+            model_configs,
+            slots,
+            tokenizers=("tokenizer",) if encoders else (),
+            name="LTX-2",
+            tokenizer_config=tokenizer_config if encoders else None,
+            torch_dtype=torch_dtype,
+            device=device,
+        )
+        keep = slots | ({"vocoder"} if encoders else set())
+        for slot in pipe.model_slots:
+            if slot not in keep and getattr(pipe, slot) is not None:
+                setattr(pipe, slot, None)
+                pipe.model_configs.pop(slot, None)
+        task_options.setdefault(
+            "max_sequence_length", pipe.defaults.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+        )
+        return cls(pipe, **task_options)
+
+    def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
+        """A validation sample's reference as the pipeline's `input_image` (its first frame)."""
+        images = list(images)
+        if len(images) > 1:
+            raise ConfigError(f"{len(images)} reference images for one LTX-2 validation sample; it takes a first frame")
+        return {"input_image": images[0]} if images else {}
+
+    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, references=None, **options: Any):
+        """The pipeline's frames (its sound is dropped) with `denoiser` as the DiT, guidance off (cfg 1, STG 0,
+        modality isolation 1), as many frames at the frame rate of the last batch trained (the pipeline's 121
+        at 24 fps before any) unless `options` say otherwise, prompts padded to this task's length."""
+        for name, value in (("cfg_scale", 1.0), ("stg_scale", 0.0), ("modality_scale", 1.0), *self.clip.items()):
+            options.setdefault(name, value)
+        options.setdefault("max_sequence_length", self.max_sequence_length)
+        drawn = super().sample(denoiser, prompts, seed=seed, references=references, **options)
+        return [frames for frames, _sound in drawn]
+
+    # ------------------------------------------------------------------ the protocol
+    def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """`"latents"` `[F'H'W' + L, 128]` and the prompt's contexts per row (see the module docstring)."""
+        pipe = self.pipe
+        missing = [s for s in ("vae", "audio_vae", "connectors", "text_encoder") if getattr(pipe, s) is None]
+        if missing:
+            raise ConfigError(
+                f"this LTX-2 training task was built without {missing} (encoders=False): it cannot encode"
+            )
+        videos = [self._video(i, row) for i, row in enumerate(rows)]
+        text = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.max_sequence_length)
+        mask = text.mask if text.mask is not None else torch.ones(text.video.shape[:2], device=text.video.device)
+        samples = []
+        for i, (row, video) in enumerate(zip(rows, videos, strict=True)):
+            frame_rate = _frame_rate(i, row)
+            latents = pipe.vae.encode(video[None].to(pipe.device, module_dtype(pipe.vae))).float()
+            frames = video.shape[1]
+            audio, weight = self._audio(i, row, frames, frame_rate)
+            video_tokens, audio_tokens = pack_video(latents)[0], pack_latents(audio)[0]
+            if video_tokens.shape[1] != audio_tokens.shape[1]:
+                raise ConfigError(
+                    f"the video VAE's latents have {video_tokens.shape[1]} channels but the audio VAE's tokens "
+                    f"{audio_tokens.shape[1]} features: the two come from different models"
+                )
+            samples.append(
+                {
+                    "latents": torch.cat([video_tokens, audio_tokens.to(video_tokens.device)]),
+                    "text_video": text.video[i].float(),
+                    "text_audio": text.audio[i].float(),
+                    "text_mask": mask[i].float(),
+                    "video_shape": torch.tensor(latents.shape[2:], dtype=torch.int64),
+                    "audio_shape": torch.tensor(audio.shape[1:], dtype=torch.int64),
+                    "frame_rate": torch.tensor([frame_rate], dtype=torch.float32),
+                    "audio_weight": torch.tensor([weight], dtype=torch.float32),
+                }
+            )
+        return samples
+
+    def _video(self, index: int, row: Mapping[str, Any]) -> torch.Tensor:
+        """The row's video `[3, F, H, W]` (an image is one frame), checked against the VAE."""
+        video, image = row.get("video"), row.get("image")
+        if "prompt" not in row or not isinstance(video if video is not None else image, torch.Tensor):
+            raise ConfigError(
+                f"LTX-2 trains on rows with a video (or image) and a prompt; row {index} of the batch has {preview(row)}"
+            )
+        if video is None:
+            video = image[:, None] if image.dim() == 3 else image
+        if video.dim() != 4 or video.shape[0] != 3:
+            raise ConfigError(f"row {index}: the video must be [3, F, H, W], got {tuple(video.shape)}")
+        tc, sc = self.pipe.vae.temporal_compression, self.pipe.vae.spatial_compression
+        frames, height, width = video.shape[1:]
+        if (frames - 1) % tc:
+            raise ConfigError(
+                f"row {index}: the video has {frames} frames; LTX-2 needs {tc}k + 1 frames (set --num_frames, e.g. "
+                f"{frames - (frames - 1) % tc})"
+            )
+        if height % sc or width % sc:
+            raise ConfigError(
+                f"row {index}: the video is {width}x{height}; LTX-2 needs multiples of {sc} (--height/--width or "
+                f"--bucket_step {sc})"
+            )
+        return video
+
+    def _audio(self, index: int, row: Mapping[str, Any], frames: int, frame_rate: float) -> tuple[torch.Tensor, float]:
+        """The row's normalised audio latents `[1, C, L, M]` and its loss weight (0: no sound; zero latents)."""
+        pipe = self.pipe
+        config = pipe.audio_vae.config
+        with pipe.using("dit", pipe.dit if pipe.dit is not None else _AudioShape(config)):
+            shape = pipe.audio_latent_shape(1, frames, frame_rate)
+        waveform = self._waveform(index, row)
+        if waveform is None:
+            return torch.zeros(shape, device=pipe.device), 0.0
+        rate = row.get("audio_sample_rate") or config.sample_rate
+        waveform = _resample(waveform, int(rate), config.sample_rate)
+        samples = int(frames / frame_rate * config.sample_rate)  # the clip's span, as the authors cut it
+        waveform = waveform[:, :samples]
+        if waveform.shape[1] < samples:
+            waveform = torch.nn.functional.pad(waveform, (0, samples - waveform.shape[1]))
+        mel = mel_spectrogram(waveform[None].to(pipe.device), config.sample_rate, config)
+        latents = pipe.audio_vae.encode(mel.to(module_dtype(pipe.audio_vae))).float()
+        if latents.shape[2] < shape[2]:  # cannot happen for the release's settings; kept as a check
+            raise ConfigError(
+                f"row {index}: {samples} audio samples give {latents.shape[2]} latent frames, fewer than the "
+                f"{shape[2]} the DiT takes for {frames} frames at {frame_rate:g} fps"
+            )
+        return latents[:, :, : shape[2]], 1.0
+
+    def _waveform(self, index: int, row: Mapping[str, Any]) -> torch.Tensor | None:
+        """The row's sound `[channels, samples]` float32, or None (no sound, an image, or `with_audio="none"`)."""
+        value = row.get("audio")
+        if isinstance(value, (str, Path)) and str(value).strip():
+            raise ConfigError(
+                f"row {index}: audio is the path {str(value)!r}, not a loaded waveform; add audio to "
+                "--data_file_keys (e.g. --data_file_keys video,audio)"
+            )
+        if isinstance(value, str) or value is None or self.with_audio == "none":
+            if self.with_audio == "required":
+                raise ConfigError(
+                    f"row {index} (prompt {str(row.get('prompt'))[:60]!r}) has no sound, and with_audio='required': "
+                    "give it an audio column or a video with an audio track, or use with_audio='auto' to train "
+                    "such clips on their video alone"
+                )
+            return None
+        waveform = torch.as_tensor(value, dtype=torch.float32)
+        if waveform.dim() == 1:
+            waveform = waveform[None]
+        if waveform.dim() != 2 or waveform.shape[0] not in (1, 2) or waveform.shape[1] == 0:
+            raise ConfigError(
+                f"row {index}: audio must be a mono or stereo waveform [channels, samples], got {tuple(waveform.shape)}"
+            )
+        return waveform
+
+    def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+        """Stacked: the rows of one batch share their sizes and frame rate. Sets the sampler's token count and
+        the clip length and frame rate of validation samples."""
+        for key in ("latents", "video_shape", "audio_shape", "text_video", "frame_rate"):
+            values = {tuple(s[key].tolist()) if s[key].dim() == 1 else tuple(s[key].shape) for s in samples}
+            if len(values) > 1:
+                raise ConfigError(
+                    f"an LTX-2 batch mixes {key} {sorted(values)}: give every row of a batch one size, frame count "
+                    "and frame rate (--num_frames, --height/--width, a frame_rate column), or use --batch_size 1"
+                )
+        batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        self.scheduler.tokens = int(torch.prod(samples[0]["video_shape"]))
+        frames = (int(samples[0]["video_shape"][0]) - 1) * self.temporal_compression + 1
+        self.clip = {"num_frames": frames, "frame_rate": float(samples[0]["frame_rate"][0])}
+        return batch
+
+    def velocity(
+        self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        f, h, w = (int(v) for v in batch["video_shape"][0])
+        mel_bins = int(batch["audio_shape"][0][2])
+        split = f * h * w
+        video = unpack_video(noisy_latents[:, :split], f, h, w)
+        audio = unpack_latents(noisy_latents[:, split:], mel_bins)
+        device = noisy_latents.device
+        text = LTX2Text(batch["text_video"].to(device), batch["text_audio"].to(device), batch["text_mask"].to(device))
+        silent = tuple(i for i, weight in enumerate(batch["audio_weight"][:, 0].tolist()) if weight == 0)
+        skips = [AttentionSkip("a2v", None, silent)] if silent else []
+        frame_rate = float(batch["frame_rate"][0, 0])
+        denoise_mask = None
+        if self._conditioned(f):  # the clean first frame in place, at timestep 0 token by token
+            clean = unpack_video(batch["latents"][:, : h * w].to(device, video.dtype), 1, h, w)
+            video = torch.cat([clean, video[:, :, 1:]], dim=2)
+            denoise_mask = torch.ones(1, 1, f, h, w, device=device)
+            denoise_mask[:, :, 0] = 0.0
+        v_video, v_audio = ltx2_velocity(
+            dit, video, audio, sigma, text, frame_rate, denoise_mask=denoise_mask, skips=skips
+        )
+        return torch.cat([pack_video(v_video), pack_latents(v_audio)], dim=1)
+
+    def _conditioned(self, latent_frames: int) -> bool:
+        """Whether a clip of `latent_frames` trains from its first frame (a one-frame clip trains as an image)."""
+        return self.first_frame and latent_frames > 1
+
+    def loss_mask(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Per-token weights `[B, tokens, 1]`: 1 / (video elements) on the video, `audio_weight` / (audio
+        elements) on the audio, so each stream's error counts as its own mean (see the module docstring); 0 on
+        a given first frame."""
+        latents = batch["latents"]
+        f, h, w = (int(v) for v in batch["video_shape"][0])
+        split, channels = f * h * w, latents.shape[2]
+        given = h * w if self._conditioned(f) else 0
+        audio_tokens = latents.shape[1] - split
+        mask = torch.empty(latents.shape[0], latents.shape[1], 1, device=latents.device)
+        mask[:, :given] = 0.0
+        mask[:, given:split] = 1.0 / ((split - given) * channels)
+        mask[:, split:] = batch["audio_weight"].to(latents.device)[:, :, None] / (audio_tokens * channels)
+        return mask
+
+
+class _AudioShape(nn.Module):
+    """Stands in the pipeline's empty "dit" slot while encoding without the DiT: `audio_latent_shape` reads
+    only the DiT's audio token width, which is the audio VAE's channels x mel bins."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = type("Shape", (), {"audio_in_channels": config.latent_channels * config.latent_mel_bins})()
+
+
+def _frame_rate(index: int, row: Mapping[str, Any]) -> float:
+    """The row's `frame_rate` column (the dataset's: else the video file's), else 24."""
+    value = row.get("frame_rate")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return DEFAULT_FRAME_RATE
+    try:
+        rate = float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if not math.isfinite(rate) or rate <= 0:
+        raise ConfigError(f"row {index}: frame_rate {value!r} is not a positive number of frames per second")
+    return rate
+
+
+def _resample(waveform: torch.Tensor, rate: int, target: int) -> torch.Tensor:
+    """`waveform` `[C, N]` from `rate` to `target` Hz (libswresample through av); as is when they agree."""
+    if rate == target:
+        return waveform
+    import av
+
+    layout = "mono" if waveform.shape[0] == 1 else "stereo"
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(waveform.cpu().numpy()), format="fltp", layout=layout)
+    frame.sample_rate = rate
+    frame.pts = 0
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=target)
+    chunks = [out.to_ndarray() for item in (frame, None) for out in resampler.resample(item)]
+    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))
+
+
+def _tokenizer_beside(model_configs: Sequence[ModelConfig]) -> ModelConfig | None:
+    """Gemma's tokenizer files beside its weights (the hub repo's layout), or in a `tokenizer/` folder there."""
+    for config in model_configs:
+        for path in [config.path] if isinstance(config.path, str) else list(config.path or ()):
+            base = Path(path) if Path(path).is_dir() else Path(path).parent
+            for folder in (base, base / "tokenizer", base.parent / "tokenizer"):
+                if (folder / "tokenizer_config.json").is_file():
+                    return ModelConfig(path=str(folder))
+    return None
+
+
+__all__ = ["LTX2TimestepSampler", "LTX2TrainingTask"]

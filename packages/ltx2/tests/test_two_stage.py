@@ -1,0 +1,288 @@
+"""The two-stage LTX-2 pipeline (half size, latent upsampler, 3 distilled steps with the distilled LoRA) against
+diffusers' documented two-stage recipe, LTX-2 LoRA files in both layouts, and the settings' errors."""
+
+from __future__ import annotations
+
+import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffsynth.ltx2.pipeline import LTX2Pipeline
+from diffsynth.ltx2.presets import PRESETS
+from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.lora import LoRAError, list_loras
+
+CAPTIONS = repo_module.CAPTIONS
+F, H, W = repo_module.FRAMES, repo_module.HEIGHT, repo_module.WIDTH  # the first stage's size
+RANK, STRENGTH = 4, 0.8
+
+
+def tiny_upsampler(seed: int = 7) -> LTX2LatentUpsampler:
+    config = LTX2LatentUpsamplerConfig(in_channels=8, mid_channels=32, num_blocks_per_stage=1)
+    model = LTX2LatentUpsampler(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(base + 0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def lora_state(dit, prefix: str = "diffusion_model.", seed: int = 11) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA on every Linear the DiT declares as a LoRA target, in ltx-core names (ComfyUI's
+    `diffusion_model.` layout, as `ltx-2-19b-distilled-lora-384.safetensors`), plus the text projection."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in dit.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in dit.lora_target_modules):
+            out_f, in_f = module.weight.shape
+            state[f"{prefix}{name}.lora_A.weight"] = 0.1 * torch.randn(RANK, in_f, generator=generator)
+            state[f"{prefix}{name}.lora_B.weight"] = 0.1 * torch.randn(out_f, RANK, generator=generator)
+    return state
+
+
+@pytest.fixture(scope="module")
+def stage_two_files(tiny_ltx2_base, tiny_ltx2_pipe):
+    folder = tiny_ltx2_base / "two-stage"
+    folder.mkdir(exist_ok=True)
+    save_file(tiny_upsampler().state_dict(), folder / "ltx-2-spatial-upscaler-x2-tiny.safetensors")
+    save_file(lora_state(tiny_ltx2_pipe.dit), folder / "ltx-2-19b-distilled-lora-tiny.safetensors")
+    return folder / "ltx-2-spatial-upscaler-x2-tiny.safetensors", folder / "ltx-2-19b-distilled-lora-tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def two_stage_pipe(tiny_ltx2_base, stage_two_files):
+    upsampler, lora = stage_two_files
+    return repo_module.our_pipeline(
+        tiny_ltx2_base, model_configs=[ModelConfig(path=str(upsampler))], stage2_lora_config=str(lora)
+    )
+
+
+SETTINGS = dict(
+    height=2 * H,
+    width=2 * W,
+    num_frames=F,
+    max_sequence_length=repo_module.MAX_SEQUENCE_LENGTH,
+    stg_scale=0.0,
+    modality_scale=1.0,
+    guidance_rescale=0.0,
+    progress_bar=False,
+)
+
+
+# ----------------------------------------------------------------------------------------- parity
+def _fuse_lora(transformer, converted: dict[str, torch.Tensor], scale: float) -> None:
+    """W += scale * B @ A on diffusers' transformer, from diffusers' own renaming of the LoRA keys."""
+    modules = dict(transformer.named_modules())
+    with torch.no_grad():
+        for key, down in converted.items():
+            if key.endswith(".lora_A.weight"):
+                name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                up = converted[key.replace("lora_A", "lora_B")]
+                modules[name].weight += scale * up @ down
+
+
+@pytest.mark.parity
+def test_matches_diffusers_two_stage_recipe(tiny_ltx2_base, tiny_ltx2_pipe, two_stage_pipe, stage_two_files):
+    """diffusers' documented two-stage recipe on the same weights: `LTX2Pipeline` at half size with CFG to
+    latents, `LTX2LatentUpsamplePipeline`, then `LTX2Pipeline` again with the distilled LoRA at 0.8 (fused
+    here from diffusers' own key conversion: its loader needs peft), re-noised to the first stage-2 sigma,
+    the 3 stage-2 sigmas, no guidance; one generator through both stages."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
+
+    _, lora_file = stage_two_files
+    reference = repo_module.reference_pipeline(tiny_ltx2_pipe, tiny_ltx2_base)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=2.05)
+    stage_1_sigmas = reference.scheduler.sigmas.clone()  # diffusers' own (1e-7 apart from our template's)
+    frames, audio = two_stage_pipe(
+        CAPTIONS[0], negative_prompt=CAPTIONS[3], seed=3, cfg_scale=3.0, audio_cfg_scale=5.0, sigmas=stage_1_sigmas,
+        use_two_stage_pipeline=True, output_type="np", **SETTINGS,
+    )  # fmt: skip
+    assert list_loras(two_stage_pipe.dit) == {}  # the stage-2 LoRA is gone again
+
+    generator = torch.Generator().manual_seed(3)
+    common = dict(
+        prompt=CAPTIONS[0], negative_prompt=CAPTIONS[3], num_frames=F, frame_rate=24.0, stg_scale=0.0,
+        audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0, guidance_rescale=0.0,
+        audio_guidance_rescale=0.0, generator=generator, max_sequence_length=SETTINGS["max_sequence_length"],
+        return_dict=False,
+    )  # fmt: skip
+    video_latents, audio_latents = reference(
+        height=H, width=W, num_inference_steps=3, guidance_scale=3.0, audio_guidance_scale=5.0,
+        output_type="latent", **common,
+    )  # fmt: skip
+    upsampler = LTX2LatentUpsamplerModel(in_channels=8, mid_channels=32, num_blocks_per_stage=1).eval()
+    upsampler.load_state_dict(tiny_upsampler().state_dict(), strict=True)
+    upsample = diffusers.LTX2LatentUpsamplePipeline(vae=reference.vae, latent_upsampler=upsampler)
+    upscaled = upsample(latents=video_latents, output_type="latent", return_dict=False)[0]
+    _fuse_lora(reference.transformer, diffusers.LTX2Pipeline.lora_state_dict(str(lora_file)), STRENGTH)
+    reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+        reference.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
+    )
+    expected_frames, expected_audio = reference(
+        latents=upscaled, audio_latents=audio_latents, height=2 * H, width=2 * W, num_inference_steps=3,
+        noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0], sigmas=STAGE_2_DISTILLED_SIGMA_VALUES, guidance_scale=1.0,
+        audio_guidance_scale=1.0, output_type="np", **common,
+    )  # fmt: skip
+
+    assert frames.shape == expected_frames.shape == (1, F, 2 * H, 2 * W, 3)
+    assert expected_frames.std() > 0.05
+    frame_diff = np.abs(frames - expected_frames).max()
+    audio_diff = (audio.waveform - expected_audio).abs().max().item()
+    print(f"two-stage parity: frames max abs {frame_diff:.3g}, audio max abs {audio_diff:.3g}")
+    assert frame_diff <= 1e-5 and audio_diff <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------- behaviour
+def test_stages_run_at_half_and_full_size_with_the_lora_only_in_stage_two(two_stage_pipe, monkeypatch):
+    seen = []
+    real = LTX2Pipeline.predict
+
+    def spy(self, video, audio, sigma, text, *args, **kwargs):
+        seen.append((tuple(video.shape[-2:]), round(float(sigma), 6), bool(list_loras(self.dit)), text.video.shape[0]))
+        return real(self, video, audio, sigma, text, *args, **kwargs)
+
+    monkeypatch.setattr(LTX2Pipeline, "predict", spy)
+    two_stage_pipe(CAPTIONS[1], seed=0, num_inference_steps=2, use_two_stage_pipeline=True, **SETTINGS)
+    h, w = H // 32, W // 32
+    assert [s[0] for s in seen] == [(h, w)] * 2 + [(2 * h, 2 * w)] * 3
+    assert [s[1] for s in seen[2:]] == [0.909375, 0.725, 0.421875]
+    assert [s[2] for s in seen] == [False, False, True, True, True]  # the distilled LoRA in stage 2 only
+    assert [s[3] for s in seen] == [2, 2, 1, 1, 1]  # CFG in stage 1 only
+
+
+def test_stage_two_changes_the_result_and_runs_again_the_same(two_stage_pipe):
+    kwargs = dict(seed=1, num_inference_steps=2, output_type="pt", **SETTINGS)
+    first = two_stage_pipe(CAPTIONS[2], use_two_stage_pipeline=True, **kwargs)
+    again = two_stage_pipe(CAPTIONS[2], use_two_stage_pipeline=True, **kwargs)
+    torch.testing.assert_close(again[0], first[0], atol=0, rtol=0)
+    weaker = two_stage_pipe(CAPTIONS[2], use_two_stage_pipeline=True, stage2_lora_strength=0.0, **kwargs)
+    assert (weaker[0] - first[0]).abs().max() > 1e-3  # the LoRA is applied, at its strength
+    one_stage = two_stage_pipe(CAPTIONS[2], **kwargs)
+    assert one_stage[0].shape == first[0].shape  # one stage samples the full size directly
+
+
+def test_distilled_model_runs_two_stages_without_lora_by_default(two_stage_pipe, monkeypatch):
+    seen = []
+    real = LTX2Pipeline.predict
+
+    def spy(self, video, audio, sigma, text, *args, **kwargs):
+        seen.append((tuple(video.shape[-2:]), bool(list_loras(self.dit))))
+        return real(self, video, audio, sigma, text, *args, **kwargs)
+
+    monkeypatch.setattr(LTX2Pipeline, "predict", spy)
+    two_stage_pipe(CAPTIONS[1], seed=0, use_distilled_pipeline=True, **SETTINGS)
+    assert len(seen) == 8 + 3 and not any(lora for _, lora in seen)
+    assert {shape for shape, _ in seen[8:]} == {(2 * H // 32, 2 * W // 32)}
+
+
+def test_two_stage_errors_name_what_is_missing(tiny_ltx2_pipe, two_stage_pipe):
+    with pytest.raises(ConfigError, match="ltx-2-spatial-upscaler-x2-1.0.safetensors"):
+        tiny_ltx2_pipe(CAPTIONS[0], use_two_stage_pipeline=True, **SETTINGS)
+    with pytest.raises(ConfigError, match="ltx-2-spatial-upscaler-x2-1.0.safetensors"):
+        tiny_ltx2_pipe(CAPTIONS[0], use_distilled_pipeline=True, **SETTINGS)
+    with pytest.raises(ConfigError, match="multiples of 64"):
+        two_stage_pipe(CAPTIONS[0], use_two_stage_pipeline=True, **{**SETTINGS, "height": 96})
+    lora = two_stage_pipe.stage2_lora
+    try:
+        two_stage_pipe.stage2_lora = None
+        with pytest.raises(ConfigError, match="stage2_lora_config"):
+            two_stage_pipe(CAPTIONS[0], use_two_stage_pipeline=True, **SETTINGS)
+    finally:
+        two_stage_pipe.stage2_lora = lora
+
+
+def test_presets_name_the_authors_files():
+    two = PRESETS["Lightricks/LTX-2:two-stage"]
+    assert [f.origin_file_pattern for f in two.files][:2] == [
+        "ltx-2-19b-dev.safetensors",
+        "ltx-2-spatial-upscaler-x2-1.0.safetensors",
+    ]
+    assert two.defaults["stage2_lora"] == ("Lightricks/LTX-2", "ltx-2-19b-distilled-lora-384.safetensors")
+    assert (two.defaults["height"], two.defaults["width"]) == (1024, 1536)  # stage 1 at the authors' 512 x 768
+    distilled = PRESETS["Lightricks/LTX-2:distilled"]
+    assert "ltx-2-spatial-upscaler-x2-1.0.safetensors" in [f.origin_file_pattern for f in distilled.files]
+    assert "use_two_stage_pipeline" not in PRESETS["Lightricks/LTX-2"].defaults
+
+
+# ----------------------------------------------------------------------------------------- LoRA files
+def _layouts(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """One LoRA (block targets, two top-level linears, the connectors' text projection) in the ltx-core /
+    ComfyUI layout and in diffusers' names (`transformer.proj_in`, `transformer.time_embed.linear`, ...)."""
+    from diffsynth.ltx2.dit_formats import TOP_LEVEL
+
+    state = lora_state(pipe.dit, prefix="")
+    generator = torch.Generator().manual_seed(5)
+    for name in ("patchify_proj", "adaln_single.linear"):
+        out_f, in_f = pipe.dit.get_submodule(name).weight.shape
+        state[f"{name}.lora_A.weight"] = 0.1 * torch.randn(RANK, in_f, generator=generator)
+        state[f"{name}.lora_B.weight"] = 0.1 * torch.randn(out_f, RANK, generator=generator)
+    comfy = {f"diffusion_model.{k}": v for k, v in state.items()}
+    renames = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in TOP_LEVEL.items()}
+    theirs = {}
+    for key, value in state.items():
+        module, _, kind = key.partition(".lora_")
+        theirs[f"transformer.{renames.get(module, module)}.lora_{kind}"] = value
+    out_f, in_f = pipe.connectors.text_embedding_projection.aggregate_embed.weight.shape
+    projection = {
+        "text_embedding_projection.aggregate_embed.lora_A.weight": torch.randn(RANK, in_f, generator=generator),
+        "text_embedding_projection.aggregate_embed.lora_B.weight": torch.randn(out_f, RANK, generator=generator),
+    }
+    return {"comfyui": {**comfy, **projection}, "diffusers": theirs}
+
+
+def test_lora_layouts_read_as_the_same_targets(tiny_ltx2_pipe, tmp_path):
+    """Both layouts give the DiT the same targets (diffusers' top-level names renamed to ours); the text
+    projection's target goes to the connectors, and `load_lora` attaches each part to its model."""
+    paths = {}
+    for layout, state in _layouts(tiny_ltx2_pipe).items():
+        paths[layout] = tmp_path / f"lora-{layout}.safetensors"
+        save_file(state, paths[layout])
+    comfy, theirs = (tiny_ltx2_pipe.read_lora(paths[k]).targets for k in ("comfyui", "diffusers"))
+    assert comfy.keys() == theirs.keys() and {"patchify_proj", "adaln_single.linear"} <= comfy.keys()
+    assert all(torch.equal(comfy[k].down, theirs[k].down) and torch.equal(comfy[k].up, theirs[k].up) for k in comfy)
+    connectors = tiny_ltx2_pipe.read_lora(paths["comfyui"], slot="connectors").targets
+    assert list(connectors) == ["text_embedding_projection.aggregate_embed"]
+    with pytest.raises(LoRAError, match="has no LoRA for the 'vae' model"):
+        tiny_ltx2_pipe.read_lora(paths["comfyui"], slot="vae")
+
+    from diffsynth.runtime.lora import clear_loras
+
+    assert tiny_ltx2_pipe.load_lora(paths["comfyui"], fuse=False, name="check") == "check"
+    try:
+        assert "check" in list_loras(tiny_ltx2_pipe.dit) and "check" in list_loras(tiny_ltx2_pipe.connectors)
+    finally:
+        clear_loras(tiny_ltx2_pipe.dit, "check")
+        clear_loras(tiny_ltx2_pipe.connectors, "check")
+
+
+def test_image_to_video_conditions_both_stages_at_their_sizes(two_stage_pipe, monkeypatch):
+    """The first frame is encoded at half size for stage 1 and again at full size for stage 2 (ltx-core's
+    stage-2 conditionings); both stages keep it clean."""
+    from PIL import Image
+
+    sizes, masks = [], []
+    real_condition, real_predict = LTX2Pipeline.prepare_image_condition, LTX2Pipeline.predict
+
+    def condition(self, video, images, height, width, crf=0):
+        sizes.append((height, width, tuple(video.shape[-2:])))
+        return real_condition(self, video, images, height, width, crf)
+
+    def predict(self, *args, **kwargs):
+        masks.append(kwargs.get("denoise_mask") is not None)
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(LTX2Pipeline, "prepare_image_condition", condition)
+    monkeypatch.setattr(LTX2Pipeline, "predict", predict)
+    image = Image.new("RGB", (2 * W, 2 * H), (200, 40, 90))
+    two_stage_pipe(CAPTIONS[1], seed=0, input_image=image, use_distilled_pipeline=True, image_crf=0, **SETTINGS)
+    h, w = H // 32, W // 32
+    assert sizes == [(H, W, (h, w)), (2 * H, 2 * W, (2 * h, 2 * w))]
+    assert masks == [True] * 11
