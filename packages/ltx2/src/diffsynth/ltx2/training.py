@@ -73,10 +73,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.schedulers import FlowMatchScheduler
-from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, row_video
 from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
@@ -294,22 +294,9 @@ class LTX2TrainingTask(PipelineTrainingTask):
 
     def _video(self, index: int, row: Mapping[str, Any]) -> torch.Tensor:
         """The row's video `[3, F, H, W]` (an image is one frame), checked against the VAE."""
-        video, image = row.get("video"), row.get("image")
-        if "prompt" not in row or not isinstance(video if video is not None else image, torch.Tensor):
-            raise ConfigError(
-                f"LTX-2 trains on rows with a video (or image) and a prompt; row {index} of the batch has {preview(row)}"
-            )
-        if video is None:
-            video = image[:, None] if image.dim() == 3 else image
-        if video.dim() != 4 or video.shape[0] != 3:
-            raise ConfigError(f"row {index}: the video must be [3, F, H, W], got {tuple(video.shape)}")
-        tc, sc = self.pipe.vae.temporal_compression, self.pipe.vae.spatial_compression
-        frames, height, width = video.shape[1:]
-        if (frames - 1) % tc:
-            raise ConfigError(
-                f"row {index}: the video has {frames} frames; LTX-2 needs {tc}k + 1 frames (set --num_frames, e.g. "
-                f"{frames - (frames - 1) % tc})"
-            )
+        video = row_video(row, index, "LTX-2", self.pipe.vae.temporal_compression)
+        sc = self.pipe.vae.spatial_compression
+        height, width = video.shape[2:]
         if height % sc or width % sc:
             raise ConfigError(
                 f"row {index}: the video is {width}x{height}; LTX-2 needs multiples of {sc} (--height/--width or "

@@ -13,13 +13,14 @@ implement its protocol structurally and import only this.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, preview
 from .hub import ModelConfig
 from .pipeline import WEIGHT_SUFFIXES, BasePipeline, source_defaults
 
@@ -137,4 +138,25 @@ class PipelineTrainingTask:
             ]
 
 
-__all__ = ["PipelineTrainingTask", "load_partial_pipeline", "model_roles"]
+def row_video(row: Mapping[str, Any], index: int, family: str, temporal_compression: int) -> torch.Tensor:
+    """A video model's training row as `[3, F, H, W]` (an image row is one frame), with F = 1 + k x the VAE's
+    `temporal_compression`; a row without it, or with another frame count, is an error naming the row."""
+    video, image = row.get("video"), row.get("image")
+    if "prompt" not in row or not isinstance(video if video is not None else image, torch.Tensor):
+        raise ConfigError(
+            f"{family} trains on rows with a video (or image) and a prompt; row {index} of the batch has {preview(row)}"
+        )
+    if video is None:
+        video = image[:, None] if image.dim() == 3 else image
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ConfigError(f"row {index}: the video must be [3, F, H, W], got {tuple(video.shape)}")
+    frames, tc = video.shape[1], temporal_compression
+    if (frames - 1) % tc:
+        raise ConfigError(
+            f"row {index}: the video has {frames} frames; {family} needs {tc}k + 1 frames (set --num_frames, e.g. "
+            f"{max(1, frames - (frames - 1) % tc)})"
+        )
+    return video
+
+
+__all__ = ["PipelineTrainingTask", "load_partial_pipeline", "model_roles", "row_video"]

@@ -50,12 +50,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import tensor_to_pil
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
 from diffsynth.runtime.schedulers import FlowMatchScheduler
-from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles, row_video
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import WanDiTConfig
@@ -269,23 +269,7 @@ class WanTrainingTask(PipelineTrainingTask):
 
     def _video(self, index: int, row: Mapping[str, Any]) -> torch.Tensor:
         """The row's video `[3, F, H, W]` (an image is one frame), checked against the VAE."""
-        video, image = row.get("video"), row.get("image")
-        if "prompt" not in row or not isinstance(video if video is not None else image, torch.Tensor):
-            raise ConfigError(
-                f"Wan trains on rows with a video (or image) and a prompt; row {index} of the batch has {preview(row)}"
-            )
-        if video is None:
-            video = image[:, None] if image.dim() == 3 else image
-        if video.dim() != 4 or video.shape[0] != 3:
-            raise ConfigError(f"row {index}: the video must be [3, F, H, W], got {tuple(video.shape)}")
-        tc = self.pipe.vae.temporal_compression
-        frames = video.shape[1]
-        if (frames - 1) % tc:
-            raise ConfigError(
-                f"row {index}: the video has {frames} frames; Wan needs 1 + {tc}k frames (set --num_frames, e.g. "
-                f"{max(1, frames - (frames - 1) % tc)})"
-            )
-        return video
+        return row_video(row, index, "Wan", self.pipe.vae.temporal_compression)
 
     def _conditions(
         self, index: int, row: Mapping[str, Any], video: torch.Tensor, latents: torch.Tensor
