@@ -181,6 +181,49 @@ def our_pipeline(base: Path, **kwargs):
     )
 
 
+# ----------------------------------------------------------------------------------- two-stage files
+LORA_RANK = 4
+UPSAMPLER_FILE, DISTILLED_LORA_FILE = (
+    "ltx-2-spatial-upscaler-x2-1.0.safetensors",
+    "ltx-2-19b-distilled-lora-384.safetensors",
+)
+
+
+def tiny_upsampler(seed: int = 7):
+    """A spatial x2 latent upsampler for the tiny video VAE's 8 latent channels, random weights."""
+    from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
+
+    config = LTX2LatentUpsamplerConfig(in_channels=8, mid_channels=32, num_blocks_per_stage=1)
+    model = LTX2LatentUpsampler(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(base + 0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def lora_state(dit, prefix: str = "diffusion_model.", seed: int = 11) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA on every Linear the DiT declares as a LoRA target, in ltx-core names (ComfyUI's
+    `diffusion_model.` layout, as `ltx-2-19b-distilled-lora-384.safetensors`), plus the text projection."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in dit.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in dit.lora_target_modules):
+            out_f, in_f = module.weight.shape
+            state[f"{prefix}{name}.lora_A.weight"] = 0.1 * torch.randn(LORA_RANK, in_f, generator=generator)
+            state[f"{prefix}{name}.lora_B.weight"] = 0.1 * torch.randn(out_f, LORA_RANK, generator=generator)
+    return state
+
+
+def write_two_stage_files(folder: Path, dit) -> tuple[Path, Path]:
+    """The tiny upsampler and a distilled-LoRA stand-in for `dit`, under the released file names in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tiny_upsampler().state_dict(), str(folder / UPSAMPLER_FILE))
+    save_file(lora_state(dit), str(folder / DISTILLED_LORA_FILE))
+    return folder / UPSAMPLER_FILE, folder / DISTILLED_LORA_FILE
+
+
 # ----------------------------------------------------------------------------------- diffusers (tests only)
 def _kinds(kinds) -> tuple[str, ...]:
     names = {"space": "spatial", "time": "temporal", "all": "spatiotemporal"}

@@ -46,3 +46,27 @@ def test_generate_image_to_video_from_the_command_line(tiny_ltx2_base, tmp_path,
     assert main([*args, "--input-image", str(image), *FAST]) == 0
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == repo_module.FRAMES
+
+
+def test_generate_with_the_two_stage_preset(tiny_ltx2_base, tiny_ltx2_pipe, tmp_path, monkeypatch):
+    """`--model Lightricks/LTX-2:two-stage` finds the upsampler and the distilled LoRA under the preset's file
+    names (offline) and writes the full-size video: the first stage ran at half of it."""
+    repo_module.write_two_stage_files(tiny_ltx2_base / repo_module.LTX_REPO, tiny_ltx2_pipe.dit)
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    out = tmp_path / "two-stage.mp4"
+    size = ["--height", str(2 * repo_module.HEIGHT), "--width", str(2 * repo_module.WIDTH)]
+    args = [
+        "generate",
+        "--model",
+        "Lightricks/LTX-2:two-stage",
+        "--prompt",
+        repo_module.CAPTIONS[1],
+        "--output",
+        str(out),
+    ]
+    assert main([*args, *FAST, *size]) == 0  # the later --height / --width win
+    with av.open(str(out)) as container:
+        video = container.streams.video[0]
+        assert (video.height, video.width) == (2 * repo_module.HEIGHT, 2 * repo_module.WIDTH)
+        assert sum(1 for _ in container.decode(video=0)) == repo_module.FRAMES

@@ -11,47 +11,21 @@ from safetensors.torch import save_file
 
 from diffsynth.ltx2.pipeline import LTX2Pipeline
 from diffsynth.ltx2.presets import PRESETS
-from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import LoRAError, list_loras
 
 CAPTIONS = repo_module.CAPTIONS
 F, H, W = repo_module.FRAMES, repo_module.HEIGHT, repo_module.WIDTH  # the first stage's size
-RANK, STRENGTH = 4, 0.8
+STRENGTH = 0.8
 
 
-def tiny_upsampler(seed: int = 7) -> LTX2LatentUpsampler:
-    config = LTX2LatentUpsamplerConfig(in_channels=8, mid_channels=32, num_blocks_per_stage=1)
-    model = LTX2LatentUpsampler(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(base + 0.05 * torch.randn(p.shape, generator=generator))
-    return model
-
-
-def lora_state(dit, prefix: str = "diffusion_model.", seed: int = 11) -> dict[str, torch.Tensor]:
-    """A random rank-4 LoRA on every Linear the DiT declares as a LoRA target, in ltx-core names (ComfyUI's
-    `diffusion_model.` layout, as `ltx-2-19b-distilled-lora-384.safetensors`), plus the text projection."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in dit.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in dit.lora_target_modules):
-            out_f, in_f = module.weight.shape
-            state[f"{prefix}{name}.lora_A.weight"] = 0.1 * torch.randn(RANK, in_f, generator=generator)
-            state[f"{prefix}{name}.lora_B.weight"] = 0.1 * torch.randn(out_f, RANK, generator=generator)
-    return state
+tiny_upsampler, lora_state, RANK = repo_module.tiny_upsampler, repo_module.lora_state, repo_module.LORA_RANK
 
 
 @pytest.fixture(scope="module")
 def stage_two_files(tiny_ltx2_base, tiny_ltx2_pipe):
-    folder = tiny_ltx2_base / "two-stage"
-    folder.mkdir(exist_ok=True)
-    save_file(tiny_upsampler().state_dict(), folder / "ltx-2-spatial-upscaler-x2-tiny.safetensors")
-    save_file(lora_state(tiny_ltx2_pipe.dit), folder / "ltx-2-19b-distilled-lora-tiny.safetensors")
-    return folder / "ltx-2-spatial-upscaler-x2-tiny.safetensors", folder / "ltx-2-19b-distilled-lora-tiny.safetensors"
+    return repo_module.write_two_stage_files(tiny_ltx2_base / "two-stage", tiny_ltx2_pipe.dit)
 
 
 @pytest.fixture(scope="module")
