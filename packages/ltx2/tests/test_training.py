@@ -280,3 +280,15 @@ def test_clear_errors(task):
     encoders_only = LTX2TrainingTask(task.pipe, max_sequence_length=MAX_LEN)
     with encoders_only.pipe.using("vae", None), pytest.raises(ConfigError, match=r"without \['vae'\]"):
         encoders_only.encode([clip(13)])
+
+
+def test_each_stage_loads_only_its_models_from_the_single_file(tiny_ltx2_base):
+    """The encode stage builds the encoders (and the vocoder, for validation samples) without the DiT, the
+    training stage the DiT alone, though one file holds all of them (the real DiT is 19B parameters)."""
+    configs = model_configs(tiny_ltx2_base)
+    options = dict(torch_dtype=torch.float32, device="cpu", max_sequence_length=MAX_LEN)
+    encode = LTX2TrainingTask.from_pretrained(configs, denoiser=False, **options)
+    loaded = {slot for slot in encode.pipe.model_slots if getattr(encode.pipe, slot) is not None}
+    assert loaded == {"vae", "audio_vae", "connectors", "text_encoder", "vocoder"}
+    train = LTX2TrainingTask.from_pretrained(configs, encoders=False, **options)
+    assert {slot for slot in train.pipe.model_slots if getattr(train.pipe, slot) is not None} == {"dit"}

@@ -267,6 +267,26 @@ def test_multi_model_file_gives_a_dict_by_role(tmp_path):
     assert [item.role for item in loaded] == ["dit", "vae"]
 
 
+def test_roles_load_one_model_of_a_multi_model_file_without_reading_the_others(tmp_path, monkeypatch):
+    """A training stage that wants only the VAE of a file that also holds the DiT reads the VAE's tensors alone."""
+    from diffsynth.runtime.checkpoint import LazyStateDict
+
+    path = tmp_path / "bundle.safetensors"
+    save_file({**toy_state(layout="comfy"), **vae_state()}, str(path))
+    read, real = [], LazyStateDict.__getitem__
+
+    def recording(self, key):
+        read.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(LazyStateDict, "__getitem__", recording)
+    loaded = load_models(path, specs=SPECS, roles={"vae"})
+    assert [item.role for item in loaded] == ["vae"]
+    assert read and all(key.startswith("vae.") for key in read)
+    assert torch.equal(loaded[0].module.decoder.weight, vae_state()["vae.decoder.weight"])
+    assert load_models(path, specs=SPECS, roles=set()) == []
+
+
 def test_multi_model_file_refuses_a_single_config(tmp_path):
     with pytest.raises(ConfigError, match="several models.*dict role -> config"):
         load_model({**toy_state(layout="comfy"), **vae_state()}, specs=SPECS, config=ToyConfig())

@@ -213,7 +213,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
         """Load the models a stage needs: the DiT (`denoiser`) and/or the video VAE, audio VAE, text
         connectors, Gemma and its tokenizer (`encoders`; the vocoder too when the files hold it, for validation
         samples). Without `tokenizer_config`, tokenizer files beside the Gemma weights are used. One LTX-2
-        single file holds the DiT and the encoders: it is read whole, and the models not wanted are dropped."""
+        single file holds the DiT and the encoders: only the wanted models' tensors are read from it."""
         slots = ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set())
         if encoders and tokenizer_config is None:
             tokenizer_config = _tokenizer_beside(model_configs)
@@ -222,16 +222,12 @@ class LTX2TrainingTask(PipelineTrainingTask):
             model_configs,
             slots,
             tokenizers=("tokenizer",) if encoders else (),
+            optional=("vocoder",) if encoders else (),  # for validation samples' decoding
             name="LTX-2",
             tokenizer_config=tokenizer_config if encoders else None,
             torch_dtype=torch_dtype,
             device=device,
         )
-        keep = slots | ({"vocoder"} if encoders else set())
-        for slot in pipe.model_slots:
-            if slot not in keep and getattr(pipe, slot) is not None:
-                setattr(pipe, slot, None)
-                pipe.model_configs.pop(slot, None)
         task_options.setdefault(
             "max_sequence_length", pipe.defaults.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
         )

@@ -196,14 +196,20 @@ def load_models(
     *,
     specs: Iterable[ModelSpec] | None = None,
     config: Any = None,
+    roles: Iterable[str] | None = None,
 ) -> list[LoadedModel]:
-    """Every model in `source` as `LoadedModel`s (see `load_model`), in the order of `specs`."""
+    """Every model in `source` as `LoadedModel`s (see `load_model`), in the order of `specs`. With `roles`,
+    only the models of those roles are built and their tensors read (the file is still recognised whole):
+    one part of a many-model file, such as LTX-2's VAEs without its 19B DiT, costs only its own memory."""
     dtype = None if torch_dtype is None else parse_dtype(torch_dtype)
     target = parse_device(device)
     state, files, label = _open(source)
     meta_source = _is_meta(state, label)
     meta = state.meta_state_dict() if isinstance(state, LazyStateDict) else _meta_of(state)
     found = recognise(meta, specs=specs, label=label)
+    if roles is not None:
+        wanted = set(roles)
+        found = [rec for rec in found if rec.spec.role in wanted]
     configs = _split_config(config, found, label)
     config_json = config_json_beside(files) if files else None
     if config_json is not None and len(found) > 1:

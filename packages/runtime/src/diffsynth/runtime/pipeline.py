@@ -36,6 +36,7 @@ class BasePipeline:
     family: ClassVar[str] = ""
     model_slots: ClassVar[dict[str, str]] = {}  # attribute -> spec role
     optional_slots: ClassVar[tuple[str, ...]] = ()
+    load_roles: ClassVar[frozenset[str] | None] = None  # None: every model the given files hold
     stage_order: ClassVar[tuple[str, ...]] = ()  # model-level offload follows the stages
     size_multiple: ClassVar[int] = 16
 
@@ -125,7 +126,7 @@ class BasePipeline:
         paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
         _fetch_companion_config(config)  # the loader reads config.json beside the weights
         # load in the pipeline dtype: storage dtypes (fp8 with scales, disk) are the VRAM manager's job
-        loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu")
+        loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu", roles=self.load_roles)
         roles = {role: slot for slot, role in self.model_slots.items()}
         for item in loaded:
             slot = roles.get(item.role)

@@ -38,13 +38,10 @@ def model_roles(config: ModelConfig) -> set[str]:
 
 
 @functools.cache
-def _partial(pipeline_cls: type[BasePipeline]) -> type[BasePipeline]:
-    """`pipeline_cls` with every model slot optional."""
-    return type(
-        pipeline_cls.__name__,
-        (pipeline_cls,),
-        {"optional_slots": tuple(pipeline_cls.model_slots), "__module__": pipeline_cls.__module__},
-    )
+def _partial(pipeline_cls: type[BasePipeline], roles: frozenset[str]) -> type[BasePipeline]:
+    """`pipeline_cls` with every model slot optional that loads only the models of `roles`."""
+    attributes = {"optional_slots": tuple(pipeline_cls.model_slots), "load_roles": roles}
+    return type(pipeline_cls.__name__, (pipeline_cls,), {**attributes, "__module__": pipeline_cls.__module__})
 
 
 def load_partial_pipeline(
@@ -53,23 +50,26 @@ def load_partial_pipeline(
     slots: Iterable[str],
     *,
     tokenizers: Iterable[str] = (),
+    optional: Iterable[str] = (),
     name: str,
     **from_pretrained: Any,
 ) -> BasePipeline:
-    """`pipeline_cls.from_pretrained` with the files of `slots` only; the other slots stay empty.
+    """`pipeline_cls.from_pretrained` with the models of `slots` only (and of `optional` slots where the files
+    hold them); the other slots stay empty and their weights are not read, even from a file that holds
+    several models.
 
     `tokenizers` are the pipeline attributes (e.g. "tokenizer") that must be loaded too; `name` ("Z-Image")
     names the family in errors; `from_pretrained` (torch_dtype, device, tokenizer configs) is passed on.
     """
-    slots = sorted(slots)
-    unknown = [s for s in slots if s not in pipeline_cls.model_slots]
+    slots, optional = sorted(slots), sorted(optional)
+    unknown = [s for s in (*slots, *optional) if s not in pipeline_cls.model_slots]
     if unknown:
         raise ConfigError(f"{pipeline_cls.__name__} has no slots {unknown}; it has {list(pipeline_cls.model_slots)}")
-    wanted = {pipeline_cls.model_slots[s] for s in slots}
+    wanted = {pipeline_cls.model_slots[s] for s in (*slots, *optional)}
     configs = [c for c in model_configs if model_roles(c) & wanted]
     if not configs:
         raise ConfigError(f"{name} training needs the {slots} models; none of the given files hold them")
-    pipe = _partial(pipeline_cls).from_pretrained(model_configs=configs, **from_pretrained)
+    pipe = _partial(pipeline_cls, frozenset(wanted)).from_pretrained(model_configs=configs, **from_pretrained)
     pipe.defaults.update(source_defaults(pipeline_cls, model_configs))  # validation samples draw as the model's own
     missing = [s for s in slots if getattr(pipe, s) is None] + [t for t in tokenizers if getattr(pipe, t) is None]
     if missing:
