@@ -317,6 +317,21 @@ def test_save_read_round_trip(tmp_path):
     )
 
 
+def test_peft_files_leave_out_an_alpha_equal_to_the_rank(tmp_path):
+    """diffusers' loaders refuse non-LoRA keys in peft-named files: an alpha that says scale 1 is not written
+    (reading it back gives the same delta), any other alpha is; kohya files always carry theirs."""
+    for alpha, written in ((float(RANK), False), (2.0 * RANK, True)):
+        lora = make_lora(alpha=alpha)
+        save_lora(lora, tmp_path / "p.safetensors", format="peft")
+        save_lora(lora, tmp_path / "k.safetensors", format="kohya")
+        keys = load_file(tmp_path / "p.safetensors")
+        assert any(k.endswith(".alpha") for k in keys) == written
+        assert any(k.endswith(".alpha") for k in load_file(tmp_path / "k.safetensors"))
+        back = read_lora(tmp_path / "p.safetensors")
+        for name, t in lora.targets.items():
+            torch.testing.assert_close(back.targets[name].delta_weight(), t.delta_weight(), rtol=0, atol=0)
+
+
 def test_saved_layouts_use_the_expected_keys(tmp_path):
     lora = make_lora()
     save_lora(lora, tmp_path / "k.safetensors", format="kohya")
