@@ -299,13 +299,14 @@ def test_fit_image_crops_the_centre_to_the_aspect_ratio():
     "kwargs, match",
     [
         (dict(input_images=[picture(0)], input_image=picture(0)), r"not both"),
-        (dict(input_images=[picture(0)], input_images_indexes=[8]), r"input_images_indexes=\[8\].*first-frame"),
-        (dict(input_images=[picture(0), picture(1)], input_images_indexes=[0, 8]), r"2 images"),
+        (dict(input_images=[picture(0)], input_images_indexes=[9]), r"input_images_indexes=\[9\].*\[0, 8\]"),
+        (dict(input_images=[picture(0), picture(1)], input_images_indexes=[0, 0]), r"distinct"),
+        (dict(input_images=[picture(0), picture(1)], input_images_indexes=[0]), r"2 images.*1 frame indexes"),
         (dict(input_image=[picture(0)] * 3), r"input_image has 3 images for 1 prompts"),
         (dict(input_image=torch.zeros(3, 64, 64)), r"file path or a PIL.Image, got Tensor"),
         (dict(input_image="/no/such/picture.png"), r"picture.png does not exist"),
     ],
-    ids=["both", "index", "two-images", "count", "tensor", "missing-file"],
+    ids=["both", "index", "repeated", "two-images", "count", "tensor", "missing-file"],
 )
 def test_bad_images_are_refused(tiny_ltx2_pipe, kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -161,6 +161,17 @@ def video_positions(
     return torch.cat((frames[None], pixels[1:])).expand(batch, -1, -1, -1)
 
 
+def keyframe_positions(
+    config: LTX2DiTConfig, height: int, width: int, pixel_frame: int, fps: float, device=None
+) -> torch.Tensor:
+    """`[1, 3, H*W, 2]` bounds of a one-image keyframe's latent tokens placed at video frame `pixel_frame`:
+    the rows and columns as `video_positions` gives them, the time `[pixel_frame, pixel_frame + 1)` / fps
+    (one pixel frame, no causal shift), as ltx-core's `VideoConditionByKeyframeIndex` places them."""
+    rows = video_positions(config, 1, 1, height, width, fps, device)[:, 1:]
+    frames = torch.tensor([pixel_frame, pixel_frame + 1], dtype=torch.float32, device=device) / fps
+    return torch.cat((frames.expand(1, 1, height * width, 2), rows), dim=1)
+
+
 def audio_positions(config: LTX2DiTConfig, batch: int, num_frames: int, device=None, shift: int = 0) -> torch.Tensor:
     """`[B, 1, num_frames, 2]` [start, end) seconds of each latent audio frame (mel hop times the audio VAE's
     `audio_scale_factor`; the first frame is causal like the video's)."""

@@ -19,6 +19,7 @@ the CFG batch.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import pack_latents, unpack_latents
-from .dit import AttentionSkip, audio_positions, video_positions
+from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,19 @@ class LTX2Text:
         return LTX2Text(torch.cat([self.video, other.video]), torch.cat([self.audio, other.audio]), mask)
 
 
+@dataclass
+class LTX2Keyframes:
+    """Clean keyframe tokens the DiT reads after the video's own: `tokens` `[1, K, 128]` (normalised latents
+    of the images, packed) and their positions `coords` `[1, 3, K, 2]` at their frames. They are seen at
+    timestep 0 and never stepped; only the video's tokens come back from the model call."""
+
+    tokens: torch.Tensor
+    coords: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[1]
+
+
 def pack_video(latents: torch.Tensor) -> torch.Tensor:
     """Video latents `[B, C, F, H, W]` -> DiT tokens `[B, F * H * W, C]` (frame, row, column order)."""
     return latents.flatten(2).transpose(1, 2)
@@ -101,6 +115,7 @@ def ltx2_velocity(
     audio_sigma: torch.Tensor | float | None = None,
     denoise_mask: torch.Tensor | None = None,
     skips: Sequence[AttentionSkip] = (),
+    keyframes: LTX2Keyframes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow velocities (noise - clean), float32, of video latents `[B, 128, f, h, w]` and audio latents
     `[B, C, L, M]` at noise level `sigma` (scalar or `[B]`; `audio_sigma` defaults to it).
@@ -109,7 +124,8 @@ def ltx2_velocity(
     so it must be the rate the frames will be played at. `denoise_mask` (`[1 or B, 1, f, h, w]`, 1 = being
     denoised, 0 = a clean conditioning latent such as image-to-video's first frame) scales each video
     token's timestep, so the DiT sees the given frames as clean. `skips` (`AttentionSkip`) switch DiT
-    attentions off for some rows (STG / modality isolation). Computation runs in the DiT's dtype.
+    attentions off for some rows (STG / modality isolation). `keyframes` (`LTX2Keyframes`) are clean tokens
+    appended to the video's, at timestep 0, for keyframe conditioning. Computation runs in the DiT's dtype.
     """
     dtype = module_dtype(dit)
     b, _, f, h, w = video.shape
@@ -124,8 +140,15 @@ def ltx2_velocity(
         video_t = video_t[:, None] * denoise_mask.to(video.device, torch.float32).expand(b, 1, f, h, w).flatten(1)
     cfg = dit.config
     mask = text.mask
+    tokens, coords = pack_video(video), video_positions(cfg, b, f, h, w, float(frame_rate), video.device)
+    if keyframes is not None:  # clean tokens after the video's: timestep 0, their own positions
+        audio_t = video_t if audio_t is None else audio_t
+        video_t = video_t[:, None].expand(b, f * h * w) if video_t.dim() == 1 else video_t
+        video_t = torch.cat([video_t, video_t.new_zeros(b, len(keyframes))], dim=1)
+        tokens = torch.cat([tokens, keyframes.tokens.to(tokens).expand(b, -1, -1)], dim=1)
+        coords = torch.cat([coords, keyframes.coords.to(coords).expand(b, -1, -1, -1)], dim=2)
     v_video, v_audio = dit(
-        pack_video(video).to(dtype),
+        tokens.to(dtype),
         pack_latents(audio).to(dtype),
         text.video.to(dtype),
         text.audio.to(dtype),
@@ -133,10 +156,11 @@ def ltx2_velocity(
         audio_timestep=audio_t,
         video_context_mask=mask,
         audio_context_mask=mask,
-        video_coords=video_positions(cfg, b, f, h, w, float(frame_rate), video.device),
+        video_coords=coords,
         audio_coords=audio_positions(cfg, b, audio.shape[2], video.device),
         skips=skips,
     )
+    v_video = v_video[:, : f * h * w]
     return unpack_video(v_video.float(), f, h, w), unpack_latents(v_audio.float(), audio.shape[3])
 
 
@@ -268,11 +292,13 @@ class LTX2Pipeline(BasePipeline):
         second stage runs with the distilled LoRA (`stage2_lora_config` of `from_pretrained`, at
         `stage2_lora_strength`, default 0.8) attached, and removed afterwards.
 
-        Image-to-video: `input_images=[image]` (DiffSynth-Studio's name; `input_images_indexes` must be
-        `[0]`, the first frame) or `input_image=image` (one image for every prompt, or one per prompt). A
-        path or PIL image, resized to `width` x `height` and encoded by the video VAE: that latent replaces
-        the first latent frame, which the DiT is told is clean (timestep 0) and which no step changes. It is
-        first re-compressed with H.264 at `image_crf` (default 33, the authors'; 0 = as given).
+        Image-to-video: `input_images=[image]` (DiffSynth-Studio's name, at `input_images_indexes=[0]`) or
+        `input_image=image` (one image for every prompt, or one per prompt). A path or PIL image, resized to
+        `width` x `height` and encoded by the video VAE: that latent replaces the first latent frame, which
+        the DiT is told is clean (timestep 0) and which no step changes. It is first re-compressed with H.264
+        at `image_crf` (default 33, the authors'; 0 = as given). Images at other `input_images_indexes`
+        (video frames) are keyframes: encoded the same way, their clean tokens join the video's at their
+        frame's time (`LTX2Keyframes`, `prepare_keyframes`).
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -306,7 +332,9 @@ class LTX2Pipeline(BasePipeline):
         stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 121))
         use_cfg = scale != 1.0 or audio_scale != 1.0
-        first_frames = self.check_input_images(input_images, input_images_indexes, input_image, len(prompts))
+        first_frames, keyframe_images = self.check_input_images(
+            input_images, input_images_indexes, input_image, len(prompts), frames
+        )
 
         # 1. prompts
         self.load_models_to_device(["text_encoder", "connectors"])
@@ -320,10 +348,13 @@ class LTX2Pipeline(BasePipeline):
         else:
             scheduler.set_timesteps(steps, sigmas=sigmas, image_seq_len=SCHEDULE_TOKENS)
         generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+        images = first_frames is not None or keyframe_images
+        crf = self.setting("image_crf", image_crf, DEFAULT_IMAGE_CRF) if images else 0
+        keyframes = self.prepare_keyframes(keyframe_images, stage_height, stage_width, crf, fps)
         video, audio = self.prepare_latents(
-            len(prompts), frames, stage_height, stage_width, fps, generator, rand_device, latents, audio_latents
-        )
-        crf = self.setting("image_crf", image_crf, DEFAULT_IMAGE_CRF) if first_frames is not None else 0
+            len(prompts), frames, stage_height, stage_width, fps, generator, rand_device, latents, audio_latents,
+            keyframe_tokens=0 if keyframes is None else len(keyframes),
+        )  # fmt: skip
         mask = None
         if first_frames is not None:
             video, mask = self.prepare_image_condition(video, first_frames, stage_height, stage_width, crf)
@@ -331,11 +362,11 @@ class LTX2Pipeline(BasePipeline):
         # 3. denoise
         both = text.cat(negative_text) if use_cfg else text
         guided = (use_cfg, scale, audio_scale, rescale, guidance)
-        video, audio = self.denoise(video, audio, scheduler, both, fps, mask, guided, progress_bar)
+        video, audio = self.denoise(video, audio, scheduler, both, fps, mask, guided, progress_bar, keyframes)
         if two_stage:
             video, audio = self.refine(
-                video, audio, text, fps, generator, rand_device, first_frames, size=(height, width), crf=crf,
-                lora_strength=None if distilled else lora_strength, progress_bar=progress_bar,
+                video, audio, text, fps, generator, rand_device, (first_frames, keyframe_images), size=(height, width),
+                crf=crf, lora_strength=None if distilled else lora_strength, progress_bar=progress_bar,
             )  # fmt: skip
 
         # 4. decode
@@ -453,28 +484,39 @@ class LTX2Pipeline(BasePipeline):
         return rounded
 
     @staticmethod
-    def check_input_images(input_images, input_images_indexes, input_image, batch: int) -> list[Image.Image] | None:
-        """The first frame of each prompt's video as RGB images, from DiffSynth-Studio's `input_images`
-        (keyframes at `input_images_indexes`; only the first frame is supported) or our `input_image`."""
+    def check_input_images(
+        input_images, input_images_indexes, input_image, batch: int, num_frames: int
+    ) -> tuple[list[Image.Image] | None, list[tuple[Image.Image, int]]]:
+        """(the first frame of each prompt's video, or None; the keyframes as (image, video frame)), from
+        DiffSynth-Studio's `input_images` at `input_images_indexes` (video frames; index 0 is the first frame,
+        any other a keyframe) or our `input_image` (the first frame: one image, or one per prompt)."""
         if input_images is not None and input_image is not None:
             raise ConfigError("pass the first frame as input_images=[image] or as input_image=image, not both")
+        keyframes: list[tuple[Image.Image, int]] = []
         if input_images is not None:
             images = [input_images] if isinstance(input_images, (str, os.PathLike, Image.Image)) else input_images
             images, indexes = list(images), list(input_images_indexes)
-            if len(images) != 1 or indexes != [0]:
+            if len(images) != len(indexes):
                 raise ConfigError(
-                    f"input_images has {len(images)} images at input_images_indexes={indexes}: only first-frame "
-                    "conditioning is supported, pass one image at index 0 (input_images=[image])"
+                    f"input_images has {len(images)} images but input_images_indexes={indexes} has {len(indexes)} "
+                    "frame indexes; give one video frame index per image"
                 )
-            input_image = images[0]
+            bad = [i for i in indexes if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_frames]
+            if bad or len(set(indexes)) != len(indexes):
+                raise ConfigError(
+                    f"input_images_indexes={indexes}: use distinct video frame indexes in [0, {num_frames - 1}] "
+                    f"(num_frames={num_frames})"
+                )
+            keyframes = [(load_image(image), i) for image, i in zip(images, indexes, strict=True) if i != 0]
+            input_image = next((image for image, i in zip(images, indexes, strict=True) if i == 0), None)
         if input_image is None:
-            return None
+            return None, keyframes
         items = list(input_image) if isinstance(input_image, (list, tuple)) else [input_image]
         if len(items) == 1:
             items = items * batch
         if len(items) != batch:
             raise ConfigError(f"input_image has {len(items)} images for {batch} prompts; give one, or one per prompt")
-        return [load_image(image) for image in items]
+        return [load_image(image) for image in items], keyframes
 
     @staticmethod
     def check_frame_rate(frame_rate) -> float:
@@ -518,11 +560,23 @@ class LTX2Pipeline(BasePipeline):
         return int(self.vocoder.sampling_rate)
 
     def prepare_latents(
-        self, batch, num_frames, height, width, frame_rate, generator, rand_device, latents=None, audio_latents=None
+        self,
+        batch,
+        num_frames,
+        height,
+        width,
+        frame_rate,
+        generator,
+        rand_device,
+        latents=None,
+        audio_latents=None,
+        keyframe_tokens: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial video and audio noise, float32. Drawn from `generator` (seeded on `rand_device`; None
         draws unseeded), video first (the same values on any compute device, and as diffusers draws them
-        from a generator on that device)."""
+        from a generator on that device). With `keyframe_tokens` both are drawn in the DiT's token layout,
+        the video's with that many tokens more (unused: keyframes are clean), as ltx-core and diffusers'
+        `LTX2ConditionPipeline` draw them."""
         if isinstance(generator, int):  # a seed
             generator = torch.Generator(rand_device).manual_seed(generator)
         tc, sc = self.vae.temporal_compression, self.vae.spatial_compression
@@ -533,6 +587,9 @@ class LTX2Pipeline(BasePipeline):
         for given, shape, name in ((latents, video_shape, "latents"), (audio_latents, audio_shape, "audio_latents")):
             if given is not None:
                 draws.append(self._check_initial(given, shape, name))
+            elif keyframe_tokens:  # both streams in token layout, the video's with the keyframe tokens
+                extra = keyframe_tokens if name == "latents" else 0
+                draws.append(self._token_noise(shape, generator, rand_device, self.device, extra))
             else:
                 noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 draws.append(noise.to(self.device))
@@ -557,11 +614,34 @@ class LTX2Pipeline(BasePipeline):
         mask[:, :, 0] = 0.0
         return video, mask
 
-    def denoise(self, video, audio, scheduler, text: LTX2Text, fps, mask, guided, progress_bar: bool = True):
+    def prepare_keyframes(
+        self, images: Sequence[tuple[Image.Image, int]], height: int, width: int, crf: int, fps: float
+    ) -> LTX2Keyframes | None:
+        """Keyframe tokens (`LTX2Keyframes`) of (image, video frame) pairs: each image fitted to the video size
+        (and re-compressed at `crf`) as a first frame is, encoded alone by the video VAE, packed, and placed
+        at its frame (`keyframe_positions`); None without keyframes."""
+        if not images:
+            return None
+        self.load_models_to_device(["vae"])
+        tokens, coords = [], []
+        for image, frame in images:
+            fitted = fit_image(image, height, width)
+            fitted = h264_frame(fitted, crf) if crf else fitted
+            pixels = pil_to_tensor([fitted], dtype=module_dtype(self.vae), device=self.device)
+            latent = self.vae.encode(pixels[:, :, None]).float()  # [1, C, 1, h, w]
+            tokens.append(pack_video(latent))
+            coords.append(keyframe_positions(self.dit.config, *latent.shape[-2:], frame, fps, self.device))
+        return LTX2Keyframes(torch.cat(tokens, dim=1), torch.cat(coords, dim=2))
+
+    def denoise(
+        self, video, audio, scheduler, text: LTX2Text, fps, mask, guided, progress_bar: bool = True, keyframes=None
+    ):
         """Euler steps over the scheduler's sigmas; `guided` is (use_cfg, cfg, audio cfg, rescale,
-        `LTX2Guidance`). Latents under `mask` 0 stay as they are."""
+        `LTX2Guidance`). Latents under `mask` 0 stay as they are; `keyframes` are read at every step."""
         use_cfg, scale, audio_scale, rescale, guidance = guided
         extra = {} if mask is None else {"denoise_mask": mask}
+        if keyframes is not None:
+            extra["keyframes"] = keyframes
         self.load_models_to_device(["dit"])
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             sigma = scheduler.sigmas[i]
@@ -581,29 +661,34 @@ class LTX2Pipeline(BasePipeline):
         return (self.upsampler(raw).float() - mean) / std
 
     def refine(
-        self, video, audio, text, fps, generator, rand_device, first_frames, *, size, crf, lora_strength, progress_bar
+        self, video, audio, text, fps, generator, rand_device, conditions, *, size, crf, lora_strength, progress_bar
     ):
         """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
         (noise drawn from the first stage's generator in token layout, video first), put the first frame back
-        at full `size` for image-to-video, and take the authors' 3 distilled steps without guidance. With a
-        `lora_strength` (the full model) the distilled LoRA is attached for these steps only."""
-        height, width = size
+        and the keyframes at full `size` (`conditions`: first frames, keyframe images), and take the authors'
+        3 distilled steps without guidance. With a `lora_strength` (the full model) the distilled LoRA is
+        attached for these steps only."""
+        (height, width), (first_frames, keyframe_images) = size, conditions
+        keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)
         scheduler = FlowMatchScheduler("ltx2_stage2")
         scheduler.set_timesteps(3)
         start = float(scheduler.sigmas[0])
-        video = start * self._token_noise(pack_video(video), generator, rand_device, video) + (1 - start) * video
-        audio = start * self._token_noise(pack_latents(audio), generator, rand_device, audio) + (1 - start) * audio
+        extra = 0 if keyframes is None else len(keyframes)  # ltx-core draws noise for the keyframe tokens too
+        video_noise = self._token_noise(video.shape, generator, rand_device, video.device, extra)
+        audio_noise = self._token_noise(audio.shape, generator, rand_device, audio.device)
+        video = start * video_noise + (1 - start) * video
+        audio = start * audio_noise + (1 - start) * audio
         mask = None
         if first_frames is not None:
             video, mask = self.prepare_image_condition(video, first_frames, height, width, crf)
         unguided = (False, 1.0, 1.0, 0.0, None)
         if lora_strength is None:
-            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar)
+            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes)
         self.load_models_to_device(["dit"])
         self.load_lora(self._stage2_lora(), scale=lora_strength, fuse=False, name=STAGE_2_LORA_NAME)
         try:
-            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar)
+            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes)
         finally:
             from diffsynth.runtime.lora import clear_loras, list_loras
 
@@ -612,13 +697,16 @@ class LTX2Pipeline(BasePipeline):
                     clear_loras(model, STAGE_2_LORA_NAME)
 
     @staticmethod
-    def _token_noise(tokens: torch.Tensor, generator, rand_device, like: torch.Tensor) -> torch.Tensor:
-        """Noise drawn in the DiT's token layout (as ltx-core's noiser and diffusers draw the second stage's),
-        returned in `like`'s latent layout."""
-        noise = torch.randn(tokens.shape, generator=generator, device=torch.device(rand_device)).to(like.device)
-        if like.dim() == 5:  # video [B, C, F, H, W]
-            return unpack_video(noise, *like.shape[2:])
-        return unpack_latents(noise, like.shape[3])  # audio [B, C, L, M]
+    def _token_noise(shape, generator, rand_device, device, extra: int = 0) -> torch.Tensor:
+        """Noise for latents of `shape` (video `[B, C, F, H, W]` or audio `[B, C, L, M]`) drawn in the DiT's
+        token layout (as ltx-core's noiser and diffusers' second stage and condition pipeline draw it), for
+        `extra` keyframe tokens after the video's too (drawn, then dropped), returned in the latent layout."""
+        video = len(shape) == 5
+        b, c = shape[:2]
+        n, width = (math.prod(shape[2:]), c) if video else (shape[2], c * shape[3])
+        noise = torch.randn((b, n + extra, width), generator=generator, device=torch.device(rand_device))[:, :n]
+        noise = unpack_video(noise, *shape[2:]) if video else unpack_latents(noise, shape[3])
+        return noise.to(device)
 
     def _stage2_lora(self):
         """The distilled LoRA, read once (a `ModelConfig` is fetched at its first use)."""
@@ -655,20 +743,22 @@ class LTX2Pipeline(BasePipeline):
         rescale,
         denoise_mask=None,
         guidance: LTX2Guidance | None = None,
+        keyframes: LTX2Keyframes | None = None,
     ):
         """Guided velocities; with CFG the conditional and unconditional passes run as one batch.
-        `denoise_mask` marks clean conditioning latents (see `ltx2_velocity`); `guidance` adds the STG and
-        modality-isolation passes to that batch."""
+        `denoise_mask` marks clean conditioning latents and `keyframes` are clean tokens the DiT reads beside
+        the video's (see `ltx2_velocity`); `guidance` adds the STG and modality-isolation passes to that batch."""
         if guidance is not None and (guidance.stg or guidance.isolation):
             return self._predict_guided(
-                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, guidance
+                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, guidance, keyframes
             )
+        conditions = {"denoise_mask": denoise_mask, "keyframes": keyframes}
         if not use_cfg:
-            return ltx2_velocity(self.dit, video, audio, sigma, text, fps, denoise_mask=denoise_mask)
+            return ltx2_velocity(self.dit, video, audio, sigma, text, fps, **conditions)
         if denoise_mask is not None and denoise_mask.shape[0] > 1:
-            denoise_mask = torch.cat([denoise_mask, denoise_mask])
+            conditions["denoise_mask"] = torch.cat([denoise_mask, denoise_mask])
         v_video, v_audio = ltx2_velocity(
-            self.dit, torch.cat([video, video]), torch.cat([audio, audio]), sigma, text, fps, denoise_mask=denoise_mask
+            self.dit, torch.cat([video, video]), torch.cat([audio, audio]), sigma, text, fps, **conditions
         )
         b = video.shape[0]
         return (
@@ -677,7 +767,7 @@ class LTX2Pipeline(BasePipeline):
         )
 
     def _predict_guided(
-        self, video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, g: LTX2Guidance
+        self, video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, g, keyframes=None
     ):
         """One DiT call over the prompts, the negative prompts (with CFG), the prompts perturbed for STG and
         the prompts with the modalities isolated (the authors batch their passes so too); each extra pass
@@ -705,6 +795,7 @@ class LTX2Pipeline(BasePipeline):
             fps,
             denoise_mask=denoise_mask,
             skips=skips,
+            keyframes=keyframes,
         )
 
         def parts(v: torch.Tensor) -> list[torch.Tensor | None]:
