@@ -70,3 +70,24 @@ def test_generate_with_the_two_stage_preset(tiny_ltx2_base, tiny_ltx2_pipe, tmp_
         video = container.streams.video[0]
         assert (video.height, video.width) == (2 * repo_module.HEIGHT, 2 * repo_module.WIDTH)
         assert sum(1 for _ in container.decode(video=0)) == repo_module.FRAMES
+
+
+def test_generate_audio_to_video_from_the_command_line(tiny_ltx2_base, tmp_path, monkeypatch):
+    """`--input-audio` is LTX-2's `retake_audio`: the mp4 carries the given sound."""
+    import torch
+
+    from diffsynth.runtime.media import load_audio, save_audio
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    sound = tmp_path / "voice.wav"
+    save_audio(0.3 * torch.sin(torch.arange(24000) / 24000 * 2 * torch.pi * 440).expand(2, -1), sound, 24000)
+    out = tmp_path / "a2v.mp4"
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", repo_module.CAPTIONS[0], "--output", str(out)]
+    assert main([*args, "--input-audio", str(sound), *FAST]) == 0
+    with av.open(str(out)) as container:
+        assert container.streams.audio[0].rate == 24000
+    waveform, rate = load_audio(out)
+    spectrum = torch.fft.rfft(waveform[0]).abs()
+    peak = spectrum.argmax().item() * rate / waveform.shape[1]
+    assert abs(peak - 440) < 5  # the given tone, not the tiny model's sound

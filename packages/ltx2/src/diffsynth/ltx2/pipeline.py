@@ -29,12 +29,12 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import h264_frame, load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import h264_frame, load_audio, load_image, pil_to_tensor, resample_audio, tensor_to_output
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
-from .audio_vae import pack_latents, unpack_latents
+from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
 from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ DEFAULT_STG = 1.0  # ltx-pipelines LTX_2_PARAMS, both streams
 DEFAULT_MODALITY = 3.0
 DEFAULT_STG_BLOCKS = (29,)  # of the released 48; a default block past a smaller DiT's depth is dropped
 DEFAULT_FRAME_RATE = 24.0
+DEFAULT_AUDIO_SAMPLE_RATE = 48000  # DiffSynth-Studio's default for retake_audio
 DEFAULT_IMAGE_CRF = 33  # the authors re-compress an image-to-video first frame with H.264 at CRF 33 (LTX-2.0)
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # Gemma prompts are left-padded to this many tokens
 GEMMA_REPO = "google/gemma-3-12b-it-qat-q4_0-unquantized"
@@ -96,6 +97,17 @@ class LTX2Keyframes:
         return self.tokens.shape[1]
 
 
+@dataclass
+class LTX2AudioCondition:
+    """A given sound: its normalised latents `[1, C, L, M]`, the mask `[1, 1, L, 1]` of the latent frames
+    to re-make (0 = kept as given) and, when it is kept whole, the waveform `[2, N]` and its rate to return."""
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+    waveform: torch.Tensor | None = None
+    sample_rate: int | None = None
+
+
 def pack_video(latents: torch.Tensor) -> torch.Tensor:
     """Video latents `[B, C, F, H, W]` -> DiT tokens `[B, F * H * W, C]` (frame, row, column order)."""
     return latents.flatten(2).transpose(1, 2)
@@ -116,6 +128,7 @@ def ltx2_velocity(
     denoise_mask: torch.Tensor | None = None,
     skips: Sequence[AttentionSkip] = (),
     keyframes: LTX2Keyframes | None = None,
+    audio_denoise_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow velocities (noise - clean), float32, of video latents `[B, 128, f, h, w]` and audio latents
     `[B, C, L, M]` at noise level `sigma` (scalar or `[B]`; `audio_sigma` defaults to it).
@@ -125,24 +138,29 @@ def ltx2_velocity(
     denoised, 0 = a clean conditioning latent such as image-to-video's first frame) scales each video
     token's timestep, so the DiT sees the given frames as clean. `skips` (`AttentionSkip`) switch DiT
     attentions off for some rows (STG / modality isolation). `keyframes` (`LTX2Keyframes`) are clean tokens
-    appended to the video's, at timestep 0, for keyframe conditioning. Computation runs in the DiT's dtype.
+    appended to the video's, at timestep 0, for keyframe conditioning. `audio_denoise_mask` (`[1 or B, 1, L,
+    1]`, 0 = a given, clean audio latent frame) does for the audio what `denoise_mask` does for the video.
+    Computation runs in the DiT's dtype.
     """
     dtype = module_dtype(dit)
     b, _, f, h, w = video.shape
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=video.device).reshape(-1).expand(b)
-    audio_t = None
+    video_t = sigma * TIMESTEP_SCALE
+    audio_t = video_t
     if audio_sigma is not None:
         audio_sigma = torch.as_tensor(audio_sigma, dtype=torch.float32, device=video.device).reshape(-1).expand(b)
         audio_t = audio_sigma * TIMESTEP_SCALE
-    video_t = sigma * TIMESTEP_SCALE
-    if denoise_mask is not None:  # per-token timesteps [B, f * h * w]; the audio keeps the global one
-        audio_t = video_t if audio_t is None else audio_t
+    if denoise_mask is not None:  # per-token timesteps [B, f * h * w]
         video_t = video_t[:, None] * denoise_mask.to(video.device, torch.float32).expand(b, 1, f, h, w).flatten(1)
+    if audio_denoise_mask is not None:  # per-token [B, L]
+        frames = audio.shape[2]
+        audio_t = audio_t[:, None] * audio_denoise_mask.to(video.device, torch.float32).expand(b, 1, frames, 1).flatten(
+            1
+        )
     cfg = dit.config
     mask = text.mask
     tokens, coords = pack_video(video), video_positions(cfg, b, f, h, w, float(frame_rate), video.device)
     if keyframes is not None:  # clean tokens after the video's: timestep 0, their own positions
-        audio_t = video_t if audio_t is None else audio_t
         video_t = video_t[:, None].expand(b, f * h * w) if video_t.dim() == 1 else video_t
         video_t = torch.cat([video_t, video_t.new_zeros(b, len(keyframes))], dim=1)
         tokens = torch.cat([tokens, keyframes.tokens.to(tokens).expand(b, -1, -1)], dim=1)
@@ -162,6 +180,14 @@ def ltx2_velocity(
     )
     v_video = v_video[:, : f * h * w]
     return unpack_video(v_video.float(), f, h, w), unpack_latents(v_audio.float(), audio.shape[3])
+
+
+def _repeat(conditions: dict, n: int) -> dict:
+    """The model call's conditions for a batch repeated `n` times (per-sample masks repeated with it)."""
+    masks = ("denoise_mask", "audio_denoise_mask")
+    return {
+        k: torch.cat([v] * n) if k in masks and v is not None and v.shape[0] > 1 else v for k, v in conditions.items()
+    }
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
@@ -257,6 +283,9 @@ class LTX2Pipeline(BasePipeline):
         input_images_indexes: Sequence[int] = (0,),
         input_image: ImageInput | Sequence[ImageInput] | None = None,
         image_crf: int | None = None,
+        retake_audio: torch.Tensor | str | os.PathLike | None = None,
+        audio_sample_rate: int | None = None,
+        retake_audio_regions: Sequence[tuple[float, float]] | None = None,
         max_sequence_length: int | None = None,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = 16,
@@ -299,6 +328,12 @@ class LTX2Pipeline(BasePipeline):
         at `image_crf` (default 33, the authors'; 0 = as given). Images at other `input_images_indexes`
         (video frames) are keyframes: encoded the same way, their clean tokens join the video's at their
         frame's time (`LTX2Keyframes`, `prepare_keyframes`).
+
+        Audio-to-video (DiffSynth-Studio's arguments): `retake_audio` (a waveform `[C, N]` in [-1, 1] at
+        `audio_sample_rate` Hz, default 48000, or an audio or video file) is encoded by the audio VAE and
+        kept: the DiT sees it clean (timestep 0) and no step changes it, so the video is made to its sound
+        (the authors' `A2VidPipelineTwoStage`). `retake_audio_regions` (`[(start, end), ...]` seconds) re-makes
+        the sound there instead and keeps the rest. Kept whole, the given waveform is returned as the audio.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -358,15 +393,24 @@ class LTX2Pipeline(BasePipeline):
         mask = None
         if first_frames is not None:
             video, mask = self.prepare_image_condition(video, first_frames, stage_height, stage_width, crf)
+        given = None
+        if retake_audio is not None:
+            rate = self.setting("audio_sample_rate", audio_sample_rate, DEFAULT_AUDIO_SAMPLE_RATE)
+            given = self.prepare_audio_condition(retake_audio, rate, retake_audio_regions, frames, fps, audio)
+            audio = given.latents + given.mask * (audio - given.latents)  # the noise only where it is re-made
 
         # 3. denoise
         both = text.cat(negative_text) if use_cfg else text
         guided = (use_cfg, scale, audio_scale, rescale, guidance)
-        video, audio = self.denoise(video, audio, scheduler, both, fps, mask, guided, progress_bar, keyframes)
+        audio_mask = None if given is None else given.mask
+        video, audio = self.denoise(
+            video, audio, scheduler, both, fps, mask, guided, progress_bar, keyframes, audio_mask
+        )
         if two_stage:
             video, audio = self.refine(
-                video, audio, text, fps, generator, rand_device, (first_frames, keyframe_images), size=(height, width),
-                crf=crf, lora_strength=None if distilled else lora_strength, progress_bar=progress_bar,
+                video, audio, text, fps, generator, rand_device, (first_frames, keyframe_images, audio_mask),
+                size=(height, width), crf=crf, lora_strength=None if distilled else lora_strength,
+                progress_bar=progress_bar,
             )  # fmt: skip
 
         # 4. decode
@@ -376,9 +420,13 @@ class LTX2Pipeline(BasePipeline):
         )
         frames_out = tensor_to_output(pixels.float(), output_type)
         waveform = self.decode_audio(audio)
+        if given is not None and given.waveform is not None:  # kept whole: the sound as given, not re-synthesised
+            waveform, sample_rate = given.waveform.expand(waveform.shape[0], -1, -1), given.sample_rate
+        else:
+            sample_rate = self.sample_rate
         self.load_models_to_device([])
         single = isinstance(prompt, str) and output_type == "pil"
-        sound = LTX2Audio(waveform[0] if single else waveform, self.sample_rate)
+        sound = LTX2Audio(waveform[0] if single else waveform, sample_rate)
         return (frames_out[0] if single else frames_out), sound
 
     # ------------------------------------------------------------------ loading
@@ -614,6 +662,62 @@ class LTX2Pipeline(BasePipeline):
         mask[:, :, 0] = 0.0
         return video, mask
 
+    def encode_audio(
+        self, waveform: torch.Tensor, sample_rate: int, num_frames: int, frame_rate: float, length: int | None = None
+    ) -> torch.Tensor:
+        """Normalised audio latents `[1, C, L, M]` of a waveform `[C, N]` (mono or stereo) for a clip of
+        `num_frames` at `frame_rate`: resampled to the audio VAE's rate, cut or zero-padded to the clip's
+        `num_frames / frame_rate` seconds (as the authors cut it), log-mel, encoded (posterior mode), and
+        the first `length` latent frames kept (default: the clip's, as `audio_latent_shape`)."""
+        config = self.audio_vae.config
+        waveform = resample_audio(waveform.detach().float().cpu(), int(sample_rate), config.sample_rate)
+        samples = int(num_frames / frame_rate * config.sample_rate)
+        waveform = torch.nn.functional.pad(waveform[:, :samples], (0, max(0, samples - waveform.shape[1])))
+        self.load_models_to_device(["audio_vae"])
+        mel = mel_spectrogram(waveform[None].to(self.device), config.sample_rate, config)
+        latents = self.audio_vae.encode(mel.to(module_dtype(self.audio_vae))).float()
+        length = length or max(1, round(num_frames / frame_rate * config.latents_per_second))
+        if latents.shape[2] < length:  # cannot happen at the release's settings; kept as a check
+            raise ConfigError(
+                f"{samples} audio samples give {latents.shape[2]} latent frames, fewer than the {length} the DiT "
+                f"takes for {num_frames} frames at {frame_rate:g} fps"
+            )
+        return latents[:, :, :length]
+
+    def prepare_audio_condition(
+        self, audio_input, sample_rate, regions, num_frames, frame_rate, like
+    ) -> LTX2AudioCondition:
+        """A given sound (`retake_audio`): a waveform `[C, N]` at `sample_rate`, or a file (its own rate),
+        encoded for the clip; `regions` (seconds) are re-made, a latent frame counting as inside a region
+        when its span overlaps it (DiffSynth-Studio's rule); without regions all of it is kept."""
+        if isinstance(audio_input, (str, os.PathLike)):
+            audio_input, sample_rate = load_audio(audio_input)
+        if not isinstance(audio_input, torch.Tensor) or audio_input.dim() not in (1, 2):
+            got = tuple(audio_input.shape) if isinstance(audio_input, torch.Tensor) else type(audio_input).__name__
+            raise ConfigError(f"retake_audio must be a waveform [channels, samples] or a file path, got {got}")
+        waveform = audio_input[None] if audio_input.dim() == 1 else audio_input
+        if waveform.shape[0] not in (1, 2):
+            raise ConfigError(f"retake_audio has {waveform.shape[0]} channels; give mono or stereo sound")
+        latents = self.encode_audio(waveform, sample_rate, num_frames, frame_rate, like.shape[2])
+        mask = torch.zeros((1, 1, like.shape[2], 1), device=like.device)
+        if regions:
+            spans = audio_positions(self.dit.config, 1, like.shape[2], like.device)[0, 0]  # [L, 2] seconds
+            for region in regions:
+                start, end = self._region(region)
+                mask[0, 0, (spans[:, 1] >= start) & (spans[:, 0] <= end), 0] = 1.0
+            return LTX2AudioCondition(latents.to(like.device), mask)
+        stereo = waveform.float().cpu().expand(2, -1)
+        kept = stereo[:, : int(num_frames / frame_rate * int(sample_rate))]
+        return LTX2AudioCondition(latents.to(like.device), mask, kept, int(sample_rate))
+
+    @staticmethod
+    def _region(region) -> tuple[float, float]:
+        ok = isinstance(region, (tuple, list)) and len(region) == 2
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in region)
+        if not ok or region[0] > region[1]:
+            raise ConfigError(f"retake_audio_regions entry {region!r} is not accepted; give (start, end) seconds")
+        return float(region[0]), float(region[1])
+
     def prepare_keyframes(
         self, images: Sequence[tuple[Image.Image, int]], height: int, width: int, crf: int, fps: float
     ) -> LTX2Keyframes | None:
@@ -634,14 +738,27 @@ class LTX2Pipeline(BasePipeline):
         return LTX2Keyframes(torch.cat(tokens, dim=1), torch.cat(coords, dim=2))
 
     def denoise(
-        self, video, audio, scheduler, text: LTX2Text, fps, mask, guided, progress_bar: bool = True, keyframes=None
+        self,
+        video,
+        audio,
+        scheduler,
+        text: LTX2Text,
+        fps,
+        mask,
+        guided,
+        progress_bar: bool = True,
+        keyframes=None,
+        audio_mask=None,
     ):
         """Euler steps over the scheduler's sigmas; `guided` is (use_cfg, cfg, audio cfg, rescale,
-        `LTX2Guidance`). Latents under `mask` 0 stay as they are; `keyframes` are read at every step."""
+        `LTX2Guidance`). Latents under `mask` / `audio_mask` 0 stay as they are; `keyframes` are read at
+        every step."""
         use_cfg, scale, audio_scale, rescale, guidance = guided
         extra = {} if mask is None else {"denoise_mask": mask}
         if keyframes is not None:
             extra["keyframes"] = keyframes
+        if audio_mask is not None:
+            extra["audio_denoise_mask"] = audio_mask
         self.load_models_to_device(["dit"])
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             sigma = scheduler.sigmas[i]
@@ -649,7 +766,7 @@ class LTX2Pipeline(BasePipeline):
                 video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, **extra, guidance=guidance
             )
             video = scheduler.step(v_video if mask is None else v_video * mask, i, video)  # clean frames stay
-            audio = scheduler.step(v_audio, i, audio)
+            audio = scheduler.step(v_audio if audio_mask is None else v_audio * audio_mask, i, audio)
         return video, audio
 
     def upsample_latents(self, video: torch.Tensor) -> torch.Tensor:
@@ -665,10 +782,10 @@ class LTX2Pipeline(BasePipeline):
     ):
         """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
         (noise drawn from the first stage's generator in token layout, video first), put the first frame back
-        and the keyframes at full `size` (`conditions`: first frames, keyframe images), and take the authors'
-        3 distilled steps without guidance. With a `lora_strength` (the full model) the distilled LoRA is
+        and the keyframes at full `size` (`conditions`: first frames, keyframe images, the mask of a given
+        sound, which stays as it is), and take the authors' 3 distilled steps without guidance. With a `lora_strength` (the full model) the distilled LoRA is
         attached for these steps only."""
-        (height, width), (first_frames, keyframe_images) = size, conditions
+        (height, width), (first_frames, keyframe_images, audio_mask) = size, conditions
         keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)
         scheduler = FlowMatchScheduler("ltx2_stage2")
@@ -678,17 +795,18 @@ class LTX2Pipeline(BasePipeline):
         video_noise = self._token_noise(video.shape, generator, rand_device, video.device, extra)
         audio_noise = self._token_noise(audio.shape, generator, rand_device, audio.device)
         video = start * video_noise + (1 - start) * video
-        audio = start * audio_noise + (1 - start) * audio
+        renoised = start * audio_noise + (1 - start) * audio
+        audio = renoised if audio_mask is None else audio + audio_mask * (renoised - audio)  # given sound stays
         mask = None
         if first_frames is not None:
             video, mask = self.prepare_image_condition(video, first_frames, height, width, crf)
         unguided = (False, 1.0, 1.0, 0.0, None)
         if lora_strength is None:
-            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes)
+            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask)
         self.load_models_to_device(["dit"])
         self.load_lora(self._stage2_lora(), scale=lora_strength, fuse=False, name=STAGE_2_LORA_NAME)
         try:
-            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes)
+            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask)
         finally:
             from diffsynth.runtime.lora import clear_loras, list_loras
 
@@ -744,21 +862,21 @@ class LTX2Pipeline(BasePipeline):
         denoise_mask=None,
         guidance: LTX2Guidance | None = None,
         keyframes: LTX2Keyframes | None = None,
+        audio_denoise_mask=None,
     ):
         """Guided velocities; with CFG the conditional and unconditional passes run as one batch.
-        `denoise_mask` marks clean conditioning latents and `keyframes` are clean tokens the DiT reads beside
-        the video's (see `ltx2_velocity`); `guidance` adds the STG and modality-isolation passes to that batch."""
+        `denoise_mask` / `audio_denoise_mask` mark clean conditioning latents and `keyframes` are clean tokens
+        the DiT reads beside the video's (see `ltx2_velocity`); `guidance` adds the STG and
+        modality-isolation passes to that batch."""
+        conditions = {"denoise_mask": denoise_mask, "keyframes": keyframes, "audio_denoise_mask": audio_denoise_mask}
         if guidance is not None and (guidance.stg or guidance.isolation):
             return self._predict_guided(
-                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, guidance, keyframes
+                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, guidance, conditions
             )
-        conditions = {"denoise_mask": denoise_mask, "keyframes": keyframes}
         if not use_cfg:
             return ltx2_velocity(self.dit, video, audio, sigma, text, fps, **conditions)
-        if denoise_mask is not None and denoise_mask.shape[0] > 1:
-            conditions["denoise_mask"] = torch.cat([denoise_mask, denoise_mask])
         v_video, v_audio = ltx2_velocity(
-            self.dit, torch.cat([video, video]), torch.cat([audio, audio]), sigma, text, fps, **conditions
+            self.dit, torch.cat([video, video]), torch.cat([audio, audio]), sigma, text, fps, **_repeat(conditions, 2)
         )
         b = video.shape[0]
         return (
@@ -766,9 +884,7 @@ class LTX2Pipeline(BasePipeline):
             self._guide(audio, v_audio[:b], v_audio[b:], sigma, audio_scale, rescale),
         )
 
-    def _predict_guided(
-        self, video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, denoise_mask, g, keyframes=None
-    ):
+    def _predict_guided(self, video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, g, conditions):
         """One DiT call over the prompts, the negative prompts (with CFG), the prompts perturbed for STG and
         the prompts with the modalities isolated (the authors batch their passes so too); each extra pass
         repeats the prompts' rows and skips attentions only in its own rows."""
@@ -784,19 +900,10 @@ class LTX2Pipeline(BasePipeline):
             rows["isolated"] = range(n * b, (n + 1) * b)
             skips += [AttentionSkip(kind, None, tuple(rows["isolated"])) for kind in ("a2v", "v2a")]
             batch, n = batch.cat(positive), n + 1
-        if denoise_mask is not None and denoise_mask.shape[0] > 1:
-            denoise_mask = torch.cat([denoise_mask] * n)
         v_video, v_audio = ltx2_velocity(
-            self.dit,
-            torch.cat([video] * n),
-            torch.cat([audio] * n),
-            sigma,
-            batch,
-            fps,
-            denoise_mask=denoise_mask,
-            skips=skips,
-            keyframes=keyframes,
-        )
+            self.dit, torch.cat([video] * n), torch.cat([audio] * n), sigma, batch, fps, skips=skips,
+            **_repeat(conditions, n),
+        )  # fmt: skip
 
         def parts(v: torch.Tensor) -> list[torch.Tensor | None]:
             extra = (v[rows[k].start : rows[k].stop] if k in rows else None for k in ("stg", "isolated"))

@@ -69,7 +69,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -79,7 +78,7 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, row_video
 from diffsynth.runtime.vram import module_dtype
 
-from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
+from .audio_vae import pack_latents, unpack_latents
 from .dit import AttentionSkip
 from .pipeline import (
     DEFAULT_FRAME_RATE,
@@ -310,19 +309,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
         if waveform is None:
             return torch.zeros(shape, device=pipe.device), 0.0
         rate = row.get("audio_sample_rate") or config.sample_rate
-        waveform = _resample(waveform, int(rate), config.sample_rate)
-        samples = int(frames / frame_rate * config.sample_rate)  # the clip's span, as the authors cut it
-        waveform = waveform[:, :samples]
-        if waveform.shape[1] < samples:
-            waveform = torch.nn.functional.pad(waveform, (0, samples - waveform.shape[1]))
-        mel = mel_spectrogram(waveform[None].to(pipe.device), config.sample_rate, config)
-        latents = pipe.audio_vae.encode(mel.to(module_dtype(pipe.audio_vae))).float()
-        if latents.shape[2] < shape[2]:  # cannot happen for the release's settings; kept as a check
-            raise ConfigError(
-                f"row {index}: {samples} audio samples give {latents.shape[2]} latent frames, fewer than the "
-                f"{shape[2]} the DiT takes for {frames} frames at {frame_rate:g} fps"
-            )
-        return latents[:, :, : shape[2]], 1.0
+        return pipe.encode_audio(waveform, int(rate), frames, frame_rate, shape[2]), 1.0
 
     def _waveform(self, index: int, row: Mapping[str, Any]) -> torch.Tensor | None:
         """The row's sound `[channels, samples]` float32, or None (no sound, an image, or `with_audio="none"`)."""
@@ -430,21 +417,6 @@ def _frame_rate(index: int, row: Mapping[str, Any]) -> float:
     if not math.isfinite(rate) or rate <= 0:
         raise ConfigError(f"row {index}: frame_rate {value!r} is not a positive number of frames per second")
     return rate
-
-
-def _resample(waveform: torch.Tensor, rate: int, target: int) -> torch.Tensor:
-    """`waveform` `[C, N]` from `rate` to `target` Hz (libswresample through av); as is when they agree."""
-    if rate == target:
-        return waveform
-    import av
-
-    layout = "mono" if waveform.shape[0] == 1 else "stereo"
-    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(waveform.cpu().numpy()), format="fltp", layout=layout)
-    frame.sample_rate = rate
-    frame.pts = 0
-    resampler = av.AudioResampler(format="fltp", layout=layout, rate=target)
-    chunks = [out.to_ndarray() for item in (frame, None) for out in resampler.resample(item)]
-    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))
 
 
 def _tokenizer_beside(model_configs: Sequence[ModelConfig]) -> ModelConfig | None:

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--input-image", default=None, help="image-to-image: the starting image")
     gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
+    gen.add_argument("--input-audio", default=None, help="audio-to-video: the sound the video is made to (LTX-2)")
     gen.add_argument(
         "--lora",
         action="append",
@@ -176,6 +177,7 @@ def _generate(args) -> int:
         "num_frames": args.num_frames,
         "num_inference_steps": args.steps,
         "input_image": args.input_image,
+        "retake_audio": args.input_audio,
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
@@ -186,7 +188,8 @@ def _generate(args) -> int:
         options["frame_rate"] = args.fps
     for name in options:
         if name not in accepted:
-            flag = "--" + {"num_inference_steps": "steps", "cfg_scale": "cfg"}.get(name, name).replace("_", "-")
+            renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
+            flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
     makes_video = "num_frames" in accepted
     output = Path(args.output or ("output.mp4" if makes_video else "output.png"))

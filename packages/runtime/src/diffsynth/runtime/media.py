@@ -324,6 +324,25 @@ def _load_audio_av(path: Path) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), int(rate)
 
 
+def resample_audio(waveform: torch.Tensor, rate: int, target: int) -> torch.Tensor:
+    """`waveform` `[C, N]` (1 or 2 channels) from `rate` to `target` Hz with libswresample (through `av`),
+    float32 on the CPU; as it is when the rates agree."""
+    rate, target = _sample_rate(rate), _sample_rate(target)
+    if rate == target:
+        return waveform
+    import av
+
+    array = _waveform(waveform)
+    if array.shape[0] not in (1, 2):
+        raise ConfigError(f"resample_audio takes mono or stereo waveforms, got {array.shape[0]} channels")
+    layout = "mono" if array.shape[0] == 1 else "stereo"
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(array), format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = rate, 0
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=target)
+    chunks = [out.to_ndarray() for item in (frame, None) for out in resampler.resample(item)]
+    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))
+
+
 def mux_video_audio(frames, waveform, sample_rate: int, path: PathLike, fps: float = 16, quality: float = 5) -> None:
     """Write an mp4 with the frames as H.264 and the waveform ([C, N] or [N], 1 or 2 channels) as AAC."""
     import av
