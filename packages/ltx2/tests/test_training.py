@@ -245,15 +245,17 @@ def test_collate_sets_the_token_count_of_the_batch(task):
 
 
 # ----------------------------------------------------------------------------------- validation samples
-def test_validation_samples_are_the_pipelines_frames(task, tiny_ltx2_pipe):
+def test_validation_samples_are_the_pipelines_frames_and_sound(task, tiny_ltx2_pipe):
     options = dict(height=H, width=W, num_frames=F, num_inference_steps=2)
     drawn = task.sample(task.pipe.dit, [CAPTIONS[0]], seed=4, **options)
-    frames, _ = tiny_ltx2_pipe(
+    frames, sound = tiny_ltx2_pipe(
         CAPTIONS[0], seed=4, cfg_scale=1.0, stg_scale=0.0, modality_scale=1.0, max_sequence_length=MAX_LEN,
         progress_bar=False, **options,
     )  # fmt: skip
-    assert len(drawn) == 1 and len(drawn[0]) == F
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(drawn[0], frames, strict=True))
+    assert len(drawn) == 1 and len(drawn[0][0]) == F
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(drawn[0][0], frames, strict=True))
+    waveform, sample_rate = drawn[0][1]
+    assert sample_rate == sound.sample_rate and torch.equal(waveform, sound.waveform)
 
 
 # ----------------------------------------------------------------------------------- errors

@@ -245,13 +245,20 @@ def test_two_processes_with_a_silent_clip_equal_one_process_accumulating(tmp_pat
 
 @pytest.mark.integration  # the trainer with every package: the integration session
 def test_validation_samples_are_videos_as_long_as_the_clips(dataset, tmp_path):
-    """--validation_prompts draws with the DiT in training, as many frames as the clips (not the preset's 121)."""
+    """--validation_prompts draws with the DiT in training, as many frames as the clips (not the preset's 121),
+    written with the sound it drew, at the clips' frame rate."""
+    import av
+
     from diffsynth.runtime.media import load_video
 
     size = {"validation_height": SIZE, "validation_width": SIZE, "validation_num_inference_steps": 2}
     train(config(dataset, tmp_path / "out", max_steps=1, validation_prompts=[PROMPTS[0]], **size))
-    frames = load_video(tmp_path / "out" / "validation" / "step-000001-0.mp4")
+    path = tmp_path / "out" / "validation" / "step-000001-0.mp4"
+    frames = load_video(path)
     assert len(frames) == FRAMES and frames[0].size == (SIZE, SIZE)
+    with av.open(str(path)) as container:
+        assert float(container.streams.video[0].average_rate) == FPS
+        assert container.streams.audio[0].rate == 24000 and container.streams.audio[0].channels == 2
 
 
 @pytest.mark.integration  # the trainer with every package: the integration session

@@ -58,7 +58,7 @@ LoRA: the trainer wraps `LTX2DiT.lora_target_modules` (ltx-core's names: q/k/v/o
 both feed-forwards), so the LoRA file loads in `LTX2Pipeline.load_lora`; `--lora_formats peft` adds one
 with `diffusion_model.` names, the layout ComfyUI and diffusers' `LTX2Pipeline.load_lora_weights` read.
 Validation samples are the pipeline's with CFG, STG and modality guidance off (cfg 1, stg 0, modality 1), as
-long as the clips trained and at their frame rate; the trainer keeps their frames (the sound is dropped).
+long as the clips trained and at their frame rate; the trainer writes them with their sound.
 """
 
 from __future__ import annotations
@@ -239,15 +239,20 @@ class LTX2TrainingTask(PipelineTrainingTask):
             raise ConfigError(f"{len(images)} reference images for one LTX-2 validation sample; it takes a first frame")
         return {"input_image": images[0]} if images else {}
 
+    @property
+    def sample_fps(self) -> float:
+        """The rate validation videos play at: the last batch's (the pipeline's 24 before any)."""
+        return float(self.clip.get("frame_rate", DEFAULT_FRAME_RATE))
+
     def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, references=None, **options: Any):
-        """The pipeline's frames (its sound is dropped) with `denoiser` as the DiT, guidance off (cfg 1, STG 0,
-        modality isolation 1), as many frames at the frame rate of the last batch trained (the pipeline's 121
-        at 24 fps before any) unless `options` say otherwise, prompts padded to this task's length."""
+        """The pipeline's `(frames, (waveform, sample_rate))` with `denoiser` as the DiT, guidance off (cfg 1,
+        STG 0, modality isolation 1), as many frames at the frame rate of the last batch trained (the pipeline's
+        121 at 24 fps before any) unless `options` say otherwise, prompts padded to this task's length."""
         for name, value in (("cfg_scale", 1.0), ("stg_scale", 0.0), ("modality_scale", 1.0), *self.clip.items()):
             options.setdefault(name, value)
         options.setdefault("max_sequence_length", self.max_sequence_length)
         drawn = super().sample(denoiser, prompts, seed=seed, references=references, **options)
-        return [frames for frames, _sound in drawn]
+        return [(frames, (sound.waveform, sound.sample_rate)) for frames, sound in drawn]
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:

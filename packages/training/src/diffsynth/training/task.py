@@ -97,7 +97,8 @@ class TrainingTask(Protocol):
 
 
 # Optional: `sample(denoiser, prompts, *, seed, references=None, **options) -> list[PIL.Image | list[PIL.Image]]`
-# draws one picture (or video, a list of frames) per prompt with the family's pipeline, the given denoiser in
+# draws one picture (or video, a list of frames; or `(frames, (waveform [C, N], sample_rate))` for a video with
+# sound, written as one mp4 at the task's optional `sample_fps`) per prompt with the family's pipeline, the given denoiser in
 # place of the loaded one, `options` (height, width, num_inference_steps) over the pipeline's defaults; the
 # trainer calls it for `--validation_prompts` (a task without it refuses that flag). `references` (passed only
 # with `--validation_images`) holds each prompt's reference images, a list of RGB PIL images per prompt.

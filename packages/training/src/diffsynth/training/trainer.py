@@ -351,8 +351,9 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
 def validate(run: Run, state: TrainState) -> list[Path]:
     """Sample `--validation_prompts` with the weights as they are now (main process; the same seed each time;
     `--validation_height/width/num_inference_steps` when given, each prompt's `--validation_images` as its
-    references) into OUTPUT/validation/step-N-K.png (or .mp4 for a video family)."""
-    from diffsynth.runtime.media import save_image, save_video
+    references) into OUTPUT/validation/step-N-K.png (or .mp4 for a video family, with its sound when the
+    family makes one, at the task's `sample_fps` when it has one)."""
+    from diffsynth.runtime.media import mux_video_audio, save_image, save_video
 
     acc, cfg = run.accelerator, run.config
     options = {
@@ -374,10 +375,15 @@ def validate(run: Run, state: TrainState) -> list[Path]:
     if acc.is_main_process:
         folder = run.output / "validation"
         folder.mkdir(parents=True, exist_ok=True)
+        fps = getattr(run.task, "sample_fps", None) or 16
         for k, sample in enumerate(samples):
-            if isinstance(sample, (list, tuple)):  # video frames
+            if isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[0], list):  # frames and sound
                 path = folder / f"{step_name(state.step)}-{k}.mp4"
-                save_video(sample, path)
+                frames, (waveform, sample_rate) = sample
+                mux_video_audio(frames, waveform, sample_rate, path, fps=fps)
+            elif isinstance(sample, (list, tuple)):  # video frames
+                path = folder / f"{step_name(state.step)}-{k}.mp4"
+                save_video(sample, path, fps=fps)
             else:
                 path = folder / f"{step_name(state.step)}-{k}.png"
                 save_image(sample, path)
