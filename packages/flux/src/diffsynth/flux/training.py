@@ -41,13 +41,13 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import tensor_to_pil
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 from diffsynth.runtime.vram import module_dtype
 
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
 from .pipeline import FluxImagePipeline, KontextLatents, flux_velocity
+from .reference_batches import collate_references, row_references
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class FluxTrainingTask(PipelineTrainingTask):
                 raise ConfigError(
                     f"FLUX.1 trains on rows with an image and a prompt; row {i} of the batch has {preview(row)}"
                 )
-            if self.kontext and not _references(row):
+            if self.kontext and not row_references(row, "kontext_images"):
                 raise ConfigError(
                     f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r}) has no kontext_images: a FLUX.1 "
                     "Kontext model trains on rows with image, prompt and kontext_images (one path, or a list of "
@@ -158,7 +158,7 @@ class FluxTrainingTask(PipelineTrainingTask):
             for lat, t5, pooled in zip(latents, text.t5, text.pooled, strict=True)
         ]
         for sample, row in zip(samples, rows, strict=True):
-            references = _references(row)
+            references = row_references(row, "kontext_images")
             if references:
                 kontext = pipe.encode_kontext(pipe.load_kontext_images(references, self.kontext_auto_resize))
                 sample.update(kontext=kontext.tokens[0], kontext_ids=kontext.ids)
@@ -166,22 +166,7 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """Stacked; the reference tokens too, with the ids they share (one reference layout per batch)."""
-        batch = {name: torch.stack([s[name] for s in samples]) for name in ("latents", "t5", "pooled")}
-        with_references = sum("kontext" in s for s in samples)
-        if with_references == 0:
-            return batch
-        if with_references < len(samples):
-            raise ConfigError(
-                f"a batch mixes {with_references} rows with kontext_images and {len(samples) - with_references} "
-                "without; give every row kontext_images (or none)"
-            )
-        ids = samples[0]["kontext_ids"]
-        if any(s["kontext_ids"].shape != ids.shape or not torch.equal(s["kontext_ids"], ids) for s in samples):
-            raise ConfigError(
-                "the rows of a batch have kontext_images of different sizes or counts; train with --batch_size 1 "
-                "or give the rows of one size bucket references of one size"
-            )
-        return {**batch, "kontext": torch.stack([s["kontext"] for s in samples]), "kontext_ids": ids}
+        return collate_references(samples, ("latents", "t5", "pooled"), "kontext", "kontext_ids", "kontext_images")
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
@@ -189,15 +174,6 @@ class FluxTrainingTask(PipelineTrainingTask):
         prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
         kontext = KontextLatents(batch["kontext"], batch["kontext_ids"]) if "kontext" in batch else None
         return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext)
-
-
-def _references(row: Mapping[str, Any]) -> list:
-    """A row's Kontext references as images: dataset tensors back to PIL (lossless for 8-bit files)."""
-    value = row.get("kontext_images")
-    if value is None or (isinstance(value, (str, list, tuple)) and not value):
-        return []
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    return [tensor_to_pil(item)[0] if isinstance(item, torch.Tensor) else item for item in items]
 
 
 def _names_kontext(config: ModelConfig) -> bool:

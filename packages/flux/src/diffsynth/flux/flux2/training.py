@@ -51,11 +51,11 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import tensor_to_pil
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 from diffsynth.runtime.vram import module_dtype
 
+from ..reference_batches import collate_references, row_references
 from .dit import Flux2DiT
 from .pipeline import Flux2ImagePipeline, ReferenceLatents, flux2_velocity
 from .text_encoder import MAX_SEQUENCE_LENGTH
@@ -164,7 +164,7 @@ class Flux2TrainingTask(PipelineTrainingTask):
         latents = pipe.vae.encode(pixels).float()  # what `vae_encode` does after its PIL -> tensor step
         samples = [{"latents": lat, "prompt_embeds": emb} for lat, emb in zip(latents, prompt_embeds, strict=True)]
         for i, (sample, row) in enumerate(zip(samples, rows, strict=True)):
-            references = _references(row)
+            references = row_references(row, "edit_image")
             if references:
                 try:
                     images = pipe.load_edit_images(references)
@@ -176,37 +176,13 @@ class Flux2TrainingTask(PipelineTrainingTask):
 
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """Stacked; the reference tokens too, with the ids they share (one reference layout per batch)."""
-        batch = {name: torch.stack([s[name] for s in samples]) for name in ("latents", "prompt_embeds")}
-        with_references = sum("references" in s for s in samples)
-        if with_references == 0:
-            return batch
-        if with_references < len(samples):
-            raise ConfigError(
-                f"a batch mixes {with_references} rows with edit_image and {len(samples) - with_references} "
-                "without; give every row edit_image (or none), or train with --batch_size 1"
-            )
-        ids = samples[0]["reference_ids"]
-        if any(s["reference_ids"].shape != ids.shape or not torch.equal(s["reference_ids"], ids) for s in samples):
-            raise ConfigError(
-                "the rows of a batch have edit_image references of different sizes or counts; train with "
-                "--batch_size 1 or give the rows of one size bucket references of one size"
-            )
-        return {**batch, "references": torch.stack([s["references"] for s in samples]), "reference_ids": ids}
+        return collate_references(samples, ("latents", "prompt_embeds"), "references", "reference_ids", "edit_image")
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
         references = ReferenceLatents(batch["references"], batch["reference_ids"]) if "references" in batch else None
         return flux2_velocity(dit, noisy_latents, sigma, batch["prompt_embeds"], self.embedded_guidance, references)
-
-
-def _references(row: Mapping[str, Any]) -> list:
-    """A row's edit references as images: dataset tensors back to PIL (lossless for 8-bit files)."""
-    value = row.get("edit_image")
-    if value is None or (isinstance(value, (str, list, tuple)) and not value):
-        return []
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    return [tensor_to_pil(item)[0] if isinstance(item, torch.Tensor) else item for item in items]
 
 
 def _check_models(pipe: Flux2ImagePipeline) -> None:
