@@ -153,10 +153,8 @@ def ltx2_velocity(
     if denoise_mask is not None:  # per-token timesteps [B, f * h * w]
         video_t = video_t[:, None] * denoise_mask.to(video.device, torch.float32).expand(b, 1, f, h, w).flatten(1)
     if audio_denoise_mask is not None:  # per-token [B, L]
-        frames = audio.shape[2]
-        audio_t = audio_t[:, None] * audio_denoise_mask.to(video.device, torch.float32).expand(b, 1, frames, 1).flatten(
-            1
-        )
+        audio_mask = audio_denoise_mask.to(video.device, torch.float32).expand(b, 1, audio.shape[2], 1)
+        audio_t = audio_t[:, None] * audio_mask.flatten(1)
     cfg = dit.config
     mask = text.mask
     tokens, coords = pack_video(video), video_positions(cfg, b, f, h, w, float(frame_rate), video.device)
