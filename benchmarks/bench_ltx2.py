@@ -45,22 +45,9 @@ def tiny_config():
 def diffusers_ltx2(cfg):
     from diffusers import LTX2VideoTransformer3DModel
 
-    return LTX2VideoTransformer3DModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        cross_attention_dim=cfg.dim,
-        audio_in_channels=cfg.audio_in_channels,
-        audio_out_channels=cfg.audio_out_channels,
-        audio_num_attention_heads=cfg.audio_num_heads,
-        audio_attention_head_dim=cfg.audio_head_dim,
-        audio_cross_attention_dim=cfg.audio_dim,
-        num_layers=cfg.num_layers,
-        caption_channels=cfg.caption_channels,
-        rope_type=cfg.rope_type,
-        rope_double_precision=cfg.rope_double_precision,
-    )
+    from diffsynth.ltx2.dit_formats import diffusers_config
+
+    return LTX2VideoTransformer3DModel(**diffusers_config(cfg))
 
 
 def main() -> None:

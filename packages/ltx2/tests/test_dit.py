@@ -24,6 +24,7 @@ from diffsynth.ltx2.dit_formats import (
     LTX2_DIT_SPEC,
     PREFIX,
     config_from_state,
+    diffusers_config,
     diffusers_to_ours,
     ours_to_diffusers,
 )
@@ -473,21 +474,19 @@ def _file_config() -> LTX2DiTConfig:
 
 def _diffusers_config_json(cfg: LTX2DiTConfig) -> dict:
     """What diffusers writes for a model of `cfg`'s sizes."""
-    return {
-        **RELEASED_CONFIG_JSON,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "num_attention_heads": cfg.num_heads,
-        "attention_head_dim": cfg.head_dim,
-        "cross_attention_dim": cfg.dim,
-        "audio_in_channels": cfg.audio_in_channels,
-        "audio_out_channels": cfg.audio_out_channels,
-        "audio_num_attention_heads": cfg.audio_num_heads,
-        "audio_attention_head_dim": cfg.audio_head_dim,
-        "audio_cross_attention_dim": cfg.audio_dim,
-        "num_layers": cfg.num_layers,
-        "caption_channels": cfg.caption_channels,
-    }
+    return {"_class_name": "LTX2VideoTransformer3DModel", **diffusers_config(cfg)}
+
+
+def test_diffusers_config_is_the_released_json_and_reads_back():
+    """`diffusers_config` of the released config states what diffusers' released `config.json` states, and
+    reading a tiny model's back through `config_from_state` gives the same config."""
+    released = diffusers_config(LTX2DiTConfig())
+    for name, value in released.items():
+        if name in RELEASED_CONFIG_JSON:
+            want = RELEASED_CONFIG_JSON[name]
+            assert (list(value) if isinstance(value, tuple) else value) == want, name
+    cfg = tiny_config(rope_type="interleaved", rope_double_precision=False)
+    assert config_from_state(meta_state(cfg), _diffusers_config_json(cfg)) == cfg
 
 
 @pytest.mark.parametrize("layout", ["original", "original_unprefixed", "diffusers"])
@@ -550,22 +549,7 @@ def reference_dit(cfg: LTX2DiTConfig, state: dict | None = None):
     diffusers-named `state` when given."""
     from diffusers import LTX2VideoTransformer3DModel
 
-    reference = LTX2VideoTransformer3DModel(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        cross_attention_dim=cfg.dim,
-        audio_in_channels=cfg.audio_in_channels,
-        audio_out_channels=cfg.audio_out_channels,
-        audio_num_attention_heads=cfg.audio_num_heads,
-        audio_attention_head_dim=cfg.audio_head_dim,
-        audio_cross_attention_dim=cfg.audio_dim,
-        num_layers=cfg.num_layers,
-        caption_channels=cfg.caption_channels,
-        rope_type=cfg.rope_type,
-        rope_double_precision=cfg.rope_double_precision,
-    ).eval()
+    reference = LTX2VideoTransformer3DModel(**diffusers_config(cfg)).eval()
     if state is not None:
         reference.load_state_dict(state, strict=True)
     return reference

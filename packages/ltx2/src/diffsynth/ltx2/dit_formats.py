@@ -210,6 +210,16 @@ _FIXED_JSON = {
 _RELEASED_HEAD_DIM = {"head_dim": 128, "audio_head_dim": 64}
 
 
+def diffusers_config(config: LTX2DiTConfig) -> dict:
+    """The `config.json` fields (= constructor arguments) of diffusers' `LTX2VideoTransformer3DModel` with
+    `config`'s sizes and settings: what `config_from_state` reads back (a round trip), and how tests and
+    benchmarks build the reference model."""
+    fields = {name: getattr(config, ours) for name, ours in _JSON_FIELDS.items()}
+    fields["vae_scale_factors"] = tuple(config.vae_scale_factors)
+    fields.update(zip(("pos_embed_max_pos", "base_height", "base_width"), config.rope_max_pos, strict=True))
+    return {**fields, "cross_attention_dim": config.dim, "audio_cross_attention_dim": config.audio_dim}
+
+
 def _fields_from_json(config_json: dict) -> dict:
     for name, ours in _FIXED_JSON.items():
         if config_json.get(name) is not None and config_json[name] != ours:
