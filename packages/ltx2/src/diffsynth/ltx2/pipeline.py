@@ -781,8 +781,8 @@ class LTX2Pipeline(BasePipeline):
         """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
         (noise drawn from the first stage's generator in token layout, video first), put the first frame back
         and the keyframes at full `size` (`conditions`: first frames, keyframe images, the mask of a given
-        sound, which stays as it is), and take the authors' 3 distilled steps without guidance. With a `lora_strength` (the full model) the distilled LoRA is
-        attached for these steps only."""
+        sound, which stays as it is), and take the authors' 3 distilled steps without guidance. With a
+        `lora_strength` (the full model) the distilled LoRA is attached for these steps only."""
         (height, width), (first_frames, keyframe_images, audio_mask) = size, conditions
         keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)
@@ -825,20 +825,22 @@ class LTX2Pipeline(BasePipeline):
         return noise.to(device)
 
     def _stage2_lora(self):
-        """The distilled LoRA, read once (a `ModelConfig` is fetched at its first use)."""
-        cached = getattr(self, "_stage2_weights", None)
-        if cached is not None:
-            return cached
+        """The distilled LoRA of `stage2_lora`, read once per source (a `ModelConfig` is fetched at its first
+        use)."""
         from diffsynth.runtime.lora import read_lora
 
         source = self.stage2_lora
+        cached = getattr(self, "_stage2_weights", None)
+        if cached is not None and cached[0] is source:
+            return cached[1]
+        path = source
         if isinstance(source, ModelConfig):
             files = [p for p in source.resolve() if p.endswith(WEIGHT_SUFFIXES)]
             if len(files) != 1:
                 raise ConfigError(f"stage2_lora_config resolves to {len(files)} weight files {files}; name one")
-            source = files[0]
-        self._stage2_weights = read_lora(source)
-        return self._stage2_weights
+            path = files[0]
+        self._stage2_weights = (source, read_lora(path))
+        return self._stage2_weights[1]
 
     def _check_initial(self, latents, expected, name: str) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(expected):
