@@ -589,11 +589,12 @@ class LTX2Pipeline(BasePipeline):
         return LTX2Text(video, audio, mask)
 
     def audio_latent_shape(self, batch: int, num_frames: int, frame_rate: float) -> tuple[int, int, int, int]:
-        """`[B, C, L, M]` audio latents covering the video's `num_frames / frame_rate` seconds."""
+        """`[B, C, L, M]` audio latents covering the video's `num_frames / frame_rate` seconds (checked against the
+        DiT's audio token width when a DiT is loaded)."""
         cfg = self.audio_vae.config
         length = max(1, round(num_frames / frame_rate * cfg.latents_per_second))
         shape = (batch, cfg.latent_channels, length, cfg.latent_mel_bins)
-        if shape[1] * shape[3] != self.dit.config.audio_in_channels:
+        if self.dit is not None and shape[1] * shape[3] != self.dit.config.audio_in_channels:
             raise ConfigError(
                 f"the DiT takes {self.dit.config.audio_in_channels} audio features per token but the audio VAE's "
                 f"latents have {shape[1]} channels x {shape[3]} mel bins: the two come from different models"

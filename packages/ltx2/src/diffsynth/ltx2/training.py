@@ -308,8 +308,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
         """The row's normalised audio latents `[1, C, L, M]` and its loss weight (0: no sound; zero latents)."""
         pipe = self.pipe
         config = pipe.audio_vae.config
-        with pipe.using("dit", pipe.dit if pipe.dit is not None else _AudioShape(config)):
-            shape = pipe.audio_latent_shape(1, frames, frame_rate)
+        shape = pipe.audio_latent_shape(1, frames, frame_rate)  # checked against the DiT when it is loaded
         waveform = self._waveform(index, row)
         if waveform is None:
             return torch.zeros(shape, device=pipe.device), 0.0
@@ -399,15 +398,6 @@ class LTX2TrainingTask(PipelineTrainingTask):
         mask[:, given:split] = 1.0 / ((split - given) * channels)
         mask[:, split:] = batch["audio_weight"].to(latents.device)[:, :, None] / (audio_tokens * channels)
         return mask
-
-
-class _AudioShape(nn.Module):
-    """Stands in the pipeline's empty "dit" slot while encoding without the DiT: `audio_latent_shape` reads
-    only the DiT's audio token width, which is the audio VAE's channels x mel bins."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = type("Shape", (), {"audio_in_channels": config.latent_channels * config.latent_mel_bins})()
 
 
 def _frame_rate(index: int, row: Mapping[str, Any]) -> float:
