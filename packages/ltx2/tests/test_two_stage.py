@@ -260,3 +260,18 @@ def test_image_to_video_conditions_both_stages_at_their_sizes(two_stage_pipe, mo
     h, w = H // 32, W // 32
     assert sizes == [(H, W, (h, w)), (2 * H, 2 * W, (2 * h, 2 * w))]
     assert masks == [True] * 11
+
+
+def test_vram_managed_two_stage_run_equals_the_resident_one(tiny_ltx2_base, two_stage_pipe, stage_two_files):
+    """Every model under the VRAM manager, every unit streamed (the upsampler too), the stage-2 LoRA attached
+    unfused to streamed layers: the same video and sound as the resident pipeline."""
+    upsampler, lora = stage_two_files
+    managed = repo_module.our_pipeline(
+        tiny_ltx2_base, model_configs=[ModelConfig(path=str(upsampler))], stage2_lora_config=str(lora), vram_limit=0
+    )
+    assert "upsampler" in managed.vram_handles
+    kwargs = dict(seed=2, num_inference_steps=2, output_type="pt", use_two_stage_pipeline=True, **SETTINGS)
+    got, expected = managed(CAPTIONS[0], **kwargs), two_stage_pipe(CAPTIONS[0], **kwargs)
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
+    assert list_loras(managed.dit) == {}
