@@ -1,5 +1,6 @@
-"""Loads `ltx2_repo.py` as the module `diffsynth_ltx2_test_repo` (test modules cannot import each other) and
-builds its tiny random LTX-2 model base once per session."""
+"""Loads `ltx2_repo.py` as the module `diffsynth_ltx2_test_repo` and `release_checks.py` as
+`diffsynth_ltx2_release_checks` (test modules cannot import each other), and builds the tiny random LTX-2
+model base once per session."""
 
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ from pathlib import Path
 import pytest
 
 
-def _load_repo_module():
-    name = "diffsynth_ltx2_test_repo"
+def _load(name: str, filename: str):
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("ltx2_repo.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
-ltx2_repo = _load_repo_module()
+ltx2_repo = _load("diffsynth_ltx2_test_repo", "ltx2_repo.py")
+_load("diffsynth_ltx2_release_checks", "release_checks.py")
 
 
 @pytest.fixture(scope="session")

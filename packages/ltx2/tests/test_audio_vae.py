@@ -5,8 +5,8 @@ loading in each layout."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import diffsynth_ltx2_release_checks as checks  # loaded by conftest
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -30,7 +30,6 @@ from diffsynth.runtime.errors import CheckpointError, ConfigError, UnknownModelE
 from diffsynth.runtime.loading import load_model, recognise
 from diffsynth.runtime.testing import conformance as cf
 
-DATA = Path(__file__).parent / "data"
 MEAN, STD = "per_channel_statistics.mean-of-means", "per_channel_statistics.std-of-means"
 
 
@@ -59,15 +58,7 @@ def tiny_mel(frames: int = 13, bins: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 2, frames, bins, generator=torch.Generator().manual_seed(seed)) - 4.0
 
 
-def _meta(name: str, prefix: str | None = None) -> dict[str, torch.Tensor]:
-    shapes = json.loads((DATA / f"{name}.json").read_text())
-    if prefix is not None:
-        shapes = {k: v for k, v in shapes.items() if k.startswith(prefix)}
-    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-
-
-def _shapes(state) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
+_meta, _shapes = checks.released_meta, checks.shapes
 
 
 # ----------------------------------------------------------------------------------- config and model
@@ -301,22 +292,19 @@ def test_model_has_the_released_keys_and_shapes():
 
 
 def test_diffusers_keys_convert_to_ours_and_back():
-    theirs = _meta("ltx2_audio_vae_diffusers")
-    with torch.device("meta"):
-        ours = _shapes(LTX2AudioVAE().state_dict())
-    converted = diffusers_to_ours(theirs)
-    assert _shapes(converted) == ours
-    assert _shapes(ours_to_diffusers(converted)) == _shapes(theirs)
+    checks.assert_diffusers_round_trip(LTX2AudioVAE, "ltx2_audio_vae_diffusers", diffusers_to_ours, ours_to_diffusers)
 
 
 @pytest.mark.parametrize(("name", "layout"), [("ltx2_full", "original"), ("ltx2_audio_vae_diffusers", "diffusers")])
 def test_released_shapes_give_the_default_config(name, layout):
-    state = _meta(name, "audio_vae." if name == "ltx2_full" else None)
-    (found,) = recognise(state, specs=[LTX2_AUDIO_VAE_SPEC])
-    assert found.layout.name == layout and len(found.keys) == len(state)
-    assert config_from_state(found.layout.to_ours(state)) == LTX2AudioVAEConfig()
-    model = load_model(state, specs=[LTX2_AUDIO_VAE_SPEC])
-    assert isinstance(model, LTX2AudioVAE) and model.config == LTX2AudioVAEConfig()
+    checks.assert_default_config_from(
+        _meta(name, "audio_vae." if name == "ltx2_full" else None),
+        LTX2_AUDIO_VAE_SPEC,
+        layout,
+        config_from_state,
+        LTX2AudioVAE,
+        LTX2AudioVAEConfig,
+    )
 
 
 def test_only_audio_vae_keys_are_taken_from_the_single_file():

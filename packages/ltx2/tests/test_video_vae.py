@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
+import diffsynth_ltx2_release_checks as checks  # loaded by conftest
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -25,7 +25,6 @@ from diffsynth.runtime.errors import CheckpointError, ConfigError, UnknownModelE
 from diffsynth.runtime.loading import load_model, recognise
 from diffsynth.runtime.testing import conformance as cf
 
-DATA = Path(__file__).parent / "data"
 STATS = "per_channel_statistics."
 
 
@@ -65,13 +64,7 @@ def _original_file(model: LTX2VideoVAE) -> dict[str, torch.Tensor]:
     return state
 
 
-def _meta(name: str) -> dict[str, torch.Tensor]:
-    shapes = json.loads((DATA / f"{name}.json").read_text())
-    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-
-
-def _shapes(state) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
+_meta, _shapes = checks.released_meta, checks.shapes
 
 
 # ----------------------------------------------------------------------------------- config and model
@@ -269,24 +262,16 @@ def test_model_has_the_released_keys_and_shapes():
 
 
 def test_diffusers_keys_convert_to_ours_and_back():
-    theirs = _meta("ltx2_video_vae_diffusers")
-    with torch.device("meta"):
-        ours = _shapes(LTX2VideoVAE().state_dict())
-    converted = diffusers_to_ours(theirs)
-    assert _shapes(converted) == ours
-    assert _shapes(ours_to_diffusers(converted)) == _shapes(theirs)
+    checks.assert_diffusers_round_trip(LTX2VideoVAE, "ltx2_video_vae_diffusers", diffusers_to_ours, ours_to_diffusers)
 
 
 @pytest.mark.parametrize(
     ("name", "layout"), [("ltx2_video_vae_original", "original"), ("ltx2_video_vae_diffusers", "diffusers")]
 )
 def test_released_shapes_give_the_default_config(name, layout):
-    state = _meta(name)
-    (found,) = recognise(state, specs=[LTX2_VIDEO_VAE_SPEC])
-    assert found.layout.name == layout and len(found.keys) == len(state)
-    assert config_from_state(found.layout.to_ours(state)) == LTX2VideoVAEConfig()
-    model = load_model(state, specs=[LTX2_VIDEO_VAE_SPEC])
-    assert isinstance(model, LTX2VideoVAE) and model.config == LTX2VideoVAEConfig()
+    checks.assert_default_config_from(
+        _meta(name), LTX2_VIDEO_VAE_SPEC, layout, config_from_state, LTX2VideoVAE, LTX2VideoVAEConfig
+    )
 
 
 def test_only_vae_keys_are_taken_from_the_single_file():

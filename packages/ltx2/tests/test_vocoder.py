@@ -4,8 +4,8 @@ against the released file, and loading in each layout (alone and next to the aud
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import diffsynth_ltx2_release_checks as checks  # loaded by conftest
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -25,7 +25,6 @@ from diffsynth.runtime.errors import CheckpointError, ConfigError, UnknownModelE
 from diffsynth.runtime.loading import load_model, recognise
 from diffsynth.runtime.testing import conformance as cf
 
-DATA = Path(__file__).parent / "data"
 TINY_JSON = {  # tiny_config() in diffusers' names
     "_class_name": "LTX2Vocoder",
     "in_channels": 16,
@@ -65,15 +64,7 @@ def tiny_mel(frames: int = 9, seed: int = 0) -> torch.Tensor:
     return torch.randn(2, 2, frames, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def _meta(name: str, prefix: str | None = None) -> dict[str, torch.Tensor]:
-    shapes = json.loads((DATA / f"{name}.json").read_text())
-    if prefix is not None:
-        shapes = {k: v for k, v in shapes.items() if k.startswith(prefix)}
-    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-
-
-def _shapes(state) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
+_meta, _shapes = checks.released_meta, checks.shapes
 
 
 # ----------------------------------------------------------------------------------- config and model
@@ -200,22 +191,19 @@ def test_model_has_the_released_keys_and_shapes():
 
 
 def test_diffusers_keys_convert_to_ours_and_back():
-    theirs = _meta("ltx2_vocoder_diffusers")
-    with torch.device("meta"):
-        ours = _shapes(LTX2Vocoder().state_dict())
-    converted = diffusers_to_ours(theirs)
-    assert _shapes(converted) == ours
-    assert _shapes(ours_to_diffusers(converted)) == _shapes(theirs)
+    checks.assert_diffusers_round_trip(LTX2Vocoder, "ltx2_vocoder_diffusers", diffusers_to_ours, ours_to_diffusers)
 
 
 @pytest.mark.parametrize(("name", "layout"), [("ltx2_full", "original"), ("ltx2_vocoder_diffusers", "diffusers")])
 def test_released_shapes_give_the_default_config(name, layout):
-    state = _meta(name, "vocoder." if name == "ltx2_full" else None)
-    (found,) = recognise(state, specs=[LTX2_VOCODER_SPEC])
-    assert found.layout.name == layout and len(found.keys) == len(state)
-    assert config_from_state(found.layout.to_ours(state)) == LTX2VocoderConfig()
-    model = load_model(state, specs=[LTX2_VOCODER_SPEC])
-    assert isinstance(model, LTX2Vocoder) and model.config == LTX2VocoderConfig()
+    checks.assert_default_config_from(
+        _meta(name, "vocoder." if name == "ltx2_full" else None),
+        LTX2_VOCODER_SPEC,
+        layout,
+        config_from_state,
+        LTX2Vocoder,
+        LTX2VocoderConfig,
+    )
 
 
 def test_audio_parts_of_the_released_file_are_split_between_the_two_specs():
