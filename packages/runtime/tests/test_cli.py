@@ -43,6 +43,7 @@ def test_generate_help_documents_the_flags(capsys):
         "--cfg",
         "--seed",
         "--lora",
+        "--first-block-cache",
         "--vram-limit",
         "--device",
         "--dtype",

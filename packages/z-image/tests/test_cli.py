@@ -101,3 +101,14 @@ def test_video_only_flag_is_refused_for_an_image_model(tiny_repo, tmp_path, caps
     args = ["generate", "--model", str(tiny_repo), "--prompt", "a cat", "--output", str(tmp_path / "x.png")]
     assert main([*args, "--num-frames", "9", *FAST]) == 2
     assert "--num-frames is not used by ZImagePipeline" in capsys.readouterr().err
+
+
+def test_generate_with_the_first_block_cache(tiny_repo, tmp_path, caplog):
+    """Threshold 0 reuses nothing: the image equals the uncached one, and the log says how much was reused."""
+    out, cached = tmp_path / "plain.png", tmp_path / "cached.png"
+    main(["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--output", str(out), *FAST])
+    with caplog.at_level("INFO", logger="diffsynth"):
+        args = ["--prompt", "a red circle", "--first-block-cache", "0", "--output", str(cached)]
+        main(["generate", "--model", str(tiny_repo), *args, *FAST])
+    assert np.array_equal(pixels(out), pixels(cached))
+    assert "first-block cache (dit): 0 of 2 model calls reused" in caplog.text

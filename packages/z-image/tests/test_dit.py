@@ -190,3 +190,40 @@ def test_bad_inputs_raise_clear_errors(x_shape, lengths, cap_dim, message):
     text = [torch.zeros(n, cap_dim) for n in lengths]
     with pytest.raises(ValueError, match=message):
         model(torch.zeros(x_shape), torch.zeros(x_shape[0]), text)
+
+
+def test_first_block_cache_hook():
+    cf.check_first_block_cache(make_model, inputs(), other_args=inputs(seed=2), blocks=("layers",))
+
+
+def test_first_block_cache_reuses_the_rest_of_the_layers():
+    """A reused step = the first main layer's output + what the other layers added on the full step
+    (a reference built by hand from the model's own pieces: hooks on the first and last layer)."""
+    from diffsynth.runtime.step_cache import FirstBlockCache
+
+    model = make_model(tiny_config(n_layers=3)).eval()
+    (x1, t, text), x2 = inputs(), inputs(seed=2)[0]
+    seen = {}
+    hooks = [
+        model.layers[0].register_forward_hook(lambda m, i, o: seen.__setitem__("first", o)),
+        model.layers[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("last", o)),
+    ]
+    with torch.no_grad():
+        model(x1, t, text)
+        rest_residual = seen["last"] - seen["first"]
+        for hook in hooks:
+            hook.remove()
+        kept = model.layers
+        model.layers = kept[:1]
+        model.layers[0].register_forward_hook(lambda m, i, o: o + rest_residual)
+        want = model(x2, t, text)
+        model.layers = kept
+        model.layers[0]._forward_hooks.clear()
+
+        cache = model.step_cache = FirstBlockCache(float("inf"))
+        cache.begin_loop()
+        for x in (x1, x2):
+            cache.begin_step()
+            got = model(x, t, text)
+    assert cache.skipped == 1
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

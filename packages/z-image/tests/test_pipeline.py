@@ -106,3 +106,33 @@ def test_size_off_the_grid_is_rounded_with_warning(pipe, caplog):
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="Tongyi-MAI/Z-Image-Turbo"):
         ZImagePipeline.from_pretrained("Tongyi-MAI/No-Such-Model")
+
+
+def test_first_block_cache_in_the_pipeline(pipe):
+    """Threshold 0 reuses nothing (same image); a loose one reuses later steps' layers, and turning it
+    off gives the uncached image again. The batched CFG call is one call per step."""
+    options = {**FAST, "num_inference_steps": 6, "cfg_scale": 3.0, "negative_prompt": "blurry"}
+    plain = pipe(PROMPT, seed=0, output_type="pt", **options)
+    caches = pipe.enable_first_block_cache(0.0)
+    try:
+        assert list(caches) == ["dit"] and pipe.step_caches() == caches
+        exact = pipe(PROMPT, seed=0, output_type="pt", **options)
+        assert (caches["dit"].calls, caches["dit"].skipped) == (6, 0)
+        torch.testing.assert_close(exact, plain, rtol=0, atol=0)
+        loose = pipe.enable_first_block_cache(1e9)["dit"]
+        approx = pipe(PROMPT, seed=0, output_type="pt", **options)
+        assert (loose.calls, loose.skipped) == (6, 5)
+        assert (approx - plain).abs().max() > 1e-4
+    finally:
+        pipe.disable_first_block_cache()
+    assert pipe.step_caches() == {} and pipe.dit.step_cache is None
+    torch.testing.assert_close(pipe(PROMPT, seed=0, output_type="pt", **options), plain, rtol=0, atol=0)
+
+
+def test_first_block_cache_bad_slot_is_a_clear_error(pipe):
+    with pytest.raises(ConfigError, match="unknown model slot"):
+        pipe.enable_first_block_cache(0.1, slots=["transformer"])
+    with pytest.raises(ConfigError, match="supports the first-block cache"):
+        pipe.enable_first_block_cache(0.1, slots=["vae"])
+    with pytest.raises(ConfigError, match="threshold"):
+        pipe.enable_first_block_cache(-1.0)

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH[:SCALE]",
         help="apply a LoRA (repeatable), e.g. a.safetensors:0.8",
     )
+    gen.add_argument(
+        "--first-block-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="skip the DiT's later blocks on steps that change little (0.05 to 0.2; higher is faster, looser)",
+    )
     gen.add_argument("--vram-limit", type=float, default=None, help="GiB of VRAM the models may use")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     gen.add_argument(
@@ -169,6 +176,8 @@ def _generate(args) -> int:
     for spec in args.lora:
         path, scale = _parse_lora(spec)
         pipe.load_lora(path, scale=scale)
+    if args.first_block_cache is not None:
+        pipe.enable_first_block_cache(args.first_block_cache)
     options = {
         "negative_prompt": args.negative_prompt,
         "cfg_scale": args.cfg,
@@ -196,6 +205,8 @@ def _generate(args) -> int:
     if makes_video and output.suffix.lower() != ".mp4":
         raise ConfigError(f"{type(pipe).__name__} makes videos: --output must name an .mp4 file, not {output}")
     result = pipe(prompt=args.prompt, seed=args.seed, **options)
+    for slot, cache in pipe.step_caches().items():
+        logger.info("first-block cache (%s): %d of %d model calls reused", slot, cache.skipped, cache.calls)
     output.parent.mkdir(parents=True, exist_ok=True)
     fps = args.fps or pipe.defaults.get("fps") or pipe.defaults.get("frame_rate") or 16
     if isinstance(result, tuple) and len(result) == 2:  # video frames with their sound

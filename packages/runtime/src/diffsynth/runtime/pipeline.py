@@ -318,9 +318,12 @@ class BasePipeline:
         return negative + cfg_scale * (positive - negative)
 
     def progress(self, iterable, enabled: bool = True):
+        """The denoising loop's iterator: a progress bar, and the steps of the enabled step caches."""
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, disable=not enabled, desc=type(self).__name__)
+        bar = tqdm(iterable, disable=not enabled, desc=type(self).__name__)
+        caches = list(self.step_caches().values())
+        return _cached_steps(bar, caches) if caches else bar
 
     # ------------------------------------------------------------------ user-facing extras
     @contextlib.contextmanager
@@ -363,6 +366,39 @@ class BasePipeline:
 
         clear_loras(getattr(self, slot))
 
+    def enable_first_block_cache(self, threshold: float = 0.05, slots: Iterable[str] | None = None) -> dict:
+        """Skip the denoisers' later blocks on steps where the first block's residual changed by at most
+        `threshold` (relative mean absolute change; 0.05 to 0.2 are usual, higher is faster and looser).
+        Applies to every model in `slots` (default: all) that supports it; returns the caches by slot,
+        whose `calls` / `skipped` counts tell what the last run reused."""
+        from .step_cache import FirstBlockCache
+
+        chosen = list(self.model_slots) if slots is None else list(slots)
+        unknown = [s for s in chosen if s not in self.model_slots]
+        if unknown:
+            raise ConfigError(f"unknown model slot(s) {unknown}; slots: {list(self.model_slots)}")
+        enabled = {}
+        for slot in chosen:
+            model = getattr(self, slot, None)
+            if model is not None and hasattr(model, "step_cache"):
+                model.step_cache = enabled[slot] = FirstBlockCache(threshold)
+        if not enabled:
+            raise ConfigError(f"{type(self).__name__}: no model in {chosen} supports the first-block cache")
+        return enabled
+
+    def disable_first_block_cache(self) -> None:
+        for slot in self.step_caches():
+            getattr(self, slot).step_cache = None
+
+    def step_caches(self) -> dict:
+        """The enabled step caches by model slot."""
+        caches = {}
+        for slot in self.model_slots:
+            cache = getattr(getattr(self, slot, None), "step_cache", None)
+            if cache is not None:
+                caches[slot] = cache
+        return caches
+
     def compile(self, slot: str = "dit", **compile_kwargs) -> None:
         """Regional torch.compile: compile each repeated block once instead of the whole model."""
         model = getattr(self, slot)
@@ -373,6 +409,20 @@ class BasePipeline:
             blocks = module if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) else [module]
             for block in blocks:
                 block.compile(**compile_kwargs)
+
+
+def _cached_steps(bar, caches):
+    """Iterate the loop, opening a step on each cache per iteration (and the loop around them)."""
+    for cache in caches:
+        cache.begin_loop()
+    try:
+        for item in bar:
+            for cache in caches:
+                cache.begin_step()
+            yield item
+    finally:
+        for cache in caches:
+            cache.end_loop()
 
 
 def configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.step_cache import run_block_list
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,7 @@ class ZImageDiT(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else ZImageDiTConfig()
         self.gradient_checkpointing = False
+        self.step_cache = None  # a FirstBlockCache over `layers` (BasePipeline.enable_first_block_cache)
         dim = config.dim
         self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
@@ -272,8 +274,9 @@ class ZImageDiT(nn.Module):
         mask = None
         if cap_mask is not None:
             mask = torch.cat([cap_mask.new_ones(b, s_img), cap_mask], dim=1)
-        for block in self.layers:
-            seq = self._run(block, seq, (cos, sin), mask, adaln)
+        (seq,) = run_block_list(
+            self.step_cache, self.layers, (seq,), lambda block, s: (self._run(block, s[0], (cos, sin), mask, adaln),)
+        )
 
         out = self.all_final_layer[cfg.patch_key](seq[:, :n_img], adaln)
         out = self._unpatchify(out, frames, height, width)

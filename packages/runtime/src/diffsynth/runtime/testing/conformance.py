@@ -26,6 +26,7 @@ Factory = Callable[[], nn.Module]
 __all__ = [
     "check_backward",
     "check_declared_units",
+    "check_first_block_cache",
     "check_forward",
     "check_gradient_checkpointing",
     "check_layout_roundtrip",
@@ -128,6 +129,73 @@ def check_gradient_checkpointing(factory: Factory, args: Sequence, kwargs: dict 
         torch.testing.assert_close(
             grads_b[name], grads_a[name], atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def check_first_block_cache(
+    factory: Factory,
+    args: Sequence,
+    kwargs: dict | None = None,
+    other_args: Sequence | None = None,
+    blocks: Sequence[str] = (),
+    atol: float = 1e-5,
+) -> None:
+    """The model's `step_cache` hook (see `diffsynth.runtime.step_cache`):
+    - off by default, and a loop with threshold 0 gives exactly the uncached outputs;
+    - with an infinite threshold a later step runs only the first of the `blocks` (dotted paths of
+      the block lists the cache spans) and, fed the same input, gives the same output as the full call;
+    - each call position in a step keeps its own state (inputs `args` and `other_args` alternate);
+    - with autograd recording nothing is skipped."""
+    from ..step_cache import FirstBlockCache
+
+    other_args = args if other_args is None else other_args
+    model = factory().eval()
+    assert hasattr(model, "step_cache"), f"{type(model).__name__} has no step_cache attribute"
+    assert model.step_cache is None, "the step cache must be off by default"
+    block_modules = [b for path in blocks for b in model.get_submodule(path)]
+    assert block_modules, f"no blocks under {list(blocks)}"
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(block_modules)]
+
+    def loop(threshold: float, steps: list[list[Sequence]]) -> tuple[list[list[list[torch.Tensor]]], list, Any]:
+        cache = model.step_cache = FirstBlockCache(threshold)
+        outs, counts = [], []
+        cache.begin_loop()
+        for step in steps:
+            cache.begin_step()
+            ran.clear()
+            outs.append([_call(model, a, kwargs) for a in step])
+            counts.append(list(ran))
+        cache.end_loop()
+        model.step_cache = None
+        return outs, counts, cache
+
+    try:
+        with torch.no_grad():
+            plain = [_call(model, a, kwargs) for a in (args, other_args)]
+            outs, _, cache = loop(0.0, [[args], [other_args]])
+            assert (cache.calls, cache.skipped) == (2, 0), f"threshold 0 reused a call: {cache}"
+            for got, want in zip((outs[0][0], outs[1][0]), plain, strict=True):
+                for a, b in zip(got, want, strict=True):
+                    assert torch.equal(a, b), "a cache that reuses nothing changed the output"
+
+            outs, counts, cache = loop(float("inf"), [[args, other_args], [args, other_args]])
+            assert (cache.calls, cache.skipped) == (4, 2), f"an infinite threshold should reuse both calls: {cache}"
+            assert counts[0] == list(range(len(block_modules))) * 2, f"the first step must run every block: {counts[0]}"
+            assert counts[1] == [0, 0], f"a reused call must run only the first block, ran {counts[1]}"
+            for position in range(2):
+                for a, b in zip(outs[1][position], outs[0][position], strict=True):
+                    torch.testing.assert_close(
+                        a, b, atol=atol, rtol=0, msg=lambda m, p=position: f"call {p}, same input, reused: {m}"
+                    )
+
+        model.train()
+        with torch.enable_grad():
+            _, counts, cache = loop(float("inf"), [[args], [args]])
+        assert cache.skipped == 0 and counts[1] == list(range(len(block_modules))), "training must not skip blocks"
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.step_cache = None
 
 
 def check_meta_load(factory: Factory, args: Sequence, kwargs: dict | None = None) -> None:
