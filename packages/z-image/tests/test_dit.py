@@ -121,9 +121,9 @@ def test_batch_equals_each_sample_alone(size):
 def _record_masks(monkeypatch) -> list:
     masks = []
 
-    def spy(q, k, v, mask=None, scale=None):
+    def spy(q, k, v, mask=None, scale=None, **options):
         masks.append(mask)
-        return original(q, k, v, mask, scale)
+        return original(q, k, v, mask, scale, **options)
 
     original = dit_module.attention
     monkeypatch.setattr(dit_module, "attention", spy)

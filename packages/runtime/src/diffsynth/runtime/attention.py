@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .parallel import active_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,24 @@ def attention(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention on `[B, S, H, D]` tensors.
 
     `mask` is boolean (True = attend) with shape `[B, S_k]` (key padding), `[B, S_q, S_k]` or
-    `[B, H|1, S_q, S_k]`, or an additive float mask of the 4-D shape.
+    `[B, H|1, S_q, S_k]`, or an additive float mask of the 4-D shape. `sequence_parallel` marks a
+    call whose q, k and v are all this rank's shard of one token sequence: inside a model call
+    that divides its sequence (`parallel.shard_sequence`) they are exchanged so that attention sees
+    every token (the mask then covers the whole padded sequence); elsewhere it changes nothing.
     """
+    if sequence_parallel:
+        shards = active_sequence()
+        if shards is not None:
+            return shards.attention(q, k, v, mask, scale, _attend)
+    return _attend(q, k, v, mask, scale)
+
+
+def _attend(q, k, v, mask, scale) -> torch.Tensor:
     backend = selected_backend()
     if backend != "sdpa" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = _fast_attention(backend, q, k, v, scale)

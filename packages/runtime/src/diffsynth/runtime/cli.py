@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="THRESHOLD",
         help="skip the DiT's later blocks on steps that change little (0.05 to 0.2; higher is faster, looser)",
+    )
+    gen.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="under torchrun: divide the DiT's tokens over N ranks (Ulysses; default: the ranks --cfg-parallel leaves)",
+    )
+    gen.add_argument(
+        "--cfg-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="under torchrun: divide each DiT call's batch (CFG's positive and negative halves) over N ranks",
     )
     gen.add_argument("--vram-limit", type=float, default=None, help="GiB of VRAM the models may use")
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -170,9 +185,14 @@ def _generate(args) -> int:
             f"--device {args.device} is where weights may be offloaded, not where models run; use cuda or cpu"
         )
     device = torch.device(device)
+    parallel = args.sequence_parallel is not None or args.cfg_parallel is not None
+    if parallel and device.type == "cuda" and device.index is None:  # torchrun: one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cls = _pipeline_class(args.model)
     pipe = cls.from_pretrained(args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit)
+    if parallel:
+        pipe.enable_parallel(sequence=args.sequence_parallel, batch=args.cfg_parallel or 1)
     for spec in args.lora:
         path, scale = _parse_lora(spec)
         pipe.load_lora(path, scale=scale)
@@ -205,6 +225,8 @@ def _generate(args) -> int:
     if makes_video and output.suffix.lower() != ".mp4":
         raise ConfigError(f"{type(pipe).__name__} makes videos: --output must name an .mp4 file, not {output}")
     result = pipe(prompt=args.prompt, seed=args.seed, **options)
+    if parallel and int(os.environ.get("RANK", 0)) != 0:
+        return 0  # every rank holds the same result; rank 0 writes it
     for slot, cache in pipe.step_caches().items():
         logger.info("first-block cache (%s): %d of %d model calls reused", slot, cache.skipped, cache.calls)
     output.parent.mkdir(parents=True, exist_ok=True)

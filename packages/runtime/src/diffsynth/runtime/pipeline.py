@@ -63,14 +63,22 @@ class BasePipeline:
         model_configs: Sequence[ModelConfig] = (),
         tokenizer_config: ModelConfig | None = None,
         vram_limit: float | None = None,
+        use_usp: bool = False,
     ):
         """Build the pipeline from a preset name, a local hub-style folder, or `ModelConfig`s.
 
         `XPipeline.from_pretrained("Org/Model")` uses the family preset (its files and the
         authors' defaults); a folder path loads `transformer/`, `vae/`, `text_encoder/`,
         `tokenizer/` (or whatever subfolders hold weights); `model_configs=[...]` works like
-        DiffSynth-Studio.
+        DiffSynth-Studio. `use_usp=True` (under torchrun, as DiffSynth-Studio) loads onto this
+        rank's GPU and divides every denoiser call's tokens over all ranks (`enable_parallel`).
         """
+        if use_usp:
+            from .parallel import init_parallel
+
+            init_parallel()
+            if device is None or str(device) == "cuda":
+                device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         configs = list(model_configs)
         defaults: dict[str, Any] = {}
         if isinstance(model_id_or_configs, (list, tuple)):
@@ -105,6 +113,8 @@ class BasePipeline:
         if tokenizer_config is not None:
             pipe.tokenizer = pipe._load_tokenizer(tokenizer_config)
         pipe._place_models()
+        if use_usp:
+            pipe.enable_parallel()
         return pipe
 
     @classmethod
@@ -385,6 +395,27 @@ class BasePipeline:
         if not enabled:
             raise ConfigError(f"{type(self).__name__}: no model in {chosen} supports the first-block cache")
         return enabled
+
+    def enable_parallel(self, sequence: int | None = None, batch: int = 1):
+        """Divide each denoiser call over the torchrun ranks: `batch` ranks share a call's samples (CFG
+        parallelism: positive and negative halves), `sequence` ranks its tokens (Ulysses; default: the
+        ranks `batch` leaves). Every rank runs the same script and gets the same result (save it on rank
+        0). Returns this rank's `ParallelGroups`. See `diffsynth.runtime.parallel`."""
+        from .parallel import init_parallel
+
+        groups = init_parallel(sequence, batch)
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if self.device.type == "cuda" and (self.device.index if self.device.index is not None else 0) != local:
+            raise ConfigError(
+                f"rank {local} holds its models on {self.device}: load the pipeline with device='cuda:{local}' "
+                "(or from_pretrained(..., use_usp=True)) so that every rank uses its own GPU"
+            )
+        models = [getattr(self, s) for s in self.model_slots if hasattr(getattr(self, s, None), "parallel")]
+        if not models:
+            raise ConfigError(f"{type(self).__name__}: no model of this pipeline supports parallel sampling")
+        for model in models:
+            model.parallel = groups
+        return groups
 
     def disable_first_block_cache(self) -> None:
         for slot in self.step_caches():

@@ -7,7 +7,9 @@ with the residual of the last call that ran every block. When the relative chang
 difference they made on that full call (per stream) is added to the first block's output instead.
 This is ParaAttention's "first block cache" (TeaCache's idea, measured on the first block rather
 than through a fitted polynomial per model), with the same rule as diffusers'
-`FirstBlockCacheConfig`, so a threshold means the same thing in both.
+`FirstBlockCacheConfig`, so a threshold means the same thing in both. Under sequence or batch
+parallelism the change is summed over every rank's part, so all ranks take the decision one
+process would take.
 
 A DiT supports it by holding a `step_cache` attribute (None when off) and routing its block stack
 through `run_blocks`. The pipeline's denoising loop (`BasePipeline.progress`) opens a loop and a
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .parallel import active_sequence, sum_over_call
 
 Streams = tuple[torch.Tensor, ...]
 
@@ -89,8 +92,11 @@ class FirstBlockCache:
         ):
             return False  # another batch or size at this position: not comparable
         previous = state.first_residual
-        change = (residual - previous).abs().float().mean() / previous.abs().float().mean()
-        return float(change) <= self.threshold
+        shards = active_sequence()
+        if shards is not None:  # the tokens are divided over ranks: decide on all of them, together
+            residual, previous = residual[:, : shards.valid_tokens], previous[:, : shards.valid_tokens]
+        sums = sum_over_call(torch.stack([(residual - previous).abs().float().sum(), previous.abs().float().sum()]))
+        return float(sums[0] / sums[1]) <= self.threshold
 
     def __repr__(self) -> str:
         return f"FirstBlockCache(threshold={self.threshold}, calls={self.calls}, skipped={self.skipped})"

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class SelfAttention(nn.Module):
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        return self.to_out[0](attention(q, k, v, mask).flatten(2))
+        return self.to_out[0](attention(q, k, v, mask, sequence_parallel=True).flatten(2))
 
 
 class ZImageBlock(nn.Module):
@@ -219,6 +220,7 @@ class ZImageDiT(nn.Module):
         self.config = config = config if config is not None else ZImageDiTConfig()
         self.gradient_checkpointing = False
         self.step_cache = None  # a FirstBlockCache over `layers` (BasePipeline.enable_first_block_cache)
+        self.parallel = None  # ParallelGroups dividing batch and main-layer tokens (BasePipeline.enable_parallel)
         dim = config.dim
         self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
@@ -240,6 +242,9 @@ class ZImageDiT(nn.Module):
         `timestep` is `[B]` (or a scalar) in the model's own convention (`1 - sigma`); `text` is one
         `[L_i, cap_feat_dim]` tensor per sample. Computation runs in `x.dtype`.
         """
+        return batch_parallel(self.parallel, x.shape[0], self._forward, x, timestep, text)
+
+    def _forward(self, x: torch.Tensor, timestep: torch.Tensor | float, text: list[torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         video = x.dim() == 5
         x5 = x if video else x.unsqueeze(2)
@@ -274,9 +279,19 @@ class ZImageDiT(nn.Module):
         mask = None
         if cap_mask is not None:
             mask = torch.cat([cap_mask.new_ones(b, s_img), cap_mask], dim=1)
-        (seq,) = run_block_list(
-            self.step_cache, self.layers, (seq,), lambda block, s: (self._run(block, s[0], (cos, sin), mask, adaln),)
-        )
+        with shard_sequence(self.parallel, seq.shape[1]) as shards:
+            rope = (cos, sin)
+            if shards is not None:  # this rank's tokens; attention exchanges them
+                seq, rope, mask = (
+                    shards.shard(seq),
+                    (shards.shard(cos), shards.shard(sin)),
+                    shards.key_mask(mask, b, device),
+                )
+            (seq,) = run_block_list(
+                self.step_cache, self.layers, (seq,), lambda block, s: (self._run(block, s[0], rope, mask, adaln),)
+            )
+            if shards is not None:
+                seq = shards.gather(seq)
 
         out = self.all_final_layer[cfg.patch_key](seq[:, :n_img], adaln)
         out = self._unpatchify(out, frames, height, width)

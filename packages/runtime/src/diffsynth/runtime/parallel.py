@@ -1,0 +1,265 @@
+"""Sampling on several GPUs: Ulysses sequence parallelism and batch (CFG) parallelism.
+
+Launch with `torchrun --nproc_per_node N script.py`; every rank loads the pipeline and calls it with
+the same arguments (the seeded noise is the same everywhere) and gets the same result.
+`pipe.enable_parallel(sequence=S, batch=B)` (S * B = N) splits the work of each denoiser call:
+- batch: the samples of a call (the positive and negative halves of a batched CFG call, several
+  prompts) are divided over B ranks and gathered afterwards;
+- sequence (DeepSpeed-Ulysses): the image/video tokens are divided over S ranks; each
+  self-attention exchanges its shards (all-to-all) so that every rank attends over the whole
+  sequence with S-th of the heads, then exchanges back. Per rank, activations and attention work
+  shrink S-fold; the weights are not split (combine with the VRAM manager for that).
+Ranks are laid out as `rank = batch_index * S + sequence_index`, so a sequence group is S
+consecutive ranks (one node's NVLink island when S divides the GPUs per node).
+
+A model supports this by holding a `parallel` attribute (None when off), wrapping its block stack
+in `shard_sequence(...)`, and marking the attention calls whose queries, keys and values are all
+token shards with `attention(..., sequence_parallel=True)`; `batch_parallel` divides its batch
+around a forward. Inference only: collectives here are not differentiable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's process groups (None when that kind of parallelism is off)."""
+
+    sequence_size: int = 1
+    sequence_rank: int = 0
+    sequence_group: Any = None
+    batch_size: int = 1
+    batch_rank: int = 0
+    batch_group: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.sequence_size > 1 or self.batch_size > 1
+
+
+def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups:
+    """Join (or start, from torchrun's environment) the default process group and make the groups.
+
+    `sequence` defaults to what `batch` leaves of the world size. Every rank must call this with the
+    same arguments (group creation is collective)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ConfigError("enable_parallel needs torch.distributed, which this torch build lacks")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                "enable_parallel runs under torchrun (e.g. `torchrun --nproc_per_node 2 script.py`): RANK and "
+                "WORLD_SIZE are not set and no process group was initialised"
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    batch = int(batch)
+    if batch < 1 or world % batch:
+        raise ConfigError(f"batch={batch} must be >= 1 and divide the world size {world}")
+    sequence = world // batch if sequence is None else int(sequence)
+    if sequence < 1 or sequence * batch != world:
+        raise ConfigError(f"sequence={sequence} x batch={batch} must equal the world size {world} (torchrun ranks)")
+    groups = ParallelGroups(sequence_size=sequence, batch_size=batch)
+    for b in range(batch):  # every rank creates every group, in the same order
+        ranks = list(range(b * sequence, (b + 1) * sequence))
+        group = dist.new_group(ranks) if sequence > 1 else None
+        if rank in ranks:
+            groups.sequence_group, groups.sequence_rank = group, ranks.index(rank)
+    for s in range(sequence):
+        ranks = list(range(s, world, sequence))
+        group = dist.new_group(ranks) if batch > 1 else None
+        if rank in ranks:
+            groups.batch_group, groups.batch_rank = group, ranks.index(rank)
+    return groups
+
+
+# ---------------------------------------------------------------------- sequence (Ulysses)
+class SequenceShards:
+    """The token sequence of one model call, divided over a sequence group.
+
+    The length is padded to a multiple of the group size; padded tokens are masked as keys
+    (`key_mask`) and cut off again by `gather`."""
+
+    def __init__(self, groups: ParallelGroups, length: int):
+        self.size, self.rank, self.group = groups.sequence_size, groups.sequence_rank, groups.sequence_group
+        self.length = int(length)
+        self.padded = self.length + (-self.length) % self.size
+        self.shard_length = self.padded // self.size
+        # tokens of this rank's shard that are real (the rest is padding)
+        self.valid_tokens = max(0, min(self.shard_length, self.length - self.rank * self.shard_length))
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's part of `x` along `dim` (which holds the full sequence)."""
+        if x.shape[dim] != self.length:
+            raise ValueError(f"cannot shard a sequence of {x.shape[dim]} tokens as one of {self.length}")
+        if self.padded != self.length:
+            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, self.padded - self.length]
+            x = F.pad(x, pad)
+        return x.narrow(dim, self.rank * self.shard_length, self.shard_length)
+
+    def key_mask(self, mask: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        """The key-padding mask `[B, padded length]` for the gathered sequence (None when nothing is masked)."""
+        if self.padded == self.length:
+            return mask
+        if mask is None:
+            mask = torch.ones(batch, self.length, dtype=torch.bool, device=device)
+        if mask.dim() != 2:
+            raise ValueError("sequence parallelism with padding takes key-padding masks [B, S] only")
+        return F.pad(mask, (0, self.padded - self.length), value=False)
+
+    def gather(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The full sequence from every rank's shard along `dim`."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim).narrow(dim, 0, self.length)
+
+    def attention(self, q, k, v, mask, scale, attend) -> torch.Tensor:
+        """Ulysses: shards of all heads -> all tokens of 1/size of the heads, attend, and back."""
+        heads, kv_heads = q.shape[2], k.shape[2]
+        if heads % self.size or kv_heads % self.size:
+            raise ConfigError(
+                f"sequence parallelism over {self.size} ranks needs head counts divisible by it "
+                f"(this attention has {heads} query / {kv_heads} key-value heads)"
+            )
+        q, k, v = (self._heads_to_tokens(t) for t in (q, k, v))
+        out = attend(q, k, v, mask, scale)
+        return self._tokens_to_heads(out)
+
+    def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h, d = x.shape
+        send = x.reshape(b, s, self.size, h // self.size, d).permute(2, 0, 1, 3, 4).contiguous()
+        received = self._all_to_all(send)  # [size, B, s, h/size, D]: every rank's tokens of our heads
+        return received.permute(1, 0, 2, 3, 4).reshape(b, self.size * s, h // self.size, d)
+
+    def _tokens_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, h, d = x.shape
+        send = x.reshape(b, self.size, n // self.size, h, d).permute(1, 0, 2, 3, 4).contiguous()
+        received = self._all_to_all(send)  # [size, B, s, h, D]: our tokens of every rank's heads
+        return received.permute(1, 2, 0, 3, 4).reshape(b, n // self.size, self.size * h, d)
+
+    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        return received
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+_ACTIVE: ContextVar[SequenceShards | None] = ContextVar("diffsynth_sequence_shards", default=None)
+_BATCH: ContextVar[ParallelGroups | None] = ContextVar("diffsynth_batch_groups", default=None)
+
+
+def active_sequence() -> SequenceShards | None:
+    """The sequence being divided by the model call now running (None outside one)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def shard_sequence(groups: ParallelGroups | None, length: int) -> Iterator[SequenceShards | None]:
+    """Within the block: `attention(..., sequence_parallel=True)` exchanges shards over the group.
+    Yields None (and changes nothing) when the model has no sequence parallelism."""
+    if groups is None or groups.sequence_size == 1:
+        yield None
+        return
+    if torch.is_grad_enabled():
+        raise ConfigError("sequence parallelism is for sampling: run under torch.no_grad()")
+    shards = SequenceShards(groups, length)
+    token = _ACTIVE.set(shards)
+    try:
+        yield shards
+    finally:
+        _ACTIVE.reset(token)
+
+
+def sum_over_call(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over every rank sharing the model call now running (itself outside one): a
+    decision taken on the sum (the first-block cache's) is then the same on every rank and the
+    same as in one process."""
+    import torch.distributed as dist
+
+    shards, batch = _ACTIVE.get(), _BATCH.get()
+    if shards is not None:
+        x = shards.all_reduce_sum(x)
+    if batch is not None:
+        x = x.clone()
+        dist.all_reduce(x, group=batch.batch_group)
+    return x
+
+
+# ---------------------------------------------------------------------- batch (CFG)
+def split_batch(groups: ParallelGroups | None, batch: int) -> slice:
+    """The samples of a batch of `batch` this rank computes (all of them without batch parallelism).
+
+    The batch must divide evenly, as a CFG call's positive + negative halves over 2 ranks do."""
+    if groups is None or groups.batch_size == 1:
+        return slice(0, batch)
+    if batch % groups.batch_size:
+        raise ConfigError(
+            f"a batch of {batch} cannot be divided over {groups.batch_size} ranks: use batch parallelism with CFG "
+            "(each call is positive + negative) or a number of prompts it divides"
+        )
+    part = batch // groups.batch_size
+    return slice(groups.batch_rank * part, (groups.batch_rank + 1) * part)
+
+
+def gather_batch(groups: ParallelGroups | None, x: torch.Tensor) -> torch.Tensor:
+    """Every rank's part of the batch (dim 0), in rank order."""
+    if groups is None or groups.batch_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(groups.batch_size)]
+    dist.all_gather(parts, x.contiguous(), group=groups.batch_group)
+    return torch.cat(parts, dim=0)
+
+
+def batch_parallel(groups: ParallelGroups | None, batch: int, forward: Callable, *args, **kwargs):
+    """`forward(*args, **kwargs)` on this rank's part of a batch of `batch`, gathered from every rank.
+
+    Tensors whose first dimension is `batch` and lists / tuples of length `batch` are divided; other
+    arguments (scalars, size-1 broadcasts, shared tables) are passed whole. The output is a tensor or
+    a tuple of tensors batched on dim 0."""
+    part = split_batch(groups, batch)
+    if part == slice(0, batch):
+        return forward(*args, **kwargs)
+
+    def divide(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[part]
+        if isinstance(value, (list, tuple)) and len(value) == batch:
+            return value[part]
+        return value
+
+    token = _BATCH.set(groups)
+    try:
+        out = forward(*(divide(a) for a in args), **{k: divide(v) for k, v in kwargs.items()})
+    finally:
+        _BATCH.reset(token)
+    if isinstance(out, tuple):
+        return tuple(gather_batch(groups, o) for o in out)
+    return gather_batch(groups, out)

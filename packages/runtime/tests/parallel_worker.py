@@ -1,0 +1,73 @@
+"""One rank of test_parallel.py (run as a script by `run_ranks`): Ulysses attention and batch division
+against the single-process result, which every rank computes for itself from the same seed."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from diffsynth.runtime.attention import attention
+from diffsynth.runtime.parallel import batch_parallel, init_parallel, shard_sequence
+
+
+def check_attention(groups, length: int, masked: bool) -> None:
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, length, 4, 8, generator=g) for _ in range(3))
+    mask = None
+    if masked:  # the second sample's last 3 keys are padding
+        mask = torch.ones(2, length, dtype=torch.bool)
+        mask[1, -3:] = False
+    want = attention(q, k, v, mask)
+    with torch.no_grad(), shard_sequence(groups, length) as shards:
+        local = attention(
+            shards.shard(q), shards.shard(k), shards.shard(v), shards.key_mask(mask, 2, "cpu"), sequence_parallel=True
+        )
+        got = shards.gather(local)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # the same call outside a divided sequence is plain attention
+    torch.testing.assert_close(attention(q, k, v, mask, sequence_parallel=True), want, atol=0, rtol=0)
+
+
+def check_batch(groups) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, t, w = torch.randn(4, 3, generator=g), torch.rand(4, generator=g), torch.randn(3, 3, generator=g)
+    texts = [torch.randn(n, 3, generator=g) for n in (1, 2, 3, 4)]
+
+    def forward(x, t, texts, weight, scale=1.0):
+        assert x.shape[0] == len(texts) == t.shape[0]
+        pooled = torch.stack([s.mean(0) for s in texts])
+        return (x @ weight + pooled) * t[:, None] * scale, x.sum(-1)
+
+    want = forward(x, t, texts, w, scale=2.0)
+    got = batch_parallel(groups, 4, forward, x, t, texts, w, scale=2.0)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def main(mode: str) -> None:
+    if mode == "sequence":
+        groups = init_parallel()
+        assert (groups.sequence_size, groups.batch_size) == (2, 1)
+        for length in (12, 13, 7):  # divisible, padded, padded with an empty-ish shard
+            check_attention(groups, length, masked=False)
+            check_attention(groups, length, masked=True)
+    elif mode == "batch":
+        groups = init_parallel(sequence=1, batch=2)
+        check_batch(groups)
+    elif mode == "heads":
+        groups = init_parallel(sequence=2)
+        q = torch.randn(1, 4, 3, 8)
+        with torch.no_grad(), shard_sequence(groups, 8):
+            try:
+                attention(q, q, q, sequence_parallel=True)
+            except Exception as exc:  # noqa: BLE001 - the message is what is checked
+                assert "3 query / 3 key-value heads" in str(exc), exc
+            else:
+                raise AssertionError("3 heads over 2 ranks must be refused")
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

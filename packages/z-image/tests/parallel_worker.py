@@ -1,0 +1,62 @@
+"""One rank of test_parallel.py (run as a script by `run_ranks`): the tiny pipeline with its DiT calls
+divided over the ranks gives what one process gives, which every rank also computes for itself."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from diffsynth.z_image import ZImagePipeline
+
+PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner"]
+OPTIONS = {"num_inference_steps": 6, "cfg_scale": 3.0, "negative_prompt": "blurry", "output_type": "pt"}
+
+
+def run(pipe, height: int, width: int) -> torch.Tensor:
+    return pipe(PROMPTS, seed=0, height=height, width=width, progress_bar=False, **OPTIONS)
+
+
+def main(repo: str, sequence: int, batch: int) -> None:
+    pipe = ZImagePipeline.from_pretrained(repo, torch_dtype="float32", device="cpu")
+    seen = []  # [batch, tokens] entering the main layers: what this rank really computed
+    pipe.dit.layers[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[:2])))
+    want = run(pipe, 64, 48)
+    full = seen[-1]
+    # a random tiny DiT changes a lot from step to step (relative first-block change 1.2 to 1.5 here):
+    # this threshold reuses some steps and not others
+    cache = pipe.enable_first_block_cache(1.4)["dit"]
+    want_cached = run(pipe, 64, 48)
+    want_reused = cache.skipped
+    pipe.disable_first_block_cache()
+
+    groups = pipe.enable_parallel(sequence=sequence, batch=batch)
+    assert (groups.sequence_size, groups.batch_size) == (sequence, batch)
+    torch.testing.assert_close(run(pipe, 64, 48), want, atol=2e-5, rtol=0)
+    # (a rank's half of a CFG batch may pad its captions less than the whole batch does)
+    (rows, tokens), exact = seen[-1], batch == 1
+    assert rows == full[0] // batch and (tokens * sequence == full[1] if exact else tokens * sequence <= full[1])
+    # the cache decides on every rank's tokens together: the same steps are reused as in one process
+    cache = pipe.enable_first_block_cache(1.4)["dit"]
+    got = run(pipe, 64, 48)
+    assert cache.skipped == want_reused and 0 < want_reused < cache.calls, (cache, want_reused)
+    torch.testing.assert_close(got, want_cached, atol=2e-5, rtol=0)
+
+
+def cli(repo: str, output: str) -> None:
+    """`diffsynth generate --sequence-parallel 2` as torchrun would run it: rank 0 writes the image."""
+    from diffsynth.runtime.cli import main as diffsynth
+
+    options = ["--height", "64", "--width", "48", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
+    code = diffsynth(
+        ["generate", "--model", repo, "--prompt", PROMPTS[0], "--sequence-parallel", "2", "--output", output, *options]
+    )
+    assert code == 0
+    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 2
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "cli":
+        cli(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
