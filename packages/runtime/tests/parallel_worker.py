@@ -29,6 +29,20 @@ def check_attention(groups, length: int, masked: bool) -> None:
     torch.testing.assert_close(attention(q, k, v, mask, sequence_parallel=True), want, atol=0, rtol=0)
 
 
+def check_joint_attention(groups, length: int, prefix: int) -> None:
+    """`[text, image]` attention with the text whole on every rank and the image divided."""
+    g = torch.Generator().manual_seed(100 + length)
+    q, k, v = (torch.randn(2, prefix + length, 4, 8, generator=g) for _ in range(3))
+    mask = torch.ones(2, prefix + length, dtype=torch.bool)
+    mask[1, prefix - 2 : prefix] = False  # the second sample's text is 2 tokens shorter
+    want = attention(q, k, v, mask)
+    with torch.no_grad(), shard_sequence(groups, length, prefix=prefix) as shards:
+        local = [torch.cat([t[:, :prefix], shards.shard(t[:, prefix:])], 1) for t in (q, k, v)]
+        out = attention(*local, shards.key_mask(mask, 2, "cpu"), sequence_parallel=True)
+        text, image = out[:, :prefix], shards.gather(out[:, prefix:])
+    torch.testing.assert_close(torch.cat([text, image], 1), want, atol=1e-6, rtol=0)
+
+
 def check_batch(groups) -> None:
     g = torch.Generator().manual_seed(0)
     x, t, w = torch.randn(4, 3, generator=g), torch.rand(4, generator=g), torch.randn(3, 3, generator=g)
@@ -52,6 +66,7 @@ def main(mode: str) -> None:
         for length in (12, 13, 7):  # divisible, padded, padded with an empty-ish shard
             check_attention(groups, length, masked=False)
             check_attention(groups, length, masked=True)
+            check_joint_attention(groups, length, prefix=5)
     elif mode == "batch":
         groups = init_parallel(sequence=1, batch=2)
         check_batch(groups)

@@ -94,10 +94,14 @@ class SequenceShards:
     """The token sequence of one model call, divided over a sequence group.
 
     The length is padded to a multiple of the group size; padded tokens are masked as keys
-    (`key_mask`) and cut off again by `gather`."""
+    (`key_mask`) and cut off again by `gather`. With a `prefix` (FLUX-style joint attention over
+    `[text, image]`), every marked attention call's q/k/v start with that many tokens that are
+    whole on every rank (the text): each rank attends with its share of the heads over the text and
+    all image tokens, and the text's output heads are gathered again."""
 
-    def __init__(self, groups: ParallelGroups, length: int):
+    def __init__(self, groups: ParallelGroups, length: int, prefix: int = 0):
         self.size, self.rank, self.group = groups.sequence_size, groups.sequence_rank, groups.sequence_group
+        self.prefix = int(prefix)
         self.length = int(length)
         self.padded = self.length + (-self.length) % self.size
         self.shard_length = self.padded // self.size
@@ -114,11 +118,12 @@ class SequenceShards:
         return x.narrow(dim, self.rank * self.shard_length, self.shard_length)
 
     def key_mask(self, mask: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
-        """The key-padding mask `[B, padded length]` for the gathered sequence (None when nothing is masked)."""
+        """The key-padding mask `[B, prefix + padded length]` for the gathered sequence (None when
+        nothing is masked); `mask` covers `[B, prefix + length]`."""
         if self.padded == self.length:
             return mask
         if mask is None:
-            mask = torch.ones(batch, self.length, dtype=torch.bool, device=device)
+            mask = torch.ones(batch, self.prefix + self.length, dtype=torch.bool, device=device)
         if mask.dim() != 2:
             raise ValueError("sequence parallelism with padding takes key-padding masks [B, S] only")
         return F.pad(mask, (0, self.padded - self.length), value=False)
@@ -139,9 +144,24 @@ class SequenceShards:
                 f"sequence parallelism over {self.size} ranks needs head counts divisible by it "
                 f"(this attention has {heads} query / {kv_heads} key-value heads)"
             )
-        q, k, v = (self._heads_to_tokens(t) for t in (q, k, v))
+        if not self.prefix:
+            q, k, v = (self._heads_to_tokens(t) for t in (q, k, v))
+            return self._tokens_to_heads(attend(q, k, v, mask, scale))
+        n = self.prefix
+        q, k, v = (torch.cat([self._own_heads(t[:, :n]), self._heads_to_tokens(t[:, n:])], 1) for t in (q, k, v))
         out = attend(q, k, v, mask, scale)
-        return self._tokens_to_heads(out)
+        return torch.cat([self._all_heads(out[:, :n]), self._tokens_to_heads(out[:, n:])], 1)
+
+    def _own_heads(self, x: torch.Tensor) -> torch.Tensor:
+        share = x.shape[2] // self.size
+        return x[:, :, self.rank * share : (self.rank + 1) * share]
+
+    def _all_heads(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=2)
 
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h, d = x.shape
@@ -180,15 +200,15 @@ def active_sequence() -> SequenceShards | None:
 
 
 @contextlib.contextmanager
-def shard_sequence(groups: ParallelGroups | None, length: int) -> Iterator[SequenceShards | None]:
-    """Within the block: `attention(..., sequence_parallel=True)` exchanges shards over the group.
-    Yields None (and changes nothing) when the model has no sequence parallelism."""
+def shard_sequence(groups: ParallelGroups | None, length: int, prefix: int = 0) -> Iterator[SequenceShards | None]:
+    """Within the block: `attention(..., sequence_parallel=True)` exchanges shards over the group
+    (`prefix`: see `SequenceShards`). Yields None (and changes nothing) without sequence parallelism."""
     if groups is None or groups.sequence_size == 1:
         yield None
         return
     if torch.is_grad_enabled():
         raise ConfigError("sequence parallelism is for sampling: run under torch.no_grad()")
-    shards = SequenceShards(groups, length)
+    shards = SequenceShards(groups, length, prefix)
     token = _ACTIVE.set(shards)
     try:
         yield shards
