@@ -200,6 +200,73 @@ def reference_components(repo: Path) -> dict:
     )
 
 
+# ------------------------------------------------------------------ first-block cache (FLUX.1 and FLUX.2 DiTs)
+def cached_calls(model: torch.nn.Module, threshold: float, calls) -> tuple[list[torch.Tensor], object]:
+    """`model(*args)` for each args of `calls`, one per denoising step of a first-block cache of `threshold`;
+    returns the outputs and the cache (the model's cache is off again afterwards)."""
+    from diffsynth.runtime.step_cache import FirstBlockCache
+
+    cache = model.step_cache = FirstBlockCache(threshold)
+    outs = []
+    try:
+        cache.begin_loop()
+        with torch.no_grad():
+            for args in calls:
+                cache.begin_step()
+                outs.append(model(*args))
+        cache.end_loop()
+    finally:
+        model.step_cache = None
+    return outs, cache
+
+
+def reused_call_reference(model: torch.nn.Module, full_args, reused_args, n_txt: int) -> torch.Tensor:
+    """What a first-block cache must give on `reused_args` after a full call on `full_args`, built by hand
+    from the model's own pieces: the first double block's (img, txt) on `reused_args`, plus what the later
+    blocks (the other double blocks, then the single blocks over `[txt, img]`) added on the full call."""
+    seen = {}
+    hooks = [
+        model.double_blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("first", o)),
+        model.single_blocks[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("last", o)),
+    ]
+    with torch.no_grad():
+        model(*full_args)
+    for hook in hooks:
+        hook.remove()
+    (img, txt), last = seen["first"], seen["last"]
+    rest = (last[:, n_txt:] - img, last[:, :n_txt] - txt)
+    double, single = model.double_blocks, model.single_blocks
+    model.double_blocks, model.single_blocks = double[:1], torch.nn.ModuleList()
+    hook = double[0].register_forward_hook(lambda m, i, o: tuple(a + r for a, r in zip(o, rest, strict=True)))
+    try:
+        with torch.no_grad():
+            return model(*reused_args)
+    finally:
+        hook.remove()
+        model.double_blocks, model.single_blocks = double, single
+
+
+def check_pipeline_first_block_cache(pipe, run, steps: int, calls_per_step: int = 1) -> None:
+    """`run()` (a pipeline call of `steps` steps, `calls_per_step` DiT calls each) with the cache: threshold 0
+    reuses nothing and gives the same image; a huge one reuses every call after the first step's and changes
+    the image; disabled, the uncached image comes back."""
+    plain = run()
+    caches = pipe.enable_first_block_cache(0.0)
+    try:
+        assert list(caches) == ["dit"] and pipe.step_caches() == caches
+        exact = run()
+        assert (caches["dit"].calls, caches["dit"].skipped) == (steps * calls_per_step, 0)
+        assert max_abs(exact, plain) == 0
+        loose = pipe.enable_first_block_cache(1e9)["dit"]
+        approx = run()
+        assert (loose.calls, loose.skipped) == (steps * calls_per_step, (steps - 1) * calls_per_step)
+        assert approx.shape == plain.shape and max_abs(approx, plain) > 1e-4
+    finally:
+        pipe.disable_first_block_cache()
+    assert pipe.step_caches() == {} and pipe.dit.step_cache is None
+    assert max_abs(run(), plain) == 0
+
+
 # ------------------------------------------------------------------ pipelines, images, noise
 def our_pipeline(repo: Path, **kwargs):
     """Our pipeline on the tiny hub repo, fp32 on the CPU (a fresh one: a test may load adapters into it)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffsynth_flux_test_helpers import (
+    check_pipeline_first_block_cache,
     controlnet_config_json,
     controlnet_inputs,
     dit_inputs,
@@ -289,6 +290,16 @@ def test_controls_change_the_image_and_respect_scale_and_steps(cn_pipe):
     inpaint = ControlNetInput(image=_image(1), inpaint_mask=_image(2).convert("L"), controlnet_id=1, start=0.5)
     both = _run(cn_pipe, [ControlNetInput(image=_image(), processor_id="depth"), inpaint])
     assert np.abs(both - controlled).max() > 1e-4
+
+
+def test_first_block_cache_with_controlnets(cn_pipe):
+    """ControlNets still run every step (only the DiT is cached); a reused step reuses the residuals of the
+    blocks it skips along with the blocks' own work. The inpainting net acts on the later steps only."""
+    from diffsynth.flux.pipeline import ControlNetInput
+
+    inpaint = ControlNetInput(image=_image(1), inpaint_mask=_image(2).convert("L"), controlnet_id=1, start=0.5)
+    controls = [ControlNetInput(image=_image(), processor_id="depth"), inpaint]
+    check_pipeline_first_block_cache(cn_pipe, lambda: _run(cn_pipe, controls, steps=4), steps=4)
 
 
 def test_control_step_range():

@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffsynth_flux_test_helpers import dit_inputs, image_ids, make_dit, tiny_dit_config
+from diffsynth_flux_test_helpers import (
+    check_pipeline_first_block_cache,
+    dit_inputs,
+    image_ids,
+    make_dit,
+    tiny_dit_config,
+)
 from PIL import Image
 
 from diffsynth.flux.flux1 import dit as dit_module
@@ -172,6 +178,21 @@ def test_pipeline_without_entities_is_the_plain_pipeline(tiny_pipe):
         "a cat", seed=0, output_type="pt", eligen_entity_prompts=["a hat", "a dog"], eligen_entity_masks=blank, **FAST
     )
     torch.testing.assert_close(covered_nothing, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("on_negative", [False, True], ids=["two-calls", "batched"])
+def test_first_block_cache_with_entities_and_cfg(tiny_pipe, one_thread, on_negative):
+    """Entities on the positive branch only: positive and negative run as two DiT calls per step, each
+    with its own cache state (their texts differ in length); on both branches, one batched call."""
+    prompts, masks = _entities()
+    kw = dict(eligen_entity_prompts=prompts, eligen_entity_masks=masks, eligen_enable_on_negative=on_negative)
+    options = {**FAST, "num_inference_steps": 3, "negative_prompt": "blurry", "cfg_scale": 2.0}
+    check_pipeline_first_block_cache(
+        tiny_pipe,
+        lambda: tiny_pipe("a cat", seed=0, output_type="pt", **options, **kw),
+        steps=3,
+        calls_per_step=1 if on_negative else 2,
+    )
 
 
 def test_pipeline_with_two_entities_batch_and_cfg(tiny_pipe):

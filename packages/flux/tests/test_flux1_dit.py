@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffsynth_flux_test_helpers import dit_inputs, image_ids, make_dit, tiny_dit_config
+from diffsynth_flux_test_helpers import (
+    cached_calls,
+    dit_inputs,
+    image_ids,
+    make_dit,
+    reused_call_reference,
+    tiny_dit_config,
+)
 
 from diffsynth.flux.flux1 import dit as dit_module
 from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
@@ -164,3 +171,62 @@ def test_bad_inputs_raise_clear_errors(change, message):
         args[index] = value
     with pytest.raises(ValueError, match=message):
         make_dit()(*args)
+
+
+# ------------------------------------------------------------------ first-block cache
+def controlnet_samples(cfg, seed=3, tokens=16) -> dict:
+    """ControlNet residuals for every block list the config has (fewer samples than blocks: they are spread)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = {}
+    if cfg.depth:
+        samples["controlnet_block_samples"] = [torch.randn(2, tokens, cfg.hidden_size, generator=g)]
+    if cfg.depth_single_blocks:
+        samples["controlnet_single_block_samples"] = [torch.randn(1, tokens, cfg.hidden_size, generator=g)]
+    return samples
+
+
+@pytest.mark.parametrize(
+    ("overrides", "controlnet"),
+    [({}, False), ({}, True), ({"depth": 0}, True)],
+    ids=["double+single", "controlnet", "single-only"],
+)
+def test_first_block_cache_hook(overrides, controlnet):
+    """The cache spans both block lists (head: the first double block, or the first single one without them).
+    With ControlNet residuals a reused call reuses the residuals of the blocks it skips: fed the same input it
+    gives the full call's output (adding this step's residuals again would count them twice)."""
+    cfg = tiny_dit_config(**overrides)
+    cf.check_first_block_cache(
+        lambda: make_dit(cfg),
+        dit_inputs(config=cfg),
+        controlnet_samples(cfg) if controlnet else None,
+        other_args=dit_inputs(seed=2, config=cfg),
+        blocks=("double_blocks", "single_blocks"),
+    )
+
+
+def test_first_block_cache_reuses_what_the_later_blocks_added():
+    model = make_dit().eval()
+    full, reused = dit_inputs(), dit_inputs(seed=2)
+    want = reused_call_reference(model, full, reused, n_txt=full[2].shape[1])
+    (_, got), cache = cached_calls(model, float("inf"), [full, reused])
+    assert (cache.calls, cache.skipped) == (2, 1)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        assert (got - model(*reused)).abs().max() > 1e-3  # the reuse did change the output
+
+
+def test_first_block_cache_with_kontext_tokens_and_an_attention_mask():
+    """Kontext's reference tokens ride in the image stream and an EliGen-style mask reaches the first block:
+    same shapes as uncached, and a repeated input is reused exactly."""
+    img, ids, txt, txt_ids, t, y, g = dit_inputs()
+    ref = torch.randn(2, 6, img.shape[-1], generator=torch.Generator().manual_seed(4))
+    args = (torch.cat([img, ref], 1), torch.cat([ids, image_ids(2, 3, first=1.0)], 1), txt, txt_ids, t, y, g)
+    mask = torch.rand(1, 1, 7 + 22, 7 + 22, generator=torch.Generator().manual_seed(5)) > 0.2
+    model = make_dit().eval()
+    with torch.no_grad():
+        plain = model(*args, attn_mask=mask)
+    outs, cache = cached_calls(model, 0.0, [(*args, None, None, mask)] * 2)
+    assert (cache.calls, cache.skipped) == (2, 1)  # an identical input is reused even at threshold 0
+    for out in outs:
+        assert out.shape == (2, 22, 16)
+        torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffsynth_flux_test_helpers import cached_calls, reused_call_reference
 from safetensors.torch import save_file
 
 from diffsynth.flux.flux1.formats import FLUX1_DIT_SPEC
@@ -200,6 +201,32 @@ def test_spec_config_from_tiny_shapes_rebuilds_the_same_model():
     """Shapes give widths, counts, heads, MLP ratio, guidance embedder; RoPE axes come from the json."""
     tiny = tiny_config()
     assert cf.check_spec_config(FLUX2_DIT_SPEC, make_dit, {"axes_dims_rope": list(tiny.axes_dim)}) == tiny
+
+
+# ------------------------------------------------------------------ first-block cache
+@pytest.mark.parametrize("ref_grid", [None, (2, 3)], ids=["text-to-image", "reference-tokens"])
+def test_first_block_cache_hook(ref_grid):
+    """Over both block lists (diffusers' span); reference-image tokens ride in the image stream."""
+    cf.check_first_block_cache(
+        make_dit,
+        dit_inputs(ref_grid=ref_grid),
+        other_args=dit_inputs(ref_grid=ref_grid, seed=2),
+        blocks=("double_blocks", "single_blocks"),
+    )
+
+
+def test_first_block_cache_reuses_what_the_later_blocks_added():
+    """diffusers' FBC cannot run on its FLUX.2 model (its tail hook subtracts a list from a tensor), so the
+    reference is built by hand from our model's pieces."""
+    model = make_dit().eval()
+    full, reused = dit_inputs(ref_grid=(2, 3)), dit_inputs(ref_grid=(2, 3), seed=2)
+    want = reused_call_reference(model, full, reused, n_txt=full[2].shape[1])
+    (_, got), cache = cached_calls(model, float("inf"), [full, reused])
+    assert (cache.calls, cache.skipped) == (2, 1)
+    assert got.shape == reused[0].shape
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        assert (got - model(*reused)).abs().max() > 1e-3  # the reuse did change the output
 
 
 # ------------------------------------------------------------------ behaviour

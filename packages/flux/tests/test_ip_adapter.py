@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffsynth_flux_test_helpers import (
+    check_pipeline_first_block_cache,
     dit_inputs,
     latent_noise,
     make_dit,
@@ -344,6 +345,21 @@ def test_instantx_pipeline_runs_and_scale_zero_changes_nothing(pipe, encoders, t
         other = flux_velocity(pipe.dit, x, sigma[None], negative_text, 3.5, ip_adapter=negative)
     assert (batched - pipe.guide(one, other, 2.0)).abs().max().item() <= 1e-5
     assert (one - other).abs().max().item() > 1e-3
+
+
+def test_first_block_cache_with_an_ip_adapter(pipe, encoders, tmp_path, one_thread):
+    """The adapter's keys/values reach the first block; with true CFG (zero-image keys on the negative
+    branch) both branches run as one batch, one DiT call per step."""
+    d = pipe.dit.config
+    cfg = tiny_adapter_config(
+        image_embed_dim=32, hidden_size=d.hidden_size, double_blocks=d.depth, single_blocks=d.depth_single_blocks
+    )
+    path = _instantx_file(make_adapter(cfg, seed=7), tmp_path / "ip-adapter.bin")
+    pipe.load_ip_adapter(str(path), image_encoder=str(encoders["siglip"]))
+    options = {**SETTINGS, "num_inference_steps": 3, "negative_prompt": "blurry", "cfg_scale": 2.0}
+    check_pipeline_first_block_cache(
+        pipe, lambda: _run(pipe, ipadapter_images=[_image(3)], ipadapter_scale=0.8, **options), steps=3
+    )
 
 
 def _xlabs_config(dit_cfg) -> FluxIPAdapterConfig:

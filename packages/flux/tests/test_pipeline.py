@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffsynth_flux_test_helpers import check_pipeline_first_block_cache
 from PIL import Image
 
 from diffsynth.flux.pipeline import (
@@ -106,6 +107,29 @@ def test_flux_velocity_is_the_per_step_call(tiny_pipe):
     assert v.shape == x.shape and v.dtype == torch.float32
     single = flux_velocity(pipe.dit, x[:1], torch.tensor([0.7]), type(text)(text.t5[:1], text.pooled[:1]), 3.5)
     torch.testing.assert_close(v[:1], single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"kontext_images": "reference"}, {"negative_prompt": "blurry", "cfg_scale": 2.0}],
+    ids=["text-to-image", "kontext", "true-cfg"],
+)
+def test_first_block_cache_in_the_pipeline(tiny_pipe, extra, one_thread):
+    """Kontext's reference tokens ride in the image stream; true CFG runs both branches as one batch,
+    so one DiT call per step."""
+    extra = {k: _image(32, 32) if v == "reference" else v for k, v in extra.items()}
+    options = {**FAST, "num_inference_steps": 4}
+    check_pipeline_first_block_cache(
+        tiny_pipe, lambda: tiny_pipe("a cat", seed=0, output_type="pt", **options, **extra), steps=4
+    )
+
+
+def test_first_block_cache_bad_slot_and_threshold_are_clear_errors(tiny_pipe):
+    with pytest.raises(ConfigError, match="supports the first-block cache"):
+        tiny_pipe.enable_first_block_cache(0.1, slots=["vae"])
+    with pytest.raises(ConfigError, match="threshold"):
+        tiny_pipe.enable_first_block_cache(-1.0)
+    assert tiny_pipe.step_caches() == {}
 
 
 @pytest.mark.parametrize(

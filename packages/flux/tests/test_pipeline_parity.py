@@ -55,6 +55,53 @@ def test_true_cfg_matches_diffusers(both):
     assert max_abs(got, expected) <= 1e-4
 
 
+def full_calls(head: torch.nn.Module, tail: torch.nn.Module) -> tuple[list[bool], list]:
+    """One entry per model call (counted on the first block), True when the call ran `tail` (a module the
+    last block runs inside its own forward: diffusers' cache hook replaces that forward on reused calls)."""
+    calls: list[bool] = []
+    hooks = [
+        head.register_forward_hook(lambda m, i, o: calls.append(False)),
+        tail.register_forward_hook(lambda m, i, o: calls.__setitem__(-1, True)),
+    ]
+    return calls, hooks
+
+
+def test_first_block_cache_matches_diffusers(both, one_thread):
+    """diffusers' `FirstBlockCacheConfig` on its FluxPipeline and ours at the same threshold: the same steps
+    reuse the later blocks and the images agree. Without true CFG: ours runs both branches as one batched
+    call where diffusers makes two, so the decisions would be taken on other tensors (our CFG + cache is
+    tested against invariants in test_pipeline.py)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    ours, ref, _ = both
+    threshold = 0.8  # the tiny random model's relative changes are 0.7 to 0.85: this reuses some steps
+    noise = latent_noise(1, 32, 32, seed=3)
+    common = dict(num_inference_steps=8, height=32, width=32)
+    plain = our_images(ours, PROMPTS[0], noise, TEXT_LEN, embedded_guidance=3.5, **common)
+    theirs, hooks = full_calls(
+        ref.transformer.transformer_blocks[0], ref.transformer.single_transformer_blocks[-1].proj_out
+    )
+    ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        expected = reference_images(ref, noise, TEXT_LEN, prompt=PROMPTS[0], guidance_scale=3.5, **common)
+    finally:
+        ref.transformer.disable_cache()
+        for hook in hooks:
+            hook.remove()
+    mine, hooks = full_calls(ours.dit.double_blocks[0], ours.dit.single_blocks[-1].linear2)
+    cache = ours.enable_first_block_cache(threshold)["dit"]
+    try:
+        got = our_images(ours, PROMPTS[0], noise, TEXT_LEN, embedded_guidance=3.5, **common)
+    finally:
+        ours.disable_first_block_cache()
+        for hook in hooks:
+            hook.remove()
+    assert 0 < cache.skipped < cache.calls == 8
+    assert mine == theirs and mine.count(False) == cache.skipped
+    assert max_abs(got, plain) > 1e-2  # the reuse changed the image...
+    assert max_abs(got, expected) <= 1e-4  # ...as it changed diffusers'
+
+
 def test_kontext_matches_diffusers(both):
     _, _, kontext = both
     ours = both[0]

@@ -184,6 +184,15 @@ def tiny_repo(tmp_path_factory) -> Path:
     return build_tiny_repo(tmp_path_factory.mktemp("tiny-qwen-image"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: intra-op threads only add scheduling overhead (seconds per call on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LORA_LAYOUTS = ("peft", "diffusion_model", "diffusion_model_alpha", "kohya")
 
 

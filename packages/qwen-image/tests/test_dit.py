@@ -94,6 +94,19 @@ def test_meta_load_and_declared_units():
     cf.check_declared_units(make_model)
 
 
+@pytest.mark.parametrize("edit", [False, True], ids=["text-to-image", "edit-zero-cond-t"])
+def test_first_block_cache_hook(edit):
+    """Over `transformer_blocks`; edit references ride in the image stream, and the two call positions
+    (positive, negative prompt) keep their own states even with texts of other lengths."""
+    shapes = ((1, 4, 6), (1, 2, 4)) if edit else ((1, 4, 6),)
+    cf.check_first_block_cache(
+        lambda: make_model(tiny_config(zero_cond_t=edit, num_layers=3)),
+        inputs(shapes=shapes),
+        other_args=inputs(text_lengths=(3, 12), shapes=shapes, seed=2),
+        blocks=("transformer_blocks",),
+    )
+
+
 # ------------------------------------------------------------------ behaviour
 def test_padded_text_does_not_change_a_sample():
     """A sample alone equals the same sample inside a batch with longer (masked) text."""

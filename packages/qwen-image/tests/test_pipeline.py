@@ -136,6 +136,37 @@ def test_edit_runs_and_defaults_to_the_last_images_aspect(pipe, small_edit_areas
         pipe.defaults.pop("edit_template")
 
 
+@pytest.mark.parametrize("edit", [False, True], ids=["text-to-image", "edit"])
+def test_first_block_cache_in_the_pipeline(pipe, small_edit_areas, one_thread, edit):
+    """Threshold 0 reuses nothing (same image); a loose one reuses the later steps' blocks, each of the
+    positive and negative calls against its own last full call; turning it off gives the uncached image.
+    Edit references ride in the image stream."""
+    extra = {"edit_image": Image.new("RGB", (40, 80), (10, 200, 10))} if edit else {}
+    options = {**FAST, "num_inference_steps": 4, "cfg_scale": 4.0, "negative_prompt": "blurry", **extra}
+    plain = pipe("a red circle", seed=0, output_type="pt", **options)
+    caches = pipe.enable_first_block_cache(0.0)
+    try:
+        assert list(caches) == ["dit"] and pipe.step_caches() == caches
+        exact = pipe("a red circle", seed=0, output_type="pt", **options)
+        assert (caches["dit"].calls, caches["dit"].skipped) == (8, 0)  # positive + negative per step
+        torch.testing.assert_close(exact, plain, rtol=0, atol=0)
+        loose = pipe.enable_first_block_cache(1e9)["dit"]
+        approx = pipe("a red circle", seed=0, output_type="pt", **options)
+        assert (loose.calls, loose.skipped) == (8, 6)
+        assert approx.shape == plain.shape and (approx - plain).abs().max() > 1e-4
+    finally:
+        pipe.disable_first_block_cache()
+    assert pipe.step_caches() == {} and pipe.dit.step_cache is None
+    torch.testing.assert_close(pipe("a red circle", seed=0, output_type="pt", **options), plain, rtol=0, atol=0)
+
+
+def test_first_block_cache_bad_slot_is_a_clear_error(pipe):
+    with pytest.raises(ConfigError, match="unknown model slot"):
+        pipe.enable_first_block_cache(0.1, slots=["transformer"])
+    with pytest.raises(ConfigError, match="supports the first-block cache"):
+        pipe.enable_first_block_cache(0.1, slots=["text_encoder"])
+
+
 def test_edit_errors(pipe):
     with pytest.raises(ConfigError, match="edit_image is an empty list"):
         pipe("a cat", edit_image=[], num_inference_steps=1, height=32, width=32, progress_bar=False)

@@ -59,6 +59,64 @@ def test_images_match_diffusers(both, cfg_scale):
     assert np.abs(got - expected).max() <= 1e-4
 
 
+def full_calls(head: torch.nn.Module, tail: torch.nn.Module) -> tuple[list[bool], list]:
+    """One entry per model call (counted on the first block), True when the call ran `tail` (a module the
+    last block runs inside its own forward: diffusers' cache hook replaces that forward on reused calls)."""
+    calls: list[bool] = []
+    hooks = [
+        head.register_forward_hook(lambda m, i, o: calls.append(False)),
+        tail.register_forward_hook(lambda m, i, o: calls.__setitem__(-1, True)),
+    ]
+    return calls, hooks
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_first_block_cache_matches_diffusers(both, one_thread, cfg_scale):
+    """diffusers' `FirstBlockCacheConfig` and ours at the same threshold: the same calls reuse the later
+    blocks and the images agree. With CFG both sides make a positive and a negative call per step, each
+    judged against its own last full call (diffusers' `cache_context("cond" / "uncond")`)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    ours, ref = both
+    threshold = 1.1  # the tiny random model's relative changes are 0.6 to 1.4: this reuses some calls
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator("cpu").manual_seed(11))
+    negative = "bad quality, blurry"
+    common = dict(num_inference_steps=8, height=64, width=64, output_type="np")
+
+    def run_ours():
+        options = dict(negative_prompt=negative, cfg_scale=cfg_scale, latents=noise.clone(), progress_bar=False)
+        return ours(PROMPTS[0], **options, **common)
+
+    plain = run_ours()
+    theirs, hooks = full_calls(ref.transformer.transformer_blocks[0], ref.transformer.transformer_blocks[-1].img_mlp)
+    ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        expected = ref(
+            PROMPTS[0],
+            negative_prompt=negative if cfg_scale > 1 else None,
+            true_cfg_scale=cfg_scale,
+            latents=ref._pack_latents(noise.clone(), 1, 16, 8, 8),
+            **common,
+        ).images
+    finally:
+        ref.transformer.disable_cache()
+        for hook in hooks:
+            hook.remove()
+    mine, hooks = full_calls(ours.dit.transformer_blocks[0], ours.dit.transformer_blocks[-1].img_mlp)
+    cache = ours.enable_first_block_cache(threshold)["dit"]
+    try:
+        got = run_ours()
+    finally:
+        ours.disable_first_block_cache()
+        for hook in hooks:
+            hook.remove()
+    calls = 16 if cfg_scale > 1 else 8
+    assert 0 < cache.skipped < cache.calls == calls
+    assert mine == theirs and mine.count(False) == cache.skipped
+    assert np.abs(got - plain).max() > 1e-3  # the reuse changed the image...
+    assert np.abs(got - expected).max() <= 1e-5  # ...as it changed diffusers'
+
+
 def test_schedule_matches_diffusers(both):
     from diffsynth.runtime.schedulers import FlowMatchScheduler
 

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.step_cache import run_block_list
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to the time MLP
 TIME_SCALE = 1000.0  # sigma -> diffusers timestep
@@ -268,6 +269,7 @@ class QwenImageDiT(nn.Module):
         self.norm_out = OutputNorm(dim)
         self.proj_out = nn.Linear(dim, config.out_dim)
         self.gradient_checkpointing = False
+        self.step_cache = None  # a FirstBlockCache over `transformer_blocks` (BasePipeline.enable_first_block_cache)
 
     def _rope(self, img_shapes, n_img: int, n_txt: int, device) -> Rope:
         """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]`."""
@@ -320,12 +322,13 @@ class QwenImageDiT(nn.Module):
         if text_mask is not None:
             mask = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
 
-        for block in self.transformer_blocks:
-            args = (img, txt, temb, rope, mask, cond_index)
+        def run(block: nn.Module, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+            args = (*streams, temb, rope, mask, cond_index)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                img, txt = checkpoint(block, *args, use_reentrant=False)
-            else:
-                img, txt = block(*args)
+                return checkpoint(block, *args, use_reentrant=False)
+            return block(*args)
+
+        img, txt = run_block_list(self.step_cache, self.transformer_blocks, (img, txt), run)
 
         if cfg.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.step_cache import run_blocks
 
 from .eligen import check_attention_mask
 
@@ -295,6 +296,8 @@ class Flux1DiT(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else Flux1DiTConfig()
         self.gradient_checkpointing = False
+        # a FirstBlockCache over double_blocks + single_blocks (BasePipeline.enable_first_block_cache)
+        self.step_cache = None
         dim = config.hidden_size
         self.img_in = nn.Linear(config.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
@@ -357,16 +360,46 @@ class Flux1DiT(nn.Module):
         ids = torch.cat((txt_ids.expand(b, -1, -1), img_ids.expand(b, -1, -1)), dim=1)
         rope = rope_tables(*rope_from_ids(ids, cfg.axes_dim, cfg.theta))
 
-        for i, block in enumerate(self.double_blocks):
-            img, txt = self._run(block, img, txt, vec, rope, attn_mask, ip_double[i])
-            if double_res is not None:
-                img = add_residual(img, double_res[i], 0)
-        x = torch.cat((txt, img), dim=1)
-        for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, vec, rope, attn_mask, ip_single[i])
-            if single_res is not None:
-                x = add_residual(x, single_res[i], txt.shape[1])
-        return self.final_layer(x[:, -n_img:], vec)
+        n_txt = txt.shape[1]
+
+        def double(i: int, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._run(self.double_blocks[i], img, txt, vec, rope, attn_mask, ip_double[i])
+
+        def single(i: int, x: torch.Tensor) -> torch.Tensor:
+            return self._run(self.single_blocks[i], x, vec, rope, attn_mask, ip_single[i])
+
+        def control_double(i: int, img: torch.Tensor) -> torch.Tensor:
+            return img if double_res is None else add_residual(img, double_res[i], 0)
+
+        def control_single(i: int, x: torch.Tensor) -> torch.Tensor:
+            return x if single_res is None else add_residual(x, single_res[i], n_txt)
+
+        # The step cache spans both lists (as diffusers' does): its first block is the first double block
+        # (the first single one without double blocks); the first block's ControlNet residual belongs to
+        # the rest, so the cache measures the block alone and a reused step reuses every residual.
+        def first(streams):
+            img, txt = streams
+            if n_double:
+                return double(0, img, txt)
+            x = single(0, torch.cat((txt, img), dim=1))
+            return x[:, n_txt:], x[:, :n_txt]
+
+        def rest(streams):
+            img, txt = streams
+            for i in range(n_double):
+                if i:
+                    img, txt = double(i, img, txt)
+                img = control_double(i, img)
+            x = torch.cat((txt, img), dim=1)
+            for i in range(n_single):
+                if i or n_double:
+                    x = single(i, x)
+                x = control_single(i, x)
+            return x[:, n_txt:], x[:, :n_txt]
+
+        if n_double + n_single:
+            img, txt = run_blocks(self.step_cache, (img, txt), first, rest)
+        return self.final_layer(img, vec)
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

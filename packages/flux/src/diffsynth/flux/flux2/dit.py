@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.step_cache import run_blocks
 
 from ..flux1.dit import QKNorm, Rope, check_dit_config, rope_from_ids
 
@@ -243,6 +244,8 @@ class Flux2DiT(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else Flux2DiTConfig()
         self.gradient_checkpointing = False
+        # a FirstBlockCache over double_blocks + single_blocks (BasePipeline.enable_first_block_cache)
+        self.step_cache = None
         dim = config.hidden_size
         self.img_in = nn.Linear(config.in_channels, dim, bias=False)
         self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
@@ -289,12 +292,29 @@ class Flux2DiT(nn.Module):
         ids = torch.cat((txt_ids.to(id_dtype).expand(n_ids, -1, -1), img_ids.to(id_dtype).expand(n_ids, -1, -1)), 1)
         rope = rope_tables(*rope_from_ids(ids, cfg.axes_dim, cfg.theta))
 
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, mod_img, mod_txt, rope)
-        x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, mod_single, rope)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        n_txt, n_double = txt.shape[1], len(self.double_blocks)
+
+        # The step cache spans both lists (as diffusers' does): its first block is the first double block
+        # (the first single one without double blocks), the rest returns the streams split again.
+        def first(streams):
+            img, txt = streams
+            if n_double:
+                return self._run(self.double_blocks[0], img, txt, mod_img, mod_txt, rope)
+            x = self._run(self.single_blocks[0], torch.cat((txt, img), dim=1), mod_single, rope)
+            return x[:, n_txt:], x[:, :n_txt]
+
+        def rest(streams):
+            img, txt = streams
+            for block in self.double_blocks[1:]:
+                img, txt = self._run(block, img, txt, mod_img, mod_txt, rope)
+            x = torch.cat((txt, img), dim=1)
+            for block in self.single_blocks[0 if n_double else 1 :]:
+                x = self._run(block, x, mod_single, rope)
+            return x[:, n_txt:], x[:, :n_txt]
+
+        if n_double + len(self.single_blocks):
+            img, txt = run_blocks(self.step_cache, (img, txt), first, rest)
+        return self.final_layer(img, vec)
 
     def conditioning_vector(self, timesteps, guidance, batch: int, device, dtype) -> torch.Tensor:
         """The modulation vector `[B, hidden]`: `time_in(t)` plus `guidance_in(guidance)` where it exists."""
