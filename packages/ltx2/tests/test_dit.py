@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffsynth.ltx2 import dit as dit_module
-from diffsynth.ltx2.dit import LTX2DiT, LTX2DiTConfig, audio_positions, video_positions
+from diffsynth.ltx2.dit import AttentionSkip, LTX2DiT, LTX2DiTConfig, audio_positions, video_positions
 from diffsynth.ltx2.dit_formats import (
     LTX2_DIT_SPEC,
     PREFIX,
@@ -204,6 +204,56 @@ def test_batch_equals_each_sample_alone():
             alone = model(*(a[s] for a in args), video_context_mask=mask[s], audio_context_mask=mask[s], **kwargs)
             torch.testing.assert_close(video[s], alone[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(audio[s], alone[1], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ first-block cache
+STG_AND_ISOLATION = (AttentionSkip("video_self", (0, 1), (1,)), AttentionSkip("a2v", None, (0,)))
+
+
+@pytest.mark.parametrize("skips", [(), STG_AND_ISOLATION], ids=["plain", "skips"])
+def test_first_block_cache_hook(skips):
+    args, kwargs = dit_inputs()
+    kwargs["skips"] = list(skips)
+    other = dit_inputs(seed=2)[0]
+    cf.check_first_block_cache(make_dit, args, kwargs, other_args=other, blocks=("transformer_blocks",))
+
+
+def test_first_block_cache_reuses_what_the_rest_added_to_both_streams():
+    """A reused call = the first block's (video, audio) output + what the other blocks added to each stream
+    on the full call, with STG / isolation skips in the first and the later blocks (a reference built by
+    hand from the model's own pieces: hooks on the first and last block)."""
+    from diffsynth.runtime.step_cache import FirstBlockCache
+
+    model = make_dit(tiny_config(num_layers=3)).eval()
+    (args1, kwargs), args2 = dit_inputs(), dit_inputs(seed=2)[0]
+    kwargs["skips"] = [AttentionSkip("video_self", (0, 2), (1,)), AttentionSkip("v2a", (1,), (0,))]
+    seen = {}
+    blocks = model.transformer_blocks
+    hooks = [
+        blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("first", o)),
+        blocks[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("last", o)),
+    ]
+    with torch.no_grad():
+        model(*args1, **kwargs)
+        rest = [last - first for last, first in zip(seen["last"], seen["first"], strict=True)]
+        hooks[1].remove()  # the last block's output replaced by this call's first-block output + `rest`
+        hooks[1] = blocks[-1].register_forward_hook(
+            lambda m, i, o: tuple(f + r for f, r in zip(seen["first"], rest, strict=True))
+        )
+        want = model(*args2, **kwargs)
+        for hook in hooks:
+            hook.remove()
+        full = model(*args2, **kwargs)
+
+        cache = model.step_cache = FirstBlockCache(float("inf"))
+        cache.begin_loop()
+        for args in (args1, args2):
+            cache.begin_step()
+            got = model(*args, **kwargs)
+    assert (cache.calls, cache.skipped) == (2, 1)
+    for stream in range(2):
+        assert (got[stream] - full[stream]).abs().max() > 1e-4  # the reuse is an approximation
+        torch.testing.assert_close(got[stream], want[stream], atol=1e-6, rtol=0)
 
 
 def test_masked_text_tokens_are_ignored_and_a_full_mask_equals_none():

@@ -123,6 +123,27 @@ def test_keyframe_tokens_are_read_and_the_video_keeps_its_size(tiny_ltx2_pipe, m
     assert {(n, c, t) for n, _, c, t in seen} == {(tokens + keyframe, tokens + keyframe, 0.0)}
 
 
+def test_first_block_cache_with_keyframes(tiny_ltx2_pipe):
+    """Keyframe tokens run in the video stream the cache decides on: threshold 0 gives the uncached video, a
+    loose one reuses the later steps and changes it."""
+    kwargs = dict(
+        seed=0, input_images=[picture(3)], input_images_indexes=[16], num_inference_steps=3, output_type="pt",
+        **SETTINGS,
+    )  # fmt: skip
+    plain, _ = tiny_ltx2_pipe(CAPTIONS[1], **kwargs)
+    try:
+        cache = tiny_ltx2_pipe.enable_first_block_cache(0.0)["dit"]
+        exact, _ = tiny_ltx2_pipe(CAPTIONS[1], **kwargs)
+        assert (cache.calls, cache.skipped) == (3, 0)
+        cache = tiny_ltx2_pipe.enable_first_block_cache(1e9)["dit"]
+        approx, _ = tiny_ltx2_pipe(CAPTIONS[1], **kwargs)
+        assert (cache.calls, cache.skipped) == (3, 2)
+    finally:
+        tiny_ltx2_pipe.disable_first_block_cache()
+    torch.testing.assert_close(exact, plain, atol=0, rtol=0)
+    assert (approx - plain).abs().max() > 1e-4
+
+
 def test_two_stage_places_the_keyframes_at_full_size(tiny_ltx2_base, tiny_ltx2_pipe, monkeypatch):
     from diffsynth.runtime.hub import ModelConfig
 

@@ -140,6 +140,32 @@ def test_batched_cfg_equals_two_passes(tiny_ltx2_pipe):
     assert (pos_v - neg_v).abs().max() > 1e-3 and (pos_a - neg_a).abs().max() > 1e-3  # the prompts matter
 
 
+def test_first_block_cache_in_the_pipeline(tiny_ltx2_pipe):
+    """CFG, STG (block 1) and modality isolation share one batched DiT call per step, so the cache sees one call
+    per step. Threshold 0 reuses nothing (same video and audio); a loose one reuses the later steps' blocks for
+    both streams; turning it off gives the uncached result again."""
+    pipe = tiny_ltx2_pipe
+    options = dict(num_inference_steps=2, negative_prompt=CAPTIONS[3], spatio_temporal_guidance_blocks=[1])
+    plain = run(pipe, **options)
+    caches = pipe.enable_first_block_cache(0.0)
+    try:
+        assert list(caches) == ["dit"] and pipe.step_caches() == caches
+        exact = run(pipe, **options)
+        assert (caches["dit"].calls, caches["dit"].skipped) == (2, 0)
+        torch.testing.assert_close(exact[0], plain[0], atol=0, rtol=0)
+        torch.testing.assert_close(exact[1].waveform, plain[1].waveform, atol=0, rtol=0)
+        loose = pipe.enable_first_block_cache(1e9)["dit"]
+        approx = run(pipe, **options)
+        assert (loose.calls, loose.skipped) == (2, 1)
+        assert (approx[0] - plain[0]).abs().max() > 1e-4 and (approx[1].waveform - plain[1].waveform).abs().max() > 0
+    finally:
+        pipe.disable_first_block_cache()
+    assert pipe.step_caches() == {} and pipe.dit.step_cache is None
+    again = run(pipe, **options)
+    torch.testing.assert_close(again[0], plain[0], atol=0, rtol=0)
+    torch.testing.assert_close(again[1].waveform, plain[1].waveform, atol=0, rtol=0)
+
+
 def test_guidance_scales_act_per_stream(tiny_ltx2_pipe):
     """An explicit `cfg_scale` alone guides both streams; `audio_cfg_scale` changes the audio guidance."""
     both = run(tiny_ltx2_pipe, negative_prompt=CAPTIONS[3], cfg_scale=3.0)

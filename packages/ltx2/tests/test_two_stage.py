@@ -143,6 +143,31 @@ def test_stage_two_changes_the_result_and_runs_again_the_same(two_stage_pipe):
     assert one_stage[0].shape == first[0].shape  # one stage samples the full size directly
 
 
+def test_first_block_cache_restarts_for_stage_two(two_stage_pipe, monkeypatch):
+    """Each stage is its own denoising loop: the cache's counts and states start afresh in stage 2, whose first
+    call runs every block (then the 2 later ones reuse), with the distilled LoRA attached."""
+    seen = []
+    real = LTX2Pipeline.denoise
+    dit = two_stage_pipe.dit
+    last_block = []
+    hook = dit.transformer_blocks[-1].register_forward_hook(lambda m, i, o: last_block.append(1))
+
+    def spy(self, *args, **kwargs):
+        last_block.clear()
+        out = real(self, *args, **kwargs)
+        seen.append((cache.calls, cache.skipped, len(last_block)))
+        return out
+
+    monkeypatch.setattr(LTX2Pipeline, "denoise", spy)
+    try:
+        cache = two_stage_pipe.enable_first_block_cache(1e9)["dit"]
+        two_stage_pipe(CAPTIONS[1], seed=0, num_inference_steps=2, use_two_stage_pipeline=True, **SETTINGS)
+    finally:
+        hook.remove()
+        two_stage_pipe.disable_first_block_cache()
+    assert seen == [(2, 1, 1), (3, 2, 1)]
+
+
 def test_distilled_model_runs_two_stages_without_lora_by_default(two_stage_pipe, monkeypatch):
     seen = []
     real = LTX2Pipeline.predict

@@ -54,9 +54,23 @@ def check_batch(groups) -> None:
         return (x @ weight + pooled) * t[:, None] * scale, x.sum(-1)
 
     want = forward(x, t, texts, w, scale=2.0)
-    got = batch_parallel(groups, 4, forward, x, t, texts, w, scale=2.0)
+    got = batch_parallel(groups, 4, forward, x, t, texts, w, scale=2.0, per_sample=(2,))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def check_nested_batch(groups) -> None:
+    """Per-block residual lists (here as long as the batch, to show they are not taken for samples)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, generator=g)
+    residuals = [torch.randn(2, 3, generator=g) for _ in range(2)]
+
+    def forward(x, residuals, extra):
+        return x * 2 + residuals[0] - residuals[1] + extra["bias"]
+
+    extra = {"bias": torch.randn(2, 3, generator=g)}
+    want = forward(x, residuals, extra)
+    torch.testing.assert_close(batch_parallel(groups, 2, forward, x, residuals, extra=extra), want, atol=0, rtol=0)
 
 
 def main(mode: str) -> None:
@@ -70,6 +84,7 @@ def main(mode: str) -> None:
     elif mode == "batch":
         groups = init_parallel(sequence=1, batch=2)
         check_batch(groups)
+        check_nested_batch(groups)
     elif mode == "heads":
         groups = init_parallel(sequence=2)
         q = torch.randn(1, 4, 3, 8)

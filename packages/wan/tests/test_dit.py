@@ -137,6 +137,50 @@ def test_image_input_decides_the_clip_modules():
     assert not any("img" in k for k in noclip) and noclip["patch_embedding.weight"].shape[1] == 8
 
 
+# ------------------------------------------------------------------ first-block cache
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_block_cache_hook(kind):
+    args, kwargs = inputs(kind)
+    other = inputs(kind, seed=2)[0]
+    cf.check_first_block_cache(lambda: make_model(kind), args, kwargs, other_args=other, blocks=("blocks",))
+
+
+def test_first_block_cache_reuses_the_rest_of_the_blocks():
+    """A reused call = the first block's output + what the other blocks added on the full call (a reference
+    built by hand from the model's own pieces: hooks on the first and last block), with the I2V extras."""
+    from diffsynth.runtime.step_cache import FirstBlockCache
+
+    model = make_model(tiny_config("i2v", num_layers=3)).eval()
+    (x1, t, context), kwargs = inputs("i2v")
+    x2 = inputs("i2v", seed=2)[0][0]
+    seen = {}
+    hooks = [
+        model.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("first", o)),
+        model.blocks[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("last", o)),
+    ]
+    with torch.no_grad():
+        model(x1, t, context, **kwargs)
+        rest_residual = seen["last"] - seen["first"]
+        for hook in hooks:
+            hook.remove()
+        kept = model.blocks
+        model.blocks = kept[:1]
+        hook = model.blocks[0].register_forward_hook(lambda m, i, o: o + rest_residual)
+        want = model(x2, t, context, **kwargs)
+        hook.remove()
+        model.blocks = kept
+        full = model(x2, t, context, **kwargs)
+
+        cache = model.step_cache = FirstBlockCache(float("inf"))
+        cache.begin_loop()
+        for x in (x1, x2):
+            cache.begin_step()
+            got = model(x, t, context, **kwargs)
+    assert (cache.calls, cache.skipped) == (2, 1)
+    assert (got - full).abs().max() > 1e-4  # the reuse is an approximation, not the full call
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------ conventions
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 def test_batch_equals_each_sample_alone(kind):

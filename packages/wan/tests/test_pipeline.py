@@ -1,6 +1,7 @@
 """WanVideoPipeline on tiny random repos: seeding, latents=, frame rounding, outputs, bad input, video-to-video,
-the A14B expert hand-over, I2V / FLF2V / TI2V conditioning, folder loading, the CLI, presets; and parity with
-diffusers' WanPipeline / WanImageToVideoPipeline on the same repos, noise and schedule."""
+the A14B expert hand-over, the first-block cache, I2V / FLF2V / TI2V conditioning, folder loading, the CLI,
+presets; and parity with diffusers' WanPipeline / WanImageToVideoPipeline (and its first-block cache) on the same
+repos, noise and schedule."""
 
 from __future__ import annotations
 
@@ -195,6 +196,68 @@ def test_model_configs_in_order_fill_dit_then_dit2(tiny_repo_factory):
         tokenizer_config=ModelConfig(path=str(repo / "google" / "umt5-xxl")),
     )
     assert pipe.model_configs["dit2"] is configs[0] and pipe.model_configs["dit"] is configs[1]
+
+
+# ----------------------------------------------------------------------------------------- first-block cache
+def test_first_block_cache_in_the_pipeline(pipe):
+    """Threshold 0 reuses nothing (same video); a loose one reuses the later steps' blocks, for the positive
+    and the negative call each; `cfg_merge` makes it one call per step; turning it off restores the video."""
+    options = {**FAST, "num_inference_steps": 4, "cfg_scale": 4.0, "negative_prompt": "bad quality", "tiled": False}
+    plain = pipe(PROMPT, seed=0, output_type="pt", **options)
+    caches = pipe.enable_first_block_cache(0.0)
+    try:
+        assert list(caches) == ["dit"] and pipe.step_caches() == caches  # no dit2 in a Wan 2.1 repo
+        exact = pipe(PROMPT, seed=0, output_type="pt", **options)
+        assert (caches["dit"].calls, caches["dit"].skipped) == (8, 0)
+        torch.testing.assert_close(exact, plain, rtol=0, atol=0)
+        loose = pipe.enable_first_block_cache(1e9)["dit"]
+        approx = pipe(PROMPT, seed=0, output_type="pt", **options)
+        assert (loose.calls, loose.skipped) == (8, 6)  # steps 2-4 reuse, positive and negative alike
+        assert (approx - plain).abs().max() > 1e-4
+        pipe(PROMPT, seed=0, output_type="pt", cfg_merge=True, **options)
+        assert (loose.calls, loose.skipped) == (4, 3)  # a new run starts afresh; one batched call per step
+    finally:
+        pipe.disable_first_block_cache()
+    assert pipe.step_caches() == {} and pipe.dit.step_cache is None
+    torch.testing.assert_close(pipe(PROMPT, seed=0, output_type="pt", **options), plain, rtol=0, atol=0)
+
+
+def test_first_block_cache_gives_each_a14b_expert_its_own_cache(tiny_repo_factory):
+    """Both experts get a cache; the low-noise one starts without state when it takes over mid-loop (its
+    first step runs every block), and each counts only its own calls."""
+    pipe = load(tiny_repo_factory("a14b"))
+    scheduler = FlowMatchScheduler("wan")
+    scheduler.set_timesteps(4, shift=5.0)
+    high = int((scheduler.timesteps >= 875).sum())
+    low = 4 - high
+    assert high >= 1 and low >= 2
+    options = {**FAST, "num_inference_steps": 4, "switch_DiT_boundary": 0.875, "negative_prompt": "bad quality"}
+    options.update(cfg_scale=4.0, cfg_scale_2=3.0, tiled=False)
+    plain = pipe(PROMPT, seed=0, output_type="pt", **options)
+    ran = []
+    hooks = [
+        block.register_forward_hook(lambda m, i, o, key=(slot, k): ran.append(key))
+        for slot in ("dit", "dit2")
+        for k, block in enumerate(getattr(pipe, slot).blocks)
+    ]
+    try:
+        caches = pipe.enable_first_block_cache(0.0)
+        assert sorted(caches) == ["dit", "dit2"] and caches["dit"] is not caches["dit2"]
+        torch.testing.assert_close(pipe(PROMPT, seed=0, output_type="pt", **options), plain, rtol=0, atol=0)
+        caches = pipe.enable_first_block_cache(1e9)
+        ran.clear()
+        approx = pipe(PROMPT, seed=0, output_type="pt", **options)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        pipe.disable_first_block_cache()
+    assert (caches["dit"].calls, caches["dit"].skipped) == (2 * high, 2 * (high - 1))
+    assert (caches["dit2"].calls, caches["dit2"].skipped) == (2 * low, 2 * (low - 1))
+    layers = len(pipe.dit.blocks)
+    first_low = [key for key in ran if key[0] == "dit2"][: 2 * layers]
+    assert first_low == [("dit2", k) for k in range(layers)] * 2  # positive and negative: every block
+    assert ran.count(("dit2", layers - 1)) == 2 and ran.count(("dit", layers - 1)) == 2
+    assert (approx - plain).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------------------- image conditioning
@@ -486,3 +549,65 @@ def test_i2v_matches_diffusers(tiny_repo_factory, tiny_sizes, monkeypatch):
         tiled=False, progress_bar=False, **PARITY,
     )  # fmt: skip
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def _count_full_calls(transformer) -> list:
+    """Calls that ran the last block's own forward (the feed-forward inside it runs only then: diffusers'
+    cache hook returns without calling the block when it reuses), recorded on that feed-forward."""
+    calls = []
+    transformer.blocks[-1].ffn.register_forward_hook(lambda m, i, o: calls.append(1))
+    return calls
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("kind", ["t2v", "a14b"])
+def test_first_block_cache_matches_diffusers(tiny_repo, tiny_repo_factory, kind):
+    """diffusers' `FirstBlockCacheConfig` on its Wan transformer(s) and our `enable_first_block_cache` at the same
+    threshold: the same calls are reused (per expert, positive and negative apart: diffusers' "cond"/"uncond"
+    cache contexts are our call positions) and the videos agree. The thresholds sit between the relative
+    changes these tiny random models show, so that some calls are reused and some are not (t2v: 8 of 16;
+    A14B: 4 of the high-noise expert's 6, 4 of the low-noise one's 10)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    threshold, steps = 0.85, 8  # the relative changes here: 0.38 to 1.33, none within 0.04 of 0.85
+    repo = tiny_repo if kind == "t2v" else tiny_repo_factory("a14b")
+    ours = load(repo)
+    scheduler, sigmas = euler(5.0, steps)
+    if kind == "t2v":
+        experts = {"transformer": diffusers_dit(repo)}
+    else:
+        experts = {"transformer": diffusers_dit(repo / "high_noise_model")}
+        experts["transformer_2"] = diffusers_dit(repo / "low_noise_model")
+        assert 0 < int((sigmas * 1000 >= 875).sum()) < steps  # both experts run
+    ref = diffusers.WanPipeline(
+        scheduler=scheduler, **experts, **({"boundary_ratio": 0.875} if kind == "a14b" else {}),
+        **diffusers_parts(repo, ours),
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    full = {}
+    for name, transformer in experts.items():
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        full[name] = _count_full_calls(transformer)
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator().manual_seed(11))
+    guidance = {"t2v": {}, "a14b": {"guidance_scale_2": 3.0}}[kind]
+    expected = ref(
+        prompt=PROMPT, negative_prompt="bad quality", guidance_scale=4.0, num_inference_steps=steps,
+        latents=noise.clone(), **guidance, **PARITY,
+    ).frames  # fmt: skip
+    caches = ours.enable_first_block_cache(threshold)
+    ours_full = {slot: _count_full_calls(getattr(ours, slot)) for slot in caches}
+    got = ours(
+        PROMPT, negative_prompt="bad quality", cfg_scale=4.0, sigmas=sigmas, latents=noise.clone(), tiled=False,
+        progress_bar=False, **({"cfg_scale_2": 3.0, "switch_DiT_boundary": 0.875} if kind == "a14b" else {}),
+        **PARITY,
+    )  # fmt: skip
+    for slot, name in (("dit", "transformer"), ("dit2", "transformer_2"))[: len(experts)]:
+        cache = caches[slot]
+        print(f"{kind} {slot}: {cache}, diffusers ran the last block {len(full[name])} times")
+        assert 0 < cache.skipped < cache.calls, f"{slot}: threshold {threshold} should reuse some calls, not all"
+        assert len(ours_full[slot]) == cache.calls - cache.skipped
+        assert len(full[name]) == len(ours_full[slot]), f"{slot}: diffusers and we reuse different calls"
+    diff = np.abs(got - expected).max()
+    print(f"first-block cache parity ({kind}, threshold {threshold}): max abs {diff:.3g}")
+    assert diff <= 1e-4

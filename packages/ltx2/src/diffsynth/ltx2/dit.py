@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_tables, timestep_embedding
+from diffsynth.runtime.step_cache import run_blocks
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to every adaln_single embedder
 MASK_BIAS = -10000.0  # additive score bias of a masked text token (the references' value)
@@ -482,6 +483,7 @@ class LTX2DiT(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else LTX2DiTConfig()
         self.gradient_checkpointing = False
+        self.step_cache = None  # a FirstBlockCache over `transformer_blocks` (BasePipeline.enable_first_block_cache)
         dim, adim = config.dim, config.audio_dim
         self.patchify_proj = nn.Linear(config.in_channels, dim)
         self.audio_patchify_proj = nn.Linear(config.audio_in_channels, adim)
@@ -577,8 +579,16 @@ class LTX2DiT(nn.Module):
         keeps = self._keeps(skips, b, video.device)
         vx = self.patchify_proj(video)
         ax = self.audio_patchify_proj(audio.to(dtype))
-        for block, keep in zip(self.transformer_blocks, keeps, strict=True):
-            vx, ax = self._run(block, vx, ax, inputs, keep) if keep is not None else self._run(block, vx, ax, inputs)
+        blocks = list(zip(self.transformer_blocks, keeps, strict=True))
+
+        def run(part: list, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            for block, keep in part:
+                extra = (inputs,) if keep is None else (inputs, keep)
+                streams = self._run(block, *streams, *extra)
+            return streams
+
+        if blocks:  # the video tokens (with any keyframe tokens) lead: the cache decides on them
+            vx, ax = run_blocks(self.step_cache, (vx, ax), lambda s: run(blocks[:1], s), lambda s: run(blocks[1:], s))
         return (
             self._output(vx, self.scale_shift_table, video_embedded, self.proj_out),
             self._output(ax, self.audio_scale_shift_table, audio_embedded, self.audio_proj_out),

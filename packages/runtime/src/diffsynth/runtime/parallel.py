@@ -258,26 +258,37 @@ def gather_batch(groups: ParallelGroups | None, x: torch.Tensor) -> torch.Tensor
     return torch.cat(parts, dim=0)
 
 
-def batch_parallel(groups: ParallelGroups | None, batch: int, forward: Callable, *args, **kwargs):
+def batch_parallel(
+    groups: ParallelGroups | None, batch: int, forward: Callable, *args, per_sample: tuple = (), **kwargs
+):
     """`forward(*args, **kwargs)` on this rank's part of a batch of `batch`, gathered from every rank.
 
-    Tensors whose first dimension is `batch` and lists / tuples of length `batch` are divided; other
-    arguments (scalars, size-1 broadcasts, shared tables) are passed whole. The output is a tensor or
-    a tuple of tensors batched on dim 0."""
+    Tensors whose first dimension is `batch` are divided, also inside lists, tuples and dicts (e.g.
+    per-block residuals); the arguments named in `per_sample` (keyword names or positions) are lists
+    with one entry per sample and are sliced. Everything else (scalars, size-1 broadcasts, shared
+    tables) is passed whole. The output is a tensor or a tuple of tensors batched on dim 0."""
     part = split_batch(groups, batch)
     if part == slice(0, batch):
         return forward(*args, **kwargs)
 
-    def divide(value):
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+    def divide(value, key):
+        if key in per_sample:
+            if len(value) != batch:
+                raise ValueError(f"argument {key!r} has {len(value)} entries for a batch of {batch}")
             return value[part]
-        if isinstance(value, (list, tuple)) and len(value) == batch:
-            return value[part]
+        if isinstance(value, torch.Tensor):
+            return value[part] if value.dim() > 0 and value.shape[0] == batch else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(divide(v, None) for v in value)
+        if isinstance(value, dict):
+            return {k: divide(v, None) for k, v in value.items()}
         return value
 
+    args = tuple(divide(a, i) for i, a in enumerate(args))
+    kwargs = {k: divide(v, k) for k, v in kwargs.items()}
     token = _BATCH.set(groups)
     try:
-        out = forward(*(divide(a) for a in args), **{k: divide(v) for k, v in kwargs.items()})
+        out = forward(*args, **kwargs)
     finally:
         _BATCH.reset(token)
     if isinstance(out, tuple):

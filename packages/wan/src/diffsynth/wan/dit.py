@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.step_cache import run_block_list
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ class WanDiT(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else WanDiTConfig()
         self.gradient_checkpointing = False
+        self.step_cache = None  # a FirstBlockCache over `blocks` (BasePipeline.enable_first_block_cache)
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -322,14 +324,20 @@ class WanDiT(nn.Module):
         context_img = self.img_emb(clip_feature, dtype) if cfg.has_image_input else None
         rope = self._rope(grid, device)
 
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                seq = checkpoint(block, seq, e, index, context, context_img, rope, use_reentrant=False)
-            else:
-                seq = block(seq, e, index, context, context_img, rope)
+        (seq,) = run_block_list(
+            self.step_cache,
+            self.blocks,
+            (seq,),
+            lambda block, s: (self._run(block, s[0], e, index, context, context_img, rope),),
+        )
 
         out = self.head(seq, temb.float(), index, dtype)
         return self._unpatchify(out, grid)
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def _check_inputs(
         self, x: torch.Tensor, context: torch.Tensor, clip_feature: torch.Tensor | None

@@ -242,7 +242,7 @@ class ZImageDiT(nn.Module):
         `timestep` is `[B]` (or a scalar) in the model's own convention (`1 - sigma`); `text` is one
         `[L_i, cap_feat_dim]` tensor per sample. Computation runs in `x.dtype`.
         """
-        return batch_parallel(self.parallel, x.shape[0], self._forward, x, timestep, text)
+        return batch_parallel(self.parallel, x.shape[0], self._forward, x, timestep, text, per_sample=(2,))
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor | float, text: list[torch.Tensor]) -> torch.Tensor:
         cfg = self.config
