@@ -126,6 +126,7 @@ def parity(session: nox.Session) -> None:
         "bench_flux2.py",
         "bench_ltx2.py",
         "bench_qwen_image.py",
+        "bench_step_cache.py",
         "bench_training.py",
     )
     for script in scripts:
