@@ -7,8 +7,8 @@ the same arguments (the seeded noise is the same everywhere) and gets the same r
   prompts) are divided over B ranks and gathered afterwards;
 - sequence (DeepSpeed-Ulysses): the image/video tokens are divided over S ranks; each
   self-attention exchanges its shards (all-to-all) so that every rank attends over the whole
-  sequence with S-th of the heads, then exchanges back. Per rank, activations and attention work
-  shrink S-fold; the weights are not split (combine with the VRAM manager for that).
+  sequence with S-th of the heads, then exchanges back (head counts S does not divide: every rank
+  gathers all keys and values instead). Per rank, activations and attention work shrink S-fold; the weights are not split (combine with the VRAM manager for that).
 Ranks are laid out as `rank = batch_index * S + sequence_index`, so a sequence group is S
 consecutive ranks (one node's NVLink island when S divides the GPUs per node).
 
@@ -137,13 +137,12 @@ class SequenceShards:
         return torch.cat(parts, dim=dim).narrow(dim, 0, self.length)
 
     def attention(self, q, k, v, mask, scale, attend) -> torch.Tensor:
-        """Ulysses: shards of all heads -> all tokens of 1/size of the heads, attend, and back."""
+        """Ulysses: shards of all heads -> all tokens of 1/size of the heads, attend, and back. When the
+        head counts do not divide over the group, every rank gathers all keys and values instead and
+        attends with its own queries (exact too; more traffic: the whole K/V per attention call)."""
         heads, kv_heads = q.shape[2], k.shape[2]
         if heads % self.size or kv_heads % self.size:
-            raise ConfigError(
-                f"sequence parallelism over {self.size} ranks needs head counts divisible by it "
-                f"(this attention has {heads} query / {kv_heads} key-value heads)"
-            )
+            return self._gathered_kv_attention(q, k, v, mask, scale, attend)
         if not self.prefix:
             q, k, v = (self._heads_to_tokens(t) for t in (q, k, v))
             return self._tokens_to_heads(attend(q, k, v, mask, scale))
@@ -151,6 +150,19 @@ class SequenceShards:
         q, k, v = (torch.cat([self._own_heads(t[:, :n]), self._heads_to_tokens(t[:, n:])], 1) for t in (q, k, v))
         out = attend(q, k, v, mask, scale)
         return torch.cat([self._all_heads(out[:, :n]), self._tokens_to_heads(out[:, n:])], 1)
+
+    def _gathered_kv_attention(self, q, k, v, mask, scale, attend) -> torch.Tensor:
+        n = self.prefix
+        k, v = (torch.cat([t[:, :n], self._all_tokens(t[:, n:])], 1) for t in (k, v))
+        return attend(q, k, v, mask, scale)
+
+    def _all_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's shard, padding included (the key mask covers it)."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)
 
     def _own_heads(self, x: torch.Tensor) -> torch.Tensor:
         share = x.shape[2] // self.size
