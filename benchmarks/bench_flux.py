@@ -52,8 +52,10 @@ def diffusers_flux(cfg):
     )
 
 
-def main() -> None:
-    args = parse_step_args(step_parser(__doc__.splitlines()[0], 10, 3, 1024, 1024, 512))
+def setup(args):
+    """Our full-size (or `--tiny`) DiT and diffusers' on the same random weights, one call of each on
+    the same inputs, and the sizes: `(cfg, ours, reference, ours_step, reference_step, image_tokens, dtype)`."""
+    from accelerate import init_empty_weights
 
     from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
     from diffsynth.flux.flux1.formats import ours_to_diffusers
@@ -62,8 +64,6 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     cfg = tiny_config() if args.tiny else Flux1DiTConfig()
     ours = random_model(lambda: Flux1DiT(cfg), device, dtype)
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         reference = diffusers_flux(cfg)
     reference = share_weights(reference, ours_to_diffusers(ours.state_dict()), device)
@@ -97,15 +97,21 @@ def main() -> None:
             return_dict=False,
         )[0]
 
+    return cfg, ours, reference, ours_step, reference_step, h * w, dtype
+
+
+def main() -> None:
+    args = parse_step_args(step_parser(__doc__.splitlines()[0], 10, 3, 1024, 1024, 512))
+    cfg, _, _, ours_step, reference_step, image_tokens, dtype = setup(args)
     compare_steps(
         "flux_dit_step",
         ours_step,
         reference_step,
-        flops_per_step(cfg, h * w, args.caption_len),
+        flops_per_step(cfg, image_tokens, args.caption_len),
         args,
         model="tiny" if args.tiny else "FLUX.1-dev DiT (random weights)",
         dtype=str(dtype),
-        image_tokens=h * w,
+        image_tokens=image_tokens,
         text_tokens=args.caption_len,
     )
 

@@ -19,53 +19,22 @@ to benchmarks/results/step_cache.jsonl with the card and torch version.
 from __future__ import annotations
 
 import torch
-from bench_flux import diffusers_flux, tiny_config
-from common import max_abs_diff, parse_step_args, random_model, record, share_weights, step_parser, timed
+from bench_flux import setup
+from common import max_abs_diff, parse_step_args, record, step_parser, timed
 
 
 def main() -> None:
     args = parse_step_args(step_parser(__doc__.splitlines()[0], 10, 3, 1024, 1024, 512))
 
-    from accelerate import init_empty_weights
     from diffusers.hooks import FirstBlockCacheConfig
 
-    from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
-    from diffsynth.flux.flux1.formats import ours_to_diffusers
     from diffsynth.runtime.step_cache import FirstBlockCache
 
-    device = torch.device(args.device)
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    cfg = tiny_config() if args.tiny else Flux1DiTConfig()
-    ours = random_model(lambda: Flux1DiT(cfg), device, dtype)
-    with init_empty_weights():
-        reference = diffusers_flux(cfg)
-    reference = share_weights(reference, ours_to_diffusers(ours.state_dict()), device)
-
-    h, w = args.height // 16, args.width // 16
-    g = torch.Generator(device).manual_seed(0)
-    img = torch.randn(1, h * w, cfg.in_channels, device=device, dtype=dtype, generator=g)
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(1, -1, 3).to(device, torch.float32)
-    txt = torch.randn(1, args.caption_len, cfg.context_in_dim, device=device, dtype=dtype, generator=g)
-    txt_ids = torch.zeros(1, args.caption_len, 3, device=device)
-    y = torch.randn(1, cfg.vec_in_dim, device=device, dtype=dtype, generator=g)
-    t, guidance = torch.tensor([0.5], device=device), torch.tensor([4.0], device=device)
-
-    def ours_call():
-        return ours(img, img_ids, txt, txt_ids, t, y, guidance)
+    _, ours, reference, ours_call, reference_step, image_tokens, dtype = setup(args)
 
     def reference_call():
-        with reference.cache_context("cond"):
-            return reference(
-                hidden_states=img,
-                encoder_hidden_states=txt,
-                pooled_projections=y,
-                timestep=t,
-                img_ids=img_ids[0],
-                txt_ids=txt_ids[0],
-                guidance=guidance,
-                return_dict=False,
-            )[0]
+        with reference.cache_context("cond"):  # diffusers' cache keeps its state per named context
+            return reference_step()
 
     results = {"diffsynth": {}, "diffusers": {}}
     with torch.inference_mode():
@@ -76,7 +45,7 @@ def main() -> None:
             cache = ours.step_cache = FirstBlockCache(threshold)
             cache.begin_loop()
 
-            def ours_cached():
+            def ours_cached(cache=cache):
                 cache.begin_step()
                 return ours_call()
 
@@ -97,7 +66,7 @@ def main() -> None:
         {
             "model": "tiny" if args.tiny else "FLUX.1-dev DiT (random weights)",
             "dtype": str(dtype),
-            "image_tokens": h * w,
+            "image_tokens": image_tokens,
             "text_tokens": args.caption_len,
             # a reused call on the same input as the full one returns (nearly) the full output
             "reused_vs_full": {
