@@ -143,11 +143,15 @@ class SequenceShards:
         heads, kv_heads = q.shape[2], k.shape[2]
         if heads % self.size or kv_heads % self.size:
             return self._gathered_kv_attention(q, k, v, mask, scale, attend)
-        if not self.prefix:
-            q, k, v = (self._heads_to_tokens(t) for t in (q, k, v))
-            return self._tokens_to_heads(attend(q, k, v, mask, scale))
+        qkv = (q, k, v)
         n = self.prefix
-        q, k, v = (torch.cat([self._own_heads(t[:, :n]), self._heads_to_tokens(t[:, n:])], 1) for t in (q, k, v))
+        if q.shape == k.shape == v.shape:  # one exchange for all three (stacked on the batch dimension)
+            q, k, v = self._heads_to_tokens(torch.cat([q[:, n:], k[:, n:], v[:, n:]])).chunk(3)
+        else:
+            q, k, v = (self._heads_to_tokens(t[:, n:]) for t in (q, k, v))
+        if not n:
+            return self._tokens_to_heads(attend(q, k, v, mask, scale))
+        q, k, v = (torch.cat([self._own_heads(whole[:, :n]), t], 1) for whole, t in zip(qkv, (q, k, v), strict=True))
         out = attend(q, k, v, mask, scale)
         return torch.cat([self._all_heads(out[:, :n]), self._tokens_to_heads(out[:, n:])], 1)
 
