@@ -42,6 +42,10 @@ class BasePipeline:
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
         self.device = torch.device(parse_device(device or _default_device()))
+        # the GPU a bare "cuda" meant when the models were placed (enable_parallel checks it is this rank's)
+        self.cuda_index = self.device.index
+        if self.device.type == "cuda" and self.cuda_index is None and torch.cuda.is_available():
+            self.cuda_index = torch.cuda.current_device()
         self.torch_dtype = parse_dtype(torch_dtype)
         self.defaults: dict[str, Any] = {}
         self.tokenizer = None
@@ -405,7 +409,7 @@ class BasePipeline:
 
         groups = init_parallel(sequence, batch)
         local = int(os.environ.get("LOCAL_RANK", 0))
-        if self.device.type == "cuda" and (self.device.index if self.device.index is not None else 0) != local:
+        if self.device.type == "cuda" and self.cuda_index != local:
             raise ConfigError(
                 f"rank {local} holds its models on {self.device}: load the pipeline with device='cuda:{local}' "
                 "(or from_pretrained(..., use_usp=True)) so that every rank uses its own GPU"
