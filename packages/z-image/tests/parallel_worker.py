@@ -42,6 +42,11 @@ def main(repo: str, sequence: int, batch: int) -> None:
     assert cache.skipped == want_reused and 0 < want_reused < cache.calls, (cache, want_reused)
     torch.testing.assert_close(got, want_cached, atol=2e-5, rtol=0)
 
+    if batch == 1:  # DiffSynth-Studio's spelling: every rank divides the tokens
+        usp = ZImagePipeline.from_pretrained(repo, torch_dtype="float32", device="cpu", use_usp=True)
+        assert usp.dit.parallel.sequence_size == sequence
+        torch.testing.assert_close(run(usp, 64, 48), want, atol=2e-5, rtol=0)
+
 
 def cli(repo: str, output: str) -> None:
     """`diffsynth generate --sequence-parallel 2` as torchrun would run it: rank 0 writes the image."""
