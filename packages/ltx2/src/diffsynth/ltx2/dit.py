@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_tables, timestep_embedding
+from diffsynth.runtime.parallel import SequenceShards, active_sequence, batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_blocks
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to every adaln_single embedder
@@ -320,9 +321,14 @@ class Attention(nn.Module):
         rope: Rope | None = None,
         k_rope: Rope | None = None,
         keep: Keep = None,
+        sequence_parallel: bool = False,
+        gather_keys: bool = False,
     ) -> torch.Tensor:
         """`keep` (STG): rows where it is False output `to_out(to_v(context))`, the values passed through
-        unmixed; `False` for the whole batch skips the query / key work."""
+        unmixed; `False` for the whole batch skips the query / key work. Under sequence parallelism
+        (`parallel.shard_sequence`), `sequence_parallel` marks a self-attention over the rank's video
+        shard, and `gather_keys` an attention whose keys and values are video shards but whose queries
+        are whole (video->audio): its keys and values are gathered first."""
         context = x if context is None else context
         v = self.to_v(context)
         if keep is False:
@@ -332,8 +338,18 @@ class Attention(nn.Module):
         if rope is not None:
             q = rotate(q, rope, self.head_dim, self.rope_type)
             k = rotate(k, rope if k_rope is None else k_rope, self.head_dim, self.rope_type)
+        kv = v
+        shards = active_sequence() if gather_keys else None
+        if shards is not None:
+            k, kv = shards.gather(k), shards.gather(v)
         heads = (self.heads, self.head_dim)
-        out = attention(q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads), mask).flatten(2)
+        out = attention(
+            q.unflatten(-1, heads),
+            k.unflatten(-1, heads),
+            kv.unflatten(-1, heads),
+            mask,
+            sequence_parallel=sequence_parallel,
+        ).flatten(2)
         if keep is not None:
             out = torch.where(keep, out, v)
         return self.to_out[0](out)
@@ -358,6 +374,25 @@ class BlockInputs:
     audio_rope: Rope
     video_cross_rope: Rope
     audio_cross_rope: Rope
+    video_self_mask: torch.Tensor | None = None  # sequence parallelism: the padding of the divided video tokens
+
+    def video_shard(self, shards: SequenceShards, tokens: int) -> BlockInputs:
+        """These inputs for one rank's share of the `tokens` video tokens: per-token modulation and the
+        video RoPE tables divided like the tokens, the padding masked as self-attention keys."""
+
+        def divide(x: torch.Tensor) -> torch.Tensor:
+            return shards.shard(x) if x.shape[1] == tokens else x  # [B, 1, ...] is per sample
+
+        batch = self.video_mod.shape[0]
+        return replace(
+            self,
+            video_mod=divide(self.video_mod),
+            video_cross_mod=divide(self.video_cross_mod),
+            video_cross_gate=divide(self.video_cross_gate),
+            video_rope=tuple(divide(r) for r in self.video_rope),
+            video_cross_rope=tuple(divide(r) for r in self.video_cross_rope),
+            video_self_mask=shards.key_mask(None, batch, self.video_mod.device),
+        )
 
 
 def _ada_values(table: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -408,7 +443,13 @@ class LTX2Block(nn.Module):
             self.audio_scale_shift_table, inp.audio_mod
         )
         # self-attention, then text cross-attention (unmodulated), per stream
-        v_attn = self.attn1(_modulate(self._norm(vx), v_shift, v_scale), rope=inp.video_rope, keep=keep_video)
+        v_attn = self.attn1(
+            _modulate(self._norm(vx), v_shift, v_scale),
+            mask=inp.video_self_mask,
+            rope=inp.video_rope,
+            keep=keep_video,
+            sequence_parallel=True,
+        )
         vx = add_mul(vx, v_attn, v_gate)
         a_attn = self.audio_attn1(_modulate(self._norm(ax), a_shift, a_scale), rope=inp.audio_rope, keep=keep_audio)
         ax = add_mul(ax, a_attn, a_gate)
@@ -454,6 +495,7 @@ class LTX2Block(nn.Module):
                 _modulate(v_norm, v_v2a_shift, v_v2a_scale),
                 rope=inp.audio_cross_rope,
                 k_rope=inp.video_cross_rope,
+                gather_keys=True,  # audio queries are whole, the video keys divided
             )
             new_ax = add_mul(ax, v2a_gate, v2a)
             if keep_v2a is not None:
@@ -484,6 +526,7 @@ class LTX2DiT(nn.Module):
         self.config = config = config if config is not None else LTX2DiTConfig()
         self.gradient_checkpointing = False
         self.step_cache = None  # a FirstBlockCache over `transformer_blocks` (BasePipeline.enable_first_block_cache)
+        self.parallel = None  # ParallelGroups dividing batch and video tokens (BasePipeline.enable_parallel)
         dim, adim = config.dim, config.audio_dim
         self.patchify_proj = nn.Linear(config.in_channels, dim)
         self.audio_patchify_proj = nn.Linear(config.audio_in_channels, adim)
@@ -530,11 +573,26 @@ class LTX2DiT(nn.Module):
         as `video_positions` / `audio_positions` build them, or built here from `num_frames`, `height`,
         `width` (latent sizes) and `fps`. `skips` switch attentions off for some rows (`AttentionSkip`: the
         authors' STG and modality-isolation passes); none by default. Computation runs in `video.dtype`.
+
+        Under parallelism (`self.parallel`) the rows are divided over the batch ranks (the keep-masks
+        of `skips` with them) and the video tokens over the sequence ranks; the audio stays whole.
         """
+        check_inputs(self.config, video, audio, video_context, audio_context)
+        b = video.shape[0]
+        return batch_parallel(
+            self.parallel, b, self._forward, video, audio, video_context, audio_context, timestep,
+            audio_timestep=audio_timestep, video_context_mask=video_context_mask,
+            audio_context_mask=audio_context_mask, video_coords=video_coords, audio_coords=audio_coords,
+            num_frames=num_frames, height=height, width=width, fps=fps, keeps=self._keeps(skips, b),
+        )  # fmt: skip
+
+    def _forward(
+        self, video, audio, video_context, audio_context, timestep, *, audio_timestep, video_context_mask,
+        audio_context_mask, video_coords, audio_coords, num_frames, height, width, fps, keeps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         cfg = self.config
         b = video.shape[0]
         dtype = video.dtype
-        check_inputs(cfg, video, audio, video_context, audio_context)
         if video_coords is None:
             if None in (num_frames, height, width) or num_frames * height * width != video.shape[1]:
                 raise ValueError(
@@ -576,26 +634,37 @@ class LTX2DiT(nn.Module):
             video_cross_rope=rope_from_positions(video_coords[:, :1], (cross_max,), adim, aheads, cfg),
             audio_cross_rope=rope_from_positions(audio_coords[:, :1], (cross_max,), adim, aheads, cfg),
         )
-        keeps = self._keeps(skips, b, video.device)
         vx = self.patchify_proj(video)
         ax = self.audio_patchify_proj(audio.to(dtype))
-        blocks = list(zip(self.transformer_blocks, keeps, strict=True))
+        blocks = list(zip(self.transformer_blocks, _local_keeps(keeps, video.device), strict=True))
 
-        def run(part: list, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            for block, keep in part:
-                extra = (inputs,) if keep is None else (inputs, keep)
-                streams = self._run(block, *streams, *extra)
-            return streams
+        # sequence parallelism: each rank runs the blocks on its share of the video tokens; the audio
+        # tokens (few) are whole on every rank
+        with shard_sequence(self.parallel, vx.shape[1]) as shards:
+            if shards is not None:
+                inputs = inputs.video_shard(shards, vx.shape[1])
+                vx = shards.shard(vx)
 
-        if blocks:  # the video tokens (with any keyframe tokens) lead: the cache decides on them
-            vx, ax = run_blocks(self.step_cache, (vx, ax), lambda s: run(blocks[:1], s), lambda s: run(blocks[1:], s))
+            def run(part: list, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                for block, keep in part:
+                    extra = (inputs,) if keep is None else (inputs, keep)
+                    streams = self._run(block, *streams, *extra)
+                return streams
+
+            if blocks:  # the video tokens (with any keyframe tokens) lead: the cache decides on them
+                vx, ax = run_blocks(
+                    self.step_cache, (vx, ax), lambda s: run(blocks[:1], s), lambda s: run(blocks[1:], s)
+                )
+            if shards is not None:
+                vx = shards.gather(vx)
         return (
             self._output(vx, self.scale_shift_table, video_embedded, self.proj_out),
             self._output(ax, self.audio_scale_shift_table, audio_embedded, self.audio_proj_out),
         )
 
-    def _keeps(self, skips: Sequence[AttentionSkip], batch: int, device) -> list[tuple[Keep, ...] | None]:
-        """Per block, which rows run each of its `SKIP_KINDS` attentions (None for a block nothing skips)."""
+    def _keeps(self, skips: Sequence[AttentionSkip], batch: int) -> list[tuple[Keep, ...] | None]:
+        """Per block, which rows run each of its `SKIP_KINDS` attentions (None for a block nothing skips);
+        keep-masks `[B, 1, 1]` on the CPU, divided with the batch under batch parallelism."""
         n = self.config.num_layers
         if not skips:
             return [None] * n
@@ -622,7 +691,7 @@ class LTX2DiT(nn.Module):
             if key not in masks:
                 mask = torch.ones(batch, 1, 1, dtype=torch.bool)
                 mask[sorted(rows)] = False
-                masks[key] = mask.to(device)
+                masks[key] = mask
             return masks[key]
 
         per_block = [tuple(keep(skipped[kind, i]) for kind in SKIP_KINDS) for i in range(n)]
@@ -643,6 +712,26 @@ class LTX2DiT(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+
+def _local_keeps(keeps: list[tuple[Keep, ...] | None], device) -> list[tuple[Keep, ...] | None]:
+    """The keep-masks of this call's rows on `device`: a mask that keeps every row becomes None and one that
+    keeps none False (that attention is then not computed), as `_keeps` gives them for a whole batch."""
+    moved: dict[tuple, Keep] = {}
+
+    def local(keep: Keep) -> Keep:
+        if not isinstance(keep, torch.Tensor):
+            return keep
+        rows = tuple(keep.flatten().tolist())
+        if rows not in moved:
+            moved[rows] = None if all(rows) else False if not any(rows) else keep.to(device)
+        return moved[rows]
+
+    out = []
+    for block in keeps:
+        block = None if block is None else tuple(local(k) for k in block)
+        out.append(None if block is None or all(k is None for k in block) else block)
+    return out
 
 
 # ----------------------------------------------------------------------------------- input checks

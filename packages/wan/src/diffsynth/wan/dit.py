@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
 
 logger = logging.getLogger(__name__)
@@ -147,11 +148,12 @@ class SelfAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` `[B, S]` hides the padding that divides a token count over sequence-parallel ranks."""
         n = self.num_heads
         q = rotate(_heads(self.norm_q(self.q(x)), n), *rope)
         k = rotate(_heads(self.norm_k(self.k(x)), n), *rope)
-        return self.o(attention(q, k, _heads(self.v(x), n)).flatten(2))
+        return self.o(attention(q, k, _heads(self.v(x), n), mask, sequence_parallel=True).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -207,13 +209,15 @@ class WanBlock(nn.Module):
         context: torch.Tensor,
         context_img: torch.Tensor | None,
         rope: Rope,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`x` `[B, S, dim]` float32 residual; `e` `[U, 6, dim]` float32 per distinct timestep;
-        `index` `[B, 1]` or `[B, S]` picks each sample's (or token's) row of `e`."""
+        `index` `[B, 1]` or `[B, S]` picks each sample's (or token's) row of `e`; `mask` is the
+        self-attention key mask (sequence parallelism's padding)."""
         dtype = context.dtype
         mod = self.modulation.float() + e
         shift, scale, gate = (mod[:, i][index] for i in range(3))
-        y = self.self_attn((self.norm1(x) * (1 + scale) + shift).to(dtype), rope)
+        y = self.self_attn((self.norm1(x) * (1 + scale) + shift).to(dtype), rope, mask)
         x = x + y.float() * gate
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img).float()
         shift, scale, gate = (mod[:, i][index] for i in range(3, 6))
@@ -277,6 +281,7 @@ class WanDiT(nn.Module):
         self.config = config = config if config is not None else WanDiTConfig()
         self.gradient_checkpointing = False
         self.step_cache = None  # a FirstBlockCache over `blocks` (BasePipeline.enable_first_block_cache)
+        self.parallel = None  # ParallelGroups dividing batch and video tokens (BasePipeline.enable_parallel)
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -307,7 +312,20 @@ class WanDiT(nn.Module):
         to `text_len` as the authors do (the padding is attended, so it changes the result).
         `clip_feature` `[B, N, image_dim]` is required exactly when `has_image_input`; `y` (I2V
         conditioning) is concatenated to `x` on channels before the patch embedding.
+
+        Under parallelism (`self.parallel`) the samples are divided over the batch ranks and the video
+        tokens over the sequence ranks (the text and CLIP keys stay whole).
         """
+        return batch_parallel(self.parallel, x.shape[0], self._forward, x, timestep, context, clip_feature, y)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        context: torch.Tensor,
+        clip_feature: torch.Tensor | None,
+        y: torch.Tensor | None,
+    ) -> torch.Tensor:
         cfg = self.config
         if y is not None:
             if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
@@ -324,12 +342,21 @@ class WanDiT(nn.Module):
         context_img = self.img_emb(clip_feature, dtype) if cfg.has_image_input else None
         rope = self._rope(grid, device)
 
-        (seq,) = run_block_list(
-            self.step_cache,
-            self.blocks,
-            (seq,),
-            lambda block, s: (self._run(block, s[0], e, index, context, context_img, rope),),
-        )
+        # sequence parallelism: each rank runs the blocks on its share of the video tokens (with their
+        # RoPE rows and, for per-token timesteps, their modulation rows); the text stays whole
+        with shard_sequence(self.parallel, seq.shape[1]) as shards:
+            tokens, token_rope, token_index, mask = seq, rope, index, None
+            if shards is not None:
+                tokens, token_rope = shards.shard(seq), (shards.shard(rope[0]), shards.shard(rope[1]))
+                token_index = shards.shard(index) if index.shape[1] == seq.shape[1] else index
+                mask = shards.key_mask(None, b, device)
+            (tokens,) = run_block_list(
+                self.step_cache,
+                self.blocks,
+                (tokens,),
+                lambda block, s: (self._run(block, s[0], e, token_index, context, context_img, token_rope, mask),),
+            )
+            seq = shards.gather(tokens) if shards is not None else tokens
 
         out = self.head(seq, temb.float(), index, dtype)
         return self._unpatchify(out, grid)

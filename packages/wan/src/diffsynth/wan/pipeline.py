@@ -189,9 +189,10 @@ class WanVideoPipeline(BasePipeline):
         to 4k + 1 and height/width to the model's multiple, with a warning. `cfg_scale` guides the
         (high-noise) `dit`, `cfg_scale_2` the low-noise expert `dit2` (default: `cfg_scale` when that
         is given, else the preset's). `switch_DiT_boundary` is the t / 1000 below which `dit2` takes over.
-        `cfg_merge` runs the two guidance branches as one batch. `latents` is the initial noise
-        `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N values, the terminal 0 is
-        appended). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed to the VAE.
+        `cfg_merge` runs the two guidance branches as one batch (always so under batch parallelism).
+        `latents` is the initial noise `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N
+        values, the terminal 0 is appended). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed
+        to the VAE.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -410,10 +411,14 @@ class WanVideoPipeline(BasePipeline):
         return tokens
 
     def predict(self, dit, x, timestep, cond: WanConditions, uncond: WanConditions | None, scale, cfg_merge):
-        """One guided velocity; the negative branch uses the same image conditions as the positive one."""
+        """One guided velocity; the negative branch uses the same image conditions as the positive one.
+
+        Under batch parallelism (`enable_parallel(batch=2)`) the two branches always run as one batch,
+        which the ranks then divide."""
         if uncond is None:
             return wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y)
-        if not cfg_merge:
+        groups = getattr(dit, "parallel", None)
+        if not cfg_merge and (groups is None or groups.batch_size == 1):
             positive = wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y)
             negative = wan_velocity(dit, x, timestep, uncond.context, uncond.clip_feature, uncond.y)
             return self.guide(positive, negative, scale)

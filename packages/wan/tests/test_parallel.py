@@ -1,0 +1,18 @@
+"""Multi-rank sampling (`enable_parallel`) of Wan over CPU ranks (gloo) equals one process: the video tokens
+divided (Ulysses, an odd count with padding, per-token timesteps), the CFG batch divided, through the A14B
+pipeline (both experts) with and without the first-block cache, and on a bare I2V DiT (see parallel_worker.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffsynth.runtime.testing.distributed import run_ranks
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+
+
+@pytest.mark.parametrize("mode", ["sequence", "batch"])
+def test_parallel_sampling_equals_one_process(tiny_repo_factory, mode):
+    run_ranks(WORKER, 2, str(tiny_repo_factory("a14b")), mode, timeout=300)
