@@ -73,6 +73,19 @@ def check_nested_batch(groups) -> None:
     torch.testing.assert_close(batch_parallel(groups, 2, forward, x, residuals, extra=extra), want, atol=0, rtol=0)
 
 
+def check_undivided_batch(groups) -> None:
+    """A batch of 3 over 2 ranks: computed whole on every rank, nothing gathered."""
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        return x * 3
+
+    torch.testing.assert_close(batch_parallel(groups, 3, forward, x), x * 3, atol=0, rtol=0)
+    assert seen == [3]
+
+
 def main(mode: str) -> None:
     if mode == "sequence":
         groups = init_parallel()
@@ -85,6 +98,7 @@ def main(mode: str) -> None:
         groups = init_parallel(sequence=1, batch=2)
         check_batch(groups)
         check_nested_batch(groups)
+        check_undivided_batch(groups)
     elif mode == "heads":  # 3 heads over 2 ranks: keys and values gathered instead of exchanged
         groups = init_parallel(sequence=2)
         for length in (12, 13):

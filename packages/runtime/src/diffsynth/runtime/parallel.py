@@ -20,7 +20,10 @@ around a forward. Inference only: collectives here are not differentiable.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -31,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +73,8 @@ def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+        # we started it, so we end it: a group left to the interpreter's exit can abort the process
+        atexit.register(_destroy_process_group)
     world, rank = dist.get_world_size(), dist.get_rank()
     batch = int(batch)
     if batch < 1 or world % batch:
@@ -87,6 +94,13 @@ def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups
         if rank in ranks:
             groups.batch_group, groups.batch_rank = group, ranks.index(rank)
     return groups
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- sequence (Ulysses)
@@ -251,16 +265,20 @@ def sum_over_call(x: torch.Tensor) -> torch.Tensor:
 def split_batch(groups: ParallelGroups | None, batch: int) -> slice:
     """The samples of a batch of `batch` this rank computes (all of them without batch parallelism).
 
-    The batch must divide evenly, as a CFG call's positive + negative halves over 2 ranks do."""
+    A batch the ranks do not divide evenly (an unguided call of one sample, e.g. Wan 2.2's low-noise
+    expert at `cfg_scale_2=1`) is computed whole on every rank: the same result, no time saved."""
     if groups is None or groups.batch_size == 1:
         return slice(0, batch)
     if batch % groups.batch_size:
-        raise ConfigError(
-            f"a batch of {batch} cannot be divided over {groups.batch_size} ranks: use batch parallelism with CFG "
-            "(each call is positive + negative) or a number of prompts it divides"
-        )
+        _note_undivided(batch, groups.batch_size)
+        return slice(0, batch)
     part = batch // groups.batch_size
     return slice(groups.batch_rank * part, (groups.batch_rank + 1) * part)
+
+
+@functools.cache
+def _note_undivided(batch: int, ranks: int) -> None:
+    logger.info("a batch of %d does not divide over %d ranks: every rank computes all of it", batch, ranks)
 
 
 def gather_batch(groups: ParallelGroups | None, x: torch.Tensor) -> torch.Tensor:
