@@ -144,9 +144,9 @@ def test_guidance_distilled_model_needs_guidance():
 def test_attention_goes_through_the_runtime_entry_point(monkeypatch):
     calls = []
 
-    def spy(q, k, v, mask=None, scale=None):
+    def spy(q, k, v, mask=None, scale=None, **options):
         calls.append(tuple(q.shape))
-        return original(q, k, v, mask, scale)
+        return original(q, k, v, mask, scale, **options)
 
     original = dit_module.attention
     monkeypatch.setattr(dit_module, "attention", spy)

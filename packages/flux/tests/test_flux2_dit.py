@@ -301,9 +301,9 @@ def test_attention_goes_through_the_runtime_entry_point(monkeypatch):
     calls = []
     original = dit_module.attention
 
-    def spy(q, k, v, mask=None, scale=None):
+    def spy(q, k, v, mask=None, scale=None, **options):
         calls.append(tuple(q.shape))
-        return original(q, k, v, mask, scale)
+        return original(q, k, v, mask, scale, **options)
 
     monkeypatch.setattr(dit_module, "attention", spy)
     with torch.no_grad():

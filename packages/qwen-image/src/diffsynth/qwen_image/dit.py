@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to the time MLP
@@ -165,7 +166,8 @@ class JointAttention(nn.Module):
         self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=EPS), nn.RMSNorm(head_dim, eps=EPS)
 
     def forward(self, img, txt, rope: Rope, mask):
-        """`rope` covers the joint `[text, image]` sequence: both streams are rotated in one pass."""
+        """`rope` covers the joint `[text, image]` sequence: both streams are rotated in one pass. Under
+        sequence parallelism `img` is this rank's shard of the image tokens (the text is whole)."""
 
         def heads(x):
             return x.unflatten(-1, (self.heads, self.head_dim))
@@ -173,7 +175,7 @@ class JointAttention(nn.Module):
         q = torch.cat([self.norm_added_q(heads(self.add_q_proj(txt))), self.norm_q(heads(self.to_q(img)))], dim=1)
         k = torch.cat([self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))], dim=1)
         v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], dim=1)
-        out = attention(rotate(q, *rope), rotate(k, *rope), v, mask=mask).flatten(2)
+        out = attention(rotate(q, *rope), rotate(k, *rope), v, mask=mask, sequence_parallel=True).flatten(2)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -270,6 +272,7 @@ class QwenImageDiT(nn.Module):
         self.proj_out = nn.Linear(dim, config.out_dim)
         self.gradient_checkpointing = False
         self.step_cache = None  # a FirstBlockCache over `transformer_blocks` (BasePipeline.enable_first_block_cache)
+        self.parallel = None  # ParallelGroups dividing batch and image tokens (BasePipeline.enable_parallel)
 
     def _rope(self, img_shapes, n_img: int, n_txt: int, device) -> Rope:
         """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]`."""
@@ -295,9 +298,11 @@ class QwenImageDiT(nn.Module):
         """`latents` `[B, L_img, in_channels]` packed tokens, `timestep` `[B]` sigma, `text`
         `[B, L_txt, joint_attention_dim]`, `text_mask` `[B, L_txt]` (True = real token),
         `img_shapes` one list of `(frames, h, w)` per sample (target image first, then edit
-        references; a single list is shared by the batch). Returns `[B, L_img, out_dim]`."""
-        cfg = self.config
-        b, n_img, _ = latents.shape
+        references; a single list is shared by the batch). Returns `[B, L_img, out_dim]`.
+
+        With `parallel` set, the batch and the image tokens (edit references included) are divided over
+        the ranks (`enable_parallel`)."""
+        b = latents.shape[0]
         if img_shapes is None:
             raise ValueError("img_shapes is required: one list of (frames, h, w) per sample")
         if len(img_shapes) and isinstance(img_shapes[0][0], int):
@@ -305,13 +310,20 @@ class QwenImageDiT(nn.Module):
         if len(img_shapes) != b:
             raise ValueError(f"img_shapes has {len(img_shapes)} entries for a batch of {b}")
         img_shapes = [[tuple(int(n) for n in s) for s in shapes] for shapes in img_shapes]
+        return batch_parallel(
+            self.parallel, b, self._forward, latents, timestep, text, text_mask, img_shapes, per_sample=(4,)
+        )
+
+    def _forward(self, latents, timestep, text, text_mask, img_shapes) -> torch.Tensor:
+        cfg = self.config
+        b, n_img, _ = latents.shape
 
         img = self.img_in(latents)
         txt = self.txt_in(self.txt_norm(text))
         timestep = timestep.to(img.dtype).reshape(b)
 
         cond_index = None
-        if cfg.zero_cond_t:
+        if cfg.zero_cond_t:  # (after batch division: each rank doubles its own part)
             timestep = torch.cat([timestep, torch.zeros_like(timestep)])
             first = [math.prod(shapes[0]) for shapes in img_shapes]
             cond_index = torch.arange(n_img, device=img.device)[None] >= torch.tensor(first, device=img.device)[:, None]
@@ -322,13 +334,23 @@ class QwenImageDiT(nn.Module):
         if text_mask is not None:
             mask = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
 
-        def run(block: nn.Module, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-            args = (*streams, temb, rope, mask, cond_index)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                return checkpoint(block, *args, use_reentrant=False)
-            return block(*args)
+        n_txt = txt.shape[1]
+        with shard_sequence(self.parallel, n_img, prefix=n_txt) as shards:
+            if shards is not None:  # this rank's image tokens and their per-token inputs; the text stays whole
+                img = shards.shard(img)
+                rope = tuple(torch.cat((t[:, :n_txt], shards.shard(t[:, n_txt:])), dim=1) for t in rope)
+                mask = shards.key_mask(mask, b, img.device)
+                cond_index = None if cond_index is None else shards.shard(cond_index)
 
-        img, txt = run_block_list(self.step_cache, self.transformer_blocks, (img, txt), run)
+            def run(block: nn.Module, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                args = (*streams, temb, rope, mask, cond_index)
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    return checkpoint(block, *args, use_reentrant=False)
+                return block(*args)
+
+            img, txt = run_block_list(self.step_cache, self.transformer_blocks, (img, txt), run)
+            if shards is not None:
+                img = shards.gather(img)
 
         if cfg.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.parallel import SequenceShards, batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_blocks
 
 from .eligen import check_attention_mask
@@ -172,9 +173,10 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 def _joint_attention(q, k, v, rope: Rope, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate q and k (`rope`: `rope_tables` of `rope_from_ids`) and attend."""
+    """Rotate q and k (`rope`: `rope_tables` of `rope_from_ids`) and attend. Under sequence parallelism
+    the tokens are `[text (whole), this rank's image shard]` (the DiT's `shard_sequence` prefix)."""
     q, k = rotate(q, *rope), rotate(k, *rope)
-    return attention(q, k, v, attn_mask).flatten(2)
+    return attention(q, k, v, attn_mask, sequence_parallel=True).flatten(2)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -298,6 +300,7 @@ class Flux1DiT(nn.Module):
         self.gradient_checkpointing = False
         # a FirstBlockCache over double_blocks + single_blocks (BasePipeline.enable_first_block_cache)
         self.step_cache = None
+        self.parallel = None  # ParallelGroups dividing batch and image tokens (BasePipeline.enable_parallel)
         dim = config.hidden_size
         self.img_in = nn.Linear(config.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
@@ -338,12 +341,53 @@ class Flux1DiT(nn.Module):
         joint attention over `[txt, img]` (S = L_txt + L_img) in every block (EliGen, `eligen.py`).
 
         `ip_adapter` holds an IP-Adapter's per-block image keys/values and scale (`ip_adapter.py`).
+
+        With `parallel` set, the batch and the image tokens are divided over the ranks (`enable_parallel`).
         """
         cfg = self.config
         b, n_img = img.shape[:2]
-        img_ids, txt_ids = check_inputs(cfg, img, img_ids, txt, txt_ids, y)
+        img_ids, txt_ids = check_inputs(cfg, img, img_ids, txt, txt_ids, y)  # ids now [B or 1, L, axes]
         if attn_mask is not None:
             check_attention_mask(attn_mask, b, cfg.num_heads, txt.shape[1] + n_img)
+        # the IP keys/values travel as lists so that batch parallelism divides their batched ones
+        ip_kv = None if ip_adapter is None else (ip_adapter.double, ip_adapter.single)
+        return batch_parallel(
+            self.parallel,
+            b,
+            self._forward,
+            img,
+            img_ids,
+            txt,
+            txt_ids,
+            timesteps,
+            y,
+            guidance,
+            controlnet_block_samples,
+            controlnet_single_block_samples,
+            attn_mask,
+            ip_adapter,
+            ip_kv,
+        )
+
+    def _forward(
+        self,
+        img,
+        img_ids,
+        txt,
+        txt_ids,
+        timesteps,
+        y,
+        guidance,
+        controlnet_block_samples,
+        controlnet_single_block_samples,
+        attn_mask,
+        ip_adapter,
+        ip_kv,
+    ) -> torch.Tensor:
+        cfg = self.config
+        b, n_img = img.shape[:2]
+        if ip_adapter is not None:
+            ip_adapter = replace(ip_adapter, double=list(ip_kv[0]), single=list(ip_kv[1]))
         n_double, n_single = len(self.double_blocks), len(self.single_blocks)
         ip_double, ip_single = [None] * n_double, [None] * n_single
         if ip_adapter is not None:
@@ -361,6 +405,20 @@ class Flux1DiT(nn.Module):
         rope = rope_tables(*rope_from_ids(ids, cfg.axes_dim, cfg.theta))
 
         n_txt = txt.shape[1]
+        with shard_sequence(self.parallel, n_img, prefix=n_txt) as shards:
+            if shards is not None:  # this rank's image tokens (and what follows them); the text stays whole
+                img, rope = shards.shard(img), tuple(shard_after(shards, t, n_txt) for t in rope)
+                attn_mask = joint_mask_shard(shards, attn_mask, b, n_txt, cfg.num_heads, img.device)
+                double_res = residual_shards(shards, double_res, n_img)
+                single_res = residual_shards(shards, single_res, n_img)
+            img, txt = self._blocks(img, txt, vec, rope, attn_mask, ip_double, ip_single, double_res, single_res)
+            if shards is not None:
+                img = shards.gather(img)
+        return self.final_layer(img, vec)
+
+    def _blocks(self, img, txt, vec, rope, attn_mask, ip_double, ip_single, double_res, single_res):
+        """Both block lists (through the step cache) on the image and text streams."""
+        n_txt, n_double, n_single = txt.shape[1], len(self.double_blocks), len(self.single_blocks)
 
         def double(i: int, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return self._run(self.double_blocks[i], img, txt, vec, rope, attn_mask, ip_double[i])
@@ -399,7 +457,7 @@ class Flux1DiT(nn.Module):
 
         if n_double + n_single:
             img, txt = run_blocks(self.step_cache, (img, txt), first, rest)
-        return self.final_layer(img, vec)
+        return img, txt
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -456,6 +514,55 @@ def residual_per_block(samples: Sequence[torch.Tensor] | None, blocks: int, name
         raise ValueError(f"{name} is empty; pass None for no residuals")
     interval = max(1, math.ceil(blocks / len(samples)))
     return [samples[i // interval] for i in range(blocks)]
+
+
+def shard_after(shards: SequenceShards, x: torch.Tensor, prefix: int) -> torch.Tensor:
+    """`x` `[B, prefix + L, ...]` with its first `prefix` tokens whole and the rest this rank's shard."""
+    return torch.cat((x[:, :prefix], shards.shard(x[:, prefix:])), dim=1)
+
+
+def joint_mask_shard(
+    shards: SequenceShards, mask: torch.Tensor | None, batch: int, prefix: int, heads: int, device
+) -> torch.Tensor | None:
+    """The joint attention mask `[B or 1, 1 or heads, S, S]` as a sequence-parallel attention call sees it.
+
+    Keys cover the whole padded `[text, image]` sequence (padded image tokens masked). With `heads`
+    divisible by the group (Ulysses) the queries are every token too and a per-head mask keeps this
+    rank's share of the heads; otherwise (the runtime then gathers keys and values) the queries are
+    the text and this rank's image shard."""
+    if mask is None:
+        return shards.key_mask(None, batch, device)
+    pad = shards.padded - shards.length
+    if pad:
+        if mask.dtype == torch.bool:  # padded queries see every real key, so their rows never go empty (NaN)
+            mask = F.pad(mask, (0, pad, 0, pad), value=True)
+            mask[..., prefix + shards.length :] = False
+        else:
+            mask = F.pad(mask, (0, pad, 0, pad), value=0.0)
+            mask[..., prefix + shards.length :] = float("-inf")
+    if heads % shards.size:
+        rows = mask[:, :, prefix:]
+        start = shards.rank * shards.shard_length
+        return torch.cat((mask[:, :, :prefix], rows[:, :, start : start + shards.shard_length]), dim=2)
+    if mask.shape[1] > 1:
+        share = heads // shards.size
+        mask = mask.narrow(1, shards.rank * share, share)
+    return mask
+
+
+def residual_shards(shards: SequenceShards, residuals: list[torch.Tensor] | None, n_img: int):
+    """ControlNet residuals (of the first image tokens) as this rank's image shard: zero past their end."""
+    if residuals is None:
+        return None
+    done: dict[int, torch.Tensor] = {}  # residual_per_block repeats one tensor over several blocks
+    for r in residuals:
+        if id(r) not in done:
+            if r.dim() != 3 or r.shape[1] > n_img:
+                raise ValueError(
+                    f"a ControlNet residual has shape {tuple(r.shape)}; expected [B or 1, L <= {n_img}, hidden]"
+                )
+            done[id(r)] = shards.shard(F.pad(r, (0, 0, 0, n_img - r.shape[1])))
+    return [done[id(r)] for r in residuals]
 
 
 def add_residual(x: torch.Tensor, residual: torch.Tensor, start: int) -> torch.Tensor:

@@ -27,9 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import add_mul, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_blocks
 
-from ..flux1.dit import QKNorm, Rope, check_dit_config, rope_from_ids
+from ..flux1.dit import QKNorm, Rope, check_dit_config, rope_from_ids, shard_after
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
 TIME_FACTOR = 1000.0  # timesteps and guidance are multiplied by this before the embedding
@@ -149,10 +150,12 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return add_mul(shift, x, 1 + scale)
 
 
-def _joint_attention(q, k, v, rope: Rope) -> torch.Tensor:
-    """Rotate q and k (`rope`: `rope_tables` of `rope_from_ids`) and attend; `[B, L, H * D]`."""
+def _joint_attention(q, k, v, rope: Rope, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate q and k (`rope`: `rope_tables` of `rope_from_ids`) and attend; `[B, L, H * D]`. Under
+    sequence parallelism the tokens are `[text (whole), this rank's image shard]` and `mask` masks the
+    padding of the image tokens (None otherwise)."""
     q, k = rotate(q, *rope), rotate(k, *rope)
-    return attention(q, k, v).flatten(2)
+    return attention(q, k, v, mask, sequence_parallel=True).flatten(2)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -170,13 +173,13 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.txt_mlp = _mlp(dim, mlp)
 
-    def forward(self, img, txt, mod_img, mod_txt, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, img, txt, mod_img, mod_txt, rope: Rope, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt
         iq, ik, iv = self.img_attn.qkv_heads(_modulate(self.img_norm1(img), i_shift1, i_scale1))
         tq, tk, tv = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), t_shift1, t_scale1))
         q, k, v = torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1)
-        out = _joint_attention(q, k, v, rope)
+        out = _joint_attention(q, k, v, rope, mask)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
         img = add_mul(img, i_gate1, self.img_attn.proj(img_out))
         img = add_mul(img, i_gate2, self.img_mlp(_modulate(self.img_norm2(img), i_shift2, i_scale2)))
@@ -198,13 +201,13 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(config.head_dim)
         self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
 
-    def forward(self, x, mod, rope: Rope) -> torch.Tensor:
+    def forward(self, x, mod, rope: Rope, mask=None) -> torch.Tensor:
         shift, scale, gate = mod
         qkv, mlp = self.linear1(_modulate(self.pre_norm(x), shift, scale)).split(
             [3 * x.shape[-1], 2 * self.mlp_hidden_dim], dim=-1
         )
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
-        out = _joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope)
+        out = _joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, mask)
         return add_mul(x, gate, self.linear2(torch.cat((out, swiglu(mlp)), dim=-1)))
 
 
@@ -246,6 +249,7 @@ class Flux2DiT(nn.Module):
         self.gradient_checkpointing = False
         # a FirstBlockCache over double_blocks + single_blocks (BasePipeline.enable_first_block_cache)
         self.step_cache = None
+        self.parallel = None  # ParallelGroups dividing batch and image tokens (BasePipeline.enable_parallel)
         dim = config.hidden_size
         self.img_in = nn.Linear(config.in_channels, dim, bias=False)
         self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
@@ -274,11 +278,17 @@ class Flux2DiT(nn.Module):
         `guidance` `[B]` (or a scalar) in the pipeline's units, needed by guidance-distilled models
         (dev) and ignored by the others (klein). Reference-image tokens for editing are appended to
         `img` (with their ids); the output covers every image token, the caller keeps the first ones.
-        Computation runs in `img.dtype`.
+        Computation runs in `img.dtype`. With `parallel` set, the batch and the image tokens (references
+        included) are divided over the ranks (`enable_parallel`).
         """
+        img_ids, txt_ids = check_inputs(self.config, img, img_ids, txt, txt_ids)  # ids now [B or 1, L, axes]
+        return batch_parallel(
+            self.parallel, img.shape[0], self._forward, img, img_ids, txt, txt_ids, timesteps, guidance
+        )
+
+    def _forward(self, img, img_ids, txt, txt_ids, timesteps, guidance) -> torch.Tensor:
         cfg = self.config
-        b = img.shape[0]
-        img_ids, txt_ids = check_inputs(cfg, img, img_ids, txt, txt_ids)
+        b, n_img = img.shape[:2]
         dtype = img.dtype
 
         vec = self.conditioning_vector(timesteps, guidance, b, img.device, dtype)
@@ -292,6 +302,18 @@ class Flux2DiT(nn.Module):
         ids = torch.cat((txt_ids.to(id_dtype).expand(n_ids, -1, -1), img_ids.to(id_dtype).expand(n_ids, -1, -1)), 1)
         rope = rope_tables(*rope_from_ids(ids, cfg.axes_dim, cfg.theta))
 
+        n_txt, mask = txt.shape[1], None
+        with shard_sequence(self.parallel, n_img, prefix=n_txt) as shards:
+            if shards is not None:  # this rank's image tokens; the text stays whole
+                img, rope = shards.shard(img), tuple(shard_after(shards, t, n_txt) for t in rope)
+                mask = shards.key_mask(None, b, img.device)
+            img = self._blocks(img, txt, mod_img, mod_txt, mod_single, rope, mask)
+            if shards is not None:
+                img = shards.gather(img)
+        return self.final_layer(img, vec)
+
+    def _blocks(self, img, txt, mod_img, mod_txt, mod_single, rope: Rope, mask) -> torch.Tensor:
+        """Both block lists (through the step cache); returns the image stream."""
         n_txt, n_double = txt.shape[1], len(self.double_blocks)
 
         # The step cache spans both lists (as diffusers' does): its first block is the first double block
@@ -299,22 +321,22 @@ class Flux2DiT(nn.Module):
         def first(streams):
             img, txt = streams
             if n_double:
-                return self._run(self.double_blocks[0], img, txt, mod_img, mod_txt, rope)
-            x = self._run(self.single_blocks[0], torch.cat((txt, img), dim=1), mod_single, rope)
+                return self._run(self.double_blocks[0], img, txt, mod_img, mod_txt, rope, mask)
+            x = self._run(self.single_blocks[0], torch.cat((txt, img), dim=1), mod_single, rope, mask)
             return x[:, n_txt:], x[:, :n_txt]
 
         def rest(streams):
             img, txt = streams
             for block in self.double_blocks[1:]:
-                img, txt = self._run(block, img, txt, mod_img, mod_txt, rope)
+                img, txt = self._run(block, img, txt, mod_img, mod_txt, rope, mask)
             x = torch.cat((txt, img), dim=1)
             for block in self.single_blocks[0 if n_double else 1 :]:
-                x = self._run(block, x, mod_single, rope)
+                x = self._run(block, x, mod_single, rope, mask)
             return x[:, n_txt:], x[:, :n_txt]
 
         if n_double + len(self.single_blocks):
             img, txt = run_blocks(self.step_cache, (img, txt), first, rest)
-        return self.final_layer(img, vec)
+        return img
 
     def conditioning_vector(self, timesteps, guidance, batch: int, device, dtype) -> torch.Tensor:
         """The modulation vector `[B, hidden]`: `time_in(t)` plus `guidance_in(guidance)` where it exists."""

@@ -1,0 +1,18 @@
+"""Multi-rank sampling (`enable_parallel`) over CPU ranks (gloo) equals one process for Qwen-Image: image tokens
+divided (Ulysses, text whole on every rank) or each call's prompts divided, with text masks, edit reference
+tokens, `zero_cond_t` and the first-block cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffsynth.runtime.testing.distributed import run_ranks
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+
+
+@pytest.mark.parametrize(("sequence", "batch"), [(2, 1), (1, 2)], ids=["sequence", "batch"])
+def test_parallel_equals_one_process(tiny_repo, sequence, batch):
+    run_ranks(WORKER, sequence * batch, str(tiny_repo), str(sequence), str(batch), timeout=300)
