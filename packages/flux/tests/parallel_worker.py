@@ -221,4 +221,6 @@ def main(repo: str, klein_repo: str, sequence: int, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    for layout in sys.argv[3].split(","):  # "SxB,...": several layouts in one launch, one process start-up
+        sequence, batch = (int(n) for n in layout.split("x"))
+        main(sys.argv[1], sys.argv[2], sequence, batch)

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from diffsynth.runtime.testing.distributed import run_ranks
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
 
-@pytest.mark.parametrize(("sequence", "batch"), [(2, 1), (1, 2)], ids=["sequence", "batch"])
-def test_parallel_equals_one_process(tiny_repo, tiny_klein_repo, sequence, batch):
-    run_ranks(WORKER, sequence * batch, str(tiny_repo), str(tiny_klein_repo), str(sequence), str(batch), timeout=300)
+def test_parallel_equals_one_process(tiny_repo, tiny_klein_repo):
+    run_ranks(WORKER, 2, str(tiny_repo), str(tiny_klein_repo), "2x1,1x2", timeout=300)

@@ -139,4 +139,5 @@ def main(base: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    for mode in sys.argv[2].split(","):  # several modes in one launch: one process start-up for all
+        main(sys.argv[1], mode)

@@ -131,4 +131,6 @@ def main(repo: str, sequence: int, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    for layout in sys.argv[2].split(","):  # "SxB,...": several layouts in one launch, one process start-up
+        sequence, batch = (int(n) for n in layout.split("x"))
+        main(sys.argv[1], sequence, batch)

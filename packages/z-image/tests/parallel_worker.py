@@ -51,17 +51,27 @@ def main(repo: str, sequence: int, batch: int) -> None:
 def cli(repo: str, output: str) -> None:
     """`diffsynth generate --sequence-parallel 2` as torchrun would run it: rank 0 writes the image."""
     from diffsynth.runtime.cli import main as diffsynth
+    from diffsynth.runtime.pipeline import BasePipeline
 
+    layouts = []  # what the command asked the pipeline for
+    enable = BasePipeline.enable_parallel
+
+    def spy(pipe, sequence=None, batch=1):
+        layouts.append((sequence, batch))
+        return enable(pipe, sequence, batch)
+
+    BasePipeline.enable_parallel = spy
     options = ["--height", "64", "--width", "48", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
     code = diffsynth(
         ["generate", "--model", repo, "--prompt", PROMPTS[0], "--sequence-parallel", "2", "--output", output, *options]
     )
-    assert code == 0
-    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 2
+    assert code == 0 and layouts == [(2, 1)], layouts
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "cli":
-        cli(sys.argv[2], sys.argv[3])
-    else:
-        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    # REPO "SxB,..." [CLI_OUTPUT]: several layouts (and the CLI) in one launch, one process start-up for all
+    for layout in sys.argv[2].split(","):
+        sequence, batch = (int(n) for n in layout.split("x"))
+        main(sys.argv[1], sequence, batch)
+    if len(sys.argv) > 3:
+        cli(sys.argv[1], sys.argv[3])

@@ -13,12 +13,9 @@ from diffsynth.runtime.testing.distributed import run_ranks
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
 
-@pytest.mark.parametrize(("sequence", "batch"), [(2, 1), (1, 2), (2, 2)])
-def test_parallel_pipeline_equals_one_process(tiny_repo, sequence, batch):
-    run_ranks(WORKER, sequence * batch, str(tiny_repo), str(sequence), str(batch), timeout=300)
-
-
-def test_cli_under_two_ranks_writes_the_one_process_image(tiny_repo, tmp_path):
+def test_two_ranks_equal_one_process_and_the_cli_writes_its_image(tiny_repo, tmp_path):
+    """Tokens divided (2x1), then the CFG batch divided (1x2), then `diffsynth generate --sequence-parallel 2`
+    under the same two ranks, whose image must be the one-process CLI's."""
     import numpy as np
     from PIL import Image
 
@@ -27,10 +24,14 @@ def test_cli_under_two_ranks_writes_the_one_process_image(tiny_repo, tmp_path):
     options = ["--height", "64", "--width", "48", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
     prompt = "a red circle on a blue background"
     main(["generate", "--model", str(tiny_repo), "--prompt", prompt, "--output", str(tmp_path / "one.png"), *options])
-    run_ranks(WORKER, 2, "cli", str(tiny_repo), str(tmp_path / "two.png"))
+    run_ranks(WORKER, 2, str(tiny_repo), "2x1,1x2", str(tmp_path / "two.png"), timeout=300)
     with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
         difference = np.abs(np.asarray(one, dtype=np.int16) - np.asarray(two, dtype=np.int16))
     assert difference.max() <= 1  # equal up to a rounding of the 8-bit pixels
+
+
+def test_four_ranks_divide_tokens_and_batch_together(tiny_repo):
+    run_ranks(WORKER, 4, str(tiny_repo), "2x2", timeout=300)
 
 
 def test_enable_parallel_outside_torchrun_is_a_clear_error(tiny_repo, monkeypatch):
