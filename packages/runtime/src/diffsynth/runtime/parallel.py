@@ -8,7 +8,8 @@ the same arguments (the seeded noise is the same everywhere) and gets the same r
 - sequence (DeepSpeed-Ulysses): the image/video tokens are divided over S ranks; each
   self-attention exchanges its shards (all-to-all) so that every rank attends over the whole
   sequence with S-th of the heads, then exchanges back (head counts S does not divide: every rank
-  gathers all keys and values instead). Per rank, activations and attention work shrink S-fold; the weights are not split (combine with the VRAM manager for that).
+  gathers all keys and values instead). Per rank, activations and attention work shrink S-fold;
+  the weights are not split (combine with the VRAM manager for that).
 Ranks are laid out as `rank = batch_index * S + sequence_index`, so a sequence group is S
 consecutive ranks (one node's NVLink island when S divides the GPUs per node).
 
@@ -48,10 +49,6 @@ class ParallelGroups:
     batch_size: int = 1
     batch_rank: int = 0
     batch_group: Any = None
-
-    @property
-    def active(self) -> bool:
-        return self.sequence_size > 1 or self.batch_size > 1
 
 
 def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups:
