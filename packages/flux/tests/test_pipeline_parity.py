@@ -15,6 +15,8 @@ from diffsynth_flux_test_helpers import (
     reference_images,
 )
 
+from diffsynth.runtime.testing.conformance import full_calls
+
 pytest.importorskip("diffusers")
 
 pytestmark = pytest.mark.parity
@@ -53,17 +55,6 @@ def test_true_cfg_matches_diffusers(both):
     )
     got = our_images(ours, PROMPTS[0], noise, TEXT_LEN, cfg_scale=3.0, embedded_guidance=3.5, **common)
     assert max_abs(got, expected) <= 1e-4
-
-
-def full_calls(head: torch.nn.Module, tail: torch.nn.Module) -> tuple[list[bool], list]:
-    """One entry per model call (counted on the first block), True when the call ran `tail` (a module the
-    last block runs inside its own forward: diffusers' cache hook replaces that forward on reused calls)."""
-    calls: list[bool] = []
-    hooks = [
-        head.register_forward_hook(lambda m, i, o: calls.append(False)),
-        tail.register_forward_hook(lambda m, i, o: calls.__setitem__(-1, True)),
-    ]
-    return calls, hooks
 
 
 def test_first_block_cache_matches_diffusers(both, one_thread):

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffsynth.runtime.testing.conformance import full_calls
+
 pytest.importorskip("diffusers")
 
 pytestmark = pytest.mark.parity
@@ -57,17 +59,6 @@ def test_images_match_diffusers(both, cfg_scale):
     )
     assert got.shape == expected.shape == (2, 64, 64, 3)
     assert np.abs(got - expected).max() <= 1e-4
-
-
-def full_calls(head: torch.nn.Module, tail: torch.nn.Module) -> tuple[list[bool], list]:
-    """One entry per model call (counted on the first block), True when the call ran `tail` (a module the
-    last block runs inside its own forward: diffusers' cache hook replaces that forward on reused calls)."""
-    calls: list[bool] = []
-    hooks = [
-        head.register_forward_hook(lambda m, i, o: calls.append(False)),
-        tail.register_forward_hook(lambda m, i, o: calls.__setitem__(-1, True)),
-    ]
-    return calls, hooks
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])

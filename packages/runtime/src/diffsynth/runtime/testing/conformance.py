@@ -27,6 +27,7 @@ __all__ = [
     "check_backward",
     "check_declared_units",
     "check_first_block_cache",
+    "full_calls",
     "check_forward",
     "check_gradient_checkpointing",
     "check_layout_roundtrip",
@@ -196,6 +197,19 @@ def check_first_block_cache(
         for hook in hooks:
             hook.remove()
         model.step_cache = None
+
+
+def full_calls(head: nn.Module, tail: nn.Module) -> tuple[list[bool], list]:
+    """Which model calls ran every block, to compare first-block caches call by call: one entry per call
+    (counted on `head`, the first block), True when the call also ran `tail` (a module the last block runs
+    inside its own forward, so that a cache hook replacing that block's forward on reused calls is not
+    counted). Returns the list and the hook handles to remove."""
+    calls: list[bool] = []
+    hooks = [
+        head.register_forward_hook(lambda m, i, o: calls.append(False)),
+        tail.register_forward_hook(lambda m, i, o: calls.__setitem__(-1, True)),
+    ]
+    return calls, hooks
 
 
 def check_meta_load(factory: Factory, args: Sequence, kwargs: dict | None = None) -> None:
