@@ -34,12 +34,16 @@ def picture(seed: int) -> Image.Image:
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("first", [False, True], ids=["keyframe", "first-and-keyframe"])
-def test_matches_diffusers_condition_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, first):
+@pytest.mark.parametrize(
+    ("first", "strength"),
+    [(False, 1.0), (True, 1.0), (True, 0.6)],
+    ids=["keyframe", "first-and-keyframe", "first-at-strength-0.6-and-keyframe"],
+)
+def test_matches_diffusers_condition_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, first, strength):
     """diffusers' `LTX2ConditionPipeline` with a condition at latent index 2 (video frame 8 * (2 - 1) + 1 = 9)
-    and optionally one at index 0: same weights, seed, sigmas and CFG. Both draw the video noise in token
-    layout over the video's and the keyframe's tokens, as ltx-core does. `use_cross_timestep=False` is LTX-2.0's
-    audio<->video modulation, as in our DiT."""
+    and optionally one at index 0 (at a `strength`: our `input_images_strength`): same weights, seed, sigmas
+    and CFG. Both draw the video noise in token layout over the video's and the keyframe's tokens, as ltx-core
+    does. `use_cross_timestep=False` is LTX-2.0's audio<->video modulation, as in our DiT."""
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
@@ -52,11 +56,10 @@ def test_matches_diffusers_condition_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, fi
     conditions = [LTX2VideoCondition(frames=picture(2), index=2, crf=0)]
     if first:
         images, indexes = [picture(1), *images], [0, *indexes]
-        conditions.insert(0, LTX2VideoCondition(frames=picture(1), index=0, crf=0))
+        conditions.insert(0, LTX2VideoCondition(frames=picture(1), index=0, strength=strength, crf=0))
     common = dict(negative_prompt=CAPTIONS[3], seed=3, output_type="np", sigmas=sigmas, cfg_scale=3.0)
-    frames, audio = tiny_ltx2_pipe(
-        CAPTIONS[0], input_images=images, input_images_indexes=indexes, audio_cfg_scale=5.0, **common, **SETTINGS
-    )
+    given = dict(input_images=images, input_images_indexes=indexes, input_images_strength=strength)
+    frames, audio = tiny_ltx2_pipe(CAPTIONS[0], **given, audio_cfg_scale=5.0, **common, **SETTINGS)
     expected_frames, expected_audio = reference(
         conditions=conditions,
         prompt=CAPTIONS[0],
@@ -89,6 +92,11 @@ def test_matches_diffusers_condition_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, fi
     print(f"keyframe parity ({indexes}): frames {frame_diff:.3g}, audio {audio_diff:.3g} (unconditioned gap {gap:.3g})")
     assert frame_diff <= 1e-5 and audio_diff <= 1e-5
     assert gap > 1e-2
+    if strength < 1:  # the strength is seen: the first frame kept exactly gives another video
+        kept, _ = tiny_ltx2_pipe(
+            CAPTIONS[0], **{**given, "input_images_strength": 1.0}, audio_cfg_scale=5.0, **common, **SETTINGS
+        )
+        assert np.abs(kept - frames).max() > 1e-2
 
 
 def test_keyframe_positions_follow_ltx_core():
@@ -166,3 +174,19 @@ def test_two_stage_places_the_keyframes_at_full_size(tiny_ltx2_base, tiny_ltx2_p
     )  # fmt: skip
     assert frames.shape == (1, 3, F, 2 * H, 2 * W)
     assert sizes == [(1, H, W), (1, 2 * H, 2 * W)]
+
+
+def test_first_frame_strength_zero_is_text_to_video_and_bad_values_are_refused(tiny_ltx2_pipe):
+    """At strength 0 the first frame starts as pure noise and is never pulled towards the image: the video is
+    the text-to-video one; values outside [0, 1], or a strength without a first frame, are refused by name."""
+    from diffsynth.runtime.errors import ConfigError
+
+    common = dict(seed=5, output_type="np", num_inference_steps=2, **SETTINGS)
+    plain, plain_audio = tiny_ltx2_pipe(CAPTIONS[0], **common)
+    free, free_audio = tiny_ltx2_pipe(CAPTIONS[0], input_images=[picture(1)], input_images_strength=0.0, **common)
+    np.testing.assert_allclose(free, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(free_audio.waveform, plain_audio.waveform, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="input_images_strength"):
+        tiny_ltx2_pipe(CAPTIONS[0], input_images=[picture(1)], input_images_strength=1.5, **common)
+    with pytest.raises(ConfigError, match="input_images_strength"):
+        tiny_ltx2_pipe(CAPTIONS[0], input_images_strength=0.5, **common)

@@ -268,23 +268,44 @@ def test_image_to_video_conditions_both_stages_at_their_sizes(two_stage_pipe, mo
     from PIL import Image
 
     sizes, masks = [], []
-    real_condition, real_predict = LTX2Pipeline.prepare_image_condition, LTX2Pipeline.predict
+    real_condition, real_predict = LTX2Pipeline.first_frame_condition, LTX2Pipeline.predict
 
-    def condition(self, video, images, height, width, crf=0):
+    def condition(self, video, images, height, width, *args):
         sizes.append((height, width, tuple(video.shape[-2:])))
-        return real_condition(self, video, images, height, width, crf)
+        return real_condition(self, video, images, height, width, *args)
 
     def predict(self, *args, **kwargs):
         masks.append(kwargs.get("denoise_mask") is not None)
         return real_predict(self, *args, **kwargs)
 
-    monkeypatch.setattr(LTX2Pipeline, "prepare_image_condition", condition)
+    monkeypatch.setattr(LTX2Pipeline, "first_frame_condition", condition)
     monkeypatch.setattr(LTX2Pipeline, "predict", predict)
     image = Image.new("RGB", (2 * W, 2 * H), (200, 40, 90))
     two_stage_pipe(CAPTIONS[1], seed=0, input_image=image, use_distilled_pipeline=True, image_crf=0, **SETTINGS)
     h, w = H // 32, W // 32
     assert sizes == [(H, W, (h, w)), (2 * H, 2 * W, (2 * h, 2 * w))]
     assert masks == [True] * 11
+
+
+def test_first_frame_strength_reaches_both_stages(two_stage_pipe, monkeypatch):
+    """A first frame at strength 0.5: both stages get the mask 1 - 0.5 on that frame and the clean latents to
+    blend towards, and the video differs from the one that keeps the frame exactly."""
+    from PIL import Image
+
+    seen = []
+    real = LTX2Pipeline.denoise
+
+    def denoise(self, video, audio, scheduler, text, fps, mask, *args):
+        seen.append((float(mask[0, 0, 0].max()), float(mask[0, 0, 1:].min()), args[-1] is not None))
+        return real(self, video, audio, scheduler, text, fps, mask, *args)
+
+    monkeypatch.setattr(LTX2Pipeline, "denoise", denoise)
+    image = Image.new("RGB", (2 * W, 2 * H), (200, 40, 90))
+    common = dict(seed=0, input_image=image, use_distilled_pipeline=True, image_crf=0, output_type="pt", **SETTINGS)
+    loose, _ = two_stage_pipe(CAPTIONS[1], input_images_strength=0.5, **common)
+    assert seen == [(0.5, 1.0, True)] * 2
+    kept, _ = two_stage_pipe(CAPTIONS[1], **common)
+    assert (loose - kept).abs().max() > 1e-3
 
 
 def test_vram_managed_two_stage_run_equals_the_resident_one(tiny_ltx2_base, two_stage_pipe, stage_two_files):

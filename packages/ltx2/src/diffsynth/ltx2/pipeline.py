@@ -279,6 +279,7 @@ class LTX2Pipeline(BasePipeline):
         audio_latents: torch.Tensor | None = None,
         input_images: Sequence[ImageInput] | None = None,
         input_images_indexes: Sequence[int] = (0,),
+        input_images_strength: float = 1.0,
         input_image: ImageInput | Sequence[ImageInput] | None = None,
         image_crf: int | None = None,
         retake_audio: torch.Tensor | str | os.PathLike | None = None,
@@ -325,7 +326,10 @@ class LTX2Pipeline(BasePipeline):
         the DiT is told is clean (timestep 0) and which no step changes. It is first re-compressed with H.264
         at `image_crf` (default 33, the authors'; 0 = as given). Images at other `input_images_indexes`
         (video frames) are keyframes: encoded the same way, their clean tokens join the video's at their
-        frame's time (`LTX2Keyframes`, `prepare_keyframes`).
+        frame's time (`LTX2Keyframes`, `prepare_keyframes`). `input_images_strength` (DiffSynth-Studio's
+        name; 1 = kept exactly) below 1 lets the first frame change: it starts that much noised, the DiT
+        sees it at `sigma * (1 - strength)`, and each step's clean estimate is blended with it by that
+        weight (ltx-core's and diffusers' conditioning strength).
 
         Audio-to-video (DiffSynth-Studio's arguments): `retake_audio` (a waveform `[C, N]` in [-1, 1] at
         `audio_sample_rate` Hz, default 48000, or an audio or video file) is encoded by the audio VAE and
@@ -368,6 +372,11 @@ class LTX2Pipeline(BasePipeline):
         first_frames, keyframe_images = self.check_input_images(
             input_images, input_images_indexes, input_image, len(prompts), frames
         )
+        strength = float(input_images_strength)
+        if not 0.0 <= strength <= 1.0:
+            raise ConfigError(f"input_images_strength={input_images_strength} must be in [0, 1] (1 keeps the image)")
+        if strength != 1.0 and first_frames is None:
+            raise ConfigError("input_images_strength applies to the first frame: give an image at index 0")
 
         # 1. prompts
         self.load_models_to_device(["text_encoder", "connectors"])
@@ -388,9 +397,11 @@ class LTX2Pipeline(BasePipeline):
             len(prompts), frames, stage_height, stage_width, fps, generator, rand_device, latents, audio_latents,
             keyframe_tokens=0 if keyframes is None else len(keyframes),
         )  # fmt: skip
-        mask = None
+        mask = clean = None
         if first_frames is not None:
-            video, mask = self.prepare_image_condition(video, first_frames, stage_height, stage_width, crf)
+            video, mask, clean = self.first_frame_condition(
+                video, first_frames, stage_height, stage_width, crf, strength, video, float(scheduler.sigmas[0])
+            )
         given = None
         if retake_audio is not None:
             rate = self.setting("audio_sample_rate", audio_sample_rate, DEFAULT_AUDIO_SAMPLE_RATE)
@@ -402,11 +413,11 @@ class LTX2Pipeline(BasePipeline):
         guided = (use_cfg, scale, audio_scale, rescale, guidance)
         audio_mask = None if given is None else given.mask
         video, audio = self.denoise(
-            video, audio, scheduler, both, fps, mask, guided, progress_bar, keyframes, audio_mask
+            video, audio, scheduler, both, fps, mask, guided, progress_bar, keyframes, audio_mask, clean
         )
         if two_stage:
             video, audio = self.refine(
-                video, audio, text, fps, generator, rand_device, (first_frames, keyframe_images, audio_mask),
+                video, audio, text, fps, generator, rand_device, (first_frames, strength, keyframe_images, audio_mask),
                 size=(height, width), crf=crf, lora_strength=None if distilled else lora_strength,
                 progress_bar=progress_bar,
             )  # fmt: skip
@@ -650,16 +661,37 @@ class LTX2Pipeline(BasePipeline):
         (0 on that frame: the DiT sees it clean and steps keep it). Fitting crops the centre to the video's
         aspect ratio (as the authors do; diffusers stretches instead), then resizes bilinearly; `crf` > 0 then
         passes each through H.264 at that CRF (`h264_frame`), as the model saw first frames in training."""
+        video, mask, _ = self.first_frame_condition(video, images, height, width, crf)
+        return video, mask
+
+    def first_frame_condition(
+        self,
+        video: torch.Tensor,
+        images: list[Image.Image],
+        height: int,
+        width: int,
+        crf: int = 0,
+        strength: float = 1.0,
+        noise: torch.Tensor | None = None,
+        start: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`prepare_image_condition` with a `strength`: the first latent frame becomes the image noised to
+        `(1 - strength) * start` with `noise` (the stage's raw noise, default `video`), its mask `1 - strength`;
+        also returns the clean latents (the image's frame, zeros after) that `denoise` blends towards."""
         self.load_models_to_device(["vae"])
         fitted = [fit_image(image, height, width) for image in images]
         if crf:
             fitted = [h264_frame(image, crf) for image in fitted]
         pixels = pil_to_tensor(fitted, dtype=module_dtype(self.vae), device=self.device)
-        clean = self.vae.encode(pixels[:, :, None]).float()  # [B, C, 1, h, w]
-        video = torch.cat([clean, video[:, :, 1:]], dim=2)
+        encoded = self.vae.encode(pixels[:, :, None]).float()  # [B, C, 1, h, w]
+        level = (1.0 - strength) * start  # how far the frame starts noised (0: exactly the image)
+        noise = video if noise is None else noise
+        first = noise[:, :, :1] * level + encoded * (1.0 - level)
+        video = torch.cat([first, video[:, :, 1:]], dim=2)
         mask = torch.ones((1, 1, *video.shape[2:]), device=video.device)
-        mask[:, :, 0] = 0.0
-        return video, mask
+        mask[:, :, 0] = 1.0 - strength
+        clean = torch.cat([encoded, torch.zeros_like(video[:, :, 1:])], dim=2)
+        return video, mask, clean
 
     def encode_audio(
         self, waveform: torch.Tensor, sample_rate: int, num_frames: int, frame_rate: float, length: int | None = None
@@ -748,10 +780,12 @@ class LTX2Pipeline(BasePipeline):
         progress_bar: bool = True,
         keyframes=None,
         audio_mask=None,
+        clean=None,
     ):
         """Euler steps over the scheduler's sigmas; `guided` is (use_cfg, cfg, audio cfg, rescale,
         `LTX2Guidance`). Latents under `mask` / `audio_mask` 0 stay as they are; `keyframes` are read at
-        every step."""
+        every step. With `clean` (the first frame's latents), each step's clean estimate is blended with
+        it by `1 - mask` (a first frame of strength below 1), which leaves mask-0 frames as they are."""
         use_cfg, scale, audio_scale, rescale, guidance = guided
         extra = {} if mask is None else {"denoise_mask": mask}
         if keyframes is not None:
@@ -764,7 +798,11 @@ class LTX2Pipeline(BasePipeline):
             v_video, v_audio = self.predict(
                 video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, **extra, guidance=guidance
             )
-            video = scheduler.step(v_video if mask is None else v_video * mask, i, video)  # clean frames stay
+            if clean is not None:  # x0 = video - sigma * v, blended with `clean` by 1 - mask, back to a velocity
+                v_video = v_video * mask + (1.0 - mask) * (video - clean) / float(sigma)
+            elif mask is not None:
+                v_video = v_video * mask  # clean frames stay
+            video = scheduler.step(v_video, i, video)
             audio = scheduler.step(v_audio if audio_mask is None else v_audio * audio_mask, i, audio)
         return video, audio
 
@@ -784,7 +822,7 @@ class LTX2Pipeline(BasePipeline):
         and the keyframes at full `size` (`conditions`: first frames, keyframe images, the mask of a given
         sound, which stays as it is), and take the authors' 3 distilled steps without guidance. With a
         `lora_strength` (the full model) the distilled LoRA is attached for these steps only."""
-        (height, width), (first_frames, keyframe_images, audio_mask) = size, conditions
+        (height, width), (first_frames, strength, keyframe_images, audio_mask) = size, conditions
         keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)
         scheduler = FlowMatchScheduler("ltx2_stage2")
@@ -796,16 +834,19 @@ class LTX2Pipeline(BasePipeline):
         video = start * video_noise + (1 - start) * video
         renoised = start * audio_noise + (1 - start) * audio
         audio = renoised if audio_mask is None else audio + audio_mask * (renoised - audio)  # given sound stays
-        mask = None
+        mask = clean = None
         if first_frames is not None:
-            video, mask = self.prepare_image_condition(video, first_frames, height, width, crf)
+            video, mask, clean = self.first_frame_condition(
+                video, first_frames, height, width, crf, strength, video_noise, start
+            )
         unguided = (False, 1.0, 1.0, 0.0, None)
+        denoise = (video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask, clean)
         if lora_strength is None:
-            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask)
+            return self.denoise(*denoise)
         self.load_models_to_device(["dit"])
         self.load_lora(self._stage2_lora(), scale=lora_strength, fuse=False, name=STAGE_2_LORA_NAME)
         try:
-            return self.denoise(video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask)
+            return self.denoise(*denoise)
         finally:
             from diffsynth.runtime.lora import clear_loras, list_loras
 
