@@ -90,6 +90,7 @@ def main(mode: str) -> None:
     if mode == "sequence":
         groups = init_parallel()
         assert (groups.sequence_size, groups.batch_size) == (2, 1)
+        assert init_parallel(sequence=2) is groups  # made once: a second call shares the communicators
         for length in (12, 13, 7):  # divisible, padded, padded with an empty-ish shard
             check_attention(groups, length, masked=False)
             check_attention(groups, length, masked=True)

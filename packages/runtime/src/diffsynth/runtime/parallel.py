@@ -51,11 +51,14 @@ class ParallelGroups:
     batch_group: Any = None
 
 
+_MADE: dict[tuple[int, int], ParallelGroups] = {}  # (sequence, batch) -> this rank's groups
+
+
 def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups:
     """Join (or start, from torchrun's environment) the default process group and make the groups.
 
     `sequence` defaults to what `batch` leaves of the world size. Every rank must call this with the
-    same arguments (group creation is collective)."""
+    same arguments (group creation is collective); a layout made before is returned as it is."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -79,7 +82,10 @@ def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups
     sequence = world // batch if sequence is None else int(sequence)
     if sequence < 1 or sequence * batch != world:
         raise ConfigError(f"sequence={sequence} x batch={batch} must equal the world size {world} (torchrun ranks)")
-    groups = ParallelGroups(sequence_size=sequence, batch_size=batch)
+    made = _MADE.get((sequence, batch))
+    if made is not None:  # a second pipeline (or use_usp's second call) shares the communicators
+        return made
+    groups = _MADE[(sequence, batch)] = ParallelGroups(sequence_size=sequence, batch_size=batch)
     for b in range(batch):  # every rank creates every group, in the same order
         ranks = list(range(b * sequence, (b + 1) * sequence))
         group = dist.new_group(ranks) if sequence > 1 else None
@@ -98,6 +104,7 @@ def _destroy_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    _MADE.clear()
 
 
 # ---------------------------------------------------------------------- sequence (Ulysses)
