@@ -15,6 +15,8 @@ from diffsynth_flux_test_helpers import (
 
 from diffsynth.flux.flux1 import dit as dit_module
 from diffsynth.flux.flux1.dit import Flux1DiT, Flux1DiTConfig
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.step_cache import TeaCache
 from diffsynth.runtime.testing import conformance as cf
 
 
@@ -202,6 +204,32 @@ def test_first_block_cache_hook(overrides, controlnet):
         other_args=dit_inputs(seed=2, config=cfg),
         blocks=("double_blocks", "single_blocks"),
     )
+
+
+@pytest.mark.parametrize("controlnet", [False, True], ids=["plain", "controlnet"])
+def test_tea_cache_hook(controlnet):
+    """The indicator is the first double block's modulated image input, which exists only inside that block:
+    a reused call runs that block alone (for the indicator) and reuses every block's residual, ControlNet's
+    included."""
+    cfg = tiny_dit_config()
+    cf.check_tea_cache(
+        lambda: make_dit(cfg),
+        dit_inputs(config=cfg),
+        controlnet_samples(cfg) if controlnet else None,
+        other_args=dit_inputs(seed=2, config=cfg),
+        blocks=("double_blocks", "single_blocks"),
+        indicator_blocks=1,
+    )
+
+
+def test_tea_cache_needs_a_double_block():
+    cfg = tiny_dit_config(depth=0)
+    model = make_dit(cfg).eval()
+    model.step_cache = cache = TeaCache(1.0, (1.0, 0.0))
+    cache.begin_loop(3)
+    cache.begin_step()
+    with torch.no_grad(), pytest.raises(ConfigError, match="TeaCache on FLUX.1 needs a double block"):
+        model(*dit_inputs(config=cfg))
 
 
 def test_first_block_cache_reuses_what_the_later_blocks_added():

@@ -132,6 +132,62 @@ def test_first_block_cache_bad_slot_and_threshold_are_clear_errors(tiny_pipe):
     assert tiny_pipe.step_caches() == {}
 
 
+@pytest.mark.parametrize("extra", [{}, {"kontext_images": "reference"}], ids=["text-to-image", "kontext"])
+def test_tea_cache_follows_diffsynth_studio(tiny_pipe, extra, one_thread):
+    """`tea_cache_l1_thresh` (DiffSynth-Studio's call argument) gives the image its TeaCache rule gives,
+    re-enacted with hooks on the uncached DiT: the first double block's modulated image input as indicator,
+    the FLUX.1 polynomial, the image tokens' residual over both block lists reused. This tiny model's
+    indicator changes 0.16 to 0.2 per step (0.25 rescaled), so 0.6 reuses some calls and not others."""
+    from diffsynth.flux.flux1.dit import TEA_CACHE_COEFFICIENTS
+    from diffsynth.runtime.testing.tea_cache import TeaCacheReference
+
+    extra = {k: _image(32, 32) if v == "reference" else v for k, v in extra.items()}
+    options = {**FAST, "num_inference_steps": 10, **extra}
+    dit = tiny_pipe.dit
+    plain = tiny_pipe("a cat", seed=0, output_type="pt", **options)
+    reference = TeaCacheReference(
+        TEA_CACHE_COEFFICIENTS["FLUX.1"], 0.6, 10, 1, dit.double_blocks[0], dit.single_blocks[-1],
+        (dit.double_blocks[0].img_attn.qkv, lambda args, out: args[0]),
+    )  # fmt: skip
+    try:
+        expected = tiny_pipe("a cat", seed=0, output_type="pt", **options)
+    finally:
+        reference.remove()
+    ran = []
+    hook = dit.single_blocks[-1].register_forward_hook(lambda m, i, o: ran.append(1))
+    try:
+        got = tiny_pipe("a cat", seed=0, output_type="pt", tea_cache_l1_thresh=0.6, **options)
+    finally:
+        hook.remove()
+    reused = reference.reused
+    assert len(reused) == 10 and 3 <= sum(reused) <= 6 and not reused[0] and not reused[-1], reused
+    assert len(ran) == reused.count(False) and dit.step_cache is None
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-4  # reusing changed the image: the test can tell
+
+
+def test_tea_cache_enable_disable_and_errors(tiny_pipe, tiny_klein_pipe):
+    """`enable_tea_cache` gives the call argument's image (FLUX.1 has one polynomial: no model id needed);
+    a wrong model id, a slot without a DiT and FLUX.2 (no TeaCache polynomial) are clear errors."""
+    options = {**FAST, "num_inference_steps": 6}
+    per_call = tiny_pipe("a cat", seed=0, output_type="pt", tea_cache_l1_thresh=0.6, **options)
+    caches = tiny_pipe.enable_tea_cache(0.6)
+    try:
+        enabled = tiny_pipe("a cat", seed=0, output_type="pt", **options)
+        assert caches["dit"].calls == 6 and 0 < caches["dit"].skipped < 4
+        torch.testing.assert_close(enabled, per_call, rtol=0, atol=0)
+    finally:
+        tiny_pipe.disable_tea_cache()
+    assert tiny_pipe.step_caches() == {}
+    with pytest.raises(ConfigError, match="'FLUX.2' is not a TeaCache model id.*FLUX.1"):
+        tiny_pipe.enable_tea_cache(0.6, model_id="FLUX.2")
+    with pytest.raises(ConfigError, match="supports TeaCache"):
+        tiny_pipe.enable_tea_cache(0.6, slots=["vae"])
+    with pytest.raises(ConfigError, match="supports TeaCache.*enable_first_block_cache"):
+        tiny_klein_pipe.enable_tea_cache(0.6)
+    assert tiny_pipe.step_caches() == {} and tiny_klein_pipe.step_caches() == {}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -44,6 +44,8 @@ def test_generate_help_documents_the_flags(capsys):
         "--seed",
         "--lora",
         "--first-block-cache",
+        "--tea-cache",
+        "--tea-cache-model-id",
         "--sequence-parallel",
         "--cfg-parallel",
         "--vram-limit",

@@ -1,12 +1,14 @@
-"""FirstBlockCache: the skip rule, the reused residuals, per-position states, and when it must not act."""
+"""FirstBlockCache and TeaCache: the skip rules, the reused residuals, per-position states, and when they must not
+act."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.step_cache import FirstBlockCache, run_blocks
+from diffsynth.runtime.step_cache import FirstBlockCache, TeaCache, run_blocks
 
 
 @pytest.fixture(autouse=True)
@@ -146,3 +148,115 @@ def test_other_shapes_at_a_position_are_not_reused_and_end_loop_frees():
 def test_bad_threshold_is_rejected(threshold):
     with pytest.raises(ConfigError, match="threshold"):
         FirstBlockCache(threshold)
+
+
+# ----------------------------------------------------------------------------------------- TeaCache
+IDENTITY = (1.0, 0.0)  # rescaled change = relative change
+
+
+def tea_loop(cache, inputs_per_step, stack, indicator=lambda x: x[0]):
+    """Run one loop of len(inputs_per_step) steps; each step's entries are the calls at its positions."""
+    cache.begin_loop(len(inputs_per_step))
+    outs = []
+    for step in inputs_per_step:
+        cache.begin_step()
+        outs.append([cache.run(x, stack.first, stack.rest, lambda x=x: indicator(x)) for x in step])
+    cache.end_loop()
+    return outs
+
+
+def rel(a, b):
+    return float((b[0] - a[0]).abs().mean() / a[0].abs().mean())
+
+
+def test_tea_cache_accumulates_the_rescaled_change_and_reuses_the_whole_stack():
+    """Changes of 0.3 each against a threshold of 0.7 (identity polynomial): step 1 reuses (0.3), step 2 reuses
+    (0.6), step 3 runs (0.9, reset), step 4 reuses (0.3), the last step runs whatever the sum. A reused call is
+    the input plus the whole stack's residual of the last full call, on every stream."""
+    stack = Stack()
+    base = inputs(1)
+    xs = [base]
+    for _ in range(5):  # each step's indicator is 30% (in mean absolute terms) away from the previous one
+        prev = xs[-1]
+        xs.append((prev[0] * 1.3, prev[1] + 0.1))
+    changes = [rel(a, b) for a, b in zip(xs, xs[1:], strict=False)]
+    assert all(abs(c - 0.3) < 1e-6 for c in changes)
+    cache = TeaCache(0.7, IDENTITY)
+    outs = tea_loop(cache, [[x] for x in xs], stack)
+    full = [False, True, True, False, True, False]  # reused?
+    assert (cache.calls, cache.skipped, stack.rest_calls) == (6, 3, 3)
+    last_full = None
+    for x, out, reused in zip(xs, outs, full, strict=True):
+        if not reused:
+            last_full = x, stack.plain(x)
+            for got, want in zip(out[0], last_full[1], strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            (x0, y0) = last_full
+            for got, xi, x0i, y0i in zip(out[0], x, x0, y0, strict=True):
+                torch.testing.assert_close(got, xi + (y0i - x0i), rtol=0, atol=1e-6)
+
+
+def test_tea_cache_rescales_with_the_polynomial_numpy_evaluates():
+    coefficients = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+    cache = TeaCache(0.5, coefficients)
+    for change in (0.0, 0.01, 0.15, 0.4, 1.3):
+        assert cache.rescale(change) == pytest.approx(float(np.polyval(coefficients, change)), rel=1e-12)
+
+
+def test_tea_cache_first_and_last_steps_run_and_positions_keep_their_states():
+    """With an infinite threshold every call in between is reused, per position (positive, negative); the
+    first call at each position and the loop's last step run in full; so does a loop of unknown length's
+    every step after the first (no last step to protect)."""
+    stack = Stack()
+    pos, neg = inputs(1), inputs(2)
+    cache = TeaCache(float("inf"), IDENTITY)
+    tea_loop(cache, [[pos, neg]] * 4, stack)
+    assert (cache.calls, cache.skipped, stack.rest_calls) == (8, 4, 4)
+    cache.begin_loop()  # length unknown
+    for _ in range(3):
+        cache.begin_step()
+        cache.run(pos, stack.first, stack.rest, lambda: pos[0])
+    assert (cache.calls, cache.skipped) == (3, 2)
+
+
+def test_tea_cache_negative_polynomial_values_reuse_even_at_threshold_zero():
+    """DiffSynth-Studio's rule compares the sum with `<`: a polynomial negative at 0 change (the Wan 1.3B one
+    is -0.05 there) reuses identical inputs even at threshold 0; a positive one does not."""
+    stack = Stack()
+    a = inputs(1)
+    for constant, reused in ((-0.05, 1), (0.05, 0)):
+        cache = TeaCache(0.0, (1.0, constant))
+        tea_loop(cache, [[a], [a], [a]], stack)
+        assert cache.skipped == reused
+
+
+def test_tea_cache_never_acts_outside_a_loop_or_with_grad_and_needs_an_indicator():
+    stack = Stack()
+    a = inputs(1)
+    cache = TeaCache(float("inf"), IDENTITY)
+    for _ in range(2):
+        cache.run(a, stack.first, stack.rest)  # no loop: no indicator needed, every block runs
+    assert (cache.calls, stack.rest_calls) == (0, 2)
+    cache.begin_loop(5)
+    with torch.enable_grad():
+        for _ in range(3):
+            cache.begin_step()
+            cache.run(a, stack.first, stack.rest, lambda: a[0])
+    assert cache.skipped == 0 and stack.rest_calls == 5
+    cache.begin_step()
+    with pytest.raises(ConfigError, match="modulated input"):
+        cache.run(a, stack.first, stack.rest)
+
+
+def test_tea_cache_other_shapes_run_in_full_and_bad_settings_are_refused():
+    stack = Stack()
+    small = inputs(1)
+    big = (torch.cat([small[0], small[0]], 1), small[1])
+    cache = TeaCache(float("inf"), IDENTITY)
+    tea_loop(cache, [[small], [big], [big], [big]], stack)
+    assert cache.skipped == 1  # step 2 (big) is a first call of its shape; step 3 reuses; step 4 is last
+    with pytest.raises(ConfigError, match="threshold"):
+        TeaCache(-0.1, IDENTITY)
+    with pytest.raises(ConfigError, match="coefficient"):
+        TeaCache(0.1, ())

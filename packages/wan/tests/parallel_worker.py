@@ -27,6 +27,7 @@ TOKENS = 27
 # the relative first-block changes of these tiny random experts lie between 0.3 and 1.4: this threshold
 # reuses some calls and not others (checked below)
 THRESHOLD = 0.9
+TEA_THRESHOLD = 1.0
 
 
 def close(got, want):
@@ -86,6 +87,12 @@ def check_pipeline(repo: str, sequence: int, batch: int) -> None:
     want_reused = {slot: (c.calls, c.skipped) for slot, c in caches.items()}
     assert all(0 < skipped < calls for calls, skipped in want_reused.values()), want_reused
     pipe.disable_first_block_cache()
+    # TeaCache (an identity polynomial: these tiny experts' modulation changes 0.3 to 1.1 per step)
+    tea = pipe.enable_tea_cache(TEA_THRESHOLD, coefficients=(1.0, 0.0))
+    want_tea = pipe(PROMPT, seed=0, cfg_merge=merged, **OPTIONS)
+    want_tea_reused = {slot: (c.calls, c.skipped) for slot, c in tea.items()}
+    assert any(skipped for _, skipped in want_tea_reused.values()), want_tea_reused
+    pipe.disable_tea_cache()
 
     seen = record_inputs(pipe.dit.blocks[0], pipe.dit2.blocks[0])
     groups = pipe.enable_parallel(sequence=sequence, batch=batch)
@@ -98,6 +105,10 @@ def check_pipeline(repo: str, sequence: int, batch: int) -> None:
     caches = pipe.enable_first_block_cache(THRESHOLD)
     close(pipe(PROMPT, seed=0, **OPTIONS), want_cached)
     assert {slot: (c.calls, c.skipped) for slot, c in caches.items()} == want_reused
+    pipe.disable_first_block_cache()
+    tea = pipe.enable_tea_cache(TEA_THRESHOLD, coefficients=(1.0, 0.0))
+    close(pipe(PROMPT, seed=0, **OPTIONS), want_tea)
+    assert {slot: (c.calls, c.skipped) for slot, c in tea.items()} == want_tea_reused
 
 
 def main(repo: str, mode: str) -> None:

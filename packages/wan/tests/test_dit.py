@@ -145,6 +145,30 @@ def test_first_block_cache_hook(kind):
     cf.check_first_block_cache(lambda: make_model(kind), args, kwargs, other_args=other, blocks=("blocks",))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_tea_cache_hook(kind):
+    """The indicator (the time modulation) is computed before the blocks: a reused call runs none."""
+    args, kwargs = inputs(kind)
+    other = inputs(kind, seed=2)[0]
+    cf.check_tea_cache(lambda: make_model(kind), args, kwargs, other_args=other, blocks=("blocks",))
+
+
+def test_tea_cache_indicator_weighs_each_modulation_row_by_its_tokens():
+    """Per-token timesteps (TI2V: the first frame at 0) are embedded once per value; the indicator's relative
+    change equals that of the `[B, tokens, 6, dim]` table DiffSynth-Studio compares."""
+    from diffsynth.wan.dit import tea_cache_indicator
+
+    g = torch.Generator().manual_seed(0)
+    e1, e2 = torch.randn(3, 6, 4, generator=g), torch.randn(3, 6, 4, generator=g)
+    index = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 2, 2, 2, 2, 2]])  # rows used 2, 5 and 5 times
+    full1, full2 = e1[index], e2[index]
+    want = (full2 - full1).abs().mean() / full1.abs().mean()
+    w1, w2 = tea_cache_indicator(e1, index), tea_cache_indicator(e2, index)
+    got = (w2 - w1).abs().sum() / w1.abs().sum()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert (got - (e2 - e1).abs().mean() / e1.abs().mean()).abs() > 1e-3  # unweighted rows would differ
+
+
 def test_first_block_cache_reuses_the_rest_of_the_blocks():
     """A reused call = the first block's output + what the other blocks added on the full call (a reference
     built by hand from the model's own pieces: hooks on the first and last block), with the I2V extras."""

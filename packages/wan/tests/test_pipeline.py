@@ -222,6 +222,114 @@ def test_first_block_cache_in_the_pipeline(pipe):
     torch.testing.assert_close(pipe(PROMPT, seed=0, output_type="pt", **options), plain, rtol=0, atol=0)
 
 
+# ----------------------------------------------------------------------------------------- TeaCache
+IDENTITY = (1.0, 0.0)  # a polynomial that passes the indicator's relative change through unchanged
+
+
+def tea_reference(pipe, threshold, coefficients, steps, calls_per_step):
+    from diffsynth.runtime.testing.tea_cache import TeaCacheReference
+
+    dit = pipe.dit
+    return TeaCacheReference(
+        coefficients, threshold, steps, calls_per_step, dit.blocks[0], dit.blocks[-1],
+        (dit.time_projection, lambda args, out: out),
+    )  # fmt: skip
+
+
+def run_against_reference(pipe, threshold, coefficients, options, cached) -> tuple[list[bool], float]:
+    """The uncached pipeline under the hooked DiffSynth-Studio rule, then `cached()` (our TeaCache on the same
+    `options`); checks the same calls ran in full and the videos agree. Returns the reuse pattern and how
+    far the cached video is from the uncached one."""
+    steps, cfg = options["num_inference_steps"], options.get("cfg_scale", 1.0)
+    assert pipe.step_caches() == {}
+    plain = pipe(PROMPT, seed=0, output_type="pt", **options)
+    reference = tea_reference(pipe, threshold, coefficients, steps, 2 if cfg > 1 else 1)
+    try:
+        expected = pipe(PROMPT, seed=0, output_type="pt", **options)
+    finally:
+        reference.remove()
+    ran = []
+    hook = pipe.dit.blocks[-1].register_forward_hook(lambda m, i, o: ran.append(1))
+    try:
+        got = cached()
+    finally:
+        hook.remove()
+    assert len(ran) == reference.reused.count(False), (len(ran), reference.reused)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    return reference.reused, float((got - plain).abs().max())
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_tea_cache_follows_diffsynth_studio(pipe, cfg_scale):
+    """TeaCache gives the video DiffSynth-Studio's rule gives, re-enacted with hooks on the uncached DiT (the
+    time modulation as indicator, one state per prompt): the same calls reused, the same video. An identity
+    polynomial and a threshold among this tiny model's changes (0.36 to 1.07 per step) make some calls
+    reused and some not, so every branch of the rule is taken."""
+    options = {**FAST, "num_inference_steps": 10, "cfg_scale": cfg_scale, "negative_prompt": "bad", "tiled": False}
+    caches = {}
+
+    def cached():
+        caches.update(pipe.enable_tea_cache(1.0, coefficients=IDENTITY))
+        try:
+            return pipe(PROMPT, seed=0, output_type="pt", **options)
+        finally:
+            pipe.disable_tea_cache()
+
+    reused, changed = run_against_reference(pipe, 1.0, IDENTITY, options, cached)
+    calls = len(reused)
+    assert reused[0] is False and not any(reused[-(calls // 10) :]) and 2 <= sum(reused) <= calls - 4, reused
+    assert (caches["dit"].calls, caches["dit"].skipped) == (calls, sum(reused))
+    assert changed > 1e-4  # reusing changed the video: the test can tell a skip from a full call
+
+
+def test_tea_cache_call_arguments_take_diffsynth_studio_model_ids(pipe):
+    """`tea_cache_l1_thresh` / `tea_cache_model_id` (DiffSynth-Studio's call arguments) use that model's
+    polynomial. This tiny model's changes lie far outside the range it was fitted on, where it is negative,
+    so every call but the first and the last is reused, as DiffSynth-Studio would."""
+    from diffsynth.wan.dit import TEA_CACHE_COEFFICIENTS
+
+    options = {**FAST, "num_inference_steps": 6, "cfg_scale": 4.0, "negative_prompt": "bad", "tiled": False}
+    call = {"tea_cache_l1_thresh": 0.2, "tea_cache_model_id": "Wan2.1-T2V-1.3B"}
+    reused, changed = run_against_reference(
+        pipe, 0.2, TEA_CACHE_COEFFICIENTS["Wan2.1-T2V-1.3B"], options,
+        lambda: pipe(PROMPT, seed=0, output_type="pt", **call, **options),
+    )  # fmt: skip
+    assert reused == [False, False] + [True] * 8 + [False, False] and changed > 1e-4
+    assert pipe.dit.step_cache is None  # the call's cache is gone afterwards
+
+
+def test_tea_cache_enabled_on_the_pipeline_and_per_call(pipe):
+    """`enable_tea_cache` gives the per-call argument's video and counts; a call's TeaCache leaves an enabled
+    first-block cache in place; the model id is required (four polynomials) and checked."""
+    options = {**FAST, "num_inference_steps": 6, "tiled": False}
+    call = {"tea_cache_l1_thresh": 0.2, "tea_cache_model_id": "Wan2.1-T2V-14B"}
+    per_call = pipe(PROMPT, seed=0, output_type="pt", **call, **options)
+    caches = pipe.enable_tea_cache(0.2, model_id="Wan2.1-T2V-14B")
+    try:
+        assert list(caches) == ["dit"] and pipe.step_caches() == caches
+        enabled = pipe(PROMPT, seed=0, output_type="pt", **options)
+        assert (caches["dit"].calls, caches["dit"].skipped) == (6, 4)
+        torch.testing.assert_close(enabled, per_call, rtol=0, atol=0)
+    finally:
+        pipe.disable_tea_cache()
+    assert pipe.step_caches() == {}
+    fbc = pipe.enable_first_block_cache(0.0)["dit"]
+    try:
+        pipe(PROMPT, seed=0, output_type="pt", **call, **options)
+        assert pipe.dit.step_cache is fbc and fbc.calls == 0  # put back, unused during the call
+        pipe.disable_tea_cache()
+        assert pipe.dit.step_cache is fbc  # disabling TeaCache leaves the first-block cache alone
+    finally:
+        pipe.disable_first_block_cache()
+    with pytest.raises(ConfigError, match="tea_cache_model_id.*Wan2.1-T2V-1.3B"):
+        pipe(PROMPT, seed=0, tea_cache_l1_thresh=0.2, **options)
+    with pytest.raises(ConfigError, match="'Wan2.2-T2V' is not a TeaCache model id.*Wan2.1-I2V-14B-720P"):
+        pipe(PROMPT, seed=0, tea_cache_l1_thresh=0.2, tea_cache_model_id="Wan2.2-T2V", **options)
+    with pytest.raises(ConfigError, match="threshold=-1.0 must be >= 0"):
+        pipe.enable_tea_cache(-1, model_id="Wan2.1-T2V-14B")
+    assert pipe.dit.step_cache is None
+
+
 def test_first_block_cache_gives_each_a14b_expert_its_own_cache(tiny_repo_factory):
     """Both experts get a cache; the low-noise one starts without state when it takes over mid-loop (its
     first step runs every block), and each counts only its own calls."""
@@ -332,6 +440,25 @@ def test_cli_generates_an_mp4_from_a_local_folder(tiny_repo, tmp_path):
     assert main([*args, "--dtype", "float32"]) == 0
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_cli_tea_cache_flags(tiny_repo, tmp_path, caplog, capsys):
+    """`--tea-cache` with `--tea-cache-model-id` turns TeaCache on (the log counts what it reused: with 3 steps
+    the middle one); a model id alone, or both caches at once, are refused naming the flags."""
+    from diffsynth.runtime.cli import main
+
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+    defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 3, "cfg_scale": 1.0}
+    (repo / "diffsynth.json").write_text(json.dumps({"defaults": defaults}))
+    args = ["generate", "--model", str(repo), "--prompt", PROMPT, "--output", str(tmp_path / "v.mp4")]
+    args += ["--device", "cpu", "--dtype", "float32"]
+    with caplog.at_level("INFO", logger="diffsynth"):
+        assert main([*args, "--tea-cache", "0.2", "--tea-cache-model-id", "Wan2.1-T2V-1.3B"]) == 0
+    assert "TeaCache (dit): 1 of 3 model calls reused" in caplog.text
+    assert main([*args, "--tea-cache-model-id", "Wan2.1-T2V-1.3B"]) == 2
+    assert "give --tea-cache THRESHOLD with it" in capsys.readouterr().err
+    assert main([*args, "--tea-cache", "0.2", "--first-block-cache", "0.1"]) == 2
+    assert "choose one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -412,6 +412,7 @@ class FluxImagePipeline(BasePipeline):
         return super().read_lora(path, slot)
 
     # ------------------------------------------------------------------ call
+    @accepts_tea_cache
     @torch.no_grad()
     def __call__(
         self,
@@ -443,6 +444,7 @@ class FluxImagePipeline(BasePipeline):
         tile_stride: int = 384,
         output_type: str = "pil",
         progress_bar: bool = True,
+        tea_cache_l1_thresh: float | None = None,
     ):
         """Generate images: a PIL image for one prompt, a list for a list of prompts; "np"/"pt" give the batch.
 
@@ -459,6 +461,8 @@ class FluxImagePipeline(BasePipeline):
         the negative prompt (see `flux1/eligen.py`).
         `ipadapter_images` (one or several reference images) condition the loaded IP-Adapter
         (`load_ip_adapter`), its attention output times `ipadapter_scale`.
+        `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
+        `enable_tea_cache`).
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         entity_prompts, entity_masks = check_entity_inputs(eligen_entity_prompts, eligen_entity_masks)

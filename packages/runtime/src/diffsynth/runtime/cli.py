@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the DiT's later blocks on steps that change little (0.05 to 0.2; higher is faster, looser)",
     )
     gen.add_argument(
+        "--tea-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="TeaCache (FLUX.1, Wan): skip whole DiT calls while the input changes little (e.g. 0.4 FLUX.1, 0.2 Wan)",
+    )
+    gen.add_argument(
+        "--tea-cache-model-id",
+        default=None,
+        metavar="ID",
+        help="which TeaCache polynomial (Wan: Wan2.1-T2V-1.3B, Wan2.1-T2V-14B, Wan2.1-I2V-14B-480P or -720P)",
+    )
+    gen.add_argument(
         "--sequence-parallel",
         type=int,
         default=None,
@@ -196,8 +209,14 @@ def _generate(args) -> int:
     for spec in args.lora:
         path, scale = _parse_lora(spec)
         pipe.load_lora(path, scale=scale)
+    if args.first_block_cache is not None and args.tea_cache is not None:
+        raise ConfigError("--first-block-cache and --tea-cache are two ways to skip blocks: choose one")
     if args.first_block_cache is not None:
         pipe.enable_first_block_cache(args.first_block_cache)
+    if args.tea_cache is not None:
+        pipe.enable_tea_cache(args.tea_cache, model_id=args.tea_cache_model_id)
+    elif args.tea_cache_model_id is not None:
+        raise ConfigError("--tea-cache-model-id picks TeaCache's polynomial: give --tea-cache THRESHOLD with it")
     options = {
         "negative_prompt": args.negative_prompt,
         "cfg_scale": args.cfg,
@@ -228,7 +247,8 @@ def _generate(args) -> int:
     if parallel and int(os.environ.get("RANK", 0)) != 0:
         return 0  # every rank holds the same result; rank 0 writes it
     for slot, cache in pipe.step_caches().items():
-        logger.info("first-block cache (%s): %d of %d model calls reused", slot, cache.skipped, cache.calls)
+        kind = "TeaCache" if type(cache).__name__ == "TeaCache" else "first-block cache"
+        logger.info("%s (%s): %d of %d model calls reused", kind, slot, cache.skipped, cache.calls)
     output.parent.mkdir(parents=True, exist_ok=True)
     fps = args.fps or pipe.defaults.get("fps") or pipe.defaults.get("frame_rate") or 16
     if isinstance(result, tuple) and len(result) == 2:  # video frames with their sound

@@ -9,6 +9,8 @@ makes seeded noise, applies classifier-free guidance, shows progress, and conver
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -337,7 +339,8 @@ class BasePipeline:
 
         bar = tqdm(iterable, disable=not enabled, desc=type(self).__name__)
         caches = list(self.step_caches().values())
-        return _cached_steps(bar, caches) if caches else bar
+        steps = len(iterable) if hasattr(iterable, "__len__") else None
+        return _cached_steps(bar, caches, steps) if caches else bar
 
     # ------------------------------------------------------------------ user-facing extras
     @contextlib.contextmanager
@@ -387,18 +390,64 @@ class BasePipeline:
         whose `calls` / `skipped` counts tell what the last run reused."""
         from .step_cache import FirstBlockCache
 
+        chosen = self._cache_slots(slots)
+        models = {s: m for s in chosen if hasattr(m := getattr(self, s, None), "step_cache")}
+        if not models:
+            raise ConfigError(f"{type(self).__name__}: no model in {chosen} supports the first-block cache")
+        for model in models.values():
+            model.step_cache = FirstBlockCache(threshold)
+        return {slot: model.step_cache for slot, model in models.items()}
+
+    def enable_tea_cache(
+        self,
+        threshold: float,
+        model_id: str | None = None,
+        coefficients: Sequence[float] | None = None,
+        slots: Iterable[str] | None = None,
+    ) -> dict:
+        """TeaCache (DiffSynth-Studio's `tea_cache_l1_thresh` / `tea_cache_model_id`): skip every block
+        of a denoiser call while the accumulated, rescaled change of its modulated input stays below
+        `threshold` (0.05 to 0.3 are usual; higher is faster and looser). `model_id` picks the rescaling
+        polynomial the model declares (`tea_cache_coefficients`; needed where it declares several),
+        `coefficients` gives one directly (highest power first). Returns the caches by slot."""
+        from .step_cache import TeaCache
+
+        chosen = self._cache_slots(slots)
+        models = {
+            s: m
+            for s in chosen
+            if hasattr(m := getattr(self, s, None), "step_cache") and hasattr(m, "tea_cache_coefficients")
+        }
+        if not models:
+            raise ConfigError(
+                f"{type(self).__name__}: no model in {chosen} supports TeaCache (FLUX.1's and Wan's DiTs do; "
+                "enable_first_block_cache works for every DiT)"
+            )
+        caches = {
+            slot: TeaCache(threshold, _tea_cache_coefficients(model, model_id, coefficients))
+            for slot, model in models.items()
+        }
+        for slot, cache in caches.items():
+            models[slot].step_cache = cache
+        return caches
+
+    @contextlib.contextmanager
+    def tea_cache_for_call(self, threshold: float, model_id: str | None = None):
+        """TeaCache for what runs inside (one generation); the step caches set before come back after."""
+        saved = {s: m.step_cache for s in self.model_slots if hasattr(m := getattr(self, s, None), "step_cache")}
+        self.enable_tea_cache(threshold, model_id)
+        try:
+            yield
+        finally:
+            for slot, cache in saved.items():
+                getattr(self, slot).step_cache = cache
+
+    def _cache_slots(self, slots: Iterable[str] | None) -> list[str]:
         chosen = list(self.model_slots) if slots is None else list(slots)
         unknown = [s for s in chosen if s not in self.model_slots]
         if unknown:
             raise ConfigError(f"unknown model slot(s) {unknown}; slots: {list(self.model_slots)}")
-        enabled = {}
-        for slot in chosen:
-            model = getattr(self, slot, None)
-            if model is not None and hasattr(model, "step_cache"):
-                model.step_cache = enabled[slot] = FirstBlockCache(threshold)
-        if not enabled:
-            raise ConfigError(f"{type(self).__name__}: no model in {chosen} supports the first-block cache")
-        return enabled
+        return chosen
 
     def enable_parallel(self, sequence: int | None = None, batch: int = 1):
         """Divide each denoiser call over the torchrun ranks: `batch` ranks share a call's samples (CFG
@@ -422,8 +471,19 @@ class BasePipeline:
         return groups
 
     def disable_first_block_cache(self) -> None:
-        for slot in self.step_caches():
-            getattr(self, slot).step_cache = None
+        from .step_cache import FirstBlockCache
+
+        self._disable_caches(FirstBlockCache)
+
+    def disable_tea_cache(self) -> None:
+        from .step_cache import TeaCache
+
+        self._disable_caches(TeaCache)
+
+    def _disable_caches(self, kind: type) -> None:
+        for slot, cache in self.step_caches().items():
+            if isinstance(cache, kind):
+                getattr(self, slot).step_cache = None
 
     def step_caches(self) -> dict:
         """The enabled step caches by model slot."""
@@ -446,10 +506,10 @@ class BasePipeline:
                 block.compile(**compile_kwargs)
 
 
-def _cached_steps(bar, caches):
+def _cached_steps(bar, caches, steps: int | None):
     """Iterate the loop, opening a step on each cache per iteration (and the loop around them)."""
     for cache in caches:
-        cache.begin_loop()
+        cache.begin_loop(steps)
     try:
         for item in bar:
             for cache in caches:
@@ -458,6 +518,40 @@ def _cached_steps(bar, caches):
     finally:
         for cache in caches:
             cache.end_loop()
+
+
+def accepts_tea_cache(method):
+    """For a pipeline's `__call__` that takes DiffSynth-Studio's `tea_cache_l1_thresh` (and, where the
+    model declares several polynomials, `tea_cache_model_id`): TeaCache for that call only."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        threshold = arguments.get("tea_cache_l1_thresh")
+        if threshold is None:
+            return method(self, *args, **kwargs)
+        with self.tea_cache_for_call(threshold, arguments.get("tea_cache_model_id") or None):
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+def _tea_cache_coefficients(model, model_id: str | None, coefficients: Sequence[float] | None) -> Sequence[float]:
+    """The rescaling polynomial for `model`: `coefficients`, else its table's entry for `model_id` (or its only one)."""
+    if coefficients is not None:
+        return coefficients
+    table = model.tea_cache_coefficients
+    ids = ", ".join(table)
+    if model_id is None:
+        if len(table) == 1:
+            return next(iter(table.values()))
+        raise ConfigError(f"{type(model).__name__}: TeaCache needs a model id (tea_cache_model_id), one of: {ids}")
+    if model_id not in table:
+        raise ConfigError(
+            f"tea_cache_model_id={model_id!r} is not a TeaCache model id of {type(model).__name__}; use one of: {ids}"
+        )
+    return table[model_id]
 
 
 def configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:

@@ -1,21 +1,30 @@
-"""First-block cache: skip a denoiser's remaining blocks on steps where its first block barely changed.
+"""Step caches: skip a denoiser's blocks on steps where its input barely changed.
 
-Adjacent denoising steps often change a DiT's hidden states very little. The first block always
-runs; its residual (output minus input of the first stream, the image/video tokens) is compared
-with the residual of the last call that ran every block. When the relative change
-`mean|r - r_prev| / mean|r_prev|` is at most `threshold`, the remaining blocks are skipped and the
-difference they made on that full call (per stream) is added to the first block's output instead.
-This is ParaAttention's "first block cache" (TeaCache's idea, measured on the first block rather
-than through a fitted polynomial per model), with the same rule as diffusers'
-`FirstBlockCacheConfig`, so a threshold means the same thing in both. Under sequence or batch
-parallelism the change is summed over every rank's part, so all ranks take the decision one
-process would take.
+Adjacent denoising steps often change a DiT's hidden states very little. Two rules decide when the
+blocks of a call may be skipped and what they made reused instead:
 
-A DiT supports it by holding a `step_cache` attribute (None when off) and routing its block stack
-through `run_blocks`. The pipeline's denoising loop (`BasePipeline.progress`) opens a loop and a
-step on every cache it enabled; within a step, calls are told apart by their order (positive,
-then negative, ...), each with its own state, as diffusers keeps one per `cache_context`. Outside
-a denoising loop, and whenever autograd records (training), every block runs.
+- `FirstBlockCache` (ParaAttention's, with the rule of diffusers' `FirstBlockCacheConfig`, so a
+  threshold means the same thing in both): the first block always runs; its residual (output minus
+  input of the first stream, the image/video tokens) is compared with the residual of the last call
+  that ran every block. When the relative change `mean|r - r_prev| / mean|r_prev|` is at most
+  `threshold`, the remaining blocks are skipped and the difference they made on that full call (per
+  stream) is added to the first block's output instead.
+- `TeaCache` (DiffSynth-Studio's `tea_cache_l1_thresh`, with its rule): before any block, the model's
+  timestep-modulated input (its "indicator") is compared with the previous call's; the relative
+  change, mapped through a polynomial fitted per model, is accumulated, and while the sum stays below
+  `threshold` every block is skipped and the whole stack's difference from the last full call is
+  added to the input. The first call at a position in a loop and the last step always run in full.
+
+Under sequence or batch parallelism the measured change is summed over every rank's part, so all
+ranks take the decision one process would take.
+
+A DiT supports the caches by holding a `step_cache` attribute (None when off) and routing its block
+stack through `run_blocks`; it supports TeaCache by also passing its indicator and declaring
+`tea_cache_coefficients` (model id -> polynomial). The pipeline's denoising loop
+(`BasePipeline.progress`) opens a loop and a step on every cache it enabled; within a step, calls are
+told apart by their order (positive, then negative, ...), each with its own state, as diffusers keeps
+one per `cache_context` and DiffSynth-Studio one TeaCache per prompt. Outside a denoising loop, and
+whenever autograd records (training), every block runs.
 """
 
 from __future__ import annotations
@@ -29,52 +38,87 @@ from .errors import ConfigError
 from .parallel import active_sequence, sum_over_call
 
 Streams = tuple[torch.Tensor, ...]
+Indicator = Callable[[], torch.Tensor]
 
 
-@dataclass
-class _CallState:
-    first_residual: torch.Tensor  # first block's residual of the last full call
-    rest_residuals: Streams  # what the remaining blocks added to each stream on that call
+def _check_threshold(name: str, threshold: float, usual: str) -> float:
+    threshold = float(threshold)
+    if not threshold >= 0.0:
+        raise ConfigError(f"{name} threshold={threshold} must be >= 0 ({usual} are usual)")
+    return threshold
 
 
-class FirstBlockCache:
-    """Per-model state of the first-block cache; `threshold` 0 only reuses exactly repeated inputs."""
+def _relative_change(now: torch.Tensor, previous: torch.Tensor) -> float:
+    """`sum|now - previous| / sum|previous|` over every rank sharing the call (inf when `previous` is 0)."""
+    sums = sum_over_call(torch.stack([(now - previous).abs().float().sum(), previous.abs().float().sum()]))
+    return float(sums[0] / sums[1]) if float(sums[1]) > 0 else float("inf")
 
-    def __init__(self, threshold: float = 0.05):
-        threshold = float(threshold)
-        if not threshold >= 0.0:
-            raise ConfigError(f"first-block cache threshold={threshold} must be >= 0 (0.05 to 0.2 are usual)")
-        self.threshold = threshold
+
+def _same_layout(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(a, b, strict=True))
+
+
+class _StepCache:
+    """What both caches share: the loop and step bookkeeping, and the counts."""
+
+    def __init__(self):
         self.calls = 0  # model calls in the current (or last) denoising loop
-        self.skipped = 0  # of which ran only the first block
-        self._states: dict[int, _CallState] = {}
+        self.skipped = 0  # of which reused the cached blocks
+        self._states: dict = {}
         self._position: int | None = None  # call index within the step; None outside a loop
+        self._step = -1  # index of the current step in the loop
+        self._steps: int | None = None  # steps in the loop, when known
 
     # ------------------------------------------------------------------ loop bookkeeping
-    def begin_loop(self) -> None:
-        """A new denoising loop: forget the previous one's states and counts."""
+    def begin_loop(self, steps: int | None = None) -> None:
+        """A new denoising loop (of `steps` steps, when known): forget the previous one's states and counts."""
         self._states.clear()
         self.calls = self.skipped = 0
-        self._position = 0
+        self._position, self._step, self._steps = 0, -1, steps
 
     def begin_step(self) -> None:
         self._position = 0
+        self._step += 1
 
     def end_loop(self) -> None:
         """Free the cached residuals (the counts stay readable)."""
         self._states.clear()
         self._position = None
 
-    # ------------------------------------------------------------------ the block stack
-    def run(
-        self, streams: Sequence[torch.Tensor], first: Callable[[Streams], Streams], rest: Callable[[Streams], Streams]
-    ) -> Streams:
-        streams = tuple(streams)
+    def _next_call(self) -> int | None:
+        """The position of the call now starting within its step; None when every block must run."""
         if self._position is None or torch.is_grad_enabled():
-            return tuple(rest(tuple(first(streams))))
+            return None
         key = self._position
         self._position += 1
         self.calls += 1
+        return key
+
+
+@dataclass
+class _FirstBlockState:
+    first_residual: torch.Tensor  # first block's residual of the last full call
+    rest_residuals: Streams  # what the remaining blocks added to each stream on that call
+
+
+class FirstBlockCache(_StepCache):
+    """Per-model state of the first-block cache; `threshold` 0 only reuses exactly repeated inputs."""
+
+    def __init__(self, threshold: float = 0.05):
+        super().__init__()
+        self.threshold = _check_threshold("first-block cache", threshold, "0.05 to 0.2")
+
+    def run(
+        self,
+        streams: Sequence[torch.Tensor],
+        first: Callable[[Streams], Streams],
+        rest: Callable[[Streams], Streams],
+        indicator: Indicator | None = None,
+    ) -> Streams:
+        streams = tuple(streams)
+        key = self._next_call()
+        if key is None:
+            return tuple(rest(tuple(first(streams))))
         head = tuple(first(streams))
         residual = head[0] - streams[0]
         state = self._states.get(key)
@@ -83,43 +127,109 @@ class FirstBlockCache:
             return tuple(h + r for h, r in zip(head, state.rest_residuals, strict=True))
         out = tuple(rest(head))
         rest_residuals = tuple(o - h for o, h in zip(out, head, strict=True))
-        self._states[key] = _CallState(first_residual=residual, rest_residuals=rest_residuals)
+        self._states[key] = _FirstBlockState(first_residual=residual, rest_residuals=rest_residuals)
         return out
 
-    def _reusable(self, state: _CallState, head: Streams, residual: torch.Tensor) -> bool:
-        if len(head) != len(state.rest_residuals) or any(
-            h.shape != r.shape or h.dtype != r.dtype for h, r in zip(head, state.rest_residuals, strict=True)
-        ):
+    def _reusable(self, state: _FirstBlockState, head: Streams, residual: torch.Tensor) -> bool:
+        if not _same_layout(head, state.rest_residuals):
             return False  # another batch or size at this position: not comparable
         previous = state.first_residual
         shards = active_sequence()
         if shards is not None:  # the tokens are divided over ranks: decide on all of them, together
             residual, previous = residual[:, : shards.valid_tokens], previous[:, : shards.valid_tokens]
-        sums = sum_over_call(torch.stack([(residual - previous).abs().float().sum(), previous.abs().float().sum()]))
-        return float(sums[0] / sums[1]) <= self.threshold
+        return _relative_change(residual, previous) <= self.threshold
 
     def __repr__(self) -> str:
         return f"FirstBlockCache(threshold={self.threshold}, calls={self.calls}, skipped={self.skipped})"
 
 
+@dataclass
+class _TeaState:
+    indicator: torch.Tensor  # the indicator of the previous call at this position
+    accumulated: float  # rescaled change summed since the last full call
+    residuals: Streams  # what the whole block stack added to each stream on the last full call
+
+
+class TeaCache(_StepCache):
+    """Per-model state of TeaCache. `coefficients` (highest power first, as `numpy.poly1d` takes them)
+    map the indicator's relative change to an estimate of the output's; a call is skipped while their
+    sum since the last full call stays below `threshold` (DiffSynth-Studio's `tea_cache_l1_thresh`)."""
+
+    def __init__(self, threshold: float, coefficients: Sequence[float]):
+        super().__init__()
+        self.threshold = _check_threshold("TeaCache", threshold, "0.05 to 0.3")
+        self.coefficients = tuple(float(c) for c in coefficients)
+        if not self.coefficients:
+            raise ConfigError("TeaCache needs at least one rescaling coefficient")
+
+    def rescale(self, change: float) -> float:
+        value = 0.0
+        for c in self.coefficients:
+            value = value * change + c
+        return value
+
+    def run(
+        self,
+        streams: Sequence[torch.Tensor],
+        first: Callable[[Streams], Streams],
+        rest: Callable[[Streams], Streams],
+        indicator: Indicator | None = None,
+    ) -> Streams:
+        """`indicator()` gives this call's modulated input (only the rows this rank holds, padding left
+        out); it is asked before any block runs."""
+        streams = tuple(streams)
+        key = self._next_call()
+        if key is None:
+            return tuple(rest(tuple(first(streams))))
+        if indicator is None:
+            raise ConfigError("TeaCache needs the model's modulated input, which this model does not give")
+        now = indicator().detach()
+        state = self._states.get(key)
+        reuse = False
+        if state is not None and _same_layout(streams, state.residuals) and not self._last_step():
+            if state.indicator.shape == now.shape:
+                state.accumulated += self.rescale(_relative_change(now, state.indicator))
+                reuse = state.accumulated < self.threshold
+        if reuse:
+            state.indicator = now
+            self.skipped += 1
+            return tuple(s + r for s, r in zip(streams, state.residuals, strict=True))
+        out = tuple(rest(tuple(first(streams))))
+        residuals = tuple(o - s for o, s in zip(out, streams, strict=True))
+        self._states[key] = _TeaState(indicator=now, accumulated=0.0, residuals=residuals)
+        return out
+
+    def _last_step(self) -> bool:
+        return self._steps is not None and self._step >= self._steps - 1
+
+    def __repr__(self) -> str:
+        return f"TeaCache(threshold={self.threshold}, calls={self.calls}, skipped={self.skipped})"
+
+
+StepCache = FirstBlockCache | TeaCache
+
+
 def run_blocks(
-    cache: FirstBlockCache | None,
+    cache: StepCache | None,
     streams: Sequence[torch.Tensor],
     first: Callable[[Streams], Streams],
     rest: Callable[[Streams], Streams],
+    indicator: Indicator | None = None,
 ) -> Streams:
     """A DiT's block stack: `first` runs the first block, `rest` every later one (both take and return
-    the streams, the first stream being the image/video tokens). With a cache the rest may be skipped."""
+    the streams, the first stream being the image/video tokens). With a cache blocks may be skipped;
+    `indicator` gives TeaCache the model's modulated input (see `TeaCache.run`)."""
     if cache is None:
         return tuple(rest(tuple(first(tuple(streams)))))
-    return cache.run(streams, first, rest)
+    return cache.run(streams, first, rest, indicator)
 
 
 def run_block_list(
-    cache: FirstBlockCache | None,
+    cache: StepCache | None,
     blocks: Sequence[torch.nn.Module],
     streams: Sequence[torch.Tensor],
     call: Callable[[torch.nn.Module, Streams], Streams],
+    indicator: Indicator | None = None,
 ) -> Streams:
     """`run_blocks` over one list of blocks, `call(block, streams)` running one of them."""
     if len(blocks) == 0:
@@ -130,4 +240,4 @@ def run_block_list(
             state = tuple(call(block, state))
         return state
 
-    return run_blocks(cache, streams, lambda state: tuple(call(blocks[0], state)), rest)
+    return run_blocks(cache, streams, lambda state: tuple(call(blocks[0], state)), rest, indicator)

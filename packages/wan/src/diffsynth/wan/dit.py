@@ -36,6 +36,14 @@ logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 IMAGE_EMBED_EPS = 1e-5  # the CLIP projection uses torch's default LayerNorm eps, not config.eps
+# TeaCache's polynomials (highest power first), fitted by the TeaCache authors per Wan 2.1 model on the
+# timestep modulation `time_projection(...)`; the ids and values DiffSynth-Studio's `tea_cache_model_id` takes
+TEA_CACHE_COEFFICIENTS = {
+    "Wan2.1-T2V-1.3B": (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+    "Wan2.1-T2V-14B": (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+    "Wan2.1-I2V-14B-480P": (2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01),
+    "Wan2.1-I2V-14B-720P": (8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02),
+}
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # `rope_tables`: per-channel (cos, signed sin), float32
 
@@ -268,6 +276,13 @@ class ImageEmbedding(nn.Module):
         return norm_out(h).to(dtype)
 
 
+def tea_cache_indicator(e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TeaCache's indicator: the modulation table `[U, 6, dim]`, each row weighted by how many samples or
+    tokens use it, so its relative change equals that of the per-token table DiffSynth-Studio compares."""
+    counts = torch.bincount(index.flatten(), minlength=e.shape[0]).to(e.dtype)
+    return e * counts[:, None, None]
+
+
 class WanDiT(nn.Module):
     """Wan DiT. `forward(x [B,C,F,H,W], timestep [B] | [B,tokens], context [B,L,text_dim],
     clip_feature=None, y=None) -> [B, out_dim, F, H, W]`."""
@@ -275,12 +290,13 @@ class WanDiT(nn.Module):
     offload_units = ("blocks",)
     compile_units = ("blocks",)
     lora_target_modules = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+    tea_cache_coefficients = TEA_CACHE_COEFFICIENTS
 
     def __init__(self, config: WanDiTConfig | None = None):
         super().__init__()
         self.config = config = config if config is not None else WanDiTConfig()
         self.gradient_checkpointing = False
-        self.step_cache = None  # a FirstBlockCache over `blocks` (BasePipeline.enable_first_block_cache)
+        self.step_cache = None  # a FirstBlockCache or TeaCache over `blocks` (BasePipeline.enable_*_cache)
         self.parallel = None  # ParallelGroups dividing batch and video tokens (BasePipeline.enable_parallel)
         dim = config.dim
         self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
@@ -355,6 +371,7 @@ class WanDiT(nn.Module):
                 self.blocks,
                 (tokens,),
                 lambda block, s: (self._run(block, s[0], e, token_index, context, context_img, token_rope, mask),),
+                lambda: tea_cache_indicator(e, index),
             )
             seq = shards.gather(tokens) if shards is not None else tokens
 

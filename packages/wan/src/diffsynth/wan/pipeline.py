@@ -30,7 +30,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, folder_defaults
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -151,6 +151,7 @@ class WanVideoPipeline(BasePipeline):
         return "dit" if self.dit is None else "dit2"
 
     # ------------------------------------------------------------------ generation
+    @accepts_tea_cache
     @torch.no_grad()
     def __call__(
         self,
@@ -179,6 +180,8 @@ class WanVideoPipeline(BasePipeline):
         tile_stride: int | tuple[int, int] | None = None,
         output_type: str = "pil",
         progress_bar: bool = True,
+        tea_cache_l1_thresh: float | None = None,
+        tea_cache_model_id: str = "",
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -192,7 +195,8 @@ class WanVideoPipeline(BasePipeline):
         `cfg_merge` runs the two guidance branches as one batch (always so under batch parallelism).
         `latents` is the initial noise `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N
         values, the terminal 0 is appended). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed
-        to the VAE.
+        to the VAE. `tea_cache_l1_thresh` turns on TeaCache for this call with the polynomial of
+        `tea_cache_model_id` (DiffSynth-Studio's arguments; see `enable_tea_cache`).
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)

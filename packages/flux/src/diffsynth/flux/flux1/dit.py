@@ -26,8 +26,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
+from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
-from diffsynth.runtime.parallel import SequenceShards, batch_parallel, shard_sequence
+from diffsynth.runtime.parallel import SequenceShards, active_sequence, batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_blocks
 
 from .eligen import check_attention_mask
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
 TIME_FACTOR = 1000.0  # timesteps and guidance arrive in [0, 1]
 NORM_EPS = 1e-6
+# TeaCache's polynomial for FLUX.1 (highest power first): the relative change of the first block's
+# modulated image input -> the output's, as fitted by the TeaCache authors and used by DiffSynth-Studio
+TEA_CACHE_COEFFICIENTS = {"FLUX.1": (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)}
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # `rope_tables`: per-channel (cos, signed sin), float32
 
@@ -196,10 +200,13 @@ class DoubleStreamBlock(nn.Module):
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.txt_mlp = _mlp(dim, mlp)
 
-    def forward(self, img, txt, vec, rope: Rope, attn_mask=None, ip=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, img, txt, vec, rope: Rope, attn_mask=None, ip=None, with_modulated_input: bool = False):
+        """`(img, txt)`; `with_modulated_input` adds the modulated image input of the attention (TeaCache's
+        indicator, which exists only inside the block, where a streamed block's weights are present)."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        iq, ik, iv = self.img_attn.qkv_heads(_modulate(self.img_norm1(img), i_shift1, i_scale1))
+        modulated = _modulate(self.img_norm1(img), i_shift1, i_scale1)
+        iq, ik, iv = self.img_attn.qkv_heads(modulated)
         tq, tk, tv = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), t_shift1, t_scale1))
         q, k, v = torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1)
         out = _joint_attention(q, k, v, rope, attn_mask)
@@ -213,7 +220,7 @@ class DoubleStreamBlock(nn.Module):
             img = img + ip_out
         txt = add_mul(txt, t_gate1, self.txt_attn.proj(txt_out))
         txt = add_mul(txt, t_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
-        return img, txt
+        return (img, txt, modulated) if with_modulated_input else (img, txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -293,12 +300,13 @@ class Flux1DiT(nn.Module):
         "linear2",
         "modulation.lin",
     )
+    tea_cache_coefficients = TEA_CACHE_COEFFICIENTS
 
     def __init__(self, config: Flux1DiTConfig | None = None):
         super().__init__()
         self.config = config = config if config is not None else Flux1DiTConfig()
         self.gradient_checkpointing = False
-        # a FirstBlockCache over double_blocks + single_blocks (BasePipeline.enable_first_block_cache)
+        # a FirstBlockCache or TeaCache over double_blocks + single_blocks (BasePipeline.enable_*_cache)
         self.step_cache = None
         self.parallel = None  # ParallelGroups dividing batch and image tokens (BasePipeline.enable_parallel)
         dim = config.hidden_size
@@ -435,8 +443,22 @@ class Flux1DiT(nn.Module):
         # The step cache spans both lists (as diffusers' does): its first block is the first double block
         # (the first single one without double blocks); the first block's ControlNet residual belongs to
         # the rest, so the cache measures the block alone and a reused step reuses every residual.
+        # TeaCache's indicator is the first double block's modulated image input (DiffSynth-Studio's):
+        # the block is run to get it, and its output handed on to `first` when the call runs in full.
+        first_output = []
+
+        def indicator() -> torch.Tensor:
+            if not n_double:
+                raise ConfigError("TeaCache on FLUX.1 needs a double block (depth >= 1)")
+            *out, modulated = self._run(self.double_blocks[0], img, txt, vec, rope, attn_mask, ip_double[0], True)
+            first_output.append(tuple(out))
+            shards = active_sequence()
+            return modulated if shards is None else modulated[:, : shards.valid_tokens]
+
         def first(streams):
             img, txt = streams
+            if first_output:
+                return first_output.pop()
             if n_double:
                 return double(0, img, txt)
             x = single(0, torch.cat((txt, img), dim=1))
@@ -456,7 +478,7 @@ class Flux1DiT(nn.Module):
             return x[:, n_txt:], x[:, :n_txt]
 
         if n_double + n_single:
-            img, txt = run_blocks(self.step_cache, (img, txt), first, rest)
+            img, txt = run_blocks(self.step_cache, (img, txt), first, rest, indicator)
         return img, txt
 
     def _run(self, block: nn.Module, *args):

@@ -27,6 +27,7 @@ __all__ = [
     "check_backward",
     "check_declared_units",
     "check_first_block_cache",
+    "check_tea_cache",
     "full_calls",
     "check_forward",
     "check_gradient_checkpointing",
@@ -193,6 +194,74 @@ def check_first_block_cache(
         with torch.enable_grad():
             _, counts, cache = loop(float("inf"), [[args], [args]])
         assert cache.skipped == 0 and counts[1] == list(range(len(block_modules))), "training must not skip blocks"
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.step_cache = None
+
+
+def check_tea_cache(
+    factory: Factory,
+    args: Sequence,
+    kwargs: dict | None = None,
+    other_args: Sequence | None = None,
+    blocks: Sequence[str] = (),
+    indicator_blocks: int = 0,
+    atol: float = 1e-5,
+) -> None:
+    """The model's TeaCache support (see `diffsynth.runtime.step_cache.TeaCache`):
+    - it declares `tea_cache_coefficients`, a model id -> polynomial table;
+    - with an infinite threshold, of three steps on the same input the middle one runs no block but the
+      `indicator_blocks` first ones its indicator needs, and gives the full call's output; the first and
+      the last run every block of `blocks`;
+    - at threshold 0 (identity polynomial) changed inputs (`args`, `other_args`) run in full, exactly;
+    - with autograd recording nothing is skipped."""
+    from ..step_cache import TeaCache
+
+    other_args = args if other_args is None else other_args
+    model = factory().eval()
+    table = getattr(model, "tea_cache_coefficients", None)
+    assert isinstance(table, dict) and table, f"{type(model).__name__} declares no tea_cache_coefficients"
+    assert all(len(c) >= 1 and all(isinstance(v, float) for v in c) for c in table.values()), table
+    block_modules = [b for path in blocks for b in model.get_submodule(path)]
+    assert block_modules, f"no blocks under {list(blocks)}"
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(block_modules)]
+    every, head = list(range(len(block_modules))), list(range(indicator_blocks))
+
+    def loop(threshold: float, steps: list[Sequence]) -> tuple[list[list[torch.Tensor]], list, Any]:
+        cache = model.step_cache = TeaCache(threshold, (1.0, 0.0))
+        outs, counts = [], []
+        cache.begin_loop(len(steps))
+        for step_args in steps:
+            cache.begin_step()
+            ran.clear()
+            outs.append(_call(model, step_args, kwargs))
+            counts.append(list(ran))
+        cache.end_loop()
+        model.step_cache = None
+        return outs, counts, cache
+
+    try:
+        with torch.no_grad():
+            outs, counts, cache = loop(float("inf"), [args, args, args])
+            assert (cache.calls, cache.skipped) == (3, 1), f"only the middle step may be reused: {cache}"
+            assert counts[0] == every and counts[2] == every, f"first and last steps must run every block: {counts}"
+            assert counts[1] == head, f"a reused call ran blocks {counts[1]}, expected {head} (its indicator's)"
+            for a, b in zip(outs[1], outs[0], strict=True):
+                torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m: f"same input, reused: {m}")
+
+            plain = [_call(model, a, kwargs) for a in (args, other_args, args)]
+            outs, _, cache = loop(0.0, [args, other_args, args])
+            assert cache.skipped == 0, f"threshold 0 reused a changed input: {cache}"
+            for got, want in zip(outs, plain, strict=True):
+                for a, b in zip(got, want, strict=True):
+                    assert torch.equal(a, b), "a cache that reuses nothing changed the output"
+
+        model.train()
+        with torch.enable_grad():
+            _, counts, cache = loop(float("inf"), [args, args, args])
+        assert cache.skipped == 0 and counts[1] == every, "training must not skip blocks"
     finally:
         for hook in hooks:
             hook.remove()
