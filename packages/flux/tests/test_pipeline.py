@@ -327,8 +327,12 @@ def test_preset_with_missing_files_names_them(tmp_path, monkeypatch):
 
 
 def test_vram_managed_pipeline_gives_the_same_image(tiny_repo, tiny_pipe):
-    """Every model (text encoders included) under the VRAM manager, all units streamed: same output."""
+    """Every model (text encoders included) under the VRAM manager, all units streamed: same output, with
+    TeaCache too."""
     managed = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu", vram_limit=0)
     assert sorted(managed.vram_handles) == ["dit", "text_encoder_1", "text_encoder_2", "vae"]
     kwargs = dict(seed=0, output_type="pt", **FAST)
+    torch.testing.assert_close(managed("a cat", **kwargs), tiny_pipe("a cat", **kwargs), atol=0, rtol=0)
+    # TeaCache's indicator is taken inside the first (streamed) double block: same image, same reuse
+    kwargs |= {"num_inference_steps": 6, "tea_cache_l1_thresh": 0.6}
     torch.testing.assert_close(managed("a cat", **kwargs), tiny_pipe("a cat", **kwargs), atol=0, rtol=0)

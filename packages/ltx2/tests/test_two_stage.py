@@ -321,3 +321,37 @@ def test_vram_managed_two_stage_run_equals_the_resident_one(tiny_ltx2_base, two_
     torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
     assert list_loras(managed.dit) == {}
+
+
+def test_clear_lora_before_stage_two_turns_your_loras_off_there(tiny_ltx2_base, stage_two_files, monkeypatch):
+    """`clear_lora_before_state_two` (DiffSynth-Studio's name, the authors' IC-LoRA recipe): a LoRA loaded apart
+    acts in the first stage, is at scale 0 in the second (where the distilled LoRA acts) and is back afterwards;
+    a fused LoRA cannot be taken out, which is refused before any work."""
+    from diffsynth.ltx2.pipeline import STAGE_2_LORA_NAME
+
+    upsampler, lora = stage_two_files
+    pipe = repo_module.our_pipeline(
+        tiny_ltx2_base, model_configs=[ModelConfig(path=str(upsampler))], stage2_lora_config=str(lora)
+    )
+    mine = repo_module.lora_state(pipe.dit, seed=5)
+    path = tiny_ltx2_base / "ic-lora-stand-in.safetensors"
+    save_file(mine, str(path))
+    pipe.load_lora(str(path), scale=0.5, fuse=False, name="control")
+    seen = []
+    real = LTX2Pipeline.predict
+
+    def spy(self, *args, **kwargs):
+        seen.append(dict(list_loras(self.dit)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LTX2Pipeline, "predict", spy)
+    options = dict(seed=0, num_inference_steps=2, use_two_stage_pipeline=True, output_type="pt", **SETTINGS)
+    cleared = pipe(CAPTIONS[1], clear_lora_before_state_two=True, **options)[0]
+    assert seen[:2] == [{"control": 0.5}] * 2
+    assert seen[2:] == [{"control": 0.0, STAGE_2_LORA_NAME: STRENGTH}] * 3
+    assert list_loras(pipe.dit) == {"control": 0.5}
+    kept = pipe(CAPTIONS[1], **options)[0]
+    assert seen[-1] == {"control": 0.5, STAGE_2_LORA_NAME: STRENGTH} and (kept - cleared).abs().max() > 1e-4
+    pipe.load_lora(str(path), scale=0.5)  # fused
+    with pytest.raises(ConfigError, match="cannot take out LoRAs fused into the weights.*fuse=False"):
+        pipe(CAPTIONS[1], clear_lora_before_state_two=True, **options)

@@ -437,3 +437,53 @@ def test_pipeline_read_lora_is_the_family_hook():
     pipe.load_lora(renamed, scale=0.5)
     x = torch.randn(2, 3, 4)
     torch.testing.assert_close(pipe.dit(x), reference(x))
+
+
+def test_pipeline_takes_diffsynth_studios_load_lora_form(tmp_path):
+    """`load_lora(pipe.dit, lora_config, alpha=..., hotload=...)` (DiffSynth-Studio's signature, the model first,
+    a file or a `ModelConfig`) applies the same LoRA as ours; `hotload=True` keeps it apart, which
+    `clear_lora()` (DiffSynth-Studio's name) removes; a module of no slot and a missing LoRA are clear errors."""
+    from diffsynth.runtime.errors import ConfigError
+    from diffsynth.runtime.hub import ModelConfig
+    from diffsynth.runtime.pipeline import BasePipeline
+
+    class Pipe(BasePipeline):
+        model_slots = {"dit": "dit", "dit2": "dit2"}
+
+    lora = make_lora()
+    path = tmp_path / "style.safetensors"
+    save_file(to_state_dict(lora, "peft"), str(path))
+    x = torch.randn(2, 3, 4)
+    reference = make_model()
+    apply_lora(reference, lora, scale=0.7)
+    want = reference(x)
+
+    def fresh() -> Pipe:
+        pipe = Pipe(device="cpu", torch_dtype=torch.float32)
+        pipe.dit, pipe.dit2 = make_model(), make_model()
+        return pipe
+
+    plain = make_model()(x)
+    for call in (
+        lambda p: p.load_lora(p.dit2, str(path), 0.7),
+        lambda p: p.load_lora(p.dit2, lora_config=ModelConfig(path=str(path)), alpha=0.7),
+        lambda p: p.load_lora(p.dit2, ModelConfig(path=str(path)), alpha=0.7, hotload=True),
+        lambda p: p.load_lora(p.dit2, state_dict=to_state_dict(lora, "peft"), alpha=0.7),
+        lambda p: p.load_lora(ModelConfig(path=str(path)), scale=0.7, slot="dit2"),
+    ):
+        pipe = fresh()
+        call(pipe)
+        torch.testing.assert_close(pipe.dit2(x), want)
+        assert torch.equal(pipe.dit(x), plain)  # the other model is untouched
+    assert list_loras(pipe.dit2) == {}  # fused
+    pipe = fresh()
+    pipe.load_lora(pipe.dit2, str(path), alpha=0.7, hotload=True)
+    assert len(list_loras(pipe.dit2)) == 1
+    pipe.clear_lora()
+    assert list_loras(pipe.dit2) == {} and torch.equal(pipe.dit2(x), plain)
+    with pytest.raises(ConfigError, match="none of this pipeline's models"):
+        pipe.load_lora(make_model(), str(path))
+    with pytest.raises(ConfigError, match="give the LoRA file"):
+        pipe.load_lora(pipe.dit)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        pipe.load_lora(str(path), alpha=0.7)

@@ -18,6 +18,7 @@ the CFG batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -30,12 +31,13 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import h264_frame, load_audio, load_image, pil_to_tensor, resample_audio, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline, lora_file
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
 from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
+from .in_context import check_factor, encode_references, lora_reference_downscale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +88,25 @@ class LTX2Text:
 
 @dataclass
 class LTX2Keyframes:
-    """Clean keyframe tokens the DiT reads after the video's own: `tokens` `[1, K, 128]` (normalised latents
-    of the images, packed) and their positions `coords` `[1, 3, K, 2]` at their frames. They are seen at
-    timestep 0 and never stepped; only the video's tokens come back from the model call."""
+    """Clean tokens the DiT reads after the video's own: keyframes' (normalised latents of the images,
+    packed, at their frames) and IC-LoRA references' (`in_context.py`), `tokens` `[1, K, 128]` with their
+    positions `coords` `[1, 3, K, 2]`. They are seen at timestep 0 and never stepped; only the video's tokens
+    come back from the model call."""
 
     tokens: torch.Tensor
     coords: torch.Tensor
 
     def __len__(self) -> int:
         return self.tokens.shape[1]
+
+    @staticmethod
+    def join(first: LTX2Keyframes | None, tokens: torch.Tensor | None, coords: torch.Tensor | None):
+        """`first` with `tokens` at `coords` after its own (either may be absent)."""
+        if tokens is None:
+            return first
+        if first is None:
+            return LTX2Keyframes(tokens, coords)
+        return LTX2Keyframes(torch.cat([first.tokens, tokens], dim=1), torch.cat([first.coords, coords], dim=2))
 
 
 @dataclass
@@ -251,6 +263,11 @@ class LTX2Pipeline(BasePipeline):
     optional_slots = ("upsampler",)  # only the two-stage pipelines use it
     size_multiple = 32  # the video VAE's spatial compression
 
+    def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
+        super().__init__(device, torch_dtype)
+        self.fused_loras: list[str] = []  # LoRAs fused into the weights (`clear_lora_before_state_two` refuses)
+        self.reference_downscale_factor: int | None = None  # the last loaded IC-LoRA's (its file metadata)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -285,6 +302,9 @@ class LTX2Pipeline(BasePipeline):
         retake_audio: torch.Tensor | str | os.PathLike | None = None,
         audio_sample_rate: int | None = None,
         retake_audio_regions: Sequence[tuple[float, float]] | None = None,
+        in_context_videos: Sequence | None = None,
+        in_context_downsample_factor: int | None = None,
+        clear_lora_before_state_two: bool = False,
         max_sequence_length: int | None = None,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = 16,
@@ -336,6 +356,13 @@ class LTX2Pipeline(BasePipeline):
         kept: the DiT sees it clean (timestep 0) and no step changes it, so the video is made to its sound
         (the authors' `A2VidPipelineTwoStage`). `retake_audio_regions` (`[(start, end), ...]` seconds) re-makes
         the sound there instead and keeps the rest. Kept whole, the given waveform is returned as the audio.
+
+        IC-LoRA (DiffSynth-Studio's arguments; load the IC-LoRA with `load_lora` first): `in_context_videos`
+        are control videos (each a list of frames or a video file) whose clean tokens join the video's in the
+        first stage (`in_context.py`), at `in_context_downsample_factor` below the first stage's size (default:
+        the loaded IC-LoRA's `reference_downscale_factor`, else 1). `clear_lora_before_state_two` runs the
+        second stage without the LoRAs you loaded (they must be loaded with `fuse=False`), as the authors'
+        `ICLoraPipeline` does.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -377,6 +404,9 @@ class LTX2Pipeline(BasePipeline):
             raise ConfigError(f"input_images_strength={input_images_strength} must be in [0, 1] (1 keeps the image)")
         if strength != 1.0 and first_frames is None:
             raise ConfigError("input_images_strength applies to the first frame: give an image at index 0")
+        factor = self.check_in_context(in_context_videos, in_context_downsample_factor)
+        if clear_lora_before_state_two:
+            self.check_clearable_loras(two_stage)
 
         # 1. prompts
         self.load_models_to_device(["text_encoder", "connectors"])
@@ -393,6 +423,9 @@ class LTX2Pipeline(BasePipeline):
         images = first_frames is not None or keyframe_images
         crf = self.setting("image_crf", image_crf, DEFAULT_IMAGE_CRF) if images else 0
         keyframes = self.prepare_keyframes(keyframe_images, stage_height, stage_width, crf, fps)
+        if in_context_videos:
+            references = encode_references(self, in_context_videos, stage_height, stage_width, frames, fps, factor)
+            keyframes = LTX2Keyframes.join(keyframes, *references)
         video, audio = self.prepare_latents(
             len(prompts), frames, stage_height, stage_width, fps, generator, rand_device, latents, audio_latents,
             keyframe_tokens=0 if keyframes is None else len(keyframes),
@@ -419,7 +452,7 @@ class LTX2Pipeline(BasePipeline):
             video, audio = self.refine(
                 video, audio, text, fps, generator, rand_device, (first_frames, strength, keyframe_images, audio_mask),
                 size=(height, width), crf=crf, lora_strength=None if distilled else lora_strength,
-                progress_bar=progress_bar,
+                progress_bar=progress_bar, without_loras=clear_lora_before_state_two,
             )  # fmt: skip
 
         # 4. decode
@@ -486,19 +519,26 @@ class LTX2Pipeline(BasePipeline):
             raise LoRAError(f"{weights.source} has no LoRA for the {slot!r} model (it adapts {sorted(parts)})")
         return parts[slot]
 
-    def load_lora(self, path, scale: float = 1.0, fuse: bool = True, slot: str = "dit", name: str | None = None):
-        """Apply a LoRA file; for the DiT (the default) its text-connector part, if any, goes to the connectors."""
+    def apply_lora(self, source, scale: float, fuse: bool, slot: str, name: str | None):
+        """For the DiT (the default) a LoRA's text-connector part, if any, goes to the connectors. An IC-LoRA's
+        `reference_downscale_factor` (file metadata) becomes the default of `in_context_downsample_factor`;
+        fused LoRAs are listed in `fused_loras` (they cannot be turned off for the second stage)."""
         from diffsynth.runtime.lora import read_lora
 
         from .lora import split_lora
 
-        weights = read_lora(path)
+        factor = lora_reference_downscale_factor(source)  # an IC-LoRA's: the default for in_context_videos
+        weights = read_lora(source)
         parts = split_lora(weights)
         if slot == "dit" and "connectors" in parts and "dit" not in parts:
             slot = "connectors"
-        result = super().load_lora(weights, scale=scale, fuse=fuse, slot=slot, name=name)
+        result = super().apply_lora(weights, scale, fuse, slot, name)
         if slot == "dit" and "connectors" in parts:
-            super().load_lora(weights, scale=scale, fuse=fuse, slot="connectors", name=name)
+            super().apply_lora(weights, scale, fuse, "connectors", name)
+        if factor is not None:
+            self.reference_downscale_factor = factor
+        if fuse:
+            self.fused_loras.append(name or weights.source or "a LoRA")
         return result
 
     # ------------------------------------------------------------------ checks
@@ -528,6 +568,25 @@ class LTX2Pipeline(BasePipeline):
                 "the full model's second stage runs with the distilled LoRA: pass stage2_lora_config=ModelConfig("
                 "model_id='Lightricks/LTX-2', origin_file_pattern='ltx-2-19b-distilled-lora-384.safetensors') to "
                 "from_pretrained (the 'Lightricks/LTX-2:two-stage' preset does), or use the distilled model"
+            )
+
+    def check_in_context(self, videos, factor) -> int:
+        """The reference videos' downscale factor: the one given, else the loaded IC-LoRA's, else 1."""
+        if videos is not None and (isinstance(videos, (str, os.PathLike)) or not isinstance(videos, Sequence)):
+            raise ConfigError("in_context_videos is a list of videos (each a list of frames or a video file)")
+        if factor is None:
+            factor = self.reference_downscale_factor or 1
+        return check_factor(factor)
+
+    def check_clearable_loras(self, two_stage: bool) -> None:
+        """`clear_lora_before_state_two` turns LoRAs off for the second stage: there must be one, and no LoRA
+        may be fused into the weights (those cannot be taken out again)."""
+        if not two_stage:
+            raise ConfigError("clear_lora_before_state_two applies to the two-stage pipeline (use_two_stage_pipeline)")
+        if self.fused_loras:
+            raise ConfigError(
+                f"clear_lora_before_state_two cannot take out LoRAs fused into the weights ({self.fused_loras}): "
+                "load them with load_lora(..., fuse=False) (DiffSynth-Studio: hotload=True)"
             )
 
     def check_num_frames(self, num_frames) -> int:
@@ -815,13 +874,27 @@ class LTX2Pipeline(BasePipeline):
         return (self.upsampler(raw).float() - mean) / std
 
     def refine(
-        self, video, audio, text, fps, generator, rand_device, conditions, *, size, crf, lora_strength, progress_bar
+        self,
+        video,
+        audio,
+        text,
+        fps,
+        generator,
+        rand_device,
+        conditions,
+        *,
+        size,
+        crf,
+        lora_strength,
+        progress_bar,
+        without_loras: bool = False,
     ):
         """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
         (noise drawn from the first stage's generator in token layout, video first), put the first frame back
         and the keyframes at full `size` (`conditions`: first frames, keyframe images, the mask of a given
         sound, which stays as it is), and take the authors' 3 distilled steps without guidance. With a
-        `lora_strength` (the full model) the distilled LoRA is attached for these steps only."""
+        `lora_strength` (the full model) the distilled LoRA is attached for these steps only; `without_loras`
+        turns the LoRAs loaded apart off for them (IC-LoRA references are first-stage only)."""
         (height, width), (first_frames, strength, keyframe_images, audio_mask) = size, conditions
         keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)
@@ -841,18 +914,34 @@ class LTX2Pipeline(BasePipeline):
             )
         unguided = (False, 1.0, 1.0, 0.0, None)
         denoise = (video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask, clean)
-        if lora_strength is None:
-            return self.denoise(*denoise)
-        self.load_models_to_device(["dit"])
-        self.load_lora(self._stage2_lora(), scale=lora_strength, fuse=False, name=STAGE_2_LORA_NAME)
-        try:
-            return self.denoise(*denoise)
-        finally:
-            from diffsynth.runtime.lora import clear_loras, list_loras
+        with self._loras_off(without_loras):
+            if lora_strength is None:
+                return self.denoise(*denoise)
+            self.load_models_to_device(["dit"])
+            self.load_lora(self._stage2_lora(), scale=lora_strength, fuse=False, name=STAGE_2_LORA_NAME)
+            try:
+                return self.denoise(*denoise)
+            finally:
+                from diffsynth.runtime.lora import clear_loras, list_loras
 
-            for model in (self.dit, self.connectors):
-                if STAGE_2_LORA_NAME in list_loras(model):
-                    clear_loras(model, STAGE_2_LORA_NAME)
+                for model in (self.dit, self.connectors):
+                    if STAGE_2_LORA_NAME in list_loras(model):
+                        clear_loras(model, STAGE_2_LORA_NAME)
+
+    @contextlib.contextmanager
+    def _loras_off(self, off: bool):
+        """With `off`, the LoRAs loaded apart on the DiT and connectors are at scale 0 inside, restored after."""
+        from diffsynth.runtime.lora import list_loras, set_lora_scale
+
+        models = [m for m in (self.dit, self.connectors) if m is not None] if off else []
+        saved = [(model, name, scale) for model in models for name, scale in list_loras(model).items()]
+        for model, name, _ in saved:
+            set_lora_scale(model, name, 0.0)
+        try:
+            yield
+        finally:
+            for model, name, scale in saved:
+                set_lora_scale(model, name, scale)
 
     @staticmethod
     def _token_noise(shape, generator, rand_device, device, extra: int = 0) -> torch.Tensor:
@@ -875,13 +964,7 @@ class LTX2Pipeline(BasePipeline):
         cached = getattr(self, "_stage2_weights", None)
         if cached is not None and cached[0] is source:
             return cached[1]
-        path = source
-        if isinstance(source, ModelConfig):
-            files = [p for p in source.resolve() if p.endswith(WEIGHT_SUFFIXES)]
-            if len(files) != 1:
-                raise ConfigError(f"stage2_lora_config resolves to {len(files)} weight files {files}; name one")
-            path = files[0]
-        self._stage2_weights = (source, read_lora(path))
+        self._stage2_weights = (source, read_lora(lora_file(source, "stage2_lora_config")))
         return self._stage2_weights[1]
 
     def _check_initial(self, latents, expected, name: str) -> torch.Tensor:

@@ -356,14 +356,50 @@ class BasePipeline:
         finally:
             setattr(self, slot, original)
 
-    def load_lora(self, path, scale: float = 1.0, fuse: bool = True, slot: str = "dit", name: str | None = None):
-        """Apply a LoRA file to one model (the denoiser by default)."""
+    def load_lora(
+        self, path, scale: float = 1.0, fuse: bool = True, slot: str = "dit", name: str | None = None, **diffsynth
+    ):
+        """Apply a LoRA (a file, a `ModelConfig` naming one, a state dict or `LoRAWeights`) to one model (the
+        denoiser by default), fused into its weights or, with `fuse=False`, kept apart (`set_lora_scale`,
+        `clear_loras`). DiffSynth-Studio's form `load_lora(pipe.dit, lora_config, alpha=1, hotload=None)` is
+        accepted too: the model names the slot, `alpha` is the scale and `hotload=True` keeps it apart."""
+        if isinstance(path, torch.nn.Module):
+            path, scale, fuse, slot = self._diffsynth_lora_call(path, scale, fuse, slot, diffsynth)
+        elif diffsynth:
+            raise TypeError(f"load_lora() got unexpected keyword arguments {sorted(diffsynth)}")
+        return self.apply_lora(lora_file(path), scale, fuse, slot, name)
+
+    def _diffsynth_lora_call(self, module: torch.nn.Module, second, third, fourth, given: dict) -> tuple:
+        """(source, scale, fuse, slot) of DiffSynth-Studio's `load_lora(module, lora_config, alpha, hotload,
+        state_dict=, verbose=)`, whose positional values arrive in our `scale`, `fuse`, `slot` places."""
+        unknown = sorted(set(given) - {"lora_config", "alpha", "hotload", "state_dict", "verbose"})
+        if unknown:
+            raise TypeError(f"load_lora() got unexpected keyword arguments {unknown}")
+        slots = [s for s in self.model_slots if getattr(self, s, None) is module]
+        if not slots:
+            raise ConfigError(
+                f"load_lora({type(module).__name__}, ...): that module is none of this pipeline's models "
+                f"(slots: {list(self.model_slots)}); pass pipe.dit, or a file with slot="
+            )
+        positional_number = isinstance(third, (int, float)) and not isinstance(third, bool)
+        source = given.get("lora_config", None if isinstance(second, (int, float)) else second)
+        if source is None:
+            source = given.get("state_dict")
+        if source is None:
+            raise ConfigError("load_lora(module, lora_config): give the LoRA file or ModelConfig (or state_dict=)")
+        alpha = given.get("alpha", third if positional_number else 1.0)
+        hotload = given.get("hotload", fourth if isinstance(fourth, bool) else None)
+        return source, float(alpha), not hotload, slots[0]
+
+    def apply_lora(self, source, scale: float, fuse: bool, slot: str, name: str | None):
+        """`load_lora` once its arguments are ours (`source`: a path, state dict or `LoRAWeights`); a family
+        whose LoRAs reach several models overrides this."""
         from .lora import load_lora
 
         model = getattr(self, slot, None)
         if model is None:
             raise ConfigError(f"no model in slot {slot!r}; slots: {list(self.model_slots)}")
-        path = self.read_lora(path, slot)
+        path = self.read_lora(source, slot)
         handle = self.vram_handles.get(slot)
         if fuse and handle is not None:  # streamed / fp8 weights: fuse into the real values, stored back
             with handle.materialized():
@@ -382,6 +418,15 @@ class BasePipeline:
         from .lora import clear_loras
 
         clear_loras(getattr(self, slot))
+
+    def clear_lora(self, verbose: int = 1) -> None:
+        """DiffSynth-Studio's name: remove the LoRAs kept apart (`fuse=False`, its `hotload`) from every model."""
+        from .lora import clear_loras
+
+        for slot in self.model_slots:
+            model = getattr(self, slot, None)
+            if isinstance(model, torch.nn.Module):
+                clear_loras(model)
 
     def enable_first_block_cache(self, threshold: float = 0.05, slots: Iterable[str] | None = None) -> dict:
         """Skip the denoisers' later blocks on steps where the first block's residual changed by at most
@@ -407,9 +452,9 @@ class BasePipeline:
     ) -> dict:
         """TeaCache (DiffSynth-Studio's `tea_cache_l1_thresh` / `tea_cache_model_id`): skip every block
         of a denoiser call while the accumulated, rescaled change of its modulated input stays below
-        `threshold` (0.05 to 0.3 are usual; higher is faster and looser). `model_id` picks the rescaling
-        polynomial the model declares (`tea_cache_coefficients`; needed where it declares several),
-        `coefficients` gives one directly (highest power first). Returns the caches by slot."""
+        `threshold` (FLUX.1: 0.25 to 0.8, Wan: 0.05 to 0.3; higher is faster and looser). `model_id` picks the
+        rescaling polynomial the model declares (`tea_cache_coefficients`; needed where it declares
+        several), `coefficients` gives one directly (highest power first). Returns the caches by slot."""
         from .step_cache import TeaCache
 
         chosen = self._cache_slots(slots)
@@ -518,6 +563,16 @@ def _cached_steps(bar, caches, steps: int | None):
     finally:
         for cache in caches:
             cache.end_loop()
+
+
+def lora_file(source, what: str = "the LoRA's ModelConfig"):
+    """A `ModelConfig` naming one LoRA file -> that file's path (fetched if needed); anything else as given."""
+    if not isinstance(source, ModelConfig):
+        return source
+    files = [p for p in source.resolve() if p.endswith(WEIGHT_SUFFIXES)]
+    if len(files) != 1:
+        raise ConfigError(f"{what} resolves to {len(files)} weight files {files}; name one")
+    return files[0]
 
 
 def accepts_tea_cache(method):

@@ -133,6 +133,22 @@ def check_gradient_checkpointing(factory: Factory, args: Sequence, kwargs: dict 
         )
 
 
+def _cache_loop(model: nn.Module, cache, steps: list[list[Sequence]], kwargs: dict | None, ran: list) -> tuple:
+    """One denoising loop of `model` under `cache`: per step, the calls (`args` each) in order. Returns
+    each call's outputs, the blocks `ran` recorded per step, and the cache (then removed from the model)."""
+    model.step_cache = cache
+    outs, counts = [], []
+    cache.begin_loop(len(steps))
+    for step in steps:
+        cache.begin_step()
+        ran.clear()
+        outs.append([_call(model, a, kwargs) for a in step])
+        counts.append(list(ran))
+    cache.end_loop()
+    model.step_cache = None
+    return outs, counts, cache
+
+
 def check_first_block_cache(
     factory: Factory,
     args: Sequence,
@@ -159,17 +175,7 @@ def check_first_block_cache(
     hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(block_modules)]
 
     def loop(threshold: float, steps: list[list[Sequence]]) -> tuple[list[list[list[torch.Tensor]]], list, Any]:
-        cache = model.step_cache = FirstBlockCache(threshold)
-        outs, counts = [], []
-        cache.begin_loop()
-        for step in steps:
-            cache.begin_step()
-            ran.clear()
-            outs.append([_call(model, a, kwargs) for a in step])
-            counts.append(list(ran))
-        cache.end_loop()
-        model.step_cache = None
-        return outs, counts, cache
+        return _cache_loop(model, FirstBlockCache(threshold), steps, kwargs, ran)
 
     try:
         with torch.no_grad():
@@ -230,17 +236,8 @@ def check_tea_cache(
     every, head = list(range(len(block_modules))), list(range(indicator_blocks))
 
     def loop(threshold: float, steps: list[Sequence]) -> tuple[list[list[torch.Tensor]], list, Any]:
-        cache = model.step_cache = TeaCache(threshold, (1.0, 0.0))
-        outs, counts = [], []
-        cache.begin_loop(len(steps))
-        for step_args in steps:
-            cache.begin_step()
-            ran.clear()
-            outs.append(_call(model, step_args, kwargs))
-            counts.append(list(ran))
-        cache.end_loop()
-        model.step_cache = None
-        return outs, counts, cache
+        outs, counts, cache = _cache_loop(model, TeaCache(threshold, (1.0, 0.0)), [[a] for a in steps], kwargs, ran)
+        return [out for (out,) in outs], counts, cache
 
     try:
         with torch.no_grad():
