@@ -91,3 +91,27 @@ def test_generate_audio_to_video_from_the_command_line(tiny_ltx2_base, tmp_path,
     spectrum = torch.fft.rfft(waveform[0]).abs()
     peak = spectrum.argmax().item() * rate / waveform.shape[1]
     assert abs(peak - 440) < 5  # the given tone, not the tiny model's sound
+
+
+def test_generate_sound_for_a_video_from_the_command_line(tiny_ltx2_base, tmp_path, monkeypatch):
+    """`--input-video` is LTX-2's `retake_video` without regions: the video is kept, so two seeds give the same
+    frames, and the sound is made for it, so they give different sound."""
+    import numpy as np
+    from PIL import Image
+
+    from diffsynth.runtime.media import load_audio, load_video, save_video
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    h, w = repo_module.HEIGHT, repo_module.WIDTH
+    frames = [Image.new("RGB", (w, h), (20 * k, 100, 250 - 20 * k)) for k in range(repo_module.FRAMES)]
+    given = tmp_path / "given.mp4"
+    save_video(frames, given, fps=12)
+    outs = [tmp_path / "v2a-0.mp4", tmp_path / "v2a-1.mp4"]
+    for seed, out in enumerate(outs):
+        args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", repo_module.CAPTIONS[2], "--output", str(out)]
+        assert main([*args, "--input-video", str(given), "--seed", str(seed), *FAST]) == 0
+    videos = [np.stack([np.asarray(f) for f in load_video(out)]) for out in outs]
+    sounds = [load_audio(out)[0] for out in outs]
+    assert videos[0].shape[0] == repo_module.FRAMES and np.array_equal(videos[0], videos[1])
+    assert (sounds[0] - sounds[1]).abs().max() > 1e-3

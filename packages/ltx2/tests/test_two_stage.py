@@ -7,6 +7,7 @@ import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from diffsynth.ltx2.pipeline import LTX2Pipeline
@@ -355,3 +356,36 @@ def test_clear_lora_before_stage_two_turns_your_loras_off_there(tiny_ltx2_base, 
     pipe.load_lora(str(path), scale=0.5)  # fused
     with pytest.raises(ConfigError, match="cannot take out LoRAs fused into the weights.*fuse=False"):
         pipe(CAPTIONS[1], clear_lora_before_state_two=True, **options)
+
+
+def test_video_retake_keeps_the_given_frames_in_both_stages(two_stage_pipe, monkeypatch):
+    """A retaken video is encoded at each stage's size; the final latents outside the regions are the given
+    video's at full size."""
+    import diffsynth.ltx2.pipeline as pipeline_module
+    from diffsynth.runtime.media import pil_to_tensor
+
+    frames = 17  # 3 latent frames; the region re-makes the last
+    rng = np.random.default_rng(0)
+    given = [
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((2 * W, 2 * H)) for _ in range(frames)
+    ]
+    sizes, decoded = [], []
+    real_keep, real_decode = pipeline_module.keep_video, type(two_stage_pipe.vae).decode
+
+    def keep(pipe, video, kept, height, width, regions, fps):
+        sizes.append((height, width))
+        return real_keep(pipe, video, kept, height, width, regions, fps)
+
+    monkeypatch.setattr(pipeline_module, "keep_video", keep)
+    monkeypatch.setattr(
+        type(two_stage_pipe.vae), "decode", lambda self, z, **k: decoded.append(z) or real_decode(self, z, **k)
+    )
+    options = {**SETTINGS, "num_frames": frames}
+    two_stage_pipe(
+        CAPTIONS[1], seed=0, num_inference_steps=2, use_two_stage_pipeline=True, retake_video=given,
+        retake_video_regions=[(0.4, 1.0)], output_type="pt", **options,
+    )  # fmt: skip
+    assert sizes == [(H, W), (2 * H, 2 * W)]
+    pixels = pil_to_tensor(given, dtype=torch.float32, device=two_stage_pipe.device).transpose(0, 1)[None]
+    encoded = two_stage_pipe.vae.encode(pixels)
+    torch.testing.assert_close(decoded[-1][:, :, :2], encoded[:, :, :2], rtol=0, atol=1e-6)

@@ -43,6 +43,7 @@ def test_generate_help_documents_the_flags(capsys):
         "--cfg",
         "--seed",
         "--lora",
+        "--input-video",
         "--first-block-cache",
         "--tea-cache",
         "--tea-cache-model-id",

@@ -23,7 +23,12 @@ from diffsynth.training.distributed import accelerate_config, check_mode, config
 
 CPU_DEEPSPEED = """
 import accelerate
+import deepspeed.ops
 from accelerate.utils import InitProcessGroupKwargs
+
+# DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce (about 50 s of a 2-core machine on
+# each fresh one); gloo's all-reduce gives the same sums here, and GPUs use NCCL
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 class CpuDeepSpeedAccelerator(accelerate.Accelerator):
     def __init__(self, *args, cpu=False, kwargs_handlers=(), **kwargs):

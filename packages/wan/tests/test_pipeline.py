@@ -5,6 +5,7 @@ repos, noise and schedule."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -440,6 +441,34 @@ def test_cli_generates_an_mp4_from_a_local_folder(tiny_repo, tmp_path):
     assert main([*args, "--dtype", "float32"]) == 0
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_cli_video_to_video(tiny_repo, tmp_path, monkeypatch):
+    """`--input-video` with `--denoising-strength` is Wan's video-to-video: the pipeline gets the file's frames
+    as `input_video` and the strength, and the mp4 is written."""
+    from diffsynth.runtime.cli import main
+    from diffsynth.runtime.media import load_video, save_video
+
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+    defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "cfg_scale": 1.0}
+    (repo / "diffsynth.json").write_text(json.dumps({"defaults": defaults}))
+    given, out = tmp_path / "given.mp4", tmp_path / "v2v.mp4"
+    save_video([image(k) for k in range(5)], given, fps=16)
+    seen = {}
+    real = WanVideoPipeline.__call__
+
+    @functools.wraps(real)  # the CLI reads the signature to know which options the pipeline takes
+    def spy(self, prompt, **kwargs):
+        seen.update(kwargs)
+        return real(self, prompt, **kwargs)
+
+    monkeypatch.setattr(WanVideoPipeline, "__call__", spy)
+    args = ["generate", "--model", str(repo), "--prompt", PROMPT, "--output", str(out), "--device", "cpu"]
+    assert main([*args, "--dtype", "float32", "--input-video", str(given), "--denoising-strength", "0.5"]) == 0
+    want = load_video(given)
+    assert len(seen["input_video"]) == 5
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(want, seen["input_video"], strict=True))
+    assert seen["denoising_strength"] == 0.5 and out.exists() and len(load_video(out)) == 5
 
 
 def test_cli_tea_cache_flags(tiny_repo, tmp_path, caplog, capsys):

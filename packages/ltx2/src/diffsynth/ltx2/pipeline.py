@@ -38,6 +38,7 @@ from diffsynth.runtime.vram import module_dtype
 from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
 from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
 from .in_context import check_factor, encode_references, lora_reference_downscale_factor
+from .retake import keep_video, retake_frames
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +303,8 @@ class LTX2Pipeline(BasePipeline):
         retake_audio: torch.Tensor | str | os.PathLike | None = None,
         audio_sample_rate: int | None = None,
         retake_audio_regions: Sequence[tuple[float, float]] | None = None,
+        retake_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        retake_video_regions: Sequence[tuple[float, float]] | None = None,
         in_context_videos: Sequence | None = None,
         in_context_downsample_factor: int | None = None,
         clear_lora_before_state_two: bool = False,
@@ -357,6 +360,12 @@ class LTX2Pipeline(BasePipeline):
         (the authors' `A2VidPipelineTwoStage`). `retake_audio_regions` (`[(start, end), ...]` seconds) re-makes
         the sound there instead and keeps the rest. Kept whole, the given waveform is returned as the audio.
 
+        Video retake (DiffSynth-Studio's arguments, the authors' `RetakePipeline`): `retake_video` (a video file
+        or a list of at least `num_frames` frames) is encoded at each stage's size and kept, except in
+        `retake_video_regions` (`[(start, end), ...]` seconds), which are re-made (`retake.py`); without regions
+        the whole video is kept and only its sound is made (video-to-audio). With `retake_audio` too, both
+        streams keep what is given outside their regions.
+
         IC-LoRA (DiffSynth-Studio's arguments; load the IC-LoRA with `load_lora` first): `in_context_videos`
         are control videos (each a list of frames or a video file) whose clean tokens join the video's in the
         first stage (`in_context.py`), at `in_context_downsample_factor` below the first stage's size (default:
@@ -405,6 +414,13 @@ class LTX2Pipeline(BasePipeline):
         if strength != 1.0 and first_frames is None:
             raise ConfigError("input_images_strength applies to the first frame: give an image at index 0")
         factor = self.check_in_context(in_context_videos, in_context_downsample_factor)
+        retake = None
+        if retake_video is not None:
+            if first_frames is not None or keyframe_images:
+                raise ConfigError("retake_video keeps the given frames: it takes no input_images / input_image")
+            retake = (retake_frames(retake_video, frames), retake_video_regions)
+        elif retake_video_regions:
+            raise ConfigError("retake_video_regions are regions of retake_video: give the video too")
         if clear_lora_before_state_two:
             self.check_clearable_loras(two_stage)
 
@@ -428,13 +444,15 @@ class LTX2Pipeline(BasePipeline):
             keyframes = LTX2Keyframes.join(keyframes, *references)
         video, audio = self.prepare_latents(
             len(prompts), frames, stage_height, stage_width, fps, generator, rand_device, latents, audio_latents,
-            keyframe_tokens=0 if keyframes is None else len(keyframes),
+            keyframe_tokens=0 if keyframes is None else len(keyframes), token_layout=retake is not None,
         )  # fmt: skip
         mask = clean = None
         if first_frames is not None:
             video, mask, clean = self.first_frame_condition(
                 video, first_frames, stage_height, stage_width, crf, strength, video, float(scheduler.sigmas[0])
             )
+        if retake is not None:
+            video, mask = keep_video(self, video, retake[0], stage_height, stage_width, retake[1], fps)
         given = None
         if retake_audio is not None:
             rate = self.setting("audio_sample_rate", audio_sample_rate, DEFAULT_AUDIO_SAMPLE_RATE)
@@ -450,7 +468,8 @@ class LTX2Pipeline(BasePipeline):
         )
         if two_stage:
             video, audio = self.refine(
-                video, audio, text, fps, generator, rand_device, (first_frames, strength, keyframe_images, audio_mask),
+                video, audio, text, fps, generator, rand_device,
+                (first_frames, strength, keyframe_images, audio_mask, retake),
                 size=(height, width), crf=crf, lora_strength=None if distilled else lora_strength,
                 progress_bar=progress_bar, without_loras=clear_lora_before_state_two,
             )  # fmt: skip
@@ -688,12 +707,14 @@ class LTX2Pipeline(BasePipeline):
         latents=None,
         audio_latents=None,
         keyframe_tokens: int = 0,
+        token_layout: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial video and audio noise, float32. Drawn from `generator` (seeded on `rand_device`; None
         draws unseeded), video first (the same values on any compute device, and as diffusers draws them
         from a generator on that device). With `keyframe_tokens` both are drawn in the DiT's token layout,
         the video's with that many tokens more (unused: keyframes are clean), as ltx-core and diffusers'
-        `LTX2ConditionPipeline` draw them."""
+        `LTX2ConditionPipeline` draw them; `token_layout` draws so without keyframes (a retake, as that pipeline
+        draws a video condition's)."""
         if isinstance(generator, int):  # a seed
             generator = torch.Generator(rand_device).manual_seed(generator)
         tc, sc = self.vae.temporal_compression, self.vae.spatial_compression
@@ -704,7 +725,7 @@ class LTX2Pipeline(BasePipeline):
         for given, shape, name in ((latents, video_shape, "latents"), (audio_latents, audio_shape, "audio_latents")):
             if given is not None:
                 draws.append(self._check_initial(given, shape, name))
-            elif keyframe_tokens:  # both streams in token layout, the video's with the keyframe tokens
+            elif keyframe_tokens or token_layout:  # both streams in token layout, the video's with keyframe tokens
                 extra = keyframe_tokens if name == "latents" else 0
                 draws.append(self._token_noise(shape, generator, rand_device, self.device, extra))
             else:
@@ -801,11 +822,11 @@ class LTX2Pipeline(BasePipeline):
         return LTX2AudioCondition(latents.to(like.device), mask, kept, int(sample_rate))
 
     @staticmethod
-    def _region(region) -> tuple[float, float]:
+    def _region(region, name: str = "retake_audio_regions") -> tuple[float, float]:
         ok = isinstance(region, (tuple, list)) and len(region) == 2
         ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in region)
         if not ok or region[0] > region[1]:
-            raise ConfigError(f"retake_audio_regions entry {region!r} is not accepted; give (start, end) seconds")
+            raise ConfigError(f"{name} entry {region!r} is not accepted; give (start, end) seconds")
         return float(region[0]), float(region[1])
 
     def prepare_keyframes(
@@ -892,10 +913,10 @@ class LTX2Pipeline(BasePipeline):
         """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
         (noise drawn from the first stage's generator in token layout, video first), put the first frame back
         and the keyframes at full `size` (`conditions`: first frames, keyframe images, the mask of a given
-        sound, which stays as it is), and take the authors' 3 distilled steps without guidance. With a
+        sound, which stays as it is, and a retaken video's kept frames at full size), and take the authors' 3 distilled steps without guidance. With a
         `lora_strength` (the full model) the distilled LoRA is attached for these steps only; `without_loras`
         turns the LoRAs loaded apart off for them (IC-LoRA references are first-stage only)."""
-        (height, width), (first_frames, strength, keyframe_images, audio_mask) = size, conditions
+        (height, width), (first_frames, strength, keyframe_images, audio_mask, retake) = size, conditions
         keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)
         scheduler = FlowMatchScheduler("ltx2_stage2")
@@ -912,6 +933,8 @@ class LTX2Pipeline(BasePipeline):
             video, mask, clean = self.first_frame_condition(
                 video, first_frames, height, width, crf, strength, video_noise, start
             )
+        if retake is not None:  # the given video again, at full size
+            video, mask = keep_video(self, video, retake[0], height, width, retake[1], fps)
         unguided = (False, 1.0, 1.0, 0.0, None)
         denoise = (video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask, clean)
         with self._loras_off(without_loras):

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
     gen.add_argument("--input-audio", default=None, help="audio-to-video: the sound the video is made to (LTX-2)")
     gen.add_argument(
+        "--input-video",
+        default=None,
+        help="video-to-video with --denoising-strength (Wan); video-to-audio, the video kept (LTX-2's retake_video)",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -191,6 +196,7 @@ def _generate(args) -> int:
 
     from .dtypes import parse_device, parse_dtype
     from .errors import ConfigError
+    from .media import load_video
 
     device = parse_device(args.device)  # None: cuda when available
     if not isinstance(device, torch.device):
@@ -230,13 +236,17 @@ def _generate(args) -> int:
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
     accepted = inspect.signature(type(pipe).__call__).parameters
-    if args.input_image is not None and "denoising_strength" in accepted:  # image-to-video models take none
+    if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
+        options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
+    given = args.input_image is not None or "input_video" in options
+    if given and "denoising_strength" in accepted:  # image-to-video models take none
         options["denoising_strength"] = args.denoising_strength
     if args.fps is not None and "frame_rate" in accepted:  # models that place frames in time (LTX-2)
         options["frame_rate"] = args.fps
     for name in options:
         if name not in accepted:
             renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
+            renamed["retake_video"] = "input_video"
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
     makes_video = "num_frames" in accepted
