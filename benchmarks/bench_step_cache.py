@@ -1,4 +1,4 @@
-"""First-block cache cost per DiT call, ours vs diffusers' FirstBlockCache, FLUX.1-dev DiT on one GPU.
+"""Step cache cost per DiT call, ours vs diffusers' FirstBlockCache (and our TeaCache), FLUX.1-dev DiT, one GPU.
 
 How many steps a threshold reuses depends on the real weights' trajectory, which random weights do
 not have; what a benchmark can measure is the price of each kind of call, and that is what decides
@@ -8,6 +8,8 @@ the speed-up for a given reuse rate:
   residual bookkeeping and the host-side decision;
 - `reused`: a call that runs the first block only (threshold inf): what a skipped step costs.
 The same for diffusers (`enable_cache(FirstBlockCacheConfig(...))` on the same weights, calls in a `cache_context`).
+Ours also for TeaCache (`tea_checked`, `tea_reused`; diffusers has none): a reused TeaCache call runs the first
+double block only, for its modulated input.
 A run that reuses a fraction r of the calls costs about `(1 - r) * checked + r * reused` per call.
 Random weights shared by both (see bench_flux.py), bf16, 1024x1024, batch 1; results are appended
 to benchmarks/results/step_cache.jsonl with the card and torch version.
@@ -28,7 +30,7 @@ def main() -> None:
 
     from diffusers.hooks import FirstBlockCacheConfig
 
-    from diffsynth.runtime.step_cache import FirstBlockCache
+    from diffsynth.runtime.step_cache import FirstBlockCache, TeaCache
 
     _, ours, reference, ours_call, reference_step, image_tokens, dtype = setup(args)
 
@@ -61,6 +63,19 @@ def main() -> None:
             if kind == "reused":
                 reused_reference = reference_call()
             reference.disable_cache()
+
+            # TeaCache: at threshold 0 the FLUX.1 polynomial (positive) runs every call, at inf it reuses them
+            # (a loop of unknown length has no last step to run in full)
+            tea = ours.step_cache = TeaCache(threshold, ours.tea_cache_coefficients["FLUX.1"])
+            tea.begin_loop()
+
+            def ours_tea(cache=tea):
+                cache.begin_step()
+                return ours_call()
+
+            ours_tea()
+            results["diffsynth"][f"tea_{kind}"] = timed(ours_tea, args.steps, args.warmup)
+            ours.step_cache = None
     record(
         "step_cache",
         {

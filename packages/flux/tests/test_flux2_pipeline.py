@@ -126,6 +126,44 @@ def test_output_takes_the_first_reference_size(tiny_klein_pipe, one_thread):
 
 
 @pytest.mark.parametrize(
+    ("size", "expected"),
+    # DiffSynth-Studio's rule worked by hand: w = sqrt(2^20 * aspect), h = w / aspect, each rounded to 32s
+    [((300, 200), (1248, 832)), ((333, 250), (1184, 896)), ((64, 64), (1024, 1024)), ((200, 400), (736, 1440))],
+)
+def test_edit_image_auto_resize_fits_about_a_megapixel(size, expected):
+    from diffsynth.flux.flux2.pipeline import fit_to_area
+
+    image = random_image(*size, seed=3)
+    fitted = fit_to_area(image)
+    assert fitted.size == expected
+    # scaled to cover, then cut at the centre: the picture is the same one (its mean colour stays)
+    mean = np.asarray(fitted, dtype=np.float32).mean()
+    assert abs(mean - np.asarray(image, dtype=np.float32).mean()) < 10
+
+
+def test_edit_image_auto_resize_chooses_the_reference_size(tiny_klein_pipe, monkeypatch):
+    """None: scaled down past a megapixel only (diffusers' rule); True: to about a megapixel (DiffSynth-Studio's);
+    False: as given. Each is then cut to multiples of 16."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(images, *args, **kwargs):
+        seen.append([image.size for image in images])
+        raise Stop
+
+    monkeypatch.setattr(tiny_klein_pipe, "encode_references", spy)
+    ref = random_image(100, 70, seed=1)
+    for auto in (None, True, False):
+        with pytest.raises(Stop):
+            tiny_klein_pipe(CAPTIONS[3], edit_image=ref, edit_image_auto_resize=auto, num_inference_steps=1)
+    assert seen == [[(96, 64)], [(1216, 864)], [(96, 64)]]
+    with pytest.raises(ConfigError, match="edit_image_auto_resize='yes'"):
+        tiny_klein_pipe(CAPTIONS[3], edit_image=ref, edit_image_auto_resize="yes")
+
+
+@pytest.mark.parametrize(
     "extra",
     [{}, {"edit_image": "reference"}, {"cfg_scale": 4.0}],
     ids=["text-to-image", "reference-tokens", "cfg"],

@@ -353,6 +353,20 @@ def reference_pipeline(pipe, base: Path):
     )
 
 
+def diffusers_call(num_frames: int, steps: int = 3, cfg: float = 3.0, audio_cfg: float = 5.0, seed: int = 3) -> dict:
+    """What the conditioned parity tests pass to a diffusers LTX-2 pipeline besides their conditions: CAPTIONS[0]
+    against CAPTIONS[3] at the tiny size and 24 fps, CFG without rescale, no STG or modality isolation (as our
+    `stg_scale=0, modality_scale=1, guidance_rescale=0`), LTX-2.0's audio<->video modulation
+    (`use_cross_timestep=False`, as our DiT), numpy frames."""
+    return dict(
+        prompt=CAPTIONS[0], negative_prompt=CAPTIONS[3], height=HEIGHT, width=WIDTH, num_frames=num_frames,
+        frame_rate=24.0, num_inference_steps=steps, guidance_scale=cfg, audio_guidance_scale=audio_cfg,
+        guidance_rescale=0.0, audio_guidance_rescale=0.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
+        audio_modality_scale=1.0, use_cross_timestep=False, generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np", return_dict=False,
+    )  # fmt: skip
+
+
 def write_diffusers_folder(pipe, base: Path, folder: Path) -> Path:
     """`pipe`'s models as a diffusers-style folder (`transformer/`, `vae/`, ..., `text_encoder/`, `tokenizer/`)."""
     import shutil

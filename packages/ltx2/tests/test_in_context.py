@@ -52,26 +52,7 @@ def test_matches_diffusers_in_context_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, f
     expected_frames, expected_audio = reference(
         reference_conditions=[LTX2ReferenceCondition(frames=control)],
         reference_downscale_factor=factor,
-        prompt=CAPTIONS[0],
-        negative_prompt=CAPTIONS[3],
-        height=H,
-        width=W,
-        num_frames=F,
-        frame_rate=24.0,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-        audio_guidance_scale=5.0,
-        guidance_rescale=0.0,
-        audio_guidance_rescale=0.0,
-        stg_scale=0.0,
-        audio_stg_scale=0.0,
-        modality_scale=1.0,
-        audio_modality_scale=1.0,
-        use_cross_timestep=False,
-        generator=torch.Generator().manual_seed(3),
-        max_sequence_length=SETTINGS["max_sequence_length"],
-        output_type="np",
-        return_dict=False,
+        **repo_module.diffusers_call(F),
     )
     common = dict(negative_prompt=CAPTIONS[3], seed=3, output_type="np", sigmas=sigmas, cfg_scale=3.0)
     frames, audio = tiny_ltx2_pipe(

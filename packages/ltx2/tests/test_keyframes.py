@@ -62,26 +62,7 @@ def test_matches_diffusers_condition_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, fi
     frames, audio = tiny_ltx2_pipe(CAPTIONS[0], **given, audio_cfg_scale=5.0, **common, **SETTINGS)
     expected_frames, expected_audio = reference(
         conditions=conditions,
-        prompt=CAPTIONS[0],
-        negative_prompt=CAPTIONS[3],
-        height=H,
-        width=W,
-        num_frames=F,
-        frame_rate=24.0,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-        audio_guidance_scale=5.0,
-        guidance_rescale=0.0,
-        audio_guidance_rescale=0.0,
-        stg_scale=0.0,
-        audio_stg_scale=0.0,
-        modality_scale=1.0,
-        audio_modality_scale=1.0,
-        use_cross_timestep=False,
-        generator=torch.Generator().manual_seed(3),
-        max_sequence_length=SETTINGS["max_sequence_length"],
-        output_type="np",
-        return_dict=False,
+        **repo_module.diffusers_call(F),
     )
     assert frames.shape == expected_frames.shape == (1, F, H, W, 3)
     assert expected_frames.std() > 0.05

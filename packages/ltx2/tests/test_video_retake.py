@@ -46,26 +46,7 @@ def test_matches_diffusers_condition_pipeline_with_the_kept_frames(tiny_ltx2_bas
     given = clip(5)
     expected_frames, expected_audio = reference(
         conditions=[LTX2VideoCondition(frames=given[:9], index=0, crf=0)],
-        prompt=CAPTIONS[0],
-        negative_prompt=CAPTIONS[3],
-        height=H,
-        width=W,
-        num_frames=F,
-        frame_rate=24.0,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-        audio_guidance_scale=5.0,
-        guidance_rescale=0.0,
-        audio_guidance_rescale=0.0,
-        stg_scale=0.0,
-        audio_stg_scale=0.0,
-        modality_scale=1.0,
-        audio_modality_scale=1.0,
-        use_cross_timestep=False,
-        generator=torch.Generator().manual_seed(3),
-        max_sequence_length=SETTINGS["max_sequence_length"],
-        output_type="np",
-        return_dict=False,
+        **repo_module.diffusers_call(F),
     )
     common = dict(negative_prompt=CAPTIONS[3], seed=3, output_type="np", sigmas=sigmas, cfg_scale=3.0)
     frames, audio = tiny_ltx2_pipe(

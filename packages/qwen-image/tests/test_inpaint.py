@@ -118,3 +118,19 @@ def test_bad_masks_name_the_argument(pipe, source, monkeypatch, images, mask, ma
     input_image = None if images is None else source if images == 1 else [source] * images
     with pytest.raises(ConfigError, match=match):
         pipe(["a red circle"] * (images or 1), input_image=input_image, inpaint_mask=mask, seed=0, **RUN)
+
+
+def test_blur_softens_the_mask_on_the_latent_grid(pipe, source):
+    """`inpaint_blur_size` / `inpaint_blur_sigma` (DiffSynth-Studio's) blur the latent-grid mask; the image changes."""
+    from diffsynth.runtime.inpaint import gaussian_blur
+
+    plain = pipe.prepare_inpaint_mask(left_half_mask(), source, 1, H, W)
+    soft = pipe.prepare_inpaint_mask(left_half_mask(), source, 1, H, W, (1, 1.0))
+    torch.testing.assert_close(soft, gaussian_blur(plain, 1, 1.0))
+    options = dict(input_image=source, inpaint_mask=left_half_mask(), latents=noise(), **RUN)
+    blurred = pipe("a red circle", inpaint_blur_size=1, inpaint_blur_sigma=1.0, **options)
+    assert (blurred - pipe("a red circle", **options)).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="go together"):
+        pipe("a red circle", inpaint_blur_size=1, **options)
+    with pytest.raises(ConfigError, match="give the mask too"):
+        pipe("a red circle", input_image=source, inpaint_blur_size=1, inpaint_blur_sigma=1.0, latents=noise(), **RUN)

@@ -304,7 +304,7 @@ def test_save_read_round_trip(tmp_path):
                 want, got = getattr(t, field), getattr(b, field)
                 assert (want is None and got is None) or torch.equal(want, got), (fmt, name, field)
             if t.down is not None:
-                if fmt == "diffsynth":  # alpha folded into up: same delta, no alpha key
+                if fmt in ("diffsynth", "peft"):  # alpha folded into up: same delta, no alpha key
                     assert b.alpha is None
                     torch.testing.assert_close(b.up, t.up * t.factor)
                 else:
@@ -317,19 +317,19 @@ def test_save_read_round_trip(tmp_path):
     )
 
 
-def test_peft_files_leave_out_an_alpha_equal_to_the_rank(tmp_path):
-    """diffusers' loaders refuse non-LoRA keys in peft-named files: an alpha that says scale 1 is not written
-    (reading it back gives the same delta), any other alpha is; kohya files always carry theirs."""
-    for alpha, written in ((float(RANK), False), (2.0 * RANK, True)):
+def test_peft_files_carry_no_alpha_and_the_same_delta(tmp_path):
+    """diffusers' loaders refuse non-LoRA keys in peft-named files: no alpha is written, one other than the rank
+    is folded into lora_B (reading it back gives the same delta); kohya files always carry theirs."""
+    for alpha in (float(RANK), 2.0 * RANK):
         lora = make_lora(alpha=alpha)
         save_lora(lora, tmp_path / "p.safetensors", format="peft")
         save_lora(lora, tmp_path / "k.safetensors", format="kohya")
-        keys = load_file(tmp_path / "p.safetensors")
-        assert any(k.endswith(".alpha") for k in keys) == written
+        assert not any(k.endswith(".alpha") for k in load_file(tmp_path / "p.safetensors"))
         assert any(k.endswith(".alpha") for k in load_file(tmp_path / "k.safetensors"))
-        back = read_lora(tmp_path / "p.safetensors")
-        for name, t in lora.targets.items():
-            torch.testing.assert_close(back.targets[name].delta_weight(), t.delta_weight(), rtol=0, atol=0)
+        for path in (tmp_path / "p.safetensors", tmp_path / "k.safetensors"):
+            back = resolve_lora(make_model(), read_lora(path))
+            for name, t in lora.targets.items():
+                torch.testing.assert_close(back.targets[name].delta_weight(), t.delta_weight(), rtol=0, atol=0)
 
 
 def test_saved_layouts_use_the_expected_keys(tmp_path):

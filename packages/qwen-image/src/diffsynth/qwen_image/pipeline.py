@@ -26,11 +26,11 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
@@ -97,20 +97,6 @@ def qwen_image_velocity(
     return unpack(out[:, : tokens[0].shape[1]].float(), h, w, p)
 
 
-def inpaint_velocity(
-    velocity: torch.Tensor, latents: torch.Tensor, clean: torch.Tensor, sigma, mask: torch.Tensor
-) -> torch.Tensor:
-    """DiffSynth-Studio's inpainting step: `mask * velocity + (1 - mask) * (latents - clean) / sigma`.
-
-    Outside the mask (0) the Euler step from `sigma` to `sigma_next` then lands on
-    `(1 - sigma_next) * clean + sigma_next * noise` when `latents` is `clean` noised to `sigma` with `noise`:
-    the input image latent re-noised to each sigma, and `clean` itself after the last step.
-    `mask` `[B or 1, 1, H, W]` in [0, 1]: 1 repaints (the model's velocity), fractions blend.
-    """
-    keep = (latents.float() - clean.float()) / torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
-    return mask * velocity.float() + (1 - mask) * keep
-
-
 def true_cfg(positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float, patch: int = 2) -> torch.Tensor:
     """The authors' true CFG: `neg + s * (pos - neg)`, then each token's guided velocity rescaled
     to the norm of its conditional one (norms over a token's packed channels)."""
@@ -149,6 +135,8 @@ class QwenImagePipeline(BasePipeline):
         sigma_template: str | None = None,
         latents: torch.Tensor | None = None,
         inpaint_mask=None,
+        inpaint_blur_size: int | None = None,
+        inpaint_blur_sigma: float | None = None,
         edit_image=None,
         edit_image_auto_resize: bool = True,
         max_sequence_length: int = 512,
@@ -165,7 +153,8 @@ class QwenImagePipeline(BasePipeline):
         `sigma_template="lightning"`, the Qwen-Image-Lightning LoRAs' schedule). `latents` is the
         initial noise, unpacked: `[B, 16, H/8, W/8]` (or `[B, 16, 1, H/8, W/8]`, the VAE's layout).
         `inpaint_mask` (with `input_image`; a PIL "L" image of the input image's size, or one per input
-        image; white = repaint) keeps the rest of the input image (see `inpaint_velocity`).
+        image; white = repaint) keeps the rest of the input image (see `inpaint_velocity`);
+        `inpaint_blur_size` with `inpaint_blur_sigma` blur it on the latent grid (DiffSynth-Studio's arguments).
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
@@ -189,7 +178,8 @@ class QwenImagePipeline(BasePipeline):
         template = self.setting("sigma_template", sigma_template, "qwen_image")
         if template not in SIGMA_TEMPLATES:
             raise ConfigError(f"sigma_template={template!r} is not known; use one of {', '.join(SIGMA_TEMPLATES)}")
-        repaint = self.prepare_inpaint_mask(inpaint_mask, input_image, len(prompts), height, width)
+        blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
+        repaint = self.prepare_inpaint_mask(inpaint_mask, input_image, len(prompts), height, width, blur)
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
@@ -340,47 +330,17 @@ class QwenImagePipeline(BasePipeline):
             raise ConfigError(f"input_image has {clean.shape[0]} images for {batch} prompts")
         return clean
 
-    def prepare_inpaint_mask(self, inpaint_mask, input_image, batch, height, width) -> torch.Tensor | None:
-        """`inpaint_mask` as `[B or 1, 1, H/8, W/8]` floats in [0, 1] on the latent grid (1 = repaint).
-
-        One PIL "L" image for every input image, or a list with one per input image; each the size of its
-        input image (which is resized to `width x height`; the mask goes straight to the latent grid, bicubic,
-        as DiffSynth-Studio does)."""
+    def prepare_inpaint_mask(self, inpaint_mask, input_image, batch, height, width, blur=None) -> torch.Tensor | None:
+        """`inpaint_mask` as `[B or 1, 1, H/8, W/8]` floats in [0, 1] on the latent grid (1 = repaint), blurred
+        there with `blur` (taps, sigma); see `diffsynth.runtime.inpaint.mask_grid`."""
         if inpaint_mask is None:
+            if blur is not None:
+                raise ConfigError("inpaint_blur_size / inpaint_blur_sigma blur inpaint_mask: give the mask too")
             return None
         if input_image is None:
             raise ConfigError("inpaint_mask needs input_image: the mask says which part of input_image to repaint")
         images = self.input_images(input_image)
-        masks = list(inpaint_mask) if isinstance(inpaint_mask, (list, tuple)) else [inpaint_mask]
-        if len(masks) != 1 and len(masks) != len(images):
-            raise ConfigError(
-                f"inpaint_mask is a list of {len(masks)} masks for {len(images)} input images; "
-                "pass one mask, or one per input image"
-            )
-        grids = []
-        for index, mask in enumerate(masks):
-            name = "inpaint_mask" if len(masks) == 1 else f"inpaint_mask[{index}]"
-            if not isinstance(mask, Image.Image):
-                raise ConfigError(
-                    f"{name} must be a PIL image in mode 'L' (white = repaint), got {type(mask).__name__}"
-                )
-            if mask.mode != "L":
-                raise ConfigError(
-                    f"{name} has mode {mask.mode!r}; use a grayscale mask in mode 'L' (white = repaint), "
-                    f"e.g. mask.convert('L')"
-                )
-            image = images[index] if len(masks) > 1 else images[0]
-            if mask.size != image.size:
-                raise ConfigError(
-                    f"{name} is {mask.size[0]}x{mask.size[1]} but input_image is {image.size[0]}x{image.size[1]}; "
-                    "the mask must have its input image's size"
-                )
-            small = mask.resize((width // 8, height // 8), Image.BICUBIC)
-            grids.append(torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0))
-        mask = torch.stack(grids)[:, None].to(self.device)
-        if mask.shape[0] not in (1, batch):
-            raise ConfigError(f"inpaint_mask has {mask.shape[0]} masks for {batch} prompts")
-        return mask
+        return mask_grid(inpaint_mask, images, batch, (height // 8, width // 8), self.device, blur)
 
 
 __all__ = [

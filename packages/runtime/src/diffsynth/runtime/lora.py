@@ -475,8 +475,9 @@ def save_lora(
 
     - "diffsynth": `<name>.lora_A.weight` / `.lora_B.weight`, no alpha (what DiffSynth-Studio loads; an alpha
       other than the rank is folded into lora_B, so reading it back gives the same delta with alpha None);
-    - "peft": `<prefix><name>.lora_A.weight` / `.lora_B.weight`, and `.alpha` where it is not the rank,
-      prefix `diffusion_model.` by default (ComfyUI's name for official-layout models);
+    - "peft": `<prefix><name>.lora_A.weight` / `.lora_B.weight`, no alpha either (diffusers' loaders refuse
+      other keys in these files, so an alpha other than the rank is folded into lora_B too), prefix
+      `diffusion_model.` by default (ComfyUI's name for official-layout models);
     - "kohya": `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
     `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format. Names should be resolved
     (dotted, `resolve_lora`) for the first two."""
@@ -495,13 +496,11 @@ def save_lora(
         if t.down is not None:
             down_key, up_key = ("lora_down", "lora_up") if format == "kohya" else ("lora_A", "lora_B")
             up = t.up
-            if format == "diffsynth" and t.alpha is not None and t.factor != 1.0:
+            if format != "kohya" and t.alpha is not None and t.factor != 1.0:
                 up = (up.float() * t.factor).to(up.dtype)
             tensors[f"{key}.{down_key}.weight"] = t.down
             tensors[f"{key}.{up_key}.weight"] = up
-            # peft: an alpha equal to the rank (scale 1, every reader's default) is left out, so diffusers' loaders,
-            # which refuse non-LoRA keys in these files, read the file too
-            if t.alpha is not None and (format == "kohya" or (format == "peft" and t.factor != 1.0)):
+            if t.alpha is not None and format == "kohya":
                 tensors[f"{key}.alpha"] = torch.tensor(float(t.alpha))
         if t.diff is not None:
             tensors[f"{key}.diff"] = t.diff

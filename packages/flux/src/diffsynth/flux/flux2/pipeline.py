@@ -26,6 +26,7 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.models.qwen3 import Qwen3TextEncoder
 from diffsynth.runtime.pipeline import BasePipeline
@@ -124,6 +125,18 @@ def reference_size(width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
+def fit_to_area(image: Image.Image, area: int = REFERENCE_MAX_AREA) -> Image.Image:
+    """DiffSynth-Studio's `edit_image_auto_resize`: about `area` pixels with the image's aspect, sides rounded to
+    multiples of 32; scaled (bilinear) to cover that size, then cut at the centre (torchvision's rounding)."""
+    ratio = image.width / image.height
+    width = math.sqrt(area * ratio)
+    target_w, target_h = round(width / 32) * 32, round(width / ratio / 32) * 32
+    scale = max(target_w / image.width, target_h / image.height)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    top, left = int(round((image.height - target_h) / 2.0)), int(round((image.width - target_w) / 2.0))
+    return image.crop((left, top, left + target_w, top + target_h))
+
+
 class Flux2ImagePipeline(BasePipeline):
     """FLUX.2 text-to-image / image-to-image / editing, API compatible with DiffSynth-Studio."""
 
@@ -140,7 +153,11 @@ class Flux2ImagePipeline(BasePipeline):
         embedded_guidance: float | None = None,
         input_image=None,
         denoising_strength: float = 1.0,
+        inpaint_mask=None,
+        inpaint_blur_size: int | None = None,
+        inpaint_blur_sigma: float | None = None,
         edit_image=None,
+        edit_image_auto_resize: bool | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -162,7 +179,12 @@ class Flux2ImagePipeline(BasePipeline):
         models' preset uses 4; the distilled models 1 = off). `edit_image` (one image or a list) are
         reference images for editing, used at their own size (scaled down to 1024x1024 pixels of area
         when larger, cut to multiples of 16); without `height`/`width` the output takes the first one's
-        size. `input_image` with `denoising_strength` < 1 is image-to-image. `latents` is the initial
+        size. `edit_image_auto_resize` (DiffSynth-Studio's argument) True scales each reference to about 1024x1024
+        pixels of area (up or down, sides multiples of 32: `fit_to_area`), False keeps it as given (cut to
+        multiples of 16). `input_image` with `denoising_strength` < 1 is image-to-image; with `inpaint_mask` (a PIL "L" image
+        of its size, or one per input image; white = repaint) the rest of it is kept, the mask optionally
+        blurred by `inpaint_blur_size` / `inpaint_blur_sigma` on the token grid (DiffSynth-Studio's arguments,
+        `diffsynth.runtime.inpaint`). `latents` is the initial
         noise `[B, 128, H/16, W/16]`; `sigmas` an explicit schedule (terminal 0 appended).
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
@@ -172,7 +194,7 @@ class Flux2ImagePipeline(BasePipeline):
         max_sequence_length = self.setting("max_sequence_length", max_sequence_length, 512)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
-        references = self.load_edit_images(edit_image)
+        references = self.load_edit_images(edit_image, edit_image_auto_resize)
         if references:
             height = height if height is not None else references[0].height
             width = width if width is not None else references[0].width
@@ -182,6 +204,11 @@ class Flux2ImagePipeline(BasePipeline):
         if cfg_scale != 1.0 and self.dit.config.guidance_embed:
             logger.warning("cfg_scale=%s on a guidance-distilled FLUX.2 model doubles the compute", cfg_scale)
         use_cfg = cfg_scale != 1.0
+        blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
+        if inpaint_mask is None and blur is not None:
+            raise ConfigError("inpaint_blur_size / inpaint_blur_sigma blur inpaint_mask: give the mask too")
+        if inpaint_mask is not None and input_image is None:
+            raise ConfigError("inpaint_mask needs input_image: the mask says which part of input_image to repaint")
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
@@ -193,7 +220,7 @@ class Flux2ImagePipeline(BasePipeline):
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, image_seq_len=height * width // 256)
         self.load_models_to_device(["vae"] if input_image is not None or references else [])
-        x = self.prepare_latents(
+        x, clean = self.prepare_latents(
             len(prompts),
             height,
             width,
@@ -207,11 +234,19 @@ class Flux2ImagePipeline(BasePipeline):
             tile_stride,
         )
         refs = self.encode_references(references, tiled, tile_size, tile_stride) if references else None
+        repaint = None
+        if inpaint_mask is not None:
+            images = [
+                load_image(im) for im in (input_image if isinstance(input_image, (list, tuple)) else [input_image])
+            ]
+            repaint = mask_grid(inpaint_mask, images, len(prompts), (height // 16, width // 16), self.device, blur)
 
         # 3. denoise
         self.load_models_to_device(["dit"])
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, refs)
+            if repaint is not None:
+                velocity = inpaint_velocity(velocity, x, clean, scheduler.sigmas[i], repaint)
             x = scheduler.step(velocity, i, x)
 
         # 4. decode
@@ -264,13 +299,14 @@ class Flux2ImagePipeline(BasePipeline):
 
     def prepare_latents(
         self, batch, height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The starting latents, and the input image's clean latents (None without one)."""
         shape = (batch, self.dit.config.in_channels, height // 16, width // 16)
         noise = (
             self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
         )
         if input_image is None:
-            return noise
+            return noise, None
         images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
         images = [load_image(im).resize((width, height), Image.LANCZOS) for im in images]
         if len(images) not in (1, batch):
@@ -278,15 +314,18 @@ class Flux2ImagePipeline(BasePipeline):
         clean = self.vae_encode(images, tiled, tile_size, tile_stride)
         if clean.shape[0] == 1 and batch > 1:
             clean = clean.expand(batch, -1, -1, -1)
-        return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
+        return scheduler.add_noise(clean, noise, scheduler.sigmas[0]), clean
 
     def vae_encode(self, images: list[Image.Image], tiled=False, tile_size=512, tile_stride=384) -> torch.Tensor:
         pixels = pil_to_tensor(images, dtype=module_dtype(self.vae), device=self.device)
         return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
 
-    def load_edit_images(self, edit_image) -> list[Image.Image]:
-        """Reference images as RGB at the size they are encoded at (`reference_size`, then a centred cut to
-        multiples of 16); too small or too elongated images are refused, naming the item."""
+    def load_edit_images(self, edit_image, auto_resize: bool | None = None) -> list[Image.Image]:
+        """Reference images as RGB at the size they are encoded at (`reference_size`, or `fit_to_area` with
+        `auto_resize`, or as given without; then a centred cut to multiples of 16); too small or too elongated
+        images are refused, naming the item."""
+        if auto_resize is not None and not isinstance(auto_resize, bool):
+            raise ConfigError(f"edit_image_auto_resize={auto_resize!r} is not accepted; use True, False or None")
         if edit_image is None:
             return []
         items = list(edit_image) if isinstance(edit_image, (list, tuple)) else [edit_image]
@@ -300,8 +339,9 @@ class Flux2ImagePipeline(BasePipeline):
                 raise ConfigError(
                     f"edit_image[{i}] is {w}x{h}; its aspect ratio may be at most {REFERENCE_MAX_ASPECT}:1"
                 )
-            size = reference_size(w, h)
-            if size != image.size:
+            if auto_resize:
+                image = fit_to_area(image)
+            elif auto_resize is None and (size := reference_size(w, h)) != image.size:
                 image = image.resize(size, Image.LANCZOS)
             cut_w, cut_h = image.width // 16 * 16, image.height // 16 * 16
             left, top = (image.width - cut_w) // 2, (image.height - cut_h) // 2
