@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-from pathlib import Path
 
 import pytest
+import qwen_image_test_dit as T  # loaded by conftest
 import torch
 
 pytestmark = pytest.mark.parity
-
-
-def _test_dit():
-    """`tiny_config` and friends live only in test_dit.py; load that module by path."""
-    spec = importlib.util.spec_from_file_location("qwen_image_test_dit", Path(__file__).with_name("test_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
 
 
 def _pair(zero_cond_t: bool):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import qwen_image_test_dit as T  # loaded by conftest
 import torch
 
 from diffsynth.qwen_image.dit import QwenImageDiT, QwenImageDiTConfig
@@ -30,17 +30,6 @@ RELEASED_CONFIG_JSON = {
     "out_channels": 16,
     "patch_size": 2,
 }
-
-
-def _test_dit():
-    """`tiny_config` and friends live only in test_dit.py; load that module by path."""
-    spec = importlib.util.spec_from_file_location("qwen_image_test_dit", Path(__file__).with_name("test_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
 
 
 def released_meta_state() -> dict[str, torch.Tensor]:

@@ -3,10 +3,8 @@ loaded into our pipeline give the DiT output diffusers gives with `QwenImagePipe
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+import qwen_image_test_dit as T  # loaded by conftest
 import torch
 from safetensors.torch import save_file
 
@@ -15,16 +13,6 @@ pytest.importorskip("peft")
 
 pytestmark = pytest.mark.parity
 LAYOUTS = ("peft", "diffusion_model", "diffusion_model_alpha", "kohya")  # conftest `make_random_lora`
-
-
-def _test_dit():
-    spec = importlib.util.spec_from_file_location("qwen_image_test_dit", Path(__file__).with_name("test_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _test_dit()
 
 
 @pytest.fixture(scope="module")

@@ -598,8 +598,8 @@ class LTX2Pipeline(BasePipeline):
         return check_factor(factor)
 
     def check_clearable_loras(self, two_stage: bool) -> None:
-        """`clear_lora_before_state_two` turns LoRAs off for the second stage: there must be one, and no LoRA
-        may be fused into the weights (those cannot be taken out again)."""
+        """`clear_lora_before_state_two` turns LoRAs off for the second stage, which needs two stages and no
+        LoRA fused into the weights (those cannot be taken out again)."""
         if not two_stage:
             raise ConfigError("clear_lora_before_state_two applies to the two-stage pipeline (use_two_stage_pipeline)")
         if self.fused_loras:
@@ -913,9 +913,10 @@ class LTX2Pipeline(BasePipeline):
         """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
         (noise drawn from the first stage's generator in token layout, video first), put the first frame back
         and the keyframes at full `size` (`conditions`: first frames, keyframe images, the mask of a given
-        sound, which stays as it is, and a retaken video's kept frames at full size), and take the authors' 3 distilled steps without guidance. With a
-        `lora_strength` (the full model) the distilled LoRA is attached for these steps only; `without_loras`
-        turns the LoRAs loaded apart off for them (IC-LoRA references are first-stage only)."""
+        sound, which stays as it is, and a retaken video, whose kept frames come back at full size), and take
+        the authors' 3 distilled steps without guidance. With a `lora_strength` (the full model) the distilled
+        LoRA is attached for these steps only; `without_loras` turns the LoRAs loaded apart off for them
+        (IC-LoRA references are first-stage only)."""
         (height, width), (first_frames, strength, keyframe_images, audio_mask, retake) = size, conditions
         keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)

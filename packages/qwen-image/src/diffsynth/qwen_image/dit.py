@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
+from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
 from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
@@ -98,9 +99,10 @@ def _centred(n: int, device: torch.device) -> torch.Tensor:
 
 
 def msrope_angles(
-    shapes: Sequence[ImageShape], text_len: int, axes_dims: Sequence[int], device: torch.device
+    shapes: Sequence[ImageShape], text_len: int | Sequence[int], axes_dims: Sequence[int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary angles of one sample: `(image [L_img, D/2], text [L_txt, D/2])`, axes concatenated."""
+    """Rotary angles of one sample: `(image [L_img, D/2], text [L_txt, D/2])`, axes concatenated. Text of
+    several segments (EliGen's entity prompts, then the global one) places each as if it were alone."""
     parts = []
     for index, (f, h, w) in enumerate(shapes):
         axes = (
@@ -111,7 +113,8 @@ def msrope_angles(
         grids = torch.meshgrid(*axes, indexing="ij")
         parts.append(torch.cat([_axis_angles(g.reshape(-1), d) for g, d in zip(grids, axes_dims, strict=True)], -1))
     start = max(max(h // 2, w // 2) for _, h, w in shapes)
-    text_pos = torch.arange(start, start + text_len, device=device)
+    lengths = [text_len] if isinstance(text_len, int) else list(text_len)
+    text_pos = torch.cat([torch.arange(start, start + n, device=device) for n in lengths])
     text = torch.cat([_axis_angles(text_pos, d) for d in axes_dims], dim=-1)
     return torch.cat(parts, dim=0), text
 
@@ -274,8 +277,9 @@ class QwenImageDiT(nn.Module):
         self.step_cache = None  # a FirstBlockCache over `transformer_blocks` (BasePipeline.enable_first_block_cache)
         self.parallel = None  # ParallelGroups dividing batch and image tokens (BasePipeline.enable_parallel)
 
-    def _rope(self, img_shapes, n_img: int, n_txt: int, device) -> Rope:
-        """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]`."""
+    def _rope(self, img_shapes, n_img: int, n_txt: int | Sequence[int], device) -> Rope:
+        """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]` (`n_txt`: the
+        text's length, or its segments' lengths)."""
         img_angles, txt_angles = [], []
         for b, shapes in enumerate(img_shapes):
             total = sum(math.prod(s) for s in shapes)
@@ -294,11 +298,17 @@ class QwenImageDiT(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         img_shapes: Sequence[Sequence[ImageShape]] | Sequence[ImageShape] | None = None,
+        segments: Sequence[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`latents` `[B, L_img, in_channels]` packed tokens, `timestep` `[B]` sigma, `text`
         `[B, L_txt, joint_attention_dim]`, `text_mask` `[B, L_txt]` (True = real token),
         `img_shapes` one list of `(frames, h, w)` per sample (target image first, then edit
         references; a single list is shared by the batch). Returns `[B, L_img, out_dim]`.
+
+        EliGen (`eligen.py`): `text` holds several prompts one after another, of `segments` lengths (each gets
+        its text positions as if alone) and `attn_mask` (bool `[B or 1, 1, S, S]` over `[text, image]`) limits
+        who sees whom; `text_mask` is then not used.
 
         With `parallel` set, the batch and the image tokens (edit references included) are divided over
         the ranks (`enable_parallel`)."""
@@ -310,11 +320,22 @@ class QwenImageDiT(nn.Module):
         if len(img_shapes) != b:
             raise ValueError(f"img_shapes has {len(img_shapes)} entries for a batch of {b}")
         img_shapes = [[tuple(int(n) for n in s) for s in shapes] for shapes in img_shapes]
+        if attn_mask is not None:
+            if self.parallel is not None:
+                raise ConfigError("EliGen's attention mask is not divided over ranks: sample it in one process")
+            if segments is None or sum(segments) != text.shape[1]:
+                raise ValueError(f"segments={segments} must add up to the text's {text.shape[1]} tokens")
+            length = text.shape[1] + latents.shape[1]
+            if attn_mask.dim() != 4 or attn_mask.shape[0] not in (1, b) or attn_mask.shape[2:] != (length, length):
+                raise ValueError(
+                    f"attn_mask has shape {tuple(attn_mask.shape)}; expected [B or 1, 1, {length}, {length}]"
+                )
+            return self._forward(latents, timestep, text, None, img_shapes, segments, attn_mask)
         return batch_parallel(
             self.parallel, b, self._forward, latents, timestep, text, text_mask, img_shapes, per_sample=(4,)
         )
 
-    def _forward(self, latents, timestep, text, text_mask, img_shapes) -> torch.Tensor:
+    def _forward(self, latents, timestep, text, text_mask, img_shapes, segments=None, attn_mask=None) -> torch.Tensor:
         cfg = self.config
         b, n_img, _ = latents.shape
 
@@ -329,8 +350,8 @@ class QwenImageDiT(nn.Module):
             cond_index = torch.arange(n_img, device=img.device)[None] >= torch.tensor(first, device=img.device)[:, None]
         temb = self.time_text_embed.timestep_embedder(timestep, img.dtype)
 
-        rope = self._rope(img_shapes, n_img, txt.shape[1], img.device)
-        mask = None
+        rope = self._rope(img_shapes, n_img, txt.shape[1] if segments is None else segments, img.device)
+        mask = attn_mask
         if text_mask is not None:
             mask = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
 

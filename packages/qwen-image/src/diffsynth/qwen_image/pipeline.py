@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from diffsynth.runtime.eligen import check_entity_inputs, entity_regions
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
@@ -36,6 +37,7 @@ from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .eligen import QwenEntityText, entity_text
 from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
 
 logger = logging.getLogger(__name__)
@@ -76,24 +78,26 @@ def qwen_image_velocity(
     text: torch.Tensor,
     text_mask: torch.Tensor | None = None,
     edit_latents: Sequence[torch.Tensor] = (),
+    entities: QwenEntityText | None = None,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 16, H, W]` (float32) predicted at noise level `sigma` [B].
 
     `latents` are unpacked `[B, 16, H, W]`; `edit_latents` (Edit models) are clean reference latents
-    `[B, 16, h, w]` whose tokens follow the image's, their predictions discarded.
+    `[B, 16, h, w]` whose tokens follow the image's, their predictions discarded. `entities` (EliGen) replace
+    `text` by the entity prompts and the global one, with their attention mask.
     """
     p = dit.config.patch_size
     b, _, h, w = latents.shape
     dtype = module_dtype(dit)
     tokens = [pack(latents, p)] + [pack(e, p) for e in edit_latents]
     shapes = [(1, h // p, w // p)] + [(1, e.shape[-2] // p, e.shape[-1] // p) for e in edit_latents]
-    out = dit(
-        torch.cat(tokens, dim=1).to(dtype),
-        sigma.to(latents.device, torch.float32).expand(b),
-        text.to(dtype),
-        text_mask,
-        [shapes] * b,
-    )
+    image = torch.cat(tokens, dim=1).to(dtype)
+    sigma = sigma.to(latents.device, torch.float32).expand(b)
+    if entities is not None:
+        mask = entities.attention_mask(image.shape[1])
+        out = dit(image, sigma, entities.text.to(dtype), None, [shapes] * b, entities.segments, mask)
+    else:
+        out = dit(image, sigma, text.to(dtype), text_mask, [shapes] * b)
     return unpack(out[:, : tokens[0].shape[1]].float(), h, w, p)
 
 
@@ -139,6 +143,9 @@ class QwenImagePipeline(BasePipeline):
         inpaint_blur_sigma: float | None = None,
         edit_image=None,
         edit_image_auto_resize: bool = True,
+        eligen_entity_prompts: Sequence[str] | None = None,
+        eligen_entity_masks: Sequence[Image.Image] | None = None,
+        eligen_enable_on_negative: bool = False,
         max_sequence_length: int = 512,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = (34, 34),
@@ -155,6 +162,9 @@ class QwenImagePipeline(BasePipeline):
         `inpaint_mask` (with `input_image`; a PIL "L" image of the input image's size, or one per input
         image; white = repaint) keeps the rest of the input image (see `inpaint_velocity`);
         `inpaint_blur_size` with `inpaint_blur_sigma` blur it on the latent grid (DiffSynth-Studio's arguments).
+        `eligen_entity_prompts` / `eligen_entity_masks` (one PIL mask each, white = entity) are EliGen's regional
+        prompts for one prompt at a time; `eligen_enable_on_negative` gives the negative branch the same regions,
+        each with the negative prompt (`eligen.py`).
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
@@ -178,6 +188,11 @@ class QwenImagePipeline(BasePipeline):
         template = self.setting("sigma_template", sigma_template, "qwen_image")
         if template not in SIGMA_TEMPLATES:
             raise ConfigError(f"sigma_template={template!r} is not known; use one of {', '.join(SIGMA_TEMPLATES)}")
+        entity_prompts, entity_masks = check_entity_inputs(eligen_entity_prompts, eligen_entity_masks)
+        if entity_prompts and (len(prompts) != 1 or edits is not None):
+            raise ConfigError("EliGen (eligen_entity_prompts) takes one prompt at a time and no edit_image")
+        if not isinstance(eligen_enable_on_negative, bool):
+            raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
         blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
         repaint = self.prepare_inpaint_mask(inpaint_mask, input_image, len(prompts), height, width, blur)
 
@@ -185,6 +200,13 @@ class QwenImagePipeline(BasePipeline):
         self.load_models_to_device(["text_encoder"])
         text, text_mask = self.encode_prompt(prompts, max_sequence_length, edits)
         negative = self.encode_prompt(negatives, max_sequence_length, edits) if use_cfg else None
+        entities = negative_entities = None
+        if entity_prompts:
+            regions = entity_regions(entity_masks, height, width).to(self.device)
+            encoded = [self.encode_prompt([p], max_sequence_length) for p in entity_prompts]
+            entities = entity_text(encoded, (text, text_mask), regions)
+            if negative is not None and eligen_enable_on_negative:
+                negative_entities = entity_text([negative] * len(encoded), negative, regions)
 
         # 2. schedule and latents
         scheduler = FlowMatchScheduler(SIGMA_TEMPLATES[template])
@@ -206,9 +228,9 @@ class QwenImagePipeline(BasePipeline):
         self.load_models_to_device(["dit"])
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             sigma = scheduler.sigmas[i].expand(x.shape[0])
-            velocity = qwen_image_velocity(self.dit, x, sigma, text, text_mask, references)
+            velocity = qwen_image_velocity(self.dit, x, sigma, text, text_mask, references, entities)
             if negative is not None:
-                negative_velocity = qwen_image_velocity(self.dit, x, sigma, *negative, references)
+                negative_velocity = qwen_image_velocity(self.dit, x, sigma, *negative, references, negative_entities)
                 velocity = true_cfg(velocity, negative_velocity, cfg_scale, self.dit.config.patch_size)
             if repaint is not None:
                 velocity = inpaint_velocity(velocity, x, clean, scheduler.sigmas[i], repaint)

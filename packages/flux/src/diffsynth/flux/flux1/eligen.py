@@ -19,15 +19,11 @@ DiffSynth-Studio's EliGen (the `DiffSynth-Studio/Eligen` LoRA is applied as an o
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 
-from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.eligen import check_entity_inputs, entity_regions, segment_attention_mask
 
 
 @dataclass
@@ -58,57 +54,6 @@ class EliGenEntities:
         return EliGenEntities(t5, regions)
 
 
-def check_entity_inputs(prompts, masks) -> tuple[list[str], list[Image.Image]]:
-    """`eligen_entity_prompts` / `eligen_entity_masks` as lists of strings and RGB images (paths are
-    opened); both None or both empty means no entities."""
-    if prompts is None and masks is None:
-        return [], []
-    if prompts is None or masks is None:
-        given, missing = ("eligen_entity_prompts", "eligen_entity_masks")
-        if prompts is None:
-            given, missing = missing, given
-        raise ConfigError(f"{given} is given without {missing}: EliGen needs one mask per entity prompt")
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    masks = [masks] if isinstance(masks, (Image.Image, str, os.PathLike)) else masks
-    if not isinstance(prompts, Sequence):
-        raise ConfigError(f"eligen_entity_prompts must be a list of strings, got {type(prompts).__name__}")
-    if not isinstance(masks, Sequence):
-        raise ConfigError(f"eligen_entity_masks must be a list of PIL images, got {type(masks).__name__}")
-    if len(prompts) != len(masks):
-        raise ConfigError(
-            f"eligen_entity_prompts has {len(prompts)} entries but eligen_entity_masks has {len(masks)}; "
-            "give one mask per entity prompt"
-        )
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise ConfigError(f"eligen_entity_prompts[{i}] is a {type(prompt).__name__}; use a string")
-    images = []
-    for i, mask in enumerate(masks):
-        if isinstance(mask, (str, os.PathLike)):
-            if not os.path.isfile(mask):
-                raise ConfigError(f"eligen_entity_masks[{i}]={str(mask)!r} is not an existing image file")
-            with Image.open(mask) as opened:
-                mask = opened.convert("RGB")
-        if not isinstance(mask, Image.Image):
-            raise ConfigError(
-                f"eligen_entity_masks[{i}] is a {type(mask).__name__}; use a PIL.Image (white = entity) or a path"
-            )
-        images.append(mask.convert("RGB"))
-    return list(prompts), images
-
-
-def entity_regions(masks: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
-    """Bool `[N, (height/16) * (width/16)]`: which packed image tokens each mask covers."""
-    latent_h, latent_w = height // 8, width // 8
-    regions = []
-    for mask in masks:
-        small = mask.convert("RGB").resize((latent_w, latent_h), Image.NEAREST)
-        inside = torch.from_numpy(np.asarray(small, dtype=np.float32).mean(axis=-1) > 127.5)
-        tokens = inside.view(latent_h // 2, 2, latent_w // 2, 2).any(dim=3).any(dim=1)
-        regions.append(tokens.reshape(-1))
-    return torch.stack(regions)
-
-
 def joint_text(prompt_t5: torch.Tensor, entities: EliGenEntities) -> torch.Tensor:
     """The DiT's text `[B, (N + 1) * L, D]`: the entity prompts in order, then the global prompt."""
     b, length, dim = prompt_t5.shape
@@ -123,22 +68,9 @@ def joint_text(prompt_t5: torch.Tensor, entities: EliGenEntities) -> torch.Tenso
 
 def attention_mask(regions: torch.Tensor, prompt_len: int, image_len: int) -> torch.Tensor:
     """Bool mask `[B or 1, 1, S, S]` (True = may attend) over `[entities, global, image]`, S =
-    (N + 1) * prompt_len + image_len; image tokens past the regions' length see only the global prompt."""
-    b, n, covered = regions.shape
-    if covered > image_len:
-        raise ValueError(f"entity regions cover {covered} image tokens but the image has {image_len}")
-    device = regions.device
-    text_len = (n + 1) * prompt_len
-    prompt_of = torch.arange(n + 1, device=device).repeat_interleave(prompt_len)
-    sees = torch.ones(b, n + 1, image_len, dtype=torch.bool, device=device)  # row n: the global prompt
-    sees[:, :n, :covered] = regions
-    sees[:, :n, covered:] = False
-    text_image = sees.repeat_interleave(prompt_len, dim=1)  # [B, text_len, image_len]
-    mask = torch.ones(b, text_len + image_len, text_len + image_len, dtype=torch.bool, device=device)
-    mask[:, :text_len, :text_len] = prompt_of[:, None] == prompt_of[None, :]
-    mask[:, :text_len, text_len:] = text_image
-    mask[:, text_len:, :text_len] = text_image.transpose(1, 2)
-    return mask[:, None]
+    (N + 1) * prompt_len + image_len (`segment_attention_mask` with every prompt as long as the global one);
+    image tokens past the regions' length (Kontext references) see only the global prompt."""
+    return segment_attention_mask(regions, [prompt_len] * (regions.shape[1] + 1), image_len)
 
 
 def joint_inputs(
