@@ -198,6 +198,10 @@ def _generate(args) -> int:
     from .errors import ConfigError
     from .media import load_video
 
+    if args.first_block_cache is not None and args.tea_cache is not None:
+        raise ConfigError("--first-block-cache and --tea-cache are two ways to skip blocks: choose one")
+    if args.tea_cache_model_id is not None and args.tea_cache is None:
+        raise ConfigError("--tea-cache-model-id picks TeaCache's polynomial: give --tea-cache THRESHOLD with it")
     device = parse_device(args.device)  # None: cuda when available
     if not isinstance(device, torch.device):
         raise ConfigError(
@@ -215,14 +219,10 @@ def _generate(args) -> int:
     for spec in args.lora:
         path, scale = _parse_lora(spec)
         pipe.load_lora(path, scale=scale)
-    if args.first_block_cache is not None and args.tea_cache is not None:
-        raise ConfigError("--first-block-cache and --tea-cache are two ways to skip blocks: choose one")
     if args.first_block_cache is not None:
         pipe.enable_first_block_cache(args.first_block_cache)
     if args.tea_cache is not None:
         pipe.enable_tea_cache(args.tea_cache, model_id=args.tea_cache_model_id)
-    elif args.tea_cache_model_id is not None:
-        raise ConfigError("--tea-cache-model-id picks TeaCache's polynomial: give --tea-cache THRESHOLD with it")
     options = {
         "negative_prompt": args.negative_prompt,
         "cfg_scale": args.cfg,
