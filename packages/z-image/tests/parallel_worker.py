@@ -7,10 +7,15 @@ import sys
 
 import torch
 
+from diffsynth.runtime.testing.distributed import check_parallel_pipeline
 from diffsynth.z_image import ZImagePipeline
 
 PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner"]
 OPTIONS = {"num_inference_steps": 6, "cfg_scale": 3.0, "negative_prompt": "blurry", "output_type": "pt"}
+
+
+def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0, msg=lambda m: f"{what}: {m}")
 
 
 def run(pipe, height: int, width: int) -> torch.Tensor:
@@ -21,31 +26,20 @@ def main(repo: str, sequence: int, batch: int) -> None:
     pipe = ZImagePipeline.from_pretrained(repo, torch_dtype="float32", device="cpu")
     seen = []  # [batch, tokens] entering the main layers: what this rank really computed
     pipe.dit.layers[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[:2])))
-    want = run(pipe, 64, 48)
-    full = seen[-1]
+
+    def check_shards():
+        # (a rank's half of a CFG batch may pad its captions less than the whole batch does)
+        (rows, tokens), full, exact = seen[-1], seen[0], batch == 1
+        assert rows == full[0] // batch and (tokens * sequence == full[1] if exact else tokens * sequence <= full[1])
+
     # a random tiny DiT changes a lot from step to step (relative first-block change 1.2 to 1.5 here):
     # this threshold reuses some steps and not others
-    cache = pipe.enable_first_block_cache(1.4)["dit"]
-    want_cached = run(pipe, 64, 48)
-    want_reused = cache.skipped
-    pipe.disable_first_block_cache()
-
-    groups = pipe.enable_parallel(sequence=sequence, batch=batch)
-    assert (groups.sequence_size, groups.batch_size) == (sequence, batch)
-    torch.testing.assert_close(run(pipe, 64, 48), want, atol=2e-5, rtol=0)
-    # (a rank's half of a CFG batch may pad its captions less than the whole batch does)
-    (rows, tokens), exact = seen[-1], batch == 1
-    assert rows == full[0] // batch and (tokens * sequence == full[1] if exact else tokens * sequence <= full[1])
-    # the cache decides on every rank's tokens together: the same steps are reused as in one process
-    cache = pipe.enable_first_block_cache(1.4)["dit"]
-    got = run(pipe, 64, 48)
-    assert cache.skipped == want_reused and 0 < want_reused < cache.calls, (cache, want_reused)
-    torch.testing.assert_close(got, want_cached, atol=2e-5, rtol=0)
+    _, want = check_parallel_pipeline(pipe, lambda: run(pipe, 64, 48), 1.4, sequence, batch, close, check_shards)
 
     if batch == 1:  # DiffSynth-Studio's spelling: every rank divides the tokens
         usp = ZImagePipeline.from_pretrained(repo, torch_dtype="float32", device="cpu", use_usp=True)
         assert usp.dit.parallel.sequence_size == sequence
-        torch.testing.assert_close(run(usp, 64, 48), want, atol=2e-5, rtol=0)
+        close(run(usp, 64, 48), want, "use_usp=True")
 
 
 def cli(repo: str, output: str) -> None:

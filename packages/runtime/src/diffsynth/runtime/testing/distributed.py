@@ -50,3 +50,28 @@ def run_ranks(script: str | Path, world: int, *args: str, timeout: float = 180.0
             failures.append(f"rank {rank} exited with {proc.returncode}:\n{output[-3000:]}")
     if failures:
         raise AssertionError("\n\n".join(failures))
+
+
+def check_parallel_pipeline(pipe, run, threshold: float, sequence: int, batch: int, close, check_shards=None):
+    """The rank's side of a pipeline test (in a `run_ranks` script): `run()` under `enable_parallel(sequence,
+    batch)` gives what one process gives, without and with a first-block cache of `threshold`, which must reuse
+    some calls and not all, and the same ones on every rank. `close(got, want, what)` compares;
+    `check_shards()` (optional) runs after the plain parallel call, to check what this rank computed.
+    Returns the `ParallelGroups` and one process's output; the pipeline is left parallel, without a cache."""
+    want = run()
+    cache = pipe.enable_first_block_cache(threshold)["dit"]
+    want_cached, want_reused = run(), cache.skipped
+    pipe.disable_first_block_cache()
+
+    groups = pipe.enable_parallel(sequence=sequence, batch=batch)
+    assert (groups.sequence_size, groups.batch_size) == (sequence, batch), groups
+    close(run(), want, "parallel pipeline")
+    if check_shards is not None:
+        check_shards()
+    # the cache decides on every rank's part together: the same calls are reused as in one process
+    cache = pipe.enable_first_block_cache(threshold)["dit"]
+    got = run()
+    assert cache.skipped == want_reused and 0 < want_reused < cache.calls, (cache, want_reused)
+    close(got, want_cached, "parallel pipeline, first-block cache")
+    pipe.disable_first_block_cache()
+    return groups, want
