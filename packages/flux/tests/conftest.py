@@ -13,44 +13,22 @@ single files) derive the right config; everything else is tiny.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import string
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.modules import load_beside
 from diffsynth.runtime.testing.weights import random_weights
 
-
-def _load_helpers():
-    name = "diffsynth_flux_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+helpers = load_beside(__file__, "helpers.py", "diffsynth_flux_test_helpers")
 
 
-helpers = _load_helpers()
-
-
-def _load_flux2_repo():
-    name = "diffsynth_flux2_test_repo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("flux2_repo.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-flux2_repo = _load_flux2_repo()
+flux2_repo = load_beside(__file__, "flux2_repo.py", "diffsynth_flux2_test_repo")
 
 CAPTIONS = [
     "a red circle on a blue background",

@@ -4,24 +4,14 @@ model base once per session."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from diffsynth.runtime.testing.modules import load_beside
 
-def _load(name: str, filename: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ltx2_repo = _load("diffsynth_ltx2_test_repo", "ltx2_repo.py")
-_load("diffsynth_ltx2_release_checks", "release_checks.py")
+ltx2_repo = load_beside(__file__, "ltx2_repo.py", "diffsynth_ltx2_test_repo")
+load_beside(__file__, "release_checks.py", "diffsynth_ltx2_release_checks")
 
 
 @pytest.fixture(scope="session")

@@ -8,30 +8,18 @@ our `from_pretrained` and diffusers/transformers can load the same folder.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.modules import load_beside
 from diffsynth.runtime.testing.weights import random_weights
 
-
-def _load_test_dit():
-    """test_dit.py (where `tiny_config` and friends live) as the module `qwen_image_test_dit`, for other tests."""
-    name = "qwen_image_test_dit"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_dit.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_load_test_dit()
+# test_dit.py (where `tiny_config` and friends live) as a module other tests import
+load_beside(__file__, "test_dit.py", "qwen_image_test_dit")
 
 KEYS = Path(__file__).parent / "data" / "keys"
 

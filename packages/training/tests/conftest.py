@@ -3,24 +3,13 @@ the toy task and dataset writers from it), and a small image dataset."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from diffsynth.runtime.testing.modules import load_beside
 
-def _load_toy():
-    name = "diffsynth_training_toy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("toy.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-toy = _load_toy()
+toy = load_beside(__file__, "toy.py", "diffsynth_training_toy")
 
 
 @pytest.fixture
