@@ -8,9 +8,9 @@
 #   for p in runtime z-image flux qwen-image training; do uv build --wheel -q -o .devrun/wheels packages/$p; done
 #   python3 -m pip download -q --no-deps -d .devrun/wheels "diffusers==0.42.*"
 # Then: run(command="bash benchmarks/device_run.sh", carry=[".devrun"], timeout_s=600). Each step has its own
-# time limit; under $OUT come back summary.txt, log.txt (every step's output) and results.jsonl (the lines the
-# benchmarks added to benchmarks/results/), within the device's 8 files. bench_ltx2.py (about
-# 38 GB of weights) needs a call of its own: STEPS=ltx2 bash benchmarks/device_run.sh.
+# time limit (together 570 s); under $OUT come back summary.txt, log.txt (every step's output) and
+# results.jsonl (the lines the benchmarks added to benchmarks/results/), within the device's 8 files.
+# bench_ltx2.py (about 38 GB of weights) needs a call of its own: STEPS=ltx2 bash benchmarks/device_run.sh.
 #
 # DRY=1 PYTHON=.venv/bin/python OUT=/tmp/device-out bash benchmarks/device_run.sh runs the same flow on the
 # CPU with tiny models (no install, no GPU-only steps), to check the script itself.
@@ -60,9 +60,9 @@ if [ "$STEPS" = ltx2 ]; then
   bench bench_ltx2 540 bench_ltx2.py --steps 3 --warmup 1
 else
   if [ -z "${DRY:-}" ]; then
-    step test_vram_gpu 120 "$PYTHON" -m pytest packages/runtime/tests/test_vram_gpu.py -m gpu -q -p no:cacheprovider
+    step test_vram_gpu 90 "$PYTHON" -m pytest packages/runtime/tests/test_vram_gpu.py -m gpu -q -p no:cacheprovider
     step profile_fp8_matmul 60 "$PYTHON" benchmarks/profile_fp8_matmul.py
-    step bench_vram_offload 150 "$PYTHON" benchmarks/bench_vram_offload.py --steps 5 --warmup 2
+    step bench_vram_offload 120 "$PYTHON" benchmarks/bench_vram_offload.py --steps 5 --warmup 2
   fi
   bench bench_training 60 bench_training.py --steps 5 --warmup 2
   bench bench_flux 60 bench_flux.py --steps 5 --warmup 2
