@@ -353,6 +353,21 @@ def reference_pipeline(pipe, base: Path):
     )
 
 
+def conditioned_reference(pipe, base: Path, pipeline_class):
+    """A diffusers LTX-2 pipeline of `pipeline_class` (the condition or in-context one) with `pipe`'s weights, and
+    the 3 sigmas (1 down to 1/3, shift mu 2.05, terminal 0) both sides then run."""
+    import inspect
+
+    import numpy as np
+
+    components = reference_pipeline(pipe, base).components
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    reference = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=2.05)
+    return reference, reference.scheduler.sigmas.clone()
+
+
 def diffusers_call(num_frames: int, steps: int = 3, cfg: float = 3.0, audio_cfg: float = 5.0, seed: int = 3) -> dict:
     """What the conditioned parity tests pass to a diffusers LTX-2 pipeline besides their conditions: CAPTIONS[0]
     against CAPTIONS[3] at the tiny size and 24 fps, CFG without rescale, no STG or modality isolation (as our

@@ -3,8 +3,6 @@ tokens' positions against ltx-core's rule, the factor an IC-LoRA file declares, 
 
 from __future__ import annotations
 
-import inspect
-
 import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
 import numpy as np
 import pytest
@@ -42,12 +40,9 @@ def test_matches_diffusers_in_context_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, f
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
 
-    base = repo_module.reference_pipeline(tiny_ltx2_pipe, tiny_ltx2_base)
-    accepted = inspect.signature(diffusers.LTX2InContextPipeline.__init__).parameters
-    reference = diffusers.LTX2InContextPipeline(**{k: v for k, v in base.components.items() if k in accepted})
-    reference.set_progress_bar_config(disable=True)
-    reference.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=2.05)
-    sigmas = reference.scheduler.sigmas.clone()
+    reference, sigmas = repo_module.conditioned_reference(
+        tiny_ltx2_pipe, tiny_ltx2_base, diffusers.LTX2InContextPipeline
+    )
     control = control_video(4, (W // factor, H // factor))
     expected_frames, expected_audio = reference(
         reference_conditions=[LTX2ReferenceCondition(frames=control)],

@@ -47,11 +47,9 @@ def test_matches_diffusers_condition_pipeline(tiny_ltx2_base, tiny_ltx2_pipe, fi
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
-    base = repo_module.reference_pipeline(tiny_ltx2_pipe, tiny_ltx2_base)
-    reference = diffusers.LTX2ConditionPipeline(**base.components)
-    reference.set_progress_bar_config(disable=True)
-    reference.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=2.05)
-    sigmas = reference.scheduler.sigmas.clone()
+    reference, sigmas = repo_module.conditioned_reference(
+        tiny_ltx2_pipe, tiny_ltx2_base, diffusers.LTX2ConditionPipeline
+    )
     images, indexes = [picture(2)], [9]
     conditions = [LTX2VideoCondition(frames=picture(2), index=2, crf=0)]
     if first:

@@ -38,11 +38,9 @@ def test_matches_diffusers_condition_pipeline_with_the_kept_frames(tiny_ltx2_bas
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
-    base = repo_module.reference_pipeline(tiny_ltx2_pipe, tiny_ltx2_base)
-    reference = diffusers.LTX2ConditionPipeline(**base.components)
-    reference.set_progress_bar_config(disable=True)
-    reference.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=2.05)
-    sigmas = reference.scheduler.sigmas.clone()
+    reference, sigmas = repo_module.conditioned_reference(
+        tiny_ltx2_pipe, tiny_ltx2_base, diffusers.LTX2ConditionPipeline
+    )
     given = clip(5)
     expected_frames, expected_audio = reference(
         conditions=[LTX2VideoCondition(frames=given[:9], index=0, crf=0)],

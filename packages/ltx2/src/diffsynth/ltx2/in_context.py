@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 
 import torch
 from PIL import Image
 from safetensors import safe_open
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import load_image, load_video, pil_to_tensor
+from diffsynth.runtime.media import load_frames, pil_to_tensor
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import video_positions
@@ -56,15 +55,7 @@ def reference_frames(video, height: int, width: int, num_frames: int, temporal: 
     the longest `temporal`k + 1 of them (what the video VAE encodes), each fitted to `height` x `width`."""
     from .pipeline import fit_image
 
-    if isinstance(video, (str, os.PathLike)):
-        frames = load_video(video)
-    elif isinstance(video, Sequence) and not isinstance(video, str) and len(video) > 0:
-        frames = [load_image(frame) for frame in video]
-    else:
-        raise ConfigError(
-            "each in_context_videos entry must be a video file or a non-empty list of frames (PIL images or paths)"
-        )
-    frames = frames[:num_frames]
+    frames = load_frames(video, "each in_context_videos entry")[:num_frames]
     usable = (len(frames) - 1) // temporal * temporal + 1
     if usable != len(frames):
         logger.warning(

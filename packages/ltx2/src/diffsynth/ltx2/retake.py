@@ -9,14 +9,11 @@ is made for it (video-to-audio).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-
 import torch
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import load_image, load_video, pil_to_tensor
+from diffsynth.runtime.media import load_frames, pil_to_tensor
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import video_positions
@@ -24,12 +21,7 @@ from .dit import video_positions
 
 def retake_frames(video, num_frames: int) -> list[Image.Image]:
     """The first `num_frames` frames of the given video (a video file or a list of frames)."""
-    if isinstance(video, (str, os.PathLike)):
-        frames = load_video(video)
-    elif isinstance(video, Sequence) and len(video) > 0:
-        frames = [load_image(frame) for frame in video]
-    else:
-        raise ConfigError("retake_video must be a video file or a non-empty list of frames (PIL images or paths)")
+    frames = load_frames(video, "retake_video")
     if len(frames) < num_frames:
         raise ConfigError(f"retake_video has {len(frames)} frames; num_frames={num_frames} needs that many")
     return frames[:num_frames]

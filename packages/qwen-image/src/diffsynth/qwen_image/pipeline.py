@@ -22,7 +22,6 @@ first Edit shows it the 1024x1024 one (the `edit_template` default: "plus" or "e
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from PIL import Image
 from diffsynth.runtime.eligen import check_entity_inputs, entity_regions
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
-from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
@@ -47,13 +46,6 @@ SIGMA_TEMPLATES = {"qwen_image": "qwen_image", "lightning": "qwen_image_lightnin
 
 CONDITION_AREA = 384 * 384  # Edit-2509/2511: what the vision tower sees of each edit image
 EDIT_AREA = 1024 * 1024  # edit images' VAE size, and the default output size, for every Edit model
-
-
-def area_size(width: int, height: int, area: int) -> tuple[int, int]:
-    """(width, height) of about `area` pixels with the aspect ratio of `width x height`, multiples of 32."""
-    ratio = width / height
-    new_width = math.sqrt(area * ratio)
-    return round(new_width / 32) * 32, round(new_width / ratio / 32) * 32
 
 
 def pack(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:

@@ -8,6 +8,7 @@ work in; `tensor_to_output` turns them into what users asked for ("pil", "np" ch
 from __future__ import annotations
 
 import logging
+import math
 import os
 import wave
 from collections.abc import Sequence
@@ -43,6 +44,14 @@ def load_image(image: PathLike | Image.Image) -> Image.Image:
     path = _existing(image, "image")
     with Image.open(path) as opened:
         return opened.convert("RGB")
+
+
+def area_size(width: int, height: int, area: int) -> tuple[int, int]:
+    """(width, height) of about `area` pixels with the aspect ratio of `width x height`, multiples of 32 (the
+    size DiffSynth-Studio's edit pipelines resize images to)."""
+    ratio = width / height
+    new_width = math.sqrt(area * ratio)
+    return round(new_width / 32) * 32, round(new_width / ratio / 32) * 32
 
 
 def save_image(image: Image.Image, path: PathLike) -> None:
@@ -250,6 +259,16 @@ def load_video(
     if width is None:
         width = round(w0 * height / h0)
     return [f.resize((int(width), int(height)), Image.BICUBIC) for f in frames]
+
+
+def load_frames(video, what: str) -> list[Image.Image]:
+    """A video given as a file or as a non-empty list of frames (PIL images or paths), as RGB images;
+    anything else is refused naming `what` (the argument)."""
+    if isinstance(video, (str, os.PathLike)):
+        return load_video(video)
+    if isinstance(video, Sequence) and len(video) > 0:
+        return [load_image(frame) for frame in video]
+    raise ConfigError(f"{what} must be a video file or a non-empty list of frames (PIL images or paths)")
 
 
 # ----------------------------------------------------------------------------------- audio

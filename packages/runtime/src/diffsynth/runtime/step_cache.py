@@ -85,14 +85,25 @@ class _StepCache:
         self._states.clear()
         self._position = None
 
-    def _next_call(self) -> int | None:
-        """The position of the call now starting within its step; None when every block must run."""
+    def run(
+        self,
+        streams: Sequence[torch.Tensor],
+        first: Callable[[Streams], Streams],
+        rest: Callable[[Streams], Streams],
+        indicator: Indicator | None = None,
+    ) -> Streams:
+        """The block stack of one model call: every block outside a loop or with autograd recording, else
+        what the cache's rule (`_cached_call`) decides for the call's position in its step."""
+        streams = tuple(streams)
         if self._position is None or torch.is_grad_enabled():
-            return None
+            return tuple(rest(tuple(first(streams))))
         key = self._position
         self._position += 1
         self.calls += 1
-        return key
+        return self._cached_call(key, streams, first, rest, indicator)
+
+    def _cached_call(self, key: int, streams: Streams, first, rest, indicator) -> Streams:
+        raise NotImplementedError
 
 
 @dataclass
@@ -108,17 +119,7 @@ class FirstBlockCache(_StepCache):
         super().__init__()
         self.threshold = _check_threshold("first-block cache", threshold, "0.05 to 0.2")
 
-    def run(
-        self,
-        streams: Sequence[torch.Tensor],
-        first: Callable[[Streams], Streams],
-        rest: Callable[[Streams], Streams],
-        indicator: Indicator | None = None,
-    ) -> Streams:
-        streams = tuple(streams)
-        key = self._next_call()
-        if key is None:
-            return tuple(rest(tuple(first(streams))))
+    def _cached_call(self, key: int, streams: Streams, first, rest, indicator) -> Streams:
         head = tuple(first(streams))
         residual = head[0] - streams[0]
         state = self._states.get(key)
@@ -168,19 +169,9 @@ class TeaCache(_StepCache):
             value = value * change + c
         return value
 
-    def run(
-        self,
-        streams: Sequence[torch.Tensor],
-        first: Callable[[Streams], Streams],
-        rest: Callable[[Streams], Streams],
-        indicator: Indicator | None = None,
-    ) -> Streams:
+    def _cached_call(self, key: int, streams: Streams, first, rest, indicator) -> Streams:
         """`indicator()` gives this call's modulated input (only the rows this rank holds, padding left
         out); it is asked before any block runs."""
-        streams = tuple(streams)
-        key = self._next_call()
-        if key is None:
-            return tuple(rest(tuple(first(streams))))
         if indicator is None:
             raise ConfigError("TeaCache needs the model's modulated input, which this model does not give")
         now = indicator().detach()

@@ -27,7 +27,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
-from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.models.qwen3 import Qwen3TextEncoder
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
@@ -128,9 +128,7 @@ def reference_size(width: int, height: int) -> tuple[int, int]:
 def fit_to_area(image: Image.Image, area: int = REFERENCE_MAX_AREA) -> Image.Image:
     """DiffSynth-Studio's `edit_image_auto_resize`: about `area` pixels with the image's aspect, sides rounded to
     multiples of 32; scaled (bilinear) to cover that size, then cut at the centre (torchvision's rounding)."""
-    ratio = image.width / image.height
-    width = math.sqrt(area * ratio)
-    target_w, target_h = round(width / 32) * 32, round(width / ratio / 32) * 32
+    target_w, target_h = area_size(image.width, image.height, area)
     scale = max(target_w / image.width, target_h / image.height)
     image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
     top, left = int(round((image.height - target_h) / 2.0)), int(round((image.width - target_w) / 2.0))

@@ -133,6 +133,16 @@ def check_gradient_checkpointing(factory: Factory, args: Sequence, kwargs: dict 
         )
 
 
+def _record_blocks(model: nn.Module, blocks: Sequence[str]) -> tuple[list, list, list]:
+    """The modules of the block lists at `blocks`, the list their forward hooks append their index to, and
+    the hook handles."""
+    modules = [b for path in blocks for b in model.get_submodule(path)]
+    assert modules, f"no blocks under {list(blocks)}"
+    ran: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(modules)]
+    return modules, ran, hooks
+
+
 def _cache_loop(model: nn.Module, cache, steps: list[list[Sequence]], kwargs: dict | None, ran: list) -> tuple:
     """One denoising loop of `model` under `cache`: per step, the calls (`args` each) in order. Returns
     each call's outputs, the blocks `ran` recorded per step, and the cache (then removed from the model)."""
@@ -169,10 +179,7 @@ def check_first_block_cache(
     model = factory().eval()
     assert hasattr(model, "step_cache"), f"{type(model).__name__} has no step_cache attribute"
     assert model.step_cache is None, "the step cache must be off by default"
-    block_modules = [b for path in blocks for b in model.get_submodule(path)]
-    assert block_modules, f"no blocks under {list(blocks)}"
-    ran = []
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(block_modules)]
+    block_modules, ran, hooks = _record_blocks(model, blocks)
 
     def loop(threshold: float, steps: list[list[Sequence]]) -> tuple[list[list[list[torch.Tensor]]], list, Any]:
         return _cache_loop(model, FirstBlockCache(threshold), steps, kwargs, ran)
@@ -229,10 +236,7 @@ def check_tea_cache(
     table = getattr(model, "tea_cache_coefficients", None)
     assert isinstance(table, dict) and table, f"{type(model).__name__} declares no tea_cache_coefficients"
     assert all(len(c) >= 1 and all(isinstance(v, float) for v in c) for c in table.values()), table
-    block_modules = [b for path in blocks for b in model.get_submodule(path)]
-    assert block_modules, f"no blocks under {list(blocks)}"
-    ran = []
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(block_modules)]
+    block_modules, ran, hooks = _record_blocks(model, blocks)
     every, head = list(range(len(block_modules))), list(range(indicator_blocks))
 
     def loop(threshold: float, steps: list[Sequence]) -> tuple[list[list[torch.Tensor]], list, Any]:
