@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffsynth.runtime.controlnet import ControlNetInput, acts_at
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
@@ -88,29 +89,6 @@ class KontextLatents:
 
 
 @dataclass
-class ControlNetInput:
-    """One control for `FluxImagePipeline(controlnet_inputs=[...])`.
-
-    `image` is the control image as the net expects it (a canny/depth/pose map, the low-resolution
-    image for an upscaler, the image to inpaint; no annotator is run), resized to the output size.
-    `scale` multiplies the net's residuals; `start` / `end` are the fractions of the denoising steps
-    where it acts (diffusers' `control_guidance_start/end`: step i of n runs when
-    `start <= i / n` and `(i + 1) / n <= end`). `processor_id` is the control mode of a union net
-    (a `UNION_MODES` name such as "canny" or "depth", or its index); other nets ignore it.
-    `inpaint_mask` (white = repaint) is needed by inpainting nets (alimama). `controlnet_id` picks
-    the loaded ControlNet (in load order); several inputs may share one net.
-    """
-
-    image: Image.Image | str | os.PathLike | None = None
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    processor_id: str | int | None = None
-    inpaint_mask: Image.Image | str | os.PathLike | None = None
-    controlnet_id: int = 0
-
-
-@dataclass
 class ControlCondition:
     """A control prepared for the denoiser: the net, its packed condition tokens `[1 or B, N, C]`, the
     union mode (None for other nets), its scale and the fractions of the steps where it acts."""
@@ -123,7 +101,7 @@ class ControlCondition:
     end: float = 1.0
 
     def active(self, step: int, steps: int) -> bool:
-        return not (step / steps < self.start or (step + 1) / steps > self.end)
+        return acts_at(self.start, self.end, step, steps)
 
 
 class Flux1ControlNets(torch.nn.Module):
@@ -829,6 +807,10 @@ class FluxImagePipeline(BasePipeline):
                 )
             if item.image is None:
                 raise ConfigError(f"{where}.image is missing: give the control image")
+            if item.inpaint_image is not None:
+                raise ConfigError(
+                    f"{where}.inpaint_image is not read by FLUX.1 ControlNets: an inpainting net repaints `image`"
+                )
             net = nets[cid]
             image = load_image(item.image).resize((width, height), Image.LANCZOS)
             if net.takes_mask:
