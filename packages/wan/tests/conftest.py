@@ -169,7 +169,8 @@ def tiny_clip(seed: int = 4):
 
 # ----------------------------------------------------------------------------------------- tiny repos
 def _save_dit(folder: Path, kind: str, z_dim: int, seed: int, image_dim: int | None = None) -> None:
-    """A tiny DiT in the original layout with the authors' style `config.json`."""
+    """A tiny DiT in the original layout with the authors' style `config.json` ("vace": a T2V DiT with
+    control blocks after both layers, written as the authors' `VaceWanModel` config)."""
     from safetensors.torch import save_file
 
     from diffsynth.wan.dit import WanDiT, WanDiTConfig
@@ -177,12 +178,16 @@ def _save_dit(folder: Path, kind: str, z_dim: int, seed: int, image_dim: int | N
     fields = dict(TINY_DIT, in_dim=z_dim, out_dim=z_dim, text_dim=TINY_UMT5["d_model"], model_type=kind)
     if kind == "i2v":
         fields.update(in_dim=2 * z_dim + 4, has_image_input=image_dim is not None, image_dim=image_dim or 1280)
+    if kind == "vace":
+        fields.update(model_type="t2v", vace_layers=(0, 1), vace_in_dim=2 * z_dim + 64)
     model = randomize(WanDiT(WanDiTConfig(**fields)), seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "diffusion_pytorch_model.safetensors")
     )
     config_json = {"_class_name": "WanModel", **{k: v for k, v in fields.items() if k != "has_image_input"}}
+    if kind == "vace":
+        config_json.update(_class_name="VaceWanModel", model_type="vace", vace_layers=list(fields["vace_layers"]))
     config_json["patch_size"] = [1, 2, 2]
     (folder / "config.json").write_text(json.dumps(config_json, indent=2))
 
@@ -197,7 +202,8 @@ def _save_vae(root: Path, fields: dict, seed: int) -> None:
 
 def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
     """`kind`: "t2v" (Wan2.1-T2V), "i2v" (Wan2.1-I2V, with CLIP), "a14b" (Wan2.2-T2V-A14B experts),
-    "i2v_a14b" (Wan2.2-I2V-A14B: y channels, no CLIP), "ti2v" (Wan2.2-TI2V-5B with the 2.2 VAE)."""
+    "i2v_a14b" (Wan2.2-I2V-A14B: y channels, no CLIP), "ti2v" (Wan2.2-TI2V-5B with the 2.2 VAE), "vace"
+    (Wan2.1-VACE: a T2V DiT with the control branch)."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_umt5_tokenizer(root / TOKENIZER_DIR)
     torch.save(umt5_to_original(tiny_umt5(len(tokenizer)).state_dict()), root / T5_FILE)
@@ -206,8 +212,8 @@ def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
         _save_dit(root, "ti2v", z_dim=48, seed=1)
         return root
     _save_vae(root, TINY_VAE, seed=2)
-    if kind == "t2v":
-        _save_dit(root, "t2v", z_dim=16, seed=1)
+    if kind in ("t2v", "vace"):
+        _save_dit(root, kind, z_dim=16, seed=1)
     elif kind == "i2v":
         _save_dit(root, "i2v", z_dim=16, seed=1, image_dim=TINY_CLIP["hidden_size"])
         torch.save(clip_to_original(tiny_clip().state_dict()), root / CLIP_FILE)

@@ -2,7 +2,7 @@
 give what one process gives, which every rank also computes for itself.
 
 `sequence`: the video tokens are divided (an odd count, so one rank holds padding), with per-token timesteps,
-I2V channels and CLIP keys on a bare DiT, and through the Wan 2.2 A14B pipeline (both experts) with and without
+I2V channels and CLIP keys on a bare DiT, with VACE control tokens on a bare VACE DiT, and through the Wan 2.2 A14B pipeline (both experts) with and without
 the first-block cache. `batch`: the positive and negative halves of a CFG step are divided (the pipeline merges
 them into one call), on the same pipeline and on a bare DiT with per-token timesteps.
 """
@@ -74,6 +74,25 @@ def check_dit(sequence: int, batch: int) -> None:
     assert seen == [(2 // batch, -(-TOKENS // sequence))] * 2, seen
 
 
+def check_vace_dit(sequence: int, batch: int) -> None:
+    """A VACE DiT: the control tokens are divided like the video tokens (a control one frame short, so its
+    last frame's tokens are zeros that span the ranks' boundary), per-layer scales."""
+    config = WanDiTConfig(
+        dim=32, ffn_dim=64, num_heads=2, num_layers=3, freq_dim=32, text_len=16, in_dim=8, out_dim=8, text_dim=24,
+        vace_layers=(0, 2), vace_in_dim=12,
+    )  # fmt: skip
+    model = random_weights(WanDiT(config), 0, scale=0.2).eval()
+    x, _, context, _, _ = dit_inputs(model)
+    control = torch.randn(2, 12, 2, 6, 6, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([700.0, 300.0])
+    with torch.no_grad():
+        want = model(x, t, context, vace_context=control, vace_scale=(0.5, 1.5))
+        seen = record_inputs(model.vace_blocks[1])
+        model.parallel = init_parallel(sequence, batch)
+        close(model(x, t, context, vace_context=control, vace_scale=(0.5, 1.5)), want)
+    assert seen == [(2 // batch, -(-TOKENS // sequence))], seen
+
+
 # ----------------------------------------------------------------------------------------- pipeline
 def check_pipeline(repo: str, sequence: int, batch: int) -> None:
     pipe = WanVideoPipeline.from_pretrained(repo, torch_dtype="float32", device="cpu")
@@ -115,6 +134,7 @@ def main(repo: str, mode: str) -> None:
     sequence, batch = {"sequence": (2, 1), "batch": (1, 2)}[mode]
     check_pipeline(repo, sequence, batch)
     check_dit(sequence, batch)
+    check_vace_dit(sequence, batch)
 
 
 if __name__ == "__main__":

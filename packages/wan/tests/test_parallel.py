@@ -1,6 +1,7 @@
 """Multi-rank sampling (`enable_parallel`) of Wan over CPU ranks (gloo) equals one process: the video tokens
 divided (Ulysses, an odd count with padding, per-token timesteps), the CFG batch divided, through the A14B
-pipeline (both experts) with and without the first-block cache, and on a bare I2V DiT (see parallel_worker.py)."""
+pipeline (both experts) with and without the first-block cache, and on bare I2V and VACE DiTs (see
+parallel_worker.py)."""
 
 from __future__ import annotations
 

@@ -497,6 +497,7 @@ def test_cli_tea_cache_flags(tiny_repo, tmp_path, caplog, capsys):
         ("i2v", "Wan-AI/Wan2.1-I2V-14B-480P"),
         ("a14b", "Wan-AI/Wan2.2-T2V-A14B"),
         ("ti2v", "Wan-AI/Wan2.2-TI2V-5B"),
+        ("vace", "Wan-AI/Wan2.1-VACE-1.3B"),
     ],
 )
 def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path, monkeypatch, kind, preset):
@@ -511,7 +512,8 @@ def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path,
     pipe = WanVideoPipeline.from_pretrained(preset, torch_dtype="float32", device="cpu")
     assert pipe.tokenizer is not None and (pipe.dit2 is not None) == (kind == "a14b")
     assert (pipe.image_encoder is not None) == (kind == "i2v")
-    assert pipe.defaults["num_inference_steps"] == {"t2v": 50, "i2v": 40, "a14b": 40, "ti2v": 50}[kind]
+    assert pipe.defaults["num_inference_steps"] == {"t2v": 50, "i2v": 40, "a14b": 40, "ti2v": 50, "vace": 50}[kind]
+    assert bool(pipe.dit.config.vace_layers) == (kind == "vace")
 
 
 def test_presets_are_data_with_the_authors_defaults():
@@ -526,6 +528,8 @@ def test_presets_are_data_with_the_authors_defaults():
             "Wan2.1-I2V-14B-480P",
             "Wan2.1-I2V-14B-720P",
             "Wan2.1-FLF2V-14B-720P",
+            "Wan2.1-VACE-1.3B",
+            "Wan2.1-VACE-14B",
             "Wan2.2-TI2V-5B",
             "Wan2.2-T2V-A14B",
             "Wan2.2-I2V-A14B",
@@ -539,6 +543,11 @@ def test_presets_are_data_with_the_authors_defaults():
     assert (a14b.defaults["sigma_shift"], a14b.defaults["cfg_scale"], a14b.defaults["cfg_scale_2"]) == (12.0, 4.0, 3.0)
     assert presets["Wan-AI/Wan2.2-I2V-A14B"].defaults["switch_DiT_boundary"] == 0.9
     assert presets["Wan-AI/Wan2.1-I2V-14B-480P"].defaults["sigma_shift"] == 3.0
+    assert (
+        presets["Wan-AI/Wan2.1-VACE-1.3B"].defaults["sigma_shift"]
+        == presets["Wan-AI/Wan2.1-VACE-14B"].defaults["sigma_shift"]
+        == 16.0
+    )
     ti2v = presets["Wan-AI/Wan2.2-TI2V-5B"].defaults
     assert (ti2v["num_frames"], ti2v["height"], ti2v["width"]) == (121, 704, 1280)
     assert all(p.tokenizer.origin_file_pattern == "google/umt5-xxl/" for p in presets.values())

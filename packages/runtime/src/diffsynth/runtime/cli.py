@@ -55,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="video-to-video with --denoising-strength (Wan); video-to-audio, the video kept (LTX-2's retake_video)",
     )
     gen.add_argument(
+        "--vace-video", default=None, help="VACE (Wan): the control video (a pose, depth or edge video, or one to edit)"
+    )
+    gen.add_argument(
+        "--vace-mask",
+        default=None,
+        help="VACE (Wan): a mask video, or one image for every frame; white = generate, black = keep --vace-video",
+    )
+    gen.add_argument(
+        "--vace-reference-image",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help="VACE (Wan): an image of a subject or background to put in the video (repeatable)",
+    )
+    gen.add_argument("--vace-scale", type=float, default=None, help="VACE (Wan): weight of the control (default 1)")
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -232,6 +248,10 @@ def _generate(args) -> int:
         "num_inference_steps": args.steps,
         "input_image": args.input_image,
         "retake_audio": args.input_audio,
+        "vace_video": args.vace_video,
+        "vace_video_mask": args.vace_mask,
+        "vace_reference_image": args.vace_reference_image,
+        "vace_scale": args.vace_scale,
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
@@ -246,6 +266,7 @@ def _generate(args) -> int:
     for name in options:
         if name not in accepted:
             renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
+            renamed["vace_video_mask"] = "vace_mask"
             renamed["retake_video"] = "input_video"
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")

@@ -6,6 +6,13 @@ all heads), cross-attention to the UMT5 text (and, for Wan 2.1 I2V, a second key
 CLIP image tokens) and a GELU feed-forward. Self-attention and feed-forward are modulated by the
 timestep (shift, scale, gate); cross-attention is not.
 
+VACE models (Wan2.1-VACE-1.3B / 14B) add a control branch in the same file: `vace_patch_embedding`
+embeds the 96-channel control context (the latents of the kept and the repainted video, the mask
+folded to 64 channels) and `vace_blocks`, one Wan block per layer in `vace_layers`, turn it into
+hints added to the residual stream after those layers, scaled by `vace_scale`. Each control block
+runs right after its main layer (the branch depends only on the DiT's input), so the hints are
+never all held at once and a step cache that skips the main blocks skips the branch too.
+
 Module names equal the ORIGINAL Wan checkpoints (`blocks.N.self_attn.q`, `head.head`, ...), which
 is what the official hub repos hold even though their files carry diffusers-style names.
 
@@ -76,9 +83,12 @@ class WanDiTConfig:
     model_type: str = "t2v"
     rope_theta: float = 10000.0
     rope_max_len: int = 1024
+    vace_layers: tuple[int, ...] = ()  # VACE: main layers followed by a control hint (first must be 0)
+    vace_in_dim: int = 96  # VACE control context channels: 16 kept + 16 repainted latent + 64 mask
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.vace_layers = tuple(int(i) for i in self.vace_layers)
         for name in ("dim", "ffn_dim", "num_heads", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -112,6 +122,15 @@ class WanDiTConfig:
             raise ValueError(f"WanDiTConfig.eps={self.eps!r} must be positive")
         if self.rope_theta <= 0:
             raise ValueError(f"WanDiTConfig.rope_theta={self.rope_theta!r} must be positive")
+        if self.vace_layers:
+            layers = self.vace_layers
+            if layers[0] != 0 or list(layers) != sorted(set(layers)) or layers[-1] >= self.num_layers:
+                raise ValueError(
+                    f"WanDiTConfig.vace_layers={layers} must be increasing, start at 0 and stay below "
+                    f"num_layers={self.num_layers}"
+                )
+            if isinstance(self.vace_in_dim, bool) or not isinstance(self.vace_in_dim, int) or self.vace_in_dim < 1:
+                raise ValueError(f"WanDiTConfig.vace_in_dim={self.vace_in_dim!r} must be a positive integer")
 
     @property
     def head_dim(self) -> int:
@@ -276,6 +295,27 @@ class ImageEmbedding(nn.Module):
         return norm_out(h).to(dtype)
 
 
+class VaceBlock(WanBlock):
+    """A block of the VACE control branch: a Wan block over the control stream `c`, whose output
+    projection `after_proj` is the hint for the main stream. The first one also projects the
+    embedded control context (`before_proj`) and adds the DiT's embedded input to it."""
+
+    def __init__(self, config: WanDiTConfig, first: bool):
+        super().__init__(config)
+        self.before_proj = nn.Linear(config.dim, config.dim) if first else None
+        self.after_proj = nn.Linear(config.dim, config.dim)
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor | None, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """`c` `[B, S, dim]` float32 control stream (the embedded context for the first block), `x` the
+        DiT's embedded input (first block only); `args` as `WanBlock.forward` after `x`. Returns the
+        new control stream and the hint, both float32."""
+        dtype = args[2].dtype  # the text context: the dtype the linear layers run in
+        if self.before_proj is not None:
+            c = self.before_proj(c.to(dtype)).float() + x
+        c = super().forward(c, *args)
+        return c, self.after_proj(c.to(dtype)).float()
+
+
 def tea_cache_indicator(e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """TeaCache's indicator: the modulation table `[U, 6, dim]`, each row weighted by how many samples or
     tokens use it, so its relative change equals that of the per-token table DiffSynth-Studio compares."""
@@ -283,11 +323,30 @@ def tea_cache_indicator(e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return e * counts[:, None, None]
 
 
+class _VaceBranch:
+    """One forward's VACE control stream: `add_hint(block, x_in, x_out)` runs the control block of a
+    main layer listed in `vace_layers` (the first one from that layer's input) and adds its hint."""
+
+    def __init__(self, dit: WanDiT, control: torch.Tensor, scales: tuple[float, ...], shared: tuple):
+        self.dit, self.control, self.shared = dit, control, shared
+        self.scales = scales
+        self.index = {id(dit.blocks[layer]): n for n, layer in enumerate(dit.config.vace_layers)}
+
+    def add_hint(self, block: nn.Module, x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+        n = self.index.get(id(block))
+        if n is None:
+            return x_out
+        self.control, hint = self.dit._run(
+            self.dit.vace_blocks[n], self.control, x_in if n == 0 else None, *self.shared
+        )
+        return x_out + hint * self.scales[n]
+
+
 class WanDiT(nn.Module):
     """Wan DiT. `forward(x [B,C,F,H,W], timestep [B] | [B,tokens], context [B,L,text_dim],
     clip_feature=None, y=None) -> [B, out_dim, F, H, W]`."""
 
-    offload_units = ("blocks",)
+    offload_units = ("blocks",)  # with VACE, per instance: ("blocks", "vace_blocks")
     compile_units = ("blocks",)
     lora_target_modules = ("q", "k", "v", "o", "ffn.0", "ffn.2")
     tea_cache_coefficients = TEA_CACHE_COEFFICIENTS
@@ -309,6 +368,13 @@ class WanDiT(nn.Module):
         self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
         if config.has_image_input:
             self.img_emb = ImageEmbedding(config.image_dim, dim, config.image_pos_len)
+        if config.vace_layers:
+            self.vace_blocks = nn.ModuleList(VaceBlock(config, first=n == 0) for n in range(len(config.vace_layers)))
+            self.vace_patch_embedding = nn.Conv3d(
+                config.vace_in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
+            )
+            self.offload_units = ("blocks", "vace_blocks")
+            self.compile_units = ("blocks", "vace_blocks")
         self.rope = MultiAxisRope(config.rope_theta, config.rope_axes_dims, (config.rope_max_len,) * 3)
 
     # ------------------------------------------------------------------ forward
@@ -319,6 +385,8 @@ class WanDiT(nn.Module):
         context: torch.Tensor,
         clip_feature: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        vace_context: torch.Tensor | None = None,
+        vace_scale: float | tuple[float, ...] = 1.0,
     ) -> torch.Tensor:
         """Velocity prediction for latents `x` `[B, C, F, H, W]`; computation runs in `x.dtype`.
 
@@ -328,11 +396,17 @@ class WanDiT(nn.Module):
         to `text_len` as the authors do (the padding is attended, so it changes the result).
         `clip_feature` `[B, N, image_dim]` is required exactly when `has_image_input`; `y` (I2V
         conditioning) is concatenated to `x` on channels before the patch embedding.
+        `vace_context` `[B, vace_in_dim, F', H, W]` (VACE models; `F' <= F`, the missing frames count
+        as zeros) drives the control branch; `vace_scale` multiplies its hints (one number, or one per
+        entry of `vace_layers`).
 
         Under parallelism (`self.parallel`) the samples are divided over the batch ranks and the video
         tokens over the sequence ranks (the text and CLIP keys stay whole).
         """
-        return batch_parallel(self.parallel, x.shape[0], self._forward, x, timestep, context, clip_feature, y)
+        scales = self._vace_scales(vace_context, vace_scale)
+        return batch_parallel(
+            self.parallel, x.shape[0], self._forward, x, timestep, context, clip_feature, y, vace_context, scales
+        )
 
     def _forward(
         self,
@@ -341,6 +415,8 @@ class WanDiT(nn.Module):
         context: torch.Tensor,
         clip_feature: torch.Tensor | None,
         y: torch.Tensor | None,
+        vace_context: torch.Tensor | None,
+        vace_scales: tuple[float, ...],
     ) -> torch.Tensor:
         cfg = self.config
         if y is not None:
@@ -357,6 +433,7 @@ class WanDiT(nn.Module):
         context = self.text_embedding(F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1])))
         context_img = self.img_emb(clip_feature, dtype) if cfg.has_image_input else None
         rope = self._rope(grid, device)
+        control = self._vace_tokens(vace_context, seq, grid, dtype) if vace_context is not None else None
 
         # sequence parallelism: each rank runs the blocks on its share of the video tokens (with their
         # RoPE rows and, for per-token timesteps, their modulation rows); the text stays whole
@@ -366,17 +443,55 @@ class WanDiT(nn.Module):
                 tokens, token_rope = shards.shard(seq), (shards.shard(rope[0]), shards.shard(rope[1]))
                 token_index = shards.shard(index) if index.shape[1] == seq.shape[1] else index
                 mask = shards.key_mask(None, b, device)
+                control = shards.shard(control) if control is not None else None
+            shared = (e, token_index, context, context_img, token_rope, mask)
+            branch = _VaceBranch(self, control, vace_scales, shared) if control is not None else None
+
+            def call(block: nn.Module, s: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+                out = self._run(block, s[0], *shared)
+                return (branch.add_hint(block, s[0], out) if branch is not None else out,)
+
             (tokens,) = run_block_list(
-                self.step_cache,
-                self.blocks,
-                (tokens,),
-                lambda block, s: (self._run(block, s[0], e, token_index, context, context_img, token_rope, mask),),
-                lambda: tea_cache_indicator(e, index),
+                self.step_cache, self.blocks, (tokens,), call, lambda: tea_cache_indicator(e, index)
             )
             seq = shards.gather(tokens) if shards is not None else tokens
 
         out = self.head(seq, temb.float(), index, dtype)
         return self._unpatchify(out, grid)
+
+    def _vace_scales(self, vace_context: torch.Tensor | None, vace_scale) -> tuple[float, ...]:
+        n = len(self.config.vace_layers)
+        if vace_context is None:
+            return ()
+        if not n:
+            raise ValueError("vace_context was given but this Wan DiT has no VACE blocks (vace_layers is empty)")
+        if isinstance(vace_scale, torch.Tensor):
+            vace_scale = vace_scale.tolist()
+        scales = [vace_scale] * n if isinstance(vace_scale, (int, float)) else list(vace_scale)
+        if len(scales) != n or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in scales):
+            raise ValueError(f"vace_scale={vace_scale!r} must be a number or {n} numbers (one per VACE layer)")
+        return tuple(float(v) for v in scales)
+
+    def _vace_tokens(
+        self, vace_context: torch.Tensor, seq: torch.Tensor, grid: tuple[int, int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The embedded control context `[B, S, dim]` float32, zero tokens after its last frame."""
+        cfg = self.config
+        c = vace_context
+        if c.dim() != 5 or c.shape[0] != seq.shape[0] or c.shape[1] != cfg.vace_in_dim:
+            raise ValueError(
+                f"vace_context has shape {tuple(c.shape)}; expected [{seq.shape[0]}, vace_in_dim={cfg.vace_in_dim}, "
+                "F, H, W]"
+            )
+        pt, ph, pw = cfg.patch_size
+        if c.shape[3] != grid[1] * ph or c.shape[4] != grid[2] * pw or c.shape[2] > grid[0] * pt or c.shape[2] % pt:
+            raise ValueError(
+                f"vace_context has shape {tuple(c.shape)}; its (H, W) must equal the latents' "
+                f"{(grid[1] * ph, grid[2] * pw)} and its frames be at most {grid[0] * pt}"
+            )
+        tokens = self.vace_patch_embedding(c.to(dtype))
+        tokens = tokens.flatten(2).transpose(1, 2).float()
+        return F.pad(tokens, (0, 0, 0, seq.shape[1] - tokens.shape[1]))
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -28,7 +28,7 @@ from .dit import WanDiT, WanDiTConfig
 PREFIX = "model.diffusion_model."
 HEAD_DIM = 128  # every released Wan DiT; heads are not visible in the shapes
 FLF2V_CLIP_TOKENS = 2 * 257  # first- and last-frame CLIP tokens, each with a learned position
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_KEY = re.compile(r"^(blocks|vace_blocks)\.(\d+)\.(.+)$")
 
 # ----------------------------------------------------------------------------------- diffusers names
 # Module paths, diffusers -> ours; `.weight` / `.bias` are appended below.
@@ -44,6 +44,7 @@ _DIFFUSERS_TOP_MODULES = {
     "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
     "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
     "proj_out": "head.head",
+    "vace_patch_embedding": "vace_patch_embedding",
 }
 _DIFFUSERS_BLOCK_MODULES = {
     "attn1.to_q": "self_attn.q",
@@ -65,15 +66,18 @@ _DIFFUSERS_BLOCK_MODULES = {
     "ffn.net.0.proj": "ffn.0",
     "ffn.net.2": "ffn.2",
 }
+# VACE control blocks: a main block's modules plus their input / output projections.
+_DIFFUSERS_VACE_BLOCK_MODULES = {**_DIFFUSERS_BLOCK_MODULES, "proj_in": "before_proj", "proj_out": "after_proj"}
 # Full key templates, diffusers -> ours; `{}` is the block index.
 DIFFUSERS_TO_OURS: dict[str, str] = {
     "scale_shift_table": "head.modulation",
     "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",
-    "blocks.{}.scale_shift_table": "blocks.{}.modulation",
+    **{f"{group}.{{}}.scale_shift_table": f"{group}.{{}}.modulation" for group in ("blocks", "vace_blocks")},
     **{f"{src}.{p}": f"{dst}.{p}" for src, dst in _DIFFUSERS_TOP_MODULES.items() for p in ("weight", "bias")},
     **{
-        f"blocks.{{}}.{src}.{p}": f"blocks.{{}}.{dst}.{p}"
-        for src, dst in _DIFFUSERS_BLOCK_MODULES.items()
+        f"{group}.{{}}.{src}.{p}": f"{group}.{{}}.{dst}.{p}"
+        for group, table in (("blocks", _DIFFUSERS_BLOCK_MODULES), ("vace_blocks", _DIFFUSERS_VACE_BLOCK_MODULES))
+        for src, dst in table.items()
         for p in ("weight", "bias")
     },
 }
@@ -86,7 +90,7 @@ def _template(key: str) -> tuple[str, list[int]]:
     m = _BLOCK_KEY.match(key)
     if m is None:
         return key, []
-    return f"blocks.{{}}.{m.group(2)}", [int(m.group(1))]
+    return f"{m.group(1)}.{{}}.{m.group(3)}", [int(m.group(2))]
 
 
 def _rename(state: dict[str, torch.Tensor], table: dict[str, str], ignored: frozenset, what: str):
@@ -141,8 +145,18 @@ _OWNS_ORIGINAL = (
     "blocks.",
     "head.",
     "img_emb.",
+    "vace_blocks.",
+    "vace_patch_embedding.",
 )
-_OWNS_DIFFUSERS = ("patch_embedding.", "condition_embedder.", "blocks.", "scale_shift_table", "proj_out.")
+_OWNS_DIFFUSERS = (
+    "patch_embedding.",
+    "condition_embedder.",
+    "blocks.",
+    "scale_shift_table",
+    "proj_out.",
+    "vace_blocks.",
+    "vace_patch_embedding.",
+)
 
 LAYOUTS = (
     KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
@@ -167,6 +181,8 @@ _ORIGINAL_JSON = (  # WanModel config.json fields with the same name and meaning
     "patch_size",
     "has_image_input",  # not written by the authors; accepted so a json alone can describe Wan2.2-I2V
     "image_dim",  # likewise (the authors fix the CLIP width at 1280)
+    "vace_layers",  # VACE (`"model_type": "vace"`)
+    "vace_in_dim",
 )
 _DIFFUSERS_JSON = {  # WanTransformer3DModel config.json -> ours
     "num_attention_heads": "num_heads",
@@ -180,7 +196,12 @@ _DIFFUSERS_JSON = {  # WanTransformer3DModel config.json -> ours
     "patch_size": "patch_size",
     "rope_max_seq_len": "rope_max_len",
     "pos_embed_seq_len": "image_pos_len",
+    "vace_layers": "vace_layers",  # WanVACETransformer3DModel
+    "vace_in_channels": "vace_in_dim",
 }
+
+
+_DIFFUSERS_CLASSES = ("WanTransformer3DModel", "WanVACETransformer3DModel")
 
 
 def _check_supported(config_json: dict) -> None:
@@ -197,7 +218,7 @@ def _check_supported(config_json: dict) -> None:
 
 def _fields_from_json(config_json: dict) -> dict:
     _check_supported(config_json)
-    diffusers = config_json.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config_json
+    diffusers = config_json.get("_class_name") in _DIFFUSERS_CLASSES or "num_attention_heads" in config_json
     if not diffusers:
         given = {name: config_json[name] for name in _ORIGINAL_JSON if config_json.get(name) is not None}
     else:
@@ -210,15 +231,19 @@ def _fields_from_json(config_json: dict) -> dict:
                 given["image_dim"] = config_json["image_dim"]
     if "patch_size" in given:
         given["patch_size"] = tuple(int(p) for p in given["patch_size"])
+    if "vace_layers" in given:
+        given["vace_layers"] = tuple(int(i) for i in given["vace_layers"])
+    if given.get("model_type") == "vace":  # a text-to-video DiT with the control branch
+        given["model_type"] = "t2v"
     if given.get("model_type") == "flf2v":  # the authors' label; conditioned like I2V, plus CLIP positions
         given["model_type"] = "i2v"
         given.setdefault("image_pos_len", FLF2V_CLIP_TOKENS)
     return given
 
 
-def _count_blocks(state: StateDict) -> int:
+def _count_blocks(state: StateDict, group: str = "blocks") -> int:
     n = 0
-    while f"blocks.{n}.modulation" in state:
+    while f"{group}.{n}.modulation" in state:
         n += 1
     return n
 
@@ -242,7 +267,25 @@ def _fields_from_shapes(state: StateDict) -> dict:
         fields["image_dim"] = int(state["img_emb.proj.1.weight"].shape[1])
     if "img_emb.emb_pos" in state:
         fields["image_pos_len"] = int(state["img_emb.emb_pos"].shape[1])
+    if "vace_patch_embedding.weight" in state:
+        fields["vace_in_dim"] = int(state["vace_patch_embedding.weight"].shape[1])
     return fields
+
+
+def _vace_layers(state: StateDict, merged: dict) -> None:
+    """The shapes fix how many control blocks there are, not which layers they follow: a json's
+    `vace_layers` must have that many; without one, the released DiTs' even spacing from layer 0
+    (every 2nd layer of 30 in VACE-1.3B, every 5th of 40 in VACE-14B) is assumed."""
+    count = _count_blocks(state, "vace_blocks")
+    given = merged.get("vace_layers")
+    if given is not None and len(given) != count:
+        raise ConfigError(
+            f"Wan DiT config.json says vace_layers={list(given)} ({len(given)} layers) but the checkpoint has "
+            f"{count} vace_blocks"
+        )
+    if given is None and count:
+        step = max(1, merged["num_layers"] // count)
+        merged["vace_layers"] = tuple(range(0, step * count, step))
 
 
 def _guess_model_type(fields: dict) -> str:
@@ -266,7 +309,9 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> WanD
     """
     given = _fields_from_json(config_json) if config_json else {}
     merged = merge_fields("Wan DiT", given, _fields_from_shapes(state) if state else {})
-    if not state:
+    if state:
+        _vace_layers(state, merged)
+    else:
         merged.setdefault("has_image_input", merged.get("model_type") == "i2v")
     merged.setdefault("model_type", _guess_model_type(merged))
     if "num_heads" not in merged and "dim" in merged:

@@ -13,6 +13,9 @@ How each DiT is conditioned follows its `model_type` (the authors' label):
   of the given frames (`has_image_input`);
 - "ti2v" (Wan2.2-TI2V-5B): an optional first frame replaces the first latent frame, which is given
   timestep 0 token by token and restored after every step.
+
+VACE DiTs (text-to-video with a control branch) also take `vace_video` / `vace_video_mask` /
+`vace_reference_image` (see `vace.py`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from diffsynth.runtime.vram import module_dtype
 
 from .image_encoder import encode_image
 from .text_encoder import encode_prompts
+from .vace import VaceControl, prepare_vace
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +50,14 @@ MASK_CHANNELS = 4  # the I2V mask: one channel per frame folded into each latent
 @dataclass
 class WanConditions:
     """What a denoiser call needs besides latents and timestep: text states `[B, 512, 4096]`, CLIP
-    features `[B, 257 or 514, 1280]` (Wan 2.1 I2V / FLF2V) and the I2V channels `y`."""
+    features `[B, 257 or 514, 1280]` (Wan 2.1 I2V / FLF2V), the I2V channels `y`, and a VACE DiT's
+    control context `[B, 96, F, H, W]` with its scale."""
 
     context: torch.Tensor
     clip_feature: torch.Tensor | None = None
     y: torch.Tensor | None = None
+    vace_context: torch.Tensor | None = None
+    vace_scale: float | tuple[float, ...] = 1.0
 
 
 def wan_velocity(
@@ -60,6 +67,8 @@ def wan_velocity(
     context: torch.Tensor,
     clip_feature: torch.Tensor | None = None,
     y: torch.Tensor | None = None,
+    vace_context: torch.Tensor | None = None,
+    vace_scale: float | tuple[float, ...] = 1.0,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) predicted by a Wan DiT, in float32.
 
@@ -73,6 +82,7 @@ def wan_velocity(
         context.to(dtype),
         clip_feature=None if clip_feature is None else clip_feature.to(dtype),
         y=None if y is None else y.to(dtype),
+        **({} if vace_context is None else {"vace_context": vace_context.to(dtype), "vace_scale": vace_scale}),
     )
     return out.float()
 
@@ -182,6 +192,10 @@ class WanVideoPipeline(BasePipeline):
         progress_bar: bool = True,
         tea_cache_l1_thresh: float | None = None,
         tea_cache_model_id: str = "",
+        vace_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        vace_video_mask: Sequence[ImageInput] | str | os.PathLike | Image.Image | None = None,
+        vace_reference_image: ImageInput | Sequence[ImageInput] | None = None,
+        vace_scale: float | Sequence[float] = 1.0,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -197,6 +211,10 @@ class WanVideoPipeline(BasePipeline):
         values, the terminal 0 is appended). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed
         to the VAE. `tea_cache_l1_thresh` turns on TeaCache for this call with the polynomial of
         `tea_cache_model_id` (DiffSynth-Studio's arguments; see `enable_tea_cache`).
+        VACE DiTs: `vace_video` (frames or a file) is the control video, `vace_video_mask` (frames, a
+        file, or one image for all frames; white = generate, black = keep) says what to repaint,
+        `vace_reference_image` (one or several) shows subjects to put in the video, and `vace_scale`
+        (one number or one per VACE layer) weighs the control.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -215,6 +233,7 @@ class WanVideoPipeline(BasePipeline):
         )
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 81))
         first, last = self.check_images(input_image, end_image, len(prompts))
+        vace_scale = self.check_vace(vace_video, vace_video_mask, vace_reference_image, vace_scale)
         use_cfg = scale != 1.0 or (self.dit2 is not None and scale_2 != 1.0)
         vae_kwargs = {"tiled": tiled}
         vae_kwargs.update({k: v for k, v in (("tile_size", tile_size), ("tile_stride", tile_stride)) if v is not None})
@@ -230,7 +249,15 @@ class WanVideoPipeline(BasePipeline):
             self.load_models_to_device(["vae"])
         y = self.encode_frames(first, last, len(prompts), frames, height, width, vae_kwargs)
         first_latent = self.encode_first_latent(first, len(prompts), height, width, vae_kwargs)
+        vace = None
+        if vace_scale is not None:
+            self.load_models_to_device(["vae"])
+            vace = prepare_vace(
+                self, vace_video, vace_video_mask, vace_reference_image, vace_scale, frames, height, width, vae_kwargs
+            )
         cond = WanConditions(context, clip_feature, y)
+        if vace is not None:
+            cond = replace(cond, vace_context=vace.context.expand(len(prompts), -1, -1, -1, -1), vace_scale=vace.scale)
         uncond = replace(cond, context=negative_context) if use_cfg else None
 
         # 3. schedule and latents
@@ -238,11 +265,13 @@ class WanVideoPipeline(BasePipeline):
         strength = denoising_strength if input_video is not None else 1.0
         scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, shift=shift)
         x = self.prepare_latents(
-            len(prompts), frames, height, width, seed, rand_device, latents, input_video, scheduler, vae_kwargs
+            len(prompts), frames, height, width, seed, rand_device, latents, input_video, scheduler, vae_kwargs, vace
         )
 
-        # 4. denoise
+        # 4. denoise (VACE reference frames lead the latents and are dropped after)
         x = self.denoise(x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar)
+        if vace is not None:
+            x = x[:, :, vace.num_references :]
 
         # 5. decode
         self.load_models_to_device(["vae"])
@@ -284,6 +313,33 @@ class WanVideoPipeline(BasePipeline):
                 "ModelConfig(..., origin_file_pattern='models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth')"
             )
         return self._image_list(input_image, batch, "input_image"), self._image_list(end_image, batch, "end_image")
+
+    def check_vace(self, video, mask, references, scale) -> float | tuple[float, ...] | None:
+        """The VACE scale (one number, or one per VACE layer) when VACE control is asked for, else None;
+        refused for DiTs without the control branch."""
+        if video is None and mask is None and references is None:
+            return None
+        for slot in ("dit", "dit2"):
+            dit = getattr(self, slot)
+            if dit is not None and not dit.config.vace_layers:
+                raise ConfigError(
+                    f"vace_video / vace_video_mask / vace_reference_image need a VACE model (e.g. "
+                    f"Wan-AI/Wan2.1-VACE-1.3B); the loaded {slot} has no VACE blocks"
+                )
+        layers = len(self.dit.config.vace_layers)
+        scales = [scale] if isinstance(scale, (int, float)) else list(scale) if isinstance(scale, Sequence) else [None]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in scales) or len(scales) not in (
+            1,
+            layers,
+        ):
+            raise ConfigError(f"vace_scale={scale!r} must be a number or {layers} numbers (one per VACE layer)")
+        expected = 2 * self.vae.z_dim + self.vae.spatial_compression**2
+        if self.dit.config.vace_in_dim != expected:
+            raise ConfigError(
+                f"the VACE DiT takes vace_in_dim={self.dit.config.vace_in_dim} control channels but this VAE gives "
+                f"{expected} (2 x {self.vae.z_dim} latent + {self.vae.spatial_compression}^2 mask): use the Wan 2.1 VAE"
+            )
+        return float(scales[0]) if len(scales) == 1 else tuple(float(v) for v in scales)
 
     @staticmethod
     def _image_list(images, batch: int, name: str) -> list[Image.Image] | None:
@@ -363,13 +419,30 @@ class WanVideoPipeline(BasePipeline):
         return self.vae.encode(pixels[:, :, None], **vae_kwargs).float()
 
     def prepare_latents(
-        self, batch, frames, height, width, seed, rand_device, latents, input_video, scheduler, vae_kwargs
+        self,
+        batch,
+        frames,
+        height,
+        width,
+        seed,
+        rand_device,
+        latents,
+        input_video,
+        scheduler,
+        vae_kwargs,
+        vace: VaceControl | None = None,
     ) -> torch.Tensor:
+        """Seeded noise `[B, z, R + T, h, w]` (`R` VACE reference frames first), or `input_video`'s latents
+        noised to the schedule's first sigma. With references the seed's noise is drawn for `T + R` frames
+        and its last `R` frames moved to the front, as DiffSynth-Studio does."""
         s, tc = self.vae.spatial_compression, self.vae.temporal_compression
-        shape = (batch, self.vae.z_dim, (frames - 1) // tc + 1, height // s, width // s)
-        noise = (
-            self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
-        )
+        refs = 0 if vace is None else vace.num_references
+        shape = (batch, self.vae.z_dim, (frames - 1) // tc + 1 + refs, height // s, width // s)
+        if latents is not None:
+            noise = self.check_latents(latents, shape)
+        else:
+            noise = self.generate_noise(shape, seed, rand_device)
+            noise = torch.cat([noise[:, :, noise.shape[2] - refs :], noise[:, :, : noise.shape[2] - refs]], dim=2)
         if input_video is None:
             return noise
         video = list(input_video)
@@ -378,6 +451,8 @@ class WanVideoPipeline(BasePipeline):
         self.load_models_to_device(["vae"])
         pixels = self._pixels([load_image(f) for f in video[:frames]], height, width, module_dtype(self.vae))
         clean = self.vae.encode(pixels.transpose(0, 1)[None], **vae_kwargs).float()
+        if refs:
+            clean = torch.cat([vace.references.to(clean.device), clean], dim=2)
         return scheduler.add_noise(clean.expand(batch, -1, -1, -1, -1), noise, scheduler.sigmas[0])
 
     def denoise(
@@ -419,12 +494,13 @@ class WanVideoPipeline(BasePipeline):
 
         Under batch parallelism (`enable_parallel(batch=2)`) the two branches always run as one batch,
         which the ranks then divide."""
+        vace = {"vace_context": cond.vace_context, "vace_scale": cond.vace_scale}
         if uncond is None:
-            return wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y)
+            return wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y, **vace)
         groups = getattr(dit, "parallel", None)
         if not cfg_merge and (groups is None or groups.batch_size == 1):
-            positive = wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y)
-            negative = wan_velocity(dit, x, timestep, uncond.context, uncond.clip_feature, uncond.y)
+            positive = wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y, **vace)
+            negative = wan_velocity(dit, x, timestep, uncond.context, uncond.clip_feature, uncond.y, **vace)
             return self.guide(positive, negative, scale)
 
         def twice(a):
@@ -437,6 +513,8 @@ class WanVideoPipeline(BasePipeline):
             torch.cat([cond.context, uncond.context]),
             twice(cond.clip_feature),
             twice(cond.y),
+            twice(cond.vace_context),
+            cond.vace_scale,
         )
         positive, negative = both.chunk(2)
         return self.guide(positive, negative, scale)

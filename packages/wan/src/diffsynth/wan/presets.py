@@ -4,7 +4,7 @@ Files are named as in DiffSynth-Studio's Wan examples (`ModelConfig(model_id, or
 the umT5 tokenizer is the `google/umt5-xxl/` folder of Wan2.1-T2V-1.3B for every model, as there.
 Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 and Wan2.2):
 
-- Wan 2.1: 50 steps (40 for I2V), guide scale 5, shift 5 (3 for 480p I2V, 16 for FLF2V), 81 frames,
+- Wan 2.1: 50 steps (40 for I2V), guide scale 5, shift 5 (3 for 480p I2V, 16 for FLF2V and VACE), 81 frames,
   16 fps, the configs' negative prompt (I2V prefixes "镜头晃动，", FLF2V also "镜头切换，").
 - Wan 2.2 A14B: two experts; the high-noise one runs while t >= boundary * 1000 (0.875 T2V, 0.9 I2V),
   guide scales (high, low) = (4, 3) for T2V and (3.5, 3.5) for I2V, shift 12 / 5, 40 steps.
@@ -89,6 +89,22 @@ _PRESETS = (
         num_inference_steps=50,
         sigma_shift=16.0,
         negative_prompt=FLF2V_NEGATIVE_PROMPT,
+        **_720P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.1-VACE-1.3B",
+        (DIT, T5, VAE21),
+        "Wan 2.1 VACE 1.3B, 480p: text-to-video controlled by vace_video / vace_video_mask / vace_reference_image.",
+        num_inference_steps=50,
+        sigma_shift=16.0,
+        **_480P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.1-VACE-14B",
+        (DIT, T5, VAE21),
+        "Wan 2.1 VACE 14B, 720p (480p works too): video editing and control with vace_* arguments.",
+        num_inference_steps=50,
+        sigma_shift=16.0,
         **_720P,
     ),
     _preset(
