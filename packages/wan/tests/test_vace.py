@@ -418,3 +418,138 @@ def test_cli_vace_flags(vace_repo, tmp_path, monkeypatch):
         vace_reference_image=[Image.open(tmp_path / f"ref{k}.png") for k in (1, 2)], vace_scale=0.7,
     )  # fmt: skip
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(direct, results[0], strict=True))
+
+
+# ------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def vace_task(vace_repo):
+    from diffsynth.wan.pipeline import folder_model_configs
+    from diffsynth.wan.training import WanTrainingTask
+
+    configs, tokenizer = folder_model_configs(vace_repo)
+    return WanTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu")
+
+
+def vace_row(seed: int = 0, references: int = 1):
+    """A training row as the data loader gives it: tensors in [-1, 1] (an 8-bit picture each)."""
+    from diffsynth.runtime.media import pil_to_tensor
+
+    video, masks = control(seed=seed)
+    row = {
+        "prompt": P.PROMPT,
+        "video": pil_to_tensor([P.image(seed + 20 + i) for i in range(5)]).transpose(0, 1),
+        "vace_video": pil_to_tensor(video).transpose(0, 1),
+        "vace_video_mask": pil_to_tensor(masks).transpose(0, 1),
+    }
+    if references:
+        row["vace_reference_image"] = [pil_to_tensor(P.image(seed + 40 + k))[0] for k in range(references)]
+    return row, video, masks
+
+
+def test_training_encodes_the_control_as_the_pipeline_does(vace_task, vace_pipe):
+    from diffsynth.wan.pipeline import WanConditions
+    from diffsynth.wan.vace import prepare_vace
+
+    row, video, masks = vace_row(references=2)
+    sample = vace_task.encode([row])[0]
+    refs = [P.image(40), P.image(41)]
+    want = prepare_vace(vace_pipe, video, masks, refs, 1.0, 5, 32, 32, {})
+    torch.testing.assert_close(sample["vace_context"], want.context[0], atol=1e-6, rtol=0)
+    clean = vace_pipe.vae.encode(row["video"][None])[0]
+    torch.testing.assert_close(sample["latents"], torch.cat([want.references[0], clean], dim=1), atol=1e-6, rtol=0)
+    # the model call is the pipeline's, with the control
+    batch = vace_task.collate([sample])
+    noisy = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = vace_task.velocity(vace_task.models["dit"], batch, noisy, torch.tensor([0.5]))
+        conditions = WanConditions(batch["text"], vace_context=batch["vace_context"])
+        want_velocity = vace_pipe.predict(vace_pipe.dit, noisy, torch.tensor([500.0]), conditions, None, 1.0, False)
+    torch.testing.assert_close(got, want_velocity, atol=1e-6, rtol=0)
+
+
+def test_validation_images_are_the_samples_reference_images(vace_task):
+    images = [P.image(1), P.image(2)]
+    assert vace_task.reference_arguments(images) == {"vace_reference_image": images}
+    assert vace_task.reference_arguments([]) == {}
+
+
+def test_training_refuses_vace_columns_for_a_base_model_and_unloaded_paths(tiny_repo, vace_task):
+    from diffsynth.wan.pipeline import folder_model_configs
+    from diffsynth.wan.training import WanTrainingTask
+
+    configs, tokenizer = folder_model_configs(tiny_repo)
+    base = WanTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu")
+    row = vace_row(references=0)[0]
+    with pytest.raises(ConfigError, match="no VACE blocks"):
+        base.encode([row])
+    with pytest.raises(ConfigError, match="data_file_keys"):
+        vace_task.encode([{**row, "vace_video": "control.mp4"}])
+
+
+def vace_dataset(folder: Path) -> Path:
+    """Two rows: a target video, its control video and one reference image each."""
+    from diffsynth.runtime.media import save_video
+    from diffsynth.training.testing import write_metadata
+
+    rows = []
+    for i in range(2):
+        video, _ = control(seed=10 * i)
+        save_video([P.image(10 * i + 20 + f) for f in range(5)], folder / f"clip{i}.mp4", fps=8)
+        save_video(video, folder / f"control{i}.mp4", fps=8)
+        P.image(10 * i + 40).save(folder / f"ref{i}.png")
+        rows.append({"video": f"clip{i}.mp4", "vace_video": f"control{i}.mp4", "vace_reference_image": f"ref{i}.png"})
+        rows[-1]["prompt"] = P.PROMPT
+    return write_metadata(folder, rows)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_trainer_trains_the_control_branch_alone(vace_repo, tmp_path, mode):
+    """`--lora_base_model vace` / `--trainable_models vace` (DiffSynth-Studio's flags): only the VACE blocks and
+    patch embedding learn; the main DiT keeps its weights, and the LoRA file names only control-branch layers."""
+    testing = pytest.importorskip("diffsynth.training.testing")
+    from diffsynth.training.trainer import setup, train
+
+    dataset = vace_dataset(tmp_path / "data")
+    adapter = {"lora_base_model": "vace"} if mode == "lora" else {"trainable_models": ["vace"]}
+    config = testing.tiny_config(
+        vace_repo, "wan", dataset, tmp_path / "out", num_frames=5, max_pixels=32 * 32, bucket_step=32,
+        data_file_keys=["video", "vace_video", "vace_reference_image"], batch_size=1, max_steps=2, **adapter,
+    )  # fmt: skip
+    run = setup(config)
+    names = list(run.trainable)
+    assert names and all(n.startswith(("vace_blocks.", "vace_patch_embedding.")) for n in names), names[:5]
+    if mode == "full":
+        assert any(n.startswith("vace_patch_embedding.") for n in names)
+    else:
+        assert all(".lora_" in n for n in names)
+    before = {k: v.clone() for k, v in run.task.models["dit"].state_dict().items() if ".lora_" not in k}
+    state = train(config)
+    assert state.step == 2
+    if mode == "lora":
+        from safetensors.torch import load_file
+
+        saved = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))
+        assert saved and all(k.startswith("vace_blocks.") for k in saved), list(saved)[:3]
+    else:
+        saved = (tmp_path / "out").glob("*/dit/diffusion_pytorch_model.safetensors")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(next(saved)))
+        moved = {k for k, v in before.items() if not torch.equal(weights[k], v)}
+        assert moved and all(k.startswith(("vace_blocks.", "vace_patch_embedding.")) for k in moved), sorted(moved)
+
+
+@pytest.mark.integration
+def test_trainer_refuses_parts_a_model_does_not_have(tiny_repo, vace_repo, tmp_path):
+    testing = pytest.importorskip("diffsynth.training.testing")
+    from diffsynth.training.trainer import setup
+
+    dataset = vace_dataset(tmp_path / "data")
+    common = dict(num_frames=5, max_pixels=32 * 32, bucket_step=32, data_file_keys=["video"])
+    with pytest.raises(ConfigError, match="only the denoiser"):
+        setup(testing.tiny_config(tiny_repo, "wan", dataset, tmp_path / "a", lora_base_model="vace", **common))
+    with pytest.raises(ConfigError, match="both the denoiser"):
+        setup(
+            testing.tiny_config(vace_repo, "wan", dataset, tmp_path / "b", trainable_models=["dit", "vace"], **common)
+        )

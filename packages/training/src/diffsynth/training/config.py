@@ -79,9 +79,13 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ adapter
     trainable_models: list[str] = _arg(
-        [], "full fine-tuning of these models (e.g. dit); default: train a LoRA instead", "adapter"
+        [],
+        "full fine-tuning of these models (e.g. dit, or a part of it such as Wan VACE's vace); default: train a LoRA",
+        "adapter",
     )
-    lora_base_model: str | None = _arg(None, "model that gets the LoRA (default: the denoiser)", "adapter")
+    lora_base_model: str | None = _arg(
+        None, "model that gets the LoRA (default: the denoiser; a part of it such as vace)", "adapter"
+    )
     lora_target_modules: list[str] = _arg(
         [], "Linear layer names the LoRA adapts, comma-separated (default: the model's own list)", "adapter"
     )

@@ -22,7 +22,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,7 @@ def setup(config: TrainConfig) -> Run:
     module.requires_grad_(False)
     lora = not cfg.trainable_models
     _check_slots(cfg, task)
+    parts = trained_parts(cfg, task)
     if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
         raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
     references = validation_references(cfg, task)
@@ -220,9 +223,11 @@ def setup(config: TrainConfig) -> Run:
         module.gradient_checkpointing = True
     if lora:
         fuse_preset_lora(module, cfg, task)
-        add_lora(module, cfg)
-    else:
-        module.to(parse_dtype(cfg.trainable_dtype)).requires_grad_(True)
+        add_lora(module, cfg, parts)
+    else:  # the whole denoiser in the trainable dtype (its layers run in one dtype); only `parts` learn
+        module.to(parse_dtype(cfg.trainable_dtype))
+        for path in parts or ("",):
+            module.get_submodule(path).requires_grad_(True)
     module.train()
     trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
     logger.info(
@@ -738,8 +743,9 @@ def fuse_preset_lora(module: nn.Module, cfg: TrainConfig, task: TrainingTask) ->
     logger.info("fused --preset_lora_path %s (scale %g) into the base", cfg.preset_lora_path, cfg.preset_lora_scale)
 
 
-def add_lora(module: nn.Module, cfg: TrainConfig) -> None:
-    """Inject peft LoRA layers into `module`'s target Linears (module replacement; names keep our keys)."""
+def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> None:
+    """Inject peft LoRA layers into `module`'s target Linears (module replacement; names keep our keys); with
+    `parts` (submodule paths, see `trained_parts`) only into the targets inside them."""
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = cfg.lora_target_modules or list(getattr(module, "lora_target_modules", ()))
@@ -748,6 +754,10 @@ def add_lora(module: nn.Module, cfg: TrainConfig) -> None:
             f"--lora_target_modules: {type(module).__name__} declares no default lora_target_modules; name its "
             "Linear layers (e.g. --lora_target_modules to_q,to_k,to_v)"
         )
+    if parts:  # peft matches a string in full: a target name at the end of a module inside one of the parts
+        within = "|".join(re.escape(p) for p in parts)
+        names = "|".join(re.escape(t) for t in targets)
+        targets = rf"(?:{within})(?:\..+)?\.(?:{names})"
     lora_config = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets, lora_dropout=0.0
     )
@@ -765,13 +775,27 @@ def add_lora(module: nn.Module, cfg: TrainConfig) -> None:
 
 def _check_slots(cfg: TrainConfig, task: TrainingTask) -> None:
     slot = task.denoiser_slot
+    parts = dict(getattr(task.models[slot], "trainable_parts", {}))
     for flag, names in (("trainable_models", cfg.trainable_models), ("lora_base_model", [cfg.lora_base_model])):
-        bad = [n for n in names if n is not None and n != slot]
+        bad = [n for n in names if n is not None and n != slot and n not in parts]
         if bad:
+            extra = f"; parts of it: {', '.join(parts)}" if parts else ""
             raise ConfigError(
                 f"--{flag} {','.join(bad)}: only the denoiser {slot!r} is trained (the encoders stay frozen, "
-                f"which the cached mode relies on); models here: {', '.join(task.models)}"
+                f"which the cached mode relies on){extra}; models here: {', '.join(task.models)}"
             )
+    named = [n for n in (*cfg.trainable_models, cfg.lora_base_model) if n is not None]
+    if slot in named and any(n in parts for n in named):
+        raise ConfigError(f"--trainable_models / --lora_base_model name both the denoiser {slot!r} and a part of it")
+
+
+def trained_parts(cfg: TrainConfig, task: TrainingTask) -> tuple[str, ...]:
+    """Submodule paths of the denoiser to train when `--trainable_models` / `--lora_base_model` name parts of
+    it (its `trainable_parts`, e.g. Wan VACE's "vace": the control branch, as DiffSynth-Studio names it); empty
+    for the whole denoiser."""
+    parts = dict(getattr(task.models[task.denoiser_slot], "trainable_parts", {}))
+    named = [n for n in (*cfg.trainable_models, cfg.lora_base_model) if n in parts]
+    return tuple(path for name in named for path in parts[name])
 
 
 def _lr_lambda(cfg: TrainConfig, total: int):

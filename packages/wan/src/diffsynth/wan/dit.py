@@ -344,7 +344,7 @@ class _VaceBranch:
 
 class WanDiT(nn.Module):
     """Wan DiT. `forward(x [B,C,F,H,W], timestep [B] | [B,tokens], context [B,L,text_dim],
-    clip_feature=None, y=None) -> [B, out_dim, F, H, W]`."""
+    clip_feature=None, y=None, vace_context=None, vace_scale=1.0) -> [B, out_dim, F, H, W]`."""
 
     offload_units = ("blocks",)  # with VACE, per instance: ("blocks", "vace_blocks")
     compile_units = ("blocks",)
@@ -375,6 +375,8 @@ class WanDiT(nn.Module):
             )
             self.offload_units = ("blocks", "vace_blocks")
             self.compile_units = ("blocks", "vace_blocks")
+            # what the trainer's --trainable_models / --lora_base_model "vace" train (DiffSynth-Studio's name)
+            self.trainable_parts = {"vace": ("vace_blocks", "vace_patch_embedding")}
         self.rope = MultiAxisRope(config.rope_theta, config.rope_axes_dims, (config.rope_max_len,) * 3)
 
     # ------------------------------------------------------------------ forward

@@ -39,7 +39,7 @@ from diffsynth.runtime.vram import module_dtype
 
 from .image_encoder import encode_image
 from .text_encoder import encode_prompts
-from .vace import VaceControl, prepare_vace
+from .vace import VaceControl, check_vace_channels, prepare_vace
 
 logger = logging.getLogger(__name__)
 
@@ -333,12 +333,7 @@ class WanVideoPipeline(BasePipeline):
             layers,
         ):
             raise ConfigError(f"vace_scale={scale!r} must be a number or {layers} numbers (one per VACE layer)")
-        expected = 2 * self.vae.z_dim + self.vae.spatial_compression**2
-        if self.dit.config.vace_in_dim != expected:
-            raise ConfigError(
-                f"the VACE DiT takes vace_in_dim={self.dit.config.vace_in_dim} control channels but this VAE gives "
-                f"{expected} (2 x {self.vae.z_dim} latent + {self.vae.spatial_compression}^2 mask): use the Wan 2.1 VAE"
-            )
+        check_vace_channels(self.dit.config, self.vae)
         return float(scales[0]) if len(scales) == 1 else tuple(float(v) for v in scales)
 
     @staticmethod

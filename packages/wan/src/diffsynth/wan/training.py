@@ -27,6 +27,14 @@ the DiT's `model_type` asks for, built by the pipeline's own stages at the video
   on that frame's tokens (`timestep_input`), and `loss_mask` leaves that frame out of the loss, as the
   pipeline keeps the frame fixed while it denoises the rest. One-frame rows train as text-to-image.
 
+A VACE DiT (Wan2.1-VACE) also reads a row's `vace_video` (`[3, F, H, W]`, the control video),
+`vace_video_mask` (`[3, F, H, W]`, white = generate) and `vace_reference_image` (`[3, H, W]`, or a list),
+as DiffSynth-Studio's `--extra_inputs vace_video,vace_reference_image` do (list the files in
+`--data_file_keys`): `"vace_context"` is built by the pipeline's `prepare_vace`, and the latents of the
+reference images lead the video's latents, as the pipeline denoises them. Rows without them train the
+DiT as text-to-video. `--lora_base_model vace` / `--trainable_models vace` train the control branch alone
+(the DiT's `trainable_parts`).
+
 Images reach the pipeline's stages as 8-bit pictures, as a user's `input_image` does (exact for frames
 read from image or video files). The model call is the pipeline's per-step `predict`, with the timestep
 `1000 * sigma`; the noise levels and loss weights come from the "wan" flow-matching template (shift 5).
@@ -61,6 +69,7 @@ from diffsynth.runtime.vram import module_dtype
 from .dit import WanDiTConfig
 from .pipeline import WanConditions, WanVideoPipeline
 from .presets import PRESETS
+from .vace import check_vace_channels, prepare_vace
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ EXPERT_BOUNDARY = {
     "i2v": PRESETS["Wan-AI/Wan2.2-I2V-A14B"].defaults["switch_DiT_boundary"],
 }
 CONDITION_KEYS = ("input_image", "end_image")
+VACE_KEYS = ("vace_video", "vace_video_mask", "vace_reference_image")
 
 
 class ExpertScheduler(FlowMatchScheduler):
@@ -228,6 +238,8 @@ class WanTrainingTask(PipelineTrainingTask):
         """A validation sample's frames as the pipeline's `input_image` (the first frame) and, when two are
         given, `end_image` (the last, FLF2V)."""
         images = list(images)
+        if self.dit_config.vace_layers:  # VACE: the images are the subjects to put in the video
+            return {"vace_reference_image": images} if images else {}
         if self.kind == "t2v":
             if images:
                 raise ConfigError(
@@ -264,8 +276,57 @@ class WanTrainingTask(PipelineTrainingTask):
         with pipe.using("dit", pipe.dit if pipe.dit is not None else self._shape):
             for i, (row, video, ctx) in enumerate(zip(rows, videos, context, strict=True)):
                 latents = pipe.vae.encode(video[None].to(pipe.device, dtype))[0].float()
-                samples.append({"latents": latents, "text": ctx, **self._conditions(i, row, video, latents)})
+                conditions = self._conditions(i, row, video, latents)
+                vace = self._vace(i, row, video)
+                if vace is not None:
+                    if vace.references is not None:  # reference frames lead, as the pipeline denoises them
+                        latents = torch.cat([vace.references[0].to(latents), latents], dim=1)
+                    conditions["vace_context"] = vace.context[0].float()
+                samples.append({"latents": latents, "text": ctx, **conditions})
         return samples
+
+    def _vace(self, index: int, row: Mapping[str, Any], video: torch.Tensor):
+        """A VACE DiT's control for one row (`prepare_vace` at the video's size), or None without VACE columns."""
+        given = {key: row.get(key) for key in VACE_KEYS if row.get(key) is not None}
+        if not given:
+            return None
+        if not self.dit_config.vace_layers:
+            raise ConfigError(
+                f"row {index} has {', '.join(given)}, but this Wan DiT has no VACE blocks: train a VACE model "
+                "(e.g. Wan-AI/Wan2.1-VACE-1.3B), or drop the column"
+            )
+        check_vace_channels(self.dit_config, self.pipe.vae)
+        for key, value in given.items():
+            if isinstance(value, (str, os.PathLike)):
+                raise ConfigError(
+                    f"row {index}: {key} is the path {str(value)!r}, not loaded; add {key} to --data_file_keys"
+                )
+        _, frames, height, width = video.shape
+
+        def frames_of(key):
+            value = given.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[0] != 3:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ConfigError(f"row {index}: {key} must be a video [3, F, H, W] in [-1, 1], got {shape}")
+            return tensor_to_pil(value.transpose(0, 1))
+
+        references = given.get("vace_reference_image")
+        if references is not None:
+            items = references if isinstance(references, list) else [references]
+            references = [tensor_to_pil(self._checked_image(index, "vace_reference_image", r))[0] for r in items]
+        return prepare_vace(
+            self.pipe,
+            frames_of("vace_video"),
+            frames_of("vace_video_mask"),
+            references,
+            1.0,
+            frames,
+            height,
+            width,
+            {},
+        )
 
     def _video(self, index: int, row: Mapping[str, Any]) -> torch.Tensor:
         """The row's video `[3, F, H, W]` (an image is one frame), checked against the VAE."""
@@ -320,6 +381,10 @@ class WanTrainingTask(PipelineTrainingTask):
                 f"row {index}: {key} is the path {str(value)!r}, not a loaded image; add {key} to --data_file_keys "
                 f"(e.g. --data_file_keys video,{key})"
             )
+        return WanTrainingTask._checked_image(index, key, value)
+
+    @staticmethod
+    def _checked_image(index: int, key: str, value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[0] != 3:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ConfigError(f"row {index}: {key} must be an image [3, H, W] in [-1, 1], got {shape}")
@@ -354,7 +419,7 @@ class WanTrainingTask(PipelineTrainingTask):
         def given(key):
             return batch[key].to(device) if key in batch else None
 
-        conditions = WanConditions(given("text"), given("clip_feature"), given("y"))
+        conditions = WanConditions(given("text"), given("clip_feature"), given("y"), given("vace_context"))
         if (self.kind == "i2v") != (conditions.y is not None):
             raise ConfigError(
                 f"this batch was encoded for another kind of Wan model than this {self.kind!r} DiT (I2V conditions "

@@ -92,6 +92,16 @@ def _references(images) -> list[Image.Image]:
     return [load_image(im) for im in items]
 
 
+def check_vace_channels(dit_config, vae) -> None:
+    """The VACE DiT's control channels must be what this VAE gives: 2 latents and the folded mask."""
+    expected = 2 * vae.z_dim + vae.spatial_compression**2
+    if dit_config.vace_in_dim != expected:
+        raise ConfigError(
+            f"the VACE DiT takes vace_in_dim={dit_config.vace_in_dim} control channels but this VAE gives "
+            f"{expected} (2 x {vae.z_dim} latent + {vae.spatial_compression}^2 mask): use the Wan 2.1 VAE"
+        )
+
+
 def prepare_vace(
     pipe,
     video,
@@ -134,4 +144,4 @@ def prepare_vace(
     return VaceControl(context, ref_latents, scale)
 
 
-__all__ = ["VaceControl", "fit_reference", "fold_mask", "prepare_vace"]
+__all__ = ["VaceControl", "check_vace_channels", "fit_reference", "fold_mask", "prepare_vace"]
