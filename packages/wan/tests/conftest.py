@@ -203,7 +203,7 @@ def _save_vae(root: Path, fields: dict, seed: int) -> None:
 def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
     """`kind`: "t2v" (Wan2.1-T2V), "i2v" (Wan2.1-I2V, with CLIP), "a14b" (Wan2.2-T2V-A14B experts),
     "i2v_a14b" (Wan2.2-I2V-A14B: y channels, no CLIP), "ti2v" (Wan2.2-TI2V-5B with the 2.2 VAE), "vace"
-    (Wan2.1-VACE: a T2V DiT with the control branch)."""
+    (Wan2.1-VACE: a T2V DiT with the control branch), "vace_a14b" (Wan2.2-VACE-Fun-A14B: two such experts)."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_umt5_tokenizer(root / TOKENIZER_DIR)
     torch.save(umt5_to_original(tiny_umt5(len(tokenizer)).state_dict()), root / T5_FILE)
@@ -217,8 +217,8 @@ def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
     elif kind == "i2v":
         _save_dit(root, "i2v", z_dim=16, seed=1, image_dim=TINY_CLIP["hidden_size"])
         torch.save(clip_to_original(tiny_clip().state_dict()), root / CLIP_FILE)
-    elif kind in ("a14b", "i2v_a14b"):
-        expert = "t2v" if kind == "a14b" else "i2v"
+    elif kind in ("a14b", "i2v_a14b", "vace_a14b"):
+        expert = {"a14b": "t2v", "i2v_a14b": "i2v", "vace_a14b": "vace"}[kind]
         _save_dit(root / "high_noise_model", expert, z_dim=16, seed=1)
         _save_dit(root / "low_noise_model", expert, z_dim=16, seed=5)
     else:

@@ -498,6 +498,7 @@ def test_cli_tea_cache_flags(tiny_repo, tmp_path, caplog, capsys):
         ("a14b", "Wan-AI/Wan2.2-T2V-A14B"),
         ("ti2v", "Wan-AI/Wan2.2-TI2V-5B"),
         ("vace", "Wan-AI/Wan2.1-VACE-1.3B"),
+        ("vace_a14b", "PAI/Wan2.2-VACE-Fun-A14B"),
     ],
 )
 def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path, monkeypatch, kind, preset):
@@ -510,31 +511,23 @@ def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path,
     if not tokenizer.exists():
         shutil.copytree(repo / "google" / "umt5-xxl", tokenizer)
     pipe = WanVideoPipeline.from_pretrained(preset, torch_dtype="float32", device="cpu")
-    assert pipe.tokenizer is not None and (pipe.dit2 is not None) == (kind == "a14b")
+    assert pipe.tokenizer is not None and (pipe.dit2 is not None) == kind.endswith("a14b")
     assert (pipe.image_encoder is not None) == (kind == "i2v")
-    assert pipe.defaults["num_inference_steps"] == {"t2v": 50, "i2v": 40, "a14b": 40, "ti2v": 50, "vace": 50}[kind]
-    assert bool(pipe.dit.config.vace_layers) == (kind == "vace")
+    steps = {"t2v": 50, "i2v": 40, "a14b": 40, "ti2v": 50, "vace": 50, "vace_a14b": 40}
+    assert pipe.defaults["num_inference_steps"] == steps[kind]
+    assert bool(pipe.dit.config.vace_layers) == kind.startswith("vace")
+    if kind == "vace_a14b":
+        assert pipe.dit2.config.vace_layers == pipe.dit.config.vace_layers
 
 
 def test_presets_are_data_with_the_authors_defaults():
     from diffsynth.runtime.registry import installed_families
 
     presets = installed_families()["wan"].presets
-    assert sorted(presets) == sorted(
-        f"Wan-AI/{n}"
-        for n in (
-            "Wan2.1-T2V-1.3B",
-            "Wan2.1-T2V-14B",
-            "Wan2.1-I2V-14B-480P",
-            "Wan2.1-I2V-14B-720P",
-            "Wan2.1-FLF2V-14B-720P",
-            "Wan2.1-VACE-1.3B",
-            "Wan2.1-VACE-14B",
-            "Wan2.2-TI2V-5B",
-            "Wan2.2-T2V-A14B",
-            "Wan2.2-I2V-A14B",
-        )
-    )
+    names = ["Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P", "Wan2.1-FLF2V-14B-720P"]
+    names += ["Wan2.1-VACE-1.3B", "Wan2.1-VACE-14B", "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"]
+    assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), "PAI/Wan2.2-VACE-Fun-A14B"])
+    assert presets["PAI/Wan2.2-VACE-Fun-A14B"].defaults == presets["Wan-AI/Wan2.2-T2V-A14B"].defaults
     a14b = presets["Wan-AI/Wan2.2-T2V-A14B"]
     assert [f.origin_file_pattern for f in a14b.files][:2] == [
         "high_noise_model/diffusion_pytorch_model*.safetensors",

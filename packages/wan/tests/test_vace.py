@@ -271,22 +271,31 @@ def control(frames: int = 5, seed: int = 0, size=(32, 32)):
     return video, masks
 
 
-def diffusers_vace_pipe(repo, ours, monkeypatch):
+def repo_dit(folder: Path) -> WanDiT:
+    """Our DiT from a tiny repo folder (its file and the authors' config.json)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    dit = WanDiT(config_from_state(state, json.loads((folder / "config.json").read_text())))
+    dit.load_state_dict(state)
+    return dit
+
+
+def diffusers_vace_pipe(folders, ours, monkeypatch, parts_repo):
+    """diffusers' `WanVACEPipeline` over the DiT(s) in `folders` (two: the A14B experts) and the encoders of
+    `parts_repo`."""
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.wan import pipeline_wan_vace
-    from safetensors.torch import load_file
 
     if not hasattr(pipeline_wan_vace, "ftfy"):  # its prompt cleaning calls ftfy without checking it is installed
         monkeypatch.setattr(
             pipeline_wan_vace, "ftfy", type("NoFtfy", (), {"fix_text": staticmethod(str)}), raising=False
         )
-
-    state = load_file(str(repo / "diffusion_pytorch_model.safetensors"))
-    dit = WanDiT(config_from_state(state, json.loads((repo / "config.json").read_text())))
-    dit.load_state_dict(state)
-    scheduler, sigmas = P.euler(16.0, 3)
+    experts = [diffusers_vace(repo_dit(folder)) for folder in folders]
+    two = {"transformer_2": experts[1], "boundary_ratio": 0.875} if len(experts) == 2 else {}
+    scheduler, sigmas = P.euler(16.0 if not two else 5.0, 3 if not two else 4)
     ref = diffusers.WanVACEPipeline(
-        scheduler=scheduler, transformer=diffusers_vace(dit), **P.diffusers_parts(repo, ours)
+        scheduler=scheduler, transformer=experts[0], **two, **P.diffusers_parts(parts_repo, ours)
     )
     ref.set_progress_bar_config(disable=True)
     return ref, sigmas
@@ -296,7 +305,7 @@ def diffusers_vace_pipe(repo, ours, monkeypatch):
 @pytest.mark.parametrize("with_reference", [False, True])
 def test_pipeline_matches_diffusers(vace_repo, vace_pipe, with_reference, monkeypatch):
     """Control video + mask (+ one reference image of another size, letterboxed), guidance 4, 3 steps."""
-    ref, sigmas = diffusers_vace_pipe(vace_repo, vace_pipe, monkeypatch)
+    ref, sigmas = diffusers_vace_pipe([vace_repo], vace_pipe, monkeypatch, vace_repo)
     video, masks = control()
     reference = P.image(9, (24, 40)) if with_reference else None
     frames = 2 + (1 if with_reference else 0)
@@ -553,3 +562,27 @@ def test_trainer_refuses_parts_a_model_does_not_have(tiny_repo, vace_repo, tmp_p
         setup(
             testing.tiny_config(vace_repo, "wan", dataset, tmp_path / "b", trainable_models=["dit", "vace"], **common)
         )
+
+
+@pytest.mark.parity
+def test_two_expert_pipeline_matches_diffusers(tiny_repo_factory, monkeypatch):
+    """Wan2.2-VACE-Fun-A14B: each expert has its own control branch; diffusers' `WanVACEPipeline` with
+    `transformer_2` and `boundary_ratio` hands over at the same step."""
+    repo = tiny_repo_factory("vace_a14b")
+    ours = P.load(repo)
+    assert ours.dit2 is not None and ours.dit2.config.vace_layers
+    folders = [repo / "high_noise_model", repo / "low_noise_model"]
+    ref, sigmas = diffusers_vace_pipe(folders, ours, monkeypatch, repo)
+    assert 0 < int((sigmas * 1000 >= 875).sum()) < 4  # both experts run
+    video, masks = control()
+    noise = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(14))
+    expected = ref(
+        prompt=P.PROMPT, negative_prompt="bad quality", video=video, mask=masks, guidance_scale=4.0,
+        guidance_scale_2=3.0, num_inference_steps=4, latents=noise.clone(), **P.PARITY,
+    ).frames  # fmt: skip
+    got = ours(
+        P.PROMPT, negative_prompt="bad quality", vace_video=video, vace_video_mask=masks, cfg_scale=4.0,
+        cfg_scale_2=3.0, switch_DiT_boundary=0.875, sigmas=sigmas, latents=noise.clone(), tiled=False,
+        progress_bar=False, **P.PARITY,
+    )  # fmt: skip
+    assert np.abs(got - expected).max() <= 1e-4

@@ -9,6 +9,8 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - Wan 2.2 A14B: two experts; the high-noise one runs while t >= boundary * 1000 (0.875 T2V, 0.9 I2V),
   guide scales (high, low) = (4, 3) for T2V and (3.5, 3.5) for I2V, shift 12 / 5, 40 steps.
 - Wan2.2-TI2V-5B: 1280x704, 121 frames at 24 fps, 50 steps, guide 5, shift 5.
+- PAI/Wan2.2-VACE-Fun-A14B (Alibaba PAI's VACE experts on Wan2.2-T2V-A14B, each laid out like
+  Wan2.1-VACE-14B): the settings of the Wan2.2-T2V-A14B it extends.
 
 Sizes are the authors' default `--size` (1280*720 = width*height; 832*480 for the 480p-only models).
 The authors sample with UniPC; we take Euler steps on the same shifted schedule (as DiffSynth-Studio).
@@ -38,6 +40,9 @@ VAE22 = "Wan2.2_VAE.pth"
 _COMMON = {"num_frames": 81, "fps": 16, "cfg_scale": 5.0, "sigma_shift": 5.0, "negative_prompt": NEGATIVE_PROMPT}
 _480P = {"height": 480, "width": 832}
 _720P = {"height": 720, "width": 1280}
+_T2V_A14B = dict(
+    num_inference_steps=40, sigma_shift=12.0, cfg_scale=4.0, cfg_scale_2=3.0, switch_DiT_boundary=0.875, **_720P
+)
 
 
 def _preset(repo: str, patterns: tuple[str, ...], description: str, **defaults) -> Preset:
@@ -121,12 +126,7 @@ _PRESETS = (
         "Wan-AI/Wan2.2-T2V-A14B",
         (f"high_noise_model/{DIT}", f"low_noise_model/{DIT}", T5, VAE21),
         "Wan 2.2 text-to-video, two 14B experts (high noise, then low noise), 720p.",
-        num_inference_steps=40,
-        sigma_shift=12.0,
-        cfg_scale=4.0,
-        cfg_scale_2=3.0,
-        switch_DiT_boundary=0.875,
-        **_720P,
+        **_T2V_A14B,
     ),
     _preset(
         "Wan-AI/Wan2.2-I2V-A14B",
@@ -137,6 +137,12 @@ _PRESETS = (
         cfg_scale_2=3.5,
         switch_DiT_boundary=0.9,
         **_720P,
+    ),
+    _preset(
+        "PAI/Wan2.2-VACE-Fun-A14B",
+        (f"high_noise_model/{DIT}", f"low_noise_model/{DIT}", T5, VAE21),
+        "Wan 2.2 VACE Fun (Alibaba PAI), two 14B experts with VACE control branches, 720p: vace_* arguments.",
+        **_T2V_A14B,
     ),
 )
 
