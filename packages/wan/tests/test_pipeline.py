@@ -499,6 +499,7 @@ def test_cli_tea_cache_flags(tiny_repo, tmp_path, caplog, capsys):
         ("ti2v", "Wan-AI/Wan2.2-TI2V-5B"),
         ("vace", "Wan-AI/Wan2.1-VACE-1.3B"),
         ("vace_a14b", "PAI/Wan2.2-VACE-Fun-A14B"),
+        ("fun_control", "PAI/Wan2.1-Fun-V1.1-1.3B-Control"),
     ],
 )
 def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path, monkeypatch, kind, preset):
@@ -512,8 +513,8 @@ def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path,
         shutil.copytree(repo / "google" / "umt5-xxl", tokenizer)
     pipe = WanVideoPipeline.from_pretrained(preset, torch_dtype="float32", device="cpu")
     assert pipe.tokenizer is not None and (pipe.dit2 is not None) == kind.endswith("a14b")
-    assert (pipe.image_encoder is not None) == (kind == "i2v")
-    steps = {"t2v": 50, "i2v": 40, "a14b": 40, "ti2v": 50, "vace": 50, "vace_a14b": 40}
+    assert (pipe.image_encoder is not None) == (kind in ("i2v", "fun_control"))
+    steps = {"t2v": 50, "i2v": 40, "a14b": 40, "ti2v": 50, "vace": 50, "vace_a14b": 40, "fun_control": 50}
     assert pipe.defaults["num_inference_steps"] == steps[kind]
     assert bool(pipe.dit.config.vace_layers) == kind.startswith("vace")
     if kind == "vace_a14b":
@@ -526,7 +527,9 @@ def test_presets_are_data_with_the_authors_defaults():
     presets = installed_families()["wan"].presets
     names = ["Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P", "Wan2.1-FLF2V-14B-720P"]
     names += ["Wan2.1-VACE-1.3B", "Wan2.1-VACE-14B", "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"]
-    assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), "PAI/Wan2.2-VACE-Fun-A14B"])
+    fun = [f"Wan2.1-Fun-{n}-{k}" for n in ("1.3B", "14B", "V1.1-1.3B", "V1.1-14B") for k in ("Control", "InP")]
+    fun += ["Wan2.2-Fun-A14B-Control", "Wan2.2-Fun-A14B-InP", "Wan2.2-VACE-Fun-A14B"]
+    assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun)])
     assert presets["PAI/Wan2.2-VACE-Fun-A14B"].defaults == presets["Wan-AI/Wan2.2-T2V-A14B"].defaults
     a14b = presets["Wan-AI/Wan2.2-T2V-A14B"]
     assert [f.origin_file_pattern for f in a14b.files][:2] == [

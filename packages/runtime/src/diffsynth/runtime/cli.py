@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--vace-scale", type=float, default=None, help="VACE (Wan): weight of the control (default 1)")
     gen.add_argument(
+        "--control-video", default=None, help="Wan Fun Control: the video to follow (a pose, depth or edge video)"
+    )
+    gen.add_argument("--reference-image", default=None, help="Wan Fun Control (V1.1, Wan 2.2): an image of the subject")
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -252,6 +256,8 @@ def _generate(args) -> int:
         "vace_video_mask": args.vace_mask,
         "vace_reference_image": args.vace_reference_image,
         "vace_scale": args.vace_scale,
+        "control_video": args.control_video,
+        "reference_image": args.reference_image,
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}

@@ -13,6 +13,11 @@ hints added to the residual stream after those layers, scaled by `vace_scale`. E
 runs right after its main layer (the branch depends only on the DiT's input), so the hints are
 never all held at once and a step cache that skips the main blocks skips the branch too.
 
+Alibaba PAI's Wan Fun Control models (Wan2.1-Fun-V1.1-*-Control, Wan2.2-Fun-A14B-Control) are I2V DiTs
+whose extra input channels also carry the control video's latent, and may have `ref_conv`: a 2 x 2
+convolution that turns a reference image's latent into tokens placed before the video's, as one more
+leading latent frame for RoPE, and dropped before the head.
+
 Module names equal the ORIGINAL Wan checkpoints (`blocks.N.self_attn.q`, `head.head`, ...), which
 is what the official hub repos hold even though their files carry diffusers-style names.
 
@@ -85,11 +90,13 @@ class WanDiTConfig:
     rope_max_len: int = 1024
     vace_layers: tuple[int, ...] = ()  # VACE: main layers followed by a control hint (first must be 0)
     vace_in_dim: int = 96  # VACE control context channels: 16 kept + 16 repainted latent + 64 mask
+    ref_conv: bool = False  # Wan Fun (V1.1, Wan2.2 A14B) Control: a reference image's latent as leading tokens
+    ref_dim: int = 16  # the reference latent's channels (the Wan 2.1 VAE's)
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
         self.vace_layers = tuple(int(i) for i in self.vace_layers)
-        for name in ("dim", "ffn_dim", "num_heads", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len"):
+        for name in ("dim", "ffn_dim", "num_heads", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len", "ref_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"WanDiTConfig.{name}={value!r} must be a positive integer")
@@ -368,6 +375,10 @@ class WanDiT(nn.Module):
         self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
         if config.has_image_input:
             self.img_emb = ImageEmbedding(config.image_dim, dim, config.image_pos_len)
+        if config.ref_conv:
+            self.ref_conv = nn.Conv2d(
+                config.ref_dim, dim, kernel_size=config.patch_size[1:], stride=config.patch_size[1:]
+            )
         if config.vace_layers:
             self.vace_blocks = nn.ModuleList(VaceBlock(config, first=n == 0) for n in range(len(config.vace_layers)))
             self.vace_patch_embedding = nn.Conv3d(
@@ -389,6 +400,7 @@ class WanDiT(nn.Module):
         y: torch.Tensor | None = None,
         vace_context: torch.Tensor | None = None,
         vace_scale: float | tuple[float, ...] = 1.0,
+        reference_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction for latents `x` `[B, C, F, H, W]`; computation runs in `x.dtype`.
 
@@ -400,14 +412,25 @@ class WanDiT(nn.Module):
         conditioning) is concatenated to `x` on channels before the patch embedding.
         `vace_context` `[B, vace_in_dim, F', H, W]` (VACE models; `F' <= F`, the missing frames count
         as zeros) drives the control branch; `vace_scale` multiplies its hints (one number, or one per
-        entry of `vace_layers`).
+        entry of `vace_layers`). `reference_latents` `[B, ref_dim, 1, H, W]` (a DiT with `ref_conv`)
+        is the latent of a reference image, seen as tokens of a frame before the video's.
 
         Under parallelism (`self.parallel`) the samples are divided over the batch ranks and the video
         tokens over the sequence ranks (the text and CLIP keys stay whole).
         """
         scales = self._vace_scales(vace_context, vace_scale)
         return batch_parallel(
-            self.parallel, x.shape[0], self._forward, x, timestep, context, clip_feature, y, vace_context, scales
+            self.parallel,
+            x.shape[0],
+            self._forward,
+            x,
+            timestep,
+            context,
+            clip_feature,
+            y,
+            vace_context,
+            scales,
+            reference_latents,
         )
 
     def _forward(
@@ -419,6 +442,7 @@ class WanDiT(nn.Module):
         y: torch.Tensor | None,
         vace_context: torch.Tensor | None,
         vace_scales: tuple[float, ...],
+        reference_latents: torch.Tensor | None,
     ) -> torch.Tensor:
         cfg = self.config
         if y is not None:
@@ -430,6 +454,13 @@ class WanDiT(nn.Module):
 
         seq = self.patch_embedding(x).flatten(2).transpose(1, 2).float()
         values, index = self._timestep_index(timestep, b, seq.shape[1], device)
+        leading = 0  # reference tokens before the video's
+        if reference_latents is not None:
+            ref = self._reference_tokens(reference_latents, b, grid, dtype)
+            if (index.shape[1] == seq.shape[1] and index.shape[1] > 1) or vace_context is not None:
+                raise ValueError("reference_latents cannot be combined with per-token timesteps or vace_context")
+            seq, leading = torch.cat([ref, seq], dim=1), ref.shape[1]
+            grid = (grid[0] + 1, grid[1], grid[2])
         temb = self.time_embedding(timestep_embedding(values, cfg.freq_dim).to(dtype))
         e = self.time_projection(temb).float().unflatten(-1, (6, cfg.dim))
         context = self.text_embedding(F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1])))
@@ -458,8 +489,21 @@ class WanDiT(nn.Module):
             )
             seq = shards.gather(tokens) if shards is not None else tokens
 
-        out = self.head(seq, temb.float(), index, dtype)
-        return self._unpatchify(out, grid)
+        out = self.head(seq[:, leading:], temb.float(), index, dtype)
+        return self._unpatchify(out, (grid[0] - (1 if leading else 0), grid[1], grid[2]))
+
+    def _reference_tokens(
+        self, reference: torch.Tensor, b: int, grid: tuple[int, int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """`ref_conv` tokens `[B, h * w, dim]` float32 of one reference latent frame `[B, ref_dim, 1, H, W]`."""
+        cfg = self.config
+        if not cfg.ref_conv:
+            raise ValueError("reference_latents were given but this Wan DiT has no ref_conv (a Wan Fun Control DiT)")
+        _, ph, pw = cfg.patch_size
+        expected = (b, cfg.ref_dim, 1, grid[1] * ph, grid[2] * pw)
+        if tuple(reference.shape) != expected:
+            raise ValueError(f"reference_latents has shape {tuple(reference.shape)}; expected {expected}")
+        return self.ref_conv(reference[:, :, 0].to(dtype)).flatten(2).transpose(1, 2).float()
 
     def _vace_scales(self, vace_context: torch.Tensor | None, vace_scale) -> tuple[float, ...]:
         n = len(self.config.vace_layers)

@@ -147,6 +147,7 @@ _OWNS_ORIGINAL = (
     "img_emb.",
     "vace_blocks.",
     "vace_patch_embedding.",
+    "ref_conv.",
 )
 _OWNS_DIFFUSERS = (
     "patch_embedding.",
@@ -184,6 +185,7 @@ _ORIGINAL_JSON = (  # WanModel config.json fields with the same name and meaning
     "vace_layers",  # VACE (`"model_type": "vace"`)
     "vace_in_dim",
 )
+_FUN_JSON = {"add_ref_conv": "ref_conv", "has_ref_conv": "ref_conv", "in_dim_ref_conv": "ref_dim"}  # Wan Fun
 _DIFFUSERS_JSON = {  # WanTransformer3DModel config.json -> ours
     "num_attention_heads": "num_heads",
     "in_channels": "in_dim",
@@ -221,6 +223,7 @@ def _fields_from_json(config_json: dict) -> dict:
     diffusers = config_json.get("_class_name") in _DIFFUSERS_CLASSES or "num_attention_heads" in config_json
     if not diffusers:
         given = {name: config_json[name] for name in _ORIGINAL_JSON if config_json.get(name) is not None}
+        given.update({ours: config_json[name] for name, ours in _FUN_JSON.items() if config_json.get(name) is not None})
     else:
         given = {ours: config_json[name] for name, ours in _DIFFUSERS_JSON.items() if config_json.get(name) is not None}
         if config_json.get("attention_head_dim") is not None and "num_heads" in given:
@@ -267,6 +270,9 @@ def _fields_from_shapes(state: StateDict) -> dict:
         fields["image_dim"] = int(state["img_emb.proj.1.weight"].shape[1])
     if "img_emb.emb_pos" in state:
         fields["image_pos_len"] = int(state["img_emb.emb_pos"].shape[1])
+    fields["ref_conv"] = "ref_conv.weight" in state
+    if fields["ref_conv"]:
+        fields["ref_dim"] = int(state["ref_conv.weight"].shape[1])
     if "vace_patch_embedding.weight" in state:
         fields["vace_in_dim"] = int(state["vace_patch_embedding.weight"].shape[1])
     return fields

@@ -15,7 +15,8 @@ How each DiT is conditioned follows its `model_type` (the authors' label):
   timestep 0 token by token and restored after every step.
 
 VACE DiTs (text-to-video with a control branch) also take `vace_video` / `vace_video_mask` /
-`vace_reference_image` (see `vace.py`).
+`vace_reference_image` (see `vace.py`); Wan Fun Control DiTs `control_video` and `reference_image`
+(see `fun_control.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_te
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
 from .text_encoder import encode_prompts
 from .vace import VaceControl, check_vace_channels, prepare_vace
@@ -50,14 +52,23 @@ MASK_CHANNELS = 4  # the I2V mask: one channel per frame folded into each latent
 @dataclass
 class WanConditions:
     """What a denoiser call needs besides latents and timestep: text states `[B, 512, 4096]`, CLIP
-    features `[B, 257 or 514, 1280]` (Wan 2.1 I2V / FLF2V), the I2V channels `y`, and a VACE DiT's
-    control context `[B, 96, F, H, W]` with its scale."""
+    features `[B, 257 or 514, 1280]` (Wan 2.1 I2V / FLF2V, Fun), the extra input channels `y` (I2V;
+    Fun Control: the control latent first), a VACE DiT's control context `[B, 96, F, H, W]` with its
+    scale, and a Fun DiT's reference image latent `[B, 16, 1, H, W]`."""
 
     context: torch.Tensor
     clip_feature: torch.Tensor | None = None
     y: torch.Tensor | None = None
     vace_context: torch.Tensor | None = None
     vace_scale: float | tuple[float, ...] = 1.0
+    reference_latents: torch.Tensor | None = None
+
+    def extras(self) -> dict:
+        """The DiT's keyword inputs besides the text (the ones given)."""
+        given = {"clip_feature": self.clip_feature, "y": self.y, "reference_latents": self.reference_latents}
+        if self.vace_context is not None:
+            given.update(vace_context=self.vace_context, vace_scale=self.vace_scale)
+        return {k: v for k, v in given.items() if v is not None}
 
 
 def wan_velocity(
@@ -67,22 +78,21 @@ def wan_velocity(
     context: torch.Tensor,
     clip_feature: torch.Tensor | None = None,
     y: torch.Tensor | None = None,
-    vace_context: torch.Tensor | None = None,
-    vace_scale: float | tuple[float, ...] = 1.0,
+    **extras,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) predicted by a Wan DiT, in float32.
 
     `timestep` is `1000 * sigma`, `[B]` or per token `[B, tokens]` (TI2V); it stays float32 (the
-    authors embed it in full precision). Everything else runs in the DiT's weight dtype.
+    authors embed it in full precision). Everything else runs in the DiT's weight dtype; `extras` are
+    the DiT's other keyword inputs (`vace_context`, `vace_scale`, `reference_latents`).
     """
     dtype = module_dtype(dit)
+    inputs = {"clip_feature": clip_feature, "y": y, **extras}
     out = dit(
         x.to(dtype),
         timestep.to(device=x.device, dtype=torch.float32),
         context.to(dtype),
-        clip_feature=None if clip_feature is None else clip_feature.to(dtype),
-        y=None if y is None else y.to(dtype),
-        **({} if vace_context is None else {"vace_context": vace_context.to(dtype), "vace_scale": vace_scale}),
+        **{k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
     )
     return out.float()
 
@@ -196,6 +206,8 @@ class WanVideoPipeline(BasePipeline):
         vace_video_mask: Sequence[ImageInput] | str | os.PathLike | Image.Image | None = None,
         vace_reference_image: ImageInput | Sequence[ImageInput] | None = None,
         vace_scale: float | Sequence[float] = 1.0,
+        control_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        reference_image: ImageInput | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -214,7 +226,9 @@ class WanVideoPipeline(BasePipeline):
         VACE DiTs: `vace_video` (frames or a file) is the control video, `vace_video_mask` (frames, a
         file, or one image for all frames; white = generate, black = keep) says what to repaint,
         `vace_reference_image` (one or several) shows subjects to put in the video, and `vace_scale`
-        (one number or one per VACE layer) weighs the control.
+        (one number or one per VACE layer) weighs the control. Wan Fun Control DiTs: `control_video`
+        (frames or a file: pose, depth, edges...) is followed, `reference_image` shows the subject (DiTs
+        with `ref_conv`); `input_image` is optional there.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -232,7 +246,8 @@ class WanVideoPipeline(BasePipeline):
             int(self.setting("height", height, 480)), int(self.setting("width", width, 832))
         )
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 81))
-        first, last = self.check_images(input_image, end_image, len(prompts))
+        first, last = self.check_images(input_image, end_image, len(prompts), control_video)
+        reference = self.check_reference(reference_image)
         vace_scale = self.check_vace(vace_video, vace_video_mask, vace_reference_image, vace_scale)
         use_cfg = scale != 1.0 or (self.dit2 is not None and scale_2 != 1.0)
         vae_kwargs = {"tiled": tiled}
@@ -243,11 +258,23 @@ class WanVideoPipeline(BasePipeline):
         context = self.encode_prompt(prompts, max_sequence_length)
         negative_context = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
 
-        # 2. image conditions (CLIP features, I2V channels, the TI2V first-frame latent)
-        clip_feature = self.encode_clip(first, last, height, width)
-        if first is not None:
+        # 2. image conditions (CLIP features, I2V channels, the TI2V first-frame latent; Fun: the control
+        # latent in y, the reference image's CLIP features and latent)
+        clip_images = ([reference] * len(prompts), None) if reference is not None else (first, last)
+        clip_feature = self.encode_clip(*clip_images, height, width)
+        if first is not None or control_video is not None or reference is not None:
             self.load_models_to_device(["vae"])
         y = self.encode_frames(first, last, len(prompts), frames, height, width, vae_kwargs)
+        if control_video is not None:
+            control = encode_control_video(self, control_video, len(prompts), frames, height, width, vae_kwargs)
+            y = control_y(control, y, self.dit.config.in_dim - self.dit.config.out_dim - control.shape[1])
+            if clip_feature is None and self.dit.config.has_image_input:
+                clip_feature = zero_clip(len(prompts), self.dit.config, self.device)
+        reference_latents = None
+        if reference is not None:
+            pixels = self._pixels([reference], height, width, module_dtype(self.vae))
+            reference_latents = self.vae.encode(pixels[:, :, None], **vae_kwargs).float()
+            reference_latents = reference_latents.expand(len(prompts), -1, -1, -1, -1)
         first_latent = self.encode_first_latent(first, len(prompts), height, width, vae_kwargs)
         vace = None
         if vace_scale is not None:
@@ -255,7 +282,7 @@ class WanVideoPipeline(BasePipeline):
             vace = prepare_vace(
                 self, vace_video, vace_video_mask, vace_reference_image, vace_scale, frames, height, width, vae_kwargs
             )
-        cond = WanConditions(context, clip_feature, y)
+        cond = WanConditions(context, clip_feature, y, reference_latents=reference_latents)
         if vace is not None:
             cond = replace(cond, vace_context=vace.context.expand(len(prompts), -1, -1, -1, -1), vace_scale=vace.scale)
         uncond = replace(cond, context=negative_context) if use_cfg else None
@@ -291,15 +318,24 @@ class WanVideoPipeline(BasePipeline):
             logger.warning("num_frames=%d rounded to %d (1 + %dk frames)", num_frames, rounded, tc)
         return rounded
 
-    def check_images(self, input_image, end_image, batch: int):
-        """The first/last frames as lists of RGB images (one per prompt), checked against the DiT's kind."""
+    def check_images(self, input_image, end_image, batch: int, control_video=None):
+        """The first/last frames as lists of RGB images (one per prompt), checked against the DiT's kind (and
+        for `control_video`, whether the DiT is a Fun Control one)."""
         kind = self.dit.config.model_type
+        fun_control = control_channels(self.dit.config) > 0
+        if control_video is not None and not fun_control:
+            raise ConfigError(
+                "control_video needs a Wan Fun Control model (e.g. PAI/Wan2.1-Fun-V1.1-1.3B-Control); this DiT's "
+                f"inputs ({self.dit.config.in_dim} channels, {kind!r}) have no place for it"
+            )
+        if fun_control and control_video is None:
+            raise ConfigError("this Wan model is a Fun Control model: pass control_video (e.g. a pose or depth video)")
         if kind == "t2v" and (input_image is not None or end_image is not None):
             raise ConfigError(
                 "this Wan model is text-to-video: it takes no input_image or end_image (use an I2V/TI2V model, "
                 "or input_video with denoising_strength for video-to-video)"
             )
-        if kind == "i2v" and input_image is None:
+        if kind == "i2v" and input_image is None and not fun_control:
             raise ConfigError("this Wan model is image-to-video: pass input_image (the first frame)")
         if kind == "ti2v" and end_image is not None:
             raise ConfigError("Wan2.2-TI2V takes an input_image (first frame) but no end_image")
@@ -335,6 +371,19 @@ class WanVideoPipeline(BasePipeline):
             raise ConfigError(f"vace_scale={scale!r} must be a number or {layers} numbers (one per VACE layer)")
         check_vace_channels(self.dit.config, self.vae)
         return float(scales[0]) if len(scales) == 1 else tuple(float(v) for v in scales)
+
+    def check_reference(self, reference_image) -> Image.Image | None:
+        """The Fun reference image as an RGB image; refused for DiTs without `ref_conv`."""
+        if reference_image is None:
+            return None
+        if not self.dit.config.ref_conv:
+            raise ConfigError(
+                "reference_image needs a Wan Fun model with a reference input (ref_conv: e.g. "
+                "PAI/Wan2.1-Fun-V1.1-1.3B-Control); for VACE models use vace_reference_image"
+            )
+        if self.dit2 is not None and not self.dit2.config.ref_conv:
+            raise ConfigError("reference_image: the low-noise expert dit2 has no ref_conv")
+        return load_image(reference_image)
 
     @staticmethod
     def _image_list(images, batch: int, name: str) -> list[Image.Image] | None:
@@ -382,7 +431,7 @@ class WanVideoPipeline(BasePipeline):
     ) -> torch.Tensor | None:
         """I2V channels `y` `[B, 4 + z, T, h, w]`: which frames are given, and the latent of the video
         that holds them (zeros elsewhere), as the authors' image2video / first_last_frame2video build it."""
-        if self.dit.config.model_type != "i2v":
+        if self.dit.config.model_type != "i2v" or first is None:
             return None
         dtype = module_dtype(self.vae)
         video = torch.zeros(batch, 3, frames, height, width, dtype=dtype, device=self.device)
@@ -399,6 +448,8 @@ class WanVideoPipeline(BasePipeline):
         mask = given[None, :, :, None, None].expand(batch, tc, t, h, w)
         y = torch.cat([mask, latent], dim=1)
         expected = self.dit.config.in_dim - self.dit.config.out_dim
+        if control_channels(self.dit.config):  # Fun Control: y is completed by `control_y`
+            return y
         if y.shape[1] != expected:
             raise ConfigError(
                 f"the I2V conditioning has {y.shape[1]} channels ({tc} mask + {latent.shape[1]} latent) but the DiT "
@@ -489,28 +540,19 @@ class WanVideoPipeline(BasePipeline):
 
         Under batch parallelism (`enable_parallel(batch=2)`) the two branches always run as one batch,
         which the ranks then divide."""
-        vace = {"vace_context": cond.vace_context, "vace_scale": cond.vace_scale}
         if uncond is None:
-            return wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y, **vace)
+            return wan_velocity(dit, x, timestep, cond.context, **cond.extras())
         groups = getattr(dit, "parallel", None)
         if not cfg_merge and (groups is None or groups.batch_size == 1):
-            positive = wan_velocity(dit, x, timestep, cond.context, cond.clip_feature, cond.y, **vace)
-            negative = wan_velocity(dit, x, timestep, uncond.context, uncond.clip_feature, uncond.y, **vace)
+            positive = wan_velocity(dit, x, timestep, cond.context, **cond.extras())
+            negative = wan_velocity(dit, x, timestep, uncond.context, **uncond.extras())
             return self.guide(positive, negative, scale)
 
         def twice(a):
-            return None if a is None else torch.cat([a, a])
+            return torch.cat([a, a]) if isinstance(a, torch.Tensor) else a
 
-        both = wan_velocity(
-            dit,
-            twice(x),
-            twice(timestep),
-            torch.cat([cond.context, uncond.context]),
-            twice(cond.clip_feature),
-            twice(cond.y),
-            twice(cond.vace_context),
-            cond.vace_scale,
-        )
+        extras = {k: twice(v) for k, v in cond.extras().items()}
+        both = wan_velocity(dit, twice(x), twice(timestep), torch.cat([cond.context, uncond.context]), **extras)
         positive, negative = both.chunk(2)
         return self.guide(positive, negative, scale)
 

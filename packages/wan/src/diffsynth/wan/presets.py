@@ -11,6 +11,8 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - Wan2.2-TI2V-5B: 1280x704, 121 frames at 24 fps, 50 steps, guide 5, shift 5.
 - PAI/Wan2.2-VACE-Fun-A14B (Alibaba PAI's VACE experts on Wan2.2-T2V-A14B, each laid out like
   Wan2.1-VACE-14B): the settings of the Wan2.2-T2V-A14B it extends.
+- PAI's Wan Fun Control and InP models: DiffSynth-Studio's defaults, which its example scripts use
+  (832x480, 81 frames, 50 steps, guidance 5, shift 5; the A14B experts hand over at 0.875).
 
 Sizes are the authors' default `--size` (1280*720 = width*height; 832*480 for the 480p-only models).
 The authors sample with UniPC; we take Euler steps on the same shifted schedule (as DiffSynth-Studio).
@@ -144,6 +146,45 @@ _PRESETS = (
         "Wan 2.2 VACE Fun (Alibaba PAI), two 14B experts with VACE control branches, 720p: vace_* arguments.",
         **_T2V_A14B,
     ),
+)
+
+_FUN = {"num_inference_steps": 50, **_480P}
+_FUN_A14B = {**_FUN, "switch_DiT_boundary": 0.875}
+_PRESETS += tuple(
+    _preset(f"PAI/Wan2.1-Fun-{name}", (DIT, T5, VAE21, CLIP), description, **_FUN)
+    for name, description in (
+        (
+            "1.3B-Control",
+            "Wan 2.1 Fun 1.3B Control (PAI): follow a control_video (pose, depth, edges); input_image optional.",
+        ),
+        ("14B-Control", "Wan 2.1 Fun 14B Control (PAI): follow a control_video; input_image optional."),
+        (
+            "V1.1-1.3B-Control",
+            "Wan 2.1 Fun V1.1 1.3B Control (PAI): control_video, and a reference_image of the subject.",
+        ),
+        (
+            "V1.1-14B-Control",
+            "Wan 2.1 Fun V1.1 14B Control (PAI): control_video, and a reference_image of the subject.",
+        ),
+        ("1.3B-InP", "Wan 2.1 Fun 1.3B InP (PAI): image-to-video from input_image (and end_image)."),
+        ("14B-InP", "Wan 2.1 Fun 14B InP (PAI): image-to-video from input_image (and end_image)."),
+        ("V1.1-1.3B-InP", "Wan 2.1 Fun V1.1 1.3B InP (PAI): image-to-video from input_image (and end_image)."),
+        ("V1.1-14B-InP", "Wan 2.1 Fun V1.1 14B InP (PAI): image-to-video from input_image (and end_image)."),
+    )
+) + tuple(
+    _preset(
+        f"PAI/Wan2.2-Fun-A14B-{name}",
+        (f"high_noise_model/{DIT}", f"low_noise_model/{DIT}", T5, VAE21),
+        description,
+        **_FUN_A14B,
+    )
+    for name, description in (
+        (
+            "Control",
+            "Wan 2.2 Fun A14B Control (PAI), two experts: control_video, reference_image, input_image optional.",
+        ),
+        ("InP", "Wan 2.2 Fun A14B InP (PAI), two experts: image-to-video from input_image (and end_image)."),
+    )
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}

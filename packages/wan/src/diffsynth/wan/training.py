@@ -35,6 +35,10 @@ reference images lead the video's latents, as the pipeline denoises them. Rows w
 DiT as text-to-video. `--lora_base_model vace` / `--trainable_models vace` train the control branch alone
 (the DiT's `trainable_parts`).
 
+A Wan Fun Control DiT (Wan2.1-Fun-V1.1-*-Control, Wan2.2-Fun-A14B-Control) trains on a row's `control_video`
+(`[3, F, H, W]`) and optional `reference_image` / `input_image`, as DiffSynth-Studio's
+`--extra_inputs control_video,reference_image`: the conditions are the pipeline's (see `fun_control.py`).
+
 Images reach the pipeline's stages as 8-bit pictures, as a user's `input_image` does (exact for frames
 read from image or video files). The model call is the pipeline's per-step `predict`, with the timestep
 `1000 * sigma`; the noise levels and loss weights come from the "wan" flow-matching template (shift 5).
@@ -67,6 +71,7 @@ from diffsynth.runtime.training_support import PipelineTrainingTask, load_partia
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import WanDiTConfig
+from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .pipeline import WanConditions, WanVideoPipeline
 from .presets import PRESETS
 from .vace import check_vace_channels, prepare_vace
@@ -169,6 +174,8 @@ class WanTrainingTask(PipelineTrainingTask):
         self._shape = _DitShape(self.dit_config)
         # validation samples: I2V / FLF2V cannot draw without their frames; TI2V trains on a given first frame
         self.validation_references = {"i2v": "required", "ti2v": "expected"}.get(self.kind, "none")
+        if self.dit_config.vace_layers:  # VACE: optional reference images of the subjects
+            self.validation_references = "optional"
 
     @classmethod
     def from_pretrained(
@@ -238,6 +245,11 @@ class WanTrainingTask(PipelineTrainingTask):
         """A validation sample's frames as the pipeline's `input_image` (the first frame) and, when two are
         given, `end_image` (the last, FLF2V)."""
         images = list(images)
+        if control_channels(self.dit_config):
+            raise ConfigError(
+                "validation samples of a Wan Fun Control model follow a control video, which --validation_images "
+                "cannot give; drop --validation_prompts"
+            )
         if self.dit_config.vace_layers:  # VACE: the images are the subjects to put in the video
             return {"vace_reference_image": images} if images else {}
         if self.kind == "t2v":
@@ -284,6 +296,45 @@ class WanTrainingTask(PipelineTrainingTask):
                     conditions["vace_context"] = vace.context[0].float()
                 samples.append({"latents": latents, "text": ctx, **conditions})
         return samples
+
+    def _fun_conditions(
+        self, index: int, row: Mapping[str, Any], video: torch.Tensor, first: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """A Fun Control DiT's conditions, as the pipeline builds them: `y` from the row's `control_video` (and
+        its `input_image` when it has one: DiffSynth-Studio's recipe trains without), CLIP features of the
+        `reference_image` (else the input image, else zeros) and the reference's latent when the DiT has
+        `ref_conv`."""
+        pipe = self.pipe
+        _, frames, height, width = video.shape
+        control = row.get("control_video")
+        if not isinstance(control, torch.Tensor) or control.dim() != 4 or control.shape[0] != 3:
+            what = tuple(control.shape) if isinstance(control, torch.Tensor) else repr(control)
+            raise ConfigError(
+                f"row {index}: a Wan Fun Control model trains on a control_video [3, F, H, W] (add the column to "
+                f"--data_file_keys); got {what}"
+            )
+        control_latent = encode_control_video(
+            pipe, tensor_to_pil(control.transpose(0, 1)), 1, frames, height, width, {}
+        )
+        first_pil = None if first is None else tensor_to_pil(first)
+        image_y = None if first_pil is None else pipe.encode_frames(first_pil, None, 1, frames, height, width, {})
+        extra = self.dit_config.in_dim - self.dit_config.out_dim - control_latent.shape[1]
+        conditions = {"y": control_y(control_latent, image_y, extra)[0].float()}
+        reference = row.get("reference_image")
+        reference_pil = (
+            None if reference is None else tensor_to_pil(self._checked_image(index, "reference_image", reference))
+        )
+        if reference_pil is not None:
+            if not self.dit_config.ref_conv:
+                raise ConfigError(f"row {index} has a reference_image, but this Wan Fun DiT has no ref_conv")
+            pixels = pipe._pixels(reference_pil, height, width, module_dtype(pipe.vae))
+            conditions["reference_latents"] = pipe.vae.encode(pixels[:, :, None])[0].float()
+        if self.dit_config.has_image_input:
+            clip = pipe.encode_clip(reference_pil or first_pil, None, height, width)
+            conditions["clip_feature"] = (clip if clip is not None else zero_clip(1, self.dit_config, pipe.device))[
+                0
+            ].float()
+        return conditions
 
     def _vace(self, index: int, row: Mapping[str, Any], video: torch.Tensor):
         """A VACE DiT's control for one row (`prepare_vace` at the video's size), or None without VACE columns."""
@@ -360,6 +411,8 @@ class WanTrainingTask(PipelineTrainingTask):
                 return {}
             first_latent = pipe.encode_first_latent(first, 1, height, width, {})
             return {"first_latent": first_latent[0].float()}
+        if control_channels(self.dit_config):
+            return self._fun_conditions(index, row, video, given["input_image"])
         last = given["end_image"]
         if last is None and self.dit_config.image_pos_len:  # FLF2V: the last frame is the second condition
             last = video[:, -1]
@@ -419,7 +472,13 @@ class WanTrainingTask(PipelineTrainingTask):
         def given(key):
             return batch[key].to(device) if key in batch else None
 
-        conditions = WanConditions(given("text"), given("clip_feature"), given("y"), given("vace_context"))
+        conditions = WanConditions(
+            given("text"),
+            given("clip_feature"),
+            given("y"),
+            given("vace_context"),
+            reference_latents=given("reference_latents"),
+        )
         if (self.kind == "i2v") != (conditions.y is not None):
             raise ConfigError(
                 f"this batch was encoded for another kind of Wan model than this {self.kind!r} DiT (I2V conditions "
