@@ -42,6 +42,25 @@ def main(repo: str, sequence: int, batch: int) -> None:
         close(run(usp, 64, 48), want, "use_usp=True")
 
 
+def controls(repo: str, controlnet: str, sequence: int, batch: int) -> None:
+    """The same with a Fun ControlNet (test_controlnet.py): its control stream is divided like the DiT's tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from diffsynth.z_image import ControlNetInput
+
+    pipe = ZImagePipeline.from_pretrained(repo, torch_dtype="float32", device="cpu", controlnet=controlnet)
+    rng = np.random.default_rng(0)
+    image, kept = (Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)) for _ in range(2))
+    mask = Image.fromarray(np.tile(np.arange(48, dtype=np.uint8) * 5, (64, 1)))  # 2-D uint8: mode "L"
+    inputs = [ControlNetInput(image=image, inpaint_image=kept, inpaint_mask=mask, scale=0.8, end=0.7)]
+
+    def run_controlled():
+        return pipe(PROMPTS, seed=0, height=64, width=48, progress_bar=False, controlnet_inputs=inputs, **OPTIONS)
+
+    check_parallel_pipeline(pipe, run_controlled, 1.4, sequence, batch, close)
+
+
 def cli(repo: str, output: str) -> None:
     """`diffsynth generate --sequence-parallel 2` as torchrun would run it: rank 0 writes the image."""
     from diffsynth.runtime.cli import main as diffsynth
@@ -63,9 +82,14 @@ def cli(repo: str, output: str) -> None:
 
 
 if __name__ == "__main__":
-    # REPO "SxB,..." [CLI_OUTPUT]: several layouts (and the CLI) in one launch, one process start-up for all
-    for layout in sys.argv[2].split(","):
-        sequence, batch = (int(n) for n in layout.split("x"))
-        main(sys.argv[1], sequence, batch)
-    if len(sys.argv) > 3:
-        cli(sys.argv[1], sys.argv[3])
+    # REPO "SxB,..." [CLI_OUTPUT | --controlnet FILE]: several layouts (and the CLI) in one launch, one process
+    # start-up for all; with --controlnet, the layouts run with that ControlNet instead
+    layouts = [tuple(int(n) for n in layout.split("x")) for layout in sys.argv[2].split(",")]
+    if len(sys.argv) > 4 and sys.argv[3] == "--controlnet":
+        for sequence, batch in layouts:
+            controls(sys.argv[1], sys.argv[4], sequence, batch)
+    else:
+        for sequence, batch in layouts:
+            main(sys.argv[1], sequence, batch)
+        if len(sys.argv) > 3:
+            cli(sys.argv[1], sys.argv[3])

@@ -13,7 +13,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.testing import conformance as cf
 from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
-from diffsynth.z_image.formats import DIT_SPEC, FAMILY, PREFIX, comfy_to_ours, config_from_state
+from diffsynth.z_image.formats import CONTROLNET_SPEC, DIT_SPEC, FAMILY, PREFIX, comfy_to_ours, config_from_state
 
 KEYS_FILE = Path(__file__).parent / "data" / "keys" / "zimage_turbo_diffusers.json"
 LAYOUTS = {layout.name: layout for layout in DIT_SPEC.layouts}
@@ -167,9 +167,10 @@ def test_shapes_that_need_other_rope_axes_say_so():
         config_from_state(state, None)
 
 
-def test_family_declares_the_dit_and_the_pipeline():
+def test_family_declares_the_dit_controlnet_and_the_pipeline():
     assert FAMILY.name == "z_image"
-    assert FAMILY.specs == (DIT_SPEC,) and DIT_SPEC.role == "dit"
+    assert FAMILY.specs == (DIT_SPEC, CONTROLNET_SPEC) and DIT_SPEC.role == "dit"
+    assert CONTROLNET_SPEC.role == "controlnet"
     assert FAMILY.pipeline == "diffsynth.z_image.pipeline:ZImagePipeline"
 
 

@@ -20,8 +20,8 @@ class ControlNetInput:
     `scale` multiplies the net's residuals; `start` / `end` are the fractions of the denoising steps
     where it acts (diffusers' `control_guidance_start/end`: step i of n runs when
     `start <= i / n` and `(i + 1) / n <= end`). `processor_id` is the control mode of a union net
-    that takes one (FLUX.1 Union: a mode name such as "canny" or "depth", or its index); other nets
-    ignore it. `inpaint_mask` (white = repaint) is needed by inpainting nets; `inpaint_image` is the
+    that takes one (FLUX.1 Union: a mode name such as "canny" or "depth", or its index); nets without
+    modes ignore or refuse it (see the family's README). `inpaint_mask` (white = repaint) is needed by inpainting nets; `inpaint_image` is the
     image to repaint for nets that take it apart from the control image (Z-Image Fun Union 2.x).
     `controlnet_id` picks the loaded ControlNet (in load order); several inputs may share one net.
     Which fields a family reads is in its README.

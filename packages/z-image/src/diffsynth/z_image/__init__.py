@@ -1,4 +1,8 @@
-"""DiffSynth Z-Image family: Z-Image-Turbo and Z-Image text-to-image and image-to-image."""
+"""DiffSynth Z-Image family: Z-Image-Turbo and Z-Image text-to-image and image-to-image, with the Fun ControlNets.
+
+Names are imported lazily (the pipeline pulls in transformers). `ControlNetInput` is the runtime's
+(`diffsynth.runtime.controlnet`), shared by every family that takes ControlNets.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import importlib
 
 _EXPORTS = {
     "ZImagePipeline": "pipeline",
+    "ControlNetInput": "pipeline",
     "ZImageDiT": "dit",
     "ZImageDiTConfig": "dit",
+    "ZImageControlNet": "controlnet",
+    "ZImageControlNetConfig": "controlnet",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,6 +9,9 @@ Both streams are padded to multiples of 32 tokens with learned pad tokens (`x_pa
 `cap_pad_token`) that take part in attention like real tokens; only the batch padding of
 captions of different lengths is masked, so a sample gives the same result alone or in a batch.
 
+ControlNets (`controlnet.py`) are passed per call (`controls`): their hints are added after the
+noise-refiner layers and main layers they belong to; their blocks run as the DiT's layers pass them.
+
 Module names equal the official diffusers checkpoint (`transformer/` folder), so it loads as is.
 The timestep is the model's native input, the reversed time `1 - sigma`; the prediction points
 from noise to data (the pipeline negates it).
@@ -17,7 +20,9 @@ from noise to data (the pipeline negates it).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,9 @@ from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
 from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
+
+if TYPE_CHECKING:
+    from .controlnet import ControlRun, ZImageControl
 
 logger = logging.getLogger(__name__)
 
@@ -236,15 +244,33 @@ class ZImageDiT(nn.Module):
         self.rope = MultiAxisRope(config.rope_theta, config.axes_dims, config.axes_lens)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, text: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text: list[torch.Tensor],
+        controls: Sequence[ZImageControl] = (),
+    ) -> torch.Tensor:
         """Denoiser output for latents `x` `[B, C, H, W]` (or `[B, C, F, H, W]`).
 
         `timestep` is `[B]` (or a scalar) in the model's own convention (`1 - sigma`); `text` is one
-        `[L_i, cap_feat_dim]` tensor per sample. Computation runs in `x.dtype`.
+        `[L_i, cap_feat_dim]` tensor per sample. Computation runs in `x.dtype`. `controls` are
+        `ZImageControl`s (a ControlNet, its condition latents, a scale) whose hints are added.
         """
-        return batch_parallel(self.parallel, x.shape[0], self._forward, x, timestep, text, per_sample=(2,))
+        controls = list(controls)
+        latents = [c.latents for c in controls]  # divided with the batch; the nets are not
+        return batch_parallel(
+            self.parallel, x.shape[0], self._forward, x, timestep, text, latents, controls=controls, per_sample=(2,)
+        )
 
-    def _forward(self, x: torch.Tensor, timestep: torch.Tensor | float, text: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text: list[torch.Tensor],
+        control_latents: Sequence[torch.Tensor] = (),
+        controls: Sequence[ZImageControl] = (),
+    ) -> torch.Tensor:
         cfg = self.config
         video = x.dim() == 5
         x5 = x if video else x.unsqueeze(2)
@@ -270,8 +296,12 @@ class ZImageDiT(nn.Module):
         rope_img = (cos[:, :s_img], sin[:, :s_img])
         rope_cap = (cos[:, s_img:], sin[:, s_img:])
 
-        for block in self.noise_refiner:
+        controls = zip(controls, control_latents, strict=True)
+        runs = [self._start_control(c, lat, x5, img, rope_img, adaln) for c, lat in controls]
+        for i, block in enumerate(self.noise_refiner):
             img = self._run(block, img, rope_img, None, adaln)
+            for run in runs:
+                img = run.after_refiner(i, img)
         for block in self.context_refiner:
             cap = self._run(block, cap, rope_cap, cap_mask, None)
 
@@ -287,15 +317,44 @@ class ZImageDiT(nn.Module):
                     (shards.shard(cos), shards.shard(sin)),
                     shards.key_mask(mask, b, device),
                 )
-            (seq,) = run_block_list(
-                self.step_cache, self.layers, (seq,), lambda block, s: (self._run(block, s[0], rope, mask, adaln),)
-            )
+            for run in runs:
+                run.begin_layers(cap, seq, rope, mask, adaln, shards)
+            (seq,) = run_block_list(self.step_cache, self.layers, (seq,), self._layer_call(rope, mask, adaln, runs))
             if shards is not None:
                 seq = shards.gather(seq)
 
         out = self.all_final_layer[cfg.patch_key](seq[:, :n_img], adaln)
         out = self._unpatchify(out, frames, height, width)
         return out if video else out.squeeze(2)
+
+    def _layer_call(self, rope: Rope, mask: torch.Tensor | None, adaln: torch.Tensor, runs: list[ControlRun]):
+        """One main layer as `run_block_list` calls it; with controls, their hints follow the layer."""
+        if not runs:
+            return lambda block, s: (self._run(block, s[0], rope, mask, adaln),)
+        index = {id(block): i for i, block in enumerate(self.layers)}
+
+        def call(block: nn.Module, s: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+            out = self._run(block, s[0], rope, mask, adaln)
+            for run in runs:
+                out = run.after_layer(index[id(block)], out)
+            return (out,)
+
+        return call
+
+    def _start_control(
+        self, control: ZImageControl, latents: torch.Tensor, x: torch.Tensor, img: torch.Tensor, rope: Rope, adaln
+    ) -> ControlRun:
+        """Check one control against this DiT and its latents `x` `[B, C, F, H, W]`; run its refiner stage."""
+        control.net.check_fits(self.config)
+        lat = latents if latents.dim() == 5 else latents.unsqueeze(2)
+        want = control.net.config.control_in_dim
+        if lat.shape[1] != want or lat.shape[2:] != x.shape[2:] or lat.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"control latents have shape {tuple(latents.shape)}; this ControlNet takes [{x.shape[0]} or 1, "
+                f"{want}, ...] with the latents' size {tuple(x.shape[2:])}"
+            )
+        patches = self._patchify(lat.to(img.dtype)).expand(img.shape[0], -1, -1)
+        return control.start(patches, img, rope, adaln, self.x_pad_token.to(img.dtype))
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -10,6 +10,11 @@ layout loads as is. Also accepted:
 
 Z-Image is told apart from Lumina-Image 2.0 (same names) by `layers.0.adaLN_modulation.0`:
 Lumina puts a SiLU first, so its Linear is `adaLN_modulation.1`.
+
+The Fun ControlNets (`controlnet.py`) load from the official PAI files (also what diffusers'
+`ZImageControlNetModel` saves): `control_layers.N.*`, `control_all_x_embedder.P-F.*`,
+`control_noise_refiner.N.*`, our names as they are. A file that also holds the DiT (VideoX-Fun's whole
+control transformer) gives both models.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
+from .controlnet import RELEASED_PLACES, ZImageControlNet, ZImageControlNetConfig
 from .dit import ZImageDiT, ZImageDiTConfig
 
 PREFIX = "model.diffusion_model."
@@ -237,11 +243,122 @@ DIT_SPEC = ModelSpec(
     description="Z-Image / Z-Image-Turbo DiT (diffusers `transformer/` folder, prefixed and ComfyUI single files)",
 )
 
+# ----------------------------------------------------------------------------------- ControlNet
+CONTROLNET_SIGNATURE = (
+    "control_layers.0.before_proj.weight",
+    "control_layers.0.after_proj.weight",
+    "control_layers.0.attention.to_q.weight",
+    "control_layers.0.adaLN_modulation.0.weight",
+)
+CONTROLNET_LAYOUTS = (
+    KeyLayout(
+        "pai",
+        CONTROLNET_SIGNATURE,
+        owns_prefixes=("control_layers.", "control_all_x_embedder.", "control_noise_refiner."),
+    ),
+)
+_CONTROL_EMBEDDER_KEY = re.compile(r"^control_all_x_embedder\.(\d+)-(\d+)\.weight$")
+# diffusers ZImageControlNetModel config.json fields with our meaning (n_refiner_layers: see below)
+_CONTROL_JSON_FIELDS = ("control_in_dim", "dim", "n_heads", "norm_eps", "qk_norm")
+
+
+def _controlnet_fields_from_json(config_json: dict, json_only: bool) -> dict:
+    given = {name: config_json[name] for name in _CONTROL_JSON_FIELDS if config_json.get(name) is not None}
+    for name in ("control_layers_places", "control_refiner_layers_places"):
+        if config_json.get(name) is not None:
+            given[name] = tuple(config_json[name])
+    if "add_control_noise_refiner" in config_json:  # null is a value here (1.0)
+        given["add_control_noise_refiner"] = config_json["add_control_noise_refiner"]
+    for name, ours in (("all_patch_size", "patch_size"), ("all_f_patch_size", "f_patch_size")):
+        sizes = config_json.get(name)
+        if sizes is not None:
+            sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+            if len(sizes) != 1:
+                raise ConfigError(f"config.json {name}={sizes}: only single-patch-size ControlNets are supported")
+            given[ours] = int(sizes[0])
+    heads, kv = config_json.get("n_heads"), config_json.get("n_kv_heads")
+    if heads is not None and kv is not None and kv != heads:
+        raise ConfigError(f"config.json n_kv_heads={kv} must equal n_heads={heads}")
+    if json_only and config_json.get("n_refiner_layers") is not None:
+        # diffusers' n_refiner_layers is the DiT's; it builds no refiner blocks for 2.0 ("control_layers")
+        mode = given.get("add_control_noise_refiner", "control_noise_refiner")
+        given["n_refiner_layers"] = 0 if mode == "control_layers" else int(config_json["n_refiner_layers"])
+    return given
+
+
+def _controlnet_fields_from_shapes(state: StateDict) -> dict:
+    embedders = [m for k in state if (m := _CONTROL_EMBEDDER_KEY.match(k))]
+    if len(embedders) != 1:
+        raise ConfigError(
+            f"Z-Image ControlNet has {len(embedders)} `control_all_x_embedder.P-F.weight` entries; expected exactly 1"
+        )
+    patch, f_patch = int(embedders[0].group(1)), int(embedders[0].group(2))
+    dim, patch_dim = state[embedders[0].group(0)].shape
+    refiner = _count(state, "control_noise_refiner")
+    fields = dict(
+        patch_size=patch,
+        f_patch_size=f_patch,
+        control_in_dim=patch_dim // (patch * patch * f_patch),
+        dim=dim,
+        n_refiner_layers=refiner,
+        qk_norm="control_layers.0.attention.norm_q.weight" in state,
+    )
+    if fields["qk_norm"]:
+        fields["n_heads"] = dim // state["control_layers.0.attention.norm_q.weight"].shape[0]
+    # 2.0 and 2.1 have the same shapes (the loaded values tell them apart); these two cases shapes decide
+    if refiner == 0:
+        fields["add_control_noise_refiner"] = "control_layers"  # a diffusers-saved 2.0 net
+    elif "control_noise_refiner.0.before_proj.weight" not in state:
+        fields["add_control_noise_refiner"] = None  # 1.0: plain refiner blocks
+    return fields
+
+
+def controlnet_config_from_state(state: StateDict, config_json: dict | None = None) -> ZImageControlNetConfig:
+    """Config from the file's shapes and, when present, a diffusers `config.json` beside it.
+
+    Shapes give widths, heads, patch, the condition channels and the refiner variant where shapes
+    can tell it; which DiT layers the control layers follow is not in the file: a `config.json`
+    gives it, else the released nets' rule for their layer count (`RELEASED_PLACES`).
+    """
+    given = _controlnet_fields_from_json(config_json, json_only=not state) if config_json else {}
+    fields = merge_fields("Z-Image ControlNet", given, _controlnet_fields_from_shapes(state) if state else {})
+    n = _count(state, "control_layers") if state else None
+    if "control_layers_places" not in fields:
+        if n not in RELEASED_PLACES:
+            raise ConfigError(
+                f"Z-Image ControlNet with {n} control layers: which DiT layers they follow is known only for the "
+                f"released nets ({sorted(RELEASED_PLACES)} layers); give control_layers_places in a config.json "
+                "beside the file"
+            )
+        fields["control_layers_places"] = RELEASED_PLACES[n]
+    elif n is not None and len(fields["control_layers_places"]) != n:
+        raise ConfigError(
+            f"Z-Image ControlNet config.json control_layers_places={list(fields['control_layers_places'])} names "
+            f"{len(fields['control_layers_places'])} layers but the file has {n}"
+        )
+    if "control_refiner_layers_places" not in fields:
+        mode = fields.get("add_control_noise_refiner", "control_noise_refiner")
+        refiner = fields.get("n_refiner_layers", 2)
+        fields["control_refiner_layers_places"] = (
+            () if mode is None else tuple(range(refiner if mode == "control_noise_refiner" else 2))
+        )
+    return build_config(ZImageControlNetConfig, "Z-Image ControlNet", fields)
+
+
+CONTROLNET_SPEC = ModelSpec(
+    name="z_image_controlnet",
+    role="controlnet",
+    layouts=CONTROLNET_LAYOUTS,
+    config_from_state=controlnet_config_from_state,
+    build=ZImageControlNet,
+    description="Z-Image-Turbo Fun ControlNet Union 1.0 / 2.0 / 2.1 (alibaba-pai, PAI; VideoX-Fun)",
+)
+
 from .presets import PRESETS  # noqa: E402  (presets import nothing from here; kept last on purpose)
 
 FAMILY = Family(
     name="z_image",
-    specs=(DIT_SPEC,),
+    specs=(DIT_SPEC, CONTROLNET_SPEC),
     presets=PRESETS,
     pipeline="diffsynth.z_image.pipeline:ZImagePipeline",
     training="diffsynth.z_image.training:ZImageTrainingTask",

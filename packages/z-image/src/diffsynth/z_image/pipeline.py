@@ -4,42 +4,189 @@ Stages: encode prompts (Qwen3, second-to-last hidden states) -> prepare latents 
 or the noised input image) -> denoise (Euler on the Z-Image sigma template, optional CFG batched
 with the conditional pass) -> decode (AutoencoderKL). `z_image_velocity` is the per-step model
 call; the trainer reuses it.
+
+Fun ControlNets (PAI Z-Image-Turbo-Fun-Controlnet-Union 1.0 / 2.0 / 2.1) are loaded with
+`from_pretrained(..., controlnet=...)`, `load_controlnet(...)` or listed among `model_configs`, and used
+through `controlnet_inputs=[ControlNetInput(...)]`: each input's condition is VAE-encoded once
+(`encode_control`) and the DiT adds the net's hints, times the input's scale, on the steps where it acts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+from diffsynth.runtime.controlnet import ControlNetInput, acts_at
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .controlnet import ZImageControl, ZImageControlNet
+from .presets import CONTROLNET_FILES
 from .text_encoder import encode_prompts
 
 logger = logging.getLogger(__name__)
 
 
-def z_image_velocity(dit, latents: torch.Tensor, sigma: torch.Tensor, text: list[torch.Tensor]) -> torch.Tensor:
+def z_image_velocity(
+    dit, latents: torch.Tensor, sigma: torch.Tensor, text: list[torch.Tensor], controls: Sequence[ZImageControl] = ()
+) -> torch.Tensor:
     """Flow velocity (noise - clean) predicted by the Z-Image DiT at noise level `sigma` [B].
 
     The DiT was trained with the reversed time `1 - sigma` and predicts the opposite direction,
-    as in the authors' code, hence both sign flips.
+    as in the authors' code, hence both sign flips. `controls` add ControlNet hints.
     """
-    out = dit(latents.to(module_dtype(dit)), 1.0 - sigma.to(latents.device, torch.float32), text)
+    args = (latents.to(module_dtype(dit)), 1.0 - sigma.to(latents.device, torch.float32), text)
+    out = dit(*args, controls) if controls else dit(*args)
     return -out.float()
 
 
+@dataclass
+class ControlCondition:
+    """A `ControlNetInput` ready for the denoiser: the net, its condition latents and scale, and the
+    fractions of the steps where it acts."""
+
+    control: ZImageControl
+    start: float = 0.0
+    end: float = 1.0
+
+    def active(self, step: int, steps: int) -> bool:
+        return acts_at(self.start, self.end, step, steps)
+
+
+class ZImageControlNets(torch.nn.Module):
+    """The pipeline's `controlnet` slot: the loaded ControlNets in load order (`controlnet_id`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nets = torch.nn.ModuleList()
+        self.offload_units: tuple[str, ...] = ()
+        self.compile_units: tuple[str, ...] = ()
+
+    def append(self, net: ZImageControlNet) -> int:
+        self.nets.append(net)
+        i = len(self.nets) - 1
+        self.offload_units += tuple(f"nets.{i}.{u}" for u in net.offload_units)
+        self.compile_units += tuple(f"nets.{i}.{u}" for u in net.compile_units)
+        return i
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+
 class ZImagePipeline(BasePipeline):
-    """Z-Image text-to-image / image-to-image, API compatible with DiffSynth-Studio."""
+    """Z-Image text-to-image / image-to-image (and Fun ControlNets), API compatible with DiffSynth-Studio."""
 
     family = "z_image"
-    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder", "controlnet": "controlnet"}
+    optional_slots = ("controlnet",)
     size_multiple = 16  # VAE 8x, patch 2
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_configs=None,
+        *,
+        controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
+        **kwargs,
+    ):
+        """As `BasePipeline.from_pretrained`; `controlnet` loads one or several Fun ControlNets (see
+        `load_controlnet`). ControlNet files may also be listed among `model_configs`, as DiffSynth-Studio does."""
+        pipe = super().from_pretrained(model_id_or_configs, **kwargs)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet)
+        pipe.check_controlnets()
+        return pipe
+
+    def load_controlnet(
+        self, controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig]
+    ) -> list[int]:
+        """Load Fun ControlNets and return their `controlnet_id`s (load order, after those already loaded).
+
+        Each item is a `ModelConfig`, a local file, or one of the known hub repos (`CONTROLNET_FILES`, e.g.
+        "PAI/Z-Image-Turbo-Fun-Controlnet-Union-2.1": its 8-step Union file). Loads are strict: a key the
+        net does not have, or one it misses, is an error naming it and the file. Nets load in the
+        pipeline's dtype and are placed like the other models (on the device, or under VRAM management).
+        """
+        from diffsynth.runtime.loading import load_models
+
+        from .formats import CONTROLNET_SPEC
+
+        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if not items:
+            raise ConfigError("load_controlnet got an empty list; give a file, a hub repo id or a ModelConfig")
+        ids = []
+        for item in items:
+            config = _controlnet_source(item)
+            paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+            for loaded in load_models(paths, torch_dtype=self.torch_dtype, device="cpu", specs=[CONTROLNET_SPEC]):
+                ids.append(self._add_controlnet(loaded.module, config))
+        self.check_controlnets()
+        if self.vram_handles:
+            self.enable_vram_management(slots=["controlnet"])
+        elif not self.model_offload:
+            self.controlnet.to(self.device)
+        return ids
+
+    def _add_controlnet(self, net: ZImageControlNet, config: ModelConfig | None) -> int:
+        if self.controlnet is None:
+            self.controlnet = ZImageControlNets()
+        self.model_configs.setdefault("controlnet", config)
+        index = self.controlnet.append(net.eval().requires_grad_(False))
+        cfg = net.config
+        logger.info(
+            "ControlNet %d: %d control layers after DiT layers %s, %d condition channels, refiner %s",
+            index,
+            len(cfg.control_layers_places),
+            list(cfg.control_layers_places),
+            cfg.control_in_dim,
+            cfg.add_control_noise_refiner,
+        )
+        return index
+
+    def _load_config(self, config: ModelConfig) -> None:
+        """ControlNet files among `model_configs` join the `controlnet` slot in order instead of replacing it."""
+        held, self.controlnet = self.controlnet, None
+        try:
+            super()._load_config(config)
+        finally:
+            loaded, self.controlnet = self.controlnet, held
+        if loaded is not None:
+            self._add_controlnet(loaded, config)
+
+    def controlnets(self) -> list[ZImageControlNet]:
+        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
+        return list(self.controlnet.nets) if self.controlnet is not None else []
+
+    def check_controlnets(self) -> None:
+        """Every loaded ControlNet fits the DiT: widths, layer places, and its condition channels (the
+        latents' C for Union 1.0; C + 1 + C, control + mask + masked image, for the 2.x nets)."""
+        if self.dit is None:
+            return
+        channels = self.dit.config.in_channels
+        for i, net in enumerate(self.controlnets()):
+            try:
+                net.check_fits(self.dit.config)
+            except ValueError as exc:
+                raise ConfigError(f"ControlNet {i} does not fit this Z-Image DiT: {exc}") from None
+            want = 2 * channels + 1 if net.takes_inpaint else channels
+            if net.config.control_in_dim != want:
+                raise ConfigError(
+                    f"ControlNet {i} takes {net.config.control_in_dim} condition channels; with {channels}-channel "
+                    f"latents it should take {want}"
+                )
 
     @torch.no_grad()
     def __call__(
@@ -60,6 +207,7 @@ class ZImagePipeline(BasePipeline):
         cfg_normalization: float = 0.0,
         cfg_truncation: float = 1.0,
         max_sequence_length: int = 512,
+        controlnet_inputs: Sequence[ControlNetInput] | None = None,
         tiled: bool = False,
         tile_size: int = 512,
         tile_stride: int = 384,
@@ -73,9 +221,11 @@ class ZImagePipeline(BasePipeline):
         `cfg_normalization` > 0 caps the guided prediction's norm at that multiple of the
         conditional one (both as in the authors' pipeline). `latents` is the initial noise in the
         unpacked layout `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (N values, the
-        terminal 0 is appended).
+        terminal 0 is appended). `controlnet_inputs` are `ControlNetInput`s for the loaded Fun
+        ControlNets (several at once; see the README for the fields each net reads).
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
+        checked = self.check_control_inputs(controlnet_inputs)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         steps = int(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = float(self.setting("sigma_shift", sigma_shift, 3.0))
@@ -96,7 +246,7 @@ class ZImagePipeline(BasePipeline):
         scheduler.set_timesteps(
             steps, denoising_strength=denoising_strength if input_image is not None else 1.0, sigmas=sigmas, shift=shift
         )
-        self.load_models_to_device(["vae"] if input_image is not None else [])
+        self.load_models_to_device(["vae"] if input_image is not None or checked else [])
         x = self.prepare_latents(
             len(prompts),
             height,
@@ -110,13 +260,19 @@ class ZImagePipeline(BasePipeline):
             tile_size,
             tile_stride,
         )
+        controls = [
+            self.encode_control(item, net, height, width, tiled, tile_size, tile_stride) for item, net in checked
+        ]
 
         # 3. denoise
-        self.load_models_to_device(["dit"])
-        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+        self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
+        steps = len(scheduler.timesteps)
+        for i in self.progress(range(steps), progress_bar):
             sigma = scheduler.sigmas[i]
             guided = use_cfg and (1.0 - float(sigma)) <= cfg_truncation
-            velocity = self.predict(x, sigma, text, negative_text if guided else None, cfg_scale, cfg_normalization)
+            active = [c.control for c in controls if c.active(i, steps)]
+            negative = negative_text if guided else None
+            velocity = self.predict(x, sigma, text, negative, cfg_scale, cfg_normalization, active)
             x = scheduler.step(velocity, i, x)
 
         # 4. decode
@@ -165,13 +321,14 @@ class ZImagePipeline(BasePipeline):
             clean = clean.expand(batch, -1, -1, -1)
         return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
 
-    def predict(self, x, sigma, text, negative_text, cfg_scale, cfg_normalization) -> torch.Tensor:
-        """One denoiser evaluation; with guidance the two branches run as one batch."""
+    def predict(self, x, sigma, text, negative_text, cfg_scale, cfg_normalization, controls=()) -> torch.Tensor:
+        """One denoiser evaluation; with guidance the two branches run as one batch (both under the controls,
+        as the authors' pipeline repeats the control condition for CFG)."""
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if negative_text is None:
-            return z_image_velocity(self.dit, x, sigma.expand(batch), text)
-        both = z_image_velocity(self.dit, torch.cat([x, x]), sigma.expand(2 * batch), text + negative_text)
+            return z_image_velocity(self.dit, x, sigma.expand(batch), text, controls)
+        both = z_image_velocity(self.dit, torch.cat([x, x]), sigma.expand(2 * batch), text + negative_text, controls)
         positive, negative = both[:batch], both[batch:]
         guided = self.guide(positive, negative, cfg_scale)
         if cfg_normalization > 0:
@@ -181,3 +338,117 @@ class ZImagePipeline(BasePipeline):
             factor = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
             guided = guided * factor.view(-1, *([1] * len(dims)))
         return guided
+
+    # ------------------------------------------------------------------ ControlNet
+    def check_control_inputs(self, inputs) -> list[tuple[ControlNetInput, ZImageControlNet]]:
+        """`controlnet_inputs` checked against the loaded nets (before any model runs), with each one's net."""
+        if not inputs:
+            return []
+        items = [inputs] if isinstance(inputs, ControlNetInput) else list(inputs)
+        nets = self.controlnets()
+        if not nets:
+            raise ConfigError(
+                "controlnet_inputs were given but no ControlNet is loaded: use ZImagePipeline.from_pretrained(..., "
+                "controlnet=...), list the ControlNet file among model_configs, or call pipe.load_controlnet(...)"
+            )
+        checked = []
+        for i, item in enumerate(items):
+            where = f"controlnet_inputs[{i}]"
+            if not isinstance(item, ControlNetInput):
+                raise ConfigError(f"{where} is a {type(item).__name__}; use ControlNetInput(image=..., ...)")
+            cid = item.controlnet_id
+            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < len(nets):
+                raise ConfigError(f"{where}.controlnet_id={cid!r}: {len(nets)} ControlNet(s) are loaded (ids 0..)")
+            if isinstance(item.scale, bool) or not isinstance(item.scale, (int, float)):
+                raise ConfigError(f"{where}.scale={item.scale!r} must be a number")
+            if not 0.0 <= item.start < item.end <= 1.0:
+                raise ConfigError(
+                    f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
+                    "(fractions of the denoising steps)"
+                )
+            if item.processor_id is not None:
+                raise ConfigError(
+                    f"{where}.processor_id={item.processor_id!r} is not read by Z-Image ControlNets: the Union nets "
+                    "tell the kind of control (canny, depth, pose, ...) from the image itself; leave it None"
+                )
+            net = nets[cid]
+            inpaint = (item.inpaint_mask is not None, item.inpaint_image is not None)
+            if not net.takes_inpaint:
+                if any(inpaint):
+                    raise ConfigError(
+                        f"{where}: ControlNet {cid} (Union 1.0) takes no inpainting condition; inpaint_mask and "
+                        "inpaint_image are read by the 2.x nets"
+                    )
+                if item.image is None:
+                    raise ConfigError(f"{where}.image is missing: give the control image")
+            elif inpaint[0] != inpaint[1]:
+                raise ConfigError(
+                    f"{where}: inpaint_mask and inpaint_image go together (the mask's white part is repainted, the "
+                    "rest of inpaint_image is kept)"
+                )
+            elif item.image is None and not inpaint[0]:
+                raise ConfigError(f"{where}: give the control image, or inpaint_mask with inpaint_image, or all three")
+            checked.append((item, net))
+        return checked
+
+    def encode_control(
+        self, item: ControlNetInput, net: ZImageControlNet, height, width, tiled=False, tile_size=512, tile_stride=384
+    ) -> ControlCondition:
+        """The condition latents `[1, C(, 1 + C), H/8, W/8]` of one checked input, as the authors build them.
+
+        The control image's VAE latents; for the 2.x nets then the kept region (1 - mask, binarised at
+        0.5, nearest-resized to the latent grid) and the latents of `inpaint_image` with the repainted
+        pixels zeroed. A missing part is what the authors' pipeline and training use: zero control
+        latents, and without a mask a zero mask channel and the latents of an all-zero image.
+        """
+        size, shape = (width, height), (1, self.dit.config.in_channels, height // 8, width // 8)
+        dtype = module_dtype(self.vae)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
+
+        def pixels(image) -> torch.Tensor:
+            return pil_to_tensor([load_image(image).resize(size, Image.LANCZOS)], dtype=dtype, device=self.device)
+
+        control = encode(pixels(item.image)) if item.image is not None else torch.zeros(shape, device=self.device)
+        if net.takes_inpaint:
+            if item.inpaint_mask is None:
+                keep = torch.zeros(1, 1, *shape[2:], device=self.device)
+                masked = torch.zeros(1, 3, height, width, dtype=dtype, device=self.device)
+            else:
+                repaint = _load_mask(item.inpaint_mask, size).to(self.device)
+                masked = pixels(item.inpaint_image) * (repaint < 0.5).to(dtype)
+                keep = F.interpolate(1.0 - repaint, size=shape[2:], mode="nearest")
+            control = torch.cat([control, keep, encode(masked)], dim=1)
+        return ControlCondition(ZImageControl(net, control, float(item.scale)), float(item.start), float(item.end))
+
+
+def _load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
+    """`[1, 1, H, W]` float: 1 where the mask (a path or PIL image, white = repaint) is at least half white."""
+    if isinstance(mask, (str, os.PathLike)):
+        with Image.open(mask) as opened:
+            mask = opened.convert("L")
+    if not isinstance(mask, Image.Image):
+        raise ConfigError(f"inpaint_mask must be a file path or a PIL.Image, got {type(mask).__name__}")
+    gray = np.asarray(mask.convert("L").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0
+    return torch.from_numpy((gray >= 0.5).astype(np.float32))[None, None]
+
+
+def _controlnet_source(item) -> ModelConfig:
+    """What `controlnet=` / `load_controlnet` was given, as a ModelConfig."""
+    if isinstance(item, ModelConfig):
+        return item
+    if not isinstance(item, (str, os.PathLike)):
+        raise ConfigError(f"controlnet must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+    source = str(item)
+    if Path(source).exists():
+        return ModelConfig(path=source)
+    if source in CONTROLNET_FILES:
+        return ModelConfig(model_id=source, origin_file_pattern=CONTROLNET_FILES[source])
+    raise ConfigError(
+        f"controlnet={source!r} is neither an existing file nor a known ControlNet repo ({sorted(CONTROLNET_FILES)}); "
+        "for another file pass ModelConfig(model_id=..., origin_file_pattern=...)"
+    )
+
+
+__all__ = ["ControlCondition", "ControlNetInput", "ZImageControlNets", "ZImagePipeline", "z_image_velocity"]

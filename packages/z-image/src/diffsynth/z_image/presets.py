@@ -21,6 +21,19 @@ def _repo_files(repo: str) -> tuple[PresetFile, ...]:
     )
 
 
+# The Fun ControlNet repos (model cards of alibaba-pai on Hugging Face, PAI on ModelScope; DiffSynth-Studio's
+# examples) -> the file `ZImagePipeline.load_controlnet("<repo>")` fetches. Other files of these repos (the
+# 2.1 non-distilled, lite and Tile nets) load by naming them: ModelConfig(model_id=..., origin_file_pattern=...).
+_UNION_2_1 = "Z-Image-Turbo-Fun-Controlnet-Union-2.1-8steps.safetensors"
+_UNION_1_0 = "Z-Image-Turbo-Fun-Controlnet-Union.safetensors"
+CONTROLNET_FILES: dict[str, str] = {
+    "PAI/Z-Image-Turbo-Fun-Controlnet-Union-2.1": _UNION_2_1,
+    "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1": _UNION_2_1,
+    "PAI/Z-Image-Turbo-Fun-Controlnet-Union": _UNION_1_0,
+    "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union": _UNION_1_0,
+    "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0": "Z-Image-Turbo-Fun-Controlnet-Union-2.0.safetensors",
+}
+
 PRESETS: dict[str, Preset] = {
     "Tongyi-MAI/Z-Image-Turbo": Preset(
         name="Tongyi-MAI/Z-Image-Turbo",
