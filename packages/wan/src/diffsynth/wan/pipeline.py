@@ -270,11 +270,7 @@ class WanVideoPipeline(BasePipeline):
             y = control_y(control, y, self.dit.config.in_dim - self.dit.config.out_dim - control.shape[1])
             if clip_feature is None and self.dit.config.has_image_input:
                 clip_feature = zero_clip(len(prompts), self.dit.config, self.device)
-        reference_latents = None
-        if reference is not None:
-            pixels = self._pixels([reference], height, width, module_dtype(self.vae))
-            reference_latents = self.vae.encode(pixels[:, :, None], **vae_kwargs).float()
-            reference_latents = reference_latents.expand(len(prompts), -1, -1, -1, -1)
+        reference_latents = self.encode_reference(reference, len(prompts), height, width, vae_kwargs)
         first_latent = self.encode_first_latent(first, len(prompts), height, width, vae_kwargs)
         vace = None
         if vace_scale is not None:
@@ -363,11 +359,9 @@ class WanVideoPipeline(BasePipeline):
                     f"Wan-AI/Wan2.1-VACE-1.3B); the loaded {slot} has no VACE blocks"
                 )
         layers = len(self.dit.config.vace_layers)
-        scales = [scale] if isinstance(scale, (int, float)) else list(scale) if isinstance(scale, Sequence) else [None]
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in scales) or len(scales) not in (
-            1,
-            layers,
-        ):
+        scales = list(scale) if isinstance(scale, Sequence) and not isinstance(scale, str) else [scale]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scales)
+        if not numbers or len(scales) not in (1, layers):
             raise ConfigError(f"vace_scale={scale!r} must be a number or {layers} numbers (one per VACE layer)")
         check_vace_channels(self.dit.config, self.vae)
         return float(scales[0]) if len(scales) == 1 else tuple(float(v) for v in scales)
@@ -456,6 +450,13 @@ class WanVideoPipeline(BasePipeline):
                 f"takes {expected}: the VAE does not fit this DiT"
             )
         return y
+
+    def encode_reference(self, reference, batch: int, height: int, width: int, vae_kwargs) -> torch.Tensor | None:
+        """A Fun reference image's latent `[B, z, 1, h, w]` (resized to the video's size), or None."""
+        if reference is None:
+            return None
+        pixels = self._pixels([reference], height, width, module_dtype(self.vae))
+        return self.vae.encode(pixels[:, :, None], **vae_kwargs).float().expand(batch, -1, -1, -1, -1)
 
     def encode_first_latent(self, first, batch: int, height: int, width: int, vae_kwargs) -> torch.Tensor | None:
         """TI2V: the VAE latent of the first frame `[B, z, 1, h, w]`, which replaces the first latent frame."""

@@ -327,8 +327,7 @@ class WanTrainingTask(PipelineTrainingTask):
         if reference_pil is not None:
             if not self.dit_config.ref_conv:
                 raise ConfigError(f"row {index} has a reference_image, but this Wan Fun DiT has no ref_conv")
-            pixels = pipe._pixels(reference_pil, height, width, module_dtype(pipe.vae))
-            conditions["reference_latents"] = pipe.vae.encode(pixels[:, :, None])[0].float()
+            conditions["reference_latents"] = pipe.encode_reference(reference_pil[0], 1, height, width, {})[0]
         if self.dit_config.has_image_input:
             clip = pipe.encode_clip(reference_pil or first_pil, None, height, width)
             conditions["clip_feature"] = (clip if clip is not None else zero_clip(1, self.dit_config, pipe.device))[
