@@ -4,7 +4,8 @@ what one process gives, which every rank also computes for itself.
 The tiny models are seeded, so they are identical on every rank. Token counts are odd on purpose (the last
 sequence shard is padded), prompts have different lengths (text masks), and the DiT is also checked as an
 Edit-2511 model (reference tokens in the image stream, `zero_cond_t` doubling the modulation batch inside
-each rank's part of the batch). The first-block cache must reuse the steps one process reuses.
+each rank's part of the batch) and with ControlNet residuals (divided with the image tokens and the batch).
+The first-block cache must reuse the steps one process reuses.
 """
 
 from __future__ import annotations
@@ -84,20 +85,25 @@ def make_dit(zero_cond_t: bool) -> QwenImageDiT:
 
 
 def check_dit(groups, sequence: int, batch: int) -> None:
-    """An Edit-2511 DiT: a 3 x 3 image and a 2 x 2 reference (13 tokens), texts of 5 and 9 tokens (masked)."""
+    """An Edit-2511 DiT: a 3 x 3 image and a 2 x 2 reference (13 tokens), texts of 5 and 9 tokens (masked); also
+    given two ControlNet residuals of the image's 9 tokens (spread over the 3 blocks, divided with the tokens)."""
     g = torch.Generator().manual_seed(1)
     shapes = [[(1, 3, 3), (1, 2, 2)]] * 2
     x = torch.randn(2, 13, 16, generator=g)
     t = torch.rand(2, generator=g)
     text = torch.randn(2, 9, 32, generator=g)
     mask = torch.arange(9)[None] < torch.tensor([5, 9])[:, None]
+    control = [torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(2 + i)) for i in range(2)]
     for zero_cond_t in (False, True):
         dit = make_dit(zero_cond_t)
         seen = record_first_block(dit)
         with torch.no_grad():
             want = dit(x, t, text, mask, shapes)
+            want_control = dit(x, t, text, mask, shapes, controlnet_block_samples=control)
             dit.parallel = groups
             close(dit(x, t, text, mask, shapes), want, f"DiT (zero_cond_t={zero_cond_t})")
+            got = dit(x, t, text, mask, shapes, controlnet_block_samples=control)
+            close(got, want_control, f"DiT with ControlNet residuals (zero_cond_t={zero_cond_t})")
         assert seen[-1] == (2 // batch, math.ceil(13 / sequence)), seen[-1]
 
     # the cache over six steps of a trajectory (relative first-block changes 0.54, 0.94, 1.00, 0.61, 0.56)

@@ -1,6 +1,6 @@
 """Multi-rank sampling (`enable_parallel`) over CPU ranks (gloo) equals one process for Qwen-Image: image tokens
 divided (Ulysses, text whole on every rank) or each call's prompts divided, with text masks, edit reference
-tokens, `zero_cond_t` and the first-block cache."""
+tokens, `zero_cond_t`, ControlNet residuals and the first-block cache."""
 
 from __future__ import annotations
 

@@ -1,11 +1,15 @@
 """DiffSynth Qwen-Image family: Qwen-Image / Qwen-Image-2512 text-to-image and image-to-image, the Qwen-Image
-MMDiT (also Edit, Edit-2509/2511 with zero_cond_t) and its Qwen2.5-VL text encoder."""
+MMDiT (also Edit, Edit-2509/2511 with zero_cond_t), its Qwen2.5-VL text encoder and the InstantX ControlNets
+(`ControlNetInput` is the runtime's, re-exported for `pipe(controlnet_inputs=[...])`)."""
 
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
+    "ControlNetInput": "pipeline",
+    "QwenImageControlNet": "controlnet",
+    "QwenImageControlNetConfig": "controlnet",
     "QwenImagePipeline": "pipeline",
     "QwenImageDiT": "dit",
     "QwenImageDiTConfig": "dit",

@@ -13,6 +13,10 @@ Edit models append the reference images' tokens to the latent sequence (several 
 entries per sample). With `zero_cond_t` (Qwen-Image-Edit-2511) those reference tokens are
 modulated with the embedding of timestep 0, the generated image with the real timestep.
 
+ControlNets (`controlnet.py`) hand the DiT one residual per ControlNet block; they are spread over the
+DiT's blocks (block `i` adds sample `i // ceil(blocks / samples)` to its image tokens), as diffusers'
+`QwenImageTransformer2DModel(controlnet_block_samples=...)` does.
+
 Module names equal the official diffusers checkpoint (`transformer/` folder), so it loads as is.
 The timestep is sigma in [0, 1] (scaled by 1000 inside); the prediction is the flow velocity.
 """
@@ -32,7 +36,7 @@ from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import add_mul, rope_inverse_frequencies, rope_tables, rotate, timestep_embedding
 from diffsynth.runtime.parallel import batch_parallel, shard_sequence
-from diffsynth.runtime.step_cache import run_block_list
+from diffsynth.runtime.step_cache import run_blocks
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to the time MLP
 TIME_SCALE = 1000.0  # sigma -> diffusers timestep
@@ -117,6 +121,64 @@ def msrope_angles(
     text_pos = torch.cat([torch.arange(start, start + n, device=device) for n in lengths])
     text = torch.cat([_axis_angles(text_pos, d) for d in axes_dims], dim=-1)
     return torch.cat(parts, dim=0), text
+
+
+def check_img_shapes(img_shapes, batch: int) -> list[list[ImageShape]]:
+    """`img_shapes` as one list of `(frames, h, w)` per sample (a single list is shared by the batch)."""
+    if img_shapes is None:
+        raise ValueError("img_shapes is required: one list of (frames, h, w) per sample")
+    if len(img_shapes) and isinstance(img_shapes[0][0], int):
+        img_shapes = [img_shapes] * batch
+    if len(img_shapes) != batch:
+        raise ValueError(f"img_shapes has {len(img_shapes)} entries for a batch of {batch}")
+    return [[tuple(int(n) for n in s) for s in shapes] for shapes in img_shapes]
+
+
+def joint_rope(img_shapes, n_img: int, n_txt: int | Sequence[int], axes_dims: Sequence[int], device) -> Rope:
+    """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]` (`n_txt`: the
+    text's length, or its segments' lengths)."""
+    img_angles, txt_angles = [], []
+    for b, shapes in enumerate(img_shapes):
+        total = sum(math.prod(s) for s in shapes)
+        if total != n_img:
+            raise ValueError(f"img_shapes[{b}]={list(shapes)} covers {total} tokens, but latents have {n_img}")
+        img, txt = msrope_angles(shapes, n_txt, axes_dims, device)
+        img_angles.append(img)
+        txt_angles.append(txt)
+    angles = torch.cat([torch.stack(txt_angles), torch.stack(img_angles)], dim=1)[:, :, None]  # [B, S, 1, D/2]
+    return rope_tables(angles.cos(), angles.sin())
+
+
+def joint_key_mask(text_mask: torch.Tensor | None, n_img: int) -> torch.Tensor | None:
+    """Key mask `[B, L_txt + L_img]` of the joint sequence (image tokens always seen); None without a text mask."""
+    if text_mask is None:
+        return None
+    b = text_mask.shape[0]
+    return torch.cat([text_mask.to(torch.bool), text_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
+
+
+def check_residuals(
+    samples: Sequence[torch.Tensor] | None, batch: int, n_img: int, dim: int
+) -> list[torch.Tensor] | None:
+    """ControlNet residuals `[B or 1, L <= n_img, dim]`, each zero-padded to the `n_img` image tokens (the
+    generated image's tokens come first; edit references get none)."""
+    if samples is None:
+        return None
+    samples = list(samples)
+    if not samples:
+        raise ValueError("controlnet_block_samples is empty; pass None for no ControlNet residuals")
+    for r in samples:
+        if r.dim() != 3 or r.shape[0] not in (1, batch) or r.shape[1] > n_img or r.shape[2] != dim:
+            raise ValueError(
+                f"a ControlNet residual has shape {tuple(r.shape)}; expected [B={batch} or 1, L <= {n_img}, {dim}]"
+            )
+    return [F.pad(r, (0, 0, 0, n_img - r.shape[1])) if r.shape[1] < n_img else r for r in samples]
+
+
+def residual_index(block: int, blocks: int, samples: int) -> int:
+    """Which of `samples` ControlNet residuals block `block` of `blocks` adds: `block // ceil(blocks / samples)`
+    (diffusers' rule; a list as long as the blocks gives each block its own)."""
+    return block // math.ceil(blocks / samples)
 
 
 # ------------------------------------------------------------------------------------ modules
@@ -277,20 +339,6 @@ class QwenImageDiT(nn.Module):
         self.step_cache = None  # a FirstBlockCache over `transformer_blocks` (BasePipeline.enable_first_block_cache)
         self.parallel = None  # ParallelGroups dividing batch and image tokens (BasePipeline.enable_parallel)
 
-    def _rope(self, img_shapes, n_img: int, n_txt: int | Sequence[int], device) -> Rope:
-        """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]` (`n_txt`: the
-        text's length, or its segments' lengths)."""
-        img_angles, txt_angles = [], []
-        for b, shapes in enumerate(img_shapes):
-            total = sum(math.prod(s) for s in shapes)
-            if total != n_img:
-                raise ValueError(f"img_shapes[{b}]={list(shapes)} covers {total} tokens, but latents have {n_img}")
-            img, txt = msrope_angles(shapes, n_txt, self.config.axes_dims_rope, device)
-            img_angles.append(img)
-            txt_angles.append(txt)
-        angles = torch.cat([torch.stack(txt_angles), torch.stack(img_angles)], dim=1)[:, :, None]  # [B, S, 1, D/2]
-        return rope_tables(angles.cos(), angles.sin())
-
     def forward(
         self,
         latents: torch.Tensor,
@@ -300,6 +348,7 @@ class QwenImageDiT(nn.Module):
         img_shapes: Sequence[Sequence[ImageShape]] | Sequence[ImageShape] | None = None,
         segments: Sequence[int] | None = None,
         attn_mask: torch.Tensor | None = None,
+        controlnet_block_samples: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`latents` `[B, L_img, in_channels]` packed tokens, `timestep` `[B]` sigma, `text`
         `[B, L_txt, joint_attention_dim]`, `text_mask` `[B, L_txt]` (True = real token),
@@ -310,16 +359,15 @@ class QwenImageDiT(nn.Module):
         its text positions as if alone) and `attn_mask` (bool `[B or 1, 1, S, S]` over `[text, image]`) limits
         who sees whom; `text_mask` is then not used.
 
+        `controlnet_block_samples` are ControlNet residuals `[B or 1, L, inner_dim]` added to the first `L`
+        image tokens (the generated image's; edit references get none) after the blocks; a list shorter than
+        the blocks is spread over them (see `residual_index`).
+
         With `parallel` set, the batch and the image tokens (edit references included) are divided over
         the ranks (`enable_parallel`)."""
-        b = latents.shape[0]
-        if img_shapes is None:
-            raise ValueError("img_shapes is required: one list of (frames, h, w) per sample")
-        if len(img_shapes) and isinstance(img_shapes[0][0], int):
-            img_shapes = [img_shapes] * b
-        if len(img_shapes) != b:
-            raise ValueError(f"img_shapes has {len(img_shapes)} entries for a batch of {b}")
-        img_shapes = [[tuple(int(n) for n in s) for s in shapes] for shapes in img_shapes]
+        b, n_img = latents.shape[:2]
+        img_shapes = check_img_shapes(img_shapes, b)
+        residuals = check_residuals(controlnet_block_samples, b, n_img, self.config.inner_dim)
         if attn_mask is not None:
             if self.parallel is not None:
                 raise ConfigError("EliGen's attention mask is not divided over ranks: sample it in one process")
@@ -330,12 +378,25 @@ class QwenImageDiT(nn.Module):
                 raise ValueError(
                     f"attn_mask has shape {tuple(attn_mask.shape)}; expected [B or 1, 1, {length}, {length}]"
                 )
-            return self._forward(latents, timestep, text, None, img_shapes, segments, attn_mask)
+            return self._forward(latents, timestep, text, None, img_shapes, segments, attn_mask, residuals)
         return batch_parallel(
-            self.parallel, b, self._forward, latents, timestep, text, text_mask, img_shapes, per_sample=(4,)
+            self.parallel,
+            b,
+            self._forward,
+            latents,
+            timestep,
+            text,
+            text_mask,
+            img_shapes,
+            None,
+            None,
+            residuals,
+            per_sample=(4,),
         )
 
-    def _forward(self, latents, timestep, text, text_mask, img_shapes, segments=None, attn_mask=None) -> torch.Tensor:
+    def _forward(
+        self, latents, timestep, text, text_mask, img_shapes, segments=None, attn_mask=None, residuals=None
+    ) -> torch.Tensor:
         cfg = self.config
         b, n_img, _ = latents.shape
 
@@ -350,10 +411,9 @@ class QwenImageDiT(nn.Module):
             cond_index = torch.arange(n_img, device=img.device)[None] >= torch.tensor(first, device=img.device)[:, None]
         temb = self.time_text_embed.timestep_embedder(timestep, img.dtype)
 
-        rope = self._rope(img_shapes, n_img, txt.shape[1] if segments is None else segments, img.device)
-        mask = attn_mask
-        if text_mask is not None:
-            mask = torch.cat([text_mask.to(torch.bool), text_mask.new_ones(b, n_img, dtype=torch.bool)], dim=1)
+        axes = self.config.axes_dims_rope
+        rope = joint_rope(img_shapes, n_img, txt.shape[1] if segments is None else segments, axes, img.device)
+        mask = attn_mask if text_mask is None else joint_key_mask(text_mask, n_img)
 
         n_txt = txt.shape[1]
         with shard_sequence(self.parallel, n_img, prefix=n_txt) as shards:
@@ -362,17 +422,38 @@ class QwenImageDiT(nn.Module):
                 rope = tuple(torch.cat((t[:, :n_txt], shards.shard(t[:, n_txt:])), dim=1) for t in rope)
                 mask = shards.key_mask(mask, b, img.device)
                 cond_index = None if cond_index is None else shards.shard(cond_index)
-
-            def run(block: nn.Module, streams: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-                args = (*streams, temb, rope, mask, cond_index)
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    return checkpoint(block, *args, use_reentrant=False)
-                return block(*args)
-
-            img, txt = run_block_list(self.step_cache, self.transformer_blocks, (img, txt), run)
+                residuals = None if residuals is None else [shards.shard(r) for r in residuals]
+            img, txt = self._blocks(img, txt, temb, rope, mask, cond_index, residuals)
             if shards is not None:
                 img = shards.gather(img)
 
         if cfg.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]
         return self.proj_out(self.norm_out(img, temb))
+
+    def _blocks(self, img, txt, temb, rope, mask, cond_index, residuals) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block stack through the step cache, each block's ControlNet residual added after it. The cache
+        measures the first block alone; its residual belongs to the rest, so a reused call reuses every block's
+        residual of the last full call along with the blocks' own work."""
+
+        def run(block: nn.Module, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            args = (img, txt, temb, rope, mask, cond_index)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                return checkpoint(block, *args, use_reentrant=False)
+            return block(*args)
+
+        def first(streams):
+            return run(self.transformer_blocks[0], *streams)
+
+        blocks = len(self.transformer_blocks)
+
+        def rest(streams):
+            img, txt = streams
+            for i, block in enumerate(self.transformer_blocks):
+                if i:
+                    img, txt = run(block, img, txt)
+                if residuals is not None:
+                    img = img + residuals[residual_index(i, blocks, len(residuals))].to(img.dtype)
+            return img, txt
+
+        return run_blocks(self.step_cache, (img, txt), first, rest)

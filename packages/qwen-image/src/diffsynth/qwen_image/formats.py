@@ -2,8 +2,9 @@
 
 Our DiT uses the official diffusers names (`transformer/` folder of the hub repos), so that
 layout loads as is; the same keys under `model.diffusion_model.` (ComfyUI single files) are
-accepted too. `FAMILY` also declares the Qwen2.5-VL text encoder (`text_encoder.py`), the presets
-and the pipeline; the VAE is the runtime's Wan 2.1 VAE spec, which reads Qwen's `vae/` folder.
+accepted too. `FAMILY` also declares the Qwen2.5-VL text encoder (`text_encoder.py`), the InstantX
+ControlNets (`controlnet_formats.py`), the presets and the pipeline; the VAE is the runtime's Wan 2.1 VAE
+spec, which reads Qwen's `vae/` folder.
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ DIT_SPEC = ModelSpec(
     description="Qwen-Image / Qwen-Image-Edit MMDiT (diffusers `transformer/` folder, prefixed single files)",
 )
 
+from .controlnet_formats import CONTROLNET_SPEC  # noqa: E402
 from .presets import PRESETS  # noqa: E402  (presets import nothing from here)
 from .text_encoder import TEXT_ENCODER_SPEC  # noqa: E402
 
 FAMILY = Family(
     name="qwen_image",
-    specs=(DIT_SPEC, TEXT_ENCODER_SPEC),
+    specs=(DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC),
     presets=PRESETS,
     pipeline="diffsynth.qwen_image.pipeline:QwenImagePipeline",
     training="diffsynth.qwen_image.training:QwenImageTrainingTask",

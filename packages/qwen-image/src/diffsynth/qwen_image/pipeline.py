@@ -17,26 +17,42 @@ tokens follow the generated image's in the DiT; the prompt is encoded together w
 Qwen2.5-VL vision tower (the `processor/` folder), with the Edit template (64 tokens dropped). Edit-2509
 and 2511 number the images ("Picture 1: ...") and show the vision tower a 384x384-pixel version; the
 first Edit shows it the 1024x1024 one (the `edit_template` default: "plus" or "edit").
+
+ControlNets (InstantX/Qwen-Image-ControlNet-Union and -Inpainting, diffusers `QwenImageControlNetModel`
+files) are loaded with `from_pretrained(..., controlnet=...)` or `load_controlnet(...)` and used through
+`controlnet_inputs=[ControlNetInput(...)]`, as diffusers' `QwenImageControlNetPipeline` /
+`QwenImageControlNetInpaintPipeline` build them: each control image is resized (Lanczos) to the output
+size, VAE-encoded (posterior mode) and packed like the latents; for the inpainting net the pixels to
+repaint (mask >= 0.5) are set to -1 first and the kept region (1 - mask, nearest on the latent grid) is
+appended as a 17th channel. Every step each active net runs once on the noisy latents with the positive
+prompt, and the sum of the nets' scaled residuals goes into both the positive and the negative DiT call.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from diffsynth.runtime.controlnet import ControlNetInput
 from diffsynth.runtime.eligen import check_entity_inputs, entity_regions
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .controlnet import ControlCondition, QwenImageControlNet, QwenImageControlNets, sum_residuals
 from .eligen import QwenEntityText, entity_text
+from .presets import CONTROLNETS
 from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
 
 logger = logging.getLogger(__name__)
@@ -71,12 +87,14 @@ def qwen_image_velocity(
     text_mask: torch.Tensor | None = None,
     edit_latents: Sequence[torch.Tensor] = (),
     entities: QwenEntityText | None = None,
+    controlnet_block_samples: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 16, H, W]` (float32) predicted at noise level `sigma` [B].
 
     `latents` are unpacked `[B, 16, H, W]`; `edit_latents` (Edit models) are clean reference latents
     `[B, 16, h, w]` whose tokens follow the image's, their predictions discarded. `entities` (EliGen) replace
-    `text` by the entity prompts and the global one, with their attention mask.
+    `text` by the entity prompts and the global one, with their attention mask. `controlnet_block_samples`
+    are the ControlNets' residuals for this step (`controlnet_residuals`), added to the image's tokens.
     """
     p = dit.config.patch_size
     b, _, h, w = latents.shape
@@ -85,12 +103,46 @@ def qwen_image_velocity(
     shapes = [(1, h // p, w // p)] + [(1, e.shape[-2] // p, e.shape[-1] // p) for e in edit_latents]
     image = torch.cat(tokens, dim=1).to(dtype)
     sigma = sigma.to(latents.device, torch.float32).expand(b)
+    control = {} if controlnet_block_samples is None else {"controlnet_block_samples": controlnet_block_samples}
     if entities is not None:
         mask = entities.attention_mask(image.shape[1])
-        out = dit(image, sigma, entities.text.to(dtype), None, [shapes] * b, entities.segments, mask)
+        out = dit(image, sigma, entities.text.to(dtype), None, [shapes] * b, entities.segments, mask, **control)
     else:
-        out = dit(image, sigma, text.to(dtype), text_mask, [shapes] * b)
+        out = dit(image, sigma, text.to(dtype), text_mask, [shapes] * b, **control)
     return unpack(out[:, : tokens[0].shape[1]].float(), h, w, p)
+
+
+def controlnet_residuals(
+    controls: Sequence[ControlCondition],
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    blocks: int,
+) -> list[torch.Tensor] | None:
+    """The summed, scaled residuals of the ControlNets acting at this step (None without any), for a DiT of
+    `blocks` blocks. Each net sees the noisy `latents` `[B, 16, H, W]` (the generated image only) and the
+    prompt's `text`; it runs in its own dtype. Lists of one length are summed entry by entry (diffusers'
+    multi-ControlNet), nets of different depths block by block (`sum_residuals`)."""
+    if not controls:
+        return None
+    b, _, h, w = latents.shape
+    lists = []
+    for control in controls:
+        net = control.model
+        p, dtype = net.config.patch_size, module_dtype(net)
+        lists.append(
+            net(
+                pack(latents, p).to(dtype),
+                sigma.to(latents.device, torch.float32).expand(b),
+                text.to(dtype),
+                text_mask,
+                [(1, h // p, w // p)],
+                cond=control.tokens.to(latents.device, dtype),
+                scale=control.scale,
+            )
+        )
+    return sum_residuals(lists, blocks)
 
 
 def true_cfg(positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float, patch: int = 2) -> torch.Tensor:
@@ -107,12 +159,97 @@ class QwenImagePipeline(BasePipeline):
     """Qwen-Image text-to-image / image-to-image, API compatible with DiffSynth-Studio."""
 
     family = "qwen_image"
-    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder", "controlnet": "controlnet"}
+    optional_slots = ("controlnet",)
     size_multiple = 16  # VAE 8x, patch 2
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.processor = None  # VisionPromptProcessor (tokenizer + image preprocessing) for editing
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_configs: str | os.PathLike | Sequence[ModelConfig] | None = None,
+        *,
+        torch_dtype: torch.dtype | str = torch.bfloat16,
+        device: str | torch.device | None = None,
+        model_configs: Sequence[ModelConfig] = (),
+        tokenizer_config: ModelConfig | None = None,
+        vram_limit: float | None = None,
+        use_usp: bool = False,
+        controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
+    ):
+        """As `BasePipeline.from_pretrained`; `controlnet` loads one or several ControlNets (see
+        `load_controlnet`). ControlNet files listed among `model_configs` join them too, in order."""
+        pipe = super().from_pretrained(
+            model_id_or_configs,
+            torch_dtype=torch_dtype,
+            device=device,
+            model_configs=model_configs,
+            tokenizer_config=tokenizer_config,
+            vram_limit=vram_limit,
+            use_usp=use_usp,
+        )
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet)
+        return pipe
+
+    def load_controlnet(
+        self, controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig]
+    ) -> list[int]:
+        """Load Qwen-Image ControlNets (diffusers `QwenImageControlNetModel` files) and return their
+        `controlnet_id`s (their positions in load order).
+
+        Each item is a `ModelConfig`, a local file or folder (the `config.json` beside the weights is read
+        when present), or a hub repo id: "InstantX/Qwen-Image-ControlNet-Union",
+        "InstantX/Qwen-Image-ControlNet-Inpainting" (`presets.CONTROLNETS`), or another repo with a root
+        `diffusion_pytorch_model.safetensors`. Nets load strictly, in the pipeline's dtype, and are placed
+        like the other models (on the device, or under VRAM management).
+        """
+        from diffsynth.runtime.loading import load_models
+
+        from .controlnet_formats import CONTROLNET_SPEC
+
+        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if not items:
+            raise ConfigError("load_controlnet got an empty list; give a path, a hub repo id or a ModelConfig")
+        ids = []
+        for item in items:
+            config = controlnet_source(item)
+            paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+            for loaded in load_models(paths, torch_dtype=self.torch_dtype, device="cpu", specs=[CONTROLNET_SPEC]):
+                ids.append(self._add_controlnet(loaded.module, config))
+        if self.vram_handles:
+            self.enable_vram_management(slots=["controlnet"])
+        elif not self.model_offload:
+            self.controlnet.to(self.device)
+        return ids
+
+    def _add_controlnet(self, net: QwenImageControlNet, config: ModelConfig | None) -> int:
+        if self.controlnet is None:
+            self.controlnet = QwenImageControlNets()
+        self.model_configs.setdefault("controlnet", config)
+        index = self.controlnet.append(net.eval().requires_grad_(False))
+        cfg = net.config
+        kind = "inpainting" if net.takes_mask else "control-image"
+        logger.info("ControlNet %d: %s net, %d blocks", index, kind, cfg.num_layers)
+        return index
+
+    def _load_config(self, config: ModelConfig) -> None:
+        """ControlNet files among `model_configs` join the `controlnet` slot in order (not replace it)."""
+        held, self.controlnet = self.controlnet, None
+        try:
+            super()._load_config(config)
+        finally:
+            loaded, self.controlnet = self.controlnet, held
+        if loaded is not None:
+            self._add_controlnet(loaded, config)
+
+    def controlnets(self) -> list[QwenImageControlNet]:
+        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
+        return list(self.controlnet.nets) if self.controlnet is not None else []
 
     @torch.no_grad()
     def __call__(
@@ -138,6 +275,7 @@ class QwenImagePipeline(BasePipeline):
         eligen_entity_prompts: Sequence[str] | None = None,
         eligen_entity_masks: Sequence[Image.Image] | None = None,
         eligen_enable_on_negative: bool = False,
+        controlnet_inputs: Sequence[ControlNetInput] | None = None,
         max_sequence_length: int = 512,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = (34, 34),
@@ -157,6 +295,9 @@ class QwenImagePipeline(BasePipeline):
         `eligen_entity_prompts` / `eligen_entity_masks` (one PIL mask each, white = entity) are EliGen's regional
         prompts for one prompt at a time; `eligen_enable_on_negative` gives the negative branch the same regions,
         each with the negative prompt (`eligen.py`).
+        `controlnet_inputs` are `ControlNetInput`s for the loaded ControlNets (several at once; see the module
+        docstring): `image`, `scale`, `start` / `end` and `controlnet_id` are read, and `inpaint_mask` (white =
+        repaint) by the inpainting net, which repaints `image`.
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
@@ -187,6 +328,7 @@ class QwenImagePipeline(BasePipeline):
             raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
         blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
         repaint = self.prepare_inpaint_mask(inpaint_mask, input_image, len(prompts), height, width, blur)
+        control_inputs = self.check_controls(controlnet_inputs)
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
@@ -206,7 +348,8 @@ class QwenImagePipeline(BasePipeline):
         scheduler.set_timesteps(
             steps, denoising_strength=strength, image_seq_len=(height // 16) * (width // 16), mu=exponential_shift_mu
         )
-        self.load_models_to_device(["vae"] if input_image is not None or edits is not None else [])
+        uses_vae = input_image is not None or edits is not None or bool(control_inputs)
+        self.load_models_to_device(["vae"] if uses_vae else [])
         noise = self.prepare_noise(len(prompts), height, width, seed, rand_device, latents)
         clean = None
         if input_image is not None:
@@ -215,14 +358,20 @@ class QwenImagePipeline(BasePipeline):
         references = (
             [] if edits is None else self.encode_edit_images(edits, len(prompts), tiled, tile_size, tile_stride)
         )
+        controls = self.encode_controls(control_inputs, height, width, tiled, tile_size, tile_stride)
 
         # 3. denoise
-        self.load_models_to_device(["dit"])
-        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+        self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
+        n_steps = len(scheduler.timesteps)
+        for i in self.progress(range(n_steps), progress_bar):
             sigma = scheduler.sigmas[i].expand(x.shape[0])
-            velocity = qwen_image_velocity(self.dit, x, sigma, text, text_mask, references, entities)
-            if negative is not None:
-                negative_velocity = qwen_image_velocity(self.dit, x, sigma, *negative, references, negative_entities)
+            active = [c for c in controls if c.active(i, n_steps)]
+            residuals = controlnet_residuals(active, x, sigma, text, text_mask, self.dit.config.num_layers)
+            velocity = qwen_image_velocity(self.dit, x, sigma, text, text_mask, references, entities, residuals)
+            if negative is not None:  # the negative call gets the positive prompt's control (as diffusers)
+                negative_velocity = qwen_image_velocity(
+                    self.dit, x, sigma, *negative, references, negative_entities, residuals
+                )
                 velocity = true_cfg(velocity, negative_velocity, cfg_scale, self.dit.config.patch_size)
             if repaint is not None:
                 velocity = inpaint_velocity(velocity, x, clean, scheduler.sigmas[i], repaint)
@@ -356,10 +505,111 @@ class QwenImagePipeline(BasePipeline):
         images = self.input_images(input_image)
         return mask_grid(inpaint_mask, images, batch, (height // 8, width // 8), self.device, blur)
 
+    # ------------------------------------------------------------------ ControlNet
+    def check_controls(
+        self, inputs
+    ) -> list[tuple[QwenImageControlNet, ControlNetInput, Image.Image, Image.Image | None]]:
+        """`controlnet_inputs` checked against the loaded nets, with their images (and masks) loaded: a list of
+        (net, input, control image, mask or None). Fields a net does not read are refused."""
+        if inputs is None:
+            return []
+        items = [inputs] if isinstance(inputs, ControlNetInput) else list(inputs)
+        if not items:
+            return []
+        nets = self.controlnets()
+        if not nets:
+            raise ConfigError(
+                "controlnet_inputs were given but no ControlNet is loaded: use QwenImagePipeline.from_pretrained"
+                "(..., controlnet='InstantX/Qwen-Image-ControlNet-Union') or pipe.load_controlnet(...)"
+            )
+        checked = []
+        for i, item in enumerate(items):
+            where = f"controlnet_inputs[{i}]"
+            if not isinstance(item, ControlNetInput):
+                raise ConfigError(f"{where} is a {type(item).__name__}; use ControlNetInput(image=..., ...)")
+            cid = item.controlnet_id
+            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < len(nets):
+                raise ConfigError(f"{where}.controlnet_id={cid!r}: {len(nets)} ControlNet(s) are loaded (ids 0..)")
+            for name in ("scale", "start", "end"):
+                value = getattr(item, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{where}.{name}={value!r} must be a number")
+            if not 0.0 <= item.start < item.end <= 1.0:
+                raise ConfigError(
+                    f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
+                    "(fractions of the denoising steps)"
+                )
+            if item.image is None:
+                raise ConfigError(f"{where}.image is missing: give the control image (or the image to inpaint)")
+            if item.processor_id is not None:
+                raise ConfigError(
+                    f"{where}.processor_id={item.processor_id!r} is not read: the Qwen-Image ControlNets take no "
+                    "control mode (the Union net tells canny, soft edge, depth and pose apart from the image)"
+                )
+            if item.inpaint_image is not None:
+                raise ConfigError(
+                    f"{where}.inpaint_image is not read by Qwen-Image ControlNets: the inpainting net repaints "
+                    "`image` where `inpaint_mask` is white"
+                )
+            net = nets[cid]
+            if net.takes_mask and item.inpaint_mask is None:
+                raise ConfigError(
+                    f"{where}: ControlNet {cid} is an inpainting net; give inpaint_mask (white = repaint)"
+                )
+            if not net.takes_mask and item.inpaint_mask is not None:
+                raise ConfigError(
+                    f"{where}.inpaint_mask is given but ControlNet {cid} takes no mask (a control-image net); "
+                    "load InstantX/Qwen-Image-ControlNet-Inpainting to inpaint with a ControlNet"
+                )
+            mask = None if item.inpaint_mask is None else load_image(item.inpaint_mask).convert("L")
+            checked.append((net, item, load_image(item.image), mask))
+        return checked
+
+    def encode_controls(self, checked, height, width, tiled=False, tile_size=(34, 34), tile_stride=(18, 16)):
+        """Each checked control as a `ControlCondition`: its image resized (Lanczos) to the output size,
+        VAE-encoded (posterior mode, normalised) and packed; for the inpainting net the pixels to repaint set
+        to -1 before encoding and the kept region appended as a 17th latent channel (see the module docstring)."""
+        controls = []
+        for net, item, image, mask in checked:
+            pixels = pil_to_tensor(image.resize((width, height), Image.LANCZOS), module_dtype(self.vae), self.device)
+            repaint = None
+            if mask is not None:  # binarised at 0.5 after the resize, as diffusers' mask processor does
+                gray = np.asarray(mask.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0
+                repaint = torch.from_numpy(gray >= 0.5)[None, None].to(self.device)
+                pixels = pixels.masked_fill(repaint, -1.0)
+            z = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+            z = z[:, :, 0].float()
+            if repaint is not None:
+                keep = 1.0 - F.interpolate(repaint.float(), size=z.shape[-2:], mode="nearest")
+                z = torch.cat([z, keep], dim=1)
+            tokens = pack(z, net.config.patch_size)
+            controls.append(ControlCondition(net, tokens, float(item.scale), float(item.start), float(item.end)))
+        return controls
+
+
+def controlnet_source(item) -> ModelConfig:
+    """A ControlNet argument (a `ModelConfig`, a file or folder, a hub repo id) as a `ModelConfig`."""
+    if isinstance(item, ModelConfig):
+        return item
+    if not isinstance(item, (str, os.PathLike)):
+        raise ConfigError(f"controlnet must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+    source = str(item)
+    if Path(source).exists():
+        return ModelConfig(path=source)
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise ConfigError(
+            f"controlnet={source!r} is neither an existing file or folder nor a hub repo id (Org/Name), "
+            f"e.g. one of {sorted(CONTROLNETS)}"
+        )
+    files = CONTROLNETS.get(source, ("diffusion_pytorch_model.safetensors",))
+    return ModelConfig(model_id=source, origin_file_pattern=list(files))
+
 
 __all__ = [
     "SIGMA_TEMPLATES",
+    "ControlNetInput",
     "QwenImagePipeline",
+    "controlnet_residuals",
     "inpaint_velocity",
     "pack",
     "qwen_image_velocity",

@@ -6,6 +6,9 @@ negative prompt of one space. Our `cfg_scale` is that `true_cfg_scale` (the same
 authors' rescale of each token's guided velocity to the norm of the conditional one), so 1 means off.
 Edit presets read the tokenizer from `processor/` (the Qwen2-VL processor the vision tower needs) and
 name their prompt template (`edit_template`: "edit" for the first Edit, "plus" for 2509/2511).
+
+`CONTROLNETS` are the ControlNet repos `load_controlnet("Org/Name")` knows: their files (each a diffusers
+`QwenImageControlNetModel` folder at the repo root).
 """
 
 from __future__ import annotations
@@ -58,4 +61,13 @@ PRESETS: dict[str, Preset] = {
         "Qwen-Image-Edit-2511 (zero_cond_t): 1-3 edit images, 40 steps, true CFG 4.",
         tokenizer="processor/",
     ),
+}
+
+
+# ControlNet repo -> the files `load_controlnet` fetches (weights and the config.json beside them)
+CONTROLNETS: dict[str, tuple[str, ...]] = {
+    # 5 dual-stream blocks; canny, soft edge, depth and pose maps (the kind is read from the image)
+    "InstantX/Qwen-Image-ControlNet-Union": ("diffusion_pytorch_model.safetensors", "config.json"),
+    # 6 blocks; the image with the region to repaint and the mask (68 condition features)
+    "InstantX/Qwen-Image-ControlNet-Inpainting": ("diffusion_pytorch_model.safetensors", "config.json"),
 }
