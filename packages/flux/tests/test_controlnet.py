@@ -266,10 +266,10 @@ def _run(pipe, controls, steps=2, **kwargs):
 
 
 def test_pipeline_loads_controlnets_in_order(cn_pipe):
-    from diffsynth.flux.pipeline import Flux1ControlNets
+    from diffsynth.runtime.controlnet import ControlNetSlot
 
     nets = cn_pipe.controlnets()
-    assert isinstance(cn_pipe.controlnet, Flux1ControlNets) and len(nets) == 2
+    assert isinstance(cn_pipe.controlnet, ControlNetSlot) and len(nets) == 2
     assert nets[0].is_union and nets[1].takes_mask
     assert cn_pipe.controlnet.offload_units == ("nets.0.double_blocks", "nets.0.single_blocks") + (
         "nets.1.double_blocks",

@@ -30,10 +30,10 @@ from diffsynth.qwen_image.controlnet import (
     ControlCondition,
     QwenImageControlNet,
     QwenImageControlNetConfig,
-    QwenImageControlNets,
     sum_residuals,
 )
 from diffsynth.qwen_image.controlnet_formats import CONTROLNET_SPEC, LAYOUTS, config_from_state
+from diffsynth.runtime.controlnet import ControlNetSlot
 from diffsynth.runtime.errors import CheckpointError, ConfigError, UnknownModelError
 from diffsynth.runtime.loading import load_model
 from diffsynth.runtime.testing import conformance as cf
@@ -306,7 +306,7 @@ def run(pipe, controls, prompts=PROMPTS[0], steps=2, **kwargs):
 
 def test_pipeline_loads_controlnets_in_order(pipe):
     nets = pipe.controlnets()
-    assert isinstance(pipe.controlnet, QwenImageControlNets) and len(nets) == 2
+    assert isinstance(pipe.controlnet, ControlNetSlot) and len(nets) == 2
     assert not nets[0].takes_mask and nets[1].takes_mask
     assert pipe.controlnet.offload_units == ("nets.0.transformer_blocks", "nets.1.transformer_blocks")
 
@@ -368,7 +368,8 @@ def test_bad_controlnet_inputs_are_refused(pipe, fields, match):
 
 def test_controls_without_a_controlnet_and_unknown_sources_are_refused(tiny_repo):
     from diffsynth.qwen_image import ControlNetInput, QwenImagePipeline
-    from diffsynth.qwen_image.pipeline import controlnet_source
+
+    controlnet_source = QwenImagePipeline.controlnet_source
 
     plain = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
     with pytest.raises(ConfigError, match="no ControlNet is loaded"):

@@ -389,9 +389,9 @@ def run(pipe, controls, steps=3, **kwargs):
 
 
 def test_controlnets_load_in_order_from_every_source(tiny_repo, net_files, pipe):
-    from diffsynth.z_image.pipeline import ZImageControlNets
+    from diffsynth.runtime.controlnet import ControlNetSlot
 
-    assert isinstance(pipe.controlnet, ZImageControlNets)
+    assert isinstance(pipe.controlnet, ControlNetSlot)
     assert [n.config.add_control_noise_refiner for n in pipe.controlnets()] == ["control_noise_refiner", None]
     assert pipe.controlnet.offload_units == (
         "nets.0.control_layers",
@@ -498,7 +498,7 @@ def test_refusals_without_a_net_and_for_foreign_inputs(tiny_repo, pipe, tmp_path
         run(bare, [ControlNetInput(image=picture())], steps=1)
     with pytest.raises(ConfigError, match=r"controlnet_inputs\[0\] is a dict"):
         run(pipe, [{"image": picture()}], steps=1)
-    with pytest.raises(ConfigError, match="neither an existing file nor a known ControlNet repo"):
+    with pytest.raises(ConfigError, match="neither an existing file or folder nor a known ControlNet repo"):
         bare.load_controlnet("no/such-net")
     wide = make_net(tiny_config("2.1", places=(0, 2), refiner=(0,)))  # a hint after layer 2 of a 2-layer DiT
     with pytest.raises(ConfigError, match="does not fit this Z-Image DiT"):
@@ -516,7 +516,9 @@ def test_divided_over_two_ranks_equals_one_process(tiny_repo, net_files):
 
 
 def test_known_hub_repos_name_their_file():
-    from diffsynth.z_image.pipeline import _controlnet_source
+    from diffsynth.z_image.pipeline import ZImagePipeline
+
+    _controlnet_source = ZImagePipeline.controlnet_source
 
     config = _controlnet_source("PAI/Z-Image-Turbo-Fun-Controlnet-Union-2.1")
     assert config.origin_file_pattern == "Z-Image-Turbo-Fun-Controlnet-Union-2.1-8steps.safetensors"

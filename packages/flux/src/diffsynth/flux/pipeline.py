@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffsynth.runtime.controlnet import ControlNetInput, acts_at
+from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_inputs, model_source
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache
+from diffsynth.runtime.pipeline import BasePipeline, accepts_tea_cache, weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -102,28 +102,6 @@ class ControlCondition:
 
     def active(self, step: int, steps: int) -> bool:
         return acts_at(self.start, self.end, step, steps)
-
-
-class Flux1ControlNets(torch.nn.Module):
-    """The pipeline's `controlnet` slot: the loaded ControlNets in load order (`controlnet_id`)."""
-
-    def __init__(self, nets: Sequence[Flux1ControlNet] = ()):
-        super().__init__()
-        self.nets = torch.nn.ModuleList()
-        self.offload_units: tuple[str, ...] = ()
-        self.compile_units: tuple[str, ...] = ()
-        for net in nets:
-            self.append(net)
-
-    def append(self, net: Flux1ControlNet) -> int:
-        self.nets.append(net)
-        i = len(self.nets) - 1
-        self.offload_units += tuple(f"nets.{i}.{u}" for u in net.offload_units)
-        self.compile_units += tuple(f"nets.{i}.{u}" for u in net.compile_units)
-        return i
-
-    def __len__(self) -> int:
-        return len(self.nets)
 
 
 def flux_velocity(
@@ -284,6 +262,7 @@ class FluxImagePipeline(BasePipeline):
             device=device,
             model_configs=model_configs,
             vram_limit=vram_limit,
+            controlnet=controlnet,
         )
         first = tokenizer_1_config or tokenizer_config
         second = tokenizer_2_config
@@ -303,8 +282,6 @@ class FluxImagePipeline(BasePipeline):
             pipe.tokenizer_1 = BasePipeline._load_tokenizer(pipe, first)
         if second is not None:
             pipe.tokenizer_2 = BasePipeline._load_tokenizer(pipe, second)
-        if controlnet is not None:
-            pipe.load_controlnet(controlnet)
         sources, pipe._ip_adapter_sources = pipe._ip_adapter_sources, {}
         if sources:  # an IP-Adapter among model_configs, as DiffSynth-Studio lists it: loaded once the DiT is
             if "adapter" not in sources:
@@ -315,50 +292,23 @@ class FluxImagePipeline(BasePipeline):
             pipe.load_ip_adapter(sources["adapter"], image_encoder=sources.get("image_encoder"))
         return pipe
 
-    def load_controlnet(
-        self, controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig]
-    ) -> list[int]:
-        """Load FLUX.1 ControlNets (diffusers `FluxControlNetModel` files) and return their `controlnet_id`s.
-
-        Each item is a `ModelConfig`, a local file or folder (the `config.json` beside the weights
-        is read when present), or a hub repo id such as "InstantX/FLUX.1-dev-Controlnet-Union-alpha"
-        (its root `diffusion_pytorch_model.safetensors`). Nets are loaded in the pipeline's dtype
-        and placed like the other models (on the device, or under VRAM management).
-        """
-        from diffsynth.runtime.loading import load_models
-
+    def controlnet_spec(self):
+        """FLUX.1 ControlNets: diffusers `FluxControlNetModel` files (`controlnet=` / `load_controlnet` take a
+        `ModelConfig`, a local file or folder with its `config.json`, or a hub repo id such as
+        "InstantX/FLUX.1-dev-Controlnet-Union-alpha": its root `diffusion_pytorch_model.safetensors`)."""
         from .flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
 
-        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
-        if not items:
-            raise ConfigError("load_controlnet got an empty list; give a path, a hub repo id or a ModelConfig")
-        ids = []
-        for item in items:
-            config = _controlnet_config(item)
-            for loaded in load_models(
-                _weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=[FLUX1_CONTROLNET_SPEC]
-            ):
-                ids.append(self._add_controlnet(loaded.module, config))
-        if self.vram_handles:
-            self.enable_vram_management(slots=["controlnet"])
-        elif not self.model_offload:
-            self.controlnet.to(self.device)
-        return ids
+        return FLUX1_CONTROLNET_SPEC
 
-    def _add_controlnet(self, net: Flux1ControlNet, config: ModelConfig | None) -> int:
-        if self.controlnet is None:
-            self.controlnet = Flux1ControlNets()
-        self.model_configs.setdefault("controlnet", config)
-        index = self.controlnet.append(net.eval().requires_grad_(False))
-        logger.info("ControlNet %d: %s", index, _describe_net(net))
-        return index
+    def describe_controlnet(self, net: Flux1ControlNet) -> str:
+        return _describe_net(net)
 
     def _load_config(self, config: ModelConfig) -> None:
         """ControlNet files among `model_configs` (once their spec is registered) join the `controlnet` slot; an
         IP-Adapter and its image encoder are kept for `from_pretrained` to load once the DiT is there."""
         from .flux1.ip_adapter import source_part
 
-        part = source_part(_weight_paths(config))
+        part = source_part(weight_paths(config))
         if part is not None:
             if part in self._ip_adapter_sources:
                 raise ConfigError(
@@ -366,13 +316,7 @@ class FluxImagePipeline(BasePipeline):
                 )
             self._ip_adapter_sources[part] = config
             return
-        held, self.controlnet = self.controlnet, None
-        try:
-            super()._load_config(config)
-        finally:
-            loaded, self.controlnet = self.controlnet, held
-        if loaded is not None:
-            self._add_controlnet(loaded, config)
+        super()._load_config(config)
 
     def _load_tokenizer(self, config: ModelConfig):
         """The base class finds at most one tokenizer; `from_pretrained` loads FLUX.1's two itself."""
@@ -697,12 +641,12 @@ class FluxImagePipeline(BasePipeline):
 
         config = _ip_adapter_config(ip_adapter)
         double = self.dit.config.depth if self.dit is not None else None
-        adapter = load_ip_adapter_model(_weight_paths(config), self.torch_dtype, double_blocks=double)
+        adapter = load_ip_adapter_model(weight_paths(config), self.torch_dtype, double_blocks=double)
         if self.dit is not None:
             check_fits(adapter, self.dit)
         fmt = adapter.config.format
         encoder_config = _image_encoder_config(image_encoder if image_encoder is not None else IP_ADAPTER_ENCODERS[fmt])
-        encoder = load_image_encoder(_weight_paths(encoder_config), self.torch_dtype)
+        encoder = load_image_encoder(weight_paths(encoder_config), self.torch_dtype)
         wanted = "clip" if fmt == XLABS else "siglip"
         if encoder.kind != wanted:
             raise ConfigError(
@@ -773,38 +717,15 @@ class FluxImagePipeline(BasePipeline):
         return positive, adapter(negative_embeds, heads, scale)
 
     # ------------------------------------------------------------------ ControlNet
-    def controlnets(self) -> list[Flux1ControlNet]:
-        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
-        return list(self.controlnet.nets) if self.controlnet is not None else []
-
     def prepare_controls(
         self, inputs, height: int, width: int, tiled=False, tile_size=512, tile_stride=384
     ) -> list[ControlCondition]:
         """Check `controlnet_inputs` and encode each control image (and inpainting mask) for its net."""
-        if not inputs:
-            return []
-        items = [inputs] if isinstance(inputs, ControlNetInput) else list(inputs)
         nets = self.controlnets()
-        if not nets:
-            raise ConfigError(
-                "controlnet_inputs were given but no ControlNet is loaded: use "
-                "FluxImagePipeline.from_pretrained(..., controlnet=...) or pipe.load_controlnet(...)"
-            )
+        how = "use FluxImagePipeline.from_pretrained(..., controlnet=...) or pipe.load_controlnet(...)"
         controls = []
-        for i, item in enumerate(items):
-            where = f"controlnet_inputs[{i}]"
-            if not isinstance(item, ControlNetInput):
-                raise ConfigError(f"{where} is a {type(item).__name__}; use ControlNetInput(image=..., ...)")
-            cid = item.controlnet_id
-            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < len(nets):
-                raise ConfigError(f"{where}.controlnet_id={cid!r}: {len(nets)} ControlNet(s) are loaded (ids 0..)")
-            if isinstance(item.scale, bool) or not isinstance(item.scale, (int, float)):
-                raise ConfigError(f"{where}.scale={item.scale!r} must be a number")
-            if not (0.0 <= item.start < item.end <= 1.0):
-                raise ConfigError(
-                    f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
-                    "(fractions of the denoising steps)"
-                )
+        for i, item in enumerate(checked_inputs(inputs, len(nets), how)):
+            where, cid = f"controlnet_inputs[{i}]", item.controlnet_id
             if item.image is None:
                 raise ConfigError(f"{where}.image is missing: give the control image")
             if item.inpaint_image is not None:
@@ -847,33 +768,6 @@ class FluxImagePipeline(BasePipeline):
         return pack_latents(torch.cat([z, keep], dim=1))
 
 
-def _model_source(item, name: str, hub_files, hub_hint: str) -> ModelConfig:
-    """What the user gave for `name` (a file or folder, a hub repo id, or a ModelConfig) as a ModelConfig.
-    `hub_files(repo_id)` gives the files to fetch from a repo, or None for a repo this argument does not know."""
-    if isinstance(item, ModelConfig):
-        return item
-    if not isinstance(item, (str, os.PathLike)):
-        raise ConfigError(f"{name} must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
-    source = str(item)
-    if Path(source).exists():
-        return ModelConfig(path=source)
-    looks_like_repo = source.count("/") == 1 and not source.startswith((".", "/"))
-    files = hub_files(source) if looks_like_repo else None
-    if files is None:
-        raise ConfigError(f"{name}={source!r} is neither an existing file or folder nor {hub_hint}")
-    return ModelConfig(model_id=source, origin_file_pattern=files)
-
-
-def _weight_paths(config: ModelConfig) -> list[str]:
-    return [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
-
-
-def _controlnet_config(item) -> ModelConfig:
-    return _model_source(
-        item, "controlnet", lambda repo: "diffusion_pytorch_model.safetensors", "a hub repo id (Org/Name)"
-    )
-
-
 # hub repos of the released adapters: their weight file and the image encoder they were trained with
 IP_ADAPTER_REPOS = {
     "InstantX/FLUX.1-dev-IP-Adapter": "ip-adapter.bin",
@@ -885,11 +779,11 @@ IP_ADAPTER_ENCODERS = {"instantx": "google/siglip-so400m-patch14-384", "xlabs": 
 
 def _ip_adapter_config(item) -> ModelConfig:
     hint = f"one of the known repos {sorted(IP_ADAPTER_REPOS)} (pass a ModelConfig for other repos)"
-    return _model_source(item, "ip_adapter", IP_ADAPTER_REPOS.get, hint)
+    return model_source(item, "ip_adapter", IP_ADAPTER_REPOS.get, hint)
 
 
 def _image_encoder_config(item) -> ModelConfig:
-    return _model_source(item, "image_encoder", lambda repo: ["model.safetensors", "config.json"], "a hub repo id")
+    return model_source(item, "image_encoder", lambda repo: ["model.safetensors", "config.json"], "a hub repo id")
 
 
 def _control_mode(net: Flux1ControlNet, processor_id, where: str) -> int | None:
@@ -918,7 +812,6 @@ __all__ = [
     "ControlCondition",
     "ControlNetInput",
     "FluxImagePipeline",
-    "Flux1ControlNets",
     "controlnet_residuals",
     "KontextLatents",
     "flux_velocity",

@@ -180,28 +180,6 @@ class QwenImageControlNet(nn.Module):
         return residuals
 
 
-class QwenImageControlNets(nn.Module):
-    """The pipeline's `controlnet` slot: the loaded ControlNets in load order (`controlnet_id`)."""
-
-    def __init__(self, nets: Sequence[QwenImageControlNet] = ()):
-        super().__init__()
-        self.nets = nn.ModuleList()
-        self.offload_units: tuple[str, ...] = ()
-        self.compile_units: tuple[str, ...] = ()
-        for net in nets:
-            self.append(net)
-
-    def append(self, net: QwenImageControlNet) -> int:
-        self.nets.append(net)
-        i = len(self.nets) - 1
-        self.offload_units += tuple(f"nets.{i}.{u}" for u in net.offload_units)
-        self.compile_units += tuple(f"nets.{i}.{u}" for u in net.compile_units)
-        return i
-
-    def __len__(self) -> int:
-        return len(self.nets)
-
-
 @dataclass
 class ControlCondition:
     """A control prepared for the denoising loop: its net, the packed condition tokens `[1 or B, L, C]`,
@@ -244,6 +222,5 @@ __all__ = [
     "ControlCondition",
     "QwenImageControlNet",
     "QwenImageControlNetConfig",
-    "QwenImageControlNets",
     "sum_residuals",
 ]

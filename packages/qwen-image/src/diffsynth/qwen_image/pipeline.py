@@ -31,7 +31,6 @@ prompt, and the sum of the nets' scaled residuals goes into both the positive an
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,17 +39,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffsynth.runtime.controlnet import ControlNetInput
+from diffsynth.runtime.controlnet import ControlNetInput, checked_inputs, model_source
 from diffsynth.runtime.eligen import check_entity_inputs, entity_regions
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
-from .controlnet import ControlCondition, QwenImageControlNet, QwenImageControlNets, sum_residuals
+from .controlnet import ControlCondition, QwenImageControlNet, sum_residuals
 from .eligen import QwenEntityText, entity_text
 from .presets import CONTROLNETS
 from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
@@ -168,88 +167,25 @@ class QwenImagePipeline(BasePipeline):
         self.processor = None  # VisionPromptProcessor (tokenizer + image preprocessing) for editing
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_id_or_configs: str | os.PathLike | Sequence[ModelConfig] | None = None,
-        *,
-        torch_dtype: torch.dtype | str = torch.bfloat16,
-        device: str | torch.device | None = None,
-        model_configs: Sequence[ModelConfig] = (),
-        tokenizer_config: ModelConfig | None = None,
-        vram_limit: float | None = None,
-        use_usp: bool = False,
-        controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
-    ):
-        """As `BasePipeline.from_pretrained`; `controlnet` loads one or several ControlNets (see
-        `load_controlnet`). ControlNet files listed among `model_configs` join them too, in order."""
-        pipe = super().from_pretrained(
-            model_id_or_configs,
-            torch_dtype=torch_dtype,
-            device=device,
-            model_configs=model_configs,
-            tokenizer_config=tokenizer_config,
-            vram_limit=vram_limit,
-            use_usp=use_usp,
-        )
-        if controlnet is not None:
-            pipe.load_controlnet(controlnet)
-        return pipe
-
-    def load_controlnet(
-        self, controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig]
-    ) -> list[int]:
-        """Load Qwen-Image ControlNets (diffusers `QwenImageControlNetModel` files) and return their
-        `controlnet_id`s (their positions in load order).
-
-        Each item is a `ModelConfig`, a local file or folder (the `config.json` beside the weights is read
-        when present), or a hub repo id: "InstantX/Qwen-Image-ControlNet-Union",
+    def controlnet_spec(self):
+        """InstantX Qwen-Image ControlNets (diffusers `QwenImageControlNetModel` files): a `ModelConfig`, a local
+        file or folder (with its `config.json`), or a hub repo id: "InstantX/Qwen-Image-ControlNet-Union",
         "InstantX/Qwen-Image-ControlNet-Inpainting" (`presets.CONTROLNETS`), or another repo with a root
-        `diffusion_pytorch_model.safetensors`. Nets load strictly, in the pipeline's dtype, and are placed
-        like the other models (on the device, or under VRAM management).
-        """
-        from diffsynth.runtime.loading import load_models
-
+        `diffusion_pytorch_model.safetensors`."""
         from .controlnet_formats import CONTROLNET_SPEC
 
-        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
-        if not items:
-            raise ConfigError("load_controlnet got an empty list; give a path, a hub repo id or a ModelConfig")
-        ids = []
-        for item in items:
-            config = controlnet_source(item)
-            paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
-            for loaded in load_models(paths, torch_dtype=self.torch_dtype, device="cpu", specs=[CONTROLNET_SPEC]):
-                ids.append(self._add_controlnet(loaded.module, config))
-        if self.vram_handles:
-            self.enable_vram_management(slots=["controlnet"])
-        elif not self.model_offload:
-            self.controlnet.to(self.device)
-        return ids
+        return CONTROLNET_SPEC
 
-    def _add_controlnet(self, net: QwenImageControlNet, config: ModelConfig | None) -> int:
-        if self.controlnet is None:
-            self.controlnet = QwenImageControlNets()
-        self.model_configs.setdefault("controlnet", config)
-        index = self.controlnet.append(net.eval().requires_grad_(False))
-        cfg = net.config
+    @staticmethod
+    def controlnet_source(item) -> ModelConfig:
+        def files(repo: str) -> list[str]:  # the known repos' files, else a root diffusers file
+            return list(CONTROLNETS.get(repo, ("diffusion_pytorch_model.safetensors",)))
+
+        return model_source(item, "controlnet", files, f"a hub repo id (Org/Name), e.g. one of {sorted(CONTROLNETS)}")
+
+    def describe_controlnet(self, net: QwenImageControlNet) -> str:
         kind = "inpainting" if net.takes_mask else "control-image"
-        logger.info("ControlNet %d: %s net, %d blocks", index, kind, cfg.num_layers)
-        return index
-
-    def _load_config(self, config: ModelConfig) -> None:
-        """ControlNet files among `model_configs` join the `controlnet` slot in order (not replace it)."""
-        held, self.controlnet = self.controlnet, None
-        try:
-            super()._load_config(config)
-        finally:
-            loaded, self.controlnet = self.controlnet, held
-        if loaded is not None:
-            self._add_controlnet(loaded, config)
-
-    def controlnets(self) -> list[QwenImageControlNet]:
-        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
-        return list(self.controlnet.nets) if self.controlnet is not None else []
+        return f"{kind} net, {net.config.num_layers} blocks"
 
     @torch.no_grad()
     def __call__(
@@ -511,34 +447,14 @@ class QwenImagePipeline(BasePipeline):
     ) -> list[tuple[QwenImageControlNet, ControlNetInput, Image.Image, Image.Image | None]]:
         """`controlnet_inputs` checked against the loaded nets, with their images (and masks) loaded: a list of
         (net, input, control image, mask or None). Fields a net does not read are refused."""
-        if inputs is None:
-            return []
-        items = [inputs] if isinstance(inputs, ControlNetInput) else list(inputs)
-        if not items:
-            return []
         nets = self.controlnets()
-        if not nets:
-            raise ConfigError(
-                "controlnet_inputs were given but no ControlNet is loaded: use QwenImagePipeline.from_pretrained"
-                "(..., controlnet='InstantX/Qwen-Image-ControlNet-Union') or pipe.load_controlnet(...)"
-            )
+        how = (
+            "use QwenImagePipeline.from_pretrained(..., controlnet='InstantX/Qwen-Image-ControlNet-Union') or "
+            "pipe.load_controlnet(...)"
+        )
         checked = []
-        for i, item in enumerate(items):
-            where = f"controlnet_inputs[{i}]"
-            if not isinstance(item, ControlNetInput):
-                raise ConfigError(f"{where} is a {type(item).__name__}; use ControlNetInput(image=..., ...)")
-            cid = item.controlnet_id
-            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < len(nets):
-                raise ConfigError(f"{where}.controlnet_id={cid!r}: {len(nets)} ControlNet(s) are loaded (ids 0..)")
-            for name in ("scale", "start", "end"):
-                value = getattr(item, name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"{where}.{name}={value!r} must be a number")
-            if not 0.0 <= item.start < item.end <= 1.0:
-                raise ConfigError(
-                    f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
-                    "(fractions of the denoising steps)"
-                )
+        for i, item in enumerate(checked_inputs(inputs, len(nets), how)):
+            where, cid = f"controlnet_inputs[{i}]", item.controlnet_id
             if item.image is None:
                 raise ConfigError(f"{where}.image is missing: give the control image (or the image to inpaint)")
             if item.processor_id is not None:
@@ -585,24 +501,6 @@ class QwenImagePipeline(BasePipeline):
             tokens = pack(z, net.config.patch_size)
             controls.append(ControlCondition(net, tokens, float(item.scale), float(item.start), float(item.end)))
         return controls
-
-
-def controlnet_source(item) -> ModelConfig:
-    """A ControlNet argument (a `ModelConfig`, a file or folder, a hub repo id) as a `ModelConfig`."""
-    if isinstance(item, ModelConfig):
-        return item
-    if not isinstance(item, (str, os.PathLike)):
-        raise ConfigError(f"controlnet must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
-    source = str(item)
-    if Path(source).exists():
-        return ModelConfig(path=source)
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise ConfigError(
-            f"controlnet={source!r} is neither an existing file or folder nor a hub repo id (Org/Name), "
-            f"e.g. one of {sorted(CONTROLNETS)}"
-        )
-    files = CONTROLNETS.get(source, ("diffusion_pytorch_model.safetensors",))
-    return ModelConfig(model_id=source, origin_file_pattern=list(files))
 
 
 __all__ = [

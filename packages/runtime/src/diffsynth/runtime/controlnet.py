@@ -1,12 +1,21 @@
-"""`ControlNetInput`: one control passed to a pipeline's `controlnet_inputs`, shared by every family
-that takes ControlNets (DiffSynth-Studio's class of the same name and fields)."""
+"""What every family with ControlNets shares: `ControlNetInput` (one control passed to a pipeline's
+`controlnet_inputs`, DiffSynth-Studio's class of the same name and fields), `ControlNetSlot` (the
+pipeline's `controlnet` slot: the loaded nets in load order), the checks of the inputs' common fields
+and `model_source` (what a user names a model file by, as a `ModelConfig`). `BasePipeline` loads nets
+into the slot (`load_controlnet`); each family says which spec and hub repos its nets have."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
+from torch import nn
+
+from .errors import ConfigError
+from .hub import ModelConfig
 
 ImageInput = Image.Image | str | os.PathLike
 
@@ -37,9 +46,77 @@ class ControlNetInput:
     controlnet_id: int = 0
 
 
+class ControlNetSlot(nn.Module):
+    """The pipeline's `controlnet` slot: the loaded ControlNets in load order (their `controlnet_id`), with
+    their offload and compile units, so the VRAM manager streams each net's blocks like a DiT's."""
+
+    def __init__(self, nets: Sequence[nn.Module] = ()):
+        super().__init__()
+        self.nets = nn.ModuleList()
+        self.offload_units: tuple[str, ...] = ()
+        self.compile_units: tuple[str, ...] = ()
+        for net in nets:
+            self.append(net)
+
+    def append(self, net: nn.Module) -> int:
+        self.nets.append(net)
+        i = len(self.nets) - 1
+        self.offload_units += tuple(f"nets.{i}.{u}" for u in getattr(net, "offload_units", ()))
+        self.compile_units += tuple(f"nets.{i}.{u}" for u in getattr(net, "compile_units", ()))
+        return i
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+
+def checked_inputs(inputs, loaded: int, how_to_load: str) -> list[ControlNetInput]:
+    """`controlnet_inputs` (one `ControlNetInput` or a list) with their common fields checked against the
+    `loaded` nets: type, `controlnet_id`, `scale`, `start` / `end`. The family checks the rest."""
+    if not inputs:
+        return []
+    items = [inputs] if isinstance(inputs, ControlNetInput) else list(inputs)
+    if not loaded:
+        raise ConfigError(f"controlnet_inputs were given but no ControlNet is loaded: {how_to_load}")
+    for i, item in enumerate(items):
+        where = f"controlnet_inputs[{i}]"
+        if not isinstance(item, ControlNetInput):
+            raise ConfigError(f"{where} is a {type(item).__name__}; use ControlNetInput(image=..., ...)")
+        cid = item.controlnet_id
+        if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < loaded:
+            raise ConfigError(f"{where}.controlnet_id={cid!r}: {loaded} ControlNet(s) are loaded (ids 0..)")
+        for name in ("scale", "start", "end"):
+            value = getattr(item, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{name}={value!r} must be a number")
+        if not 0.0 <= item.start < item.end <= 1.0:
+            raise ConfigError(
+                f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
+                "(fractions of the denoising steps)"
+            )
+    return items
+
+
+def model_source(item, name: str, hub_files: Callable[[str], object], hub_hint: str) -> ModelConfig:
+    """What the user gave for `name` (a file or folder, a hub repo id, or a ModelConfig) as a ModelConfig.
+    `hub_files(repo_id)` gives the files to fetch from a repo, or None for a repo this argument does not know
+    (`hub_hint` then says what is known)."""
+    if isinstance(item, ModelConfig):
+        return item
+    if not isinstance(item, (str, os.PathLike)):
+        raise ConfigError(f"{name} must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
+    source = str(item)
+    if Path(source).exists():
+        return ModelConfig(path=source)
+    looks_like_repo = source.count("/") == 1 and not source.startswith((".", "/"))
+    files = hub_files(source) if looks_like_repo else None
+    if files is None:
+        raise ConfigError(f"{name}={source!r} is neither an existing file or folder nor {hub_hint}")
+    return ModelConfig(model_id=source, origin_file_pattern=files)
+
+
 def acts_at(start: float, end: float, step: int, steps: int) -> bool:
     """Whether a control with fractions `start` / `end` acts at step `step` of `steps` (see `ControlNetInput`)."""
     return not (step / steps < start or (step + 1) / steps > end)
 
 
-__all__ = ["ControlNetInput", "acts_at"]
+__all__ = ["ControlNetInput", "ControlNetSlot", "acts_at", "checked_inputs", "model_source"]

@@ -70,6 +70,7 @@ class BasePipeline:
         tokenizer_config: ModelConfig | None = None,
         vram_limit: float | None = None,
         use_usp: bool = False,
+        controlnet=None,
     ):
         """Build the pipeline from a preset name, a local hub-style folder, or `ModelConfig`s.
 
@@ -78,6 +79,8 @@ class BasePipeline:
         `tokenizer/` (or whatever subfolders hold weights); `model_configs=[...]` works like
         DiffSynth-Studio. `use_usp=True` (under torchrun, as DiffSynth-Studio) loads onto this
         rank's GPU and divides every denoiser call's tokens over all ranks (`enable_parallel`).
+        `controlnet` loads ControlNets into pipelines that take them (see `load_controlnet`); ControlNet
+        files among `model_configs` join them too, in order.
         """
         if use_usp:
             from .parallel import init_parallel
@@ -119,6 +122,10 @@ class BasePipeline:
         if tokenizer_config is not None:
             pipe.tokenizer = pipe._load_tokenizer(tokenizer_config)
         pipe._place_models()
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet)
+        elif getattr(pipe, "controlnet", None) is not None:  # nets listed among model_configs
+            pipe.controlnets_changed()
         if use_usp:
             pipe.enable_parallel()
         return pipe
@@ -137,9 +144,22 @@ class BasePipeline:
         )
 
     def _load_config(self, config: ModelConfig) -> None:
+        """Load the models of one `ModelConfig` into their slots; ControlNet files join the `controlnet` slot
+        in order instead of replacing it."""
+        if "controlnet" not in self.model_slots:
+            return self._load_into_slots(config)
+        held, self.controlnet = self.controlnet, None
+        try:
+            self._load_into_slots(config)
+        finally:
+            loaded, self.controlnet = self.controlnet, held
+        if loaded is not None:
+            self._add_controlnet(loaded, config)
+
+    def _load_into_slots(self, config: ModelConfig) -> None:
         from .loading import load_models
 
-        paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        paths = weight_paths(config)
         _fetch_companion_config(config)  # the loader reads config.json beside the weights
         # load in the pipeline dtype: storage dtypes (fp8 with scales, disk) are the VRAM manager's job
         loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu", roles=self.load_roles)
@@ -155,6 +175,62 @@ class BasePipeline:
                 logger.warning("%s replaces an earlier %s model", _describe(config), slot)
             setattr(self, slot, item.module.eval().requires_grad_(False))
             self.model_configs[slot] = config
+
+    # ------------------------------------------------------------------ ControlNets
+    def controlnet_spec(self):
+        """The `ModelSpec` this family's ControlNet files load with (families with a `controlnet` slot)."""
+        raise ConfigError(f"{type(self).__name__} takes no ControlNets")
+
+    def controlnet_source(self, item) -> ModelConfig:
+        """What a user named a ControlNet by (a file or folder, a hub repo id, a `ModelConfig`), as a
+        `ModelConfig`; families know their hub repos (see `controlnet.model_source`)."""
+        from .controlnet import model_source
+
+        return model_source(item, "controlnet", lambda repo: "diffusion_pytorch_model.safetensors", "a hub repo id")
+
+    def describe_controlnet(self, net: torch.nn.Module) -> str:
+        """One line for the log when a net is loaded."""
+        return type(net).__name__
+
+    def controlnets_changed(self) -> None:
+        """Called once nets were loaded (e.g. to check they fit the denoiser)."""
+
+    def load_controlnet(self, controlnet) -> list[int]:
+        """Load ControlNets (one item or a list: local files or folders, hub repo ids, `ModelConfig`s; see the
+        family's README) and return their `controlnet_id`s: positions in load order, after those already
+        loaded. Loads are strict; nets load in the pipeline's dtype and are placed like the other models (on
+        the device, or under VRAM management)."""
+        from .loading import load_models
+
+        spec = self.controlnet_spec()
+        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if not items:
+            raise ConfigError("load_controlnet got an empty list; give a path, a hub repo id or a ModelConfig")
+        ids = []
+        for item in items:
+            config = self.controlnet_source(item)
+            for loaded in load_models(weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=[spec]):
+                ids.append(self._add_controlnet(loaded.module, config))
+        self.controlnets_changed()
+        if self.vram_handles:
+            self.enable_vram_management(slots=["controlnet"])
+        elif not self.model_offload:
+            self.controlnet.to(self.device)
+        return ids
+
+    def _add_controlnet(self, net: torch.nn.Module, config: ModelConfig | None) -> int:
+        from .controlnet import ControlNetSlot
+
+        if self.controlnet is None:
+            self.controlnet = ControlNetSlot()
+        self.model_configs.setdefault("controlnet", config)
+        index = self.controlnet.append(net.eval().requires_grad_(False))
+        logger.info("ControlNet %d: %s", index, self.describe_controlnet(net))
+        return index
+
+    def controlnets(self) -> list[torch.nn.Module]:
+        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
+        return list(self.controlnet.nets) if getattr(self, "controlnet", None) is not None else []
 
     def _load_tokenizer(self, config: ModelConfig):
         from transformers import AutoTokenizer
@@ -563,6 +639,11 @@ def _cached_steps(bar, caches, steps: int | None):
     finally:
         for cache in caches:
             cache.end_loop()
+
+
+def weight_paths(config: ModelConfig) -> list[str]:
+    """The weight files (and weight folders) a `ModelConfig` resolves to."""
+    return [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
 
 
 def lora_file(source, what: str = "the LoRA's ModelConfig"):

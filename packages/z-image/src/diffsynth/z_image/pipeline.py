@@ -17,18 +17,17 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffsynth.runtime.controlnet import ControlNetInput, acts_at
+from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_inputs, model_source
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -65,26 +64,6 @@ class ControlCondition:
         return acts_at(self.start, self.end, step, steps)
 
 
-class ZImageControlNets(torch.nn.Module):
-    """The pipeline's `controlnet` slot: the loaded ControlNets in load order (`controlnet_id`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.nets = torch.nn.ModuleList()
-        self.offload_units: tuple[str, ...] = ()
-        self.compile_units: tuple[str, ...] = ()
-
-    def append(self, net: ZImageControlNet) -> int:
-        self.nets.append(net)
-        i = len(self.nets) - 1
-        self.offload_units += tuple(f"nets.{i}.{u}" for u in net.offload_units)
-        self.compile_units += tuple(f"nets.{i}.{u}" for u in net.compile_units)
-        return i
-
-    def __len__(self) -> int:
-        return len(self.nets)
-
-
 class ZImagePipeline(BasePipeline):
     """Z-Image text-to-image / image-to-image (and Fun ControlNets), API compatible with DiffSynth-Studio."""
 
@@ -93,82 +72,28 @@ class ZImagePipeline(BasePipeline):
     optional_slots = ("controlnet",)
     size_multiple = 16  # VAE 8x, patch 2
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_id_or_configs=None,
-        *,
-        controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
-        **kwargs,
-    ):
-        """As `BasePipeline.from_pretrained`; `controlnet` loads one or several Fun ControlNets (see
-        `load_controlnet`). ControlNet files may also be listed among `model_configs`, as DiffSynth-Studio does."""
-        pipe = super().from_pretrained(model_id_or_configs, **kwargs)
-        if controlnet is not None:
-            pipe.load_controlnet(controlnet)
-        pipe.check_controlnets()
-        return pipe
-
-    def load_controlnet(
-        self, controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig]
-    ) -> list[int]:
-        """Load Fun ControlNets and return their `controlnet_id`s (load order, after those already loaded).
-
-        Each item is a `ModelConfig`, a local file, or one of the known hub repos (`CONTROLNET_FILES`, e.g.
-        "PAI/Z-Image-Turbo-Fun-Controlnet-Union-2.1": its 8-step Union file). Loads are strict: a key the
-        net does not have, or one it misses, is an error naming it and the file. Nets load in the
-        pipeline's dtype and are placed like the other models (on the device, or under VRAM management).
-        """
-        from diffsynth.runtime.loading import load_models
-
+    # ------------------------------------------------------------------ loading (ControlNets: `BasePipeline`)
+    def controlnet_spec(self):
+        """Z-Image Fun ControlNets: a `ModelConfig`, a local file, or one of the known hub repos
+        (`CONTROLNET_FILES`, e.g. "PAI/Z-Image-Turbo-Fun-Controlnet-Union-2.1": its 8-step Union file)."""
         from .formats import CONTROLNET_SPEC
 
-        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
-        if not items:
-            raise ConfigError("load_controlnet got an empty list; give a file, a hub repo id or a ModelConfig")
-        ids = []
-        for item in items:
-            config = _controlnet_source(item)
-            paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
-            for loaded in load_models(paths, torch_dtype=self.torch_dtype, device="cpu", specs=[CONTROLNET_SPEC]):
-                ids.append(self._add_controlnet(loaded.module, config))
-        self.check_controlnets()
-        if self.vram_handles:
-            self.enable_vram_management(slots=["controlnet"])
-        elif not self.model_offload:
-            self.controlnet.to(self.device)
-        return ids
+        return CONTROLNET_SPEC
 
-    def _add_controlnet(self, net: ZImageControlNet, config: ModelConfig | None) -> int:
-        if self.controlnet is None:
-            self.controlnet = ZImageControlNets()
-        self.model_configs.setdefault("controlnet", config)
-        index = self.controlnet.append(net.eval().requires_grad_(False))
+    @staticmethod
+    def controlnet_source(item) -> ModelConfig:
+        hint = f"a known ControlNet repo ({sorted(CONTROLNET_FILES)}; pass a ModelConfig for another file)"
+        return model_source(item, "controlnet", CONTROLNET_FILES.get, hint)
+
+    def describe_controlnet(self, net: ZImageControlNet) -> str:
         cfg = net.config
-        logger.info(
-            "ControlNet %d: %d control layers after DiT layers %s, %d condition channels, refiner %s",
-            index,
-            len(cfg.control_layers_places),
-            list(cfg.control_layers_places),
-            cfg.control_in_dim,
-            cfg.add_control_noise_refiner,
+        return (
+            f"{len(cfg.control_layers_places)} control layers after DiT layers {list(cfg.control_layers_places)}, "
+            f"{cfg.control_in_dim} condition channels, refiner {cfg.add_control_noise_refiner}"
         )
-        return index
 
-    def _load_config(self, config: ModelConfig) -> None:
-        """ControlNet files among `model_configs` join the `controlnet` slot in order instead of replacing it."""
-        held, self.controlnet = self.controlnet, None
-        try:
-            super()._load_config(config)
-        finally:
-            loaded, self.controlnet = self.controlnet, held
-        if loaded is not None:
-            self._add_controlnet(loaded, config)
-
-    def controlnets(self) -> list[ZImageControlNet]:
-        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
-        return list(self.controlnet.nets) if self.controlnet is not None else []
+    def controlnets_changed(self) -> None:
+        self.check_controlnets()
 
     def check_controlnets(self) -> None:
         """Every loaded ControlNet fits the DiT: widths, layer places, and its condition channels (the
@@ -342,30 +267,14 @@ class ZImagePipeline(BasePipeline):
     # ------------------------------------------------------------------ ControlNet
     def check_control_inputs(self, inputs) -> list[tuple[ControlNetInput, ZImageControlNet]]:
         """`controlnet_inputs` checked against the loaded nets (before any model runs), with each one's net."""
-        if not inputs:
-            return []
-        items = [inputs] if isinstance(inputs, ControlNetInput) else list(inputs)
         nets = self.controlnets()
-        if not nets:
-            raise ConfigError(
-                "controlnet_inputs were given but no ControlNet is loaded: use ZImagePipeline.from_pretrained(..., "
-                "controlnet=...), list the ControlNet file among model_configs, or call pipe.load_controlnet(...)"
-            )
+        how = (
+            "use ZImagePipeline.from_pretrained(..., controlnet=...), list the ControlNet file among model_configs, "
+            "or call pipe.load_controlnet(...)"
+        )
         checked = []
-        for i, item in enumerate(items):
-            where = f"controlnet_inputs[{i}]"
-            if not isinstance(item, ControlNetInput):
-                raise ConfigError(f"{where} is a {type(item).__name__}; use ControlNetInput(image=..., ...)")
-            cid = item.controlnet_id
-            if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < len(nets):
-                raise ConfigError(f"{where}.controlnet_id={cid!r}: {len(nets)} ControlNet(s) are loaded (ids 0..)")
-            if isinstance(item.scale, bool) or not isinstance(item.scale, (int, float)):
-                raise ConfigError(f"{where}.scale={item.scale!r} must be a number")
-            if not 0.0 <= item.start < item.end <= 1.0:
-                raise ConfigError(
-                    f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
-                    "(fractions of the denoising steps)"
-                )
+        for i, item in enumerate(checked_inputs(inputs, len(nets), how)):
+            where, cid = f"controlnet_inputs[{i}]", item.controlnet_id
             if item.processor_id is not None:
                 raise ConfigError(
                     f"{where}.processor_id={item.processor_id!r} is not read by Z-Image ControlNets: the Union nets "
@@ -434,21 +343,4 @@ def _load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy((gray >= 0.5).astype(np.float32))[None, None]
 
 
-def _controlnet_source(item) -> ModelConfig:
-    """What `controlnet=` / `load_controlnet` was given, as a ModelConfig."""
-    if isinstance(item, ModelConfig):
-        return item
-    if not isinstance(item, (str, os.PathLike)):
-        raise ConfigError(f"controlnet must be a path, a hub repo id or a ModelConfig, got {type(item).__name__}")
-    source = str(item)
-    if Path(source).exists():
-        return ModelConfig(path=source)
-    if source in CONTROLNET_FILES:
-        return ModelConfig(model_id=source, origin_file_pattern=CONTROLNET_FILES[source])
-    raise ConfigError(
-        f"controlnet={source!r} is neither an existing file nor a known ControlNet repo ({sorted(CONTROLNET_FILES)}); "
-        "for another file pass ModelConfig(model_id=..., origin_file_pattern=...)"
-    )
-
-
-__all__ = ["ControlCondition", "ControlNetInput", "ZImageControlNets", "ZImagePipeline", "z_image_velocity"]
+__all__ = ["ControlCondition", "ControlNetInput", "ZImagePipeline", "z_image_velocity"]
