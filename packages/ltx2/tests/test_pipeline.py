@@ -222,11 +222,34 @@ def test_sizes_are_rounded_with_a_warning(tiny_ltx2_pipe, caplog):
         (dict(latents=torch.zeros(1, 8, 2, 2, 3)), r"latents must be a tensor of shape \(1, 8, 2, 2, 2\)"),
         (dict(audio_latents=torch.zeros(1, 2, 8, 4)), r"audio_latents must be a tensor of shape \(1, 2, 9, 4\)"),
         (dict(max_sequence_length=0), r"max_sequence_length=0"),
+        (dict(tile_size_in_pixels=100), r"tile_size_in_pixels=100 must be a non-negative multiple"),
+        (dict(tile_size_in_pixels=64, tile_overlap_in_pixels=64), r"smaller than tile_size_in_pixels=64"),
+        (dict(stage2_spatial_upsample_factor=4), r"stage2_spatial_upsample_factor=4"),
+        (dict(denoising_strength=0.5), r"use retake_video"),
     ],
 )
 def test_bad_inputs_are_refused(tiny_ltx2_pipe, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         run(tiny_ltx2_pipe, **kwargs)
+
+
+def test_diffsynth_studio_tile_settings_in_pixels(tiny_ltx2_pipe, monkeypatch, caplog):
+    """`tile_size_in_pixels` / `tile_overlap_in_pixels` become the VAE's tiles in latent cells; a clip longer than
+    `tile_size_in_frames` is decoded whole in time, with a warning."""
+    pipe, seen = tiny_ltx2_pipe, {}
+    cell = pipe.vae.spatial_compression
+    real = type(pipe.vae).decode
+
+    def spy(self, z, **kwargs):
+        seen.update(kwargs)
+        return real(self, z, **kwargs)
+
+    monkeypatch.setattr(type(pipe.vae), "decode", spy)
+    pixels = dict(tile_size_in_pixels=4 * cell, tile_overlap_in_pixels=cell, tile_size_in_frames=F - 1)
+    with caplog.at_level(logging.WARNING):
+        run(pipe, tiled=True, num_inference_steps=1, **pixels)
+    assert (seen["tile_size"], seen["tile_stride"]) == (4, 3)
+    assert f"decodes the {F} frames whole in time" in caplog.text
 
 
 def test_empty_prompt_is_refused(tiny_ltx2_pipe):

@@ -201,6 +201,35 @@ def _repeat(conditions: dict, n: int) -> dict:
     }
 
 
+def pixel_tiles(tile_size, tile_stride, size_in_pixels, overlap_in_pixels, cell: int):
+    """(tile_size, tile_stride) in latent cells; DiffSynth-Studio's pixel settings (a tile of `size_in_pixels`,
+    neighbours overlapping by `overlap_in_pixels`, multiples of the VAE's `cell`) replace them when given."""
+    if size_in_pixels is None and overlap_in_pixels is None:
+        return tile_size, tile_stride
+    size = 512 if size_in_pixels is None else size_in_pixels  # DiffSynth-Studio's defaults
+    overlap = 128 if overlap_in_pixels is None else overlap_in_pixels
+    for name, value in (("tile_size_in_pixels", size), ("tile_overlap_in_pixels", overlap)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % cell:
+            raise ConfigError(f"{name}={value!r} must be a non-negative multiple of {cell} pixels (a latent cell)")
+    if not 0 <= overlap < size:
+        raise ConfigError(f"tile_overlap_in_pixels={overlap} must be smaller than tile_size_in_pixels={size}")
+    return size // cell, (size - overlap) // cell
+
+
+def check_diffsynth_settings(stage2_spatial_upsample_factor, denoising_strength) -> None:
+    """DiffSynth-Studio's LTX-2 arguments with one meaning here: the x2 latent upsampler, full denoising."""
+    if stage2_spatial_upsample_factor != 2:
+        raise ConfigError(
+            f"stage2_spatial_upsample_factor={stage2_spatial_upsample_factor!r}: the released latent upsampler "
+            "(ltx-2-spatial-upscaler-x2) doubles the size; only 2 is accepted"
+        )
+    if denoising_strength != 1.0:
+        raise ConfigError(
+            f"denoising_strength={denoising_strength!r}: LTX-2 always denoises from pure noise; for video-to-video "
+            "use retake_video (with retake_video_regions)"
+        )
+
+
 def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
     """`image` cropped at its centre to the aspect ratio `width / height`, then resized bilinearly to it."""
     src_w, src_h = image.size
@@ -312,6 +341,12 @@ class LTX2Pipeline(BasePipeline):
         tiled: bool = False,
         tile_size: int | tuple[int, int] = 16,
         tile_stride: int | tuple[int, int] | None = None,
+        tile_size_in_pixels: int | None = None,
+        tile_overlap_in_pixels: int | None = None,
+        tile_size_in_frames: int | None = None,
+        tile_overlap_in_frames: int | None = None,
+        stage2_spatial_upsample_factor: int = 2,
+        denoising_strength: float = 1.0,
         output_type: str = "pil",
         progress_bar: bool = True,
     ):
@@ -333,7 +368,11 @@ class LTX2Pipeline(BasePipeline):
         distilled model's fixed 8-step table without CFG. `latents` / `audio_latents` are the initial noise
         (`[B, 128, 1 + (F-1)/8, H/32, W/32]` and `[B, 8, L, 16]`, at the first stage's size); `sigmas` an
         explicit schedule (terminal 0 appended). `tiled`, `tile_size`, `tile_stride` (latent cells) go to the
-        video VAE.
+        video VAE; DiffSynth-Studio's `tile_size_in_pixels` / `tile_overlap_in_pixels` give them in pixels
+        instead. The video is decoded whole in time: `tile_size_in_frames` / `tile_overlap_in_frames` are
+        accepted for DiffSynth-Studio's scripts, with a warning when the clip is longer than a tile.
+        `stage2_spatial_upsample_factor` is the latent upsampler's (2); `denoising_strength` must be 1 (for
+        video-to-video use `retake_video`).
 
         Two stages (`use_two_stage_pipeline`, on by default with `use_distilled_pipeline`, as the authors'
         `DistilledPipeline` and DiffSynth-Studio run it): the first stage samples at half of `height` x
@@ -397,6 +436,10 @@ class LTX2Pipeline(BasePipeline):
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"max_sequence_length={max_len!r} is not accepted; use an integer >= 1")
         height, width = self.check_size(self.setting("height", height, 512), self.setting("width", width, 768))
+        tile_size, tile_stride = pixel_tiles(
+            tile_size, tile_stride, tile_size_in_pixels, tile_overlap_in_pixels, self.vae.spatial_compression
+        )
+        check_diffsynth_settings(stage2_spatial_upsample_factor, denoising_strength)
         two_stage = self.setting("use_two_stage_pipeline", use_two_stage_pipeline, None)
         two_stage = distilled if two_stage is None else bool(two_stage)
         if two_stage:
@@ -404,6 +447,12 @@ class LTX2Pipeline(BasePipeline):
             lora_strength = float(self.setting("stage2_lora_strength", stage2_lora_strength, STAGE_2_LORA_STRENGTH))
         stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 121))
+        if tiled and tile_size_in_frames is not None and frames > tile_size_in_frames:
+            logger.warning(
+                "tile_size_in_frames=%s: the video VAE decodes the %d frames whole in time (only spatial tiles)",
+                tile_size_in_frames,
+                frames,
+            )
         use_cfg = scale != 1.0 or audio_scale != 1.0
         first_frames, keyframe_images = self.check_input_images(
             input_images, input_images_indexes, input_image, len(prompts), frames
