@@ -26,9 +26,10 @@ class ControlNetInput:
 
     `image` is the control image as the net expects it (a canny/depth/pose map, the low-resolution
     image for an upscaler, the image to inpaint; no annotator is run), resized to the output size.
-    `scale` multiplies the net's residuals; `start` / `end` are the fractions of the denoising steps
-    where it acts (diffusers' `control_guidance_start/end`: step i of n runs when
-    `start <= i / n` and `(i + 1) / n <= end`). `processor_id` is the control mode of a union net
+    `scale` multiplies the net's residuals; `start` / `end` say in which steps it acts (`acts_at`), in
+    either of two forms: `start < end` are diffusers' `control_guidance_start/end` (fractions of the
+    steps, the default 0 and 1: every step); `start > end` are DiffSynth-Studio's (the progress from
+    1 at the first step to 0 at the last, its default 1 and 0: every step), so its scripts run unchanged. `processor_id` is the control mode of a union net
     that takes one (FLUX.1 Union: a mode name such as "canny" or "depth", or its index); nets without
     modes ignore or refuse it (see the family's README). `inpaint_mask` (white = repaint) is needed by inpainting nets; `inpaint_image` is the
     image to repaint for nets that take it apart from the control image (Z-Image Fun Union 2.x).
@@ -88,10 +89,10 @@ def checked_inputs(inputs, loaded: int, how_to_load: str) -> list[ControlNetInpu
             value = getattr(item, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.{name}={value!r} must be a number")
-        if not 0.0 <= item.start < item.end <= 1.0:
+        if not (0.0 <= min(item.start, item.end) and max(item.start, item.end) <= 1.0 and item.start != item.end):
             raise ConfigError(
-                f"{where}: start={item.start!r}, end={item.end!r} must satisfy 0 <= start < end <= 1 "
-                "(fractions of the denoising steps)"
+                f"{where}: start={item.start!r}, end={item.end!r} must be two different numbers in [0, 1] "
+                "(start < end: fractions of the steps; start > end: DiffSynth-Studio's progress, 1 to 0)"
             )
     return items
 
@@ -115,7 +116,12 @@ def model_source(item, name: str, hub_files: Callable[[str], object], hub_hint: 
 
 
 def acts_at(start: float, end: float, step: int, steps: int) -> bool:
-    """Whether a control with fractions `start` / `end` acts at step `step` of `steps` (see `ControlNetInput`)."""
+    """Whether a control acts at step `step` of `steps` (see `ControlNetInput`). `start < end`: step i of n acts
+    when `start <= i / n` and `(i + 1) / n <= end` (diffusers). `start > end`: when the progress
+    `(n - 1 - i) / (n - 1)` lies within [end, start], with DiffSynth-Studio's 1e-4 slack."""
+    if start > end:
+        progress = (steps - 1 - step) / max(steps - 1, 1)
+        return end - 1e-4 <= progress <= start + 1e-4
     return not (step / steps < start or (step + 1) / steps > end)
 
 

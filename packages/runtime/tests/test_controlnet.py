@@ -1,0 +1,78 @@
+"""`diffsynth.runtime.controlnet`: the step rule in both conventions, the shared input checks, the slot's units and
+what a ControlNet source resolves to."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from diffsynth.runtime.controlnet import ControlNetInput, ControlNetSlot, acts_at, checked_inputs, model_source
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "steps", "active"),
+    [
+        (0.0, 1.0, 4, [0, 1, 2, 3]),  # diffusers' default: every step
+        (0.5, 1.0, 4, [2, 3]),  # the second half
+        (0.0, 0.5, 5, [0, 1]),  # (i + 1) / 5 <= 0.5
+        (1.0, 0.0, 4, [0, 1, 2, 3]),  # DiffSynth-Studio's default: every step
+        (1.0, 0.5, 5, [0, 1, 2]),  # progress 1, .75, .5 (then .25, 0)
+        (0.6, 0.2, 6, [2, 3, 4]),  # progress 1, .8, .6, .4, .2, 0 (the 1e-4 slack keeps .6 and .2)
+        (1.0, 0.0, 1, [0]),  # one step: progress 1
+    ],
+)
+def test_acts_at_in_both_conventions(start, end, steps, active):
+    assert [i for i in range(steps) if acts_at(start, end, i, steps)] == active
+
+
+class Net(nn.Module):
+    offload_units = ("blocks",)
+    compile_units = ("blocks",)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(2, 2)])
+
+
+def test_slot_collects_each_nets_units_in_load_order():
+    slot = ControlNetSlot([Net()])
+    assert slot.append(Net()) == 1 and len(slot) == 2
+    assert slot.offload_units == slot.compile_units == ("nets.0.blocks", "nets.1.blocks")
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"image": "a.png"}, r"controlnet_inputs\[0\] is a dict"),
+        (ControlNetInput(controlnet_id=2), r"controlnet_id=2: 2 ControlNet"),
+        (ControlNetInput(controlnet_id=True), "controlnet_id=True"),
+        (ControlNetInput(scale="big"), "scale='big' must be a number"),
+        (ControlNetInput(start=0.5, end=0.5), "two different numbers"),
+        (ControlNetInput(start=-0.1, end=1.0), "two different numbers"),
+        (ControlNetInput(start=None, end=1.0), "start=None must be a number"),
+    ],
+)
+def test_checked_inputs_name_the_field(item, message):
+    with pytest.raises(ConfigError, match=message):
+        checked_inputs([item], 2, "load one")
+
+
+def test_checked_inputs_accept_one_input_or_a_list_and_need_a_net():
+    one = ControlNetInput(start=1.0, end=0.0)  # DiffSynth-Studio's defaults
+    assert checked_inputs(one, 1, "") == [one] and checked_inputs(None, 0, "") == []
+    with pytest.raises(ConfigError, match="no ControlNet is loaded: load one"):
+        checked_inputs([one], 0, "load one")
+
+
+def test_model_source(tmp_path):
+    given = ModelConfig(path="x")
+    assert model_source(given, "controlnet", lambda repo: None, "") is given
+    assert model_source(tmp_path, "controlnet", lambda repo: None, "").path == str(tmp_path)
+    repo = model_source("Org/Net", "controlnet", lambda repo: "model.safetensors", "")
+    assert (repo.model_id, repo.origin_file_pattern) == ("Org/Net", "model.safetensors")
+    with pytest.raises(ConfigError, match="controlnet='Org/Unknown' is neither .* nor a known repo"):
+        model_source("Org/Unknown", "controlnet", lambda repo: None, "a known repo")
+    with pytest.raises(ConfigError, match="must be a path, a hub repo id or a ModelConfig"):
+        model_source(3, "controlnet", lambda repo: None, "")
