@@ -103,11 +103,12 @@ def test_shapes_that_need_other_rope_axes_say_so():
 
 
 def test_family_declares_the_dit_text_encoder_controlnet_presets_and_pipeline():
+    from diffsynth.qwen_image.blockwise_controlnet import BLOCKWISE_CONTROLNET_SPEC
     from diffsynth.qwen_image.controlnet_formats import CONTROLNET_SPEC
     from diffsynth.qwen_image.text_encoder import TEXT_ENCODER_SPEC
 
     assert FAMILY.name == "qwen_image" and FAMILY.pipeline == "diffsynth.qwen_image.pipeline:QwenImagePipeline"
-    assert FAMILY.specs == (DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC)
+    assert FAMILY.specs == (DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC, BLOCKWISE_CONTROLNET_SPEC)
     assert DIT_SPEC.name == "qwen_image_dit" and DIT_SPEC.role == "dit"
     assert TEXT_ENCODER_SPEC.role == "text_encoder" and CONTROLNET_SPEC.role == "controlnet"
     assert "Qwen/Qwen-Image" in FAMILY.presets and FAMILY.pipeline_class().__name__ == "QwenImagePipeline"

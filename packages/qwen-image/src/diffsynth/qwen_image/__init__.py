@@ -1,5 +1,6 @@
 """DiffSynth Qwen-Image family: Qwen-Image / Qwen-Image-2512 text-to-image and image-to-image, the Qwen-Image
-MMDiT (also Edit, Edit-2509/2511 with zero_cond_t), its Qwen2.5-VL text encoder and the InstantX ControlNets
+MMDiT (also Edit, Edit-2509/2511 with zero_cond_t), its Qwen2.5-VL text encoder, the InstantX ControlNets and
+DiffSynth-Studio's Blockwise ControlNets
 (`ControlNetInput` is the runtime's, re-exported for `pipe(controlnet_inputs=[...])`)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import importlib
 
 _EXPORTS = {
     "ControlNetInput": "pipeline",
+    "QwenImageBlockwiseControlNet": "blockwise_controlnet",
     "QwenImageControlNet": "controlnet",
     "QwenImageControlNetConfig": "controlnet",
     "QwenImagePipeline": "pipeline",

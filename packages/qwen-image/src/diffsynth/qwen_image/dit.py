@@ -162,8 +162,8 @@ def check_residuals(
 ) -> list[torch.Tensor] | None:
     """ControlNet residuals `[B or 1, L <= n_img, dim]`, each zero-padded to the `n_img` image tokens (the
     generated image's tokens come first; edit references get none)."""
-    if samples is None:
-        return None
+    if samples is None or callable(samples):  # a Blockwise ControlNet's residual, computed block by block
+        return samples
     samples = list(samples)
     if not samples:
         raise ValueError("controlnet_block_samples is empty; pass None for no ControlNet residuals")
@@ -361,13 +361,16 @@ class QwenImageDiT(nn.Module):
 
         `controlnet_block_samples` are ControlNet residuals `[B or 1, L, inner_dim]` added to the first `L`
         image tokens (the generated image's; edit references get none) after the blocks; a list shorter than
-        the blocks is spread over them (see `residual_index`).
+        the blocks is spread over them (see `residual_index`). It may instead be a callable
+        `(block index, image tokens after that block) -> residual` (Blockwise ControlNets), in one process.
 
         With `parallel` set, the batch and the image tokens (edit references included) are divided over
         the ranks (`enable_parallel`)."""
         b, n_img = latents.shape[:2]
         img_shapes = check_img_shapes(img_shapes, b)
         residuals = check_residuals(controlnet_block_samples, b, n_img, self.config.inner_dim)
+        if callable(residuals) and self.parallel is not None:
+            raise ConfigError("Blockwise ControlNets are not divided over ranks: sample with them in one process")
         if attn_mask is not None:
             if self.parallel is not None:
                 raise ConfigError("EliGen's attention mask is not divided over ranks: sample it in one process")
@@ -422,7 +425,9 @@ class QwenImageDiT(nn.Module):
                 rope = tuple(torch.cat((t[:, :n_txt], shards.shard(t[:, n_txt:])), dim=1) for t in rope)
                 mask = shards.key_mask(mask, b, img.device)
                 cond_index = None if cond_index is None else shards.shard(cond_index)
-                residuals = None if residuals is None else [shards.shard(r) for r in residuals]
+                residuals = (
+                    residuals if residuals is None or callable(residuals) else [shards.shard(r) for r in residuals]
+                )
             img, txt = self._blocks(img, txt, temb, rope, mask, cond_index, residuals)
             if shards is not None:
                 img = shards.gather(img)
@@ -452,7 +457,10 @@ class QwenImageDiT(nn.Module):
             for i, block in enumerate(self.transformer_blocks):
                 if i:
                     img, txt = run(block, img, txt)
-                if residuals is not None:
+                if callable(residuals):  # block i's residual from the image tokens it left (Blockwise ControlNets)
+                    r = residuals(i, img)
+                    img = torch.cat([img[:, : r.shape[1]] + r.to(img.dtype), img[:, r.shape[1] :]], dim=1)
+                elif residuals is not None:
                     img = img + residuals[residual_index(i, blocks, len(residuals))].to(img.dtype)
             return img, txt
 

@@ -102,13 +102,14 @@ DIT_SPEC = ModelSpec(
     description="Qwen-Image / Qwen-Image-Edit MMDiT (diffusers `transformer/` folder, prefixed single files)",
 )
 
+from .blockwise_controlnet import BLOCKWISE_CONTROLNET_SPEC  # noqa: E402
 from .controlnet_formats import CONTROLNET_SPEC  # noqa: E402
 from .presets import PRESETS  # noqa: E402  (presets import nothing from here)
 from .text_encoder import TEXT_ENCODER_SPEC  # noqa: E402
 
 FAMILY = Family(
     name="qwen_image",
-    specs=(DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC),
+    specs=(DIT_SPEC, TEXT_ENCODER_SPEC, CONTROLNET_SPEC, BLOCKWISE_CONTROLNET_SPEC),
     presets=PRESETS,
     pipeline="diffsynth.qwen_image.pipeline:QwenImagePipeline",
     training="diffsynth.qwen_image.training:QwenImageTrainingTask",

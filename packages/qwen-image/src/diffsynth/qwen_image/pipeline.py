@@ -49,6 +49,7 @@ from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .blockwise_controlnet import BlockwiseCondition, QwenImageBlockwiseControlNet, blockwise_residual
 from .controlnet import ControlCondition, QwenImageControlNet, sum_residuals
 from .eligen import QwenEntityText, entity_text
 from .presets import CONTROLNETS
@@ -158,8 +159,15 @@ class QwenImagePipeline(BasePipeline):
     """Qwen-Image text-to-image / image-to-image, API compatible with DiffSynth-Studio."""
 
     family = "qwen_image"
-    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder", "controlnet": "controlnet"}
-    optional_slots = ("controlnet",)
+    model_slots = {
+        "dit": "dit",
+        "vae": "vae",
+        "text_encoder": "text_encoder",
+        "controlnet": "controlnet",
+        "blockwise_controlnet": "blockwise_controlnet",
+    }
+    optional_slots = ("controlnet", "blockwise_controlnet")
+    controlnet_slots = ("controlnet", "blockwise_controlnet")
     size_multiple = 16  # VAE 8x, patch 2
 
     def __init__(self, *args, **kwargs):
@@ -172,9 +180,10 @@ class QwenImagePipeline(BasePipeline):
         file or folder (with its `config.json`), or a hub repo id: "InstantX/Qwen-Image-ControlNet-Union",
         "InstantX/Qwen-Image-ControlNet-Inpainting" (`presets.CONTROLNETS`), or another repo with a root
         `diffusion_pytorch_model.safetensors`."""
+        from .blockwise_controlnet import BLOCKWISE_CONTROLNET_SPEC
         from .controlnet_formats import CONTROLNET_SPEC
 
-        return CONTROLNET_SPEC
+        return CONTROLNET_SPEC, BLOCKWISE_CONTROLNET_SPEC
 
     @staticmethod
     def controlnet_source(item) -> ModelConfig:
@@ -183,9 +192,9 @@ class QwenImagePipeline(BasePipeline):
 
         return model_source(item, "controlnet", files, f"a hub repo id (Org/Name), e.g. one of {sorted(CONTROLNETS)}")
 
-    def describe_controlnet(self, net: QwenImageControlNet) -> str:
+    def describe_controlnet(self, net) -> str:
         kind = "inpainting" if net.takes_mask else "control-image"
-        return f"{kind} net, {net.config.num_layers} blocks"
+        return f"{kind} {type(net).__name__}, {net.config.num_layers} blocks"
 
     @torch.no_grad()
     def __call__(
@@ -212,6 +221,7 @@ class QwenImagePipeline(BasePipeline):
         eligen_entity_masks: Sequence[Image.Image] | None = None,
         eligen_enable_on_negative: bool = False,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
+        blockwise_controlnet_inputs: Sequence[ControlNetInput] | None = None,
         max_sequence_length: int = 512,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = (34, 34),
@@ -233,7 +243,8 @@ class QwenImagePipeline(BasePipeline):
         each with the negative prompt (`eligen.py`).
         `controlnet_inputs` are `ControlNetInput`s for the loaded ControlNets (several at once; see the module
         docstring): `image`, `scale`, `start` / `end` and `controlnet_id` are read, and `inpaint_mask` (white =
-        repaint) by the inpainting net, which repaints `image`.
+        repaint) by the inpainting net, which repaints `image`. `blockwise_controlnet_inputs` are the same
+        for DiffSynth-Studio's Blockwise ControlNets (`blockwise_controlnet.py`), run in one process.
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
@@ -264,7 +275,10 @@ class QwenImagePipeline(BasePipeline):
             raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
         blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
         repaint = self.prepare_inpaint_mask(inpaint_mask, input_image, len(prompts), height, width, blur)
+        if controlnet_inputs and blockwise_controlnet_inputs:
+            raise ConfigError("give controlnet_inputs or blockwise_controlnet_inputs, not both in one call")
         control_inputs = self.check_controls(controlnet_inputs)
+        blockwise_inputs = self.check_blockwise(blockwise_controlnet_inputs)
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
@@ -284,7 +298,7 @@ class QwenImagePipeline(BasePipeline):
         scheduler.set_timesteps(
             steps, denoising_strength=strength, image_seq_len=(height // 16) * (width // 16), mu=exponential_shift_mu
         )
-        uses_vae = input_image is not None or edits is not None or bool(control_inputs)
+        uses_vae = input_image is not None or edits is not None or bool(control_inputs or blockwise_inputs)
         self.load_models_to_device(["vae"] if uses_vae else [])
         noise = self.prepare_noise(len(prompts), height, width, seed, rand_device, latents)
         clean = None
@@ -295,14 +309,19 @@ class QwenImagePipeline(BasePipeline):
             [] if edits is None else self.encode_edit_images(edits, len(prompts), tiled, tile_size, tile_stride)
         )
         controls = self.encode_controls(control_inputs, height, width, tiled, tile_size, tile_stride)
+        blockwise = self.encode_blockwise(blockwise_inputs, height, width, tiled, tile_size, tile_stride)
 
         # 3. denoise
-        self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
+        self.load_models_to_device(
+            ["dit"] + (["controlnet"] if controls else []) + (["blockwise_controlnet"] if blockwise else [])
+        )
         n_steps = len(scheduler.timesteps)
         for i in self.progress(range(n_steps), progress_bar):
             sigma = scheduler.sigmas[i].expand(x.shape[0])
             active = [c for c in controls if c.active(i, n_steps)]
             residuals = controlnet_residuals(active, x, sigma, text, text_mask, self.dit.config.num_layers)
+            if blockwise:
+                residuals = blockwise_residual([c for c in blockwise if c.active(i, n_steps)])
             velocity = qwen_image_velocity(self.dit, x, sigma, text, text_mask, references, entities, residuals)
             if negative is not None:  # the negative call gets the positive prompt's control (as diffusers)
                 negative_velocity = qwen_image_velocity(
@@ -480,6 +499,57 @@ class QwenImagePipeline(BasePipeline):
             mask = None if item.inpaint_mask is None else load_image(item.inpaint_mask).convert("L")
             checked.append((net, item, load_image(item.image), mask))
         return checked
+
+    def check_blockwise(self, inputs) -> list[tuple[QwenImageBlockwiseControlNet, ControlNetInput]]:
+        """`blockwise_controlnet_inputs` checked against the loaded Blockwise ControlNets, with each one's net."""
+        nets = self.controlnets("blockwise_controlnet")
+        how = (
+            "list its file among model_configs, e.g. ModelConfig(model_id='DiffSynth-Studio/"
+            "Qwen-Image-Blockwise-ControlNet-Depth', origin_file_pattern='model.safetensors'), or pipe.load_controlnet"
+        )
+        checked = []
+        for i, item in enumerate(checked_inputs(inputs, len(nets), how)):
+            where, net = f"blockwise_controlnet_inputs[{i}]", nets[item.controlnet_id]
+            dit = self.dit.config
+            if (net.config.num_layers, net.config.dim) != (dit.num_layers, dit.inner_dim):
+                raise ConfigError(
+                    f"{where}: Blockwise ControlNet {item.controlnet_id} has {net.config.num_layers} blocks of width "
+                    f"{net.config.dim}; this DiT has {dit.num_layers} of {dit.inner_dim}"
+                )
+            if item.image is None:
+                raise ConfigError(f"{where}.image is missing: give the control image (or the image to inpaint)")
+            for name in ("processor_id", "inpaint_image"):
+                if getattr(item, name) is not None:
+                    raise ConfigError(f"{where}.{name} is not read by Blockwise ControlNets")
+            if net.takes_mask != (item.inpaint_mask is not None):
+                need = "an inpainting net: give inpaint_mask (white = repaint)" if net.takes_mask else "no mask"
+                raise ConfigError(f"{where}: Blockwise ControlNet {item.controlnet_id} takes {need}")
+            checked.append((net, item))
+        return checked
+
+    def encode_blockwise(self, checked, height, width, tiled, tile_size, tile_stride) -> list[BlockwiseCondition]:
+        """DiffSynth-Studio's Blockwise conditions: the control image (resized to the output) with the pixels
+        under a mask brighter than mid-grey blacked out, VAE-encoded, the kept region (1 - mask, the channels'
+        mean, nearest-resized to the latent grid) appended for the inpainting net, packed and embedded."""
+        conditions = []
+        for net, item in checked:
+            image = load_image(item.image).resize((width, height))
+            keep = None
+            if item.inpaint_mask is not None:
+                mask = pil_to_tensor(load_image(item.inpaint_mask).resize((width, height)))  # [1, 3, H, W] in [-1, 1]
+                array = np.asarray(image).copy()
+                array[mask[0].mean(dim=0).numpy() > 0] = 0
+                image = Image.fromarray(array)
+                keep = (mask + 1) / 2
+            pixels = pil_to_tensor(image, module_dtype(self.vae), self.device)
+            z = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+            z = z[:, :, 0].float()
+            if keep is not None:
+                keep = 1 - F.interpolate(keep.mean(dim=1, keepdim=True), size=z.shape[-2:]).to(z.device)
+                z = torch.cat([z, keep], dim=1)
+            embedded = net.embed(pack(z, self.dit.config.patch_size))
+            conditions.append(BlockwiseCondition(net, embedded, float(item.scale), float(item.start), float(item.end)))
+        return conditions
 
     def encode_controls(self, checked, height, width, tiled=False, tile_size=(34, 34), tile_stride=(18, 16)):
         """Each checked control as a `ControlCondition`: its image resized (Lanczos) to the output size,

@@ -40,6 +40,8 @@ class BasePipeline:
     optional_slots: ClassVar[tuple[str, ...]] = ()
     load_roles: ClassVar[frozenset[str] | None] = None  # None: every model the given files hold
     stage_order: ClassVar[tuple[str, ...]] = ()  # model-level offload follows the stages
+    # slots holding a `ControlNetSlot`: each net loaded there joins it (in order) instead of replacing it
+    controlnet_slots: ClassVar[tuple[str, ...]] = ("controlnet",)
     size_multiple: ClassVar[int] = 16
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
@@ -124,7 +126,7 @@ class BasePipeline:
         pipe._place_models()
         if controlnet is not None:
             pipe.load_controlnet(controlnet)
-        elif getattr(pipe, "controlnet", None) is not None:  # nets listed among model_configs
+        elif any(pipe.controlnets(s) for s in cls.controlnet_slots if s in cls.model_slots):  # in model_configs
             pipe.controlnets_changed()
         if use_usp:
             pipe.enable_parallel()
@@ -144,17 +146,21 @@ class BasePipeline:
         )
 
     def _load_config(self, config: ModelConfig) -> None:
-        """Load the models of one `ModelConfig` into their slots; ControlNet files join the `controlnet` slot
-        in order instead of replacing it."""
-        if "controlnet" not in self.model_slots:
-            return self._load_into_slots(config)
-        held, self.controlnet = self.controlnet, None
+        """Load the models of one `ModelConfig` into their slots; ControlNet files join their slot (see
+        `controlnet_slots`) in order instead of replacing it."""
+        slots = [s for s in self.controlnet_slots if s in self.model_slots]
+        held = {s: getattr(self, s) for s in slots}
+        for slot in slots:
+            setattr(self, slot, None)
         try:
             self._load_into_slots(config)
         finally:
-            loaded, self.controlnet = self.controlnet, held
-        if loaded is not None:
-            self._add_controlnet(loaded, config)
+            loaded = {s: getattr(self, s) for s in slots}
+            for slot, value in held.items():
+                setattr(self, slot, value)
+        for slot, net in loaded.items():
+            if net is not None:
+                self._add_controlnet(net, config, slot)
 
     def _load_into_slots(self, config: ModelConfig) -> None:
         from .loading import load_models
@@ -178,7 +184,8 @@ class BasePipeline:
 
     # ------------------------------------------------------------------ ControlNets
     def controlnet_spec(self):
-        """The `ModelSpec` this family's ControlNet files load with (families with a `controlnet` slot)."""
+        """The `ModelSpec` (or specs) this family's ControlNet files load with (families with a `controlnet`
+        slot); each loaded net goes to the slot of its spec's role."""
         raise ConfigError(f"{type(self).__name__} takes no ControlNets")
 
     def controlnet_source(self, item) -> ModelConfig:
@@ -202,35 +209,41 @@ class BasePipeline:
         the device, or under VRAM management)."""
         from .loading import load_models
 
-        spec = self.controlnet_spec()
+        specs = self.controlnet_spec()
+        specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+        slot_of = {role: slot for slot, role in self.model_slots.items()}
         items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
         if not items:
             raise ConfigError("load_controlnet got an empty list; give a path, a hub repo id or a ModelConfig")
-        ids = []
+        ids, touched = [], []
         for item in items:
             config = self.controlnet_source(item)
-            for loaded in load_models(weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=[spec]):
-                ids.append(self._add_controlnet(loaded.module, config))
+            for loaded in load_models(weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=specs):
+                slot = slot_of[loaded.role]
+                ids.append(self._add_controlnet(loaded.module, config, slot))
+                touched += [slot] if slot not in touched else []
         self.controlnets_changed()
         if self.vram_handles:
-            self.enable_vram_management(slots=["controlnet"])
+            self.enable_vram_management(slots=touched)
         elif not self.model_offload:
-            self.controlnet.to(self.device)
+            for slot in touched:
+                getattr(self, slot).to(self.device)
         return ids
 
-    def _add_controlnet(self, net: torch.nn.Module, config: ModelConfig | None) -> int:
+    def _add_controlnet(self, net: torch.nn.Module, config: ModelConfig | None, slot: str = "controlnet") -> int:
         from .controlnet import ControlNetSlot
 
-        if self.controlnet is None:
-            self.controlnet = ControlNetSlot()
-        self.model_configs.setdefault("controlnet", config)
-        index = self.controlnet.append(net.eval().requires_grad_(False))
-        logger.info("ControlNet %d: %s", index, self.describe_controlnet(net))
+        if getattr(self, slot) is None:
+            setattr(self, slot, ControlNetSlot())
+        self.model_configs.setdefault(slot, config)
+        index = getattr(self, slot).append(net.eval().requires_grad_(False))
+        logger.info("%s %d: %s", slot, index, self.describe_controlnet(net))
         return index
 
-    def controlnets(self) -> list[torch.nn.Module]:
-        """The loaded ControlNets, indexed by `ControlNetInput.controlnet_id`."""
-        return list(self.controlnet.nets) if getattr(self, "controlnet", None) is not None else []
+    def controlnets(self, slot: str = "controlnet") -> list[torch.nn.Module]:
+        """The nets loaded in a ControlNet slot, indexed by `ControlNetInput.controlnet_id`."""
+        held = getattr(self, slot, None)
+        return list(held.nets) if held is not None else []
 
     def _load_tokenizer(self, config: ModelConfig):
         from transformers import AutoTokenizer
