@@ -170,6 +170,7 @@ RELEASED = {
 }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_full_size_layout_equals_diffusers_model_of_the_released_config(name):
     """diffusers' `WanVACETransformer3DModel` at the released config, renamed to the original keys, has
@@ -214,6 +215,7 @@ def test_diffusers_json_and_layer_count_contradictions():
     assert config_from_state(state, diffusers_json) == vace_model().config
 
 
+@pytest.mark.parity
 def test_our_converter_and_diffusers_agree_both_ways():
     pytest.importorskip("diffusers")
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
