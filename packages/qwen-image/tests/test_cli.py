@@ -1,5 +1,6 @@
 """`diffsynth generate` with a local Qwen-Image folder and through the preset name, offline."""
 
+import json
 import shutil
 
 import numpy as np
@@ -35,3 +36,45 @@ def test_preset_name_resolves_offline_from_the_model_base_path(tiny_repo, tmp_pa
     args = ["generate", "--model", "Qwen/Qwen-Image", "--prompt", "a red circle", "--output", str(out)]
     assert main([*args, *FAST]) == 0
     assert pixels(out).shape == (32, 32, 3)
+
+
+def test_controlnet_flags_match_the_python_api(tiny_repo, tmp_path):
+    """`--controlnet` loads a net (an InstantX one, or a Blockwise one into its own slot) and `--control-image
+    IMAGE:SCALE` becomes its `ControlNetInput`: the image equals the Python API's with the same net and input."""
+    from safetensors.torch import save_file
+
+    from diffsynth.qwen_image.blockwise_controlnet import BlockwiseControlNetConfig, QwenImageBlockwiseControlNet
+    from diffsynth.qwen_image.controlnet import QwenImageControlNet, QwenImageControlNetConfig
+    from diffsynth.runtime.controlnet import ControlNetInput
+    from diffsynth.runtime.testing.weights import random_weights
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    instantx = QwenImageControlNetConfig(
+        num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)
+    )
+    nets = {
+        "instantx": random_weights(QwenImageControlNet(instantx), 5, scale=0.2),
+        "blockwise": random_weights(QwenImageBlockwiseControlNet(BlockwiseControlNetConfig(2, 64, 32)), 6, scale=0.2),
+    }
+    for name, net in nets.items():
+        (tmp_path / name).mkdir()
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / name / "model.safetensors"))
+        if name == "instantx":  # the RoPE axes are not in the shapes: diffusers' config.json beside the file
+            (tmp_path / name / "config.json").write_text(json.dumps({"axes_dims_rope": [4, 6, 6]}))
+        out = tmp_path / f"{name}.png"
+        args = ["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--seed", "3", "--output", str(out)]
+        args += ["--controlnet", str(tmp_path / name), "--control-image", f"{tmp_path / 'c.png'}:0.8"]
+        assert main([*args, *FAST]) == 0
+        pipe = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+        pipe.load_controlnet(str(tmp_path / name))
+        key = "blockwise_controlnet_inputs" if name == "blockwise" else "controlnet_inputs"
+        control = {key: [ControlNetInput(image=str(tmp_path / "c.png"), scale=0.8)]}
+        image = pipe("a red circle", seed=3, height=32, width=32, num_inference_steps=2, progress_bar=False, **control)
+        plain = pipe("a red circle", seed=3, height=32, width=32, num_inference_steps=2, progress_bar=False)
+        assert np.array_equal(pixels(out), np.asarray(image)) and not np.array_equal(pixels(out), np.asarray(plain))
+
+
+def test_control_image_without_a_controlnet_is_refused(tiny_repo, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--output", str(tmp_path / "x.png")]
+    assert main([*args, "--control-image", "c.png", *FAST]) == 2
+    assert "--control-image needs a ControlNet" in capsys.readouterr().err

@@ -43,6 +43,8 @@ def test_generate_help_documents_the_flags(capsys):
         "--cfg",
         "--seed",
         "--lora",
+        "--controlnet",
+        "--control-image",
         "--input-video",
         "--first-block-cache",
         "--tea-cache",

@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--reference-image", default=None, help="Wan Fun Control (V1.1, Wan 2.2): an image of the subject")
     gen.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="load a ControlNet (repeatable): a file or folder, or a hub repo id (FLUX.1, Z-Image, Qwen-Image)",
+    )
+    gen.add_argument(
+        "--control-image",
+        action="append",
+        default=[],
+        metavar="IMAGE[:SCALE]",
+        help="a control image for the ControlNets (repeatable: the k-th goes to the k-th --controlnet, or all to "
+        "the only one), e.g. depth.png:0.7",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -145,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _parse_lora(spec: str) -> tuple[str, float]:
+def _path_and_scale(spec: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` (a LoRA, a control image) as (path, scale); a path that exists is taken whole."""
     path, sep, scale = spec.rpartition(":")
     if sep and path and not Path(spec).exists():
         try:
@@ -153,6 +169,30 @@ def _parse_lora(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
+
+
+def _control_options(pipe, controlnets: list[str], images: list[str]) -> dict:
+    """`--control-image`s as the pipeline's ControlNet inputs: the k-th image for the k-th `--controlnet` (all for
+    the only one), to `blockwise_controlnet_inputs` when the nets went to that slot (Qwen-Image's Blockwise)."""
+    from .controlnet import ControlNetInput
+    from .errors import ConfigError
+
+    if not images:
+        return {}
+    if not controlnets:
+        raise ConfigError("--control-image needs a ControlNet: give --controlnet SOURCE")
+    if len(controlnets) > 1 and len(images) != len(controlnets):
+        raise ConfigError(
+            f"{len(images)} --control-image for {len(controlnets)} --controlnet: give one image per net (in order)"
+        )
+    inputs = []
+    for k, spec in enumerate(images):
+        path, scale = _path_and_scale(spec)
+        inputs.append(ControlNetInput(image=path, scale=scale, controlnet_id=k if len(controlnets) > 1 else 0))
+    blockwise = "blockwise_controlnet" in pipe.model_slots and pipe.controlnets("blockwise_controlnet")
+    if blockwise and pipe.controlnets("controlnet"):
+        raise ConfigError("--controlnet: give either Blockwise ControlNets or others in one run, not both")
+    return {"blockwise_controlnet_inputs" if blockwise else "controlnet_inputs": inputs}
 
 
 def _pipeline_class(model: str):
@@ -237,8 +277,10 @@ def _generate(args) -> int:
     if parallel:
         pipe.enable_parallel(sequence=args.sequence_parallel, batch=args.cfg_parallel or 1)
     for spec in args.lora:
-        path, scale = _parse_lora(spec)
+        path, scale = _path_and_scale(spec)
         pipe.load_lora(path, scale=scale)
+    if args.controlnet:
+        pipe.load_controlnet(args.controlnet)
     if args.first_block_cache is not None:
         pipe.enable_first_block_cache(args.first_block_cache)
     if args.tea_cache is not None:
@@ -261,6 +303,7 @@ def _generate(args) -> int:
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
+    options.update(_control_options(pipe, args.controlnet, args.control_image))
     accepted = inspect.signature(type(pipe).__call__).parameters
     if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
         options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
@@ -272,7 +315,7 @@ def _generate(args) -> int:
     for name in options:
         if name not in accepted:
             renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
-            renamed["vace_video_mask"] = "vace_mask"
+            renamed.update(vace_video_mask="vace_mask", controlnet_inputs="control_image")
             renamed["retake_video"] = "input_video"
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
