@@ -366,3 +366,23 @@ def test_controlnet_files_among_model_configs_join_the_slot(tiny_repo, cn_folder
     configs = [ModelConfig(path=str(Path(f) / "diffusion_pytorch_model.safetensors")) for f in cn_folders]
     pipe = FluxImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu", model_configs=configs)
     assert [net.is_union for net in pipe.controlnets()] == [True, False]
+
+
+def test_cli_controlnet_flags_with_a_union_mode(tiny_repo, cn_folders, tmp_path):
+    """`--controlnet` + `--control-image IMAGE:SCALE` + `--control-mode depth` give the image the Python API gives
+    with the same union net and `ControlNetInput`; a union net without a mode is one clear error."""
+    from diffsynth.runtime.cli import main
+    from diffsynth.runtime.controlnet import ControlNetInput
+
+    _image(4).save(tmp_path / "c.png")
+    out = tmp_path / "cli.png"
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--seed", "3", "--output", str(out)]
+    args += ["--height", "32", "--width", "32", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
+    control = ["--controlnet", cn_folders[0], "--control-image", f"{tmp_path / 'c.png'}:0.7"]
+    assert main([*args, *control, "--control-mode", "depth"]) == 0
+    item = ControlNetInput(image=str(tmp_path / "c.png"), scale=0.7, processor_id="depth")
+    pipe = our_pipeline(tiny_repo, controlnet=[cn_folders[0]])
+    want = pipe("a red circle", seed=3, height=32, width=32, num_inference_steps=2, controlnet_inputs=[item])
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(want))
+    assert main([*args, *control]) == 2  # the union net needs a mode

@@ -45,6 +45,7 @@ def test_generate_help_documents_the_flags(capsys):
         "--lora",
         "--controlnet",
         "--control-image",
+        "--control-mode",
         "--input-video",
         "--first-block-cache",
         "--tea-cache",

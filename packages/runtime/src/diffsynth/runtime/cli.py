@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the only one), e.g. depth.png:0.7",
     )
     gen.add_argument(
+        "--control-mode",
+        default=None,
+        metavar="MODE",
+        help="the control mode of a union ControlNet that takes one (FLUX.1 Union: canny, depth, pose, ...)",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -171,13 +177,15 @@ def _path_and_scale(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _control_options(pipe, controlnets: list[str], images: list[str]) -> dict:
+def _control_options(pipe, controlnets: list[str], images: list[str], mode: str | None = None) -> dict:
     """`--control-image`s as the pipeline's ControlNet inputs: the k-th image for the k-th `--controlnet` (all for
     the only one), to `blockwise_controlnet_inputs` when the nets went to that slot (Qwen-Image's Blockwise)."""
     from .controlnet import ControlNetInput
     from .errors import ConfigError
 
     if not images:
+        if mode is not None:
+            raise ConfigError("--control-mode applies to --control-image inputs: give one")
         return {}
     if not controlnets:
         raise ConfigError("--control-image needs a ControlNet: give --controlnet SOURCE")
@@ -188,7 +196,8 @@ def _control_options(pipe, controlnets: list[str], images: list[str]) -> dict:
     inputs = []
     for k, spec in enumerate(images):
         path, scale = _path_and_scale(spec)
-        inputs.append(ControlNetInput(image=path, scale=scale, controlnet_id=k if len(controlnets) > 1 else 0))
+        cid = k if len(controlnets) > 1 else 0
+        inputs.append(ControlNetInput(image=path, scale=scale, controlnet_id=cid, processor_id=mode))
     blockwise = "blockwise_controlnet" in pipe.model_slots and pipe.controlnets("blockwise_controlnet")
     if blockwise and pipe.controlnets("controlnet"):
         raise ConfigError("--controlnet: give either Blockwise ControlNets or others in one run, not both")
@@ -303,7 +312,7 @@ def _generate(args) -> int:
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
-    options.update(_control_options(pipe, args.controlnet, args.control_image))
+    options.update(_control_options(pipe, args.controlnet, args.control_image, args.control_mode))
     accepted = inspect.signature(type(pipe).__call__).parameters
     if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
         options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
