@@ -182,6 +182,8 @@ def _save_dit(folder: Path, kind: str, z_dim: int, seed: int, image_dim: int | N
         fields.update(model_type="t2v", vace_layers=(0, 1), vace_in_dim=2 * z_dim + 64)
     if kind == "fun_control":  # Wan2.1-Fun-V1.1-Control: noise + control + image latent, CLIP, ref_conv
         fields.update(model_type="i2v", in_dim=3 * z_dim, has_image_input=True, image_dim=image_dim, ref_conv=True)
+    if kind == "fun_control_a14b":  # a Wan2.2-Fun-A14B-Control expert: noise + control + mask + image latent
+        fields.update(model_type="i2v", in_dim=3 * z_dim + 4, ref_conv=True)
     model = randomize(WanDiT(WanDiTConfig(**fields)), seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -190,7 +192,7 @@ def _save_dit(folder: Path, kind: str, z_dim: int, seed: int, image_dim: int | N
     config_json = {"_class_name": "WanModel", **{k: v for k, v in fields.items() if k != "has_image_input"}}
     if kind == "vace":
         config_json.update(_class_name="VaceWanModel", model_type="vace", vace_layers=list(fields["vace_layers"]))
-    if kind == "fun_control":
+    if kind in ("fun_control", "fun_control_a14b"):
         config_json.update(model_type="i2v", add_ref_conv=config_json.pop("ref_conv"))
     config_json["patch_size"] = [1, 2, 2]
     (folder / "config.json").write_text(json.dumps(config_json, indent=2))
@@ -208,7 +210,8 @@ def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
     """`kind`: "t2v" (Wan2.1-T2V), "i2v" (Wan2.1-I2V, with CLIP), "a14b" (Wan2.2-T2V-A14B experts),
     "i2v_a14b" (Wan2.2-I2V-A14B: y channels, no CLIP), "ti2v" (Wan2.2-TI2V-5B with the 2.2 VAE), "vace"
     (Wan2.1-VACE: a T2V DiT with the control branch), "vace_a14b" (Wan2.2-VACE-Fun-A14B: two such experts),
-    "fun_control" (Wan2.1-Fun-V1.1-Control: control channels, CLIP and a reference input)."""
+    "fun_control" (Wan2.1-Fun-V1.1-Control: control channels, CLIP and a reference input), "fun_a14b"
+    (Wan2.2-Fun-A14B-Control: two experts, control + mask + image channels, a reference input, no CLIP)."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_umt5_tokenizer(root / TOKENIZER_DIR)
     torch.save(umt5_to_original(tiny_umt5(len(tokenizer)).state_dict()), root / T5_FILE)
@@ -222,8 +225,8 @@ def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
     elif kind in ("i2v", "fun_control"):
         _save_dit(root, kind, z_dim=16, seed=1, image_dim=TINY_CLIP["hidden_size"])
         torch.save(clip_to_original(tiny_clip().state_dict()), root / CLIP_FILE)
-    elif kind in ("a14b", "i2v_a14b", "vace_a14b"):
-        expert = {"a14b": "t2v", "i2v_a14b": "i2v", "vace_a14b": "vace"}[kind]
+    elif kind in ("a14b", "i2v_a14b", "vace_a14b", "fun_a14b"):
+        expert = {"a14b": "t2v", "i2v_a14b": "i2v", "vace_a14b": "vace", "fun_a14b": "fun_control_a14b"}[kind]
         _save_dit(root / "high_noise_model", expert, z_dim=16, seed=1)
         _save_dit(root / "low_noise_model", expert, z_dim=16, seed=5)
     else:

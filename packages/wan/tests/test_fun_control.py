@@ -304,3 +304,25 @@ def test_cli_control_flags(fun_repo, tmp_path, monkeypatch):
     assert main(args) == 0
     assert seen["control_video"] == str(video) and seen["reference_image"] == str(tmp_path / "ref.png")
     assert len(load_video(out)) == 5
+
+
+def test_two_expert_fun_control_keeps_the_mask_channels_and_feeds_both_experts(tiny_repo_factory):
+    """Wan2.2-Fun-A14B-Control (2 x 16 + 4 extra channels, no CLIP): y is the control latent, then the I2V mask and
+    latent channels (zeros without an input image), and the reference reaches both experts."""
+    pipe = P.load(tiny_repo_factory("fun_a14b"))
+    assert pipe.dit2 is not None and pipe.dit.config.in_dim == 52 and not pipe.dit.config.has_image_input
+    control, first = control_frames(), P.image(21)
+    options = dict(FAST, num_inference_steps=4, switch_DiT_boundary=0.875)
+    with DitInputs(pipe.dit) as high, DitInputs(pipe.dit2) as low:
+        pipe(P.PROMPT, seed=1, control_video=control, reference_image=P.image(20), input_image=first, **options)
+    assert high and low and all("reference_latents" in c and c.get("clip_feature") is None for c in high + low)
+    y = high[0]["y"]
+    assert y.shape == (1, 36, 2, 4, 4)
+    torch.testing.assert_close(y[:, :16], vae_latent(pipe, control), atol=1e-5, rtol=0)
+    given = torch.zeros(1, 3, 5, 32, 32)
+    given[:, :, 0] = P.pil_to_tensor(first)
+    torch.testing.assert_close(y[:, 20:], pipe.vae.encode(given, tiled=True).float(), atol=1e-5, rtol=0)
+    assert torch.all(y[:, 16:20, 0] == 1) and torch.all(y[:, 16:20, 1] == 0)  # the first frame's mask
+    with DitInputs(pipe.dit) as calls:
+        pipe(P.PROMPT, seed=1, control_video=control, **options)
+    assert torch.all(calls[0]["y"][:, 16:] == 0)
