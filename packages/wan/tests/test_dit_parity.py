@@ -26,10 +26,9 @@ def _test_dit():
 T = _test_dit()
 
 
-def _reference(cfg):
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
+def diffusers_fields(cfg) -> dict:
+    """diffusers' Wan transformer arguments for our config (image input and VACE fields are the caller's)."""
+    return dict(
         patch_size=cfg.patch_size,
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,
@@ -40,10 +39,15 @@ def _reference(cfg):
         ffn_dim=cfg.ffn_dim,
         num_layers=cfg.num_layers,
         eps=cfg.eps,
-        image_dim=cfg.image_dim if cfg.has_image_input else None,
-        added_kv_proj_dim=cfg.dim if cfg.has_image_input else None,
         rope_max_seq_len=cfg.rope_max_len,
-    ).eval()
+    )
+
+
+def _reference(cfg):
+    from diffusers import WanTransformer3DModel
+
+    image = dict(image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim) if cfg.has_image_input else {}
+    return WanTransformer3DModel(**diffusers_fields(cfg), **image).eval()
 
 
 @pytest.fixture(scope="module")
@@ -131,22 +135,8 @@ def test_flf2v_matches_diffusers_with_clip_positions():
     cfg = T.tiny_config("i2v", image_pos_len=2 * n)
     ours = T.make_model(cfg, seed=9).eval()
     assert ours.img_emb.emb_pos.shape == (1, 2 * n, cfg.image_dim)
-    reference = WanTransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        eps=cfg.eps,
-        image_dim=cfg.image_dim,
-        added_kv_proj_dim=cfg.dim,
-        rope_max_seq_len=cfg.rope_max_len,
-        pos_embed_seq_len=2 * n,
-    ).eval()
+    fields = dict(image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim, pos_embed_seq_len=2 * n)
+    reference = WanTransformer3DModel(**diffusers_fields(cfg), **fields).eval()
     reference.load_state_dict(ours_to_diffusers(dict(ours.state_dict())), strict=True)
     (x, t, context), kwargs = T.inputs("i2v", batch=2, size=(2, 4, 4), seed=4)
     g = torch.Generator().manual_seed(5)

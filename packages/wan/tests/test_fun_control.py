@@ -278,30 +278,13 @@ def test_training_encodes_the_pipelines_conditions(fun_repo, fun_pipe):
 
 def test_cli_control_flags(fun_repo, tmp_path, monkeypatch):
     """`--control-video` / `--reference-image` reach the pipeline as `control_video` / `reference_image`."""
-    import functools
-    import shutil
-
-    from diffsynth.runtime.cli import main
     from diffsynth.runtime.media import load_video, save_video
 
-    repo = shutil.copytree(fun_repo, tmp_path / "repo")
-    defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "cfg_scale": 1.0}
-    (repo / "diffsynth.json").write_text(json.dumps({"defaults": defaults}))
-    video, out = tmp_path / "control.mp4", tmp_path / "out.mp4"
+    video = tmp_path / "control.mp4"
     save_video(control_frames(), video, fps=16)
     P.image(3).save(tmp_path / "ref.png")
-    seen = {}
-    real = P.WanVideoPipeline.__call__
-
-    @functools.wraps(real)  # the CLI reads the signature to know which options the pipeline takes
-    def spy(self, prompt, **kwargs):
-        seen.update(kwargs)
-        return real(self, prompt, **kwargs)
-
-    monkeypatch.setattr(P.WanVideoPipeline, "__call__", spy)
-    args = ["generate", "--model", str(repo), "--prompt", P.PROMPT, "--output", str(out), "--device", "cpu"]
-    args += ["--dtype", "float32", "--control-video", str(video), "--reference-image", str(tmp_path / "ref.png")]
-    assert main(args) == 0
+    flags = ["--control-video", str(video), "--reference-image", str(tmp_path / "ref.png")]
+    seen, _, out = P.run_cli(fun_repo, tmp_path, monkeypatch, *flags)
     assert seen["control_video"] == str(video) and seen["reference_image"] == str(tmp_path / "ref.png")
     assert len(load_video(out)) == 5
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -443,28 +444,37 @@ def test_cli_generates_an_mp4_from_a_local_folder(tiny_repo, tmp_path):
         assert sum(1 for _ in container.decode(video=0)) == 5
 
 
-def test_cli_video_to_video(tiny_repo, tmp_path, monkeypatch):
-    """`--input-video` with `--denoising-strength` is Wan's video-to-video: the pipeline gets the file's frames
-    as `input_video` and the strength, and the mp4 is written."""
+def run_cli(repo, tmp_path, monkeypatch, *flags: str) -> tuple[dict, list, Path]:
+    """`diffsynth generate` on a copy of `repo` (5 frames of 32 x 32, 2 steps, no guidance) with `flags`: the keyword
+    arguments the pipeline got from the CLI, what it returned, and the mp4 written."""
     from diffsynth.runtime.cli import main
-    from diffsynth.runtime.media import load_video, save_video
 
-    repo = shutil.copytree(tiny_repo, tmp_path / "repo")
+    repo = shutil.copytree(repo, tmp_path / "repo")
     defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "cfg_scale": 1.0}
     (repo / "diffsynth.json").write_text(json.dumps({"defaults": defaults}))
-    given, out = tmp_path / "given.mp4", tmp_path / "v2v.mp4"
-    save_video([image(k) for k in range(5)], given, fps=16)
-    seen = {}
+    out, seen, results = tmp_path / "out.mp4", {}, []
     real = WanVideoPipeline.__call__
 
     @functools.wraps(real)  # the CLI reads the signature to know which options the pipeline takes
     def spy(self, prompt, **kwargs):
         seen.update(kwargs)
-        return real(self, prompt, **kwargs)
+        results.append(real(self, prompt, **kwargs))
+        return results[-1]
 
     monkeypatch.setattr(WanVideoPipeline, "__call__", spy)
     args = ["generate", "--model", str(repo), "--prompt", PROMPT, "--output", str(out), "--device", "cpu"]
-    assert main([*args, "--dtype", "float32", "--input-video", str(given), "--denoising-strength", "0.5"]) == 0
+    assert main([*args, "--dtype", "float32", *flags]) == 0
+    return seen, results, out
+
+
+def test_cli_video_to_video(tiny_repo, tmp_path, monkeypatch):
+    """`--input-video` with `--denoising-strength` is Wan's video-to-video: the pipeline gets the file's frames
+    as `input_video` and the strength, and the mp4 is written."""
+    from diffsynth.runtime.media import load_video, save_video
+
+    given = tmp_path / "given.mp4"
+    save_video([image(k) for k in range(5)], given, fps=16)
+    seen, _, out = run_cli(tiny_repo, tmp_path, monkeypatch, "--input-video", str(given), "--denoising-strength", "0.5")
     want = load_video(given)
     assert len(seen["input_video"]) == 5
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(want, seen["input_video"], strict=True))

@@ -32,6 +32,7 @@ def _beside(name: str):
 
 T = _beside("test_dit")
 P = _beside("test_pipeline")
+diffusers_fields = _beside("test_dit_parity").diffusers_fields
 
 LAYERS = (0, 2)
 VACE_IN = 12
@@ -53,21 +54,8 @@ def diffusers_vace(ours: WanDiT):
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     cfg = ours.config
-    model = WanVACETransformer3DModel(
-        patch_size=cfg.patch_size,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim,
-        out_channels=cfg.out_dim,
-        text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim,
-        num_layers=cfg.num_layers,
-        eps=cfg.eps,
-        rope_max_seq_len=cfg.rope_max_len,
-        vace_layers=list(cfg.vace_layers),
-        vace_in_channels=cfg.vace_in_dim,
-    )
+    fields = diffusers_fields(cfg)
+    model = WanVACETransformer3DModel(**fields, vace_layers=list(cfg.vace_layers), vace_in_channels=cfg.vace_in_dim)
     model.load_state_dict(convert_wan_transformer_to_diffusers(dict(ours.state_dict())), strict=True)
     return model.eval()
 
@@ -392,40 +380,28 @@ def test_a_model_without_vace_refuses_the_arguments(tiny_repo):
 def test_cli_vace_flags(vace_repo, tmp_path, monkeypatch):
     """`--vace-video` / `--vace-mask` (an image for every frame) / `--vace-reference-image` (repeatable) /
     `--vace-scale` reach the pipeline as its `vace_*` arguments and the mp4 is written."""
-    import functools
-    import shutil
-
-    from diffsynth.runtime.cli import main
     from diffsynth.runtime.media import load_video, save_video
 
-    repo = shutil.copytree(vace_repo, tmp_path / "repo")
-    defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2, "cfg_scale": 1.0}
-    (repo / "diffsynth.json").write_text(json.dumps({"defaults": defaults}))
-    video, out = tmp_path / "control.mp4", tmp_path / "out.mp4"
+    video = tmp_path / "control.mp4"
     save_video(control()[0], video, fps=16)
     Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
     for k in (1, 2):
         P.image(k).save(tmp_path / f"ref{k}.png")
-    seen, results = {}, []
-    real = P.WanVideoPipeline.__call__
-
-    @functools.wraps(real)  # the CLI reads the signature to know which options the pipeline takes
-    def spy(self, prompt, **kwargs):
-        seen.update(kwargs)
-        results.append(real(self, prompt, **kwargs))
-        return results[-1]
-
-    monkeypatch.setattr(P.WanVideoPipeline, "__call__", spy)
-    args = ["generate", "--model", str(repo), "--prompt", P.PROMPT, "--output", str(out), "--device", "cpu"]
-    args += ["--dtype", "float32", "--vace-video", str(video), "--vace-mask", str(tmp_path / "mask.png")]
-    args += ["--vace-reference-image", str(tmp_path / "ref1.png"), "--vace-reference-image", str(tmp_path / "ref2.png")]
-    assert main([*args, "--vace-scale", "0.7"]) == 0
+    flags = ["--vace-video", str(video), "--vace-mask", str(tmp_path / "mask.png"), "--vace-scale", "0.7"]
+    flags += [
+        "--vace-reference-image",
+        str(tmp_path / "ref1.png"),
+        "--vace-reference-image",
+        str(tmp_path / "ref2.png"),
+    ]
+    seen, results, out = P.run_cli(vace_repo, tmp_path, monkeypatch, *flags)
     assert seen["vace_video"] == str(video) and seen["vace_video_mask"] == str(tmp_path / "mask.png")
     assert seen["vace_reference_image"] == [str(tmp_path / f"ref{k}.png") for k in (1, 2)]
     assert seen["vace_scale"] == 0.7 and len(load_video(out)) == 5
     # the files mean what the same frames and images passed directly mean
-    direct = real(
-        P.load(repo), P.PROMPT, seed=0, vace_video=load_video(video), vace_video_mask=Image.new("L", (32, 32), 255),
+    monkeypatch.undo()  # the pipeline's own call again
+    direct = P.load(tmp_path / "repo")(
+        P.PROMPT, seed=0, vace_video=load_video(video), vace_video_mask=Image.new("L", (32, 32), 255),
         vace_reference_image=[Image.open(tmp_path / f"ref{k}.png") for k in (1, 2)], vace_scale=0.7,
     )  # fmt: skip
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(direct, results[0], strict=True))
