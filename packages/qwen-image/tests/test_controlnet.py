@@ -458,20 +458,9 @@ def test_controlnet_matches_diffusers(extra):
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_dit_with_residuals_matches_diffusers(count):
     pytest.importorskip("diffusers")
-    from diffusers import QwenImageTransformer2DModel
-
     cfg = T.tiny_config(num_layers=3)
     ours = T.make_model(cfg, seed=3).eval()
-    ref = QwenImageTransformer2DModel(
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.num_layers,
-        attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        joint_attention_dim=cfg.joint_attention_dim,
-        axes_dims_rope=tuple(cfg.axes_dims_rope),
-    ).eval()
+    ref = T.reference_dit(cfg)
     ref.load_state_dict(ours.state_dict(), strict=True)
     x, t, text, mask, shapes = T.inputs(text_lengths=(3, 12))
     r = _residuals(count)

@@ -30,6 +30,23 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return random_weights(model, seed)
 
 
+def reference_dit(cfg: QwenImageDiTConfig, **extra):
+    """diffusers' `QwenImageTransformer2DModel` at `cfg`'s sizes (random weights; the caller loads ours)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=cfg.joint_attention_dim,
+        axes_dims_rope=tuple(cfg.axes_dims_rope),
+        **extra,
+    ).eval()
+
+
 def make_model(config: QwenImageDiTConfig | None = None, seed: int = 0) -> QwenImageDiT:
     return randomize(QwenImageDiT(config or tiny_config()), seed)
 

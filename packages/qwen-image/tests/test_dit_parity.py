@@ -20,17 +20,7 @@ def _pair(zero_cond_t: bool):
     cfg = T.tiny_config(zero_cond_t=zero_cond_t)
     ours = T.make_model(cfg, seed=3).eval()
     extra = {"zero_cond_t": True} if zero_cond_t else {}
-    reference = QwenImageTransformer2DModel(
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.num_layers,
-        attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        joint_attention_dim=cfg.joint_attention_dim,
-        axes_dims_rope=tuple(cfg.axes_dims_rope),
-        **extra,
-    ).eval()
+    reference = T.reference_dit(cfg, **extra)
     reference.load_state_dict(ours.state_dict(), strict=True)
     return ours, reference
 

@@ -529,25 +529,10 @@ def test_known_hub_repos_name_their_file():
 
 # ------------------------------------------------------------------ parity with diffusers
 def reference_dit(cfg):
-    from diffusers import ZImageTransformer2DModel
+    """diffusers' Z-Image DiT at `cfg` (test_dit_parity.py's builder)."""
+    from diffsynth.runtime.testing.modules import load_beside
 
-    return ZImageTransformer2DModel(
-        all_patch_size=(cfg.patch_size,),
-        all_f_patch_size=(cfg.f_patch_size,),
-        in_channels=cfg.in_channels,
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        n_refiner_layers=cfg.n_refiner_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads,
-        norm_eps=cfg.norm_eps,
-        qk_norm=cfg.qk_norm,
-        cap_feat_dim=cfg.cap_feat_dim,
-        rope_theta=cfg.rope_theta,
-        t_scale=cfg.t_scale,
-        axes_dims=list(cfg.axes_dims),
-        axes_lens=list(cfg.axes_lens),
-    ).eval()
+    return load_beside(__file__, "test_dit_parity.py", "z_image_test_dit_parity").reference_dit(cfg)
 
 
 def reference_net(net: ZImageControlNet, dit):

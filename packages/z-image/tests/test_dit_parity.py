@@ -11,23 +11,11 @@ import torch
 pytestmark = pytest.mark.parity
 
 
-def _test_dit():
-    """`tiny_config` and friends live only in test_dit.py; load that module by path."""
-    spec = importlib.util.spec_from_file_location("z_image_test_dit", Path(__file__).with_name("test_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def models():
-    pytest.importorskip("diffusers")
+def reference_dit(cfg):
+    """diffusers' `ZImageTransformer2DModel` at our config's sizes (random weights; the caller loads ours)."""
     from diffusers import ZImageTransformer2DModel
 
-    t = _test_dit()
-    cfg = t.tiny_config()
-    ours = t.make_model(cfg, seed=3).eval()
-    reference = ZImageTransformer2DModel(
+    return ZImageTransformer2DModel(
         all_patch_size=(cfg.patch_size,),
         all_f_patch_size=(cfg.f_patch_size,),
         in_channels=cfg.in_channels,
@@ -44,6 +32,24 @@ def models():
         axes_dims=list(cfg.axes_dims),
         axes_lens=list(cfg.axes_lens),
     ).eval()
+
+
+def _test_dit():
+    """`tiny_config` and friends live only in test_dit.py; load that module by path."""
+    spec = importlib.util.spec_from_file_location("z_image_test_dit", Path(__file__).with_name("test_dit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def models():
+    pytest.importorskip("diffusers")
+
+    t = _test_dit()
+    cfg = t.tiny_config()
+    ours = t.make_model(cfg, seed=3).eval()
+    reference = reference_dit(cfg)
     reference.load_state_dict(ours.state_dict(), strict=True)
     return ours, reference, t
 
