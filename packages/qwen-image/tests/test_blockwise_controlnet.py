@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 
 from diffsynth.qwen_image.blockwise_controlnet import (
     BLOCKWISE_CONTROLNET_SPEC,
-    BlockwiseCondition,
     BlockwiseControlNetConfig,
     QwenImageBlockwiseControlNet,
     blockwise_residual,
 )
+from diffsynth.qwen_image.controlnet import ControlCondition
 from diffsynth.runtime.controlnet import ControlNetInput
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.testing import conformance as cf
@@ -79,7 +79,7 @@ def test_residuals_land_where_the_residual_lists_do():
             block.output_proj.weight.zero_()
             block.output_proj.bias.copy_(c)
         embedded = net.embed(torch.randn(1, 24, 16, generator=torch.Generator().manual_seed(4)))
-        callable_ = blockwise_residual([BlockwiseCondition(net, embedded, scale=0.7)])
+        callable_ = blockwise_residual([ControlCondition(net, embedded, scale=0.7)])
         got = dit(*args, controlnet_block_samples=callable_)
         want = dit(*args, controlnet_block_samples=[(0.7 * c).expand(2, 24, 32) for c in constants])
         plain = dit(*args)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffsynth.runtime.controlnet import acts_at
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
+
+from .controlnet import ControlCondition
 
 LATENT_FEATURES = 64  # 16 latent channels x a 2 x 2 patch
 EPS = 1e-6
@@ -84,32 +85,18 @@ class QwenImageBlockwiseControlNet(nn.Module):
         return torch.stack([self.residual(i, image, embedded) for i in range(len(self.controlnet_blocks))])
 
 
-@dataclass
-class BlockwiseCondition:
-    """A `ControlNetInput` ready for the denoiser: the net, its embedded condition `[1 or B, L, dim]`, its scale
-    and the steps where it acts (`acts_at`)."""
-
-    net: QwenImageBlockwiseControlNet
-    embedded: torch.Tensor
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-
-    def active(self, step: int, steps: int) -> bool:
-        return acts_at(self.start, self.end, step, steps)
-
-
-def blockwise_residual(conditions: Sequence[BlockwiseCondition]) -> Callable | None:
-    """The DiT's per-block residual (`controlnet_block_samples` as a callable) of the active conditions: block
-    `i`'s residual of the generated image's tokens (the first `L`), summed over the nets times their scales."""
+def blockwise_residual(conditions: Sequence[ControlCondition]) -> Callable | None:
+    """The DiT's per-block residual (`controlnet_block_samples` as a callable) of the active conditions (their
+    `tokens` are the embedded conditions): block `i`'s residual of the generated image's tokens (the first `L`),
+    summed over the nets times their scales."""
     if not conditions:
         return None
 
     def residual(block: int, image: torch.Tensor) -> torch.Tensor:
-        tokens = image[:, : conditions[0].embedded.shape[1]]
+        tokens = image[:, : conditions[0].tokens.shape[1]]
         total = 0
         for c in conditions:
-            total = total + c.net.residual(block, tokens, c.embedded.expand(tokens.shape[0], -1, -1)) * c.scale
+            total = total + c.model.residual(block, tokens, c.tokens.expand(tokens.shape[0], -1, -1)) * c.scale
         return total
 
     return residual
@@ -150,7 +137,6 @@ BLOCKWISE_CONTROLNET_SPEC = ModelSpec(
 
 __all__ = [
     "BLOCKWISE_CONTROLNET_SPEC",
-    "BlockwiseCondition",
     "BlockwiseControlBlock",
     "BlockwiseControlNetConfig",
     "QwenImageBlockwiseControlNet",

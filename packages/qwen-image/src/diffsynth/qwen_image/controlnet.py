@@ -182,10 +182,10 @@ class QwenImageControlNet(nn.Module):
 
 @dataclass
 class ControlCondition:
-    """A control prepared for the denoising loop: its net, the packed condition tokens `[1 or B, L, C]`,
-    its scale and the fractions of the steps where it acts (`ControlNetInput.start` / `end`)."""
+    """A control prepared for the denoising loop: its net, the packed condition tokens `[1 or B, L, C]` (for a
+    Blockwise net already embedded), its scale and the steps where it acts (`ControlNetInput.start` / `end`)."""
 
-    model: QwenImageControlNet
+    model: nn.Module  # a QwenImageControlNet or a QwenImageBlockwiseControlNet
     tokens: torch.Tensor
     scale: float = 1.0
     start: float = 0.0

@@ -49,7 +49,7 @@ from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
-from .blockwise_controlnet import BlockwiseCondition, QwenImageBlockwiseControlNet, blockwise_residual
+from .blockwise_controlnet import QwenImageBlockwiseControlNet, blockwise_residual
 from .controlnet import ControlCondition, QwenImageControlNet, sum_residuals
 from .eligen import QwenEntityText, entity_text
 from .presets import CONTROLNETS
@@ -527,7 +527,7 @@ class QwenImagePipeline(BasePipeline):
             checked.append((net, item))
         return checked
 
-    def encode_blockwise(self, checked, height, width, tiled, tile_size, tile_stride) -> list[BlockwiseCondition]:
+    def encode_blockwise(self, checked, height, width, tiled, tile_size, tile_stride) -> list[ControlCondition]:
         """DiffSynth-Studio's Blockwise conditions: the control image (resized to the output) with the pixels
         under a mask brighter than mid-grey blacked out, VAE-encoded, the kept region (1 - mask, the channels'
         mean, nearest-resized to the latent grid) appended for the inpainting net, packed and embedded."""
@@ -548,7 +548,7 @@ class QwenImagePipeline(BasePipeline):
                 keep = 1 - F.interpolate(keep.mean(dim=1, keepdim=True), size=z.shape[-2:]).to(z.device)
                 z = torch.cat([z, keep], dim=1)
             embedded = net.embed(pack(z, self.dit.config.patch_size))
-            conditions.append(BlockwiseCondition(net, embedded, float(item.scale), float(item.start), float(item.end)))
+            conditions.append(ControlCondition(net, embedded, float(item.scale), float(item.start), float(item.end)))
         return conditions
 
     def encode_controls(self, checked, height, width, tiled=False, tile_size=(34, 34), tile_stride=(18, 16)):
