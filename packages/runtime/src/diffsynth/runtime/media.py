@@ -35,6 +35,9 @@ def _existing(path: PathLike, what: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------- images
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # files read as one image
+
+
 def load_image(image: PathLike | Image.Image) -> Image.Image:
     """An RGB PIL image from a path or an image (any mode: RGBA, L, P ... are converted)."""
     if isinstance(image, Image.Image):

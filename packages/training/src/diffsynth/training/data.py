@@ -40,7 +40,6 @@ from diffsynth.runtime.errors import ConfigError, preview
 logger = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
 AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`)
 CACHE_VERSION = 1

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import load_frames, load_image, pil_to_tensor
+from diffsynth.runtime.media import IMAGE_SUFFIXES, load_frames, load_image, pil_to_tensor
 from diffsynth.runtime.vram import module_dtype
 
 
@@ -64,9 +64,6 @@ def fold_mask(mask: torch.Tensor, latent_frames: int, cell: int) -> torch.Tensor
     h, w = height // cell, width // cell
     folded = mask.view(frames, h, cell, w, cell).permute(2, 4, 0, 1, 3).reshape(cell * cell, frames, h, w)
     return F.interpolate(folded[None], size=(latent_frames, h, w), mode="nearest-exact")[0]
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _mask_frames(mask, frames: int, height: int, width: int) -> torch.Tensor:
