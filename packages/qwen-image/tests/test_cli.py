@@ -1,5 +1,6 @@
 """`diffsynth generate` with a local Qwen-Image folder and through the preset name, offline."""
 
+import functools
 import json
 import shutil
 
@@ -78,3 +79,30 @@ def test_control_image_without_a_controlnet_is_refused(tiny_repo, tmp_path, caps
     args = ["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--output", str(tmp_path / "x.png")]
     assert main([*args, "--control-image", "c.png", *FAST]) == 2
     assert "--control-image needs a ControlNet" in capsys.readouterr().err
+
+
+def test_edit_image_flag_matches_the_python_api(tiny_repo, tmp_path, monkeypatch):
+    """`--edit-image` (repeatable) becomes `edit_image=[...]` in the order given; the image equals the Python API's."""
+    from diffsynth.qwen_image import pipeline as qwen_pipeline
+
+    monkeypatch.setattr(qwen_pipeline, "EDIT_AREA", 32 * 32)  # edit images at 32x32, not 1024x1024: fast
+    rng = np.random.default_rng(2)
+    paths = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    given = []
+    call = QwenImagePipeline.__call__
+
+    @functools.wraps(call)  # the CLI reads the accepted arguments from the signature
+    def spy(self, *args, **kwargs):
+        given.append(kwargs.get("edit_image"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImagePipeline, "__call__", spy)
+    out = tmp_path / "edit.png"
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "swap them", "--seed", "3", "--output", str(out)]
+    assert main([*args, "--edit-image", paths[0], "--edit-image", paths[1], *FAST]) == 0
+    assert given == [paths]
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    image = pipe("swap them", edit_image=paths, seed=3, height=32, width=32, num_inference_steps=2, progress_bar=False)
+    assert np.array_equal(pixels(out), np.asarray(image))

@@ -50,6 +50,19 @@ def test_load_image_converts_modes():
     assert load_image(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
 
 
+def test_rgba_images_keep_their_alpha_through_tensors():
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (10, 12, 4), dtype=np.uint8), mode="RGBA")
+    pixels = pil_to_tensor([rgba, load_image(random_image(4), "RGBA")], mode="RGBA")
+    assert pixels.shape == (2, 4, 10, 12)
+    assert torch.equal(pixels[1, 3], torch.ones(10, 12))  # an RGB image is opaque
+    back = tensor_to_output(pixels, "pil")
+    assert back[0].mode == "RGBA" and np.array_equal(np.asarray(back[0]), np.asarray(rgba))
+    assert tensor_to_output(pixels, "np").shape == (2, 10, 12, 4)
+    with pytest.raises(ConfigError, match="mode='CMYK'"):
+        load_image(rgba, "CMYK")
+
+
 def test_output_types_and_ranges():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 6, 8, generator=g) * 2.4 - 1.2  # a little outside [-1, 1]: clamped
@@ -78,8 +91,8 @@ def test_video_output_types():
 def test_bad_output_type():
     with pytest.raises(ConfigError, match=r"output_type must be one of \['pil', 'np', 'pt'\], got 'latent'"):
         tensor_to_output(torch.zeros(1, 3, 2, 2), "latent")
-    with pytest.raises(ConfigError, match=r"\[B, 3, H, W\].*\(1, 4, 2, 2\)"):
-        tensor_to_output(torch.zeros(1, 4, 2, 2), "pil")
+    with pytest.raises(ConfigError, match=r"\[B, 3 or 4, H, W\].*\(1, 5, 2, 2\)"):
+        tensor_to_output(torch.zeros(1, 5, 2, 2), "pil")
 
 
 def smooth_frames(n: int, h: int = 32, w: int = 48) -> list[Image.Image]:

@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--input-image", default=None, help="image-to-image: the starting image")
     gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
+    gen.add_argument(
+        "--edit-image",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help="editing: an image to edit or draw from (repeatable, in order; Qwen-Image Edit and 2.1, FLUX.2)",
+    )
     gen.add_argument("--input-audio", default=None, help="audio-to-video: the sound the video is made to (LTX-2)")
     gen.add_argument(
         "--input-video",
@@ -302,6 +309,7 @@ def _generate(args) -> int:
         "num_frames": args.num_frames,
         "num_inference_steps": args.steps,
         "input_image": args.input_image,
+        "edit_image": args.edit_image,
         "retake_audio": args.input_audio,
         "vace_video": args.vace_video,
         "vace_video_mask": args.vace_mask,
@@ -314,6 +322,8 @@ def _generate(args) -> int:
     options = {name: value for name, value in options.items() if value is not None}
     options.update(_control_options(pipe, args.controlnet, args.control_image, args.control_mode))
     accepted = inspect.signature(type(pipe).__call__).parameters
+    if "edit_image" in options and "edit_image" not in accepted and "kontext_images" in accepted:  # FLUX.1 Kontext
+        options["kontext_images"] = options.pop("edit_image")
     if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
         options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
     given = args.input_image is not None or "input_video" in options
@@ -350,6 +360,9 @@ def _generate(args) -> int:
 
         save_video(result, str(output), fps=fps)
     else:
+        if result.mode == "RGBA" and output.suffix.lower() in (".jpg", ".jpeg"):  # JPEG has no alpha channel
+            logger.warning("%s cannot hold the image's transparency; write a .png to keep it", output)
+            result = result.convert("RGB")
         result.save(output)
     logger.info("wrote %s", output)
     return 0

@@ -38,15 +38,18 @@ def _existing(path: PathLike, what: str) -> Path:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # files read as one image
 
 
-def load_image(image: PathLike | Image.Image) -> Image.Image:
-    """An RGB PIL image from a path or an image (any mode: RGBA, L, P ... are converted)."""
+def load_image(image: PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
+    """A PIL image in `mode` ("RGB", or "RGBA" for models that read transparency) from a path or an image
+    (any mode: RGBA, L, P ... are converted; RGB gains an opaque alpha)."""
+    if mode not in ("RGB", "RGBA"):
+        raise ConfigError(f"load_image mode={mode!r} is not accepted; use 'RGB' or 'RGBA'")
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == mode else image.convert(mode)
     if not isinstance(image, (str, os.PathLike)):
         raise ConfigError(f"an image must be a file path or a PIL.Image, got {type(image).__name__}")
     path = _existing(image, "image")
     with Image.open(path) as opened:
-        return opened.convert("RGB")
+        return opened.convert(mode)
 
 
 def area_size(width: int, height: int, area: int) -> tuple[int, int]:
@@ -70,15 +73,17 @@ def pil_to_tensor(
     images: Image.Image | Sequence[Image.Image],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    mode: str = "RGB",
 ) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] from one image or a list of images of one size."""
+    """[B, 3, H, W] (mode "RGBA": [B, 4, H, W]) in [-1, 1] from one image or a list of images of one size."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     if not images:
         raise ConfigError("pil_to_tensor got an empty list of images")
-    sizes = {load_image(im).size for im in images}
+    images = [load_image(im, mode) for im in images]
+    sizes = {im.size for im in images}
     if len(sizes) > 1:
         raise ConfigError(f"images in one batch must share a size (width, height), got {sorted(sizes)}")
-    array = np.stack([np.asarray(load_image(im), dtype=np.uint8) for im in images])
+    array = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
     pixels = torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return pixels.to(device=device, dtype=dtype)
 
@@ -90,23 +95,26 @@ def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """PIL images from [B, 3, H, W] (or one [3, H, W]) in [-1, 1]."""
+    """PIL images from [B, 3, H, W] (or one [3, H, W]) in [-1, 1]; 4 channels give RGBA images."""
     if images.dim() == 3:
         images = images[None]
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ConfigError(f"tensor_to_pil takes [B, 3, H, W] or [3, H, W] in [-1, 1], got {tuple(images.shape)}")
+    if images.dim() != 4 or images.shape[1] not in (3, 4):
+        raise ConfigError(
+            f"tensor_to_pil takes [B, 3 or 4, H, W] or [3 or 4, H, W] in [-1, 1], got {tuple(images.shape)}"
+        )
     return [Image.fromarray(a) for a in _to_uint8(images).transpose(0, 2, 3, 1)]
 
 
 def tensor_to_output(images: torch.Tensor, output_type: str = "pil"):
     """What a pipeline returns for decoded pixels [B, 3, H, W] or videos [B, 3, F, H, W] in [-1, 1]:
     "pil": a list of B images (videos: B lists of frames); "np": float32 [B, H, W, 3] / [B, F, H, W, 3]
-    in [0, 1]; "pt": float32 in [0, 1] in the input layout."""
+    in [0, 1]; "pt": float32 in [0, 1] in the input layout. Images with 4 channels (RGBA) keep them."""
     if output_type not in OUTPUT_TYPES:
         raise ConfigError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
-    if images.dim() not in (4, 5) or images.shape[1] != 3:
+    rgba_image = images.dim() == 4 and images.shape[1] == 4
+    if images.dim() not in (4, 5) or (images.shape[1] != 3 and not rgba_image):
         raise ConfigError(
-            f"decoded pixels must be [B, 3, H, W] or [B, 3, F, H, W] in [-1, 1], got {tuple(images.shape)}"
+            f"decoded pixels must be [B, 3 or 4, H, W] or [B, 3, F, H, W] in [-1, 1], got {tuple(images.shape)}"
         )
     if output_type == "pil":
         if images.dim() == 4:
