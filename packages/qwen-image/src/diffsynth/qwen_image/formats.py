@@ -115,3 +115,7 @@ FAMILY = Family(
     training="diffsynth.qwen_image.training:QwenImageTrainingTask",
     description="Qwen-Image and Qwen-Image-Edit: 20B MMDiT (60 dual-stream blocks), Qwen2.5-VL-7B text encoder",
 )
+
+from .qwen_image21.formats import FAMILY as QWEN_IMAGE21_FAMILY  # noqa: E402
+
+FAMILIES = (FAMILY, QWEN_IMAGE21_FAMILY)

@@ -274,7 +274,7 @@ class Resample(nn.Module):
         return rest if head is None else torch.cat([head, rest], dim=2)
 
 
-def _avg_down(x: torch.Tensor, out_channels: int, ft: int, fs: int) -> torch.Tensor:
+def avg_down(x: torch.Tensor, out_channels: int, ft: int, fs: int) -> torch.Tensor:
     """Space/time-to-depth, then average groups of channels down to `out_channels` (no weights).
     Time is zero-padded in front to a multiple of `ft` (the lone first frame)."""
     pad = -x.shape[2] % ft
@@ -285,8 +285,8 @@ def _avg_down(x: torch.Tensor, out_channels: int, ft: int, fs: int) -> torch.Ten
     return x.reshape(b, out_channels, -1, t // ft, h // fs, w // fs).mean(dim=2)
 
 
-def _dup_up(x: torch.Tensor, out_channels: int, ft: int, fs: int) -> torch.Tensor:
-    """Repeat channels, then depth-to-space/time: the inverse layout of `_avg_down` (no weights)."""
+def dup_up(x: torch.Tensor, out_channels: int, ft: int, fs: int) -> torch.Tensor:
+    """Repeat channels, then depth-to-space/time: the inverse layout of `avg_down` (no weights)."""
     b, c, t, h, w = x.shape
     x = x.repeat_interleave(out_channels * ft * fs * fs // c, dim=1)
     x = x.reshape(b, out_channels, ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
@@ -305,7 +305,7 @@ class DownStage(nn.Module):
         self.downsamples = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        return _avg_down(x, self.out_dim, self.ft, self.fs) + _run(self.downsamples, x, cache)
+        return avg_down(x, self.out_dim, self.ft, self.fs) + _run(self.downsamples, x, cache)
 
 
 class UpStage(nn.Module):
@@ -324,7 +324,7 @@ class UpStage(nn.Module):
         main = _run(self.upsamples, x, cache)
         if not self.spatial:
             return main
-        shortcut = _dup_up(x, self.out_dim, self.ft, 2)
+        shortcut = dup_up(x, self.out_dim, self.ft, 2)
         first = cache is None or cache.get(self) is None
         if cache is not None:
             cache[self] = True
