@@ -1,6 +1,7 @@
 """DiffSynth Qwen-Image family: Qwen-Image / Qwen-Image-2512 text-to-image and image-to-image, the Qwen-Image
 MMDiT (also Edit, Edit-2509/2511 with zero_cond_t), its Qwen2.5-VL text encoder, the InstantX ControlNets and
-DiffSynth-Studio's Blockwise ControlNets
+DiffSynth-Studio's Blockwise ControlNets; and Qwen-Image 2.1 (`qwen_image21`: its single-stream DiT, RGBA VAE,
+Qwen3-VL text encoder and `QwenImage21Pipeline`)
 (`ControlNetInput` is the runtime's, re-exported for `pipe(controlnet_inputs=[...])`)."""
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ _EXPORTS = {
     "QwenImageDiT": "dit",
     "QwenImageDiTConfig": "dit",
     "QwenImageTextEncoder": "text_encoder",
+    "QwenImage21DiT": "qwen_image21.dit",
+    "QwenImage21DiTConfig": "qwen_image21.dit",
+    "QwenImage21Pipeline": "qwen_image21.pipeline",
+    "QwenImage21TextEncoder": "qwen_image21.text_encoder",
+    "QwenImage21VAE": "qwen_image21.vae",
+    "QwenImage21VAEConfig": "qwen_image21.vae",
     "qwen_image_velocity": "pipeline",
 }
 

@@ -92,13 +92,13 @@ class QwenImageDiTConfig:
 
 
 # ------------------------------------------------------------------------------------ MSRoPE
-def _axis_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
+def axis_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Angles `[N, dim // 2]` in float32 (as the reference computes them) for integer positions."""
     inv = rope_inverse_frequencies(dim, ROPE_THETA).float().to(positions.device)
     return torch.outer(positions.float(), inv)
 
 
-def _centred(n: int, device: torch.device) -> torch.Tensor:
+def centred_positions(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device) - (n - n // 2)
 
 
@@ -111,15 +111,15 @@ def msrope_angles(
     for index, (f, h, w) in enumerate(shapes):
         axes = (
             torch.arange(index, index + f, device=device),
-            _centred(h, device),
-            _centred(w, device),
+            centred_positions(h, device),
+            centred_positions(w, device),
         )
         grids = torch.meshgrid(*axes, indexing="ij")
-        parts.append(torch.cat([_axis_angles(g.reshape(-1), d) for g, d in zip(grids, axes_dims, strict=True)], -1))
+        parts.append(torch.cat([axis_angles(g.reshape(-1), d) for g, d in zip(grids, axes_dims, strict=True)], -1))
     start = max(max(h // 2, w // 2) for _, h, w in shapes)
     lengths = [text_len] if isinstance(text_len, int) else list(text_len)
     text_pos = torch.cat([torch.arange(start, start + n, device=device) for n in lengths])
-    text = torch.cat([_axis_angles(text_pos, d) for d in axes_dims], dim=-1)
+    text = torch.cat([axis_angles(text_pos, d) for d in axes_dims], dim=-1)
     return torch.cat(parts, dim=0), text
 
 

@@ -38,7 +38,7 @@ from diffsynth.runtime.layers import add_mul, rope_tables, rotate
 from diffsynth.runtime.step_cache import run_blocks
 
 from .. import dit as qwen_image_dit
-from ..dit import ImageShape, Rope, _axis_angles, _centred
+from ..dit import ImageShape, Rope, axis_angles, centred_positions
 
 TOKENS_PER_SLOT = 4  # one image slot of the prompt = a 2x2 group of latent tokens
 
@@ -219,14 +219,14 @@ def plan_sequence(slots: Sequence[bool], shapes: Sequence[ImageShape]) -> Sequen
 
 
 def _image_positions(frame: int, h: int, w: int) -> torch.Tensor:
-    rows, cols = torch.meshgrid(_centred(h, "cpu"), _centred(w, "cpu"), indexing="ij")
+    rows, cols = torch.meshgrid(centred_positions(h, "cpu"), centred_positions(w, "cpu"), indexing="ij")
     return torch.stack([torch.full((h * w,), frame), rows.reshape(-1), cols.reshape(-1)], dim=-1)
 
 
 def rope_for(positions: torch.Tensor, axes_dims: Sequence[int], device: torch.device) -> Rope:
     """Rotary tables `[1, S, 1, head_dim]` of integer positions `[S, 3]`."""
     positions = positions.to(device)
-    angles = torch.cat([_axis_angles(positions[:, a], d) for a, d in enumerate(axes_dims)], dim=-1)
+    angles = torch.cat([axis_angles(positions[:, a], d) for a, d in enumerate(axes_dims)], dim=-1)
     return rope_tables(angles.cos()[None, :, None], angles.sin()[None, :, None])
 
 
