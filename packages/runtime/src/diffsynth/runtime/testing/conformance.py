@@ -34,6 +34,7 @@ __all__ = [
     "check_layout_roundtrip",
     "check_meta_load",
     "check_spec_config",
+    "check_streamed",
     "output_tensors",
 ]
 
@@ -298,6 +299,35 @@ def check_meta_load(factory: Factory, args: Sequence, kwargs: dict | None = None
         got = _call(model, args, kwargs)
     for i, (a, b) in enumerate(zip(want, got, strict=True)):
         assert torch.equal(a, b), f"output {i} differs after meta build + load (max abs diff {(a - b).abs().max()})"
+
+
+def check_streamed(factory: Factory, args: Sequence, tmp_path=None, min_units: int = 1) -> None:
+    """Every declared unit streamed by the VRAM manager (`vram_limit=0`) from cpu memory, and, given `tmp_path`,
+    from a safetensors file on disk: both outputs are bit-identical to the unmanaged model's (float32 weights
+    move unchanged). At least `min_units` units must be streamed."""
+    from safetensors.torch import save_file
+
+    from ..vram import enable_vram_management
+
+    with torch.no_grad():
+        want = _call(factory().eval(), args, None)
+        sources = [({"offload_device": "cpu", "onload_device": "cpu"}, None)]
+        if tmp_path is not None:
+            sources.append(({"offload_device": "disk", "onload_device": "disk"}, tmp_path / "streamed.safetensors"))
+        for settings, path in sources:
+            model = factory().eval().requires_grad_(False)
+            if path is not None:
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+            checkpoint = None if path is None else [str(path)]
+            handle = enable_vram_management(model, settings, vram_limit=0, device="cpu", checkpoint=checkpoint)
+            assert handle.plan.resident == (), f"vram_limit=0 kept units resident: {handle.plan.resident}"
+            assert len(handle.units) >= min_units, f"{len(handle.units)} units streamed, expected >= {min_units}"
+            got = _call(model, args, None)
+            where = settings["offload_device"]
+            for i, (a, b) in enumerate(zip(want, got, strict=True)):
+                assert torch.equal(a, b), (
+                    f"output {i} streamed from {where} differs (max abs diff {(a - b).abs().max()})"
+                )
 
 
 def check_declared_units(factory: Factory | nn.Module) -> None:
