@@ -17,59 +17,14 @@ from diffsynth.qwen_image.qwen_image21.schedule import ScheduleSettings
 from diffsynth.runtime.cli import main
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.testing.modules import load_beside
-from diffsynth.runtime.testing.weights import random_weights
 
-fx = load_beside(__file__, "qwen_image21_encoder_fixtures.py", "qwen_image21_encoder_fixtures")
-
-LATENT = 8  # tiny VAE latent channels = DiT in/out channels
-SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "use_dynamic_shifting": True,
-    "time_shift_type": "exponential",
-    "base_shift": 0.5,
-    "max_shift": 0.9,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 8192,
-    "shift_terminal": 0.02,
-}
-
-
-def build_repo(root: Path) -> Path:
-    """`transformer/`, `vae/` (diffusers `save_pretrained`), `text_encoder/`, `processor/`, `scheduler/`,
-    `model_index.json`: what the hub repo holds, with tiny random models."""
-    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
-
-    encoder = fx.build_tiny_encoder_and_processor(root)
-    context = encoder.config["text_config"]["hidden_size"]
-    torch.manual_seed(0)
-    dit = QwenImage21Transformer2DModel(
-        in_channels=LATENT,
-        out_channels=LATENT,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        context_in_dim=context,
-        axes_dims_rope=(4, 6, 6),
-    )
-    random_weights(dit, 1, scale=0.1).save_pretrained(str(root / "transformer"))
-    rng = np.random.default_rng(2)
-    vae = AutoencoderKLQwenImage21(
-        base_dim=8,
-        decoder_base_dim=12,
-        z_dim=LATENT,
-        latents_mean=rng.normal(0, 1, LATENT).round(3).tolist(),
-        latents_std=rng.uniform(0.5, 2, LATENT).round(3).tolist(),
-    )
-    random_weights(vae, 3, scale=0.2).save_pretrained(str(root / "vae"))
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImage21Pipeline", "sample_sigmas": None}))
-    return root
+R = load_beside(__file__, "qwen_image21_repo.py", "qwen_image21_repo")
+fx, LATENT, SCHEDULER = R.fx, R.LATENT, R.SCHEDULER
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    return build_repo(tmp_path_factory.mktemp("tiny-qwen-image-21"))
+    return R.build_repo(tmp_path_factory.mktemp("tiny-qwen-image-21"))
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +123,10 @@ def test_bad_inputs_are_named(pipe):
         pipe("a fox", edit_image=[[condition_images()[0]]], num_inference_steps=1)
     with pytest.raises(ConfigError, match="output_resolution=16"):
         pipe("a fox", output_resolution=16)
-    with pytest.raises(ConfigError, match=r"latents must be a tensor of shape \(1, 8, 4, 4\)"):
+    with pytest.raises(ConfigError, match=r"latents must be a tensor of shape \(1, 4, 4, 4\)"):
         pipe("a fox", height=64, width=64, latents=torch.zeros(1, 8, 2, 2), num_inference_steps=1)
     with pytest.raises(ConfigError, match="gave the condition images 16 vision slots.*need 1024"):  # 1024^2 pixels
-        pipe("a fox", edit_image=condition_images()[1], num_inference_steps=1)
+        pipe("a fox", edit_image=condition_images()[1], output_resolution=1024, num_inference_steps=1)
 
 
 def test_preset_loads_offline_with_the_schedule_beside_the_processor(repo, tmp_path, monkeypatch, one_thread):
@@ -198,13 +153,13 @@ def test_cli_edit_image_writes_the_python_api_image(repo, tmp_path, one_thread):
     images[1].save(tmp_path / "scene.png")
     folder = tmp_path / "model"
     shutil.copytree(repo, folder)
-    (folder / "diffsynth.json").write_text(json.dumps({"defaults": {"output_resolution": 64}}))
+    (folder / "diffsynth.json").write_text(json.dumps({"defaults": {"output_resolution": 96}}))
     out = tmp_path / "out.png"
     args = ["generate", "--model", str(folder), "--prompt", "a fox", "--edit-image", str(tmp_path / "scene.png")]
     args += ["--steps", "2", "--seed", "4", "--device", "cpu", "--dtype", "float32", "--output", str(out)]
     assert main(args) == 0
     pipe = QwenImage21Pipeline.from_pretrained(str(folder), torch_dtype=torch.float32, device="cpu")
-    assert pipe.defaults["output_resolution"] == 64
+    assert pipe.defaults["output_resolution"] == 96
     image = pipe("a fox", edit_image=str(tmp_path / "scene.png"), num_inference_steps=2, seed=4, progress_bar=False)
     with Image.open(out) as written:
         assert written.mode == "RGBA" and np.array_equal(np.asarray(written), np.asarray(image))

@@ -1,5 +1,6 @@
 """Metadata files, size buckets, the per-process batch plan and the dataset items."""
 
+import numpy as np
 import pytest
 import torch
 from diffsynth_training_toy import write_dataset
@@ -94,6 +95,29 @@ def test_conditioning_columns_keep_their_own_size_and_may_list_several_files(tmp
     (dataset / "metadata.json").write_text(json.dumps(rows))
     with pytest.raises(ConfigError, match=r"names 1 files missing .*'gone.png' \(at row 2 column edit_image\)"):
         MetadataDataset(dataset, media=("image",), conditioning=("edit_image",))
+
+
+def test_rgba_images_keep_their_alpha_when_the_task_reads_them(tmp_path):
+    """`image_mode="RGBA"` (a task's `image_mode`) reads the images and conditioning images as [4, H, W] with their
+    alpha, an RGB file with an opaque one; the default reads RGB as before."""
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    pixels = np.zeros((64, 64, 4), dtype=np.uint8)
+    pixels[..., 0], pixels[:32, :, 3], pixels[32:, :, 3] = 255, 255, 0  # red, the lower half transparent
+    Image.fromarray(pixels, "RGBA").save(folder / "cut.png")
+    Image.new("RGB", (32, 32), "blue").save(folder / "scene.png")
+    (folder / "metadata.csv").write_text("image,prompt,edit_image\ncut.png,a cut-out,scene.png\n")
+    common = dict(media=("image",), conditioning=("edit_image",), max_pixels=64 * 64, step=16)
+    item = MetadataDataset(folder, image_mode="RGBA", **common)[0]
+    assert item["image"].shape == (4, 64, 64) and item["edit_image"].shape == (4, 32, 32)
+    alpha = item["image"][3]
+    assert torch.equal(alpha[:32], torch.ones(32, 64)) and torch.equal(alpha[32:], -torch.ones(32, 64))
+    assert torch.equal(item["edit_image"][3], torch.ones(32, 32))  # no alpha in the file: opaque
+    plain = MetadataDataset(folder, **common)[0]
+    assert plain["image"].shape == (3, 64, 64) and plain["edit_image"].shape == (3, 32, 32)
+    assert torch.equal(plain["image"], item["image"][:3])  # the colour channels as before
+    with pytest.raises(ConfigError, match="image_mode='LA'"):
+        MetadataDataset(folder, image_mode="LA", **common)
 
 
 BUCKETS = [(64, 64)] * 5 + [(128, 64)] * 3 + [(64, 128)] * 2

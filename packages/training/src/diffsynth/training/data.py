@@ -176,6 +176,8 @@ class MetadataDataset(Dataset):
     """Rows of a metadata file with their files loaded: images as [3, H, W] and videos as [3, F, H, W] float32
     tensors in [-1, 1] at the row's bucket size (a list of paths gives a list); other columns as they are.
     `conditioning` columns hold images loaded at their own bucket (`bucket_for` their size), not the row's.
+    `image_mode="RGBA"` reads the images and conditioning images as [4, H, W] with their alpha (an image without
+    one gets an opaque alpha); video frames stay RGB.
     A video row also carries its sound and frame rate (see the module docstring; `audio_rate` resamples)."""
 
     def __init__(
@@ -191,7 +193,11 @@ class MetadataDataset(Dataset):
         fixed: Bucket | None = None,
         num_frames: int = 81,
         audio_rate: int | None = None,
+        image_mode: str = "RGB",
     ):
+        if image_mode not in ("RGB", "RGBA"):
+            raise ConfigError(f"image_mode={image_mode!r} is not accepted; use 'RGB' or 'RGBA'")
+        self.image_mode = image_mode
         self.base = Path(base)
         self.media = tuple(media)
         self.audio_rate = audio_rate  # None: each file's own rate
@@ -254,12 +260,12 @@ class MetadataDataset(Dataset):
                     frames = [fit(f, size) for f in load_video(path, num_frames=self.num_frames)]
                     loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
                     continue
-                image = load_image(path)
+                image = load_image(path, self.image_mode)
                 if key in self.conditioning:
                     own = bucket_for(*image.size, max_pixels=self.max_pixels, step=self.step)
-                    loaded.append(pil_to_tensor(fit(image, own))[0])
+                    loaded.append(pil_to_tensor(fit(image, own), mode=self.image_mode)[0])
                 else:
-                    loaded.append(pil_to_tensor(fit(image, size))[0])
+                    loaded.append(pil_to_tensor(fit(image, size), mode=self.image_mode)[0])
             row[key] = loaded if isinstance(value, list) else loaded[0]
         self._add_sound(row, index)
         return row

@@ -101,7 +101,8 @@ class TrainingTask(Protocol):
 # sound, written as one mp4 at the task's optional `sample_fps`) per prompt with the family's pipeline, the given denoiser in
 # place of the loaded one, `options` (height, width, num_inference_steps) over the pipeline's defaults; the
 # trainer calls it for `--validation_prompts` (a task without it refuses that flag). `references` (passed only
-# with `--validation_images`) holds each prompt's reference images, a list of RGB PIL images per prompt.
+# with `--validation_images`) holds each prompt's reference images, a list of PIL images per prompt (RGB, or the
+# task's `image_mode`).
 # `validation_references: str` says what the samples do with them: "none" (the default: the flag is refused),
 # "optional", "expected" (the model is conditioned on them: sampling without them is allowed with a warning) or
 # "required" (Wan I2V: `--validation_prompts` without `--validation_images` is refused). Optional:
@@ -119,6 +120,9 @@ class TrainingTask(Protocol):
 # Optional: `conditioning: ClassVar[tuple[str, ...]]`, metadata columns of reference images (FLUX.1 Kontext's
 # "kontext_images", Qwen-Image-Edit's "edit_image"): the dataset reads them as file columns whatever
 # `--data_file_keys` says, one path or a JSON list of paths per row, each image at its own size (see `data.py`).
+#
+# Optional: `image_mode: ClassVar[str]`, "RGB" (the default) or "RGBA": the mode the dataset and
+# `--validation_images` read pictures in; Qwen-Image 2.1 trains on RGBA ([4, H, W] rows, alpha kept).
 
 # Task options (`--task_options name=value,...`): keyword-only arguments of the task's constructor, which
 # `from_pretrained(..., **options)` passes on (e.g. `sigma_shift`). Optional: `loss_options: ClassVar[tuple[str,

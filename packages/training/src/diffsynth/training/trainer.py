@@ -399,11 +399,11 @@ def validate(run: Run, state: TrainState) -> list[Path]:
 
 
 def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | None:
-    """`--validation_images` loaded once (PIL, RGB; relative paths read against --dataset_base_path), a list per
-    prompt; None without the flag. The task's `validation_references` says what its samples do with references
-    ("none": refused, "optional", "expected": warned about when missing, "required": refused when missing) and
-    its optional `reference_arguments(images)` checks each prompt's, so a bad flag fails now, not at the first
-    validation step (see `task.py`)."""
+    """`--validation_images` loaded once (PIL in the task's optional `image_mode`, "RGB" unless it says "RGBA";
+    relative paths read against --dataset_base_path), a list per prompt; None without the flag. The task's
+    `validation_references` says what its samples do with references ("none": refused, "optional", "expected":
+    warned about when missing, "required": refused when missing) and its optional `reference_arguments(images)`
+    checks each prompt's, so a bad flag fails now, not at the first validation step (see `task.py`)."""
     if not cfg.validation_prompts:
         return None
     kind = getattr(task, "validation_references", "none")
@@ -429,9 +429,9 @@ def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | 
             "samples; drop the flag"
         )
     base = Path(cfg.dataset_base_path or ".")
-    references = []
+    references, mode = [], getattr(task, "image_mode", "RGB")
     for k, item in enumerate(cfg.validation_images):
-        images = [_validation_image(base, name) for name in _reference_names(base, item)]
+        images = [_validation_image(base, name, mode) for name in _reference_names(base, item)]
         if callable(check):
             try:
                 check(images)
@@ -454,7 +454,7 @@ def _reference_names(base: Path, item: str) -> list[str]:
     return names + [piece.strip() for piece in pending if piece.strip()]
 
 
-def _validation_image(base: Path, name: str):
+def _validation_image(base: Path, name: str, mode: str = "RGB"):
     from PIL import Image
 
     path = base / name  # an absolute name stays as it is
@@ -465,7 +465,7 @@ def _validation_image(base: Path, name: str):
         )
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except OSError as exc:  # PIL's UnidentifiedImageError is one
         raise ConfigError(f"--validation_images: cannot read {path} as an image ({exc})") from None
 
@@ -716,6 +716,7 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         step=cfg.bucket_step,
         fixed=fixed,
         num_frames=cfg.num_frames,
+        image_mode=getattr(task, "image_mode", "RGB"),  # "RGBA" for the families that read transparency
     )
 
 

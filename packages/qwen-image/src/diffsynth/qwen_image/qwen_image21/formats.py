@@ -15,6 +15,7 @@ FAMILY = Family(
     specs=(DIT21_SPEC, QWEN_IMAGE21_VAE_SPEC, TEXT_ENCODER21_SPEC),
     presets=PRESETS,
     pipeline="diffsynth.qwen_image.qwen_image21.pipeline:QwenImage21Pipeline",
+    training="diffsynth.qwen_image.qwen_image21.training:QwenImage21TrainingTask",
     description="Qwen-Image 2.1 (and Turbo): single-stream block-causal DiT (32 blocks) over one interleaved "
     "text/image sequence with a prefix KV cache, Qwen3-VL-8B text encoder, 64-channel RGBA VAE",
 )
