@@ -200,7 +200,7 @@ class QwenImage21Pipeline(BasePipeline):
         folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
         self.processor = load_processor(folder)
         if config.model_id is not None and config.path is None:
-            _fetch_schedule_files(config)
+            fetch_schedule_files(config)
         self.schedule = ScheduleSettings.from_folder(folder.parent)
         return self.processor.tokenizer
 
@@ -308,7 +308,7 @@ class QwenImage21Pipeline(BasePipeline):
         return tiles
 
 
-def _fetch_schedule_files(config: ModelConfig) -> None:
+def fetch_schedule_files(config: ModelConfig) -> None:
     """Fetch the schedule's files from the processor's hub repo (they are optional: defaults apply without)."""
     for pattern in SCHEDULE_FILES:
         companion = ModelConfig(

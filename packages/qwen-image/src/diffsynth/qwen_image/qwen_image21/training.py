@@ -53,7 +53,7 @@ from .pipeline import (
     DEFAULT_RESOLUTION,
     PromptEncoding,
     QwenImage21Pipeline,
-    _fetch_schedule_files,
+    fetch_schedule_files,
     latents_to_tokens,
     qwen_image21_velocity,
     tokens_to_latents,
@@ -268,7 +268,7 @@ def _schedule_beside(tokenizer_config: ModelConfig | None, model_configs: Sequen
     schedule files fetched from a hub repo), else from the repo folder above the DiT's files."""
     if tokenizer_config is not None:
         if tokenizer_config.model_id is not None and tokenizer_config.path is None:
-            _fetch_schedule_files(tokenizer_config)
+            fetch_schedule_files(tokenizer_config)
             return ScheduleSettings.from_folder(Path(tokenizer_config.local_folder))
         paths = _paths(tokenizer_config)
         if paths:
