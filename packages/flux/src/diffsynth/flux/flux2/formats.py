@@ -12,9 +12,18 @@ and the klein base models), so that layout loads as is. Also accepted:
 FLUX.1 files are told apart by their keys: FLUX.1 has `vector_in` and per-block `img_mod` / `modulation`,
 FLUX.2 the shared `*_stream_modulation*` layers (and `time_guidance_embed` / `to_qkv_mlp_proj` in
 diffusers names). `ours_to_diffusers` is the exact inverse of `diffusers_to_ours`.
+
+KV checkpoints (FLUX.2-klein-9B-KV) have klein-9B's keys and shapes, and diffusers' transformer config has no
+field for them: nothing in the files tells them apart. `released_as_kv` recognises their release instead (the hub repo, or the diffusers
+folder's `model_index.json` naming `Flux2KleinKVPipeline`); a config dict may also state our own
+`causal_references` field (e.g. `load_model(file, config={"causal_references": True})`).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
@@ -161,6 +170,8 @@ _JSON_FIELDS = {
     "rope_theta": "theta",
     "mlp_ratio": "mlp_ratio",
 }
+# Our own fields a config dict may state (the diffusers json has no such field).
+_OWN_JSON_FIELDS = ("causal_references",)
 # Architecture facts the json may state but that we do not vary: value our model has.
 _FIXED_JSON = {"patch_size": 1, "timestep_guidance_channels": TIME_FREQ_DIM, "eps": 1e-6}
 
@@ -170,6 +181,7 @@ def _fields_from_json(config_json: dict) -> dict:
         if config_json.get(name) is not None and config_json[name] != ours:
             raise ConfigError(f"FLUX.2 DiT config.json {name}={config_json[name]!r}: only {ours!r} is supported")
     given = {ours: config_json[name] for name, ours in _JSON_FIELDS.items() if config_json.get(name) is not None}
+    given.update({name: config_json[name] for name in _OWN_JSON_FIELDS if config_json.get(name) is not None})
     if "out_channels" not in given and "in_channels" in given:
         given["out_channels"] = given["in_channels"]  # diffusers: out_channels None means in_channels
     if config_json.get("attention_head_dim") is not None and "num_heads" in given:
@@ -189,6 +201,26 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> Flux
     given = _fields_from_json(config_json) if config_json else {}
     derived = _fields_from_shapes(state) if state else {}
     return build_config(Flux2DiTConfig, "FLUX.2 DiT", merge_fields("FLUX.2 DiT", given, derived))
+
+
+KV_PIPELINE_CLASS = "Flux2KleinKVPipeline"  # model_index.json `_class_name` of the KV releases' diffusers folders
+KV_REPOS = ("black-forest-labs/FLUX.2-klein-9b-kv",)  # hub repos of KV DiTs
+
+
+def released_as_kv(model_id: str | None, files: Sequence[str]) -> bool:
+    """Whether DiT weights come from a FLUX.2 KV release: `model_id` is a KV repo, or a `model_index.json` beside
+    `files` or one folder up (a diffusers `transformer/` folder) names the KV pipeline."""
+    if model_id is not None and model_id.lower() in {repo.lower() for repo in KV_REPOS}:
+        return True
+    for folder in {folder for f in files for folder in (Path(f).parent, Path(f).parent.parent)}:
+        index = folder / "model_index.json"
+        try:
+            data = json.loads(index.read_text()) if index.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("_class_name") == KV_PIPELINE_CLASS:
+            return True
+    return False
 
 
 FLUX2_DIT_SPEC = ModelSpec(

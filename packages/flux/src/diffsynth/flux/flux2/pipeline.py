@@ -11,6 +11,8 @@ normalised by its BatchNorm statistics (`Flux2VAE.encode` returns them so). The 
 `H/16 * W/16` tokens in row-major order with 4-axis ids (t, row, col, 0); text tokens get
 (0, 0, 0, index). Reference images (`edit_image`) are appended after the image tokens, the i-th
 with t = 10 * (i + 1), and the output is cut back to the image tokens, as BFL and diffusers do.
+KV models (FLUX.2-klein-9B-KV) take the references apart: their keys and values are computed on the
+first step and reused by the later ones (`use_kv_cache`, on by default for them; `ReferenceCache`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.models.qwen3 import Qwen3TextEncoder
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline, weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .dit import Flux2DiT, ReferenceCache
+from .formats import released_as_kv
 from .text_encoder import load_mistral_tokenizer, mistral_prompt_embeds, qwen3_prompt_embeds
 
 logger = logging.getLogger(__name__)
@@ -89,20 +93,28 @@ def flux2_velocity(
     prompt_embeds: torch.Tensor,
     guidance: torch.Tensor | float | None = None,
     references: ReferenceLatents | None = None,
+    cache: ReferenceCache | None = None,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 128, h, w]` (float32) predicted at noise level `sigma` [B].
 
     `prompt_embeds` `[B, L, context]` come from `encode_prompt`. `guidance` is the distilled guidance
     of FLUX.2-dev (e.g. 4.0), per sample or shared; it is not passed to models without a guidance
-    embedder (klein). `references` are appended after the image tokens and cut from the output.
-    Computation runs in the DiT's dtype.
+    embedder (klein). `references` are appended after the image tokens and cut from the output; a KV
+    model (`causal_references`) takes them apart, with `cache` (a `ReferenceCache`) keeping their keys
+    and values from the first call on. Computation runs in the DiT's dtype.
     """
     dtype = module_dtype(dit)
     b, _, h, w = latents.shape
     img = latents_to_tokens(latents)
     ids = grid_ids(h, w, device=latents.device)
     n_img = img.shape[1]
-    if references is not None:
+    kv_inputs = {}
+    if getattr(dit.config, "causal_references", False) or cache is not None:
+        if references is not None:
+            kv_inputs = dict(reference=references.tokens.to(dtype), reference_ids=references.ids.to(ids.device))
+        if cache is not None:
+            kv_inputs["cache"] = cache
+    elif references is not None:
         img = torch.cat([img, references.tokens.to(img.dtype).expand(b, -1, -1)], dim=1)
         ids = torch.cat([ids, references.ids.to(ids.device)], dim=0)
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
@@ -112,7 +124,7 @@ def flux2_velocity(
     else:
         guidance = None
     txt_ids = text_ids(prompt_embeds.shape[1], device=latents.device)
-    out = dit(img.to(dtype), ids, prompt_embeds.to(dtype), txt_ids, sigma, guidance)
+    out = dit(img.to(dtype), ids, prompt_embeds.to(dtype), txt_ids, sigma, guidance, **kv_inputs)
     return tokens_to_latents(out[:, :n_img].float(), h, w)
 
 
@@ -169,6 +181,7 @@ class Flux2ImagePipeline(BasePipeline):
         tile_stride: int = 384,
         output_type: str = "pil",
         progress_bar: bool = True,
+        use_kv_cache: bool | None = None,
     ):
         """Generate images: a PIL image for one prompt, a list for a list of prompts; "np"/"pt" give the batch.
 
@@ -184,6 +197,9 @@ class Flux2ImagePipeline(BasePipeline):
         blurred by `inpaint_blur_size` / `inpaint_blur_sigma` on the token grid (DiffSynth-Studio's arguments,
         `diffsynth.runtime.inpaint`). `latents` is the initial
         noise `[B, 128, H/16, W/16]`; `sigmas` an explicit schedule (terminal 0 appended).
+        `use_kv_cache` (KV models such as FLUX.2-klein-9B-KV; on by default for them): the references' keys and
+        values are computed on the first step and reused by the later ones; False recomputes them every step
+        (the same result, slower). Other models refuse True: their references depend on the step.
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
@@ -192,6 +208,7 @@ class Flux2ImagePipeline(BasePipeline):
         max_sequence_length = self.setting("max_sequence_length", max_sequence_length, 512)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
+        kv_cache = self.kv_cache_setting(use_kv_cache)
         references = self.load_edit_images(edit_image, edit_image_auto_resize)
         if references:
             height = height if height is not None else references[0].height
@@ -241,8 +258,9 @@ class Flux2ImagePipeline(BasePipeline):
 
         # 3. denoise
         self.load_models_to_device(["dit"])
+        cache = ReferenceCache() if kv_cache and refs is not None else None  # one for both CFG halves
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
-            velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, refs)
+            velocity = self.predict(x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, refs, cache)
             if repaint is not None:
                 velocity = inpaint_velocity(velocity, x, clean, scheduler.sigmas[i], repaint)
             x = scheduler.step(velocity, i, x)
@@ -255,6 +273,31 @@ class Flux2ImagePipeline(BasePipeline):
         self.load_models_to_device([])
         out = tensor_to_output(images.float(), output_type)
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+
+    def kv_cache_setting(self, use_kv_cache: bool | None) -> bool:
+        """`use_kv_cache` checked; None takes the preset's setting, else whether the DiT is a KV model."""
+        causal = bool(getattr(getattr(self.dit, "config", None), "causal_references", False))
+        value = self.setting("use_kv_cache", use_kv_cache, None)
+        if value is None:
+            return causal
+        if not isinstance(value, bool):
+            raise ConfigError(f"use_kv_cache={value!r} is not accepted; use True, False or None (the model's default)")
+        if value and not causal:
+            raise ConfigError(
+                "use_kv_cache=True needs a FLUX.2 KV model (black-forest-labs/FLUX.2-klein-9b-kv): this DiT's "
+                "reference tokens attend to the image at every step, so their keys and values cannot be reused. "
+                "A KV checkpoint loaded from a single file is marked with pipe.dit.config.causal_references = True"
+            )
+        return value
+
+    def _load_config(self, config: ModelConfig) -> None:
+        """A DiT from a FLUX.2 KV release (its hub repo, or a diffusers folder whose `model_index.json` names
+        `Flux2KleinKVPipeline`) is marked `causal_references`: its files alone cannot tell."""
+        held = self.dit
+        super()._load_config(config)
+        if self.dit is not held and isinstance(self.dit, Flux2DiT):
+            if released_as_kv(config.model_id, weight_paths(config)):
+                self.dit.config.causal_references = True
 
     def _load_tokenizer(self, config: ModelConfig):
         """klein's Qwen tokenizer as is; FLUX.2-dev's Pixtral folder with the processor's chat template
@@ -355,14 +398,20 @@ class Flux2ImagePipeline(BasePipeline):
             ids.append(grid_ids(z.shape[2], z.shape[3], t=REFERENCE_TIME_SCALE * (i + 1), device=self.device))
         return ReferenceLatents(torch.cat(tokens, dim=1), torch.cat(ids, dim=0))
 
-    def predict(self, x, sigma, text, negative_text, cfg_scale, guidance, references=None) -> torch.Tensor:
+    def predict(self, x, sigma, text, negative_text, cfg_scale, guidance, references=None, cache=None) -> torch.Tensor:
         """One denoiser evaluation; with true CFG the two branches run as one batch."""
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if negative_text is None:
-            return flux2_velocity(self.dit, x, sigma.expand(batch), text, guidance, references)
+            return flux2_velocity(self.dit, x, sigma.expand(batch), text, guidance, references, cache)
         both = flux2_velocity(
-            self.dit, torch.cat([x, x]), sigma.expand(2 * batch), _cat_padded(text, negative_text), guidance, references
+            self.dit,
+            torch.cat([x, x]),
+            sigma.expand(2 * batch),
+            _cat_padded(text, negative_text),
+            guidance,
+            references,
+            cache,
         )
         return self.guide(both[:batch], both[batch:], cfg_scale)
 

@@ -4,7 +4,9 @@ FLUX.2-dev ships BFL's single files (`flux2-dev.safetensors`, `ae.safetensors`) 
 folders; we fetch the single files and the Mistral-Small text encoder's shards. The klein repos ship
 diffusers folders only. Defaults follow the model cards and diffusers' `Flux2Pipeline` /
 `Flux2KleinPipeline`: dev samples 50 steps with embedded guidance 4; the step-distilled klein models
-4 steps without CFG; the klein base models 50 steps with true CFG 4 (negative prompt "").
+4 steps without CFG; the klein base models 50 steps with true CFG 4 (negative prompt ""). klein-9B-KV
+(`Flux2KleinKVPipeline`) is step-distilled like klein-9B; its DiT is marked as a KV model on loading (see
+`formats.released_as_kv`), so the pipeline caches its references' keys and values by default.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ PRESETS: dict[str, Preset] = {
         "black-forest-labs/FLUX.2-klein-9B",
         _DISTILLED,
         "FLUX.2-klein 9B, step-distilled, Qwen3-8B text encoder: 4 steps, no CFG; edits too.",
+    ),
+    "black-forest-labs/FLUX.2-klein-9b-kv": _klein(
+        "black-forest-labs/FLUX.2-klein-9b-kv",
+        _DISTILLED,
+        "FLUX.2-klein 9B-KV (non-commercial), step-distilled, Qwen3-8B: 4 steps, no CFG; edits with the "
+        "reference images' keys and values computed once (use_kv_cache, on by default).",
     ),
     "black-forest-labs/FLUX.2-klein-base-4B": _klein(
         "black-forest-labs/FLUX.2-klein-base-4B",
