@@ -91,6 +91,7 @@ def test_presets_carry_the_authors_defaults():
         "Qwen/Qwen-Image-Edit",
         "Qwen/Qwen-Image-Edit-2509",
         "Qwen/Qwen-Image-Edit-2511",
+        "Qwen/Qwen-Image-Layered",
     }
     base = PRESETS["Qwen/Qwen-Image"]
     assert base.defaults["cfg_scale"] == 4.0 and base.defaults["num_inference_steps"] == 50

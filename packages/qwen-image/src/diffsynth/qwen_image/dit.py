@@ -13,6 +13,13 @@ Edit models append the reference images' tokens to the latent sequence (several 
 entries per sample). With `zero_cond_t` (Qwen-Image-Edit-2511) those reference tokens are
 modulated with the embedding of timestep 0, the generated image with the real timestep.
 
+Qwen-Image-Layered (`use_layer3d_rope`, `use_additional_t_cond`; see `layered.py`) feeds the frames it
+generates (the whole image, then its layers) one after another, and the input image last. The layer-3D
+RoPE keeps the frame positions 0, 1, ... of the generated frames and puts the input image at frame -1;
+text then starts after the largest half-size or after the frame count, whichever is larger. A learned
+two-entry embedding (`time_text_embed.addition_t_embedding`, picked per sample by `additional_t_cond`)
+is added to the timestep embedding.
+
 ControlNets (`controlnet.py`) hand the DiT one residual per ControlNet block; they are spread over the
 DiT's blocks (block `i` adds sample `i // ceil(blocks / samples)` to its image tokens), as diffusers'
 `QwenImageTransformer2DModel(controlnet_block_samples=...)` does.
@@ -61,6 +68,8 @@ class QwenImageDiTConfig:
     axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
     zero_cond_t: bool = False
     guidance_embeds: bool = False
+    use_additional_t_cond: bool = False  # Qwen-Image-Layered: a 2-entry embedding added to the timestep's
+    use_layer3d_rope: bool = False  # Qwen-Image-Layered: the last image of a sample sits at RoPE frame -1
 
     def __post_init__(self) -> None:
         self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)
@@ -103,20 +112,32 @@ def centred_positions(n: int, device: torch.device) -> torch.Tensor:
 
 
 def msrope_angles(
-    shapes: Sequence[ImageShape], text_len: int | Sequence[int], axes_dims: Sequence[int], device: torch.device
+    shapes: Sequence[ImageShape],
+    text_len: int | Sequence[int],
+    axes_dims: Sequence[int],
+    device: torch.device,
+    layer3d: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary angles of one sample: `(image [L_img, D/2], text [L_txt, D/2])`, axes concatenated. Text of
-    several segments (EliGen's entity prompts, then the global one) places each as if it were alone."""
+    several segments (EliGen's entity prompts, then the global one) places each as if it were alone.
+
+    `layer3d` (Qwen-Image-Layered): the last entry of `shapes` is the input image, at frame -1 (one frame);
+    the text starts at least at `len(shapes) - 1`, the number of generated frames."""
     parts = []
+    last = len(shapes) - 1
     for index, (f, h, w) in enumerate(shapes):
-        axes = (
-            torch.arange(index, index + f, device=device),
-            centred_positions(h, device),
-            centred_positions(w, device),
-        )
+        if layer3d and index == last:
+            if f != 1:
+                raise ValueError(f"the layered input image has {f} frames in img_shapes; it must have one")
+            frames = torch.full((1,), -1, device=device)
+        else:
+            frames = torch.arange(index, index + f, device=device)
+        axes = (frames, centred_positions(h, device), centred_positions(w, device))
         grids = torch.meshgrid(*axes, indexing="ij")
         parts.append(torch.cat([axis_angles(g.reshape(-1), d) for g, d in zip(grids, axes_dims, strict=True)], -1))
     start = max(max(h // 2, w // 2) for _, h, w in shapes)
+    if layer3d:
+        start = max(start, last)
     lengths = [text_len] if isinstance(text_len, int) else list(text_len)
     text_pos = torch.cat([torch.arange(start, start + n, device=device) for n in lengths])
     text = torch.cat([axis_angles(text_pos, d) for d in axes_dims], dim=-1)
@@ -134,15 +155,17 @@ def check_img_shapes(img_shapes, batch: int) -> list[list[ImageShape]]:
     return [[tuple(int(n) for n in s) for s in shapes] for shapes in img_shapes]
 
 
-def joint_rope(img_shapes, n_img: int, n_txt: int | Sequence[int], axes_dims: Sequence[int], device) -> Rope:
+def joint_rope(
+    img_shapes, n_img: int, n_txt: int | Sequence[int], axes_dims: Sequence[int], device, layer3d: bool = False
+) -> Rope:
     """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]` (`n_txt`: the
-    text's length, or its segments' lengths)."""
+    text's length, or its segments' lengths; `layer3d`: see `msrope_angles`)."""
     img_angles, txt_angles = [], []
     for b, shapes in enumerate(img_shapes):
         total = sum(math.prod(s) for s in shapes)
         if total != n_img:
             raise ValueError(f"img_shapes[{b}]={list(shapes)} covers {total} tokens, but latents have {n_img}")
-        img, txt = msrope_angles(shapes, n_txt, axes_dims, device)
+        img, txt = msrope_angles(shapes, n_txt, axes_dims, device, layer3d)
         img_angles.append(img)
         txt_angles.append(txt)
     angles = torch.cat([torch.stack(txt_angles), torch.stack(img_angles)], dim=1)[:, :, None]  # [B, S, 1, D/2]
@@ -196,9 +219,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class TimeTextEmbed(nn.Module):
-    def __init__(self, dim: int):
+    """The timestep embedder; with `additional` (Qwen-Image-Layered) also a 2-entry embedding that the DiT
+    adds to the timestep embedding, one entry per sample."""
+
+    def __init__(self, dim: int, additional: bool = False):
         super().__init__()
         self.timestep_embedder = TimestepEmbedder(dim)
+        if additional:
+            self.addition_t_embedding = nn.Embedding(2, dim)
 
 
 class FeedForward(nn.Module):
@@ -326,7 +354,7 @@ class QwenImageDiT(nn.Module):
         super().__init__()
         self.config = config = config or QwenImageDiTConfig()
         dim = config.inner_dim
-        self.time_text_embed = TimeTextEmbed(dim)
+        self.time_text_embed = TimeTextEmbed(dim, additional=config.use_additional_t_cond)
         self.txt_norm = nn.RMSNorm(config.joint_attention_dim, eps=EPS)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.txt_in = nn.Linear(config.joint_attention_dim, dim)
@@ -349,6 +377,7 @@ class QwenImageDiT(nn.Module):
         segments: Sequence[int] | None = None,
         attn_mask: torch.Tensor | None = None,
         controlnet_block_samples: Sequence[torch.Tensor] | None = None,
+        additional_t_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`latents` `[B, L_img, in_channels]` packed tokens, `timestep` `[B]` sigma, `text`
         `[B, L_txt, joint_attention_dim]`, `text_mask` `[B, L_txt]` (True = real token),
@@ -364,10 +393,15 @@ class QwenImageDiT(nn.Module):
         the blocks is spread over them (see `residual_index`). It may instead be a callable
         `(block index, image tokens after that block) -> residual` (Blockwise ControlNets), in one process.
 
+        `additional_t_cond` (required by, and only accepted by, `use_additional_t_cond` models) picks the
+        additional timestep embedding per sample: integers in {0, 1}, `[B]` or one for all (Qwen-Image-Layered's
+        pipeline passes 0).
+
         With `parallel` set, the batch and the image tokens (edit references included) are divided over
         the ranks (`enable_parallel`)."""
         b, n_img = latents.shape[:2]
         img_shapes = check_img_shapes(img_shapes, b)
+        additional_t_cond = self._check_additional(additional_t_cond, b, latents.device)
         residuals = check_residuals(controlnet_block_samples, b, n_img, self.config.inner_dim)
         if callable(residuals) and self.parallel is not None:
             raise ConfigError("Blockwise ControlNets are not divided over ranks: sample with them in one process")
@@ -381,7 +415,9 @@ class QwenImageDiT(nn.Module):
                 raise ValueError(
                     f"attn_mask has shape {tuple(attn_mask.shape)}; expected [B or 1, 1, {length}, {length}]"
                 )
-            return self._forward(latents, timestep, text, None, img_shapes, segments, attn_mask, residuals)
+            return self._forward(
+                latents, timestep, text, None, img_shapes, segments, attn_mask, residuals, additional_t_cond
+            )
         return batch_parallel(
             self.parallel,
             b,
@@ -394,11 +430,40 @@ class QwenImageDiT(nn.Module):
             None,
             None,
             residuals,
+            additional_t_cond,
             per_sample=(4,),
         )
 
+    def _check_additional(self, index, batch: int, device) -> torch.Tensor | None:
+        """`additional_t_cond` as a `[B]` long tensor (None for models without the embedding)."""
+        if not self.config.use_additional_t_cond:
+            if index is not None:
+                raise ValueError("additional_t_cond is given, but this DiT has no additional timestep embedding")
+            return None
+        if index is None:
+            raise ValueError(
+                "this DiT (use_additional_t_cond, Qwen-Image-Layered) needs additional_t_cond: 0 or 1 per sample"
+            )
+        index = torch.as_tensor(index, device=device).long().reshape(-1)
+        if index.numel() == 1:
+            index = index.expand(batch)
+        if index.numel() != batch or bool(((index < 0) | (index > 1)).any()):
+            raise ValueError(
+                f"additional_t_cond={index.tolist()} must hold 0 or 1, once or for each of {batch} samples"
+            )
+        return index
+
     def _forward(
-        self, latents, timestep, text, text_mask, img_shapes, segments=None, attn_mask=None, residuals=None
+        self,
+        latents,
+        timestep,
+        text,
+        text_mask,
+        img_shapes,
+        segments=None,
+        attn_mask=None,
+        residuals=None,
+        additional_t_cond=None,
     ) -> torch.Tensor:
         cfg = self.config
         b, n_img, _ = latents.shape
@@ -412,10 +477,15 @@ class QwenImageDiT(nn.Module):
             timestep = torch.cat([timestep, torch.zeros_like(timestep)])
             first = [math.prod(shapes[0]) for shapes in img_shapes]
             cond_index = torch.arange(n_img, device=img.device)[None] >= torch.tensor(first, device=img.device)[:, None]
+            if additional_t_cond is not None:
+                additional_t_cond = torch.cat([additional_t_cond, additional_t_cond])
         temb = self.time_text_embed.timestep_embedder(timestep, img.dtype)
+        if additional_t_cond is not None:
+            temb = temb + self.time_text_embed.addition_t_embedding(additional_t_cond).to(img.dtype)
 
-        axes = self.config.axes_dims_rope
-        rope = joint_rope(img_shapes, n_img, txt.shape[1] if segments is None else segments, axes, img.device)
+        axes, layer3d = self.config.axes_dims_rope, self.config.use_layer3d_rope
+        n_text = txt.shape[1] if segments is None else segments
+        rope = joint_rope(img_shapes, n_img, n_text, axes, img.device, layer3d)
         mask = attn_mask if text_mask is None else joint_key_mask(text_mask, n_img)
 
         n_txt = txt.shape[1]

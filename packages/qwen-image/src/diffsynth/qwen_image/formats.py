@@ -4,15 +4,25 @@ Our DiT uses the official diffusers names (`transformer/` folder of the hub repo
 layout loads as is; the same keys under `model.diffusion_model.` (ComfyUI single files) are
 accepted too. `FAMILY` also declares the Qwen2.5-VL text encoder (`text_encoder.py`), the InstantX
 ControlNets (`controlnet_formats.py`), the presets and the pipeline; the VAE is the runtime's Wan 2.1 VAE
-spec, which reads Qwen's `vae/` folder.
+spec, which reads Qwen's `vae/` folder (Qwen-Image-Layered's 4-channel RGBA one too: its channel count comes
+from the shapes of `encoder.conv_in` / `decoder.conv_out`).
+
+Qwen-Image-Layered's DiT has one more tensor, `time_text_embed.addition_t_embedding.weight` [2, dim]; its
+`config.json` says `use_additional_t_cond` and `use_layer3d_rope`. The embedding's presence decides the first
+(a json that says otherwise is an error); a file without a json (ComfyUI) gets the layer-3D RoPE with it, as
+the released Layered model pairs the two.
 """
 
 from __future__ import annotations
+
+import logging
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
 from .dit import QwenImageDiT, QwenImageDiTConfig
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "model.diffusion_model."
 
@@ -46,15 +56,13 @@ _JSON_FIELDS = (
     "guidance_embeds",
     "axes_dims_rope",
     "zero_cond_t",
+    "use_additional_t_cond",
+    "use_layer3d_rope",
 )
-# variants whose extra weights or RoPE we do not implement (Qwen-Image-Layered)
-_UNSUPPORTED = ("use_additional_t_cond", "use_layer3d_rope")
+ADDITIONAL_T_KEY = "time_text_embed.addition_t_embedding.weight"
 
 
 def _fields_from_json(config_json: dict) -> dict:
-    for name in _UNSUPPORTED:
-        if config_json.get(name):
-            raise ConfigError(f"Qwen-Image DiT config.json {name}={config_json[name]!r} is not supported")
     given = {name: config_json[name] for name in _JSON_FIELDS if config_json.get(name) is not None}
     if "axes_dims_rope" in given:
         given["axes_dims_rope"] = tuple(given["axes_dims_rope"])
@@ -77,6 +85,7 @@ def _fields_from_shapes(state: StateDict, patch_size: int) -> dict:
         attention_head_dim=head_dim,
         num_attention_heads=inner // head_dim,
         joint_attention_dim=state["txt_in.weight"].shape[1],
+        use_additional_t_cond=ADDITIONAL_T_KEY in state,
     )
 
 
@@ -84,13 +93,18 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> Qwen
     """Config from our-named shapes and, when present, the diffusers `config.json` beside the file.
 
     Shapes give channels, widths, heads (from the QK-norm width) and the layer count; the patch
-    size, RoPE axes and `zero_cond_t` come from the json or the released defaults. A json value
-    that contradicts the shapes is an error naming the field. An empty `state` uses the json alone.
+    size, RoPE axes, `zero_cond_t` and `use_layer3d_rope` come from the json or the released defaults
+    (`use_layer3d_rope` defaults to whether the Layered embedding is there). A json value that contradicts
+    the shapes is an error naming the field. An empty `state` uses the json alone.
     """
     given = _fields_from_json(config_json) if config_json else {}
     patch = int(given.get("patch_size", QwenImageDiTConfig.patch_size))
     derived = _fields_from_shapes(state, patch) if state else {}
-    return build_config(QwenImageDiTConfig, "Qwen-Image DiT", merge_fields("Qwen-Image DiT", given, derived))
+    fields = merge_fields("Qwen-Image DiT", given, derived)
+    if "use_layer3d_rope" not in given and fields.get("use_additional_t_cond"):
+        logger.info("Qwen-Image DiT has the Layered additional timestep embedding: using the layer-3D RoPE")
+        fields["use_layer3d_rope"] = True
+    return build_config(QwenImageDiTConfig, "Qwen-Image DiT", fields)
 
 
 DIT_SPEC = ModelSpec(
@@ -99,7 +113,8 @@ DIT_SPEC = ModelSpec(
     layouts=LAYOUTS,
     config_from_state=config_from_state,
     build=QwenImageDiT,
-    description="Qwen-Image / Qwen-Image-Edit MMDiT (diffusers `transformer/` folder, prefixed single files)",
+    description="Qwen-Image / Qwen-Image-Edit / Qwen-Image-Layered MMDiT (diffusers `transformer/` folder, "
+    "prefixed single files)",
 )
 
 from .blockwise_controlnet import BLOCKWISE_CONTROLNET_SPEC  # noqa: E402
@@ -113,7 +128,8 @@ FAMILY = Family(
     presets=PRESETS,
     pipeline="diffsynth.qwen_image.pipeline:QwenImagePipeline",
     training="diffsynth.qwen_image.training:QwenImageTrainingTask",
-    description="Qwen-Image and Qwen-Image-Edit: 20B MMDiT (60 dual-stream blocks), Qwen2.5-VL-7B text encoder",
+    description="Qwen-Image, Qwen-Image-Edit and Qwen-Image-Layered: 20B MMDiT (60 dual-stream blocks), "
+    "Qwen2.5-VL-7B text encoder",
 )
 
 from .qwen_image21.formats import FAMILY as QWEN_IMAGE21_FAMILY  # noqa: E402

@@ -18,6 +18,10 @@ Qwen2.5-VL vision tower (the `processor/` folder), with the Edit template (64 to
 and 2511 number the images ("Picture 1: ...") and show the vision tower a 384x384-pixel version; the
 first Edit shows it the 1024x1024 one (the `edit_template` default: "plus" or "edit").
 
+Layer decomposition (Qwen-Image-Layered; `layered.py`): `layer_input_image` (an RGBA image) and `layer_num`, as in
+DiffSynth-Studio, return `layer_num` RGBA layers per prompt (`decompose`), as diffusers'
+`QwenImageLayeredPipeline` computes them; the prompt is a caption of the image.
+
 ControlNets (InstantX/Qwen-Image-ControlNet-Union and -Inpainting, diffusers `QwenImageControlNetModel`
 files) are loaded with `from_pretrained(..., controlnet=...)` or `load_controlnet(...)` and used through
 `controlnet_inputs=[ControlNetInput(...)]`, as diffusers' `QwenImageControlNetPipeline` /
@@ -52,6 +56,17 @@ from diffsynth.runtime.vram import module_dtype
 from .blockwise_controlnet import QwenImageBlockwiseControlNet, blockwise_residual
 from .controlnet import ControlCondition, QwenImageControlNet, sum_residuals
 from .eligen import QwenEntityText, entity_text
+from .layered import (
+    LAYERED_TEMPLATES,
+    check_layer_images,
+    check_layer_num,
+    check_layer_prompts,
+    check_layered_models,
+    layered_sigmas,
+    layered_size,
+    layered_velocity,
+    refuse_other_modes,
+)
 from .presets import CONTROLNETS
 from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
 
@@ -222,6 +237,10 @@ class QwenImagePipeline(BasePipeline):
         eligen_enable_on_negative: bool = False,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
         blockwise_controlnet_inputs: Sequence[ControlNetInput] | None = None,
+        layer_input_image=None,
+        layer_num: int | None = None,
+        layer_resolution: int | None = None,
+        cfg_normalize: bool | None = None,
         max_sequence_length: int = 512,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = (34, 34),
@@ -248,7 +267,58 @@ class QwenImagePipeline(BasePipeline):
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
+
+        `layer_input_image` (Qwen-Image-Layered; see `decompose`) returns `layer_num` RGBA layers per prompt
+        instead; `layer_resolution` and `cfg_normalize` belong to that mode.
         """
+        if layer_input_image is not None or getattr(getattr(self.dit, "config", None), "use_layer3d_rope", False):
+            if layer_input_image is None:
+                raise ConfigError(
+                    "this is the Qwen-Image-Layered DiT: it decomposes an image into layers; pass "
+                    "layer_input_image=<an RGBA image> (and layer_num) with a caption of it as the prompt"
+                )
+            refuse_other_modes(
+                {
+                    "input_image": input_image,
+                    "inpaint_mask": inpaint_mask,
+                    "edit_image": edit_image,
+                    "eligen_entity_prompts": eligen_entity_prompts,
+                    "controlnet_inputs": controlnet_inputs,
+                    "blockwise_controlnet_inputs": blockwise_controlnet_inputs,
+                    "denoising_strength < 1": denoising_strength != 1.0,
+                }
+            )
+            return self.decompose(
+                prompt,
+                layer_input_image,
+                negative_prompt=negative_prompt,
+                layer_num=layer_num,
+                layer_resolution=layer_resolution,
+                cfg_scale=cfg_scale,
+                cfg_normalize=cfg_normalize,
+                height=height,
+                width=width,
+                seed=seed,
+                rand_device=rand_device,
+                num_inference_steps=num_inference_steps,
+                exponential_shift_mu=exponential_shift_mu,
+                sigma_template=sigma_template,
+                latents=latents,
+                max_sequence_length=max_sequence_length,
+                tiled=tiled,
+                tile_size=tile_size,
+                tile_stride=tile_stride,
+                output_type=output_type,
+                progress_bar=progress_bar,
+            )
+        for name, value in (("layer_num", layer_num), ("layer_resolution", layer_resolution)):
+            if value is not None:
+                raise ConfigError(f"{name} belongs to layer decomposition (Qwen-Image-Layered): give layer_input_image")
+        if cfg_normalize is not None:
+            raise ConfigError(
+                "cfg_normalize belongs to layer decomposition (Qwen-Image-Layered); Qwen-Image's true CFG always "
+                "rescales to the conditional norm, as the authors do"
+            )
         edits = self.prepare_edit_images(edit_image, edit_image_auto_resize)
         if edits is not None and height is None and width is None:
             width, height = area_size(*edits[-1][2], EDIT_AREA)
@@ -340,6 +410,114 @@ class QwenImagePipeline(BasePipeline):
         self.load_models_to_device([])
         out = tensor_to_output(video[:, :, 0].float(), output_type)
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+
+    # ------------------------------------------------------------------ layer decomposition
+    @torch.no_grad()
+    def decompose(
+        self,
+        prompt: str | Sequence[str],
+        layer_input_image,
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        layer_num: int | None = None,
+        layer_resolution: int | None = None,
+        cfg_scale: float | None = None,
+        cfg_normalize: bool | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        num_inference_steps: int | None = None,
+        exponential_shift_mu: float | None = None,
+        sigma_template: str | None = None,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int = 512,
+        tiled: bool = False,
+        tile_size: int | tuple[int, int] = (34, 34),
+        tile_stride: int | tuple[int, int] = (18, 16),
+        output_type: str = "pil",
+        progress_bar: bool = True,
+    ):
+        """Qwen-Image-Layered (`layered.py`): `layer_num` RGBA layers of `layer_input_image` (one image, or one
+        per prompt) for each prompt, a caption of the image. "pil" gives the list of layers (a list of such
+        lists for a list of prompts); "np" `[B, N, H, W, 4]`, "pt" `[B, N, 4, H, W]`, in [0, 1].
+
+        The size is about `layer_resolution`^2 pixels (640 or 1024) with the image's aspect ratio, unless
+        `height` and `width` are given (DiffSynth-Studio's way); the image is resized to it. `cfg_scale` > 1
+        runs the negative prompt (true CFG), `cfg_normalize` rescales each token's guided velocity to the
+        conditional one's norm. `sigma_template`: "qwen_image_layered" (the authors' schedule, default) or
+        "qwen_image" (Qwen-Image's, which DiffSynth-Studio uses); `exponential_shift_mu` replaces its mu (for
+        the authors' schedule, the linear shift itself). `latents` is the initial noise `[B, N + 1, 16, H/8, W/8]`
+        (frame 0 is the whole image).
+        """
+        check_layered_models(self.dit, self.vae)
+        check_layer_prompts(prompt)
+        prompts, negatives = self.check_prompt_pair(prompt, self.setting("negative_prompt", negative_prompt, " "))
+        batch, n = len(prompts), check_layer_num(self.setting("layer_num", layer_num, 4))
+        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 4.0))
+        normalize = self.setting("cfg_normalize", cfg_normalize, True)
+        if not isinstance(normalize, bool):
+            raise ConfigError(f"cfg_normalize={normalize!r} must be True or False")
+        steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
+        template = sigma_template or LAYERED_TEMPLATES[0]
+        if template not in LAYERED_TEMPLATES:
+            raise ConfigError(f"sigma_template={template!r} is not accepted here; use one of {LAYERED_TEMPLATES}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
+        images = [load_image(im, "RGBA") for im in check_layer_images(layer_input_image, batch)]
+        if height is None and width is None:
+            width, height = layered_size(*images[0].size, int(self.setting("layer_resolution", layer_resolution, 640)))
+        elif height is None or width is None or layer_resolution is not None:
+            raise ConfigError(
+                "give height and width together (the layers' size), or layer_resolution (640 or 1024: the size "
+                "then follows the image's aspect ratio), not both"
+            )
+        height, width = self.check_size(height, width)
+
+        # 1. prompts
+        self.load_models_to_device(["text_encoder"])
+        text, text_mask = self.encode_prompt(prompts, max_sequence_length)
+        negative = self.encode_prompt(negatives, max_sequence_length) if cfg_scale > 1.0 else None
+
+        # 2. the input image's latent, the noise and the schedule
+        self.load_models_to_device(["vae"])
+        resized = [im.resize((width, height), Image.LANCZOS) for im in images]
+        pixels = pil_to_tensor(resized, module_dtype(self.vae), self.device, mode="RGBA").unsqueeze(2)
+        condition = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        condition = condition[:, :, 0].float().expand(batch, -1, -1, -1)
+        shape = (batch, n + 1, self.vae.z_dim, height // 8, width // 8)
+        x = self.generate_noise(shape, seed, rand_device) if latents is None else self.check_latents(latents, shape)
+        scheduler, tokens = FlowMatchScheduler("qwen_image"), (height // 16) * (width // 16)
+        if template == "qwen_image":
+            scheduler.set_timesteps(steps, image_seq_len=tokens, mu=exponential_shift_mu)
+        else:
+            scheduler.set_timesteps(steps, sigmas=layered_sigmas(steps, tokens, exponential_shift_mu))
+
+        # 3. denoise
+        self.load_models_to_device(["dit"])
+        for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
+            sigma = scheduler.sigmas[i].expand(batch)
+            velocity = layered_velocity(self.dit, x, sigma, text, text_mask, condition)
+            if negative is not None:
+                negative_velocity = layered_velocity(self.dit, x, sigma, *negative, condition)
+                if normalize:
+                    p = self.dit.config.patch_size
+                    guided = true_cfg(velocity.flatten(0, 1), negative_velocity.flatten(0, 1), cfg_scale, p)
+                    velocity = guided.unflatten(0, (batch, n + 1))
+                else:
+                    velocity = self.guide(velocity, negative_velocity, cfg_scale)
+            x = scheduler.step(velocity, i, x)
+
+        # 4. decode the layers (frame 0, the whole image, is dropped), each as its own image
+        self.load_models_to_device(["vae"])
+        layers = x[:, 1:].flatten(0, 1).unsqueeze(2).to(module_dtype(self.vae))
+        pixels = self.vae.decode(layers, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)[:, :, 0]
+        self.load_models_to_device([])
+        out = tensor_to_output(pixels.float(), output_type)
+        if output_type != "pil":
+            return out.reshape(batch, n, *out.shape[1:])
+        per_prompt = [out[b * n : (b + 1) * n] for b in range(batch)]
+        return per_prompt[0] if isinstance(prompt, str) else per_prompt
 
     # ------------------------------------------------------------------ stages
     def encode_prompt(

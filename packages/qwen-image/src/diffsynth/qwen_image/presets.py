@@ -6,6 +6,9 @@ negative prompt of one space. Our `cfg_scale` is that `true_cfg_scale` (the same
 authors' rescale of each token's guided velocity to the norm of the conditional one), so 1 means off.
 Edit presets read the tokenizer from `processor/` (the Qwen2-VL processor the vision tower needs) and
 name their prompt template (`edit_template`: "edit" for the first Edit, "plus" for 2509/2511).
+Qwen-Image-Layered's defaults are those of the authors' card (diffusers' `QwenImageLayeredPipeline` with
+`layers=4`, `resolution=640`, `cfg_normalize=True`, `true_cfg_scale=4`, negative prompt " ", 50 steps), under
+our names `layer_num`, `layer_resolution`, `cfg_normalize` and `cfg_scale`.
 
 `CONTROLNETS` are the ControlNet repos `load_controlnet("Org/Name")` knows: their files (each a diffusers
 `QwenImageControlNetModel` folder at the repo root).
@@ -25,6 +28,14 @@ def _repo_files(repo: str) -> tuple[PresetFile, ...]:
 
 
 _T2I = {"num_inference_steps": 50, "cfg_scale": 4.0, "height": 1328, "width": 1328, "negative_prompt": " "}
+_LAYERED = {
+    "num_inference_steps": 50,
+    "cfg_scale": 4.0,
+    "negative_prompt": " ",
+    "layer_num": 4,
+    "layer_resolution": 640,
+    "cfg_normalize": True,
+}
 _EDIT_PLUS = {"num_inference_steps": 40, "cfg_scale": 4.0, "negative_prompt": " ", "edit_template": "plus"}
 
 
@@ -60,6 +71,12 @@ PRESETS: dict[str, Preset] = {
         _EDIT_PLUS,
         "Qwen-Image-Edit-2511 (zero_cond_t): 1-3 edit images, 40 steps, true CFG 4.",
         tokenizer="processor/",
+    ),
+    "Qwen/Qwen-Image-Layered": _preset(
+        "Qwen/Qwen-Image-Layered",
+        _LAYERED,
+        "Qwen-Image-Layered: an RGBA image (layer_input_image) into 4 RGBA layers at about 640x640, 50 steps, "
+        "true CFG 4 normalised.",
     ),
 }
 
