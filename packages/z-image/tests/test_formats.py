@@ -99,7 +99,7 @@ def test_config_json_that_contradicts_the_shapes_is_an_error():
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"all_patch_size": [2, 4], "all_f_patch_size": [1, 1]}, "all_patch_size"), ({"siglip_feat_dim": 1152}, "siglip")],
+    [({"all_patch_size": [2, 4], "all_f_patch_size": [1, 1]}, "all_patch_size")],
 )
 def test_unsupported_config_json_is_rejected(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -168,8 +168,11 @@ def test_shapes_that_need_other_rope_axes_say_so():
 
 
 def test_family_declares_the_dit_controlnet_and_the_pipeline():
+    from diffsynth.z_image.image_encoder import IMAGE_ENCODER_SPEC
+
     assert FAMILY.name == "z_image"
-    assert FAMILY.specs == (DIT_SPEC, CONTROLNET_SPEC) and DIT_SPEC.role == "dit"
+    assert FAMILY.specs == (DIT_SPEC, CONTROLNET_SPEC, IMAGE_ENCODER_SPEC) and DIT_SPEC.role == "dit"
+    assert IMAGE_ENCODER_SPEC.role == "image_encoder"
     assert CONTROLNET_SPEC.role == "controlnet"
     assert FAMILY.pipeline == "diffsynth.z_image.pipeline:ZImagePipeline"
 

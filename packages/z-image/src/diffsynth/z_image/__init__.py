@@ -1,4 +1,5 @@
-"""DiffSynth Z-Image family: Z-Image-Turbo and Z-Image text-to-image and image-to-image, with the Fun ControlNets.
+"""DiffSynth Z-Image family: Z-Image-Turbo and Z-Image text-to-image and image-to-image, with the Fun ControlNets;
+Z-Image Omni (generation and editing with `edit_image`).
 
 Names are imported lazily (the pipeline pulls in transformers). `ControlNetInput` is the runtime's
 (`diffsynth.runtime.controlnet`), shared by every family that takes ControlNets.

@@ -34,6 +34,9 @@ from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timeste
 from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
 
+from . import omni
+from .omni import TokenTime, modulation
+
 if TYPE_CHECKING:
     from .controlnet import ControlRun, ZImageControl
 
@@ -67,6 +70,7 @@ class ZImageDiTConfig:
     t_scale: float = 1000.0
     axes_dims: tuple[int, ...] = (32, 48, 48)
     axes_lens: tuple[int, ...] = (1536, 512, 512)
+    siglip_feat_dim: int | None = None  # Z-Image Omni: width of the SigLIP image features (1152); None otherwise
 
     def __post_init__(self):
         self.axes_dims = tuple(int(d) for d in self.axes_dims)
@@ -97,6 +101,14 @@ class ZImageDiTConfig:
             )
         if self.norm_eps <= 0:
             raise ValueError(f"ZImageDiTConfig.norm_eps={self.norm_eps!r} must be positive")
+        sd = self.siglip_feat_dim
+        if sd is not None and (isinstance(sd, bool) or not isinstance(sd, int) or sd < 1):
+            raise ValueError(f"ZImageDiTConfig.siglip_feat_dim={sd!r} must be None or a positive integer")
+
+    @property
+    def omni(self) -> bool:
+        """Z-Image Omni: takes condition images and their SigLIP features (`siglip_feat_dim` set)."""
+        return self.siglip_feat_dim is not None
 
     @property
     def head_dim(self) -> int:
@@ -180,7 +192,7 @@ class ZImageBlock(nn.Module):
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_attn, gate_attn, scale_ffn, gate_ffn = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
+        scale_attn, gate_attn, scale_ffn, gate_ffn = modulation(self.adaLN_modulation, adaln).chunk(4, dim=-1)
         h = self.attention(self.attention_norm1(x) * (1.0 + scale_attn), rope, mask)
         x = x + gate_attn.tanh() * self.attention_norm2(h)
         h = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn))
@@ -197,7 +209,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
 
     def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 + self.adaLN_modulation(adaln)[:, None]
+        scale = 1.0 + modulation(self.adaLN_modulation, adaln)
         return self.linear(self.norm_final(x) * scale)
 
 
@@ -242,6 +254,14 @@ class ZImageDiT(nn.Module):
         )
         self.layers = nn.ModuleList(ZImageBlock(config, True) for _ in range(config.n_layers))
         self.rope = MultiAxisRope(config.rope_theta, config.axes_dims, config.axes_lens)
+        self.siglip_embedder = self.siglip_refiner = self.siglip_pad_token = None
+        if config.omni:  # Z-Image Omni: SigLIP features get their own embedder, refiner and pad token
+            width = config.siglip_feat_dim
+            self.siglip_embedder = nn.Sequential(nn.RMSNorm(width, eps=config.norm_eps), nn.Linear(width, dim))
+            self.siglip_refiner = nn.ModuleList(ZImageBlock(config, False) for _ in range(config.n_refiner_layers))
+            self.siglip_pad_token = nn.Parameter(torch.zeros(1, dim))
+            self.offload_units = (*type(self).offload_units, "siglip_refiner")
+            self.compile_units = (*type(self).compile_units, "siglip_refiner")
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -250,13 +270,24 @@ class ZImageDiT(nn.Module):
         timestep: torch.Tensor | float,
         text: list[torch.Tensor],
         controls: Sequence[ZImageControl] = (),
+        *,
+        images: Sequence[Sequence[torch.Tensor]] | None = None,
+        siglip: Sequence[Sequence[torch.Tensor] | None] | None = None,
     ) -> torch.Tensor:
         """Denoiser output for latents `x` `[B, C, H, W]` (or `[B, C, F, H, W]`).
 
         `timestep` is `[B]` (or a scalar) in the model's own convention (`1 - sigma`); `text` is one
         `[L_i, cap_feat_dim]` tensor per sample. Computation runs in `x.dtype`. `controls` are
         `ZImageControl`s (a ControlNet, its condition latents, a scale) whose hints are added.
+
+        Omni calls (the joint sequence of `omni.py`) give `text` as a list of caption segments per sample
+        and, per sample, `images` (clean condition latents `[C, H, W]` or `[C, F, H, W]`, any size) and
+        `siglip` (None, or one `[h, w, siglip_feat_dim]` grid per condition image); see `forward_omni`.
         """
+        if images is not None or siglip is not None or (text and isinstance(text[0], (list, tuple))):
+            if controls:
+                raise ValueError("ControlNets do not take Omni inputs (caption segments, condition images)")
+            return self.forward_omni(x, timestep, text, images, siglip)
         controls = list(controls)
         latents = [c.latents for c in controls]  # divided with the batch; the nets are not
         return batch_parallel(
@@ -439,3 +470,186 @@ class ZImageDiT(nn.Module):
         cap = torch.zeros(cap_width, 3, dtype=torch.long, device=device)
         cap[:, 0] = torch.arange(1, cap_width + 1, device=device)
         return torch.cat([img, cap.expand(b, -1, -1)], dim=1)
+
+    # ------------------------------------------------------------------ Omni
+    def forward_omni(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text: Sequence[Sequence[torch.Tensor]],
+        images: Sequence[Sequence[torch.Tensor]] | None = None,
+        siglip: Sequence[Sequence[torch.Tensor] | None] | None = None,
+    ) -> torch.Tensor:
+        """Z-Image Omni: the target latents `x` `[B, C, H, W]` (or 5-D) with, per sample, caption segments
+        `text[i]`, clean condition latents `images[i]` and their SigLIP grids `siglip[i]` (see `omni.py`).
+
+        Sample `i` with `n` condition images needs at least `n + 1` caption segments (the pipeline's template
+        gives `n + 2`; without images one). Returns the prediction for `x` only.
+        """
+        cfg = self.config
+        if self.parallel is not None or self.step_cache is not None:
+            raise ValueError("Omni calls run without sequence parallelism and step caches; disable them first")
+        x5 = x if x.dim() == 5 else x.unsqueeze(2)
+        b, dtype, device = x5.shape[0], x.dtype, x.device
+        images = [[] for _ in range(b)] if images is None else [list(items) for items in images]
+        siglip = [None] * b if siglip is None else list(siglip)
+        self._check_omni(x5, text, images, siglip)
+
+        t = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1).expand(b)
+        noisy_time = self.t_embedder(t * cfg.t_scale, dtype)
+        clean_time = self.t_embedder(torch.ones_like(t) * cfg.t_scale, dtype)
+
+        caps, imgs, sigs, targets = [], [], [], []
+        for i in range(b):
+            n = len(images[i])
+            cap, ends = omni.caption_stream([s.to(device, dtype) for s in text[i]], n)
+            latents = [im.to(device, dtype) for im in images[i]] + [x5[i]]
+            latents = [lat if lat.dim() == 4 else lat.unsqueeze(1) for lat in latents]
+            grids = [self._token_grid(lat) for lat in latents]
+            patches = [self._patchify(lat.unsqueeze(0))[0] for lat in latents]
+            img, starts = omni.image_stream(patches, grids, ends, n)
+            caps.append(cap)
+            imgs.append(img)
+            targets.append(starts[-1])
+            if siglip[i] is not None and len(siglip[i]):
+                sizes = [tuple(lat.shape[2:]) for lat in latents[:-1]]
+                grids_sig = [g.to(device, dtype) for g in siglip[i]]
+                sigs.append(omni.siglip_stream(grids_sig, sizes, ends, cfg.siglip_feat_dim))
+            else:
+                sigs.append(None)
+        self._check_omni_positions([s for group in (caps, imgs, sigs) for s in group if s is not None])
+
+        img, img_rope, img_mask, img_noisy = self._omni_embed(
+            imgs, self.all_x_embedder[cfg.patch_key], self.x_pad_token
+        )
+        img_time = TokenTime(noisy_time, clean_time, img_noisy)
+        for block in self.noise_refiner:
+            img = self._run(block, img, img_rope, img_mask, img_time)
+        cap, cap_rope, cap_mask, _ = self._omni_embed(caps, self.cap_embedder, self.cap_pad_token)
+        for block in self.context_refiner:
+            cap = self._run(block, cap, cap_rope, cap_mask, None)
+        sig = None
+        if any(s is not None for s in sigs):
+            if not cfg.omni:
+                raise ValueError("SigLIP features need a Z-Image Omni DiT (siglip_feat_dim set); this one has none")
+            present = [s for s in sigs if s is not None]
+            sig, sig_rope, sig_mask, _ = self._omni_embed(present, self.siglip_embedder, self.siglip_pad_token)
+            for block in self.siglip_refiner:
+                sig = self._run(block, sig, sig_rope, sig_mask, None)
+
+        # joint sequence per sample: [captions | images | SigLIP], then padded to the batch
+        rows, positions, noisy, k = [], [], [], 0
+        for i in range(b):
+            parts = [cap[i, : len(caps[i])], img[i, : len(imgs[i])]]
+            joined = [caps[i], imgs[i]]
+            if sigs[i] is not None:
+                parts.append(sig[k, : len(sigs[i])])
+                joined.append(sigs[i])
+                k += 1
+            rows.append(torch.cat(parts))
+            positions.append(torch.cat([s.positions for s in joined]))
+            noisy.append(torch.cat([s.noisy for s in joined]))
+        seq = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        rope, mask, noisy = self._omni_tables(positions, noisy, device)
+        time = TokenTime(noisy_time, clean_time, noisy)
+        for block in self.layers:
+            seq = self._run(block, seq, rope, mask, time)
+        out = self.all_final_layer[cfg.patch_key](seq, time)
+
+        frames, height, width = x5.shape[2:]
+        grid = self._token_grid(x5[0])
+        count = grid[0] * grid[1] * grid[2]
+        first = [len(caps[i]) + targets[i] for i in range(b)]
+        out = torch.stack([out[i, first[i] : first[i] + count] for i in range(b)])
+        out = self._unpatchify(out, frames, height, width)
+        return out if x.dim() == 5 else out.squeeze(2)
+
+    def _token_grid(self, latents: torch.Tensor) -> tuple[int, int, int]:
+        """Token grid of one `[C, F, H, W]` latent."""
+        p, pf = self.config.patch_size, self.config.f_patch_size
+        _, frames, height, width = latents.shape
+        return frames // pf, height // p, width // p
+
+    def _omni_tables(
+        self, positions: list[torch.Tensor], noisy: list[torch.Tensor], device
+    ) -> tuple[Rope, torch.Tensor | None, torch.Tensor]:
+        """RoPE tables, key mask (None when every sample has the same length) and noisy-row mask of a batch
+        of per-sample rows (`positions` `[N_i, 3]`, `noisy` `[N_i]`), padded to the longest."""
+        pad = torch.nn.utils.rnn.pad_sequence
+        lengths = [len(p) for p in positions]
+        cos, sin = self.rope(pad(positions, batch_first=True).to(device))
+        rope = rope_tables(cos.unsqueeze(2), sin.unsqueeze(2))
+        mask = None
+        if len(set(lengths)) > 1:
+            mask = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]
+        return rope, mask, pad(noisy, batch_first=True).to(device)
+
+    def _omni_embed(self, streams: list[omni.Stream], embedder: nn.Module, pad_token: torch.Tensor):
+        """Embed one stream of every sample; pad rows take `pad_token`. Returns tokens, RoPE, mask, noisy rows."""
+        device = streams[0].feats.device
+        feats = torch.nn.utils.rnn.pad_sequence([s.feats for s in streams], batch_first=True)
+        is_pad = torch.nn.utils.rnn.pad_sequence([s.is_pad for s in streams], batch_first=True, padding_value=True)
+        tokens = embedder(feats)
+        tokens = torch.where(is_pad[..., None].to(device), pad_token.to(tokens.dtype), tokens)
+        return tokens, *self._omni_tables([s.positions for s in streams], [s.noisy for s in streams], device)
+
+    def _check_omni(self, x: torch.Tensor, text, images: list[list[torch.Tensor]], siglip: list) -> None:
+        cfg = self.config
+        b, c, frames, height, width = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"latents have {c} channels; this Z-Image DiT takes in_channels={cfg.in_channels}")
+        for name, items in (("text", text), ("images", images), ("siglip", siglip)):
+            if len(items) != b:
+                raise ValueError(f"Omni {name} has {len(items)} entries for a batch of {b} latents (one per sample)")
+        p, pf = cfg.patch_size, cfg.f_patch_size
+        for i in range(b):
+            segments = text[i]
+            if not isinstance(segments, (list, tuple)) or len(segments) < len(images[i]) + 1:
+                raise ValueError(
+                    f"sample {i}: Omni text must be a list of caption segments, at least one more than its "
+                    f"{len(images[i])} condition images"
+                )
+            for j, s in enumerate(segments):
+                if s.dim() != 2 or s.shape[0] == 0 or s.shape[1] != cfg.cap_feat_dim:
+                    raise ValueError(
+                        f"sample {i} caption segment {j} has shape {tuple(s.shape)}; expected "
+                        f"[length >= 1, cap_feat_dim={cfg.cap_feat_dim}]"
+                    )
+            for j, im in enumerate([*images[i], x[i]]):
+                dims = tuple(im.shape)
+                lat = im if im.dim() == 4 else im.unsqueeze(1)
+                if (
+                    im.dim() not in (3, 4)
+                    or lat.shape[0] != c
+                    or lat.shape[2] % p
+                    or lat.shape[3] % p
+                    or lat.shape[1] % pf
+                ):
+                    raise ValueError(
+                        f"sample {i} condition image {j} has latent shape {dims}; expected [{c}, H, W] or "
+                        f"[{c}, F, H, W] with H, W divisible by {p} and F by {pf}"
+                    )
+            grids = siglip[i]
+            if grids is None:
+                continue
+            if len(grids) and not cfg.omni:
+                raise ValueError("SigLIP features need a Z-Image Omni DiT (siglip_feat_dim set); this one has none")
+            if len(grids) not in (0, len(images[i])):
+                raise ValueError(
+                    f"sample {i}: {len(grids)} SigLIP grids for {len(images[i])} condition images (one each)"
+                )
+            for j, g in enumerate(grids):
+                if g.dim() != 3 or g.shape[0] == 0 or g.shape[1] == 0 or g.shape[2] != cfg.siglip_feat_dim:
+                    raise ValueError(
+                        f"sample {i} SigLIP grid {j} has shape {tuple(g.shape)}; expected "
+                        f"[h, w, siglip_feat_dim={cfg.siglip_feat_dim}]"
+                    )
+
+    def _check_omni_positions(self, streams: list[omni.Stream]) -> None:
+        top = torch.stack([s.positions.max(dim=0).values for s in streams]).max(dim=0).values.tolist()
+        for axis, (needed, size) in enumerate(zip(top, self.config.axes_lens, strict=True)):
+            if needed >= size:
+                raise ValueError(
+                    f"RoPE axis {axis} needs position {needed} but axes_lens[{axis}]={size}: the captions or the "
+                    "images of this Omni call are too long"
+                )

@@ -11,6 +11,9 @@ layout loads as is. Also accepted:
 Z-Image is told apart from Lumina-Image 2.0 (same names) by `layers.0.adaLN_modulation.0`:
 Lumina puts a SiLU first, so its Linear is `adaLN_modulation.1`.
 
+Z-Image Omni's DiT is the same layout plus `siglip_embedder.*`, `siglip_refiner.N.*` and
+`siglip_pad_token` (diffusers layouts only); its SigLIP2 image encoder is `image_encoder.py`'s spec.
+
 The Fun ControlNets (`controlnet.py`) load from the official PAI files (also what diffusers'
 `ZImageControlNetModel` saves): `control_layers.N.*`, `control_all_x_embedder.P-F.*`,
 `control_noise_refiner.N.*`, our names as they are. A file that also holds the DiT (VideoX-Fun's whole
@@ -28,6 +31,7 @@ from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, 
 
 from .controlnet import RELEASED_PLACES, ZImageControlNet, ZImageControlNetConfig
 from .dit import ZImageDiT, ZImageDiTConfig
+from .image_encoder import IMAGE_ENCODER_SPEC
 
 PREFIX = "model.diffusion_model."
 _BLOCK_GROUPS = ("noise_refiner", "context_refiner", "layers")
@@ -131,6 +135,9 @@ _OWNS_DIFFUSERS = (
     "t_embedder.",
     "cap_embedder.",
     *(f"{g}." for g in _BLOCK_GROUPS),
+    "siglip_embedder.",  # Z-Image Omni
+    "siglip_refiner.",
+    "siglip_pad_token",
 )
 _OWNS_COMFY = (
     "x_pad_token",
@@ -162,6 +169,7 @@ _JSON_FIELDS = {  # diffusers config.json name -> ours
     "norm_eps": "norm_eps",
     "qk_norm": "qk_norm",
     "cap_feat_dim": "cap_feat_dim",
+    "siglip_feat_dim": "siglip_feat_dim",
     "rope_theta": "rope_theta",
     "t_scale": "t_scale",
     "axes_dims": "axes_dims",
@@ -180,10 +188,6 @@ def _fields_from_json(config_json: dict) -> dict:
         if len(sizes) != 1:
             raise ConfigError(f"config.json {name}={sizes}: only single-patch-size Z-Image models are supported")
         given[ours] = int(sizes[0])
-    if config_json.get("siglip_feat_dim") is not None:
-        raise ConfigError(
-            f"config.json siglip_feat_dim={config_json['siglip_feat_dim']}: Z-Image-Omni (SigLIP) is not supported"
-        )
     for name in ("axes_dims", "axes_lens"):
         if name in given:
             given[name] = tuple(given[name])
@@ -214,6 +218,8 @@ def _fields_from_shapes(state: StateDict) -> dict:
         n_refiner_layers=_count(state, "noise_refiner"),
         qk_norm="layers.0.attention.norm_q.weight" in state,
         cap_feat_dim=state["cap_embedder.1.weight"].shape[1],
+        # Z-Image Omni: its SigLIP embedder gives the feature width
+        siglip_feat_dim=state["siglip_embedder.1.weight"].shape[1] if "siglip_embedder.1.weight" in state else None,
     )
     if fields["qk_norm"]:
         fields["n_heads"] = dim // state["layers.0.attention.norm_q.weight"].shape[0]
@@ -240,7 +246,8 @@ DIT_SPEC = ModelSpec(
     layouts=LAYOUTS,
     config_from_state=config_from_state,
     build=ZImageDiT,
-    description="Z-Image / Z-Image-Turbo DiT (diffusers `transformer/` folder, prefixed and ComfyUI single files)",
+    description="Z-Image / Z-Image-Turbo / Z-Image-Omni DiT (diffusers `transformer/` folder, prefixed and "
+    "ComfyUI single files; Omni in the diffusers layouts)",
 )
 
 # ----------------------------------------------------------------------------------- ControlNet
@@ -358,9 +365,10 @@ from .presets import PRESETS  # noqa: E402  (presets import nothing from here; k
 
 FAMILY = Family(
     name="z_image",
-    specs=(DIT_SPEC, CONTROLNET_SPEC),
+    specs=(DIT_SPEC, CONTROLNET_SPEC, IMAGE_ENCODER_SPEC),
     presets=PRESETS,
     pipeline="diffsynth.z_image.pipeline:ZImagePipeline",
     training="diffsynth.z_image.training:ZImageTrainingTask",
-    description="Z-Image-Turbo and Z-Image (Tongyi-MAI): 6B single-stream DiT, Qwen3-4B text encoder, FLUX.1 VAE",
+    description="Z-Image-Turbo, Z-Image and Z-Image-Omni (Tongyi-MAI): 6B single-stream DiT, Qwen3-4B text encoder, "
+    "FLUX.1 VAE; Omni adds a SigLIP2 image encoder for editing",
 )

@@ -9,11 +9,17 @@ Fun ControlNets (PAI Z-Image-Turbo-Fun-Controlnet-Union 1.0 / 2.0 / 2.1) are loa
 `from_pretrained(..., controlnet=...)`, `load_controlnet(...)` or listed among `model_configs`, and used
 through `controlnet_inputs=[ControlNetInput(...)]`: each input's condition is VAE-encoded once
 (`encode_control`) and the DiT adds the net's hints, times the input's scale, on the steps where it acts.
+
+Z-Image Omni (a DiT with `siglip_feat_dim`, e.g. Tongyi-MAI/Z-Image-Omni-Base) generates from text alone or edits:
+`edit_image=` (one image or a list) are prepared as diffusers' `ZImageOmniPipeline` prepares them (capped at
+1024x1024 pixels, center-cropped to multiples of 16), encoded by the VAE and by the SigLIP2 image encoder
+(`image_encoder` slot), and join the prompt's segments in the DiT's joint sequence (`omni.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +39,7 @@ from diffsynth.runtime.vram import module_dtype
 
 from .controlnet import ZImageControl, ZImageControlNet
 from .presets import CONTROLNET_FILES
-from .text_encoder import encode_prompts
+from .text_encoder import encode_omni_prompts, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,30 @@ def z_image_velocity(
     args = (latents.to(module_dtype(dit)), 1.0 - sigma.to(latents.device, torch.float32), text)
     out = dit(*args, controls) if controls else dit(*args)
     return -out.float()
+
+
+def z_image_omni_velocity(
+    dit,
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    text: list[list[torch.Tensor]],
+    images: list[list[torch.Tensor]],
+    siglip: list[list[torch.Tensor] | None],
+) -> torch.Tensor:
+    """`z_image_velocity` for Z-Image Omni: per sample, caption segments, clean condition latents and their
+    SigLIP grids (see `ZImageDiT.forward_omni`). The time `1 - sigma` is rounded as the reference computes it
+    from its timestep table, `(1000 - 1000 sigma) / 1000` in float32."""
+    t = (1000.0 - sigma.to(latents.device, torch.float32) * 1000.0) / 1000.0
+    return -dit(latents.to(module_dtype(dit)), t, text, images=images, siglip=siglip).float()
+
+
+@dataclass
+class EditCondition:
+    """Z-Image Omni's condition images, ready for the DiT: VAE latents `[C, H/8, W/8]` and SigLIP grids
+    `[rows, cols, width]` (None without images), shared by every sample and both CFG branches."""
+
+    latents: list[torch.Tensor]
+    siglip: list[torch.Tensor] | None
 
 
 @dataclass
@@ -68,8 +98,14 @@ class ZImagePipeline(BasePipeline):
     """Z-Image text-to-image / image-to-image (and Fun ControlNets), API compatible with DiffSynth-Studio."""
 
     family = "z_image"
-    model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder", "controlnet": "controlnet"}
-    optional_slots = ("controlnet",)
+    model_slots = {
+        "dit": "dit",
+        "vae": "vae",
+        "text_encoder": "text_encoder",
+        "controlnet": "controlnet",
+        "image_encoder": "image_encoder",  # Z-Image Omni's SigLIP2 tower, read for `edit_image`
+    }
+    optional_slots = ("controlnet", "image_encoder")
     size_multiple = 16  # VAE 8x, patch 2
 
     # ------------------------------------------------------------------ loading (ControlNets: `BasePipeline`)
@@ -133,6 +169,7 @@ class ZImagePipeline(BasePipeline):
         cfg_truncation: float = 1.0,
         max_sequence_length: int = 512,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
+        edit_image=None,
         tiled: bool = False,
         tile_size: int = 512,
         tile_stride: int = 384,
@@ -148,12 +185,19 @@ class ZImagePipeline(BasePipeline):
         unpacked layout `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (N values, the
         terminal 0 is appended). `controlnet_inputs` are `ControlNetInput`s for the loaded Fun
         ControlNets (several at once; see the README for the fields each net reads).
+
+        `edit_image` (Z-Image Omni only: one image or a list, PIL images or paths) are the images to edit or
+        combine; without `height`/`width` the output takes the last one's (cropped) size.
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
+        edits = self.check_edit_images(edit_image, controlnet_inputs)
         checked = self.check_control_inputs(controlnet_inputs)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         steps = int(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = float(self.setting("sigma_shift", sigma_shift, 3.0))
+        edits, edit_size = self.prepare_edit_images(edits, height, width)
+        if edit_size is not None:  # as diffusers' Omni pipeline: the output defaults to the last image's size
+            height, width = height or edit_size[0], width or edit_size[1]
         height, width = self.check_size(
             int(self.setting("height", height, 1024)), int(self.setting("width", width, 1024))
         )
@@ -163,8 +207,13 @@ class ZImagePipeline(BasePipeline):
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
-        text = self.encode_prompt(prompts, max_sequence_length)
-        negative_text = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
+        omni = self.dit.config.omni
+        if omni:  # the Omni template, split around the images (also without images)
+            text = self.encode_omni_prompt(prompts, len(edits), max_sequence_length)
+            negative_text = self.encode_omni_prompt(negatives, len(edits), max_sequence_length) if use_cfg else None
+        else:
+            text = self.encode_prompt(prompts, max_sequence_length)
+            negative_text = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
 
         # 2. schedule and latents
         scheduler = FlowMatchScheduler("z_image")
@@ -188,6 +237,10 @@ class ZImagePipeline(BasePipeline):
         controls = [
             self.encode_control(item, net, height, width, tiled, tile_size, tile_stride) for item, net in checked
         ]
+        condition = None
+        if omni:
+            self.load_models_to_device(["vae", "image_encoder"] if edits else [])
+            condition = self.encode_edit_images(edits, tiled, tile_size, tile_stride)
 
         # 3. denoise
         self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
@@ -197,7 +250,7 @@ class ZImagePipeline(BasePipeline):
             guided = use_cfg and (1.0 - float(sigma)) <= cfg_truncation
             active = [c.control for c in controls if c.active(i, steps)]
             negative = negative_text if guided else None
-            velocity = self.predict(x, sigma, text, negative, cfg_scale, cfg_normalization, active)
+            velocity = self.predict(x, sigma, text, negative, cfg_scale, cfg_normalization, active, condition)
             x = scheduler.step(velocity, i, x)
 
         # 4. decode
@@ -246,14 +299,24 @@ class ZImagePipeline(BasePipeline):
             clean = clean.expand(batch, -1, -1, -1)
         return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
 
-    def predict(self, x, sigma, text, negative_text, cfg_scale, cfg_normalization, controls=()) -> torch.Tensor:
+    def predict(
+        self, x, sigma, text, negative_text, cfg_scale, cfg_normalization, controls=(), condition=None
+    ) -> torch.Tensor:
         """One denoiser evaluation; with guidance the two branches run as one batch (both under the controls,
-        as the authors' pipeline repeats the control condition for CFG)."""
+        as the authors' pipeline repeats the control condition for CFG; both with the Omni `condition`)."""
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+
+        def velocity(latents, texts):
+            n = latents.shape[0]
+            if condition is None:
+                return z_image_velocity(self.dit, latents, sigma.expand(n), texts, controls)
+            images, grids = [condition.latents] * n, [condition.siglip] * n
+            return z_image_omni_velocity(self.dit, latents, sigma.expand(n), texts, images, grids)
+
         if negative_text is None:
-            return z_image_velocity(self.dit, x, sigma.expand(batch), text, controls)
-        both = z_image_velocity(self.dit, torch.cat([x, x]), sigma.expand(2 * batch), text + negative_text, controls)
+            return velocity(x, text)
+        both = velocity(torch.cat([x, x]), text + negative_text)
         positive, negative = both[:batch], both[batch:]
         guided = self.guide(positive, negative, cfg_scale)
         if cfg_normalization > 0:
@@ -263,6 +326,76 @@ class ZImagePipeline(BasePipeline):
             factor = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
             guided = guided * factor.view(-1, *([1] * len(dims)))
         return guided
+
+    # ------------------------------------------------------------------ Z-Image Omni
+    def encode_omni_prompt(self, prompts: list[str], n_images: int, max_sequence_length: int = 512):
+        """Per prompt, the Omni template's segments (`omni_segments`) encoded one by one."""
+        if self.tokenizer is None:
+            raise ConfigError("ZImagePipeline has no tokenizer: pass tokenizer_config=ModelConfig(..., 'tokenizer/')")
+        embeds = encode_omni_prompts(
+            self.text_encoder, self.tokenizer, prompts, n_images, max_length=max_sequence_length, device=self.device
+        )
+        return [[e.to(self.device) for e in segments] for segments in embeds]
+
+    def check_edit_images(self, edit_image, controlnet_inputs=None) -> list:
+        """`edit_image` as a list, refused where the loaded models cannot take it (before any model runs)."""
+        if edit_image is None:
+            return []
+        images = list(edit_image) if isinstance(edit_image, (list, tuple)) else [edit_image]
+        if not self.dit.config.omni:
+            raise ConfigError(
+                "edit_image needs a Z-Image Omni DiT (a transformer with SigLIP inputs, siglip_feat_dim in its "
+                "config.json), e.g. ZImagePipeline.from_pretrained('Tongyi-MAI/Z-Image-Omni-Base'); this DiT has none"
+            )
+        if self.image_encoder is None:
+            raise ConfigError(
+                "edit_image needs the SigLIP2 image encoder of Z-Image Omni: add "
+                "ModelConfig(model_id='Tongyi-MAI/Z-Image-Omni-Base', origin_file_pattern='siglip/model.safetensors')"
+            )
+        if controlnet_inputs:
+            raise ConfigError("controlnet_inputs and edit_image do not combine: the Fun ControlNets are not Omni nets")
+        if not images:
+            raise ConfigError("edit_image is an empty list; pass an image, a list of images, or None")
+        return images
+
+    def prepare_edit_images(self, images: list, height: int | None, width: int | None):
+        """Each image as diffusers' `ZImageOmniPipeline` prepares it: one over 1024x1024 pixels is scaled
+        (Lanczos) to that area (to `height * width` when both are given); that image goes to SigLIP2, and its
+        center crop to multiples of 16 to the VAE. Returns `(siglip image, pixels [1, 3, h, w] in [-1, 1])` pairs
+        and the last crop's `(height, width)` (None without images)."""
+        prepared, size = [], None
+        for i, image in enumerate(images):
+            image = _open_image(image, f"edit_image[{i}]")
+            w, h = image.size
+            if min(w, h) < 64 or max(w / h, h / w) > 8:
+                raise ConfigError(
+                    f"edit_image[{i}] is {w}x{h}; edit images need both sides >= 64 pixels and an aspect ratio "
+                    "of at most 8:1"
+                )
+            if w * h > 1024 * 1024:
+                area = height * width if height is not None and width is not None else 1024 * 1024
+                scale = math.sqrt(area / (w * h))
+                image = image.resize((int(w * scale), int(h * scale)), Image.LANCZOS)
+                w, h = image.size
+            m = self.size_multiple
+            cw, ch = w // m * m, h // m * m
+            left, top = (w - cw) // 2, (h - ch) // 2
+            crop = image.crop((left, top, left + cw, top + ch)).convert("RGB")
+            pixels = torch.from_numpy(np.asarray(crop).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+            prepared.append((image, 2.0 * pixels - 1.0))
+            size = (ch, cw)
+        return prepared, size
+
+    def encode_edit_images(self, prepared, tiled=False, tile_size=512, tile_stride=384) -> EditCondition:
+        """VAE latents (posterior mean) and SigLIP2 grids of the prepared edit images. The pixels are rounded to
+        bfloat16 first, as the reference pipeline does whatever the VAE's dtype (a no-op for a bfloat16 VAE)."""
+        latents, grids = [], []
+        for image, pixels in prepared:
+            pixels = pixels.to(self.device, torch.bfloat16).to(module_dtype(self.vae))
+            encoded = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+            latents.append(encoded[0].float())
+            grids.append(self.image_encoder.encode(image))
+        return EditCondition(latents, grids or None)
 
     # ------------------------------------------------------------------ ControlNet
     def check_control_inputs(self, inputs) -> list[tuple[ControlNetInput, ZImageControlNet]]:
@@ -332,6 +465,19 @@ class ZImagePipeline(BasePipeline):
         return ControlCondition(ZImageControl(net, control, float(item.scale)), float(item.start), float(item.end))
 
 
+def _open_image(image, name: str) -> Image.Image:
+    """A PIL image as given (its mode kept: the reference resizes it as it is), or opened from a path."""
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, os.PathLike)):
+        raise ConfigError(f"{name} must be a PIL.Image or a file path, got {type(image).__name__}")
+    if not os.path.isfile(image):
+        raise ConfigError(f"{name}: no image file at {os.fspath(image)!r}")
+    with Image.open(image) as opened:
+        opened.load()
+        return opened.copy()
+
+
 def _load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
     """`[1, 1, H, W]` float: 1 where the mask (a path or PIL image, white = repaint) is at least half white."""
     if isinstance(mask, (str, os.PathLike)):
@@ -343,4 +489,11 @@ def _load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy((gray >= 0.5).astype(np.float32))[None, None]
 
 
-__all__ = ["ControlCondition", "ControlNetInput", "ZImagePipeline", "z_image_velocity"]
+__all__ = [
+    "ControlCondition",
+    "ControlNetInput",
+    "EditCondition",
+    "ZImagePipeline",
+    "z_image_omni_velocity",
+    "z_image_velocity",
+]

@@ -51,6 +51,22 @@ PRESETS: dict[str, Preset] = {
         defaults={"num_inference_steps": 50, "cfg_scale": 5.0, "height": 1024, "width": 1024, "sigma_shift": 3.0},
         description="Z-Image 6B base: 50 steps with CFG.",
     ),
+    # Z-Image Omni: the repo's DiT and SigLIP2 encoder with Z-Image-Turbo's text encoder, VAE and tokenizer, the
+    # files DiffSynth-Studio's example (examples/z_image/model_inference/Z-Image-Omni-Base.py) loads, with its
+    # settings: 40 steps, cfg_scale 4 (diffusers' ZImageOmniPipeline defaults to 50 steps, guidance_scale 5).
+    # No height/width: with edit_image the output takes the (last) edit image's size, else 1024x1024.
+    "Tongyi-MAI/Z-Image-Omni-Base": Preset(
+        name="Tongyi-MAI/Z-Image-Omni-Base",
+        files=(
+            PresetFile("Tongyi-MAI/Z-Image-Omni-Base", "transformer/*.safetensors*"),
+            PresetFile("Tongyi-MAI/Z-Image-Omni-Base", "siglip/model.safetensors"),
+            PresetFile("Tongyi-MAI/Z-Image-Turbo", "text_encoder/*.safetensors*"),
+            PresetFile("Tongyi-MAI/Z-Image-Turbo", "vae/diffusion_pytorch_model.safetensors"),
+        ),
+        tokenizer=PresetFile("Tongyi-MAI/Z-Image-Turbo", "tokenizer/"),
+        defaults={"num_inference_steps": 40, "cfg_scale": 4.0, "sigma_shift": 3.0},
+        description="Z-Image-Omni-Base 6B: text-to-image and editing (edit_image=...), 40 steps with CFG.",
+    ),
     "demo": Preset(
         name="demo",
         folder=str(DEMO_FOLDER),

@@ -24,7 +24,11 @@ def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Templated token ids [B, L] right-padded to the longest prompt (at most `max_length`) and the mask."""
-    ids = tokenizer(chat_prompts(tokenizer, prompts), truncation=True, max_length=max_length)["input_ids"]
+    return _padded(tokenizer, tokenizer(chat_prompts(tokenizer, prompts), truncation=True, max_length=max_length))
+
+
+def _padded(tokenizer, encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = encoded["input_ids"]
     length = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
@@ -53,7 +57,10 @@ def encode_prompts(
     if device is None:
         device = next(text_encoder.parameters()).device
     input_ids, mask = tokenize(tokenizer, list(prompts), max_length)
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    return _hidden_states(text_encoder, input_ids.to(device), mask.to(device))
+
+
+def _hidden_states(text_encoder, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     if hasattr(text_encoder, "hidden_states_at"):
         (hidden,) = text_encoder.hidden_states_at(input_ids, mask, indices=(HIDDEN_STATE_INDEX,))
     else:
@@ -62,4 +69,36 @@ def encode_prompts(
     return [h[m] for h, m in zip(hidden, mask, strict=True)]
 
 
-__all__ = ["encode_prompts", "tokenize", "chat_prompts"]
+# ----------------------------------------------------------------------------------- Z-Image Omni
+def omni_segments(prompt: str, n_images: int) -> list[str]:
+    """The Omni prompt template, split where the images go: without images one user turn; with `n` images the
+    user turn opens with `n` vision slots, then the prompt, then the assistant turn opens on one more vision slot
+    (the image to make). Segment `j < n` precedes condition image `j`; segment `n` the target; `n + 1` closes."""
+    if n_images == 0:
+        return [f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"]
+    return [
+        "<|im_start|>user\n<|vision_start|>",
+        *["<|vision_end|><|vision_start|>"] * (n_images - 1),
+        f"<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n<|vision_start|>",
+        "<|vision_end|><|im_end|>",
+    ]
+
+
+@torch.no_grad()
+def encode_omni_prompts(
+    text_encoder, tokenizer, prompts: list[str], n_images: int, *, max_length: int = 512, device=None
+) -> list[list[torch.Tensor]]:
+    """Per prompt, one `[L, hidden]` tensor per segment of `omni_segments` (each segment is encoded on its own,
+    as plain text: the template's special tokens are written out, no chat template is applied)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if device is None:
+        device = next(text_encoder.parameters()).device
+    per_prompt = [omni_segments(p, n_images) for p in prompts]
+    flat = [segment for segments in per_prompt for segment in segments]
+    input_ids, mask = _padded(tokenizer, tokenizer(flat, truncation=True, max_length=max_length))
+    hidden = iter(_hidden_states(text_encoder, input_ids.to(device), mask.to(device)))
+    return [[next(hidden) for _ in segments] for segments in per_prompt]
+
+
+__all__ = ["chat_prompts", "encode_omni_prompts", "encode_prompts", "omni_segments", "tokenize"]
