@@ -18,6 +18,11 @@ whose extra input channels also carry the control video's latent, and may have `
 convolution that turns a reference image's latent into tokens placed before the video's, as one more
 leading latent frame for RoPE, and dropped before the head.
 
+Wan2.2-Animate-14B is a Wan 2.1 I2V DiT with `animate=True`: `pose_patch_embedding` adds the pose video's
+latent to the tokens of every latent frame after the first (the character image), and the face crops go
+through `motion_encoder` and `face_encoder` into `face_adapter.fuser_blocks`, a per-frame cross-attention
+after every `face_adapter_every`-th block (the modules live in `animate.py`).
+
 Module names equal the ORIGINAL Wan checkpoints (`blocks.N.self_attn.q`, `head.head`, ...), which
 is what the official hub repos hold even though their files carry diffusers-style names.
 
@@ -43,6 +48,8 @@ from diffsynth.runtime.attention import attention
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
 from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
+
+from .animate import FaceAdapter, FaceEncoder, MotionEncoder, motion_channels
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +99,15 @@ class WanDiTConfig:
     vace_in_dim: int = 96  # VACE control context channels: 16 kept + 16 repainted latent + 64 mask
     ref_conv: bool = False  # Wan Fun (V1.1, Wan2.2 A14B) Control: a reference image's latent as leading tokens
     ref_dim: int = 16  # the reference latent's channels (the Wan 2.1 VAE's)
+    animate: bool = False  # Wan2.2-Animate: pose_patch_embedding, motion_encoder, face_encoder, face_adapter
+    motion_encoder_size: int = 512  # face crops are this many pixels square
+    motion_channels: tuple[int, ...] = ()  # pyramid widths at size, size/2, ..., 4; () = the released ones
+    motion_style_dim: int = 512
+    motion_dim: int = 20
+    motion_encoder_dim: int = 512  # the motion vector fed to the face encoder
+    face_encoder_hidden_dim: int = 1024
+    face_encoder_num_heads: int = 4
+    face_adapter_every: int = 5  # a face block after blocks 0, k, 2k, ... (diffusers' inject_face_latents_blocks)
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -129,6 +145,8 @@ class WanDiTConfig:
             raise ValueError(f"WanDiTConfig.eps={self.eps!r} must be positive")
         if self.rope_theta <= 0:
             raise ValueError(f"WanDiTConfig.rope_theta={self.rope_theta!r} must be positive")
+        if self.animate:
+            self._check_animate()
         if self.vace_layers:
             layers = self.vace_layers
             if layers[0] != 0 or list(layers) != sorted(set(layers)) or layers[-1] >= self.num_layers:
@@ -138,6 +156,34 @@ class WanDiTConfig:
                 )
             if isinstance(self.vace_in_dim, bool) or not isinstance(self.vace_in_dim, int) or self.vace_in_dim < 1:
                 raise ValueError(f"WanDiTConfig.vace_in_dim={self.vace_in_dim!r} must be a positive integer")
+
+    def _check_animate(self) -> None:
+        self.motion_channels = tuple(int(c) for c in self.motion_channels)
+        names = ("motion_encoder_size", "motion_style_dim", "motion_dim", "motion_encoder_dim")
+        names += ("face_encoder_hidden_dim", "face_encoder_num_heads", "face_adapter_every")
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"WanDiTConfig.{name}={value!r} must be a positive integer")
+        size = self.motion_encoder_size
+        if size < 4 or size & (size - 1):
+            raise ValueError(f"WanDiTConfig.motion_encoder_size={size} must be a power of two, at least 4")
+        levels = int(math.log2(size)) - 1
+        if self.motion_channels and (len(self.motion_channels) != levels or min(self.motion_channels) < 1):
+            raise ValueError(
+                f"WanDiTConfig.motion_channels={self.motion_channels} must give {levels} positive widths "
+                f"(resolutions {size} down to 4)"
+            )
+        self.motion_channels = motion_channels(size, self.motion_channels)  # () -> the released widths
+        if self.num_layers % self.face_adapter_every:
+            raise ValueError(
+                f"WanDiTConfig.face_adapter_every={self.face_adapter_every} must divide num_layers={self.num_layers}"
+            )
+        if self.model_type != "i2v" or self.vace_layers or self.ref_conv:
+            raise ValueError(
+                "WanDiTConfig.animate=True is an I2V DiT (model_type='i2v') without vace_layers or ref_conv, got "
+                f"model_type={self.model_type!r}, vace_layers={self.vace_layers}, ref_conv={self.ref_conv}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -388,6 +434,22 @@ class WanDiT(nn.Module):
             self.compile_units = ("blocks", "vace_blocks")
             # what the trainer's --trainable_models / --lora_base_model "vace" train (DiffSynth-Studio's name)
             self.trainable_parts = {"vace": ("vace_blocks", "vace_patch_embedding")}
+        if config.animate:
+            self.pose_patch_embedding = nn.Conv3d(
+                config.out_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
+            )
+            self.motion_encoder = MotionEncoder(
+                config.motion_encoder_size,
+                motion_channels(config.motion_encoder_size, config.motion_channels),
+                config.motion_style_dim,
+                config.motion_dim,
+                config.motion_encoder_dim,
+            )
+            self.face_encoder = FaceEncoder(
+                config.motion_encoder_dim, config.face_encoder_hidden_dim, config.face_encoder_num_heads, dim
+            )
+            self.face_adapter = FaceAdapter(dim, config.num_heads, config.num_layers // config.face_adapter_every)
+            self.motion_encoder_batch_size = 8  # face crops per motion-encoder call (memory vs speed)
         self.rope = MultiAxisRope(config.rope_theta, config.rope_axes_dims, (config.rope_max_len,) * 3)
 
     # ------------------------------------------------------------------ forward
@@ -401,6 +463,8 @@ class WanDiT(nn.Module):
         vace_context: torch.Tensor | None = None,
         vace_scale: float | tuple[float, ...] = 1.0,
         reference_latents: torch.Tensor | None = None,
+        pose_latents: torch.Tensor | None = None,
+        face_pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction for latents `x` `[B, C, F, H, W]`; computation runs in `x.dtype`.
 
@@ -414,6 +478,9 @@ class WanDiT(nn.Module):
         as zeros) drives the control branch; `vace_scale` multiplies its hints (one number, or one per
         entry of `vace_layers`). `reference_latents` `[B, ref_dim, 1, H, W]` (a DiT with `ref_conv`)
         is the latent of a reference image, seen as tokens of a frame before the video's.
+        Animate DiTs take both `pose_latents` `[B, out_dim, F - 1, H, W]` (the pose video's latent, for the
+        frames after the first) and `face_pixel_values` `[B, 3, 4 (F - 1) - 3, size, size]` in [-1, 1] (the
+        face crops of the same frames).
 
         Under parallelism (`self.parallel`) the samples are divided over the batch ranks and the video
         tokens over the sequence ranks (the text and CLIP keys stay whole).
@@ -431,6 +498,8 @@ class WanDiT(nn.Module):
             vace_context,
             scales,
             reference_latents,
+            pose_latents,
+            face_pixel_values,
         )
 
     def _forward(
@@ -443,6 +512,8 @@ class WanDiT(nn.Module):
         vace_context: torch.Tensor | None,
         vace_scales: tuple[float, ...],
         reference_latents: torch.Tensor | None,
+        pose_latents: torch.Tensor | None = None,
+        face_pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         if y is not None:
@@ -452,7 +523,11 @@ class WanDiT(nn.Module):
         grid = self._check_inputs(x, context, clip_feature)
         b, dtype, device = x.shape[0], x.dtype, x.device
 
-        seq = self.patch_embedding(x).flatten(2).transpose(1, 2).float()
+        patches = self.patch_embedding(x)
+        motion = None
+        if pose_latents is not None or face_pixel_values is not None or cfg.animate:
+            patches, motion = self._animate_inputs(patches, pose_latents, face_pixel_values, grid, dtype)
+        seq = patches.flatten(2).transpose(1, 2).float()
         values, index = self._timestep_index(timestep, b, seq.shape[1], device)
         leading = 0  # reference tokens before the video's
         if reference_latents is not None:
@@ -477,12 +552,17 @@ class WanDiT(nn.Module):
                 token_index = shards.shard(index) if index.shape[1] == seq.shape[1] else index
                 mask = shards.key_mask(None, b, device)
                 control = shards.shard(control) if control is not None else None
+                if motion is not None:
+                    raise ValueError("Wan2.2-Animate inputs are not supported under sequence parallelism")
             shared = (e, token_index, context, context_img, token_rope, mask)
             branch = _VaceBranch(self, control, vace_scales, shared) if control is not None else None
+            faces = {id(self.blocks[i * cfg.face_adapter_every]): f for i, f in enumerate(self._face_blocks())}
 
             def call(block: nn.Module, s: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
                 out = self._run(block, s[0], *shared)
-                return (branch.add_hint(block, s[0], out) if branch is not None else out,)
+                out = branch.add_hint(block, s[0], out) if branch is not None else out
+                face = faces.get(id(block)) if motion is not None else None
+                return (out + self._run(face, out, motion) if face is not None else out,)
 
             (tokens,) = run_block_list(
                 self.step_cache, self.blocks, (tokens,), call, lambda: tea_cache_indicator(e, index)
@@ -491,6 +571,49 @@ class WanDiT(nn.Module):
 
         out = self.head(seq[:, leading:], temb.float(), index, dtype)
         return self._unpatchify(out, (grid[0] - (1 if leading else 0), grid[1], grid[2]))
+
+    def _face_blocks(self) -> list[nn.Module]:
+        return list(self.face_adapter.fuser_blocks) if self.config.animate else []
+
+    def _animate_inputs(
+        self,
+        patches: torch.Tensor,
+        pose: torch.Tensor | None,
+        faces: torch.Tensor | None,
+        grid: tuple[int, int, int],
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch embedding `[B, dim, F, h, w]` with the pose tokens added to frames 1.., and the face
+        tokens `[B, F, heads + 1, dim]` (a zero frame first, for the character image's frame)."""
+        cfg = self.config
+        if not cfg.animate:
+            raise ValueError(
+                "pose_latents / face_pixel_values were given but this Wan DiT is not a Wan2.2-Animate DiT "
+                "(animate=False)"
+            )
+        if pose is None or faces is None:
+            raise ValueError("this Wan DiT is Wan2.2-Animate: pass both pose_latents and face_pixel_values")
+        b, frames = patches.shape[0], grid[0]
+        pt, ph, pw = cfg.patch_size
+        expected = (b, cfg.out_dim, (frames - 1) * pt, grid[1] * ph, grid[2] * pw)
+        if tuple(pose.shape) != expected:
+            raise ValueError(
+                f"pose_latents has shape {tuple(pose.shape)}; expected {expected} (every latent frame but the first)"
+            )
+        size = cfg.motion_encoder_size
+        if faces.dim() != 5 or faces.shape[0] != b or faces.shape[1] != 3 or faces.shape[3:] != (size, size):
+            raise ValueError(f"face_pixel_values has shape {tuple(faces.shape)}; expected [{b}, 3, F, {size}, {size}]")
+        if FaceEncoder.frames_out(faces.shape[2]) != frames - 1:
+            raise ValueError(
+                f"face_pixel_values has {faces.shape[2]} frames; {4 * (frames - 1) - 3} face frames make the "
+                f"{frames - 1} latent frames after the first"
+            )
+        patches = torch.cat([patches[:, :, :1], patches[:, :, 1:] + self.pose_patch_embedding(pose.to(dtype))], 2)
+        crops = faces.to(dtype).transpose(1, 2).flatten(0, 1)  # [B * F, 3, size, size]
+        step = self.motion_encoder_batch_size
+        vectors = torch.cat([self.motion_encoder(crops[i : i + step]) for i in range(0, crops.shape[0], step)])
+        motion = self.face_encoder(vectors.unflatten(0, (b, -1)))
+        return patches, torch.cat([torch.zeros_like(motion[:, :1]), motion], dim=1)
 
     def _reference_tokens(
         self, reference: torch.Tensor, b: int, grid: tuple[int, int, int], dtype: torch.dtype

@@ -9,6 +9,11 @@ so they load as is. Also accepted:
 - the diffusers names of the `*-Diffusers` repos (`condition_embedder.*`, `blocks.N.attn1.to_q`,
   `scale_shift_table`, ...), renamed by the tables below (no tensor changes shape or value).
 
+Wan2.2-Animate's extra modules keep the authors' names too; diffusers' `WanAnimateTransformer3DModel` names them
+differently and stores two things otherwise: the face blocks' key/value projection as two linears (`to_k`,
+`to_v`; ours is one `linear1_kv`) and the motion encoder's activation biases flat (ours `[1, C, 1, 1]`), and it
+regenerates the fixed blur kernels that the authors' file holds (added back here).
+
 The config comes from the repo's `config.json` when there is one (the original `WanModel` fields
 or diffusers' `WanTransformer3DModel` fields), checked against and completed from the shapes.
 """
@@ -23,6 +28,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
+from .animate import Blur
 from .dit import WanDiT, WanDiTConfig
 
 PREFIX = "model.diffusion_model."
@@ -104,15 +110,131 @@ def _rename(state: dict[str, torch.Tensor], table: dict[str, str], ignored: froz
     return out
 
 
+# ----------------------------------------------------------------------------------- Wan2.2-Animate
+ANIMATE_PREFIXES = ("pose_patch_embedding.", "motion_encoder.", "face_encoder.", "face_adapter.")
+_NET_APP = "motion_encoder.enc.net_app.convs"
+# diffusers -> ours, `{}` a motion-network linear or a face block index
+_DIFFUSERS_ANIMATE = {
+    "motion_encoder.conv_in.weight": f"{_NET_APP}.0.0.weight",
+    "motion_encoder.conv_in.act_fn.bias": f"{_NET_APP}.0.1.bias",
+    "motion_encoder.motion_synthesis_weight": "motion_encoder.dec.direction.weight",
+    "face_encoder.padding_tokens": "face_encoder.padding_tokens",
+    **{f"motion_encoder.motion_network.{{}}.{p}": f"motion_encoder.enc.fc.{{}}.{p}" for p in ("weight", "bias")},
+    **{
+        f"{src}.{p}": f"{dst}.{p}"
+        for src, dst in (
+            ("pose_patch_embedding", "pose_patch_embedding"),
+            ("face_encoder.conv1_local", "face_encoder.conv1_local.conv"),
+            ("face_encoder.conv2", "face_encoder.conv2.conv"),
+            ("face_encoder.conv3", "face_encoder.conv3.conv"),
+            ("face_encoder.out_proj", "face_encoder.out_proj"),
+            ("face_adapter.{}.to_q", "face_adapter.fuser_blocks.{}.linear1_q"),
+            ("face_adapter.{}.to_out", "face_adapter.fuser_blocks.{}.linear2"),
+        )
+        for p in ("weight", "bias")
+    },
+    "face_adapter.{}.norm_q.weight": "face_adapter.fuser_blocks.{}.q_norm.weight",
+    "face_adapter.{}.norm_k.weight": "face_adapter.fuser_blocks.{}.k_norm.weight",
+}
+# a residual block's keys (diffusers `res_blocks.N.` -> ours `convs.N+1.`)
+_DIFFUSERS_RES_BLOCK = {
+    "conv1.weight": "conv1.0.weight",
+    "conv1.act_fn.bias": "conv1.1.bias",
+    "conv2.weight": "conv2.1.weight",
+    "conv2.act_fn.bias": "conv2.2.bias",
+    "conv_skip.weight": "skip.1.weight",
+}
+_DIFFUSERS_KV = re.compile(r"^face_adapter\.(\d+)\.to_([kv])\.(weight|bias)$")
+_DIFFUSERS_RES = re.compile(r"^motion_encoder\.res_blocks\.(\d+)\.(.+)$")
+_INDEXED = re.compile(r"^(motion_encoder\.motion_network|face_adapter)\.(\d+)\.(.+)$")
+
+
+def _blur_kernel(like: torch.Tensor) -> torch.Tensor:
+    return Blur((0, 0)).kernel.to(device=like.device, dtype=like.dtype)
+
+
+def _animate_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' Animate-only keys -> ours (kv joined, biases reshaped, blur kernels added)."""
+    res_blocks = {int(m.group(1)) for k in state if (m := _DIFFUSERS_RES.match(k))}
+    out: dict[str, torch.Tensor] = {}
+    kv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if (m := _DIFFUSERS_KV.match(key)) is not None:
+            kv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        if (m := _DIFFUSERS_RES.match(key)) is not None and m.group(2) in _DIFFUSERS_RES_BLOCK:
+            ours = f"{_NET_APP}.{int(m.group(1)) + 1}.{_DIFFUSERS_RES_BLOCK[m.group(2)]}"
+        elif key == "motion_encoder.conv_out.weight":
+            ours = f"{_NET_APP}.{len(res_blocks) + 1}.weight"
+        elif (m := _INDEXED.match(key)) is not None and f"{m.group(1)}.{{}}.{m.group(3)}" in _DIFFUSERS_ANIMATE:
+            ours = _DIFFUSERS_ANIMATE[f"{m.group(1)}.{{}}.{m.group(3)}"].format(m.group(2))
+        elif key in _DIFFUSERS_ANIMATE:
+            ours = _DIFFUSERS_ANIMATE[key]
+        else:
+            raise KeyError(f"Wan DiT (diffusers layout): no mapping for Wan2.2-Animate key {key!r}")
+        out[ours] = value.reshape(1, -1, 1, 1) if key.endswith("act_fn.bias") else value
+    for (index, param), pair in kv.items():
+        if set(pair) != {"k", "v"}:
+            raise KeyError(f"Wan DiT (diffusers layout): face_adapter.{index}.to_k/to_v.{param} must come in pairs")
+        out[f"face_adapter.fuser_blocks.{index}.linear1_kv.{param}"] = torch.cat([pair["k"], pair["v"]])
+    for i in sorted(res_blocks):
+        like = state[f"motion_encoder.res_blocks.{i}.conv2.weight"]
+        for part in ("conv2", "skip"):
+            out[f"{_NET_APP}.{i + 1}.{part}.0.kernel"] = _blur_kernel(like)
+    return out
+
+
+def _animate_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our Animate-only keys -> diffusers' (the inverse of `_animate_to_ours`; blur kernels dropped)."""
+    inverse = {ours: theirs for theirs, ours in _DIFFUSERS_ANIMATE.items()}
+    res_inverse = {ours: theirs for theirs, ours in _DIFFUSERS_RES_BLOCK.items()}
+    last = max((int(k.split(".")[4]) for k in state if k.startswith(_NET_APP + ".")), default=0)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        template, index = key, None
+        if m := re.match(r"^(motion_encoder\.enc\.fc|face_adapter\.fuser_blocks)\.(\d+)\.(.+)$", key):
+            template, index = f"{m.group(1)}.{{}}.{m.group(3)}", m.group(2)
+        if m := re.match(rf"^{re.escape(_NET_APP)}\.(\d+)\.(.+)$", key):
+            i, rest = int(m.group(1)), m.group(2)
+            if rest.endswith(".kernel"):
+                continue
+            if i == last and rest == "weight":
+                out["motion_encoder.conv_out.weight"] = value
+                continue
+            if i > 0 and rest in res_inverse:
+                theirs = f"motion_encoder.res_blocks.{i - 1}.{res_inverse[rest]}"
+                out[theirs] = value.flatten() if theirs.endswith("act_fn.bias") else value
+                continue
+        if template.endswith(".linear1_kv.weight") or template.endswith(".linear1_kv.bias"):
+            param = template.rsplit(".", 1)[1]
+            k, v = value.chunk(2)
+            out[f"face_adapter.{index}.to_k.{param}"], out[f"face_adapter.{index}.to_v.{param}"] = k, v
+        elif template in inverse:
+            theirs = inverse[template].format(index) if index is not None else inverse[template]
+            out[theirs] = value.flatten() if theirs.endswith("act_fn.bias") else value
+        else:
+            raise KeyError(f"Wan DiT (original layout): no diffusers name for Wan2.2-Animate key {key!r}")
+    return out
+
+
+def _split_animate(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    animate = {k: v for k, v in state.items() if k.startswith(ANIMATE_PREFIXES)}
+    return animate, {k: v for k, v in state.items() if k not in animate}
+
+
 def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a diffusers-layout Wan DiT state dict to the original names; `KeyError` names any
     key without a mapping."""
-    return _rename(state, DIFFUSERS_TO_OURS, DIFFUSERS_IGNORED, "diffusers layout")
+    animate, rest = _split_animate(state)
+    out = _rename(rest, DIFFUSERS_TO_OURS, DIFFUSERS_IGNORED, "diffusers layout")
+    return {**out, **_animate_to_ours(animate)} if animate else out
 
 
 def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (original) names -> diffusers names (for exports such as LoRA files)."""
-    return _rename(state, OURS_TO_DIFFUSERS, frozenset(), "original layout")
+    animate, rest = _split_animate(state)
+    out = _rename(rest, OURS_TO_DIFFUSERS, frozenset(), "original layout")
+    return {**out, **_animate_to_diffusers(animate)} if animate else out
 
 
 ORIGINAL_SIGNATURE = (
@@ -148,6 +270,7 @@ _OWNS_ORIGINAL = (
     "vace_blocks.",
     "vace_patch_embedding.",
     "ref_conv.",
+    *ANIMATE_PREFIXES,
 )
 _OWNS_DIFFUSERS = (
     "patch_embedding.",
@@ -157,6 +280,7 @@ _OWNS_DIFFUSERS = (
     "proj_out.",
     "vace_blocks.",
     "vace_patch_embedding.",
+    *ANIMATE_PREFIXES,
 )
 
 LAYOUTS = (
@@ -184,6 +308,7 @@ _ORIGINAL_JSON = (  # WanModel config.json fields with the same name and meaning
     "image_dim",  # likewise (the authors fix the CLIP width at 1280)
     "vace_layers",  # VACE (`"model_type": "vace"`)
     "vace_in_dim",
+    "motion_encoder_dim",  # Wan2.2-Animate (`WanAnimateModel`)
 )
 _FUN_JSON = {"add_ref_conv": "ref_conv", "has_ref_conv": "ref_conv", "in_dim_ref_conv": "ref_dim"}  # Wan Fun
 _DIFFUSERS_JSON = {  # WanTransformer3DModel config.json -> ours
@@ -200,10 +325,18 @@ _DIFFUSERS_JSON = {  # WanTransformer3DModel config.json -> ours
     "pos_embed_seq_len": "image_pos_len",
     "vace_layers": "vace_layers",  # WanVACETransformer3DModel
     "vace_in_channels": "vace_in_dim",
+    "motion_encoder_size": "motion_encoder_size",  # WanAnimateTransformer3DModel
+    "motion_style_dim": "motion_style_dim",
+    "motion_dim": "motion_dim",
+    "motion_encoder_dim": "motion_encoder_dim",
+    "face_encoder_hidden_dim": "face_encoder_hidden_dim",
+    "face_encoder_num_heads": "face_encoder_num_heads",
+    "inject_face_latents_blocks": "face_adapter_every",
 }
 
 
-_DIFFUSERS_CLASSES = ("WanTransformer3DModel", "WanVACETransformer3DModel")
+_DIFFUSERS_CLASSES = ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel")
+_ANIMATE_CLASSES = ("WanAnimateModel", "WanAnimateTransformer3DModel")
 
 
 def _check_supported(config_json: dict) -> None:
@@ -232,6 +365,13 @@ def _fields_from_json(config_json: dict) -> dict:
             given["has_image_input"] = config_json["image_dim"] is not None
             if config_json["image_dim"] is not None:
                 given["image_dim"] = config_json["image_dim"]
+    if config_json.get("_class_name") in _ANIMATE_CLASSES:
+        given.update(animate=True, model_type="i2v")
+        given.setdefault("has_image_input", config_json.get("use_img_emb", True) is not False)
+        sizes = config_json.get("motion_encoder_channel_sizes")
+        if sizes:
+            size = int(given.get("motion_encoder_size", WanDiTConfig.motion_encoder_size))
+            given["motion_channels"] = tuple(int(sizes[str(size >> i)]) for i in range(int(math.log2(size)) - 1))
     if "patch_size" in given:
         given["patch_size"] = tuple(int(p) for p in given["patch_size"])
     if "vace_layers" in given:
@@ -275,7 +415,44 @@ def _fields_from_shapes(state: StateDict) -> dict:
         fields["ref_dim"] = int(state["ref_conv.weight"].shape[1])
     if "vace_patch_embedding.weight" in state:
         fields["vace_in_dim"] = int(state["vace_patch_embedding.weight"].shape[1])
+    fields["animate"] = "pose_patch_embedding.weight" in state
+    if fields["animate"]:
+        fields.update(_animate_fields(state, fields["num_layers"]))
     return fields
+
+
+def _animate_fields(state: StateDict, num_layers: int) -> dict:
+    """The Animate modules' sizes from their shapes: the conv pyramid's depth gives the face crop size."""
+    net = "motion_encoder.enc.net_app.convs"
+    res_blocks = 0
+    while f"{net}.{res_blocks + 1}.conv1.0.weight" in state:
+        res_blocks += 1
+    channels = [int(state[f"{net}.0.0.weight"].shape[0])]
+    channels += [int(state[f"{net}.{i}.conv2.1.weight"].shape[0]) for i in range(1, res_blocks + 1)]
+    hidden = int(state["face_encoder.conv2.conv.weight"].shape[0])
+    adapters = _count_blocks_with(state, "face_adapter.fuser_blocks", "linear1_q.weight")
+    if not adapters or num_layers % adapters:
+        raise ConfigError(
+            f"Wan2.2-Animate DiT: {adapters} face_adapter blocks do not divide the {num_layers} DiT blocks evenly"
+        )
+    return dict(
+        model_type="i2v",
+        motion_encoder_size=2 ** (res_blocks + 2),
+        motion_channels=tuple(channels),
+        motion_style_dim=int(state[f"{net}.{res_blocks + 1}.weight"].shape[0]),
+        motion_dim=int(state["motion_encoder.dec.direction.weight"].shape[1]),
+        motion_encoder_dim=int(state["motion_encoder.dec.direction.weight"].shape[0]),
+        face_encoder_hidden_dim=hidden,
+        face_encoder_num_heads=int(state["face_encoder.conv1_local.conv.weight"].shape[0]) // hidden,
+        face_adapter_every=num_layers // adapters,
+    )
+
+
+def _count_blocks_with(state: StateDict, group: str, leaf: str) -> int:
+    n = 0
+    while f"{group}.{n}.{leaf}" in state:
+        n += 1
+    return n
 
 
 def _vace_layers(state: StateDict, merged: dict) -> None:

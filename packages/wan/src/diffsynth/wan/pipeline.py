@@ -16,7 +16,9 @@ How each DiT is conditioned follows its `model_type` (the authors' label):
 
 VACE DiTs (text-to-video with a control branch) also take `vace_video` / `vace_video_mask` /
 `vace_reference_image` (see `vace.py`); Wan Fun Control DiTs `control_video` and `reference_image`
-(see `fun_control.py`).
+(see `fun_control.py`); Wan2.2-Animate DiTs the character `input_image` with `animate_pose_video`,
+`animate_face_video` and, to replace a person, `animate_inpaint_video` / `animate_mask_video`, made in
+overlapping segments (see `animate.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from diffsynth.runtime.dtypes import parse_device
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
@@ -38,6 +41,14 @@ from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_te
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .animate import (
+    check_animate_inputs,
+    fit_character,
+    frames_tensor,
+    reflect_pad,
+    segment_condition,
+    segment_starts,
+)
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
 from .text_encoder import encode_prompts
@@ -54,7 +65,8 @@ class WanConditions:
     """What a denoiser call needs besides latents and timestep: text states `[B, 512, 4096]`, CLIP
     features `[B, 257 or 514, 1280]` (Wan 2.1 I2V / FLF2V, Fun), the extra input channels `y` (I2V;
     Fun Control: the control latent first), a VACE DiT's control context `[B, 96, F, H, W]` with its
-    scale, and a Fun DiT's reference image latent `[B, 16, 1, H, W]`."""
+    scale, a Fun DiT's reference image latent `[B, 16, 1, H, W]`, and an Animate DiT's pose latent
+    `[B, 16, F - 1, H, W]` and face crops `[B, 3, 4 (F - 1) - 3, 512, 512]`."""
 
     context: torch.Tensor
     clip_feature: torch.Tensor | None = None
@@ -62,10 +74,13 @@ class WanConditions:
     vace_context: torch.Tensor | None = None
     vace_scale: float | tuple[float, ...] = 1.0
     reference_latents: torch.Tensor | None = None
+    pose_latents: torch.Tensor | None = None
+    face_pixel_values: torch.Tensor | None = None
 
     def extras(self) -> dict:
         """The DiT's keyword inputs besides the text (the ones given)."""
         given = {"clip_feature": self.clip_feature, "y": self.y, "reference_latents": self.reference_latents}
+        given.update(pose_latents=self.pose_latents, face_pixel_values=self.face_pixel_values)
         if self.vace_context is not None:
             given.update(vace_context=self.vace_context, vace_scale=self.vace_scale)
         return {k: v for k, v in given.items() if v is not None}
@@ -208,6 +223,11 @@ class WanVideoPipeline(BasePipeline):
         vace_scale: float | Sequence[float] = 1.0,
         control_video: Sequence[ImageInput] | str | os.PathLike | None = None,
         reference_image: ImageInput | None = None,
+        animate_pose_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        animate_face_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        animate_inpaint_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        animate_mask_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        animate_overlap_frames: int = 1,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -228,7 +248,11 @@ class WanVideoPipeline(BasePipeline):
         `vace_reference_image` (one or several) shows subjects to put in the video, and `vace_scale`
         (one number or one per VACE layer) weighs the control. Wan Fun Control DiTs: `control_video`
         (frames or a file: pose, depth, edges...) is followed, `reference_image` shows the subject (DiTs
-        with `ref_conv`); `input_image` is optional there.
+        with `ref_conv`); `input_image` is optional there. Wan2.2-Animate DiTs: `input_image` is the character,
+        `animate_pose_video` and `animate_face_video` (frames or files, one face crop per pose frame) drive it,
+        and `animate_inpaint_video` (the background) with `animate_mask_video` (white = the person to replace)
+        switch to replacement; the video has the pose video's length, made in segments of `num_frames - 4`
+        frames, each later one continuing from the last `animate_overlap_frames` frames of the one before.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -246,12 +270,28 @@ class WanVideoPipeline(BasePipeline):
             int(self.setting("height", height, 480)), int(self.setting("width", width, 832))
         )
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 81))
+        vae_kwargs = {"tiled": tiled}
+        vae_kwargs.update({k: v for k, v in (("tile_size", tile_size), ("tile_stride", tile_stride)) if v is not None})
+        animate = (animate_pose_video, animate_face_video, animate_inpaint_video, animate_mask_video)
+        if self.dit.config.animate or any(a is not None for a in animate):
+            others = dict(end_image=end_image, input_video=input_video, vace_video=vace_video,
+                          vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
+                          control_video=control_video, reference_image=reference_image)  # fmt: skip
+            refused = [name for name, value in others.items() if value is not None]
+            if refused:
+                raise ConfigError(f"Wan2.2-Animate takes no {', '.join(refused)}")
+            inputs = self.check_animate(input_image, *animate, animate_overlap_frames, frames)
+            video = self.generate_animate(
+                inputs, input_image, prompts, negatives, height, width, frames, seed, rand_device, latents,
+                max_sequence_length, (steps, shift, sigmas), (scale, scale_2, boundary, cfg_merge), vae_kwargs,
+                progress_bar,
+            )  # fmt: skip
+            out = tensor_to_output(video.float(), output_type)
+            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
         first, last = self.check_images(input_image, end_image, len(prompts), control_video)
         reference = self.check_reference(reference_image)
         vace_scale = self.check_vace(vace_video, vace_video_mask, vace_reference_image, vace_scale)
         use_cfg = scale != 1.0 or (self.dit2 is not None and scale_2 != 1.0)
-        vae_kwargs = {"tiled": tiled}
-        vae_kwargs.update({k: v for k, v in (("tile_size", tile_size), ("tile_stride", tile_stride)) if v is not None})
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
@@ -365,6 +405,103 @@ class WanVideoPipeline(BasePipeline):
             raise ConfigError(f"vace_scale={scale!r} must be a number or {layers} numbers (one per VACE layer)")
         check_vace_channels(self.dit.config, self.vae)
         return float(scales[0]) if len(scales) == 1 else tuple(float(v) for v in scales)
+
+    def check_animate(self, character, pose, faces, background, mask, overlap, frames: int):
+        """The Animate inputs (see `animate.check_animate_inputs`); refused for DiTs without the Animate modules."""
+        if not self.dit.config.animate:
+            raise ConfigError(
+                "animate_pose_video / animate_face_video / animate_inpaint_video / animate_mask_video need a "
+                "Wan2.2-Animate model (Wan-AI/Wan2.2-Animate-14B); this DiT has no Animate modules"
+            )
+        if self.dit2 is not None:
+            raise ConfigError("Wan2.2-Animate is one DiT: remove the second DiT (dit2) from the pipeline")
+        if character is None or isinstance(character, (list, tuple)):
+            raise ConfigError("Wan2.2-Animate needs input_image: one image of the character to animate")
+        if self.image_encoder is None:
+            raise ConfigError(
+                "Wan2.2-Animate needs the CLIP image encoder: add "
+                "ModelConfig(..., origin_file_pattern='models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth')"
+            )
+        segment = frames - self.vae.temporal_compression
+        if segment < 1:
+            raise ConfigError(
+                f"num_frames={frames}: Wan2.2-Animate makes segments of num_frames - 4 frames; use at least 5 (81)"
+            )
+        return check_animate_inputs(pose, faces, background, mask, overlap, segment)
+
+    def generate_animate(
+        self, inputs, character, prompts, negatives, height, width, frames, seed, rand_device, latents,
+        max_sequence_length, schedule, guidance, vae_kwargs, progress_bar,
+    ) -> torch.Tensor:  # fmt: skip
+        """Wan2.2-Animate: the video `[B, 3, F, H, W]` (F = the pose video's length), segment by segment.
+
+        Each segment's latents are one character frame then `(num_frames - 4 - 1) / 4 + 1` video frames; the
+        noise of segment k is the k-th draw of one generator seeded with `seed` (`latents` gives the first
+        segment's, for a one-segment video). The negative branch sees the negative prompt and blank (-1) face crops, as the authors'."""
+        steps, shift, sigmas = schedule
+        scale, scale_2, boundary, cfg_merge = guidance
+        batch, segment, overlap = len(prompts), frames - self.vae.temporal_compression, inputs.overlap
+        s, tc, z = self.vae.spatial_compression, self.vae.temporal_compression, self.vae.z_dim
+        use_cfg = scale != 1.0
+        self.load_models_to_device(["text_encoder"])
+        context = self.encode_prompt(prompts, max_sequence_length)
+        negative_context = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
+
+        character = fit_character(character, height, width)
+        self.load_models_to_device(["image_encoder"])
+        clip = encode_image(
+            self.image_encoder, self._pixels([character], height, width, torch.float32), self.device,
+            module_dtype(self.image_encoder),
+        ).expand(batch, -1, -1)  # fmt: skip
+        self.load_models_to_device(["vae"])
+        vae_dtype = module_dtype(self.vae)
+        ref_latent = self.vae.encode(self._pixels([character], height, width, vae_dtype)[:, :, None], **vae_kwargs)
+        ref_y = (
+            torch.cat([torch.ones_like(ref_latent[:, :tc]), ref_latent], dim=1).float().expand(batch, -1, -1, -1, -1)
+        )
+
+        starts = segment_starts(inputs.frames, segment, overlap)
+        if latents is not None and len(starts) > 1:
+            raise ConfigError(f"latents gives one segment's noise; this video needs {len(starts)} segments: use seed")
+        length = starts[-1] + segment
+        pose, faces = reflect_pad(inputs.pose, length), reflect_pad(inputs.faces, length)
+        if inputs.background is not None:
+            inputs = replace(
+                inputs, background=reflect_pad(inputs.background, length), mask=reflect_pad(inputs.mask, length)
+            )
+        size = self.dit.config.motion_encoder_size
+        generator = None if seed is None else torch.Generator(parse_device(rand_device)).manual_seed(int(seed))
+        shape = (batch, z, (segment - 1) // tc + 2, height // s, width // s)
+        scheduler = FlowMatchScheduler("wan")
+        scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift)
+        pieces, previous = [], None
+        for start in starts:
+            self.load_models_to_device(["vae"])
+            pose_pixels = frames_tensor(pose[start : start + segment], height, width, vae_dtype, self.device)
+            pose_latents = self.vae.encode(pose_pixels, **vae_kwargs).float().expand(batch, -1, -1, -1, -1)
+            face_pixels = frames_tensor(faces[start : start + segment], size, size, torch.float32, self.device)
+            y = segment_condition(self, inputs, start, segment, previous, batch, height, width, vae_kwargs)
+            cond = WanConditions(
+                context, clip, torch.cat([ref_y, y], dim=2), pose_latents=pose_latents,
+                face_pixel_values=face_pixels.expand(batch, -1, -1, -1, -1),
+            )  # fmt: skip
+            uncond = None
+            if use_cfg:
+                uncond = replace(
+                    cond, context=negative_context, face_pixel_values=torch.full_like(cond.face_pixel_values, -1)
+                )
+            if latents is not None:
+                noise = self.check_latents(latents, shape)
+            else:
+                noise = torch.randn(shape, generator=generator, device=parse_device(rand_device))
+            x = self.denoise(
+                noise.to(self.device), scheduler, cond, uncond, scale, scale_2, boundary, None, cfg_merge, progress_bar
+            )
+            self.load_models_to_device(["vae"])
+            previous = self.vae.decode(x[:, :, 1:].to(vae_dtype), **vae_kwargs).float()
+            pieces.append(previous if start == 0 else previous[:, :, overlap:])
+        self.load_models_to_device([])
+        return torch.cat(pieces, dim=2)[:, :, : inputs.frames]
 
     def check_reference(self, reference_image) -> Image.Image | None:
         """The Fun reference image as an RGB image; refused for DiTs without `ref_conv`."""
@@ -549,10 +686,11 @@ class WanVideoPipeline(BasePipeline):
             negative = wan_velocity(dit, x, timestep, uncond.context, **uncond.extras())
             return self.guide(positive, negative, scale)
 
-        def twice(a):
-            return torch.cat([a, a]) if isinstance(a, torch.Tensor) else a
+        def twice(a, b=None):
+            return torch.cat([a, a if b is None else b]) if isinstance(a, torch.Tensor) else a
 
-        extras = {k: twice(v) for k, v in cond.extras().items()}
+        negative = uncond.extras()  # the same as the positive ones but for Animate's blank face crops
+        extras = {k: twice(v, negative.get(k)) for k, v in cond.extras().items()}
         both = wan_velocity(dit, twice(x), twice(timestep), torch.cat([cond.context, uncond.context]), **extras)
         positive, negative = both.chunk(2)
         return self.guide(positive, negative, scale)

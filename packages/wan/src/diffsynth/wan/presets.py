@@ -11,6 +11,9 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - Wan2.2-TI2V-5B: 1280x704, 121 frames at 24 fps, 50 steps, guide 5, shift 5.
 - PAI/Wan2.2-VACE-Fun-A14B (Alibaba PAI's VACE experts on Wan2.2-T2V-A14B, each laid out like
   Wan2.1-VACE-14B): the settings of the Wan2.2-T2V-A14B it extends.
+- Wan2.2-Animate-14B (the authors' `wan/animate.py` and `generate.py --task animate-14B`): 20 steps, guide
+  scale 1 (no negative branch), shift 5, segments of 77 frames (`num_frames=81`: the character frame + 77),
+  1280x720; the output is as long as the pose video, at its frame rate (30 fps from the authors' preprocessing).
 - PAI's Wan Fun Control and InP models: DiffSynth-Studio's defaults, which its example scripts use
   (832x480, 81 frames, 50 steps, guidance 5, shift 5; the A14B experts hand over at 0.875).
 
@@ -138,6 +141,16 @@ _PRESETS = (
         cfg_scale=3.5,
         cfg_scale_2=3.5,
         switch_DiT_boundary=0.9,
+        **_720P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.2-Animate-14B",
+        (DIT, T5, VAE21, CLIP),
+        "Wan 2.2 Animate 14B: animate input_image (a character) with animate_pose_video + animate_face_video, or "
+        "replace a person with animate_inpaint_video + animate_mask_video too.",
+        num_inference_steps=20,
+        cfg_scale=1.0,
+        fps=30,
         **_720P,
     ),
     _preset(
