@@ -184,6 +184,9 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
     assert FLUX1_DIT_SPEC.name == "flux1_dit" and FLUX1_DIT_SPEC.role == "dit"
     assert FAMILY.pipeline == "diffsynth.flux.pipeline:FluxImagePipeline"
     assert sorted(FAMILY.presets) == [
+        "black-forest-labs/FLUX.1-Canny-dev",
+        "black-forest-labs/FLUX.1-Depth-dev",
+        "black-forest-labs/FLUX.1-Fill-dev",
         "black-forest-labs/FLUX.1-Kontext-dev",
         "black-forest-labs/FLUX.1-Krea-dev",
         "black-forest-labs/FLUX.1-dev",

@@ -15,6 +15,10 @@ and used through `controlnet_inputs=[ControlNetInput(...)]`: each control image 
 packed like the latents, every active net runs on the noisy tokens each step and the residuals of
 all of them, each times its scale, are summed into the DiT's blocks.
 
+FLUX.1 Tools DiTs with a wider input (`flux1/channels.py`) take their condition concatenated to every image
+token's features: FLUX.1-Fill-dev `flux_fill_image` + `flux_fill_mask` (the masked image's latents and the
+folded mask), FLUX.1-Canny-dev / -Depth-dev (or FLUX.1-dev with their control LoRA) `control_image` (its latents).
+
 IP-Adapters (InstantX FLUX.1-dev-IP-Adapter with SigLIP, XLabs flux-ip-adapter with CLIP-L) are loaded with
 `load_ip_adapter(...)` and used through `ipadapter_images` / `ipadapter_scale`: the images are encoded once and
 turned into per-block keys/values that the DiT's image queries attend to (`flux1/ip_adapter.py`).
@@ -42,6 +46,7 @@ from diffsynth.runtime.pipeline import BasePipeline, accepts_tea_cache, weight_p
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from .flux1.channels import CONTROL, FILL, condition_kind, describe_widths, fold_mask
 from .flux1.controlnet import UNION_MODES, Flux1ControlNet
 from .flux1.dit import residual_per_block
 from .flux1.eligen import EliGenEntities, check_entity_inputs, entity_regions, joint_inputs
@@ -52,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev model card
 DEFAULT_STEPS = 28  # diffusers FluxPipeline
+FILL_GUIDANCE = 30.0  # FLUX.1-Fill-dev model card (and diffusers FluxFillPipeline's defaults: 30, 50 steps)
+FILL_STEPS = 50
 # (width, height) FLUX.1-Kontext was trained at (BFL's list, also diffusers'); `kontext_auto_resize` picks one
 _KONTEXT_WIDTHS = (672, 688, 720, 752, 800, 832, 880, 944, 1024, 1104, 1184, 1248, 1328, 1392, 1456, 1504, 1568)
 KONTEXT_RESOLUTIONS = tuple(zip(_KONTEXT_WIDTHS, reversed(_KONTEXT_WIDTHS), strict=True))  # the list is symmetric
@@ -114,6 +121,7 @@ def flux_velocity(
     controls: Sequence[ControlCondition] = (),
     eligen: EliGenEntities | None = None,
     ip_adapter: IPAdapterKV | None = None,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 16, H/8, W/8]` (float32) predicted at noise level `sigma` [B].
 
@@ -123,6 +131,8 @@ def flux_velocity(
     their scaled residuals are summed into the DiT's blocks. `eligen` adds the entity prompts before
     the global one and restricts the DiT's attention to their regions (`flux1/eligen.py`).
     `ip_adapter` holds the IP-Adapter's per-block image keys/values (`flux1/ip_adapter.py`).
+    `condition` `[1 or B, L_img, C]` is concatenated to each image token's features for DiTs with a wider input
+    (Fill: 320 features, Canny/Depth: 64; `flux1/channels.py`); the ControlNets see the noisy tokens alone.
     """
     dtype = module_dtype(dit)
     b, _, h, w = latents.shape
@@ -137,6 +147,11 @@ def flux_velocity(
     if controls:
         blocks = (len(dit.double_blocks), len(dit.single_blocks))
         residuals = controlnet_residuals(controls, img, ids, prompt, txt_ids, sigma, guidance, blocks)
+    if condition is not None:
+        condition = condition.to(img.device, img.dtype)
+        if condition.shape[0] not in (1, b):
+            condition = condition.repeat(b // condition.shape[0], 1, 1)  # true CFG doubles the batch
+        img = torch.cat([img, condition.expand(b, -1, -1)], dim=-1)
     if kontext is not None:
         img = torch.cat([img, kontext.tokens.to(img.dtype).expand(b, -1, -1)], dim=1)
         ids = torch.cat([ids, kontext.ids.to(ids.device)], dim=0)
@@ -333,6 +348,36 @@ class FluxImagePipeline(BasePipeline):
             return read_flux1_lora(path, model)
         return super().read_lora(path, slot)
 
+    def apply_lora(self, source, scale: float, fuse: bool, slot: str, name: str | None):
+        """As `BasePipeline.apply_lora`; a FLUX.1 control LoRA (FLUX.1-Canny-dev-lora, -Depth-dev-lora) first
+        widens the DiT's `img_in` and replaces its QK-norm scales (`flux1/lora.py` `prepare_model`), which only
+        a fused load can do: those changes cannot be switched off or scaled like the LoRA's deltas."""
+        from .flux1.dit import Flux1DiT
+        from .flux1.lora import Flux1LoRAWeights, prepare_model
+
+        model = getattr(self, slot, None)
+        if not isinstance(model, Flux1DiT):
+            return super().apply_lora(source, scale, fuse, slot, name)
+        lora = self.read_lora(source, slot)
+        if isinstance(lora, Flux1LoRAWeights) and lora.changes_model:
+            changes = [
+                *([f"widens img_in to {lora.in_channels} input features"] if lora.in_channels else []),
+                *([f"replaces {len(lora.norm_scales)} QK-norm scales"] if lora.norm_scales else []),
+            ]
+            what = f"{lora.source} is a control LoRA: it {' and '.join(changes)}"
+            if not fuse:
+                raise ConfigError(
+                    f"{what}, which a hot-swappable load cannot undo; load it with fuse=True (reload the DiT "
+                    "to remove it)"
+                )
+            if self.vram_handles.get(slot) is not None:
+                raise ConfigError(
+                    f"{what}, which cannot be done to a VRAM-managed DiT; load the LoRA before "
+                    "enable_vram_management (or before passing vram_limit / offload settings)"
+                )
+            prepare_model(model, lora)
+        return super().apply_lora(lora, scale, fuse, slot, name)
+
     # ------------------------------------------------------------------ call
     @accepts_tea_cache
     @torch.no_grad()
@@ -353,6 +398,9 @@ class FluxImagePipeline(BasePipeline):
         eligen_enable_on_negative: bool = False,
         ipadapter_images: Image.Image | Sequence[Image.Image] | None = None,
         ipadapter_scale: float = 1.0,
+        flux_fill_image=None,
+        flux_fill_mask=None,
+        control_image=None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -383,6 +431,11 @@ class FluxImagePipeline(BasePipeline):
         the negative prompt (see `flux1/eligen.py`).
         `ipadapter_images` (one or several reference images) condition the loaded IP-Adapter
         (`load_ip_adapter`), its attention output times `ipadapter_scale`.
+        `flux_fill_image` + `flux_fill_mask` (a FLUX.1 Fill DiT; DiffSynth-Studio's names; white = repaint,
+        binarised at 0.5) repaint the masked part of the image; `control_image` (a Canny/Depth DiT, or FLUX.1-dev
+        with their control LoRA) is the canny or depth map to follow. One image (and mask) or one per prompt;
+        resized to the output size, which they give when `height`/`width` are not passed (rounded down to
+        multiples of 16). FLUX.1 Fill defaults to embedded guidance 30 and 50 steps.
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
         """
@@ -391,17 +444,24 @@ class FluxImagePipeline(BasePipeline):
         if not isinstance(eligen_enable_on_negative, bool):
             raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
         ip_images = self.check_ip_adapter_inputs(ipadapter_images, ipadapter_scale)
+        channel_inputs = self.check_channel_inputs(flux_fill_image, flux_fill_mask, control_image, kontext_images)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
-        guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
+        fill = channel_inputs is not None and channel_inputs[0] == FILL
+        guidance = self.setting("embedded_guidance", embedded_guidance, FILL_GUIDANCE if fill else DEFAULT_GUIDANCE)
+        guidance = float(guidance)
         text_len = self.setting("t5_sequence_length", t5_sequence_length, T5_SEQUENCE_LENGTH)
         if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
             raise ConfigError(f"t5_sequence_length={text_len!r} is not accepted; use an integer >= 1 (512 for dev)")
-        steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
+        steps = self.setting("num_inference_steps", num_inference_steps, FILL_STEPS if fill else DEFAULT_STEPS)
         auto_resize = bool(self.setting("kontext_auto_resize", kontext_auto_resize, False))
         references = self.load_kontext_images(kontext_images, auto_resize)
         if references:
             height = height if height is not None else references[0].height
             width = width if width is not None else references[0].width
+        if channel_inputs is not None:
+            first = channel_inputs[1][0]
+            height = height if height is not None else first.height // 16 * 16
+            width = width if width is not None else first.width // 16 * 16
         height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
@@ -426,7 +486,8 @@ class FluxImagePipeline(BasePipeline):
             shape = {"mu": math.log(shift)}  # e^mu / (e^mu + 1/t - 1) is the static shift by e^mu
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, **shape)
-        self.load_models_to_device(["vae"] if input_image is not None or references or controlnet_inputs else [])
+        uses_vae = input_image is not None or references or controlnet_inputs or channel_inputs is not None
+        self.load_models_to_device(["vae"] if uses_vae else [])
         x = self.prepare_latents(
             len(prompts),
             height,
@@ -442,6 +503,11 @@ class FluxImagePipeline(BasePipeline):
         )
         kontext = self.encode_kontext(references, tiled, tile_size, tile_stride) if references else None
         controls = self.prepare_controls(controlnet_inputs, height, width, tiled, tile_size, tile_stride)
+        condition = None
+        if channel_inputs is not None:
+            condition = self.encode_channel_condition(
+                channel_inputs, len(prompts), height, width, tiled, tile_size, tile_stride
+            )
 
         # 3. denoise
         self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
@@ -449,7 +515,17 @@ class FluxImagePipeline(BasePipeline):
         for i in self.progress(range(steps), progress_bar):
             active = [c for c in controls if c.active(i, steps)]
             velocity = self.predict(
-                x, scheduler.sigmas[i], text, negative_text, cfg_scale, guidance, kontext, active, entities, ip_kv
+                x,
+                scheduler.sigmas[i],
+                text,
+                negative_text,
+                cfg_scale,
+                guidance,
+                kontext,
+                active,
+                entities,
+                ip_kv,
+                condition,
             )
             x = scheduler.step(velocity, i, x)
 
@@ -561,19 +637,25 @@ class FluxImagePipeline(BasePipeline):
         controls=(),
         entities=(None, None),
         ip_adapter=(None, None),
+        condition=None,
     ) -> torch.Tensor:
         """One denoiser evaluation; with true CFG the two branches run as one batch (the ControlNets
         see each branch's own prompt), or one after the other when only one branch has EliGen
-        `entities` (positive, negative). `ip_adapter` holds each branch's IP-Adapter keys/values."""
+        `entities` (positive, negative). `ip_adapter` holds each branch's IP-Adapter keys/values;
+        `condition` the Fill / Canny / Depth tokens both branches see."""
         eligen, negative_eligen = entities
         ip, negative_ip = ip_adapter
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if negative_text is None:
-            return flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip)
+            return flux_velocity(
+                self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
+            )
         # text lengths differ, or only one branch has IP keys
         if (eligen is None) != (negative_eligen is None) or (ip is None) != (negative_ip is None):
-            positive = flux_velocity(self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip)
+            positive = flux_velocity(
+                self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
+            )
             negative = flux_velocity(
                 self.dit,
                 x,
@@ -584,6 +666,7 @@ class FluxImagePipeline(BasePipeline):
                 controls,
                 negative_eligen,
                 negative_ip,
+                condition=condition,
             )
             return self.guide(positive, negative, cfg_scale)
         if eligen is not None:
@@ -600,8 +683,82 @@ class FluxImagePipeline(BasePipeline):
             controls,
             eligen,
             ip,
+            condition=condition,
         )
         return self.guide(both[:batch], both[batch:], cfg_scale)
+
+    # ------------------------------------------------------------------ FLUX.1 Fill, Canny / Depth
+    def check_channel_inputs(self, fill_image, fill_mask, control_image, kontext_images):
+        """(kind, images, masks) for the DiT's wider input (`flux1/channels.py`), or None for a plain DiT; the
+        inputs must be the ones the DiT takes, each one image or a list (one per prompt)."""
+        kind = condition_kind(self.dit.config) if self.dit is not None else None
+        what = describe_widths(self.dit.config) if self.dit is not None else "no DiT"
+        if fill_mask is not None and fill_image is None:
+            raise ConfigError("flux_fill_mask needs flux_fill_image: the mask says which part of that image to repaint")
+        if fill_image is not None and fill_mask is None:
+            raise ConfigError(
+                "flux_fill_image needs flux_fill_mask (white = repaint); to outpaint, pad the image and give a mask "
+                "that is white over the padding"
+            )
+        if fill_image is not None and control_image is not None:
+            raise ConfigError("flux_fill_image and control_image go to different DiTs (Fill, Canny/Depth); give one")
+        if fill_image is not None and kind != FILL:
+            raise ConfigError(
+                f"flux_fill_image / flux_fill_mask need a FLUX.1 Fill DiT (in_channels 384, e.g. "
+                f"black-forest-labs/FLUX.1-Fill-dev); this is {what}"
+            )
+        if control_image is not None and kind != CONTROL:
+            raise ConfigError(
+                f"control_image needs a FLUX.1 Canny/Depth DiT (in_channels 128: black-forest-labs/FLUX.1-Canny-dev, "
+                f"-Depth-dev, or FLUX.1-dev with pipe.load_lora(<FLUX.1-Canny-dev-lora / -Depth-dev-lora file>)); "
+                f"this is {what}. ControlNets take their images through controlnet_inputs"
+            )
+        if kind == "unknown":
+            raise ConfigError(f"this is {what}: its input is neither FLUX.1's, Fill's nor Canny/Depth's")
+        if kind == FILL and fill_image is None:
+            raise ConfigError(
+                f"this is {what}: give flux_fill_image and flux_fill_mask (white = repaint) to inpaint or outpaint"
+            )
+        if kind == CONTROL and control_image is None:
+            raise ConfigError(f"this is {what}: give control_image (the canny edges or depth map to follow)")
+        if kind is None:
+            return None
+        if kontext_images is not None:
+            raise ConfigError(f"kontext_images are not taken by {what}; they need FLUX.1-Kontext-dev")
+        if kind == FILL:
+            images = [load_image(im) for im in _as_list(fill_image)]
+            masks = [
+                _load_mask(m, "flux_fill_mask" if len(_as_list(fill_mask)) == 1 else f"flux_fill_mask[{i}]")
+                for i, m in enumerate(_as_list(fill_mask))
+            ]
+            return kind, images, masks
+        return kind, [load_image(im) for im in _as_list(control_image)], []
+
+    def encode_channel_condition(
+        self, channel_inputs, batch: int, height: int, width: int, tiled=False, tile_size=512, tile_stride=384
+    ) -> torch.Tensor:
+        """The condition tokens `[1 or B, L, C]` concatenated to the noisy ones: Fill's masked image latents
+        (repainted pixels set to 0 in [-1, 1]) and folded mask (binarised at 0.5), or the control map's latents;
+        images and masks resized to the output size (Lanczos) and VAE-encoded (posterior mean)."""
+        kind, images, masks = channel_inputs
+        name = "flux_fill_image" if kind == FILL else "control_image"
+        for label, items in ((name, images), ("flux_fill_mask", masks)):
+            if len(items) not in (0, 1, batch):
+                raise ConfigError(f"{label} has {len(items)} images for {batch} prompts; give one or one per prompt")
+        images = [im.resize((width, height), Image.LANCZOS) for im in images]
+        pixels = pil_to_tensor(images, dtype=module_dtype(self.vae), device=self.device)
+        if kind != FILL:
+            return pack_latents(self._encode_pixels(pixels, tiled, tile_size, tile_stride))
+        repaint = torch.stack([_binary_mask(m, width, height) for m in masks])[:, None].to(self.device)
+        if repaint.shape[0] != pixels.shape[0]:  # one image and several masks, or the other way round
+            pixels = pixels.expand(repaint.shape[0], -1, -1, -1) if pixels.shape[0] == 1 else pixels
+            repaint = repaint.expand(pixels.shape[0], -1, -1, -1)
+        masked = pixels * (1 - repaint.to(pixels.dtype))
+        latents = self._encode_pixels(masked, tiled, tile_size, tile_stride)
+        return torch.cat([pack_latents(latents), fold_mask(repaint.float())], dim=-1)
+
+    def _encode_pixels(self, pixels: torch.Tensor, tiled, tile_size, tile_stride) -> torch.Tensor:
+        return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
 
     # ------------------------------------------------------------------ EliGen
     def prepare_eligen(
@@ -766,6 +923,26 @@ class FluxImagePipeline(BasePipeline):
         z = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
         keep = 1.0 - F.interpolate(repaint, size=z.shape[-2:]).to(z.device)
         return pack_latents(torch.cat([z, keep], dim=1))
+
+
+def _as_list(items) -> list:
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _load_mask(mask, name: str) -> Image.Image:
+    """A mask (PIL image of any mode, or a file path) as a grayscale image; white = repaint."""
+    if isinstance(mask, (str, os.PathLike)):
+        with Image.open(mask) as opened:
+            return opened.convert("L")
+    if not isinstance(mask, Image.Image):
+        raise ConfigError(f"{name} must be a file path or a PIL.Image (white = repaint), got {type(mask).__name__}")
+    return mask.convert("L")
+
+
+def _binary_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
+    """`[H, W]` 1 where `mask` (resized Lanczos to the output size) is at least half white, else 0."""
+    gray = np.asarray(mask.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0
+    return torch.from_numpy(gray >= 0.5).float()
 
 
 # hub repos of the released adapters: their weight file and the image encoder they were trained with

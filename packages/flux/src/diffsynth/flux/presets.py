@@ -8,6 +8,12 @@ no size: the output takes the reference image's, which they resize to the Kontex
 its aspect ratio (`kontext_auto_resize`, as BFL and diffusers do). FLUX.1-schnell (timestep-distilled, no guidance embedder)
 samples 4 steps without the time shift (BFL's `shift=False`, diffusers' schnell scheduler config: shift 1,
 no dynamic shifting), with T5 prompts of 256 tokens.
+
+FLUX.1 Tools (wider DiT input, `flux1/channels.py`): Fill-dev (`flux_fill_image` + `flux_fill_mask`) with 50 steps
+and guidance 30 (its model card, diffusers' `FluxFillPipeline` defaults); Canny-dev (`control_image`) with 50 steps
+and guidance 30, Depth-dev with 30 steps and guidance 10 (their model cards). They give no size: the output takes
+the condition image's. The Canny / Depth LoRAs (`FLUX.1-Canny-dev-lora`, `-Depth-dev-lora`) are no presets: load
+one onto FLUX.1-dev with `pipe.load_lora(...)`.
 """
 
 from __future__ import annotations
@@ -65,5 +71,24 @@ PRESETS: dict[str, Preset] = {
         "flux1-kontext-dev.safetensors",
         {"num_inference_steps": 28, "embedded_guidance": 2.5, "cfg_scale": 1.0, "kontext_auto_resize": True},
         "FLUX.1-Kontext-dev 12B, image editing: pass kontext_images; 28 steps, embedded guidance 2.5.",
+    ),
+    "black-forest-labs/FLUX.1-Fill-dev": _preset(
+        "black-forest-labs/FLUX.1-Fill-dev",
+        "flux1-fill-dev.safetensors",
+        {"num_inference_steps": 50, "embedded_guidance": 30.0, "cfg_scale": 1.0},
+        "FLUX.1-Fill-dev 12B, inpainting / outpainting: pass flux_fill_image and flux_fill_mask (white = repaint); "
+        "50 steps, embedded guidance 30.",
+    ),
+    "black-forest-labs/FLUX.1-Canny-dev": _preset(
+        "black-forest-labs/FLUX.1-Canny-dev",
+        "flux1-canny-dev.safetensors",
+        {"num_inference_steps": 50, "embedded_guidance": 30.0, "cfg_scale": 1.0},
+        "FLUX.1-Canny-dev 12B, follows a canny edge map: pass control_image; 50 steps, embedded guidance 30.",
+    ),
+    "black-forest-labs/FLUX.1-Depth-dev": _preset(
+        "black-forest-labs/FLUX.1-Depth-dev",
+        "flux1-depth-dev.safetensors",
+        {"num_inference_steps": 30, "embedded_guidance": 10.0, "cfg_scale": 1.0},
+        "FLUX.1-Depth-dev 12B, follows a depth map: pass control_image; 30 steps, embedded guidance 10.",
     ),
 }

@@ -1,7 +1,8 @@
 """How FLUX.1 DiT checkpoints are recognised, converted and configured.
 
 Our module names are BFL's originals (`flux1-dev.safetensors`, `flux1-kontext-dev.safetensors`,
-Krea, schnell), so that layout loads as is. Also accepted:
+Krea, schnell, and the FLUX.1 Tools `flux1-fill-dev` / `-canny-dev` / `-depth-dev`, whose wider `img_in`
+sets `in_channels` 384 / 128 from its shape), so that layout loads as is. Also accepted:
 
 - the same keys under `model.diffusion_model.` (ComfyUI single files);
 - the diffusers `transformer/` folder: renamed through tables, plus a few fused-tensor rules:
@@ -213,5 +214,6 @@ FLUX1_DIT_SPEC = ModelSpec(
     layouts=LAYOUTS,
     config_from_state=config_from_state,
     build=Flux1DiT,
-    description="FLUX.1 DiT: dev, Krea, Kontext, schnell (BFL original files, ComfyUI single files, diffusers folders)",
+    description="FLUX.1 DiT: dev, Krea, Kontext, schnell, Fill / Canny / Depth (wider img_in) (BFL original files, "
+    "ComfyUI single files, diffusers folders)",
 )

@@ -12,6 +12,15 @@ the key suffixes are read by `diffsynth.runtime.lora`):
 - XLabs: `double_blocks.0.processor.qkv_lora1.down.weight` / `.up.weight` (`qkv_lora1`, `proj_lora1` for the
   image stream, `qkv_lora2`, `proj_lora2` for the text stream; single blocks `qkv_lora`, `proj_lora`), no alpha.
 
+BFL's control LoRAs (`flux1-canny-dev-lora`, `flux1-depth-dev-lora`, BFL names) are peft LoRAs with a bias on every
+up matrix (`<name>.lora_B.bias`, read as the layer's bias delta `diff_b`), the QK-norm scales they were trained
+with (`<...>.norm.query_norm.scale` / `key_norm.scale`; diffusers names `attn.norm_q.weight`, ... too), and an
+`img_in` LoRA twice as wide as FLUX.1-dev's input (the control image's tokens are concatenated to the noisy ones).
+`read_flux1_lora` returns them as `Flux1LoRAWeights` with `in_channels` and `norm_scales` set, and
+`prepare_model` makes the DiT take them the way diffusers' loader does: `img_in` widened with zero columns for the
+new inputs (so the LoRA's delta alone fills them), then the norm scales replaced. A LoRA narrower than a widened
+`img_in` (an ordinary LoRA after a control LoRA) gets zero columns instead.
+
 Where diffusers splits one of our fused Linears (`img_attn.qkv` = to_q, to_k, to_v; `single_blocks.N.linear1` =
 to_q, to_k, to_v, proj_mlp) the parts are merged into one LoRA on the fused layer: the downs stacked along the
 rank, the up block-diagonal with each part's alpha / rank folded in, zero rows for parts the file leaves out.
@@ -26,19 +35,23 @@ The machinery is shared with FLUX.2 (`flux2/lora.py`): a family hands its name t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffsynth.runtime.errors import LoRAError, preview
-from diffsynth.runtime.lora import LoRATarget, LoRAWeights, read_lora, read_lora_state
+from diffsynth.runtime.lora import DOTTED_PREFIXES, LoRATarget, LoRAWeights, read_lora, read_lora_state
 
 from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
+
+logger = logging.getLogger(__name__)
 
 # Ours -> XLabs processor names (the `.down` / `.up` LoRALinearLayer in each block's processor).
 XLABS_NAMES = {
@@ -50,6 +63,9 @@ XLABS_NAMES = {
     "single_blocks.{}.linear2": "single_blocks.{}.processor.proj_lora",
 }
 _XLABS_SUFFIXES = {".down.weight": ".lora_A.weight", ".up.weight": ".lora_B.weight"}
+# QK-norm scales a control LoRA replaces: diffusers template -> ours (BFL's own names end in `_norm.scale`)
+_DIFFUSERS_NORMS = {k: v for k, v in DIFFUSERS_TO_OURS.items() if k.endswith(".scale") or v.endswith(".scale")}
+_BFL_NORM_SUFFIXES = (".norm.query_norm.scale", ".norm.key_norm.scale")
 
 
 @dataclass(frozen=True)
@@ -136,8 +152,115 @@ def read_flux1_lora(
     if isinstance(path_or_state_dict, LoRAWeights):
         return convert_flux1_lora(path_or_state_dict, model)
     state, source = read_lora_state(path_or_state_dict)
+    state, norms = split_control_parts(state, source)
     lora = with_diffusers_alphas(read_lora(_xlabs_to_peft(state), source=source), path_or_state_dict)
-    return convert_flux1_lora(lora, model)
+    return convert_flux1_lora(lora, model, norms)
+
+
+@dataclass
+class Flux1LoRAWeights(LoRAWeights):
+    """A FLUX.1 DiT LoRA in our names, with what a control LoRA changes besides Linear deltas: `in_channels`, the
+    input width `img_in` must be widened to first (None: as it is), and `norm_scales` (our parameter names) that
+    replace the model's QK-norm scales. `prepare_model` applies both."""
+
+    in_channels: int | None = None
+    norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def changes_model(self) -> bool:
+        return self.in_channels is not None or bool(self.norm_scales)
+
+
+def split_control_parts(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the LoRA tensors, QK-norm scales in our names) of a raw LoRA state dict.
+
+    A peft `lora_bias` LoRA (BFL's control LoRAs) adds `lora_B.bias` times alpha / rank to the layer's output:
+    it is returned as the key `<name>.diff_b`, scaled when the file has an alpha. Norm scales (BFL or diffusers
+    names, any of the usual prefixes) are taken out; everything else is returned as it was."""
+    lora: dict[str, torch.Tensor] = {}
+    norms: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = _without_prefixes(key)
+        if key.endswith(".lora_B.bias"):
+            base = key.removesuffix(".lora_B.bias")
+            alpha, down = state.get(f"{base}.alpha"), state.get(f"{base}.lora_A.weight")
+            if alpha is not None and down is not None:
+                value = value * (float(alpha) / down.shape[0])
+            lora[f"{base}.diff_b"] = value
+        elif key.endswith(".lora_A.bias"):
+            raise LoRAError(
+                f"{source}: {key!r} is a bias on a LoRA down matrix, which no LoRA layout we read has "
+                "(peft's lora_bias puts it on lora_B)"
+            )
+        elif name.endswith(_BFL_NORM_SUFFIXES):
+            norms[name] = value
+        elif _template(name)[0] in _DIFFUSERS_NORMS:
+            template, index = _template(name)
+            norms[_DIFFUSERS_NORMS[template].format(*index)] = value
+        else:
+            lora[key] = value
+    return lora, norms
+
+
+def _without_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in DOTTED_PREFIXES:
+            if key.startswith(prefix) and len(key) > len(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+@torch.no_grad()
+def prepare_model(model: nn.Module, lora: LoRAWeights) -> None:
+    """Make the FLUX.1 DiT `model` take `lora` (a `Flux1LoRAWeights` from `read_flux1_lora`): `img_in` widened to
+    `lora.in_channels` (`widen_img_in`), the QK-norm scales replaced by `lora.norm_scales`. Every norm name and
+    shape is checked before anything changes; a plain LoRA changes nothing. These changes stay when the LoRA's
+    deltas are removed (reload the DiT to undo them), as with diffusers' `load_lora_weights`."""
+    if not isinstance(lora, Flux1LoRAWeights) or not lora.changes_model:
+        return
+    params = dict(model.named_parameters())
+    for name, value in lora.norm_scales.items():
+        if name not in params:
+            raise LoRAError(
+                f"{lora.source}: norm scale {name!r} is no parameter of the {type(model).__name__} (its QK norms "
+                f"are e.g. {preview([n for n in params if n.endswith('_norm.scale')], 3)}); the LoRA was "
+                "probably made for a different model"
+            )
+        if tuple(params[name].shape) != tuple(value.shape):
+            raise LoRAError(
+                f"{lora.source}: norm scale {name!r} has shape {tuple(value.shape)}; the "
+                f"{type(model).__name__}'s is {tuple(params[name].shape)}"
+            )
+    if lora.in_channels is not None:
+        widen_img_in(model, lora.in_channels)
+    for name, value in lora.norm_scales.items():
+        params[name].copy_(value.to(params[name].device, params[name].dtype))
+    if lora.norm_scales:
+        logger.info("%s: replaced %d QK-norm scales of the DiT", lora.source, len(lora.norm_scales))
+
+
+@torch.no_grad()
+def widen_img_in(model: nn.Module, in_channels: int) -> None:
+    """`model.img_in` (and `model.config.in_channels`) widened to `in_channels` input features: the old weight in
+    the first columns, zeros in the new ones, the bias kept, so the output is unchanged until a LoRA fills them
+    (diffusers' `_maybe_expand_transformer_param_shape_or_error_`)."""
+    old = model.img_in
+    if in_channels < old.in_features:
+        raise LoRAError(f"img_in has {old.in_features} input features; it cannot be narrowed to {in_channels}")
+    if in_channels == old.in_features:
+        return
+    weight = old.weight
+    new = nn.Linear(in_channels, old.out_features, bias=old.bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.zero_()
+    new.weight[:, : old.in_features].copy_(weight)
+    if old.bias is not None:
+        new.bias.copy_(old.bias)
+    new.requires_grad_(weight.requires_grad).train(old.training)
+    model.img_in = new
+    model.config.in_channels = in_channels
+    logger.info("widened the DiT's img_in from %d to %d input features", old.in_features, in_channels)
 
 
 def with_diffusers_alphas(lora: LoRAWeights, path: object, prefix: str = "transformer") -> LoRAWeights:
@@ -194,20 +317,63 @@ def _xlabs_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def convert_flux1_lora(lora: LoRAWeights, model: nn.Module) -> LoRAWeights:
-    """`lora` (names as read: dotted, or kohya-underscored) renamed and merged onto `model`'s Linears."""
-    return convert_lora(lora, model, FLUX1_NAMING)
+def convert_flux1_lora(
+    lora: LoRAWeights, model: nn.Module, norm_scales: Mapping[str, torch.Tensor] | None = None
+) -> Flux1LoRAWeights:
+    """`lora` (names as read: dotted, or kohya-underscored) renamed and merged onto `model`'s Linears.
+
+    An `img_in` LoRA wider than the model's input (a control LoRA) is kept at its width and recorded as
+    `in_channels`; a narrower one (the model was widened by a control LoRA) gets zero columns. `norm_scales`
+    (from `split_control_parts`) are carried along."""
+    norm_scales = dict(norm_scales or {})
+    if isinstance(lora, Flux1LoRAWeights):
+        norm_scales = {**lora.norm_scales, **norm_scales}
+    in_channels, lora = _img_in_width(lora, model)
+    converted = convert_lora(
+        lora, model, FLUX1_NAMING, in_features={"img_in": in_channels} if in_channels is not None else None
+    )
+    return Flux1LoRAWeights(
+        targets=converted.targets,
+        source=converted.source,
+        skipped=converted.skipped,
+        keys=converted.keys,
+        in_channels=in_channels,
+        norm_scales=norm_scales,
+    )
 
 
-def convert_lora(lora: LoRAWeights, model: nn.Module, naming: LoRANaming) -> LoRAWeights:
+def _img_in_width(lora: LoRAWeights, model: nn.Module) -> tuple[int | None, LoRAWeights]:
+    """(the input width a wider `img_in` LoRA needs, or None; `lora` with a narrower one zero-padded)."""
+    img_in = getattr(model, "img_in", None)
+    if not isinstance(img_in, nn.Linear):
+        return None, lora
+    names = lora_names(model)
+    underscored = {name.replace(".", "_"): name for name in names}
+    width, targets = None, dict(lora.targets)
+    for raw, t in lora.targets.items():
+        part = names.get(raw if raw in names else underscored.get(raw, ""))
+        if part is None or part.module != "img_in" or t.down is None:
+            continue
+        n = t.down.shape[1]
+        if n > img_in.in_features:
+            width = n
+        elif n < img_in.in_features:
+            targets[raw] = replace(t, down=F.pad(t.down, (0, img_in.in_features - n)))
+    return width, replace(lora, targets=targets)
+
+
+def convert_lora(
+    lora: LoRAWeights, model: nn.Module, naming: LoRANaming, in_features: Mapping[str, int] | None = None
+) -> LoRAWeights:
     """`lora` (names as read: dotted, or kohya-underscored) renamed through `naming` and merged onto `model`'s
-    Linears.
+    Linears. `in_features` gives layers the input width they will have once widened (`widen_img_in`).
 
     Raises `LoRAError` naming the file and key for a target that is no layer of the model, a part whose
     shape does not fit its layer, or two entries giving the same rows of one layer."""
     names = lora_names(model, naming)
     underscored = {name.replace(".", "_"): name for name in names}
     modules = dict(model.named_modules())
+    widths = dict(in_features or {})
     groups: dict[str, list[tuple[LoRAPart, LoRATarget, str]]] = {}
     unknown = []
     for raw, target in lora.targets.items():
@@ -224,15 +390,19 @@ def convert_lora(lora: LoRAWeights, model: nn.Module, naming: LoRANaming) -> LoR
             f"{type(model).__name__}: {preview(unknown, 5)}. Accepted are {naming.accepted}"
         )
     targets = {
-        module: _merge(modules[module], module, parts, lora.source, naming.model) for module, parts in groups.items()
+        module: _merge(modules[module], module, parts, lora.source, naming.model, widths.get(module))
+        for module, parts in groups.items()
     }
     keys = {module: parts[0][2] for module, parts in groups.items()}
     return LoRAWeights(targets=targets, source=lora.source, skipped=list(lora.skipped), keys=keys)
 
 
 @torch.no_grad()
-def _merge(linear: nn.Linear, module: str, parts: list, source: str, model: str) -> LoRATarget:
+def _merge(
+    linear: nn.Linear, module: str, parts: list, source: str, model: str, width: int | None = None
+) -> LoRATarget:
     out_features, in_features = linear.weight.shape
+    in_features = width or in_features
     spans = []
     for part, t, key in parts:
         rows = out_features if part.rows is None else part.rows
