@@ -177,3 +177,23 @@ def test_control_lora_on_a_vram_managed_dit_is_refused(tiny_repo):
     with pytest.raises(ConfigError, match="VRAM-managed DiT; load the LoRA before enable_vram_management"):
         pipe.load_lora(tools.control_lora(pipe.dit))
     assert pipe.dit.config.in_channels == 64
+
+
+def test_cli_control_image_without_a_controlnet_goes_to_a_control_model(control_repo, tiny_repo, tmp_path, capsys):
+    """`--control-image` with no `--controlnet` is the Canny / Depth DiT's `control_image`; a plain model refuses it."""
+    from PIL import Image
+
+    from diffsynth.runtime.cli import main
+
+    random_image(32, 32, seed=4).save(tmp_path / "edges.png")
+    out = tmp_path / "out.png"
+    args = ["generate", "--prompt", "a red circle", "--seed", "1", "--steps", "2", "--device", "cpu"]
+    args += ["--dtype", "float32", "--control-image", str(tmp_path / "edges.png"), "--output", str(out)]
+    assert main([*args, "--model", str(control_repo)]) == 0
+    pipe = our_pipeline(control_repo)
+    want = pipe("a red circle", control_image=str(tmp_path / "edges.png"), seed=1, num_inference_steps=2,
+                progress_bar=False)  # fmt: skip
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written), np.asarray(want))
+    assert main([*args, "--model", str(tiny_repo)]) == 2
+    assert "control_image" in capsys.readouterr().err

@@ -287,3 +287,19 @@ def test_layers_match_diffusers(
     want = np.concatenate(expected)
     assert got.shape == (batch, layers, 32, 96, 4) and want.shape == (batch * layers, 32, 96, 4)
     assert np.abs(got.reshape(want.shape) - want).max() <= 1e-4
+
+
+def test_cli_writes_one_picture_per_layer(layered_repo, pipe, small_area, tmp_path, one_thread):
+    """`--layer-input-image` / `--layer-num`: `out.png` becomes `out_0.png`, `out_1.png`, the Python API's layers."""
+    from diffsynth.runtime.cli import main
+
+    rgba_image(32, 16).save(tmp_path / "poster.png")
+    args = ["generate", "--model", str(layered_repo), "--prompt", PROMPT, "--output", str(tmp_path / "out.png")]
+    args += ["--layer-input-image", str(tmp_path / "poster.png"), "--layer-num", "2", "--steps", "2", "--seed", "0"]
+    assert main([*args, "--height", "32", "--width", "48", "--device", "cpu", "--dtype", "float32"]) == 0
+    layers = pipe(PROMPT, layer_input_image=str(tmp_path / "poster.png"), layer_num=2, num_inference_steps=2,
+                  seed=0, height=32, width=48, progress_bar=False)  # fmt: skip
+    for i, layer in enumerate(layers):
+        with Image.open(tmp_path / f"out_{i}.png") as written:
+            assert written.mode == "RGBA" and np.array_equal(np.asarray(written), np.asarray(layer))
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "out_2.png").exists()

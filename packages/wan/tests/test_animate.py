@@ -404,3 +404,41 @@ def test_preset_has_the_authors_defaults():
         "Wan2.1_VAE.pth",
         "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
     ]
+
+
+def test_cli_animate_flags_reach_the_pipeline(animate_repo, tmp_path, monkeypatch):
+    """`--animate-pose-video` / `--animate-face-video` (files) and `--input-image` (the character) become the
+    pipeline's arguments; the video written has the pose video's length."""
+    import functools
+
+    from diffsynth.runtime.cli import main
+    from diffsynth.runtime.media import load_video, save_video
+    from diffsynth.wan.pipeline import WanVideoPipeline
+
+    inputs = driving(5)
+    save_video(inputs["animate_pose_video"], str(tmp_path / "pose.mp4"), fps=16)
+    save_video(inputs["animate_face_video"], str(tmp_path / "face.mp4"), fps=16)
+    P.image(3).save(tmp_path / "character.png")
+    given = []
+    call = WanVideoPipeline.__call__
+
+    @functools.wraps(call)  # the CLI reads the accepted arguments from the signature
+    def spy(self, *args, **kwargs):
+        given.append({k: kwargs.get(k) for k in ("input_image", "animate_pose_video", "animate_face_video")})
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanVideoPipeline, "__call__", spy)
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--model", str(animate_repo), "--prompt", P.PROMPT, "--output", str(out), "--seed", "1"]
+    args += ["--input-image", str(tmp_path / "character.png"), "--animate-pose-video", str(tmp_path / "pose.mp4")]
+    args += ["--animate-face-video", str(tmp_path / "face.mp4"), "--num-frames", "9", "--height", "32"]
+    args += ["--width", "32", "--steps", "2", "--cfg", "1", "--device", "cpu", "--dtype", "float32"]
+    assert main(args) == 0
+    assert given == [
+        {
+            "input_image": str(tmp_path / "character.png"),
+            "animate_pose_video": str(tmp_path / "pose.mp4"),
+            "animate_face_video": str(tmp_path / "face.mp4"),
+        }
+    ]
+    assert len(load_video(out)) == 5

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--input-image", default=None, help="image-to-image: the starting image")
     gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
     gen.add_argument(
+        "--inpaint-mask",
+        default=None,
+        metavar="MASK",
+        help="inpainting: white in the mask is repainted in --input-image (Qwen-Image, FLUX.2; FLUX.1 Fill)",
+    )
+    gen.add_argument(
         "--edit-image",
         action="append",
         default=None,
@@ -81,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--control-video", default=None, help="Wan Fun Control: the video to follow (a pose, depth or edge video)"
     )
     gen.add_argument("--reference-image", default=None, help="Wan Fun Control (V1.1, Wan 2.2): an image of the subject")
+    gen.add_argument(
+        "--animate-pose-video",
+        default=None,
+        help="Wan2.2-Animate: the driving pose video (--input-image: the character)",
+    )
+    gen.add_argument("--animate-face-video", default=None, help="Wan2.2-Animate: the driving face crops (a video)")
+    gen.add_argument(
+        "--animate-inpaint-video", default=None, help="Wan2.2-Animate replacement: the background video to put it in"
+    )
+    gen.add_argument(
+        "--animate-mask-video", default=None, help="Wan2.2-Animate replacement: where the person is (white), per frame"
+    )
+    gen.add_argument(
+        "--layer-input-image", default=None, help="Qwen-Image-Layered: the image to split into RGBA layers"
+    )
+    gen.add_argument("--layer-num", type=int, default=None, help="Qwen-Image-Layered: how many layers (preset default)")
     gen.add_argument(
         "--controlnet",
         action="append",
@@ -187,6 +209,8 @@ def _path_and_scale(spec: str) -> tuple[str, float]:
 def _control_options(pipe, controlnets: list[str], images: list[str], mode: str | None = None) -> dict:
     """`--control-image`s as the pipeline's ControlNet inputs: the k-th image for the k-th `--controlnet` (all for
     the only one), to `blockwise_controlnet_inputs` when the nets went to that slot (Qwen-Image's Blockwise)."""
+    import inspect
+
     from .controlnet import ControlNetInput
     from .errors import ConfigError
 
@@ -194,6 +218,10 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
         if mode is not None:
             raise ConfigError("--control-mode applies to --control-image inputs: give one")
         return {}
+    if not controlnets and "control_image" in inspect.signature(type(pipe).__call__).parameters:
+        if len(images) != 1 or mode is not None:  # FLUX.1 Canny / Depth: one map, concatenated to the latents
+            raise ConfigError(f"{type(pipe).__name__} takes one --control-image (a map) without --control-mode")
+        return {"control_image": images[0]}
     if not controlnets:
         raise ConfigError("--control-image needs a ControlNet: give --controlnet SOURCE")
     if len(controlnets) > 1 and len(images) != len(controlnets):
@@ -272,7 +300,7 @@ def _generate(args) -> int:
 
     from .dtypes import parse_device, parse_dtype
     from .errors import ConfigError
-    from .media import load_video
+    from .media import load_image, load_video
 
     if args.first_block_cache is not None and args.tea_cache is not None:
         raise ConfigError("--first-block-cache and --tea-cache are two ways to skip blocks: choose one")
@@ -310,6 +338,13 @@ def _generate(args) -> int:
         "num_inference_steps": args.steps,
         "input_image": args.input_image,
         "edit_image": args.edit_image,
+        "inpaint_mask": None if args.inpaint_mask is None else load_image(args.inpaint_mask).convert("L"),
+        "animate_pose_video": args.animate_pose_video,
+        "animate_face_video": args.animate_face_video,
+        "animate_inpaint_video": args.animate_inpaint_video,
+        "animate_mask_video": args.animate_mask_video,
+        "layer_input_image": args.layer_input_image,
+        "layer_num": args.layer_num,
         "retake_audio": args.input_audio,
         "vace_video": args.vace_video,
         "vace_video_mask": args.vace_mask,
@@ -324,9 +359,14 @@ def _generate(args) -> int:
     accepted = inspect.signature(type(pipe).__call__).parameters
     if "edit_image" in options and "edit_image" not in accepted and "kontext_images" in accepted:  # FLUX.1 Kontext
         options["kontext_images"] = options.pop("edit_image")
+    if "inpaint_mask" in options and "inpaint_mask" not in accepted and "flux_fill_mask" in accepted:  # FLUX.1 Fill
+        if "input_image" not in options:
+            raise ConfigError("--inpaint-mask says which part of --input-image to repaint: give --input-image too")
+        options["flux_fill_mask"] = options.pop("inpaint_mask")
+        options["flux_fill_image"] = options.pop("input_image")
     if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
         options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
-    given = args.input_image is not None or "input_video" in options
+    given = "input_image" in options or "input_video" in options
     if given and "denoising_strength" in accepted:  # image-to-video models take none
         options["denoising_strength"] = args.denoising_strength
     if args.fps is not None and "frame_rate" in accepted:  # models that place frames in time (LTX-2)
@@ -335,6 +375,7 @@ def _generate(args) -> int:
         if name not in accepted:
             renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
             renamed.update(vace_video_mask="vace_mask", controlnet_inputs="control_image")
+            renamed.update(flux_fill_mask="inpaint_mask", flux_fill_image="input_image")
             renamed["retake_video"] = "input_video"
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
@@ -355,17 +396,26 @@ def _generate(args) -> int:
 
         frames, (waveform, sample_rate) = result
         mux_video_audio(frames, waveform, sample_rate, str(output), fps=fps)
+    elif isinstance(result, list) and not makes_video:  # several pictures (Qwen-Image-Layered's layers)
+        for i, image in enumerate(result):
+            _save_picture(image, output.with_name(f"{output.stem}_{i}{output.suffix}"))
+        logger.info("wrote %d images %s_*%s", len(result), output.with_name(output.stem), output.suffix)
+        return 0
     elif isinstance(result, list):  # video frames
         from .media import save_video
 
         save_video(result, str(output), fps=fps)
     else:
-        if result.mode == "RGBA" and output.suffix.lower() in (".jpg", ".jpeg"):  # JPEG has no alpha channel
-            logger.warning("%s cannot hold the image's transparency; write a .png to keep it", output)
-            result = result.convert("RGB")
-        result.save(output)
+        _save_picture(result, output)
     logger.info("wrote %s", output)
     return 0
+
+
+def _save_picture(image, output: Path) -> None:
+    if image.mode == "RGBA" and output.suffix.lower() in (".jpg", ".jpeg"):  # JPEG has no alpha channel
+        logger.warning("%s cannot hold the image's transparency; write a .png to keep it", output)
+        image = image.convert("RGB")
+    image.save(output)
 
 
 def _list_models() -> int:
