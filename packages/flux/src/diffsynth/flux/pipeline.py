@@ -22,6 +22,10 @@ folded mask), FLUX.1-Canny-dev / -Depth-dev (or FLUX.1-dev with their control Lo
 IP-Adapters (InstantX FLUX.1-dev-IP-Adapter with SigLIP, XLabs flux-ip-adapter with CLIP-L) are loaded with
 `load_ip_adapter(...)` and used through `ipadapter_images` / `ipadapter_scale`: the images are encoded once and
 turned into per-block keys/values that the DiT's image queries attend to (`flux1/ip_adapter.py`).
+
+FLUX.1 Redux (black-forest-labs/FLUX.1-Redux-dev) is loaded with `load_redux(...)` and used through
+`flux_redux_image` (DiffSynth-Studio's name) / `flux_redux_scale`: SigLIP patch features of each image become
+T5-width tokens appended to the positive prompt's T5 states (`flux1/redux.py`); the negative prompt is left as is.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_input
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline, accepts_tea_cache, weight_paths
+from diffsynth.runtime.pipeline import BasePipeline, accepts_tea_cache, fetch_companion_config, weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -240,8 +244,10 @@ class FluxImagePipeline(BasePipeline):
         "controlnet": "controlnet",
         "ipadapter": "flux_ip_adapter",
         "ipadapter_image_encoder": "ip_adapter_image_encoder",
+        "flux_redux": "flux_redux",
+        "flux_redux_image_encoder": "flux_redux_image_encoder",
     }
-    optional_slots = ("controlnet", "ipadapter", "ipadapter_image_encoder")
+    optional_slots = ("controlnet", "ipadapter", "ipadapter_image_encoder", "flux_redux", "flux_redux_image_encoder")
     size_multiple = 16  # VAE 8x, 2x2 packing
 
     def __init__(self, device=None, torch_dtype=torch.bfloat16):
@@ -249,6 +255,7 @@ class FluxImagePipeline(BasePipeline):
         self.tokenizer_1 = None  # CLIP
         self.tokenizer_2 = None  # T5
         self._ip_adapter_sources: dict[str, ModelConfig] = {}  # model_configs entries loaded by load_ip_adapter
+        self._redux_source: ModelConfig | None = None  # a Redux embedder among model_configs (load_redux)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -298,13 +305,18 @@ class FluxImagePipeline(BasePipeline):
         if second is not None:
             pipe.tokenizer_2 = BasePipeline._load_tokenizer(pipe, second)
         sources, pipe._ip_adapter_sources = pipe._ip_adapter_sources, {}
-        if sources:  # an IP-Adapter among model_configs, as DiffSynth-Studio lists it: loaded once the DiT is
-            if "adapter" not in sources:
-                raise ConfigError(
-                    f"model_configs hold an IP-Adapter image encoder ({sources['image_encoder']}) but no IP-Adapter "
-                    "file; add the adapter (ip-adapter.bin / ip_adapter.safetensors) or drop the encoder"
-                )
+        redux, pipe._redux_source = pipe._redux_source, None
+        if sources and "adapter" not in sources and redux is None:
+            raise ConfigError(
+                f"model_configs hold an image encoder ({sources['image_encoder']}) but no IP-Adapter file nor "
+                "Redux embedder; add the adapter (ip-adapter.bin / ip_adapter.safetensors) or the Redux embedder "
+                "(flux1-redux-dev.safetensors), or drop the encoder"
+            )
+        # an IP-Adapter or Redux among model_configs, as DiffSynth-Studio lists them: loaded once the DiT is
+        if "adapter" in sources:
             pipe.load_ip_adapter(sources["adapter"], image_encoder=sources.get("image_encoder"))
+        if redux is not None:  # the image encoder listed with it serves it too (the same SigLIP so400m tower)
+            pipe.load_redux(redux, image_encoder=sources.get("image_encoder"))
         return pipe
 
     def controlnet_spec(self):
@@ -322,7 +334,13 @@ class FluxImagePipeline(BasePipeline):
         """ControlNet files among `model_configs` (once their spec is registered) join the `controlnet` slot; an
         IP-Adapter and its image encoder are kept for `from_pretrained` to load once the DiT is there."""
         from .flux1.ip_adapter import source_part
+        from .flux1.redux import is_redux_file
 
+        if is_redux_file(weight_paths(config)):
+            if self._redux_source is not None:
+                raise ConfigError(f"model_configs hold two Redux embedders: {self._redux_source}, {config}")
+            self._redux_source = config
+            return
         part = source_part(weight_paths(config))
         if part is not None:
             if part in self._ip_adapter_sources:
@@ -398,6 +416,9 @@ class FluxImagePipeline(BasePipeline):
         eligen_enable_on_negative: bool = False,
         ipadapter_images: Image.Image | Sequence[Image.Image] | None = None,
         ipadapter_scale: float = 1.0,
+        flux_redux_image: Image.Image | Sequence[Image.Image] | None = None,
+        flux_redux_scale: float | Sequence[float] = 1.0,
+        flux_redux_pooled_scale: float | Sequence[float] = 1.0,
         flux_fill_image=None,
         flux_fill_mask=None,
         control_image=None,
@@ -431,6 +452,10 @@ class FluxImagePipeline(BasePipeline):
         the negative prompt (see `flux1/eligen.py`).
         `ipadapter_images` (one or several reference images) condition the loaded IP-Adapter
         (`load_ip_adapter`), its attention output times `ipadapter_scale`.
+        `flux_redux_image` (one or several images) appends the loaded Redux embedder's tokens (`load_redux`) to the
+        positive prompt's T5 states; `flux_redux_scale` / `flux_redux_pooled_scale` (one number or one per image)
+        are diffusers' `prompt_embeds_scale` / `pooled_prompt_embeds_scale`: they weight the prompt's T5 states
+        with the image tokens, and its CLIP vector, per image, and the images are summed (see `flux1/redux.py`).
         `flux_fill_image` + `flux_fill_mask` (a FLUX.1 Fill DiT; DiffSynth-Studio's names; white = repaint,
         binarised at 0.5) repaint the masked part of the image; `control_image` (a Canny/Depth DiT, or FLUX.1-dev
         with their control LoRA) is the canny or depth map to follow. One image (and mask) or one per prompt;
@@ -444,6 +469,7 @@ class FluxImagePipeline(BasePipeline):
         if not isinstance(eligen_enable_on_negative, bool):
             raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
         ip_images = self.check_ip_adapter_inputs(ipadapter_images, ipadapter_scale)
+        redux_inputs = self.check_redux_inputs(flux_redux_image, flux_redux_scale, flux_redux_pooled_scale)
         channel_inputs = self.check_channel_inputs(flux_fill_image, flux_fill_mask, control_image, kontext_images)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         fill = channel_inputs is not None and channel_inputs[0] == FILL
@@ -471,6 +497,7 @@ class FluxImagePipeline(BasePipeline):
         self.load_models_to_device(["text_encoder_1", "text_encoder_2"])
         text = self.encode_prompt(prompts, text_len)
         negative_text = self.encode_prompt(negatives, text_len) if use_cfg else None
+        text = self.prepare_redux(text, *redux_inputs)
         entities = self.prepare_eligen(
             entity_prompts, entity_masks, negative_text, eligen_enable_on_negative, height, width, text_len
         )
@@ -651,8 +678,9 @@ class FluxImagePipeline(BasePipeline):
             return flux_velocity(
                 self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
             )
-        # text lengths differ, or only one branch has IP keys
-        if (eligen is None) != (negative_eligen is None) or (ip is None) != (negative_ip is None):
+        # text lengths differ (EliGen, Redux tokens), or only one branch has IP keys
+        lengths_differ = text.t5.shape[1] != negative_text.t5.shape[1]
+        if lengths_differ or (eligen is None) != (negative_eligen is None) or (ip is None) != (negative_ip is None):
             positive = flux_velocity(
                 self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
             )
@@ -873,6 +901,92 @@ class FluxImagePipeline(BasePipeline):
             negative_embeds = torch.zeros_like(embeds)
         return positive, adapter(negative_embeds, heads, scale)
 
+    # ------------------------------------------------------------------ Redux
+    def load_redux(
+        self,
+        redux: str | os.PathLike | ModelConfig = "black-forest-labs/FLUX.1-Redux-dev",
+        image_encoder: str | os.PathLike | ModelConfig | None = None,
+    ) -> None:
+        """Load the FLUX.1 Redux embedder and its SigLIP image encoder (see `flux1/redux.py`).
+
+        `redux` is a `ModelConfig`, a local file or folder, or the hub repo id (`REDUX_REPOS`:
+        `flux1-redux-dev.safetensors`; diffusers' `image_embedder/` folder has the same keys). `image_encoder`
+        (a folder with its `config.json`, a file, a repo id or a `ModelConfig`, e.g. the Redux repo's
+        `image_encoder/`) defaults to google/siglip-so400m-patch14-384, the tower BFL's reference loads. Both
+        load in the pipeline's dtype, placed like the other models.
+        """
+        from .flux1.ip_adapter import load_image_encoder
+        from .flux1.redux import REDUX_REPOS, load_redux_model
+
+        hint = f"one of the known repos {sorted(REDUX_REPOS)} (pass a ModelConfig for other repos)"
+        config = model_source(redux, "redux", REDUX_REPOS.get, hint)
+        embedder = load_redux_model(weight_paths(config), self.torch_dtype)
+        self._check_redux_fits(embedder)
+        encoder_config = _image_encoder_config(image_encoder if image_encoder is not None else REDUX_ENCODER)
+        # a hub file such as the Redux repo's image_encoder/model.safetensors: its config.json gives the 384
+        # input size, which the shapes alone (27x27 patches of 14) cannot
+        fetch_companion_config(encoder_config)
+        encoder = load_image_encoder(weight_paths(encoder_config), self.torch_dtype)
+        if encoder.kind != "siglip":
+            raise ConfigError(f"image_encoder is a {encoder.kind} vision model; FLUX.1 Redux was trained with SigLIP")
+        if encoder.config.hidden_size != embedder.config.image_dim:
+            raise ConfigError(
+                f"image_encoder gives {encoder.config.hidden_size}-wide patch features; the Redux embedder takes "
+                f"{embedder.config.image_dim}"
+            )
+        self.flux_redux = embedder.eval().requires_grad_(False)
+        self.flux_redux_image_encoder = encoder.eval().requires_grad_(False)
+        self.model_configs["flux_redux"], self.model_configs["flux_redux_image_encoder"] = config, encoder_config
+        logger.info(
+            "FLUX.1 Redux (%d image tokens per image)", (encoder.config.image_size // encoder.config.patch_size) ** 2
+        )
+        if self.vram_handles:
+            self.enable_vram_management(slots=["flux_redux", "flux_redux_image_encoder"])
+        elif not self.model_offload:
+            self.flux_redux.to(self.device)
+            self.flux_redux_image_encoder.to(self.device)
+
+    def _check_redux_fits(self, embedder) -> None:
+        if self.dit is not None and embedder.config.text_dim != self.dit.config.context_in_dim:
+            raise ConfigError(
+                f"the Redux embedder gives {embedder.config.text_dim}-wide tokens; the DiT reads "
+                f"{self.dit.config.context_in_dim}-wide text (context_in_dim)"
+            )
+
+    def check_redux_inputs(self, images, scale, pooled_scale) -> tuple[list[Image.Image], list[float], list[float]]:
+        """`flux_redux_image` as RGB images and the two scales one per image; refused without a loaded Redux."""
+        from .flux1.redux import check_scales
+
+        items = [] if images is None else _as_list(images)
+        if not items:
+            return [], [], []
+        if self.flux_redux is None or self.flux_redux_image_encoder is None:
+            raise ConfigError(
+                "flux_redux_image was given but no Redux model is loaded: use "
+                "pipe.load_redux('black-forest-labs/FLUX.1-Redux-dev') (or a local file / ModelConfig)"
+            )
+        scales = check_scales(scale, len(items), "flux_redux_scale")
+        pooled_scales = check_scales(pooled_scale, len(items), "flux_redux_pooled_scale")
+        return [load_image(item) for item in items], scales, pooled_scales
+
+    def prepare_redux(
+        self, text: FluxPromptEmbeds, images: list[Image.Image], scales: list[float], pooled_scales: list[float]
+    ) -> FluxPromptEmbeds:
+        """`text` with the Redux tokens of `images` appended (SigLIP's processor: 384x384 bicubic, [-1, 1];
+        `last_hidden_state` -> Redux embedder), weighted per image as `flux1/redux.py` says."""
+        from .flux1.ip_adapter import preprocess
+        from .flux1.redux import redux_prompt
+
+        if not images:
+            return text
+        self._check_redux_fits(self.flux_redux)
+        self.load_models_to_device(["flux_redux_image_encoder", "flux_redux"])
+        encoder = self.flux_redux_image_encoder
+        pixels = preprocess(images, "siglip", encoder.config.image_size).to(self.device, module_dtype(encoder))
+        features = encoder(pixel_values=pixels).last_hidden_state
+        tokens = self.flux_redux(features).float()
+        return redux_prompt(text, tokens, scales, pooled_scales)
+
     # ------------------------------------------------------------------ ControlNet
     def prepare_controls(
         self, inputs, height: int, width: int, tiled=False, tile_size=512, tile_stride=384
@@ -952,6 +1066,7 @@ IP_ADAPTER_REPOS = {
     "XLabs-AI/flux-ip-adapter-v2": "ip_adapter.safetensors",
 }
 IP_ADAPTER_ENCODERS = {"instantx": "google/siglip-so400m-patch14-384", "xlabs": "openai/clip-vit-large-patch14"}
+REDUX_ENCODER = IP_ADAPTER_ENCODERS["instantx"]  # the same SigLIP so400m tower (BFL's Redux reference loads it)
 
 
 def _ip_adapter_config(item) -> ModelConfig:

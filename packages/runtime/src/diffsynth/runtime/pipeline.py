@@ -166,7 +166,7 @@ class BasePipeline:
         from .loading import load_models
 
         paths = weight_paths(config)
-        _fetch_companion_config(config)  # the loader reads config.json beside the weights
+        fetch_companion_config(config)  # the loader reads config.json beside the weights
         # load in the pipeline dtype: storage dtypes (fp8 with scales, disk) are the VRAM manager's job
         loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu", roles=self.load_roles)
         roles = {role: slot for slot, role in self.model_slots.items()}
@@ -772,7 +772,7 @@ def _describe(config: ModelConfig) -> str:
     return f"ModelConfig(model_id={config.model_id!r}, origin_file_pattern={config.origin_file_pattern!r})"
 
 
-def _fetch_companion_config(config: ModelConfig) -> None:
+def fetch_companion_config(config: ModelConfig) -> None:
     """Fetch the `config.json` beside a model's weights when they come from a hub repo."""
     if config.model_id is None or config.path is not None:
         return
