@@ -28,6 +28,22 @@ template is the pipeline's `edit_template` setting: the Edit preset's ("edit" fo
 for 2509/2511) when the tokenizer comes from the hub repo, a local folder's `diffsynth.json` default, else
 "plus". An Edit model (a `processor/` tokenizer or a `zero_cond_t` DiT) refuses rows without `edit_image`; rows
 of one batch must agree on their edit images' count and sizes (`--batch_size 1` always does).
+
+Qwen-Image-Layered (a `use_layer3d_rope` DiT or a 4-channel VAE) trains on DiffSynth-Studio's rows:
+`{"prompt": a caption of the input image, "image": [N + 1 RGBA frames], "layer_input_image": the input image}`,
+where `image` lists the frames the model draws, the whole image first and then its N layers (DiffSynth-Studio's
+noise has `layer_num + 1` frames for its N + 1 `image` latents; an optional `layer_num` column must say N). The
+task reads pictures as RGBA (`image_mode`), takes its main size from `layer_input_image` (`media`; its `conditioning`
+column, read as files without `--data_file_keys`) and resizes that image to the frames' size (Lanczos) as
+`decompose` does. Each frame is encoded as a one-frame video (posterior mode, normalised), giving
+`{"latents": [N + 1, 16, H/8, W/8], "condition": [16, H/8, W/8], "text": [L, D]}` with the text-to-image
+template. The model call is `layered_velocity`, the pipeline's per-step call: the N + 1 noisy frames packed frame
+after frame, the clean input image's tokens after them (their predictions dropped), the additional timestep
+embedding's entry 0; the loss counts every generated frame, frame 0 included, as DiffSynth-Studio's does (the
+clean input image is not among them, so no `loss_mask` is needed). Rows of one batch need the same layer count
+(`--batch_size 1` always has it). Validation samples take the input image from `--validation_images` (required)
+and `layer_num` from `--task_options layer_num=N` (else the pipeline's 4); they are written as one RGBA picture,
+the layers side by side.
 """
 
 from __future__ import annotations
@@ -42,12 +58,13 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import tensor_to_pil
+from diffsynth.runtime.media import pil_to_tensor, tensor_to_pil
 from diffsynth.runtime.pipeline import folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 from diffsynth.runtime.vram import module_dtype
 
+from .layered import check_layer_num, check_layer_prompts, layered_velocity
 from .pipeline import QwenImagePipeline, qwen_image_velocity
 from .presets import PRESETS
 
@@ -64,10 +81,11 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     family: ClassVar[str] = "qwen_image"
     denoiser_slot: ClassVar[str] = "dit"
     size_multiple: ClassVar[int] = QwenImagePipeline.size_multiple
-    media: ClassVar[tuple[str, ...]] = ("image",)
-    conditioning: ClassVar[tuple[str, ...]] = ("edit_image",)
 
-    loss_options: ClassVar[tuple[str, ...]] = ("exponential_shift_mu",)  # --task_options that leave a cache valid
+    loss_options: ClassVar[tuple[str, ...]] = (
+        "exponential_shift_mu",
+        "layer_num",
+    )  # --task_options that leave a cache valid
     # the last block's text-stream outputs (attn.to_add_out, txt_mlp) feed nothing, so their weights (or LoRAs)
     # get no gradient: DDP must look for unused parameters
     ddp_find_unused_parameters: ClassVar[bool] = True
@@ -80,15 +98,26 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         max_sequence_length: int = 512,
         edit: bool | None = None,
         edit_template: str | None = None,
+        layer_num: int | None = None,
     ):
         """`edit`: True requires `edit_image` in every row, None takes edit images where rows have them.
-        `edit_template` ("plus" or "edit") overrides the pipeline's setting."""
+        `edit_template` ("plus" or "edit") overrides the pipeline's setting. `layer_num`: the layers of a
+        Qwen-Image-Layered model's validation samples (None: the pipeline's default)."""
         self.pipe = pipe
+        dit, vae = pipe.dit, pipe.vae
+        self.layered = bool(
+            (dit is not None and dit.config.use_layer3d_rope) or (vae is not None and vae.config.in_channels == 4)
+        )
+        if layer_num is not None and not self.layered:
+            raise ConfigError("--task_options layer_num belongs to Qwen-Image-Layered; the loaded model is not it")
+        self.layer_num = None if layer_num is None else check_layer_num(layer_num)
         self.scheduler = FlowMatchScheduler("qwen_image", mu=exponential_shift_mu)
         self.max_sequence_length = max_sequence_length
         self.edit = edit
         # an Edit model's validation samples are edits of their images: without them they say little
         self.validation_references = "expected" if edit else "optional"
+        if self.layered:
+            self.validation_references = "required"  # a Layered model decomposes its input image
         if edit_template is not None:
             if edit_template not in EDIT_TEMPLATES:
                 raise ConfigError(f"edit_template={edit_template!r} is not known; use one of {EDIT_TEMPLATES}")
@@ -126,8 +155,30 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         task_options.setdefault("edit", True if edit_model else None)
         return cls(pipe, **task_options)
 
+    @property
+    def media(self) -> tuple[str, ...]:
+        """The column a row's size comes from: a Layered row's `image` is a list of frames, so its input image."""
+        return ("layer_input_image",) if self.layered else ("image",)
+
+    @property
+    def conditioning(self) -> tuple[str, ...]:
+        """The reference-image columns the dataset reads as files: `edit_image`, or a Layered model's input image."""
+        return ("layer_input_image",) if self.layered else ("edit_image",)
+
+    @property
+    def image_mode(self) -> str:
+        """ "RGBA" for Qwen-Image-Layered (its VAE reads and draws alpha), else "RGB"."""
+        return "RGBA" if self.layered else "RGB"
+
     def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
-        """A validation sample's references as the pipeline's `edit_image` (one or several, for 2509/2511)."""
+        """A validation sample's references as the pipeline's `edit_image` (one or several, for 2509/2511), or
+        for Qwen-Image-Layered its one `layer_input_image` (with `layer_num` when the task was given one)."""
+        if self.layered:
+            if len(images) != 1:
+                raise ConfigError(
+                    f"Qwen-Image-Layered decomposes one input image per validation prompt; got {len(images)}"
+                )
+            return {"layer_input_image": images[0], **({"layer_num": self.layer_num} if self.layer_num else {})}
         if not images:
             return {}
         if self.pipe.processor is None:
@@ -137,11 +188,24 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             )
         return {"edit_image": list(images)}
 
+    def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
+        """The pipeline's validation samples; a Layered model's layers joined side by side in one RGBA picture."""
+        samples = super().sample(denoiser, prompts, seed=seed, **options)
+        return [_side_by_side(s) for s in samples] if self.layered else samples
+
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """`{"latents": [16, H/8, W/8], "text": [L, D]}` per row, with `"edit_0"`, `"edit_1"`, ... [16, h, w]
-        for a row with edit images; rows of one call share an image size."""
+        for a row with edit images; rows of one call share an image size. Qwen-Image-Layered: see
+        `encode_layered`."""
+        if self.layered:
+            return self.encode_layered(rows)
         for i, row in enumerate(rows):
+            if row.get("layer_input_image") is not None:
+                raise ConfigError(
+                    f"row {i} of the batch has layer_input_image, which trains Qwen-Image-Layered; the loaded "
+                    "DiT and VAE are another Qwen-Image model's: load Qwen/Qwen-Image-Layered's transformer/ and vae/"
+                )
             if "prompt" not in row or not isinstance(row.get("image"), torch.Tensor):
                 raise ConfigError(
                     f"Qwen-Image trains on rows with an image and a prompt; row {i} of the batch has {preview(row)}"
@@ -177,6 +241,26 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             sample.update({f"edit_{k}": z[0] for k, z in enumerate(edit_latents)})
         return samples
 
+    def encode_layered(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Qwen-Image-Layered rows (see the module docstring) as `{"latents": [N + 1, 16, H/8, W/8], "condition":
+        [16, H/8, W/8], "text": [L, D]}`: each frame, and the input image resized to the frames' size, encoded as
+        `decompose` encodes its input image; the prompt with the text-to-image template."""
+        frames = [_layer_frames(row, i) for i, row in enumerate(rows)]
+        check_layer_prompts([str(row["prompt"]) for row in rows])
+        pipe = self.pipe
+        dtype = module_dtype(pipe.vae)
+        counts = [len(f) for f in frames]
+        pixels = torch.stack([frame for row_frames in frames for frame in row_frames]).to(pipe.device, dtype)
+        latents = pipe.vae.encode(pixels.unsqueeze(2))[:, :, 0].float().split(counts)
+        sizes = [tuple(f[0].shape[-2:]) for f in frames]
+        inputs = [_input_image(row, size) for row, size in zip(rows, sizes, strict=True)]
+        condition = pipe.vae.encode(pil_to_tensor(inputs, dtype, pipe.device, mode="RGBA").unsqueeze(2))
+        embeds, mask = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.max_sequence_length)
+        return [
+            {"latents": lat, "condition": cond, "text": emb[keep]}
+            for lat, cond, emb, keep in zip(latents, condition[:, :, 0].float(), embeds, mask.bool(), strict=True)
+        ]
+
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """Latents stacked; prompts zero-padded to the longest, `text_mask` True on real tokens."""
         texts = [s["text"] for s in samples]
@@ -186,7 +270,15 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         for i, t in enumerate(texts):
             text[i, : t.shape[0]] = t
             mask[i, : t.shape[0]] = True
+        shapes = [tuple(s["latents"].shape) for s in samples]
+        if any(shape != shapes[0] for shape in shapes):
+            raise ConfigError(
+                f"the rows of a batch have different layer counts (latents {shapes}); one Qwen-Image-Layered batch "
+                "needs rows with the same number of image frames: train with --batch_size 1"
+            )
         batch = {"latents": torch.stack([s["latents"] for s in samples]), "text": text, "text_mask": mask}
+        if "condition" in samples[0]:
+            batch["condition"] = torch.stack([s["condition"] for s in samples])
         counts = [sum(name.startswith("edit_") for name in s) for s in samples]
         if max(counts) == 0:
             return batch
@@ -202,6 +294,8 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
+        if "condition" in batch:  # Qwen-Image-Layered: noisy [B, N + 1, 16, h, w]
+            return layered_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"], batch["condition"])
         edits = batch.get("edit_latents", ())
         return qwen_image_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"], edits)
 
@@ -213,6 +307,59 @@ def _edit_images(row: Mapping[str, Any]) -> list:
         return []
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     return [tensor_to_pil(item)[0] if isinstance(item, torch.Tensor) else item for item in items]
+
+
+def _layer_frames(row: Mapping[str, Any], index: int) -> list[torch.Tensor]:
+    """A Layered row's frames ([4, H, W] each, one size), checked, with a message naming the row."""
+    frames = row.get("image")
+    if "prompt" not in row or row.get("layer_input_image") is None or not isinstance(frames, (list, tuple)):
+        raise ConfigError(
+            f"Qwen-Image-Layered trains on rows with prompt, image (a list of N + 1 RGBA frames: the whole image, "
+            f"then its N layers; JSON/JSONL metadata) and layer_input_image; row {index} of the batch has "
+            f"{preview(row)}"
+        )
+    if len(frames) < 2 or any(not isinstance(f, torch.Tensor) or f.dim() != 3 or f.shape[0] != 4 for f in frames):
+        shapes = [tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__ for f in frames]
+        raise ConfigError(
+            f"row {index} of the batch: image must list at least 2 RGBA frames [4, H, W] (the whole image, then "
+            f"the layers), got {shapes}"
+        )
+    if len({tuple(f.shape) for f in frames}) > 1:
+        raise ConfigError(
+            f"row {index} of the batch: the image frames differ in size: {[tuple(f.shape) for f in frames]}"
+        )
+    layer_num = row.get("layer_num")
+    if layer_num not in (None, "") and int(layer_num) != len(frames) - 1:
+        raise ConfigError(
+            f"row {index} of the batch says layer_num={layer_num} but its image lists {len(frames)} frames: "
+            f"layer_num counts the layers after the whole image ({len(frames) - 1} here)"
+        )
+    return list(frames)
+
+
+def _input_image(row: Mapping[str, Any], size: tuple[int, int]):
+    """A Layered row's input image as an RGBA PIL image of the frames' (height, width), resized (Lanczos) as
+    `decompose` resizes it."""
+    from PIL import Image
+
+    value = row["layer_input_image"]
+    image = tensor_to_pil(value)[0] if isinstance(value, torch.Tensor) else value
+    image = image if image.mode == "RGBA" else image.convert("RGBA")
+    height, width = size
+    return image if image.size == (width, height) else image.resize((width, height), Image.LANCZOS)
+
+
+def _side_by_side(layers):
+    """A Layered sample (a list of RGBA layers) as one RGBA picture, the layers left to right."""
+    from PIL import Image
+
+    if not isinstance(layers, (list, tuple)):
+        return layers
+    width, height = layers[0].size
+    sheet = Image.new("RGBA", (width * len(layers), height))
+    for k, layer in enumerate(layers):
+        sheet.paste(layer, (k * width, 0))
+    return sheet
 
 
 def _tokenizer_defaults(config: ModelConfig | None) -> dict[str, Any]:
