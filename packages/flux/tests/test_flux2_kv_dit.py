@@ -15,10 +15,12 @@ import torch
 from diffsynth_flux2_test_repo import dit_config
 
 from diffsynth.flux.flux2.dit import Flux2DiT, Flux2DiTConfig, ReferenceCache
-from diffsynth.flux.flux2.formats import config_from_state, ours_to_diffusers, released_as_kv
+from diffsynth.flux.flux2.formats import config_from_state, released_as_kv
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.testing.modules import load_beside
 from diffsynth.runtime.testing.weights import random_weights
 
+flux2_dit_tests = load_beside(__file__, "test_flux2_dit.py", "diffsynth_flux2_dit_tests")  # its `reference_dit`
 CONTEXT = 32
 
 
@@ -71,28 +73,12 @@ def call(dit, inputs, **kwargs) -> torch.Tensor:
 # ------------------------------------------------------------------ parity with diffusers
 def diffusers_kv_dit(ours: Flux2DiT):
     """diffusers' transformer with our weights and its KV attention processors (as `Flux2KleinKVPipeline` sets)."""
-    from diffusers import Flux2Transformer2DModel
     from diffusers.models.transformers.transformer_flux2 import (
         Flux2KVAttnProcessor,
         Flux2KVParallelSelfAttnProcessor,
     )
 
-    cfg = ours.config
-    model = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.context_in_dim,
-        mlp_ratio=cfg.mlp_ratio,
-        axes_dims_rope=cfg.axes_dim,
-        rope_theta=int(cfg.theta),
-        guidance_embeds=cfg.guidance_embed,
-    ).eval()
-    model.load_state_dict(ours_to_diffusers(ours.state_dict()), strict=True)
+    model = flux2_dit_tests.reference_dit(ours.config, ours)
     for block in model.transformer_blocks:
         block.attn.set_processor(Flux2KVAttnProcessor())
     for block in model.single_transformer_blocks:

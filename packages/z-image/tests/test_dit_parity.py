@@ -27,6 +27,7 @@ def reference_dit(cfg):
         norm_eps=cfg.norm_eps,
         qk_norm=cfg.qk_norm,
         cap_feat_dim=cfg.cap_feat_dim,
+        siglip_feat_dim=cfg.siglip_feat_dim,  # None: not an Omni model
         rope_theta=cfg.rope_theta,
         t_scale=cfg.t_scale,
         axes_dims=list(cfg.axes_dims),

@@ -3,12 +3,10 @@ full-size keys and shapes on the meta device, and the input checks."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from diffsynth.runtime.testing.modules import load_beside
 from diffsynth.z_image.dit import ZImageDiT, ZImageDiTConfig
 
 SIGLIP_DIM = 24
@@ -35,11 +33,8 @@ RELEASED_OMNI_CONFIG = {
 
 
 def _test_dit():
-    """`tiny_config` lives only in test_dit.py; load that module by path."""
-    spec = importlib.util.spec_from_file_location("z_image_test_dit", Path(__file__).with_name("test_dit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`tiny_config` and `make_model` live in test_dit.py."""
+    return load_beside(__file__, "test_dit.py", "z_image_test_dit")
 
 
 def omni_config(**overrides) -> ZImageDiTConfig:
@@ -74,29 +69,10 @@ CASES = {
 @pytest.fixture(scope="module")
 def pair():
     pytest.importorskip("diffusers")
-    from diffusers import ZImageTransformer2DModel
-
     t = _test_dit()
     cfg = omni_config()
     ours = t.make_model(cfg, seed=5).eval()
-    reference = ZImageTransformer2DModel(
-        all_patch_size=(cfg.patch_size,),
-        all_f_patch_size=(cfg.f_patch_size,),
-        in_channels=cfg.in_channels,
-        dim=cfg.dim,
-        n_layers=cfg.n_layers,
-        n_refiner_layers=cfg.n_refiner_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads,
-        norm_eps=cfg.norm_eps,
-        qk_norm=cfg.qk_norm,
-        cap_feat_dim=cfg.cap_feat_dim,
-        siglip_feat_dim=cfg.siglip_feat_dim,
-        rope_theta=cfg.rope_theta,
-        t_scale=cfg.t_scale,
-        axes_dims=list(cfg.axes_dims),
-        axes_lens=list(cfg.axes_lens),
-    ).eval()
+    reference = load_beside(__file__, "test_dit_parity.py", "z_image_test_dit_parity").reference_dit(cfg)
     reference.load_state_dict(ours.state_dict(), strict=True)
     return ours, reference
 
