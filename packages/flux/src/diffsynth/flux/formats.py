@@ -20,8 +20,9 @@ FAMILY = Family(
     presets=PRESETS,
     pipeline="diffsynth.flux.pipeline:FluxImagePipeline",
     training="diffsynth.flux.training:FluxTrainingTask",
-    description="FLUX.1 (dev, Krea, Kontext, schnell) from Black Forest Labs: 12B double/single-stream DiT, "
-    "CLIP-L + T5-XXL text encoders, FLUX.1 VAE, ControlNets in the diffusers FluxControlNetModel format",
+    description="FLUX.1 (dev, Krea, Kontext, schnell, Fill, Canny, Depth) from Black Forest Labs: 12B "
+    "double/single-stream DiT, CLIP-L + T5-XXL text encoders, FLUX.1 VAE, ControlNets in the diffusers "
+    "FluxControlNetModel format, Redux image prompts",
 )
 
 FLUX2_FAMILY = Family(
@@ -31,7 +32,7 @@ FLUX2_FAMILY = Family(
     pipeline="diffsynth.flux.flux2.pipeline:Flux2ImagePipeline",
     training="diffsynth.flux.flux2.training:Flux2TrainingTask",
     description="FLUX.2 (dev 32B with Mistral-Small-3.1; klein 4B/9B with Qwen3) from Black Forest Labs: "
-    "shared-modulation double/single-stream DiT, 32-channel VAE, multi-reference editing",
+    "shared-modulation double/single-stream DiT, 32-channel VAE, multi-reference editing (KV-cached on klein-9B-KV)",
 )
 
 FAMILIES = (FAMILY, FLUX2_FAMILY)

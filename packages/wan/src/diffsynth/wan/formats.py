@@ -525,6 +525,6 @@ FAMILY = Family(
     presets=PRESETS,
     pipeline="diffsynth.wan.pipeline:WanVideoPipeline",
     training="diffsynth.wan.training:WanTrainingTask",
-    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V DiTs, UMT5-XXL text encoder, "
+    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun and Animate DiTs, UMT5-XXL text encoder, "
     "open-clip XLM-R image encoder, causal 3D VAEs",
 )
