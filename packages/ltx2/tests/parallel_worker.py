@@ -96,16 +96,21 @@ def check_pipeline(base: str, sequence: int, batch: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- bare DiT
-def check_dit(sequence: int, batch: int) -> None:
+def check_dit(sequence: int, batch: int, version: str) -> None:
+    """`version="2.3"`: LTX-2.3's gated attentions, text AdaLN (from each stream's sigma) and cross-modal
+    timesteps; its text contexts come at the stream widths (no caption projection)."""
     config = LTX2DiTConfig(
         in_channels=4, out_channels=4, num_heads=2, head_dim=8, audio_in_channels=4, audio_out_channels=4,
         audio_num_heads=2, audio_head_dim=4, num_layers=3, caption_channels=16,
     )  # fmt: skip
+    if version == "2.3":
+        config = replace(config, gated_attention=True, cross_attention_adaln=True, caption_projection=False)
     model = random_weights(LTX2DiT(config), 0, scale=0.2).eval()
     g = torch.Generator().manual_seed(1)
     rows = 4
     video, audio = torch.randn(rows, TOKENS, 4, generator=g), torch.randn(rows, 7, 4, generator=g)
-    text = torch.randn(rows, 5, 16, generator=g), torch.randn(rows, 5, 16, generator=g)
+    widths = (16, 16) if version == "2.0" else (config.dim, config.audio_dim)
+    text = torch.randn(rows, 5, widths[0], generator=g), torch.randn(rows, 5, widths[1], generator=g)
     mask = torch.ones(rows, 5, dtype=torch.bool)
     mask[1:, 3:] = False
     timestep = (1000 * torch.rand(rows, 1, generator=g)).expand(rows, TOKENS).clone()
@@ -135,7 +140,8 @@ def check_dit(sequence: int, batch: int) -> None:
 def main(base: str, mode: str) -> None:
     sequence, batch = {"sequence": (2, 1), "batch": (1, 2)}[mode]
     check_pipeline(base, sequence, batch)
-    check_dit(sequence, batch)
+    for version in ("2.0", "2.3"):
+        check_dit(sequence, batch, version)
 
 
 if __name__ == "__main__":

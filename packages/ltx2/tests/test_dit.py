@@ -5,6 +5,10 @@ Inputs are built like diffusers' LTX-2 pipeline builds them: frame-major video t
 (num_frames, height, width) and fps, audio tokens, connector outputs (3840-wide at full size) with a
 keep-mask, and the scheduler's timesteps (sigma * 1000).
 
+The LTX-2.3 section (tests named `test_ltx23_*`) runs the same kinds of checks on a tiny 2.3 DiT (gated
+attention, text cross-attention AdaLN, no caption projection) and on LTX-2.5's switches, with parity against
+diffusers' `LTX2VideoTransformer3DModel` built with the matching switches and `use_cross_timestep=True`.
+
 `data/ltx2_full.json` is `/work/shared/formats/keys/ltx2_full.json` (every key and shape of
 `ltx-2-19b-dev.safetensors`), `data/ltx2_transformer_diffusers.json` the diffusers `transformer/` keys.
 """
@@ -12,6 +16,7 @@ keep-mask, and the scheduler's timesteps (sigma * 1000).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,10 +77,12 @@ def dit_inputs(batch=2, seed=1, config: LTX2DiTConfig | None = None, masked=True
     cfg = config or tiny_config()
     g = torch.Generator().manual_seed(seed)
     f, h, w = GRID
+    # LTX-2.3 connectors output the stream widths (no caption projection in the DiT)
+    widths = (cfg.caption_channels,) * 2 if cfg.caption_projection else (cfg.dim, cfg.audio_dim)
     video = torch.randn(batch, f * h * w, cfg.in_channels, generator=g)
     audio = torch.randn(batch, AUDIO_FRAMES, cfg.audio_in_channels, generator=g)
-    video_context = torch.randn(batch, TEXT_LEN, cfg.caption_channels, generator=g)
-    audio_context = torch.randn(batch, TEXT_LEN, cfg.caption_channels, generator=g)
+    video_context = torch.randn(batch, TEXT_LEN, widths[0], generator=g)
+    audio_context = torch.randn(batch, TEXT_LEN, widths[1], generator=g)
     timestep = 1000 * torch.rand(batch, generator=g)
     mask = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
     if masked:
@@ -472,7 +479,7 @@ def test_diffusers_layout_inverts_ours_to_diffusers_exactly():
 
 def test_unmapped_keys_are_errors_naming_them():
     diffusers = ours_to_diffusers(make_dit().state_dict())
-    for rogue in ("transformer_blocks.0.attn1.to_gate_logits.weight", "prompt_adaln.linear.weight"):
+    for rogue in ("transformer_blocks.0.attn1.to_gate.weight", "prompt_adaln.linear_2.weight"):
         with pytest.raises(KeyError, match=rogue):
             diffusers_to_ours({**diffusers, rogue: torch.zeros(1)})
     with pytest.raises(KeyError, match="video_embeddings_connector"):
@@ -506,8 +513,10 @@ def test_config_json_that_contradicts_the_shapes_or_the_model_is_an_error():
         config_from_state(state, {**RELEASED_CONFIG_JSON, "caption_channels": 4096})
     with pytest.raises(ConfigError, match="num_heads"):
         config_from_state(state, {**RELEASED_CONFIG_JSON, "num_attention_heads": 16})
-    with pytest.raises(ConfigError, match="gated_attn"):  # LTX-2.3
+    with pytest.raises(ConfigError, match="audio_gated_attn"):  # one stream gated, the other not
         config_from_state({}, {**RELEASED_CONFIG_JSON, "gated_attn": True})
+    with pytest.raises(ConfigError, match="gated_attention"):  # LTX-2.3 json, LTX-2.0 shapes
+        config_from_state(state, {**RELEASED_CONFIG_JSON, "gated_attn": True, "audio_gated_attn": True})
     with pytest.raises(ConfigError, match="patch_size"):
         config_from_state({}, {**RELEASED_CONFIG_JSON, "patch_size": 2})
     with pytest.raises(ConfigError, match="cross_attention_dim"):
@@ -594,28 +603,33 @@ def test_vram_managed_dit_equals_the_unmanaged_one():
 
 
 # ------------------------------------------------------------------ parity with diffusers
-def reference_dit(cfg: LTX2DiTConfig, state: dict | None = None):
-    """diffusers' `LTX2VideoTransformer3DModel` of `cfg`'s sizes, eval mode, strictly loaded with a
-    diffusers-named `state` when given."""
+def reference_dit(cfg: LTX2DiTConfig, state: dict | None = None, **options):
+    """diffusers' `LTX2VideoTransformer3DModel` of `cfg`'s sizes (and constructor `options` such as
+    `perturbed_attn`), eval mode, strictly loaded with a diffusers-named `state` when given."""
     from diffusers import LTX2VideoTransformer3DModel
 
-    reference = LTX2VideoTransformer3DModel(**diffusers_config(cfg)).eval()
+    reference = LTX2VideoTransformer3DModel(**diffusers_config(cfg), **options).eval()
     if state is not None:
         reference.load_state_dict(state, strict=True)
     return reference
 
 
-def _compare(ours, reference, args, kwargs) -> float:
+def _compare(ours, reference, args, kwargs, **reference_only) -> float:
+    """Our outputs for `args, kwargs` against diffusers' for the same inputs (plus `reference_only`, the
+    reference's own spelling of options such as STG, which `kwargs` gives ours as `skips`)."""
     video, audio, vctx, actx, t = args
     with torch.no_grad():
         got = ours(*args, **kwargs)
         want = reference(
+            **reference_only,
             hidden_states=video,
             audio_hidden_states=audio,
             encoder_hidden_states=vctx,
             audio_encoder_hidden_states=actx,
             timestep=t,
             audio_timestep=kwargs.get("audio_timestep"),
+            sigma=kwargs.get("sigma"),
+            audio_sigma=kwargs.get("audio_sigma"),
             encoder_attention_mask=kwargs["video_context_mask"],
             audio_encoder_attention_mask=kwargs["audio_context_mask"],
             num_frames=kwargs["num_frames"],
@@ -684,3 +698,346 @@ def test_parity_from_diffusers_weights_converted_to_ours():
     ours = LTX2DiT(cfg)
     ours.load_state_dict(diffusers_to_ours(reference.state_dict()), strict=True)
     _compare(ours.eval(), reference.eval(), *dit_inputs(config=cfg, seed=9))
+
+
+# ================================================================== LTX-2.3 (and the LTX-2.5 switches)
+def tiny_23_config(**overrides) -> LTX2DiTConfig:
+    """Tiny LTX-2.3 DiT: gated attention, text cross-attention AdaLN with the sigma-driven prompt modulation,
+    no caption projection (contexts come at the stream widths; `caption_channels` is then unused and left
+    at the default, which is what a 2.3 file's shapes give)."""
+    switches = dict(gated_attention=True, cross_attention_adaln=True, caption_projection=False)
+    return tiny_config(**{**switches, "caption_channels": LTX2DiTConfig.caption_channels, **overrides})
+
+
+def tiny_25_config(**overrides) -> LTX2DiTConfig:
+    """LTX-2.5's switches on 2.3: static prompt tables, bias-free video feed-forward, keyframe embedding."""
+    return tiny_23_config(prompt_adaln_single=False, ff_bias=False, keyframes_abs_pos_embedding=True, **overrides)
+
+
+def ltx23_inputs(seed=1, config: LTX2DiTConfig | None = None):
+    """A batch of 2 rows at different noise levels, the last prompt padded, image-to-video style: per-token
+    video timesteps with a clean first latent frame, audio at a sigma of its own; the per-row sigmas given."""
+    cfg = config or tiny_23_config()
+    args, kwargs = dit_inputs(seed=seed, config=cfg)
+    sigma, audio_sigma = torch.tensor([870.0, 310.0]), torch.tensor([650.0, 120.0])
+    per_token = sigma[:, None].repeat(1, args[0].shape[1])
+    per_token[:, : GRID[1] * GRID[2]] = 0.0
+    kwargs.update(audio_timestep=audio_sigma, sigma=sigma, audio_sigma=audio_sigma)
+    if cfg.keyframes_abs_pos_embedding:
+        kwargs["keyframes_mask"] = (per_token == 0).float()  # the clean first frame holds one pixel frame
+    return (*args[:4], per_token), kwargs
+
+
+def make_23(config: LTX2DiTConfig | None = None, seed: int = 0) -> LTX2DiT:
+    model = make_dit(config or tiny_23_config(), seed)
+    if model.config.keyframes_abs_pos_embedding:  # zeros at init (a no-op); random so that tests see it
+        torch.nn.init.normal_(model.keyframes_abs_pos_embedding, std=0.2, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+VERSIONS = {"2.3": tiny_23_config, "2.5": tiny_25_config}
+
+# transformer/config.json of Lightricks/LTX-2.3 in diffusers (its conversion script's "2.3" config)
+LTX23_CONFIG_JSON = {
+    **RELEASED_CONFIG_JSON,
+    "gated_attn": True,
+    "cross_attn_mod": True,
+    "audio_gated_attn": True,
+    "audio_cross_attn_mod": True,
+    "use_prompt_embeddings": False,
+    "perturbed_attn": True,
+}
+RELEASED_23 = LTX2DiTConfig(gated_attention=True, cross_attention_adaln=True, caption_projection=False)
+
+
+def test_ltx23_config_switches_and_cross_modal_timestep_default():
+    assert LTX2DiTConfig().cross_modal_mode == "own" and RELEASED_23.cross_modal_mode == "cross"
+    assert tiny_23_config(cross_modal_timestep="cross_gate").cross_modal_mode == "cross_gate"
+    assert replace(LTX2DiTConfig(), cross_attention_adaln=True).cross_modal_mode == "cross"  # resolved, not stored
+    with pytest.raises(ValueError, match="cross_modal_timestep"):
+        tiny_23_config(cross_modal_timestep="audio")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ltx23_conformance_forward_backward_meta_load(version):
+    cfg = VERSIONS[version]()
+    args, kwargs = ltx23_inputs(config=cfg)
+    cf.check_forward(lambda: make_23(cfg), args, kwargs, expected_shapes=expected_shapes(args, cfg))
+    cf.check_backward(lambda: make_23(cfg), args, kwargs)  # gates, prompt tables and embedders all reached
+    cf.check_meta_load(lambda: make_23(cfg), args, kwargs)
+    cf.check_declared_units(lambda: make_23(cfg))  # the offload / compile units still cover every block
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ltx23_config_from_tiny_shapes_rebuilds_the_same_model(version):
+    cfg = VERSIONS[version]()
+    config_json = {"num_attention_heads": 2, "audio_num_attention_heads": 2}
+    assert cf.check_spec_config(LTX2_DIT_SPEC, lambda: make_dit(cfg), config_json) == cfg
+    assert config_from_state(meta_state(cfg), _diffusers_config_json(cfg)) == cfg  # and through diffusers' json
+
+
+def test_ltx23_keys_present_decide_the_version_and_bad_tables_are_errors():
+    state = meta_state(tiny_23_config())
+    heads = {"attention_head_dim": 8, "audio_attention_head_dim": 4}
+    assert config_from_state(state, heads).cross_modal_mode == "cross"
+    seven = {**state, "transformer_blocks.0.scale_shift_table": torch.empty(7, 16, device="meta")}
+    with pytest.raises(ConfigError, match="transformer_blocks.0.scale_shift_table has 7 rows"):
+        config_from_state(seven, heads)
+    with pytest.raises(ConfigError, match="caption_projection"):  # 2.0 json, 2.3 shapes
+        config_from_state(state, {**heads, "use_prompt_embeddings": True})
+    with pytest.raises(ConfigError, match="cross_attn_mod=True but audio_cross_attn_mod=False"):
+        config_from_state({}, {**LTX23_CONFIG_JSON, "audio_cross_attn_mod": False})
+    with pytest.raises(ValueError, match=r"audio_context has shape \(2, 7, 16\).*audio width=8"):  # 2.0 widths
+        make_23()(*dit_inputs()[0], **dit_inputs()[1])
+
+
+def test_ltx23_sigma_defaults_to_the_largest_timestep_and_drives_the_text_modulation():
+    """Without `sigma` / `audio_sigma` each stream's largest per-token timestep stands in; sigma moves both
+    streams on a 2.3 model (prompt K/V modulation, and the other stream's a2v/v2a AdaLN) and is never read
+    by a 2.0 model."""
+    model = make_23().eval()
+    args, kwargs = ltx23_inputs()
+    bare = {k: v for k, v in kwargs.items() if k not in ("sigma", "audio_sigma")}
+    with torch.no_grad():
+        given = model(*args, **kwargs)
+        derived = model(*args, **bare)
+        moved = model(*args, **{**kwargs, "sigma": torch.tensor([500.0, 900.0])})
+        audio_moved = model(*args, **{**kwargs, "audio_sigma": torch.tensor([0.0, 0.0])})
+    assert all(torch.equal(a, b) for a, b in zip(given, derived, strict=True))
+    for out in (moved, audio_moved):
+        assert all((a - b).abs().max() > 1e-4 for a, b in zip(given, out, strict=True))
+    old = make_dit().eval()
+    args20, kwargs20 = dit_inputs()
+    with torch.no_grad():
+        plain = old(*args20, **kwargs20)
+        with_sigma = old(*args20, **kwargs20, sigma=torch.tensor([1.0, 2.0]), audio_sigma=3.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_sigma, strict=True))
+
+
+def test_ltx23_cross_modal_timestep_modes_differ_only_when_the_streams_noise_levels_differ():
+    weights = make_23().state_dict()
+    models = {}
+    for mode in ("own", "cross", "cross_gate"):
+        models[mode] = LTX2DiT(tiny_23_config(cross_modal_timestep=mode)).eval()
+        models[mode].load_state_dict(weights)
+    args, kwargs = ltx23_inputs()
+    same_args, same_kwargs = dit_inputs(config=tiny_23_config())  # one [B] timestep for everything (text-to-video)
+    with torch.no_grad():
+        outs = {mode: model(*args, **kwargs) for mode, model in models.items()}
+        sames = {mode: model(*same_args, **same_kwargs) for mode, model in models.items()}
+    for a, b in (("own", "cross"), ("own", "cross_gate"), ("cross", "cross_gate")):
+        assert all((x - y).abs().max() > 1e-5 for x, y in zip(outs[a], outs[b], strict=True)), (a, b)
+        assert all(torch.equal(x, y) for x, y in zip(sames[a], sames[b], strict=True)), (a, b)
+
+
+def test_ltx23_skipped_rows_equal_those_rows_run_alone_with_the_skip():
+    """STG (gates applied to the passed-through values) and modality isolation on a 2.3 model: the rows a
+    skip names in a batch equal those rows run alone with the skip on the whole call."""
+    model = make_23().eval()
+    args, kwargs = ltx23_inputs()
+    stg = [AttentionSkip("video_self", (1,), (1,)), AttentionSkip("audio_self", (1,), (1,))]
+    isolation = [AttentionSkip("a2v", None, (0,)), AttentionSkip("v2a", None, (0,))]
+    with torch.no_grad():
+        batch = model(*args, **kwargs, skips=stg + isolation)
+        plain = model(*args, **kwargs)
+        for row, skips in ((0, isolation), (1, stg)):
+            s = slice(row, row + 1)
+            alone_kwargs = {k: v[s] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in kwargs.items()}
+            alone = model(*(a[s] for a in args), **alone_kwargs,
+                          skips=[AttentionSkip(k.kind, k.blocks, None) for k in skips])  # fmt: skip
+            for b, a, p in zip(batch, alone, plain, strict=True):
+                torch.testing.assert_close(b[s], a, atol=1e-5, rtol=1e-5)
+                assert (b[s] - p[s]).abs().max() > 1e-4  # the skip did something
+
+
+def test_ltx23_first_block_cache_with_skips():
+    args, kwargs = ltx23_inputs()
+    kwargs["skips"] = list(STG_AND_ISOLATION)
+    other = ltx23_inputs(seed=2)[0]
+    cf.check_first_block_cache(make_23, args, kwargs, other_args=other, blocks=("transformer_blocks",))
+
+
+def test_ltx23_keyframes_embedding_marks_only_the_masked_tokens():
+    model = make_23(tiny_25_config()).eval()
+    args, kwargs = ltx23_inputs(config=model.config)
+    captured = []
+    model.transformer_blocks[0].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        model(*args, **kwargs)
+        model(*args, **{**kwargs, "keyframes_mask": kwargs["keyframes_mask"][..., None] * 0})
+        with pytest.raises(ValueError, match="keyframes_mask has shape"):
+            model(*args, **{**kwargs, "keyframes_mask": torch.ones(2, 5)})
+    marked, unmarked = captured
+    want = unmarked + kwargs["keyframes_mask"][..., None] * model.keyframes_abs_pos_embedding
+    torch.testing.assert_close(marked, want, atol=1e-6, rtol=0)
+
+
+def test_ltx23_vram_managed_dit_equals_the_unmanaged_one():
+    from diffsynth.runtime.vram import enable_vram_management
+
+    def factory():
+        return make_23(seed=2).eval().requires_grad_(False)
+
+    args, kwargs = ltx23_inputs()
+    with torch.no_grad():
+        reference = factory()(*args, **kwargs)
+        model = factory()
+        handle = enable_vram_management(model, {"offload_device": "cpu", "onload_device": "cpu"}, vram_limit=0,
+                                        device="cpu")  # fmt: skip
+        assert handle.plan.resident == () and len(handle.units) == 2
+        assert all(torch.equal(a, b) for a, b in zip(model(*args, **kwargs), reference, strict=True))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ltx23_layouts_round_trip(version):
+    cfg = VERSIONS[version]()
+
+    def factory():
+        return make_23(cfg)
+
+    for name in ("original", "original_unprefixed"):
+        cf.check_layout_roundtrip(factory, LAYOUTS[name])
+    cf.check_layout_roundtrip(factory, LAYOUTS["diffusers"], from_ours=ours_to_diffusers)
+    diffusers = ours_to_diffusers(factory().state_dict())
+    assert "prompt_adaln.linear.weight" in diffusers or version == "2.5"
+    assert "transformer_blocks.1.video_to_audio_attn.to_gate_logits.bias" in diffusers
+    assert not any(k.startswith("caption_projection") for k in diffusers)
+
+
+@pytest.mark.parametrize("layout", ["original", "original_unprefixed", "diffusers"])
+def test_ltx23_runtime_loader_builds_the_same_model_from_a_file_in_each_layout(layout, tmp_path):
+    """A 2.3 file (no caption projection key) is recognised in every layout and loads strictly."""
+    cfg = tiny_23_config(**({} if layout == "diffusers" else dict(
+        num_heads=1, head_dim=128, audio_num_heads=1, audio_head_dim=64, num_layers=1)))  # fmt: skip
+    reference = make_23(cfg, seed=4).eval()
+    state = reference.state_dict()
+    if layout == "original":
+        state = {PREFIX + k: v for k, v in state.items()}
+    elif layout == "diffusers":
+        state = ours_to_diffusers(state)
+        (tmp_path / "config.json").write_text(json.dumps(_diffusers_config_json(cfg)))
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = load_model(str(path), specs=[LTX2_DIT_SPEC])
+    assert isinstance(model, LTX2DiT) and model.config == cfg
+    loaded, want = model.state_dict(), reference.state_dict()
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
+    args, kwargs = ltx23_inputs(config=cfg)
+    with torch.no_grad():  # close, not bit-equal: kernels may round differently on the file's mapped memory
+        for a, b in zip(model(*args, **kwargs), reference(*args, **kwargs), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_ltx23_full_size_keys_are_the_20_keys_with_the_23_changes():
+    """Full size on meta: the released 2.0 DiT keys minus the caption projections, plus a gate per attention,
+    two prompt tables per block and the two prompt embedders; the block / adaln_single tables 9 rows."""
+    official = dit_part_of_full_file()
+    ours = shapes(meta_state(RELEASED_23))
+    attentions = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+    added = {
+        f"transformer_blocks.{i}.{name}"
+        for i in range(48)
+        for name in (
+            *(f"{a}.to_gate_logits.{p}" for a in attentions for p in ("weight", "bias")),
+            "prompt_scale_shift_table",
+            "audio_prompt_scale_shift_table",
+        )
+    } | {f"{s}prompt_adaln_single.{part}" for s in ("", "audio_") for part in (
+        "emb.timestep_embedder.linear_1.weight", "emb.timestep_embedder.linear_1.bias",
+        "emb.timestep_embedder.linear_2.weight", "emb.timestep_embedder.linear_2.bias",
+        "linear.weight", "linear.bias")}  # fmt: skip
+    removed = {k for k in official if k.startswith(("caption_projection.", "audio_caption_projection."))}
+    assert ours.keys() == (official.keys() - removed) | added
+    assert ours["transformer_blocks.0.scale_shift_table"] == [9, 4096] and ours["adaln_single.linear.weight"] == [
+        9 * 4096, 4096,
+    ]  # fmt: skip
+    assert ours["transformer_blocks.0.audio_to_video_attn.to_gate_logits.weight"] == [32, 4096]
+    assert ours["transformer_blocks.0.video_to_audio_attn.to_gate_logits.weight"] == [32, 2048]
+    full = {PREFIX + k: torch.empty(v, device="meta") for k, v in ours.items()}
+    layout = LTX2_DIT_SPEC.match(full)
+    assert layout.name == "original" and config_from_state(layout.to_ours(full), None) == RELEASED_23
+    print(f"LTX-2.3 DiT: {len(ours)} tensors, {sum(torch.Size(s).numel() for s in ours.values()) / 1e9:.2f}B params")
+
+
+def test_ltx23_config_json_alone_gives_the_released_config():
+    assert config_from_state({}, LTX23_CONFIG_JSON) == RELEASED_23
+
+
+@pytest.mark.parity
+def test_ltx23_full_size_model_equals_diffusers_through_the_converter():
+    """diffusers' full-size LTX-2.3 transformer (its conversion script's config) on meta: same keys and shapes
+    as ours through `ours_to_diffusers`, and its state and json give our released 2.3 config."""
+    pytest.importorskip("diffusers")
+    from diffusers import LTX2VideoTransformer3DModel
+
+    fields = {k: v for k, v in LTX23_CONFIG_JSON.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        reference = LTX2VideoTransformer3DModel(**fields)
+    theirs = shapes(reference.state_dict())
+    ours = meta_state(RELEASED_23)
+    assert shapes(ours_to_diffusers(ours)) == theirs
+    diffusers_state = {k: torch.empty(v, device="meta") for k, v in theirs.items()}
+    assert LTX2_DIT_SPEC.match(diffusers_state).name == "diffusers"
+    converted = diffusers_to_ours(diffusers_state)
+    assert shapes(converted) == shapes(ours)
+    assert config_from_state(converted, LTX23_CONFIG_JSON) == config_from_state(converted, None) == RELEASED_23
+
+
+def _diffusers_options(kwargs) -> dict:
+    """What diffusers takes beyond `_compare`'s common arguments for an `ltx23_inputs` call."""
+    options = {"use_cross_timestep": True}
+    if "keyframes_mask" in kwargs:
+        options["video_keyframes_mask"] = kwargs["keyframes_mask"][..., None]
+    return options
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("rope_type", ["split", "interleaved"])
+def test_ltx23_parity_with_diffusers_on_our_weights(version, rope_type):
+    """Per-token video timesteps, a separate audio timestep, per-row sigmas, a padded prompt; diffusers with
+    its pipelines' `use_cross_timestep=True`."""
+    pytest.importorskip("diffusers")
+    cfg = VERSIONS[version](rope_type=rope_type)
+    ours = make_23(cfg).eval()
+    args, kwargs = ltx23_inputs(config=cfg)
+    reference = reference_dit(cfg, ours_to_diffusers(ours.state_dict()))
+    _compare(ours, reference, args, kwargs, **_diffusers_options(kwargs))
+
+
+@pytest.mark.parity
+def test_ltx23_parity_of_the_own_timestep_mode_with_use_cross_timestep_false():
+    pytest.importorskip("diffusers")
+    cfg = tiny_23_config(cross_modal_timestep="own")
+    ours = make_23(cfg, seed=3).eval()
+    args, kwargs = ltx23_inputs(config=cfg, seed=5)
+    reference = reference_dit(cfg, ours_to_diffusers(ours.state_dict()))
+    _compare(ours, reference, args, kwargs, use_cross_timestep=False)
+
+
+@pytest.mark.parity
+def test_ltx23_parity_of_stg_and_modality_isolation_with_diffusers():
+    """Our STG skips on row 1 of blocks (1,) against diffusers' perturbed-attention processors
+    (`spatio_temporal_guidance_blocks`, `perturbation_mask`), and isolation of every row against
+    `isolate_modalities`."""
+    pytest.importorskip("diffusers")
+    cfg = tiny_23_config()
+    ours = make_23(cfg, seed=6).eval()
+    args, kwargs = ltx23_inputs(config=cfg, seed=7)
+    reference = reference_dit(cfg, ours_to_diffusers(ours.state_dict()), perturbed_attn=True)
+    stg = [AttentionSkip("video_self", (1,), (1,)), AttentionSkip("audio_self", (1,), (1,))]
+    _compare(ours, reference, args, {**kwargs, "skips": stg}, use_cross_timestep=True,
+             spatio_temporal_guidance_blocks=[1], perturbation_mask=torch.tensor([1.0, 0.0]))  # fmt: skip
+    isolation = [AttentionSkip("a2v"), AttentionSkip("v2a")]
+    _compare(ours, reference, args, {**kwargs, "skips": isolation}, use_cross_timestep=True, isolate_modalities=True)
+
+
+@pytest.mark.parity
+def test_ltx23_parity_from_diffusers_weights_converted_to_ours():
+    pytest.importorskip("diffusers")
+    cfg = tiny_25_config()
+    reference = random_weights(reference_dit(cfg), seed=8, scale=0.2)
+    ours = LTX2DiT(cfg)
+    ours.load_state_dict(diffusers_to_ours(reference.state_dict()), strict=True)
+    args, kwargs = ltx23_inputs(config=cfg, seed=9)
+    _compare(ours.eval(), reference.eval(), args, kwargs, **_diffusers_options(kwargs))

@@ -1,4 +1,4 @@
-"""The LTX-2 audio-video denoiser (LTX-2.0, 19B), with ltx-core's original key names.
+"""The LTX-2 audio-video denoiser (LTX-2.0 19B, LTX-2.3 22B), with ltx-core's original key names.
 
 Two token streams run side by side through every block: video (4096 wide, 32 heads x 128) and audio
 (2048 wide, 32 heads x 64). Each block does, per stream, AdaLN-modulated self-attention, text
@@ -11,14 +11,22 @@ Modulation comes from PixArt-style `adaln_single` embedders of the timestep: one
 blocks (6 vectors) and the output layer, plus two per stream for the audio<->video attentions (4
 scale/shift vectors and 1 gate), each added to a per-block learned table.
 
+LTX-2.3 (`gated_attention`, `cross_attention_adaln`, `caption_projection=False`) adds per-head output
+gates to every attention, an AdaLN (shift, scale, gate: block tables of 9 rows) on the text
+cross-attention's query and a shift / scale of the text keys' and values' input from per-block
+`prompt_scale_shift_table`s plus `prompt_adaln_single` embedders of each stream's sigma; its
+connectors output the stream widths, so there is no caption projection. Its audio<->video AdaLN reads
+the other stream's sigma (`cross_modal_timestep`).
+
 Positions are RoPE over fractional coordinates: video tokens carry (time in seconds, pixel row,
 pixel column) bounds, audio tokens time bounds; the cross-modal attentions rotate by time only.
 The released model uses the "split" layout (each head's first and second halves form the pairs).
 
-Module names equal the `model.diffusion_model.*` keys of `ltx-2-19b-dev.safetensors` (minus the text
-connectors, a separate model), so that file loads as is. Calling conventions follow diffusers'
-`LTX2VideoTransformer3DModel` as its pipeline calls it: timesteps already multiplied by 1000 (the
-scheduler's `t`), text embeddings as the connectors return them (3840 wide, projected here).
+Module names equal the `model.diffusion_model.*` keys of `ltx-2-19b-dev.safetensors` and
+`ltx-2.3-22b-dev.safetensors` (minus the text connectors, a separate model), so those files load as
+is. Calling conventions follow diffusers' `LTX2VideoTransformer3DModel` as its pipeline calls it:
+timesteps already multiplied by 1000 (the scheduler's `t`, also the unit of `sigma`), text embeddings
+as the connectors return them (2.0: 3840 wide, projected here; 2.3: already at the stream widths).
 """
 
 from __future__ import annotations
@@ -41,6 +49,11 @@ TIME_FREQ_DIM = 256  # sinusoidal features fed to every adaln_single embedder
 MASK_BIAS = -10000.0  # additive score bias of a masked text token (the references' value)
 ROPE_TYPES = ("split", "interleaved")
 SKIP_KINDS = ("video_self", "audio_self", "a2v", "v2a")  # attentions `AttentionSkip` can switch off
+# Timestep of a stream's audio<->video AdaLN (scale/shift, gate): "own" its own (per-token) timestep for
+# both (LTX-2.0; diffusers `use_cross_timestep=False`); "cross" the other stream's sigma for both (diffusers
+# `use_cross_timestep=True`, its pipelines' default, and ltx-core from 2026-03); "cross_gate" its own
+# timestep for scale/shift and the other stream's sigma for the gate (ltx-core from 2026-05).
+CROSS_MODAL_TIMESTEPS = ("own", "cross", "cross_gate")
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, signed sin), each [B, L, width] float32
 # Per attention of one block, which batch rows run it: None all, False none, else a bool keep-mask [B, 1, 1].
@@ -91,8 +104,28 @@ class LTX2DiTConfig:
     audio_sampling_rate: int = 16000
     audio_hop_length: int = 160
     audio_scale_factor: int = 4
+    # LTX-2.3 (22B) switches; the defaults are LTX-2.0's.
+    gated_attention: bool = False  # every attention scales each head's output by 2 * sigmoid(to_gate_logits(query))
+    # 9-row block tables: the text cross-attention gets a query AdaLN (shift, scale, gate) and its text K/V a
+    # per-block `prompt_scale_shift_table` modulation
+    cross_attention_adaln: bool = False
+    # with cross_attention_adaln: the text K/V modulation also follows sigma (`prompt_adaln_single`);
+    # False is LTX-2.5's static per-block table (cacheable K/V)
+    prompt_adaln_single: bool = True
+    caption_projection: bool = True  # False (2.3): the connectors already output the stream widths
+    ff_bias: bool = True  # False in LTX-2.5
+    audio_ff_bias: bool = True
+    keyframes_abs_pos_embedding: bool = False  # LTX-2.5: a learned vector added to marked keyframe tokens
+    # Which timestep drives the audio<->video attentions' AdaLN (see `CROSS_MODAL_TIMESTEPS`); None picks
+    # "cross" for a cross_attention_adaln (2.3+) model, else "own" (2.0).
+    cross_modal_timestep: str | None = None
 
     def __post_init__(self):
+        if self.cross_modal_timestep is not None and self.cross_modal_timestep not in CROSS_MODAL_TIMESTEPS:
+            raise ValueError(
+                f"LTX2DiTConfig.cross_modal_timestep={self.cross_modal_timestep!r} must be one of "
+                f"{CROSS_MODAL_TIMESTEPS}"
+            )
         self.rope_max_pos = tuple(int(v) for v in self.rope_max_pos)
         self.vae_scale_factors = tuple(int(v) for v in self.vae_scale_factors)
         self.rope_theta = float(self.rope_theta)
@@ -133,6 +166,20 @@ class LTX2DiTConfig:
         if self.norm_eps <= 0:
             raise ValueError(f"LTX2DiTConfig.norm_eps={self.norm_eps!r} must be positive")
 
+    @classmethod
+    def ltx23(cls, **overrides) -> LTX2DiTConfig:
+        """The released LTX-2.3 (22B) DiT: LTX-2.0's sizes with gated attentions, the text cross-attention's
+        AdaLN and no caption projection."""
+        return cls(**{"gated_attention": True, "cross_attention_adaln": True, "caption_projection": False, **overrides})
+
+    @property
+    def cross_modal_mode(self) -> str:
+        """`cross_modal_timestep`, or when unset the model's own: "cross" for 2.3+ (`cross_attention_adaln`),
+        "own" for 2.0. Resolved here, not stored, so `dataclasses.replace` of the switches keeps it right."""
+        if self.cross_modal_timestep is not None:
+            return self.cross_modal_timestep
+        return "cross" if self.cross_attention_adaln else "own"
+
     @property
     def dim(self) -> int:
         """Width of the video stream."""
@@ -142,6 +189,12 @@ class LTX2DiTConfig:
     def audio_dim(self) -> int:
         """Width of the audio stream (also the width of both audio<->video attentions)."""
         return self.audio_num_heads * self.audio_head_dim
+
+
+def modulation_rows(config: LTX2DiTConfig) -> int:
+    """Rows of a block's `scale_shift_table` and vectors per token of `adaln_single`: self-attention and
+    feed-forward (shift, scale, gate each), plus the text cross-attention's with `cross_attention_adaln`."""
+    return 9 if config.cross_attention_adaln else 6
 
 
 # ----------------------------------------------------------------------------------- positions
@@ -280,9 +333,9 @@ class CaptionProjection(nn.Module):
 class GELUProjection(nn.Module):
     """`gelu_tanh(proj(x))` (the feed-forward's first layer, named like ltx-core's `net.0.proj`)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(dim, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.proj(x), approximate="tanh")
@@ -291,18 +344,31 @@ class GELUProjection(nn.Module):
 class FeedForward(nn.Module):
     """4x GELU-tanh MLP; `net.1` is a parameterless placeholder so the keys read `net.0.proj` / `net.2`."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, bias: bool = True):
         super().__init__()
-        self.net = nn.Sequential(GELUProjection(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
+        self.net = nn.Sequential(
+            GELUProjection(dim, mult * dim, bias), nn.Identity(), nn.Linear(mult * dim, dim, bias=bias)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 class Attention(nn.Module):
-    """Multi-head attention with biases, RMSNorm over the whole q / k width and optional RoPE on q and k."""
+    """Multi-head attention with biases, RMSNorm over the whole q / k width and optional RoPE on q and k;
+    `gated` (LTX-2.3) adds `to_gate_logits`, a per-head gate `2 * sigmoid(logits(query input))` on the
+    heads' outputs before `to_out` (1 at zero logits)."""
 
-    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, eps: float, rope_type: str):
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int,
+        heads: int,
+        head_dim: int,
+        eps: float,
+        rope_type: str,
+        gated: bool = False,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim, self.rope_type = heads, head_dim, rope_type
@@ -312,6 +378,13 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner)
         self.to_v = nn.Linear(context_dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.to_gate_logits = nn.Linear(query_dim, heads) if gated else None
+
+    def _gate(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.to_gate_logits is None:
+            return out
+        gates = 2.0 * torch.sigmoid(self.to_gate_logits(x))  # [B, L, heads]
+        return (out.unflatten(-1, (self.heads, self.head_dim)) * gates[..., None]).flatten(-2)
 
     def forward(
         self,
@@ -328,11 +401,12 @@ class Attention(nn.Module):
         unmixed; `False` for the whole batch skips the query / key work. Under sequence parallelism
         (`parallel.shard_sequence`), `sequence_parallel` marks a self-attention over the rank's video
         shard, and `gather_keys` an attention whose keys and values are video shards but whose queries
-        are whole (video->audio): its keys and values are gathered first."""
+        are whole (video->audio): its keys and values are gathered first. The head gates (`gated`) apply to
+        the passed-through values too, as in both references."""
         context = x if context is None else context
         v = self.to_v(context)
         if keep is False:
-            return self.to_out[0](v)
+            return self.to_out[0](self._gate(x, v))
         q = self.q_norm(self.to_q(x))
         k = self.k_norm(self.to_k(context))
         if rope is not None:
@@ -352,7 +426,7 @@ class Attention(nn.Module):
         ).flatten(2)
         if keep is not None:
             out = torch.where(keep, out, v)
-        return self.to_out[0](out)
+        return self.to_out[0](self._gate(x, out))
 
 
 @dataclass
@@ -374,6 +448,9 @@ class BlockInputs:
     audio_rope: Rope
     video_cross_rope: Rope
     audio_cross_rope: Rope
+    # LTX-2.3 text K/V modulation from `prompt_adaln_single(sigma)` `[B, 1, 2 * width]` (None: table only)
+    video_prompt_mod: torch.Tensor | None = None
+    audio_prompt_mod: torch.Tensor | None = None
     video_self_mask: torch.Tensor | None = None  # sequence parallelism: the padding of the divided video tokens
 
     def video_shard(self, shards: SequenceShards, tokens: int) -> BlockInputs:
@@ -414,20 +491,25 @@ class LTX2Block(nn.Module):
         dim, adim, eps, rope = config.dim, config.audio_dim, config.norm_eps, config.rope_type
         heads, head_dim = config.num_heads, config.head_dim
         aheads, ahead_dim = config.audio_num_heads, config.audio_head_dim
+        gated, rows = config.gated_attention, modulation_rows(config)
         self.eps = eps
-        self.attn1 = Attention(dim, dim, heads, head_dim, eps, rope)
-        self.attn2 = Attention(dim, dim, heads, head_dim, eps, rope)
-        self.ff = FeedForward(dim)
-        self.scale_shift_table = nn.Parameter(torch.empty(6, dim))
-        self.audio_attn1 = Attention(adim, adim, aheads, ahead_dim, eps, rope)
-        self.audio_attn2 = Attention(adim, adim, aheads, ahead_dim, eps, rope)
-        self.audio_ff = FeedForward(adim)
-        self.audio_scale_shift_table = nn.Parameter(torch.empty(6, adim))
+        self.attn1 = Attention(dim, dim, heads, head_dim, eps, rope, gated)
+        self.attn2 = Attention(dim, dim, heads, head_dim, eps, rope, gated)
+        self.ff = FeedForward(dim, bias=config.ff_bias)
+        self.scale_shift_table = nn.Parameter(torch.empty(rows, dim))
+        self.audio_attn1 = Attention(adim, adim, aheads, ahead_dim, eps, rope, gated)
+        self.audio_attn2 = Attention(adim, adim, aheads, ahead_dim, eps, rope, gated)
+        self.audio_ff = FeedForward(adim, bias=config.audio_ff_bias)
+        self.audio_scale_shift_table = nn.Parameter(torch.empty(rows, adim))
         # Both audio<->video attentions run at the audio width and head count.
-        self.audio_to_video_attn = Attention(dim, adim, aheads, ahead_dim, eps, rope)
-        self.video_to_audio_attn = Attention(adim, dim, aheads, ahead_dim, eps, rope)
+        self.audio_to_video_attn = Attention(dim, adim, aheads, ahead_dim, eps, rope, gated)
+        self.video_to_audio_attn = Attention(adim, dim, aheads, ahead_dim, eps, rope, gated)
         self.scale_shift_table_a2v_ca_audio = nn.Parameter(torch.empty(5, adim))
         self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.empty(5, dim))
+        self.cross_attention_adaln = config.cross_attention_adaln
+        if self.cross_attention_adaln:  # (shift, scale) of the text keys / values
+            self.prompt_scale_shift_table = nn.Parameter(torch.empty(2, dim))
+            self.audio_prompt_scale_shift_table = nn.Parameter(torch.empty(2, adim))
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
@@ -438,11 +520,11 @@ class LTX2Block(nn.Module):
         """`keep`: which rows run the video self-, audio self-, a2v and v2a attentions (SKIP_KINDS order);
         None runs them all."""
         keep_video, keep_audio, keep_a2v, keep_v2a = (None,) * 4 if keep is None else keep
-        v_shift, v_scale, v_gate, v_shift_ff, v_scale_ff, v_gate_ff = _ada_values(self.scale_shift_table, inp.video_mod)
-        a_shift, a_scale, a_gate, a_shift_ff, a_scale_ff, a_gate_ff = _ada_values(
-            self.audio_scale_shift_table, inp.audio_mod
-        )
-        # self-attention, then text cross-attention (unmodulated), per stream
+        video_values = _ada_values(self.scale_shift_table, inp.video_mod)
+        audio_values = _ada_values(self.audio_scale_shift_table, inp.audio_mod)
+        v_shift, v_scale, v_gate, v_shift_ff, v_scale_ff, v_gate_ff = video_values[:6]
+        a_shift, a_scale, a_gate, a_shift_ff, a_scale_ff, a_gate_ff = audio_values[:6]
+        # self-attention, then text cross-attention (AdaLN-modulated only with cross_attention_adaln), per stream
         v_attn = self.attn1(
             _modulate(self._norm(vx), v_shift, v_scale),
             mask=inp.video_self_mask,
@@ -453,8 +535,18 @@ class LTX2Block(nn.Module):
         vx = add_mul(vx, v_attn, v_gate)
         a_attn = self.audio_attn1(_modulate(self._norm(ax), a_shift, a_scale), rope=inp.audio_rope, keep=keep_audio)
         ax = add_mul(ax, a_attn, a_gate)
-        vx = vx + self.attn2(self._norm(vx), inp.video_context, inp.video_context_mask)
-        ax = ax + self.audio_attn2(self._norm(ax), inp.audio_context, inp.audio_context_mask)
+        if self.cross_attention_adaln:
+            vx = self._text_adaln(
+                self.attn2, vx, video_values[6:], inp.video_context, inp.video_context_mask,
+                self.prompt_scale_shift_table, inp.video_prompt_mod,
+            )  # fmt: skip
+            ax = self._text_adaln(
+                self.audio_attn2, ax, audio_values[6:], inp.audio_context, inp.audio_context_mask,
+                self.audio_prompt_scale_shift_table, inp.audio_prompt_mod,
+            )  # fmt: skip
+        else:
+            vx = vx + self.attn2(self._norm(vx), inp.video_context, inp.video_context_mask)
+            ax = ax + self.audio_attn2(self._norm(ax), inp.audio_context, inp.audio_context_mask)
 
         # audio <-> video: both directions read the streams as they are now
         if keep_a2v is not False or keep_v2a is not False:
@@ -463,6 +555,27 @@ class LTX2Block(nn.Module):
         vx = add_mul(vx, self.ff(_modulate(self._norm(vx), v_shift_ff, v_scale_ff)), v_gate_ff)
         ax = add_mul(ax, self.audio_ff(_modulate(self._norm(ax), a_shift_ff, a_scale_ff)), a_gate_ff)
         return vx, ax
+
+    def _text_adaln(
+        self,
+        attn: Attention,
+        x: torch.Tensor,
+        query_values: Sequence[torch.Tensor],
+        context: torch.Tensor,
+        mask: torch.Tensor | None,
+        table: torch.Tensor,
+        prompt_mod: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """LTX-2.3 text cross-attention: AdaLN on the normed query (rows 6-8 of the block table: shift, scale,
+        gate on the output) and shift / scale of the raw text context (the block's prompt table plus the
+        sigma-driven `prompt_mod`, or the table alone)."""
+        shift_q, scale_q, gate_q = query_values
+        if prompt_mod is None:
+            shift_kv, scale_kv = table.to(context.dtype)
+        else:
+            shift_kv, scale_kv = _ada_values(table, prompt_mod)
+        out = attn(_modulate(self._norm(x), shift_q, scale_q), _modulate(context, shift_kv, scale_kv), mask)
+        return add_mul(x, out, gate_q)
 
     def _cross_modal(
         self, vx: torch.Tensor, ax: torch.Tensor, inp: BlockInputs, keep_a2v: Keep, keep_v2a: Keep
@@ -530,14 +643,21 @@ class LTX2DiT(nn.Module):
         dim, adim = config.dim, config.audio_dim
         self.patchify_proj = nn.Linear(config.in_channels, dim)
         self.audio_patchify_proj = nn.Linear(config.audio_in_channels, adim)
-        self.adaln_single = AdaLayerNormSingle(dim, 6)
-        self.audio_adaln_single = AdaLayerNormSingle(adim, 6)
+        rows = modulation_rows(config)
+        self.adaln_single = AdaLayerNormSingle(dim, rows)
+        self.audio_adaln_single = AdaLayerNormSingle(adim, rows)
         self.av_ca_video_scale_shift_adaln_single = AdaLayerNormSingle(dim, 4)
         self.av_ca_audio_scale_shift_adaln_single = AdaLayerNormSingle(adim, 4)
         self.av_ca_a2v_gate_adaln_single = AdaLayerNormSingle(dim, 1)
         self.av_ca_v2a_gate_adaln_single = AdaLayerNormSingle(adim, 1)
-        self.caption_projection = CaptionProjection(config.caption_channels, dim)
-        self.audio_caption_projection = CaptionProjection(config.caption_channels, adim)
+        if config.cross_attention_adaln and config.prompt_adaln_single:
+            self.prompt_adaln_single = AdaLayerNormSingle(dim, 2)
+            self.audio_prompt_adaln_single = AdaLayerNormSingle(adim, 2)
+        if config.caption_projection:
+            self.caption_projection = CaptionProjection(config.caption_channels, dim)
+            self.audio_caption_projection = CaptionProjection(config.caption_channels, adim)
+        if config.keyframes_abs_pos_embedding:
+            self.keyframes_abs_pos_embedding = nn.Parameter(torch.zeros(1, dim))
         self.transformer_blocks = nn.ModuleList(LTX2Block(config) for _ in range(config.num_layers))
         self.scale_shift_table = nn.Parameter(torch.empty(2, dim))
         self.audio_scale_shift_table = nn.Parameter(torch.empty(2, adim))
@@ -553,6 +673,8 @@ class LTX2DiT(nn.Module):
         timestep: torch.Tensor | float,
         *,
         audio_timestep: torch.Tensor | float | None = None,
+        sigma: torch.Tensor | float | None = None,
+        audio_sigma: torch.Tensor | float | None = None,
         video_context_mask: torch.Tensor | None = None,
         audio_context_mask: torch.Tensor | None = None,
         video_coords: torch.Tensor | None = None,
@@ -562,17 +684,26 @@ class LTX2DiT(nn.Module):
         width: int | None = None,
         fps: float = 24.0,
         skips: Sequence[AttentionSkip] = (),
+        keyframes_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Velocities for latent video tokens `video` `[B, L_v, in_channels]` (frame-major, patch 1) and audio
         tokens `audio` `[B, L_a, audio_in_channels]`.
 
-        `video_context` / `audio_context` are the text connectors' outputs `[B, L_text, caption_channels]`,
-        with optional masks `[B, L_text]` (bool, or 1 = keep / 0 = drop). `timestep` is the scheduler's
-        `t` = sigma * 1000: a scalar, `[B]`, or per token `[B, L_v]`; `audio_timestep` (default: `timestep`)
-        likewise for audio. Positions: `video_coords` `[B, 3, L_v, 2]` and `audio_coords` `[B, 1, L_a, 2]`
-        as `video_positions` / `audio_positions` build them, or built here from `num_frames`, `height`,
-        `width` (latent sizes) and `fps`. `skips` switch attentions off for some rows (`AttentionSkip`: the
-        authors' STG and modality-isolation passes); none by default. Computation runs in `video.dtype`.
+        `video_context` / `audio_context` are the text connectors' outputs `[B, L_text, caption_channels]`
+        (with `caption_projection=False`, LTX-2.3: `[B, L_text, width]` of each stream), with optional masks
+        `[B, L_text]` (bool, or 1 = keep / 0 = drop). `timestep` is the scheduler's `t` = sigma * 1000: a
+        scalar, `[B]`, or per token `[B, L_v]`; `audio_timestep` (default: `timestep`) likewise for audio.
+        `sigma` / `audio_sigma` (scalar or `[B]`, in the same units as `timestep`) are each sample's noise
+        level of a stream, which LTX-2.3 uses for the text K/V modulation and (`cross_modal_timestep`) the
+        other stream's audio<->video AdaLN; when absent, each is its stream's largest per-token timestep
+        (the noisy tokens' level: conditioning tokens carry 0, a frozen stream is 0 throughout). 2.0 models
+        with the default "own" cross-modal timestep never read them. Positions: `video_coords`
+        `[B, 3, L_v, 2]` and `audio_coords` `[B, 1, L_a, 2]` as `video_positions` / `audio_positions` build
+        them, or built here from `num_frames`, `height`, `width` (latent sizes) and `fps`. `skips` switch
+        attentions off for some rows (`AttentionSkip`: the authors' STG and modality-isolation passes); none
+        by default. `keyframes_mask` `[B, L_v]` or `[B, L_v, 1]` (non-zero: a token whose latent holds one
+        pixel frame) adds the learned `keyframes_abs_pos_embedding` to those tokens (LTX-2.5; ignored by
+        models without it). Computation runs in `video.dtype`.
 
         Under parallelism (`self.parallel`) the rows are divided over the batch ranks (the keep-masks
         of `skips` with them) and the video tokens over the sequence ranks; the audio stays whole.
@@ -581,14 +712,16 @@ class LTX2DiT(nn.Module):
         b = video.shape[0]
         return batch_parallel(
             self.parallel, b, self._forward, video, audio, video_context, audio_context, timestep,
-            audio_timestep=audio_timestep, video_context_mask=video_context_mask,
-            audio_context_mask=audio_context_mask, video_coords=video_coords, audio_coords=audio_coords,
-            num_frames=num_frames, height=height, width=width, fps=fps, keeps=self._keeps(skips, b),
+            audio_timestep=audio_timestep, sigma=sigma, audio_sigma=audio_sigma,
+            video_context_mask=video_context_mask, audio_context_mask=audio_context_mask,
+            video_coords=video_coords, audio_coords=audio_coords, num_frames=num_frames, height=height,
+            width=width, fps=fps, keeps=self._keeps(skips, b), keyframes_mask=keyframes_mask,
         )  # fmt: skip
 
     def _forward(
-        self, video, audio, video_context, audio_context, timestep, *, audio_timestep, video_context_mask,
-        audio_context_mask, video_coords, audio_coords, num_frames, height, width, fps, keeps,
+        self, video, audio, video_context, audio_context, timestep, *, audio_timestep, sigma, audio_sigma,
+        video_context_mask, audio_context_mask, video_coords, audio_coords, num_frames, height, width, fps,
+        keeps, keyframes_mask,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         cfg = self.config
         b = video.shape[0]
@@ -612,29 +745,49 @@ class LTX2DiT(nn.Module):
         t_audio = (
             t if audio_timestep is None else _timesteps("audio_timestep", audio_timestep, b, audio.shape[1], t.device)
         )
+        s_video = t.amax(dim=1, keepdim=True) if sigma is None else _timesteps("sigma", sigma, b, 1, t.device)
+        s_audio = (
+            t_audio.amax(dim=1, keepdim=True)
+            if audio_sigma is None
+            else _timesteps("audio_sigma", audio_sigma, b, 1, t.device)
+        )
+        # audio<->video AdaLN timesteps: (video scale/shift, video gate, audio scale/shift, audio gate)
+        mode = cfg.cross_modal_mode
+        video_ss, audio_ss = (s_audio, s_video) if mode == "cross" else (t, t_audio)
+        video_g, audio_g = (t, t_audio) if mode == "own" else (s_audio, s_video)
         gate_factor = cfg.av_ca_timestep_scale_multiplier / cfg.timestep_scale_multiplier
         video_mod, video_embedded = self._embed(self.adaln_single, t, b, dtype)
         audio_mod, audio_embedded = self._embed(self.audio_adaln_single, t_audio, b, dtype)
+        prompt_mods = (None, None)
+        if cfg.cross_attention_adaln and cfg.prompt_adaln_single:
+            prompt_mods = (
+                self._embed(self.prompt_adaln_single, s_video, b, dtype)[0],
+                self._embed(self.audio_prompt_adaln_single, s_audio, b, dtype)[0],
+            )
 
         cross_max = max(cfg.rope_max_pos[0], cfg.audio_rope_max_pos)
         adim, aheads = cfg.audio_dim, cfg.audio_num_heads
         inputs = BlockInputs(
-            video_context=self.caption_projection(video_context.to(dtype)),
-            audio_context=self.audio_caption_projection(audio_context.to(dtype)),
+            video_context=self._context(video_context, "caption_projection", dtype),
+            audio_context=self._context(audio_context, "audio_caption_projection", dtype),
             video_context_mask=_text_bias("video_context_mask", video_context_mask, video_context, dtype),
             audio_context_mask=_text_bias("audio_context_mask", audio_context_mask, audio_context, dtype),
             video_mod=video_mod,
             audio_mod=audio_mod,
-            video_cross_mod=self._embed(self.av_ca_video_scale_shift_adaln_single, t, b, dtype)[0],
-            audio_cross_mod=self._embed(self.av_ca_audio_scale_shift_adaln_single, t_audio, b, dtype)[0],
-            video_cross_gate=self._embed(self.av_ca_a2v_gate_adaln_single, t * gate_factor, b, dtype)[0],
-            audio_cross_gate=self._embed(self.av_ca_v2a_gate_adaln_single, t_audio * gate_factor, b, dtype)[0],
+            video_cross_mod=self._embed(self.av_ca_video_scale_shift_adaln_single, video_ss, b, dtype)[0],
+            audio_cross_mod=self._embed(self.av_ca_audio_scale_shift_adaln_single, audio_ss, b, dtype)[0],
+            video_cross_gate=self._embed(self.av_ca_a2v_gate_adaln_single, video_g * gate_factor, b, dtype)[0],
+            audio_cross_gate=self._embed(self.av_ca_v2a_gate_adaln_single, audio_g * gate_factor, b, dtype)[0],
             video_rope=rope_from_positions(video_coords, cfg.rope_max_pos, cfg.dim, cfg.num_heads, cfg),
             audio_rope=rope_from_positions(audio_coords, (cfg.audio_rope_max_pos,), adim, aheads, cfg),
             video_cross_rope=rope_from_positions(video_coords[:, :1], (cross_max,), adim, aheads, cfg),
             audio_cross_rope=rope_from_positions(audio_coords[:, :1], (cross_max,), adim, aheads, cfg),
+            video_prompt_mod=prompt_mods[0],
+            audio_prompt_mod=prompt_mods[1],
         )
         vx = self.patchify_proj(video)
+        if keyframes_mask is not None and cfg.keyframes_abs_pos_embedding:
+            vx = self._mark_keyframes(vx, keyframes_mask)
         ax = self.audio_patchify_proj(audio.to(dtype))
         blocks = list(zip(self.transformer_blocks, _local_keeps(keeps, video.device), strict=True))
 
@@ -696,6 +849,20 @@ class LTX2DiT(nn.Module):
 
         per_block = [tuple(keep(skipped[kind, i]) for kind in SKIP_KINDS) for i in range(n)]
         return [None if all(k is None for k in ks) else ks for ks in per_block]
+
+    def _context(self, context: torch.Tensor, projection: str, dtype) -> torch.Tensor:
+        """The text context in `dtype`, through the caption projection when the model has one (2.0)."""
+        context = context.to(dtype)
+        return getattr(self, projection)(context) if self.config.caption_projection else context
+
+    def _mark_keyframes(self, vx: torch.Tensor, keyframes_mask: torch.Tensor) -> torch.Tensor:
+        """`vx` plus the learned keyframe vector on the tokens `keyframes_mask` marks (non-zero)."""
+        mask = keyframes_mask if keyframes_mask.dim() == 3 else keyframes_mask[..., None]
+        if mask.shape != (*vx.shape[:2], 1):
+            raise ValueError(
+                f"keyframes_mask has shape {tuple(keyframes_mask.shape)}; expected [B, L_video] = {tuple(vx.shape[:2])}"
+            )
+        return vx + (mask > 0).to(vx.dtype) * self.keyframes_abs_pos_embedding.to(vx.dtype)
 
     @staticmethod
     def _embed(adaln: AdaLayerNormSingle, t: torch.Tensor, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -783,9 +950,16 @@ def check_inputs(cfg: LTX2DiTConfig, video, audio, video_context, audio_context)
         raise ValueError(
             f"audio has shape {tuple(audio.shape)}; expected [B={b}, L_audio, audio_in_channels={cfg.audio_in_channels}]"
         )
-    for name, context in (("video_context", video_context), ("audio_context", audio_context)):
-        if context.dim() != 3 or context.shape[0] != b or context.shape[-1] != cfg.caption_channels:
+    widths = (
+        (("caption_channels", cfg.caption_channels),) * 2
+        if cfg.caption_projection
+        else (("video width", cfg.dim), ("audio width", cfg.audio_dim))
+    )
+    for (name, context), (what, width) in zip(
+        (("video_context", video_context), ("audio_context", audio_context)), widths, strict=True
+    ):
+        if context.dim() != 3 or context.shape[0] != b or context.shape[-1] != width:
             raise ValueError(
-                f"{name} has shape {tuple(context.shape)}; expected [B={b}, L_text, caption_channels="
-                f"{cfg.caption_channels}] (the text connector's output)"
+                f"{name} has shape {tuple(context.shape)}; expected [B={b}, L_text, {what}={width}] "
+                f"(the text connector's output)"
             )

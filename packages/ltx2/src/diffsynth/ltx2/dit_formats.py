@@ -1,13 +1,17 @@
 """How LTX-2 DiT checkpoints are recognised, converted and configured.
 
-Our module names are ltx-core's, so the DiT part of `ltx-2-19b-dev.safetensors` (keys under
-`model.diffusion_model.`) loads as is. That file also holds the text connectors under the same prefix
-(`video_embeddings_connector.*`, `audio_embeddings_connector.*`) and the VAEs and vocoder under other
-prefixes: this spec owns only the DiT's top-level names and leaves the rest to their own specs.
+Our module names are ltx-core's, so the DiT part of `ltx-2-19b-dev.safetensors` and
+`ltx-2.3-22b-dev.safetensors` (keys under `model.diffusion_model.`) loads as is. Those files also hold
+the text connectors under the same prefix (`video_embeddings_connector.*`, `audio_embeddings_connector.*`)
+and the VAEs and vocoder under other prefixes: this spec owns only the DiT's top-level names and leaves
+the rest to their own specs.
 Also accepted: the same keys without the prefix (a DiT saved on its own), and the diffusers
 `transformer/` folder, whose names differ by plain renames (`patchify_proj` -> `proj_in`,
-`adaln_single` -> `time_embed`, `q_norm` -> `norm_q`, ...). `ours_to_diffusers` is the exact inverse of
-`diffusers_to_ours`.
+`adaln_single` -> `time_embed`, `prompt_adaln_single` -> `prompt_adaln`, `q_norm` -> `norm_q`, ...).
+`ours_to_diffusers` is the exact inverse of `diffusers_to_ours`. Which version a checkpoint is comes from
+its keys and shapes (LTX-2.3: `to_gate_logits`, 9-row block tables, `prompt_adaln_single`, no
+`caption_projection`), or from diffusers' `config.json` switches (`gated_attn`, `cross_attn_mod`,
+`use_prompt_embeddings`, ...).
 
 Head counts cannot be read from the shapes (the QK norms span all heads): they come from the diffusers
 `config.json` when there is one, otherwise from the released head widths (128 video, 64 audio).
@@ -36,6 +40,8 @@ _ADALN = {  # ours -> diffusers module name of each adaln_single embedder
     "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
     "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
     "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
+    "prompt_adaln_single": "prompt_adaln",  # LTX-2.3
+    "audio_prompt_adaln_single": "audio_prompt_adaln",
 }
 _LINEARS = {  # ours -> diffusers for the plain top-level linears
     "patchify_proj": "proj_in",
@@ -50,6 +56,7 @@ _LINEARS = {  # ours -> diffusers for the plain top-level linears
 TOP_LEVEL: dict[str, str] = {
     "scale_shift_table": "scale_shift_table",
     "audio_scale_shift_table": "audio_scale_shift_table",
+    "keyframes_abs_pos_embedding": "keyframes_abs_pos_embedding",  # LTX-2.5
     **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in _LINEARS.items() for p in _WB},
     **{
         f"{ours}.{part}.{p}": f"{theirs}.{part}.{p}"
@@ -64,12 +71,14 @@ BLOCK: dict[str, str] = {  # the part after `transformer_blocks.{i}.`
     "audio_scale_shift_table": "audio_scale_shift_table",
     "scale_shift_table_a2v_ca_video": "video_a2v_cross_attn_scale_shift_table",
     "scale_shift_table_a2v_ca_audio": "audio_a2v_cross_attn_scale_shift_table",
+    "prompt_scale_shift_table": "prompt_scale_shift_table",  # LTX-2.3
+    "audio_prompt_scale_shift_table": "audio_prompt_scale_shift_table",
     **{f"{a}.q_norm.weight": f"{a}.norm_q.weight" for a in _ATTENTIONS},
     **{f"{a}.k_norm.weight": f"{a}.norm_k.weight" for a in _ATTENTIONS},
     **{
         f"{a}.{lin}.{p}": f"{a}.{lin}.{p}"
         for a in _ATTENTIONS
-        for lin in ("to_q", "to_k", "to_v", "to_out.0")
+        for lin in ("to_q", "to_k", "to_v", "to_out.0", "to_gate_logits")  # to_gate_logits: LTX-2.3
         for p in _WB
     },
     **{
@@ -97,8 +106,8 @@ def _rename(state: dict[str, torch.Tensor], top: dict[str, str], block: dict[str
 
 
 def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers `LTX2VideoTransformer3DModel` state dict in our (ltx-core) names; `KeyError` names an
-    unknown key (e.g. the LTX-2.3 gated-attention or prompt-modulation weights, which this model lacks)."""
+    """A diffusers `LTX2VideoTransformer3DModel` state dict (LTX-2.0, 2.3 or 2.5) in our (ltx-core) names;
+    `KeyError` names an unknown key."""
     return _rename(state, _TOP_BACK, _BLOCK_BACK, "diffusers layout")
 
 
@@ -107,12 +116,13 @@ def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return _rename(state, TOP_LEVEL, BLOCK, "to diffusers")
 
 
+# keys every version has (LTX-2.3 has no caption projection)
 ORIGINAL_SIGNATURE = (
     "patchify_proj.weight",
     "audio_patchify_proj.weight",
     "adaln_single.linear.weight",
     "av_ca_a2v_gate_adaln_single.linear.weight",
-    "caption_projection.linear_1.weight",
+    "av_ca_audio_scale_shift_adaln_single.linear.weight",
     "transformer_blocks.0.audio_to_video_attn.to_q.weight",
     "audio_proj_out.weight",
 )
@@ -121,7 +131,7 @@ DIFFUSERS_SIGNATURE = (
     "audio_proj_in.weight",
     "time_embed.linear.weight",
     "av_cross_attn_video_a2v_gate.linear.weight",
-    "caption_projection.linear_1.weight",
+    "av_cross_attn_audio_scale_shift.linear.weight",
     "transformer_blocks.0.audio_to_video_attn.to_q.weight",
     "audio_proj_out.weight",
 )
@@ -150,16 +160,45 @@ def _count_blocks(state: StateDict) -> int:
 def _fields_from_shapes(state: StateDict) -> dict:
     dim, in_channels = state["patchify_proj.weight"].shape
     audio_dim, audio_in = state["audio_patchify_proj.weight"].shape
-    return dict(
+    fields = dict(
         in_channels=in_channels,
         out_channels=state["proj_out.weight"].shape[0],
         audio_in_channels=audio_in,
         audio_out_channels=state["audio_proj_out.weight"].shape[0],
         num_layers=_count_blocks(state),
-        caption_channels=state["caption_projection.linear_1.weight"].shape[1],
         dim=dim,
         audio_dim=audio_dim,
+        **_version_fields(state),
     )
+    if fields["caption_projection"]:
+        fields["caption_channels"] = state["caption_projection.linear_1.weight"].shape[1]
+    return fields
+
+
+def _version_fields(state: StateDict) -> dict:
+    """The LTX-2.3 / 2.5 switches, read from which keys exist and the block tables' row count."""
+    block = "transformer_blocks.0."
+    fields = dict(
+        caption_projection="caption_projection.linear_1.weight" in state,
+        keyframes_abs_pos_embedding="keyframes_abs_pos_embedding" in state,
+    )
+    if block + "attn1.to_q.weight" not in state:  # no blocks: nothing more to read
+        return fields
+    rows = state[block + "scale_shift_table"].shape[0]
+    if rows not in (6, 9):
+        raise ConfigError(
+            f"LTX-2 DiT: {block}scale_shift_table has {rows} rows; expected 6 (LTX-2.0) or 9 (LTX-2.3 text "
+            f"cross-attention AdaLN)"
+        )
+    fields.update(
+        gated_attention=block + "attn1.to_gate_logits.weight" in state,
+        cross_attention_adaln=rows == 9,
+        ff_bias=block + "ff.net.0.proj.bias" in state,
+        audio_ff_bias=block + "audio_ff.net.0.proj.bias" in state,
+    )
+    if rows == 9:
+        fields["prompt_adaln_single"] = "prompt_adaln_single.linear.weight" in state
+    return fields
 
 
 # diffusers config.json field -> our config field
@@ -186,8 +225,18 @@ _JSON_FIELDS = {
     "audio_sampling_rate": "audio_sampling_rate",
     "audio_hop_length": "audio_hop_length",
     "audio_scale_factor": "audio_scale_factor",
+    "use_prompt_embeddings": "caption_projection",
+    "use_prompt_adaln_single": "prompt_adaln_single",
+    "ff_bias": "ff_bias",
+    "audio_ff_bias": "audio_ff_bias",
+    "use_keyframes_abs_pos_embedding": "keyframes_abs_pos_embedding",
 }
-# Architecture facts the json may state but that this model does not vary (LTX-2.0): value we have.
+# diffusers' per-stream switches (video, audio) -> our one field for both streams (they agree in every release)
+_PAIRED_JSON = {
+    "gated_attention": ("gated_attn", "audio_gated_attn"),
+    "cross_attention_adaln": ("cross_attn_mod", "audio_cross_attn_mod"),
+}
+# Architecture facts the json may state but that no released version varies: value we have.
 _FIXED_JSON = {
     "patch_size": 1,
     "patch_size_t": 1,
@@ -198,14 +247,6 @@ _FIXED_JSON = {
     "norm_elementwise_affine": False,
     "attention_bias": True,
     "attention_out_bias": True,
-    "gated_attn": False,
-    "audio_gated_attn": False,
-    "cross_attn_mod": False,
-    "audio_cross_attn_mod": False,
-    "use_prompt_embeddings": True,
-    "ff_bias": True,
-    "audio_ff_bias": True,
-    "use_keyframes_abs_pos_embedding": False,
 }
 _RELEASED_HEAD_DIM = {"head_dim": 128, "audio_head_dim": 64}
 
@@ -215,6 +256,8 @@ def diffusers_config(config: LTX2DiTConfig) -> dict:
     `config`'s sizes and settings: what `config_from_state` reads back (a round trip), and how tests and
     benchmarks build the reference model."""
     fields = {name: getattr(config, ours) for name, ours in _JSON_FIELDS.items()}
+    for ours, names in _PAIRED_JSON.items():
+        fields.update(dict.fromkeys(names, getattr(config, ours)))
     fields["vae_scale_factors"] = tuple(config.vae_scale_factors)
     fields.update(zip(("pos_embed_max_pos", "base_height", "base_width"), config.rope_max_pos, strict=True))
     return {**fields, "cross_attention_dim": config.dim, "audio_cross_attention_dim": config.audio_dim}
@@ -223,10 +266,17 @@ def diffusers_config(config: LTX2DiTConfig) -> dict:
 def _fields_from_json(config_json: dict) -> dict:
     for name, ours in _FIXED_JSON.items():
         if config_json.get(name) is not None and config_json[name] != ours:
-            raise ConfigError(
-                f"LTX-2 DiT config.json {name}={config_json[name]!r}: only {ours!r} is supported (LTX-2.0)"
-            )
+            raise ConfigError(f"LTX-2 DiT config.json {name}={config_json[name]!r}: only {ours!r} is supported")
     given = {ours: config_json[name] for name, ours in _JSON_FIELDS.items() if config_json.get(name) is not None}
+    for ours, (video, audio) in _PAIRED_JSON.items():
+        if config_json.get(video) is None and config_json.get(audio) is None:
+            continue
+        values = [bool(config_json.get(name) or False) for name in (video, audio)]  # diffusers' default: False
+        if values[0] != values[1]:
+            raise ConfigError(
+                f"LTX-2 DiT config.json {video}={values[0]} but {audio}={values[1]}: only equal values are supported"
+            )
+        given[ours] = values[0]
     for side in ("", "audio_"):
         if f"{side}out_channels" not in given and f"{side}in_channels" in given:
             given[f"{side}out_channels"] = given[f"{side}in_channels"]  # diffusers: None means in_channels
@@ -273,9 +323,10 @@ def _split_width(fields: dict, derived: dict, side: str) -> None:
 def config_from_state(state: StateDict, config_json: dict | None = None) -> LTX2DiTConfig:
     """Config from our-named shapes and, when present, the diffusers `config.json` beside the file.
 
-    Shapes give channels, block count, caption width and the two stream widths; the json gives head
-    counts, RoPE and timestep settings (else the released ones). A json value contradicting the shapes
-    is an error naming the field.
+    Shapes give channels, block count, caption width, the two stream widths and the version switches
+    (gate logits, 9-row tables, prompt AdaLN, caption projection, feed-forward biases); the json gives
+    head counts, RoPE and timestep settings (else the released ones). A json value contradicting the
+    shapes is an error naming the field.
     """
     given = _fields_from_json(config_json) if config_json else {}
     derived = _fields_from_shapes(state) if state else {}
@@ -292,5 +343,8 @@ LTX2_DIT_SPEC = ModelSpec(
     layouts=LAYOUTS,
     config_from_state=config_from_state,
     build=LTX2DiT,
-    description="LTX-2 audio-video DiT (19B): ltx-2-19b-*.safetensors (model.diffusion_model.*), diffusers transformer/",
+    description=(
+        "LTX-2 / LTX-2.3 audio-video DiT (19B / 22B): ltx-2-19b-*.safetensors, ltx-2.3-22b-*.safetensors "
+        "(model.diffusion_model.*), diffusers transformer/"
+    ),
 )
