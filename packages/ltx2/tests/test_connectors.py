@@ -1,5 +1,6 @@
 """LTX-2 text connectors: conformance suite, behaviour, full-size keys on meta, formats, loading, and parity with
-diffusers' `LTX2TextConnectors(rope_type="split")` on the same weights (fp32, CPU).
+diffusers' `LTX2TextConnectors(rope_type="split")` on the same weights (fp32, CPU), for LTX-2.0 and LTX-2.3
+(per-modality projections, per-token RMS norm, gated attention).
 
 `data/ltx2_full.json` lists every key of `ltx-2-19b-dev.safetensors`; `data/ltx2_connectors_diffusers.json`
 the diffusers `connectors/` keys (both from `/work/shared/formats/keys/`).
@@ -14,7 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffsynth.ltx2.connectors import LTX2ConnectorsConfig, LTX2TextConnectors, normalize_hidden_states
+from diffsynth.ltx2.connectors import (
+    LTX2ConnectorsConfig,
+    LTX2TextConnectors,
+    normalize_hidden_states,
+    rms_normalize_hidden_states,
+)
 from diffsynth.ltx2.connectors_formats import (
     LTX2_CONNECTORS_SPEC,
     PREFIX,
@@ -53,8 +59,76 @@ def tiny_config(**overrides) -> LTX2ConnectorsConfig:
     return LTX2ConnectorsConfig(**{**fields, **overrides})
 
 
+def tiny_config_23(**overrides) -> LTX2ConnectorsConfig:
+    """A tiny LTX-2.3: streams wider (video 24) and narrower (audio 8) than the 16 caption channels."""
+    fields = dict(
+        video_num_heads=3,
+        video_head_dim=8,
+        video_num_layers=2,
+        audio_num_heads=2,
+        audio_head_dim=4,
+        audio_num_layers=1,
+        per_modality_projections=True,
+        projection_bias=True,
+        video_gated_attention=True,
+        audio_gated_attention=True,
+    )
+    return tiny_config(**{**fields, **overrides})
+
+
+def full_config_23() -> LTX2ConnectorsConfig:
+    """The released LTX-2.3 (22B) connectors."""
+    return LTX2ConnectorsConfig(
+        video_num_heads=32,
+        video_head_dim=128,
+        video_num_layers=8,
+        audio_num_heads=32,
+        audio_head_dim=64,
+        audio_num_layers=8,
+        per_modality_projections=True,
+        projection_bias=True,
+        video_gated_attention=True,
+        audio_gated_attention=True,
+    )
+
+
+# diffusers' full-size LTX-2.3 connectors config (its conversion script's `get_ltx2_connectors_config("2.3")`)
+DIFFUSERS_23 = dict(
+    caption_channels=3840,
+    text_proj_in_factor=49,
+    video_connector_num_attention_heads=32,
+    video_connector_attention_head_dim=128,
+    video_connector_num_layers=8,
+    video_connector_num_learnable_registers=128,
+    video_gated_attn=True,
+    audio_connector_num_attention_heads=32,
+    audio_connector_attention_head_dim=64,
+    audio_connector_num_layers=8,
+    audio_connector_num_learnable_registers=128,
+    audio_gated_attn=True,
+    connector_rope_base_seq_len=4096,
+    rope_theta=10000.0,
+    rope_double_precision=True,
+    causal_temporal_positioning=False,
+    rope_type="split",
+    per_modality_projections=True,
+    video_hidden_dim=4096,
+    audio_hidden_dim=2048,
+    proj_bias=True,
+)
+
+
 def diffusers_kwargs(config: LTX2ConnectorsConfig) -> dict:
+    v2 = dict(
+        per_modality_projections=True,
+        proj_bias=config.projection_bias,
+        video_gated_attn=config.video_gated_attention,
+        audio_gated_attn=config.audio_gated_attention,
+        video_hidden_dim=config.video_num_heads * config.video_head_dim,
+        audio_hidden_dim=config.audio_num_heads * config.audio_head_dim,
+    )
     return dict(
+        **(v2 if config.per_modality_projections else {}),
         caption_channels=config.caption_channels,
         text_proj_in_factor=config.text_proj_in_factor,
         video_connector_num_attention_heads=config.video_num_heads,
@@ -67,6 +141,9 @@ def diffusers_kwargs(config: LTX2ConnectorsConfig) -> dict:
         audio_connector_num_learnable_registers=config.audio_num_registers,
         rope_type=config.rope_type,
     )
+
+
+CONFIGS = {"2.0": tiny_config, "2.3": tiny_config_23}
 
 
 def make_connectors(config: LTX2ConnectorsConfig | None = None, seed: int = 0) -> LTX2TextConnectors:
@@ -139,9 +216,10 @@ def test_conformance_suite():
     assert config == tiny_config()
 
 
-def test_bfloat16_keeps_dtype_and_stays_close_to_float32():
+@pytest.mark.parametrize("version", ["2.0", "2.3"])
+def test_bfloat16_keeps_dtype_and_stays_close_to_float32(version):
     states, mask = connector_inputs()
-    model = make_connectors()
+    model = make_connectors(CONFIGS[version]())
     with torch.no_grad():
         full = model(states, mask)
         low = model.to(torch.bfloat16)(states.to(torch.bfloat16), mask)
@@ -151,10 +229,11 @@ def test_bfloat16_keeps_dtype_and_stays_close_to_float32():
 
 
 # ------------------------------------------------------------------ behaviour
-def test_padding_side_does_not_matter_and_samples_are_independent():
+@pytest.mark.parametrize("version", ["2.0", "2.3"])
+def test_padding_side_does_not_matter_and_samples_are_independent(version):
     """The same prompts padded on the left or on the right give the same contexts (prompt tokens are moved
     to the front before the registers), and a batch equals each sample run alone."""
-    model = make_connectors().eval()
+    model = make_connectors(CONFIGS[version]()).eval()
     states, left_mask = connector_inputs(side="left")
     _, right_mask = connector_inputs(side="right")
     right_states = states.clone()
@@ -186,8 +265,9 @@ def test_normalisation_uses_only_prompt_tokens():
     assert (normed[2, ~mask[2].bool()] == 0).all()
 
 
-def test_bad_inputs_raise_clear_errors():
-    model = make_connectors()
+@pytest.mark.parametrize("version", ["2.0", "2.3"])
+def test_bad_inputs_raise_clear_errors(version):
+    model = make_connectors(CONFIGS[version]())
     states, mask = connector_inputs()
     with pytest.raises(ValueError, match=r"expected \[B, L, 48\]"):
         model(states[..., :40], mask)
@@ -229,8 +309,8 @@ def test_layouts_round_trip(name, from_ours):
 
 def test_unmapped_keys_are_errors_naming_them():
     state = ours_to_diffusers(make_connectors().state_dict())
-    with pytest.raises(KeyError, match="video_text_proj_in.weight"):
-        diffusers_to_ours({**state, "video_text_proj_in.weight": torch.zeros(2)})  # LTX-2.3
+    with pytest.raises(KeyError, match="caption_projection.linear_1.weight"):
+        diffusers_to_ours({**state, "caption_projection.linear_1.weight": torch.zeros(2)})  # a DiT key
     original = ours_to_original(make_connectors().state_dict())
     rogue = PREFIX + "video_embeddings_connector.transformer_1d_blocks.0.attn1.gate.weight"
     with pytest.raises(CheckpointError, match="attn1.gate.weight"):
@@ -332,3 +412,169 @@ def test_vram_managed_connectors_equal_the_unmanaged_ones():
         assert handle.plan.resident == () and len(handle.units) == 3  # 1 video + 2 audio blocks
         assert all(torch.equal(a, b) for a, b in zip(model(states, mask), reference, strict=True))
         assert handle.report().bytes_moved > 0
+
+
+# ------------------------------------------------------------------ LTX-2.3
+LAYOUTS_23 = {name: LAYOUTS[f"{name}_2.3"] for name in ("original", "original_unprefixed", "diffusers")}
+
+
+def test_ltx23_conformance_suite():
+    states, mask = connector_inputs()
+    shapes = [(3, LENGTH, 24), (3, LENGTH, 8), (3, LENGTH)]
+    factory = lambda: make_connectors(tiny_config_23())  # noqa: E731
+    cf.check_forward(factory, (states, mask), expected_shapes=shapes)
+    cf.check_backward(factory, (states, mask))  # the gates and both projections' biases are reached
+    cf.check_gradient_checkpointing(factory, (states, mask))
+    cf.check_meta_load(factory, (states, mask))
+    cf.check_declared_units(factory)
+    config = cf.check_spec_config(LTX2_CONNECTORS_SPEC, factory, config_json=diffusers_kwargs(tiny_config_23()))
+    assert config == tiny_config_23()
+
+
+def test_ltx23_full_size_config_comes_from_the_shapes_alone():
+    """The released 2.3's keys: the gates give the head split (32 x 128 video, 32 x 64 audio), the biases
+    and the two projections the rest; 188160 input features are Gemma's 3840 x 49."""
+    with torch.device("meta"):
+        model = LTX2TextConnectors(full_config_23())
+    state = model.state_dict()
+    assert tuple(state["text_embedding_projection.video_aggregate_embed.weight"].shape) == (4096, 3840 * 49)
+    assert tuple(state["text_embedding_projection.audio_aggregate_embed.bias"].shape) == (2048,)
+    assert tuple(state["audio_embeddings_connector.transformer_1d_blocks.7.attn1.to_gate_logits.weight"].shape) == (
+        32,
+        2048,
+    )
+    assert config_from_state(state) == full_config_23()
+    written = ours_to_original(state)
+    layout = LTX2_CONNECTORS_SPEC.match(written)
+    assert layout is not None and layout.name == "original_2.3"
+    assert {k for k in written if not k.startswith(PREFIX)} == {
+        f"text_embedding_projection.{side}_aggregate_embed.{p}"
+        for side in ("video", "audio")
+        for p in ("weight", "bias")
+    }
+    assert config_from_state(layout.to_ours(written)) == full_config_23()
+
+
+def test_ltx23_config_shapes_and_json_disagreeing_are_errors_naming_the_field():
+    state = make_connectors(tiny_config_23()).state_dict()
+    with torch.device("meta"):
+        assert config_from_state(state, diffusers_kwargs(tiny_config_23())) == tiny_config_23()
+        assert config_from_state(state, {"caption_channels": 16}) == tiny_config_23()  # the gates split the heads
+        for change, message in (
+            (dict(video_hidden_dim=32), "video_hidden_dim"),
+            (dict(audio_connector_num_attention_heads=4), "audio_num_heads"),
+            (dict(per_modality_projections=False), "per_modality_projections"),
+            (dict(proj_bias=False), "projection_bias"),
+            (dict(caption_channels=10, text_proj_in_factor=None), "caption_channels=10"),
+        ):
+            json_config = {k: v for k, v in {**diffusers_kwargs(tiny_config_23()), **change}.items() if v is not None}
+            with pytest.raises(ConfigError, match=message):
+                config_from_state(state, json_config)
+        missing = {k: v for k, v in state.items() if not k.startswith("text_embedding_projection.audio")}
+        with pytest.raises(ConfigError, match="audio_aggregate_embed.weight"):
+            config_from_state(missing, diffusers_kwargs(tiny_config_23()))
+        with pytest.raises(ConfigError, match="caption_channels=3840"):  # 48 features: not Gemma-3-12B's
+            config_from_state(state)
+
+
+def test_ltx23_rms_normalisation_is_per_token_and_zeroes_padding():
+    states, mask = connector_inputs()
+    packed = states.unflatten(2, (16, 3))
+    normed = rms_normalize_hidden_states(packed, mask).unflatten(2, (16, 3))
+    keep = mask.bool()
+    rms = normed[keep].square().mean(dim=1).sqrt()  # [tokens, K]
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-4, rtol=0)
+    torch.testing.assert_close(normed[keep], packed[keep] / packed[keep].square().mean(1, keepdim=True).sqrt())
+    assert (normed[~keep] == 0).all()
+    # the 2.0 path is untouched by the 2.3 one: its normalisation still sees whole samples
+    assert not torch.allclose(normalize_hidden_states(packed, mask), normed.flatten(2))
+
+
+@pytest.mark.parametrize(
+    ("name", "from_ours"),
+    [("original", ours_to_original), ("original_unprefixed", None), ("diffusers", ours_to_diffusers)],
+)
+def test_ltx23_layouts_round_trip_and_only_the_23_layout_matches(name, from_ours):
+    factory = lambda: make_connectors(tiny_config_23())  # noqa: E731
+    cf.check_layout_roundtrip(factory, LAYOUTS_23[name], from_ours)
+    written = (from_ours or dict)(factory().state_dict())
+    assert LTX2_CONNECTORS_SPEC.match(written).name == f"{name}_2.3"
+    assert not LAYOUTS[name].matches(written)
+
+
+def test_ltx23_diffusers_names():
+    theirs = ours_to_diffusers(make_connectors(tiny_config_23()).state_dict())
+    assert {"video_text_proj_in.weight", "video_text_proj_in.bias", "audio_text_proj_in.weight"} <= set(theirs)
+    assert "video_connector.transformer_blocks.1.attn1.to_gate_logits.bias" in theirs
+    assert "audio_connector.transformer_blocks.0.attn1.norm_q.weight" in theirs
+    assert not any("aggregate_embed" in k or "embeddings_connector" in k for k in theirs)
+    assert diffusers_to_ours(theirs).keys() == make_connectors(tiny_config_23()).state_dict().keys()
+
+
+@pytest.mark.parametrize("layout", ["original", "original_unprefixed", "diffusers"])
+def test_ltx23_runtime_loader_builds_the_same_model_from_a_file_in_each_layout(layout, tmp_path):
+    reference = make_connectors(tiny_config_23()).eval()
+    written = {"original": ours_to_original, "diffusers": ours_to_diffusers}.get(layout, dict)(reference.state_dict())
+    folder = tmp_path / layout
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in written.items()}, str(folder / "model.safetensors"))
+    if layout == "diffusers":
+        config = {"_class_name": "LTX2TextConnectors", **diffusers_kwargs(tiny_config_23())}
+        (folder / "config.json").write_text(json.dumps(config))
+        loaded = load_model(folder, specs=[LTX2_CONNECTORS_SPEC])
+    else:  # the gates give the heads; only the 16 x 3 split of the 48 input features is given
+        loaded = load_model(folder / "model.safetensors", specs=[LTX2_CONNECTORS_SPEC], config={"caption_channels": 16})
+    assert isinstance(loaded, LTX2TextConnectors) and loaded.config == tiny_config_23()
+    states, mask = connector_inputs()
+    with torch.no_grad():
+        for a, b in zip(reference(states, mask), loaded(states, mask), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_ltx23_config_rejects_bad_flags():
+    with pytest.raises(ValueError, match="per_modality_projections"):
+        tiny_config_23(per_modality_projections="yes")
+    with pytest.raises(ValueError, match="video_num_heads x video_head_dim = 24"):
+        tiny_config_23(per_modality_projections=False)  # one shared projection: widths must be 16
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_ltx23_parity_with_diffusers(side):
+    pytest.importorskip("diffusers")
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors as DiffusersConnectors
+
+    ours = make_connectors(tiny_config_23()).eval()
+    theirs = DiffusersConnectors(**diffusers_kwargs(tiny_config_23())).eval()
+    theirs.load_state_dict(ours_to_diffusers(ours.state_dict()), strict=True)
+    states, mask = connector_inputs(batch=2, side=side)  # a full row and an 11-token prompt
+    with torch.no_grad():
+        got = ours(states, mask)
+        want = theirs(states, mask, padding_side=side)
+    for name, a, b in zip(("video", "audio", "mask"), got, want, strict=True):
+        error = (a.float() - b.float()).abs().max().item()
+        print(
+            f"2.3 connectors parity ({side} padding) {name}: max abs diff {error:.3g}, scale {b.float().abs().max():.3g}"
+        )
+        assert a.shape == b.shape and a.dtype == b.dtype and error <= 1e-5
+
+
+@pytest.mark.parity
+def test_ltx23_full_size_keys_and_shapes_equal_diffusers():
+    pytest.importorskip("diffusers")
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors as DiffusersConnectors
+
+    with torch.device("meta"):
+        theirs = DiffusersConnectors(**DIFFUSERS_23)
+        ours = LTX2TextConnectors(full_config_23())
+    their_state = theirs.state_dict()
+    assert LTX2_CONNECTORS_SPEC.match(their_state).name == "diffusers_2.3"
+    converted = diffusers_to_ours(their_state)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in ours.state_dict().items()
+    }
+    assert {k: tuple(v.shape) for k, v in ours_to_diffusers(converted).items()} == {
+        k: tuple(v.shape) for k, v in their_state.items()
+    }
+    assert config_from_state(converted, DIFFUSERS_23) == full_config_23()
+    assert config_from_state(converted) == full_config_23()

@@ -1,18 +1,23 @@
 """How LTX-2 text connector checkpoints are recognised, converted and configured.
 
-In `ltx-2-19b-dev.safetensors` the connectors are `model.diffusion_model.video_embeddings_connector.*` and
-`model.diffusion_model.audio_embeddings_connector.*` (next to the DiT, whose spec leaves them to us) and
-the projection is the top-level `text_embedding_projection.aggregate_embed.weight`. This spec owns
-exactly those keys. Layouts:
+In `ltx-2-19b-dev.safetensors` (2.0) and `ltx-2.3-22b-dev.safetensors` (2.3) the connectors are
+`model.diffusion_model.video_embeddings_connector.*` and `model.diffusion_model.audio_embeddings_connector.*`
+(next to the DiT, whose spec leaves them to us) and the projection is top-level: 2.0's
+`text_embedding_projection.aggregate_embed.weight`, 2.3's `text_embedding_projection.video_aggregate_embed.*`
+and `...audio_aggregate_embed.*` (weight and bias). This spec owns exactly those keys. Layouts (each
+twice: 2.0, and 2.3 with a `_2.3` name, told apart by their projection keys):
 
 - "original": the single file (or its connector keys), prefix stripped from the connectors;
 - "original_unprefixed": the same without `model.diffusion_model.` (what our `state_dict()` is);
 - "diffusers": the `connectors/` folder (`LTX2TextConnectors`), plain renames: `text_proj_in` ->
-  `text_embedding_projection.aggregate_embed`, `video_connector` -> `video_embeddings_connector`,
+  `text_embedding_projection.aggregate_embed` (2.3: `video_text_proj_in` / `audio_text_proj_in` ->
+  `...video_aggregate_embed` / `...audio_aggregate_embed`), `video_connector` -> `video_embeddings_connector`,
   `transformer_blocks` -> `transformer_1d_blocks`, `norm_q` / `norm_k` -> `q_norm` / `k_norm`.
 
-Shapes give the widths, block and register counts; the head split comes from the diffusers
-`config.json` when there is one, else the released head width (128).
+Shapes give the widths, block and register counts, the biases and gates, and (2.3, through the gates'
+`[heads, width]`) the head split; otherwise the head split comes from the diffusers `config.json` when
+there is one, else the released head width (128). 2.3's projections only show caption_channels x
+text_proj_in_factor: the json splits it, else Gemma-3-12B's 3840 does.
 """
 
 from __future__ import annotations
@@ -30,9 +35,17 @@ PREFIX = "model.diffusion_model."
 PROJECTION = "text_embedding_projection.aggregate_embed.weight"
 _SIDES = ("video", "audio")
 _WB = ("weight", "bias")
+# our projection module -> diffusers' (2.0's shared one, then 2.3's per stream)
+_PROJECTIONS = {
+    "text_embedding_projection.aggregate_embed": "text_proj_in",
+    "text_embedding_projection.video_aggregate_embed": "video_text_proj_in",
+    "text_embedding_projection.audio_aggregate_embed": "audio_text_proj_in",
+}
+_OURS_PROJECTION_KEYS = {f"{m}.{p}": f"{d}.{p}" for m, d in _PROJECTIONS.items() for p in _WB}
+_DIFFUSERS_PROJECTION_KEYS = {d: m for m, d in _OURS_PROJECTION_KEYS.items()}
 _BLOCK_PARAMS = (
     [f"attn1.{n}.weight" for n in ("q_norm", "k_norm")]
-    + [f"attn1.{lin}.{p}" for lin in ("to_q", "to_k", "to_v", "to_out.0") for p in _WB]
+    + [f"attn1.{lin}.{p}" for lin in ("to_q", "to_k", "to_v", "to_out.0", "to_gate_logits") for p in _WB]
     + [f"ff.{lin}.{p}" for lin in ("net.0.proj", "net.2") for p in _WB]
 )
 _OURS_BLOCK = re.compile(r"^(video|audio)_embeddings_connector\.transformer_1d_blocks\.(\d+)\.(.+)$")
@@ -55,7 +68,7 @@ def _check_ours(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.
         m = _OURS_BLOCK.match(key)
         if m is not None and m.group(3) in _BLOCK_PARAMS:
             continue
-        if key == PROJECTION or key in {f"{s}_embeddings_connector.learnable_registers" for s in _SIDES}:
+        if key in _OURS_PROJECTION_KEYS or key in {f"{s}_embeddings_connector.learnable_registers" for s in _SIDES}:
             continue
         raise KeyError(f"LTX-2 connectors ({layout} layout): no mapping for key {key!r}")
     return state
@@ -68,8 +81,8 @@ def original_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers `LTX2TextConnectors` state dict in our (ltx-core) names; `KeyError` names an unknown key
-    (e.g. LTX-2.3's per-modality projections, which LTX-2.0 lacks)."""
+    """A diffusers `LTX2TextConnectors` state dict (2.0 or 2.3) in our (ltx-core) names; `KeyError` names an
+    unknown key."""
     out = {}
     for key, value in state.items():
         m = _DIFFUSERS_BLOCK.match(key)
@@ -77,8 +90,8 @@ def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             out[
                 f"{m.group(1)}_embeddings_connector.transformer_1d_blocks.{m.group(2)}.{_block_to_ours(m.group(3))}"
             ] = value
-        elif key == "text_proj_in.weight":
-            out[PROJECTION] = value
+        elif key in _DIFFUSERS_PROJECTION_KEYS:
+            out[_DIFFUSERS_PROJECTION_KEYS[key]] = value
         elif key in ("video_connector.learnable_registers", "audio_connector.learnable_registers"):
             out[key.replace("_connector.", "_embeddings_connector.")] = value
         else:
@@ -93,8 +106,8 @@ def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         m = _OURS_BLOCK.match(key)
         if m is not None:
             out[f"{m.group(1)}_connector.transformer_blocks.{m.group(2)}.{_block_to_diffusers(m.group(3))}"] = value
-        elif key == PROJECTION:
-            out["text_proj_in.weight"] = value
+        elif key in _OURS_PROJECTION_KEYS:
+            out[_OURS_PROJECTION_KEYS[key]] = value
         else:
             out[key.replace("_embeddings_connector.", "_connector.")] = value
     return out
@@ -102,45 +115,63 @@ def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def ours_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our names -> the single file's names (connectors under `model.diffusion_model.`)."""
-    return {(k if k == PROJECTION else PREFIX + k): v for k, v in _check_ours(dict(state), "to original").items()}
+    checked = _check_ours(dict(state), "to original")
+    return {(k if k in _OURS_PROJECTION_KEYS else PREFIX + k): v for k, v in checked.items()}
 
 
-_SIGNATURE = (
-    PROJECTION,
+_CONNECTOR_SIGNATURE = (
     "model.diffusion_model.video_embeddings_connector.learnable_registers",
     "model.diffusion_model.video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.weight",
     "model.diffusion_model.audio_embeddings_connector.learnable_registers",
     "model.diffusion_model.audio_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.weight",
 )
+_SIGNATURE = (PROJECTION, *_CONNECTOR_SIGNATURE)
+_SIGNATURE_23 = (
+    "text_embedding_projection.video_aggregate_embed.weight",
+    "text_embedding_projection.audio_aggregate_embed.weight",
+    *_CONNECTOR_SIGNATURE,
+)
 _CONNECTOR_PREFIXES = ("video_embeddings_connector.", "audio_embeddings_connector.")
-DIFFUSERS_SIGNATURE = (
-    "text_proj_in.weight",
+_DIFFUSERS_CONNECTOR_SIGNATURE = (
     "video_connector.learnable_registers",
     "video_connector.transformer_blocks.0.attn1.to_q.weight",
     "audio_connector.learnable_registers",
     "audio_connector.transformer_blocks.0.attn1.to_q.weight",
 )
+DIFFUSERS_SIGNATURE = ("text_proj_in.weight", *_DIFFUSERS_CONNECTOR_SIGNATURE)
+DIFFUSERS_SIGNATURE_23 = ("video_text_proj_in.weight", "audio_text_proj_in.weight", *_DIFFUSERS_CONNECTOR_SIGNATURE)
 
-LAYOUTS = (
-    KeyLayout(
-        "original",
-        _SIGNATURE,
-        convert=original_to_ours,
-        owns_prefixes=("text_embedding_projection.",) + tuple(PREFIX + p for p in _CONNECTOR_PREFIXES),
-    ),
-    KeyLayout(
-        "original_unprefixed",
-        tuple(k[len(PREFIX) :] if k.startswith(PREFIX) else k for k in _SIGNATURE),
-        convert=lambda state: _check_ours(dict(state), "original_unprefixed"),
-        owns_prefixes=("text_embedding_projection.",) + _CONNECTOR_PREFIXES,
-    ),
-    KeyLayout(
-        "diffusers",
-        DIFFUSERS_SIGNATURE,
-        convert=diffusers_to_ours,
-        owns_prefixes=("text_proj_in.", "video_connector.", "audio_connector."),
-    ),
-)
+
+def _unprefixed(signature: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(k[len(PREFIX) :] if k.startswith(PREFIX) else k for k in signature)
+
+
+def _layouts(suffix: str, signature: tuple[str, ...], diffusers_signature: tuple[str, ...]) -> tuple[KeyLayout, ...]:
+    projections = tuple(k.split(".")[0] + "." for k in diffusers_signature if "proj_in" in k)
+    return (
+        KeyLayout(
+            "original" + suffix,
+            signature,
+            convert=original_to_ours,
+            owns_prefixes=("text_embedding_projection.",) + tuple(PREFIX + p for p in _CONNECTOR_PREFIXES),
+        ),
+        KeyLayout(
+            "original_unprefixed" + suffix,
+            _unprefixed(signature),
+            convert=lambda state: _check_ours(dict(state), "original_unprefixed" + suffix),
+            owns_prefixes=("text_embedding_projection.",) + _CONNECTOR_PREFIXES,
+        ),
+        KeyLayout(
+            "diffusers" + suffix,
+            diffusers_signature,
+            convert=diffusers_to_ours,
+            owns_prefixes=projections + ("video_connector.", "audio_connector."),
+        ),
+    )
+
+
+# 2.0 first: its layouts are exactly as before; 2.3 files lack `aggregate_embed` and match the `_2.3` ones.
+LAYOUTS = _layouts("", _SIGNATURE, DIFFUSERS_SIGNATURE) + _layouts("_2.3", _SIGNATURE_23, DIFFUSERS_SIGNATURE_23)
 
 
 # ----------------------------------------------------------------------------------- config
@@ -151,24 +182,56 @@ def _count_blocks(state: StateDict, side: str) -> int:
     return n
 
 
-def _fields_from_shapes(state: StateDict) -> dict:
-    out_dim, in_dim = state[PROJECTION].shape
-    fields = dict(caption_channels=out_dim)
-    if in_dim % out_dim:
-        raise ConfigError(
-            f"LTX-2 connectors: {PROJECTION} has shape {tuple(state[PROJECTION].shape)}; its input width must be "
-            "a multiple of its output width (hidden states x caption channels)"
-        )
-    fields["text_proj_in_factor"] = in_dim // out_dim
-    for side in _SIDES:
-        registers = state[f"{side}_embeddings_connector.learnable_registers"]
-        if registers.shape[1] != out_dim:
+def _shape(state: StateDict, key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise ConfigError(f"LTX-2 connectors: the checkpoint has no {key!r}")
+    return tuple(state[key].shape)
+
+
+def _fields_from_shapes(state: StateDict) -> tuple[dict, dict[str, int], int]:
+    """(config fields the shapes fix, each stream's width, the projections' input width)."""
+    per_modality = PROJECTION not in state and "text_embedding_projection.video_aggregate_embed.weight" in state
+    fields: dict = dict(per_modality_projections=per_modality)
+    if per_modality:
+        names = {side: f"text_embedding_projection.{side}_aggregate_embed" for side in _SIDES}
+        shapes = {side: _shape(state, f"{names[side]}.weight") for side in _SIDES}
+        if shapes["video"][1] != shapes["audio"][1]:
             raise ConfigError(
-                f"LTX-2 connectors: {side} registers are {registers.shape[1]} wide but the projection gives {out_dim}"
+                f"LTX-2 connectors: the video and audio projections read {shapes['video'][1]} and "
+                f"{shapes['audio'][1]} features; both read the same hidden states"
             )
-        fields[f"{side}_num_registers"] = registers.shape[0]
+        widths = {side: shapes[side][0] for side in _SIDES}
+        in_dim = shapes["video"][1]
+        biases = {side: f"{names[side]}.bias" in state for side in _SIDES}
+        if biases["video"] != biases["audio"]:
+            raise ConfigError("LTX-2 connectors: only one of the two projections has a bias")
+        fields["projection_bias"] = biases["video"]
+    else:
+        out_dim, in_dim = _shape(state, PROJECTION)
+        if in_dim % out_dim:
+            raise ConfigError(
+                f"LTX-2 connectors: {PROJECTION} has shape {(out_dim, in_dim)}; its input width must be "
+                "a multiple of its output width (hidden states x caption channels)"
+            )
+        fields.update(caption_channels=out_dim, text_proj_in_factor=in_dim // out_dim)
+        fields["projection_bias"] = "text_embedding_projection.aggregate_embed.bias" in state
+        widths = {side: out_dim for side in _SIDES}
+    for side in _SIDES:
+        registers = _shape(state, f"{side}_embeddings_connector.learnable_registers")
+        if registers[1] != widths[side]:
+            raise ConfigError(
+                f"LTX-2 connectors: {side} registers are {registers[1]} wide but the projection gives {widths[side]}"
+            )
+        fields[f"{side}_num_registers"] = registers[0]
         fields[f"{side}_num_layers"] = _count_blocks(state, side)
-    return fields
+        gate = f"{side}_embeddings_connector.transformer_1d_blocks.0.attn1.to_gate_logits.weight"
+        fields[f"{side}_gated_attention"] = gate in state
+        if gate in state:  # one gate logit per head: the gates give the head split
+            heads = _shape(state, gate)[0]
+            if widths[side] % heads:
+                raise ConfigError(f"LTX-2 connectors: {gate} gives {heads} heads, which do not divide {widths[side]}")
+            fields[f"{side}_num_heads"], fields[f"{side}_head_dim"] = heads, widths[side] // heads
+    return fields, widths, in_dim
 
 
 # diffusers config.json field -> our config field
@@ -187,24 +250,21 @@ _JSON_FIELDS = {
     "rope_theta": "rope_theta",
     "rope_double_precision": "rope_double_precision",
     "rope_type": "rope_type",
+    "per_modality_projections": "per_modality_projections",
+    "proj_bias": "projection_bias",
+    "video_gated_attn": "video_gated_attention",
+    "audio_gated_attn": "audio_gated_attention",
 }
-# What LTX-2.0 does not vary: a json stating another value describes a model we do not build.
-_FIXED_JSON = {
-    "per_modality_projections": False,
-    "proj_bias": False,
-    "video_gated_attn": False,
-    "audio_gated_attn": False,
-    "causal_temporal_positioning": False,
-}
+# What LTX-2 does not vary: a json stating another value describes a model we do not build.
+_FIXED_JSON = {"causal_temporal_positioning": False}
 _RELEASED_HEAD_DIM = 128
+_RELEASED_CAPTION_CHANNELS = 3840  # Gemma-3-12B's hidden size
 
 
 def _fields_from_json(config_json: dict) -> dict:
     for name, ours in _FIXED_JSON.items():
         if config_json.get(name) is not None and config_json[name] != ours:
-            raise ConfigError(
-                f"LTX-2 connectors config.json {name}={config_json[name]!r}: only {ours!r} is supported (LTX-2.0)"
-            )
+            raise ConfigError(f"LTX-2 connectors config.json {name}={config_json[name]!r}: only {ours!r} is supported")
     for side in _SIDES:
         if (
             f"{side}_connector_num_learnable_registers" in config_json
@@ -217,18 +277,41 @@ def _fields_from_json(config_json: dict) -> dict:
     return {ours: config_json[name] for name, ours in _JSON_FIELDS.items() if config_json.get(name) is not None}
 
 
+def _split_projection_input(fields: dict, in_dim: int) -> None:
+    """2.3: the projections read caption_channels x text_proj_in_factor features; split that product."""
+    if "caption_channels" not in fields:
+        factor = fields.get("text_proj_in_factor")
+        fields["caption_channels"] = in_dim // factor if factor else _RELEASED_CAPTION_CHANNELS
+    channels = fields["caption_channels"]
+    fields.setdefault("text_proj_in_factor", in_dim // channels)
+    if channels * fields["text_proj_in_factor"] != in_dim:
+        raise ConfigError(
+            f"LTX-2 connectors: the projections read {in_dim} features, not caption_channels={channels} x "
+            f"text_proj_in_factor={fields['text_proj_in_factor']} (give both in the config)"
+        )
+
+
 def config_from_state(state: StateDict, config_json: dict | None = None) -> LTX2ConnectorsConfig:
     """Config from our-named shapes and, when present, the diffusers `config.json` beside the file (a value
     contradicting the shapes is an error naming the field)."""
     given = _fields_from_json(config_json) if config_json else {}
-    fields = merge_fields("LTX-2 connectors", given, _fields_from_shapes(state))
-    width = fields["caption_channels"]
+    derived, widths, in_dim = _fields_from_shapes(state)
+    fields = merge_fields("LTX-2 connectors", given, derived)
+    if fields["per_modality_projections"]:
+        _split_projection_input(fields, in_dim)
+        for side in _SIDES:  # diffusers names the projections' widths too
+            said = (config_json or {}).get(f"{side}_hidden_dim")
+            if said is not None and said != widths[side]:
+                raise ConfigError(
+                    f"LTX-2 connectors config.json says {side}_hidden_dim={said!r} but the checkpoint's "
+                    f"shapes give {widths[side]!r}"
+                )
     for side in _SIDES:
         heads, head_dim = f"{side}_num_heads", f"{side}_head_dim"
         if heads in fields and head_dim not in fields:
-            fields[head_dim] = width // fields[heads]
+            fields[head_dim] = widths[side] // fields[heads]
         fields.setdefault(head_dim, _RELEASED_HEAD_DIM)
-        fields.setdefault(heads, width // fields[head_dim])
+        fields.setdefault(heads, widths[side] // fields[head_dim])
     return build_config(LTX2ConnectorsConfig, "LTX-2 connectors", fields)
 
 
@@ -238,7 +321,8 @@ LTX2_CONNECTORS_SPEC = ModelSpec(
     layouts=LAYOUTS,
     config_from_state=config_from_state,
     build=LTX2TextConnectors,
-    description="LTX-2 text projection + video/audio text connectors: ltx-2-19b-*.safetensors, diffusers connectors/",
+    description="LTX-2 text projection + video/audio text connectors: ltx-2-19b-*.safetensors, "
+    "ltx-2.3-22b-*.safetensors, diffusers connectors/",
 )
 
 __all__ = [
