@@ -372,17 +372,21 @@ def _diffusers_model(config: LTX2VideoVAEConfig):
     from diffusers import AutoencoderKLLTX2Video
 
     kinds = {"space": "spatial", "time": "temporal", "all": "spatiotemporal"}
-    base, latent = config.decoder_base_channels, config.latent_channels
+    # diffusers lists the decoder from the pixel side, each entry the width going into an upsampler
     return AutoencoderKLLTX2Video(
-        latent_channels=latent,
-        block_out_channels=tuple(latent * 2 ** (i + 1) for i in range(len(config.encoder_downsamples))),
-        decoder_block_out_channels=tuple(base * 2 ** (i + 1) for i in range(len(config.decoder_upsamples))),
+        latent_channels=config.latent_channels,
+        block_out_channels=config.encoder_widths[1:],
+        decoder_block_out_channels=tuple(reversed(config.decoder_widths[:-1])),
         layers_per_block=config.encoder_layers,
         decoder_layers_per_block=tuple(reversed(config.decoder_layers)),
+        decoder_spatio_temporal_scaling=(True,) * len(config.decoder_upsamples),
+        decoder_inject_noise=(False,) * len(config.decoder_layers),
         downsample_type=tuple(kinds[k] for k in config.encoder_downsamples),
         upsample_type=tuple(kinds[k] for k in config.decoder_upsamples),
         upsample_residual=tuple(reversed(config.decoder_upsample_residual)),
+        upsample_factor=tuple(reversed(config.decoder_width_divisors)),
         decoder_causal=config.decoder_causal,
+        decoder_spatial_padding_mode=config.decoder_padding_mode,
         spatial_compression_ratio=config.spatial_compression,
         temporal_compression_ratio=config.temporal_compression,
     ).eval()
@@ -434,3 +438,206 @@ def test_original_file_through_the_diffusers_converter():
     with torch.no_grad():
         decoded = theirs.decode(latents * std + mean).sample
         assert (ours.decode(latents, clamp=False) - decoded).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------- LTX-2.3
+# diffusers' `AutoencoderKLLTX2Video` config of the released LTX-2.3 video VAE (as its conversion script writes it)
+DIFFUSERS_LTX23_CONFIG = {
+    "_class_name": "AutoencoderKLLTX2Video",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 128,
+    "block_out_channels": [256, 512, 1024, 1024],
+    "down_block_types": ["LTX2VideoDownBlock3D"] * 4,
+    "decoder_block_out_channels": [256, 512, 512, 1024],
+    "layers_per_block": [4, 6, 4, 2, 2],
+    "decoder_layers_per_block": [4, 6, 4, 2, 2],
+    "spatio_temporal_scaling": [True] * 4,
+    "decoder_spatio_temporal_scaling": [True] * 4,
+    "decoder_inject_noise": [False] * 5,
+    "downsample_type": ["spatial", "temporal", "spatiotemporal", "spatiotemporal"],
+    "upsample_type": ["spatiotemporal", "spatiotemporal", "temporal", "spatial"],
+    "upsample_residual": [False] * 4,
+    "upsample_factor": [2, 2, 1, 2],
+    "timestep_conditioning": False,
+    "patch_size": 4,
+    "patch_size_t": 1,
+    "resnet_norm_eps": 1e-6,
+    "encoder_causal": True,
+    "decoder_causal": False,
+    "encoder_spatial_padding_mode": "zeros",
+    "decoder_spatial_padding_mode": "zeros",
+    "spatial_compression_ratio": 32,
+    "temporal_compression_ratio": 8,
+}
+
+
+def tiny_ltx23_model(seed: int = 0, **overrides) -> LTX2VideoVAE:
+    """LTX-2.3's stage structure (last downsampler keeps the width; four upsamplers, the second keeping the
+    width, none residual; zero padding) at widths 8..64, stage lengths differing."""
+    kwargs = dict(latent_channels=8, encoder_layers=(2, 1, 1, 1, 1), decoder_base_channels=8)
+    kwargs.update(decoder_layers=(1, 2, 1, 1, 2), **overrides)
+    return tiny_model(seed, **LTX2VideoVAEConfig.ltx23(**kwargs).__dict__)
+
+
+def _ltx23_meta() -> LTX2VideoVAE:
+    with torch.device("meta"):
+        return LTX2VideoVAE(LTX2VideoVAEConfig.ltx23())
+
+
+def _renamed_like_the_conversion_script(key: str) -> str:
+    """diffusers' LTX-2.3 conversion renames original keys by substring, in this order (our names are the original's)."""
+    renames = {f"down_blocks.{2 * i}": f"down_blocks.{i}" for i in range(4)}
+    renames = {**renames, **{f"down_blocks.{2 * i + 1}": f"down_blocks.{i}.downsamplers.0" for i in range(4)}}
+    renames = dict(sorted(renames.items(), key=lambda kv: int(kv[0].split(".")[1])))
+    renames["down_blocks.8"] = "mid_block"
+    renames["up_blocks.0"] = "mid_block"
+    for i in range(4):
+        renames[f"up_blocks.{2 * i + 1}"] = f"up_blocks.{i}.upsamplers.0"
+        renames[f"up_blocks.{2 * i + 2}"] = f"up_blocks.{i}"
+    renames.update(
+        {"res_blocks": "resnets", STATS + "mean-of-means": "latents_mean", STATS + "std-of-means": "latents_std"}
+    )
+    for old, new in renames.items():
+        key = key.replace(old, new)
+    return key
+
+
+def test_ltx23_config_is_the_release():
+    config = LTX2VideoVAEConfig.ltx23()
+    assert config.encoder_widths == (128, 256, 512, 1024, 1024)
+    assert config.decoder_widths == (1024, 512, 512, 256, 128)
+    assert (config.spatial_compression, config.temporal_compression, config.latent_channels) == (32, 8, 128)
+    assert config.decoder_padding_mode == "zeros" and not any(config.decoder_upsample_residual)
+    with torch.device("meta"):
+        model = LTX2VideoVAE(config)
+    conv = model.decoder.up_blocks[3].conv.conv.weight  # all, keeps the width: 512 -> 512 * 8
+    assert conv.shape[:2] == (4096, 512) and len(model.decoder.up_blocks) == 9
+    assert model.encoder.down_blocks[7].conv.conv.weight.shape[:2] == (128, 1024)  # all, keeps 1024
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(encoder_width_multipliers=(2, 2, 2)), "encoder_width_multipliers"),
+        (dict(encoder_width_multipliers=(2, 3, 2, 1)), r"encoder_width_multipliers\[1\]=3"),
+        (dict(decoder_width_divisors=(2, 0, 2, 2)), "decoder_width_divisors"),
+        (dict(decoder_upsample_residual=(False, False, False, True), decoder_width_divisors=(2, 1, 2, 3)), r"\[3\]=3"),
+    ],
+)
+def test_ltx23_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        LTX2VideoVAEConfig.ltx23(latent_channels=8, decoder_base_channels=8, **overrides)
+
+
+@pytest.mark.parametrize("frames", [1, 9])
+def test_ltx23_encode_decode_shapes(frames):
+    model = tiny_ltx23_model()
+    with torch.no_grad():
+        latents = model.encode(tiny_video(frames, (64, 96)))
+        assert latents.shape == (1, 8, 1 + (frames - 1) // 8, 2, 3)
+        video = model.decode(latents)
+    assert video.shape == (1, 3, frames, 64, 96) and video.abs().max() <= 1
+
+
+def test_ltx23_tiles():
+    """One tile covering everything equals the untiled result; tiles without overlap decode independently."""
+    model, video = tiny_ltx23_model(), tiny_video(1, (64, 96))
+    with torch.no_grad():
+        latents = model.encode(video)
+        assert torch.equal(model.encode(video, tiled=True, tile_size=(2, 3)), latents)
+        assert torch.equal(model.decode(latents, tiled=True, tile_size=(2, 3)), model.decode(latents))
+        latents = torch.randn(1, 8, 1, 2, 4, generator=torch.Generator().manual_seed(3))
+        tiled = model.decode(latents, tiled=True, tile_size=2, tile_stride=2)
+        left, right = model.decode(latents[..., :2]), model.decode(latents[..., 2:])
+    torch.testing.assert_close(tiled, torch.cat([left, right], dim=-1), atol=1e-6, rtol=0)
+    assert not torch.allclose(tiled, model.decode(latents), atol=1e-4)  # the tiles really were cut
+
+
+def test_ltx23_conformance_units_spec_config_and_layouts():
+    """Config from a tiny LTX-2.3 state's shapes round-trips (residual flags and padding are LTX-2.3's), in
+    every layout; each stage and resampler is an offload unit."""
+    cf.check_declared_units(tiny_ltx23_model)
+    cf.check_spec_config(LTX2_VIDEO_VAE_SPEC, tiny_ltx23_model)
+    for layout in LAYOUTS:
+        cf.check_layout_roundtrip(tiny_ltx23_model, layout, ours_to_diffusers if layout.name == "diffusers" else None)
+    assert len(tiny_ltx23_model().get_submodule("decoder.up_blocks")) == 9
+
+
+def test_ltx23_full_size_shapes_give_its_config():
+    """The full-size LTX-2.3 `vae.*` keys (with the unused statistics) are recognised and give `ltx23()`;
+    the loader builds that model, and the converter maps its keys as diffusers' conversion script does."""
+    model = _ltx23_meta()
+    state = {f"vae.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"vae.{name}": torch.empty(128, device="meta") for name in UNUSED_STATISTICS})
+    assert _shapes(LAYOUTS[0].to_ours(state)) == _shapes(model.state_dict())
+    (found,) = recognise(state, specs=[LTX2_VIDEO_VAE_SPEC])
+    assert found.layout.name == "original" and len(found.keys) == len(state)
+    assert config_from_state(found.layout.to_ours(state)) == LTX2VideoVAEConfig.ltx23()
+    assert load_model(state, specs=[LTX2_VIDEO_VAE_SPEC]).config == LTX2VideoVAEConfig.ltx23()
+    ours = model.state_dict()
+    theirs = ours_to_diffusers(ours)
+    assert list(theirs) == [_renamed_like_the_conversion_script(k) for k in ours]
+    assert _shapes(diffusers_to_ours(theirs)) == _shapes(ours)
+
+
+def test_ltx23_config_json_gives_its_config_and_is_checked():
+    config_json = json.loads(json.dumps(DIFFUSERS_LTX23_CONFIG))
+    assert config_from_state({}, config_json) == LTX2VideoVAEConfig.ltx23()
+    state = _ltx23_meta().state_dict()
+    assert config_from_state(state, config_json) == LTX2VideoVAEConfig.ltx23()
+    with pytest.raises(ConfigError, match="decoder_width_divisors"):
+        config_from_state(state, {**config_json, "upsample_factor": [2, 2, 2, 2], "decoder_block_out_channels": None})
+    with pytest.raises(ConfigError, match="decoder_block_out_channels"):
+        config_from_state(state, {**config_json, "decoder_block_out_channels": [256, 512, 1024, 1024]})
+    with pytest.raises(ConfigError, match="encoder_width_multipliers"):
+        config_from_state(state, {**config_json, "block_out_channels": [256, 512, 1024, 2048]})
+
+
+def test_ltx23_bad_shapes_name_the_key():
+    state = tiny_ltx23_model().state_dict()
+    state["decoder.up_blocks.3.conv.conv.weight"] = torch.zeros(96, 32, 3, 3, 3)  # 32 -> 96: no stride gives 32 * 3
+    with pytest.raises(CheckpointError, match="decoder.up_blocks.3 "):
+        config_from_state(state)
+    state = tiny_ltx23_model().state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("decoder.up_blocks.8.")}  # ends on an upsampler
+    with pytest.raises(CheckpointError, match="decoder.up_blocks must alternate"):
+        config_from_state(state)
+
+
+@pytest.mark.parity
+def test_ltx23_matches_diffusers():
+    """Encode (mode) and decode of a tiny LTX-2.3-shaped VAE against diffusers, weights through our converter."""
+    pytest.importorskip("diffusers")
+    ours = tiny_ltx23_model(seed=3)
+    theirs = _diffusers_model(ours.config)
+    theirs.load_state_dict(ours_to_diffusers(ours.state_dict()), strict=True)
+    video = tiny_video(9, (64, 96), seed=1)
+    mean, std = theirs.latents_mean.view(1, -1, 1, 1, 1), theirs.latents_std.view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        expected = (theirs.encode(video).latent_dist.mode() - mean) / std
+        latents = ours.encode(video)
+        assert latents.shape == expected.shape == (1, 8, 2, 2, 3)
+        assert (latents - expected).abs().max().item() <= 1e-5
+        decoded = theirs.decode(expected * std + mean).sample
+        assert decoded.shape == video.shape
+        assert (decoded.abs() < 1).float().mean() > 0.9  # mostly inside the clamp: the comparison means something
+        assert (ours.decode(expected, clamp=False) - decoded).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parity
+def test_ltx23_full_size_keys_and_shapes_match_diffusers():
+    """Our LTX-2.3 config's keys and shapes equal diffusers' full-size LTX-2.3 model's through the converter,
+    both ways; our config from diffusers' config equals the one from its shapes."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKLLTX2Video
+
+    config = {k: v for k, v in DIFFUSERS_LTX23_CONFIG.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        theirs = AutoencoderKLLTX2Video(**config).state_dict()
+    ours = _ltx23_meta().state_dict()
+    assert _shapes(diffusers_to_ours(theirs)) == _shapes(ours)
+    assert _shapes(ours_to_diffusers(ours)) == _shapes(theirs)
+    assert config_from_state(diffusers_to_ours(theirs), DIFFUSERS_LTX23_CONFIG) == LTX2VideoVAEConfig.ltx23()
+    (found,) = recognise(theirs, specs=[LTX2_VIDEO_VAE_SPEC])
+    assert found.layout.name == "diffusers"

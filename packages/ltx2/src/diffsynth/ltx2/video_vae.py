@@ -5,8 +5,11 @@ channels), so the whole model is 3x3x3 convolutions plus rearrangements:
 
 - the video is first patchified 4x4 (3 -> 48 channels);
 - the encoder alternates residual stages with space-to-depth downsamplers whose skip path averages
-  channel groups (no weights); each downsampler doubles the channels and halves space, time or both;
-- the decoder mirrors it with depth-to-space upsamplers whose skip path repeats channels;
+  channel groups (no weights); each downsampler halves space, time or both and multiplies the channels
+  (by 2 at every stage in LTX-2.0; LTX-2.3's last one keeps the width);
+- the decoder mirrors it with depth-to-space upsamplers whose optional skip path repeats channels; each
+  divides the channels (LTX-2.0: three residual 2x-all stages halving the width; LTX-2.3: four stages,
+  all / all / time / space, none residual, the second keeping the width);
 - time is padded by repeating the edge frames (first frame only when causal, both ends otherwise);
   the encoder is causal and the released decoder is not. The first frame is special: temporal
   downsamplers duplicate it before pairing frames and upsamplers drop the extra first frame, so
@@ -43,13 +46,15 @@ DEFAULT_TILE_SIZE = (16, 16)  # latent cells: 512 pixels; the stride defaults to
 
 @dataclass
 class LTX2VideoVAEConfig:
-    """Defaults are the released LTX-2 video VAE.
+    """Defaults are the released LTX-2.0 video VAE; `LTX2VideoVAEConfig.ltx23()` is LTX-2.3's.
 
-    The encoder starts at `latent_channels` wide and doubles at each of `encoder_downsamples`
-    ("space", "time" or "all"); `encoder_layers` counts the residual blocks of each stage (one more
-    stage than downsamplers). The decoder starts at `decoder_base_channels * 2**len(decoder_upsamples)`
-    and halves at each upsampler; `decoder_layers` / `decoder_upsamples` / `decoder_upsample_residual`
-    are listed from the latent side. Latents are `(z - mean) * scaling_factor / std`.
+    The encoder starts at `latent_channels` wide; each of `encoder_downsamples` ("space", "time" or
+    "all") multiplies the width by its `encoder_width_multipliers` entry (ltx-core's `multiplier`);
+    `encoder_layers` counts the residual blocks of each stage (one more stage than downsamplers). The
+    decoder ends at `decoder_base_channels`; each upsampler divides the width by its
+    `decoder_width_divisors` entry (diffusers' `upsample_factor`), so it starts at `decoder_base_channels`
+    times their product. `decoder_layers` / `decoder_upsamples` / `decoder_upsample_residual` /
+    `decoder_width_divisors` are listed from the latent side. Latents are `(z - mean) * scaling_factor / std`.
     """
 
     in_channels: int = 3
@@ -57,10 +62,12 @@ class LTX2VideoVAEConfig:
     patch_size: int = 4
     encoder_layers: tuple[int, ...] = (4, 6, 6, 2, 2)
     encoder_downsamples: tuple[str, ...] = ("space", "time", "all", "all")
+    encoder_width_multipliers: tuple[int, ...] = (2, 2, 2, 2)
     decoder_base_channels: int = 128
     decoder_layers: tuple[int, ...] = (5, 5, 5, 5)
     decoder_upsamples: tuple[str, ...] = ("all", "all", "all")
     decoder_upsample_residual: tuple[bool, ...] = (True, True, True)
+    decoder_width_divisors: tuple[int, ...] = (2, 2, 2)
     encoder_causal: bool = True
     decoder_causal: bool = False
     encoder_padding_mode: str = "zeros"
@@ -68,7 +75,7 @@ class LTX2VideoVAEConfig:
     scaling_factor: float = 1.0
 
     def __post_init__(self):
-        for name in ("encoder_layers", "encoder_downsamples", "decoder_layers", "decoder_upsamples"):
+        for name in ("encoder_layers", "encoder_downsamples", "decoder_layers", "decoder_upsamples", *_RATIOS):
             setattr(self, name, tuple(getattr(self, name)))
         self.decoder_upsample_residual = tuple(bool(r) for r in self.decoder_upsample_residual)
         for name in ("in_channels", "latent_channels", "patch_size", "decoder_base_channels"):
@@ -79,6 +86,10 @@ class LTX2VideoVAEConfig:
             value = getattr(self, name)
             if not value or any(not isinstance(n, int) or n < 1 for n in value):
                 raise ValueError(f"LTX2VideoVAEConfig.{name} must be positive block counts, got {value!r}")
+        for name in _RATIOS:
+            value = getattr(self, name)
+            if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in value):
+                raise ValueError(f"LTX2VideoVAEConfig.{name} must be positive ints, got {value!r}")
         for name in ("encoder_downsamples", "decoder_upsamples"):
             bad = [k for k in getattr(self, name) if k not in STRIDES]
             if bad:
@@ -93,11 +104,17 @@ class LTX2VideoVAEConfig:
                 f"LTX2VideoVAEConfig.decoder_layers has {len(self.decoder_layers)} stages, expected "
                 f"len(decoder_upsamples) + 1 = {len(self.decoder_upsamples) + 1}"
             )
-        if len(self.decoder_upsample_residual) != len(self.decoder_upsamples):
-            raise ValueError(
-                f"LTX2VideoVAEConfig.decoder_upsample_residual has {len(self.decoder_upsample_residual)} "
-                f"entries, expected one per decoder upsampler ({len(self.decoder_upsamples)})"
-            )
+        for name, kinds in (
+            ("decoder_upsample_residual", "decoder_upsamples"),
+            ("decoder_width_divisors", "decoder_upsamples"),
+            ("encoder_width_multipliers", "encoder_downsamples"),
+        ):
+            if len(getattr(self, name)) != len(getattr(self, kinds)):
+                raise ValueError(
+                    f"LTX2VideoVAEConfig.{name} has {len(getattr(self, name))} entries, expected one per "
+                    f"entry of {kinds} ({len(getattr(self, kinds))})"
+                )
+        self._check_resamplers()
         for name in ("encoder_padding_mode", "decoder_padding_mode"):
             if getattr(self, name) not in PADDING_MODES:
                 raise ValueError(
@@ -113,6 +130,56 @@ class LTX2VideoVAEConfig:
                 f"but decoder_upsamples={self.decoder_upsamples} expand by {dec}"
             )
 
+    def _check_resamplers(self) -> None:
+        """A downsampler's conv gives `C * m / prod(stride)` channels and its skip averages `prod(stride) / m`
+        channels; a residual upsampler's skip repeats its input `prod(stride) / d` times: all whole numbers."""
+        widths = self.encoder_widths
+        for i, (kind, m) in enumerate(zip(self.encoder_downsamples, self.encoder_width_multipliers, strict=True)):
+            product = math.prod(STRIDES[kind])
+            if product % m or (widths[i] * m) % product:
+                raise ValueError(
+                    f"LTX2VideoVAEConfig.encoder_width_multipliers[{i}]={m}: a {kind!r} downsampler of width "
+                    f"{widths[i]} needs a multiplier dividing {product} and a width times it divisible by {product}"
+                )
+        for i, (kind, d, residual) in enumerate(
+            zip(self.decoder_upsamples, self.decoder_width_divisors, self.decoder_upsample_residual, strict=True)
+        ):
+            if residual and math.prod(STRIDES[kind]) % d:
+                raise ValueError(
+                    f"LTX2VideoVAEConfig.decoder_width_divisors[{i}]={d}: a residual {kind!r} upsampler needs a "
+                    f"divisor dividing {math.prod(STRIDES[kind])}"
+                )
+
+    @classmethod
+    def ltx23(cls, **overrides) -> LTX2VideoVAEConfig:
+        """The released LTX-2.3 video VAE (`vae.*` of ltx-2.3-22b-dev.safetensors): same latent space,
+        encoder widths 128..1024 (last downsampler keeps the width), a four-upsampler decoder without
+        residual paths and with zero padding."""
+        fields = dict(
+            encoder_layers=(4, 6, 4, 2, 2),
+            encoder_width_multipliers=(2, 2, 2, 1),
+            decoder_layers=(2, 2, 4, 6, 4),
+            decoder_upsamples=("all", "all", "time", "space"),
+            decoder_upsample_residual=(False, False, False, False),
+            decoder_width_divisors=(2, 1, 2, 2),
+            decoder_padding_mode="zeros",
+        )
+        return cls(**{**fields, **overrides})
+
+    @property
+    def encoder_widths(self) -> tuple[int, ...]:
+        """Channels of each encoder stage, from the pixel side."""
+        return tuple(
+            self.latent_channels * math.prod(self.encoder_width_multipliers[:i])
+            for i in range(len(self.encoder_layers))
+        )
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """Channels of each decoder stage, from the latent side."""
+        d = self.decoder_width_divisors
+        return tuple(self.decoder_base_channels * math.prod(d[i:]) for i in range(len(self.decoder_layers)))
+
     @property
     def spatial_compression(self) -> int:
         return self.patch_size * _compression(self.encoder_downsamples)[1]
@@ -120,6 +187,9 @@ class LTX2VideoVAEConfig:
     @property
     def temporal_compression(self) -> int:
         return _compression(self.encoder_downsamples)[0]
+
+
+_RATIOS = ("encoder_width_multipliers", "decoder_width_divisors")
 
 
 def _compression(kinds) -> tuple[int, int]:
@@ -199,35 +269,37 @@ def depth_to_space(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tenso
 
 
 class Downsample(nn.Module):
-    """Doubles the width and halves `kind`'s axes: a conv to `2C / prod(stride)` channels, space-to-depth,
-    plus the input space-to-depth'd with channel groups averaged (ltx-core's `SpaceToDepthDownsample`).
-    Halving time first duplicates the first frame, so `1 + 2k` frames become `1 + k`."""
+    """Multiplies the width by `multiplier` and halves `kind`'s axes: a conv to `mC / prod(stride)` channels,
+    space-to-depth, plus the input space-to-depth'd with channel groups averaged (ltx-core's
+    `SpaceToDepthDownsample`). Halving time first duplicates the first frame, so `1 + 2k` frames become `1 + k`."""
 
-    def __init__(self, channels: int, kind: str, padding_mode: str):
+    def __init__(self, channels: int, kind: str, padding_mode: str, multiplier: int = 2):
         super().__init__()
         self.stride = STRIDES[kind]
-        self.conv = CausalConv3d(channels, 2 * channels // math.prod(self.stride), padding_mode)
+        self.multiplier = multiplier
+        self.conv = CausalConv3d(channels, multiplier * channels // math.prod(self.stride), padding_mode)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         if self.stride[0] == 2:
             x = torch.cat([x[:, :, :1], x], dim=2)
         skip = space_to_depth(x, self.stride)
         b, c, t, h, w = skip.shape
-        width = 2 * x.shape[1]
+        width = self.multiplier * x.shape[1]
         skip = skip.view(b, width, c // width, t, h, w).mean(dim=2)
         return space_to_depth(self.conv(x, causal), self.stride) + skip
 
 
 class Upsample(nn.Module):
-    """Halves the width and doubles `kind`'s axes: a conv to `C * prod(stride) / 2` channels and
-    depth-to-space, plus (when `residual`) the input depth-to-space'd with its channels tiled twice
-    (ltx-core's `DepthToSpaceUpsample`). Doubling time drops the first output frame: `1 + k` -> `1 + 2k`."""
+    """Divides the width by `divisor` and doubles `kind`'s axes: a conv to `C * prod(stride) / divisor`
+    channels and depth-to-space, plus (when `residual`) the input depth-to-space'd with its channels tiled
+    `prod(stride) / divisor` times (ltx-core's `DepthToSpaceUpsample`). Doubling time drops the first output
+    frame: `1 + k` -> `1 + 2k`."""
 
-    def __init__(self, channels: int, kind: str, residual: bool, padding_mode: str):
+    def __init__(self, channels: int, kind: str, residual: bool, padding_mode: str, divisor: int = 2):
         super().__init__()
         self.stride = STRIDES[kind]
         self.residual = residual
-        self.conv = CausalConv3d(channels, channels * math.prod(self.stride) // 2, padding_mode)
+        self.conv = CausalConv3d(channels, channels * math.prod(self.stride) // divisor, padding_mode)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         out = depth_to_space(self.conv(x, causal), self.stride)
@@ -253,17 +325,17 @@ class Encoder(nn.Module):
         super().__init__()
         self.causal = config.encoder_causal
         self.gradient_checkpointing = False
-        mode, width = config.encoder_padding_mode, config.latent_channels
-        self.conv_in = CausalConv3d(config.in_channels * config.patch_size**2, width, mode)
+        mode, widths = config.encoder_padding_mode, config.encoder_widths
+        self.conv_in = CausalConv3d(config.in_channels * config.patch_size**2, widths[0], mode)
         blocks: list[nn.Module] = []
         for i, num_layers in enumerate(config.encoder_layers):
-            blocks.append(ResStage(width, num_layers, mode))
+            blocks.append(ResStage(widths[i], num_layers, mode))
             if i < len(config.encoder_downsamples):
-                blocks.append(Downsample(width, config.encoder_downsamples[i], mode))
-                width *= 2
+                kind, multiplier = config.encoder_downsamples[i], config.encoder_width_multipliers[i]
+                blocks.append(Downsample(widths[i], kind, mode, multiplier))
         self.down_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = PixelNorm()
-        self.conv_out = CausalConv3d(width, config.latent_channels + 1, mode)
+        self.conv_out = CausalConv3d(widths[-1], config.latent_channels + 1, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x, self.causal)
@@ -278,19 +350,17 @@ class Decoder(nn.Module):
         super().__init__()
         self.causal = config.decoder_causal
         self.gradient_checkpointing = False
-        mode = config.decoder_padding_mode
-        width = config.decoder_base_channels * 2 ** len(config.decoder_upsamples)
-        self.conv_in = CausalConv3d(config.latent_channels, width, mode)
+        mode, widths = config.decoder_padding_mode, config.decoder_widths
+        self.conv_in = CausalConv3d(config.latent_channels, widths[0], mode)
         blocks: list[nn.Module] = []
         for i, num_layers in enumerate(config.decoder_layers):
-            blocks.append(ResStage(width, num_layers, mode))
+            blocks.append(ResStage(widths[i], num_layers, mode))
             if i < len(config.decoder_upsamples):
-                residual = config.decoder_upsample_residual[i]
-                blocks.append(Upsample(width, config.decoder_upsamples[i], residual, mode))
-                width //= 2
+                kind, residual = config.decoder_upsamples[i], config.decoder_upsample_residual[i]
+                blocks.append(Upsample(widths[i], kind, residual, mode, config.decoder_width_divisors[i]))
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = PixelNorm()
-        self.conv_out = CausalConv3d(width, config.in_channels * config.patch_size**2, mode)
+        self.conv_out = CausalConv3d(widths[-1], config.in_channels * config.patch_size**2, mode)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z, self.causal)

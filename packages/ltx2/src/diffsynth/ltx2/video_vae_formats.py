@@ -1,8 +1,9 @@
 """How LTX-2 video VAE checkpoints are recognised, converted and configured.
 
-Our names are ltx-core's, so the `vae.*` part of `ltx-2-19b-dev.safetensors` (and the same keys saved
-without the prefix) loads as is; the file's three statistics no pipeline reads (`channel`,
-`mean-of-stds`, `mean-of-stds_over_std-of-means`) are dropped on the way in, as ltx-core drops them.
+Our names are ltx-core's, so the `vae.*` part of `ltx-2-19b-dev.safetensors` and of
+`ltx-2.3-22b-dev.safetensors` (and the same keys saved without the prefix) loads as is; the file's three
+statistics no pipeline reads (`channel`, `mean-of-stds`, `mean-of-stds_over_std-of-means`) are dropped on
+the way in, as ltx-core drops them.
 
 diffusers' `AutoencoderKLLTX2Video` (`vae/` folders) groups the flat stage lists into blocks:
 
@@ -17,7 +18,8 @@ diffusers' `AutoencoderKLLTX2Video` (`vae/` folders) groups the flat stage lists
 | res_blocks | resnets |
 | per_channel_statistics.mean-of-means / std-of-means | latents_mean / latents_std |
 
-`ours_to_diffusers` is the exact inverse of `diffusers_to_ours`.
+LTX-2.3's decoder has a fourth upsampler and stage (`up_blocks.7` / `.8` <-> `up_blocks.3`); the rules
+above are the same. `ours_to_diffusers` is the exact inverse of `diffusers_to_ours`.
 """
 
 from __future__ import annotations
@@ -185,34 +187,61 @@ def _shape(state: StateDict, key: str) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-def _stages(state: StateDict, side: str, blocks: str, up: bool) -> tuple[list[int], list[str], list[int]]:
-    """(residual blocks per stage, resampler kinds, stage widths) of the alternating `blocks` list.
-    A resampler's conv gives `2C / prod(stride)` channels going down, `C * prod(stride) / 2` going up."""
-    layers, kinds, widths, k = [], [], [], 0
+def _stages(state: StateDict, side: str, blocks: str, up: bool) -> tuple[list[int], list[str], list[int], list[int]]:
+    """(residual blocks per stage, resampler kinds, stage widths, width ratios) of the alternating `blocks` list.
+
+    A resampler between stages of widths `C` and `C'` has a conv to `C' / prod(stride)` channels going down
+    and `C' * prod(stride)` going up, so the stage after it gives the stride; the ratio is `C' / C` going down
+    (the multiplier) and `C / C'` going up (the divisor)."""
+    entries, k = [], 0  # ("stage", layers, width) or ("resampler", name, conv in, conv out)
     while True:
         stage = f"{side}.{blocks}.{k}"
         if f"{stage}.res_blocks.0.conv1.conv.weight" in state:
             count = _count_stages(state, re.escape(f"{stage}.res_blocks.") + r"(\d+)\.")
-            layers.append(count)
-            widths.append(_shape(state, f"{stage}.res_blocks.0.conv1.conv.weight")[0])
+            entries.append(("stage", count, _shape(state, f"{stage}.res_blocks.0.conv1.conv.weight")[0]))
         elif f"{stage}.conv.conv.weight" in state:
             out, width = _shape(state, f"{stage}.conv.conv.weight")[:2]
-            product = 2 * out / width if up else 2 * width / out
-            if product not in _KIND_BY_PRODUCT or len(kinds) != len(layers) - 1:
-                raise CheckpointError(
-                    f"LTX-2 video VAE checkpoint: {stage} is not a resampler this model knows "
-                    f"(conv {width} -> {out} channels, after {len(layers)} stages and {len(kinds)} resamplers)"
-                )
-            kinds.append(_KIND_BY_PRODUCT[int(product)])
+            entries.append(("resampler", stage, width, out))
         else:
             break
         k += 1
-    if len(layers) != len(kinds) + 1:
+    kinds = [e[0] for e in entries]
+    if kinds != ["stage", "resampler"] * (len(kinds) // 2) + ["stage"]:
         raise CheckpointError(
             f"LTX-2 video VAE checkpoint: {side}.{blocks} must alternate residual stages and resamplers, "
-            f"starting and ending with a stage; found {len(layers)} stages and {len(kinds)} resamplers"
+            f"starting and ending with a stage; found {' '.join(kinds) or 'nothing'}"
         )
-    return layers, kinds, widths
+    layers, widths = [e[1] for e in entries[::2]], [e[2] for e in entries[::2]]
+    resampler_kinds, ratios = [], []
+    for i, (_, name, width, out) in enumerate(entries[1::2]):
+        before, after = widths[i], widths[i + 1]
+        product = out / after if up else after / out
+        ratio = before / after if up else after / before
+        if width != before or product not in _KIND_BY_PRODUCT or ratio != int(ratio) or ratio < 1:
+            raise CheckpointError(
+                f"LTX-2 video VAE checkpoint: {name} is not a resampler this model knows "
+                f"(conv {width} -> {out} channels between stages of {before} and {after} channels)"
+            )
+        resampler_kinds.append(_KIND_BY_PRODUCT[int(product)])
+        ratios.append(int(ratio))
+    return layers, resampler_kinds, widths, ratios
+
+
+# the decoders released, by (upsampler kinds, width divisors), and what their shapes cannot tell: whether the
+# upsamplers add the residual path, and the spatial padding (LTX-2.0 is the dataclass default)
+_LTX23 = LTX2VideoVAEConfig.ltx23()
+_RELEASED_DECODERS = {
+    (_LTX23.decoder_upsamples, _LTX23.decoder_width_divisors): dict(
+        decoder_upsample_residual=_LTX23.decoder_upsample_residual, decoder_padding_mode=_LTX23.decoder_padding_mode
+    ),
+}
+
+
+def _released_decoder_defaults(upsamples: tuple[str, ...], divisors: tuple[int, ...]) -> dict:
+    """LTX-2.3's decoder (four upsamplers, one keeping the width) has no residual upsamplers and zero padding;
+    any other (LTX-2.0's) has residual upsamplers and reflect padding."""
+    found = _RELEASED_DECODERS.get((tuple(upsamples), tuple(divisors)))
+    return found if found is not None else dict(decoder_upsample_residual=(True,) * len(upsamples))
 
 
 def _fields_from_shapes(state: StateDict) -> dict:
@@ -227,17 +256,24 @@ def _fields_from_shapes(state: StateDict) -> dict:
             f"LTX-2 video VAE checkpoint: encoder.conv_out gives {moments} channels; only means plus one shared "
             f"log-variance ({latent} + 1) is supported"
         )
-    enc_layers, enc_kinds, _ = _stages(state, "encoder", "down_blocks", up=False)
-    dec_layers, dec_kinds, dec_widths = _stages(state, "decoder", "up_blocks", up=True)
+    enc_layers, enc_kinds, enc_widths, multipliers = _stages(state, "encoder", "down_blocks", up=False)
+    if enc_widths[0] != latent:
+        raise CheckpointError(
+            f"LTX-2 video VAE checkpoint: encoder.down_blocks.0 is {enc_widths[0]} channels wide; the encoder "
+            f"starts at latent_channels ({latent})"
+        )
+    dec_layers, dec_kinds, dec_widths, divisors = _stages(state, "decoder", "up_blocks", up=True)
     return dict(
         in_channels=in_channels,
         latent_channels=latent,
         patch_size=patch,
         encoder_layers=tuple(enc_layers),
         encoder_downsamples=tuple(enc_kinds),
+        encoder_width_multipliers=tuple(multipliers),
         decoder_base_channels=dec_widths[-1],
         decoder_layers=tuple(dec_layers),
         decoder_upsamples=tuple(dec_kinds),
+        decoder_width_divisors=tuple(divisors),
     )
 
 
@@ -276,7 +312,6 @@ def _fields_from_json(config_json: dict | None) -> dict:
             raise ConfigError(f"{label} {name}={config_json[name]!r}: only {ours!r} is supported")
     checks = {
         "decoder_inject_noise": (False, "noise injection"),
-        "upsample_factor": (2, "channel reductions other than 2"),
         "spatio_temporal_scaling": (True, "encoder stages without downsampling"),
         "decoder_spatio_temporal_scaling": (True, "decoder stages without upsampling"),
     }
@@ -296,41 +331,75 @@ def _fields_from_json(config_json: dict | None) -> dict:
             if unknown:
                 raise ConfigError(f"{label} {name} has unsupported entries {unknown!r}")
             given[ours] = tuple(_DIFFUSERS_KINDS[t] for t in config_json[name])
+    count = len(given.get("decoder_upsamples", ())) or 3  # diffusers' default has three upsamplers
     residual = config_json.get("upsample_residual")
     if residual is not None:
-        count = len(given.get("decoder_upsamples", ())) or 3
         given["decoder_upsample_residual"] = (
-            tuple(reversed([bool(r) for r in residual])) if isinstance(residual, list) else (bool(residual),) * count
+            tuple(reversed([bool(r) for r in residual]))
+            if isinstance(residual, (list, tuple))
+            else (bool(residual),) * count
         )
+    factors = config_json.get("upsample_factor")
+    if factors is not None:
+        factors = list(factors) if isinstance(factors, (list, tuple)) else [factors] * count
+        if any(not isinstance(f, int) or isinstance(f, bool) or f < 1 for f in factors):
+            raise ConfigError(f"{label} upsample_factor={config_json['upsample_factor']!r} must be positive ints")
+        given["decoder_width_divisors"] = tuple(reversed(factors))
     if config_json.get("decoder_block_out_channels") is not None:
-        widths = list(config_json["decoder_block_out_channels"])
-        base = widths[0] // 2
-        if widths != [base * 2 ** (i + 1) for i in range(len(widths))]:
-            raise ConfigError(f"{label} decoder_block_out_channels={widths!r} must double at each stage")
-        given["decoder_base_channels"] = base
+        given["decoder_base_channels"] = _decoder_base(label, list(config_json["decoder_block_out_channels"]), factors)
     if config_json.get("block_out_channels") is not None and "latent_channels" in given:
-        widths = list(config_json["block_out_channels"])
-        expected = [given["latent_channels"] * 2 ** (i + 1) for i in range(len(widths))]
-        if widths != expected:
-            raise ConfigError(
-                f"{label} block_out_channels={widths!r}: the encoder doubles latent_channels at each stage ({expected})"
-            )
+        given["encoder_width_multipliers"] = _encoder_multipliers(
+            label, list(config_json["block_out_channels"]), given["latent_channels"]
+        )
     return given
+
+
+def _decoder_base(label: str, widths: list[int], factors: list[int] | None) -> int:
+    """diffusers' `decoder_block_out_channels` (pixel side first) is each upsampler's input width; the width
+    after it is that over its `upsample_factor`, which must be the next upsampler's input."""
+    factors = factors if factors is not None else [2] * len(widths)
+    if len(factors) != len(widths) or any(w % f for w, f in zip(widths, factors, strict=True)):
+        raise ConfigError(
+            f"{label} decoder_block_out_channels={widths!r} must have one width per upsample_factor {factors!r}, "
+            "each divisible by it"
+        )
+    if any(widths[i + 1] // factors[i + 1] != widths[i] for i in range(len(widths) - 1)):
+        raise ConfigError(
+            f"{label} decoder_block_out_channels={widths!r}: each upsampler's output width (its width over its "
+            f"upsample_factor {factors!r}) must be the next one's input width"
+        )
+    return widths[0] // factors[0]
+
+
+def _encoder_multipliers(label: str, widths: list[int], latent: int) -> tuple[int, ...]:
+    """diffusers' `block_out_channels` are the widths after each downsampler; the encoder starts at `latent`."""
+    before = [latent, *widths[:-1]]
+    if any(w % b or w < b for w, b in zip(widths, before, strict=True)):
+        raise ConfigError(
+            f"{label} block_out_channels={widths!r}: starting at latent_channels={latent}, each width must be a "
+            "whole multiple of the one before"
+        )
+    return tuple(w // b for w, b in zip(widths, before, strict=True))
 
 
 def config_from_state(state: StateDict, config_json: dict | None = None) -> LTX2VideoVAEConfig:
     """Config from our-named (meta) shapes and, when present, the diffusers `config.json` beside the file.
 
-    Shapes fix the widths, stage lengths and resampler kinds; the json adds causality, padding modes,
-    the upsamplers' residual flags and the scaling factor (else the released values). A json value
-    contradicting the shapes is an error naming the field. An empty `state` uses the json alone.
+    Shapes fix the widths (so the resamplers' width ratios), stage lengths and resampler kinds; the json
+    adds causality, padding modes, the upsamplers' residual flags and the scaling factor, else the released
+    values, which differ between LTX-2.0's decoder and LTX-2.3's (told apart by their upsamplers). A json
+    value contradicting the shapes is an error naming the field. An empty `state` uses the json alone.
     """
     given = _fields_from_json(config_json)
     derived = _fields_from_shapes(state) if state else {}
     label = "LTX-2 video VAE"
     fields = merge_fields(label, given, derived)
-    if "decoder_upsample_residual" not in fields and "decoder_upsamples" in fields:
-        fields["decoder_upsample_residual"] = (True,) * len(fields["decoder_upsamples"])  # the released value
+    if "encoder_downsamples" in fields:
+        fields.setdefault("encoder_width_multipliers", (2,) * len(fields["encoder_downsamples"]))
+    if "decoder_upsamples" in fields:
+        fields.setdefault("decoder_width_divisors", (2,) * len(fields["decoder_upsamples"]))
+        released = _released_decoder_defaults(fields["decoder_upsamples"], fields["decoder_width_divisors"])
+        fields = {**released, **fields}
     return build_config(LTX2VideoVAEConfig, label, fields)
 
 
