@@ -23,3 +23,14 @@ def tiny_ltx2_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ltx2_pipe(tiny_ltx2_base):
     return ltx2_repo.our_pipeline(tiny_ltx2_base)
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx23_base(tmp_path_factory) -> Path:
+    """A model base holding a tiny `Lightricks/LTX-2.3` single file and its Gemma repo (see `ltx2_repo.py`)."""
+    return ltx2_repo.build_tiny_base(tmp_path_factory.mktemp("tiny-ltx23-models"), version="2.3")
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx23_pipe(tiny_ltx23_base):
+    return ltx2_repo.our_pipeline(tiny_ltx23_base, version="2.3")

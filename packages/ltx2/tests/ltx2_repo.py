@@ -34,16 +34,21 @@ SINGLE_FILE = "ltx-2-19b-dev.safetensors"
 MAX_SEQUENCE_LENGTH = 16  # a multiple of the connectors' 8 registers
 FRAMES, HEIGHT, WIDTH = 9, 64, 64  # 2 x 2 x 2 video latents, 9 audio latent frames at 24 fps
 TEXT_LAYERS, TEXT_WIDTH = 2, 128  # Gemma hidden states: embeddings + 2 layers, 128 wide
+TEXT_WIDTH_23 = 3840  # the LTX-2.3 base's Gemma: Gemma-3-12B's width (see build_tiny_base)
+LTX23_REPO, SINGLE_FILE_23 = "Lightricks/LTX-2.3", "ltx-2.3-22b-dev.safetensors"
 
 
-def tiny_configs() -> dict:
-    """The one place tiny LTX-2 sizes live: our config of each model, by pipeline slot."""
+def tiny_configs(version: str = "2.0") -> dict:
+    """The one place tiny LTX-2 sizes live: our config of each model, by pipeline slot. `version="2.3"` gives
+    LTX-2.3's architecture at the same tiny sizes (see `tiny_configs_23`)."""
     from diffsynth.ltx2.audio_vae import LTX2AudioVAEConfig
     from diffsynth.ltx2.connectors import LTX2ConnectorsConfig
     from diffsynth.ltx2.dit import LTX2DiTConfig
     from diffsynth.ltx2.video_vae import LTX2VideoVAEConfig
     from diffsynth.ltx2.vocoder import LTX2VocoderConfig
 
+    if version == "2.3":
+        return tiny_configs_23()
     side = dict(num_heads=1, head_dim=128, num_layers=1, num_registers=8)
     return {
         "dit": LTX2DiTConfig(
@@ -74,12 +79,74 @@ def tiny_configs() -> dict:
     }
 
 
-def gemma_config(vocab_size: int):
+def tiny_configs_23() -> dict:
+    """LTX-2.3 at tiny sizes: gated attentions and the text cross-attention's AdaLN in the DiT (no caption
+    projection: the connectors output the stream widths), per-stream text projections, the four-upsampler video
+    VAE, and the BigVGAN vocoder with bandwidth extension. A single file carries no config, so the audio VAE has
+    the release's 64 mel bins and the vocoder the release's kernels and rates (only its widths are tiny): the
+    shapes alone give the models."""
+    from dataclasses import replace
+
+    from diffsynth.ltx2.audio_vae import LTX2AudioVAEConfig
+    from diffsynth.ltx2.connectors import LTX2ConnectorsConfig
+    from diffsynth.ltx2.dit import LTX2DiTConfig
+    from diffsynth.ltx2.video_vae import LTX2VideoVAEConfig
+    from diffsynth.ltx2.vocoder import LTX2VocoderWithBWEConfig, release_23_bwe, release_23_vocoder
+
+    stream = dict(num_layers=1, num_registers=8)
+    return {
+        "dit": LTX2DiTConfig(
+            in_channels=16,
+            out_channels=16,
+            num_heads=1,
+            head_dim=128,
+            audio_in_channels=16,  # audio latents: 1 channel x 16 mel bins, as wide as the video's (the trainer
+            audio_out_channels=16,  # joins both streams' tokens)
+            audio_num_heads=1,
+            audio_head_dim=64,
+            num_layers=2,
+            caption_channels=TEXT_WIDTH_23,  # unused: 2.3 has no caption projection
+            gated_attention=True,
+            cross_attention_adaln=True,
+            caption_projection=False,
+        ),
+        "connectors": LTX2ConnectorsConfig(
+            caption_channels=TEXT_WIDTH_23,
+            text_proj_in_factor=TEXT_LAYERS + 1,
+            per_modality_projections=True,
+            projection_bias=True,
+            video_gated_attention=True,
+            audio_gated_attention=True,
+            video_num_heads=1,
+            video_head_dim=128,
+            audio_num_heads=1,
+            audio_head_dim=64,
+            **{f"video_{k}": v for k, v in stream.items()},
+            **{f"audio_{k}": v for k, v in stream.items()},
+        ),
+        "vae": LTX2VideoVAEConfig.ltx23(
+            latent_channels=16, decoder_base_channels=8, encoder_layers=(1, 1, 1, 1, 1), decoder_layers=(1, 1, 1, 1, 1)
+        ),
+        "audio_vae": LTX2AudioVAEConfig(  # diffusers sizes the statistics by base_channels: 1 x 64 / 4
+            base_channels=16, num_res_blocks=1, latent_channels=1, mel_bins=64
+        ),
+        "vocoder": LTX2VocoderWithBWEConfig(
+            vocoder=replace(
+                release_23_vocoder(), hidden_channels=64, resblock_kernel_sizes=(3,), resblock_dilations=((1, 3, 5),)
+            ),
+            bwe=replace(
+                release_23_bwe(), hidden_channels=32, resblock_kernel_sizes=(3,), resblock_dilations=((1, 3, 5),)
+            ),
+        ),
+    }
+
+
+def gemma_config(vocab_size: int, width: int = TEXT_WIDTH):
     from transformers import Gemma3Config
 
     text = dict(
         vocab_size=vocab_size,
-        hidden_size=TEXT_WIDTH,
+        hidden_size=width,
         intermediate_size=32,
         num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=2,
@@ -100,26 +167,28 @@ def gemma_config(vocab_size: int):
 
 # weight scales that keep activations in range (the vocoder's tanh unsaturated, the frames mostly unclamped)
 SCALES = {"dit": 0.2, "connectors": 0.2, "vae": 0.05, "audio_vae": 0.1, "vocoder": 0.2}
+SCALES_23 = {**SCALES, "vocoder": 0.1}  # the BigVGAN vocoder saturates its clamp at 0.2
 
 
-def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+def tiny_models(seed: int = 0, version: str = "2.0") -> dict[str, torch.nn.Module]:
     """Our five LTX models with seeded random weights and statistics, by pipeline slot."""
     from diffsynth.ltx2.audio_vae import LTX2AudioVAE
     from diffsynth.ltx2.connectors import LTX2TextConnectors
     from diffsynth.ltx2.dit import LTX2DiT
     from diffsynth.ltx2.video_vae import LTX2VideoVAE
-    from diffsynth.ltx2.vocoder import LTX2Vocoder
+    from diffsynth.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 
     classes = {
         "dit": LTX2DiT,
         "connectors": LTX2TextConnectors,
         "vae": LTX2VideoVAE,
         "audio_vae": LTX2AudioVAE,
-        "vocoder": LTX2Vocoder,
+        "vocoder": LTX2VocoderWithBWE if version == "2.3" else LTX2Vocoder,
     }
     models = {}
-    for i, (slot, config) in enumerate(tiny_configs().items()):
-        model = random_weights(classes[slot](config).eval(), seed + i, scale=SCALES[slot])
+    for i, (slot, config) in enumerate(tiny_configs(version).items()):
+        scale = (SCALES_23 if version == "2.3" else SCALES)[slot]
+        model = random_weights(classes[slot](config).eval(), seed + i, scale=scale)
         stats = getattr(model, "per_channel_statistics", None)
         if stats is not None:
             generator = torch.Generator().manual_seed(seed + 10 + i)
@@ -130,7 +199,7 @@ def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
     return models
 
 
-def single_file_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+def single_file_state(models: dict[str, torch.nn.Module], clone: bool = True) -> dict[str, torch.Tensor]:
     """The five models as `ltx-2-19b-dev.safetensors` lays them out: DiT and connectors under
     `model.diffusion_model.` (the aggregate projection at the top level), then `vae.` (with the three
     statistics nobody reads), `audio_vae.` and `vocoder.`."""
@@ -142,12 +211,20 @@ def single_file_state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Ten
     for prefix in ("vae", "audio_vae", "vocoder"):
         state.update({f"{prefix}.{k}": v for k, v in models[prefix].state_dict().items()})
     channels = models["vae"].config.latent_channels
-    state.update({f"vae.{name}": torch.full((channels,), 2.0 + i) for i, name in enumerate(UNUSED_STATISTICS)})
+    device = next(models["vae"].parameters()).device
+    state.update(
+        {f"vae.{name}": torch.full((channels,), 2.0 + i, device=device) for i, name in enumerate(UNUSED_STATISTICS)}
+    )
+    if not clone:  # e.g. meta tensors
+        return state
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def build_tiny_base(base: Path, seed: int = 0) -> Path:
-    """Write the tiny model base (see the module docstring); returns `base`."""
+def build_tiny_base(base: Path, seed: int = 0, version: str = "2.0") -> Path:
+    """Write the tiny model base (see the module docstring); returns `base`. `version="2.3"` writes
+    `Lightricks/LTX-2.3/ltx-2.3-22b-dev.safetensors` instead, with a Gemma of the real 12B's width (3840):
+    LTX-2.3's per-stream projections read `width x layers` features, which a file without a config splits
+    at Gemma-3-12B's width."""
     from transformers import Gemma3ForConditionalGeneration
 
     from diffsynth.runtime.testing.tokenizers import build_tiny_gemma_tokenizer
@@ -155,23 +232,25 @@ def build_tiny_base(base: Path, seed: int = 0) -> Path:
     gemma = base / GEMMA_REPO
     tokenizer = build_tiny_gemma_tokenizer(gemma, texts=CAPTIONS * 4)
     torch.manual_seed(seed)
-    text = random_weights(Gemma3ForConditionalGeneration(gemma_config(len(tokenizer))), seed + 20)
+    width = TEXT_WIDTH_23 if version == "2.3" else TEXT_WIDTH
+    text = random_weights(Gemma3ForConditionalGeneration(gemma_config(len(tokenizer), width)), seed + 20)
     text.save_pretrained(gemma)
-    ltx = base / LTX_REPO
-    ltx.mkdir(parents=True, exist_ok=True)
-    save_file(single_file_state(tiny_models(seed)), str(ltx / SINGLE_FILE))
+    repo, name = (LTX23_REPO, SINGLE_FILE_23) if version == "2.3" else (LTX_REPO, SINGLE_FILE)
+    (base / repo).mkdir(parents=True, exist_ok=True)
+    save_file(single_file_state(tiny_models(seed, version)), str(base / repo / name))
     return base
 
 
-def our_pipeline(base: Path, **kwargs):
+def our_pipeline(base: Path, version: str = "2.0", **kwargs):
     """Our pipeline from the tiny base through ModelConfig paths (no preset defaults), fp32 on CPU."""
     from diffsynth.ltx2.pipeline import LTX2Pipeline
     from diffsynth.runtime.hub import ModelConfig
 
     gemma = base / GEMMA_REPO
+    single = base / LTX23_REPO / SINGLE_FILE_23 if version == "2.3" else base / LTX_REPO / SINGLE_FILE
     return LTX2Pipeline.from_pretrained(
         [
-            ModelConfig(path=str(base / LTX_REPO / SINGLE_FILE)),
+            ModelConfig(path=str(single)),
             ModelConfig(path=sorted(str(p) for p in gemma.glob("model*.safetensors"))),
         ],
         tokenizer_config=ModelConfig(path=str(gemma)),
@@ -230,11 +309,11 @@ def _kinds(kinds) -> tuple[str, ...]:
     return tuple(names[k] for k in kinds)
 
 
-def diffusers_configs() -> dict[str, dict]:
-    """The diffusers constructor arguments of `tiny_configs()`, by pipeline slot."""
-    c = tiny_configs()
+def diffusers_configs(version: str = "2.0") -> dict[str, dict]:
+    """The diffusers constructor arguments of `tiny_configs(version)`, by pipeline slot."""
+    c = tiny_configs(version)
     dit, vae, audio, vocoder, conn = c["dit"], c["vae"], c["audio_vae"], c["vocoder"], c["connectors"]
-    return {
+    configs = {
         "dit": dict(
             in_channels=dit.in_channels,
             out_channels=dit.out_channels,
@@ -250,21 +329,7 @@ def diffusers_configs() -> dict[str, dict]:
             caption_channels=dit.caption_channels,
             rope_type=dit.rope_type,
         ),
-        "vae": dict(
-            latent_channels=vae.latent_channels,
-            block_out_channels=tuple(vae.latent_channels * 2 ** (i + 1) for i in range(len(vae.encoder_downsamples))),
-            decoder_block_out_channels=tuple(
-                vae.decoder_base_channels * 2 ** (i + 1) for i in range(len(vae.decoder_upsamples))
-            ),
-            layers_per_block=vae.encoder_layers,
-            decoder_layers_per_block=tuple(reversed(vae.decoder_layers)),
-            downsample_type=_kinds(vae.encoder_downsamples),
-            upsample_type=_kinds(vae.decoder_upsamples),
-            upsample_residual=tuple(reversed(vae.decoder_upsample_residual)),
-            decoder_causal=vae.decoder_causal,
-            spatial_compression_ratio=vae.spatial_compression,
-            temporal_compression_ratio=vae.temporal_compression,
-        ),
+        "vae": diffusers_vae_config(vae),
         "audio_vae": dict(
             base_channels=audio.base_channels,
             ch_mult=audio.ch_mult,
@@ -272,7 +337,9 @@ def diffusers_configs() -> dict[str, dict]:
             latent_channels=audio.latent_channels,
             mel_bins=audio.mel_bins,
         ),
-        "vocoder": dict(
+        "vocoder": diffusers_bwe_vocoder_config(vocoder)
+        if version == "2.3"
+        else dict(
             in_channels=vocoder.in_channels,
             hidden_channels=vocoder.hidden_channels,
             out_channels=vocoder.out_channels,
@@ -295,6 +362,76 @@ def diffusers_configs() -> dict[str, dict]:
             rope_type=conn.rope_type,
         ),
     }
+    if version == "2.3":
+        configs["dit"].update(
+            gated_attn=True,
+            cross_attn_mod=True,
+            audio_gated_attn=True,
+            audio_cross_attn_mod=True,
+            use_prompt_embeddings=False,
+            perturbed_attn=True,  # the released 2.3 config's: diffusers' STG pass needs it
+        )
+        configs["connectors"].update(
+            per_modality_projections=True,
+            proj_bias=True,
+            video_gated_attn=True,
+            audio_gated_attn=True,
+            video_hidden_dim=dit.dim,
+            audio_hidden_dim=dit.audio_dim,
+        )
+    return configs
+
+
+def diffusers_vae_config(vae) -> dict:
+    """diffusers `AutoencoderKLLTX2Video` arguments of our video VAE config (diffusers lists the decoder from the
+    pixel side, each entry the width going into an upsampler)."""
+    return dict(
+        latent_channels=vae.latent_channels,
+        block_out_channels=vae.encoder_widths[1:],
+        decoder_block_out_channels=tuple(reversed(vae.decoder_widths[:-1])),
+        layers_per_block=vae.encoder_layers,
+        decoder_layers_per_block=tuple(reversed(vae.decoder_layers)),
+        decoder_spatio_temporal_scaling=(True,) * len(vae.decoder_upsamples),
+        decoder_inject_noise=(False,) * len(vae.decoder_layers),
+        downsample_type=_kinds(vae.encoder_downsamples),
+        upsample_type=_kinds(vae.decoder_upsamples),
+        upsample_residual=tuple(reversed(vae.decoder_upsample_residual)),
+        upsample_factor=tuple(reversed(vae.decoder_width_divisors)),
+        decoder_causal=vae.decoder_causal,
+        decoder_spatial_padding_mode=vae.decoder_padding_mode,
+        spatial_compression_ratio=vae.spatial_compression,
+        temporal_compression_ratio=vae.temporal_compression,
+    )
+
+
+def diffusers_bwe_vocoder_config(config) -> dict:
+    """diffusers `LTX2VocoderWithBWE` arguments of our `LTX2VocoderWithBWEConfig`."""
+
+    def generator(c, prefix: str = "") -> dict:
+        return {
+            f"{prefix}in_channels": c.in_channels,
+            f"{prefix}hidden_channels": c.hidden_channels,
+            f"{prefix}out_channels": c.out_channels,
+            f"{prefix}upsample_kernel_sizes": list(c.upsample_kernel_sizes),
+            f"{prefix}upsample_factors": list(c.upsample_rates),
+            f"{prefix}resnet_kernel_sizes": list(c.resblock_kernel_sizes),
+            f"{prefix}resnet_dilations": [list(d) for d in c.resblock_dilations],
+            f"{prefix}act_fn": "snakebeta",
+            f"{prefix}antialias": True,
+            f"{prefix}final_act_fn": c.final_activation,
+            f"{prefix}final_bias": c.final_bias,
+        }
+
+    return {
+        **generator(config.vocoder),
+        **generator(config.bwe, "bwe_"),
+        "filter_length": config.n_fft,
+        "hop_length": config.stft_hop_length,
+        "window_length": config.n_fft,
+        "num_mel_channels": config.mel_bins,
+        "input_sampling_rate": config.vocoder.sampling_rate,
+        "output_sampling_rate": config.bwe.sampling_rate,
+    }
 
 
 # the authors shift the schedule as for 4096 tokens at any size: equal shifts make diffusers' mu that constant
@@ -310,11 +447,11 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def diffusers_models(pipe) -> dict:
+def diffusers_models(pipe, version: str = "2.0") -> dict:
     """diffusers modules holding the weights of `pipe`'s five LTX models (our converters, strict loads)."""
     import diffusers
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 
     from diffsynth.ltx2 import audio_vae_formats, connectors_formats, dit_formats, video_vae_formats, vocoder_formats
 
@@ -322,10 +459,10 @@ def diffusers_models(pipe) -> dict:
         "dit": (diffusers.LTX2VideoTransformer3DModel, dit_formats),
         "vae": (diffusers.AutoencoderKLLTX2Video, video_vae_formats),
         "audio_vae": (diffusers.AutoencoderKLLTX2Audio, audio_vae_formats),
-        "vocoder": (LTX2Vocoder, vocoder_formats),
+        "vocoder": (LTX2VocoderWithBWE if version == "2.3" else LTX2Vocoder, vocoder_formats),
         "connectors": (LTX2TextConnectors, connectors_formats),
     }
-    configs = diffusers_configs()
+    configs = diffusers_configs(version)
     models = {}
     for slot, (cls, formats) in classes.items():
         model = cls(**configs[slot]).eval()
@@ -334,12 +471,12 @@ def diffusers_models(pipe) -> dict:
     return models
 
 
-def reference_pipeline(pipe, base: Path):
+def reference_pipeline(pipe, base: Path, version: str = "2.0"):
     """diffusers' `LTX2Pipeline` with `pipe`'s LTX weights and the tiny base's Gemma and tokenizer."""
     import diffusers
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
-    models = diffusers_models(pipe)
+    models = diffusers_models(pipe, version)
     gemma = base / GEMMA_REPO
     return diffusers.LTX2Pipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),

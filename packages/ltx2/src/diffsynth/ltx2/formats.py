@@ -1,7 +1,7 @@
 """What the LTX-2 package contributes to the runtime: the "ltx2" family with the specs of its seven models
 (DiT, text connectors, video VAE, audio VAE, vocoder, Gemma-3 text encoder, latent upsampler), presets and pipeline.
 
-One `ltx-2-19b-*.safetensors` file holds the five LTX models under their own prefixes; each spec takes
+One `ltx-2-19b-*.safetensors` / `ltx-2.3-22b-*.safetensors` file holds the five LTX models under their own prefixes; each spec takes
 its share, so the file loads whole. Gemma comes from its own repo.
 """
 
@@ -32,6 +32,7 @@ FAMILY = Family(
     presets=PRESETS,
     pipeline="diffsynth.ltx2.pipeline:LTX2Pipeline",
     training="diffsynth.ltx2.training:LTX2TrainingTask",
-    description="LTX-2 (Lightricks) 19B text-to-video with synchronised audio: audio-video DiT, Gemma-3-12B "
-    "text encoder with text connectors, 128-channel video VAE, mel audio VAE and vocoder",
+    description="LTX-2 19B and LTX-2.3 22B (Lightricks) text-to-video with synchronised audio: audio-video DiT, "
+    "Gemma-3-12B text encoder with text connectors, 128-channel video VAE, mel audio VAE and vocoder (48 kHz "
+    "with bandwidth extension in 2.3)",
 )

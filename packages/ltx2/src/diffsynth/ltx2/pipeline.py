@@ -43,6 +43,7 @@ from .retake import keep_video, retake_frames
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 40  # ltx-pipelines LTX_2_PARAMS (full model)
+LTX23_STEPS, LTX23_STG_BLOCKS = 30, (28,)  # ltx-pipelines LTX_2_3_PARAMS: the only defaults 2.3 changes
 DEFAULT_CFG = 3.0
 DEFAULT_AUDIO_CFG = 7.0
 DEFAULT_RESCALE = 0.7
@@ -417,7 +418,7 @@ class LTX2Pipeline(BasePipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         distilled = bool(self.setting("use_distilled_pipeline", use_distilled_pipeline, False))
-        steps = self.setting("num_inference_steps", num_inference_steps, 8 if distilled else DEFAULT_STEPS)
+        steps = self.setting("num_inference_steps", num_inference_steps, 8 if distilled else self.default_steps)
         scale = float(self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG))
         if audio_cfg_scale is None:  # an explicit cfg_scale guides both streams unless audio_cfg_scale is given
             fallback = 1.0 if distilled else DEFAULT_AUDIO_CFG
@@ -1143,12 +1144,26 @@ class LTX2Pipeline(BasePipeline):
                 raise ConfigError(f"{key}={v!r} is not accepted; use a number")
         return float(video), float(audio_value)
 
+    @property
+    def is_ltx23(self) -> bool:
+        """Whether the loaded DiT is LTX-2.3's (its text cross-attention has an AdaLN), whose authors' defaults
+        (30 steps, STG at block 28) apply when no preset sets them, as ltx-pipelines picks them per model."""
+        return self.dit is not None and self.dit.config.cross_attention_adaln
+
+    @property
+    def default_steps(self) -> int:
+        return LTX23_STEPS if self.is_ltx23 else DEFAULT_STEPS
+
+    @property
+    def default_stg_blocks(self) -> tuple[int, ...]:
+        return LTX23_STG_BLOCKS if self.is_ltx23 else DEFAULT_STG_BLOCKS
+
     def check_stg_blocks(self, blocks) -> tuple[int, ...]:
         """STG's block indices: explicit ones must exist in the DiT; the defaults (for the released 48
         blocks) keep only those that do, so a smaller DiT runs without STG."""
         n = self.dit.config.num_layers
         if blocks is None:
-            default = tuple(self.defaults.get("spatio_temporal_guidance_blocks", DEFAULT_STG_BLOCKS))
+            default = tuple(self.defaults.get("spatio_temporal_guidance_blocks", self.default_stg_blocks))
             kept = tuple(i for i in default if 0 <= i < n)
             if kept != default:
                 logger.debug("default STG blocks %s dropped: the DiT has %d blocks", default, n)

@@ -10,6 +10,9 @@ guidance rescale 0.7, STG 1 at block 29 and modality guidance 3 on both streams.
 (512x768 for the default 1024x1536), the spatial x2 latent upsampler, then 3 distilled steps at full size with
 the distilled LoRA at 0.8 (fetched at its first use). `:distilled` is their `DistilledPipeline`: the distilled
 model's fixed 8-step table without CFG at half size, the upsampler, and the same 3 steps (no LoRA).
+
+`Lightricks/LTX-2.3` (22B) has the same three presets with its own files. The authors' 2.3 defaults
+(`LTX_2_3_PARAMS`) differ from 2.0's only in 30 steps and STG at block 28; Gemma-3-12B is the same encoder.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ GEMMA_TOKENIZER = PresetFile(GEMMA, "tokenizer*")  # tokenizer.json / .model / _
 
 _SIZE = {"height": 512, "width": 768, "num_frames": 121, "frame_rate": 24.0}
 _TWO_STAGE_SIZE = {**_SIZE, "height": 1024, "width": 1536}  # the first stage samples 512 x 768
-UPSAMPLER = PresetFile(REPO, "ltx-2-spatial-upscaler-x2-1.0.safetensors")
-DISTILLED_LORA = (REPO, "ltx-2-19b-distilled-lora-384.safetensors")
 _FULL_GUIDANCE = {
     "num_inference_steps": 40,
     "cfg_scale": 3.0,
@@ -37,29 +38,59 @@ _FULL_GUIDANCE = {
     "spatio_temporal_guidance_blocks": (29,),
 }
 
+
+def _presets(repo: str, dev: str, distilled: str, upsampler: str, lora: str, full_guidance: dict, name: str):
+    """The one-stage, two-stage and distilled presets of one LTX-2 generation."""
+    up = PresetFile(repo, upsampler)
+    return {
+        repo: Preset(
+            name=repo,
+            files=(PresetFile(repo, dev), GEMMA_WEIGHTS),
+            tokenizer=GEMMA_TOKENIZER,
+            defaults={**_SIZE, **full_guidance},
+            description=f"{name} text-to-video with audio (Lightricks), Gemma-3-12B text encoder: "
+            f"{full_guidance['num_inference_steps']} steps, CFG 3 (video) / 7 (audio), STG 1 (block "
+            f"{full_guidance['spatio_temporal_guidance_blocks'][0]}), modality guidance 3, 768x512, 121 frames at 24 fps.",
+        ),
+        f"{repo}:two-stage": Preset(
+            name=f"{repo}:two-stage",
+            files=(PresetFile(repo, dev), up, GEMMA_WEIGHTS),
+            tokenizer=GEMMA_TOKENIZER,
+            defaults={**_TWO_STAGE_SIZE, **full_guidance, "use_two_stage_pipeline": True, "stage2_lora": (repo, lora)},
+            description=f"{name}, the authors' two-stage pipeline: {full_guidance['num_inference_steps']} guided "
+            "steps at 768x512, the x2 latent upsampler, 3 distilled-LoRA steps at 1536x1024; 121 frames at 24 fps.",
+        ),
+        f"{repo}:distilled": Preset(
+            name=f"{repo}:distilled",
+            files=(PresetFile(repo, distilled), up, GEMMA_WEIGHTS),
+            tokenizer=GEMMA_TOKENIZER,
+            defaults={**_TWO_STAGE_SIZE, "use_distilled_pipeline": True, "num_inference_steps": 8, "cfg_scale": 1.0},
+            description=f"{name} distilled (same repo), the authors' DistilledPipeline: the fixed 8-step table "
+            "without CFG at 768x512, the x2 latent upsampler, 3 more steps at 1536x1024.",
+        ),
+    }
+
+
+REPO_23 = "Lightricks/LTX-2.3"
+_FULL_GUIDANCE_23 = {**_FULL_GUIDANCE, "num_inference_steps": 30, "spatio_temporal_guidance_blocks": (28,)}
+
 PRESETS: dict[str, Preset] = {
-    REPO: Preset(
-        name=REPO,
-        files=(PresetFile(REPO, "ltx-2-19b-dev.safetensors"), GEMMA_WEIGHTS),
-        tokenizer=GEMMA_TOKENIZER,
-        defaults={**_SIZE, **_FULL_GUIDANCE},
-        description="LTX-2 19B text-to-video with audio (Lightricks), Gemma-3-12B text encoder: 40 steps, "
-        "CFG 3 (video) / 7 (audio), STG 1 (block 29), modality guidance 3, 768x512, 121 frames at 24 fps.",
+    **_presets(
+        REPO,
+        "ltx-2-19b-dev.safetensors",
+        "ltx-2-19b-distilled.safetensors",
+        "ltx-2-spatial-upscaler-x2-1.0.safetensors",
+        "ltx-2-19b-distilled-lora-384.safetensors",
+        _FULL_GUIDANCE,
+        "LTX-2 19B",
     ),
-    f"{REPO}:two-stage": Preset(
-        name=f"{REPO}:two-stage",
-        files=(PresetFile(REPO, "ltx-2-19b-dev.safetensors"), UPSAMPLER, GEMMA_WEIGHTS),
-        tokenizer=GEMMA_TOKENIZER,
-        defaults={**_TWO_STAGE_SIZE, **_FULL_GUIDANCE, "use_two_stage_pipeline": True, "stage2_lora": DISTILLED_LORA},
-        description="LTX-2 19B, the authors' two-stage pipeline: 40 guided steps at 768x512, the x2 latent "
-        "upsampler, 3 distilled-LoRA steps at 1536x1024; 121 frames at 24 fps.",
-    ),
-    f"{REPO}:distilled": Preset(
-        name=f"{REPO}:distilled",
-        files=(PresetFile(REPO, "ltx-2-19b-distilled.safetensors"), UPSAMPLER, GEMMA_WEIGHTS),
-        tokenizer=GEMMA_TOKENIZER,
-        defaults={**_TWO_STAGE_SIZE, "use_distilled_pipeline": True, "num_inference_steps": 8, "cfg_scale": 1.0},
-        description="LTX-2 19B distilled (same repo), the authors' DistilledPipeline: the fixed 8-step table "
-        "without CFG at 768x512, the x2 latent upsampler, 3 more steps at 1536x1024.",
+    **_presets(
+        REPO_23,
+        "ltx-2.3-22b-dev.safetensors",
+        "ltx-2.3-22b-distilled-1.1.safetensors",
+        "ltx-2.3-spatial-upscaler-x2-1.1.safetensors",
+        "ltx-2.3-22b-distilled-lora-384-1.1.safetensors",
+        _FULL_GUIDANCE_23,
+        "LTX-2.3 22B",
     ),
 }

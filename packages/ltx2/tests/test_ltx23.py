@@ -1,0 +1,321 @@
+"""LTX-2.3 (22B) through `LTX2Pipeline` on a tiny random `ltx-2.3-22b-dev.safetensors`: the single file gives the
+2.3 models, parity with diffusers' `LTX2Pipeline` / `LTX2ImageToVideoPipeline` built from LTX-2.3 components
+(text-to-video with CFG, rescale, STG and modality guidance; image-to-video), 48 kHz sound, the authors' 2.3
+defaults (preset and without one), the released file's split on the meta device and the VRAM manager.
+The per-model parity (DiT, connectors, video VAE, vocoder) is in each model's own test module."""
+
+from __future__ import annotations
+
+import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth.ltx2.pipeline import LTX2Pipeline
+from diffsynth.ltx2.presets import PRESETS
+from diffsynth.ltx2.vocoder import LTX2VocoderWithBWE
+
+CAPTIONS = repo_module.CAPTIONS
+F, H, W = repo_module.FRAMES, repo_module.HEIGHT, repo_module.WIDTH
+FAST = dict(
+    height=H,
+    width=W,
+    num_frames=F,
+    num_inference_steps=2,
+    max_sequence_length=repo_module.MAX_SEQUENCE_LENGTH,
+    progress_bar=False,
+)
+OFF = dict(stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0)  # CFG only
+SAMPLES = 33 * 480  # 9 audio latents -> 33 mel frames -> 480 samples each at 48 kHz
+
+
+def run(pipe, prompt=CAPTIONS[0], **kwargs):
+    settings = {**FAST, "seed": 0, "output_type": "pt", **kwargs}
+    return pipe(prompt, **settings)
+
+
+def picture(seed: int) -> Image.Image:
+    """A smooth random 96x96 RGB picture (bilinear-upsampled noise)."""
+    small = np.random.default_rng(seed).integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((96, 96), Image.BILINEAR)
+
+
+def test_single_file_gives_the_23_models(tiny_ltx23_pipe):
+    """The file alone (no config) gives each model's 2.3 architecture, and the pipeline takes the authors' 2.3
+    defaults (30 steps, STG at block 28) and the vocoder's 48 kHz."""
+    pipe = tiny_ltx23_pipe
+    dit = pipe.dit.config
+    assert dit.gated_attention and dit.cross_attention_adaln and not dit.caption_projection
+    assert dit.cross_modal_mode == "cross"
+    assert pipe.connectors.config.per_modality_projections
+    assert pipe.vae.config.decoder_upsamples == ("all", "all", "time", "space")
+    assert isinstance(pipe.vocoder, LTX2VocoderWithBWE) and pipe.sample_rate == 48000
+    assert pipe.is_ltx23 and pipe.default_steps == 30 and pipe.default_stg_blocks == (28,)
+    expected = repo_module.tiny_models(version="2.3")
+    for slot, model in expected.items():
+        ours = getattr(pipe, slot).state_dict()
+        assert ours.keys() == model.state_dict().keys(), slot
+        assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items()), slot
+
+
+def test_generates_video_and_48k_sound(tiny_ltx23_pipe):
+    frames, audio = run(tiny_ltx23_pipe, negative_prompt=CAPTIONS[3])
+    assert frames.shape == (1, 3, F, H, W) and torch.isfinite(frames).all() and frames.std() > 0.05
+    assert audio.sample_rate == 48000 and audio.waveform.shape == (1, 2, SAMPLES)
+    assert audio.waveform.abs().max() <= 1.0 and audio.waveform.std() > 0.01
+
+
+def test_the_23_defaults_apply_without_a_preset(tiny_ltx23_pipe, tiny_ltx2_pipe, monkeypatch):
+    """Loaded from paths (no preset), a 2.3 DiT runs the authors' 30 steps (2.0: 40) and would perturb block 28
+    (2.0: 29; past the tiny DiTs' 2 blocks, so dropped here)."""
+    calls = []
+    real = LTX2Pipeline.predict
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LTX2Pipeline, "predict", spy)
+    settings = {k: v for k, v in FAST.items() if k != "num_inference_steps"}
+    tiny_ltx23_pipe(CAPTIONS[0], seed=0, output_type="pt", cfg_scale=1.0, audio_cfg_scale=1.0, **OFF, **settings)
+    assert len(calls) == 30  # one unguided pass per step
+    assert (tiny_ltx23_pipe.default_steps, tiny_ltx23_pipe.default_stg_blocks) == (30, (28,))
+    assert (tiny_ltx2_pipe.default_steps, tiny_ltx2_pipe.default_stg_blocks) == (40, (29,))
+
+
+def test_preset_resolves_to_the_23_file(tiny_ltx23_base, tiny_ltx23_pipe, monkeypatch):
+    """`from_pretrained("Lightricks/LTX-2.3")` with downloads off finds the 2.3 file and Gemma, with the authors'
+    2.3 settings: the same output as the path-built pipeline given them."""
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx23_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    pipe = LTX2Pipeline.from_pretrained("Lightricks/LTX-2.3", device="cpu", torch_dtype=torch.float32)
+    assert pipe.defaults == dict(PRESETS["Lightricks/LTX-2.3"].defaults)
+    assert pipe.defaults["num_inference_steps"] == 30 and pipe.defaults["spatio_temporal_guidance_blocks"] == (28,)
+    explicit = dict(cfg_scale=3.0, audio_cfg_scale=7.0, guidance_rescale=0.7, frame_rate=24.0)
+    got = run(pipe, negative_prompt=CAPTIONS[3])
+    expected = run(tiny_ltx23_pipe, negative_prompt=CAPTIONS[3], **explicit)
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
+
+
+def test_released_file_splits_on_meta():
+    """A full-size LTX-2.3 single file (our five release-config models on the meta device, in the file's layout)
+    splits into the five models with no key left over, each with its released 2.3 config; the DiT holds ~19B
+    parameters (22B with the connectors, VAEs and vocoder is the model's name)."""
+    from diffsynth.ltx2.audio_vae import LTX2AudioVAE, LTX2AudioVAEConfig
+    from diffsynth.ltx2.connectors import LTX2ConnectorsConfig, LTX2TextConnectors
+    from diffsynth.ltx2.dit import LTX2DiT, LTX2DiTConfig
+    from diffsynth.ltx2.formats import FAMILY
+    from diffsynth.ltx2.video_vae import LTX2VideoVAE, LTX2VideoVAEConfig
+    from diffsynth.ltx2.vocoder import LTX2VocoderWithBWEConfig
+    from diffsynth.runtime.loading import load_models
+
+    released = {
+        "dit": LTX2DiTConfig.ltx23(),
+        "connectors": LTX2ConnectorsConfig.ltx23(),
+        "vae": LTX2VideoVAEConfig.ltx23(),
+        "audio_vae": LTX2AudioVAEConfig(),
+        "vocoder": LTX2VocoderWithBWEConfig(),
+    }
+    classes = {
+        "dit": LTX2DiT,
+        "connectors": LTX2TextConnectors,
+        "vae": LTX2VideoVAE,
+        "audio_vae": LTX2AudioVAE,
+        "vocoder": LTX2VocoderWithBWE,
+    }
+    with torch.device("meta"):
+        models = {slot: classes[slot](config) for slot, config in released.items()}
+    state = repo_module.single_file_state(models, clone=False)
+    loaded = load_models(state, specs=FAMILY.specs)
+    assert sorted(item.role for item in loaded) == ["audio_vae", "connectors", "dit", "vae", "vocoder"]
+    for item in loaded:
+        assert item.config == released[item.role], item.role
+    assert 18e9 < sum(p.numel() for p in models["dit"].parameters()) < 20e9
+
+
+# ----------------------------------------------------------------------------------------- parity
+@pytest.fixture(scope="module")
+def reference(tiny_ltx23_pipe, tiny_ltx23_base):
+    """diffusers' `LTX2Pipeline` with the tiny 2.3 weights (its transformer, as the released 2.3 config, built with
+    `perturbed_attn=True`, so its STG pass perturbs)."""
+    pytest.importorskip("diffusers")
+    pipe = repo_module.reference_pipeline(tiny_ltx23_pipe, tiny_ltx23_base, version="2.3")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _reference_sigmas(reference, steps: int) -> torch.Tensor:
+    reference.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=2.05)
+    return reference.scheduler.sigmas.clone()
+
+
+def _check(frames, audio, expected_frames, expected_audio, label: str) -> None:
+    assert frames.shape == expected_frames.shape == (1, F, H, W, 3)
+    assert audio.sample_rate == 48000 and audio.waveform.shape == expected_audio.shape == (1, 2, SAMPLES)
+    inside = ((expected_frames > 0.01) & (expected_frames < 0.99)).mean()
+    assert inside > 0.5 and expected_frames.std() > 0.05  # mostly unclamped, not flat: the comparison counts
+    assert (expected_audio.abs() < 0.95).float().mean() > 0.9 and expected_audio.std() > 0.01  # not clamped
+    frame_diff = np.abs(frames - expected_frames).max()
+    audio_diff = (audio.waveform - expected_audio).abs().max().item()
+    print(f"LTX-2.3 parity {label}: frames max abs {frame_diff:.3g}, audio max abs {audio_diff:.3g}")
+    assert frame_diff <= 1e-5 and audio_diff <= 1e-5
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    "guidance",
+    [
+        dict(cfg_scale=3.0, audio_cfg_scale=5.0, guidance_rescale=0.0, **OFF),
+        dict(
+            cfg_scale=3.0,
+            audio_cfg_scale=5.0,
+            guidance_rescale=0.7,
+            stg_scale=1.0,
+            audio_stg_scale=1.5,
+            modality_scale=3.0,
+            audio_modality_scale=2.0,
+        ),
+    ],
+    ids=["cfg", "cfg-rescale-stg-modality"],
+)
+def test_matches_diffusers(tiny_ltx23_pipe, reference, guidance):
+    """Frames and 48 kHz waveform against diffusers' `LTX2Pipeline` on the same 2.3 weights (our converters,
+    strict loads), Gemma, noise and sigmas; diffusers' default `use_cross_timestep=True` is our 2.3 DiT's
+    `cross_modal_mode` "cross". STG perturbs block 1 of the tiny 2."""
+    steps = 3
+    sigmas = _reference_sigmas(reference, steps)
+    common = dict(negative_prompt=CAPTIONS[3], output_type="np", **guidance)
+    frames, audio = tiny_ltx23_pipe(
+        CAPTIONS[0], seed=3, sigmas=sigmas, spatio_temporal_guidance_blocks=[1], **common, **FAST
+    )
+    rescale = guidance["guidance_rescale"]
+    expected_frames, expected_audio = reference(
+        prompt=CAPTIONS[0],
+        height=H,
+        width=W,
+        num_frames=F,
+        frame_rate=24.0,
+        num_inference_steps=steps,
+        guidance_scale=guidance["cfg_scale"],
+        audio_guidance_scale=guidance["audio_cfg_scale"],
+        guidance_rescale=rescale,
+        audio_guidance_rescale=rescale,
+        **{k: guidance[k] for k in OFF},
+        spatio_temporal_guidance_blocks=[1],
+        generator=torch.Generator().manual_seed(3),
+        max_sequence_length=FAST["max_sequence_length"],
+        negative_prompt=CAPTIONS[3],
+        output_type="np",
+        return_dict=False,
+    )
+    _check(frames, audio, expected_frames, expected_audio, str(guidance))
+
+
+@pytest.mark.parity
+def test_image_to_video_matches_diffusers(tiny_ltx23_pipe, reference):
+    """First-frame conditioning against diffusers' `LTX2ImageToVideoPipeline` with its default
+    `use_cross_timestep=True`: the conditioned tokens' own timestep is 0, so the audio<->video modulation's
+    source (the other stream's sigma) matters here, unlike in text-to-video. H.264 re-compression off on both
+    sides (`image_crf=0`; see test_image_to_video.py)."""
+    import diffusers
+
+    i2v = diffusers.LTX2ImageToVideoPipeline(**reference.components)
+    i2v.set_progress_bar_config(disable=True)
+    steps = 3
+    sigmas = _reference_sigmas(i2v, steps)
+    image = picture(1)
+    frames, audio = tiny_ltx23_pipe(
+        CAPTIONS[0],
+        input_images=[image],
+        image_crf=0,
+        negative_prompt=CAPTIONS[3],
+        seed=3,
+        output_type="np",
+        sigmas=sigmas,
+        cfg_scale=3.0,
+        audio_cfg_scale=5.0,
+        guidance_rescale=0.0,
+        **OFF,
+        **FAST,
+    )
+    expected_frames, expected_audio = i2v(
+        image=image,
+        prompt=CAPTIONS[0],
+        negative_prompt=CAPTIONS[3],
+        height=H,
+        width=W,
+        num_frames=F,
+        frame_rate=24.0,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        audio_guidance_scale=5.0,
+        guidance_rescale=0.0,
+        audio_guidance_rescale=0.0,
+        **OFF,
+        image_crf=0,
+        generator=torch.Generator().manual_seed(3),
+        max_sequence_length=FAST["max_sequence_length"],
+        output_type="np",
+        return_dict=False,
+    )
+    _check(frames, audio, expected_frames, expected_audio, "image-to-video")
+
+
+# ----------------------------------------------------------------------------------------- VRAM manager
+def test_vram_managed_pipeline_gives_the_same_output(tiny_ltx23_base):
+    """Every 2.3 model under the VRAM manager with every unit streamed gives the resident pipeline's output,
+    bit for bit. The resident weights are copied out of the file's memory map first: CPU matmuls on the mapped
+    tensors (at unaligned offsets) take another kernel path and move the audio latents by ~1e-5, whereas the
+    manager's streamed copies are aligned."""
+    managed = repo_module.our_pipeline(tiny_ltx23_base, version="2.3", vram_limit=0)
+    resident = repo_module.our_pipeline(tiny_ltx23_base, version="2.3")
+    for slot in resident.model_slots:
+        for p in getattr(resident, slot).parameters() if getattr(resident, slot) is not None else ():
+            p.data = p.data.clone()
+    got, expected = run(managed, negative_prompt=CAPTIONS[3]), run(resident, negative_prompt=CAPTIONS[3])
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- training
+def test_training_velocity_is_the_pipelines_prediction(tiny_ltx23_base, tiny_ltx23_pipe):
+    """`LTX2TrainingTask` on the 2.3 file: its encodings feed a joined velocity equal to the pipeline's per-step
+    prediction on the same noisy latents and noise levels (as test_training.py checks for 2.0)."""
+    from diffsynth.ltx2.audio_vae import pack_latents
+    from diffsynth.ltx2.pipeline import LTX2Text, pack_video
+    from diffsynth.ltx2.training import LTX2TrainingTask
+    from diffsynth.runtime.hub import ModelConfig
+
+    gemma = tiny_ltx23_base / repo_module.GEMMA_REPO
+    configs = [
+        ModelConfig(path=str(tiny_ltx23_base / repo_module.LTX23_REPO / repo_module.SINGLE_FILE_23)),
+        ModelConfig(path=sorted(str(p) for p in gemma.glob("model*.safetensors"))),
+    ]
+    max_len = repo_module.MAX_SEQUENCE_LENGTH
+    task = LTX2TrainingTask.from_pretrained(
+        configs, torch_dtype=torch.float32, device="cpu", max_sequence_length=max_len
+    )
+    rows = []
+    for seed in (6, 7):
+        g = torch.Generator().manual_seed(seed)
+        video = torch.rand(3, F, H, W, generator=g) * 2 - 1
+        sound = 0.3 * torch.randn(2, int(F / 24 * 16000), generator=g)
+        rows.append({"prompt": CAPTIONS[seed % 3], "video": video, "audio": sound, "audio_sample_rate": 16000})
+    samples = task.encode(rows)
+    batch = task.collate(samples)
+    noisy = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(8))
+    sigma = torch.tensor([0.3, 0.8])
+    pipe = tiny_ltx23_pipe
+    got = task.velocity(pipe.dit, batch, noisy, sigma)
+    f, h, w = samples[0]["video_shape"].tolist()
+    channels, length, bins = samples[0]["audio_shape"].tolist()
+    text = pipe.encode_prompt([CAPTIONS[0], CAPTIONS[1]], max_len)
+    for i in range(2):
+        video = noisy[i, : f * h * w].T.reshape(1, -1, f, h, w)
+        audio = noisy[i, f * h * w :].reshape(length, channels, bins).transpose(0, 1)[None]
+        one = LTX2Text(text.video[i : i + 1], text.audio[i : i + 1], text.mask[i : i + 1])
+        v_video, v_audio = pipe.predict(video, audio, sigma[i], one, 24.0, False, 1.0, 1.0, 0.0)
+        expected = torch.cat([pack_video(v_video)[0], pack_latents(v_audio)[0]])
+        torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=2e-5)  # velocities reach ~20 here
