@@ -268,11 +268,14 @@ UPSAMPLER_FILE, DISTILLED_LORA_FILE = (
 )
 
 
-def tiny_upsampler(seed: int = 7):
-    """A spatial x2 latent upsampler for the tiny video VAE's 8 latent channels, random weights."""
+def tiny_upsampler(seed: int = 7, in_channels: int = 8, rational_resampler: bool = True):
+    """A spatial x2 latent upsampler for the tiny video VAE's latent channels, random weights; LTX-2.3's
+    (`ltx-2.3-spatial-upscaler-x2-1.1`) doubles by a conv and pixel shuffle (`rational_resampler=False`)."""
     from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
 
-    config = LTX2LatentUpsamplerConfig(in_channels=8, mid_channels=32, num_blocks_per_stage=1)
+    config = LTX2LatentUpsamplerConfig(
+        in_channels=in_channels, mid_channels=32, num_blocks_per_stage=1, rational_resampler=rational_resampler
+    )
     model = LTX2LatentUpsampler(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -280,6 +283,21 @@ def tiny_upsampler(seed: int = 7):
             base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             p.copy_(base + 0.05 * torch.randn(p.shape, generator=generator))
     return model
+
+
+UPSAMPLER_23 = dict(in_channels=16, rational_resampler=False)  # for `tiny_configs_23`'s 16 latent channels
+
+
+def fuse_lora(transformer, converted: dict[str, torch.Tensor], scale: float) -> None:
+    """W += scale * B @ A on a diffusers transformer, from diffusers' own renaming of the LoRA keys (its loader
+    needs peft)."""
+    modules = dict(transformer.named_modules())
+    with torch.no_grad():
+        for key, down in converted.items():
+            if key.endswith(".lora_A.weight"):
+                name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                up = converted[key.replace("lora_A", "lora_B")]
+                modules[name].weight += scale * up @ down
 
 
 def lora_state(dit, prefix: str = "diffusion_model.", seed: int = 11) -> dict[str, torch.Tensor]:
@@ -295,10 +313,11 @@ def lora_state(dit, prefix: str = "diffusion_model.", seed: int = 11) -> dict[st
     return state
 
 
-def write_two_stage_files(folder: Path, dit) -> tuple[Path, Path]:
+def write_two_stage_files(folder: Path, dit, version: str = "2.0") -> tuple[Path, Path]:
     """The tiny upsampler and a distilled-LoRA stand-in for `dit`, under the released file names in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tiny_upsampler().state_dict(), str(folder / UPSAMPLER_FILE))
+    upsampler = tiny_upsampler(**UPSAMPLER_23) if version == "2.3" else tiny_upsampler()
+    save_file(upsampler.state_dict(), str(folder / UPSAMPLER_FILE))
     save_file(lora_state(dit), str(folder / DISTILLED_LORA_FILE))
     return folder / UPSAMPLER_FILE, folder / DISTILLED_LORA_FILE
 
@@ -490,14 +509,14 @@ def reference_pipeline(pipe, base: Path, version: str = "2.0"):
     )
 
 
-def conditioned_reference(pipe, base: Path, pipeline_class):
+def conditioned_reference(pipe, base: Path, pipeline_class, version: str = "2.0"):
     """A diffusers LTX-2 pipeline of `pipeline_class` (the condition or in-context one) with `pipe`'s weights, and
     the 3 sigmas (1 down to 1/3, shift mu 2.05, terminal 0) both sides then run."""
     import inspect
 
     import numpy as np
 
-    components = reference_pipeline(pipe, base).components
+    components = reference_pipeline(pipe, base, version).components
     accepted = inspect.signature(pipeline_class.__init__).parameters
     reference = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
     reference.set_progress_bar_config(disable=True)
@@ -505,16 +524,18 @@ def conditioned_reference(pipe, base: Path, pipeline_class):
     return reference, reference.scheduler.sigmas.clone()
 
 
-def diffusers_call(num_frames: int, steps: int = 3, cfg: float = 3.0, audio_cfg: float = 5.0, seed: int = 3) -> dict:
+def diffusers_call(
+    num_frames: int, steps: int = 3, cfg: float = 3.0, audio_cfg: float = 5.0, seed: int = 3, version: str = "2.0"
+) -> dict:
     """What the conditioned parity tests pass to a diffusers LTX-2 pipeline besides their conditions: CAPTIONS[0]
     against CAPTIONS[3] at the tiny size and 24 fps, CFG without rescale, no STG or modality isolation (as our
-    `stg_scale=0, modality_scale=1, guidance_rescale=0`), LTX-2.0's audio<->video modulation
-    (`use_cross_timestep=False`, as our DiT), numpy frames."""
+    `stg_scale=0, modality_scale=1, guidance_rescale=0`), the version's audio<->video modulation (2.0:
+    `use_cross_timestep=False`, 2.3: True, as our DiT's `cross_modal_mode`), numpy frames."""
     return dict(
         prompt=CAPTIONS[0], negative_prompt=CAPTIONS[3], height=HEIGHT, width=WIDTH, num_frames=num_frames,
         frame_rate=24.0, num_inference_steps=steps, guidance_scale=cfg, audio_guidance_scale=audio_cfg,
         guidance_rescale=0.0, audio_guidance_rescale=0.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
-        audio_modality_scale=1.0, use_cross_timestep=False, generator=torch.Generator().manual_seed(seed),
+        audio_modality_scale=1.0, use_cross_timestep=version == "2.3", generator=torch.Generator().manual_seed(seed),
         max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np", return_dict=False,
     )  # fmt: skip
 

@@ -76,22 +76,6 @@ def tiny_config_23(**overrides) -> LTX2ConnectorsConfig:
     return tiny_config(**{**fields, **overrides})
 
 
-def full_config_23() -> LTX2ConnectorsConfig:
-    """The released LTX-2.3 (22B) connectors."""
-    return LTX2ConnectorsConfig(
-        video_num_heads=32,
-        video_head_dim=128,
-        video_num_layers=8,
-        audio_num_heads=32,
-        audio_head_dim=64,
-        audio_num_layers=8,
-        per_modality_projections=True,
-        projection_bias=True,
-        video_gated_attention=True,
-        audio_gated_attention=True,
-    )
-
-
 # diffusers' full-size LTX-2.3 connectors config (its conversion script's `get_ltx2_connectors_config("2.3")`)
 DIFFUSERS_23 = dict(
     caption_channels=3840,
@@ -435,7 +419,7 @@ def test_ltx23_full_size_config_comes_from_the_shapes_alone():
     """The released 2.3's keys: the gates give the head split (32 x 128 video, 32 x 64 audio), the biases
     and the two projections the rest; 188160 input features are Gemma's 3840 x 49."""
     with torch.device("meta"):
-        model = LTX2TextConnectors(full_config_23())
+        model = LTX2TextConnectors(LTX2ConnectorsConfig.ltx23())
     state = model.state_dict()
     assert tuple(state["text_embedding_projection.video_aggregate_embed.weight"].shape) == (4096, 3840 * 49)
     assert tuple(state["text_embedding_projection.audio_aggregate_embed.bias"].shape) == (2048,)
@@ -443,7 +427,7 @@ def test_ltx23_full_size_config_comes_from_the_shapes_alone():
         32,
         2048,
     )
-    assert config_from_state(state) == full_config_23()
+    assert config_from_state(state) == LTX2ConnectorsConfig.ltx23()
     written = ours_to_original(state)
     layout = LTX2_CONNECTORS_SPEC.match(written)
     assert layout is not None and layout.name == "original_2.3"
@@ -452,7 +436,7 @@ def test_ltx23_full_size_config_comes_from_the_shapes_alone():
         for side in ("video", "audio")
         for p in ("weight", "bias")
     }
-    assert config_from_state(layout.to_ours(written)) == full_config_23()
+    assert config_from_state(layout.to_ours(written)) == LTX2ConnectorsConfig.ltx23()
 
 
 def test_ltx23_config_shapes_and_json_disagreeing_are_errors_naming_the_field():
@@ -566,7 +550,7 @@ def test_ltx23_full_size_keys_and_shapes_equal_diffusers():
 
     with torch.device("meta"):
         theirs = DiffusersConnectors(**DIFFUSERS_23)
-        ours = LTX2TextConnectors(full_config_23())
+        ours = LTX2TextConnectors(LTX2ConnectorsConfig.ltx23())
     their_state = theirs.state_dict()
     assert LTX2_CONNECTORS_SPEC.match(their_state).name == "diffusers_2.3"
     converted = diffusers_to_ours(their_state)
@@ -576,5 +560,5 @@ def test_ltx23_full_size_keys_and_shapes_equal_diffusers():
     assert {k: tuple(v.shape) for k, v in ours_to_diffusers(converted).items()} == {
         k: tuple(v.shape) for k, v in their_state.items()
     }
-    assert config_from_state(converted, DIFFUSERS_23) == full_config_23()
-    assert config_from_state(converted) == full_config_23()
+    assert config_from_state(converted, DIFFUSERS_23) == LTX2ConnectorsConfig.ltx23()
+    assert config_from_state(converted) == LTX2ConnectorsConfig.ltx23()

@@ -263,6 +263,151 @@ def test_image_to_video_matches_diffusers(tiny_ltx23_pipe, reference):
     _check(frames, audio, expected_frames, expected_audio, "image-to-video")
 
 
+def _two_stage_recipe(reference, pipe, lora_file):
+    """diffusers' documented two-stage recipe (as test_two_stage.py runs it for 2.0) on the 2.3 weights: half size
+    with CFG to latents, `LTX2LatentUpsamplePipeline` with the 2.3-style upsampler, then the distilled LoRA at 0.8
+    and the 3 stage-2 sigmas without guidance; one generator through both stages."""
+    import diffusers
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
+
+    generator = torch.Generator().manual_seed(3)
+    common = dict(
+        prompt=CAPTIONS[0], negative_prompt=CAPTIONS[3], num_frames=F, frame_rate=24.0, **OFF,
+        guidance_rescale=0.0, audio_guidance_rescale=0.0, generator=generator,
+        max_sequence_length=FAST["max_sequence_length"], return_dict=False,
+    )  # fmt: skip
+    video, audio = reference(
+        height=H, width=W, num_inference_steps=3, guidance_scale=3.0, audio_guidance_scale=5.0,
+        output_type="latent", **common,
+    )  # fmt: skip
+    up = repo_module.UPSAMPLER_23
+    upsampler = LTX2LatentUpsamplerModel(
+        in_channels=up["in_channels"], mid_channels=32, num_blocks_per_stage=1, use_rational_resampler=False
+    ).eval()
+    upsampler.load_state_dict(pipe.upsampler.state_dict(), strict=True)
+    upscaled = diffusers.LTX2LatentUpsamplePipeline(vae=reference.vae, latent_upsampler=upsampler)(
+        latents=video, output_type="latent", return_dict=False
+    )[0]
+    repo_module.fuse_lora(reference.transformer, diffusers.LTX2Pipeline.lora_state_dict(str(lora_file)), 0.8)
+    reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+        reference.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
+    )
+    return reference(
+        latents=upscaled, audio_latents=audio, height=2 * H, width=2 * W, num_inference_steps=3,
+        noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0], sigmas=STAGE_2_DISTILLED_SIGMA_VALUES, guidance_scale=1.0,
+        audio_guidance_scale=1.0, output_type="np", **common,
+    )  # fmt: skip
+
+
+@pytest.mark.parity
+def test_two_stage_matches_diffusers_recipe(tiny_ltx23_base, tiny_ltx23_pipe):
+    """The authors' two-stage pipeline on 2.3 (its conv + pixel-shuffle x2 upsampler, the distilled LoRA in stage
+    2) against diffusers' documented recipe on the same weights."""
+    pytest.importorskip("diffusers")
+    from diffsynth.runtime.hub import ModelConfig
+
+    upsampler, lora = repo_module.write_two_stage_files(tiny_ltx23_base / "two-stage", tiny_ltx23_pipe.dit, "2.3")
+    pipe = repo_module.our_pipeline(
+        tiny_ltx23_base, version="2.3", model_configs=[ModelConfig(path=str(upsampler))], stage2_lora_config=str(lora)
+    )
+    assert not pipe.upsampler.config.rational_resampler
+    reference = repo_module.reference_pipeline(tiny_ltx23_pipe, tiny_ltx23_base, version="2.3")
+    reference.set_progress_bar_config(disable=True)
+    sigmas = _reference_sigmas(reference, 3)
+    frames, audio = pipe(
+        CAPTIONS[0], negative_prompt=CAPTIONS[3], seed=3, cfg_scale=3.0, audio_cfg_scale=5.0, sigmas=sigmas,
+        guidance_rescale=0.0, **OFF, use_two_stage_pipeline=True, output_type="np",
+        **{**FAST, "height": 2 * H, "width": 2 * W},
+    )  # fmt: skip
+    expected_frames, expected_audio = _two_stage_recipe(reference, pipe, lora)
+    assert frames.shape == expected_frames.shape == (1, F, 2 * H, 2 * W, 3) and expected_frames.std() > 0.05
+    frame_diff = np.abs(frames - expected_frames).max()
+    audio_diff = (audio.waveform - expected_audio).abs().max().item()
+    print(f"LTX-2.3 two-stage parity: frames max abs {frame_diff:.3g}, audio max abs {audio_diff:.3g}")
+    assert frame_diff <= 1e-5 and audio_diff <= 1e-5
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_keyframes_match_diffusers_condition_pipeline(tiny_ltx23_base, tiny_ltx23_pipe, strength):
+    """A first frame (at `strength`) and a keyframe at video frame 9 against diffusers' `LTX2ConditionPipeline`
+    (as test_keyframes.py for 2.0), with its 2.3 audio<->video modulation (`use_cross_timestep=True`)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    frames_17 = 17
+    reference, sigmas = repo_module.conditioned_reference(
+        tiny_ltx23_pipe, tiny_ltx23_base, diffusers.LTX2ConditionPipeline, version="2.3"
+    )
+    first, key = picture(1).resize((W, H)), picture(2).resize((W, H))
+    conditions = [
+        LTX2VideoCondition(frames=first, index=0, strength=strength, crf=0),
+        LTX2VideoCondition(frames=key, index=2, crf=0),
+    ]
+    expected_frames, expected_audio = reference(
+        conditions=conditions, **repo_module.diffusers_call(frames_17, version="2.3")
+    )
+    frames, audio = tiny_ltx23_pipe(
+        CAPTIONS[0], input_images=[first, key], input_images_indexes=[0, 9], input_images_strength=strength,
+        image_crf=0, negative_prompt=CAPTIONS[3], seed=3, output_type="np", sigmas=sigmas, cfg_scale=3.0,
+        audio_cfg_scale=5.0, guidance_rescale=0.0, **OFF, **{**FAST, "num_frames": frames_17},
+    )  # fmt: skip
+    assert frames.shape == expected_frames.shape == (1, frames_17, H, W, 3) and expected_frames.std() > 0.05
+    frame_diff = np.abs(frames - expected_frames).max()
+    audio_diff = (audio.waveform - expected_audio).abs().max().item()
+    print(f"LTX-2.3 keyframe parity (strength {strength}): frames {frame_diff:.3g}, audio {audio_diff:.3g}")
+    assert frame_diff <= 1e-5 and audio_diff <= 1e-5
+
+
+@pytest.mark.parity
+def test_in_context_video_matches_diffusers(tiny_ltx23_base, tiny_ltx23_pipe):
+    """An IC-LoRA control video at half size (`in_context_downsample_factor=2`) against diffusers'
+    `LTX2InContextPipeline` on the 2.3 weights (as test_in_context.py for 2.0)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+
+    frames_17 = 17
+    reference, sigmas = repo_module.conditioned_reference(
+        tiny_ltx23_pipe, tiny_ltx23_base, diffusers.LTX2InContextPipeline, version="2.3"
+    )
+    control = [picture(k).resize((W // 2, H // 2)) for k in range(frames_17)]
+    expected_frames, expected_audio = reference(
+        reference_conditions=[LTX2ReferenceCondition(frames=control)],
+        reference_downscale_factor=2,
+        **repo_module.diffusers_call(frames_17, version="2.3"),
+    )
+    frames, audio = tiny_ltx23_pipe(
+        CAPTIONS[0], in_context_videos=[control], in_context_downsample_factor=2, negative_prompt=CAPTIONS[3],
+        seed=3, output_type="np", sigmas=sigmas, cfg_scale=3.0, audio_cfg_scale=5.0, guidance_rescale=0.0, **OFF,
+        **{**FAST, "num_frames": frames_17},
+    )  # fmt: skip
+    assert frames.shape == expected_frames.shape == (1, frames_17, H, W, 3) and expected_frames.std() > 0.05
+    frame_diff = np.abs(frames - expected_frames).max()
+    audio_diff = (audio.waveform - expected_audio).abs().max().item()
+    print(f"LTX-2.3 in-context parity: frames {frame_diff:.3g}, audio {audio_diff:.3g}")
+    assert frame_diff <= 1e-5 and audio_diff <= 1e-5
+
+
+def test_audio_to_video_keeps_the_given_sound(tiny_ltx23_pipe, monkeypatch):
+    """Audio-to-video on 2.3: the given sound is encoded, kept clean through the steps (audio timestep 0, hence
+    the audio stream's sigma 0 for its text AdaLN and the video's cross-modal AdaLN) and returned as given."""
+    seen = []
+    real = type(tiny_ltx23_pipe.dit).forward
+
+    def spy(dit, *args, **kwargs):
+        seen.append(kwargs["audio_timestep"].clone())
+        return real(dit, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_ltx23_pipe.dit), "forward", spy)
+    sound = 0.3 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(5))
+    frames, audio = run(tiny_ltx23_pipe, retake_audio=sound, audio_sample_rate=16000, negative_prompt=CAPTIONS[3])
+    assert frames.shape == (1, 3, F, H, W)
+    assert all(float(t.abs().max()) == 0.0 for t in seen) and len(seen) == 2
+    torch.testing.assert_close(audio.waveform[0], sound[:, : audio.waveform.shape[-1]], atol=0, rtol=0)
+    assert audio.sample_rate == 16000
+
+
 # ----------------------------------------------------------------------------------------- VRAM manager
 def test_vram_managed_pipeline_gives_the_same_output(tiny_ltx23_base):
     """Every 2.3 model under the VRAM manager with every unit streamed gives the resident pipeline's output,

@@ -50,17 +50,6 @@ SETTINGS = dict(
 
 
 # ----------------------------------------------------------------------------------------- parity
-def _fuse_lora(transformer, converted: dict[str, torch.Tensor], scale: float) -> None:
-    """W += scale * B @ A on diffusers' transformer, from diffusers' own renaming of the LoRA keys."""
-    modules = dict(transformer.named_modules())
-    with torch.no_grad():
-        for key, down in converted.items():
-            if key.endswith(".lora_A.weight"):
-                name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-                up = converted[key.replace("lora_A", "lora_B")]
-                modules[name].weight += scale * up @ down
-
-
 @pytest.mark.parity
 def test_matches_diffusers_two_stage_recipe(tiny_ltx2_base, tiny_ltx2_pipe, two_stage_pipe, stage_two_files):
     """diffusers' documented two-stage recipe on the same weights: `LTX2Pipeline` at half size with CFG to
@@ -97,7 +86,7 @@ def test_matches_diffusers_two_stage_recipe(tiny_ltx2_base, tiny_ltx2_pipe, two_
     upsampler.load_state_dict(tiny_upsampler().state_dict(), strict=True)
     upsample = diffusers.LTX2LatentUpsamplePipeline(vae=reference.vae, latent_upsampler=upsampler)
     upscaled = upsample(latents=video_latents, output_type="latent", return_dict=False)[0]
-    _fuse_lora(reference.transformer, diffusers.LTX2Pipeline.lora_state_dict(str(lora_file)), STRENGTH)
+    repo_module.fuse_lora(reference.transformer, diffusers.LTX2Pipeline.lora_state_dict(str(lora_file)), STRENGTH)
     reference.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
         reference.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
     )

@@ -7,6 +7,7 @@ import json
 import math
 
 import diffsynth_ltx2_release_checks as checks  # loaded by conftest
+import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -371,25 +372,7 @@ def test_load_model_from_a_diffusers_folder(tmp_path):
 def _diffusers_model(config: LTX2VideoVAEConfig):
     from diffusers import AutoencoderKLLTX2Video
 
-    kinds = {"space": "spatial", "time": "temporal", "all": "spatiotemporal"}
-    # diffusers lists the decoder from the pixel side, each entry the width going into an upsampler
-    return AutoencoderKLLTX2Video(
-        latent_channels=config.latent_channels,
-        block_out_channels=config.encoder_widths[1:],
-        decoder_block_out_channels=tuple(reversed(config.decoder_widths[:-1])),
-        layers_per_block=config.encoder_layers,
-        decoder_layers_per_block=tuple(reversed(config.decoder_layers)),
-        decoder_spatio_temporal_scaling=(True,) * len(config.decoder_upsamples),
-        decoder_inject_noise=(False,) * len(config.decoder_layers),
-        downsample_type=tuple(kinds[k] for k in config.encoder_downsamples),
-        upsample_type=tuple(kinds[k] for k in config.decoder_upsamples),
-        upsample_residual=tuple(reversed(config.decoder_upsample_residual)),
-        upsample_factor=tuple(reversed(config.decoder_width_divisors)),
-        decoder_causal=config.decoder_causal,
-        decoder_spatial_padding_mode=config.decoder_padding_mode,
-        spatial_compression_ratio=config.spatial_compression,
-        temporal_compression_ratio=config.temporal_compression,
-    ).eval()
+    return AutoencoderKLLTX2Video(**repo_module.diffusers_vae_config(config)).eval()
 
 
 @pytest.mark.parity
