@@ -26,25 +26,44 @@ References are sized as DiffSynth-Studio's trainer sizes them: the dataset shrin
 keeping its aspect ratio (not to the target's size); the pipeline's own Kontext auto-resize is off unless asked.
 A Kontext model (a file, folder or hub repo named "Kontext", or `kontext=True`) refuses rows without references;
 rows of one batch must agree on having references and on their sizes (`--batch_size 1` always does).
+
+FLUX.1 Tools DiTs with a wider input (`flux1/channels.py`) train on rows with their condition, in the pipeline's
+argument names (DiffSynth-Studio's for Fill): FLUX.1-Fill-dev `"flux_fill_image"` + `"flux_fill_mask"` (white =
+repaint), FLUX.1-Canny-dev / -Depth-dev (or FLUX.1-dev with their control LoRA fused by the trainer's
+`--preset_lora_path`, which `read_lora` widens `img_in` for) `"control_image"` (the edge or depth map itself: no
+annotator runs). They are pictures aligned with the target, so the dataset reads them at the row's size: list them
+in `--data_file_keys` (as DiffSynth-Studio's `image,flux_fill_image,flux_fill_mask`); tensors [3, H, W] in [-1, 1]
+(or PIL images) work too. Each is encoded by the pipeline's `encode_channel_condition` at the target's size (8-bit
+pictures resized Lanczos, the mask binarised at 0.5, the masked image or the map VAE-encoded and packed, the mask
+folded), giving `"condition"` `[H/16 * W/16, 320]` (Fill) or `[.., 64]` (Canny/Depth), which `flux_velocity`
+concatenates to every noisy token. The DiT says which condition it takes (`condition_kind`: from the loaded DiT,
+or its files' header when only the encoders load) and rows without it are refused naming the column; with no DiT
+to ask, the rows' columns decide, and `velocity` refuses a condition the DiT does not take. Validation samples
+need `--validation_images`: the image to fill and its mask (`"image.png,mask.png"`), or the control map.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import load_image, tensor_to_pil
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
 from diffsynth.runtime.schedulers import FlowMatchScheduler
-from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 from diffsynth.runtime.vram import module_dtype
 
+from .flux1.channels import CONTROL, FILL, condition_kind, describe_widths
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
 from .pipeline import FluxImagePipeline, KontextLatents, flux_velocity
 from .reference_batches import collate_references, row_references
@@ -53,6 +72,10 @@ logger = logging.getLogger(__name__)
 
 ENCODER_SLOTS = ("vae", "text_encoder_1", "text_encoder_2")
 TRAINING_GUIDANCE = 1.0  # DiffSynth-Studio's FLUX.1 training scripts: embedded_guidance=1
+# the row columns of each wider-input DiT's condition (the pipeline's arguments), and the condition's width
+CHANNEL_COLUMNS = {FILL: ("flux_fill_image", "flux_fill_mask"), CONTROL: ("control_image",)}
+CHANNEL_MODELS = {FILL: "FLUX.1 Fill", CONTROL: "FLUX.1 Canny/Depth"}
+CONDITION_WIDTHS = {320: FILL, 64: CONTROL}
 
 
 class FluxTrainingTask(PipelineTrainingTask):
@@ -86,8 +109,25 @@ class FluxTrainingTask(PipelineTrainingTask):
         self.t5_sequence_length = t5_sequence_length
         self.kontext = kontext
         self.kontext_auto_resize = kontext_auto_resize
-        # a Kontext model's validation samples are edits of their references: without them they say little
-        self.validation_references = "expected" if kontext else "optional"
+
+    # the DiT's config read from its files' header when the DiT itself is not loaded (`from_pretrained`)
+    dit_config: Any = None
+
+    @property
+    def channel_kind(self) -> str | None:
+        """FILL or CONTROL for a DiT with a wider input, None for a plain one or when no DiT is known (the rows'
+        columns decide). Read from the loaded DiT each time: a control LoRA fused by the trainer widens it."""
+        config = self.pipe.dit.config if self.pipe.dit is not None else self.dit_config
+        kind = condition_kind(config) if config is not None else None
+        return kind if kind in (FILL, CONTROL) else None
+
+    @property
+    def validation_references(self) -> str:
+        """Fill / Canny / Depth samples need their condition; a Kontext model's are edits of their references:
+        without them they say little."""
+        if self.channel_kind is not None:
+            return "required"
+        return "expected" if self.kontext else "optional"
 
     @classmethod
     def from_pretrained(
@@ -125,24 +165,65 @@ class FluxTrainingTask(PipelineTrainingTask):
         task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
         task_options.setdefault("kontext", True if kontext else None)
-        return cls(pipe, **task_options)
+        task = cls(pipe, **task_options)
+        task.dit_config = pipe.dit.config if pipe.dit is not None else _dit_config(model_configs)
+        if task.dit_config is not None and condition_kind(task.dit_config) == "unknown":
+            raise ConfigError(
+                f"{describe_widths(task.dit_config)}: its input is neither FLUX.1's, Fill's (384) nor Canny/Depth's "
+                "(128), so the task cannot tell what to concatenate to the noisy latents"
+            )
+        return task
 
     def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
-        """A validation sample's references as the pipeline's `kontext_images`, sized as training sizes them
-        (`kontext_auto_resize` of this task, not the pipeline's default)."""
+        """A validation sample's references as the pipeline's arguments: a Fill model's image to fill and its mask
+        (`flux_fill_image`, `flux_fill_mask`), a Canny/Depth model's `control_image`, else `kontext_images`, sized
+        as training sizes them (`kontext_auto_resize` of this task, not the pipeline's default)."""
+        kind = self.channel_kind
+        if kind == FILL:
+            if len(images) != 2:
+                raise ConfigError(
+                    f"a {CHANNEL_MODELS[FILL]} model's validation sample takes two images, the image to fill and "
+                    f"its mask (white = repaint), e.g. --validation_images 'cup.png,cup_mask.png'; got {len(images)}"
+                )
+            return {"flux_fill_image": images[0], "flux_fill_mask": images[1]}
+        if kind == CONTROL:
+            if len(images) != 1:
+                raise ConfigError(
+                    f"a {CHANNEL_MODELS[CONTROL]} model's validation sample takes one image, the control map (canny "
+                    f"edges or depth), e.g. --validation_images depth.png; got {len(images)}"
+                )
+            return {"control_image": images[0]}
         if not images:
             return {}
         return {"kontext_images": list(images), "kontext_auto_resize": self.kontext_auto_resize}
+
+    def read_lora(self, path) -> Any:
+        """The trainer's `--preset_lora_path`, read in FLUX.1's LoRA layouts (BFL, kohya, diffusers, XLabs). A control
+        LoRA (FLUX.1-Canny-dev-lora, -Depth-dev-lora) first widens the DiT's `img_in` and replaces its QK-norm scales,
+        as `FluxImagePipeline.load_lora` does; the widened `img_in` stays frozen, and the trainer then fuses the
+        LoRA's deltas, so the new LoRA trains on FLUX.1-dev + the control LoRA with `control_image` rows."""
+        from .flux1.lora import Flux1LoRAWeights, prepare_model
+
+        dit = self.pipe.dit
+        if dit is None:
+            raise ConfigError("--preset_lora_path needs the DiT loaded")
+        lora = self.pipe.read_lora(path, "dit")
+        if isinstance(lora, Flux1LoRAWeights) and lora.changes_model:
+            prepare_model(dit, lora)  # the widened img_in keeps the frozen base's requires_grad
+            logger.info("%s is a control LoRA: the DiT is now %s", lora.source, describe_widths(dit.config))
+        return lora
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """`{"latents": [16, H/8, W/8], "t5": [L, D], "pooled": [D']}` per row, with `"kontext"` [N, 64] and
         `"kontext_ids"` [N, 3] for a row with references; rows of one call share an image size."""
+        kinds = []
         for i, row in enumerate(rows):
             if "prompt" not in row or not isinstance(row.get("image"), torch.Tensor):
                 raise ConfigError(
                     f"FLUX.1 trains on rows with an image and a prompt; row {i} of the batch has {preview(row)}"
                 )
+            kinds.append(self._row_channel_kind(i, row))
             if self.kontext and not row_references(row, "kontext_images"):
                 raise ConfigError(
                     f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r}) has no kontext_images: a FLUX.1 "
@@ -157,23 +238,155 @@ class FluxTrainingTask(PipelineTrainingTask):
             {"latents": lat, "t5": t5, "pooled": pooled}
             for lat, t5, pooled in zip(latents, text.t5, text.pooled, strict=True)
         ]
-        for sample, row in zip(samples, rows, strict=True):
+        for i, (sample, row, kind) in enumerate(zip(samples, rows, kinds, strict=True)):
             references = row_references(row, "kontext_images")
             if references:
                 kontext = pipe.encode_kontext(pipe.load_kontext_images(references, self.kontext_auto_resize))
                 sample.update(kontext=kontext.tokens[0], kontext_ids=kontext.ids)
+            if kind is not None:
+                sample["condition"] = self._encode_condition(i, row, kind)
         return samples
+
+    def _row_channel_kind(self, index: int, row: Mapping[str, Any]) -> str | None:
+        """The wider-input condition a row gives (FILL, CONTROL or None), checked against what the DiT takes."""
+        given = {kind for kind, columns in CHANNEL_COLUMNS.items() for c in columns if _has(row, c)}
+        where = f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})"
+        if len(given) > 1:
+            raise ConfigError(
+                f"{where} has both flux_fill_image / flux_fill_mask and control_image; they go to different DiTs "
+                "(Fill, Canny/Depth): give the columns of the model trained"
+            )
+        kind = self.channel_kind
+        row_kind = given.pop() if given else None
+        if kind is not None:
+            missing = [c for c in CHANNEL_COLUMNS[kind] if not _has(row, c)]
+            if missing:
+                raise ConfigError(
+                    f"{where} has no {' and no '.join(missing)}: a {CHANNEL_MODELS[kind]} model trains on rows with "
+                    f"image, prompt and {', '.join(CHANNEL_COLUMNS[kind])} (list them in --data_file_keys, e.g. "
+                    f"--data_file_keys image,{','.join(CHANNEL_COLUMNS[kind])}); its columns are {', '.join(row)}"
+                )
+        elif row_kind == FILL:
+            missing = [c for c in CHANNEL_COLUMNS[FILL] if not _has(row, c)]
+            if missing:
+                raise ConfigError(
+                    f"{where} has no {missing[0]}: a FLUX.1 Fill model trains on flux_fill_image and flux_fill_mask "
+                    "(white = repaint)"
+                )
+            config = self.pipe.dit.config if self.pipe.dit is not None else self.dit_config
+            if config is not None:  # a plain DiT: no LoRA makes it a Fill one
+                raise ConfigError(
+                    f"{where} has flux_fill_image / flux_fill_mask, which need a FLUX.1 Fill DiT (in_channels 384, "
+                    f"e.g. black-forest-labs/FLUX.1-Fill-dev); this is {describe_widths(config)}"
+                )
+        if row_kind is not None and row_references(row, "kontext_images"):
+            raise ConfigError(
+                f"{where} has kontext_images with {', '.join(CHANNEL_COLUMNS[row_kind])}; "
+                "a Fill / Canny / Depth DiT takes no Kontext references"
+            )
+        return row_kind
+
+    def _encode_condition(self, index: int, row: Mapping[str, Any], kind: str) -> torch.Tensor:
+        """`[H/16 * W/16, 320 or 64]`: the row's Fill image and mask or control map as the pipeline encodes them
+        for an output of the target's size (`encode_channel_condition`)."""
+        _, height, width = row["image"].shape
+        pictures = [_row_picture(index, row, column) for column in CHANNEL_COLUMNS[kind]]
+        images = [load_image(pictures[0])]
+        masks = [pictures[1].convert("L")] if kind == FILL else []
+        return self.pipe.encode_channel_condition((kind, images, masks), 1, height, width)[0]
 
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """Stacked; the reference tokens too, with the ids they share (one reference layout per batch)."""
-        return collate_references(samples, ("latents", "t5", "pooled"), "kontext", "kontext_ids", "kontext_images")
+        batch = collate_references(samples, ("latents", "t5", "pooled"), "kontext", "kontext_ids", "kontext_images")
+        with_condition = sum("condition" in s for s in samples)
+        if with_condition == len(samples):
+            batch["condition"] = torch.stack([s["condition"] for s in samples])
+        elif with_condition:
+            raise ConfigError(
+                f"a batch mixes {with_condition} rows with a Fill / Canny / Depth condition and "
+                f"{len(samples) - with_condition} without; give every row its flux_fill_image + flux_fill_mask or "
+                "control_image"
+            )
+        return batch
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
         prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
         kontext = KontextLatents(batch["kontext"], batch["kontext_ids"]) if "kontext" in batch else None
-        return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext)
+        condition = batch.get("condition")
+        self._check_condition(dit, condition)
+        return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext, condition=condition)
+
+    def _check_condition(self, dit: nn.Module, condition: torch.Tensor | None) -> None:
+        """The batch's condition is the one the DiT (as trained: a fused control LoRA widens it) takes."""
+        config = getattr(getattr(dit, "module", dit), "config", None)  # DDP wraps the DiT
+        config = config if config is not None and hasattr(config, "in_channels") else self.pipe.dit.config
+        extra = config.in_channels - config.out_channels
+        width = 0 if condition is None else condition.shape[-1]
+        if width == extra:
+            return
+        kind = condition_kind(config)
+        if condition is None:
+            raise ConfigError(
+                f"this is {describe_widths(config)}: its batches need {' + '.join(CHANNEL_COLUMNS.get(kind, ()))} "
+                "(a cache encoded for another model has none; encode it again)"
+            )
+        given = CONDITION_WIDTHS.get(width)
+        columns = " + ".join(CHANNEL_COLUMNS[given]) if given else f"a {width}-wide condition"
+        hint = (
+            "; to train on FLUX.1-dev with a Canny / Depth control LoRA, give it as --preset_lora_path"
+            if given == CONTROL and kind is None
+            else ""
+        )
+        raise ConfigError(f"the batch has {columns}, which {describe_widths(config)} does not take{hint}")
+
+
+def _has(row: Mapping[str, Any], column: str) -> bool:
+    value = row.get(column)
+    return value is not None and not (isinstance(value, (str, list, tuple)) and not value)
+
+
+def _row_picture(index: int, row: Mapping[str, Any], column: str):
+    """A row's condition picture as PIL: the dataset's tensor [3, H, W] in [-1, 1] back to 8 bits (lossless for
+    8-bit files), or a PIL image as given; a path means the column was not read as a file."""
+    value = row[column]
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, (str, os.PathLike)):
+        raise ConfigError(
+            f"row {index}: {column} is the path {str(value)!r}, not a loaded image; add {column} to --data_file_keys "
+            "(it is read at the row's size, aligned with its image)"
+        )
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 3 or value.shape[0] not in (1, 3):
+            raise ConfigError(f"row {index}: {column} must be one image [3, H, W], got {tuple(value.shape)}")
+        return tensor_to_pil(value.expand(3, -1, -1))[0]
+    if isinstance(value, Image.Image):
+        return value
+    raise ConfigError(
+        f"row {index}: {column} must be one image (a [3, H, W] tensor or PIL image), got {preview(value)}"
+    )
+
+
+def _dit_config(model_configs: Sequence[ModelConfig]):
+    """The FLUX.1 DiT's config from its files' header (and the `config.json` beside them), without reading weights;
+    None when no given file holds the DiT."""
+    from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
+    from diffsynth.runtime.loading import config_json_beside, derive_config, recognise
+
+    role = FluxImagePipeline.model_slots["dit"]
+    for config in model_configs:
+        if role not in model_roles(config):
+            continue
+        paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        state = open_checkpoint(paths)
+        label = checkpoint_label(state.files)
+        meta = state.meta_state_dict()
+        for rec in recognise(meta, label=label):
+            if rec.spec.role == role:
+                return derive_config(rec, meta, config_json_beside(state.files), label)
+    return None
 
 
 def _names_kontext(config: ModelConfig) -> bool:
