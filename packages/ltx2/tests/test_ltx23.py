@@ -464,3 +464,36 @@ def test_training_velocity_is_the_pipelines_prediction(tiny_ltx23_base, tiny_ltx
         v_video, v_audio = pipe.predict(video, audio, sigma[i], one, 24.0, False, 1.0, 1.0, 0.0)
         expected = torch.cat([pack_video(v_video)[0], pack_latents(v_audio)[0]])
         torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=2e-5)  # velocities reach ~20 here
+
+
+# ----------------------------------------------------------------------------------------- LTX-2.5's DiT
+def test_ltx25_dit_marks_the_first_latent_frame(tiny_ltx23_pipe):
+    """An LTX-2.5 DiT (keyframe embedding, no video feed-forward bias): every call adds the learned keyframe vector
+    to the first latent frame's tokens, which hold one pixel frame (ltx-core's `_first_frame_keyframes_mask`), and
+    to no other token."""
+    from dataclasses import replace
+
+    from diffsynth.ltx2.dit import LTX2DiT, audio_positions, video_positions
+    from diffsynth.ltx2.pipeline import LTX2Text, ltx2_velocity, pack_video
+    from diffsynth.runtime.testing.weights import random_weights
+
+    config = replace(tiny_ltx23_pipe.dit.config, ff_bias=False, keyframes_abs_pos_embedding=True)
+    dit = random_weights(LTX2DiT(config).eval(), 5, scale=0.2)
+    g = torch.Generator().manual_seed(6)
+    video = torch.randn(1, config.in_channels, 2, 2, 2, generator=g)
+    audio = torch.randn(1, 1, 9, config.audio_in_channels, generator=g)
+    text = LTX2Text(torch.randn(1, 4, config.dim, generator=g), torch.randn(1, 4, config.audio_dim, generator=g), None)
+    with torch.no_grad():
+        got, _ = ltx2_velocity(dit, video, audio, 0.6, text)
+        marked = torch.zeros(1, 8)
+        marked[:, :4] = 1.0  # 2 x 2 tokens a latent frame
+        call = dict(
+            audio_timestep=torch.full((1,), 600.0),
+            video_coords=video_positions(config, 1, 2, 2, 2, 24.0),
+            audio_coords=audio_positions(config, 1, 9),
+        )
+        args = (pack_video(video), audio.transpose(1, 2).flatten(2), text.video, text.audio, torch.full((1,), 600.0))
+        want, _ = dit(*args, keyframes_mask=marked, **call)
+        unmarked, _ = dit(*args, **call)
+    torch.testing.assert_close(pack_video(got), want, atol=1e-6, rtol=0)
+    assert (pack_video(got) - unmarked).abs().max() > 1e-3  # the marker changes the result

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 40  # ltx-pipelines LTX_2_PARAMS (full model)
 LTX23_STEPS, LTX23_STG_BLOCKS = 30, (28,)  # ltx-pipelines LTX_2_3_PARAMS: the only defaults 2.3 changes
+LTX24_IMAGE_CRF = 18  # ltx-pipelines LTX_2_4_PARAMS (2.4 and later, 2.5 included): 2.3's, with this image CRF
 DEFAULT_CFG = 3.0
 DEFAULT_AUDIO_CFG = 7.0
 DEFAULT_RESCALE = 0.7
@@ -177,6 +178,11 @@ def ltx2_velocity(
         video_t = torch.cat([video_t, video_t.new_zeros(b, len(keyframes))], dim=1)
         tokens = torch.cat([tokens, keyframes.tokens.to(tokens).expand(b, -1, -1)], dim=1)
         coords = torch.cat([coords, keyframes.coords.to(coords).expand(b, -1, -1, -1)], dim=2)
+    extra = {}
+    if cfg.keyframes_abs_pos_embedding:  # LTX-2.5: the first latent frame holds one pixel frame, as a keyframe does
+        marked = torch.zeros(b, tokens.shape[1], device=video.device)
+        marked[:, : h * w] = 1.0  # ltx-core marks it always; appended condition tokens are not marked
+        extra["keyframes_mask"] = marked
     v_video, v_audio = dit(
         tokens.to(dtype),
         pack_latents(audio).to(dtype),
@@ -189,6 +195,7 @@ def ltx2_velocity(
         video_coords=coords,
         audio_coords=audio_positions(cfg, b, audio.shape[2], video.device),
         skips=skips,
+        **extra,
     )
     v_video = v_video[:, : f * h * w]
     return unpack_video(v_video.float(), f, h, w), unpack_latents(v_audio.float(), audio.shape[3])
@@ -387,7 +394,7 @@ class LTX2Pipeline(BasePipeline):
         `input_image=image` (one image for every prompt, or one per prompt). A path or PIL image, resized to
         `width` x `height` and encoded by the video VAE: that latent replaces the first latent frame, which
         the DiT is told is clean (timestep 0) and which no step changes. It is first re-compressed with H.264
-        at `image_crf` (default 33, the authors'; 0 = as given). Images at other `input_images_indexes`
+        at `image_crf` (default 33, the authors'; 18 for LTX-2.5; 0 = as given). Images at other `input_images_indexes`
         (video frames) are keyframes: encoded the same way, their clean tokens join the video's at their
         frame's time (`LTX2Keyframes`, `prepare_keyframes`). `input_images_strength` (DiffSynth-Studio's
         name; 1 = kept exactly) below 1 lets the first frame change: it starts that much noised, the DiT
@@ -487,7 +494,7 @@ class LTX2Pipeline(BasePipeline):
             scheduler.set_timesteps(steps, sigmas=sigmas, image_seq_len=SCHEDULE_TOKENS)
         generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
         images = first_frames is not None or keyframe_images
-        crf = self.setting("image_crf", image_crf, DEFAULT_IMAGE_CRF) if images else 0
+        crf = self.setting("image_crf", image_crf, self.default_image_crf) if images else 0
         keyframes = self.prepare_keyframes(keyframe_images, stage_height, stage_width, crf, fps)
         if in_context_videos:
             references = encode_references(self, in_context_videos, stage_height, stage_width, frames, fps, factor)
@@ -1146,9 +1153,18 @@ class LTX2Pipeline(BasePipeline):
 
     @property
     def is_ltx23(self) -> bool:
-        """Whether the loaded DiT is LTX-2.3's (its text cross-attention has an AdaLN), whose authors' defaults
-        (30 steps, STG at block 28) apply when no preset sets them, as ltx-pipelines picks them per model."""
+        """Whether the loaded DiT is LTX-2.3's or later (its text cross-attention has an AdaLN), whose authors'
+        defaults (30 steps, STG at block 28) apply when no preset sets them, as ltx-pipelines picks them per model."""
         return self.dit is not None and self.dit.config.cross_attention_adaln
+
+    @property
+    def is_ltx25(self) -> bool:
+        """Whether the loaded DiT is LTX-2.5's (it has the keyframe embedding): also the 2.4+ image CRF of 18."""
+        return self.dit is not None and self.dit.config.keyframes_abs_pos_embedding
+
+    @property
+    def default_image_crf(self) -> int:
+        return LTX24_IMAGE_CRF if self.is_ltx25 else DEFAULT_IMAGE_CRF
 
     @property
     def default_steps(self) -> int:
