@@ -35,6 +35,7 @@ MAX_SEQUENCE_LENGTH = 16  # a multiple of the connectors' 8 registers
 FRAMES, HEIGHT, WIDTH = 9, 64, 64  # 2 x 2 x 2 video latents, 9 audio latent frames at 24 fps
 TEXT_LAYERS, TEXT_WIDTH = 2, 128  # Gemma hidden states: embeddings + 2 layers, 128 wide
 TEXT_WIDTH_23 = 3840  # the LTX-2.3 base's Gemma: Gemma-3-12B's width (see build_tiny_base)
+TEXT_WIDTH_25, TEXT_LAYERS_25 = 32, 6  # the LTX-2.5 folder's tiny Gemma 4 (`tiny_gemma4_json`)
 LTX23_REPO, SINGLE_FILE_23 = "Lightricks/LTX-2.3", "ltx-2.3-22b-dev.safetensors"
 
 
@@ -49,6 +50,8 @@ def tiny_configs(version: str = "2.0") -> dict:
 
     if version == "2.3":
         return tiny_configs_23()
+    if version == "2.5":
+        return tiny_configs_25()
     side = dict(num_heads=1, head_dim=128, num_layers=1, num_registers=8)
     return {
         "dit": LTX2DiTConfig(
@@ -141,6 +144,20 @@ def tiny_configs_23() -> dict:
     }
 
 
+def tiny_configs_25() -> dict:
+    """LTX-2.5 at tiny sizes: 2.3's models, the DiT without its video feed-forward bias and with the keyframe
+    embedding, and connectors reading the tiny Gemma-4's `TEXT_WIDTH_25 x (TEXT_LAYERS + 1)` states (a diffusers
+    folder's config.json gives them)."""
+    from dataclasses import replace
+
+    configs = tiny_configs_23()
+    configs["dit"] = replace(configs["dit"], ff_bias=False, keyframes_abs_pos_embedding=True)
+    configs["connectors"] = replace(
+        configs["connectors"], caption_channels=TEXT_WIDTH_25, text_proj_in_factor=TEXT_LAYERS_25 + 1
+    )
+    return configs
+
+
 def gemma_config(vocab_size: int, width: int = TEXT_WIDTH):
     from transformers import Gemma3Config
 
@@ -165,6 +182,45 @@ def gemma_config(vocab_size: int, width: int = TEXT_WIDTH):
     return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
 
 
+def tiny_gemma4_json(**text_overrides) -> dict:
+    """The one place tiny Gemma 4 sizes live: 6 layers alternating sliding (window 4) and global (head 16, one
+    key/value head, keys as values), the last two reusing keys/values; vision and audio embedders to drop."""
+    text = dict(
+        model_type="gemma4_unified_text",
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+        max_position_embeddings=1024,
+    )
+    text.update(text_overrides)
+    vision = dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=16, mm_posemb_size=8, output_proj_dims=32)
+    return dict(
+        model_type="gemma4_unified", text_config=text, vision_config=vision, audio_config={"audio_embed_dim": 8}
+    )
+
+
+def gemma4_reference(config_json: dict, seed: int = 0):
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    config = Gemma4UnifiedConfig(**{k: v for k, v in config_json.items() if k != "model_type"})
+    model = Gemma4UnifiedForConditionalGeneration(config)
+    with torch.no_grad():  # layer_scalar is a buffer (random_weights fills parameters): make it matter
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.layer_scalar.fill_(0.5 + 0.25 * i)
+    return random_weights(model, seed, scale=0.2, is_norm=lambda name, p: "norm" in name).eval()
+
+
 # weight scales that keep activations in range (the vocoder's tanh unsaturated, the frames mostly unclamped)
 SCALES = {"dit": 0.2, "connectors": 0.2, "vae": 0.05, "audio_vae": 0.1, "vocoder": 0.2}
 SCALES_23 = {**SCALES, "vocoder": 0.1}  # the BigVGAN vocoder saturates its clamp at 0.2
@@ -183,11 +239,11 @@ def tiny_models(seed: int = 0, version: str = "2.0") -> dict[str, torch.nn.Modul
         "connectors": LTX2TextConnectors,
         "vae": LTX2VideoVAE,
         "audio_vae": LTX2AudioVAE,
-        "vocoder": LTX2VocoderWithBWE if version == "2.3" else LTX2Vocoder,
+        "vocoder": LTX2VocoderWithBWE if version in ("2.3", "2.5") else LTX2Vocoder,
     }
     models = {}
     for i, (slot, config) in enumerate(tiny_configs(version).items()):
-        scale = (SCALES_23 if version == "2.3" else SCALES)[slot]
+        scale = (SCALES_23 if version in ("2.3", "2.5") else SCALES)[slot]
         model = random_weights(classes[slot](config).eval(), seed + i, scale=scale)
         stats = getattr(model, "per_channel_statistics", None)
         if stats is not None:
@@ -258,6 +314,50 @@ def our_pipeline(base: Path, version: str = "2.0", **kwargs):
         torch_dtype=torch.float32,
         **kwargs,
     )
+
+
+# ----------------------------------------------------------------------------------- LTX-2.5 (diffusers folder)
+DIFFUSERS_CLASSES = {  # pipeline slot -> (folder, diffusers class name) of an LTX-2.5 diffusers folder
+    "dit": ("transformer", "LTX2VideoTransformer3DModel"),
+    "connectors": ("connectors", "LTX2TextConnectors"),
+    "vae": ("vae", "AutoencoderKLLTX2Video"),
+    "audio_vae": ("audio_vae", "AutoencoderKLLTX2Audio"),
+    "vocoder": ("vocoder", "LTX2VocoderWithBWE"),
+}
+
+
+def write_tiny_25_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny LTX-2.5 diffusers folder (`Lightricks/LTX-2.5-Diffusers`' layout), written without diffusers: each LTX
+    model's weights in diffusers names (our converters) with the config.json diffusers would write, the tiny Gemma 4
+    (`Gemma4UnifiedForConditionalGeneration`) under `text_encoder/`, a tokenizer under `tokenizer/`. The DiT's keyframe
+    embedding is zero here (its init): diffusers' text-to-video pipeline does not mark the first frame (ltx-core
+    does; see test_ltx23.py), so the comparison leaves it out."""
+    from diffsynth.ltx2 import audio_vae_formats, connectors_formats, dit_formats, video_vae_formats, vocoder_formats
+    from diffsynth.runtime.testing.tokenizers import build_tiny_gemma_tokenizer
+
+    formats = {
+        "dit": dit_formats,
+        "connectors": connectors_formats,
+        "vae": video_vae_formats,
+        "audio_vae": audio_vae_formats,
+        "vocoder": vocoder_formats,
+    }
+    models = tiny_models(seed, version="2.5")
+    with torch.no_grad():
+        models["dit"].keyframes_abs_pos_embedding.zero_()
+    configs = diffusers_configs("2.5")
+    for slot, (name, class_name) in DIFFUSERS_CLASSES.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        state = formats[slot].ours_to_diffusers(models[slot].state_dict())
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(folder / name / "diffusion_pytorch_model.safetensors")
+        )
+        config = {"_class_name": class_name, **configs[slot]}
+        (folder / name / "config.json").write_text(json.dumps(config, default=list))
+    tokenizer = build_tiny_gemma_tokenizer(folder / "tokenizer", texts=CAPTIONS * 4)
+    gemma4_reference(tiny_gemma4_json(vocab_size=len(tokenizer)), seed + 20).save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "LTX2Pipeline"}))
+    return folder
 
 
 # ----------------------------------------------------------------------------------- two-stage files
@@ -357,7 +457,7 @@ def diffusers_configs(version: str = "2.0") -> dict[str, dict]:
             mel_bins=audio.mel_bins,
         ),
         "vocoder": diffusers_bwe_vocoder_config(vocoder)
-        if version == "2.3"
+        if version in ("2.3", "2.5")
         else dict(
             in_channels=vocoder.in_channels,
             hidden_channels=vocoder.hidden_channels,
@@ -381,7 +481,7 @@ def diffusers_configs(version: str = "2.0") -> dict[str, dict]:
             rope_type=conn.rope_type,
         ),
     }
-    if version == "2.3":
+    if version in ("2.3", "2.5"):
         configs["dit"].update(
             gated_attn=True,
             cross_attn_mod=True,
@@ -390,6 +490,8 @@ def diffusers_configs(version: str = "2.0") -> dict[str, dict]:
             use_prompt_embeddings=False,
             perturbed_attn=True,  # the released 2.3 config's: diffusers' STG pass needs it
         )
+        if version == "2.5":
+            configs["dit"].update(ff_bias=False, use_keyframes_abs_pos_embedding=True)
         configs["connectors"].update(
             per_modality_projections=True,
             proj_bias=True,
@@ -478,7 +580,7 @@ def diffusers_models(pipe, version: str = "2.0") -> dict:
         "dit": (diffusers.LTX2VideoTransformer3DModel, dit_formats),
         "vae": (diffusers.AutoencoderKLLTX2Video, video_vae_formats),
         "audio_vae": (diffusers.AutoencoderKLLTX2Audio, audio_vae_formats),
-        "vocoder": (LTX2VocoderWithBWE if version == "2.3" else LTX2Vocoder, vocoder_formats),
+        "vocoder": (LTX2VocoderWithBWE if version in ("2.3", "2.5") else LTX2Vocoder, vocoder_formats),
         "connectors": (LTX2TextConnectors, connectors_formats),
     }
     configs = diffusers_configs(version)
@@ -535,7 +637,7 @@ def diffusers_call(
         prompt=CAPTIONS[0], negative_prompt=CAPTIONS[3], height=HEIGHT, width=WIDTH, num_frames=num_frames,
         frame_rate=24.0, num_inference_steps=steps, guidance_scale=cfg, audio_guidance_scale=audio_cfg,
         guidance_rescale=0.0, audio_guidance_rescale=0.0, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
-        audio_modality_scale=1.0, use_cross_timestep=version == "2.3", generator=torch.Generator().manual_seed(seed),
+        audio_modality_scale=1.0, use_cross_timestep=version != "2.0", generator=torch.Generator().manual_seed(seed),
         max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np", return_dict=False,
     )  # fmt: skip
 

@@ -1,8 +1,10 @@
-"""LTX-2.3 (22B) through `LTX2Pipeline` on a tiny random `ltx-2.3-22b-dev.safetensors`: the single file gives the
-2.3 models, parity with diffusers' `LTX2Pipeline` / `LTX2ImageToVideoPipeline` built from LTX-2.3 components
-(text-to-video with CFG, rescale, STG and modality guidance; image-to-video), 48 kHz sound, the authors' 2.3
-defaults (preset and without one), the released file's split on the meta device and the VRAM manager.
-The per-model parity (DiT, connectors, video VAE, vocoder) is in each model's own test module."""
+"""LTX-2.3 (22B) and LTX-2.5 through `LTX2Pipeline` on tiny random models. LTX-2.3 from a tiny
+`ltx-2.3-22b-dev.safetensors`: the single file gives the 2.3 models; parity with diffusers' `LTX2Pipeline`,
+`LTX2ImageToVideoPipeline`, `LTX2ConditionPipeline`, `LTX2InContextPipeline` and the two-stage recipe built from the
+same 2.3 weights; 48 kHz sound; the authors' 2.3 defaults (preset and without one); audio-to-video; training; the
+released file's split on the meta device; the VRAM manager. LTX-2.5: its DiT marks the first latent frame, and a
+tiny LTX-2.5 diffusers folder (Gemma 4) loads and matches diffusers' `LTX2Pipeline`. The per-model parity (DiT,
+connectors, video VAE, vocoder, Gemma 4) is in each model's own test module."""
 
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ def _check(frames, audio, expected_frames, expected_audio, label: str) -> None:
     assert (expected_audio.abs() < 0.95).float().mean() > 0.9 and expected_audio.std() > 0.01  # not clamped
     frame_diff = np.abs(frames - expected_frames).max()
     audio_diff = (audio.waveform - expected_audio).abs().max().item()
-    print(f"LTX-2.3 parity {label}: frames max abs {frame_diff:.3g}, audio max abs {audio_diff:.3g}")
+    print(f"LTX-2.3+ parity ({label}): frames max abs {frame_diff:.3g}, audio max abs {audio_diff:.3g}")
     assert frame_diff <= 1e-5 and audio_diff <= 1e-5
 
 
@@ -497,3 +499,78 @@ def test_ltx25_dit_marks_the_first_latent_frame(tiny_ltx23_pipe):
         unmarked, _ = dit(*args, **call)
     torch.testing.assert_close(pack_video(got), want, atol=1e-6, rtol=0)
     assert (pack_video(got) - unmarked).abs().max() > 1e-3  # the marker changes the result
+
+
+# ----------------------------------------------------------------------------------------- LTX-2.5 (diffusers folder)
+@pytest.fixture(scope="module")
+def ltx25_folder(tmp_path_factory):
+    return repo_module.write_tiny_25_folder(tmp_path_factory.mktemp("tiny-ltx25") / "Lightricks/LTX-2.5-Diffusers")
+
+
+@pytest.fixture(scope="module")
+def ltx25_pipe(ltx25_folder):
+    return LTX2Pipeline.from_pretrained(str(ltx25_folder), device="cpu", torch_dtype=torch.float32)
+
+
+def test_ltx25_folder_gives_the_25_models(ltx25_pipe):
+    """LTX-2.5's diffusers folder: the Gemma 4 text encoder, connectors reading its 7 x 32 states, the DiT without
+    its video feed-forward bias and with the keyframe embedding, the 2.3 VAEs and vocoder; the authors' 2.4+
+    defaults (30 steps, STG at block 28, image CRF 18)."""
+    from diffsynth.ltx2.gemma4_text_encoder import Gemma4TextEncoder
+
+    pipe = ltx25_pipe
+    assert isinstance(pipe.text_encoder, Gemma4TextEncoder)
+    dit = pipe.dit.config
+    assert not dit.ff_bias and dit.audio_ff_bias and dit.keyframes_abs_pos_embedding and dit.cross_attention_adaln
+    connectors = pipe.connectors.config
+    assert (connectors.caption_channels, connectors.text_proj_in_factor) == (32, 7)
+    assert isinstance(pipe.vocoder, LTX2VocoderWithBWE) and pipe.sample_rate == 48000
+    assert (pipe.default_steps, pipe.default_stg_blocks, pipe.default_image_crf) == (30, (28,), 18)
+    frames, audio = run(pipe, negative_prompt=CAPTIONS[3])
+    assert frames.shape == (1, 3, F, H, W) and audio.waveform.shape == (1, 2, SAMPLES)
+
+
+def test_ltx25_preset_resolves_to_the_folder(ltx25_folder, ltx25_pipe, monkeypatch):
+    """`from_pretrained("Lightricks/LTX-2.5-Diffusers")` with downloads off reads each model folder (weights and
+    config.json) and the tokenizer from the model base: the same output as the folder path."""
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(ltx25_folder.parent.parent))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    pipe = LTX2Pipeline.from_pretrained("Lightricks/LTX-2.5-Diffusers", device="cpu", torch_dtype=torch.float32)
+    got, expected = run(pipe, negative_prompt=CAPTIONS[3]), run(ltx25_pipe, negative_prompt=CAPTIONS[3])
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
+
+
+@pytest.mark.parity
+def test_ltx25_matches_diffusers(ltx25_folder, ltx25_pipe):
+    """Frames and sound against diffusers' `LTX2Pipeline` built from the same folder (each model by its own
+    `from_pretrained`, so the folder is also one diffusers reads), Gemma 4 included; same noise and sigmas."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2VocoderWithBWE as DiffusersBWE
+    from transformers import AutoTokenizer, Gemma4UnifiedForConditionalGeneration
+
+    f = ltx25_folder
+    reference = diffusers.LTX2Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**repo_module.SCHEDULER_CONFIG),
+        vae=diffusers.AutoencoderKLLTX2Video.from_pretrained(f / "vae").eval(),
+        audio_vae=diffusers.AutoencoderKLLTX2Audio.from_pretrained(f / "audio_vae").eval(),
+        text_encoder=Gemma4UnifiedForConditionalGeneration.from_pretrained(f / "text_encoder").eval(),
+        tokenizer=AutoTokenizer.from_pretrained(f / "tokenizer"),
+        connectors=LTX2TextConnectors.from_pretrained(f / "connectors").eval(),
+        transformer=diffusers.LTX2VideoTransformer3DModel.from_pretrained(f / "transformer").eval(),
+        vocoder=DiffusersBWE.from_pretrained(f / "vocoder").eval(),
+    )
+    reference.set_progress_bar_config(disable=True)
+    sigmas = _reference_sigmas(reference, 3)
+    frames, audio = ltx25_pipe(
+        CAPTIONS[0], negative_prompt=CAPTIONS[3], seed=3, output_type="np", sigmas=sigmas, cfg_scale=3.0,
+        audio_cfg_scale=5.0, guidance_rescale=0.0, **OFF, **FAST,
+    )  # fmt: skip
+    expected_frames, expected_audio = reference(
+        prompt=CAPTIONS[0], negative_prompt=CAPTIONS[3], height=H, width=W, num_frames=F, frame_rate=24.0,
+        num_inference_steps=3, guidance_scale=3.0, audio_guidance_scale=5.0, guidance_rescale=0.0,
+        audio_guidance_rescale=0.0, **OFF, generator=torch.Generator().manual_seed(3),
+        max_sequence_length=FAST["max_sequence_length"], output_type="np", return_dict=False,
+    )  # fmt: skip
+    _check(frames, audio, expected_frames, expected_audio, "LTX-2.5 diffusers folder")

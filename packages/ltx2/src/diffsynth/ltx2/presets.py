@@ -13,6 +13,9 @@ model's fixed 8-step table without CFG at half size, the upsampler, and the same
 
 `Lightricks/LTX-2.3` (22B) has the same three presets with its own files. The authors' 2.3 defaults
 (`LTX_2_3_PARAMS`) differ from 2.0's only in 30 steps and STG at block 28; Gemma-3-12B is the same encoder.
+`Lightricks/LTX-2.5-Diffusers` is LTX-2.5 in diffusers' folder layout (Gemma 4 under `text_encoder/`); whether its
+transformer is the dev or the distilled one is not known here, so the preset sets only the size (the DiT gives
+the 2.4+ defaults: 30 guided steps; `use_distilled_pipeline=True` for a distilled transformer).
 """
 
 from __future__ import annotations
@@ -74,6 +77,19 @@ def _presets(repo: str, dev: str, distilled: str, upsampler: str, lora: str, ful
 REPO_23 = "Lightricks/LTX-2.3"
 _FULL_GUIDANCE_23 = {**_FULL_GUIDANCE, "num_inference_steps": 30, "spatio_temporal_guidance_blocks": (28,)}
 
+REPO_25 = "Lightricks/LTX-2.5-Diffusers"
+LTX25_DIFFUSERS = Preset(
+    name=REPO_25,
+    files=tuple(
+        PresetFile(REPO_25, f"{folder}/*.safetensors*")
+        for folder in ("transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder")
+    ),
+    tokenizer=PresetFile(REPO_25, "tokenizer/"),
+    defaults=dict(_SIZE),  # steps, STG block and image CRF follow the loaded DiT (LTX2Pipeline's 2.4+ defaults)
+    description="LTX-2.5 (Lightricks) in diffusers' layout: Gemma 4 text encoder, the convolutional video VAE; "
+    "the authors' 2.4+ defaults (30 steps, STG block 28, image CRF 18), 768x512, 121 frames at 24 fps.",
+)
+
 PRESETS: dict[str, Preset] = {
     **_presets(
         REPO,
@@ -93,4 +109,5 @@ PRESETS: dict[str, Preset] = {
         _FULL_GUIDANCE_23,
         "LTX-2.3 22B",
     ),
+    REPO_25: LTX25_DIFFUSERS,
 }

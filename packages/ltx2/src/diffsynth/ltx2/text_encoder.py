@@ -1,4 +1,4 @@
-"""LTX-2's text encoder: the language model of Gemma-3-12B, read at every layer.
+"""LTX-2's text encoder: the language model of Gemma-3-12B (of Gemma 4 in LTX-2.5), read at every layer.
 
 LTX-2 does not take one layer of Gemma: the prompt embedding is all 49 hidden states (the scaled token
 embeddings, then the output of each of the 48 layers, the last one after the final norm, as
@@ -12,8 +12,11 @@ that matter for a hand-run forward: the embeddings are multiplied by `sqrt(hidde
 buffer a meta build leaves empty), five of every six layers attend in a sliding window, and those
 local layers use a different rotary table (theta 1e4) from the global ones (theta 1e6, linear x8).
 
+LTX-2.5 reads Gemma 4 the same way (`gemma4_text_encoder.py`, its own module: older transformers
+releases have no Gemma 4, and Gemma 3 must load without it).
+
 `gemma_prompt_embeds` tokenizes as diffusers' `LTX2Pipeline._get_gemma_prompt_embeds` does: prompts
-stripped, BOS added, left padding to `max_sequence_length` (1024) tokens.
+stripped, BOS added, left padding to `max_sequence_length` (1024) tokens; it takes either encoder.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class Gemma3TextEncoder(DecoderTextEncoder, Gemma3TextModel):
         layers than needed. 0 is the scaled embeddings, i the output of layer i-1, the last one (`-1`) the
         final-normed output."""
         n = len(self.layers)
-        wanted = list(range(n + 1)) if indices is None else [_resolve(i, n) for i in indices]
+        wanted = list(range(n + 1)) if indices is None else [resolve_hidden_state_index(i, n) for i in indices]
         stop = max(wanted)
         config = self.config
         x = self.embed_tokens(input_ids)
@@ -78,7 +81,7 @@ class Gemma3TextEncoder(DecoderTextEncoder, Gemma3TextModel):
         return [states[i] for i in wanted]
 
 
-def _resolve(index: int, n: int) -> int:
+def resolve_hidden_state_index(index: int, n: int) -> int:
     resolved = index + n + 1 if index < 0 else index
     if not 0 <= resolved <= n:
         raise IndexError(f"hidden state index {index} out of range for {n} layers ({-n - 1}..{n})")
@@ -132,8 +135,9 @@ def gemma_prompt_embeds(
 
     `embeds` stacks every hidden state per channel (channel-major: entry `c * (layers + 1) + k` is channel
     `c` of hidden state `k`), as diffusers' pipeline packs them for `LTX2TextConnectors`; `attention_mask`
-    is 1 for prompt tokens, 0 for the left padding. `encoder` is our `Gemma3TextEncoder` or any
-    transformers model returning `hidden_states` (e.g. the whole `Gemma3ForConditionalGeneration`);
+    is 1 for prompt tokens, 0 for the left padding. `encoder` is our `Gemma3TextEncoder` / `Gemma4TextEncoder`
+    or any transformers model returning `hidden_states` (e.g. the whole `Gemma3ForConditionalGeneration` or
+    `Gemma4UnifiedForConditionalGeneration`);
     `tokenizer` is Gemma's (`AutoTokenizer` of the `tokenizer/` folder). Inputs and result go to `device`
     (default: the encoder's weights); the result keeps the encoder's dtype unless `dtype` is given.
     """

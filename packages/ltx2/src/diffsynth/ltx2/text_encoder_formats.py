@@ -1,4 +1,5 @@
-"""How LTX-2's Gemma-3-12B text encoder files are recognised, converted and configured.
+"""How LTX's Gemma text encoder files are recognised, converted and configured: Gemma-3-12B (LTX-2.0 to 2.3)
+and the Gemma 4 of LTX-2.5 (end of this module).
 
 The released encoder is `google/gemma-3-12b-it-qat-q4_0-unquantized` (`model-*.safetensors`, 1065
 tensors): a whole `Gemma3ForConditionalGeneration` (SigLIP vision tower, projector, language model;
@@ -19,6 +20,8 @@ Gemma-only `pre_feedforward_layernorm` and `mm_input_projection_weight`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.models.text_decoder import LAYER_KEY, language_model_converters
@@ -149,11 +152,157 @@ GEMMA3_TEXT_SPEC = ModelSpec(
     description="Gemma-3-12B language model (LTX-2 text encoder, gemma-3-12b-it-qat-q4_0-unquantized); hidden states only",
 )
 
+
+# ----------------------------------------------------------------------------------------- Gemma 4 (LTX-2.5)
+# LTX-2.5's diffusers folder (`Lightricks/LTX-2.5-Diffusers`) holds its encoder in `text_encoder/` as a
+# `Gemma4UnifiedForConditionalGeneration` (config.json `model_type` "gemma4_unified"). That model has no
+# vision or audio tower, only light embedders that project patches / waveform frames into the language
+# model; LTX reads hidden states of the language model only, so our module is transformers'
+# `Gemma4UnifiedTextModel` and this spec owns and drops on purpose:
+#
+# - `model.vision_embedder.*`, `model.embed_vision.embedding_projection.*`, `model.embed_audio.*`: the
+#   embedders as `save_pretrained` writes them (the names in the folder's safetensors);
+# - `model.embed_vision.*` (with `multimodal_embedder.`), `lm_head.*`: the same parts under the names
+#   `Gemma4UnifiedForConditionalGeneration.state_dict()` gives (the tied lm_head is not saved).
+#
+# Any other key is an error naming it. The language model's own keys (`embed_tokens.weight`,
+# `layers.N.*`, `norm.weight`) also load on their own (layout "text_model"). Gemma 4 layers are told
+# apart from Gemma 3 ones by their stored `layer_scalar`. The config is the config.json's `text_config`
+# (its per-layer widths, RoPE tables, sliding window and key/value sharing cannot be read from shapes),
+# checked against the shapes; a file without one needs `config=` (that config.json, or its text_config).
+
+_GEMMA4_LAYER_PARAMS = frozenset(
+    [f"self_attn.{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias")]
+    + ["self_attn.q_norm.weight", "self_attn.k_norm.weight", "layer_scalar"]
+    + [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    + [f"{n}_layernorm.weight" for n in ("input", "post_attention", "pre_feedforward", "post_feedforward")]
+)
+GEMMA4_LM_PREFIX = "model.language_model."
+# The parts of a Gemma4UnifiedForConditionalGeneration file a text encoder does not use (see above).
+GEMMA4_DROPPED_PREFIXES = ("model.vision_embedder.", "model.embed_vision.", "model.embed_audio.", "lm_head.")
+
+
+def _gemma4_converter(layout: str, lm_prefix: str, dropped: tuple[str, ...]) -> Callable:
+    """Keep the language model's keys (without `lm_prefix`), drop `dropped`, and name anything else."""
+
+    def convert(state: StateDict) -> dict:
+        out = {}
+        for key, value in state.items():
+            if key.startswith(dropped):
+                continue
+            name = key[len(lm_prefix) :] if key.startswith(lm_prefix) else None
+            m = LAYER_KEY.fullmatch(name) if name is not None else None
+            if name is None or not (
+                name in ("embed_tokens.weight", "norm.weight") or (m and m.group(2) in _GEMMA4_LAYER_PARAMS)
+            ):
+                raise KeyError(f"Gemma4 ({layout} layout): no mapping for key {key!r}")
+            out[name] = value
+        return out
+
+    return convert
+
+
+gemma4_from_transformers = _gemma4_converter("transformers", GEMMA4_LM_PREFIX, GEMMA4_DROPPED_PREFIXES)
+
+_GEMMA4_SIGNATURE = (
+    "embed_tokens.weight",
+    "layers.0.self_attn.q_proj.weight",
+    "layers.0.self_attn.q_norm.weight",
+    "layers.0.mlp.gate_proj.weight",
+    "layers.0.pre_feedforward_layernorm.weight",
+    "layers.0.layer_scalar",
+    "norm.weight",
+)
+
+GEMMA4_LAYOUTS = (
+    KeyLayout(
+        "transformers",  # the diffusers text_encoder/ folder (save_pretrained names) or the model's state_dict
+        tuple(GEMMA4_LM_PREFIX + k for k in _GEMMA4_SIGNATURE),
+        convert=gemma4_from_transformers,
+        owns_prefixes=(GEMMA4_LM_PREFIX, *GEMMA4_DROPPED_PREFIXES),
+    ),
+    KeyLayout(
+        "text_model",  # Gemma4UnifiedTextModel.state_dict(): our names
+        _GEMMA4_SIGNATURE,
+        convert=_gemma4_converter("text_model", "", ()),
+        owns_prefixes=("embed_tokens.", "layers.", "norm."),
+    ),
+)
+
+
+def _gemma4_text_json(config_json: dict | None) -> dict:
+    if not config_json:
+        raise ConfigError(
+            "Gemma4 text encoder: its config is needed (per-layer widths, RoPE, sliding window and key/value "
+            "sharing are not in the weights): load the text_encoder/ folder with its config.json "
+            "(model_type 'gemma4_unified'), or pass config= with that config.json or its text_config"
+        )
+    kind = config_json.get("model_type")
+    if kind == "gemma4_unified" and isinstance(config_json.get("text_config"), dict):
+        text = config_json["text_config"]
+    elif kind == "gemma4_unified_text":
+        text = config_json
+    else:
+        raise ConfigError(
+            f"Gemma4 text encoder: the config.json is a {kind!r} config; expected the text_encoder/ folder's "
+            "Gemma4UnifiedForConditionalGeneration one (model_type 'gemma4_unified', with a text_config) "
+            "or its text_config (model_type 'gemma4_unified_text')"
+        )
+    return {k: v for k, v in text.items() if not k.startswith("_") and k not in _BOOKKEEPING}
+
+
+def gemma4_text_config(state: StateDict, config_json: dict | None = None):
+    """`Gemma4UnifiedTextConfig` from the config.json's `text_config`, checked against the shapes: the
+    model-wide sizes first, then each layer's head width (global layers may be wider)."""
+    from transformers import Gemma4UnifiedTextConfig
+
+    given = _gemma4_text_json(config_json)
+    vocab, hidden = state["embed_tokens.weight"].shape
+    layers = {int(m.group(1)) for k in state if (m := LAYER_KEY.fullmatch(k))}
+    facts = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=max(layers) + 1,
+        attention_bias="layers.0.self_attn.q_proj.bias" in state,
+    )
+    check_config_facts("Gemma4 config.json text_config", given, facts)
+    config = build_config(Gemma4UnifiedTextConfig, "Gemma4 text encoder", {**given, **facts})
+    for i in range(config.num_hidden_layers):
+        key = f"layers.{i}.self_attn.q_norm.weight"
+        said = config.per_layer_config[i].head_dim
+        if key in state and state[key].shape[0] != said:
+            raise ConfigError(
+                f"Gemma4 config.json text_config gives layer {i} ({config.layer_types[i]}) head_dim={said} "
+                f"but the weights have {state[key].shape[0]} ({key})"
+            )
+    return config
+
+
+def build_gemma4_text(config):
+    from .gemma4_text_encoder import Gemma4TextEncoder
+
+    return Gemma4TextEncoder(config)
+
+
+GEMMA4_TEXT_SPEC = ModelSpec(
+    name="gemma4_text_encoder",
+    role="text_encoder",
+    layouts=GEMMA4_LAYOUTS,
+    config_from_state=gemma4_text_config,
+    build=build_gemma4_text,
+    description="Gemma 4 language model of a Gemma4UnifiedForConditionalGeneration (LTX-2.5 text encoder, "
+    "Lightricks/LTX-2.5-Diffusers text_encoder/); hidden states only, the vision / audio embedders dropped",
+)
+
 __all__ = [
     "GEMMA3_12B_DEFAULTS",
     "GEMMA3_TEXT_SPEC",
+    "GEMMA4_LAYOUTS",
+    "GEMMA4_TEXT_SPEC",
     "LAYOUTS",
     "gemma3_from_hub",
     "gemma3_from_transformers5",
     "gemma3_text_config",
+    "gemma4_from_transformers",
+    "gemma4_text_config",
 ]

@@ -1,0 +1,83 @@
+"""LTX-2.5's text encoder: the language model of Gemma 4, read at every layer as Gemma 3 is (`text_encoder.py`).
+
+`Gemma4TextEncoder` is transformers' `Gemma4UnifiedTextModel`, built from the `text_config` of the
+`Gemma4UnifiedForConditionalGeneration` in LTX-2.5's diffusers folder (its vision and audio embedders are dropped
+by `text_encoder_formats.py`). What changes for a hand-run forward: global layers may have their own head width
+and key/value heads (and reuse keys as values), late layers may reuse the keys and values of earlier ones, each
+layer's output is multiplied by a stored `layer_scalar`, and the masks are built as the multimodal model builds
+them for text-only input. A module of its own, imported only when a Gemma 4 is loaded: transformers releases
+before Gemma 4 still load the rest of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import Gemma4UnifiedTextModel
+from transformers.cache_utils import KVSharingDict
+from transformers.masking_utils import create_masks_for_generate
+
+from diffsynth.runtime.models.text_decoder import DecoderTextEncoder
+
+from .text_encoder import resolve_hidden_state_index
+
+
+class Gemma4TextEncoder(DecoderTextEncoder, Gemma4UnifiedTextModel):
+    """Gemma 4's language model (transformers' `Gemma4UnifiedTextModel`, the text part of LTX-2.5's
+    `Gemma4UnifiedForConditionalGeneration`) with runtime capabilities and a forward that returns the
+    hidden states LTX reads, as the whole multimodal model computes them for a text-only prompt."""
+
+    def materialize_buffers(self) -> None:
+        """Loader hook: rebuild the rotary tables and the embedding scale a meta build left on meta
+        (`layer_scalar` is a persistent buffer: it comes from the checkpoint)."""
+        device = self.embed_tokens.weight.device
+        if device.type == "meta":
+            return
+        super().materialize_buffers()
+        if self.embed_tokens.embed_scale.device.type == "meta":
+            self.embed_tokens.embed_scale = torch.tensor(self.embed_tokens.scalar_embed_scale, device=device)
+
+    def _masks(self, x: torch.Tensor, attention_mask, position_ids) -> dict:
+        """One mask per layer kind, as `Gemma4UnifiedModel` builds them: with bidirectional attention over
+        vision tokens configured, a text-only prompt is one with no vision blocks (ids -1)."""
+        config = self.config
+        kwargs = dict(
+            config=config, inputs_embeds=x, attention_mask=attention_mask, cache=None, position_ids=position_ids
+        )
+        if config.use_bidirectional_attention == "vision":
+            kwargs["block_sequence_ids"] = torch.full(x.shape[:2], -1, device=x.device)
+        return create_masks_for_generate(**kwargs)  # keyed by layer kind (Gemma 4 configs always have them)
+
+    def hidden_states_at(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        indices: Sequence[int] | None = None,
+    ) -> list[torch.Tensor]:
+        """Entries `indices` (default: all) of transformers' `output_hidden_states` tuple, running no more
+        layers than needed. 0 is the scaled embeddings, i the output of layer i-1, the last one (`-1`) the
+        final-normed output."""
+        n = len(self.layers)
+        wanted = list(range(n + 1)) if indices is None else [resolve_hidden_state_index(i, n) for i in indices]
+        stop = max(wanted)
+        kinds = self.config.layer_types
+        x = self.embed_tokens(input_ids)
+        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        masks = self._masks(x, attention_mask, position_ids) if stop else {}
+        ropes = {kind: self.rotary_emb(x, position_ids, kind) for kind in set(kinds[:stop])}
+        shared_kv = KVSharingDict()  # keys/values the last producing layer of each kind leaves for the reusing ones
+        states = {0: x}
+        for i, layer in enumerate(self.layers[: min(stop, n)]):
+            x = layer(
+                x,
+                shared_kv_states=shared_kv,
+                position_embeddings=ropes[kinds[i]],
+                attention_mask=masks[kinds[i]],
+                position_ids=position_ids,
+            )
+            states[i + 1] = x
+        if stop == n:
+            states[n] = self.norm(x)
+        return [states[i] for i in wanted]
