@@ -642,6 +642,20 @@ def diffusers_call(
     )  # fmt: skip
 
 
+def diffusers_prompt_embeds(text_encoder, tokenizer, prompts, max_sequence_length):
+    """diffusers' `LTX2Pipeline._get_gemma_prompt_embeds` on a text encoder and tokenizer, on the CPU."""
+    import types
+
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
+
+    holder = types.SimpleNamespace(
+        tokenizer=tokenizer, text_encoder=text_encoder, _execution_device=torch.device("cpu")
+    )
+    return LTX2Pipeline._get_gemma_prompt_embeds(
+        holder, prompts, max_sequence_length=max_sequence_length, device=torch.device("cpu"), dtype=torch.float32
+    )
+
+
 def write_diffusers_folder(pipe, base: Path, folder: Path) -> Path:
     """`pipe`'s models as a diffusers-style folder (`transformer/`, `vae/`, ..., `text_encoder/`, `tokenizer/`)."""
     import shutil

@@ -10,9 +10,9 @@ transformers 5 names them.
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
+import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -341,21 +341,10 @@ def test_tokenizer_adds_bos_pads_left_and_truncates(tokenizer):
         tokenize_prompts(tokenizer, [], 16)
 
 
-def _diffusers_prompt_embeds(text_encoder, tokenizer, prompts, max_sequence_length):
-    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
-
-    holder = types.SimpleNamespace(
-        tokenizer=tokenizer, text_encoder=text_encoder, _execution_device=torch.device("cpu")
-    )
-    return LTX2Pipeline._get_gemma_prompt_embeds(
-        holder, prompts, max_sequence_length=max_sequence_length, device=torch.device("cpu"), dtype=torch.float32
-    )
-
-
 @pytest.mark.parity
 def test_prompt_embeds_match_diffusers(reference, encoder, tokenizer):
     pytest.importorskip("diffusers")
-    want, want_mask = _diffusers_prompt_embeds(reference, tokenizer, PROMPTS, 16)
+    want, want_mask = repo_module.diffusers_prompt_embeds(reference, tokenizer, PROMPTS, 16)
     got, got_mask = gemma_prompt_embeds(encoder, tokenizer, PROMPTS, 16)
     plain, _ = gemma_prompt_embeds(reference, tokenizer, PROMPTS, 16)  # a transformers model works too
     assert got.shape == want.shape == (2, 16, 32 * 5)
@@ -405,7 +394,7 @@ def test_prompt_through_connectors_matches_diffusers(reference, encoder, tokeniz
     ).eval()
     theirs.load_state_dict(ours_to_diffusers(ours.state_dict()), strict=True)
     with torch.no_grad():
-        embeds, mask = _diffusers_prompt_embeds(reference, tokenizer, PROMPTS, 16)
+        embeds, mask = repo_module.diffusers_prompt_embeds(reference, tokenizer, PROMPTS, 16)
         want = theirs(embeds, mask, padding_side="left")
         got = ours(*gemma_prompt_embeds(encoder, tokenizer, PROMPTS, 16))
     for name, a, b in zip(("video", "audio", "mask"), got, want, strict=True):

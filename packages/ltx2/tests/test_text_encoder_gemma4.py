@@ -10,7 +10,6 @@ MLP, a stored `layer_scalar` per layer, and the vision / audio embedders that th
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
@@ -285,21 +284,10 @@ def test_foreign_keys_are_errors_naming_them(reference):
 
 
 # ----------------------------------------------------------------------------------------- prompts
-def _diffusers_prompt_embeds(text_encoder, tokenizer, prompts, max_sequence_length):
-    from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline
-
-    holder = types.SimpleNamespace(
-        tokenizer=tokenizer, text_encoder=text_encoder, _execution_device=torch.device("cpu")
-    )
-    return LTX2Pipeline._get_gemma_prompt_embeds(
-        holder, prompts, max_sequence_length=max_sequence_length, device=torch.device("cpu"), dtype=torch.float32
-    )
-
-
 @pytest.mark.parity
 def test_prompt_embeds_match_diffusers(reference, encoder, tokenizer):
     pytest.importorskip("diffusers")
-    want, want_mask = _diffusers_prompt_embeds(reference, tokenizer, PROMPTS, 16)
+    want, want_mask = repo_module.diffusers_prompt_embeds(reference, tokenizer, PROMPTS, 16)
     got, got_mask = gemma_prompt_embeds(encoder, tokenizer, PROMPTS, 16)
     plain, _ = gemma_prompt_embeds(reference, tokenizer, PROMPTS, 16)  # the whole transformers model works too
     assert got.shape == want.shape == (2, 16, 32 * 7)

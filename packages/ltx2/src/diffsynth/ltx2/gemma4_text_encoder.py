@@ -18,25 +18,14 @@ from transformers import Gemma4UnifiedTextModel
 from transformers.cache_utils import KVSharingDict
 from transformers.masking_utils import create_masks_for_generate
 
-from diffsynth.runtime.models.text_decoder import DecoderTextEncoder
-
-from .text_encoder import resolve_hidden_state_index
+from .text_encoder import GemmaTextEncoder, resolve_hidden_state_index
 
 
-class Gemma4TextEncoder(DecoderTextEncoder, Gemma4UnifiedTextModel):
+class Gemma4TextEncoder(GemmaTextEncoder, Gemma4UnifiedTextModel):
     """Gemma 4's language model (transformers' `Gemma4UnifiedTextModel`, the text part of LTX-2.5's
     `Gemma4UnifiedForConditionalGeneration`) with runtime capabilities and a forward that returns the
-    hidden states LTX reads, as the whole multimodal model computes them for a text-only prompt."""
-
-    def materialize_buffers(self) -> None:
-        """Loader hook: rebuild the rotary tables and the embedding scale a meta build left on meta
-        (`layer_scalar` is a persistent buffer: it comes from the checkpoint)."""
-        device = self.embed_tokens.weight.device
-        if device.type == "meta":
-            return
-        super().materialize_buffers()
-        if self.embed_tokens.embed_scale.device.type == "meta":
-            self.embed_tokens.embed_scale = torch.tensor(self.embed_tokens.scalar_embed_scale, device=device)
+    hidden states LTX reads, as the whole multimodal model computes them for a text-only prompt (`layer_scalar`
+    is a persistent buffer: it comes from the checkpoint)."""
 
     def _masks(self, x: torch.Tensor, attention_mask, position_ids) -> dict:
         """One mask per layer kind, as `Gemma4UnifiedModel` builds them: with bidirectional attention over

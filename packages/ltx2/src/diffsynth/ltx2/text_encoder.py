@@ -33,20 +33,23 @@ MAX_SEQUENCE_LENGTH = 1024
 PADDING_SIDE = "left"  # LTX-2 was trained on left-padded prompts (ltx-core and diffusers both pad left)
 
 
-class Gemma3TextEncoder(DecoderTextEncoder, Gemma3TextModel):
-    """Gemma 3's language model (transformers' `Gemma3TextModel`) with runtime capabilities
-    (`DecoderTextEncoder`) and a forward that returns the hidden states LTX-2 reads (its local and global
-    layers have their own masks and rotary tables)."""
+class GemmaTextEncoder(DecoderTextEncoder):
+    """What Gemma 3 and Gemma 4 language models share as our encoders: runtime capabilities
+    (`DecoderTextEncoder`) and the embedding scale, a non-persistent buffer a meta build leaves empty."""
 
     def materialize_buffers(self) -> None:
-        """Loader hook: rebuild what a meta build left on meta (rotary tables, and the embedding scale,
-        another non-persistent buffer)."""
+        """Loader hook: rebuild what a meta build left on meta (rotary tables, and the embedding scale)."""
         device = self.embed_tokens.weight.device
         if device.type == "meta":
             return
         super().materialize_buffers()
         if self.embed_tokens.embed_scale.device.type == "meta":
             self.embed_tokens.embed_scale = torch.tensor(self.embed_tokens.scalar_embed_scale, device=device)
+
+
+class Gemma3TextEncoder(GemmaTextEncoder, Gemma3TextModel):
+    """Gemma 3's language model (transformers' `Gemma3TextModel`) with a forward that returns the hidden states
+    LTX-2 reads (its local and global layers have their own masks and rotary tables)."""
 
     def hidden_states_at(
         self,
