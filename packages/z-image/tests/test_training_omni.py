@@ -266,10 +266,9 @@ def test_cached_two_stage_training_equals_direct_training(omni_repo, dataset, tm
     two = runs.cached_item(1)
     assert {"edit_1", "siglip_1", "text_3"} <= set(two) and two["edit_0"].shape == (4, 8, 12)
     assert set(runs.cached_item(2)) == {"latents", "text_0"}
-    assert_same = testing.assert_same_training
-    # one weight in 680 moves by ~2e-6: the cached run reads its encodings back from memory-mapped files, whose CPU
-    # matmuls can take another kernel path (unaligned tensors); 1e-5 is still far below a training step's change
-    assert_same(runs, step=2, atol=1e-5)
+    # the encode stage batches the three rows otherwise than the training steps do, and the VAE's batched target
+    # latents move with the batch by float rounding (~2e-6, measured): equal to that, not bit for bit
+    testing.assert_same_training(runs, step=2, atol=1e-5)
     online, cached = runs.losses()
     assert cached == pytest.approx(online, rel=1e-5)
 
