@@ -548,19 +548,24 @@ def test_diffusers_config_is_the_released_json_and_reads_back():
     assert config_from_state(meta_state(cfg), _diffusers_config_json(cfg)) == cfg
 
 
-@pytest.mark.parametrize("layout", ["original", "original_unprefixed", "diffusers"])
-def test_runtime_loader_builds_the_same_model_from_a_file_in_each_layout(layout, tmp_path):
-    cfg = _file_config() if layout != "diffusers" else tiny_config()
-    reference = make_dit(cfg, seed=4).eval()
-    state = reference.state_dict()
+def _write_in_layout(model: LTX2DiT, cfg: LTX2DiTConfig, layout: str, folder):
+    """`model`'s weights as a file in `layout` (the diffusers one with its config.json beside it)."""
+    state = model.state_dict()
     if layout == "original":
         state = {PREFIX + k: v for k, v in state.items()}
     elif layout == "diffusers":
         state = ours_to_diffusers(state)
-        (tmp_path / "config.json").write_text(json.dumps(_diffusers_config_json(cfg)))
-    path = tmp_path / "model.safetensors"
+        (folder / "config.json").write_text(json.dumps(_diffusers_config_json(cfg)))
+    path = folder / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    model = load_model(str(path), specs=[LTX2_DIT_SPEC])
+    return path
+
+
+@pytest.mark.parametrize("layout", ["original", "original_unprefixed", "diffusers"])
+def test_runtime_loader_builds_the_same_model_from_a_file_in_each_layout(layout, tmp_path):
+    cfg = _file_config() if layout != "diffusers" else tiny_config()
+    reference = make_dit(cfg, seed=4).eval()
+    model = load_model(str(_write_in_layout(reference, cfg, layout, tmp_path)), specs=[LTX2_DIT_SPEC])
     assert isinstance(model, LTX2DiT) and model.config == cfg
     args, kwargs = dit_inputs(config=cfg)
     with torch.no_grad():
@@ -897,15 +902,7 @@ def test_ltx23_runtime_loader_builds_the_same_model_from_a_file_in_each_layout(l
     cfg = tiny_23_config(**({} if layout == "diffusers" else dict(
         num_heads=1, head_dim=128, audio_num_heads=1, audio_head_dim=64, num_layers=1)))  # fmt: skip
     reference = make_23(cfg, seed=4).eval()
-    state = reference.state_dict()
-    if layout == "original":
-        state = {PREFIX + k: v for k, v in state.items()}
-    elif layout == "diffusers":
-        state = ours_to_diffusers(state)
-        (tmp_path / "config.json").write_text(json.dumps(_diffusers_config_json(cfg)))
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    model = load_model(str(path), specs=[LTX2_DIT_SPEC])
+    model = load_model(str(_write_in_layout(reference, cfg, layout, tmp_path)), specs=[LTX2_DIT_SPEC])
     assert isinstance(model, LTX2DiT) and model.config == cfg
     loaded, want = model.state_dict(), reference.state_dict()
     assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
