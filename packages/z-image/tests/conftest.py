@@ -7,6 +7,7 @@ config.json files, so both our `from_pretrained` and diffusers' classes can load
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,42 @@ def build_tiny_repo(root: Path) -> Path:
 def tiny_repo(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image"))
+
+
+SIGLIP_CONFIG = {  # the Omni repo's SigLIP2 tower: 16 patches of 4 pixels, width 24
+    "model_type": "siglip2_vision_model",
+    "hidden_size": 24,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_patches": 16,
+    "patch_size": 4,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+
+
+@pytest.fixture(scope="session")
+def omni_repo(tiny_repo, tmp_path_factory):
+    """The tiny Z-Image repo with an Omni transformer (SigLIP width 24) and a `siglip/` SigLIP2 tower in the hub
+    file's layout (`vision_model.` prefix, as transformers 4 saved it)."""
+    from diffsynth.runtime.testing.weights import random_weights
+    from diffsynth.z_image.formats import DIT_SPEC
+    from diffsynth.z_image.image_encoder import IMAGE_ENCODER_SPEC
+
+    root = tmp_path_factory.mktemp("tiny-z-image-omni") / "repo"
+    shutil.copytree(tiny_repo, root)
+    dit_config = json.loads((root / "transformer" / "config.json").read_text())
+    parts = [
+        ("transformer", DIT_SPEC, dict(dit_config, siglip_feat_dim=24), "diffusion_pytorch_model.safetensors", ""),
+        ("siglip", IMAGE_ENCODER_SPEC, SIGLIP_CONFIG, "model.safetensors", "vision_model."),
+    ]
+    for seed, (folder, spec, config_json, filename, prefix) in enumerate(parts, start=7):
+        (root / folder).mkdir(exist_ok=True)
+        for old in (root / folder).glob("*.safetensors"):
+            old.unlink()
+        (root / folder / "config.json").write_text(json.dumps(config_json))
+        model = random_weights(spec.build(spec.config_from_state({}, config_json)), seed)
+        state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(root / folder / filename))
+    return root

@@ -4,29 +4,16 @@ and a SigLIP2 tower), parity with diffusers' `ZImageOmniPipeline`, the prompt te
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.z_image import ZImagePipeline
 from diffsynth.z_image.text_encoder import omni_segments
 
-SIGLIP_CONFIG = {
-    "model_type": "siglip2_vision_model",
-    "hidden_size": 24,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_patches": 16,
-    "patch_size": 4,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
 PROMPTS = ["a red circle on a blue background", "a yellow triangle on a black background"]
 
 
@@ -35,32 +22,6 @@ def edit_images():
     first = Image.fromarray(g.integers(0, 256, (72, 100, 3), dtype=np.uint8))  # cropped to 96x64
     second = Image.fromarray(g.integers(0, 256, (80, 64, 3), dtype=np.uint8))
     return first, second
-
-
-@pytest.fixture(scope="module")
-def omni_repo(tiny_repo, tmp_path_factory):
-    """The tiny Z-Image repo with an Omni transformer (SigLIP width 24) and a `siglip/` SigLIP2 tower in the hub
-    file's layout (`vision_model.` prefix, as transformers 4 saved it)."""
-    from diffsynth.runtime.testing.weights import random_weights
-    from diffsynth.z_image.formats import DIT_SPEC
-    from diffsynth.z_image.image_encoder import IMAGE_ENCODER_SPEC
-
-    root = tmp_path_factory.mktemp("tiny-z-image-omni") / "repo"
-    shutil.copytree(tiny_repo, root)
-    dit_config = json.loads((root / "transformer" / "config.json").read_text())
-    parts = [
-        ("transformer", DIT_SPEC, dict(dit_config, siglip_feat_dim=24), "diffusion_pytorch_model.safetensors", ""),
-        ("siglip", IMAGE_ENCODER_SPEC, SIGLIP_CONFIG, "model.safetensors", "vision_model."),
-    ]
-    for seed, (folder, spec, config_json, filename, prefix) in enumerate(parts, start=7):
-        (root / folder).mkdir(exist_ok=True)
-        for old in (root / folder).glob("*.safetensors"):
-            old.unlink()
-        (root / folder / "config.json").write_text(json.dumps(config_json))
-        model = random_weights(spec.build(spec.config_from_state({}, config_json)), seed)
-        state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(root / folder / filename))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +79,9 @@ def reference(omni_repo, pipe):
         Siglip2VisionModel,
     )
 
-    siglip = Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_CONFIG)).eval()
+    siglip = Siglip2VisionModel(
+        Siglip2VisionConfig(**json.loads((omni_repo / "siglip" / "config.json").read_text()))
+    ).eval()
     siglip.load_state_dict(pipe.image_encoder.state_dict(), strict=True)
     vae = diffusers.AutoencoderKL.from_pretrained(omni_repo / "vae")
     # diffusers casts the pixels to bfloat16 before its VAE (fine for a bfloat16 VAE, an error for a float32

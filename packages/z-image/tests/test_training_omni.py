@@ -7,15 +7,13 @@ a tiny random Omni repo (the tiny Z-Image repo with an Omni transformer and a `s
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
@@ -25,42 +23,7 @@ from diffsynth.z_image import ZImagePipeline
 from diffsynth.z_image.pipeline import EditCondition
 from diffsynth.z_image.training import ZImageTrainingTask
 
-SIGLIP_CONFIG = {  # as test_omni_pipeline.py: 16 patches of 4 pixels, width 24
-    "model_type": "siglip2_vision_model",
-    "hidden_size": 24,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_patches": 16,
-    "patch_size": 4,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
 PROMPTS = ["a red circle on a blue background", "a small green square in the top left corner"]
-
-
-@pytest.fixture(scope="module")
-def omni_repo(tiny_repo, tmp_path_factory) -> Path:
-    """The tiny Z-Image repo with an Omni transformer (SigLIP width 24) and a `siglip/` SigLIP2 tower."""
-    from diffsynth.runtime.testing.weights import random_weights
-    from diffsynth.z_image.formats import DIT_SPEC
-    from diffsynth.z_image.image_encoder import IMAGE_ENCODER_SPEC
-
-    root = tmp_path_factory.mktemp("tiny-z-image-omni-training") / "repo"
-    shutil.copytree(tiny_repo, root)
-    dit_config = json.loads((root / "transformer" / "config.json").read_text())
-    parts = [
-        ("transformer", DIT_SPEC, dict(dit_config, siglip_feat_dim=24), "diffusion_pytorch_model.safetensors", ""),
-        ("siglip", IMAGE_ENCODER_SPEC, SIGLIP_CONFIG, "model.safetensors", "vision_model."),
-    ]
-    for seed, (folder, spec, config_json, filename, prefix) in enumerate(parts, start=7):
-        (root / folder).mkdir(exist_ok=True)
-        for old in (root / folder).glob("*.safetensors"):
-            old.unlink()
-        (root / folder / "config.json").write_text(json.dumps(config_json))
-        model = random_weights(spec.build(spec.config_from_state({}, config_json)), seed)
-        save_file({prefix + k: v.contiguous() for k, v in model.state_dict().items()}, str(root / folder / filename))
-    return root
 
 
 @pytest.fixture(scope="module")
