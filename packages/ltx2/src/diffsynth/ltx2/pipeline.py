@@ -35,7 +35,9 @@ from diffsynth.runtime.pipeline import BasePipeline, lora_file
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
+from . import dfr
 from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
+from .dfr import DFRImages
 from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
 from .in_context import check_factor, encode_references, lora_reference_downscale_factor
 from .retake import keep_video, retake_frames
@@ -58,6 +60,7 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # Gemma prompts are left-padded to this many
 GEMMA_REPO = "google/gemma-3-12b-it-qat-q4_0-unquantized"
 STAGE_2_LORA_STRENGTH = 0.8  # the authors' README runs the distilled LoRA at 0.8 in stage 2 (as DiffSynth-Studio)
 STAGE_2_LORA_NAME = "stage_2_distilled"
+DFR_DISTILLED_LORA_STRENGTH = 1.0  # ltx-pipelines' DFRPipeline runs the distilled LoRA at the default strength, 1
 SCHEDULE_TOKENS = 4096  # the authors call LTX2Scheduler without a latent: the shift of 4096 tokens
 TIMESTEP_SCALE = 1000.0
 ImageInput = str | os.PathLike | Image.Image
@@ -355,6 +358,9 @@ class LTX2Pipeline(BasePipeline):
         tile_overlap_in_frames: int | None = None,
         stage2_spatial_upsample_factor: int = 2,
         denoising_strength: float = 1.0,
+        use_dfr_pipeline: bool | None = None,
+        detailing_lora: ModelConfig | str | os.PathLike | None = None,
+        detailing_lora_strength: float = 1.0,
         output_type: str = "pil",
         progress_bar: bool = True,
     ):
@@ -419,6 +425,14 @@ class LTX2Pipeline(BasePipeline):
         the loaded IC-LoRA's `reference_downscale_factor`, else 1). `clear_lora_before_state_two` runs the
         second stage without the LoRAs you loaded (they must be loaded with `fuse=False`), as the authors'
         `ICLoraPipeline` does.
+
+        DFR (`use_dfr_pipeline`, LTX-2.5; the authors' `DFRPipeline`, see `dfr.py`): a distilled half-size pass that
+        also generates keyframe slots, the x2 upsampler, and a distilled full-size pass, without guidance. With the
+        full model the distilled LoRA (`stage2_lora_config`) is attached in both passes at `stage2_lora_strength`
+        (default 1, the authors'); with `use_distilled_pipeline` the DiT is the distilled one. `detailing_lora` (the
+        authors' x2 detailing IC-LoRA, a file or `ModelConfig`) is attached in the second pass at
+        `detailing_lora_strength`, which then reads the first pass's video as its reference. `sigmas` replaces the
+        first pass's schedule. Images condition both passes (`input_images`, `input_image`).
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -427,6 +441,8 @@ class LTX2Pipeline(BasePipeline):
         distilled = bool(self.setting("use_distilled_pipeline", use_distilled_pipeline, False))
         steps = self.setting("num_inference_steps", num_inference_steps, 8 if distilled else self.default_steps)
         scale = float(self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG))
+        dfr_on = bool(self.setting("use_dfr_pipeline", use_dfr_pipeline, False))
+        guidance_given = {"cfg_scale": cfg_scale, "audio_cfg_scale": audio_cfg_scale}  # DFR refuses them
         if audio_cfg_scale is None:  # an explicit cfg_scale guides both streams unless audio_cfg_scale is given
             fallback = 1.0 if distilled else DEFAULT_AUDIO_CFG
             audio_cfg_scale = scale if cfg_scale is not None else self.defaults.get("audio_cfg_scale", fallback)
@@ -450,7 +466,7 @@ class LTX2Pipeline(BasePipeline):
         check_diffsynth_settings(stage2_spatial_upsample_factor, denoising_strength)
         two_stage = self.setting("use_two_stage_pipeline", use_two_stage_pipeline, None)
         two_stage = distilled if two_stage is None else bool(two_stage)
-        if two_stage:
+        if two_stage and not dfr_on:
             self.check_two_stage(height, width, distilled)
             lora_strength = float(self.setting("stage2_lora_strength", stage2_lora_strength, STAGE_2_LORA_STRENGTH))
         stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
@@ -480,6 +496,22 @@ class LTX2Pipeline(BasePipeline):
             raise ConfigError("retake_video_regions are regions of retake_video: give the video too")
         if clear_lora_before_state_two:
             self.check_clearable_loras(two_stage)
+        single = isinstance(prompt, str) and output_type == "pil"
+        decoding = (single, output_type, tiled, tile_size, tile_stride)
+        if dfr_on:
+            refused = {
+                "in_context_videos": in_context_videos, "retake_audio": retake_audio, "retake_video": retake_video,
+                "latents": latents, "audio_latents": audio_latents, **guidance_given,
+                "clear_lora_before_state_two": clear_lora_before_state_two or None,
+                "use_two_stage_pipeline": None if use_two_stage_pipeline is not False else False,
+            }  # fmt: skip
+            self.check_dfr(height, width, distilled, refused)
+            crf = self.setting("image_crf", image_crf, self.default_image_crf) if first_frames or keyframe_images else 0
+            images = DFRImages(first_frames, keyframe_images, strength, crf)
+            return self.generate_dfr(
+                prompts, max_len, images, (height, width, frames, fps), seed, rand_device, sigmas, distilled,
+                stage2_lora_strength, (detailing_lora, detailing_lora_strength), progress_bar, decoding,
+            )  # fmt: skip
 
         # 1. prompts
         self.load_models_to_device(["text_encoder", "connectors"])
@@ -532,20 +564,59 @@ class LTX2Pipeline(BasePipeline):
             )  # fmt: skip
 
         # 4. decode
+        kept = None if given is None or given.waveform is None else (given.waveform, given.sample_rate)
+        return self.finish(video, audio, decoding, kept)
+
+    def finish(self, video, audio, decoding, kept=None, samples: int | None = None):
+        """Decode the final latents into `(frames, LTX2Audio)`; `decoding` is (one prompt with "pil", output_type,
+        tiled, tile_size, tile_stride). `kept` (waveform, rate) is a given sound returned as it is instead of
+        re-synthesised; `samples` cuts the sound to that many samples."""
+        single, output_type, tiled, tile_size, tile_stride = decoding
         self.load_models_to_device(["vae"])
         pixels = self.vae.decode(
             video.to(module_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
         )
         frames_out = tensor_to_output(pixels.float(), output_type)
         waveform = self.decode_audio(audio)
-        if given is not None and given.waveform is not None:  # kept whole: the sound as given, not re-synthesised
-            waveform, sample_rate = given.waveform.expand(waveform.shape[0], -1, -1), given.sample_rate
+        if kept is not None:  # kept whole: the sound as given, not re-synthesised
+            waveform, sample_rate = kept[0].expand(waveform.shape[0], -1, -1), kept[1]
         else:
             sample_rate = self.sample_rate
+        if samples is not None:
+            waveform = waveform[..., :samples]
         self.load_models_to_device([])
-        single = isinstance(prompt, str) and output_type == "pil"
         sound = LTX2Audio(waveform[0] if single else waveform, sample_rate)
         return (frames_out[0] if single else frames_out), sound
+
+    def generate_dfr(
+        self, prompts, max_len, images, size, seed, rand_device, sigmas, distilled, lora_strength, detailing,
+        progress_bar, decoding,
+    ):  # fmt: skip
+        """The DFR pipeline (`dfr.generate`) for `__call__`: prompts, the stage LoRAs, then decoding; the sound is
+        cut to the clip's `num_frames / frame_rate` seconds (it covers the padded canvas)."""
+        from diffsynth.runtime.lora import read_lora
+
+        height, width, frames, fps = size
+        self.load_models_to_device(["text_encoder", "connectors"])
+        text = self.encode_prompt(prompts, max_len)
+        generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+        loras = []
+        if not distilled:
+            strength = float(self.setting("stage2_lora_strength", lora_strength, DFR_DISTILLED_LORA_STRENGTH))
+            loras.append((self._stage2_lora(), strength, dfr.DISTILLED_LORA_NAME))
+        detail = None
+        lora, scale = detailing
+        if lora is not None:
+            path = lora_file(lora, "detailing_lora")
+            factor = lora_reference_downscale_factor(path) or dfr.DETAILING_DOWNSCALE
+            detail = (read_lora(path), float(scale), check_factor(factor))
+        first_sigmas = dfr.DISTILLED_SIGMAS if sigmas is None else dfr.check_sigmas(sigmas, "sigmas")
+        video, audio = dfr.generate(
+            self, text, height=height, width=width, num_frames=frames, frame_rate=fps, generator=generator,
+            rand_device=rand_device, images=images, stage_1_sigmas=first_sigmas, loras=loras, detailing=detail,
+            progress_bar=progress_bar,
+        )  # fmt: skip
+        return self.finish(video, audio, decoding, samples=round(frames / fps * self.sample_rate))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -645,6 +716,20 @@ class LTX2Pipeline(BasePipeline):
                 "model_id='Lightricks/LTX-2', origin_file_pattern='ltx-2-19b-distilled-lora-384.safetensors') to "
                 "from_pretrained (the 'Lightricks/LTX-2:two-stage' preset does), or use the distilled model"
             )
+
+    def check_dfr(self, height, width, distilled, refused: dict) -> None:
+        """DFR needs an LTX-2.5 DiT (the keyframe embedding), the x2 upsampler, sizes that halve to multiples of 32
+        and, with the full model, the distilled LoRA; `refused` (name -> value) are arguments of the other pipelines
+        (or guidance, which DFR does not use): any given is refused by name."""
+        if not self.is_ltx25:
+            raise ConfigError(
+                "use_dfr_pipeline needs an LTX-2.5 DiT: its keyframe slots are marked with the DiT's "
+                "keyframes_abs_pos_embedding, which this DiT does not have"
+            )
+        given = [name for name, value in refused.items() if value is not None]
+        if given:
+            raise ConfigError(f"use_dfr_pipeline does not take {', '.join(given)} (DFR runs without guidance)")
+        self.check_two_stage(height, width, distilled)
 
     def check_in_context(self, videos, factor) -> int:
         """The reference videos' downscale factor: the one given, else the loaded IC-LoRA's, else 1."""
@@ -1008,6 +1093,23 @@ class LTX2Pipeline(BasePipeline):
                 for model in (self.dit, self.connectors):
                     if STAGE_2_LORA_NAME in list_loras(model):
                         clear_loras(model, STAGE_2_LORA_NAME)
+
+    @contextlib.contextmanager
+    def stage_loras(self, loras):
+        """`loras` ((weights, scale, name), each from `read_lora`) attached unfused inside, taken out after."""
+        from diffsynth.runtime.lora import clear_loras, list_loras
+
+        if loras:
+            self.load_models_to_device(["dit"])
+        try:
+            for weights, scale, name in loras:
+                self.load_lora(weights, scale=scale, fuse=False, name=name)
+            yield
+        finally:
+            for _, _, name in loras:
+                for model in (self.dit, self.connectors):
+                    if model is not None and name in list_loras(model):
+                        clear_loras(model, name)
 
     @contextlib.contextmanager
     def _loras_off(self, off: bool):
