@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from diffsynth.ltx2 import dfr
-from diffsynth.ltx2.dfr_layout import resolve_canvas, segment_length, trim_canvas
+from diffsynth.ltx2.dfr_layout import resolve_canvas, segment_length, temporal_tiles, trim_canvas
 from diffsynth.ltx2.pipeline import LTX2Pipeline
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
@@ -59,6 +59,41 @@ def test_canvas_equals_diffusers():
         assert resolve_canvas(frames) == layout.resolve_canvas(frames)
 
 
+@pytest.mark.parametrize(
+    ("seams", "frames", "tiles"),
+    [([48, 96], 97, 2), ([48, 96, 144], 145, 2), ([64, 128, 192, 256], 257, 4), ([48], 49, 2)],
+)
+def test_temporal_tiles_cover_the_canvas_once(seams, frames, tiles):
+    """Stitched without their context frames, the windows cover every latent frame once; each starts on frame 0 or a
+    seam it keeps (in its context), ends on a seam, and makes one slot midway between each pair of its marks."""
+    plan = temporal_tiles(seams, frames, tiles)
+    assert len(plan) == min(tiles, len(seams))
+    kept = [i for tile in plan for i in range(tile.start + tile.lead, tile.end)]
+    assert kept == list(range((frames - 1) // 8 + 1))
+    for tile in plan:
+        assert tile.first_frame == 8 * tile.start and tile.last_frame == 8 * (tile.end - 1) and tile.last_frame in seams
+        assert tile.first_frame == 0 or tile.first_frame in seams
+        marks = [tile.first_frame, *(p for p in seams if tile.first_frame < p <= tile.last_frame)]
+        assert list(tile.slots) == [(a + b) // 2 for a, b in zip(marks[:-1], marks[1:], strict=True)]
+    with pytest.raises(ConfigError, match="last keyframe seam"):
+        temporal_tiles(seams[:-1] or [8], frames, tiles)
+
+
+@pytest.mark.parity
+def test_temporal_tiles_equal_diffusers():
+    layout = pytest.importorskip("diffusers.pipelines.ltx2.dfr_layout")
+    for frames in range(9, 200, 8):
+        canvas, _, positions = resolve_canvas(frames)
+        seams, doubled = [2 * p for p in positions], 2 * (canvas - 1) + 1
+        for tiles in (1, 2, 4):
+            ours = temporal_tiles(seams, doubled, tiles)
+            theirs = layout.temporal_tile_plan(seams, doubled, tiles)
+            assert [(t.start, t.end, t.lead, t.first_frame, t.last_frame, t.anchors, t.slots) for t in ours] == [
+                (t.interval.start, t.interval.end, t.interval.left_ramp, t.pixel_start, t.pixel_end, t.anchors, t.slots)
+                for t in theirs
+            ]
+
+
 # ------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def dfr_folder(tmp_path_factory):
@@ -69,6 +104,7 @@ def dfr_folder(tmp_path_factory):
     extras = root / "extras"
     extras.mkdir()
     save_file(tiny_upsampler(**UPSAMPLER_23).state_dict(), str(extras / "upsampler.safetensors"))
+    save_file(tiny_temporal_upsampler().state_dict(), str(extras / "temporal-upsampler.safetensors"))
     pipe = LTX2Pipeline.from_pretrained(str(folder), device="cpu", torch_dtype=torch.float32)
     save_file(lora_state(pipe.dit, seed=11), str(extras / "distilled-lora.safetensors"))
     detailing = lora_state(pipe.dit, seed=12)
@@ -80,13 +116,46 @@ def dfr_folder(tmp_path_factory):
 def dfr_pipe(dfr_folder):
     pipe = LTX2Pipeline.from_pretrained(
         str(dfr_folder), device="cpu", torch_dtype=torch.float32,
-        model_configs=[ModelConfig(path=str(dfr_folder.parent.parent / "extras/upsampler.safetensors"))],
+        model_configs=[
+            ModelConfig(path=str(dfr_folder.parent.parent / "extras/upsampler.safetensors")),
+            ModelConfig(path=str(dfr_folder.parent.parent / "extras/temporal-upsampler.safetensors")),
+        ],
         stage2_lora_config=str(dfr_folder.parent.parent / "extras/distilled-lora.safetensors"),
     )  # fmt: skip
     embedding = pipe.dit.keyframes_abs_pos_embedding
     with torch.no_grad():
         embedding.copy_(0.5 * torch.randn(embedding.shape, generator=torch.Generator().manual_seed(5)))
     return pipe
+
+
+def tiny_temporal_upsampler(seed: int = 9):
+    """A temporal x2 latent upsampler for the tiny 2.5 latents (random weights)."""
+    from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
+
+    config = LTX2LatentUpsamplerConfig(
+        in_channels=UPSAMPLER_23["in_channels"], mid_channels=32, num_blocks_per_stage=1, spatial_upsample=False,
+        temporal_upsample=True,
+    )  # fmt: skip
+    model = LTX2LatentUpsampler(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                + 0.05 * torch.randn(p.shape, generator=generator)
+            )
+    return model
+
+
+def diffusers_upsampler(model, temporal: bool):
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+
+    reference = LTX2LatentUpsamplerModel(
+        in_channels=UPSAMPLER_23["in_channels"], mid_channels=32, num_blocks_per_stage=1, use_rational_resampler=False,
+        spatial_upsample=not temporal, temporal_upsample=temporal,
+    ).eval()  # fmt: skip
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference
 
 
 def reference_pipeline(folder, pipe):
@@ -214,12 +283,73 @@ def test_seeded_pass_with_conditions_matches_diffusers(dfr_folder, dfr_pipe):
     torch.testing.assert_close(pack_latents(got_audio), tokens, atol=0, rtol=0)  # frozen: the given sound
 
 
+# ------------------------------------------------------------------------------------------------- temporal rounds
+def temporal_reference(reference, pipe):
+    """diffusers' `LTX2DFRTemporalRefinePipeline` on the reference's models, with our temporal upsampler's weights."""
+    import diffusers
+
+    return diffusers.LTX2DFRTemporalRefinePipeline(
+        scheduler=diffusers.LTXEulerAncestralRFScheduler(eta=0.5), vae=reference.vae, audio_vae=reference.audio_vae,
+        text_encoder=reference.text_encoder, tokenizer=reference.tokenizer, connectors=reference.connectors,
+        transformer=reference.transformer, vocoder=reference.vocoder,
+        temporal_latent_upsampler=diffusers_upsampler(pipe.temporal_upsampler, temporal=True),
+    )  # fmt: skip
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("round_index", [1, 2])
+def test_temporal_round_matches_diffusers(dfr_folder, dfr_pipe, round_index):
+    """One refine round on given latents (a 41-frame clip: canvas 49, seams at 24 and 48; round 2 starts from the
+    carried keyframes round 1 leaves on its 97 frames) with a first frame and a keyframe image: the stitched canvas
+    and the carried keyframes against `LTX2DFRTemporalRefinePipeline`, same seed (ancestral noise included)."""
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    reference = reference_pipeline(dfr_folder, dfr_pipe)
+    temporal = temporal_reference(reference, dfr_pipe)
+    temporal.set_progress_bar_config(disable=True)
+    source, _, positions = resolve_canvas(41)
+    canvas, fps = source, 24.0
+    for _ in range(round_index - 1):
+        canvas, fps = 2 * (canvas - 1) + 1, 2 * fps
+        positions = sorted({2 * p for p in positions} | {p + 24 * 2 ** (round_index - 2) for p in [0, *positions[:-1]]})
+    g = torch.Generator().manual_seed(30 + round_index)
+    channels, (h, w) = dfr_pipe.dit.config.in_channels, (H // 32, W // 32)
+    video = torch.randn(1, channels, (canvas - 1) // 8 + 1, h, w, generator=g)
+    carry = torch.randn(1, channels, len(positions), h, w, generator=g)
+    length = dfr_pipe.audio_latent_shape(1, source, 24.0)[2]
+    tokens = torch.randn(1, length, dfr_pipe.dit.config.audio_in_channels, generator=g)
+    vae = reference.audio_vae
+    raw_audio = reference._unpack_audio_latents(
+        reference._denormalize_audio_latents(tokens, vae.latents_mean, vae.latents_std), length,
+        num_mel_bins=dfr_pipe.audio_vae.config.latent_mel_bins,
+    )  # fmt: skip
+    first, key = picture(1), picture(2)
+    got = dfr.refine_round(
+        dfr_pipe, dfr_pipe.encode_prompt([CAPTIONS[0]], MAX_LEN),
+        dfr.RefineState(video, canvas, fps, list(positions), carry), round_index=round_index,
+        sound=(tokens, source / 24.0), encoded=dfr.DFRImages([first], [(key, 9)], 1.0, 0).encode(dfr_pipe, H, W),
+        seed=3, generator=torch.Generator().manual_seed(3), rand_device="cpu", progress_bar=False,
+    )  # fmt: skip
+    want_video, _, want_keys, want_positions = temporal(
+        prompt=CAPTIONS[0], latents=raw_video(reference, video), keyframes_latents=raw_video(reference, carry),
+        keyframe_positions=list(positions), audio_latents=raw_audio, height=H, width=W, num_frames=canvas,
+        frame_rate=fps, source_seconds=source / 24.0, condition_num_frames=41, round_index=round_index,
+        conditions=[LTX2VideoCondition(frames=first, index=0, crf=0), LTX2VideoCondition(frames=key, index=2, crf=0)],
+        generator=torch.Generator().manual_seed(3), max_sequence_length=MAX_LEN, output_type="latent",
+        return_dict=False,
+    )  # fmt: skip
+    assert got.frames == 2 * (canvas - 1) + 1 and got.positions == want_positions
+    assert len(got.positions) == 2 * len(positions)  # a new slot between each pair of seams
+    compare(f"round {round_index} canvas", got.video, normalised_video(reference, want_video))
+    compare(f"round {round_index} keyframes", got.latents, normalised_video(reference, want_keys))
+
+
 # ------------------------------------------------------------------------------------------------- the recipe
-def diffusers_recipe(folder, pipe, frames: int, detailing: bool):
+def diffusers_recipe(folder, pipe, frames: int, detailing: bool, rounds: int = 0):
     """The authors' DFRPipeline composed from diffusers' stages: `LTX2DFRPipeline` at half size to latents,
     `LTX2LatentUpsamplePipeline` on the video and on the slots, `LTX2DFRPipeline` at full size seeded from them
-    (with the detailing LoRA fused and the half-size video as reference when `detailing`), one generator
-    throughout; the first stage's sound, cut to the clip."""
+    (with the detailing LoRA fused and the half-size video as reference when `detailing`), then `rounds` of
+    `LTX2DFRTemporalRefinePipeline`, one generator throughout; the first stage's sound, cut to the clip."""
     import diffusers
     from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 
@@ -244,12 +374,30 @@ def diffusers_recipe(folder, pipe, frames: int, detailing: bool):
         weights = diffusers.LTX2Pipeline.lora_state_dict(str(folder.parent.parent / "extras/detailing.safetensors"))
         fuse_lora(reference.transformer, weights, 1.0)
         extra = dict(reference_latents=video, reference_downscale_factor=2)
-    frames_out, _ = reference(
+    stage_2 = dict(
         height=2 * H, width=2 * W, sigmas=list(dfr.STAGE_2_SIGMAS), latents=up_video, keyframes_latents=up_slots,
-        keyframe_positions=positions, audio_latents=audio, output_type="np", **common, **extra,
-    )[:2]  # fmt: skip
+        keyframe_positions=positions, audio_latents=audio, **common, **extra,
+    )  # fmt: skip
     sound = reference.vocoder(reference.audio_vae.decode(audio, return_dict=False)[0])
-    return frames_out, sound[..., : round(frames / 24.0 * reference.vocoder.config.output_sampling_rate)]
+    rate = reference.vocoder.config.output_sampling_rate
+    if not rounds:
+        return reference(output_type="np", **stage_2)[0], sound[..., : round(frames / 24.0 * rate)]
+    video, _, keys, positions = reference(output_type="latent", **stage_2)
+    temporal = temporal_reference(reference, pipe)
+    canvas, fps = resolve_canvas(frames)[0], 24.0
+    for index in range(1, rounds + 1):
+        video, _, keys, positions = temporal(
+            prompt=CAPTIONS[0], latents=video, keyframes_latents=keys, keyframe_positions=positions,
+            audio_latents=audio, height=2 * H, width=2 * W, num_frames=canvas, frame_rate=fps,
+            source_seconds=resolve_canvas(frames)[0] / 24.0, condition_num_frames=frames, round_index=index,
+            generator=generator, max_sequence_length=MAX_LEN, output_type="latent", return_dict=False,
+        )  # fmt: skip
+        canvas, fps = 2 * (canvas - 1) + 1, 2 * fps
+    target = (frames - 1) * 2**rounds + 1
+    with torch.no_grad():
+        pixels = reference.vae.decode(trim_canvas(video, target), None, return_dict=False)[0]
+    frames_out = reference.video_processor.postprocess_video(pixels, output_type="np")
+    return frames_out, sound[..., : round(target / fps * rate)]
 
 
 @pytest.mark.parity
@@ -276,6 +424,23 @@ def test_recipe_matches_diffusers_stages(dfr_folder, dfr_pipe, detailing):
             num_frames=frames, seed=3, max_sequence_length=MAX_LEN, output_type="np", progress_bar=False,
         )  # fmt: skip
         assert np.abs(plain - got_frames).max() > 1e-3
+
+
+@pytest.mark.parity
+def test_recipe_with_a_temporal_round_matches_diffusers_stages(dfr_folder, dfr_pipe):
+    """`temporal_upsample_rounds=1`: twice the frames (`(F - 1) * 2 + 1`, for twice the frame rate) and the first
+    pass's sound cut to their duration, against the diffusers stages and refine round composed the same way."""
+    frames = 17
+    got_frames, got_audio = dfr_pipe(
+        CAPTIONS[0], use_dfr_pipeline=True, use_distilled_pipeline=True, temporal_upsample_rounds=1, height=2 * H,
+        width=2 * W, num_frames=frames, seed=3, max_sequence_length=MAX_LEN, output_type="np", progress_bar=False,
+    )  # fmt: skip
+    want_frames, want_audio = diffusers_recipe(dfr_folder, dfr_pipe, frames, detailing=False, rounds=1)
+    assert got_frames.shape == want_frames.shape == (1, 2 * frames - 1, 2 * H, 2 * W, 3)
+    diff = np.abs(got_frames - want_frames).max()
+    audio_diff = (got_audio.waveform - want_audio).abs().max().item()
+    print(f"DFR recipe parity (one temporal round): frames {diff:.3g}, audio {audio_diff:.3g}")
+    assert got_audio.waveform.shape == want_audio.shape and diff <= 1e-5 and audio_diff <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------- invariants
@@ -310,6 +475,9 @@ def test_recipe_output_and_distilled_lora(dfr_pipe):
         use_dfr_pipeline=True, height=2 * H, width=2 * W, num_frames=17, frame_rate=24.0, seed=1,
         max_sequence_length=MAX_LEN, output_type="pt", progress_bar=False,
     )  # fmt: skip
+    assert dfr_pipe.temporal_upsampler.config.temporal_upsample and dfr_pipe.upsampler.config.spatial_upsample
+    assert dfr_pipe.model_configs["temporal_upsampler"].path.endswith("temporal-upsampler.safetensors")
+    assert dfr_pipe.model_configs["upsampler"].path.endswith("extras/upsampler.safetensors")
     frames, audio = dfr_pipe(CAPTIONS[0], **settings)
     assert frames.shape == (1, 3, 17, 2 * H, 2 * W)
     assert audio.waveform.shape == (1, 2, round(17 / 24.0 * dfr_pipe.sample_rate))
@@ -332,3 +500,7 @@ def test_refusals(dfr_pipe, tiny_ltx23_pipe):
         tiny_ltx23_pipe(CAPTIONS[0], **settings)
     with pytest.raises(ConfigError, match="sigmas"):
         dfr_pipe(CAPTIONS[0], sigmas=[0.5, 0.9], **settings)
+    with pytest.raises(ConfigError, match="temporal_upsample_rounds=3"):
+        dfr_pipe(CAPTIONS[0], temporal_upsample_rounds=3, **settings)
+    with pytest.raises(ConfigError, match="use_dfr_pipeline=True"):
+        dfr_pipe(CAPTIONS[0], temporal_upsample_rounds=1, num_frames=9)

@@ -32,13 +32,16 @@ from diffsynth.runtime.media import h264_frame, pil_to_tensor
 from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import pack_latents, unpack_latents
-from .dfr_layout import resolve_canvas, trim_canvas
+from .dfr_layout import resolve_canvas, temporal_tiles, trim_canvas
 from .dit import audio_positions, keyframe_positions, video_positions
 
 logger = logging.getLogger(__name__)
 
 DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875)  # ltx-pipelines' table
 STAGE_2_SIGMAS = DISTILLED_SIGMAS[5:]
+TEMPORAL_SIGMAS = DISTILLED_SIGMAS[4:]  # the refine rounds densify a finished canvas: the table from its fifth value
+TEMPORAL_ETA = 0.5  # the rounds' Euler-ancestral noise fraction
+ANCHOR_STRENGTH = 0.95  # keyframes carried into a round, pinned just short of clean
 MAX_CONDITIONING_FPS, SNAP_ABOVE_FPS = 60.0, 30.0
 DETAILING_DOWNSCALE = 2  # the detailing IC-LoRA's reference factor when its file declares none
 DETAILING_LORA_NAME, DISTILLED_LORA_NAME = "dfr_detailing", "dfr_distilled"
@@ -166,11 +169,27 @@ def build_tokens(
     return DFRTokens(tokens, clean, strength, marked, torch.cat(coords, dim=2), grid, slots)
 
 
-def denoise_pass(dit, seq: DFRTokens, audio: torch.Tensor, sigmas, text, fps: float, freeze_audio: bool, progress):
+def ancestral_step(x, estimate, sigma: float, following: float, eta: float, noise) -> torch.Tensor:
+    """One Euler-ancestral step of a rectified flow (ComfyUI's RF variant, diffusers' `LTXEulerAncestralRFScheduler`):
+    a deterministic step down to `sigma_down` (`eta` of the way below `following`), then fresh noise (`noise()`
+    draws it) scaled to land at `following`. The last step (to 0) returns the clean estimate."""
+    if following == 0.0:
+        return estimate
+    down = following * (1.0 + (following / sigma - 1.0) * eta)
+    x = (down / sigma) * x + (1.0 - down / sigma) * estimate
+    renoise = max(following**2 - down**2 * (1.0 - following) ** 2 / ((1.0 - down) ** 2 + 1e-12), 0.0) ** 0.5
+    return ((1.0 - following) / ((1.0 - down) + 1e-12)) * x + noise() * renoise
+
+
+def denoise_pass(
+    dit, seq: DFRTokens, audio: torch.Tensor, sigmas, text, fps: float, freeze_audio: bool, progress, ancestral=None
+):
     """Euler steps over `sigmas` (terminal 0 appended) without guidance. Each token is seen at `(1 - strength) *
     sigma`; its clean estimate, computed at that level, is pulled to its given latent by its strength before the
     step, so given tokens stay. `audio` (normalised `[B, C, L, M]`) is stepped too unless `freeze_audio` (then it
-    is read clean). Returns the final sequence and audio."""
+    is read clean). `ancestral` = (eta, noise draw) takes Euler-ancestral steps instead (`ancestral_step`), after
+    which the given tokens are put back (the fresh noise reaches every token). Returns the final sequence and
+    audio."""
     schedule = [float(s) for s in sigmas] + [0.0]
     dtype = module_dtype(dit)
     b = seq.tokens.shape[0]
@@ -200,7 +219,11 @@ def denoise_pass(dit, seq: DFRTokens, audio: torch.Tensor, sigmas, text, fps: fl
         )
         estimate = x - v_video.float() * (video_t / TIMESTEP_SCALE)[..., None]
         estimate = estimate * free + seq.clean * seq.strength
-        x = x + (following - sigma) * (x - estimate) / sigma
+        if ancestral is None:
+            x = x + (following - sigma) * (x - estimate) / sigma
+        else:
+            x = ancestral_step(x, estimate, sigma, following, *ancestral)
+            x = x * free + seq.clean * seq.strength
         if not freeze_audio:
             audio = audio + (following - sigma) * unpack_latents(v_audio.float(), audio.shape[3])
     return DFRTokens(x, seq.clean, seq.strength, seq.marked, seq.coords, seq.grid, seq.slots), audio
@@ -289,6 +312,94 @@ def run_pass(
     return denoise_pass(pipe.dit, seq, audio, sigmas, text, fps, freeze_audio, lambda r: pipe.progress(r, progress_bar))
 
 
+def audio_window(tokens, first_frame: int, frames: int, playback_fps: float, source_seconds: float, length: int):
+    """The part of the first pass's sound `tokens` `[B, L, D]` (covering `source_seconds`) that plays with video
+    frames `first_frame` .. `first_frame + frames` at `playback_fps`, resampled linearly to `length` latent frames."""
+    total = tokens.shape[1]
+    start = first_frame / playback_fps / source_seconds * total
+    span = frames / playback_fps / source_seconds * total
+    where = (start + span / length * torch.arange(length, dtype=torch.float32, device=tokens.device)).clamp(
+        0, total - 1
+    )
+    low = where.floor().long()
+    high = (low + 1).clamp(max=total - 1)
+    weight = (where - low).to(tokens.dtype).view(1, -1, 1)
+    return tokens[:, low] * (1 - weight) + tokens[:, high] * weight
+
+
+@dataclass
+class RefineState:
+    """What a temporal round takes and gives: the canvas's normalised latents, its `frames` and playback `fps`,
+    and the keyframes carried between rounds (`positions` on the canvas, `latents` `[B, C, K, h, w]`)."""
+
+    video: torch.Tensor
+    frames: int
+    fps: float
+    positions: list[int]
+    latents: torch.Tensor
+
+
+def refine_round(
+    pipe, text, state: RefineState, *, round_index: int, sound, encoded, seed: int, generator, rand_device: str,
+    sigmas=TEMPORAL_SIGMAS, progress_bar: bool = True,
+) -> RefineState:  # fmt: skip
+    """One temporal refine round (the authors' `DFRPipeline` rounds; diffusers' `LTX2DFRTemporalRefinePipeline`):
+    the temporal x2 upsampler doubles the canvas (`2 (F - 1) + 1` frames at twice the rate), which is cut into
+    `2 ** round_index` windows at the carried keyframes (`temporal_tiles`). Each window is re-denoised from
+    `sigmas[0]` with Euler-ancestral steps (eta 0.5, noise seeded `seed + 1000 * round + window`), its seams pinned
+    at strength 0.95, its images (`encoded`, at their frames times `2 ** round_index`) given, new slots generated
+    midway between its seams, and the first pass's sound (`sound` = (tokens, seconds)) read frozen for its time
+    span. The windows are stitched without their context frames; their slots join the carried keyframes."""
+    tc = pipe.vae.temporal_compression
+    video = pipe.upsample_latents(state.video, pipe.temporal_upsampler)
+    frames, fps = 2 * (state.frames - 1) + 1, 2 * state.fps
+    cfps = conditioning_fps(fps)
+    seams = [2 * p for p in state.positions]
+    carried = {p: state.latents[:, :, i : i + 1] for i, p in enumerate(seams)}
+    scale = 2**round_index
+    first, keyframes = encoded
+    images = ([(0, *first)] if first is not None else []) + [(frame, latent, s) for frame, latent, s in keyframes]
+    tokens, seconds = sound
+    per_second = pipe.audio_vae.config.latents_per_second
+    batch, bins = text.video.shape[0], pipe.audio_vae.config.latent_mel_bins
+    parts, made = [], {}
+    tiles = temporal_tiles(seams, frames, scale, tc)
+    for index, tile in enumerate(tiles):
+        window = video[:, :, tile.start : tile.end]
+        window_frames = (tile.end - tile.start - 1) * tc + 1
+        local = [(f * scale - tile.first_frame, latent, s) for f, latent, s in images]
+        local = [item for item in local if 0 <= item[0] <= tile.last_frame - tile.first_frame]
+        given_first = next(((latent, s) for f, latent, s in local if f == 0), None)
+        pinned = [item for item in local if item[0] != 0]
+        pinned += [(p - tile.first_frame, carried[p], ANCHOR_STRENGTH) for p in tile.anchors]
+        slots = [p - tile.first_frame for p in tile.slots]
+        seeds = [min(round(p / tc), window.shape[2] - 1) for p in slots]
+        seq = build_tokens(
+            pipe.dit.config, batch, window.shape[2:], cfps, pipe.device, canvas=window, first=given_first,
+            keyframes=pinned, slot_frames=slots,
+            slot_seeds=torch.cat([window[:, :, i : i + 1] for i in seeds], dim=2) if seeds else None,
+        )  # fmt: skip
+        seq = seq.noised(draw_noise(seq.tokens.shape, generator, rand_device, pipe.device), float(sigmas[0]))
+        length = round(window_frames / cfps * per_second)
+        audio = unpack_latents(audio_window(tokens, tile.first_frame, window_frames, fps, seconds, length), bins)
+        draws = torch.Generator(rand_device).manual_seed(seed + 1000 * round_index + index)
+        noise = lambda shape=seq.tokens.shape, g=draws: draw_noise(shape, g, rand_device, pipe.device)  # noqa: E731
+        pipe.load_models_to_device(["dit"])
+        seq, _ = denoise_pass(
+            pipe.dit, seq, audio, sigmas, text, cfps, True, lambda r: pipe.progress(r, progress_bar),
+            (TEMPORAL_ETA, noise),
+        )  # fmt: skip
+        parts.append(seq.video()[:, :, tile.lead :])
+        if tile.slots:
+            latents = seq.slot_latents()
+            for i, p in enumerate(tile.slots):
+                made.setdefault(p, latents[:, :, i : i + 1])  # a slot in a later window's context: the first wins
+    carried.update(made)
+    positions = sorted(carried)
+    latents = torch.cat([carried[p] for p in positions], dim=2)
+    return RefineState(torch.cat(parts, dim=2), frames, fps, positions, latents)
+
+
 def check_sigmas(sigmas, name: str) -> tuple[float, ...]:
     """A pass's schedule: decreasing numbers in (0, 1], without the terminal 0 (dropped when given)."""
     values = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
@@ -318,12 +429,16 @@ def generate(
     stage_2_sigmas=STAGE_2_SIGMAS,
     loras=(),
     detailing=None,
+    temporal_rounds: int = 0,
+    seed: int = 0,
     progress_bar: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' DFR recipe: the half-size pass with slots, the x2 upsampler on the video and the slots, and
     the full-size pass seeded from both (with the detailing reference when `detailing` = (LoRA weights, scale,
-    factor) is given). `loras` are (weights, scale, name) attached for both passes (the distilled LoRA on the
-    full model). Returns the normalised video latents cut to `num_frames` and the first pass's audio latents."""
+    factor) is given), then `temporal_rounds` refine rounds (`refine_round`, each doubling the frame rate; `seed`
+    seeds their ancestral noise). `loras` are (weights, scale, name) attached for every pass (the distilled LoRA
+    on the full model). Returns the normalised video latents cut to `(num_frames - 1) * 2 ** temporal_rounds + 1`
+    frames and the first pass's audio latents."""
     canvas_frames, _, slot_frames = resolve_canvas(num_frames, pipe.vae.temporal_compression)
     common = dict(
         canvas_frames=canvas_frames, frame_rate=frame_rate, generator=generator, rand_device=rand_device, images=images
@@ -346,4 +461,16 @@ def generate(
             pipe, text, height=height, width=width, sigmas=stage_2_sigmas, slot_frames=slot_frames, canvas=video,
             slot_seeds=slots, reference=reference, audio=audio, progress_bar=progress_bar, **common,
         )  # fmt: skip
-    return trim_canvas(seq.video(), num_frames, pipe.vae.temporal_compression), audio
+    video = seq.video()
+    if temporal_rounds:
+        state = RefineState(video, canvas_frames, float(frame_rate), list(slot_frames), seq.slot_latents())
+        sound = (pack_latents(audio), canvas_frames / frame_rate)
+        encoded = images.encode(pipe, height, width)
+        with pipe.stage_loras(loras):
+            for index in range(1, temporal_rounds + 1):
+                state = refine_round(
+                    pipe, text, state, round_index=index, sound=sound, encoded=encoded, seed=seed,
+                    generator=generator, rand_device=rand_device, progress_bar=progress_bar,
+                )  # fmt: skip
+        video = state.video
+    return trim_canvas(video, (num_frames - 1) * 2**temporal_rounds + 1, pipe.vae.temporal_compression), audio

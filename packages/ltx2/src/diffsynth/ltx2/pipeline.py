@@ -300,8 +300,9 @@ class LTX2Pipeline(BasePipeline):
         "connectors": "connectors",
         "text_encoder": "text_encoder",
         "upsampler": "upsampler",
+        "temporal_upsampler": "temporal_upsampler",
     }
-    optional_slots = ("upsampler",)  # only the two-stage pipelines use it
+    optional_slots = ("upsampler", "temporal_upsampler")  # the two-stage and DFR pipelines use them
     size_multiple = 32  # the video VAE's spatial compression
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
@@ -361,6 +362,7 @@ class LTX2Pipeline(BasePipeline):
         use_dfr_pipeline: bool | None = None,
         detailing_lora: ModelConfig | str | os.PathLike | None = None,
         detailing_lora_strength: float = 1.0,
+        temporal_upsample_rounds: int = 0,
         output_type: str = "pil",
         progress_bar: bool = True,
     ):
@@ -432,7 +434,9 @@ class LTX2Pipeline(BasePipeline):
         (default 1, the authors'); with `use_distilled_pipeline` the DiT is the distilled one. `detailing_lora` (the
         authors' x2 detailing IC-LoRA, a file or `ModelConfig`) is attached in the second pass at
         `detailing_lora_strength`, which then reads the first pass's video as its reference. `sigmas` replaces the
-        first pass's schedule. Images condition both passes (`input_images`, `input_image`).
+        first pass's schedule. Images condition every pass (`input_images`, `input_image`). `temporal_upsample_rounds`
+        (1 or 2; the temporal upsampler `ltx-2.5-latent-temporal-upscaler-x2` must be loaded) then doubles the frame
+        rate that many times: `(num_frames - 1) * 2 ** rounds + 1` frames, to be played at `frame_rate * 2 ** rounds`.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -508,10 +512,13 @@ class LTX2Pipeline(BasePipeline):
             self.check_dfr(height, width, distilled, refused)
             crf = self.setting("image_crf", image_crf, self.default_image_crf) if first_frames or keyframe_images else 0
             images = DFRImages(first_frames, keyframe_images, strength, crf)
+            rounds = self.check_temporal_rounds(temporal_upsample_rounds)
             return self.generate_dfr(
                 prompts, max_len, images, (height, width, frames, fps), seed, rand_device, sigmas, distilled,
-                stage2_lora_strength, (detailing_lora, detailing_lora_strength), progress_bar, decoding,
+                stage2_lora_strength, (detailing_lora, detailing_lora_strength), rounds, progress_bar, decoding,
             )  # fmt: skip
+        if temporal_upsample_rounds:
+            raise ConfigError("temporal_upsample_rounds belongs to the DFR pipeline: pass use_dfr_pipeline=True")
 
         # 1. prompts
         self.load_models_to_device(["text_encoder", "connectors"])
@@ -589,11 +596,11 @@ class LTX2Pipeline(BasePipeline):
         return (frames_out[0] if single else frames_out), sound
 
     def generate_dfr(
-        self, prompts, max_len, images, size, seed, rand_device, sigmas, distilled, lora_strength, detailing,
+        self, prompts, max_len, images, size, seed, rand_device, sigmas, distilled, lora_strength, detailing, rounds,
         progress_bar, decoding,
     ):  # fmt: skip
         """The DFR pipeline (`dfr.generate`) for `__call__`: prompts, the stage LoRAs, then decoding; the sound is
-        cut to the clip's `num_frames / frame_rate` seconds (it covers the padded canvas)."""
+        cut to the clip's duration (it covers the padded canvas)."""
         from diffsynth.runtime.lora import read_lora
 
         height, width, frames, fps = size
@@ -614,9 +621,10 @@ class LTX2Pipeline(BasePipeline):
         video, audio = dfr.generate(
             self, text, height=height, width=width, num_frames=frames, frame_rate=fps, generator=generator,
             rand_device=rand_device, images=images, stage_1_sigmas=first_sigmas, loras=loras, detailing=detail,
-            progress_bar=progress_bar,
+            temporal_rounds=rounds, seed=0 if seed is None else int(seed), progress_bar=progress_bar,
         )  # fmt: skip
-        return self.finish(video, audio, decoding, samples=round(frames / fps * self.sample_rate))
+        seconds = ((frames - 1) * 2**rounds + 1) / (fps * 2**rounds)
+        return self.finish(video, audio, decoding, samples=round(seconds * self.sample_rate))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -730,6 +738,18 @@ class LTX2Pipeline(BasePipeline):
         if given:
             raise ConfigError(f"use_dfr_pipeline does not take {', '.join(given)} (DFR runs without guidance)")
         self.check_two_stage(height, width, distilled)
+
+    def check_temporal_rounds(self, rounds) -> int:
+        """DFR's temporal refine rounds: 0, 1 or 2 (the authors'), the last two with the temporal upsampler."""
+        if isinstance(rounds, bool) or rounds not in (0, 1, 2):
+            raise ConfigError(f"temporal_upsample_rounds={rounds!r} is not accepted; use 0, 1 or 2")
+        if rounds and (self.temporal_upsampler is None or not self.temporal_upsampler.config.temporal_upsample):
+            raise ConfigError(
+                "temporal_upsample_rounds needs the temporal latent upsampler: add ModelConfig(model_id="
+                "'Lightricks/LTX-2.5', origin_file_pattern='latent_upscale_models/"
+                "ltx-2.5-latent-temporal-upscaler-x2-bf16-1.0.safetensors') to model_configs"
+            )
+        return rounds
 
     def check_in_context(self, videos, factor) -> int:
         """The reference videos' downscale factor: the one given, else the loaded IC-LoRA's, else 1."""
@@ -1028,13 +1048,32 @@ class LTX2Pipeline(BasePipeline):
             audio = scheduler.step(v_audio if audio_mask is None else v_audio * audio_mask, i, audio)
         return video, audio
 
-    def upsample_latents(self, video: torch.Tensor) -> torch.Tensor:
-        """Normalised video latents at twice the width and height: the upsampler works on raw latents, so the
-        VAE's per-channel statistics are undone before and applied again after (ltx-core's `upsample_video`)."""
-        self.load_models_to_device(["upsampler"])
+    def upsample_latents(self, video: torch.Tensor, upsampler=None) -> torch.Tensor:
+        """Normalised video latents at twice the width and height (or, with the temporal `upsampler`, twice the
+        frame rate): the upsamplers work on raw latents, so the VAE's per-channel statistics are undone before and
+        applied again after (ltx-core's `upsample_video`)."""
+        upsampler = self.upsampler if upsampler is None else upsampler
+        self.load_models_to_device(["upsampler" if upsampler is self.upsampler else "temporal_upsampler"])
         mean, std = self.vae.per_channel_statistics.stats(video, (1, -1, 1, 1, 1))
-        raw = (video * std + mean).to(module_dtype(self.upsampler))
-        return (self.upsampler(raw).float() - mean) / std
+        raw = (video * std + mean).to(module_dtype(upsampler))
+        return (upsampler(raw).float() - mean) / std
+
+    def _load_into_slots(self, config) -> None:
+        """A temporal latent upsampler (`ltx-2.5-latent-temporal-upscaler-x2`) goes to `temporal_upsampler`: both
+        upsamplers share one role and are told apart by their config."""
+        spatial, spatial_config = self.upsampler, self.model_configs.get("upsampler")
+        self.upsampler = None
+        super()._load_into_slots(config)
+        loaded = self.upsampler
+        if loaded is None:
+            self.upsampler = spatial
+        elif loaded.config.temporal_upsample:
+            self.temporal_upsampler, self.upsampler = loaded, spatial
+            self.model_configs["temporal_upsampler"] = self.model_configs.pop("upsampler")
+            if spatial_config is not None:
+                self.model_configs["upsampler"] = spatial_config
+        elif spatial is not None:
+            logger.warning("%s replaces an earlier latent upsampler", config)
 
     def refine(
         self,
