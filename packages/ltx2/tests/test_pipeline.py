@@ -325,7 +325,7 @@ def test_diffusers_folder_loads_the_same_models(tiny_ltx2_base, tiny_ltx2_pipe, 
     pytest.importorskip("diffusers")
     folder = repo_module.write_diffusers_folder(tiny_ltx2_pipe, tiny_ltx2_base, tmp_path / "LTX-2")
     pipe = LTX2Pipeline.from_pretrained(str(folder), device="cpu", torch_dtype=torch.float32)
-    for slot in set(LTX2Pipeline.model_slots) - {"upsampler"}:
+    for slot in set(LTX2Pipeline.model_slots) - set(LTX2Pipeline.optional_slots):
         ours, theirs = getattr(pipe, slot).state_dict(), getattr(tiny_ltx2_pipe, slot).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), slot
     got, expected = run(pipe, negative_prompt=CAPTIONS[3]), run(tiny_ltx2_pipe, negative_prompt=CAPTIONS[3])
@@ -399,7 +399,7 @@ def test_distilled_mode_runs_the_fixed_table_without_cfg(tiny_ltx2_pipe, monkeyp
 def test_vram_managed_pipeline_gives_the_same_output(tiny_ltx2_base, tiny_ltx2_pipe):
     """Every model under the VRAM manager with every unit streamed: stages activate what they use in time."""
     managed = repo_module.our_pipeline(tiny_ltx2_base, vram_limit=0)
-    assert sorted(managed.vram_handles) == sorted(set(LTX2Pipeline.model_slots) - {"upsampler"})
+    assert sorted(managed.vram_handles) == sorted(set(LTX2Pipeline.model_slots) - set(LTX2Pipeline.optional_slots))
     got, expected = run(managed, negative_prompt=CAPTIONS[3]), run(tiny_ltx2_pipe, negative_prompt=CAPTIONS[3])
     torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
