@@ -28,6 +28,7 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
@@ -122,6 +123,11 @@ class QwenImage21Pipeline(BasePipeline):
         num_inference_steps: int | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
+        input_image=None,
+        denoising_strength: float = 1.0,
+        inpaint_mask=None,
+        inpaint_blur_size: int | None = None,
+        inpaint_blur_sigma: float | None = None,
         use_kv_cache: bool = True,
         tiled: bool = False,
         tile_size: int | None = None,
@@ -137,6 +143,13 @@ class QwenImage21Pipeline(BasePipeline):
         40); `sigmas` is an explicit schedule used as given (terminal 0 appended). `latents` is the initial noise
         `[B, 64, H/16, W/16]`. `use_kv_cache=False` recomputes the prompt and condition tokens every step (the
         same result up to rounding). `tiled` encodes and decodes with the VAE in tiles.
+
+        Image-to-image (DiffSynth-Studio's arguments): `input_image` (one image for every prompt, or one per prompt;
+        RGBA kept, resized to the output size, which it sets when no `height` / `width` or condition image does) is
+        VAE-encoded and noised to the schedule's level at `denoising_strength` (1 = from pure noise; fewer steps run
+        below 1). `inpaint_mask` (a PIL "L" image of the input image's size, or one per input image; white =
+        repaint) keeps the rest of the input image at every step (`diffsynth.runtime.inpaint`);
+        `inpaint_blur_size` with `inpaint_blur_sigma` blur it on the latent grid.
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
@@ -146,8 +159,11 @@ class QwenImage21Pipeline(BasePipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         conditions = self.condition_images(edit_image, output_resolution)
+        inputs = self.input_images(input_image, len(prompts))
         if conditions:
             default_w, default_h = conditions[-1].size
+        elif inputs:
+            default_w, default_h = self.fitted_size(inputs[0], output_resolution, "input_image")
         else:
             default_w = default_h = output_resolution
         height, width = self.check_size(
@@ -155,6 +171,9 @@ class QwenImage21Pipeline(BasePipeline):
         )
         use_cfg = cfg_scale != 1.0
         tiles = self.vae_tiling(tiled, tile_size, tile_stride)
+        strength = self.check_strength(denoising_strength, inputs)
+        blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
+        repaint = self.inpaint_tokens(inpaint_mask, inputs, len(prompts), height, width, blur)
 
         # 1. prompts, read together with the condition images
         self.load_models_to_device(["text_encoder"])
@@ -163,8 +182,9 @@ class QwenImage21Pipeline(BasePipeline):
         negative_text = self.encode_prompt(negatives, conditions, cache) if use_cfg else None
 
         # 2. condition latents, noise and schedule
-        self.load_models_to_device(["vae"] if conditions else [])
+        self.load_models_to_device(["vae"] if conditions or inputs else [])
         condition_tokens, shapes = self.encode_conditions(conditions, tiles)
+        clean = self.encode_input_images(inputs, len(prompts), height, width, tiles) if inputs else None
         self.check_slots(text, shapes)
         h, w = height // COMPRESSION, width // COMPRESSION
         img_shapes = [*shapes, (1, h, w)]
@@ -173,7 +193,9 @@ class QwenImage21Pipeline(BasePipeline):
             self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
         )
         x = latents_to_tokens(noise)
-        scheduler = self.scheduler(num_inference_steps, sigmas, h * w)
+        scheduler = self.scheduler(num_inference_steps, sigmas, h * w, strength)
+        if clean is not None:
+            x = scheduler.add_noise(clean, x, scheduler.sigmas[0])
 
         # 3. denoise
         self.load_models_to_device(["dit"])
@@ -183,6 +205,8 @@ class QwenImage21Pipeline(BasePipeline):
             if negative_text is not None:
                 negative = qwen_image21_velocity(self.dit, x, sigma, negative_text, img_shapes, condition_tokens)
                 velocity = self.guide(velocity, negative, cfg_scale)
+            if repaint is not None:
+                velocity = inpaint_velocity(velocity, x, clean, sigma, repaint)
             x = scheduler.step(velocity, i, x)
 
         # 4. decode
@@ -220,13 +244,7 @@ class QwenImage21Pipeline(BasePipeline):
                     "prompt; call the pipeline once per prompt for different images"
                 )
             image = load_image(item, "RGBA")
-            size = area_size(image.width, image.height, resolution * resolution)
-            if min(size) < self.size_multiple:
-                raise ConfigError(
-                    f"edit_image[{i}] is {image.width}x{image.height}: too elongated for {resolution}^2 pixels "
-                    f"(it would be {size[0]}x{size[1]})"
-                )
-            images.append(image.resize(size, Image.LANCZOS))
+            images.append(image.resize(self.fitted_size(image, resolution, f"edit_image[{i}]"), Image.LANCZOS))
         return images
 
     def encode_prompt(self, prompts: list[str], images: list[Image.Image], cache: bool = False) -> PromptEncoding:
@@ -275,12 +293,16 @@ class QwenImage21Pipeline(BasePipeline):
             shapes.append((1, z.shape[2], z.shape[3]))
         return torch.cat(tokens, dim=1), shapes
 
-    def scheduler(self, num_inference_steps: int | None, sigmas, image_seq_len: int) -> FlowMatchScheduler:
-        """Euler steps on the model's schedule (`self.schedule`), or on explicit `sigmas`."""
+    def scheduler(
+        self, num_inference_steps: int | None, sigmas, image_seq_len: int, strength: float = 1.0
+    ) -> FlowMatchScheduler:
+        """Euler steps on the model's schedule (`self.schedule`), or on explicit `sigmas`; image-to-image keeps the
+        tail from the level at `strength` (`apply_strength`)."""
         scheduler = FlowMatchScheduler("qwen_image")
         if sigmas is not None:
             values = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-            scheduler.set_timesteps(max(1, len(values) - int(values[-1] == 0)), sigmas=values)
+            steps = max(1, len(values) - int(values[-1] == 0))
+            scheduler.set_timesteps(steps, sigmas=values, denoising_strength=strength)
             return scheduler
         requested = self.setting("num_inference_steps", num_inference_steps, None)
         settings = self.schedule
@@ -293,8 +315,56 @@ class QwenImage21Pipeline(BasePipeline):
             )
             settings = ScheduleSettings(**{**vars(settings), "sample_sigmas": None})
         steps = settings.steps(requested)
-        scheduler.set_timesteps(steps, sigmas=settings.sigmas(steps, image_seq_len))
+        scheduler.set_timesteps(steps, sigmas=settings.sigmas(steps, image_seq_len), denoising_strength=strength)
         return scheduler
+
+    def input_images(self, input_image, batch: int) -> list[Image.Image]:
+        """Image-to-image's images as RGBA: one for every prompt, or one per prompt."""
+        if input_image is None:
+            return []
+        items = list(input_image) if isinstance(input_image, (list, tuple)) else [input_image]
+        if len(items) not in (1, batch):
+            raise ConfigError(f"input_image is a list of {len(items)} images for {batch} prompts; give one or {batch}")
+        return [load_image(item, "RGBA") for item in items]
+
+    def fitted_size(self, image: Image.Image, resolution: int, name: str) -> tuple[int, int]:
+        """`(width, height)` of about `resolution`^2 pixels with `image`'s aspect ratio, sides multiples of 32."""
+        size = area_size(image.width, image.height, resolution * resolution)
+        if min(size) < self.size_multiple:
+            raise ConfigError(
+                f"{name} is {image.width}x{image.height}: too elongated for {resolution}^2 pixels "
+                f"(it would be {size[0]}x{size[1]})"
+            )
+        return size
+
+    @staticmethod
+    def check_strength(denoising_strength, inputs) -> float:
+        """`denoising_strength` in (0, 1], below 1 only with an input image."""
+        if isinstance(denoising_strength, bool) or not isinstance(denoising_strength, (int, float)):
+            raise ConfigError(f"denoising_strength={denoising_strength!r} is not accepted; use a number in (0, 1]")
+        if not 0.0 < denoising_strength <= 1.0:
+            raise ConfigError(f"denoising_strength={denoising_strength!r} is not accepted; use a number in (0, 1]")
+        if denoising_strength != 1.0 and not inputs:
+            raise ConfigError("denoising_strength < 1 is image-to-image: give input_image")
+        return float(denoising_strength) if inputs else 1.0
+
+    def inpaint_tokens(self, inpaint_mask, inputs, batch: int, height: int, width: int, blur) -> torch.Tensor | None:
+        """`inpaint_mask` on the token grid `[B or 1, h * w, 1]` (1 = repaint), blurred there with `blur`."""
+        if inpaint_mask is None:
+            if blur is not None:
+                raise ConfigError("inpaint_blur_size / inpaint_blur_sigma blur inpaint_mask: give the mask too")
+            return None
+        if not inputs:
+            raise ConfigError("inpaint_mask needs input_image: the mask says which part of input_image to repaint")
+        grid = (height // COMPRESSION, width // COMPRESSION)
+        return latents_to_tokens(mask_grid(inpaint_mask, inputs, batch, grid, self.device, blur))
+
+    def encode_input_images(self, images, batch: int, height: int, width: int, tiles: dict) -> torch.Tensor:
+        """Normalised latent tokens `[B, h * w, 64]` of the input images (RGBA), resized to `width` x `height`."""
+        resized = [image.resize((width, height), Image.LANCZOS) for image in images]
+        pixels = pil_to_tensor(resized, dtype=module_dtype(self.vae), device=self.device, mode="RGBA")
+        tokens = latents_to_tokens(self.vae.encode(pixels, **tiles).float())
+        return tokens.expand(batch, -1, -1) if tokens.shape[0] == 1 else tokens
 
     def vae_tiling(self, tiled: bool, tile_size, tile_stride) -> dict:
         """The VAE's tiling arguments (its own tile defaults unless given)."""
