@@ -368,14 +368,16 @@ UPSAMPLER_FILE, DISTILLED_LORA_FILE = (
 )
 
 
-def tiny_upsampler(seed: int = 7, in_channels: int = 8, rational_resampler: bool = True):
+def tiny_upsampler(seed: int = 7, in_channels: int = 8, rational_resampler: bool = True, temporal: bool = False):
     """A spatial x2 latent upsampler for the tiny video VAE's latent channels, random weights; LTX-2.3's
-    (`ltx-2.3-spatial-upscaler-x2-1.1`) doubles by a conv and pixel shuffle (`rational_resampler=False`)."""
+    (`ltx-2.3-spatial-upscaler-x2-1.1`) doubles by a conv and pixel shuffle (`rational_resampler=False`);
+    `temporal` makes the temporal x2 one instead (LTX-2.5's `latent-temporal-upscaler-x2`)."""
     from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
 
     config = LTX2LatentUpsamplerConfig(
-        in_channels=in_channels, mid_channels=32, num_blocks_per_stage=1, rational_resampler=rational_resampler
-    )
+        in_channels=in_channels, mid_channels=32, num_blocks_per_stage=1, rational_resampler=rational_resampler,
+        spatial_upsample=not temporal, temporal_upsample=temporal,
+    )  # fmt: skip
     model = LTX2LatentUpsampler(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -104,7 +104,9 @@ def dfr_folder(tmp_path_factory):
     extras = root / "extras"
     extras.mkdir()
     save_file(tiny_upsampler(**UPSAMPLER_23).state_dict(), str(extras / "upsampler.safetensors"))
-    save_file(tiny_temporal_upsampler().state_dict(), str(extras / "temporal-upsampler.safetensors"))
+    save_file(
+        tiny_upsampler(9, **UPSAMPLER_23, temporal=True).state_dict(), str(extras / "temporal-upsampler.safetensors")
+    )
     pipe = LTX2Pipeline.from_pretrained(str(folder), device="cpu", torch_dtype=torch.float32)
     save_file(lora_state(pipe.dit, seed=11), str(extras / "distilled-lora.safetensors"))
     detailing = lora_state(pipe.dit, seed=12)
@@ -126,25 +128,6 @@ def dfr_pipe(dfr_folder):
     with torch.no_grad():
         embedding.copy_(0.5 * torch.randn(embedding.shape, generator=torch.Generator().manual_seed(5)))
     return pipe
-
-
-def tiny_temporal_upsampler(seed: int = 9):
-    """A temporal x2 latent upsampler for the tiny 2.5 latents (random weights)."""
-    from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
-
-    config = LTX2LatentUpsamplerConfig(
-        in_channels=UPSAMPLER_23["in_channels"], mid_channels=32, num_blocks_per_stage=1, spatial_upsample=False,
-        temporal_upsample=True,
-    )  # fmt: skip
-    model = LTX2LatentUpsampler(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(
-                (1.0 if "norm" in name and name.endswith("weight") else 0.0)
-                + 0.05 * torch.randn(p.shape, generator=generator)
-            )
-    return model
 
 
 def diffusers_upsampler(model, temporal: bool):
