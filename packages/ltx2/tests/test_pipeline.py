@@ -367,7 +367,7 @@ def test_family_is_installed_with_presets():
 
     family = installed_families()["ltx2"]
     assert family.pipeline_class() is LTX2Pipeline
-    roles = {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "upsampler"}
+    roles = {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "upsampler", "duration_head"}
     assert {s.role for s in family.specs} == roles
     fam, preset = find_preset("Lightricks/LTX-2")
     assert fam is family and preset.defaults["num_inference_steps"] == 40

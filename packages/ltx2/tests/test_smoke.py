@@ -15,7 +15,7 @@ def test_family_is_discoverable():
     from diffsynth.runtime.registry import find_preset, installed_families
 
     family = installed_families()["ltx2"]
-    roles = {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "upsampler"}
+    roles = {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "upsampler", "duration_head"}
     assert {spec.role for spec in family.specs} == roles
     assert family.pipeline_class() is LTX2Pipeline
     found, preset = find_preset("Lightricks/LTX-2")

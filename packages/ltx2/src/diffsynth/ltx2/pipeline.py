@@ -39,6 +39,7 @@ from . import dfr
 from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
 from .dfr import DFRImages
 from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
+from .duration_head import num_frames_from_seconds
 from .in_context import check_factor, encode_references, lora_reference_downscale_factor
 from .retake import keep_video, retake_frames
 
@@ -301,8 +302,9 @@ class LTX2Pipeline(BasePipeline):
         "text_encoder": "text_encoder",
         "upsampler": "upsampler",
         "temporal_upsampler": "temporal_upsampler",
+        "duration_head": "duration_head",
     }
-    optional_slots = ("upsampler", "temporal_upsampler")  # the two-stage and DFR pipelines use them
+    optional_slots = ("upsampler", "temporal_upsampler", "duration_head")  # used by some pipelines only
     size_multiple = 32  # the video VAE's spatial compression
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
@@ -326,6 +328,8 @@ class LTX2Pipeline(BasePipeline):
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
+        min_seconds: float = 1.0,
+        max_seconds: float = 20.0,
         frame_rate: float | None = None,
         seed: int | None = None,
         rand_device: str = "cpu",
@@ -374,7 +378,8 @@ class LTX2Pipeline(BasePipeline):
         "pil" its waveform is `[2, N]`. Write both with `diffsynth.runtime.media.mux_video_audio`.
 
         `num_frames` must be 8k + 1 and `height`/`width` multiples of 32: other values are rounded with a
-        warning. `cfg_scale` guides the video stream and `audio_cfg_scale` the audio stream (1 = off; the
+        warning. Left out with LTX-2.5's duration head loaded (and no preset default), it is predicted from the
+        first prompt (`predict_num_frames`, within `min_seconds` .. `max_seconds`). `cfg_scale` guides the video stream and `audio_cfg_scale` the audio stream (1 = off; the
         authors' 3 and 7 by default, and the audio follows an explicit `cfg_scale` when not given itself);
         `guidance_rescale` in [0, 1] (default 0.7) pulls the guided prediction's spread back towards the
         conditional one's. `stg_scale` / `audio_stg_scale` (STG, default 1, 0 = off; perturbing the self-
@@ -474,6 +479,8 @@ class LTX2Pipeline(BasePipeline):
             self.check_two_stage(height, width, distilled)
             lora_strength = float(self.setting("stage2_lora_strength", stage2_lora_strength, STAGE_2_LORA_STRENGTH))
         stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
+        if num_frames is None and self.duration_head is not None and "num_frames" not in self.defaults:
+            num_frames = self.predict_num_frames(prompts[0], max_len, fps, min_seconds, max_seconds)
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 121))
         if tiled and tile_size_in_frames is not None and frames > tile_size_in_frames:
             logger.warning(
@@ -823,6 +830,20 @@ class LTX2Pipeline(BasePipeline):
         return float(frame_rate)
 
     # ------------------------------------------------------------------ stages
+    def predict_num_frames(
+        self, prompt: str, max_sequence_length: int, frame_rate: float, min_seconds: float, max_seconds: float
+    ) -> int:
+        """The clip length LTX-2.5's duration head (`duration_head.py`) gives `prompt`: its seconds at `frame_rate`,
+        clamped to `[min_seconds, max_seconds]` and floored onto the VAE's `8k + 1` grid, as ltx-pipelines does."""
+        self.load_models_to_device(["text_encoder", "connectors"])
+        text = self.encode_prompt([prompt], max_sequence_length)
+        self.load_models_to_device(["duration_head"])
+        head_dtype = module_dtype(self.duration_head)
+        seconds = float(self.duration_head(text.video.to(head_dtype), text.audio.to(head_dtype))[0])
+        frames = num_frames_from_seconds(seconds, frame_rate, min_seconds, max_seconds, self.vae.temporal_compression)
+        logger.info("the duration head gives %.2f s: %d frames at %g fps", seconds, frames, frame_rate)
+        return frames
+
     def encode_prompt(self, prompts: list[str], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> LTX2Text:
         """Gemma-3 hidden states of every layer (left-padded to `max_sequence_length` tokens) through the
         text connectors: one context per stream, `[B, L, 3840]` each."""
