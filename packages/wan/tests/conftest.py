@@ -184,6 +184,10 @@ def _save_dit(folder: Path, kind: str, z_dim: int, seed: int, image_dim: int | N
         fields.update(model_type="i2v", in_dim=3 * z_dim, has_image_input=True, image_dim=image_dim, ref_conv=True)
     if kind == "fun_control_a14b":  # a Wan2.2-Fun-A14B-Control expert: noise + control + mask + image latent
         fields.update(model_type="i2v", in_dim=3 * z_dim + 4, ref_conv=True)
+    if kind == "fun_camera":  # Wan2.1-Fun-V1.1-Control-Camera: noise + first-frame latent, CLIP, camera adapter
+        fields.update(
+            model_type="i2v", in_dim=2 * z_dim, has_image_input=True, image_dim=image_dim, camera_adapter_dim=24
+        )
     model = randomize(WanDiT(WanDiTConfig(**fields)), seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -194,6 +198,8 @@ def _save_dit(folder: Path, kind: str, z_dim: int, seed: int, image_dim: int | N
         config_json.update(_class_name="VaceWanModel", model_type="vace", vace_layers=list(fields["vace_layers"]))
     if kind in ("fun_control", "fun_control_a14b"):
         config_json.update(model_type="i2v", add_ref_conv=config_json.pop("ref_conv"))
+    if kind == "fun_camera":  # as PAI's config.json: the adapter named by its own fields
+        config_json.update(add_control_adapter=True, in_dim_control_adapter=config_json.pop("camera_adapter_dim"))
     config_json["patch_size"] = [1, 2, 2]
     (folder / "config.json").write_text(json.dumps(config_json, indent=2))
 
@@ -211,7 +217,8 @@ def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
     "i2v_a14b" (Wan2.2-I2V-A14B: y channels, no CLIP), "ti2v" (Wan2.2-TI2V-5B with the 2.2 VAE), "vace"
     (Wan2.1-VACE: a T2V DiT with the control branch), "vace_a14b" (Wan2.2-VACE-Fun-A14B: two such experts),
     "fun_control" (Wan2.1-Fun-V1.1-Control: control channels, CLIP and a reference input), "fun_a14b"
-    (Wan2.2-Fun-A14B-Control: two experts, control + mask + image channels, a reference input, no CLIP)."""
+    (Wan2.2-Fun-A14B-Control: two experts, control + mask + image channels, a reference input, no CLIP),
+    "fun_camera" (Wan2.1-Fun-V1.1-Control-Camera: the first frame's latent, CLIP and the camera adapter)."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_umt5_tokenizer(root / TOKENIZER_DIR)
     torch.save(umt5_to_original(tiny_umt5(len(tokenizer)).state_dict()), root / T5_FILE)
@@ -222,7 +229,7 @@ def build_tiny_repo(root: Path, kind: str = "t2v") -> Path:
     _save_vae(root, TINY_VAE, seed=2)
     if kind in ("t2v", "vace"):
         _save_dit(root, kind, z_dim=16, seed=1)
-    elif kind in ("i2v", "fun_control"):
+    elif kind in ("i2v", "fun_control", "fun_camera"):
         _save_dit(root, kind, z_dim=16, seed=1, image_dim=TINY_CLIP["hidden_size"])
         torch.save(clip_to_original(tiny_clip().state_dict()), root / CLIP_FILE)
     elif kind in ("a14b", "i2v_a14b", "vace_a14b", "fun_a14b"):

@@ -99,6 +99,7 @@ class WanDiTConfig:
     vace_in_dim: int = 96  # VACE control context channels: 16 kept + 16 repainted latent + 64 mask
     ref_conv: bool = False  # Wan Fun (V1.1, Wan2.2 A14B) Control: a reference image's latent as leading tokens
     ref_dim: int = 16  # the reference latent's channels (the Wan 2.1 VAE's)
+    camera_adapter_dim: int = 0  # Wan Fun Control-Camera: `control_adapter` input channels (24); 0 = none
     animate: bool = False  # Wan2.2-Animate: pose_patch_embedding, motion_encoder, face_encoder, face_adapter
     motion_encoder_size: int = 512  # face crops are this many pixels square
     motion_channels: tuple[int, ...] = ()  # pyramid widths at size, size/2, ..., 4; () = the released ones
@@ -116,7 +117,7 @@ class WanDiTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"WanDiTConfig.{name}={value!r} must be a positive integer")
-        for name in ("num_layers", "image_dim", "image_pos_len", "rope_max_len"):
+        for name in ("num_layers", "image_dim", "image_pos_len", "rope_max_len", "camera_adapter_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"WanDiTConfig.{name}={value!r} must be a non-negative integer")
@@ -395,6 +396,33 @@ class _VaceBranch:
         return x_out + hint * self.scales[n]
 
 
+class CameraResidualBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class CameraAdapter(nn.Module):
+    """Wan Fun Control-Camera's `control_adapter` (PAI's names): per frame, the camera rays at pixel resolution are
+    folded 8 x 8 onto channels (to the VAE's latent grid), patch-embedded by a strided conv and refined by one
+    residual block; the result `[B, dim, F, h, w]` is added to the DiT's patch embedding."""
+
+    def __init__(self, in_dim: int, dim: int, patch: tuple[int, int]):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim * 64, dim, kernel_size=patch, stride=patch)
+        self.residual_blocks = nn.Sequential(CameraResidualBlock(dim))
+
+    def forward(self, camera: torch.Tensor) -> torch.Tensor:
+        b, f = camera.shape[0], camera.shape[2]
+        frames = F.pixel_unshuffle(camera.transpose(1, 2).flatten(0, 1), 8)  # [B * F, in_dim * 64, H / 8, W / 8]
+        out = self.residual_blocks(self.conv(frames))
+        return out.unflatten(0, (b, f)).transpose(1, 2)
+
+
 class WanDiT(nn.Module):
     """Wan DiT. `forward(x [B,C,F,H,W], timestep [B] | [B,tokens], context [B,L,text_dim],
     clip_feature=None, y=None, vace_context=None, vace_scale=1.0) -> [B, out_dim, F, H, W]`."""
@@ -425,6 +453,8 @@ class WanDiT(nn.Module):
             self.ref_conv = nn.Conv2d(
                 config.ref_dim, dim, kernel_size=config.patch_size[1:], stride=config.patch_size[1:]
             )
+        if config.camera_adapter_dim:
+            self.control_adapter = CameraAdapter(config.camera_adapter_dim, dim, config.patch_size[1:])
         if config.vace_layers:
             self.vace_blocks = nn.ModuleList(VaceBlock(config, first=n == 0) for n in range(len(config.vace_layers)))
             self.vace_patch_embedding = nn.Conv3d(
@@ -465,6 +495,7 @@ class WanDiT(nn.Module):
         reference_latents: torch.Tensor | None = None,
         pose_latents: torch.Tensor | None = None,
         face_pixel_values: torch.Tensor | None = None,
+        camera_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction for latents `x` `[B, C, F, H, W]`; computation runs in `x.dtype`.
 
@@ -480,7 +511,9 @@ class WanDiT(nn.Module):
         is the latent of a reference image, seen as tokens of a frame before the video's.
         Animate DiTs take both `pose_latents` `[B, out_dim, F - 1, H, W]` (the pose video's latent, for the
         frames after the first) and `face_pixel_values` `[B, 3, 4 (F - 1) - 3, size, size]` in [-1, 1] (the
-        face crops of the same frames).
+        face crops of the same frames). Control-Camera DiTs (`camera_adapter_dim`) add `camera_latents`
+        `[B, camera_adapter_dim, F, 8 H, 8 W]` (a camera path's Plücker rays, `camera.py`) through their
+        `control_adapter` to the patch embedding.
 
         Under parallelism (`self.parallel`) the samples are divided over the batch ranks and the video
         tokens over the sequence ranks (the text and CLIP keys stay whole).
@@ -500,6 +533,7 @@ class WanDiT(nn.Module):
             reference_latents,
             pose_latents,
             face_pixel_values,
+            camera_latents,
         )
 
     def _forward(
@@ -514,6 +548,7 @@ class WanDiT(nn.Module):
         reference_latents: torch.Tensor | None,
         pose_latents: torch.Tensor | None = None,
         face_pixel_values: torch.Tensor | None = None,
+        camera_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         if y is not None:
@@ -524,6 +559,8 @@ class WanDiT(nn.Module):
         b, dtype, device = x.shape[0], x.dtype, x.device
 
         patches = self.patch_embedding(x)
+        if camera_latents is not None:
+            patches = patches + self._camera_tokens(camera_latents, patches.shape, dtype)
         motion = None
         if pose_latents is not None or face_pixel_values is not None or cfg.animate:
             patches, motion = self._animate_inputs(patches, pose_latents, face_pixel_values, grid, dtype)
@@ -571,6 +608,17 @@ class WanDiT(nn.Module):
 
         out = self.head(seq[:, leading:], temb.float(), index, dtype)
         return self._unpatchify(out, (grid[0] - (1 if leading else 0), grid[1], grid[2]))
+
+    def _camera_tokens(self, camera: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The control adapter's output `[B, dim, F, h, w]` for `camera_latents`, checked against the patches'."""
+        cfg = self.config
+        if not cfg.camera_adapter_dim:
+            raise ValueError("camera_latents were given but this Wan DiT has no control_adapter (a Control-Camera DiT)")
+        b, _, f, h, w = shape
+        expected = (b, cfg.camera_adapter_dim, f, h * cfg.patch_size[1] * 8, w * cfg.patch_size[2] * 8)
+        if tuple(camera.shape) != expected and tuple(camera.shape) != (1, *expected[1:]):
+            raise ValueError(f"camera_latents has shape {tuple(camera.shape)}; expected {expected} (pixel resolution)")
+        return self.control_adapter(camera.to(dtype)).expand(b, -1, -1, -1, -1)
 
     def _face_blocks(self) -> list[nn.Module]:
         return list(self.face_adapter.fuser_blocks) if self.config.animate else []

@@ -270,6 +270,7 @@ _OWNS_ORIGINAL = (
     "vace_blocks.",
     "vace_patch_embedding.",
     "ref_conv.",
+    "control_adapter.",
     *ANIMATE_PREFIXES,
 )
 _OWNS_DIFFUSERS = (
@@ -410,6 +411,8 @@ def _fields_from_shapes(state: StateDict) -> dict:
         fields["image_dim"] = int(state["img_emb.proj.1.weight"].shape[1])
     if "img_emb.emb_pos" in state:
         fields["image_pos_len"] = int(state["img_emb.emb_pos"].shape[1])
+    if "control_adapter.conv.weight" in state:  # Fun Control-Camera: the adapter folds 8 x 8 pixels onto channels
+        fields["camera_adapter_dim"] = int(state["control_adapter.conv.weight"].shape[1]) // 64
     fields["ref_conv"] = "ref_conv.weight" in state
     if fields["ref_conv"]:
         fields["ref_dim"] = int(state["ref_conv.weight"].shape[1])

@@ -49,6 +49,7 @@ from .animate import (
     segment_condition,
     segment_starts,
 )
+from .camera import camera_control_input, check_direction
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
 from .text_encoder import encode_prompts
@@ -76,11 +77,13 @@ class WanConditions:
     reference_latents: torch.Tensor | None = None
     pose_latents: torch.Tensor | None = None
     face_pixel_values: torch.Tensor | None = None
+    camera_latents: torch.Tensor | None = None
 
     def extras(self) -> dict:
         """The DiT's keyword inputs besides the text (the ones given)."""
         given = {"clip_feature": self.clip_feature, "y": self.y, "reference_latents": self.reference_latents}
         given.update(pose_latents=self.pose_latents, face_pixel_values=self.face_pixel_values)
+        given.update(camera_latents=self.camera_latents)
         if self.vace_context is not None:
             given.update(vace_context=self.vace_context, vace_scale=self.vace_scale)
         return {k: v for k, v in given.items() if v is not None}
@@ -228,6 +231,9 @@ class WanVideoPipeline(BasePipeline):
         animate_inpaint_video: Sequence[ImageInput] | str | os.PathLike | None = None,
         animate_mask_video: Sequence[ImageInput] | str | os.PathLike | None = None,
         animate_overlap_frames: int = 1,
+        camera_control_direction: str | None = None,
+        camera_control_speed: float | None = None,
+        camera_control_origin: Sequence[float] | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -253,6 +259,9 @@ class WanVideoPipeline(BasePipeline):
         and `animate_inpaint_video` (the background) with `animate_mask_video` (white = the person to replace)
         switch to replacement; the video has the pose video's length, made in segments of `num_frames - 4`
         frames, each later one continuing from the last `animate_overlap_frames` frames of the one before.
+        Wan Fun Control-Camera DiTs animate `input_image` along a camera move (DiffSynth-Studio's arguments, see
+        `camera.py`): `camera_control_direction` ("Left", "Right", "Up", "Down", "In", "Out" or combinations such
+        as "LeftUp"), `camera_control_speed` (per frame, default 1/54) and `camera_control_origin` (the first pose).
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -289,6 +298,7 @@ class WanVideoPipeline(BasePipeline):
             out = tensor_to_output(video.float(), output_type)
             return out[0] if isinstance(prompt, str) and output_type == "pil" else out
         first, last = self.check_images(input_image, end_image, len(prompts), control_video)
+        camera = self.check_camera(camera_control_direction, first, camera_control_speed, camera_control_origin)
         reference = self.check_reference(reference_image)
         vace_scale = self.check_vace(vace_video, vace_video_mask, vace_reference_image, vace_scale)
         use_cfg = scale != 1.0 or (self.dit2 is not None and scale_2 != 1.0)
@@ -319,6 +329,9 @@ class WanVideoPipeline(BasePipeline):
                 self, vace_video, vace_video_mask, vace_reference_image, vace_scale, frames, height, width, vae_kwargs
             )
         cond = WanConditions(context, clip_feature, y, reference_latents=reference_latents)
+        if camera is not None:
+            rays = camera_control_input(camera_control_direction, frames, height, width, *camera)
+            cond = replace(cond, camera_latents=rays.to(self.device).expand(len(prompts), -1, -1, -1, -1))
         if vace is not None:
             cond = replace(cond, vace_context=vace.context.expand(len(prompts), -1, -1, -1, -1), vace_scale=vace.scale)
         uncond = replace(cond, context=negative_context) if use_cfg else None
@@ -564,6 +577,9 @@ class WanVideoPipeline(BasePipeline):
         that holds them (zeros elsewhere), as the authors' image2video / first_last_frame2video build it."""
         if self.dit.config.model_type != "i2v" or first is None:
             return None
+        expected = self.dit.config.in_dim - self.dit.config.out_dim
+        if self.dit.config.camera_adapter_dim and expected == self.vae.z_dim:  # Control-Camera V1.1: no mask
+            return self.first_frame_y(first, batch, frames, height, width, vae_kwargs)
         dtype = module_dtype(self.vae)
         video = torch.zeros(batch, 3, frames, height, width, dtype=dtype, device=self.device)
         video[:, :, 0] = self._pixels(first, height, width, dtype)
@@ -578,7 +594,6 @@ class WanVideoPipeline(BasePipeline):
         given = torch.cat([given[:1].repeat(tc), given[1:]]).view(t, tc).transpose(0, 1)
         mask = given[None, :, :, None, None].expand(batch, tc, t, h, w)
         y = torch.cat([mask, latent], dim=1)
-        expected = self.dit.config.in_dim - self.dit.config.out_dim
         if control_channels(self.dit.config):  # Fun Control: y is completed by `control_y`
             return y
         if y.shape[1] != expected:
@@ -587,6 +602,37 @@ class WanVideoPipeline(BasePipeline):
                 f"takes {expected}: the VAE does not fit this DiT"
             )
         return y
+
+    def first_frame_y(self, first, batch: int, frames: int, height: int, width: int, vae_kwargs) -> torch.Tensor:
+        """`y` of the Control-Camera V1.1 DiTs (16 extra channels, no mask): the first image encoded alone as the
+        first latent frame, zeros after (DiffSynth-Studio's `WanVideoUnit_FunCameraControl`)."""
+        latent = self.vae.encode(self._pixels(first, height, width, module_dtype(self.vae))[:, :, None], **vae_kwargs)
+        s, tc = self.vae.spatial_compression, self.vae.temporal_compression
+        y = torch.zeros(batch, latent.shape[1], (frames - 1) // tc + 1, height // s, width // s, device=self.device)
+        y[:, :, :1] = latent.float()
+        return y
+
+    def check_camera(self, direction, first, speed, origin) -> tuple | None:
+        """A camera move for a Control-Camera DiT (which needs one, and an `input_image`); refused for others."""
+        adapter = self.dit.config.camera_adapter_dim
+        if direction is None:
+            if speed is not None or origin is not None:
+                raise ConfigError("camera_control_speed / camera_control_origin need camera_control_direction")
+            if adapter:
+                raise ConfigError(
+                    "this Wan Fun Control-Camera DiT moves the camera along camera_control_direction: give one "
+                    "('Left', 'Right', 'Up', 'Down', 'In', 'Out' or a combination such as 'LeftUp')"
+                )
+            return None
+        if not adapter:
+            raise ConfigError(
+                "camera_control_direction needs a Wan Fun Control-Camera DiT (with control_adapter), e.g. "
+                "PAI/Wan2.1-Fun-V1.1-1.3B-Control-Camera"
+            )
+        check_direction(direction)
+        if first is None:
+            raise ConfigError("a Wan Fun Control-Camera DiT animates input_image: give the first frame")
+        return speed, origin
 
     def encode_reference(self, reference, batch: int, height: int, width: int, vae_kwargs) -> torch.Tensor | None:
         """A Fun reference image's latent `[B, z, 1, h, w]` (resized to the video's size), or None."""

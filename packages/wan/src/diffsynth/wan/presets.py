@@ -183,6 +183,14 @@ _PRESETS += tuple(
         ("14B-InP", "Wan 2.1 Fun 14B InP (PAI): image-to-video from input_image (and end_image)."),
         ("V1.1-1.3B-InP", "Wan 2.1 Fun V1.1 1.3B InP (PAI): image-to-video from input_image (and end_image)."),
         ("V1.1-14B-InP", "Wan 2.1 Fun V1.1 14B InP (PAI): image-to-video from input_image (and end_image)."),
+        (
+            "V1.1-1.3B-Control-Camera",
+            "Wan 2.1 Fun V1.1 1.3B Control-Camera (PAI): animate input_image along camera_control_direction.",
+        ),
+        (
+            "V1.1-14B-Control-Camera",
+            "Wan 2.1 Fun V1.1 14B Control-Camera (PAI): animate input_image along camera_control_direction.",
+        ),
     )
 ) + tuple(
     _preset(
@@ -197,6 +205,10 @@ _PRESETS += tuple(
             "Wan 2.2 Fun A14B Control (PAI), two experts: control_video, reference_image, input_image optional.",
         ),
         ("InP", "Wan 2.2 Fun A14B InP (PAI), two experts: image-to-video from input_image (and end_image)."),
+        (
+            "Control-Camera",
+            "Wan 2.2 Fun A14B Control-Camera (PAI), two experts: animate input_image along camera_control_direction.",
+        ),
     )
 )
 
