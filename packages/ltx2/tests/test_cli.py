@@ -115,3 +115,26 @@ def test_generate_sound_for_a_video_from_the_command_line(tiny_ltx2_base, tmp_pa
     sounds = [load_audio(out)[0] for out in outs]
     assert videos[0].shape[0] == repo_module.FRAMES and np.array_equal(videos[0], videos[1])
     assert (sounds[0] - sounds[1]).abs().max() > 1e-3
+
+
+def test_dfr_flags_reach_the_pipeline(tiny_ltx2_base, tmp_path, monkeypatch, capsys):
+    """`--dfr` / `--temporal-rounds` become `use_dfr_pipeline` / `temporal_upsample_rounds`; an LTX-2.0 DiT is
+    refused by name (DFR needs LTX-2.5's keyframe embedding)."""
+    import functools
+
+    from diffsynth.ltx2.pipeline import LTX2Pipeline
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    seen, real = {}, LTX2Pipeline.__call__
+
+    @functools.wraps(real)  # the CLI reads the signature to know which options the pipeline takes
+    def spy(self, prompt, **kwargs):
+        seen.update(kwargs)
+        return real(self, prompt, **kwargs)
+
+    monkeypatch.setattr(LTX2Pipeline, "__call__", spy)
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")]
+    assert main([*args, *FAST, "--dfr", "--temporal-rounds", "1"]) == 2
+    assert seen["use_dfr_pipeline"] is True and seen["temporal_upsample_rounds"] == 1
+    assert "use_dfr_pipeline needs an LTX-2.5 DiT" in capsys.readouterr().err

@@ -211,3 +211,14 @@ def test_bad_camera_inputs_name_the_argument(camera_pipe, tiny_repo_factory):
     plain = P.load(tiny_repo_factory("i2v"))
     with pytest.raises(ConfigError, match="needs a Wan Fun Control-Camera DiT"):
         plain(P.PROMPT, input_image=first, camera_control_direction="Left", **FAST)
+
+
+def test_cli_camera_flags(tiny_repo_factory, tmp_path, monkeypatch):
+    """`--camera-direction` / `--camera-speed` reach the pipeline as `camera_control_direction` / `..._speed`."""
+    from diffsynth.runtime.media import load_video
+
+    P.image(6).save(tmp_path / "first.png")
+    flags = ["--input-image", str(tmp_path / "first.png"), "--camera-direction", "RightUp", "--camera-speed", "0.05"]
+    seen, _, out = P.run_cli(tiny_repo_factory("fun_camera"), tmp_path, monkeypatch, *flags)
+    assert seen["camera_control_direction"] == "RightUp" and seen["camera_control_speed"] == 0.05
+    assert len(load_video(out)) == 5

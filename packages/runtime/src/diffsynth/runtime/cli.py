@@ -88,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--reference-image", default=None, help="Wan Fun Control (V1.1, Wan 2.2): an image of the subject")
     gen.add_argument(
+        "--camera-direction",
+        default=None,
+        metavar="DIR",
+        help="Wan Fun Control-Camera: the camera move (Left, Right, Up, Down, In, Out or e.g. LeftUp; --input-image)",
+    )
+    gen.add_argument("--camera-speed", type=float, default=None, help="Wan Fun Control-Camera: move per frame")
+    gen.add_argument(
+        "--dfr", action="store_true", help="LTX-2.5: the authors' DFR pipeline (keyframe slots, detailing pass)"
+    )
+    gen.add_argument(
+        "--temporal-rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="LTX-2.5 DFR: double the frame rate N times (1 or 2; needs the temporal upsampler); --fps is the base rate",
+    )
+    gen.add_argument(
         "--animate-pose-video",
         default=None,
         help="Wan2.2-Animate: the driving pose video (--input-image: the character)",
@@ -352,6 +369,10 @@ def _generate(args) -> int:
         "vace_scale": args.vace_scale,
         "control_video": args.control_video,
         "reference_image": args.reference_image,
+        "camera_control_direction": args.camera_direction,
+        "camera_control_speed": args.camera_speed,
+        "use_dfr_pipeline": True if args.dfr else None,
+        "temporal_upsample_rounds": args.temporal_rounds,
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
@@ -377,6 +398,8 @@ def _generate(args) -> int:
             renamed.update(vace_video_mask="vace_mask", controlnet_inputs="control_image")
             renamed.update(flux_fill_mask="inpaint_mask", flux_fill_image="input_image")
             renamed["retake_video"] = "input_video"
+            renamed.update(camera_control_direction="camera_direction", camera_control_speed="camera_speed")
+            renamed.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds")
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
     makes_video = "num_frames" in accepted
@@ -391,6 +414,7 @@ def _generate(args) -> int:
         logger.info("%s (%s): %d of %d model calls reused", kind, slot, cache.skipped, cache.calls)
     output.parent.mkdir(parents=True, exist_ok=True)
     fps = args.fps or pipe.defaults.get("fps") or pipe.defaults.get("frame_rate") or 16
+    fps *= 2 ** (args.temporal_rounds or 0)  # each DFR temporal round doubles the frame rate
     if isinstance(result, tuple) and len(result) == 2:  # video frames with their sound
         from .media import mux_video_audio
 
