@@ -487,3 +487,22 @@ def test_refusals(dfr_pipe, tiny_ltx23_pipe):
         dfr_pipe(CAPTIONS[0], temporal_upsample_rounds=3, **settings)
     with pytest.raises(ConfigError, match="use_dfr_pipeline=True"):
         dfr_pipe(CAPTIONS[0], temporal_upsample_rounds=1, num_frames=9)
+
+
+@pytest.mark.parity
+def test_released_temporal_upsampler_has_diffusers_keys_and_shapes():
+    """LTX-2.5's temporal x2 upsampler (128 channels, 512 wide, 4 blocks a stage, 3-D): ours and diffusers' on the
+    meta device hold the same keys and shapes, and the shapes alone say it is the temporal one."""
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+
+    from diffsynth.ltx2.upsampler import LTX2LatentUpsampler, LTX2LatentUpsamplerConfig
+    from diffsynth.ltx2.upsampler_formats import config_from_state
+
+    fields = dict(in_channels=128, mid_channels=512, num_blocks_per_stage=4, dims=3)
+    with torch.device("meta"):
+        ours = LTX2LatentUpsampler(LTX2LatentUpsamplerConfig(**fields, spatial_upsample=False, temporal_upsample=True))
+        theirs = LTX2LatentUpsamplerModel(**fields, spatial_upsample=False, temporal_upsample=True)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    derived = config_from_state(ours.state_dict())
+    assert derived.temporal_upsample and not derived.spatial_upsample and derived.mid_channels == 512
