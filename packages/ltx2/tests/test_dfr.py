@@ -506,3 +506,25 @@ def test_released_temporal_upsampler_has_diffusers_keys_and_shapes():
     assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     derived = config_from_state(ours.state_dict())
     assert derived.temporal_upsample and not derived.spatial_upsample and derived.mid_channels == 512
+
+
+def test_vram_managed_dfr_gives_the_same_video(dfr_folder, dfr_pipe):
+    """Every model under the VRAM manager with every unit streamed (the two upsamplers included): the DFR recipe with
+    a temporal round gives the unmanaged frames and sound (to float rounding: the streamed layers compute in
+    another order)."""
+    extras = dfr_folder.parent.parent / "extras"
+    managed = LTX2Pipeline.from_pretrained(
+        str(dfr_folder), device="cpu", torch_dtype=torch.float32, vram_limit=0,
+        model_configs=[ModelConfig(path=str(extras / "upsampler.safetensors")),
+                       ModelConfig(path=str(extras / "temporal-upsampler.safetensors"))],
+    )  # fmt: skip
+    with torch.no_grad():
+        managed.dit.keyframes_abs_pos_embedding.copy_(dfr_pipe.dit.keyframes_abs_pos_embedding)
+    assert {"upsampler", "temporal_upsampler"} <= set(managed.vram_handles)
+    settings = dict(
+        use_dfr_pipeline=True, use_distilled_pipeline=True, temporal_upsample_rounds=1, height=2 * H, width=2 * W,
+        num_frames=9, seed=4, max_sequence_length=MAX_LEN, output_type="pt", progress_bar=False,
+    )  # fmt: skip
+    got, want = managed(CAPTIONS[1], **settings), dfr_pipe(CAPTIONS[1], **settings)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1].waveform, want[1].waveform, atol=1e-5, rtol=0)
