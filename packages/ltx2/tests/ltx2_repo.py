@@ -360,6 +360,165 @@ def write_tiny_25_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# ----------------------------------------------------------------------------------- LTX-2.5 (split files)
+GEMMA_VERSION_25 = "gemma4-12b-ltx-v1"
+SPLIT_DURATION_HEAD = dict(hidden_dim=16, num_queries=1, num_heads=2, mlp_dim=16)  # 2 heads: only metadata says
+
+
+def ltx_core_transformer_config(dit, connectors) -> dict:
+    """ltx-core's `config.transformer` (the metadata of the authors' transformer file) for our DiT and connectors."""
+    return dict(
+        num_attention_heads=dit.num_heads, attention_head_dim=dit.head_dim, in_channels=dit.in_channels,
+        out_channels=dit.out_channels, num_layers=dit.num_layers, cross_attention_dim=dit.dim, norm_eps=dit.norm_eps,
+        positional_embedding_theta=dit.rope_theta, positional_embedding_max_pos=list(dit.rope_max_pos),
+        timestep_scale_multiplier=dit.timestep_scale_multiplier, audio_num_attention_heads=dit.audio_num_heads,
+        audio_attention_head_dim=dit.audio_head_dim, audio_in_channels=dit.audio_in_channels,
+        audio_out_channels=dit.audio_out_channels, audio_cross_attention_dim=dit.audio_dim,
+        audio_positional_embedding_max_pos=[dit.audio_rope_max_pos],
+        av_ca_timestep_scale_multiplier=dit.av_ca_timestep_scale_multiplier, rope_type=dit.rope_type,
+        frequencies_precision="float64" if dit.rope_double_precision else "float32",
+        apply_gated_attention=dit.gated_attention, cross_attention_adaln=dit.cross_attention_adaln,
+        use_prompt_adaln_single=dit.prompt_adaln_single, ff_bias=dit.ff_bias, audio_ff_bias=dit.audio_ff_bias,
+        use_keyframes_abs_pos_embedding=dit.keyframes_abs_pos_embedding, caption_proj_before_connector=True,
+        caption_projection_first_linear=False, caption_proj_input_norm=False, caption_projection_second_linear=False,
+        connector_num_attention_heads=connectors.video_num_heads, connector_attention_head_dim=connectors.video_head_dim,
+        connector_num_layers=connectors.video_num_layers, audio_connector_num_attention_heads=connectors.audio_num_heads,
+        audio_connector_attention_head_dim=connectors.audio_head_dim,
+        audio_connector_num_layers=connectors.audio_num_layers,
+        connector_positional_embedding_max_pos=[connectors.rope_max_pos],
+        connector_apply_gated_attention=connectors.video_gated_attention,
+    )  # fmt: skip
+
+
+def ltx_core_vae_config(vae) -> dict:
+    """ltx-core's convolutional `config.vae` for our video VAE config (its block lists from the pixel side)."""
+    names = {"space": "compress_space", "time": "compress_time", "all": "compress_all"}
+    decoder = [("res_x", {"num_layers": vae.decoder_layers[0]})]
+    for i, kind in enumerate(vae.decoder_upsamples):
+        params = {"residual": vae.decoder_upsample_residual[i], "multiplier": vae.decoder_width_divisors[i]}
+        decoder += [(names[kind], params), ("res_x", {"num_layers": vae.decoder_layers[i + 1]})]
+    encoder = [("res_x", {"num_layers": vae.encoder_layers[0]})]
+    for i, kind in enumerate(vae.encoder_downsamples):
+        encoder += [(names[kind], {"multiplier": vae.encoder_width_multipliers[i]})]
+        encoder += [("res_x", {"num_layers": vae.encoder_layers[i + 1]})]
+    return dict(
+        _class_name="CausalVideoAutoencoder", dims=3, in_channels=vae.in_channels, out_channels=vae.in_channels,
+        latent_channels=vae.latent_channels, patch_size=vae.patch_size, encoder_blocks=encoder,
+        decoder_blocks=decoder[::-1], decoder_base_channels=vae.decoder_base_channels, causal_decoder=vae.decoder_causal,
+        spatial_padding_mode=vae.decoder_padding_mode, encoder_spatial_padding_mode=vae.encoder_padding_mode,
+        timestep_conditioning=False, norm_layer="pixel_norm", latent_log_var="uniform",
+    )  # fmt: skip
+
+
+def _comfy_gemma_name(key: str) -> str:
+    """ltx-core's packing of a Gemma 4 key into its text encoder file (ComfyUI's names)."""
+    for theirs, ours in (
+        ("model.language_model.", "model."),
+        ("model.vision_embedder.", "vision_model."),
+        ("model.embed_vision.", "multi_modal_projector."),
+        ("model.embed_audio.", "audio_projector."),
+    ):
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    return key
+
+
+def _uint8(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def write_tiny_25_split(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """The tiny LTX-2.5 models of `write_tiny_25_folder(seed=seed)` (same weights, same Gemma 4 and tokenizer) as
+    the authors' split files (`Lightricks/LTX-2.5`, keys by `split_files.FILES`), with the metadata the authors'
+    packer writes: ltx-core's `config` JSON, and in the text encoder file `gemma_config` (with its
+    `gemma_version`), the tokenizer as a uint8 `tokenizer_json` tensor and sidecars as `hf_asset__*` tensors.
+    Also: the diffusion-decoder video VAE file (the same encoder; its `decoder.*` are two stand-in tensors named
+    as ltx-core's diffusion decoder, for routing only), both latent upsamplers, the distilled LoRA and a duration
+    head with 2 pooler heads (which only the metadata gives); one transformer file (the dev one). Returns the
+    written paths by `FILES` key."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from diffsynth.ltx2.connectors_formats import ours_to_original
+    from diffsynth.ltx2.duration_head import LTX2DurationHead, LTX2DurationHeadConfig
+    from diffsynth.ltx2.split_files import FILES
+    from diffsynth.ltx2.video_vae_formats import UNUSED_STATISTICS
+    from diffsynth.runtime.testing.tokenizers import build_tiny_gemma_tokenizer
+
+    paths = {name: folder / rel for name, rel in FILES.items()}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, state: dict, **metadata) -> None:
+        meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        save_file(state, str(paths[name]), metadata={"format": "pt", **meta})
+
+    models = tiny_models(seed, version="2.5")
+    with torch.no_grad():
+        models["dit"].keyframes_abs_pos_embedding.zero_()
+    dit, connectors = models["dit"].config, models["connectors"].config
+    transformer = ltx_core_transformer_config(dit, connectors)
+    scheduler = {"sampler": "LinearQuadratic"}
+    version = {"model_version": "2.5.0", "gemma_source_checkpoint": {"gemma_version": GEMMA_VERSION_25}}
+    # the transformer: DiT and connector blocks; the projections go to the text encoder file
+    wired = ours_to_original(models["connectors"].state_dict())
+    state = {f"model.diffusion_model.{k}": v for k, v in models["dit"].state_dict().items()}
+    state.update({k: v for k, v in wired.items() if k.startswith("model.diffusion_model.")})
+    config = {"transformer": transformer, "scheduler": scheduler}
+    write("transformer_dev", state, config=config, **version)
+    # the text encoder: Gemma 4 flattened as ComfyUI names it, the projections, tokenizer and sidecars
+    root = folder / "_gemma_root"
+    tokenizer = build_tiny_gemma_tokenizer(root, texts=CAPTIONS * 4)
+    gemma4_reference(tiny_gemma4_json(vocab_size=len(tokenizer)), seed + 20).save_pretrained(root)
+    with safe_open(str(root / "model.safetensors"), framework="pt") as f:
+        state = {_comfy_gemma_name(k): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    state.update({k: v for k, v in wired.items() if k.startswith("text_embedding_projection.")})
+    state["tokenizer_json"] = _uint8((root / "tokenizer.json").read_bytes())
+    sidecars = {p.name: p.read_bytes() for p in root.glob("*.json") if p.name not in ("config.json", "tokenizer.json")}
+    sidecars["processor_config.json"] = json.dumps({"processor_class": "Gemma4UnifiedProcessor"}).encode()
+    state.update({f"hf_asset__{name}": _uint8(data) for name, data in sidecars.items()})
+    gemma = {**json.loads((root / "config.json").read_text()), "gemma_version": GEMMA_VERSION_25}
+    write("text_encoder", state, gemma_config=gemma)
+    shutil.rmtree(root)
+    # the video VAEs: bare encoder/decoder keys; the diffusion one with stand-in decoder tensors
+    vae = models["vae"]
+    channels = vae.config.latent_channels
+    state = dict(vae.state_dict())
+    state.update({name: torch.full((channels,), 2.0 + i) for i, name in enumerate(UNUSED_STATISTICS)})
+    write("video_vae_conv", state, config={"vae": ltx_core_vae_config(vae.config)})
+    state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    generator = torch.Generator().manual_seed(seed + 30)
+    state["decoder.t_embedder.mlp.0.weight"] = torch.randn(8, 4, generator=generator)
+    state["decoder.stages.0.blocks.0.attn.qkv.weight"] = torch.randn(24, 8, generator=generator)
+    encoder = {k: v for k, v in ltx_core_vae_config(vae.config).items() if "decoder" not in k}
+    diffusion = {"_class_name": "CausalDiffusionVAE", "encoder": encoder, "decoder": {"patch_size": 4}}
+    write("video_vae", state, config={"vae": diffusion})
+    # the audio VAE and vocoder, under the 2.x single files' prefixes
+    state = {f"{p}.{k}": v for p in ("audio_vae", "vocoder") for k, v in models[p].state_dict().items()}
+    audio = models["audio_vae"].config
+    ddconfig = {"ch": audio.base_channels, "z_channels": audio.latent_channels, "mel_bins": audio.mel_bins}
+    write("audio_vae", state, config={"audio_vae": {"model": {"params": {"ddconfig": ddconfig}}}, "vocoder": {}})
+    # the latent upsamplers (ltx-core's flat config), the distilled LoRA, the duration head
+    for name, temporal in (("spatial_upsampler", False), ("temporal_upsampler", True)):
+        model = tiny_upsampler(**UPSAMPLER_23, temporal=temporal)
+        c = model.config
+        fields = ("in_channels", "mid_channels", "num_blocks_per_stage", "dims", "spatial_upsample")
+        fields += ("temporal_upsample", "spatial_scale", "rational_resampler")
+        write(name, model.state_dict(), config={k: getattr(c, k) for k in fields})
+    write("distilled_lora", lora_state(models["dit"]))
+    head_config = LTX2DurationHeadConfig(video_dim=dit.dim, audio_dim=dit.audio_dim, **SPLIT_DURATION_HEAD)
+    head = random_weights(LTX2DurationHead(head_config).eval(), seed + 40, scale=0.2)
+    pooler = dict(
+        pooler_hidden_dim=head_config.hidden_dim, num_queries=head_config.num_queries,
+        num_pooler_heads=head_config.num_heads, mlp_hidden=head_config.mlp_dim,
+    )  # fmt: skip
+    state = {f"duration_head.{k}": v for k, v in head.state_dict().items()}
+    write("duration_head", state, config={"transformer": transformer, "duration_head": pooler})
+    return {name: path for name, path in paths.items() if path.exists()}  # one transformer: the dev one
+
+
 # ----------------------------------------------------------------------------------- two-stage files
 LORA_RANK = 4
 UPSAMPLER_FILE, DISTILLED_LORA_FILE = (

@@ -1081,7 +1081,16 @@ class LTX2Pipeline(BasePipeline):
 
     def _load_into_slots(self, config) -> None:
         """A temporal latent upsampler (`ltx-2.5-latent-temporal-upscaler-x2`) goes to `temporal_upsampler`: both
-        upsamplers share one role and are told apart by their config."""
+        upsamplers share one role and are told apart by their config. LTX-2.5's split files (`split_files.py`)
+        load with the configs their metadata holds."""
+        from diffsynth.runtime.pipeline import weight_paths
+
+        from .split_files import file_kinds
+
+        paths = weight_paths(config)
+        kinds = file_kinds(paths)
+        if any(kind is not None for kind in kinds.values()):
+            return self._load_split_files(config, kinds)
         spatial, spatial_config = self.upsampler, self.model_configs.get("upsampler")
         self.upsampler = None
         super()._load_into_slots(config)
@@ -1095,6 +1104,42 @@ class LTX2Pipeline(BasePipeline):
                 self.model_configs["upsampler"] = spatial_config
         elif spatial is not None:
             logger.warning("%s replaces an earlier latent upsampler", config)
+
+    def _load_split_files(self, config, kinds: dict) -> None:
+        """LTX-2.5's split files of one `ModelConfig` into the slots. The text connectors need the transformer and
+        the text encoder files together: each is loaded without them, and the connectors once both were given (in
+        one `ModelConfig` or two)."""
+        from .split_files import KIND_ROLES, load_split
+
+        pending = self.__dict__.setdefault("_split_halves", {})
+        loaded = []
+        for path, kind in kinds.items():
+            if kind is None:
+                raise ConfigError(f"{path} is not an LTX-2.5 split file; give it in a ModelConfig of its own")
+            roles = set(KIND_ROLES.get(kind, ())) - {"connectors"} if kind in ("transformer", "text_encoder") else None
+            loaded += load_split(path, self.torch_dtype, "cpu", roles=roles)
+            if kind in ("transformer", "text_encoder"):
+                pending[kind] = path
+        if len(pending) == 2 and self.connectors is None:
+            loaded += load_split([pending["transformer"], pending["text_encoder"]], self.torch_dtype, "cpu",
+                                 roles={"connectors"})  # fmt: skip
+        for item in loaded:
+            slot = "upsampler" if item.role == "upsampler" else item.role
+            if item.role == "upsampler" and item.module.config.temporal_upsample:
+                slot = "temporal_upsampler"
+            if getattr(self, slot, None) is not None:
+                logger.warning("%s replaces an earlier %s model", config, slot)
+            setattr(self, slot, item.module.eval().requires_grad_(False))
+            self.model_configs[slot] = config
+
+    def _load_tokenizer(self, config):
+        """The Gemma tokenizer; LTX-2.5's text encoder file packs its own (`split_files.gemma_tokenizer`)."""
+        paths = config.resolve()
+        if len(paths) == 1 and str(paths[0]).endswith(".safetensors"):
+            from .split_files import gemma_tokenizer
+
+            return gemma_tokenizer(paths[0])
+        return super()._load_tokenizer(config)
 
     def refine(
         self,

@@ -16,6 +16,8 @@ model's fixed 8-step table without CFG at half size, the upsampler, and the same
 `Lightricks/LTX-2.5-Diffusers` is LTX-2.5 in diffusers' folder layout (Gemma 4 under `text_encoder/`); whether its
 transformer is the dev or the distilled one is not known here, so the preset sets only the size (the DiT gives
 the 2.4+ defaults: 30 guided steps; `use_distilled_pipeline=True` for a distilled transformer).
+`Lightricks/LTX-2.5` is LTX-2.5 in the authors' own files (`split_files.py`), with the same four recipes as the
+other generations (one-stage, `:two-stage`, `:distilled`) and their DFR pipeline (`:dfr`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,73 @@ LTX25_DIFFUSERS = Preset(
     "the authors' 2.4+ defaults (30 steps, STG block 28, image CRF 18), 768x512, 121 frames at 24 fps.",
 )
 
+# LTX-2.5 as the authors publish it (`split_files.py`): one file a component, ComfyUI's folders. The transformer and
+# text encoder files hold the text connectors between them; the text encoder file packs the tokenizer too. The
+# video VAE is the convolutional one (the diffusion decoder's file is not built here). Without `num_frames` the
+# duration head gives the clip's length (the authors' default), within 1 .. 20 s.
+REPO_25_SPLIT = "Lightricks/LTX-2.5"
+_SPLIT = {
+    "dev": "diffusion_models/ltx-2.5-22b-dev-transformer-bf16.safetensors",
+    "distilled": "diffusion_models/ltx-2.5-22b-distilled-transformer-bf16.safetensors",
+    "text_encoder": "text_encoders/gemma4-12b-with-proj-ltx-2.5-bf16.safetensors",
+    "vae": "vae/ltx-2.5-video-vae-conv-bf16.safetensors",
+    "audio_vae": "vae/ltx-2.5-audio-vae-bf16.safetensors",
+    "spatial": "latent_upscale_models/ltx-2.5-latent-spatial-upscaler-x2-bf16-1.0.safetensors",
+    "temporal": "latent_upscale_models/ltx-2.5-latent-temporal-upscaler-x2-bf16-1.0.safetensors",
+    "lora": "loras/ltx-2.5-22b-distilled-lora-450-bf16.safetensors",
+    "duration_head": "model_patches/ltx-2.5-duration-head-bf16.safetensors",
+}
+
+
+def _split_files(transformer: str, *extra: str) -> tuple[PresetFile, ...]:
+    names = (transformer, "text_encoder", "vae", "audio_vae", *extra, "duration_head")
+    return tuple(PresetFile(REPO_25_SPLIT, _SPLIT[n]) for n in names)
+
+
+_SIZE_25 = {k: v for k, v in _SIZE.items() if k != "num_frames"}  # the duration head picks the length
+_TWO_STAGE_SIZE_25 = {k: v for k, v in _TWO_STAGE_SIZE.items() if k != "num_frames"}
+_DISTILLED = {"use_distilled_pipeline": True, "num_inference_steps": 8, "cfg_scale": 1.0}
+LTX25_PRESETS = {
+    REPO_25_SPLIT: Preset(
+        name=REPO_25_SPLIT,
+        files=_split_files("dev"),
+        tokenizer=PresetFile(REPO_25_SPLIT, _SPLIT["text_encoder"]),
+        defaults=dict(_SIZE_25),  # steps, STG block and image CRF follow the DiT (the authors' 2.4+ defaults)
+        description="LTX-2.5 (Lightricks), the authors' files: Gemma 4 text encoder, 30 guided steps at 768x512, "
+        "the clip's length from the duration head.",
+    ),
+    f"{REPO_25_SPLIT}:two-stage": Preset(
+        name=f"{REPO_25_SPLIT}:two-stage",
+        files=_split_files("dev", "spatial"),
+        tokenizer=PresetFile(REPO_25_SPLIT, _SPLIT["text_encoder"]),
+        defaults={**_TWO_STAGE_SIZE_25, "use_two_stage_pipeline": True, "stage2_lora": (REPO_25_SPLIT, _SPLIT["lora"])},
+        description="LTX-2.5, the authors' two-stage pipeline: guided steps at half size, the x2 latent upsampler, "
+        "3 distilled-LoRA steps at 1536x1024.",
+    ),
+    f"{REPO_25_SPLIT}:distilled": Preset(
+        name=f"{REPO_25_SPLIT}:distilled",
+        files=_split_files("distilled", "spatial"),
+        tokenizer=PresetFile(REPO_25_SPLIT, _SPLIT["text_encoder"]),
+        defaults={**_TWO_STAGE_SIZE_25, **_DISTILLED},
+        description="LTX-2.5 distilled, the authors' DistilledPipeline (their quick start): the 8-step table without "
+        "CFG at half size, the x2 latent upsampler, 3 more steps at 1536x1024.",
+    ),
+    f"{REPO_25_SPLIT}:dfr": Preset(
+        name=f"{REPO_25_SPLIT}:dfr",
+        files=_split_files("dev", "spatial", "temporal"),
+        tokenizer=PresetFile(REPO_25_SPLIT, _SPLIT["text_encoder"]),
+        defaults={
+            **_TWO_STAGE_SIZE_25,
+            "height": 704,
+            "width": 1216,
+            "use_dfr_pipeline": True,
+            "stage2_lora": (REPO_25_SPLIT, _SPLIT["lora"]),
+        },
+        description="LTX-2.5, the authors' DFRPipeline: the dev DiT with the distilled LoRA, keyframe slots at half "
+        "size, the x2 upsampler and a detailing pass at 1216x704 (temporal_upsample_rounds for 2x / 4x fps).",
+    ),
+}
+
 PRESETS: dict[str, Preset] = {
     **_presets(
         REPO,
@@ -110,4 +179,5 @@ PRESETS: dict[str, Preset] = {
         "LTX-2.3 22B",
     ),
     REPO_25: LTX25_DIFFUSERS,
+    **LTX25_PRESETS,
 }

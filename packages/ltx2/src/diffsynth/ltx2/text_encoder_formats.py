@@ -202,7 +202,22 @@ def _gemma4_converter(layout: str, lm_prefix: str, dropped: tuple[str, ...]) -> 
     return convert
 
 
-gemma4_from_transformers = _gemma4_converter("transformers", GEMMA4_LM_PREFIX, GEMMA4_DROPPED_PREFIXES)
+# LTX-2.5's own text encoder file (`text_encoders/gemma4-12b-with-proj-ltx-2.5-bf16.safetensors`, see
+# `split_files.py`) packs the same model as ComfyUI lays it out: the language model flattened to `model.*` and the
+# embedders renamed (`vision_model.`, `multi_modal_projector.`, `audio_projector.`; files packed before that
+# rename keep the transformers names), plus the tokenizer and the processor's sidecar files as uint8 tensors
+# (`tokenizer_json`, `hf_asset__<file name>`), read by `split_files.gemma_tokenizer`, not by the model: layout
+# "ltx_split", or "transformers" (which also drops the tokenizer tensors) for a file packed with transformers'
+# names. Its `text_embedding_projection.*` belong to the text connectors (`connectors_formats.py`).
+GEMMA4_FLAT_PREFIX = "model."
+GEMMA4_FLAT_LM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.")
+GEMMA4_COMFY_DROPPED_PREFIXES = ("vision_model.", "multi_modal_projector.", "audio_projector.")
+LTX_TEXT_ENCODER_ASSETS = ("tokenizer_json", "hf_asset__")
+_FLAT_DROPPED = GEMMA4_COMFY_DROPPED_PREFIXES + GEMMA4_DROPPED_PREFIXES[:3] + LTX_TEXT_ENCODER_ASSETS
+gemma4_from_ltx_flat = _gemma4_converter("ltx_split", GEMMA4_FLAT_PREFIX, _FLAT_DROPPED)
+gemma4_from_transformers = _gemma4_converter(
+    "transformers", GEMMA4_LM_PREFIX, GEMMA4_DROPPED_PREFIXES + LTX_TEXT_ENCODER_ASSETS
+)
 
 _GEMMA4_SIGNATURE = (
     "embed_tokens.weight",
@@ -215,17 +230,23 @@ _GEMMA4_SIGNATURE = (
 )
 
 GEMMA4_LAYOUTS = (
-    KeyLayout(
+    KeyLayout(  # also LTX-2.5's text encoder file when packed with these names (its tokenizer tensors dropped)
         "transformers",  # the diffusers text_encoder/ folder (save_pretrained names) or the model's state_dict
         tuple(GEMMA4_LM_PREFIX + k for k in _GEMMA4_SIGNATURE),
         convert=gemma4_from_transformers,
-        owns_prefixes=(GEMMA4_LM_PREFIX, *GEMMA4_DROPPED_PREFIXES),
+        owns_prefixes=(GEMMA4_LM_PREFIX, *GEMMA4_DROPPED_PREFIXES, *LTX_TEXT_ENCODER_ASSETS),
     ),
     KeyLayout(
         "text_model",  # Gemma4UnifiedTextModel.state_dict(): our names
         _GEMMA4_SIGNATURE,
         convert=_gemma4_converter("text_model", "", ()),
         owns_prefixes=("embed_tokens.", "layers.", "norm."),
+    ),
+    KeyLayout(
+        "ltx_split",  # LTX-2.5's text encoder file: ComfyUI's flat names (`model.layers.N.*`)
+        tuple(GEMMA4_FLAT_PREFIX + k for k in _GEMMA4_SIGNATURE),
+        convert=gemma4_from_ltx_flat,
+        owns_prefixes=GEMMA4_FLAT_LM_PREFIXES + _FLAT_DROPPED,
     ),
 )
 
@@ -235,7 +256,8 @@ def _gemma4_text_json(config_json: dict | None) -> dict:
         raise ConfigError(
             "Gemma4 text encoder: its config is needed (per-layer widths, RoPE, sliding window and key/value "
             "sharing are not in the weights): load the text_encoder/ folder with its config.json "
-            "(model_type 'gemma4_unified'), or pass config= with that config.json or its text_config"
+            "(model_type 'gemma4_unified'), pass config= with that config.json or its text_config, or load "
+            "LTX-2.5's text encoder file with `split_files.load_split` (it reads the file's `gemma_config` metadata)"
         )
     kind = config_json.get("model_type")
     if kind == "gemma4_unified" and isinstance(config_json.get("text_config"), dict):
@@ -298,11 +320,13 @@ __all__ = [
     "GEMMA3_12B_DEFAULTS",
     "GEMMA3_TEXT_SPEC",
     "GEMMA4_LAYOUTS",
+    "LTX_TEXT_ENCODER_ASSETS",
     "GEMMA4_TEXT_SPEC",
     "LAYOUTS",
     "gemma3_from_hub",
     "gemma3_from_transformers5",
     "gemma3_text_config",
+    "gemma4_from_ltx_flat",
     "gemma4_from_transformers",
     "gemma4_text_config",
 ]
