@@ -7,7 +7,9 @@ Two distilled passes, no guidance:
    frame, and the DiT's learned `keyframes_abs_pos_embedding` added, as on the first latent frame);
 2. the video latents and the slots are doubled by the x2 latent upsampler and re-denoised at full size from
    sigma 0.909375, the slots seeded with the upsampled ones; with the detailing IC-LoRA, the first pass's
-   half-size video is read beside them as a clean reference (positions scaled by its downscale factor).
+   half-size video is read beside them as a clean reference (positions scaled by its downscale factor);
+3. optionally, temporal refine rounds (`refine_round`), each doubling the frame rate: the temporal x2 upsampler,
+   then windows cut at the carried keyframes re-denoised with Euler-ancestral steps, new slots midway.
 
 The sound is the first pass's: the second pass runs the audio stream too (the video needs the cross-modal
 attention) but its result is dropped. The clip is generated on the padded canvas and cut to `num_frames`.
@@ -20,7 +22,6 @@ given first frame, a keyframe at `s < 1` and the reference all follow one rule.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,8 +35,6 @@ from diffsynth.runtime.vram import module_dtype
 from .audio_vae import pack_latents, unpack_latents
 from .dfr_layout import resolve_canvas, temporal_tiles, trim_canvas
 from .dit import audio_positions, keyframe_positions, video_positions
-
-logger = logging.getLogger(__name__)
 
 DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875)  # ltx-pipelines' table
 STAGE_2_SIGMAS = DISTILLED_SIGMAS[5:]
