@@ -379,7 +379,8 @@ class LTX2Pipeline(BasePipeline):
 
         `num_frames` must be 8k + 1 and `height`/`width` multiples of 32: other values are rounded with a
         warning. Left out with LTX-2.5's duration head loaded (and no preset default), it is predicted from the
-        first prompt (`predict_num_frames`, within `min_seconds` .. `max_seconds`). `cfg_scale` guides the video stream and `audio_cfg_scale` the audio stream (1 = off; the
+        first prompt (`predict_num_frames`, within `min_seconds` .. `max_seconds`). `cfg_scale` guides the video
+        stream and `audio_cfg_scale` the audio stream (1 = off; the
         authors' 3 and 7 by default, and the audio follows an explicit `cfg_scale` when not given itself);
         `guidance_rescale` in [0, 1] (default 0.7) pulls the guided prediction's spread back towards the
         conditional one's. `stg_scale` / `audio_stg_scale` (STG, default 1, 0 = off; perturbing the self-
