@@ -28,6 +28,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
+from . import audio_encoder, s2v
 from .animate import Blur
 from .dit import WanDiT, WanDiTConfig
 
@@ -519,15 +520,49 @@ DIT_SPEC = ModelSpec(
     description="Wan 2.1 / 2.2 video DiT (original keys as on the hub, ComfyUI-prefixed, or diffusers names)",
 )
 
+# ----------------------------------------------------------------------------------- Wan2.2-S2V
+# The S2V DiT's own modules (`s2v.py`) keep the authors' names; its file owns every key, so it wins over the
+# plain DiT spec, which would take only the shared ones.
+S2V_SIGNATURE = (
+    "patch_embedding.weight",
+    "blocks.0.modulation",
+    "head.head.weight",
+    "cond_encoder.weight",
+    "casual_audio_encoder.weights",
+    "audio_injector.injector.0.q.weight",
+    "trainable_cond_mask.weight",
+    "frame_packer.proj.weight",
+)
+S2V_DIT_SPEC = ModelSpec(
+    name="wan_s2v_dit",
+    role="dit",
+    layouts=(KeyLayout("original", S2V_SIGNATURE), KeyLayout("original_prefixed", S2V_SIGNATURE, prefix=PREFIX)),
+    config_from_state=s2v.config_from_state,
+    build=s2v.WanS2VDiT,
+    description="Wan2.2-S2V speech-to-video DiT (the authors' keys, as in Wan-AI/Wan2.2-S2V-14B)",
+)
+WAV2VEC_SIGNATURE = (
+    "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
+    "wav2vec2.encoder.layers.0.attention.q_proj.weight",
+)
+WAV2VEC_SPEC = ModelSpec(
+    name="wan_s2v_wav2vec2",
+    role="audio_encoder",
+    layouts=(KeyLayout("transformers", WAV2VEC_SIGNATURE, convert=audio_encoder.to_ours),),
+    config_from_state=audio_encoder.config_from_state,
+    build=audio_encoder.Wav2VecAudioEncoder,
+    description="wav2vec2 (CTC) audio encoder of Wan2.2-S2V (wav2vec2-large-xlsr-53-english/model.safetensors)",
+)
+
 from .encoder_formats import ENCODER_SPECS  # noqa: E402  (written by the encoder modules; import nothing from here)
 from .presets import PRESETS  # noqa: E402
 
 FAMILY = Family(
     name="wan",
-    specs=(DIT_SPEC, *ENCODER_SPECS),
+    specs=(DIT_SPEC, S2V_DIT_SPEC, WAV2VEC_SPEC, *ENCODER_SPECS),
     presets=PRESETS,
     pipeline="diffsynth.wan.pipeline:WanVideoPipeline",
     training="diffsynth.wan.training:WanTrainingTask",
-    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun and Animate DiTs, UMT5-XXL text encoder, "
+    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate and S2V DiTs, UMT5-XXL text encoder, "
     "open-clip XLM-R image encoder, causal 3D VAEs",
 )

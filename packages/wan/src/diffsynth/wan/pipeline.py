@@ -18,7 +18,8 @@ VACE DiTs (text-to-video with a control branch) also take `vace_video` / `vace_v
 `vace_reference_image` (see `vace.py`); Wan Fun Control DiTs `control_video` and `reference_image`
 (see `fun_control.py`); Wan2.2-Animate DiTs the character `input_image` with `animate_pose_video`,
 `animate_face_video` and, to replace a person, `animate_inpaint_video` / `animate_mask_video`, made in
-overlapping segments (see `animate.py`).
+overlapping segments (see `animate.py`); the Wan2.2-S2V DiT the person's `input_image` with `input_audio` (or
+`audio_embeds`), optionally `s2v_pose_video` and, to continue a video, `motion_video` (see `s2v.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .animate import (
 from .camera import camera_control_input, check_direction
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
+from .s2v import WanS2VDiT, check_s2v_call, generate_s2v
 from .text_encoder import encode_prompts
 from .vace import VaceControl, check_vace_channels, prepare_vace
 
@@ -126,9 +128,10 @@ class WanVideoPipeline(BasePipeline):
         "vae": "vae",
         "text_encoder": "text_encoder",
         "image_encoder": "image_encoder",
+        "audio_encoder": "audio_encoder",  # Wan2.2-S2V's wav2vec2
     }
-    optional_slots = ("dit2", "image_encoder")
-    stage_order = ("text_encoder", "image_encoder", "vae", "dit", "dit2", "vae")
+    optional_slots = ("dit2", "image_encoder", "audio_encoder")
+    stage_order = ("audio_encoder", "text_encoder", "image_encoder", "vae", "dit", "dit2", "vae")
     size_multiple = 16  # set per model after loading: VAE compression x patch size
 
     # ------------------------------------------------------------------ loading
@@ -140,8 +143,11 @@ class WanVideoPipeline(BasePipeline):
         the `.safetensors` of a folder one (possibly sharded) model, subfolders such as
         `high_noise_model/` and `low_noise_model/` (or diffusers-style `transformer/`, `vae/`, ...)
         hold one model each, and the tokenizer is `google/umt5-xxl/` (or `tokenizer/`). A folder
-        named like a preset (`Org/Name`) gets that preset's defaults.
+        named like a preset (`Org/Name`) gets that preset's defaults. DiffSynth-Studio's `audio_processor_config`
+        (Wan2.2-S2V's wav2vec2 preprocessor folder) is accepted and not needed: the waveform normalisation it
+        configures is done by `audio_encoder.py`.
         """
+        kwargs.pop("audio_processor_config", None)
         if isinstance(model_id_or_configs, (str, os.PathLike)) and Path(model_id_or_configs).is_dir():
             folder = Path(model_id_or_configs)
             configs, tokenizer = folder_model_configs(folder)
@@ -234,6 +240,12 @@ class WanVideoPipeline(BasePipeline):
         camera_control_direction: str | None = None,
         camera_control_speed: float | None = None,
         camera_control_origin: Sequence[float] | None = None,
+        input_audio=None,
+        audio_sample_rate: int = 16000,
+        audio_embeds: torch.Tensor | None = None,
+        s2v_pose_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        s2v_pose_latents: torch.Tensor | None = None,
+        motion_video: torch.Tensor | Sequence[ImageInput] | str | os.PathLike | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -262,6 +274,12 @@ class WanVideoPipeline(BasePipeline):
         Wan Fun Control-Camera DiTs animate `input_image` along a camera move (DiffSynth-Studio's arguments, see
         `camera.py`): `camera_control_direction` ("Left", "Right", "Up", "Down", "In", "Out" or combinations such
         as "LeftUp"), `camera_control_speed` (per frame, default 1/54) and `camera_control_origin` (the first pose).
+        Wan2.2-S2V: `input_image` is the person, `input_audio` (a waveform `[N]` / `[C, N]` at `audio_sample_rate`,
+        or an audio file) drives the clip, or `audio_embeds` (one clip's features from `audio_encoder.audio_clips`);
+        `s2v_pose_video` (frames or a file) or `s2v_pose_latents` adds a pose; `motion_video` (the frames before
+        the clip: a list / file, or DiffSynth-Studio's `[1, 3, T, H, W]` tensor in [-1, 1]) continues a video. The
+        clip has `num_frames` frames: the context frame (the image, or motion_video's last) and `num_frames - 1`
+        new ones.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -282,6 +300,30 @@ class WanVideoPipeline(BasePipeline):
         vae_kwargs = {"tiled": tiled}
         vae_kwargs.update({k: v for k, v in (("tile_size", tile_size), ("tile_stride", tile_stride)) if v is not None})
         animate = (animate_pose_video, animate_face_video, animate_inpaint_video, animate_mask_video)
+        s2v = dict(input_audio=input_audio, audio_embeds=audio_embeds, s2v_pose_video=s2v_pose_video,
+                   s2v_pose_latents=s2v_pose_latents, motion_video=motion_video)  # fmt: skip
+        if isinstance(self.dit, WanS2VDiT) or any(v is not None for v in s2v.values()):
+            if not isinstance(self.dit, WanS2VDiT):
+                given = ", ".join(name for name, value in s2v.items() if value is not None)
+                raise ConfigError(f"{given} need a Wan2.2-S2V model (Wan-AI/Wan2.2-S2V-14B); this DiT is not one")
+            others = dict(end_image=end_image, input_video=input_video, vace_video=vace_video,
+                          vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
+                          control_video=control_video, reference_image=reference_image,
+                          camera_control_direction=camera_control_direction)  # fmt: skip
+            others.update(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
+                               "animate_mask_video"), animate, strict=True))  # fmt: skip
+            refused = [name for name, value in others.items() if value is not None]
+            if refused:
+                raise ConfigError(f"Wan2.2-S2V takes no {', '.join(refused)}")
+            check_s2v_call(self, input_image, input_audio, audio_embeds, s2v_pose_video, s2v_pose_latents,
+                           motion_video, frames)  # fmt: skip
+            video = generate_s2v(
+                self, prompts, negatives, input_image, input_audio, audio_sample_rate, audio_embeds, s2v_pose_video,
+                s2v_pose_latents, motion_video, (height, width, frames), seed, rand_device, latents,
+                max_sequence_length, (steps, shift, sigmas), scale, vae_kwargs, progress_bar,
+            )  # fmt: skip
+            out = tensor_to_output(video.float(), output_type)
+            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
         if self.dit.config.animate or any(a is not None for a in animate):
             others = dict(end_image=end_image, input_video=input_video, vace_video=vace_video,
                           vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,

@@ -14,6 +14,9 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - Wan2.2-Animate-14B (the authors' `wan/animate.py` and `generate.py --task animate-14B`): 20 steps, guide
   scale 1 (no negative branch), shift 5, segments of 77 frames (`num_frames=81`: the character frame + 77),
   1280x720; the output is as long as the pose video, at its frame rate (30 fps from the authors' preprocessing).
+- Wan2.2-S2V-14B (`wan/configs/wan_s2v_14B.py`): 40 steps, guide scale 4.5, shift 3, clips of 80 frames
+  (`num_frames=81`: the reference frame + 80) at 16 fps, its own negative prompt; 448x832 as DiffSynth-Studio's
+  example (the authors fit the reference image's size into 720*1280 pixels).
 - PAI's Wan Fun Control and InP models: DiffSynth-Studio's defaults, which its example scripts use
   (832x480, 81 frames, 50 steps, guidance 5, shift 5; the A14B experts hand over at 0.875).
 
@@ -34,6 +37,10 @@ NEGATIVE_PROMPT = (
 )
 I2V_NEGATIVE_PROMPT = "镜头晃动，" + NEGATIVE_PROMPT
 FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
+S2V_NEGATIVE_PROMPT = (  # wan/configs/wan_s2v_14B.py
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，画得不好的手部，"
+    "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 
 TOKENIZER = PresetFile("Wan-AI/Wan2.1-T2V-1.3B", "google/umt5-xxl/")
 DIT = "diffusion_pytorch_model*.safetensors"
@@ -152,6 +159,18 @@ _PRESETS = (
         cfg_scale=1.0,
         fps=30,
         **_720P,
+    ),
+    _preset(
+        "Wan-AI/Wan2.2-S2V-14B",
+        (DIT, "wav2vec2-large-xlsr-53-english/model.safetensors", T5, VAE21),
+        "Wan 2.2 S2V 14B: a talking / singing person from input_image + input_audio (optionally s2v_pose_video), "
+        "448x832 clips of 80 frames at 16 fps; continue with motion_video.",
+        num_inference_steps=40,
+        cfg_scale=4.5,
+        sigma_shift=3.0,
+        height=448,
+        width=832,
+        negative_prompt=S2V_NEGATIVE_PROMPT,
     ),
     _preset(
         "PAI/Wan2.2-VACE-Fun-A14B",
