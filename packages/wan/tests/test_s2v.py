@@ -656,3 +656,15 @@ def test_preset_has_the_authors_defaults():
         "Wan2.1_VAE.pth",
     ]
     assert math.isclose(WanS2VConfig().motion_latent_frames, 19)
+
+
+def test_cli_input_audio_drives_an_s2v_model(s2v_repo, tmp_path, monkeypatch):
+    """`--input-audio` (LTX-2's audio-to-video flag) reaches a Wan2.2-S2V pipeline as `input_audio`."""
+    from diffsynth.runtime.media import load_video, save_audio
+
+    save_audio(torch.from_numpy(speech())[None], tmp_path / "voice.wav", 16000)
+    P.image(3, (32, 32)).save(tmp_path / "face.png")
+    flags = ["--input-image", str(tmp_path / "face.png"), "--input-audio", str(tmp_path / "voice.wav")]
+    seen, _, out = P.run_cli(s2v_repo, tmp_path, monkeypatch, *flags)
+    assert seen["input_audio"] == str(tmp_path / "voice.wav") and "retake_audio" not in seen
+    assert len(load_video(out)) == 5

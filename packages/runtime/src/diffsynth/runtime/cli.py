@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IMAGE",
         help="editing: an image to edit or draw from (repeatable, in order; Qwen-Image Edit and 2.1, FLUX.2)",
     )
-    gen.add_argument("--input-audio", default=None, help="audio-to-video: the sound the video is made to (LTX-2)")
+    gen.add_argument(
+        "--input-audio", default=None, help="audio-to-video: the sound the video is made to (LTX-2, Wan2.2-S2V)"
+    )
     gen.add_argument(
         "--input-video",
         default=None,
@@ -385,6 +387,8 @@ def _generate(args) -> int:
             raise ConfigError("--inpaint-mask says which part of --input-image to repaint: give --input-image too")
         options["flux_fill_mask"] = options.pop("inpaint_mask")
         options["flux_fill_image"] = options.pop("input_image")
+    if "retake_audio" in options and "retake_audio" not in accepted and "input_audio" in accepted:  # Wan2.2-S2V
+        options["input_audio"] = options.pop("retake_audio")
     if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
         options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
     given = "input_image" in options or "input_video" in options
