@@ -615,6 +615,13 @@ def _pose_latents(pipe, pose_video, clip_frames: int, height: int, width: int, v
     return pipe.vae.encode(pixels, **vae_kwargs).float()[:, :, 1:]
 
 
+def _check_shape(value, name: str, tail: tuple[int, ...], where: str = "") -> None:
+    """`value` must be a tensor `[B, *tail]`; refused by `name` otherwise."""
+    if not isinstance(value, torch.Tensor) or value.dim() != len(tail) + 1 or tuple(value.shape[1:]) != tail:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError(f"{name} has shape {got}; expected [1, {', '.join(map(str, tail))}]{where}")
+
+
 def generate_s2v(
     pipe, prompts, negatives, input_image, input_audio, audio_sample_rate, audio_embeds, pose_video, pose_latents,
     motion_video, size, seed, rand_device, latents, max_sequence_length, schedule, scale, vae_kwargs, progress_bar,
@@ -642,14 +649,9 @@ def generate_s2v(
         pipe.load_models_to_device(["audio_encoder"])
         wave = prepare_waveform(input_audio, audio_sample_rate)
         audio_embeds = audio_clips(pipe.audio_encoder, wave, pipe.defaults.get("fps", 16), clip_frames, pipe.device)[0]
-    expected = (cfg.audio_layers, cfg.audio_dim, cfg.audio_frames(lat))
-    if (
-        not isinstance(audio_embeds, torch.Tensor)
-        or audio_embeds.dim() != 4
-        or tuple(audio_embeds.shape[1:]) != expected
-    ):
-        got = tuple(audio_embeds.shape) if isinstance(audio_embeds, torch.Tensor) else type(audio_embeds).__name__
-        raise ConfigError(f"audio_embeds has shape {got}; expected [1, {', '.join(map(str, expected))}] for this clip")
+    _check_shape(
+        audio_embeds, "audio_embeds", (cfg.audio_layers, cfg.audio_dim, cfg.audio_frames(lat)), " for this clip"
+    )
     if audio_embeds.shape[0] not in (1, batch):
         raise ConfigError(f"audio_embeds has {audio_embeds.shape[0]} samples for {batch} prompts; give 1")
     audio_embeds = audio_embeds.to(pipe.device).float().expand(batch, -1, -1, -1)
@@ -671,14 +673,7 @@ def generate_s2v(
         pose_latents = _pose_latents(pipe, pose_video, clip_frames, height, width, vae_kwargs)
     shape = (batch, z, lat + 1, height // s, width // s)
     if pose_latents is not None:
-        expected = (cfg.cond_dim, lat, *shape[3:])
-        if (
-            not isinstance(pose_latents, torch.Tensor)
-            or pose_latents.dim() != 5
-            or tuple(pose_latents.shape[1:]) != expected
-        ):
-            got = tuple(pose_latents.shape) if isinstance(pose_latents, torch.Tensor) else type(pose_latents).__name__
-            raise ConfigError(f"s2v_pose_latents has shape {got}; expected [1, {', '.join(map(str, expected))}]")
+        _check_shape(pose_latents, "s2v_pose_latents", (cfg.cond_dim, lat, *shape[3:]))
         pose_latents = pose_latents.to(pipe.device).float().expand(batch, -1, -1, -1, -1)
     cond = S2VConditions(
         ref.expand(batch, -1, -1, -1, -1), audio_embeds,
