@@ -432,8 +432,8 @@ def write_tiny_25_split(folder: Path, seed: int = 0) -> dict[str, Path]:
     the authors' split files (`Lightricks/LTX-2.5`, keys by `split_files.FILES`), with the metadata the authors'
     packer writes: ltx-core's `config` JSON, and in the text encoder file `gemma_config` (with its
     `gemma_version`), the tokenizer as a uint8 `tokenizer_json` tensor and sidecars as `hf_asset__*` tensors.
-    Also: the diffusion-decoder video VAE file (the same encoder; its `decoder.*` are two stand-in tensors named
-    as ltx-core's diffusion decoder, for routing only), both latent upsamplers, the distilled LoRA and a duration
+    Also: the diffusion-decoder video VAE file (the same encoder and a tiny diffusion decoder, `tiny_diffusion_decoder`,
+    in the authors' names: fused qkv, gates, a preview head), both latent upsamplers, the distilled LoRA and a duration
     head with 2 pooler heads (which only the metadata gives); one transformer file (the dev one). Returns the
     written paths by `FILES` key."""
     import shutil
@@ -489,11 +489,10 @@ def write_tiny_25_split(folder: Path, seed: int = 0) -> dict[str, Path]:
     state.update({name: torch.full((channels,), 2.0 + i) for i, name in enumerate(UNUSED_STATISTICS)})
     write("video_vae_conv", state, config={"vae": ltx_core_vae_config(vae.config)})
     state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-    generator = torch.Generator().manual_seed(seed + 30)
-    state["decoder.t_embedder.mlp.0.weight"] = torch.randn(8, 4, generator=generator)
-    state["decoder.stages.0.blocks.0.attn.qkv.weight"] = torch.randn(24, 8, generator=generator)
+    decoder = tiny_diffusion_decoder(channels, seed + 30, statistics=vae.per_channel_statistics)
+    state.update(diffusion_decoder_file_state(decoder, seed + 31))
     encoder = {k: v for k, v in ltx_core_vae_config(vae.config).items() if "decoder" not in k}
-    diffusion = {"_class_name": "CausalDiffusionVAE", "encoder": encoder, "decoder": {"patch_size": 4}}
+    diffusion = {"_class_name": "CausalDiffusionVAE", "encoder": encoder, **ltx_core_diffusion_decoder_config(decoder)}
     write("video_vae", state, config={"vae": diffusion})
     # the audio VAE and vocoder, under the 2.x single files' prefixes
     state = {f"{p}.{k}": v for p in ("audio_vae", "vocoder") for k, v in models[p].state_dict().items()}
@@ -517,6 +516,60 @@ def write_tiny_25_split(folder: Path, seed: int = 0) -> dict[str, Path]:
     state = {f"duration_head.{k}": v for k, v in head.state_dict().items()}
     write("duration_head", state, config={"transformer": transformer, "duration_head": pooler})
     return {name: path for name, path in paths.items() if path.exists()}  # one transformer: the dev one
+
+
+def tiny_diffusion_decoder(latent_channels: int = 16, seed: int = 30, statistics=None):
+    """A tiny LTX-2.5 diffusion video decoder at the release's compression (32 x 32 x 8: 4x4 patches and its four
+    upsamplers) for the tiny VAEs' latents, random weights and positive latent statistics, or the VAE's
+    `statistics` (the two share one latent space, and the authors' file one set of statistics)."""
+    from diffsynth.ltx2.diffusion_decoder import LTX2DiffusionDecoder, LTX2DiffusionDecoderConfig
+
+    config = LTX2DiffusionDecoderConfig(
+        latent_channels=latent_channels, head_dim=8, stage_channels=(32, 16, 16, 16, 16), stage_depths=(1, 1, 1, 1, 1),
+        stage_kernels=((3, 1, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3)), upsample_reductions=(2, 1, 1, 1),
+        stage5_kernel=(3, 5, 5), t_emb_dim=32,
+    )  # fmt: skip
+    model = LTX2DiffusionDecoder(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("std-of-means"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+        if statistics is not None:
+            model.per_channel_statistics.load_state_dict(statistics.state_dict())
+    return model
+
+
+def diffusion_decoder_file_state(decoder, seed: int = 31) -> dict[str, torch.Tensor]:
+    """`decoder` in the authors' file names (bare `decoder.*`, shared `per_channel_statistics.*`), with what their
+    file has and ours folds or drops: per-block gates of ones (folding them changes nothing) and a preview head."""
+    from diffsynth.ltx2.diffusion_decoder_formats import ours_to_authors
+
+    state = ours_to_authors(decoder.state_dict())
+    width = decoder.config.stage5_width
+    for i in range(decoder.config.stage_depths[-1]):
+        for gate in ("gate_msa", "gate_mlp", "gate_ctx"):
+            state[f"decoder.diff_blocks.{i}.{gate}"] = torch.ones(width)
+    state["decoder.coarse_head.weight"] = torch.randn(4, width, generator=torch.Generator().manual_seed(seed))
+    return state
+
+
+def ltx_core_diffusion_decoder_config(decoder) -> dict:
+    """The `vae` metadata fields ltx-core reads for a diffusion decoder (`decoder` and `model_output_type`)."""
+    c = decoder.config
+    return {
+        "model_output_type": c.model_output_type,
+        "decoder": {
+            "in_channels": c.latent_channels, "patch_size": c.patch_size, "head_dim": c.head_dim,
+            "stage_channels": list(c.stage_channels), "stage_depths": list(c.stage_depths),
+            "stage_kernels": [list(k) for k in (*c.stage_kernels, c.stage5_kernel)],
+            "upsamples": [[list(s), r] for s, r in zip(c.upsample_strides, c.upsample_reductions, strict=True)],
+            "stage5_kernel": list(c.stage5_kernel), "t_emb_dim": c.t_emb_dim,
+            "default_num_inference_steps": c.num_steps, "timestep_scale_multiplier": c.timestep_scale_multiplier,
+        },
+    }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- two-stage files

@@ -138,3 +138,29 @@ def test_dfr_flags_reach_the_pipeline(tiny_ltx2_base, tmp_path, monkeypatch, cap
     assert main([*args, *FAST, "--dfr", "--temporal-rounds", "1"]) == 2
     assert seen["use_dfr_pipeline"] is True and seen["temporal_upsample_rounds"] == 1
     assert "use_dfr_pipeline needs an LTX-2.5 DiT" in capsys.readouterr().err
+
+
+def test_prompt_enhancer_flag_loads_it_and_enhances(tiny_ltx2_base, tmp_path, monkeypatch):
+    """`--prompt-enhancer SOURCE`: a hub id becomes a `ModelConfig` (a path stays a path) for `load_prompt_enhancer`,
+    and the call gets `enhance_prompt=True`, so the enhanced prompt is the one encoded."""
+    from diffsynth.ltx2.pipeline import LTX2Pipeline
+    from diffsynth.runtime.hub import ModelConfig
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    loaded, encoded = [], []
+    monkeypatch.setattr(LTX2Pipeline, "load_prompt_enhancer", lambda self, source: loaded.append(source))
+    monkeypatch.setattr(
+        LTX2Pipeline, "enhance_prompts", lambda self, prompts, images, seed: ["rewritten"] * len(prompts)
+    )
+    real_encode = LTX2Pipeline.encode_prompt
+    monkeypatch.setattr(
+        LTX2Pipeline,
+        "encode_prompt",
+        lambda self, prompts, *a: encoded.append(prompts) or real_encode(self, prompts, *a),
+    )
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")]
+    assert main([*args, *FAST, "--prompt-enhancer", "google/gemma-4-E2B-it"]) == 0
+    assert loaded == [ModelConfig(model_id="google/gemma-4-E2B-it")] and encoded[0] == ["rewritten"]
+    assert main([*args, *FAST, "--prompt-enhancer", str(tmp_path)]) == 0
+    assert loaded[1] == str(tmp_path)

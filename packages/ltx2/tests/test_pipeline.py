@@ -368,6 +368,7 @@ def test_family_is_installed_with_presets():
     family = installed_families()["ltx2"]
     assert family.pipeline_class() is LTX2Pipeline
     roles = {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "upsampler", "duration_head"}
+    roles |= {"diffusion_decoder"}  # LTX-2.5's
     assert {s.role for s in family.specs} == roles
     fam, preset = find_preset("Lightricks/LTX-2")
     assert fam is family and preset.defaults["num_inference_steps"] == 40

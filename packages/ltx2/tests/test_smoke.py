@@ -16,6 +16,7 @@ def test_family_is_discoverable():
 
     family = installed_families()["ltx2"]
     roles = {"dit", "connectors", "vae", "audio_vae", "vocoder", "text_encoder", "upsampler", "duration_head"}
+    roles |= {"diffusion_decoder"}  # LTX-2.5's
     assert {spec.role for spec in family.specs} == roles
     assert family.pipeline_class() is LTX2Pipeline
     found, preset = find_preset("Lightricks/LTX-2")

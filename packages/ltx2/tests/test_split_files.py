@@ -88,9 +88,10 @@ def test_each_split_file_is_told_apart(tiny_25):
     single = repo.single_file_state(repo.tiny_models(version="2.3"), clone=False)  # a 2.x single file is not one
     assert split_kind(single, {}) is None
     assert split_kind(open_checkpoint(folder / "vae"), {}) is None  # nor diffusers' vae/
-    for name, says in (("distilled_lora", "load_lora"), ("video_vae", "load_video_encoder")):
-        with pytest.raises(ConfigError, match=rf"{paths[name]} is .*{says}"):
-            load_split(paths[name])
+    with pytest.raises(ConfigError, match=rf"{paths['distilled_lora']} is .*load_lora"):
+        load_split(paths["distilled_lora"])
+    with pytest.raises(ConfigError, match=rf"{paths['video_vae']} is the diffusion-decoder .*on its own"):
+        load_split([paths["video_vae"], paths["duration_head"]])
 
 
 # ----------------------------------------------------------------------------------------- same models
@@ -149,6 +150,23 @@ def test_vaes_upsamplers_and_duration_head(tiny_25):
     assert head.config.num_heads == repo.SPLIT_DURATION_HEAD["num_heads"]  # the metadata's; shapes say nothing
     (plain,) = load_models(paths["duration_head"], F32)
     assert plain.config.num_heads != head.config.num_heads
+
+
+def test_diffusion_decoder_of_the_diffusion_vae_file(tiny_25):
+    """The file's `decoder.*` (fused qkv, gates of ones, a preview head) and statistics load strictly as the
+    diffusion decoder, with the metadata's config; its encoder as an encoder-only VAE (`roles` picks either)."""
+    _, paths = tiny_25
+    assert [m.role for m in load_split(paths["video_vae"], F32)] == ["vae", "diffusion_decoder"]
+    (loaded,) = load_split(paths["video_vae"], F32, roles={"diffusion_decoder"})
+    (vae,) = load_split(paths["video_vae_conv"], F32)
+    expected = repo.tiny_diffusion_decoder(16, seed=30, statistics=vae.module.per_channel_statistics)
+    assert (loaded.role, loaded.config) == ("diffusion_decoder", expected.config)
+    state = loaded.module.state_dict()
+    assert sorted(state) == sorted(expected.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in expected.state_dict().items())
+    (encoder,) = load_split(paths["video_vae"], F32, roles={"vae"})
+    assert type(encoder.module).__name__ == "LTX2VideoEncoderVAE" and not hasattr(encoder.module, "decoder")
+    assert load_split(paths["video_vae"], F32, roles={"dit"}) == []
 
 
 def test_video_encoder_of_the_diffusion_vae_file(tiny_25):
@@ -271,7 +289,8 @@ def test_pipeline_from_the_split_files_equals_the_diffusers_folder(tiny_25):
 def test_presets_resolve_to_the_authors_files(tiny_25, monkeypatch):
     """`Lightricks/LTX-2.5:dfr` (downloads off) finds every file under the authors' folders: the dev DiT, both
     upsamplers in their slots, the duration head (the clip's length when `num_frames` is left out) and the
-    distilled LoRA for the DFR passes; `:distilled` the distilled DiT."""
+    distilled LoRA for the DFR passes; `:distilled` the distilled DiT; `:distilled-diffvae` (the authors' quick start)
+    its encoder and diffusion decoder from the diffusion-VAE file."""
     from diffsynth.ltx2.pipeline import LTX2Pipeline
 
     _, paths = tiny_25
@@ -294,3 +313,8 @@ def test_presets_resolve_to_the_authors_files(tiny_25, monkeypatch):
     distilled = LTX2Pipeline.from_pretrained("Lightricks/LTX-2.5:distilled", device="cpu", torch_dtype=F32)
     assert distilled.model_configs["dit"].origin_file_pattern == FILES["transformer_distilled"]
     assert distilled.defaults["use_distilled_pipeline"] and distilled.upsampler is not None
+    assert distilled.diffusion_decoder is None
+    quick = LTX2Pipeline.from_pretrained("Lightricks/LTX-2.5:distilled-diffvae", device="cpu", torch_dtype=F32)
+    assert quick.model_configs["diffusion_decoder"].origin_file_pattern == FILES["video_vae"]
+    assert quick.model_configs["vae"].origin_file_pattern == FILES["video_vae"]  # the encoder, from the same file
+    assert quick.diffusion_decoder is not None and quick.defaults["use_distilled_pipeline"]

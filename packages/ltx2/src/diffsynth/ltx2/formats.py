@@ -1,6 +1,6 @@
 """What the LTX-2 package contributes to the runtime: the "ltx2" family with the specs of its models (DiT, text
 connectors, video VAE, audio VAE, vocoder, Gemma-3 / Gemma-4 text encoder, latent upsamplers, LTX-2.5's duration
-head), presets and pipeline.
+head and diffusion video decoder), presets and pipeline.
 
 One `ltx-2-19b-*.safetensors` / `ltx-2.3-22b-*.safetensors` file holds the five LTX models under their own
 prefixes; each spec takes its share, so the file loads whole. Gemma comes from its own repo (LTX-2.5's diffusers
@@ -17,6 +17,7 @@ from diffsynth.runtime.registry import Family
 
 from .audio_vae_formats import LTX2_AUDIO_VAE_SPEC
 from .connectors_formats import LTX2_CONNECTORS_SPEC
+from .diffusion_decoder_formats import LTX2_DIFFUSION_DECODER_SPEC
 from .dit_formats import LTX2_DIT_SPEC
 from .duration_head_formats import LTX2_DURATION_HEAD_SPEC
 from .presets import PRESETS
@@ -38,6 +39,7 @@ FAMILY = Family(
         GEMMA4_TEXT_SPEC,
         LTX2_UPSAMPLER_SPEC,
         LTX2_DURATION_HEAD_SPEC,
+        LTX2_DIFFUSION_DECODER_SPEC,
     ),
     presets=PRESETS,
     pipeline="diffsynth.ltx2.pipeline:LTX2Pipeline",

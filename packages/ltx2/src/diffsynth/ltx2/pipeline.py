@@ -37,11 +37,13 @@ from diffsynth.runtime.vram import module_dtype
 
 from . import dfr
 from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
+from .decoding import Decoding, decode_video, diffusion_tiles, uses_diffusion_decoder
 from .dfr import DFRImages
 from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
 from .duration_head import num_frames_from_seconds
 from .in_context import check_factor, encode_references, lora_reference_downscale_factor
 from .retake import keep_video, retake_frames
+from .video_vae import LTX2VideoEncoderVAE
 
 logger = logging.getLogger(__name__)
 
@@ -303,14 +305,17 @@ class LTX2Pipeline(BasePipeline):
         "upsampler": "upsampler",
         "temporal_upsampler": "temporal_upsampler",
         "duration_head": "duration_head",
+        "diffusion_decoder": "diffusion_decoder",
     }
-    optional_slots = ("upsampler", "temporal_upsampler", "duration_head")  # used by some pipelines only
+    optional_slots = ("upsampler", "temporal_upsampler", "duration_head", "diffusion_decoder")  # some pipelines
     size_multiple = 32  # the video VAE's spatial compression
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
         super().__init__(device, torch_dtype)
         self.fused_loras: list[str] = []  # LoRAs fused into the weights (`clear_lora_before_state_two` refuses)
         self.reference_downscale_factor: int | None = None  # the last loaded IC-LoRA's (its file metadata)
+        self.prompt_enhancer = None  # a Gemma chat model (`load_prompt_enhancer`), not a model slot
+        self.prompt_enhancer_processor = None
 
     @torch.no_grad()
     def __call__(
@@ -354,6 +359,8 @@ class LTX2Pipeline(BasePipeline):
         in_context_downsample_factor: int | None = None,
         clear_lora_before_state_two: bool = False,
         max_sequence_length: int | None = None,
+        enhance_prompt: bool = False,
+        enhance_prompt_seed: int | None = None,
         tiled: bool = False,
         tile_size: int | tuple[int, int] = 16,
         tile_stride: int | tuple[int, int] | None = None,
@@ -367,6 +374,7 @@ class LTX2Pipeline(BasePipeline):
         detailing_lora: ModelConfig | str | os.PathLike | None = None,
         detailing_lora_strength: float = 1.0,
         temporal_upsample_rounds: int = 0,
+        use_diffusion_decoder: bool | None = None,
         output_type: str = "pil",
         progress_bar: bool = True,
     ):
@@ -395,6 +403,12 @@ class LTX2Pipeline(BasePipeline):
         accepted for DiffSynth-Studio's scripts, with a warning when the clip is longer than a tile.
         `stage2_spatial_upsample_factor` is the latent upsampler's (2); `denoising_strength` must be 1 (for
         video-to-video use `retake_video`).
+
+        LTX-2.5's diffusion decoder (`diffusion_decoder`, loaded from `vae/ltx-2.5-video-vae-bf16.safetensors`; see
+        `decoding.py`) decodes the video instead of the video VAE when it is loaded (`use_diffusion_decoder=False`
+        keeps the VAE). It denoises pixels, so it draws noise from the call's generator, and decodes in overlapping
+        tiles (768 px, 80 frames; `tile_size_in_pixels` / `tile_overlap_in_pixels` / `tile_size_in_frames` /
+        `tile_overlap_in_frames` change them). The video VAE still encodes images and videos.
 
         Two stages (`use_two_stage_pipeline`, on by default with `use_distilled_pipeline`, as the authors'
         `DistilledPipeline` and DiffSynth-Studio run it): the first stage samples at half of `height` x
@@ -443,9 +457,17 @@ class LTX2Pipeline(BasePipeline):
         first pass's schedule. Images condition every pass (`input_images`, `input_image`). `temporal_upsample_rounds`
         (1 or 2; the temporal upsampler `ltx-2.5-latent-temporal-upscaler-x2` must be loaded) then doubles the frame
         rate that many times: `(num_frames - 1) * 2 ** rounds + 1` frames, to be played at `frame_rate * 2 ** rounds`.
+
+        `enhance_prompt` rewrites each prompt with the enhancer loaded by `load_prompt_enhancer` before it is encoded
+        (`prompt_enhancer.py`; the image-to-video recipe when a first frame is given), seeded by
+        `enhance_prompt_seed` (default: `seed`); the rewritten prompts are logged at INFO.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
+        if enhance_prompt:
+            images = self.first_frame_images(input_images, input_images_indexes, input_image, len(prompts))
+            enhance_seed = seed if enhance_prompt_seed is None else enhance_prompt_seed
+            prompts = self.enhance_prompts(prompts, images, enhance_seed)
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         distilled = bool(self.setting("use_distilled_pipeline", use_distilled_pipeline, False))
@@ -470,9 +492,11 @@ class LTX2Pipeline(BasePipeline):
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"max_sequence_length={max_len!r} is not accepted; use an integer >= 1")
         height, width = self.check_size(self.setting("height", height, 512), self.setting("width", width, 768))
-        tile_size, tile_stride = pixel_tiles(
-            tile_size, tile_stride, tile_size_in_pixels, tile_overlap_in_pixels, self.vae.spatial_compression
-        )
+        diffusion_decoding = uses_diffusion_decoder(self, use_diffusion_decoder)  # refused early when not loaded
+        if not diffusion_decoding:  # (the diffusion decoder reads the pixel tiles itself: `decoding.py`)
+            tile_size, tile_stride = pixel_tiles(
+                tile_size, tile_stride, tile_size_in_pixels, tile_overlap_in_pixels, self.vae.spatial_compression
+            )
         check_diffsynth_settings(stage2_spatial_upsample_factor, denoising_strength)
         two_stage = self.setting("use_two_stage_pipeline", use_two_stage_pipeline, None)
         two_stage = distilled if two_stage is None else bool(two_stage)
@@ -483,7 +507,7 @@ class LTX2Pipeline(BasePipeline):
         if num_frames is None and self.duration_head is not None and "num_frames" not in self.defaults:
             num_frames = self.predict_num_frames(prompts[0], max_len, fps, min_seconds, max_seconds)
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 121))
-        if tiled and tile_size_in_frames is not None and frames > tile_size_in_frames:
+        if tiled and not diffusion_decoding and tile_size_in_frames is not None and frames > tile_size_in_frames:
             logger.warning(
                 "tile_size_in_frames=%s: the video VAE decodes the %d frames whole in time (only spatial tiles)",
                 tile_size_in_frames,
@@ -509,7 +533,10 @@ class LTX2Pipeline(BasePipeline):
         if clear_lora_before_state_two:
             self.check_clearable_loras(two_stage)
         single = isinstance(prompt, str) and output_type == "pil"
-        decoding = (single, output_type, tiled, tile_size, tile_stride)
+        decoding = Decoding(
+            single, output_type, tiled, tile_size, tile_stride, use_diffusion_decoder,
+            diffusion_tiles(tile_size_in_pixels, tile_overlap_in_pixels, tile_size_in_frames, tile_overlap_in_frames),
+        )  # fmt: skip
         if dfr_on:
             refused = {
                 "in_context_videos": in_context_videos, "retake_audio": retake_audio, "retake_video": retake_video,
@@ -580,18 +607,15 @@ class LTX2Pipeline(BasePipeline):
 
         # 4. decode
         kept = None if given is None or given.waveform is None else (given.waveform, given.sample_rate)
-        return self.finish(video, audio, decoding, kept)
+        return self.finish(video, audio, decoding, kept, generator=generator)
 
-    def finish(self, video, audio, decoding, kept=None, samples: int | None = None):
-        """Decode the final latents into `(frames, LTX2Audio)`; `decoding` is (one prompt with "pil", output_type,
-        tiled, tile_size, tile_stride). `kept` (waveform, rate) is a given sound returned as it is instead of
-        re-synthesised; `samples` cuts the sound to that many samples."""
-        single, output_type, tiled, tile_size, tile_stride = decoding
-        self.load_models_to_device(["vae"])
-        pixels = self.vae.decode(
-            video.to(module_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
-        )
-        frames_out = tensor_to_output(pixels.float(), output_type)
+    def finish(self, video, audio, decoding: Decoding, kept=None, samples: int | None = None, generator=None):
+        """Decode the final latents into `(frames, LTX2Audio)` (`decoding.py`: the video VAE, or the diffusion
+        decoder drawing its noise from `generator`). `kept` (waveform, rate) is a given sound returned as it is
+        instead of re-synthesised; `samples` cuts the sound to that many samples."""
+        single = decoding.single
+        pixels = decode_video(self, video, decoding, generator)
+        frames_out = tensor_to_output(pixels.float(), decoding.output_type)
         waveform = self.decode_audio(audio)
         if kept is not None:  # kept whole: the sound as given, not re-synthesised
             waveform, sample_rate = kept[0].expand(waveform.shape[0], -1, -1), kept[1]
@@ -632,7 +656,7 @@ class LTX2Pipeline(BasePipeline):
             temporal_rounds=rounds, seed=0 if seed is None else int(seed), progress_bar=progress_bar,
         )  # fmt: skip
         seconds = ((frames - 1) * 2**rounds + 1) / (fps * 2**rounds)
-        return self.finish(video, audio, decoding, samples=round(seconds * self.sample_rate))
+        return self.finish(video, audio, decoding, samples=round(seconds * self.sample_rate), generator=generator)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -703,6 +727,75 @@ class LTX2Pipeline(BasePipeline):
         if fuse:
             self.fused_loras.append(name or weights.source or "a LoRA")
         return result
+
+    # ------------------------------------------------------------------ prompt enhancement
+    def load_prompt_enhancer(self, model, processor=None) -> None:
+        """The Gemma chat model `__call__(..., enhance_prompt=True)` rewrites prompts with (`prompt_enhancer.py`):
+        a loaded transformers generative model with its `processor` (or tokenizer, for text-to-video only), or a
+        local folder or `ModelConfig` of one, loaded in the pipeline's dtype with the processor beside it.
+        LTX-2.0 / 2.3 enhance with Gemma-3-12B-it (the authors use their text encoder's Gemma 3 whole, with its LM
+        head: `ModelConfig(model_id="google/gemma-3-12b-it-qat-q4_0-unquantized")`), LTX-2.5 with
+        `google/gemma-4-E2B-it`. It is a plain attribute, not a model slot: moved to the device to generate, and
+        back to the CPU afterwards when the pipeline offloads its models."""
+        if isinstance(model, (str, os.PathLike, ModelConfig)):
+            from .prompt_enhancer import read_enhancer
+
+            model, found = read_enhancer(model, self.torch_dtype)
+            processor = found if processor is None else processor
+        elif processor is None:
+            raise ConfigError("load_prompt_enhancer: give the loaded model's processor (or tokenizer) as processor=")
+        if not callable(getattr(model, "generate", None)):
+            raise ConfigError(
+                f"load_prompt_enhancer: a {type(model).__name__} cannot write prompts (no `generate`); give a "
+                "transformers generative model such as Gemma3ForConditionalGeneration, or its folder"
+            )
+        self.prompt_enhancer, self.prompt_enhancer_processor = model, processor
+
+    @staticmethod
+    def first_frame_images(input_images, input_images_indexes, input_image, batch: int) -> list:
+        """The first frame each prompt's enhancer is shown (None: text-to-video): `input_image` (one, or one per
+        prompt), or the `input_images` image at index 0. Bad inputs are left to `check_input_images`."""
+        if input_image is not None:
+            items = list(input_image) if isinstance(input_image, (list, tuple)) else [input_image]
+        elif input_images is not None:
+            images = [input_images] if isinstance(input_images, (str, os.PathLike, Image.Image)) else input_images
+            items = [image for image, i in zip(images, input_images_indexes, strict=False) if i == 0][:1]
+        else:
+            items = []
+        images = [load_image(item) for item in items]
+        return images if len(images) == batch else [images[0] if images else None] * batch
+
+    def enhance_prompts(self, prompts: list[str], images: list, seed: int | None = None) -> list[str]:
+        """Each prompt rewritten by the loaded enhancer, shown its first frame (or None); `seed` defaults to
+        `prompt_enhancer.DEFAULT_SEED`."""
+        from .prompt_enhancer import DEFAULT_SEED, enhance_prompt
+
+        model = self.prompt_enhancer
+        if model is None:
+            raise ConfigError(
+                "enhance_prompt=True needs a prompt enhancer: call pipe.load_prompt_enhancer(...) first, with "
+                "Gemma-3-12B-it for LTX-2.0 / 2.3 (the authors enhance with their text encoder's own Gemma 3, LM head "
+                f"included: ModelConfig(model_id='{GEMMA_REPO}')) or google/gemma-4-E2B-it for LTX-2.5"
+            )
+        movable = getattr(model, "hf_device_map", None) is None  # accelerate-dispatched models stay where they are
+        if movable:
+            if self.model_offload:
+                self.load_models_to_device([])  # park the pipeline's models before the enhancer comes in
+            model.to(self.device)
+        seed = DEFAULT_SEED if seed is None else int(seed)
+        try:
+            enhanced = [
+                enhance_prompt(model, self.prompt_enhancer_processor, prompt, image=image, seed=seed)
+                for prompt, image in zip(prompts, images, strict=True)
+            ]
+        finally:
+            if movable and self.model_offload:
+                model.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        for prompt, rewritten in zip(prompts, enhanced, strict=True):
+            logger.info("enhanced prompt %r: %s", prompt, rewritten)
+        return enhanced
 
     # ------------------------------------------------------------------ checks
     def check_two_stage(self, height: int, width: int, distilled: bool) -> None:
@@ -1128,6 +1221,11 @@ class LTX2Pipeline(BasePipeline):
             slot = "upsampler" if item.role == "upsampler" else item.role
             if item.role == "upsampler" and item.module.config.temporal_upsample:
                 slot = "temporal_upsampler"
+            if slot == "vae" and self.vae is not None:  # the diffusion-VAE file's encoder is the conv VAE's own
+                if isinstance(item.module, LTX2VideoEncoderVAE):
+                    continue
+                if isinstance(self.vae, LTX2VideoEncoderVAE):
+                    self.vae = None
             if getattr(self, slot, None) is not None:
                 logger.warning("%s replaces an earlier %s model", config, slot)
             setattr(self, slot, item.module.eval().requires_grad_(False))

@@ -94,14 +94,16 @@ LTX25_DIFFUSERS = Preset(
 
 # LTX-2.5 as the authors publish it (`split_files.py`): one file a component, ComfyUI's folders. The transformer and
 # text encoder files hold the text connectors between them; the text encoder file packs the tokenizer too. The
-# video VAE is the convolutional one (the diffusion decoder's file is not built here). Without `num_frames` the
-# duration head gives the clip's length (the authors' default), within 1 .. 20 s.
+# video VAE is the convolutional one, except in `:distilled-diffvae`, the authors' quick start, whose video VAE file
+# pairs the same encoder with the diffusion decoder (`diffusion_decoder.py`; slower, sharper). Without `num_frames`
+# the duration head gives the clip's length (the authors' default), within 1 .. 20 s.
 REPO_25_SPLIT = "Lightricks/LTX-2.5"
 _SPLIT = {
     "dev": "diffusion_models/ltx-2.5-22b-dev-transformer-bf16.safetensors",
     "distilled": "diffusion_models/ltx-2.5-22b-distilled-transformer-bf16.safetensors",
     "text_encoder": "text_encoders/gemma4-12b-with-proj-ltx-2.5-bf16.safetensors",
     "vae": "vae/ltx-2.5-video-vae-conv-bf16.safetensors",
+    "diffusion_vae": "vae/ltx-2.5-video-vae-bf16.safetensors",
     "audio_vae": "vae/ltx-2.5-audio-vae-bf16.safetensors",
     "spatial": "latent_upscale_models/ltx-2.5-latent-spatial-upscaler-x2-bf16-1.0.safetensors",
     "temporal": "latent_upscale_models/ltx-2.5-latent-temporal-upscaler-x2-bf16-1.0.safetensors",
@@ -110,8 +112,8 @@ _SPLIT = {
 }
 
 
-def _split_files(transformer: str, *extra: str) -> tuple[PresetFile, ...]:
-    names = (transformer, "text_encoder", "vae", "audio_vae", *extra, "duration_head")
+def _split_files(transformer: str, *extra: str, vae: str = "vae") -> tuple[PresetFile, ...]:
+    names = (transformer, "text_encoder", vae, "audio_vae", *extra, "duration_head")
     return tuple(PresetFile(REPO_25_SPLIT, _SPLIT[n]) for n in names)
 
 
@@ -142,6 +144,14 @@ LTX25_PRESETS = {
         defaults={**_TWO_STAGE_SIZE_25, **_DISTILLED},
         description="LTX-2.5 distilled, the authors' DistilledPipeline (their quick start): the 8-step table without "
         "CFG at half size, the x2 latent upsampler, 3 more steps at 1536x1024.",
+    ),
+    f"{REPO_25_SPLIT}:distilled-diffvae": Preset(
+        name=f"{REPO_25_SPLIT}:distilled-diffvae",
+        files=_split_files("distilled", "spatial", vae="diffusion_vae"),
+        tokenizer=PresetFile(REPO_25_SPLIT, _SPLIT["text_encoder"]),
+        defaults={**_TWO_STAGE_SIZE_25, **_DISTILLED},
+        description="LTX-2.5 distilled with the diffusion-decoder video VAE, the authors' quick start file for file: "
+        "as :distilled, decoded by the neighbourhood-attention diffusion decoder (sharper, slower, more memory).",
     ),
     f"{REPO_25_SPLIT}:dfr": Preset(
         name=f"{REPO_25_SPLIT}:dfr",

@@ -7,7 +7,7 @@ goes here:
 | `diffusion_models/ltx-2.5-22b-{dev,distilled}-transformer-bf16` | `model.diffusion_model.*`: the DiT and the text connectors' blocks | `dit`, `connectors` (with the next file) |
 | `text_encoders/gemma4-12b-with-proj-ltx-2.5-bf16` | Gemma 4 (ComfyUI's flat `model.layers.*`), `text_embedding_projection.*`, the tokenizer | `text_encoder`, `connectors` |
 | `vae/ltx-2.5-video-vae-conv-bf16` | bare `encoder.*`, `decoder.*`, `per_channel_statistics.*` | `vae` |
-| `vae/ltx-2.5-video-vae-bf16` | the same encoder, a diffusion decoder's `decoder.*` | `load_video_encoder` (decoder: not here) |
+| `vae/ltx-2.5-video-vae-bf16` | the same encoder, a diffusion decoder's `decoder.*` | `vae` (encoder only), `diffusion_decoder` |
 | `vae/ltx-2.5-audio-vae-bf16` | `audio_vae.*`, `vocoder.*` (as in the 2.x single files) | `audio_vae`, `vocoder` |
 | `latent_upscale_models/ltx-2.5-latent-{spatial,temporal}-upscaler-x2-bf16-1.0` | bare upsampler keys | `upsampler` |
 | `model_patches/ltx-2.5-duration-head-bf16` | `duration_head.*` | `duration_head` |
@@ -66,12 +66,12 @@ _CONNECTORS = tuple(f"{DIT_PREFIX}{side}_embeddings_connector." for side in ("vi
 _CONV_VAE_CLASS = "CausalVideoAutoencoder"  # ltx-core's `vae._class_name` of a convolutional decoder
 
 # The roles of the models `load_split` builds from a file of each kind (the connectors from the transformer and
-# text encoder files together); the diffusion-decoder VAE and the LoRA load elsewhere (see the table above).
+# text encoder files together); the LoRA loads elsewhere (see the table above).
 KIND_ROLES = {
     "transformer": ("dit", "connectors"),
     "text_encoder": ("text_encoder", "connectors"),
     "video_vae": ("vae",),
-    "video_vae_diffusion": (),
+    "video_vae_diffusion": ("vae", "diffusion_decoder"),
     "audio_vae": ("audio_vae", "vocoder"),
     "upsampler": ("upsampler",),
     "duration_head": ("duration_head",),
@@ -374,14 +374,13 @@ def load_split(
             f"{preview(plain)} is not an LTX-2.5 split file (known: {', '.join(FILES.values())}); load 2.x single "
             "files and diffusers folders with the runtime's load_models"
         )
-    elsewhere = {
-        "lora": "a LoRA: apply it with the pipeline's load_lora",
-        "video_vae_diffusion": "the diffusion-decoder video VAE: its encoder loads with load_video_encoder, its "
-        "decoder with the diffusion decoder's own loader; load the convolutional one (video-vae-conv) as the vae",
-    }
     for path, kind in kinds.items():
-        if kind in elsewhere:
-            raise ConfigError(f"{path} is {elsewhere[kind]}")
+        if kind == "lora":
+            raise ConfigError(f"{path} is a LoRA: apply it with the pipeline's load_lora")
+        if kind == "video_vae_diffusion":
+            if len(kinds) > 1:
+                raise ConfigError(f"{path} is the diffusion-decoder video VAE: load it on its own")
+            return _load_diffusion_vae(path, torch_dtype, device, KIND_ROLES[kind] if roles is None else set(roles))
     wanted = set(roles) if roles is not None else None
     _check_connectors(kinds, wanted)
     configs = configs_from_metadata(state.metadata, label)
@@ -393,6 +392,39 @@ def load_split(
         return load_models(state, torch_dtype, device, specs=FAMILY.specs, config=config, roles=wanted)
     except (CheckpointError, UnknownModelError) as exc:
         raise ConfigError(f"LTX-2.5 split file(s) {', '.join(state.files)}: {exc}") from exc
+
+
+def _load_diffusion_vae(path, torch_dtype, device, roles) -> list:
+    """The models of `ltx-2.5-video-vae-bf16` as `LoadedModel`s: as `vae`, its encoder (`LTX2VideoEncoderVAE`; the
+    convolutional VAE's encoder, byte for byte) and, as `diffusion_decoder`, its `decoder.*` with the shared latent
+    statistics, loaded strictly with the metadata's config."""
+    from diffsynth.runtime.dtypes import parse_dtype
+    from diffsynth.runtime.loading import LoadedModel
+
+    from . import diffusion_decoder_formats as formats
+    from .video_vae import LTX2VideoEncoderVAE
+
+    loaded = []
+    if "vae" in roles:
+        parts, config = load_video_encoder(path, torch_dtype, device)
+        with torch.device("meta"):
+            vae = LTX2VideoEncoderVAE(config)
+        vae.encoder, vae.per_channel_statistics = parts["encoder"], parts["per_channel_statistics"]
+        loaded.append(LoadedModel("ltx2_video_vae", "vae", vae.eval(), config, "original (encoder only)", [str(path)]))
+    if "diffusion_decoder" in roles:
+        state = open_checkpoint(path)
+        config_json = _json(state.metadata, CONFIG_KEY, str(path))
+        try:
+            module = formats.build_from_state({k: state[k] for k in state if not k.startswith("encoder.")}, config_json)
+        except (CheckpointError, UnknownModelError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        if torch_dtype is not None:
+            module = module.to(parse_dtype(torch_dtype))
+        name, layout = formats.LTX2_DIFFUSION_DECODER_SPEC.name, "original (no prefix)"
+        loaded.append(
+            LoadedModel(name, "diffusion_decoder", module.to(device).eval(), module.config, layout, [str(path)])
+        )
+    return loaded
 
 
 def _keys_of(state: LazyStateDict, path: str) -> list[str]:

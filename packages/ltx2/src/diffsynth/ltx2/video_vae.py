@@ -491,6 +491,35 @@ class LTX2VideoVAE(nn.Module):
             )
 
 
+class LTX2VideoEncoderVAE(LTX2VideoVAE):
+    """The video VAE without its convolutional decoder: LTX-2.5's diffusion-VAE file (`ltx-2.5-video-vae-bf16`)
+    pairs this encoder with the diffusion decoder (`diffusion_decoder.py`), which decodes instead. Encodes as
+    `LTX2VideoVAE`; `decode` is refused, naming the file that has the convolutional decoder."""
+
+    offload_units = ("encoder.down_blocks",)
+    compile_units = ("encoder.down_blocks",)
+
+    def __init__(self, config: LTX2VideoVAEConfig | None = None):
+        nn.Module.__init__(self)
+        self.config = config = config if config is not None else LTX2VideoVAEConfig()
+        self.encoder = Encoder(config)
+        self.per_channel_statistics = PerChannelStatistics(config.latent_channels)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.encoder.gradient_checkpointing = bool(value)
+
+    def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+        raise ConfigError(
+            "this video VAE is the encoder of LTX-2.5's diffusion-VAE file, whose decoder is the diffusion decoder "
+            "(use_diffusion_decoder); for the convolutional decoder load vae/ltx-2.5-video-vae-conv-bf16.safetensors"
+        )
+
+
 def _tile_cells(tile_size, tile_stride) -> tuple[tuple[int, int], tuple[int, int]]:
     pairs = []
     for name, value in (("tile_size", tile_size), ("tile_stride", tile_stride)):
@@ -509,4 +538,4 @@ def _tile_cells(tile_size, tile_stride) -> tuple[tuple[int, int], tuple[int, int
     return size, stride
 
 
-__all__ = ["LTX2VideoVAE", "LTX2VideoVAEConfig", "depth_to_space", "space_to_depth"]
+__all__ = ["LTX2VideoEncoderVAE", "LTX2VideoVAE", "LTX2VideoVAEConfig", "depth_to_space", "space_to_depth"]

@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the control mode of a union ControlNet that takes one (FLUX.1 Union: canny, depth, pose, ...)",
     )
     gen.add_argument(
+        "--prompt-enhancer",
+        default=None,
+        metavar="SOURCE",
+        help="LTX-2: rewrite the prompt with this chat model first (a folder or hub id, e.g. google/gemma-4-E2B-it)",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -319,6 +325,7 @@ def _generate(args) -> int:
 
     from .dtypes import parse_device, parse_dtype
     from .errors import ConfigError
+    from .hub import ModelConfig
     from .media import load_image, load_video
 
     if args.first_block_cache is not None and args.tea_cache is not None:
@@ -344,6 +351,11 @@ def _generate(args) -> int:
         pipe.load_lora(path, scale=scale)
     if args.controlnet:
         pipe.load_controlnet(args.controlnet)
+    if args.prompt_enhancer is not None:
+        if not hasattr(pipe, "load_prompt_enhancer"):
+            raise ConfigError(f"--prompt-enhancer is not used by {type(pipe).__name__} (model {args.model!r})")
+        source = args.prompt_enhancer
+        pipe.load_prompt_enhancer(source if Path(source).exists() else ModelConfig(model_id=source))
     if args.first_block_cache is not None:
         pipe.enable_first_block_cache(args.first_block_cache)
     if args.tea_cache is not None:
@@ -375,6 +387,7 @@ def _generate(args) -> int:
         "camera_control_speed": args.camera_speed,
         "use_dfr_pipeline": True if args.dfr else None,
         "temporal_upsample_rounds": args.temporal_rounds,
+        "enhance_prompt": True if args.prompt_enhancer is not None else None,
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
