@@ -24,6 +24,7 @@ from diffsynth.ltx2.diffusion_decoder_formats import (
     ours_to_diffusers,
 )
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.testing import conformance as cf
 
 TINY_JSON = {  # tiny_config() in diffusers' names
     "_class_name": "LTX2VideoDiffusionDecoderModel",
@@ -350,3 +351,28 @@ def test_tiled_decode_matches_diffusers(steps):
     print(f"tiled decode, {steps} step(s): max abs difference vs diffusers {diff:.2e}")
     assert diff <= 1e-5
     assert (got - whole).abs().max() > 1e-3  # the tiled path really ran
+
+
+# ----------------------------------------------------------------------------------- conformance
+class SeededDecoder(LTX2DiffusionDecoder):
+    """The decoder with its noise drawn from a fresh seeded generator each call, so repeated calls compare."""
+
+    def forward(self, latents, generator=None):
+        return self.decode(latents, generator=torch.Generator().manual_seed(0), clamp=False)
+
+
+def seeded_model() -> SeededDecoder:
+    return randomized(SeededDecoder(tiny_config()), seed=2)
+
+
+def test_conformance(tmp_path):
+    """Units declared (each block of each stage; the VRAM manager streams them all from cpu and disk with the same
+    output), meta build + strict load bit-identical, the spec's config from shapes, the diffusers layout round trip."""
+    z = torch.randn(1, 8, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    cf.check_declared_units(seeded_model)
+    cf.check_forward(seeded_model, (z,), expected_shapes=[(1, 3, 17, 32, 32)])
+    cf.check_meta_load(seeded_model, (z,))
+    cf.check_streamed(seeded_model, (z,), tmp_path, min_units=sum(tiny_config().stage_depths))
+    assert cf.check_spec_config(LTX2_DIFFUSION_DECODER_SPEC, seeded_model, TINY_JSON) == tiny_config()
+    diffusers_layout = next(lay for lay in LTX2_DIFFUSION_DECODER_SPEC.layouts if lay.name == "diffusers")
+    cf.check_layout_roundtrip(seeded_model, diffusers_layout, ours_to_diffusers)
