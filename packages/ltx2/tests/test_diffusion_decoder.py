@@ -96,13 +96,23 @@ def _dense_neighborhood(q, k, v, kernel):
     return out.transpose(1, 2).reshape(*q.shape[:4], -1)
 
 
-@pytest.mark.parametrize("block", [2, 8])
-def test_neighborhood_attention_matches_dense_window(monkeypatch, block):
+@pytest.mark.parametrize(
+    "block, grid, kernel, gathered",
+    [
+        (2, (5, 9, 10), (3, 5, 7), 1 << 27),
+        (8, (5, 9, 10), (3, 5, 7), 1 << 27),
+        (2, (7, 20, 23), (3, 3, 5), 1 << 27),  # long interior runs: many blocks batched in one call
+        (2, (7, 20, 23), (3, 3, 5), 5000),  # ... split over several calls
+    ],
+)
+def test_neighborhood_attention_matches_dense_window(monkeypatch, block, grid, kernel, gathered):
     monkeypatch.setattr(dd, "MIN_QUERY_BLOCK", block)
+    monkeypatch.setattr(dd, "MAX_GATHERED", gathered)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 5, 9, 10, 2, 8, generator=gen) for _ in range(3))
-    kernel = (3, 5, 7)
+    q, k, v = (torch.randn(2, *grid, 2, 8, generator=gen) for _ in range(3))
     got = neighborhood_attention(q, k, v, kernel)
+    if grid == (7, 20, 23):  # the height axis: a first block, an interior run of five, a short last block
+        assert [r.count for r in dd._axis_runs(20, 3, 3, torch.device("cpu"))] == [1, 5, 1]
     want = _dense_neighborhood(q, k, v, kernel)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="at least"):

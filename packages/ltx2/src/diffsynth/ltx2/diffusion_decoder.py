@@ -40,6 +40,8 @@ Kernel = tuple[int, int, int]
 MLP_CHUNK_TOKENS = 16384
 # Smallest query block per axis in the exact neighbourhood attention (bigger blocks, fewer SDPA calls).
 MIN_QUERY_BLOCK = 8
+# Most key elements one neighbourhood-attention call gathers (blocks of one pattern are batched up to it).
+MAX_GATHERED = 1 << 27
 
 
 @dataclass
@@ -181,40 +183,108 @@ def _window_starts(length: int, kernel: int, device) -> torch.Tensor:
     return (torch.arange(length, device=device) - kernel // 2).clamp(0, length - kernel)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Query blocks along one axis that share one window pattern: `count` blocks of `q_len` queries starting at
+    `q_start`, `stride` apart; each sees the `k_len` keys from its own start `k_start + i * stride`, through
+    `mask` (q_len x k_len)."""
+
+    q_start: int
+    count: int
+    q_len: int
+    k_start: int
+    k_len: int
+    stride: int
+    mask: torch.Tensor
+
+
+def _axis_runs(length: int, kernel: int, block: int, device) -> list[_Run]:
+    """One axis cut into query blocks of `block` (the last may be shorter), consecutive blocks with the same
+    relative window pattern merged into runs: the interior is one run, the clamped borders a few more."""
+    starts = _window_starts(length, kernel, device)
+    runs: list[_Run] = []
+    for a in range(0, length, block):
+        b = min(a + block, length)
+        lo, hi = int(starts[a]), int(starts[b - 1]) + kernel
+        rel = torch.arange(lo, hi, device=device)[None, :] - starts[a:b, None]
+        mask = (rel >= 0) & (rel < kernel)
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last.q_len == b - a
+            and last.k_len == hi - lo
+            and a == last.q_start + last.count * block
+            and lo == last.k_start + last.count * block
+            and torch.equal(last.mask, mask)
+        ):
+            runs[-1] = _Run(last.q_start, last.count + 1, last.q_len, last.k_start, last.k_len, block, last.mask)
+        else:
+            runs.append(_Run(a, 1, b - a, lo, hi - lo, block, mask))
+    return runs
+
+
+def _split(run: _Run, parts: int) -> list[_Run]:
+    """`run` as up to `parts` runs of consecutive blocks (to bound one call's gathered keys)."""
+    size = -(-run.count // parts)
+    return [
+        _Run(run.q_start + i * run.stride, min(size, run.count - i), run.q_len, run.k_start + i * run.stride,
+             run.k_len, run.stride, run.mask)
+        for i in range(0, run.count, size)
+    ]  # fmt: skip
+
+
+def _query_view(x: torch.Tensor, runs: tuple[_Run, _Run, _Run]) -> torch.Tensor:
+    """The query blocks of three runs as a view of `x` `(B, T, H, W, heads, d)`: `(B, ct, qt, ch, qh, cw, qw,
+    heads, d)` (a run shorter than its stride is a single, last block)."""
+    for i, run in enumerate(runs):
+        axis = 1 + 2 * i  # each axis before it became two
+        if run.q_len == run.stride:
+            x = x.narrow(axis, run.q_start, run.count * run.stride).unflatten(axis, (run.count, run.stride))
+        else:
+            x = x.narrow(axis, run.q_start, run.q_len).unsqueeze(axis)
+    return x
+
+
+def _key_boxes(x: torch.Tensor, runs: tuple[_Run, _Run, _Run]) -> torch.Tensor:
+    """The key boxes of three runs, `(B * blocks, box tokens, heads, d)`: overlapping strided views of `x` (unfold
+    puts each box's extent last), copied once by the reshape."""
+    for axis, run in enumerate(runs, start=1):
+        x = x.narrow(axis, run.k_start, (run.count - 1) * run.stride + run.k_len).unfold(axis, run.k_len, run.stride)
+    x = x.permute(0, 1, 2, 3, 6, 7, 8, 4, 5)  # (B, ct, ch, cw, kt, kh, kw, heads, d)
+    return x.reshape(-1, math.prod(x.shape[4:7]), *x.shape[7:])
+
+
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Kernel) -> torch.Tensor:
     """NATTEN-style 3D neighbourhood attention on `(B, T, H, W, heads, d)`; q is pre-scaled (scale 1).
 
-    Exact and memory-bounded: queries go in blocks; a block's windows all lie inside one box of keys
-    (window starts are non-decreasing and move by at most one per query), so each block is one SDPA call
-    over that box with a mask that keeps each query's own window.
+    Exact and memory-bounded. Queries go in blocks; a block's windows all lie inside one box of keys (window
+    starts are non-decreasing and move by at most one per query), so a block is an SDPA over its box with a mask
+    keeping each query's own window. Blocks with the same pattern (the whole interior, then a few kinds at the
+    borders) are batched into one call, split so that one call gathers at most `MAX_GATHERED` key elements.
     """
     dims = q.shape[1:4]
     if any(n < kk for n, kk in zip(dims, kernel, strict=True)):
         raise ConfigError(f"neighbourhood attention needs a (T, H, W) grid of at least {kernel}, got {tuple(dims)}")
     batch, heads, d = q.shape[0], q.shape[4], q.shape[5]
-    starts = [_window_starts(n, kk, q.device) for n, kk in zip(dims, kernel, strict=True)]
-    blocks = [min(n, max(kk, MIN_QUERY_BLOCK)) for n, kk in zip(dims, kernel, strict=True)]
+    axes = [_axis_runs(n, kk, min(n, max(kk, MIN_QUERY_BLOCK)), q.device) for n, kk in zip(dims, kernel, strict=True)]
     out = torch.empty_like(q)
-    spans = [[(a, min(a + b, n)) for a in range(0, n, b)] for n, b in zip(dims, blocks, strict=True)]
-    for t0, t1 in spans[0]:
-        for h0, h1 in spans[1]:
-            for w0, w1 in spans[2]:
-                lo = [int(s[a]) for s, a in zip(starts, (t0, h0, w0), strict=True)]
-                hi = [int(s[b - 1]) + kk for s, b, kk in zip(starts, (t1, h1, w1), kernel, strict=True)]
-                masks = []
-                for s, a, b, first, last, kk in zip(starts, (t0, h0, w0), (t1, h1, w1), lo, hi, kernel, strict=True):
-                    keys = torch.arange(first, last, device=q.device)
-                    rel = keys[None, :] - s[a:b, None]
-                    masks.append((rel >= 0) & (rel < kk))
-                mask = masks[0][:, None, None, :, None, None] & masks[1][None, :, None, None, :, None]
-                mask = mask & masks[2][None, None, :, None, None, :]
-                n_q = (t1 - t0) * (h1 - h0) * (w1 - w0)
-                n_k = (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])
-                qb = q[:, t0:t1, h0:h1, w0:w1].reshape(batch, n_q, heads, d)
-                kb = k[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].reshape(batch, n_k, heads, d)
-                vb = v[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].reshape(batch, n_k, heads, d)
-                ob = attention(qb, kb, vb, mask=mask.reshape(1, 1, n_q, n_k), scale=1.0)
-                out[:, t0:t1, h0:h1, w0:w1] = ob.reshape(batch, t1 - t0, h1 - h0, w1 - w0, heads, d)
+    for run_t in axes[0]:
+        for run_h in axes[1]:
+            for run_w in axes[2]:
+                box = run_t.k_len * run_h.k_len * run_w.k_len
+                per_block_t = run_h.count * run_w.count * box * batch * heads * d
+                parts = min(run_t.count, max(1, -(-per_block_t * run_t.count // MAX_GATHERED)))
+                mask = run_t.mask[:, None, None, :, None, None] & run_h.mask[None, :, None, None, :, None]
+                mask = (mask & run_w.mask[None, None, :, None, None, :]).reshape(
+                    run_t.q_len * run_h.q_len * run_w.q_len, box
+                )
+                for part in _split(run_t, parts):
+                    runs = (part, run_h, run_w)
+                    blocks = _query_view(q, runs).permute(0, 1, 3, 5, 2, 4, 6, 7, 8)  # (B, ct, ch, cw, qt, qh, qw, ...)
+                    queries = blocks.reshape(-1, math.prod(blocks.shape[4:7]), heads, d)
+                    ob = attention(queries, _key_boxes(k, runs), _key_boxes(v, runs), mask=mask[None, None], scale=1.0)
+                    ob = ob.reshape(blocks.shape).permute(0, 1, 4, 2, 5, 3, 6, 7, 8)
+                    _query_view(out, runs).copy_(ob)
     return out.reshape(*q.shape[:4], heads * d)
 
 
