@@ -5,12 +5,13 @@
 #
 # Here, before the call:
 #   rm -rf .devrun && mkdir -p .devrun/wheels
-#   for p in runtime z-image flux qwen-image training; do uv build --wheel -q -o .devrun/wheels packages/$p; done
+#   for p in runtime z-image flux qwen-image ltx2 training; do uv build --wheel -q -o .devrun/wheels packages/$p; done
 #   python3 -m pip download -q --no-deps -d .devrun/wheels "diffusers==0.42.*"
 # Then: run(command="bash benchmarks/device_run.sh", carry=[".devrun"], timeout_s=600). Each step has its own
 # time limit (together 570 s); under $OUT come back summary.txt, log.txt (every step's output) and
 # results.jsonl (the lines the benchmarks added to benchmarks/results/), within the device's 8 files.
-# bench_ltx2.py (about 38 GB of weights) needs a call of its own: STEPS=ltx2 bash benchmarks/device_run.sh.
+# bench_ltx2.py (about 38 GB of weights) needs a call of its own: STEPS=ltx2 bash benchmarks/device_run.sh;
+# so does LTX-2.5's diffusion decoder against diffusers': STEPS=decoder bash benchmarks/device_run.sh.
 #
 # DRY=1 PYTHON=.venv/bin/python OUT=/tmp/device-out bash benchmarks/device_run.sh runs the same flow on the
 # CPU with tiny models (no install, no GPU-only steps), to check the script itself.
@@ -58,6 +59,10 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: on the GPU with ARGS, or tiny on
 
 if [ "$STEPS" = ltx2 ]; then
   bench bench_ltx2 540 bench_ltx2.py --steps 3 --warmup 1
+elif [ "$STEPS" = decoder ]; then
+  bench bench_ltx2_diffusion_decoder 270 bench_ltx2_diffusion_decoder.py --steps 2 --warmup 1
+  bench bench_ltx2_diffusion_decoder_1080p 270 bench_ltx2_diffusion_decoder.py --height 1024 --width 1536 \
+    --steps 1 --warmup 0
 else
   if [ -z "${DRY:-}" ]; then
     step test_vram_gpu 90 "$PYTHON" -m pytest packages/runtime/tests/test_vram_gpu.py -m gpu -q -p no:cacheprovider
