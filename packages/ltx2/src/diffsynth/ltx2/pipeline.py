@@ -19,6 +19,7 @@ the CFG batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from diffsynth.runtime.pipeline import BasePipeline, lora_file
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
-from . import dfr
+from . import dfr, res2s
 from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
 from .decoding import Decoding, decode_video, diffusion_tiles, uses_diffusion_decoder
 from .dfr import DFRImages
@@ -325,6 +326,7 @@ class LTX2Pipeline(BasePipeline):
         cfg_scale: float | None = None,
         audio_cfg_scale: float | None = None,
         guidance_rescale: float | None = None,
+        audio_guidance_rescale: float | None = None,
         stg_scale: float | None = None,
         audio_stg_scale: float | None = None,
         modality_scale: float | None = None,
@@ -343,6 +345,8 @@ class LTX2Pipeline(BasePipeline):
         use_distilled_pipeline: bool | None = None,
         use_two_stage_pipeline: bool | None = None,
         stage2_lora_strength: float | None = None,
+        use_hq_pipeline: bool | None = None,
+        stage1_lora_strength: float | None = None,
         latents: torch.Tensor | None = None,
         audio_latents: torch.Tensor | None = None,
         input_images: Sequence[ImageInput] | None = None,
@@ -391,9 +395,10 @@ class LTX2Pipeline(BasePipeline):
         stream and `audio_cfg_scale` the audio stream (1 = off; the
         authors' 3 and 7 by default, and the audio follows an explicit `cfg_scale` when not given itself);
         `guidance_rescale` in [0, 1] (default 0.7) pulls the guided prediction's spread back towards the
-        conditional one's. `stg_scale` / `audio_stg_scale` (STG, default 1, 0 = off; perturbing the self-
-        attentions of `spatio_temporal_guidance_blocks`, default [29]) and `modality_scale` /
-        `audio_modality_scale` (modality isolation, default 3, 1 = off) are the authors' two other terms
+        conditional one's (`audio_guidance_rescale` for the audio, which follows it by default). `stg_scale` /
+        `audio_stg_scale` (STG, default 1, 0 = off; perturbing the self-attentions of
+        `spatio_temporal_guidance_blocks`, default [29]) and `modality_scale` / `audio_modality_scale` (modality
+        isolation, default 3, 1 = off) are the authors' two other terms
         (`LTX2Guidance`); each audio scale follows an explicit video one. `use_distilled_pipeline` runs the
         distilled model's fixed 8-step table without CFG. `latents` / `audio_latents` are the initial noise
         (`[B, 128, 1 + (F-1)/8, H/32, W/32]` and `[B, 8, L, 16]`, at the first stage's size); `sigmas` an
@@ -448,6 +453,13 @@ class LTX2Pipeline(BasePipeline):
         second stage without the LoRAs you loaded (they must be loaded with `fuse=False`), as the authors'
         `ICLoraPipeline` does.
 
+        HQ (`use_hq_pipeline`; the authors' `TI2VidTwoStagesHQPipeline`, see `res2s.py`): the two-stage pipeline
+        with the second-order res_2s sampler in both stages (two DiT calls a step, SDE noise from the call's
+        generator), the first stage's schedule shifted by its real token count, the distilled LoRA attached in both
+        stages (`stage1_lora_strength`, default 0.25; `stage2_lora_strength`, default 0.5) and the first stage's
+        sound kept. Where neither the call nor the preset sets them, the authors' HQ defaults apply: 15 steps, STG
+        off, guidance rescale 0.45 (video) and 1 (audio). It takes neither `use_distilled_pipeline` nor DFR.
+
         DFR (`use_dfr_pipeline`, LTX-2.5; the authors' `DFRPipeline`, see `dfr.py`): a distilled half-size pass that
         also generates keyframe slots, the x2 upsampler, and a distilled full-size pass, without guidance. With the
         full model the distilled LoRA (`stage2_lora_config`) is attached in both passes at `stage2_lora_strength`
@@ -471,7 +483,9 @@ class LTX2Pipeline(BasePipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         distilled = bool(self.setting("use_distilled_pipeline", use_distilled_pipeline, False))
-        steps = self.setting("num_inference_steps", num_inference_steps, 8 if distilled else self.default_steps)
+        hq = bool(self.setting("use_hq_pipeline", use_hq_pipeline, False))
+        default_steps = 8 if distilled else res2s.HQ_STEPS if hq else self.default_steps
+        steps = self.setting("num_inference_steps", num_inference_steps, default_steps)
         scale = float(self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG))
         dfr_on = bool(self.setting("use_dfr_pipeline", use_dfr_pipeline, False))
         guidance_given = {"cfg_scale": cfg_scale, "audio_cfg_scale": audio_cfg_scale}  # DFR refuses them
@@ -479,10 +493,17 @@ class LTX2Pipeline(BasePipeline):
             fallback = 1.0 if distilled else DEFAULT_AUDIO_CFG
             audio_cfg_scale = scale if cfg_scale is not None else self.defaults.get("audio_cfg_scale", fallback)
         audio_scale = float(audio_cfg_scale)
-        rescale = float(self.setting("guidance_rescale", guidance_rescale, DEFAULT_RESCALE))
-        if not 0.0 <= rescale <= 1.0:
-            raise ConfigError(f"guidance_rescale={rescale!r} is not accepted; use a number in [0, 1]")
-        stg = self._stream_scales("stg_scale", stg_scale, audio_stg_scale, 0.0 if distilled else DEFAULT_STG)
+        rescale = float(self.setting("guidance_rescale", guidance_rescale, res2s.HQ_RESCALE if hq else DEFAULT_RESCALE))
+        if audio_guidance_rescale is None:  # follows an explicit guidance_rescale, as the audio scales do
+            fallback = res2s.HQ_AUDIO_RESCALE if hq else rescale
+            audio_guidance_rescale = self.defaults.get("audio_guidance_rescale", fallback)
+            audio_guidance_rescale = rescale if guidance_rescale is not None else audio_guidance_rescale
+        pair = (rescale, float(audio_guidance_rescale))
+        for name, value in zip(("guidance_rescale", "audio_guidance_rescale"), pair, strict=True):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}={value!r} is not accepted; use a number in [0, 1]")
+        rescale = rescale if pair[1] == rescale else pair  # (video, audio) when they differ
+        stg = self._stream_scales("stg_scale", stg_scale, audio_stg_scale, 0.0 if distilled or hq else DEFAULT_STG)
         modality = self._stream_scales(
             "modality_scale", modality_scale, audio_modality_scale, 1.0 if distilled else DEFAULT_MODALITY
         )
@@ -499,10 +520,17 @@ class LTX2Pipeline(BasePipeline):
             )
         check_diffsynth_settings(stage2_spatial_upsample_factor, denoising_strength)
         two_stage = self.setting("use_two_stage_pipeline", use_two_stage_pipeline, None)
-        two_stage = distilled if two_stage is None else bool(two_stage)
+        two_stage = (distilled or hq) if two_stage is None else bool(two_stage)
+        if hq:  # the first stage's LoRA strength (the second's is stage2_lora_strength)
+            refused = {"use_distilled_pipeline": distilled or None, "use_dfr_pipeline": dfr_on or None}
+            res2s.check_hq({**refused, "use_two_stage_pipeline=False": None if two_stage else 0})
+            hq_strength = self.setting("stage1_lora_strength", stage1_lora_strength, res2s.HQ_STAGE_1_LORA_STRENGTH)
+        elif stage1_lora_strength is not None:
+            raise ConfigError("stage1_lora_strength belongs to the HQ pipeline: pass use_hq_pipeline=True")
         if two_stage and not dfr_on:
             self.check_two_stage(height, width, distilled)
-            lora_strength = float(self.setting("stage2_lora_strength", stage2_lora_strength, STAGE_2_LORA_STRENGTH))
+            fallback = res2s.HQ_STAGE_2_LORA_STRENGTH if hq else STAGE_2_LORA_STRENGTH
+            lora_strength = float(self.setting("stage2_lora_strength", stage2_lora_strength, fallback))
         stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
         if num_frames is None and self.duration_head is not None and "num_frames" not in self.defaults:
             num_frames = self.predict_num_frames(prompts[0], max_len, fps, min_seconds, max_seconds)
@@ -565,7 +593,8 @@ class LTX2Pipeline(BasePipeline):
         if distilled:
             scheduler.set_timesteps(steps, sigmas=sigmas)
         else:
-            scheduler.set_timesteps(steps, sigmas=sigmas, image_seq_len=SCHEDULE_TOKENS)
+            tokens = res2s.hq_image_seq_len(self, frames, stage_height, stage_width) if hq else SCHEDULE_TOKENS
+            scheduler.set_timesteps(steps, sigmas=sigmas, image_seq_len=tokens)
         generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
         images = first_frames is not None or keyframe_images
         crf = self.setting("image_crf", image_crf, self.default_image_crf) if images else 0
@@ -594,16 +623,21 @@ class LTX2Pipeline(BasePipeline):
         both = text.cat(negative_text) if use_cfg else text
         guided = (use_cfg, scale, audio_scale, rescale, guidance)
         audio_mask = None if given is None else given.mask
-        video, audio = self.denoise(
-            video, audio, scheduler, both, fps, mask, guided, progress_bar, keyframes, audio_mask, clean
-        )
+        sampler = self.denoise  # HQ: res_2s (`res2s.py`), the distilled LoRA on in both stages
+        if hq:
+            sampler = functools.partial(res2s.denoise, self, generator=generator, rand_device=rand_device)
+        with self.stage_loras([(self._stage2_lora(), float(hq_strength), STAGE_2_LORA_NAME)] if hq else []):
+            video, audio = sampler(
+                video, audio, scheduler, both, fps, mask, guided, progress_bar, keyframes, audio_mask, clean
+            )
         if two_stage:
-            video, audio = self.refine(
+            video, refined_audio = self.refine(
                 video, audio, text, fps, generator, rand_device,
                 (first_frames, strength, keyframe_images, audio_mask, retake),
                 size=(height, width), crf=crf, lora_strength=None if distilled else lora_strength,
-                progress_bar=progress_bar, without_loras=clear_lora_before_state_two,
+                progress_bar=progress_bar, without_loras=clear_lora_before_state_two, sampler=sampler,
             )  # fmt: skip
+            audio = audio if hq else refined_audio  # HQ keeps the first stage's sound, as the authors do
 
         # 4. decode
         kept = None if given is None or given.waveform is None else (given.waveform, given.sample_rate)
@@ -1255,6 +1289,7 @@ class LTX2Pipeline(BasePipeline):
         lora_strength,
         progress_bar,
         without_loras: bool = False,
+        sampler=None,
     ):
         """The second stage: upsample the video latents, re-noise video and audio to the first stage-2 sigma
         (noise drawn from the first stage's generator in token layout, video first), put the first frame back
@@ -1262,7 +1297,7 @@ class LTX2Pipeline(BasePipeline):
         sound, which stays as it is, and a retaken video, whose kept frames come back at full size), and take
         the authors' 3 distilled steps without guidance. With a `lora_strength` (the full model) the distilled
         LoRA is attached for these steps only; `without_loras` turns the LoRAs loaded apart off for them
-        (IC-LoRA references are first-stage only)."""
+        (IC-LoRA references are first-stage only). `sampler` replaces `denoise` (same arguments)."""
         (height, width), (first_frames, strength, keyframe_images, audio_mask, retake) = size, conditions
         keyframes = self.prepare_keyframes(keyframe_images, height, width, crf, fps)
         video = self.upsample_latents(video)
@@ -1284,13 +1319,14 @@ class LTX2Pipeline(BasePipeline):
             video, mask = keep_video(self, video, retake[0], height, width, retake[1], fps)
         unguided = (False, 1.0, 1.0, 0.0, None)
         denoise = (video, audio, scheduler, text, fps, mask, unguided, progress_bar, keyframes, audio_mask, clean)
+        sample = self.denoise if sampler is None else sampler
         with self._loras_off(without_loras):
             if lora_strength is None:
-                return self.denoise(*denoise)
+                return sample(*denoise)
             self.load_models_to_device(["dit"])
             self.load_lora(self._stage2_lora(), scale=lora_strength, fuse=False, name=STAGE_2_LORA_NAME)
             try:
-                return self.denoise(*denoise)
+                return sample(*denoise)
             finally:
                 from diffsynth.runtime.lora import clear_loras, list_loras
 
@@ -1379,8 +1415,9 @@ class LTX2Pipeline(BasePipeline):
         """Guided velocities; with CFG the conditional and unconditional passes run as one batch.
         `denoise_mask` / `audio_denoise_mask` mark clean conditioning latents and `keyframes` are clean tokens
         the DiT reads beside the video's (see `ltx2_velocity`); `guidance` adds the STG and
-        modality-isolation passes to that batch."""
+        modality-isolation passes to that batch. `rescale` is one factor, or (video, audio) ones."""
         conditions = {"denoise_mask": denoise_mask, "keyframes": keyframes, "audio_denoise_mask": audio_denoise_mask}
+        rescale = tuple(rescale) if isinstance(rescale, (tuple, list)) else (rescale, rescale)
         if guidance is not None and (guidance.stg or guidance.isolation):
             return self._predict_guided(
                 video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, guidance, conditions
@@ -1392,8 +1429,8 @@ class LTX2Pipeline(BasePipeline):
         )
         b = video.shape[0]
         return (
-            self._guide(video, v_video[:b], v_video[b:], sigma, scale, rescale),
-            self._guide(audio, v_audio[:b], v_audio[b:], sigma, audio_scale, rescale),
+            self._guide(video, v_video[:b], v_video[b:], sigma, scale, rescale[0]),
+            self._guide(audio, v_audio[:b], v_audio[b:], sigma, audio_scale, rescale[1]),
         )
 
     def _predict_guided(self, video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, g, conditions):
@@ -1422,9 +1459,9 @@ class LTX2Pipeline(BasePipeline):
             return [v[:b], v[b : 2 * b] if use_cfg else None, *extra]
 
         return (
-            self._guide_terms(video, parts(v_video), sigma, (scale, g.stg_scale, g.modality_scale), rescale),
+            self._guide_terms(video, parts(v_video), sigma, (scale, g.stg_scale, g.modality_scale), rescale[0]),
             self._guide_terms(
-                audio, parts(v_audio), sigma, (audio_scale, g.audio_stg_scale, g.audio_modality_scale), rescale
+                audio, parts(v_audio), sigma, (audio_scale, g.audio_stg_scale, g.audio_modality_scale), rescale[1]
             ),
         )
 

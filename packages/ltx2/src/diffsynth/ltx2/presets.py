@@ -13,6 +13,9 @@ model's fixed 8-step table without CFG at half size, the upsampler, and the same
 
 `Lightricks/LTX-2.3` (22B) has the same three presets with its own files. The authors' 2.3 defaults
 (`LTX_2_3_PARAMS`) differ from 2.0's only in 30 steps and STG at block 28; Gemma-3-12B is the same encoder.
+Its `:hq` preset (and LTX-2.5's) is their `TI2VidTwoStagesHQPipeline` (`res2s.py`): the two-stage files, the res_2s
+sampler in both stages, the distilled LoRA at 0.25 in stage 1 and 0.5 in stage 2, and `LTX_2_3_HQ_PARAMS`: 15 steps,
+STG off, guidance rescale 0.45 (video) / 1 (audio), 1920x1088 (stage 1 at 960x544).
 `Lightricks/LTX-2.5-Diffusers` is LTX-2.5 in diffusers' folder layout (Gemma 4 under `text_encoder/`); whether its
 transformer is the dev or the distilled one is not known here, so the preset sets only the size (the DiT gives
 the 2.4+ defaults: 30 guided steps; `use_distilled_pipeline=True` for a distilled transformer).
@@ -21,6 +24,8 @@ other generations (one-stage, `:two-stage`, `:distilled`) and their DFR pipeline
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from diffsynth.runtime.registry import Preset, PresetFile
 
@@ -78,6 +83,27 @@ def _presets(repo: str, dev: str, distilled: str, upsampler: str, lora: str, ful
 
 REPO_23 = "Lightricks/LTX-2.3"
 _FULL_GUIDANCE_23 = {**_FULL_GUIDANCE, "num_inference_steps": 30, "spatio_temporal_guidance_blocks": (28,)}
+_HQ = {  # ltx-pipelines `LTX_2_3_HQ_PARAMS` and `hq_2_stage_arg_parser`'s LoRA strengths
+    "height": 1088,
+    "width": 1920,
+    "num_inference_steps": 15,
+    "cfg_scale": 3.0,
+    "audio_cfg_scale": 7.0,
+    "guidance_rescale": 0.45,
+    "audio_guidance_rescale": 1.0,
+    "stg_scale": 0.0,
+    "audio_stg_scale": 0.0,
+    "modality_scale": 3.0,
+    "audio_modality_scale": 3.0,
+    "spatio_temporal_guidance_blocks": (),
+    "use_hq_pipeline": True,
+    "stage1_lora_strength": 0.25,
+    "stage2_lora_strength": 0.5,
+}
+_HQ_DESCRIPTION = (
+    "the authors' HQ two-stage pipeline: 15 res_2s steps (CFG 3 / 7, STG off) at 960x544 with the distilled LoRA at "
+    "0.25, the x2 latent upsampler, 3 res_2s steps at 1920x1088 with it at 0.5."
+)
 
 REPO_25 = "Lightricks/LTX-2.5-Diffusers"
 LTX25_DIFFUSERS = Preset(
@@ -191,3 +217,13 @@ PRESETS: dict[str, Preset] = {
     REPO_25: LTX25_DIFFUSERS,
     **LTX25_PRESETS,
 }
+
+
+def _hq(repo: str, name: str) -> Preset:
+    """`repo`'s `:hq` preset: its `:two-stage` files (the same three roles and distilled LoRA), HQ settings."""
+    two = PRESETS[f"{repo}:two-stage"]
+    defaults = {k: v for k, v in two.defaults.items() if k != "use_two_stage_pipeline"}
+    return replace(two, name=f"{repo}:hq", defaults={**defaults, **_HQ}, description=f"{name}, {_HQ_DESCRIPTION}")
+
+
+PRESETS.update({f"{r}:hq": _hq(r, name) for r, name in ((REPO_23, "LTX-2.3 22B"), (REPO_25_SPLIT, "LTX-2.5"))})

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dfr", action="store_true", help="LTX-2.5: the authors' DFR pipeline (keyframe slots, detailing pass)"
     )
     gen.add_argument(
+        "--hq", action="store_true", help="LTX-2: the authors' HQ two-stage pipeline (res_2s sampler, distilled LoRA)"
+    )
+    gen.add_argument(
         "--temporal-rounds",
         type=int,
         default=None,
@@ -386,6 +389,7 @@ def _generate(args) -> int:
         "camera_control_direction": args.camera_direction,
         "camera_control_speed": args.camera_speed,
         "use_dfr_pipeline": True if args.dfr else None,
+        "use_hq_pipeline": True if args.hq else None,
         "temporal_upsample_rounds": args.temporal_rounds,
         "enhance_prompt": True if args.prompt_enhancer is not None else None,
     }
@@ -416,7 +420,7 @@ def _generate(args) -> int:
             renamed.update(flux_fill_mask="inpaint_mask", flux_fill_image="input_image")
             renamed["retake_video"] = "input_video"
             renamed.update(camera_control_direction="camera_direction", camera_control_speed="camera_speed")
-            renamed.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds")
+            renamed.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds", use_hq_pipeline="hq")
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
     makes_video = "num_frames" in accepted
