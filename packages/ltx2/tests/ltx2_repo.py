@@ -529,7 +529,14 @@ def tiny_diffusion_decoder(latent_channels: int = 16, seed: int = 30, statistics
         stage_kernels=((3, 1, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3)), upsample_reductions=(2, 1, 1, 1),
         stage5_kernel=(3, 5, 5), t_emb_dim=32,
     )  # fmt: skip
-    model = LTX2DiffusionDecoder(config).eval()
+    model = randomized_decoder(LTX2DiffusionDecoder(config), seed)
+    if statistics is not None:
+        model.per_channel_statistics.load_state_dict(statistics.state_dict())
+    return model
+
+
+def randomized_decoder(model, seed: int = 0):
+    """A diffusion decoder's every tensor random (the zero-initialised tables included), its statistics positive."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -537,9 +544,7 @@ def tiny_diffusion_decoder(latent_channels: int = 16, seed: int = 30, statistics
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
             else:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
-        if statistics is not None:
-            model.per_channel_statistics.load_state_dict(statistics.state_dict())
-    return model
+    return model.eval()
 
 
 def diffusion_decoder_file_state(decoder, seed: int = 31) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import av
 import diffsynth_ltx2_test_repo as repo_module  # loaded by conftest
+import pytest
 
 from diffsynth.runtime.cli import main
 
@@ -117,9 +118,18 @@ def test_generate_sound_for_a_video_from_the_command_line(tiny_ltx2_base, tmp_pa
     assert (sounds[0] - sounds[1]).abs().max() > 1e-3
 
 
-def test_dfr_flags_reach_the_pipeline(tiny_ltx2_base, tmp_path, monkeypatch, capsys):
-    """`--dfr` / `--temporal-rounds` become `use_dfr_pipeline` / `temporal_upsample_rounds`; an LTX-2.0 DiT is
-    refused by name (DFR needs LTX-2.5's keyframe embedding)."""
+@pytest.mark.parametrize(
+    "flags, given, refusal",
+    [
+        (["--dfr", "--temporal-rounds", "1"], {"use_dfr_pipeline": True, "temporal_upsample_rounds": 1},
+         "use_dfr_pipeline needs an LTX-2.5 DiT"),
+        (["--hq"], {"use_hq_pipeline": True}, "latent upsampler"),
+    ],
+)  # fmt: skip
+def test_recipe_flags_reach_the_pipeline(tiny_ltx2_base, tmp_path, monkeypatch, capsys, flags, given, refusal):
+    """`--dfr` / `--temporal-rounds` become `use_dfr_pipeline` / `temporal_upsample_rounds` (an LTX-2.0 DiT is
+    refused by name: DFR needs LTX-2.5's keyframe embedding); `--hq` becomes `use_hq_pipeline` (the preset has no
+    upsampler, which the pipeline names)."""
     import functools
 
     from diffsynth.ltx2.pipeline import LTX2Pipeline
@@ -135,9 +145,9 @@ def test_dfr_flags_reach_the_pipeline(tiny_ltx2_base, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(LTX2Pipeline, "__call__", spy)
     args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")]
-    assert main([*args, *FAST, "--dfr", "--temporal-rounds", "1"]) == 2
-    assert seen["use_dfr_pipeline"] is True and seen["temporal_upsample_rounds"] == 1
-    assert "use_dfr_pipeline needs an LTX-2.5 DiT" in capsys.readouterr().err
+    assert main([*args, *FAST, *flags]) == 2
+    assert {k: seen[k] for k in given} == given
+    assert refusal in capsys.readouterr().err
 
 
 def test_prompt_enhancer_flag_loads_it_and_enhances(tiny_ltx2_base, tmp_path, monkeypatch):

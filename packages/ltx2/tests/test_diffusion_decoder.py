@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import diffsynth_ltx2_test_repo as repo  # loaded by conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,16 +65,7 @@ def tiny_config(**changes) -> LTX2DiffusionDecoderConfig:
     return LTX2DiffusionDecoderConfig(**{**fields, **changes})
 
 
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (the zero-initialised tables included) and positive statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("std-of-means"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
-    return model.eval()
+randomized = repo.randomized_decoder
 
 
 def tiny_model(seed: int = 0, **changes) -> LTX2DiffusionDecoder:

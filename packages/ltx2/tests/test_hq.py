@@ -469,26 +469,3 @@ def test_presets_are_the_two_stage_files_with_the_authors_hq_settings():
         expected.update(stage2_lora_strength=0.5)
         assert {k: hq.defaults[k] for k in expected} == expected
     assert "num_frames" not in PRESETS["Lightricks/LTX-2.5:hq"].defaults  # the duration head picks the length
-
-
-def test_cli_hq_flag_reaches_the_pipeline(tiny_ltx2_base, tmp_path, monkeypatch, capsys):
-    """`--hq` becomes `use_hq_pipeline=True`; without the upsampler the pipeline names it."""
-    import functools
-
-    from diffsynth.runtime.cli import main
-
-    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
-    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
-    seen, real = {}, LTX2Pipeline.__call__
-
-    @functools.wraps(real)  # the CLI reads the signature to know which options the pipeline takes
-    def spy(self, prompt, **kwargs):
-        seen.update(kwargs)
-        return real(self, prompt, **kwargs)
-
-    monkeypatch.setattr(LTX2Pipeline, "__call__", spy)
-    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4")]
-    fast = ["--height", str(H), "--width", str(W), "--num-frames", str(F), "--device", "cpu", "--dtype", "float32"]
-    assert main([*args, *fast, "--hq"]) == 2
-    assert seen["use_hq_pipeline"] is True
-    assert "latent upsampler" in capsys.readouterr().err
