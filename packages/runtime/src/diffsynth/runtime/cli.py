@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="LTX-2.5 DFR: double the frame rate N times (1 or 2; needs the temporal upsampler); --fps is the base rate",
     )
     gen.add_argument(
+        "--sliding-window",
+        default=None,
+        metavar="SIZE:STRIDE",
+        help="Wan: denoise in overlapping windows of SIZE latent frames every STRIDE (long videos), e.g. 21:16",
+    )
+    gen.add_argument(
         "--animate-pose-video",
         default=None,
         help="Wan2.2-Animate: the driving pose video (--input-image: the character)",
@@ -267,6 +273,18 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
     return {"blockwise_controlnet_inputs" if blockwise else "controlnet_inputs": inputs}
 
 
+def _sliding_window(value: str | None) -> dict:
+    """`--sliding-window SIZE:STRIDE` as the pipeline's `sliding_window_size` / `sliding_window_stride`."""
+    from .errors import ConfigError
+
+    if value is None:
+        return {}
+    size, _, stride = value.partition(":")
+    if not (size.isdigit() and stride.isdigit()):
+        raise ConfigError(f"--sliding-window {value!r}: give SIZE:STRIDE in latent frames, e.g. 21:16")
+    return {"sliding_window_size": int(size), "sliding_window_stride": int(stride)}
+
+
 def _pipeline_class(model: str):
     from .errors import ConfigError, preview
     from .registry import find_preset, installed_families
@@ -392,6 +410,7 @@ def _generate(args) -> int:
         "use_hq_pipeline": True if args.hq else None,
         "temporal_upsample_rounds": args.temporal_rounds,
         "enhance_prompt": True if args.prompt_enhancer is not None else None,
+        **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
@@ -421,6 +440,7 @@ def _generate(args) -> int:
             renamed["retake_video"] = "input_video"
             renamed.update(camera_control_direction="camera_direction", camera_control_speed="camera_speed")
             renamed.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds", use_hq_pipeline="hq")
+            renamed.update(sliding_window_size="sliding_window", sliding_window_stride="sliding_window")
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
     makes_video = "num_frames" in accepted

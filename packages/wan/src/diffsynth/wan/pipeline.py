@@ -54,6 +54,7 @@ from .camera import camera_control_input, check_direction
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
 from .s2v import WanS2VDiT, check_s2v_call, generate_s2v
+from .sliding_window import SlidingWindows, check_conditions
 from .text_encoder import encode_prompts
 from .vace import VaceControl, check_vace_channels, prepare_vace
 
@@ -246,6 +247,8 @@ class WanVideoPipeline(BasePipeline):
         s2v_pose_video: Sequence[ImageInput] | str | os.PathLike | None = None,
         s2v_pose_latents: torch.Tensor | None = None,
         motion_video: torch.Tensor | Sequence[ImageInput] | str | os.PathLike | None = None,
+        sliding_window_size: int | None = None,
+        sliding_window_stride: int | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -280,6 +283,10 @@ class WanVideoPipeline(BasePipeline):
         the clip: a list / file, or DiffSynth-Studio's `[1, 3, T, H, W]` tensor in [-1, 1]) continues a video. The
         clip has `num_frames` frames: the context frame (the image, or motion_video's last) and `num_frames - 1`
         new ones.
+        `sliding_window_size` / `sliding_window_stride` (latent frames, DiffSynth-Studio's arguments) run the DiT on
+        overlapping windows of the latents, blended where they overlap (`sliding_window.py`): for videos longer than
+        the DiTs were trained on. Text-, image-to-video and Fun Control; not with VACE, Animate, Control-Camera,
+        S2V or a step cache.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -302,7 +309,17 @@ class WanVideoPipeline(BasePipeline):
         animate = (animate_pose_video, animate_face_video, animate_inpaint_video, animate_mask_video)
         s2v = dict(input_audio=input_audio, audio_embeds=audio_embeds, s2v_pose_video=s2v_pose_video,
                    s2v_pose_latents=s2v_pose_latents, motion_video=motion_video)  # fmt: skip
+        windows = SlidingWindows.from_arguments(sliding_window_size, sliding_window_stride)
+        if windows is not None and self.step_caches():
+            raise ConfigError(
+                "sliding windows change the DiT's input from call to call, which a step cache (TeaCache, first-block "
+                "cache) compares: disable it for this call"
+            )
         if isinstance(self.dit, WanS2VDiT) or any(v is not None for v in s2v.values()):
+            if windows is not None:
+                raise ConfigError(
+                    "Wan2.2-S2V makes long videos clip by clip (motion_video): it takes no sliding windows"
+                )
             if not isinstance(self.dit, WanS2VDiT):
                 given = ", ".join(name for name, value in s2v.items() if value is not None)
                 raise ConfigError(f"{given} need a Wan2.2-S2V model (Wan-AI/Wan2.2-S2V-14B); this DiT is not one")
@@ -328,6 +345,7 @@ class WanVideoPipeline(BasePipeline):
             others = dict(end_image=end_image, input_video=input_video, vace_video=vace_video,
                           vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
                           control_video=control_video, reference_image=reference_image)  # fmt: skip
+            others.update(sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride)
             refused = [name for name, value in others.items() if value is not None]
             if refused:
                 raise ConfigError(f"Wan2.2-Animate takes no {', '.join(refused)}")
@@ -377,6 +395,8 @@ class WanVideoPipeline(BasePipeline):
         if vace is not None:
             cond = replace(cond, vace_context=vace.context.expand(len(prompts), -1, -1, -1, -1), vace_scale=vace.scale)
         uncond = replace(cond, context=negative_context) if use_cfg else None
+        if windows is not None:
+            check_conditions(cond)
 
         # 3. schedule and latents
         scheduler = FlowMatchScheduler("wan")
@@ -387,7 +407,9 @@ class WanVideoPipeline(BasePipeline):
         )
 
         # 4. denoise (VACE reference frames lead the latents and are dropped after)
-        x = self.denoise(x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar)
+        x = self.denoise(
+            x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar, windows
+        )
         if vace is not None:
             x = x[:, :, vace.num_references :]
 
@@ -728,9 +750,10 @@ class WanVideoPipeline(BasePipeline):
         return scheduler.add_noise(clean.expand(batch, -1, -1, -1, -1), noise, scheduler.sigmas[0])
 
     def denoise(
-        self, x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar
+        self, x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar, windows=None
     ) -> torch.Tensor:
-        """Euler steps; the high-noise `dit` runs while t >= boundary * 1000, then `dit2` (if loaded)."""
+        """Euler steps; the high-noise `dit` runs while t >= boundary * 1000, then `dit2` (if loaded). With
+        `windows` (`SlidingWindows`) each velocity is blended from the DiT's on overlapping windows of frames."""
         dit, guidance = self.dit, scale
         self.load_models_to_device(["dit"])
         if first_latent is not None:
@@ -742,7 +765,15 @@ class WanVideoPipeline(BasePipeline):
                 self.load_models_to_device(["dit2"])
                 dit, guidance = self.dit2, scale_2
             timestep = self.timestep_input(dit, x, t, first_latent is not None)
-            velocity = self.predict(dit, x, timestep, cond, uncond if guidance != 1.0 else None, guidance, cfg_merge)
+            negative = uncond if guidance != 1.0 else None
+            if windows is None:
+                velocity = self.predict(dit, x, timestep, cond, negative, guidance, cfg_merge)
+            else:
+
+                def window_velocity(xs, ts, c, u, dit=dit, guidance=guidance):
+                    return self.predict(dit, xs, ts, c, u, guidance, cfg_merge)
+
+                velocity = windows.predict(window_velocity, x, timestep, cond, negative)
             x = scheduler.step(velocity, i, x)
             if first_latent is not None:
                 x[:, :, :1] = first_latent
