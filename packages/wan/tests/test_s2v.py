@@ -659,12 +659,16 @@ def test_preset_has_the_authors_defaults():
 
 
 def test_cli_input_audio_drives_an_s2v_model(s2v_repo, tmp_path, monkeypatch):
-    """`--input-audio` (LTX-2's audio-to-video flag) reaches a Wan2.2-S2V pipeline as `input_audio`."""
-    from diffsynth.runtime.media import load_video, save_audio
+    """`--input-audio` (LTX-2's audio-to-video flag) reaches a Wan2.2-S2V pipeline as `input_audio`, and
+    `--s2v-pose-video` as `s2v_pose_video`."""
+    from diffsynth.runtime.media import load_video, save_audio, save_video
 
     save_audio(torch.from_numpy(speech())[None], tmp_path / "voice.wav", 16000)
     P.image(3, (32, 32)).save(tmp_path / "face.png")
+    save_video([P.image(k, (32, 32)) for k in range(5)], tmp_path / "pose.mp4", fps=16)
     flags = ["--input-image", str(tmp_path / "face.png"), "--input-audio", str(tmp_path / "voice.wav")]
+    flags += ["--s2v-pose-video", str(tmp_path / "pose.mp4")]
     seen, _, out = P.run_cli(s2v_repo, tmp_path, monkeypatch, *flags)
     assert seen["input_audio"] == str(tmp_path / "voice.wav") and "retake_audio" not in seen
+    assert seen["s2v_pose_video"] == str(tmp_path / "pose.mp4")
     assert len(load_video(out)) == 5

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="LTX-2.5 DFR: double the frame rate N times (1 or 2; needs the temporal upsampler); --fps is the base rate",
     )
     gen.add_argument(
+        "--s2v-pose-video", default=None, help="Wan2.2-S2V: a pose video the person follows (with --input-audio)"
+    )
+    gen.add_argument(
         "--sliding-window",
         default=None,
         metavar="SIZE:STRIDE",
@@ -410,6 +413,7 @@ def _generate(args) -> int:
         "use_hq_pipeline": True if args.hq else None,
         "temporal_upsample_rounds": args.temporal_rounds,
         "enhance_prompt": True if args.prompt_enhancer is not None else None,
+        "s2v_pose_video": args.s2v_pose_video,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
