@@ -29,14 +29,15 @@ CONV_VAE_FILE = "vae/ltx-2.5-video-vae-conv-bf16.safetensors"
 class Decoding:
     """The call's decoding settings. `single`: one prompt with "pil" (the batch axis is dropped); `tiled`,
     `tile_size`, `tile_stride`: the convolutional VAE's spatial tiles in latent cells; `use_diffusion_decoder`:
-    None uses it when loaded; `diffusion_tiles`: its tiles."""
+    whether the diffusion decoder decodes (`uses_diffusion_decoder` of the call's argument); `diffusion_tiles`: its
+    tiles."""
 
     single: bool
     output_type: str
     tiled: bool = False
     tile_size: int | tuple[int, int] = 16
     tile_stride: int | tuple[int, int] | None = None
-    use_diffusion_decoder: bool | None = None
+    use_diffusion_decoder: bool = False
     diffusion_tiles: DecoderTiles = DecoderTiles()
 
 
@@ -95,7 +96,7 @@ def uses_diffusion_decoder(pipe, wanted: bool | None) -> bool:
 
 def decode_video(pipe, video: torch.Tensor, decoding: Decoding, generator: torch.Generator | None) -> torch.Tensor:
     """Normalised video latents `[B, C, F, h, w]` to pixels `[B, 3, 1 + 8(F-1), 32h, 32w]` in [-1, 1]."""
-    if uses_diffusion_decoder(pipe, decoding.use_diffusion_decoder):
+    if decoding.use_diffusion_decoder:
         decoder = pipe.diffusion_decoder
         pipe.load_models_to_device(["diffusion_decoder"])
         latents = video.to(device=pipe.device, dtype=module_dtype(decoder))

@@ -562,7 +562,7 @@ class LTX2Pipeline(BasePipeline):
             self.check_clearable_loras(two_stage)
         single = isinstance(prompt, str) and output_type == "pil"
         decoding = Decoding(
-            single, output_type, tiled, tile_size, tile_stride, use_diffusion_decoder,
+            single, output_type, tiled, tile_size, tile_stride, diffusion_decoding,
             diffusion_tiles(tile_size_in_pixels, tile_overlap_in_pixels, tile_size_in_frames, tile_overlap_in_frames),
         )  # fmt: skip
         if dfr_on:
