@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Wan: denoise in overlapping windows of SIZE latent frames every STRIDE (long videos), e.g. 21:16",
     )
     gen.add_argument(
+        "--motion-bucket-id",
+        type=float,
+        default=None,
+        metavar="ID",
+        help="Wan speed control (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1): 0 slow ... 100 fast",
+    )
+    gen.add_argument(
         "--animate-pose-video",
         default=None,
         help="Wan2.2-Animate: the driving pose video (--input-image: the character)",
@@ -414,6 +421,7 @@ def _generate(args) -> int:
         "temporal_upsample_rounds": args.temporal_rounds,
         "enhance_prompt": True if args.prompt_enhancer is not None else None,
         "s2v_pose_video": args.s2v_pose_video,
+        "motion_bucket_id": args.motion_bucket_id,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone

@@ -496,6 +496,7 @@ class WanDiT(nn.Module):
         pose_latents: torch.Tensor | None = None,
         face_pixel_values: torch.Tensor | None = None,
         camera_latents: torch.Tensor | None = None,
+        motion_modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction for latents `x` `[B, C, F, H, W]`; computation runs in `x.dtype`.
 
@@ -513,7 +514,8 @@ class WanDiT(nn.Module):
         frames after the first) and `face_pixel_values` `[B, 3, 4 (F - 1) - 3, size, size]` in [-1, 1] (the
         face crops of the same frames). Control-Camera DiTs (`camera_adapter_dim`) add `camera_latents`
         `[B, camera_adapter_dim, F, 8 H, 8 W]` (a camera path's Plücker rays, `camera.py`) through their
-        `control_adapter` to the patch embedding.
+        `control_adapter` to the patch embedding. `motion_modulation` `[B, 6, dim]` (a speed-control model's
+        output, `motion_controller.py`) is added to the timestep modulation; it needs one timestep per sample.
 
         Under parallelism (`self.parallel`) the samples are divided over the batch ranks and the video
         tokens over the sequence ranks (the text and CLIP keys stay whole).
@@ -534,6 +536,7 @@ class WanDiT(nn.Module):
             pose_latents,
             face_pixel_values,
             camera_latents,
+            motion_modulation,
         )
 
     def _forward(
@@ -549,6 +552,7 @@ class WanDiT(nn.Module):
         pose_latents: torch.Tensor | None = None,
         face_pixel_values: torch.Tensor | None = None,
         camera_latents: torch.Tensor | None = None,
+        motion_modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.config
         if y is not None:
@@ -575,6 +579,8 @@ class WanDiT(nn.Module):
             grid = (grid[0] + 1, grid[1], grid[2])
         temb = self.time_embedding(timestep_embedding(values, cfg.freq_dim).to(dtype))
         e = self.time_projection(temb).float().unflatten(-1, (6, cfg.dim))
+        if motion_modulation is not None:
+            e = e + self._motion_offset(motion_modulation, e, index)
         context = self.text_embedding(F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1])))
         context_img = self.img_emb(clip_feature, dtype) if cfg.has_image_input else None
         rope = self._rope(grid, device)
@@ -709,6 +715,18 @@ class WanDiT(nn.Module):
         tokens = self.vace_patch_embedding(c.to(dtype))
         tokens = tokens.flatten(2).transpose(1, 2).float()
         return F.pad(tokens, (0, 0, 0, seq.shape[1] - tokens.shape[1]))
+
+    def _motion_offset(self, motion: torch.Tensor, e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """A speed-control offset `[B, 6, dim]` (or `[1, 6, dim]`) for the per-sample modulation `e` `[B, 6, dim]`."""
+        b = index.shape[0]
+        if index.shape[1] != 1:
+            raise ValueError("motion_modulation needs one timestep per sample, not per-token timesteps")
+        if motion.dim() != 3 or motion.shape[0] not in (1, b) or motion.shape[1:] != e.shape[1:]:
+            raise ValueError(
+                f"motion_modulation has shape {tuple(motion.shape)}; expected [{b}, 6, {self.config.dim}] "
+                "(a speed-control model of this DiT's width)"
+            )
+        return motion.float()
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -31,6 +31,7 @@ from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, 
 from . import audio_encoder, s2v
 from .animate import Blur
 from .dit import WanDiT, WanDiTConfig
+from .motion_controller import MOTION_CONTROLLER_SPEC
 
 PREFIX = "model.diffusion_model."
 HEAD_DIM = 128  # every released Wan DiT; heads are not visible in the shapes
@@ -559,10 +560,10 @@ from .presets import PRESETS  # noqa: E402
 
 FAMILY = Family(
     name="wan",
-    specs=(DIT_SPEC, S2V_DIT_SPEC, WAV2VEC_SPEC, *ENCODER_SPECS),
+    specs=(DIT_SPEC, S2V_DIT_SPEC, WAV2VEC_SPEC, MOTION_CONTROLLER_SPEC, *ENCODER_SPECS),
     presets=PRESETS,
     pipeline="diffsynth.wan.pipeline:WanVideoPipeline",
     training="diffsynth.wan.training:WanTrainingTask",
-    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate and S2V DiTs, UMT5-XXL text encoder, "
+    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate and S2V DiTs, speed control, UMT5-XXL text encoder, "
     "open-clip XLM-R image encoder, causal 3D VAEs",
 )

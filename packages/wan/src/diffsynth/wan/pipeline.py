@@ -70,7 +70,8 @@ class WanConditions:
     features `[B, 257 or 514, 1280]` (Wan 2.1 I2V / FLF2V, Fun), the extra input channels `y` (I2V;
     Fun Control: the control latent first), a VACE DiT's control context `[B, 96, F, H, W]` with its
     scale, a Fun DiT's reference image latent `[B, 16, 1, H, W]`, and an Animate DiT's pose latent
-    `[B, 16, F - 1, H, W]` and face crops `[B, 3, 4 (F - 1) - 3, 512, 512]`."""
+    `[B, 16, F - 1, H, W]` and face crops `[B, 3, 4 (F - 1) - 3, 512, 512]`, and a speed-control model's
+    modulation offset `[B, 6, dim]`."""
 
     context: torch.Tensor
     clip_feature: torch.Tensor | None = None
@@ -81,12 +82,13 @@ class WanConditions:
     pose_latents: torch.Tensor | None = None
     face_pixel_values: torch.Tensor | None = None
     camera_latents: torch.Tensor | None = None
+    motion_modulation: torch.Tensor | None = None
 
     def extras(self) -> dict:
         """The DiT's keyword inputs besides the text (the ones given)."""
         given = {"clip_feature": self.clip_feature, "y": self.y, "reference_latents": self.reference_latents}
         given.update(pose_latents=self.pose_latents, face_pixel_values=self.face_pixel_values)
-        given.update(camera_latents=self.camera_latents)
+        given.update(camera_latents=self.camera_latents, motion_modulation=self.motion_modulation)
         if self.vace_context is not None:
             given.update(vace_context=self.vace_context, vace_scale=self.vace_scale)
         return {k: v for k, v in given.items() if v is not None}
@@ -130,9 +132,10 @@ class WanVideoPipeline(BasePipeline):
         "text_encoder": "text_encoder",
         "image_encoder": "image_encoder",
         "audio_encoder": "audio_encoder",  # Wan2.2-S2V's wav2vec2
+        "motion_controller": "motion_controller",  # DiffSynth-Studio's speed control
     }
-    optional_slots = ("dit2", "image_encoder", "audio_encoder")
-    stage_order = ("audio_encoder", "text_encoder", "image_encoder", "vae", "dit", "dit2", "vae")
+    optional_slots = ("dit2", "image_encoder", "audio_encoder", "motion_controller")
+    stage_order = ("audio_encoder", "text_encoder", "image_encoder", "vae", "motion_controller", "dit", "dit2", "vae")
     size_multiple = 16  # set per model after loading: VAE compression x patch size
 
     # ------------------------------------------------------------------ loading
@@ -249,6 +252,7 @@ class WanVideoPipeline(BasePipeline):
         motion_video: torch.Tensor | Sequence[ImageInput] | str | os.PathLike | None = None,
         sliding_window_size: int | None = None,
         sliding_window_stride: int | None = None,
+        motion_bucket_id: float | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -287,6 +291,8 @@ class WanVideoPipeline(BasePipeline):
         overlapping windows of the latents, blended where they overlap (`sliding_window.py`): for videos longer than
         the DiTs were trained on. Text-, image-to-video and Fun Control; not with VACE, Animate, Control-Camera,
         S2V or a step cache.
+        `motion_bucket_id` sets the speed of the motion with DiffSynth-Studio's speed-control model
+        (`DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1`, loaded beside Wan2.1-T2V-1.3B): 0 slow, 100 fast.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -314,6 +320,11 @@ class WanVideoPipeline(BasePipeline):
             raise ConfigError(
                 "sliding windows change the DiT's input from call to call, which a step cache (TeaCache, first-block "
                 "cache) compares: disable it for this call"
+            )
+        motion = self.motion_modulation(motion_bucket_id, len(prompts))
+        if motion is not None and (isinstance(self.dit, WanS2VDiT) or self.dit.config.animate):
+            raise ConfigError(
+                "motion_bucket_id (speed control) is for text- and image-to-video DiTs, not S2V or Animate"
             )
         if isinstance(self.dit, WanS2VDiT) or any(v is not None for v in s2v.values()):
             if windows is not None:
@@ -388,7 +399,7 @@ class WanVideoPipeline(BasePipeline):
             vace = prepare_vace(
                 self, vace_video, vace_video_mask, vace_reference_image, vace_scale, frames, height, width, vae_kwargs
             )
-        cond = WanConditions(context, clip_feature, y, reference_latents=reference_latents)
+        cond = WanConditions(context, clip_feature, y, reference_latents=reference_latents, motion_modulation=motion)
         if camera is not None:
             rays = camera_control_input(camera_control_direction, frames, height, width, *camera)
             cond = replace(cond, camera_latents=rays.to(self.device).expand(len(prompts), -1, -1, -1, -1))
@@ -430,6 +441,27 @@ class WanVideoPipeline(BasePipeline):
         if rounded != num_frames:
             logger.warning("num_frames=%d rounded to %d (1 + %dk frames)", num_frames, rounded, tc)
         return rounded
+
+    def motion_modulation(self, motion_bucket_id, batch: int) -> torch.Tensor | None:
+        """The speed-control model's modulation offset `[batch, 6, dim]` for `motion_bucket_id` (None without one)."""
+        if motion_bucket_id is None:
+            return None
+        if isinstance(motion_bucket_id, bool) or not isinstance(motion_bucket_id, (int, float)):
+            raise ConfigError(f"motion_bucket_id={motion_bucket_id!r} is not a number (0 slow ... 100 fast)")
+        if self.motion_controller is None:
+            raise ConfigError(
+                "motion_bucket_id needs the speed-control model: add ModelConfig(model_id="
+                "'DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1', origin_file_pattern='model.safetensors')"
+            )
+        width, dits = self.motion_controller.config.dim, [d for d in (self.dit, self.dit2) if d is not None]
+        if any(getattr(d.config, "dim", width) != width for d in dits):
+            raise ConfigError(
+                f"the speed-control model is for DiTs of width {width}; this DiT has dim={self.dit.config.dim} "
+                "(DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1 goes with Wan2.1-T2V-1.3B)"
+            )
+        self.load_models_to_device(["motion_controller"])
+        ids = torch.full((batch,), float(motion_bucket_id), device=self.device)
+        return self.motion_controller(ids).float()
 
     def check_images(self, input_image, end_image, batch: int, control_video=None):
         """The first/last frames as lists of RGB images (one per prompt), checked against the DiT's kind (and

@@ -231,6 +231,19 @@ _PRESETS += tuple(
     )
 )
 
+# DiffSynth-Studio's speed control: Wan2.1-T2V-1.3B with the motion controller beside it (`motion_bucket_id`).
+SPEED_CONTROL = Preset(
+    name="DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1",
+    files=(
+        *(PresetFile("Wan-AI/Wan2.1-T2V-1.3B", p) for p in (DIT, T5, VAE21)),
+        PresetFile("DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1", "model.safetensors"),
+    ),
+    tokenizer=TOKENIZER,
+    defaults={**_COMMON, "num_inference_steps": 50, **_480P},
+    description="Wan 2.1 text-to-video 1.3B with DiffSynth-Studio's speed control: motion_bucket_id 0 (slow) to 100.",
+)
+_PRESETS += (SPEED_CONTROL,)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 __all__ = ["FLF2V_NEGATIVE_PROMPT", "I2V_NEGATIVE_PROMPT", "NEGATIVE_PROMPT", "PRESETS"]

@@ -26,7 +26,7 @@ from diffsynth.runtime.errors import ConfigError
 
 # Conditions a window can take: per-frame ones are cut, the others shared (see the module docstring).
 PER_FRAME = ("y",)
-SHARED = ("clip_feature", "reference_latents")
+SHARED = ("clip_feature", "reference_latents", "motion_modulation")
 
 
 @dataclass(frozen=True)
