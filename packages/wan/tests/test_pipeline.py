@@ -542,7 +542,8 @@ def test_presets_are_data_with_the_authors_defaults():
     fun += ["Wan2.2-Fun-A14B-Control", "Wan2.2-Fun-A14B-InP", "Wan2.2-VACE-Fun-A14B"]
     fun += ["Wan2.1-Fun-V1.1-1.3B-Control-Camera", "Wan2.1-Fun-V1.1-14B-Control-Camera"]
     fun += ["Wan2.2-Fun-A14B-Control-Camera"]
-    assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun)])
+    studio = ["DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1"]
+    assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *studio])
     assert presets["PAI/Wan2.2-VACE-Fun-A14B"].defaults == presets["Wan-AI/Wan2.2-T2V-A14B"].defaults
     a14b = presets["Wan-AI/Wan2.2-T2V-A14B"]
     assert [f.origin_file_pattern for f in a14b.files][:2] == [
