@@ -518,42 +518,52 @@ class LTX2Block(nn.Module):
         self, vx: torch.Tensor, ax: torch.Tensor, inp: BlockInputs, keep: tuple[Keep, ...] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`keep`: which rows run the video self-, audio self-, a2v and v2a attentions (SKIP_KINDS order);
-        None runs them all."""
+        None runs them all. A stream without tokens (text-to-audio's video) is left out, with the attentions
+        between the streams, as ltx-core leaves out an absent modality."""
         keep_video, keep_audio, keep_a2v, keep_v2a = (None,) * 4 if keep is None else keep
+        run_video, run_audio = vx.shape[1] > 0, ax.shape[1] > 0
         video_values = _ada_values(self.scale_shift_table, inp.video_mod)
         audio_values = _ada_values(self.audio_scale_shift_table, inp.audio_mod)
         v_shift, v_scale, v_gate, v_shift_ff, v_scale_ff, v_gate_ff = video_values[:6]
         a_shift, a_scale, a_gate, a_shift_ff, a_scale_ff, a_gate_ff = audio_values[:6]
         # self-attention, then text cross-attention (AdaLN-modulated only with cross_attention_adaln), per stream
-        v_attn = self.attn1(
-            _modulate(self._norm(vx), v_shift, v_scale),
-            mask=inp.video_self_mask,
-            rope=inp.video_rope,
-            keep=keep_video,
-            sequence_parallel=True,
-        )
-        vx = add_mul(vx, v_attn, v_gate)
-        a_attn = self.audio_attn1(_modulate(self._norm(ax), a_shift, a_scale), rope=inp.audio_rope, keep=keep_audio)
-        ax = add_mul(ax, a_attn, a_gate)
+        if run_video:
+            v_attn = self.attn1(
+                _modulate(self._norm(vx), v_shift, v_scale),
+                mask=inp.video_self_mask,
+                rope=inp.video_rope,
+                keep=keep_video,
+                sequence_parallel=True,
+            )
+            vx = add_mul(vx, v_attn, v_gate)
+        if run_audio:
+            a_attn = self.audio_attn1(_modulate(self._norm(ax), a_shift, a_scale), rope=inp.audio_rope, keep=keep_audio)
+            ax = add_mul(ax, a_attn, a_gate)
         if self.cross_attention_adaln:
-            vx = self._text_adaln(
-                self.attn2, vx, video_values[6:], inp.video_context, inp.video_context_mask,
-                self.prompt_scale_shift_table, inp.video_prompt_mod,
-            )  # fmt: skip
-            ax = self._text_adaln(
-                self.audio_attn2, ax, audio_values[6:], inp.audio_context, inp.audio_context_mask,
-                self.audio_prompt_scale_shift_table, inp.audio_prompt_mod,
-            )  # fmt: skip
+            if run_video:
+                vx = self._text_adaln(
+                    self.attn2, vx, video_values[6:], inp.video_context, inp.video_context_mask,
+                    self.prompt_scale_shift_table, inp.video_prompt_mod,
+                )  # fmt: skip
+            if run_audio:
+                ax = self._text_adaln(
+                    self.audio_attn2, ax, audio_values[6:], inp.audio_context, inp.audio_context_mask,
+                    self.audio_prompt_scale_shift_table, inp.audio_prompt_mod,
+                )  # fmt: skip
         else:
-            vx = vx + self.attn2(self._norm(vx), inp.video_context, inp.video_context_mask)
-            ax = ax + self.audio_attn2(self._norm(ax), inp.audio_context, inp.audio_context_mask)
+            if run_video:
+                vx = vx + self.attn2(self._norm(vx), inp.video_context, inp.video_context_mask)
+            if run_audio:
+                ax = ax + self.audio_attn2(self._norm(ax), inp.audio_context, inp.audio_context_mask)
 
         # audio <-> video: both directions read the streams as they are now
-        if keep_a2v is not False or keep_v2a is not False:
+        if run_video and run_audio and (keep_a2v is not False or keep_v2a is not False):
             vx, ax = self._cross_modal(vx, ax, inp, keep_a2v, keep_v2a)
 
-        vx = add_mul(vx, self.ff(_modulate(self._norm(vx), v_shift_ff, v_scale_ff)), v_gate_ff)
-        ax = add_mul(ax, self.audio_ff(_modulate(self._norm(ax), a_shift_ff, a_scale_ff)), a_gate_ff)
+        if run_video:
+            vx = add_mul(vx, self.ff(_modulate(self._norm(vx), v_shift_ff, v_scale_ff)), v_gate_ff)
+        if run_audio:
+            ax = add_mul(ax, self.audio_ff(_modulate(self._norm(ax), a_shift_ff, a_scale_ff)), a_gate_ff)
         return vx, ax
 
     def _text_adaln(

@@ -692,6 +692,15 @@ class LTX2Pipeline(BasePipeline):
         seconds = ((frames - 1) * 2**rounds + 1) / (fps * 2**rounds)
         return self.finish(video, audio, decoding, samples=round(seconds * self.sample_rate), generator=generator)
 
+    @torch.no_grad()
+    def generate_audio(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, **kwargs):
+        """Sound alone from text (the authors' text-to-audio pipeline): an `LTX2Audio`. The arguments and their
+        defaults are `text_to_audio.generate_audio`'s (`num_frames` / `frame_rate` give the duration, the audio
+        guidance scales, `num_inference_steps`, `sigmas`, `seed`, ...)."""
+        from .text_to_audio import generate_audio
+
+        return generate_audio(self, prompt, negative_prompt, **kwargs)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(

@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--hq", action="store_true", help="LTX-2: the authors' HQ two-stage pipeline (res_2s sampler, distilled LoRA)"
     )
     gen.add_argument(
+        "--audio-only",
+        action="store_true",
+        help="LTX-2: text-to-audio, sound alone (--num-frames / --fps give its length); writes a .wav",
+    )
+    gen.add_argument(
         "--temporal-rounds",
         type=int,
         default=None,
@@ -283,6 +288,25 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
     return {"blockwise_controlnet_inputs" if blockwise else "controlnet_inputs": inputs}
 
 
+def _generate_audio(pipe, args) -> int:
+    """`--audio-only`: the pipeline's text-to-audio, written as a .wav."""
+    from .errors import ConfigError
+    from .media import save_audio
+
+    if not hasattr(pipe, "generate_audio"):
+        raise ConfigError(f"--audio-only is not used by {type(pipe).__name__} (model {args.model!r}): it needs LTX-2")
+    output = Path(args.output or "output.wav")
+    if output.suffix.lower() != ".wav":
+        raise ConfigError(f"--audio-only writes sound: --output must name a .wav file, not {output}")
+    options = {"negative_prompt": args.negative_prompt, "num_frames": args.num_frames, "frame_rate": args.fps}
+    options.update(num_inference_steps=args.steps, audio_cfg_scale=args.cfg)
+    sound = pipe.generate_audio(args.prompt, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_audio(sound.waveform, output, sound.sample_rate)
+    logger.info("wrote %s", output)
+    return 0
+
+
 def _sliding_window(value: str | None) -> dict:
     """`--sliding-window SIZE:STRIDE` as the pipeline's `sliding_window_size` / `sliding_window_stride`."""
     from .errors import ConfigError
@@ -391,6 +415,8 @@ def _generate(args) -> int:
         pipe.enable_first_block_cache(args.first_block_cache)
     if args.tea_cache is not None:
         pipe.enable_tea_cache(args.tea_cache, model_id=args.tea_cache_model_id)
+    if args.audio_only:
+        return _generate_audio(pipe, args)
     options = {
         "negative_prompt": args.negative_prompt,
         "cfg_scale": args.cfg,
