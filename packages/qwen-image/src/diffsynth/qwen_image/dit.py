@@ -117,14 +117,19 @@ def msrope_angles(
     axes_dims: Sequence[int],
     device: torch.device,
     layer3d: bool = False,
+    interpolate_references: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary angles of one sample: `(image [L_img, D/2], text [L_txt, D/2])`, axes concatenated. Text of
     several segments (EliGen's entity prompts, then the global one) places each as if it were alone.
 
     `layer3d` (Qwen-Image-Layered): the last entry of `shapes` is the input image, at frame -1 (one frame);
-    the text starts at least at `len(shapes) - 1`, the number of generated frames."""
+    the text starts at least at `len(shapes) - 1`, the number of generated frames.
+    `interpolate_references` (DiffSynth-Studio's `edit_rope_interpolation`, for its Edit-Lowres-Fix LoRA): each
+    reference after the first entry takes rows and columns spread evenly over the first entry's (a small edit
+    image then spans the generated image's positions), keeping its own frame index."""
     parts = []
     last = len(shapes) - 1
+    _, target_h, target_w = shapes[0]
     for index, (f, h, w) in enumerate(shapes):
         if layer3d and index == last:
             if f != 1:
@@ -132,7 +137,11 @@ def msrope_angles(
             frames = torch.full((1,), -1, device=device)
         else:
             frames = torch.arange(index, index + f, device=device)
-        axes = (frames, centred_positions(h, device), centred_positions(w, device))
+        rows, cols = centred_positions(h, device), centred_positions(w, device)
+        if interpolate_references and index > 0:
+            rows = centred_positions(target_h, device)[_spread(target_h, h, device)]
+            cols = centred_positions(target_w, device)[_spread(target_w, w, device)]
+        axes = (frames, rows, cols)
         grids = torch.meshgrid(*axes, indexing="ij")
         parts.append(torch.cat([axis_angles(g.reshape(-1), d) for g, d in zip(grids, axes_dims, strict=True)], -1))
     start = max(max(h // 2, w // 2) for _, h, w in shapes)
@@ -142,6 +151,11 @@ def msrope_angles(
     text_pos = torch.cat([torch.arange(start, start + n, device=device) for n in lengths])
     text = torch.cat([axis_angles(text_pos, d) for d in axes_dims], dim=-1)
     return torch.cat(parts, dim=0), text
+
+
+def _spread(source: int, n: int, device) -> torch.Tensor:
+    """`n` indices evenly over `range(source)`, rounded down (DiffSynth-Studio's float32 linspace, truncated)."""
+    return torch.linspace(0, source - 1, n, device=device).long()
 
 
 def check_img_shapes(img_shapes, batch: int) -> list[list[ImageShape]]:
@@ -156,16 +170,22 @@ def check_img_shapes(img_shapes, batch: int) -> list[list[ImageShape]]:
 
 
 def joint_rope(
-    img_shapes, n_img: int, n_txt: int | Sequence[int], axes_dims: Sequence[int], device, layer3d: bool = False
+    img_shapes,
+    n_img: int,
+    n_txt: int | Sequence[int],
+    axes_dims: Sequence[int],
+    device,
+    layer3d: bool = False,
+    interpolate_references: bool = False,
 ) -> Rope:
     """Rotary tables of the joint `[text, image]` sequence, `[B, L_txt + L_img, 1, head_dim]` (`n_txt`: the
-    text's length, or its segments' lengths; `layer3d`: see `msrope_angles`)."""
+    text's length, or its segments' lengths; `layer3d`, `interpolate_references`: see `msrope_angles`)."""
     img_angles, txt_angles = [], []
     for b, shapes in enumerate(img_shapes):
         total = sum(math.prod(s) for s in shapes)
         if total != n_img:
             raise ValueError(f"img_shapes[{b}]={list(shapes)} covers {total} tokens, but latents have {n_img}")
-        img, txt = msrope_angles(shapes, n_txt, axes_dims, device, layer3d)
+        img, txt = msrope_angles(shapes, n_txt, axes_dims, device, layer3d, interpolate_references)
         img_angles.append(img)
         txt_angles.append(txt)
     angles = torch.cat([torch.stack(txt_angles), torch.stack(img_angles)], dim=1)[:, :, None]  # [B, S, 1, D/2]
@@ -378,6 +398,7 @@ class QwenImageDiT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         controlnet_block_samples: Sequence[torch.Tensor] | None = None,
         additional_t_cond: torch.Tensor | None = None,
+        edit_rope_interpolation: bool = False,
     ) -> torch.Tensor:
         """`latents` `[B, L_img, in_channels]` packed tokens, `timestep` `[B]` sigma, `text`
         `[B, L_txt, joint_attention_dim]`, `text_mask` `[B, L_txt]` (True = real token),
@@ -398,7 +419,8 @@ class QwenImageDiT(nn.Module):
         pipeline passes 0).
 
         With `parallel` set, the batch and the image tokens (edit references included) are divided over
-        the ranks (`enable_parallel`)."""
+        the ranks (`enable_parallel`). `edit_rope_interpolation` spreads each reference's rotary positions over
+        the generated image's grid (`msrope_angles`; DiffSynth-Studio's Qwen-Image-Edit-Lowres-Fix)."""
         b, n_img = latents.shape[:2]
         img_shapes = check_img_shapes(img_shapes, b)
         additional_t_cond = self._check_additional(additional_t_cond, b, latents.device)
@@ -416,8 +438,9 @@ class QwenImageDiT(nn.Module):
                     f"attn_mask has shape {tuple(attn_mask.shape)}; expected [B or 1, 1, {length}, {length}]"
                 )
             return self._forward(
-                latents, timestep, text, None, img_shapes, segments, attn_mask, residuals, additional_t_cond
-            )
+                latents, timestep, text, None, img_shapes, segments, attn_mask, residuals, additional_t_cond,
+                edit_rope_interpolation,
+            )  # fmt: skip
         return batch_parallel(
             self.parallel,
             b,
@@ -431,6 +454,7 @@ class QwenImageDiT(nn.Module):
             None,
             residuals,
             additional_t_cond,
+            edit_rope_interpolation,
             per_sample=(4,),
         )
 
@@ -464,6 +488,7 @@ class QwenImageDiT(nn.Module):
         attn_mask=None,
         residuals=None,
         additional_t_cond=None,
+        edit_rope_interpolation=False,
     ) -> torch.Tensor:
         cfg = self.config
         b, n_img, _ = latents.shape
@@ -485,7 +510,7 @@ class QwenImageDiT(nn.Module):
 
         axes, layer3d = self.config.axes_dims_rope, self.config.use_layer3d_rope
         n_text = txt.shape[1] if segments is None else segments
-        rope = joint_rope(img_shapes, n_img, n_text, axes, img.device, layer3d)
+        rope = joint_rope(img_shapes, n_img, n_text, axes, img.device, layer3d, edit_rope_interpolation)
         mask = attn_mask if text_mask is None else joint_key_mask(text_mask, n_img)
 
         n_txt = txt.shape[1]

@@ -103,6 +103,7 @@ def qwen_image_velocity(
     edit_latents: Sequence[torch.Tensor] = (),
     entities: QwenEntityText | None = None,
     controlnet_block_samples: Sequence[torch.Tensor] | None = None,
+    edit_rope_interpolation: bool = False,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 16, H, W]` (float32) predicted at noise level `sigma` [B].
 
@@ -110,6 +111,7 @@ def qwen_image_velocity(
     `[B, 16, h, w]` whose tokens follow the image's, their predictions discarded. `entities` (EliGen) replace
     `text` by the entity prompts and the global one, with their attention mask. `controlnet_block_samples`
     are the ControlNets' residuals for this step (`controlnet_residuals`), added to the image's tokens.
+    `edit_rope_interpolation` spreads the references' positions over the image's grid (see `msrope_angles`).
     """
     p = dit.config.patch_size
     b, _, h, w = latents.shape
@@ -119,6 +121,8 @@ def qwen_image_velocity(
     image = torch.cat(tokens, dim=1).to(dtype)
     sigma = sigma.to(latents.device, torch.float32).expand(b)
     control = {} if controlnet_block_samples is None else {"controlnet_block_samples": controlnet_block_samples}
+    if edit_rope_interpolation:
+        control["edit_rope_interpolation"] = True
     if entities is not None:
         mask = entities.attention_mask(image.shape[1])
         out = dit(image, sigma, entities.text.to(dtype), None, [shapes] * b, entities.segments, mask, **control)
@@ -232,6 +236,8 @@ class QwenImagePipeline(BasePipeline):
         inpaint_blur_sigma: float | None = None,
         edit_image=None,
         edit_image_auto_resize: bool = True,
+        edit_rope_interpolation: bool = False,
+        context_image=None,
         eligen_entity_prompts: Sequence[str] | None = None,
         eligen_entity_masks: Sequence[Image.Image] | None = None,
         eligen_enable_on_negative: bool = False,
@@ -267,6 +273,11 @@ class QwenImagePipeline(BasePipeline):
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
+        `edit_rope_interpolation` (DiffSynth-Studio's, for its Qwen-Image-Edit-Lowres-Fix LoRA) spreads a smaller
+        edit image's rotary positions over the generated image's grid, so a low-resolution image edits a larger one.
+        `context_image` (DiffSynth-Studio's In-Context Control LoRAs, e.g. Qwen-Image-In-Context-Control-Union with
+        a "Context_Control. " prompt) is resized to the output size and its latent tokens follow the image's as a
+        clean reference that the text encoder does not see; a control map (pose, depth, edges, ...) is followed.
 
         `layer_input_image` (Qwen-Image-Layered; see `decompose`) returns `layer_num` RGBA layers per prompt
         instead; `layer_resolution` and `cfg_normalize` belong to that mode.
@@ -282,6 +293,8 @@ class QwenImagePipeline(BasePipeline):
                     "input_image": input_image,
                     "inpaint_mask": inpaint_mask,
                     "edit_image": edit_image,
+                    "context_image": context_image,
+                    "edit_rope_interpolation": edit_rope_interpolation or None,
                     "eligen_entity_prompts": eligen_entity_prompts,
                     "controlnet_inputs": controlnet_inputs,
                     "blockwise_controlnet_inputs": blockwise_controlnet_inputs,
@@ -339,8 +352,10 @@ class QwenImagePipeline(BasePipeline):
         if template not in SIGMA_TEMPLATES:
             raise ConfigError(f"sigma_template={template!r} is not known; use one of {', '.join(SIGMA_TEMPLATES)}")
         entity_prompts, entity_masks = check_entity_inputs(eligen_entity_prompts, eligen_entity_masks)
-        if entity_prompts and (len(prompts) != 1 or edits is not None):
-            raise ConfigError("EliGen (eligen_entity_prompts) takes one prompt at a time and no edit_image")
+        if entity_prompts and (len(prompts) != 1 or edits is not None or context_image is not None):
+            raise ConfigError(
+                "EliGen (eligen_entity_prompts) takes one prompt at a time and no edit_image or context_image"
+            )
         if not isinstance(eligen_enable_on_negative, bool):
             raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
         blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
@@ -369,6 +384,7 @@ class QwenImagePipeline(BasePipeline):
             steps, denoising_strength=strength, image_seq_len=(height // 16) * (width // 16), mu=exponential_shift_mu
         )
         uses_vae = input_image is not None or edits is not None or bool(control_inputs or blockwise_inputs)
+        uses_vae = uses_vae or context_image is not None
         self.load_models_to_device(["vae"] if uses_vae else [])
         noise = self.prepare_noise(len(prompts), height, width, seed, rand_device, latents)
         clean = None
@@ -378,6 +394,11 @@ class QwenImagePipeline(BasePipeline):
         references = (
             [] if edits is None else self.encode_edit_images(edits, len(prompts), tiled, tile_size, tile_stride)
         )
+        if context_image is not None:  # before the edit images, as DiffSynth-Studio lays them out
+            context = self.encode_context_image(
+                context_image, len(prompts), height, width, tiled, tile_size, tile_stride
+            )
+            references = [context, *references]
         controls = self.encode_controls(control_inputs, height, width, tiled, tile_size, tile_stride)
         blockwise = self.encode_blockwise(blockwise_inputs, height, width, tiled, tile_size, tile_stride)
 
@@ -392,10 +413,12 @@ class QwenImagePipeline(BasePipeline):
             residuals = controlnet_residuals(active, x, sigma, text, text_mask, self.dit.config.num_layers)
             if blockwise:
                 residuals = blockwise_residual([c for c in blockwise if c.active(i, n_steps)])
-            velocity = qwen_image_velocity(self.dit, x, sigma, text, text_mask, references, entities, residuals)
+            velocity = qwen_image_velocity(
+                self.dit, x, sigma, text, text_mask, references, entities, residuals, edit_rope_interpolation
+            )
             if negative is not None:  # the negative call gets the positive prompt's control (as diffusers)
                 negative_velocity = qwen_image_velocity(
-                    self.dit, x, sigma, *negative, references, negative_entities, residuals
+                    self.dit, x, sigma, *negative, references, negative_entities, residuals, edit_rope_interpolation
                 )
                 velocity = true_cfg(velocity, negative_velocity, cfg_scale, self.dit.config.patch_size)
             if repaint is not None:
@@ -613,6 +636,15 @@ class QwenImagePipeline(BasePipeline):
     def input_images(self, input_image) -> list[Image.Image]:
         images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
         return [load_image(im) for im in images]
+
+    def encode_context_image(self, context_image, batch, height, width, tiled, tile_size, tile_stride) -> torch.Tensor:
+        """Normalised VAE latents `[B, 16, H/8, W/8]` of one in-context control image, resized to `width x height`."""
+        if isinstance(context_image, (list, tuple)):
+            raise ConfigError("context_image is one image (a path or PIL image), shared by every prompt")
+        image = load_image(context_image).resize((width, height))
+        pixels = pil_to_tensor(image, dtype=module_dtype(self.vae), device=self.device)
+        clean = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        return clean[:, :, 0].float().expand(batch, -1, -1, -1)
 
     def encode_input_image(self, input_image, batch, height, width, tiled, tile_size, tile_stride) -> torch.Tensor:
         """Normalised VAE latents `[B, 16, H/8, W/8]` of the input image(s), resized to `width x height`."""
