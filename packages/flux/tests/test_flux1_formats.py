@@ -191,6 +191,7 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
         "black-forest-labs/FLUX.1-Krea-dev",
         "black-forest-labs/FLUX.1-dev",
         "black-forest-labs/FLUX.1-schnell",
+        "ostris/Flex.2-preview",
     ]
 
 

@@ -50,10 +50,11 @@ from diffsynth.runtime.pipeline import BasePipeline, accepts_tea_cache, fetch_co
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
-from .flux1.channels import CONTROL, FILL, condition_kind, describe_widths, fold_mask
+from .flux1.channels import CONTROL, FILL, FLEX, condition_kind, describe_widths, fold_mask
 from .flux1.controlnet import UNION_MODES, Flux1ControlNet
 from .flux1.dit import residual_per_block
 from .flux1.eligen import EliGenEntities, check_entity_inputs, entity_regions, joint_inputs
+from .flux1.flex import DEFAULT_CONTROL_STOP, DEFAULT_CONTROL_STRENGTH, check_flex_inputs, encode_flex
 from .flux1.ip_adapter import IPAdapterKV
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds, encode_prompts
 
@@ -422,6 +423,11 @@ class FluxImagePipeline(BasePipeline):
         flux_fill_image=None,
         flux_fill_mask=None,
         control_image=None,
+        flex_inpaint_image=None,
+        flex_inpaint_mask=None,
+        flex_control_image=None,
+        flex_control_strength: float = DEFAULT_CONTROL_STRENGTH,
+        flex_control_stop: float = DEFAULT_CONTROL_STOP,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -461,6 +467,9 @@ class FluxImagePipeline(BasePipeline):
         with their control LoRA) is the canny or depth map to follow. One image (and mask) or one per prompt;
         resized to the output size, which they give when `height`/`width` are not passed (rounded down to
         multiples of 16). FLUX.1 Fill defaults to embedded guidance 30 and 50 steps.
+        Flex.2 (`flux1/flex.py`, DiffSynth-Studio's arguments): `flex_inpaint_image` + `flex_inpaint_mask` (white =
+        repaint) and/or `flex_control_image`, weighted by `flex_control_strength` and followed for the first
+        `flex_control_stop` of the steps; all optional.
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
         """
@@ -471,6 +480,10 @@ class FluxImagePipeline(BasePipeline):
         ip_images = self.check_ip_adapter_inputs(ipadapter_images, ipadapter_scale)
         redux_inputs = self.check_redux_inputs(flux_redux_image, flux_redux_scale, flux_redux_pooled_scale)
         channel_inputs = self.check_channel_inputs(flux_fill_image, flux_fill_mask, control_image, kontext_images)
+        flex = check_flex_inputs(
+            self.dit, flex_inpaint_image, flex_inpaint_mask, flex_control_image, flex_control_strength,
+            flex_control_stop, kontext_images,
+        )  # fmt: skip
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         fill = channel_inputs is not None and channel_inputs[0] == FILL
         guidance = self.setting("embedded_guidance", embedded_guidance, FILL_GUIDANCE if fill else DEFAULT_GUIDANCE)
@@ -484,8 +497,8 @@ class FluxImagePipeline(BasePipeline):
         if references:
             height = height if height is not None else references[0].height
             width = width if width is not None else references[0].width
-        if channel_inputs is not None:
-            first = channel_inputs[1][0]
+        first = channel_inputs[1][0] if channel_inputs is not None else flex.first_image() if flex else None
+        if first is not None:
             height = height if height is not None else first.height // 16 * 16
             width = width if width is not None else first.width // 16 * 16
         height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
@@ -514,6 +527,7 @@ class FluxImagePipeline(BasePipeline):
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, **shape)
         uses_vae = input_image is not None or references or controlnet_inputs or channel_inputs is not None
+        uses_vae = uses_vae or (flex is not None and flex.first_image() is not None)
         self.load_models_to_device(["vae"] if uses_vae else [])
         x = self.prepare_latents(
             len(prompts),
@@ -535,6 +549,8 @@ class FluxImagePipeline(BasePipeline):
             condition = self.encode_channel_condition(
                 channel_inputs, len(prompts), height, width, tiled, tile_size, tile_stride
             )
+        if flex is not None:
+            flex = encode_flex(self, flex, x, len(scheduler.timesteps), tiled, tile_size, tile_stride)
 
         # 3. denoise
         self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
@@ -552,7 +568,7 @@ class FluxImagePipeline(BasePipeline):
                 active,
                 entities,
                 ip_kv,
-                condition,
+                condition if flex is None else flex.at(i),
             )
             x = scheduler.step(velocity, i, x)
 
@@ -742,7 +758,9 @@ class FluxImagePipeline(BasePipeline):
                 f"this is {what}. ControlNets take their images through controlnet_inputs"
             )
         if kind == "unknown":
-            raise ConfigError(f"this is {what}: its input is neither FLUX.1's, Fill's nor Canny/Depth's")
+            raise ConfigError(f"this is {what}: its input is neither FLUX.1's, Fill's, Canny/Depth's nor Flex.2's")
+        if kind == FLEX:
+            return None  # Flex.2's inputs are its own (`flux1/flex.py`)
         if kind == FILL and fill_image is None:
             raise ConfigError(
                 f"this is {what}: give flux_fill_image and flux_fill_mask (white = repaint) to inpaint or outpaint"

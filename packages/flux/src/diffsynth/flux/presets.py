@@ -14,6 +14,9 @@ and guidance 30 (its model card, diffusers' `FluxFillPipeline` defaults); Canny-
 and guidance 30, Depth-dev with 30 steps and guidance 10 (their model cards). They give no size: the output takes
 the condition image's. The Canny / Depth LoRAs (`FLUX.1-Canny-dev-lora`, `-Depth-dev-lora`) are no presets: load
 one onto FLUX.1-dev with `pipe.load_lora(...)`.
+
+Flex.2-preview (ostris): its single file with FLUX.1-dev's VAE and text encoders, as DiffSynth-Studio's example
+loads it; 50 steps and embedded guidance 3.5 (that example's); no size (a condition image gives it).
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ from __future__ import annotations
 from diffsynth.runtime.registry import Preset, PresetFile
 
 
-def _repo_files(repo: str, dit_file: str) -> tuple[PresetFile, ...]:
+def _shared_files(repo: str) -> tuple[PresetFile, ...]:
+    """The VAE and the two text encoders of a FLUX.1 repo."""
     return (
-        PresetFile(repo, dit_file),
         PresetFile(repo, "ae.safetensors"),
         PresetFile(repo, "text_encoder/model.safetensors"),
         PresetFile(repo, "text_encoder_2/*.safetensors*"),  # two shards and their index
     )
+
+
+def _repo_files(repo: str, dit_file: str) -> tuple[PresetFile, ...]:
+    return (PresetFile(repo, dit_file), *_shared_files(repo))
 
 
 def _preset(repo: str, dit_file: str, defaults: dict, description: str) -> Preset:
@@ -90,5 +97,16 @@ PRESETS: dict[str, Preset] = {
         "flux1-depth-dev.safetensors",
         {"num_inference_steps": 30, "embedded_guidance": 10.0, "cfg_scale": 1.0},
         "FLUX.1-Depth-dev 12B, follows a depth map: pass control_image; 30 steps, embedded guidance 10.",
+    ),
+    "ostris/Flex.2-preview": Preset(
+        name="ostris/Flex.2-preview",
+        files=(
+            PresetFile("ostris/Flex.2-preview", "Flex.2-preview.safetensors"),
+            *_shared_files("black-forest-labs/FLUX.1-dev"),
+        ),
+        tokenizer=PresetFile("black-forest-labs/FLUX.1-dev", "tokenizer/"),
+        defaults={"num_inference_steps": 50, "embedded_guidance": 3.5, "cfg_scale": 1.0},
+        description="Flex.2-preview 8B (ostris, Apache-2.0): text-to-image, inpainting (flex_inpaint_image + "
+        "flex_inpaint_mask) and control (flex_control_image) in one model; 50 steps, embedded guidance 3.5.",
     ),
 }

@@ -40,6 +40,8 @@ concatenates to every noisy token. The DiT says which condition it takes (`condi
 or its files' header when only the encoders load) and rows without it are refused naming the column; with no DiT
 to ask, the rows' columns decide, and `velocity` refuses a condition the DiT does not take. Validation samples
 need `--validation_images`: the image to fill and its mask (`"image.png,mask.png"`), or the control map.
+Flex.2 (`flux1/flex.py`) trains on images and prompts alone, as DiffSynth-Studio trains it: its condition is the empty
+one (no inpainting image, a mask of ones, no control map), and its validation samples are plain text-to-image calls.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 from diffsynth.runtime.vram import module_dtype
 
-from .flux1.channels import CONTROL, FILL, condition_kind, describe_widths
+from .flux1.channels import CONTROL, FILL, FLEX, condition_kind, describe_widths, flex_condition
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
-from .pipeline import FluxImagePipeline, KontextLatents, flux_velocity
+from .pipeline import FluxImagePipeline, KontextLatents, flux_velocity, pack_latents
 from .reference_batches import collate_references, row_references
 
 logger = logging.getLogger(__name__)
@@ -315,6 +317,10 @@ class FluxTrainingTask(PipelineTrainingTask):
         prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
         kontext = KontextLatents(batch["kontext"], batch["kontext_ids"]) if "kontext" in batch else None
         condition = batch.get("condition")
+        config = getattr(getattr(dit, "module", dit), "config", None)  # DDP wraps the DiT
+        if condition is None and config is not None and condition_kind(config) == FLEX:
+            # Flex.2 learns from images and prompts with its empty condition (DiffSynth-Studio trains it so)
+            condition = pack_latents(flex_condition(None, None, None, noisy_latents.float()))
         self._check_condition(dit, condition)
         return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext, condition=condition)
 
