@@ -7,6 +7,7 @@ import importlib
 _EXPORTS = {
     "LTX2Pipeline": "pipeline",
     "LTX2Audio": "pipeline",
+    "LTX2HDRPipeline": "hdr",
     "ltx2_velocity": "pipeline",
     "LTX2DiT": "dit",
     "LTX2DiTConfig": "dit",

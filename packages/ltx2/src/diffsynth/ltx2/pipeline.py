@@ -151,6 +151,7 @@ def ltx2_velocity(
     skips: Sequence[AttentionSkip] = (),
     keyframes: LTX2Keyframes | None = None,
     audio_denoise_mask: torch.Tensor | None = None,
+    audio_references: LTX2Keyframes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow velocities (noise - clean), float32, of video latents `[B, 128, f, h, w]` and audio latents
     `[B, C, L, M]` at noise level `sigma` (scalar or `[B]`; `audio_sigma` defaults to it).
@@ -162,6 +163,8 @@ def ltx2_velocity(
     attentions off for some rows (STG / modality isolation). `keyframes` (`LTX2Keyframes`) are clean tokens
     appended to the video's, at timestep 0, for keyframe conditioning. `audio_denoise_mask` (`[1 or B, 1, L,
     1]`, 0 = a given, clean audio latent frame) does for the audio what `denoise_mask` does for the video.
+    `audio_references` (tokens `[1, K, C * M]`, positions `[1, 1, K, 2]`) are clean audio tokens appended to the
+    audio's at timestep 0, as `keyframes` are to the video's (Dub-It's reference sound, `dubit.py`).
     Computation runs in the DiT's dtype.
     """
     dtype = module_dtype(dit)
@@ -190,9 +193,15 @@ def ltx2_velocity(
         marked = torch.zeros(b, tokens.shape[1], device=video.device)
         marked[:, : h * w] = 1.0  # ltx-core marks it always; appended condition tokens are not marked
         extra["keyframes_mask"] = marked
+    audio_tokens, audio_coords = pack_latents(audio), audio_positions(cfg, b, audio.shape[2], video.device)
+    if audio_references is not None:  # clean tokens after the audio's: timestep 0, their own positions
+        audio_t = audio_t[:, None].expand(b, audio.shape[2]) if audio_t.dim() == 1 else audio_t
+        audio_t = torch.cat([audio_t, audio_t.new_zeros(b, len(audio_references))], dim=1)
+        audio_tokens = torch.cat([audio_tokens, audio_references.tokens.to(audio_tokens).expand(b, -1, -1)], dim=1)
+        audio_coords = torch.cat([audio_coords, audio_references.coords.to(audio_coords).expand(b, -1, -1, -1)], dim=2)
     v_video, v_audio = dit(
         tokens.to(dtype),
-        pack_latents(audio).to(dtype),
+        audio_tokens.to(dtype),
         text.video.to(dtype),
         text.audio.to(dtype),
         video_t,
@@ -200,11 +209,11 @@ def ltx2_velocity(
         video_context_mask=mask,
         audio_context_mask=mask,
         video_coords=coords,
-        audio_coords=audio_positions(cfg, b, audio.shape[2], video.device),
+        audio_coords=audio_coords,
         skips=skips,
         **extra,
     )
-    v_video = v_video[:, : f * h * w]
+    v_video, v_audio = v_video[:, : f * h * w], v_audio[:, : audio.shape[2]]
     return unpack_video(v_video.float(), f, h, w), unpack_latents(v_audio.float(), audio.shape[3])
 
 
@@ -693,6 +702,15 @@ class LTX2Pipeline(BasePipeline):
         return self.finish(video, audio, decoding, samples=round(seconds * self.sample_rate), generator=generator)
 
     @torch.no_grad()
+    def dub_video(self, prompt: str, reference_video, **kwargs):
+        """Dub-It (the authors' `DubItPipeline`): `reference_video` (a video file with sound) re-voiced to say
+        `prompt`, lips in sync, as `(frames, LTX2Audio)`; load the distilled model, the latent upsampler and the
+        Dub-It IC-LoRA first. The arguments are `dubit.dub_video`'s."""
+        from .dubit import dub_video
+
+        return dub_video(self, prompt, reference_video, **kwargs)
+
+    @torch.no_grad()
     def generate_audio(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, **kwargs):
         """Sound alone from text (the authors' text-to-audio pipeline): an `LTX2Audio`. The arguments and their
         defaults are `text_to_audio.generate_audio`'s (`num_frames` / `frame_rate` give the duration, the audio
@@ -700,6 +718,14 @@ class LTX2Pipeline(BasePipeline):
         from .text_to_audio import generate_audio
 
         return generate_audio(self, prompt, negative_prompt, **kwargs)
+
+    @torch.no_grad()
+    def generate_hdr(self, reference_video, prompt_embeddings=None, **kwargs):
+        """Linear HDR frames from an SDR video with LTX-2.3's HDR IC-LoRA loaded (`hdr.generate_hdr`, whose arguments
+        these are; `hdr.LTX2HDRPipeline` is this pipeline without a text encoder, calling it)."""
+        from .hdr import generate_hdr
+
+        return generate_hdr(self, reference_video, prompt_embeddings, **kwargs)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -720,6 +746,12 @@ class LTX2Pipeline(BasePipeline):
         two-stage preset names `ltx-2-19b-distilled-lora-384.safetensors`, fetched at its first use), and
         `stage2_lora_strength` its scale (default 0.8). Load the latent upsampler like any model, e.g.
         `ModelConfig(model_id="Lightricks/LTX-2", origin_file_pattern="ltx-2-spatial-upscaler-x2-1.0.safetensors")`."""
+        hdr_preset = isinstance(model_id_or_configs, str) and model_id_or_configs.endswith(":hdr")
+        if hdr_preset and "text_encoder" not in cls.optional_slots:  # as LTX2HDRPipeline has it
+            raise ConfigError(
+                f"{model_id_or_configs} has no text encoder (it reads pre-computed embeddings): load it with "
+                "diffsynth.ltx2.LTX2HDRPipeline.from_pretrained"
+            )
         pipe = super().from_pretrained(
             model_id_or_configs,
             torch_dtype=torch_dtype,
@@ -1181,15 +1213,19 @@ class LTX2Pipeline(BasePipeline):
         keyframes=None,
         audio_mask=None,
         clean=None,
+        audio_references=None,
     ):
         """Euler steps over the scheduler's sigmas; `guided` is (use_cfg, cfg, audio cfg, rescale,
-        `LTX2Guidance`). Latents under `mask` / `audio_mask` 0 stay as they are; `keyframes` are read at
-        every step. With `clean` (the first frame's latents), each step's clean estimate is blended with
-        it by `1 - mask` (a first frame of strength below 1), which leaves mask-0 frames as they are."""
+        `LTX2Guidance`). Latents under `mask` / `audio_mask` 0 stay as they are; `keyframes` (and
+        `audio_references`) are read at every step. With `clean` (the first frame's latents), each step's clean
+        estimate is blended with it by `1 - mask` (a first frame of strength below 1), which leaves mask-0 frames
+        as they are."""
         use_cfg, scale, audio_scale, rescale, guidance = guided
         extra = {} if mask is None else {"denoise_mask": mask}
         if keyframes is not None:
             extra["keyframes"] = keyframes
+        if audio_references is not None:
+            extra["audio_references"] = audio_references
         if audio_mask is not None:
             extra["audio_denoise_mask"] = audio_mask
         self.load_models_to_device(["dit"])
@@ -1420,12 +1456,14 @@ class LTX2Pipeline(BasePipeline):
         guidance: LTX2Guidance | None = None,
         keyframes: LTX2Keyframes | None = None,
         audio_denoise_mask=None,
+        audio_references: LTX2Keyframes | None = None,
     ):
         """Guided velocities; with CFG the conditional and unconditional passes run as one batch.
         `denoise_mask` / `audio_denoise_mask` mark clean conditioning latents and `keyframes` are clean tokens
         the DiT reads beside the video's (see `ltx2_velocity`); `guidance` adds the STG and
         modality-isolation passes to that batch. `rescale` is one factor, or (video, audio) ones."""
         conditions = {"denoise_mask": denoise_mask, "keyframes": keyframes, "audio_denoise_mask": audio_denoise_mask}
+        conditions["audio_references"] = audio_references
         rescale = tuple(rescale) if isinstance(rescale, (tuple, list)) else (rescale, rescale)
         if guidance is not None and (guidance.stg or guidance.isolation):
             return self._predict_guided(

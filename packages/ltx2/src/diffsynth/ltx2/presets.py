@@ -227,3 +227,20 @@ def _hq(repo: str, name: str) -> Preset:
 
 
 PRESETS.update({f"{r}:hq": _hq(r, name) for r, name in ((REPO_23, "LTX-2.3 22B"), (REPO_25_SPLIT, "LTX-2.5"))})
+
+# The HDR IC-LoRA (`hdr.py`, the authors' `HDRICLoraPipeline`) runs on the distilled 2.3 model with the x2 upsampler
+# and reads pre-computed embeddings instead of Gemma: load it with `LTX2HDRPipeline`, which fetches and fuses the
+# LoRA (`hdr_lora`) and reads the embeddings file (`prompt_embeddings`, found by pattern: its exact name was not
+# checked here) at the first call.
+HDR_REPO = "Lightricks/LTX-2.3-22b-IC-LoRA-HDR"
+HDR_LORA = "ltx-2.3-22b-ic-lora-hdr-0.9.safetensors"
+HDR_EMBEDDINGS = "*emb*.safetensors"
+_distilled_23 = PRESETS[f"{REPO_23}:distilled"]
+PRESETS[f"{REPO_23}:hdr"] = Preset(
+    name=f"{REPO_23}:hdr",
+    files=tuple(f for f in _distilled_23.files if f.model_id == REPO_23),  # no Gemma: the embeddings are given
+    defaults={"hdr_lora": (HDR_REPO, HDR_LORA), "prompt_embeddings": (HDR_REPO, HDR_EMBEDDINGS)},
+    description="LTX-2.3 HDR IC-LoRA video-to-video (load with LTX2HDRPipeline): an SDR video in, linear HDR float "
+    "frames out (LogC3 decoded); the distilled model in two stages (8 steps at half size, x2 upsampler, 2 steps), "
+    "pre-computed embeddings instead of Gemma.",
+)
