@@ -92,6 +92,7 @@ def test_presets_carry_the_authors_defaults():
         "Qwen/Qwen-Image-Edit-2509",
         "Qwen/Qwen-Image-Edit-2511",
         "Qwen/Qwen-Image-Layered",
+        "DiffSynth-Studio/Qwen-Image-Distill-Full",
     }
     base = PRESETS["Qwen/Qwen-Image"]
     assert base.defaults["cfg_scale"] == 4.0 and base.defaults["num_inference_steps"] == 50
@@ -99,6 +100,10 @@ def test_presets_carry_the_authors_defaults():
     assert base.tokenizer.origin_file_pattern == "tokenizer/"
     assert {f.origin_file_pattern for f in base.files} >= {"transformer/*.safetensors*", "text_encoder/*.safetensors*"}
     assert PRESETS["Qwen/Qwen-Image-Edit-2509"].defaults["num_inference_steps"] == 40
+    distill = PRESETS["DiffSynth-Studio/Qwen-Image-Distill-Full"]
+    assert (distill.defaults["num_inference_steps"], distill.defaults["cfg_scale"]) == (15, 1.0)
+    shared = {(f.model_id, f.origin_file_pattern) for f in base.files if not f.origin_file_pattern.startswith("trans")}
+    assert {(f.model_id, f.origin_file_pattern) for f in distill.files[1:]} == shared
 
 
 def test_unknown_preset_lists_the_known_ones():

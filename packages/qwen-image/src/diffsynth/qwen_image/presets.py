@@ -10,6 +10,10 @@ Qwen-Image-Layered's defaults are those of the authors' card (diffusers' `QwenIm
 `layers=4`, `resolution=640`, `cfg_normalize=True`, `true_cfg_scale=4`, negative prompt " ", 50 steps), under
 our names `layer_num`, `layer_resolution`, `cfg_normalize` and `cfg_scale`.
 
+DiffSynth-Studio/Qwen-Image-Distill-Full (its distilled DiT with Qwen-Image's other files) samples in 15 steps
+without CFG, as its example does; its LoRA form (`Qwen-Image-Distill-LoRA`) loads onto Qwen/Qwen-Image with
+`load_lora`.
+
 `CONTROLNETS` are the ControlNet repos `load_controlnet("Org/Name")` knows: their files (each a diffusers
 `QwenImageControlNetModel` folder at the repo root).
 """
@@ -77,6 +81,19 @@ PRESETS: dict[str, Preset] = {
         _LAYERED,
         "Qwen-Image-Layered: an RGBA image (layer_input_image) into 4 RGBA layers at about 640x640, 50 steps, "
         "true CFG 4 normalised.",
+    ),
+    # DiffSynth-Studio's distilled Qwen-Image (the whole DiT): its DiT files at the repo root, Qwen-Image's text
+    # encoder, VAE and tokenizer; 15 steps without CFG (its example)
+    "DiffSynth-Studio/Qwen-Image-Distill-Full": Preset(
+        name="DiffSynth-Studio/Qwen-Image-Distill-Full",
+        files=(
+            PresetFile("DiffSynth-Studio/Qwen-Image-Distill-Full", "diffusion_pytorch_model*.safetensors"),
+            PresetFile("Qwen/Qwen-Image", "text_encoder/*.safetensors*"),
+            PresetFile("Qwen/Qwen-Image", "vae/diffusion_pytorch_model.safetensors"),
+        ),
+        tokenizer=PresetFile("Qwen/Qwen-Image", "tokenizer/"),
+        defaults={**_T2I, "num_inference_steps": 15, "cfg_scale": 1.0},
+        description="DiffSynth-Studio's distilled Qwen-Image: 15 steps without CFG.",
     ),
 }
 
