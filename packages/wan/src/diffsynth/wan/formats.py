@@ -28,7 +28,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from . import audio_encoder, s2v
+from . import animate2, audio_encoder, s2v
 from .animate import Blur
 from .dit import WanDiT, WanDiTConfig
 from .motion_controller import MOTION_CONTROLLER_SPEC
@@ -542,6 +542,30 @@ S2V_DIT_SPEC = ModelSpec(
     build=s2v.WanS2VDiT,
     description="Wan2.2-S2V speech-to-video DiT (the authors' keys, as in Wan-AI/Wan2.2-S2V-14B)",
 )
+# ----------------------------------------------------------------------------------- Wan2.2-Animate-2
+# DiffSynth-Studio's `WanAnimate2Transformer` names (`blocks.N.block.*`: no converter); its file has no plain
+# `blocks.N.modulation`, so the plain DiT spec does not match it.
+ANIMATE2_SIGNATURE = (
+    "patch_embedding.weight",
+    "text_embedding.0.weight",
+    "time_projection.1.weight",
+    "blocks.0.block.modulation",
+    "blocks.0.block.self_attn.q.weight",
+    "blocks.0.block.cross_attn.k_img.weight",
+    "img_emb.proj.1.weight",
+    "head.head.weight",
+)
+ANIMATE2_DIT_SPEC = ModelSpec(
+    name="wan_animate2_dit",
+    role="dit",
+    layouts=(
+        KeyLayout("original", ANIMATE2_SIGNATURE),
+        KeyLayout("original_prefixed", ANIMATE2_SIGNATURE, prefix=PREFIX),
+    ),
+    config_from_state=animate2.config_from_state,
+    build=animate2.WanAnimate2DiT,
+    description="Wan2.2-Animate-2 DiT (wan_animate_2/wan_animate_2_bf16*.safetensors, DiffSynth-Studio's keys)",
+)
 WAV2VEC_SIGNATURE = (
     "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
     "wav2vec2.encoder.layers.0.attention.q_proj.weight",
@@ -560,10 +584,10 @@ from .presets import PRESETS  # noqa: E402
 
 FAMILY = Family(
     name="wan",
-    specs=(DIT_SPEC, S2V_DIT_SPEC, WAV2VEC_SPEC, MOTION_CONTROLLER_SPEC, *ENCODER_SPECS),
+    specs=(DIT_SPEC, S2V_DIT_SPEC, ANIMATE2_DIT_SPEC, WAV2VEC_SPEC, MOTION_CONTROLLER_SPEC, *ENCODER_SPECS),
     presets=PRESETS,
     pipeline="diffsynth.wan.pipeline:WanVideoPipeline",
     training="diffsynth.wan.training:WanTrainingTask",
-    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate and S2V DiTs, speed control, UMT5-XXL text encoder, "
+    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate, Animate-2 and S2V DiTs, speed control, UMT5-XXL text encoder, "
     "open-clip XLM-R image encoder, causal 3D VAEs",
 )

@@ -50,6 +50,7 @@ from .animate import (
     segment_condition,
     segment_starts,
 )
+from .animate2 import WanAnimate2DiT, check_animate2_arguments, generate_animate2
 from .camera import camera_control_input, check_direction
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
@@ -253,6 +254,12 @@ class WanVideoPipeline(BasePipeline):
         sliding_window_size: int | None = None,
         sliding_window_stride: int | None = None,
         motion_bucket_id: float | None = None,
+        animate2_reference_image: ImageInput | None = None,
+        animate2_reference_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        animate2_prompt_ref: str | None = None,
+        animate2_refert_images: Sequence[ImageInput] | str | os.PathLike | None = None,
+        animate2_offload_kv: bool | None = None,
+        animate2_log_scale: float | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -293,6 +300,11 @@ class WanVideoPipeline(BasePipeline):
         S2V or a step cache.
         `motion_bucket_id` sets the speed of the motion with DiffSynth-Studio's speed-control model
         (`DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1`, loaded beside Wan2.1-T2V-1.3B): 0 slow, 100 fast.
+        Wan2.2-Animate-2 (DiffSynth-Studio's arguments, see `animate2.py`): `animate2_reference_image` (the character)
+        moves like the person of `animate2_reference_video` (frames or a file, at least `num_frames` long), described
+        by `animate2_prompt_ref` (default " "); `animate2_refert_images` are the clip's given first frames (the
+        previous clip's last ones); `animate2_offload_kv` keeps the driving video's keys/values on the CPU;
+        `animate2_log_scale` (the distilled preset's -1.3) weighs attention to the first video frame.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -321,6 +333,27 @@ class WanVideoPipeline(BasePipeline):
                 "sliding windows change the DiT's input from call to call, which a step cache (TeaCache, first-block "
                 "cache) compares: disable it for this call"
             )
+        animate2 = dict(animate2_reference_image=animate2_reference_image, animate2_prompt_ref=animate2_prompt_ref,
+                        animate2_reference_video=animate2_reference_video, animate2_log_scale=animate2_log_scale,
+                        animate2_refert_images=animate2_refert_images, animate2_offload_kv=animate2_offload_kv)  # fmt: skip
+        if isinstance(self.dit, WanAnimate2DiT) or any(v is not None for v in animate2.values()):
+            others = dict(input_image=input_image, end_image=end_image, input_video=input_video, vace_video=vace_video,
+                          vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
+                          control_video=control_video, reference_image=reference_image,
+                          camera_control_direction=camera_control_direction, motion_bucket_id=motion_bucket_id,
+                          sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride,
+                          **s2v)  # fmt: skip
+            others.update(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
+                               "animate_mask_video"), animate, strict=True))  # fmt: skip
+            check_animate2_arguments(self, [k for k, v in animate2.items() if v is not None], others, cfg_merge)
+            video = generate_animate2(
+                self, prompts, negatives, animate2_reference_image, animate2_reference_video, animate2_prompt_ref,
+                animate2_refert_images, bool(self.setting("animate2_offload_kv", animate2_offload_kv, False)),
+                float(self.setting("animate2_log_scale", animate2_log_scale, 0.0)), (height, width, frames), seed,
+                rand_device, latents, max_sequence_length, (steps, shift, sigmas), scale, vae_kwargs, progress_bar,
+            )  # fmt: skip
+            out = tensor_to_output(video.float(), output_type)
+            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
         motion = self.motion_modulation(motion_bucket_id, len(prompts))
         if motion is not None and (isinstance(self.dit, WanS2VDiT) or self.dit.config.animate):
             raise ConfigError(

@@ -17,6 +17,10 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - Wan2.2-S2V-14B (`wan/configs/wan_s2v_14B.py`): 40 steps, guide scale 4.5, shift 3, clips of 80 frames
   (`num_frames=81`: the reference frame + 80) at 16 fps, its own negative prompt; 448x832 as DiffSynth-Studio's
   example (the authors fit the reference image's size into 720*1280 pixels).
+- Wan2.2-Animate-2-14B (DiffSynth-Studio's examples; no other implementation is public): 40 steps, guidance 3,
+  shift 5, 81 frames, height 1280 x width 720, 24 fps, the driving video's keys / values kept on the CPU
+  (`animate2_offload_kv`, as the examples); the distilled DiT (`...:distilled`) 10 steps without guidance and
+  `animate2_log_scale=-1.3`.
 - PAI's Wan Fun Control and InP models: DiffSynth-Studio's defaults, which its example scripts use
   (832x480, 81 frames, 50 steps, guidance 5, shift 5; the A14B experts hand over at 0.875).
 
@@ -243,6 +247,35 @@ SPEED_CONTROL = Preset(
     description="Wan 2.1 text-to-video 1.3B with DiffSynth-Studio's speed control: motion_bucket_id 0 (slow) to 100.",
 )
 _PRESETS += (SPEED_CONTROL,)
+
+# Wan2.2-Animate-2-14B: the DiT and encoders in the repo's `wan_animate_2/` and `videomodel/Wan-AI/` folders, the
+# VAE from Wan2.1-T2V-14B (DiffSynth-Studio's examples). The distilled DiT is a second file of the same repo.
+ANIMATE2 = "Wan-AI/Wan2.2-Animate-2-14B"
+_ANIMATE2_FILES = (
+    PresetFile(ANIMATE2, f"videomodel/Wan-AI/{T5}"),
+    PresetFile(ANIMATE2, f"videomodel/Wan-AI/{CLIP}"),
+    PresetFile("Wan-AI/Wan2.1-T2V-14B", VAE21),
+)
+# the driving video's cached keys / values take ~62 GB in bf16 at this size: kept on the CPU, as the examples do
+_ANIMATE2 = {**_COMMON, "num_frames": 81, "height": 1280, "width": 720, "fps": 24, "animate2_offload_kv": True}
+_PRESETS += (
+    Preset(
+        name=ANIMATE2,
+        files=(PresetFile(ANIMATE2, "wan_animate_2/wan_animate_2_bf16.safetensors"), *_ANIMATE2_FILES),
+        tokenizer=PresetFile(ANIMATE2, "videomodel/Wan-AI/umt5-xxl/"),
+        defaults={**_ANIMATE2, "num_inference_steps": 40, "cfg_scale": 3.0, "animate2_log_scale": 0.0},
+        description="Wan 2.2 Animate-2 14B: animate animate2_reference_image (a character) with the motion of "
+        "animate2_reference_video; 40 steps, guidance 3, 720x1280 (portrait), 81 frames; continue long videos with "
+        "animate2_refert_images (animate2.animate2_long_video).",
+    ),
+    Preset(
+        name=f"{ANIMATE2}:distilled",
+        files=(PresetFile(ANIMATE2, "wan_animate_2/wan_animate_2_bf16_distillation.safetensors"), *_ANIMATE2_FILES),
+        tokenizer=PresetFile(ANIMATE2, "videomodel/Wan-AI/umt5-xxl/"),
+        defaults={**_ANIMATE2, "num_inference_steps": 10, "cfg_scale": 1.0, "animate2_log_scale": -1.3},
+        description="Wan 2.2 Animate-2 14B distilled (same repo): 10 steps without guidance, animate2_log_scale -1.3.",
+    ),
+)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
