@@ -126,3 +126,19 @@ def test_bad_input(dub_pipe, tiny_ltx2_pipe, source):
         dub_pipe.dub_video(CAPTIONS[0], [Image.new("RGB", (64, 64))], **SIZE)
     with pytest.raises(ConfigError, match="latent upsampler"):
         tiny_ltx2_pipe.dub_video(CAPTIONS[0], source, **SIZE)
+
+
+def test_cli_dub_video_writes_the_clip_with_its_new_sound(dub_pipe, source, tmp_path, capsys):
+    """`--dub-video FILE`: the re-voiced clip and its new sound in one mp4, at the source's frame rate."""
+    import av
+
+    from diffsynth.runtime.cli import _dub_video, build_parser
+
+    args = ["generate", "--prompt", CAPTIONS[0], "--dub-video", str(source), "--height", "128", "--width", "128"]
+    parsed = build_parser().parse_args([*args, "--output", str(tmp_path / "dubbed.mp4"), "--seed", "0"])
+    assert _dub_video(dub_pipe, parsed) == 0
+    with av.open(str(tmp_path / "dubbed.mp4")) as container:
+        assert float(container.streams.video[0].average_rate) == FPS and container.streams.audio
+        assert sum(1 for _ in container.decode(video=0)) == 9
+    with pytest.raises(ConfigError, match="must name an .mp4 file"):
+        _dub_video(dub_pipe, build_parser().parse_args([*args, "--output", str(tmp_path / "dubbed.wav")]))

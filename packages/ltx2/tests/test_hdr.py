@@ -391,6 +391,18 @@ def test_hdr_preset_is_one_call(hdr_base, hdr_pipe, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="only LogC3"):
         by_path.load_lora(str(acescct))
 
+    # the CLI: the preset names its pipeline class; EXR frames beside the tone-mapped preview, at the source's rate
+    from diffsynth.runtime.cli import main
+    from diffsynth.runtime.media import save_video, video_frame_rate
+
+    save_video(video, tmp_path / "sdr.mp4", fps=12, quality=10)
+    args = ["generate", "--model", "Lightricks/LTX-2.3:hdr", "--input-video", str(tmp_path / "sdr.mp4")]
+    args += ["--device", "cpu", "--dtype", "float32", "--seed", "2"]
+    assert main([*args, "--output", str(tmp_path / "hdr.mp4")]) == 0
+    assert len(list((tmp_path / "hdr_exr").glob("frame_*.exr"))) == 9
+    assert video_frame_rate(tmp_path / "hdr.mp4") == 12
+    assert main([*args, "--output", str(tmp_path / "hdr.png")]) == 2  # the preview is an mp4
+
 
 def test_the_hdr_preset_names_its_pipeline_class():
     """The `:hdr` preset has no text encoder: `LTX2Pipeline` refuses it early, naming `LTX2HDRPipeline`."""

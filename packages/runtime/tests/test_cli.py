@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffsynth.runtime.cli import build_parser, main
+from diffsynth.runtime.cli import main
 
 COMMANDS = ["generate", "list-models", "inspect"]
 
@@ -56,6 +56,12 @@ def test_generate_help_documents_the_flags(capsys):
         "--device",
         "--dtype",
         "--output",
+        "--audio-only",
+        "--dub-video",
+        "--motion-bucket-id",
+        "--animate2-reference-image",
+        "--animate2-reference-video",
+        "--animate2-prompt-ref",
     ]:
         assert flag in out
 
@@ -104,7 +110,58 @@ def test_inspect_unknown_file_names_it(tmp_path, capsys):
     assert "parameter" in out
 
 
-def test_parser_rejects_missing_prompt():
-    with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["generate", "--model", "x"])
-    assert exit_info.value.code == 2
+def test_generate_needs_a_prompt_unless_the_pipeline_runs_its_own_cli(monkeypatch, capsys):
+    """`--prompt` is required by every pipeline but those with their own `run_cli` (LTX-2.3 HDR reads embeddings);
+    the refusal comes before any model loads."""
+    from diffsynth.runtime import cli
+
+    class Plain:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise AssertionError("the prompt is checked before loading")
+
+    class OwnCli(Plain):
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            return cls()
+
+        def run_cli(self, args):
+            return 0 if args.prompt is None and args.input_video == "clip.mp4" else 1
+
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: Plain)
+    assert main(["generate", "--model", "x"]) == 2
+    assert "--prompt is required: what Plain should make" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: OwnCli)
+    assert main(["generate", "--model", "x", "--input-video", "clip.mp4", "--device", "cpu"]) == 0
+
+
+def test_animate2_and_speed_flags_reach_the_pipeline(monkeypatch, tmp_path):
+    """`--animate2-*` and `--motion-bucket-id` are passed under the pipeline's argument names."""
+    from PIL import Image
+
+    from diffsynth.runtime import cli
+
+    seen = {}
+
+    class Video:
+        defaults: dict = {}
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            return cls()
+
+        def step_caches(self):
+            return {}
+
+        def __call__(self, prompt, seed=None, num_frames=None, motion_bucket_id=None, animate2_reference_image=None,
+                     animate2_reference_video=None, animate2_prompt_ref=None):  # fmt: skip
+            seen.update(motion_bucket_id=motion_bucket_id, image=animate2_reference_image)
+            seen.update(video=animate2_reference_video, prompt_ref=animate2_prompt_ref)
+            return [Image.new("RGB", (16, 16))] * 5
+
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: Video)
+    args = ["generate", "--model", "x", "--prompt", "a dancer", "--device", "cpu", "--motion-bucket-id", "30"]
+    args += ["--animate2-reference-image", "me.png", "--animate2-reference-video", "moves.mp4"]
+    args += ["--animate2-prompt-ref", "a person dances", "--output", str(tmp_path / "out.mp4")]
+    assert main(args) == 0 and (tmp_path / "out.mp4").exists()
+    assert seen == {"motion_bucket_id": 30.0, "image": "me.png", "video": "moves.mp4", "prompt_ref": "a person dances"}

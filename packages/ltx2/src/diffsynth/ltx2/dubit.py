@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import load_audio, load_video
+from diffsynth.runtime.media import load_audio, load_video, video_frame_rate
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 
 from .audio_vae import pack_latents
@@ -44,17 +44,6 @@ def frame_count(frames: int, temporal: int = 8) -> int:
     if frames < 1:
         raise ConfigError("the reference video holds no frames")
     return (frames - 1) // temporal * temporal + 1
-
-
-def video_frame_rate(path: str | os.PathLike) -> float:
-    """The average frame rate of a video file's first video stream."""
-    import av
-
-    with av.open(str(path)) as container:
-        rate = container.streams.video[0].average_rate
-    if not rate:
-        raise ConfigError(f"{path}: its video stream gives no frame rate")
-    return float(rate)
 
 
 def audio_reference(pipe, latents: torch.Tensor):

@@ -519,6 +519,29 @@ class LTX2HDRPipeline(LTX2Pipeline):
         """`generate_hdr(self, reference_video, prompt_embeddings, **kwargs)`: linear HDR frames."""
         return generate_hdr(self, reference_video, prompt_embeddings, **kwargs)
 
+    def run_cli(self, args) -> int:
+        """`diffsynth generate --model Lightricks/LTX-2.3:hdr --input-video clip.mp4 --output hdr.mp4`: the linear HDR
+        frames as half-float EXR files in `<output stem>_exr/` and a tone-mapped H.264 preview at `--output`, at the
+        reference's frame rate (or `--fps`). `--height`, `--width`, `--num-frames` and `--seed` are read."""
+        from diffsynth.runtime.media import video_frame_rate
+
+        if args.input_video is None:
+            raise ConfigError(f"{args.model} makes an SDR video HDR: give it with --input-video")
+        if args.prompt is not None:
+            logger.warning("--prompt is not read: the HDR IC-LoRA's pre-computed embeddings are its prompt")
+        output = Path(args.output or "output.mp4")
+        if output.suffix.lower() != ".mp4":
+            raise ConfigError(f"--output is the tone-mapped preview, an .mp4 file, not {output}")
+        options = {"height": args.height, "width": args.width, "num_frames": args.num_frames, "frame_rate": args.fps}
+        options = {name: value for name, value in options.items() if value is not None}
+        frames = self(args.input_video, seed=args.seed, **options)
+        fps = args.fps or video_frame_rate(args.input_video)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        exr = save_exr_frames(frames, output.with_name(f"{output.stem}_exr"))
+        save_hdr_preview(frames, output, fps=fps)
+        logger.info("wrote %d EXR frames to %s and the preview %s", len(exr), exr[0].parent, output)
+        return 0
+
 
 __all__ = [
     "LTX2HDRPipeline",

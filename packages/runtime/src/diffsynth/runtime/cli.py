@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a preset (see `diffsynth list-models`) or a local model folder (default: the bundled demo model, "
         "a tiny Z-Image that draws shapes, from diffsynth-z-image)",
     )
-    gen.add_argument("--prompt", required=True, help="what to draw, e.g. 'a red circle on a blue background'")
+    gen.add_argument(
+        "--prompt", default=None, help="what to make, e.g. 'a red circle on a blue background' (all but HDR need one)"
+    )
     gen.add_argument("--negative-prompt", default=None, help="what to avoid, used when --cfg > 1 (preset default)")
     gen.add_argument(
         "--output", default=None, help="file to write (.png/.jpg for images, .mp4 for video; default output.png/.mp4)"
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="LTX-2: text-to-audio, sound alone (--num-frames / --fps give its length); writes a .wav",
     )
     gen.add_argument(
+        "--dub-video",
+        default=None,
+        metavar="FILE",
+        help="LTX-2.3 Dub-It: re-voice this clip (with sound) to say --prompt, lips in sync (load the Dub-It IC-LoRA)",
+    )
+    gen.add_argument(
         "--temporal-rounds",
         type=int,
         default=None,
@@ -130,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="Wan speed control (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1): 0 slow ... 100 fast",
     )
+    gen.add_argument("--animate2-reference-image", default=None, help="Wan2.2-Animate-2: the character to animate")
+    gen.add_argument(
+        "--animate2-reference-video", default=None, help="Wan2.2-Animate-2: the driving video (its person's motion)"
+    )
+    gen.add_argument("--animate2-prompt-ref", default=None, help="Wan2.2-Animate-2: a description of the driving video")
     gen.add_argument(
         "--animate-pose-video",
         default=None,
@@ -307,6 +320,24 @@ def _generate_audio(pipe, args) -> int:
     return 0
 
 
+def _dub_video(pipe, args) -> int:
+    """`--dub-video FILE`: LTX-2.3 Dub-It, the re-voiced clip with its new sound in one mp4 at the source's rate."""
+    from .errors import ConfigError
+    from .media import mux_video_audio, video_frame_rate
+
+    if not hasattr(pipe, "dub_video"):
+        raise ConfigError(f"--dub-video is not used by {type(pipe).__name__} (model {args.model!r}): it needs LTX-2.3")
+    output = Path(args.output or "output.mp4")
+    if output.suffix.lower() != ".mp4":
+        raise ConfigError(f"--dub-video makes a video with sound: --output must name an .mp4 file, not {output}")
+    size = {name: value for name, value in (("height", args.height), ("width", args.width)) if value is not None}
+    frames, sound = pipe.dub_video(args.prompt, args.dub_video, seed=args.seed, **size)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    mux_video_audio(frames, sound.waveform, sound.sample_rate, str(output), fps=video_frame_rate(args.dub_video))
+    logger.info("wrote %s", output)
+    return 0
+
+
 def _sliding_window(value: str | None) -> dict:
     """`--sliding-window SIZE:STRIDE` as the pipeline's `sliding_window_size` / `sliding_window_stride`."""
     from .errors import ConfigError
@@ -328,7 +359,7 @@ def _pipeline_class(model: str):
     if Path(model).exists():
         raise ConfigError(f"--model {model!r} is a file; pass a preset name or a folder with the model's subfolders")
     try:
-        family, _ = find_preset(model)
+        family, preset = find_preset(model)
     except ConfigError:
         if model == DEFAULT_MODEL:
             raise ConfigError(
@@ -340,6 +371,8 @@ def _pipeline_class(model: str):
                 "no model families are installed; install one, e.g. pip install diffsynth-z-image"
             ) from None
         raise
+    if preset.pipeline is not None:  # e.g. LTX-2.3's HDR IC-LoRA preset, which has no text encoder
+        return preset.pipeline_class()
     if family.pipeline is None:
         raise ConfigError(
             f"family {family.name!r} has no pipeline; families with pipelines: "
@@ -398,6 +431,8 @@ def _generate(args) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cls = _pipeline_class(args.model)
+    if args.prompt is None and not hasattr(cls, "run_cli"):  # (the HDR preset reads pre-computed embeddings)
+        raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
     pipe = cls.from_pretrained(args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit)
     if parallel:
         pipe.enable_parallel(sequence=args.sequence_parallel, batch=args.cfg_parallel or 1)
@@ -417,6 +452,10 @@ def _generate(args) -> int:
         pipe.enable_tea_cache(args.tea_cache, model_id=args.tea_cache_model_id)
     if args.audio_only:
         return _generate_audio(pipe, args)
+    if hasattr(pipe, "run_cli"):  # a pipeline whose inputs and outputs are its own (LTX-2.3 HDR: EXR frames)
+        return pipe.run_cli(args)
+    if args.dub_video is not None:
+        return _dub_video(pipe, args)
     options = {
         "negative_prompt": args.negative_prompt,
         "cfg_scale": args.cfg,
@@ -448,6 +487,9 @@ def _generate(args) -> int:
         "enhance_prompt": True if args.prompt_enhancer is not None else None,
         "s2v_pose_video": args.s2v_pose_video,
         "motion_bucket_id": args.motion_bucket_id,
+        "animate2_reference_image": args.animate2_reference_image,
+        "animate2_reference_video": args.animate2_reference_video,
+        "animate2_prompt_ref": args.animate2_prompt_ref,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone

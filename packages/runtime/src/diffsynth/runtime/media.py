@@ -272,6 +272,21 @@ def load_video(
     return [f.resize((int(width), int(height)), Image.BICUBIC) for f in frames]
 
 
+def video_frame_rate(path: PathLike) -> float:
+    """The average frame rate of a video file's first video stream."""
+    import av
+
+    path = _existing(path, "video")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ConfigError(f"{path} holds no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        raise ConfigError(f"{path}: its video stream gives no frame rate")
+    return float(rate)
+
+
 def load_frames(video, what: str) -> list[Image.Image]:
     """A video given as a file or as a non-empty list of frames (PIL images or paths), as RGB images;
     anything else is refused naming `what` (the argument)."""

@@ -117,6 +117,11 @@ class Preset:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     folder: str | None = None
+    pipeline: str | None = None  # "module:Class" when the preset needs another class than its family's pipeline
+
+    def pipeline_class(self):
+        """The preset's own pipeline class (None: its family's)."""
+        return None if self.pipeline is None else _import(self.pipeline)
 
 
 @dataclass(frozen=True)
