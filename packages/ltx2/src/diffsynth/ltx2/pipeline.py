@@ -13,7 +13,7 @@ had 4096 tokens whatever its size (diffusers shifts by the real token count; pas
 Besides CFG the authors add two guidance terms, on by default: STG (spatio-temporal guidance, away from
 a pass whose block-29 self-attentions pass their values through) and modality isolation (away from a
 pass without the audio<->video attentions); `LTX2Guidance` holds their scales, and their passes join
-the CFG batch.
+the CFG batch (`guidance.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .decoding import Decoding, decode_video, diffusion_tiles, uses_diffusion_de
 from .dfr import DFRImages
 from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
 from .duration_head import num_frames_from_seconds
+from .guidance import LTX2Guidance, guided_velocities
 from .in_context import check_factor, encode_references, lora_reference_downscale_factor
 from .retake import keep_video, retake_frames
 from .video_vae import LTX2VideoEncoderVAE
@@ -263,42 +264,6 @@ def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
     if (crop_w, crop_h) != (src_w, src_h):
         image = image.crop((left, top, left + crop_w, top + crop_h))
     return image if image.size == (width, height) else image.resize((width, height), Image.BILINEAR)
-
-
-def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, factor: float) -> torch.Tensor:
-    """Pull the guided prediction's per-sample standard deviation back towards the conditional one's
-    (`factor` 0: unchanged, 1: fully rescaled), against the over-saturation strong CFG causes."""
-    dims = tuple(range(1, guided.dim()))
-    ratio = positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
-    return guided * (factor * ratio + (1 - factor))
-
-
-@dataclass(frozen=True)
-class LTX2Guidance:
-    """The authors' guidance terms besides CFG, added to the conditional prediction per stream:
-    STG `stg_scale * (cond - perturbed)`, the perturbed pass replacing the self-attention of `blocks` by
-    its value projection (video self-attention if `stg_scale` is not 0, audio if `audio_stg_scale` is not),
-    and modality isolation `(modality_scale - 1) * (cond - isolated)`, the isolated pass skipping both
-    audio<->video attentions in every block. STG 0 and modality 1 turn a term off."""
-
-    stg_scale: float = 0.0
-    audio_stg_scale: float = 0.0
-    modality_scale: float = 1.0
-    audio_modality_scale: float = 1.0
-    blocks: tuple[int, ...] = ()
-
-    @property
-    def stg(self) -> bool:
-        return bool(self.blocks) and (self.stg_scale != 0.0 or self.audio_stg_scale != 0.0)
-
-    @property
-    def isolation(self) -> bool:
-        return self.modality_scale != 1.0 or self.audio_modality_scale != 1.0
-
-    def stg_skips(self, rows: range) -> list[AttentionSkip]:
-        """What the perturbed pass (batch `rows`) skips."""
-        kinds = [k for k, s in (("video_self", self.stg_scale), ("audio_self", self.audio_stg_scale)) if s != 0.0]
-        return [AttentionSkip(kind, tuple(self.blocks), tuple(rows)) for kind in kinds]
 
 
 class LTX2Pipeline(BasePipeline):
@@ -1464,70 +1429,10 @@ class LTX2Pipeline(BasePipeline):
         modality-isolation passes to that batch. `rescale` is one factor, or (video, audio) ones."""
         conditions = {"denoise_mask": denoise_mask, "keyframes": keyframes, "audio_denoise_mask": audio_denoise_mask}
         conditions["audio_references"] = audio_references
-        rescale = tuple(rescale) if isinstance(rescale, (tuple, list)) else (rescale, rescale)
-        if guidance is not None and (guidance.stg or guidance.isolation):
-            return self._predict_guided(
-                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, guidance, conditions
-            )
-        if not use_cfg:
-            return ltx2_velocity(self.dit, video, audio, sigma, text, fps, **conditions)
-        v_video, v_audio = ltx2_velocity(
-            self.dit, torch.cat([video, video]), torch.cat([audio, audio]), sigma, text, fps, **_repeat(conditions, 2)
+        scales = (scale, audio_scale)
+        return guided_velocities(
+            self.dit, video, audio, sigma, text, fps, use_cfg, scales, rescale, guidance, conditions
         )
-        b = video.shape[0]
-        return (
-            self._guide(video, v_video[:b], v_video[b:], sigma, scale, rescale[0]),
-            self._guide(audio, v_audio[:b], v_audio[b:], sigma, audio_scale, rescale[1]),
-        )
-
-    def _predict_guided(self, video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, g, conditions):
-        """One DiT call over the prompts, the negative prompts (with CFG), the prompts perturbed for STG and
-        the prompts with the modalities isolated (the authors batch their passes so too); each extra pass
-        repeats the prompts' rows and skips attentions only in its own rows."""
-        b = video.shape[0]
-        positive = LTX2Text(text.video[:b], text.audio[:b], None if text.mask is None else text.mask[:b])
-        batch, skips, rows = (text if use_cfg else positive), [], {}
-        n = 2 if use_cfg else 1
-        if g.stg:
-            rows["stg"] = range(n * b, (n + 1) * b)
-            skips += g.stg_skips(rows["stg"])
-            batch, n = batch.cat(positive), n + 1
-        if g.isolation:
-            rows["isolated"] = range(n * b, (n + 1) * b)
-            skips += [AttentionSkip(kind, None, tuple(rows["isolated"])) for kind in ("a2v", "v2a")]
-            batch, n = batch.cat(positive), n + 1
-        v_video, v_audio = ltx2_velocity(
-            self.dit, torch.cat([video] * n), torch.cat([audio] * n), sigma, batch, fps, skips=skips,
-            **_repeat(conditions, n),
-        )  # fmt: skip
-
-        def parts(v: torch.Tensor) -> list[torch.Tensor | None]:
-            extra = (v[rows[k].start : rows[k].stop] if k in rows else None for k in ("stg", "isolated"))
-            return [v[:b], v[b : 2 * b] if use_cfg else None, *extra]
-
-        return (
-            self._guide_terms(video, parts(v_video), sigma, (scale, g.stg_scale, g.modality_scale), rescale[0]),
-            self._guide_terms(
-                audio, parts(v_audio), sigma, (audio_scale, g.audio_stg_scale, g.audio_modality_scale), rescale[1]
-            ),
-        )
-
-    def _guide_terms(self, x, preds, sigma, scales, rescale) -> torch.Tensor:
-        """`preds` (cond, uncond, perturbed, isolated; None where not run) combined with `scales` (cfg, stg,
-        modality); the terms are added to the conditional prediction, on x0 when rescaling (as `_guide`)."""
-        if rescale != 0.0:
-            sigma, x = float(sigma), x.float()
-            preds = [None if p is None else x - sigma * p for p in preds]
-        cond, uncond, perturbed, isolated = preds
-        cfg, stg, modality = scales
-        guided = cond if uncond is None else self.guide(cond, uncond, cfg)
-        if perturbed is not None:
-            guided = guided + stg * (cond - perturbed)
-        if isolated is not None:
-            guided = guided + (modality - 1) * (cond - isolated)
-        if rescale == 0.0:
-            return guided
-        return (x - rescale_guidance(guided, cond, rescale)) / sigma
 
     def _stream_scales(self, name: str, value, audio_value, fallback: float) -> tuple[float, float]:
         """(video, audio) scales of one guidance term: an explicit `name` sets both streams unless the audio
@@ -1581,16 +1486,6 @@ class LTX2Pipeline(BasePipeline):
                 "(the authors perturb block 29 of LTX-2's 48)"
             )
         return tuple(values)
-
-    def _guide(self, x, positive, negative, sigma, scale, rescale) -> torch.Tensor:
-        if rescale == 0.0:
-            return self.guide(positive, negative, scale)
-        # rescaling acts on the predicted clean latents (x0 = x - sigma * v), as the authors and diffusers do
-        sigma = float(sigma)
-        x = x.float()
-        x0_pos, x0_neg = x - sigma * positive, x - sigma * negative
-        guided = rescale_guidance(self.guide(x0_pos, x0_neg, scale), x0_pos, rescale)
-        return (x - guided) / sigma
 
     def decode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """Audio latents -> waveforms `[B, channels, samples]` (float32): the audio VAE gives a mel
