@@ -163,11 +163,13 @@ def test_config_json_that_contradicts_the_shapes_or_is_unsupported(changes, mess
         config_from_state(meta_state("wan22_i2v_a14b_orig"), json_)
 
 
-def test_prefixed_layout_is_recognised_at_full_size():
-    state = meta_state("wan21_i2v_14b_orig")
-    prefixed = {PREFIX + k: v for k, v in state.items()}
+@pytest.mark.parametrize(("prefix", "name"), [(PREFIX, "original_prefixed"), ("model.", "original_model_prefixed")])
+def test_prefixed_layouts_are_recognised_at_full_size(prefix, name):
+    """ComfyUI's `model.diffusion_model.` and krea-realtime-video's `model.` (Wan2.1-T2V-14B's keys under it)."""
+    state = meta_state("wan21_t2v_14b_orig" if prefix == "model." else "wan21_i2v_14b_orig")
+    prefixed = {prefix + k: v for k, v in state.items()}
     layout = DIT_SPEC.match(prefixed)
-    assert layout.name == "original_prefixed"
+    assert layout.name == name
     assert layout.to_ours(prefixed).keys() == state.keys()
 
 
@@ -190,7 +192,7 @@ def test_diffusers_names_convert_to_the_original_file_at_full_size(diffusers, or
 
 
 # ------------------------------------------------------------------ tiny: conversions round trip
-@pytest.mark.parametrize("name", ["original", "original_prefixed"])
+@pytest.mark.parametrize("name", ["original", "original_prefixed", "original_model_prefixed"])
 def test_original_layouts_round_trip(name):
     cf.check_layout_roundtrip(lambda: T.make_model("i2v"), LAYOUTS[name])
 

@@ -531,6 +531,38 @@ def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path,
         assert pipe.dit2.config.vace_layers == pipe.dit.config.vace_layers
 
 
+def test_krea_realtime_video_preset_loads_its_model_prefixed_file(tiny_repo, tmp_path, monkeypatch):
+    """krea/krea-realtime-video's single file (the DiT's keys under `model.`) beside Wan2.1-T2V-14B's encoders and
+    VAE: the same DiT as the original-named file, sampled with the preset's 6 unguided steps."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    (tmp_path / "krea" / "krea-realtime-video").mkdir(parents=True)
+    state = load_file(str(tiny_repo / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {f"model.{k}": v for k, v in state.items()},
+        str(tmp_path / "krea/krea-realtime-video/krea-realtime-video-14b.safetensors"),
+    )
+    # the tiny DiT's head count is not in its shapes (the released 14B's is: dim 5120 / 128): its config.json says it
+    shutil.copy(tiny_repo / "config.json", tmp_path / "krea" / "krea-realtime-video" / "config.json")
+    wan14b = tmp_path / "Wan-AI" / "Wan2.1-T2V-14B"
+    wan14b.mkdir(parents=True)
+    for name in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
+        shutil.copy(tiny_repo / name, wan14b / name)
+    shutil.copytree(tiny_repo / "google" / "umt5-xxl", tmp_path / "Wan-AI" / "Wan2.1-T2V-1.3B" / "google" / "umt5-xxl")
+    pipe = WanVideoPipeline.from_pretrained("krea/krea-realtime-video", torch_dtype="float32", device="cpu")
+    reference = load(tiny_repo)
+    assert all(torch.equal(v, reference.dit.state_dict()[k]) for k, v in pipe.dit.state_dict().items())
+    assert pipe.defaults["num_inference_steps"] == 6 and pipe.defaults["sigma_shift"] == 20.0
+    fast = {k: v for k, v in FAST.items() if k not in ("num_inference_steps", "cfg_scale")}
+    video = pipe(PROMPT, seed=0, output_type="pt", **fast)
+    torch.testing.assert_close(
+        video,
+        reference(PROMPT, seed=0, output_type="pt", num_inference_steps=6, cfg_scale=1.0, sigma_shift=20.0, **fast),
+    )
+
+
 def test_presets_are_data_with_the_authors_defaults():
     from diffsynth.runtime.registry import installed_families
 
@@ -542,8 +574,19 @@ def test_presets_are_data_with_the_authors_defaults():
     fun += ["Wan2.2-Fun-A14B-Control", "Wan2.2-Fun-A14B-InP", "Wan2.2-VACE-Fun-A14B"]
     fun += ["Wan2.1-Fun-V1.1-1.3B-Control-Camera", "Wan2.1-Fun-V1.1-14B-Control-Camera"]
     fun += ["Wan2.2-Fun-A14B-Control-Camera"]
-    studio = ["DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1"]
-    assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *studio])
+    others = ["DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1", "krea/krea-realtime-video"]
+    assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *others])
+    krea = presets["krea/krea-realtime-video"]
+    assert (krea.defaults["num_inference_steps"], krea.defaults["cfg_scale"], krea.defaults["sigma_shift"]) == (
+        6,
+        1,
+        20,
+    )
+    assert [f.model_id for f in krea.files] == [
+        "krea/krea-realtime-video",
+        "Wan-AI/Wan2.1-T2V-14B",
+        "Wan-AI/Wan2.1-T2V-14B",
+    ]
     assert presets["PAI/Wan2.2-VACE-Fun-A14B"].defaults == presets["Wan-AI/Wan2.2-T2V-A14B"].defaults
     a14b = presets["Wan-AI/Wan2.2-T2V-A14B"]
     assert [f.origin_file_pattern for f in a14b.files][:2] == [

@@ -5,7 +5,8 @@ store exactly those keys, in files that only look like diffusers files
 (`diffusion_pytorch_model*.safetensors` beside a `config.json` whose `_class_name` is `WanModel`),
 so they load as is. Also accepted:
 
-- the same keys under `model.diffusion_model.` (ComfyUI / single-file repacks);
+- the same keys under `model.diffusion_model.` (ComfyUI / single-file repacks), or under `model.` (the
+  `krea/krea-realtime-video` file, as DiffSynth-Studio's converter reads it);
 - the diffusers names of the `*-Diffusers` repos (`condition_embedder.*`, `blocks.N.attn1.to_q`,
   `scale_shift_table`, ...), renamed by the tables below (no tensor changes shape or value).
 
@@ -34,6 +35,7 @@ from .dit import WanDiT, WanDiTConfig
 from .motion_controller import MOTION_CONTROLLER_SPEC
 
 PREFIX = "model.diffusion_model."
+MODEL_PREFIX = "model."  # krea/krea-realtime-video's file (DiffSynth-Studio's converter strips this prefix for it)
 HEAD_DIM = 128  # every released Wan DiT; heads are not visible in the shapes
 FLF2V_CLIP_TOKENS = 2 * 257  # first- and last-frame CLIP tokens, each with a learned position
 _BLOCK_KEY = re.compile(r"^(blocks|vace_blocks)\.(\d+)\.(.+)$")
@@ -289,6 +291,7 @@ _OWNS_DIFFUSERS = (
 LAYOUTS = (
     KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
     KeyLayout("original_prefixed", ORIGINAL_SIGNATURE, prefix=PREFIX),
+    KeyLayout("original_model_prefixed", ORIGINAL_SIGNATURE, prefix=MODEL_PREFIX),
     KeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
 )
 

@@ -21,6 +21,9 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
   shift 5, 81 frames, height 1280 x width 720, 24 fps, the driving video's keys / values kept on the CPU
   (`animate2_offload_kv`, as the examples); the distilled DiT (`...:distilled`) 10 steps without guidance and
   `animate2_log_scale=-1.3`.
+- krea/krea-realtime-video (Krea's few-step Wan2.1-T2V-14B): DiffSynth-Studio's example, which samples the whole
+  clip at once (not frame block by block, as Krea's own streaming code does): 6 steps, no guidance, shift 20,
+  81 frames at 15 fps, 832x480.
 - PAI's Wan Fun Control and InP models: DiffSynth-Studio's defaults, which its example scripts use
   (832x480, 81 frames, 50 steps, guidance 5, shift 5; the A14B experts hand over at 0.875).
 
@@ -274,6 +277,21 @@ _PRESETS += (
         tokenizer=PresetFile(ANIMATE2, "videomodel/Wan-AI/umt5-xxl/"),
         defaults={**_ANIMATE2, "num_inference_steps": 10, "cfg_scale": 1.0, "animate2_log_scale": -1.3},
         description="Wan 2.2 Animate-2 14B distilled (same repo): 10 steps without guidance, animate2_log_scale -1.3.",
+    ),
+)
+
+# krea-realtime-video: Wan2.1-T2V-14B distilled by Krea for few-step sampling, sampled as a whole clip as
+# DiffSynth-Studio's example does (6 steps, no guidance, shift 20, 15 fps), with Wan2.1-T2V-14B's encoders and VAE.
+_PRESETS += (
+    Preset(
+        name="krea/krea-realtime-video",
+        files=(
+            PresetFile("krea/krea-realtime-video", "krea-realtime-video-14b.safetensors"),
+            *(PresetFile("Wan-AI/Wan2.1-T2V-14B", p) for p in (T5, VAE21)),
+        ),
+        tokenizer=TOKENIZER,
+        defaults={**_COMMON, **_480P, "num_inference_steps": 6, "cfg_scale": 1.0, "sigma_shift": 20.0, "fps": 15},
+        description="Krea's few-step Wan2.1-T2V-14B (krea-realtime-video): 6 steps without guidance, shift 20, 832x480.",
     ),
 )
 
