@@ -160,3 +160,17 @@ def test_bad_context_inputs(pipe):
             eligen_entity_masks=[Image.new("L", (48, 32), 255)],
             **FAST,
         )
+
+
+def test_cli_context_image_matches_the_python_api(pipe, tiny_repo, tmp_path):
+    """`--context-image` is the pipeline's `context_image`."""
+    from diffsynth.runtime.cli import main
+
+    picture(1).save(tmp_path / "depth.png")
+    out = tmp_path / "cli.png"
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "Context_Control. a red circle", "--seed", "3"]
+    args += ["--context-image", str(tmp_path / "depth.png"), "--output", str(out), "--height", "32", "--width", "48"]
+    assert main([*args, "--steps", "2", "--device", "cpu", "--dtype", "float32"]) == 0
+    want = pipe("Context_Control. a red circle", context_image=Image.open(tmp_path / "depth.png"), seed=3, **FAST)
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(want))

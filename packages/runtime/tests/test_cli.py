@@ -62,6 +62,7 @@ def test_generate_help_documents_the_flags(capsys):
         "--animate2-reference-image",
         "--animate2-reference-video",
         "--animate2-prompt-ref",
+        "--context-image",
     ]:
         assert flag in out
 

@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--layer-num", type=int, default=None, help="Qwen-Image-Layered: how many layers (preset default)")
     gen.add_argument(
+        "--context-image",
+        default=None,
+        help="Qwen-Image with an In-Context Control LoRA (DiffSynth-Studio's): the control map to follow",
+    )
+    gen.add_argument(
         "--controlnet",
         action="append",
         default=[],
@@ -471,6 +476,7 @@ def _generate(args) -> int:
         "animate_inpaint_video": args.animate_inpaint_video,
         "animate_mask_video": args.animate_mask_video,
         "layer_input_image": args.layer_input_image,
+        "context_image": args.context_image,
         "layer_num": args.layer_num,
         "retake_audio": args.input_audio,
         "vace_video": args.vace_video,
