@@ -43,11 +43,10 @@ from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate
 
-from .dit import Head, ImageEmbedding, Rope, WanBlock, WanDiTConfig
+from .dit import Head, ImageEmbedding, Rope, WanBlock, WanDiTConfig, backbone_fields, heads_from_width
 
 NEGATIVE_SKIP_BLOCK = 9  # DiffSynth-Studio's negative branch runs every block but this one
 REFERENCE_TIMESTEP = 1.0  # the reference stream is embedded as (almost) clean
-HEAD_DIM = 128  # the released model's; heads are not visible in the shapes
 BIAS_CHANNELS = 8  # extra head channels that carry log_scale in half precision (head sizes stay multiples of 8)
 
 
@@ -458,26 +457,10 @@ def config_from_state(state, config_json: dict | None = None) -> Animate2Config:
         given["patch_size"] = tuple(int(p) for p in config_json["patch_size"])
     derived = {}
     if state:
-        dim, in_dim, *patch = state["patch_embedding.weight"].shape
-        num_layers = 0
-        while f"blocks.{num_layers}.block.modulation" in state:
-            num_layers += 1
-        derived = dict(
-            dim=int(dim), in_dim=int(in_dim), patch_size=tuple(int(p) for p in patch), num_layers=num_layers,
-            out_dim=int(state["head.head.weight"].shape[0]) // math.prod(patch),
-            ffn_dim=int(state["blocks.0.block.ffn.0.weight"].shape[0]),
-            text_dim=int(state["text_embedding.0.weight"].shape[1]),
-            freq_dim=int(state["time_embedding.0.weight"].shape[1]),
-            image_dim=int(state["img_emb.proj.1.weight"].shape[1]),
-        )  # fmt: skip
+        derived = backbone_fields(state, "blocks.{}.block.")
+        derived["image_dim"] = int(state["img_emb.proj.1.weight"].shape[1])
     merged = merge_fields("Wan Animate-2 DiT", given, derived)
-    if "num_heads" not in merged and "dim" in merged:
-        if merged["dim"] % HEAD_DIM:
-            raise ConfigError(
-                f"Wan Animate-2 DiT dim={merged['dim']} is not a multiple of {HEAD_DIM}: give num_heads in a "
-                "config.json beside the file"
-            )
-        merged["num_heads"] = merged["dim"] // HEAD_DIM
+    heads_from_width(merged, "Wan Animate-2 DiT")
     return build_config(Animate2Config, "Wan Animate-2 DiT", merged)
 
 

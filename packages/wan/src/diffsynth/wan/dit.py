@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
+from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
 from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_block_list
@@ -65,6 +66,42 @@ TEA_CACHE_COEFFICIENTS = {
 }
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # `rope_tables`: per-channel (cos, signed sin), float32
+
+
+HEAD_DIM = 128  # every released Wan DiT's; heads are not visible in the shapes
+
+
+def backbone_fields(state, block: str = "blocks.{}.") -> dict:
+    """The sizes every Wan DiT's shapes fix (our names; `block` is where block N's modules sit, e.g.
+    "blocks.{}.block." for Animate-2): width, channels, patch, output channels, FFN width, depth, text and time
+    embedding widths."""
+    dim, in_dim, *patch = state["patch_embedding.weight"].shape
+    patch = tuple(int(p) for p in patch)
+    num_layers = 0
+    while block.format(num_layers) + "modulation" in state:
+        num_layers += 1
+    return dict(
+        dim=int(dim),
+        in_dim=int(in_dim),
+        patch_size=patch,
+        out_dim=int(state["head.head.weight"].shape[0]) // math.prod(patch),
+        ffn_dim=int(state[block.format(0) + "ffn.0.weight"].shape[0]),
+        num_layers=num_layers,
+        text_dim=int(state["text_embedding.0.weight"].shape[1]),
+        freq_dim=int(state["time_embedding.0.weight"].shape[1]),
+    )
+
+
+def heads_from_width(fields: dict, label: str) -> None:
+    """`num_heads` = dim / 128 when neither a config nor the caller gave it (a ConfigError when dim does not split)."""
+    if "num_heads" in fields or "dim" not in fields:
+        return
+    if fields["dim"] % HEAD_DIM:
+        raise ConfigError(
+            f"{label} dim={fields['dim']} is not a multiple of {HEAD_DIM}: the head count cannot be derived from the "
+            "shapes; give num_heads in a config.json beside the file"
+        )
+    fields["num_heads"] = fields["dim"] // HEAD_DIM
 
 
 @dataclass

@@ -31,12 +31,11 @@ from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, 
 
 from . import animate2, audio_encoder, s2v
 from .animate import Blur
-from .dit import WanDiT, WanDiTConfig
+from .dit import WanDiT, WanDiTConfig, backbone_fields, heads_from_width
 from .motion_controller import MOTION_CONTROLLER_SPEC
 
 PREFIX = "model.diffusion_model."
 MODEL_PREFIX = "model."  # krea/krea-realtime-video's file (DiffSynth-Studio's converter strips this prefix for it)
-HEAD_DIM = 128  # every released Wan DiT; heads are not visible in the shapes
 FLF2V_CLIP_TOKENS = 2 * 257  # first- and last-frame CLIP tokens, each with a learned position
 _BLOCK_KEY = re.compile(r"^(blocks|vace_blocks)\.(\d+)\.(.+)$")
 
@@ -399,19 +398,8 @@ def _count_blocks(state: StateDict, group: str = "blocks") -> int:
 
 def _fields_from_shapes(state: StateDict) -> dict:
     """Everything the shapes fix exactly (not the head count, text_len, eps or rope)."""
-    dim, in_dim, *patch = state["patch_embedding.weight"].shape
-    patch = tuple(int(p) for p in patch)
-    fields = dict(
-        dim=int(dim),
-        in_dim=int(in_dim),
-        patch_size=patch,
-        out_dim=int(state["head.head.weight"].shape[0]) // math.prod(patch),
-        ffn_dim=int(state["blocks.0.ffn.0.weight"].shape[0]),
-        num_layers=_count_blocks(state),
-        text_dim=int(state["text_embedding.0.weight"].shape[1]),
-        freq_dim=int(state["time_embedding.0.weight"].shape[1]),
-        has_image_input="img_emb.proj.1.weight" in state,
-    )
+    fields = backbone_fields(state)
+    fields["has_image_input"] = "img_emb.proj.1.weight" in state
     if fields["has_image_input"]:
         fields["image_dim"] = int(state["img_emb.proj.1.weight"].shape[1])
     if "img_emb.emb_pos" in state:
@@ -505,13 +493,7 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> WanD
     else:
         merged.setdefault("has_image_input", merged.get("model_type") == "i2v")
     merged.setdefault("model_type", _guess_model_type(merged))
-    if "num_heads" not in merged and "dim" in merged:
-        if merged["dim"] % HEAD_DIM:
-            raise ConfigError(
-                f"Wan DiT dim={merged['dim']} is not a multiple of {HEAD_DIM}: the head count cannot be derived "
-                "from the shapes; give num_heads in the config"
-            )
-        merged["num_heads"] = merged["dim"] // HEAD_DIM
+    heads_from_width(merged, "Wan DiT")
     return build_config(WanDiTConfig, "Wan DiT", merged)
 
 

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, timestep_embedding
 
-from .dit import CrossAttention, Head, WanBlock, WanDiTConfig
+from .dit import CrossAttention, Head, WanBlock, WanDiTConfig, backbone_fields
 
 REFERENCE_FRAME = 30  # the RoPE frame index of the reference image's tokens (the authors' fixed choice)
 ADAIN_EPS = 1e-5  # the audio AdaLayerNorm uses diffusers' AdaLayerNorm default, not config.eps
@@ -478,16 +478,9 @@ def config_from_state(state, config_json: dict | None = None) -> WanS2VConfig:
         given["patch_size"] = tuple(int(p) for p in config_json["patch_size"])
     derived = {}
     if state:
-        dim, in_dim, *patch = state["patch_embedding.weight"].shape
-        num_layers = 0
-        while f"blocks.{num_layers}.modulation" in state:
-            num_layers += 1
-        derived = dict(
-            dim=int(dim), in_dim=int(in_dim), patch_size=tuple(int(p) for p in patch), num_layers=num_layers,
-            out_dim=int(state["head.head.weight"].shape[0]) // math.prod(patch),
-            ffn_dim=int(state["blocks.0.ffn.0.weight"].shape[0]),
-            text_dim=int(state["text_embedding.0.weight"].shape[1]),
-            freq_dim=int(state["time_embedding.0.weight"].shape[1]),
+        derived = backbone_fields(state)
+        dim = derived["dim"]
+        derived.update(
             cond_dim=int(state["cond_encoder.weight"].shape[1]),
             audio_dim=int(state["casual_audio_encoder.encoder.conv1_local.conv.weight"].shape[1]),
             audio_layers=int(state["casual_audio_encoder.weights"].shape[1]),
