@@ -101,6 +101,18 @@ def test_logc3_and_reflect_pad_match_diffusers_processor():
     assert pad_diff <= 1e-6 and preprocess_diff <= 1e-5
 
 
+def diffusers_hdr_pipeline(diffusers, pipe):
+    """diffusers' `LTX2HDRPipeline` on our tiny models' weights (no text encoder), constant-shift Euler steps."""
+    models = repo_module.diffusers_models(pipe, "2.3")
+    reference = diffusers.LTX2HDRPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0),
+        vae=models["vae"], audio_vae=models["audio_vae"], text_encoder=None, tokenizer=None,
+        connectors=models["connectors"], transformer=models["dit"], vocoder=models["vocoder"],
+    )  # fmt: skip
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
 @pytest.mark.parity
 def test_one_stage_matches_diffusers_hdr_pipeline(hdr_pipe):
     """diffusers' `LTX2HDRPipeline` (one call: one stage) and ours with `use_two_stage_pipeline=False`: same
@@ -110,13 +122,7 @@ def test_one_stage_matches_diffusers_hdr_pipeline(hdr_pipe):
     diffusers = pytest.importorskip("diffusers")
     from diffusers.pipelines.ltx2.pipeline_ltx2_hdr_lora import LTX2HDRReferenceCondition
 
-    models = repo_module.diffusers_models(hdr_pipe, "2.3")
-    reference = diffusers.LTX2HDRPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0),
-        vae=models["vae"], audio_vae=models["audio_vae"], text_encoder=None, tokenizer=None,
-        connectors=models["connectors"], transformer=models["dit"], vocoder=models["vocoder"],
-    )  # fmt: skip
-    reference.set_progress_bar_config(disable=True)
+    reference = diffusers_hdr_pipeline(diffusers, hdr_pipe)
     context = embeddings(hdr_pipe.dit.config)
     video = sdr_video(4, (128, 96))
     expected, _ = reference(
@@ -150,13 +156,7 @@ def test_two_stages_match_diffusers_recipe(hdr_pipe):
     from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
     from diffusers.pipelines.ltx2.pipeline_ltx2_hdr_lora import LTX2HDRReferenceCondition
 
-    models = repo_module.diffusers_models(hdr_pipe, "2.3")
-    reference = diffusers.LTX2HDRPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0),
-        vae=models["vae"], audio_vae=models["audio_vae"], text_encoder=None, tokenizer=None,
-        connectors=models["connectors"], transformer=models["dit"], vocoder=models["vocoder"],
-    )  # fmt: skip
-    reference.set_progress_bar_config(disable=True)
+    reference = diffusers_hdr_pipeline(diffusers, hdr_pipe)
     upsampler = LTX2LatentUpsamplerModel(
         in_channels=repo_module.UPSAMPLER_23["in_channels"], mid_channels=32, num_blocks_per_stage=1,
         use_rational_resampler=False,

@@ -1186,18 +1186,13 @@ class LTX2Pipeline(BasePipeline):
         estimate is blended with it by `1 - mask` (a first frame of strength below 1), which leaves mask-0 frames
         as they are."""
         use_cfg, scale, audio_scale, rescale, guidance = guided
-        extra = {} if mask is None else {"denoise_mask": mask}
-        if keyframes is not None:
-            extra["keyframes"] = keyframes
-        if audio_references is not None:
-            extra["audio_references"] = audio_references
-        if audio_mask is not None:
-            extra["audio_denoise_mask"] = audio_mask
+        extra = dict(denoise_mask=mask, keyframes=keyframes, audio_denoise_mask=audio_mask)
+        extra.update(audio_references=audio_references, guidance=guidance)
         self.load_models_to_device(["dit"])
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             sigma = scheduler.sigmas[i]
             v_video, v_audio = self.predict(
-                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, **extra, guidance=guidance
+                video, audio, sigma, text, fps, use_cfg, scale, audio_scale, rescale, **extra
             )
             if clean is not None:  # x0 = video - sigma * v, blended with `clean` by 1 - mask, back to a velocity
                 v_video = v_video * mask + (1.0 - mask) * (video - clean) / float(sigma)
