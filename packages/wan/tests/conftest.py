@@ -15,6 +15,7 @@ of the family are being written.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,21 @@ def tiny_clip(seed: int = 4):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     return randomize(CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)), seed).eval()
+
+
+# ----------------------------------------------------------------------------------------- DiffSynth-Studio's code
+STUDIO_MIRROR = Path("/work/.mirror/modelscope+DiffSynth-Studio/repo")
+
+
+def studio_source(path: str) -> str:
+    """A file of DiffSynth-Studio (its git mirror's HEAD), for tests that check our models against its; skips the
+    test where the mirror or the file is absent (CI machines have no mirror)."""
+    if not (STUDIO_MIRROR / "HEAD").exists() and not (STUDIO_MIRROR / ".git").exists():
+        pytest.skip("the DiffSynth-Studio git mirror is not on this machine")
+    out = subprocess.run(["git", "-C", str(STUDIO_MIRROR), "show", f"HEAD:{path}"], capture_output=True, text=True)
+    if out.returncode:
+        pytest.skip(f"{path} is not in the DiffSynth-Studio mirror")
+    return out.stdout
 
 
 # ----------------------------------------------------------------------------------------- tiny repos

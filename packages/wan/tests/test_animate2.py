@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,8 +43,8 @@ from diffsynth.wan.formats import ANIMATE2_DIT_SPEC, DIT_SPEC, FAMILY
 from diffsynth.wan.presets import PRESETS
 
 from . import conftest as C
+from .conftest import studio_source
 
-MIRROR = Path("/work/.mirror/modelscope+DiffSynth-Studio/repo")
 # the one place the tiny Animate-2 sizes live; DiffSynth-Studio's class fixes the CLIP width at 1280
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, freq_dim=32, text_len=16, image_dim=1280)
 LATENT = (3, 4, 6)  # driving latent frames, latent height, width: patch grid 2 x 3 (6 tokens a frame)
@@ -110,21 +109,12 @@ GRADIENT_STUB = """def gradient_checkpoint_forward(model, use_gradient_checkpoin
 """
 
 
-def _show(path: str) -> str:
-    out = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:{path}"], capture_output=True, text=True)
-    if out.returncode:
-        pytest.skip(f"{path} is not in the DiffSynth-Studio mirror")
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """DiffSynth-Studio's `wan_animate_2_dit` module in a package of its own: the helpers it takes from its Wan DiT
     module (`sinusoidal_embedding_1d`, `RMSNorm`, `MLP`, cut from that file), the attention and gradient stubs,
     and block masks built without torch.compile."""
-    if not (MIRROR / "HEAD").exists() and not (MIRROR / ".git").exists():
-        pytest.skip("the DiffSynth-Studio git mirror is not on this machine")
-    dit_source = _show("diffsynth/models/wan_video_dit.py")
+    dit_source = studio_source("diffsynth/models/wan_video_dit.py")
     wanted = {"sinusoidal_embedding_1d", "RMSNorm", "MLP"}
     helpers = [
         ast.get_source_segment(dit_source, node)
@@ -139,7 +129,7 @@ def studio(tmp_path_factory):
         (pkg / sub / "__init__.py").write_text("")
     header = "import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n\n"
     (pkg / "models" / "wan_video_dit.py").write_text(header + "\n\n\n".join(helpers) + "\n")
-    (pkg / "models" / "wan_animate_2_dit.py").write_text(_show("diffsynth/models/wan_animate_2_dit.py"))
+    (pkg / "models" / "wan_animate_2_dit.py").write_text(studio_source("diffsynth/models/wan_animate_2_dit.py"))
     (pkg / "core" / "attention" / "attention.py").write_text(ATTENTION_STUB)
     (pkg / "core" / "gradient.py").write_text(GRADIENT_STUB)
     sys.path.insert(0, str(root))

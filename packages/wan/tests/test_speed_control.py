@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import importlib
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,12 +27,11 @@ from diffsynth.wan.motion_controller import (
 )
 from diffsynth.wan.presets import PRESETS
 
-from .conftest import TINY_DIT, TINY_UMT5, randomize
+from .conftest import TINY_DIT, TINY_UMT5, randomize, studio_source
 
 PROMPT = "a red circle on a blue background"
 FAST = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2, "progress_bar": False}
 TINY = MotionControllerConfig(freq_dim=TINY_DIT["freq_dim"], dim=TINY_DIT["dim"])
-MIRROR = Path("/work/.mirror/modelscope+DiffSynth-Studio/repo")
 
 
 def controller(seed: int = 11, config: MotionControllerConfig = TINY) -> WanMotionController:
@@ -46,20 +44,11 @@ def tiny_dit(seed: int = 1) -> WanDiT:
 
 
 # ----------------------------------------------------------------------------------------- DiffSynth-Studio's
-def _show(path: str) -> str:
-    out = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:{path}"], capture_output=True, text=True)
-    if out.returncode:
-        pytest.skip(f"{path} is not in the DiffSynth-Studio mirror")
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
 def studio_controller(tmp_path_factory):
     """DiffSynth-Studio's `WanMotionControllerModel`, with the one helper it imports from its Wan DiT module
     (`sinusoidal_embedding_1d`, taken from that file) in a package of its own."""
-    if not (MIRROR / "HEAD").exists() and not (MIRROR / ".git").exists():
-        pytest.skip("the DiffSynth-Studio git mirror is not on this machine")
-    dit_source = _show("diffsynth/models/wan_video_dit.py")
+    dit_source = studio_source("diffsynth/models/wan_video_dit.py")
     helper = next(
         node
         for node in ast.parse(dit_source).body
@@ -70,7 +59,9 @@ def studio_controller(tmp_path_factory):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "wan_video_dit.py").write_text("import torch\n\n" + ast.get_source_segment(dit_source, helper) + "\n")
-    (pkg / "wan_video_motion_controller.py").write_text(_show("diffsynth/models/wan_video_motion_controller.py"))
+    (pkg / "wan_video_motion_controller.py").write_text(
+        studio_source("diffsynth/models/wan_video_motion_controller.py")
+    )
     sys.path.insert(0, str(root))
     try:
         yield importlib.import_module("studio_speed_ref.wan_video_motion_controller").WanMotionControllerModel
