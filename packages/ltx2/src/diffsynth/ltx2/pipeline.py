@@ -711,12 +711,6 @@ class LTX2Pipeline(BasePipeline):
         two-stage preset names `ltx-2-19b-distilled-lora-384.safetensors`, fetched at its first use), and
         `stage2_lora_strength` its scale (default 0.8). Load the latent upsampler like any model, e.g.
         `ModelConfig(model_id="Lightricks/LTX-2", origin_file_pattern="ltx-2-spatial-upscaler-x2-1.0.safetensors")`."""
-        hdr_preset = isinstance(model_id_or_configs, str) and model_id_or_configs.endswith(":hdr")
-        if hdr_preset and "text_encoder" not in cls.optional_slots:  # as LTX2HDRPipeline has it
-            raise ConfigError(
-                f"{model_id_or_configs} has no text encoder (it reads pre-computed embeddings): load it with "
-                "diffsynth.ltx2.LTX2HDRPipeline.from_pretrained"
-            )
         pipe = super().from_pretrained(
             model_id_or_configs,
             torch_dtype=torch_dtype,

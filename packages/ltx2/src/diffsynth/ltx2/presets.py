@@ -240,7 +240,7 @@ PRESETS[f"{REPO_23}:hdr"] = Preset(
     name=f"{REPO_23}:hdr",
     files=tuple(f for f in _distilled_23.files if f.model_id == REPO_23),  # no Gemma: the embeddings are given
     defaults={"hdr_lora": (HDR_REPO, HDR_LORA), "prompt_embeddings": (HDR_REPO, HDR_EMBEDDINGS)},
-    pipeline="diffsynth.ltx2.hdr:LTX2HDRPipeline",
+    pipeline="diffsynth.ltx2:LTX2HDRPipeline",
     description="LTX-2.3 HDR IC-LoRA video-to-video (load with LTX2HDRPipeline): an SDR video in, linear HDR float "
     "frames out (LogC3 decoded); the distilled model in two stages (8 steps at half size, x2 upsampler, 2 steps), "
     "pre-computed embeddings instead of Gemma.",

@@ -140,6 +140,10 @@ class BasePipeline:
         presets = dict(family.presets) if family else {}
         for key, preset in presets.items():
             if key.lower() == name.lower():
+                own = preset.pipeline_class()
+                if own is not None and not issubclass(cls, own):  # e.g. LTX-2.3's HDR preset, without a text encoder
+                    where = preset.pipeline.replace(":", ".")
+                    raise ConfigError(f"{key} needs its own pipeline class: load it with {where}.from_pretrained")
                 return preset
         raise ConfigError(
             f"{name!r} is neither a folder nor a known {cls.__name__} preset; presets: {preview(sorted(presets), 30)}"
