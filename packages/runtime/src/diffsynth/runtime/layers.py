@@ -31,19 +31,21 @@ def timestep_embedding(
     scale: float = 1.0,
     cos_first: bool = True,
     freq_shift: float = 0.0,
+    angle_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Sinusoidal embedding `[N] -> [N, dim]` in float32 (the DiT/ADM time embedding).
 
     Frequencies are `max_period ** (-i / (dim / 2 - freq_shift))`. `cos_first=True` gives
     `[cos, sin]` (BFL FLUX, Z-Image, Wan); `False` gives `[sin, cos]`. An odd `dim` gets a zero
-    column at the end. Always computed in float32: low-precision angles lose the fine timesteps.
+    column at the end. The angles are computed in `angle_dtype` (float32, or float64 for models whose authors
+    embed so: Wan2.2-Animate-2), never lower: low-precision angles lose the fine timesteps.
     """
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    exponent = -math.log(max_period) * torch.arange(half, dtype=angle_dtype, device=t.device)
     freqs = torch.exp(exponent / (half - freq_shift))
-    args = t.reshape(-1).float()[:, None] * freqs[None] * scale
+    args = t.reshape(-1).to(angle_dtype)[:, None] * freqs[None] * scale
     parts = (torch.cos(args), torch.sin(args)) if cos_first else (torch.sin(args), torch.cos(args))
-    emb = torch.cat(parts, dim=-1)
+    emb = torch.cat(parts, dim=-1).float()
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate
+from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
 
 from .dit import Head, ImageEmbedding, Rope, WanBlock, WanDiTConfig, backbone_fields, heads_from_width
 
@@ -187,16 +187,6 @@ def reference_attention(
         values = torch.cat([v, v_ref[:, (j - 1) * n : j * n]], dim=1)
         out.append(attention(rows, keys, values, bias, scale=scale))
     return torch.cat(out, dim=1)[..., :d]
-
-
-def timestep_embedding64(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """`[cos, sin]` of `t * 10000 ** (-i / (dim / 2))` with the angles in float64, returned in float32, as
-    DiffSynth-Studio (and the Wan authors) embed: with the runtime's float32 angles the outputs differ by ~1e-5."""
-    half = dim // 2
-    angles = torch.outer(
-        t.double(), torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    )
-    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -366,7 +356,7 @@ class WanAnimate2DiT(nn.Module):
 
     def _time(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The modulation table `[B, 6, dim]` float32 and the time embedding `[B, dim]` (for the head)."""
-        temb = self.time_embedding(timestep_embedding64(t, self.config.freq_dim).to(dtype))
+        temb = self.time_embedding(timestep_embedding(t, self.config.freq_dim, angle_dtype=torch.float64).to(dtype))
         return self.time_projection(temb).float().unflatten(-1, (6, self.config.dim)), temb
 
     def _context(self, context: torch.Tensor, clip_feature: torch.Tensor, dtype: torch.dtype):
