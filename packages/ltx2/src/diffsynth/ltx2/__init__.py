@@ -8,7 +8,7 @@ _EXPORTS = {
     "LTX2Pipeline": "pipeline",
     "LTX2Audio": "pipeline",
     "LTX2HDRPipeline": "hdr",
-    "ltx2_velocity": "pipeline",
+    "ltx2_velocity": "velocity",
     "LTX2DiT": "dit",
     "LTX2DiTConfig": "dit",
     "LTX2VideoVAE": "video_vae",

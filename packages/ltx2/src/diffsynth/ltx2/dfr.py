@@ -35,6 +35,7 @@ from diffsynth.runtime.vram import module_dtype
 from .audio_vae import pack_latents, unpack_latents
 from .dfr_layout import resolve_canvas, temporal_tiles, trim_canvas
 from .dit import audio_positions, keyframe_positions, video_positions
+from .framing import fit_image
 
 DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875)  # ltx-pipelines' table
 STAGE_2_SIGMAS = DISTILLED_SIGMAS[5:]
@@ -240,7 +241,6 @@ class DFRImages:
 
     def encode(self, pipe, height: int, width: int):
         """`(first, keyframes)` as `build_tokens` takes them, encoded at `height` x `width`."""
-        from .pipeline import fit_image
 
         if self.first is None and not self.keyframes:
             return None, []

@@ -33,6 +33,7 @@ from .audio_vae import pack_latents
 from .decoding import Decoding, diffusion_tiles, uses_diffusion_decoder
 from .dit import audio_positions
 from .in_context import encode_references
+from .velocity import LTX2Keyframes
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ def frame_count(frames: int, temporal: int = 8) -> int:
 def audio_reference(pipe, latents: torch.Tensor):
     """`LTX2Keyframes` of audio latents `[1, C, L, M]`: their tokens, at their own positions shifted back by
     their duration plus `REFERENCE_GAP`, so they end just before the clip starts."""
-    from .pipeline import LTX2Keyframes
 
     positions = audio_positions(pipe.dit.config, 1, latents.shape[2], latents.device)
     positions = positions - (positions[..., 1].max() + REFERENCE_GAP)
@@ -77,7 +77,7 @@ def dub_video(
     """`(frames, LTX2Audio)` of `reference_video` (a video file with sound) re-voiced to say `prompt`, at `height`
     x `width` (default 512 x 768; multiples of 64), its length and frame rate. Load the distilled model and the
     Dub-It IC-LoRA (`load_lora`) first. `stage_1_sigmas` replaces the distilled schedule of the first stage."""
-    from .pipeline import DEFAULT_MAX_SEQUENCE_LENGTH, LTX2Keyframes
+    from .pipeline import DEFAULT_MAX_SEQUENCE_LENGTH
 
     if not isinstance(prompt, str):
         raise ConfigError("dub_video takes one prompt (the new speech) for one reference video")

@@ -16,6 +16,7 @@ import torch
 from diffsynth.runtime.pipeline import BasePipeline
 
 from .dit import AttentionSkip
+from .velocity import LTX2Text, ltx2_velocity, repeat_conditions
 
 
 def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, factor: float) -> torch.Tensor:
@@ -63,7 +64,6 @@ def guided_velocities(
     """Guided (video, audio) velocities of one step. `text` holds the prompts, then (with `use_cfg`) the negative
     prompts; `scales` are the (video, audio) CFG scales, `rescale` one factor or (video, audio) ones, `guidance` an
     `LTX2Guidance` (or None) and `conditions` the model call's other inputs (`ltx2_velocity`'s keywords)."""
-    from .pipeline import LTX2Text, _repeat, ltx2_velocity
 
     g = guidance or NO_GUIDANCE
     rescale = tuple(rescale) if isinstance(rescale, (tuple, list)) else (rescale, rescale)
@@ -82,7 +82,14 @@ def guided_velocities(
     if n == 1:
         return ltx2_velocity(dit, video, audio, sigma, batch, fps, **conditions)
     v_video, v_audio = ltx2_velocity(
-        dit, torch.cat([video] * n), torch.cat([audio] * n), sigma, batch, fps, skips=skips, **_repeat(conditions, n)
+        dit,
+        torch.cat([video] * n),
+        torch.cat([audio] * n),
+        sigma,
+        batch,
+        fps,
+        skips=skips,
+        **repeat_conditions(conditions, n),
     )
 
     def parts(v: torch.Tensor) -> list[torch.Tensor | None]:

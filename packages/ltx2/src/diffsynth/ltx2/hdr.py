@@ -48,7 +48,8 @@ from diffsynth.runtime.schedulers import LTX2_DISTILLED_SIGMAS, FlowMatchSchedul
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import video_positions
-from .pipeline import DEFAULT_FRAME_RATE, LTX2Keyframes, LTX2Pipeline, LTX2Text, pack_video, pixel_tiles
+from .pipeline import LTX2Pipeline, pixel_tiles
+from .velocity import DEFAULT_FRAME_RATE, LTX2Keyframes, LTX2Text, pack_video
 
 logger = logging.getLogger(__name__)
 

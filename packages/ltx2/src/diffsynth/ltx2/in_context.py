@@ -22,6 +22,8 @@ from diffsynth.runtime.media import load_frames, pil_to_tensor
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import video_positions
+from .framing import fit_image
+from .velocity import pack_video
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ def check_factor(factor) -> int:
 def reference_frames(video, height: int, width: int, num_frames: int, temporal: int) -> list[Image.Image]:
     """The frames of one reference (a list of images or paths, or a video file): at most `num_frames`, then
     the longest `temporal`k + 1 of them (what the video VAE encodes), each fitted to `height` x `width`."""
-    from .pipeline import fit_image
 
     frames = load_frames(video, "each in_context_videos entry")[:num_frames]
     usable = (len(frames) - 1) // temporal * temporal + 1
@@ -70,7 +71,6 @@ def encode_references(
     """Tokens `[1, K, C]` and positions `[1, 3, K, 2]` of the reference `videos` for a video of `height` x
     `width` (each reference at a `factor` of that size, encoded by the video VAE, its rows and columns
     scaled back up by `factor`), in the order given."""
-    from .pipeline import pack_video
 
     m = pipe.size_multiple
     if height % factor or width % factor or (height // factor) % m or (width // factor) % m:

@@ -5,7 +5,7 @@ stream) -> prepare latents (seeded noise for the video `[B, 128, 1 + (F-1)/8, H/
 `[B, 8, L, 16]`, drawn in that order from one generator) -> denoise (Euler on the `ltx2` schedule; CFG
 batched with the conditional pass, with its own scale per stream and an optional rescale) -> decode
 (video VAE; audio VAE to a mel spectrogram, then the vocoder to a waveform).
-`ltx2_velocity` is the per-step model call; a trainer reuses it.
+`ltx2_velocity` (`velocity.py`) is the per-step model call; a trainer reuses it.
 
 The audio stream covers the video's duration: `L = round(F / frame_rate * 25)` latent frames (16 kHz mel,
 hop 160, 4x compressed). The schedule follows the authors' pipelines, which shift it as if the video
@@ -37,14 +37,17 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
 from . import dfr, res2s
-from .audio_vae import mel_spectrogram, pack_latents, unpack_latents
+from .audio_vae import mel_spectrogram, unpack_latents
 from .decoding import Decoding, decode_video, diffusion_tiles, uses_diffusion_decoder
 from .dfr import DFRImages
-from .dit import AttentionSkip, audio_positions, keyframe_positions, video_positions
+from .dit import audio_positions, keyframe_positions
 from .duration_head import num_frames_from_seconds
+from .framing import fit_image
 from .guidance import LTX2Guidance, guided_velocities
 from .in_context import check_factor, encode_references, lora_reference_downscale_factor
 from .retake import keep_video, retake_frames
+from .velocity import DEFAULT_FRAME_RATE, LTX2AudioCondition, LTX2Keyframes, LTX2Text, pack_video, unpack_video
+from .velocity import ltx2_velocity as ltx2_velocity  # the pipeline's public model call, as before
 from .video_vae import LTX2VideoEncoderVAE
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,6 @@ DEFAULT_RESCALE = 0.7
 DEFAULT_STG = 1.0  # ltx-pipelines LTX_2_PARAMS, both streams
 DEFAULT_MODALITY = 3.0
 DEFAULT_STG_BLOCKS = (29,)  # of the released 48; a default block past a smaller DiT's depth is dropped
-DEFAULT_FRAME_RATE = 24.0
 DEFAULT_AUDIO_SAMPLE_RATE = 48000  # DiffSynth-Studio's default for retake_audio
 DEFAULT_IMAGE_CRF = 33  # the authors re-compress an image-to-video first frame with H.264 at CRF 33 (LTX-2.0)
 DEFAULT_MAX_SEQUENCE_LENGTH = 1024  # Gemma prompts are left-padded to this many tokens
@@ -67,163 +69,7 @@ STAGE_2_LORA_STRENGTH = 0.8  # the authors' README runs the distilled LoRA at 0.
 STAGE_2_LORA_NAME = "stage_2_distilled"
 DFR_DISTILLED_LORA_STRENGTH = 1.0  # ltx-pipelines' DFRPipeline runs the distilled LoRA at the default strength, 1
 SCHEDULE_TOKENS = 4096  # the authors call LTX2Scheduler without a latent: the shift of 4096 tokens
-TIMESTEP_SCALE = 1000.0
 ImageInput = str | os.PathLike | Image.Image
-
-
-@dataclass
-class LTX2Text:
-    """What the DiT reads of a prompt batch: connector outputs `[B, L, 3840]` per stream and their mask
-    `[B, L]` (1 = keep), or None when every token is kept."""
-
-    video: torch.Tensor
-    audio: torch.Tensor
-    mask: torch.Tensor | None = None
-
-    def cat(self, other: LTX2Text) -> LTX2Text:
-        """This batch followed by `other` (prompts, then negative prompts)."""
-        if self.video.shape[1:] != other.video.shape[1:]:
-            raise ConfigError(
-                f"prompt and negative prompt contexts differ in shape ({tuple(self.video.shape[1:])} vs "
-                f"{tuple(other.video.shape[1:])}); both are padded to max_sequence_length"
-            )
-        masks = (self.mask, other.mask)
-        if any(m is None for m in masks) and any(m is not None for m in masks):
-            masks = tuple(
-                m if m is not None else torch.ones(t.shape[:2], device=t.device)
-                for m, t in zip(masks, (self.video, other.video), strict=True)
-            )
-        mask = None if masks[0] is None else torch.cat([masks[0].to(masks[1].dtype), masks[1]])
-        return LTX2Text(torch.cat([self.video, other.video]), torch.cat([self.audio, other.audio]), mask)
-
-
-@dataclass
-class LTX2Keyframes:
-    """Clean tokens the DiT reads after the video's own: keyframes' (normalised latents of the images,
-    packed, at their frames) and IC-LoRA references' (`in_context.py`), `tokens` `[1, K, 128]` with their
-    positions `coords` `[1, 3, K, 2]`. They are seen at timestep 0 and never stepped; only the video's tokens
-    come back from the model call."""
-
-    tokens: torch.Tensor
-    coords: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.tokens.shape[1]
-
-    @staticmethod
-    def join(first: LTX2Keyframes | None, tokens: torch.Tensor | None, coords: torch.Tensor | None):
-        """`first` with `tokens` at `coords` after its own (either may be absent)."""
-        if tokens is None:
-            return first
-        if first is None:
-            return LTX2Keyframes(tokens, coords)
-        return LTX2Keyframes(torch.cat([first.tokens, tokens], dim=1), torch.cat([first.coords, coords], dim=2))
-
-
-@dataclass
-class LTX2AudioCondition:
-    """A given sound: its normalised latents `[1, C, L, M]`, the mask `[1, 1, L, 1]` of the latent frames
-    to re-make (0 = kept as given) and, when it is kept whole, the waveform `[2, N]` and its rate to return."""
-
-    latents: torch.Tensor
-    mask: torch.Tensor
-    waveform: torch.Tensor | None = None
-    sample_rate: int | None = None
-
-
-def pack_video(latents: torch.Tensor) -> torch.Tensor:
-    """Video latents `[B, C, F, H, W]` -> DiT tokens `[B, F * H * W, C]` (frame, row, column order)."""
-    return latents.flatten(2).transpose(1, 2)
-
-
-def unpack_video(tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
-    return tokens.transpose(1, 2).unflatten(2, (frames, height, width))
-
-
-def ltx2_velocity(
-    dit,
-    video: torch.Tensor,
-    audio: torch.Tensor,
-    sigma: torch.Tensor | float,
-    text: LTX2Text,
-    frame_rate: float = DEFAULT_FRAME_RATE,
-    audio_sigma: torch.Tensor | float | None = None,
-    denoise_mask: torch.Tensor | None = None,
-    skips: Sequence[AttentionSkip] = (),
-    keyframes: LTX2Keyframes | None = None,
-    audio_denoise_mask: torch.Tensor | None = None,
-    audio_references: LTX2Keyframes | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow velocities (noise - clean), float32, of video latents `[B, 128, f, h, w]` and audio latents
-    `[B, C, L, M]` at noise level `sigma` (scalar or `[B]`; `audio_sigma` defaults to it).
-
-    `text` comes from `LTX2Pipeline.encode_prompt`; `frame_rate` places the video tokens in time (RoPE),
-    so it must be the rate the frames will be played at. `denoise_mask` (`[1 or B, 1, f, h, w]`, 1 = being
-    denoised, 0 = a clean conditioning latent such as image-to-video's first frame) scales each video
-    token's timestep, so the DiT sees the given frames as clean. `skips` (`AttentionSkip`) switch DiT
-    attentions off for some rows (STG / modality isolation). `keyframes` (`LTX2Keyframes`) are clean tokens
-    appended to the video's, at timestep 0, for keyframe conditioning. `audio_denoise_mask` (`[1 or B, 1, L,
-    1]`, 0 = a given, clean audio latent frame) does for the audio what `denoise_mask` does for the video.
-    `audio_references` (tokens `[1, K, C * M]`, positions `[1, 1, K, 2]`) are clean audio tokens appended to the
-    audio's at timestep 0, as `keyframes` are to the video's (Dub-It's reference sound, `dubit.py`).
-    Computation runs in the DiT's dtype.
-    """
-    dtype = module_dtype(dit)
-    b, _, f, h, w = video.shape
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=video.device).reshape(-1).expand(b)
-    video_t = sigma * TIMESTEP_SCALE
-    audio_t = video_t
-    if audio_sigma is not None:
-        audio_sigma = torch.as_tensor(audio_sigma, dtype=torch.float32, device=video.device).reshape(-1).expand(b)
-        audio_t = audio_sigma * TIMESTEP_SCALE
-    if denoise_mask is not None:  # per-token timesteps [B, f * h * w]
-        video_t = video_t[:, None] * denoise_mask.to(video.device, torch.float32).expand(b, 1, f, h, w).flatten(1)
-    if audio_denoise_mask is not None:  # per-token [B, L]
-        audio_mask = audio_denoise_mask.to(video.device, torch.float32).expand(b, 1, audio.shape[2], 1)
-        audio_t = audio_t[:, None] * audio_mask.flatten(1)
-    cfg = dit.config
-    mask = text.mask
-    tokens, coords = pack_video(video), video_positions(cfg, b, f, h, w, float(frame_rate), video.device)
-    if keyframes is not None:  # clean tokens after the video's: timestep 0, their own positions
-        video_t = video_t[:, None].expand(b, f * h * w) if video_t.dim() == 1 else video_t
-        video_t = torch.cat([video_t, video_t.new_zeros(b, len(keyframes))], dim=1)
-        tokens = torch.cat([tokens, keyframes.tokens.to(tokens).expand(b, -1, -1)], dim=1)
-        coords = torch.cat([coords, keyframes.coords.to(coords).expand(b, -1, -1, -1)], dim=2)
-    extra = {}
-    if cfg.keyframes_abs_pos_embedding:  # LTX-2.5: the first latent frame holds one pixel frame, as a keyframe does
-        marked = torch.zeros(b, tokens.shape[1], device=video.device)
-        marked[:, : h * w] = 1.0  # ltx-core marks it always; appended condition tokens are not marked
-        extra["keyframes_mask"] = marked
-    audio_tokens, audio_coords = pack_latents(audio), audio_positions(cfg, b, audio.shape[2], video.device)
-    if audio_references is not None:  # clean tokens after the audio's: timestep 0, their own positions
-        audio_t = audio_t[:, None].expand(b, audio.shape[2]) if audio_t.dim() == 1 else audio_t
-        audio_t = torch.cat([audio_t, audio_t.new_zeros(b, len(audio_references))], dim=1)
-        audio_tokens = torch.cat([audio_tokens, audio_references.tokens.to(audio_tokens).expand(b, -1, -1)], dim=1)
-        audio_coords = torch.cat([audio_coords, audio_references.coords.to(audio_coords).expand(b, -1, -1, -1)], dim=2)
-    v_video, v_audio = dit(
-        tokens.to(dtype),
-        audio_tokens.to(dtype),
-        text.video.to(dtype),
-        text.audio.to(dtype),
-        video_t,
-        audio_timestep=audio_t,
-        video_context_mask=mask,
-        audio_context_mask=mask,
-        video_coords=coords,
-        audio_coords=audio_coords,
-        skips=skips,
-        **extra,
-    )
-    v_video, v_audio = v_video[:, : f * h * w], v_audio[:, : audio.shape[2]]
-    return unpack_video(v_video.float(), f, h, w), unpack_latents(v_audio.float(), audio.shape[3])
-
-
-def _repeat(conditions: dict, n: int) -> dict:
-    """The model call's conditions for a batch repeated `n` times (per-sample masks repeated with it)."""
-    masks = ("denoise_mask", "audio_denoise_mask")
-    return {
-        k: torch.cat([v] * n) if k in masks and v is not None and v.shape[0] > 1 else v for k, v in conditions.items()
-    }
 
 
 def pixel_tiles(tile_size, tile_stride, size_in_pixels, overlap_in_pixels, cell: int):
@@ -253,17 +99,6 @@ def check_diffsynth_settings(stage2_spatial_upsample_factor, denoising_strength)
             f"denoising_strength={denoising_strength!r}: LTX-2 always denoises from pure noise; for video-to-video "
             "use retake_video (with retake_video_regions)"
         )
-
-
-def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
-    """`image` cropped at its centre to the aspect ratio `width / height`, then resized bilinearly to it."""
-    src_w, src_h = image.size
-    scale = max(height / src_h, width / src_w)
-    crop_w, crop_h = min(src_w, round(width / scale)), min(src_h, round(height / scale))
-    left, top = (src_w - crop_w) // 2, (src_h - crop_h) // 2
-    if (crop_w, crop_h) != (src_w, src_h):
-        image = image.crop((left, top, left + crop_w, top + crop_h))
-    return image if image.size == (width, height) else image.resize((width, height), Image.BILINEAR)
 
 
 class LTX2Pipeline(BasePipeline):

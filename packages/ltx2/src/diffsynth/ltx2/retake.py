@@ -17,6 +17,7 @@ from diffsynth.runtime.media import load_frames, pil_to_tensor
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import video_positions
+from .framing import fit_image
 
 
 def retake_frames(video, num_frames: int) -> list[Image.Image]:
@@ -41,7 +42,6 @@ def region_mask(config, shape, fps: float, regions, check_region, device) -> tor
 def keep_video(pipe, video: torch.Tensor, frames, height: int, width: int, regions, fps: float):
     """`video` (the stage's noisy latents) with the given `frames`' latents, fitted to `height` x `width`
     and encoded, put in where they are kept; and the mask (1 = re-made)."""
-    from .pipeline import fit_image
 
     pipe.load_models_to_device(["vae"])
     fitted = [fit_image(frame, height, width) for frame in frames]

@@ -80,15 +80,8 @@ from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import pack_latents, unpack_latents
 from .dit import AttentionSkip
-from .pipeline import (
-    DEFAULT_FRAME_RATE,
-    DEFAULT_MAX_SEQUENCE_LENGTH,
-    LTX2Pipeline,
-    LTX2Text,
-    ltx2_velocity,
-    pack_video,
-    unpack_video,
-)
+from .pipeline import DEFAULT_MAX_SEQUENCE_LENGTH, LTX2Pipeline
+from .velocity import DEFAULT_FRAME_RATE, LTX2Text, ltx2_velocity, pack_video, unpack_video
 
 logger = logging.getLogger(__name__)
 
