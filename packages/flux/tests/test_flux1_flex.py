@@ -143,6 +143,39 @@ def test_refusals(flex_pipe, tiny_pipe):
         flex_pipe("a cat", flux_fill_image=random_image(32, 32), flux_fill_mask=mask_image(32, 32), **FAST)
 
 
+def test_cli_maps_inpaint_and_control_flags_to_flex_inputs(flex_repo, tiny_repo, tmp_path, capsys):
+    """`--input-image` + `--inpaint-mask` are Flex.2's `flex_inpaint_*` and `--control-image MAP:STRENGTH` its
+    `flex_control_*`: the written picture is the pipeline call with those arguments; a plain DiT refuses them."""
+    from diffsynth.runtime.cli import main
+
+    random_image(32, 32, seed=3).save(tmp_path / "in.png")
+    mask_image(32, 32).save(tmp_path / "mask.png")
+    random_image(32, 32, seed=4).save(tmp_path / "depth.png")
+    out = tmp_path / "out.png"
+    args = ["generate", "--prompt", "a cat", "--seed", "2", "--steps", "2", "--device", "cpu", "--dtype", "float32"]
+    args += [
+        "--output",
+        str(out),
+        "--input-image",
+        str(tmp_path / "in.png"),
+        "--inpaint-mask",
+        str(tmp_path / "mask.png"),
+    ]
+    args += ["--control-image", f"{tmp_path / 'depth.png'}:0.8"]
+    assert main([*args, "--model", str(flex_repo)]) == 0
+    pipe = our_pipeline(flex_repo)
+    with Image.open(tmp_path / "mask.png") as mask:
+        want = pipe("a cat", flex_inpaint_image=str(tmp_path / "in.png"), flex_inpaint_mask=mask.convert("L"),
+                    flex_control_image=str(tmp_path / "depth.png"), flex_control_strength=0.8, seed=2,
+                    num_inference_steps=2, progress_bar=False)  # fmt: skip
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written), np.asarray(want))
+    assert main([*args[:-2], "--model", str(flex_repo)]) == 0  # no control: the default strength is not asked for
+    capsys.readouterr()
+    assert main([*args[:-2], "--model", str(tiny_repo)]) == 2
+    assert "--inpaint-mask is not used" in capsys.readouterr().err
+
+
 def test_preset_is_the_single_file_with_flux1_dev_encoders():
     preset = PRESETS["ostris/Flex.2-preview"]
     files = [(f.model_id, f.origin_file_pattern) for f in preset.files]

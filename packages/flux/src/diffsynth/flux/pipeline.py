@@ -732,6 +732,27 @@ class FluxImagePipeline(BasePipeline):
         return self.guide(both[:batch], both[batch:], cfg_scale)
 
     # ------------------------------------------------------------------ FLUX.1 Fill, Canny / Depth
+    def cli_options(self, options: dict) -> dict:
+        """The `diffsynth generate` inputs under this pipeline's names, by the DiT's kind: `--edit-image` is
+        Kontext's `kontext_images`; `--input-image` + `--inpaint-mask` are a Fill DiT's `flux_fill_*` or Flex.2's
+        `flex_inpaint_*`; `--control-image MAP[:STRENGTH]` (no `--controlnet`) is Flex.2's `flex_control_image`."""
+        from diffsynth.runtime.cli import path_and_scale
+
+        options = dict(options)
+        kind = condition_kind(self.dit.config) if self.dit is not None else None
+        if "edit_image" in options:
+            options["kontext_images"] = options.pop("edit_image")
+        if "inpaint_mask" in options and kind in (FILL, FLEX):
+            if "input_image" not in options:
+                raise ConfigError("--inpaint-mask says which part of --input-image to repaint: give --input-image too")
+            prefix = "flux_fill" if kind == FILL else "flex_inpaint"
+            options[f"{prefix}_mask"] = options.pop("inpaint_mask")
+            options[f"{prefix}_image"] = options.pop("input_image")
+        if "control_image" in options and kind == FLEX:
+            image, strength = path_and_scale(options.pop("control_image"), DEFAULT_CONTROL_STRENGTH)
+            options.update(flex_control_image=image, flex_control_strength=strength)
+        return options
+
     def check_channel_inputs(self, fill_image, fill_mask, control_image, kontext_images):
         """(kind, images, masks) for the DiT's wider input (`flux1/channels.py`), or None for a plain DiT; the
         inputs must be the ones the DiT takes, each one image or a list (one per prompt)."""

@@ -262,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _path_and_scale(spec: str) -> tuple[str, float]:
-    """`PATH[:SCALE]` (a LoRA, a control image) as (path, scale); a path that exists is taken whole."""
+def path_and_scale(spec: str, default: float = 1.0) -> tuple[str, float]:
+    """`PATH[:SCALE]` (a LoRA, a control image) as (path, scale), `default` without one; a path that exists is
+    taken whole."""
     path, sep, scale = spec.rpartition(":")
     if sep and path and not Path(spec).exists():
         try:
             return path, float(scale)
         except ValueError:
             pass
-    return spec, 1.0
+    return spec, default
 
 
 def _control_options(pipe, controlnets: list[str], images: list[str], mode: str | None = None) -> dict:
@@ -297,7 +298,7 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
         )
     inputs = []
     for k, spec in enumerate(images):
-        path, scale = _path_and_scale(spec)
+        path, scale = path_and_scale(spec)
         cid = k if len(controlnets) > 1 else 0
         inputs.append(ControlNetInput(image=path, scale=scale, controlnet_id=cid, processor_id=mode))
     blockwise = "blockwise_controlnet" in pipe.model_slots and pipe.controlnets("blockwise_controlnet")
@@ -442,7 +443,7 @@ def _generate(args) -> int:
     if parallel:
         pipe.enable_parallel(sequence=args.sequence_parallel, batch=args.cfg_parallel or 1)
     for spec in args.lora:
-        path, scale = _path_and_scale(spec)
+        path, scale = path_and_scale(spec)
         pipe.load_lora(path, scale=scale)
     if args.controlnet:
         pipe.load_controlnet(args.controlnet)
@@ -501,14 +502,9 @@ def _generate(args) -> int:
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
     options = {name: value for name, value in options.items() if value is not None}
     options.update(_control_options(pipe, args.controlnet, args.control_image, args.control_mode))
+    if hasattr(pipe, "cli_options"):  # a family's own names for generic flags (FLUX.1 Kontext, Fill, Flex.2)
+        options = pipe.cli_options(options)
     accepted = inspect.signature(type(pipe).__call__).parameters
-    if "edit_image" in options and "edit_image" not in accepted and "kontext_images" in accepted:  # FLUX.1 Kontext
-        options["kontext_images"] = options.pop("edit_image")
-    if "inpaint_mask" in options and "inpaint_mask" not in accepted and "flux_fill_mask" in accepted:  # FLUX.1 Fill
-        if "input_image" not in options:
-            raise ConfigError("--inpaint-mask says which part of --input-image to repaint: give --input-image too")
-        options["flux_fill_mask"] = options.pop("inpaint_mask")
-        options["flux_fill_image"] = options.pop("input_image")
     if "retake_audio" in options and "retake_audio" not in accepted and "input_audio" in accepted:  # Wan2.2-S2V
         options["input_audio"] = options.pop("retake_audio")
     if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
@@ -523,6 +519,8 @@ def _generate(args) -> int:
             renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
             renamed.update(vace_video_mask="vace_mask", controlnet_inputs="control_image")
             renamed.update(flux_fill_mask="inpaint_mask", flux_fill_image="input_image")
+            renamed.update(flex_inpaint_mask="inpaint_mask", flex_inpaint_image="input_image")
+            renamed.update(flex_control_image="control_image", flex_control_strength="control_image")
             renamed["retake_video"] = "input_video"
             renamed.update(camera_control_direction="camera_direction", camera_control_speed="camera_speed")
             renamed.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds", use_hq_pipeline="hq")
