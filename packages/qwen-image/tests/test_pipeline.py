@@ -93,6 +93,9 @@ def test_presets_carry_the_authors_defaults():
         "Qwen/Qwen-Image-Edit-2511",
         "Qwen/Qwen-Image-Layered",
         "DiffSynth-Studio/Qwen-Image-Distill-Full",
+        "DiffSynth-Studio/Qwen-Image-Layered-Control",
+        "FireRedTeam/FireRed-Image-Edit-1.0",
+        "FireRedTeam/FireRed-Image-Edit-1.1",
     }
     base = PRESETS["Qwen/Qwen-Image"]
     assert base.defaults["cfg_scale"] == 4.0 and base.defaults["num_inference_steps"] == 50

@@ -67,7 +67,8 @@ def test_encode_collate_and_velocity_are_what_decompose_feeds_the_dit(task, monk
     prediction the pipeline got."""
     calls = []
 
-    def spy(dit, x, sigma, text, text_mask, condition):
+    def spy(dit, x, sigma, text, text_mask, condition, context=None):
+        assert context is None  # Layered-Control's context mask is not a training input
         out = layered_velocity(dit, x, sigma, text, text_mask, condition)
         calls.append((x, sigma, text, text_mask, condition, out))
         return out

@@ -17,6 +17,12 @@ What the authors ship (diffusers' `QwenImageLayeredPipeline` with the Qwen/Qwen-
   conditional one (`cfg_normalize`, on in the authors' model card);
 - frame 0 is dropped and each layer decoded as its own RGBA image.
 
+DiffSynth-Studio's Qwen-Image-Layered-Control (a Layered DiT fine-tuned to pull out the one layer the prompt
+names) runs the same call with `layer_num=0`: one generated frame, which is the layer, and is kept. Its V2 LoRA
+also reads a `context_image` (a mask of the region to pull out, as RGBA): its latent tokens sit between the
+generated frame's and the input image's, at the next RoPE frame, as DiffSynth-Studio places them. Its presets
+use DiffSynth-Studio's schedule ("qwen_image") and plain CFG, as its examples do.
+
 The prompt is a caption of the input image, encoded with the text-to-image template. diffusers writes one
 with Qwen2.5-VL's text generation when the prompt is empty; our text encoder has no `lm_head` (it only yields
 hidden states), so an empty prompt is refused, as DiffSynth-Studio does.
@@ -91,16 +97,19 @@ def layered_velocity(
     text: torch.Tensor,
     text_mask: torch.Tensor | None,
     condition: torch.Tensor,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flow velocity `[B, F, 16, h, w]` (float32) of the `F` generated frames `latents` (unpacked, the whole
     image then the layers) at noise level `sigma` [B], given the clean latent `condition` `[B, 16, h', w']` of
-    the input image; its tokens follow the frames' and their predictions are discarded."""
+    the input image; its tokens follow the frames' and their predictions are discarded. A clean `context`
+    latent `[B, 16, h'', w'']` (Layered-Control V2's mask) goes between the two, at RoPE frame F."""
     p = dit.config.patch_size
     b, f, _, h, w = latents.shape
     dtype = module_dtype(dit)
     frames = pack_frames(latents, p)
-    tokens = torch.cat([frames, pack_frames(condition[:, None], p)], dim=1).to(dtype)
-    shapes = [(1, h // p, w // p)] * f + [(1, condition.shape[-2] // p, condition.shape[-1] // p)]
+    clean = [condition] if context is None else [context, condition]
+    tokens = torch.cat([frames, *(pack_frames(c[:, None], p) for c in clean)], dim=1).to(dtype)
+    shapes = [(1, h // p, w // p)] * f + [(1, c.shape[-2] // p, c.shape[-1] // p) for c in clean]
     extra = {}
     if dit.config.use_additional_t_cond:
         extra["additional_t_cond"] = torch.full((b,), RGB_INDEX, dtype=torch.long, device=latents.device)
@@ -110,8 +119,12 @@ def layered_velocity(
 
 
 def check_layer_num(layer_num) -> int:
-    if isinstance(layer_num, bool) or not isinstance(layer_num, int) or layer_num < 1:
-        raise ConfigError(f"layer_num={layer_num!r} is not accepted; use an integer >= 1 (the authors use 4)")
+    """`layer_num` >= 1 layers (Qwen-Image-Layered), or 0: the one layer the prompt names (Layered-Control)."""
+    if isinstance(layer_num, bool) or not isinstance(layer_num, int) or layer_num < 0:
+        raise ConfigError(
+            f"layer_num={layer_num!r} is not accepted; use an integer >= 1 (the authors use 4), or 0 with "
+            "Qwen-Image-Layered-Control (the layer the prompt names)"
+        )
     return layer_num
 
 

@@ -293,7 +293,6 @@ class QwenImagePipeline(BasePipeline):
                     "input_image": input_image,
                     "inpaint_mask": inpaint_mask,
                     "edit_image": edit_image,
-                    "context_image": context_image,
                     "edit_rope_interpolation": edit_rope_interpolation or None,
                     "eligen_entity_prompts": eligen_entity_prompts,
                     "controlnet_inputs": controlnet_inputs,
@@ -307,6 +306,7 @@ class QwenImagePipeline(BasePipeline):
                 negative_prompt=negative_prompt,
                 layer_num=layer_num,
                 layer_resolution=layer_resolution,
+                context_image=context_image,
                 cfg_scale=cfg_scale,
                 cfg_normalize=cfg_normalize,
                 height=height,
@@ -444,6 +444,7 @@ class QwenImagePipeline(BasePipeline):
         negative_prompt: str | Sequence[str] | None = None,
         layer_num: int | None = None,
         layer_resolution: int | None = None,
+        context_image=None,
         cfg_scale: float | None = None,
         cfg_normalize: bool | None = None,
         height: int | None = None,
@@ -472,6 +473,10 @@ class QwenImagePipeline(BasePipeline):
         "qwen_image" (Qwen-Image's, which DiffSynth-Studio uses); `exponential_shift_mu` replaces its mu (for
         the authors' schedule, the linear shift itself). `latents` is the initial noise `[B, N + 1, 16, H/8, W/8]`
         (frame 0 is the whole image).
+
+        `layer_num=0` (Qwen-Image-Layered-Control, DiffSynth-Studio's) makes the one layer the prompt names: a
+        one-frame latent `[B, 1, 16, H/8, W/8]` whose frame is the layer, returned as the only one. Its V2 LoRA
+        also reads `context_image`, a mask (white = the region to pull out) encoded as RGBA at the output size.
         """
         check_layered_models(self.dit, self.vae)
         check_layer_prompts(prompt)
@@ -482,7 +487,7 @@ class QwenImagePipeline(BasePipeline):
         if not isinstance(normalize, bool):
             raise ConfigError(f"cfg_normalize={normalize!r} must be True or False")
         steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
-        template = sigma_template or LAYERED_TEMPLATES[0]
+        template = self.setting("sigma_template", sigma_template, LAYERED_TEMPLATES[0])
         if template not in LAYERED_TEMPLATES:
             raise ConfigError(f"sigma_template={template!r} is not accepted here; use one of {LAYERED_TEMPLATES}")
         if output_type not in ("pil", "np", "pt"):
@@ -508,6 +513,11 @@ class QwenImagePipeline(BasePipeline):
         pixels = pil_to_tensor(resized, module_dtype(self.vae), self.device, mode="RGBA").unsqueeze(2)
         condition = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
         condition = condition[:, :, 0].float().expand(batch, -1, -1, -1)
+        context = None
+        if context_image is not None:
+            context = self.encode_context_image(
+                context_image, batch, height, width, tiled, tile_size, tile_stride, "RGBA"
+            )
         shape = (batch, n + 1, self.vae.z_dim, height // 8, width // 8)
         x = self.generate_noise(shape, seed, rand_device) if latents is None else self.check_latents(latents, shape)
         scheduler, tokens = FlowMatchScheduler("qwen_image"), (height // 16) * (width // 16)
@@ -520,9 +530,9 @@ class QwenImagePipeline(BasePipeline):
         self.load_models_to_device(["dit"])
         for i in self.progress(range(len(scheduler.timesteps)), progress_bar):
             sigma = scheduler.sigmas[i].expand(batch)
-            velocity = layered_velocity(self.dit, x, sigma, text, text_mask, condition)
+            velocity = layered_velocity(self.dit, x, sigma, text, text_mask, condition, context=context)
             if negative is not None:
-                negative_velocity = layered_velocity(self.dit, x, sigma, *negative, condition)
+                negative_velocity = layered_velocity(self.dit, x, sigma, *negative, condition, context=context)
                 if normalize:
                     p = self.dit.config.patch_size
                     guided = true_cfg(velocity.flatten(0, 1), negative_velocity.flatten(0, 1), cfg_scale, p)
@@ -531,9 +541,11 @@ class QwenImagePipeline(BasePipeline):
                     velocity = self.guide(velocity, negative_velocity, cfg_scale)
             x = scheduler.step(velocity, i, x)
 
-        # 4. decode the layers (frame 0, the whole image, is dropped), each as its own image
+        # 4. decode the layers (frame 0, the whole image, is dropped; with layer_num=0 it is the layer), each as
+        # its own image
         self.load_models_to_device(["vae"])
-        layers = x[:, 1:].flatten(0, 1).unsqueeze(2).to(module_dtype(self.vae))
+        x, n = (x, 1) if n == 0 else (x[:, 1:], n)
+        layers = x.flatten(0, 1).unsqueeze(2).to(module_dtype(self.vae))
         pixels = self.vae.decode(layers, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)[:, :, 0]
         self.load_models_to_device([])
         out = tensor_to_output(pixels.float(), output_type)
@@ -637,12 +649,15 @@ class QwenImagePipeline(BasePipeline):
         images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
         return [load_image(im) for im in images]
 
-    def encode_context_image(self, context_image, batch, height, width, tiled, tile_size, tile_stride) -> torch.Tensor:
-        """Normalised VAE latents `[B, 16, H/8, W/8]` of one in-context control image, resized to `width x height`."""
+    def encode_context_image(
+        self, context_image, batch, height, width, tiled, tile_size, tile_stride, mode: str = "RGB"
+    ) -> torch.Tensor:
+        """Normalised VAE latents `[B, 16, H/8, W/8]` of one in-context control image, resized to `width x height`
+        (read as `mode`: "RGBA" for the Layered VAE)."""
         if isinstance(context_image, (list, tuple)):
             raise ConfigError("context_image is one image (a path or PIL image), shared by every prompt")
-        image = load_image(context_image).resize((width, height))
-        pixels = pil_to_tensor(image, dtype=module_dtype(self.vae), device=self.device)
+        image = load_image(context_image, mode).resize((width, height))
+        pixels = pil_to_tensor(image, dtype=module_dtype(self.vae), device=self.device, mode=mode)
         clean = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
         return clean[:, :, 0].float().expand(batch, -1, -1, -1)
 

@@ -14,6 +14,12 @@ DiffSynth-Studio/Qwen-Image-Distill-Full (its distilled DiT with Qwen-Image's ot
 without CFG, as its example does; its LoRA form (`Qwen-Image-Distill-LoRA`) loads onto Qwen/Qwen-Image with
 `load_lora`.
 
+DiffSynth-Studio/Qwen-Image-Layered-Control (its Layered DiT fine-tuned to pull out the layer the prompt names)
+runs with `layer_num=0`, DiffSynth-Studio's schedule and plain CFG 4 in 30 steps at 1024x1024, as its example
+does; its V2 LoRA (`DiffSynth-Studio/Qwen-Image-Layered-Control-V2`, `load_lora`) also reads a `context_image`
+mask. FireRedTeam/FireRed-Image-Edit-1.0 / 1.1 (a Qwen-Image-Edit-2509-style fine-tune, several edit images) load
+their DiT with Qwen-Image's text encoder and VAE and Qwen-Image-Edit's processor, as DiffSynth-Studio's examples do.
+
 `CONTROLNETS` are the ControlNet repos `load_controlnet("Org/Name")` knows: their files (each a diffusers
 `QwenImageControlNetModel` folder at the repo root).
 """
@@ -41,6 +47,16 @@ _LAYERED = {
     "cfg_normalize": True,
 }
 _EDIT_PLUS = {"num_inference_steps": 40, "cfg_scale": 4.0, "negative_prompt": " ", "edit_template": "plus"}
+_LAYERED_CONTROL = {
+    "num_inference_steps": 30,
+    "cfg_scale": 4.0,
+    "negative_prompt": "",
+    "layer_num": 0,
+    "height": 1024,
+    "width": 1024,
+    "cfg_normalize": False,
+    "sigma_template": "qwen_image",
+}
 
 
 def _preset(repo: str, defaults: dict, description: str, tokenizer: str = "tokenizer/") -> Preset:
@@ -95,6 +111,33 @@ PRESETS: dict[str, Preset] = {
         defaults={**_T2I, "num_inference_steps": 15, "cfg_scale": 1.0},
         description="DiffSynth-Studio's distilled Qwen-Image: 15 steps without CFG.",
     ),
+    "DiffSynth-Studio/Qwen-Image-Layered-Control": Preset(
+        name="DiffSynth-Studio/Qwen-Image-Layered-Control",
+        files=(
+            PresetFile("DiffSynth-Studio/Qwen-Image-Layered-Control", "transformer/*.safetensors*"),
+            PresetFile("Qwen/Qwen-Image", "text_encoder/*.safetensors*"),
+            PresetFile("Qwen/Qwen-Image-Layered", "vae/diffusion_pytorch_model.safetensors"),
+        ),
+        tokenizer=PresetFile("Qwen/Qwen-Image", "tokenizer/"),
+        defaults=_LAYERED_CONTROL,
+        description="DiffSynth-Studio's Qwen-Image-Layered-Control: the layer of layer_input_image the prompt names "
+        "(layer_num 0), 30 steps, CFG 4, 1024x1024.",
+    ),
+    **{
+        f"FireRedTeam/FireRed-Image-Edit-{version}": Preset(
+            name=f"FireRedTeam/FireRed-Image-Edit-{version}",
+            files=(
+                PresetFile(f"FireRedTeam/FireRed-Image-Edit-{version}", "transformer/*.safetensors*"),
+                PresetFile("Qwen/Qwen-Image", "text_encoder/*.safetensors*"),
+                PresetFile("Qwen/Qwen-Image", "vae/diffusion_pytorch_model.safetensors"),
+            ),
+            tokenizer=PresetFile("Qwen/Qwen-Image-Edit", "processor/"),
+            defaults=_EDIT_PLUS,
+            description=f"FireRed-Image-Edit-{version} (a Qwen-Image-Edit fine-tune): 1-3 edit images, 40 steps, "
+            "true CFG 4.",
+        )
+        for version in ("1.0", "1.1")
+    },
 }
 
 
