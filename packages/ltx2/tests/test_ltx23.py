@@ -101,6 +101,32 @@ def test_preset_resolves_to_the_23_file(tiny_ltx23_base, tiny_ltx23_pipe, monkey
     torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
 
 
+def test_joyai_echo_preset_is_one_distilled_stage_of_its_single_file(
+    tiny_ltx23_base, tiny_ltx23_pipe, monkeypatch, tmp_path
+):
+    """`jd-opensource/JoyAI-Echo` finds its one file (every LTX-2.3 model) and Gemma, and runs the distilled table
+    without CFG in one stage, as DiffSynth-Studio's example: the path-built pipeline given those settings."""
+    base = tmp_path / "models"  # the tiny LTX-2.3 file under JoyAI-Echo's name, beside the same Gemma
+    (base / repo_module.GEMMA_REPO).parent.mkdir(parents=True)
+    (base / repo_module.GEMMA_REPO).symlink_to(tiny_ltx23_base / repo_module.GEMMA_REPO)
+    (base / "jd-opensource" / "JoyAI-Echo").mkdir(parents=True)
+    single = tiny_ltx23_base / repo_module.LTX23_REPO / repo_module.SINGLE_FILE_23
+    (base / "jd-opensource" / "JoyAI-Echo" / "JoyAI-Echo-release.safetensors").symlink_to(single)
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    pipe = LTX2Pipeline.from_pretrained("jd-opensource/JoyAI-Echo", device="cpu", torch_dtype=torch.float32)
+    assert pipe.is_ltx23 and pipe.upsampler is None  # one stage: no upsampler is fetched
+    calls, real = [], LTX2Pipeline.predict
+    monkeypatch.setattr(LTX2Pipeline, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    sizes = {k: FAST[k] for k in ("height", "width", "num_frames", "max_sequence_length", "progress_bar")}
+    got = pipe(CAPTIONS[0], seed=0, output_type="pt", **sizes)
+    assert len(calls) == 8  # the distilled table, one unguided pass a step, no second stage
+    expected = tiny_ltx23_pipe(CAPTIONS[0], seed=0, output_type="pt", use_distilled_pipeline=True,
+                               use_two_stage_pipeline=False, frame_rate=24.0, **sizes)  # fmt: skip
+    torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1].waveform, expected[1].waveform, atol=0, rtol=0)
+
+
 def test_released_file_splits_on_meta():
     """A full-size LTX-2.3 single file (our five release-config models on the meta device, in the file's layout)
     splits into the five models with no key left over, each with its released 2.3 config; the DiT holds ~19B

@@ -21,6 +21,9 @@ transformer is the dev or the distilled one is not known here, so the preset set
 the 2.4+ defaults: 30 guided steps; `use_distilled_pipeline=True` for a distilled transformer).
 `Lightricks/LTX-2.5` is LTX-2.5 in the authors' own files (`split_files.py`), with the same four recipes as the
 other generations (one-stage, `:two-stage`, `:distilled`) and their DFR pipeline (`:dfr`).
+`jd-opensource/JoyAI-Echo` (JD's few-step talking-video model on LTX-2.3: one file holding every LTX model, as
+Lightricks' files do) runs as DiffSynth-Studio's example runs it: the distilled 8-step table without CFG in one
+stage, at 1280x736 with 241 frames (about 10 s at 24 fps); pass `tiled=True` to decode that size in tiles.
 """
 
 from __future__ import annotations
@@ -244,4 +247,23 @@ PRESETS[f"{REPO_23}:hdr"] = Preset(
     description="LTX-2.3 HDR IC-LoRA video-to-video (load with LTX2HDRPipeline): an SDR video in, linear HDR float "
     "frames out (LogC3 decoded); the distilled model in two stages (8 steps at half size, x2 upsampler, 2 steps), "
     "pre-computed embeddings instead of Gemma.",
+)
+
+JOYAI_ECHO = "jd-opensource/JoyAI-Echo"
+PRESETS[JOYAI_ECHO] = Preset(
+    name=JOYAI_ECHO,
+    files=(PresetFile(JOYAI_ECHO, "JoyAI-Echo-release.safetensors"), GEMMA_WEIGHTS),
+    tokenizer=GEMMA_TOKENIZER,
+    defaults={
+        "height": 736,
+        "width": 1280,
+        "num_frames": 241,
+        "frame_rate": 24.0,
+        "use_distilled_pipeline": True,
+        "use_two_stage_pipeline": False,
+        "num_inference_steps": 8,
+        "cfg_scale": 1.0,
+    },
+    description="JoyAI-Echo (JD, on LTX-2.3): talking video with its voice, the distilled 8-step table without CFG "
+    "in one stage at 1280x736, 241 frames at 24 fps (DiffSynth-Studio's example; add tiled=True).",
 )
