@@ -116,3 +116,27 @@ def test_task_options_from_flags_and_yaml(tmp_path):
         parse_args([*BASE, "--task_options", "sigma_shift"])
     with pytest.raises(ConfigError, match="--task_options must be a mapping or name=value pairs, got 3"):
         from_dict({"model": "m", "dataset_base_path": "d", "task_options": 3})
+
+
+def test_trainable_models_naming_a_trainable_slot_sets_the_trained_model_option():
+    """A task's `trainable_slots` (models it trains in the denoiser's place) are chosen by --trainable_models or
+    --lora_base_model; they become its `trained_model` option, which must agree with an explicit one."""
+    from diffsynth.training.trainer import trained_model_option
+
+    class Task:
+        trainable_slots = ("controller", "adapter")
+
+    def option(*flags):
+        return trained_model_option(Task, parse_args([*BASE, *flags])[0])
+
+    assert option() == {} and option("--trainable_models", "dit") == {}
+    assert option("--trainable_models", "controller") == {"trained_model": "controller"}
+    assert option("--lora_base_model", "adapter") == {"trained_model": "adapter"}
+    assert option("--trainable_models", "controller", "--task_options", "trained_model=controller") == {
+        "trained_model": "controller"
+    }
+    with pytest.raises(ConfigError, match="contradicts --trainable_models / --lora_base_model controller"):
+        option("--trainable_models", "controller", "--task_options", "trained_model=adapter")
+    with pytest.raises(ConfigError, match="name controller, adapter: train one at a time"):
+        option("--trainable_models", "controller,adapter")
+    assert trained_model_option(object, parse_args([*BASE, "--trainable_models", "controller"])[0]) == {}

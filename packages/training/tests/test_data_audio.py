@@ -64,6 +64,21 @@ def test_an_audio_column_wins_a_silent_video_gives_none_and_a_frame_rate_column_
     assert read_audio(tmp_path / "silent.mp4") is None
 
 
+def test_diffsynth_studios_input_audio_column_is_read_as_the_rows_audio(tmp_path):
+    """`input_audio` (DiffSynth-Studio's name, e.g. `--data_file_keys video,input_audio`) is read like `audio`: the
+    waveform is the row's `audio`, and no path is left under its own name."""
+    save_video(frames(9), tmp_path / "silent.mp4", fps=12)
+    save_audio(tone(22050, 1.0, channels=1), tmp_path / "voice.wav", 22050)
+    (tmp_path / "metadata.csv").write_text("video,input_audio,prompt\nsilent.mp4,voice.wav,a voice\n")
+    data = MetadataDataset(
+        tmp_path, media=("video",), file_keys=("video", "input_audio"), max_pixels=64 * 32, step=32, num_frames=9
+    )
+    item = data[0]
+    assert "input_audio" not in item and item["audio_sample_rate"] == 22050
+    assert item["audio"].shape == (1, math.ceil(9 / 12 * 22050))
+    assert peak_hz(item["audio"], 22050) == pytest.approx(TONE, abs=4)
+
+
 def test_an_audio_column_outside_the_file_keys_stays_a_path_and_images_get_no_sound(tmp_path):
     save_video(frames(9), tmp_path / "clip.mp4", fps=12)
     Image.new("RGB", (64, 32)).save(tmp_path / "still.png")

@@ -570,6 +570,7 @@ def test_presets_are_data_with_the_authors_defaults():
     names = ["Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P", "Wan2.1-FLF2V-14B-720P"]
     names += ["Wan2.1-VACE-1.3B", "Wan2.1-VACE-14B", "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"]
     names += ["Wan2.2-Animate-14B", "Wan2.2-S2V-14B", "Wan2.2-Animate-2-14B", "Wan2.2-Animate-2-14B:distilled"]
+    names += ["Wan-Dancer-14B:global", "Wan-Dancer-14B:local"]
     fun = [f"Wan2.1-Fun-{n}-{k}" for n in ("1.3B", "14B", "V1.1-1.3B", "V1.1-14B") for k in ("Control", "InP")]
     fun += ["Wan2.2-Fun-A14B-Control", "Wan2.2-Fun-A14B-InP", "Wan2.2-VACE-Fun-A14B"]
     fun += ["Wan2.1-Fun-V1.1-1.3B-Control-Camera", "Wan2.1-Fun-V1.1-14B-Control-Camera"]

@@ -10,8 +10,8 @@
 - `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
   drawn from one bucket, cut to the same count on every process and to whole gradient-accumulation steps.
   Resuming skips the batches already trained, without loading them.
-- Sound: a row's `audio` column (a file path in `--data_file_keys`: a sound file, or a video whose track is
-  meant) or else its video file's own audio track is read with `av` as `"audio"` `[channels, samples]` float32
+- Sound: a row's `audio` column, or DiffSynth-Studio's `input_audio` (a file path in `--data_file_keys`: a sound
+  file, or a video whose track is meant) or else its video file's own audio track is read with `av` as `"audio"` `[channels, samples]` float32
   in [-1, 1] (None for a video without one) at `"audio_sample_rate"` Hz (the file's own rate unless the dataset
   is given `audio_rate`), covering the frames read. A video row also gets `"frame_rate"`: its own column's
   value if it has one, else the file's rate. Tasks that train without sound ignore the three keys.
@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
-AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`)
+AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`), and the loaded row's key for it
+AUDIO_KEYS = (AUDIO_KEY, "input_audio")  # the sound's columns: ours, DiffSynth-Studio's
 CACHE_VERSION = 1
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -251,7 +252,7 @@ class MetadataDataset(Dataset):
         row, size = dict(self.rows[index]), self.buckets[index]
         for key in self.file_keys:
             value = row.get(key)
-            if not value or key == AUDIO_KEY:
+            if not value or key in AUDIO_KEYS:
                 continue
             loaded = []
             for name in _paths(value):
@@ -285,10 +286,12 @@ class MetadataDataset(Dataset):
             raise ConfigError(
                 f"{self.metadata} row {index + 1}: frame_rate {row['frame_rate']!r} is not a number of frames per second"
             ) from None
-        own = source.get(AUDIO_KEY)
-        if own and AUDIO_KEY not in self.file_keys:
+        column = next((key for key in AUDIO_KEYS if source.get(key)), AUDIO_KEY)
+        own = source.get(column)
+        if own and column not in self.file_keys:
             return  # a path the task cannot read: it says to list the column in --data_file_keys
         track = read_audio(self.base / str(own) if own else video, seconds=seconds, rate=self.audio_rate)
+        row.pop(column, None)  # DiffSynth-Studio's `input_audio` path: loaded as the row's `audio`
         row[AUDIO_KEY] = None if track is None else track[0]
         if track is not None:
             row["audio_sample_rate"] = track[1]

@@ -660,6 +660,7 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
 
 def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser: bool) -> TrainingTask:
     check_task_options(cls, cfg.task_options)
+    options = {**trained_model_option(cls, cfg), **cfg.task_options}
     configs, tokenizer = model_sources(cfg)
     task = cls.from_pretrained(
         configs,
@@ -668,11 +669,26 @@ def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser:
         device=device,
         encoders=encoders,
         denoiser=denoiser,
-        **cfg.task_options,
+        **options,
     )
     if denoiser:
         check_task(task, f"{cls.__module__}:{cls.__qualname__}")
     return task
+
+
+def trained_model_option(cls: type, cfg: TrainConfig) -> dict[str, str]:
+    """`{"trained_model": name}` when `--trainable_models` / `--lora_base_model` name a model the task can train
+    in place of its denoiser (its `trainable_slots`, e.g. Wan's speed-control "motion_controller"), else {}."""
+    slots = getattr(cls, "trainable_slots", ())
+    named = list(dict.fromkeys(n for n in (*cfg.trainable_models, cfg.lora_base_model) if n in slots))
+    if len(named) > 1:
+        raise ConfigError(f"--trainable_models / --lora_base_model name {', '.join(named)}: train one at a time")
+    if named and cfg.task_options.get("trained_model", named[0]) != named[0]:
+        raise ConfigError(
+            f"--task_options trained_model={cfg.task_options['trained_model']} contradicts --trainable_models / "
+            f"--lora_base_model {named[0]}"
+        )
+    return {"trained_model": named[0]} if named else {}
 
 
 def check_task_options(cls: type, options: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""DiffSynth Wan video family: Wan 2.1 and Wan 2.2 text/image-to-video (T2V, I2V, TI2V)."""
+"""DiffSynth Wan video family: Wan 2.1 and Wan 2.2 text/image-to-video (T2V, I2V, TI2V) and their variants."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ _EXPORTS = {
     "WanVideoPipeline": "pipeline",
     "WanDiT": "dit",
     "WanDiTConfig": "dit",
+    "WanDancerDiT": "dancer",
 }
 
 __all__ = sorted(_EXPORTS)

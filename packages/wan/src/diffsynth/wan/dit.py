@@ -517,6 +517,10 @@ class WanDiT(nn.Module):
             )
             self.face_adapter = FaceAdapter(dim, config.num_heads, config.num_layers // config.face_adapter_every)
             self.motion_encoder_batch_size = 8  # face crops per motion-encoder call (memory vs speed)
+            # --trainable_models / --lora_base_model "animate_adapter": DiffSynth-Studio's name for these four modules
+            self.trainable_parts = {
+                "animate_adapter": ("pose_patch_embedding", "motion_encoder", "face_encoder", "face_adapter")
+            }
         self.rope = MultiAxisRope(config.rope_theta, config.rope_axes_dims, (config.rope_max_len,) * 3)
 
     # ------------------------------------------------------------------ forward

@@ -29,7 +29,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from . import animate2, audio_encoder, s2v
+from . import animate2, audio_encoder, dancer, s2v
 from .animate import Blur
 from .dit import WanDiT, WanDiTConfig, backbone_fields, heads_from_width
 from .motion_controller import MOTION_CONTROLLER_SPEC
@@ -551,6 +551,32 @@ ANIMATE2_DIT_SPEC = ModelSpec(
     build=animate2.WanAnimate2DiT,
     description="Wan2.2-Animate-2 DiT (wan_animate_2/wan_animate_2_bf16*.safetensors, DiffSynth-Studio's keys)",
 )
+# ----------------------------------------------------------------------------------- Wan-Dancer-14B
+# DiffSynth-Studio's `WanModel` names with its `wantodance_*` modules (`dancer.py`), as both released files
+# (`global_model.safetensors`, `local_model.safetensors`) hold them. The plain DiT spec takes only the shared keys of
+# an unprefixed file, but every key of a prefixed one, as this spec does: the longer signature wins that tie.
+DANCER_SIGNATURE = (
+    "patch_embedding.weight",
+    "patch_embedding_global.weight",
+    "text_embedding.0.weight",
+    "time_projection.1.weight",
+    "blocks.0.modulation",
+    "blocks.0.cross_attn.k_img.weight",
+    "head.head.weight",
+    "head_global.head.weight",
+    "img_emb_refimage.proj.1.weight",
+    "music_projection.weight",
+    "music_encoder.0.self_attn.in_proj_weight",
+    "music_injector.injector.0.v.weight",
+)
+DANCER_DIT_SPEC = ModelSpec(
+    name="wan_dancer_dit",
+    role="dit",
+    layouts=(KeyLayout("original", DANCER_SIGNATURE), KeyLayout("original_prefixed", DANCER_SIGNATURE, prefix=PREFIX)),
+    config_from_state=dancer.config_from_state,
+    build=dancer.WanDancerDiT,
+    description="Wan-Dancer-14B music-to-dance DiT (global_model / local_model.safetensors, DiffSynth-Studio's keys)",
+)
 WAV2VEC_SIGNATURE = (
     "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
     "wav2vec2.encoder.layers.0.attention.q_proj.weight",
@@ -569,10 +595,18 @@ from .presets import PRESETS  # noqa: E402
 
 FAMILY = Family(
     name="wan",
-    specs=(DIT_SPEC, S2V_DIT_SPEC, ANIMATE2_DIT_SPEC, WAV2VEC_SPEC, MOTION_CONTROLLER_SPEC, *ENCODER_SPECS),
+    specs=(
+        DIT_SPEC,
+        S2V_DIT_SPEC,
+        ANIMATE2_DIT_SPEC,
+        DANCER_DIT_SPEC,
+        WAV2VEC_SPEC,
+        MOTION_CONTROLLER_SPEC,
+        *ENCODER_SPECS,
+    ),
     presets=PRESETS,
     pipeline="diffsynth.wan.pipeline:WanVideoPipeline",
     training="diffsynth.wan.training:WanTrainingTask",
-    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate, Animate-2 and S2V DiTs, speed control, UMT5-XXL text encoder, "
+    description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate, Animate-2, S2V and Dancer DiTs, speed control, UMT5-XXL text encoder, "
     "open-clip XLM-R image encoder, causal 3D VAEs",
 )

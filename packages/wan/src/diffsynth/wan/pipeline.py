@@ -18,8 +18,9 @@ VACE DiTs (text-to-video with a control branch) also take `vace_video` / `vace_v
 `vace_reference_image` (see `vace.py`); Wan Fun Control DiTs `control_video` and `reference_image`
 (see `fun_control.py`); Wan2.2-Animate DiTs the character `input_image` with `animate_pose_video`,
 `animate_face_video` and, to replace a person, `animate_inpaint_video` / `animate_mask_video`, made in
-overlapping segments (see `animate.py`); the Wan2.2-S2V DiT the person's `input_image` with `input_audio` (or
-`audio_embeds`), optionally `s2v_pose_video` and, to continue a video, `motion_video` (see `s2v.py`).
+overlapping segments (see `animate.py`); Wan-Dancer DiTs `wantodance_*` (music, keyframes; see `dancer.py`);
+the Wan2.2-S2V DiT the person's `input_image` with `input_audio` (or `audio_embeds`), optionally
+`s2v_pose_video` and, to continue a video, `motion_video` (see `s2v.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .animate import (
 )
 from .animate2 import WanAnimate2DiT, check_animate2_arguments, generate_animate2
 from .camera import camera_control_input, check_direction
+from .dancer import WanDancerDiT, check_dancer_arguments, check_dancer_size, decode_latents, generate_dancer
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
 from .s2v import WanS2VDiT, check_s2v_call, generate_s2v
@@ -224,7 +226,7 @@ class WanVideoPipeline(BasePipeline):
         sigmas: Sequence[float] | torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         max_sequence_length: int = 512,
-        tiled: bool = True,
+        tiled: bool | None = None,
         tile_size: int | tuple[int, int] | None = None,
         tile_stride: int | tuple[int, int] | None = None,
         output_type: str = "pil",
@@ -260,6 +262,13 @@ class WanVideoPipeline(BasePipeline):
         animate2_refert_images: Sequence[ImageInput] | str | os.PathLike | None = None,
         animate2_offload_kv: bool | None = None,
         animate2_log_scale: float | None = None,
+        wantodance_music_path: str | os.PathLike | None = None,
+        wantodance_music_feature: torch.Tensor | None = None,
+        wantodance_reference_image: ImageInput | None = None,
+        wantodance_fps: float | None = None,
+        wantodance_keyframes: Sequence[ImageInput] | str | os.PathLike | None = None,
+        wantodance_keyframes_mask: Sequence[int] | torch.Tensor | None = None,
+        framewise_decoding: bool | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -305,6 +314,13 @@ class WanVideoPipeline(BasePipeline):
         by `animate2_prompt_ref` (default " "); `animate2_refert_images` are the clip's given first frames (the
         previous clip's last ones); `animate2_offload_kv` keeps the driving video's keys/values on the CPU;
         `animate2_log_scale` (the distilled preset's -1.3) weighs attention to the first video frame.
+        Wan-Dancer (DiffSynth-Studio's arguments, see `dancer.py`): `wantodance_music_path` (an audio file as long as
+        the video; needs librosa) or `wantodance_music_feature` (its `[frames, 35]` features, 30 a second) is the
+        music, `wantodance_reference_image` the dancer, `wantodance_keyframes` (`num_frames` frames: the keyframes,
+        black elsewhere) with `wantodance_keyframes_mask` (1 at the keyframes) the given frames, `wantodance_fps` the
+        frame rate (7.5: the global model's keyframes; 30: the local model's video). `framewise_decoding` decodes each
+        latent frame on its own (the global model's keyframes: one image per latent frame). `tiled` (default True, or
+        the preset's) tiles the VAE.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -318,11 +334,16 @@ class WanVideoPipeline(BasePipeline):
         scale_2 = float(cfg_scale_2)
         boundary = float(self.setting("switch_DiT_boundary", switch_DiT_boundary, 0.875))
         self.size_multiple = self.vae.spatial_compression * max(self.dit.config.patch_size[1:])
+        if isinstance(self.dit, WanDancerDiT):  # refused rather than rounded: the keyframes are at the video's size
+            check_dancer_size(
+                self.setting("height", height, 480), self.setting("width", width, 832), self.size_multiple
+            )
         height, width = self.check_size(
             int(self.setting("height", height, 480)), int(self.setting("width", width, 832))
         )
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 81))
-        vae_kwargs = {"tiled": tiled}
+        vae_kwargs = {"tiled": bool(self.setting("tiled", tiled, True))}
+        framewise = bool(self.setting("framewise_decoding", framewise_decoding, False))
         vae_kwargs.update({k: v for k, v in (("tile_size", tile_size), ("tile_stride", tile_stride)) if v is not None})
         animate = (animate_pose_video, animate_face_video, animate_inpaint_video, animate_mask_video)
         s2v = dict(input_audio=input_audio, audio_embeds=audio_embeds, s2v_pose_video=s2v_pose_video,
@@ -336,6 +357,31 @@ class WanVideoPipeline(BasePipeline):
         animate2 = dict(animate2_reference_image=animate2_reference_image, animate2_prompt_ref=animate2_prompt_ref,
                         animate2_reference_video=animate2_reference_video, animate2_log_scale=animate2_log_scale,
                         animate2_refert_images=animate2_refert_images, animate2_offload_kv=animate2_offload_kv)  # fmt: skip
+        dancer = dict(wantodance_music_path=wantodance_music_path, wantodance_music_feature=wantodance_music_feature,
+                      wantodance_reference_image=wantodance_reference_image, wantodance_fps=wantodance_fps,
+                      wantodance_keyframes=wantodance_keyframes, wantodance_keyframes_mask=wantodance_keyframes_mask)  # fmt: skip
+        if isinstance(self.dit, WanDancerDiT) or any(v is not None for v in dancer.values()):
+            others = dict(input_image=input_image, end_image=end_image, input_video=input_video, vace_video=vace_video,
+                          vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
+                          control_video=control_video, reference_image=reference_image,
+                          camera_control_direction=camera_control_direction, motion_bucket_id=motion_bucket_id,
+                          sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride,
+                          **s2v, **animate2)  # fmt: skip
+            others.update(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
+                               "animate_mask_video"), animate, strict=True))  # fmt: skip
+            check_dancer_arguments(self, [k for k, v in dancer.items() if v is not None], others, cfg_merge)
+            video = generate_dancer(
+                self, prompts, negatives, wantodance_music_path, wantodance_music_feature, wantodance_reference_image,
+                self.setting("wantodance_fps", wantodance_fps, 30.0), wantodance_keyframes, wantodance_keyframes_mask,
+                (height, width, frames), seed, rand_device, latents, max_sequence_length, (steps, shift, sigmas), scale,
+                vae_kwargs, framewise, progress_bar,
+            )  # fmt: skip
+            out = tensor_to_output(video.float(), output_type)
+            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+        segmented = isinstance(self.dit, (WanAnimate2DiT, WanS2VDiT)) or getattr(self.dit.config, "animate", False)
+        if framewise and (segmented or any(v is not None for v in (*animate2.values(), *s2v.values(), *animate))):
+            raise ConfigError("framewise_decoding is for Wan-Dancer and the text / image-to-video DiTs, not Animate, "
+                              "Animate-2 or S2V")  # fmt: skip
         if isinstance(self.dit, WanAnimate2DiT) or any(v is not None for v in animate2.values()):
             others = dict(input_image=input_image, end_image=end_image, input_video=input_video, vace_video=vace_video,
                           vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
@@ -459,7 +505,7 @@ class WanVideoPipeline(BasePipeline):
 
         # 5. decode
         self.load_models_to_device(["vae"])
-        video = self.vae.decode(x.to(module_dtype(self.vae)), **vae_kwargs)
+        video = decode_latents(self.vae, x.to(module_dtype(self.vae)), framewise, **vae_kwargs)
         self.load_models_to_device([])
         out = tensor_to_output(video.float(), output_type)
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
@@ -589,18 +635,8 @@ class WanVideoPipeline(BasePipeline):
         context = self.encode_prompt(prompts, max_sequence_length)
         negative_context = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
 
-        character = fit_character(character, height, width)
-        self.load_models_to_device(["image_encoder"])
-        clip = encode_image(
-            self.image_encoder, self._pixels([character], height, width, torch.float32), self.device,
-            module_dtype(self.image_encoder),
-        ).expand(batch, -1, -1)  # fmt: skip
-        self.load_models_to_device(["vae"])
+        clip, ref_y = self.animate_character(character, batch, height, width, vae_kwargs)
         vae_dtype = module_dtype(self.vae)
-        ref_latent = self.vae.encode(self._pixels([character], height, width, vae_dtype)[:, :, None], **vae_kwargs)
-        ref_y = (
-            torch.cat([torch.ones_like(ref_latent[:, :tc]), ref_latent], dim=1).float().expand(batch, -1, -1, -1, -1)
-        )
 
         starts = segment_starts(inputs.frames, segment, overlap)
         if latents is not None and len(starts) > 1:
@@ -611,22 +647,14 @@ class WanVideoPipeline(BasePipeline):
             inputs = replace(
                 inputs, background=reflect_pad(inputs.background, length), mask=reflect_pad(inputs.mask, length)
             )
-        size = self.dit.config.motion_encoder_size
         generator = None if seed is None else torch.Generator(parse_device(rand_device)).manual_seed(int(seed))
         shape = (batch, z, (segment - 1) // tc + 2, height // s, width // s)
         scheduler = FlowMatchScheduler("wan")
         scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift)
         pieces, previous = [], None
         for start in starts:
-            self.load_models_to_device(["vae"])
-            pose_pixels = frames_tensor(pose[start : start + segment], height, width, vae_dtype, self.device)
-            pose_latents = self.vae.encode(pose_pixels, **vae_kwargs).float().expand(batch, -1, -1, -1, -1)
-            face_pixels = frames_tensor(faces[start : start + segment], size, size, torch.float32, self.device)
-            y = segment_condition(self, inputs, start, segment, previous, batch, height, width, vae_kwargs)
-            cond = WanConditions(
-                context, clip, torch.cat([ref_y, y], dim=2), pose_latents=pose_latents,
-                face_pixel_values=face_pixels.expand(batch, -1, -1, -1, -1),
-            )  # fmt: skip
+            segment_inputs = (inputs, pose, faces, start, segment, previous)
+            cond = self.animate_conditions(context, clip, ref_y, segment_inputs, batch, height, width, vae_kwargs)
             uncond = None
             if use_cfg:
                 uncond = replace(
@@ -644,6 +672,38 @@ class WanVideoPipeline(BasePipeline):
             pieces.append(previous if start == 0 else previous[:, :, overlap:])
         self.load_models_to_device([])
         return torch.cat(pieces, dim=2)[:, :, : inputs.frames]
+
+    def animate_character(self, character, batch: int, height: int, width: int, vae_kwargs) -> tuple:
+        """Wan2.2-Animate's character conditions: its CLIP features `[B, 257, 1280]` and the first latent frame of
+        `y` `[B, 4 + z, 1, h, w]` (all-given mask channels, then its latent), the image fitted to the frame."""
+        character = fit_character(character, height, width)
+        self.load_models_to_device(["image_encoder"])
+        clip = encode_image(
+            self.image_encoder, self._pixels([character], height, width, torch.float32), self.device,
+            module_dtype(self.image_encoder),
+        ).expand(batch, -1, -1)  # fmt: skip
+        self.load_models_to_device(["vae"])
+        tc = self.vae.temporal_compression
+        pixels = self._pixels([character], height, width, module_dtype(self.vae))[:, :, None]
+        ref_latent = self.vae.encode(pixels, **vae_kwargs)
+        ref_y = torch.cat([torch.ones_like(ref_latent[:, :tc]), ref_latent], dim=1).float()
+        return clip, ref_y.expand(batch, -1, -1, -1, -1)
+
+    def animate_conditions(self, context, clip, ref_y, segment_inputs, batch, height, width, vae_kwargs):
+        """One Animate segment's `WanConditions`: `segment_inputs` is (inputs, pose frames, face frames, start,
+        segment, previous), the frame lists long enough for the segment; the pose latent and face crops of frames
+        `start .. start + segment`, and `y` = the character frame `ref_y` then `segment_condition`."""
+        inputs, pose, faces, start, segment, previous = segment_inputs
+        self.load_models_to_device(["vae"])
+        size = self.dit.config.motion_encoder_size
+        pose_pixels = frames_tensor(pose[start : start + segment], height, width, module_dtype(self.vae), self.device)
+        pose_latents = self.vae.encode(pose_pixels, **vae_kwargs).float().expand(batch, -1, -1, -1, -1)
+        face_pixels = frames_tensor(faces[start : start + segment], size, size, torch.float32, self.device)
+        y = segment_condition(self, inputs, start, segment, previous, batch, height, width, vae_kwargs)
+        return WanConditions(
+            context, clip, torch.cat([ref_y, y], dim=2), pose_latents=pose_latents,
+            face_pixel_values=face_pixels.expand(batch, -1, -1, -1, -1),
+        )  # fmt: skip
 
     def check_reference(self, reference_image) -> Image.Image | None:
         """The Fun reference image as an RGB image; refused for DiTs without `ref_conv`."""

@@ -24,6 +24,9 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - krea/krea-realtime-video (Krea's few-step Wan2.1-T2V-14B): DiffSynth-Studio's example, which samples the whole
   clip at once (not frame block by block, as Krea's own streaming code does): 6 steps, no guidance, shift 20,
   81 frames at 15 fps, 832x480.
+- Wan-AI/Wan-Dancer-14B (DiffSynth-Studio's examples; no other implementation is public): `:global` makes the
+  dance's keyframes (one per latent frame, decoded frame by frame) at 7.5 fps in 48 steps, untiled; `:local` the
+  30 fps video between keyframes in 24 steps; both 149 frames, height 1280 x width 720, guidance 5, shift 5.
 - PAI's Wan Fun Control and InP models: DiffSynth-Studio's defaults, which its example scripts use
   (832x480, 81 frames, 50 steps, guidance 5, shift 5; the A14B experts hand over at 0.875).
 
@@ -292,6 +295,32 @@ _PRESETS += (
         tokenizer=TOKENIZER,
         defaults={**_COMMON, **_480P, "num_inference_steps": 6, "cfg_scale": 1.0, "sigma_shift": 20.0, "fps": 15},
         description="Krea's few-step Wan2.1-T2V-14B (krea-realtime-video): 6 steps without guidance, shift 20, 832x480.",
+    ),
+)
+
+# Wan-Dancer-14B: two DiTs of one layout in one repo, with the Wan 2.1 encoders and VAE beside them; the umT5
+# tokenizer of Wan2.1-T2V-1.3B, as DiffSynth-Studio's examples.
+DANCER = "Wan-AI/Wan-Dancer-14B"
+_DANCER_FILES = tuple(PresetFile(DANCER, p) for p in (T5, VAE21, CLIP))
+_DANCER = {**_COMMON, "num_frames": 149, "height": 1280, "width": 720}
+_GLOBAL_DECODE = {"framewise_decoding": True, "tiled": False}  # keyframes: each latent frame decoded alone
+_LOCAL_DECODE = {"framewise_decoding": False, "tiled": True}
+_PRESETS += (
+    Preset(
+        name=f"{DANCER}:global",
+        files=(PresetFile(DANCER, "global_model.safetensors"), *_DANCER_FILES),
+        tokenizer=TOKENIZER,
+        defaults={**_DANCER, "num_inference_steps": 48, "fps": 7.5, "wantodance_fps": 7.5, **_GLOBAL_DECODE},
+        description="Wan-Dancer 14B global model: the keyframes of a dance to wantodance_music_path from "
+        "wantodance_reference_image (one image per latent frame, 7.5 fps); 48 steps, 720x1280 (portrait), 149 frames.",
+    ),
+    Preset(
+        name=f"{DANCER}:local",
+        files=(PresetFile(DANCER, "local_model.safetensors"), *_DANCER_FILES),
+        tokenizer=TOKENIZER,
+        defaults={**_DANCER, "num_inference_steps": 24, "fps": 30, "wantodance_fps": 30.0, **_LOCAL_DECODE},
+        description="Wan-Dancer 14B local model: the 30 fps dance video between wantodance_keyframes (marked by "
+        "wantodance_keyframes_mask) to wantodance_music_path; 24 steps, 720x1280 (portrait), 149 frames.",
     ),
 )
 

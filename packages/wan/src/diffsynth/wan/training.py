@@ -39,9 +39,41 @@ A Wan Fun Control DiT (Wan2.1-Fun-V1.1-*-Control, Wan2.2-Fun-A14B-Control) train
 (`[3, F, H, W]`) and optional `reference_image` / `input_image`, as DiffSynth-Studio's
 `--extra_inputs control_video,reference_image`: the conditions are the pipeline's (see `fun_control.py`).
 
+Speed control (DiffSynth-Studio's `Wan2.1-1.3b-speedcontrol-v1`, beside Wan2.1-T2V-1.3B): with the speed-control
+model among the model files, every row needs a `motion_bucket_id` number (0 slow ... 100 fast), and the model call
+adds the controller's offset to the DiT's modulation as the pipeline does. Training the DiT (LoRA or full) keeps the
+controller frozen; `trained_model="motion_controller"` (what `--trainable_models motion_controller` asks the
+trainer for: the controller is one of the task's `trainable_slots`) trains the controller alone under the frozen DiT: the trainer's model is then
+the controller, saved as `<step>/motion_controller/diffusion_pytorch_model.safetensors`, which the pipeline
+recognises from its keys like DiffSynth-Studio's `model.safetensors`.
+
+A Wan Fun Control-Camera DiT (Wan2.1-Fun-V1.1-*-Control-Camera) trains on a row's `camera_control_direction`
+("Left", "Right", "Up", "Down", "In", "Out" or combinations such as "LeftUp"), optional `camera_control_speed`
+and `camera_control_origin`, and its `input_image` (else the video's first frame): `y` and CLIP features as for
+I2V, and the camera path of `camera.py`, kept as its poses `[F, 19]` and turned into the adapter's Plücker rays in
+`velocity` (the rays, at pixel resolution, are too large to cache).
+
+A Wan2.2-Animate DiT trains on a row's `animate_pose_video` and `animate_face_video` (one pose render and one face
+crop per video frame: the first F are used), optional `animate_inpaint_video` with `animate_mask_video`
+(replacement) and `input_image` (the character; else the video's first frame). The row's video is one segment of
+the pipeline's (its `num_frames` is F + 4): the conditions are the pipeline's `animate_character` and
+`animate_conditions`, and the character's latent leads the video's latents, as the pipeline denoises them. The
+face crops are kept as 8-bit pixels (`[3, F, 512, 512]` per row). `--trainable_models animate_adapter` trains the
+four Animate modules alone (the DiT's `trainable_parts`, named as DiffSynth-Studio names its adapter).
+
+The Wan2.2-S2V DiT trains on a row's sound, optional `s2v_pose_video` and `input_image` (the person; else the
+video's first frame). The sound is the trainer's `audio` (an `audio` column listed in `--data_file_keys`, else the
+video file's own track) at `audio_sample_rate`, or an `input_audio` waveform. The row's video is the pipeline's
+clip: its first frame is the context frame, `"latents"` are those of the F - 1 frames after it, and the wav2vec2
+features (`audio_clips`, at the row's `frame_rate`, else the pipeline's 16 fps), the reference latent and the pose
+latent (`_pose_latents`: the pose video's first F - 1 frames) are built as the pipeline builds them.
+
+Rows lacking a column their model needs are refused naming the row and the column, and so are columns of these
+models given to a DiT that cannot use them.
+
 Images reach the pipeline's stages as 8-bit pictures, as a user's `input_image` does (exact for frames
-read from image or video files). The model call is the pipeline's per-step `predict`, with the timestep
-`1000 * sigma`; the noise levels and loss weights come from the "wan" flow-matching template (shift 5).
+read from image or video files). The model call is the pipeline's per-step `predict` (S2V: `s2v_velocity`), with
+the timestep `1000 * sigma`; the noise levels and loss weights come from the "wan" flow-matching template (shift 5).
 
 A Wan 2.2 A14B model trains one expert at a time; each expert trains only on its own noise levels: the
 high-noise one on `sigma >= boundary`, the low-noise one below (0.875 for T2V, 0.9 for I2V: the presets'
@@ -70,10 +102,14 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles, row_video
 from diffsynth.runtime.vram import module_dtype
 
+from .animate import AnimateInputs
+from .audio_encoder import audio_clips, prepare_waveform
+from .camera import DEFAULT_SPEED, camera_path, pack_frames, plucker_embedding
 from .dit import WanDiTConfig
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .pipeline import WanConditions, WanVideoPipeline
 from .presets import PRESETS
+from .s2v import S2VConditions, WanS2VConfig, _pose_latents, s2v_velocity
 from .vace import check_vace_channels, prepare_vace
 
 logger = logging.getLogger(__name__)
@@ -87,6 +123,22 @@ EXPERT_BOUNDARY = {
 }
 CONDITION_KEYS = ("input_image", "end_image")
 VACE_KEYS = ("vace_video", "vace_video_mask", "vace_reference_image")
+# the columns of the models below, each refused by name for a DiT that cannot use it (see `_check_columns`)
+MODEL_COLUMNS = {
+    "speed": ("motion_bucket_id",),
+    "camera": ("camera_control_direction", "camera_control_speed", "camera_control_origin"),
+    "animate": ("animate_pose_video", "animate_face_video", "animate_inpaint_video", "animate_mask_video"),
+    "s2v": ("input_audio", "s2v_pose_video"),
+}
+NOT_FOR = {
+    "speed": "motion_bucket_id needs DiffSynth-Studio's speed-control model (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1"
+    ", model.safetensors) among the model files, with a text- or image-to-video DiT",
+    "camera": "this Wan DiT has no camera adapter (a Wan Fun Control-Camera model, e.g. "
+    "PAI/Wan2.1-Fun-V1.1-1.3B-Control-Camera, takes it)",
+    "animate": "this Wan DiT has no Animate modules (Wan-AI/Wan2.2-Animate-14B takes it)",
+    "s2v": "this Wan DiT is not Wan2.2-S2V (Wan-AI/Wan2.2-S2V-14B takes it)",
+}
+TRAINED_MODELS = ("dit", "motion_controller")  # `trained_model`: what the trainer trains (its "denoiser")
 
 
 class ExpertScheduler(FlowMatchScheduler):
@@ -143,23 +195,32 @@ class WanTrainingTask(PipelineTrainingTask):
     denoiser_slot: ClassVar[str] = "dit"
     size_multiple: ClassVar[int] = WanVideoPipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("video", "image")
-    # --task_options that leave a cache valid: they act only on the noise levels drawn
-    loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift", "expert", "expert_boundary")
+    # --task_options that leave a cache valid: they act only on the noise levels drawn or on the model call
+    loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift", "expert", "expert_boundary", "trained_model")
+    # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
+    trainable_slots: ClassVar[tuple[str, ...]] = ("motion_controller",)
 
     def __init__(
         self,
         pipe: WanVideoPipeline,
-        dit_config: WanDiTConfig | None = None,
+        dit_config: WanDiTConfig | WanS2VConfig | None = None,
+        speed_control: bool | None = None,
         *,
         sigma_shift: float = 5.0,
         max_sequence_length: int = 512,
         expert: str | None = None,
         expert_boundary: float | None = None,
+        trained_model: str = "dit",
     ):
+        """`speed_control`: whether the speed-control model is among the model files (default: whether `pipe` has
+        it loaded); `trained_model` "motion_controller" makes it the model the trainer trains (see the module
+        docstring)."""
         self.pipe = pipe
         self.dit_config = dit_config if dit_config is not None else pipe.dit.config
         self.kind = self.dit_config.model_type
         self.max_sequence_length = max_sequence_length
+        self.speed_control = pipe.motion_controller is not None if speed_control is None else bool(speed_control)
+        self._check_trained_model(trained_model)
         if expert is None:
             if expert_boundary is not None:
                 raise ConfigError("expert_boundary needs expert='high' or 'low' (which Wan 2.2 A14B expert this is)")
@@ -174,8 +235,54 @@ class WanTrainingTask(PipelineTrainingTask):
         self._shape = _DitShape(self.dit_config)
         # validation samples: I2V / FLF2V cannot draw without their frames; TI2V trains on a given first frame
         self.validation_references = {"i2v": "required", "ti2v": "expected"}.get(self.kind, "none")
-        if self.dit_config.vace_layers:  # VACE: optional reference images of the subjects
+        if self._field("vace_layers"):  # VACE: optional reference images of the subjects
             self.validation_references = "optional"
+        if self._no_samples() is not None:  # refused at setup, in the family's words (`reference_arguments`)
+            self.validation_references = "required"
+
+    def _field(self, name: str):
+        """A `WanDiTConfig` field of the DiT, or None for a DiT whose config has no such field (S2V)."""
+        return getattr(self.dit_config, name, None)
+
+    def _check_trained_model(self, trained_model: str) -> None:
+        if trained_model not in TRAINED_MODELS:
+            raise ConfigError(f"trained_model={trained_model!r} is not accepted; use one of {TRAINED_MODELS}")
+        self.trained_model = trained_model
+        if self.speed_control and (self.kind not in ("t2v", "i2v", "ti2v") or self._field("animate")):
+            raise ConfigError(
+                "the speed-control model (motion_bucket_id) is for text- and image-to-video Wan DiTs, not S2V or "
+                "Animate: leave its file out of the models"
+            )
+        controller = self.pipe.motion_controller
+        if controller is not None and controller.config.dim != self.dit_config.dim:
+            raise ConfigError(
+                f"the speed-control model is for DiTs of width {controller.config.dim}; this DiT has dim="
+                f"{self.dit_config.dim} (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1 goes with Wan2.1-T2V-1.3B)"
+            )
+        if trained_model == "dit":
+            return
+        if not self.speed_control:
+            raise ConfigError(
+                "trained_model='motion_controller' trains DiffSynth-Studio's speed-control model: add its file "
+                "(DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1:model.safetensors) to the models"
+            )
+        self.denoiser_slot = "motion_controller"  # the trainer trains (and saves) the controller, not the DiT
+        if controller is not None:  # --use_gradient_checkpointing reaches the DiT through it (see `velocity`)
+            controller.gradient_checkpointing = False
+
+    def _no_samples(self) -> str | None:
+        """Why validation samples cannot be drawn from --validation_prompts / --validation_images, or None."""
+        if self.trained_model == "motion_controller":
+            return "a speed-control model in training need a motion_bucket_id"
+        if self.kind == "s2v":
+            return "a Wan2.2-S2V model follow a sound"
+        if self._field("animate"):
+            return "a Wan2.2-Animate model follow a pose and a face video"
+        if self._field("camera_adapter_dim"):
+            return "a Wan Fun Control-Camera model follow a camera_control_direction"
+        if control_channels(self.dit_config):
+            return "a Wan Fun Control model follow a control video"
+        return None
 
     @classmethod
     def from_pretrained(
@@ -193,7 +300,8 @@ class WanTrainingTask(PipelineTrainingTask):
         and, for a DiT with CLIP input, the CLIP image encoder (`encoders`). Files of models not needed are
         recognised from their headers and not loaded; the DiT's header alone says how to condition it.
         `task_options`: `sigma_shift`, `max_sequence_length`, `expert` ("high" / "low", read from the DiT's
-        folder when not given) and `expert_boundary` (the preset's by default)."""
+        folder when not given), `expert_boundary` (the preset's by default) and `trained_model`. The S2V DiT's
+        wav2vec2 audio encoder is an encoder; the speed-control model loads with the denoiser."""
         configs = _one_model_each(model_configs)
         roles = [model_roles(c) for c in configs]
         dits = [c for c, r in zip(configs, roles, strict=True) if "dit" in r]
@@ -208,13 +316,29 @@ class WanTrainingTask(PipelineTrainingTask):
                 "header says how the DiT is conditioned (text, image or first frame)"
             )
         dit_config = _dit_config(dits[0])
+        if not isinstance(dit_config, (WanDiTConfig, WanS2VConfig)):
+            raise ConfigError(
+                f"the DiT ({type(dit_config).__name__}) is one Wan training does not cover yet: it trains T2V, I2V / "
+                "FLF2V, TI2V, VACE, Fun Control / Control-Camera, Animate, S2V and speed control; not Wan-Dancer "
+                "or Wan2.2-Animate-2"
+            )
         expert = task_options.get("expert", _expert_of(dits[0]))
         # the pipeline routes a DiT from a low-noise expert's folder to "dit2"; here it is the one denoiser
         dit_slot = "dit2" if _expert_of(dits[0], folders=False) == "low" else "dit"
         slots = {dit_slot} if denoiser else set()
+        speed_control = any("motion_controller" in r for r in roles)
+        if denoiser and speed_control:  # the controller's offset is part of the model call
+            slots.add("motion_controller")
         if encoders:
             slots |= set(ENCODER_SLOTS)
-            if dit_config.has_image_input:
+            if isinstance(dit_config, WanS2VConfig):
+                if not any("audio_encoder" in r for r in roles):
+                    raise ConfigError(
+                        "Wan2.2-S2V training encodes each row's sound with the wav2vec2 audio encoder: add "
+                        "wav2vec2-large-xlsr-53-english/model.safetensors (e.g. with --model_paths)"
+                    )
+                slots.add("audio_encoder")
+            if getattr(dit_config, "has_image_input", False):
                 if not any("image_encoder" in r for r in roles):
                     raise ConfigError(
                         "this Wan I2V DiT takes CLIP image features: add the image encoder "
@@ -239,18 +363,19 @@ class WanTrainingTask(PipelineTrainingTask):
         if expert is not None:
             logger.info("training the %s-noise expert of a Wan 2.2 A14B model", expert)
         task_options["expert"] = expert
-        return cls(pipe, dit_config=pipe.dit.config if pipe.dit is not None else dit_config, **task_options)
+        config = pipe.dit.config if pipe.dit is not None else dit_config
+        return cls(pipe, dit_config=config, speed_control=speed_control, **task_options)
 
     def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
         """A validation sample's frames as the pipeline's `input_image` (the first frame) and, when two are
         given, `end_image` (the last, FLF2V)."""
         images = list(images)
-        if control_channels(self.dit_config):
+        reason = self._no_samples()
+        if reason is not None:
             raise ConfigError(
-                "validation samples of a Wan Fun Control model follow a control video, which --validation_images "
-                "cannot give; drop --validation_prompts"
+                f"validation samples of {reason}, which --validation_images cannot give; drop --validation_prompts"
             )
-        if self.dit_config.vace_layers:  # VACE: the images are the subjects to put in the video
+        if self._field("vace_layers"):  # VACE: the images are the subjects to put in the video
             return {"vace_reference_image": images} if images else {}
         if self.kind == "t2v":
             if images:
@@ -279,23 +404,170 @@ class WanTrainingTask(PipelineTrainingTask):
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
-        """`{"latents": [z, T, H/8, W/8], "text": [L, D]}` per row, plus the image conditions of the DiT."""
+        """`{"latents": [z, T, H/8, W/8], "text": [L, D]}` per row, plus the conditions of the DiT."""
         pipe = self.pipe
         videos = [self._video(i, row) for i, row in enumerate(rows)]
+        for i, row in enumerate(rows):
+            self._check_columns(i, row)
         context = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.max_sequence_length)
         dtype = module_dtype(pipe.vae)
         samples = []
         with pipe.using("dit", pipe.dit if pipe.dit is not None else self._shape):
             for i, (row, video, ctx) in enumerate(zip(rows, videos, context, strict=True)):
                 latents = pipe.vae.encode(video[None].to(pipe.device, dtype))[0].float()
-                conditions = self._conditions(i, row, video, latents)
+                latents, conditions = self._conditions(i, row, video, latents)
                 vace = self._vace(i, row, video)
                 if vace is not None:
                     if vace.references is not None:  # reference frames lead, as the pipeline denoises them
                         latents = torch.cat([vace.references[0].to(latents), latents], dim=1)
                     conditions["vace_context"] = vace.context[0].float()
+                if self.speed_control:  # the id, not the offset: the controller may be the model in training
+                    value = _number(i, "motion_bucket_id", row.get("motion_bucket_id"), None)
+                    conditions["motion_bucket_id"] = torch.tensor([value], dtype=torch.float32)
                 samples.append({"latents": latents, "text": ctx, **conditions})
         return samples
+
+    def _check_columns(self, index: int, row: Mapping[str, Any]) -> None:
+        """Refuse a column of a model this DiT is not, by name; a speed-control row needs its motion_bucket_id."""
+        takes = {
+            "speed": self.speed_control,
+            "camera": bool(self._field("camera_adapter_dim")),
+            "animate": bool(self._field("animate")),
+            "s2v": self.kind == "s2v",
+        }
+        for model, keys in MODEL_COLUMNS.items():
+            named = [key for key in keys if _given(row.get(key))]
+            if named and not takes[model]:
+                raise ConfigError(f"row {index} has {', '.join(named)}, but {NOT_FOR[model]}; drop the column")
+        if self.speed_control and not _given(row.get("motion_bucket_id")):
+            raise ConfigError(
+                f"row {index} has no motion_bucket_id: with the speed-control model every row gives the speed of "
+                "its motion (0 slow ... 100 fast), as DiffSynth-Studio's --extra_inputs motion_bucket_id"
+            )
+
+    def _camera(self, index: int, row: Mapping[str, Any], frames: int, height: int, width: int) -> dict:
+        """A Control-Camera row's camera path: the poses `[F, 19]` (float64, `camera.py`'s numbers exactly) and
+        the pixel size `[2]` its rays are drawn at (`velocity` draws them, as `camera_control_input` does)."""
+        direction = row.get("camera_control_direction")
+        if not _given(direction):
+            raise ConfigError(
+                f"row {index} has no camera_control_direction: a Wan Fun Control-Camera model learns to move the "
+                "camera along one ('Left', 'Right', 'Up', 'Down', 'In', 'Out' or a combination such as 'LeftUp'), "
+                "as DiffSynth-Studio's --extra_inputs input_image,camera_control_direction,camera_control_speed"
+            )
+        speed = _number(index, "camera_control_speed", row.get("camera_control_speed"), DEFAULT_SPEED)
+        origin = row.get("camera_control_origin")
+        origin = _numbers(index, "camera_control_origin", origin) if _given(origin) else None
+        try:
+            poses = camera_path(direction, frames, speed, origin)
+        except ConfigError as exc:
+            raise ConfigError(f"row {index}: {exc}") from None
+        return {
+            "camera_poses": torch.tensor(poses, dtype=torch.float64),
+            "camera_size": torch.tensor([height, width], dtype=torch.int64),
+        }
+
+    @staticmethod
+    def _camera_rays(batch: Mapping[str, Any], device) -> torch.Tensor:
+        """The Control-Camera adapter's input `[B, 24, T, H, W]` for the batch's camera paths."""
+        paths = zip(batch["camera_poses"].tolist(), batch["camera_size"].tolist(), strict=True)
+        return torch.cat([pack_frames(plucker_embedding(poses, h, w)) for poses, (h, w) in paths]).to(device)
+
+    def _frames(self, index: int, row: Mapping[str, Any], key: str, frames: int | None) -> list | None:
+        """The row's `key` video as RGB frames (its first `frames`, which it must have), or None without one."""
+        value = row.get(key)
+        if not _given(value):
+            return None
+        if isinstance(value, (str, os.PathLike)):
+            raise ConfigError(
+                f"row {index}: {key} is the path {str(value)!r}, not a loaded video; add {key} to --data_file_keys"
+            )
+        if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[0] != 3:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(f"row {index}: {key} must be a video [3, F, H, W] in [-1, 1], got {shape}")
+        if frames is not None and value.shape[1] < frames:
+            raise ConfigError(
+                f"row {index}: {key} has {value.shape[1]} frames, fewer than the video's {frames} (one per frame)"
+            )
+        return tensor_to_pil(value[:, :frames].transpose(0, 1))
+
+    def _animate(
+        self, index: int, row: Mapping[str, Any], video: torch.Tensor, latents: torch.Tensor, character: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """An Animate row as one segment of the pipeline's (see the module docstring): the character's latent
+        leads the video's latents; `y`, CLIP features, pose latent and 8-bit face crops are the pipeline's."""
+        pipe = self.pipe
+        _, frames, height, width = video.shape
+        driving = {key: self._frames(index, row, key, frames) for key in MODEL_COLUMNS["animate"]}
+        for key in ("animate_pose_video", "animate_face_video"):
+            if driving[key] is None:
+                raise ConfigError(
+                    f"row {index} has no {key}: a Wan2.2-Animate model trains on a pose video and a face video, one "
+                    "frame per video frame (add both to --data_file_keys), as DiffSynth-Studio's --extra_inputs "
+                    "input_image,animate_pose_video,animate_face_video"
+                )
+        background, mask = driving["animate_inpaint_video"], driving["animate_mask_video"]
+        if (background is None) != (mask is None):
+            raise ConfigError(
+                f"row {index}: replacement trains on both animate_inpaint_video (the background) and "
+                "animate_mask_video; the row has only one"
+            )
+        inputs = AnimateInputs(driving["animate_pose_video"], driving["animate_face_video"], background, mask, 1)
+        clip, ref_y = pipe.animate_character(tensor_to_pil(character)[0], 1, height, width, {})
+        segment = (inputs, inputs.pose, inputs.faces, 0, frames, None)
+        cond = pipe.animate_conditions(None, clip, ref_y, segment, 1, height, width, {})
+        mask_channels = pipe.vae.temporal_compression  # ref_y: the all-given mask, then the character's latent
+        latents = torch.cat([ref_y[0, mask_channels:].to(latents), latents], dim=1)
+        faces = ((cond.face_pixel_values[0] + 1) * 127.5).round().to(torch.uint8)  # pil_to_tensor's pixels, undone
+        conditions = {"y": cond.y[0].float(), "clip_feature": cond.clip_feature[0].float()}
+        return latents, {**conditions, "pose_latents": cond.pose_latents[0].float(), "face_pixels": faces}
+
+    def _s2v(
+        self, index: int, row: Mapping[str, Any], video: torch.Tensor, latents: torch.Tensor, person: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """An S2V row as the pipeline's clip (see the module docstring): the latents after the context frame; the
+        reference latent, wav2vec2 features and pose latent as `generate_s2v` builds them."""
+        pipe = self.pipe
+        _, frames, height, width = video.shape
+        if frames < 5:
+            raise ConfigError(
+                f"row {index}: a Wan2.2-S2V clip is a context frame and 4k new frames; this video has {frames} "
+                "frame(s): use --num_frames 5 or more (81)"
+            )
+        waveform, rate = self._sound(index, row)
+        fps = _number(index, "frame_rate", row.get("frame_rate"), pipe.defaults.get("fps", 16))
+        try:
+            wave = prepare_waveform(waveform, rate)
+        except ConfigError as exc:
+            raise ConfigError(f"row {index}: {exc}") from None
+        pipe.load_models_to_device(["audio_encoder"])
+        features = audio_clips(pipe.audio_encoder, wave, fps, frames - 1, pipe.device)[0]
+        pipe.load_models_to_device(["vae"])
+        reference = pipe.encode_reference(tensor_to_pil(person)[0], 1, height, width, {})
+        conditions = {"ref_latents": reference[0], "audio_embeds": features[0].float()}
+        pose = self._frames(index, row, "s2v_pose_video", None)  # any length: the pipeline pads it with black
+        if pose is not None:
+            conditions["pose_latents"] = _pose_latents(pipe, pose, frames - 1, height, width, {})[0]
+        return latents[:, 1:], conditions
+
+    @staticmethod
+    def _sound(index: int, row: Mapping[str, Any]) -> tuple[Any, float]:
+        """An S2V row's waveform and sample rate: its `input_audio`, else the trainer's `audio`."""
+        key, value = "input_audio", row.get("input_audio")
+        if not _given(value):
+            key, value = "audio", row.get("audio")
+        if isinstance(value, (str, os.PathLike)):
+            raise ConfigError(
+                f"row {index}: {key} is the path {str(value)!r}, not a loaded waveform; the trainer reads a row's "
+                "sound from an audio column listed in --data_file_keys (e.g. --data_file_keys video,audio), else "
+                "from the video file's own track"
+            )
+        if not _given(value):
+            raise ConfigError(
+                f"row {index} has no sound: Wan2.2-S2V trains on one; give the row an audio column (a sound file, "
+                "listed in --data_file_keys) or a video with an audio track"
+            )
+        return value, _number(index, "audio_sample_rate", row.get("audio_sample_rate"), 16000)
 
     def _fun_conditions(
         self, index: int, row: Mapping[str, Any], video: torch.Tensor, first: torch.Tensor | None
@@ -340,7 +612,7 @@ class WanTrainingTask(PipelineTrainingTask):
         given = {key: row.get(key) for key in VACE_KEYS if row.get(key) is not None}
         if not given:
             return None
-        if not self.dit_config.vace_layers:
+        if not self._field("vace_layers"):
             raise ConfigError(
                 f"row {index} has {', '.join(given)}, but this Wan DiT has no VACE blocks: train a VACE model "
                 "(e.g. Wan-AI/Wan2.1-VACE-1.3B), or drop the column"
@@ -384,8 +656,9 @@ class WanTrainingTask(PipelineTrainingTask):
 
     def _conditions(
         self, index: int, row: Mapping[str, Any], video: torch.Tensor, latents: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """The image conditions of one row, from the pipeline's stages (see the module docstring)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The latents to learn and the conditions of one row, from the pipeline's stages (see the module
+        docstring)."""
         pipe, kind = self.pipe, self.kind
         given = {key: self._image(index, row, key) for key in CONDITION_KEYS}
         if kind == "t2v":
@@ -395,9 +668,10 @@ class WanTrainingTask(PipelineTrainingTask):
                     f"row {index} has {' and '.join(named)}, but this Wan DiT is text-to-video and takes no "
                     "image: train an I2V / TI2V model, or drop the column"
                 )
-            return {}
+            return latents, {}
         _, frames, height, width = video.shape
-        first = tensor_to_pil(given["input_image"] if given["input_image"] is not None else video[:, 0])
+        image = given["input_image"] if given["input_image"] is not None else video[:, 0]
+        first = tensor_to_pil(image)
         if kind == "ti2v":
             if given["end_image"] is not None:
                 raise ConfigError(f"row {index} has an end_image; Wan2.2-TI2V takes a first frame only")
@@ -407,11 +681,17 @@ class WanTrainingTask(PipelineTrainingTask):
                         f"row {index} is a single frame with an input_image: TI2V learns the frames after the "
                         "given first one; give it a video (--num_frames 5 or more) or drop the input_image"
                     )
-                return {}
+                return latents, {}
             first_latent = pipe.encode_first_latent(first, 1, height, width, {})
-            return {"first_latent": first_latent[0].float()}
+            return latents, {"first_latent": first_latent[0].float()}
+        if kind == "s2v" or self._field("animate"):
+            if given["end_image"] is not None:
+                name = "Wan2.2-S2V" if kind == "s2v" else "Wan2.2-Animate"
+                raise ConfigError(f"row {index} has an end_image; {name} takes one input_image only")
+            build = self._s2v if kind == "s2v" else self._animate
+            return build(index, row, video, latents, image)
         if control_channels(self.dit_config):
-            return self._fun_conditions(index, row, video, given["input_image"])
+            return latents, self._fun_conditions(index, row, video, given["input_image"])
         last = given["end_image"]
         if last is None and self.dit_config.image_pos_len:  # FLF2V: the last frame is the second condition
             last = video[:, -1]
@@ -420,7 +700,9 @@ class WanTrainingTask(PipelineTrainingTask):
         clip = pipe.encode_clip(first, last, height, width)
         if clip is not None:
             conditions["clip_feature"] = clip[0].float()
-        return conditions
+        if self.dit_config.camera_adapter_dim:
+            conditions.update(self._camera(index, row, frames, height, width))
+        return latents, conditions
 
     @staticmethod
     def _image(index: int, row: Mapping[str, Any], key: str) -> torch.Tensor | None:
@@ -471,12 +753,21 @@ class WanTrainingTask(PipelineTrainingTask):
         def given(key):
             return batch[key].to(device) if key in batch else None
 
+        if self.kind == "s2v":  # the pipeline's S2V model call, a first clip (no motion frames)
+            cond = S2VConditions(given("ref_latents"), given("audio_embeds"), None, given("pose_latents"))
+            return s2v_velocity(dit, noisy_latents, t, given("text"), cond)
+        dit, motion = self._motion(dit, batch, device)
+        faces = given("face_pixels")
         conditions = WanConditions(
             given("text"),
             given("clip_feature"),
             given("y"),
             given("vace_context"),
             reference_latents=given("reference_latents"),
+            pose_latents=given("pose_latents"),
+            face_pixel_values=None if faces is None else faces.float() / 127.5 - 1.0,  # as pil_to_tensor gives them
+            camera_latents=self._camera_rays(batch, device) if "camera_poses" in batch else None,
+            motion_modulation=motion,
         )
         if (self.kind == "i2v") != (conditions.y is not None):
             raise ConfigError(
@@ -493,6 +784,29 @@ class WanTrainingTask(PipelineTrainingTask):
             )
         return self.pipe.predict(dit, noisy_latents, timestep, conditions, None, 1.0, False)
 
+    def _motion(self, model: nn.Module, batch: Mapping[str, Any], device) -> tuple[nn.Module, torch.Tensor | None]:
+        """The DiT to run and the speed-control offset `[B, 6, dim]` of the batch's motion_bucket_id (None without
+        one). With `trained_model="motion_controller"` the trainer's `model` is the controller and the DiT is the
+        pipeline's (frozen; gradient checkpointing as the controller was asked for)."""
+        ids = batch.get("motion_bucket_id")
+        if self.trained_model == "dit":
+            if ids is None:
+                return model, None
+            if self.pipe.motion_controller is None:
+                raise ConfigError(
+                    "this batch has motion_bucket_id, but the speed-control model is not loaded: add its file to the "
+                    "models, or encode the cache again without it"
+                )
+            return model, self.pipe.motion_controller(ids.to(device)[:, 0]).float()
+        if ids is None:
+            raise ConfigError(
+                "training the speed-control model needs samples encoded with motion_bucket_id: encode the cache "
+                "again with the speed-control model among the models"
+            )
+        dit = self.pipe.dit
+        dit.gradient_checkpointing = bool(getattr(getattr(model, "module", model), "gradient_checkpointing", False))
+        return dit, model(ids.to(device)[:, 0]).float()
+
     def loss_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """TI2V: 0 on the first latent frame (given, not learned), 1 on the rest; None (all count) otherwise."""
         if "first_latent" not in batch:
@@ -503,7 +817,35 @@ class WanTrainingTask(PipelineTrainingTask):
         return mask
 
 
-def _dit_config(config: ModelConfig) -> WanDiTConfig:
+def _given(value: Any) -> bool:
+    """Whether a row's column holds a value (a CSV row's empty cell does not)."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _number(index: int, key: str, value: Any, default: float | None) -> float:
+    """A row's numeric column (a JSON number or a CSV string) as a float; `default` when empty."""
+    if not _given(value) and default is not None:
+        return float(default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value.strip() if isinstance(value, str) else value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"row {index}: {key}={value!r} is not a number") from None
+    return number
+
+
+def _numbers(index: int, key: str, value: Any) -> list[float]:
+    """A row's list of numbers: a JSON list, or a CSV string of numbers separated by commas or spaces."""
+    items = re.split(r"[\s,]+", value.strip(" []")) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"row {index}: {key}={value!r} is not a list of numbers")
+    return [_number(index, key, item, None) for item in items if not (isinstance(item, str) and not item)]
+
+
+def _dit_config(config: ModelConfig) -> WanDiTConfig | WanS2VConfig:
     """The DiT's config from its files' header (and the `config.json` beside them); no weights are read."""
     from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
     from diffsynth.runtime.loading import config_json_beside, derive_config, recognise
