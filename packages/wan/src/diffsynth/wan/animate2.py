@@ -43,7 +43,16 @@ from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
 
-from .dit import Head, ImageEmbedding, Rope, WanBlock, WanDiTConfig, backbone_fields, heads_from_width
+from .dit import (
+    Head,
+    ImageEmbedding,
+    Rope,
+    WanBackboneConfig,
+    WanBlock,
+    WanDiTConfig,
+    backbone_fields,
+    heads_from_width,
+)
 
 NEGATIVE_SKIP_BLOCK = 9  # DiffSynth-Studio's negative branch runs every block but this one
 REFERENCE_TIMESTEP = 1.0  # the reference stream is embedded as (almost) clean
@@ -51,34 +60,21 @@ BIAS_CHANNELS = 8  # extra head channels that carry log_scale in half precision 
 
 
 @dataclass
-class Animate2Config:
+class Animate2Config(WanBackboneConfig):
     """Architecture of the Wan2.2-Animate-2 DiT; defaults are the released 14B model (DiffSynth-Studio's
     `WanAnimate2Transformer` defaults). `refer_offset_*` / `refer_stride` place the driving video's tokens for
     RoPE (a negative offset: the generated grid's extent on that axis)."""
 
-    dim: int = 5120
-    ffn_dim: int = 13824
-    num_heads: int = 40
-    num_layers: int = 40
     in_dim: int = 36
-    out_dim: int = 16
-    text_dim: int = 4096
-    freq_dim: int = 256
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    eps: float = 1e-6
-    text_len: int = 512
     image_dim: int = 1280
-    rope_theta: float = 10000.0
-    rope_max_len: int = 1024
     refer_offset_t: int = 1
     refer_offset_h: int = 0
     refer_offset_w: int = -1
     refer_stride: int = 1
 
     def __post_init__(self):
-        self.patch_size = tuple(int(p) for p in self.patch_size)
-        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim",
-                     "text_len", "image_dim", "rope_max_len", "refer_stride"):  # fmt: skip
+        super().__post_init__()  # the backbone's sizes
+        for name in ("image_dim", "refer_stride"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Animate2Config.{name}={value!r} must be a positive integer")
@@ -91,23 +87,10 @@ class Animate2Config:
                 f"Animate2Config.in_dim={self.in_dim} must exceed out_dim={self.out_dim}: the latents are joined by "
                 "the mask and latent channels y"
             )
-        try:
-            self.block_config()
-        except ValueError as exc:  # the shared Wan block checks (heads divide dim, rotary split, patch, eps)
-            raise ValueError(str(exc).replace("WanDiTConfig", "Animate2Config")) from exc
 
     def block_config(self) -> WanDiTConfig:
         """The Wan 2.1 I2V config of the shared blocks, head and CLIP projection."""
-        return WanDiTConfig(
-            dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads, num_layers=self.num_layers,
-            in_dim=self.in_dim, out_dim=self.out_dim, text_dim=self.text_dim, freq_dim=self.freq_dim,
-            patch_size=self.patch_size, eps=self.eps, text_len=self.text_len, has_image_input=True,
-            image_dim=self.image_dim, model_type="i2v", rope_theta=self.rope_theta, rope_max_len=self.rope_max_len,
-        )  # fmt: skip
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return super().block_config(has_image_input=True, image_dim=self.image_dim, model_type="i2v")
 
 
 @dataclass

@@ -49,7 +49,7 @@ from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import MultiAxisRope, rope_inverse_frequencies, rope_tables, timestep_embedding
 
-from .dit import Fp32LayerNorm, Head, ImageEmbedding, WanBlock, WanDiTConfig, backbone_fields
+from .dit import Fp32LayerNorm, Head, ImageEmbedding, WanBackboneConfig, WanBlock, WanDiTConfig, backbone_fields
 
 logger = logging.getLogger(__name__)
 
@@ -62,27 +62,16 @@ MUSIC_FEATURES = 35  # onset strength, 20 MFCC, 12 chroma CENS, onset and beat f
 
 
 @dataclass
-class DancerConfig:
+class DancerConfig(WanBackboneConfig):
     """Architecture of the Wan-Dancer DiT; defaults are the released 14B files (both have this layout).
 
     The backbone is Wan 2.1 I2V 14B's. `music_*` size the music encoder (DiffSynth-Studio fixes them: 35 features,
     width 256, 4 heads, FFN 1024, 2 layers); `music_inject_layers` are the blocks followed by a music injection.
     `rope_max_len` is DiffSynth-Studio's RoPE table length for this model (149 frames x 30 fps x 5 s / 8)."""
 
-    dim: int = 5120
-    ffn_dim: int = 13824
-    num_heads: int = 40
-    num_layers: int = 40
     in_dim: int = 36
-    out_dim: int = 16
-    text_dim: int = 4096
-    freq_dim: int = 256
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    eps: float = 1e-6
-    text_len: int = 512
-    image_dim: int = 1280
-    rope_theta: float = 10000.0
     rope_max_len: int = 2794
+    image_dim: int = 1280
     ref_conv: bool = True
     ref_dim: int = 16
     music_inject_layers: tuple[int, ...] = RELEASED_INJECT_LAYERS
@@ -93,7 +82,7 @@ class DancerConfig:
     music_layers: int = 2
 
     def __post_init__(self):
-        self.patch_size = tuple(int(p) for p in self.patch_size)
+        super().__post_init__()  # the backbone's sizes
         self.music_inject_layers = tuple(int(i) for i in self.music_inject_layers)
         names = ("image_dim", "ref_dim", "music_dim", "music_width", "music_heads", "music_ffn_dim", "music_layers")
         for name in names:
@@ -116,24 +105,13 @@ class DancerConfig:
                 f"DancerConfig.music_inject_layers={layers} must be increasing block indices below "
                 f"num_layers={self.num_layers}"
             )
-        try:
-            self.block_config()
-        except ValueError as exc:  # the shared Wan block checks (heads divide dim, rotary split, patch, eps)
-            raise ValueError(str(exc).replace("WanDiTConfig", "DancerConfig")) from exc
 
     def block_config(self) -> WanDiTConfig:
         """The Wan 2.1 I2V config of the shared blocks, heads and CLIP projections."""
-        return WanDiTConfig(
-            dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads, num_layers=self.num_layers,
-            in_dim=self.in_dim, out_dim=self.out_dim, text_dim=self.text_dim, freq_dim=self.freq_dim,
-            patch_size=self.patch_size, eps=self.eps, text_len=self.text_len, has_image_input=True,
-            image_dim=self.image_dim, model_type="i2v", rope_theta=self.rope_theta, rope_max_len=self.rope_max_len,
-            ref_conv=self.ref_conv, ref_dim=self.ref_dim,
+        return super().block_config(
+            has_image_input=True, image_dim=self.image_dim, model_type="i2v", ref_conv=self.ref_conv,
+            ref_dim=self.ref_dim,
         )  # fmt: skip
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
 
 
 def uses_global_modules(fps: float) -> bool:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -105,15 +105,10 @@ def heads_from_width(fields: dict, label: str) -> None:
 
 
 @dataclass
-class WanDiTConfig:
-    """Architecture of a Wan DiT; defaults are Wan2.1-T2V-14B (= each Wan2.2-T2V-A14B expert).
-
-    `in_dim` counts every channel fed to the patch embedding: noise latents plus the I2V
-    conditioning `y` (16 + 4 mask + 16 = 36 for the 14B I2V models). `has_image_input` adds the
-    CLIP projection `img_emb` and the image keys/values of every cross-attention (Wan 2.1 I2V
-    only; Wan2.2-I2V-A14B is `model_type="i2v"` without it). `model_type` is the authors' label,
-    used by the pipeline to choose how to condition.
-    """
+class WanBackboneConfig:
+    """The sizes every Wan DiT shares: patch embedding, blocks, text and time embeddings, head and RoPE; defaults
+    are the 14B models'. `WanDiTConfig` and the configs of the DiTs built on its blocks (S2V, Animate-2,
+    Wan-Dancer) extend it, so these fields and their checks are written once."""
 
     dim: int = 5120
     ffn_dim: int = 13824
@@ -126,12 +121,61 @@ class WanDiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     text_len: int = 512
+    rope_theta: float = 10000.0
+    rope_max_len: int = 1024
+
+    def __post_init__(self):
+        name = type(self).__name__
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        for field in ("dim", "ffn_dim", "num_heads", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}.{field}={value!r} must be a positive integer")
+        for field in ("num_layers", "rope_max_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}.{field}={value!r} must be a non-negative integer")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"{name}.patch_size={self.patch_size} must be three positive integers (t, h, w)")
+        if self.dim % self.num_heads:
+            raise ValueError(f"{name}.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(
+                f"{name}.head_dim={self.head_dim} (dim {self.dim} / num_heads {self.num_heads}) must be even "
+                "and at least 6 to split into frame/row/column rotary axes"
+            )
+        if self.freq_dim % 2:
+            raise ValueError(f"{name}.freq_dim={self.freq_dim} must be even")
+        if self.eps <= 0:
+            raise ValueError(f"{name}.eps={self.eps!r} must be positive")
+        if self.rope_theta <= 0:
+            raise ValueError(f"{name}.rope_theta={self.rope_theta!r} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def block_config(self, **extra) -> WanDiTConfig:
+        """A `WanDiTConfig` of these sizes (and `extra` fields): the config of the Wan blocks, head and CLIP
+        projection that a DiT built on them reuses."""
+        return WanDiTConfig(**{f.name: getattr(self, f.name) for f in fields(WanBackboneConfig)}, **extra)
+
+
+@dataclass
+class WanDiTConfig(WanBackboneConfig):
+    """Architecture of a Wan DiT; defaults are Wan2.1-T2V-14B (= each Wan2.2-T2V-A14B expert).
+
+    `in_dim` counts every channel fed to the patch embedding: noise latents plus the I2V
+    conditioning `y` (16 + 4 mask + 16 = 36 for the 14B I2V models). `has_image_input` adds the
+    CLIP projection `img_emb` and the image keys/values of every cross-attention (Wan 2.1 I2V
+    only; Wan2.2-I2V-A14B is `model_type="i2v"` without it). `model_type` is the authors' label,
+    used by the pipeline to choose how to condition.
+    """
+
     has_image_input: bool = False
     image_dim: int = 1280
     image_pos_len: int = 0  # FLF2V: learned positions of the 2 x 257 first+last-frame CLIP tokens (514)
     model_type: str = "t2v"
-    rope_theta: float = 10000.0
-    rope_max_len: int = 1024
     vace_layers: tuple[int, ...] = ()  # VACE: main layers followed by a control hint (first must be 0)
     vace_in_dim: int = 96  # VACE control context channels: 16 kept + 16 repainted latent + 64 mask
     ref_conv: bool = False  # Wan Fun (V1.1, Wan2.2 A14B) Control: a reference image's latent as leading tokens
@@ -148,27 +192,14 @@ class WanDiTConfig:
     face_adapter_every: int = 5  # a face block after blocks 0, k, 2k, ... (diffusers' inject_face_latents_blocks)
 
     def __post_init__(self):
-        self.patch_size = tuple(int(p) for p in self.patch_size)
+        super().__post_init__()
         self.vace_layers = tuple(int(i) for i in self.vace_layers)
-        for name in ("dim", "ffn_dim", "num_heads", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len", "ref_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"WanDiTConfig.{name}={value!r} must be a positive integer")
-        for name in ("num_layers", "image_dim", "image_pos_len", "rope_max_len", "camera_adapter_dim"):
+        if not isinstance(self.ref_dim, int) or isinstance(self.ref_dim, bool) or self.ref_dim < 1:
+            raise ValueError(f"WanDiTConfig.ref_dim={self.ref_dim!r} must be a positive integer")
+        for name in ("image_dim", "image_pos_len", "camera_adapter_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"WanDiTConfig.{name}={value!r} must be a non-negative integer")
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"WanDiTConfig.patch_size={self.patch_size} must be three positive integers (t, h, w)")
-        if self.dim % self.num_heads:
-            raise ValueError(f"WanDiTConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
-        if self.head_dim % 2 or self.head_dim < 6:
-            raise ValueError(
-                f"WanDiTConfig.head_dim={self.head_dim} (dim {self.dim} / num_heads {self.num_heads}) must be even "
-                "and at least 6 to split into frame/row/column rotary axes"
-            )
-        if self.freq_dim % 2:
-            raise ValueError(f"WanDiTConfig.freq_dim={self.freq_dim} must be even")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"WanDiTConfig.model_type={self.model_type!r} must be one of {MODEL_TYPES}")
         if self.has_image_input and self.model_type != "i2v":
@@ -179,10 +210,6 @@ class WanDiTConfig:
             raise ValueError(f"WanDiTConfig.image_pos_len={self.image_pos_len} needs has_image_input=True (FLF2V)")
         if self.has_image_input and self.image_dim < 1:
             raise ValueError(f"WanDiTConfig.image_dim={self.image_dim} must be positive with has_image_input=True")
-        if self.eps <= 0:
-            raise ValueError(f"WanDiTConfig.eps={self.eps!r} must be positive")
-        if self.rope_theta <= 0:
-            raise ValueError(f"WanDiTConfig.rope_theta={self.rope_theta!r} must be positive")
         if self.animate:
             self._check_animate()
         if self.vace_layers:
@@ -222,10 +249,6 @@ class WanDiTConfig:
                 "WanDiTConfig.animate=True is an I2V DiT (model_type='i2v') without vace_layers or ref_conv, got "
                 f"model_type={self.model_type!r}, vace_layers={self.vace_layers}, ref_conv={self.ref_conv}"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
 
     @property
     def patch(self) -> tuple[int, int, int]:

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, timestep_embedding
 
-from .dit import CrossAttention, Head, WanBlock, WanDiTConfig, backbone_fields
+from .dit import CrossAttention, Head, WanBackboneConfig, WanBlock, backbone_fields
 
 REFERENCE_FRAME = 30  # the RoPE frame index of the reference image's tokens (the authors' fixed choice)
 ADAIN_EPS = 1e-5  # the audio AdaLayerNorm uses diffusers' AdaLayerNorm default, not config.eps
@@ -46,26 +46,13 @@ S2V_PREFIXES = ("cond_encoder.", "casual_audio_encoder.", "audio_injector.", "tr
 
 
 @dataclass
-class WanS2VConfig:
+class WanS2VConfig(WanBackboneConfig):
     """Architecture of the Wan S2V DiT; defaults are Wan2.2-S2V-14B (`wan/configs/wan_s2v_14B.py`).
 
     `audio_dim` / `audio_layers` are the wav2vec2 width and hidden-state count (24 layers + embeddings),
     `motion_frames` the pixel frames of the previous clip kept as context (73 -> 19 latent frames).
     """
 
-    dim: int = 5120
-    ffn_dim: int = 13824
-    num_heads: int = 40
-    num_layers: int = 40
-    in_dim: int = 16
-    out_dim: int = 16
-    text_dim: int = 4096
-    freq_dim: int = 256
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    eps: float = 1e-6
-    text_len: int = 512
-    rope_theta: float = 10000.0
-    rope_max_len: int = 1024
     cond_dim: int = 16
     audio_dim: int = 1024
     audio_layers: int = 25
@@ -80,20 +67,15 @@ class WanS2VConfig:
     model_type: str = "s2v"
 
     def __post_init__(self):
-        self.patch_size = tuple(int(p) for p in self.patch_size)
+        super().__post_init__()  # the backbone's sizes
         self.audio_inject_layers = tuple(int(i) for i in self.audio_inject_layers)
         self.framepack_buckets = tuple(int(i) for i in self.framepack_buckets)
-        names = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "text_len")
-        names += ("cond_dim", "audio_dim", "audio_layers", "num_audio_token", "motion_frames", "rope_max_len")
-        for name in names:
+        for name in ("cond_dim", "audio_dim", "audio_layers", "num_audio_token", "motion_frames"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"WanS2VConfig.{name}={value!r} must be a positive integer")
         if self.model_type != "s2v":
             raise ValueError(f"WanS2VConfig.model_type={self.model_type!r} must be 's2v'")
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"WanS2VConfig.patch_size={self.patch_size} must be three positive integers")
-        self.block_config()  # the shared Wan block checks (heads divide dim, rotary split, eps)
         if self.dim % 4:
             raise ValueError(f"WanS2VConfig.dim={self.dim} must be divisible by 4 (the audio encoder's widths)")
         layers = self.audio_inject_layers
@@ -111,19 +93,6 @@ class WanS2VConfig:
             )
         if self.framepack_drop_mode not in ("padd", "drop"):
             raise ValueError(f"WanS2VConfig.framepack_drop_mode={self.framepack_drop_mode!r} must be 'padd' or 'drop'")
-
-    def block_config(self) -> WanDiTConfig:
-        """The plain Wan config of the shared blocks (text-only cross-attention)."""
-        return WanDiTConfig(
-            dim=self.dim, ffn_dim=self.ffn_dim, num_heads=self.num_heads, num_layers=self.num_layers,
-            in_dim=self.in_dim, out_dim=self.out_dim, text_dim=self.text_dim, freq_dim=self.freq_dim,
-            patch_size=self.patch_size, eps=self.eps, text_len=self.text_len, rope_theta=self.rope_theta,
-            rope_max_len=self.rope_max_len,
-        )  # fmt: skip
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
 
     @property
     def motion_latent_frames(self) -> int:
