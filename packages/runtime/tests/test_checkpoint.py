@@ -243,3 +243,12 @@ def test_not_a_weight_file(tmp_path):
 def test_bad_paths_argument(bad):
     with pytest.raises(ConfigError, match="checkpoint paths"):
         open_checkpoint(bad)
+
+
+def test_shard_groups_keep_numbered_shards_together_and_other_files_apart():
+    from diffsynth.runtime.checkpoint import shard_groups
+
+    files = ["m/a-00001-of-00002.safetensors", "m/a-00002-of-00002.safetensors", "m/global_model.safetensors"]
+    files += ["m/local_model.safetensors", "m/b-1-of-1.safetensors"]
+    assert shard_groups(files) == [files[:2], [files[2]], [files[3]], [files[4]]]
+    assert shard_groups(["one.safetensors"]) == [["one.safetensors"]] and shard_groups([]) == []

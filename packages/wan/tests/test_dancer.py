@@ -557,6 +557,21 @@ def test_another_dit_refuses_the_dancer_arguments_and_decodes_frame_by_frame(dan
     assert out.shape == (1, 3, 2, HEIGHT, WIDTH)
 
 
+def test_a_folder_loads_one_dancer_dit_and_asks_which_when_it_holds_both(dancer_repo, tmp_path):
+    """A local copy of the repo: its DiT files are two models, not two shards of one; with both, the pipeline
+    asks for one (the released folder holds global_model and local_model side by side)."""
+    folder = tmp_path / "Wan-Dancer-14B"
+    for name in (C.T5_FILE, "Wan2.1_VAE.pth", C.CLIP_FILE, C.TOKENIZER_DIR, "dancer/config.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(dancer_repo / name)
+    (folder / "dancer" / "global_model.safetensors").symlink_to(dancer_repo / "dancer" / "global_model.safetensors")
+    pipe = WanVideoPipeline.from_pretrained(str(folder), torch_dtype="float32", device="cpu")
+    assert isinstance(pipe.dit, WanDancerDiT) and pipe.dit2 is None
+    (folder / "dancer" / "local_model.safetensors").symlink_to(dancer_repo / "dancer" / "global_model.safetensors")
+    with pytest.raises(ConfigError, match=r"two DiTs were given \(WanDancerDiT, WanDancerDiT\).*Wan-Dancer-14B:global"):
+        WanVideoPipeline.from_pretrained(str(folder), torch_dtype="float32", device="cpu")
+
+
 def test_training_refuses_the_dancer_dit_by_name(dancer_repo):
     from diffsynth.wan.training import WanTrainingTask
 

@@ -385,6 +385,18 @@ def missing_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
     return sorted({p for p in missing if not Path(p).is_file()})
 
 
+def shard_groups(paths: Sequence[str | os.PathLike]) -> list[list[str]]:
+    """`paths` (weight files of one folder) grouped into models: files named `<stem>-0000i-of-0000N<ext>` with
+    the same stem are the shards of one; any other file is a model of its own (two DiTs side by side, such as
+    Wan-Dancer's `global_model.safetensors` and `local_model.safetensors`, are not shards of one)."""
+    groups: dict[str, list[str]] = {}
+    for path in map(str, paths):
+        found = _SHARD_NAME.match(Path(path).name)
+        key = f"shards:{found['stem']}{found['ext']}" if found else f"file:{path}"
+        groups.setdefault(key, []).append(path)
+    return list(groups.values())
+
+
 def folder_listing(folder: Path) -> str:
     """What `folder` (or its nearest existing parent) contains, for "not found" messages."""
     probe = folder

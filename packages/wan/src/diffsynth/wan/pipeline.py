@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from diffsynth.runtime.checkpoint import shard_groups
 from diffsynth.runtime.dtypes import parse_device
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
@@ -187,6 +188,14 @@ class WanVideoPipeline(BasePipeline):
             super()._load_config(config)
         finally:
             del self.model_slots  # back to the class mapping
+        one_model = (WanDancerDiT, WanAnimate2DiT, WanS2VDiT)
+        if self.dit2 is not None and (isinstance(self.dit, one_model) or isinstance(self.dit2, one_model)):
+            raise ConfigError(
+                f"two DiTs were given ({type(self.dit).__name__}, {type(self.dit2).__name__}): only Wan 2.2 A14B "
+                "runs two (its experts). Wan-Dancer's global and local DiTs, and Animate-2 and its distilled DiT, "
+                "are separate models: load one (e.g. the presets Wan-AI/Wan-Dancer-14B:global / :local, "
+                "Wan-AI/Wan2.2-Animate-2-14B / :distilled, or ModelConfigs naming one file)"
+            )
 
     def _dit_slot(self, config: ModelConfig) -> str:
         if config.path is not None:
@@ -942,15 +951,14 @@ class WanVideoPipeline(BasePipeline):
 
 # ----------------------------------------------------------------------------------------- folders
 def folder_model_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:
-    """ModelConfigs for a local Wan repo: each `.pth`/`.bin`/`.ckpt` is one model, the `.safetensors`
-    of one folder one model (shards); the tokenizer is `google/umt5-xxl/`, else a folder holding a
-    tokenizer config."""
+    """ModelConfigs for a local Wan repo: each `.pth`/`.bin`/`.ckpt` is one model, the `.safetensors` of one
+    folder one model when they are shards (`-0000i-of-0000N` names) or the only one, else one model each; the
+    tokenizer is `google/umt5-xxl/`, else a folder holding a tokenizer config."""
     configs: list[ModelConfig] = []
     for sub in [folder] + sorted(p for p in folder.iterdir() if p.is_dir()):
         files = sorted(p for p in sub.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-        shards = [str(p) for p in files if p.name.endswith(".safetensors")]
-        if shards:
-            configs.append(ModelConfig(path=shards))
+        for group in shard_groups([p for p in files if p.name.endswith(".safetensors")]):
+            configs.append(ModelConfig(path=group if len(group) > 1 else group[0]))
         configs += [ModelConfig(path=str(p)) for p in files if not p.name.endswith(".safetensors")]
     if not configs:
         raise ConfigError(
