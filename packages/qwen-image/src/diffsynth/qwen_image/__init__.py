@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "QwenImageI2LPipeline": "image_to_lora",
     "ControlNetInput": "pipeline",
     "QwenImageBlockwiseControlNet": "blockwise_controlnet",
     "QwenImageControlNet": "controlnet",

@@ -132,6 +132,17 @@ FAMILY = Family(
     "Qwen2.5-VL-7B text encoder",
 )
 
+from .image_to_lora import I2L_SPEC  # noqa: E402
+from .presets import I2L_PRESETS  # noqa: E402
 from .qwen_image21.formats import FAMILY as QWEN_IMAGE21_FAMILY  # noqa: E402
 
-FAMILIES = (FAMILY, QWEN_IMAGE21_FAMILY)
+# Qwen-Image-i2L (image_to_lora.py): its own pipeline, which loads the encoders and i2L models only
+I2L_FAMILY = Family(
+    name="qwen_image_i2l",
+    specs=(I2L_SPEC,),
+    presets=I2L_PRESETS,
+    pipeline="diffsynth.qwen_image.image_to_lora:QwenImageI2LPipeline",
+    description="Qwen-Image-i2L: LoRAs for Qwen-Image made from images (SigLIP2-G384 + DINOv3-7B features)",
+)
+
+FAMILIES = (FAMILY, QWEN_IMAGE21_FAMILY, I2L_FAMILY)

@@ -148,3 +148,37 @@ CONTROLNETS: dict[str, tuple[str, ...]] = {
     # 6 blocks; the image with the region to repaint and the mask (68 condition features)
     "InstantX/Qwen-Image-ControlNet-Inpainting": ("diffusion_pytorch_model.safetensors", "config.json"),
 }
+
+
+# Image to LoRA (DiffSynth-Studio/Qwen-Image-i2L; `image_to_lora.py`): the general image encoders and the i2L
+# models only (`QwenImageI2LPipeline`), as DiffSynth-Studio's examples/qwen_image/model_inference/Qwen-Image-i2L.py
+# loads them. Coarse and Fine also read the Qwen-Image text encoder with Qwen-Image-Edit's processor, and the
+# authors append their Bias LoRA to what they make.
+_I2L_REPO = "DiffSynth-Studio/Qwen-Image-i2L"
+_I2L_PIPELINE = "diffsynth.qwen_image.image_to_lora:QwenImageI2LPipeline"
+IMAGE_ENCODER_FILES = (
+    PresetFile("DiffSynth-Studio/General-Image-Encoders", "SigLIP2-G384/model.safetensors"),
+    PresetFile("DiffSynth-Studio/General-Image-Encoders", "DINOv3-7B/model.safetensors"),
+)
+I2L_PRESETS: dict[str, Preset] = {
+    f"{_I2L_REPO}:style": Preset(
+        name=f"{_I2L_REPO}:style",
+        files=(*IMAGE_ENCODER_FILES, PresetFile(_I2L_REPO, "Qwen-Image-i2L-Style.safetensors")),
+        description="Qwen-Image-i2L Style: a style LoRA for Qwen-Image from a few images (image_to_lora).",
+        pipeline=_I2L_PIPELINE,
+    ),
+    f"{_I2L_REPO}:coarse-fine": Preset(
+        name=f"{_I2L_REPO}:coarse-fine",
+        files=(
+            PresetFile("Qwen/Qwen-Image", "text_encoder/*.safetensors*"),
+            *IMAGE_ENCODER_FILES,
+            PresetFile(_I2L_REPO, "Qwen-Image-i2L-Coarse.safetensors"),
+            PresetFile(_I2L_REPO, "Qwen-Image-i2L-Fine.safetensors"),
+        ),
+        tokenizer=PresetFile("Qwen/Qwen-Image-Edit", "processor/"),
+        defaults={"bias_lora": PresetFile(_I2L_REPO, "Qwen-Image-i2L-Bias.safetensors")},
+        description="Qwen-Image-i2L Coarse + Fine + Bias: a content LoRA for Qwen-Image from a few images "
+        "(image_to_lora).",
+        pipeline=_I2L_PIPELINE,
+    ),
+}

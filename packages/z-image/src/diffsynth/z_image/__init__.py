@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ZImageI2LPipeline": "image_to_lora",
     "ZImagePipeline": "pipeline",
     "ControlNetInput": "pipeline",
     "ZImageDiT": "dit",

@@ -372,3 +372,18 @@ FAMILY = Family(
     description="Z-Image-Turbo, Z-Image and Z-Image-Omni (Tongyi-MAI): 6B single-stream DiT, Qwen3-4B text encoder, "
     "FLUX.1 VAE; Omni adds a SigLIP2 image encoder for editing",
 )
+
+from .image_to_lora import I2L_SPEC  # noqa: E402
+from .presets import I2L_PRESETS  # noqa: E402
+
+# Z-Image-i2L (image_to_lora.py): its own pipeline, which loads the encoders and the i2L model only. Registered
+# once the package's entry point names FAMILIES; ZImageI2LPipeline needs no registration (it names its specs).
+I2L_FAMILY = Family(
+    name="z_image_i2l",
+    specs=(I2L_SPEC,),
+    presets=I2L_PRESETS,
+    pipeline="diffsynth.z_image.image_to_lora:ZImageI2LPipeline",
+    description="Z-Image-i2L: style LoRAs for Z-Image made from images (SigLIP2-G384 + DINOv3-7B features)",
+)
+
+FAMILIES = (FAMILY, I2L_FAMILY)

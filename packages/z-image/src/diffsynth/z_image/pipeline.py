@@ -32,6 +32,7 @@ from PIL import Image
 from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_inputs, model_source
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.lora import clear_loras, set_lora_scale
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
@@ -42,6 +43,8 @@ from .presets import CONTROLNET_FILES
 from .text_encoder import encode_omni_prompts, encode_prompts
 
 logger = logging.getLogger(__name__)
+
+POSITIVE_LORA = "positive_only_lora"  # the name `positive_only_lora` is attached under for one call
 
 
 def z_image_velocity(
@@ -170,6 +173,7 @@ class ZImagePipeline(BasePipeline):
         max_sequence_length: int = 512,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
         edit_image=None,
+        positive_only_lora=None,
         tiled: bool = False,
         tile_size: int = 512,
         tile_stride: int = 384,
@@ -188,6 +192,9 @@ class ZImagePipeline(BasePipeline):
 
         `edit_image` (Z-Image Omni only: one image or a list, PIL images or paths) are the images to edit or
         combine; without `height`/`width` the output takes the last one's (cropped) size.
+
+        `positive_only_lora` (DiffSynth-Studio's; a LoRA file, state dict or `LoRAWeights`, e.g. what
+        `ZImageI2LPipeline.image_to_lora` makes) acts on the conditional branch of guidance only, for this call.
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         edits = self.check_edit_images(edit_image, controlnet_inputs)
@@ -245,13 +252,22 @@ class ZImagePipeline(BasePipeline):
         # 3. denoise
         self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
         steps = len(scheduler.timesteps)
-        for i in self.progress(range(steps), progress_bar):
-            sigma = scheduler.sigmas[i]
-            guided = use_cfg and (1.0 - float(sigma)) <= cfg_truncation
-            active = [c.control for c in controls if c.active(i, steps)]
-            negative = negative_text if guided else None
-            velocity = self.predict(x, sigma, text, negative, cfg_scale, cfg_normalization, active, condition)
-            x = scheduler.step(velocity, i, x)
+        positive_lora = (
+            None if positive_only_lora is None else self.load_lora(positive_only_lora, fuse=False, name=POSITIVE_LORA)
+        )
+        try:
+            for i in self.progress(range(steps), progress_bar):
+                sigma = scheduler.sigmas[i]
+                guided = use_cfg and (1.0 - float(sigma)) <= cfg_truncation
+                active = [c.control for c in controls if c.active(i, steps)]
+                negative = negative_text if guided else None
+                velocity = self.predict(
+                    x, sigma, text, negative, cfg_scale, cfg_normalization, active, condition, positive_lora
+                )
+                x = scheduler.step(velocity, i, x)
+        finally:
+            if positive_lora is not None:
+                clear_loras(self.dit, positive_lora)
 
         # 4. decode
         self.load_models_to_device(["vae"])
@@ -300,10 +316,20 @@ class ZImagePipeline(BasePipeline):
         return scheduler.add_noise(clean, noise, scheduler.sigmas[0])
 
     def predict(
-        self, x, sigma, text, negative_text, cfg_scale, cfg_normalization, controls=(), condition=None
+        self,
+        x,
+        sigma,
+        text,
+        negative_text,
+        cfg_scale,
+        cfg_normalization,
+        controls=(),
+        condition=None,
+        positive_lora=None,
     ) -> torch.Tensor:
         """One denoiser evaluation; with guidance the two branches run as one batch (both under the controls,
-        as the authors' pipeline repeats the control condition for CFG; both with the Omni `condition`)."""
+        as the authors' pipeline repeats the control condition for CFG; both with the Omni `condition`), or one
+        after the other with the unfused LoRA `positive_lora` switched off for the negative one."""
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
 
@@ -316,8 +342,16 @@ class ZImagePipeline(BasePipeline):
 
         if negative_text is None:
             return velocity(x, text)
-        both = velocity(torch.cat([x, x]), text + negative_text)
-        positive, negative = both[:batch], both[batch:]
+        if positive_lora is not None:
+            positive = velocity(x, text)
+            set_lora_scale(self.dit, positive_lora, 0.0)
+            try:
+                negative = velocity(x, negative_text)
+            finally:
+                set_lora_scale(self.dit, positive_lora, 1.0)
+        else:
+            both = velocity(torch.cat([x, x]), text + negative_text)
+            positive, negative = both[:batch], both[batch:]
         guided = self.guide(positive, negative, cfg_scale)
         if cfg_normalization > 0:
             dims = tuple(range(1, guided.dim()))

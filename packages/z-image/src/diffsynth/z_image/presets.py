@@ -74,3 +74,25 @@ PRESETS: dict[str, Preset] = {
         "(128x128, CPU in seconds; see diffsynth.z_image.demo).",
     ),
 }
+
+
+# Image to LoRA (`image_to_lora.py`): the general image encoders and a Z-Image-i2L model only
+# (`ZImageI2LPipeline`), as DiffSynth-Studio's examples/z_image/model_inference/Z-Image-i2L.py and
+# Z-Image-Omni-Base-i2L.py load them (the two repos hold the same architecture).
+_I2L_PIPELINE = "diffsynth.z_image.image_to_lora:ZImageI2LPipeline"
+IMAGE_ENCODER_FILES = (
+    PresetFile("DiffSynth-Studio/General-Image-Encoders", "SigLIP2-G384/model.safetensors"),
+    PresetFile("DiffSynth-Studio/General-Image-Encoders", "DINOv3-7B/model.safetensors"),
+)
+I2L_PRESETS: dict[str, Preset] = {
+    repo: Preset(
+        name=repo,
+        files=(*IMAGE_ENCODER_FILES, PresetFile(repo, "model.safetensors")),
+        description=f"{repo.split('/')[1]}: a style LoRA for {target} from a few images (image_to_lora).",
+        pipeline=_I2L_PIPELINE,
+    )
+    for repo, target in (
+        ("DiffSynth-Studio/Z-Image-i2L", "Z-Image"),
+        ("DiffSynth-Studio/Z-Image-Omni-Base-i2L", "Z-Image-Omni-Base"),
+    )
+}
