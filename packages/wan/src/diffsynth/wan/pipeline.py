@@ -369,16 +369,17 @@ class WanVideoPipeline(BasePipeline):
         dancer = dict(wantodance_music_path=wantodance_music_path, wantodance_music_feature=wantodance_music_feature,
                       wantodance_reference_image=wantodance_reference_image, wantodance_fps=wantodance_fps,
                       wantodance_keyframes=wantodance_keyframes, wantodance_keyframes_mask=wantodance_keyframes_mask)  # fmt: skip
+        # the inputs of the other modes, which a one-mode DiT (Wan-Dancer, Animate-2) refuses by name
+        others = dict(input_image=input_image, end_image=end_image, input_video=input_video, vace_video=vace_video,
+                      vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
+                      control_video=control_video, reference_image=reference_image,
+                      camera_control_direction=camera_control_direction, motion_bucket_id=motion_bucket_id,
+                      sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride, **s2v,
+                      **dict(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
+                                  "animate_mask_video"), animate, strict=True)))  # fmt: skip
         if isinstance(self.dit, WanDancerDiT) or any(v is not None for v in dancer.values()):
-            others = dict(input_image=input_image, end_image=end_image, input_video=input_video, vace_video=vace_video,
-                          vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
-                          control_video=control_video, reference_image=reference_image,
-                          camera_control_direction=camera_control_direction, motion_bucket_id=motion_bucket_id,
-                          sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride,
-                          **s2v, **animate2)  # fmt: skip
-            others.update(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
-                               "animate_mask_video"), animate, strict=True))  # fmt: skip
-            check_dancer_arguments(self, [k for k, v in dancer.items() if v is not None], others, cfg_merge)
+            given = [k for k, v in dancer.items() if v is not None]
+            check_dancer_arguments(self, given, {**others, **animate2}, cfg_merge)
             video = generate_dancer(
                 self, prompts, negatives, wantodance_music_path, wantodance_music_feature, wantodance_reference_image,
                 self.setting("wantodance_fps", wantodance_fps, 30.0), wantodance_keyframes, wantodance_keyframes_mask,
@@ -392,14 +393,6 @@ class WanVideoPipeline(BasePipeline):
             raise ConfigError("framewise_decoding is for Wan-Dancer and the text / image-to-video DiTs, not Animate, "
                               "Animate-2 or S2V")  # fmt: skip
         if isinstance(self.dit, WanAnimate2DiT) or any(v is not None for v in animate2.values()):
-            others = dict(input_image=input_image, end_image=end_image, input_video=input_video, vace_video=vace_video,
-                          vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
-                          control_video=control_video, reference_image=reference_image,
-                          camera_control_direction=camera_control_direction, motion_bucket_id=motion_bucket_id,
-                          sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride,
-                          **s2v)  # fmt: skip
-            others.update(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
-                               "animate_mask_video"), animate, strict=True))  # fmt: skip
             check_animate2_arguments(self, [k for k, v in animate2.items() if v is not None], others, cfg_merge)
             video = generate_animate2(
                 self, prompts, negatives, animate2_reference_image, animate2_reference_video, animate2_prompt_ref,
