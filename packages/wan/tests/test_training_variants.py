@@ -1,12 +1,13 @@
-"""Wan training for the speed-control model, Fun Control-Camera, Wan2.2-Animate and Wan2.2-S2V.
+"""Wan training for the speed-control model, Fun Control-Camera, Wan2.2-Animate, Wan2.2-Animate-2 and Wan2.2-S2V.
 
 As in test_training_i2v.py, the reference is the pipeline itself: a hook records what its DiT returns at the
 first step of a generation from the same noise, sigma and inputs, and the training task's `velocity` on the
-encoded row must equal it. The tiny models are the other Wan tests' (conftest, test_animate, test_s2v).
+encoded row must equal it. The tiny models are the other Wan tests' (conftest, test_animate, test_animate2, test_s2v).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -26,6 +27,8 @@ from diffsynth.wan import WanVideoPipeline
 from diffsynth.wan.motion_controller import MotionControllerConfig, WanMotionController
 from diffsynth.wan.pipeline import folder_model_configs
 from diffsynth.wan.training import WanTrainingTask
+
+from . import test_animate2 as A2  # relative imports inside: not loadable with `_beside`
 
 
 def _beside(name: str):
@@ -364,3 +367,153 @@ def test_s2v_rows_stages_and_errors(s2v, tiny_repo):
     t2v = WanTrainingTask(WanVideoPipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu"))
     with pytest.raises(ConfigError, match="row 0 has s2v_pose_video, but this Wan DiT is not Wan2.2-S2V"):
         t2v.encode([dict(row, s2v_pose_video=row["video"])])
+
+
+# ----------------------------------------------------------------------------------------- Wan2.2-Animate-2
+ANIMATE2_FILES = ["wan_animate_2/wan_animate_2_bf16.safetensors", C.T5_FILE, C.CLIP_FILE, "Wan2.1_VAE.pth"]
+
+
+@pytest.fixture(scope="module")
+def animate2(tiny_repo_factory, tmp_path_factory):
+    """The I2V repo's umT5, CLIP and VAE with a 2-block Animate-2 DiT of their widths (test_animate2's builder)."""
+    root = tmp_path_factory.mktemp("variants-animate2") / "repo"
+    shutil.copytree(tiny_repo_factory("i2v"), root)
+    widths = dict(text_dim=C.TINY_UMT5["d_model"], image_dim=C.TINY_CLIP["hidden_size"], text_len=512)
+    A2.save_tiny_dit(root / "wan_animate_2", seed=7, **widths)
+    pipe = A2.load_pipe(root)
+    return root, pipe, WanTrainingTask(pipe)
+
+
+def animate2_row(seed: int, driving: int = 5, prompt_ref: str | None = None) -> tuple[dict, dict]:
+    """A row (tensors, as the dataset gives them) and the same inputs as pipeline arguments (PIL)."""
+    video, character, moves = frames(seed), frames(seed + 1, count=1)[0], frames(seed + 2, count=driving)
+    row = {"prompt": PROMPT, "video": as_video(video), "animate2_reference_image": pil_to_tensor(character)[0]}
+    row["animate2_reference_video"] = as_video(moves)
+    kwargs = {"animate2_reference_image": character, "animate2_reference_video": moves}
+    if prompt_ref is not None:
+        row["animate2_prompt_ref"] = kwargs["animate2_prompt_ref"] = prompt_ref
+    return row, kwargs
+
+
+def animate2_pipeline_velocity(pipe, noisy: torch.Tensor, sigma: float, **kwargs) -> torch.Tensor:
+    """The pipeline's DiT output at its first step from `noisy` (frame 0: the reference image's place)."""
+    seen = []
+    hook = pipe.dit.register_forward_hook(lambda module, args, output: seen.append(output.detach().clone()))
+    try:
+        _, _, f, h, w = noisy.shape
+        s = pipe.vae.spatial_compression
+        pipe(
+            PROMPT, latents=noisy, sigmas=[sigma], height=h * s, width=w * s, num_frames=1 + 4 * (f - 2),
+            cfg_scale=1.0, tiled=False, progress_bar=False, output_type="pt", **kwargs,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_animate2_velocity_is_the_pipeline_prediction_of_one_clip(animate2):
+    """A row with a longer driving video and its own prompt equals the pipeline's first-step prediction, also
+    batched with a row of its own driving video (exactly the clip's frames, the default prompt); the character's
+    latent leads the video's latents."""
+    _, pipe, task = animate2
+    rows, calls = zip(animate2_row(30, driving=7, prompt_ref="a man dancing"), animate2_row(40), strict=True)
+    samples = task.encode(list(rows))
+    sample = samples[0]
+    assert sample["latents"].shape == (16, 3, 4, 4) and sample["y"].shape == (20, 3, 4, 4)
+    assert sample["driving_latents"].shape == (16, 2, 4, 4) and sample["driving_y"].shape == (20, 2, 4, 4)
+    torch.testing.assert_close(sample["latents"][:, 1:], pipe.vae.encode(rows[0]["video"][None])[0], rtol=0, atol=0)
+    torch.testing.assert_close(sample["latents"][:, :1], sample["y"][4:, :1], rtol=0, atol=0)
+    assert not torch.equal(samples[0]["context_ref"], samples[1]["context_ref"])  # its own prompt; " " by default
+    noisy, sigma = noise((2, 16, 3, 4, 4), 5), torch.tensor([0.7, 0.25])
+    dit = task.models["dit"]
+    with torch.no_grad():
+        ours = task.velocity(dit, task.collate(samples), noisy, sigma)
+        alone = task.velocity(dit, task.collate(samples[1:]), noisy[1:], sigma[1:])
+    theirs = animate2_pipeline_velocity(pipe, noisy[:1], float(sigma[0]), **calls[0])
+    torch.testing.assert_close(ours[:1], theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1:], alone, rtol=1e-5, atol=1e-5)  # each row with its own driving video
+
+
+def test_animate2_lora_gradient_reaches_the_driving_stream(animate2):
+    """LoRA on self_attn.q,k,v (DiffSynth-Studio's recipe): the driving video's pass is part of `velocity`, so the
+    k/v adapters of every block get gradient through the driving keys/values (it differs from the gradient with
+    that pass detached); gradient checkpointing gives the same gradient."""
+    peft = pytest.importorskip("peft")
+    _, pipe, task = animate2
+    dit = copy.deepcopy(pipe.dit)
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["self_attn.q", "self_attn.k", "self_attn.v"])
+    peft.inject_adapter_in_model(config, dit)
+    torch.manual_seed(0)
+    lora = {name: p for name, p in dit.named_parameters() if ".lora_" in name}
+    for p in lora.values():
+        p.data.normal_(0, 0.1)  # lora_B starts at zero: make every adapter act
+        p.requires_grad_(True)
+    batch = task.collate(task.encode([animate2_row(50)[0]]))
+    noisy, sigma = noise((1, 16, 3, 4, 4), 6), torch.tensor([0.6])
+
+    def gradients():
+        dit.zero_grad(set_to_none=True)
+        task.velocity(dit, batch, noisy, sigma).square().mean().backward()
+        return {name: p.grad.clone() for name, p in lora.items()}
+
+    full = gradients()
+    assert len(full) == 2 * 3 * 2 and all(g.abs().sum() > 0 for g in full.values())
+    encode = dit.encode_reference
+
+    def detached(*args, **kwargs):
+        with torch.no_grad():
+            return encode(*args, **kwargs)
+
+    dit.encode_reference = detached  # the driving keys/values as constants
+    try:
+        generation_only = gradients()
+    finally:
+        del dit.encode_reference
+    for name in full:
+        if ".self_attn.k." in name or ".self_attn.v." in name:
+            assert (full[name] - generation_only[name]).abs().max() > 1e-6, name
+    dit.gradient_checkpointing = True
+    checkpointed = gradients()
+    for name in full:
+        torch.testing.assert_close(checkpointed[name], full[name], rtol=1e-5, atol=1e-7)
+
+
+def test_animate2_rows_stages_and_errors(animate2, tiny_repo):
+    root, _, task = animate2
+    row, _ = animate2_row(60)
+    assert task.validation_references == "required"
+    with pytest.raises(ConfigError, match="follow a driving video"):
+        task.reference_arguments([])
+    without = {k: v for k, v in row.items() if k != "animate2_reference_image"}
+    with pytest.raises(ConfigError, match="row 0 has no animate2_reference_image"):
+        task.encode([without])
+    without = {k: v for k, v in row.items() if k != "animate2_reference_video"}
+    with pytest.raises(ConfigError, match="row 0 has no animate2_reference_video"):
+        task.encode([without])
+    short = dict(row, animate2_reference_video=row["animate2_reference_video"][:, :3])
+    with pytest.raises(ConfigError, match="row 0: animate2_reference_video has 3 frames, fewer than the video's 5"):
+        task.encode([short])
+    with pytest.raises(ConfigError, match="row 0: animate2_reference_video is the path 'd.mp4'.*--data_file_keys"):
+        task.encode([dict(row, animate2_reference_video="d.mp4")])
+    with pytest.raises(ConfigError, match="row 0 has input_image, but Wan2.2-Animate-2 takes its character as"):
+        task.encode([dict(row, input_image=row["animate2_reference_image"])])
+    with pytest.raises(ConfigError, match="row 0 has animate2_refert_images: .*first clip"):
+        task.encode([dict(row, animate2_refert_images=row["video"])])
+    with pytest.raises(ConfigError, match="row 0 has animate_pose_video, but .*no Animate modules"):
+        task.encode([dict(row, animate_pose_video=row["video"])])
+    t2v = WanTrainingTask(WanVideoPipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu"))
+    message = "row 0 has animate2_reference_image, animate2_reference_video, but this Wan DiT is not Wan2.2-Animate-2"
+    with pytest.raises(ConfigError, match=message):
+        t2v.encode([row])
+    # the trainer's two stages load the DiT alone, and the encoders (with CLIP) alone
+    configs = [ModelConfig(path=str(root / f)) for f in ANIMATE2_FILES]
+    tokenizer = ModelConfig(path=str(root / C.TOKENIZER_DIR))
+    trainer_side = WanTrainingTask.from_pretrained(configs, torch_dtype="float32", device="cpu", encoders=False)
+    assert set(trainer_side.models) == {"dit"} and trainer_side.kind == "animate2"
+    encoder_side = WanTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu", denoiser=False
+    )
+    assert set(encoder_side.models) == {"vae", "text_encoder", "image_encoder"}
+    torch.testing.assert_close(encoder_side.encode([row])[0]["y"], task.encode([row])[0]["y"], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="takes CLIP image features"):
+        WanTrainingTask.from_pretrained(configs[:2] + configs[3:], tokenizer_config=tokenizer, device="cpu")

@@ -522,38 +522,37 @@ def check_animate2_call(pipe, reference_image, reference_video, refert_images, f
     return load_image(reference_image), driving[:frames], given
 
 
-def generate_animate2(
-    pipe, prompts, negatives, reference_image, reference_video, prompt_ref, refert_images, offload_kv: bool,
-    log_scale: float, size, seed, rand_device, latents, max_sequence_length, schedule, scale, vae_kwargs,
-    progress_bar,
-) -> torch.Tensor:  # fmt: skip
-    """One Animate-2 clip `[B, 3, num_frames, H, W]` in [-1, 1], as DiffSynth-Studio's Animate-2 units compose it.
+def check_animate2_channels(pipe) -> None:
+    """Refuse a VAE whose latent and mask channels do not add up to the Animate-2 DiT's input channels."""
+    cfg, vae = pipe.dit.config, pipe.vae
+    tc, z = vae.temporal_compression, vae.z_dim
+    if cfg.in_dim != cfg.out_dim + tc + z or cfg.out_dim != z:
+        raise ConfigError(
+            f"the Animate-2 DiT takes {cfg.in_dim} channels; this VAE gives {z} latent + {tc} mask channels: "
+            "use the Wan 2.1 VAE (Wan2.1_VAE.pth)"
+        )
+
+
+def animate2_inputs(
+    pipe, image, driving, given, prompt_ref, size, max_sequence_length, vae_kwargs
+) -> tuple[torch.Tensor, torch.Tensor, ReferenceInputs]:
+    """What DiffSynth-Studio's Animate-2 units build for one clip besides its prompt (the checked images of
+    `check_animate2_call`; `size` is (height, width, num_frames)): the reference image's CLIP features
+    `[1, N, image_dim]`, `y` `[1, in_dim - out_dim, T + 1, h, w]` (float32) and the driving video's
+    `ReferenceInputs` (float32 latent and `y`; text and CLIP features as encoded). Training encodes rows with it.
 
     `y`: the reference image's latent (with a mask of ones) as latent frame 0, then the latent of the given first
-    frames (`refert_images`) followed by zeros (mid-grey pixels), with a mask of the given frames. The driving video
-    (its first `num_frames` frames) is encoded with a mask of ones, with the CLIP features of its first frame and
-    `prompt_ref`, and run once through the reference stream (`encode_reference`). `latents` is the initial noise
-    `[B, z, 2 + (num_frames - 1) / 4, h, w]` (frame 0 is the reference image's place, dropped before decoding)."""
-    from diffsynth.runtime.schedulers import FlowMatchScheduler
+    frames (`given`) followed by zeros (mid-grey pixels), with a mask of the given frames. The driving frames are
+    encoded with a mask of ones, with the CLIP features of the first one and `prompt_ref` (default " ")."""
     from diffsynth.runtime.vram import module_dtype
 
     from .animate import frames_tensor
     from .image_encoder import encode_image
 
     height, width, frames = size
-    steps, shift, sigmas = schedule
-    dit, vae, batch = pipe.dit, pipe.vae, len(prompts)
-    s, tc, z = vae.spatial_compression, vae.temporal_compression, vae.z_dim
-    image, driving, given = check_animate2_call(pipe, reference_image, reference_video, refert_images, frames)
-    if dit.config.in_dim != dit.config.out_dim + tc + z or dit.config.out_dim != z:
-        raise ConfigError(
-            f"the Animate-2 DiT takes {dit.config.in_dim} channels; this VAE gives {z} latent + {tc} mask channels: "
-            "use the Wan 2.1 VAE (Wan2.1_VAE.pth)"
-        )
-    use_cfg = scale != 1.0
+    vae = pipe.vae
+    s, tc = vae.spatial_compression, vae.temporal_compression
     pipe.load_models_to_device(["text_encoder"])
-    context = pipe.encode_prompt(prompts, max_sequence_length)
-    negative_context = pipe.encode_prompt(negatives, max_sequence_length) if use_cfg else None
     context_ref = pipe.encode_prompt([" " if prompt_ref is None else prompt_ref], max_sequence_length)
 
     pipe.load_models_to_device(["image_encoder"])
@@ -582,13 +581,44 @@ def generate_animate2(
     )
     driving_latent = vae.encode(frames_tensor(driving, height, width, vae_dtype, pipe.device), **vae_kwargs).float()
     driving_y = torch.cat([frame_mask(frames, frames, tc, h, w, pipe.device)[None], driving_latent], dim=1)
+    return clip, y, ReferenceInputs(driving_latent, driving_y, context_ref, clip_ref)
+
+
+def generate_animate2(
+    pipe, prompts, negatives, reference_image, reference_video, prompt_ref, refert_images, offload_kv: bool,
+    log_scale: float, size, seed, rand_device, latents, max_sequence_length, schedule, scale, vae_kwargs,
+    progress_bar,
+) -> torch.Tensor:  # fmt: skip
+    """One Animate-2 clip `[B, 3, num_frames, H, W]` in [-1, 1], as DiffSynth-Studio's Animate-2 units compose it.
+
+    The conditions are `animate2_inputs`' (the given first frames are `refert_images`); the driving video (its
+    first `num_frames` frames) is run once through the reference stream (`encode_reference`). `latents` is the
+    initial noise `[B, z, 2 + (num_frames - 1) / 4, h, w]` (frame 0 is the reference image's place, dropped
+    before decoding)."""
+    from diffsynth.runtime.schedulers import FlowMatchScheduler
+    from diffsynth.runtime.vram import module_dtype
+
+    height, width, frames = size
+    steps, shift, sigmas = schedule
+    dit, vae, batch = pipe.dit, pipe.vae, len(prompts)
+    s, z = vae.spatial_compression, vae.z_dim
+    image, driving, given = check_animate2_call(pipe, reference_image, reference_video, refert_images, frames)
+    check_animate2_channels(pipe)
+    use_cfg = scale != 1.0
+    pipe.load_models_to_device(["text_encoder"])
+    context = pipe.encode_prompt(prompts, max_sequence_length)
+    negative_context = pipe.encode_prompt(negatives, max_sequence_length) if use_cfg else None
+    clip, y, inputs = animate2_inputs(pipe, image, driving, given, prompt_ref, size, max_sequence_length, vae_kwargs)
 
     pipe.load_models_to_device(["dit"])
     dtype = module_dtype(dit)
-    inputs = ReferenceInputs(driving_latent.to(dtype), driving_y.to(dtype), context_ref.to(dtype), clip_ref.to(dtype))
+    inputs = ReferenceInputs(
+        inputs.latents.to(dtype), inputs.y.to(dtype), inputs.context.to(dtype), inputs.clip_feature.to(dtype)
+    )
     reference = dit.encode_reference(inputs, video_frames=y.shape[2] // dit.config.patch_size[0], offload=offload_kv)
     cond = Animate2Conditions(clip.expand(batch, -1, -1), y.expand(batch, -1, -1, -1, -1), reference)
 
+    h, w = height // s, width // s
     shape = (batch, z, y.shape[2], h, w)
     noise = pipe.check_latents(latents, shape) if latents is not None else pipe.generate_noise(shape, seed, rand_device)
     scheduler = FlowMatchScheduler("wan")
@@ -604,7 +634,7 @@ def generate_animate2(
         x = scheduler.step(velocity, i, x)
 
     pipe.load_models_to_device(["vae"])
-    video = vae.decode(x[:, :, 1:].to(vae_dtype), **vae_kwargs).float()
+    video = vae.decode(x[:, :, 1:].to(module_dtype(vae)), **vae_kwargs).float()
     pipe.load_models_to_device([])
     return video
 
@@ -655,10 +685,12 @@ __all__ = [
     "ReferenceInputs",
     "ReferenceKV",
     "WanAnimate2DiT",
+    "animate2_inputs",
     "animate2_long_video",
     "animate2_velocity",
     "check_animate2_arguments",
     "check_animate2_call",
+    "check_animate2_channels",
     "config_from_state",
     "frame_mask",
     "generate_animate2",

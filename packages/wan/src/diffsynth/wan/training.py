@@ -61,6 +61,17 @@ the pipeline's (its `num_frames` is F + 4): the conditions are the pipeline's `a
 face crops are kept as 8-bit pixels (`[3, F, 512, 512]` per row). `--trainable_models animate_adapter` trains the
 four Animate modules alone (the DiT's `trainable_parts`, named as DiffSynth-Studio names its adapter).
 
+The Wan2.2-Animate-2 DiT trains on a row's `animate2_reference_image` (the character), `animate2_reference_video`
+(the driving video: its first F frames) and optional `animate2_prompt_ref` (the driving video's text, default " "),
+as DiffSynth-Studio's `--extra_inputs animate2_prompt_ref,animate2_reference_image,animate2_reference_video`. The
+row's video is the pipeline's first clip (no `animate2_refert_images`): `y`, the CLIP features and the driving
+video's inputs (latent with its mask, text, CLIP features of its first frame) are the pipeline's `animate2_inputs`,
+and the character's latent (`y`'s frame 0) leads the video's latents, as the pipeline denoises them. `velocity` runs
+both streams in the DiT's one call: the driving video's pass through every block is recomputed at each step rather
+than cached, so a LoRA on the self-attention projections (DiffSynth-Studio trains `self_attn.q,self_attn.k,
+self_attn.v`) gets its gradient through the driving keys and values too. `animate2_log_scale` stays 0 (the base
+model's, as DiffSynth-Studio trains).
+
 The Wan2.2-S2V DiT trains on a row's sound, optional `s2v_pose_video` and `input_image` (the person; else the
 video's first frame). The sound is the trainer's `audio` (an `audio` column listed in `--data_file_keys`, else the
 video file's own track) at `audio_sample_rate`, or an `input_audio` waveform. The row's video is the pipeline's
@@ -72,8 +83,9 @@ Rows lacking a column their model needs are refused naming the row and the colum
 models given to a DiT that cannot use them.
 
 Images reach the pipeline's stages as 8-bit pictures, as a user's `input_image` does (exact for frames
-read from image or video files). The model call is the pipeline's per-step `predict` (S2V: `s2v_velocity`), with
-the timestep `1000 * sigma`; the noise levels and loss weights come from the "wan" flow-matching template (shift 5).
+read from image or video files). The model call is the pipeline's per-step `predict` (S2V: `s2v_velocity`,
+Animate-2: `animate2_velocity`), with the timestep `1000 * sigma`; the noise levels and loss weights come from the
+"wan" flow-matching template (shift 5).
 
 A Wan 2.2 A14B model trains one expert at a time; each expert trains only on its own noise levels: the
 high-noise one on `sigma >= boundary`, the low-noise one below (0.875 for T2V, 0.9 for I2V: the presets'
@@ -103,6 +115,14 @@ from diffsynth.runtime.training_support import PipelineTrainingTask, load_partia
 from diffsynth.runtime.vram import module_dtype
 
 from .animate import AnimateInputs
+from .animate2 import (
+    Animate2Conditions,
+    Animate2Config,
+    ReferenceInputs,
+    animate2_inputs,
+    animate2_velocity,
+    check_animate2_channels,
+)
 from .audio_encoder import audio_clips, prepare_waveform
 from .camera import DEFAULT_SPEED, camera_path, pack_frames, plucker_embedding
 from .dit import WanDiTConfig
@@ -129,6 +149,12 @@ MODEL_COLUMNS = {
     "camera": ("camera_control_direction", "camera_control_speed", "camera_control_origin"),
     "animate": ("animate_pose_video", "animate_face_video", "animate_inpaint_video", "animate_mask_video"),
     "s2v": ("input_audio", "s2v_pose_video"),
+    "animate2": (
+        "animate2_reference_image",
+        "animate2_reference_video",
+        "animate2_prompt_ref",
+        "animate2_refert_images",
+    ),
 }
 NOT_FOR = {
     "speed": "motion_bucket_id needs DiffSynth-Studio's speed-control model (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1"
@@ -137,6 +163,7 @@ NOT_FOR = {
     "PAI/Wan2.1-Fun-V1.1-1.3B-Control-Camera, takes it)",
     "animate": "this Wan DiT has no Animate modules (Wan-AI/Wan2.2-Animate-14B takes it)",
     "s2v": "this Wan DiT is not Wan2.2-S2V (Wan-AI/Wan2.2-S2V-14B takes it)",
+    "animate2": "this Wan DiT is not Wan2.2-Animate-2 (Wan-AI/Wan2.2-Animate-2-14B takes it)",
 }
 TRAINED_MODELS = ("dit", "motion_controller")  # `trained_model`: what the trainer trains (its "denoiser")
 
@@ -203,7 +230,7 @@ class WanTrainingTask(PipelineTrainingTask):
     def __init__(
         self,
         pipe: WanVideoPipeline,
-        dit_config: WanDiTConfig | WanS2VConfig | None = None,
+        dit_config: WanDiTConfig | WanS2VConfig | Animate2Config | None = None,
         speed_control: bool | None = None,
         *,
         sigma_shift: float = 5.0,
@@ -217,7 +244,7 @@ class WanTrainingTask(PipelineTrainingTask):
         docstring)."""
         self.pipe = pipe
         self.dit_config = dit_config if dit_config is not None else pipe.dit.config
-        self.kind = self.dit_config.model_type
+        self.kind = "animate2" if isinstance(self.dit_config, Animate2Config) else self.dit_config.model_type
         self.max_sequence_length = max_sequence_length
         self.speed_control = pipe.motion_controller is not None if speed_control is None else bool(speed_control)
         self._check_trained_model(trained_model)
@@ -276,6 +303,8 @@ class WanTrainingTask(PipelineTrainingTask):
             return "a speed-control model in training need a motion_bucket_id"
         if self.kind == "s2v":
             return "a Wan2.2-S2V model follow a sound"
+        if self.kind == "animate2":
+            return "a Wan2.2-Animate-2 model follow a driving video"
         if self._field("animate"):
             return "a Wan2.2-Animate model follow a pose and a face video"
         if self._field("camera_adapter_dim"):
@@ -316,11 +345,11 @@ class WanTrainingTask(PipelineTrainingTask):
                 "header says how the DiT is conditioned (text, image or first frame)"
             )
         dit_config = _dit_config(dits[0])
-        if not isinstance(dit_config, (WanDiTConfig, WanS2VConfig)):
+        if not isinstance(dit_config, (WanDiTConfig, WanS2VConfig, Animate2Config)):
             raise ConfigError(
                 f"the DiT ({type(dit_config).__name__}) is one Wan training does not cover yet: it trains T2V, I2V / "
-                "FLF2V, TI2V, VACE, Fun Control / Control-Camera, Animate, S2V and speed control; not Wan-Dancer "
-                "or Wan2.2-Animate-2"
+                "FLF2V, TI2V, VACE, Fun Control / Control-Camera, Animate, Animate-2, S2V and speed control; not "
+                "Wan-Dancer"
             )
         expert = task_options.get("expert", _expert_of(dits[0]))
         # the pipeline routes a DiT from a low-noise expert's folder to "dit2"; here it is the one denoiser
@@ -338,10 +367,10 @@ class WanTrainingTask(PipelineTrainingTask):
                         "wav2vec2-large-xlsr-53-english/model.safetensors (e.g. with --model_paths)"
                     )
                 slots.add("audio_encoder")
-            if getattr(dit_config, "has_image_input", False):
+            if getattr(dit_config, "has_image_input", False) or isinstance(dit_config, Animate2Config):
                 if not any("image_encoder" in r for r in roles):
                     raise ConfigError(
-                        "this Wan I2V DiT takes CLIP image features: add the image encoder "
+                        "this Wan DiT takes CLIP image features: add the image encoder "
                         "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (e.g. with --model_paths)"
                     )
                 slots.add("image_encoder")
@@ -434,6 +463,7 @@ class WanTrainingTask(PipelineTrainingTask):
             "camera": bool(self._field("camera_adapter_dim")),
             "animate": bool(self._field("animate")),
             "s2v": self.kind == "s2v",
+            "animate2": self.kind == "animate2",
         }
         for model, keys in MODEL_COLUMNS.items():
             named = [key for key in keys if _given(row.get(key))]
@@ -521,6 +551,51 @@ class WanTrainingTask(PipelineTrainingTask):
         faces = ((cond.face_pixel_values[0] + 1) * 127.5).round().to(torch.uint8)  # pil_to_tensor's pixels, undone
         conditions = {"y": cond.y[0].float(), "clip_feature": cond.clip_feature[0].float()}
         return latents, {**conditions, "pose_latents": cond.pose_latents[0].float(), "face_pixels": faces}
+
+    def _animate2(
+        self, index: int, row: Mapping[str, Any], video: torch.Tensor, latents: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """An Animate-2 row as the pipeline's first clip (see the module docstring): `animate2_inputs` of its
+        character, driving frames and `animate2_prompt_ref`; the character's latent (y's frame 0) leads the
+        video's latents."""
+        pipe = self.pipe
+        _, frames, height, width = video.shape
+        check_animate2_channels(pipe)
+        if _given(row.get("animate2_refert_images")):
+            raise ConfigError(
+                f"row {index} has animate2_refert_images: Wan2.2-Animate-2 trains on a video's first clip, with no "
+                "given first frames; drop the column"
+            )
+        character = row.get("animate2_reference_image")
+        if not _given(character):
+            raise ConfigError(
+                f"row {index} has no animate2_reference_image: a Wan2.2-Animate-2 model trains on the character's "
+                "image and a driving video (add both to --data_file_keys), as DiffSynth-Studio's --extra_inputs "
+                "animate2_prompt_ref,animate2_reference_image,animate2_reference_video"
+            )
+        character = self._image(index, row, "animate2_reference_image")
+        driving = self._frames(index, row, "animate2_reference_video", frames)
+        if driving is None:
+            raise ConfigError(
+                f"row {index} has no animate2_reference_video: a Wan2.2-Animate-2 model trains on a driving video of "
+                "at least the video's frames (add it to --data_file_keys), as DiffSynth-Studio's --extra_inputs "
+                "animate2_prompt_ref,animate2_reference_image,animate2_reference_video"
+            )
+        prompt_ref = row.get("animate2_prompt_ref")
+        prompt_ref = str(prompt_ref) if _given(prompt_ref) else None
+        size = (height, width, frames)
+        image = tensor_to_pil(character)[0]
+        clip, y, ref = animate2_inputs(pipe, image, driving, [], prompt_ref, size, self.max_sequence_length, {})
+        mask_channels = pipe.vae.temporal_compression  # y: the mask, then the latents; frame 0 the character's
+        latents = torch.cat([y[0, mask_channels:, :1].to(latents), latents], dim=1)
+        return latents, {
+            "y": y[0].float(),
+            "clip_feature": clip[0].float(),
+            "driving_latents": ref.latents[0].float(),
+            "driving_y": ref.y[0].float(),
+            "context_ref": ref.context[0].float(),
+            "clip_ref": ref.clip_feature[0].float(),
+        }
 
     def _s2v(
         self, index: int, row: Mapping[str, Any], video: torch.Tensor, latents: torch.Tensor, person: torch.Tensor
@@ -661,6 +736,14 @@ class WanTrainingTask(PipelineTrainingTask):
         docstring)."""
         pipe, kind = self.pipe, self.kind
         given = {key: self._image(index, row, key) for key in CONDITION_KEYS}
+        if kind == "animate2":
+            named = [key for key, value in given.items() if value is not None]
+            if named:
+                raise ConfigError(
+                    f"row {index} has {' and '.join(named)}, but Wan2.2-Animate-2 takes its character as "
+                    "animate2_reference_image: rename the column, or drop it"
+                )
+            return self._animate2(index, row, video, latents)
         if kind == "t2v":
             named = [key for key, value in given.items() if value is not None]
             if named:
@@ -756,6 +839,12 @@ class WanTrainingTask(PipelineTrainingTask):
         if self.kind == "s2v":  # the pipeline's S2V model call, a first clip (no motion frames)
             cond = S2VConditions(given("ref_latents"), given("audio_embeds"), None, given("pose_latents"))
             return s2v_velocity(dit, noisy_latents, t, given("text"), cond)
+        if self.kind == "animate2":  # one clip: both streams in the DiT's call (see `_animate2`)
+            dtype = module_dtype(dit)
+            names = ("driving_latents", "driving_y", "context_ref", "clip_ref")
+            reference = ReferenceInputs(*(given(key).to(dtype) for key in names))
+            cond = Animate2Conditions(given("clip_feature"), given("y"), reference)
+            return animate2_velocity(dit, noisy_latents, t, given("text"), cond, 0.0)
         dit, motion = self._motion(dit, batch, device)
         faces = given("face_pixels")
         conditions = WanConditions(
@@ -845,7 +934,7 @@ def _numbers(index: int, key: str, value: Any) -> list[float]:
     return [_number(index, key, item, None) for item in items if not (isinstance(item, str) and not item)]
 
 
-def _dit_config(config: ModelConfig) -> WanDiTConfig | WanS2VConfig:
+def _dit_config(config: ModelConfig) -> WanDiTConfig | WanS2VConfig | Animate2Config:
     """The DiT's config from its files' header (and the `config.json` beside them); no weights are read."""
     from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
     from diffsynth.runtime.loading import config_json_beside, derive_config, recognise
