@@ -290,6 +290,34 @@ def test_input_and_model_errors(pipe, files):
         config_from_state(state, {"rank": 2})
 
 
+def test_cli_writes_the_lora_of_the_images(files, tmp_path, monkeypatch, capsys):
+    """`diffsynth generate --model <i2L> --lora-image ... --output x.safetensors` saves `image_to_lora`'s LoRA."""
+    from safetensors.torch import load_file
+
+    from diffsynth.runtime import cli
+
+    root, encoders = files
+    made = QwenImageI2LPipeline.from_pretrained(
+        model_configs=[*encoders, ModelConfig(path=str(root / "style.safetensors"))], torch_dtype="float32",
+        device="cpu",
+    )  # fmt: skip
+    monkeypatch.setattr(QwenImageI2LPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: made))
+    paths = []
+    for seed in (1, 2):
+        picture(seed).save(tmp_path / f"{seed}.png")
+        paths += ["--lora-image", str(tmp_path / f"{seed}.png")]
+    out = tmp_path / "style.safetensors"
+    args = ["generate", "--model", "DiffSynth-Studio/Qwen-Image-i2L:style", *paths, "--output", str(out)]
+    assert cli.main(args) == 0
+    want = made.image_to_lora([str(tmp_path / "1.png"), str(tmp_path / "2.png")])
+    got = load_file(str(out))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert cli.main([*args[:3], "--output", str(out)]) == 2
+    assert "--lora-image" in capsys.readouterr().err
+    assert cli.main([*args[:-1], str(tmp_path / "style.png")]) == 2
+    assert ".safetensors file" in capsys.readouterr().err
+
+
 def test_presets_name_the_i2l_files_and_pipeline():
     style = QwenImageI2LPipeline._preset("DiffSynth-Studio/Qwen-Image-i2L:style")
     patterns = {f.origin_file_pattern for f in style.files}

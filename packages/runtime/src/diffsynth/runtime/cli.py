@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--layer-input-image", default=None, help="Qwen-Image-Layered: the image to split into RGBA layers"
     )
+    gen.add_argument(
+        "--lora-image",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="image-to-LoRA presets (Qwen-Image-i2L, Z-Image-i2L): an image the LoRA is made from (repeatable); "
+        "--output names the .safetensors file",
+    )
     gen.add_argument("--layer-num", type=int, default=None, help="Qwen-Image-Layered: how many layers (preset default)")
     gen.add_argument(
         "--context-image",
@@ -460,6 +468,8 @@ def _generate(args) -> int:
         return _generate_audio(pipe, args)
     if hasattr(pipe, "run_cli"):  # a pipeline whose inputs and outputs are its own (LTX-2.3 HDR: EXR frames)
         return pipe.run_cli(args)
+    if args.lora_image:
+        raise ConfigError(f"--lora-image is for image-to-LoRA presets (e.g. Qwen-Image-i2L), not {type(pipe).__name__}")
     if args.dub_video is not None:
         return _dub_video(pipe, args)
     options = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -204,6 +205,24 @@ class ImageToLoRAPipeline(BasePipeline):
         if bias is not None and bias is not False:
             lora = append_lora(lora, lora_file(_preset_lora(bias), "bias_lora's ModelConfig"))
         return {key: value.detach().to("cpu").contiguous() for key, value in lora.items()}
+
+    def run_cli(self, args) -> int:
+        """`diffsynth generate --model <an i2L preset> --lora-image a.jpg --lora-image b.jpg --output style.safetensors`:
+        the LoRA of the images, saved as a safetensors file (`--prompt` is not read)."""
+        from safetensors.torch import save_file
+
+        if not args.lora_image:
+            raise ConfigError(f"{args.model} makes a LoRA from images: give them with --lora-image (repeatable)")
+        if args.prompt is not None:
+            logger.warning("--prompt is not read: %s makes a LoRA from --lora-image alone", type(self).__name__)
+        output = Path(args.output or "lora.safetensors")
+        if output.suffix.lower() != ".safetensors":
+            raise ConfigError(f"--output is the LoRA file, a .safetensors file, not {output}")
+        lora = self.image_to_lora(args.lora_image)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_file(lora, str(output))
+        logger.info("wrote the LoRA of %d image(s) to %s (%d tensors)", len(args.lora_image), output, len(lora))
+        return 0
 
     def __call__(self, *args, **kwargs):
         raise ConfigError(
