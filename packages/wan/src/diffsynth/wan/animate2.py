@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate
 
 from .dit import (
     Head,
@@ -50,8 +50,11 @@ from .dit import (
     WanBackboneConfig,
     WanBlock,
     WanDiTConfig,
+    add_input_layers,
     backbone_fields,
     heads_from_width,
+    text_tokens,
+    time_modulation,
 )
 
 NEGATIVE_SKIP_BLOCK = 9  # DiffSynth-Studio's negative branch runs every block but this one
@@ -238,12 +241,7 @@ class WanAnimate2DiT(nn.Module):
         self.gradient_checkpointing = False
         block_config = config.block_config()
         dim, patch = config.dim, config.patch_size
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
-        self.text_embedding = nn.Sequential(
-            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
-        )
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        add_input_layers(self, config)
         self.blocks = nn.ModuleList(Animate2Block(block_config) for _ in range(config.num_layers))
         self.head = Head(dim, config.out_dim * math.prod(patch), config.eps)
         self.img_emb = ImageEmbedding(config.image_dim, dim)
@@ -339,12 +337,10 @@ class WanAnimate2DiT(nn.Module):
 
     def _time(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The modulation table `[B, 6, dim]` float32 and the time embedding `[B, dim]` (for the head)."""
-        temb = self.time_embedding(timestep_embedding(t, self.config.freq_dim, angle_dtype=torch.float64).to(dtype))
-        return self.time_projection(temb).float().unflatten(-1, (6, self.config.dim)), temb
+        return time_modulation(self, t, dtype, angle_dtype=torch.float64)
 
     def _context(self, context: torch.Tensor, clip_feature: torch.Tensor, dtype: torch.dtype):
-        padded = F.pad(context.to(dtype), (0, 0, 0, self.config.text_len - context.shape[1]))
-        return self.text_embedding(padded), self.img_emb(clip_feature, dtype)
+        return text_tokens(self, context, dtype), self.img_emb(clip_feature, dtype)
 
     def _rope(self, grid: tuple[int, int, int], origin: tuple[int, int, int], stride: int, device) -> Rope:
         """RoPE tables `[1, S, 1, head_dim]` for a patch grid whose first token sits at `origin` (frames `stride`

@@ -47,9 +47,20 @@ from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.layers import MultiAxisRope, rope_inverse_frequencies, rope_tables, timestep_embedding
+from diffsynth.runtime.layers import MultiAxisRope, rope_inverse_frequencies, rope_tables
 
-from .dit import Fp32LayerNorm, Head, ImageEmbedding, WanBackboneConfig, WanBlock, WanDiTConfig, backbone_fields
+from .dit import (
+    Fp32LayerNorm,
+    Head,
+    ImageEmbedding,
+    WanBackboneConfig,
+    WanBlock,
+    WanDiTConfig,
+    add_input_layers,
+    backbone_fields,
+    text_tokens,
+    time_modulation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +239,8 @@ class WanDancerDiT(nn.Module):
         self.gradient_checkpointing = False
         block_config = config.block_config()
         dim, patch = config.dim, config.patch_size
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
+        add_input_layers(self, config)
         self.patch_embedding_global = nn.Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
-        self.text_embedding = nn.Sequential(
-            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
-        )
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(block_config) for _ in range(config.num_layers))
         self.head = Head(dim, config.out_dim * math.prod(patch), config.eps)
         self.head_global = Head(dim, config.out_dim * math.prod(patch), config.eps)
@@ -284,9 +290,8 @@ class WanDancerDiT(nn.Module):
         t = t.expand(b) if t.numel() == 1 else t
         if t.numel() != b:
             raise ValueError(f"timestep has {t.numel()} values for a batch of {b}")
-        temb = self.time_embedding(timestep_embedding(t, cfg.freq_dim, angle_dtype=torch.float64).to(dtype))
-        e = self.time_projection(temb).float().unflatten(-1, (6, cfg.dim))
-        text = self.text_embedding(F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1])))
+        e, temb = time_modulation(self, t, dtype, angle_dtype=torch.float64)
+        text = text_tokens(self, context, dtype)
         clip_tokens = self.img_emb(clip_feature, dtype)
         if refimage_feature is None:
             context, context_img = text, clip_tokens

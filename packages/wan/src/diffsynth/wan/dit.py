@@ -161,6 +161,34 @@ class WanBackboneConfig:
         return WanDiTConfig(**{f.name: getattr(self, f.name) for f in fields(WanBackboneConfig)}, **extra)
 
 
+def add_input_layers(model: nn.Module, config: WanBackboneConfig) -> None:
+    """The input layers every Wan DiT has, under the checkpoints' names: `patch_embedding` (latents to tokens),
+    `text_embedding` (umT5 states), `time_embedding` and `time_projection` (the six modulation vectors)."""
+    dim, patch = config.dim, config.patch_size
+    model.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
+    model.text_embedding = nn.Sequential(
+        nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+    )
+    model.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+    model.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+
+def time_modulation(
+    model: nn.Module, t: torch.Tensor, dtype: torch.dtype, angle_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The modulation table `[N, 6, dim]` (float32) and the time embedding `[N, dim]` of timesteps `t` `[N]`
+    (`angle_dtype`: float64 for the models whose authors embed so)."""
+    cfg = model.config
+    temb = model.time_embedding(timestep_embedding(t, cfg.freq_dim, angle_dtype=angle_dtype).to(dtype))
+    return model.time_projection(temb).float().unflatten(-1, (6, cfg.dim)), temb
+
+
+def text_tokens(model: nn.Module, context: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """umT5 states `[B, L <= text_len, text_dim]` zero-padded to `text_len` and embedded: `[B, text_len, dim]`."""
+    pad = model.config.text_len - context.shape[1]
+    return model.text_embedding(F.pad(context.to(dtype), (0, 0, 0, pad)))
+
+
 @dataclass
 class WanDiTConfig(WanBackboneConfig):
     """Architecture of a Wan DiT; defaults are Wan2.1-T2V-14B (= each Wan2.2-T2V-A14B expert).
@@ -499,12 +527,7 @@ class WanDiT(nn.Module):
         self.step_cache = None  # a FirstBlockCache or TeaCache over `blocks` (BasePipeline.enable_*_cache)
         self.parallel = None  # ParallelGroups dividing batch and video tokens (BasePipeline.enable_parallel)
         dim = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.text_embedding = nn.Sequential(
-            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
-        )
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        add_input_layers(self, config)
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(dim, config.out_dim * math.prod(config.patch_size), config.eps)
         if config.has_image_input:
@@ -641,11 +664,10 @@ class WanDiT(nn.Module):
                 raise ValueError("reference_latents cannot be combined with per-token timesteps or vace_context")
             seq, leading = torch.cat([ref, seq], dim=1), ref.shape[1]
             grid = (grid[0] + 1, grid[1], grid[2])
-        temb = self.time_embedding(timestep_embedding(values, cfg.freq_dim).to(dtype))
-        e = self.time_projection(temb).float().unflatten(-1, (6, cfg.dim))
+        e, temb = time_modulation(self, values, dtype)
         if motion_modulation is not None:
             e = e + self._motion_offset(motion_modulation, e, index)
-        context = self.text_embedding(F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1])))
+        context = text_tokens(self, context, dtype)
         context_img = self.img_emb(clip_feature, dtype) if cfg.has_image_input else None
         rope = self._rope(grid, device)
         control = self._vace_tokens(vace_context, seq, grid, dtype) if vace_context is not None else None

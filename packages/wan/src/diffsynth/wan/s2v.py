@@ -36,9 +36,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.layers import MultiAxisRope, rope_tables, timestep_embedding
+from diffsynth.runtime.layers import MultiAxisRope, rope_tables
 
-from .dit import CrossAttention, Head, WanBackboneConfig, WanBlock, backbone_fields
+from .dit import (
+    CrossAttention,
+    Head,
+    WanBackboneConfig,
+    WanBlock,
+    add_input_layers,
+    backbone_fields,
+    text_tokens,
+    time_modulation,
+)
 
 REFERENCE_FRAME = 30  # the RoPE frame index of the reference image's tokens (the authors' fixed choice)
 ADAIN_EPS = 1e-5  # the audio AdaLayerNorm uses diffusers' AdaLayerNorm default, not config.eps
@@ -271,12 +280,7 @@ class WanS2VDiT(nn.Module):
         self.config = config = config if config is not None else WanS2VConfig()
         self.gradient_checkpointing = False
         dim, patch = config.dim, config.patch_size
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
-        self.text_embedding = nn.Sequential(
-            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
-        )
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        add_input_layers(self, config)
         block_config = config.block_config()
         self.blocks = nn.ModuleList(WanBlock(block_config) for _ in range(config.num_layers))
         self.head = Head(dim, config.out_dim * math.prod(patch), config.eps)
@@ -333,9 +337,8 @@ class WanS2VDiT(nn.Module):
         index = torch.arange(b, device=device)[:, None].expand(b, seq.shape[1]).clone()
         if cfg.zero_timestep:  # the reference and motion tokens are clean: they get timestep 0
             index[:, n_video:] = b
-        temb = self.time_embedding(timestep_embedding(values, cfg.freq_dim).to(dtype))
-        e = self.time_projection(temb).float().unflatten(-1, (6, cfg.dim))
-        context = self.text_embedding(F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1])))
+        e, temb = time_modulation(self, values, dtype)
+        context = text_tokens(self, context, dtype)
         rope = self._rope(torch.cat(positions).to(device))
         audio_global, audio_local = self.audio_tokens(audio_embeds, grid[0], dtype)
 
