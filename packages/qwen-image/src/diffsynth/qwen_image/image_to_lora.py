@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -205,14 +204,12 @@ class QwenImageI2LPipeline(ImageToLoRAPipeline):
 
     def _load_tokenizer(self, config):
         """The Qwen2-VL processor of a `processor/` folder (or one beside the given folder)."""
-        from .text_encoder import VisionPromptProcessor
+        from .text_encoder import VisionPromptProcessor, processor_folder
 
-        paths = config.resolve()
-        folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
-        for candidate in (folder, folder.parent / "processor"):
-            if (candidate / "preprocessor_config.json").exists():
-                self.processor = VisionPromptProcessor.from_folder(candidate)
-                return self.processor.tokenizer
+        folder, processor = processor_folder(config)
+        if processor is not None:
+            self.processor = VisionPromptProcessor.from_folder(processor)
+            return self.processor.tokenizer
         raise ConfigError(
             f"{folder} has no preprocessor_config.json: Qwen-Image-i2L Coarse/Fine need the Qwen2-VL processor, "
             "e.g. ModelConfig(model_id='Qwen/Qwen-Image-Edit', origin_file_pattern='processor/')"

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,7 +67,13 @@ from .layered import (
     refuse_other_modes,
 )
 from .presets import CONTROLNETS
-from .text_encoder import T2I_TEMPLATE, VisionPromptProcessor, encode_prompts, encode_prompts_with_images
+from .text_encoder import (
+    T2I_TEMPLATE,
+    VisionPromptProcessor,
+    encode_prompts,
+    encode_prompts_with_images,
+    processor_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -626,14 +631,11 @@ class QwenImagePipeline(BasePipeline):
 
     def _load_tokenizer(self, config):
         """The tokenizer, and the Qwen2-VL processor when a `processor/` folder is there (Edit models)."""
-        paths = config.resolve()
-        folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
-        for candidate in (folder, folder.parent / "processor"):
-            if (candidate / "preprocessor_config.json").exists():
-                self.processor = VisionPromptProcessor.from_folder(candidate)
-                break
-        if (folder / "preprocessor_config.json").exists():
-            return self.processor.tokenizer
+        folder, processor = processor_folder(config)
+        if processor is not None:
+            self.processor = VisionPromptProcessor.from_folder(processor)
+            if processor == folder:
+                return self.processor.tokenizer
         return super()._load_tokenizer(config)
 
     def prepare_noise(self, batch, height, width, seed, rand_device, latents) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
@@ -298,6 +299,15 @@ def encode_prompts(
 
 
 IMAGE_PAD = "<|image_pad|>"
+
+
+def processor_folder(config) -> tuple[Path, Path | None]:
+    """(the tokenizer config's folder, the Qwen2-VL `processor/` folder: that folder itself or a `processor/` beside
+    it, None without one), as the hub repos lay them out."""
+    paths = config.resolve()
+    folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
+    found = [c for c in (folder, folder.parent / "processor") if (c / "preprocessor_config.json").exists()]
+    return folder, found[0] if found else None
 
 
 class VisionPromptProcessor:
