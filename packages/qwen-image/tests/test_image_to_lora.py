@@ -5,17 +5,13 @@ text encoder and processor): merging over images, the Bias LoRA, loading and err
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import qwen_image_test_dit as T  # loaded by conftest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from diffsynth.qwen_image import QwenImagePipeline
@@ -33,11 +29,19 @@ from diffsynth.runtime.image_to_lora import crop_resize
 from diffsynth.runtime.lora import load_lora
 from diffsynth.runtime.models.lora_generator import merge_loras
 from diffsynth.runtime.testing import conformance as cf
-from diffsynth.runtime.testing.image_to_lora import TINY_FEATURES, write_image_encoders
+from diffsynth.runtime.testing.image_to_lora import (
+    STUDIO_MIRROR,
+    TINY_FEATURES,
+    picture,
+    studio_modules,
+    without_adapter,
+    write_image_encoders,
+)
+from diffsynth.runtime.testing.image_to_lora import lora_deltas as deltas
 from diffsynth.runtime.testing.weights import random_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: threads only add overhead
-MIRROR = Path("/work/.mirror/modelscope+DiffSynth-Studio/repo")
+MIRROR = STUDIO_MIRROR
 # the one place the tiny i2L sizes live: the tiny DiT's widths (test_dit), the tiny encoders' features, the
 # released rank (files give only rank x width: a file of another rank needs it in a config.json)
 TINY = dict(num_blocks=2, dim=32, features=TINY_FEATURES, compress_dim=4, rank=4, residual_dim=32, residual_mid_dim=3)
@@ -48,42 +52,13 @@ def tiny_i2l(variant: str, residual_length: int = 5, seed: int = 0) -> QwenImage
     return random_weights(QwenImageI2L(config), seed).eval()
 
 
-def picture(seed: int, size=(80, 56)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def deltas(lora: dict) -> dict[str, torch.Tensor]:
-    """Each target's weight change up @ down."""
-    return {
-        k[: -len(".lora_A.weight")]: lora[k.replace("lora_A", "lora_B")] @ v for k, v in lora.items() if "lora_A" in k
-    }
-
-
-def without_adapter(lora: dict) -> dict:
-    """DiffSynth-Studio's `.lora_A.default.weight` keys as ours."""
-    return {k.replace(".default.", "."): v for k, v in lora.items()}
-
-
 # ----------------------------------------------------------------------------------------- DiffSynth-Studio
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """DiffSynth-Studio's i2L module and its `merge_lora`, from its git mirror (both need torch alone)."""
-    if not (MIRROR / "HEAD").exists() and not (MIRROR / ".git").exists():
-        pytest.skip("the DiffSynth-Studio git mirror is not on this machine")
-    root = tmp_path_factory.mktemp("studio-i2l")
-    package = root / "studio_qwen_i2l"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for source, name in (("models/qwen_image_image2lora.py", "image2lora"), ("utils/lora/merge.py", "merge")):
-        show = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:diffsynth/{source}"], capture_output=True)
-        if show.returncode:
-            pytest.skip(f"diffsynth/{source} is not in the DiffSynth-Studio mirror")
-        (package / f"{name}.py").write_bytes(show.stdout)
-    sys.path.insert(0, str(root))
-    try:
-        yield importlib.import_module("studio_qwen_i2l.image2lora"), importlib.import_module("studio_qwen_i2l.merge")
-    finally:
-        sys.path.remove(str(root))
+    sources = {"models/qwen_image_image2lora.py": "image2lora", "utils/lora/merge.py": "merge"}
+    with studio_modules(tmp_path_factory.mktemp("studio-i2l"), "studio_qwen_i2l", sources) as modules:
+        yield modules
 
 
 @pytest.mark.parametrize("use_residual", [False, True])

@@ -3,15 +3,8 @@ emitted LoRA on the tiny repo's DiT, `ZImageI2LPipeline` on tiny files, and `pos
 
 from __future__ import annotations
 
-import importlib
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from diffsynth.runtime.errors import ConfigError
@@ -20,12 +13,20 @@ from diffsynth.runtime.loading import load_model
 from diffsynth.runtime.lora import clear_loras, list_loras, load_lora
 from diffsynth.runtime.models.lora_generator import merge_loras
 from diffsynth.runtime.testing import conformance as cf
-from diffsynth.runtime.testing.image_to_lora import TINY_FEATURES, write_image_encoders
+from diffsynth.runtime.testing.image_to_lora import (
+    STUDIO_MIRROR,
+    TINY_FEATURES,
+    picture,
+    studio_modules,
+    without_adapter,
+    write_image_encoders,
+)
+from diffsynth.runtime.testing.image_to_lora import lora_deltas as deltas
 from diffsynth.runtime.testing.weights import random_weights
 from diffsynth.z_image import ZImagePipeline
 from diffsynth.z_image.image_to_lora import I2L_SPEC, ZImageI2L, ZImageI2LConfig, ZImageI2LPipeline, config_from_state
 
-MIRROR = Path("/work/.mirror/modelscope+DiffSynth-Studio/repo")
+MIRROR = STUDIO_MIRROR
 FAST = dict(num_inference_steps=2, height=64, width=64, seed=0, output_type="pt", progress_bar=False)
 
 
@@ -57,45 +58,17 @@ def tiny_i2l(dit_config, seed: int = 0) -> ZImageI2L:
     return random_weights(ZImageI2L(config), seed).eval()
 
 
-def picture(seed: int, size=(80, 56)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def deltas(lora: dict) -> dict[str, torch.Tensor]:
-    return {
-        k[: -len(".lora_A.weight")]: lora[k.replace("lora_A", "lora_B")] @ v for k, v in lora.items() if "lora_A" in k
-    }
-
-
-def without_adapter(lora: dict) -> dict:
-    return {k.replace(".default.", "."): v for k, v in lora.items()}
-
-
 # ----------------------------------------------------------------------------------------- DiffSynth-Studio
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     """DiffSynth-Studio's Z-Image i2L module (and the Qwen-Image one it imports), and its `merge_lora`."""
-    if not (MIRROR / "HEAD").exists() and not (MIRROR / ".git").exists():
-        pytest.skip("the DiffSynth-Studio git mirror is not on this machine")
-    root = tmp_path_factory.mktemp("studio-z-i2l")
-    package = root / "studio_z_i2l"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
     sources = {
         "models/qwen_image_image2lora.py": "qwen_image_image2lora",
         "models/z_image_image2lora.py": "z_image_image2lora",
         "utils/lora/merge.py": "merge",
     }
-    for source, name in sources.items():
-        show = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:diffsynth/{source}"], capture_output=True)
-        if show.returncode:
-            pytest.skip(f"diffsynth/{source} is not in the DiffSynth-Studio mirror")
-        (package / f"{name}.py").write_bytes(show.stdout)
-    sys.path.insert(0, str(root))
-    try:
-        yield importlib.import_module("studio_z_i2l.z_image_image2lora"), importlib.import_module("studio_z_i2l.merge")
-    finally:
-        sys.path.remove(str(root))
+    with studio_modules(tmp_path_factory.mktemp("studio-z-i2l"), "studio_z_i2l", sources) as (_, module, merge):
+        yield module, merge
 
 
 def test_generator_matches_diffsynth_studio(studio):
