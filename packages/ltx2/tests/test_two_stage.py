@@ -378,3 +378,38 @@ def test_video_retake_keeps_the_given_frames_in_both_stages(two_stage_pipe, monk
     pixels = pil_to_tensor(given, dtype=torch.float32, device=two_stage_pipe.device).transpose(0, 1)[None]
     encoded = two_stage_pipe.vae.encode(pixels)
     torch.testing.assert_close(decoded[-1][:, :, :2], encoded[:, :, :2], rtol=0, atol=1e-6)
+
+
+def test_lora_presets_load_their_base_and_lora(tiny_ltx2_base, tiny_ltx2_pipe, tmp_path, monkeypatch):
+    """A camera-control preset is LTX-2's two-stage preset with its LoRA fused: the DiT's weights equal the base's
+    after `load_lora(file)`. An IC-LoRA preset keeps its LoRA apart (the second stage runs without it:
+    `clear_lora_before_state_two` is on by default) at the same weights."""
+    import shutil
+
+    base = tmp_path / "models"
+    shutil.copytree(tiny_ltx2_base, base)
+    repo_module.write_two_stage_files(base / "Lightricks" / "LTX-2", tiny_ltx2_pipe.dit)
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    camera, ic = "Lightricks/LTX-2-19b-LoRA-Camera-Control-Dolly-In", "Lightricks/LTX-2-19b-IC-LoRA-Detailer"
+    files = {}
+    for seed, repo in ((21, camera), (22, ic)):
+        files[repo] = base / repo / PRESETS[repo].loras[0].origin_file_pattern
+        files[repo].parent.mkdir(parents=True)
+        save_file(lora_state(tiny_ltx2_pipe.dit, seed=seed), str(files[repo]))
+
+    fused = LTX2Pipeline.from_pretrained(camera, device="cpu", torch_dtype=torch.float32)
+    assert list_loras(fused.dit) == {} and fused.defaults["use_two_stage_pipeline"] is True
+    reference = repo_module.our_pipeline(tiny_ltx2_base)
+    reference.load_lora(str(files[camera]))
+    ours, theirs = fused.dit.state_dict(), reference.dit.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    plain = tiny_ltx2_pipe.dit.state_dict()
+    assert sum(not torch.equal(ours[k], plain[k]) for k in plain) >= 4  # the LoRA's targets moved
+
+    apart = LTX2Pipeline.from_pretrained(ic, device="cpu", torch_dtype=torch.float32)
+    assert len(list_loras(apart.dit)) == 1 and apart.defaults["clear_lora_before_state_two"] is True
+    reference = repo_module.our_pipeline(tiny_ltx2_base)
+    reference.load_lora(str(files[ic]), fuse=False)
+    ours, theirs = apart.dit.state_dict(), reference.dit.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)

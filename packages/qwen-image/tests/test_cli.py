@@ -123,3 +123,48 @@ def test_inpaint_mask_flag_matches_the_python_api(tiny_repo, tmp_path):
     image = pipe("a red circle", input_image=str(tmp_path / "in.png"), inpaint_mask=Image.fromarray(mask), seed=3,
                  height=32, width=32, num_inference_steps=2, progress_bar=False)  # fmt: skip
     assert np.array_equal(pixels(out), np.asarray(image))
+
+
+def _hub_with_lora(tiny_repo, tmp_path, monkeypatch, random_lora, lora_repo: str) -> tuple:
+    """Qwen/Qwen-Image (the tiny repo) and a random LoRA for its DiT as `lora_repo/model.safetensors`, both under
+    the model base path with downloads off; returns the LoRA file."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "models"
+    shutil.copytree(tiny_repo, base / "Qwen" / "Qwen-Image")
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    dit = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu").dit
+    lora = base / lora_repo / "model.safetensors"
+    lora.parent.mkdir(parents=True)
+    save_file(random_lora(dit, "diffusion_model", seed=11), str(lora))
+    return lora
+
+
+def test_a_lora_preset_is_its_base_with_the_lora(tiny_repo, tmp_path, monkeypatch, random_lora):
+    """`DiffSynth-Studio/Qwen-Image-Distill-LoRA` loads Qwen-Image's files, applies the repo's LoRA and samples
+    with its settings (no CFG): the image equals the base pipeline's with `load_lora(file)` and those settings."""
+    lora = _hub_with_lora(tiny_repo, tmp_path, monkeypatch, random_lora, "DiffSynth-Studio/Qwen-Image-Distill-LoRA")
+    preset = QwenImagePipeline.from_pretrained(
+        "DiffSynth-Studio/Qwen-Image-Distill-LoRA", torch_dtype="float32", device="cpu"
+    )
+    assert preset.defaults["cfg_scale"] == 1.0 and preset.defaults["num_inference_steps"] == 15
+    run = functools.partial(preset, "a red circle", seed=3, height=32, width=32, num_inference_steps=2)
+    image = np.asarray(run(progress_bar=False))
+    base = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    kwargs = dict(seed=3, height=32, width=32, num_inference_steps=2, cfg_scale=1.0, progress_bar=False)
+    plain = np.asarray(base("a red circle", **kwargs))
+    base.load_lora(str(lora))
+    assert np.array_equal(image, np.asarray(base("a red circle", **kwargs))) and not np.array_equal(image, plain)
+
+
+def test_cli_lora_by_hub_name_matches_the_python_api(tiny_repo, tmp_path, monkeypatch, random_lora):
+    """`--lora Org/Name:SCALE` fetches (here: finds) the repo's one LoRA file and applies it at that scale."""
+    lora = _hub_with_lora(tiny_repo, tmp_path, monkeypatch, random_lora, "Org/Style")
+    out = tmp_path / "lora.png"
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "a red circle", "--seed", "3", "--output", str(out)]
+    assert main([*args, "--lora", "Org/Style:0.5", *FAST]) == 0
+    pipe = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    pipe.load_lora(str(lora), scale=0.5)
+    image = pipe("a red circle", seed=3, height=32, width=32, num_inference_steps=2, progress_bar=False)
+    assert np.array_equal(pixels(out), np.asarray(image))

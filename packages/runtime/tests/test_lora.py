@@ -487,3 +487,84 @@ def test_pipeline_takes_diffsynth_studios_load_lora_form(tmp_path):
         pipe.load_lora(pipe.dit)
     with pytest.raises(TypeError, match="unexpected keyword"):
         pipe.load_lora(str(path), alpha=0.7)
+
+
+def _hub_pipe():
+    from diffsynth.runtime.pipeline import BasePipeline
+
+    class Pipe(BasePipeline):
+        model_slots = {"dit": "dit"}
+
+    pipe = Pipe(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = make_model()
+    return pipe
+
+
+def test_a_lora_loads_by_its_hub_name(tmp_path, monkeypatch):
+    """`load_lora("Org/Name")` takes the repo's one `.safetensors` (found under the model base path, downloads off),
+    `"Org/Name/file"` names a file of a repo holding several; a repo with several files, a missing repo and a
+    missing local file are clear errors naming what was asked for."""
+    from diffsynth.runtime.errors import ConfigError
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path / "models"))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    one, other = make_lora(seed=1), make_lora(seed=2)
+    (tmp_path / "models/Org/Style").mkdir(parents=True)
+    save_file(to_state_dict(one, "peft"), str(tmp_path / "models/Org/Style/style.safetensors"))
+    (tmp_path / "models/Org/Many").mkdir(parents=True)
+    save_file(to_state_dict(one, "peft"), str(tmp_path / "models/Org/Many/a.safetensors"))
+    save_file(to_state_dict(other, "kohya"), str(tmp_path / "models/Org/Many/b.safetensors"))
+
+    for name, lora in (("Org/Style", one), ("Org/Many/b.safetensors", other)):
+        pipe = _hub_pipe()
+        pipe.load_lora(name, scale=0.5)
+        reference = make_model()
+        apply_lora(reference, lora, scale=0.5)
+        torch.testing.assert_close(pipe.dit(X), reference(X))
+        assert not torch.equal(pipe.dit(X), make_model()(X))
+    with pytest.raises(ConfigError, match=r"2 weight files \['a.safetensors', 'b.safetensors'\]; name one: Org/Many/"):
+        _hub_pipe().load_lora("Org/Many")
+    with pytest.raises(ConfigError, match="'Org/Nothing' is no local file, nor found on the hub"):
+        _hub_pipe().load_lora("Org/Nothing")
+    with pytest.raises(LoRAError, match="does not exist"):  # a relative path is not taken for a repo
+        _hub_pipe().load_lora("loras/missing.safetensors")
+
+
+def test_a_presets_loras_are_applied_on_load(tmp_path, monkeypatch):
+    """A preset's `loras` (e.g. a distillation or camera LoRA on its base model) are applied by `from_pretrained`
+    as `load_lora` applies them: fused, or kept apart with `fuse=False`, at their scale."""
+    from diffsynth.runtime import registry
+    from diffsynth.runtime.pipeline import BasePipeline
+    from diffsynth.runtime.registry import Family, Preset, PresetFile, PresetLoRA
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path / "models"))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    (tmp_path / "models/Org/Base").mkdir(parents=True)
+    (tmp_path / "models/Org/Fast").mkdir(parents=True)
+    lora = make_lora(seed=3)
+    save_file(to_state_dict(lora, "peft"), str(tmp_path / "models/Org/Fast/fast.safetensors"))
+
+    class Pipe(BasePipeline):
+        family = "tiny-lora-family"
+        model_slots = {"dit": "dit"}
+
+        def _load_config(self, config):  # the base model: the tiny DiT (its file's contents do not matter here)
+            assert config.model_id == "Org/Base"
+            self.dit = make_model()
+
+    def family(fuse: bool) -> dict:
+        preset = Preset(
+            name="Org/Fast",
+            files=(PresetFile("Org/Base", "*"),),
+            defaults={"num_inference_steps": 4},
+            loras=(PresetLoRA("Org/Fast", "fast.safetensors", scale=0.7, fuse=fuse),),
+        )
+        return {"tiny-lora-family": Family(name="tiny-lora-family", presets={"Org/Fast": preset})}
+
+    reference = make_model()
+    apply_lora(reference, lora, scale=0.7)
+    for fuse in (True, False):
+        monkeypatch.setattr(registry, "installed_families", lambda fuse=fuse: family(fuse))
+        pipe = Pipe.from_pretrained("Org/Fast", torch_dtype=torch.float32, device="cpu")
+        torch.testing.assert_close(pipe.dit(X), reference(X))
+        assert (list_loras(pipe.dit) == {}) == fuse and pipe.defaults["num_inference_steps"] == 4

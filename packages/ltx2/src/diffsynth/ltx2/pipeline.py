@@ -170,7 +170,7 @@ class LTX2Pipeline(BasePipeline):
         retake_video_regions: Sequence[tuple[float, float]] | None = None,
         in_context_videos: Sequence | None = None,
         in_context_downsample_factor: int | None = None,
-        clear_lora_before_state_two: bool = False,
+        clear_lora_before_state_two: bool | None = None,
         max_sequence_length: int | None = None,
         enhance_prompt: bool = False,
         enhance_prompt_seed: int | None = None,
@@ -367,6 +367,7 @@ class LTX2Pipeline(BasePipeline):
             retake = (retake_frames(retake_video, frames), retake_video_regions)
         elif retake_video_regions:
             raise ConfigError("retake_video_regions are regions of retake_video: give the video too")
+        clear_lora_before_state_two = bool(self.setting("clear_lora_before_state_two", clear_lora_before_state_two, 0))
         if clear_lora_before_state_two:
             self.check_clearable_loras(two_stage)
         single = isinstance(prompt, str) and output_type == "pil"

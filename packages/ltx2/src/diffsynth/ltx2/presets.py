@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from diffsynth.runtime.registry import Preset, PresetFile
+from diffsynth.runtime.registry import Preset, PresetFile, PresetLoRA
 
 REPO = "Lightricks/LTX-2"
 GEMMA = "google/gemma-3-12b-it-qat-q4_0-unquantized"
@@ -267,3 +267,54 @@ PRESETS[JOYAI_ECHO] = Preset(
     description="JoyAI-Echo (JD, on LTX-2.3): talking video with its voice, the distilled 8-step table without CFG "
     "in one stage at 1280x736, 241 frames at 24 fps (DiffSynth-Studio's example; add tiled=True).",
 )
+
+
+# LoRAs of Lightricks that make a model of their own, on their base's `:two-stage` preset (as DiffSynth-Studio's
+# examples load them). Camera-control LoRAs are fused (a motion for the whole clip: say it in the prompt, e.g.
+# "Dolly-in shot: ..."). IC-LoRAs stay apart (`fuse=False`) and the second stage runs without them
+# (`clear_lora_before_state_two`, as the authors' ICLoraPipeline); give their control videos as
+# `in_context_videos` (the `-ref0.5` files read them at half the first stage's size: their metadata says so).
+CAMERA_MOTIONS = ("Dolly-In", "Dolly-Out", "Dolly-Left", "Dolly-Right", "Jib-Up", "Jib-Down", "Static")
+IC_LORAS = {  # repo -> (base, file, what its control videos are)
+    "Lightricks/LTX-2-19b-IC-LoRA-Union-Control": (
+        REPO,
+        "ltx-2-19b-ic-lora-union-control-ref0.5.safetensors",
+        "a depth, pose or edge video",
+    ),
+    "Lightricks/LTX-2-19b-IC-LoRA-Detailer": (REPO, "ltx-2-19b-ic-lora-detailer.safetensors", "a low-detail video"),
+    "Lightricks/LTX-2.3-22b-IC-LoRA-Union-Control": (
+        REPO_23,
+        "ltx-2.3-22b-ic-lora-union-control-ref0.5.safetensors",
+        "a depth, pose or edge video",
+    ),
+    "Lightricks/LTX-2.3-22b-IC-LoRA-Motion-Track-Control": (
+        REPO_23,
+        "ltx-2.3-22b-ic-lora-motion-track-control-ref0.5.safetensors",
+        "a motion-track video (with input_images for the look)",
+    ),
+}
+
+
+def _on_two_stage(base: str, repo: str, lora: PresetLoRA, defaults: dict, description: str) -> Preset:
+    two = PRESETS[f"{base}:two-stage"]
+    return replace(two, name=repo, defaults={**two.defaults, **defaults}, description=description, loras=(lora,))
+
+
+for _motion in CAMERA_MOTIONS:
+    _repo = f"Lightricks/LTX-2-19b-LoRA-Camera-Control-{_motion}"
+    PRESETS[_repo] = _on_two_stage(
+        REPO,
+        _repo,
+        PresetLoRA(_repo, f"ltx-2-19b-lora-camera-control-{_motion.lower()}.safetensors"),
+        {},
+        f"LTX-2 19B two-stage with Lightricks' {_motion} camera-control LoRA (fused); name the shot in the prompt.",
+    )
+for _repo, (_base, _file, _what) in IC_LORAS.items():
+    PRESETS[_repo] = _on_two_stage(
+        _base,
+        _repo,
+        PresetLoRA(_repo, _file, fuse=False),
+        {"clear_lora_before_state_two": True},
+        f"{_base.split('/')[1]} two-stage with this IC-LoRA (kept apart, off in the second stage): give "
+        f"in_context_videos, {_what}.",
+    )

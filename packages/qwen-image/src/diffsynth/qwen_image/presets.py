@@ -26,7 +26,7 @@ their DiT with Qwen-Image's text encoder and VAE and Qwen-Image-Edit's processor
 
 from __future__ import annotations
 
-from diffsynth.runtime.registry import Preset, PresetFile
+from diffsynth.runtime.registry import Preset, PresetFile, PresetLoRA
 
 
 def _repo_files(repo: str) -> tuple[PresetFile, ...]:
@@ -139,6 +139,88 @@ PRESETS: dict[str, Preset] = {
         for version in ("1.0", "1.1")
     },
 }
+
+
+def _lora_preset(repo: str, base: str, lora: PresetLoRA, defaults: dict, description: str) -> Preset:
+    """A LoRA that makes a model of its own (`repo`): `base`'s files with `lora` applied on load."""
+    return Preset(
+        name=repo,
+        files=PRESETS[base].files,
+        tokenizer=PRESETS[base].tokenizer,
+        defaults=defaults,
+        description=description,
+        loras=(lora,),
+    )
+
+
+def _studio_lora(repo: str) -> PresetLoRA:  # DiffSynth-Studio's LoRA repos hold one `model.safetensors`
+    return PresetLoRA(repo, "model.safetensors")
+
+
+_ELIGEN = {**_T2I, "num_inference_steps": 40, "height": 1024, "width": 1024}
+_LIGHTNING_2511 = "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors"
+
+# LoRAs that make a model of their own, as DiffSynth-Studio's examples load them (their base files, their settings);
+# any other LoRA loads with `pipe.load_lora(...)` (a file, or a hub name "Org/Name[/file]")
+LORA_PRESETS: dict[str, Preset] = {
+    "DiffSynth-Studio/Qwen-Image-Distill-LoRA": _lora_preset(
+        "DiffSynth-Studio/Qwen-Image-Distill-LoRA",
+        "Qwen/Qwen-Image",
+        _studio_lora("DiffSynth-Studio/Qwen-Image-Distill-LoRA"),
+        {**_T2I, "num_inference_steps": 15, "cfg_scale": 1.0},
+        "DiffSynth-Studio's distillation LoRA on Qwen-Image: 15 steps without CFG.",
+    ),
+    **{
+        f"DiffSynth-Studio/Qwen-Image-{name}": _lora_preset(
+            f"DiffSynth-Studio/Qwen-Image-{name}",
+            "Qwen/Qwen-Image",
+            _studio_lora(f"DiffSynth-Studio/Qwen-Image-{name}"),
+            defaults,
+            f"DiffSynth-Studio's {description} LoRA on Qwen-Image: eligen_entity_prompts + eligen_entity_masks, "
+            "40 steps, true CFG 4.",
+        )
+        for name, defaults, description in (
+            ("EliGen", _ELIGEN, "EliGen (regional entity prompts)"),
+            ("EliGen-V2", _ELIGEN, "EliGen V2 (regional entity prompts)"),
+            ("EliGen-Poster", {**_ELIGEN, "height": 784, "width": 1280}, "EliGen poster"),
+        )
+    },
+    "DiffSynth-Studio/Qwen-Image-In-Context-Control-Union": _lora_preset(
+        "DiffSynth-Studio/Qwen-Image-In-Context-Control-Union",
+        "Qwen/Qwen-Image",
+        _studio_lora("DiffSynth-Studio/Qwen-Image-In-Context-Control-Union"),
+        {**_T2I, "height": 1024, "width": 1024},
+        "DiffSynth-Studio's In-Context Control LoRA on Qwen-Image: a control map (canny, depth, pose, ...) as "
+        "context_image, 50 steps, true CFG 4.",
+    ),
+    "DiffSynth-Studio/Qwen-Image-Layered-Control-V2": _lora_preset(
+        "DiffSynth-Studio/Qwen-Image-Layered-Control-V2",
+        "DiffSynth-Studio/Qwen-Image-Layered-Control",
+        _studio_lora("DiffSynth-Studio/Qwen-Image-Layered-Control-V2"),
+        {**_LAYERED_CONTROL, "num_inference_steps": 10},
+        "Qwen-Image-Layered-Control V2 (a LoRA on Layered-Control): the layer a prompt names, or the one a "
+        "context_image mask marks, 10 steps.",
+    ),
+    **{
+        f"lightx2v/Qwen-Image-Lightning{suffix}": _lora_preset(
+            f"lightx2v/Qwen-Image-Lightning{suffix}",
+            "Qwen/Qwen-Image",
+            PresetLoRA("lightx2v/Qwen-Image-Lightning", f"Qwen-Image-Lightning-{steps}steps-V2.0.safetensors"),
+            {**_T2I, "num_inference_steps": steps, "cfg_scale": 1.0, "sigma_template": "lightning"},
+            f"Qwen-Image with lightx2v's {steps}-step Lightning LoRA (V2.0): {steps} steps without CFG, the "
+            "Lightning schedule.",
+        )
+        for suffix, steps in (("", 8), (":4steps", 4))
+    },
+    "lightx2v/Qwen-Image-Edit-2511-Lightning": _lora_preset(
+        "lightx2v/Qwen-Image-Edit-2511-Lightning",
+        "Qwen/Qwen-Image-Edit-2511",
+        PresetLoRA("lightx2v/Qwen-Image-Edit-2511-Lightning", _LIGHTNING_2511),
+        {**_EDIT_PLUS, "num_inference_steps": 4, "cfg_scale": 1.0, "sigma_template": "lightning"},
+        "Qwen-Image-Edit-2511 with lightx2v's 4-step Lightning LoRA: 4 steps without CFG, the Lightning schedule.",
+    ),
+}
+PRESETS.update(LORA_PRESETS)
 
 
 # ControlNet repo -> the files `load_controlnet` fetches (weights and the config.json beside them)

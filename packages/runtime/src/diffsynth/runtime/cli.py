@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH[:SCALE]",
-        help="apply a LoRA (repeatable), e.g. a.safetensors:0.8",
+        help="apply a LoRA (repeatable): a file, or a hub repo Org/Name (its one .safetensors) or Org/Name/file, "
+        "e.g. a.safetensors:0.8",
     )
     gen.add_argument(
         "--first-block-cache",

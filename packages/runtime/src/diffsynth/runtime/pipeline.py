@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from .dtypes import parse_device, parse_dtype
-from .errors import ConfigError, preview
+from .errors import CheckpointError, ConfigError, preview
 from .hub import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class BasePipeline:
                 device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         configs = list(model_configs)
         defaults: dict[str, Any] = {}
+        preset_loras = ()
         if isinstance(model_id_or_configs, (list, tuple)):
             configs = list(model_id_or_configs) + configs
         elif model_id_or_configs is not None:
@@ -100,7 +101,9 @@ class BasePipeline:
                 found, tok = configs_from_folder(Path(source))
                 defaults = folder_defaults(Path(source))
             else:
-                found, tok, defaults = preset_sources(cls._preset(source))
+                preset = cls._preset(source)
+                found, tok, defaults = preset_sources(preset)
+                preset_loras = preset.loras
             configs += found
             tokenizer_config = tokenizer_config or tok
         if not configs:
@@ -128,6 +131,9 @@ class BasePipeline:
             pipe.load_controlnet(controlnet)
         elif any(pipe.controlnets(s) for s in cls.controlnet_slots if s in cls.model_slots):  # in model_configs
             pipe.controlnets_changed()
+        for lora in preset_loras:
+            source = ModelConfig(model_id=lora.model_id, origin_file_pattern=lora.origin_file_pattern)
+            pipe.load_lora(source, scale=lora.scale, fuse=lora.fuse, slot=lora.slot)
         if use_usp:
             pipe.enable_parallel()
         return pipe
@@ -664,13 +670,34 @@ def weight_paths(config: ModelConfig) -> list[str]:
 
 
 def lora_file(source, what: str = "the LoRA's ModelConfig"):
-    """A `ModelConfig` naming one LoRA file -> that file's path (fetched if needed); anything else as given."""
+    """A `ModelConfig` naming one LoRA file, or a hub name (`hub_lora`) -> that file's path (fetched if needed);
+    anything else as given."""
+    if isinstance(source, (str, os.PathLike)) and (hub := hub_lora(str(source))) is not None:
+        try:
+            return lora_file(hub, f"the LoRA {str(source)!r}")
+        except CheckpointError as error:
+            raise ConfigError(f"LoRA {str(source)!r} is no local file, nor found on the hub: {error}") from None
     if not isinstance(source, ModelConfig):
         return source
     files = [p for p in source.resolve() if p.endswith(WEIGHT_SUFFIXES)]
     if len(files) != 1:
-        raise ConfigError(f"{what} resolves to {len(files)} weight files {files}; name one")
+        names = [os.path.relpath(p, source.local_folder) if source.model_id else p for p in files]
+        hint = f"; name one: {source.model_id}/<file>" if source.model_id and files else "; name one"
+        raise ConfigError(f"{what} resolves to {len(files)} weight files {names}{hint}")
     return files[0]
+
+
+def hub_lora(text: str) -> ModelConfig | None:
+    """A LoRA named by its hub repo: "Org/Name" (the repo's one `.safetensors` file) or "Org/Name/path/file"
+    (that file), for a name that is no local path; None for anything else."""
+    if os.path.exists(text) or text.startswith((".", "/", "~")) or "\\" in text or ":" in text:
+        return None
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts) and not text.endswith(WEIGHT_SUFFIXES):
+        return ModelConfig(model_id=text, origin_file_pattern="*.safetensors")
+    if len(parts) > 2 and all(parts) and text.endswith(WEIGHT_SUFFIXES):
+        return ModelConfig(model_id="/".join(parts[:2]), origin_file_pattern="/".join(parts[2:]))
+    return None
 
 
 def accepts_tea_cache(method):

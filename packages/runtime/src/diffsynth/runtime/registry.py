@@ -107,9 +107,23 @@ class PresetFile:
 
 
 @dataclass(frozen=True)
+class PresetLoRA:
+    """A LoRA a preset applies once its models are loaded (a distillation LoRA, a camera-motion or IC-LoRA on
+    its base model): the file in DiffSynth-Studio's (model_id, pattern) terms and `load_lora`'s arguments.
+    `fuse=False` keeps it apart from the weights (an IC-LoRA the second stage runs without)."""
+
+    model_id: str
+    origin_file_pattern: str
+    scale: float = 1.0
+    fuse: bool = True
+    slot: str = "dit"
+
+
+@dataclass(frozen=True)
 class Preset:
     """A known model: the hub files to fetch (or a local `folder` shipped with its package, such as the
-    bundled demo model, laid out like a hub repo) and the authors' default generation settings."""
+    bundled demo model, laid out like a hub repo), the LoRAs applied on top, and the authors' default
+    generation settings."""
 
     name: str
     files: tuple[PresetFile, ...] = ()
@@ -118,6 +132,7 @@ class Preset:
     description: str = ""
     folder: str | None = None
     pipeline: str | None = None  # "module:Class" when the preset needs another class than its family's pipeline
+    loras: tuple[PresetLoRA, ...] = ()
 
     def pipeline_class(self):
         """The preset's own pipeline class (None: its family's)."""
