@@ -174,3 +174,30 @@ def test_cli_context_image_matches_the_python_api(pipe, tiny_repo, tmp_path):
     want = pipe("Context_Control. a red circle", context_image=Image.open(tmp_path / "depth.png"), seed=3, **FAST)
     with Image.open(out) as written:
         assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(want))
+
+
+def test_lowres_fix_settings_come_from_the_preset(pipe):
+    """The Edit-Lowres-Fix preset sets `edit_image_auto_resize=False` and `edit_rope_interpolation=True` as
+    defaults: a pipeline holding those defaults calls the DiT as the explicit arguments do (the reference at its
+    own size, the switch on), and an explicit argument still wins over them."""
+    from diffsynth.qwen_image.presets import PRESETS
+
+    defaults = PRESETS["DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix"].defaults
+    assert defaults["edit_image_auto_resize"] is False and defaults["edit_rope_interpolation"] is True
+    call = dict(edit_image=picture(3, size=(32, 16)), seed=0, **FAST)
+
+    def dit_calls(**kwargs) -> list:
+        with DiTCalls(pipe.dit) as calls:
+            pipe("make it blue", **kwargs, **call)
+        return [(args[0].shape, args[4], kwargs.get("edit_rope_interpolation")) for args, kwargs in calls]
+
+    explicit = dit_calls(edit_image_auto_resize=False, edit_rope_interpolation=True)
+    resized, plain = dit_calls(), dit_calls(edit_image_auto_resize=False)
+    assert explicit[0][2] is True and plain[0][2] is not True and explicit[0][:2] == plain[0][:2] != resized[0][:2]
+    saved = dict(pipe.defaults)
+    try:
+        pipe.defaults.update(edit_image_auto_resize=False, edit_rope_interpolation=True)
+        assert dit_calls() == explicit and dit_calls(edit_rope_interpolation=False) == plain
+    finally:
+        pipe.defaults.clear()
+        pipe.defaults.update(saved)

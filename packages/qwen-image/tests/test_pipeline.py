@@ -83,7 +83,7 @@ def test_pack_roundtrip_and_true_cfg_keeps_the_conditional_norm():
 
 
 def test_presets_carry_the_authors_defaults():
-    from diffsynth.qwen_image.presets import PRESETS
+    from diffsynth.qwen_image.presets import LORA_PRESETS, PRESETS
 
     assert set(PRESETS) == {
         "Qwen/Qwen-Image",
@@ -96,7 +96,19 @@ def test_presets_carry_the_authors_defaults():
         "DiffSynth-Studio/Qwen-Image-Layered-Control",
         "FireRedTeam/FireRed-Image-Edit-1.0",
         "FireRedTeam/FireRed-Image-Edit-1.1",
+        *LORA_PRESETS,
     }
+    # the LoRA presets: their base's files and a LoRA file of their own repo (the Lightning ones: lightx2v's repo)
+    for name, preset in LORA_PRESETS.items():
+        (lora,) = preset.loras
+        assert lora.model_id == name.split(":")[0] and lora.origin_file_pattern.endswith(".safetensors")
+        assert preset.files and all(f.model_id != lora.model_id for f in preset.files)
+    lightning = LORA_PRESETS["lightx2v/Qwen-Image-Lightning:4steps"].defaults
+    assert (lightning["num_inference_steps"], lightning["cfg_scale"], lightning["sigma_template"]) == (
+        4,
+        1.0,
+        "lightning",
+    )
     base = PRESETS["Qwen/Qwen-Image"]
     assert base.defaults["cfg_scale"] == 4.0 and base.defaults["num_inference_steps"] == 50
     assert (base.defaults["height"], base.defaults["width"]) == (1328, 1328)

@@ -240,8 +240,8 @@ class QwenImagePipeline(BasePipeline):
         inpaint_blur_size: int | None = None,
         inpaint_blur_sigma: float | None = None,
         edit_image=None,
-        edit_image_auto_resize: bool = True,
-        edit_rope_interpolation: bool = False,
+        edit_image_auto_resize: bool | None = None,
+        edit_rope_interpolation: bool | None = None,
         context_image=None,
         eligen_entity_prompts: Sequence[str] | None = None,
         eligen_entity_masks: Sequence[Image.Image] | None = None,
@@ -337,6 +337,8 @@ class QwenImagePipeline(BasePipeline):
                 "cfg_normalize belongs to layer decomposition (Qwen-Image-Layered); Qwen-Image's true CFG always "
                 "rescales to the conditional norm, as the authors do"
             )
+        edit_image_auto_resize = bool(self.setting("edit_image_auto_resize", edit_image_auto_resize, True))
+        edit_rope_interpolation = bool(self.setting("edit_rope_interpolation", edit_rope_interpolation, False))
         edits = self.prepare_edit_images(edit_image, edit_image_auto_resize)
         if edits is not None and height is None and width is None:
             width, height = area_size(*edits[-1][2], EDIT_AREA)

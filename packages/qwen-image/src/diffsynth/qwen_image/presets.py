@@ -212,6 +212,19 @@ LORA_PRESETS: dict[str, Preset] = {
         )
         for suffix, steps in (("", 8), (":4steps", 4))
     },
+    "DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix": _lora_preset(
+        "DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix",
+        "Qwen/Qwen-Image-Edit",
+        _studio_lora("DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix"),
+        {
+            **PRESETS["Qwen/Qwen-Image-Edit"].defaults,
+            "num_inference_steps": 40,
+            "edit_image_auto_resize": False,
+            "edit_rope_interpolation": True,
+        },
+        "DiffSynth-Studio's low-resolution fix LoRA on Qwen-Image-Edit: a small edit image kept at its size, its "
+        "positions spread over the output's grid, 40 steps.",
+    ),  # fmt: skip
     "lightx2v/Qwen-Image-Edit-2511-Lightning": _lora_preset(
         "lightx2v/Qwen-Image-Edit-2511-Lightning",
         "Qwen/Qwen-Image-Edit-2511",
