@@ -112,3 +112,18 @@ def test_generate_with_the_first_block_cache(tiny_repo, tmp_path, caplog):
         main(["generate", "--model", str(tiny_repo), *args, *FAST])
     assert np.array_equal(pixels(out), pixels(cached))
     assert "first-block cache (dit): 0 of 2 model calls reused" in caplog.text
+
+
+def test_positive_only_lora_flag_matches_the_python_api(tiny_repo, tmp_path):
+    """`--positive-only-lora FILE` is `positive_only_lora=FILE`: the LoRA acts on the conditional branch only."""
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    path = tmp_path / "i2l.safetensors"
+    save_lora(_tiny_lora(pipe), path)
+    out = tmp_path / "positive.png"
+    args = ["generate", "--model", str(tiny_repo), "--prompt", "a cat", "--negative-prompt", "blurry", "--cfg", "3"]
+    assert main([*args, "--seed", "3", "--output", str(out), "--positive-only-lora", str(path), *FAST]) == 0
+    call = dict(negative_prompt="blurry", cfg_scale=3.0, seed=3, height=64, width=64, num_inference_steps=2)
+    image = pipe("a cat", positive_only_lora=str(path), progress_bar=False, **call)
+    assert np.array_equal(pixels(out), np.asarray(image))
+    pipe.load_lora(str(path))  # on both branches: another image
+    assert not np.array_equal(pixels(out), np.asarray(pipe("a cat", progress_bar=False, **call)))

@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="image-to-LoRA presets (Qwen-Image-i2L, Z-Image-i2L): an image the LoRA is made from (repeatable); "
         "--output names the .safetensors file",
     )
+    gen.add_argument(
+        "--positive-only-lora",
+        default=None,
+        metavar="PATH",
+        help="Z-Image: a LoRA for the conditional branch of guidance only (how the Z-Image-i2L authors apply theirs)",
+    )
     gen.add_argument("--layer-num", type=int, default=None, help="Qwen-Image-Layered: how many layers (preset default)")
     gen.add_argument(
         "--context-image",
@@ -508,6 +514,7 @@ def _generate(args) -> int:
         "animate2_reference_image": args.animate2_reference_image,
         "animate2_reference_video": args.animate2_reference_video,
         "animate2_prompt_ref": args.animate2_prompt_ref,
+        "positive_only_lora": args.positive_only_lora,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
