@@ -155,3 +155,20 @@ def test_videos_are_read_to_num_frames_at_their_bucket(tmp_path):
     item = data[0]
     assert item["video"].shape == (3, 4, 48, 64) and item["prompt"] == "a red fade"
     assert item["video"][0, 3].mean() > item["video"][0, 0].mean()  # frames in order: red grows
+
+
+def test_conditioning_videos_keep_their_own_size(tmp_path):
+    """A conditioning video column (Wan2.2-Animate's face crops) is read at its own bucket, whole, while the other
+    video columns of the row are fitted (covered and centre-cropped) to the row's."""
+    from diffsynth.runtime.media import save_video
+
+    folder = tmp_path / "videos"
+    face = [Image.fromarray(np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (32, 1, 3))) for _ in range(4)]
+    save_video([Image.new("RGB", (64, 32), "red")] * 4, folder / "clip.mp4", fps=8)
+    save_video(face, folder / "face.mp4", fps=8)
+    (folder / "metadata.csv").write_text("video,face,pose,prompt\nclip.mp4,face.mp4,face.mp4,a dancer\n")
+    common = dict(media=("video",), file_keys=("video", "face", "pose"), max_pixels=64 * 64, step=16, num_frames=4)
+    item = MetadataDataset(folder, conditioning=("face",), **common)[0]
+    assert item["video"].shape == (3, 4, 32, 64) and item["pose"].shape == (3, 4, 32, 64)  # the row's size
+    assert item["face"].shape == (3, 4, 32, 32)  # its own: every column of the gradient kept
+    assert item["face"][0, 0, :, 0].mean() < -0.9 and item["face"][0, 0, :, -1].mean() > 0.7

@@ -289,6 +289,8 @@ def test_animate_rows_and_the_adapter_part(animate, tiny_repo):
     with pytest.raises(ConfigError, match="row 0 has an end_image; Wan2.2-Animate"):
         task.encode([dict(row, **inputs, end_image=row["video"][:, -1])])
     t2v = WanTrainingTask(WanVideoPipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu"))
+    # the dataset reads the face crops at their own size (square), not fitted to the video's
+    assert task.conditioning == ("animate_face_video",) and t2v.conditioning == ()
     with pytest.raises(ConfigError, match="row 0 has animate_pose_video, animate_face_video, but .*no Animate"):
         t2v.encode([dict(row, **inputs)])
     with pytest.raises(ConfigError, match="follow a pose and a face video"):

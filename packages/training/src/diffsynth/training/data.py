@@ -2,8 +2,9 @@
 
 - A metadata row names its files in the `--data_file_keys` columns (paths relative to the dataset folder) and
   carries the prompt and any extra inputs in other columns. A JSON/JSONL value may be a list of paths.
-- A task's `conditioning` columns (reference images such as `kontext_images`, `edit_image`) are file columns
-  too; each of their images keeps its own size (its own bucket under `--max_pixels`), not the row's.
+- A task's `conditioning` columns (reference images such as `kontext_images`, `edit_image`, or videos such as
+  Wan2.2-Animate's face crops) are file columns too; each of their images or videos keeps its own size (its own
+  bucket under `--max_pixels`), not the row's.
 - Each sample gets a bucket, a (width, height) in multiples of `--bucket_step` with at most `--max_pixels` (the
   image is shrunk keeping its aspect ratio, never enlarged), or the fixed `--height`/`--width`. Images are
   resized to cover the bucket and centre-cropped. Sizes come from the file headers, so planning is cheap.
@@ -176,7 +177,8 @@ def read_audio(
 class MetadataDataset(Dataset):
     """Rows of a metadata file with their files loaded: images as [3, H, W] and videos as [3, F, H, W] float32
     tensors in [-1, 1] at the row's bucket size (a list of paths gives a list); other columns as they are.
-    `conditioning` columns hold images loaded at their own bucket (`bucket_for` their size), not the row's.
+    `conditioning` columns hold images (and videos) loaded at their own bucket (`bucket_for` their size), not the
+    row's.
     `image_mode="RGBA"` reads the images and conditioning images as [4, H, W] with their alpha (an image without
     one gets an opaque alpha); video frames stay RGB.
     A video row also carries its sound and frame rate (see the module docstring; `audio_rate` resamples)."""
@@ -258,7 +260,10 @@ class MetadataDataset(Dataset):
             for name in _paths(value):
                 path = self.base / name
                 if path.suffix.lower() in VIDEO_SUFFIXES:
-                    frames = [fit(f, size) for f in load_video(path, num_frames=self.num_frames)]
+                    at = size
+                    if key in self.conditioning:  # e.g. square face crops beside a wide video
+                        at = bucket_for(*media_size(path), max_pixels=self.max_pixels, step=self.step)
+                    frames = [fit(f, at) for f in load_video(path, num_frames=self.num_frames)]
                     loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
                     continue
                 image = load_image(path, self.image_mode)

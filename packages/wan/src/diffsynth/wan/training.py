@@ -58,7 +58,8 @@ crop per video frame: the first F are used), optional `animate_inpaint_video` wi
 (replacement) and `input_image` (the character; else the video's first frame). The row's video is one segment of
 the pipeline's (its `num_frames` is F + 4): the conditions are the pipeline's `animate_character` and
 `animate_conditions`, and the character's latent leads the video's latents, as the pipeline denoises them. The
-face crops are kept as 8-bit pixels (`[3, F, 512, 512]` per row). `--trainable_models animate_adapter` trains the
+face crops are read at their own size (the task's `conditioning` column, not fitted to the video's) and kept as
+8-bit pixels (`[3, F, 512, 512]` per row). `--trainable_models animate_adapter` trains the
 four Animate modules alone (the DiT's `trainable_parts`, named as DiffSynth-Studio names its adapter).
 
 The Wan2.2-Animate-2 DiT trains on a row's `animate2_reference_image` (the character), `animate2_reference_video`
@@ -266,6 +267,12 @@ class WanTrainingTask(PipelineTrainingTask):
             self.validation_references = "optional"
         if self._no_samples() is not None:  # refused at setup, in the family's words (`reference_arguments`)
             self.validation_references = "required"
+
+    @property
+    def conditioning(self) -> tuple[str, ...]:
+        """Columns the dataset reads at their own size, not the video's: an Animate DiT's face crops (square, and
+        taken whole by the pipeline at 512 x 512; fitted to a wide video they would lose their top and bottom)."""
+        return ("animate_face_video",) if self._field("animate") else ()
 
     def _field(self, name: str):
         """A `WanDiTConfig` field of the DiT, or None for a DiT whose config has no such field (S2V)."""
