@@ -336,3 +336,34 @@ def test_vram_managed_pipeline_gives_the_same_image(tiny_repo, tiny_pipe):
     # TeaCache's indicator is taken inside the first (streamed) double block: same image, same reuse
     kwargs |= {"num_inference_steps": 6, "tea_cache_l1_thresh": 0.6}
     torch.testing.assert_close(managed("a cat", **kwargs), tiny_pipe("a cat", **kwargs), atol=0, rtol=0)
+
+
+def test_eligen_preset_is_flux1_dev_with_the_lora(bfl_repo_base, tmp_path, monkeypatch):
+    """`DiffSynth-Studio/Eligen`: FLUX.1-dev's files with the repo's `model_bf16.safetensors` fused and its example's
+    settings; the DiT equals FLUX.1-dev's after `load_lora` of that file."""
+    import shutil
+
+    from diffsynth.runtime.lora import LoRATarget, LoRAWeights, save_lora
+
+    base = tmp_path / "models"
+    shutil.copytree(bfl_repo_base, base)
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    plain = FluxImagePipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype="float32", device="cpu")
+    g = torch.Generator().manual_seed(5)
+    targets = {}
+    for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
+        out_features, in_features = plain.dit.get_submodule(name).weight.shape
+        targets[name] = LoRATarget(torch.randn(2, in_features, generator=g), torch.randn(out_features, 2, generator=g))
+    lora = base / "DiffSynth-Studio" / "Eligen" / "model_bf16.safetensors"
+    lora.parent.mkdir(parents=True)
+    save_lora(LoRAWeights(targets), lora)
+    eligen = FluxImagePipeline.from_pretrained("DiffSynth-Studio/Eligen", torch_dtype="float32", device="cpu")
+    assert (eligen.defaults["num_inference_steps"], eligen.defaults["cfg_scale"]) == (50, 3.0)
+    plain.load_lora(str(lora))
+    ours, theirs = eligen.dit.state_dict(), plain.dit.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    fresh = FluxImagePipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype="float32", device="cpu")
+    assert not torch.equal(
+        ours["single_blocks.0.linear1.weight"], fresh.dit.state_dict()["single_blocks.0.linear1.weight"]
+    )

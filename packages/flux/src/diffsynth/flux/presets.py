@@ -21,7 +21,7 @@ loads it; 50 steps and embedded guidance 3.5 (that example's); no size (a condit
 
 from __future__ import annotations
 
-from diffsynth.runtime.registry import Preset, PresetFile
+from diffsynth.runtime.registry import Preset, PresetFile, PresetLoRA
 
 
 def _shared_files(repo: str) -> tuple[PresetFile, ...]:
@@ -110,3 +110,15 @@ PRESETS: dict[str, Preset] = {
         "flex_inpaint_mask) and control (flex_control_image) in one model; 50 steps, embedded guidance 3.5.",
     ),
 }
+
+# DiffSynth-Studio's EliGen LoRA (regional entity prompts) on FLUX.1-dev, with its example's settings: true CFG 3
+# beside the embedded guidance, 50 steps
+PRESETS["DiffSynth-Studio/Eligen"] = Preset(
+    name="DiffSynth-Studio/Eligen",
+    files=PRESETS["black-forest-labs/FLUX.1-dev"].files,
+    tokenizer=PRESETS["black-forest-labs/FLUX.1-dev"].tokenizer,
+    defaults={**PRESETS["black-forest-labs/FLUX.1-dev"].defaults, "num_inference_steps": 50, "cfg_scale": 3.0},
+    description="FLUX.1-dev with DiffSynth-Studio's EliGen LoRA (fused): eligen_entity_prompts + "
+    "eligen_entity_masks, 50 steps, true CFG 3, embedded guidance 3.5.",
+    loras=(PresetLoRA("DiffSynth-Studio/Eligen", "model_bf16.safetensors"),),
+)
