@@ -508,6 +508,7 @@ def test_cli_tea_cache_flags(tiny_repo, tmp_path, caplog, capsys):
         ("a14b", "Wan-AI/Wan2.2-T2V-A14B"),
         ("ti2v", "Wan-AI/Wan2.2-TI2V-5B"),
         ("vace", "Wan-AI/Wan2.1-VACE-1.3B"),
+        ("vace", "iic/VACE-Wan2.1-1.3B-Preview"),
         ("vace_a14b", "PAI/Wan2.2-VACE-Fun-A14B"),
         ("fun_control", "PAI/Wan2.1-Fun-V1.1-1.3B-Control"),
     ],
@@ -575,7 +576,11 @@ def test_presets_are_data_with_the_authors_defaults():
     fun += ["Wan2.2-Fun-A14B-Control", "Wan2.2-Fun-A14B-InP", "Wan2.2-VACE-Fun-A14B"]
     fun += ["Wan2.1-Fun-V1.1-1.3B-Control-Camera", "Wan2.1-Fun-V1.1-14B-Control-Camera"]
     fun += ["Wan2.2-Fun-A14B-Control-Camera"]
-    others = ["DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1", "krea/krea-realtime-video"]
+    others = [
+        "DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1",
+        "krea/krea-realtime-video",
+        "iic/VACE-Wan2.1-1.3B-Preview",
+    ]
     assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *others])
     krea = presets["krea/krea-realtime-video"]
     assert (krea.defaults["num_inference_steps"], krea.defaults["cfg_scale"], krea.defaults["sigma_shift"]) == (

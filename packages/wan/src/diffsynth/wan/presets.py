@@ -127,6 +127,14 @@ _PRESETS = (
         **_480P,
     ),
     _preset(
+        "iic/VACE-Wan2.1-1.3B-Preview",
+        (DIT, T5, VAE21),
+        "VACE 1.3B preview (Alibaba Tongyi Lab, before Wan2.1-VACE-1.3B), 480p: vace_* arguments as VACE 1.3B.",
+        num_inference_steps=50,
+        sigma_shift=16.0,
+        **_480P,
+    ),
+    _preset(
         "Wan-AI/Wan2.1-VACE-14B",
         (DIT, T5, VAE21),
         "Wan 2.1 VACE 14B, 720p (480p works too): video editing and control with vace_* arguments.",
