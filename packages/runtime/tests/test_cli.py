@@ -63,6 +63,8 @@ def test_generate_help_documents_the_flags(capsys):
         "--animate2-reference-video",
         "--animate2-prompt-ref",
         "--context-image",
+        "--sampler",
+        "--positive-only-lora",
     ]:
         assert flag in out
 

@@ -128,6 +128,54 @@ def test_video_to_video_starts_from_the_noised_input(pipe, reference):
     torch.testing.assert_close(calls[0][1][1], scheduler.timesteps[:1])
 
 
+def _unipc_run(pipe, steps: int):
+    """The DiT's inputs and outputs over a `sampler="unipc"` call (no guidance: the output is the velocity)."""
+    seen = []
+    hook = pipe.dit.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), args[1].clone(), out)))
+    try:
+        pipe(PROMPT, seed=7, sampler="unipc", **dict(FAST, num_inference_steps=steps))
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_unipc_sampler_steps_with_unipc_on_the_authors_grid(pipe, reference):
+    """`sampler="unipc"`: the DiT sees the noise, then each sample UniPC makes from the velocities so far, at the
+    timesteps of the authors' UniPC grid (from 1 - 1/1000, shifted); the video differs from Euler's."""
+    from diffsynth.runtime.schedulers import UniPCScheduler
+
+    seen = _unipc_run(pipe, 4)
+    scheduler = UniPCScheduler("wan")
+    scheduler.set_timesteps(4, shift=5.0, sigma_max=0.999)
+    torch.testing.assert_close(torch.stack([t for _, t, _ in seen]).flatten(), scheduler.timesteps)
+    noise = torch.randn(NOISE_SHAPE, generator=torch.Generator("cpu").manual_seed(7))
+    torch.testing.assert_close(seen[0][0], noise, rtol=0, atol=0)
+    for i in range(3):
+        torch.testing.assert_close(seen[i + 1][0], scheduler.step(seen[i][2], i, seen[i][0]), rtol=1e-6, atol=1e-6)
+    unipc = pipe(PROMPT, seed=7, sampler="unipc", output_type="pt", **FAST)
+    assert (unipc - reference).abs().max() > 1e-4
+    with pytest.raises(ConfigError, match="sampler='dpm' is not known"):
+        pipe(PROMPT, seed=7, sampler="dpm", **FAST)
+
+
+@pytest.mark.parity
+def test_unipc_grid_and_steps_match_diffusers_wan_scheduler(pipe):
+    """diffusers' Wan pipelines sample with `UniPCMultistepScheduler(prediction_type="flow_prediction",
+    use_flow_sigmas=True, flow_shift=...)`. Given the authors' unshifted grid (linspace from 1 - 1/1000 to 0; its own
+    default grid runs from 1 to 1/1000 instead) it shifts it to our sigmas and, fed the same velocities, makes
+    the same samples."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    theirs.set_timesteps(sigmas=np.linspace(0.999, 0.0, 5)[:-1])
+    seen = _unipc_run(pipe, 4)
+    torch.testing.assert_close(
+        torch.stack([t for _, t, _ in seen]).flatten(), 1000 * theirs.sigmas[:-1]
+    )  # (theirs: int)
+    for i in range(3):
+        step = theirs.step(seen[i][2], theirs.timesteps[i], seen[i][0]).prev_sample
+        torch.testing.assert_close(seen[i + 1][0], step, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [

@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output names the .safetensors file",
     )
     gen.add_argument(
+        "--sampler",
+        default=None,
+        choices=("euler", "unipc"),
+        help="Wan: the sampler (default Euler, as DiffSynth-Studio; unipc: the authors' multistep solver)",
+    )
+    gen.add_argument(
         "--positive-only-lora",
         default=None,
         metavar="PATH",
@@ -515,6 +521,7 @@ def _generate(args) -> int:
         "animate2_reference_video": args.animate2_reference_video,
         "animate2_prompt_ref": args.animate2_prompt_ref,
         "positive_only_lora": args.positive_only_lora,
+        "sampler": args.sampler,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone

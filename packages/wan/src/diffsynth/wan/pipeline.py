@@ -41,7 +41,7 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults
-from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .animate import (
@@ -233,6 +233,7 @@ class WanVideoPipeline(BasePipeline):
         num_inference_steps: int | None = None,
         sigma_shift: float | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
+        sampler: str | None = None,
         latents: torch.Tensor | None = None,
         max_sequence_length: int = 512,
         tiled: bool | None = None,
@@ -290,7 +291,8 @@ class WanVideoPipeline(BasePipeline):
         is given, else the preset's). `switch_DiT_boundary` is the t / 1000 below which `dit2` takes over.
         `cfg_merge` runs the two guidance branches as one batch (always so under batch parallelism).
         `latents` is the initial noise `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N
-        values, the terminal 0 is appended). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed
+        values, the terminal 0 is appended). `sampler` "euler" (default, as DiffSynth-Studio) or "unipc" (the
+        authors' multistep solver, on their UniPC grid from 1 - 1/1000; not for S2V, Animate-2 or Wan-Dancer). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed
         to the VAE. `tea_cache_l1_thresh` turns on TeaCache for this call with the polynomial of
         `tea_cache_model_id` (DiffSynth-Studio's arguments; see `enable_tea_cache`).
         VACE DiTs: `vace_video` (frames or a file) is the control video, `vace_video_mask` (frames, a
@@ -342,6 +344,8 @@ class WanVideoPipeline(BasePipeline):
             cfg_scale_2 = scale if cfg_scale is not None else self.defaults.get("cfg_scale_2", scale)
         scale_2 = float(cfg_scale_2)
         boundary = float(self.setting("switch_DiT_boundary", switch_DiT_boundary, 0.875))
+        sampler = str(self.setting("sampler", sampler, "euler"))
+        make_scheduler("wan", sampler)  # an unknown sampler is refused before any work
         self.size_multiple = self.vae.spatial_compression * max(self.dit.config.patch_size[1:])
         if isinstance(self.dit, WanDancerDiT):  # refused rather than rounded: the keyframes are at the video's size
             check_dancer_size(
@@ -380,6 +384,7 @@ class WanVideoPipeline(BasePipeline):
         if isinstance(self.dit, WanDancerDiT) or any(v is not None for v in dancer.values()):
             given = [k for k, v in dancer.items() if v is not None]
             check_dancer_arguments(self, given, {**others, **animate2}, cfg_merge)
+            euler_only(sampler, "Wan-Dancer")
             video = generate_dancer(
                 self, prompts, negatives, wantodance_music_path, wantodance_music_feature, wantodance_reference_image,
                 self.setting("wantodance_fps", wantodance_fps, 30.0), wantodance_keyframes, wantodance_keyframes_mask,
@@ -394,6 +399,7 @@ class WanVideoPipeline(BasePipeline):
                               "Animate-2 or S2V")  # fmt: skip
         if isinstance(self.dit, WanAnimate2DiT) or any(v is not None for v in animate2.values()):
             check_animate2_arguments(self, [k for k, v in animate2.items() if v is not None], others, cfg_merge)
+            euler_only(sampler, "Wan2.2-Animate-2")
             video = generate_animate2(
                 self, prompts, negatives, animate2_reference_image, animate2_reference_video, animate2_prompt_ref,
                 animate2_refert_images, bool(self.setting("animate2_offload_kv", animate2_offload_kv, False)),
@@ -426,6 +432,7 @@ class WanVideoPipeline(BasePipeline):
                 raise ConfigError(f"Wan2.2-S2V takes no {', '.join(refused)}")
             check_s2v_call(self, input_image, input_audio, audio_embeds, s2v_pose_video, s2v_pose_latents,
                            motion_video, frames)  # fmt: skip
+            euler_only(sampler, "Wan2.2-S2V")
             video = generate_s2v(
                 self, prompts, negatives, input_image, input_audio, audio_sample_rate, audio_embeds, s2v_pose_video,
                 s2v_pose_latents, motion_video, (height, width, frames), seed, rand_device, latents,
@@ -444,8 +451,8 @@ class WanVideoPipeline(BasePipeline):
             inputs = self.check_animate(input_image, *animate, animate_overlap_frames, frames)
             video = self.generate_animate(
                 inputs, input_image, prompts, negatives, height, width, frames, seed, rand_device, latents,
-                max_sequence_length, (steps, shift, sigmas), (scale, scale_2, boundary, cfg_merge), vae_kwargs,
-                progress_bar,
+                max_sequence_length, (steps, shift, sigmas, sampler), (scale, scale_2, boundary, cfg_merge),
+                vae_kwargs, progress_bar,
             )  # fmt: skip
             out = tensor_to_output(video.float(), output_type)
             return out[0] if isinstance(prompt, str) and output_type == "pil" else out
@@ -491,9 +498,9 @@ class WanVideoPipeline(BasePipeline):
             check_conditions(cond)
 
         # 3. schedule and latents
-        scheduler = FlowMatchScheduler("wan")
+        scheduler = make_scheduler("wan", sampler)
         strength = denoising_strength if input_video is not None else 1.0
-        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, shift=shift)
+        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
         x = self.prepare_latents(
             len(prompts), frames, height, width, seed, rand_device, latents, input_video, scheduler, vae_kwargs, vace
         )
@@ -628,7 +635,7 @@ class WanVideoPipeline(BasePipeline):
         Each segment's latents are one character frame then `(num_frames - 4 - 1) / 4 + 1` video frames; the
         noise of segment k is the k-th draw of one generator seeded with `seed` (`latents` gives the first
         segment's, for a one-segment video). The negative branch sees the negative prompt and blank (-1) face crops, as the authors'."""
-        steps, shift, sigmas = schedule
+        steps, shift, sigmas, sampler = schedule
         scale, scale_2, boundary, cfg_merge = guidance
         batch, segment, overlap = len(prompts), frames - self.vae.temporal_compression, inputs.overlap
         s, tc, z = self.vae.spatial_compression, self.vae.temporal_compression, self.vae.z_dim
@@ -651,8 +658,8 @@ class WanVideoPipeline(BasePipeline):
             )
         generator = None if seed is None else torch.Generator(parse_device(rand_device)).manual_seed(int(seed))
         shape = (batch, z, (segment - 1) // tc + 2, height // s, width // s)
-        scheduler = FlowMatchScheduler("wan")
-        scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift)
+        scheduler = make_scheduler("wan", sampler)
+        scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
         pieces, previous = [], None
         for start in starts:
             segment_inputs = (inputs, pose, faces, start, segment, previous)
@@ -943,6 +950,17 @@ class WanVideoPipeline(BasePipeline):
 
 
 # ----------------------------------------------------------------------------------------- folders
+def sampler_grid(sampler: str) -> dict:
+    """The template settings `sampler` runs with: UniPC on the authors' UniPC grid (from 1 - 1/1000, as their
+    `FlowUniPCMultistepScheduler`), Euler on the grid from 1 (their DPM++ path and DiffSynth-Studio's)."""
+    return {"sigma_max": 0.999} if sampler == "unipc" else {}
+
+
+def euler_only(sampler: str, model: str) -> None:
+    if sampler != "euler":
+        raise ConfigError(f"sampler={sampler!r}: {model} samples with Euler steps only (sampler='euler')")
+
+
 def folder_model_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:
     """ModelConfigs for a local Wan repo: each `.pth`/`.bin`/`.ckpt` is one model, the `.safetensors` of one
     folder one model when they are shards (`-0000i-of-0000N` names) or the only one, else one model each; the
