@@ -225,6 +225,14 @@ LORA_PRESETS: dict[str, Preset] = {
         "DiffSynth-Studio's low-resolution fix LoRA on Qwen-Image-Edit: a small edit image kept at its size, its "
         "positions spread over the output's grid, 40 steps.",
     ),  # fmt: skip
+    "DiffSynth-Studio/Qwen-Image-Edit-2511-ICEdit-LoRA": _lora_preset(
+        "DiffSynth-Studio/Qwen-Image-Edit-2511-ICEdit-LoRA",
+        "Qwen/Qwen-Image-Edit-2511",
+        _studio_lora("DiffSynth-Studio/Qwen-Image-Edit-2511-ICEdit-LoRA"),
+        {**_EDIT_PLUS, "num_inference_steps": 50},
+        "DiffSynth-Studio's in-context edit LoRA on Qwen-Image-Edit-2511: edit_image = [before, after, new]; the "
+        "prompt asks to edit image 3 as image 1 became image 2; 50 steps, true CFG 4.",
+    ),
     "lightx2v/Qwen-Image-Edit-2511-Lightning": _lora_preset(
         "lightx2v/Qwen-Image-Edit-2511-Lightning",
         "Qwen/Qwen-Image-Edit-2511",
