@@ -174,3 +174,32 @@ def test_prompt_enhancer_flag_loads_it_and_enhances(tiny_ltx2_base, tmp_path, mo
     assert loaded == [ModelConfig(model_id="google/gemma-4-E2B-it")] and encoded[0] == ["rewritten"]
     assert main([*args, *FAST, "--prompt-enhancer", str(tmp_path)]) == 0
     assert loaded[1] == str(tmp_path)
+
+
+def test_control_video_flag_is_the_ic_loras_reference(tiny_ltx2_base, tmp_path, monkeypatch):
+    """`--control-video FILE` reaches the pipeline as `in_context_videos=[FILE]` (an IC-LoRA's control video,
+    whose tokens then change the video: see test_in_context.py)."""
+    import functools
+
+    from PIL import Image
+
+    from diffsynth.ltx2.pipeline import LTX2Pipeline
+    from diffsynth.runtime.media import save_video
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    h, w = repo_module.HEIGHT, repo_module.WIDTH
+    control = tmp_path / "depth.mp4"
+    save_video([Image.new("RGB", (w, h), (30 * k, 200, 90)) for k in range(repo_module.FRAMES)], control, fps=12)
+    seen, real = [], LTX2Pipeline.__call__
+
+    @functools.wraps(real)  # the CLI reads the signature to know which options the pipeline takes
+    def spy(self, prompt, **kwargs):
+        seen.append(kwargs.get("in_context_videos"))
+        return real(self, prompt, **kwargs)
+
+    monkeypatch.setattr(LTX2Pipeline, "__call__", spy)
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", repo_module.CAPTIONS[0], "--seed", "2", *FAST]
+    assert main([*args, "--output", str(tmp_path / "ic.mp4"), "--control-video", str(control)]) == 0
+    assert main([*args, "--output", str(tmp_path / "plain.mp4")]) == 0
+    assert seen == [[str(control)], None]

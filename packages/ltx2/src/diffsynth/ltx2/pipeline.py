@@ -722,6 +722,14 @@ class LTX2Pipeline(BasePipeline):
             )
         return rounds
 
+    def cli_options(self, options: dict) -> dict:
+        """The `diffsynth generate` inputs under this pipeline's names: `--control-video` is an IC-LoRA's control
+        video (`in_context_videos`)."""
+        options = dict(options)
+        if "control_video" in options:
+            options["in_context_videos"] = [options.pop("control_video")]
+        return options
+
     def check_in_context(self, videos, factor) -> int:
         """The reference videos' downscale factor: the one given, else the loaded IC-LoRA's, else 1."""
         if videos is not None and (isinstance(videos, (str, os.PathLike)) or not isinstance(videos, Sequence)):

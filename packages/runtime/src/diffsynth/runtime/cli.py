@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--vace-scale", type=float, default=None, help="VACE (Wan): weight of the control (default 1)")
     gen.add_argument(
-        "--control-video", default=None, help="Wan Fun Control: the video to follow (a pose, depth or edge video)"
+        "--control-video",
+        default=None,
+        help="Wan Fun Control, LTX-2 IC-LoRAs: the video to follow (a pose, depth or edge video)",
     )
     gen.add_argument("--reference-image", default=None, help="Wan Fun Control (V1.1, Wan 2.2): an image of the subject")
     gen.add_argument(
@@ -543,6 +545,7 @@ def _generate(args) -> int:
         if name not in accepted:
             renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
             renamed.update(vace_video_mask="vace_mask", controlnet_inputs="control_image")
+            renamed.update(in_context_videos="control_video")
             renamed.update(flux_fill_mask="inpaint_mask", flux_fill_image="input_image")
             renamed.update(flex_inpaint_mask="inpaint_mask", flex_inpaint_image="input_image")
             renamed.update(flex_control_image="control_image", flex_control_strength="control_image")
