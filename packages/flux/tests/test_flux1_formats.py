@@ -184,6 +184,9 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
     assert FLUX1_DIT_SPEC.name == "flux1_dit" and FLUX1_DIT_SPEC.role == "dit"
     assert FAMILY.pipeline == "diffsynth.flux.pipeline:FluxImagePipeline"
     assert sorted(FAMILY.presets) == [
+        "ByteDance/InfiniteYou",
+        "ByteDance/InfiniteYou:sim",
+        "DiffSynth-Studio/Eligen",
         "black-forest-labs/FLUX.1-Canny-dev",
         "black-forest-labs/FLUX.1-Depth-dev",
         "black-forest-labs/FLUX.1-Fill-dev",

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,8 @@ class ControlCondition:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    text: torch.Tensor | None = None  # `[1, N, 4096]` in place of the prompt's T5 states (InfiniteYou's id tokens)
+    guidance: float | None = None  # in place of the DiT's embedded guidance
 
     def active(self, step: int, steps: int) -> bool:
         return acts_at(self.start, self.end, step, steps)
@@ -195,14 +197,20 @@ def controlnet_residuals(
         tokens = control.tokens.to(img.device, dtype)
         if tokens.shape[0] not in (1, b):
             tokens = tokens.repeat(b // tokens.shape[0], 1, 1)  # true CFG doubles the batch
+        text, text_ids, net_guidance = prompt.t5, txt_ids, guidance
+        if control.text is not None:  # its own text stream, at text position 0 (InfiniteYou)
+            text = control.text.expand(b, -1, -1)
+            text_ids = torch.zeros(text.shape[1], 3, device=img.device)
+        if control.guidance is not None:
+            net_guidance = torch.full((b,), float(control.guidance), device=img.device)
         double, single = net(
             img.to(dtype),
             img_ids,
-            prompt.t5.to(dtype),
-            txt_ids,
+            text.to(dtype),
+            text_ids,
             sigma,
             prompt.pooled.to(dtype),
-            guidance,
+            net_guidance,
             cond=tokens,
             mode=control.mode,
             scale=control.scale,
@@ -228,6 +236,9 @@ def _sum_residuals(lists: list[list[torch.Tensor]], blocks: int) -> list[torch.T
 
 
 # ----------------------------------------------------------------------------------------------- pipeline
+INFINITEYOU_REPO = "ByteDance/InfiniteYou"  # its face detector folder: `supports/insightface/`
+
+
 def kontext_resolution(width: int, height: int) -> tuple[int, int]:
     """The (width, height) of `KONTEXT_RESOLUTIONS` whose aspect ratio is nearest `width / height`."""
     return min(KONTEXT_RESOLUTIONS, key=lambda wh: (abs(width / height - wh[0] / wh[1]), wh))
@@ -257,6 +268,8 @@ class FluxImagePipeline(BasePipeline):
         self.tokenizer_2 = None  # T5
         self._ip_adapter_sources: dict[str, ModelConfig] = {}  # model_configs entries loaded by load_ip_adapter
         self._redux_source: ModelConfig | None = None  # a Redux embedder among model_configs (load_redux)
+        self.infiniteyou_projector = None  # InfiniteYou's id resampler (`load_infiniteyou`)
+        self.infiniteyou_insightface_root = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -341,6 +354,11 @@ class FluxImagePipeline(BasePipeline):
             if self._redux_source is not None:
                 raise ConfigError(f"model_configs hold two Redux embedders: {self._redux_source}, {config}")
             self._redux_source = config
+            return
+        from .flux1.infiniteyou import is_projector_file
+
+        if is_projector_file(weight_paths(config)):  # InfiniteYou's image_proj_model.bin, as DiffSynth-Studio lists it
+            self.load_infiniteyou(config)
             return
         part = source_part(weight_paths(config))
         if part is not None:
@@ -428,6 +446,9 @@ class FluxImagePipeline(BasePipeline):
         flex_control_image=None,
         flex_control_strength: float = DEFAULT_CONTROL_STRENGTH,
         flex_control_stop: float = DEFAULT_CONTROL_STOP,
+        infinityou_id_image=None,
+        infinityou_id_embedding: torch.Tensor | None = None,
+        infinityou_guidance: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -470,6 +491,10 @@ class FluxImagePipeline(BasePipeline):
         Flex.2 (`flux1/flex.py`, DiffSynth-Studio's arguments): `flex_inpaint_image` + `flex_inpaint_mask` (white =
         repaint) and/or `flex_control_image`, weighted by `flex_control_strength` and followed for the first
         `flex_control_stop` of the steps; all optional.
+        InfiniteYou (`load_infiniteyou` and the InfuseNet ControlNet; DiffSynth-Studio's names): the face in
+        `infinityou_id_image` (needs the authors' face models, see `flux1/infiniteyou.py`), or its ArcFace
+        embedding `infinityou_id_embedding` `[512]`, becomes InfuseNet's text tokens, with InfuseNet guided at
+        `infinityou_guidance`; its control image defaults to a black one (no pose), as the authors'.
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
         """
@@ -526,6 +551,9 @@ class FluxImagePipeline(BasePipeline):
             shape = {"mu": math.log(shift)}  # e^mu / (e^mu + 1/t - 1) is the static shift by e^mu
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, **shape)
+        identity = self.prepare_infiniteyou(infinityou_id_image, infinityou_id_embedding, infinityou_guidance)
+        if identity is not None and controlnet_inputs is None:  # the authors' default: a black control image
+            controlnet_inputs = [ControlNetInput(image=Image.new("RGB", (width, height)))]
         uses_vae = input_image is not None or references or controlnet_inputs or channel_inputs is not None
         uses_vae = uses_vae or (flex is not None and flex.first_image() is not None)
         self.load_models_to_device(["vae"] if uses_vae else [])
@@ -544,6 +572,8 @@ class FluxImagePipeline(BasePipeline):
         )
         kontext = self.encode_kontext(references, tiled, tile_size, tile_stride) if references else None
         controls = self.prepare_controls(controlnet_inputs, height, width, tiled, tile_size, tile_stride)
+        if identity is not None:
+            controls = [replace(c, text=identity, guidance=float(infinityou_guidance)) for c in controls]
         condition = None
         if channel_inputs is not None:
             condition = self.encode_channel_condition(
@@ -939,6 +969,49 @@ class FluxImagePipeline(BasePipeline):
         else:
             negative_embeds = torch.zeros_like(embeds)
         return positive, adapter(negative_embeds, heads, scale)
+
+    # ------------------------------------------------------------------ InfiniteYou
+    def load_infiniteyou(
+        self,
+        projector: str | os.PathLike | ModelConfig,
+        insightface_root: str | os.PathLike | ModelConfig | None = None,
+    ) -> None:
+        """Load InfiniteYou's image projector (`image_proj_model.bin`; a file, folder or `ModelConfig`). Its
+        InfuseNet is a ControlNet: load it with `load_controlnet`. `insightface_root` is the folder of the face
+        detector for `infinityou_id_image` (default: `supports/insightface/` of ByteDance/InfiniteYou, fetched at
+        the first face, where DiffSynth-Studio's example puts it)."""
+        from .flux1.infiniteyou import load_projector
+
+        config = projector if isinstance(projector, ModelConfig) else ModelConfig(path=str(projector))
+        self.infiniteyou_projector = load_projector(weight_paths(config), self.torch_dtype).eval().requires_grad_(False)
+        self.infiniteyou_projector.to(self.device)
+        if insightface_root is None:
+            insightface_root = ModelConfig(model_id=INFINITEYOU_REPO, origin_file_pattern="supports/insightface/")
+        self.infiniteyou_insightface_root = insightface_root
+
+    def prepare_infiniteyou(self, image, embedding, guidance) -> torch.Tensor | None:
+        """InfuseNet's text tokens `[1, 8, 4096]` for the face, or None without one."""
+        from .flux1.infiniteyou import check_embedding, face_embedding
+
+        if image is None and embedding is None:
+            return None
+        if image is not None and embedding is not None:
+            raise ConfigError("give infinityou_id_image or infinityou_id_embedding, not both")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise ConfigError(f"infinityou_guidance={guidance!r} must be a number")
+        projector = self.infiniteyou_projector
+        if projector is None:
+            raise ConfigError(
+                "infinityou_id_* needs InfiniteYou's image projector: pipe.load_infiniteyou(<image_proj_model.bin>), "
+                "or the ByteDance/InfiniteYou preset"
+            )
+        if not self.controlnets():
+            raise ConfigError("infinityou_id_* steers the InfuseNet ControlNet: load it (pipe.load_controlnet(...))")
+        if image is not None:
+            embedding = face_embedding(load_image(image), self.infiniteyou_insightface_root, self.device)
+        embedding = check_embedding(embedding, projector.config.embedding_dim)
+        with torch.no_grad():
+            return projector(embedding.to(self.device, module_dtype(projector))).float()
 
     # ------------------------------------------------------------------ Redux
     def load_redux(

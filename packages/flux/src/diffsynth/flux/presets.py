@@ -122,3 +122,20 @@ PRESETS["DiffSynth-Studio/Eligen"] = Preset(
     "eligen_entity_masks, 50 steps, true CFG 3, embedded guidance 3.5.",
     loras=(PresetLoRA("DiffSynth-Studio/Eligen", "model_bf16.safetensors"),),
 )
+
+# ByteDance's InfiniteYou on FLUX.1-dev: the stage's InfuseNet (a ControlNet folder) and id projector beside
+# FLUX.1-dev's files (`flux1/infiniteyou.py`); the authors' defaults: 30 steps, 864 x 1152, guidance 3.5. The
+# default is their aesthetics stage (`aes_stage2`), `:sim` their identity-similarity stage (`sim_stage1`).
+for _suffix, _stage, _what in (("", "aes_stage2", "aesthetics"), (":sim", "sim_stage1", "identity similarity")):
+    PRESETS[f"ByteDance/InfiniteYou{_suffix}"] = Preset(
+        name=f"ByteDance/InfiniteYou{_suffix}",
+        files=(
+            *PRESETS["black-forest-labs/FLUX.1-dev"].files,
+            PresetFile("ByteDance/InfiniteYou", f"infu_flux_v1.0/{_stage}/InfuseNetModel/*"),
+            PresetFile("ByteDance/InfiniteYou", f"infu_flux_v1.0/{_stage}/image_proj_model.bin"),
+        ),
+        tokenizer=PRESETS["black-forest-labs/FLUX.1-dev"].tokenizer,
+        defaults={"num_inference_steps": 30, "embedded_guidance": 3.5, "cfg_scale": 1.0, "height": 1152, "width": 864},
+        description=f"InfiniteYou (ByteDance, {_what} stage) on FLUX.1-dev: a person with the identity of "
+        "infinityou_id_image (or infinityou_id_embedding); 30 steps, 864x1152.",
+    )

@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output names the .safetensors file",
     )
     gen.add_argument(
+        "--infinityou-id-image",
+        default=None,
+        metavar="IMAGE",
+        help="InfiniteYou (FLUX.1): a photo of the person whose identity to keep (needs insightface and facexlib)",
+    )
+    gen.add_argument(
         "--sampler",
         default=None,
         choices=("euler", "unipc"),
@@ -524,6 +530,7 @@ def _generate(args) -> int:
         "animate2_prompt_ref": args.animate2_prompt_ref,
         "positive_only_lora": args.positive_only_lora,
         "sampler": args.sampler,
+        "infinityou_id_image": args.infinityou_id_image,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
