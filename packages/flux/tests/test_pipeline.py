@@ -367,3 +367,14 @@ def test_eligen_preset_is_flux1_dev_with_the_lora(bfl_repo_base, tmp_path, monke
     assert not torch.equal(
         ours["single_blocks.0.linear1.weight"], fresh.dit.state_dict()["single_blocks.0.linear1.weight"]
     )
+
+
+def test_unipc_sampler_steps_every_step(tiny_pipe):
+    """`sampler="unipc"` (see runtime's test_unipc.py for the sampler): every step is UniPC's, in order."""
+    from diffsynth.runtime.testing.samplers import check_unipc_sampling
+
+    check_unipc_sampling(
+        lambda sampler: tiny_pipe(
+            "a cat", seed=0, output_type="pt", sampler=sampler, **{**FAST, "num_inference_steps": 4}
+        )
+    )

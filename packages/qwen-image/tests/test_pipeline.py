@@ -250,3 +250,12 @@ def test_sigma_template_from_the_preset_defaults(pipe, sigmas_seen, monkeypatch)
 def test_unknown_sigma_template_names_the_argument(pipe):
     with pytest.raises(ConfigError, match=r"sigma_template='turbo' is not known; use one of qwen_image, lightning"):
         pipe("a red circle", sigma_template="turbo", **FAST)
+
+
+def test_unipc_sampler_steps_every_step(pipe):
+    """`sampler="unipc"` (see runtime's test_unipc.py for the sampler): every step is UniPC's, in order."""
+    from diffsynth.runtime.testing.samplers import check_unipc_sampling
+
+    check_unipc_sampling(
+        lambda sampler: pipe("a cat", seed=0, output_type="pt", sampler=sampler, **{**FAST, "num_inference_steps": 4})
+    )

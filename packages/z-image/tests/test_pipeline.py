@@ -136,3 +136,13 @@ def test_first_block_cache_bad_slot_is_a_clear_error(pipe):
         pipe.enable_first_block_cache(0.1, slots=["vae"])
     with pytest.raises(ConfigError, match="threshold"):
         pipe.enable_first_block_cache(-1.0)
+
+
+def test_unipc_sampler_steps_every_step(pipe):
+    """`sampler="unipc"`: every step is UniPC's, in order, on the sample the previous one made (the sampler is
+    proven in runtime's test_unipc.py); Euler (the default) takes none of them."""
+    from diffsynth.runtime.testing.samplers import check_unipc_sampling
+
+    check_unipc_sampling(
+        lambda sampler: pipe("a cat", seed=0, output_type="pt", sampler=sampler, **{**FAST, "num_inference_steps": 4})
+    )

@@ -47,7 +47,7 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline, accepts_tea_cache, fetch_companion_config, weight_paths
-from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .flux1.channels import CONTROL, FILL, FLEX, condition_kind, describe_widths, fold_mask
@@ -456,6 +456,7 @@ class FluxImagePipeline(BasePipeline):
         num_inference_steps: int | None = None,
         sigma_shift: float | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
+        sampler: str | None = None,
         latents: torch.Tensor | None = None,
         tiled: bool = False,
         tile_size: int = 512,
@@ -472,7 +473,8 @@ class FluxImagePipeline(BasePipeline):
         (one image or a list; Kontext-dev) are used at their own size rounded down to multiples of 16, or with
         `kontext_auto_resize` (the Kontext preset's default) at the training resolution nearest their aspect;
         without `height`/`width` the output takes the first one's size. `latents` is the initial
-        noise `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (terminal 0 appended).
+        noise `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (terminal 0 appended); `sampler` "euler"
+        (default) or "unipc" (`diffsynth.runtime.schedulers.UniPCScheduler`).
         `controlnet_inputs` are `ControlNetInput`s for the loaded ControlNets (several at once).
         `eligen_entity_prompts` / `eligen_entity_masks` (one PIL mask each, white = entity) are EliGen's
         regional prompts; `eligen_enable_on_negative` gives the CFG branch the same regions, each with
@@ -542,7 +544,7 @@ class FluxImagePipeline(BasePipeline):
         ip_kv = self.prepare_ip_adapter(ip_images, ipadapter_scale, use_cfg)
 
         # 2. schedule, latents and reference tokens
-        scheduler = FlowMatchScheduler("flux1")
+        scheduler = make_scheduler("flux1", str(self.setting("sampler", sampler, "euler")))
         shift = self.setting("sigma_shift", sigma_shift, None)
         shape = {"image_seq_len": (height // 16) * (width // 16)}
         if shift is not None:

@@ -49,7 +49,7 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
-from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers import FlowMatchScheduler, make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .blockwise_controlnet import QwenImageBlockwiseControlNet, blockwise_residual
@@ -235,6 +235,7 @@ class QwenImagePipeline(BasePipeline):
         num_inference_steps: int | None = None,
         exponential_shift_mu: float | None = None,
         sigma_template: str | None = None,
+        sampler: str | None = None,
         latents: torch.Tensor | None = None,
         inpaint_mask=None,
         inpaint_blur_size: int | None = None,
@@ -263,7 +264,8 @@ class QwenImagePipeline(BasePipeline):
 
         `cfg_scale` is the authors' `true_cfg_scale` (> 1 runs a second, negative pass; 1 = off).
         `exponential_shift_mu` overrides the schedule's shift (resolution-dependent for "qwen_image", ln 3 for
-        `sigma_template="lightning"`, the Qwen-Image-Lightning LoRAs' schedule). `latents` is the
+        `sigma_template="lightning"`, the Qwen-Image-Lightning LoRAs' schedule). `sampler` "euler" (default) or
+        "unipc" (`diffsynth.runtime.schedulers.UniPCScheduler`; not for layer decomposition). `latents` is the
         initial noise, unpacked: `[B, 16, H/8, W/8]` (or `[B, 16, 1, H/8, W/8]`, the VAE's layout).
         `inpaint_mask` (with `input_image`; a PIL "L" image of the input image's size, or one per input
         image; white = repaint) keeps the rest of the input image (see `inpaint_velocity`);
@@ -299,6 +301,7 @@ class QwenImagePipeline(BasePipeline):
                     "inpaint_mask": inpaint_mask,
                     "edit_image": edit_image,
                     "edit_rope_interpolation": edit_rope_interpolation or None,
+                    "sampler": None if sampler in (None, "euler") else sampler,
                     "eligen_entity_prompts": eligen_entity_prompts,
                     "controlnet_inputs": controlnet_inputs,
                     "blockwise_controlnet_inputs": blockwise_controlnet_inputs,
@@ -385,7 +388,7 @@ class QwenImagePipeline(BasePipeline):
                 negative_entities = entity_text([negative] * len(encoded), negative, regions)
 
         # 2. schedule and latents
-        scheduler = FlowMatchScheduler(SIGMA_TEMPLATES[template])
+        scheduler = make_scheduler(SIGMA_TEMPLATES[template], str(self.setting("sampler", sampler, "euler")))
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(
             steps, denoising_strength=strength, image_seq_len=(height // 16) * (width // 16), mu=exponential_shift_mu

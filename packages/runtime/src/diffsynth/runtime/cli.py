@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler",
         default=None,
         choices=("euler", "unipc"),
-        help="Wan: the sampler (default Euler, as DiffSynth-Studio; unipc: the authors' multistep solver)",
+        help="Wan, Z-Image, Qwen-Image, FLUX.1: the sampler (default Euler, as DiffSynth-Studio; unipc: the multistep "
+        "UniPC solver the Wan authors use, accurate in fewer steps)",
     )
     gen.add_argument(
         "--positive-only-lora",

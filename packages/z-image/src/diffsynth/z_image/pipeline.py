@@ -35,7 +35,7 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import clear_loras, set_lora_scale
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
-from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .controlnet import ZImageControl, ZImageControlNet
@@ -167,6 +167,7 @@ class ZImagePipeline(BasePipeline):
         num_inference_steps: int | None = None,
         sigma_shift: float | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
+        sampler: str | None = None,
         latents: torch.Tensor | None = None,
         cfg_normalization: float = 0.0,
         cfg_truncation: float = 1.0,
@@ -187,7 +188,8 @@ class ZImagePipeline(BasePipeline):
         `cfg_normalization` > 0 caps the guided prediction's norm at that multiple of the
         conditional one (both as in the authors' pipeline). `latents` is the initial noise in the
         unpacked layout `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (N values, the
-        terminal 0 is appended). `controlnet_inputs` are `ControlNetInput`s for the loaded Fun
+        terminal 0 is appended); `sampler` "euler" (default) or "unipc" (`diffsynth.runtime.schedulers.UniPCScheduler`:
+        fewer steps for the same accuracy). `controlnet_inputs` are `ControlNetInput`s for the loaded Fun
         ControlNets (several at once; see the README for the fields each net reads).
 
         `edit_image` (Z-Image Omni only: one image or a list, PIL images or paths) are the images to edit or
@@ -223,7 +225,7 @@ class ZImagePipeline(BasePipeline):
             negative_text = self.encode_prompt(negatives, max_sequence_length) if use_cfg else None
 
         # 2. schedule and latents
-        scheduler = FlowMatchScheduler("z_image")
+        scheduler = make_scheduler("z_image", str(self.setting("sampler", sampler, "euler")))
         scheduler.set_timesteps(
             steps, denoising_strength=denoising_strength if input_image is not None else 1.0, sigmas=sigmas, shift=shift
         )
