@@ -140,3 +140,22 @@ def test_trainable_models_naming_a_trainable_slot_sets_the_trained_model_option(
     with pytest.raises(ConfigError, match="name controller, adapter: train one at a time"):
         option("--trainable_models", "controller,adapter")
     assert trained_model_option(object, parse_args([*BASE, "--trainable_models", "controller"])[0]) == {}
+
+
+def test_a_lora_preset_is_refused_as_a_training_model(monkeypatch):
+    """A LoRA preset (a base model with a LoRA applied on load) would train without its LoRA: refused, naming it."""
+    from diffsynth.runtime import registry
+    from diffsynth.runtime.registry import Family, Preset, PresetFile, PresetLoRA
+    from diffsynth.training.task import model_sources
+
+    fast = Preset(
+        name="Org/Fast",
+        files=(PresetFile("Org/Base", "model.safetensors"),),
+        loras=(PresetLoRA("Org/Fast", "fast.safetensors"),),
+    )
+    base = Preset(name="Org/Base", files=(PresetFile("Org/Base", "model.safetensors"),))
+    family = Family(name="toy", presets={"Org/Fast": fast, "Org/Base": base})
+    monkeypatch.setattr(registry, "installed_families", lambda: {"toy": family})
+    with pytest.raises(ConfigError, match="--model Org/Fast is a LoRA preset .*Org/Fast's fast.safetensors"):
+        model_sources(TrainConfig(model="Org/Fast", dataset_base_path="d"))
+    assert [c.model_id for c in model_sources(TrainConfig(model="Org/Base", dataset_base_path="d"))[0]] == ["Org/Base"]

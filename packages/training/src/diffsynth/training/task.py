@@ -186,7 +186,15 @@ def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig |
             from diffsynth.runtime.pipeline import preset_sources
             from diffsynth.runtime.registry import find_preset
 
-            found, preset_tokenizer, _ = preset_sources(find_preset(config.model)[1])
+            preset = find_preset(config.model)[1]
+            if getattr(preset, "loras", ()):
+                lora = preset.loras[0]
+                raise ConfigError(
+                    f"--model {config.model} is a LoRA preset (a base model with {lora.model_id}'s "
+                    f"{lora.origin_file_pattern} applied on load); the trainer does not apply preset LoRAs: train on "
+                    "the base model (its preset, or --model_id_with_origin_paths)"
+                )
+            found, preset_tokenizer, _ = preset_sources(preset)
             configs += found
             tokenizer = tokenizer or preset_tokenizer
     configs += [ModelConfig(path=p) for p in config.model_paths]
