@@ -442,3 +442,11 @@ def test_cli_animate_flags_reach_the_pipeline(animate_repo, tmp_path, monkeypatc
         }
     ]
     assert len(load_video(out)) == 5
+
+
+def test_unipc_sampler_steps_every_step(animate_pipe):
+    """`sampler="unipc"`: every step of the segment is UniPC's, in order (the sampler: runtime's test_unipc.py)."""
+    from diffsynth.runtime.testing.samplers import check_unipc_sampling
+
+    common = dict(input_image=P.image(3), seed=1, output_type="pt", **{**FAST, "num_inference_steps": 3}, **driving(5))
+    check_unipc_sampling(lambda sampler: animate_pipe(P.PROMPT, sampler=sampler, **common))

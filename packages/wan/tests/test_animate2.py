@@ -680,3 +680,10 @@ def test_long_video_with_the_tiny_pipeline(pipe):
     options = {k: v for k, v in FAST.items() if k != "num_frames"}
     out = animate2_long_video(pipe, PROMPT, image(90), frames(7), clip_frames=5, overlap_frames=1, seed=1, **options)
     assert len(out) == 7 and out[0].size == (SIZE, SIZE)
+
+
+def test_unipc_sampler_steps_every_step(pipe):
+    """`sampler="unipc"`: every step is UniPC's, in order (the sampler: runtime's test_unipc.py)."""
+    from diffsynth.runtime.testing.samplers import check_unipc_sampling
+
+    check_unipc_sampling(lambda sampler: call(pipe, sampler=sampler, num_inference_steps=3))

@@ -610,3 +610,10 @@ def test_the_preset_defaults_reach_the_call(pipe, monkeypatch):
     with DitCalls(pipe.dit) as calls:
         out = call(pipe, wantodance_fps=None, num_inference_steps=1, cfg_scale=None)
     assert out.shape[2] == 2 and [c[7] for c in calls] == [7.5, 7.5]  # guidance 5: both branches
+
+
+def test_unipc_sampler_steps_every_step(pipe):
+    """`sampler="unipc"`: every step is UniPC's, in order (the sampler: runtime's test_unipc.py)."""
+    from diffsynth.runtime.testing.samplers import check_unipc_sampling
+
+    check_unipc_sampling(lambda sampler: call(pipe, sampler=sampler, num_inference_steps=3))

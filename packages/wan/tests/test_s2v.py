@@ -672,3 +672,12 @@ def test_cli_input_audio_drives_an_s2v_model(s2v_repo, tmp_path, monkeypatch):
     assert seen["input_audio"] == str(tmp_path / "voice.wav") and "retake_audio" not in seen
     assert seen["s2v_pose_video"] == str(tmp_path / "pose.mp4")
     assert len(load_video(out)) == 5
+
+
+def test_unipc_sampler_steps_every_step(pooled_pipe):
+    """`sampler="unipc"`: every step is UniPC's, in order (the sampler: runtime's test_unipc.py)."""
+    from diffsynth.runtime.testing.samplers import check_unipc_sampling
+
+    check_unipc_sampling(
+        lambda sampler: call(pooled_pipe, input_audio=speech(), sampler=sampler, num_inference_steps=3)
+    )

@@ -591,11 +591,13 @@ def generate_animate2(
     first `num_frames` frames) is run once through the reference stream (`encode_reference`). `latents` is the
     initial noise `[B, z, 2 + (num_frames - 1) / 4, h, w]` (frame 0 is the reference image's place, dropped
     before decoding)."""
-    from diffsynth.runtime.schedulers import FlowMatchScheduler
+    from diffsynth.runtime.schedulers import make_scheduler
     from diffsynth.runtime.vram import module_dtype
 
+    from .pipeline import sampler_grid
+
     height, width, frames = size
-    steps, shift, sigmas = schedule
+    steps, shift, sigmas, sampler = schedule
     dit, vae, batch = pipe.dit, pipe.vae, len(prompts)
     s, z = vae.spatial_compression, vae.z_dim
     image, driving, given = check_animate2_call(pipe, reference_image, reference_video, refert_images, frames)
@@ -617,8 +619,8 @@ def generate_animate2(
     h, w = height // s, width // s
     shape = (batch, z, y.shape[2], h, w)
     noise = pipe.check_latents(latents, shape) if latents is not None else pipe.generate_noise(shape, seed, rand_device)
-    scheduler = FlowMatchScheduler("wan")
-    scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift)
+    scheduler = make_scheduler("wan", sampler)
+    scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
     x = noise
     for i in pipe.progress(range(len(scheduler.timesteps)), progress_bar):
         timestep = scheduler.timesteps[i].to(device=x.device, dtype=torch.float32).expand(batch)

@@ -657,14 +657,15 @@ def generate_dancer(
     `y`: the keyframe video's VAE latent with the I2V mask of its keyframes; the first keyframe's CLIP features and
     the reference image's (resized to the video size) are the image conditions; the music features go to the DiT
     as they are. Guidance: the negative prompt, without block 9. `latents` is the initial noise `[B, z, T, h, w]`."""
-    from diffsynth.runtime.schedulers import FlowMatchScheduler
+    from diffsynth.runtime.schedulers import make_scheduler
     from diffsynth.runtime.vram import module_dtype
 
     from .animate import frames_tensor, i2v_mask
     from .image_encoder import encode_image
+    from .pipeline import sampler_grid
 
     height, width, frames = size
-    steps, shift, sigmas = schedule
+    steps, shift, sigmas, sampler = schedule
     dit, vae, batch = pipe.dit, pipe.vae, len(prompts)
     s, tc, z = vae.spatial_compression, vae.temporal_compression, vae.z_dim
     music, reference, keyframes, flags, fps = check_dancer_call(
@@ -703,8 +704,8 @@ def generate_dancer(
         None if refimage is None else refimage.expand(batch, -1, -1), fps,
     )  # fmt: skip
 
-    scheduler = FlowMatchScheduler("wan")
-    scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift)
+    scheduler = make_scheduler("wan", sampler)
+    scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
     pipe.load_models_to_device(["dit"])
     x = noise
     skip = [NEGATIVE_SKIP_BLOCK] if NEGATIVE_SKIP_BLOCK < dit.config.num_layers else []

@@ -292,8 +292,8 @@ class WanVideoPipeline(BasePipeline):
         `cfg_merge` runs the two guidance branches as one batch (always so under batch parallelism).
         `latents` is the initial noise `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N
         values, the terminal 0 is appended). `sampler` "euler" (default, as DiffSynth-Studio) or "unipc" (the
-        authors' multistep solver, on their UniPC grid from 1 - 1/1000; not for S2V, Animate-2 or Wan-Dancer). `tiled`, `tile_size`, `tile_stride` (latent cells) are passed
-        to the VAE. `tea_cache_l1_thresh` turns on TeaCache for this call with the polynomial of
+        authors' multistep solver, on their UniPC grid from 1 - 1/1000). `tiled`, `tile_size`, `tile_stride`
+        (latent cells) are passed to the VAE. `tea_cache_l1_thresh` turns on TeaCache for this call with the polynomial of
         `tea_cache_model_id` (DiffSynth-Studio's arguments; see `enable_tea_cache`).
         VACE DiTs: `vace_video` (frames or a file) is the control video, `vace_video_mask` (frames, a
         file, or one image for all frames; white = generate, black = keep) says what to repaint,
@@ -384,11 +384,10 @@ class WanVideoPipeline(BasePipeline):
         if isinstance(self.dit, WanDancerDiT) or any(v is not None for v in dancer.values()):
             given = [k for k, v in dancer.items() if v is not None]
             check_dancer_arguments(self, given, {**others, **animate2}, cfg_merge)
-            euler_only(sampler, "Wan-Dancer")
             video = generate_dancer(
                 self, prompts, negatives, wantodance_music_path, wantodance_music_feature, wantodance_reference_image,
                 self.setting("wantodance_fps", wantodance_fps, 30.0), wantodance_keyframes, wantodance_keyframes_mask,
-                (height, width, frames), seed, rand_device, latents, max_sequence_length, (steps, shift, sigmas), scale,
+                (height, width, frames), seed, rand_device, latents, max_sequence_length, (steps, shift, sigmas, sampler), scale,
                 vae_kwargs, framewise, progress_bar,
             )  # fmt: skip
             out = tensor_to_output(video.float(), output_type)
@@ -399,12 +398,11 @@ class WanVideoPipeline(BasePipeline):
                               "Animate-2 or S2V")  # fmt: skip
         if isinstance(self.dit, WanAnimate2DiT) or any(v is not None for v in animate2.values()):
             check_animate2_arguments(self, [k for k, v in animate2.items() if v is not None], others, cfg_merge)
-            euler_only(sampler, "Wan2.2-Animate-2")
             video = generate_animate2(
                 self, prompts, negatives, animate2_reference_image, animate2_reference_video, animate2_prompt_ref,
                 animate2_refert_images, bool(self.setting("animate2_offload_kv", animate2_offload_kv, False)),
                 float(self.setting("animate2_log_scale", animate2_log_scale, 0.0)), (height, width, frames), seed,
-                rand_device, latents, max_sequence_length, (steps, shift, sigmas), scale, vae_kwargs, progress_bar,
+                rand_device, latents, max_sequence_length, (steps, shift, sigmas, sampler), scale, vae_kwargs, progress_bar,
             )  # fmt: skip
             out = tensor_to_output(video.float(), output_type)
             return out[0] if isinstance(prompt, str) and output_type == "pil" else out
@@ -432,11 +430,10 @@ class WanVideoPipeline(BasePipeline):
                 raise ConfigError(f"Wan2.2-S2V takes no {', '.join(refused)}")
             check_s2v_call(self, input_image, input_audio, audio_embeds, s2v_pose_video, s2v_pose_latents,
                            motion_video, frames)  # fmt: skip
-            euler_only(sampler, "Wan2.2-S2V")
             video = generate_s2v(
                 self, prompts, negatives, input_image, input_audio, audio_sample_rate, audio_embeds, s2v_pose_video,
                 s2v_pose_latents, motion_video, (height, width, frames), seed, rand_device, latents,
-                max_sequence_length, (steps, shift, sigmas), scale, vae_kwargs, progress_bar,
+                max_sequence_length, (steps, shift, sigmas, sampler), scale, vae_kwargs, progress_bar,
             )  # fmt: skip
             out = tensor_to_output(video.float(), output_type)
             return out[0] if isinstance(prompt, str) and output_type == "pil" else out
@@ -954,11 +951,6 @@ def sampler_grid(sampler: str) -> dict:
     """The template settings `sampler` runs with: UniPC on the authors' UniPC grid (from 1 - 1/1000, as their
     `FlowUniPCMultistepScheduler`), Euler on the grid from 1 (their DPM++ path and DiffSynth-Studio's)."""
     return {"sigma_max": 0.999} if sampler == "unipc" else {}
-
-
-def euler_only(sampler: str, model: str) -> None:
-    if sampler != "euler":
-        raise ConfigError(f"sampler={sampler!r}: {model} samples with Euler steps only (sampler='euler')")
 
 
 def folder_model_configs(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:

@@ -597,13 +597,14 @@ def generate_s2v(
     whose latents lead the decode so the new frames continue it). `latents` is the noise `[B, z, 1 + T, h, w]` as
     DiffSynth-Studio draws it (its first frame, the reference's place, is not used)."""
     from diffsynth.runtime.media import load_image
-    from diffsynth.runtime.schedulers import FlowMatchScheduler
+    from diffsynth.runtime.schedulers import make_scheduler
     from diffsynth.runtime.vram import module_dtype
 
     from .audio_encoder import audio_clips, prepare_waveform
+    from .pipeline import sampler_grid
 
     height, width, frames = size
-    steps, shift, sigmas = schedule
+    steps, shift, sigmas, sampler = schedule
     dit, vae, batch = pipe.dit, pipe.vae, len(prompts)
     cfg, (s, tc, z) = dit.config, (vae.spatial_compression, vae.temporal_compression, vae.z_dim)
     clip_frames = frames - 1
@@ -647,8 +648,8 @@ def generate_s2v(
 
     noise = pipe.check_latents(latents, shape) if latents is not None else pipe.generate_noise(shape, seed, rand_device)
     x = noise[:, :, 1:]
-    scheduler = FlowMatchScheduler("wan")
-    scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift)
+    scheduler = make_scheduler("wan", sampler)
+    scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
     pipe.load_models_to_device(["dit"])
     for i in pipe.progress(range(len(scheduler.timesteps)), progress_bar):
         timestep = scheduler.timesteps[i].to(device=x.device, dtype=torch.float32).expand(batch)
