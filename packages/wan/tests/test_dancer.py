@@ -617,3 +617,33 @@ def test_unipc_sampler_steps_every_step(pipe):
     from diffsynth.runtime.testing.samplers import check_unipc_sampling
 
     check_unipc_sampling(lambda sampler: call(pipe, sampler=sampler, num_inference_steps=3))
+
+
+def test_cli_inputs_become_the_dancer_arguments(pipe, tmp_path):
+    """`diffsynth generate` on Wan-Dancer (`cli_options`): `--input-image` is the dancer, `--input-audio` the music;
+    the global model (7.5 fps) starts its keyframes from the dancer, the rest black; the local model (30 fps) puts
+    the `--control-video` keyframes every 16th frame, black between."""
+    from diffsynth.runtime.media import save_video
+
+    dancer = tmp_path / "dancer.png"
+    image(7).save(dancer)
+    size = dict(height=HEIGHT, width=WIDTH)
+    saved = dict(pipe.defaults)
+    try:
+        pipe.defaults.update(wantodance_fps=7.5)
+        given = pipe.cli_options({"input_image": str(dancer), "retake_audio": "music.wav", "num_frames": 5, **size})
+        assert given["wantodance_music_path"] == "music.wav" and "input_image" not in given
+        assert given["wantodance_keyframes_mask"] == [1, 0, 0, 0, 0]
+        keys = [np.asarray(k) for k in given["wantodance_keyframes"]]
+        assert np.array_equal(keys[0], np.asarray(image(7))) and not any(k.any() for k in keys[1:])
+        pipe.defaults.update(wantodance_fps=30.0)
+        colours = [Image.new("RGB", (WIDTH, HEIGHT), c) for c in ((200, 40, 40), (40, 40, 200))]
+        save_video(colours, tmp_path / "keys.mp4", fps=7.5)
+        local = pipe.cli_options({"control_video": str(tmp_path / "keys.mp4"), "num_frames": 21, **size})
+        assert local["wantodance_keyframes_mask"] == [1 if i in (0, 16) else 0 for i in range(21)]
+        means = [np.asarray(k).reshape(-1, 3).mean(0) for k in local["wantodance_keyframes"]]
+        assert means[0][0] > 150 > means[0][2] and means[16][2] > 150 > means[16][0]  # red, then blue (mp4-coded)
+        assert not any(m.any() for i, m in enumerate(means) if i not in (0, 16))
+    finally:
+        pipe.defaults.clear()
+        pipe.defaults.update(saved)

@@ -884,3 +884,9 @@ def test_first_block_cache_matches_diffusers(tiny_repo, tiny_repo_factory, kind)
     diff = np.abs(got - expected).max()
     print(f"first-block cache parity ({kind}, threshold {threshold}): max abs {diff:.3g}")
     assert diff <= 1e-4
+
+
+def test_cli_options_leave_other_dits_alone(pipe):
+    """Only Wan-Dancer renames the CLI's inputs (`cli_options`); a text-to-video DiT gets them as given."""
+    options = {"input_image": "a.png", "retake_audio": "b.wav", "control_video": "c.mp4"}
+    assert pipe.cli_options(options) == options

@@ -517,6 +517,40 @@ class WanVideoPipeline(BasePipeline):
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
 
     # ------------------------------------------------------------------ checks
+    def cli_options(self, options: dict) -> dict:
+        """The `diffsynth generate` inputs under this pipeline's names, for Wan-Dancer (other DiTs: as given).
+        `--input-image` is the dancer and `--input-audio` the music file. The global model (the preset's 7.5 fps)
+        starts its keyframes from the dancer, the rest black, as DiffSynth-Studio's example; the local model (30
+        fps) takes the global model's keyframes as `--control-video`, one per latent frame of 7.5 fps, placed every
+        `4 * 30 / 7.5` = 16th frame (the first clip; cut the music to it)."""
+        if not isinstance(self.dit, WanDancerDiT):
+            return options
+        options = dict(options)
+        if "input_image" in options:
+            options["wantodance_reference_image"] = load_image(options.pop("input_image"))
+        if "retake_audio" in options:  # --input-audio
+            options["wantodance_music_path"] = options.pop("retake_audio")
+        frames = self.check_num_frames(int(options.get("num_frames", self.defaults.get("num_frames", 81))))
+        size = (
+            int(options.get("width", self.defaults.get("width", 832))),
+            int(options.get("height", self.defaults.get("height", 480))),
+        )
+        black = Image.new("RGB", size)
+        fps = float(self.defaults.get("wantodance_fps", 30.0))
+        if "control_video" in options:  # the local model: the global model's keyframes
+            from diffsynth.runtime.media import load_video
+
+            keys = [frame.convert("RGB").resize(size) for frame in load_video(options.pop("control_video"))]
+            every = round(4 * 30.0 / 7.5)
+            mask = [1 if i % every == 0 and i // every < len(keys) else 0 for i in range(frames)]
+            options["wantodance_keyframes"] = [keys[i // every] if m else black for i, m in enumerate(mask)]
+            options["wantodance_keyframes_mask"] = mask
+        elif round(fps) != 30 and "wantodance_reference_image" in options:  # the global model
+            dancer = options["wantodance_reference_image"].convert("RGB").resize(size)
+            options["wantodance_keyframes"] = [dancer] + [black] * (frames - 1)
+            options["wantodance_keyframes_mask"] = [1] + [0] * (frames - 1)
+        return options
+
     def check_num_frames(self, num_frames) -> int:
         """Round to the nearest 1 + 4k (the VAE's temporal compression) with a warning."""
         tc = self.vae.temporal_compression
