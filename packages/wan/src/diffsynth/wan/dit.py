@@ -584,6 +584,7 @@ class WanDiT(nn.Module):
         face_pixel_values: torch.Tensor | None = None,
         camera_latents: torch.Tensor | None = None,
         motion_modulation: torch.Tensor | None = None,
+        block_hook=None,
     ) -> torch.Tensor:
         """Velocity prediction for latents `x` `[B, C, F, H, W]`; computation runs in `x.dtype`.
 
@@ -603,6 +604,9 @@ class WanDiT(nn.Module):
         `[B, camera_adapter_dim, F, 8 H, 8 W]` (a camera path's Plücker rays, `camera.py`) through their
         `control_adapter` to the patch embedding. `motion_modulation` `[B, 6, dim]` (a speed-control model's
         output, `motion_controller.py`) is added to the timestep modulation; it needs one timestep per sample.
+        `block_hook(block, x, shared) -> x`, when given, runs each main block instead of the block itself
+        (`shared` = modulation, timestep index, text, CLIP tokens, RoPE, key mask): Video-As-Prompt's
+        expert runs beside some layers this way (`video_as_prompt.py`).
 
         Under parallelism (`self.parallel`) the samples are divided over the batch ranks and the video
         tokens over the sequence ranks (the text and CLIP keys stay whole).
@@ -624,6 +628,7 @@ class WanDiT(nn.Module):
             face_pixel_values,
             camera_latents,
             motion_modulation,
+            block_hook,
         )
 
     def _forward(
@@ -640,6 +645,7 @@ class WanDiT(nn.Module):
         face_pixel_values: torch.Tensor | None = None,
         camera_latents: torch.Tensor | None = None,
         motion_modulation: torch.Tensor | None = None,
+        block_hook=None,
     ) -> torch.Tensor:
         cfg = self.config
         if y is not None:
@@ -688,7 +694,7 @@ class WanDiT(nn.Module):
             faces = {id(self.blocks[i * cfg.face_adapter_every]): f for i, f in enumerate(self._face_blocks())}
 
             def call(block: nn.Module, s: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-                out = self._run(block, s[0], *shared)
+                out = block_hook(block, s[0], shared) if block_hook is not None else self._run(block, s[0], *shared)
                 out = branch.add_hint(block, s[0], out) if branch is not None else out
                 face = faces.get(id(block)) if motion is not None else None
                 return (out + self._run(face, out, motion) if face is not None else out,)
