@@ -628,6 +628,7 @@ def test_presets_are_data_with_the_authors_defaults():
         "DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1",
         "krea/krea-realtime-video",
         "iic/VACE-Wan2.1-1.3B-Preview",
+        "meituan-longcat/LongCat-Video",
     ]
     assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *others])
     krea = presets["krea/krea-realtime-video"]

@@ -29,7 +29,7 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from . import animate2, audio_encoder, dancer, s2v
+from . import animate2, audio_encoder, dancer, longcat, s2v
 from .animate import Blur
 from .dit import WanDiT, WanDiTConfig, backbone_fields, heads_from_width
 from .motion_controller import MOTION_CONTROLLER_SPEC
@@ -577,6 +577,19 @@ DANCER_DIT_SPEC = ModelSpec(
     build=dancer.WanDancerDiT,
     description="Wan-Dancer-14B music-to-dance DiT (global_model / local_model.safetensors, DiffSynth-Studio's keys)",
 )
+# ----------------------------------------------------------------------------------- LongCat-Video
+# The authors' `LongCatVideoTransformer3DModel` names (`longcat.py`), as the sharded `dit/` files hold them.
+LONGCAT_DIT_SPEC = ModelSpec(
+    name="longcat_video_dit",
+    role="dit",
+    layouts=(
+        KeyLayout("original", longcat.SIGNATURE),
+        KeyLayout("original_prefixed", longcat.SIGNATURE, prefix=PREFIX),
+    ),
+    config_from_state=longcat.config_from_state,
+    build=longcat.LongCatVideoDiT,
+    description="LongCat-Video 13.6B DiT (meituan-longcat/LongCat-Video dit/diffusion_pytorch_model*.safetensors)",
+)
 WAV2VEC_SIGNATURE = (
     "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
     "wav2vec2.encoder.layers.0.attention.q_proj.weight",
@@ -600,6 +613,7 @@ FAMILY = Family(
         S2V_DIT_SPEC,
         ANIMATE2_DIT_SPEC,
         DANCER_DIT_SPEC,
+        LONGCAT_DIT_SPEC,
         WAV2VEC_SPEC,
         MOTION_CONTROLLER_SPEC,
         *ENCODER_SPECS,

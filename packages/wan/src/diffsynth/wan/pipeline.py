@@ -57,6 +57,7 @@ from .camera import camera_control_input, check_direction
 from .dancer import WanDancerDiT, check_dancer_arguments, check_dancer_size, decode_latents, generate_dancer
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
+from .longcat import LongCatVideoDiT, check_longcat_arguments, generate_longcat
 from .s2v import WanS2VDiT, check_s2v_call, generate_s2v
 from .sliding_window import SlidingWindows, check_conditions
 from .text_encoder import encode_prompts
@@ -279,6 +280,7 @@ class WanVideoPipeline(BasePipeline):
         wantodance_keyframes: Sequence[ImageInput] | str | os.PathLike | None = None,
         wantodance_keyframes_mask: Sequence[int] | torch.Tensor | None = None,
         framewise_decoding: bool | None = None,
+        longcat_video: Sequence[ImageInput] | str | os.PathLike | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -332,6 +334,8 @@ class WanVideoPipeline(BasePipeline):
         frame rate (7.5: the global model's keyframes; 30: the local model's video). `framewise_decoding` decodes each
         latent frame on its own (the global model's keyframes: one image per latent frame). `tiled` (default True, or
         the preset's) tiles the VAE.
+        LongCat-Video (see `longcat.py`): `input_image` is the first frame (I2V); `longcat_video` (4n + 1 frames or a
+        file) opens the clip, which continues it to `num_frames`.
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -381,6 +385,16 @@ class WanVideoPipeline(BasePipeline):
                       sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride, **s2v,
                       **dict(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
                                   "animate_mask_video"), animate, strict=True)))  # fmt: skip
+        if isinstance(self.dit, LongCatVideoDiT) or longcat_video is not None:
+            taken = {k: v for k, v in {**others, **animate2, **dancer}.items() if k != "input_image"}
+            taken["framewise_decoding"] = framewise_decoding or None
+            check_longcat_arguments(self, taken, sampler, cfg_merge, frames)
+            video = generate_longcat(
+                self, prompts, negatives, input_image, longcat_video, (height, width, frames), seed, rand_device,
+                latents, max_sequence_length, (steps, shift, sigmas), scale, vae_kwargs, progress_bar,
+            )  # fmt: skip
+            out = tensor_to_output(video.float(), output_type)
+            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
         if isinstance(self.dit, WanDancerDiT) or any(v is not None for v in dancer.values()):
             given = [k for k, v in dancer.items() if v is not None]
             check_dancer_arguments(self, given, {**others, **animate2}, cfg_merge)

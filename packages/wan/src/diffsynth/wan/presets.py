@@ -332,6 +332,32 @@ _PRESETS += (
     ),
 )
 
+# LongCat-Video: the authors' DiT shards with Wan 2.1's umT5 and VAE (DiffSynth-Studio's file choices); the authors'
+# run_demo_* settings: 50 steps, guidance 4 (CFG-Zero*), 832x480, 93 frames at 15 fps, their English negative prompt.
+# Their scheduler's shift lives in the hub's scheduler_config.json (not readable here): 1, as DiffSynth-Studio's example.
+LONGCAT = "meituan-longcat/LongCat-Video"
+LONGCAT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+_LONGCAT = {"num_inference_steps": 50, "cfg_scale": 4.0, "sigma_shift": 1.0, "fps": 15, "num_frames": 93, **_480P}
+_PRESETS += (
+    Preset(
+        name=LONGCAT,
+        files=(
+            PresetFile(LONGCAT, "dit/" + DIT),
+            PresetFile("Wan-AI/Wan2.1-T2V-14B", T5),
+            PresetFile("Wan-AI/Wan2.1-T2V-14B", VAE21),
+        ),
+        tokenizer=TOKENIZER,
+        defaults={**_LONGCAT, "negative_prompt": LONGCAT_NEGATIVE_PROMPT},
+        description="LongCat-Video 13.6B (Meituan): text-to-video, image-to-video (input_image) and continuation "
+        "(longcat_video, 4n + 1 frames); 50 steps, CFG-Zero* guidance 4, 832x480, 93 frames at 15 fps.",
+    ),
+)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 __all__ = ["FLF2V_NEGATIVE_PROMPT", "I2V_NEGATIVE_PROMPT", "NEGATIVE_PROMPT", "PRESETS"]
