@@ -239,6 +239,16 @@ def _sum_residuals(lists: list[list[torch.Tensor]], blocks: int) -> list[torch.T
 INFINITEYOU_REPO = "ByteDance/InfiniteYou"  # its face detector folder: `supports/insightface/`
 
 
+def infinityou_spellings(image, studio_image, guidance, studio_guidance) -> tuple:
+    """InfiniteYou's (id image, guidance) from our names or DiffSynth-Studio's `infinityou_*` (one of each)."""
+    if image is not None and studio_image is not None:
+        raise ConfigError("give infiniteyou_id_image or DiffSynth-Studio's infinityou_id_image, not both")
+    if guidance is not None and studio_guidance is not None:
+        raise ConfigError("give infiniteyou_guidance or DiffSynth-Studio's infinityou_guidance, not both")
+    guidance = studio_guidance if guidance is None else guidance
+    return (studio_image if image is None else image), (1.0 if guidance is None else guidance)
+
+
 def kontext_resolution(width: int, height: int) -> tuple[int, int]:
     """The (width, height) of `KONTEXT_RESOLUTIONS` whose aspect ratio is nearest `width / height`."""
     return min(KONTEXT_RESOLUTIONS, key=lambda wh: (abs(width / height - wh[0] / wh[1]), wh))
@@ -270,6 +280,7 @@ class FluxImagePipeline(BasePipeline):
         self._redux_source: ModelConfig | None = None  # a Redux embedder among model_configs (load_redux)
         self.infiniteyou_projector = None  # InfiniteYou's id resampler (`load_infiniteyou`)
         self.infiniteyou_insightface_root = None
+        self.infiniteyou_face_encoder = None  # `flux1.infiniteyou.FaceEncoder`, built at the first face photo
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -446,9 +457,11 @@ class FluxImagePipeline(BasePipeline):
         flex_control_image=None,
         flex_control_strength: float = DEFAULT_CONTROL_STRENGTH,
         flex_control_stop: float = DEFAULT_CONTROL_STOP,
+        infiniteyou_id_image=None,
+        infiniteyou_id_embedding: torch.Tensor | None = None,
+        infiniteyou_guidance: float | None = None,
         infinityou_id_image=None,
-        infinityou_id_embedding: torch.Tensor | None = None,
-        infinityou_guidance: float = 1.0,
+        infinityou_guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -493,10 +506,12 @@ class FluxImagePipeline(BasePipeline):
         Flex.2 (`flux1/flex.py`, DiffSynth-Studio's arguments): `flex_inpaint_image` + `flex_inpaint_mask` (white =
         repaint) and/or `flex_control_image`, weighted by `flex_control_strength` and followed for the first
         `flex_control_stop` of the steps; all optional.
-        InfiniteYou (`load_infiniteyou` and the InfuseNet ControlNet; DiffSynth-Studio's names): the face in
-        `infinityou_id_image` (needs the authors' face models, see `flux1/infiniteyou.py`), or its ArcFace
-        embedding `infinityou_id_embedding` `[512]`, becomes InfuseNet's text tokens, with InfuseNet guided at
-        `infinityou_guidance`; its control image defaults to a black one (no pose), as the authors'.
+        InfiniteYou (`load_infiniteyou` and the InfuseNet ControlNet): the face in `infiniteyou_id_image` (needs
+        the `diffsynth-flux[infiniteyou]` extra, see `flux1/infiniteyou.py`), or its ArcFace embedding
+        `infiniteyou_id_embedding` `[512]`, becomes InfuseNet's text tokens, with InfuseNet guided at
+        `infiniteyou_guidance` (default 1); its control image (`controlnet_inputs`) defaults to a black one (no
+        pose), and with true CFG the negative branch runs without InfuseNet, as the authors'. DiffSynth-Studio's
+        spellings `infinityou_id_image` / `infinityou_guidance` are accepted too.
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
         """
@@ -553,7 +568,10 @@ class FluxImagePipeline(BasePipeline):
             shape = {"mu": math.log(shift)}  # e^mu / (e^mu + 1/t - 1) is the static shift by e^mu
         strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, **shape)
-        identity = self.prepare_infiniteyou(infinityou_id_image, infinityou_id_embedding, infinityou_guidance)
+        id_image, id_guidance = infinityou_spellings(
+            infiniteyou_id_image, infinityou_id_image, infiniteyou_guidance, infinityou_guidance
+        )
+        identity = self.prepare_infiniteyou(id_image, infiniteyou_id_embedding, id_guidance)
         if identity is not None and controlnet_inputs is None:  # the authors' default: a black control image
             controlnet_inputs = [ControlNetInput(image=Image.new("RGB", (width, height)))]
         uses_vae = input_image is not None or references or controlnet_inputs or channel_inputs is not None
@@ -575,7 +593,7 @@ class FluxImagePipeline(BasePipeline):
         kontext = self.encode_kontext(references, tiled, tile_size, tile_stride) if references else None
         controls = self.prepare_controls(controlnet_inputs, height, width, tiled, tile_size, tile_stride)
         if identity is not None:
-            controls = [replace(c, text=identity, guidance=float(infinityou_guidance)) for c in controls]
+            controls = [replace(c, text=identity, guidance=float(id_guidance)) for c in controls]
         condition = None
         if channel_inputs is not None:
             condition = self.encode_channel_condition(
@@ -726,9 +744,12 @@ class FluxImagePipeline(BasePipeline):
             return flux_velocity(
                 self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
             )
-        # text lengths differ (EliGen, Redux tokens), or only one branch has IP keys
+        # text lengths differ (EliGen, Redux tokens), only one branch has IP keys, or InfuseNet (a control with
+        # its own text) steers the positive branch alone (InfiniteYou's authors)
         lengths_differ = text.t5.shape[1] != negative_text.t5.shape[1]
-        if lengths_differ or (eligen is None) != (negative_eligen is None) or (ip is None) != (negative_ip is None):
+        negative_controls = [c for c in controls if c.text is None]
+        one_sided = (eligen is None) != (negative_eligen is None) or (ip is None) != (negative_ip is None)
+        if lengths_differ or one_sided or len(negative_controls) != len(controls):
             positive = flux_velocity(
                 self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
             )
@@ -739,7 +760,7 @@ class FluxImagePipeline(BasePipeline):
                 negative_text,
                 guidance,
                 kontext,
-                controls,
+                negative_controls,
                 negative_eligen,
                 negative_ip,
                 condition=condition,
@@ -979,9 +1000,9 @@ class FluxImagePipeline(BasePipeline):
         insightface_root: str | os.PathLike | ModelConfig | None = None,
     ) -> None:
         """Load InfiniteYou's image projector (`image_proj_model.bin`; a file, folder or `ModelConfig`). Its
-        InfuseNet is a ControlNet: load it with `load_controlnet`. `insightface_root` is the folder of the face
-        detector for `infinityou_id_image` (default: `supports/insightface/` of ByteDance/InfiniteYou, fetched at
-        the first face, where DiffSynth-Studio's example puts it)."""
+        InfuseNet is a ControlNet: load it with `load_controlnet`. `insightface_root` is the folder holding
+        `models/antelopev2/` for `infiniteyou_id_image` (default: `supports/insightface/` of ByteDance/InfiniteYou,
+        fetched at the first face photo, where DiffSynth-Studio's example puts it)."""
         from .flux1.infiniteyou import load_projector
 
         config = projector if isinstance(projector, ModelConfig) else ModelConfig(path=str(projector))
@@ -990,27 +1011,40 @@ class FluxImagePipeline(BasePipeline):
         if insightface_root is None:
             insightface_root = ModelConfig(model_id=INFINITEYOU_REPO, origin_file_pattern="supports/insightface/")
         self.infiniteyou_insightface_root = insightface_root
+        self.infiniteyou_face_encoder = None
 
     def prepare_infiniteyou(self, image, embedding, guidance) -> torch.Tensor | None:
-        """InfuseNet's text tokens `[1, 8, 4096]` for the face, or None without one."""
-        from .flux1.infiniteyou import check_embedding, face_embedding
+        """InfuseNet's text tokens `[1, 8, 4096]` for the face (photo or embedding), or None without one."""
+        from .flux1.infiniteyou import FaceEncoder, check_embedding, face_libraries
 
         if image is None and embedding is None:
             return None
         if image is not None and embedding is not None:
-            raise ConfigError("give infinityou_id_image or infinityou_id_embedding, not both")
+            raise ConfigError("give infiniteyou_id_image or infiniteyou_id_embedding, not both")
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-            raise ConfigError(f"infinityou_guidance={guidance!r} must be a number")
+            raise ConfigError(f"infiniteyou_guidance={guidance!r} must be a number")
         projector = self.infiniteyou_projector
         if projector is None:
             raise ConfigError(
-                "infinityou_id_* needs InfiniteYou's image projector: pipe.load_infiniteyou(<image_proj_model.bin>), "
+                "infiniteyou_id_* needs InfiniteYou's image projector: pipe.load_infiniteyou(<image_proj_model.bin>), "
                 "or the ByteDance/InfiniteYou preset"
             )
-        if not self.controlnets():
-            raise ConfigError("infinityou_id_* steers the InfuseNet ControlNet: load it (pipe.load_controlnet(...))")
+        nets = self.controlnets()
+        if not nets:
+            raise ConfigError("infiniteyou_id_* steers the InfuseNet ControlNet: load it (pipe.load_controlnet(...))")
+        for net in nets:
+            if getattr(net, "config", projector.config).context_in_dim != projector.config.output_dim:
+                raise ConfigError(
+                    f"InfiniteYou's projector makes {projector.config.output_dim}-wide id tokens but a loaded "
+                    f"ControlNet reads {net.config.context_in_dim}-wide text: load the projector of its InfuseNet"
+                )
         if image is not None:
-            embedding = face_embedding(load_image(image), self.infiniteyou_insightface_root, self.device)
+            if self.infiniteyou_face_encoder is None:
+                face_libraries()  # what to install, before any fetch
+                self.infiniteyou_face_encoder = FaceEncoder.from_insightface(
+                    self.infiniteyou_insightface_root, self.device
+                )
+            embedding = self.infiniteyou_face_encoder(load_image(image))
         embedding = check_embedding(embedding, projector.config.embedding_dim)
         with torch.no_grad():
             return projector(embedding.to(self.device, module_dtype(projector))).float()

@@ -137,5 +137,5 @@ for _suffix, _stage, _what in (("", "aes_stage2", "aesthetics"), (":sim", "sim_s
         tokenizer=PRESETS["black-forest-labs/FLUX.1-dev"].tokenizer,
         defaults={"num_inference_steps": 30, "embedded_guidance": 3.5, "cfg_scale": 1.0, "height": 1152, "width": 864},
         description=f"InfiniteYou (ByteDance, {_what} stage) on FLUX.1-dev: a person with the identity of "
-        "infinityou_id_image (or infinityou_id_embedding); 30 steps, 864x1152.",
+        "infiniteyou_id_image (or infiniteyou_id_embedding); 30 steps, 864x1152.",
     )

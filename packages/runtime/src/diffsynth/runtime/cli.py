@@ -169,10 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output names the .safetensors file",
     )
     gen.add_argument(
+        "--infiniteyou-id-image",
         "--infinityou-id-image",
+        dest="infiniteyou_id_image",
         default=None,
         metavar="IMAGE",
-        help="InfiniteYou (FLUX.1): a photo of the person whose identity to keep (needs insightface and facexlib)",
+        help="InfiniteYou (FLUX.1): a photo of the person whose identity to keep (pip install "
+        "'diffsynth-flux[infiniteyou]')",
     )
     gen.add_argument(
         "--sampler",
@@ -531,7 +534,7 @@ def _generate(args) -> int:
         "animate2_prompt_ref": args.animate2_prompt_ref,
         "positive_only_lora": args.positive_only_lora,
         "sampler": args.sampler,
-        "infinityou_id_image": args.infinityou_id_image,
+        "infiniteyou_id_image": args.infiniteyou_id_image,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone

@@ -3,11 +3,13 @@
 The face's 512-wide ArcFace embedding goes through a perceiver resampler (`image_proj_model.bin`; 8 tokens of
 4096) that stands in for the text of InfuseNet, a FLUX.1 ControlNet (`InfuseNetModel/`, diffusers layout, loaded
 like any ControlNet); InfuseNet's residuals steer the DiT, whose own text stays the prompt. The authors' code:
-`pipelines/pipeline_infu_flux.py` (the resampler's sizes, the embedding) and `pipeline_flux_infusenet.py` (the
-ControlNet sees the id tokens at text position 0 and its own guidance, 1 by default).
+`pipelines/pipeline_infu_flux.py` (the resampler's sizes, the face embedding, a black control image by default) and
+`pipeline_flux_infusenet.py` (InfuseNet sees the id tokens at text position 0, the prompt's pooled CLIP vector and
+its own guidance, 1; with true CFG only the positive branch gets its residuals).
 
-The face embedding needs the authors' detector and recognition model (insightface's antelopev2 detector, facexlib's
-ArcFace), which are not dependencies: `face_embedding` says what to install; or give the embedding itself.
+The face embedding (`FaceEncoder`) needs the authors' face models: insightface's antelopev2 detector (onnxruntime)
+for the box and 5 landmarks, insightface's `norm_crop` alignment and facexlib's ArcFace. They are the optional extra
+`diffsynth-flux[infiniteyou]`, imported only when a photo is given; an embedding can be given instead.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.errors import CheckpointError, ConfigError
 
-INSTALL = "pip install insightface onnxruntime facexlib opencv-python"
+INSTALL = 'pip install "diffsynth-flux[infiniteyou]" (insightface, onnxruntime, facexlib)'
 DETECTION_SIZES = (640, 320, 160)  # the authors retry smaller detector inputs when no face is found
 
 
@@ -125,7 +127,11 @@ def read_projector_state(path: str) -> dict[str, torch.Tensor]:
     from diffsynth.runtime.checkpoint import open_checkpoint
 
     if str(path).endswith((".bin", ".pt", ".pth", ".ckpt")):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # the authors' file is a plain pickle of tensors: nothing else is unpickled
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(f"{path}: not a readable InfiniteYou image projector ({reason})") from None
         if isinstance(obj, dict) and isinstance(obj.get("image_proj"), dict):
             obj = obj["image_proj"]
         if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -171,53 +177,87 @@ def is_projector_file(paths: Sequence[str]) -> bool:
 
 
 def check_embedding(embedding, width: int) -> torch.Tensor:
-    """`infinityou_id_embedding` as `[1, N, width]` float32 (a `[width]`, `[N, width]` or `[1, N, width]` tensor)."""
+    """`infiniteyou_id_embedding` as `[1, N, width]` float32 (a `[width]`, `[N, width]` or `[1, N, width]` tensor)."""
     if not isinstance(embedding, torch.Tensor) or embedding.dim() not in (1, 2, 3) or embedding.shape[-1] != width:
         shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
         raise ConfigError(
-            f"infinityou_id_embedding must be a [{width}] ArcFace embedding (or [N, {width}]), got {shape}"
+            f"infiniteyou_id_embedding must be a [{width}] ArcFace embedding (or [N, {width}]), got {shape}"
+        )
+    if embedding.dim() == 3 and embedding.shape[0] != 1:
+        raise ConfigError(
+            f"infiniteyou_id_embedding is one identity: [1, N, {width}] at most, got {tuple(embedding.shape)}"
         )
     embedding = embedding.float().reshape(-1, width)[None]
     if not torch.isfinite(embedding).all():
-        raise ConfigError("infinityou_id_embedding holds NaN or infinite values")
+        raise ConfigError("infiniteyou_id_embedding holds NaN or infinite values")
     return embedding
 
 
 def largest_face(faces: Sequence) -> object:
-    """The face whose box is largest (insightface faces: `face["bbox"]` = x0, y0, x1, y1), as the authors pick."""
-    if not faces:
-        raise ConfigError("no face was found in infinityou_id_image: give a photo with a clearly visible face")
-    return max(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))
+    """The face whose box is largest (insightface faces: `face["bbox"]` = x0, y0, x1, y1); of equal ones the last,
+    as the authors' sort picks."""
+    if not len(faces):
+        raise ConfigError("no face was found in infiniteyou_id_image: give a photo with a clearly visible face")
+    return max(reversed(list(faces)), key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))
 
 
-def face_embedding(image, insightface_root, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The authors' id embedding `[512]` of the largest face in `image`: antelopev2 detection (640, then 320,
-    then 160 px), the 5 landmarks aligned to 112 x 112, facexlib's ArcFace. `insightface_root` is the folder
-    holding `models/antelopev2/` (`supports/insightface` of the InfiniteYou repo; a `ModelConfig` is fetched once the
-    face libraries are found)."""
+def face_libraries():
+    """insightface's `FaceAnalysis` and `face_align`, facexlib's `init_recognition_model` (the optional extra)."""
     try:
-        import numpy as np
         from facexlib.recognition import init_recognition_model
         from insightface.app import FaceAnalysis
         from insightface.utils import face_align
     except ImportError as error:
         raise ConfigError(
-            f"infinityou_id_image needs the authors' face models ({error.name} is missing): {INSTALL}; or pass "
-            "infinityou_id_embedding (the 512-wide ArcFace embedding) instead"
+            f"infiniteyou_id_image needs the authors' face models ({error.name} is missing): {INSTALL}; or pass "
+            "infiniteyou_id_embedding (the 512-wide ArcFace embedding) instead"
         ) from None
-    if hasattr(insightface_root, "resolve"):  # a ModelConfig of the folder
-        insightface_root = insightface_root.resolve()[0]
-    bgr = np.asarray(image.convert("RGB"))[:, :, ::-1].copy()
-    faces = []
-    for size in DETECTION_SIZES:
-        app = FaceAnalysis(name="antelopev2", root=insightface_root, providers=["CPUExecutionProvider"])
-        app.prepare(ctx_id=0, det_size=(size, size))
-        faces = app.get(bgr)
-        if faces:
-            break
-    face = largest_face(faces)
-    crop = face_align.norm_crop(bgr, landmark=np.array(face["kps"]), image_size=112)
-    pixels = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255 * 2 - 1
-    arcface = init_recognition_model("arcface", device=str(device))
-    with torch.no_grad():
-        return arcface(pixels.to(device))[0].float().cpu()
+    return FaceAnalysis, face_align, init_recognition_model
+
+
+class FaceEncoder:
+    """A face photo -> its `[512]` id embedding, the authors' way: the `detectors` (antelopev2 at 640, 320, then
+    160 px: the first that finds a face) give boxes and 5 landmarks; the largest face is cut out by `align` to
+    112 x 112 (insightface's `norm_crop`) and its BGR pixels in [-1, 1] go through `arcface` (facexlib's).
+    Built from the real libraries by `from_insightface`; any objects of the same shape do (a detector's
+    `get(bgr)` returns faces with `"bbox"` and `"kps"`)."""
+
+    def __init__(self, detectors: Sequence, arcface, align, device: str | torch.device = "cpu"):
+        self.detectors, self.arcface, self.align, self.device = list(detectors), arcface, align, device
+
+    @classmethod
+    def from_insightface(cls, root, device: str | torch.device = "cpu") -> FaceEncoder:
+        """`root` holds `models/antelopev2/` (`supports/insightface` of the InfiniteYou repo; a `ModelConfig` of
+        that folder is fetched here). Only the detector of antelopev2 is run (its landmarks are all the authors
+        use of it); facexlib fetches its ArcFace weights on first use."""
+        from diffsynth.runtime.hub import ModelConfig
+
+        face_analysis, face_align, init_recognition_model = face_libraries()
+        if isinstance(root, ModelConfig):  # a folder pattern: resolves to the folder itself
+            root = root.resolve()[0]
+        on_gpu = torch.device(device).type == "cuda"
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_gpu else ["CPUExecutionProvider"]
+        detectors = []
+        for size in DETECTION_SIZES:
+            app = face_analysis(name="antelopev2", root=str(root), providers=providers, allowed_modules=["detection"])
+            app.prepare(ctx_id=0, det_size=(size, size))
+            detectors.append(app)
+        arcface = init_recognition_model("arcface", device=str(device)).eval()
+        return cls(detectors, arcface, face_align.norm_crop, device)
+
+    def faces(self, bgr) -> list:
+        for detector in self.detectors:
+            found = detector.get(bgr)
+            if len(found):
+                return list(found)
+        return []
+
+    def __call__(self, image) -> torch.Tensor:
+        import numpy as np
+
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        face = largest_face(self.faces(bgr))
+        crop = np.ascontiguousarray(self.align(bgr, landmark=np.asarray(face["kps"]), image_size=112))
+        pixels = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+        with torch.no_grad():
+            return self.arcface(pixels.to(self.device))[0].float().cpu()
