@@ -178,8 +178,9 @@ def test_shapes_that_need_other_rope_axes_say_so():
 def test_family_declares_the_dit_encoders_presets_and_pipeline():
     from diffsynth.flux.flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
     from diffsynth.flux.flux1.encoder_formats import CLIP_TEXT_SPEC, T5_ENCODER_SPEC
+    from diffsynth.flux.flux1.step1x_connector import STEP1X_CONNECTOR_SPEC
 
-    specs = (FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC, FLUX1_CONTROLNET_SPEC)
+    specs = (FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC, FLUX1_CONTROLNET_SPEC, STEP1X_CONNECTOR_SPEC)
     assert FAMILY.name == "flux" and FAMILY.specs == specs
     assert FLUX1_DIT_SPEC.name == "flux1_dit" and FLUX1_DIT_SPEC.role == "dit"
     assert FAMILY.pipeline == "diffsynth.flux.pipeline:FluxImagePipeline"
@@ -195,6 +196,7 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
         "black-forest-labs/FLUX.1-dev",
         "black-forest-labs/FLUX.1-schnell",
         "ostris/Flex.2-preview",
+        "stepfun-ai/Step1X-Edit",
     ]
 
 

@@ -191,7 +191,13 @@ def installed_families() -> dict[str, Family]:
 
 
 def all_specs() -> list[ModelSpec]:
-    return [spec for fam in installed_families().values() for spec in fam.specs]
+    """Every installed family's specs, each once (a shared spec, such as the runtime's Qwen2.5-VL, may be listed
+    by several families)."""
+    specs: dict[int, ModelSpec] = {}
+    for fam in installed_families().values():
+        for spec in fam.specs:
+            specs.setdefault(id(spec), spec)
+    return list(specs.values())
 
 
 def find_preset(name: str) -> tuple[Family, Preset]:
