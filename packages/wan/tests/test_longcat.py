@@ -29,6 +29,7 @@ from diffsynth.wan.longcat import (
     LongCatVideoDiT,
     cfg_zero_star,
     config_from_state,
+    longcat_lora_to_standard,
     longcat_sigmas,
 )
 from diffsynth.wan.presets import PRESETS
@@ -101,9 +102,7 @@ def authors(tmp_path_factory):
         (pkg / sub / "__init__.py").write_text("")
     for name, text in sources.items():
         (pkg / "modules" / name).write_text(text)
-    (pkg / "modules" / "lora_utils.py").write_text(
-        "def create_lora_network(**kwargs):\n    raise NotImplementedError\n"
-    )
+    (pkg / "modules" / "lora_utils.py").write_text(_git_show(AUTHORS_MIRROR, "longcat_video/modules/lora_utils.py"))
     (pkg / "context_parallel" / "context_parallel_util.py").write_text("def get_cp_size():\n    return 1\n")
     (pkg / "context_parallel" / "ulysses_wrapper.py").write_text("def ulysses_wrapper(f):\n    return f\n")
     (pkg / "block_sparse_attention" / "bsa_interface.py").write_text(
@@ -459,3 +458,162 @@ def test_preset_has_the_authors_defaults():
         "meituan-longcat/LongCat-Video",
         "dit/diffusion_pytorch_model*.safetensors",
     )
+
+
+# ----------------------------------------------------------------------------------------- distilled sampling
+def authors_lora_state(model: LongCatVideoDiT, rank: int = 4, alpha_scale: float = 0.75, seed: int = 3) -> dict:
+    """A LoRA in the authors' layout on every block's projections: the fused qkv / kv ones with their up matrix
+    split per output chunk (`lora_up.blocks.N`), the scale stored as `alpha_scale`, as their `LoRANetwork` saves."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] not in model.lora_target_modules:
+            continue
+        key = "lora___lorahyphen___" + name.replace(".", "___lorahyphen___")
+        chunks = {"qkv": 3, "kv_linear": 2}.get(name.split(".")[-1], 1)
+        state[f"{key}.lora_down.weight"] = torch.randn(chunks * rank, module.in_features, generator=g) * 0.1
+        if chunks == 1:
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
+        for i in range(chunks if chunks > 1 else 0):
+            state[f"{key}.lora_up.blocks.{i}.weight"] = torch.randn(module.out_features // chunks, rank, generator=g)
+        state[f"{key}.alpha_scale"] = torch.tensor(alpha_scale)
+    return state
+
+
+def test_longcat_lora_layout_is_read_onto_the_weights(pipe, tmp_path):
+    """A LoRA file in the authors' layout loads through `pipe.load_lora`; fused, each projection gains
+    `alpha_scale * up @ down` with output chunk N of a split up matrix reading rows N of the down matrix."""
+    from diffsynth.runtime.lora import clear_loras
+
+    state = authors_lora_state(pipe.dit)
+    path = tmp_path / "cfg_step_lora.safetensors"
+    save_file(state, str(path))
+    before = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    try:
+        pipe.load_lora(str(path), fuse=True)
+        after = pipe.dit.state_dict()
+        for name, module in pipe.dit.named_modules():
+            if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] not in pipe.dit.lora_target_modules:
+                continue
+            key = "lora___lorahyphen___" + name.replace(".", "___lorahyphen___")
+            down = state[f"{key}.lora_down.weight"]
+            ups = [state[k] for k in sorted(state) if k.startswith(f"{key}.lora_up.blocks.")] or [
+                state[f"{key}.lora_up.weight"]
+            ]
+            rank = down.shape[0] // len(ups)
+            delta = torch.cat([up @ down[i * rank : (i + 1) * rank] for i, up in enumerate(ups)])
+            torch.testing.assert_close(after[f"{name}.weight"], before[f"{name}.weight"] + 0.75 * delta)
+    finally:
+        pipe.dit.load_state_dict(before)
+        clear_loras(pipe.dit)
+
+
+def test_longcat_lora_errors_name_the_key():
+    from diffsynth.runtime.errors import LoRAError
+
+    state = authors_lora_state(tiny_model())
+    key = next(k for k in state if k.endswith("lora_up.blocks.1.weight"))
+    with pytest.raises(LoRAError, match="lora_up.blocks has chunks \\[0, 2\\]"):
+        longcat_lora_to_standard({k: v for k, v in state.items() if k != key}, "f.safetensors")
+    with pytest.raises(LoRAError, match="f.safetensors: key 'lora___lorahyphen___x.weight' is not"):
+        longcat_lora_to_standard({**state, "lora___lorahyphen___x.weight": torch.zeros(1)}, "f.safetensors")
+    down = next(k for k in state if k.endswith("lora_down.weight"))
+    with pytest.raises(LoRAError, match="lacks its down matrix"):
+        longcat_lora_to_standard({k: v for k, v in state.items() if k != down}, "f.safetensors")
+
+
+@pytest.mark.parity
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_longcat_lora_matches_the_authors(authors, tmp_path):
+    """The same file through the authors' `load_lora` + `enable_loras` (their LoRA forward beside each Linear)
+    and through ours (fused and kept apart): the DiT's outputs agree."""
+    from diffsynth.runtime.lora import apply_lora, read_lora
+
+    ours = tiny_model(seed=4)
+    theirs = _authors_model(authors, ours.config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    state = authors_lora_state(ours)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    theirs.load_lora(str(tmp_path / "lora.safetensors"), "cfg_step_lora", lora_network_dim=4, lora_network_alpha=2)
+    theirs.enable_loras(["cfg_step_lora"])
+    x, t, context, mask = tiny_inputs()
+    timestep = t[:, None].expand(-1, x.shape[2]).clone()
+    with torch.no_grad():
+        expected = theirs(x, timestep, context[:, None], mask.long())
+        plain = ours(x, t, context, mask)
+        for fuse in (False, True):
+            model = tiny_model(seed=4)
+            apply_lora(model, read_lora(longcat_lora_to_standard(state)), fuse=fuse)
+            got = model(x, t, context, mask)
+            print(f"LongCat LoRA (fuse={fuse}) vs the authors': max abs {(got - expected).abs().max():.1e}")
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert (plain - expected).abs().max() > 1e-2  # the LoRA changes the output
+
+
+def test_distill_schedule_is_the_authors():
+    """`longcat_distill` sigmas: N picks at even strides of the 50-step grid 1000, 980, ..., 20 (over 1000), then
+    the shift; equal to the authors' `get_timesteps_sigmas(N, use_distill=True)` (read from their mirror when
+    present) and to the grid written out here."""
+    for steps in (16, 4, 50):
+        grid = np.arange(1000, 0, -20) / 1000
+        want = grid[np.floor(np.linspace(0, 50, steps, endpoint=False)).astype(int)]
+        got = longcat_sigmas(steps, 1.0, distill=True)
+        assert got[-1] == 0 and len(got) == steps + 1
+        np.testing.assert_allclose(got[:-1].numpy(), want, atol=1e-7)
+    assert longcat_sigmas(16, 1.0, distill=True)[:3].tolist() == pytest.approx([1.0, 0.94, 0.88])
+    shifted = longcat_sigmas(16, 3.0, distill=True)
+    torch.testing.assert_close(shifted[1], torch.tensor(3 * 0.94 / (1 + 2 * 0.94)))
+    with pytest.raises(ConfigError, match="at most 50"):
+        longcat_sigmas(51, 1.0, distill=True)
+    try:
+        source = _git_show(AUTHORS_MIRROR, "longcat_video/pipeline_longcat_video.py")
+    except pytest.skip.Exception:
+        return
+    import ast
+    import types
+
+    tree = ast.parse(source)
+    function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_timesteps_sigmas")
+    namespace = {"torch": torch, "np": np}
+    exec(compile(ast.Module([function], []), "longcat:get_timesteps_sigmas", "exec"), namespace)
+    owner = types.SimpleNamespace(num_distill_sample_steps=50, num_timesteps=1000)
+    for steps in (16, 4, 50):
+        theirs = namespace["get_timesteps_sigmas"](owner, steps, use_distill=True)
+        torch.testing.assert_close(longcat_sigmas(steps, 1.0, distill=True)[:-1], theirs)
+        torch.testing.assert_close(longcat_sigmas(steps, 1.0)[:-1], namespace["get_timesteps_sigmas"](owner, steps))
+
+
+def test_distill_runs_on_its_grid(pipe):
+    """`longcat_distill=True`: the DiT sees the distilled grid's timesteps, one call a step (no CFG at 1)."""
+    with Latents(pipe) as rec:
+        pipe(PROMPT, longcat_distill=True, cfg_scale=1.0, sigma_shift=3.0, seed=0, **{**FAST, "num_inference_steps": 4})
+    seen = [float(args[1][0, 0]) for args, _ in rec.calls]
+    assert seen == pytest.approx((longcat_sigmas(4, 3.0, distill=True)[:-1] * 1000).tolist())
+
+
+def test_distill_preset_fuses_the_cfg_step_lora(tmp_path, monkeypatch):
+    """`meituan-longcat/LongCat-Video:distill` loads the base files and the authors' `lora/cfg_step_lora.safetensors`
+    (fused): its DiT equals the base's after `load_lora(file)`, with 16 steps, no CFG and the distilled grid."""
+    import shutil
+
+    root = C.build_tiny_repo(tmp_path / "tiny", "t2v")
+    base = tmp_path / "models"
+    longcat = base / "meituan-longcat" / "LongCat-Video"
+    model = tiny_model(seed=5, caption_channels=C.TINY_UMT5["d_model"])
+    save_sharded(longcat / "dit", model)
+    (longcat / "lora").mkdir(parents=True)
+    save_file(authors_lora_state(model), str(longcat / "lora" / "cfg_step_lora.safetensors"))
+    wan = base / "Wan-AI" / "Wan2.1-T2V-14B"
+    wan.mkdir(parents=True)
+    for name in (C.T5_FILE, "Wan2.1_VAE.pth"):
+        shutil.copy(root / name, wan / name)
+    shutil.copytree(root / C.TOKENIZER_DIR, base / "Wan-AI" / "Wan2.1-T2V-1.3B" / "google" / "umt5-xxl")
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    distilled = WanVideoPipeline.from_pretrained("meituan-longcat/LongCat-Video:distill", torch_dtype="float32")
+    plain = WanVideoPipeline.from_pretrained("meituan-longcat/LongCat-Video", torch_dtype="float32")
+    plain.load_lora(str(longcat / "lora" / "cfg_step_lora.safetensors"), fuse=True)
+    ours, want = distilled.dit.state_dict(), plain.dit.state_dict()
+    assert all(torch.equal(ours[k], want[k]) for k in want)
+    d = distilled.defaults
+    assert (d["num_inference_steps"], d["cfg_scale"], d["longcat_distill"]) == (16, 1.0, True)

@@ -629,6 +629,7 @@ def test_presets_are_data_with_the_authors_defaults():
         "krea/krea-realtime-video",
         "iic/VACE-Wan2.1-1.3B-Preview",
         "meituan-longcat/LongCat-Video",
+        "meituan-longcat/LongCat-Video:distill",
     ]
     assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *others])
     krea = presets["krea/krea-realtime-video"]

@@ -10,14 +10,17 @@ the noisy tokens attend to all tokens. The model predicts `x0 - noise` (the nega
 
 Generation (`generate_longcat`) follows the authors' `pipeline_longcat_video.py`: sigmas `linspace(1, 0.001, N)`
 (shifted by `sigma_shift`), Euler steps on the noisy frames only, and their CFG-Zero* guidance
-`u * s + cfg * (c - u * s)` with `s = <c, u> / |u|^2` per sample. The authors' block-sparse attention (their 720p
-refinement stage) and KV cache of the clean frames are not implemented.
+`u * s + cfg * (c - u * s)` with `s = <c, u> / |u|^2` per sample. Their distilled sampling (the cfg_step LoRA in
+their LoRA layout, read by `longcat_lora_to_standard`; 16 steps on the distilled grid, no CFG) is `longcat_distill`.
+The authors' block-sparse attention (their 720p refinement stage) and KV cache of the clean frames are not
+implemented.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -393,11 +396,76 @@ SIGNATURE = (
 )
 
 
+# ----------------------------------------------------------------------------------------- LoRA files
+LORA_PREFIX, LORA_DOT = "lora___lorahyphen___", "___lorahyphen___"  # the authors' escaped module paths
+LORA_ALPHA_SCALE = 64 / 128  # their `load_lora` network alpha / rank, for a file without `alpha_scale`
+_LORA_KEY = re.compile(r"^(.+?)\.(lora_down\.weight|lora_up\.weight|lora_up\.blocks\.(\d+)\.weight|alpha_scale)$")
+
+
+def is_longcat_lora(state) -> bool:
+    """Whether a LoRA state dict is in the authors' layout (`cfg_step_lora.safetensors`, `refinement_lora...`)."""
+    return any(LORA_DOT in key for key in state)
+
+
+def longcat_lora_to_standard(state, source: str = "<state dict>") -> dict[str, torch.Tensor]:
+    """The authors' LoRA layout (their `lora_utils.LoRANetwork` state: `lora___lorahyphen___blocks___lorahyphen___
+    0___lorahyphen___attn___lorahyphen___qkv.lora_down.weight`, the up matrix split per output chunk as
+    `lora_up.blocks.N.weight` for the fused qkv / kv projections, the scale as `alpha_scale`) as `<module>.lora_down
+    .weight` / `.lora_up.weight` / `.alpha` of our (their) module names. A split up matrix becomes one block-diagonal
+    matrix (chunk N of the output reads chunk N of the down projection's rows, as their forward does)."""
+    from diffsynth.runtime.errors import LoRAError
+
+    groups: dict[str, dict] = {}
+    for key, tensor in state.items():
+        match = _LORA_KEY.match(key)
+        if match is None or LORA_DOT not in match.group(1):
+            raise LoRAError(f"{source}: key {key!r} is not in the LongCat-Video LoRA layout (lora___lorahyphen___...)")
+        group = groups.setdefault(match.group(1), {"blocks": {}})
+        if match.group(3) is not None:
+            group["blocks"][int(match.group(3))] = tensor
+        else:
+            group[match.group(2)] = tensor
+    out: dict[str, torch.Tensor] = {}
+    for name, group in groups.items():
+        module = name.replace(LORA_PREFIX, "").replace(LORA_DOT, ".")
+        blocks = group["blocks"]
+        if blocks and sorted(blocks) != list(range(len(blocks))):
+            raise LoRAError(
+                f"{source}: {name}.lora_up.blocks has chunks {sorted(blocks)}; expected 0..{len(blocks) - 1}"
+            )
+        up = torch.block_diag(*(blocks[i] for i in range(len(blocks)))) if blocks else group.get("lora_up.weight")
+        down = group.get("lora_down.weight")
+        if up is None or down is None:
+            raise LoRAError(f"{source}: {name} lacks its {'up' if up is None else 'down'} matrix")
+        scale = group.get("alpha_scale")
+        scale = LORA_ALPHA_SCALE if scale is None else float(scale.float().reshape(-1)[0])
+        out[f"{module}.lora_down.weight"] = down
+        out[f"{module}.lora_up.weight"] = up
+        out[f"{module}.alpha"] = torch.tensor(scale * down.shape[0])  # our factor alpha / rank is their scale
+    return out
+
+
 # ----------------------------------------------------------------------------------------- generation
-def longcat_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """The authors' schedule: `linspace(1, 0.001, steps)` through the flow shift `s * σ / (1 + (s - 1) σ)`, then
-    the terminal 0 (N + 1 values)."""
-    sigmas = torch.linspace(1.0, 0.001, steps, dtype=torch.float32)
+DISTILL_TEACHER_STEPS = 50  # the distilled model's grid: 50 evenly spaced of the 1000 training timesteps
+TRAIN_TIMESTEPS = 1000
+
+
+def longcat_sigmas(steps: int, shift: float, distill: bool = False) -> torch.Tensor:
+    """The authors' schedule: `linspace(1, 0.001, steps)`, or with `distill` (their `use_distill`, for the
+    cfg_step LoRA) `steps` picks at even strides of the 50-step grid 1, 0.98, ..., 0.02; then the flow shift
+    `s * σ / (1 + (s - 1) σ)` and the terminal 0 (N + 1 values)."""
+    if distill:
+        if not 1 <= steps <= DISTILL_TEACHER_STEPS:
+            raise ConfigError(
+                f"num_inference_steps={steps}: the distilled LongCat-Video samples at most {DISTILL_TEACHER_STEPS} "
+                "steps of its grid (16 is the authors' choice)"
+            )
+        stride = TRAIN_TIMESTEPS // DISTILL_TEACHER_STEPS
+        grid = torch.arange(DISTILL_TEACHER_STEPS, 0, -1, dtype=torch.float32) * stride / TRAIN_TIMESTEPS
+        picks = [math.floor(i * DISTILL_TEACHER_STEPS / steps) for i in range(steps)]
+        sigmas = grid[picks]
+    else:
+        sigmas = torch.linspace(1.0, 0.001, steps, dtype=torch.float32)
     sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     return torch.cat([sigmas, torch.zeros(1)])
 
@@ -423,7 +491,8 @@ def check_longcat_arguments(pipe, given: dict, sampler: str, cfg_merge: bool, fr
     """Refuse, by name, options LongCat-Video cannot take, and a `longcat_video` for another DiT."""
     if not isinstance(pipe.dit, LongCatVideoDiT):
         raise ConfigError(
-            "longcat_video needs a LongCat-Video DiT (meituan-longcat/LongCat-Video); this DiT is not one"
+            "longcat_video and longcat_distill need a LongCat-Video DiT (meituan-longcat/LongCat-Video); this DiT "
+            "is not one"
         )
     refused = [name for name, value in given.items() if value is not None]
     if refused:
@@ -474,13 +543,13 @@ def generate_longcat(
 ) -> torch.Tensor:  # fmt: skip
     """A LongCat-Video clip `[B, 3, F, H, W]` in [-1, 1]: text-to-video, image-to-video (`input_image`, the first
     frame) or continuation (`longcat_video`, 4n + 1 frames that open the clip). The conditioning latents replace
-    the first latent frames of the noise and stay fixed; `schedule` is (steps, shift, sigmas or None)."""
+    the first latent frames of the noise and stay fixed; `schedule` is (steps, shift, sigmas or None, distill)."""
     from diffsynth.runtime.vram import module_dtype
 
     from .animate import frames_tensor
 
     height, width, frames = size
-    steps, shift, sigmas = schedule
+    steps, shift, sigmas, distill = schedule
     dit, vae, batch = pipe.dit, pipe.vae, len(prompts)
     s, tc, z = vae.spatial_compression, vae.temporal_compression, vae.z_dim
     given = _condition_frames(pipe, input_image, longcat_video, frames)
@@ -501,7 +570,7 @@ def generate_longcat(
         x[:, :, :cond] = encoded.to(x.device)
 
     if sigmas is None:
-        sigmas = longcat_sigmas(steps, shift)
+        sigmas = longcat_sigmas(steps, shift, distill)
     else:
         sigmas = torch.cat([torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu(), torch.zeros(1)])
     pipe.load_models_to_device(["dit"])
@@ -536,6 +605,8 @@ __all__ = [
     "check_longcat_arguments",
     "config_from_state",
     "generate_longcat",
+    "is_longcat_lora",
+    "longcat_lora_to_standard",
     "longcat_sigmas",
     "longcat_step",
 ]

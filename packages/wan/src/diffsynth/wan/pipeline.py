@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -281,6 +281,7 @@ class WanVideoPipeline(BasePipeline):
         wantodance_keyframes_mask: Sequence[int] | torch.Tensor | None = None,
         framewise_decoding: bool | None = None,
         longcat_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        longcat_distill: bool | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -335,7 +336,8 @@ class WanVideoPipeline(BasePipeline):
         latent frame on its own (the global model's keyframes: one image per latent frame). `tiled` (default True, or
         the preset's) tiles the VAE.
         LongCat-Video (see `longcat.py`): `input_image` is the first frame (I2V); `longcat_video` (4n + 1 frames or a
-        file) opens the clip, which continues it to `num_frames`.
+        file) opens the clip, which continues it to `num_frames`. `longcat_distill` (the `:distill` preset's
+        default) samples on the distilled grid, for the authors' cfg_step LoRA (16 steps, `cfg_scale` 1).
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -385,13 +387,14 @@ class WanVideoPipeline(BasePipeline):
                       sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride, **s2v,
                       **dict(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
                                   "animate_mask_video"), animate, strict=True)))  # fmt: skip
-        if isinstance(self.dit, LongCatVideoDiT) or longcat_video is not None:
+        if isinstance(self.dit, LongCatVideoDiT) or longcat_video is not None or longcat_distill:
             taken = {k: v for k, v in {**others, **animate2, **dancer}.items() if k != "input_image"}
             taken["framewise_decoding"] = framewise_decoding or None
             check_longcat_arguments(self, taken, sampler, cfg_merge, frames)
             video = generate_longcat(
                 self, prompts, negatives, input_image, longcat_video, (height, width, frames), seed, rand_device,
-                latents, max_sequence_length, (steps, shift, sigmas), scale, vae_kwargs, progress_bar,
+                latents, max_sequence_length, (steps, shift, sigmas, bool(self.setting("longcat_distill",
+                longcat_distill, False))), scale, vae_kwargs, progress_bar,
             )  # fmt: skip
             out = tensor_to_output(video.float(), output_type)
             return out[0] if isinstance(prompt, str) and output_type == "pil" else out
@@ -531,6 +534,20 @@ class WanVideoPipeline(BasePipeline):
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
 
     # ------------------------------------------------------------------ checks
+    def read_lora(self, path, slot: str = "dit"):
+        """The common LoRA layouts, and LongCat-Video's own (`longcat.longcat_lora_to_standard`: the authors'
+        `lora/cfg_step_lora.safetensors`; their refinement stage, which its other LoRA is for, is not implemented)."""
+        from diffsynth.runtime.lora import read_lora, read_lora_state
+
+        from .longcat import is_longcat_lora, longcat_lora_to_standard
+
+        if not isinstance(path, (str, os.PathLike, Mapping)):
+            return super().read_lora(path, slot)
+        state, source = read_lora_state(path)
+        if is_longcat_lora(state):
+            state = longcat_lora_to_standard(state, source)
+        return read_lora(state, source=source)
+
     def cli_options(self, options: dict) -> dict:
         """The `diffsynth generate` inputs under this pipeline's names, for Wan-Dancer (other DiTs: as given).
         `--input-image` is the dancer and `--input-audio` the music file. The global model (the preset's 7.5 fps)

@@ -38,7 +38,7 @@ low-noise expert's.
 
 from __future__ import annotations
 
-from diffsynth.runtime.registry import Preset, PresetFile
+from diffsynth.runtime.registry import Preset, PresetFile, PresetLoRA
 
 NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -355,6 +355,20 @@ _PRESETS += (
         defaults={**_LONGCAT, "negative_prompt": LONGCAT_NEGATIVE_PROMPT},
         description="LongCat-Video 13.6B (Meituan): text-to-video, image-to-video (input_image) and continuation "
         "(longcat_video, 4n + 1 frames); 50 steps, CFG-Zero* guidance 4, 832x480, 93 frames at 15 fps.",
+    ),
+    # the authors' distilled sampling (run_demo_text_to_video.py): the cfg_step LoRA, 16 steps on its grid, no CFG
+    Preset(
+        name=LONGCAT + ":distill",
+        files=(
+            PresetFile(LONGCAT, "dit/" + DIT),
+            PresetFile("Wan-AI/Wan2.1-T2V-14B", T5),
+            PresetFile("Wan-AI/Wan2.1-T2V-14B", VAE21),
+        ),
+        tokenizer=TOKENIZER,
+        loras=(PresetLoRA(LONGCAT, "lora/cfg_step_lora.safetensors"),),
+        defaults={**_LONGCAT, "num_inference_steps": 16, "cfg_scale": 1.0, "longcat_distill": True},
+        description="LongCat-Video with the authors' cfg_step LoRA (fused): 16 steps on the distilled grid, no "
+        "CFG; text-to-video, image-to-video and continuation as the base preset.",
     ),
 )
 
