@@ -179,14 +179,19 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
     from diffsynth.flux.flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
     from diffsynth.flux.flux1.encoder_formats import CLIP_TEXT_SPEC, T5_ENCODER_SPEC
     from diffsynth.flux.flux1.step1x_connector import STEP1X_CONNECTOR_SPEC
+    from diffsynth.flux.flux1.value_control import VALUE_ENCODER_SPEC
 
-    specs = (FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC, FLUX1_CONTROLNET_SPEC, STEP1X_CONNECTOR_SPEC)
+    specs = (
+        FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC, FLUX1_CONTROLNET_SPEC, STEP1X_CONNECTOR_SPEC,
+        VALUE_ENCODER_SPEC,
+    )  # fmt: skip
     assert FAMILY.name == "flux" and FAMILY.specs == specs
     assert FLUX1_DIT_SPEC.name == "flux1_dit" and FLUX1_DIT_SPEC.role == "dit"
     assert FAMILY.pipeline == "diffsynth.flux.pipeline:FluxImagePipeline"
     assert sorted(FAMILY.presets) == [
         "ByteDance/InfiniteYou",
         "ByteDance/InfiniteYou:sim",
+        "DiffSynth-Studio/AttriCtrl-FLUX.1-Dev",
         "DiffSynth-Studio/Eligen",
         "black-forest-labs/FLUX.1-Canny-dev",
         "black-forest-labs/FLUX.1-Depth-dev",

@@ -9,6 +9,7 @@ from .flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
 from .flux1.encoder_formats import CLIP_TEXT_SPEC, T5_ENCODER_SPEC
 from .flux1.formats import FLUX1_DIT_SPEC
 from .flux1.step1x_connector import STEP1X_CONNECTOR_SPEC
+from .flux1.value_control import VALUE_ENCODER_SPEC
 from .flux2.encoder_formats import MISTRAL3_TEXT_SPEC
 from .flux2.formats import FLUX2_DIT_SPEC
 from .flux2.presets import PRESETS as FLUX2_PRESETS
@@ -17,7 +18,14 @@ from .presets import PRESETS
 
 FAMILY = Family(
     name="flux",
-    specs=(FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC, FLUX1_CONTROLNET_SPEC, STEP1X_CONNECTOR_SPEC),
+    specs=(
+        FLUX1_DIT_SPEC,
+        CLIP_TEXT_SPEC,
+        T5_ENCODER_SPEC,
+        FLUX1_CONTROLNET_SPEC,
+        STEP1X_CONNECTOR_SPEC,
+        VALUE_ENCODER_SPEC,
+    ),
     presets=PRESETS,
     pipeline="diffsynth.flux.pipeline:FluxImagePipeline",
     training="diffsynth.flux.training:FluxTrainingTask",

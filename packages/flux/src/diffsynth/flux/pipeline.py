@@ -268,8 +268,12 @@ class FluxImagePipeline(BasePipeline):
         "ipadapter_image_encoder": "ip_adapter_image_encoder",
         "flux_redux": "flux_redux",
         "flux_redux_image_encoder": "flux_redux_image_encoder",
+        "value_controller": "value_controller",
     }
-    optional_slots = ("controlnet", "ipadapter", "ipadapter_image_encoder", "flux_redux", "flux_redux_image_encoder")
+    optional_slots = (
+        "controlnet", "ipadapter", "ipadapter_image_encoder", "flux_redux", "flux_redux_image_encoder",
+        "value_controller",
+    )  # fmt: skip
     size_multiple = 16  # VAE 8x, 2x2 packing
 
     def __init__(self, device=None, torch_dtype=torch.bfloat16):
@@ -365,6 +369,11 @@ class FluxImagePipeline(BasePipeline):
             if self._redux_source is not None:
                 raise ConfigError(f"model_configs hold two Redux embedders: {self._redux_source}, {config}")
             self._redux_source = config
+            return
+        from .flux1.value_control import is_value_encoder_file
+
+        if is_value_encoder_file(weight_paths(config)):  # an AttriCtrl encoder: joins those loaded, in order
+            self.load_value_controller(config)
             return
         from .flux1.infiniteyou import is_projector_file
 
@@ -462,6 +471,7 @@ class FluxImagePipeline(BasePipeline):
         infiniteyou_guidance: float | None = None,
         infinityou_id_image=None,
         infinityou_guidance: float | None = None,
+        value_controller_inputs: float | Sequence[float] | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -512,6 +522,8 @@ class FluxImagePipeline(BasePipeline):
         `infiniteyou_guidance` (default 1); its control image (`controlnet_inputs`) defaults to a black one (no
         pose), and with true CFG the negative branch runs without InfuseNet, as the authors'. DiffSynth-Studio's
         spellings `infinityou_id_image` / `infinityou_guidance` are accepted too.
+        AttriCtrl (`load_value_controller`; DiffSynth-Studio's name): `value_controller_inputs`, one number in
+        [0, 1] per loaded attribute encoder, appends its tokens to both prompts' T5 states (`flux1/value_control.py`).
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
         """
@@ -553,6 +565,7 @@ class FluxImagePipeline(BasePipeline):
         text = self.encode_prompt(prompts, text_len)
         negative_text = self.encode_prompt(negatives, text_len) if use_cfg else None
         text = self.prepare_redux(text, *redux_inputs)
+        text, negative_text = self.prepare_value_control(value_controller_inputs, text, negative_text)
         entities = self.prepare_eligen(
             entity_prompts, entity_masks, negative_text, eligen_enable_on_negative, height, width, text_len
         )
@@ -1048,6 +1061,53 @@ class FluxImagePipeline(BasePipeline):
         embedding = check_embedding(embedding, projector.config.embedding_dim)
         with torch.no_grad():
             return projector(embedding.to(self.device, module_dtype(projector))).float()
+
+    # ------------------------------------------------------------------ AttriCtrl
+    def load_value_controller(self, encoder: str | os.PathLike | ModelConfig) -> int:
+        """Load one AttriCtrl attribute encoder (e.g. `models/brightness.safetensors` of
+        DiffSynth-Studio/AttriCtrl-FLUX.1-Dev; a file or `ModelConfig`) after those already loaded; returns its
+        position in `value_controller_inputs`."""
+        from diffsynth.runtime.loading import load_models
+
+        from .flux1.value_control import VALUE_ENCODER_SPEC, ValueControllers
+
+        config = encoder if isinstance(encoder, ModelConfig) else ModelConfig(path=str(encoder))
+        (loaded,) = load_models(
+            weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=[VALUE_ENCODER_SPEC]
+        )
+        dim = loaded.module.config.dim
+        if self.dit is not None and dim != self.dit.config.context_in_dim:
+            raise ConfigError(
+                f"{config}: the AttriCtrl encoder makes {dim}-wide tokens; this DiT reads "
+                f"{self.dit.config.context_in_dim}-wide text"
+            )
+        if self.value_controller is None:
+            self.value_controller = ValueControllers()
+            self.model_configs.setdefault("value_controller", config)
+        self.value_controller.encoders.append(loaded.module.eval().requires_grad_(False))
+        if self.vram_handles:
+            self.enable_vram_management(slots=["value_controller"])
+        elif not self.model_offload:
+            self.value_controller.to(self.device)
+        return len(self.value_controller.encoders) - 1
+
+    def prepare_value_control(self, values, text: FluxPromptEmbeds, negative: FluxPromptEmbeds | None):
+        """Both prompts with the AttriCtrl tokens of `values` appended (unchanged without values)."""
+        from .flux1.value_control import check_values
+
+        if values is None:
+            return text, negative
+        encoders = self.value_controller.encoders if self.value_controller is not None else ()
+        values = check_values(values, len(encoders))
+        self.load_models_to_device(["value_controller"])
+        with torch.no_grad():
+            tokens = self.value_controller(values).float()
+
+        def appended(embeds):
+            extra = tokens.to(embeds.t5.device).expand(embeds.batch, -1, -1)
+            return FluxPromptEmbeds(t5=torch.cat([embeds.t5, extra.to(embeds.t5.dtype)], dim=1), pooled=embeds.pooled)
+
+        return appended(text), (appended(negative) if negative is not None else None)
 
     # ------------------------------------------------------------------ Redux
     def load_redux(

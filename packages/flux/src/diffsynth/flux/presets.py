@@ -123,6 +123,20 @@ PRESETS["DiffSynth-Studio/Eligen"] = Preset(
     loras=(PresetLoRA("DiffSynth-Studio/Eligen", "model_bf16.safetensors"),),
 )
 
+# DiffSynth-Studio's AttriCtrl on FLUX.1-dev: the brightness encoder of its example (`flux1/value_control.py`);
+# value_controller_inputs=[0..1] sets the brightness. Other attribute files load with pipe.load_value_controller.
+PRESETS["DiffSynth-Studio/AttriCtrl-FLUX.1-Dev"] = Preset(
+    name="DiffSynth-Studio/AttriCtrl-FLUX.1-Dev",
+    files=(
+        *PRESETS["black-forest-labs/FLUX.1-dev"].files,
+        PresetFile("DiffSynth-Studio/AttriCtrl-FLUX.1-Dev", "models/brightness.safetensors"),
+    ),
+    tokenizer=PRESETS["black-forest-labs/FLUX.1-dev"].tokenizer,
+    defaults=PRESETS["black-forest-labs/FLUX.1-dev"].defaults,
+    description="FLUX.1-dev with DiffSynth-Studio's AttriCtrl brightness encoder: value_controller_inputs=[0..1] "
+    "(0 dark, 1 bright).",
+)
+
 # ByteDance's InfiniteYou on FLUX.1-dev: the stage's InfuseNet (a ControlNet folder) and id projector beside
 # FLUX.1-dev's files (`flux1/infiniteyou.py`); the authors' defaults: 30 steps, 864 x 1152, guidance 3.5. The
 # default is their aesthetics stage (`aes_stage2`), `:sim` their identity-similarity stage (`sim_stage1`).

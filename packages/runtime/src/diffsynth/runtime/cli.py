@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         "'diffsynth-flux[infiniteyou]')",
     )
     gen.add_argument(
+        "--value-controller-inputs",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="VALUE",
+        help="AttriCtrl (FLUX.1, DiffSynth-Studio/AttriCtrl-FLUX.1-Dev): one value in [0, 1] per attribute encoder",
+    )
+    gen.add_argument(
         "--sampler",
         default=None,
         choices=("euler", "unipc"),
@@ -535,6 +543,7 @@ def _generate(args) -> int:
         "positive_only_lora": args.positive_only_lora,
         "sampler": args.sampler,
         "infiniteyou_id_image": args.infiniteyou_id_image,
+        "value_controller_inputs": args.value_controller_inputs,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
