@@ -259,3 +259,25 @@ def test_unipc_sampler_steps_every_step(pipe):
     check_unipc_sampling(
         lambda sampler: pipe("a cat", seed=0, output_type="pt", sampler=sampler, **{**FAST, "num_inference_steps": 4})
     )
+
+
+def test_zero_cond_t_overrides_the_dits_config_for_one_call(pipe, small_edit_areas):
+    """DiffSynth-Studio's `zero_cond_t=True` (Edit-2511) on a DiT whose config says False gives the image the DiT
+    makes with the flag in its config (the edit image's tokens modulated at timestep 0), differs from the plain
+    call, and leaves the config as it was; `None` keeps the config's value; other values are refused."""
+    options = dict(edit_image=Image.new("RGB", (40, 80), (10, 200, 10)), seed=0, output_type="pt", **FAST)
+    assert pipe.dit.config.zero_cond_t is False
+    plain = pipe("make it blue", **options)
+    overridden = pipe("make it blue", zero_cond_t=True, **options)
+    assert pipe.dit.config.zero_cond_t is False
+    pipe.dit.config.zero_cond_t = True
+    try:
+        configured = pipe("make it blue", **options)
+        torch.testing.assert_close(pipe("make it blue", zero_cond_t=None, **options), configured, rtol=0, atol=0)
+        torch.testing.assert_close(pipe("make it blue", zero_cond_t=False, **options), plain, rtol=0, atol=0)
+    finally:
+        pipe.dit.config.zero_cond_t = False
+    torch.testing.assert_close(overridden, configured, rtol=0, atol=0)
+    assert (overridden - plain).abs().max() > 1e-6  # the runs are bit-reproducible: any change is the flag's
+    with pytest.raises(ConfigError, match="zero_cond_t='yes'"):
+        pipe("make it blue", zero_cond_t="yes", **options)

@@ -34,6 +34,7 @@ prompt, and the sum of the nets' scaled residuals goes into both the positive an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -179,6 +180,20 @@ def true_cfg(positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float, p
     return unpack(guided, h, w, patch)
 
 
+@contextlib.contextmanager
+def dit_config(dit, **overrides):
+    """The DiT's config with the given fields (those not None) changed for the duration, then restored."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    saved = {k: getattr(dit.config, k) for k in given}
+    for k, v in given.items():
+        setattr(dit.config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(dit.config, k, v)
+
+
 class QwenImagePipeline(BasePipeline):
     """Qwen-Image text-to-image / image-to-image, API compatible with DiffSynth-Studio."""
 
@@ -243,6 +258,7 @@ class QwenImagePipeline(BasePipeline):
         edit_image=None,
         edit_image_auto_resize: bool | None = None,
         edit_rope_interpolation: bool | None = None,
+        zero_cond_t: bool | None = None,
         context_image=None,
         eligen_entity_prompts: Sequence[str] | None = None,
         eligen_entity_masks: Sequence[Image.Image] | None = None,
@@ -282,6 +298,9 @@ class QwenImagePipeline(BasePipeline):
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
         `edit_rope_interpolation` (DiffSynth-Studio's, for its Qwen-Image-Edit-Lowres-Fix LoRA) spreads a smaller
         edit image's rotary positions over the generated image's grid, so a low-resolution image edits a larger one.
+        `zero_cond_t` (DiffSynth-Studio's argument) modulates the edit images' tokens with timestep 0, as
+        Qwen-Image-Edit-2511 was trained; by default the DiT's `config.json` decides (True for Edit-2511), and a
+        bool overrides it for this call (e.g. a single-file Edit-2511 DiT without its config.json).
         `context_image` (DiffSynth-Studio's In-Context Control LoRAs, e.g. Qwen-Image-In-Context-Control-Union with
         a "Context_Control. " prompt) is resized to the output size and its latent tokens follow the image's as a
         clean reference that the text encoder does not see; a control map (pose, depth, edges, ...) is followed.
@@ -342,6 +361,9 @@ class QwenImagePipeline(BasePipeline):
             )
         edit_image_auto_resize = bool(self.setting("edit_image_auto_resize", edit_image_auto_resize, True))
         edit_rope_interpolation = bool(self.setting("edit_rope_interpolation", edit_rope_interpolation, False))
+        zero_cond_t = self.setting("zero_cond_t", zero_cond_t, None)
+        if zero_cond_t is not None and not isinstance(zero_cond_t, bool):
+            raise ConfigError(f"zero_cond_t={zero_cond_t!r} must be True, False or None (the DiT's config decides)")
         edits = self.prepare_edit_images(edit_image, edit_image_auto_resize)
         if edits is not None and height is None and width is None:
             width, height = area_size(*edits[-1][2], EDIT_AREA)
@@ -417,23 +439,25 @@ class QwenImagePipeline(BasePipeline):
             ["dit"] + (["controlnet"] if controls else []) + (["blockwise_controlnet"] if blockwise else [])
         )
         n_steps = len(scheduler.timesteps)
-        for i in self.progress(range(n_steps), progress_bar):
-            sigma = scheduler.sigmas[i].expand(x.shape[0])
-            active = [c for c in controls if c.active(i, n_steps)]
-            residuals = controlnet_residuals(active, x, sigma, text, text_mask, self.dit.config.num_layers)
-            if blockwise:
-                residuals = blockwise_residual([c for c in blockwise if c.active(i, n_steps)])
-            velocity = qwen_image_velocity(
-                self.dit, x, sigma, text, text_mask, references, entities, residuals, edit_rope_interpolation
-            )
-            if negative is not None:  # the negative call gets the positive prompt's control (as diffusers)
-                negative_velocity = qwen_image_velocity(
-                    self.dit, x, sigma, *negative, references, negative_entities, residuals, edit_rope_interpolation
+        with dit_config(self.dit, zero_cond_t=zero_cond_t):
+            for i in self.progress(range(n_steps), progress_bar):
+                sigma = scheduler.sigmas[i].expand(x.shape[0])
+                active = [c for c in controls if c.active(i, n_steps)]
+                residuals = controlnet_residuals(active, x, sigma, text, text_mask, self.dit.config.num_layers)
+                if blockwise:
+                    residuals = blockwise_residual([c for c in blockwise if c.active(i, n_steps)])
+                velocity = qwen_image_velocity(
+                    self.dit, x, sigma, text, text_mask, references, entities, residuals, edit_rope_interpolation
                 )
-                velocity = true_cfg(velocity, negative_velocity, cfg_scale, self.dit.config.patch_size)
-            if repaint is not None:
-                velocity = inpaint_velocity(velocity, x, clean, scheduler.sigmas[i], repaint)
-            x = scheduler.step(velocity, i, x)
+                if negative is not None:  # the negative call gets the positive prompt's control (as diffusers)
+                    negative_velocity = qwen_image_velocity(
+                        self.dit, x, sigma, *negative, references, negative_entities, residuals,
+                        edit_rope_interpolation,
+                    )  # fmt: skip
+                    velocity = true_cfg(velocity, negative_velocity, cfg_scale, self.dit.config.patch_size)
+                if repaint is not None:
+                    velocity = inpaint_velocity(velocity, x, clean, scheduler.sigmas[i], repaint)
+                x = scheduler.step(velocity, i, x)
 
         # 4. decode
         self.load_models_to_device(["vae"])
