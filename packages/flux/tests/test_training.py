@@ -70,6 +70,16 @@ def test_velocity_is_the_pipeline_per_step_call(task, tiny_pipe):
     assert ours.shape == (2, 16, 8, 8) and ours.dtype == torch.float32
 
 
+def test_direct_distillation_samples_on_the_pipelines_schedule(task, tiny_pipe):
+    """`inference_sigmas` (what `--task direct_distill` steps along) is the schedule the pipeline's DiT sees at
+    64x48 pixels in 3 steps, and stepping a seed's noise along it with the task's velocity gives the latent the
+    pipeline decodes for that seed (at the task's embedded guidance, 1)."""
+    from diffsynth.runtime.testing.distill import check_distill_matches_pipeline
+
+    row = {"prompt": PROMPTS[0], "image": torch.zeros(3, 64, 48)}
+    check_distill_matches_pipeline(task, tiny_pipe, row, timestep_arg=4, height=64, width=48, embedded_guidance=1.0)
+
+
 def test_stages_load_only_what_they_need(tiny_repo):
     configs, tokenizer = configs_from_folder(tiny_repo)
     trainer_side = FluxTrainingTask.from_pretrained(

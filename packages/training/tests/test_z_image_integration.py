@@ -149,3 +149,24 @@ def test_validation_samples_draw_with_the_presets_settings(tiny_repo, tmp_path, 
     wanted = PRESETS[preset].defaults
     assert {k: task.pipe.defaults.get(k) for k in wanted} == wanted
     assert PRESETS["Tongyi-MAI/Z-Image"].defaults != PRESETS["Tongyi-MAI/Z-Image-Turbo"].defaults
+
+
+def test_direct_distillation_samples_as_the_pipeline_does(tiny_repo, tmp_path):
+    """`--task direct_distill` before any update: a row's few-step sample (its seed's noise, the task's schedule,
+    the task's DiT call) is the latent `ZImagePipeline` decodes for that prompt, seed and step count at cfg 1."""
+    from diffsynth.training.trainer import distill_plan, distill_sample, prepare_batch
+
+    prompt = _z_image_test_helpers().CAPTIONS[0]
+    data = write_caption_dataset(tmp_path / "data", [prompt], extra=[{"seed": 5, "num_inference_steps": 3}])
+    run = setup(config(tiny_repo, data, tmp_path / "out", task="direct_distill", batch_size=1))
+    items = [run.dataset[0]]
+    with torch.no_grad():
+        got = distill_sample(run, run.model, prepare_batch(run, items), distill_plan(run.config, items))
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    decoded = []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, **kw: (decoded.append(z.clone()), decode(z, **kw))[1]
+    pipe(prompt, seed=5, num_inference_steps=3, cfg_scale=1.0, height=64, width=64, progress_bar=False)
+    (want,) = decoded
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)

@@ -151,6 +151,12 @@ class ToyTask:
         # the trainer must keep reachable when DDP or DeepSpeed wraps the model
         return denoiser(noisy_latents.to(denoiser.proj_in.weight.dtype), sigma, batch["text"])
 
+    def inference_sigmas(self, latent_shape, num_inference_steps):
+        """The toy's sampling schedule: its scheduler's template for that many steps (`--task direct_distill`)."""
+        scheduler = FlowMatchScheduler(self.scheduler.template, **self.scheduler.template_defaults)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler.sigmas
+
     def sample(self, denoiser, prompts, *, seed, **options):
         """Euler steps from seeded noise; the toy has no decoder, so the latents' first 3 channels are the picture."""
         text = self._models["text_encoder"].encode(prompts)

@@ -324,6 +324,14 @@ class FluxTrainingTask(PipelineTrainingTask):
         self._check_condition(dit, condition)
         return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext, condition=condition)
 
+    def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
+        """FLUX.1's sampling schedule for this image size (BFL's shift by its H/16 * W/16 tokens, what the
+        pipeline uses): what `--task direct_distill` steps along. The DiT call keeps the task's
+        `embedded_guidance` (1; give `--task_options embedded_guidance=3.5` to distill FLUX.1-dev as it samples)."""
+        scheduler = FlowMatchScheduler("flux1")
+        scheduler.set_timesteps(num_inference_steps, image_seq_len=(latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+        return scheduler.sigmas
+
     def _check_condition(self, dit: nn.Module, condition: torch.Tensor | None) -> None:
         """The batch's condition is the one the DiT (as trained: a fused control LoRA widens it) takes."""
         config = getattr(getattr(dit, "module", dit), "config", None)  # DDP wraps the DiT

@@ -299,6 +299,15 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         edits = batch.get("edit_latents", ())
         return qwen_image_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"], edits)
 
+    def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
+        """The pipeline's schedule for this image size (the authors' dynamic shift of its H/16 * W/16 tokens):
+        what `--task direct_distill` samples along, as DiffSynth-Studio distilled Qwen-Image-Distill-Full/-LoRA."""
+        if self.layered:
+            raise ConfigError("--task direct_distill: Qwen-Image-Layered samples on its own schedule; use --task sft")
+        scheduler = FlowMatchScheduler("qwen_image")
+        scheduler.set_timesteps(num_inference_steps, image_seq_len=(latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+        return scheduler.sigmas
+
 
 def _edit_images(row: Mapping[str, Any]) -> list:
     """A row's edit images: dataset tensors back to PIL (lossless for 8-bit files)."""

@@ -32,6 +32,14 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def seeded_noise(shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu") -> torch.Tensor:
+    """The pipelines' initial noise: float32 standard normal drawn on `rand_device` from `seed` (the trainer's
+    direct distillation draws each row's noise with it, so a row's seed means the same noise as in `pipe(...)`)."""
+    rand_device = parse_device(rand_device)
+    generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32)
+
+
 class BasePipeline:
     """Shared machinery of the family pipelines (see the module docstring)."""
 
@@ -416,10 +424,7 @@ class BasePipeline:
         self, shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """Seeded float32 noise drawn on `rand_device`: the same seed gives the same noise on any compute device."""
-        rand_device = parse_device(rand_device)
-        generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
-        noise = torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32)
-        return noise.to(self.device)
+        return seeded_noise(shape, seed, rand_device).to(self.device)
 
     def check_latents(self, latents: torch.Tensor, expected: Sequence[int]) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(expected):

@@ -124,6 +124,15 @@ class TrainConfig:
         [], "frozen models whose weights are stored in float8_e4m3fn, computed in --dtype (e.g. dit for a LoRA)",
         "optimisation",
     )  # fmt: skip
+    task: Literal["sft", "direct_distill"] = _arg(
+        "sft",
+        "sft: flow matching on noised data; direct_distill (DiffSynth-Studio's): each row's few-step sampling from "
+        "its seed is pulled toward its image (rows: seed, optional num_inference_steps, rand_device)",
+        "optimisation",
+    )
+    distill_num_inference_steps: int = _arg(
+        4, "direct_distill: sampling steps for rows without a num_inference_steps column", "optimisation"
+    )
     loss_weighting: Literal["scheduler", "none"] = _arg(
         "scheduler", "scheduler: the family's timestep loss weights; none: plain MSE", "optimisation"
     )
@@ -241,6 +250,13 @@ class TrainConfig:
                 "--validation_prompts needs the text encoders and the VAE, which training from --cache_dir does not "
                 "load; sample the saved LoRA / weights with the pipeline instead"
             )
+        if self.task == "direct_distill" and self.cache_dir is not None:
+            raise ConfigError(
+                "--task direct_distill reads each row's seed and steps, which --cache_dir does not keep; train "
+                "without --cache_dir (the encoders run on the fly)"
+            )
+        if self.distill_num_inference_steps < 1:
+            raise ConfigError(f"--distill_num_inference_steps {self.distill_num_inference_steps} must be >= 1")
         if self.stage == "encode" and self.cache_dir is None:
             raise ConfigError("--stage encode writes the encoded dataset to --cache_dir; give --cache_dir")
         if self.dataset_base_path is None and not (self.cache_dir and self.stage == "train"):

@@ -124,6 +124,10 @@ class TrainingTask(Protocol):
 # Optional: `image_mode: ClassVar[str]`, "RGB" (the default) or "RGBA": the mode the dataset and
 # `--validation_images` read pictures in; Qwen-Image 2.1 trains on RGBA ([4, H, W] rows, alpha kept).
 
+# Optional: `inference_sigmas(latent_shape, num_inference_steps) -> Tensor` [N + 1], the schedule the family's
+# pipeline samples `latent_shape` (the batch's clean latents) with in that many steps, ending with 0: what
+# `--task direct_distill` steps along (a task without it refuses that mode).
+
 # Task options (`--task_options name=value,...`): keyword-only arguments of the task's constructor, which
 # `from_pretrained(..., **options)` passes on (e.g. `sigma_shift`). Optional: `loss_options: ClassVar[tuple[str,
 # ...]]`, those that act only in the loss or the model call; the others shape the encoded samples, so a cache

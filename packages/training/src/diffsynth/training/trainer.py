@@ -24,7 +24,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffsynth.runtime.dtypes import parse_dtype
 from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.pipeline import seeded_noise
 
 from .checkpoint import (
     CHECKPOINTS,
@@ -214,6 +215,11 @@ def setup(config: TrainConfig) -> Run:
     lora = not cfg.trainable_models
     _check_slots(cfg, task)
     parts = trained_parts(cfg, task)
+    if cfg.task == "direct_distill" and not callable(getattr(task, "inference_sigmas", None)):
+        raise ConfigError(
+            f"--task direct_distill: the {task.family} training task has no inference schedule to sample with "
+            "(inference_sigmas); it trains with --task sft"
+        )
     if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
         raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
     references = validation_references(cfg, task)
@@ -310,7 +316,10 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
         sync = acc.no_sync(run.model) if not last else contextlib.nullcontext()
         with sync:
             with acc.autocast():
-                loss = flow_matching_loss(run, denoiser, batch, micro_batch_noise(cfg.seed, state.epoch, index))
+                if cfg.task == "direct_distill":
+                    loss = direct_distill_loss(run, denoiser, batch, distill_plan(cfg, items))
+                else:
+                    loss = flow_matching_loss(run, denoiser, batch, micro_batch_noise(cfg.seed, state.epoch, index))
             if is_deepspeed(acc):  # DeepSpeed steps (and clips) inside the last backward pass
                 deepspeed_backward(acc, loss / len(group), last=last)
             else:
@@ -351,6 +360,71 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
     if cfg.loss_weighting == "scheduler":
         error = error * scheduler.training_weight(sigma).to(x0.device)
     return error.mean()
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """What direct distillation reads from a micro-batch's rows: each row's seed and noise device, and the
+    sampling steps they share."""
+
+    seeds: tuple[int, ...]
+    rand_devices: tuple[str, ...]
+    steps: int
+
+
+def distill_plan(cfg: TrainConfig, rows: Sequence[Mapping[str, Any]]) -> DistillPlan:
+    """The rows' `seed` (required: the seed their image was generated with), `rand_device` (default cpu) and
+    `num_inference_steps` (default `--distill_num_inference_steps`; one value per micro-batch), as DiffSynth-Studio's
+    metadata columns; a `cfg_scale` column, if any, must be 1 (the few-step sampling runs without CFG)."""
+    seeds, devices, steps = [], [], set()
+    for i, row in enumerate(rows):
+        where = f"--task direct_distill: row {i} of the batch (prompt {str(row.get('prompt', ''))[:40]!r})"
+        value = row.get("seed")
+        try:
+            seeds.append(int(str(value).strip()))
+        except ValueError:
+            raise ConfigError(
+                f"{where} has seed {value!r}: each row needs the integer seed its image was generated with"
+            ) from None
+        devices.append(str(row.get("rand_device") or "cpu").strip())
+        value = row.get("num_inference_steps")
+        try:
+            steps.add(cfg.distill_num_inference_steps if value in (None, "") else int(str(value).strip()))
+        except ValueError:
+            raise ConfigError(f"{where} has num_inference_steps {value!r}; give an integer >= 1") from None
+        value = row.get("cfg_scale")
+        if value not in (None, "") and float(value) != 1.0:
+            raise ConfigError(
+                f"{where} has cfg_scale {value}: the distilled sampling runs without CFG (1), as DiffSynth-Studio's"
+            )
+    if len(steps) != 1 or min(steps) < 1:
+        raise ConfigError(
+            f"--task direct_distill: the rows of one batch need one num_inference_steps >= 1, got {sorted(steps)}; "
+            "use --batch_size 1 or one value"
+        )
+    return DistillPlan(tuple(seeds), tuple(devices), steps.pop())
+
+
+def direct_distill_loss(run: Run, model: nn.Module, batch: dict[str, Any], plan: DistillPlan) -> torch.Tensor:
+    """DiffSynth-Studio's direct distillation: sample each row in `plan.steps` Euler steps from its seed's noise
+    (the pipeline's `seeded_noise`) on the family's inference schedule for that size (`task.inference_sigmas`),
+    without CFG and with gradients through every step, and take the MSE between the result and the row's
+    latents (an image the model made with many steps from the same seed)."""
+    return (distill_sample(run, model, batch, plan) - batch["latents"].float()).pow(2).mean()
+
+
+def distill_sample(run: Run, model: nn.Module, batch: dict[str, Any], plan: DistillPlan) -> torch.Tensor:
+    """The latents `model` samples for the batch's rows in `plan.steps` Euler steps from their seeds' noise,
+    without CFG: what the family's pipeline makes with those seeds and steps at `cfg_scale` 1."""
+    x0 = batch["latents"]
+    noise = [seeded_noise(x0.shape[1:], seed, dev) for seed, dev in zip(plan.seeds, plan.rand_devices, strict=True)]
+    x = torch.stack(noise).to(x0.device)
+    sigmas = run.task.inference_sigmas(tuple(x0.shape), plan.steps).to(x0.device)
+    with _saved_activations(run.config, x0.device):
+        for i in range(plan.steps):
+            velocity = run.task.velocity(model, batch, x, sigmas[i].expand(x0.shape[0]))
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity.float()
+    return x
 
 
 def validate(run: Run, state: TrainState) -> list[Path]:

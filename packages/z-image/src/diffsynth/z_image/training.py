@@ -189,6 +189,13 @@ class ZImageTrainingTask(PipelineTrainingTask):
             return z_image_omni_velocity(dit, noisy_latents, sigma, batch["segments"], images, grids)
         return z_image_velocity(dit, noisy_latents, sigma, batch["text"])
 
+    def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
+        """The pipeline's schedule at the task's `sigma_shift` (3, every preset's): what `--task direct_distill`
+        samples along."""
+        scheduler = FlowMatchScheduler("z_image", **self.scheduler.template_defaults)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler.sigmas
+
     # ------------------------------------------------------------------ Z-Image Omni
     def _edit_images(self, row: Mapping[str, Any], index: int) -> list:
         """A row's condition images (dataset tensors back to PIL, lossless for 8-bit files), refused where the
