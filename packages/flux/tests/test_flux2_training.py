@@ -94,6 +94,17 @@ def test_encode_and_collate_give_the_pipeline_encodings(task, tiny_klein_pipe):
     torch.testing.assert_close(batch["latents"], tiny_klein_pipe.vae_encode(images), rtol=0, atol=1e-5)
 
 
+def test_direct_distillation_samples_on_the_pipelines_schedule(task, tiny_klein_pipe):
+    """`inference_sigmas` (what `--task direct_distill` steps along) is the schedule the pipeline's DiT sees at
+    64x48 pixels in 3 steps, and stepping a seed's noise along it with the task's velocity gives the latent the
+    pipeline decodes for that seed (at the task's embedded guidance, 1)."""
+    from diffsynth.runtime.testing.distill import check_distill_matches_pipeline
+
+    row = {"prompt": PROMPTS[0], "image": torch.zeros(3, 64, 48)}
+    options = dict(height=64, width=48, embedded_guidance=1.0, max_sequence_length=TOKENS)
+    check_distill_matches_pipeline(task, tiny_klein_pipe, row, timestep_arg=4, **options)
+
+
 def test_velocity_is_the_pipeline_per_step_call(task, tiny_klein_pipe):
     """Bit-equal to the pipeline's `predict` (its denoise loop's call): one sigma per sample, and one shared."""
     batch = task.collate(task.encode(rows()))

@@ -61,6 +61,18 @@ def test_velocity_is_the_pipeline_per_step_prediction(loaded):
     torch.testing.assert_close(ours, theirs)
 
 
+def test_direct_distillation_samples_on_the_pipelines_schedule(loaded):
+    """`inference_sigmas` (what `--task direct_distill` steps along) is the schedule the pipeline's DiT sees (x 1000)
+    for one 32x48 frame in 3 steps, and stepping a seed's noise along it with the task's velocity gives the latent
+    the pipeline decodes for that seed."""
+    from diffsynth.runtime.testing.distill import check_distill_matches_pipeline
+
+    task, pipe = loaded
+    row = {"prompt": PROMPTS[0], "image": torch.zeros(3, 32, 48)}
+    options = dict(height=32, width=48, num_frames=1, tiled=False)
+    check_distill_matches_pipeline(task, pipe, row, timestep_arg=1, timestep_scale=1000, **options)
+
+
 def test_stages_load_only_what_they_need(tiny_repo):
     configs, tokenizer = folder_model_configs(tiny_repo)
     trainer_side = WanTrainingTask.from_pretrained(configs, torch_dtype="float32", device="cpu", encoders=False)

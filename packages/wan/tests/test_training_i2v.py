@@ -250,6 +250,8 @@ def test_a14b_expert_from_the_folder_or_the_option(tiny_repo_factory):
         [ModelConfig(path=str(repo / "low_noise_model"))], torch_dtype="float32", device="cpu", encoders=False
     )
     assert folder.scheduler.expert == "low" and set(folder.models) == {"dit"}
+    with pytest.raises(ConfigError, match="direct_distill: a Wan 2.2 A14B expert samples only part"):
+        folder.inference_sigmas((1, 16, 1, 4, 4), 4)
     plain = load_task(tiny_repo_factory("t2v"), encoders=False)  # Wan 2.1: the whole range
     assert type(plain.scheduler).__name__ == "FlowMatchScheduler"
     with pytest.raises(ConfigError, match="train one expert at a time"):

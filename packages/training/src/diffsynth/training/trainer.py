@@ -410,7 +410,12 @@ def direct_distill_loss(run: Run, model: nn.Module, batch: dict[str, Any], plan:
     (the pipeline's `seeded_noise`) on the family's inference schedule for that size (`task.inference_sigmas`),
     without CFG and with gradients through every step, and take the MSE between the result and the row's
     latents (an image the model made with many steps from the same seed)."""
-    return (distill_sample(run, model, batch, plan) - batch["latents"].float()).pow(2).mean()
+    squared = (distill_sample(run, model, batch, plan) - batch["latents"].float()).pow(2)
+    mask = run.task.loss_mask(batch) if callable(getattr(run.task, "loss_mask", None)) else None
+    if mask is None:
+        return squared.mean()
+    mask = mask.to(squared).expand_as(squared).flatten(1)  # e.g. Wan TI2V's given first frame is not sampled
+    return ((squared.flatten(1) * mask).sum(1) / mask.sum(1)).mean()
 
 
 def distill_sample(run: Run, model: nn.Module, batch: dict[str, Any], plan: DistillPlan) -> torch.Tensor:

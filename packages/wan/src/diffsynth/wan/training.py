@@ -833,6 +833,18 @@ class WanTrainingTask(PipelineTrainingTask):
                 )
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
+    def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
+        """Wan's sampling schedule at the task's `sigma_shift` (the pipeline's, 5 by default): what `--task
+        direct_distill` steps along. A Wan 2.2 A14B expert samples only its half of the schedule: refused."""
+        if isinstance(self.scheduler, ExpertScheduler):
+            raise ConfigError(
+                "--task direct_distill: a Wan 2.2 A14B expert samples only part of the schedule; distil a one-DiT "
+                "Wan model, or train the expert with --task sft"
+            )
+        scheduler = FlowMatchScheduler("wan", **self.scheduler.template_defaults)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler.sigmas
+
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:

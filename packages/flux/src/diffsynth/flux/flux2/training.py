@@ -184,6 +184,13 @@ class Flux2TrainingTask(PipelineTrainingTask):
         references = ReferenceLatents(batch["references"], batch["reference_ids"]) if "references" in batch else None
         return flux2_velocity(dit, noisy_latents, sigma, batch["prompt_embeds"], self.embedded_guidance, references)
 
+    def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
+        """FLUX.2's sampling schedule for this size (BFL's empirical shift of its H/16 * W/16 tokens and the step
+        count, the pipeline's): what `--task direct_distill` steps along, at the task's embedded guidance."""
+        scheduler = FlowMatchScheduler("flux2")
+        scheduler.set_timesteps(num_inference_steps, image_seq_len=latent_shape[-2] * latent_shape[-1])
+        return scheduler.sigmas
+
 
 def _check_models(pipe: Flux2ImagePipeline) -> None:
     """FLUX.1 files also hold a 'dit' and a 'vae': refuse them here rather than fail inside the first step."""

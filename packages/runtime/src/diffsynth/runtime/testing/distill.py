@@ -10,10 +10,19 @@ import torch
 
 
 def check_distill_matches_pipeline(
-    task, pipe, row: Mapping[str, Any], *, timestep_arg: int, steps: int = 3, seed: int = 4, **options: Any
+    task,
+    pipe,
+    row: Mapping[str, Any],
+    *,
+    timestep_arg: int,
+    timestep_scale: float = 1.0,
+    steps: int = 3,
+    seed: int = 4,
+    **options: Any,
 ) -> None:
     """`pipe(row["prompt"], seed=, num_inference_steps=, cfg_scale=1, **options)` against the task: the DiT sees
-    `task.inference_sigmas(latents, steps)` (its positional argument `timestep_arg` holds the noise level), and
+    `task.inference_sigmas(latents, steps)` (its positional argument `timestep_arg` holds the noise level times
+    `timestep_scale`), and
     stepping the seed's noise along them with `task.velocity` gives the latent the pipeline decodes."""
     seen, decoded = [], []
     hook = pipe.dit.register_forward_pre_hook(lambda m, args: seen.append(float(args[timestep_arg].reshape(-1)[0])))
@@ -28,7 +37,7 @@ def check_distill_matches_pipeline(
     latents = batch["latents"]
     sigmas = task.inference_sigmas(tuple(latents.shape), steps)
     assert sigmas[-1] == 0 and len(seen) == steps, (seen, sigmas)
-    torch.testing.assert_close(torch.tensor(seen), sigmas[:-1].float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(seen) / timestep_scale, sigmas[:-1].float(), atol=1e-6, rtol=0)
     x = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for i in range(steps):
