@@ -393,7 +393,7 @@ def distill_plan(cfg: TrainConfig, rows: Sequence[Mapping[str, Any]]) -> Distill
         except ValueError:
             raise ConfigError(f"{where} has num_inference_steps {value!r}; give an integer >= 1") from None
         value = row.get("cfg_scale")
-        if value not in (None, "") and float(value) != 1.0:
+        if value not in (None, "") and _number(value) != 1.0:
             raise ConfigError(
                 f"{where} has cfg_scale {value}: the distilled sampling runs without CFG (1), as DiffSynth-Studio's"
             )
@@ -403,6 +403,13 @@ def distill_plan(cfg: TrainConfig, rows: Sequence[Mapping[str, Any]]) -> Distill
             "use --batch_size 1 or one value"
         )
     return DistillPlan(tuple(seeds), tuple(devices), steps.pop())
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def direct_distill_loss(run: Run, model: nn.Module, batch: dict[str, Any], plan: DistillPlan) -> torch.Tensor:

@@ -22,8 +22,8 @@ def check_distill_matches_pipeline(
 ) -> None:
     """`pipe(row["prompt"], seed=, num_inference_steps=, cfg_scale=1, **options)` against the task: the DiT sees
     `task.inference_sigmas(latents, steps)` (its positional argument `timestep_arg` holds the noise level times
-    `timestep_scale`), and
-    stepping the seed's noise along them with `task.velocity` gives the latent the pipeline decodes."""
+    `timestep_scale`), and stepping the seed's noise along them with `task.velocity` gives the latent the
+    pipeline decodes."""
     seen, decoded = [], []
     hook = pipe.dit.register_forward_pre_hook(lambda m, args: seen.append(float(args[timestep_arg].reshape(-1)[0])))
     decode = pipe.vae.decode
