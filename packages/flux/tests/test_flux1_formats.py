@@ -191,6 +191,7 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
     assert sorted(FAMILY.presets) == [
         "ByteDance/InfiniteYou",
         "ByteDance/InfiniteYou:sim",
+        "DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1",
         "DiffSynth-Studio/AttriCtrl-FLUX.1-Dev",
         "DiffSynth-Studio/Eligen",
         "black-forest-labs/FLUX.1-Canny-dev",

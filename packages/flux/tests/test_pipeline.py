@@ -338,9 +338,16 @@ def test_vram_managed_pipeline_gives_the_same_image(tiny_repo, tiny_pipe):
     torch.testing.assert_close(managed("a cat", **kwargs), tiny_pipe("a cat", **kwargs), atol=0, rtol=0)
 
 
-def test_eligen_preset_is_flux1_dev_with_the_lora(bfl_repo_base, tmp_path, monkeypatch):
-    """`DiffSynth-Studio/Eligen`: FLUX.1-dev's files with the repo's `model_bf16.safetensors` fused and its example's
-    settings; the DiT equals FLUX.1-dev's after `load_lora` of that file."""
+@pytest.mark.parametrize(
+    ("preset", "file", "settings"),
+    [
+        ("DiffSynth-Studio/Eligen", "model_bf16.safetensors", (50, 3.0)),
+        ("DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1", "artaug.safetensors", (28, 1.0)),  # the repo's one file
+    ],
+)
+def test_lora_presets_are_flux1_dev_with_the_lora(bfl_repo_base, tmp_path, monkeypatch, preset, file, settings):
+    """`DiffSynth-Studio/Eligen` / `ArtAug-lora-FLUX.1dev-v1`: FLUX.1-dev's files with the repo's LoRA fused and
+    the example's settings; the DiT equals FLUX.1-dev's after `load_lora` of that file."""
     import shutil
 
     from diffsynth.runtime.lora import LoRATarget, LoRAWeights, save_lora
@@ -355,11 +362,11 @@ def test_eligen_preset_is_flux1_dev_with_the_lora(bfl_repo_base, tmp_path, monke
     for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
         out_features, in_features = plain.dit.get_submodule(name).weight.shape
         targets[name] = LoRATarget(torch.randn(2, in_features, generator=g), torch.randn(out_features, 2, generator=g))
-    lora = base / "DiffSynth-Studio" / "Eligen" / "model_bf16.safetensors"
+    lora = base / preset / file
     lora.parent.mkdir(parents=True)
     save_lora(LoRAWeights(targets), lora)
-    eligen = FluxImagePipeline.from_pretrained("DiffSynth-Studio/Eligen", torch_dtype="float32", device="cpu")
-    assert (eligen.defaults["num_inference_steps"], eligen.defaults["cfg_scale"]) == (50, 3.0)
+    eligen = FluxImagePipeline.from_pretrained(preset, torch_dtype="float32", device="cpu")
+    assert (eligen.defaults["num_inference_steps"], eligen.defaults.get("cfg_scale", 1.0)) == settings
     plain.load_lora(str(lora))
     ours, theirs = eligen.dit.state_dict(), plain.dit.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

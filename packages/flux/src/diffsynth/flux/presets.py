@@ -123,6 +123,17 @@ PRESETS["DiffSynth-Studio/Eligen"] = Preset(
     loras=(PresetLoRA("DiffSynth-Studio/Eligen", "model_bf16.safetensors"),),
 )
 
+# DiffSynth-Studio's ArtAug aesthetics LoRA (a differential LoRA, Qwen2-VL-72B's taste) on FLUX.1-dev; its repo's
+# one .safetensors file (its name is not checked here)
+PRESETS["DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1"] = Preset(
+    name="DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1",
+    files=PRESETS["black-forest-labs/FLUX.1-dev"].files,
+    tokenizer=PRESETS["black-forest-labs/FLUX.1-dev"].tokenizer,
+    defaults=PRESETS["black-forest-labs/FLUX.1-dev"].defaults,
+    description="FLUX.1-dev with DiffSynth-Studio's ArtAug aesthetics LoRA (fused): FLUX.1-dev's settings.",
+    loras=(PresetLoRA("DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1", "*.safetensors"),),
+)
+
 # DiffSynth-Studio's AttriCtrl on FLUX.1-dev: the brightness encoder of its example (`flux1/value_control.py`);
 # value_controller_inputs=[0..1] sets the brightness. Other attribute files load with pipe.load_value_controller.
 PRESETS["DiffSynth-Studio/AttriCtrl-FLUX.1-Dev"] = Preset(

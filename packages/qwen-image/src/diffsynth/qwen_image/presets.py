@@ -185,6 +185,13 @@ LORA_PRESETS: dict[str, Preset] = {
             ("EliGen-Poster", {**_ELIGEN, "height": 784, "width": 1280}, "EliGen poster"),
         )
     },
+    "DiffSynth-Studio/Qwen-Image-LoRA-ArtAug-v1": _lora_preset(
+        "DiffSynth-Studio/Qwen-Image-LoRA-ArtAug-v1",
+        "Qwen/Qwen-Image",
+        _studio_lora("DiffSynth-Studio/Qwen-Image-LoRA-ArtAug-v1"),
+        _T2I,
+        "DiffSynth-Studio's ArtAug aesthetics LoRA on Qwen-Image (a differential LoRA): Qwen-Image's settings.",
+    ),
     "DiffSynth-Studio/Qwen-Image-In-Context-Control-Union": _lora_preset(
         "DiffSynth-Studio/Qwen-Image-In-Context-Control-Union",
         "Qwen/Qwen-Image",
