@@ -29,6 +29,7 @@ helpers = load_beside(__file__, "helpers.py", "diffsynth_flux_test_helpers")
 
 
 flux2_repo = load_beside(__file__, "flux2_repo.py", "diffsynth_flux2_test_repo")
+step1x_repo = load_beside(__file__, "step1x_repo.py", "diffsynth_step1x_test_repo")
 
 CAPTIONS = [
     "a red circle on a blue background",
@@ -261,3 +262,10 @@ def tiny_klein_repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_klein_pipe(tiny_klein_repo):
     return flux2_repo.our_pipeline(tiny_klein_repo)
+
+
+@pytest.fixture(scope="session")
+def step1x_base(tiny_repo, tmp_path_factory) -> Path:
+    """A model base path holding the tiny `stepfun-ai/Step1X-Edit` and Qwen2.5-VL-7B-Instruct (`step1x_repo.py`)."""
+    vae = tiny_repo / "vae" / "diffusion_pytorch_model.safetensors"
+    return step1x_repo.build_step1x_base(tmp_path_factory.mktemp("step1x-models"), vae)

@@ -180,4 +180,5 @@ PRESETS["stepfun-ai/Step1X-Edit"] = Preset(
     description="Step1X-Edit v1.0 (stepfun-ai), instruction-based image editing: pass reference_image "
     "(--input-image); 28 steps, CFG 6, about 512x512 pixels at the reference's aspect ratio.",
     pipeline="diffsynth.flux.step1x:Step1XEditPipeline",
+    training="diffsynth.flux.step1x_training:Step1XTrainingTask",
 )

@@ -225,10 +225,11 @@ def encode_instructions(
 
 def step1x_velocity(dit, connector, x, reference, ids, states, mask, sigma) -> torch.Tensor:
     """One model call as the authors' `Step1XEdit.forward`: connector -> DiT over `[noisy, reference]` tokens;
-    returns the velocity of the noisy tokens. `x` / `reference` are packed `[B, L, 64]`, `ids` their `[L, 3]`."""
+    returns the velocity of the noisy tokens. `x` / `reference` are packed `[B, L, 64]` (or one reference for
+    all), `ids` their `[L, 3]`, `sigma` one noise level or one per row."""
     dtype = module_dtype(dit)
     b, n = x.shape[:2]
-    t = torch.full((b,), float(sigma), device=x.device)
+    t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)  # one, or one a row
     txt, y = connector(states, t, mask)
     img = torch.cat([x, reference.expand(b, -1, -1)], dim=1).to(dtype)
     img_ids = torch.cat([ids, ids], dim=0)
@@ -263,6 +264,7 @@ class Step1XEditPipeline(BasePipeline):
     ):
         """As `BasePipeline.from_pretrained`; `processor_config` (or the preset's tokenizer entry: the
         Qwen2.5-VL-7B-Instruct repo root) gives the image processor and tokenizer."""
+        processor_config = processor_config or kwargs.pop("tokenizer_config", None)
         pipe = super().from_pretrained(model_id_or_configs, tokenizer_config=processor_config, **kwargs)
         if pipe.dit is not None and pipe.dit.guidance_in is not None:
             raise ConfigError("Step1XEditPipeline: the DiT has a guidance embedder; Step1X-Edit's has none")
@@ -273,6 +275,16 @@ class Step1XEditPipeline(BasePipeline):
         folder = paths[0] if Path(paths[0]).is_dir() else str(Path(paths[0]).parent)
         self.processor = Step1XProcessor.from_folder(folder)
         return self.processor.tokenizer
+
+    def read_lora(self, path, slot: str = "dit"):
+        """The DiT's LoRAs in FLUX.1's layouts (BFL, kohya / sd-scripts as the authors train them, diffusers)."""
+        from .flux1.dit import Flux1DiT
+        from .flux1.lora import read_flux1_lora
+
+        model = getattr(self, slot, None)
+        if isinstance(model, Flux1DiT):
+            return read_flux1_lora(path, model)
+        return super().read_lora(path, slot)
 
     def cli_options(self, options: dict) -> dict:
         """`diffsynth generate --input-image` (or `--edit-image`) is the image to edit."""

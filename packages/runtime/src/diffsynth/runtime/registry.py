@@ -133,6 +133,7 @@ class Preset:
     folder: str | None = None
     pipeline: str | None = None  # "module:Class" when the preset needs another class than its family's pipeline
     loras: tuple[PresetLoRA, ...] = ()
+    training: str | None = None  # "module:Class" of its training task when not its family's (with `pipeline`)
 
     def pipeline_class(self):
         """The preset's own pipeline class (None: its family's)."""

@@ -145,13 +145,14 @@ def trainable_families() -> dict[str, str]:
 
 
 def task_class(config: TrainConfig) -> type:
-    """The task class for `--family` (a family name or "module:Class"), else the preset's family, else the only
-    installed family that has one."""
+    """The task class for `--family` (a family name or "module:Class"), else the preset's own task or its
+    family's, else the only installed family that has one."""
     name = config.family
     if name is None and config.model and not Path(config.model).is_dir():
         from diffsynth.runtime.registry import find_preset
 
-        name = find_preset(config.model)[0].name
+        family, preset = find_preset(config.model)
+        name = preset.training or family.name  # a preset with its own pipeline may have its own task (Step1X-Edit)
     families = trainable_families()
     if name is None:
         if len(families) != 1:
