@@ -107,6 +107,16 @@ def test_seeded_noise_is_reproducible_and_sized(tiny_klein_pipe, one_thread):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_initial_noise_is_diffsynth_studios_name_for_latents(tiny_klein_pipe, one_thread):
+    x = noise(1, seed=9)
+    kwargs = {"height": H, "width": W, "num_inference_steps": 2, "progress_bar": False, "output_type": "pt"}
+    via_latents = tiny_klein_pipe(CAPTIONS[0], latents=x, **kwargs)
+    assert torch.equal(tiny_klein_pipe(CAPTIONS[0], initial_noise=x, **kwargs), via_latents)
+    assert not torch.equal(tiny_klein_pipe(CAPTIONS[0], seed=0, **kwargs), via_latents)
+    with pytest.raises(ConfigError, match="not both"):
+        tiny_klein_pipe(CAPTIONS[0], latents=x, initial_noise=x, **kwargs)
+
+
 def test_image_to_image_keeps_the_input_at_low_strength(tiny_klein_pipe, one_thread):
     """At strength s the sampler starts from the encoded input noised to sigma_0 < 1: low strength stays closer."""
     image = random_image(W, H, seed=4)

@@ -175,6 +175,7 @@ class Flux2ImagePipeline(BasePipeline):
         num_inference_steps: int | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
+        initial_noise: torch.Tensor | None = None,
         max_sequence_length: int | None = None,
         tiled: bool = False,
         tile_size: int = 512,
@@ -195,12 +196,16 @@ class Flux2ImagePipeline(BasePipeline):
         multiples of 16). `input_image` with `denoising_strength` < 1 is image-to-image; with `inpaint_mask` (a PIL "L" image
         of its size, or one per input image; white = repaint) the rest of it is kept, the mask optionally
         blurred by `inpaint_blur_size` / `inpaint_blur_sigma` on the token grid (DiffSynth-Studio's arguments,
-        `diffsynth.runtime.inpaint`). `latents` is the initial
+        `diffsynth.runtime.inpaint`). `latents` (or DiffSynth-Studio's `initial_noise`) is the initial
         noise `[B, 128, H/16, W/16]`; `sigmas` an explicit schedule (terminal 0 appended).
         `use_kv_cache` (KV models such as FLUX.2-klein-9B-KV; on by default for them): the references' keys and
         values are computed on the first step and reused by the later ones; False recomputes them every step
         (the same result, slower). Other models refuse True: their references depend on the step.
         """
+        if initial_noise is not None:
+            if latents is not None:
+                raise ConfigError("give latents or DiffSynth-Studio's initial_noise (the same thing), not both")
+            latents = initial_noise
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
