@@ -50,6 +50,23 @@ def test_edit_image_sets_the_output_size(pipe):
     assert out.size == (96, 64)  # the edit image's center crop to multiples of 16
 
 
+def test_edit_image_auto_resize(pipe):
+    """Over 1024x1024 pixels an edit image is scaled to that area (Lanczos), then cropped to multiples of 16;
+    DiffSynth-Studio's `edit_image_auto_resize=False` keeps its size (only the crop)."""
+    big = Image.fromarray(np.random.default_rng(4).integers(0, 256, (1030, 1100, 3), dtype=np.uint8))
+    (scaled_image, scaled) = pipe.prepare_edit_images([big], None, None)[0][0]
+    (kept_image, kept) = pipe.prepare_edit_images([big], None, None, auto_resize=False)[0][0]
+    w, h = scaled_image.size
+    assert w * h <= 1024 * 1024 < 1100 * 1030 and abs(w / h - 1100 / 1030) < 0.01
+    assert scaled.shape == (1, 3, h // 16 * 16, w // 16 * 16)
+    assert kept_image.size == (1100, 1030) and kept.shape == (1, 3, 1024, 1088)
+    left, top = (1100 - 1088) // 2, (1030 - 1024) // 2
+    want = torch.from_numpy(np.asarray(big)[top : top + 1024, left : left + 1088].astype(np.float32) / 255.0)
+    torch.testing.assert_close(kept[0], 2 * want.permute(2, 0, 1) - 1)
+    with pytest.raises(ConfigError, match="edit_image_auto_resize='no'"):
+        pipe("a cat", edit_image=edit_images()[0], edit_image_auto_resize="no", num_inference_steps=1)
+
+
 def test_refusals(pipe, tiny_repo):
     plain = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
     with pytest.raises(ConfigError, match="Omni DiT"):

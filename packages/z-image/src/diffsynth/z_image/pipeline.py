@@ -174,6 +174,7 @@ class ZImagePipeline(BasePipeline):
         max_sequence_length: int = 512,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
         edit_image=None,
+        edit_image_auto_resize: bool | None = None,
         positive_only_lora=None,
         tiled: bool = False,
         tile_size: int = 512,
@@ -193,7 +194,9 @@ class ZImagePipeline(BasePipeline):
         ControlNets (several at once; see the README for the fields each net reads).
 
         `edit_image` (Z-Image Omni only: one image or a list, PIL images or paths) are the images to edit or
-        combine; without `height`/`width` the output takes the last one's (cropped) size.
+        combine; without `height`/`width` the output takes the last one's (cropped) size. An image over
+        1024x1024 pixels is scaled down to that area first unless `edit_image_auto_resize=False` (DiffSynth-Studio's
+        argument; True by default).
 
         `positive_only_lora` (DiffSynth-Studio's; a LoRA file, state dict or `LoRAWeights`, e.g. what
         `ZImageI2LPipeline.image_to_lora` makes) acts on the conditional branch of guidance only, for this call.
@@ -204,7 +207,10 @@ class ZImagePipeline(BasePipeline):
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         steps = int(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = float(self.setting("sigma_shift", sigma_shift, 3.0))
-        edits, edit_size = self.prepare_edit_images(edits, height, width)
+        auto_resize = self.setting("edit_image_auto_resize", edit_image_auto_resize, True)
+        if not isinstance(auto_resize, bool):
+            raise ConfigError(f"edit_image_auto_resize={auto_resize!r} must be True or False")
+        edits, edit_size = self.prepare_edit_images(edits, height, width, auto_resize)
         if edit_size is not None:  # as diffusers' Omni pipeline: the output defaults to the last image's size
             height, width = height or edit_size[0], width or edit_size[1]
         height, width = self.check_size(
@@ -394,9 +400,10 @@ class ZImagePipeline(BasePipeline):
             raise ConfigError("edit_image is an empty list; pass an image, a list of images, or None")
         return images
 
-    def prepare_edit_images(self, images: list, height: int | None, width: int | None):
+    def prepare_edit_images(self, images: list, height: int | None, width: int | None, auto_resize: bool = True):
         """Each image as diffusers' `ZImageOmniPipeline` prepares it: one over 1024x1024 pixels is scaled
-        (Lanczos) to that area (to `height * width` when both are given); that image goes to SigLIP2, and its
+        (Lanczos) to that area (to `height * width` when both are given; not with `auto_resize` False); that
+        image goes to SigLIP2, and its
         center crop to multiples of 16 to the VAE. Returns `(siglip image, pixels [1, 3, h, w] in [-1, 1])` pairs
         and the last crop's `(height, width)` (None without images)."""
         prepared, size = [], None
@@ -408,7 +415,7 @@ class ZImagePipeline(BasePipeline):
                     f"edit_image[{i}] is {w}x{h}; edit images need both sides >= 64 pixels and an aspect ratio "
                     "of at most 8:1"
                 )
-            if w * h > 1024 * 1024:
+            if auto_resize and w * h > 1024 * 1024:
                 area = height * width if height is not None and width is not None else 1024 * 1024
                 scale = math.sqrt(area / (w * h))
                 image = image.resize((int(w * scale), int(h * scale)), Image.LANCZOS)
