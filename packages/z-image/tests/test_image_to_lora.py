@@ -158,6 +158,17 @@ def test_positive_only_lora_acts_on_the_conditional_branch(tiny_repo, i2l):
     assert not torch.allclose(with_lora, plain, atol=1e-3) and not list_loras(pipe.dit)
     guided = pipe(prompt, negative_prompt="bad quality", cfg_scale=3.0, positive_only_lora=lora, **FAST)
     assert not torch.allclose(guided, guided_both, atol=1e-3) and not list_loras(pipe.dit)
+    # DiffSynth-Studio's names: `lora` is positive_only_lora; `negative_lora` the unconditional branch's
+    negative = {"negative_prompt": "bad quality", "cfg_scale": 3.0}
+    torch.testing.assert_close(pipe(prompt, lora=lora, **negative, **FAST), guided, rtol=0, atol=0)
+    torch.testing.assert_close(pipe(prompt, cfg_scale=1.0, negative_lora=lora, **FAST), plain, rtol=0, atol=0)
+    # a LoRA on each branch is the LoRA on the whole model (the branches run apart instead of batched)
+    both = pipe(prompt, positive_only_lora=lora, negative_lora=lora, **negative, **FAST)
+    torch.testing.assert_close(both, guided_both, rtol=1e-4, atol=1e-5)
+    only_negative = pipe(prompt, negative_lora=lora, **negative, **FAST)
+    assert not torch.allclose(only_negative, guided, atol=1e-3) and not list_loras(pipe.dit)
+    with pytest.raises(ConfigError, match="not both"):
+        pipe(prompt, lora=lora, positive_only_lora=lora, **FAST)
 
 
 # ----------------------------------------------------------------------------------------- errors and presets

@@ -18,6 +18,7 @@ Z-Image Omni (a DiT with `siglip_feat_dim`, e.g. Tongyi-MAI/Z-Image-Omni-Base) g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -45,6 +46,20 @@ from .text_encoder import encode_omni_prompts, encode_prompts
 logger = logging.getLogger(__name__)
 
 POSITIVE_LORA = "positive_only_lora"  # the name `positive_only_lora` is attached under for one call
+NEGATIVE_LORA = "negative_only_lora"  # and `negative_lora`
+
+
+@contextlib.contextmanager
+def lora_scales(model, scales: dict):
+    """The named unfused LoRAs of `model` at the given scales (None names are skipped), then back at 1."""
+    names = [name for name in scales if name is not None]
+    for name in names:
+        set_lora_scale(model, name, scales[name])
+    try:
+        yield
+    finally:
+        for name in names:
+            set_lora_scale(model, name, 1.0)
 
 
 def z_image_velocity(
@@ -176,6 +191,8 @@ class ZImagePipeline(BasePipeline):
         edit_image=None,
         edit_image_auto_resize: bool | None = None,
         positive_only_lora=None,
+        lora=None,
+        negative_lora=None,
         tiled: bool = False,
         tile_size: int = 512,
         tile_stride: int = 384,
@@ -199,8 +216,13 @@ class ZImagePipeline(BasePipeline):
         argument; True by default).
 
         `positive_only_lora` (DiffSynth-Studio's; a LoRA file, state dict or `LoRAWeights`, e.g. what
-        `ZImageI2LPipeline.image_to_lora` makes) acts on the conditional branch of guidance only, for this call.
+        `ZImageI2LPipeline.image_to_lora` makes) acts on the conditional branch of guidance only, for this call;
+        DiffSynth-Studio's `lora` is the same, and its `negative_lora` acts on the unconditional branch only.
         """
+        if lora is not None:
+            if positive_only_lora is not None:
+                raise ConfigError("give positive_only_lora or DiffSynth-Studio's lora (the same thing), not both")
+            positive_only_lora = lora
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         edits = self.check_edit_images(edit_image, controlnet_inputs)
         checked = self.check_control_inputs(controlnet_inputs)
@@ -260,22 +282,23 @@ class ZImagePipeline(BasePipeline):
         # 3. denoise
         self.load_models_to_device(["dit", "controlnet"] if controls else ["dit"])
         steps = len(scheduler.timesteps)
-        positive_lora = (
-            None if positive_only_lora is None else self.load_lora(positive_only_lora, fuse=False, name=POSITIVE_LORA)
-        )
+        branch_loras = {}  # the LoRAs of one branch of guidance, for this call (attached apart, removed after)
         try:
+            for name, source in ((POSITIVE_LORA, positive_only_lora), (NEGATIVE_LORA, negative_lora)):
+                if source is not None:
+                    branch_loras[name] = self.load_lora(source, fuse=False, name=name)
             for i in self.progress(range(steps), progress_bar):
                 sigma = scheduler.sigmas[i]
                 guided = use_cfg and (1.0 - float(sigma)) <= cfg_truncation
                 active = [c.control for c in controls if c.active(i, steps)]
                 negative = negative_text if guided else None
                 velocity = self.predict(
-                    x, sigma, text, negative, cfg_scale, cfg_normalization, active, condition, positive_lora
+                    x, sigma, text, negative, cfg_scale, cfg_normalization, active, condition, branch_loras
                 )
                 x = scheduler.step(velocity, i, x)
         finally:
-            if positive_lora is not None:
-                clear_loras(self.dit, positive_lora)
+            for name in branch_loras.values():
+                clear_loras(self.dit, name)
 
         # 4. decode
         self.load_models_to_device(["vae"])
@@ -333,11 +356,14 @@ class ZImagePipeline(BasePipeline):
         cfg_normalization,
         controls=(),
         condition=None,
-        positive_lora=None,
+        branch_loras=None,
     ) -> torch.Tensor:
         """One denoiser evaluation; with guidance the two branches run as one batch (both under the controls,
         as the authors' pipeline repeats the control condition for CFG; both with the Omni `condition`), or one
-        after the other with the unfused LoRA `positive_lora` switched off for the negative one."""
+        after the other when `branch_loras` (`{POSITIVE_LORA: name, NEGATIVE_LORA: name}`, unfused) holds a LoRA
+        of one branch: each runs with its own switched on and the other's off."""
+        branch_loras = branch_loras or {}
+        positive_lora, negative_lora = branch_loras.get(POSITIVE_LORA), branch_loras.get(NEGATIVE_LORA)
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
 
@@ -349,14 +375,13 @@ class ZImagePipeline(BasePipeline):
             return z_image_omni_velocity(self.dit, latents, sigma.expand(n), texts, images, grids)
 
         if negative_text is None:
-            return velocity(x, text)
-        if positive_lora is not None:
-            positive = velocity(x, text)
-            set_lora_scale(self.dit, positive_lora, 0.0)
-            try:
+            with lora_scales(self.dit, {negative_lora: 0.0}):
+                return velocity(x, text)
+        if branch_loras:
+            with lora_scales(self.dit, {negative_lora: 0.0}):
+                positive = velocity(x, text)
+            with lora_scales(self.dit, {positive_lora: 0.0}):
                 negative = velocity(x, negative_text)
-            finally:
-                set_lora_scale(self.dit, positive_lora, 1.0)
         else:
             both = velocity(torch.cat([x, x]), text + negative_text)
             positive, negative = both[:batch], both[batch:]
