@@ -580,6 +580,52 @@ def test_presets_find_their_files_in_the_hub_layout(tiny_repo_factory, tmp_path,
         assert pipe.dit2.config.vace_layers == pipe.dit.config.vace_layers
 
 
+@pytest.mark.parametrize(
+    ("kind", "preset", "base", "folder"),
+    [
+        ("a14b", "lightx2v/Wan2.2-Lightning", "Wan-AI/Wan2.2-T2V-A14B", "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"),
+        ("i2v_a14b", "lightx2v/Wan2.2-Lightning:i2v", "Wan-AI/Wan2.2-I2V-A14B", "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"),
+    ],
+)  # fmt: skip
+def test_lightning_presets_fuse_one_lora_per_expert(
+    tiny_repo_factory, tmp_path, monkeypatch, kind, preset, base, folder
+):
+    """`lightx2v/Wan2.2-Lightning` (and `:i2v`): the A14B experts with their own Lightning LoRA each fused (the
+    high-noise expert's into `dit`, the low-noise one's into `dit2`, in their ComfyUI-style `diffusion_model.` keys),
+    sampled in 4 unguided Euler steps at shift 5."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    repo = tiny_repo_factory(kind)
+    shutil.copytree(repo, tmp_path / base)
+    shutil.copytree(repo / "google" / "umt5-xxl", tmp_path / "Wan-AI" / "Wan2.1-T2V-1.3B" / "google" / "umt5-xxl")
+    plain = WanVideoPipeline.from_pretrained(base, torch_dtype="float32", device="cpu")
+    g = torch.Generator().manual_seed(3)
+    files = {}
+    for expert, slot in (("high", "dit"), ("low", "dit2")):
+        q = getattr(plain, slot).get_submodule("blocks.0.self_attn.q")
+        state = {
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, q.in_features, generator=g),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(q.out_features, 2, generator=g),
+            "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(2.0),
+        }
+        files[slot] = tmp_path / preset.split(":")[0] / folder / f"{expert}_noise_model.safetensors"
+        files[slot].parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(files[slot]))
+    pipe = WanVideoPipeline.from_pretrained(preset, torch_dtype="float32", device="cpu")
+    for slot in ("dit", "dit2"):
+        plain.load_lora(str(files[slot]), slot=slot)
+        ours, want = getattr(pipe, slot).state_dict(), getattr(plain, slot).state_dict()
+        assert all(torch.equal(ours[k], want[k]) for k in want), slot
+    fresh = WanVideoPipeline.from_pretrained(base, torch_dtype="float32", device="cpu")
+    for slot in ("dit", "dit2"):  # each expert changed by its own LoRA
+        key = "blocks.0.self_attn.q.weight"
+        assert not torch.equal(getattr(pipe, slot).state_dict()[key], getattr(fresh, slot).state_dict()[key])
+    d = pipe.defaults
+    assert (d["num_inference_steps"], d["cfg_scale"], d["cfg_scale_2"], d["sigma_shift"]) == (4, 1.0, 1.0, 5.0)
+
+
 def test_krea_realtime_video_preset_loads_its_model_prefixed_file(tiny_repo, tmp_path, monkeypatch):
     """krea/krea-realtime-video's single file (the DiT's keys under `model.`) beside Wan2.1-T2V-14B's encoders and
     VAE: the same DiT as the original-named file, sampled with the preset's 6 unguided steps."""
@@ -630,6 +676,8 @@ def test_presets_are_data_with_the_authors_defaults():
         "iic/VACE-Wan2.1-1.3B-Preview",
         "meituan-longcat/LongCat-Video",
         "meituan-longcat/LongCat-Video:distill",
+        "lightx2v/Wan2.2-Lightning",
+        "lightx2v/Wan2.2-Lightning:i2v",
     ]
     assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *others])
     krea = presets["krea/krea-realtime-video"]

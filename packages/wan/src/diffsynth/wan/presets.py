@@ -372,6 +372,38 @@ _PRESETS += (
     ),
 )
 
+# lightx2v's Wan2.2-Lightning (4 steps, no CFG): a LoRA per A14B expert, in the folders their README names (the
+# files are not checked against the hub here); their sampler: Euler on Wan's grid shifted by 5, the experts' usual
+# boundary (wan/configs of their repo: sample_steps 4, guide scale 1, sample_shift 5, boundary 0.875)
+LIGHTNING = "lightx2v/Wan2.2-Lightning"
+_LIGHTNING = {"num_inference_steps": 4, "cfg_scale": 1.0, "cfg_scale_2": 1.0, "sigma_shift": 5.0}
+_PRESETS += tuple(
+    Preset(
+        name=LIGHTNING + suffix,
+        files=base.files,
+        tokenizer=TOKENIZER,
+        defaults={**base.defaults, **_LIGHTNING},
+        description=f"{base.name.split('/')[1]} with lightx2v's Lightning LoRAs ({folder}, one per expert, fused): "
+        "4 steps without CFG, shift 5.",
+        loras=(
+            PresetLoRA(LIGHTNING, f"{folder}/high_noise_model.safetensors", slot="dit"),
+            PresetLoRA(LIGHTNING, f"{folder}/low_noise_model.safetensors", slot="dit2"),
+        ),
+    )
+    for suffix, base, folder in (
+        (
+            "",
+            next(p for p in _PRESETS if p.name == "Wan-AI/Wan2.2-T2V-A14B"),
+            "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1",
+        ),
+        (
+            ":i2v",
+            next(p for p in _PRESETS if p.name == "Wan-AI/Wan2.2-I2V-A14B"),
+            "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1",
+        ),
+    )
+)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 __all__ = ["FLF2V_NEGATIVE_PROMPT", "I2V_NEGATIVE_PROMPT", "NEGATIVE_PROMPT", "PRESETS"]
