@@ -356,7 +356,7 @@ def test_quoted_text_is_tokenised_per_character(step1x_pipe):
 
 
 def test_cli_edits_the_input_image(step1x_base, step1x_pipe, tmp_path, monkeypatch):
-    """`diffsynth generate --model stepfun-ai/Step1X-Edit --input-image` gives the pipeline's image."""
+    """`diffsynth generate --model stepfun-ai/Step1X-Edit --input-image --size-level` gives the pipeline's image."""
     from diffsynth.runtime.cli import main
 
     monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(step1x_base))
@@ -364,11 +364,11 @@ def test_cli_edits_the_input_image(step1x_base, step1x_pipe, tmp_path, monkeypat
     _photo(seed=4).save(tmp_path / "in.png")
     out = tmp_path / "out.png"
     args = ["generate", "--model", "stepfun-ai/Step1X-Edit", "--prompt", "make it red", "--seed", "2"]
-    args += ["--input-image", str(tmp_path / "in.png"), "--output", str(out), "--steps", "1"]
+    args += ["--input-image", str(tmp_path / "in.png"), "--output", str(out), "--steps", "1", "--size-level", "48"]
     assert main([*args, "--cfg", "1", "--device", "cpu", "--dtype", "float32"]) == 0
     want = step1x_pipe(
         "make it red", reference_image=str(tmp_path / "in.png"), seed=2, num_inference_steps=1, cfg_scale=1.0,
-        progress_bar=False,
+        size_level=48, progress_bar=False,
     )  # fmt: skip
     with Image.open(out) as written:
         assert written.size == want.size

@@ -186,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="AttriCtrl (FLUX.1, DiffSynth-Studio/AttriCtrl-FLUX.1-Dev): one value in [0, 1] per attribute encoder",
     )
     gen.add_argument(
+        "--size-level",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Step1X-Edit: generate at about N x N pixels at the input image's aspect ratio (512 or 1024)",
+    )
+    gen.add_argument(
         "--sampler",
         default=None,
         choices=("euler", "unipc"),
@@ -544,6 +551,7 @@ def _generate(args) -> int:
         "sampler": args.sampler,
         "infiniteyou_id_image": args.infiniteyou_id_image,
         "value_controller_inputs": args.value_controller_inputs,
+        "size_level": args.size_level,
         **_sliding_window(args.sliding_window),
     }
     # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
