@@ -678,6 +678,7 @@ def test_presets_are_data_with_the_authors_defaults():
         "meituan-longcat/LongCat-Video:distill",
         "lightx2v/Wan2.2-Lightning",
         "lightx2v/Wan2.2-Lightning:i2v",
+        "ByteDance/Video-As-Prompt-Wan2.1-14B",
     ]
     assert sorted(presets) == sorted([*(f"Wan-AI/{n}" for n in names), *(f"PAI/{n}" for n in fun), *others])
     krea = presets["krea/krea-realtime-video"]

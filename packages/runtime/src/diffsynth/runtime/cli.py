@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--animate2-prompt-ref", default=None, help="Wan2.2-Animate-2: a description of the driving video")
     gen.add_argument(
+        "--vap-video", default=None, help="Wan Video-As-Prompt: the reference video whose semantics --input-image takes"
+    )
+    gen.add_argument("--vap-prompt", default=None, help="Wan Video-As-Prompt: a description of the reference video")
+    gen.add_argument(
         "--animate-pose-video",
         default=None,
         help="Wan2.2-Animate: the driving pose video (--input-image: the character)",
@@ -185,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VALUE",
         help="AttriCtrl (FLUX.1, DiffSynth-Studio/AttriCtrl-FLUX.1-Dev): one value in [0, 1] per attribute encoder",
     )
+    for flag, what in (
+        ("source-image", "the image to insert into"),
+        ("source-mask", "where the object goes in --insert-source-image (white)"),
+        ("ref-image", "the image holding the object"),
+        ("ref-mask", "the object in --insert-ref-image (white)"),
+    ):  # FLUX.1 Insert Anything (preset HuanJue/Insert-Anything); no --prompt
+        gen.add_argument(
+            f"--insert-{flag}", dest=f"insert_anything_{flag.replace('-', '_')}", default=None, metavar="IMAGE",
+            help=f"Insert Anything (FLUX.1, HuanJue/Insert-Anything): {what}",
+        )  # fmt: skip
     gen.add_argument(
         "--size-level",
         type=int,
@@ -485,7 +499,8 @@ def _generate(args) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cls = _pipeline_class(args.model)
-    if args.prompt is None and not hasattr(cls, "run_cli"):  # (the HDR preset reads pre-computed embeddings)
+    inserting = args.insert_anything_source_image is not None  # Insert Anything reads no prompt
+    if args.prompt is None and not hasattr(cls, "run_cli") and not inserting:  # (HDR: pre-computed embeddings)
         raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
     pipe = cls.from_pretrained(args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit)
     if parallel:
@@ -547,10 +562,16 @@ def _generate(args) -> int:
         "animate2_reference_image": args.animate2_reference_image,
         "animate2_reference_video": args.animate2_reference_video,
         "animate2_prompt_ref": args.animate2_prompt_ref,
+        "vap_video": args.vap_video,
+        "vap_prompt": args.vap_prompt,
         "positive_only_lora": args.positive_only_lora,
         "sampler": args.sampler,
         "infiniteyou_id_image": args.infiniteyou_id_image,
         "value_controller_inputs": args.value_controller_inputs,
+        "insert_anything_source_image": args.insert_anything_source_image,
+        "insert_anything_source_mask": args.insert_anything_source_mask,
+        "insert_anything_ref_image": args.insert_anything_ref_image,
+        "insert_anything_ref_mask": args.insert_anything_ref_mask,
         "size_level": args.size_level,
         **_sliding_window(args.sliding_window),
     }
@@ -578,6 +599,8 @@ def _generate(args) -> int:
             renamed.update(flex_inpaint_mask="inpaint_mask", flex_inpaint_image="input_image")
             renamed.update(flex_control_image="control_image", flex_control_strength="control_image")
             renamed["retake_video"] = "input_video"
+            renamed.update({f"insert_anything_{p}": f"insert_{p}" for p in ("source_image", "source_mask")})
+            renamed.update({f"insert_anything_{p}": f"insert_{p}" for p in ("ref_image", "ref_mask")})
             renamed.update(camera_control_direction="camera_direction", camera_control_speed="camera_speed")
             renamed.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds", use_hq_pipeline="hq")
             renamed.update(sliding_window_size="sliding_window", sliding_window_stride="sliding_window")

@@ -29,10 +29,11 @@ import torch
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.registry import Family, KeyLayout, ModelSpec, StateDict, build_config, merge_fields
 
-from . import animate2, audio_encoder, dancer, longcat, s2v
+from . import animate2, audio_encoder, dancer, longcat, s2v, video_as_prompt
 from .animate import Blur
 from .dit import WanDiT, WanDiTConfig, backbone_fields, heads_from_width
 from .motion_controller import MOTION_CONTROLLER_SPEC
+from .video_as_prompt import DiTKeyLayout
 
 PREFIX = "model.diffusion_model."
 MODEL_PREFIX = "model."  # krea/krea-realtime-video's file (DiffSynth-Studio's converter strips this prefix for it)
@@ -287,11 +288,12 @@ _OWNS_DIFFUSERS = (
     *ANIMATE_PREFIXES,
 )
 
+# the unprefixed layouts leave Video-As-Prompt's `*_mot_ref*` keys (in the same files) to its expert's spec
 LAYOUTS = (
-    KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
+    DiTKeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
     KeyLayout("original_prefixed", ORIGINAL_SIGNATURE, prefix=PREFIX),
     KeyLayout("original_model_prefixed", ORIGINAL_SIGNATURE, prefix=MODEL_PREFIX),
-    KeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
+    DiTKeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
 )
 
 
@@ -590,6 +592,21 @@ LONGCAT_DIT_SPEC = ModelSpec(
     build=longcat.LongCatVideoDiT,
     description="LongCat-Video 13.6B DiT (meituan-longcat/LongCat-Video dit/diffusion_pytorch_model*.safetensors)",
 )
+# ----------------------------------------------------------------------------------- Video-As-Prompt
+# ByteDance/Video-As-Prompt-Wan2.1-14B's `transformer/` files: the Wan2.1-I2V-14B DiT (diffusers names, taken by
+# DIT_SPEC) and the MoT expert (`*_mot_ref*` keys, taken here) in one file set (`video_as_prompt.py`).
+VAP_SPEC = ModelSpec(
+    name="wan_video_as_prompt",
+    role="vap",
+    layouts=(
+        video_as_prompt.ExpertKeyLayout(
+            "diffusers_mot", video_as_prompt.EXPERT_SIGNATURE, convert=video_as_prompt.layout_to_ours
+        ),
+    ),
+    config_from_state=video_as_prompt.spec_config,
+    build=video_as_prompt.VideoAsPromptExpert,
+    description="Video-As-Prompt MoT expert (ByteDance/Video-As-Prompt-Wan2.1-14B transformer/, `_mot_ref` keys)",
+)
 WAV2VEC_SIGNATURE = (
     "wav2vec2.feature_extractor.conv_layers.0.conv.weight",
     "wav2vec2.encoder.layers.0.attention.q_proj.weight",
@@ -616,6 +633,7 @@ FAMILY = Family(
         LONGCAT_DIT_SPEC,
         WAV2VEC_SPEC,
         MOTION_CONTROLLER_SPEC,
+        VAP_SPEC,
         *ENCODER_SPECS,
     ),
     presets=PRESETS,

@@ -20,7 +20,8 @@ VACE DiTs (text-to-video with a control branch) also take `vace_video` / `vace_v
 `animate_face_video` and, to replace a person, `animate_inpaint_video` / `animate_mask_video`, made in
 overlapping segments (see `animate.py`); Wan-Dancer DiTs `wantodance_*` (music, keyframes; see `dancer.py`);
 the Wan2.2-S2V DiT the person's `input_image` with `input_audio` (or `audio_embeds`), optionally
-`s2v_pose_video` and, to continue a video, `motion_video` (see `s2v.py`).
+`s2v_pose_video` and, to continue a video, `motion_video` (see `s2v.py`); with the Video-As-Prompt expert (`vap`)
+beside a Wan 2.1 I2V DiT, a reference video `vap_video` with its caption `vap_prompt` (see `video_as_prompt.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from diffsynth.runtime.dtypes import parse_device
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults, weight_paths
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -62,6 +63,7 @@ from .s2v import WanS2VDiT, check_s2v_call, generate_s2v
 from .sliding_window import SlidingWindows, check_conditions
 from .text_encoder import encode_prompts
 from .vace import VaceControl, check_vace_channels, prepare_vace
+from .video_as_prompt import VapInputs, check_vap_call, encode_vap, fit_expert_layers, vap_velocity
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class WanConditions:
     face_pixel_values: torch.Tensor | None = None
     camera_latents: torch.Tensor | None = None
     motion_modulation: torch.Tensor | None = None
+    vap: VapInputs | None = None  # Video-As-Prompt's reference inputs (run through `vap_velocity`, not extras)
 
     def extras(self) -> dict:
         """The DiT's keyword inputs besides the text (the ones given)."""
@@ -138,9 +141,12 @@ class WanVideoPipeline(BasePipeline):
         "image_encoder": "image_encoder",
         "audio_encoder": "audio_encoder",  # Wan2.2-S2V's wav2vec2
         "motion_controller": "motion_controller",  # DiffSynth-Studio's speed control
+        "vap": "vap",  # Video-As-Prompt's MoT expert (beside the Wan2.1-I2V-14B DiT)
     }
-    optional_slots = ("dit2", "image_encoder", "audio_encoder", "motion_controller")
-    stage_order = ("audio_encoder", "text_encoder", "image_encoder", "vae", "motion_controller", "dit", "dit2", "vae")
+    optional_slots = ("dit2", "image_encoder", "audio_encoder", "motion_controller", "vap")
+    stage_order = (
+        "audio_encoder", "text_encoder", "image_encoder", "vae", "motion_controller", "dit", "vap", "dit2", "vae"
+    )  # fmt: skip
     size_multiple = 16  # set per model after loading: VAE compression x patch size
 
     # ------------------------------------------------------------------ loading
@@ -189,6 +195,8 @@ class WanVideoPipeline(BasePipeline):
             super()._load_config(config)
         finally:
             del self.model_slots  # back to the class mapping
+        if self.vap is not None and self.model_configs.get("vap") is config:  # its DiT layers are in the key names
+            fit_expert_layers(self.vap, weight_paths(config), self.dit)
         one_model = (WanDancerDiT, WanAnimate2DiT, WanS2VDiT)
         if self.dit2 is not None and (isinstance(self.dit, one_model) or isinstance(self.dit2, one_model)):
             raise ConfigError(
@@ -282,6 +290,9 @@ class WanVideoPipeline(BasePipeline):
         framewise_decoding: bool | None = None,
         longcat_video: Sequence[ImageInput] | str | os.PathLike | None = None,
         longcat_distill: bool | None = None,
+        vap_video: Sequence[ImageInput] | str | os.PathLike | None = None,
+        vap_prompt: str | Sequence[str] | None = None,
+        negative_vap_prompt: str | Sequence[str] | None = None,
     ):
         """Generate videos: a list of PIL frames for one prompt (a list of such lists for a list of
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
@@ -338,6 +349,10 @@ class WanVideoPipeline(BasePipeline):
         LongCat-Video (see `longcat.py`): `input_image` is the first frame (I2V); `longcat_video` (4n + 1 frames or a
         file) opens the clip, which continues it to `num_frames`. `longcat_distill` (the `:distill` preset's
         default) samples on the distilled grid, for the authors' cfg_step LoRA (16 steps, `cfg_scale` 1).
+        Video-As-Prompt (the `vap` expert, preset ByteDance/Video-As-Prompt-Wan2.1-14B; see `video_as_prompt.py`):
+        `vap_video` (frames or a file; `num_frames` of them spread evenly over it, resized to the output size) is the
+        reference whose semantics (effect, motion, style, camera) the video of `input_image` takes on, `vap_prompt`
+        its caption (default " "), `negative_vap_prompt` the negative branch's (default: the negative prompt).
         """
         negative = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative)
@@ -387,6 +402,10 @@ class WanVideoPipeline(BasePipeline):
                       sliding_window_size=sliding_window_size, sliding_window_stride=sliding_window_stride, **s2v,
                       **dict(zip(("animate_pose_video", "animate_face_video", "animate_inpaint_video",
                                   "animate_mask_video"), animate, strict=True)))  # fmt: skip
+        vap_refused = dict(others, input_video=None, longcat_video=longcat_video, longcat_distill=longcat_distill,
+                           **animate2, **dancer)  # fmt: skip
+        vap_refused.pop("input_image")
+        use_vap = check_vap_call(self, vap_video, vap_prompt, negative_vap_prompt, vap_refused, input_image)
         if isinstance(self.dit, LongCatVideoDiT) or longcat_video is not None or longcat_distill:
             taken = {k: v for k, v in {**others, **animate2, **dancer}.items() if k != "input_image"}
             taken["framewise_decoding"] = framewise_decoding or None
@@ -508,6 +527,15 @@ class WanVideoPipeline(BasePipeline):
         if vace is not None:
             cond = replace(cond, vace_context=vace.context.expand(len(prompts), -1, -1, -1, -1), vace_scale=vace.scale)
         uncond = replace(cond, context=negative_context) if use_cfg else None
+        if use_vap:
+            vap_texts = (" " if vap_prompt is None else vap_prompt, negatives if negative_vap_prompt is None
+                         else negative_vap_prompt)  # fmt: skip
+            vap, negative_vap = encode_vap(
+                self, vap_video, *vap_texts, len(prompts), (height, width, frames), vae_kwargs, use_cfg,
+                max_sequence_length,
+            )  # fmt: skip
+            cond = replace(cond, vap=vap)
+            uncond = replace(uncond, vap=negative_vap) if use_cfg else None
         if windows is not None:
             check_conditions(cond)
 
@@ -951,7 +979,7 @@ class WanVideoPipeline(BasePipeline):
         """Euler steps; the high-noise `dit` runs while t >= boundary * 1000, then `dit2` (if loaded). With
         `windows` (`SlidingWindows`) each velocity is blended from the DiT's on overlapping windows of frames."""
         dit, guidance = self.dit, scale
-        self.load_models_to_device(["dit"])
+        self.load_models_to_device(["dit", "vap"] if cond.vap is not None else ["dit"])
         if first_latent is not None:
             x = x.clone()
             x[:, :, :1] = first_latent
@@ -994,11 +1022,11 @@ class WanVideoPipeline(BasePipeline):
         Under batch parallelism (`enable_parallel(batch=2)`) the two branches always run as one batch,
         which the ranks then divide."""
         if uncond is None:
-            return wan_velocity(dit, x, timestep, cond.context, **cond.extras())
+            return self.velocity(dit, x, timestep, cond)
         groups = getattr(dit, "parallel", None)
         if not cfg_merge and (groups is None or groups.batch_size == 1):
-            positive = wan_velocity(dit, x, timestep, cond.context, **cond.extras())
-            negative = wan_velocity(dit, x, timestep, uncond.context, **uncond.extras())
+            positive = self.velocity(dit, x, timestep, cond)
+            negative = self.velocity(dit, x, timestep, uncond)
             return self.guide(positive, negative, scale)
 
         def twice(a, b=None):
@@ -1006,9 +1034,21 @@ class WanVideoPipeline(BasePipeline):
 
         negative = uncond.extras()  # the same as the positive ones but for Animate's blank face crops
         extras = {k: twice(v, negative.get(k)) for k, v in cond.extras().items()}
-        both = wan_velocity(dit, twice(x), twice(timestep), torch.cat([cond.context, uncond.context]), **extras)
+        context = torch.cat([cond.context, uncond.context])
+        if cond.vap is not None:
+            both = vap_velocity(
+                dit, self.vap, twice(x), twice(timestep), context, cond.vap.merged(uncond.vap), **extras
+            )
+        else:
+            both = wan_velocity(dit, twice(x), twice(timestep), context, **extras)
         positive, negative = both.chunk(2)
         return self.guide(positive, negative, scale)
+
+    def velocity(self, dit, x, timestep, cond: WanConditions) -> torch.Tensor:
+        """One branch's velocity: `wan_velocity`, or through the Video-As-Prompt expert when `cond.vap` is given."""
+        if cond.vap is None:
+            return wan_velocity(dit, x, timestep, cond.context, **cond.extras())
+        return vap_velocity(dit, self.vap, x, timestep, cond.context, cond.vap, **cond.extras())
 
 
 # ----------------------------------------------------------------------------------------- folders

@@ -27,6 +27,8 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - Wan-AI/Wan-Dancer-14B (DiffSynth-Studio's examples; no other implementation is public): `:global` makes the
   dance's keyframes (one per latent frame, decoded frame by frame) at 7.5 fps in 48 steps, untiled; `:local` the
   30 fps video between keyframes in 24 steps; both 149 frames, height 1280 x width 720, guidance 5, shift 5.
+- ByteDance/Video-As-Prompt-Wan2.1-14B (the authors' `infer/wan_vap.py`): 832x480, 49 frames, 50 steps, guide 5,
+  shift 3 (the 480p I2V base it was trained on), their English negative prompt; the encoders of Wan2.1-I2V-14B-720P.
 - PAI's Wan Fun Control and InP models: DiffSynth-Studio's defaults, which its example scripts use
   (832x480, 81 frames, 50 steps, guidance 5, shift 5; the A14B experts hand over at 0.875).
 
@@ -369,6 +371,34 @@ _PRESETS += (
         defaults={**_LONGCAT, "num_inference_steps": 16, "cfg_scale": 1.0, "longcat_distill": True},
         description="LongCat-Video with the authors' cfg_step LoRA (fused): 16 steps on the distilled grid, no "
         "CFG; text-to-video, image-to-video and continuation as the base preset.",
+    ),
+)
+
+# Video-As-Prompt: the repo's `transformer/` files hold the Wan2.1-I2V-14B DiT and the MoT expert; the umT5, VAE and
+# CLIP of Wan2.1-I2V-14B-720P (DiffSynth-Studio's file choices). The authors' `infer/wan_vap.py` settings: 832x480,
+# 49 frames, 50 steps, guidance 5, their English negative prompt (also the reference caption's negative), 16 fps.
+# Their scheduler config is not readable here: shift 3, the 480p I2V value (the expert was trained on
+# Wan2.1-I2V-14B-480P-Diffusers).
+VAP = "ByteDance/Video-As-Prompt-Wan2.1-14B"
+_PRESETS += (
+    Preset(
+        name=VAP,
+        files=(
+            PresetFile(VAP, "transformer/" + DIT),
+            *(PresetFile("Wan-AI/Wan2.1-I2V-14B-720P", p) for p in (T5, VAE21, CLIP)),
+        ),
+        tokenizer=TOKENIZER,
+        defaults={
+            **_COMMON,
+            **_480P,
+            "num_frames": 49,
+            "num_inference_steps": 50,
+            "cfg_scale": 5.0,
+            "sigma_shift": 3.0,
+            "negative_prompt": LONGCAT_NEGATIVE_PROMPT,
+        },
+        description="Video-As-Prompt (ByteDance) on Wan2.1-I2V-14B: input_image takes on the semantics (effect, "
+        "motion, style, camera) of the reference vap_video, described by vap_prompt; 832x480, 49 frames, 50 steps.",
     ),
 )
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import CheckpointError, ConfigError, preview
 from diffsynth.runtime.layers import rope_inverse_frequencies, rope_tables, rotate
+from diffsynth.runtime.registry import KeyLayout
 
 from .dit import ImageEmbedding, Rope, WanBlock, WanDiT, _heads, add_input_layers, text_tokens, time_modulation
 
@@ -456,6 +458,253 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], label: str) -
     model.load_state_dict(state, strict=True)
 
 
+# ----------------------------------------------------------------------------------- recognition
+# The official `transformer/` files hold the DiT (diffusers names) and the expert (`*_mot_ref*`) together: the DiT
+# layouts own no expert key (`DiTKeyLayout`), the expert's layout owns only those (`ExpertKeyLayout`), so the loader
+# splits one file into two models, each loaded strictly.
+@dataclass(frozen=True)
+class DiTKeyLayout(KeyLayout):
+    """A Wan DiT layout that leaves the Video-As-Prompt expert's keys to `ExpertKeyLayout`."""
+
+    def owns(self, key: str) -> bool:
+        return not is_expert_key(key) and super().owns(key)
+
+
+@dataclass(frozen=True)
+class ExpertKeyLayout(KeyLayout):
+    """The expert's keys of an official `transformer/` file (every key with `_mot_ref`)."""
+
+    def owns(self, key: str) -> bool:
+        return is_expert_key(key) and super().owns(key)
+
+
+EXPERT_SIGNATURE = (
+    _with_suffix("patch_embedding.weight"),
+    _with_suffix("condition_embedder.time_proj.weight"),
+    _with_suffix("condition_embedder.text_embedder.linear_1.weight"),
+    _with_suffix("condition_embedder.image_embedder.norm1.weight"),
+)
+
+
+def layout_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loader's conversion: official expert keys -> ours, the layers read from the key names."""
+    return expert_to_ours(state, mot_layers_of(state))
+
+
+def spec_config(state, config_json: dict | None = None) -> VideoAsPromptConfig:
+    """The expert's config from our-named shapes. Our names drop the DiT layer of each block; the released
+    layout (10 blocks, every 4th of 40 layers) is assumed for 10 blocks, else one block per layer of a DiT as deep
+    as the expert, unless `config_json` (the authors' `WanTransformer3DMOTModel` config: `block_idx_with_mot_ref`,
+    `num_layers`, heads) says otherwise. `WanVideoPipeline` sets the exact layers from the file's key names
+    (`fit_expert_layers`)."""
+    if "patch_embedding.weight" not in state:
+        raise CheckpointError(f"Video-As-Prompt expert: patch_embedding is missing (keys: {preview(state)})")
+    count = 0
+    while f"blocks.{count}.modulation" in state:
+        count += 1
+    if not count:
+        raise CheckpointError("Video-As-Prompt expert: no blocks (blocks.0.modulation is missing)")
+    patch = state["patch_embedding.weight"]
+    dim = int(patch.shape[0])
+    layers = RELEASED_MOT_LAYERS if count == len(RELEASED_MOT_LAYERS) else tuple(range(count))
+    fields = dict(
+        dim=dim,
+        in_dim=int(patch.shape[1]),
+        patch_size=tuple(int(s) for s in patch.shape[2:]),
+        ffn_dim=int(state["blocks.0.ffn.0.weight"].shape[0]),
+        freq_dim=int(state["time_embedding.0.weight"].shape[1]),
+        text_dim=int(state["text_embedding.0.weight"].shape[1]),
+        image_dim=int(state["img_emb.proj.0.weight"].shape[0]),
+        mot_layers=layers,
+        num_layers=40 if layers == RELEASED_MOT_LAYERS else count,
+    )
+    json_fields = config_json or {}
+    if json_fields.get("block_idx_with_mot_ref") is not None:
+        fields["mot_layers"] = tuple(int(i) for i in json_fields["block_idx_with_mot_ref"])
+    if json_fields.get("num_layers") is not None:
+        fields["num_layers"] = int(json_fields["num_layers"])
+    if json_fields.get("num_attention_heads") is not None:
+        fields["num_heads"] = int(json_fields["num_attention_heads"])
+    elif dim % 128:
+        raise ConfigError(
+            f"Video-As-Prompt expert dim={dim} is not a multiple of 128: the head count cannot be derived from the "
+            "shapes; give num_attention_heads in a config.json beside the file"
+        )
+    else:
+        fields["num_heads"] = dim // 128
+    if len(fields["mot_layers"]) != count:
+        raise ConfigError(
+            f"Video-As-Prompt expert: config.json block_idx_with_mot_ref={list(fields['mot_layers'])} names "
+            f"{len(fields['mot_layers'])} layers but the checkpoint has {count} expert blocks"
+        )
+    return VideoAsPromptConfig(**fields)
+
+
+def fit_expert_layers(expert: VideoAsPromptExpert, files, dit: WanDiT | None) -> None:
+    """Give a loaded expert the DiT layers its blocks sit beside, read from the official key names of `files`
+    (`blocks.N.*_mot_ref*`), and the depth of `dit` (the model it was loaded with)."""
+    from diffsynth.runtime.checkpoint import open_checkpoint
+
+    layers = mot_layers_of(open_checkpoint(files).keys())
+    if not layers:  # a file in our names: the derived config stands
+        return
+    if len(layers) != len(expert.blocks):
+        raise CheckpointError(
+            f"{preview(files)}: expert blocks at DiT layers {layers} but {len(expert.blocks)} blocks were loaded"
+        )
+    depth = dit.config.num_layers if dit is not None else max(expert.config.num_layers, layers[-1] + 1)
+    expert.config = replace(expert.config, mot_layers=layers, num_layers=depth)
+
+
+# ----------------------------------------------------------------------------------- pipeline
+@dataclass
+class VapInputs:
+    """One guidance branch's reference inputs: the latent `[B, in_dim, F, h, w]` (the reference video's VAE latent
+    joined with the I2V conditioning of its first frame), its caption's umT5 states `[B, L, text_dim]` and the CLIP
+    features of its first frame `[B, 257, image_dim]`."""
+
+    latents: torch.Tensor
+    context: torch.Tensor
+    clip_feature: torch.Tensor
+
+    def merged(self, other: VapInputs) -> VapInputs:
+        """Both branches as one batch (this one first), for `cfg_merge`."""
+        return VapInputs(*(torch.cat([a, b]) for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.latents, self.context, self.clip_feature
+
+
+def vap_velocity(
+    dit: WanDiT,
+    expert: VideoAsPromptExpert,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    vap: VapInputs,
+    clip_feature: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    **extras,
+) -> torch.Tensor:
+    """`wan_velocity` with the reference video as prompt: the joint forward (`vap_forward`) in the DiT's dtype,
+    the timestep in float32, the velocity in float32."""
+    from diffsynth.runtime.vram import module_dtype
+
+    if extras:
+        raise ConfigError(f"Video-As-Prompt takes no other DiT inputs; got {sorted(extras)}")
+    if clip_feature is None or y is None:
+        raise ConfigError("Video-As-Prompt runs beside an image-to-video DiT: it needs input_image (CLIP and y)")
+    dtype = module_dtype(dit)
+    out = vap_forward(
+        dit,
+        expert,
+        x.to(dtype),
+        timestep.to(device=x.device, dtype=torch.float32),
+        context.to(dtype),
+        clip_feature.to(dtype),
+        y.to(dtype),
+        *(t.to(dtype) for t in vap.astuple()),
+    )
+    return out.float()
+
+
+VAP_ARGUMENTS = ("vap_video", "vap_prompt", "negative_vap_prompt")
+
+
+def check_vap_call(pipe, vap_video, vap_prompt, negative_vap_prompt, others: dict, input_image) -> bool:
+    """Whether this call runs with a reference video; `ConfigError`s name what it cannot take. `others` are the
+    call's inputs of the other modes (name -> value; None when not given)."""
+    if vap_video is None:
+        given = [n for n, v in (("vap_prompt", vap_prompt), ("negative_vap_prompt", negative_vap_prompt)) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} describe the reference video: give vap_video too")
+        return False
+    if pipe.vap is None:
+        raise ConfigError(
+            "vap_video needs the Video-As-Prompt expert (pipe.vap): load the preset "
+            "ByteDance/Video-As-Prompt-Wan2.1-14B, or ModelConfig(model_id='ByteDance/Video-As-Prompt-Wan2.1-14B', "
+            "origin_file_pattern='transformer/diffusion_pytorch_model*.safetensors')"
+        )
+    refused = [name for name, value in others.items() if value is not None and value is not False]
+    if refused:
+        raise ConfigError(f"vap_video (Video-As-Prompt) takes no {', '.join(refused)}")
+    dit = pipe.dit
+    if type(dit) is not WanDiT or dit.config.vace_layers or dit.config.animate or dit.config.ref_conv:
+        raise ConfigError(
+            f"vap_video: the Video-As-Prompt expert runs beside a plain Wan 2.1 I2V DiT, not a "
+            f"{type(dit).__name__} with VACE / Animate / Fun modules"
+        )
+    if dit.config.camera_adapter_dim or dit.config.model_type != "i2v":
+        raise ConfigError(f"vap_video: the DiT must be an image-to-video one (model_type {dit.config.model_type!r})")
+    if pipe.dit2 is not None:
+        raise ConfigError("vap_video: the Video-As-Prompt expert goes with one DiT; this pipeline holds two (dit2)")
+    pipe.vap.check_dit(dit)
+    if input_image is None:
+        raise ConfigError("vap_video: Video-As-Prompt animates input_image (the first frame): give one")
+    if getattr(dit, "parallel", None) is not None:
+        raise ConfigError("vap_video: Video-As-Prompt does not run under enable_parallel (batch/sequence parallelism)")
+    if pipe.step_caches():
+        raise ConfigError(
+            "vap_video: a step cache (TeaCache, first-block cache) skips the blocks the expert runs beside: disable "
+            "it for this call"
+        )
+    for name, value in (("vap_prompt", vap_prompt), ("negative_vap_prompt", negative_vap_prompt)):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{name} must be a string (or one per prompt), got {type(value).__name__}")
+    return True
+
+
+def select_frames(frames: list, count: int) -> list:
+    """`count` frames spread evenly over the reference video, first and last included (the authors'
+    `frames_selection="evenly"`); a video of `count` frames is taken whole."""
+    if not frames:
+        raise ConfigError("vap_video holds no frames")
+    index = torch.linspace(0, len(frames) - 1, count).long().tolist()
+    return [frames[i] for i in index]
+
+
+def _texts(value, batch: int, name: str) -> list[str]:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(items) == 1:
+        items = items * batch
+    if len(items) != batch:
+        raise ConfigError(f"{name} has {len(items)} texts for {batch} prompts; give one, or one per prompt")
+    return items
+
+
+def encode_vap(
+    pipe, vap_video, vap_prompt, negative_vap_prompt, batch: int, size: tuple[int, int, int], vae_kwargs,
+    use_cfg: bool, max_sequence_length: int = 512,
+) -> tuple[VapInputs, VapInputs | None]:  # fmt: skip
+    """The reference inputs of both guidance branches (the negative one only with `use_cfg`): `num_frames` frames
+    of `vap_video` (a list of images or a video file) spread evenly over it and resized to the output size, their
+    VAE latent joined with the I2V conditioning of the first frame (mask + latent of that frame followed by black),
+    the CLIP features of that frame, and the umT5 states of `vap_prompt` (`negative_vap_prompt` for the negative
+    branch)."""
+    from diffsynth.runtime.media import load_image, load_video
+    from diffsynth.runtime.vram import module_dtype
+
+    height, width, frames = size
+    if isinstance(vap_video, (str, os.PathLike)):
+        vap_video = load_video(vap_video)
+    video = [load_image(f) for f in select_frames(list(vap_video), frames)]
+    pipe.load_models_to_device(["text_encoder"])
+    context = pipe.encode_prompt(_texts(vap_prompt, batch, "vap_prompt"), max_sequence_length)
+    negative = None
+    if use_cfg:
+        negative = pipe.encode_prompt(_texts(negative_vap_prompt, batch, "negative_vap_prompt"), max_sequence_length)
+    clip = pipe.encode_clip([video[0]], None, height, width)
+    pipe.load_models_to_device(["vae"])
+    pixels = pipe._pixels(video, height, width, module_dtype(pipe.vae))  # [F, 3, H, W]
+    latent = pipe.vae.encode(pixels.transpose(0, 1)[None], **vae_kwargs).float()
+    y = pipe.encode_frames([video[0]], None, 1, frames, height, width, vae_kwargs)
+    latents = torch.cat([latent, y], dim=1).expand(batch, -1, -1, -1, -1)
+    clip = clip.expand(batch, -1, -1)
+    positive = VapInputs(latents, context, clip)
+    return positive, None if negative is None else VapInputs(latents, negative, clip)
+
+
 __all__ = [
     "VideoAsPromptConfig",
     "VideoAsPromptExpert",
@@ -466,4 +715,12 @@ __all__ = [
     "expert_to_ours",
     "official_keys",
     "load_transformer_folder",
+    "DiTKeyLayout",
+    "ExpertKeyLayout",
+    "VapInputs",
+    "vap_velocity",
+    "check_vap_call",
+    "encode_vap",
+    "fit_expert_layers",
+    "select_frames",
 ]
