@@ -415,8 +415,7 @@ class WanVideoPipeline(BasePipeline):
                 latents, max_sequence_length, (steps, shift, sigmas, bool(self.setting("longcat_distill",
                 longcat_distill, False))), scale, vae_kwargs, progress_bar,
             )  # fmt: skip
-            out = tensor_to_output(video.float(), output_type)
-            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+            return finished(video, prompt, output_type)
         if isinstance(self.dit, WanDancerDiT) or any(v is not None for v in dancer.values()):
             given = [k for k, v in dancer.items() if v is not None]
             check_dancer_arguments(self, given, {**others, **animate2}, cfg_merge)
@@ -426,8 +425,7 @@ class WanVideoPipeline(BasePipeline):
                 (height, width, frames), seed, rand_device, latents, max_sequence_length, (steps, shift, sigmas, sampler), scale,
                 vae_kwargs, framewise, progress_bar,
             )  # fmt: skip
-            out = tensor_to_output(video.float(), output_type)
-            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+            return finished(video, prompt, output_type)
         segmented = isinstance(self.dit, (WanAnimate2DiT, WanS2VDiT)) or getattr(self.dit.config, "animate", False)
         if framewise and (segmented or any(v is not None for v in (*animate2.values(), *s2v.values(), *animate))):
             raise ConfigError("framewise_decoding is for Wan-Dancer and the text / image-to-video DiTs, not Animate, "
@@ -440,8 +438,7 @@ class WanVideoPipeline(BasePipeline):
                 float(self.setting("animate2_log_scale", animate2_log_scale, 0.0)), (height, width, frames), seed,
                 rand_device, latents, max_sequence_length, (steps, shift, sigmas, sampler), scale, vae_kwargs, progress_bar,
             )  # fmt: skip
-            out = tensor_to_output(video.float(), output_type)
-            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+            return finished(video, prompt, output_type)
         motion = self.motion_modulation(motion_bucket_id, len(prompts))
         if motion is not None and (isinstance(self.dit, WanS2VDiT) or self.dit.config.animate):
             raise ConfigError(
@@ -471,8 +468,7 @@ class WanVideoPipeline(BasePipeline):
                 s2v_pose_latents, motion_video, (height, width, frames), seed, rand_device, latents,
                 max_sequence_length, (steps, shift, sigmas, sampler), scale, vae_kwargs, progress_bar,
             )  # fmt: skip
-            out = tensor_to_output(video.float(), output_type)
-            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+            return finished(video, prompt, output_type)
         if self.dit.config.animate or any(a is not None for a in animate):
             others = dict(end_image=end_image, input_video=input_video, vace_video=vace_video,
                           vace_video_mask=vace_video_mask, vace_reference_image=vace_reference_image,
@@ -487,8 +483,7 @@ class WanVideoPipeline(BasePipeline):
                 max_sequence_length, (steps, shift, sigmas, sampler), (scale, scale_2, boundary, cfg_merge),
                 vae_kwargs, progress_bar,
             )  # fmt: skip
-            out = tensor_to_output(video.float(), output_type)
-            return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+            return finished(video, prompt, output_type)
         first, last = self.check_images(input_image, end_image, len(prompts), control_video)
         camera = self.check_camera(camera_control_direction, first, camera_control_speed, camera_control_origin)
         reference = self.check_reference(reference_image)
@@ -558,8 +553,7 @@ class WanVideoPipeline(BasePipeline):
         self.load_models_to_device(["vae"])
         video = decode_latents(self.vae, x.to(module_dtype(self.vae)), framewise, **vae_kwargs)
         self.load_models_to_device([])
-        out = tensor_to_output(video.float(), output_type)
-        return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+        return finished(video, prompt, output_type)
 
     # ------------------------------------------------------------------ checks
     def read_lora(self, path, slot: str = "dit"):
@@ -1049,6 +1043,13 @@ class WanVideoPipeline(BasePipeline):
         if cond.vap is None:
             return wan_velocity(dit, x, timestep, cond.context, **cond.extras())
         return vap_velocity(dit, self.vap, x, timestep, cond.context, cond.vap, **cond.extras())
+
+
+def finished(video: torch.Tensor, prompt, output_type: str):
+    """A decoded batch `[B, 3, F, H, W]` in [-1, 1] as the call returns it: frames (one video for one prompt), or
+    the "np" / "pt" batch."""
+    out = tensor_to_output(video.float(), output_type)
+    return out[0] if isinstance(prompt, str) and output_type == "pil" else out
 
 
 # ----------------------------------------------------------------------------------------- folders
