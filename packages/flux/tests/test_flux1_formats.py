@@ -194,6 +194,7 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
         "DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1",
         "DiffSynth-Studio/AttriCtrl-FLUX.1-Dev",
         "DiffSynth-Studio/Eligen",
+        "HuanJue/Insert-Anything",
         "black-forest-labs/FLUX.1-Canny-dev",
         "black-forest-labs/FLUX.1-Depth-dev",
         "black-forest-labs/FLUX.1-Fill-dev",

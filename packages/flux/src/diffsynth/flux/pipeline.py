@@ -26,6 +26,9 @@ turned into per-block keys/values that the DiT's image queries attend to (`flux1
 FLUX.1 Redux (black-forest-labs/FLUX.1-Redux-dev) is loaded with `load_redux(...)` and used through
 `flux_redux_image` (DiffSynth-Studio's name) / `flux_redux_scale`: SigLIP patch features of each image become
 T5-width tokens appended to the positive prompt's T5 states (`flux1/redux.py`); the negative prompt is left as is.
+
+Insert Anything (`insert_anything_*`, a Fill DiT with the authors' LoRA and Redux) is a Fill + Redux call on the
+diptych `flux1/insert_anything.py` prepares, with zero text states, its output pasted back into the source image.
 """
 
 from __future__ import annotations
@@ -440,7 +443,7 @@ class FluxImagePipeline(BasePipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] = "",
         cfg_scale: float | None = None,
         embedded_guidance: float | None = None,
@@ -472,6 +475,10 @@ class FluxImagePipeline(BasePipeline):
         infinityou_id_image=None,
         infinityou_guidance: float | None = None,
         value_controller_inputs: float | Sequence[float] | None = None,
+        insert_anything_source_image: Image.Image | None = None,
+        insert_anything_source_mask: Image.Image | None = None,
+        insert_anything_ref_image: Image.Image | None = None,
+        insert_anything_ref_mask: Image.Image | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -526,8 +533,23 @@ class FluxImagePipeline(BasePipeline):
         [0, 1] per loaded attribute encoder, appends its tokens to both prompts' T5 states (`flux1/value_control.py`).
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
+        Insert Anything (a Fill DiT with the authors' LoRA and `load_redux`; DiffSynth-Studio's names, see
+        `flux1/insert_anything.py`): `insert_anything_source_image` / `_source_mask` (where the object goes, white)
+        and `insert_anything_ref_image` / `_ref_mask` (the object, white) give the Fill diptych, its mask and the
+        Redux image (after zero text states: no prompt, no true CFG); the result is that diptych's right half
+        pasted back into the source image. `height` sets the diptych's side (the authors' 768), `width` is twice it.
         """
-        prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
+        insert = self.check_insert_anything(
+            (insert_anything_source_image, insert_anything_source_mask, insert_anything_ref_image,
+             insert_anything_ref_mask),
+            prompt=prompt, cfg_scale=cfg_scale, height=height, width=width, flux_fill_image=flux_fill_image,
+            flux_fill_mask=flux_fill_mask, flux_redux_image=flux_redux_image, kontext_images=kontext_images,
+            input_image=input_image,
+        )  # fmt: skip
+        if insert is not None:
+            flux_fill_image, flux_fill_mask, flux_redux_image = insert.fill_image, insert.fill_mask, insert.redux_image
+            height, width = insert.height, insert.width
+        prompts, negatives = ([""], [""]) if insert is not None else self.check_prompt_pair(prompt, negative_prompt)
         entity_prompts, entity_masks = check_entity_inputs(eligen_entity_prompts, eligen_entity_masks)
         if not isinstance(eligen_enable_on_negative, bool):
             raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
@@ -561,8 +583,8 @@ class FluxImagePipeline(BasePipeline):
         use_cfg = cfg_scale != 1.0
 
         # 1. prompts
-        self.load_models_to_device(["text_encoder_1", "text_encoder_2"])
-        text = self.encode_prompt(prompts, text_len)
+        self.load_models_to_device(["text_encoder_1", "text_encoder_2"] if insert is None else [])
+        text = self.encode_prompt(prompts, text_len) if insert is None else self.insert_anything_text(text_len)
         negative_text = self.encode_prompt(negatives, text_len) if use_cfg else None
         text = self.prepare_redux(text, *redux_inputs)
         text, negative_text = self.prepare_value_control(value_controller_inputs, text, negative_text)
@@ -641,6 +663,8 @@ class FluxImagePipeline(BasePipeline):
             x.to(module_dtype(self.vae)), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride
         )
         self.load_models_to_device([])
+        if insert is not None:
+            return insert_anything_output(images.float(), insert, output_type)
         out = tensor_to_output(images.float(), output_type)
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
 
@@ -1195,6 +1219,57 @@ class FluxImagePipeline(BasePipeline):
         tokens = self.flux_redux(features).float()
         return redux_prompt(text, tokens, scales, pooled_scales)
 
+    # ------------------------------------------------------------------ Insert Anything
+    def check_insert_anything(self, images, *, prompt, cfg_scale, height, width, **others):
+        """The Fill + Redux inputs of an Insert Anything call (`flux1/insert_anything.py`), or None when none of
+        its four images is given; refused when some are missing, with inputs it replaces or cannot take, without a
+        Fill DiT or a loaded Redux."""
+        from .flux1.insert_anything import ARGUMENTS, SIZE, prepare_insert_anything
+
+        given = [name for name, image in zip(ARGUMENTS, images, strict=True) if image is not None]
+        if not given:
+            return None
+        if len(given) < len(ARGUMENTS):
+            missing = [name for name in ARGUMENTS if name not in given]
+            raise ConfigError(f"Insert Anything needs all of {', '.join(ARGUMENTS)}; {', '.join(missing)} missing")
+        for name, value in others.items():
+            if value is not None:
+                raise ConfigError(
+                    f"{name} cannot be combined with insert_anything_*, which make the Fill / Redux inputs"
+                )
+        if prompt is not None and not (isinstance(prompt, str) and not prompt.strip()):
+            raise ConfigError(
+                f"prompt={prompt!r} is not read by Insert Anything (the authors' prompt is the reference's Redux "
+                "tokens after zero text states); leave it out"
+            )
+        cfg = self.setting("cfg_scale", cfg_scale, 1.0)
+        if float(cfg) != 1.0:
+            raise ConfigError(f"cfg_scale={cfg!r}: Insert Anything has no negative prompt (no true CFG); use 1")
+        if self.dit is None or condition_kind(self.dit.config) != FILL:
+            what = describe_widths(self.dit.config) if self.dit is not None else "no DiT"
+            raise ConfigError(
+                f"insert_anything_* need a FLUX.1 Fill DiT (black-forest-labs/FLUX.1-Fill-dev with the "
+                f"HuanJue/Insert-Anything LoRA: the preset of that name); this is {what}"
+            )
+        if self.flux_redux is None or self.flux_redux_image_encoder is None:
+            raise ConfigError(
+                "insert_anything_ref_image is read by FLUX.1 Redux, which is not loaded: use "
+                "pipe.load_redux('black-forest-labs/FLUX.1-Redux-dev') (the HuanJue/Insert-Anything preset loads it)"
+            )
+        side = SIZE if height is None else height
+        self.check_size(side, 2 * side)
+        if width is not None and width != 2 * side:
+            raise ConfigError(f"width={width!r}: an Insert Anything diptych is twice as wide as high ({2 * side})")
+        return prepare_insert_anything(*images, size=side)
+
+    def insert_anything_text(self, text_len: int) -> FluxPromptEmbeds:
+        """The authors' text states for Insert Anything: zeros (diffusers' Redux prior without text encoders)."""
+        from .flux1.insert_anything import zero_prompt
+
+        cfg = self.dit.config
+        text = zero_prompt(1, text_len, cfg.context_in_dim, cfg.vec_in_dim)
+        return FluxPromptEmbeds(text.t5.to(self.device), text.pooled.to(self.device))
+
     # ------------------------------------------------------------------ ControlNet
     def prepare_controls(
         self, inputs, height: int, width: int, tiled=False, tile_size=512, tile_stride=384
@@ -1249,6 +1324,17 @@ class FluxImagePipeline(BasePipeline):
 
 def _as_list(items) -> list:
     return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def insert_anything_output(images: torch.Tensor, insert, output_type: str):
+    """The decoded diptych `[1, 3, H, W]` pasted back into the source image (`paste_back`), as `output_type`."""
+    from .flux1.insert_anything import paste_back
+
+    pasted = paste_back(tensor_to_output(images, "pil")[0], insert.crop)
+    if output_type == "pil":
+        return pasted
+    unit = torch.from_numpy(np.asarray(pasted, dtype=np.float32) / 255.0)[None]
+    return unit.numpy() if output_type == "np" else unit.permute(0, 3, 1, 2).contiguous()
 
 
 def _load_mask(mask, name: str) -> Image.Image:

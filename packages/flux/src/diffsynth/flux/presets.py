@@ -123,6 +123,24 @@ PRESETS["DiffSynth-Studio/Eligen"] = Preset(
     loras=(PresetLoRA("DiffSynth-Studio/Eligen", "model_bf16.safetensors"),),
 )
 
+# Insert Anything (song-wensong/insert-anything, `flux1/insert_anything.py`): FLUX.1-Fill-dev with the authors' LoRA
+# (fused) and FLUX.1-Redux-dev's image encoder and embedder, as DiffSynth-Studio's example lists them; the authors'
+# settings (diffusers' FluxFillPipeline defaults): 50 steps, embedded guidance 30, the 1536x768 diptych
+PRESETS["HuanJue/Insert-Anything"] = Preset(
+    name="HuanJue/Insert-Anything",
+    files=(
+        *PRESETS["black-forest-labs/FLUX.1-Fill-dev"].files,
+        PresetFile("black-forest-labs/FLUX.1-Redux-dev", "image_encoder/model.safetensors"),
+        PresetFile("black-forest-labs/FLUX.1-Redux-dev", "image_embedder/diffusion_pytorch_model.safetensors"),
+    ),
+    tokenizer=PRESETS["black-forest-labs/FLUX.1-Fill-dev"].tokenizer,
+    defaults={"num_inference_steps": 50, "embedded_guidance": 30.0, "cfg_scale": 1.0},
+    description="Insert Anything on FLUX.1-Fill-dev + Redux: the object insert_anything_ref_mask marks in "
+    "insert_anything_ref_image put where insert_anything_source_mask marks in insert_anything_source_image; "
+    "50 steps, embedded guidance 30.",
+    loras=(PresetLoRA("HuanJue/Insert-Anything", "20250321_steps5000_pytorch_lora_weights.safetensors"),),
+)
+
 # DiffSynth-Studio's ArtAug aesthetics LoRA (a differential LoRA, Qwen2-VL-72B's taste) on FLUX.1-dev; its repo's
 # one .safetensors file (its name is not checked here)
 PRESETS["DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1"] = Preset(
