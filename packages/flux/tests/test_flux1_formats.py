@@ -204,6 +204,7 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
         "black-forest-labs/FLUX.1-schnell",
         "ostris/Flex.2-preview",
         "stepfun-ai/Step1X-Edit",
+        "stepfun-ai/Step1X-Edit:v1.1",
     ]
 
 

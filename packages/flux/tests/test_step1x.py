@@ -256,6 +256,25 @@ def _photo(width=80, height=48, seed=0):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def test_the_v1p1_preset_loads_its_file_like_v1p0(step1x_base, tmp_path, monkeypatch):
+    """`stepfun-ai/Step1X-Edit:v1.1` takes the repo's `step1x-edit-v1p1-official.safetensors` (the same architecture
+    and code as v1.0, the authors' `--version v1.1`) with the same VAE, encoder and settings."""
+    import shutil
+
+    from diffsynth.flux.presets import PRESETS
+
+    base = tmp_path / "models"
+    shutil.copytree(step1x_base, base)
+    repo = base / "stepfun-ai" / "Step1X-Edit"
+    (repo / "step1x-edit-i1258.safetensors").rename(repo / "step1x-edit-v1p1-official.safetensors")
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    pipe = Step1XEditPipeline.from_pretrained("stepfun-ai/Step1X-Edit:v1.1", torch_dtype="float32", device="cpu")
+    assert pipe.step1x_connector is not None and pipe.dit.config.guidance_embed is False
+    v10, v11 = PRESETS["stepfun-ai/Step1X-Edit"], PRESETS["stepfun-ai/Step1X-Edit:v1.1"]
+    assert v11.defaults == v10.defaults and v11.training == v10.training and v11.files[1:] == v10.files[1:]
+
+
 def test_vision_size_is_qwens_resize_rule():
     """`vision_size` equals transformers' Qwen2-VL `smart_resize` over many sizes and limits; the authors' two
     resizes (qwen_vl_utils' wide limits, then the processor's) can end elsewhere than one resize."""

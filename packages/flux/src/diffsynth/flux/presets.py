@@ -183,20 +183,25 @@ for _suffix, _stage, _what in (("", "aes_stage2", "aesthetics"), (":sim", "sim_s
         "infiniteyou_id_image (or infiniteyou_id_embedding); 30 steps, 864x1152.",
     )
 
-# stepfun-ai's Step1X-Edit v1.0 (`step1x.py`): its single file (DiT without guidance embedder + the connector) and
-# FLUX.1 VAE, with Qwen2.5-VL-7B-Instruct as text encoder (its repo root gives the processor and tokenizer); the
-# authors' defaults: 28 steps, CFG 6, the reference resized to about 512^2 pixels.
-PRESETS["stepfun-ai/Step1X-Edit"] = Preset(
-    name="stepfun-ai/Step1X-Edit",
-    files=(
-        PresetFile("stepfun-ai/Step1X-Edit", "step1x-edit-i1258.safetensors"),
-        PresetFile("stepfun-ai/Step1X-Edit", "vae.safetensors"),
-        PresetFile("Qwen/Qwen2.5-VL-7B-Instruct", "model-*.safetensors"),
-    ),
-    tokenizer=PresetFile("Qwen/Qwen2.5-VL-7B-Instruct", "*.json"),
-    defaults={"num_inference_steps": 28, "cfg_scale": 6.0, "size_level": 512},
-    description="Step1X-Edit v1.0 (stepfun-ai), instruction-based image editing: pass reference_image "
-    "(--input-image); 28 steps, CFG 6, about 512x512 pixels at the reference's aspect ratio.",
-    pipeline="diffsynth.flux.step1x:Step1XEditPipeline",
-    training="diffsynth.flux.step1x_training:Step1XTrainingTask",
-)
+# stepfun-ai's Step1X-Edit v1.0 and (`:v1.1`) v1.1 (`step1x.py`): a single file (DiT without guidance embedder + the
+# connector; the two versions share the architecture and the authors' code, which only picks the file) and the FLUX.1
+# VAE, with Qwen2.5-VL-7B-Instruct as text encoder (its repo root gives the processor and tokenizer); the authors'
+# defaults: 28 steps, CFG 6, the reference resized to about 512^2 pixels.
+for _suffix, _file, _version in (
+    ("", "step1x-edit-i1258.safetensors", "v1.0"),
+    (":v1.1", "step1x-edit-v1p1-official.safetensors", "v1.1"),
+):
+    PRESETS[f"stepfun-ai/Step1X-Edit{_suffix}"] = Preset(
+        name=f"stepfun-ai/Step1X-Edit{_suffix}",
+        files=(
+            PresetFile("stepfun-ai/Step1X-Edit", _file),
+            PresetFile("stepfun-ai/Step1X-Edit", "vae.safetensors"),
+            PresetFile("Qwen/Qwen2.5-VL-7B-Instruct", "model-*.safetensors"),
+        ),
+        tokenizer=PresetFile("Qwen/Qwen2.5-VL-7B-Instruct", "*.json"),
+        defaults={"num_inference_steps": 28, "cfg_scale": 6.0, "size_level": 512},
+        description=f"Step1X-Edit {_version} (stepfun-ai), instruction-based image editing: pass reference_image "
+        "(--input-image); 28 steps, CFG 6, about 512x512 pixels at the reference's aspect ratio.",
+        pipeline="diffsynth.flux.step1x:Step1XEditPipeline",
+        training="diffsynth.flux.step1x_training:Step1XTrainingTask",
+    )
