@@ -342,7 +342,7 @@ def test_vram_managed_pipeline_gives_the_same_image(tiny_repo, tiny_pipe):
     ("preset", "file", "settings"),
     [
         ("DiffSynth-Studio/Eligen", "model_bf16.safetensors", (50, 3.0)),
-        ("DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1", "artaug.safetensors", (28, 1.0)),  # the repo's one file
+        ("DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1", "merged_lora.safetensors", (28, 1.0)),
     ],
 )
 def test_lora_presets_are_flux1_dev_with_the_lora(bfl_repo_base, tmp_path, monkeypatch, preset, file, settings):

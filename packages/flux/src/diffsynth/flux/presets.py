@@ -141,15 +141,15 @@ PRESETS["HuanJue/Insert-Anything"] = Preset(
     loras=(PresetLoRA("HuanJue/Insert-Anything", "20250321_steps5000_pytorch_lora_weights.safetensors"),),
 )
 
-# DiffSynth-Studio's ArtAug aesthetics LoRA (a differential LoRA, Qwen2-VL-72B's taste) on FLUX.1-dev; its repo's
-# one .safetensors file (its name is not checked here)
+# DiffSynth-Studio's ArtAug aesthetics LoRA (a differential LoRA, Qwen2-VL-72B's taste) on FLUX.1-dev: the repo's
+# `merged_lora.safetensors`, as DiffSynth-Studio's LoRA-Fusion example names it
 PRESETS["DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1"] = Preset(
     name="DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1",
     files=PRESETS["black-forest-labs/FLUX.1-dev"].files,
     tokenizer=PRESETS["black-forest-labs/FLUX.1-dev"].tokenizer,
     defaults=PRESETS["black-forest-labs/FLUX.1-dev"].defaults,
     description="FLUX.1-dev with DiffSynth-Studio's ArtAug aesthetics LoRA (fused): FLUX.1-dev's settings.",
-    loras=(PresetLoRA("DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1", "*.safetensors"),),
+    loras=(PresetLoRA("DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1", "merged_lora.safetensors"),),
 )
 
 # DiffSynth-Studio's AttriCtrl on FLUX.1-dev: the brightness encoder of its example (`flux1/value_control.py`);
