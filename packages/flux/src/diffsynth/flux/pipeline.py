@@ -49,7 +49,13 @@ from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_input
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline, accepts_tea_cache, fetch_companion_config, weight_paths
+from diffsynth.runtime.pipeline import (
+    BasePipeline,
+    accepts_tea_cache,
+    fetch_companion_config,
+    lora_file,
+    weight_paths,
+)
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -288,6 +294,7 @@ class FluxImagePipeline(BasePipeline):
         self.infiniteyou_projector = None  # InfiniteYou's id resampler (`load_infiniteyou`)
         self.infiniteyou_insightface_root = None
         self.infiniteyou_face_encoder = None  # `flux1.infiniteyou.FaceEncoder`, built at the first face photo
+        self.timestep_loras = []  # `flux1.timestep_lora.TimestepLoRA`s attached to the DiT (`load_timestep_lora`)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -1085,6 +1092,28 @@ class FluxImagePipeline(BasePipeline):
         embedding = check_embedding(embedding, projector.config.embedding_dim)
         with torch.no_grad():
             return projector(embedding.to(self.device, module_dtype(projector))).float()
+
+    # ------------------------------------------------------------------ timestep LoRA
+    def load_timestep_lora(self, lora, alpha: float | None = None):
+        """Attach a timestep LoRA (DiffSynth-Studio's `load_timestep_lora`, e.g. the `adapter_model.safetensors` of
+        DiffSynth-Studio/MultiAlign-FLUX.1-dev; a file, a `ModelConfig` or a hub name) to the DiT: each adapted
+        Linear adds `alpha * B((A x) * gamma(t) + beta(t))` (`flux1/timestep_lora.py`; alpha 2 as theirs) until
+        `clear_timestep_loras()`. Returns the `TimestepLoRA`."""
+        from diffsynth.runtime.lora import read_lora_state
+
+        from .flux1.timestep_lora import DEFAULT_ALPHA, TimestepLoRA, read_timestep_lora
+
+        state, source = read_lora_state(lora_file(lora))
+        attached = TimestepLoRA(self.dit, read_timestep_lora(state, self.dit, source), DEFAULT_ALPHA if alpha is None
+                                else alpha)  # fmt: skip
+        self.timestep_loras.append(attached)
+        return attached
+
+    def clear_timestep_loras(self) -> None:
+        """Take every timestep LoRA off the DiT."""
+        for attached in self.timestep_loras:
+            attached.remove()
+        self.timestep_loras = []
 
     # ------------------------------------------------------------------ AttriCtrl
     def load_value_controller(self, encoder: str | os.PathLike | ModelConfig) -> int:
