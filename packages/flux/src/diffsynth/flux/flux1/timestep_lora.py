@@ -46,9 +46,13 @@ class TimestepLoRALayer:
     beta: tuple[torch.Tensor, torch.Tensor]
 
     def delta(self, x: torch.Tensor, embedding: torch.Tensor, alpha: float) -> torch.Tensor:
-        """`alpha * B((A x) * gamma(t) + beta(t))` for `x` `[B, L, in]` and the timestep embedding `[B, 256]`."""
-        dtype = self.down.dtype
-        h = torch.nn.functional.linear(x.to(dtype), self.down)
+        """`alpha * B((A x) * gamma(t) + beta(t))` for `x` `[B, L, in]` and the timestep embedding `[B, 256]`,
+        computed where `x` is (the tensors follow it there once: an offloaded DiT computes on another device)."""
+        if self.down.device != x.device:
+            self.down, self.up = self.down.to(x.device), self.up.to(x.device)
+            self.gamma = tuple(t.to(x.device) for t in self.gamma)
+            self.beta = tuple(t.to(x.device) for t in self.beta)
+        h = torch.nn.functional.linear(x.to(self.down.dtype), self.down)
         t = embedding.to(device=h.device, dtype=h.dtype)
         gamma = torch.nn.functional.linear(t, *self.gamma)[:, None]
         beta = torch.nn.functional.linear(t, *self.beta)[:, None]
@@ -105,12 +109,6 @@ class TimestepLoRA:
 
     def __init__(self, dit: nn.Module, layers: list[TimestepLoRALayer], alpha: float = DEFAULT_ALPHA):
         self.layers, self.alpha, self.embedding = layers, float(alpha), None
-        device = next(dit.parameters()).device
-        for layer in layers:
-            for name in ("down", "up"):
-                setattr(layer, name, getattr(layer, name).to(device))
-            layer.gamma = tuple(t.to(device) for t in layer.gamma)
-            layer.beta = tuple(t.to(device) for t in layer.beta)
         self.handles = [dit.register_forward_pre_hook(self._timestep, with_kwargs=True)]
         by_module: dict[str, list[TimestepLoRALayer]] = {}
         for layer in layers:
