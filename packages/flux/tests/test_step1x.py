@@ -106,6 +106,7 @@ def test_connector_matches_the_authors():
     t = torch.tensor([0.7, 0.7])
     txt_ref, y_ref = ref(states, t, mask)
     txt, y = ours(states, t, mask)
+    print(f"Step1X connector vs the authors': txt {(txt - txt_ref).abs().max():.1e}, y {(y - y_ref).abs().max():.1e}")
     assert (txt - txt_ref).abs().max().item() < 1e-5
     assert (y - y_ref).abs().max().item() < 1e-5
     # padded tokens take part in the DiT's attention: they must match too, and differ from the real ones' path
@@ -176,6 +177,7 @@ def test_model_call_matches_the_authors_step1x_edit():
         timesteps=t, llm_embedding=states, t_vec=t, mask=mask,
     )[:, : h * w]  # fmt: skip
     assert ours.shape == (2, h * w, 64)
+    print(f"Step1X model call vs the authors' Step1XEdit: {(ours - theirs).abs().max():.1e}")
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
