@@ -491,3 +491,19 @@ def _to_pil(tensor):
     from PIL import Image
 
     return Image.fromarray(tensor.mul(255).byte().permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"height": 64}, "give both height and width"),
+        ({"size_level": 8}, "size_level=8 is not accepted"),
+        ({"negative_prompt": 3}, "negative_prompt must be a string"),
+        ({"output_type": "latent"}, "output_type='latent'"),
+        ({"prompt": "  "}, "prompt must be a non-empty string"),
+    ],
+)
+def test_bad_calls_name_the_argument(step1x_pipe, kwargs, message):
+    call = {"prompt": "make it red", "reference_image": _photo(), "num_inference_steps": 1, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        step1x_pipe(**call)
