@@ -857,10 +857,17 @@ def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> 
             f"--lora_target_modules: {type(module).__name__} declares no default lora_target_modules; name its "
             "Linear layers (e.g. --lora_target_modules to_q,to_k,to_v)"
         )
-    if parts:  # peft matches a string in full: a target name at the end of a module inside one of the parts
-        within = "|".join(re.escape(p) for p in parts)
-        names = "|".join(re.escape(t) for t in targets)
-        targets = rf"(?:{within})(?:\..+)?\.(?:{names})"
+    given = list(targets)
+    names = "|".join(re.escape(t) for t in given)
+    # a target name at the end of a module path (inside one of the parts, when given); only Linear layers: a name
+    # such as "proj" may also end a convolution's path (LongCat-Video's x_embedder.proj), which LoRA files do not take
+    within = "|".join(re.escape(p) for p in parts)
+    pattern = re.compile(rf"(?:{within})(?:\..+)?\.(?:{names})" if parts else rf"(?:.+\.)?(?:{names})")
+    targets = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    if not targets:
+        raise ConfigError(
+            f"--lora_target_modules {','.join(given)}: no Linear layer of {type(module).__name__} ends with these names"
+        )
     lora_config = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets, lora_dropout=0.0
     )

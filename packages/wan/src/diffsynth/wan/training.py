@@ -352,11 +352,20 @@ class WanTrainingTask(PipelineTrainingTask):
                 "header says how the DiT is conditioned (text, image or first frame)"
             )
         dit_config = _dit_config(dits[0])
+        from .longcat import LongCatConfig
+
+        if isinstance(dit_config, LongCatConfig):  # its own model call (`longcat_training.py`)
+            from .longcat_training import LongCatTrainingTask
+
+            return LongCatTrainingTask.from_pretrained(
+                configs, tokenizer_config=tokenizer_config, torch_dtype=torch_dtype, device=device,
+                encoders=encoders, denoiser=denoiser, dit_config=dit_config, **task_options,
+            )  # fmt: skip
         if not isinstance(dit_config, (WanDiTConfig, WanS2VConfig, Animate2Config)):
             raise ConfigError(
                 f"the DiT ({type(dit_config).__name__}) is one Wan training does not cover yet: it trains T2V, I2V / "
-                "FLF2V, TI2V, VACE, Fun Control / Control-Camera, Animate, Animate-2, S2V and speed control; not "
-                "Wan-Dancer"
+                "FLF2V, TI2V, VACE, Fun Control / Control-Camera, Animate, Animate-2, S2V, LongCat-Video and speed "
+                "control; not Wan-Dancer"
             )
         expert = task_options.get("expert", _expert_of(dits[0]))
         # the pipeline routes a DiT from a low-noise expert's folder to "dit2"; here it is the one denoiser
