@@ -158,6 +158,29 @@ def test_a_lora_preset_is_its_base_with_the_lora(tiny_repo, tmp_path, monkeypatc
     assert np.array_equal(image, np.asarray(base("a red circle", **kwargs))) and not np.array_equal(image, plain)
 
 
+def test_the_dmd2_preset_reads_peft_keys_and_fixes_mu(tiny_repo, tmp_path, monkeypatch, random_lora):
+    """`MusePublic/Qwen-Image-Distill` (peft keys under `base_model.model.`, as DiffSynth-Studio's DMD2 example strips
+    them) equals the base with that LoRA, no CFG and mu ln 2.5; the mu is what sets it apart from the model's own."""
+    import math
+
+    from safetensors.torch import save_file
+
+    _hub_with_lora(tiny_repo, tmp_path, monkeypatch, random_lora, "Other/Unused")
+    dit = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu").dit
+    state = {f"base_model.model.{k.removeprefix('transformer.')}": v for k, v in random_lora(dit, "peft").items()}
+    lora = tmp_path / "models" / "MusePublic" / "Qwen-Image-Distill" / "qwen_image_distill_3step.safetensors"
+    lora.parent.mkdir(parents=True)
+    save_file(state, str(lora))
+    preset = QwenImagePipeline.from_pretrained("MusePublic/Qwen-Image-Distill", torch_dtype="float32", device="cpu")
+    kwargs = dict(seed=3, height=32, width=32, num_inference_steps=3, progress_bar=False)  # 2: both end at 0.02
+    image = np.asarray(preset("a red circle", **kwargs))
+    base = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    base.load_lora(str(lora))
+    same = np.asarray(base("a red circle", cfg_scale=1.0, exponential_shift_mu=math.log(2.5), **kwargs))
+    own_mu = np.asarray(base("a red circle", cfg_scale=1.0, **kwargs))
+    assert np.array_equal(image, same) and not np.array_equal(image, own_mu)
+
+
 def test_cli_lora_by_hub_name_matches_the_python_api(tiny_repo, tmp_path, monkeypatch, random_lora):
     """`--lora Org/Name:SCALE` fetches (here: finds) the repo's one LoRA file and applies it at that scale."""
     lora = _hub_with_lora(tiny_repo, tmp_path, monkeypatch, random_lora, "Org/Style")

@@ -109,6 +109,9 @@ def test_presets_carry_the_authors_defaults():
         1.0,
         "lightning",
     )
+    dmd2 = LORA_PRESETS["MusePublic/Qwen-Image-Distill"].defaults
+    assert (dmd2["num_inference_steps"], dmd2["cfg_scale"]) == (3, 1.0)
+    assert dmd2["exponential_shift_mu"] == pytest.approx(0.9162907)  # ln 2.5, DiffSynth-Studio's DMD2 example
     base = PRESETS["Qwen/Qwen-Image"]
     assert base.defaults["cfg_scale"] == 4.0 and base.defaults["num_inference_steps"] == 50
     assert (base.defaults["height"], base.defaults["width"]) == (1328, 1328)

@@ -308,6 +308,7 @@ class QwenImagePipeline(BasePipeline):
         `layer_input_image` (Qwen-Image-Layered; see `decompose`) returns `layer_num` RGBA layers per prompt
         instead; `layer_resolution` and `cfg_normalize` belong to that mode.
         """
+        exponential_shift_mu = self.setting("exponential_shift_mu", exponential_shift_mu, None)
         if layer_input_image is not None or getattr(getattr(self.dit, "config", None), "use_layer3d_rope", False):
             if layer_input_image is None:
                 raise ConfigError(

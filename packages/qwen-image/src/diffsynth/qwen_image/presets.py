@@ -26,6 +26,8 @@ their DiT with Qwen-Image's text encoder and VAE and Qwen-Image-Edit's processor
 
 from __future__ import annotations
 
+import math
+
 from diffsynth.runtime.registry import Preset, PresetFile, PresetLoRA
 
 
@@ -169,6 +171,15 @@ LORA_PRESETS: dict[str, Preset] = {
         _studio_lora("DiffSynth-Studio/Qwen-Image-Distill-LoRA"),
         {**_T2I, "num_inference_steps": 15, "cfg_scale": 1.0},
         "DiffSynth-Studio's distillation LoRA on Qwen-Image: 15 steps without CFG.",
+    ),
+    # MusePublic's DMD2 distillation (peft keys, `base_model.model.`), as DiffSynth-Studio's Qwen-Image-Distill-DMD2
+    # example samples it: 3 steps without CFG, the schedule's mu fixed at ln 2.5
+    "MusePublic/Qwen-Image-Distill": _lora_preset(
+        "MusePublic/Qwen-Image-Distill",
+        "Qwen/Qwen-Image",
+        PresetLoRA("MusePublic/Qwen-Image-Distill", "qwen_image_distill_3step.safetensors"),
+        {**_T2I, "num_inference_steps": 3, "cfg_scale": 1.0, "exponential_shift_mu": math.log(2.5)},
+        "MusePublic's DMD2-distilled LoRA on Qwen-Image: 3 steps without CFG, mu ln 2.5.",
     ),
     **{
         f"DiffSynth-Studio/Qwen-Image-{name}": _lora_preset(
