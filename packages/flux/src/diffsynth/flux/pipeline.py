@@ -278,10 +278,12 @@ class FluxImagePipeline(BasePipeline):
         "flux_redux": "flux_redux",
         "flux_redux_image_encoder": "flux_redux_image_encoder",
         "value_controller": "value_controller",
+        "lora_encoder": "lora_encoder",
+        "lora_fusion": "lora_fusion",
     }
     optional_slots = (
         "controlnet", "ipadapter", "ipadapter_image_encoder", "flux_redux", "flux_redux_image_encoder",
-        "value_controller",
+        "value_controller", "lora_encoder", "lora_fusion",
     )  # fmt: skip
     size_multiple = 16  # VAE 8x, 2x2 packing
 
@@ -385,6 +387,15 @@ class FluxImagePipeline(BasePipeline):
         if is_value_encoder_file(weight_paths(config)):  # an AttriCtrl encoder: joins those loaded, in order
             self.load_value_controller(config)
             return
+        from .flux1.lora_encoder import is_lora_encoder_file
+        from .flux1.lora_fusion import is_lora_fusion_file
+
+        if is_lora_encoder_file(weight_paths(config)):  # DiffSynth-Studio's LoRA Encoder, as its example lists it
+            self.load_lora_encoder(config)
+            return
+        if is_lora_fusion_file(weight_paths(config)):  # DiffSynth-Studio's LoRA Fusion (`enable_lora_merger`)
+            self.load_lora_fusion(config)
+            return
         from .flux1.infiniteyou import is_projector_file
 
         if is_projector_file(weight_paths(config)):  # InfiniteYou's image_proj_model.bin, as DiffSynth-Studio lists it
@@ -482,6 +493,8 @@ class FluxImagePipeline(BasePipeline):
         infinityou_id_image=None,
         infinityou_guidance: float | None = None,
         value_controller_inputs: float | Sequence[float] | None = None,
+        lora_encoder_inputs=None,
+        lora_encoder_scale: float = 1.0,
         insert_anything_source_image: Image.Image | None = None,
         insert_anything_source_mask: Image.Image | None = None,
         insert_anything_ref_image: Image.Image | None = None,
@@ -538,6 +551,10 @@ class FluxImagePipeline(BasePipeline):
         spellings `infinityou_id_image` / `infinityou_guidance` are accepted too.
         AttriCtrl (`load_value_controller`; DiffSynth-Studio's name): `value_controller_inputs`, one number in
         [0, 1] per loaded attribute encoder, appends its tokens to both prompts' T5 states (`flux1/value_control.py`).
+        LoRA Encoder (`load_lora_encoder`; DiffSynth-Studio's names): `lora_encoder_inputs`, one LoRA or a list (a
+        file, `ModelConfig`, hub name or state dict; usually the LoRA also loaded into the DiT), appends one token
+        per LoRA, times `lora_encoder_scale`, to the positive prompt's T5 states, so the LoRA acts without its
+        trigger words (`flux1/lora_encoder.py`).
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
         Insert Anything (a Fill DiT with the authors' LoRA and `load_redux`; DiffSynth-Studio's names, see
@@ -595,6 +612,7 @@ class FluxImagePipeline(BasePipeline):
         negative_text = self.encode_prompt(negatives, text_len) if use_cfg else None
         text = self.prepare_redux(text, *redux_inputs)
         text, negative_text = self.prepare_value_control(value_controller_inputs, text, negative_text)
+        text = self.prepare_lora_encoding(lora_encoder_inputs, lora_encoder_scale, text)
         entities = self.prepare_eligen(
             entity_prompts, entity_masks, negative_text, eligen_enable_on_negative, height, width, text_len
         )
@@ -1161,6 +1179,96 @@ class FluxImagePipeline(BasePipeline):
             return FluxPromptEmbeds(t5=torch.cat([embeds.t5, extra.to(embeds.t5.dtype)], dim=1), pooled=embeds.pooled)
 
         return appended(text), (appended(negative) if negative is not None else None)
+
+    # ------------------------------------------------------------------ LoRA Encoder, LoRA Fusion
+    def load_lora_encoder(self, encoder: str | os.PathLike | ModelConfig) -> None:
+        """Load DiffSynth-Studio's LoRA Encoder (`model.safetensors` of DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev; a
+        file or `ModelConfig`), for `lora_encoder_inputs`."""
+        from .flux1.lora_encoder import LORA_ENCODER_SPEC
+
+        self.lora_encoder = self._load_lora_model(encoder, LORA_ENCODER_SPEC, "lora_encoder", "LoRA Encoder")
+
+    def load_lora_fusion(self, fusion: str | os.PathLike | ModelConfig) -> None:
+        """Load DiffSynth-Studio's LoRA Fusion (`model.safetensors` of DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev;
+        a file or `ModelConfig`); `enable_lora_merger()` puts it to work."""
+        from .flux1.lora_fusion import LORA_FUSION_SPEC
+
+        self.lora_fusion = self._load_lora_model(fusion, LORA_FUSION_SPEC, "lora_fusion", "LoRA Fusion")
+
+    def _load_lora_model(self, source, spec, slot: str, what: str) -> torch.nn.Module:
+        from diffsynth.runtime.loading import load_models
+
+        config = source if isinstance(source, ModelConfig) else ModelConfig(path=str(source))
+        (loaded,) = load_models(weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=[spec])
+        module = loaded.module.eval().requires_grad_(False)
+        if self.dit is not None:
+            want = (self.dit.config.hidden_size, len(self.dit.double_blocks), len(self.dit.single_blocks))
+            got = (module.config.hidden, module.config.double_blocks, module.config.single_blocks)
+            if got != want:
+                raise ConfigError(
+                    f"{config}: the {what} is for a DiT of width {got[0]} with {got[1]} double and {got[2]} single "
+                    f"blocks; this DiT has {want[0]}, {want[1]} and {want[2]} (it is made for FLUX.1-dev)"
+                )
+            width = getattr(module.config, "dim", None)
+            if width is not None and width != self.dit.config.context_in_dim:
+                raise ConfigError(
+                    f"{config}: the {what} makes {width}-wide tokens; this DiT reads {self.dit.config.context_in_dim}"
+                    "-wide text"
+                )
+        self.model_configs[slot] = config
+        return module.to(self.device)
+
+    def enable_lora_merger(self) -> None:
+        """DiffSynth-Studio's name: LoRAs kept apart from the DiT's weights (`load_lora(..., fuse=False)`, now the
+        default of `load_lora` on the DiT) are combined by the loaded LoRA Fusion's gates instead of summed
+        (`flux1/lora_fusion.py`); LoRAs fused before stay in the weights. `disable_lora_merger()` undoes it."""
+        from diffsynth.runtime.lora import set_lora_merger
+
+        if self.lora_fusion is None:
+            raise ConfigError(
+                "enable_lora_merger() needs the LoRA Fusion model: pipe.load_lora_fusion(<model.safetensors of "
+                "DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev>), or list it among model_configs"
+            )
+        if self.dit is None:
+            raise ConfigError("enable_lora_merger() needs the DiT: load FLUX.1-dev first")
+        self.lora_fusion.to(self.device)
+        for name, merger in self.lora_fusion.mergers().items():
+            set_lora_merger(self.dit.get_submodule(name), merger)
+        self.lora_merger_enabled = True
+
+    def disable_lora_merger(self) -> None:
+        """Kept-apart LoRAs are summed again, as without LoRA Fusion."""
+        from diffsynth.runtime.lora import set_lora_merger
+
+        if self.lora_fusion is not None and self.dit is not None:
+            for name in self.lora_fusion.mergers():
+                set_lora_merger(self.dit.get_submodule(name), None)
+        self.lora_merger_enabled = False
+
+    def default_lora_fuse(self, slot: str) -> bool:
+        """With the LoRA merger on, DiT LoRAs are kept apart (the merger only sees those)."""
+        return not (slot == "dit" and getattr(self, "lora_merger_enabled", False))
+
+    def prepare_lora_encoding(self, loras, scale, text: FluxPromptEmbeds) -> FluxPromptEmbeds:
+        """The positive prompt with one LoRA Encoder token per LoRA of `loras` appended (unchanged without)."""
+        if loras is None:
+            return text
+        if self.lora_encoder is None:
+            raise ConfigError(
+                "lora_encoder_inputs needs the LoRA Encoder: pipe.load_lora_encoder(<model.safetensors of "
+                "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev>), or list it among model_configs"
+            )
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ConfigError(f"lora_encoder_scale={scale!r} must be a number")
+        items = list(loras) if isinstance(loras, (list, tuple)) else [loras]
+        if not items:
+            raise ConfigError("lora_encoder_inputs is empty; give one LoRA or a list of them")
+        self.load_models_to_device(["lora_encoder"])
+        with torch.no_grad():
+            tokens = torch.cat([self.lora_encoder(self.read_lora(lora_file(item), "dit")) for item in items], dim=1)
+        tokens = tokens.float() * float(scale)
+        extra = tokens.to(text.t5.device, text.t5.dtype).expand(text.batch, -1, -1)
+        return FluxPromptEmbeds(t5=torch.cat([text.t5, extra], dim=1), pooled=text.pooled)
 
     # ------------------------------------------------------------------ Redux
     def load_redux(

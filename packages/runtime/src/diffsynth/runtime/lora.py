@@ -46,6 +46,7 @@ SKIPPED_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_enc
 SAVE_FORMATS = ("diffsynth", "peft", "kohya")
 _DEFAULT_SAVE_PREFIX = {"diffsynth": "", "peft": "diffusion_model.", "kohya": "lora_unet_"}
 _ATTR = "_diffsynth_loras"
+_MERGER_ATTR = "_diffsynth_lora_merger"
 
 # (regex, field): the suffix that says what a tensor is; the name in front of it is the target.
 _SUFFIXES = (
@@ -401,12 +402,18 @@ class _LoRAStack:
         self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        merger = module.__dict__.get(_MERGER_ATTR)
+        outputs = []
         for adapter in self.adapters.values():
             if adapter.scale != 0.0:
                 y = adapter(args[0])
-                if y is not None:
+                if y is None:
+                    continue
+                if merger is None:
                     output = output + y.to(output.dtype)
-        return output
+                else:
+                    outputs.append(y.to(output.dtype))
+        return merger(output, torch.stack(outputs)) if outputs else output
 
 
 def _stack(module: nn.Linear) -> _LoRAStack:
@@ -422,6 +429,18 @@ def _stacks(model: nn.Module):
         stack = module.__dict__.get(_ATTR)
         if stack is not None:
             yield module, stack
+
+
+def set_lora_merger(module: nn.Linear, merger: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+    """Combine the unfused LoRAs of one Linear with `merger(output, lora_outputs)` (`lora_outputs` `[n, ...]`: each
+    LoRA's output at its scale) instead of adding them; None goes back to adding. A learned merger such as
+    DiffSynth-Studio's LoRA Fusion gates each LoRA by the layer's output."""
+    if not isinstance(module, nn.Linear):
+        raise LoRAError(f"a LoRA merger goes on a Linear layer, not {type(module).__name__}")
+    if merger is None:
+        module.__dict__.pop(_MERGER_ATTR, None)
+    else:
+        module.__dict__[_MERGER_ATTR] = merger
 
 
 def list_loras(model: nn.Module) -> dict[str, float]:

@@ -461,17 +461,29 @@ class BasePipeline:
             setattr(self, slot, original)
 
     def load_lora(
-        self, path, scale: float = 1.0, fuse: bool = True, slot: str = "dit", name: str | None = None, **diffsynth
+        self,
+        path,
+        scale: float = 1.0,
+        fuse: bool | None = None,
+        slot: str = "dit",
+        name: str | None = None,
+        **diffsynth,
     ):
         """Apply a LoRA (a file, a `ModelConfig` naming one, a state dict or `LoRAWeights`) to one model (the
         denoiser by default), fused into its weights or, with `fuse=False`, kept apart (`set_lora_scale`,
-        `clear_loras`). DiffSynth-Studio's form `load_lora(pipe.dit, lora_config, alpha=1, hotload=None)` is
-        accepted too: the model names the slot, `alpha` is the scale and `hotload=True` keeps it apart."""
+        `clear_loras`); by default fused (`default_lora_fuse`). DiffSynth-Studio's form `load_lora(pipe.dit,
+        lora_config, alpha=1, hotload=None)` is accepted too: the model names the slot, `alpha` is the scale and
+        `hotload=True` keeps it apart."""
         if isinstance(path, torch.nn.Module):
             path, scale, fuse, slot = self._diffsynth_lora_call(path, scale, fuse, slot, diffsynth)
         elif diffsynth:
             raise TypeError(f"load_lora() got unexpected keyword arguments {sorted(diffsynth)}")
+        fuse = self.default_lora_fuse(slot) if fuse is None else fuse
         return self.apply_lora(lora_file(path), scale, fuse, slot, name)
+
+    def default_lora_fuse(self, slot: str) -> bool:
+        """Whether `load_lora` fuses a LoRA into the model in `slot` when not told (yes: no cost per step)."""
+        return True
 
     def _diffsynth_lora_call(self, module: torch.nn.Module, second, third, fourth, given: dict) -> tuple:
         """(source, scale, fuse, slot) of DiffSynth-Studio's `load_lora(module, lora_config, alpha, hotload,
@@ -493,7 +505,7 @@ class BasePipeline:
             raise ConfigError("load_lora(module, lora_config): give the LoRA file or ModelConfig (or state_dict=)")
         alpha = given.get("alpha", third if positional_number else 1.0)
         hotload = given.get("hotload", fourth if isinstance(fourth, bool) else None)
-        return source, float(alpha), not hotload, slots[0]
+        return source, float(alpha), None if hotload is None else not hotload, slots[0]
 
     def apply_lora(self, source, scale: float, fuse: bool, slot: str, name: str | None):
         """`load_lora` once its arguments are ours (`source`: a path, state dict or `LoRAWeights`); a family

@@ -189,6 +189,9 @@ def train(config: TrainConfig) -> TrainState:
             if state.step >= run.total_steps:
                 break
     progress.close()
+    # every rank at the same point before the process group goes: a rank that tears its gloo connections down while
+    # another is still finishing can abort that one at exit ("terminate called without an active exception")
+    acc.wait_for_everyone()
     acc.end_training()
     return state
 
