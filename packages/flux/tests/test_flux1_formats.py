@@ -178,12 +178,14 @@ def test_shapes_that_need_other_rope_axes_say_so():
 def test_family_declares_the_dit_encoders_presets_and_pipeline():
     from diffsynth.flux.flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
     from diffsynth.flux.flux1.encoder_formats import CLIP_TEXT_SPEC, T5_ENCODER_SPEC
+    from diffsynth.flux.flux1.lora_encoder import LORA_ENCODER_SPEC
+    from diffsynth.flux.flux1.lora_fusion import LORA_FUSION_SPEC
     from diffsynth.flux.flux1.step1x_connector import STEP1X_CONNECTOR_SPEC
     from diffsynth.flux.flux1.value_control import VALUE_ENCODER_SPEC
 
     specs = (
         FLUX1_DIT_SPEC, CLIP_TEXT_SPEC, T5_ENCODER_SPEC, FLUX1_CONTROLNET_SPEC, STEP1X_CONNECTOR_SPEC,
-        VALUE_ENCODER_SPEC,
+        VALUE_ENCODER_SPEC, LORA_ENCODER_SPEC, LORA_FUSION_SPEC,
     )  # fmt: skip
     assert FAMILY.name == "flux" and FAMILY.specs == specs
     assert FLUX1_DIT_SPEC.name == "flux1_dit" and FLUX1_DIT_SPEC.role == "dit"
@@ -194,6 +196,8 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
         "DiffSynth-Studio/ArtAug-lora-FLUX.1dev-v1",
         "DiffSynth-Studio/AttriCtrl-FLUX.1-Dev",
         "DiffSynth-Studio/Eligen",
+        "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev",
+        "DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev",
         "HuanJue/Insert-Anything",
         "black-forest-labs/FLUX.1-Canny-dev",
         "black-forest-labs/FLUX.1-Depth-dev",

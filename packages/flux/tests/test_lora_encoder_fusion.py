@@ -302,3 +302,38 @@ def test_errors_name_the_argument(tiny_repo, tmp_path):
     with pytest.raises(ConfigError, match="lora_encoder_scale"):
         pipe("a", lora_encoder_inputs=str(write_lora(pipe, tmp_path / "l.safetensors", 1)), lora_encoder_scale="x")
     assert LORA_ENCODER_SPEC.role == "lora_encoder" and LORA_FUSION_SPEC.role == "lora_fusion"
+
+
+def test_presets_and_cli_flag(bfl_repo_base, tmp_path, monkeypatch):
+    """`diffsynth generate --model DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev --lora L --lora-encoder-inputs L` writes
+    the pipeline's image; the LoRA Fusion preset loads the fusion model beside FLUX.1-dev's files."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from diffsynth.flux import FluxImagePipeline
+    from diffsynth.runtime.cli import main
+
+    base = tmp_path / "models"
+    shutil.copytree(bfl_repo_base, base)
+    for repo, model in (
+        ("LoRA-Encoder-FLUX.1-Dev", tiny_encoder(seed=8, dim=32, head_dim=32)),
+        ("LoRAFusion-preview-FLUX.1-dev", tiny_fusion(seed=2)),
+    ):
+        (base / "DiffSynth-Studio" / repo).mkdir(parents=True)
+        write_model(model, base / "DiffSynth-Studio" / repo / "model.safetensors")
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    fused = FluxImagePipeline.from_pretrained("DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev", torch_dtype="float32")
+    assert fused.lora_fusion is not None and fused.lora_encoder is None
+    pipe = FluxImagePipeline.from_pretrained("DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev", torch_dtype="float32")
+    lora = write_lora(pipe, tmp_path / "style.safetensors", 3)
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev", "--prompt", "a cat", "--seed", "1"]
+    args += ["--lora", str(lora), "--lora-encoder-inputs", str(lora), "--steps", "1", "--height", "32", "--width", "32"]
+    assert main([*args, "--output", str(out), "--device", "cpu", "--dtype", "float32"]) == 0
+    pipe.load_lora(str(lora))
+    want = pipe("a cat", lora_encoder_inputs=[str(lora)], seed=1, num_inference_steps=1, height=32, width=32)
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written), np.asarray(want))

@@ -8,6 +8,8 @@ from diffsynth.runtime.registry import Family
 from .flux1.controlnet_formats import FLUX1_CONTROLNET_SPEC
 from .flux1.encoder_formats import CLIP_TEXT_SPEC, T5_ENCODER_SPEC
 from .flux1.formats import FLUX1_DIT_SPEC
+from .flux1.lora_encoder import LORA_ENCODER_SPEC
+from .flux1.lora_fusion import LORA_FUSION_SPEC
 from .flux1.step1x_connector import STEP1X_CONNECTOR_SPEC
 from .flux1.value_control import VALUE_ENCODER_SPEC
 from .flux2.encoder_formats import MISTRAL3_TEXT_SPEC
@@ -25,6 +27,8 @@ FAMILY = Family(
         FLUX1_CONTROLNET_SPEC,
         STEP1X_CONNECTOR_SPEC,
         VALUE_ENCODER_SPEC,
+        LORA_ENCODER_SPEC,
+        LORA_FUSION_SPEC,
     ),
     presets=PRESETS,
     pipeline="diffsynth.flux.pipeline:FluxImagePipeline",

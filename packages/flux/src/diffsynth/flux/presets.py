@@ -166,6 +166,27 @@ PRESETS["DiffSynth-Studio/AttriCtrl-FLUX.1-Dev"] = Preset(
     "(0 dark, 1 bright).",
 )
 
+# DiffSynth-Studio's LoRA Encoder and LoRA Fusion on FLUX.1-dev (`flux1/lora_encoder.py`, `flux1/lora_fusion.py`), the
+# files of their examples: lora_encoder_inputs=<LoRA> turns a LoRA into a prompt token; enable_lora_merger() gates
+# the LoRAs loaded after it.
+for _repo, _what in (
+    (
+        "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev",
+        "LoRA Encoder: lora_encoder_inputs=<a LoRA> acts without its trigger words",
+    ),
+    (
+        "DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev",
+        "LoRA Fusion: enable_lora_merger(), then load_lora(...) each LoRA",
+    ),
+):
+    PRESETS[_repo] = Preset(
+        name=_repo,
+        files=(*PRESETS["black-forest-labs/FLUX.1-dev"].files, PresetFile(_repo, "model.safetensors")),
+        tokenizer=PRESETS["black-forest-labs/FLUX.1-dev"].tokenizer,
+        defaults=PRESETS["black-forest-labs/FLUX.1-dev"].defaults,
+        description=f"FLUX.1-dev with DiffSynth-Studio's {_what}.",
+    )
+
 # ByteDance's InfiniteYou on FLUX.1-dev: the stage's InfuseNet (a ControlNet folder) and id projector beside
 # FLUX.1-dev's files (`flux1/infiniteyou.py`); the authors' defaults: 30 steps, 864 x 1152, guidance 3.5. The
 # default is their aesthetics stage (`aes_stage2`), `:sim` their identity-similarity stage (`sim_stage1`).

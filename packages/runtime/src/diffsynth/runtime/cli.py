@@ -189,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="VALUE",
         help="AttriCtrl (FLUX.1, DiffSynth-Studio/AttriCtrl-FLUX.1-Dev): one value in [0, 1] per attribute encoder",
     )
+    gen.add_argument(
+        "--lora-encoder-inputs",
+        nargs="+",
+        default=None,
+        metavar="LORA",
+        help="LoRA Encoder (FLUX.1, DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev): LoRAs (files or Org/Name) turned into "
+        "prompt tokens; usually also given to --lora",
+    )
     for flag, what in (
         ("source-image", "the image to insert into"),
         ("source-mask", "where the object goes in --insert-source-image (white)"),
@@ -568,6 +576,7 @@ def _generate(args) -> int:
         "sampler": args.sampler,
         "infiniteyou_id_image": args.infiniteyou_id_image,
         "value_controller_inputs": args.value_controller_inputs,
+        "lora_encoder_inputs": args.lora_encoder_inputs,
         "insert_anything_source_image": args.insert_anything_source_image,
         "insert_anything_source_mask": args.insert_anything_source_mask,
         "insert_anything_ref_image": args.insert_anything_ref_image,
