@@ -252,3 +252,18 @@ def test_shard_groups_keep_numbered_shards_together_and_other_files_apart():
     files += ["m/local_model.safetensors", "m/b-1-of-1.safetensors"]
     assert shard_groups(files) == [files[:2], [files[2]], [files[3]], [files[4]]]
     assert shard_groups(["one.safetensors"]) == [["one.safetensors"]] and shard_groups([]) == []
+
+
+def test_single_safetensors_keys_only_for_one_readable_file(tmp_path):
+    """The keys of a lone `.safetensors` file; None for two files, another format or a broken file."""
+    tensors = _tensors()
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    save_file(tensors, str(tmp_path / "b.safetensors"))
+    torch.save(tensors, tmp_path / "c.bin")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a header")
+    assert checkpoint.single_safetensors_keys([str(tmp_path / "a.safetensors")]) == set(tensors)
+    assert (
+        checkpoint.single_safetensors_keys([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) is None
+    )
+    assert checkpoint.single_safetensors_keys([str(tmp_path / "c.bin")]) is None
+    assert checkpoint.single_safetensors_keys([str(tmp_path / "broken.safetensors")]) is None

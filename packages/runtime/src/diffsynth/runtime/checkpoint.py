@@ -279,6 +279,17 @@ def open_checkpoint(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> L
     return LazyStateDict(weight_files(paths))
 
 
+def single_safetensors_keys(paths: Sequence[str | os.PathLike]) -> set[str] | None:
+    """The keys of a model given as one `.safetensors` file; None for anything else (several files, another format,
+    an unreadable file). Small add-on models are told apart by their keys with this."""
+    if len(paths) != 1 or not str(paths[0]).endswith(".safetensors"):
+        return None
+    try:
+        return set(open_checkpoint(str(paths[0])).keys())
+    except Exception:
+        return None
+
+
 def weight_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The weight files `paths` stands for (folders and index files expanded, duplicates removed)."""
     if isinstance(paths, (str, os.PathLike)):

@@ -193,12 +193,7 @@ LORA_ENCODER_SPEC = ModelSpec(
 
 def is_lora_encoder_file(paths) -> bool:
     """Whether the files are a LoRA Encoder checkpoint (its special token and probes)."""
-    from diffsynth.runtime.checkpoint import open_checkpoint
+    from diffsynth.runtime.checkpoint import single_safetensors_keys
 
-    if len(paths) != 1 or not str(paths[0]).endswith(".safetensors"):
-        return False
-    try:
-        keys = set(open_checkpoint(str(paths[0])).keys())
-    except Exception:
-        return False
+    keys = single_safetensors_keys(paths) or set()
     return set(SIGNATURE) <= keys and any(k.startswith(PROBE) for k in keys)

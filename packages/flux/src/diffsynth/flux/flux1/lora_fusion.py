@@ -112,12 +112,6 @@ LORA_FUSION_SPEC = ModelSpec(
 
 def is_lora_fusion_file(paths) -> bool:
     """Whether the files are a LoRA Fusion checkpoint."""
-    from diffsynth.runtime.checkpoint import open_checkpoint
+    from diffsynth.runtime.checkpoint import single_safetensors_keys
 
-    if len(paths) != 1 or not str(paths[0]).endswith(".safetensors"):
-        return False
-    try:
-        keys = set(open_checkpoint(str(paths[0])).keys())
-    except Exception:
-        return False
-    return set(SIGNATURE) <= keys
+    return set(SIGNATURE) <= (single_safetensors_keys(paths) or set())

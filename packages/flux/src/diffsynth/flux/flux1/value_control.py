@@ -116,12 +116,7 @@ VALUE_ENCODER_SPEC = ModelSpec(
 
 def is_value_encoder_file(paths: Sequence[str]) -> bool:
     """Whether the files are one AttriCtrl encoder (its three keys, nothing else)."""
-    from diffsynth.runtime.checkpoint import open_checkpoint
+    from diffsynth.runtime.checkpoint import single_safetensors_keys
 
-    if len(paths) != 1 or not str(paths[0]).endswith(".safetensors"):
-        return False
-    try:
-        keys = set(open_checkpoint(str(paths[0])).keys())
-    except Exception:
-        return False
+    keys = single_safetensors_keys(paths)
     return keys == set(SIGNATURE) | {"prefer_value_embedder.0.bias", "prefer_value_embedder.2.bias"}
