@@ -42,10 +42,27 @@ to ask, the rows' columns decide, and `velocity` refuses a condition the DiT doe
 need `--validation_images`: the image to fill and its mask (`"image.png,mask.png"`), or the control map.
 Flex.2 (`flux1/flex.py`) trains on images and prompts alone, as DiffSynth-Studio trains it: its condition is the empty
 one (no inpainting image, a mask of ones, no control map), and its validation samples are plain text-to-image calls.
+
+ControlNets (`flux1/controlnet.py`: InstantX Union, alimama inpainting, jasperai upscaler, ...): with one among the
+model files (the pipeline's `controlnet` slot), rows may carry DiffSynth-Studio's `--extra_inputs` columns
+`controlnet_image` (the control picture, aligned with the target: list it in `--data_file_keys`), for a Union net
+`controlnet_processor_id` (its control mode: canny, tile, depth, blur, pose, gray, lq, or an index) and for the
+inpainting net `controlnet_inpaint_mask` (white = repaint). Each row's `ControlNetInput` is encoded by the
+pipeline's `prepare_controls` at the target's size (resized Lanczos, VAE-encoded and packed; the inpainting net's
+masked image plus the folded mask), giving `"controlnet"` `[H/16 * W/16, 64 or 68]` and `"controlnet_mode"` `[1]`;
+`velocity` hands them to `flux_velocity` as a `ControlCondition` at scale 1, so the net's residuals enter the DiT
+as in the pipeline's denoise loop. Training the DiT (LoRA or full) keeps the net frozen; rows without
+`controlnet_image` train it without. `trained_model="controlnet"` (what `--trainable_models controlnet` asks the
+trainer for: the net is one of the task's `trainable_slots`) trains the net in full under the frozen DiT, saved as
+`<step>/controlnet/diffusion_pytorch_model.safetensors` in diffusers' `FluxControlNetModel` keys (`export_state`:
+the hub files' layout, which the pipeline's ControlNet spec reads). One net at a time.
+Validation samples take `--validation_images` as the control image (the inpainting net: `"image.png,mask.png"`) and
+a Union net's mode from `--task_options validation_processor_id=NAME`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -57,6 +74,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from diffsynth.runtime.controlnet import ControlNetInput, ControlNetSlot
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, tensor_to_pil
@@ -66,8 +84,9 @@ from diffsynth.runtime.training_support import PipelineTrainingTask, load_partia
 from diffsynth.runtime.vram import module_dtype
 
 from .flux1.channels import CONTROL, FILL, FLEX, condition_kind, describe_widths, flex_condition
+from .flux1.controlnet import UNION_MODES, Flux1ControlNet, Flux1ControlNetConfig
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
-from .pipeline import FluxImagePipeline, KontextLatents, flux_velocity, pack_latents
+from .pipeline import ControlCondition, FluxImagePipeline, KontextLatents, flux_velocity, pack_latents
 from .reference_batches import collate_references, row_references
 
 logger = logging.getLogger(__name__)
@@ -78,6 +97,11 @@ TRAINING_GUIDANCE = 1.0  # DiffSynth-Studio's FLUX.1 training scripts: embedded_
 CHANNEL_COLUMNS = {FILL: ("flux_fill_image", "flux_fill_mask"), CONTROL: ("control_image",)}
 CHANNEL_MODELS = {FILL: "FLUX.1 Fill", CONTROL: "FLUX.1 Canny/Depth"}
 CONDITION_WIDTHS = {320: FILL, 64: CONTROL}
+TRAINED_MODELS = ("dit", "controlnet")  # `trained_model`: what the trainer trains (its "denoiser")
+CONTROLNET_HINT = (
+    "add its diffusion_pytorch_model.safetensors to the models (e.g. --model_paths, or --model_id_with_origin_paths "
+    "InstantX/FLUX.1-dev-Controlnet-Union-alpha:diffusion_pytorch_model.safetensors)"
+)
 
 
 class FluxTrainingTask(PipelineTrainingTask):
@@ -92,25 +116,60 @@ class FluxTrainingTask(PipelineTrainingTask):
     loss_options: ClassVar[tuple[str, ...]] = (
         "sigma_shift",
         "embedded_guidance",
+        "trained_model",
+        "validation_processor_id",
     )  # --task_options that leave a cache valid
+    # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
+    trainable_slots: ClassVar[tuple[str, ...]] = ("controlnet",)
 
     def __init__(
         self,
         pipe: FluxImagePipeline,
+        controlnet_config: Flux1ControlNetConfig | None = None,
         *,
         sigma_shift: float = 3.0,
         embedded_guidance: float = TRAINING_GUIDANCE,
         t5_sequence_length: int = T5_SEQUENCE_LENGTH,
         kontext: bool | None = None,
         kontext_auto_resize: bool = False,
+        trained_model: str = "dit",
+        validation_processor_id: str | int | None = None,
     ):
-        """`kontext`: True requires `kontext_images` in every row, None takes them where rows have them."""
+        """`kontext`: True requires `kontext_images` in every row, None takes them where rows have them.
+        `controlnet_config`: the ControlNet's, read from its file's header when the stage loads no net (default: the
+        net `pipe` holds). `trained_model` "controlnet" makes the net the model the trainer trains;
+        `validation_processor_id` is a Union net's control mode for validation samples (see the module docstring)."""
         self.pipe = pipe
         self.scheduler = FlowMatchScheduler("flux1", mu=math.log(sigma_shift))
         self.embedded_guidance = embedded_guidance
         self.t5_sequence_length = t5_sequence_length
         self.kontext = kontext
         self.kontext_auto_resize = kontext_auto_resize
+        nets = pipe.controlnets()
+        if len(nets) > 1:
+            raise ConfigError(f"the models hold {len(nets)} FLUX.1 ControlNets; training takes one at a time")
+        self.controlnet_config = nets[0].config if nets else controlnet_config
+        self.validation_processor_id = validation_processor_id
+        self._shape_net: Flux1ControlNet | None = None
+        if trained_model not in TRAINED_MODELS:
+            raise ConfigError(f"trained_model={trained_model!r} is not accepted; use one of {TRAINED_MODELS}")
+        self.trained_model = trained_model
+        if trained_model == "controlnet":
+            if self.controlnet_config is None:
+                raise ConfigError(
+                    "trained_model='controlnet' (--trainable_models controlnet) trains a FLUX.1 ControlNet, and none "
+                    f"is among the model files: {CONTROLNET_HINT}"
+                )
+            self.denoiser_slot = "controlnet"  # the trainer trains (and saves) the net, not the DiT
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        """The loaded models by slot; "controlnet" is the one net itself (the pipeline's slot holds a list), so a
+        trained net saves under its own names."""
+        models = super().models
+        if "controlnet" in models:
+            models["controlnet"] = models["controlnet"].nets[0]
+        return models
 
     # the DiT's config read from its files' header when the DiT itself is not loaded (`from_pretrained`)
     dit_config: Any = None
@@ -125,9 +184,9 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     @property
     def validation_references(self) -> str:
-        """Fill / Canny / Depth samples need their condition; a Kontext model's are edits of their references:
-        without them they say little."""
-        if self.channel_kind is not None:
+        """Fill / Canny / Depth samples need their condition, ControlNet ones their control image; a Kontext model's
+        are edits of their references: without them they say little."""
+        if self.channel_kind is not None or self.controlnet_config is not None:
             return "required"
         return "expected" if self.kontext else "optional"
 
@@ -150,12 +209,22 @@ class FluxTrainingTask(PipelineTrainingTask):
 
         The T5 length is the pipeline's: the preset's or the model folder's `diffsynth.json` setting (schnell:
         256), else 512. A Kontext preset, or model files named like one (`flux1-kontext-dev.safetensors`, a
-        `FLUX.1-Kontext-dev` folder or repo), makes a Kontext task unless `kontext` is given."""
+        `FLUX.1-Kontext-dev` folder or repo), makes a Kontext task unless `kontext` is given.
+
+        A FLUX.1 ControlNet among the files loads with the denoiser (its residuals are part of the model call); the
+        encoding stage reads its config from the file's header (whether it is a Union or an inpainting net)."""
         tokenizers = _tokenizer_pair(tokenizer_config, model_configs) if encoders else (None, None)
+        controlnets = _header_configs(model_configs, "controlnet")
+        if len(controlnets) > 1:
+            raise ConfigError(
+                f"the model files hold {len(controlnets)} FLUX.1 ControlNets; training takes one at a time: pass only "
+                "the one to train with"
+            )
         pipe = load_partial_pipeline(
             FluxImagePipeline,
             model_configs,
             ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
+            optional={"controlnet"} if denoiser else (),
             tokenizers=("tokenizer_1", "tokenizer_2") if encoders else (),
             name="FLUX.1",
             tokenizer_1_config=tokenizers[0],
@@ -167,7 +236,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
         task_options.setdefault("kontext", True if kontext else None)
-        task = cls(pipe, **task_options)
+        task = cls(pipe, controlnets[0] if controlnets else None, **task_options)
         task.dit_config = pipe.dit.config if pipe.dit is not None else _dit_config(model_configs)
         if task.dit_config is not None and condition_kind(task.dit_config) == "unknown":
             raise ConfigError(
@@ -179,7 +248,10 @@ class FluxTrainingTask(PipelineTrainingTask):
     def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
         """A validation sample's references as the pipeline's arguments: a Fill model's image to fill and its mask
         (`flux_fill_image`, `flux_fill_mask`), a Canny/Depth model's `control_image`, else `kontext_images`, sized
-        as training sizes them (`kontext_auto_resize` of this task, not the pipeline's default)."""
+        as training sizes them (`kontext_auto_resize` of this task, not the pipeline's default). With a ControlNet:
+        its control image (and the inpainting net's mask) as `controlnet_inputs`."""
+        if self.controlnet_config is not None:
+            return self._control_arguments(images)
         kind = self.channel_kind
         if kind == FILL:
             if len(images) != 2:
@@ -198,6 +270,49 @@ class FluxTrainingTask(PipelineTrainingTask):
         if not images:
             return {}
         return {"kontext_images": list(images), "kontext_auto_resize": self.kontext_auto_resize}
+
+    def _control_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
+        """A ControlNet validation sample's `controlnet_inputs`: the control image, the inpainting net's mask, a
+        Union net's mode (`validation_processor_id`)."""
+        config = self.controlnet_config
+        if self.channel_kind is not None or self.kontext:
+            raise ConfigError(
+                "validation samples of a Fill / Canny / Depth or Kontext DiT with a ControlNet take two kinds of "
+                "images, which --validation_images cannot tell apart; drop --validation_prompts"
+            )
+        if _takes_mask(config):
+            if len(images) != 2:
+                raise ConfigError(
+                    "an inpainting ControlNet's validation sample takes two images, the image to repaint and its mask "
+                    f"(white = repaint), e.g. --validation_images 'cup.png,cup_mask.png'; got {len(images)}"
+                )
+            mask = images[1]
+        else:
+            if len(images) != 1:
+                raise ConfigError(
+                    "a ControlNet's validation sample takes one image, its control image (a canny / depth / pose "
+                    f"map, the low-resolution image for an upscaler), e.g. --validation_images pose.png; got {len(images)}"
+                )
+            mask = None
+        mode = _union_mode(config, self.validation_processor_id, "--task_options validation_processor_id")
+        return {"controlnet_inputs": [ControlNetInput(image=images[0], processor_id=mode, inpaint_mask=mask)]}
+
+    def sample(self, denoiser: nn.Module, prompts: Sequence[str], **options: Any) -> list:
+        """Validation samples with the weights in training: the DiT's, or the ControlNet's (in the pipeline's slot
+        for the duration) under the pipeline's DiT."""
+        if self.trained_model != "controlnet":
+            return super().sample(denoiser, prompts, **options)
+        with self.pipe.using("controlnet", ControlNetSlot([getattr(denoiser, "module", denoiser)])):
+            return super().sample(self.pipe.dit, prompts, **options)
+
+    def export_state(self, slot: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The trainer's full weights in the official keys: a trained ControlNet in diffusers' `FluxControlNetModel`
+        names (the layout its hub files have), the DiT as it is (our names are BFL's)."""
+        if slot != "controlnet":
+            return state
+        from .flux1.controlnet_formats import ours_to_diffusers
+
+        return ours_to_diffusers(dict(state))
 
     def read_lora(self, path) -> Any:
         """The trainer's `--preset_lora_path`, read in FLUX.1's LoRA layouts (BFL, kohya, diffusers, XLabs). A control
@@ -247,7 +362,66 @@ class FluxTrainingTask(PipelineTrainingTask):
                 sample.update(kontext=kontext.tokens[0], kontext_ids=kontext.ids)
             if kind is not None:
                 sample["condition"] = self._encode_condition(i, row, kind)
+        controlled = [i for i, row in enumerate(rows) if _has(row, "controlnet_image")]
+        if self.trained_model == "controlnet" and len(controlled) < len(rows):
+            i = next(i for i in range(len(rows)) if i not in controlled)
+            raise ConfigError(
+                f"row {i} of the batch (prompt {str(rows[i]['prompt'])[:60]!r}) has no controlnet_image: training the "
+                "ControlNet needs every row's control image (list it in --data_file_keys, e.g. "
+                f"--data_file_keys image,controlnet_image); its columns are {', '.join(rows[i])}"
+            )
+        if controlled:
+            with self._controlnet_for_encoding():
+                for i in controlled:
+                    samples[i].update(self._encode_control(i, rows[i]))
         return samples
+
+    @contextlib.contextmanager
+    def _controlnet_for_encoding(self):
+        """The pipeline with a ControlNet in its slot for `prepare_controls`: the loaded net, or (the encoding stage
+        of a cached run loads none) one of the header's config built on the meta device: only its config is read."""
+        if self.pipe.controlnet is not None:
+            yield
+            return
+        if self._shape_net is None:
+            with torch.device("meta"):
+                self._shape_net = Flux1ControlNet(self.controlnet_config)
+        with self.pipe.using("controlnet", ControlNetSlot([self._shape_net])):
+            yield
+
+    def _encode_control(self, index: int, row: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """`{"controlnet": [H/16 * W/16, 64 or 68]}` (+ `"controlnet_mode"` `[1]` for a Union net): the row's
+        `ControlNetInput` as the pipeline's `prepare_controls` encodes it for an output of the target's size."""
+        where = f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})"
+        config = self.controlnet_config
+        if config is None:
+            raise ConfigError(
+                f"{where} has controlnet_image, but no FLUX.1 ControlNet is among the models: {CONTROLNET_HINT}"
+            )
+        has_mask = _has(row, "controlnet_inpaint_mask")
+        if _takes_mask(config) and not has_mask:
+            raise ConfigError(
+                f"{where} has no controlnet_inpaint_mask: this ControlNet is an inpainting net (condition width "
+                f"{config.cond_in_channels}) and trains on controlnet_image with controlnet_inpaint_mask (white = "
+                "repaint; --data_file_keys image,controlnet_image,controlnet_inpaint_mask)"
+            )
+        if has_mask and not _takes_mask(config):
+            raise ConfigError(
+                f"{where} has controlnet_inpaint_mask, but this ControlNet takes no mask (condition width "
+                f"{config.cond_in_channels}; alimama's inpainting net takes one): drop the column"
+            )
+        mode = _union_mode(config, row.get("controlnet_processor_id"), f"{where}: controlnet_processor_id")
+        control = ControlNetInput(
+            image=_row_picture(index, row, "controlnet_image"),
+            processor_id=mode,
+            inpaint_mask=_row_picture(index, row, "controlnet_inpaint_mask") if has_mask else None,
+        )
+        _, height, width = row["image"].shape
+        prepared = self.pipe.prepare_controls([control], height, width)[0]
+        sample = {"controlnet": prepared.tokens[0]}
+        if prepared.mode is not None:
+            sample["controlnet_mode"] = torch.tensor([prepared.mode], dtype=torch.long)
+        return sample
 
     def _row_channel_kind(self, index: int, row: Mapping[str, Any]) -> str | None:
         """The wider-input condition a row gives (FILL, CONTROL or None), checked against what the DiT takes."""
@@ -309,11 +483,23 @@ class FluxTrainingTask(PipelineTrainingTask):
                 f"{len(samples) - with_condition} without; give every row its flux_fill_image + flux_fill_mask or "
                 "control_image"
             )
+        for key in ("controlnet", "controlnet_mode"):
+            present = sum(key in s for s in samples)
+            if present == len(samples):
+                batch[key] = torch.stack([s[key] for s in samples])
+            elif present:
+                raise ConfigError(
+                    f"a batch mixes {present} rows with controlnet_image and {len(samples) - present} without; give "
+                    "every row its controlnet_image (or none), or train with --batch_size 1"
+                )
         return batch
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
+        """The pipeline's per-step call (`flux_velocity`). With `trained_model="controlnet"`, `dit` is the trainer's
+        model, the ControlNet, and the DiT is the pipeline's (frozen; gradient checkpointing as the net was asked)."""
+        dit, controls = self._controls(dit, batch)
         prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
         kontext = KontextLatents(batch["kontext"], batch["kontext_ids"]) if "kontext" in batch else None
         condition = batch.get("condition")
@@ -322,7 +508,40 @@ class FluxTrainingTask(PipelineTrainingTask):
             # Flex.2 learns from images and prompts with its empty condition (DiffSynth-Studio trains it so)
             condition = pack_latents(flex_condition(None, None, None, noisy_latents.float()))
         self._check_condition(dit, condition)
-        return flux_velocity(dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext, condition=condition)
+        return flux_velocity(
+            dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext, controls=controls, condition=condition
+        )
+
+    def _controls(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[nn.Module, list[ControlCondition]]:
+        """The DiT to run and the batch's ControlNet condition (none for a batch without controlnet_image)."""
+        tokens = batch.get("controlnet")
+        if self.trained_model == "dit":
+            if tokens is None:
+                return model, []
+            net = self.pipe.controlnet.nets[0] if self.pipe.controlnet is not None else None
+            if net is None:
+                raise ConfigError(
+                    "this batch has a ControlNet condition (controlnet_image), but no FLUX.1 ControlNet is loaded: "
+                    f"{CONTROLNET_HINT}; or encode the cache again without it"
+                )
+            dit = model
+        else:
+            if tokens is None:
+                raise ConfigError(
+                    "training the ControlNet needs batches with controlnet_image (list it in --data_file_keys, e.g. "
+                    "image,controlnet_image); a cache encoded without the ControlNet has none: encode it again"
+                )
+            net, dit = model, self.pipe.dit
+            dit.gradient_checkpointing = bool(getattr(getattr(net, "module", net), "gradient_checkpointing", False))
+        config = getattr(net, "module", net).config  # DDP wraps a trained net
+        mode = batch.get("controlnet_mode")
+        if tokens.shape[-1] != config.cond_in_channels or (mode is None) != (config.num_modes is None):
+            raise ConfigError(
+                f"this batch's ControlNet condition ({tokens.shape[-1]} features, "
+                f"{'no mode' if mode is None else 'a mode'}) was encoded for another net than this one "
+                f"({config.cond_in_channels}, {'a Union net' if config.num_modes else 'no modes'}): encode it again"
+            )
+        return dit, [ControlCondition(net, tokens, None if mode is None else mode.reshape(-1))]
 
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
         """FLUX.1's sampling schedule for this image size (BFL's shift by its H/16 * W/16 tokens, what the
@@ -383,13 +602,46 @@ def _row_picture(index: int, row: Mapping[str, Any], column: str):
     )
 
 
+def _takes_mask(config: Flux1ControlNetConfig) -> bool:
+    """Whether a ControlNet's condition carries the packed inpainting mask (alimama's: `Flux1ControlNet.takes_mask`)."""
+    return config.cond_in_channels == config.in_channels + 4
+
+
+def _union_mode(config: Flux1ControlNetConfig, value: Any, where: str) -> str | int | None:
+    """`value` as the pipeline's `processor_id` for a Union net: a mode name (DiffSynth-Studio's, `UNION_MODES`) or an
+    index (a CSV cell's digits too); None for other nets, which have no modes."""
+    n = config.num_modes
+    if not n:
+        return None
+    names = [name for name, index in UNION_MODES.items() if index < n]
+    if isinstance(value, str):
+        value = int(value) if value.strip().isdigit() else value.strip().lower()
+    if isinstance(value, str) and value in names:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
+        return value
+    given = "is missing" if value is None or value == "" else f"{value!r} is not one of its modes"
+    raise ConfigError(
+        f"{where} {given}: this Union ControlNet ({n} modes) needs its control mode, one of {', '.join(names)} "
+        f"(DiffSynth-Studio's names) or an index in [0, {n})"
+    )
+
+
 def _dit_config(model_configs: Sequence[ModelConfig]):
     """The FLUX.1 DiT's config from its files' header (and the `config.json` beside them), without reading weights;
     None when no given file holds the DiT."""
+    configs = _header_configs(model_configs, "dit")
+    return configs[0] if configs else None
+
+
+def _header_configs(model_configs: Sequence[ModelConfig], slot: str) -> list:
+    """The configs of the models for the pipeline's `slot` among the files, from their headers (and the
+    `config.json` beside them), without reading weights: one per file set holding such a model."""
     from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
     from diffsynth.runtime.loading import config_json_beside, derive_config, recognise
 
-    role = FluxImagePipeline.model_slots["dit"]
+    role = FluxImagePipeline.model_slots[slot]
+    found = []
     for config in model_configs:
         if role not in model_roles(config):
             continue
@@ -399,8 +651,9 @@ def _dit_config(model_configs: Sequence[ModelConfig]):
         meta = state.meta_state_dict()
         for rec in recognise(meta, label=label):
             if rec.spec.role == role:
-                return derive_config(rec, meta, config_json_beside(state.files), label)
-    return None
+                found.append(derive_config(rec, meta, config_json_beside(state.files), label))
+                break
+    return found
 
 
 def _names_kontext(config: ModelConfig) -> bool:

@@ -590,7 +590,10 @@ def save(run: Run, state: TrainState) -> None:
             dtype = parse_dtype(cfg.save_dtype or cfg.dtype)
             slot = run.task.denoiser_slot
             files = run.task.model_files.get(slot)
-            written = [save_full_weights(weights, run.output / name / slot, dtype, files)]
+            # a task whose module names differ from its model's official keys renames them (`export_state`)
+            export = getattr(run.task, "export_state", None)
+            exported = export(slot, weights) if export is not None else weights
+            written = [save_full_weights(exported, run.output / name / slot, dtype, files)]
         logger.info("step %d: wrote %s", state.step, ", ".join(str(p) for p in written))
     progress = {"step": state.step, "epoch": state.epoch, "batches_done": state.batches_done}
     saved_state = {
