@@ -790,23 +790,29 @@ class QwenImagePipeline(BasePipeline):
         mean, nearest-resized to the latent grid) appended for the inpainting net, packed and embedded."""
         conditions = []
         for net, item in checked:
-            image = load_image(item.image).resize((width, height))
-            keep = None
-            if item.inpaint_mask is not None:
-                mask = pil_to_tensor(load_image(item.inpaint_mask).resize((width, height)))  # [1, 3, H, W] in [-1, 1]
-                array = np.asarray(image).copy()
-                array[mask[0].mean(dim=0).numpy() > 0] = 0
-                image = Image.fromarray(array)
-                keep = (mask + 1) / 2
-            pixels = pil_to_tensor(image, module_dtype(self.vae), self.device)
-            z = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
-            z = z[:, :, 0].float()
-            if keep is not None:
-                keep = 1 - F.interpolate(keep.mean(dim=1, keepdim=True), size=z.shape[-2:]).to(z.device)
-                z = torch.cat([z, keep], dim=1)
+            z = self.blockwise_latent(item, height, width, tiled, tile_size, tile_stride)
             embedded = net.embed(pack(z, self.dit.config.patch_size))
             conditions.append(ControlCondition(net, embedded, float(item.scale), float(item.start), float(item.end)))
         return conditions
+
+    def blockwise_latent(self, item, height, width, tiled=False, tile_size=(34, 34), tile_stride=(18, 16)):
+        """One Blockwise condition before packing, `[1, 16 (17 with a mask), H/8, W/8]` (`encode_blockwise`; a
+        trainer caches it)."""
+        image = load_image(item.image).resize((width, height))
+        keep = None
+        if item.inpaint_mask is not None:
+            mask = pil_to_tensor(load_image(item.inpaint_mask).resize((width, height)))  # [1, 3, H, W] in [-1, 1]
+            array = np.asarray(image).copy()
+            array[mask[0].mean(dim=0).numpy() > 0] = 0
+            image = Image.fromarray(array)
+            keep = (mask + 1) / 2
+        pixels = pil_to_tensor(image, module_dtype(self.vae), self.device)
+        z = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        z = z[:, :, 0].float()
+        if keep is not None:
+            keep = 1 - F.interpolate(keep.mean(dim=1, keepdim=True), size=z.shape[-2:]).to(z.device)
+            z = torch.cat([z, keep], dim=1)
+        return z
 
     def encode_controls(self, checked, height, width, tiled=False, tile_size=(34, 34), tile_stride=(18, 16)):
         """Each checked control as a `ControlCondition`: its image resized (Lanczos) to the output size,
@@ -814,20 +820,27 @@ class QwenImagePipeline(BasePipeline):
         to -1 before encoding and the kept region appended as a 17th latent channel (see the module docstring)."""
         controls = []
         for net, item, image, mask in checked:
-            pixels = pil_to_tensor(image.resize((width, height), Image.LANCZOS), module_dtype(self.vae), self.device)
-            repaint = None
-            if mask is not None:  # binarised at 0.5 after the resize, as diffusers' mask processor does
-                gray = np.asarray(mask.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0
-                repaint = torch.from_numpy(gray >= 0.5)[None, None].to(self.device)
-                pixels = pixels.masked_fill(repaint, -1.0)
-            z = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
-            z = z[:, :, 0].float()
-            if repaint is not None:
-                keep = 1.0 - F.interpolate(repaint.float(), size=z.shape[-2:], mode="nearest")
-                z = torch.cat([z, keep], dim=1)
+            z = self.control_latent(image, mask, height, width, tiled, tile_size, tile_stride)
             tokens = pack(z, net.config.patch_size)
             controls.append(ControlCondition(net, tokens, float(item.scale), float(item.start), float(item.end)))
         return controls
+
+    def control_latent(self, image, mask, height, width, tiled=False, tile_size=(34, 34), tile_stride=(18, 16)):
+        """One ControlNet condition before packing, `[1, 16 (17 with a mask), H/8, W/8]` (`encode_controls`; a
+        trainer caches it)."""
+        image, mask = load_image(image), None if mask is None else load_image(mask).convert("L")
+        pixels = pil_to_tensor(image.resize((width, height), Image.LANCZOS), module_dtype(self.vae), self.device)
+        repaint = None
+        if mask is not None:  # binarised at 0.5 after the resize, as diffusers' mask processor does
+            gray = np.asarray(mask.resize((width, height), Image.LANCZOS), dtype=np.float32) / 255.0
+            repaint = torch.from_numpy(gray >= 0.5)[None, None].to(self.device)
+            pixels = pixels.masked_fill(repaint, -1.0)
+        z = self.vae.encode(pixels.unsqueeze(2), tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+        z = z[:, :, 0].float()
+        if repaint is not None:
+            keep = 1.0 - F.interpolate(repaint.float(), size=z.shape[-2:], mode="nearest")
+            z = torch.cat([z, keep], dim=1)
+        return z
 
 
 __all__ = [

@@ -44,6 +44,26 @@ clean input image is not among them, so no `loss_mask` is needed). Rows of one b
 (`--batch_size 1` always has it). Validation samples take the input image from `--validation_images` (required)
 and `layer_num` from `--task_options layer_num=N` (else the pipeline's 4); they are written as one RGBA picture,
 the layers side by side.
+
+ControlNets, with the net's file among the model files (one net; DiffSynth-Studio's columns, its `--extra_inputs`
+prefix being the pipeline's slot): a Blockwise ControlNet (DiffSynth-Studio's Qwen-Image-Blockwise-ControlNet-Canny /
+-Depth / -Inpaint `model.safetensors`) reads a row's `blockwise_controlnet_image` and, for the Inpaint net,
+`blockwise_controlnet_inpaint_mask` (white = repaint); an InstantX ControlNet (Qwen-Image-ControlNet-Union /
+-Inpainting) reads `controlnet_image` and `controlnet_inpaint_mask`. The pictures are `[3, H, W]` in [-1, 1], read at
+the row's size when listed in `--data_file_keys` (PIL images or paths work too), and are encoded by the pipeline's
+`blockwise_latent` / `control_latent` at the target's size into `"<slot>_condition"` `[16 (17 with the mask), H/8,
+W/8]`. The model call is the pipeline's per-step call at scale 1: for a Blockwise net `blockwise_velocity` (the
+condition packed and embedded as `encode_blockwise` does, the residuals added after each DiT block by
+`blockwise_residual`), for an InstantX net `controlnet_velocity` (packed as `encode_controls` does, the net run on the
+noisy latents and the prompt by `controlnet_residuals`). Training the DiT (LoRA or full) keeps the net frozen (rows
+without the column train it without control); `trained_model="blockwise_controlnet"` or `"controlnet"` (what
+`--trainable_models blockwise_controlnet` / `controlnet` asks the trainer for: the task's `trainable_slots`) trains
+the net in full under the frozen DiT, saved as `<step>/<slot>/diffusion_pytorch_model.safetensors` in the released
+file's keys. An InstantX net is the trainer's model itself (its forward is its whole use in a step); a Blockwise net
+acts between the DiT's blocks, so the trainer's model is then `BlockwiseControlNetInTraining`, which holds the net's
+own modules (its state dict is the net's) and runs the whole model call, so a DDP-wrapped model sees every use of
+the net in one call. `--use_gradient_checkpointing` reaches the frozen DiT through the trained net. Validation
+samples take the control image (and an inpainting net's mask, after a comma) from `--validation_images`.
 """
 
 from __future__ import annotations
@@ -56,16 +76,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from diffsynth.runtime.controlnet import ControlNetInput
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import pil_to_tensor, tensor_to_pil
+from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_pil
 from diffsynth.runtime.pipeline import folder_defaults
 from diffsynth.runtime.schedulers import FlowMatchScheduler
-from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
+from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 from diffsynth.runtime.vram import module_dtype
 
+from .blockwise_controlnet import QwenImageBlockwiseControlNet, blockwise_residual
+from .controlnet import ControlCondition
 from .layered import check_layer_num, check_layer_prompts, layered_velocity
-from .pipeline import QwenImagePipeline, qwen_image_velocity
+from .pipeline import QwenImagePipeline, controlnet_residuals, pack, qwen_image_velocity
 from .presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -73,6 +96,92 @@ logger = logging.getLogger(__name__)
 ENCODER_SLOTS = ("vae", "text_encoder")
 TRAINING_MU = 0.8  # DiffSynth-Studio's "Qwen-Image" schedule without a dynamic shift length
 EDIT_TEMPLATES = ("plus", "edit")
+LATENT_CHANNELS = 16  # a condition with more carries an inpainting mask
+BLOCKWISE, CONTROLNET = "blockwise_controlnet", "controlnet"  # the pipeline's slots; what --trainable_models names
+CONTROL_SLOTS = (BLOCKWISE, CONTROLNET)
+TRAINED_MODELS = ("dit", *CONTROL_SLOTS)  # `trained_model`: what the trainer trains (its "denoiser")
+NET_NAMES = {BLOCKWISE: "Blockwise ControlNet", CONTROLNET: "InstantX ControlNet"}
+FILE_HINTS = {
+    BLOCKWISE: "--model_paths .../model.safetensors, or --model_id_with_origin_paths "
+    "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Canny:model.safetensors",
+    CONTROLNET: "--model_paths .../diffusion_pytorch_model.safetensors, or --model_id_with_origin_paths "
+    "InstantX/Qwen-Image-ControlNet-Union:diffusion_pytorch_model.safetensors",
+}
+INPAINT_NETS = {
+    BLOCKWISE: "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Inpaint",
+    CONTROLNET: "InstantX/Qwen-Image-ControlNet-Inpainting",
+}
+
+
+def control_columns(slot: str) -> tuple[str, str]:
+    """A control's columns, DiffSynth-Studio's (its `--extra_inputs` prefix is the slot): the image and the mask."""
+    return f"{slot}_image", f"{slot}_inpaint_mask"
+
+
+def blockwise_velocity(
+    dit: nn.Module,
+    net: QwenImageBlockwiseControlNet,
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    condition: torch.Tensor,
+    edit_latents: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """`qwen_image_velocity` with one Blockwise ControlNet at scale 1: the condition `[B, 16 or 17, H, W]`
+    (`blockwise_latent`) packed and embedded as `encode_blockwise` does, its residuals added after each block by
+    `blockwise_residual`. The image tokens reach the net in its own dtype (a float32 net in training under a
+    bfloat16 DiT); the DiT casts the residuals back."""
+    embedded = net.embed(pack(condition, dit.config.patch_size))
+    residual = blockwise_residual([ControlCondition(net, embedded)])
+    dtype = module_dtype(net)
+
+    def in_net_dtype(block: int, image: torch.Tensor) -> torch.Tensor:
+        return residual(block, image.to(dtype))
+
+    return qwen_image_velocity(
+        dit, latents, sigma, text, text_mask, edit_latents, controlnet_block_samples=in_net_dtype
+    )
+
+
+def controlnet_velocity(
+    dit: nn.Module,
+    net: nn.Module,
+    latents: torch.Tensor,
+    sigma: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    condition: torch.Tensor,
+    edit_latents: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """`qwen_image_velocity` with one InstantX ControlNet at scale 1: the condition `[B, 16 or 17, H, W]`
+    (`control_latent`) packed as `encode_controls` does, the net run on the noisy latents and the prompt by
+    `controlnet_residuals`, as every denoising step runs it. `net` may be the trainer's prepared model (calling it
+    runs DDP's wrapper)."""
+    tokens = pack(condition, net.config.patch_size)
+    blocks = dit.config.num_layers
+    residuals = controlnet_residuals([ControlCondition(net, tokens)], latents, sigma, text, text_mask, blocks)
+    return qwen_image_velocity(dit, latents, sigma, text, text_mask, edit_latents, controlnet_block_samples=residuals)
+
+
+class BlockwiseControlNetInTraining(nn.Module):
+    """The Blockwise ControlNet as the trainer trains it. Its modules are the net's own objects, so its state dict is
+    the net's (DiffSynth-Studio's keys) and the pipeline's net trains with it; its forward is the whole model call
+    over the frozen DiT of `pipe`, so one call of the trainer's prepared model (DDP's gradient reduction) covers
+    every use of the net in a step. `gradient_checkpointing` is passed on to the DiT."""
+
+    def __init__(self, net: QwenImageBlockwiseControlNet, pipe: QwenImagePipeline):
+        super().__init__()
+        self.img_in, self.controlnet_blocks = net.img_in, net.controlnet_blocks
+        self.config = net.config
+        self.lora_target_modules = net.lora_target_modules
+        self.gradient_checkpointing = False
+        self._frozen = (net, pipe)  # not submodules: the DiT is not trained, and the net's modules are ours
+
+    def forward(self, latents, sigma, text, text_mask, condition, edit_latents=()) -> torch.Tensor:
+        net, pipe = self._frozen
+        pipe.dit.gradient_checkpointing = self.gradient_checkpointing
+        return blockwise_velocity(pipe.dit, net, latents, sigma, text, text_mask, condition, edit_latents)
 
 
 class QwenImageTrainingTask(PipelineTrainingTask):
@@ -85,7 +194,10 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     loss_options: ClassVar[tuple[str, ...]] = (
         "exponential_shift_mu",
         "layer_num",
+        "trained_model",
     )  # --task_options that leave a cache valid
+    # models the trainer may train in the DiT's place (`trained_model`, from --trainable_models)
+    trainable_slots: ClassVar[tuple[str, ...]] = CONTROL_SLOTS
     # the last block's text-stream outputs (attn.to_add_out, txt_mlp) feed nothing, so their weights (or LoRAs)
     # get no gradient: DDP must look for unused parameters
     ddp_find_unused_parameters: ClassVar[bool] = True
@@ -93,16 +205,20 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     def __init__(
         self,
         pipe: QwenImagePipeline,
+        controls: Sequence[str] | None = None,
         *,
         exponential_shift_mu: float = TRAINING_MU,
         max_sequence_length: int = 512,
         edit: bool | None = None,
         edit_template: str | None = None,
         layer_num: int | None = None,
+        trained_model: str = "dit",
     ):
         """`edit`: True requires `edit_image` in every row, None takes edit images where rows have them.
         `edit_template` ("plus" or "edit") overrides the pipeline's setting. `layer_num`: the layers of a
-        Qwen-Image-Layered model's validation samples (None: the pipeline's default)."""
+        Qwen-Image-Layered model's validation samples (None: the pipeline's default). `controls`: the ControlNet
+        slots ("blockwise_controlnet", "controlnet") whose files are among the models (default: those `pipe` has
+        loaded); `trained_model` names one to make it the model the trainer trains (see the module docstring)."""
         self.pipe = pipe
         dit, vae = pipe.dit, pipe.vae
         self.layered = bool(
@@ -122,6 +238,74 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             if edit_template not in EDIT_TEMPLATES:
                 raise ConfigError(f"edit_template={edit_template!r} is not known; use one of {EDIT_TEMPLATES}")
             pipe.defaults["edit_template"] = edit_template
+        given = [s for s in CONTROL_SLOTS if (pipe.controlnets(s) if controls is None else s in controls)]
+        if len(given) > 1:
+            raise ConfigError(
+                "both a Blockwise and an InstantX ControlNet are among the models; training takes one: leave the "
+                "other's file out"
+            )
+        self.control: str | None = given[0] if given else None  # the ControlNet slot rows may condition
+        self._in_training: nn.Module | None = None
+        self._check_trained_model(trained_model)
+
+    def _check_trained_model(self, trained_model: str) -> None:
+        if trained_model not in TRAINED_MODELS:
+            raise ConfigError(f"trained_model={trained_model!r} is not accepted; use one of {TRAINED_MODELS}")
+        self.trained_model = trained_model
+        if self.control and self.layered:
+            raise ConfigError(
+                f"the {NET_NAMES[self.control]} goes with Qwen-Image's text-to-image DiT, not Qwen-Image-Layered: "
+                "leave its file out of the models"
+            )
+        net, dit = self._loaded_net(), self.pipe.dit
+        if net is not None and self.control == BLOCKWISE and dit is not None:
+            if (net.config.num_layers, net.config.dim) != (dit.config.num_layers, dit.config.inner_dim):
+                raise ConfigError(
+                    f"the Blockwise ControlNet has {net.config.num_layers} blocks of width {net.config.dim}; this "
+                    f"DiT has {dit.config.num_layers} of {dit.config.inner_dim}: it belongs to another model"
+                )
+        if trained_model == "dit":
+            if self.control and not self.edit:
+                self.validation_references = "optional"  # the control image of each sample
+            return
+        if self.control != trained_model:
+            raise ConfigError(
+                f"trained_model={trained_model!r} (--trainable_models {trained_model}) trains a "
+                f"{NET_NAMES[trained_model]}: add its file to the models ({FILE_HINTS[trained_model]})"
+            )
+        self.denoiser_slot = trained_model  # the trainer trains (and saves) the net, not the DiT
+        self.validation_references = "required"  # a control net's samples show it following a control image
+        if net is not None:
+            self._in_training = BlockwiseControlNetInTraining(net, self.pipe) if trained_model == BLOCKWISE else net
+
+    def _loaded_net(self) -> nn.Module | None:
+        """The one ControlNet of the task's control slot, None when not loaded (an encoding stage)."""
+        nets = self.pipe.controlnets(self.control) if self.control else []
+        if len(nets) > 1:
+            raise ConfigError(
+                f"{len(nets)} {NET_NAMES[self.control]}s are among the models; training reads one (the rows' "
+                f"{control_columns(self.control)[0]} is its control image): leave the others out"
+            )
+        return nets[0] if nets else None
+
+    def _net(self, slot: str) -> nn.Module:
+        """The loaded net a batch's `slot` condition needs, or an error that says how to load it."""
+        net = self._loaded_net() if slot == self.control else None
+        if net is None:
+            raise ConfigError(
+                f"this batch has a {NET_NAMES[slot]} control ({control_columns(slot)[0]}) but no such net is loaded: "
+                f"add its file to the models ({FILE_HINTS[slot]}), or encode the cache again without the column"
+            )
+        return net
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        """The loaded models by slot; a ControlNet slot holds its one net (the one in training, when trained)."""
+        models = super().models
+        net = self._loaded_net()
+        if net is not None:
+            models[self.control] = self._in_training if self._in_training is not None else net
+        return models
 
     @classmethod
     def from_pretrained(
@@ -138,10 +322,12 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         """Load the models a stage needs: the DiT (`denoiser`) and/or the VAE, Qwen2.5-VL text encoder and
         tokenizer (`encoders`; an Edit model's `processor/` folder brings the vision preprocessing too). Files of
         models not needed are recognised from their headers and not loaded."""
+        roles = set().union(*(model_roles(c) for c in model_configs))  # from the headers; nets load with the DiT
         pipe = load_partial_pipeline(
             QwenImagePipeline,
             model_configs,
             ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
+            optional=CONTROL_SLOTS if denoiser else (),
             tokenizers=("tokenizer",) if encoders else (),
             name="Qwen-Image",
             tokenizer_config=tokenizer_config if encoders else None,
@@ -153,7 +339,7 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             pipe.dit is not None and pipe.dit.config.zero_cond_t
         )
         task_options.setdefault("edit", True if edit_model else None)
-        return cls(pipe, **task_options)
+        return cls(pipe, controls=[s for s in CONTROL_SLOTS if s in roles], **task_options)
 
     @property
     def media(self) -> tuple[str, ...]:
@@ -179,6 +365,8 @@ class QwenImageTrainingTask(PipelineTrainingTask):
                     f"Qwen-Image-Layered decomposes one input image per validation prompt; got {len(images)}"
                 )
             return {"layer_input_image": images[0], **({"layer_num": self.layer_num} if self.layer_num else {})}
+        if self.control:
+            return self._control_references(images)
         if not images:
             return {}
         if self.pipe.processor is None:
@@ -188,8 +376,34 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             )
         return {"edit_image": list(images)}
 
+    def _control_references(self, images: Sequence[Any]) -> dict[str, Any]:
+        """A validation sample's control image (and an inpainting net's mask) as the pipeline's
+        `blockwise_controlnet_inputs` or `controlnet_inputs`."""
+        if self.edit:
+            raise ConfigError(
+                f"--validation_images: under a {NET_NAMES[self.control]} they are its control images, which an Edit "
+                "model's samples cannot tell from edit images; drop --validation_prompts"
+            )
+        if not images:
+            if self.trained_model != "dit":
+                raise ConfigError(
+                    f"validation samples of a {NET_NAMES[self.control]} in training follow a control image: give "
+                    "--validation_images, one per --validation_prompts prompt (an inpainting net: the image, a "
+                    "comma, the mask)"
+                )
+            return {}
+        mask = self._net(self.control).takes_mask
+        if len(images) != (2 if mask else 1):
+            want = "the image to inpaint and its mask (white = repaint), joined by ','" if mask else "one control image"
+            raise ConfigError(f"a {NET_NAMES[self.control]}'s validation sample takes {want}; got {len(images)} images")
+        control = ControlNetInput(image=images[0], inpaint_mask=images[1] if mask else None)
+        return {f"{self.control}_inputs": [control]}
+
     def sample(self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, **options: Any) -> list:
-        """The pipeline's validation samples; a Layered model's layers joined side by side in one RGBA picture."""
+        """The pipeline's validation samples; a Layered model's layers joined side by side in one RGBA picture.
+        A ControlNet in training is already the pipeline's (the same modules): the DiT stays."""
+        if self.trained_model != "dit":
+            denoiser = self.pipe.dit
         samples = super().sample(denoiser, prompts, seed=seed, **options)
         return [_side_by_side(s) for s in samples] if self.layered else samples
 
@@ -239,7 +453,43 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             sample["text"] = embeds[0][mask[0].bool()]
             edit_latents = pipe.encode_edit_images(edits, 1, False, (34, 34), (18, 16))
             sample.update({f"edit_{k}": z[0] for k, z in enumerate(edit_latents)})
+        for i, (sample, row) in enumerate(zip(samples, rows, strict=True)):
+            for slot in CONTROL_SLOTS:
+                control = self._control_input(row, i, slot)
+                if control is None:
+                    continue
+                height, width = row["image"].shape[-2:]
+                if slot == BLOCKWISE:
+                    z = pipe.blockwise_latent(control, height, width)
+                else:
+                    z = pipe.control_latent(control.image, control.inpaint_mask, height, width)
+                sample[f"{slot}_condition"] = z[0]
         return samples
+
+    def _control_input(self, row: Mapping[str, Any], index: int, slot: str) -> ControlNetInput | None:
+        """A row's control for the `slot` net (its image, and an inpainting net's mask) as the pipeline's input, or
+        None without one."""
+        image_column, mask_column = control_columns(slot)
+        image, mask = row.get(image_column), row.get(mask_column)
+        if _empty(image):
+            if not _empty(mask):
+                raise ConfigError(
+                    f"row {index} of the batch has {mask_column} but no {image_column} (the image to inpaint)"
+                )
+            return None
+        if self.control != slot:
+            raise ConfigError(
+                f"row {index} of the batch has {image_column}, the control image of a {NET_NAMES[slot]}, but none "
+                f"is among the models: add its file ({FILE_HINTS[slot]}), or drop the column"
+            )
+        net = self._loaded_net()
+        if net is not None:
+            _check_mask(net, slot, not _empty(mask), f"row {index} of the batch")
+        pictures = [
+            None if _empty(value) else _picture(value, column, index)
+            for value, column in ((image, image_column), (mask, mask_column))
+        ]
+        return ControlNetInput(image=pictures[0], inpaint_mask=pictures[1])
 
     def encode_layered(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """Qwen-Image-Layered rows (see the module docstring) as `{"latents": [N + 1, 16, H/8, W/8], "condition":
@@ -279,6 +529,19 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         batch = {"latents": torch.stack([s["latents"] for s in samples]), "text": text, "text_mask": mask}
         if "condition" in samples[0]:
             batch["condition"] = torch.stack([s["condition"] for s in samples])
+        for slot in CONTROL_SLOTS:
+            controls = [s.get(f"{slot}_condition") for s in samples]
+            if all(c is None for c in controls):
+                continue
+            shapes = [None if c is None else tuple(c.shape) for c in controls]
+            if any(shape != shapes[0] for shape in shapes):
+                image_column, mask_column = control_columns(slot)
+                raise ConfigError(
+                    f"the rows of a batch differ in their controls (condition shapes {shapes}: rows without "
+                    f"{image_column}, or with and without {mask_column}); give every row the same columns, or "
+                    "train with --batch_size 1"
+                )
+            batch[f"{slot}_condition"] = torch.stack(controls)
         counts = [sum(name.startswith("edit_") for name in s) for s in samples]
         if max(counts) == 0:
             return batch
@@ -297,7 +560,28 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         if "condition" in batch:  # Qwen-Image-Layered: noisy [B, N + 1, 16, h, w]
             return layered_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"], batch["condition"])
         edits = batch.get("edit_latents", ())
-        return qwen_image_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"], edits)
+        slot = next((s for s in CONTROL_SLOTS if f"{s}_condition" in batch), None)
+        condition = batch[f"{slot}_condition"] if slot else None
+        text, text_mask = batch["text"], batch["text_mask"]
+        if self.trained_model != "dit":  # `dit` is the trainer's model: the net in training
+            if slot != self.trained_model:
+                raise ConfigError(
+                    f"training the {NET_NAMES[self.trained_model]} needs rows with "
+                    f"{control_columns(self.trained_model)[0]} (its control image; list the column in "
+                    "--data_file_keys): this batch has none, or its cache was encoded without them"
+                )
+            _check_mask(self._net(slot), slot, condition.shape[1] > LATENT_CHANNELS, "this batch")
+            if slot == BLOCKWISE:  # the net in training runs the whole call
+                return dit(noisy_latents, sigma, text, text_mask, condition, edits)
+            frozen = self.pipe.dit  # gradient checkpointing as the net was asked for
+            frozen.gradient_checkpointing = bool(getattr(dit, "gradient_checkpointing", False))
+            return controlnet_velocity(frozen, dit, noisy_latents, sigma, text, text_mask, condition, edits)
+        if slot is None:
+            return qwen_image_velocity(dit, noisy_latents, sigma, text, text_mask, edits)
+        net = self._net(slot)
+        _check_mask(net, slot, condition.shape[1] > LATENT_CHANNELS, "this batch")
+        call = blockwise_velocity if slot == BLOCKWISE else controlnet_velocity
+        return call(dit, net, noisy_latents, sigma, text, text_mask, condition, edits)
 
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
         """The pipeline's schedule for this image size (the authors' dynamic shift of its H/16 * W/16 tokens):
@@ -307,6 +591,42 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         scheduler = FlowMatchScheduler("qwen_image")
         scheduler.set_timesteps(num_inference_steps, image_seq_len=(latent_shape[-2] // 2) * (latent_shape[-1] // 2))
         return scheduler.sigmas
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value)
+
+
+def _picture(value, column: str, index: int):
+    """A control column's value as a PIL image: a dataset tensor ([3, H, W] in [-1, 1], lossless for 8-bit files),
+    a PIL image, or an existing file."""
+    from PIL import Image
+
+    if isinstance(value, torch.Tensor):
+        return tensor_to_pil(value)[0]
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (str, Path)) and Path(value).is_file():
+        return load_image(value)
+    raise ConfigError(
+        f"row {index} of the batch: {column} is {str(value)[:80]!r}, not an image; list {column} in --data_file_keys "
+        "so the dataset reads the file (paths relative to --dataset_base_path)"
+    )
+
+
+def _check_mask(net: nn.Module, slot: str, has_mask: bool, where: str) -> None:
+    """An inpainting net needs the mask column; the others take none."""
+    image_column, mask_column = control_columns(slot)
+    if net.takes_mask and not has_mask:
+        raise ConfigError(
+            f"{where}: the {NET_NAMES[slot]} is an inpainting net: rows need {mask_column} (white = repaint) beside "
+            f"{image_column}"
+        )
+    if has_mask and not net.takes_mask:
+        raise ConfigError(
+            f"{where} has {mask_column}, but the {NET_NAMES[slot]} takes no mask; drop the column, or train "
+            f"{INPAINT_NETS[slot]}"
+        )
 
 
 def _edit_images(row: Mapping[str, Any]) -> list:
@@ -396,4 +716,4 @@ def _is_edit_processor(config: ModelConfig) -> bool:
     return (folder / "preprocessor_config.json").is_file()
 
 
-__all__ = ["QwenImageTrainingTask"]
+__all__ = ["BlockwiseControlNetInTraining", "QwenImageTrainingTask", "blockwise_velocity", "controlnet_velocity"]
