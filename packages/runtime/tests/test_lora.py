@@ -568,3 +568,29 @@ def test_a_presets_loras_are_applied_on_load(tmp_path, monkeypatch):
         pipe = Pipe.from_pretrained("Org/Fast", torch_dtype=torch.float32, device="cpu")
         torch.testing.assert_close(pipe.dit(X), reference(X))
         assert (list_loras(pipe.dit) == {}) == fuse and pipe.defaults["num_inference_steps"] == 4
+
+
+def test_a_lora_for_a_controlnet_slot_goes_onto_its_one_net(tmp_path):
+    """`load_lora(file, slot="controlnet")`: the slot holds a list of nets; a LoRA trained on a net (its own layer
+    names) goes onto the one net loaded, as `apply_lora(net, ...)` would; with two nets it asks which."""
+    from diffsynth.runtime.controlnet import ControlNetSlot
+    from diffsynth.runtime.errors import ConfigError
+    from diffsynth.runtime.pipeline import BasePipeline
+
+    class Pipe(BasePipeline):
+        model_slots = {"dit": "dit", "controlnet": "controlnet"}
+
+    lora = make_lora()
+    path = tmp_path / "net_lora.safetensors"
+    save_file(to_state_dict(lora, "peft"), str(path))
+    x = torch.randn(2, 3, 4)
+    want = make_model(3)
+    apply_lora(want, lora, scale=0.5)
+    pipe = Pipe(device="cpu", torch_dtype=torch.float32)
+    pipe.dit, pipe.controlnet = make_model(), ControlNetSlot([make_model(3)])
+    pipe.load_lora(str(path), scale=0.5, slot="controlnet")
+    torch.testing.assert_close(pipe.controlnet.nets[0](x), want(x))
+    assert torch.equal(pipe.dit(x), make_model()(x))
+    pipe.controlnet.append(make_model(4))
+    with pytest.raises(ConfigError, match="holds 2 ControlNets"):
+        pipe.load_lora(str(path), slot="controlnet")

@@ -365,7 +365,6 @@ def test_trainer_trains_a_lora_on_the_controlnet(tiny_repo, net_files, dataset, 
     """`--lora_base_model controlnet`: only the net's LoRA learns; the saved file, applied to the pipeline's net
     with the runtime's `load_lora`, gives the trained predictions."""
     trainer = pytest.importorskip("diffsynth.training.trainer")
-    from diffsynth.runtime.lora import load_lora
 
     config = train_config(tiny_repo, net_files["2.1"], dataset, tmp_path / "out", lora_base_model="controlnet")
     run = trainer.setup(config)
@@ -385,7 +384,7 @@ def test_trainer_trains_a_lora_on_the_controlnet(tiny_repo, net_files, dataset, 
     )
     rows = make_rows(CONTROLS[:2])
     base = trained_velocity(ZImageTrainingTask(pipe), pipe.dit, rows)
-    load_lora(pipe.controlnets()[0], saved, fuse=False, name="trained")
+    pipe.load_lora(str(saved), fuse=False, slot="controlnet", name="trained")  # onto the slot's one net
     applied = trained_velocity(ZImageTrainingTask(pipe), pipe.dit, rows)
     trained = trained_velocity(run.task, run.model, rows)
     torch.testing.assert_close(applied, trained, rtol=0, atol=1e-5)

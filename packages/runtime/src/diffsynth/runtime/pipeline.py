@@ -515,6 +515,15 @@ class BasePipeline:
         model = getattr(self, slot, None)
         if model is None:
             raise ConfigError(f"no model in slot {slot!r}; slots: {list(self.model_slots)}")
+        from .controlnet import ControlNetSlot
+
+        if isinstance(model, ControlNetSlot):  # a LoRA trained on a ControlNet names the net's own layers
+            if len(model) != 1:
+                raise ConfigError(
+                    f"slot {slot!r} holds {len(model)} ControlNets; a LoRA goes onto one: load it with "
+                    "diffsynth.runtime.lora.load_lora(pipe.controlnets()[i], file)"
+                )
+            model = model.nets[0]
         path = self.read_lora(source, slot)
         handle = self.vram_handles.get(slot)
         if fuse and handle is not None:  # streamed / fp8 weights: fuse into the real values, stored back
