@@ -43,7 +43,23 @@ embedding's entry 0; the loss counts every generated frame, frame 0 included, as
 clean input image is not among them, so no `loss_mask` is needed). Rows of one batch need the same layer count
 (`--batch_size 1` always has it). Validation samples take the input image from `--validation_images` (required)
 and `layer_num` from `--task_options layer_num=N` (else the pipeline's 4); they are written as one RGBA picture,
-the layers side by side.
+the layers side by side. DiffSynth-Studio's Qwen-Image-Layered-Control rows (`layer_num` 0: `image` lists one
+frame, the layer the prompt names) train the same way, and its V2 rows' `context_image` (the mask of the region to
+pull out, in `--data_file_keys`) is encoded in RGBA as `decompose` encodes it and its tokens go between the frame's
+and the input image's (`layered_velocity`'s `context`).
+
+EliGen (DiffSynth-Studio's lora/Qwen-Image-EliGen.sh): a row's `eligen_entity_prompts` (a JSON list of strings) and
+`eligen_entity_masks` (a JSON list of mask files, white = the entity, listed in `--data_file_keys`) are checked by the
+pipeline's `check_entity_inputs` and encoded as the pipeline prepares its positive branch: each entity prompt on its
+own, cut to its real tokens (`"eligen_text"`, `"eligen_lengths"`), the masks as token regions at the target's size
+(`entity_regions`, `"eligen_regions"`). The model call runs the rows one at a time, as the pipeline runs EliGen: a
+row's segments and joint attention mask come from `entity_text` over its entities and its prompt, so rows with
+different entity counts batch together. EliGen goes with no edit images, `context_image` or ControlNet control.
+
+In-context control (DiffSynth-Studio's In-Context-Control-Union LoRA): a row's `context_image` (in
+`--data_file_keys`) is encoded by the pipeline's `encode_context_image` at the target's size into `"context"`
+`[16, H/8, W/8]`, whose clean tokens follow the image's before any edit image's, as the pipeline lays its references
+out; rows of one batch all have one or none.
 
 ControlNets, with the net's file among the model files (one net; DiffSynth-Studio's columns, its `--extra_inputs`
 prefix being the pipeline's slot): a Blockwise ControlNet (DiffSynth-Studio's Qwen-Image-Blockwise-ControlNet-Canny /
@@ -77,6 +93,7 @@ import torch
 from torch import nn
 
 from diffsynth.runtime.controlnet import ControlNetInput
+from diffsynth.runtime.eligen import check_entity_inputs, entity_regions
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_pil
@@ -87,6 +104,7 @@ from diffsynth.runtime.vram import module_dtype
 
 from .blockwise_controlnet import QwenImageBlockwiseControlNet, blockwise_residual
 from .controlnet import ControlCondition
+from .eligen import entity_text, real_tokens
 from .layered import check_layer_num, check_layer_prompts, layered_velocity
 from .pipeline import QwenImagePipeline, controlnet_residuals, pack, qwen_image_velocity
 from .presets import PRESETS
@@ -107,6 +125,9 @@ FILE_HINTS = {
     CONTROLNET: "--model_paths .../diffusion_pytorch_model.safetensors, or --model_id_with_origin_paths "
     "InstantX/Qwen-Image-ControlNet-Union:diffusion_pytorch_model.safetensors",
 }
+ELIGEN_COLUMNS = ("eligen_entity_prompts", "eligen_entity_masks")  # DiffSynth-Studio's --extra_inputs
+CONTEXT_COLUMN = "context_image"  # its In-Context Control (and Layered-Control-V2) LoRAs' control map
+TILING = (False, (34, 34), (18, 16))  # the pipeline's defaults: whole-image VAE encoding
 INPAINT_NETS = {
     BLOCKWISE: "DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Inpaint",
     CONTROLNET: "InstantX/Qwen-Image-ControlNet-Inpainting",
@@ -364,7 +385,8 @@ class QwenImageTrainingTask(PipelineTrainingTask):
                 raise ConfigError(
                     f"Qwen-Image-Layered decomposes one input image per validation prompt; got {len(images)}"
                 )
-            return {"layer_input_image": images[0], **({"layer_num": self.layer_num} if self.layer_num else {})}
+            layer_num = {} if self.layer_num is None else {"layer_num": self.layer_num}  # 0: Layered-Control
+            return {"layer_input_image": images[0], **layer_num}
         if self.control:
             return self._control_references(images)
         if not images:
@@ -410,10 +432,12 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """`{"latents": [16, H/8, W/8], "text": [L, D]}` per row, with `"edit_0"`, `"edit_1"`, ... [16, h, w]
-        for a row with edit images; rows of one call share an image size. Qwen-Image-Layered: see
-        `encode_layered`."""
+        for a row with edit images, `"context"` [16, H/8, W/8] for one with `context_image`, and `"eligen_text"`,
+        `"eligen_lengths"`, `"eligen_regions"` for one with EliGen entities (`encode_entities`); rows of one call
+        share an image size. Qwen-Image-Layered: see `encode_layered`."""
         if self.layered:
             return self.encode_layered(rows)
+        entities = [_entity_inputs(row, i) for i, row in enumerate(rows)]
         for i, row in enumerate(rows):
             if row.get("layer_input_image") is not None:
                 raise ConfigError(
@@ -430,6 +454,17 @@ class QwenImageTrainingTask(PipelineTrainingTask):
                     "model trains on rows with image, prompt and edit_image (one path, or a list of paths in JSON "
                     f"metadata); its columns are {', '.join(row)}"
                 )
+            if entities[i] is not None:
+                clash = [CONTEXT_COLUMN] if not _empty(row.get(CONTEXT_COLUMN)) else []
+                clash += ["edit_image"] if _edit_images(row) else []
+                clash += [control_columns(s)[0] for s in CONTROL_SLOTS if not _empty(row.get(control_columns(s)[0]))]
+                if clash:
+                    raise ConfigError(
+                        f"row {i} of the batch has EliGen entities ({', '.join(ELIGEN_COLUMNS)}) and "
+                        f"{', '.join(clash)}: EliGen regions go with the prompt alone (the pipeline takes "
+                        "eligen_entity_prompts with no edit_image or context_image, and its entity call has no "
+                        "ControlNet); drop one of them"
+                    )
         pipe = self.pipe
         pixels = torch.stack([row["image"] for row in rows]).to(pipe.device, module_dtype(pipe.vae))
         latents = pipe.vae.encode(pixels.unsqueeze(2))[:, :, 0].float()
@@ -453,18 +488,35 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             sample["text"] = embeds[0][mask[0].bool()]
             edit_latents = pipe.encode_edit_images(edits, 1, False, (34, 34), (18, 16))
             sample.update({f"edit_{k}": z[0] for k, z in enumerate(edit_latents)})
-        for i, (sample, row) in enumerate(zip(samples, rows, strict=True)):
+        for i, (sample, row, given) in enumerate(zip(samples, rows, entities, strict=True)):
+            height, width = row["image"].shape[-2:]
+            if given is not None:
+                sample.update(self.encode_entities(*given, height, width))
+            if not _empty(row.get(CONTEXT_COLUMN)):
+                context = _picture(row[CONTEXT_COLUMN], CONTEXT_COLUMN, i)
+                sample["context"] = pipe.encode_context_image(context, 1, height, width, *TILING)[0]
             for slot in CONTROL_SLOTS:
                 control = self._control_input(row, i, slot)
                 if control is None:
                     continue
-                height, width = row["image"].shape[-2:]
                 if slot == BLOCKWISE:
                     z = pipe.blockwise_latent(control, height, width)
                 else:
                     z = pipe.control_latent(control.image, control.inpaint_mask, height, width)
                 sample[f"{slot}_condition"] = z[0]
         return samples
+
+    def encode_entities(self, prompts: Sequence[str], masks: Sequence, height: int, width: int) -> dict[str, Any]:
+        """One row's EliGen entities as the pipeline prepares its positive branch: each entity prompt encoded on
+        its own (text-to-image template) and cut to its real tokens, `"eligen_text"` [sum of their lengths, D]
+        with `"eligen_lengths"` [N]; the masks' token regions at the target's size, `"eligen_regions"` bool
+        [N, H/16 * W/16] (`entity_regions`). `velocity` joins them with the prompt by `entity_text`."""
+        encoded = [real_tokens(*self.pipe.encode_prompt([p], self.max_sequence_length))[0] for p in prompts]
+        return {
+            "eligen_text": torch.cat(encoded),
+            "eligen_lengths": torch.tensor([e.shape[0] for e in encoded], dtype=torch.long),
+            "eligen_regions": entity_regions(masks, height, width),
+        }
 
     def _control_input(self, row: Mapping[str, Any], index: int, slot: str) -> ControlNetInput | None:
         """A row's control for the `slot` net (its image, and an inpainting net's mask) as the pipeline's input, or
@@ -494,8 +546,16 @@ class QwenImageTrainingTask(PipelineTrainingTask):
     def encode_layered(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """Qwen-Image-Layered rows (see the module docstring) as `{"latents": [N + 1, 16, H/8, W/8], "condition":
         [16, H/8, W/8], "text": [L, D]}`: each frame, and the input image resized to the frames' size, encoded as
-        `decompose` encodes its input image; the prompt with the text-to-image template."""
+        `decompose` encodes its input image; the prompt with the text-to-image template. A row with
+        `context_image` (Layered-Control-V2's mask) adds `"context"` [16, H/8, W/8], encoded in RGBA at the frames'
+        size as `decompose` encodes it."""
         frames = [_layer_frames(row, i) for i, row in enumerate(rows)]
+        for i, row in enumerate(rows):
+            if _entity_inputs(row, i) is not None:
+                raise ConfigError(
+                    f"row {i} of the batch has EliGen entities ({', '.join(ELIGEN_COLUMNS)}); Qwen-Image-Layered "
+                    "takes none: drop the columns"
+                )
         check_layer_prompts([str(row["prompt"]) for row in rows])
         pipe = self.pipe
         dtype = module_dtype(pipe.vae)
@@ -506,13 +566,20 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         inputs = [_input_image(row, size) for row, size in zip(rows, sizes, strict=True)]
         condition = pipe.vae.encode(pil_to_tensor(inputs, dtype, pipe.device, mode="RGBA").unsqueeze(2))
         embeds, mask = pipe.encode_prompt([str(row["prompt"]) for row in rows], self.max_sequence_length)
-        return [
+        samples = [
             {"latents": lat, "condition": cond, "text": emb[keep]}
             for lat, cond, emb, keep in zip(latents, condition[:, :, 0].float(), embeds, mask.bool(), strict=True)
         ]
+        for i, (sample, row, (height, width)) in enumerate(zip(samples, rows, sizes, strict=True)):
+            if not _empty(row.get(CONTEXT_COLUMN)):  # Layered-Control-V2's mask of the region to pull out
+                context = _picture(row[CONTEXT_COLUMN], CONTEXT_COLUMN, i)
+                sample["context"] = pipe.encode_context_image(context, 1, height, width, *TILING, "RGBA")[0]
+        return samples
 
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-        """Latents stacked; prompts zero-padded to the longest, `text_mask` True on real tokens."""
+        """Latents stacked; prompts zero-padded to the longest, `text_mask` True on real tokens. EliGen entities
+        (counts and lengths differ row by row) stay per row: `"eligen"`, a list with each row's tensors (None for
+        a row without), which `velocity` runs row by row."""
         texts = [s["text"] for s in samples]
         length = max(max(t.shape[0] for t in texts), 1)
         text = texts[0].new_zeros(len(texts), length, texts[0].shape[-1])
@@ -529,6 +596,17 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         batch = {"latents": torch.stack([s["latents"] for s in samples]), "text": text, "text_mask": mask}
         if "condition" in samples[0]:
             batch["condition"] = torch.stack([s["condition"] for s in samples])
+        contexts = [s.get("context") for s in samples]
+        if any(c is not None for c in contexts):
+            if any(c is None for c in contexts):
+                raise ConfigError(
+                    f"some rows of the batch have {CONTEXT_COLUMN} and others not; give every row one, or train with "
+                    "--batch_size 1"
+                )
+            batch["context"] = torch.stack(contexts)
+        if any("eligen_lengths" in s for s in samples):
+            names = ("eligen_text", "eligen_lengths", "eligen_regions")
+            batch["eligen"] = [{n: s[n] for n in names} if "eligen_lengths" in s else None for s in samples]
         for slot in CONTROL_SLOTS:
             controls = [s.get(f"{slot}_condition") for s in samples]
             if all(c is None for c in controls):
@@ -558,8 +636,11 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
         if "condition" in batch:  # Qwen-Image-Layered: noisy [B, N + 1, 16, h, w]
-            return layered_velocity(dit, noisy_latents, sigma, batch["text"], batch["text_mask"], batch["condition"])
+            text, text_mask, condition = batch["text"], batch["text_mask"], batch["condition"]
+            return layered_velocity(dit, noisy_latents, sigma, text, text_mask, condition, batch.get("context"))
         edits = batch.get("edit_latents", ())
+        if "context" in batch:  # before the edit images, as the pipeline lays its references out
+            edits = [batch["context"], *edits]
         slot = next((s for s in CONTROL_SLOTS if f"{s}_condition" in batch), None)
         condition = batch[f"{slot}_condition"] if slot else None
         text, text_mask = batch["text"], batch["text_mask"]
@@ -576,12 +657,32 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             frozen = self.pipe.dit  # gradient checkpointing as the net was asked for
             frozen.gradient_checkpointing = bool(getattr(dit, "gradient_checkpointing", False))
             return controlnet_velocity(frozen, dit, noisy_latents, sigma, text, text_mask, condition, edits)
+        if "eligen" in batch:
+            return self._entity_velocity(dit, batch, noisy_latents, sigma)
         if slot is None:
             return qwen_image_velocity(dit, noisy_latents, sigma, text, text_mask, edits)
         net = self._net(slot)
         _check_mask(net, slot, condition.shape[1] > LATENT_CHANNELS, "this batch")
         call = blockwise_velocity if slot == BLOCKWISE else controlnet_velocity
         return call(dit, net, noisy_latents, sigma, text, text_mask, condition, edits)
+
+    def _entity_velocity(
+        self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """`qwen_image_velocity` row by row (one prompt at a time, as the pipeline runs EliGen): a row with entities
+        reads the segments `entity_text` builds from its entity prompts and its own prompt, with their regions."""
+        sigma = sigma.to(noisy_latents.device).expand(noisy_latents.shape[0])
+        out = []
+        for b, given in enumerate(batch["eligen"]):
+            text, text_mask = batch["text"][b : b + 1], batch["text_mask"][b : b + 1]
+            entities = None
+            if given is not None:
+                parts = given["eligen_text"].split(given["eligen_lengths"].tolist())
+                pairs = [(p[None], torch.ones(1, p.shape[0], dtype=torch.bool, device=p.device)) for p in parts]
+                entities = entity_text(pairs, (text, text_mask), given["eligen_regions"])
+            row = noisy_latents[b : b + 1]
+            out.append(qwen_image_velocity(dit, row, sigma[b : b + 1], text, text_mask, (), entities))
+        return torch.cat(out)
 
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
         """The pipeline's schedule for this image size (the authors' dynamic shift of its H/16 * W/16 tokens):
@@ -612,6 +713,28 @@ def _picture(value, column: str, index: int):
         f"row {index} of the batch: {column} is {str(value)[:80]!r}, not an image; list {column} in --data_file_keys "
         "so the dataset reads the file (paths relative to --dataset_base_path)"
     )
+
+
+def _entity_inputs(row: Mapping[str, Any], index: int) -> tuple[list[str], list] | None:
+    """A row's EliGen entities as the pipeline's checked inputs (prompts, RGB mask images), or None without any:
+    the masks must have been read as images (the column in --data_file_keys)."""
+    prompts, masks = (row.get(column) for column in ELIGEN_COLUMNS)
+    given = [not (_empty(v) or (isinstance(v, (list, tuple)) and not v)) for v in (prompts, masks)]
+    if not any(given):
+        return None
+    where = f"row {index} of the batch"
+    if not all(given):
+        have, lack = ELIGEN_COLUMNS if given[0] else ELIGEN_COLUMNS[::-1]
+        raise ConfigError(
+            f"{where} has {have} but no {lack}: EliGen trains on one mask (white = the entity's region) per entity "
+            "prompt; give both columns (JSON/JSONL metadata: two lists of one length)"
+        )
+    items = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    pictures = [_picture(item, ELIGEN_COLUMNS[1], index) for item in items]
+    try:
+        return check_entity_inputs(prompts, pictures)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_mask(net: nn.Module, slot: str, has_mask: bool, where: str) -> None:
@@ -647,17 +770,20 @@ def _layer_frames(row: Mapping[str, Any], index: int) -> list[torch.Tensor]:
             f"then its N layers; JSON/JSONL metadata) and layer_input_image; row {index} of the batch has "
             f"{preview(row)}"
         )
-    if len(frames) < 2 or any(not isinstance(f, torch.Tensor) or f.dim() != 3 or f.shape[0] != 4 for f in frames):
+    layer_num = row.get("layer_num")
+    control = layer_num not in (None, "") and str(layer_num).strip() == "0"  # Layered-Control: one frame, the layer
+    if len(frames) < (1 if control else 2) or any(
+        not isinstance(f, torch.Tensor) or f.dim() != 3 or f.shape[0] != 4 for f in frames
+    ):
         shapes = [tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__ for f in frames]
         raise ConfigError(
             f"row {index} of the batch: image must list at least 2 RGBA frames [4, H, W] (the whole image, then "
-            f"the layers), got {shapes}"
+            f"the layers; or, with layer_num=0 for Qwen-Image-Layered-Control, the one layer), got {shapes}"
         )
     if len({tuple(f.shape) for f in frames}) > 1:
         raise ConfigError(
             f"row {index} of the batch: the image frames differ in size: {[tuple(f.shape) for f in frames]}"
         )
-    layer_num = row.get("layer_num")
     if layer_num not in (None, "") and int(layer_num) != len(frames) - 1:
         raise ConfigError(
             f"row {index} of the batch says layer_num={layer_num} but its image lists {len(frames)} frames: "
