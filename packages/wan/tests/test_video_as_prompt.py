@@ -378,3 +378,28 @@ def test_bad_inputs_raise_clear_errors():
         VideoAsPromptConfig(mot_layers=(40,))
     with pytest.raises(ConfigError, match="num_heads"):
         VideoAsPromptConfig(dim=50, num_heads=3)
+
+
+def test_gradient_checkpointing_covers_the_joint_layers_and_changes_nothing():
+    """With the DiT's gradient checkpointing on, the joint layers are recomputed in backward too (their activations
+    are not kept: the saved-tensor count drops) and the output and gradients are the same."""
+    x, t, context, clip, y, vap, vap_context, vap_clip = tiny_inputs(seed=5)
+
+    def run(checkpointing: bool):
+        dit, expert = tiny_dit().train(), tiny_expert().train()
+        dit.gradient_checkpointing = checkpointing
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = vap_forward(dit, expert, x, t, context, clip, y, vap, vap_context, vap_clip)
+        out.square().mean().backward()
+        grads = {f"dit.{k}": p.grad for k, p in dit.named_parameters()}
+        grads |= {f"expert.{k}": p.grad for k, p in expert.named_parameters() if p.grad is not None}
+        return out.detach(), grads, len(saved)
+
+    plain, plain_grads, kept = run(False)
+    out, grads, kept_checkpointed = run(True)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys() and any(k.startswith("expert.blocks.") for k in grads)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert kept_checkpointed < kept / 2

@@ -47,6 +47,18 @@ trainer for: the controller is one of the task's `trainable_slots`) trains the c
 the controller, saved as `<step>/motion_controller/diffusion_pytorch_model.safetensors`, which the pipeline
 recognises from its keys like DiffSynth-Studio's `model.safetensors`.
 
+Video-As-Prompt (ByteDance/Video-As-Prompt-Wan2.1-14B: its `transformer/` files hold the Wan2.1 I2V 14B DiT and the
+MoT expert, which load into `dit` and `vap`): with the expert among the model files, every row gives `vap_video`
+(the reference video, a file listed in `--data_file_keys`, read at the row's size as DiffSynth-Studio's dataset reads
+it), optional `vap_prompt` (its caption; default "", the text DiffSynth-Studio trains with) and `input_image` (else
+the video's first frame), as DiffSynth-Studio's `--extra_inputs vap_video,input_image`. The reference inputs are the
+pipeline's `encode_vap` at the video's size and frame count (`num_frames` frames spread evenly over the reference,
+their VAE latent joined with the I2V conditioning of its first frame, its CLIP features, the caption's umT5 states),
+cached per row as `vap_latents`, `vap_context`, `vap_clip_feature`; the model call is the pipeline's, through
+`vap_forward`. A DiT LoRA (`--lora_base_model dit`) or the full DiT trains; the expert stays frozen (training it,
+DiffSynth-Studio's `--trainable_models vap`, is not offered: see `TRAINED_MODELS`). Validation samples are refused:
+`--validation_images` cannot give a reference video.
+
 A Wan Fun Control-Camera DiT (Wan2.1-Fun-V1.1-*-Control-Camera) trains on a row's `camera_control_direction`
 ("Left", "Right", "Up", "Down", "In", "Out" or combinations such as "LeftUp"), optional `camera_control_speed`
 and `camera_control_origin`, and its `input_image` (else the video's first frame): `y` and CLIP features as for
@@ -132,6 +144,7 @@ from .pipeline import WanConditions, WanVideoPipeline
 from .presets import PRESETS
 from .s2v import S2VConditions, WanS2VConfig, _pose_latents, s2v_velocity
 from .vace import check_vace_channels, prepare_vace
+from .video_as_prompt import VapInputs, encode_vap
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +169,7 @@ MODEL_COLUMNS = {
         "animate2_prompt_ref",
         "animate2_refert_images",
     ),
+    "vap": ("vap_video", "vap_prompt"),
 }
 NOT_FOR = {
     "speed": "motion_bucket_id needs DiffSynth-Studio's speed-control model (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1"
@@ -165,8 +179,15 @@ NOT_FOR = {
     "animate": "this Wan DiT has no Animate modules (Wan-AI/Wan2.2-Animate-14B takes it)",
     "s2v": "this Wan DiT is not Wan2.2-S2V (Wan-AI/Wan2.2-S2V-14B takes it)",
     "animate2": "this Wan DiT is not Wan2.2-Animate-2 (Wan-AI/Wan2.2-Animate-2-14B takes it)",
+    "vap": "it needs the Video-As-Prompt expert among the model files (the `*_mot_ref*` keys of "
+    "ByteDance/Video-As-Prompt-Wan2.1-14B:transformer/diffusion_pytorch_model*.safetensors)",
 }
-TRAINED_MODELS = ("dit", "motion_controller")  # `trained_model`: what the trainer trains (its "denoiser")
+# a row's vap_prompt when it has none: what DiffSynth-Studio's training encodes (its trainer never passes one on)
+VAP_DEFAULT_PROMPT = ""
+# `trained_model`: what the trainer trains (its "denoiser"). Not the Video-As-Prompt expert ("vap"): it runs inside
+# the DiT's call (`block_hook`), not through its own forward, so a DDP-wrapped expert would not have its gradients
+# reduced.
+TRAINED_MODELS = ("dit", "motion_controller")
 
 
 class ExpertScheduler(FlowMatchScheduler):
@@ -227,12 +248,14 @@ class WanTrainingTask(PipelineTrainingTask):
     loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift", "expert", "expert_boundary", "trained_model")
     # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
     trainable_slots: ClassVar[tuple[str, ...]] = ("motion_controller",)
+    vap: bool = False  # whether the Video-As-Prompt expert is among the model files (set per task in __init__)
 
     def __init__(
         self,
         pipe: WanVideoPipeline,
         dit_config: WanDiTConfig | WanS2VConfig | Animate2Config | None = None,
         speed_control: bool | None = None,
+        vap: bool | None = None,
         *,
         sigma_shift: float = 5.0,
         max_sequence_length: int = 512,
@@ -242,13 +265,16 @@ class WanTrainingTask(PipelineTrainingTask):
     ):
         """`speed_control`: whether the speed-control model is among the model files (default: whether `pipe` has
         it loaded); `trained_model` "motion_controller" makes it the model the trainer trains (see the module
-        docstring)."""
+        docstring); `vap` likewise, whether the Video-As-Prompt expert is (default: whether `pipe.vap` is loaded)."""
         self.pipe = pipe
         self.dit_config = dit_config if dit_config is not None else pipe.dit.config
         self.kind = "animate2" if isinstance(self.dit_config, Animate2Config) else self.dit_config.model_type
         self.max_sequence_length = max_sequence_length
         self.speed_control = pipe.motion_controller is not None if speed_control is None else bool(speed_control)
+        self.vap = pipe.vap is not None if vap is None else bool(vap)
         self._check_trained_model(trained_model)
+        if self.vap:
+            self._check_vap(expert)
         if expert is None:
             if expert_boundary is not None:
                 raise ConfigError("expert_boundary needs expert='high' or 'low' (which Wan 2.2 A14B expert this is)")
@@ -304,8 +330,36 @@ class WanTrainingTask(PipelineTrainingTask):
         if controller is not None:  # --use_gradient_checkpointing reaches the DiT through it (see `velocity`)
             controller.gradient_checkpointing = False
 
+    def _check_vap(self, expert: str | None) -> None:
+        """The Video-As-Prompt expert runs beside a plain Wan 2.1 I2V DiT with CLIP input, as the pipeline's
+        `check_vap_call` requires, and with nothing else in the model call."""
+        cfg = self.dit_config
+        plain = isinstance(cfg, WanDiTConfig) and cfg.model_type == "i2v" and cfg.has_image_input
+        extras = [name for name in ("vace_layers", "animate", "ref_conv", "camera_adapter_dim", "image_pos_len")
+                  if plain and getattr(cfg, name)]  # fmt: skip
+        if not plain or extras or control_channels(cfg):
+            what = type(cfg).__name__ if not isinstance(cfg, WanDiTConfig) else f"model_type {cfg.model_type!r}"
+            raise ConfigError(
+                f"the Video-As-Prompt expert is among the model files, but this DiT ({what}"
+                f"{', with ' + ', '.join(extras) if extras else ''}) is not the plain Wan 2.1 I2V DiT it runs beside "
+                "(ByteDance/Video-As-Prompt-Wan2.1-14B's transformer/ holds both): leave the expert's files out"
+            )
+        if expert is not None:
+            raise ConfigError(f"expert={expert!r}: the Video-As-Prompt expert goes with a Wan 2.1 I2V DiT, not A14B")
+        if self.speed_control:
+            raise ConfigError(
+                "the speed-control model and the Video-As-Prompt expert were both given; the pipeline runs them "
+                "apart (vap_video takes no motion_bucket_id): leave one out of the models"
+            )
+        if self.pipe.vap is not None:
+            self.pipe.vap.requires_grad_(False)  # never trained here: no gradient is kept for it
+            if self.pipe.dit is not None:
+                self.pipe.vap.check_dit(self.pipe.dit)
+
     def _no_samples(self) -> str | None:
         """Why validation samples cannot be drawn from --validation_prompts / --validation_images, or None."""
+        if self.vap:
+            return "a Video-As-Prompt model follow a reference video (vap_video)"
         if self.trained_model == "motion_controller":
             return "a speed-control model in training need a motion_bucket_id"
         if self.kind == "s2v":
@@ -374,6 +428,9 @@ class WanTrainingTask(PipelineTrainingTask):
         speed_control = any("motion_controller" in r for r in roles)
         if denoiser and speed_control:  # the controller's offset is part of the model call
             slots.add("motion_controller")
+        vap = any("vap" in r for r in roles)  # the Video-As-Prompt expert (beside the DiT in transformer/)
+        if denoiser and vap:  # it runs inside the model call
+            slots.add("vap")
         if encoders:
             slots |= set(ENCODER_SLOTS)
             if isinstance(dit_config, WanS2VConfig):
@@ -409,7 +466,7 @@ class WanTrainingTask(PipelineTrainingTask):
             logger.info("training the %s-noise expert of a Wan 2.2 A14B model", expert)
         task_options["expert"] = expert
         config = pipe.dit.config if pipe.dit is not None else dit_config
-        return cls(pipe, dit_config=config, speed_control=speed_control, **task_options)
+        return cls(pipe, dit_config=config, speed_control=speed_control, vap=vap, **task_options)
 
     def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
         """A validation sample's frames as the pipeline's `input_image` (the first frame) and, when two are
@@ -460,7 +517,9 @@ class WanTrainingTask(PipelineTrainingTask):
         with pipe.using("dit", pipe.dit if pipe.dit is not None else self._shape):
             for i, (row, video, ctx) in enumerate(zip(rows, videos, context, strict=True)):
                 latents = pipe.vae.encode(video[None].to(pipe.device, dtype))[0].float()
+                reference = self._vap(i, row, video) if self.vap else {}  # checks the row before its I2V conditions
                 latents, conditions = self._conditions(i, row, video, latents)
+                conditions.update(reference)
                 vace = self._vace(i, row, video)
                 if vace is not None:
                     if vace.references is not None:  # reference frames lead, as the pipeline denoises them
@@ -480,6 +539,7 @@ class WanTrainingTask(PipelineTrainingTask):
             "animate": bool(self._field("animate")),
             "s2v": self.kind == "s2v",
             "animate2": self.kind == "animate2",
+            "vap": self.vap,
         }
         for model, keys in MODEL_COLUMNS.items():
             named = [key for key in keys if _given(row.get(key))]
@@ -490,6 +550,46 @@ class WanTrainingTask(PipelineTrainingTask):
                 f"row {index} has no motion_bucket_id: with the speed-control model every row gives the speed of "
                 "its motion (0 slow ... 100 fast), as DiffSynth-Studio's --extra_inputs motion_bucket_id"
             )
+
+    def _vap(self, index: int, row: Mapping[str, Any], video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A Video-As-Prompt row's reference inputs: the pipeline's `encode_vap` of its `vap_video` and `vap_prompt`
+        at the video's size and frame count (see the module docstring)."""
+        if _given(row.get("end_image")):
+            raise ConfigError(
+                f"row {index} has an end_image; Video-As-Prompt animates an input_image only (the pipeline takes no "
+                "end_image with vap_video): drop the column"
+            )
+        reference = self._frames(index, row, "vap_video", None)
+        if reference is None:
+            raise ConfigError(
+                f"row {index} has no vap_video: with the Video-As-Prompt expert every row gives its reference video "
+                "(a file listed in --data_file_keys, e.g. --data_file_keys video,vap_video), as DiffSynth-Studio's "
+                "--extra_inputs vap_video,input_image"
+            )
+        caption = row.get("vap_prompt")
+        caption = str(caption) if _given(caption) else VAP_DEFAULT_PROMPT
+        _, frames, height, width = video.shape
+        size = (height, width, frames)
+        inputs, _ = encode_vap(self.pipe, reference, caption, None, 1, size, {}, False, self.max_sequence_length)
+        latents, context, clip = (t[0].float() for t in inputs.astuple())
+        return {"vap_latents": latents, "vap_context": context, "vap_clip_feature": clip}
+
+    def _vap_inputs(self, batch: Mapping[str, Any], device) -> VapInputs | None:
+        """The batch's Video-As-Prompt reference inputs for the pipeline's model call, or None without them."""
+        expert = self.pipe.vap
+        if "vap_latents" not in batch:
+            if expert is not None:
+                raise ConfigError(
+                    "the Video-As-Prompt expert is loaded, but this batch was encoded without vap_video: encode the "
+                    "cache again with the expert among the model files"
+                )
+            return None
+        if expert is None:
+            raise ConfigError(
+                "this batch was encoded with vap_video, but the Video-As-Prompt expert is not loaded: add "
+                "ByteDance/Video-As-Prompt-Wan2.1-14B's transformer/ files to the models"
+            )
+        return VapInputs(*(batch[key].to(device) for key in ("vap_latents", "vap_context", "vap_clip_feature")))
 
     def _camera(self, index: int, row: Mapping[str, Any], frames: int, height: int, width: int) -> dict:
         """A Control-Camera row's camera path: the poses `[F, 19]` (float64, `camera.py`'s numbers exactly) and
@@ -885,6 +985,7 @@ class WanTrainingTask(PipelineTrainingTask):
             face_pixel_values=None if faces is None else faces.float() / 127.5 - 1.0,  # as pil_to_tensor gives them
             camera_latents=self._camera_rays(batch, device) if "camera_poses" in batch else None,
             motion_modulation=motion,
+            vap=self._vap_inputs(batch, device),  # run through the expert by the pipeline's `velocity`
         )
         if (self.kind == "i2v") != (conditions.y is not None):
             raise ConfigError(

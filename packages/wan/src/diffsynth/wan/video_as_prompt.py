@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import CheckpointError, ConfigError, preview
@@ -339,7 +340,11 @@ class VideoAsPromptExpert(nn.Module):
                 raise ValueError(
                     f"vap inputs have batch {carried['tokens'].shape[0]}; the latents have batch {x.shape[0]}"
                 )
-            x, carried["tokens"] = joint_block(block, expert, x, carried["tokens"], shared, state)
+            args = (block, expert, x, carried["tokens"], shared, state)
+            if dit.gradient_checkpointing and torch.is_grad_enabled():  # recomputed in backward, as `dit._run`
+                x, carried["tokens"] = checkpoint(joint_block, *args, use_reentrant=False)
+            else:
+                x, carried["tokens"] = joint_block(*args)
             return x
 
         return hook
