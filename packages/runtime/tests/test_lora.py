@@ -594,3 +594,19 @@ def test_a_lora_for_a_controlnet_slot_goes_onto_its_one_net(tmp_path):
     pipe.controlnet.append(make_model(4))
     with pytest.raises(ConfigError, match="holds 2 ControlNets"):
         pipe.load_lora(str(path), slot="controlnet")
+
+
+def test_save_lora_writes_extra_header_entries(tmp_path):
+    """`metadata` lands in the file's header beside our own entries (what an IC-LoRA's loader reads)."""
+    from safetensors import safe_open
+
+    from diffsynth.runtime.lora import save_lora
+
+    path = tmp_path / "ic.safetensors"
+    save_lora(make_lora(), path, metadata={"reference_downscale_factor": 2})
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    assert header["reference_downscale_factor"] == "2" and header["diffsynth_lora_format"] == "diffsynth"
+    torch.testing.assert_close(
+        read_lora(str(path)).targets["x_embedder"].delta_weight(), make_lora().targets["x_embedder"].delta_weight()
+    )

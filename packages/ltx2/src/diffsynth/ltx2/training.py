@@ -54,6 +54,21 @@ one, the DiT sees it at timestep 0 token by token (`ltx2_velocity`'s `denoise_ma
 offered: the task gets no random numbers from the trainer). Validation samples then take their first frame
 from `--validation_images`. One-frame clips train as text-to-image.
 
+IC-LoRA (DiffSynth-Studio's LTX-2 / LTX-2.3 IC-LoRA recipes; the authors' `video_to_video` strategy): a row's
+`in_context_videos` (one control video or a list, read by the dataset as videos: list the column in
+`--data_file_keys`) at its `in_context_downsample_factor` (a column, else the task option of that name, else 1:
+the pipeline's factor for a LoRA file that declares none) are encoded as the pipeline encodes its reference
+videos for a clip of that size and length (`in_context.encode_references`: each fitted to the clip's size /
+factor, at most its frame count, 8k + 1 of them, through the video VAE). The sample keeps their tokens
+(`"reference_tokens"` `[K, 128]`), latent grids (`"reference_grid"`, one (f, h, w) per video) and factor;
+`velocity` appends them to the video's tokens as clean tokens (timestep 0) at their own positions, rows and
+columns scaled by the factor (`reference_positions`), as the pipeline's denoising step does, and returns the
+target's velocity alone: the references are outside `"latents"`, so they are never noised and the loss covers
+the target only (the authors and DiffSynth-Studio both leave them out of the loss). The authors train IC-LoRAs
+video-only; DiffSynth-Studio's recipes train the sound too: here the sound follows `with_audio` as for any clip.
+The LoRA file declares the factor it trained at as `reference_downscale_factor` in its header (`lora_metadata`,
+the authors' key), which the pipeline reads when it loads the IC-LoRA.
+
 LoRA: the trainer wraps `LTX2DiT.lora_target_modules` (ltx-core's names: q/k/v/out of every attention and
 both feed-forwards), so the LoRA file loads in `LTX2Pipeline.load_lora`; `--lora_formats peft` adds one
 with `diffusion_model.` names, the layout ComfyUI and diffusers' `LTX2Pipeline.load_lora_weights` read.
@@ -74,20 +89,25 @@ from torch import nn
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.media import pil_to_tensor, tensor_to_pil
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, row_video
 from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import pack_latents, unpack_latents
-from .dit import AttentionSkip
+from .dit import AttentionSkip, video_positions
+from .in_context import reference_frames
 from .pipeline import DEFAULT_MAX_SEQUENCE_LENGTH, LTX2Pipeline
-from .velocity import DEFAULT_FRAME_RATE, LTX2Text, ltx2_velocity, pack_video, unpack_video
+from .velocity import DEFAULT_FRAME_RATE, LTX2Keyframes, LTX2Text, ltx2_velocity, pack_video, unpack_video
 
 logger = logging.getLogger(__name__)
 
 ENCODER_SLOTS = ("vae", "audio_vae", "connectors", "text_encoder")
 WITH_AUDIO = ("auto", "required", "none")
 SAMPLINGS = ("shifted_logit_normal", "uniform")
+IN_CONTEXT = "in_context_videos"  # DiffSynth-Studio's column names
+FACTOR = "in_context_downsample_factor"
+REFERENCE_KEYS = ("reference_tokens", "reference_grid", "reference_factor")
 
 
 class LTX2TimestepSampler(FlowMatchScheduler):
@@ -169,17 +189,21 @@ class LTX2TrainingTask(PipelineTrainingTask):
         timestep_sampling: str = "shifted_logit_normal",
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         first_frame: bool = False,
+        in_context_downsample_factor: int = 1,
     ):
         """`with_audio`: "auto" trains each clip's sound when it has one, "required" refuses clips without,
         "none" trains the video alone; `timestep_sampling`: the authors' "shifted_logit_normal" or "uniform";
         `max_sequence_length`: the padded prompt length (the pipeline's 1024); `first_frame`: image-to-video,
-        every clip of more than one frame conditioned on its own clean first latent frame."""
+        every clip of more than one frame conditioned on its own clean first latent frame;
+        `in_context_downsample_factor`: the IC-LoRA reference factor of rows without that column."""
         if with_audio not in WITH_AUDIO:
             raise ConfigError(f"with_audio={with_audio!r} is not accepted; use one of {WITH_AUDIO}")
         if not isinstance(first_frame, bool):
             raise ConfigError(f"first_frame={first_frame!r} is not accepted; use true or false")
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
+        self.in_context_downsample_factor = _factor(in_context_downsample_factor, f"{FACTOR}=")
+        self.reference_factors: set[int] = set()  # the IC-LoRA factors trained at (`lora_metadata`)
         self.pipe = pipe
         self.with_audio = with_audio
         self.max_sequence_length = max_sequence_length
@@ -273,6 +297,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
                 )
             samples.append(
                 {
+                    **self._references(i, row, video),
                     "latents": torch.cat([video_tokens, audio_tokens.to(video_tokens.device)]),
                     "text_video": text.video[i].float(),
                     "text_audio": text.audio[i].float(),
@@ -296,6 +321,46 @@ class LTX2TrainingTask(PipelineTrainingTask):
                 f"--bucket_step {sc})"
             )
         return video
+
+    def _references(self, index: int, row: Mapping[str, Any], video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The row's IC-LoRA reference videos encoded as `in_context.encode_references` encodes them for a clip
+        of `video`'s size and length (tokens, latent grids, factor; see the module docstring), or nothing."""
+        value = row.get(IN_CONTEXT)
+        if value is None or (isinstance(value, (str, list, tuple)) and not value):
+            return {}
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        paths = [item for item in items if isinstance(item, (str, Path))]
+        if paths:
+            raise ConfigError(
+                f"row {index}: {IN_CONTEXT} is the path {str(paths[0])!r}, not a loaded video; add {IN_CONTEXT} "
+                f"to --data_file_keys (e.g. --data_file_keys video,{IN_CONTEXT})"
+            )
+        raw = row.get(FACTOR)
+        unset = raw is None or (isinstance(raw, str) and not raw.strip())
+        factor = self.in_context_downsample_factor if unset else _factor(raw, f"row {index}: {FACTOR} ")
+        pipe = self.pipe
+        frames, (height, width), m = video.shape[1], video.shape[2:], pipe.vae.spatial_compression
+        if height % factor or width % factor or (height // factor) % m or (width // factor) % m:
+            raise ConfigError(
+                f"row {index}: {FACTOR}={factor} does not divide the {width}x{height} clip into a reference of "
+                f"multiples of {m} (the video VAE's); use a factor that does (e.g. 1), or --height/--width that "
+                f"are multiples of {m * factor}"
+            )
+        pipe.load_models_to_device(["vae"])
+        tokens, grids = [], []
+        for item in items:
+            fitted = reference_frames(
+                _frames(index, item), height // factor, width // factor, frames, pipe.vae.temporal_compression
+            )
+            pixels = pil_to_tensor(fitted, dtype=module_dtype(pipe.vae), device=pipe.device)  # [F, 3, h, w]
+            latent = pipe.vae.encode(pixels.transpose(0, 1)[None]).float()
+            tokens.append(pack_video(latent)[0])
+            grids.append(list(latent.shape[2:]))
+        return {
+            "reference_tokens": torch.cat(tokens),
+            "reference_grid": torch.tensor(grids, dtype=torch.int64),
+            "reference_factor": torch.tensor([factor], dtype=torch.int64),
+        }
 
     def _audio(self, index: int, row: Mapping[str, Any], frames: int, frame_rate: float) -> tuple[torch.Tensor, float]:
         """The row's normalised audio latents `[1, C, L, M]` and its loss weight (0: no sound; zero latents)."""
@@ -336,8 +401,21 @@ class LTX2TrainingTask(PipelineTrainingTask):
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """Stacked: the rows of one batch share their sizes and frame rate. Sets the sampler's token count and
         the clip length and frame rate of validation samples."""
-        for key in ("latents", "video_shape", "audio_shape", "text_video", "frame_rate"):
-            values = {tuple(s[key].tolist()) if s[key].dim() == 1 else tuple(s[key].shape) for s in samples}
+        if len({REFERENCE_KEYS[0] in s for s in samples}) > 1:
+            raise ConfigError(
+                f"an LTX-2 batch mixes rows with and without {IN_CONTEXT}: give every row of the dataset a control "
+                "video, or use --batch_size 1"
+            )
+        keys = ["latents", "video_shape", "audio_shape", "text_video", "frame_rate"]
+        if REFERENCE_KEYS[0] in samples[0]:
+            keys += ["reference_grid", "reference_factor"]
+        for key in keys:
+            values = {
+                tuple(s[key].flatten().tolist())
+                if s[key].dim() == 1 or key == "reference_grid"
+                else tuple(s[key].shape)
+                for s in samples
+            }
             if len(values) > 1:
                 raise ConfigError(
                     f"an LTX-2 batch mixes {key} {sorted(values)}: give every row of a batch one size, frame count "
@@ -368,10 +446,31 @@ class LTX2TrainingTask(PipelineTrainingTask):
             video = torch.cat([clean, video[:, :, 1:]], dim=2)
             denoise_mask = torch.ones(1, 1, f, h, w, device=device)
             denoise_mask[:, :, 0] = 0.0
+        references = None
+        if REFERENCE_KEYS[0] in batch:  # IC-LoRA: clean tokens after the video's, not returned
+            grid, factor = batch["reference_grid"][0].tolist(), int(batch["reference_factor"][0, 0])
+            self.reference_factors.add(factor)
+            coords = reference_positions(dit.config, grid, factor, frame_rate, device)
+            references = LTX2Keyframes(batch["reference_tokens"].to(device), coords)
         v_video, v_audio = ltx2_velocity(
-            dit, video, audio, sigma, text, frame_rate, denoise_mask=denoise_mask, skips=skips
+            dit, video, audio, sigma, text, frame_rate, denoise_mask=denoise_mask, skips=skips, keyframes=references
         )
         return torch.cat([pack_video(v_video), pack_latents(v_audio)], dim=1)
+
+    def lora_metadata(self) -> dict[str, str]:
+        """The trained IC-LoRA's `reference_downscale_factor` for its file's header (the authors' key, which the
+        pipeline reads, so the LoRA samples at the factor it was trained at); nothing for a plain LoRA, or when rows
+        trained at several factors (then give `in_context_downsample_factor=` when sampling)."""
+        from .in_context import METADATA_KEY
+
+        if len(self.reference_factors) == 1:
+            return {METADATA_KEY: str(next(iter(self.reference_factors)))}
+        if self.reference_factors:
+            logger.warning(
+                "the IC-LoRA trained at several in_context_downsample_factor values %s: its file declares none",
+                sorted(self.reference_factors),
+            )
+        return {}
 
     def _conditioned(self, latent_frames: int) -> bool:
         """Whether a clip of `latent_frames` trains from its first frame (a one-frame clip trains as an image)."""
@@ -391,6 +490,43 @@ class LTX2TrainingTask(PipelineTrainingTask):
         mask[:, given:split] = 1.0 / ((split - given) * channels)
         mask[:, split:] = batch["audio_weight"].to(latents.device)[:, :, None] / (audio_tokens * channels)
         return mask
+
+
+def reference_positions(config, grid: Sequence[Sequence[int]], factor: int, fps: float, device=None) -> torch.Tensor:
+    """`[1, 3, K, 2]` positions of reference videos with latent grids `grid` ((f, h, w) each, in order): each
+    its own `video_positions` at the clip's `fps`, rows and columns scaled by `factor` onto the clip's grid (as
+    `in_context.encode_references` places them)."""
+    coords = [video_positions(config, 1, *(int(n) for n in shape), fps, device) for shape in grid]
+    coords = torch.cat(coords, dim=2)
+    coords[:, 1:] *= factor
+    return coords
+
+
+def _factor(value: Any, where: str) -> int:
+    """An IC-LoRA downscale factor: an integer >= 1 (a CSV cell's "2" too), else an error naming `where`."""
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(number, str):
+        try:
+            number = float(number.strip())
+        except ValueError:
+            pass
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ConfigError(f"{where}{value!r} is not accepted; use an integer >= 1 (e.g. 2: a half-size reference)")
+    return number
+
+
+def _frames(index: int, item: Any) -> list:
+    """One reference video as PIL frames: the dataset's `[3, F, H, W]` in [-1, 1] (`[3, H, W]`: one frame), or
+    a list of frames as the pipeline takes them."""
+    if isinstance(item, torch.Tensor):
+        if item.dim() == 3:
+            item = item[:, None]
+        if item.dim() != 4 or item.shape[0] != 3 or item.shape[1] == 0:
+            raise ConfigError(f"row {index}: each {IN_CONTEXT} video must be [3, F, H, W], got {tuple(item.shape)}")
+        return tensor_to_pil(item.transpose(0, 1))
+    return item  # `reference_frames` refuses what is not a video
 
 
 def _frame_rate(index: int, row: Mapping[str, Any]) -> float:
@@ -418,4 +554,4 @@ def _tokenizer_beside(model_configs: Sequence[ModelConfig]) -> ModelConfig | Non
     return None
 
 
-__all__ = ["LTX2TimestepSampler", "LTX2TrainingTask"]
+__all__ = ["LTX2TimestepSampler", "LTX2TrainingTask", "reference_positions"]

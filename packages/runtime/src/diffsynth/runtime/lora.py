@@ -489,8 +489,10 @@ def save_lora(
     format: str = "diffsynth",
     *,
     prefix: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a LoRA as safetensors in one of `SAVE_FORMATS`, atomically.
+    """Write a LoRA as safetensors in one of `SAVE_FORMATS`, atomically; `metadata` adds string entries to the
+    file's header (e.g. an IC-LoRA's `reference_downscale_factor`, which its loader reads).
 
     - "diffsynth": `<name>.lora_A.weight` / `.lora_B.weight`, no alpha (what DiffSynth-Studio loads; an alpha
       other than the rank is folded into lora_B, so reading it back gives the same delta with alpha None);
@@ -528,6 +530,7 @@ def save_lora(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "diffsynth_lora_format": format})
+    header = {**{str(k): str(v) for k, v in (metadata or {}).items()}, "format": "pt", "diffsynth_lora_format": format}
+    save_file(tensors, str(tmp), metadata=header)
     os.replace(tmp, path)
     logger.info("wrote %d LoRA targets to %s (%s layout)", len(lora), path, format)

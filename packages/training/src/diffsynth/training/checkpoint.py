@@ -183,16 +183,17 @@ def save_lora_files(
     name: str,
     formats: list[str],
     state: Mapping[str, torch.Tensor] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """`<name>.safetensors` in our format (first of `formats`), plus `<name>.<format>.safetensors` for the rest
-    (the matrices from `state` when given, see `lora_weights`)."""
+    (the matrices from `state` when given, see `lora_weights`), each with `metadata` in its header."""
     from diffsynth.runtime.lora import save_lora
 
     weights = lora_weights(model, state)
     written = []
     for i, fmt in enumerate(formats):
         path = output_path / (f"{name}.safetensors" if i == 0 else f"{name}.{fmt}.safetensors")
-        save_lora(weights, path, format=fmt)
+        save_lora(weights, path, format=fmt, metadata=metadata)
         written.append(path)
     return written
 

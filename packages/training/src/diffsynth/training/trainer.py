@@ -585,7 +585,10 @@ def save(run: Run, state: TrainState) -> None:
         optimizer_state = full_optimizer_state(module, run.optimizer)
     if acc.is_main_process:
         if run.lora:
-            written = save_lora_files(module, run.output, name, cfg.lora_formats, state=weights)
+            # what a task knows the LoRA needs at inference (an IC-LoRA's reference factor): `lora_metadata()`
+            metadata = getattr(run.task, "lora_metadata", None)
+            header = metadata() if metadata is not None else None
+            written = save_lora_files(module, run.output, name, cfg.lora_formats, state=weights, metadata=header)
         else:
             dtype = parse_dtype(cfg.save_dtype or cfg.dtype)
             slot = run.task.denoiser_slot
