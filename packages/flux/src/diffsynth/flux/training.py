@@ -58,6 +58,25 @@ trainer for: the net is one of the task's `trainable_slots`) trains the net in f
 the hub files' layout, which the pipeline's ControlNet spec reads). One net at a time.
 Validation samples take `--validation_images` as the control image (the inpainting net: `"image.png,mask.png"`) and
 a Union net's mode from `--task_options validation_processor_id=NAME`.
+
+EliGen (DiffSynth-Studio's lora/FLUX.1-dev-EliGen.sh; its `--extra_inputs` are not needed: every column reaches
+the task): a row's `eligen_entity_prompts` (a JSON list of strings) and `eligen_entity_masks` (a JSON list of mask
+files, white = the entity, listed in `--data_file_keys` so the dataset reads them at the row's size) are encoded by
+the pipeline's `prepare_eligen` for its positive branch at the target's size: each entity prompt's T5 states
+(`"eligen_t5"` [N, L, D], the prompt's length) and the masks' token regions (`"eligen_regions"` [N, H/16 * W/16],
+bool). `velocity` hands them to `flux_velocity` as the pipeline's `EliGenEntities` (entity text before the prompt's,
+the joint attention mask). Rows of one batch stack only with the same entity count (DiffSynth-Studio trains with
+`--batch_size 1`). EliGen rows take no AttriCtrl values (the pipeline does not combine the two).
+
+AttriCtrl (DiffSynth-Studio/AttriCtrl-FLUX.1-Dev; its `--extra_inputs value_controller_inputs`): with the attribute
+encoder file(s) among the model files (the pipeline's `value_controller` slot), a row's `value_controller_inputs` (a
+number in [0, 1], a CSV cell's text too, or a list: one value per encoder, in load order) is cached as the values
+alone (`"value_controller_inputs"` [n]); `velocity` runs the encoders on them and appends their tokens to the
+prompt's T5 states as the pipeline's `prepare_value_control` does, so a trained encoder gets gradients. Training the
+DiT (LoRA) keeps the encoders frozen. `trained_model="value_controller"` (`--trainable_models value_controller`, one
+encoder loaded) trains that encoder in full under the frozen DiT, saved as
+`<step>/value_controller/diffusion_pytorch_model.safetensors` in the released keys, which `load_value_controller`
+reads; its validation samples take `--task_options validation_value_controller_inputs=0.7`.
 """
 
 from __future__ import annotations
@@ -85,6 +104,7 @@ from diffsynth.runtime.vram import module_dtype
 
 from .flux1.channels import CONTROL, FILL, FLEX, condition_kind, describe_widths, flex_condition
 from .flux1.controlnet import UNION_MODES, Flux1ControlNet, Flux1ControlNetConfig
+from .flux1.eligen import EliGenEntities, check_entity_inputs
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
 from .pipeline import ControlCondition, FluxImagePipeline, KontextLatents, flux_velocity, pack_latents
 from .reference_batches import collate_references, row_references
@@ -97,7 +117,13 @@ TRAINING_GUIDANCE = 1.0  # DiffSynth-Studio's FLUX.1 training scripts: embedded_
 CHANNEL_COLUMNS = {FILL: ("flux_fill_image", "flux_fill_mask"), CONTROL: ("control_image",)}
 CHANNEL_MODELS = {FILL: "FLUX.1 Fill", CONTROL: "FLUX.1 Canny/Depth"}
 CONDITION_WIDTHS = {320: FILL, 64: CONTROL}
-TRAINED_MODELS = ("dit", "controlnet")  # `trained_model`: what the trainer trains (its "denoiser")
+TRAINED_MODELS = ("dit", "controlnet", "value_controller")  # `trained_model`: what the trainer trains
+ELIGEN_COLUMNS = ("eligen_entity_prompts", "eligen_entity_masks")  # DiffSynth-Studio's --extra_inputs
+VALUE_COLUMN = "value_controller_inputs"  # AttriCtrl's values (DiffSynth-Studio's --extra_inputs)
+VALUE_ENCODER_HINT = (
+    "add the attribute encoder to the models (e.g. --model_id_with_origin_paths "
+    "DiffSynth-Studio/AttriCtrl-FLUX.1-Dev:models/brightness.safetensors, or --model_paths FILE)"
+)
 CONTROLNET_HINT = (
     "add its diffusion_pytorch_model.safetensors to the models (e.g. --model_paths, or --model_id_with_origin_paths "
     "InstantX/FLUX.1-dev-Controlnet-Union-alpha:diffusion_pytorch_model.safetensors)"
@@ -118,14 +144,16 @@ class FluxTrainingTask(PipelineTrainingTask):
         "embedded_guidance",
         "trained_model",
         "validation_processor_id",
+        "validation_value_controller_inputs",
     )  # --task_options that leave a cache valid
     # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
-    trainable_slots: ClassVar[tuple[str, ...]] = ("controlnet",)
+    trainable_slots: ClassVar[tuple[str, ...]] = ("controlnet", "value_controller")
 
     def __init__(
         self,
         pipe: FluxImagePipeline,
         controlnet_config: Flux1ControlNetConfig | None = None,
+        value_encoders: int = 0,
         *,
         sigma_shift: float = 3.0,
         embedded_guidance: float = TRAINING_GUIDANCE,
@@ -134,11 +162,15 @@ class FluxTrainingTask(PipelineTrainingTask):
         kontext_auto_resize: bool = False,
         trained_model: str = "dit",
         validation_processor_id: str | int | None = None,
+        validation_value_controller_inputs: float | str | Sequence[float] | None = None,
     ):
         """`kontext`: True requires `kontext_images` in every row, None takes them where rows have them.
         `controlnet_config`: the ControlNet's, read from its file's header when the stage loads no net (default: the
         net `pipe` holds). `trained_model` "controlnet" makes the net the model the trainer trains;
-        `validation_processor_id` is a Union net's control mode for validation samples (see the module docstring)."""
+        `validation_processor_id` is a Union net's control mode for validation samples (see the module docstring).
+        `value_encoders`: how many AttriCtrl encoders the model files hold, read from their headers when the stage
+        loads none (default: those `pipe` holds); `trained_model` "value_controller" trains the one encoder, and
+        `validation_value_controller_inputs` gives validation samples their values."""
         self.pipe = pipe
         self.scheduler = FlowMatchScheduler("flux1", mu=math.log(sigma_shift))
         self.embedded_guidance = embedded_guidance
@@ -161,14 +193,37 @@ class FluxTrainingTask(PipelineTrainingTask):
                     f"is among the model files: {CONTROLNET_HINT}"
                 )
             self.denoiser_slot = "controlnet"  # the trainer trains (and saves) the net, not the DiT
+        encoders = pipe.value_controller.encoders if pipe.value_controller is not None else None
+        self.value_encoders = len(encoders) if encoders is not None else value_encoders
+        self.validation_values = None
+        if validation_value_controller_inputs is not None:
+            self.validation_values = _parse_values(
+                validation_value_controller_inputs,
+                self.value_encoders,
+                "--task_options validation_value_controller_inputs",
+            )
+        if trained_model == "value_controller":
+            if self.value_encoders != 1:
+                raise ConfigError(
+                    "trained_model='value_controller' (--trainable_models value_controller) trains one AttriCtrl "
+                    f"encoder, and the model files hold {self.value_encoders}: "
+                    + (VALUE_ENCODER_HINT if not self.value_encoders else "pass only the one to train")
+                )
+            self.denoiser_slot = "value_controller"  # the trainer trains (and saves) the encoder, not the DiT
+            if encoders is not None and not hasattr(encoders[0], "gradient_checkpointing"):
+                # the trainer's --use_gradient_checkpointing sets it; `velocity` hands it to the frozen DiT
+                encoders[0].gradient_checkpointing = False
 
     @property
     def models(self) -> dict[str, nn.Module]:
         """The loaded models by slot; "controlnet" is the one net itself (the pipeline's slot holds a list), so a
-        trained net saves under its own names."""
+        trained net saves under its own names; "value_controller" likewise the one AttriCtrl encoder (several stay
+        in the pipeline's `ValueControllers`)."""
         models = super().models
         if "controlnet" in models:
             models["controlnet"] = models["controlnet"].nets[0]
+        if "value_controller" in models and len(models["value_controller"].encoders) == 1:
+            models["value_controller"] = models["value_controller"].encoders[0]  # saved in the released keys
         return models
 
     # the DiT's config read from its files' header when the DiT itself is not loaded (`from_pretrained`)
@@ -212,7 +267,9 @@ class FluxTrainingTask(PipelineTrainingTask):
         `FLUX.1-Kontext-dev` folder or repo), makes a Kontext task unless `kontext` is given.
 
         A FLUX.1 ControlNet among the files loads with the denoiser (its residuals are part of the model call); the
-        encoding stage reads its config from the file's header (whether it is a Union or an inpainting net)."""
+        encoding stage reads its config from the file's header (whether it is a Union or an inpainting net).
+        AttriCtrl encoders load with the denoiser too (their tokens are computed in the model call); the encoding
+        stage only counts them."""
         tokenizers = _tokenizer_pair(tokenizer_config, model_configs) if encoders else (None, None)
         controlnets = _header_configs(model_configs, "controlnet")
         if len(controlnets) > 1:
@@ -224,7 +281,7 @@ class FluxTrainingTask(PipelineTrainingTask):
             FluxImagePipeline,
             model_configs,
             ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
-            optional={"controlnet"} if denoiser else (),
+            optional={"controlnet", "value_controller"} if denoiser else (),
             tokenizers=("tokenizer_1", "tokenizer_2") if encoders else (),
             name="FLUX.1",
             tokenizer_1_config=tokenizers[0],
@@ -236,7 +293,8 @@ class FluxTrainingTask(PipelineTrainingTask):
         task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
         task_options.setdefault("kontext", True if kontext else None)
-        task = cls(pipe, controlnets[0] if controlnets else None, **task_options)
+        value_encoders = sum("value_controller" in model_roles(config) for config in model_configs)
+        task = cls(pipe, controlnets[0] if controlnets else None, value_encoders, **task_options)
         task.dit_config = pipe.dit.config if pipe.dit is not None else _dit_config(model_configs)
         if task.dit_config is not None and condition_kind(task.dit_config) == "unknown":
             raise ConfigError(
@@ -299,7 +357,15 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     def sample(self, denoiser: nn.Module, prompts: Sequence[str], **options: Any) -> list:
         """Validation samples with the weights in training: the DiT's, or the ControlNet's (in the pipeline's slot
-        for the duration) under the pipeline's DiT."""
+        for the duration) under the pipeline's DiT, or the AttriCtrl encoder's (`validation_value_controller_inputs`
+        gives the samples their values)."""
+        if self.validation_values is not None:
+            options.setdefault("value_controller_inputs", self.validation_values)
+        if self.trained_model == "value_controller":
+            from .flux1.value_control import ValueControllers
+
+            with self.pipe.using("value_controller", ValueControllers([getattr(denoiser, "module", denoiser)])):
+                return super().sample(self.pipe.dit, prompts, **options)
         if self.trained_model != "controlnet":
             return super().sample(denoiser, prompts, **options)
         with self.pipe.using("controlnet", ControlNetSlot([getattr(denoiser, "module", denoiser)])):
@@ -307,7 +373,8 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     def export_state(self, slot: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The trainer's full weights in the official keys: a trained ControlNet in diffusers' `FluxControlNetModel`
-        names (the layout its hub files have), the DiT as it is (our names are BFL's)."""
+        names (the layout its hub files have), the DiT and an AttriCtrl encoder as they are (our names are BFL's and
+        the released encoder files')."""
         if slot != "controlnet":
             return state
         from .flux1.controlnet_formats import ours_to_diffusers
@@ -374,7 +441,33 @@ class FluxTrainingTask(PipelineTrainingTask):
             with self._controlnet_for_encoding():
                 for i in controlled:
                     samples[i].update(self._encode_control(i, rows[i]))
+        for i, (sample, row) in enumerate(zip(samples, rows, strict=True)):
+            sample.update(self._encode_entities(i, row))
+            where = f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r})"
+            if _has(row, VALUE_COLUMN):
+                values = _parse_values(row[VALUE_COLUMN], self.value_encoders, f"{where}: {VALUE_COLUMN}")
+                sample[VALUE_COLUMN] = torch.tensor(values, dtype=torch.float32)  # tokens: in `velocity`
+            elif self.trained_model == "value_controller":
+                raise ConfigError(
+                    f"{where} has no {VALUE_COLUMN}: training the AttriCtrl encoder needs every row's value (a number "
+                    f"in [0, 1] in a {VALUE_COLUMN} column); its columns are {', '.join(row)}"
+                )
+            if "eligen_t5" in sample and VALUE_COLUMN in sample:
+                raise ConfigError(
+                    f"{where} has EliGen entities and {VALUE_COLUMN}: the pipeline takes the entity prompts with no "
+                    "AttriCtrl tokens after the prompt; give one or the other"
+                )
         return samples
+
+    def _encode_entities(self, index: int, row: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """`{"eligen_t5": [N, L, D], "eligen_regions": [N, H/16 * W/16]}` for a row with EliGen entities (none
+        without): the pipeline's `prepare_eligen` for its positive branch at the target's size."""
+        entities = _row_entities(index, row)
+        if entities is None:
+            return {}
+        _, height, width = row["image"].shape
+        positive, _ = self.pipe.prepare_eligen(*entities, None, False, height, width, self.t5_sequence_length)
+        return {"eligen_t5": positive.t5[0], "eligen_regions": positive.regions[0]}
 
     @contextlib.contextmanager
     def _controlnet_for_encoding(self):
@@ -492,15 +585,48 @@ class FluxTrainingTask(PipelineTrainingTask):
                     f"a batch mixes {present} rows with controlnet_image and {len(samples) - present} without; give "
                     "every row its controlnet_image (or none), or train with --batch_size 1"
                 )
+        for key, what in (("eligen_t5", "EliGen entities"), (VALUE_COLUMN, VALUE_COLUMN)):
+            present = sum(key in s for s in samples)
+            if present and present < len(samples):
+                raise ConfigError(
+                    f"a batch mixes {present} rows with {what} and {len(samples) - present} without; give every row "
+                    "its own (or none), or train with --batch_size 1"
+                )
+        if "eligen_t5" in samples[0]:
+            counts = [s["eligen_t5"].shape[0] for s in samples]
+            if len(set(counts)) > 1:
+                raise ConfigError(
+                    f"the rows of a batch have {counts} EliGen entities; rows with different entity counts cannot "
+                    "share a batch: train with --batch_size 1 (as DiffSynth-Studio does)"
+                )
+            batch["eligen_t5"] = torch.stack([s["eligen_t5"] for s in samples])
+            batch["eligen_regions"] = torch.stack([s["eligen_regions"] for s in samples])
+        if VALUE_COLUMN in samples[0]:
+            batch[VALUE_COLUMN] = torch.stack([s[VALUE_COLUMN] for s in samples])
         return batch
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
-        """The pipeline's per-step call (`flux_velocity`). With `trained_model="controlnet"`, `dit` is the trainer's
-        model, the ControlNet, and the DiT is the pipeline's (frozen; gradient checkpointing as the net was asked)."""
+        """The pipeline's per-step call (`flux_velocity`). With `trained_model="controlnet"` (or "value_controller"),
+        `dit` is the trainer's model, the ControlNet (the AttriCtrl encoder), and the DiT is the pipeline's (frozen;
+        gradient checkpointing as the trained model was asked). EliGen entities and AttriCtrl tokens enter as the
+        pipeline's denoise step gives them."""
+        encoder = None
+        if self.trained_model == "value_controller":
+            encoder, dit = dit, self.pipe.dit
+            dit.gradient_checkpointing = bool(
+                getattr(getattr(encoder, "module", encoder), "gradient_checkpointing", False)
+            )
         dit, controls = self._controls(dit, batch)
-        prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
+        prompt = self._with_value_tokens(FluxPromptEmbeds(batch["t5"], batch["pooled"]), batch, encoder)
+        entities = None
+        if "eligen_t5" in batch:
+            if VALUE_COLUMN in batch:
+                raise ConfigError(
+                    f"this batch has EliGen entities and {VALUE_COLUMN}: the pipeline takes one or the other"
+                )
+            entities = EliGenEntities(batch["eligen_t5"], batch["eligen_regions"])
         kontext = KontextLatents(batch["kontext"], batch["kontext_ids"]) if "kontext" in batch else None
         condition = batch.get("condition")
         config = getattr(getattr(dit, "module", dit), "config", None)  # DDP wraps the DiT
@@ -509,13 +635,48 @@ class FluxTrainingTask(PipelineTrainingTask):
             condition = pack_latents(flex_condition(None, None, None, noisy_latents.float()))
         self._check_condition(dit, condition)
         return flux_velocity(
-            dit, noisy_latents, sigma, prompt, self.embedded_guidance, kontext, controls=controls, condition=condition
+            dit,
+            noisy_latents,
+            sigma,
+            prompt,
+            self.embedded_guidance,
+            kontext,
+            controls=controls,
+            eligen=entities,
+            condition=condition,
         )
+
+    def _with_value_tokens(
+        self, prompt: FluxPromptEmbeds, batch: Mapping[str, Any], encoder: nn.Module | None
+    ) -> FluxPromptEmbeds:
+        """The prompt with each row's AttriCtrl tokens appended, as `prepare_value_control` appends them: from the
+        trained `encoder` (with gradients) or the pipeline's frozen encoders; unchanged for a batch without values."""
+        values = batch.get(VALUE_COLUMN)
+        if values is None:
+            if encoder is not None:
+                raise ConfigError(
+                    f"training the AttriCtrl encoder needs batches with {VALUE_COLUMN} (a column of the metadata); "
+                    "a cache encoded without them has none: encode it again"
+                )
+            return prompt
+        controllers = self.pipe.value_controller
+        count = 1 if encoder is not None else len(controllers.encoders) if controllers is not None else 0
+        if values.shape[-1] != count:
+            raise ConfigError(
+                f"this batch has {values.shape[-1]} {VALUE_COLUMN} per row, for {count} loaded AttriCtrl encoders: "
+                + (VALUE_ENCODER_HINT if not count else "encode the cache again for these encoders")
+            )
+        if encoder is not None:
+            tokens = torch.stack([encoder(value) for value in values[:, 0]])
+        else:
+            tokens = torch.cat([controllers(row.tolist()) for row in values])
+        tokens = tokens.float().to(prompt.t5.device, prompt.t5.dtype)
+        return FluxPromptEmbeds(torch.cat([prompt.t5, tokens], dim=1), prompt.pooled)
 
     def _controls(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[nn.Module, list[ControlCondition]]:
         """The DiT to run and the batch's ControlNet condition (none for a batch without controlnet_image)."""
         tokens = batch.get("controlnet")
-        if self.trained_model == "dit":
+        if self.trained_model != "controlnet":
             if tokens is None:
                 return model, []
             net = self.pipe.controlnet.nets[0] if self.pipe.controlnet is not None else None
@@ -586,20 +747,72 @@ def _row_picture(index: int, row: Mapping[str, Any], column: str):
     value = row[column]
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
+    return _picture(index, value, column, column)
+
+
+def _picture(index: int, value: Any, what: str, column: str):
+    """One picture of a row (`what`: its name in errors, e.g. "eligen_entity_masks[1]") as PIL (see `_row_picture`)."""
     if isinstance(value, (str, os.PathLike)):
         raise ConfigError(
-            f"row {index}: {column} is the path {str(value)!r}, not a loaded image; add {column} to --data_file_keys "
+            f"row {index}: {what} is the path {str(value)!r}, not a loaded image; add {column} to --data_file_keys "
             "(it is read at the row's size, aligned with its image)"
         )
     if isinstance(value, torch.Tensor):
         if value.dim() != 3 or value.shape[0] not in (1, 3):
-            raise ConfigError(f"row {index}: {column} must be one image [3, H, W], got {tuple(value.shape)}")
+            raise ConfigError(f"row {index}: {what} must be one image [3, H, W], got {tuple(value.shape)}")
         return tensor_to_pil(value.expand(3, -1, -1))[0]
     if isinstance(value, Image.Image):
         return value
-    raise ConfigError(
-        f"row {index}: {column} must be one image (a [3, H, W] tensor or PIL image), got {preview(value)}"
-    )
+    raise ConfigError(f"row {index}: {what} must be one image (a [3, H, W] tensor or PIL image), got {preview(value)}")
+
+
+def _row_entities(index: int, row: Mapping[str, Any]) -> tuple[list[str], list[Image.Image]] | None:
+    """A row's EliGen entity prompts and masks (RGB pictures at the row's size) as the pipeline checks them, or None
+    for a row without any; one column without the other, or counts that differ, are errors naming the row."""
+    given = [_has(row, column) for column in ELIGEN_COLUMNS]
+    if not any(given):
+        return None
+    where = f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})"
+    if not all(given):
+        have, lack = ELIGEN_COLUMNS if given[0] else ELIGEN_COLUMNS[::-1]
+        raise ConfigError(
+            f"{where} has {have} but no {lack}: EliGen trains on one mask (white = the entity's region) per entity "
+            "prompt (the masks listed in --data_file_keys, e.g. --data_file_keys image,eligen_entity_masks)"
+        )
+    prompts, masks = (row[column] for column in ELIGEN_COLUMNS)
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{where}: eligen_entity_prompts must be a list of strings, got {preview(prompts)}")
+    if len(prompts) != len(masks):
+        raise ConfigError(
+            f"{where} has {len(prompts)} eligen_entity_prompts and {len(masks)} eligen_entity_masks; give one mask "
+            "per entity prompt, in the same order"
+        )
+    pictures = [_picture(index, m, f"eligen_entity_masks[{k}]", "eligen_entity_masks") for k, m in enumerate(masks)]
+    return check_entity_inputs(list(prompts), pictures)
+
+
+def _parse_values(value: Any, count: int, where: str) -> list[float]:
+    """AttriCtrl values as the pipeline takes them (`check_values`): a number, a CSV cell's text ("0.3", or
+    "0.3,0.8" / "[0.3, 0.8]" for several encoders) or a list, one per encoder in load order, each in [0, 1]."""
+    from .flux1.value_control import check_values
+
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, str):
+        items = value.strip().strip("[]").replace(",", " ").split()
+    try:
+        items = [float(item) if isinstance(item, str) else item for item in items]
+    except ValueError:
+        raise ConfigError(
+            f"{where} {value!r} is not a number in [0, 1] (or a list of them, one per AttriCtrl encoder)"
+        ) from None
+    if count == 0:
+        raise ConfigError(f"{where} needs an AttriCtrl encoder among the models: {VALUE_ENCODER_HINT}")
+    try:
+        return check_values(items, count)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _takes_mask(config: Flux1ControlNetConfig) -> bool:
