@@ -95,3 +95,19 @@ def test_a_bad_frame_rate_column_is_named(tmp_path):
     data = MetadataDataset(tmp_path, media=("video",), max_pixels=64 * 32, step=32, num_frames=9)
     with pytest.raises(ConfigError, match="row 1: frame_rate 'fast' is not a number"):
         data[0]
+
+
+def test_a_sound_file_in_another_column_becomes_its_absolute_path(tmp_path):
+    """A sound file listed in `--data_file_keys` under a column that is not the row's sound (Wan-Dancer's
+    `wantodance_music_path`) is handed on as an absolute path, for the task to read; a missing one is named."""
+    save_video(frames(9), tmp_path / "dance.mp4", fps=12)
+    (tmp_path / "music").mkdir()
+    save_audio(tone(16000, 1.0), tmp_path / "music" / "song.wav", 16000)
+    (tmp_path / "metadata.csv").write_text("video,wantodance_music_path,prompt\ndance.mp4,music/song.wav,x\n")
+    keys = ("video", "wantodance_music_path")
+    data = MetadataDataset(tmp_path, media=("video",), file_keys=keys, max_pixels=64 * 32, step=32, num_frames=9)
+    assert data[0]["wantodance_music_path"] == str((tmp_path / "music" / "song.wav").resolve())
+    assert data[0]["video"].shape == (3, 9, 32, 64)
+    (tmp_path / "metadata.csv").write_text("video,wantodance_music_path,prompt\ndance.mp4,music/none.wav,y\n")
+    with pytest.raises(ConfigError, match="'music/none.wav' .at row 1 column wantodance_music_path"):
+        MetadataDataset(tmp_path, media=("video",), file_keys=keys, max_pixels=64 * 32, step=32, num_frames=9)

@@ -572,14 +572,6 @@ def test_a_folder_loads_one_dancer_dit_and_asks_which_when_it_holds_both(dancer_
         WanVideoPipeline.from_pretrained(str(folder), torch_dtype="float32", device="cpu")
 
 
-def test_training_refuses_the_dancer_dit_by_name(dancer_repo):
-    from diffsynth.wan.training import WanTrainingTask
-
-    files = ["dancer/global_model.safetensors", C.T5_FILE, "Wan2.1_VAE.pth", C.CLIP_FILE]
-    with pytest.raises(ConfigError, match=r"\(DancerConfig\) is one Wan training does not cover yet.*Wan-Dancer"):
-        WanTrainingTask.from_pretrained([ModelConfig(path=str(dancer_repo / f)) for f in files], device="cpu")
-
-
 def test_presets_have_diffsynth_studios_settings():
     glob, local = PRESETS["Wan-AI/Wan-Dancer-14B:global"], PRESETS["Wan-AI/Wan-Dancer-14B:local"]
     for preset, dit, steps, fps, framewise, tiled in (

@@ -1,7 +1,9 @@
 """Datasets: a folder with `metadata.csv` / `.json` / `.jsonl`, size buckets, batch plans, the encoded cache.
 
 - A metadata row names its files in the `--data_file_keys` columns (paths relative to the dataset folder) and
-  carries the prompt and any extra inputs in other columns. A JSON/JSONL value may be a list of paths.
+  carries the prompt and any extra inputs in other columns. A JSON/JSONL value may be a list of paths. A sound
+  file in another column than the row's sound (e.g. Wan-Dancer's `wantodance_music_path`) becomes its absolute
+  path, for the task to read (as DiffSynth-Studio passes such paths on).
 - A task's `conditioning` columns (reference images such as `kontext_images`, `edit_image`, or videos such as
   Wan2.2-Animate's face crops) are file columns too; each of their images or videos keeps its own size (its own
   bucket under `--max_pixels`), not the row's.
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
+SOUND_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac")  # file columns handed on as absolute paths
 AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`), and the loaded row's key for it
 AUDIO_KEYS = (AUDIO_KEY, "input_audio")  # the sound's columns: ours, DiffSynth-Studio's
 CACHE_VERSION = 1
@@ -259,6 +262,9 @@ class MetadataDataset(Dataset):
             loaded = []
             for name in _paths(value):
                 path = self.base / name
+                if path.suffix.lower() in SOUND_SUFFIXES:  # the task reads it (e.g. music features)
+                    loaded.append(str(path.resolve()))
+                    continue
                 if path.suffix.lower() in VIDEO_SUFFIXES:
                     at = size
                     if key in self.conditioning:  # e.g. square face crops beside a wide video

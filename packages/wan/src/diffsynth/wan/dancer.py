@@ -647,6 +647,34 @@ def decode_latents(vae, latents: torch.Tensor, framewise: bool, **vae_kwargs) ->
     return torch.cat([vae.decode(latents[:, :, i : i + 1], tiled=False) for i in range(latents.shape[2])], dim=2)
 
 
+def dancer_conditions(pipe, music, reference, keyframes, flags, fps, height, width, vae_kwargs) -> DancerConditions:
+    """One sample's conditions (batch 1) from `check_dancer_call`'s results: the CLIP features of the first keyframe
+    and of the reference image (resized to the video size), and `y`, the keyframe video's VAE latent with the I2V
+    mask of its keyframes. Shared by `generate_dancer` and the training task, so both condition alike."""
+    from diffsynth.runtime.vram import module_dtype
+
+    from .animate import frames_tensor, i2v_mask
+    from .image_encoder import encode_image
+
+    pipe.load_models_to_device(["image_encoder"])
+    clip_dtype = module_dtype(pipe.image_encoder)
+
+    def clip_of(image):
+        pixels = pipe._pixels([image], height, width, torch.float32)
+        return encode_image(pipe.image_encoder, pixels, pipe.device, clip_dtype).float()
+
+    clip = clip_of(keyframes[0])
+    refimage = clip_of(reference) if reference is not None else None
+
+    pipe.load_models_to_device(["vae"])
+    vae = pipe.vae
+    latent = vae.encode(frames_tensor(keyframes, height, width, module_dtype(vae), pipe.device), **vae_kwargs).float()
+    given = torch.tensor(flags, dtype=torch.float32, device=pipe.device)[None, :, None, None]
+    mask = i2v_mask(given.expand(1, len(flags), *latent.shape[3:]), vae.temporal_compression)
+    y = torch.cat([mask, latent], dim=1)
+    return DancerConditions(clip, y, music.to(pipe.device), refimage, fps)
+
+
 def generate_dancer(
     pipe, prompts, negatives, music_path, music_feature, reference_image, fps, keyframes, keyframes_mask, size, seed,
     rand_device, latents, max_sequence_length, schedule, scale, vae_kwargs, framewise: bool, progress_bar,
@@ -660,8 +688,6 @@ def generate_dancer(
     from diffsynth.runtime.schedulers import make_scheduler
     from diffsynth.runtime.vram import module_dtype
 
-    from .animate import frames_tensor, i2v_mask
-    from .image_encoder import encode_image
     from .pipeline import sampler_grid
 
     height, width, frames = size
@@ -683,24 +709,10 @@ def generate_dancer(
     context = pipe.encode_prompt(prompts, max_sequence_length)
     negative_context = pipe.encode_prompt(negatives, max_sequence_length) if use_cfg else None
 
-    pipe.load_models_to_device(["image_encoder"])
-    clip_dtype = module_dtype(pipe.image_encoder)
-
-    def clip_of(image):
-        pixels = pipe._pixels([image], height, width, torch.float32)
-        return encode_image(pipe.image_encoder, pixels, pipe.device, clip_dtype).float()
-
-    clip = clip_of(keyframes[0])
-    refimage = clip_of(reference) if reference is not None else None
-
-    pipe.load_models_to_device(["vae"])
-    vae_dtype = module_dtype(vae)
-    latent = vae.encode(frames_tensor(keyframes, height, width, vae_dtype, pipe.device), **vae_kwargs).float()
-    given = torch.tensor(flags, dtype=torch.float32, device=pipe.device)[None, :, None, None]
-    mask = i2v_mask(given.expand(1, frames, *latent.shape[3:]), tc)
-    y = torch.cat([mask, latent], dim=1)
+    one = dancer_conditions(pipe, music, reference, keyframes, flags, fps, height, width, vae_kwargs)
+    refimage, vae_dtype = one.refimage_feature, module_dtype(vae)
     cond = DancerConditions(
-        clip.expand(batch, -1, -1), y.expand(batch, -1, -1, -1, -1), music.to(pipe.device),
+        one.clip_feature.expand(batch, -1, -1), one.y.expand(batch, -1, -1, -1, -1), one.music_feature,
         None if refimage is None else refimage.expand(batch, -1, -1), fps,
     )  # fmt: skip
 
@@ -739,6 +751,7 @@ __all__ = [
     "check_dancer_call",
     "check_dancer_size",
     "config_from_state",
+    "dancer_conditions",
     "dancer_velocity",
     "decode_latents",
     "frame_positions",

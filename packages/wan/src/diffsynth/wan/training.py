@@ -59,6 +59,18 @@ cached per row as `vap_latents`, `vap_context`, `vap_clip_feature`; the model ca
 DiffSynth-Studio's `--trainable_models vap`, is not offered: see `TRAINED_MODELS`). Validation samples are refused:
 `--validation_images` cannot give a reference video.
 
+A Wan-Dancer DiT (Wan-AI/Wan-Dancer-14B's global_model / local_model.safetensors) trains on DiffSynth-Studio's
+columns: `wantodance_music_path` (an audio file as long as the video, read by the task with librosa as the pipeline
+reads it: listed in --data_file_keys the dataset hands on its absolute path, as DiffSynth-Studio does; else an
+absolute path or one relative to the working directory), `wantodance_keyframes` (a video, or a list of images, of the video's frames:
+the keyframes, black elsewhere) with `wantodance_keyframes_mask` (one 0 / 1 a frame), an optional
+`wantodance_reference_image` and `wantodance_fps` (default 30, the pipeline's). The conditions are the pipeline's
+(`check_dancer_call`, then `dancer_conditions`) at the video's size and frame count: `clip_feature`, `y`,
+`music_feature`, `refimage_feature` and the frame rate, cached per row; the model call is the pipeline's positive
+`dancer_velocity` (every block; a batch takes one frame rate and one music length). This is the local model's recipe
+(continuous videos); the global model's frame-by-frame one (`framewise_decoding`: one keyframe per latent frame, each
+encoded alone, with a keyframe video four times as long) is refused, as are validation samples.
+
 A Wan Fun Control-Camera DiT (Wan2.1-Fun-V1.1-*-Control-Camera) trains on a row's `camera_control_direction`
 ("Left", "Right", "Up", "Down", "In", "Out" or combinations such as "LeftUp"), optional `camera_control_speed`
 and `camera_control_origin`, and its `input_image` (else the video's first frame): `y` and CLIP features as for
@@ -138,6 +150,14 @@ from .animate2 import (
 )
 from .audio_encoder import audio_clips, prepare_waveform
 from .camera import DEFAULT_SPEED, camera_path, pack_frames, plucker_embedding
+from .dancer import (
+    DancerConditions,
+    DancerConfig,
+    check_dancer_call,
+    check_dancer_size,
+    dancer_conditions,
+    dancer_velocity,
+)
 from .dit import WanDiTConfig
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .pipeline import WanConditions, WanVideoPipeline
@@ -170,6 +190,13 @@ MODEL_COLUMNS = {
         "animate2_refert_images",
     ),
     "vap": ("vap_video", "vap_prompt"),
+    "dancer": (
+        "wantodance_music_path",
+        "wantodance_reference_image",
+        "wantodance_fps",
+        "wantodance_keyframes",
+        "wantodance_keyframes_mask",
+    ),
 }
 NOT_FOR = {
     "speed": "motion_bucket_id needs DiffSynth-Studio's speed-control model (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1"
@@ -179,6 +206,7 @@ NOT_FOR = {
     "animate": "this Wan DiT has no Animate modules (Wan-AI/Wan2.2-Animate-14B takes it)",
     "s2v": "this Wan DiT is not Wan2.2-S2V (Wan-AI/Wan2.2-S2V-14B takes it)",
     "animate2": "this Wan DiT is not Wan2.2-Animate-2 (Wan-AI/Wan2.2-Animate-2-14B takes it)",
+    "dancer": "this Wan DiT is not Wan-Dancer (Wan-AI/Wan-Dancer-14B:global_model / local_model.safetensors takes it)",
     "vap": "it needs the Video-As-Prompt expert among the model files (the `*_mot_ref*` keys of "
     "ByteDance/Video-As-Prompt-Wan2.1-14B:transformer/diffusion_pytorch_model*.safetensors)",
 }
@@ -253,7 +281,7 @@ class WanTrainingTask(PipelineTrainingTask):
     def __init__(
         self,
         pipe: WanVideoPipeline,
-        dit_config: WanDiTConfig | WanS2VConfig | Animate2Config | None = None,
+        dit_config: WanDiTConfig | WanS2VConfig | Animate2Config | DancerConfig | None = None,
         speed_control: bool | None = None,
         vap: bool | None = None,
         *,
@@ -268,7 +296,8 @@ class WanTrainingTask(PipelineTrainingTask):
         docstring); `vap` likewise, whether the Video-As-Prompt expert is (default: whether `pipe.vap` is loaded)."""
         self.pipe = pipe
         self.dit_config = dit_config if dit_config is not None else pipe.dit.config
-        self.kind = "animate2" if isinstance(self.dit_config, Animate2Config) else self.dit_config.model_type
+        own = {Animate2Config: "animate2", DancerConfig: "dancer"}  # one-mode DiTs without a model_type
+        self.kind = own.get(type(self.dit_config)) or self.dit_config.model_type
         self.max_sequence_length = max_sequence_length
         self.speed_control = pipe.motion_controller is not None if speed_control is None else bool(speed_control)
         self.vap = pipe.vap is not None if vap is None else bool(vap)
@@ -360,6 +389,8 @@ class WanTrainingTask(PipelineTrainingTask):
         """Why validation samples cannot be drawn from --validation_prompts / --validation_images, or None."""
         if self.vap:
             return "a Video-As-Prompt model follow a reference video (vap_video)"
+        if self.kind == "dancer":
+            return "a Wan-Dancer model follow music and keyframes (wantodance_music_path, wantodance_keyframes)"
         if self.trained_model == "motion_controller":
             return "a speed-control model in training need a motion_bucket_id"
         if self.kind == "s2v":
@@ -415,11 +446,11 @@ class WanTrainingTask(PipelineTrainingTask):
                 configs, tokenizer_config=tokenizer_config, torch_dtype=torch_dtype, device=device,
                 encoders=encoders, denoiser=denoiser, dit_config=dit_config, **task_options,
             )  # fmt: skip
-        if not isinstance(dit_config, (WanDiTConfig, WanS2VConfig, Animate2Config)):
+        if not isinstance(dit_config, (WanDiTConfig, WanS2VConfig, Animate2Config, DancerConfig)):
             raise ConfigError(
                 f"the DiT ({type(dit_config).__name__}) is one Wan training does not cover yet: it trains T2V, I2V / "
-                "FLF2V, TI2V, VACE, Fun Control / Control-Camera, Animate, Animate-2, S2V, LongCat-Video and speed "
-                "control; not Wan-Dancer"
+                "FLF2V, TI2V, VACE, Fun Control / Control-Camera, Animate, Animate-2, S2V, Wan-Dancer, LongCat-Video "
+                "and speed control"
             )
         expert = task_options.get("expert", _expert_of(dits[0]))
         # the pipeline routes a DiT from a low-noise expert's folder to "dit2"; here it is the one denoiser
@@ -440,7 +471,7 @@ class WanTrainingTask(PipelineTrainingTask):
                         "wav2vec2-large-xlsr-53-english/model.safetensors (e.g. with --model_paths)"
                     )
                 slots.add("audio_encoder")
-            if getattr(dit_config, "has_image_input", False) or isinstance(dit_config, Animate2Config):
+            if getattr(dit_config, "has_image_input", False) or isinstance(dit_config, (Animate2Config, DancerConfig)):
                 if not any("image_encoder" in r for r in roles):
                     raise ConfigError(
                         "this Wan DiT takes CLIP image features: add the image encoder "
@@ -540,6 +571,7 @@ class WanTrainingTask(PipelineTrainingTask):
             "s2v": self.kind == "s2v",
             "animate2": self.kind == "animate2",
             "vap": self.vap,
+            "dancer": self.kind == "dancer",
         }
         for model, keys in MODEL_COLUMNS.items():
             named = [key for key in keys if _given(row.get(key))]
@@ -590,6 +622,72 @@ class WanTrainingTask(PipelineTrainingTask):
                 "ByteDance/Video-As-Prompt-Wan2.1-14B's transformer/ files to the models"
             )
         return VapInputs(*(batch[key].to(device) for key in ("vap_latents", "vap_context", "vap_clip_feature")))
+
+    def _dancer(self, index: int, row: Mapping[str, Any], video: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A Wan-Dancer row's conditions at the video's size and frame count, as `generate_dancer` builds them
+        (`check_dancer_call`, then `dancer_conditions`): the first keyframe's and the reference image's CLIP
+        features, `y` (keyframe mask + latent), the music features and the frame rate."""
+        pipe, cfg = self.pipe, self.dit_config
+        _, frames, height, width = video.shape
+        if _given(row.get("framewise_decoding")) and str(row["framewise_decoding"]).lower() not in ("0", "false"):
+            raise ConfigError(
+                f"row {index} has framewise_decoding: the global model's frame-by-frame recipe (a video of one "
+                "keyframe per latent frame, each encoded alone) is not trained here; train on continuous videos "
+                "(the local model's recipe), or drop the column"
+            )
+        tc, z = pipe.vae.temporal_compression, pipe.vae.z_dim
+        if cfg.in_dim != cfg.out_dim + tc + z or cfg.out_dim != z:
+            raise ConfigError(
+                f"the Wan-Dancer DiT takes {cfg.in_dim} channels; this VAE gives {z} latent + {tc} mask channels: "
+                "use the Wan 2.1 VAE (Wan2.1_VAE.pth)"
+            )
+        check_dancer_size(height, width, self.size_multiple)
+        music = row.get("wantodance_music_path")
+        if not _given(music):
+            raise ConfigError(
+                f"row {index} has no wantodance_music_path: a Wan-Dancer model trains on the music of each video (an "
+                "audio file as long as the video), as DiffSynth-Studio's --extra_inputs wantodance_music_path,..."
+            )
+        if not isinstance(music, (str, os.PathLike)) or not Path(music).is_file():
+            raise ConfigError(
+                f"row {index}: wantodance_music_path={music!r} is not a file. List the column in --data_file_keys "
+                "(a path under the dataset folder, e.g. --data_file_keys video,wantodance_keyframes,"
+                "wantodance_music_path), or give the path absolute"
+            )
+        keyframes = row.get("wantodance_keyframes")
+        if not _given(keyframes):
+            raise ConfigError(
+                f"row {index} has no wantodance_keyframes: a Wan-Dancer model trains on a keyframe video of the "
+                "video's frames (the given keyframes, black elsewhere; add it to --data_file_keys) with "
+                "wantodance_keyframes_mask, as DiffSynth-Studio's --extra_inputs"
+            )
+        if isinstance(keyframes, list) and all(isinstance(k, torch.Tensor) for k in keyframes):  # a list of images
+            keyframes = torch.stack([self._checked_image(index, "wantodance_keyframes", k) for k in keyframes], 1)
+        keyframes = self._frames(index, {"wantodance_keyframes": keyframes}, "wantodance_keyframes", frames)
+        flags = row.get("wantodance_keyframes_mask")
+        if not _given(flags):
+            raise ConfigError(
+                f"row {index} has no wantodance_keyframes_mask: {frames} values, 1 where wantodance_keyframes holds "
+                "a keyframe, else 0"
+            )
+        flags = _numbers(index, "wantodance_keyframes_mask", flags)
+        reference = row.get("wantodance_reference_image")
+        if isinstance(reference, list):  # DiffSynth-Studio takes the first of a list
+            reference = reference[0] if reference else None
+        reference = self._image(index, {"wantodance_reference_image": reference}, "wantodance_reference_image")
+        reference = None if reference is None else tensor_to_pil(reference)[0]
+        fps = _number(index, "wantodance_fps", row.get("wantodance_fps"), 30.0)
+        try:
+            music, reference, keyframes, flags, fps = check_dancer_call(
+                pipe, str(music), None, reference, fps, keyframes, flags, frames
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"row {index}: {exc}") from None
+        cond = dancer_conditions(pipe, music, reference, keyframes, flags, fps, height, width, {})
+        sample = {"clip_feature": cond.clip_feature[0], "y": cond.y[0], "music_feature": cond.music_feature}
+        if cond.refimage_feature is not None:
+            sample["refimage_feature"] = cond.refimage_feature[0]
+        return {**sample, "wantodance_fps": torch.tensor([fps], dtype=torch.float32)}
 
     def _camera(self, index: int, row: Mapping[str, Any], frames: int, height: int, width: int) -> dict:
         """A Control-Camera row's camera path: the poses `[F, 19]` (float64, `camera.py`'s numbers exactly) and
@@ -852,6 +950,15 @@ class WanTrainingTask(PipelineTrainingTask):
         docstring)."""
         pipe, kind = self.pipe, self.kind
         given = {key: self._image(index, row, key) for key in CONDITION_KEYS}
+        if kind == "dancer":
+            named = [key for key, value in given.items() if value is not None]
+            if named:
+                raise ConfigError(
+                    f"row {index} has {' and '.join(named)}, but Wan-Dancer takes its dancer as "
+                    "wantodance_reference_image and its given frames as wantodance_keyframes: rename the column, or "
+                    "drop it"
+                )
+            return latents, self._dancer(index, row, video)
         if kind == "animate2":
             named = [key for key, value in given.items() if value is not None]
             if named:
@@ -936,10 +1043,10 @@ class WanTrainingTask(PipelineTrainingTask):
         for key in samples[0]:
             shapes = {tuple(s[key].shape) for s in samples}
             if len(shapes) > 1:  # CLIP features of one image or two (rows with and without an end_image)
-                raise ConfigError(
-                    f"a Wan batch mixes {key} shapes {sorted(shapes)}: give every row an end_image or none, "
-                    "or use --batch_size 1"
-                )
+                fix = "give every row an end_image or none"
+                if key == "music_feature":  # Wan-Dancer: 30 feature frames a second of each row's music
+                    fix = "give every row music of one length (as long as its video)"
+                raise ConfigError(f"a Wan batch mixes {key} shapes {sorted(shapes)}: {fix}, or use --batch_size 1")
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
@@ -967,6 +1074,17 @@ class WanTrainingTask(PipelineTrainingTask):
         if self.kind == "s2v":  # the pipeline's S2V model call, a first clip (no motion frames)
             cond = S2VConditions(given("ref_latents"), given("audio_embeds"), None, given("pose_latents"))
             return s2v_velocity(dit, noisy_latents, t, given("text"), cond)
+        if self.kind == "dancer":  # the pipeline's positive call: every block, one frame rate for the batch
+            rates = batch["wantodance_fps"].flatten().tolist()
+            if len(set(rates)) > 1:
+                raise ConfigError(
+                    f"a Wan-Dancer batch mixes wantodance_fps {sorted(set(rates))}: the DiT takes one frame rate a "
+                    "call; give every row one wantodance_fps, or use --batch_size 1"
+                )
+            cond = DancerConditions(
+                given("clip_feature"), given("y"), given("music_feature"), given("refimage_feature"), rates[0]
+            )
+            return dancer_velocity(dit, noisy_latents, t, given("text"), cond)
         if self.kind == "animate2":  # one clip: both streams in the DiT's call (see `_animate2`)
             dtype = module_dtype(dit)
             names = ("driving_latents", "driving_y", "context_ref", "clip_ref")
@@ -1063,7 +1181,7 @@ def _numbers(index: int, key: str, value: Any) -> list[float]:
     return [_number(index, key, item, None) for item in items if not (isinstance(item, str) and not item)]
 
 
-def _dit_config(config: ModelConfig) -> WanDiTConfig | WanS2VConfig | Animate2Config:
+def _dit_config(config: ModelConfig) -> WanDiTConfig | WanS2VConfig | Animate2Config | DancerConfig:
     """The DiT's config from its files' header (and the `config.json` beside them); no weights are read."""
     from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
     from diffsynth.runtime.loading import config_json_beside, derive_config, recognise
