@@ -77,6 +77,25 @@ DiT (LoRA) keeps the encoders frozen. `trained_model="value_controller"` (`--tra
 encoder loaded) trains that encoder in full under the frozen DiT, saved as
 `<step>/value_controller/diffusion_pytorch_model.safetensors` in the released keys, which `load_value_controller`
 reads; its validation samples take `--task_options validation_value_controller_inputs=0.7`.
+
+FLUX.1 Redux (DiffSynth-Studio's lora/ and full/FLUX.1-Redux-dev.sh): with the Redux embedder and its SigLIP image
+encoder among the model files (`flux1-redux-dev.safetensors` or diffusers' `image_embedder/`; loaded with the
+encoders through the pipeline's `load_redux`, frozen), a row's `flux_redux_image` (one picture or a list, read at
+its own size: it is one of the `conditioning` columns; optional `flux_redux_scale` / `flux_redux_pooled_scale`,
+default 1) is encoded as the pipeline's `prepare_redux` extends the positive prompt: `"t5"` [L + T, D] (the prompt's
+states, then the image's T tokens) and `"pooled"` as weighted there. The model call is the plain one with that
+prompt. Like the pipeline (and BFL's reference) the prompt is encoded; DiffSynth-Studio's unit puts zeros in its
+place. Rows with and without the column share no batch (their prompts differ in length).
+
+Insert Anything (DiffSynth-Studio's lora/Insert-Anything.sh, on FLUX.1-Fill-dev + Redux): a row's
+`insert_anything_source_image`, `_source_mask`, `_ref_image` and `_ref_mask` (each read at its own size) become the
+pipeline's Insert Anything inputs (`flux1.insert_anything.prepare_insert_anything`, halves of
+`insert_anything_size` = 768 pixels): the diptych [masked reference | source crop] with its mask as the Fill
+condition, the masked reference's Redux tokens after zero text states as the prompt. The target is the whole
+unmasked diptych, as DiffSynth-Studio's unit sets the input image in training (the source image already shows the
+object in place): the row's own `image` and prompt are not read. The pipeline's `insert_anything_*` call uses a
+LoRA trained so in the place of the authors' one (which the HuanJue/Insert-Anything preset fuses). Validation
+samples are not drawn for it (the call takes four pictures and no prompt).
 """
 
 from __future__ import annotations
@@ -96,8 +115,8 @@ from torch import nn
 from diffsynth.runtime.controlnet import ControlNetInput, ControlNetSlot
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import load_image, tensor_to_pil
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
+from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_pil
+from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 from diffsynth.runtime.vram import module_dtype
@@ -120,6 +139,23 @@ CONDITION_WIDTHS = {320: FILL, 64: CONTROL}
 TRAINED_MODELS = ("dit", "controlnet", "value_controller")  # `trained_model`: what the trainer trains
 ELIGEN_COLUMNS = ("eligen_entity_prompts", "eligen_entity_masks")  # DiffSynth-Studio's --extra_inputs
 VALUE_COLUMN = "value_controller_inputs"  # AttriCtrl's values (DiffSynth-Studio's --extra_inputs)
+REDUX_COLUMN = "flux_redux_image"  # FLUX.1 Redux's reference image(s) (DiffSynth-Studio's --extra_inputs)
+REDUX_SCALES = ("flux_redux_scale", "flux_redux_pooled_scale")  # the pipeline's optional weights, per row
+# Insert Anything's four pictures (DiffSynth-Studio's --extra_inputs; the pipeline's arguments)
+INSERT_COLUMNS = (
+    "insert_anything_source_image",
+    "insert_anything_source_mask",
+    "insert_anything_ref_image",
+    "insert_anything_ref_mask",
+)
+INSERT_SIZE = 768  # the side of each half of the diptych (the authors', `flux1.insert_anything.SIZE`)
+REDUX_CONDITIONING = (REDUX_COLUMN, *INSERT_COLUMNS)  # Redux's and Insert Anything's pictures: each at its own size
+INSERT_MARK = "_insert_anything"  # an encoded row's mark: its prompt is the authors' zero text states
+REDUX_HINT = (
+    "add the Redux embedder and its SigLIP image encoder to the models (e.g. --model_id_with_origin_paths "
+    "black-forest-labs/FLUX.1-Redux-dev:image_encoder/model.safetensors,black-forest-labs/FLUX.1-Redux-dev:"
+    "image_embedder/diffusion_pytorch_model.safetensors)"
+)
 VALUE_ENCODER_HINT = (
     "add the attribute encoder to the models (e.g. --model_id_with_origin_paths "
     "DiffSynth-Studio/AttriCtrl-FLUX.1-Dev:models/brightness.safetensors, or --model_paths FILE)"
@@ -137,7 +173,9 @@ class FluxTrainingTask(PipelineTrainingTask):
     denoiser_slot: ClassVar[str] = "dit"
     size_multiple: ClassVar[int] = FluxImagePipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("image",)
-    conditioning: ClassVar[tuple[str, ...]] = ("kontext_images",)
+    # reference pictures read at their own size (under --max_pixels), not the target's; a task with FLUX.1 Redux
+    # among its models reads its pictures so too (`REDUX_CONDITIONING`)
+    conditioning: tuple[str, ...] = ("kontext_images",)
 
     loss_options: ClassVar[tuple[str, ...]] = (
         "sigma_shift",
@@ -163,6 +201,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         trained_model: str = "dit",
         validation_processor_id: str | int | None = None,
         validation_value_controller_inputs: float | str | Sequence[float] | None = None,
+        insert_anything_size: int = INSERT_SIZE,
     ):
         """`kontext`: True requires `kontext_images` in every row, None takes them where rows have them.
         `controlnet_config`: the ControlNet's, read from its file's header when the stage loads no net (default: the
@@ -170,8 +209,14 @@ class FluxTrainingTask(PipelineTrainingTask):
         `validation_processor_id` is a Union net's control mode for validation samples (see the module docstring).
         `value_encoders`: how many AttriCtrl encoders the model files hold, read from their headers when the stage
         loads none (default: those `pipe` holds); `trained_model` "value_controller" trains the one encoder, and
-        `validation_value_controller_inputs` gives validation samples their values."""
+        `validation_value_controller_inputs` gives validation samples their values. `insert_anything_size`: the side
+        of each half of an Insert Anything row's diptych (the pipeline's `height` for it; 768, the authors')."""
         self.pipe = pipe
+        if isinstance(insert_anything_size, bool) or not isinstance(insert_anything_size, int):
+            raise ConfigError(f"insert_anything_size={insert_anything_size!r} must be an integer (768, the authors')")
+        if insert_anything_size < 16 or insert_anything_size % 16:
+            raise ConfigError(f"insert_anything_size={insert_anything_size} must be a multiple of 16 (768)")
+        self.insert_anything_size = insert_anything_size
         self.scheduler = FlowMatchScheduler("flux1", mu=math.log(sigma_shift))
         self.embedded_guidance = embedded_guidance
         self.t5_sequence_length = t5_sequence_length
@@ -228,6 +273,7 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     # the DiT's config read from its files' header when the DiT itself is not loaded (`from_pretrained`)
     dit_config: Any = None
+    redux: bool = False  # FLUX.1 Redux is among the model files (loaded with the encoders)
 
     @property
     def channel_kind(self) -> str | None:
@@ -243,7 +289,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         are edits of their references: without them they say little."""
         if self.channel_kind is not None or self.controlnet_config is not None:
             return "required"
-        return "expected" if self.kontext else "optional"
+        return "expected" if self.kontext or self.redux or self.pipe.flux_redux is not None else "optional"
 
     @classmethod
     def from_pretrained(
@@ -269,7 +315,11 @@ class FluxTrainingTask(PipelineTrainingTask):
         A FLUX.1 ControlNet among the files loads with the denoiser (its residuals are part of the model call); the
         encoding stage reads its config from the file's header (whether it is a Union or an inpainting net).
         AttriCtrl encoders load with the denoiser too (their tokens are computed in the model call); the encoding
-        stage only counts them."""
+        stage only counts them.
+
+        FLUX.1 Redux (its embedder and the SigLIP image encoder listed with it, as DiffSynth-Studio lists them) loads
+        with the encoders through the pipeline's `load_redux`: its tokens are part of the cached prompt."""
+        redux, model_configs = _redux_sources(model_configs)
         tokenizers = _tokenizer_pair(tokenizer_config, model_configs) if encoders else (None, None)
         controlnets = _header_configs(model_configs, "controlnet")
         if len(controlnets) > 1:
@@ -289,6 +339,8 @@ class FluxTrainingTask(PipelineTrainingTask):
             torch_dtype=torch_dtype,
             device=device,
         )
+        if redux is not None and encoders:
+            pipe.load_redux(redux[0], image_encoder=redux[1])
         defaults = pipe.defaults  # the preset's or the model folder's (load_partial_pipeline)
         task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
@@ -296,6 +348,9 @@ class FluxTrainingTask(PipelineTrainingTask):
         value_encoders = sum("value_controller" in model_roles(config) for config in model_configs)
         task = cls(pipe, controlnets[0] if controlnets else None, value_encoders, **task_options)
         task.dit_config = pipe.dit.config if pipe.dit is not None else _dit_config(model_configs)
+        task.redux = redux is not None
+        if task.redux:
+            task.conditioning = (*cls.conditioning, *REDUX_CONDITIONING)
         if task.dit_config is not None and condition_kind(task.dit_config) == "unknown":
             raise ConfigError(
                 f"{describe_widths(task.dit_config)}: its input is neither FLUX.1's, Fill's (384) nor Canny/Depth's "
@@ -307,7 +362,8 @@ class FluxTrainingTask(PipelineTrainingTask):
         """A validation sample's references as the pipeline's arguments: a Fill model's image to fill and its mask
         (`flux_fill_image`, `flux_fill_mask`), a Canny/Depth model's `control_image`, else `kontext_images`, sized
         as training sizes them (`kontext_auto_resize` of this task, not the pipeline's default). With a ControlNet:
-        its control image (and the inpainting net's mask) as `controlnet_inputs`."""
+        its control image (and the inpainting net's mask) as `controlnet_inputs`. With FLUX.1 Redux among the
+        models (and no Kontext DiT): the images as `flux_redux_image`."""
         if self.controlnet_config is not None:
             return self._control_arguments(images)
         kind = self.channel_kind
@@ -327,6 +383,8 @@ class FluxTrainingTask(PipelineTrainingTask):
             return {"control_image": images[0]}
         if not images:
             return {}
+        if not self.kontext and (self.redux or self.pipe.flux_redux is not None):
+            return {REDUX_COLUMN: list(images)}  # a Redux model's samples take the reference as the rows do
         return {"kontext_images": list(images), "kontext_auto_resize": self.kontext_auto_resize}
 
     def _control_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
@@ -401,6 +459,7 @@ class FluxTrainingTask(PipelineTrainingTask):
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """`{"latents": [16, H/8, W/8], "t5": [L, D], "pooled": [D']}` per row, with `"kontext"` [N, 64] and
         `"kontext_ids"` [N, 3] for a row with references; rows of one call share an image size."""
+        rows = [self._insert_anything_row(i, row) for i, row in enumerate(rows)]
         kinds = []
         for i, row in enumerate(rows):
             if "prompt" not in row or not isinstance(row.get("image"), torch.Tensor):
@@ -422,6 +481,9 @@ class FluxTrainingTask(PipelineTrainingTask):
             {"latents": lat, "t5": t5, "pooled": pooled}
             for lat, t5, pooled in zip(latents, text.t5, text.pooled, strict=True)
         ]
+        for sample, row in zip(samples, rows, strict=True):
+            if row.get(INSERT_MARK):  # the authors' text states: zeros, the Redux tokens after them
+                sample.update(t5=torch.zeros_like(sample["t5"]), pooled=torch.zeros_like(sample["pooled"]))
         for i, (sample, row, kind) in enumerate(zip(samples, rows, kinds, strict=True)):
             references = row_references(row, "kontext_images")
             if references:
@@ -429,6 +491,13 @@ class FluxTrainingTask(PipelineTrainingTask):
                 sample.update(kontext=kontext.tokens[0], kontext_ids=kontext.ids)
             if kind is not None:
                 sample["condition"] = self._encode_condition(i, row, kind)
+            if _has(row, REDUX_COLUMN):
+                sample.update(self._encode_redux(i, row, sample))
+            elif any(_has(row, column) for column in REDUX_SCALES):
+                raise ConfigError(
+                    f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r}) has "
+                    f"{' / '.join(c for c in REDUX_SCALES if _has(row, c))} but no {REDUX_COLUMN} to weigh"
+                )
         controlled = [i for i, row in enumerate(rows) if _has(row, "controlnet_image")]
         if self.trained_model == "controlnet" and len(controlled) < len(rows):
             i = next(i for i in range(len(rows)) if i not in controlled)
@@ -458,6 +527,78 @@ class FluxTrainingTask(PipelineTrainingTask):
                     "AttriCtrl tokens after the prompt; give one or the other"
                 )
         return samples
+
+    def _insert_anything_row(self, index: int, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A row with Insert Anything's four pictures as the Fill + Redux row the pipeline's preparation makes of
+        them (`prepare_insert_anything`): the diptych [masked reference | source crop] as `flux_fill_image` and as
+        the target `image` (DiffSynth-Studio trains on the diptych itself: the source image already holds the
+        object), its mask, and the masked reference as `flux_redux_image`; the row's own image and prompt are not
+        read (zero text states, as the pipeline's). Other rows as they are."""
+        from .flux1.insert_anything import prepare_insert_anything
+
+        given = [column for column in INSERT_COLUMNS if _has(row, column)]
+        if not given:
+            return row
+        where = f"row {index} of the batch"
+        if len(given) < len(INSERT_COLUMNS):
+            missing = [column for column in INSERT_COLUMNS if column not in given]
+            raise ConfigError(
+                f"{where} has {', '.join(given)} but no {', '.join(missing)}: Insert Anything trains on all four "
+                f"(list them in --data_file_keys, e.g. --data_file_keys image,{','.join(INSERT_COLUMNS)})"
+            )
+        others = [c for c in (*CHANNEL_COLUMNS[FILL], REDUX_COLUMN, "control_image", "kontext_images") if _has(row, c)]
+        if others:
+            raise ConfigError(
+                f"{where} has insert_anything_* with {', '.join(others)}; Insert Anything makes the Fill and Redux "
+                "inputs itself: drop them"
+            )
+        config = self.pipe.dit.config if self.pipe.dit is not None else self.dit_config
+        if config is not None and condition_kind(config) != FILL:
+            raise ConfigError(
+                f"{where} has insert_anything_*, which need a FLUX.1 Fill DiT (black-forest-labs/FLUX.1-Fill-dev: "
+                f"flux1-fill-dev.safetensors); this is {describe_widths(config)}"
+            )
+        if self.pipe.flux_redux is None or self.pipe.flux_redux_image_encoder is None:
+            raise ConfigError(
+                f"{where}: insert_anything_ref_image is read by FLUX.1 Redux, which is not among the models: "
+                f"{REDUX_HINT}"
+            )
+        pictures = [_row_picture(index, row, column) for column in INSERT_COLUMNS]
+        try:
+            insert = prepare_insert_anything(*pictures, size=self.insert_anything_size)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        out = {k: v for k, v in row.items() if k not in INSERT_COLUMNS}
+        return {
+            **out,
+            "prompt": "",
+            "image": pil_to_tensor(insert.fill_image)[0],
+            CHANNEL_COLUMNS[FILL][0]: insert.fill_image,
+            CHANNEL_COLUMNS[FILL][1]: insert.fill_mask,
+            REDUX_COLUMN: insert.redux_image,
+            INSERT_MARK: True,
+        }
+
+    def _encode_redux(self, index: int, row: Mapping[str, Any], sample: Mapping[str, torch.Tensor]) -> dict:
+        """`{"t5": [L + T, D], "pooled": [D']}`: the row's prompt with the Redux tokens of its reference image(s)
+        appended, as the pipeline's `prepare_redux` gives the positive prompt (`flux_redux_scale` /
+        `flux_redux_pooled_scale` when the row has them, else 1)."""
+        where = f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})"
+        pipe = self.pipe
+        if pipe.flux_redux is None or pipe.flux_redux_image_encoder is None:
+            raise ConfigError(f"{where} has {REDUX_COLUMN}, but FLUX.1 Redux is not among the models: {REDUX_HINT}")
+        value = row[REDUX_COLUMN]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        names = [REDUX_COLUMN] if len(values) == 1 else [f"{REDUX_COLUMN}[{k}]" for k in range(len(values))]
+        images = [_picture(index, v, name, REDUX_COLUMN) for v, name in zip(values, names, strict=True)]
+        scales = [_redux_scale(row.get(column), f"{where}: {column}") for column in REDUX_SCALES]
+        try:
+            checked = pipe.check_redux_inputs(images, *scales)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        text = FluxPromptEmbeds(sample["t5"][None], sample["pooled"][None])
+        text = pipe.prepare_redux(text, *checked)
+        return {"t5": text.t5[0], "pooled": text.pooled[0]}
 
     def _encode_entities(self, index: int, row: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """`{"eligen_t5": [N, L, D], "eligen_regions": [N, H/16 * W/16]}` for a row with EliGen entities (none
@@ -566,6 +707,13 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         """Stacked; the reference tokens too, with the ids they share (one reference layout per batch)."""
+        lengths = [s["t5"].shape[0] for s in samples]
+        if len(set(lengths)) > 1:
+            raise ConfigError(
+                f"the rows of a batch have prompts of {lengths} T5 tokens: rows with {REDUX_COLUMN} (whose Redux "
+                "tokens follow the prompt's) cannot share a batch with rows without it; give every row its "
+                f"{REDUX_COLUMN} (or none), or train with --batch_size 1"
+            )
         batch = collate_references(samples, ("latents", "t5", "pooled"), "kontext", "kontext_ids", "kontext_images")
         with_condition = sum("condition" in s for s in samples)
         if with_condition == len(samples):
@@ -764,6 +912,42 @@ def _picture(index: int, value: Any, what: str, column: str):
     if isinstance(value, Image.Image):
         return value
     raise ConfigError(f"row {index}: {what} must be one image (a [3, H, W] tensor or PIL image), got {preview(value)}")
+
+
+def _redux_scale(value: Any, where: str) -> float | list[float]:
+    """A row's Redux scale as the pipeline takes it: 1 when absent; a number, a CSV cell's text ("0.8", or
+    "0.8,0.5" for several images) or a list, one per image."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 1.0
+    if not isinstance(value, str):
+        return value  # the pipeline's `check_scales` says what it takes
+    try:
+        parsed = [float(item) for item in value.strip().strip("[]").replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"{where} {value!r} is not a number (or a list of numbers, one per image)") from None
+    return parsed[0] if len(parsed) == 1 else parsed
+
+
+def _redux_sources(model_configs: Sequence[ModelConfig]) -> tuple[tuple | None, list[ModelConfig]]:
+    """The Redux embedder and the SigLIP image encoder listed with it (`(redux, encoder or None)`, None without a
+    Redux embedder), and the other model configs, which load as the other slots do."""
+    from .flux1.ip_adapter import source_part
+    from .flux1.redux import is_redux_file
+
+    redux = [is_redux_file(weight_paths(config)) for config in model_configs]
+    found = [config for config, is_redux in zip(model_configs, redux, strict=True) if is_redux]
+    if not found:
+        return None, list(model_configs)
+    rest = [config for config, is_redux in zip(model_configs, redux, strict=True) if not is_redux]
+    if len(found) > 1:
+        raise ConfigError(f"the model files hold {len(found)} FLUX.1 Redux embedders ({found}); give one")
+    encoder = [source_part(weight_paths(config)) == "image_encoder" for config in rest]
+    encoders = [config for config, is_encoder in zip(rest, encoder, strict=True) if is_encoder]
+    if len(encoders) > 1:
+        raise ConfigError(
+            f"the model files hold {len(encoders)} image encoders for FLUX.1 Redux ({encoders}); give one"
+        )
+    return (found[0], encoders[0] if encoders else None), [c for c, e in zip(rest, encoder, strict=True) if not e]
 
 
 def _row_entities(index: int, row: Mapping[str, Any]) -> tuple[list[str], list[Image.Image]] | None:
