@@ -54,14 +54,14 @@ def _constraints() -> str:
 
 
 # optional extras a package's own tests exercise (its tests skip without them)
-TEST_EXTRAS = {"training": "[deepspeed]"}
+TEST_EXTRAS = {"runtime": "[quant]", "training": "[deepspeed]"}
 
 
 def _local_deps(package: str) -> list[str]:
     """The package folder (with the extras its tests exercise) plus the runtime it depends on (not published
     to an index yet)."""
     if package == "runtime":
-        return ["packages/runtime"]
+        return [f"packages/runtime{TEST_EXTRAS['runtime']}"]
     return ["packages/runtime", f"packages/{package}{TEST_EXTRAS.get(package, '')}"]
 
 

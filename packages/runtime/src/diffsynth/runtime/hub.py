@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +64,8 @@ class ModelConfig:
     computation_device: str | torch.device | None = None
     computation_dtype: torch.dtype | str | None = None
     clear_parameters: bool = False  # accepted for DiffSynth-Studio compatibility
+    # weight-only quantization of the model's Linears once loaded (`quant.QuantizeConfig`, or a method name)
+    quantize: Any = None
 
     def __post_init__(self) -> None:
         self.path = _check_path(self.path)
@@ -79,6 +82,10 @@ class ModelConfig:
             raise ConfigError(f"local_model_path must be a folder path, got {self.local_model_path!r}")
         self.local_model_path = os.fspath(self.local_model_path)
         self.skip_download = _skip_download(self.skip_download)
+        if self.quantize is not None:
+            from .quant import QuantizeConfig
+
+            self.quantize = QuantizeConfig.parse(self.quantize)
         for key in VRAM_KEYS:
             value = getattr(self, key)
             if value is None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, LoRAError, preview
+from .quant import is_quantized_linear
 
 logger = logging.getLogger(__name__)
 
@@ -288,12 +289,13 @@ def resolve_lora(model: nn.Module, lora: LoRAWeights, key_map: KeyMap | None = N
 
 
 def _check_shapes(module: nn.Linear, name: str, t: LoRATarget, source: str, model_name: str) -> None:
-    out_features, in_features = module.weight.shape
+    out_features, in_features = module.out_features, module.in_features  # a quantized weight is packed
+    weight_shape = (out_features, in_features)
     problems = []
     if t.down is not None and (t.down.shape[1] != in_features or t.up.shape[0] != out_features):
-        problems.append(f"down {tuple(t.down.shape)} / up {tuple(t.up.shape)} vs weight {tuple(module.weight.shape)}")
-    if t.diff is not None and tuple(t.diff.shape) != tuple(module.weight.shape):
-        problems.append(f"diff {tuple(t.diff.shape)} vs weight {tuple(module.weight.shape)}")
+        problems.append(f"down {tuple(t.down.shape)} / up {tuple(t.up.shape)} vs weight {weight_shape}")
+    if t.diff is not None and tuple(t.diff.shape) != weight_shape:
+        problems.append(f"diff {tuple(t.diff.shape)} vs weight {weight_shape}")
     if t.diff_b is not None:
         if module.bias is None:
             problems.append("diff_b given but the layer has no bias")
@@ -320,6 +322,10 @@ def apply_lora(
     under `name` (default `lora_<n>`; re-using a name replaces that LoRA) and returned, for
     `set_lora_scale` / `clear_loras`."""
     resolved = resolve_lora(model, read_lora(lora), key_map)
+    if fuse and any(is_quantized_linear(model.get_submodule(n)) for n in resolved.targets):
+        # a LoRA's delta is far below a 4-bit step: fused into the rounded weights it would mostly vanish
+        logger.info("LoRA %s kept apart (not fused): the model's Linears are quantized", resolved.source)
+        fuse = False
     if fuse:
         for target_name, target in resolved.targets.items():
             _fuse(model.get_submodule(target_name), target, float(scale))

@@ -22,6 +22,7 @@ import torch
 from .dtypes import parse_device, parse_dtype
 from .errors import CheckpointError, ConfigError, preview
 from .hub import ModelConfig
+from .quant import check_vram_keys, quantize_config
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,11 @@ class BasePipeline:
                 )
             if getattr(self, slot) is not None:
                 logger.warning("%s replaces an earlier %s model", _describe(config), slot)
-            setattr(self, slot, item.module.eval().requires_grad_(False))
+            module = item.module.eval().requires_grad_(False)
+            if config.quantize is not None:  # 4-bit Linears from here on (`quant.py`), rounded on the device
+                check_vram_keys(slot, config.quantize, config.vram_config())
+                config.quantize.quantize_model(module, compute_device=self.device)
+            setattr(self, slot, module)
             self.model_configs[slot] = config
 
     # ------------------------------------------------------------------ ControlNets
@@ -309,6 +314,8 @@ class BasePipeline:
         unknown = [s for s in chosen if s not in self.model_slots]
         if unknown:
             raise ConfigError(f"unknown model slot(s) {unknown}; slots: {list(self.model_slots)}")
+        # quantized models are not block-managed: they move as a whole between stages (`load_models_to_device`)
+        chosen = [s for s in chosen if quantize_config(getattr(self, s)) is None]
         resolved = {}
         for slot in chosen:
             model_config = self.model_configs.get(slot)

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.layers import MultiAxisRope, rope_tables, rotate, timestep_embedding
+from diffsynth.runtime.quant import linear_weight
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +121,10 @@ def _layer_norm32(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None)
 
 
 def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer in float32 whatever the weights' dtype (the authors' fp32 autocast regions)."""
+    """A linear layer in float32 whatever the weights' dtype (the authors' fp32 autocast regions; a 4-bit
+    layer's weights dequantized)."""
     bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)
+    return F.linear(x.float(), linear_weight(layer).float(), bias)
 
 
 def _modulate(x: torch.Tensor, frames: int, shift, scale, eps: float) -> torch.Tensor:

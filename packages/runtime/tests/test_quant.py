@@ -1,0 +1,220 @@
+"""Weight-only 4-bit quantization (`quant.py`, bitsandbytes NF4 / FP4): the rounding stays within the format's
+bound, the 4-bit layers compute exactly what plain Linears holding the rounded weights compute, LoRAs attach to
+them and train through them, and a pipeline loads a quantized model from `ModelConfig(quantize=...)` and runs it,
+alone or beside block-managed models."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.lora import apply_lora, list_loras
+from diffsynth.runtime.quant import QuantizeConfig, is_quantized_linear, linear_weight, quantize_config
+
+pytest.importorskip("bitsandbytes")
+
+# NF4's 16 levels (QLoRA, Dettmers et al. 2023) over [-1, 1]; a weight is rounded to the nearest level times its
+# block's absmax, so its error is at most half the widest gap times that absmax
+NF4_LEVELS = torch.tensor(
+    [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626,
+     0.7230, 1.0]
+)  # fmt: skip
+NF4_HALF_GAP = float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()) / 2
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 64)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"proj": nn.Linear(64, 128), "out": nn.Linear(128, 64)}) for _ in range(2)
+        )
+        self.head = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block["out"](torch.nn.functional.gelu(block["proj"](x)))
+        return self.head(x)
+
+
+def tiny(dtype=torch.float32) -> Tiny:
+    torch.manual_seed(0)
+    return Tiny().to(dtype).eval().requires_grad_(False)
+
+
+def test_rounding_stays_within_the_nf4_bound_per_block():
+    model = tiny()
+    weight = model.blocks[0]["proj"].weight.clone()
+    QuantizeConfig(method="bitsandbytes_nf4", backend_config_kwargs={"compress_statistics": False}).quantize_model(
+        model
+    )
+    layer = model.blocks[0]["proj"]
+    assert is_quantized_linear(layer) and isinstance(layer, nn.Linear)
+    rounded = linear_weight(layer)
+    assert rounded.shape == weight.shape and rounded.dtype == weight.dtype
+    blocks = weight.flatten().unflatten(0, (-1, 64))  # bitsandbytes' default blocksize
+    error = (rounded.flatten().unflatten(0, (-1, 64)) - blocks).abs()
+    bound = NF4_HALF_GAP * blocks.abs().amax(1, keepdim=True) * (1 + 1e-3)
+    assert (error <= bound).all(), (error / bound).max()
+    assert error.max() > 0  # it did round
+    stored = layer.weight.numel() * layer.weight.element_size()
+    assert stored == weight.numel() // 2  # two weights a byte
+
+
+@pytest.mark.parametrize("method", ["bitsandbytes_nf4", "bitsandbytes_fp4"])
+def test_4bit_layers_compute_what_plain_layers_with_the_rounded_weights_compute(method):
+    model = QuantizeConfig(method=method).quantize_model(tiny(torch.bfloat16))
+    plain = QuantizeConfig(method=method, mode="dequant_once").quantize_model(tiny(torch.bfloat16))
+    assert all(type(m) is nn.Linear for m in plain.modules() if isinstance(m, nn.Linear))
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
+    reference = tiny(torch.bfloat16)(x)
+    assert 0 < (out - reference).abs().max() < 0.25 * reference.abs().max()
+    assert quantize_config(model).method == method and model.embed.weight.dtype == torch.bfloat16
+
+
+def test_targets_and_excludes_match_dotted_name_endings():
+    model = tiny()
+    config = QuantizeConfig(method="bitsandbytes_nf4", exclude_modules=["head", "blocks.1.out"])
+    assert config.targets(model) == ["blocks.0.proj", "blocks.0.out", "blocks.1.proj"]
+    assert QuantizeConfig(method="bitsandbytes_nf4", target_modules="proj").targets(model) == [
+        "blocks.0.proj",
+        "blocks.1.proj",
+    ]
+    config.quantize_model(model)
+    assert not is_quantized_linear(model.head) and not is_quantized_linear(model.blocks[1]["out"])
+    assert is_quantized_linear(model.blocks[1]["proj"])
+
+
+def lora_state(model: nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
+            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
+    return state
+
+
+def test_a_lora_on_4bit_layers_is_kept_apart_and_equals_it_on_the_rounded_weights():
+    model = QuantizeConfig(method="bitsandbytes_nf4").quantize_model(tiny())
+    plain = QuantizeConfig(method="bitsandbytes_nf4", mode="dequant_once").quantize_model(tiny())
+    state = lora_state(model)
+    assert apply_lora(model, state, scale=0.8) is not None  # fuse=True asked: attached instead
+    assert list(list_loras(model)) == ["lora_0"]
+    apply_lora(plain, state, scale=0.8, fuse=False)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-6)
+    assert (model(x) - QuantizeConfig(method="bitsandbytes_nf4").quantize_model(tiny())(x)).abs().max() > 1e-3
+
+
+def test_gradients_reach_a_trainable_branch_through_frozen_4bit_layers():
+    """QLoRA's premise: the rounded base is frozen, the input's gradient flows through it (the trainer's LoRA
+    layers sit on top), and it equals the gradient through plain layers with the rounded weights."""
+    model = QuantizeConfig(method="bitsandbytes_nf4").quantize_model(tiny())
+    plain = QuantizeConfig(method="bitsandbytes_nf4", mode="dequant_once").quantize_model(tiny())
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for net in (model, plain):
+        leaf = x.clone().requires_grad_(True)
+        net(leaf).pow(2).sum().backward()
+        grads.append(leaf.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_clear_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="method='int3' is not supported; methods: .*bitsandbytes_nf4"):
+        QuantizeConfig(method="int3")
+    with pytest.raises(ConfigError, match="mode='fast' must be one of"):
+        QuantizeConfig(method="bitsandbytes_nf4", mode="fast")
+    with pytest.raises(ConfigError, match=r"backend_config_kwargs \['group_size'\] are not bitsandbytes options"):
+        QuantizeConfig(method="bitsandbytes_nf4", backend_config_kwargs={"group_size": 32})
+    with pytest.raises(ConfigError, match="blocksize=48"):
+        QuantizeConfig(method="bitsandbytes_nf4", backend_config_kwargs={"blocksize": 48})
+    with pytest.raises(ConfigError, match="load_prequantized=True .* not supported yet"):
+        QuantizeConfig(method="bitsandbytes_nf4", load_prequantized=True)
+    with pytest.raises(ConfigError, match="no nn.Linear of Tiny matches target_modules=\\['attn'\\]"):
+        QuantizeConfig(method="bitsandbytes_nf4", target_modules=["attn"]).quantize_model(tiny())
+    with pytest.raises(ConfigError, match="quantize must be a QuantizeConfig or a method name"):
+        ModelConfig(path="model.safetensors", quantize=4)
+    assert ModelConfig(path="model.safetensors", quantize="bitsandbytes_nf4").quantize.method == "bitsandbytes_nf4"
+    with pytest.raises(ConfigError, match="float8_e4m3fn Linear .* cannot be quantized"):
+        QuantizeConfig(method="bitsandbytes_nf4").quantize_model(tiny().to(torch.float8_e4m3fn))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ConfigError, match="needs the bitsandbytes package: pip install bitsandbytes"):
+        QuantizeConfig(method="bitsandbytes_nf4").quantize_model(tiny())
+
+
+# ----------------------------------------------------------------------------------- through a pipeline
+PROMPT = "a red circle on a blue background"
+FAST = {"height": 32, "width": 32, "num_inference_steps": 2, "progress_bar": False, "output_type": "pt", "seed": 0}
+FILES = {
+    "dit": "transformer/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    """The tiny random Z-Image repo the z-image package's tests build (one builder, not a copy)."""
+    pytest.importorskip("diffsynth.z_image")
+    conftest = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("z_image_tiny_repo_quant", conftest)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image-quant"))
+
+
+def pipeline(root: Path, quantize, **options):
+    from diffsynth.z_image import ZImagePipeline
+
+    configs = [
+        ModelConfig(path=str(root / path), quantize=quantize if slot == "dit" else None) for slot, path in FILES.items()
+    ]
+    return ZImagePipeline.from_pretrained(
+        model_configs=configs, tokenizer_config=ModelConfig(path=str(root / "tokenizer")), device="cpu", **options
+    )
+
+
+def test_a_pipeline_runs_a_quantized_dit_as_plain_layers_with_the_rounded_weights(tiny_repo):
+    nf4 = QuantizeConfig(method="bitsandbytes_nf4", exclude_modules=["t_embedder.mlp.0"])
+    pipe = pipeline(tiny_repo, nf4, torch_dtype="bfloat16")
+    linears = [m for m in pipe.dit.modules() if isinstance(m, nn.Linear)]
+    quantized = [m for m in linears if is_quantized_linear(m)]
+    assert quantize_config(pipe.dit) is nf4 and 0 < len(quantized) == len(linears) - 1
+    out = pipe(PROMPT, **FAST)
+    rounded = pipeline(tiny_repo, QuantizeConfig(method="bitsandbytes_nf4", mode="dequant_once",
+                                                 exclude_modules=["t_embedder.mlp.0"]), torch_dtype="bfloat16")  # fmt: skip
+    torch.testing.assert_close(out, rounded(PROMPT, **FAST), rtol=0, atol=0)
+    plain = pipeline(tiny_repo, None, torch_dtype="bfloat16")
+    full, other_seed = plain(PROMPT, **FAST), plain(PROMPT, **{**FAST, "seed": 1})
+    # the rounding shows, and the image is still that seed's: nearer to it than another seed's image is
+    assert 0 < (out - full).abs().mean() < (other_seed - full).abs().mean() / 2
+
+    # beside block-managed models (a vram_limit): the 4-bit DiT moves as a whole, the others stream; same output
+    managed = pipeline(tiny_repo, nf4, torch_dtype="bfloat16", vram_limit=1e-6)
+    assert set(managed.vram_handles) == {"vae", "text_encoder"}
+    torch.testing.assert_close(managed(PROMPT, **FAST), out, rtol=0, atol=0)
+    report = managed.vram_report()
+    assert report["dit"].state == "unmanaged" and report["vae"].bytes_per_step > 0
+
+
+def test_vram_keys_a_quantized_model_cannot_take_are_refused(tiny_repo):
+    from diffsynth.z_image import ZImagePipeline
+
+    config = ModelConfig(path=str(tiny_repo / FILES["dit"]), quantize="bitsandbytes_nf4", offload_dtype="float8_e4m3fn")
+    with pytest.raises(ConfigError, match="the dit model is quantized .*offload_dtype.*drop one of the two"):
+        ZImagePipeline.from_pretrained(model_configs=[config], torch_dtype="bfloat16", device="cpu")
