@@ -218,3 +218,47 @@ def test_vram_keys_a_quantized_model_cannot_take_are_refused(tiny_repo):
     config = ModelConfig(path=str(tiny_repo / FILES["dit"]), quantize="bitsandbytes_nf4", offload_dtype="float8_e4m3fn")
     with pytest.raises(ConfigError, match="the dit model is quantized .*offload_dtype.*drop one of the two"):
         ZImagePipeline.from_pretrained(model_configs=[config], torch_dtype="bfloat16", device="cpu")
+
+
+def test_from_pretrained_quantize_by_slot_equals_the_model_config_route(tiny_repo):
+    """`from_pretrained(folder, quantize={"dit": ...})` (presets and folders, whose ModelConfigs are not the
+    user's) quantizes the same layers as `ModelConfig(quantize=...)`: the same image."""
+    from diffsynth.z_image import ZImagePipeline
+
+    by_slot = ZImagePipeline.from_pretrained(
+        str(tiny_repo), torch_dtype="bfloat16", device="cpu", quantize={"dit": "bitsandbytes_nf4"}
+    )
+    assert quantize_config(by_slot.dit).method == "bitsandbytes_nf4" and quantize_config(by_slot.vae) is None
+    by_config = pipeline(tiny_repo, "bitsandbytes_nf4", torch_dtype="bfloat16")
+    torch.testing.assert_close(by_slot(PROMPT, **FAST), by_config(PROMPT, **FAST), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="quantize names slot 'unet', which holds no loaded model; loaded: .*dit"):
+        ZImagePipeline.from_pretrained(str(tiny_repo), device="cpu", quantize={"unet": "bitsandbytes_nf4"})
+    with pytest.raises(ConfigError, match="quantize must map model slots to methods"):
+        ZImagePipeline.from_pretrained(str(tiny_repo), device="cpu", quantize="bitsandbytes_nf4")
+
+
+def test_cli_quantize_flag_reaches_from_pretrained(monkeypatch):
+    from diffsynth.runtime import cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Recorder:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            seen.update(kwargs)
+            raise Stop
+
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: Recorder)
+    with pytest.raises(Stop):
+        cli.main(["generate", "--model", "x", "--prompt", "a cat", "--device", "cpu", "--quantize", "bitsandbytes_nf4",
+                  "--quantize", "text_encoder=bitsandbytes_fp4"])  # fmt: skip
+    assert seen["quantize"] == {"dit": "bitsandbytes_nf4", "text_encoder": "bitsandbytes_fp4"}
+    seen.clear()
+    with pytest.raises(Stop):
+        cli.main(["generate", "--model", "x", "--prompt", "a cat", "--device", "cpu"])
+    assert "quantize" not in seen  # pipelines are called as before without the flag
+    with pytest.raises(ConfigError, match="--quantize names the dit model twice"):
+        cli.quantize_options(["bitsandbytes_nf4", "dit=bitsandbytes_fp4"])

@@ -541,6 +541,7 @@ class LTX2Pipeline(BasePipeline):
         vram_limit: float | None = None,
         stage2_lora_config: ModelConfig | str | os.PathLike | None = None,
         stage2_lora_strength: float | None = None,
+        quantize=None,
     ):
         """As `BasePipeline.from_pretrained`, plus DiffSynth-Studio's two-stage settings: `stage2_lora_config`
         is the distilled LoRA the full model's second stage runs with (a `ModelConfig` or a file; the
@@ -554,6 +555,7 @@ class LTX2Pipeline(BasePipeline):
             model_configs=model_configs,
             tokenizer_config=tokenizer_config,
             vram_limit=vram_limit,
+            quantize=quantize,
         )
         preset_lora = pipe.defaults.pop("stage2_lora", None)
         if stage2_lora_config is None and preset_lora is not None:

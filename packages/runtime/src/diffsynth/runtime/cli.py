@@ -303,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: divide each DiT call's batch (CFG's positive and negative halves) over N ranks",
     )
     gen.add_argument("--vram-limit", type=float, default=None, help="GiB of VRAM the models may use")
+    gen.add_argument(
+        "--quantize",
+        action="append",
+        default=[],
+        metavar="[SLOT=]METHOD",
+        help="store a model's Linears in 4 bits: bitsandbytes_nf4 or bitsandbytes_fp4, for the DiT (slot 'dit') "
+        "or the slot named (repeatable; needs pip install bitsandbytes)",
+    )
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     gen.add_argument(
         "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on a GPU, float32 on the CPU)"
@@ -314,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file", nargs="+", help="a checkpoint file, several shards, or a folder")
     ins.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def quantize_options(specs: list[str]) -> dict[str, str]:
+    """`--quantize [SLOT=]METHOD` values as `from_pretrained(quantize=...)` takes them (no slot: the DiT)."""
+    from .errors import ConfigError
+
+    chosen: dict[str, str] = {}
+    for spec in specs:
+        slot, _, method = spec.rpartition("=")
+        slot = slot.strip() or "dit"
+        if slot in chosen:
+            raise ConfigError(f"--quantize names the {slot} model twice ({chosen[slot]}, {method})")
+        chosen[slot] = method.strip()
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,7 +532,10 @@ def _generate(args) -> int:
     inserting = args.insert_anything_source_image is not None  # Insert Anything reads no prompt
     if args.prompt is None and not hasattr(cls, "run_cli") and not inserting:  # (HDR: pre-computed embeddings)
         raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
-    pipe = cls.from_pretrained(args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit)
+    options = {"quantize": quantize_options(args.quantize)} if args.quantize else {}
+    pipe = cls.from_pretrained(
+        args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit, **options
+    )
     if parallel:
         pipe.enable_parallel(sequence=args.sequence_parallel, batch=args.cfg_parallel or 1)
     for spec in args.lora:

@@ -13,7 +13,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -82,6 +82,7 @@ class BasePipeline:
         vram_limit: float | None = None,
         use_usp: bool = False,
         controlnet=None,
+        quantize: Mapping[str, Any] | None = None,
     ):
         """Build the pipeline from a preset name, a local hub-style folder, or `ModelConfig`s.
 
@@ -91,7 +92,9 @@ class BasePipeline:
         DiffSynth-Studio. `use_usp=True` (under torchrun, as DiffSynth-Studio) loads onto this
         rank's GPU and divides every denoiser call's tokens over all ranks (`enable_parallel`).
         `controlnet` loads ControlNets into pipelines that take them (see `load_controlnet`); ControlNet
-        files among `model_configs` join them too, in order.
+        files among `model_configs` join them too, in order. `quantize={"dit": "bitsandbytes_nf4"}` (slot ->
+        `quant.QuantizeConfig` or method name) quantizes loaded models as `ModelConfig(quantize=...)` does, for
+        presets and folders whose `ModelConfig`s are not yours.
         """
         if use_usp:
             from .parallel import init_parallel
@@ -135,6 +138,7 @@ class BasePipeline:
             )
         if tokenizer_config is not None:
             pipe.tokenizer = pipe._load_tokenizer(tokenizer_config)
+        pipe._quantize_slots(quantize or {})
         pipe._place_models()
         if controlnet is not None:
             pipe.load_controlnet(controlnet)
@@ -163,6 +167,26 @@ class BasePipeline:
         raise ConfigError(
             f"{name!r} is neither a folder nor a known {cls.__name__} preset; presets: {preview(sorted(presets), 30)}"
         )
+
+    def _quantize_slots(self, quantize: Mapping[str, Any]) -> None:
+        """`from_pretrained(quantize=...)`: each named slot's loaded model quantized (see `quant.py`)."""
+        from .quant import QuantizeConfig
+
+        if not isinstance(quantize, Mapping):
+            raise ConfigError(
+                f"quantize must map model slots to methods, e.g. {{'dit': 'bitsandbytes_nf4'}}; got {quantize!r}"
+            )
+        for slot, value in quantize.items():
+            model = getattr(self, slot, None) if slot in self.model_slots else None
+            if not isinstance(model, torch.nn.Module):
+                loaded = [s for s in self.model_slots if isinstance(getattr(self, s), torch.nn.Module)]
+                raise ConfigError(f"quantize names slot {slot!r}, which holds no loaded model; loaded: {loaded}")
+            config = QuantizeConfig.parse(value)
+            if quantize_config(model) is not None:
+                raise ConfigError(f"the {slot} model is quantized already (its ModelConfig's quantize)")
+            model_config = self.model_configs.get(slot)
+            check_vram_keys(slot, config, model_config.vram_config() if model_config is not None else {})
+            config.quantize_model(model, compute_device=self.device)
 
     def _load_config(self, config: ModelConfig) -> None:
         """Load the models of one `ModelConfig` into their slots; ControlNet files join their slot (see
