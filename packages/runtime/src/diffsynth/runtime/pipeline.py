@@ -696,15 +696,41 @@ class BasePipeline:
         return caches
 
     def compile(self, slot: str = "dit", **compile_kwargs) -> None:
-        """Regional torch.compile: compile each repeated block once instead of the whole model."""
-        model = getattr(self, slot)
+        """Regional torch.compile: compile each repeated block once instead of the whole model (its
+        `compile_units`); a model that declares none is compiled whole."""
+        model = getattr(self, slot, None) if slot in self.model_slots else None
+        if not isinstance(model, torch.nn.Module):
+            loaded = [s for s in self.model_slots if isinstance(getattr(self, s), torch.nn.Module)]
+            raise ConfigError(f"compile: slot {slot!r} holds no loaded model; loaded: {loaded}")
         if slot in self.vram_handles:  # streaming hooks must stay outside the traced graphs
             self.vram_handles[slot].prepare_for_compile()
-        for path in getattr(model, "compile_units", ()):
+        units = getattr(model, "compile_units", ())
+        if not units:
+            model.compile(**compile_kwargs)
+        for path in units:
             module = model.get_submodule(path)
             blocks = module if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) else [module]
             for block in blocks:
                 block.compile(**compile_kwargs)
+        logger.info("%s compiled (%s)", slot, f"{len(units)} block lists" if units else "whole")
+
+    def compile_pipeline(
+        self,
+        mode: str = "default",
+        dynamic: bool = True,
+        fullgraph: bool = False,
+        compile_models: Sequence[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """DiffSynth-Studio's entry: `compile` for each of `compile_models` (default: the denoiser slots that
+        hold a model), with torch.compile's `mode`, `dynamic`, `fullgraph` and other keywords."""
+        slots = list(compile_models) if compile_models is not None else self.denoiser_slots()
+        for slot in slots:
+            self.compile(slot, mode=mode, dynamic=dynamic, fullgraph=fullgraph, **kwargs)
+
+    def denoiser_slots(self) -> list[str]:
+        """The slots of the models run at every sampling step that hold one (`dit`, and Wan 2.2's `dit2`)."""
+        return [s for s in ("dit", "dit2") if s in self.model_slots and isinstance(getattr(self, s), torch.nn.Module)]
 
 
 def _cached_steps(bar, caches, steps: int | None):
