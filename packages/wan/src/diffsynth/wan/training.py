@@ -55,8 +55,13 @@ the video's first frame), as DiffSynth-Studio's `--extra_inputs vap_video,input_
 pipeline's `encode_vap` at the video's size and frame count (`num_frames` frames spread evenly over the reference,
 their VAE latent joined with the I2V conditioning of its first frame, its CLIP features, the caption's umT5 states),
 cached per row as `vap_latents`, `vap_context`, `vap_clip_feature`; the model call is the pipeline's, through
-`vap_forward`. A DiT LoRA (`--lora_base_model dit`) or the full DiT trains; the expert stays frozen (training it,
-DiffSynth-Studio's `--trainable_models vap`, is not offered: see `TRAINED_MODELS`). Validation samples are refused:
+`vap_forward`. A DiT LoRA (`--lora_base_model dit`) or the full DiT trains under the frozen expert; or
+`trained_model="vap"` (DiffSynth-Studio's `--trainable_models vap`, or `--lora_base_model vap` for a LoRA on it; the
+expert is one of the task's `trainable_slots`) trains the expert under the frozen DiT. The expert acts inside the DiT's
+call (`block_hook`), not through a forward of its own, so the trainer's model is then `VapExpertInTraining`, which
+holds the expert's own modules and runs the whole model call: a DDP-wrapped model sees every use of the expert. Its
+full weights are saved as `<step>/vap/diffusion_pytorch_model.safetensors` in the released `*_mot_ref*` keys
+(`export_state`), which the pipeline loads as its `vap` model, strictly. Validation samples are refused:
 `--validation_images` cannot give a reference video.
 
 A Wan-Dancer DiT (Wan-AI/Wan-Dancer-14B's global_model / local_model.safetensors) trains on DiffSynth-Studio's
@@ -164,7 +169,7 @@ from .pipeline import WanConditions, WanVideoPipeline
 from .presets import PRESETS
 from .s2v import S2VConditions, WanS2VConfig, _pose_latents, s2v_velocity
 from .vace import check_vace_channels, prepare_vace
-from .video_as_prompt import VapInputs, encode_vap
+from .video_as_prompt import VapInputs, VideoAsPromptExpert, encode_vap, official_keys
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +217,8 @@ NOT_FOR = {
 }
 # a row's vap_prompt when it has none: what DiffSynth-Studio's training encodes (its trainer never passes one on)
 VAP_DEFAULT_PROMPT = ""
-# `trained_model`: what the trainer trains (its "denoiser"). Not the Video-As-Prompt expert ("vap"): it runs inside
-# the DiT's call (`block_hook`), not through its own forward, so a DDP-wrapped expert would not have its gradients
-# reduced.
-TRAINED_MODELS = ("dit", "motion_controller")
+# `trained_model`: what the trainer trains (its "denoiser"); "vap" through `VapExpertInTraining`
+TRAINED_MODELS = ("dit", "motion_controller", "vap")
 
 
 class ExpertScheduler(FlowMatchScheduler):
@@ -265,6 +268,70 @@ class _DitShape(nn.Module):
         self.config = config
 
 
+class VapExpertInTraining(nn.Module):
+    """The Video-As-Prompt expert as the trainer trains it (`trained_model="vap"`). The expert acts inside the DiT's
+    call (`block_hook`), so a DDP-wrapped expert would never see its use; this module's forward is the whole model call
+    over the frozen DiT of `pipe`, so one call of the trainer's prepared model covers it. Its children are the expert's
+    own modules: its state dict is the expert's (our names; `export_state` writes the released keys), and full weights
+    or a LoRA the trainer gives them are the pipeline's expert's. `gradient_checkpointing` is passed on to the DiT,
+    whose flag also recomputes the joint layers. Each expert layer with weights computes in their dtype (float32
+    master weights under a bfloat16 DiT) and hands back the dtype it was given, as the joint layers expect."""
+
+    def __init__(self, expert: VideoAsPromptExpert, pipe: WanVideoPipeline):
+        super().__init__()
+        for name, child in expert.named_children():  # the expert keeps every weight in a submodule
+            self.add_module(name, child)
+        self.config = expert.config
+        self.lora_target_modules = expert.lora_target_modules
+        self.gradient_checkpointing = False
+        self._frozen = (pipe,)  # not a submodule: the DiT is not trained
+        for module in expert.modules():
+            if isinstance(module, (nn.Linear, nn.Conv3d, nn.RMSNorm)):
+                _compute_in_weight_dtype(module)
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        clip_feature: torch.Tensor,
+        y: torch.Tensor,
+        vap_latents: torch.Tensor,
+        vap_context: torch.Tensor,
+        vap_clip_feature: torch.Tensor,
+    ) -> torch.Tensor:
+        """The pipeline's per-step call (`predict`, one branch) with the reference inputs through the expert."""
+        (pipe,) = self._frozen
+        pipe.dit.gradient_checkpointing = self.gradient_checkpointing
+        vap = VapInputs(vap_latents, vap_context, vap_clip_feature)
+        conditions = WanConditions(text, clip_feature=clip_feature, y=y, vap=vap)
+        return pipe.predict(pipe.dit, noisy_latents, timestep, conditions, None, 1.0, False)
+
+
+def _compute_in_weight_dtype(module: nn.Module) -> None:
+    """Hooks that run `module` on its input cast to its weight's dtype and cast the output back to the input's
+    dtype; nothing changes when the two agree (the pipeline's own call)."""
+    if getattr(module, "_cast_to_weight_dtype", False):  # one expert, trained by several tasks (tests)
+        return
+    module._cast_to_weight_dtype = True
+    given: list[torch.dtype | None] = [None]
+
+    def before(mod: nn.Module, args: tuple):
+        x, dtype = args[0], mod.weight.dtype
+        if not x.is_floating_point() or x.dtype == dtype:
+            given[0] = None
+            return None
+        given[0] = x.dtype
+        return (x.to(dtype), *args[1:])
+
+    def after(mod: nn.Module, args: tuple, out: torch.Tensor):
+        dtype, given[0] = given[0], None
+        return out if dtype is None else out.to(dtype)
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+
+
 class WanTrainingTask(PipelineTrainingTask):
     """Turns rows into Wan inputs and runs the pipeline's per-step DiT call (see the module docstring)."""
 
@@ -275,8 +342,9 @@ class WanTrainingTask(PipelineTrainingTask):
     # --task_options that leave a cache valid: they act only on the noise levels drawn or on the model call
     loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift", "expert", "expert_boundary", "trained_model")
     # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
-    trainable_slots: ClassVar[tuple[str, ...]] = ("motion_controller",)
+    trainable_slots: ClassVar[tuple[str, ...]] = ("motion_controller", "vap")
     vap: bool = False  # whether the Video-As-Prompt expert is among the model files (set per task in __init__)
+    _in_training: VapExpertInTraining | None = None  # the trainer's model with trained_model="vap"
 
     def __init__(
         self,
@@ -301,9 +369,12 @@ class WanTrainingTask(PipelineTrainingTask):
         self.max_sequence_length = max_sequence_length
         self.speed_control = pipe.motion_controller is not None if speed_control is None else bool(speed_control)
         self.vap = pipe.vap is not None if vap is None else bool(vap)
+        self._in_training = None
         self._check_trained_model(trained_model)
         if self.vap:
             self._check_vap(expert)
+        if trained_model == "vap" and pipe.vap is not None:
+            self._in_training = VapExpertInTraining(pipe.vap, pipe)
         if expert is None:
             if expert_boundary is not None:
                 raise ConfigError("expert_boundary needs expert='high' or 'low' (which Wan 2.2 A14B expert this is)")
@@ -350,6 +421,15 @@ class WanTrainingTask(PipelineTrainingTask):
             )
         if trained_model == "dit":
             return
+        if trained_model == "vap":
+            if not self.vap:
+                raise ConfigError(
+                    "trained_model='vap' (--trainable_models vap / --lora_base_model vap) trains the Video-As-Prompt "
+                    "expert, but it is not among the model files: add ByteDance/Video-As-Prompt-Wan2.1-14B's "
+                    "transformer/diffusion_pytorch_model*.safetensors (the DiT with the expert's `*_mot_ref*` keys)"
+                )
+            self.denoiser_slot = "vap"  # the trainer trains (and saves) the expert, not the DiT
+            return
         if not self.speed_control:
             raise ConfigError(
                 "trained_model='motion_controller' trains DiffSynth-Studio's speed-control model: add its file "
@@ -381,9 +461,29 @@ class WanTrainingTask(PipelineTrainingTask):
                 "apart (vap_video takes no motion_bucket_id): leave one out of the models"
             )
         if self.pipe.vap is not None:
-            self.pipe.vap.requires_grad_(False)  # never trained here: no gradient is kept for it
+            self.pipe.vap.requires_grad_(False)  # frozen unless the trainer trains it (trained_model="vap")
             if self.pipe.dit is not None:
                 self.pipe.vap.check_dit(self.pipe.dit)
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        """The loaded models by slot; with trained_model="vap", "vap" is the expert in training
+        (`VapExpertInTraining`: the expert's modules, running the whole model call)."""
+        models = super().models
+        if self._in_training is not None:
+            models["vap"] = self._in_training
+        return models
+
+    def export_state(self, slot: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Trained full weights as they are saved: the expert's in the released file's keys (`blocks.N.*_mot_ref*`,
+        N the DiT layer), which the pipeline loads strictly; any other model's unchanged."""
+        if slot != "vap":
+            return state
+        released = {ours: official for official, ours in official_keys(self.pipe.vap.config).items()}
+        unknown = sorted(set(state) - set(released))
+        if unknown:
+            raise ConfigError(f"the Video-As-Prompt expert's weights {unknown[:5]} have no released key")
+        return {released[key]: value for key, value in state.items()}
 
     def _no_samples(self) -> str | None:
         """Why validation samples cannot be drawn from --validation_prompts / --validation_images, or None."""
@@ -1091,6 +1191,11 @@ class WanTrainingTask(PipelineTrainingTask):
             reference = ReferenceInputs(*(given(key).to(dtype) for key in names))
             cond = Animate2Conditions(given("clip_feature"), given("y"), reference)
             return animate2_velocity(dit, noisy_latents, t, given("text"), cond, 0.0)
+        if self.trained_model == "vap":  # the trainer's model is the expert in training: it runs the whole call
+            vap = self._vap_inputs(batch, device)
+            _check_unused_parameters_found(dit)
+            inputs = (given("text"), given("clip_feature"), given("y"), *vap.astuple())
+            return dit(noisy_latents, t, *inputs)
         dit, motion = self._motion(dit, batch, device)
         faces = given("face_pixels")
         conditions = WanConditions(
@@ -1151,6 +1256,18 @@ class WanTrainingTask(PipelineTrainingTask):
         mask = torch.ones(latents.shape[0], 1, latents.shape[2], 1, 1, device=latents.device)
         mask[:, :, 0] = 0
         return mask
+
+
+def _check_unused_parameters_found(model: nn.Module) -> None:
+    """A DDP-wrapped expert must be told that some of its weights get no gradient: the reference tokens stop at
+    the last joint layer, so its expert block's output projection, cross-attention and feed-forward feed nothing."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+        raise ConfigError(
+            "training the Video-As-Prompt expert on several processes needs --find_unused_parameters: the last "
+            "expert block's cross-attention and feed-forward feed no output, so their weights get no gradient"
+        )
 
 
 def _given(value: Any) -> bool:
