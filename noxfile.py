@@ -54,7 +54,7 @@ def _constraints() -> str:
 
 
 # optional extras a package's own tests exercise (its tests skip without them)
-TEST_EXTRAS = {"runtime": "[quant]", "training": "[deepspeed]"}
+TEST_EXTRAS = {"runtime": "[quant]", "training": "[deepspeed,optim]"}
 
 
 def _local_deps(package: str) -> list[str]:
