@@ -452,3 +452,26 @@ def test_model_configs_load_the_adapter_and_its_encoder_as_diffsynth_studio_list
 
     with pytest.raises(ConfigError, match="image encoder .* but no IP-Adapter file"):
         FluxImagePipeline.from_pretrained(model_configs=[*found, encoder], torch_dtype="float32", device="cpu")
+
+
+def test_a_siglip_file_without_its_config_gets_the_released_input_size():
+    """google/siglip-so400m-patch14-384 listed alone (DiffSynth-Studio's `model.safetensors`, no config.json):
+    27 patches of 14 per side are read as its 384-pixel input, not 378; shapes that tile exactly keep side x patch.
+    The shapes are read on the meta device (the released tower's widths)."""
+    from diffsynth.flux.flux1.ip_adapter import siglip_config_from_state
+
+    def tower(patch: int, side: int, width: int = 1152) -> dict:
+        meta = {"device": "meta"}
+        return {
+            "embeddings.patch_embedding.weight": torch.empty(width, 3, patch, patch, **meta),
+            "embeddings.position_embedding.weight": torch.empty(side * side, width, **meta),
+            "encoder.layers.0.mlp.fc1.weight": torch.empty(4304, width, **meta),
+            "encoder.layers.26.mlp.fc1.weight": torch.empty(4304, width, **meta),
+        }
+
+    assert siglip_config_from_state(tower(14, 27)).image_size == 384
+    assert siglip_config_from_state(tower(16, 14)).image_size == 224
+    assert (
+        siglip_config_from_state(tower(14, 27), {"model_type": "siglip_vision_model", "image_size": 378}).image_size
+        == 378
+    )

@@ -96,11 +96,43 @@ unmasked diptych, as DiffSynth-Studio's unit sets the input image in training (t
 object in place): the row's own `image` and prompt are not read. The pipeline's `insert_anything_*` call uses a
 LoRA trained so in the place of the authors' one (which the HuanJue/Insert-Anything preset fuses). Validation
 samples are not drawn for it (the call takes four pictures and no prompt).
+
+IP-Adapter (DiffSynth-Studio's lora/ and full/FLUX.1-dev-IP-Adapter.sh): with the adapter file (InstantX's
+`ip-adapter.bin`, or an XLabs `ip_adapter.safetensors`) and its image encoder (SigLIP so400m; CLIP-L for XLabs)
+among the model files, as DiffSynth-Studio lists them, a row's `ipadapter_images` (one picture or a list, each read
+at its own size: a `conditioning` column) is encoded as the pipeline's `prepare_ip_adapter` encodes it (resized and
+normalised by `flux1.ip_adapter.preprocess`, then the encoder's pooled vector): `"ipadapter_embeds"` [N, E], one
+vector per picture. Only the image encoder is frozen in every mode, so the cache holds its output and nothing the
+adapter computes (1152 floats per picture, where the IP tokens are 128 x 4096 and the per-block keys/values some
+45 M numbers): the adapter loads with the denoiser and `velocity` turns each row's vectors into its per-block keys
+and values at scale 1 (`FluxIPAdapter.forward`, as the pipeline), handed to `flux_velocity` as the pipeline's
+denoise step hands them. Training the DiT (LoRA) keeps the adapter frozen; `trained_model="ipadapter"`
+(`--trainable_models ipadapter`, DiffSynth-Studio's name) trains the adapter in full under the frozen DiT (its image
+projection and every block's `to_k_ip` / `to_v_ip`), saved as `<step>/ipadapter/diffusion_pytorch_model.safetensors`
+in the released file's keys (`image_proj.*`, `ip_adapter.N.*`: `ip-adapter.bin`'s two groups flattened; XLabs'
+names for an XLabs adapter), which `load_ip_adapter` reads strictly. Validation samples take `--validation_images`
+as their `ipadapter_images` (the image encoder must be loaded: not from a cache).
+
+LoRA Encoder (DiffSynth-Studio's full/FLUX.1-dev-LoRA-Encoder.sh): with the encoder (DiffSynth-Studio/LoRA-Encoder-
+FLUX.1-Dev's `model.safetensors`) among the model files, a row's `lora_encoder_inputs` is a LoRA file of the DiT (a
+path, a hub name such as "Org/Repo:file.safetensors", or a list of them; a CSV cell may hold a JSON list), as the
+pipeline's argument: relative paths are taken from the working directory, as DiffSynth-Studio's
+`ModelConfig(path=...)` takes them (the column is not a `--data_file_keys` one). The encoder is what trains, so
+nothing it computes can be cached: the cache keeps the LoRA files' absolute paths (`"lora_encoder_inputs"`, their
+JSON as UTF-8 bytes; the files must stay where they are), and `velocity` reads each LoRA as the pipeline's
+`prepare_lora_encoding` does (`read_lora` onto the DiT's layers; the last few read are kept in memory), runs the
+encoder and appends its tokens (one per LoRA) to the prompt's T5 states. As in DiffSynth-Studio's training the LoRA
+is not applied to the DiT: the encoder learns a token that makes the frozen base model draw what the LoRA draws.
+`trained_model="lora_encoder"` (`--trainable_models lora_encoder`) trains the encoder in full under the frozen DiT,
+saved as `<step>/lora_encoder/diffusion_pytorch_model.safetensors` in the released keys (`embedder.model_dict.
+blocks___0___...`), which `load_lora_encoder` reads; a DiT LoRA trains under the frozen encoder. Validation samples
+take `--task_options validation_lora_encoder_inputs=FILE`. Rows of one batch share their number of LoRAs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -124,6 +156,7 @@ from diffsynth.runtime.vram import module_dtype
 from .flux1.channels import CONTROL, FILL, FLEX, condition_kind, describe_widths, flex_condition
 from .flux1.controlnet import UNION_MODES, Flux1ControlNet, Flux1ControlNetConfig
 from .flux1.eligen import EliGenEntities, check_entity_inputs
+from .flux1.ip_adapter import IPAdapterKV
 from .flux1.text_encoder import T5_SEQUENCE_LENGTH, FluxPromptEmbeds
 from .pipeline import ControlCondition, FluxImagePipeline, KontextLatents, flux_velocity, pack_latents
 from .reference_batches import collate_references, row_references
@@ -136,10 +169,16 @@ TRAINING_GUIDANCE = 1.0  # DiffSynth-Studio's FLUX.1 training scripts: embedded_
 CHANNEL_COLUMNS = {FILL: ("flux_fill_image", "flux_fill_mask"), CONTROL: ("control_image",)}
 CHANNEL_MODELS = {FILL: "FLUX.1 Fill", CONTROL: "FLUX.1 Canny/Depth"}
 CONDITION_WIDTHS = {320: FILL, 64: CONTROL}
-TRAINED_MODELS = ("dit", "controlnet", "value_controller")  # `trained_model`: what the trainer trains
+# `trained_model`: what the trainer trains
+TRAINED_MODELS = ("dit", "controlnet", "value_controller", "ipadapter", "lora_encoder")
+UNDER_FROZEN_DIT = ("value_controller", "ipadapter", "lora_encoder")  # trained models the frozen DiT reads
 ELIGEN_COLUMNS = ("eligen_entity_prompts", "eligen_entity_masks")  # DiffSynth-Studio's --extra_inputs
 VALUE_COLUMN = "value_controller_inputs"  # AttriCtrl's values (DiffSynth-Studio's --extra_inputs)
 REDUX_COLUMN = "flux_redux_image"  # FLUX.1 Redux's reference image(s) (DiffSynth-Studio's --extra_inputs)
+IP_COLUMN = "ipadapter_images"  # the IP-Adapter's reference picture(s) (DiffSynth-Studio's --extra_inputs)
+IP_EMBEDS = "ipadapter_embeds"  # an encoded row's image-encoder vectors [N, E]
+LORA_ENCODER_COLUMN = "lora_encoder_inputs"  # the LoRA Encoder's LoRA file(s) (DiffSynth-Studio's --extra_inputs)
+LORA_CACHE = 4  # LoRA files `velocity` keeps read (the rows of a batch, and the next ones, often share them)
 REDUX_SCALES = ("flux_redux_scale", "flux_redux_pooled_scale")  # the pipeline's optional weights, per row
 # Insert Anything's four pictures (DiffSynth-Studio's --extra_inputs; the pipeline's arguments)
 INSERT_COLUMNS = (
@@ -155,6 +194,14 @@ REDUX_HINT = (
     "add the Redux embedder and its SigLIP image encoder to the models (e.g. --model_id_with_origin_paths "
     "black-forest-labs/FLUX.1-Redux-dev:image_encoder/model.safetensors,black-forest-labs/FLUX.1-Redux-dev:"
     "image_embedder/diffusion_pytorch_model.safetensors)"
+)
+IP_ADAPTER_HINT = (
+    "add the adapter and its image encoder to the models (e.g. --model_id_with_origin_paths "
+    "InstantX/FLUX.1-dev-IP-Adapter:ip-adapter.bin,google/siglip-so400m-patch14-384:model.safetensors)"
+)
+LORA_ENCODER_HINT = (
+    "add the LoRA Encoder to the models (e.g. --model_id_with_origin_paths "
+    "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev:model.safetensors)"
 )
 VALUE_ENCODER_HINT = (
     "add the attribute encoder to the models (e.g. --model_id_with_origin_paths "
@@ -183,15 +230,18 @@ class FluxTrainingTask(PipelineTrainingTask):
         "trained_model",
         "validation_processor_id",
         "validation_value_controller_inputs",
+        "validation_lora_encoder_inputs",
     )  # --task_options that leave a cache valid
     # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
-    trainable_slots: ClassVar[tuple[str, ...]] = ("controlnet", "value_controller")
+    trainable_slots: ClassVar[tuple[str, ...]] = ("controlnet", "value_controller", "ipadapter", "lora_encoder")
 
     def __init__(
         self,
         pipe: FluxImagePipeline,
         controlnet_config: Flux1ControlNetConfig | None = None,
         value_encoders: int = 0,
+        ip_adapter: bool = False,
+        lora_encoder: bool = False,
         *,
         sigma_shift: float = 3.0,
         embedded_guidance: float = TRAINING_GUIDANCE,
@@ -201,6 +251,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         trained_model: str = "dit",
         validation_processor_id: str | int | None = None,
         validation_value_controller_inputs: float | str | Sequence[float] | None = None,
+        validation_lora_encoder_inputs: str | Sequence[str] | None = None,
         insert_anything_size: int = INSERT_SIZE,
     ):
         """`kontext`: True requires `kontext_images` in every row, None takes them where rows have them.
@@ -210,7 +261,10 @@ class FluxTrainingTask(PipelineTrainingTask):
         `value_encoders`: how many AttriCtrl encoders the model files hold, read from their headers when the stage
         loads none (default: those `pipe` holds); `trained_model` "value_controller" trains the one encoder, and
         `validation_value_controller_inputs` gives validation samples their values. `insert_anything_size`: the side
-        of each half of an Insert Anything row's diptych (the pipeline's `height` for it; 768, the authors')."""
+        of each half of an Insert Anything row's diptych (the pipeline's `height` for it; 768, the authors').
+        `ip_adapter` / `lora_encoder`: whether the model files hold an IP-Adapter / a LoRA Encoder (a stage may
+        load neither; default: whether `pipe` holds one); `trained_model` "ipadapter" / "lora_encoder" trains it,
+        and `validation_lora_encoder_inputs` is the LoRA file validation samples encode."""
         self.pipe = pipe
         if isinstance(insert_anything_size, bool) or not isinstance(insert_anything_size, int):
             raise ConfigError(f"insert_anything_size={insert_anything_size!r} must be an integer (768, the authors')")
@@ -258,6 +312,26 @@ class FluxTrainingTask(PipelineTrainingTask):
             if encoders is not None and not hasattr(encoders[0], "gradient_checkpointing"):
                 # the trainer's --use_gradient_checkpointing sets it; `velocity` hands it to the frozen DiT
                 encoders[0].gradient_checkpointing = False
+        self.ip_adapter = ip_adapter or pipe.ipadapter is not None
+        self.lora_encoder = lora_encoder or pipe.lora_encoder is not None
+        self.validation_lora_encoder_inputs = validation_lora_encoder_inputs
+        self._loras: dict[str, Any] = {}  # LoRA files read for the LoRA Encoder, the latest last
+        self._lora_layout: nn.Module | None = None  # the DiT's layers on the meta device, to read them onto
+        for name, given, hint, what in (
+            ("ipadapter", self.ip_adapter, IP_ADAPTER_HINT, "a FLUX.1 IP-Adapter"),
+            ("lora_encoder", self.lora_encoder, LORA_ENCODER_HINT, "the LoRA Encoder"),
+        ):
+            if trained_model != name:
+                continue
+            if not given:
+                raise ConfigError(
+                    f"trained_model={name!r} (--trainable_models {name}) trains {what}, and none is among the model "
+                    f"files: {hint}"
+                )
+            self.denoiser_slot = name  # the trainer trains (and saves) it, not the DiT
+            model = getattr(pipe, name)
+            if model is not None and not hasattr(model, "gradient_checkpointing"):
+                model.gradient_checkpointing = False  # set by --use_gradient_checkpointing; handed to the DiT
 
     @property
     def models(self) -> dict[str, nn.Module]:
@@ -289,7 +363,8 @@ class FluxTrainingTask(PipelineTrainingTask):
         are edits of their references: without them they say little."""
         if self.channel_kind is not None or self.controlnet_config is not None:
             return "required"
-        return "expected" if self.kontext or self.redux or self.pipe.flux_redux is not None else "optional"
+        expected = self.kontext or self.redux or self.pipe.flux_redux is not None or self.ip_adapter
+        return "expected" if expected else "optional"
 
     @classmethod
     def from_pretrained(
@@ -318,7 +393,11 @@ class FluxTrainingTask(PipelineTrainingTask):
         stage only counts them.
 
         FLUX.1 Redux (its embedder and the SigLIP image encoder listed with it, as DiffSynth-Studio lists them) loads
-        with the encoders through the pipeline's `load_redux`: its tokens are part of the cached prompt."""
+        with the encoders through the pipeline's `load_redux`: its tokens are part of the cached prompt.
+
+        An IP-Adapter's image encoder loads with the encoders (its vectors are cached), the adapter with the
+        denoiser (`load_ip_adapter` when a stage loads both); a LoRA Encoder loads with the denoiser."""
+        ip, model_configs = _ip_adapter_sources(model_configs)
         redux, model_configs = _redux_sources(model_configs)
         tokenizers = _tokenizer_pair(tokenizer_config, model_configs) if encoders else (None, None)
         controlnets = _header_configs(model_configs, "controlnet")
@@ -331,7 +410,7 @@ class FluxTrainingTask(PipelineTrainingTask):
             FluxImagePipeline,
             model_configs,
             ({"dit"} if denoiser else set()) | (set(ENCODER_SLOTS) if encoders else set()),
-            optional={"controlnet", "value_controller"} if denoiser else (),
+            optional={"controlnet", "value_controller", "lora_encoder"} if denoiser else (),
             tokenizers=("tokenizer_1", "tokenizer_2") if encoders else (),
             name="FLUX.1",
             tokenizer_1_config=tokenizers[0],
@@ -341,16 +420,23 @@ class FluxTrainingTask(PipelineTrainingTask):
         )
         if redux is not None and encoders:
             pipe.load_redux(redux[0], image_encoder=redux[1])
+        if ip is not None:
+            _load_ip_adapter(pipe, *ip, encoders=encoders, denoiser=denoiser)
         defaults = pipe.defaults  # the preset's or the model folder's (load_partial_pipeline)
         task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
         task_options.setdefault("kontext", True if kontext else None)
-        value_encoders = sum("value_controller" in model_roles(config) for config in model_configs)
-        task = cls(pipe, controlnets[0] if controlnets else None, value_encoders, **task_options)
+        roles = [model_roles(config) for config in model_configs]
+        value_encoders = sum("value_controller" in found for found in roles)
+        lora_encoder = any("lora_encoder" in found for found in roles)
+        net = controlnets[0] if controlnets else None
+        task = cls(pipe, net, value_encoders, ip is not None, lora_encoder, **task_options)
         task.dit_config = pipe.dit.config if pipe.dit is not None else _dit_config(model_configs)
         task.redux = redux is not None
         if task.redux:
-            task.conditioning = (*cls.conditioning, *REDUX_CONDITIONING)
+            task.conditioning = (*task.conditioning, *REDUX_CONDITIONING)
+        if ip is not None:
+            task.conditioning = (*task.conditioning, IP_COLUMN)  # reference pictures: each at its own size
         if task.dit_config is not None and condition_kind(task.dit_config) == "unknown":
             raise ConfigError(
                 f"{describe_widths(task.dit_config)}: its input is neither FLUX.1's, Fill's (384) nor Canny/Depth's "
@@ -363,7 +449,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         (`flux_fill_image`, `flux_fill_mask`), a Canny/Depth model's `control_image`, else `kontext_images`, sized
         as training sizes them (`kontext_auto_resize` of this task, not the pipeline's default). With a ControlNet:
         its control image (and the inpainting net's mask) as `controlnet_inputs`. With FLUX.1 Redux among the
-        models (and no Kontext DiT): the images as `flux_redux_image`."""
+        models (and no Kontext DiT): the images as `flux_redux_image`; with an IP-Adapter, as `ipadapter_images`."""
         if self.controlnet_config is not None:
             return self._control_arguments(images)
         kind = self.channel_kind
@@ -385,6 +471,8 @@ class FluxTrainingTask(PipelineTrainingTask):
             return {}
         if not self.kontext and (self.redux or self.pipe.flux_redux is not None):
             return {REDUX_COLUMN: list(images)}  # a Redux model's samples take the reference as the rows do
+        if not self.kontext and self.ip_adapter:
+            return {IP_COLUMN: list(images)}
         return {"kontext_images": list(images), "kontext_auto_resize": self.kontext_auto_resize}
 
     def _control_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
@@ -416,9 +504,15 @@ class FluxTrainingTask(PipelineTrainingTask):
     def sample(self, denoiser: nn.Module, prompts: Sequence[str], **options: Any) -> list:
         """Validation samples with the weights in training: the DiT's, or the ControlNet's (in the pipeline's slot
         for the duration) under the pipeline's DiT, or the AttriCtrl encoder's (`validation_value_controller_inputs`
-        gives the samples their values)."""
+        gives the samples their values), the IP-Adapter's or the LoRA Encoder's (`validation_lora_encoder_inputs`
+        gives the samples their LoRA)."""
         if self.validation_values is not None:
             options.setdefault("value_controller_inputs", self.validation_values)
+        if self.validation_lora_encoder_inputs is not None:
+            options.setdefault(LORA_ENCODER_COLUMN, self.validation_lora_encoder_inputs)
+        if self.trained_model in ("ipadapter", "lora_encoder"):
+            with self.pipe.using(self.trained_model, getattr(denoiser, "module", denoiser)):
+                return super().sample(self.pipe.dit, prompts, **options)
         if self.trained_model == "value_controller":
             from .flux1.value_control import ValueControllers
 
@@ -431,8 +525,14 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     def export_state(self, slot: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The trainer's full weights in the official keys: a trained ControlNet in diffusers' `FluxControlNetModel`
-        names (the layout its hub files have), the DiT and an AttriCtrl encoder as they are (our names are BFL's and
-        the released encoder files')."""
+        names (the layout its hub files have), an XLabs IP-Adapter in XLabs' names; the DiT, an AttriCtrl encoder,
+        an InstantX IP-Adapter (`ip-adapter.bin`'s groups flattened) and the LoRA Encoder as they are (our names
+        are BFL's and the released files')."""
+        if slot == "ipadapter":
+            from .flux1.ip_adapter import XLABS, ours_to_xlabs
+
+            adapter = self.pipe.ipadapter
+            return ours_to_xlabs(dict(state)) if adapter is not None and adapter.config.format == XLABS else state
         if slot != "controlnet":
             return state
         from .flux1.controlnet_formats import ours_to_diffusers
@@ -458,7 +558,9 @@ class FluxTrainingTask(PipelineTrainingTask):
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """`{"latents": [16, H/8, W/8], "t5": [L, D], "pooled": [D']}` per row, with `"kontext"` [N, 64] and
-        `"kontext_ids"` [N, 3] for a row with references; rows of one call share an image size."""
+        `"kontext_ids"` [N, 3] for a row with references, and the add-ons' entries the module docstring lists (e.g.
+        `"ipadapter_embeds"` [N, E], `"lora_encoder_inputs"` the LoRA paths' bytes); rows of one call share an
+        image size."""
         rows = [self._insert_anything_row(i, row) for i, row in enumerate(rows)]
         kinds = []
         for i, row in enumerate(rows):
@@ -520,6 +622,21 @@ class FluxTrainingTask(PipelineTrainingTask):
                 raise ConfigError(
                     f"{where} has no {VALUE_COLUMN}: training the AttriCtrl encoder needs every row's value (a number "
                     f"in [0, 1] in a {VALUE_COLUMN} column); its columns are {', '.join(row)}"
+                )
+            if _has(row, IP_COLUMN):
+                sample[IP_EMBEDS] = self._encode_ip_images(i, row)
+            elif self.trained_model == "ipadapter":
+                raise ConfigError(
+                    f"{where} has no {IP_COLUMN}: training the IP-Adapter needs every row's reference picture(s) "
+                    f"(listed in --data_file_keys, e.g. --data_file_keys image,{IP_COLUMN}); its columns are "
+                    f"{', '.join(row)}"
+                )
+            if _has(row, LORA_ENCODER_COLUMN):
+                sample[LORA_ENCODER_COLUMN] = self._encode_lora_inputs(where, row[LORA_ENCODER_COLUMN])
+            elif self.trained_model == "lora_encoder":
+                raise ConfigError(
+                    f"{where} has no {LORA_ENCODER_COLUMN}: training the LoRA Encoder needs every row's LoRA file (a "
+                    f"path in a {LORA_ENCODER_COLUMN} column); its columns are {', '.join(row)}"
                 )
             if "eligen_t5" in sample and VALUE_COLUMN in sample:
                 raise ConfigError(
@@ -599,6 +716,58 @@ class FluxTrainingTask(PipelineTrainingTask):
         text = FluxPromptEmbeds(sample["t5"][None], sample["pooled"][None])
         text = pipe.prepare_redux(text, *checked)
         return {"t5": text.t5[0], "pooled": text.pooled[0]}
+
+    def _encode_ip_images(self, index: int, row: Mapping[str, Any]) -> torch.Tensor:
+        """`[N, E]` (float32): the image encoder's vectors of the row's reference picture(s), as the pipeline's
+        `prepare_ip_adapter` computes them (`preprocess` to the encoder's input, then `image_embeds`)."""
+        from .flux1.ip_adapter import preprocess
+
+        where = f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})"
+        encoder = self.pipe.ipadapter_image_encoder
+        if encoder is None:
+            missing = "its image encoder is not loaded" if self.ip_adapter else "no IP-Adapter is among the models"
+            raise ConfigError(f"{where} has {IP_COLUMN}, but {missing}: {IP_ADAPTER_HINT}")
+        value = row[IP_COLUMN]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        names = [IP_COLUMN] if len(values) == 1 else [f"{IP_COLUMN}[{k}]" for k in range(len(values))]
+        images = [load_image(_picture(index, v, n, IP_COLUMN)) for v, n in zip(values, names, strict=True)]
+        pixels = preprocess(images, encoder.kind, encoder.config.image_size)
+        with torch.no_grad():
+            return encoder.image_embeds(pixels.to(self.pipe.device, module_dtype(encoder))).float()
+
+    def _encode_lora_inputs(self, where: str, value: Any) -> torch.Tensor:
+        """A row's LoRA file(s) as the cache keeps them: their absolute paths, as JSON in UTF-8 bytes (uint8). Hub
+        names are fetched here (`lora_file`, as the pipeline resolves them)."""
+        from diffsynth.runtime.pipeline import lora_file
+
+        if not self.lora_encoder:
+            raise ConfigError(
+                f"{where} has {LORA_ENCODER_COLUMN}, but no LoRA Encoder is among the models: {LORA_ENCODER_HINT}"
+            )
+        items = value
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                items = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(
+                    f"{where}: {LORA_ENCODER_COLUMN} {value!r} is not a JSON list of LoRA files"
+                ) from None
+        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        if not items:
+            raise ConfigError(f"{where}: {LORA_ENCODER_COLUMN} is an empty list; give one LoRA file or several")
+        paths = []
+        for item in items:
+            if isinstance(item, ModelConfig) or (isinstance(item, (str, os.PathLike)) and str(item).strip()):
+                path = lora_file(item if isinstance(item, ModelConfig) else str(item).strip())
+            else:
+                raise ConfigError(f"{where}: {LORA_ENCODER_COLUMN} must name LoRA files, got {item!r}")
+            if not os.path.isfile(path):
+                raise ConfigError(
+                    f"{where}: {LORA_ENCODER_COLUMN} {str(item)!r} is no file (relative paths are taken from the "
+                    f"working directory {os.getcwd()}, as DiffSynth-Studio takes them; give absolute paths)"
+                )
+            paths.append(os.path.abspath(path))
+        return torch.tensor(list(json.dumps(paths).encode("utf-8")), dtype=torch.uint8)
 
     def _encode_entities(self, index: int, row: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """`{"eligen_t5": [N, L, D], "eligen_regions": [N, H/16 * W/16]}` for a row with EliGen entities (none
@@ -751,23 +920,51 @@ class FluxTrainingTask(PipelineTrainingTask):
             batch["eligen_regions"] = torch.stack([s["eligen_regions"] for s in samples])
         if VALUE_COLUMN in samples[0]:
             batch[VALUE_COLUMN] = torch.stack([s[VALUE_COLUMN] for s in samples])
+        for key, column in ((IP_EMBEDS, IP_COLUMN), (LORA_ENCODER_COLUMN, LORA_ENCODER_COLUMN)):
+            present = sum(key in s for s in samples)
+            if present and present < len(samples):
+                raise ConfigError(
+                    f"a batch mixes {present} rows with {column} and {len(samples) - present} without; give every "
+                    "row its own (or none), or train with --batch_size 1"
+                )
+        if IP_EMBEDS in samples[0]:
+            counts = [s[IP_EMBEDS].shape[0] for s in samples]
+            if len(set(counts)) > 1:
+                raise ConfigError(
+                    f"the rows of a batch have {counts} {IP_COLUMN}; rows with different picture counts cannot share "
+                    "a batch: train with --batch_size 1"
+                )
+            batch[IP_EMBEDS] = torch.stack([s[IP_EMBEDS] for s in samples])
+        if LORA_ENCODER_COLUMN in samples[0]:
+            loras = [json.loads(bytes(s[LORA_ENCODER_COLUMN].tolist()).decode("utf-8")) for s in samples]
+            if len({len(paths) for paths in loras}) > 1:
+                raise ConfigError(
+                    f"the rows of a batch have {[len(p) for p in loras]} LoRA files in {LORA_ENCODER_COLUMN}; rows "
+                    "with different counts cannot share a batch: train with --batch_size 1"
+                )
+            batch[LORA_ENCODER_COLUMN] = loras  # each row's LoRA paths: read in `velocity`
         return batch
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
-        """The pipeline's per-step call (`flux_velocity`). With `trained_model="controlnet"` (or "value_controller"),
-        `dit` is the trainer's model, the ControlNet (the AttriCtrl encoder), and the DiT is the pipeline's (frozen;
-        gradient checkpointing as the trained model was asked). EliGen entities and AttriCtrl tokens enter as the
+        """The pipeline's per-step call (`flux_velocity`). With `trained_model="controlnet"` (or "value_controller",
+        "ipadapter", "lora_encoder"), `dit` is the trainer's model, the ControlNet (the AttriCtrl encoder, the
+        IP-Adapter, the LoRA Encoder), and the DiT is the pipeline's (frozen; gradient checkpointing as the trained
+        model was asked). EliGen entities, AttriCtrl and LoRA Encoder tokens and IP-Adapter keys/values enter as the
         pipeline's denoise step gives them."""
-        encoder = None
-        if self.trained_model == "value_controller":
-            encoder, dit = dit, self.pipe.dit
+        trained = None
+        if self.trained_model in UNDER_FROZEN_DIT:
+            trained, dit = dit, self.pipe.dit
             dit.gradient_checkpointing = bool(
-                getattr(getattr(encoder, "module", encoder), "gradient_checkpointing", False)
+                getattr(getattr(trained, "module", trained), "gradient_checkpointing", False)
             )
+        model = {name: trained if self.trained_model == name else None for name in UNDER_FROZEN_DIT}
         dit, controls = self._controls(dit, batch)
-        prompt = self._with_value_tokens(FluxPromptEmbeds(batch["t5"], batch["pooled"]), batch, encoder)
+        prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
+        prompt = self._with_value_tokens(prompt, batch, model["value_controller"])
+        prompt = self._with_lora_tokens(prompt, batch, model["lora_encoder"])
+        ip_adapter = self._ip_keys(batch, model["ipadapter"])
         entities = None
         if "eligen_t5" in batch:
             if VALUE_COLUMN in batch:
@@ -791,8 +988,101 @@ class FluxTrainingTask(PipelineTrainingTask):
             kontext,
             controls=controls,
             eligen=entities,
+            ip_adapter=ip_adapter,
             condition=condition,
         )
+
+    def _ip_keys(self, batch: Mapping[str, Any], adapter: nn.Module | None) -> IPAdapterKV | None:
+        """Each row's IP-Adapter keys/values at scale 1, from the trained `adapter` (with gradients) or the
+        pipeline's frozen one, as `prepare_ip_adapter` makes them of the row's image vectors; rows side by side
+        on the batch axis. None for a batch without reference pictures."""
+        embeds = batch.get(IP_EMBEDS)
+        if embeds is None:
+            if adapter is not None:
+                raise ConfigError(
+                    f"training the IP-Adapter needs batches with {IP_COLUMN}; a cache encoded without them has none: "
+                    "encode it again"
+                )
+            return None
+        frozen = adapter is None
+        adapter = self.pipe.ipadapter if frozen else adapter
+        if adapter is None:
+            raise ConfigError(
+                f"this batch has {IP_COLUMN}, but no IP-Adapter is loaded: {IP_ADAPTER_HINT}; or encode the cache "
+                "again without them"
+            )
+        config = getattr(adapter, "module", adapter).config  # DDP wraps a trained adapter
+        if embeds.shape[-1] != config.image_embed_dim:
+            raise ConfigError(
+                f"this batch's {IP_COLUMN} were encoded into {embeds.shape[-1]}-wide vectors, and the IP-Adapter "
+                f"takes {config.image_embed_dim}: the cache was encoded with another image encoder; encode it again"
+            )
+        heads = self.pipe.dit.config.num_heads
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            rows = [adapter(row, heads, 1.0) for row in embeds]
+        if len(rows) == 1:
+            return rows[0]
+
+        def stack(layers):
+            return [
+                tuple(torch.cat(parts) for parts in zip(*pairs, strict=True)) for pairs in zip(*layers, strict=True)
+            ]
+
+        first = rows[0]
+        return IPAdapterKV(
+            stack([r.double for r in rows]), stack([r.single for r in rows]), first.scale, first.after_mlp
+        )
+
+    def _with_lora_tokens(
+        self, prompt: FluxPromptEmbeds, batch: Mapping[str, Any], encoder: nn.Module | None
+    ) -> FluxPromptEmbeds:
+        """The prompt with one LoRA Encoder token per LoRA of each row appended, as the pipeline's
+        `prepare_lora_encoding` appends them (scale 1): from the trained `encoder` (with gradients) or the
+        pipeline's frozen one; unchanged for a batch without LoRA files."""
+        loras = batch.get(LORA_ENCODER_COLUMN)
+        if loras is None:
+            if encoder is not None:
+                raise ConfigError(
+                    f"training the LoRA Encoder needs batches with {LORA_ENCODER_COLUMN} (a column of the metadata); "
+                    "a cache encoded without them has none: encode it again"
+                )
+            return prompt
+        frozen = encoder is None
+        encoder = self.pipe.lora_encoder if frozen else encoder
+        if encoder is None:
+            raise ConfigError(
+                f"this batch has {LORA_ENCODER_COLUMN}, but no LoRA Encoder is loaded: {LORA_ENCODER_HINT}; or "
+                "encode the cache again without them"
+            )
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            tokens = torch.cat(
+                [torch.cat([encoder(self._read_lora(path)) for path in paths], dim=1) for paths in loras]
+            )
+        tokens = tokens.float().to(prompt.t5.device, prompt.t5.dtype)
+        return FluxPromptEmbeds(torch.cat([prompt.t5, tokens], dim=1), prompt.pooled)
+
+    def _read_lora(self, path: str):
+        """A LoRA file read onto the DiT's layers as the pipeline reads it for the encoder (`read_lora`), against a
+        meta-device DiT of the same config (a DiT LoRA in training wraps the Linears the reader looks for); the
+        last `LORA_CACHE` files read are kept."""
+        lora = self._loras.pop(path, None)
+        if lora is None:
+            if self.pipe.dit is None:
+                raise ConfigError(f"{LORA_ENCODER_COLUMN}: reading {path} needs the DiT loaded")
+            if not os.path.isfile(path):
+                raise ConfigError(
+                    f"{LORA_ENCODER_COLUMN}: the LoRA file {path} (as the cache was encoded) is gone; put it back or "
+                    "encode the cache again"
+                )
+            if self._lora_layout is None:
+                with torch.device("meta"):
+                    self._lora_layout = type(self.pipe.dit)(self.pipe.dit.config)
+            with self.pipe.using("dit", self._lora_layout):
+                lora = self.pipe.read_lora(path, "dit")
+        self._loras[path] = lora
+        while len(self._loras) > LORA_CACHE:
+            self._loras.pop(next(iter(self._loras)))
+        return lora
 
     def _with_value_tokens(
         self, prompt: FluxPromptEmbeds, batch: Mapping[str, Any], encoder: nn.Module | None
@@ -948,6 +1238,50 @@ def _redux_sources(model_configs: Sequence[ModelConfig]) -> tuple[tuple | None, 
             f"the model files hold {len(encoders)} image encoders for FLUX.1 Redux ({encoders}); give one"
         )
     return (found[0], encoders[0] if encoders else None), [c for c, e in zip(rest, encoder, strict=True) if not e]
+
+
+def _ip_adapter_sources(model_configs: Sequence[ModelConfig]) -> tuple[tuple | None, list[ModelConfig]]:
+    """The IP-Adapter file and the image encoder listed with it (`(adapter, encoder or None)`, None without an
+    adapter), and the configs other than the adapter (the encoder stays among them: Redux may share it)."""
+    from .flux1.ip_adapter import source_part
+
+    parts = [source_part(weight_paths(config)) for config in model_configs]
+    adapters = [config for config, part in zip(model_configs, parts, strict=True) if part == "adapter"]
+    if not adapters:
+        return None, list(model_configs)
+    if len(adapters) > 1:
+        raise ConfigError(f"the model files hold {len(adapters)} IP-Adapters ({adapters}); give one")
+    encoders = [config for config, part in zip(model_configs, parts, strict=True) if part == "image_encoder"]
+    if len(encoders) > 1:
+        raise ConfigError(f"the model files hold {len(encoders)} image encoders ({encoders}); give the adapter's one")
+    rest = [config for config, part in zip(model_configs, parts, strict=True) if part != "adapter"]
+    return (adapters[0], encoders[0] if encoders else None), rest
+
+
+def _load_ip_adapter(
+    pipe: FluxImagePipeline, adapter: ModelConfig, encoder: ModelConfig | None, *, encoders: bool, denoiser: bool
+) -> None:
+    """The IP-Adapter's parts a stage needs, frozen: the image encoder for encoding, the adapter for the model
+    call; both through the pipeline's `load_ip_adapter` when a stage loads both."""
+    from .flux1.ip_adapter import check_fits, load_image_encoder, load_ip_adapter_model
+
+    if encoders and encoder is None:
+        raise ConfigError(
+            f"the IP-Adapter {adapter} needs its image encoder among the models to encode ipadapter_images: "
+            f"{IP_ADAPTER_HINT}"
+        )
+    if encoders and denoiser:
+        pipe.load_ip_adapter(adapter, image_encoder=encoder)
+        return
+    if denoiser:
+        model = load_ip_adapter_model(weight_paths(adapter), pipe.torch_dtype, double_blocks=pipe.dit.config.depth)
+        check_fits(model, pipe.dit)
+        pipe.ipadapter = model.eval().requires_grad_(False).to(pipe.device)
+        pipe.model_configs["ipadapter"] = adapter
+    if encoders:
+        tower = load_image_encoder(weight_paths(encoder), pipe.torch_dtype)
+        pipe.ipadapter_image_encoder = tower.eval().requires_grad_(False).to(pipe.device)
+        pipe.model_configs["ipadapter_image_encoder"] = encoder
 
 
 def _row_entities(index: int, row: Mapping[str, Any]) -> tuple[list[str], list[Image.Image]] | None:

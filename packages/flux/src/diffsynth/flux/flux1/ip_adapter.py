@@ -521,10 +521,18 @@ def _vision_fields(state: StateDict, config_json: dict | None, model_types: tupl
     return {**given, **facts}
 
 
+# (patch size, patches per side) -> the released input size where the patches do not cover it exactly:
+# google/siglip-so400m-patch14-384 (InstantX's IP-Adapter, FLUX.1 Redux) takes 384 pixels, 27 patches of 14
+_SIGLIP_RELEASED_SIZES = {(14, 27): 384}
+
+
 def siglip_config_from_state(state: StateDict, config_json: dict | None = None):
     fields = _vision_fields(state, config_json, ("siglip", "siglip_vision_model"), "")
-    positions = state["embeddings.position_embedding.weight"].shape[0]
-    fields.setdefault("image_size", int(round(positions**0.5)) * fields["patch_size"])
+    side = int(round(state["embeddings.position_embedding.weight"].shape[0] ** 0.5))
+    # without a config.json (the file listed alone, as DiffSynth-Studio lists the IP-Adapter's encoder)
+    fields.setdefault(
+        "image_size", _SIGLIP_RELEASED_SIZES.get((fields["patch_size"], side), side * fields["patch_size"])
+    )
     from transformers import SiglipVisionConfig
 
     return SiglipVisionConfig(**fields)
