@@ -198,6 +198,8 @@ def test_family_declares_the_dit_encoders_presets_and_pipeline():
         "DiffSynth-Studio/Eligen",
         "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev",
         "DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev",
+        "DiffSynth-Studio/Nexus-GenV2",
+        "DiffSynth-Studio/Nexus-GenV2:generation",
         "HuanJue/Insert-Anything",
         "black-forest-labs/FLUX.1-Canny-dev",
         "black-forest-labs/FLUX.1-Depth-dev",

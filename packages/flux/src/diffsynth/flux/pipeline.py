@@ -27,6 +27,13 @@ FLUX.1 Redux (black-forest-labs/FLUX.1-Redux-dev) is loaded with `load_redux(...
 `flux_redux_image` (DiffSynth-Studio's name) / `flux_redux_scale`: SigLIP patch features of each image become
 T5-width tokens appended to the positive prompt's T5 states (`flux1/redux.py`); the negative prompt is left as is.
 
+Nexus-Gen V2 (DiffSynth-Studio/Nexus-GenV2, `flux1/nexus_gen.py`) is loaded from model_configs (`model*.safetensors`:
+the `nexus_gen` slot; `edit_decoder.bin` / `generation_decoder.bin`: the DiT and the `nexus_gen_editing_adapter` /
+`nexus_gen_generation_adapter` slot): its Qwen2.5-VL predicts 81 image embeddings from the prompt (and
+`nexus_gen_reference_image`, which editing needs), the adapter turns them into the positive branch's text tokens
+(editing: with the reference's embeddings after them, at 2-D text positions); the CLIP vector and the negative
+prompt stay FLUX.1's.
+
 Insert Anything (`insert_anything_*`, a Fill DiT with the authors' LoRA and Redux) is a Fill + Redux call on the
 diptych `flux1/insert_anything.py` prepares, with zero text states, its output pasted back into the source image.
 """
@@ -138,6 +145,7 @@ def flux_velocity(
     eligen: EliGenEntities | None = None,
     ip_adapter: IPAdapterKV | None = None,
     condition: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flow velocity (noise - clean) `[B, 16, H/8, W/8]` (float32) predicted at noise level `sigma` [B].
 
@@ -149,6 +157,7 @@ def flux_velocity(
     `ip_adapter` holds the IP-Adapter's per-block image keys/values (`flux1/ip_adapter.py`).
     `condition` `[1 or B, L_img, C]` is concatenated to each image token's features for DiTs with a wider input
     (Fill: 320 features, Canny/Depth: 64; `flux1/channels.py`); the ControlNets see the noisy tokens alone.
+    `text_ids` `[L, 3]` are the first text tokens' positions (Nexus-Gen editing), the rest at 0 (zeros without).
     """
     dtype = module_dtype(dit)
     b, _, h, w = latents.shape
@@ -156,6 +165,8 @@ def flux_velocity(
     ids = latent_ids(h, w, device=latents.device)
     n_img = img.shape[1]
     txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=latents.device)
+    if text_ids is not None:
+        txt_ids[: text_ids.shape[0]] = text_ids.to(txt_ids)
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
     if guidance is not None:
         guidance = torch.as_tensor(guidance, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
@@ -280,10 +291,14 @@ class FluxImagePipeline(BasePipeline):
         "value_controller": "value_controller",
         "lora_encoder": "lora_encoder",
         "lora_fusion": "lora_fusion",
+        "nexus_gen": "nexus_gen",
+        "nexus_gen_generation_adapter": "nexus_gen_generation_adapter",
+        "nexus_gen_editing_adapter": "nexus_gen_editing_adapter",
     }
     optional_slots = (
         "controlnet", "ipadapter", "ipadapter_image_encoder", "flux_redux", "flux_redux_image_encoder",
-        "value_controller", "lora_encoder", "lora_fusion",
+        "value_controller", "lora_encoder", "lora_fusion", "nexus_gen", "nexus_gen_generation_adapter",
+        "nexus_gen_editing_adapter",
     )  # fmt: skip
     size_multiple = 16  # VAE 8x, 2x2 packing
 
@@ -297,6 +312,7 @@ class FluxImagePipeline(BasePipeline):
         self.infiniteyou_insightface_root = None
         self.infiniteyou_face_encoder = None  # `flux1.infiniteyou.FaceEncoder`, built at the first face photo
         self.timestep_loras = []  # `flux1.timestep_lora.TimestepLoRA`s attached to the DiT (`load_timestep_lora`)
+        self.nexus_gen_processor = None  # `flux1.nexus_gen.NexusGenProcessor` (`load_nexus_gen_processor`)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -312,12 +328,15 @@ class FluxImagePipeline(BasePipeline):
         tokenizer_2_config: ModelConfig | None = None,
         vram_limit: float | None = None,
         controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
+        nexus_gen_processor_config: ModelConfig | None = None,
     ):
         """As `BasePipeline.from_pretrained`, with FLUX.1's two tokenizers.
 
         `tokenizer_1_config` (CLIP, `tokenizer/`; `tokenizer_config` is accepted for it too) and
         `tokenizer_2_config` (T5, `tokenizer_2/`) default to those folders of the given local folder
         or preset repo. `controlnet` loads one or several ControlNets (see `load_controlnet`).
+        `nexus_gen_processor_config` (DiffSynth-Studio's name) is Nexus-Gen's processor folder; with its model
+        loaded it defaults to `processor/` of DiffSynth-Studio/Nexus-GenV2.
         """
         pipe = super().from_pretrained(
             model_id_or_configs,
@@ -358,6 +377,17 @@ class FluxImagePipeline(BasePipeline):
             pipe.load_ip_adapter(sources["adapter"], image_encoder=sources.get("image_encoder"))
         if redux is not None:  # the image encoder listed with it serves it too (the same SigLIP so400m tower)
             pipe.load_redux(redux, image_encoder=sources.get("image_encoder"))
+        if pipe.nexus_gen is not None:
+            from .flux1.nexus_gen import REPO
+
+            pipe.load_nexus_gen_processor(
+                nexus_gen_processor_config or ModelConfig(model_id=REPO, origin_file_pattern="processor/")
+            )
+        elif nexus_gen_processor_config is not None:
+            raise ConfigError(
+                "nexus_gen_processor_config was given but no Nexus-Gen model is loaded: add "
+                "ModelConfig(model_id='DiffSynth-Studio/Nexus-GenV2', origin_file_pattern='model*.safetensors')"
+            )
         return pipe
 
     def controlnet_spec(self):
@@ -375,8 +405,12 @@ class FluxImagePipeline(BasePipeline):
         """ControlNet files among `model_configs` (once their spec is registered) join the `controlnet` slot; an
         IP-Adapter and its image encoder are kept for `from_pretrained` to load once the DiT is there."""
         from .flux1.ip_adapter import source_part
+        from .flux1.nexus_gen import is_nexus_gen_file
         from .flux1.redux import is_redux_file
 
+        if is_nexus_gen_file(weight_paths(config)):  # Nexus-Gen's Qwen2.5-VL or a decoder (DiT + adapter)
+            self.load_nexus_gen(config)
+            return
         if is_redux_file(weight_paths(config)):
             if self._redux_source is not None:
                 raise ConfigError(f"model_configs hold two Redux embedders: {self._redux_source}, {config}")
@@ -499,6 +533,7 @@ class FluxImagePipeline(BasePipeline):
         insert_anything_source_mask: Image.Image | None = None,
         insert_anything_ref_image: Image.Image | None = None,
         insert_anything_ref_mask: Image.Image | None = None,
+        nexus_gen_reference_image: Image.Image | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
@@ -562,6 +597,9 @@ class FluxImagePipeline(BasePipeline):
         and `insert_anything_ref_image` / `_ref_mask` (the object, white) give the Fill diptych, its mask and the
         Redux image (after zero text states: no prompt, no true CFG); the result is that diptych's right half
         pasted back into the source image. `height` sets the diptych's side (the authors' 768), `width` is twice it.
+        Nexus-Gen (its model and a decoder among model_configs, or the DiffSynth-Studio/Nexus-GenV2 presets): every
+        prompt goes through its Qwen2.5-VL; `nexus_gen_reference_image` (DiffSynth-Studio's name) is the image to
+        edit (the editing decoder, `edit_decoder.bin`); without it the generation decoder draws from the prompt.
         """
         insert = self.check_insert_anything(
             (insert_anything_source_image, insert_anything_source_mask, insert_anything_ref_image,
@@ -578,6 +616,7 @@ class FluxImagePipeline(BasePipeline):
         if not isinstance(eligen_enable_on_negative, bool):
             raise ConfigError(f"eligen_enable_on_negative={eligen_enable_on_negative!r} must be True or False")
         ip_images = self.check_ip_adapter_inputs(ipadapter_images, ipadapter_scale)
+        nexus_reference = self.check_nexus_gen_inputs(nexus_gen_reference_image, entity_prompts, insert is not None)
         redux_inputs = self.check_redux_inputs(flux_redux_image, flux_redux_scale, flux_redux_pooled_scale)
         channel_inputs = self.check_channel_inputs(flux_fill_image, flux_fill_mask, control_image, kontext_images)
         flex = check_flex_inputs(
@@ -610,6 +649,7 @@ class FluxImagePipeline(BasePipeline):
         self.load_models_to_device(["text_encoder_1", "text_encoder_2"] if insert is None else [])
         text = self.encode_prompt(prompts, text_len) if insert is None else self.insert_anything_text(text_len)
         negative_text = self.encode_prompt(negatives, text_len) if use_cfg else None
+        text, text_ids = self.prepare_nexus_gen(prompts, nexus_reference, text, height, width)
         text = self.prepare_redux(text, *redux_inputs)
         text, negative_text = self.prepare_value_control(value_controller_inputs, text, negative_text)
         text = self.prepare_lora_encoding(lora_encoder_inputs, lora_encoder_scale, text)
@@ -679,6 +719,7 @@ class FluxImagePipeline(BasePipeline):
                 entities,
                 ip_kv,
                 condition if flex is None else flex.at(i),
+                text_ids=text_ids,
             )
             x = scheduler.step(velocity, i, x)
 
@@ -793,27 +834,30 @@ class FluxImagePipeline(BasePipeline):
         entities=(None, None),
         ip_adapter=(None, None),
         condition=None,
+        text_ids=None,
     ) -> torch.Tensor:
         """One denoiser evaluation; with true CFG the two branches run as one batch (the ControlNets
         see each branch's own prompt), or one after the other when only one branch has EliGen
         `entities` (positive, negative). `ip_adapter` holds each branch's IP-Adapter keys/values;
-        `condition` the Fill / Canny / Depth tokens both branches see."""
+        `condition` the Fill / Canny / Depth tokens both branches see; `text_ids` the positive text's
+        position ids (Nexus-Gen editing; zeros otherwise)."""
         eligen, negative_eligen = entities
         ip, negative_ip = ip_adapter
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         if negative_text is None:
             return flux_velocity(
-                self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
+                self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition, text_ids
             )
         # text lengths differ (EliGen, Redux tokens), only one branch has IP keys, or InfuseNet (a control with
         # its own text) steers the positive branch alone (InfiniteYou's authors)
         lengths_differ = text.t5.shape[1] != negative_text.t5.shape[1]
         negative_controls = [c for c in controls if c.text is None]
         one_sided = (eligen is None) != (negative_eligen is None) or (ip is None) != (negative_ip is None)
+        one_sided = one_sided or text_ids is not None
         if lengths_differ or one_sided or len(negative_controls) != len(controls):
             positive = flux_velocity(
-                self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition=condition
+                self.dit, x, sigma.expand(batch), text, guidance, kontext, controls, eligen, ip, condition, text_ids
             )
             negative = flux_velocity(
                 self.dit,
@@ -849,12 +893,17 @@ class FluxImagePipeline(BasePipeline):
     # ------------------------------------------------------------------ FLUX.1 Fill, Canny / Depth
     def cli_options(self, options: dict) -> dict:
         """The `diffsynth generate` inputs under this pipeline's names, by the DiT's kind: `--edit-image` is
-        Kontext's `kontext_images`; `--input-image` + `--inpaint-mask` are a Fill DiT's `flux_fill_*` or Flex.2's
+        Kontext's `kontext_images` (with Nexus-Gen loaded, its `nexus_gen_reference_image`); `--input-image` + `--inpaint-mask` are a Fill DiT's `flux_fill_*` or Flex.2's
         `flex_inpaint_*`; `--control-image MAP[:STRENGTH]` (no `--controlnet`) is Flex.2's `flex_control_image`."""
         from diffsynth.runtime.cli import path_and_scale
 
         options = dict(options)
         kind = condition_kind(self.dit.config) if self.dit is not None else None
+        if "edit_image" in options and self.nexus_gen is not None:  # Nexus-Gen edits one image
+            images = _as_list(options.pop("edit_image"))
+            if len(images) != 1:
+                raise ConfigError(f"--edit-image was given {len(images)} times; Nexus-Gen edits one image")
+            options["nexus_gen_reference_image"] = images[0]
         if "edit_image" in options:
             options["kontext_images"] = options.pop("edit_image")
         if "inpaint_mask" in options and kind in (FILL, FLEX):
@@ -1406,6 +1455,102 @@ class FluxImagePipeline(BasePipeline):
         cfg = self.dit.config
         text = zero_prompt(1, text_len, cfg.context_in_dim, cfg.vec_in_dim)
         return FluxPromptEmbeds(text.t5.to(self.device), text.pooled.to(self.device))
+
+    # ------------------------------------------------------------------ Nexus-Gen
+    def load_nexus_gen(self, config: ModelConfig) -> None:
+        """Nexus-Gen's autoregressive model (`model*.safetensors`) or a decoder (`edit_decoder.bin` /
+        `generation_decoder.bin`: the DiT and an adapter) into their slots, strictly (`flux1/nexus_gen.py`)."""
+        from diffsynth.runtime.loading import load_models
+
+        from .flux1.nexus_gen import NEXUS_GEN_SPECS
+
+        roles = {role: slot for slot, role in self.model_slots.items()}
+        for item in load_models(
+            weight_paths(config), torch_dtype=self.torch_dtype, device="cpu", specs=NEXUS_GEN_SPECS
+        ):
+            slot = roles[item.role]
+            if getattr(self, slot) is not None:
+                logger.warning("%s replaces an earlier %s model", config, slot)
+            setattr(self, slot, item.module.eval().requires_grad_(False))
+            self.model_configs[slot] = config
+
+    def load_nexus_gen_processor(self, config: ModelConfig) -> None:
+        """Nexus-Gen's image processor and tokenizer from its `processor/` folder (a `ModelConfig`)."""
+        from .flux1.nexus_gen import NexusGenProcessor
+
+        paths = config.resolve()
+        folder = paths[0] if Path(paths[0]).is_dir() else str(Path(paths[0]).parent)
+        self.nexus_gen_processor = NexusGenProcessor.from_folder(folder)
+
+    def check_nexus_gen_inputs(self, reference, entity_prompts, insert: bool) -> Image.Image | None:
+        """`nexus_gen_reference_image` as an RGB image (None for generation), checked against the loaded Nexus-Gen
+        parts; None as well without Nexus-Gen (no reference may then be given)."""
+        adapters = self.nexus_gen_editing_adapter, self.nexus_gen_generation_adapter
+        if self.nexus_gen is None:
+            if reference is not None:
+                raise ConfigError(
+                    "nexus_gen_reference_image was given but no Nexus-Gen model is loaded: use the "
+                    "DiffSynth-Studio/Nexus-GenV2 preset, or list its model*.safetensors and edit_decoder.bin"
+                )
+            if any(a is not None for a in adapters):
+                raise ConfigError(
+                    "a Nexus-Gen decoder is loaded without its autoregressive model: add ModelConfig(model_id="
+                    "'DiffSynth-Studio/Nexus-GenV2', origin_file_pattern='model*.safetensors')"
+                )
+            return None
+        if reference is not None and self.nexus_gen_editing_adapter is None:
+            raise ConfigError(
+                "nexus_gen_reference_image needs Nexus-Gen's editing decoder (edit_decoder.bin: the "
+                "DiffSynth-Studio/Nexus-GenV2 preset), which is not loaded"
+                + ("; the generation decoder makes images from the prompt alone" if adapters[1] is not None else "")
+            )
+        if reference is None and self.nexus_gen_generation_adapter is None:
+            raise ConfigError(
+                "Nexus-Gen is loaded with "
+                + ("its editing decoder (edit_decoder.bin): give nexus_gen_reference_image, the image to edit, or "
+                   if adapters[0] is not None else "no decoder: ")
+                + "load generation_decoder.bin (the DiffSynth-Studio/Nexus-GenV2:generation preset) to draw from "
+                "the prompt alone"
+            )  # fmt: skip
+        if entity_prompts:
+            raise ConfigError("eligen_entity_prompts cannot be combined with Nexus-Gen, whose tokens replace the text")
+        if insert:
+            raise ConfigError("insert_anything_* cannot be combined with Nexus-Gen (a Fill DiT with Redux)")
+        if self.nexus_gen_processor is None:
+            raise ConfigError(
+                "Nexus-Gen has no processor: load it with pipe.load_nexus_gen_processor(ModelConfig(...))"
+            )
+        return None if reference is None else load_image(reference)
+
+    def prepare_nexus_gen(self, prompts, reference, text: FluxPromptEmbeds, height: int, width: int):
+        """The positive text with its T5 states replaced by Nexus-Gen's tokens, one prompt at a time (the CLIP
+        vector stays), and their position ids (editing; None for generation, whose ids are zeros). Unchanged
+        without Nexus-Gen."""
+        from .flux1.nexus_gen import editing_text_ids
+
+        if self.nexus_gen is None:
+            return text, None
+        self.load_models_to_device(
+            ["nexus_gen", "nexus_gen_editing_adapter" if reference is not None else "nexus_gen_generation_adapter"]
+        )
+        tokens, ids = [], None
+        for prompt in prompts:
+            predicted, given, grids = self.nexus_gen.image_embeddings(
+                self.nexus_gen_processor(prompt, reference), self.device
+            )
+            if reference is None:
+                tokens.append(self.nexus_gen_generation_adapter(predicted[None]).float())
+                continue
+            tokens.append(self.nexus_gen_editing_adapter(predicted[None], grids[1], given[None], grids[0]).float())
+            # DiffSynth-Studio makes these in the latents' dtype (the pipeline's): rounded the same way
+            ids = editing_text_ids(height // 8, width // 8, grids[1], grids[0]).to(self.torch_dtype).float()
+        width_in = self.dit.config.context_in_dim
+        if tokens[0].shape[-1] != width_in:
+            raise ConfigError(
+                f"the Nexus-Gen adapter makes {tokens[0].shape[-1]}-wide tokens; the DiT reads {width_in}-wide text"
+            )
+        t5 = torch.cat(tokens).to(text.t5.device)
+        return FluxPromptEmbeds(t5=t5, pooled=text.pooled), (None if ids is None else ids.to(self.device))
 
     # ------------------------------------------------------------------ ControlNet
     def prepare_controls(

@@ -226,3 +226,25 @@ for _suffix, _file, _version in (
         pipeline="diffsynth.flux.step1x:Step1XEditPipeline",
         training="diffsynth.flux.step1x_training:Step1XTrainingTask",
     )
+
+# DiffSynth-Studio's Nexus-Gen V2 (`flux1/nexus_gen.py`): its Qwen2.5-VL (`model*.safetensors`, processor from its
+# `processor/`) and a decoder file (a fine-tuned FLUX.1 DiT + adapter) with FLUX.1-dev's VAE and text encoders, as its
+# examples list them, with their settings: editing (`edit_decoder.bin`, nexus_gen_reference_image) true CFG 2 at
+# 512x512, `:generation` (`generation_decoder.bin`) true CFG 3 at 1024x1024; 50 steps, embedded guidance 3.5.
+for _suffix, _file, _defaults, _what in (
+    ("", "edit_decoder.bin", {"cfg_scale": 2.0, "height": 512, "width": 512}, "image editing: pass "
+     "nexus_gen_reference_image (--edit-image) and the instruction; true CFG 2, 512x512"),
+    (":generation", "generation_decoder.bin", {"cfg_scale": 3.0, "height": 1024, "width": 1024},
+     "text-to-image; true CFG 3, 1024x1024"),
+):  # fmt: skip
+    PRESETS[f"DiffSynth-Studio/Nexus-GenV2{_suffix}"] = Preset(
+        name=f"DiffSynth-Studio/Nexus-GenV2{_suffix}",
+        files=(
+            PresetFile("DiffSynth-Studio/Nexus-GenV2", "model*.safetensors"),
+            PresetFile("DiffSynth-Studio/Nexus-GenV2", _file),
+            *_shared_files("black-forest-labs/FLUX.1-dev"),
+        ),
+        tokenizer=PresetFile("black-forest-labs/FLUX.1-dev", "tokenizer/"),
+        defaults={"num_inference_steps": 50, "embedded_guidance": 3.5, **_defaults},
+        description=f"Nexus-Gen V2 (DiffSynth-Studio; Qwen2.5-VL-7B + a FLUX.1 decoder), {_what}; 50 steps.",
+    )
