@@ -329,6 +329,7 @@ class FluxImagePipeline(BasePipeline):
         vram_limit: float | None = None,
         controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
         nexus_gen_processor_config: ModelConfig | None = None,
+        quantize=None,
     ):
         """As `BasePipeline.from_pretrained`, with FLUX.1's two tokenizers.
 
@@ -345,6 +346,7 @@ class FluxImagePipeline(BasePipeline):
             model_configs=model_configs,
             vram_limit=vram_limit,
             controlnet=controlnet,
+            quantize=quantize,
         )
         first = tokenizer_1_config or tokenizer_config
         second = tokenizer_2_config
