@@ -6,6 +6,8 @@ A resume checkpoint is a folder `<output_path>/checkpoints/step-NNNNNN/`:
     state.pt                optimizer, LR scheduler, progress (step, epoch, batches done), the config
     rng-<rank>.pt           each process's random states (python, numpy, torch, cuda)
     deepspeed/              under DeepSpeed: its fp32 master weights and optimizer partitions (its own layout)
+    <name>.safetensors      auxiliary trained models (`--task dmd2`: dmd2-fake_score, the fake score model)
+    <name>-optimizer.pt     their optimizer states (`write_auxiliary` / `read_auxiliary`)
 
 It is written under a temporary name and renamed into place with `os.replace` once complete, so a run killed
 mid-save leaves the previous checkpoints intact and never a partial one that `--resume latest` would pick.
@@ -103,6 +105,32 @@ def save_checkpoint(
         logger.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def write_auxiliary(
+    folder: Path, name: str, weights: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any]
+) -> None:
+    """An auxiliary trained model (one that is not the exported denoiser, such as DMD2's fake score) in a
+    checkpoint folder being written: its full weights and its optimizer's state. Called from `write_more`, so
+    it lands atomically with the rest."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / f"{name}.safetensors"))
+    torch.save(dict(optimizer_state), folder / f"{name}-optimizer.pt")
+
+
+def read_auxiliary(folder: Path, name: str, needed_by: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, optimizer state) that `write_auxiliary` wrote; a checkpoint without them is refused, naming
+    `needed_by` (what this run trains that the checkpoint did not)."""
+    from safetensors.torch import load_file
+
+    weights, optimizer = folder / f"{name}.safetensors", folder / f"{name}-optimizer.pt"
+    if not (weights.is_file() and optimizer.is_file()):
+        raise ConfigError(
+            f"--resume {folder}: no {weights.name} / {optimizer.name}, which {needed_by} needs; this checkpoint "
+            "was written by a run of another --task"
+        )
+    return load_file(str(weights)), torch.load(optimizer, map_location="cpu", weights_only=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -232,10 +260,12 @@ __all__ = [
     "load_checkpoint",
     "lora_weights",
     "prune_checkpoints",
+    "read_auxiliary",
     "rng_state",
     "save_checkpoint",
     "save_full_weights",
     "save_lora_files",
     "set_rng_state",
     "step_name",
+    "write_auxiliary",
 ]

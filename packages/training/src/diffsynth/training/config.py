@@ -124,14 +124,66 @@ class TrainConfig:
         [], "frozen models whose weights are stored in float8_e4m3fn, computed in --dtype (e.g. dit for a LoRA)",
         "optimisation",
     )  # fmt: skip
-    task: Literal["sft", "direct_distill"] = _arg(
+    task: Literal["sft", "direct_distill", "dmd2"] = _arg(
         "sft",
         "sft: flow matching on noised data; direct_distill (DiffSynth-Studio's): each row's few-step sampling from "
-        "its seed is pulled toward its image (rows: seed, optional num_inference_steps, rand_device)",
+        "its seed is pulled toward its image (rows: seed, optional num_inference_steps, rand_device); dmd2: "
+        "distribution matching distillation into a few-step student (the --dmd2_* settings)",
         "optimisation",
     )
     distill_num_inference_steps: int = _arg(
         4, "direct_distill: sampling steps for rows without a num_inference_steps column", "optimisation"
+    )
+
+    # ------------------------------------------------------------------ dmd2 (DiffSynth-Studio's names)
+    dmd2_student_update_freq: int = _arg(5, "dmd2: update the student once every N steps", "dmd2")
+    dmd2_student_sample_steps: int = _arg(4, "dmd2: sampling steps of the distilled student", "dmd2")
+    dmd2_student_sample_type: Literal["sde", "ode"] = _arg(
+        "sde",
+        "dmd2: the student's input at its step k: sde, the data latents noised to that step's sigma; ode, the "
+        "student's own Euler steps from noise (backward simulation, no gradient)",
+        "dmd2",
+    )
+    dmd2_student_schedule: Literal["uniform", "pipeline"] = _arg(
+        "uniform",
+        "dmd2: the student's sigmas: uniform, linspace(min(--dmd2_matching_t_max, 0.999), 0); pipeline, the "
+        "family's inference schedule for that many steps (what the pipeline samples with)",
+        "dmd2",
+    )
+    dmd2_student_t_list: list[str] = _arg(
+        [], "dmd2: explicit student sigmas, comma-separated, --dmd2_student_sample_steps + 1 of them ending with 0",
+        "dmd2",
+    )  # fmt: skip
+    dmd2_matching_t_min: float = _arg(0.001, "dmd2: smallest sigma the student's samples are re-noised to", "dmd2")
+    dmd2_matching_t_max: float = _arg(0.999, "dmd2: largest sigma the student's samples are re-noised to", "dmd2")
+    dmd2_matching_t_sampling: Literal["uniform", "logitnormal"] = _arg(
+        "uniform", "dmd2: how the re-noising sigma is drawn between the two", "dmd2"
+    )
+    dmd2_matching_t_mean: float = _arg(0.0, "dmd2: mean of the logitnormal re-noising sigma", "dmd2")
+    dmd2_matching_t_std: float = _arg(1.0, "dmd2: std of the logitnormal re-noising sigma", "dmd2")
+    dmd2_teacher_cfg_scale: float = _arg(
+        1.0, "dmd2: CFG scale of the frozen teacher (the real score), against --dmd2_negative_prompt", "dmd2"
+    )
+    dmd2_negative_prompt: str = _arg("", "dmd2: the teacher's negative prompt (when its CFG scale is not 1)", "dmd2")
+    dmd2_fake_score_learning_rate: float | None = _arg(
+        None, "dmd2: AdamW learning rate of the fake score model (default: --learning_rate)", "dmd2"
+    )
+    dmd2_student_grad_clip_norm: float | None = _arg(
+        10.0, "dmd2: clip the student's gradients to this norm (0 disables)", "dmd2"
+    )
+    dmd2_gan_loss_weight: float = _arg(
+        0.0,
+        "dmd2: weight of the student's GAN term (DiffSynth-Studio's default 0.03, which needs "
+        "--dmd2_feature_indices; 0: no discriminator)",
+        "dmd2",
+    )
+    dmd2_feature_indices: list[str] = _arg(
+        [], "dmd2: blocks of the fake score model whose hidden features the discriminator reads (e.g. 12)", "dmd2"
+    )
+    dmd2_gan_r1_reg_weight: float = _arg(0.0, "dmd2: weight of the discriminator's approximate R1 penalty", "dmd2")
+    dmd2_gan_r1_reg_alpha: float = _arg(0.1, "dmd2: noise scale of the approximate R1 penalty", "dmd2")
+    dmd2_discriminator_learning_rate: float | None = _arg(
+        None, "dmd2: AdamW learning rate of the discriminator (default: --learning_rate)", "dmd2"
     )
     loss_weighting: Literal["scheduler", "none"] = _arg(
         "scheduler", "scheduler: the family's timestep loss weights; none: plain MSE", "optimisation"
@@ -255,6 +307,8 @@ class TrainConfig:
                 "--task direct_distill reads each row's seed and steps, which --cache_dir does not keep; train "
                 "without --cache_dir (the encoders run on the fly)"
             )
+        if self.task == "dmd2":
+            check_dmd2(self)
         if self.distill_num_inference_steps < 1:
             raise ConfigError(f"--distill_num_inference_steps {self.distill_num_inference_steps} must be >= 1")
         if self.stage == "encode" and self.cache_dir is None:
@@ -269,6 +323,97 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_dmd2(cfg: TrainConfig) -> None:
+    """The `--dmd2_*` settings of `--task dmd2`, each error naming its flag."""
+    if cfg.cache_dir is not None:
+        raise ConfigError(
+            "--task dmd2 encodes each batch's prompts again with --dmd2_negative_prompt for the teacher and needs "
+            "the data latents as encoded now, which --cache_dir does not serve; train without --cache_dir"
+        )
+    if cfg.mixed_precision == "fp16":
+        raise ConfigError(
+            "--task dmd2 with --mixed_precision fp16: the fake score's optimizer does not take fp16 loss scaling; "
+            "use --mixed_precision bf16 or no"
+        )
+    for name in ("dmd2_student_update_freq", "dmd2_student_sample_steps"):
+        _at_least(name, getattr(cfg, name), 1)
+    if not 0 <= cfg.dmd2_matching_t_min <= cfg.dmd2_matching_t_max <= 1:
+        raise ConfigError(
+            f"--dmd2_matching_t_min {cfg.dmd2_matching_t_min} and --dmd2_matching_t_max {cfg.dmd2_matching_t_max} "
+            "must satisfy 0 <= min <= max <= 1"
+        )
+    if cfg.dmd2_matching_t_std <= 0:
+        raise ConfigError(f"--dmd2_matching_t_std {cfg.dmd2_matching_t_std} must be > 0")
+    if cfg.dmd2_teacher_cfg_scale <= 0:
+        raise ConfigError(f"--dmd2_teacher_cfg_scale {cfg.dmd2_teacher_cfg_scale} must be > 0 (1: no CFG)")
+    if cfg.dmd2_fake_score_learning_rate is not None and cfg.dmd2_fake_score_learning_rate <= 0:
+        raise ConfigError(f"--dmd2_fake_score_learning_rate {cfg.dmd2_fake_score_learning_rate} must be > 0")
+    if cfg.dmd2_student_grad_clip_norm is not None and cfg.dmd2_student_grad_clip_norm < 0:
+        raise ConfigError(f"--dmd2_student_grad_clip_norm {cfg.dmd2_student_grad_clip_norm} must be >= 0 (0: off)")
+    if cfg.dmd2_gan_loss_weight < 0:
+        raise ConfigError(f"--dmd2_gan_loss_weight {cfg.dmd2_gan_loss_weight} must be >= 0 (0: no GAN term)")
+    if cfg.dmd2_gan_loss_weight > 0:
+        if not cfg.dmd2_feature_indices:
+            raise ConfigError(
+                f"--dmd2_gan_loss_weight {cfg.dmd2_gan_loss_weight}: the discriminator reads the fake score's hidden "
+                "features at --dmd2_feature_indices; give them (e.g. --dmd2_feature_indices 12), or pass "
+                "--dmd2_gan_loss_weight 0"
+            )
+        dmd2_feature_indices(cfg)
+    elif cfg.dmd2_feature_indices or cfg.dmd2_gan_r1_reg_weight:
+        raise ConfigError(
+            "--dmd2_feature_indices / --dmd2_gan_r1_reg_weight set the GAN term, which --dmd2_gan_loss_weight 0 "
+            "turns off; give --dmd2_gan_loss_weight > 0 (e.g. 0.03) or drop them"
+        )
+    if cfg.dmd2_gan_r1_reg_weight < 0 or cfg.dmd2_gan_r1_reg_alpha <= 0:
+        raise ConfigError(
+            f"--dmd2_gan_r1_reg_weight {cfg.dmd2_gan_r1_reg_weight} must be >= 0 and --dmd2_gan_r1_reg_alpha "
+            f"{cfg.dmd2_gan_r1_reg_alpha} > 0"
+        )
+    if cfg.dmd2_discriminator_learning_rate is not None and cfg.dmd2_discriminator_learning_rate <= 0:
+        raise ConfigError(f"--dmd2_discriminator_learning_rate {cfg.dmd2_discriminator_learning_rate} must be > 0")
+    if cfg.dmd2_student_t_list:
+        sigmas = dmd2_t_list(cfg)
+        if len(sigmas) != cfg.dmd2_student_sample_steps + 1:
+            raise ConfigError(
+                f"--dmd2_student_t_list has {len(sigmas)} sigmas; --dmd2_student_sample_steps "
+                f"{cfg.dmd2_student_sample_steps} takes {cfg.dmd2_student_sample_steps + 1} (ending with 0)"
+            )
+        if (
+            sigmas[-1] != 0
+            or any(not 0 <= s <= 1 for s in sigmas)
+            or any(a <= b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
+        ):
+            raise ConfigError(
+                f"--dmd2_student_t_list {','.join(cfg.dmd2_student_t_list)}: give decreasing sigmas in [0, 1] "
+                "ending with 0 (e.g. 0.999,0.75,0.5,0.25,0)"
+            )
+
+
+def dmd2_feature_indices(cfg: TrainConfig) -> list[int]:
+    """`--dmd2_feature_indices` as distinct block indices, in the order given."""
+    try:
+        indices = [int(s) for s in cfg.dmd2_feature_indices]
+    except ValueError:
+        indices = [-1]
+    if any(i < 0 for i in indices) or len(set(indices)) != len(indices):
+        raise ConfigError(
+            f"--dmd2_feature_indices {','.join(cfg.dmd2_feature_indices)!r}: give distinct block indices >= 0, "
+            "separated by commas"
+        )
+    return indices
+
+
+def dmd2_t_list(cfg: TrainConfig) -> list[float]:
+    """`--dmd2_student_t_list` as numbers."""
+    try:
+        return [float(s) for s in cfg.dmd2_student_t_list]
+    except ValueError:
+        raise ConfigError(
+            f"--dmd2_student_t_list {','.join(cfg.dmd2_student_t_list)!r}: give numbers separated by commas"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -443,4 +588,14 @@ def _at_least(name: str, value, low: int) -> None:
         raise ConfigError(f"--{name} {value} must be >= {low}")
 
 
-__all__ = ["LORA_FORMATS", "TrainConfig", "build_parser", "dump_yaml", "from_dict", "load_yaml", "parse_args"]
+__all__ = [
+    "LORA_FORMATS",
+    "TrainConfig",
+    "build_parser",
+    "check_dmd2",
+    "dmd2_t_list",
+    "dump_yaml",
+    "from_dict",
+    "load_yaml",
+    "parse_args",
+]

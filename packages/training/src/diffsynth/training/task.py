@@ -126,7 +126,14 @@ class TrainingTask(Protocol):
 
 # Optional: `inference_sigmas(latent_shape, num_inference_steps) -> Tensor` [N + 1], the schedule the family's
 # pipeline samples `latent_shape` (the batch's clean latents) with in that many steps, ending with 0: what
-# `--task direct_distill` steps along (a task without it refuses that mode).
+# `--task direct_distill` steps along (a task without it refuses that mode), and `--task dmd2`'s student sigmas
+# with `--dmd2_student_schedule pipeline`.
+#
+# Optional: `hidden_features(denoiser, batch, noisy_latents, sigma, indices) -> list[Tensor]`, the denoiser's
+# hidden states after its blocks `indices` (the family's block order) for the image tokens, one
+# `[B, hidden, h, w]` map per index, from the same call as `velocity` (gradients flow to `noisy_latents`): what
+# `--task dmd2`'s discriminator reads with `--dmd2_gan_loss_weight > 0` (a task without it refuses the GAN term).
+# An index the denoiser does not have is a `ConfigError` naming `--dmd2_feature_indices`.
 
 # Task options (`--task_options name=value,...`): keyword-only arguments of the task's constructor, which
 # `from_pretrained(..., **options)` passes on (e.g. `sigma_shift`). Optional: `loss_options: ClassVar[tuple[str,

@@ -12,7 +12,8 @@
 one optimizer step; `save` writes the weights and a resume checkpoint every `--save_steps`, at epoch ends and at
 the end. The loss is flow matching: `x_sigma = (1 - sigma) x0 + sigma noise`, the target velocity `noise - x0`,
 sigmas and loss weights from the family's scheduler, and the prediction from the same per-step model call the
-family's pipeline makes (`task.velocity`).
+family's pipeline makes (`task.velocity`). `--task direct_distill` swaps the loss (`direct_distill_loss`); `--task
+dmd2` swaps the whole step for `dmd2.dmd2_step` (a student, a fake score model and their two optimizers).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from diffsynth.runtime.dtypes import parse_dtype
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.pipeline import seeded_noise
 
+from . import dmd2 as dmd2_task
 from .checkpoint import (
     CHECKPOINTS,
     find_checkpoint,
@@ -123,6 +125,7 @@ class Run:
     total_steps: int
     output: Path
     validation_references: list | None = None  # --validation_images loaded (PIL, RGB): a list per prompt
+    dmd2: dmd2_task.DMD2 | None = None  # --task dmd2: the fake score (and teacher copy) with its optimizer
 
 
 # ----------------------------------------------------------------------------------- the recipe
@@ -223,6 +226,8 @@ def setup(config: TrainConfig) -> Run:
             f"--task direct_distill: the {task.family} training task has no inference schedule to sample with "
             "(inference_sigmas); it trains with --task sft"
         )
+    if cfg.task == "dmd2":
+        dmd2_task.check_run(cfg, task, acc)
     if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
         raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
     references = validation_references(cfg, task)
@@ -232,6 +237,9 @@ def setup(config: TrainConfig) -> Run:
         module.gradient_checkpointing = True
     if lora:
         fuse_preset_lora(module, cfg, task)
+    # DMD2's fake score (and, for full fine-tuning, its teacher) copy the denoiser as loaded (with a fused preset)
+    dmd2 = dmd2_task.build(cfg, module, lora) if cfg.task == "dmd2" else None
+    if lora:
         add_lora(module, cfg, parts)
     else:  # the whole denoiser in the trainable dtype (its layers run in one dtype); only `parts` learn
         module.to(parse_dtype(cfg.trainable_dtype))
@@ -293,6 +301,7 @@ def setup(config: TrainConfig) -> Run:
         total,
         output,
         references,
+        dmd2,
     )
 
 
@@ -310,6 +319,8 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
 def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainState:
     """One optimizer step over `group`, a list of micro-batches (each a list of dataset items)."""
     acc, cfg = run.accelerator, run.config
+    if run.dmd2 is not None:  # the student's and the fake score's updates (dmd2.py)
+        return dmd2_task.dmd2_step(run, state, group)
     denoiser = PreparedDenoiser(run.model, acc.unwrap_model(run.model))
     losses = []
     for k, items in enumerate(group):
@@ -614,10 +625,19 @@ def save(run: Run, state: TrainState) -> None:
         rng=rng_state(),
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
-        write_more=(lambda folder: save_deepspeed_state(acc, folder / DEEPSPEED_FOLDER)) if is_deepspeed(acc) else None,
+        write_more=lambda folder: _write_more(run, folder),
     )
     if acc.is_main_process:
         prune_checkpoints(run.output / CHECKPOINTS, cfg.keep_last)
+
+
+def _write_more(run: Run, folder: Path) -> None:
+    """What a checkpoint holds besides the trained weights and `state.pt` (every process calls it): DeepSpeed's
+    own files; DMD2's fake score and its optimizer."""
+    if is_deepspeed(run.accelerator):
+        save_deepspeed_state(run.accelerator, folder / DEEPSPEED_FOLDER)
+    if run.dmd2 is not None and run.accelerator.is_main_process:
+        dmd2_task.save_state(run.dmd2, folder)
 
 
 def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
@@ -650,6 +670,8 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
     else:
         load_trainable(module, trainable)
         load_optimizer(module, run.optimizer, saved["optimizer"])
+    if run.dmd2 is not None:
+        dmd2_task.load_state(run.dmd2, folder, run.config)
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     set_rng_state(rng)
     before, now = saved["config"], run.config.to_dict()
@@ -961,6 +983,7 @@ def _log(run: Run, state: TrainState, seconds_per_step: float) -> None:
         seconds_per_step,
     )
     record = {"step": state.step, "epoch": state.epoch, "loss": state.loss, "lr": lr, "time": time.time()}
+    record.update(dmd2_task.log_record(run.dmd2))  # --task dmd2: the fake score's and the student's losses
     with (run.output / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
 

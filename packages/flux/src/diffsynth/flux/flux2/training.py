@@ -191,6 +191,48 @@ class Flux2TrainingTask(PipelineTrainingTask):
         scheduler.set_timesteps(num_inference_steps, image_seq_len=latent_shape[-2] * latent_shape[-1])
         return scheduler.sigmas
 
+    def hidden_features(
+        self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor, indices
+    ) -> list[torch.Tensor]:
+        """The image tokens' hidden states after the DiT blocks `indices` (double blocks first, then single ones,
+        as DiffSynth-Studio's DMD2 counts them) as `[B, hidden, H/16, W/16]` maps, for `--task dmd2`'s
+        discriminator. The call is `velocity`'s, with forward hooks on those blocks (the first call of each:
+        not a KV model's reference pass, nor a gradient-checkpointing recompute, which runs after the hooks
+        are gone)."""
+        blocks = [*dit.double_blocks, *dit.single_blocks]
+        bad = [i for i in indices if not 0 <= i < len(blocks)]
+        if bad:
+            raise ConfigError(
+                f"--dmd2_feature_indices {','.join(map(str, bad))}: this FLUX.2 DiT has {len(blocks)} blocks (0 to "
+                f"{len(blocks) - 1}: {len(dit.double_blocks)} double-stream, then single-stream)"
+            )
+        b, _, h, w = noisy_latents.shape
+        n_txt, n_double, found = batch["prompt_embeds"].shape[1], len(dit.double_blocks), {}
+
+        def keeper(index: int):
+            def keep(module, args, output):
+                if index in found:
+                    return
+                if index < n_double:
+                    if not isinstance(output[1], torch.Tensor):  # a KV model's reference pass: (img, (k, v))
+                        return
+                    tokens = output[0][:, : h * w]  # references, when appended, come after the image
+                elif isinstance(output, tuple):  # a KV model's reference pass
+                    return
+                else:
+                    tokens = output[:, n_txt : n_txt + h * w]
+                found[index] = tokens.transpose(1, 2).reshape(b, -1, h, w)
+
+            return keep
+
+        handles = [blocks[i].register_forward_hook(keeper(i)) for i in set(indices)]
+        try:
+            self.velocity(dit, batch, noisy_latents, sigma)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [found[i] for i in indices]
+
 
 def _check_models(pipe: Flux2ImagePipeline) -> None:
     """FLUX.1 files also hold a 'dit' and a 'vae': refuse them here rather than fail inside the first step."""
