@@ -127,6 +127,31 @@ is not applied to the DiT: the encoder learns a token that makes the frozen base
 saved as `<step>/lora_encoder/diffusion_pytorch_model.safetensors` in the released keys (`embedder.model_dict.
 blocks___0___...`), which `load_lora_encoder` reads; a DiT LoRA trains under the frozen encoder. Validation samples
 take `--task_options validation_lora_encoder_inputs=FILE`. Rows of one batch share their number of LoRAs.
+
+InfiniteYou (DiffSynth-Studio's lora/ and full/FLUX.1-dev-InfiniteYou.sh): with the id projector
+(`image_proj_model.bin`, loaded with both stages through the pipeline's `load_infiniteyou`) and InfuseNet (a FLUX.1
+ControlNet: `InfuseNetModel/`) among the model files, a row's face photo `infinityou_id_image` (DiffSynth-Studio's
+column; `infiniteyou_id_image` too; read at its own size: a `conditioning` column, list it in `--data_file_keys`)
+is encoded as the pipeline's `prepare_infiniteyou` encodes it: the largest face through the face encoder
+(insightface + facexlib, the `diffsynth-flux[infiniteyou]` extra; its `models/antelopev2/` root from
+`--task_options infiniteyou_insightface_root=DIR`, else the hub's). A row may give the ArcFace embedding instead,
+`infiniteyou_id_embedding` (or `infinityou_id_embedding`): a `.safetensors` (one tensor), `.npy` or `.pt` file of
+`[512]` or `[N, 512]`, absolute or relative to the working directory (not a `--data_file_keys` column), or a
+tensor. Only the face encoder is frozen in every mode, so the cache holds its embedding (`"infiniteyou_embedding"`
+[N, 512]) and the row's `infinityou_guidance` (InfuseNet's own guidance, default 1; `"infiniteyou_guidance"` [1]);
+the row's `controlnet_image` (default: a black picture of the target's size, as the pipeline's) is encoded as for
+any ControlNet. `velocity` projects the embedding into InfuseNet's text tokens and hands InfuseNet to
+`flux_velocity` as the pipeline's positive branch does (`ControlCondition` with the id tokens as its text at
+position 0 and its guidance; the DiT keeps the prompt). Rows of one batch share their guidance. A DiT LoRA trains
+under the frozen InfuseNet and projector. `--trainable_models controlnet,image_proj_model` (DiffSynth-Studio's
+names; `controlnet` alone trains InfuseNet under the frozen projector) trains the two together: the trainer's model
+is then `InfiniteYouInTraining` (slot "infiniteyou"), whose parts are the two models and whose forward is the whole
+model call; it is saved as `<step>/infiniteyou/diffusion_pytorch_model.safetensors` holding InfuseNet in diffusers'
+`FluxControlNetModel` keys under `controlnet.` and the projector in the authors' keys under `image_proj_model.`
+(with InfuseNet's `config.json` beside it); `split_infiniteyou_weights` writes them as the released layout
+(`InfuseNetModel/diffusion_pytorch_model.safetensors` + `config.json`, `image_proj_model.safetensors`), which the
+pipeline loads strictly. Validation samples take `--validation_images` as the face photo (and optionally the control
+image after it).
 """
 
 from __future__ import annotations
@@ -136,7 +161,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -211,6 +237,18 @@ CONTROLNET_HINT = (
     "add its diffusion_pytorch_model.safetensors to the models (e.g. --model_paths, or --model_id_with_origin_paths "
     "InstantX/FLUX.1-dev-Controlnet-Union-alpha:diffusion_pytorch_model.safetensors)"
 )
+# InfiniteYou's row columns (DiffSynth-Studio's `infinityou_*` spelling first, then ours) and cached entries
+IY_IMAGE_COLUMNS = ("infinityou_id_image", "infiniteyou_id_image")
+IY_EMBEDDING_COLUMNS = ("infinityou_id_embedding", "infiniteyou_id_embedding")
+IY_GUIDANCE_COLUMNS = ("infinityou_guidance", "infiniteyou_guidance")
+IY_EMBEDS = "infiniteyou_embedding"  # an encoded row's ArcFace embedding(s) [N, 512]
+IY_GUIDANCE = "infiniteyou_guidance"  # an encoded row's InfuseNet guidance [1]
+IY_SLOT = "infiniteyou"  # the trainer's model when InfuseNet is trained: `InfiniteYouInTraining`
+IY_HINT = (
+    "add InfiniteYou's id projector and InfuseNet to the models (e.g. --model_id_with_origin_paths "
+    "ByteDance/InfiniteYou:infu_flux_v1.0/aes_stage2/image_proj_model.bin,"
+    "ByteDance/InfiniteYou:infu_flux_v1.0/aes_stage2/InfuseNetModel/*.safetensors)"
+)
 
 
 class FluxTrainingTask(PipelineTrainingTask):
@@ -242,6 +280,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         value_encoders: int = 0,
         ip_adapter: bool = False,
         lora_encoder: bool = False,
+        infiniteyou: bool = False,
         *,
         sigma_shift: float = 3.0,
         embedded_guidance: float = TRAINING_GUIDANCE,
@@ -253,6 +292,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         validation_value_controller_inputs: float | str | Sequence[float] | None = None,
         validation_lora_encoder_inputs: str | Sequence[str] | None = None,
         insert_anything_size: int = INSERT_SIZE,
+        infiniteyou_insightface_root: str | None = None,
     ):
         """`kontext`: True requires `kontext_images` in every row, None takes them where rows have them.
         `controlnet_config`: the ControlNet's, read from its file's header when the stage loads no net (default: the
@@ -264,7 +304,10 @@ class FluxTrainingTask(PipelineTrainingTask):
         of each half of an Insert Anything row's diptych (the pipeline's `height` for it; 768, the authors').
         `ip_adapter` / `lora_encoder`: whether the model files hold an IP-Adapter / a LoRA Encoder (a stage may
         load neither; default: whether `pipe` holds one); `trained_model` "ipadapter" / "lora_encoder" trains it,
-        and `validation_lora_encoder_inputs` is the LoRA file validation samples encode."""
+        and `validation_lora_encoder_inputs` is the LoRA file validation samples encode. `infiniteyou`: whether
+        InfiniteYou's id projector is among the models (default: whether `pipe` holds it); with it, `trained_model`
+        "controlnet" trains InfuseNet and the projector through `InfiniteYouInTraining`;
+        `infiniteyou_insightface_root` is the folder holding `models/antelopev2/` for face photos."""
         self.pipe = pipe
         if isinstance(insert_anything_size, bool) or not isinstance(insert_anything_size, int):
             raise ConfigError(f"insert_anything_size={insert_anything_size!r} must be an integer (768, the authors')")
@@ -332,6 +375,12 @@ class FluxTrainingTask(PipelineTrainingTask):
             model = getattr(pipe, name)
             if model is not None and not hasattr(model, "gradient_checkpointing"):
                 model.gradient_checkpointing = False  # set by --use_gradient_checkpointing; handed to the DiT
+        self.infiniteyou = infiniteyou or pipe.infiniteyou_projector is not None
+        if infiniteyou_insightface_root is not None:
+            pipe.infiniteyou_insightface_root = infiniteyou_insightface_root
+        self._iy_model: InfiniteYouInTraining | None = None
+        if trained_model == "controlnet" and self.infiniteyou:
+            self.denoiser_slot = IY_SLOT  # InfuseNet and the projector: `--trainable_models` names its parts
 
     @property
     def models(self) -> dict[str, nn.Module]:
@@ -343,7 +392,23 @@ class FluxTrainingTask(PipelineTrainingTask):
             models["controlnet"] = models["controlnet"].nets[0]
         if "value_controller" in models and len(models["value_controller"].encoders) == 1:
             models["value_controller"] = models["value_controller"].encoders[0]  # saved in the released keys
+        projector = self.pipe.infiniteyou_projector
+        if self.denoiser_slot == IY_SLOT and "controlnet" in models and projector is not None:
+            net = models.pop("controlnet")  # trained inside the wrapper, not beside it
+            held = self._iy_model
+            if held is None or held.controlnet is not net or held.image_proj_model is not projector:
+                self._iy_model = InfiniteYouInTraining(net, projector, self.pipe)
+            models[IY_SLOT] = self._iy_model
         return models
+
+    @property
+    def model_files(self) -> dict[str, list[str]]:
+        """The files each loaded model came from; the InfiniteYou wrapper's are InfuseNet's (its `config.json` is
+        written beside the trained weights)."""
+        files = super().model_files
+        if self.denoiser_slot == IY_SLOT and "controlnet" in files:
+            files[IY_SLOT] = files["controlnet"]
+        return files
 
     # the DiT's config read from its files' header when the DiT itself is not loaded (`from_pretrained`)
     dit_config: Any = None
@@ -396,7 +461,11 @@ class FluxTrainingTask(PipelineTrainingTask):
         with the encoders through the pipeline's `load_redux`: its tokens are part of the cached prompt.
 
         An IP-Adapter's image encoder loads with the encoders (its vectors are cached), the adapter with the
-        denoiser (`load_ip_adapter` when a stage loads both); a LoRA Encoder loads with the denoiser."""
+        denoiser (`load_ip_adapter` when a stage loads both); a LoRA Encoder loads with the denoiser.
+
+        InfiniteYou's id projector (`image_proj_model.bin`) loads in both stages (`load_infiniteyou`: the encoding
+        stage checks the embeddings' width against it); InfuseNet is the ControlNet among the files."""
+        projector, model_configs = _infiniteyou_sources(model_configs)
         ip, model_configs = _ip_adapter_sources(model_configs)
         redux, model_configs = _redux_sources(model_configs)
         tokenizers = _tokenizer_pair(tokenizer_config, model_configs) if encoders else (None, None)
@@ -422,6 +491,13 @@ class FluxTrainingTask(PipelineTrainingTask):
             pipe.load_redux(redux[0], image_encoder=redux[1])
         if ip is not None:
             _load_ip_adapter(pipe, *ip, encoders=encoders, denoiser=denoiser)
+        if projector is not None:
+            if not controlnets:
+                raise ConfigError(
+                    f"InfiniteYou's id projector {projector} steers InfuseNet, a FLUX.1 ControlNet, which is not among "
+                    f"the model files: {IY_HINT}"
+                )
+            pipe.load_infiniteyou(projector)
         defaults = pipe.defaults  # the preset's or the model folder's (load_partial_pipeline)
         task_options.setdefault("t5_sequence_length", defaults.get("t5_sequence_length", T5_SEQUENCE_LENGTH))
         kontext = "kontext_auto_resize" in defaults or any(map(_names_kontext, model_configs))
@@ -430,13 +506,15 @@ class FluxTrainingTask(PipelineTrainingTask):
         value_encoders = sum("value_controller" in found for found in roles)
         lora_encoder = any("lora_encoder" in found for found in roles)
         net = controlnets[0] if controlnets else None
-        task = cls(pipe, net, value_encoders, ip is not None, lora_encoder, **task_options)
+        task = cls(pipe, net, value_encoders, ip is not None, lora_encoder, projector is not None, **task_options)
         task.dit_config = pipe.dit.config if pipe.dit is not None else _dit_config(model_configs)
         task.redux = redux is not None
         if task.redux:
             task.conditioning = (*task.conditioning, *REDUX_CONDITIONING)
         if ip is not None:
             task.conditioning = (*task.conditioning, IP_COLUMN)  # reference pictures: each at its own size
+        if projector is not None:
+            task.conditioning = (*task.conditioning, *IY_IMAGE_COLUMNS)  # face photos: each at its own size
         if task.dit_config is not None and condition_kind(task.dit_config) == "unknown":
             raise ConfigError(
                 f"{describe_widths(task.dit_config)}: its input is neither FLUX.1's, Fill's (384) nor Canny/Depth's "
@@ -449,7 +527,18 @@ class FluxTrainingTask(PipelineTrainingTask):
         (`flux_fill_image`, `flux_fill_mask`), a Canny/Depth model's `control_image`, else `kontext_images`, sized
         as training sizes them (`kontext_auto_resize` of this task, not the pipeline's default). With a ControlNet:
         its control image (and the inpainting net's mask) as `controlnet_inputs`. With FLUX.1 Redux among the
-        models (and no Kontext DiT): the images as `flux_redux_image`; with an IP-Adapter, as `ipadapter_images`."""
+        models (and no Kontext DiT): the images as `flux_redux_image`; with an IP-Adapter, as `ipadapter_images`.
+        With InfiniteYou: the face photo as `infinityou_id_image`, then optionally InfuseNet's control image."""
+        if self.infiniteyou:
+            if len(images) not in (1, 2):
+                raise ConfigError(
+                    "an InfiniteYou validation sample takes the face photo, optionally followed by InfuseNet's control "
+                    f"image (black without one), e.g. --validation_images face.png; got {len(images)}"
+                )
+            arguments: dict[str, Any] = {IY_IMAGE_COLUMNS[0]: images[0]}
+            if len(images) == 2:
+                arguments["controlnet_inputs"] = [ControlNetInput(image=images[1])]
+            return arguments
         if self.controlnet_config is not None:
             return self._control_arguments(images)
         kind = self.channel_kind
@@ -520,14 +609,25 @@ class FluxTrainingTask(PipelineTrainingTask):
                 return super().sample(self.pipe.dit, prompts, **options)
         if self.trained_model != "controlnet":
             return super().sample(denoiser, prompts, **options)
-        with self.pipe.using("controlnet", ControlNetSlot([getattr(denoiser, "module", denoiser)])):
+        trained = getattr(denoiser, "module", denoiser)
+        if isinstance(trained, InfiniteYouInTraining):  # InfuseNet and the projector in the pipeline's places
+            projector, self.pipe.infiniteyou_projector = self.pipe.infiniteyou_projector, trained.image_proj_model
+            try:
+                with self.pipe.using("controlnet", ControlNetSlot([trained.controlnet])):
+                    return super().sample(self.pipe.dit, prompts, **options)
+            finally:
+                self.pipe.infiniteyou_projector = projector
+        with self.pipe.using("controlnet", ControlNetSlot([trained])):
             return super().sample(self.pipe.dit, prompts, **options)
 
     def export_state(self, slot: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The trainer's full weights in the official keys: a trained ControlNet in diffusers' `FluxControlNetModel`
         names (the layout its hub files have), an XLabs IP-Adapter in XLabs' names; the DiT, an AttriCtrl encoder,
         an InstantX IP-Adapter (`ip-adapter.bin`'s groups flattened) and the LoRA Encoder as they are (our names
-        are BFL's and the released files')."""
+        are BFL's and the released files'); InfiniteYou's InfuseNet and projector each in its released keys under
+        its part's name (`export_infiniteyou_state`)."""
+        if slot == IY_SLOT:
+            return export_infiniteyou_state(state)
         if slot == "ipadapter":
             from .flux1.ip_adapter import XLABS, ours_to_xlabs
 
@@ -600,6 +700,21 @@ class FluxTrainingTask(PipelineTrainingTask):
                     f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r}) has "
                     f"{' / '.join(c for c in REDUX_SCALES if _has(row, c))} but no {REDUX_COLUMN} to weigh"
                 )
+        identities = {i: self._encode_identity(i, row) for i, row in enumerate(rows) if _identity_given(row)}
+        if self.denoiser_slot == IY_SLOT and len(identities) < len(rows):
+            i = next(i for i in range(len(rows)) if i not in identities)
+            raise ConfigError(
+                f"row {i} of the batch (prompt {str(rows[i]['prompt'])[:60]!r}) has no {IY_IMAGE_COLUMNS[0]}: training "
+                f"InfuseNet needs every row's face photo (list it in --data_file_keys, e.g. --data_file_keys "
+                f"image,{IY_IMAGE_COLUMNS[0]}) or its {IY_EMBEDDING_COLUMNS[1]}; its columns are {', '.join(rows[i])}"
+            )
+        # an InfiniteYou row without a control image gets the pipeline's default: a black one of the target's size
+        rows = [
+            {**row, "controlnet_image": Image.new("RGB", tuple(row["image"].shape[:0:-1]))}
+            if i in identities and not _has(row, "controlnet_image")
+            else row
+            for i, row in enumerate(rows)
+        ]
         controlled = [i for i, row in enumerate(rows) if _has(row, "controlnet_image")]
         if self.trained_model == "controlnet" and len(controlled) < len(rows):
             i = next(i for i in range(len(rows)) if i not in controlled)
@@ -612,6 +727,8 @@ class FluxTrainingTask(PipelineTrainingTask):
             with self._controlnet_for_encoding():
                 for i in controlled:
                     samples[i].update(self._encode_control(i, rows[i]))
+        for i, identity in identities.items():
+            samples[i].update(identity)
         for i, (sample, row) in enumerate(zip(samples, rows, strict=True)):
             sample.update(self._encode_entities(i, row))
             where = f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r})"
@@ -769,6 +886,58 @@ class FluxTrainingTask(PipelineTrainingTask):
             paths.append(os.path.abspath(path))
         return torch.tensor(list(json.dumps(paths).encode("utf-8")), dtype=torch.uint8)
 
+    def _encode_identity(self, index: int, row: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """`{"infiniteyou_embedding": [N, 512], "infiniteyou_guidance": [1]}` (float32): the row's face as the
+        pipeline's `prepare_infiniteyou` embeds it before its projector (the face encoder's output for a photo, or
+        the given embedding), checked as it checks them; the guidance as given (default 1)."""
+        from .flux1.infiniteyou import check_embedding
+
+        where = f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})"
+        image_column = _one_spelling(row, IY_IMAGE_COLUMNS, where)
+        embedding_column = _one_spelling(row, IY_EMBEDDING_COLUMNS, where)
+        guidance_column = _one_spelling(row, IY_GUIDANCE_COLUMNS, where)
+        given = image_column or embedding_column or guidance_column
+        projector = self.pipe.infiniteyou_projector
+        if projector is None:
+            raise ConfigError(f"{where} has {given}, but InfiniteYou's id projector is not among the models: {IY_HINT}")
+        if self.controlnet_config is None:
+            raise ConfigError(
+                f"{where} has {given}, but InfuseNet (a FLUX.1 ControlNet) is not among the models: {IY_HINT}"
+            )
+        if image_column and embedding_column:
+            raise ConfigError(
+                f"{where} has {image_column} and {embedding_column}; give the face photo or its embedding"
+            )
+        if not (image_column or embedding_column):
+            raise ConfigError(
+                f"{where} has {guidance_column} but no face to guide: give {IY_IMAGE_COLUMNS[0]} (a photo) or "
+                f"{IY_EMBEDDING_COLUMNS[1]} (its ArcFace embedding)"
+            )
+        if image_column:
+            embedding = self._face_embedding(where, _row_picture(index, row, image_column))
+        else:
+            embedding = _read_embedding(row[embedding_column], f"{where}: {embedding_column}")
+        try:
+            embedding = check_embedding(embedding, projector.config.embedding_dim)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        guidance = _iy_guidance(row.get(guidance_column) if guidance_column else None, f"{where}: {guidance_column}")
+        return {IY_EMBEDS: embedding[0], IY_GUIDANCE: torch.tensor([guidance], dtype=torch.float32)}
+
+    def _face_embedding(self, where: str, photo: Image.Image) -> torch.Tensor:
+        """The `[512]` embedding of the largest face in `photo`: the pipeline's face encoder, built as the pipeline
+        builds it at its first photo (the install command first when the extra is missing)."""
+        from .flux1.infiniteyou import FaceEncoder, face_libraries
+
+        pipe = self.pipe
+        if pipe.infiniteyou_face_encoder is None:
+            face_libraries()
+            pipe.infiniteyou_face_encoder = FaceEncoder.from_insightface(pipe.infiniteyou_insightface_root, pipe.device)
+        try:
+            return pipe.infiniteyou_face_encoder(load_image(photo))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
     def _encode_entities(self, index: int, row: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """`{"eligen_t5": [N, L, D], "eligen_regions": [N, H/16 * W/16]}` for a row with EliGen entities (none
         without): the pipeline's `prepare_eligen` for its positive branch at the target's size."""
@@ -884,6 +1053,23 @@ class FluxTrainingTask(PipelineTrainingTask):
                 f"{REDUX_COLUMN} (or none), or train with --batch_size 1"
             )
         batch = collate_references(samples, ("latents", "t5", "pooled"), "kontext", "kontext_ids", "kontext_images")
+        # InfiniteYou rows first: their control image is InfuseNet's (black when not given)
+        present = sum(IY_EMBEDS in s for s in samples)
+        if present and present < len(samples):
+            raise ConfigError(
+                f"a batch mixes {present} rows with {IY_IMAGE_COLUMNS[0]} and {len(samples) - present} without; give "
+                "every row its own (or none), or train with --batch_size 1"
+            )
+        if present:
+            counts = [s[IY_EMBEDS].shape[0] for s in samples]
+            guidances = [float(s[IY_GUIDANCE]) for s in samples]
+            if len(set(counts)) > 1 or len(set(guidances)) > 1:
+                raise ConfigError(
+                    f"the rows of a batch have {counts} face embeddings and {IY_GUIDANCE_COLUMNS[0]} {guidances}; "
+                    "InfuseNet takes one count and one guidance per batch: train with --batch_size 1"
+                )
+            batch[IY_EMBEDS] = torch.stack([s[IY_EMBEDS] for s in samples])
+            batch[IY_GUIDANCE] = torch.stack([s[IY_GUIDANCE] for s in samples])
         with_condition = sum("condition" in s for s in samples)
         if with_condition == len(samples):
             batch["condition"] = torch.stack([s["condition"] for s in samples])
@@ -960,7 +1146,13 @@ class FluxTrainingTask(PipelineTrainingTask):
                 getattr(getattr(trained, "module", trained), "gradient_checkpointing", False)
             )
         model = {name: trained if self.trained_model == name else None for name in UNDER_FROZEN_DIT}
-        dit, controls = self._controls(dit, batch)
+        infiniteyou = None  # the trained InfuseNet + projector (`InfiniteYouInTraining`, maybe DDP-wrapped)
+        if self.denoiser_slot == IY_SLOT:
+            infiniteyou, dit, controls = dit, self.pipe.dit, []
+        else:
+            identity = self._identity_inputs(batch, trained=False)  # checked first: the faces name what is missing
+            dit, controls = self._controls(dit, batch)
+            controls = self._with_identity(controls, identity)
         prompt = FluxPromptEmbeds(batch["t5"], batch["pooled"])
         prompt = self._with_value_tokens(prompt, batch, model["value_controller"])
         prompt = self._with_lora_tokens(prompt, batch, model["lora_encoder"])
@@ -979,18 +1171,70 @@ class FluxTrainingTask(PipelineTrainingTask):
             # Flex.2 learns from images and prompts with its empty condition (DiffSynth-Studio trains it so)
             condition = pack_latents(flex_condition(None, None, None, noisy_latents.float()))
         self._check_condition(dit, condition)
-        return flux_velocity(
-            dit,
-            noisy_latents,
-            sigma,
-            prompt,
-            self.embedded_guidance,
-            kontext,
-            controls=controls,
-            eligen=entities,
-            ip_adapter=ip_adapter,
-            condition=condition,
-        )
+
+        def call(controls: list[ControlCondition]) -> torch.Tensor:
+            return flux_velocity(
+                dit,
+                noisy_latents,
+                sigma,
+                prompt,
+                self.embedded_guidance,
+                kontext,
+                controls=controls,
+                eligen=entities,
+                ip_adapter=ip_adapter,
+                condition=condition,
+            )
+
+        if infiniteyou is None:
+            return call(controls)
+        tokens, mode, embeds, guidance = self._identity_inputs(batch, trained=True)
+        return infiniteyou(embeds, tokens, mode, guidance, call)
+
+    def _identity_inputs(self, batch: Mapping[str, Any], trained: bool) -> tuple:
+        """The batch's InfuseNet condition tokens, mode, face embeddings `[B, N, 512]` and guidance (one number), checked
+        against the loaded projector; None for a batch without faces, which training InfuseNet refuses."""
+        embeds = batch.get(IY_EMBEDS)
+        if embeds is None:
+            if trained:
+                raise ConfigError(
+                    f"training InfuseNet needs batches with {IY_IMAGE_COLUMNS[0]} (or {IY_EMBEDDING_COLUMNS[1]}); a "
+                    "cache encoded without them has none: encode it again"
+                )
+            return None
+        projector = self.pipe.infiniteyou_projector
+        if projector is None:
+            raise ConfigError(
+                f"this batch has {IY_IMAGE_COLUMNS[0]}, but InfiniteYou's id projector is not loaded: {IY_HINT}; or "
+                "encode the cache again without them"
+            )
+        if embeds.shape[-1] != projector.config.embedding_dim:
+            raise ConfigError(
+                f"this batch's face embeddings are {embeds.shape[-1]} wide, and InfiniteYou's projector takes "
+                f"{projector.config.embedding_dim}: encode the cache again"
+            )
+        tokens, mode = batch.get("controlnet"), batch.get("controlnet_mode")
+        width = self.controlnet_config.cond_in_channels if self.controlnet_config is not None else None
+        if tokens is None or tokens.shape[-1] != width:
+            raise ConfigError(
+                f"this batch's InfuseNet condition ({'none' if tokens is None else tokens.shape[-1]} features) was not "
+                f"encoded for this InfuseNet ({width}): encode the cache again"
+            )
+        guidances = batch[IY_GUIDANCE].reshape(-1).tolist()
+        if len(set(guidances)) > 1:
+            raise ConfigError(f"this batch's rows have {IY_GUIDANCE_COLUMNS[0]} {guidances}: one per batch")
+        return tokens, None if mode is None else mode.reshape(-1), embeds, guidances[0]
+
+    def _with_identity(self, controls: list[ControlCondition], inputs: tuple | None) -> list[ControlCondition]:
+        """The frozen InfuseNet's condition with the batch's id tokens (of `_identity_inputs`) as its text and its
+        guidance, as the pipeline's positive branch runs it; unchanged for a batch without faces."""
+        if inputs is None:
+            return controls
+        projector = self.pipe.infiniteyou_projector
+        embeds, guidance = inputs[2], inputs[3]
+        with torch.no_grad():
+            identity = projector(embeds.to(self.pipe.device, module_dtype(projector))).float()
+        return [replace(control, text=identity, guidance=guidance) for control in controls]
 
     def _ip_keys(self, batch: Mapping[str, Any], adapter: nn.Module | None) -> IPAdapterKV | None:
         """Each row's IP-Adapter keys/values at scale 1, from the trained `adapter` (with gradients) or the
@@ -1435,4 +1679,169 @@ def _tokenizer_pair(
     return None, None
 
 
-__all__ = ["FluxTrainingTask"]
+# ------------------------------------------------------------------ InfiniteYou
+class InfiniteYouInTraining(nn.Module):
+    """InfuseNet and InfiniteYou's id projector as the trainer trains them (`--trainable_models
+    controlnet,image_proj_model`: its `trainable_parts`, DiffSynth-Studio's names). The projector's tokens are
+    InfuseNet's text, so both act in one model call; this module's forward is that whole call over the frozen DiT of
+    `pipe`, so a DDP-wrapped model sees both. Its children are the pipeline's own InfuseNet and projector, so what the
+    trainer changes is what the pipeline runs; `gradient_checkpointing` is handed to InfuseNet and the DiT."""
+
+    trainable_parts: ClassVar[dict[str, tuple[str, ...]]] = {
+        "controlnet": ("controlnet",),
+        "image_proj_model": ("image_proj_model",),
+    }
+
+    def __init__(self, controlnet: Flux1ControlNet, projector: nn.Module, pipe: FluxImagePipeline):
+        super().__init__()
+        self.controlnet = controlnet
+        self.image_proj_model = projector
+        self.gradient_checkpointing = False
+        self._frozen = (pipe,)  # not a submodule: the DiT is not trained here
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        tokens: torch.Tensor,
+        mode: torch.Tensor | None,
+        guidance: float,
+        call: Callable[[list[ControlCondition]], torch.Tensor],
+    ) -> torch.Tensor:
+        """`call` (the task's `flux_velocity` over the frozen DiT) with InfuseNet steered by the id tokens the
+        projector makes of `embeddings` `[B, N, 512]` (its text at position 0) and `guidance`, as the pipeline's
+        positive branch runs it."""
+        (pipe,) = self._frozen
+        pipe.dit.gradient_checkpointing = self.controlnet.gradient_checkpointing = self.gradient_checkpointing
+        identity = self.image_proj_model(embeddings.to(module_dtype(self.image_proj_model))).float()
+        return call([ControlCondition(self.controlnet, tokens, mode, text=identity, guidance=guidance)])
+
+
+def export_infiniteyou_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`InfiniteYouInTraining`'s weights in the released keys, each under its part's name: InfuseNet's in diffusers'
+    `FluxControlNetModel` names (`controlnet.`), the projector's in the authors' `image_proj_model.bin` names
+    (`image_proj_model.`)."""
+    from .flux1.controlnet_formats import ours_to_diffusers
+
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in InfiniteYouInTraining.trainable_parts}
+    for key, value in state.items():
+        name, _, rest = key.partition(".")
+        if name not in parts:
+            raise ConfigError(f"InfiniteYou's trained weights hold {key!r}, of neither InfuseNet nor the id projector")
+        parts[name][rest] = value
+    exported = {f"controlnet.{k}": v for k, v in ours_to_diffusers(parts["controlnet"]).items()}
+    return exported | {f"image_proj_model.{k}": v for k, v in parts["image_proj_model"].items()}
+
+
+def split_infiniteyou_weights(path: str | os.PathLike, folder: str | os.PathLike) -> tuple[Path, Path]:
+    """The trainer's `<step>/infiniteyou/diffusion_pytorch_model.safetensors` written as InfiniteYou's released
+    layout in `folder`: `InfuseNetModel/diffusion_pytorch_model.safetensors` (with the `config.json` found beside
+    `path`) and `image_proj_model.safetensors`, which `FluxImagePipeline` loads (`load_controlnet`,
+    `load_infiniteyou`, or both as `model_configs`). Returns (InfuseNet folder, projector file)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, folder = Path(path), Path(folder)
+    state = load_file(str(path))
+    parts: dict[str, dict[str, torch.Tensor]] = {"controlnet": {}, "image_proj_model": {}}
+    for key, value in state.items():
+        name, _, rest = key.partition(".")
+        if name not in parts:
+            raise ConfigError(
+                f"{path} holds {key!r}: not InfiniteYou's trained weights (keys under controlnet. and "
+                "image_proj_model.)"
+            )
+        parts[name][rest] = value
+    empty = [name for name, part in parts.items() if not part]
+    if empty:
+        raise ConfigError(f"{path} holds no {' and no '.join(empty)} weights: not InfiniteYou's trained weights")
+    net = folder / "InfuseNetModel"
+    net.mkdir(parents=True, exist_ok=True)
+    save_file(parts["controlnet"], str(net / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    if (path.parent / "config.json").is_file():
+        shutil.copyfile(path.parent / "config.json", net / "config.json")
+    projector = folder / "image_proj_model.safetensors"
+    save_file(parts["image_proj_model"], str(projector), metadata={"format": "pt"})
+    return net, projector
+
+
+def _infiniteyou_sources(model_configs: Sequence[ModelConfig]) -> tuple[ModelConfig | None, list[ModelConfig]]:
+    """InfiniteYou's id projector among the model configs (None without one; its `.bin` is no registered model,
+    so it is taken out before the others are recognised), and the other configs."""
+    from .flux1.infiniteyou import is_projector_file
+
+    found = [is_projector_file(weight_paths(config)) for config in model_configs]
+    projectors = [config for config, is_projector in zip(model_configs, found, strict=True) if is_projector]
+    if len(projectors) > 1:
+        raise ConfigError(f"the model files hold {len(projectors)} InfiniteYou id projectors ({projectors}); give one")
+    rest = [config for config, is_projector in zip(model_configs, found, strict=True) if not is_projector]
+    return (projectors[0] if projectors else None), rest
+
+
+def _identity_given(row: Mapping[str, Any]) -> bool:
+    return any(_has(row, c) for c in (*IY_IMAGE_COLUMNS, *IY_EMBEDDING_COLUMNS, *IY_GUIDANCE_COLUMNS))
+
+
+def _one_spelling(row: Mapping[str, Any], columns: tuple[str, str], where: str) -> str | None:
+    """The one of DiffSynth-Studio's `infinityou_*` and our `infiniteyou_*` columns a row gives (None: neither)."""
+    given = [column for column in columns if _has(row, column)]
+    if len(given) > 1:
+        raise ConfigError(f"{where} has {given[0]} and {given[1]}: the same input twice; give one")
+    return given[0] if given else None
+
+
+def _read_embedding(value: Any, where: str) -> torch.Tensor:
+    """A row's ArcFace embedding: a tensor (or array), or a file holding one: `.safetensors` (one tensor), `.npy`,
+    `.pt` / `.pth` (a tensor), absolute or relative to the working directory."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f"{where} must be a tensor or a .safetensors / .npy / .pt file, got {preview(value)}")
+    path = Path(str(value).strip())
+    if not path.is_file():
+        raise ConfigError(
+            f"{where} {str(value)!r} is no file (relative paths are taken from the working directory {os.getcwd()}; "
+            "give absolute paths)"
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if len(tensors) != 1:
+                raise ConfigError(f"{where} {path} holds {len(tensors)} tensors ({preview(sorted(tensors))}); give one")
+            return next(iter(tensors.values()))
+        if suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if suffix in (".pt", ".pth"):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(loaded, torch.Tensor):
+                raise ConfigError(f"{where} {path} holds a {type(loaded).__name__}, not one tensor")
+            return loaded
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{where} {path} cannot be read ({reason})") from None
+    raise ConfigError(f"{where} {path}: use a .safetensors, .npy or .pt file of the [512] ArcFace embedding")
+
+
+def _iy_guidance(value: Any, where: str) -> float:
+    """InfuseNet's guidance of a row: 1 when absent (the pipeline's default); a number or a CSV cell's text."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 1.0
+    try:
+        guidance = float(value) if isinstance(value, str) and not isinstance(value, bool) else value
+    except ValueError:
+        raise ConfigError(f"{where} {value!r} is not a number (InfuseNet's guidance, 1 by default)") from None
+    if isinstance(guidance, torch.Tensor) and guidance.numel() == 1:
+        guidance = guidance.item()
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ConfigError(f"{where} {value!r} is not a number (InfuseNet's guidance, 1 by default)")
+    return float(guidance)
+
+
+__all__ = ["FluxTrainingTask", "InfiniteYouInTraining", "export_infiniteyou_state", "split_infiniteyou_weights"]
