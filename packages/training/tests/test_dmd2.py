@@ -512,14 +512,14 @@ def test_a_task_without_hidden_features_refuses_the_gan_term(tmp_path, dataset):
 
 
 def test_the_readme_command_parses():
-    """The README's DMD2 command (a `shell` block of its DMD2 section) is valid as users type it."""
+    """The README's DMD2 command (a `bash` block of its DMD2 section) is valid as users type it."""
     import re
     import shlex
     from pathlib import Path
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
     section = text[text.index("## DMD2 distillation") :]
-    (block,) = re.findall(r"```shell\n(.*?)```", section[: section.index("\n## ")], flags=re.S)
+    (block,) = re.findall(r"```bash\n(.*?)```", section[: section.index("\n## ")], flags=re.S)
     words = shlex.split(block.replace("\\\n", " "))
     cfg, _ = parse_args(words[words.index("diffsynth-train") + 1 :])
     assert (cfg.task, cfg.model, cfg.trainable_models) == ("dmd2", "black-forest-labs/FLUX.2-klein-base-4B", ["dit"])

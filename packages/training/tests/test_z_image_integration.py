@@ -5,6 +5,7 @@ Integration: needs diffsynth-z-image installed (the `integration` nox session in
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,54 @@ def test_direct_distillation_samples_as_the_pipeline_does(tiny_repo, tmp_path):
     (want,) = decoded
     assert got.shape == want.shape
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactly(tiny_repo, dataset, tmp_path):
+    """`--quantize dit=bitsandbytes_nf4` (QLoRA): the DiT's Linears load in NF4 and stay as they are, only the LoRA
+    trains, and the pipeline with the same 4-bit DiT and the saved LoRA computes the trained model's velocity.
+    DiffSynth-Studio's `--quant_options MODEL:METHOD/EXCLUDED` names the same thing by file."""
+    pytest.importorskip("bitsandbytes")
+    from diffsynth.runtime.errors import ConfigError
+    from diffsynth.runtime.quant import is_quantized_linear, quantize_config
+
+    run = setup(config(tiny_repo, dataset, tmp_path / "out", quantize=["dit=bitsandbytes_nf4"]))
+    dit = run.task.pipe.dit
+    assert quantize_config(dit).method == "bitsandbytes_nf4"
+    packed = {n: m.weight.detach().clone() for n, m in dit.named_modules() if is_quantized_linear(m)}
+    assert packed and all(".lora_" in n for n in run.trainable)
+    state = TrainState()
+    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        assert math.isfinite(state.loss) and state.loss > 0
+    assert all(torch.equal(m.weight, packed[n]) for n, m in dit.named_modules() if n in packed)
+    save(run, state)
+
+    pipe = ZImagePipeline.from_pretrained(
+        str(tiny_repo), torch_dtype="float32", device="cpu", quantize={"dit": "bitsandbytes_nf4"}
+    )
+    g = torch.Generator().manual_seed(3)
+    latents, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([0.7])
+    text = pipe.encode_prompt(["a red circle on a blue background"])
+    with torch.no_grad():
+        trained = z_image_velocity(run.model, latents, sigma, text)
+        before = z_image_velocity(pipe.dit, latents, sigma, text)
+        pipe.load_lora(tmp_path / "out" / "step-000002.safetensors", name="trained")  # kept apart on 4-bit layers
+        torch.testing.assert_close(z_image_velocity(pipe.dit, latents, sigma, text), trained, atol=1e-5, rtol=1e-5)
+    assert (trained - before).abs().max() > 1e-4
+
+    transformer = str(tiny_repo / "transformer" / "diffusion_pytorch_model.safetensors")
+    files = [transformer, *(str(tiny_repo / f) for f in ("vae/diffusion_pytorch_model.safetensors", "text_encoder"))]
+    dss = config(tiny_repo, dataset, tmp_path / "dss", tokenizer_path=str(tiny_repo / "tokenizer"))
+    dss = replace(dss, model=None, model_paths=files, quant_options=f"{transformer}:bitsandbytes_nf4/t_embedder.mlp.0")
+    by_file = setup(dss)
+    linears = [
+        m for m in by_file.task.pipe.dit.modules() if isinstance(m, torch.nn.Linear) and not hasattr(m, "lora_A")
+    ]
+    assert quantize_config(by_file.task.pipe.dit).exclude_modules == ["t_embedder.mlp.0"]
+    assert sum(not is_quantized_linear(m) for m in linears) >= 1  # the excluded layer stays plain
+    with pytest.raises(ConfigError, match="--quantize dit=bitsandbytes_nf4: dit is trained in full"):
+        setup(config(tiny_repo, dataset, tmp_path / "x", quantize=["dit=bitsandbytes_nf4"], trainable_models=["dit"]))
+    with pytest.raises(ConfigError, match="--quant_options 'nowhere:bitsandbytes_nf4': 'nowhere' is none of"):
+        setup(config(tiny_repo, dataset, tmp_path / "y", quant_options="nowhere:bitsandbytes_nf4"))
+    with pytest.raises(ConfigError, match="--quantize vae=int3: QuantizeConfig method='int3' is not supported"):
+        setup(config(tiny_repo, dataset, tmp_path / "z", quantize=["vae=int3"]))

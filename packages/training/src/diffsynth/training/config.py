@@ -95,6 +95,12 @@ class TrainConfig:
         None, "differential LoRA: fuse this LoRA file into the frozen denoiser before training a new one", "adapter"
     )
     preset_lora_scale: float = _arg(1.0, "scale of --preset_lora_path when fused", "adapter")
+    lora_checkpoint: str | None = _arg(
+        None,
+        "start the LoRA from this LoRA file (any layout the pipeline reads) instead of zero: go on training it "
+        "(a fresh optimizer and schedule: not --resume)",
+        "adapter",
+    )
     lora_formats: list[str] = _arg(
         ["diffsynth"], "LoRA files to write: diffsynth, peft (ComfyUI/diffusers keys), kohya", "adapter"
     )
@@ -102,8 +108,23 @@ class TrainConfig:
     save_dtype: str | None = _arg(None, "dtype of saved full weights (default: --dtype)", "adapter")
 
     # ------------------------------------------------------------------ optimisation
-    learning_rate: float = _arg(1e-4, "AdamW learning rate", "optimisation")
-    weight_decay: float = _arg(0.01, "AdamW weight decay", "optimisation")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = _arg(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes: 8-bit moments, a quarter of AdamW's state), adafactor "
+        "(transformers), prodigy (prodigyopt: give --learning_rate 1)",
+        "optimisation",
+    )
+    optimizer_options: dict[str, Any] = _arg(
+        {}, "more optimizer arguments as name=value, comma-separated (e.g. betas=0.9:0.99,eps=1e-8)", "optimisation"
+    )
+    learning_rate: float = _arg(1e-4, "learning rate (the optimizer's)", "optimisation")
+    weight_decay: float = _arg(0.01, "weight decay (the optimizer's)", "optimisation")
+    ema_decay: float | None = _arg(
+        None,
+        "keep an exponential moving average of the trained weights with this decay (e.g. 0.999), saved beside "
+        "them as *-ema files",
+        "optimisation",
+    )
     lr_scheduler: Literal["constant", "linear", "cosine"] = _arg(
         "constant", "learning rate after warm-up", "optimisation"
     )
@@ -124,16 +145,44 @@ class TrainConfig:
         [], "frozen models whose weights are stored in float8_e4m3fn, computed in --dtype (e.g. dit for a LoRA)",
         "optimisation",
     )  # fmt: skip
-    task: Literal["sft", "direct_distill", "dmd2"] = _arg(
+    offload_models: list[str] = _arg(
+        [],
+        "frozen models whose blocks stay in (pinned) CPU memory and stream to the GPU as they run, forward and "
+        "backward (the VRAM manager; e.g. dit for a LoRA on a model larger than the GPU)",
+        "optimisation",
+    )
+    offload_vram_limit: float = _arg(
+        0.0, "GiB of an --offload_models model's blocks kept on the GPU (0: every block streams)", "optimisation"
+    )
+    quantize: list[str] = _arg(
+        [],
+        "frozen models whose Linears are stored in 4 bits, as [SLOT=]METHOD (bitsandbytes_nf4 / bitsandbytes_fp4; "
+        "no slot: the denoiser), comma-separated: QLoRA when the denoiser is the LoRA's base",
+        "optimisation",
+    )
+    quant_options: str | None = _arg(
+        None,
+        "DiffSynth-Studio's form: MODEL:METHOD[/EXCLUDED,LAYERS], ';'-separated, MODEL being one of the "
+        "--model_paths / --model_id_with_origin_paths entries",
+        "optimisation",
+    )
+    task: Literal["sft", "direct_distill", "dmd2", "trajectory_imitation"] = _arg(
         "sft",
         "sft: flow matching on noised data; direct_distill (DiffSynth-Studio's): each row's few-step sampling from "
         "its seed is pulled toward its image (rows: seed, optional num_inference_steps, rand_device); dmd2: "
-        "distribution matching distillation into a few-step student (the --dmd2_* settings)",
+        "distribution matching distillation into a few-step student (the --dmd2_* settings); trajectory_imitation: "
+        "a few-step student follows the many-step teacher's trajectory (the --trajectory_* settings)",
         "optimisation",
     )
     distill_num_inference_steps: int = _arg(
         4, "direct_distill: sampling steps for rows without a num_inference_steps column", "optimisation"
     )
+    trajectory_student_steps: int = _arg(8, "trajectory_imitation: the student's sampling steps", "optimisation")
+    trajectory_teacher_steps: int = _arg(
+        50, "trajectory_imitation: the teacher's sampling steps (its trajectory)", "optimisation"
+    )
+    trajectory_teacher_cfg_scale: float = _arg(2.0, "trajectory_imitation: the teacher's CFG scale", "optimisation")
+    trajectory_negative_prompt: str = _arg("", "trajectory_imitation: the teacher's negative prompt", "optimisation")
 
     # ------------------------------------------------------------------ dmd2 (DiffSynth-Studio's names)
     dmd2_student_update_freq: int = _arg(5, "dmd2: update the student once every N steps", "dmd2")
@@ -275,11 +324,26 @@ class TrainConfig:
                 f"--trainable_models {','.join(self.trainable_models)} (full fine-tuning) cannot be combined with "
                 "--lora_base_model / --lora_target_modules (LoRA); give one or the other"
             )
+        both = [m for m in self.offload_models if m in self.trainable_models or m in self.fp8_models]
+        if both:
+            raise ConfigError(
+                f"--offload_models {','.join(both)}: a model trained in full or stored in fp8 (--fp8_models) is not "
+                "streamed; offload the frozen base of a LoRA"
+            )
+        if self.offload_vram_limit < 0:
+            raise ConfigError(f"--offload_vram_limit {self.offload_vram_limit} must be >= 0 (GiB)")
         trained_fp8 = [m for m in self.fp8_models if m in self.trainable_models]
         if trained_fp8:
             raise ConfigError(
                 f"--fp8_models {','.join(trained_fp8)}: a model trained in full (--trainable_models) keeps its "
                 "weights in --trainable_dtype; fp8 storage is for frozen models (e.g. the base of a LoRA)"
+            )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay {self.ema_decay} must be between 0 and 1 (e.g. 0.999)")
+        if self.lora_checkpoint is not None and self.trainable_models:
+            raise ConfigError(
+                "--lora_checkpoint starts a LoRA from a file; with --trainable_models (full fine-tuning) there is no "
+                "LoRA: fuse it into the weights you start from instead"
             )
         if self.preset_lora_path is not None and self.trainable_models:
             raise ConfigError(
@@ -309,6 +373,17 @@ class TrainConfig:
             )
         if self.task == "dmd2":
             check_dmd2(self)
+        if self.task == "trajectory_imitation":
+            if self.cache_dir is not None:
+                raise ConfigError(
+                    "--task trajectory_imitation encodes the negative prompt of the teacher's CFG on the fly, which "
+                    "--cache_dir does not keep; train without --cache_dir"
+                )
+            if not 1 <= self.trajectory_student_steps < self.trajectory_teacher_steps:
+                raise ConfigError(
+                    f"--trajectory_student_steps {self.trajectory_student_steps} must be >= 1 and fewer than "
+                    f"--trajectory_teacher_steps {self.trajectory_teacher_steps}"
+                )
         if self.distill_num_inference_steps < 1:
             raise ConfigError(f"--distill_num_inference_steps {self.distill_num_inference_steps} must be >= 1")
         if self.stage == "encode" and self.cache_dir is None:

@@ -275,7 +275,20 @@ def load_optimizer(module: nn.Module, optimizer, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     # strict=False: a parameter that never got a gradient (an unused pad token) has no Adam state yet
-    set_optimizer_state_dict(module, optimizer, state, options=_options(full_state_dict=True, strict=False))
+    try:
+        set_optimizer_state_dict(module, optimizer, state, options=_options(full_state_dict=True, strict=False))
+    except KeyError:  # group settings an optimizer adds at its first step (Prodigy's d_denom), unknown before it
+        optimizer.load_state_dict(_by_index(module, optimizer, state))
+
+
+def _by_index(module: nn.Module, optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A name-keyed optimizer state (one process's, unsharded) keyed by parameter index, as
+    `optimizer.load_state_dict` takes it."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: v for n, v in state["state"].items()}, "param_groups": groups}
 
 
 __all__ = [

@@ -25,7 +25,8 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer `name` over `params`, with the trainer's learning rate and weight decay; `options`
     (`--optimizer_options betas=0.9:0.99,eps=1e-8`) are passed to its constructor."""
-    options = dict(options or {})
+    # a flag's text values (`betas=0.9:0.99` stays a string in YAML) as the optimizer takes them
+    options = {k: _value(k, v) if isinstance(v, str) else v for k, v in (options or {}).items()}
     params = list(params)
     if name == "adamw":
         return _built(torch.optim.AdamW, params, options, lr=lr, weight_decay=weight_decay)

@@ -39,6 +39,7 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.pipeline import seeded_noise
 
 from . import dmd2 as dmd2_task
+from . import trajectory
 from .checkpoint import (
     CHECKPOINTS,
     find_checkpoint,
@@ -81,9 +82,14 @@ from .distributed import (
     save_deepspeed_state,
     zero_stage,
 )
+from .ema import EMA
+from .lora_checkpoint import load_into_lora_layers, read_lora_checkpoint
+from .optimizers import make_optimizer
+from .quantize import quantized_sources
 from .task import TrainingTask, check_task, model_sources, task_class
 
 logger = logging.getLogger(__name__)
+EMA_FILE = "ema.pt"  # in a resume checkpoint: the moving average's state (--ema_decay)
 
 # Settings that may change between a checkpoint and the run that resumes it without a warning.
 _RESUMABLE_CHANGES = {
@@ -126,6 +132,8 @@ class Run:
     output: Path
     validation_references: list | None = None  # --validation_images loaded (PIL, RGB): a list per prompt
     dmd2: dmd2_task.DMD2 | None = None  # --task dmd2: the fake score (and teacher copy) with its optimizer
+    ema: EMA | None = None  # --ema_decay: the moving average of the trained weights
+    teacher: nn.Module | None = None  # --task trajectory_imitation: the frozen copy (None: the base, LoRA off)
 
 
 # ----------------------------------------------------------------------------------- the recipe
@@ -228,6 +236,8 @@ def setup(config: TrainConfig) -> Run:
         )
     if cfg.task == "dmd2":
         dmd2_task.check_run(cfg, task, acc)
+    if cfg.task == "trajectory_imitation":
+        trajectory.check_run(cfg, task)
     if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
         raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
     references = validation_references(cfg, task)
@@ -240,11 +250,17 @@ def setup(config: TrainConfig) -> Run:
     # DMD2's fake score (and, for full fine-tuning, its teacher) copy the denoiser as loaded (with a fused preset)
     dmd2 = dmd2_task.build(cfg, module, lora) if cfg.task == "dmd2" else None
     if lora:
+        start = read_lora_checkpoint(task, module, cfg.lora_checkpoint) if cfg.lora_checkpoint else None
         add_lora(module, cfg, parts)
+        if start is not None:
+            load_into_lora_layers(module, start, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_checkpoint)
     else:  # the whole denoiser in the trainable dtype (its layers run in one dtype); only `parts` learn
         module.to(parse_dtype(cfg.trainable_dtype))
         for path in parts or ("",):
             module.get_submodule(path).requires_grad_(True)
+    teacher = None
+    if cfg.task == "trajectory_imitation":  # the model as the run starts (before any step, or a resume)
+        teacher = trajectory.make_teacher(module, lora, cfg.lora_checkpoint is not None)
     module.train()
     trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
     logger.info(
@@ -265,7 +281,14 @@ def setup(config: TrainConfig) -> Run:
             f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower those or raise --dataset_repeat"
         )
     total = per_epoch * cfg.num_epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.num_epochs)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if (is_sharded(acc) or is_deepspeed(acc)) and (cfg.optimizer != "adamw" or cfg.ema_decay is not None):
+        raise ConfigError(
+            f"--optimizer {cfg.optimizer} / --ema_decay: {distributed_kind(acc)} shards the trained weights and "
+            "their optimizer itself; use --optimizer adamw without --ema_decay there (DDP takes every optimizer)"
+        )
+    optimizer = make_optimizer(
+        cfg.optimizer, trainable.values(), cfg.learning_rate, cfg.weight_decay, cfg.optimizer_options
+    )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
     if (is_sharded(acc) or is_deepspeed(acc)) and slot in cfg.fp8_models:
         raise ConfigError(
@@ -281,6 +304,8 @@ def setup(config: TrainConfig) -> Run:
     # objects and empties them)
     trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
     store_in_fp8(cfg, task, acc.device, all_loaded=not cached)
+    stream_from_cpu(cfg, task, acc.device, all_loaded=not cached)
+    ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     output = Path(cfg.output_path)
     if acc.is_main_process:
@@ -302,6 +327,8 @@ def setup(config: TrainConfig) -> Run:
         output,
         references,
         dmd2,
+        ema,
+        teacher,
     )
 
 
@@ -320,7 +347,10 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     """One optimizer step over `group`, a list of micro-batches (each a list of dataset items)."""
     acc, cfg = run.accelerator, run.config
     if run.dmd2 is not None:  # the student's and the fake score's updates (dmd2.py)
-        return dmd2_task.dmd2_step(run, state, group)
+        state = dmd2_task.dmd2_step(run, state, group)
+        if run.ema is not None:
+            run.ema.update(run.trainable)
+        return state
     denoiser = PreparedDenoiser(run.model, acc.unwrap_model(run.model))
     losses = []
     for k, items in enumerate(group):
@@ -332,6 +362,10 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
             with acc.autocast():
                 if cfg.task == "direct_distill":
                     loss = direct_distill_loss(run, denoiser, batch, distill_plan(cfg, items))
+                elif cfg.task == "trajectory_imitation":
+                    noise = micro_batch_noise(cfg.seed, state.epoch, index)
+                    with _saved_activations(cfg, batch["latents"].device):
+                        loss = trajectory.trajectory_loss(run, denoiser, items, batch, noise)
                 else:
                     loss = flow_matching_loss(run, denoiser, batch, micro_batch_noise(cfg.seed, state.epoch, index))
             if is_deepspeed(acc):  # DeepSpeed steps (and clips) inside the last backward pass
@@ -344,6 +378,8 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
             acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.trainable)
     run.lr_scheduler.step()
     loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
     if not torch.isfinite(loss):
@@ -600,6 +636,11 @@ def save(run: Run, state: TrainState) -> None:
             metadata = getattr(run.task, "lora_metadata", None)
             header = metadata() if metadata is not None else None
             written = save_lora_files(module, run.output, name, cfg.lora_formats, state=weights, metadata=header)
+            if run.ema is not None:  # the average, beside: step-N-ema.safetensors
+                averaged = {k: run.ema.shadow.get(k, v) for k, v in weights.items()}
+                written += save_lora_files(
+                    module, run.output, f"{name}-ema", cfg.lora_formats, state=averaged, metadata=header
+                )
         else:
             dtype = parse_dtype(cfg.save_dtype or cfg.dtype)
             slot = run.task.denoiser_slot
@@ -608,6 +649,10 @@ def save(run: Run, state: TrainState) -> None:
             export = getattr(run.task, "export_state", None)
             exported = export(slot, weights) if export is not None else weights
             written = [save_full_weights(exported, run.output / name / slot, dtype, files)]
+            if run.ema is not None:  # the average, beside: step-N-ema/<slot>/
+                averaged = {k: run.ema.shadow[k] if k in run.ema.shadow else v for k, v in weights.items()}
+                averaged = export(slot, averaged) if export is not None else averaged
+                written.append(save_full_weights(averaged, run.output / f"{name}-ema" / slot, dtype, files))
         logger.info("step %d: wrote %s", state.step, ", ".join(str(p) for p in written))
     progress = {"step": state.step, "epoch": state.epoch, "batches_done": state.batches_done}
     saved_state = {
@@ -638,6 +683,8 @@ def _write_more(run: Run, folder: Path) -> None:
         save_deepspeed_state(run.accelerator, folder / DEEPSPEED_FOLDER)
     if run.dmd2 is not None and run.accelerator.is_main_process:
         dmd2_task.save_state(run.dmd2, folder)
+    if run.ema is not None and run.accelerator.is_main_process:
+        torch.save(run.ema.state_dict(), folder / EMA_FILE)
 
 
 def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
@@ -672,6 +719,11 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
         load_optimizer(module, run.optimizer, saved["optimizer"])
     if run.dmd2 is not None:
         dmd2_task.load_state(run.dmd2, folder, run.config)
+    if run.ema is not None:
+        if (folder / EMA_FILE).is_file():
+            run.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True))
+        else:
+            logger.warning("--ema_decay: %s holds no average (trained without it): it starts from the weights", folder)
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     set_rng_state(rng)
     before, now = saved["config"], run.config.to_dict()
@@ -758,6 +810,31 @@ def store_in_fp8(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded: bo
         logger.info("%s: frozen weights stored in float8_e4m3fn, computed in %s", slot, cfg.dtype)
 
 
+def stream_from_cpu(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded: bool) -> None:
+    """`--offload_models`: the frozen weights of these models held in pinned CPU memory, their blocks copied to the
+    device as they run (the next one on a side stream while one computes), in the forward pass and again in the
+    backward pass; `--offload_vram_limit` GiB of blocks stay resident. Trainable parameters (a LoRA's) stay on the
+    device. Models not loaded for this stage are skipped; with `all_loaded` an unknown name is an error."""
+    from diffsynth.runtime.quant import quantize_config
+    from diffsynth.runtime.vram import enable_vram_management
+
+    missing = [m for m in cfg.offload_models if m not in task.models]
+    if missing and all_loaded:
+        raise ConfigError(f"--offload_models {','.join(missing)}: no such model; models here: {', '.join(task.models)}")
+    for slot in cfg.offload_models:
+        model = task.models.get(slot)
+        if model is None:
+            continue
+        if quantize_config(model) is not None:
+            raise ConfigError(f"--offload_models {slot}: the model is quantized (--quantize), which is not streamed")
+        keys = {"offload_device": "cpu", "onload_device": "cpu"}
+        dtype = parse_dtype(cfg.dtype)
+        handle = enable_vram_management(
+            model, keys, device=device, dtype=dtype, vram_limit=cfg.offload_vram_limit, name=slot
+        )
+        logger.info("%s: frozen blocks streamed from CPU memory (%s)", slot, handle.plan)
+
+
 def make_accelerator(cfg: TrainConfig, **kwargs):
     """The `Accelerator` of a run. Without CUDA it is told so (`cpu=True`): only then does accelerate join the
     processes `torchrun` / `accelerate launch` started into one CPU (gloo) group, instead of running each alone.
@@ -779,6 +856,7 @@ def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser:
     check_task_options(cls, cfg.task_options)
     options = {**trained_model_option(cls, cfg), **cfg.task_options}
     configs, tokenizer = model_sources(cfg)
+    configs = quantized_sources(cfg, configs, getattr(cls, "denoiser_slot", "dit"))
     task = cls.from_pretrained(
         configs,
         tokenizer_config=tokenizer,
