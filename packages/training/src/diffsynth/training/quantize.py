@@ -18,7 +18,14 @@ def quantized_sources(cfg: TrainConfig, configs: Sequence[ModelConfig], denoiser
     """`configs` with `quantize` set where `--quantize` / `--quant_options` ask (the same objects, changed)."""
     if not cfg.quantize and not cfg.quant_options:
         return list(configs)
-    from diffsynth.runtime.training_support import model_roles
+    from diffsynth.runtime.errors import UnknownModelError
+    from diffsynth.runtime.training_support import model_roles as read_roles
+
+    def model_roles(config: ModelConfig) -> set[str]:  # files the registry does not know (add-ons) hold none
+        try:
+            return read_roles(config)
+        except UnknownModelError:
+            return set()
 
     requests: list[tuple[str, ModelConfig | None, str, QuantizeConfig]] = []  # (flag text, config, slot, quant)
     for item in cfg.quantize:
