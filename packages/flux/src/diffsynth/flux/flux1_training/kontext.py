@@ -1,0 +1,22 @@
+"""FLUX.1 Kontext in FLUX.1's training task: which model files name a Kontext model (its references' encoding is
+the task's own `encode`).
+
+References are sized as DiffSynth-Studio's trainer sizes them: the dataset shrinks each under `--max_pixels`
+keeping its aspect ratio (not to the target's size); the pipeline's own Kontext auto-resize is off unless asked.
+A Kontext model (a file, folder or hub repo named "Kontext", or `kontext=True`) refuses rows without references;
+rows of one batch must agree on having references and on their sizes (`--batch_size 1` always does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffsynth.runtime.hub import ModelConfig
+
+
+def names_kontext(config: ModelConfig) -> bool:
+    """Whether a model config names a Kontext model: its hub repo, or its file or the two folders above it."""
+    names = [config.model_id or "", config.origin_file_pattern or ""]
+    for path in [config.path] if isinstance(config.path, str) else list(config.path or ()):
+        names += [part for part in Path(path).parts[-3:]]
+    return any("kontext" in name.lower() for name in names)
