@@ -50,9 +50,13 @@ DiffSynth-Studio's `FlowMatchSFTAudioVideoLoss` agrees on the loss):
 Image-to-video (`first_frame=true`): the clip's own clean first latent frame stands in place of the noisy
 one, the DiT sees it at timestep 0 token by token (`ltx2_velocity`'s `denoise_mask`, as the pipeline's
 `input_image` does) and `loss_mask` leaves it out of the loss: the authors' first-frame conditioning with
-`first_frame_conditioning_p` = 1 (their text-to-video default of 0.1, a random choice per sample, is not
-offered: the task gets no random numbers from the trainer). Validation samples then take their first frame
-from `--validation_images`. One-frame clips train as text-to-image.
+`first_frame_conditioning_p` = 1. `first_frame=0.1` is their probability (the default of their
+`text_to_video` and `video_to_video` strategies, so an IC-LoRA or a text-to-video LoRA also learns to continue
+a given first frame): as in their trainer, one draw per batch decides whether all its clips train from their
+first frame, made in `collate` from torch's generator (which the trainer seeds with `--seed`) and carried as
+the batch's `"first_frame"` rows, so `velocity` and `loss_mask` agree. Validation samples take their first frame
+from `--validation_images` (expected with `first_frame=true`, optional otherwise). One-frame clips train as
+text-to-image.
 
 IC-LoRA (DiffSynth-Studio's LTX-2 / LTX-2.3 IC-LoRA recipes; the authors' `video_to_video` strategy): a row's
 `in_context_videos` (one control video or a list, read by the dataset as videos: list the column in
@@ -67,7 +71,10 @@ target's velocity alone: the references are outside `"latents"`, so they are nev
 the target only (the authors and DiffSynth-Studio both leave them out of the loss). The authors train IC-LoRAs
 video-only; DiffSynth-Studio's recipes train the sound too: here the sound follows `with_audio` as for any clip.
 The LoRA file declares the factor it trained at as `reference_downscale_factor` in its header (`lora_metadata`,
-the authors' key), which the pipeline reads when it loads the IC-LoRA.
+the authors' key), which the pipeline reads when it loads the IC-LoRA. Validation samples take their control
+video from `--task_options validation_ic_video=control.mp4` (a video file, relative to the working directory;
+several joined by '|'; `--validation_images` reads pictures only), the same for every prompt: the pipeline's
+`in_context_videos`, at the factor the rows trained at (else the `in_context_downsample_factor` option's).
 
 LoRA: the trainer wraps `LTX2DiT.lora_target_modules` (ltx-core's names: q/k/v/out of every attention and
 both feed-forwards), so the LoRA file loads in `LTX2Pipeline.load_lora`; `--lora_formats peft` adds one
@@ -176,7 +183,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
     media: ClassVar[tuple[str, ...]] = ("video", "image")
     # --task_options that act only on the noise levels or the model call: a cache stays valid (with_audio
     # shapes the samples)
-    loss_options: ClassVar[tuple[str, ...]] = ("timestep_sampling", "first_frame")
+    loss_options: ClassVar[tuple[str, ...]] = ("timestep_sampling", "first_frame", "validation_ic_video")
     # a batch of clips without sound skips the audio->video attentions, whose weights then get no gradient
     # (DiffSynth-Studio's video-only LTX-2 recipe passes --find_unused_parameters for the same reason)
     ddp_find_unused_parameters: ClassVar[bool] = True
@@ -188,18 +195,27 @@ class LTX2TrainingTask(PipelineTrainingTask):
         with_audio: str = "auto",
         timestep_sampling: str = "shifted_logit_normal",
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-        first_frame: bool = False,
+        first_frame: bool | float = False,
         in_context_downsample_factor: int = 1,
+        validation_ic_video: str | Sequence[str] | None = None,
     ):
         """`with_audio`: "auto" trains each clip's sound when it has one, "required" refuses clips without,
         "none" trains the video alone; `timestep_sampling`: the authors' "shifted_logit_normal" or "uniform";
         `max_sequence_length`: the padded prompt length (the pipeline's 1024); `first_frame`: image-to-video,
         every clip of more than one frame conditioned on its own clean first latent frame;
-        `in_context_downsample_factor`: the IC-LoRA reference factor of rows without that column."""
+        `in_context_downsample_factor`: the IC-LoRA reference factor of rows without that column;
+        `validation_ic_video`: the control video file(s) of every validation sample (the pipeline's
+        `in_context_videos`)."""
         if with_audio not in WITH_AUDIO:
             raise ConfigError(f"with_audio={with_audio!r} is not accepted; use one of {WITH_AUDIO}")
-        if not isinstance(first_frame, bool):
-            raise ConfigError(f"first_frame={first_frame!r} is not accepted; use true or false")
+        if isinstance(first_frame, int) and not isinstance(first_frame, bool) and first_frame in (0, 1):
+            first_frame = bool(first_frame)
+        if not isinstance(first_frame, (bool, float)) or not 0.0 <= first_frame <= 1.0:
+            raise ConfigError(
+                f"first_frame={first_frame!r} is not accepted; use true, false or a probability in [0, 1] (the "
+                "authors' first_frame_conditioning_p, e.g. 0.1)"
+            )
+        self.validation_ic_video = _control_videos(validation_ic_video)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
         self.in_context_downsample_factor = _factor(in_context_downsample_factor, f"{FACTOR}=")
@@ -211,8 +227,9 @@ class LTX2TrainingTask(PipelineTrainingTask):
         self.temporal_compression = pipe.vae.temporal_compression if pipe.vae is not None else 8
         self.clip: dict[str, Any] = {}  # the last batch's frame count and rate, for validation samples
         self.first_frame = first_frame
+        self.first_frame_p = float(first_frame)  # the chance a batch trains from its first frame
         # validation samples: an image-to-video LoRA is meant to be drawn from a first frame
-        self.validation_references = "expected" if first_frame else "optional"
+        self.validation_references = "expected" if self.first_frame_p == 1.0 else "optional"
 
     @classmethod
     def from_pretrained(
@@ -257,6 +274,14 @@ class LTX2TrainingTask(PipelineTrainingTask):
         return {"input_image": images[0]} if images else {}
 
     @property
+    def validation_factor(self) -> int:
+        """The reference factor of validation samples: the one the rows trained at (when they agree), else the
+        `in_context_downsample_factor` option's."""
+        if len(self.reference_factors) == 1:
+            return next(iter(self.reference_factors))
+        return self.in_context_downsample_factor
+
+    @property
     def sample_fps(self) -> float:
         """The rate validation videos play at: the last batch's (the pipeline's 24 before any)."""
         return float(self.clip.get("frame_rate", DEFAULT_FRAME_RATE))
@@ -268,6 +293,9 @@ class LTX2TrainingTask(PipelineTrainingTask):
         for name, value in (("cfg_scale", 1.0), ("stg_scale", 0.0), ("modality_scale", 1.0), *self.clip.items()):
             options.setdefault(name, value)
         options.setdefault("max_sequence_length", self.max_sequence_length)
+        if self.validation_ic_video is not None:
+            options.setdefault("in_context_videos", self.validation_ic_video)
+            options.setdefault(FACTOR, self.validation_factor)
         drawn = super().sample(denoiser, prompts, seed=seed, references=references, **options)
         return [(frames, (sound.waveform, sound.sample_rate)) for frames, sound in drawn]
 
@@ -422,6 +450,8 @@ class LTX2TrainingTask(PipelineTrainingTask):
                     "and frame rate (--num_frames, --height/--width, a frame_rate column), or use --batch_size 1"
                 )
         batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        if 0.0 < self.first_frame_p < 1.0:  # the authors' one draw per batch (torch's generator: --seed seeds it)
+            batch["first_frame"] = (torch.rand(()) < self.first_frame_p).expand(len(samples)).clone()
         self.scheduler.tokens = int(torch.prod(samples[0]["video_shape"]))
         frames = (int(samples[0]["video_shape"][0]) - 1) * self.temporal_compression + 1
         self.clip = {"num_frames": frames, "frame_rate": float(samples[0]["frame_rate"][0])}
@@ -441,11 +471,13 @@ class LTX2TrainingTask(PipelineTrainingTask):
         skips = [AttentionSkip("a2v", None, silent)] if silent else []
         frame_rate = float(batch["frame_rate"][0, 0])
         denoise_mask = None
-        if self._conditioned(f):  # the clean first frame in place, at timestep 0 token by token
+        given = self._conditioned(batch, f)
+        if given is not None:  # the clean first frame in place, at timestep 0 token by token
+            given = given.to(device)[:, None, None, None, None]
             clean = unpack_video(batch["latents"][:, : h * w].to(device, video.dtype), 1, h, w)
-            video = torch.cat([clean, video[:, :, 1:]], dim=2)
-            denoise_mask = torch.ones(1, 1, f, h, w, device=device)
-            denoise_mask[:, :, 0] = 0.0
+            video = torch.cat([torch.where(given, clean, video[:, :, :1]), video[:, :, 1:]], dim=2)
+            denoise_mask = torch.ones(video.shape[0], 1, f, h, w, device=device)
+            denoise_mask[:, :, :1] = (~given).float()
         references = None
         if REFERENCE_KEYS[0] in batch:  # IC-LoRA: clean tokens after the video's, not returned
             grid, factor = batch["reference_grid"][0].tolist(), int(batch["reference_factor"][0, 0])
@@ -472,9 +504,21 @@ class LTX2TrainingTask(PipelineTrainingTask):
             )
         return {}
 
-    def _conditioned(self, latent_frames: int) -> bool:
-        """Whether a clip of `latent_frames` trains from its first frame (a one-frame clip trains as an image)."""
-        return self.first_frame and latent_frames > 1
+    def _conditioned(self, batch: Mapping[str, Any], latent_frames: int) -> torch.Tensor | None:
+        """Which rows `[B]` (bool) of a batch of `latent_frames` train from their first frame, None for none: all
+        with `first_frame` true, the batch's draw (`"first_frame"`) with a probability; a one-frame clip trains
+        as an image."""
+        if latent_frames <= 1 or self.first_frame_p == 0.0:
+            return None
+        rows = batch.get("first_frame")
+        if rows is None:
+            if self.first_frame_p < 1.0:
+                raise ConfigError(
+                    f"first_frame={self.first_frame} draws per batch in collate; this batch has no draw (collate it)"
+                )
+            return torch.ones(batch["latents"].shape[0], dtype=torch.bool)
+        rows = rows.bool().cpu()
+        return rows if rows.any() else None
 
     def loss_mask(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Per-token weights `[B, tokens, 1]`: 1 / (video elements) on the video, `audio_weight` / (audio
@@ -483,11 +527,14 @@ class LTX2TrainingTask(PipelineTrainingTask):
         latents = batch["latents"]
         f, h, w = (int(v) for v in batch["video_shape"][0])
         split, channels = f * h * w, latents.shape[2]
-        given = h * w if self._conditioned(f) else 0
+        rows = self._conditioned(batch, f)
+        given = torch.zeros(latents.shape[0], 1, dtype=torch.float64)  # weights in float64 on the CPU, then cast
+        if rows is not None:
+            given = rows.double()[:, None] * (h * w)
         audio_tokens = latents.shape[1] - split
         mask = torch.empty(latents.shape[0], latents.shape[1], 1, device=latents.device)
-        mask[:, :given] = 0.0
-        mask[:, given:split] = 1.0 / ((split - given) * channels)
+        index = torch.arange(split, dtype=torch.float64)[None]
+        mask[:, :split, 0] = torch.where(index < given, 0.0, 1.0 / ((split - given) * channels)).to(mask)
         mask[:, split:] = batch["audio_weight"].to(latents.device)[:, :, None] / (audio_tokens * channels)
         return mask
 
@@ -527,6 +574,24 @@ def _frames(index: int, item: Any) -> list:
             raise ConfigError(f"row {index}: each {IN_CONTEXT} video must be [3, F, H, W], got {tuple(item.shape)}")
         return tensor_to_pil(item.transpose(0, 1))
     return item  # `reference_frames` refuses what is not a video
+
+
+def _control_videos(value: str | Sequence[str] | None) -> list[str] | None:
+    """`validation_ic_video` as a list of existing files: a path (several joined by "|"), or a list."""
+    if value is None:
+        return None
+    where = "--task_options validation_ic_video"
+    items = value.split("|") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(v, (str, Path)) for v in items):
+        raise ConfigError(f"{where}={value!r}: give a control video file (several joined by '|'), or a list of them")
+    paths = [str(v).strip() for v in items]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{where}: no such file {missing[0]!r} (relative paths are read against the working directory "
+            f"{Path.cwd()}); give the control video (e.g. an .mp4) the validation samples follow"
+        )
+    return paths
 
 
 def _frame_rate(index: int, row: Mapping[str, Any]) -> float:

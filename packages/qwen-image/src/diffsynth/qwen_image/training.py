@@ -55,11 +55,16 @@ own, cut to its real tokens (`"eligen_text"`, `"eligen_lengths"`), the masks as 
 (`entity_regions`, `"eligen_regions"`). The model call runs the rows one at a time, as the pipeline runs EliGen: a
 row's segments and joint attention mask come from `entity_text` over its entities and its prompt, so rows with
 different entity counts batch together. EliGen goes with no edit images, `context_image` or ControlNet control.
+Validation samples take the entities too: `--task_options validation_eligen_entity_prompts="a red apple|a blue cup"`
+(one set for every sample; a list in a YAML `--config`) and each prompt's masks from `--validation_images`, one per
+entity in that order, joined by ',' (`"apple.png,cup.png"`): the pipeline's `eligen_entity_prompts` /
+`eligen_entity_masks`.
 
 In-context control (DiffSynth-Studio's In-Context-Control-Union LoRA): a row's `context_image` (in
 `--data_file_keys`) is encoded by the pipeline's `encode_context_image` at the target's size into `"context"`
 `[16, H/8, W/8]`, whose clean tokens follow the image's before any edit image's, as the pipeline lays its references
-out; rows of one batch all have one or none.
+out; rows of one batch all have one or none. Validation samples of a model without an Edit processor take their one
+`--validation_images` picture as the pipeline's `context_image` (an Edit model's are its edit images).
 
 ControlNets, with the net's file among the model files (one net; DiffSynth-Studio's columns, its `--extra_inputs`
 prefix being the pipeline's slot): a Blockwise ControlNet (DiffSynth-Studio's Qwen-Image-Blockwise-ControlNet-Canny /
@@ -216,6 +221,7 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         "exponential_shift_mu",
         "layer_num",
         "trained_model",
+        "validation_eligen_entity_prompts",
     )  # --task_options that leave a cache valid
     # models the trainer may train in the DiT's place (`trained_model`, from --trainable_models)
     trainable_slots: ClassVar[tuple[str, ...]] = CONTROL_SLOTS
@@ -234,12 +240,15 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         edit_template: str | None = None,
         layer_num: int | None = None,
         trained_model: str = "dit",
+        validation_eligen_entity_prompts: str | Sequence[str] | None = None,
     ):
         """`edit`: True requires `edit_image` in every row, None takes edit images where rows have them.
         `edit_template` ("plus" or "edit") overrides the pipeline's setting. `layer_num`: the layers of a
         Qwen-Image-Layered model's validation samples (None: the pipeline's default). `controls`: the ControlNet
         slots ("blockwise_controlnet", "controlnet") whose files are among the models (default: those `pipe` has
-        loaded); `trained_model` names one to make it the model the trainer trains (see the module docstring)."""
+        loaded); `trained_model` names one to make it the model the trainer trains (see the module docstring).
+        `validation_eligen_entity_prompts`: the entity prompts of every validation sample ("|"-separated, or a
+        list), whose masks are then the samples' `--validation_images`."""
         self.pipe = pipe
         dit, vae = pipe.dit, pipe.vae
         self.layered = bool(
@@ -268,6 +277,23 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         self.control: str | None = given[0] if given else None  # the ControlNet slot rows may condition
         self._in_training: nn.Module | None = None
         self._check_trained_model(trained_model)
+        self.validation_entity_prompts = _entity_prompts(validation_eligen_entity_prompts)
+        if self.validation_entity_prompts is not None:
+            clash = [
+                what
+                for what, given in (
+                    ("Qwen-Image-Layered", self.layered),
+                    ("an Edit model (its --validation_images are edit images)", self.edit),
+                    (f"the {NET_NAMES.get(self.control)}", self.control),
+                )
+                if given
+            ]
+            if clash:
+                raise ConfigError(
+                    f"--task_options validation_eligen_entity_prompts: EliGen samples go with the prompt alone, not "
+                    f"with {clash[0]}; drop the option"
+                )
+            self.validation_references = "required"  # the entities' masks
 
     def _check_trained_model(self, trained_model: str) -> None:
         if trained_model not in TRAINED_MODELS:
@@ -387,16 +413,39 @@ class QwenImageTrainingTask(PipelineTrainingTask):
                 )
             layer_num = {} if self.layer_num is None else {"layer_num": self.layer_num}  # 0: Layered-Control
             return {"layer_input_image": images[0], **layer_num}
+        if self.validation_entity_prompts is not None:
+            return self._entity_references(images)
         if self.control:
             return self._control_references(images)
         if not images:
             return {}
+        if not self.edit and self.pipe.processor is None:  # no edit images without it: the in-context control map
+            if len(images) != 1:
+                raise ConfigError(
+                    f"a Qwen-Image validation sample takes one {CONTEXT_COLUMN} (the in-context control map) from "
+                    f"--validation_images; got {len(images)} images (EliGen masks need --task_options "
+                    "validation_eligen_entity_prompts; edit images need an Edit model's processor/)"
+                )
+            return {CONTEXT_COLUMN: images[0]}
         if self.pipe.processor is None:
             raise ConfigError(
                 "validation samples with edit images need the Qwen2-VL processor of an Edit model: pass its "
                 "processor/ folder (--tokenizer_path .../processor, or --model Qwen/Qwen-Image-Edit-2509)"
             )
         return {"edit_image": list(images)}
+
+    def _entity_references(self, images: Sequence[Any]) -> dict[str, Any]:
+        """A validation sample's EliGen entities: the task's entity prompts with one mask each from
+        `--validation_images`, checked as the pipeline checks them."""
+        prompts = self.validation_entity_prompts
+        if len(images) != len(prompts):
+            raise ConfigError(
+                f"--task_options validation_eligen_entity_prompts lists {len(prompts)} entities; give each "
+                f"validation prompt as many masks (white = the entity) in --validation_images, in that order and "
+                f"joined by ',' (e.g. {','.join(f'mask{k}.png' for k in range(len(prompts)))}); got {len(images)}"
+            )
+        prompts, masks = check_entity_inputs(list(prompts), list(images))
+        return {"eligen_entity_prompts": prompts, "eligen_entity_masks": masks}
 
     def _control_references(self, images: Sequence[Any]) -> dict[str, Any]:
         """A validation sample's control image (and an inpainting net's mask) as the pipeline's
@@ -713,6 +762,20 @@ def _picture(value, column: str, index: int):
         f"row {index} of the batch: {column} is {str(value)[:80]!r}, not an image; list {column} in --data_file_keys "
         "so the dataset reads the file (paths relative to --dataset_base_path)"
     )
+
+
+def _entity_prompts(value: str | Sequence[str] | None) -> list[str] | None:
+    """`validation_eligen_entity_prompts` as a list: a string splits on "|" (--task_options splits on commas)."""
+    if value is None:
+        return None
+    where = "--task_options validation_eligen_entity_prompts"
+    items = value.split("|") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise ConfigError(f"{where}={value!r}: give the entity prompts as text separated by '|', or a list of strings")
+    prompts = [p.strip() for p in items]
+    if not prompts or not all(prompts):
+        raise ConfigError(f"{where}={value!r} has an empty entity prompt; e.g. 'a red apple|a blue cup'")
+    return prompts
 
 
 def _entity_inputs(row: Mapping[str, Any], index: int) -> tuple[list[str], list] | None:
