@@ -446,7 +446,11 @@ def test_trainable_models_controlnet_and_image_proj_model_train_both_into_files_
     save(run, state)
     saved = tmp_path / "out" / "step-000002" / "infiniteyou" / "diffusion_pytorch_model.safetensors"
     assert (saved.parent / "config.json").is_file()
+    # the trainer writes the released pair beside the combined file too (`saved_full_weights`)
+    beside = saved.parent / "InfuseNetModel" / "diffusion_pytorch_model.safetensors"
+    assert beside.is_file() and (saved.parent / "image_proj_model.safetensors").is_file()
     net_folder, projector_file = split_infiniteyou_weights(saved, tmp_path / "released")
+    assert load_file(str(beside)).keys() == load_file(str(net_folder / "diffusion_pytorch_model.safetensors")).keys()
     pipe = load_pipe(repo, net_folder, projector_file)
     for ours, loaded in (
         (wrapper.controlnet, pipe.controlnet.nets[0]),

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -497,6 +498,13 @@ class FluxTrainingTask(PipelineTrainingTask):
         from .flux1.controlnet_formats import ours_to_diffusers
 
         return ours_to_diffusers(dict(state))
+
+    def saved_full_weights(self, slot: str, path: Path) -> list[Path]:
+        """After the trainer wrote full weights to `path`: InfiniteYou's two trained models also as their released
+        pair beside it (`split_infiniteyou_weights`: `InfuseNetModel/` and `image_proj_model.safetensors`)."""
+        if slot != IY_SLOT:
+            return []
+        return list(split_infiniteyou_weights(path, Path(path).parent))
 
     def read_lora(self, path) -> Any:
         """The trainer's `--preset_lora_path`, read in FLUX.1's LoRA layouts (BFL, kohya, diffusers, XLabs). A control

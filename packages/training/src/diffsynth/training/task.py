@@ -124,6 +124,10 @@ class TrainingTask(Protocol):
 # Optional: `image_mode: ClassVar[str]`, "RGB" (the default) or "RGBA": the mode the dataset and
 # `--validation_images` read pictures in; Qwen-Image 2.1 trains on RGBA ([4, H, W] rows, alpha kept).
 
+# Optional: `saved_full_weights(slot, path) -> list[Path]`, called after full weights were written to `path`
+# (`<step>/<slot>/diffusion_pytorch_model.safetensors`): a model released as several files writes them beside it
+# (FLUX.1 InfiniteYou: InfuseNet's folder and the projector's file) and returns their paths.
+
 # Optional: `inference_sigmas(latent_shape, num_inference_steps) -> Tensor` [N + 1], the schedule the family's
 # pipeline samples `latent_shape` (the batch's clean latents) with in that many steps, ending with 0: what
 # `--task direct_distill` steps along (a task without it refuses that mode), and `--task dmd2`'s student sigmas

@@ -649,6 +649,9 @@ def save(run: Run, state: TrainState) -> None:
             export = getattr(run.task, "export_state", None)
             exported = export(slot, weights) if export is not None else weights
             written = [save_full_weights(exported, run.output / name / slot, dtype, files)]
+            # a task whose model is released as several files writes them from the saved one (`saved_full_weights`)
+            finish = getattr(run.task, "saved_full_weights", None)
+            written += list(finish(slot, written[0]) or []) if finish is not None else []
             if run.ema is not None:  # the average, beside: step-N-ema/<slot>/
                 averaged = {k: run.ema.shadow[k] if k in run.ema.shadow else v for k, v in weights.items()}
                 averaged = export(slot, averaged) if export is not None else averaged
