@@ -148,7 +148,7 @@ class TrainConfig:
     offload_models: list[str] = _arg(
         [],
         "frozen models whose blocks stay in (pinned) CPU memory and stream to the GPU as they run, forward and "
-        "backward (the VRAM manager; e.g. dit for a LoRA on a model larger than the GPU)",
+        "backward (the VRAM manager; e.g. dit under a LoRA: frees the base's memory during the steps)",
         "optimisation",
     )
     offload_vram_limit: float = _arg(
