@@ -45,7 +45,7 @@ import contextlib
 import copy
 import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from diffsynth.runtime.errors import ConfigError
 
 from .checkpoint import read_auxiliary, write_auxiliary
 from .config import TrainConfig, dmd2_feature_indices, dmd2_t_list
+from .teacher import guided_velocity, lora_disabled, negative_rows_batch
 
 logger = logging.getLogger(__name__)
 
@@ -203,35 +204,13 @@ def matching_sigma(cfg: TrainConfig, batch_size: int, rng: torch.Generator) -> t
     return (u * (high - low) + low).clamp(low, high)
 
 
-@contextlib.contextmanager
-def lora_disabled(module: nn.Module) -> Iterator[None]:
-    """The peft LoRA layers of `module` switched off (the base alone runs), then back on."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-
-
 def teacher_velocity(
     run, student: nn.Module, batch: dict[str, Any], negative: dict[str, Any] | None, noisy, sigma
 ) -> torch.Tensor:
     """The teacher's velocity with CFG: `uncond + s (cond - uncond)` at `--dmd2_teacher_cfg_scale` s, the
     unconditional branch on `negative` (the rows encoded with the negative prompt); just `cond` at s = 1."""
-    dmd, task, scale = run.dmd2, run.task, run.config.dmd2_teacher_cfg_scale
-    teacher = dmd.teacher if dmd.teacher is not None else student
-    off = lora_disabled(student) if dmd.teacher is None else contextlib.nullcontext()
-    with torch.no_grad(), off:
-        cond = task.velocity(teacher, batch, noisy, sigma).float()
-        if negative is None or scale == 1:
-            return cond
-        uncond = task.velocity(teacher, negative, noisy, sigma).float()
-    return uncond + scale * (cond - uncond)
+    scale = run.config.dmd2_teacher_cfg_scale
+    return guided_velocity(run.task, run.dmd2.teacher, student, batch, negative, noisy, sigma, scale)
 
 
 def dmd_loss(generated: torch.Tensor, fake_x0: torch.Tensor, teacher_x0: torch.Tensor, mask=None) -> torch.Tensor:
@@ -251,15 +230,8 @@ def dmd_loss(generated: torch.Tensor, fake_x0: torch.Tensor, teacher_x0: torch.T
 def negative_batch(run, items: list[dict]) -> dict[str, Any] | None:
     """The batch's rows encoded again with `--dmd2_negative_prompt` in place of their prompts (the teacher's
     unconditional branch); None when the teacher runs without CFG."""
-    from .trainer import _to_device
-
     cfg = run.config
-    if cfg.dmd2_teacher_cfg_scale == 1:
-        return None
-    rows = [{**item, "prompt": cfg.dmd2_negative_prompt} for item in items]
-    with torch.no_grad():
-        samples = run.task.encode(rows)
-    return _to_device(run.task.collate(samples), run.accelerator.device)
+    return negative_rows_batch(run, items, cfg.dmd2_negative_prompt, cfg.dmd2_teacher_cfg_scale)
 
 
 def hidden_features(run, batch: dict[str, Any], noisy: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:

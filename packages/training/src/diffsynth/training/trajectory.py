@@ -16,7 +16,6 @@ teacher's; no gradient reaches the student through it, so it is not computed her
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from typing import Any
@@ -25,6 +24,8 @@ import torch
 from torch import nn
 
 from diffsynth.runtime.errors import ConfigError
+
+from .teacher import guided_velocity, negative_rows_batch
 
 logger = logging.getLogger(__name__)
 
@@ -66,36 +67,18 @@ def grids(task, latent_shape, student_steps: int, teacher_steps: int) -> tuple[t
 
 def negative_batch(run, items: list[dict]) -> dict[str, Any] | None:
     """The rows encoded with `--trajectory_negative_prompt` (the teacher's CFG branch); None at scale 1."""
-    from .trainer import _to_device
-
     cfg = run.config
-    if cfg.trajectory_teacher_cfg_scale == 1:
-        return None
-    rows = [{**item, "prompt": cfg.trajectory_negative_prompt} for item in items]
-    with torch.no_grad():
-        samples = run.task.encode(rows)
-    return _to_device(run.task.collate(samples), run.accelerator.device)
+    return negative_rows_batch(run, items, cfg.trajectory_negative_prompt, cfg.trajectory_teacher_cfg_scale)
 
 
-@torch.no_grad()
 def teacher_trajectory(run, student: nn.Module, batch, negative, noise: torch.Tensor, sigmas: torch.Tensor):
     """The teacher's latents at every point of `sigmas` (a list, the first being `noise`), sampled with CFG."""
-    from .dmd2 import lora_disabled
-
-    task, scale = run.task, run.config.trajectory_teacher_cfg_scale
-    teacher = run.teacher if run.teacher is not None else student
-    off = lora_disabled(student) if run.teacher is None else contextlib.nullcontext()
-    x, path = noise, [noise]
-    b = noise.shape[0]
-    with off:
-        for i in range(len(sigmas) - 1):
-            sigma = sigmas[i].expand(b).to(x.device)
-            velocity = task.velocity(teacher, batch, x, sigma).float()
-            if negative is not None:
-                uncond = task.velocity(teacher, negative, x, sigma).float()
-                velocity = uncond + scale * (velocity - uncond)
-            x = x + (sigmas[i + 1] - sigmas[i]).item() * velocity
-            path.append(x)
+    scale, x, path = run.config.trajectory_teacher_cfg_scale, noise, [noise]
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i].expand(noise.shape[0]).to(x.device)
+        velocity = guided_velocity(run.task, run.teacher, student, batch, negative, x, sigma, scale)
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * velocity
+        path.append(x)
     return path
 
 
