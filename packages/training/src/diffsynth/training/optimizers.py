@@ -25,8 +25,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer `name` over `params`, with the trainer's learning rate and weight decay; `options`
     (`--optimizer_options betas=0.9:0.99,eps=1e-8`) are passed to its constructor."""
-    # a flag's text values (`betas=0.9:0.99` stays a string in YAML) as the optimizer takes them
-    options = {k: _value(k, v) if isinstance(v, str) else v for k, v in (options or {}).items()}
+    options = optimizer_arguments(options)
     params = list(params)
     if name == "adamw":
         return _built(torch.optim.AdamW, params, options, lr=lr, weight_decay=weight_decay)
@@ -45,18 +44,10 @@ def make_optimizer(
     raise ConfigError(f"--optimizer {name!r} is not known; optimizers: {', '.join(OPTIMIZERS)}")
 
 
-def parse_options(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """`--optimizer_options` as keyword arguments: `name=value` pairs separated by commas, a value being a
-    number, true/false, or numbers joined by ':' (a tuple, e.g. betas=0.9:0.99)."""
-    if text is None or isinstance(text, Mapping):
-        return dict(text or {})
-    options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in str(text).split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--optimizer_options {item!r}: give name=value pairs, e.g. betas=0.9:0.99,eps=1e-8")
-        options[key.strip()] = _value(key.strip(), value.strip())
-    return options
+def optimizer_arguments(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`--optimizer_options` (parsed by the trainer's config as YAML scalars) as keyword arguments: a text value
+    of numbers joined by ':' becomes a tuple (`betas=0.9:0.99`), true/false a bool."""
+    return {k: _value(k, v) if isinstance(v, str) else v for k, v in (options or {}).items()}
 
 
 def _value(key: str, value: str) -> Any:
@@ -94,4 +85,4 @@ def _import(module: str, what: str, hint: str):
         raise ConfigError(f"{what} needs the {module} package: {hint}") from None
 
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "parse_options"]
+__all__ = ["OPTIMIZERS", "make_optimizer", "optimizer_arguments"]
