@@ -801,13 +801,7 @@ def store_in_fp8(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded: bo
     that is not one of the models is an error."""
     from diffsynth.runtime.vram import enable_vram_management
 
-    missing = [m for m in cfg.fp8_models if m not in task.models]
-    if missing and all_loaded:
-        raise ConfigError(f"--fp8_models {','.join(missing)}: no such model; models here: {', '.join(task.models)}")
-    for slot in cfg.fp8_models:
-        model = task.models.get(slot)
-        if model is None:
-            continue
+    for slot, model in _named_models(task, "fp8_models", cfg.fp8_models, all_loaded):
         dtype = parse_dtype(cfg.dtype)
         enable_vram_management(model, {"preparing_dtype": "float8_e4m3fn"}, device=device, dtype=dtype, name=slot)
         logger.info("%s: frozen weights stored in float8_e4m3fn, computed in %s", slot, cfg.dtype)
@@ -821,13 +815,7 @@ def stream_from_cpu(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded:
     from diffsynth.runtime.quant import quantize_config
     from diffsynth.runtime.vram import enable_vram_management
 
-    missing = [m for m in cfg.offload_models if m not in task.models]
-    if missing and all_loaded:
-        raise ConfigError(f"--offload_models {','.join(missing)}: no such model; models here: {', '.join(task.models)}")
-    for slot in cfg.offload_models:
-        model = task.models.get(slot)
-        if model is None:
-            continue
+    for slot, model in _named_models(task, "offload_models", cfg.offload_models, all_loaded):
         if quantize_config(model) is not None:
             raise ConfigError(f"--offload_models {slot}: the model is quantized (--quantize), which is not streamed")
         keys = {"offload_device": "cpu", "onload_device": "cpu"}
@@ -836,6 +824,15 @@ def stream_from_cpu(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded:
             model, keys, device=device, dtype=dtype, vram_limit=cfg.offload_vram_limit, name=slot
         )
         logger.info("%s: frozen blocks streamed from CPU memory (%s)", slot, handle.plan)
+
+
+def _named_models(task: TrainingTask, flag: str, names: list[str], all_loaded: bool) -> list[tuple[str, nn.Module]]:
+    """(slot, model) of the models a `--<flag>` names that this stage loaded; with `all_loaded` (every model is
+    loaded) a name that is none of them is an error."""
+    missing = [m for m in names if m not in task.models]
+    if missing and all_loaded:
+        raise ConfigError(f"--{flag} {','.join(missing)}: no such model; models here: {', '.join(task.models)}")
+    return [(slot, task.models[slot]) for slot in names if slot in task.models]
 
 
 def make_accelerator(cfg: TrainConfig, **kwargs):
