@@ -161,6 +161,49 @@ def test_diffusers_names_merge_into_fused_layers_with_the_final_halves_swapped()
         assert_close(got, run(reference, cfg))
 
 
+def lycoris_file(shapes: dict[str, tuple[int, int]], seed: int, prefix: str = "lycoris_") -> tuple[dict, dict]:
+    """(a LyCORIS file in kohya-style names, LoKr and LoHa by turns (LoHa where a side is odd); each target's
+    change written out with torch from the format's definition)."""
+    g = torch.Generator().manual_seed(seed)
+    state, deltas = {}, {}
+    for i, (name, (out_features, in_features)) in enumerate(sorted(shapes.items())):
+        key = prefix + name.replace(".", "_")
+        if (
+            i % 2 == 0 and out_features % 2 == 0 and in_features % 2 == 0
+        ):  # kron of [2, 2] and [out/2, in/2] (rank-3 pair)
+            w1 = torch.randn(2, 2, generator=g)
+            a, b = torch.randn(out_features // 2, 3, generator=g), torch.randn(3, in_features // 2, generator=g) * 0.1
+            state.update({f"{key}.lokr_w1": w1, f"{key}.lokr_w2_a": a, f"{key}.lokr_w2_b": b})
+            deltas[name] = torch.kron(w1, a @ b) * (1.5 / 3)
+        else:
+            w = [torch.randn(*shape, generator=g) * 0.3 for shape in ((out_features, 2), (2, in_features)) * 2]
+            state.update({f"{key}.hada_{n}": t for n, t in zip(("w1_a", "w1_b", "w2_a", "w2_b"), w, strict=True)})
+            deltas[name] = (w[0] @ w[1]) * (w[2] @ w[3]) * (1.5 / 2)
+        state[f"{key}.alpha"] = torch.tensor(1.5)
+    return state, deltas
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_lycoris_factors_with_diffusers_names_merge_into_fused_layers(fuse):
+    """LoKr / LoHa changes on diffusers' split layers land on their rows of our fused ones, the final modulation's
+    halves swapped, kept factored when unfused; the reference writes each change on the diffusers weights."""
+    cfg, base = tiny()
+    state, deltas = lycoris_file(diffusers_linear_shapes(base), seed=8)
+    assert any(k.endswith("lokr_w1") for k in state) and any(k.endswith("hada_w1_a") for k in state)
+    reference = copy.deepcopy(base)
+    weights = ours_to_diffusers(reference.state_dict())
+    for name, delta in deltas.items():
+        weights[f"{name}.weight"] = weights[f"{name}.weight"] + 0.8 * delta
+    from diffsynth.flux.flux1.formats import diffusers_to_ours
+
+    reference.load_state_dict(diffusers_to_ours(weights))
+    model = with_loras(base, [(state, 0.8)], fuse=fuse)
+    if not fuse:
+        assert any(t.factors is not None for t in read_flux1_lora(state, base).targets.values())
+    assert (run(reference, cfg) - run(base, cfg)).abs().max() > 0.05
+    assert_close(run(model, cfg), run(reference, cfg))
+
+
 def test_missing_parts_of_a_fused_layer_are_zero_rows():
     cfg, base = tiny()
     shapes = diffusers_linear_shapes(base)

@@ -387,8 +387,8 @@ def test_rank_mismatch_names_the_key():
 def test_half_pair_and_unsupported_adapters():
     with pytest.raises(LoRAError, match="no up matrix"):
         read_lora({"x_embedder.lora_A.weight": torch.zeros(2, 4)})
-    with pytest.raises(LoRAError, match="LoHa"):
-        read_lora({"lora_unet_x_embedder.hada_w1_a": torch.zeros(2, 4)})
+    with pytest.raises(LoRAError, match="DoRA"):
+        read_lora({"lora_unet_x_embedder.dora_scale": torch.zeros(2, 1)})
 
 
 def test_unknown_names_for_scale_and_clear():

@@ -10,7 +10,10 @@ dotted, without `.weight`). Recognised layouts:
 - kohya / ComfyUI: `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
   (also `lora_transformer_`, `lycoris_`); the underscored names are ambiguous, so they are resolved against the
   model's module names when the LoRA is applied;
-- `lora_down` / `lora_up` with dotted names and the prefixes above; ComfyUI's `.diff` / `.diff_b`.
+- `lora_down` / `lora_up` with dotted names and the prefixes above; ComfyUI's `.diff` / `.diff_b`;
+- LyCORIS LoHa (`.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b`) and LoKr (`.lokr_w1` or `.lokr_w1_a` /
+  `.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a` / `.lokr_w2_b`), with `.alpha`, under any of the names above (also
+  peft's); their changes stay factored until used (`lora_factors`).
 Text-encoder entries (`lora_te*_`, `text_encoder*.`) are skipped: a denoiser LoRA is applied to the denoiser.
 
 Unfused LoRAs are attached with a forward hook on the target `nn.Linear` and kept in a plain attribute of it,
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, LoRAError, preview
+from .lora_factors import FIELDS as FACTOR_FIELDS
+from .lora_factors import WeightDelta, read_factors
 from .quant import is_quantized_linear
 
 logger = logging.getLogger(__name__)
@@ -58,10 +63,9 @@ _SUFFIXES = (
     (re.compile(r"^(.+)\.alpha$"), "alpha"),
     (re.compile(r"^(.+)\.diff$"), "diff"),
     (re.compile(r"^(.+)\.diff_b$"), "diff_b"),
+    (re.compile(rf"^(.+)\.({'|'.join(FACTOR_FIELDS)})(?:\.weight)?$"), "factor"),
 )
 _UNSUPPORTED = {
-    "hada_w": "LoHa",
-    "lokr_w": "LoKr",
     "dora_scale": "DoRA",
     "lora_mid": "LoCon (Tucker)",
     "lora_magnitude_vector": "DoRA",
@@ -70,13 +74,15 @@ _UNSUPPORTED = {
 
 @dataclass
 class LoRATarget:
-    """What one LoRA changes in one Linear: delta W = (alpha / rank) * up @ down, plus `diff`/`diff_b`."""
+    """What one LoRA changes in one Linear: delta W = (alpha / rank) * up @ down, plus `diff`/`diff_b`, plus a
+    LyCORIS change kept in `factors` (LoHa, LoKr; its alpha already in it)."""
 
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None
     diff: torch.Tensor | None = None
     diff_b: torch.Tensor | None = None
+    factors: WeightDelta | None = None
 
     @property
     def rank(self) -> int:
@@ -94,6 +100,9 @@ class LoRATarget:
             delta = self.factor * (self.up.float() @ self.down.float())
         if self.diff is not None:
             delta = self.diff.float() if delta is None else delta + self.diff.float()
+        if self.factors is not None:
+            change = self.factors.to(dtype=torch.float32).delta()
+            delta = change if delta is None else delta + change
         return delta
 
 
@@ -149,6 +158,7 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
     origin: dict[tuple[str, str], str] = {}  # (target, field) -> key, to name keys in errors
     skipped: list[str] = []
     unknown: list[str] = []
+    factors: dict[str, dict[str, torch.Tensor]] = {}  # target -> LyCORIS field -> tensor
     for key, tensor in state.items():
         for marker, kind in _UNSUPPORTED.items():
             if marker in key:
@@ -160,10 +170,12 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
         if parsed is None:
             unknown.append(key)
             continue
-        name, kind = parsed
+        name, kind, field_name = parsed
         if name is None:
             skipped.append(key)
             continue
+        if kind == "factor":
+            kind = field_name
         if (name, kind) in origin:
             raise LoRAError(
                 f"{source}: keys {origin[(name, kind)]!r} and {key!r} both give the {kind} of {name!r} "
@@ -175,6 +187,8 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
             if tensor.numel() != 1:
                 raise LoRAError(f"{source}: {key!r} should be a scalar alpha, got shape {tuple(tensor.shape)}")
             target.alpha = float(tensor.float().item())
+        elif kind in FACTOR_FIELDS:
+            factors.setdefault(name, {})[kind] = tensor
         else:
             setattr(target, kind, tensor)
     if unknown and not targets:
@@ -191,24 +205,37 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
     if not targets:
         what = "only text-encoder weights" if skipped else "no tensors"
         raise LoRAError(f"{source} holds {what} ({preview(sorted(skipped), 5)}); there is nothing for the denoiser")
+    first_keys = {}
+    for (name, _), key in origin.items():
+        first_keys.setdefault(name, key)
+    for name, fields in factors.items():
+        target = targets[name]
+        if target.down is not None or target.up is not None or target.diff is not None:
+            raise LoRAError(
+                f"{source}: {first_keys[name]!r}: module {name!r} has LyCORIS factors and also LoRA matrices or a "
+                "diff; a layer takes one kind of change per file"
+            )
+        target.factors = read_factors(fields, target.alpha, first_keys[name], source)
     for name, target in targets.items():
         _check_target(name, target, origin, source)
     if skipped:
         logger.info("%s: skipped %d text-encoder LoRA keys (e.g. %s)", source, len(skipped), skipped[0])
-    keys = {name: _first_key(name, origin) for name in targets}
+    keys = {name: _first_key(name, origin, first_keys) for name in targets}
     return LoRAWeights(targets=targets, source=source, skipped=skipped, keys=keys)
 
 
-def _first_key(name: str, origin: dict) -> str:
-    return next((origin[(name, k)] for k in ("down", "up", "diff", "diff_b", "alpha") if (name, k) in origin), name)
+def _first_key(name: str, origin: dict, first_keys: dict) -> str:
+    kinds = ("down", "up", "diff", "diff_b")
+    return next((origin[(name, k)] for k in kinds if (name, k) in origin), first_keys.get(name, name))
 
 
-def _parse_key(key: str) -> tuple[str | None, str] | None:
-    """(target name, field) of a LoRA key; the name is None for keys of other models; None if unrecognised."""
+def _parse_key(key: str) -> tuple[str | None, str, str | None] | None:
+    """(target name, field, LyCORIS factor name or None) of a LoRA key; the name is None for keys of other
+    models; None if unrecognised."""
     for pattern, kind in _SUFFIXES:
         match = pattern.match(key)
         if match:
-            return _target_name(match.group(1)), kind
+            return _target_name(match.group(1)), kind, match.group(2) if kind == "factor" else None
     return None
 
 
@@ -232,7 +259,7 @@ def _check_target(name: str, t: LoRATarget, origin: dict, source: str) -> None:
     if (t.down is None) != (t.up is None):
         have, lacks = ("down (lora_A/lora_down)", "up") if t.up is None else ("up (lora_B/lora_up)", "down")
         raise LoRAError(f"{source}: {key!r} has the {have} matrix but no {lacks} matrix for module {name!r}")
-    if t.down is None and t.diff is None and t.diff_b is None:
+    if t.down is None and t.diff is None and t.diff_b is None and t.factors is None:
         raise LoRAError(f"{source}: {key!r} gives an alpha for {name!r} but no LoRA matrices")
     if t.down is not None:
         if t.down.dim() != 2 or t.up.dim() != 2:
@@ -296,6 +323,8 @@ def _check_shapes(module: nn.Linear, name: str, t: LoRATarget, source: str, mode
         problems.append(f"down {tuple(t.down.shape)} / up {tuple(t.up.shape)} vs weight {weight_shape}")
     if t.diff is not None and tuple(t.diff.shape) != weight_shape:
         problems.append(f"diff {tuple(t.diff.shape)} vs weight {weight_shape}")
+    if t.factors is not None and tuple(t.factors.shape) != weight_shape:
+        problems.append(f"{type(t.factors).__name__} of shape {tuple(t.factors.shape)} vs weight {weight_shape}")
     if t.diff_b is not None:
         if module.bias is None:
             problems.append("diff_b given but the layer has no bias")
@@ -380,6 +409,7 @@ class _Adapter:
             return None if x is None else x.detach().to(device)
 
         self.tensors = (move(t.down), move(t.up), move(t.diff), move(t.diff_b))
+        self.factors = None if t.factors is None else t.factors.to(device)
         self.factor = t.factor
         self.scale = scale
         self._cast: tuple = ()
@@ -389,14 +419,18 @@ class _Adapter:
         key = (x.device, x.dtype)
         if key != self._cast_key:
             self._cast = tuple(None if w is None else w.to(device=x.device, dtype=x.dtype) for w in self.tensors)
+            self._cast += (None if self.factors is None else self.factors.to(x.device, x.dtype),)
             self._cast_key = key
-        down, up, diff, diff_b = self._cast
+        down, up, diff, diff_b, factors = self._cast
         y = None
         if down is not None:
             y = F.linear(F.linear(x, down), up) * (self.scale * self.factor)
         if diff is not None or diff_b is not None:
             extra = F.linear(x, diff, diff_b) if diff is not None else diff_b.expand(*x.shape[:-1], -1)
             y = extra * self.scale if y is None else y + extra * self.scale
+        if factors is not None:
+            extra = factors.linear(x) * self.scale
+            y = extra if y is None else y + extra
         return y
 
 
@@ -506,7 +540,8 @@ def save_lora(
       other keys in these files, so an alpha other than the rank is folded into lora_B too), prefix
       `diffusion_model.` by default (ComfyUI's name for official-layout models);
     - "kohya": `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
-    `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format. Names should be resolved
+    `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format, and so is a LyCORIS change
+    (`factors`), built in full (it is as large as its layer). Names should be resolved
     (dotted, `resolve_lora`) for the first two."""
     from safetensors.torch import save_file
 
@@ -529,8 +564,12 @@ def save_lora(
             tensors[f"{key}.{up_key}.weight"] = up
             if t.alpha is not None and format == "kohya":
                 tensors[f"{key}.alpha"] = torch.tensor(float(t.alpha))
-        if t.diff is not None:
-            tensors[f"{key}.diff"] = t.diff
+        diff = t.diff
+        if t.factors is not None:
+            change = t.factors.delta()
+            diff = change if diff is None else (diff.float() + change.float()).to(diff.dtype)
+        if diff is not None:
+            tensors[f"{key}.diff"] = diff
         if t.diff_b is not None:
             tensors[f"{key}.diff_b"] = t.diff_b
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

@@ -48,6 +48,7 @@ from torch import nn
 
 from diffsynth.runtime.errors import LoRAError, preview
 from diffsynth.runtime.lora import DOTTED_PREFIXES, LoRATarget, LoRAWeights, read_lora, read_lora_state
+from diffsynth.runtime.lora_factors import RowStackedDelta
 
 from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
 
@@ -417,8 +418,8 @@ def _merge(
         part, t, _ = parts[0]
         return _swap_halves(t) if part.swap else t
     # several parts of one fused Linear (or one part of it): one LoRA of the summed rank, block-diagonal up
-    first = next(x for _, t, _ in parts for x in (t.down, t.diff, t.diff_b) if x is not None)
-    dtype, device = first.dtype, first.device
+    first = next((x for _, t, _ in parts for x in (t.down, t.diff, t.diff_b) if x is not None), None)
+    dtype, device = (None, None) if first is None else (first.dtype, first.device)
     ranked = [(p, t) for p, t, _ in parts if t.down is not None]
     merged = LoRATarget()
     if ranked:
@@ -439,6 +440,9 @@ def _merge(
         for p, t, _ in parts:
             if t.diff_b is not None:
                 merged.diff_b[p.start : p.start + t.diff_b.shape[0]] = t.diff_b.to(dtype)
+    factored = tuple((p.start, t.factors) for p, t, _ in parts if t.factors is not None)
+    if factored:  # LyCORIS changes stay factored, each on its rows
+        merged.factors = RowStackedDelta(out_features, in_features, factored)
     return merged
 
 
@@ -450,6 +454,8 @@ def _check_part(t: LoRATarget, key: str, where: str, rows: int, in_features: int
         problems.append(f"diff {tuple(t.diff.shape)}")
     if t.diff_b is not None and tuple(t.diff_b.shape) != (rows,):
         problems.append(f"diff_b {tuple(t.diff_b.shape)}")
+    if t.factors is not None and tuple(t.factors.shape) != (rows, in_features):
+        problems.append(f"a {type(t.factors).__name__} of shape {tuple(t.factors.shape)}")
     if problems:
         raise LoRAError(
             f"{source}: {key!r} has {', '.join(problems)} but lands on {where} of the {model}, which takes "
@@ -464,4 +470,9 @@ def _swap_halves(t: LoRATarget) -> LoRATarget:
         a, b = x.chunk(2, dim=0)
         return torch.cat([b, a])
 
-    return LoRATarget(down=t.down, up=swap(t.up), alpha=t.alpha, diff=swap(t.diff), diff_b=swap(t.diff_b))
+    factors = None
+    if t.factors is not None:
+        factors = RowStackedDelta(*t.factors.shape, ((0, t.factors),), swap_halves=True)
+    return LoRATarget(
+        down=t.down, up=swap(t.up), alpha=t.alpha, diff=swap(t.diff), diff_b=swap(t.diff_b), factors=factors
+    )

@@ -74,6 +74,8 @@ class LayerProbe(nn.Module):
                 y = F.linear(F.linear(x, down), up) * target.factor
             if target.diff is not None:
                 y = y + F.linear(x, target.diff.to(x.device, torch.float32))
+            if target.factors is not None:
+                y = y + target.factors.to(x.device, torch.float32).linear(x)
         return self.layer_norm(y.to(self.layer_norm.weight.dtype))
 
 
