@@ -11,7 +11,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from diffsynth.runtime.errors import LoRAError
-from diffsynth.runtime.lora import apply_lora, clear_loras, read_lora, resolve_lora, save_lora
+from diffsynth.runtime.lora import (
+    LoRATarget,
+    LoRAWeights,
+    apply_lora,
+    clear_loras,
+    read_lora,
+    resolve_lora,
+    save_lora,
+)
+from diffsynth.runtime.lora_factors import FIELDS as FACTOR_FIELDS
 from diffsynth.runtime.lora_factors import KroneckerDelta, RowStackedDelta
 
 
@@ -164,16 +173,30 @@ def test_row_stacked_parts_and_swapped_halves():
     assert (stacked.linear(x) - x @ full.T).abs().max().item() < 1e-6
 
 
-def test_save_writes_the_change_as_a_diff(tmp_path):
+@pytest.mark.parametrize("kind", sorted(FILES))
+@pytest.mark.parametrize("fmt", ["diffsynth", "peft", "kohya"])
+def test_saved_factors_read_back_as_the_same_change(tmp_path, kind, fmt):
+    """save_lora writes LyCORIS keys (with the alpha that gives the same scale; two full LoKr factors carry it in
+    the first), which read back as the same model change."""
     model, x = make_model(), inputs()
-    state = lokr_file("diffusion_model.", w2_rank=2)
-    resolved = resolve_lora(model, read_lora(state))
-    save_lora(resolved, tmp_path / "lokr.safetensors")
-    saved = load_file(tmp_path / "lokr.safetensors")
-    assert sorted(saved) == sorted(f"{name}.diff" for name in SHAPES)
-    apply_lora(model, tmp_path / "lokr.safetensors")
+    state = FILES[kind]("diffusion_model.")
+    save_lora(resolve_lora(model, read_lora(state)), tmp_path / "saved.safetensors", format=fmt)
+    saved = load_file(tmp_path / "saved.safetensors")
+    fields = {key.rsplit(".", 1)[1] for key in saved}
+    assert fields <= {"alpha", *FACTOR_FIELDS} and fields & set(FACTOR_FIELDS)
+    apply_lora(model, tmp_path / "saved.safetensors")
     want = expected_model(make_model(), state, "diffusion_model.")(x)
     assert (model(x) - want).abs().max().item() < 1e-5
+
+
+def test_a_change_placed_on_rows_is_saved_as_a_diff(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    part = KroneckerDelta(torch.randn(2, 2, generator=g), torch.randn(4, 4, generator=g), 0.5)  # [8, 8]
+    placed = RowStackedDelta(16, 8, ((8, part),))
+    save_lora(LoRAWeights({"x_embedder": LoRATarget(factors=placed)}), tmp_path / "rows.safetensors")
+    saved = load_file(tmp_path / "rows.safetensors")
+    assert list(saved) == ["x_embedder.diff"]
+    assert torch.equal(saved["x_embedder.diff"], placed.delta())
 
 
 @pytest.mark.parametrize(

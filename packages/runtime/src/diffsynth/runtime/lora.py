@@ -39,7 +39,7 @@ from torch import nn
 
 from .errors import CheckpointError, LoRAError, preview
 from .lora_factors import FIELDS as FACTOR_FIELDS
-from .lora_factors import WeightDelta, read_factors
+from .lora_factors import HadamardDelta, KroneckerDelta, WeightDelta, lycoris_tensors, read_factors
 from .quant import is_quantized_linear
 
 logger = logging.getLogger(__name__)
@@ -540,8 +540,9 @@ def save_lora(
       other keys in these files, so an alpha other than the rank is folded into lora_B too), prefix
       `diffusion_model.` by default (ComfyUI's name for official-layout models);
     - "kohya": `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
-    `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format, and so is a LyCORIS change
-    (`factors`), built in full (it is as large as its layer). Names should be resolved
+    `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format; a LoHa / LoKr change as its
+    LyCORIS factors (`<key name>.hada_w1_a`, `.lokr_w1`, ..., `.alpha`), or, once placed on rows of a fused layer,
+    built in full as a `.diff`. Names should be resolved
     (dotted, `resolve_lora`) for the first two."""
     from safetensors.torch import save_file
 
@@ -565,7 +566,9 @@ def save_lora(
             if t.alpha is not None and format == "kohya":
                 tensors[f"{key}.alpha"] = torch.tensor(float(t.alpha))
         diff = t.diff
-        if t.factors is not None:
+        if isinstance(t.factors, (HadamardDelta, KroneckerDelta)):
+            tensors.update({f"{key}.{field}": value for field, value in lycoris_tensors(t.factors).items()})
+        elif t.factors is not None:
             change = t.factors.delta()
             diff = change if diff is None else (diff.float() + change.float()).to(diff.dtype)
         if diff is not None:

@@ -210,3 +210,23 @@ def _lokr(fields: Mapping[str, torch.Tensor], alpha: float | None, where: str) -
         rank = int(fields[b].shape[0])
     scale = 1.0 if alpha is None or rank is None else alpha / rank
     return KroneckerDelta(factors[0], factors[1], float(scale))
+
+
+def lycoris_tensors(delta: HadamardDelta | KroneckerDelta) -> dict[str, torch.Tensor]:
+    """The LyCORIS file entries (field name -> tensor, with `alpha`) that `read_factors` reads back as `delta`."""
+    if isinstance(delta, HadamardDelta):
+        fields = dict(zip(LOHA_FIELDS, (delta.w1_a, delta.w1_b, delta.w2_a, delta.w2_b), strict=True))
+        return {**fields, "alpha": torch.tensor(delta.scale * delta.w1_b.shape[0])}
+    out: dict[str, torch.Tensor] = {}
+    rank = None
+    for n, w in ((1, delta.w1), (2, delta.w2)):
+        if isinstance(w, tuple):
+            out[f"lokr_w{n}_a"], out[f"lokr_w{n}_b"] = w
+            rank = int(w[1].shape[0])
+        else:
+            out[f"lokr_w{n}"] = w
+    if rank is None:  # two full factors are read at scale 1: the scale goes into the first
+        out["lokr_w1"] = (out["lokr_w1"].float() * delta.scale).to(out["lokr_w1"].dtype)
+    else:
+        out["alpha"] = torch.tensor(delta.scale * rank)
+    return out

@@ -184,9 +184,10 @@ def prune_checkpoints(root: Path, keep_last: int | None) -> None:
 
 # ----------------------------------------------------------------------------------- exports
 def lora_weights(model: nn.Module, state: Mapping[str, torch.Tensor] | None = None):
-    """The peft LoRA layers of `model` as `LoRAWeights` named after our (= the official) module names; their
-    matrices from `state` (full tensors gathered from a sharded model) when given."""
+    """The peft LoRA (or LoHa / LoKr) layers of `model` as `LoRAWeights` named after our (= the official) module
+    names; their matrices from `state` (full tensors gathered from a sharded model) when given."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     from diffsynth.runtime.lora import LoRATarget, LoRAWeights
 
@@ -200,9 +201,30 @@ def lora_weights(model: nn.Module, state: Mapping[str, torch.Tensor] | None = No
             targets[name] = LoRATarget(
                 down=matrix(name, "A", module), up=matrix(name, "B", module), alpha=float(module.lora_alpha["default"])
             )
+        elif isinstance(module, LycorisLayer) and "default" in module.scaling:
+            targets[name] = LoRATarget(factors=lycoris_factors(name, module, state))
     if not targets:
         raise ConfigError(f"{type(model).__name__} carries no LoRA layers to save")
     return LoRAWeights(targets=targets, source="training")
+
+
+def lycoris_factors(name: str, layer: nn.Module, state: Mapping[str, torch.Tensor] | None):
+    """A peft LoHa / LoKr layer's change as the runtime's factored `WeightDelta` (peft's scale: alpha / rank)."""
+    from diffsynth.runtime.lora_factors import HadamardDelta, KroneckerDelta
+
+    def factor(field: str) -> torch.Tensor | None:
+        if state is not None:
+            return state.get(f"{name}.{field}.default")
+        holder = getattr(layer, field, {})
+        return holder["default"].detach() if "default" in holder else None
+
+    scale = float(layer.scaling["default"])
+    if factor("hada_w1_a") is not None:
+        return HadamardDelta(*(factor(f) for f in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")), scale)
+    w1, w2 = (factor(f"lokr_w{n}") for n in (1, 2))
+    w1 = w1 if w1 is not None else (factor("lokr_w1_a"), factor("lokr_w1_b"))
+    w2 = w2 if w2 is not None else (factor("lokr_w2_a"), factor("lokr_w2_b"))
+    return KroneckerDelta(w1, w2, scale)
 
 
 def save_lora_files(

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from diffsynth.runtime.errors import ConfigError
 
 LORA_FORMATS = ("diffsynth", "peft", "kohya")
+LORA_TYPES = ("lora", "loha", "lokr")
 
 
 def _arg(default: Any, help: str, group: str):
@@ -89,8 +90,14 @@ class TrainConfig:
     lora_target_modules: list[str] = _arg(
         [], "Linear layer names the LoRA adapts, comma-separated (default: the model's own list)", "adapter"
     )
+    lora_type: str = _arg(
+        "lora", "adapter kind: lora, or LyCORIS loha (Hadamard product) / lokr (Kronecker product)", "adapter"
+    )
     lora_rank: int = _arg(32, "LoRA rank", "adapter")
     lora_alpha: float | None = _arg(None, "LoRA alpha (default: the rank, i.e. scale 1)", "adapter")
+    lokr_factor: int = _arg(
+        -1, "LoKr: the size of the first Kronecker factor's sides (-1: near the square root of each side)", "adapter"
+    )
     preset_lora_path: str | None = _arg(
         None, "differential LoRA: fuse this LoRA file into the frozen denoiser before training a new one", "adapter"
     )
@@ -311,6 +318,7 @@ class TrainConfig:
             )
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"--lora_alpha {self.lora_alpha} must be > 0")
+        self._check_lora_type()
         if not 0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1:
             raise ConfigError(
                 f"--min_timestep_boundary {self.min_timestep_boundary} and --max_timestep_boundary "
@@ -395,6 +403,22 @@ class TrainConfig:
                 "no model given: pass --model (a preset or a local folder), --model_paths or --model_id_with_origin_paths"
             )
         return self
+
+    def _check_lora_type(self) -> None:
+        if self.lora_type not in LORA_TYPES:
+            raise ConfigError(f"--lora_type {self.lora_type!r}: choose from {', '.join(LORA_TYPES)}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"--lokr_factor {self.lokr_factor} must be a positive size, or -1 (automatic)")
+        if self.lora_type == "lora":
+            return
+        given = "--lora_type " + self.lora_type
+        if self.trainable_models:
+            raise ConfigError(f"{given} is an adapter; --trainable_models trains the weights in full. Give one")
+        if self.lora_checkpoint is not None:
+            raise ConfigError(
+                f"{given}: --lora_checkpoint starts down/up LoRA matrices from a file; LyCORIS factors start from "
+                "peft's initialisation (train with --lora_type lora to go on from a LoRA file)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -956,9 +956,10 @@ def fuse_preset_lora(module: nn.Module, cfg: TrainConfig, task: TrainingTask) ->
 
 
 def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> None:
-    """Inject peft LoRA layers into `module`'s target Linears (module replacement; names keep our keys); with
+    """Inject peft LoRA layers (LoHa / LoKr with `--lora_type`) into `module`'s target Linears (module replacement;
+    names keep our keys); with
     `parts` (submodule paths, see `trained_parts`) only into the targets inside them."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     targets = cfg.lora_target_modules or list(getattr(module, "lora_target_modules", ()))
     if not targets:
@@ -977,19 +978,36 @@ def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> 
         raise ConfigError(
             f"--lora_target_modules {','.join(given)}: no Linear layer of {type(module).__name__} ends with these names"
         )
-    lora_config = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets, lora_dropout=0.0
-    )
     torch.manual_seed(cfg.seed)
     try:
-        inject_adapter_in_model(lora_config, module)
+        inject_adapter_in_model(adapter_config(module, cfg, targets), module)
     except ValueError as exc:
         raise ConfigError(f"--lora_target_modules {','.join(targets)}: {exc}") from None
     dtype = parse_dtype(cfg.trainable_dtype)
     for name, param in module.named_parameters():
-        if ".lora_" in name:
+        if any(tag in name for tag in (".lora_", ".hada_", ".lokr_")):
             param.data = param.data.to(dtype)
             param.requires_grad_(True)
+
+
+def adapter_config(module: nn.Module, cfg: TrainConfig, targets: list[str]):
+    """peft's config for `--lora_type`: LoRA, or LyCORIS LoHa / LoKr (no dropout; their change starts at zero)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    from diffsynth.runtime.quant import is_quantized_linear
+
+    rank, alpha = cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank
+    if cfg.lora_type == "lora":
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    packed = [name for name in targets if is_quantized_linear(module.get_submodule(name))]
+    if packed:
+        raise ConfigError(
+            f"--lora_type {cfg.lora_type}: {packed[0]} is a 4-bit layer (--quantize); peft's LoHa / LoKr layers "
+            "build their change in the base weight's shape, which 4-bit storage packs. Train --lora_type lora on it"
+        )
+    if cfg.lora_type == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
+    return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=cfg.lokr_factor)
 
 
 def _check_slots(cfg: TrainConfig, task: TrainingTask) -> None:

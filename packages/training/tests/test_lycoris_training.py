@@ -1,0 +1,126 @@
+"""`--lora_type loha` / `lokr`: LyCORIS adapters trained on the tiny Z-Image repo, saved in LyCORIS keys, and
+applied by the pipeline exactly as they were trained.
+
+Integration: needs diffsynth-z-image installed (the `integration` nox session installs every package).
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffsynth.z_image")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from diffsynth.runtime.errors import ConfigError  # noqa: E402
+from diffsynth.training.data import batch_plan  # noqa: E402
+from diffsynth.training.testing import load_module, tiny_config, write_caption_dataset  # noqa: E402
+from diffsynth.training.trainer import TrainState, save, setup, train_step  # noqa: E402
+from diffsynth.z_image import ZImagePipeline  # noqa: E402
+from diffsynth.z_image.pipeline import z_image_velocity  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+def _z_image_test_helpers():
+    return load_module(Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py", "z_image_tiny_repo")
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    return _z_image_test_helpers().build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    captions = _z_image_test_helpers().CAPTIONS
+    return write_caption_dataset(tmp_path_factory.mktemp("data"), [captions[i % 3] for i in range(4)], seed=1)
+
+
+def config(tiny_repo, dataset, output, **overrides):
+    return tiny_config(tiny_repo, "z_image", dataset, output, **{"learning_rate": 1e-3, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("lora_type", "settings", "fields"),
+    [
+        ("loha", {}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}),
+        ("lokr", {}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}),  # rank-4 pairs (full w2 on narrow layers)
+        ("lokr", {"lora_rank": 64, "lora_alpha": 8.0}, {"lokr_w1", "lokr_w2"}),  # two full factors, scale 8 / 64
+    ],
+)
+def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
+    tiny_repo, dataset, tmp_path, lora_type, settings, fields
+):
+    out = tmp_path / "out"
+    run = setup(config(tiny_repo, dataset, out, lora_type=lora_type, lora_formats=["diffsynth", "kohya"], **settings))
+    tag = ".hada_" if lora_type == "loha" else ".lokr_"
+    assert run.trainable and all(tag in name for name in run.trainable)
+    state = TrainState()
+    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        assert math.isfinite(state.loss) and state.loss > 0
+    save(run, state)
+
+    saved = load_file(out / "step-000002.safetensors")
+    found = {key.rsplit(".", 1)[1] for key in saved}
+    assert fields <= found <= fields | ({"lokr_w2"} if "lokr_w2_a" in fields else set())
+    assert all(key.startswith("lora_unet_") for key in load_file(out / "step-000002.kohya.safetensors"))
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    g = torch.Generator().manual_seed(3)
+    latents, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([0.7])
+    text = pipe.encode_prompt(["a red circle on a blue background"])
+    with torch.no_grad():
+        trained = z_image_velocity(run.model, latents, sigma, text)
+        base = z_image_velocity(pipe.dit, latents, sigma, text)
+        assert (trained - base).abs().max() > 1e-4  # the adapter learned something
+        for suffix in ("", ".kohya"):
+            pipe.load_lora(out / f"step-000002{suffix}.safetensors", fuse=False, name="trained")
+            got = z_image_velocity(pipe.dit, latents, sigma, text)
+            torch.testing.assert_close(got, trained, atol=1e-5, rtol=1e-5)
+        pipe.clear_loras()
+        pipe.load_lora(out / "step-000002.safetensors")  # fused
+        torch.testing.assert_close(z_image_velocity(pipe.dit, latents, sigma, text), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_lycoris_flags_that_do_not_fit_are_named(tiny_repo, dataset, tmp_path):
+    with pytest.raises(ConfigError, match="--lora_type 'ia3': choose from lora, loha, lokr"):
+        config(tiny_repo, dataset, tmp_path, lora_type="ia3").check()
+    with pytest.raises(ConfigError, match="--lora_type lokr is an adapter; --trainable_models"):
+        config(tiny_repo, dataset, tmp_path, lora_type="lokr", trainable_models=["dit"]).check()
+    with pytest.raises(ConfigError, match="--lora_type loha: --lora_checkpoint starts down/up"):
+        config(tiny_repo, dataset, tmp_path, lora_type="loha", lora_checkpoint="x.safetensors").check()
+    with pytest.raises(ConfigError, match="--lokr_factor 0 must be"):
+        config(tiny_repo, dataset, tmp_path, lora_type="lokr", lokr_factor=0).check()
+
+
+def test_lycoris_on_a_4bit_model_is_refused_by_layer(tiny_repo, dataset, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ConfigError, match=r"--lora_type lokr: \S+ is a 4-bit layer \(--quantize\)"):
+        setup(config(tiny_repo, dataset, tmp_path, lora_type="lokr", quantize=["dit=bitsandbytes_nf4"]))
+
+
+def _losses(cfg, steps: int = 2) -> tuple[list[float], object]:
+    run = setup(cfg)
+    state, losses = TrainState(), []
+    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:steps]:
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        losses.append(state.loss)
+    return losses, run
+
+
+@pytest.mark.parametrize("lora_type", ["loha", "lokr"])
+def test_lycoris_on_a_streamed_base_trains_exactly_as_on_a_resident_one(tiny_repo, dataset, tmp_path, lora_type):
+    """peft's LyCORIS layers read only the base weight's shape, so the VRAM manager may stream the base blocks."""
+    plain, resident = _losses(config(tiny_repo, dataset, tmp_path / "plain", lora_type=lora_type))
+    streamed, run = _losses(config(tiny_repo, dataset, tmp_path / "off", lora_type=lora_type, offload_models=["dit"]))
+    from diffsynth.runtime.vram import vram_handle
+
+    handle = vram_handle(run.task.models["dit"])
+    assert handle is not None and handle.plan.streamed and not handle.plan.resident
+    assert streamed == plain
+    for name, p in run.trainable.items():
+        assert torch.equal(p, resident.trainable[name]), name
