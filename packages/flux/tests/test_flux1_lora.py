@@ -204,6 +204,43 @@ def test_lycoris_factors_with_diffusers_names_merge_into_fused_layers(fuse):
     assert_close(run(model, cfg), run(reference, cfg))
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_dora_with_diffusers_names_keeps_each_parts_row_norms(fuse):
+    """A DoRA (peft's `lora_magnitude_vector`) on diffusers' split layers: each part's rows of our fused layer get
+    its magnitude, rows of parts the file leaves out stay as they were, the final modulation's halves swapped. The
+    reference applies each part's DoRA to the diffusers weights and converts."""
+    cfg, base = tiny()
+    shapes = diffusers_linear_shapes(base)
+    names = [n for i, n in enumerate(sorted(shapes)) if i % 4 != 1]  # some parts of fused layers left out
+    lora = random_lora({n: shapes[n] for n in names}, seed=9)
+    weights = ours_to_diffusers(copy.deepcopy(base).state_dict())
+    state = peft_file(lora)
+    g = torch.Generator().manual_seed(10)
+    for name, (down, up, alpha) in lora.items():
+        merged = weights[f"{name}.weight"] + alpha / down.shape[0] * (up @ down)
+        magnitude = merged.norm(dim=1) * (1 + 0.3 * torch.rand(merged.shape[0], generator=g))
+        state[f"transformer.{name}.lora_magnitude_vector"] = magnitude
+        weights[f"{name}.weight"] = merged * (magnitude / merged.norm(dim=1))[:, None]
+    from diffsynth.flux.flux1.formats import diffusers_to_ours
+
+    reference = copy.deepcopy(base)
+    reference.load_state_dict(diffusers_to_ours(weights))
+    assert (run(reference, cfg) - run(base, cfg)).abs().max() > 0.05
+    assert_close(run(with_loras(base, [(state, 1.0)], fuse=fuse), cfg), run(reference, cfg))
+
+
+def test_a_column_norm_dora_on_part_of_a_fused_layer_is_refused():
+    _, base = tiny()
+    hidden = base.config.hidden_size
+    state = {
+        "transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, hidden),
+        "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(hidden, 2),
+        "transformer_blocks.0.attn.to_q.dora_scale": torch.ones(1, hidden),
+    }
+    with pytest.raises(LoRAError, match=r"'transformer_blocks\.0\.attn\.to_q.*column norms.*img_attn\.qkv"):
+        read_flux1_lora(state, base)
+
+
 def test_missing_parts_of_a_fused_layer_are_zero_rows():
     cfg, base = tiny()
     shapes = diffusers_linear_shapes(base)

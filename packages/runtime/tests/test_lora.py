@@ -387,8 +387,8 @@ def test_rank_mismatch_names_the_key():
 def test_half_pair_and_unsupported_adapters():
     with pytest.raises(LoRAError, match="no up matrix"):
         read_lora({"x_embedder.lora_A.weight": torch.zeros(2, 4)})
-    with pytest.raises(LoRAError, match="DoRA"):
-        read_lora({"lora_unet_x_embedder.dora_scale": torch.zeros(2, 1)})
+    with pytest.raises(LoRAError, match="LoCon"):
+        read_lora({"lora_unet_x_embedder.lora_mid.weight": torch.zeros(2, 2, 3, 3)})
 
 
 def test_unknown_names_for_scale_and_clear():

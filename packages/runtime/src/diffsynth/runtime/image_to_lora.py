@@ -70,7 +70,7 @@ def append_lora(lora: dict[str, torch.Tensor], extra, what: str = "bias_lora") -
         )
     out = dict(lora)
     for name, target in weights.targets.items():
-        if target.down is None or target.diff is not None or target.diff_b is not None:
+        if target.down is None or target.diff is not None or target.diff_b is not None or target.magnitude is not None:
             raise LoRAError(f"{what} ({weights.source}): {name!r} is not a plain lora_A/lora_B pair")
         down_key, up_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         down, up = out[down_key], out[up_key]

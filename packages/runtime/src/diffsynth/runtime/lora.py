@@ -13,7 +13,9 @@ dotted, without `.weight`). Recognised layouts:
 - `lora_down` / `lora_up` with dotted names and the prefixes above; ComfyUI's `.diff` / `.diff_b`;
 - LyCORIS LoHa (`.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b`) and LoKr (`.lokr_w1` or `.lokr_w1_a` /
   `.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a` / `.lokr_w2_b`), with `.alpha`, under any of the names above (also
-  peft's); their changes stay factored until used (`lora_factors`).
+  peft's); their changes stay factored until used (`lora_factors`);
+- DoRA: any of the above plus a magnitude, peft's `.lora_magnitude_vector` or LyCORIS' `.dora_scale`
+  (`lora_dora`).
 Text-encoder entries (`lora_te*_`, `text_encoder*.`) are skipped: a denoiser LoRA is applied to the denoiser.
 
 Unfused LoRAs are attached with a forward hook on the target `nn.Linear` and kept in a plain attribute of it,
@@ -38,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, LoRAError, preview
+from .lora_dora import check_magnitude, decomposition_scale, fused_weight, read_magnitude, unfused_extra
 from .lora_factors import FIELDS as FACTOR_FIELDS
 from .lora_factors import HadamardDelta, KroneckerDelta, WeightDelta, lycoris_tensors, read_factors
-from .quant import is_quantized_linear
+from .quant import is_quantized_linear, linear_weight
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +67,17 @@ _SUFFIXES = (
     (re.compile(r"^(.+)\.diff$"), "diff"),
     (re.compile(r"^(.+)\.diff_b$"), "diff_b"),
     (re.compile(rf"^(.+)\.({'|'.join(FACTOR_FIELDS)})(?:\.weight)?$"), "factor"),
+    (re.compile(r"^(.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$"), "magnitude"),
+    (re.compile(r"^(.+)\.dora_scale$"), "magnitude"),
 )
-_UNSUPPORTED = {
-    "dora_scale": "DoRA",
-    "lora_mid": "LoCon (Tucker)",
-    "lora_magnitude_vector": "DoRA",
-}
+_UNSUPPORTED = {"lora_mid": "LoCon (Tucker)"}
 
 
 @dataclass
 class LoRATarget:
     """What one LoRA changes in one Linear: delta W = (alpha / rank) * up @ down, plus `diff`/`diff_b`, plus a
-    LyCORIS change kept in `factors` (LoHa, LoKr; its alpha already in it)."""
+    LyCORIS change kept in `factors` (LoHa, LoKr; its alpha already in it). A DoRA `magnitude` ([out, 1] or [1, in])
+    then rescales the merged weight's norms (`lora_dora`)."""
 
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
@@ -83,6 +85,7 @@ class LoRATarget:
     diff: torch.Tensor | None = None
     diff_b: torch.Tensor | None = None
     factors: WeightDelta | None = None
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -189,6 +192,8 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
             target.alpha = float(tensor.float().item())
         elif kind in FACTOR_FIELDS:
             factors.setdefault(name, {})[kind] = tensor
+        elif kind == "magnitude":
+            target.magnitude = read_magnitude(tensor, key, source)
         else:
             setattr(target, kind, tensor)
     if unknown and not targets:
@@ -260,7 +265,10 @@ def _check_target(name: str, t: LoRATarget, origin: dict, source: str) -> None:
         have, lacks = ("down (lora_A/lora_down)", "up") if t.up is None else ("up (lora_B/lora_up)", "down")
         raise LoRAError(f"{source}: {key!r} has the {have} matrix but no {lacks} matrix for module {name!r}")
     if t.down is None and t.diff is None and t.diff_b is None and t.factors is None:
-        raise LoRAError(f"{source}: {key!r} gives an alpha for {name!r} but no LoRA matrices")
+        what = "a DoRA magnitude" if t.magnitude is not None else "an alpha"
+        raise LoRAError(f"{source}: {key!r} gives {what} for {name!r} but no LoRA matrices")
+    if t.magnitude is not None and t.down is None and t.diff is None and t.factors is None:
+        raise LoRAError(f"{source}: {key!r} gives a DoRA magnitude for {name!r} but only a bias change (diff_b)")
     if t.down is not None:
         if t.down.dim() != 2 or t.up.dim() != 2:
             raise LoRAError(
@@ -325,6 +333,8 @@ def _check_shapes(module: nn.Linear, name: str, t: LoRATarget, source: str, mode
         problems.append(f"diff {tuple(t.diff.shape)} vs weight {weight_shape}")
     if t.factors is not None and tuple(t.factors.shape) != weight_shape:
         problems.append(f"{type(t.factors).__name__} of shape {tuple(t.factors.shape)} vs weight {weight_shape}")
+    if t.magnitude is not None and check_magnitude(t.magnitude, *weight_shape):
+        problems.append(check_magnitude(t.magnitude, *weight_shape))
     if t.diff_b is not None:
         if module.bias is None:
             problems.append("diff_b given but the layer has no bias")
@@ -391,7 +401,9 @@ def load_lora(
 def _fuse(module: nn.Linear, t: LoRATarget, scale: float) -> None:
     weight = module.weight
     delta = t.delta_weight()
-    if delta is not None:
+    if delta is not None and t.magnitude is not None:
+        weight.copy_(fused_weight(weight, delta.to(weight.device), t.magnitude, scale).to(weight.dtype))
+    elif delta is not None:
         new = weight.float() + scale * delta.to(weight.device)
         weight.copy_(new.to(weight.dtype))
     if t.diff_b is not None:
@@ -400,7 +412,8 @@ def _fuse(module: nn.Linear, t: LoRATarget, scale: float) -> None:
 
 
 class _Adapter:
-    """One unfused LoRA on one Linear: its tensors, its scale, and a copy cast for the last input seen."""
+    """One unfused LoRA on one Linear: its tensors, its scale, and a copy cast for the last input seen (and, for a
+    DoRA, its norm scale at the last strength)."""
 
     def __init__(self, t: LoRATarget, scale: float, device: torch.device):
         device = torch.device("cpu") if device.type == "meta" else device
@@ -410,28 +423,55 @@ class _Adapter:
 
         self.tensors = (move(t.down), move(t.up), move(t.diff), move(t.diff_b))
         self.factors = None if t.factors is None else t.factors.to(device)
+        self.magnitude = move(t.magnitude)
         self.factor = t.factor
+        self.alpha = t.alpha
         self.scale = scale
         self._cast: tuple = ()
         self._cast_key: tuple | None = None
+        self._dora: tuple = (None, None)  # (strength, device, dtype), the decomposition scale
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, module: nn.Linear, output: torch.Tensor) -> torch.Tensor | None:
+        """What this LoRA adds to `module`'s `output` (the layer's own, before any LoRA) for input `x`."""
         key = (x.device, x.dtype)
         if key != self._cast_key:
             self._cast = tuple(None if w is None else w.to(device=x.device, dtype=x.dtype) for w in self.tensors)
             self._cast += (None if self.factors is None else self.factors.to(x.device, x.dtype),)
             self._cast_key = key
-        down, up, diff, diff_b, factors = self._cast
+        diff_b = self._cast[3]
+        if self.magnitude is None:
+            y = self._change(x)
+        else:
+            weight = linear_weight(module).to(x.dtype)
+            base = output if module.bias is None else output - module.bias.to(output.dtype)
+            y = unfused_extra(x, base, weight, self._change, self._dora_scale(weight, x))
+        if diff_b is not None:
+            extra = diff_b.expand(*x.shape[:-1], -1) * self.scale
+            y = extra if y is None else y + extra
+        return y
+
+    def _change(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ (scale * delta)^T, the bias change left out."""
+        down, up, diff, _, factors = self._cast
         y = None
         if down is not None:
             y = F.linear(F.linear(x, down), up) * (self.scale * self.factor)
-        if diff is not None or diff_b is not None:
-            extra = F.linear(x, diff, diff_b) if diff is not None else diff_b.expand(*x.shape[:-1], -1)
-            y = extra * self.scale if y is None else y + extra * self.scale
+        if diff is not None:
+            extra = F.linear(x, diff) * self.scale
+            y = extra if y is None else y + extra
         if factors is not None:
             extra = factors.linear(x) * self.scale
             y = extra if y is None else y + extra
         return y
+
+    def _dora_scale(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        key = (self.scale, x.device, x.dtype)
+        if self._dora[0] != key:
+            down, up, diff, _ = self.tensors
+            delta = LoRATarget(down=down, up=up, alpha=self.alpha, diff=diff, factors=self.factors).delta_weight()
+            scale = decomposition_scale(weight, delta.to(weight.device), self.magnitude, self.scale)
+            self._dora = (key, scale.to(x.dtype))
+        return self._dora[1]
 
 
 class _LoRAStack:
@@ -444,9 +484,10 @@ class _LoRAStack:
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         merger = module.__dict__.get(_MERGER_ATTR)
         outputs = []
+        own = output
         for adapter in self.adapters.values():
             if adapter.scale != 0.0:
-                y = adapter(args[0])
+                y = adapter(args[0], module, own)
                 if y is None:
                     continue
                 if merger is None:
@@ -575,6 +616,13 @@ def save_lora(
             tensors[f"{key}.diff"] = diff
         if t.diff_b is not None:
             tensors[f"{key}.diff_b"] = t.diff_b
+        if t.magnitude is not None:
+            if torch.isnan(t.magnitude).any():
+                raise LoRAError(
+                    f"{name!r}: its DoRA covers only some rows of the layer (parts of a fused layer); save the file "
+                    "as it was read, before a family's conversion"
+                )
+            tensors[f"{key}.dora_scale"] = t.magnitude
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

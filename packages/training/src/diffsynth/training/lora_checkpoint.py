@@ -33,11 +33,16 @@ def read_lora_checkpoint(task, module: nn.Module, path: str) -> dict[str, LoRATa
         resolved = resolve_lora(module, lora)
     except (LoRAError, OSError) as exc:
         raise ConfigError(f"--lora_checkpoint {path}: {exc}") from None
-    bad = [name for name, t in resolved.targets.items() if t.down is None or t.diff is not None or t.diff_b is not None]
+    bad = [
+        name
+        for name, t in resolved.targets.items()
+        if t.down is None or t.diff is not None or t.diff_b is not None or t.magnitude is not None
+    ]
     if bad:
         raise ConfigError(
-            f"--lora_checkpoint {path}: {preview(bad, 5)} hold full weight differences (diff / diff_b) or LyCORIS "
-            "factors (LoHa, LoKr), which a LoRA layer cannot start from; give a LoRA of down/up matrices"
+            f"--lora_checkpoint {path}: {preview(bad, 5)} hold full weight differences (diff / diff_b), LyCORIS "
+            "factors (LoHa, LoKr) or a DoRA magnitude, which a LoRA layer cannot start from; give a LoRA of down/up "
+            "matrices"
         )
     return dict(resolved.targets)
 

@@ -48,6 +48,7 @@ from torch import nn
 
 from diffsynth.runtime.errors import LoRAError, preview
 from diffsynth.runtime.lora import DOTTED_PREFIXES, LoRATarget, LoRAWeights, read_lora, read_lora_state
+from diffsynth.runtime.lora_dora import check_magnitude
 from diffsynth.runtime.lora_factors import RowStackedDelta
 
 from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
@@ -443,6 +444,17 @@ def _merge(
     factored = tuple((p.start, t.factors) for p, t, _ in parts if t.factors is not None)
     if factored:  # LyCORIS changes stay factored, each on its rows
         merged.factors = RowStackedDelta(out_features, in_features, factored)
+    decomposed = [(p, t, key) for p, t, key in parts if t.magnitude is not None]
+    if decomposed:  # DoRA row norms are each row's own: the parts' magnitudes on their rows, NaN (none) elsewhere
+        column_wise = [key for _, t, key in decomposed if t.magnitude.shape[1] != 1]
+        if column_wise:
+            raise LoRAError(
+                f"{source}: {column_wise[0]!r} is a DoRA with column norms ([1, in] magnitude) on a part of "
+                f"{module!r}; the norms of a fused layer's columns span its other parts, so it cannot be applied"
+            )
+        merged.magnitude = torch.full((out_features, 1), float("nan"), dtype=decomposed[0][1].magnitude.dtype)
+        for p, t, _ in decomposed:
+            merged.magnitude[p.start : p.start + t.magnitude.shape[0]] = t.magnitude.to(merged.magnitude)
     return merged
 
 
@@ -456,6 +468,8 @@ def _check_part(t: LoRATarget, key: str, where: str, rows: int, in_features: int
         problems.append(f"diff_b {tuple(t.diff_b.shape)}")
     if t.factors is not None and tuple(t.factors.shape) != (rows, in_features):
         problems.append(f"a {type(t.factors).__name__} of shape {tuple(t.factors.shape)}")
+    if t.magnitude is not None and check_magnitude(t.magnitude, rows, in_features):
+        problems.append(f"a DoRA magnitude {tuple(t.magnitude.shape)}")
     if problems:
         raise LoRAError(
             f"{source}: {key!r} has {', '.join(problems)} but lands on {where} of the {model}, which takes "
@@ -473,6 +487,15 @@ def _swap_halves(t: LoRATarget) -> LoRATarget:
     factors = None
     if t.factors is not None:
         factors = RowStackedDelta(*t.factors.shape, ((0, t.factors),), swap_halves=True)
+    magnitude = t.magnitude
+    if magnitude is not None and magnitude.shape[1] == 1:  # row norms move with their rows
+        magnitude = swap(magnitude)
     return LoRATarget(
-        down=t.down, up=swap(t.up), alpha=t.alpha, diff=swap(t.diff), diff_b=swap(t.diff_b), factors=factors
+        down=t.down,
+        up=swap(t.up),
+        alpha=t.alpha,
+        diff=swap(t.diff),
+        diff_b=swap(t.diff_b),
+        factors=factors,
+        magnitude=magnitude,
     )

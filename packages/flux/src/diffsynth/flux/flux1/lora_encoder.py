@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.errors import ConfigError, LoRAError
 from diffsynth.runtime.lora import LoRATarget, LoRAWeights
 from diffsynth.runtime.registry import KeyLayout, ModelSpec
 
@@ -68,6 +68,10 @@ class LayerProbe(nn.Module):
         if target is None:
             y = x.new_zeros(*x.shape[:-1], self.layer_norm.normalized_shape[0])
         else:
+            if target.magnitude is not None:
+                raise LoRAError(
+                    "the LoRA Encoder reads a LoRA's weight change; a DoRA's depends on the base weights (not given)"
+                )
             y = 0
             if target.down is not None:
                 down, up = target.down.to(x.device, torch.float32), target.up.to(x.device, torch.float32)
