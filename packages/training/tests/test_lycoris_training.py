@@ -1,5 +1,5 @@
-"""`--lora_type loha` / `lokr`: LyCORIS adapters trained on the tiny Z-Image repo, saved in LyCORIS keys, and
-applied by the pipeline exactly as they were trained.
+"""`--lora_type dora` / `loha` / `lokr`: DoRA and LyCORIS adapters trained on the tiny Z-Image repo, saved in the
+keys LyCORIS and ComfyUI read, and applied by the pipeline exactly as they were trained.
 
 Integration: needs diffsynth-z-image installed (the `integration` nox session installs every package).
 """
@@ -49,6 +49,7 @@ def config(tiny_repo, dataset, output, **overrides):
         ("loha", {}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}),
         ("lokr", {}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}),  # rank-4 pairs (full w2 on narrow layers)
         ("lokr", {"lora_rank": 64, "lora_alpha": 8.0}, {"lokr_w1", "lokr_w2"}),  # two full factors, scale 8 / 64
+        ("dora", {"lora_alpha": 8.0}, {"weight", "dora_scale"}),  # lora_A.weight / lora_B.weight + magnitudes
     ],
 )
 def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
@@ -56,7 +57,7 @@ def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
 ):
     out = tmp_path / "out"
     run = setup(config(tiny_repo, dataset, out, lora_type=lora_type, lora_formats=["diffsynth", "kohya"], **settings))
-    tag = ".hada_" if lora_type == "loha" else ".lokr_"
+    tag = {"loha": ".hada_", "lokr": ".lokr_", "dora": ".lora_"}[lora_type]
     assert run.trainable and all(tag in name for name in run.trainable)
     state = TrainState()
     for batch in batch_plan(run.dataset.buckets, batch_size=2):
@@ -87,7 +88,7 @@ def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
 
 
 def test_lycoris_flags_that_do_not_fit_are_named(tiny_repo, dataset, tmp_path):
-    with pytest.raises(ConfigError, match="--lora_type 'ia3': choose from lora, loha, lokr"):
+    with pytest.raises(ConfigError, match="--lora_type 'ia3': choose from lora, dora, loha, lokr"):
         config(tiny_repo, dataset, tmp_path, lora_type="ia3").check()
     with pytest.raises(ConfigError, match="--lora_type lokr is an adapter; --trainable_models"):
         config(tiny_repo, dataset, tmp_path, lora_type="lokr", trainable_models=["dit"]).check()
@@ -112,9 +113,10 @@ def _losses(cfg, steps: int = 2) -> tuple[list[float], object]:
     return losses, run
 
 
-@pytest.mark.parametrize("lora_type", ["loha", "lokr"])
+@pytest.mark.parametrize("lora_type", ["dora", "loha", "lokr"])
 def test_lycoris_on_a_streamed_base_trains_exactly_as_on_a_resident_one(tiny_repo, dataset, tmp_path, lora_type):
-    """peft's LyCORIS layers read only the base weight's shape, so the VRAM manager may stream the base blocks."""
+    """The VRAM manager may stream the base blocks under peft's LyCORIS layers (they read only the base weight's
+    shape) and DoRA layers (they read the weight inside the forward, where the streamed block is present)."""
     plain, resident = _losses(config(tiny_repo, dataset, tmp_path / "plain", lora_type=lora_type))
     streamed, run = _losses(config(tiny_repo, dataset, tmp_path / "off", lora_type=lora_type, offload_models=["dit"]))
     from diffsynth.runtime.vram import vram_handle

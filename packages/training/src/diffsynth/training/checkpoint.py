@@ -199,13 +199,25 @@ def lora_weights(model: nn.Module, state: Mapping[str, torch.Tensor] | None = No
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
             targets[name] = LoRATarget(
-                down=matrix(name, "A", module), up=matrix(name, "B", module), alpha=float(module.lora_alpha["default"])
+                down=matrix(name, "A", module),
+                up=matrix(name, "B", module),
+                alpha=float(module.lora_alpha["default"]),
+                magnitude=dora_magnitude(name, module, state),
             )
         elif isinstance(module, LycorisLayer) and "default" in module.scaling:
             targets[name] = LoRATarget(factors=lycoris_factors(name, module, state))
     if not targets:
         raise ConfigError(f"{type(model).__name__} carries no LoRA layers to save")
     return LoRAWeights(targets=targets, source="training")
+
+
+def dora_magnitude(name: str, layer: nn.Module, state: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """A peft DoRA layer's magnitude as [out, 1] (None for a plain LoRA layer)."""
+    if "default" not in getattr(layer, "lora_magnitude_vector", {}):
+        return None
+    key = f"{name}.lora_magnitude_vector.default.weight"
+    magnitude = state[key] if state is not None else layer.lora_magnitude_vector["default"].weight.detach()
+    return magnitude.reshape(-1, 1)
 
 
 def lycoris_factors(name: str, layer: nn.Module, state: Mapping[str, torch.Tensor] | None):

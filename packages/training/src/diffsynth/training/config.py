@@ -22,7 +22,7 @@ from typing import Any, Literal
 from diffsynth.runtime.errors import ConfigError
 
 LORA_FORMATS = ("diffsynth", "peft", "kohya")
-LORA_TYPES = ("lora", "loha", "lokr")
+LORA_TYPES = ("lora", "dora", "loha", "lokr")
 
 
 def _arg(default: Any, help: str, group: str):
@@ -91,7 +91,10 @@ class TrainConfig:
         [], "Linear layer names the LoRA adapts, comma-separated (default: the model's own list)", "adapter"
     )
     lora_type: str = _arg(
-        "lora", "adapter kind: lora, or LyCORIS loha (Hadamard product) / lokr (Kronecker product)", "adapter"
+        "lora",
+        "adapter kind: lora, dora (a LoRA with learned row norms), or LyCORIS loha (Hadamard product) / lokr "
+        "(Kronecker product)",
+        "adapter",
     )
     lora_rank: int = _arg(32, "LoRA rank", "adapter")
     lora_alpha: float | None = _arg(None, "LoRA alpha (default: the rank, i.e. scale 1)", "adapter")
@@ -409,14 +412,14 @@ class TrainConfig:
             raise ConfigError(f"--lora_type {self.lora_type!r}: choose from {', '.join(LORA_TYPES)}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"--lokr_factor {self.lokr_factor} must be a positive size, or -1 (automatic)")
-        if self.lora_type == "lora":
+        if self.lora_type in ("lora", "dora") and self.lora_checkpoint is None:
             return
         given = "--lora_type " + self.lora_type
         if self.trainable_models:
             raise ConfigError(f"{given} is an adapter; --trainable_models trains the weights in full. Give one")
-        if self.lora_checkpoint is not None:
+        if self.lora_checkpoint is not None and self.lora_type != "lora":
             raise ConfigError(
-                f"{given}: --lora_checkpoint starts down/up LoRA matrices from a file; LyCORIS factors start from "
+                f"{given}: --lora_checkpoint starts down/up LoRA matrices from a file; other adapters start from "
                 "peft's initialisation (train with --lora_type lora to go on from a LoRA file)"
             )
 

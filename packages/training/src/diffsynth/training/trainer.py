@@ -991,14 +991,16 @@ def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> 
 
 
 def adapter_config(module: nn.Module, cfg: TrainConfig, targets: list[str]):
-    """peft's config for `--lora_type`: LoRA, or LyCORIS LoHa / LoKr (no dropout; their change starts at zero)."""
+    """peft's config for `--lora_type`: LoRA or DoRA, or LyCORIS LoHa / LoKr (no dropout; their change starts at
+    zero, a DoRA's magnitudes at the base weight's row norms)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     from diffsynth.runtime.quant import is_quantized_linear
 
     rank, alpha = cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank
-    if cfg.lora_type == "lora":
-        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    if cfg.lora_type in ("lora", "dora"):
+        use_dora = cfg.lora_type == "dora"
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=use_dora)
     packed = [name for name in targets if is_quantized_linear(module.get_submodule(name))]
     if packed:
         raise ConfigError(
