@@ -2,8 +2,8 @@
 
 `--task_options validation_ic_video=control.mp4` gives every validation sample its control video: the sample is the
 pipeline's own IC call (`in_context_videos`, at the factor the rows trained at), bit-equal frames and sound, and the
-control changes it. `first_frame=p` (Lightricks' `first_frame_conditioning_p`) makes one seeded draw per batch in
-`collate`; a conditioned batch is exactly the `first_frame=true` model call and loss mask, an unconditioned one the
+control changes it. `first_frame=p` (Lightricks' `first_frame_conditioning_p`) makes one draw per batch from the
+trainer's generator (`draw_choices`); a conditioned batch is exactly the `first_frame=true` model call and loss mask, an unconditioned one the
 plain call.
 """
 
@@ -90,24 +90,27 @@ def clip(seed: int) -> dict:
 
 
 def test_first_frame_probability_draws_per_batch(tiny_ltx2_pipe):
-    """`first_frame=0.5`: each collated batch carries one draw (all rows alike), seeded by torch's generator;
-    a conditioned batch's velocity and loss mask are `first_frame=true`'s, an unconditioned one's the plain
-    task's. About half the batches are conditioned; 0.0 and 1.0 draw nothing."""
+    """`first_frame=0.5`: each batch gets one draw (all rows alike) from the generator it is given, the same for
+    the same generator; a conditioned batch's velocity and loss mask are `first_frame=true`'s, an unconditioned
+    one's the plain task's. About half the batches are conditioned; 0.0 and 1.0 draw nothing."""
     pipe = tiny_ltx2_pipe
     p = LTX2TrainingTask(pipe, first_frame=0.5, max_sequence_length=MAX_LEN)
     always = LTX2TrainingTask(pipe, first_frame=True, max_sequence_length=MAX_LEN)
     never = LTX2TrainingTask(pipe, max_sequence_length=MAX_LEN)
     assert p.validation_references == "optional" and always.validation_references == "expected"
     samples = p.encode([clip(1), clip(2)])
-    torch.manual_seed(0)
-    draws = [p.collate(samples)["first_frame"] for _ in range(200)]
+    base = always.collate(samples)
+    assert "first_frame" not in p.collate(samples)  # drawn by the trainer, not in collate
+
+    def draw(task, seed):
+        return task.draw_choices(base, torch.Generator().manual_seed(seed))
+
+    draws = [draw(p, seed)["first_frame"] for seed in range(200)]
     assert all(d.shape == (2,) and d[0] == d[1] for d in draws)
     assert 70 < sum(bool(d[0]) for d in draws) < 130
-    torch.manual_seed(0)
-    assert [bool(d[0]) for d in draws] == [bool(p.collate(samples)["first_frame"][0]) for _ in range(200)]
-    assert "first_frame" not in always.collate(samples) and "first_frame" not in never.collate(samples)
+    assert [bool(d[0]) for d in draws] == [bool(draw(p, seed)["first_frame"][0]) for seed in range(200)]
+    assert draw(always, 0) == {} and draw(never, 0) == {}
 
-    base = always.collate(samples)
     noisy = torch.randn(base["latents"].shape, generator=torch.Generator().manual_seed(3))
     sigma = torch.tensor([0.6, 0.3])
     for drawn, reference in ((True, always), (False, never)):
@@ -116,7 +119,7 @@ def test_first_frame_probability_draws_per_batch(tiny_ltx2_pipe):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         torch.testing.assert_close(p.loss_mask(batch), reference.loss_mask(base), rtol=0, atol=0)
     assert (always.loss_mask(base)[:, :4] == 0).all() and (never.loss_mask(base)[:, :4] > 0).all()
-    with pytest.raises(ConfigError, match="first_frame=0.5 draws per batch in collate"):
+    with pytest.raises(ConfigError, match=r"first_frame=0.5 draws per batch \(draw_choices"):
         p.loss_mask(base)
     for bad in (1.5, -0.1, "yes", 2):
         with pytest.raises(ConfigError, match="is not accepted; use true, false or a probability"):

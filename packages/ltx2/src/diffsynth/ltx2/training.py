@@ -53,8 +53,9 @@ one, the DiT sees it at timestep 0 token by token (`ltx2_velocity`'s `denoise_ma
 `first_frame_conditioning_p` = 1. `first_frame=0.1` is their probability (the default of their
 `text_to_video` and `video_to_video` strategies, so an IC-LoRA or a text-to-video LoRA also learns to continue
 a given first frame): as in their trainer, one draw per batch decides whether all its clips train from their
-first frame, made in `collate` from torch's generator (which the trainer seeds with `--seed`) and carried as
-the batch's `"first_frame"` rows, so `velocity` and `loss_mask` agree. Validation samples take their first frame
+first frame, made by `draw_choices` from the generator the trainer keys by the micro-batch (so DDP and gradient
+accumulation draw alike, and a resumed run draws as an uninterrupted one) and carried as the batch's
+`"first_frame"` rows, so `velocity` and `loss_mask` agree (a teacher's negative batch takes the same rows). Validation samples take their first frame
 from `--validation_images` (expected with `first_frame=true`, optional otherwise). One-frame clips train as
 text-to-image.
 
@@ -187,6 +188,8 @@ class LTX2TrainingTask(PipelineTrainingTask):
     # a batch of clips without sound skips the audio->video attentions, whose weights then get no gradient
     # (DiffSynth-Studio's video-only LTX-2 recipe passes --find_unused_parameters for the same reason)
     ddp_find_unused_parameters: ClassVar[bool] = True
+    # the batch entries `draw_choices` draws (copied onto a teacher's negative batch)
+    batch_choices: ClassVar[tuple[str, ...]] = ("first_frame",)
 
     def __init__(
         self,
@@ -450,12 +453,18 @@ class LTX2TrainingTask(PipelineTrainingTask):
                     "and frame rate (--num_frames, --height/--width, a frame_rate column), or use --batch_size 1"
                 )
         batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-        if 0.0 < self.first_frame_p < 1.0:  # the authors' one draw per batch (torch's generator: --seed seeds it)
-            batch["first_frame"] = (torch.rand(()) < self.first_frame_p).expand(len(samples)).clone()
         self.scheduler.tokens = int(torch.prod(samples[0]["video_shape"]))
         frames = (int(samples[0]["video_shape"][0]) - 1) * self.temporal_compression + 1
         self.clip = {"num_frames": frames, "frame_rate": float(samples[0]["frame_rate"][0])}
         return batch
+
+    def draw_choices(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """With a first-frame probability, the authors' one draw per batch: whether all its rows train from their
+        first frame (`"first_frame"`, one bool per row); nothing otherwise."""
+        if not 0.0 < self.first_frame_p < 1.0:
+            return {}
+        drawn = torch.rand((), generator=generator) < self.first_frame_p
+        return {"first_frame": drawn.expand(batch["latents"].shape[0]).clone()}
 
     def velocity(
         self, dit: nn.Module, batch: Mapping[str, Any], noisy_latents: torch.Tensor, sigma: torch.Tensor
@@ -514,7 +523,8 @@ class LTX2TrainingTask(PipelineTrainingTask):
         if rows is None:
             if self.first_frame_p < 1.0:
                 raise ConfigError(
-                    f"first_frame={self.first_frame} draws per batch in collate; this batch has no draw (collate it)"
+                    f"first_frame={self.first_frame} draws per batch (draw_choices, which the trainer calls); this "
+                    "batch has no draw"
                 )
             return torch.ones(batch["latents"].shape[0], dtype=torch.bool)
         rows = rows.bool().cpu()

@@ -227,11 +227,11 @@ def dmd_loss(generated: torch.Tensor, fake_x0: torch.Tensor, teacher_x0: torch.T
     return 0.5 * (generated.float() - target.float()).pow(2).mean()
 
 
-def negative_batch(run, items: list[dict]) -> dict[str, Any] | None:
+def negative_batch(run, items: list[dict], positive: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The batch's rows encoded again with `--dmd2_negative_prompt` in place of their prompts (the teacher's
     unconditional branch); None when the teacher runs without CFG."""
     cfg = run.config
-    return negative_rows_batch(run, items, cfg.dmd2_negative_prompt, cfg.dmd2_teacher_cfg_scale)
+    return negative_rows_batch(run, items, cfg.dmd2_negative_prompt, cfg.dmd2_teacher_cfg_scale, positive)
 
 
 def hidden_features(run, batch: dict[str, Any], noisy: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
@@ -332,7 +332,7 @@ def dmd2_step(run, state, group: list[list[dict]]):
     step (counting from the first), the fake score's every step."""
     from diffsynth.training.distributed import PreparedDenoiser
 
-    from .trainer import micro_batch_noise, prepare_batch
+    from .trainer import draw_batch_choices, micro_batch_noise, prepare_batch
 
     acc, cfg, dmd = run.accelerator, run.config, run.dmd2
     update = state.step % cfg.dmd2_student_update_freq == 0
@@ -340,9 +340,9 @@ def dmd2_step(run, state, group: list[list[dict]]):
     student = PreparedDenoiser(run.model, acc.unwrap_model(run.model)) if update else acc.unwrap_model(run.model)
     dmd_losses, fake_losses, judge_losses = [], [], []
     for k, items in enumerate(group):
-        batch = prepare_batch(run, items)
-        negative = negative_batch(run, items) if update else None
         index = (state.batches_done + k) * acc.num_processes + acc.process_index
+        batch = draw_batch_choices(run, prepare_batch(run, items), state.epoch, index)
+        negative = negative_batch(run, items, batch) if update else None
         # DDP reduces the student's gradients at the group's last backward pass (the others accumulate)
         sync = acc.no_sync(run.model) if k < len(group) - 1 else contextlib.nullcontext()
         with sync:

@@ -117,6 +117,11 @@ class TrainingTask(Protocol):
 # elements. For latents the model is given rather than asked for: Wan2.2-TI2V's clean first frame, which its
 # `velocity` puts in place of the noisy one. Without the method (or when it returns None) every element counts.
 #
+# Optional: `draw_choices(batch, generator) -> dict` and `batch_choices: ClassVar[tuple[str, ...]]`, the random
+# choices a task makes per batch (LTX-2's first-frame conditioning draw), drawn from `generator`, which the trainer
+# keys by the micro-batch (like its noise), and added to the batch under the `batch_choices` keys; a teacher's
+# negative batch (DMD2, trajectory imitation) is given the same entries.
+#
 # Optional: `conditioning: ClassVar[tuple[str, ...]]`, metadata columns of reference images (FLUX.1 Kontext's
 # "kontext_images", Qwen-Image-Edit's "edit_image"): the dataset reads them as file columns whatever
 # `--data_file_keys` says, one path or a JSON list of paths per row, each image at its own size (see `data.py`).

@@ -28,14 +28,19 @@ def lora_disabled(module: nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-def negative_rows_batch(run, items: list[dict], prompt: str, scale: float) -> dict[str, Any] | None:
+def negative_rows_batch(
+    run, items: list[dict], prompt: str, scale: float, positive: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The batch's rows encoded again with `prompt` in place of their prompts (the teacher's unconditional
-    branch), on the device; None when the teacher runs without CFG (`scale` 1)."""
+    branch), on the device, with the random choices drawn for the `positive` batch (the task's `batch_choices`
+    keys); None when the teacher runs without CFG (`scale` 1)."""
     from .trainer import prepare_batch
 
     if scale == 1:
         return None
-    return prepare_batch(run, [{**item, "prompt": prompt} for item in items])
+    negative = prepare_batch(run, [{**item, "prompt": prompt} for item in items])
+    drawn = {key: positive[key] for key in getattr(run.task, "batch_choices", ()) if key in (positive or {})}
+    return {**negative, **drawn}
 
 
 def guided_velocity(

@@ -343,6 +343,18 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(key % 2**63)
 
 
+def draw_batch_choices(run: Run, batch: dict[str, Any], epoch: int, index: int) -> dict[str, Any]:
+    """`batch` with the random choices a task makes per batch (its optional `draw_choices(batch, generator)`, e.g.
+    LTX-2's first-frame conditioning) drawn from a generator keyed by the micro-batch like its noise (another key:
+    the two streams stay independent), so DDP and gradient accumulation draw alike and resuming needs no state."""
+    draw = getattr(run.task, "draw_choices", None)
+    if not callable(draw):
+        return batch
+    key = ((run.config.seed % 2**31) * 1_000_003 + epoch) * 1_000_003 + index  # micro_batch_noise's key
+    key = (key * 6364136223846793005 + 1442695040888963407) % 2**63  # one LCG step away: another stream
+    return {**batch, **draw(batch, torch.Generator().manual_seed(key))}
+
+
 def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainState:
     """One optimizer step over `group`, a list of micro-batches (each a list of dataset items)."""
     acc, cfg = run.accelerator, run.config
@@ -354,8 +366,8 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     denoiser = PreparedDenoiser(run.model, acc.unwrap_model(run.model))
     losses = []
     for k, items in enumerate(group):
-        batch = prepare_batch(run, items)
         index = (state.batches_done + k) * acc.num_processes + acc.process_index  # batch_plan's order
+        batch = draw_batch_choices(run, prepare_batch(run, items), state.epoch, index)
         last = k == len(group) - 1
         sync = acc.no_sync(run.model) if not last else contextlib.nullcontext()
         with sync:

@@ -65,10 +65,10 @@ def grids(task, latent_shape, student_steps: int, teacher_steps: int) -> tuple[t
     return student, teacher
 
 
-def negative_batch(run, items: list[dict]) -> dict[str, Any] | None:
+def negative_batch(run, items: list[dict], positive: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The rows encoded with `--trajectory_negative_prompt` (the teacher's CFG branch); None at scale 1."""
     cfg = run.config
-    return negative_rows_batch(run, items, cfg.trajectory_negative_prompt, cfg.trajectory_teacher_cfg_scale)
+    return negative_rows_batch(run, items, cfg.trajectory_negative_prompt, cfg.trajectory_teacher_cfg_scale, positive)
 
 
 def teacher_trajectory(run, student: nn.Module, batch, negative, noise: torch.Tensor, sigmas: torch.Tensor):
@@ -90,7 +90,7 @@ def trajectory_loss(run, model: nn.Module, items: list[dict], batch: dict[str, A
     student, teacher = grids(task, x0.shape, cfg.trajectory_student_steps, cfg.trajectory_teacher_steps)
     noise = torch.randn(x0.shape, generator=rng).to(x0.device)
     unwrapped = run.accelerator.unwrap_model(run.model)  # the teacher's calls need no DDP
-    path = teacher_trajectory(run, unwrapped, batch, negative_batch(run, items), noise, teacher)
+    path = teacher_trajectory(run, unwrapped, batch, negative_batch(run, items, batch), noise, teacher)
     at = {round(float(s), 7): x for s, x in zip(teacher.tolist(), path, strict=True)}
     b, loss = x0.shape[0], 0.0
     for i in range(cfg.trajectory_student_steps):
