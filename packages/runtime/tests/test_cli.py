@@ -1,5 +1,6 @@
 """The `diffsynth` command: every command has a working --help, and errors are one clear line."""
 
+import json
 import subprocess
 import sys
 
@@ -111,6 +112,31 @@ def test_inspect_unknown_file_names_it(tmp_path, capsys):
     assert code == 0
     assert "mystery.safetensors" in out
     assert "parameter" in out
+
+
+def test_inspect_says_what_a_lora_file_holds(tmp_path, capsys):
+    path = tmp_path / "style.safetensors"
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "lora_unet_layers_0_attention_to_q.lora_down.weight": torch.randn(4, 8, generator=g),
+        "lora_unet_layers_0_attention_to_q.lora_up.weight": torch.randn(8, 4, generator=g),
+        "lora_unet_layers_0_attention_to_q.alpha": torch.tensor(2.0),
+        "lora_unet_layers_0_attention_to_k.lokr_w1": torch.randn(2, 2, generator=g),
+        "lora_unet_layers_0_attention_to_k.lokr_w2": torch.randn(4, 4, generator=g),
+        "lora_te1_text_model_encoder_layers_0_q_proj.lora_down.weight": torch.randn(4, 8, generator=g),
+        "lora_te1_text_model_encoder_layers_0_q_proj.lora_up.weight": torch.randn(8, 4, generator=g),
+    }
+    save_file(state, str(path))
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["lora"] == {
+        "adapter": {"LoRA": 1, "LoKr": 1},
+        "targets": 2,
+        "ranks": [4],
+        "alphas": [2.0],
+        "text_encoder_keys_skipped": 2,
+    }
+    assert "unrecognised" not in info
 
 
 def test_generate_needs_a_prompt_unless_the_pipeline_runs_its_own_cli(monkeypatch, capsys):

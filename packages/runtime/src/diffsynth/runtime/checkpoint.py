@@ -445,7 +445,11 @@ def describe_checkpoint(paths, *, specs=None) -> dict:
         found = recognise(meta, specs=specs, label=checkpoint_label(state.files))
     except UnknownModelError as exc:
         info["models"] = []
-        info["unrecognised"] = str(exc)
+        lora = _lora_description(state)
+        if lora is not None:  # a LoRA (or LyCORIS / DoRA) file: say what it holds instead
+            info["lora"] = lora
+        else:
+            info["unrecognised"] = str(exc)
         return info
     config_json = config_json_beside(state.files) if len(found) == 1 else None
     models = []
@@ -459,6 +463,17 @@ def describe_checkpoint(paths, *, specs=None) -> dict:
         models.append(entry)
     info["models"] = models
     return info
+
+
+def _lora_description(state) -> dict | None:
+    """`describe_lora` of a checkpoint that reads as a LoRA (its tensors loaded: LoRA files are small), else None."""
+    from .errors import LoRAError
+    from .lora import describe_lora, read_lora
+
+    try:
+        return describe_lora(read_lora({key: state[key] for key in state}, source=checkpoint_label(state.files)))
+    except LoRAError:
+        return None
 
 
 def checkpoint_label(files: Sequence[str]) -> str:

@@ -282,6 +282,32 @@ def _check_target(name: str, t: LoRATarget, origin: dict, source: str) -> None:
             )
 
 
+def describe_lora(lora: LoRAWeights) -> dict:
+    """What `diffsynth inspect` says about a LoRA file: its kinds of change, target count, ranks and alphas."""
+    kinds: dict[str, int] = {}
+    ranks: set[int] = set()
+    alphas: set[float] = set()
+    for target in lora.targets.values():
+        kind = "LoRA" if target.down is not None else None
+        if target.factors is not None:
+            kind = {"HadamardDelta": "LoHa", "KroneckerDelta": "LoKr"}.get(type(target.factors).__name__, "factored")
+        kind = kind or ("diff" if target.diff is not None else "bias (diff_b)")
+        kind = f"DoRA ({kind})" if target.magnitude is not None else kind
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if target.rank:
+            ranks.add(target.rank)
+        if target.alpha is not None:
+            alphas.add(target.alpha)
+    info: dict = {"adapter": kinds, "targets": len(lora.targets)}
+    if ranks:
+        info["ranks"] = sorted(ranks)
+    if alphas:
+        info["alphas"] = sorted(alphas)
+    if lora.skipped:
+        info["text_encoder_keys_skipped"] = len(lora.skipped)
+    return info
+
+
 # ----------------------------------------------------------------------------------- matching a model
 def resolve_lora(model: nn.Module, lora: LoRAWeights, key_map: KeyMap | None = None) -> LoRAWeights:
     """`lora` with every target renamed to a Linear of `model` and checked against its shapes.
