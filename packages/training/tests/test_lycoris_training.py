@@ -5,7 +5,6 @@ Integration: needs diffsynth-z-image installed (the `integration` nox session in
 """
 
 import math
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from diffsynth.runtime.errors import ConfigError  # noqa: E402
 from diffsynth.training.data import batch_plan  # noqa: E402
-from diffsynth.training.testing import load_module, tiny_config, write_caption_dataset  # noqa: E402
+from diffsynth.training.testing import first_losses, tiny_config  # noqa: E402
 from diffsynth.training.trainer import TrainState, save, setup, train_step  # noqa: E402
 from diffsynth.z_image import ZImagePipeline  # noqa: E402
 from diffsynth.z_image.pipeline import z_image_velocity  # noqa: E402
@@ -24,23 +23,8 @@ from diffsynth.z_image.pipeline import z_image_velocity  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-def _z_image_test_helpers():
-    return load_module(Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py", "z_image_tiny_repo")
-
-
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> Path:
-    return _z_image_test_helpers().build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image"))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    captions = _z_image_test_helpers().CAPTIONS
-    return write_caption_dataset(tmp_path_factory.mktemp("data"), [captions[i % 3] for i in range(4)], seed=1)
-
-
-def config(tiny_repo, dataset, output, **overrides):
-    return tiny_config(tiny_repo, "z_image", dataset, output, **{"learning_rate": 1e-3, **overrides})
+def config(repo, data, output, **overrides):
+    return tiny_config(repo, "z_image", data, output, **{"learning_rate": 1e-3, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -53,10 +37,12 @@ def config(tiny_repo, dataset, output, **overrides):
     ],
 )
 def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
-    tiny_repo, dataset, tmp_path, lora_type, settings, fields
+    z_image_repo, z_image_dataset, tmp_path, lora_type, settings, fields
 ):
     out = tmp_path / "out"
-    run = setup(config(tiny_repo, dataset, out, lora_type=lora_type, lora_formats=["diffsynth", "kohya"], **settings))
+    run = setup(
+        config(z_image_repo, z_image_dataset, out, lora_type=lora_type, lora_formats=["diffsynth", "kohya"], **settings)
+    )
     tag = {"loha": ".hada_", "lokr": ".lokr_", "dora": ".lora_"}[lora_type]
     assert run.trainable and all(tag in name for name in run.trainable)
     state = TrainState()
@@ -70,7 +56,7 @@ def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
     assert fields <= found <= fields | ({"lokr_w2"} if "lokr_w2_a" in fields else set())
     assert all(key.startswith("lora_unet_") for key in load_file(out / "step-000002.kohya.safetensors"))
 
-    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    pipe = ZImagePipeline.from_pretrained(str(z_image_repo), torch_dtype="float32", device="cpu")
     g = torch.Generator().manual_seed(3)
     latents, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([0.7])
     text = pipe.encode_prompt(["a red circle on a blue background"])
@@ -87,38 +73,33 @@ def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
         torch.testing.assert_close(z_image_velocity(pipe.dit, latents, sigma, text), trained, atol=1e-5, rtol=1e-5)
 
 
-def test_lycoris_flags_that_do_not_fit_are_named(tiny_repo, dataset, tmp_path):
+def test_lycoris_flags_that_do_not_fit_are_named(z_image_repo, z_image_dataset, tmp_path):
     with pytest.raises(ConfigError, match="--lora_type 'ia3': choose from lora, dora, loha, lokr"):
-        config(tiny_repo, dataset, tmp_path, lora_type="ia3").check()
+        config(z_image_repo, z_image_dataset, tmp_path, lora_type="ia3").check()
     with pytest.raises(ConfigError, match="--lora_type lokr is an adapter; --trainable_models"):
-        config(tiny_repo, dataset, tmp_path, lora_type="lokr", trainable_models=["dit"]).check()
+        config(z_image_repo, z_image_dataset, tmp_path, lora_type="lokr", trainable_models=["dit"]).check()
     with pytest.raises(ConfigError, match="--lora_type loha: --lora_checkpoint starts down/up"):
-        config(tiny_repo, dataset, tmp_path, lora_type="loha", lora_checkpoint="x.safetensors").check()
+        config(z_image_repo, z_image_dataset, tmp_path, lora_type="loha", lora_checkpoint="x.safetensors").check()
     with pytest.raises(ConfigError, match="--lokr_factor 0 must be"):
-        config(tiny_repo, dataset, tmp_path, lora_type="lokr", lokr_factor=0).check()
+        config(z_image_repo, z_image_dataset, tmp_path, lora_type="lokr", lokr_factor=0).check()
 
 
-def test_lycoris_on_a_4bit_model_is_refused_by_layer(tiny_repo, dataset, tmp_path):
+def test_lycoris_on_a_4bit_model_is_refused_by_layer(z_image_repo, z_image_dataset, tmp_path):
     pytest.importorskip("bitsandbytes")
     with pytest.raises(ConfigError, match=r"--lora_type lokr: \S+ is a 4-bit layer \(--quantize\)"):
-        setup(config(tiny_repo, dataset, tmp_path, lora_type="lokr", quantize=["dit=bitsandbytes_nf4"]))
-
-
-def _losses(cfg, steps: int = 2) -> tuple[list[float], object]:
-    run = setup(cfg)
-    state, losses = TrainState(), []
-    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:steps]:
-        state = train_step(run, state, [[run.dataset[i] for i in batch]])
-        losses.append(state.loss)
-    return losses, run
+        setup(config(z_image_repo, z_image_dataset, tmp_path, lora_type="lokr", quantize=["dit=bitsandbytes_nf4"]))
 
 
 @pytest.mark.parametrize("lora_type", ["dora", "loha", "lokr"])
-def test_lycoris_on_a_streamed_base_trains_exactly_as_on_a_resident_one(tiny_repo, dataset, tmp_path, lora_type):
+def test_lycoris_on_a_streamed_base_trains_exactly_as_on_a_resident_one(
+    z_image_repo, z_image_dataset, tmp_path, lora_type
+):
     """The VRAM manager may stream the base blocks under peft's LyCORIS layers (they read only the base weight's
     shape) and DoRA layers (they read the weight inside the forward, where the streamed block is present)."""
-    plain, resident = _losses(config(tiny_repo, dataset, tmp_path / "plain", lora_type=lora_type))
-    streamed, run = _losses(config(tiny_repo, dataset, tmp_path / "off", lora_type=lora_type, offload_models=["dit"]))
+    plain, resident = first_losses(config(z_image_repo, z_image_dataset, tmp_path / "plain", lora_type=lora_type))
+    streamed, run = first_losses(
+        config(z_image_repo, z_image_dataset, tmp_path / "off", lora_type=lora_type, offload_models=["dit"])
+    )
     from diffsynth.runtime.vram import vram_handle
 
     handle = vram_handle(run.task.models["dit"])

@@ -18,6 +18,7 @@ from diffsynth.training.checkpoint import list_checkpoints
 from diffsynth.training.config import TrainConfig
 from diffsynth.training.data import batch_plan
 from diffsynth.training.task import TrainingTask
+from diffsynth.training.testing import first_losses
 from diffsynth.training.trainer import TrainState, save, setup, train, train_step
 
 
@@ -235,15 +236,6 @@ def test_an_interrupted_save_leaves_no_partial_checkpoint(tmp_path, dataset, mon
 def test_setup_errors_name_the_flag(tmp_path, dataset, overrides, message):
     with pytest.raises(ConfigError, match=message):
         setup(toy_config(tmp_path, dataset, **overrides))
-
-
-def first_losses(config: TrainConfig, steps: int = 2) -> tuple[list[float], object]:
-    run = setup(config)
-    state, losses = TrainState(), []
-    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:steps]:
-        state = train_step(run, state, [[run.dataset[i] for i in batch]])
-        losses.append(state.loss)
-    return losses, run
 
 
 def test_fp8_base_stores_the_frozen_weights_in_fp8_and_trains_the_lora(tmp_path, dataset):

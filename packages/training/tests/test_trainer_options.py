@@ -12,6 +12,7 @@ from diffsynth.runtime.lora import load_lora
 from diffsynth.training import trainer
 from diffsynth.training.config import TrainConfig
 from diffsynth.training.data import batch_plan
+from diffsynth.training.testing import first_losses
 from diffsynth.training.trainer import TrainState, save, setup, train, train_step
 
 
@@ -138,15 +139,6 @@ def test_a_lora_started_from_a_file_computes_what_the_trained_lora_computed(tmp_
         toy_config(tmp_path, dataset, trainable_models=["denoiser"], lora_checkpoint=source).check()
 
 
-def first_losses(config: TrainConfig, steps: int = 3):
-    run = setup(config)
-    state, losses = TrainState(), []
-    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:steps]:
-        state = train_step(run, state, [[run.dataset[i] for i in batch]])
-        losses.append(state.loss)
-    return losses, run
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_offloaded_base_streams_its_blocks_and_trains_exactly_as_resident(tmp_path, dataset, checkpointing):
     """`--offload_models denoiser`: the frozen blocks are held by the VRAM manager and streamed in the forward and
@@ -154,8 +146,10 @@ def test_offloaded_base_streams_its_blocks_and_trains_exactly_as_resident(tmp_pa
     from diffsynth.runtime.vram import vram_handle
 
     settings = dict(use_gradient_checkpointing=checkpointing)
-    plain, resident = first_losses(toy_config(tmp_path, dataset, "plain", **settings))
-    streamed, run = first_losses(toy_config(tmp_path, dataset, "offload", offload_models=["denoiser"], **settings))
+    plain, resident = first_losses(toy_config(tmp_path, dataset, "plain", **settings), steps=3)
+    streamed, run = first_losses(
+        toy_config(tmp_path, dataset, "offload", offload_models=["denoiser"], **settings), steps=3
+    )
     handle = vram_handle(run.task.models["denoiser"])
     assert handle is not None and handle.plan.streamed and not handle.plan.resident
     assert all(not t.param.requires_grad for u in handle.units for t in u.targets)  # the LoRA stays out of it

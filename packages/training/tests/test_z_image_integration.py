@@ -39,30 +39,19 @@ def _z_image_test_helpers():
     return load_module(Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py", "z_image_tiny_repo")
 
 
-@pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> Path:
-    return _z_image_test_helpers().build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image"))
+def config(repo, data, output, **overrides) -> TrainConfig:
+    return tiny_config(repo, "z_image", data, output, **{"learning_rate": 1e-3, **overrides})
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    captions = _z_image_test_helpers().CAPTIONS
-    return write_caption_dataset(tmp_path_factory.mktemp("data"), [captions[i % 3] for i in range(4)], seed=1)
-
-
-def config(tiny_repo, dataset, output, **overrides) -> TrainConfig:
-    return tiny_config(tiny_repo, "z_image", dataset, output, **{"learning_rate": 1e-3, **overrides})
-
-
-def test_lora_training_gives_a_lora_the_pipeline_applies_exactly(tiny_repo, dataset, tmp_path):
-    run = setup(config(tiny_repo, dataset, tmp_path / "out", lora_formats=["diffsynth", "kohya"]))
+def test_lora_training_gives_a_lora_the_pipeline_applies_exactly(z_image_repo, z_image_dataset, tmp_path):
+    run = setup(config(z_image_repo, z_image_dataset, tmp_path / "out", lora_formats=["diffsynth", "kohya"]))
     state = TrainState()
     for batch in batch_plan(run.dataset.buckets, batch_size=2):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss) and state.loss > 0
     save(run, state)
 
-    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    pipe = ZImagePipeline.from_pretrained(str(z_image_repo), torch_dtype="float32", device="cpu")
     base = pipe("a red circle on a blue background", seed=0, output_type="pt", **FAST)
     g = torch.Generator().manual_seed(3)
     latents, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([0.7])
@@ -76,20 +65,24 @@ def test_lora_training_gives_a_lora_the_pipeline_applies_exactly(tiny_repo, data
     assert (after - base).abs().max() > 1e-3  # the LoRA changes the image
 
 
-def test_cached_two_stage_training_equals_direct_training(tiny_repo, dataset, tmp_path):
-    runs = train_direct_and_cached(config(tiny_repo, dataset, tmp_path))
+def test_cached_two_stage_training_equals_direct_training(z_image_repo, z_image_dataset, tmp_path):
+    runs = train_direct_and_cached(config(z_image_repo, z_image_dataset, tmp_path))
     assert runs.state.step == 2
     assert_same_training(runs, step=2, atol=1e-6)
 
 
-def test_full_finetune_writes_official_weights_that_load_strictly(tiny_repo, dataset, tmp_path):
-    train(config(tiny_repo, dataset, tmp_path / "out", trainable_models=["dit"], max_steps=1, learning_rate=1e-3))
+def test_full_finetune_writes_official_weights_that_load_strictly(z_image_repo, z_image_dataset, tmp_path):
+    train(
+        config(
+            z_image_repo, z_image_dataset, tmp_path / "out", trainable_models=["dit"], max_steps=1, learning_rate=1e-3
+        )
+    )
     folder = tmp_path / "out" / "step-000001" / "dit"
     saved = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-    original = load_file(str(tiny_repo / "transformer" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(z_image_repo / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert saved.keys() == original.keys()  # the official (diffusers) key layout
     assert json.loads((folder / "config.json").read_text()) == json.loads(
-        (tiny_repo / "transformer" / "config.json").read_text()
+        (z_image_repo / "transformer" / "config.json").read_text()
     )
     assert any(not torch.equal(saved[k], original[k]) for k in saved)
 
@@ -98,28 +91,28 @@ def test_full_finetune_writes_official_weights_that_load_strictly(tiny_repo, dat
         assert torch.equal(value, saved[key]), key
     configs = [
         ModelConfig(path=str(folder / "diffusion_pytorch_model.safetensors")),
-        ModelConfig(path=str(tiny_repo / "vae" / "diffusion_pytorch_model.safetensors")),
-        ModelConfig(path=str(tiny_repo / "text_encoder" / "model.safetensors")),
+        ModelConfig(path=str(z_image_repo / "vae" / "diffusion_pytorch_model.safetensors")),
+        ModelConfig(path=str(z_image_repo / "text_encoder" / "model.safetensors")),
     ]
     tuned = ZImagePipeline.from_pretrained(
-        configs, tokenizer_config=ModelConfig(path=str(tiny_repo / "tokenizer")), torch_dtype="float32", device="cpu"
+        configs, tokenizer_config=ModelConfig(path=str(z_image_repo / "tokenizer")), torch_dtype="float32", device="cpu"
     )
-    base = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    base = ZImagePipeline.from_pretrained(str(z_image_repo), torch_dtype="float32", device="cpu")
     prompt = "a small green square in the top left corner"
     image, reference = tuned(prompt, seed=1, output_type="pt", **FAST), base(prompt, seed=1, output_type="pt", **FAST)
     assert image.shape == (1, 3, 64, 64) and (image - reference).abs().max() > 1e-4
 
 
-def test_validation_samples_are_the_pipeline_with_the_lora_in_training(tiny_repo, dataset, tmp_path):
+def test_validation_samples_are_the_pipeline_with_the_lora_in_training(z_image_repo, z_image_dataset, tmp_path):
     """The sample written at the last step is what the pipeline draws with the saved LoRA applied."""
     import numpy as np
     from PIL import Image
 
     size = {"validation_height": 32, "validation_width": 32, "validation_num_inference_steps": 2}
-    train(config(tiny_repo, dataset, tmp_path / "out", validation_prompts=["a red circle"], **size))
+    train(config(z_image_repo, z_image_dataset, tmp_path / "out", validation_prompts=["a red circle"], **size))
     drawn = np.asarray(Image.open(tmp_path / "out" / "validation" / "step-000002-0.png"))
 
-    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    pipe = ZImagePipeline.from_pretrained(str(z_image_repo), torch_dtype="float32", device="cpu")
     fast = {"seed": 0, "height": 32, "width": 32, "num_inference_steps": 2, "progress_bar": False}
     pictures = outputs_before_and_after_lora(
         pipe, str(tmp_path / "out" / "step-000002.safetensors"), "a red circle", **fast
@@ -131,7 +124,7 @@ def test_validation_samples_are_the_pipeline_with_the_lora_in_training(tiny_repo
 
 
 @pytest.mark.parametrize("preset", ["Tongyi-MAI/Z-Image", "Tongyi-MAI/Z-Image-Turbo"])
-def test_validation_samples_draw_with_the_presets_settings(tiny_repo, tmp_path, monkeypatch, preset):
+def test_validation_samples_draw_with_the_presets_settings(z_image_repo, tmp_path, monkeypatch, preset):
     """`--model Org/Name` expands to the preset's files; the task's pipeline keeps the preset's steps and
     guidance, so a Z-Image (base) LoRA is validated at 50 steps with CFG 5, not at Turbo's 9 without CFG."""
     import shutil
@@ -141,7 +134,7 @@ def test_validation_samples_draw_with_the_presets_settings(tiny_repo, tmp_path, 
     from diffsynth.z_image.presets import PRESETS
 
     base = tmp_path / "models"
-    shutil.copytree(tiny_repo, base / preset)
+    shutil.copytree(z_image_repo, base / preset)
     monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
     monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
     cfg = TrainConfig(model=preset, dataset_base_path=str(tmp_path), family="z_image", dtype="float32")
@@ -152,18 +145,18 @@ def test_validation_samples_draw_with_the_presets_settings(tiny_repo, tmp_path, 
     assert PRESETS["Tongyi-MAI/Z-Image"].defaults != PRESETS["Tongyi-MAI/Z-Image-Turbo"].defaults
 
 
-def test_direct_distillation_samples_as_the_pipeline_does(tiny_repo, tmp_path):
+def test_direct_distillation_samples_as_the_pipeline_does(z_image_repo, tmp_path):
     """`--task direct_distill` before any update: a row's few-step sample (its seed's noise, the task's schedule,
     the task's DiT call) is the latent `ZImagePipeline` decodes for that prompt, seed and step count at cfg 1."""
     from diffsynth.training.trainer import distill_plan, distill_sample, prepare_batch
 
     prompt = _z_image_test_helpers().CAPTIONS[0]
     data = write_caption_dataset(tmp_path / "data", [prompt], extra=[{"seed": 5, "num_inference_steps": 3}])
-    run = setup(config(tiny_repo, data, tmp_path / "out", task="direct_distill", batch_size=1))
+    run = setup(config(z_image_repo, data, tmp_path / "out", task="direct_distill", batch_size=1))
     items = [run.dataset[0]]
     with torch.no_grad():
         got = distill_sample(run, run.model, prepare_batch(run, items), distill_plan(run.config, items))
-    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    pipe = ZImagePipeline.from_pretrained(str(z_image_repo), torch_dtype="float32", device="cpu")
     decoded = []
     decode = pipe.vae.decode
     pipe.vae.decode = lambda z, **kw: (decoded.append(z.clone()), decode(z, **kw))[1]
@@ -173,7 +166,9 @@ def test_direct_distillation_samples_as_the_pipeline_does(tiny_repo, tmp_path):
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactly(tiny_repo, dataset, tmp_path):
+def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactly(
+    z_image_repo, z_image_dataset, tmp_path
+):
     """`--quantize dit=bitsandbytes_nf4` (QLoRA): the DiT's Linears load in NF4 and stay as they are, only the LoRA
     trains, and the pipeline with the same 4-bit DiT and the saved LoRA computes the trained model's velocity.
     DiffSynth-Studio's `--quant_options MODEL:METHOD/EXCLUDED` names the same thing by file."""
@@ -181,7 +176,7 @@ def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactl
     from diffsynth.runtime.errors import ConfigError
     from diffsynth.runtime.quant import is_quantized_linear, quantize_config
 
-    run = setup(config(tiny_repo, dataset, tmp_path / "out", quantize=["dit=bitsandbytes_nf4"]))
+    run = setup(config(z_image_repo, z_image_dataset, tmp_path / "out", quantize=["dit=bitsandbytes_nf4"]))
     dit = run.task.pipe.dit
     assert quantize_config(dit).method == "bitsandbytes_nf4"
     packed = {n: m.weight.detach().clone() for n, m in dit.named_modules() if is_quantized_linear(m)}
@@ -194,7 +189,7 @@ def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactl
     save(run, state)
 
     pipe = ZImagePipeline.from_pretrained(
-        str(tiny_repo), torch_dtype="float32", device="cpu", quantize={"dit": "bitsandbytes_nf4"}
+        str(z_image_repo), torch_dtype="float32", device="cpu", quantize={"dit": "bitsandbytes_nf4"}
     )
     g = torch.Generator().manual_seed(3)
     latents, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([0.7])
@@ -206,9 +201,9 @@ def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactl
         torch.testing.assert_close(z_image_velocity(pipe.dit, latents, sigma, text), trained, atol=1e-5, rtol=1e-5)
     assert (trained - before).abs().max() > 1e-4
 
-    transformer = str(tiny_repo / "transformer" / "diffusion_pytorch_model.safetensors")
-    files = [transformer, *(str(tiny_repo / f) for f in ("vae/diffusion_pytorch_model.safetensors", "text_encoder"))]
-    dss = config(tiny_repo, dataset, tmp_path / "dss", tokenizer_path=str(tiny_repo / "tokenizer"))
+    transformer = str(z_image_repo / "transformer" / "diffusion_pytorch_model.safetensors")
+    files = [transformer, *(str(z_image_repo / f) for f in ("vae/diffusion_pytorch_model.safetensors", "text_encoder"))]
+    dss = config(z_image_repo, z_image_dataset, tmp_path / "dss", tokenizer_path=str(z_image_repo / "tokenizer"))
     dss = replace(dss, model=None, model_paths=files, quant_options=f"{transformer}:bitsandbytes_nf4/t_embedder.mlp.0")
     by_file = setup(dss)
     linears = [
@@ -217,8 +212,16 @@ def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactl
     assert quantize_config(by_file.task.pipe.dit).exclude_modules == ["t_embedder.mlp.0"]
     assert sum(not is_quantized_linear(m) for m in linears) >= 1  # the excluded layer stays plain
     with pytest.raises(ConfigError, match="--quantize dit=bitsandbytes_nf4: dit is trained in full"):
-        setup(config(tiny_repo, dataset, tmp_path / "x", quantize=["dit=bitsandbytes_nf4"], trainable_models=["dit"]))
+        setup(
+            config(
+                z_image_repo,
+                z_image_dataset,
+                tmp_path / "x",
+                quantize=["dit=bitsandbytes_nf4"],
+                trainable_models=["dit"],
+            )
+        )
     with pytest.raises(ConfigError, match="--quant_options 'nowhere:bitsandbytes_nf4': 'nowhere' is none of"):
-        setup(config(tiny_repo, dataset, tmp_path / "y", quant_options="nowhere:bitsandbytes_nf4"))
+        setup(config(z_image_repo, z_image_dataset, tmp_path / "y", quant_options="nowhere:bitsandbytes_nf4"))
     with pytest.raises(ConfigError, match="--quantize vae=int3: QuantizeConfig method='int3' is not supported"):
-        setup(config(tiny_repo, dataset, tmp_path / "z", quantize=["vae=int3"]))
+        setup(config(z_image_repo, z_image_dataset, tmp_path / "z", quantize=["vae=int3"]))

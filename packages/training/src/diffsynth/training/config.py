@@ -412,12 +412,12 @@ class TrainConfig:
             raise ConfigError(f"--lora_type {self.lora_type!r}: choose from {', '.join(LORA_TYPES)}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"--lokr_factor {self.lokr_factor} must be a positive size, or -1 (automatic)")
-        if self.lora_type in ("lora", "dora") and self.lora_checkpoint is None:
+        if self.lora_type == "lora":
             return
         given = "--lora_type " + self.lora_type
         if self.trainable_models:
             raise ConfigError(f"{given} is an adapter; --trainable_models trains the weights in full. Give one")
-        if self.lora_checkpoint is not None and self.lora_type != "lora":
+        if self.lora_checkpoint is not None:
             raise ConfigError(
                 f"{given}: --lora_checkpoint starts down/up LoRA matrices from a file; other adapters start from "
                 "peft's initialisation (train with --lora_type lora to go on from a LoRA file)"

@@ -130,6 +130,20 @@ def train_and_log(config: TrainConfig) -> tuple[Any, list[float]]:
     return state, logged_losses(config.output_path)
 
 
+def first_losses(config: TrainConfig, steps: int = 2, batch_size: int = 2) -> tuple[list[float], Any]:
+    """The losses of the first `steps` steps of `config` (one micro-batch of `batch_size` a step, in `batch_plan`'s
+    order), trained in this process by `train_step`, and the `Run` (its model, trainable weights, task)."""
+    from diffsynth.training.data import batch_plan
+    from diffsynth.training.trainer import TrainState, setup, train_step
+
+    run = setup(config)
+    state, losses = TrainState(), []
+    for batch in batch_plan(run.dataset.buckets, batch_size=batch_size)[:steps]:
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        losses.append(state.loss)
+    return losses, run
+
+
 def assert_overfits(state: Any, curve: Sequence[float], steps: int, last: int) -> None:
     """The run took `steps` steps, logged each, and the mean loss of its `last` steps is under half the first's."""
     assert state.step == steps and len(curve) == steps
