@@ -1,6 +1,7 @@
 """The `diffsynth` command: every command has a working --help, and errors are one clear line."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -162,6 +163,91 @@ def test_generate_needs_a_prompt_unless_the_pipeline_runs_its_own_cli(monkeypatc
     assert "--prompt is required: what Plain should make" in capsys.readouterr().err
     monkeypatch.setattr(cli, "_pipeline_class", lambda model: OwnCli)
     assert main(["generate", "--model", "x", "--input-video", "clip.mp4", "--device", "cpu"]) == 0
+
+
+class Recorder:
+    """A picture pipeline that records its calls and draws a picture of its seed (so files tell calls apart)."""
+
+    defaults: dict = {}
+    loads = 0
+    calls: list = []
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        cls.loads += 1
+        return cls()
+
+    def step_caches(self):
+        return {}
+
+    def __call__(self, prompt, seed=None, negative_prompt=None, cfg_scale=None):
+        from PIL import Image
+
+        type(self).calls.append({"prompt": prompt, "seed": seed, "negative_prompt": negative_prompt, "cfg": cfg_scale})
+        return Image.new("RGB", (8, 8), (seed % 256, 0, 0))
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    from diffsynth.runtime import cli
+
+    Recorder.loads, Recorder.calls = 0, []
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: Recorder)
+    return Recorder
+
+
+def test_prompts_file_generates_each_row_with_the_model_loaded_once(recorder, tmp_path):
+    from PIL import Image
+
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"prompt": "a fox", "seed": 7}\n\n{"prompt": "a cat", "negative_prompt": "blur"}\n')
+    out = tmp_path / "out" / "pic.png"
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), "--num-images", "2"]
+    assert main([*args, "--seed", "3", "--cfg", "4", "--output", str(out)]) == 0
+    assert recorder.loads == 1
+    assert recorder.calls == [
+        {"prompt": "a fox", "seed": 7, "negative_prompt": None, "cfg": 4.0},
+        {"prompt": "a fox", "seed": 8, "negative_prompt": None, "cfg": 4.0},
+        {"prompt": "a cat", "seed": 3, "negative_prompt": "blur", "cfg": 4.0},
+        {"prompt": "a cat", "seed": 4, "negative_prompt": "blur", "cfg": 4.0},
+    ]
+    listing = [json.loads(line) for line in (tmp_path / "out" / "pic.jsonl").read_text().splitlines()]
+    assert [row["file"] for row in listing] == [f"pic_{i:04d}.png" for i in range(4)]
+    for row in listing:  # each file is the picture of its row's seed
+        assert Image.open(tmp_path / "out" / row["file"]).getpixel((0, 0))[0] == row["seed"]
+    assert listing[2] == {"file": "pic_0002.png", "prompt": "a cat", "seed": 3, "negative_prompt": "blur"}
+
+
+def test_text_prompts_file_and_num_images(recorder, tmp_path):
+    rows = tmp_path / "prompts.txt"
+    rows.write_text("# my prompts\na fox\n\na cat\n")
+    assert main(["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), "--output",
+                 str(tmp_path / "a.png")]) == 0  # fmt: skip
+    assert [(c["prompt"], c["seed"]) for c in recorder.calls] == [("a fox", 0), ("a cat", 0)]
+    recorder.calls.clear()
+    assert main(["generate", "--model", "x", "--device", "cpu", "--prompt", "a owl", "--num-images", "3",
+                 "--seed", "10", "--output", str(tmp_path / "b.png")]) == 0  # fmt: skip
+    assert [c["seed"] for c in recorder.calls] == [10, 11, 12]
+    assert sorted(p.name for p in tmp_path.glob("b_*.png")) == ["b_0000.png", "b_0001.png", "b_0002.png"]
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        ('{"prompt": "a", "steps": 3}\n', [], r"line 1: unknown keys \['steps'\]"),
+        ('{"seed": 3}\n', [], "line 1: no prompt"),
+        ("{oops\n", [], "line 1: not JSON"),
+        ("\n\n", [], "holds no prompts"),
+        ('{"prompt": "a"}\n', ["--prompt", "b"], "--prompt and --prompts-file both give the prompt"),
+        ('{"prompt": "a"}\n', ["--audio-only"], "--audio-only makes one output"),
+    ],
+)
+def test_bad_prompts_files_are_named_before_loading(recorder, tmp_path, capsys, content, extra, message):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(content)
+    assert main(["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), *extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert recorder.loads == 0
 
 
 def test_animate2_and_speed_flags_reach_the_pipeline(monkeypatch, tmp_path):

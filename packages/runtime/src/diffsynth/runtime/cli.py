@@ -48,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=None, help="number of denoising steps (preset default)")
     gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (preset default)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help="many generations with the model loaded once: a .txt of prompts (one a line; # comments) or a .jsonl "
+        "of rows {prompt, seed?, negative_prompt?}; outputs OUTPUT_0000.png, ... and OUTPUT.jsonl listing them",
+    )
+    gen.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        metavar="N",
+        help="outputs per prompt, seeds --seed, --seed+1, ... (a row's own seed starts its run); with N > 1 the "
+        "outputs are numbered as with --prompts-file",
+    )
     gen.add_argument("--input-image", default=None, help="image-to-image: the starting image")
     gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
     gen.add_argument(
@@ -308,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="[SLOT=]METHOD",
-        help="store a model's Linears in 4 bits: bitsandbytes_nf4 or bitsandbytes_fp4, for the DiT (slot 'dit') "
-        "or the slot named (repeatable; needs pip install bitsandbytes)",
+        help="store a model's Linears quantized: bitsandbytes_nf4 or bitsandbytes_fp4 (4-bit), torchao_int8_w8a16 "
+        "or torchao_fp8_w8a16 (8-bit), for the DiT (slot 'dit') or the slot named (repeatable; needs the 'quant' "
+        "extra: bitsandbytes, torchao)",
     )
     gen.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     gen.add_argument(
@@ -530,7 +546,11 @@ def _generate(args) -> int:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cls = _pipeline_class(args.model)
     inserting = args.insert_anything_source_image is not None  # Insert Anything reads no prompt
-    if args.prompt is None and not hasattr(cls, "run_cli") and not inserting:  # (HDR: pre-computed embeddings)
+    jobs = generation_jobs(args)  # a prompts file is read (and checked) before any model loads
+    single = [f for f, on in (("--audio-only", args.audio_only), ("--dub-video", args.dub_video)) if on]
+    if single and (len(jobs) > 1 or args.prompts_file is not None):
+        raise ConfigError(f"{single[0]} makes one output: leave out --prompts-file / --num-images")
+    if args.prompt is None and not hasattr(cls, "run_cli") and not inserting and args.prompts_file is None:
         raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
     options = {"quantize": quantize_options(args.quantize)} if args.quantize else {}
     pipe = cls.from_pretrained(
@@ -644,9 +664,69 @@ def _generate(args) -> int:
     output = Path(args.output or ("output.mp4" if makes_video else "output.png"))
     if makes_video and output.suffix.lower() != ".mp4":
         raise ConfigError(f"{type(pipe).__name__} makes videos: --output must name an .mp4 file, not {output}")
-    result = pipe(prompt=args.prompt, seed=args.seed, **options)
-    if parallel and int(os.environ.get("RANK", 0)) != 0:
-        return 0  # every rank holds the same result; rank 0 writes it
+    writes = not parallel or int(os.environ.get("RANK", 0)) == 0  # every rank holds the same result; rank 0 writes
+    if len(jobs) == 1 and args.prompts_file is None:
+        result = pipe(prompt=args.prompt, seed=args.seed, **options)
+        return _write_result(pipe, args, result, output, makes_video) if writes else 0
+    manifest = []
+    for i, job in enumerate(jobs):
+        path = output.with_name(f"{output.stem}_{i:04d}{output.suffix}")
+        result = pipe(**{**options, **job})
+        if writes:
+            _write_result(pipe, args, result, path, makes_video)
+            manifest.append({"file": path.name, **{k: v for k, v in job.items()}})
+    if writes:
+        listing = output.with_suffix(".jsonl")
+        listing.write_text("".join(json.dumps(row) + "\n" for row in manifest))
+        logger.info("wrote %d outputs and %s", len(manifest), listing)
+    return 0
+
+
+def generation_jobs(args) -> list[dict]:
+    """The (prompt, seed[, negative_prompt]) of each generation `--prompts-file` / `--num-images` ask for, in order;
+    a bad file or row is an error naming it."""
+    from .errors import ConfigError
+
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images {args.num_images} must be >= 1")
+    if args.prompts_file is None:
+        return [{"prompt": args.prompt, "seed": args.seed + n} for n in range(args.num_images)]
+    if args.prompt is not None:
+        raise ConfigError("--prompt and --prompts-file both give the prompt: use one")
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"--prompts-file {path} does not exist")
+    rows: list[dict] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
+            continue
+        if path.suffix != ".jsonl":
+            rows.append({"prompt": line})
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--prompts-file {path}, line {number}: not JSON ({exc})") from None
+        unknown = sorted(set(row) - {"prompt", "seed", "negative_prompt"}) if isinstance(row, dict) else None
+        if unknown is None or "prompt" not in row or unknown:
+            what = f"unknown keys {unknown}" if unknown else "no prompt"
+            raise ConfigError(
+                f"--prompts-file {path}, line {number}: {what}; a row is {{prompt, seed?, negative_prompt?}}"
+            )
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"--prompts-file {path} holds no prompts")
+    jobs = []
+    for row in rows:
+        first = int(row.get("seed", args.seed))
+        extra = {"negative_prompt": row["negative_prompt"]} if "negative_prompt" in row else {}
+        jobs += [{"prompt": row["prompt"], "seed": first + n, **extra} for n in range(args.num_images)]
+    return jobs
+
+
+def _write_result(pipe, args, result, output: Path, makes_video: bool) -> int:
+    """Write one generation's result (a picture, pictures, frames, or frames with sound) to `output`."""
     for slot, cache in pipe.step_caches().items():
         kind = "TeaCache" if type(cache).__name__ == "TeaCache" else "first-block cache"
         logger.info("%s (%s): %d of %d model calls reused", kind, slot, cache.skipped, cache.calls)
