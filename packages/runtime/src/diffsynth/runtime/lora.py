@@ -288,10 +288,12 @@ def describe_lora(lora: LoRAWeights) -> dict:
     ranks: set[int] = set()
     alphas: set[float] = set()
     for target in lora.targets.values():
-        kind = "LoRA" if target.down is not None else None
-        if target.factors is not None:
-            kind = {"HadamardDelta": "LoHa", "KroneckerDelta": "LoKr"}.get(type(target.factors).__name__, "factored")
-        kind = kind or ("diff" if target.diff is not None else "bias (diff_b)")
+        if target.down is not None:
+            kind = "LoRA"
+        elif isinstance(target.factors, (HadamardDelta, KroneckerDelta)):
+            kind = "LoHa" if isinstance(target.factors, HadamardDelta) else "LoKr"
+        else:
+            kind = "diff" if target.diff is not None else "bias (diff_b)"
         kind = f"DoRA ({kind})" if target.magnitude is not None else kind
         kinds[kind] = kinds.get(kind, 0) + 1
         if target.rank:
