@@ -611,8 +611,8 @@ def save_lora(
     - "kohya": `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
     `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format; a LoHa / LoKr change as its
     LyCORIS factors (`<key name>.hada_w1_a`, `.lokr_w1`, ..., `.alpha`), or, once placed on rows of a fused layer,
-    built in full as a `.diff`. Names should be resolved
-    (dotted, `resolve_lora`) for the first two."""
+    built in full as a `.diff`; a DoRA's magnitude as `.dora_scale`. Names should be resolved (dotted,
+    `resolve_lora`) for the first two."""
     from safetensors.torch import save_file
 
     lora = read_lora(lora_state)
