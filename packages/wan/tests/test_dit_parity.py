@@ -147,3 +147,73 @@ def test_flf2v_matches_diffusers_with_clip_positions():
         want = _reference_forward(reference, cfg.text_len, x, t, context, clip_feature=stacked, y=kwargs["y"])
     assert want.abs().max() > 0.1
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def _diffusers_lora(reference, seed: int, kohya: bool = False) -> dict[str, torch.Tensor]:
+    """A random rank-3 LoRA (alpha 6) on every Linear of diffusers' model, in its names: peft keys under
+    `transformer.`, or kohya keys (`lora_transformer_<underscored>.lora_down.weight` / `.alpha`)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in reference.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        down = torch.randn(3, module.in_features, generator=g) / module.in_features**0.5
+        up = 0.2 * torch.randn(module.out_features, 3, generator=g)
+        if kohya:
+            key = "lora_transformer_" + name.replace(".", "_")
+            state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+            state[f"{key}.alpha"] = torch.tensor(6.0)
+        else:  # peft without alpha keys: diffusers' loader takes scale 1 (alpha = rank)
+            state.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+    return state
+
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_lora_in_diffusers_names_matches_diffusers_load_lora_adapter(pairs, kind, fuse):
+    """A LoRA on every Linear in diffusers' module names: ours (renamed by `convert_wan_lora`) against diffusers'
+    own `load_lora_adapter` on the same weights."""
+    import copy
+
+    pytest.importorskip("peft")
+    from diffsynth.runtime.lora import apply_lora, read_lora
+    from diffsynth.wan.lora import convert_wan_lora
+
+    ours, reference = (copy.deepcopy(m) for m in pairs[kind])
+    state = _diffusers_lora(reference, seed=4)
+    reference.load_lora_adapter(dict(state), adapter_name="test", prefix="transformer")
+    apply_lora(ours, convert_wan_lora(read_lora(state)), fuse=fuse)
+    (x, t, context), kwargs = T.inputs(kind, batch=2, size=(2, 4, 4), seed=6)
+    with torch.no_grad():
+        got = ours(x, t, context, **kwargs)
+        want = _reference_forward(reference, ours.config.text_len, x, t, context, **kwargs)
+        base = pairs[kind][0](x, t, context, **kwargs)
+    assert (want - base).abs().max() > 0.05  # the LoRA changes the output
+    diff = (got - want).abs().max().item()
+    assert diff <= 1e-4, f"{kind}: max abs diff {diff:.3g} vs diffusers with the LoRA"
+
+
+def test_kohya_keys_in_diffusers_names_equal_the_dotted_ones(pairs):
+    import copy
+
+    from diffsynth.runtime.lora import apply_lora, read_lora
+    from diffsynth.wan.lora import convert_wan_lora
+
+    ours, reference = pairs["t2v"]
+    dotted, underscored = copy.deepcopy(ours), copy.deepcopy(ours)
+    kohya = _diffusers_lora(reference, seed=5, kohya=True)
+    peft = {}
+    for key, value in kohya.items():  # the same LoRA as peft keys, alpha folded in
+        name = key.split(".")[0].removeprefix("lora_transformer_")
+        module = next(n for n, _ in reference.named_modules() if n.replace(".", "_") == name)
+        if key.endswith("lora_down.weight"):
+            peft[f"transformer.{module}.lora_A.weight"] = value
+        elif key.endswith("lora_up.weight"):
+            peft[f"transformer.{module}.lora_B.weight"] = value * 2.0  # alpha 6 / rank 3
+    apply_lora(underscored, convert_wan_lora(read_lora(kohya)))
+    apply_lora(dotted, convert_wan_lora(read_lora(peft)))
+    for (name, a), (_, b) in zip(underscored.state_dict().items(), dotted.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(ours.state_dict().values(), dotted.state_dict().values(), strict=True)
+    )

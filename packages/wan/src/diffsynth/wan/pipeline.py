@@ -557,18 +557,20 @@ class WanVideoPipeline(BasePipeline):
 
     # ------------------------------------------------------------------ checks
     def read_lora(self, path, slot: str = "dit"):
-        """The common LoRA layouts, and LongCat-Video's own (`longcat.longcat_lora_to_standard`: the authors'
-        `lora/cfg_step_lora.safetensors`; their refinement stage, which its other LoRA is for, is not implemented)."""
+        """The common LoRA layouts (diffusers' module names renamed to ours: `lora.convert_wan_lora`), and
+        LongCat-Video's own (`longcat.longcat_lora_to_standard`: the authors' `lora/cfg_step_lora.safetensors`; their
+        refinement stage, which its other LoRA is for, is not implemented)."""
         from diffsynth.runtime.lora import read_lora, read_lora_state
 
         from .longcat import is_longcat_lora, longcat_lora_to_standard
+        from .lora import convert_wan_lora
 
         if not isinstance(path, (str, os.PathLike, Mapping)):
-            return super().read_lora(path, slot)
+            return convert_wan_lora(super().read_lora(path, slot))
         state, source = read_lora_state(path)
         if is_longcat_lora(state):
             state = longcat_lora_to_standard(state, source)
-        return read_lora(state, source=source)
+        return convert_wan_lora(read_lora(state, source=source))
 
     def cli_options(self, options: dict) -> dict:
         """The `diffsynth generate` inputs under this pipeline's names, for Wan-Dancer (other DiTs: as given).
