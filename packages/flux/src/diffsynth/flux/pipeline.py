@@ -490,7 +490,30 @@ class FluxImagePipeline(BasePipeline):
                     "enable_vram_management (or before passing vram_limit / offload settings)"
                 )
             prepare_model(model, lora)
-        return super().apply_lora(lora, scale, fuse, slot, name)
+        result = super().apply_lora(lora, scale, fuse, slot, name)
+        self._apply_text_encoder_loras(source, scale, fuse, result or name)
+        return result
+
+    def _apply_text_encoder_loras(self, source, scale: float, fuse: bool, name: str | None) -> None:
+        """A DiT LoRA file's CLIP-L / T5 entries (`flux1/text_encoder_lora.py`) applied to those encoders, at the
+        same scale, fused or kept apart (under the DiT LoRA's name) like the DiT's part."""
+        from .flux1.text_encoder_lora import text_encoder_loras
+
+        for slot, lora in text_encoder_loras(source).items():
+            if getattr(self, slot, None) is None:
+                logger.warning("%s: no %s loaded; its %d LoRA layers there are left out", lora.source, slot, len(lora))
+                continue
+            super().apply_lora(lora, scale, fuse, slot, name)
+            logger.info("%s: applied to %s (%d layers)", lora.source, slot, len(lora))
+
+    def clear_loras(self, slot: str = "dit") -> None:
+        """As `BasePipeline.clear_loras`; for the DiT also the text encoders' unfused LoRAs (a file's CLIP / T5
+        part comes with its DiT part)."""
+        super().clear_loras(slot)
+        if slot == "dit":
+            for encoder in ("text_encoder_1", "text_encoder_2"):
+                if getattr(self, encoder, None) is not None:
+                    super().clear_loras(encoder)
 
     # ------------------------------------------------------------------ call
     @accepts_tea_cache
