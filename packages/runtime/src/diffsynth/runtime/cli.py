@@ -1,4 +1,4 @@
-"""The `diffsynth` command: generate, list-models, inspect.
+"""The `diffsynth` command: generate, list-models, inspect, score.
 
 Families are discovered through entry points and imported only when a command needs them, so
 `diffsynth --help` stays fast and knows exactly the families that are installed.
@@ -337,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins = commands.add_parser("inspect", help="say what a checkpoint file is: model, config, dtype, parameters")
     ins.add_argument("file", nargs="+", help="a checkpoint file, several shards, or a folder")
     ins.add_argument("--json", action="store_true", help="print JSON")
+
+    from .metrics.cli import add_score_parser
+
+    add_score_parser(commands)
     return parser
 
 
@@ -364,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "list-models":
             return _list_models()
+        if args.command == "score":
+            from .metrics.cli import run_score
+
+            return run_score(args)
         return _inspect(args)
     except DiffSynthError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,73 @@
+"""`diffsynth score`: an image-quality metric from the command line (one line per image, or the FID)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import ConfigError
+
+METRICS = {
+    "pickscore": "PickScoreMetric",
+    "clip": "CLIPMetric",
+    "hpsv2": "HPSv2Metric",
+    "aesthetic": "AestheticMetric",
+    "fid": "FIDMetric",
+}
+PROMPTED = ("pickscore", "clip", "hpsv2")
+
+
+def add_score_parser(commands) -> argparse.ArgumentParser:
+    """Register `score` on the `diffsynth` command's subparsers."""
+    score = commands.add_parser(
+        "score",
+        help="score images with an image-quality metric (PickScore, CLIP score, HPSv2, aesthetic, FID)",
+        description="Print one score per image (tab-separated after its path), or the FID of two image folders.",
+    )
+    score.add_argument("--metric", required=True, choices=sorted(METRICS), help="which metric")
+    score.add_argument("images", nargs="+", help="image files; for fid: REFERENCE_DIR GENERATED_DIR")
+    score.add_argument("--prompt", action="append", default=None, help="the prompt (one, or one per image)")
+    score.add_argument(
+        "--model-path", default=None, help="the metric's weights file (default: DiffSynth-Studio/ImageMetrics)"
+    )
+    score.add_argument("--processor-path", default=None, help="the folder of its processor (CLIP-based metrics)")
+    score.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    score.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    score.add_argument("--json", action="store_true", help="print JSON")
+    return score
+
+
+def run_score(args) -> int:
+    """Build the metric named by `--metric` and print its scores."""
+    from .. import metrics
+
+    name = args.metric
+    if name in PROMPTED and not args.prompt:
+        raise ConfigError(f"--metric {name} needs --prompt (one for every image, or one per image)")
+    if name not in PROMPTED and args.prompt:
+        raise ConfigError(f"--metric {name} takes no --prompt")
+    if name == "fid" and len(args.images) != 2:
+        raise ConfigError(f"--metric fid takes two folders, REFERENCE_DIR GENERATED_DIR; got {len(args.images)}")
+    options = {"device": args.device, "batch_size": args.batch_size}
+    if args.model_path:
+        options["model_config"] = args.model_path
+    if args.processor_path:
+        if name == "fid":
+            raise ConfigError("--metric fid takes no --processor-path")
+        options["processor_config"] = args.processor_path
+    metric = getattr(metrics, METRICS[name]).from_pretrained(**options)
+    if name == "fid":
+        value = metric.compute(*args.images)
+        print(json.dumps({"fid": value}) if args.json else f"{value:.6f}")
+        return 0
+    if name in PROMPTED:
+        prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+        scores = metric.compute(prompt, args.images)
+    else:
+        scores = metric.compute(args.images)
+    if args.json:
+        print(json.dumps({"metric": name, "scores": dict(zip(args.images, scores, strict=True))}))
+    else:
+        for path, value in zip(args.images, scores, strict=True):
+            print(f"{path}\t{value:.6f}")
+    return 0
