@@ -142,8 +142,8 @@ def test_clear_errors(monkeypatch):
         QuantizeConfig(method="bitsandbytes_nf4", backend_config_kwargs={"group_size": 32})
     with pytest.raises(ConfigError, match="blocksize=48"):
         QuantizeConfig(method="bitsandbytes_nf4", backend_config_kwargs={"blocksize": 48})
-    with pytest.raises(ConfigError, match="load_prequantized=True .* not supported yet"):
-        QuantizeConfig(method="bitsandbytes_nf4", load_prequantized=True)
+    with pytest.raises(ConfigError, match="load_prequantized=True\\) describes a checkpoint saved quantized"):
+        QuantizeConfig(method="bitsandbytes_nf4", load_prequantized=True).quantize_model(tiny())
     with pytest.raises(ConfigError, match="no nn.Linear of Tiny matches target_modules=\\['attn'\\]"):
         QuantizeConfig(method="bitsandbytes_nf4", target_modules=["attn"]).quantize_model(tiny())
     with pytest.raises(ConfigError, match="quantize must be a QuantizeConfig or a method name"):

@@ -207,11 +207,15 @@ class BasePipeline:
 
     def _load_into_slots(self, config: ModelConfig) -> None:
         from .loading import load_models
+        from .quant_io import load_prequantized, prequantized_config
 
         paths = weight_paths(config)
         fetch_companion_config(config)  # the loader reads config.json beside the weights
-        # load in the pipeline dtype: storage dtypes (fp8 with scales, disk) are the VRAM manager's job
-        loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu", roles=self.load_roles)
+        prequantized = prequantized_config(paths, config.quantize, _describe(config))  # a file saved quantized
+        if prequantized is not None:
+            loaded = load_prequantized(paths, prequantized, torch_dtype=self.torch_dtype, roles=self.load_roles)
+        else:  # in the pipeline dtype: storage dtypes (fp8 with scales, disk) are the VRAM manager's job
+            loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu", roles=self.load_roles)
         roles = {role: slot for slot, role in self.model_slots.items()}
         for item in loaded:
             slot = roles.get(item.role)
@@ -223,7 +227,9 @@ class BasePipeline:
             if getattr(self, slot) is not None:
                 logger.warning("%s replaces an earlier %s model", _describe(config), slot)
             module = item.module.eval().requires_grad_(False)
-            if config.quantize is not None:  # 4-bit Linears from here on (`quant.py`), rounded on the device
+            if prequantized is not None:
+                check_vram_keys(slot, prequantized, config.vram_config())
+            elif config.quantize is not None:  # quantized Linears from here on (`quant.py`), rounded on the device
                 check_vram_keys(slot, config.quantize, config.vram_config())
                 config.quantize.quantize_model(module, compute_device=self.device)
             setattr(self, slot, module)

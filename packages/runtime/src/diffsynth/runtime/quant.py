@@ -1,19 +1,28 @@
-"""Weight-only quantization of a model's Linear layers: NF4 / FP4 through bitsandbytes (QLoRA's storage).
+"""Weight-only quantization of a model's Linear layers: NF4 / FP4 through bitsandbytes, int8 / fp8 through torchao.
 
-`ModelConfig(..., quantize=QuantizeConfig(method="bitsandbytes_nf4"))` (DiffSynth-Studio's names) replaces the
-model's `nn.Linear` layers, once its weights are loaded, by bitsandbytes' `Linear4bit`: about 4.5 bits per
-weight in blocks of 64 with one absmax each, dequantized to the compute dtype inside each forward. That is
-bitsandbytes' job (its CUDA kernels, its CPU path), so it is an optional dependency (`pip install bitsandbytes`,
-or the `quant` extra). The quantized layers stay `nn.Linear` subclasses, differentiable with respect to their
-input: LoRAs attach to them (kept apart: a fused delta would be lost in the 4-bit rounding) and train on them.
+`ModelConfig(..., quantize=QuantizeConfig(method="bitsandbytes_nf4"))` (DiffSynth-Studio's names and fields)
+replaces the model's `nn.Linear` layers, once its weights are loaded, by quantized ones:
+
+- "bitsandbytes_nf4" / "bitsandbytes_fp4": bitsandbytes' `Linear4bit`, about 4.5 bits per weight in blocks of
+  64 with one absmax each, dequantized to the compute dtype inside each forward (QLoRA's storage);
+- "torchao_int8_w8a16" / "torchao_fp8_w8a16": torchao's `quantize_` with `Int8WeightOnlyConfig` /
+  `Float8WeightOnlyConfig`: the layer stays an `nn.Linear` whose weight is a torchao tensor subclass of the true
+  [out, in] shape, 8 bits per weight with one scale per output channel; activations stay in the compute dtype.
+
+The libraries do the work (their kernels, their CPU paths), so they are optional dependencies (the `quant`
+extra). The quantized layers are differentiable with respect to their input: LoRAs attach to them (kept apart:
+a fused delta would be lost in the rounding) and train on them. `MixedQuantizeConfig` gives disjoint layer sets
+different methods; `quant_io` saves quantized models and loads them back without a full-precision copy.
 
 Not the VRAM manager's fp8 storage (`offload_dtype="float8_e4m3fn"`): that keeps every unit's weights in 8 bits
-and streams them; this stores Linears in 4 bits for good. A quantized model moves between stages as a whole
-(its 4-bit weights are small); block streaming and disk offload do not apply to it (see `check_vram_keys`).
+and streams them; this stores chosen Linears quantized for good. A quantized model moves between stages as a
+whole; block streaming and disk offload do not apply to it (see `check_vram_keys`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,23 +34,46 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# method -> bitsandbytes' quant_type
-METHODS = {"bitsandbytes_nf4": "nf4", "bitsandbytes_fp4": "fp4"}
+# method -> what it stores
+METHODS = {
+    "bitsandbytes_nf4": "bitsandbytes NF4 weights (4-bit, blocks of 64)",
+    "bitsandbytes_fp4": "bitsandbytes FP4 weights (4-bit, blocks of 64)",
+    "torchao_int8_w8a16": "torchao int8 weights, one scale per output channel (Int8WeightOnlyConfig)",
+    "torchao_fp8_w8a16": "torchao float8 e4m3 weights, one scale per output channel (Float8WeightOnlyConfig)",
+}
+BNB_TYPES = {"bitsandbytes_nf4": "nf4", "bitsandbytes_fp4": "fp4"}
+TORCHAO_CONFIGS = {"torchao_int8_w8a16": "Int8WeightOnlyConfig", "torchao_fp8_w8a16": "Float8WeightOnlyConfig"}
+# DiffSynth-Studio's other names: activation quantization, int4 and microscaling formats need kernels (CUDA, recent
+# GPUs) that torchao does not run on the CPU this project is built and tested on
+NOT_SUPPORTED = (
+    "torchao_int4_w4a16",
+    "torchao_nvfp4_w4a16",
+    "torchao_int8_w8a8",
+    "torchao_fp8_w8a8",
+    "torchao_int4_w4a8",
+    "torchao_mxfp8_w8a8",
+    "torchao_mxfp4_w4a4",
+    "torchao_nvfp4_w4a4",
+    "comfy_kitchen_int8_w8a8",
+    "comfy_kitchen_fp8_w8a8",
+)
 MODES = ("dynamic", "dequant_once")
 BACKEND_OPTIONS = ("compress_statistics", "blocksize", "quant_storage")
 INSTALL_HINT = "pip install bitsandbytes (or the extra: pip install 'diffsynth-runtime[quant]')"
+TORCHAO_HINT = "pip install 'torchao>=0.16' (or the extra: pip install 'diffsynth-runtime[quant]')"
 
 
 @dataclass
 class QuantizeConfig:
     """Which Linear layers of one model to quantize, and how (DiffSynth-Studio's `QuantizeConfig` fields).
 
-    `method`: "bitsandbytes_nf4" (NF4, QLoRA's) or "bitsandbytes_fp4". `mode`: "dynamic" keeps the 4-bit layers
-    (dequantized per forward: the memory saving); "dequant_once" puts plain Linears back holding the rounded
-    weights (the quality of the format at full speed and full size). `target_modules` / `exclude_modules`:
-    module names; a Linear matches an entry when its dotted name equals it or ends with "." + it (None targets
-    every Linear). `backend_config_kwargs`: bitsandbytes' `compress_statistics` (default True: the absmax values
-    quantized again), `blocksize` (64) and `quant_storage` (torch.uint8)."""
+    `method`: one of `METHODS`. `mode`: "dynamic" keeps the quantized layers (dequantized per forward: the memory
+    saving); "dequant_once" puts plain Linears back holding the rounded weights (the quality of the format at full
+    speed and full size). `target_modules` / `exclude_modules`: module names; a Linear matches an entry when its
+    dotted name equals it or ends with "." + it (None targets every Linear). `backend_config_kwargs`: for
+    bitsandbytes `compress_statistics` (default True: the absmax values quantized again), `blocksize` (64) and
+    `quant_storage` (torch.uint8); for torchao the fields of its config class (e.g. Int8WeightOnlyConfig's
+    `group_size`). `load_prequantized`: the checkpoint holds this config's quantized layers (`quant_io`)."""
 
     method: str | None = None
     mode: str = "dynamic"
@@ -51,6 +83,11 @@ class QuantizeConfig:
     load_prequantized: bool = False
 
     def __post_init__(self) -> None:
+        if self.method in NOT_SUPPORTED:
+            raise ConfigError(
+                f"QuantizeConfig method={self.method!r} (activation quantization, int4 or microscaling formats) is "
+                f"not supported here; weight-only methods: {sorted(METHODS)}"
+            )
         if self.method not in METHODS:
             raise ConfigError(f"QuantizeConfig method={self.method!r} is not supported; methods: {sorted(METHODS)}")
         if self.mode not in MODES:
@@ -64,29 +101,28 @@ class QuantizeConfig:
             ):
                 raise ConfigError(f"QuantizeConfig {name} must be a list of module names, got {value!r}")
             setattr(self, name, None if value is None else list(value))
-        unknown = sorted(set(self.backend_config_kwargs) - set(BACKEND_OPTIONS))
-        if unknown:
+        if not isinstance(self.backend_config_kwargs, dict):
             raise ConfigError(
-                f"QuantizeConfig backend_config_kwargs {unknown} are not bitsandbytes options; it takes "
-                f"{list(BACKEND_OPTIONS)}"
+                f"QuantizeConfig backend_config_kwargs must be a dict, got {self.backend_config_kwargs!r}"
             )
-        blocksize = self.backend_config_kwargs.get("blocksize")
-        if blocksize is not None and (isinstance(blocksize, bool) or blocksize not in (32, 64, 128, 256, 512, 1024)):
-            raise ConfigError(f"QuantizeConfig blocksize={blocksize!r}: bitsandbytes takes 32, 64, ..., 1024")
-        if self.load_prequantized:
-            raise ConfigError(
-                "QuantizeConfig load_prequantized=True (a checkpoint saved quantized) is not supported yet: load the "
-                "original weights with load_prequantized=False and they are quantized as they load"
-            )
+        if self.method in BNB_TYPES:
+            _check_bnb_options(self.backend_config_kwargs)
+        else:
+            _check_torchao_options(self.method, self.backend_config_kwargs)
+        self.load_prequantized = bool(self.load_prequantized)
 
     @classmethod
-    def parse(cls, value: QuantizeConfig | str | None) -> QuantizeConfig | None:
-        """A `QuantizeConfig`, or a method name as shorthand (`quantize="bitsandbytes_nf4"`)."""
-        if value is None or isinstance(value, cls):
+    def parse(cls, value: QuantizeConfig | MixedQuantizeConfig | str | None) -> QuantizeConfig | None:
+        """A `QuantizeConfig` or `MixedQuantizeConfig`, or a method name as shorthand (`quantize="bitsandbytes_nf4"`)."""
+        if value is None or isinstance(value, (cls, MixedQuantizeConfig)):
             return value
         if isinstance(value, str):
             return cls(method=value.strip())
         raise ConfigError(f"quantize must be a QuantizeConfig or a method name {sorted(METHODS)}, got {value!r}")
+
+    @property
+    def configs(self) -> list[QuantizeConfig]:
+        return [self]
 
     def targets(self, model: nn.Module) -> list[str]:
         """The names of the Linear layers of `model` this config quantizes (in module order)."""
@@ -96,7 +132,8 @@ class QuantizeConfig:
 
         chosen = []
         for name, module in model.named_modules():
-            if type(module) is not nn.Linear:  # subclasses (fp8 matmul, already quantized) are left as they are
+            # subclasses (fp8 matmul, bitsandbytes) and torchao layers (already quantized) are left as they are
+            if type(module) is not nn.Linear or is_quantized_linear(module):
                 continue
             if self.target_modules is not None and not matches(name, self.target_modules):
                 continue
@@ -105,54 +142,161 @@ class QuantizeConfig:
             chosen.append(name)
         return chosen
 
+    def layer_methods(self, model: nn.Module) -> dict[str, QuantizeConfig]:
+        """Layer name -> the config that quantizes it."""
+        return dict.fromkeys(self.targets(model), self)
+
     def quantize_model(self, model: nn.Module, compute_device: str | torch.device | None = None) -> nn.Module:
         """Quantize the targeted Linears of `model` (weights loaded) in place, one layer at a time on
         `compute_device` (default: where the layer is; on a GPU the rounding runs there, fast), each layer left
         where it was. Returns `model`."""
-        bnb = _bitsandbytes()
-        names = self.targets(model)
-        if not names:
+        return _quantize_layers(self, model, self.layer_methods(model), compute_device)
+
+    def quantize_linear(self, linear: nn.Linear) -> nn.Module:
+        """One Linear quantized by this config's method and mode (a new module; `linear` may be consumed)."""
+        if self.method in BNB_TYPES:
+            bnb = _bitsandbytes()
+            layer = _bnb_linear(bnb, linear, BNB_TYPES[self.method], self.backend_config_kwargs)
+            layer = layer.to(linear.weight.device)  # bitsandbytes rounds here
+        else:
+            layer = _torchao_linear(self.method, linear, self.backend_config_kwargs)
+        return dequantized_linear(layer) if self.mode == "dequant_once" else layer
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (what a saved checkpoint records); torchao option objects as their repr."""
+        data = dataclasses.asdict(self)
+        data["backend_config_kwargs"] = {k: _jsonable(v) for k, v in self.backend_config_kwargs.items()}
+        return data
+
+
+@dataclass
+class MixedQuantizeConfig:
+    """Several `QuantizeConfig`s over disjoint layer sets of one model (DiffSynth-Studio's), e.g. int8 for the
+    precision-sensitive modulation layers and NF4 for the rest. All share one `mode`; `load_prequantized` is set
+    here, not on the parts. Accepted wherever a `QuantizeConfig` is."""
+
+    configs: list[QuantizeConfig] = field(default_factory=list)
+    load_prequantized: bool = False
+
+    def __post_init__(self) -> None:
+        parts = [QuantizeConfig.parse(c) for c in (self.configs or [])]
+        if not parts or any(not isinstance(c, QuantizeConfig) for c in parts):
             raise ConfigError(
-                f"QuantizeConfig({self.method}): no nn.Linear of {type(model).__name__} matches "
-                f"target_modules={self.target_modules} / exclude_modules={self.exclude_modules}"
+                f"MixedQuantizeConfig configs must be a non-empty list of QuantizeConfig, got {self.configs!r}"
             )
-        options = dict(self.backend_config_kwargs)
-        quant_type = METHODS[self.method]
-        for name in names:
-            linear = model.get_submodule(name)
-            home = linear.weight.device
-            device = torch.device(compute_device) if compute_device is not None else home
-            quantized = _quantized_linear(bnb, linear, quant_type, options).to(device)
-            if self.mode == "dequant_once":
-                quantized = _dequantized(bnb, quantized)
-            _replace(model, name, quantized.to(home))
-        logger.info("%s: %d Linear layers quantized (%s, %s)", type(model).__name__, len(names), self.method, self.mode)
-        model._diffsynth_quantize = self  # noqa: SLF001 - read by `quantize_config`
-        return model
+        modes = sorted({c.mode for c in parts})
+        if len(modes) > 1:
+            raise ConfigError(f"MixedQuantizeConfig configs must share one mode; got {modes}")
+        if any(c.load_prequantized for c in parts):
+            raise ConfigError("MixedQuantizeConfig: set load_prequantized on the MixedQuantizeConfig, not its configs")
+        self.configs = parts
+        self.load_prequantized = bool(self.load_prequantized)
+
+    @property
+    def method(self) -> str:
+        return "mixed(" + ", ".join(c.method for c in self.configs) + ")"
+
+    @property
+    def mode(self) -> str:
+        return self.configs[0].mode
+
+    def targets(self, model: nn.Module) -> list[str]:
+        chosen = self.layer_methods(model)
+        return [name for name, _ in model.named_modules() if name in chosen]
+
+    def layer_methods(self, model: nn.Module) -> dict[str, QuantizeConfig]:
+        """Layer name -> the part that quantizes it; a layer two parts match is refused by name."""
+        chosen: dict[str, QuantizeConfig] = {}
+        for config in self.configs:
+            for name in config.targets(model):
+                if name in chosen:
+                    raise ConfigError(
+                        f"MixedQuantizeConfig: layer {name!r} is matched by both {chosen[name].method} and "
+                        f"{config.method}; the configs' target_modules / exclude_modules must not overlap"
+                    )
+                chosen[name] = config
+        return chosen
+
+    def quantize_model(self, model: nn.Module, compute_device: str | torch.device | None = None) -> nn.Module:
+        """As `QuantizeConfig.quantize_model`, each layer by its part."""
+        return _quantize_layers(self, model, self.layer_methods(model), compute_device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"configs": [c.to_dict() for c in self.configs], "load_prequantized": self.load_prequantized}
 
 
-def quantize_config(model: nn.Module | None) -> QuantizeConfig | None:
+AnyQuantizeConfig = QuantizeConfig | MixedQuantizeConfig
+
+
+def config_from_dict(data: dict[str, Any]) -> AnyQuantizeConfig:
+    """The config `to_dict` wrote (as recorded in a saved checkpoint), for loading it: without its
+    backend_config_kwargs, which shaped the rounding and are carried by the packed tensors themselves."""
+
+    def part(fields: dict[str, Any]) -> QuantizeConfig:
+        return QuantizeConfig(**{**fields, "backend_config_kwargs": {}})
+
+    if "configs" in data:
+        return MixedQuantizeConfig(configs=[part(c) for c in data["configs"]], load_prequantized=True)
+    return part(data)
+
+
+def save_quantized_model(model_or_model_config, path, **options) -> str:
+    """`quant_io.save_quantized_model`, here too (DiffSynth-Studio imports it beside the configs)."""
+    from .quant_io import save_quantized_model as save
+
+    return save(model_or_model_config, path, **options)
+
+
+def quantize_config(model: nn.Module | None) -> AnyQuantizeConfig | None:
     """The config `model` was quantized with (None for a model that was not)."""
     return getattr(model, "_diffsynth_quantize", None)
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether `module` is a Linear whose weight is stored quantized (its `.weight` is packed, not [out, in])."""
+def layer_method(module: nn.Module) -> str | None:
+    """The method that stored `module`'s weight (None for a plain or fp8-matmul Linear)."""
     weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and getattr(weight, "quant_state", None) is not None
+    if not isinstance(module, nn.Linear) or weight is None:
+        return None
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        return f"bitsandbytes_{state.quant_type}"
+    kind = _torchao_kind(weight)
+    return {"Int8Tensor": "torchao_int8_w8a16", "Float8Tensor": "torchao_fp8_w8a16"}.get(kind, kind)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether `module` is a Linear whose weight is stored quantized (bitsandbytes' packed weight, or a torchao
+    tensor subclass): its weight cannot take a fused LoRA delta, `linear_weight` gives its float value."""
+    return layer_method(module) is not None
 
 
 def linear_weight(module: nn.Linear) -> torch.Tensor:
     """A Linear's [out, in] weight, dequantized for a quantized layer: for code that calls `F.linear` with the
     weight itself rather than the module."""
-    if not is_quantized_linear(module):
-        return module.weight
-    return _bitsandbytes().functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None:
+        return _bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state)
+    if _torchao_kind(weight) is not None:
+        return weight.dequantize()
+    return weight
 
 
-def check_vram_keys(slot: str, config: QuantizeConfig, vram_keys: dict[str, Any]) -> None:
+def dequantized_linear(layer: nn.Module) -> nn.Linear:
+    """A plain Linear holding `layer`'s rounded weights (mode "dequant_once"), in the layer's float dtype."""
+    if getattr(layer.weight, "quant_state", None) is not None:
+        weight = linear_weight(layer).to(layer.compute_dtype)
+    else:
+        weight = linear_weight(layer)
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = nn.Parameter(layer.bias.detach().to(weight.dtype), requires_grad=False)
+    return plain
+
+
+def check_vram_keys(slot: str, config: AnyQuantizeConfig, vram_keys: dict[str, Any]) -> None:
     """Refuse VRAM settings a quantized model cannot honour: fp8 storage or disk offload of its weights (they are
-    4-bit already, and not in the file's layout). Placement keys are fine: the model moves as a whole."""
+    quantized already, and not in the file's layout). Placement keys are fine: the model moves as a whole."""
     bad = {
         key: value
         for key, value in vram_keys.items()
@@ -167,6 +311,81 @@ def check_vram_keys(slot: str, config: QuantizeConfig, vram_keys: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------- internals
+def _quantize_layers(config, model: nn.Module, chosen: dict[str, QuantizeConfig], compute_device) -> nn.Module:
+    if config.load_prequantized:
+        raise ConfigError(
+            f"QuantizeConfig({config.method}, load_prequantized=True) describes a checkpoint saved quantized: give it "
+            "to the ModelConfig(path=..., quantize=...) of that file; a loaded model is quantized with "
+            "load_prequantized=False"
+        )
+    if not chosen:
+        raise ConfigError(
+            f"QuantizeConfig({config.method}): no nn.Linear of {type(model).__name__} matches "
+            + "; ".join(
+                f"target_modules={c.target_modules} / exclude_modules={c.exclude_modules}" for c in config.configs
+            )
+        )
+    for name, part in chosen.items():
+        linear = model.get_submodule(name)
+        home = linear.weight.device
+        if compute_device is not None:
+            linear = linear.to(torch.device(compute_device))
+        try:
+            quantized = part.quantize_linear(linear)
+        except ConfigError as exc:
+            raise ConfigError(f"{type(model).__name__} layer {name}: {exc}") from None
+        _replace(model, name, quantized.to(home))
+    logger.info(
+        "%s: %d Linear layers quantized (%s, %s)", type(model).__name__, len(chosen), config.method, config.mode
+    )
+    model._diffsynth_quantize = config  # noqa: SLF001 - read by `quantize_config`
+    return model
+
+
+def _check_bnb_options(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(BACKEND_OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"QuantizeConfig backend_config_kwargs {unknown} are not bitsandbytes options; it takes "
+            f"{list(BACKEND_OPTIONS)}"
+        )
+    blocksize = options.get("blocksize")
+    if blocksize is not None and (isinstance(blocksize, bool) or blocksize not in (32, 64, 128, 256, 512, 1024)):
+        raise ConfigError(f"QuantizeConfig blocksize={blocksize!r}: bitsandbytes takes 32, 64, ..., 1024")
+
+
+def _check_torchao_options(method: str, options: dict[str, Any]) -> None:
+    """Names torchao's config class does not have are refused (when torchao is installed: without it the
+    quantization itself says how to install it)."""
+    if not options:
+        return
+    try:
+        config_class = _torchao_config_class(method)
+    except ConfigError:
+        return
+    fields = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"QuantizeConfig backend_config_kwargs {unknown} are not fields of torchao's {config_class.__name__}; "
+            f"it takes {fields}"
+        )
+    if options.get("version", 2) != 2:
+        raise ConfigError(
+            f"QuantizeConfig backend_config_kwargs version={options['version']!r}: only torchao's version 2 tensors "
+            "(Int8Tensor / Float8Tensor) are supported"
+        )
+    _torchao_config(method, options)  # torchao's own checks of the values, now rather than at load
+
+
+def _torchao_config(method: str, options: dict[str, Any]):
+    config_class = _torchao_config_class(method)
+    try:
+        return config_class(**options)
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise ConfigError(f"QuantizeConfig({method}) backend_config_kwargs {options}: torchao says: {exc}") from None
+
+
 def _bitsandbytes():
     try:
         import bitsandbytes
@@ -175,50 +394,98 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def _quantized_linear(bnb, linear: nn.Linear, quant_type: str, options: dict) -> nn.Module:
+def _torchao_config_class(method: str):
+    try:
+        from torchao import quantization
+    except ImportError:
+        raise ConfigError(f"{method} needs the torchao package: {TORCHAO_HINT}") from None
+    return getattr(quantization, TORCHAO_CONFIGS[method])
+
+
+def _torchao_kind(weight) -> str | None:
+    """The torchao tensor subclass' name of a weight (None for any other tensor), without importing torchao."""
+    kind = type(weight)
+    if kind.__module__.startswith("torchao.") and hasattr(weight, "dequantize"):
+        return kind.__name__
+    return None
+
+
+def _check_float(weight: torch.Tensor, library: str) -> None:
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ConfigError(
+            f"{library} quantizes float16/bfloat16/float32 weights; a {weight.dtype} Linear "
+            f"({tuple(weight.shape)}) cannot be quantized: load the model in one of those dtypes"
+        )
+
+
+def _torchao_linear(method: str, linear: nn.Linear, options: dict) -> nn.Linear:
+    """A new nn.Linear whose weight is torchao's quantized tensor of `linear`'s weight."""
+    config = _torchao_config(method, options)
+    from torchao.quantization import quantize_
+
+    weight = linear.weight.detach()
+    _check_float(weight, "torchao")
+    layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    try:
+        quantize_(layer, config)
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"{method} cannot quantize a Linear({linear.in_features}, {linear.out_features}) with "
+            f"backend_config_kwargs {options}: torchao says: {exc}"
+        ) from None
+    return layer.requires_grad_(False)
+
+
+def _bnb_linear(bnb, linear: nn.Linear, quant_type: str, options: dict) -> nn.Module:
     """A `Linear4bit` holding `linear`'s weight, not yet rounded: bitsandbytes rounds it when it is moved to a
     device (`.to`)."""
     weight = linear.weight.detach()
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ConfigError(
-            f"bitsandbytes quantizes float16/bfloat16/float32 weights; a {weight.dtype} Linear "
-            f"({tuple(weight.shape)}) cannot be quantized: load the model in one of those dtypes"
-        )
-    storage = options.get("quant_storage", torch.uint8)
-    compress = options.get("compress_statistics", True)
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=weight.dtype,
-        compress_statistics=compress,
-        quant_type=quant_type,
-        quant_storage=storage,
-        device="meta",
+    _check_float(weight, "bitsandbytes")
+    layer = bnb_shell(
+        bnb, linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, quant_type, options
     )
+    compress = options.get("compress_statistics", True)
     layer.weight = bnb.nn.Params4bit(
-        weight.cpu() if weight.device.type == "meta" else weight,
+        weight,
         requires_grad=False,
         blocksize=options.get("blocksize") or 64,
         compress_statistics=compress,
         quant_type=quant_type,
-        quant_storage=storage,
+        quant_storage=options.get("quant_storage", torch.uint8),
         module=layer,
     )
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-    layer.requires_grad_(False)
     return layer
 
 
-def _dequantized(bnb, layer: nn.Module) -> nn.Linear:
-    """A plain Linear holding `layer`'s rounded weights (mode "dequant_once")."""
-    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    plain.weight = nn.Parameter(weight, requires_grad=False)
-    if layer.bias is not None:
-        plain.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
-    return plain
+def bnb_shell(bnb, in_features, out_features, bias, compute_dtype, quant_type, options) -> nn.Module:
+    """An empty `Linear4bit` (on meta) to put packed weights in."""
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=compute_dtype,
+        compress_statistics=options.get("compress_statistics", True),
+        quant_type=quant_type,
+        quant_storage=options.get("quant_storage", torch.uint8),
+        device="meta",
+    )
+    # bitsandbytes repacks the weight in place on the first CPU forward in eval mode (AVX512-BF16 machines), which
+    # fails for layers narrower than a block and makes eval and train forwards differ: one path everywhere
+    layer.support_avx512bf16_for_cpu = False
+    return layer.requires_grad_(False)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -228,9 +495,13 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 __all__ = [
     "METHODS",
+    "MixedQuantizeConfig",
     "QuantizeConfig",
     "check_vram_keys",
+    "dequantized_linear",
     "is_quantized_linear",
+    "layer_method",
     "linear_weight",
     "quantize_config",
+    "save_quantized_model",
 ]
