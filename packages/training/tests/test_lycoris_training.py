@@ -86,7 +86,7 @@ def test_lycoris_flags_that_do_not_fit_are_named(z_image_repo, z_image_dataset, 
 
 def test_lycoris_on_a_4bit_model_is_refused_by_layer(z_image_repo, z_image_dataset, tmp_path):
     pytest.importorskip("bitsandbytes")
-    with pytest.raises(ConfigError, match=r"--lora_type lokr: \S+ is a 4-bit layer \(--quantize\)"):
+    with pytest.raises(ConfigError, match=r"--lora_type lokr: \S+ is a quantized layer \(--quantize\)"):
         setup(config(z_image_repo, z_image_dataset, tmp_path, lora_type="lokr", quantize=["dit=bitsandbytes_nf4"]))
 
 

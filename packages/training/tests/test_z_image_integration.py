@@ -225,3 +225,35 @@ def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactl
         setup(config(z_image_repo, z_image_dataset, tmp_path / "y", quant_options="nowhere:bitsandbytes_nf4"))
     with pytest.raises(ConfigError, match="--quantize vae=int3: QuantizeConfig method='int3' is not supported"):
         setup(config(z_image_repo, z_image_dataset, tmp_path / "z", quantize=["vae=int3"]))
+
+
+def test_lora_on_an_int8_dit_is_what_the_int8_pipeline_applies(z_image_repo, z_image_dataset, tmp_path):
+    """`--quantize dit=torchao_int8_w8a16`: the DiT's Linears hold torchao int8 weights that do not change, only the
+    LoRA trains, and the pipeline with the same int8 DiT and the saved LoRA computes the trained velocity."""
+    pytest.importorskip("torchao")
+    from diffsynth.runtime.quant import is_quantized_linear, linear_weight, quantize_config
+
+    run = setup(config(z_image_repo, z_image_dataset, tmp_path / "out", quantize=["dit=torchao_int8_w8a16"]))
+    dit = run.task.pipe.dit
+    assert quantize_config(dit).method == "torchao_int8_w8a16"
+    before = {n: linear_weight(m).detach().clone() for n, m in dit.named_modules() if is_quantized_linear(m)}
+    assert before and all(".lora_" in n for n in run.trainable)
+    state = TrainState()
+    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+        assert math.isfinite(state.loss) and state.loss > 0
+    assert all(torch.equal(linear_weight(m), before[n]) for n, m in dit.named_modules() if n in before)
+    save(run, state)
+
+    pipe = ZImagePipeline.from_pretrained(
+        str(z_image_repo), torch_dtype="float32", device="cpu", quantize={"dit": "torchao_int8_w8a16"}
+    )
+    g = torch.Generator().manual_seed(3)
+    latents, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([0.7])
+    text = pipe.encode_prompt(["a red circle on a blue background"])
+    with torch.no_grad():
+        trained = z_image_velocity(run.model, latents, sigma, text)
+        base = z_image_velocity(pipe.dit, latents, sigma, text)
+        pipe.load_lora(tmp_path / "out" / "step-000002.safetensors", name="trained")  # kept apart on int8 layers
+        torch.testing.assert_close(z_image_velocity(pipe.dit, latents, sigma, text), trained, atol=1e-5, rtol=1e-5)
+    assert (trained - base).abs().max() > 1e-4

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -992,7 +993,11 @@ def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> 
         )
     torch.manual_seed(cfg.seed)
     try:
-        inject_adapter_in_model(adapter_config(module, cfg, targets), module)
+        with warnings.catch_warnings():
+            # peft on torchao layers (--quantize dit=torchao_int8_w8a16) warns that merge() cannot work: the trainer
+            # never merges (the LoRA is saved apart and the pipeline keeps it apart on quantized layers)
+            warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`", category=UserWarning)
+            inject_adapter_in_model(adapter_config(module, cfg, targets), module)
     except ValueError as exc:
         raise ConfigError(f"--lora_target_modules {','.join(targets)}: {exc}") from None
     dtype = parse_dtype(cfg.trainable_dtype)
@@ -1016,8 +1021,8 @@ def adapter_config(module: nn.Module, cfg: TrainConfig, targets: list[str]):
     packed = [name for name in targets if is_quantized_linear(module.get_submodule(name))]
     if packed:
         raise ConfigError(
-            f"--lora_type {cfg.lora_type}: {packed[0]} is a 4-bit layer (--quantize); peft's LoHa / LoKr layers "
-            "build their change in the base weight's shape, which 4-bit storage packs. Train --lora_type lora on it"
+            f"--lora_type {cfg.lora_type}: {packed[0]} is a quantized layer (--quantize); peft's LoHa / LoKr layers "
+            "build their change from the base weight, which quantized storage packs. Train --lora_type lora on it"
         )
     if cfg.lora_type == "loha":
         return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
