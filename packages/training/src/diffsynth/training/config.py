@@ -166,8 +166,9 @@ class TrainConfig:
     )
     quantize: list[str] = _arg(
         [],
-        "frozen models whose Linears are stored in 4 bits, as [SLOT=]METHOD (bitsandbytes_nf4 / bitsandbytes_fp4; "
-        "no slot: the denoiser), comma-separated: QLoRA when the denoiser is the LoRA's base",
+        "frozen models whose Linears are stored quantized, as [SLOT=]METHOD (bitsandbytes_nf4 / bitsandbytes_fp4, "
+        "torchao_int8_w8a16 / torchao_fp8_w8a16; no slot: the denoiser), comma-separated: QLoRA when the denoiser "
+        "is the LoRA's base",
         "optimisation",
     )
     quant_options: str | None = _arg(
