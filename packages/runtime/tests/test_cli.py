@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from diffsynth.runtime.cli import main
 
-COMMANDS = ["generate", "list-models", "inspect"]
+COMMANDS = ["generate", "list-models", "inspect", "score", "lora"]
 
 
 def test_top_level_help_lists_every_command(capsys):

@@ -273,6 +273,18 @@ python -m diffsynth.runtime.nope
     assert messages(report)[3].endswith("(did you mean 'Org/Toy'?)")
 
 
+def test_sub_commands_are_followed(toy):
+    code = r"""
+diffsynth lora extract base.safetensors tuned.safetensors --rank 8 -o out.safetensors
+diffsynth lora resize in.safetensors --rnk 8 -o out.safetensors
+diffsynth lora shrink in.safetensors
+"""
+    assert messages(check_markdown(md(("bash", code)), "T.md"), hints=False) == [
+        "T.md:4: diffsynth lora resize has no option '--rnk'",
+        "T.md:5: diffsynth lora has no command 'shrink'",
+    ]
+
+
 def test_unknown_preset_is_skipped_while_some_family_is_absent(toy, monkeypatch):
     monkeypatch.setattr(readme, "_all_families_installed", lambda: False)
     report = check_markdown(md(("bash", "diffsynth generate --model Org/Nope --prompt x")), "T.md")

@@ -1,4 +1,4 @@
-"""The `diffsynth` command: generate, list-models, inspect, score.
+"""The `diffsynth` command: generate, list-models, inspect, score, lora.
 
 Families are discovered through entry points and imported only when a command needs them, so
 `diffsynth --help` stays fast and knows exactly the families that are installed.
@@ -338,9 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file", nargs="+", help="a checkpoint file, several shards, or a folder")
     ins.add_argument("--json", action="store_true", help="print JSON")
 
+    from .lora_cli import add_lora_parser
     from .metrics.cli import add_score_parser
 
     add_score_parser(commands)
+    add_lora_parser(commands)
     return parser
 
 
@@ -372,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             from .metrics.cli import run_score
 
             return run_score(args)
+        if args.command == "lora":
+            from .lora_cli import run_lora
+
+            return run_lora(args)
         return _inspect(args)
     except DiffSynthError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -892,17 +892,19 @@ def _check_command(report: Report, path: str, where: _Where, kind: str, args: li
     parser = _parser(kind)
     program = {"runtime": "diffsynth", "train": "diffsynth-train", "demo": "diffsynth-train-demo"}[kind]
     commands = _subparsers(parser)
-    if commands:
+    while commands:  # commands and their own sub-commands (`diffsynth lora extract`)
         first = next((k for k, a in enumerate(args) if not a.startswith("-")), None)
-        if first is not None and all(a in parser._option_string_actions for a in args[:first]):
-            name = args[first]
-            if name not in commands:
-                if not is_path_or_placeholder(name):
-                    report.findings.append(
-                        Finding(path, where(name), f"{program} has no command {name!r}{_close(name, commands)}")
-                    )
-                return
-            program, parser, args = f"{program} {name}", commands[name], args[first + 1 :]
+        if first is None or not all(a in parser._option_string_actions for a in args[:first]):
+            break
+        name = args[first]
+        if name not in commands:
+            if not is_path_or_placeholder(name):
+                report.findings.append(
+                    Finding(path, where(name), f"{program} has no command {name!r}{_close(name, commands)}")
+                )
+            return
+        program, parser, args = f"{program} {name}", commands[name], args[first + 1 :]
+        commands = _subparsers(parser)
     options = parser._option_string_actions
     for k, raw in enumerate(args):
         token = raw.strip("[],")
