@@ -310,9 +310,18 @@ class BasePipeline:
 
         Without VRAM settings every model goes to the device. With a `vram_limit` or any of the
         eight VRAM keys in a model's `ModelConfig`, every model is put under the VRAM manager
-        (block-granular offload, streaming, fp8, disk) and parked until its stage runs.
+        (block-granular offload, streaming, fp8, disk) and parked until its stage runs. Slots named
+        by `training_support.models_kept_on_host` (a trainer streams them itself) stay in CPU memory
+        as loaded, outside both.
         """
-        configs = {slot: self.model_configs.get(slot) for slot in self.model_slots if getattr(self, slot) is not None}
+        from .training_support import host_slots
+
+        kept = host_slots()
+        configs = {
+            slot: self.model_configs.get(slot)
+            for slot in self.model_slots
+            if getattr(self, slot) is not None and slot not in kept
+        }
         wants = self.vram_limit is not None or any(
             c is not None and any(v is not None for v in c.vram_config().values()) for c in configs.values()
         )

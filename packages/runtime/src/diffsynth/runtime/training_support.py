@@ -8,12 +8,18 @@ slot optional, and fails naming what is missing. `PipelineTrainingTask` gives a 
 reference images (Kontext, Edit, image-to-video) says so in `validation_references` and maps them to its
 pipeline's arguments in `reference_arguments`. The trainer itself lives in diffsynth-training; families
 implement its protocol structurally and import only this.
+
+`models_kept_on_host` lets a trainer that streams some models from CPU memory itself (`--offload_models`) load
+any family's task without those models ever being placed on the device whole: every task builds its pipeline
+through `from_pretrained`, whose placement (`BasePipeline._place_models`) leaves the named slots as loaded.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,26 @@ from torch import nn
 from .errors import ConfigError, preview
 from .hub import ModelConfig
 from .pipeline import WEIGHT_SUFFIXES, BasePipeline, source_defaults
+
+_HOST_SLOTS: ContextVar[frozenset[str]] = ContextVar("diffsynth_host_slots", default=frozenset())
+
+
+@contextmanager
+def models_kept_on_host(slots: Iterable[str]) -> Iterator[None]:
+    """Pipelines loaded inside leave the models of `slots` in CPU memory exactly as loaded: not moved to the
+    device, not put under the VRAM manager (the other models are placed as usual). For a trainer that injects a
+    LoRA into the real weights and then streams their blocks itself: a model on the device whole may not fit,
+    and peft would build its layers beside a VRAM-managed block's stand-in weights."""
+    token = _HOST_SLOTS.set(frozenset(slots))
+    try:
+        yield
+    finally:
+        _HOST_SLOTS.reset(token)
+
+
+def host_slots() -> frozenset[str]:
+    """The slots the innermost `models_kept_on_host` names (none outside one)."""
+    return _HOST_SLOTS.get()
 
 
 def model_roles(config: ModelConfig) -> set[str]:
@@ -131,11 +157,35 @@ class PipelineTrainingTask:
         if len(references) != len(prompts):
             raise ConfigError(f"{len(references)} lists of reference images for {len(prompts)} prompts; give one each")
         arguments = [self.reference_arguments(list(images)) for images in references]
-        with self.pipe.using("dit", denoiser):
+        with self.pipe.using("dit", denoiser), _stages_drive(self.pipe, "dit", denoiser):
             return [
                 self.pipe(prompt, seed=seed, progress_bar=False, **extra, **options)
                 for prompt, extra in zip(prompts, arguments, strict=True)
             ]
+
+
+@contextmanager
+def _stages_drive(pipe: BasePipeline, slot: str, model: nn.Module) -> Iterator[None]:
+    """A model VRAM-managed outside the pipeline (a trainer's streamed or fp8 base) is activated and parked by
+    the pipeline's stages for the duration, never moved with `.to` (its weights are the manager's); it is active
+    again afterwards, as the trainer left it."""
+    from .vram import vram_handle
+
+    handle, held = vram_handle(model), pipe.vram_handles.get(slot)
+    if handle is None or handle is held:
+        yield
+        return
+    active = handle.state == "active"
+    pipe.vram_handles[slot] = handle
+    try:
+        yield
+    finally:
+        if held is None:
+            del pipe.vram_handles[slot]
+        else:
+            pipe.vram_handles[slot] = held
+        if active:
+            handle.activate()
 
 
 def row_video(row: Mapping[str, Any], index: int, family: str, temporal_compression: int) -> torch.Tensor:
@@ -159,4 +209,11 @@ def row_video(row: Mapping[str, Any], index: int, family: str, temporal_compress
     return video
 
 
-__all__ = ["PipelineTrainingTask", "load_partial_pipeline", "model_roles", "row_video"]
+__all__ = [
+    "PipelineTrainingTask",
+    "host_slots",
+    "load_partial_pipeline",
+    "model_roles",
+    "models_kept_on_host",
+    "row_video",
+]

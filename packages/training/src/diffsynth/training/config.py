@@ -157,8 +157,9 @@ class TrainConfig:
     )  # fmt: skip
     offload_models: list[str] = _arg(
         [],
-        "frozen models whose blocks stay in (pinned) CPU memory and stream to the GPU as they run, forward and "
-        "backward (the VRAM manager; e.g. dit under a LoRA: frees the base's memory during the steps)",
+        "frozen models loaded into (pinned) CPU memory and never onto the GPU whole: their blocks stream to the GPU "
+        "as they run, forward and backward (the VRAM manager; e.g. dit under a LoRA, for a base larger than the "
+        "GPU); one process only",
         "optimisation",
     )
     offload_vram_limit: float = _arg(

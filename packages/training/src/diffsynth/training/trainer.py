@@ -40,7 +40,7 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.pipeline import seeded_noise
 
 from . import dmd2 as dmd2_task
-from . import trajectory
+from . import offload, trajectory
 from .checkpoint import (
     CHECKPOINTS,
     find_checkpoint,
@@ -218,6 +218,7 @@ def setup(config: TrainConfig) -> Run:
     # a family whose denoiser has weights that never get a gradient says so (Qwen-Image's last text stream)
     find_unused = cfg.find_unused_parameters or getattr(cls, "ddp_find_unused_parameters", False)
     acc = make_accelerator(cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    offload.check_processes(cfg, acc)
     set_seed(cfg.seed)
     cached = cfg.cache_dir is not None
     with loading_whole_models(acc):
@@ -300,12 +301,17 @@ def setup(config: TrainConfig) -> Run:
         configure_deepspeed(acc, cfg)
     elif is_sharded(acc):
         configure_fsdp(acc, module)
-    model, optimizer = acc.prepare(module, optimizer)
+    # --offload_models: the named models are still in CPU memory, the LoRA in them; from here their blocks stream
+    streamed = slot in cfg.offload_models
+    if streamed:  # copies taken of the denoiser in CPU memory run on the device, as a resident one's do
+        offload.to_device(acc.device, dmd2 and dmd2.fake_score, dmd2 and dmd2.teacher, teacher)
+    stream_from_cpu(cfg, task, acc.device, all_loaded=not cached)
+    # accelerate moves a prepared model to the device whole unless told not to
+    model, optimizer = acc.prepare(module, optimizer, device_placement=[False if streamed else None, None])
     # FSDP replaces the parameters with sharded ones: name the ones the optimizer now holds (ZeRO-3 keeps the
     # objects and empties them)
     trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
     store_in_fp8(cfg, task, acc.device, all_loaded=not cached)
-    stream_from_cpu(cfg, task, acc.device, all_loaded=not cached)
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     output = Path(cfg.output_path)
@@ -770,6 +776,7 @@ def encode_dataset(config: TrainConfig) -> Path:
     with loading_whole_models(acc):
         task = build_task(cls, cfg, acc.device, encoders=True, denoiser=False)
     store_in_fp8(cfg, task, acc.device, all_loaded=False)
+    stream_from_cpu(cfg, task, acc.device, all_loaded=False)
     dataset = make_dataset(cfg, task)
     cache = Path(cfg.cache_dir)
     settings = encoding_settings(cfg, task)
@@ -821,10 +828,12 @@ def store_in_fp8(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded: bo
 
 
 def stream_from_cpu(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded: bool) -> None:
-    """`--offload_models`: the frozen weights of these models held in pinned CPU memory, their blocks copied to the
-    device as they run (the next one on a side stream while one computes), in the forward pass and again in the
-    backward pass; `--offload_vram_limit` GiB of blocks stay resident. Trainable parameters (a LoRA's) stay on the
-    device. Models not loaded for this stage are skipped; with `all_loaded` an unknown name is an error."""
+    """`--offload_models` (see `offload.py`): these models, loaded into CPU memory and never onto the device whole
+    (`build_task`), put under the VRAM manager: their frozen block weights held in pinned CPU memory and copied to
+    `device` as they run (the next block on a side stream while one computes), in the forward pass and again in the
+    backward pass; `--offload_vram_limit` GiB of blocks stay resident. What lives on the device moves there now:
+    the trainable parameters (a LoRA's, injected in CPU memory) and the parameters and buffers outside the blocks.
+    Models not loaded for this stage are skipped; with `all_loaded` an unknown name is an error."""
     from diffsynth.runtime.quant import quantize_config
     from diffsynth.runtime.vram import enable_vram_management
 
@@ -836,7 +845,7 @@ def stream_from_cpu(cfg: TrainConfig, task: TrainingTask, device, *, all_loaded:
         handle = enable_vram_management(
             model, keys, device=device, dtype=dtype, vram_limit=cfg.offload_vram_limit, name=slot
         )
-        logger.info("%s: frozen blocks streamed from CPU memory (%s)", slot, handle.plan)
+        logger.info("%s: frozen blocks streamed from CPU memory (%s)", slot, handle.plan.describe())
 
 
 def _named_models(task: TrainingTask, flag: str, names: list[str], all_loaded: bool) -> list[tuple[str, nn.Module]]:
@@ -866,19 +875,21 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
 
 
 def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser: bool) -> TrainingTask:
+    """The family's task for this stage; the `--offload_models` models stay in CPU memory (`stream_from_cpu`)."""
     check_task_options(cls, cfg.task_options)
     options = {**trained_model_option(cls, cfg), **cfg.task_options}
     configs, tokenizer = model_sources(cfg)
     configs = quantized_sources(cfg, configs, getattr(cls, "denoiser_slot", "dit"))
-    task = cls.from_pretrained(
-        configs,
-        tokenizer_config=tokenizer,
-        torch_dtype=parse_dtype(cfg.dtype),
-        device=device,
-        encoders=encoders,
-        denoiser=denoiser,
-        **options,
-    )
+    with offload.kept_on_host(cfg):
+        task = cls.from_pretrained(
+            configs,
+            tokenizer_config=tokenizer,
+            torch_dtype=parse_dtype(cfg.dtype),
+            device=device,
+            encoders=encoders,
+            denoiser=denoiser,
+            **options,
+        )
     if denoiser:
         check_task(task, f"{cls.__module__}:{cls.__qualname__}")
     return task
