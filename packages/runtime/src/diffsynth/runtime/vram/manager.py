@@ -25,6 +25,7 @@ from torch import nn
 from ..dtypes import DISK, dtype_name
 from ..errors import ConfigError
 from . import fp8_matmul
+from .arena import HostArena
 from .config import VramConfig, is_fp8, is_host
 from .disk import DiskIndex, DiskReader, DiskUnit
 from .parked import parked_parameter
@@ -197,6 +198,7 @@ class VramHandle:
                     missing[0],
                     size / GIB,
                 )
+        arena, slot_of = self._host_arena(index)
         for unit in self.units:
             if not unit.targets:
                 continue
@@ -220,11 +222,32 @@ class VramHandle:
                     pin=self.pin and where.type == "cpu",
                     granularity=self.granularity,
                     work_device=self.device if self.device.type == "cuda" else None,
+                    buffer=arena.buffer(slot_of[unit.index]) if arena is not None else None,
                 )
             for t in unit.targets:
                 t.param.data = torch.empty(0, dtype=t.param.dtype)
                 for owner, attr in t.owners:
                     owner._parameters[attr] = t.placeholder
+
+    def _host_arena(self, index) -> tuple[HostArena | None, dict[int, int]]:
+        """The host memory of every unit's offload store in a few power-of-two blocks (`arena.py`: one pinned
+        buffer per unit would be rounded up to a power of two each), and each unit's place in it; None when the
+        store is not in host memory (disk, or an offload device other than the CPU)."""
+        c = self.config
+        if index is not None or torch.device(c.offload_device).type != "cpu":
+            return None, {}
+        sizes, slot_of = [], {}
+        for unit in self.units:
+            if unit.targets:
+                slot_of[unit.index] = len(sizes)
+                shapes = [t.shape for t in unit.targets]
+                sizes.append(layout(shapes, self._storage_dtypes(unit, c.offload_dtype))[1])
+        if not sizes:
+            return None, {}
+        arena = HostArena(sizes, pin=self.pin)
+        logger.debug("%s: %d unit stores in %d host blocks (%.2f GiB)", self.name, len(sizes), len(arena.blocks),
+                     arena.nbytes / GIB)  # fmt: skip
+        return arena, slot_of
 
     def _disk_index(self, checkpoint) -> DiskIndex:
         if checkpoint is None:

@@ -177,12 +177,18 @@ class Packed:
         pin: bool = False,
         granularity: str = "auto",
         work_device: torch.device | str | None = None,
+        buffer: torch.Tensor | None = None,
     ) -> Packed:
         """Pack `tensors` (consumed one at a time, so a generator keeps one in memory) as `dtypes`;
-        quantisation runs on `work_device` when given (a GPU quantises a host store much faster)."""
+        quantisation runs on `work_device` when given (a GPU quantises a host store much faster). `buffer`: the
+        flat uint8 memory to pack into (e.g. a `HostArena` view of exactly `layout`'s total bytes), instead of a
+        new allocation on `device`."""
         slots, total = layout(shapes, dtypes)
         device = torch.device(device)
-        buffer = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin and device.type == "cpu")
+        if buffer is None:
+            buffer = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin and device.type == "cpu")
+        elif buffer.dtype != torch.uint8 or buffer.numel() != total:
+            raise ValueError(f"pack: a given buffer must be {total} uint8 bytes, got {buffer.numel()} {buffer.dtype}")
         per_channel = []
         count = 0
         with torch.no_grad():
