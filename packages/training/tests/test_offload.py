@@ -111,6 +111,22 @@ def test_offload_refuses_more_than_one_process_and_sharding(tmp_path, dataset, m
     assert ToyTask.builds == []
 
 
+def test_diffsynth_studios_flag_offloads_the_trained_model(tmp_path, dataset):
+    """`--enable_model_cpu_offload` (DiffSynth-Studio's name) is `--offload_models` with the denoiser."""
+    cfg = TrainConfig(
+        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path), enable_model_cpu_offload=True,
+        max_pixels=64 * 64, bucket_step=16, batch_size=2, lora_rank=4, mixed_precision="no", dtype="float32",
+    )  # fmt: skip
+    run = trainer.setup(cfg)
+    assert run.config.offload_models == ["denoiser"]
+    handle = vram_handle(run.task.models["denoiser"])
+    assert handle is not None and handle.plan.streamed
+    with pytest.raises(ConfigError, match="--enable_model_cpu_offload streams the frozen base of a LoRA"):
+        TrainConfig(
+            family=TASK, dataset_base_path=str(dataset), enable_model_cpu_offload=True, trainable_models=["denoiser"]
+        ).check()
+
+
 @pytest.mark.integration
 def test_validation_samples_with_the_streamed_dit_and_training_goes_on(z_image_repo, z_image_dataset, tmp_path):
     """The pipeline's stages activate and park the trainer's streamed DiT (it cannot be moved with `.to`): the

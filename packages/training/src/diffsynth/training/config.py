@@ -155,6 +155,9 @@ class TrainConfig:
         [], "frozen models whose weights are stored in float8_e4m3fn, computed in --dtype (e.g. dit for a LoRA)",
         "optimisation",
     )  # fmt: skip
+    enable_model_cpu_offload: bool = _arg(
+        False, "DiffSynth-Studio's name for --offload_models with the trained model (the denoiser)", "optimisation"
+    )
     offload_models: list[str] = _arg(
         [],
         "frozen models loaded into (pinned) CPU memory and never onto the GPU whole: their blocks stream to the GPU "
@@ -336,6 +339,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--trainable_models {','.join(self.trainable_models)} (full fine-tuning) cannot be combined with "
                 "--lora_base_model / --lora_target_modules (LoRA); give one or the other"
+            )
+        if self.enable_model_cpu_offload and self.trainable_models:
+            raise ConfigError(
+                "--enable_model_cpu_offload streams the frozen base of a LoRA from CPU memory; with --trainable_models "
+                "(full fine-tuning) the trained weights stay on the GPU: drop one of the two"
             )
         both = [m for m in self.offload_models if m in self.trainable_models or m in self.fp8_models]
         if both:

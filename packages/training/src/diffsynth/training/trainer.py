@@ -215,6 +215,9 @@ def setup(config: TrainConfig) -> Run:
 
     cfg = config.check()
     cls = task_class(cfg)
+    denoiser = getattr(cls, "denoiser_slot", "dit")
+    if cfg.enable_model_cpu_offload and denoiser not in cfg.offload_models:  # DiffSynth-Studio's flag
+        cfg = replace(cfg, offload_models=[*cfg.offload_models, denoiser]).check()
     # a family whose denoiser has weights that never get a gradient says so (Qwen-Image's last text stream)
     find_unused = cfg.find_unused_parameters or getattr(cls, "ddp_find_unused_parameters", False)
     acc = make_accelerator(cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
