@@ -70,6 +70,9 @@ class TrainConfig:
     bucket_step: int = _arg(64, "bucket sizes are multiples of this many pixels", "data")
     num_frames: int = _arg(81, "frames read from each video", "data")
     dataset_repeat: int = _arg(1, "times each sample is seen per epoch", "data")
+    caption_dropout: float = _arg(
+        0.0, "chance that a row trains with an empty prompt (what classifier-free guidance contrasts with)", "data"
+    )
     dataset_num_workers: int = _arg(0, "data loading worker processes", "data")
     cache_dir: str | None = _arg(
         None, "cached two-stage training: folder of encoded samples (written by --stage encode)", "data"
@@ -98,6 +101,9 @@ class TrainConfig:
     )
     lora_rank: int = _arg(32, "LoRA rank", "adapter")
     lora_alpha: float | None = _arg(None, "LoRA alpha (default: the rank, i.e. scale 1)", "adapter")
+    lora_plus_ratio: float | None = _arg(
+        None, "LoRA+: the LoRA's B (up) matrices learn this many times faster than --learning_rate (e.g. 16)", "adapter"
+    )
     lokr_factor: int = _arg(
         -1, "LoKr: the size of the first Kronecker factor's sides (-1: near the square root of each side)", "adapter"
     )
@@ -327,6 +333,7 @@ class TrainConfig:
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"--lora_alpha {self.lora_alpha} must be > 0")
         self._check_lora_type()
+        self._check_lora_plus_and_captions()
         if not 0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1:
             raise ConfigError(
                 f"--min_timestep_boundary {self.min_timestep_boundary} and --max_timestep_boundary "
@@ -416,6 +423,23 @@ class TrainConfig:
                 "no model given: pass --model (a preset or a local folder), --model_paths or --model_id_with_origin_paths"
             )
         return self
+
+    def _check_lora_plus_and_captions(self) -> None:
+        if self.lora_plus_ratio is not None:
+            if self.lora_plus_ratio <= 0:
+                raise ConfigError(f"--lora_plus_ratio {self.lora_plus_ratio} must be > 0 (LoRA+ uses about 16)")
+            if self.trainable_models or self.lora_type not in ("lora", "dora"):
+                what = "--trainable_models" if self.trainable_models else f"--lora_type {self.lora_type}"
+                raise ConfigError(f"--lora_plus_ratio speeds up a LoRA's B matrices; {what} has none")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"--caption_dropout {self.caption_dropout} must be a probability in [0, 1)")
+        if self.caption_dropout and self.cache_dir is not None:
+            raise ConfigError(
+                "--caption_dropout empties prompts before they are encoded; --cache_dir holds them encoded. Train "
+                "without --cache_dir (the encoders run on the fly)"
+            )
+        if self.caption_dropout and self.task == "dmd2":
+            raise ConfigError("--caption_dropout: --task dmd2 draws its own unconditional branch (the teacher's CFG)")
 
     def _check_lora_type(self) -> None:
         if self.lora_type not in LORA_TYPES:

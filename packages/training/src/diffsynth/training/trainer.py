@@ -292,7 +292,7 @@ def setup(config: TrainConfig) -> Run:
             "their optimizer itself; use --optimizer adamw without --ema_decay there (DDP takes every optimizer)"
         )
     optimizer = make_optimizer(
-        cfg.optimizer, trainable.values(), cfg.learning_rate, cfg.weight_decay, cfg.optimizer_options
+        cfg.optimizer, parameter_groups(cfg, trainable), cfg.learning_rate, cfg.weight_decay, cfg.optimizer_options
     )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
     if (is_sharded(acc) or is_deepspeed(acc)) and slot in cfg.fp8_models:
@@ -353,6 +353,30 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(key % 2**63)
 
 
+def parameter_groups(cfg: TrainConfig, trainable: Mapping[str, nn.Parameter]) -> list:
+    """The optimizer's parameters: one group, or with `--lora_plus_ratio` (LoRA+, Hayou et al. 2024) the LoRA's B
+    matrices in a second group at that many times the learning rate (the schedule scales both alike)."""
+    if cfg.lora_plus_ratio is None:
+        return list(trainable.values())
+    fast = [p for name, p in trainable.items() if ".lora_B." in name]
+    if not fast:
+        raise ConfigError("--lora_plus_ratio: the trained weights hold no LoRA B matrices (lora_B)")
+    rest = [p for name, p in trainable.items() if ".lora_B." not in name]
+    return [{"params": rest}, {"params": fast, "lr": cfg.learning_rate * cfg.lora_plus_ratio}]
+
+
+def drop_captions(cfg: TrainConfig, items: list[dict], epoch: int, index: int) -> list[dict]:
+    """`--caption_dropout p`: each row's prompt emptied with chance p, drawn from a generator keyed by the
+    micro-batch (as its noise, another stream), so reruns, resumes and DDP drop the same rows."""
+    if not cfg.caption_dropout:
+        return items
+    key = ((cfg.seed % 2**31) * 1_000_003 + epoch) * 1_000_003 + index
+    generator = torch.Generator().manual_seed((key * 2862933555777941757 + 3037000493) % 2**63)
+    drops = torch.rand(len(items), generator=generator) < cfg.caption_dropout
+    dropped = zip(items, drops.tolist(), strict=True)
+    return [{**item, "prompt": ""} if drop and "prompt" in item else item for item, drop in dropped]
+
+
 def draw_batch_choices(run: Run, batch: dict[str, Any], epoch: int, index: int) -> dict[str, Any]:
     """`batch` with the random choices a task makes per batch (its optional `draw_choices(batch, generator)`, e.g.
     LTX-2's first-frame conditioning) drawn from a generator keyed by the micro-batch like its noise (another key:
@@ -377,6 +401,7 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     losses = []
     for k, items in enumerate(group):
         index = (state.batches_done + k) * acc.num_processes + acc.process_index  # batch_plan's order
+        items = drop_captions(cfg, items, state.epoch, index)
         batch = draw_batch_choices(run, prepare_batch(run, items), state.epoch, index)
         last = k == len(group) - 1
         sync = acc.no_sync(run.model) if not last else contextlib.nullcontext()
