@@ -1,5 +1,7 @@
 """Metadata files, size buckets, the per-process batch plan and the dataset items."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,50 @@ def test_metadata_formats_read_alike(tmp_path, fmt):
     rows = read_metadata(next(folder.glob("metadata.*")))
     assert [r["image"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
     assert rows[0]["prompt"] == "a red circle"
+
+
+def caption_folder(folder, dataset):
+    """The toy dataset's pictures as a kohya-style folder: each picture with a .txt caption, some in a subfolder."""
+    rows = read_metadata(dataset / "metadata.csv")
+    for i, row in enumerate(rows):
+        where = folder / ("sub" if i % 2 else "") / row["image"]
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_bytes((dataset / row["image"]).read_bytes())
+        where.with_suffix(".txt").write_text(row["prompt"] + "\n")
+    return folder, rows
+
+
+def test_a_folder_of_captioned_pictures_reads_like_its_metadata(tmp_path, dataset):
+    folder, rows = caption_folder(tmp_path / "captions", dataset)
+    from_captions = MetadataDataset(folder, media=("image",), max_pixels=64 * 128, step=16)
+    from_metadata = MetadataDataset(dataset, media=("image",), max_pixels=64 * 128, step=16)
+    by_name = {Path(row["image"]).name: row for row in from_captions.rows}
+    assert sorted(by_name) == sorted(row["image"] for row in rows)
+    for i, row in enumerate(from_metadata.rows):  # same prompt, same picture at the same bucket
+        j = from_captions.rows.index(by_name[row["image"]])
+        assert from_captions.rows[j]["prompt"] == row["prompt"]
+        assert torch.equal(from_captions[j]["image"], from_metadata[i]["image"])
+    (folder / "sub" / "img1.txt").unlink()
+    with pytest.raises(ConfigError, match=r"1 files have no caption file beside them: .*img1.png"):
+        MetadataDataset(folder, media=("image",))
+
+
+def test_a_caption_folder_trains(tmp_path, dataset):
+    from diffsynth_training_toy import TASK
+
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.data import cache_settings
+    from diffsynth.training.testing import first_losses
+
+    folder, _ = caption_folder(tmp_path / "captions", dataset)
+    settings = dict(family=TASK, max_pixels=64 * 128, bucket_step=16, batch_size=2, mixed_precision="no",
+                    dtype="float32", lora_rank=4, max_steps=2)  # fmt: skip
+    cfg = TrainConfig(dataset_base_path=str(folder), output_path=str(tmp_path / "out"), **settings)
+    losses, run = first_losses(cfg, steps=2)
+    assert len(losses) == 2 and all(np.isfinite(losses)) and len(run.dataset) == 6
+    before = cache_settings(cfg, TASK)["metadata_sha256"]
+    (folder / "img0.txt").write_text("another caption")
+    assert cache_settings(cfg, TASK)["metadata_sha256"] != before  # an edited caption invalidates a cache
 
 
 def test_items_are_loaded_at_their_bucket_size(dataset):

@@ -1,5 +1,9 @@
 """Datasets: a folder with `metadata.csv` / `.json` / `.jsonl`, size buckets, batch plans, the encoded cache.
 
+- Without a metadata file, a folder of pictures or videos each with a caption file of the same name
+  (`cat_01.png` + `cat_01.txt`, kohya's and ai-toolkit's layout, subfolders included) is read as rows
+  `{"image" or "video": file, "prompt": caption}`.
+
 - A metadata row names its files in the `--data_file_keys` columns (paths relative to the dataset folder) and
   carries the prompt and any extra inputs in other columns. A JSON/JSONL value may be a list of paths. A sound
   file in another column than the row's sound (e.g. Wan-Dancer's `wantodance_music_path`) becomes its absolute
@@ -43,7 +47,9 @@ from diffsynth.runtime.errors import ConfigError, preview
 logger = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
+CAPTION_SUFFIX = ".txt"
 SOUND_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac")  # file columns handed on as absolute paths
 AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`), and the loaded row's key for it
 AUDIO_KEYS = (AUDIO_KEY, "input_audio")  # the sound's columns: ours, DiffSynth-Studio's
@@ -63,15 +69,46 @@ def metadata_file(base: Path, explicit: str | None = None) -> Path:
     for name in METADATA_NAMES:
         if (base / name).is_file():
             return base / name
+    if any(p.suffix.lower() == CAPTION_SUFFIX for p in base.rglob("*")):
+        return base  # captioned files (`caption_rows`)
     listing = preview(sorted(p.name for p in base.iterdir()), 10)
     raise ConfigError(
-        f"--dataset_base_path {base} has no {' / '.join(METADATA_NAMES)} (it holds {listing}); add one, with a "
-        "column per input (e.g. image,prompt), or pass --dataset_metadata_path"
+        f"--dataset_base_path {base} has no {' / '.join(METADATA_NAMES)} and no caption files (it holds {listing}); "
+        "add a metadata file with a column per input (e.g. image,prompt), give each picture a caption file of its "
+        "name (cat.png + cat.txt), or pass --dataset_metadata_path"
     )
 
 
+def caption_rows(base: Path) -> list[dict[str, Any]]:
+    """Rows of a folder of captioned pictures or videos: each media file (subfolders included, in name order)
+    with the text of the `.txt` file of its name as its prompt. A media file without one is an error naming it."""
+    rows, uncaptioned = [], []
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_SUFFIXES:
+            continue
+        caption = path.with_suffix(CAPTION_SUFFIX)
+        if not caption.is_file():
+            uncaptioned.append(str(path.relative_to(base)))
+            continue
+        key = "video" if suffix in VIDEO_SUFFIXES else "image"
+        prompt = caption.read_text(encoding="utf-8").strip()
+        rows.append({key: str(path.relative_to(base)), "prompt": prompt})
+    if uncaptioned:
+        raise ConfigError(
+            f"--dataset_base_path {base}: {len(uncaptioned)} files have no caption file beside them: "
+            f"{preview(uncaptioned, 5)} (give each a .txt of its name, an empty one for no prompt)"
+        )
+    if not rows:
+        raise ConfigError(f"--dataset_base_path {base}: its caption files name no picture or video")
+    return rows
+
+
 def read_metadata(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metadata file: CSV with a header, a JSON list of objects, or JSON lines."""
+    """The rows of a metadata file: CSV with a header, a JSON list of objects, or JSON lines; a folder's rows
+    are its captioned files (`caption_rows`)."""
+    if path.is_dir():
+        return caption_rows(path)
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -364,7 +401,8 @@ def cache_settings(config, family: str) -> dict[str, Any]:
     metadata_sha256 = None
     if config.dataset_base_path:
         path = metadata_file(Path(config.dataset_base_path), config.dataset_metadata_path)
-        metadata_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = json.dumps(caption_rows(path)).encode() if path.is_dir() else path.read_bytes()
+        metadata_sha256 = hashlib.sha256(data).hexdigest()
     return {
         "family": family,
         "metadata_sha256": metadata_sha256,
