@@ -180,6 +180,9 @@ class Recorder:
     def step_caches(self):
         return {}
 
+    def load_lora(self, path, scale=1.0):
+        type(self).calls.append({"lora": path, "scale": scale})
+
     def __call__(self, prompt, seed=None, negative_prompt=None, cfg_scale=None):
         from PIL import Image
 
@@ -216,6 +219,19 @@ def test_prompts_file_generates_each_row_with_the_model_loaded_once(recorder, tm
     for row in listing:  # each file is the picture of its row's seed
         assert Image.open(tmp_path / "out" / row["file"]).getpixel((0, 0))[0] == row["seed"]
     assert listing[2] == {"file": "pic_0002.png", "prompt": "a cat", "seed": 3, "negative_prompt": "blur"}
+    record = json.loads(Image.open(tmp_path / "out" / "pic_0002.png").text["parameters"])
+    assert record == {"model": "x", "prompt": "a cat", "seed": 3, "negative_prompt": "blur", "cfg": 4.0}
+
+
+def test_png_outputs_carry_what_made_them_unless_told_not_to(recorder, tmp_path):
+    from PIL import Image
+
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompt", "a fox", "--seed", "5", "--cfg", "2"]
+    assert main([*args, "--lora", "style.safetensors:0.5", "--output", str(tmp_path / "a.png")]) == 0
+    record = json.loads(Image.open(tmp_path / "a.png").text["parameters"])
+    assert record == {"model": "x", "prompt": "a fox", "seed": 5, "cfg": 2.0, "lora": ["style.safetensors:0.5"]}
+    assert main([*args, "--no-metadata", "--output", str(tmp_path / "b.png")]) == 0
+    assert "parameters" not in Image.open(tmp_path / "b.png").text
 
 
 def test_text_prompts_file_and_num_images(recorder, tmp_path):

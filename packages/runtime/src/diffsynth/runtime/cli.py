@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "of rows {prompt, seed?, negative_prompt?}; outputs OUTPUT_0000.png, ... and OUTPUT.jsonl listing them",
     )
     gen.add_argument(
+        "--no-metadata",
+        action="store_true",
+        help="leave out the model, prompt, seed and settings that PNG outputs otherwise carry (text chunk 'parameters')",
+    )
+    gen.add_argument(
         "--num-images",
         type=int,
         default=1,
@@ -687,7 +692,7 @@ def _generate(args) -> int:
         path = output.with_name(f"{output.stem}_{i:04d}{output.suffix}")
         result = pipe(**{**options, **job})
         if writes:
-            _write_result(pipe, args, result, path, makes_video)
+            _write_result(pipe, args, result, path, makes_video, job)
             manifest.append({"file": path.name, **{k: v for k, v in job.items()}})
     if writes:
         listing = output.with_suffix(".jsonl")
@@ -739,8 +744,28 @@ def generation_jobs(args) -> list[dict]:
     return jobs
 
 
-def _write_result(pipe, args, result, output: Path, makes_video: bool) -> int:
-    """Write one generation's result (a picture, pictures, frames, or frames with sound) to `output`."""
+def generation_record(args, job: dict | None = None) -> dict:
+    """What made a picture, written into its PNG (`parameters` text chunk): model, prompt, seed and the settings
+    given on the command line, so the picture can be made again."""
+    job = job or {"prompt": args.prompt, "seed": args.seed}
+    record = {"model": args.model, **job}
+    given = {
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "height": args.height,
+        "width": args.width,
+        "lora": list(args.lora) or None,
+        "quantize": list(args.quantize) or None,
+    }
+    record.update({k: v for k, v in given.items() if v is not None and k not in record})
+    return record
+
+
+def _write_result(pipe, args, result, output: Path, makes_video: bool, job: dict | None = None) -> int:
+    """Write one generation's result (a picture, pictures, frames, or frames with sound) to `output`; pictures
+    saved as PNG carry `generation_record` (`--no-metadata` leaves it out)."""
+    record = None if args.no_metadata else generation_record(args, job)
     for slot, cache in pipe.step_caches().items():
         kind = "TeaCache" if type(cache).__name__ == "TeaCache" else "first-block cache"
         logger.info("%s (%s): %d of %d model calls reused", kind, slot, cache.skipped, cache.calls)
@@ -754,7 +779,7 @@ def _write_result(pipe, args, result, output: Path, makes_video: bool) -> int:
         mux_video_audio(frames, waveform, sample_rate, str(output), fps=fps)
     elif isinstance(result, list) and not makes_video:  # several pictures (Qwen-Image-Layered's layers)
         for i, image in enumerate(result):
-            _save_picture(image, output.with_name(f"{output.stem}_{i}{output.suffix}"))
+            _save_picture(image, output.with_name(f"{output.stem}_{i}{output.suffix}"), record)
         logger.info("wrote %d images %s_*%s", len(result), output.with_name(output.stem), output.suffix)
         return 0
     elif isinstance(result, list):  # video frames
@@ -762,15 +787,22 @@ def _write_result(pipe, args, result, output: Path, makes_video: bool) -> int:
 
         save_video(result, str(output), fps=fps)
     else:
-        _save_picture(result, output)
+        _save_picture(result, output, record)
     logger.info("wrote %s", output)
     return 0
 
 
-def _save_picture(image, output: Path) -> None:
+def _save_picture(image, output: Path, record: dict | None = None) -> None:
     if image.mode == "RGBA" and output.suffix.lower() in (".jpg", ".jpeg"):  # JPEG has no alpha channel
         logger.warning("%s cannot hold the image's transparency; write a .png to keep it", output)
         image = image.convert("RGB")
+    if record is not None and output.suffix.lower() == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(record, ensure_ascii=False))
+        image.save(output, pnginfo=info)
+        return
     image.save(output)
 
 
