@@ -94,3 +94,23 @@ def test_the_slots_apply_only_inside_and_nest():
             assert host_slots() == {"vae", "text_encoder"}
         assert host_slots() == {"dit"}
     assert host_slots() == frozenset()
+
+
+def test_stages_activate_a_model_managed_from_outside_instead_of_moving_it(tiny_repo):
+    """A model a trainer put under the VRAM manager itself (not through the pipeline) is activated by its own
+    handle when a stage needs it, and never moved with `.to` (its weights are parked placeholders)."""
+    from diffsynth.runtime.vram import enable_vram_management
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype=torch.float32, device="cpu")
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        want = pipe.vae.encode(pixels)
+    handle = enable_vram_management(pipe.vae, {"offload_device": "cpu", "onload_device": "cpu"}, device="cpu")
+    handle.park()
+    assert "vae" not in pipe.vram_handles
+    pipe.load_models_to_device(["vae"])
+    assert handle.state == "active"
+    with torch.no_grad():
+        assert torch.equal(pipe.vae.encode(pixels), want)
+    pipe.load_models_to_device(["dit"])  # not the pipeline's to park: left as the trainer has it
+    assert handle.state == "active"

@@ -383,7 +383,11 @@ class BasePipeline:
         return dict(handles)
 
     def load_models_to_device(self, slots: Iterable[str]) -> None:
-        """Move the models a stage needs to the device and park the others (when offloading)."""
+        """Move the models a stage needs to the device and park the others (when offloading). A model VRAM-managed
+        from outside the pipeline (a trainer's streamed or fp8 model) is activated by its own handle, never moved
+        with `.to` (its weights are the manager's), and left as it is otherwise."""
+        from .vram import vram_handle
+
         slots = set(slots)
         handles = self.vram_handles
         parked = False
@@ -394,15 +398,16 @@ class BasePipeline:
             if slot in handles:
                 parked |= handles[slot].state == "active"
                 handles[slot].park()
-            elif self.model_offload:
+            elif self.model_offload and vram_handle(model) is None:
                 model.to("cpu")
                 parked = True
         for slot in slots:
             model = getattr(self, slot, None)
             if model is None:
                 continue
-            if slot in handles:
-                handles[slot].activate()
+            handle = handles.get(slot) or vram_handle(model)
+            if handle is not None:
+                handle.activate()
             else:
                 model.to(self.device)
         if parked and self.model_offload and self.device.type == "cuda":
