@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+GGUF_SUFFIXES = (".gguf",)  # read by `gguf.GGUFFile` (the optional gguf package)
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES + GGUF_SUFFIXES
 INDEX_SUFFIX = ".index.json"
 NESTED_STATE_KEYS = ("state_dict", "model", "module", "model_state")
 _MAX_HEADER = 100_000_000  # the safetensors format's own limit
@@ -203,10 +204,15 @@ class LazyStateDict(Mapping):
 
     def __init__(self, files: Sequence[str]):
         self.files: list[str] = list(files)
-        self._readers: list[_SafetensorsFile | _TorchFile] = []
+        self._readers: list = []  # _SafetensorsFile, _TorchFile, gguf.GGUFFile
         self._where: dict[str, int] = {}
         for path in self.files:
-            reader = _SafetensorsFile(path) if path.endswith(SAFETENSORS_SUFFIXES) else _TorchFile(path)
+            if path.endswith(GGUF_SUFFIXES):
+                from .gguf import GGUFFile
+
+                reader = GGUFFile(path)
+            else:
+                reader = _SafetensorsFile(path) if path.endswith(SAFETENSORS_SUFFIXES) else _TorchFile(path)
             for key in reader.entries:
                 if key in self._where:
                     other = self.files[self._where[key]]

@@ -26,7 +26,7 @@ from .quant import check_vram_keys, quantize_config
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
 
 
 def _default_device() -> str:
@@ -206,13 +206,18 @@ class BasePipeline:
                 self._add_controlnet(net, config, slot)
 
     def _load_into_slots(self, config: ModelConfig) -> None:
+        from .gguf import is_gguf, load_gguf
         from .loading import load_models
         from .quant_io import load_prequantized, prequantized_config
 
         paths = weight_paths(config)
         fetch_companion_config(config)  # the loader reads config.json beside the weights
         prequantized = prequantized_config(paths, config.quantize, _describe(config))  # a file saved quantized
-        if prequantized is not None:
+        if prequantized is None and is_gguf(paths):  # GGUF: its quantized Linears stay packed (`gguf.py`)
+            prequantized, loaded = load_gguf(
+                paths, config.quantize, torch_dtype=self.torch_dtype, roles=self.load_roles
+            )
+        elif prequantized is not None:
             loaded = load_prequantized(paths, prequantized, torch_dtype=self.torch_dtype, roles=self.load_roles)
         else:  # in the pipeline dtype: storage dtypes (fp8 with scales, disk) are the VRAM manager's job
             loaded = load_models(paths, torch_dtype=self.torch_dtype, device="cpu", roles=self.load_roles)

@@ -257,6 +257,8 @@ def layer_method(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if not isinstance(module, nn.Linear) or weight is None:
         return None
+    if callable(getattr(module, "dequantized_weight", None)):  # gguf.GGUFLinear: the file's ggml blocks
+        return f"gguf_{module.qtype}"
     state = getattr(weight, "quant_state", None)
     if state is not None:
         return f"bitsandbytes_{state.quant_type}"
@@ -265,14 +267,17 @@ def layer_method(module: nn.Module) -> str | None:
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether `module` is a Linear whose weight is stored quantized (bitsandbytes' packed weight, or a torchao
-    tensor subclass): its weight cannot take a fused LoRA delta, `linear_weight` gives its float value."""
+    """Whether `module` is a Linear whose weight is stored quantized (bitsandbytes' packed weight, a torchao
+    tensor subclass, a GGUF file's blocks): its weight cannot take a fused LoRA delta, `linear_weight` gives its
+    float value."""
     return layer_method(module) is not None
 
 
 def linear_weight(module: nn.Linear) -> torch.Tensor:
     """A Linear's [out, in] weight, dequantized for a quantized layer: for code that calls `F.linear` with the
     weight itself rather than the module."""
+    if callable(getattr(module, "dequantized_weight", None)):  # gguf.GGUFLinear
+        return module.dequantized_weight()
     weight = module.weight
     if getattr(weight, "quant_state", None) is not None:
         return _bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state)
