@@ -346,6 +346,28 @@ def test_training_boundaries():
     assert (high > cut).all() and (low <= cut).all()
 
 
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (1.0, 0.5), (-0.5, 1.5)])
+def test_logit_normal_training_draws_follow_the_density(mean, std):
+    """On an unshifted grid (sigma = t), logit-normal draws have the moments of sigmoid(N(mean, std)), computed
+    here by quadrature; boundaries still hold; a higher mean draws noisier levels."""
+    s = FlowMatchScheduler("wan", shift=1.0)
+    s.set_training_grid()
+    gen = torch.Generator().manual_seed(0)
+    draw = s.sample_training_sigmas(40000, gen, distribution="logit_normal", logit_mean=mean, logit_std=std).double()
+    u = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * ((u - mean) / std) ** 2)
+    pdf = pdf / pdf.sum()
+    t = torch.sigmoid(u)
+    want_mean = float((pdf * t).sum())
+    want_std = float((pdf * (t - want_mean) ** 2).sum().sqrt())
+    assert abs(float(draw.mean()) - want_mean) < 0.005 and abs(float(draw.std()) - want_std) < 0.005
+    assert all(v in set(s.train_sigmas.tolist()) for v in draw[:200].tolist())
+    low = s.sample_training_sigmas(512, gen, min_boundary=0.5, distribution="logit_normal")
+    assert (low <= s.train_sigmas[500]).all()
+    with pytest.raises(ConfigError, match="timestep distribution 'beta'"):
+        s.sample_training_sigmas(2, distribution="beta")
+
+
 def test_training_weights_are_the_diffsynth_bell():
     s = FlowMatchScheduler("wan", shift=1.0)  # unshifted grid: t = 1000, 999, ..., 1
     s.set_training_grid()

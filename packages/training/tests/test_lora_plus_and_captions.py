@@ -71,3 +71,34 @@ def test_caption_dropout_empties_the_same_rows_on_every_run(tmp_path, dataset, m
 def test_bad_settings_are_named(tmp_path, dataset, overrides, message):
     with pytest.raises(ConfigError, match=message):
         toy_config(tmp_path, dataset, **overrides).check()
+
+
+def test_logit_normal_timesteps_reach_the_scheduler(tmp_path, dataset, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffsynth.runtime.schedulers.flow_match import FlowMatchScheduler
+    from diffsynth.training.trainer import check_timestep_sampling
+
+    seen = []
+    draw = FlowMatchScheduler.sample_training_sigmas
+
+    def recording(self, batch, generator=None, **kwargs):
+        seen.append(kwargs)
+        return draw(self, batch, generator, **kwargs)
+
+    monkeypatch.setattr(FlowMatchScheduler, "sample_training_sigmas", recording)
+    cfg = toy_config(tmp_path, dataset, timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)
+    losses, _ = first_losses(cfg, steps=2)
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    assert seen and all(
+        k["distribution"] == "logit_normal" and k["logit_mean"] == 0.5 and k["logit_std"] == 0.8 for k in seen
+    )
+
+    class OwnDraw:  # a scheduler with its own draw (LTX-2's): no other distribution
+        def sample_training_sigmas(self, batch, generator=None, *, min_boundary=0.0, max_boundary=1.0):
+            raise AssertionError("not called")
+
+    task = SimpleNamespace(scheduler=OwnDraw(), family="own")
+    with pytest.raises(ConfigError, match="--timestep_sampling logit_normal: the own task draws its noise levels"):
+        check_timestep_sampling(cfg.check(), task)
+    check_timestep_sampling(toy_config(tmp_path, dataset).check(), task)  # uniform: every family's default

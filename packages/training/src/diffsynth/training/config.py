@@ -258,6 +258,14 @@ class TrainConfig:
     loss_weighting: Literal["scheduler", "none"] = _arg(
         "scheduler", "scheduler: the family's timestep loss weights; none: plain MSE", "optimisation"
     )
+    timestep_sampling: Literal["uniform", "logit_normal"] = _arg(
+        "uniform",
+        "how noise levels are drawn from the family's grid: uniform (DiffSynth-Studio's), or logit_normal (SD3's "
+        "density, kohya's / ai-toolkit's 'sigmoid': the middle levels most)",
+        "optimisation",
+    )
+    logit_mean: float = _arg(0.0, "logit_normal: the mean (> 0 draws noisier levels)", "optimisation")
+    logit_std: float = _arg(1.0, "logit_normal: the spread", "optimisation")
     min_timestep_boundary: float = _arg(0.0, "sample timesteps from this fraction of the grid...", "optimisation")
     max_timestep_boundary: float = _arg(1.0, "...up to this one (0 = noisiest end)", "optimisation")
     find_unused_parameters: bool = _arg(False, "DDP: allow parameters that get no gradient", "optimisation")
@@ -431,6 +439,8 @@ class TrainConfig:
             if self.trainable_models or self.lora_type not in ("lora", "dora"):
                 what = "--trainable_models" if self.trainable_models else f"--lora_type {self.lora_type}"
                 raise ConfigError(f"--lora_plus_ratio speeds up a LoRA's B matrices; {what} has none")
+        if self.logit_std <= 0:
+            raise ConfigError(f"--logit_std {self.logit_std} must be > 0")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"--caption_dropout {self.caption_dropout} must be a probability in [0, 1)")
         if self.caption_dropout and self.cache_dir is not None:

@@ -243,6 +243,7 @@ def setup(config: TrainConfig) -> Run:
         dmd2_task.check_run(cfg, task, acc)
     if cfg.task == "trajectory_imitation":
         trajectory.check_run(cfg, task)
+    check_timestep_sampling(cfg, task)
     if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
         raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
     references = validation_references(cfg, task)
@@ -353,6 +354,26 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(key % 2**63)
 
 
+def timestep_distribution(cfg: TrainConfig) -> dict[str, Any]:
+    """`--timestep_sampling` as `sample_training_sigmas` arguments (none for uniform: every family's default)."""
+    if cfg.timestep_sampling == "uniform":
+        return {}
+    return {"distribution": cfg.timestep_sampling, "logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std}
+
+
+def check_timestep_sampling(cfg: TrainConfig, task: TrainingTask) -> None:
+    """A family whose scheduler draws its own noise levels (LTX-2's shifted logit-normal) takes no other draw."""
+    import inspect
+
+    accepted = inspect.signature(task.scheduler.sample_training_sigmas).parameters
+    takes = "distribution" in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    if timestep_distribution(cfg) and not takes:
+        raise ConfigError(
+            f"--timestep_sampling {cfg.timestep_sampling}: the {task.family} task draws its noise levels its own way "
+            "(see its --task_options, e.g. LTX-2's timestep_sampling)"
+        )
+
+
 def parameter_groups(cfg: TrainConfig, trainable: Mapping[str, nn.Parameter]) -> list:
     """The optimizer's parameters: one group, or with `--lora_plus_ratio` (LoRA+, Hayou et al. 2024) the LoRA's B
     matrices in a second group at that many times the learning rate (the schedule scales both alike)."""
@@ -441,7 +462,11 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
     cfg, scheduler = run.config, run.task.scheduler
     x0 = batch["latents"].float()
     sigma = scheduler.sample_training_sigmas(
-        x0.shape[0], noise_rng, min_boundary=cfg.min_timestep_boundary, max_boundary=cfg.max_timestep_boundary
+        x0.shape[0],
+        noise_rng,
+        min_boundary=cfg.min_timestep_boundary,
+        max_boundary=cfg.max_timestep_boundary,
+        **timestep_distribution(cfg),
     )
     noise = torch.randn(x0.shape, generator=noise_rng).to(x0.device)
     noisy = scheduler.add_noise(x0, noise, sigma.to(x0.device))

@@ -15,6 +15,8 @@ import torch
 from ..errors import ConfigError
 from .templates import FIXED_TABLES, check_steps, get_template
 
+TRAINING_DISTRIBUTIONS = ("uniform", "logit_normal")  # how `sample_training_sigmas` picks grid positions
+
 
 def apply_strength(sigmas: torch.Tensor, denoising_strength: float) -> torch.Tensor:
     """The tail of an N+1 schedule that image-to-image runs: diffusers' `get_timesteps` convention.
@@ -163,21 +165,39 @@ class FlowMatchScheduler:
         min_boundary: float = 0.0,
         max_boundary: float = 1.0,
         device: torch.device | str | None = None,
+        distribution: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
     ) -> torch.Tensor:
-        """`batch` sigmas drawn uniformly from the training grid (built with the template defaults if not set).
+        """`batch` sigmas drawn from the training grid (built with the template defaults if not set): uniformly,
+        or with `distribution="logit_normal"` (SD3's timestep density, kohya's and ai-toolkit's "sigmoid") each
+        grid position weighted by the logit-normal density (`logit_mean`, `logit_std`) of its noise fraction t
+        (1 at the noisy end), so the middle noise levels are drawn most; the family's shift applies on top.
 
         `min_boundary`/`max_boundary` restrict the draw to grid positions `[int(min*T), int(max*T))` counted from
         the noisy end, as DiffSynth-Studio's `min/max_timestep_boundary` do (e.g. Wan 2.2's two experts).
         """
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"batch={batch!r} is not accepted; use an integer >= 1")
+        if distribution not in TRAINING_DISTRIBUTIONS or not logit_std > 0:
+            raise ConfigError(
+                f"timestep distribution {distribution!r} (std {logit_std}): use one of {TRAINING_DISTRIBUTIONS} "
+                "with a std > 0"
+            )
         start, stop = self.training_span()
         size = len(self.train_sigmas)
         low, high = max(start, int(min_boundary * size)), min(stop, int(max_boundary * size))
         if not (0 <= min_boundary < max_boundary <= 1) or low >= high:
             raise self.span_error(min_boundary, max_boundary)
         gen_device = generator.device if generator is not None else "cpu"
-        index = torch.randint(low, high, (batch,), generator=generator, device=gen_device).cpu()
+        if distribution == "uniform":
+            index = torch.randint(low, high, (batch,), generator=generator, device=gen_device).cpu()
+        else:
+            t = 1 - (torch.arange(low, high, dtype=torch.float64) + 0.5) / size  # noise fraction of each position
+            z = (torch.log(t / (1 - t)) - logit_mean) / logit_std
+            density = torch.exp(-0.5 * z**2) / (t * (1 - t))  # the logit-normal pdf, up to a constant
+            picks = torch.multinomial(density.float().to(gen_device), batch, replacement=True, generator=generator)
+            index = low + picks.cpu()
         return self.train_sigmas[index].to(device)
 
     def training_span(self) -> tuple[int, int]:
