@@ -350,7 +350,19 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
     gets the same noise whether one process trains it with gradient accumulation or N processes each train
     one of N consecutive batches, so `--gradient_accumulation_steps N` on one GPU and DDP on N GPUs take the
     same optimizer steps. Resuming needs no generator state either."""
+    return micro_batch_generator(seed, epoch, index)
+
+
+# the streams a micro-batch draws from besides its noise (stream 0): each its own generator, independent of the others
+CHOICES_STREAM, CAPTIONS_STREAM = 1, 2
+
+
+def micro_batch_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:
+    """The generator of micro-batch `index` of `epoch` for one `stream` of draws (0: timesteps and noise; see
+    `micro_batch_noise`); other streams are the key moved by that many steps of a 64-bit LCG."""
     key = ((seed % 2**31) * 1_000_003 + epoch) * 1_000_003 + index
+    for _ in range(stream):
+        key = (key * 6364136223846793005 + 1442695040888963407) % 2**64
     return torch.Generator().manual_seed(key % 2**63)
 
 
@@ -391,8 +403,7 @@ def drop_captions(cfg: TrainConfig, items: list[dict], epoch: int, index: int) -
     micro-batch (as its noise, another stream), so reruns, resumes and DDP drop the same rows."""
     if not cfg.caption_dropout:
         return items
-    key = ((cfg.seed % 2**31) * 1_000_003 + epoch) * 1_000_003 + index
-    generator = torch.Generator().manual_seed((key * 2862933555777941757 + 3037000493) % 2**63)
+    generator = micro_batch_generator(cfg.seed, epoch, index, CAPTIONS_STREAM)
     drops = torch.rand(len(items), generator=generator) < cfg.caption_dropout
     dropped = zip(items, drops.tolist(), strict=True)
     return [{**item, "prompt": ""} if drop and "prompt" in item else item for item, drop in dropped]
@@ -405,9 +416,7 @@ def draw_batch_choices(run: Run, batch: dict[str, Any], epoch: int, index: int) 
     draw = getattr(run.task, "draw_choices", None)
     if not callable(draw):
         return batch
-    key = ((run.config.seed % 2**31) * 1_000_003 + epoch) * 1_000_003 + index  # micro_batch_noise's key
-    key = (key * 6364136223846793005 + 1442695040888963407) % 2**63  # one LCG step away: another stream
-    return {**batch, **draw(batch, torch.Generator().manual_seed(key))}
+    return {**batch, **draw(batch, micro_batch_generator(run.config.seed, epoch, index, CHOICES_STREAM))}
 
 
 def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainState:
