@@ -310,8 +310,10 @@ def setup(config: TrainConfig) -> Run:
     if streamed:  # copies taken of the denoiser in CPU memory run on the device, as a resident one's do
         offload.to_device(acc.device, dmd2 and dmd2.fake_score, dmd2 and dmd2.teacher, teacher)
     stream_from_cpu(cfg, task, acc.device, all_loaded=not cached)
-    # accelerate moves a prepared model to the device whole unless told not to
-    model, optimizer = acc.prepare(module, optimizer, device_placement=[False if streamed else None, None])
+    # accelerate moves a prepared model to the device whole unless told not to (DeepSpeed, which refuses the
+    # argument even unused, never runs with a streamed model: `offload.check_processes`)
+    placement = {"device_placement": [False, None]} if streamed else {}
+    model, optimizer = acc.prepare(module, optimizer, **placement)
     # FSDP replaces the parameters with sharded ones: name the ones the optimizer now holds (ZeRO-3 keeps the
     # objects and empties them)
     trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
