@@ -11,7 +11,8 @@
 # time limit (together 570 s); under $OUT come back summary.txt, log.txt (every step's output) and
 # results.jsonl (the lines the benchmarks added to benchmarks/results/), within the device's 8 files.
 # bench_ltx2.py (about 38 GB of weights) needs a call of its own: STEPS=ltx2 bash benchmarks/device_run.sh;
-# so does LTX-2.5's diffusion decoder against diffusers': STEPS=decoder bash benchmarks/device_run.sh.
+# so does LTX-2.5's diffusion decoder against diffusers': STEPS=decoder bash benchmarks/device_run.sh, and the
+# CUDA checks of stop 30's formats (GGUF kernels, the pinned host arena): STEPS=formats bash benchmarks/device_run.sh.
 #
 # DRY=1 PYTHON=.venv/bin/python OUT=/tmp/device-out bash benchmarks/device_run.sh runs the same flow on the
 # CPU with tiny models (no install, no GPU-only steps), to check the script itself.
@@ -59,6 +60,8 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: on the GPU with ARGS, or tiny on
 
 if [ "$STEPS" = ltx2 ]; then
   bench bench_ltx2 540 bench_ltx2.py --steps 3 --warmup 1
+elif [ "$STEPS" = formats ]; then
+  step test_formats_gpu 120 "$PYTHON" -m pytest packages/runtime/tests/test_formats_gpu.py -m gpu -q -s -p no:cacheprovider
 elif [ "$STEPS" = decoder ]; then
   bench bench_ltx2_diffusion_decoder 270 bench_ltx2_diffusion_decoder.py --steps 2 --warmup 1
   bench bench_ltx2_diffusion_decoder_1080p 270 bench_ltx2_diffusion_decoder.py --height 1024 --width 1536 \
