@@ -78,6 +78,24 @@ def test_lora_steps_log_a_finite_loss_and_export_lora_files_the_runtime_loads(tm
             torch.testing.assert_close(fresh(x, sigma, text), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_saved_lora_files_say_how_they_were_trained(tmp_path, dataset):
+    from safetensors import safe_open
+
+    config = toy_config(tmp_path, dataset, lora_formats=["diffsynth", "kohya"], lora_alpha=8.0)
+    run = setup(config)
+    state = TrainState()
+    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:2]:
+        state = train_step(run, state, [[run.dataset[i] for i in batch]])
+    save(run, state)
+    for suffix in ("", ".kohya"):
+        with safe_open(str(run.output / f"step-000002{suffix}.safetensors"), framework="pt") as f:
+            header = f.metadata()
+        assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8.0"
+        assert header["ss_network_module"] == "networks.lora" and header["ss_steps"] == "2"
+        assert header["ss_base_model_version"] == "toy" and header["ss_num_train_images"] == "6"
+        assert header["diffsynth_lora_type"] == "lora"
+
+
 def test_train_writes_metrics_config_and_a_final_checkpoint(tmp_path, dataset):
     state = train(toy_config(tmp_path, dataset, max_steps=4))
     out = tmp_path / "out"

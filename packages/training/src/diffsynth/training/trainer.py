@@ -697,6 +697,28 @@ def _saved_activations(cfg: TrainConfig, device: torch.device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
+def training_metadata(run: Run, state: TrainState) -> dict[str, str]:
+    """What a saved LoRA's header says of its training, in kohya's `ss_*` keys (which ComfyUI, the model hubs and
+    LoRA tools show) plus ours: the adapter kind, rank and alpha, base model, steps, learning rate, data size."""
+    cfg = run.config
+    lycoris = cfg.lora_type in ("loha", "lokr")
+    values = {
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        "ss_network_dim": cfg.lora_rank,
+        "ss_network_alpha": cfg.lora_alpha or cfg.lora_rank,
+        "ss_network_args": json.dumps({"algo": cfg.lora_type} if lycoris else {"dora_wd": cfg.lora_type == "dora"}),
+        "ss_base_model_version": run.task.family,
+        "ss_sd_model_name": cfg.model or ",".join([*cfg.model_paths, *cfg.model_id_with_origin_paths]),
+        "ss_steps": state.step,
+        "ss_epoch": state.epoch,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_num_train_images": len(run.dataset),
+        "ss_seed": cfg.seed,
+        "diffsynth_lora_type": cfg.lora_type,
+    }
+    return {key: str(value) for key, value in values.items()}
+
+
 def save(run: Run, state: TrainState) -> None:
     """Write the trained weights (LoRA file(s) or full weights) and a resume checkpoint; prune old ones."""
     acc, cfg = run.accelerator, run.config
@@ -715,9 +737,10 @@ def save(run: Run, state: TrainState) -> None:
         optimizer_state = full_optimizer_state(module, run.optimizer)
     if acc.is_main_process:
         if run.lora:
-            # what a task knows the LoRA needs at inference (an IC-LoRA's reference factor): `lora_metadata()`
+            # how it was trained, and what a task knows the LoRA needs at inference (an IC-LoRA's reference
+            # factor: `lora_metadata()`)
             metadata = getattr(run.task, "lora_metadata", None)
-            header = metadata() if metadata is not None else None
+            header = {**training_metadata(run, state), **(metadata() if metadata is not None else {})}
             written = save_lora_files(module, run.output, name, cfg.lora_formats, state=weights, metadata=header)
             if run.ema is not None:  # the average, beside: step-N-ema.safetensors
                 averaged = {k: run.ema.shadow.get(k, v) for k, v in weights.items()}
