@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import CheckpointError, ConfigError, DiffSynthError, preview
+from .quant import _replace
 
 logger = logging.getLogger(__name__)
 
@@ -476,11 +477,6 @@ def _read(state, key: str, dtype: torch.dtype | None) -> torch.Tensor:
 def _types(state) -> str:
     found = sorted({r.qtype(k) for r in state._readers if isinstance(r, GGUFFile) for k in r.entries})  # noqa: SLF001
     return ", ".join(found)
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 __all__ = [
