@@ -73,6 +73,21 @@ class TrainConfig:
     caption_dropout: float = _arg(
         0.0, "chance that a row trains with an empty prompt (what classifier-free guidance contrasts with)", "data"
     )
+    masked_loss: bool = _arg(
+        False,
+        "the loss counts where each row's mask is white: its loss_mask column (a grayscale picture) or, in a folder "
+        "of captioned pictures, cat-masklabel.png beside cat.png; rows without one count everywhere",
+        "data",
+    )
+    alpha_mask: bool = _arg(
+        False,
+        "masked loss with each picture's transparency as its mask where a row has no mask file (kohya's flag; "
+        "implies --masked_loss)",
+        "data",
+    )
+    unmasked_weight: float = _arg(
+        0.0, "with --masked_loss: the loss weight where a mask is black (0: not learned at all)", "data"
+    )
     dataset_num_workers: int = _arg(0, "data loading worker processes", "data")
     cache_dir: str | None = _arg(
         None, "cached two-stage training: folder of encoded samples (written by --stage encode)", "data"
@@ -432,6 +447,11 @@ class TrainConfig:
             )
         return self
 
+    @property
+    def uses_loss_masks(self) -> bool:
+        """`--masked_loss`, or `--alpha_mask` (which implies it)."""
+        return self.masked_loss or self.alpha_mask
+
     def _check_lora_plus_and_captions(self) -> None:
         if self.lora_plus_ratio is not None:
             if self.lora_plus_ratio <= 0:
@@ -447,6 +467,15 @@ class TrainConfig:
             raise ConfigError(
                 "--caption_dropout empties prompts before they are encoded; --cache_dir holds them encoded. Train "
                 "without --cache_dir (the encoders run on the fly)"
+            )
+        if not 0.0 <= self.unmasked_weight < 1.0:
+            raise ConfigError(f"--unmasked_weight {self.unmasked_weight} must be in [0, 1) (1 would ignore the masks)")
+        if self.unmasked_weight and not self.uses_loss_masks:
+            raise ConfigError("--unmasked_weight weighs what the masks leave out; give --masked_loss too")
+        if self.uses_loss_masks and self.task not in ("sft", "direct_distill"):
+            raise ConfigError(
+                "--masked_loss / --alpha_mask weigh the flow-matching and direct-distillation losses; --task "
+                f"{self.task} has its own objective"
             )
         if self.caption_dropout and self.task == "dmd2":
             raise ConfigError("--caption_dropout: --task dmd2 draws its own unconditional branch (the teacher's CFG)")

@@ -2,7 +2,8 @@
 
 - Without a metadata file, a folder of pictures or videos each with a caption file of the same name
   (`cat_01.png` + `cat_01.txt`, kohya's and ai-toolkit's layout, subfolders included) is read as rows
-  `{"image" or "video": file, "prompt": caption}`.
+  `{"image" or "video": file, "prompt": caption}`, with `"loss_mask"` where a `cat_01-masklabel.png` is beside
+  it (see `masks.py`).
 
 - A metadata row names its files in the `--data_file_keys` columns (paths relative to the dataset folder) and
   carries the prompt and any extra inputs in other columns. A JSON/JSONL value may be a list of paths. A sound
@@ -44,6 +45,8 @@ from torch.utils.data import Dataset
 
 from diffsynth.runtime.errors import ConfigError, preview
 
+from .masks import MASK_COLUMN, alpha_mask, has_alpha, is_mask_file, mask_file_for, read_mask
+
 logger = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
@@ -81,11 +84,12 @@ def metadata_file(base: Path, explicit: str | None = None) -> Path:
 
 def caption_rows(base: Path) -> list[dict[str, Any]]:
     """Rows of a folder of captioned pictures or videos: each media file (subfolders included, in name order)
-    with the text of the `.txt` file of its name as its prompt. A media file without one is an error naming it."""
+    with the text of the `.txt` file of its name as its prompt, and its `-masklabel.png` mask if it has one. A
+    media file without a caption is an error naming it."""
     rows, uncaptioned = [], []
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
-        if suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_SUFFIXES:
+        if (suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_SUFFIXES) or is_mask_file(path):
             continue
         caption = path.with_suffix(CAPTION_SUFFIX)
         if not caption.is_file():
@@ -94,6 +98,8 @@ def caption_rows(base: Path) -> list[dict[str, Any]]:
         key = "video" if suffix in VIDEO_SUFFIXES else "image"
         prompt = caption.read_text(encoding="utf-8").strip()
         rows.append({key: str(path.relative_to(base)), "prompt": prompt})
+        if mask_file_for(path).is_file():
+            rows[-1][MASK_COLUMN] = str(mask_file_for(path).relative_to(base))
     if uncaptioned:
         raise ConfigError(
             f"--dataset_base_path {base}: {len(uncaptioned)} files have no caption file beside them: "
@@ -221,7 +227,10 @@ class MetadataDataset(Dataset):
     row's.
     `image_mode="RGBA"` reads the images and conditioning images as [4, H, W] with their alpha (an image without
     one gets an opaque alpha); video frames stay RGB.
-    A video row also carries its sound and frame rate (see the module docstring; `audio_rate` resamples)."""
+    A video row also carries its sound and frame rate (see the module docstring; `audio_rate` resamples).
+    With `masked_loss` a row's `loss_mask` file is loaded as `[1, H, W]` in [0, 1] cropped as its media
+    (`masks.read_mask`); without it the column is left as it is. `alpha_mask` (which implies `masked_loss`) takes
+    a maskless row's picture transparency as its mask."""
 
     def __init__(
         self,
@@ -237,6 +246,8 @@ class MetadataDataset(Dataset):
         num_frames: int = 81,
         audio_rate: int | None = None,
         image_mode: str = "RGB",
+        masked_loss: bool = False,
+        alpha_mask: bool = False,
     ):
         if image_mode not in ("RGB", "RGBA"):
             raise ConfigError(f"image_mode={image_mode!r} is not accepted; use 'RGB' or 'RGBA'")
@@ -248,6 +259,9 @@ class MetadataDataset(Dataset):
         self.rows = read_metadata(self.metadata)
         self.conditioning = tuple(conditioning)
         self.file_keys = tuple(dict.fromkeys([*file_keys, *self.conditioning]))
+        self.masked_loss = masked_loss or alpha_mask
+        self.alpha_masked: set[int] = set()  # rows whose mask is their picture's transparency
+        checked = (*self.file_keys, MASK_COLUMN) if masked_loss else self.file_keys
         self.num_frames = num_frames
         self.max_pixels, self.step = max_pixels, step
         self.buckets: list[Bucket] = []
@@ -262,7 +276,7 @@ class MetadataDataset(Dataset):
                 )
             if main not in self.file_keys:
                 raise ConfigError(f"--data_file_keys {','.join(self.file_keys)} must include {main!r}")
-            for key in self.file_keys:
+            for key in checked:
                 for name in _paths(row.get(key)):
                     if not (self.base / name).is_file():
                         missing.append(name)
@@ -284,6 +298,38 @@ class MetadataDataset(Dataset):
             len(set(self.buckets)),
             preview(sorted(set(self.buckets)), 6),
         )
+        if self.masked_loss:
+            self._check_masks(alpha_mask)
+
+    def _check_masks(self, alpha: bool) -> None:
+        """`--masked_loss` needs some rows with a mask file (each one picture) or, with `--alpha_mask`, a
+        transparent picture."""
+        masked = [i for i, row in enumerate(self.rows) if row.get(MASK_COLUMN)]
+        if alpha:
+            for i, row in enumerate(self.rows):
+                main = next(k for k in self.media if row.get(k))
+                path = self.base / str(row[main])
+                if not row.get(MASK_COLUMN) and path.suffix.lower() in IMAGE_SUFFIXES and has_alpha(path):
+                    self.alpha_masked.add(i)
+        if not masked and not self.alpha_masked:
+            transparency = " or transparency (--alpha_mask)" if alpha else ""
+            raise ConfigError(
+                f"--masked_loss: no row of {self.metadata} has a mask{transparency}; give rows a {MASK_COLUMN!r} "
+                "column (a grayscale picture, white where the loss counts) or put cat-masklabel.png beside cat.png"
+            )
+        for i in masked:
+            value = self.rows[i][MASK_COLUMN]
+            if isinstance(value, list) or Path(str(value)).suffix.lower() not in IMAGE_SUFFIXES:
+                raise ConfigError(
+                    f"{self.metadata} row {i + 1} column {MASK_COLUMN}: {value!r} is not one picture file "
+                    f"({', '.join(IMAGE_SUFFIXES)}); a video row's mask is one picture for all its frames"
+                )
+        logger.info(
+            "--masked_loss: %d of %d rows have a mask, %d their transparency (the others count everywhere)",
+            len(masked),
+            len(self),
+            len(self.alpha_masked),
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -294,7 +340,7 @@ class MetadataDataset(Dataset):
         row, size = dict(self.rows[index]), self.buckets[index]
         for key in self.file_keys:
             value = row.get(key)
-            if not value or key in AUDIO_KEYS:
+            if not value or key in AUDIO_KEYS or (key == MASK_COLUMN and self.masked_loss):
                 continue
             loaded = []
             for name in _paths(value):
@@ -316,6 +362,13 @@ class MetadataDataset(Dataset):
                 else:
                     loaded.append(pil_to_tensor(fit(image, size), mode=self.image_mode)[0])
             row[key] = loaded if isinstance(value, list) else loaded[0]
+        if self.masked_loss and (row.get(MASK_COLUMN) or index in self.alpha_masked):
+            main = next(k for k in self.media if self.rows[index].get(k))
+            source = self.base / str(self.rows[index][main])
+            if index in self.alpha_masked:
+                row[MASK_COLUMN] = alpha_mask(source, size, fit)
+            else:
+                row[MASK_COLUMN] = read_mask(self.base / str(row[MASK_COLUMN]), media_size(source), size, fit)
         self._add_sound(row, index)
         return row
 

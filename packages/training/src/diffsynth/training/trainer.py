@@ -19,6 +19,7 @@ dmd2` swaps the whole step for `dmd2.dmd2_step` (a student, a fake score model a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -85,6 +86,7 @@ from .distributed import (
 )
 from .ema import EMA
 from .lora_checkpoint import load_into_lora_layers, read_lora_checkpoint
+from .masks import WEIGHTS_KEY, attach_masks, batch_weights, take_masks
 from .optimizers import make_optimizer
 from .quantize import quantized_sources
 from .task import TrainingTask, check_task, model_sources, task_class
@@ -468,8 +470,8 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
 
 def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_rng: torch.Generator) -> torch.Tensor:
     """Weighted MSE between the predicted and the true velocity at sigmas drawn from the family's training grid.
-    Sigmas and noise are drawn on the CPU from `noise_rng`, so a run is reproducible on any device. A task's
-    optional `loss_mask(batch)` limits each sample's mean to the elements it counts (see `task.py`)."""
+    Sigmas and noise are drawn on the CPU from `noise_rng`, so a run is reproducible on any device. Each sample's
+    error is the mean over the elements a task's `loss_mask` and the `--masked_loss` masks count (`weighted_mean`)."""
     cfg, scheduler = run.config, run.task.scheduler
     x0 = batch["latents"].float()
     sigma = scheduler.sample_training_sigmas(
@@ -483,13 +485,7 @@ def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_
     noisy = scheduler.add_noise(x0, noise, sigma.to(x0.device))
     with _saved_activations(cfg, x0.device):
         predicted = run.task.velocity(model, batch, noisy, sigma.to(x0.device))
-    squared = (predicted.float() - scheduler.training_target(x0, noise)).pow(2)
-    mask = run.task.loss_mask(batch) if callable(getattr(run.task, "loss_mask", None)) else None
-    if mask is None:
-        error = squared.flatten(1).mean(1)
-    else:  # the mean over the elements the task counts (Wan TI2V leaves out its given first frame)
-        mask = mask.to(squared).expand_as(squared).flatten(1)
-        error = (squared.flatten(1) * mask).sum(1) / mask.sum(1)
+    error = weighted_mean(run, batch, (predicted.float() - scheduler.training_target(x0, noise)).pow(2))
     if cfg.loss_weighting == "scheduler":
         error = error * scheduler.training_weight(sigma).to(x0.device)
     return error.mean()
@@ -550,12 +546,20 @@ def direct_distill_loss(run: Run, model: nn.Module, batch: dict[str, Any], plan:
     (the pipeline's `seeded_noise`) on the family's inference schedule for that size (`task.inference_sigmas`),
     without CFG and with gradients through every step, and take the MSE between the result and the row's
     latents (an image the model made with many steps from the same seed)."""
-    squared = (distill_sample(run, model, batch, plan) - batch["latents"].float()).pow(2)
+    return weighted_mean(run, batch, (distill_sample(run, model, batch, plan) - batch["latents"].float()).pow(2)).mean()
+
+
+def weighted_mean(run: Run, batch: dict[str, Any], squared: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean of `squared` over the elements that count: the task's `loss_mask` (Wan TI2V leaves out
+    its given first frame) times the `--masked_loss` weights, each element at its weight."""
     mask = run.task.loss_mask(batch) if callable(getattr(run.task, "loss_mask", None)) else None
+    weights = batch.get(WEIGHTS_KEY)
+    if weights is not None:
+        mask = weights if mask is None else mask.to(weights) * weights
     if mask is None:
-        return squared.mean()
-    mask = mask.to(squared).expand_as(squared).flatten(1)  # e.g. Wan TI2V's given first frame is not sampled
-    return ((squared.flatten(1) * mask).sum(1) / mask.sum(1)).mean()
+        return squared.flatten(1).mean(1)
+    mask = mask.to(squared).expand_as(squared).flatten(1)
+    return (squared.flatten(1) * mask).sum(1) / mask.sum(1)
 
 
 def distill_sample(run: Run, model: nn.Module, batch: dict[str, Any], plan: DistillPlan) -> torch.Tensor:
@@ -878,7 +882,7 @@ def encode_dataset(config: TrainConfig) -> Path:
         recorded.write_text(json.dumps(settings, indent=1))
     acc.wait_for_everyone()
     count = write_cache(
-        task.encode,
+        functools.partial(encode_with_masks, task.encode),
         dataset,
         cache,
         batch_size=cfg.batch_size,
@@ -1018,7 +1022,10 @@ def encoding_settings(cfg: TrainConfig, task: TrainingTask) -> dict[str, Any]:
     samples (all but the ones the task lists in `loss_options`, which act only in the loss)."""
     loss_only = set(getattr(task, "loss_options", ()))
     options = {k: v for k, v in sorted(cfg.task_options.items()) if k not in loss_only}
-    return {**cache_settings(cfg, task.family), "task_options": options}
+    masked = {"masked_loss": True} if cfg.uses_loss_masks else {}  # a cache without masks is refused then
+    if cfg.alpha_mask:
+        masked["alpha_mask"] = True
+    return {**cache_settings(cfg, task.family), "task_options": options, **masked}
 
 
 def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
@@ -1039,17 +1046,32 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         fixed=fixed,
         num_frames=cfg.num_frames,
         image_mode=getattr(task, "image_mode", "RGB"),  # "RGBA" for the families that read transparency
+        masked_loss=cfg.masked_loss,
+        alpha_mask=cfg.alpha_mask,
     )
 
 
 def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
     """Model inputs on the device: encoded now (frozen encoders, no grad) or read from the cache."""
     if run.cached:
-        samples = items
+        samples = [dict(item) for item in items]
     else:
-        with torch.no_grad():
-            samples = run.task.encode(items)
-    return _to_device(run.task.collate(samples), run.accelerator.device)
+        samples = encode_with_masks(run.task.encode, items)
+    masks = take_masks(samples)
+    batch = _to_device(run.task.collate(samples), run.accelerator.device)
+    if run.config.uses_loss_masks:
+        weights = batch_weights(masks, batch["latents"], run.config.unmasked_weight)
+        if weights is not None:
+            batch[WEIGHTS_KEY] = weights
+    return batch
+
+
+def encode_with_masks(encode, rows: list[dict]) -> list[dict]:
+    """The task's encoded samples (no grad), with the rows' `--masked_loss` masks on their latent grids."""
+    with torch.no_grad():
+        samples = encode(rows)
+    attach_masks(rows, samples)
+    return samples
 
 
 def fuse_preset_lora(module: nn.Module, cfg: TrainConfig, task: TrainingTask) -> None:
