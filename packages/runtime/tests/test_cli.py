@@ -296,3 +296,54 @@ def test_animate2_and_speed_flags_reach_the_pipeline(monkeypatch, tmp_path):
     args += ["--animate2-prompt-ref", "a person dances", "--output", str(tmp_path / "out.mp4")]
     assert main(args) == 0 and (tmp_path / "out.mp4").exists()
     assert seen == {"motion_bucket_id": 30.0, "image": "me.png", "video": "moves.mp4", "prompt_ref": "a person dances"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--output", "out.xyz"], r"--output out.xyz: .xyz is not a type diffsynth writes; use .png"),
+        (["--output", "noext"], "--output noext: no file extension is not a type"),
+        (["--steps", "0"], "--steps 0 must be >= 1"),
+        (["--width", "-64"], "--width -64 must be >= 1"),
+    ],
+)
+def test_bad_generation_settings_are_named_before_loading(recorder, capsys, extra, message):
+    assert main(["generate", "--model", "x", "--device", "cpu", "--prompt", "a fox", *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+    assert recorder.loads == 0
+
+
+def test_a_gpu_this_torch_cannot_see_is_named_before_loading(recorder, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--model", "x", "--device", "cuda", "--prompt", "a fox"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: torch" in err and "sees no CUDA GPU here" in err and "--device cpu" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["generate", "--model", "x", "--device", "cuda:2", "--prompt", "a fox"]) == 2
+    assert "this machine has 2 CUDA GPU(s), cuda:0 to cuda:1" in capsys.readouterr().err
+    assert recorder.loads == 0
+
+
+def test_output_short_flag_and_webp_pictures(recorder, tmp_path):
+    from PIL import Image
+
+    assert (
+        main(["generate", "--model", "x", "--device", "cpu", "--prompt", "a fox", "-o", str(tmp_path / "a.webp")]) == 0
+    )
+    with Image.open(tmp_path / "a.webp") as picture:
+        assert picture.format == "WEBP"
+
+
+def test_a_misspelt_preset_gets_suggestions(capsys):
+    from diffsynth.runtime.errors import ConfigError
+    from diffsynth.runtime.registry import find_preset, installed_families
+
+    names = [key for family in installed_families().values() for key in family.presets]
+    if not names:
+        pytest.skip("no family installed: no presets to suggest")
+    wanted = names[0]
+    misspelt = wanted.rsplit("/", 1)[-1].lower().replace("-", "")[:-1]  # "Org/Z-Image-Turbo" -> "zimageturb"
+    with pytest.raises(ConfigError, match=f"did you mean .*{re.escape(repr(wanted))}"):
+        find_preset(misspelt)

@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--negative-prompt", default=None, help="what to avoid, used when --cfg > 1 (preset default)")
     gen.add_argument(
-        "--output", default=None, help="file to write (.png/.jpg for images, .mp4 for video; default output.png/.mp4)"
+        "--output",
+        "-o",
+        default=None,
+        help="file to write (.png/.jpg/.webp for images, .mp4 for video; default output.png/.mp4)",
     )
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (preset default)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (preset default)")
@@ -559,6 +562,8 @@ def _generate(args) -> int:
             f"--device {args.device} is where weights may be offloaded, not where models run; use cuda or cpu"
         )
     device = torch.device(device)
+    check_device(device, args.device)
+    check_generation_numbers(args)
     parallel = args.sequence_parallel is not None or args.cfg_parallel is not None
     if parallel and device.type == "cuda" and device.index is None:  # torchrun: one GPU per rank
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -699,6 +704,51 @@ def _generate(args) -> int:
         listing.write_text("".join(json.dumps(row) + "\n" for row in manifest))
         logger.info("wrote %d outputs and %s", len(manifest), listing)
     return 0
+
+
+def check_device(device, given: str | None) -> None:
+    """A `--device` this torch cannot run on is named before any model loads (not torch's traceback after)."""
+    import torch
+
+    from .errors import ConfigError
+
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"--device {given}: torch {torch.__version__} sees no CUDA GPU here (CUDA build: "
+                f"{torch.version.cuda or 'none'}); use --device cpu, or install a torch build for this machine's GPU"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {given}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {given}: the Apple GPU (mps) is not available to this torch; use --device cpu")
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+OTHER_OUTPUT_SUFFIXES = (".mp4", ".wav", ".safetensors")  # videos; --audio-only's sound; image-to-LoRA's LoRA
+
+
+def check_generation_numbers(args) -> None:
+    """The sizes, steps and output file type of `diffsynth generate`, checked before any model loads."""
+    from .errors import ConfigError
+
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--height", args.height),
+        ("--width", args.width),
+        ("--num-frames", args.num_frames),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    if args.output is not None:
+        suffix = Path(args.output).suffix.lower()
+        if suffix not in PICTURE_SUFFIXES + OTHER_OUTPUT_SUFFIXES:
+            raise ConfigError(
+                f"--output {args.output}: {suffix or 'no file extension'} is not a type diffsynth writes; use "
+                f"{', '.join(PICTURE_SUFFIXES)} for pictures, .mp4 for videos, .wav for sound, .safetensors for an "
+                "image-to-LoRA preset's LoRA"
+            )
 
 
 def generation_jobs(args) -> list[dict]:

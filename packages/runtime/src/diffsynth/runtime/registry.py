@@ -203,7 +203,7 @@ def all_specs() -> list[ModelSpec]:
 
 def find_preset(name: str) -> tuple[Family, Preset]:
     """The family and preset for a hub repo name such as `Tongyi-MAI/Z-Image-Turbo`."""
-    from .errors import ConfigError, preview
+    from .errors import ConfigError
 
     known: list[str] = []
     for fam in installed_families().values():
@@ -211,7 +211,22 @@ def find_preset(name: str) -> tuple[Family, Preset]:
             if key.lower() == name.lower():
                 return fam, preset
             known.append(key)
-    raise ConfigError(f"unknown model preset {name!r}; installed presets: {preview(sorted(known), 50)}")
+    import difflib
+
+    def plain(text: str) -> str:  # "Tongyi-MAI/Z-Image-Turbo" -> "zimageturbo": what people misspell
+        return "".join(ch for ch in text.lower().rsplit("/", 1)[-1] if ch.isalnum())
+
+    by_plain: dict[str, list[str]] = {}
+    for key in sorted(known):
+        by_plain.setdefault(plain(key), []).append(key)
+    close = [
+        key for k in difflib.get_close_matches(plain(name), list(by_plain), n=3, cutoff=0.6) for key in by_plain[k]
+    ]
+    hint = f" (did you mean {' or '.join(repr(c) for c in close[:3])}?)" if close else ""
+    raise ConfigError(
+        f"unknown model preset {name!r}{hint}; `diffsynth list-models` lists the {len(known)} installed presets "
+        "(a local folder of the model's files is taken too)"
+    )
 
 
 def merge_fields(label: str, given: Mapping[str, Any], derived: Mapping[str, Any]) -> dict[str, Any]:
