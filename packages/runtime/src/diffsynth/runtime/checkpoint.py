@@ -351,6 +351,12 @@ def _expand_dir(folder: Path) -> list[str]:
         ignored = [p.name for p in files if p not in safetensors]
         logger.info("%s: using the .safetensors files, ignoring %s", folder, ignored)
         files = safetensors
+    ggufs = [p for p in files if p.name.endswith(GGUF_SUFFIXES)]
+    if len(shard_groups(ggufs)) > 1:  # a GGUF repo's quantization variants (Q4_K_S, Q8_0, ...): one is wanted
+        raise CheckpointError(
+            f"{folder} holds several GGUF files {[p.name for p in ggufs]}; pass the path of the one to load, "
+            f"e.g. {ggufs[0]}"
+        )
     gaps = missing_shards(files)
     if gaps:
         raise CheckpointError(

@@ -371,7 +371,9 @@ def _numel(shape) -> int:
 
 
 def is_gguf(paths) -> bool:
-    """Whether the weight files `paths` stands for are GGUF files."""
+    """Whether the weight files `paths` stands for are GGUF files. A folder stands for its weight files: one
+    .gguf there (a hub download beside its README and config.json) is that file; several (a repo's quantization
+    variants) are refused by `checkpoint.weight_files`, naming them, as the loader that follows reports."""
     from .checkpoint import weight_files
 
     try:

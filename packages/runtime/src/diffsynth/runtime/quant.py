@@ -21,9 +21,13 @@ whole; block streaming and disk offload do not apply to it (see `check_vram_keys
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +63,7 @@ NOT_SUPPORTED = (
 )
 MODES = ("dynamic", "dequant_once")
 BACKEND_OPTIONS = ("compress_statistics", "blocksize", "quant_storage")
+BNB_STORAGE = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 INSTALL_HINT = "pip install bitsandbytes (or the extra: pip install 'diffsynth-runtime[quant]')"
 TORCHAO_HINT = "pip install 'torchao>=0.16' (or the extra: pip install 'diffsynth-runtime[quant]')"
 
@@ -163,9 +168,12 @@ class QuantizeConfig:
         return dequantized_linear(layer) if self.mode == "dequant_once" else layer
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields (what a saved checkpoint records); torchao option objects as their repr."""
+        """JSON-able fields (what a saved checkpoint records, read back by `config_from_dict`): torch dtypes and
+        torchao granularities as small tagged records, so the options come back as the objects they were."""
         data = dataclasses.asdict(self)
-        data["backend_config_kwargs"] = {k: _jsonable(v) for k, v in self.backend_config_kwargs.items()}
+        data["backend_config_kwargs"] = {
+            k: _encode_option(v, f"backend_config_kwargs[{k!r}]") for k, v in self.backend_config_kwargs.items()
+        }
         return data
 
 
@@ -228,16 +236,41 @@ class MixedQuantizeConfig:
 AnyQuantizeConfig = QuantizeConfig | MixedQuantizeConfig
 
 
-def config_from_dict(data: dict[str, Any]) -> AnyQuantizeConfig:
-    """The config `to_dict` wrote (as recorded in a saved checkpoint), for loading it: without its
-    backend_config_kwargs, which shaped the rounding and are carried by the packed tensors themselves."""
+def config_from_dict(data: Any, source: str = "the recorded quantization config") -> AnyQuantizeConfig:
+    """The config `to_dict` wrote (as recorded in a saved checkpoint), with its backend_config_kwargs: the packed
+    tensors carry what shaped their rounding, but the model's config should say it too (a loaded model saved again,
+    or its config used to quantize another, gives the same layers). Anything unknown or ill-typed is an error naming
+    `source` (the file) and the key."""
 
-    def part(fields: dict[str, Any]) -> QuantizeConfig:
-        return QuantizeConfig(**{**fields, "backend_config_kwargs": {}})
+    def fail(what: str) -> ConfigError:
+        return ConfigError(f"{source}: {what}")
 
+    def part(fields: Any, where: str) -> QuantizeConfig:
+        if not isinstance(fields, dict):
+            raise fail(f"{where}must be a dict of QuantizeConfig fields, got {fields!r}")
+        known = [f.name for f in dataclasses.fields(QuantizeConfig)]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise fail(f"{where}key {unknown[0]!r} is not a QuantizeConfig field ({known})")
+        options = fields.get("backend_config_kwargs") or {}
+        if not isinstance(options, dict):
+            raise fail(f"{where}backend_config_kwargs must be a dict, got {options!r}")
+        decoded = {k: _decode_option(v, f"{where}backend_config_kwargs[{k!r}]", source) for k, v in options.items()}
+        try:
+            return QuantizeConfig(**{**fields, "backend_config_kwargs": decoded})
+        except ConfigError as exc:
+            raise fail(f"{where}{exc}") from None
+
+    if not isinstance(data, dict):
+        raise fail(f"the recorded quantization config must be a dict, got {data!r}")
     if "configs" in data:
-        return MixedQuantizeConfig(configs=[part(c) for c in data["configs"]], load_prequantized=True)
-    return part(data)
+        unknown = sorted(set(data) - {"configs", "load_prequantized"})
+        if unknown or not isinstance(data["configs"], list):
+            raise fail(f"key {(unknown or ['configs'])[0]!r} does not fit a MixedQuantizeConfig record")
+        parts = [part({**c, "load_prequantized": False} if isinstance(c, dict) else c, f"configs[{i}] ")
+                 for i, c in enumerate(data["configs"])]  # fmt: skip
+        return MixedQuantizeConfig(configs=parts, load_prequantized=True)
+    return part(data, "")
 
 
 def save_quantized_model(model_or_model_config, path, **options) -> str:
@@ -357,6 +390,12 @@ def _check_bnb_options(options: dict[str, Any]) -> None:
     blocksize = options.get("blocksize")
     if blocksize is not None and (isinstance(blocksize, bool) or blocksize not in (32, 64, 128, 256, 512, 1024)):
         raise ConfigError(f"QuantizeConfig blocksize={blocksize!r}: bitsandbytes takes 32, 64, ..., 1024")
+    compress = options.get("compress_statistics", True)
+    if not isinstance(compress, bool):
+        raise ConfigError(f"QuantizeConfig compress_statistics={compress!r} must be True or False")
+    storage = options.get("quant_storage", torch.uint8)
+    if storage not in BNB_STORAGE:
+        raise ConfigError(f"QuantizeConfig quant_storage={storage!r} must be a torch dtype of {list(BNB_STORAGE)}")
 
 
 def _check_torchao_options(method: str, options: dict[str, Any]) -> None:
@@ -375,12 +414,34 @@ def _check_torchao_options(method: str, options: dict[str, Any]) -> None:
             f"QuantizeConfig backend_config_kwargs {unknown} are not fields of torchao's {config_class.__name__}; "
             f"it takes {fields}"
         )
+    for f in dataclasses.fields(config_class):
+        if f.name in options and not _fits(options[f.name], f.type):
+            raise ConfigError(
+                f"QuantizeConfig backend_config_kwargs {f.name}={options[f.name]!r} is not a {f.type} (the type of "
+                f"torchao's {config_class.__name__}.{f.name})"
+            )
     if options.get("version", 2) != 2:
         raise ConfigError(
             f"QuantizeConfig backend_config_kwargs version={options['version']!r}: only torchao's version 2 tensors "
             "(Int8Tensor / Float8Tensor) are supported"
         )
     _torchao_config(method, options)  # torchao's own checks of the values, now rather than at load
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether `value` has the type a torchao config field declares, for the plain types (bool, int, float, str,
+    torch.dtype, classes) and their Optional / Union; other annotations are left to torchao."""
+    if annotation is Any or isinstance(annotation, str):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is int or annotation is float:
+        return isinstance(value, (int, float) if annotation is float else int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
 
 
 def _torchao_config(method: str, options: dict[str, Any]):
@@ -485,12 +546,81 @@ def bnb_shell(bnb, in_features, out_features, bias, compute_dtype, quant_type, o
     return layer.requires_grad_(False)
 
 
-def _jsonable(value: Any) -> Any:
+TORCH_DTYPE_TAG = "torch.dtype"
+GRANULARITY_TAG = "torchao.granularity"
+
+
+def _encode_option(value: Any, key: str) -> Any:
+    """One backend option as JSON: torch dtypes and torchao granularities (dataclasses) as tagged records."""
+    if isinstance(value, torch.dtype):
+        return {TORCH_DTYPE_TAG: str(value).removeprefix("torch.")}
+    if type(value).__module__ == "torchao.quantization.granularity" and dataclasses.is_dataclass(value):
+        fields = {f.name: _encode_option(getattr(value, f.name), key) for f in dataclasses.fields(value)}
+        return {GRANULARITY_TAG: type(value).__name__, "fields": fields}
+    if isinstance(value, (list, tuple)):
+        return [_encode_option(v, key) for v in value]
     try:
         json.dumps(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"QuantizeConfig {key}={value!r} cannot be recorded in a checkpoint header (JSON values, torch dtypes and "
+            "torchao granularities can)"
+        ) from None
+    return value
+
+
+def _decode_option(value: Any, key: str, source: str) -> Any:
+    """The option `_encode_option` recorded (also the repr strings older files hold: "torch.uint8",
+    "PerGroup(group_size=16)")."""
+
+    def fail(what: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} {what}")
+
+    if isinstance(value, str) and (legacy := _legacy_option(value)) is not None:
+        value = legacy
+    if isinstance(value, list):
+        return [_decode_option(v, key, source) for v in value]
+    if not isinstance(value, dict):
         return value
-    except TypeError:
-        return repr(value)
+    if set(value) == {TORCH_DTYPE_TAG}:
+        dtype = getattr(torch, str(value[TORCH_DTYPE_TAG]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise fail(f"names no torch dtype: {value[TORCH_DTYPE_TAG]!r}")
+        return dtype
+    if set(value) == {GRANULARITY_TAG, "fields"} and isinstance(value["fields"], dict):
+        try:
+            from torchao.quantization import granularity
+        except ImportError:
+            raise fail(f"is a torchao granularity; it needs the torchao package: {TORCHAO_HINT}") from None
+        kind = getattr(granularity, str(value[GRANULARITY_TAG]), None)
+        if not (
+            isinstance(kind, type) and issubclass(kind, granularity.Granularity) and dataclasses.is_dataclass(kind)
+        ):
+            raise fail(f"names no torchao granularity: {value[GRANULARITY_TAG]!r}")
+        fields = {k: _decode_option(v, key, source) for k, v in value["fields"].items()}
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}  # PerBlock's block_size
+        try:
+            return kind(**fields)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise fail(f"is no valid {kind.__name__}: {exc}") from None
+    raise fail(f"is a record this version cannot read: {value!r}")
+
+
+def _legacy_option(text: str) -> dict | None:
+    """The tagged record of a repr string an older file holds ("torch.uint8", "PerRow(dim=-1)"); None for a string
+    of another kind (kept as a string)."""
+    if re.fullmatch(r"torch\.\w+", text):
+        return {TORCH_DTYPE_TAG: text.removeprefix("torch.")}
+    if not re.fullmatch(r"Per[A-Za-z]+\(.*\)", text):
+        return None
+    try:
+        call = ast.parse(text, mode="eval").body
+        fields = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError, AttributeError):
+        return None
+    if call.args or None in fields:
+        return None
+    return {GRANULARITY_TAG: call.func.id, "fields": fields}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -141,6 +141,8 @@ def file_quantization(paths: Sequence[str]) -> tuple[dict[str, Packed], dict[str
     """The packed weights of safetensors `paths` (by key), their merged header, and the config recorded in it."""
     from safetensors import safe_open
 
+    from .checkpoint import checkpoint_label
+
     packed: dict[str, Packed] = {}
     header: dict[str, str] = {}
     keys: list[str] = []
@@ -173,8 +175,14 @@ def file_quantization(paths: Sequence[str]) -> tuple[dict[str, Packed], dict[str
         shape = _shape_of(paths, qdata)
         dtype = getattr(torch, record["_data"]["dtype"]["_data"])
         packed[name] = Packed(name, TORCHAO_TYPES[kind], parts, shape, dtype, header[name])
-    recorded = json.loads(header[HEADER_KEY]) if HEADER_KEY in header else None
-    return packed, header, config_from_dict(recorded) if recorded is not None else None
+    if HEADER_KEY not in header:
+        return packed, header, None
+    label = f"{checkpoint_label([str(p) for p in paths])} (header {HEADER_KEY!r})"
+    try:
+        recorded = json.loads(header[HEADER_KEY])
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{label} is not JSON ({exc})") from None
+    return packed, header, config_from_dict(recorded, label)
 
 
 def _shape_of(paths, key: str) -> tuple[int, ...]:
@@ -190,7 +198,14 @@ def _shape_of(paths, key: str) -> tuple[int, ...]:
 def prequantized_config(paths: Sequence[str], quantize: AnyQuantizeConfig | None, label: str):
     """The config to load `paths` with when they hold quantized layers (None for a plain file): the user's, which
     must then say `load_prequantized=True`, or else the one recorded in the file (ours) or derived from its
-    layers (a diffusers bnb-4bit file)."""
+    layers (a diffusers bnb-4bit file). A folder stands for the weight files in it."""
+    from .checkpoint import weight_files
+    from .errors import DiffSynthError
+
+    try:
+        paths = weight_files(list(paths))
+    except DiffSynthError:  # missing files: the loader that follows says so
+        return None
     if not any(str(p).endswith(".safetensors") for p in paths):
         if quantize is not None and quantize.load_prequantized:
             raise ConfigError(f"{label}: load_prequantized=True needs a .safetensors file saved quantized")

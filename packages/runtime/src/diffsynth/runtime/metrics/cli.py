@@ -33,6 +33,12 @@ def add_score_parser(commands) -> argparse.ArgumentParser:
     score.add_argument("--processor-path", default=None, help="the folder of its processor (CLIP-based metrics)")
     score.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     score.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    score.add_argument(
+        "--fid-resize",
+        default=None,
+        help="fid: how images are resized to 299x299: bilinear (pytorch-fid's, the default) or bicubic "
+        "(DiffSynth-Studio's, to reproduce its numbers)",
+    )
     score.add_argument("--json", action="store_true", help="print JSON")
     return score
 
@@ -49,6 +55,10 @@ def run_score(args) -> int:
     if name == "fid" and len(args.images) != 2:
         raise ConfigError(f"--metric fid takes two folders, REFERENCE_DIR GENERATED_DIR; got {len(args.images)}")
     options = {"device": args.device, "batch_size": args.batch_size}
+    if args.fid_resize is not None:
+        if name != "fid":
+            raise ConfigError(f"--metric {name} takes no --fid-resize (it is how FID resizes its images)")
+        options["resize"] = args.fid_resize
     if args.model_path:
         options["model_config"] = args.model_path
     if args.processor_path:

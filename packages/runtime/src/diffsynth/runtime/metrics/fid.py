@@ -2,8 +2,11 @@
 
 FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) (Heusel et al. 2017). Features follow pytorch-fid:
 each image as RGB in [0, 1], resized to 299x299 bilinearly (align_corners=False), scaled to [-1, 1], through the
-FID Inception-v3 (`inception.FIDInceptionV3`). (DiffSynth-Studio resizes with PIL bicubic instead; its numbers
-differ slightly from pytorch-fid's and ours.) Statistics are float64; the covariance is unbiased (N - 1), as
+FID Inception-v3 (`inception.FIDInceptionV3`). `resize="bicubic"` resizes as DiffSynth-Studio does instead
+(torchvision's `Resize(BICUBIC)` on the PIL image: PIL's bicubic on the 8-bit values, antialiased when shrinking),
+to reproduce its numbers; bilinear stays the default because it is pytorch-fid's, whose FIDs papers report and
+which every score computed here so far used (the two differ by a few tenths on typical sets, so scores computed
+with different resizes must not be compared). Statistics are float64; the covariance is unbiased (N - 1), as
 `numpy.cov`. tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a
 symmetric positive semi-definite matrix, so no complex parts or scipy are involved; with fewer images than the 2048
 feature dimensions it is the nuclear norm of a small N1 x N2 matrix (`frechet_distance_of_features`).
@@ -32,7 +35,7 @@ from .base import (
     read_state_dict,
     resolve_files,
 )
-from .inception import FIDInceptionV3, resize_for_fid
+from .inception import FID_IMAGE_SIZE, FIDInceptionV3, resize_for_fid
 
 # the FID weights file holds torchvision's names; its 1008-way classifier is not used for features
 FID_RULES = (("fc.", None), ("Conv2d_", "Conv2d_"), ("Mixed_", "Mixed_"))
@@ -59,6 +62,28 @@ def _as_inputs(images, what: str) -> list:
     if isinstance(images, (list, tuple)):
         return list(images)
     raise ConfigError(f"{what} must be a folder, an image path, a PIL.Image, or a list of them")
+
+
+RESIZE_MODES = ("bilinear", "bicubic")
+
+
+def check_resize(resize) -> str:
+    """`resize` if it is one of `RESIZE_MODES`, else an error saying what each means."""
+    if resize not in RESIZE_MODES:
+        raise ConfigError(
+            f"FID resize={resize!r} must be one of {RESIZE_MODES}: 'bilinear' (pytorch-fid's, the default) or "
+            "'bicubic' (DiffSynth-Studio's)"
+        )
+    return resize
+
+
+def fid_input(image, resize: str = "bilinear") -> torch.Tensor:
+    """One image (PIL or path) as the FID Inception's [1, 3, 299, 299] input in [0, 1]: pytorch-fid's bilinear
+    resize of the float tensor, or DiffSynth-Studio's PIL bicubic resize of the 8-bit image before it."""
+    if check_resize(resize) == "bicubic":
+        size = (FID_IMAGE_SIZE, FID_IMAGE_SIZE)
+        return _to_tensor(load_image(image).resize(size, Image.Resampling.BICUBIC))
+    return resize_for_fid(_to_tensor(image))
 
 
 def _to_tensor(image) -> torch.Tensor:
@@ -132,10 +157,11 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class FIDMetric(Metric):
     """FID between a reference image set and a generated one (lower is closer)."""
 
-    def __init__(self, model: FIDInceptionV3, batch_size: int = 16):
+    def __init__(self, model: FIDInceptionV3, batch_size: int = 16, resize: str = "bilinear"):
         super().__init__()
         self.model = model
         self.batch_size = batch_size
+        self.resize = check_resize(resize)
 
     @classmethod
     def from_pretrained(
@@ -143,8 +169,11 @@ class FIDMetric(Metric):
         model_config: ModelConfig | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 16,
+        resize: str = "bilinear",
     ):
-        """Load the FID Inception weights (DiffSynth-Studio's `FID/model.safetensors` by default); float32."""
+        """Load the FID Inception weights (DiffSynth-Studio's `FID/model.safetensors` by default); float32.
+        `resize`: "bilinear" (pytorch-fid's) or "bicubic" (DiffSynth-Studio's), see the module docstring."""
+        check_resize(resize)
         files = resolve_files(model_config or default_config("FID/model.safetensors"), "model_config")
         label = ", ".join(files)
         state = read_state_dict(files)
@@ -156,7 +185,7 @@ class FIDMetric(Metric):
             if key.endswith("num_batches_tracked") and key not in state:
                 state[key] = torch.zeros((), dtype=value.dtype)
         load_strict(model, state, label)
-        return cls(model, batch_size=batch_size)._ready(pick_device(device), torch.float32)
+        return cls(model, batch_size=batch_size, resize=resize)._ready(pick_device(device), torch.float32)
 
     @torch.no_grad()
     def features(self, images, batch_size: int | None = None, what: str = "images") -> torch.Tensor:
@@ -168,7 +197,7 @@ class FIDMetric(Metric):
         out = []
         for start in range(0, len(inputs), size):
             # resized one by one, so a batch may mix sizes; the model's own resize is then the identity
-            batch = [resize_for_fid(_to_tensor(image)) for image in inputs[start : start + size]]
+            batch = [fid_input(image, self.resize) for image in inputs[start : start + size]]
             out.append(self.model(torch.cat(batch).to(self.device)).to("cpu", torch.float64))
         return torch.cat(out)
 
