@@ -33,6 +33,7 @@ FAMILY = Family(
     presets=PRESETS,
     pipeline="diffsynth.flux.pipeline:FluxImagePipeline",
     training="diffsynth.flux.training:FluxTrainingTask",
+    lora_converter="diffsynth.flux.flux1.lora:convert_flux1_naming",
     description="FLUX.1 (dev, Krea, Kontext, schnell, Fill, Canny, Depth) from Black Forest Labs: 12B "
     "double/single-stream DiT, CLIP-L + T5-XXL text encoders, FLUX.1 VAE, ControlNets in the diffusers "
     "FluxControlNetModel format, Redux image prompts",
@@ -44,6 +45,7 @@ FLUX2_FAMILY = Family(
     presets=FLUX2_PRESETS,
     pipeline="diffsynth.flux.flux2.pipeline:Flux2ImagePipeline",
     training="diffsynth.flux.flux2.training:Flux2TrainingTask",
+    lora_converter="diffsynth.flux.flux2.lora:convert_flux2_naming",
     description="FLUX.2 (dev 32B with Mistral-Small-3.1; klein 4B/9B with Qwen3) from Black Forest Labs: "
     "shared-modulation double/single-stream DiT, 32-channel VAE, multi-reference editing (KV-cached on klein-9B-KV)",
 )

@@ -1,4 +1,5 @@
-"""`diffsynth lora extract | resize | merge`: the `lora_tools` operations on files, written with `save_lora`."""
+"""`diffsynth lora extract | resize | merge | convert`: the `lora_tools` operations on files, and a file renamed to
+another naming (`lora_convert`), written with `save_lora`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,19 @@ logger = logging.getLogger(__name__)
 
 
 def add_lora_parser(commands) -> None:
-    lora = commands.add_parser("lora", help="make LoRA files: extract one from a fine-tune, resize, merge")
+    lora = commands.add_parser(
+        "lora", help="make LoRA files: extract one from a fine-tune, resize, merge, convert to another naming"
+    )
     actions = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
 
-    def common(parser: argparse.ArgumentParser) -> None:
+    def common(
+        parser: argparse.ArgumentParser, default_format: str | None = "diffsynth", help_format: str = ""
+    ) -> None:
         parser.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
         parser.add_argument(
-            "--format", default="diffsynth", help="key layout: diffsynth (default), peft (ComfyUI names) or kohya"
+            "--format",
+            default=default_format,
+            help=help_format or "key layout: diffsynth (default), peft (ComfyUI names) or kohya",
         )
 
     ext = actions.add_parser("extract", help="a LoRA of a fine-tune's weight differences from its base (SVD)")
@@ -36,12 +43,36 @@ def add_lora_parser(commands) -> None:
     mer.add_argument("--rank", type=int, default=None, help="cut the merged change to this rank (default: exact)")
     common(mer)
 
+    con = actions.add_parser(
+        "convert", help="a LoRA (any layout the family reads) in official (BFL / authors', ComfyUI) or diffusers names"
+    )
+    con.add_argument("lora", help="the LoRA file")
+    con.add_argument("--family", required=True, help="the model family it is for (see `diffsynth list-models`)")
+    con.add_argument(
+        "--to",
+        default="official",
+        help="naming to write: official (default; fused layers as one exact LoRA each) or diffusers (split into "
+        "diffusers' layers, under transformer.)",
+    )
+    common(
+        con,
+        default_format=None,
+        help_format="key layout: diffsynth (default for --to official), peft (default for --to diffusers: "
+        "transformer.<name>; diffusion_model.<name> for official names) or kohya (official names only)",
+    )
+
 
 def run_lora(args) -> int:
     from .cli import path_and_scale
     from .lora import save_lora
     from .lora_tools import extract_lora, merge_loras, resize_lora
 
+    if args.lora_command == "convert":
+        from .lora_convert import convert_lora_file
+
+        lora = convert_lora_file(args.lora, args.output, args.family, to=args.to, format=args.format)
+        logger.info("wrote %s (%d layers, %s names)", args.output, len(lora), args.to)
+        return 0
     if args.lora_command == "extract":
         lora = extract_lora(args.base, args.tuned, args.rank, threshold=args.threshold, device=args.device)
     elif args.lora_command == "resize":

@@ -150,6 +150,9 @@ class Family:
     pipeline: str | None = None  # "module:Class", imported only when used
     training: str | None = None  # "module:Class" of the family's training task, imported only when used
     description: str = ""
+    # "module:function" renaming the family's LoRA files (`diffsynth lora convert`): f(lora, to) -> LoRAWeights in
+    # the naming `to` ("official" or "diffusers"), imported only when used
+    lora_converter: str | None = None
 
     def pipeline_class(self):
         if self.pipeline is None:
@@ -160,6 +163,11 @@ class Family:
         if self.training is None:
             raise LookupError(f"family {self.name!r} has no training task")
         return _import(self.training)
+
+    def lora_converter_function(self):
+        if self.lora_converter is None:
+            raise LookupError(f"family {self.name!r} has no LoRA naming converter")
+        return _import(self.lora_converter)
 
 
 def _import(target: str):

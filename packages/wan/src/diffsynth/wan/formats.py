@@ -639,6 +639,7 @@ FAMILY = Family(
     presets=PRESETS,
     pipeline="diffsynth.wan.pipeline:WanVideoPipeline",
     training="diffsynth.wan.training:WanTrainingTask",
+    lora_converter="diffsynth.wan.lora:convert_wan_naming",
     description="Wan 2.1 / 2.2 video generation (Wan-AI): T2V, I2V, TI2V, VACE, Fun, Animate, Animate-2, S2V and Dancer DiTs, speed control, UMT5-XXL text encoder, "
     "open-clip XLM-R image encoder, causal 3D VAEs",
 )

@@ -6,16 +6,22 @@ already; LoRAs trained on diffusers' `WanTransformer3DModel` name the same layer
 `diffusion_model.`, or kohya-underscored: `lora_transformer_blocks_0_attn1_to_q`). The layers are the same ones
 one to one (no fused layers), so renaming each target through the checkpoint tables (`formats.DIFFUSERS_TO_OURS`)
 is the whole conversion; any kind of change (LoRA, LoHa / LoKr, DoRA, diff) moves with its name.
+`convert_wan_naming` (`diffsynth lora convert`) writes a LoRA back out in either naming.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 
-from diffsynth.runtime.errors import LoRAError
-from diffsynth.runtime.lora import LoRAWeights
+import torch
+from torch import nn
 
-from .formats import DIFFUSERS_TO_OURS, _template
+from diffsynth.runtime.errors import LoRAError, preview
+from diffsynth.runtime.lora import LoRAWeights, read_lora, read_lora_state
+
+from .formats import DIFFUSERS_TO_OURS, OURS_TO_DIFFUSERS, _template
 
 # diffusers -> ours module templates (`{}` the block index), from the key table's weights
 _MODULES = {
@@ -58,4 +64,55 @@ def convert_wan_lora(lora: LoRAWeights) -> LoRAWeights:
     return LoRAWeights(targets=targets, source=lora.source, skipped=list(lora.skipped), keys=keys)
 
 
-__all__ = ["convert_wan_lora", "wan_module_name"]
+def convert_wan_naming(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    to: str = "official",
+    model: nn.Module | None = None,
+) -> LoRAWeights:
+    """A Wan DiT LoRA in any layout we read (also LongCat-Video's) with dotted names in the authors' naming
+    (`to="official"`) or diffusers' (`to="diffusers"`). Kohya's underscored names are resolved against `model`'s
+    Linears (default: a 14B I2V DiT with VACE blocks on the meta device, the union of the Wan DiTs' layer names);
+    a target that is no Linear of it is an error naming its key."""
+    from .longcat import is_longcat_lora, longcat_lora_to_standard
+
+    if to not in ("official", "diffusers"):
+        raise LoRAError(f"unknown LoRA naming {to!r}; accepted: ['official', 'diffusers']")
+    state, source = read_lora_state(path_or_state_dict)
+    if is_longcat_lora(state):
+        state = longcat_lora_to_standard(state, source)
+    lora = convert_wan_lora(read_lora(state, source=source))
+    linears = {n for n, m in (model or _meta_model()).named_modules() if isinstance(m, nn.Linear)}
+    underscored = {n.replace(".", "_"): n for n in linears}
+    targets, keys, unknown = {}, {}, []
+    for raw, target in lora.targets.items():
+        name = raw if raw in linears else underscored.get(raw)
+        if name is None:
+            unknown.append(lora.keys.get(raw, raw))
+            continue
+        if to == "diffusers":
+            template, index = _template(name + ".weight")
+            if template not in OURS_TO_DIFFUSERS:
+                raise LoRAError(
+                    f"{source}: {lora.keys.get(raw, raw)!r} changes {name!r}, which diffusers' Wan DiT does not have"
+                )
+            name = OURS_TO_DIFFUSERS[template].removesuffix(".weight").format(*index)
+        targets[name] = target
+        keys[name] = lora.keys.get(raw, raw)
+    if unknown:
+        raise LoRAError(
+            f"{source}: {len(unknown)} of {len(lora.targets)} LoRA entries match no layer of the Wan DiT: "
+            f"{preview(unknown, 5)}. Accepted are the authors' names (blocks.0.self_attn.q), diffusers' "
+            "(blocks.0.attn1.to_q) and their kohya forms (lora_unet_blocks_0_self_attn_q)"
+        )
+    return LoRAWeights(targets=targets, source=source, skipped=list(lora.skipped), keys=keys)
+
+
+def _meta_model() -> nn.Module:
+    from .dit import WanDiT, WanDiTConfig
+
+    config = WanDiTConfig(has_image_input=True, model_type="i2v", image_pos_len=514, vace_layers=tuple(range(0, 40, 2)))
+    with torch.device("meta"):
+        return WanDiT(config)
+
+
+__all__ = ["convert_wan_lora", "convert_wan_naming", "wan_module_name"]

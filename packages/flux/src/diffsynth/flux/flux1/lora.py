@@ -28,6 +28,9 @@ XLabs' single-block `qkv_lora` covers the q, k, v rows of `linear1` the same way
 stores (scale, shift) where our `final_layer.adaLN_modulation.1` stores (shift, scale), so the rows of its up
 matrix (and diff) are swapped like the weights in `formats.py`.
 
+`convert_flux1_naming` (`diffsynth lora convert`, through the family's `lora_converter`) writes a LoRA back out in
+BFL names (fused layers as one exact LoRA each) or diffusers' (fused LoRAs split exactly, `to_diffusers_names`).
+
 The machinery is shared with FLUX.2 (`flux2/lora.py`): a family hands its name tables over as a `LoRANaming`
 (diffusers -> ours, fused parts, swapped layers, XLabs names) and `convert_lora` does the rest.
 """
@@ -118,33 +121,44 @@ class LoRAPart:
 
 def lora_names(model: nn.Module, naming: LoRANaming = FLUX1_NAMING) -> dict[str, LoRAPart]:
     """Every dotted LoRA target name we accept for `model` (ours, diffusers, XLabs) -> where it lands."""
-    diffusers_names, diffusers_swapped = _layer_names(naming.diffusers_to_ours), _layer_names(naming.swapped)
+    tables = _layer_names(naming.diffusers_to_ours), _layer_names(naming.swapped)
     names: dict[str, LoRAPart] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         names[name] = LoRAPart(name)
+        names.update(_diffusers_parts(name, module, naming, tables))
         template, index = naming.template(name)
-        out_features, in_features = module.weight.shape
-        if template in diffusers_names:
-            names[diffusers_names[template].format(*index)] = LoRAPart(name)
-        elif template in diffusers_swapped:
-            names[diffusers_swapped[template].format(*index)] = LoRAPart(name, swap=True)
-        elif f"{template}.weight" in naming.ours_fused:
-            parts = [p.removesuffix(".weight") for p in naming.ours_fused[f"{template}.weight"]]
-            # q, k, v of the hidden width each, then (single blocks) the MLP input
-            width = out_features // 3 if len(parts) == 3 else in_features
-            sizes = [width] * 3 + [out_features - 3 * width] * (len(parts) - 3)
-            start = 0
-            for part, rows in zip(parts, sizes, strict=True):
-                names[part.format(*index)] = LoRAPart(name, start, rows)
-                start += rows
+        in_features = module.weight.shape[1]
         if template in naming.xlabs:
             rows = 3 * in_features if template.endswith("linear1") else None
             names[naming.xlabs[template].format(*index)] = LoRAPart(name, 0, rows)
     for alias, prefix in naming.aliases:
         names.update({alias + n.removeprefix(prefix): p for n, p in list(names.items()) if n.startswith(prefix)})
     return names
+
+
+def _diffusers_parts(name: str, module: nn.Linear, naming: LoRANaming, tables: tuple) -> dict[str, LoRAPart]:
+    """diffusers' names for our Linear `name` -> where each lands in it (several for a fused layer, none for a
+    layer diffusers lacks). `tables` are `_layer_names` of `naming.diffusers_to_ours` and `naming.swapped`."""
+    diffusers_names, diffusers_swapped = tables
+    template, index = naming.template(name)
+    out_features, in_features = module.weight.shape
+    if template in diffusers_names:
+        return {diffusers_names[template].format(*index): LoRAPart(name)}
+    if template in diffusers_swapped:
+        return {diffusers_swapped[template].format(*index): LoRAPart(name, swap=True)}
+    if f"{template}.weight" not in naming.ours_fused:
+        return {}
+    parts = [p.removesuffix(".weight") for p in naming.ours_fused[f"{template}.weight"]]
+    # q, k, v of the hidden width each, then (single blocks) the MLP input
+    width = out_features // 3 if len(parts) == 3 else in_features
+    sizes = [width] * 3 + [out_features - 3 * width] * (len(parts) - 3)
+    found, start = {}, 0
+    for part, rows in zip(parts, sizes, strict=True):
+        found[part.format(*index)] = LoRAPart(name, start, rows)
+        start += rows
+    return found
 
 
 def read_flux1_lora(
@@ -499,3 +513,118 @@ def _swap_halves(t: LoRATarget) -> LoRATarget:
         factors=factors,
         magnitude=magnitude,
     )
+
+
+# ----------------------------------------------------------------------------------- renaming (`diffsynth lora convert`)
+NAMINGS = ("official", "diffusers")
+
+
+def convert_flux1_naming(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    to: str = "official",
+    model: nn.Module | None = None,
+) -> LoRAWeights:
+    """A FLUX.1 DiT LoRA in any layout we read, renamed to BFL's names (`to="official"`: one exact LoRA per fused
+    layer) or to diffusers' (`to="diffusers"`: fused LoRAs split exactly into their parts). `model` gives the
+    shapes (default: FLUX.1-dev's DiT on the meta device, which costs no memory). Refuses, naming the layer, what
+    the target naming cannot hold exactly (a control LoRA's QK-norm scales; LyCORIS changes on fused parts)."""
+    model = _meta_model() if model is None else model
+    lora = read_flux1_lora(path_or_state_dict, model)
+    if lora.norm_scales:
+        raise LoRAError(
+            f"{lora.source} is a control LoRA that also replaces {len(lora.norm_scales)} QK-norm scales (e.g. "
+            f"{next(iter(lora.norm_scales))!r}); a LoRA file cannot carry those, so it is not converted"
+        )
+    return rename_lora(lora, model, FLUX1_NAMING, to)
+
+
+def _meta_model() -> nn.Module:
+    from .dit import Flux1DiT, Flux1DiTConfig
+
+    with torch.device("meta"):
+        return Flux1DiT(Flux1DiTConfig())
+
+
+def rename_lora(lora: LoRAWeights, model: nn.Module, naming: LoRANaming, to: str) -> LoRAWeights:
+    """`lora` as `convert_lora` returns it (on `model`'s Linears, our names) in the naming `to` (`NAMINGS`)."""
+    if to not in NAMINGS:
+        raise LoRAError(f"unknown LoRA naming {to!r}; accepted: {list(NAMINGS)}")
+    for name, t in lora.targets.items():
+        if isinstance(t.factors, RowStackedDelta):
+            raise LoRAError(
+                f"{lora.source}: {lora.keys.get(name, name)!r} is a LoHa / LoKr on part of {name!r} of the "
+                f"{naming.model} (rows of a fused layer, or its halves swapped), which no LyCORIS change on the "
+                f"whole layer equals; it cannot be written in {to} names"
+            )
+    return lora if to == "official" else to_diffusers_names(lora, model, naming)
+
+
+def to_diffusers_names(lora: LoRAWeights, model: nn.Module, naming: LoRANaming) -> LoRAWeights:
+    """`lora` (our names, on `model`'s Linears) in diffusers' names: a fused layer's LoRA split into its parts
+    (the down shared, the up's rows split, each part keeping only the rank columns its rows use, so a LoRA
+    merged from diffusers parts comes back as those parts), swapped halves swapped back. A LoHa / LoKr or a
+    column-norm DoRA on a fused layer cannot be split and is refused, naming the layer."""
+    tables = _layer_names(naming.diffusers_to_ours), _layer_names(naming.swapped)
+    modules = dict(model.named_modules())
+    targets: dict[str, LoRATarget] = {}
+    keys: dict[str, str] = {}
+    for name, t in lora.targets.items():
+        key = lora.keys.get(name, name)
+        module = modules.get(name)
+        parts = _diffusers_parts(name, module, naming, tables) if isinstance(module, nn.Linear) else {}
+        if not parts:
+            raise LoRAError(
+                f"{lora.source}: {key!r} changes {name!r}, which has no counterpart in diffusers' {naming.model}"
+            )
+        if len(parts) == 1 and next(iter(parts.values())).rows is None:
+            [(theirs, part)] = parts.items()
+            if part.swap and t.factors is not None:
+                raise LoRAError(
+                    f"{lora.source}: {key!r} is a LoHa / LoKr on {name!r}, whose output halves diffusers stores "
+                    f"the other way round ({theirs!r}); its factors cannot be reordered exactly"
+                )
+            pieces = {theirs: _swap_halves(t) if part.swap else t}
+        else:
+            pieces = _split(t, key, name, parts, lora.source)
+        for theirs, piece in pieces.items():
+            targets[theirs] = piece
+            keys[theirs] = key
+    return LoRAWeights(targets=targets, source=lora.source, skipped=list(lora.skipped), keys=keys)
+
+
+def _split(t: LoRATarget, key: str, name: str, parts: dict[str, LoRAPart], source: str) -> dict[str, LoRATarget]:
+    """The exact LoRAs of the parts of fused layer `name`; parts the LoRA leaves unchanged are left out."""
+    if t.factors is not None:
+        raise LoRAError(
+            f"{source}: {key!r} is a LoHa / LoKr on the fused layer {name!r}; it cannot be split exactly into "
+            f"diffusers' {list(parts)}"
+        )
+    if t.magnitude is not None and t.magnitude.shape[1] != 1:
+        raise LoRAError(
+            f"{source}: {key!r} is a DoRA with column norms on the fused layer {name!r}; each of diffusers' parts "
+            f"{list(parts)} would need its own column norms, which the file does not give"
+        )
+    pieces = {}
+    for theirs, part in parts.items():
+        rows = slice(part.start, part.start + part.rows)
+        piece = LoRATarget()
+        if t.down is not None:
+            up = t.up[rows]
+            used = (up != 0).any(dim=0)
+            if used.any():
+                rank = int(used.sum())
+                piece.down, piece.up = t.down[used], up[:, used]
+                piece.alpha = None if t.alpha is None else t.factor * rank  # the same alpha / rank
+        if t.diff is not None and (t.diff[rows] != 0).any():
+            piece.diff = t.diff[rows]
+        if t.diff_b is not None and (t.diff_b[rows] != 0).any():
+            piece.diff_b = t.diff_b[rows]
+        if t.magnitude is not None and not torch.isnan(t.magnitude[rows]).all():
+            piece.magnitude = t.magnitude[rows]  # row norms are each row's own
+        if piece.magnitude is not None and piece.down is None and piece.diff is None:  # a DoRA of no change
+            source_tensor = t.down if t.down is not None else t.diff
+            piece.down = source_tensor.new_zeros(1, source_tensor.shape[1])
+            piece.up = source_tensor.new_zeros(part.rows, 1)
+        if piece.down is not None or piece.diff is not None or piece.diff_b is not None:
+            pieces[theirs] = piece
+    return pieces

@@ -32,9 +32,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from diffsynth.runtime.errors import LoRAError
 from diffsynth.runtime.lora import LoRAWeights, read_lora
 
-from ..flux1.lora import LoRANaming, convert_lora, with_diffusers_alphas
+from ..flux1.lora import LoRANaming, convert_lora, rename_lora, with_diffusers_alphas
 from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
 
 FLUX2_NAMING = LoRANaming(
@@ -61,4 +62,30 @@ def read_flux2_lora(
     return convert_lora(lora, model, FLUX2_NAMING)
 
 
-__all__ = ["FLUX2_NAMING", "read_flux2_lora"]
+def convert_flux2_naming(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    to: str = "official",
+    model: nn.Module | None = None,
+) -> LoRAWeights:
+    """A FLUX.2 DiT LoRA in any layout above renamed to BFL's names (`to="official"`) or diffusers'
+    (`to="diffusers"`), exactly (`flux1.lora.rename_lora`). `model` gives the shapes; by default each released
+    size (dev, klein-4b, klein-9b) is built on the meta device (no memory) and the first the LoRA fits is used."""
+    lora = with_diffusers_alphas(read_lora(path_or_state_dict), path_or_state_dict)
+    if model is not None:
+        return rename_lora(convert_lora(lora, model, FLUX2_NAMING), model, FLUX2_NAMING, to)
+    from .dit import Flux2DiT, Flux2DiTConfig
+
+    first_error = None
+    for variant in ("dev", "klein-4b", "klein-9b"):
+        with torch.device("meta"):
+            candidate = Flux2DiT(Flux2DiTConfig.variant(variant))
+        try:
+            converted = convert_lora(lora, candidate, FLUX2_NAMING)
+        except LoRAError as exc:
+            first_error = first_error or exc
+            continue
+        return rename_lora(converted, candidate, FLUX2_NAMING, to)
+    raise LoRAError(f"{first_error} (it fits none of FLUX.2 dev, klein-4b and klein-9b either)") from None
+
+
+__all__ = ["FLUX2_NAMING", "convert_flux2_naming", "read_flux2_lora"]
