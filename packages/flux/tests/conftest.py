@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.hub_configs import tiny_vae_config_json
 from diffsynth.runtime.testing.modules import load_beside
 from diffsynth.runtime.testing.weights import random_weights
 
@@ -52,24 +53,15 @@ DIT_CONFIG = {
     "axes_dims_rope": [16, 56, 56],
 }
 
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 32, 32],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 64,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
-}
+VAE_CONFIG = tiny_vae_config_json(  # FLUX.1's VAE normalisation
+    "AutoencoderKL",
+    16,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
 
 CLIP_CONFIG = {  # vocab_size and token ids are filled in from the tokenizer
     "architectures": ["CLIPTextModel"],
@@ -242,6 +234,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def posterior_mean(monkeypatch):
+    """diffusers' VAE posteriors return their mean when sampled: diffusers encodes condition images (control,
+    Fill) with a posterior sample where ours (as DiffSynth-Studio) take the mean, so parity runs compare means."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.hub_configs import tiny_vae_config_json
 from diffsynth.runtime.testing.weights import random_weights
 
 CAPTIONS = [
@@ -119,25 +120,16 @@ def dit_config(guidance: bool, context: int) -> dict:
     }
 
 
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKLFlux2",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 32, 32],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 64,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
-    "batch_norm_eps": 1e-4,
-    "batch_norm_momentum": 0.1,
-    "patch_size": [2, 2],
-}
+VAE_CONFIG = tiny_vae_config_json(
+    "AutoencoderKLFlux2",
+    4,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+    batch_norm_eps=1e-4,
+    batch_norm_momentum=0.1,
+    patch_size=[2, 2],
+)
 
 SCHEDULER_CONFIG = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",

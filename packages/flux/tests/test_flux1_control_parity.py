@@ -37,13 +37,6 @@ PROMPTS = ["a red circle on a blue background", "a yellow triangle on a black ba
 TEXT_LEN = 48
 
 
-@pytest.fixture
-def posterior_mean(monkeypatch):
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
-
-
 def reference_pipe(repo):
     import diffusers
 

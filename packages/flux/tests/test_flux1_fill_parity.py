@@ -35,14 +35,6 @@ def fill_repo(tiny_repo, tmp_path_factory):
     return tools.tools_repo(tiny_repo, tmp_path_factory.mktemp("fill") / "repo", tools.FILL_CHANNELS, seed=5)
 
 
-@pytest.fixture
-def posterior_mean(monkeypatch):
-    """diffusers draws the masked image's latents from the VAE posterior; ours take its mean."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
-
-
 def soft_mask(width: int, height: int, seed: int = 1) -> Image.Image:
     """Gray levels everywhere, so the binarisation at 0.5 and the resize both matter."""
     rng = np.random.default_rng(seed)

@@ -19,6 +19,7 @@ from diffsynth.runtime.loading import load_model, recognise
 from diffsynth.runtime.models.autoencoder_kl import AUTOENCODER_KL_SPEC, AutoencoderKL, AutoencoderKLConfig
 from diffsynth.runtime.registry import all_specs
 from diffsynth.runtime.testing import conformance as cf
+from diffsynth.runtime.testing.ldm_vae import diffusers_convert_ldm_vae, diffusers_ldm_vae_kwargs, ldm_vae_state
 from diffsynth.runtime.testing.weights import random_weights
 
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -69,19 +70,8 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def _diffusers_vae(config: Flux2VAEConfig):
     from diffusers import AutoencoderKLFlux2
 
-    n = len(config.block_out_channels)
     return AutoencoderKLFlux2(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=config.block_out_channels,
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        use_quant_conv=config.use_quant_conv,
-        use_post_quant_conv=config.use_post_quant_conv,
-        mid_block_add_attention=config.mid_block_add_attention,
+        **diffusers_ldm_vae_kwargs(config),
         batch_norm_eps=config.batch_norm_eps,
         patch_size=(config.patch_size, config.patch_size),
     ).eval()
@@ -231,55 +221,10 @@ def test_tiled_matches_reference_convention(one_thread):
 
 # ----------------------------------------------------------------------------------- BFL layout
 def _bfl_state(config: Flux2VAEConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights in BFL's `ae.safetensors` layout, written from its architecture (`ch_mult` stages,
-    decoder `up.N` counted from the full-resolution stage, 1x1-conv attention, quant convs inside)."""
+    """Random weights in BFL's `ae.safetensors` layout: the LDM layout with the quant convs inside, plus the
+    packed-latent BatchNorm statistics."""
     g = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-
-    def conv(name, cout, cin, k=3):
-        state[f"{name}.weight"] = 0.2 * torch.randn(cout, cin, k, k, generator=g)
-        state[f"{name}.bias"] = 0.2 * torch.randn(cout, generator=g)
-
-    def norm(name, c):
-        state[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
-        state[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
-
-    def resnet(name, cin, cout):
-        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cout, cin)
-        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout)
-        if cin != cout:
-            conv(f"{name}.nin_shortcut", cout, cin, 1)
-
-    def mid(prefix, c):
-        resnet(f"{prefix}.mid.block_1", c, c)
-        norm(f"{prefix}.mid.attn_1.norm", c)
-        for proj in ("q", "k", "v", "proj_out"):
-            conv(f"{prefix}.mid.attn_1.{proj}", c, c, 1)
-        resnet(f"{prefix}.mid.block_2", c, c)
-
-    chans, n, z = config.block_out_channels, len(config.block_out_channels), config.latent_channels
-    conv("encoder.conv_in", chans[0], config.in_channels)
-    for i in range(n):
-        for j in range(config.layers_per_block):
-            resnet(f"encoder.down.{i}.block.{j}", chans[max(i - 1, 0)] if j == 0 else chans[i], chans[i])
-        if i != n - 1:
-            conv(f"encoder.down.{i}.downsample.conv", chans[i], chans[i])
-    mid("encoder", chans[-1])
-    norm("encoder.norm_out", chans[-1])
-    conv("encoder.conv_out", 2 * z, chans[-1])
-    conv("encoder.quant_conv", 2 * z, 2 * z, 1)
-    conv("decoder.post_quant_conv", z, z, 1)
-    conv("decoder.conv_in", chans[-1], z)
-    mid("decoder", chans[-1])
-    block_in = chans[-1]
-    for i in reversed(range(n)):
-        for j in range(config.layers_per_block + 1):
-            resnet(f"decoder.up.{i}.block.{j}", block_in, chans[i])
-            block_in = chans[i]
-        if i != 0:
-            conv(f"decoder.up.{i}.upsample.conv", chans[i], chans[i])
-    norm("decoder.norm_out", chans[0])
-    conv("decoder.conv_out", config.out_channels, chans[0])
+    state = ldm_vae_state(config, g, scale=0.2, norm_offset=1.0, norm_scale=0.1, quant_convs_inside=True)
     state["bn.running_mean"] = torch.randn(config.packed_channels, generator=g)
     state["bn.running_var"] = 0.002 + 0.5 * torch.rand(config.packed_channels, generator=g)
     state["bn.num_batches_tracked"] = torch.tensor(77)
@@ -288,13 +233,7 @@ def _bfl_state(config: Flux2VAEConfig, seed: int) -> dict[str, torch.Tensor]:
 
 def _diffusers_convert_bfl(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
     """diffusers' LDM VAE converter plus the 7 keys it leaves out (formats README 3.3)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    config = {
-        "down_block_types": ["DownEncoderBlock2D"] * num_blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * num_blocks,
-    }
-    out = convert_ldm_vae_checkpoint(dict(state), config)  # it may pop from its input: give it a copy
+    out = diffusers_convert_ldm_vae(state, num_blocks)
     for src, dst in (("encoder.quant_conv", "quant_conv"), ("decoder.post_quant_conv", "post_quant_conv")):
         for p in ("weight", "bias"):
             out[f"{dst}.{p}"] = state[f"{src}.{p}"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.hub_configs import QWEN_IMAGE_VAE_CONFIG_JSON
 from diffsynth.runtime.testing.modules import load_beside
 from diffsynth.runtime.testing.weights import random_weights
 
@@ -45,20 +46,7 @@ DIT_CONFIG = {
     "guidance_embeds": False,
 }
 
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKLQwenImage",
-    "attn_scales": [],
-    "base_dim": 8,
-    "dim_mult": [1, 2, 4, 4],
-    "dropout": 0.0,
-    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
-    "num_res_blocks": 2,
-    "temperal_downsample": [False, True, True],
-    "z_dim": 16,
-}  # fmt: skip
+VAE_CONFIG = {**QWEN_IMAGE_VAE_CONFIG_JSON, "base_dim": 8}  # Qwen/Qwen-Image `vae/config.json`, tiny width
 
 # Legacy flat Qwen2.5-VL config.json, as in Qwen/Qwen-Image `text_encoder/` (tiny sizes)
 TEXT_CONFIG = {

@@ -11,6 +11,7 @@ import torch
 
 from diffsynth.runtime.models.autoencoder_kl import AutoencoderKL
 from diffsynth.runtime.models.autoencoder_kl_formats import ldm_to_ours
+from diffsynth.runtime.testing.ldm_vae import diffusers_convert_ldm_vae, diffusers_ldm_vae_kwargs, ldm_vae_state
 
 pytestmark = pytest.mark.parity
 KEYS = Path(__file__).parent / "data" / "keys"
@@ -29,21 +30,8 @@ def _tiny_config(**overrides):
 def _diffusers_model(config):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-    n = len(config.block_out_channels)
     return DiffusersAutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=config.block_out_channels,
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        scaling_factor=config.scaling_factor,
-        shift_factor=config.shift_factor,
-        use_quant_conv=config.use_quant_conv,
-        use_post_quant_conv=config.use_post_quant_conv,
-        mid_block_add_attention=config.mid_block_add_attention,
+        **diffusers_ldm_vae_kwargs(config), scaling_factor=config.scaling_factor, shift_factor=config.shift_factor
     ).eval()
 
 
@@ -82,74 +70,12 @@ def test_matches_diffusers(overrides):
         assert (ours.decode(expected) - decoded).abs().max().item() <= 1e-5
 
 
-def _ldm_state(config, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A random state dict in the original LDM layout, written from the LDM architecture
-    (`ch`, `ch_mult`, `num_res_blocks`; decoder `up.N` counted from the full-resolution stage)."""
-    state: dict[str, torch.Tensor] = {}
-
-    def conv(name, cout, cin, k=3):
-        state[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=generator)
-        state[f"{name}.bias"] = torch.randn(cout, generator=generator)
-
-    def norm(name, c):
-        state[f"{name}.weight"] = torch.randn(c, generator=generator)
-        state[f"{name}.bias"] = torch.randn(c, generator=generator)
-
-    def resnet(name, cin, cout):
-        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cout, cin), norm(f"{name}.norm2", cout)
-        conv(f"{name}.conv2", cout, cout)
-        if cin != cout:
-            conv(f"{name}.nin_shortcut", cout, cin, 1)
-
-    def mid(prefix, c):
-        resnet(f"{prefix}.mid.block_1", c, c)
-        norm(f"{prefix}.mid.attn_1.norm", c)
-        for proj in ("q", "k", "v", "proj_out"):
-            conv(f"{prefix}.mid.attn_1.{proj}", c, c, 1)
-        resnet(f"{prefix}.mid.block_2", c, c)
-
-    chans, n, z = config.block_out_channels, len(config.block_out_channels), config.latent_channels
-    conv("encoder.conv_in", chans[0], config.in_channels)
-    for i in range(n):
-        for j in range(config.layers_per_block):
-            resnet(f"encoder.down.{i}.block.{j}", chans[max(i - 1, 0)] if j == 0 else chans[i], chans[i])
-        if i != n - 1:
-            conv(f"encoder.down.{i}.downsample.conv", chans[i], chans[i])
-    mid("encoder", chans[-1])
-    norm("encoder.norm_out", chans[-1])
-    conv("encoder.conv_out", 2 * z, chans[-1])
-    conv("quant_conv", 2 * z, 2 * z, 1)
-    conv("post_quant_conv", z, z, 1)
-    conv("decoder.conv_in", chans[-1], z)
-    mid("decoder", chans[-1])
-    block_in = chans[-1]
-    for i in reversed(range(n)):
-        for j in range(config.layers_per_block + 1):
-            resnet(f"decoder.up.{i}.block.{j}", block_in, chans[i])
-            block_in = chans[i]
-        if i != 0:
-            conv(f"decoder.up.{i}.upsample.conv", chans[i], chans[i])
-    norm("decoder.norm_out", chans[0])
-    conv("decoder.conv_out", config.out_channels, chans[0])
-    return state
-
-
-def _diffusers_convert(state, num_blocks):
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    config = {
-        "down_block_types": ["DownEncoderBlock2D"] * num_blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * num_blocks,
-    }
-    return convert_ldm_vae_checkpoint(dict(state), config)  # it may pop from its input: give it a copy
-
-
 @pytest.mark.parametrize("blocks", [(32, 64), (32, 32, 64)])
 def test_ldm_conversion_matches_diffusers(blocks):
     pytest.importorskip("diffusers")
     config = _tiny_config(block_out_channels=blocks, use_quant_conv=True, use_post_quant_conv=True)
-    state = _ldm_state(config, torch.Generator().manual_seed(0))
-    theirs = _diffusers_convert(state, len(blocks))
+    state = ldm_vae_state(config, torch.Generator().manual_seed(0))
+    theirs = diffusers_convert_ldm_vae(state, len(blocks))
     ours = ldm_to_ours(dict(state))
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
@@ -161,5 +87,5 @@ def test_full_size_ldm_conversion_matches_diffusers():
     pytest.importorskip("diffusers")
     shapes = json.loads((KEYS / "flux1_ae_orig.json").read_text())
     state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-    theirs = {k: tuple(v.shape) for k, v in _diffusers_convert(state, 4).items()}
+    theirs = {k: tuple(v.shape) for k, v in diffusers_convert_ldm_vae(state, 4).items()}
     assert {k: tuple(v.shape) for k, v in ldm_to_ours(dict(state)).items()} == theirs

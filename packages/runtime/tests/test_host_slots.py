@@ -3,7 +3,6 @@ moved with `.to`, no VRAM handle) and places the other models as it always does,
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.testing.modules import load_beside
 from diffsynth.runtime.training_support import host_slots, models_kept_on_host
 from diffsynth.runtime.vram import vram_handle
 from diffsynth.runtime.vram.parked import ParkedWeight
@@ -18,16 +18,12 @@ from diffsynth.runtime.vram.parked import ParkedWeight
 pytest.importorskip("diffsynth.z_image")
 from diffsynth.z_image import ZImagePipeline  # noqa: E402
 
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
+
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
-    """The tiny random Z-Image repo the z-image package's tests build (one builder, not a copy)."""
-    conftest = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("z_image_tiny_repo", conftest)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    return module.build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image-host"))
+    return helpers.tiny_z_image_repo(tmp_path_factory.mktemp("tiny-z-image-host"))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ alone or beside block-managed models."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,8 +16,11 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import apply_lora, list_loras
 from diffsynth.runtime.quant import QuantizeConfig, is_quantized_linear, linear_weight, quantize_config
+from diffsynth.runtime.testing.modules import load_beside
 
 pytest.importorskip("bitsandbytes")
+
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
 
 # NF4's 16 levels (QLoRA, Dettmers et al. 2023) over [-1, 1]; a weight is rounded to the nearest level times its
 # block's absmax, so its error is at most half the widest gap times that absmax
@@ -29,24 +31,8 @@ NF4_LEVELS = torch.tensor(
 NF4_HALF_GAP = float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()) / 2
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(10, 64)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"proj": nn.Linear(64, 128), "out": nn.Linear(128, 64)}) for _ in range(2)
-        )
-        self.head = nn.Linear(64, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block["out"](torch.nn.functional.gelu(block["proj"](x)))
-        return self.head(x)
-
-
-def tiny(dtype=torch.float32) -> Tiny:
-    torch.manual_seed(0)
-    return Tiny().to(dtype).eval().requires_grad_(False)
+def tiny(dtype=torch.float32) -> nn.Module:
+    return helpers.tiny(dtype, embedding=True)  # the embedding must stay unquantized
 
 
 def test_rounding_stays_within_the_nf4_bound_per_block():
@@ -95,20 +81,10 @@ def test_targets_and_excludes_match_dotted_name_endings():
     assert is_quantized_linear(model.blocks[1]["proj"])
 
 
-def lora_state(model: nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
-            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
-    return state
-
-
 def test_a_lora_on_4bit_layers_is_kept_apart_and_equals_it_on_the_rounded_weights():
     model = QuantizeConfig(method="bitsandbytes_nf4").quantize_model(tiny())
     plain = QuantizeConfig(method="bitsandbytes_nf4", mode="dequant_once").quantize_model(tiny())
-    state = lora_state(model)
+    state = helpers.lora_state(model)
     assert apply_lora(model, state, scale=0.8) is not None  # fuse=True asked: attached instead
     assert list(list_loras(model)) == ["lora_0"]
     apply_lora(plain, state, scale=0.8, fuse=False)
@@ -168,14 +144,7 @@ FILES = {
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
-    """The tiny random Z-Image repo the z-image package's tests build (one builder, not a copy)."""
-    pytest.importorskip("diffsynth.z_image")
-    conftest = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("z_image_tiny_repo_quant", conftest)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    return module.build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image-quant"))
+    return helpers.tiny_z_image_repo(tmp_path_factory.mktemp("tiny-z-image-quant"))
 
 
 def pipeline(root: Path, quantize, **options):

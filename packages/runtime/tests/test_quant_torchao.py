@@ -5,7 +5,6 @@ Z-Image pipeline loads and draws with a torchao DiT, and the parts of a mixed co
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,30 +23,18 @@ from diffsynth.runtime.quant import (
     linear_weight,
     quantize_config,
 )
+from diffsynth.runtime.testing.modules import load_beside
 
 pytest.importorskip("torchao")
+
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
 
 INT8 = "torchao_int8_w8a16"
 FP8 = "torchao_fp8_w8a16"
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"proj": nn.Linear(64, 128), "out": nn.Linear(128, 64)}) for _ in range(2)
-        )
-        self.head = nn.Linear(64, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = x + block["out"](torch.nn.functional.gelu(block["proj"](x)))
-        return self.head(x)
-
-
-def tiny(dtype=torch.float32) -> Tiny:
-    torch.manual_seed(0)
-    return Tiny().to(dtype).eval().requires_grad_(False)
+def tiny(dtype=torch.float32) -> nn.Module:
+    return helpers.tiny(dtype)
 
 
 def originals(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,20 +89,10 @@ def test_torchao_layers_compute_what_plain_layers_with_the_dequantized_weights_c
     assert quantize_config(model).method == method
 
 
-def lora_state(model: nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.1
-            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.1
-    return state
-
-
 def test_a_lora_on_torchao_layers_is_kept_apart_and_equals_it_on_the_dequantized_weights():
     model = QuantizeConfig(method=INT8).quantize_model(tiny())
     plain = QuantizeConfig(method=INT8, mode="dequant_once").quantize_model(tiny())
-    state = lora_state(model)
+    state = helpers.lora_state(model)
     assert apply_lora(model, state, scale=0.8) is not None  # fuse=True asked: attached instead
     assert list(list_loras(model)) == ["lora_0"]
     assert model.head.weight.qdata.dtype == torch.int8  # the int8 weights are untouched
@@ -197,14 +174,7 @@ FAST = {"height": 32, "width": 32, "num_inference_steps": 2, "progress_bar": Fal
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
-    """The tiny random Z-Image repo the z-image package's tests build (one builder, not a copy)."""
-    pytest.importorskip("diffsynth.z_image")
-    conftest = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("z_image_tiny_repo_quant_torchao", conftest)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    return module.build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image-torchao"))
+    return helpers.tiny_z_image_repo(tmp_path_factory.mktemp("tiny-z-image-torchao"))
 
 
 def test_a_pipeline_draws_with_an_int8_dit(tiny_repo):

@@ -3,16 +3,18 @@ models activated and parked per stage without user code, and `pipe.vram_report()
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.testing.modules import load_beside
 
 pytest.importorskip("diffsynth.z_image")
 from diffsynth.z_image import ZImagePipeline  # noqa: E402
+
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
 
 PROMPT = "a red circle on a blue background"
 FAST = {"height": 32, "width": 32, "num_inference_steps": 2, "progress_bar": False, "output_type": "pt", "seed": 0}
@@ -21,13 +23,7 @@ DISK = {"offload_device": "disk", "onload_device": "disk"}
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
-    """The tiny random Z-Image repo the z-image package's tests build (one builder, not a copy)."""
-    conftest = Path(__file__).parents[2] / "z-image" / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("z_image_tiny_repo", conftest)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    return module.build_tiny_repo(tmp_path_factory.mktemp("tiny-z-image-vram"))
+    return helpers.tiny_z_image_repo(tmp_path_factory.mktemp("tiny-z-image-vram"))
 
 
 def configs(root: Path, **keys) -> list[ModelConfig]:

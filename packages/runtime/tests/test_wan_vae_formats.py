@@ -22,25 +22,11 @@ from diffsynth.runtime.models.wan_vae import (
 )
 from diffsynth.runtime.models.wan_vae_formats import LAYOUTS_21, LAYOUTS_22, diffusers21_to_ours, diffusers22_to_ours
 from diffsynth.runtime.testing import conformance as cf
+from diffsynth.runtime.testing.hub_configs import QWEN_IMAGE_VAE_CONFIG_JSON
 
 KEYS = Path(__file__).parent / "data" / "keys"
 SPECS = (AUTOENCODER_KL_SPEC, WAN21_VAE_SPEC, WAN22_VAE_SPEC)
 
-# `vae/config.json` of Qwen/Qwen-Image (the Wan 2.1 architecture under another class name)
-QWEN_IMAGE_VAE_CONFIG_JSON = {
-    "_class_name": "AutoencoderKLQwenImage",
-    "attn_scales": [],
-    "base_dim": 96,
-    "dim_mult": [1, 2, 4, 4],
-    "dropout": 0.0,
-    "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-    "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
-    "num_res_blocks": 2,
-    "temperal_downsample": [False, True, True],
-    "z_dim": 16,
-}  # fmt: skip
 # the DiT's `config.json` that sits next to `Wan2.1_VAE.pth` in the Wan2.1 repos: not ours to read
 WAN_DIT_CONFIG_JSON = {"_class_name": "WanModel", "dim": 1536, "in_dim": 16, "model_type": "t2v", "num_layers": 30}
 

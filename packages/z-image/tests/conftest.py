@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from diffsynth.runtime.testing.hub_configs import tiny_vae_config_json
 from diffsynth.runtime.testing.weights import random_weights
 
 CAPTIONS = [
@@ -42,24 +43,15 @@ DIT_CONFIG = {
     "axes_lens": [256, 64, 64],
 }
 
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [32, 32, 32, 32],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 64,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
-}
+VAE_CONFIG = tiny_vae_config_json(  # FLUX.1's VAE, which Z-Image uses (tiny: 4 latent channels)
+    "AutoencoderKL",
+    4,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
 
 TEXT_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"],

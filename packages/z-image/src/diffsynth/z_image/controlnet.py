@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .dit import ADALN_DIM, ZImageBlock, ZImageDiT
+from .dit import BlockSizes, ZImageBlock, ZImageDiT
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ RELEASED_PLACES = {
 
 
 @dataclass
-class ZImageControlNetConfig:
+class ZImageControlNetConfig(BlockSizes):
     """Architecture of a Z-Image Fun ControlNet; defaults are the released Union 2.1 file."""
 
     control_layers_places: tuple[int, ...] = RELEASED_PLACES[15]
@@ -100,23 +100,6 @@ class ZImageControlNetConfig:
                 f"hints but add_control_noise_refiner={mode!r} with n_refiner_layers={self.n_refiner_layers} "
                 f"gives {hints}"
             )
-
-    # what `ZImageBlock` reads from a config, as the DiT's config defines it
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_dim(self) -> int:
-        return int(self.dim / 3 * 8)
-
-    @property
-    def adaln_dim(self) -> int:
-        return min(self.dim, ADALN_DIM)
-
-    @property
-    def patch_key(self) -> str:
-        return f"{self.patch_size}-{self.f_patch_size}"
 
     @property
     def patch_dim(self) -> int:

@@ -51,8 +51,36 @@ QK_NORM_EPS = 1e-5  # fixed in the official code, independent of norm_eps
 Rope = tuple[torch.Tensor, torch.Tensor]  # `rope_tables`: per-channel (cos, signed sin), float32
 
 
+class BlockSizes:
+    """What `ZImageBlock` and the patch embedders read from a config (from `dim`, `n_heads` and the patch sizes),
+    derived once for the DiT's and the ControlNet's configs alike."""
+
+    dim: int
+    n_heads: int
+    patch_size: int
+    f_patch_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU width: 8/3 of dim, truncated as the official code does (3840 -> 10240)."""
+        return int(self.dim / 3 * 8)
+
+    @property
+    def adaln_dim(self) -> int:
+        return min(self.dim, ADALN_DIM)
+
+    @property
+    def patch_key(self) -> str:
+        """Name of the embedder / final layer in the checkpoint, e.g. `2-1`."""
+        return f"{self.patch_size}-{self.f_patch_size}"
+
+
 @dataclass
-class ZImageDiTConfig:
+class ZImageDiTConfig(BlockSizes):
     """Architecture of the Z-Image DiT; defaults are the released 6B checkpoint."""
 
     patch_size: int = 2
@@ -109,24 +137,6 @@ class ZImageDiTConfig:
     def omni(self) -> bool:
         """Z-Image Omni: takes condition images and their SigLIP features (`siglip_feat_dim` set)."""
         return self.siglip_feat_dim is not None
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_dim(self) -> int:
-        """SwiGLU width: 8/3 of dim, truncated as the official code does (3840 -> 10240)."""
-        return int(self.dim / 3 * 8)
-
-    @property
-    def adaln_dim(self) -> int:
-        return min(self.dim, ADALN_DIM)
-
-    @property
-    def patch_key(self) -> str:
-        """Name of the embedder / final layer in the checkpoint, e.g. `2-1`."""
-        return f"{self.patch_size}-{self.f_patch_size}"
 
     @property
     def patch_dim(self) -> int:

@@ -105,12 +105,12 @@ def check_dit_config(config, positive: tuple[str, ...]) -> None:
 
 
 class MLPEmbedder(nn.Module):
-    """`out_layer(silu(in_layer(x)))`: the time, guidance and pooled-text embedders."""
+    """`out_layer(silu(in_layer(x)))`: the time, guidance and pooled-text embedders (FLUX.2's have no `bias`)."""
 
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = nn.Linear(in_dim, hidden, bias=bias)
+        self.out_layer = nn.Linear(hidden, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -140,14 +140,15 @@ class QKNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Fused qkv projection, QK-norm and output projection of one stream (attention runs jointly)."""
+    """Fused qkv projection, QK-norm and output projection of one stream (attention runs jointly); FLUX.2's
+    have no biases (`qkv_bias`, `proj_bias` False)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`[B, L, dim]` -> q, k, v each `[B, L, H, D]`, q and k normalised."""
@@ -156,22 +157,24 @@ class SelfAttention(nn.Module):
 
 
 class Modulation(nn.Module):
-    """`lin(silu(vec))` split into (shift, scale, gate) triples, one (single) or two (double)."""
+    """`lin(silu(vec))` split into (shift, scale, gate) triples, one (single) or two (double), each `[B, 1, dim]`.
 
-    def __init__(self, dim: int, double: bool):
+    FLUX.1 has one per block; FLUX.2 one per model and stream kind (without `bias`), shared by its blocks."""
+
+    def __init__(self, dim: int, double: bool, bias: bool = True):
         super().__init__()
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim)
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
 
-    def forward(self, vec: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.lin(F.silu(vec))[:, None].chunk(self.multiplier, dim=-1))
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.lin(F.silu(vec))[:, None].chunk(self.multiplier, dim=-1)
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`(1 + scale) * x + shift` (AdaLN modulation)."""
     return add_mul(shift, x, 1 + scale)
 
@@ -205,9 +208,9 @@ class DoubleStreamBlock(nn.Module):
         indicator, which exists only inside the block, where a streamed block's weights are present)."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        modulated = _modulate(self.img_norm1(img), i_shift1, i_scale1)
+        modulated = modulate(self.img_norm1(img), i_shift1, i_scale1)
         iq, ik, iv = self.img_attn.qkv_heads(modulated)
-        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), t_shift1, t_scale1))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
         q, k, v = torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1)
         out = _joint_attention(q, k, v, rope, attn_mask)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
@@ -215,11 +218,11 @@ class DoubleStreamBlock(nn.Module):
         if ip_out is not None and not ip.after_mlp:
             img_out = img_out + ip_out
         img = add_mul(img, i_gate1, self.img_attn.proj(img_out))
-        img = add_mul(img, i_gate2, self.img_mlp(_modulate(self.img_norm2(img), i_shift2, i_scale2)))
+        img = add_mul(img, i_gate2, self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2)))
         if ip_out is not None and ip.after_mlp:
             img = img + ip_out
         txt = add_mul(txt, t_gate1, self.txt_attn.proj(txt_out))
-        txt = add_mul(txt, t_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
+        txt = add_mul(txt, t_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
         return (img, txt, modulated) if with_modulated_input else (img, txt)
 
 
@@ -239,7 +242,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, rope: Rope, attn_mask=None, ip=None) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(_modulate(self.pre_norm(x), shift, scale)).split(
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
             [3 * x.shape[-1], self.mlp_hidden_dim], dim=-1
         )
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
@@ -250,17 +253,17 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    """Modulated LayerNorm (shift, scale from `adaLN_modulation`) and the output projection."""
+    """Modulated LayerNorm (shift, scale from `adaLN_modulation`) and the output projection (FLUX.2: no `bias`)."""
 
-    def __init__(self, dim: int, out_channels: int):
+    def __init__(self, dim: int, out_channels: int, bias: bool = True):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.linear = nn.Linear(dim, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=bias))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 def rope_from_ids(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float) -> Rope:

@@ -18,9 +18,17 @@ from __future__ import annotations
 import torch
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
+from diffsynth.runtime.registry import ModelSpec, StateDict, build_config, merge_fields
 
-from ..key_tables import DiffusersKeyTables, count_blocks, template
+from ..dit_formats import (
+    JSON_FIELDS,
+    OWNS_DIFFUSERS,
+    OWNS_ORIGINAL,
+    dit_layouts,
+    fields_from_json,
+    fields_from_shapes,
+)
+from ..key_tables import DiffusersKeyTables, template
 from .dit import Flux1DiT, Flux1DiTConfig
 
 PREFIX = "model.diffusion_model."
@@ -119,81 +127,28 @@ DIFFUSERS_SIGNATURE = (
     "single_transformer_blocks.0.proj_mlp.weight",
     "norm_out.linear.weight",
 )
-_OWNS_ORIGINAL = (
-    "img_in.",
-    "time_in.",
-    "vector_in.",
-    "guidance_in.",
-    "txt_in.",
-    "double_blocks.",
-    "single_blocks.",
-    "final_layer.",
-)
-_OWNS_DIFFUSERS = (
-    "x_embedder.",
-    "context_embedder.",
-    "time_text_embed.",
-    "transformer_blocks.",
-    "single_transformer_blocks.",
-    "norm_out.",
-    "proj_out.",
-)
-
-LAYOUTS = (
-    KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
-    KeyLayout("comfyui", ORIGINAL_SIGNATURE, prefix=PREFIX, owns_prefixes=_OWNS_ORIGINAL),
-    KeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
+LAYOUTS = dit_layouts(
+    ORIGINAL_SIGNATURE,
+    DIFFUSERS_SIGNATURE,
+    diffusers_to_ours,
+    owns_original=(*OWNS_ORIGINAL, "vector_in."),
+    owns_diffusers=(*OWNS_DIFFUSERS, "time_text_embed."),
+    comfyui_prefix=PREFIX,
 )
 
 
 # ----------------------------------------------------------------------------------- config
 def _fields_from_shapes(state: StateDict) -> dict:
-    hidden, in_channels = state["img_in.weight"].shape
-    depth = count_blocks(state, "double_blocks.{}.img_attn.qkv.weight")
-    single = count_blocks(state, "single_blocks.{}.linear1.weight")
-    norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
-    fields = dict(
-        in_channels=in_channels,
-        out_channels=state["final_layer.linear.weight"].shape[0],
-        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
-        context_in_dim=state["txt_in.weight"].shape[1],
-        hidden_size=hidden,
-        depth=depth,
-        depth_single_blocks=single,
-        guidance_embed="guidance_in.in_layer.weight" in state,
-    )
-    if norm in state:
-        fields["num_heads"] = hidden // state[norm].shape[0]
-    if depth:
-        fields["mlp_ratio"] = state["double_blocks.0.img_mlp.0.weight"].shape[0] / hidden
+    fields = fields_from_shapes(state, pooled=True, swiglu=False)
+    if fields["depth"]:
         fields["qkv_bias"] = "double_blocks.0.img_attn.qkv.bias" in state
-    elif single:
-        fields["mlp_ratio"] = (state["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden) / hidden
     return fields
 
 
 def _fields_from_json(config_json: dict) -> dict:
     if config_json.get("patch_size", 1) != 1:
         raise ConfigError(f"config.json patch_size={config_json['patch_size']}: FLUX.1 DiTs take packed tokens (1)")
-    names = {
-        "in_channels": "in_channels",
-        "out_channels": "out_channels",
-        "num_layers": "depth",
-        "num_single_layers": "depth_single_blocks",
-        "num_attention_heads": "num_heads",
-        "joint_attention_dim": "context_in_dim",
-        "pooled_projection_dim": "vec_in_dim",
-        "guidance_embeds": "guidance_embed",
-        "axes_dims_rope": "axes_dim",
-    }
-    given = {ours: config_json[name] for name, ours in names.items() if config_json.get(name) is not None}
-    if "out_channels" not in given and "in_channels" in given:
-        given["out_channels"] = given["in_channels"]  # diffusers: out_channels None means in_channels
-    if config_json.get("attention_head_dim") is not None and "num_heads" in given:
-        given["hidden_size"] = int(config_json["attention_head_dim"]) * int(given["num_heads"])
-    if "axes_dim" in given:
-        given["axes_dim"] = tuple(given["axes_dim"])
-    return given
+    return fields_from_json(config_json, {**JSON_FIELDS, "pooled_projection_dim": "vec_in_dim"})
 
 
 def config_from_state(state: StateDict, config_json: dict | None = None) -> Flux1DiTConfig:

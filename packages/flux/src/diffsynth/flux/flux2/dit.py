@@ -37,7 +37,18 @@ from diffsynth.runtime.layers import add_mul, rope_tables, rotate, timestep_embe
 from diffsynth.runtime.parallel import batch_parallel, shard_sequence
 from diffsynth.runtime.step_cache import run_blocks
 
-from ..flux1.dit import QKNorm, Rope, check_dit_config, rope_from_ids, shard_after
+from ..flux1.dit import (
+    LastLayer,
+    MLPEmbedder,
+    Modulation,
+    QKNorm,
+    Rope,
+    SelfAttention,
+    check_dit_config,
+    modulate,
+    rope_from_ids,
+    shard_after,
+)
 
 TIME_FREQ_DIM = 256  # sinusoidal features fed to time_in / guidance_in
 TIME_FACTOR = 1000.0  # timesteps and guidance are multiplied by this before the embedding
@@ -127,18 +138,6 @@ class ReferenceCache:
         return f"ReferenceCache({state})"
 
 
-class MLPEmbedder(nn.Module):
-    """`out_layer(silu(in_layer(x)))` without biases: the time and guidance embedders."""
-
-    def __init__(self, in_dim: int, hidden: int):
-        super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden, bias=False)
-        self.out_layer = nn.Linear(hidden, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))
-
-
 class SwiGLU(nn.Module):
     """`silu(a) * b` for the two halves `(a, b)` of the last axis (no parameters)."""
 
@@ -151,43 +150,8 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * value
 
 
-class SelfAttention(nn.Module):
-    """Fused qkv projection, QK-norm and output projection of one stream (attention runs jointly)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim, bias=False)
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`[B, L, dim]` -> q, k, v each `[B, L, H, D]`, q and k normalised."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(2)
-        return self.norm.query_norm(q), self.norm.key_norm(k), v
-
-
-class Modulation(nn.Module):
-    """`lin(silu(vec))` split into (shift, scale, gate) triples: two (double) or one (single), each `[B, 1, dim]`.
-
-    One per model and stream kind, shared by all blocks of that kind (computed once per call)."""
-
-    def __init__(self, dim: int, double: bool):
-        super().__init__()
-        self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim, bias=False)
-
-    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.lin(F.silu(vec))[:, None].chunk(self.multiplier, dim=-1)
-
-
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, dim, bias=False))
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`(1 + scale) * x + shift` (AdaLN modulation)."""
-    return add_mul(shift, x, 1 + scale)
 
 
 def _joint_attention(q, k, v, rope: Rope, mask: torch.Tensor | None = None, kv: KV | None = None) -> torch.Tensor:
@@ -216,11 +180,11 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         dim, mlp = config.hidden_size, config.mlp_hidden_dim
         self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.img_attn = SelfAttention(dim, config.num_heads)
+        self.img_attn = SelfAttention(dim, config.num_heads, qkv_bias=False, proj_bias=False)
         self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.img_mlp = _mlp(dim, mlp)
         self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.txt_attn = SelfAttention(dim, config.num_heads)
+        self.txt_attn = SelfAttention(dim, config.num_heads, qkv_bias=False, proj_bias=False)
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.txt_mlp = _mlp(dim, mlp)
 
@@ -229,20 +193,20 @@ class DoubleStreamBlock(nn.Module):
         attention. With `txt` None, `img` holds reference tokens, which run alone through the image weights
         (`mod_txt` unused) and give `(img, (keys, values))`."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mod_img
-        iq, ik, iv = self.img_attn.qkv_heads(_modulate(self.img_norm1(img), i_shift1, i_scale1))
+        iq, ik, iv = self.img_attn.qkv_heads(modulate(self.img_norm1(img), i_shift1, i_scale1))
         if txt is None:
             img_out, kv = _self_attention(iq, ik, iv, rope)
             img = add_mul(img, i_gate1, self.img_attn.proj(img_out))
-            return add_mul(img, i_gate2, self.img_mlp(_modulate(self.img_norm2(img), i_shift2, i_scale2))), kv
+            return add_mul(img, i_gate2, self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2))), kv
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod_txt
-        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), t_shift1, t_scale1))
+        tq, tk, tv = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
         q, k, v = torch.cat((tq, iq), 1), torch.cat((tk, ik), 1), torch.cat((tv, iv), 1)
         out = _joint_attention(q, k, v, rope, mask, kv)
         txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
         img = add_mul(img, i_gate1, self.img_attn.proj(img_out))
-        img = add_mul(img, i_gate2, self.img_mlp(_modulate(self.img_norm2(img), i_shift2, i_scale2)))
+        img = add_mul(img, i_gate2, self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2)))
         txt = add_mul(txt, t_gate1, self.txt_attn.proj(txt_out))
-        txt = add_mul(txt, t_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
+        txt = add_mul(txt, t_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2)))
         return img, txt
 
 
@@ -263,7 +227,7 @@ class SingleStreamBlock(nn.Module):
         """`x` after the block. `kv` (a KV model's reference keys and values at this block) joins the attention.
         `references`: `x` holds reference tokens alone; gives `(x, (keys, values))`."""
         shift, scale, gate = mod
-        qkv, mlp = self.linear1(_modulate(self.pre_norm(x), shift, scale)).split(
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
             [3 * x.shape[-1], 2 * self.mlp_hidden_dim], dim=-1
         )
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)
@@ -273,20 +237,6 @@ class SingleStreamBlock(nn.Module):
             return add_mul(x, gate, self.linear2(torch.cat((out, swiglu(mlp)), dim=-1))), kv
         out = _joint_attention(q, k, v, rope, mask, kv)
         return add_mul(x, gate, self.linear2(torch.cat((out, swiglu(mlp)), dim=-1)))
-
-
-class LastLayer(nn.Module):
-    """Modulated LayerNorm (shift, scale from `adaLN_modulation`) and the output projection."""
-
-    def __init__(self, dim: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
-        self.linear = nn.Linear(dim, out_channels, bias=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=False))
-
-    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
 class Flux2DiT(nn.Module):
@@ -316,15 +266,15 @@ class Flux2DiT(nn.Module):
         self.parallel = None  # ParallelGroups dividing batch and image tokens (BasePipeline.enable_parallel)
         dim = config.hidden_size
         self.img_in = nn.Linear(config.in_channels, dim, bias=False)
-        self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim)
-        self.guidance_in = MLPEmbedder(TIME_FREQ_DIM, dim) if config.guidance_embed else None
+        self.time_in = MLPEmbedder(TIME_FREQ_DIM, dim, bias=False)
+        self.guidance_in = MLPEmbedder(TIME_FREQ_DIM, dim, bias=False) if config.guidance_embed else None
         self.txt_in = nn.Linear(config.context_in_dim, dim, bias=False)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
-        self.double_stream_modulation_img = Modulation(dim, double=True)
-        self.double_stream_modulation_txt = Modulation(dim, double=True)
-        self.single_stream_modulation = Modulation(dim, double=False)
-        self.final_layer = LastLayer(dim, config.out_channels)
+        self.double_stream_modulation_img = Modulation(dim, double=True, bias=False)
+        self.double_stream_modulation_txt = Modulation(dim, double=True, bias=False)
+        self.single_stream_modulation = Modulation(dim, double=False, bias=False)
+        self.final_layer = LastLayer(dim, config.out_channels, bias=False)
 
     def forward(
         self,

@@ -26,9 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict, build_config, merge_fields
+from diffsynth.runtime.registry import ModelSpec, StateDict, build_config, merge_fields
 
-from ..key_tables import DiffusersKeyTables, count_blocks, template
+from ..dit_formats import (
+    JSON_FIELDS,
+    OWNS_DIFFUSERS,
+    OWNS_ORIGINAL,
+    dit_layouts,
+    fields_from_json,
+    fields_from_shapes,
+)
+from ..key_tables import DiffusersKeyTables, template
 from .dit import TIME_FREQ_DIM, Flux2DiT, Flux2DiTConfig
 
 PREFIX = "model.diffusion_model."
@@ -105,71 +113,23 @@ DIFFUSERS_SIGNATURE = (
     "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
     "norm_out.linear.weight",
 )
-_OWNS_ORIGINAL = (
-    "img_in.",
-    "time_in.",
-    "guidance_in.",
-    "txt_in.",
-    "double_blocks.",
-    "single_blocks.",
-    "final_layer.",
-    *(f"{m}." for m in _MODULATIONS),
-)
-_OWNS_DIFFUSERS = (
-    "x_embedder.",
-    "context_embedder.",
-    "time_guidance_embed.",
-    "transformer_blocks.",
-    "single_transformer_blocks.",
-    "norm_out.",
-    "proj_out.",
-    *(f"{m}." for m in _MODULATIONS),
-)
-
-LAYOUTS = (
-    KeyLayout("original", ORIGINAL_SIGNATURE, owns_prefixes=_OWNS_ORIGINAL),
-    KeyLayout("comfyui", ORIGINAL_SIGNATURE, prefix=PREFIX, owns_prefixes=_OWNS_ORIGINAL),
-    KeyLayout("diffusers", DIFFUSERS_SIGNATURE, convert=diffusers_to_ours, owns_prefixes=_OWNS_DIFFUSERS),
+LAYOUTS = dit_layouts(
+    ORIGINAL_SIGNATURE,
+    DIFFUSERS_SIGNATURE,
+    diffusers_to_ours,
+    owns_original=(*OWNS_ORIGINAL, *(f"{m}." for m in _MODULATIONS)),
+    owns_diffusers=(*OWNS_DIFFUSERS, "time_guidance_embed.", *(f"{m}." for m in _MODULATIONS)),
+    comfyui_prefix=PREFIX,
 )
 
 
 # ----------------------------------------------------------------------------------- config
 def _fields_from_shapes(state: StateDict) -> dict:
-    hidden, in_channels = state["img_in.weight"].shape
-    depth = count_blocks(state, "double_blocks.{}.img_attn.qkv.weight")
-    single = count_blocks(state, "single_blocks.{}.linear1.weight")
-    fields = dict(
-        in_channels=in_channels,
-        out_channels=state["final_layer.linear.weight"].shape[0],
-        context_in_dim=state["txt_in.weight"].shape[1],
-        hidden_size=hidden,
-        depth=depth,
-        depth_single_blocks=single,
-        guidance_embed="guidance_in.in_layer.weight" in state,
-    )
-    norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
-    if norm in state:
-        fields["num_heads"] = hidden // state[norm].shape[0]
-    if depth:  # the SwiGLU input projection is twice the MLP width
-        fields["mlp_ratio"] = state["double_blocks.0.img_mlp.0.weight"].shape[0] / 2 / hidden
-    elif single:
-        fields["mlp_ratio"] = (state["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden) / 2 / hidden
-    return fields
+    return fields_from_shapes(state, pooled=False, swiglu=True)
 
 
 # diffusers config.json field -> our config field
-_JSON_FIELDS = {
-    "in_channels": "in_channels",
-    "out_channels": "out_channels",
-    "num_layers": "depth",
-    "num_single_layers": "depth_single_blocks",
-    "num_attention_heads": "num_heads",
-    "joint_attention_dim": "context_in_dim",
-    "guidance_embeds": "guidance_embed",
-    "axes_dims_rope": "axes_dim",
-    "rope_theta": "theta",
-    "mlp_ratio": "mlp_ratio",
-}
+_JSON_FIELDS = {**JSON_FIELDS, "rope_theta": "theta", "mlp_ratio": "mlp_ratio"}
 # Our own fields a config dict may state (the diffusers json has no such field).
 _OWN_JSON_FIELDS = ("causal_references",)
 # Architecture facts the json may state but that we do not vary: value our model has.
@@ -180,14 +140,8 @@ def _fields_from_json(config_json: dict) -> dict:
     for name, ours in _FIXED_JSON.items():
         if config_json.get(name) is not None and config_json[name] != ours:
             raise ConfigError(f"FLUX.2 DiT config.json {name}={config_json[name]!r}: only {ours!r} is supported")
-    given = {ours: config_json[name] for name, ours in _JSON_FIELDS.items() if config_json.get(name) is not None}
+    given = fields_from_json(config_json, _JSON_FIELDS)
     given.update({name: config_json[name] for name in _OWN_JSON_FIELDS if config_json.get(name) is not None})
-    if "out_channels" not in given and "in_channels" in given:
-        given["out_channels"] = given["in_channels"]  # diffusers: out_channels None means in_channels
-    if config_json.get("attention_head_dim") is not None and "num_heads" in given:
-        given["hidden_size"] = int(config_json["attention_head_dim"]) * int(given["num_heads"])
-    if "axes_dim" in given:
-        given["axes_dim"] = tuple(given["axes_dim"])
     return given
 
 
