@@ -53,6 +53,9 @@ def _constraints() -> str:
     return str(path)
 
 
+# the reference implementations the metric parity tests compare with (LPIPS' own package needs torchvision)
+METRIC_REFERENCES = ("lpips==0.1.*", "torchvision")
+
 # optional extras a package's own tests exercise (its tests skip without them)
 TEST_EXTRAS = {"runtime": "[quant]", "training": "[deepspeed,optim]"}
 
@@ -116,7 +119,13 @@ def isolation(session: nox.Session, family: str) -> None:
 def parity(session: nox.Session) -> None:
     """Numerical parity against diffusers / transformers on tiny configs (CPU, fp32)."""
     session.install(
-        "-c", _constraints(), *[f"packages/{p}" for p in PACKAGES], *TEST_DEPS, "diffusers==0.42.*", "transformers>=5.0"
+        "-c",
+        _constraints(),
+        *[f"packages/{p}" for p in PACKAGES],
+        *TEST_DEPS,
+        "diffusers==0.42.*",
+        "transformers>=5.0",
+        *METRIC_REFERENCES,
     )
     _pytest(session, "parity", "packages", "-m", "parity and not gpu and not integration")
     # the ours-vs-diffusers benchmark scripts run on GPUs only; a tiny CPU dry run here keeps them from rotting
@@ -129,6 +138,22 @@ def integration(session: nox.Session) -> None:
     """Tests that cross packages (a family trained by the trainer), with every package installed."""
     session.install("-c", _constraints(), *[f"packages/{p}{TEST_EXTRAS.get(p, '')}" for p in PACKAGES], *TEST_DEPS)
     _pytest(session, "integration", "packages", "-m", "integration and not parity and not gpu", allow_empty=True)
+    # a family's tests of its training task skip in its own session (no trainer there): here they run
+    _pytest(
+        session,
+        "integration-family-training",
+        *_family_training_tests(),
+        "-m",
+        "not integration and not parity and not gpu",
+    )
+
+
+def _family_training_tests() -> list[str]:
+    """The family test files that use the trainer (`diffsynth.training`)."""
+    files = sorted(ROOT.glob("packages/*/tests/test_*.py"))
+    return [
+        str(f) for f in files if f.parts[-3] != "training" and "diffsynth.training" in f.read_text(encoding="utf-8")
+    ]
 
 
 @nox.session

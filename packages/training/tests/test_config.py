@@ -159,3 +159,18 @@ def test_a_lora_preset_is_refused_as_a_training_model(monkeypatch):
     with pytest.raises(ConfigError, match="--model Org/Fast is a LoRA preset .*Org/Fast's fast.safetensors"):
         model_sources(TrainConfig(model="Org/Fast", dataset_base_path="d"))
     assert [c.model_id for c in model_sources(TrainConfig(model="Org/Base", dataset_base_path="d"))[0]] == ["Org/Base"]
+
+
+def test_a_missing_dataset_is_named_before_any_model_loads(tmp_path, monkeypatch):
+    from diffsynth.training import trainer
+
+    monkeypatch.setattr(trainer, "task_class", lambda cfg: pytest.fail("the task was looked up"))
+    for stage in ("train", "encode"):
+        cfg = TrainConfig(model="some/folder", dataset_base_path=str(tmp_path / "nodata"), stage=stage)
+        cfg.cache_dir = str(tmp_path / "cache") if stage == "encode" else None
+        with pytest.raises(ConfigError, match=r"--dataset_base_path .*nodata: no such folder"):
+            trainer.run_stage(cfg)
+    (tmp_path / "data").mkdir()
+    cfg = TrainConfig(model="x", dataset_base_path=str(tmp_path / "data"), dataset_metadata_path="gone.csv")
+    with pytest.raises(ConfigError, match="--dataset_metadata_path gone.csv: no such file"):
+        trainer.run_stage(cfg)

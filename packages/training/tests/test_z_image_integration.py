@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("diffsynth.z_image")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from diffsynth.runtime import ModelConfig, load_model  # noqa: E402
 from diffsynth.training.config import TrainConfig  # noqa: E402
@@ -281,3 +281,19 @@ def test_masked_loss_on_the_latent_grid(z_image_repo, tmp_path):
         losses[name] = state.loss
     assert losses["white"] == pytest.approx(losses["plain"], rel=1e-6)
     assert abs(losses["half"] - losses["plain"]) > 1e-4 * losses["plain"]
+
+
+def test_a_local_model_folder_needs_no_family_name(z_image_repo, z_image_dataset, tmp_path):
+    """`--model <folder>` without `--family`: the family whose denoiser spec knows the folder's weights, however
+    many families are installed; a folder no family knows is named."""
+    from diffsynth.runtime.errors import ConfigError
+    from diffsynth.training.task import task_class, trainable_families
+
+    cfg = replace(config(z_image_repo, z_image_dataset, tmp_path / "out"), family=None)
+    assert task_class(cfg).family == "z_image"
+    (tmp_path / "stranger").mkdir()
+    save_file({"some.weight": torch.zeros(2, 2)}, str(tmp_path / "stranger" / "model.safetensors"))
+    stranger = replace(cfg, model=str(tmp_path / "stranger"))
+    if len(trainable_families()) > 1:
+        with pytest.raises(ConfigError, match=r"--model .*stranger: no installed family recognises .* pass --family"):
+            task_class(stranger)

@@ -169,10 +169,9 @@ def test_ti2v_loss_leaves_out_the_first_latent_frame(ti2v):
     trainer = pytest.importorskip("diffsynth.training.trainer")
     task, _ = ti2v
     batch = task.collate(task.encode([{"prompt": PROMPTS[0], "video": as_video(frames(9, size=64))}]))
-    config = types.SimpleNamespace(
-        min_timestep_boundary=0.0, max_timestep_boundary=1.0, loss_weighting="scheduler",
-        use_gradient_checkpointing_offload=False,
-    )  # fmt: skip
+    config = pytest.importorskip("diffsynth.training.config").TrainConfig(
+        min_timestep_boundary=0.0, max_timestep_boundary=1.0, loss_weighting="scheduler"
+    )  # the trainer's defaults for the rest (uniform timesteps, no masks)
     predictions = []
     real_velocity = task.velocity
 

@@ -518,28 +518,9 @@ def _pipeline_class(model: str):
 
 
 def _family_for_folder(folder: Path):
-    """The installed family whose denoiser spec recognises a weight file in the folder."""
-    from .checkpoint import open_checkpoint
-    from .errors import ConfigError
-    from .pipeline import WEIGHT_SUFFIXES
-    from .registry import installed_families
+    from .registry import family_for_folder
 
-    weight_dirs = [
-        d
-        for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
-        if any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir() if f.is_file())
-    ]
-    for family in installed_families().values():
-        if family.pipeline is None:
-            continue
-        for spec in family.specs:
-            for d in weight_dirs:
-                if spec.match(open_checkpoint(str(d)).shapes().keys()) is not None:
-                    return family
-    raise ConfigError(
-        f"no installed family recognises the weights in {folder} (folders with weights: "
-        f"{[d.name for d in weight_dirs]}); see `diffsynth list-models`"
-    )
+    return family_for_folder(folder, kind="pipeline")
 
 
 def _generate(args) -> int:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -234,6 +236,32 @@ def find_preset(name: str) -> tuple[Family, Preset]:
     raise ConfigError(
         f"unknown model preset {name!r}{hint}; `diffsynth list-models` lists the {len(known)} installed presets "
         "(a local folder of the model's files is taken too)"
+    )
+
+
+def family_for_folder(folder: str | os.PathLike, *, kind: str = "pipeline") -> Family:
+    """The installed family with a `kind` ("pipeline" or "training") whose denoiser spec recognises a weight file in
+    the local model folder (or one of its subfolders), so a folder needs no family name."""
+    from .checkpoint import open_checkpoint
+    from .errors import ConfigError
+    from .pipeline import WEIGHT_SUFFIXES
+
+    folder = Path(folder)
+    weight_dirs = [
+        d
+        for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+        if any(f.name.endswith(WEIGHT_SUFFIXES) for f in d.iterdir() if f.is_file())
+    ]
+    for family in installed_families().values():
+        if getattr(family, kind) is None:
+            continue
+        for spec in family.specs:
+            for d in weight_dirs:
+                if spec.match(open_checkpoint(str(d)).shapes().keys()) is not None:
+                    return family
+    raise ConfigError(
+        f"no installed family recognises the weights in {folder} (folders with weights: "
+        f"{[d.name for d in weight_dirs]}); see `diffsynth list-models`"
     )
 
 

@@ -447,6 +447,14 @@ class TrainConfig:
             )
         return self
 
+    def check_data_paths(self) -> None:
+        """The dataset folder and metadata file exist: checked before any model loads (a 14B model takes minutes),
+        not in `check`, which also reads configs written for another machine."""
+        if self.dataset_base_path is not None and not Path(self.dataset_base_path).is_dir():
+            raise ConfigError(f"--dataset_base_path {self.dataset_base_path}: no such folder")
+        if self.dataset_metadata_path is not None and not Path(self.dataset_metadata_path).is_file():
+            raise ConfigError(f"--dataset_metadata_path {self.dataset_metadata_path}: no such file")
+
     @property
     def uses_loss_masks(self) -> bool:
         """`--masked_loss`, or `--alpha_mask` (which implies it)."""

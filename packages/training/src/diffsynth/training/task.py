@@ -170,6 +170,8 @@ def task_class(config: TrainConfig) -> type:
         family, preset = find_preset(config.model)
         name = preset.training or family.name  # a preset with its own pipeline may have its own task (Step1X-Edit)
     families = trainable_families()
+    if name is None and config.model and Path(config.model).is_dir():
+        name = _folder_family(Path(config.model), families)
     if name is None:
         if len(families) != 1:
             raise ConfigError(f"pass --family: installed families with a training task are {preview(sorted(families))}")
@@ -189,6 +191,18 @@ def task_class(config: TrainConfig) -> type:
     if missing:
         raise ConfigError(f"training task {target!r} does not implement {', '.join(missing)} (see TrainingTask)")
     return cls
+
+
+def _folder_family(folder: Path, families: Mapping[str, str]) -> str | None:
+    """The trainable family a local model folder's weights belong to (None: the only family is taken)."""
+    from diffsynth.runtime.registry import family_for_folder
+
+    try:
+        return family_for_folder(folder, kind="training").name
+    except ConfigError as exc:
+        if len(families) == 1:
+            return None
+        raise ConfigError(f"--model {folder}: {exc}; or pass --family ({preview(sorted(families))})") from None
 
 
 def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig | None]:

@@ -216,6 +216,7 @@ def setup(config: TrainConfig) -> Run:
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     cfg = config.check()
+    cfg.check_data_paths()
     cls = task_class(cfg)
     denoiser = getattr(cls, "denoiser_slot", "dit")
     if cfg.enable_model_cpu_offload and denoiser not in cfg.offload_models:  # DiffSynth-Studio's flag
@@ -862,6 +863,7 @@ def encode_dataset(config: TrainConfig) -> Path:
     """Stage 1 of cached training: encode every sample into `--cache_dir` (resumable: finished samples are
     kept). Loads the encoders and the VAE, not the denoiser."""
     cfg = config.check()
+    cfg.check_data_paths()
     cls = task_class(cfg)
     acc = make_accelerator(cfg)
     with loading_whole_models(acc):
