@@ -1,5 +1,6 @@
 """Metadata files, size buckets, the per-process batch plan and the dataset items."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,45 @@ def test_a_plan_batches_one_bucket_at_a_time_and_covers_every_repeat():
     assert len(plan) == steps_per_epoch(BUCKETS, batch_size=2, repeat=3, world=1, accumulation=1)
 
 
+def test_rows_with_repeats_are_planned_that_many_times():
+    repeats = [1, 3, 1, 1, 2, 1, 1, 4, 1, 1]
+    plan = batch_plan(BUCKETS, batch_size=2, repeat=2, seed=3, repeats=repeats)
+    counts = torch.bincount(torch.tensor([i for batch in plan for i in batch]), minlength=10).tolist()
+    assert counts == [2 * r for r in repeats]
+    assert all(len({BUCKETS[i] for i in batch}) == 1 for batch in plan)
+    assert len(plan) == steps_per_epoch(BUCKETS, batch_size=2, repeat=2, world=1, accumulation=1, repeats=repeats)
+    # all ones is the plan without repeats, batch for batch (runs started before keep their order)
+    assert batch_plan(BUCKETS, batch_size=2, seed=3, repeats=[1] * 10) == batch_plan(BUCKETS, batch_size=2, seed=3)
+
+
+def test_kohya_folders_repeat_their_rows_and_caption_them_with_their_words(tmp_path):
+    folder = tmp_path / "train"
+    for sub, names in (("10_sks dog", ["a.png", "b.png"]), ("1_dog", ["c.png"]), ("extra", ["d.png"])):
+        (folder / sub).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (64, 64), "red").save(folder / sub / name)
+    (folder / "10_sks dog" / "b.txt").write_text("sks dog on a sofa")
+    (folder / "extra" / "d.txt").write_text("a plain dog")
+    dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
+    by_name = {Path(row["image"]).name: (row["prompt"], dataset.repeats[i]) for i, row in enumerate(dataset.rows)}
+    assert by_name == {
+        "a.png": ("sks dog", 10),  # no caption file: the folder's words
+        "b.png": ("sks dog on a sofa", 10),
+        "c.png": ("dog", 1),
+        "d.png": ("a plain dog", 1),  # not a kohya folder
+    }
+    (folder / "extra" / "d.txt").unlink()
+    with pytest.raises(ConfigError, match=r"1 files have no caption file beside them: .*d.png"):
+        MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1.5", "-3"])
+def test_a_bad_repeats_cell_is_named(tmp_path, dataset, value):
+    (dataset / "metadata.csv").write_text(f"image,prompt,repeats\nimg0.png,a,{value}\n")
+    with pytest.raises(ConfigError, match=rf"row 1 column repeats: '{re.escape(value)}' is not a whole number >= 1"):
+        MetadataDataset(dataset, media=("image",), max_pixels=64 * 128, step=16)
+
+
 def test_plans_are_seeded_per_epoch():
     assert batch_plan(BUCKETS, batch_size=2, seed=1, epoch=0) == batch_plan(BUCKETS, batch_size=2, seed=1, epoch=0)
     assert batch_plan(BUCKETS, batch_size=2, seed=1, epoch=0) != batch_plan(BUCKETS, batch_size=2, seed=1, epoch=1)
@@ -218,3 +258,25 @@ def test_conditioning_videos_keep_their_own_size(tmp_path):
     assert item["video"].shape == (3, 4, 32, 64) and item["pose"].shape == (3, 4, 32, 64)  # the row's size
     assert item["face"].shape == (3, 4, 32, 32)  # its own: every column of the gradient kept
     assert item["face"][0, 0, :, 0].mean() < -0.9 and item["face"][0, 0, :, -1].mean() > 0.7
+
+
+def test_the_trainer_and_its_cache_count_the_repeats(tmp_path, dataset):
+    from dataclasses import replace
+
+    from diffsynth_training_toy import TASK
+
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.data import CachedDataset
+    from diffsynth.training.trainer import run_stage, setup
+
+    lines = (dataset / "metadata.csv").read_text().splitlines()
+    rows = [lines[0] + ",repeats"] + [f"{line},{3 if i == 0 else 1}" for i, line in enumerate(lines[1:])]
+    (dataset / "metadata.csv").write_text("\n".join(rows) + "\n")
+    cfg = TrainConfig(
+        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / "out"), max_pixels=64 * 128,
+        bucket_step=16, batch_size=1, mixed_precision="no", dtype="float32", lora_rank=4,
+    )  # fmt: skip
+    assert setup(cfg).total_steps == 6 + 2  # six rows, the first three times
+    run_stage(replace(cfg, cache_dir=str(tmp_path / "cache"), stage="encode"))
+    assert CachedDataset(tmp_path / "cache").repeats == [3, 1, 1, 1, 1, 1]
+    assert setup(replace(cfg, cache_dir=str(tmp_path / "cache"))).total_steps == 8

@@ -3,7 +3,10 @@
 - Without a metadata file, a folder of pictures or videos each with a caption file of the same name
   (`cat_01.png` + `cat_01.txt`, kohya's and ai-toolkit's layout, subfolders included) is read as rows
   `{"image" or "video": file, "prompt": caption}`, with `"loss_mask"` where a `cat_01-masklabel.png` is beside
-  it (see `masks.py`).
+  it (see `masks.py`). kohya's DreamBooth layout works too: a top-level subfolder `10_sks dog/` repeats its rows
+  10 times an epoch, and a picture there without a caption file takes the folder's words (`sks dog`) as prompt.
+- A row's optional `repeats` column (a whole number >= 1) shows it that many times an epoch (times
+  `--dataset_repeat`), e.g. to balance a few pictures of a subject against many regularisation pictures.
 
 - A metadata row names its files in the `--data_file_keys` columns (paths relative to the dataset folder) and
   carries the prompt and any extra inputs in other columns. A JSON/JSONL value may be a list of paths. A sound
@@ -35,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,8 @@ CAPTION_SUFFIX = ".txt"
 SOUND_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac")  # file columns handed on as absolute paths
 AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`), and the loaded row's key for it
 AUDIO_KEYS = (AUDIO_KEY, "input_audio")  # the sound's columns: ours, DiffSynth-Studio's
+REPEATS_COLUMN = "repeats"  # a row's times per epoch
+KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")  # kohya's DreamBooth folder: `<repeats>_<class words>`
 CACHE_VERSION = 1
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -82,22 +88,39 @@ def metadata_file(base: Path, explicit: str | None = None) -> Path:
     )
 
 
+def kohya_folder(relative: Path) -> tuple[int, str] | None:
+    """(repeats, class words) of a file in a kohya DreamBooth folder (`10_sks dog/cat.png` -> (10, "sks dog")),
+    None elsewhere."""
+    if len(relative.parts) < 2:
+        return None
+    match = KOHYA_FOLDER.fullmatch(relative.parts[0])
+    return (int(match[1]), match[2].strip()) if match and int(match[1]) >= 1 else None
+
+
 def caption_rows(base: Path) -> list[dict[str, Any]]:
     """Rows of a folder of captioned pictures or videos: each media file (subfolders included, in name order)
-    with the text of the `.txt` file of its name as its prompt, and its `-masklabel.png` mask if it has one. A
-    media file without a caption is an error naming it."""
+    with the text of the `.txt` file of its name as its prompt, and its `-masklabel.png` mask if it has one. In a
+    kohya `N_words/` folder a row repeats N times and a file without a caption takes the words; elsewhere a media
+    file without a caption is an error naming it."""
     rows, uncaptioned = [], []
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
         if (suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_SUFFIXES) or is_mask_file(path):
             continue
+        relative = path.relative_to(base)
+        kohya = kohya_folder(relative)
         caption = path.with_suffix(CAPTION_SUFFIX)
-        if not caption.is_file():
-            uncaptioned.append(str(path.relative_to(base)))
+        if caption.is_file():
+            prompt = caption.read_text(encoding="utf-8").strip()
+        elif kohya is not None:
+            prompt = kohya[1]
+        else:
+            uncaptioned.append(str(relative))
             continue
         key = "video" if suffix in VIDEO_SUFFIXES else "image"
-        prompt = caption.read_text(encoding="utf-8").strip()
-        rows.append({key: str(path.relative_to(base)), "prompt": prompt})
+        rows.append({key: str(relative), "prompt": prompt})
+        if kohya is not None and kohya[0] != 1:
+            rows[-1][REPEATS_COLUMN] = kohya[0]
         if mask_file_for(path).is_file():
             rows[-1][MASK_COLUMN] = str(mask_file_for(path).relative_to(base))
     if uncaptioned:
@@ -265,6 +288,7 @@ class MetadataDataset(Dataset):
         self.num_frames = num_frames
         self.max_pixels, self.step = max_pixels, step
         self.buckets: list[Bucket] = []
+        self.repeats = [row_repeats(row, i, self.metadata) for i, row in enumerate(self.rows)]
         missing: list[str] = []
         where: list[str] = []
         for i, row in enumerate(self.rows):
@@ -405,6 +429,20 @@ def _paths(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
+def row_repeats(row: dict[str, Any], index: int, metadata: Path) -> int:
+    """A row's `repeats` column (default 1), checked."""
+    value = row.get(REPEATS_COLUMN)
+    if value in (None, ""):
+        return 1
+    try:
+        repeats = int(str(value).strip())
+    except ValueError:
+        repeats = 0
+    if repeats < 1 or str(value).strip() != str(repeats):
+        raise ConfigError(f"{metadata} row {index + 1} column {REPEATS_COLUMN}: {value!r} is not a whole number >= 1")
+    return repeats
+
+
 class CachedDataset(Dataset):
     """Encoded samples written by `--stage encode` (see `write_cache`)."""
 
@@ -433,6 +471,7 @@ class CachedDataset(Dataset):
                 )
         self.settings = index["settings"]
         self.buckets = [tuple(b) for b in index["buckets"]]
+        self.repeats = list(index.get("repeats") or [1] * len(self.buckets))  # older caches: none
         self.files = [self.root / "items" / f"{i:06d}.safetensors" for i in range(len(self.buckets))]
         missing = [f.name for f in self.files if not f.is_file()]
         if missing:
@@ -508,6 +547,7 @@ def write_cache_index(cache_dir: Path, dataset: MetadataDataset, settings: dict)
         "version": CACHE_VERSION,
         "count": len(dataset),
         "buckets": [list(b) for b in dataset.buckets],
+        "repeats": list(dataset.repeats),
         "settings": settings,
         "metadata": str(dataset.metadata),
     }
@@ -539,14 +579,17 @@ def batch_plan(
     rank: int = 0,
     world: int = 1,
     accumulation: int = 1,
+    repeats: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """This process's batches (lists of sample indices) for `epoch`.
 
-    Every process computes the same seeded plan: the `repeat`-times dataset is shuffled, grouped by bucket
-    into batches of at most `batch_size`, the batches shuffled; process `rank` takes every `world`-th batch,
-    all processes the same count, cut to whole multiples of `accumulation` (the rest is dropped)."""
+    Every process computes the same seeded plan: the `repeat`-times dataset (each sample `repeats[i]` times
+    more, the rows' `repeats`) is shuffled, grouped by bucket into batches of at most `batch_size`, the batches
+    shuffled; process `rank` takes every `world`-th batch, all processes the same count, cut to whole multiples
+    of `accumulation` (the rest is dropped)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    samples = [i for _ in range(repeat) for i in range(len(buckets))]
+    each = repeats if repeats is not None else [1] * len(buckets)
+    samples = [i for _ in range(repeat) for i in range(len(buckets)) for _ in range(each[i])]
     order = torch.randperm(len(samples), generator=generator).tolist()
     groups: dict[Bucket, list[int]] = {}
     for j in order:
@@ -558,11 +601,19 @@ def batch_plan(
     return mine[: len(mine) // accumulation * accumulation]
 
 
-def steps_per_epoch(buckets: Sequence[Bucket], *, batch_size: int, repeat: int, world: int, accumulation: int) -> int:
+def steps_per_epoch(
+    buckets: Sequence[Bucket],
+    *,
+    batch_size: int,
+    repeat: int,
+    world: int,
+    accumulation: int,
+    repeats: Sequence[int] | None = None,
+) -> int:
     """Optimizer steps per epoch (the same for every epoch: only the order changes)."""
     counts: dict[Bucket, int] = {}
-    for b in buckets:
-        counts[tuple(b)] = counts.get(tuple(b), 0) + repeat
+    for i, b in enumerate(buckets):
+        counts[tuple(b)] = counts.get(tuple(b), 0) + repeat * (repeats[i] if repeats is not None else 1)
     batches = sum(math.ceil(n / batch_size) for n in counts.values())
     return batches // world // accumulation
 

@@ -173,6 +173,7 @@ def train(config: TrainConfig) -> TrainState:
             rank=acc.process_index,
             world=acc.num_processes,
             accumulation=cfg.gradient_accumulation_steps,
+            repeats=run.dataset.repeats,
         )
         if state.batches_done >= len(plan):  # resumed at the very end of an epoch
             state = replace(state, epoch=state.epoch + 1, batches_done=0)
@@ -282,6 +283,7 @@ def setup(config: TrainConfig) -> Run:
         repeat=cfg.dataset_repeat,
         world=acc.num_processes,
         accumulation=cfg.gradient_accumulation_steps,
+        repeats=dataset.repeats,
     )
     if per_epoch == 0:
         raise ConfigError(
