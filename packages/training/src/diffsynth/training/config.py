@@ -88,6 +88,12 @@ class TrainConfig:
     unmasked_weight: float = _arg(
         0.0, "with --masked_loss: the loss weight where a mask is black (0: not learned at all)", "data"
     )
+    flip_aug: bool = _arg(
+        False,
+        "mirror each row's pictures (its videos, masks and reference pictures alike) left to right with chance 1/2 "
+        "(kohya's flag); the encoders run on the fly, so not with --cache_dir",
+        "data",
+    )
     dataset_num_workers: int = _arg(0, "data loading worker processes", "data")
     cache_dir: str | None = _arg(
         None, "cached two-stage training: folder of encoded samples (written by --stage encode)", "data"
@@ -485,6 +491,13 @@ class TrainConfig:
                 "--masked_loss / --alpha_mask weigh the flow-matching and direct-distillation losses; --task "
                 f"{self.task} has its own objective"
             )
+        if self.flip_aug and self.cache_dir is not None:
+            raise ConfigError(
+                "--flip_aug mirrors pictures before they are encoded; --cache_dir holds them encoded. Train without "
+                "--cache_dir (the encoders run on the fly)"
+            )
+        if self.flip_aug and self.task != "sft":
+            raise ConfigError(f"--flip_aug: --task {self.task} learns from the pictures as they are (or none)")
         if self.caption_dropout and self.task == "dmd2":
             raise ConfigError("--caption_dropout: --task dmd2 draws its own unconditional branch (the teacher's CFG)")
 

@@ -620,6 +620,7 @@ def steps_per_epoch(
 
 __all__ = [
     "AUDIO_KEY",
+    "AUDIO_KEYS",
     "Bucket",
     "CachedDataset",
     "MetadataDataset",

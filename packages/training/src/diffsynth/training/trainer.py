@@ -56,6 +56,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, dump_yaml
 from .data import (
+    AUDIO_KEYS,
     CachedDataset,
     MetadataDataset,
     batch_plan,
@@ -86,7 +87,7 @@ from .distributed import (
 )
 from .ema import EMA
 from .lora_checkpoint import load_into_lora_layers, read_lora_checkpoint
-from .masks import WEIGHTS_KEY, attach_masks, batch_weights, take_masks
+from .masks import MASK_COLUMN, WEIGHTS_KEY, attach_masks, batch_weights, take_masks
 from .optimizers import make_optimizer
 from .quantize import quantized_sources
 from .task import TrainingTask, check_task, model_sources, task_class
@@ -361,7 +362,7 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 # the streams a micro-batch draws from besides its noise (stream 0): each its own generator, independent of the others
-CHOICES_STREAM, CAPTIONS_STREAM = 1, 2
+CHOICES_STREAM, CAPTIONS_STREAM, FLIPS_STREAM = 1, 2, 3
 
 
 def micro_batch_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:
@@ -416,6 +417,28 @@ def drop_captions(cfg: TrainConfig, items: list[dict], epoch: int, index: int) -
     return [{**item, "prompt": ""} if drop and "prompt" in item else item for item, drop in dropped]
 
 
+def flip_rows(run: Run, items: list[dict], epoch: int, index: int) -> list[dict]:
+    """`--flip_aug`: each row's pictures, videos, masks and reference pictures mirrored left to right together
+    with chance 1/2, drawn per micro-batch (another stream), so reruns, resumes and DDP flip the same rows."""
+    if not run.config.flip_aug:
+        return items
+    flips = torch.rand(len(items), generator=micro_batch_generator(run.config.seed, epoch, index, FLIPS_STREAM)) < 0.5
+    keys = [k for k in (*run.dataset.file_keys, MASK_COLUMN) if k not in AUDIO_KEYS]
+    return [
+        {**item, **{k: _mirrored(item[k]) for k in keys if k in item}} if flip else item
+        for item, flip in zip(items, flips.tolist(), strict=True)
+    ]
+
+
+def _mirrored(value):
+    """A loaded picture or video (`[C, (F,) H, W]`), or a list of them, mirrored along its width."""
+    if isinstance(value, torch.Tensor):
+        return value.flip(-1)
+    if isinstance(value, list):
+        return [_mirrored(v) for v in value]
+    return value  # a path the task reads itself (a sound file)
+
+
 def draw_batch_choices(run: Run, batch: dict[str, Any], epoch: int, index: int) -> dict[str, Any]:
     """`batch` with the random choices a task makes per batch (its optional `draw_choices(batch, generator)`, e.g.
     LTX-2's first-frame conditioning) drawn from a generator keyed by the micro-batch like its noise (another key:
@@ -438,7 +461,7 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     losses = []
     for k, items in enumerate(group):
         index = (state.batches_done + k) * acc.num_processes + acc.process_index  # batch_plan's order
-        items = drop_captions(cfg, items, state.epoch, index)
+        items = flip_rows(run, drop_captions(cfg, items, state.epoch, index), state.epoch, index)
         batch = draw_batch_choices(run, prepare_batch(run, items), state.epoch, index)
         last = k == len(group) - 1
         sync = acc.no_sync(run.model) if not last else contextlib.nullcontext()
