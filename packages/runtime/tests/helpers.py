@@ -1,5 +1,6 @@
 """What several runtime test files share (tests only; loaded with `load_beside`): the tiny Linear stack the
-quantization tests round, its LoRA, and the tiny Z-Image repo of the tests that run a real pipeline."""
+quantization tests round, its LoRA, a quantized model's stored tensors, the tiny Z-Image repo of the tests that
+run a real pipeline, and the GGUF file writer."""
 
 from __future__ import annotations
 
@@ -56,3 +57,32 @@ def tiny_z_image_repo(root: Path) -> Path:
     module = load_beside(conftest, conftest.name, "diffsynth_runtime_tests_z_image_conftest")
     torch.manual_seed(0)
     return module.build_tiny_repo(root)
+
+
+def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every stored tensor of `model`, torchao's as their parts (int8 / fp8 data and scales)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if type(value).__module__.startswith("torchao."):
+            for part in value.__tensor_flatten__()[0]:
+                out[f"{key}:{part}"] = getattr(value, part)
+        else:
+            out[key] = value
+    return out
+
+
+def write_gguf(path: Path, tensors: dict, fields: dict | None = None) -> Path:
+    """A .gguf of `tensors` (name -> (data, ggml type)); quantized data is given packed, as gguf.quants makes it.
+    Needs the `gguf` package (the callers skip without it)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="test")
+    for key, value in (fields or {}).items():
+        writer.add_array(key, value) if isinstance(value, list) else writer.add_string(key, value)
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -19,6 +19,7 @@ from diffsynth.runtime.errors import CheckpointError, ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import apply_lora, list_loras
 from diffsynth.runtime.quant import is_quantized_linear, linear_weight, quantize_config
+from diffsynth.runtime.testing.modules import load_beside
 
 gguf = pytest.importorskip("gguf")
 
@@ -29,6 +30,8 @@ from diffsynth.runtime.gguf import (  # noqa: E402 - after the importorskip
     dequantize,
     dequantize_model,
 )
+
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
 
 T = gguf.GGMLQuantizationType
 # byte offsets of each format's fp16 scales (d, dmin / m): filled with finite values, the rest of a block random
@@ -45,20 +48,6 @@ def random_blocks(qtype: str, count: int, seed: int) -> np.ndarray:
         halves = (rng.standard_normal(count) * 0.05).astype(np.float16)
         raw[:, offset : offset + 2] = halves.view(np.uint8).reshape(count, 2)
     return raw
-
-
-def write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, object]], fields: dict | None = None) -> Path:
-    """A .gguf of `tensors` (name -> (data, ggml type)); quantized data is given packed, as gguf.quants makes it."""
-    writer = gguf.GGUFWriter(str(path), arch="test")
-    for key, value in (fields or {}).items():
-        writer.add_array(key, value) if isinstance(value, list) else writer.add_string(key, value)
-    for name, (data, qtype) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 # ----------------------------------------------------------------------------------- block formats
@@ -91,7 +80,7 @@ def test_a_gguf_file_opens_lazily_in_torch_shapes(tmp_path):
     weight = rng.standard_normal((48, 64)).astype(np.float32)  # [out, in]: ggml stores [64, 48]
     conv = rng.standard_normal((8, 4, 1, 2, 2)).astype(np.float16)  # 5-D: stored 4-D, true shape in the metadata
     bf16 = torch.randn(6, 5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    path = write_gguf(
+    path = helpers.write_gguf(
         tmp_path / "model.gguf",
         {
             "layer.weight": (gguf.quants.quantize(weight, T.Q8_0), T.Q8_0),
@@ -114,7 +103,7 @@ def test_a_gguf_file_opens_lazily_in_torch_shapes(tmp_path):
 
 def test_an_unsupported_type_is_an_error_naming_the_file_and_the_tensor(tmp_path):
     blocks = np.zeros((4, 18), dtype=np.uint8)  # IQ4_NL: 32 values in 18 bytes, which we do not decode
-    path = write_gguf(tmp_path / "iq.gguf", {"blocks.0.attn.weight": (blocks, T.IQ4_NL)})
+    path = helpers.write_gguf(tmp_path / "iq.gguf", {"blocks.0.attn.weight": (blocks, T.IQ4_NL)})
     with pytest.raises(CheckpointError, match=r"iq\.gguf: tensor 'blocks.0.attn.weight' is stored as IQ4_NL"):
         open_checkpoint(str(path))
 
@@ -167,7 +156,7 @@ def tiny_repo(tmp_path_factory) -> Path:
     for folder in ("gguf", "dequantized"):
         (root / folder).mkdir()
         shutil.copy(root / "transformer" / "config.json", root / folder / "config.json")
-    write_gguf(root / "gguf" / "dit.gguf", tensors)
+    helpers.write_gguf(root / "gguf" / "dit.gguf", tensors)
     save_file(dense, str(root / "dequantized" / "diffusion_pytorch_model.safetensors"))
     return root
 
@@ -246,7 +235,7 @@ def test_gguf_errors_name_the_file_and_the_tensor(tiny_repo, tmp_path, monkeypat
     tensors[key] = (tensors[key][0][:-1].copy(), None)  # one value short
     (tmp_path / "bad").mkdir()
     shutil.copy(tiny_repo / "gguf" / "config.json", tmp_path / "bad" / "config.json")
-    bad = write_gguf(tmp_path / "bad" / "dit.gguf", tensors)
+    bad = helpers.write_gguf(tmp_path / "bad" / "dit.gguf", tensors)
     with pytest.raises(CheckpointError, match=rf"bad/dit\.gguf.*shape mismatches: '{key}'"):
         ZImagePipeline.from_pretrained(model_configs=[ModelConfig(path=str(bad))], device="cpu")
     quantized = ModelConfig(path=str(tiny_repo / "gguf" / "dit.gguf"), quantize="bitsandbytes_nf4")
@@ -285,7 +274,7 @@ def test_a_flux1_dit_in_bfl_names_loads_packed_and_dequantizes_to_its_reference_
         else:
             tensors[key] = (array, None)
             reference[key] = value.float()
-    path = write_gguf(tmp_path / "flux1-dev-tiny.gguf", tensors)
+    path = helpers.write_gguf(tmp_path / "flux1-dev-tiny.gguf", tensors)
     quantization, (loaded,) = load_gguf(str(path), torch_dtype=torch.float32, mode="packed")
     module = loaded.module
     linears = {n for n, m in module.named_modules() if isinstance(m, nn.Linear)}

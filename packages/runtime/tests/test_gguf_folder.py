@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,25 +15,16 @@ from torch import nn
 from diffsynth.runtime.checkpoint import open_checkpoint, weight_files
 from diffsynth.runtime.errors import CheckpointError
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.testing.modules import load_beside
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("diffsynth.flux")
 
 from diffsynth.runtime.gguf import MODE_ENV, GGUFLinear, is_gguf  # noqa: E402 - after the importorskip
 
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
+
 T = gguf.GGMLQuantizationType
-
-
-def write_gguf(path: Path, tensors: dict[str, tuple[object, object]]) -> Path:
-    """A .gguf of `tensors` (name -> (data, ggml type)), written as test_gguf.py writes its files."""
-    writer = gguf.GGUFWriter(str(path), arch="test")
-    for name, (data, qtype) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +68,11 @@ def assert_same_model(a: nn.Module, b: nn.Module) -> None:
 
 def test_a_folder_with_one_gguf_loads_as_that_file(flux_tensors, tmp_path, monkeypatch):
     monkeypatch.delenv(MODE_ENV, raising=False)
-    reference = load_dit(write_gguf(tmp_path / "flux1-dev-Q8_0.gguf", flux_tensors))
+    reference = load_dit(helpers.write_gguf(tmp_path / "flux1-dev-Q8_0.gguf", flux_tensors))
 
     plain = tmp_path / "plain"
     plain.mkdir()
-    file = write_gguf(plain / "flux1-dev-Q8_0.gguf", flux_tensors)
+    file = helpers.write_gguf(plain / "flux1-dev-Q8_0.gguf", flux_tensors)
     assert weight_files(str(plain)) == [str(file)] and is_gguf([str(plain)])
     assert_same_model(load_dit(plain), reference)
 
@@ -112,7 +102,7 @@ def test_the_shards_of_one_split_gguf_are_one_model(flux_tensors, tmp_path):
     folder = tmp_path / "split"
     folder.mkdir()
     for i, part in enumerate((keys[:half], keys[half:]), start=1):
-        write_gguf(folder / f"flux1-dev-Q8_0-0000{i}-of-00002.gguf", {k: flux_tensors[k] for k in part})
+        helpers.write_gguf(folder / f"flux1-dev-Q8_0-0000{i}-of-00002.gguf", {k: flux_tensors[k] for k in part})
     assert len(weight_files(str(folder))) == 2 and is_gguf([str(folder)])
     assert sorted(open_checkpoint(str(folder))) == keys
 
@@ -122,7 +112,7 @@ def test_several_ggufs_in_one_folder_are_an_error_listing_them(flux_tensors, tmp
     folder.mkdir()
     (folder / "README.md").write_text("variants")
     for name in ("flux1-dev-Q4_0.gguf", "flux1-dev-Q8_0.gguf"):
-        write_gguf(folder / name, flux_tensors)
+        helpers.write_gguf(folder / name, flux_tensors)
     message = (rf"{folder} holds several GGUF files \['flux1-dev-Q4_0.gguf', 'flux1-dev-Q8_0.gguf'\]; pass the path "
                rf"of the one to load, e.g. {folder}/flux1-dev-Q4_0.gguf")  # fmt: skip
     with pytest.raises(CheckpointError, match=message):

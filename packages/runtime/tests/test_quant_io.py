@@ -21,6 +21,9 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.quant import MixedQuantizeConfig, QuantizeConfig, layer_method, quantize_config
 from diffsynth.runtime.quant_io import HEADER_KEY, file_quantization, save_quantized_model
+from diffsynth.runtime.testing.modules import load_beside
+
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")
@@ -71,18 +74,6 @@ def prequantized(config):
     return dataclasses.replace(config, load_prequantized=True)
 
 
-def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every stored tensor of `model`, torchao's as their parts (int8 / fp8 data and scales)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if type(value).__module__.startswith("torchao."):
-            for part in value.__tensor_flatten__()[0]:
-                out[f"{key}:{part}"] = getattr(value, part)
-        else:
-            out[key] = value
-    return out
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_save_then_load_gives_the_same_packed_weights_and_image(tiny_repo, tmp_path, name):
     config = CONFIGS[name]
@@ -94,7 +85,7 @@ def test_save_then_load_gives_the_same_packed_weights_and_image(tiny_repo, tmp_p
     methods = {n: layer_method(m) for n, m in loaded.dit.named_modules() if isinstance(m, nn.Linear)}
     assert methods == {n: layer_method(m) for n, m in online.dit.named_modules() if isinstance(m, nn.Linear)}
     assert methods["t_embedder.mlp.0"] == (None if name != "mixed" else "torchao_int8_w8a16")
-    a, b = packed_tensors(online.dit), packed_tensors(loaded.dit)
+    a, b = helpers.packed_tensors(online.dit), helpers.packed_tensors(loaded.dit)
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
@@ -227,5 +218,5 @@ def test_a_file_saved_with_torchao_options_loads_back_by_its_header(tiny_repo, t
     auto = pipeline(tiny_repo, ModelConfig(path=path))
     layer = auto.dit.get_submodule("layers.0.attention.to_q")
     assert layer.weight.scale.shape[-1] == layer.in_features // 16
-    a, b = packed_tensors(online.dit), packed_tensors(auto.dit)
+    a, b = helpers.packed_tensors(online.dit), helpers.packed_tensors(auto.dit)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -23,12 +23,15 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.quant import MixedQuantizeConfig, QuantizeConfig, config_from_dict, quantize_config
 from diffsynth.runtime.quant_io import HEADER_KEY, save_quantized_model
+from diffsynth.runtime.testing.modules import load_beside
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")
 pytest.importorskip("diffsynth.z_image")
 
 from torchao.quantization import PerGroup  # noqa: E402 - after the importorskip
+
+helpers = load_beside(__file__, "helpers.py", "diffsynth_runtime_test_helpers")
 
 DIT = "transformer/diffusion_pytorch_model.safetensors"
 KEEP = ["t_embedder.mlp.0"]
@@ -86,18 +89,6 @@ def float_dit(root: Path) -> nn.Module:
     return load_models(str(root / DIT), torch_dtype="bfloat16")[0].module.eval().requires_grad_(False)
 
 
-def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every stored tensor of `model`, torchao's as their parts (int8 / fp8 data and scales)."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if type(value).__module__.startswith("torchao."):
-            for part in value.__tensor_flatten__()[0]:
-                out[f"{key}:{part}"] = getattr(value, part)
-        else:
-            out[key] = value
-    return out
-
-
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """Bit-identical tensors (by their bytes: 4-bit data stored as bfloat16 holds NaN patterns)."""
 
@@ -140,18 +131,18 @@ def test_the_saved_settings_come_back_and_rebuild_the_files_layers(tiny_repo, tm
     parts = restored.configs
     # as the objects they were (torch dtypes, torchao granularities), not their records
     assert [c.backend_config_kwargs for c in parts] == [c.backend_config_kwargs for c in config.configs]
-    file_tensors = packed_tensors(loaded)
+    file_tensors = helpers.packed_tensors(loaded)
 
     # the restored options rebuild the file's layers from the float weights; without them the layers differ
-    assert same(packed_tensors(for_quantizing(restored).quantize_model(float_dit(tiny_repo))), file_tensors)
-    plain = packed_tensors(without_options(config).quantize_model(float_dit(tiny_repo)))
+    assert same(helpers.packed_tensors(for_quantizing(restored).quantize_model(float_dit(tiny_repo))), file_tensors)
+    plain = helpers.packed_tensors(without_options(config).quantize_model(float_dit(tiny_repo)))
     assert not same(plain, file_tensors)
 
     # the loaded model saves again to the same header and tensors (a module carries no config.json: put it beside)
     again = save_quantized_model(loaded, tmp_path / "again" / "dit.safetensors")
     shutil.copy(tiny_repo / "transformer" / "config.json", tmp_path / "again" / "config.json")
     assert header(again) == header(path)
-    assert same(packed_tensors(load_dit(again)), file_tensors)
+    assert same(helpers.packed_tensors(load_dit(again)), file_tensors)
 
 
 def test_the_built_layers_follow_the_restored_options(tiny_repo, tmp_path):
