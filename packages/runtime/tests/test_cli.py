@@ -250,7 +250,7 @@ def test_text_prompts_file_and_num_images(recorder, tmp_path):
 @pytest.mark.parametrize(
     ("content", "extra", "message"),
     [
-        ('{"prompt": "a", "steps": 3}\n', [], r"line 1: unknown keys \['steps'\]"),
+        ('{"prompt": "a", "sampler": 3}\n', [], r"line 1: unknown keys \['sampler'\]"),
         ('{"seed": 3}\n', [], "line 1: no prompt"),
         ("{oops\n", [], "line 1: not JSON"),
         ("\n\n", [], "holds no prompts"),
@@ -347,3 +347,65 @@ def test_a_misspelt_preset_gets_suggestions(capsys):
     misspelt = wanted.rsplit("/", 1)[-1].lower().replace("-", "")[:-1]  # "Org/Z-Image-Turbo" -> "zimageturb"
     with pytest.raises(ConfigError, match=f"did you mean .*{re.escape(repr(wanted))}"):
         find_preset(misspelt)
+
+
+class SizedRecorder(Recorder):
+    """`Recorder` that also takes sizes and steps, as picture pipelines do."""
+
+    def __call__(self, prompt, seed=None, negative_prompt=None, cfg_scale=None, height=None, width=None,
+                 num_inference_steps=None):  # fmt: skip
+        from PIL import Image
+
+        type(self).calls.append(
+            {"prompt": prompt, "seed": seed, "cfg": cfg_scale, "size": (width, height), "steps": num_inference_steps}
+        )
+        return Image.new("RGB", (8, 8), (seed % 256, 0, 0))
+
+
+def test_prompts_file_rows_carry_their_own_sizes_steps_and_guidance(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from diffsynth.runtime import cli
+
+    SizedRecorder.loads, SizedRecorder.calls = 0, []
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: SizedRecorder)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"prompt": "a wide fox", "width": 96, "height": 48, "steps": 3, "cfg": 2.5}\n{"prompt": "a plain cat"}\n'
+    )
+    out = tmp_path / "o.png"
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), "--steps", "7"]
+    assert main([*args, "--width", "64", "--output", str(out)]) == 0
+    assert SizedRecorder.calls == [
+        {"prompt": "a wide fox", "seed": 0, "cfg": 2.5, "size": (96, 48), "steps": 3},  # the row's own settings
+        {"prompt": "a plain cat", "seed": 0, "cfg": None, "size": (64, None), "steps": 7},  # the flags'
+    ]
+    record = json.loads(Image.open(tmp_path / "o_0000.png").text["parameters"])
+    assert record == {
+        "model": "x",
+        "prompt": "a wide fox",
+        "seed": 0,
+        "width": 96,
+        "height": 48,
+        "steps": 3,
+        "cfg": 2.5,
+    }
+    listing = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert listing[0]["steps"] == 3 and "steps" not in listing[1]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('{"prompt": "a", "steps": 0}', "steps 0 must be a whole number >= 1"),
+        ('{"prompt": "a", "width": 64.5}', "width 64.5 must be a whole number >= 1"),
+        ('{"prompt": "a", "cfg": "high"}', "cfg 'high' must be a number"),
+        ('{"prompt": "a", "seed": true}', "seed True must be a whole number"),
+    ],
+)
+def test_bad_row_settings_are_named_before_loading(recorder, tmp_path, capsys, row, message):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(row + "\n")
+    assert main(["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows)]) == 2
+    assert f"line 1: {message}" in capsys.readouterr().err
+    assert recorder.loads == 0

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="many generations with the model loaded once: a .txt of prompts (one a line; # comments) or a .jsonl "
-        "of rows {prompt, seed?, negative_prompt?}; outputs OUTPUT_0000.png, ... and OUTPUT.jsonl listing them",
+        "of rows {prompt, seed?, negative_prompt?, height?, width?, steps?, cfg?}; outputs OUTPUT_0000.png, ... and "
+        "OUTPUT.jsonl listing them",
     )
     gen.add_argument(
         "--no-metadata",
@@ -676,7 +677,7 @@ def _generate(args) -> int:
     manifest = []
     for i, job in enumerate(jobs):
         path = output.with_name(f"{output.stem}_{i:04d}{output.suffix}")
-        result = pipe(**{**options, **job})
+        result = pipe(**{**options, **pipeline_arguments(job)})
         if writes:
             _write_result(pipe, args, result, path, makes_video, job)
             manifest.append({"file": path.name, **{k: v for k, v in job.items()}})
@@ -758,21 +759,48 @@ def generation_jobs(args) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--prompts-file {path}, line {number}: not JSON ({exc})") from None
-        unknown = sorted(set(row) - {"prompt", "seed", "negative_prompt"}) if isinstance(row, dict) else None
+        unknown = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, dict) else None
         if unknown is None or "prompt" not in row or unknown:
             what = f"unknown keys {unknown}" if unknown else "no prompt"
             raise ConfigError(
-                f"--prompts-file {path}, line {number}: {what}; a row is {{prompt, seed?, negative_prompt?}}"
+                f"--prompts-file {path}, line {number}: {what}; a row is {{prompt, seed?, negative_prompt?, "
+                "height?, width?, steps?, cfg?}"
             )
-        rows.append(row)
+        rows.append(_checked_row(row, f"--prompts-file {path}, line {number}"))
     if not rows:
         raise ConfigError(f"--prompts-file {path} holds no prompts")
     jobs = []
     for row in rows:
         first = int(row.get("seed", args.seed))
-        extra = {"negative_prompt": row["negative_prompt"]} if "negative_prompt" in row else {}
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "seed")}
         jobs += [{"prompt": row["prompt"], "seed": first + n, **extra} for n in range(args.num_images)]
     return jobs
+
+
+# a prompts file row's keys (the flags' names), and the pipeline arguments they stand for
+ROW_KEYS = {"prompt": "prompt", "seed": "seed", "negative_prompt": "negative_prompt", "height": "height"}
+ROW_KEYS.update(width="width", steps="num_inference_steps", cfg="cfg_scale")
+
+
+def _checked_row(row: dict, where: str) -> dict:
+    """A prompts-file row with its numbers checked: whole sizes, steps and seed, a number for cfg."""
+    from .errors import ConfigError
+
+    for key in ("seed", "height", "width", "steps"):
+        value = row.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 1)
+        ):
+            raise ConfigError(f"{where}: {key} {value!r} must be a whole number{'' if key == 'seed' else ' >= 1'}")
+    cfg = row.get("cfg")
+    if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float))):
+        raise ConfigError(f"{where}: cfg {cfg!r} must be a number")
+    return row
+
+
+def pipeline_arguments(job: dict) -> dict:
+    """A generation's keys (the flags' names: steps, cfg) as the pipeline's arguments."""
+    return {ROW_KEYS[key]: value for key, value in job.items()}
 
 
 def generation_record(args, job: dict | None = None) -> dict:
