@@ -280,3 +280,61 @@ def test_the_trainer_and_its_cache_count_the_repeats(tmp_path, dataset):
     run_stage(replace(cfg, cache_dir=str(tmp_path / "cache"), stage="encode"))
     assert CachedDataset(tmp_path / "cache").repeats == [3, 1, 1, 1, 1, 1]
     assert setup(replace(cfg, cache_dir=str(tmp_path / "cache"))).total_steps == 8
+
+
+def test_several_resolutions_make_a_sample_of_each_row_at_each_size(tmp_path):
+    """`--resolutions 32,64`: every row twice, bucketed under 32 x 32 and 64 x 64 pixels, its mask and its
+    reference pictures at the sample's size; the row's repeats hold for both."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("wide.png", (128, 64)), ("square.png", (64, 64)), ("ref.png", (64, 64))):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / name)
+    Image.new("L", (128, 64), 255).save(folder / "mask.png")
+    (folder / "metadata.csv").write_text(
+        "image,prompt,loss_mask,edit_image,repeats\nwide.png,a,mask.png,ref.png,2\nsquare.png,b,,ref.png,1\n"
+    )
+    dataset = MetadataDataset(
+        folder, media=("image",), conditioning=("edit_image",), max_pixels=[32 * 32, 64 * 64], step=16,
+        masked_loss=True,
+    )  # fmt: skip
+    assert len(dataset) == 4 and dataset.repeats == [2, 2, 1, 1]
+    assert dataset.buckets == [(32, 16), (80, 32), (32, 32), (64, 64)]
+    for index, (width, height) in enumerate(dataset.buckets):
+        item = dataset[index]
+        assert item["image"].shape == (3, height, width) and item["prompt"] == "ab"[index // 2]
+        reference = 32 if index % 2 == 0 else 64  # the square reference at the sample's size
+        assert item["edit_image"].shape == (3, reference, reference)
+        if index < 2:
+            assert item["loss_mask"].shape == (1, height, width)
+    fitted = fit(Image.open(folder / "wide.png").convert("RGB"), (80, 32))
+    expected = torch.from_numpy(np.array(fitted)).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(dataset[1]["image"], expected)
+
+
+def test_resolutions_are_checked_and_change_the_step_count(tmp_path, dataset):
+    from diffsynth_training_toy import TASK
+
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.trainer import setup
+
+    base = dict(family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / "out"), bucket_step=16,
+                batch_size=1, mixed_precision="no", dtype="float32", lora_rank=4)  # fmt: skip
+    assert setup(TrainConfig(**base, resolutions=[32, 64])).total_steps == 12  # six rows at two sizes
+    with pytest.raises(ConfigError, match="--resolutions buckets each picture at several sizes"):
+        TrainConfig(**base, resolutions=[32, 64], height=64, width=64).check()
+    with pytest.raises(ConfigError, match="--resolutions 8,64: give distinct sizes of at least --bucket_step 16"):
+        TrainConfig(**base, resolutions=[8, 64]).check()
+
+
+def test_kohya_class_folders_without_any_caption_file_and_caption_extension(tmp_path):
+    folder = tmp_path / "train"
+    (folder / "5_ohwx cat").mkdir(parents=True)
+    (folder / "plain").mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "5_ohwx cat" / "a.png")
+    dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)  # no .txt anywhere
+    assert [(row["prompt"], n) for row, n in zip(dataset.rows, dataset.repeats, strict=True)] == [("ohwx cat", 5)]
+    Image.new("RGB", (64, 64), "blue").save(folder / "plain" / "b.png")
+    (folder / "plain" / "b.caption").write_text("a blue square")  # kohya's default caption extension
+    dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
+    assert sorted(row["prompt"] for row in dataset.rows) == ["a blue square", "ohwx cat"]

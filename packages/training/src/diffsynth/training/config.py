@@ -65,6 +65,12 @@ class TrainConfig:
     max_pixels: int = _arg(
         1024 * 1024, "largest training size in pixels (height * width); larger images shrink", "data"
     )
+    resolutions: list[int] = _arg(
+        [],
+        "train every picture at each of these sizes, e.g. 512,768,1024 (ai-toolkit's multi-resolution training): "
+        "one sample per size, bucketed under size x size pixels; replaces --max_pixels",
+        "data",
+    )
     height: int | None = _arg(None, "fixed training height (with --width); default: buckets under --max_pixels", "data")
     width: int | None = _arg(None, "fixed training width (with --height)", "data")
     bucket_step: int = _arg(64, "bucket sizes are multiples of this many pixels", "data")
@@ -462,6 +468,11 @@ class TrainConfig:
             raise ConfigError(f"--dataset_metadata_path {self.dataset_metadata_path}: no such file")
 
     @property
+    def training_pixels(self) -> int | list[int]:
+        """The pixel budget of a sample: `--max_pixels`, or one per `--resolutions` size."""
+        return [r * r for r in self.resolutions] if self.resolutions else self.max_pixels
+
+    @property
     def uses_loss_masks(self) -> bool:
         """`--masked_loss`, or `--alpha_mask` (which implies it)."""
         return self.masked_loss or self.alpha_mask
@@ -491,6 +502,15 @@ class TrainConfig:
                 "--masked_loss / --alpha_mask weigh the flow-matching and direct-distillation losses; --task "
                 f"{self.task} has its own objective"
             )
+        if self.resolutions:
+            if self.height is not None:
+                raise ConfigError("--resolutions buckets each picture at several sizes; --height/--width fix one")
+            small = [r for r in self.resolutions if r < self.bucket_step]
+            if small or len(set(self.resolutions)) != len(self.resolutions):
+                raise ConfigError(
+                    f"--resolutions {','.join(map(str, self.resolutions))}: give distinct sizes of at least "
+                    f"--bucket_step {self.bucket_step} pixels"
+                )
         if self.flip_aug and self.cache_dir is not None:
             raise ConfigError(
                 "--flip_aug mirrors pictures before they are encoded; --cache_dir holds them encoded. Train without "

@@ -18,6 +18,7 @@
 - Each sample gets a bucket, a (width, height) in multiples of `--bucket_step` with at most `--max_pixels` (the
   image is shrunk keeping its aspect ratio, never enlarged), or the fixed `--height`/`--width`. Images are
   resized to cover the bucket and centre-cropped. Sizes come from the file headers, so planning is cheap.
+  Several pixel budgets (`--resolutions`) make each row a sample at each size.
 - `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
   drawn from one bucket, cut to the same count on every process and to whole gradient-accumulation steps.
   Resuming skips the batches already trained, without loading them.
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
-CAPTION_SUFFIX = ".txt"
+CAPTION_SUFFIXES = (".txt", ".caption")  # a picture's caption file (kohya's two extensions), first found wins
 SOUND_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac")  # file columns handed on as absolute paths
 AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`), and the loaded row's key for it
 AUDIO_KEYS = (AUDIO_KEY, "input_audio")  # the sound's columns: ours, DiffSynth-Studio's
@@ -78,8 +79,9 @@ def metadata_file(base: Path, explicit: str | None = None) -> Path:
     for name in METADATA_NAMES:
         if (base / name).is_file():
             return base / name
-    if any(p.suffix.lower() == CAPTION_SUFFIX for p in base.rglob("*")):
-        return base  # captioned files (`caption_rows`)
+    kohya = any(p.is_dir() and KOHYA_FOLDER.fullmatch(p.name) for p in base.iterdir())
+    if kohya or any(p.suffix.lower() in CAPTION_SUFFIXES for p in base.rglob("*")):
+        return base  # captioned files, or kohya's class folders (`caption_rows`)
     listing = preview(sorted(p.name for p in base.iterdir()), 10)
     raise ConfigError(
         f"--dataset_base_path {base} has no {' / '.join(METADATA_NAMES)} and no caption files (it holds {listing}); "
@@ -109,8 +111,8 @@ def caption_rows(base: Path) -> list[dict[str, Any]]:
             continue
         relative = path.relative_to(base)
         kohya = kohya_folder(relative)
-        caption = path.with_suffix(CAPTION_SUFFIX)
-        if caption.is_file():
+        caption = next((c for c in map(path.with_suffix, CAPTION_SUFFIXES) if c.is_file()), None)
+        if caption is not None:
             prompt = caption.read_text(encoding="utf-8").strip()
         elif kohya is not None:
             prompt = kohya[1]
@@ -263,7 +265,7 @@ class MetadataDataset(Dataset):
         file_keys: Sequence[str] = ("image", "video"),
         conditioning: Sequence[str] = (),
         metadata_path: str | None = None,
-        max_pixels: int = 1024 * 1024,
+        max_pixels: int | Sequence[int] = 1024 * 1024,
         step: int = 64,
         fixed: Bucket | None = None,
         num_frames: int = 81,
@@ -286,9 +288,11 @@ class MetadataDataset(Dataset):
         self.alpha_masked: set[int] = set()  # rows whose mask is their picture's transparency
         checked = (*self.file_keys, MASK_COLUMN) if masked_loss else self.file_keys
         self.num_frames = num_frames
-        self.max_pixels, self.step = max_pixels, step
+        sizes = (max_pixels,) if isinstance(max_pixels, int) else tuple(max_pixels)
+        self.step = step
         self.buckets: list[Bucket] = []
-        self.repeats = [row_repeats(row, i, self.metadata) for i, row in enumerate(self.rows)]
+        row_repeat = [row_repeats(row, i, self.metadata) for i, row in enumerate(self.rows)]
+        dims: list[tuple[int, int]] = []
         missing: list[str] = []
         where: list[str] = []
         for i, row in enumerate(self.rows):
@@ -305,20 +309,25 @@ class MetadataDataset(Dataset):
                     if not (self.base / name).is_file():
                         missing.append(name)
                         where.append(f"row {i + 1} column {key}")
-            if fixed is not None:
-                self.buckets.append(fixed)
-            elif not missing:
-                width, height = media_size(self.base / str(row[main]))
-                self.buckets.append(bucket_for(width, height, max_pixels=max_pixels, step=step))
+            if fixed is None and not missing:
+                dims.append(media_size(self.base / str(row[main])))
         if missing:
             raise ConfigError(
                 f"{self.metadata} names {len(missing)} files missing from {self.base}: {preview(missing, 5)} "
                 f"(at {', '.join(where[:5])})"
             )
+        # a sample is a row at one of the training sizes (several with `--resolutions`), rows in order
+        self.sample_rows = [i for i in range(len(self.rows)) for _ in sizes]
+        self.sample_pixels = [pixels for _ in self.rows for pixels in sizes]
+        self.max_pixels = sizes[0]
+        for i, pixels in zip(self.sample_rows, self.sample_pixels, strict=True):
+            bucket = fixed if fixed is not None else bucket_for(*dims[i], max_pixels=pixels, step=step)
+            self.buckets.append(bucket)
+        self.repeats = [row_repeat[i] for i in self.sample_rows]
         logger.info(
             "dataset %s: %d samples in %d buckets %s",
             self.metadata,
-            len(self.rows),
+            len(self.buckets),
             len(set(self.buckets)),
             preview(sorted(set(self.buckets)), 6),
         )
@@ -351,17 +360,19 @@ class MetadataDataset(Dataset):
         logger.info(
             "--masked_loss: %d of %d rows have a mask, %d their transparency (the others count everywhere)",
             len(masked),
-            len(self),
+            len(self.rows),
             len(self.alpha_masked),
         )
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.buckets)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from diffsynth.runtime.media import load_image, load_video, pil_to_tensor
 
-        row, size = dict(self.rows[index]), self.buckets[index]
+        size, pixels = self.buckets[index], self.sample_pixels[index]
+        index = self.sample_rows[index]  # the metadata row of the sample
+        row = dict(self.rows[index])
         for key in self.file_keys:
             value = row.get(key)
             if not value or key in AUDIO_KEYS or (key == MASK_COLUMN and self.masked_loss):
@@ -375,13 +386,13 @@ class MetadataDataset(Dataset):
                 if path.suffix.lower() in VIDEO_SUFFIXES:
                     at = size
                     if key in self.conditioning:  # e.g. square face crops beside a wide video
-                        at = bucket_for(*media_size(path), max_pixels=self.max_pixels, step=self.step)
+                        at = bucket_for(*media_size(path), max_pixels=pixels, step=self.step)
                     frames = [fit(f, at) for f in load_video(path, num_frames=self.num_frames)]
                     loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
                     continue
                 image = load_image(path, self.image_mode)
                 if key in self.conditioning:
-                    own = bucket_for(*image.size, max_pixels=self.max_pixels, step=self.step)
+                    own = bucket_for(*image.size, max_pixels=pixels, step=self.step)
                     loaded.append(pil_to_tensor(fit(image, own), mode=self.image_mode)[0])
                 else:
                     loaded.append(pil_to_tensor(fit(image, size), mode=self.image_mode)[0])
@@ -495,7 +506,9 @@ def cache_settings(config, family: str) -> dict[str, Any]:
         path = metadata_file(Path(config.dataset_base_path), config.dataset_metadata_path)
         data = json.dumps(caption_rows(path)).encode() if path.is_dir() else path.read_bytes()
         metadata_sha256 = hashlib.sha256(data).hexdigest()
+    several = {"resolutions": list(config.resolutions)} if config.resolutions else {}  # older caches: none
     return {
+        **several,
         "family": family,
         "metadata_sha256": metadata_sha256,
         "max_pixels": config.max_pixels,

@@ -1068,7 +1068,7 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         file_keys=cfg.data_file_keys,
         conditioning=getattr(task, "conditioning", ()),  # a task's reference-image columns (optional attribute)
         metadata_path=cfg.dataset_metadata_path,
-        max_pixels=cfg.max_pixels,
+        max_pixels=cfg.training_pixels,
         step=cfg.bucket_step,
         fixed=fixed,
         num_frames=cfg.num_frames,
