@@ -1,4 +1,5 @@
-"""Image-quality metrics with DiffSynth-Studio's `diffsynth.metrics` API: CLIP score, PickScore, HPSv2, Aesthetic, FID.
+"""Image-quality metrics with DiffSynth-Studio's `diffsynth.metrics` API: CLIP score, PickScore, HPSv2, Aesthetic,
+FID, LPIPS, ImageReward.
 
 `XMetric.from_pretrained(model_config=ModelConfig(...), device=...)` loads DiffSynth-Studio's files (the
 `DiffSynth-Studio/ImageMetrics` repo by default); `metric.compute(...)` returns Python floats. Names are imported
@@ -19,6 +20,8 @@ _EXPORTS = {
     "FIDMetric": ".fid",
     "frechet_distance": ".fid",
     "FIDInceptionV3": ".inception",
+    "LPIPSMetric": ".lpips",
+    "ImageRewardMetric": ".image_reward",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -84,7 +84,8 @@ class AestheticMetric(Metric):
         processor_config = processor_config or default_config("Aesthetic/")
         files = resolve_files(model_config, "model_config")
         folder = resolve_folder(processor_config, "processor_config")
-        processor = AutoImageProcessor.from_pretrained(folder, **(processor_kwargs or {}))
+        # PIL preprocessing whether torchvision is installed or not (as the CLIP scores: `clip.py`)
+        processor = AutoImageProcessor.from_pretrained(folder, **{"backend": "pil", **(processor_kwargs or {})})
         label = ", ".join(files)
         state = {}
         for key, value in read_state_dict(files).items():

@@ -1,4 +1,4 @@
-"""`diffsynth score`: an image-quality metric from the command line (one line per image, or the FID)."""
+"""`diffsynth score`: an image-quality metric from the command line (one line per image, or the FID / LPIPS)."""
 
 from __future__ import annotations
 
@@ -13,24 +13,37 @@ METRICS = {
     "hpsv2": "HPSv2Metric",
     "aesthetic": "AestheticMetric",
     "fid": "FIDMetric",
+    "lpips": "LPIPSMetric",
+    "image_reward": "ImageRewardMetric",
 }
-PROMPTED = ("pickscore", "clip", "hpsv2")
+PROMPTED = ("pickscore", "clip", "hpsv2", "image_reward")
+PAIRED = ("fid", "lpips")  # metrics of two image sets: one number
 
 
 def add_score_parser(commands) -> argparse.ArgumentParser:
     """Register `score` on the `diffsynth` command's subparsers."""
     score = commands.add_parser(
         "score",
-        help="score images with an image-quality metric (PickScore, CLIP score, HPSv2, aesthetic, FID)",
-        description="Print one score per image (tab-separated after its path), or the FID of two image folders.",
+        help="score images with an image-quality metric (PickScore, CLIP score, HPSv2, aesthetic, ImageReward, FID, "
+        "LPIPS)",
+        description="Print one score per image (tab-separated after its path), or the FID / LPIPS of two image "
+        "folders (LPIPS: also of two images).",
     )
     score.add_argument("--metric", required=True, choices=sorted(METRICS), help="which metric")
-    score.add_argument("images", nargs="+", help="image files; for fid: REFERENCE_DIR GENERATED_DIR")
+    score.add_argument(
+        "images",
+        nargs="+",
+        help="image files; for fid: REFERENCE_DIR GENERATED_DIR; for lpips: A B (images or folders)",
+    )
     score.add_argument("--prompt", action="append", default=None, help="the prompt (one, or one per image)")
     score.add_argument(
         "--model-path", default=None, help="the metric's weights file (default: DiffSynth-Studio/ImageMetrics)"
     )
-    score.add_argument("--processor-path", default=None, help="the folder of its processor (CLIP-based metrics)")
+    score.add_argument(
+        "--processor-path",
+        default=None,
+        help="the folder of its processor (CLIP-based metrics) or tokenizer (image_reward)",
+    )
     score.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     score.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     score.add_argument(
@@ -38,6 +51,13 @@ def add_score_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="fid: how images are resized to 299x299: bilinear (pytorch-fid's, the default) or bicubic "
         "(DiffSynth-Studio's, to reproduce its numbers)",
+    )
+    score.add_argument("--lpips-net", default=None, help="lpips: the feature network, alex (default), vgg or squeeze")
+    score.add_argument(
+        "--target-size",
+        type=int,
+        default=None,
+        help="lpips: the square size images of different sizes are resized and centre-cropped to (default 512)",
     )
     score.add_argument("--json", action="store_true", help="print JSON")
     return score
@@ -52,23 +72,38 @@ def run_score(args) -> int:
         raise ConfigError(f"--metric {name} needs --prompt (one for every image, or one per image)")
     if name not in PROMPTED and args.prompt:
         raise ConfigError(f"--metric {name} takes no --prompt")
+    if name in PROMPTED and len(args.prompt) not in (1, len(args.images)):
+        raise ConfigError(
+            f"--metric {name} got {len(args.prompt)} --prompt for {len(args.images)} images: give one for every "
+            "image, or one per image"
+        )
     if name == "fid" and len(args.images) != 2:
         raise ConfigError(f"--metric fid takes two folders, REFERENCE_DIR GENERATED_DIR; got {len(args.images)}")
+    if name == "lpips" and len(args.images) != 2:
+        raise ConfigError(f"--metric lpips takes two images or two folders, A B; got {len(args.images)} paths")
     options = {"device": args.device, "batch_size": args.batch_size}
     if args.fid_resize is not None:
         if name != "fid":
             raise ConfigError(f"--metric {name} takes no --fid-resize (it is how FID resizes its images)")
         options["resize"] = args.fid_resize
+    for flag, value, key in (
+        ("--lpips-net", args.lpips_net, "net"),
+        ("--target-size", args.target_size, "target_size"),
+    ):
+        if value is not None:
+            if name != "lpips":
+                raise ConfigError(f"--metric {name} takes no {flag} (it is an LPIPS setting)")
+            options[key] = value
     if args.model_path:
         options["model_config"] = args.model_path
     if args.processor_path:
-        if name == "fid":
-            raise ConfigError("--metric fid takes no --processor-path")
-        options["processor_config"] = args.processor_path
+        if name in PAIRED:
+            raise ConfigError(f"--metric {name} takes no --processor-path")
+        options["tokenizer_config" if name == "image_reward" else "processor_config"] = args.processor_path
     metric = getattr(metrics, METRICS[name]).from_pretrained(**options)
-    if name == "fid":
+    if name in PAIRED:
         value = metric.compute(*args.images)
-        print(json.dumps({"fid": value}) if args.json else f"{value:.6f}")
+        print(json.dumps({name: value}) if args.json else f"{value:.6f}")
         return 0
     if name in PROMPTED:
         prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt

@@ -199,7 +199,9 @@ class CLIPMetric(Metric):
         processor_config = processor_config or default_config(cls.default_processor)
         files = resolve_files(model_config, "model_config")
         folder = resolve_folder(processor_config, "processor_config")
-        processor = AutoProcessor.from_pretrained(folder, **(processor_kwargs or {}))
+        # the PIL image processor, the released models' own preprocessing, whether torchvision is installed or not
+        # (transformers picks its torchvision one when it can, whose resize moves scores by ~1e-3)
+        processor = AutoProcessor.from_pretrained(folder, **{"backend": "pil", **(processor_kwargs or {})})
         state = read_state_dict(files)
         label = ", ".join(files)
         if cls.open_clip_layout:
