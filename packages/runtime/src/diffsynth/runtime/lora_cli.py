@@ -44,21 +44,24 @@ def add_lora_parser(commands) -> None:
     common(mer)
 
     con = actions.add_parser(
-        "convert", help="a LoRA (any layout the family reads) in official (BFL / authors', ComfyUI) or diffusers names"
+        "convert",
+        help="a LoRA (any layout the family reads) in official (BFL / authors'), diffusers or ComfyUI names",
     )
     con.add_argument("lora", help="the LoRA file")
     con.add_argument("--family", required=True, help="the model family it is for (see `diffsynth list-models`)")
     con.add_argument(
         "--to",
         default="official",
-        help="naming to write: official (default; fused layers as one exact LoRA each) or diffusers (split into "
-        "diffusers' layers, under transformer.)",
+        help="naming to write: official (default; fused layers as one exact LoRA each), diffusers (split into "
+        "diffusers' layers, under transformer.) or comfyui (the names ComfyUI's model uses, under diffusion_model.: "
+        "the official ones for FLUX and Wan, NextDiT's fused attention.qkv for z_image)",
     )
     common(
         con,
         default_format=None,
         help_format="key layout: diffsynth (default for --to official), peft (default for --to diffusers: "
-        "transformer.<name>; diffusion_model.<name> for official names) or kohya (official names only)",
+        "transformer.<name>; and for --to comfyui: diffusion_model.<name>; also for official names) or kohya "
+        "(official and comfyui names)",
     )
 
 

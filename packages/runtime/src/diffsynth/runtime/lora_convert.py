@@ -3,7 +3,9 @@
 Our loaders read every naming people share (diffusers / peft, kohya, XLabs, ComfyUI) and convert it to our module
 names, which are the official checkpoint names. This goes the other way for files: `to="official"` writes those
 names (what ComfyUI, the original repos and kohya-style tools read), `to="diffusers"` diffusers' module names under
-`transformer.` (what diffusers' `load_lora_weights` reads). The renaming is the family's own (fused layers, swapped
+`transformer.` (what diffusers' `load_lora_weights` reads), `to="comfyui"` the names ComfyUI's own model uses, in peft
+keys under `diffusion_model.` by default (for FLUX and Wan the official names; Z-Image's is Lumina's NextDiT layout,
+with a fused `attention.qkv`). The renaming is the family's own (fused layers, swapped
 halves), reached through its registry entry (`Family.lora_converter`): the runtime imports no family package.
 """
 
@@ -18,7 +20,7 @@ from .registry import installed_families
 
 logger = logging.getLogger(__name__)
 
-NAMINGS = ("official", "diffusers")
+NAMINGS = ("official", "diffusers", "comfyui")
 DIFFUSERS_PREFIX = "transformer."  # diffusers' pipelines hand `transformer.*` keys to the denoiser
 
 
@@ -49,7 +51,8 @@ def convert_lora_file(
     format: str | None = None,
 ) -> LoRAWeights:
     """Write `lora` in the naming `to` as `output`, in the key layout `format` (`save_lora`'s; default diffsynth
-    for official names, peft with the `transformer.` prefix for diffusers names). Returns what was written."""
+    for official names, peft with the `transformer.` prefix for diffusers names, peft with `diffusion_model.` for
+    ComfyUI's). Returns what was written."""
     if format is not None and format not in SAVE_FORMATS:
         raise ConfigError(f"--format {format!r} is not a LoRA key layout; accepted: {', '.join(SAVE_FORMATS)}")
     prefix = None
@@ -61,6 +64,8 @@ def convert_lora_file(
                 "--format peft (transformer.<name>, what diffusers loads) or diffsynth (no prefix)"
             )
         prefix = DIFFUSERS_PREFIX if format == "peft" else ""
+    elif to == "comfyui":
+        format = format or "peft"  # save_lora's peft prefix is `diffusion_model.`, ComfyUI's
     converted = convert_lora_naming(lora, family, to)
     if not converted.targets:
         raise LoRAError(f"{converted.source} has no LoRA targets left to write")

@@ -75,8 +75,9 @@ def convert_wan_naming(
     a target that is no Linear of it is an error naming its key."""
     from .longcat import is_longcat_lora, longcat_lora_to_standard
 
+    to = "official" if to == "comfyui" else to  # ComfyUI's Wan model uses the authors' names
     if to not in ("official", "diffusers"):
-        raise LoRAError(f"unknown LoRA naming {to!r}; accepted: ['official', 'diffusers']")
+        raise LoRAError(f"unknown LoRA naming {to!r}; accepted: ['official', 'diffusers', 'comfyui']")
     state, source = read_lora_state(path_or_state_dict)
     if is_longcat_lora(state):
         state = longcat_lora_to_standard(state, source)

@@ -369,6 +369,7 @@ FAMILY = Family(
     presets=PRESETS,
     pipeline="diffsynth.z_image.pipeline:ZImagePipeline",
     training="diffsynth.z_image.training:ZImageTrainingTask",
+    lora_converter="diffsynth.z_image.lora:convert_z_image_naming",
     description="Z-Image-Turbo, Z-Image and Z-Image-Omni (Tongyi-MAI): 6B single-stream DiT, Qwen3-4B text encoder, "
     "FLUX.1 VAE; Omni adds a SigLIP2 image encoder for editing",
 )

@@ -310,6 +310,16 @@ class ZImagePipeline(BasePipeline):
         return out[0] if isinstance(prompt, str) and output_type == "pil" else out
 
     # ------------------------------------------------------------------ checks
+    def read_lora(self, path, slot: str = "dit"):
+        """The common LoRA layouts, and for the DiT also ComfyUI's NextDiT names (`layers.0.attention.qkv`,
+        `x_embedder`, ...; `lora.convert_z_image_lora`: a fused `qkv` split exactly into q, k, v)."""
+        lora = super().read_lora(path, slot)
+        if slot != "dit":
+            return lora
+        from .lora import convert_z_image_lora
+
+        return convert_z_image_lora(lora)
+
     def check_size(self, height: int, width: int) -> tuple[int, int]:
         """The base rounding, then the DiT's RoPE range: it places at most `axes_lens` rows and columns of patches."""
         height, width = super().check_size(height, width)

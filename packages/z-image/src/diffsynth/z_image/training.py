@@ -147,6 +147,12 @@ class ZImageTrainingTask(PipelineTrainingTask):
             models["controlnet"] = self.controlnet
         return models
 
+    def read_lora(self, path) -> Any:
+        """The trainer's `--preset_lora_path`, read as the pipeline reads a LoRA for the trained model (for the
+        DiT also ComfyUI's NextDiT names, `lora.convert_z_image_lora`); `--lora_checkpoint` goes through
+        `pipe.read_lora` already."""
+        return self.pipe.read_lora(path, self.denoiser_slot)
+
     @classmethod
     def from_pretrained(
         cls,

@@ -32,7 +32,8 @@ matrix (and diff) are swapped like the weights in `formats.py`.
 BFL names (fused layers as one exact LoRA each) or diffusers' (fused LoRAs split exactly, `to_diffusers_names`).
 
 The machinery is shared with FLUX.2 (`flux2/lora.py`): a family hands its name tables over as a `LoRANaming`
-(diffusers -> ours, fused parts, swapped layers, XLabs names) and `convert_lora` does the rest.
+(diffusers -> ours, fused parts, swapped layers, XLabs names) and `convert_lora` does the rest. Merging the parts
+of a fused layer and splitting it back are the runtime's (`diffsynth.runtime.lora_fused`, shared with Z-Image).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ from torch import nn
 
 from diffsynth.runtime.errors import LoRAError, preview
 from diffsynth.runtime.lora import DOTTED_PREFIXES, LoRATarget, LoRAWeights, read_lora, read_lora_state
-from diffsynth.runtime.lora_dora import check_magnitude
 from diffsynth.runtime.lora_factors import RowStackedDelta
+from diffsynth.runtime.lora_fused import merge_parts, split_fused
 
 from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
 
@@ -413,82 +414,15 @@ def convert_lora(
     return LoRAWeights(targets=targets, source=lora.source, skipped=list(lora.skipped), keys=keys)
 
 
-@torch.no_grad()
 def _merge(
     linear: nn.Linear, module: str, parts: list, source: str, model: str, width: int | None = None
 ) -> LoRATarget:
+    """`merge_parts` on our Linear `module` (input width `width` once widened), swapping the halves of a whole-layer
+    part diffusers stores the other way round."""
     out_features, in_features = linear.weight.shape
-    in_features = width or in_features
-    spans = []
-    for part, t, key in parts:
-        rows = out_features if part.rows is None else part.rows
-        where = repr(module) if part.rows is None else f"rows {part.start}:{part.start + rows} of {module!r}"
-        _check_part(t, key, where, rows, in_features, source, model)
-        spans.append((part.start, part.start + rows, key))
-    spans.sort()
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
-        if start < end:
-            raise LoRAError(f"{source}: {first!r} and {second!r} both change rows of {module!r}; give one of them")
-    if len(parts) == 1 and parts[0][0].rows is None:
-        part, t, _ = parts[0]
-        return _swap_halves(t) if part.swap else t
-    # several parts of one fused Linear (or one part of it): one LoRA of the summed rank, block-diagonal up
-    first = next((x for _, t, _ in parts for x in (t.down, t.diff, t.diff_b) if x is not None), None)
-    dtype, device = (None, None) if first is None else (first.dtype, first.device)
-    ranked = [(p, t) for p, t, _ in parts if t.down is not None]
-    merged = LoRATarget()
-    if ranked:
-        up = torch.zeros(out_features, sum(t.rank for _, t in ranked), device=device)
-        column = 0
-        for p, t in ranked:
-            up[p.start : p.start + t.up.shape[0], column : column + t.rank] = t.up.float().to(device) * t.factor
-            column += t.rank
-        merged.down = torch.cat([t.down.float().to(device) for _, t in ranked]).to(dtype)
-        merged.up = up.to(dtype)
-    if any(t.diff is not None for _, t, _ in parts):
-        merged.diff = torch.zeros(out_features, in_features, dtype=dtype, device=device)
-        for p, t, _ in parts:
-            if t.diff is not None:
-                merged.diff[p.start : p.start + t.diff.shape[0]] = t.diff.to(dtype)
-    if any(t.diff_b is not None for _, t, _ in parts):
-        merged.diff_b = torch.zeros(out_features, dtype=dtype, device=device)
-        for p, t, _ in parts:
-            if t.diff_b is not None:
-                merged.diff_b[p.start : p.start + t.diff_b.shape[0]] = t.diff_b.to(dtype)
-    factored = tuple((p.start, t.factors) for p, t, _ in parts if t.factors is not None)
-    if factored:  # LyCORIS changes stay factored, each on its rows
-        merged.factors = RowStackedDelta(out_features, in_features, factored)
-    decomposed = [(p, t, key) for p, t, key in parts if t.magnitude is not None]
-    if decomposed:  # DoRA row norms are each row's own: the parts' magnitudes on their rows, NaN (none) elsewhere
-        column_wise = [key for _, t, key in decomposed if t.magnitude.shape[1] != 1]
-        if column_wise:
-            raise LoRAError(
-                f"{source}: {column_wise[0]!r} is a DoRA with column norms ([1, in] magnitude) on a part of "
-                f"{module!r}; the norms of a fused layer's columns span its other parts, so it cannot be applied"
-            )
-        merged.magnitude = torch.full((out_features, 1), float("nan"), dtype=decomposed[0][1].magnitude.dtype)
-        for p, t, _ in decomposed:
-            merged.magnitude[p.start : p.start + t.magnitude.shape[0]] = t.magnitude.to(merged.magnitude)
-    return merged
-
-
-def _check_part(t: LoRATarget, key: str, where: str, rows: int, in_features: int, source: str, model: str) -> None:
-    problems = []
-    if t.down is not None and (t.down.shape[1] != in_features or t.up.shape[0] != rows):
-        problems.append(f"down {tuple(t.down.shape)} / up {tuple(t.up.shape)}")
-    if t.diff is not None and tuple(t.diff.shape) != (rows, in_features):
-        problems.append(f"diff {tuple(t.diff.shape)}")
-    if t.diff_b is not None and tuple(t.diff_b.shape) != (rows,):
-        problems.append(f"diff_b {tuple(t.diff_b.shape)}")
-    if t.factors is not None and tuple(t.factors.shape) != (rows, in_features):
-        problems.append(f"a {type(t.factors).__name__} of shape {tuple(t.factors.shape)}")
-    if t.magnitude is not None and check_magnitude(t.magnitude, rows, in_features):
-        problems.append(f"a DoRA magnitude {tuple(t.magnitude.shape)}")
-    if problems:
-        raise LoRAError(
-            f"{source}: {key!r} has {', '.join(problems)} but lands on {where} of the {model}, which takes "
-            f"[{rows}, {in_features}]; the LoRA was probably made for a different model or model size"
-        )
+    merged = merge_parts(out_features, width or in_features, module, parts, source, model)
+    part = parts[0][0]
+    return _swap_halves(merged) if len(parts) == 1 and part.rows is None and part.swap else merged
 
 
 def _swap_halves(t: LoRATarget) -> LoRATarget:
@@ -547,8 +481,9 @@ def _meta_model() -> nn.Module:
 
 def rename_lora(lora: LoRAWeights, model: nn.Module, naming: LoRANaming, to: str) -> LoRAWeights:
     """`lora` as `convert_lora` returns it (on `model`'s Linears, our names) in the naming `to` (`NAMINGS`)."""
+    to = "official" if to == "comfyui" else to  # ComfyUI's FLUX models use the official (BFL) names
     if to not in NAMINGS:
-        raise LoRAError(f"unknown LoRA naming {to!r}; accepted: {list(NAMINGS)}")
+        raise LoRAError(f"unknown LoRA naming {to!r}; accepted: {[*NAMINGS, 'comfyui']}")
     for name, t in lora.targets.items():
         if isinstance(t.factors, RowStackedDelta):
             raise LoRAError(
@@ -585,46 +520,8 @@ def to_diffusers_names(lora: LoRAWeights, model: nn.Module, naming: LoRANaming) 
                 )
             pieces = {theirs: _swap_halves(t) if part.swap else t}
         else:
-            pieces = _split(t, key, name, parts, lora.source)
+            pieces = split_fused(t, key, name, parts, lora.source)
         for theirs, piece in pieces.items():
             targets[theirs] = piece
             keys[theirs] = key
     return LoRAWeights(targets=targets, source=lora.source, skipped=list(lora.skipped), keys=keys)
-
-
-def _split(t: LoRATarget, key: str, name: str, parts: dict[str, LoRAPart], source: str) -> dict[str, LoRATarget]:
-    """The exact LoRAs of the parts of fused layer `name`; parts the LoRA leaves unchanged are left out."""
-    if t.factors is not None:
-        raise LoRAError(
-            f"{source}: {key!r} is a LoHa / LoKr on the fused layer {name!r}; it cannot be split exactly into "
-            f"diffusers' {list(parts)}"
-        )
-    if t.magnitude is not None and t.magnitude.shape[1] != 1:
-        raise LoRAError(
-            f"{source}: {key!r} is a DoRA with column norms on the fused layer {name!r}; each of diffusers' parts "
-            f"{list(parts)} would need its own column norms, which the file does not give"
-        )
-    pieces = {}
-    for theirs, part in parts.items():
-        rows = slice(part.start, part.start + part.rows)
-        piece = LoRATarget()
-        if t.down is not None:
-            up = t.up[rows]
-            used = (up != 0).any(dim=0)
-            if used.any():
-                rank = int(used.sum())
-                piece.down, piece.up = t.down[used], up[:, used]
-                piece.alpha = None if t.alpha is None else t.factor * rank  # the same alpha / rank
-        if t.diff is not None and (t.diff[rows] != 0).any():
-            piece.diff = t.diff[rows]
-        if t.diff_b is not None and (t.diff_b[rows] != 0).any():
-            piece.diff_b = t.diff_b[rows]
-        if t.magnitude is not None and not torch.isnan(t.magnitude[rows]).all():
-            piece.magnitude = t.magnitude[rows]  # row norms are each row's own
-        if piece.magnitude is not None and piece.down is None and piece.diff is None:  # a DoRA of no change
-            source_tensor = t.down if t.down is not None else t.diff
-            piece.down = source_tensor.new_zeros(1, source_tensor.shape[1])
-            piece.up = source_tensor.new_zeros(part.rows, 1)
-        if piece.down is not None or piece.diff is not None or piece.diff_b is not None:
-            pieces[theirs] = piece
-    return pieces
