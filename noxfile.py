@@ -57,7 +57,7 @@ def _constraints() -> str:
 METRIC_REFERENCES = ("lpips==0.1.*", "torchvision")
 
 # optional extras a package's own tests exercise (its tests skip without them)
-TEST_EXTRAS = {"runtime": "[quant]", "training": "[deepspeed,optim]"}
+TEST_EXTRAS = {"runtime": "[quant]", "training": "[deepspeed,optim,track]"}
 
 
 def _local_deps(package: str) -> list[str]:

@@ -303,6 +303,15 @@ class TrainConfig:
     keep_last: int | None = _arg(None, "keep only the newest N resume checkpoints", "output")
     resume: str | None = _arg(None, "continue from a checkpoint folder, or 'latest' in --output_path", "output")
     log_every: int = _arg(10, "log the loss every N optimizer steps", "output")
+    report_to: list[str] = _arg(
+        [],
+        "also send the logged loss and learning rate, and the validation pictures, to these trackers (accelerate's: "
+        "tensorboard, wandb, swanlab, mlflow, ...), comma-separated; the tracker's package must be installed",
+        "output",
+    )
+    tracker_project_name: str = _arg(
+        "diffsynth", "the project (run group) name the trackers file the run under", "output"
+    )
     validation_prompts: list[str] = _arg(
         [], "prompts sampled with the weights in training (separated by |), written to OUTPUT/validation/", "output"
     )

@@ -19,6 +19,7 @@ dmd2` swaps the whole step for `dmd2.dmd2_step` (a student, a fake score model a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -41,7 +42,7 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.pipeline import seeded_noise
 
 from . import dmd2 as dmd2_task
-from . import offload, trajectory
+from . import offload, tracking, trajectory
 from .checkpoint import (
     CHECKPOINTS,
     find_checkpoint,
@@ -152,6 +153,8 @@ def train(config: TrainConfig) -> TrainState:
             logger.info("--resume latest: no checkpoint in %s yet, starting from scratch", run.output / CHECKPOINTS)
         else:
             state = resume(run, found, state)
+    if cfg.report_to:  # accelerate starts them on the main process only
+        acc.init_trackers(cfg.tracker_project_name, config=tracking.hyperparameters(dataclasses.asdict(cfg)))
     logger.info(
         "training %s %s: %d steps (%d per epoch x %d epochs, capped by --max_steps %s), from step %d",
         run.task.family,
@@ -219,6 +222,7 @@ def setup(config: TrainConfig) -> Run:
 
     cfg = config.check()
     cfg.check_data_paths()
+    tracking.check_trackers(cfg.report_to)
     cls = task_class(cfg)
     denoiser = getattr(cls, "denoiser_slot", "dit")
     if cfg.enable_model_cpu_offload and denoiser not in cfg.offload_models:  # DiffSynth-Studio's flag
@@ -643,6 +647,8 @@ def validate(run: Run, state: TrainState) -> list[Path]:
                 save_image(sample, path)
             written.append(path)
         logger.info("step %d: validation samples in %s", state.step, folder)
+        if cfg.report_to:
+            tracking.log_pictures(acc, samples, state.step)
     acc.wait_for_everyone()
     return written
 
@@ -981,7 +987,8 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
     DDP, FSDP2 and DeepSpeed run; FSDP1 and DeepSpeed's CPU offload are refused (`distributed.check_mode`)."""
     from accelerate import Accelerator
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+    trackers = tracking.accelerator_options(cfg.report_to, cfg.output_path)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), **trackers, **kwargs)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and acc.num_processes != launched:
         raise ConfigError(
@@ -1248,6 +1255,8 @@ def _log(run: Run, state: TrainState, seconds_per_step: float) -> None:
     record.update(dmd2_task.log_record(run.dmd2))  # --task dmd2: the fake score's and the student's losses
     with (run.output / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
+    if run.config.report_to:
+        run.accelerator.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=state.step)
 
 
 __all__ = [
