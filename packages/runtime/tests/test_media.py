@@ -185,3 +185,36 @@ def test_h264_frame_degrades_with_crf_and_keeps_the_even_size():
     assert fine_error < 6 and coarse_error > 2 * fine_error
     with pytest.raises(ConfigError, match="crf must be an integer from 0"):
         h264_frame(smooth, 60)
+
+
+def sideways_photo(path, orientation: int = 6):
+    """A 64x32 JPEG stored as a phone stores a portrait photo: pixels sideways, EXIF orientation `orientation`
+    (6: turn 90 degrees clockwise to view). Its left half is red, its right half blue, as stored."""
+    from PIL import Image
+
+    stored = Image.new("RGB", (64, 32), (255, 0, 0))
+    stored.paste((0, 0, 255), (32, 0, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, exif=exif, quality=100)
+    return stored
+
+
+def test_photos_are_turned_upright_as_their_exif_says(tmp_path):
+    from PIL import Image, ImageOps
+
+    from diffsynth.runtime.media import upright_size
+
+    path = tmp_path / "portrait.jpg"
+    stored = sideways_photo(path)
+    loaded = load_image(path)
+    assert loaded.size == (32, 64)  # upright: portrait
+    top, bottom = loaded.getpixel((16, 4)), loaded.getpixel((16, 60))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # turned clockwise: the left on top
+    reference = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # Pillow's own reading of the tag
+    assert list(loaded.getdata()) == list(reference.getdata())
+    with Image.open(path) as opened:
+        assert upright_size(opened) == (32, 64)
+    plain = tmp_path / "plain.png"
+    stored.save(plain)  # no EXIF: as stored
+    assert load_image(plain).size == (64, 32)

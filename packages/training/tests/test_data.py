@@ -338,3 +338,28 @@ def test_kohya_class_folders_without_any_caption_file_and_caption_extension(tmp_
     (folder / "plain" / "b.caption").write_text("a blue square")  # kohya's default caption extension
     dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
     assert sorted(row["prompt"] for row in dataset.rows) == ["a blue square", "ohwx cat"]
+
+
+def test_phone_photos_are_bucketed_and_read_upright(tmp_path):
+    """A portrait photo stored sideways with an EXIF orientation is a portrait sample: its bucket, its pixels and
+    its mask (drawn on the upright picture) agree."""
+    from diffsynth.training.masks import MASK_FILE_SUFFIX
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    stored = Image.new("RGB", (128, 64), (255, 0, 0))
+    stored.paste((0, 0, 255), (64, 0, 128, 64))  # stored: red left, blue right; upright: red top, blue bottom
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to view
+    stored.save(folder / "cat.jpg", exif=exif, quality=100)
+    (folder / "cat.txt").write_text("a cat")
+    mask = Image.new("L", (64, 128), 0)
+    mask.paste(255, (0, 0, 64, 64))  # the upright picture's top half (the red one)
+    mask.save(folder / f"cat{MASK_FILE_SUFFIX}")
+    dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 128, step=16, masked_loss=True)
+    assert dataset.buckets == [(64, 128)]  # portrait
+    item = dataset[0]
+    assert item["image"].shape == (3, 128, 64)
+    red = item["image"][0] > 0.5
+    assert red[:60].all() and not red[68:].any()
+    assert (item["loss_mask"][0, :60] == 1).all() and (item["loss_mask"][0, 68:] == 0).all()  # on the red half

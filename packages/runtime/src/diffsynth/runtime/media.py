@@ -40,16 +40,37 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # 
 
 def load_image(image: PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
     """A PIL image in `mode` ("RGB", or "RGBA" for models that read transparency) from a path or an image
-    (any mode: RGBA, L, P ... are converted; RGB gains an opaque alpha)."""
+    (any mode: RGBA, L, P ... are converted; RGB gains an opaque alpha), turned upright as its EXIF orientation
+    says (a phone's portrait photo is stored sideways with a tag saying so; diffusers' `load_image` does the same)."""
     if mode not in ("RGB", "RGBA"):
         raise ConfigError(f"load_image mode={mode!r} is not accepted; use 'RGB' or 'RGBA'")
     if isinstance(image, Image.Image):
+        image = upright(image)
         return image if image.mode == mode else image.convert(mode)
     if not isinstance(image, (str, os.PathLike)):
         raise ConfigError(f"an image must be a file path or a PIL.Image, got {type(image).__name__}")
     path = _existing(image, "image")
     with Image.open(path) as opened:
-        return opened.convert(mode)
+        return upright(opened).convert(mode)
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned
+SIDEWAYS = (5, 6, 7, 8)  # orientations whose upright picture swaps width and height
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation tag says (the image itself when it has none)."""
+    from PIL import ImageOps
+
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `image` once upright, from its header (no pixels decoded)."""
+    sideways = image.getexif().get(EXIF_ORIENTATION, 1) in SIDEWAYS
+    return (image.height, image.width) if sideways else image.size
 
 
 def area_size(width: int, height: int, area: int) -> tuple[int, int]:

@@ -192,8 +192,10 @@ def media_size(path: Path) -> tuple[int, int]:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             return stream.codec_context.width, stream.codec_context.height
+    from diffsynth.runtime.media import upright_size
+
     with Image.open(path) as image:
-        return image.size
+        return upright_size(image)  # a phone's portrait photo is stored sideways, tagged (EXIF)
 
 
 def video_frame_rate(path: Path) -> float:

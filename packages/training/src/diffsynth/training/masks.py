@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.media import upright
 
 MASK_COLUMN = "loss_mask"  # the metadata column of a row's mask file
 MASK_FILE_SUFFIX = "-masklabel.png"  # a captioned folder's mask beside its picture (OneTrainer's name)
@@ -46,7 +47,7 @@ def read_mask(path: Path, media_size: tuple[int, int], bucket: tuple[int, int], 
     row's media first, then `fit` to the bucket as the media is, so both are cropped alike."""
     try:
         with Image.open(path) as image:
-            gray = image.convert("L")
+            gray = upright(image).convert("L")
     except (OSError, ValueError) as error:
         raise ConfigError(f"--masked_loss: the mask {path} cannot be read as a picture ({error})") from None
     if gray.size != tuple(media_size):
@@ -63,7 +64,7 @@ def has_alpha(path: Path) -> bool:
 def alpha_mask(path: Path, bucket: tuple[int, int], fit) -> torch.Tensor:
     """`--alpha_mask`: the picture's transparency as its mask (opaque counts), fitted to `bucket` as the picture."""
     with Image.open(path) as image:
-        alpha = image.convert("RGBA").getchannel("A")
+        alpha = upright(image).convert("RGBA").getchannel("A")
     return _fitted(alpha, bucket, fit, f"the transparency of {path}")
 
 

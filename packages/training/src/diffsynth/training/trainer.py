@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffsynth.runtime.dtypes import parse_dtype
 from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.media import upright
 from diffsynth.runtime.pipeline import seeded_noise
 
 from . import dmd2 as dmd2_task
@@ -720,7 +721,7 @@ def _validation_image(base: Path, name: str, mode: str = "RGB"):
         )
     try:
         with Image.open(path) as image:
-            return image.convert(mode)
+            return upright(image).convert(mode)
     except OSError as exc:  # PIL's UnidentifiedImageError is one
         raise ConfigError(f"--validation_images: cannot read {path} as an image ({exc})") from None
 
