@@ -174,3 +174,46 @@ def test_a_missing_dataset_is_named_before_any_model_loads(tmp_path, monkeypatch
     cfg = TrainConfig(model="x", dataset_base_path=str(tmp_path / "data"), dataset_metadata_path="gone.csv")
     with pytest.raises(ConfigError, match="--dataset_metadata_path gone.csv: no such file"):
         trainer.run_stage(cfg)
+
+
+def test_diffsynth_studio_commands_parse_and_fold_into_our_settings():
+    """A DiffSynth-Studio training command's flags (its examples pass --remove_prefix_in_ckpt and --extra_inputs
+    nearly always) parse, and its names become ours."""
+    config, _ = parse_args(
+        [*BASE, "--remove_prefix_in_ckpt", "pipe.dit.", "--extra_inputs", "edit_image", "--lora_base_model", "dit",
+         "--enable_tensorboard_log", "--enable_swanlab_log", "--swanlab_project", "cats",
+         "--resume_from_checkpoint", "old.safetensors"]
+    )  # fmt: skip
+    assert config.report_to == ["tensorboard", "swanlab"] and config.tracker_project_name == "cats"
+    assert config.lora_checkpoint == "old.safetensors" and config.extra_inputs == ["edit_image"]
+    config.check()  # folding twice changes nothing
+    assert config.report_to == ["tensorboard", "swanlab"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--remove_prefix_in_ckpt", "model."], "DiffSynth-Studio's form is pipe.<model>."),
+        (["--wandb_project", "a", "--swanlab_project", "b"], "one run has one project name"),
+        (["--resume_from_checkpoint", "w.safetensors", "--trainable_models", "dit"], "pass the file as the model's"),
+        (["--resume_from_checkpoint", "a.safetensors", "--lora_checkpoint", "b.safetensors"], "name two files"),
+    ],
+)
+def test_diffsynth_studio_names_that_cannot_fold_are_named(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args([*BASE, *extra])
+
+
+def test_extra_inputs_no_row_has_are_reported(tmp_path, dataset, caplog):
+    from diffsynth_training_toy import TASK
+
+    from diffsynth.training.trainer import setup
+
+    cfg = TrainConfig(
+        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / "out"), max_pixels=64 * 128,
+        bucket_step=16, mixed_precision="no", dtype="float32", lora_rank=4, extra_inputs=["prompt", "edit_image"],
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="diffsynth.training.trainer"):
+        setup(cfg)
+    warned = [r.getMessage() for r in caplog.records if "--extra_inputs" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("--extra_inputs edit_image: no row")

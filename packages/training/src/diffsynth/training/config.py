@@ -330,10 +330,37 @@ class TrainConfig:
         None, "denoising steps of the validation samples (default: the pipeline's)", "output"
     )
 
+    # ------------------------------------------------------------------ DiffSynth-Studio's other names
+    # so its training commands run unchanged: folded into the settings above by `check`
+    extra_inputs: list[str] = _arg(
+        [],
+        "DiffSynth-Studio's list of the rows' extra model inputs (e.g. edit_image): every metadata column reaches the "
+        "family's task here, so it is only checked (a name no row has is reported)",
+        "DiffSynth-Studio's names",
+    )
+    remove_prefix_in_ckpt: str | None = _arg(
+        None,
+        "DiffSynth-Studio's prefix to strip from saved keys (pipe.dit.): files here name the layers as pipelines "
+        "load them already",
+        "DiffSynth-Studio's names",
+    )
+    resume_from_checkpoint: str | None = _arg(
+        None, "DiffSynth-Studio's: a LoRA file to go on training (--lora_checkpoint)", "DiffSynth-Studio's names"
+    )
+    enable_tensorboard_log: bool = _arg(
+        False, "DiffSynth-Studio's: --report_to tensorboard", "DiffSynth-Studio's names"
+    )
+    enable_wandb_log: bool = _arg(False, "DiffSynth-Studio's: --report_to wandb", "DiffSynth-Studio's names")
+    enable_swanlab_log: bool = _arg(False, "DiffSynth-Studio's: --report_to swanlab", "DiffSynth-Studio's names")
+    wandb_project: str | None = _arg(None, "DiffSynth-Studio's: --tracker_project_name", "DiffSynth-Studio's names")
+    swanlab_project: str | None = _arg(None, "DiffSynth-Studio's: --tracker_project_name", "DiffSynth-Studio's names")
+
     # ------------------------------------------------------------------ checks
     def check(self) -> TrainConfig:
         """Raise `ConfigError` naming the flag when a value cannot work; returns self."""
         from diffsynth.runtime.dtypes import parse_dtype
+
+        self._fold_diffsynth_names()
 
         for f in fields(self):
             _check_type(f, getattr(self, f.name))
@@ -467,6 +494,35 @@ class TrainConfig:
                 "no model given: pass --model (a preset or a local folder), --model_paths or --model_id_with_origin_paths"
             )
         return self
+
+    def _fold_diffsynth_names(self) -> None:
+        """DiffSynth-Studio's flags as ours (idempotent: `check` may run again on the folded settings)."""
+        enabled = [n for n in ("tensorboard", "wandb", "swanlab") if getattr(self, f"enable_{n}_log")]
+        self.report_to = list(dict.fromkeys([*self.report_to, *enabled]))
+        projects = {p for p in (self.wandb_project, self.swanlab_project) if p}
+        if len(projects) > 1:
+            raise ConfigError(
+                f"--wandb_project {self.wandb_project} and --swanlab_project {self.swanlab_project}: one run has one "
+                "project name here (--tracker_project_name); give one"
+            )
+        if projects:
+            self.tracker_project_name = projects.pop()
+        if self.resume_from_checkpoint is not None:
+            if self.trainable_models:
+                raise ConfigError(
+                    "--resume_from_checkpoint (DiffSynth-Studio's) starts from saved weights: for full fine-tuning "
+                    "pass the file as the model's weights (--model_paths, in place of the original transformer), or "
+                    "--resume a checkpoint folder of this trainer"
+                )
+            if self.lora_checkpoint not in (None, self.resume_from_checkpoint):
+                raise ConfigError("--resume_from_checkpoint and --lora_checkpoint name two files; give one")
+            self.lora_checkpoint = self.resume_from_checkpoint
+        prefix = self.remove_prefix_in_ckpt
+        if prefix and not (prefix.startswith("pipe.") and prefix.endswith(".")):
+            raise ConfigError(
+                f"--remove_prefix_in_ckpt {prefix!r}: DiffSynth-Studio's form is pipe.<model>. (e.g. pipe.dit.); the "
+                "files here carry no prefix anyway"
+            )
 
     def check_data_paths(self) -> None:
         """The dataset folder and metadata file exist: checked before any model loads (a 14B model takes minutes),

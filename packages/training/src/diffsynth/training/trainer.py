@@ -237,6 +237,7 @@ def setup(config: TrainConfig) -> Run:
     with loading_whole_models(acc):
         task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
     dataset = CachedDataset(cfg.cache_dir, expected=encoding_settings(cfg, task)) if cached else make_dataset(cfg, task)
+    report_extra_inputs(cfg, dataset)
 
     slot = task.denoiser_slot
     module = task.models[slot]
@@ -1084,6 +1085,21 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         masked_loss=cfg.masked_loss,
         alpha_mask=cfg.alpha_mask,
     )
+
+
+def report_extra_inputs(cfg: TrainConfig, dataset) -> None:
+    """DiffSynth-Studio's `--extra_inputs`: every metadata column reaches the task here anyway; a name no row
+    carries is reported (a family may take it from elsewhere, e.g. Wan I2V's `input_image` from the video)."""
+    rows = getattr(dataset, "rows", None)
+    if not cfg.extra_inputs or rows is None:
+        return
+    absent = [name for name in cfg.extra_inputs if not any(row.get(name) not in (None, "") for row in rows)]
+    if absent:
+        logger.warning(
+            "--extra_inputs %s: no row of the dataset has these columns; the family takes them from the picture or "
+            "video if it can (e.g. Wan I2V's input_image, the first frame), else they are not used",
+            ",".join(absent),
+        )
 
 
 def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
