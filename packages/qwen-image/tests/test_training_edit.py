@@ -94,6 +94,24 @@ def test_velocity_is_the_pipeline_per_step_call_with_the_edit_images(tiny_repo, 
     assert (ours - plain).abs().max() > 1e-3  # the edit latents count
 
 
+def test_zero_cond_t_option_makes_a_dit_without_its_config_edit_2511s(tiny_repo, repo):
+    """DiffSynth-Studio's `--zero_cond_t` (its Edit-2511 commands load the DiT without config.json): the task
+    option turns the plain-config DiT into Edit-2511's, whose velocity then equals the 2511 repo's."""
+    task = make_task(tiny_repo, zero_cond_t=True)
+    reference = make_task(repo)
+    assert task.models["dit"].config.zero_cond_t is True and task.edit is True
+    images = [picture(1, 40, 56)]
+    batch = task.collate(task.encode(rows([images, images])))
+    noisy = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.75, 0.3])
+    with torch.no_grad():
+        ours = task.velocity(task.models["dit"], batch, noisy, sigma)
+        theirs = reference.velocity(reference.models["dit"], batch, noisy, sigma)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        plain = make_task(tiny_repo)
+        assert (plain.velocity(plain.models["dit"], batch, noisy, sigma) - ours).abs().max() > 1e-4
+
+
 def test_the_prompt_template_follows_the_pipeline_setting(tiny_repo):
     """Edit-2509/2511 ("plus") number the images and show the vision tower 384x384 versions; the first Edit
     ("edit", its preset's setting) shows it the VAE-sized image unnumbered."""

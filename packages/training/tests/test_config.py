@@ -217,3 +217,22 @@ def test_extra_inputs_no_row_has_are_reported(tmp_path, dataset, caplog):
         setup(cfg)
     warned = [r.getMessage() for r in caplog.records if "--extra_inputs" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("--extra_inputs edit_image: no row")
+
+
+def test_diffsynth_studio_family_flags_fold_too(tmp_path):
+    from diffsynth.runtime.hub import ModelConfig
+    from diffsynth.training.task import model_sources
+
+    config, _ = parse_args(
+        [*BASE, "--align_to_opensource_format", "--zero_cond_t", "--initialize_model_on_cpu",
+         "--tokenizer_path", "black-forest-labs/FLUX.2-klein-4B:tokenizer/"]
+    )  # fmt: skip
+    assert config.lora_formats == ["diffsynth", "kohya"] and config.task_options == {"zero_cond_t": True}
+    config.model = None  # the tokenizer's source alone
+    tokenizer = model_sources(config)[1]
+    assert tokenizer == ModelConfig(model_id="black-forest-labs/FLUX.2-klein-4B", origin_file_pattern="tokenizer/")
+    config.tokenizer_path = str(tmp_path)
+    assert model_sources(config)[1] == ModelConfig(path=str(tmp_path))
+    config.tokenizer_path = "no/such/folder"
+    with pytest.raises(ConfigError, match="--tokenizer_path no/such/folder: no such folder"):
+        model_sources(config)

@@ -241,6 +241,7 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         layer_num: int | None = None,
         trained_model: str = "dit",
         validation_eligen_entity_prompts: str | Sequence[str] | None = None,
+        zero_cond_t: bool | None = None,
     ):
         """`edit`: True requires `edit_image` in every row, None takes edit images where rows have them.
         `edit_template` ("plus" or "edit") overrides the pipeline's setting. `layer_num`: the layers of a
@@ -248,9 +249,13 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         slots ("blockwise_controlnet", "controlnet") whose files are among the models (default: those `pipe` has
         loaded); `trained_model` names one to make it the model the trainer trains (see the module docstring).
         `validation_eligen_entity_prompts`: the entity prompts of every validation sample ("|"-separated, or a
-        list), whose masks are then the samples' `--validation_images`."""
+        list), whose masks are then the samples' `--validation_images`. `zero_cond_t` (DiffSynth-Studio's
+        `--zero_cond_t`) marks the DiT as Qwen-Image-Edit-2511's when its `config.json` was not loaded with it (the
+        edit images' tokens modulated at timestep 0); None leaves the config as loaded."""
         self.pipe = pipe
         dit, vae = pipe.dit, pipe.vae
+        if zero_cond_t is not None and dit is not None:
+            dit.config.zero_cond_t = bool(zero_cond_t)
         self.layered = bool(
             (dit is not None and dit.config.use_layer3d_rope) or (vae is not None and vae.config.in_channels == 4)
         )
@@ -382,8 +387,10 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             device=device,
         )
         pipe.defaults.update(_tokenizer_defaults(tokenizer_config))
-        edit_model = (tokenizer_config is not None and _is_edit_processor(tokenizer_config)) or (
-            pipe.dit is not None and pipe.dit.config.zero_cond_t
+        edit_model = (
+            (tokenizer_config is not None and _is_edit_processor(tokenizer_config))
+            or bool(task_options.get("zero_cond_t"))
+            or (pipe.dit is not None and pipe.dit.config.zero_cond_t)
         )
         task_options.setdefault("edit", True if edit_model else None)
         return cls(pipe, controls=[s for s in CONTROL_SLOTS if s in roles], **task_options)

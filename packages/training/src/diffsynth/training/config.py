@@ -352,6 +352,23 @@ class TrainConfig:
     )
     enable_wandb_log: bool = _arg(False, "DiffSynth-Studio's: --report_to wandb", "DiffSynth-Studio's names")
     enable_swanlab_log: bool = _arg(False, "DiffSynth-Studio's: --report_to swanlab", "DiffSynth-Studio's names")
+    align_to_opensource_format: bool = _arg(
+        False,
+        "DiffSynth-Studio's: also write the LoRA in kohya's layout (lora_unet_..., --lora_formats kohya); the "
+        "other files name the layers as the official checkpoints already",
+        "DiffSynth-Studio's names",
+    )
+    initialize_model_on_cpu: bool = _arg(
+        False,
+        "DiffSynth-Studio's: accepted; models are built from their files here (no random initialisation to move)",
+        "DiffSynth-Studio's names",
+    )
+    zero_cond_t: bool = _arg(
+        False,
+        "DiffSynth-Studio's Qwen-Image-Edit-2511 flag: --task_options zero_cond_t=true (the DiT's config.json says "
+        "it when loaded)",
+        "DiffSynth-Studio's names",
+    )
     wandb_project: str | None = _arg(None, "DiffSynth-Studio's: --tracker_project_name", "DiffSynth-Studio's names")
     swanlab_project: str | None = _arg(None, "DiffSynth-Studio's: --tracker_project_name", "DiffSynth-Studio's names")
 
@@ -517,6 +534,10 @@ class TrainConfig:
             if self.lora_checkpoint not in (None, self.resume_from_checkpoint):
                 raise ConfigError("--resume_from_checkpoint and --lora_checkpoint name two files; give one")
             self.lora_checkpoint = self.resume_from_checkpoint
+        if self.align_to_opensource_format and "kohya" not in self.lora_formats:
+            self.lora_formats = [*self.lora_formats, "kohya"]
+        if self.zero_cond_t:
+            self.task_options = {**self.task_options, "zero_cond_t": True}
         prefix = self.remove_prefix_in_ckpt
         if prefix and not (prefix.startswith("pipe.") and prefix.endswith(".")):
             raise ConfigError(

@@ -209,7 +209,7 @@ def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig |
     """The `ModelConfig`s and tokenizer config that --model, --model_paths, --model_id_with_origin_paths and
     --tokenizer_path name."""
     configs: list[ModelConfig] = []
-    tokenizer = ModelConfig(path=config.tokenizer_path) if config.tokenizer_path else None
+    tokenizer = tokenizer_source(config.tokenizer_path) if config.tokenizer_path else None
     if config.model:
         if Path(config.model).is_dir():
             from diffsynth.runtime.pipeline import configs_from_folder
@@ -241,6 +241,16 @@ def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig |
             )
         configs.append(ModelConfig(model_id=model_id, origin_file_pattern=pattern))
     return configs, tokenizer
+
+
+def tokenizer_source(spec: str) -> ModelConfig:
+    """`--tokenizer_path`: a local folder, or DiffSynth-Studio's hub form `Org/Model:tokenizer/`."""
+    if Path(spec).exists():
+        return ModelConfig(path=spec)
+    model_id, sep, pattern = spec.partition(":")
+    if sep and model_id.count("/") == 1 and pattern:
+        return ModelConfig(model_id=model_id, origin_file_pattern=pattern)
+    raise ConfigError(f"--tokenizer_path {spec}: no such folder (or give the hub form Org/Model:tokenizer/)")
 
 
 def check_task(task, target: str) -> None:
