@@ -363,3 +363,25 @@ def test_phone_photos_are_bucketed_and_read_upright(tmp_path):
     red = item["image"][0] > 0.5
     assert red[:60].all() and not red[68:].any()
     assert (item["loss_mask"][0, :60] == 1).all() and (item["loss_mask"][0, 68:] == 0).all()  # on the red half
+
+
+def test_the_trigger_word_is_in_every_caption(tmp_path):
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.trainer import validation_prompts
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    captions = {"a": "a photo of [trigger] on a sofa", "b": "ohwx cat asleep", "c": "a garden", "d": ""}
+    for name, caption in captions.items():
+        Image.new("RGB", (64, 64), "red").save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16, trigger_word="ohwx cat")
+    assert [row["prompt"] for row in dataset.rows] == [
+        "a photo of ohwx cat on a sofa",  # the placeholder filled
+        "ohwx cat asleep",  # already there
+        "ohwx cat, a garden",  # put first
+        "ohwx cat",  # an empty caption: the word alone
+    ]
+    assert dataset[2]["prompt"] == "ohwx cat, a garden"
+    cfg = TrainConfig(trigger_word="ohwx cat", validation_prompts=["[trigger] in the snow", "a dog"])
+    assert validation_prompts(cfg) == ["ohwx cat in the snow", "a dog"]

@@ -76,6 +76,12 @@ class TrainConfig:
     bucket_step: int = _arg(64, "bucket sizes are multiples of this many pixels", "data")
     num_frames: int = _arg(81, "frames read from each video", "data")
     dataset_repeat: int = _arg(1, "times each sample is seen per epoch", "data")
+    trigger_word: str | None = _arg(
+        None,
+        "a word every caption should hold (ai-toolkit's): [trigger] in a caption becomes it, a caption without it "
+        "starts with it; the validation prompts' [trigger] too",
+        "data",
+    )
     caption_dropout: float = _arg(
         0.0, "chance that a row trains with an empty prompt (what classifier-free guidance contrasts with)", "data"
     )

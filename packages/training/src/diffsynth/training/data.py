@@ -275,6 +275,7 @@ class MetadataDataset(Dataset):
         image_mode: str = "RGB",
         masked_loss: bool = False,
         alpha_mask: bool = False,
+        trigger_word: str | None = None,
     ):
         if image_mode not in ("RGB", "RGBA"):
             raise ConfigError(f"image_mode={image_mode!r} is not accepted; use 'RGB' or 'RGBA'")
@@ -284,6 +285,8 @@ class MetadataDataset(Dataset):
         self.audio_rate = audio_rate  # None: each file's own rate
         self.metadata = metadata_file(self.base, metadata_path)
         self.rows = read_metadata(self.metadata)
+        if trigger_word:
+            self.rows = [with_trigger(row, trigger_word) for row in self.rows]
         self.conditioning = tuple(conditioning)
         self.file_keys = tuple(dict.fromkeys([*file_keys, *self.conditioning]))
         self.masked_loss = masked_loss or alpha_mask
@@ -442,6 +445,21 @@ def _paths(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
+TRIGGER_PLACEHOLDER = "[trigger]"  # ai-toolkit's placeholder for the trigger word in captions
+
+
+def with_trigger(row: dict[str, Any], word: str) -> dict[str, Any]:
+    """`--trigger_word` (ai-toolkit's): `[trigger]` in a row's prompt becomes the word, and a prompt without the
+    word starts with it (`word, prompt`), so every caption names what the LoRA learns."""
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str):
+        return row
+    prompt = prompt.replace(TRIGGER_PLACEHOLDER, word)
+    if word not in prompt:
+        prompt = f"{word}, {prompt}" if prompt.strip() else word
+    return {**row, "prompt": prompt}
+
+
 def row_repeats(row: dict[str, Any], index: int, metadata: Path) -> int:
     """A row's `repeats` column (default 1), checked."""
     value = row.get(REPEATS_COLUMN)
@@ -509,6 +527,8 @@ def cache_settings(config, family: str) -> dict[str, Any]:
         data = json.dumps(caption_rows(path)).encode() if path.is_dir() else path.read_bytes()
         metadata_sha256 = hashlib.sha256(data).hexdigest()
     several = {"resolutions": list(config.resolutions)} if config.resolutions else {}  # older caches: none
+    if config.trigger_word:
+        several["trigger_word"] = config.trigger_word
     return {
         **several,
         "family": family,

@@ -59,6 +59,7 @@ from .checkpoint import (
 from .config import TrainConfig, dump_yaml
 from .data import (
     AUDIO_KEYS,
+    TRIGGER_PLACEHOLDER,
     CachedDataset,
     MetadataDataset,
     batch_plan,
@@ -629,7 +630,7 @@ def validate(run: Run, state: TrainState) -> list[Path]:
         module.eval()
         try:
             with torch.no_grad():
-                samples = run.task.sample(module, list(cfg.validation_prompts), seed=cfg.validation_seed, **options)
+                samples = run.task.sample(module, validation_prompts(cfg), seed=cfg.validation_seed, **options)
         finally:
             module.train()
     if acc.is_main_process:
@@ -653,6 +654,13 @@ def validate(run: Run, state: TrainState) -> list[Path]:
             tracking.log_pictures(acc, samples, state.step)
     acc.wait_for_everyone()
     return written
+
+
+def validation_prompts(cfg: TrainConfig) -> list[str]:
+    """`--validation_prompts`, with `--trigger_word` in place of their `[trigger]`."""
+    if not cfg.trigger_word:
+        return list(cfg.validation_prompts)
+    return [p.replace(TRIGGER_PLACEHOLDER, cfg.trigger_word) for p in cfg.validation_prompts]
 
 
 def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | None:
@@ -1084,6 +1092,7 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         image_mode=getattr(task, "image_mode", "RGB"),  # "RGBA" for the families that read transparency
         masked_loss=cfg.masked_loss,
         alpha_mask=cfg.alpha_mask,
+        trigger_word=cfg.trigger_word,
     )
 
 
