@@ -375,6 +375,11 @@ class TrainConfig:
         "it when loaded)",
         "DiffSynth-Studio's names",
     )
+    preset_lora_model: str | None = _arg(
+        None,
+        "DiffSynth-Studio's: the model --preset_lora_path fuses into; here always the trained model (dit)",
+        "DiffSynth-Studio's names",
+    )
     wandb_project: str | None = _arg(None, "DiffSynth-Studio's: --tracker_project_name", "DiffSynth-Studio's names")
     swanlab_project: str | None = _arg(None, "DiffSynth-Studio's: --tracker_project_name", "DiffSynth-Studio's names")
 
@@ -544,6 +549,11 @@ class TrainConfig:
             self.lora_formats = [*self.lora_formats, "kohya"]
         if self.zero_cond_t:
             self.task_options = {**self.task_options, "zero_cond_t": True}
+        if self.preset_lora_model not in (None, "dit", self.lora_base_model):
+            raise ConfigError(
+                f"--preset_lora_model {self.preset_lora_model}: --preset_lora_path fuses into the trained model "
+                "(dit) here; another model cannot take it"
+            )
         prefix = self.remove_prefix_in_ckpt
         if prefix and not (prefix.startswith("pipe.") and prefix.endswith(".")):
             raise ConfigError(
