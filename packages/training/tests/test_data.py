@@ -385,3 +385,24 @@ def test_the_trigger_word_is_in_every_caption(tmp_path):
     assert dataset[2]["prompt"] == "ohwx cat, a garden"
     cfg = TrainConfig(trigger_word="ohwx cat", validation_prompts=["[trigger] in the snow", "a dog"])
     assert validation_prompts(cfg) == ["ohwx cat in the snow", "a dog"]
+
+
+def test_a_cache_is_refused_by_a_run_with_other_sizes_or_trigger(tmp_path, dataset):
+    from dataclasses import replace
+
+    from diffsynth_training_toy import TASK
+
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.trainer import run_stage, setup
+
+    cfg = TrainConfig(
+        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / "out"), bucket_step=16,
+        batch_size=1, mixed_precision="no", dtype="float32", lora_rank=4, resolutions=[32, 64],
+        cache_dir=str(tmp_path / "cache"), trigger_word="ohwx",
+    )  # fmt: skip
+    run_stage(replace(cfg, stage="encode"))
+    assert setup(cfg).total_steps == 12
+    with pytest.raises(ConfigError, match=r"encoded with --resolutions \[32, 64\], this run has --resolutions \[\]"):
+        setup(replace(cfg, resolutions=[]))
+    with pytest.raises(ConfigError, match="encoded with --trigger_word 'ohwx', this run has --trigger_word None"):
+        setup(replace(cfg, trigger_word=None))

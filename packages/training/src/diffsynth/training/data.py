@@ -494,8 +494,8 @@ class CachedDataset(Dataset):
                     f"--cache_dir {self.root} was encoded from another version of the dataset's metadata; "
                     "encode again into a new --cache_dir"
                 )
-            recorded = index["settings"].get(name, {} if name == "task_options" else None)  # older caches: none
-            if value is not None and recorded != value:
+            recorded = index["settings"].get(name, UNRECORDED.get(name))  # what older caches did not record
+            if (value is not None or name in UNRECORDED) and recorded != value:
                 raise ConfigError(
                     f"--cache_dir {self.root} was encoded with --{name} {recorded!r}, this run has --{name} "
                     f"{value!r}; use the same setting or encode again into a new --cache_dir"
@@ -519,6 +519,11 @@ class CachedDataset(Dataset):
         return load_file(str(self.files[index]))
 
 
+# settings a cache written before they existed did not record, as they were then (a run's value is compared even
+# when it is the default: a cache made with --resolutions is refused by a run without)
+UNRECORDED: dict[str, Any] = {"task_options": {}, "resolutions": [], "trigger_word": None}
+
+
 def cache_settings(config, family: str) -> dict[str, Any]:
     """What shapes the encoded samples: a cache is reused only with the same values."""
     metadata_sha256 = None
@@ -526,11 +531,9 @@ def cache_settings(config, family: str) -> dict[str, Any]:
         path = metadata_file(Path(config.dataset_base_path), config.dataset_metadata_path)
         data = json.dumps(caption_rows(path)).encode() if path.is_dir() else path.read_bytes()
         metadata_sha256 = hashlib.sha256(data).hexdigest()
-    several = {"resolutions": list(config.resolutions)} if config.resolutions else {}  # older caches: none
-    if config.trigger_word:
-        several["trigger_word"] = config.trigger_word
     return {
-        **several,
+        "resolutions": list(config.resolutions),
+        "trigger_word": config.trigger_word,
         "family": family,
         "metadata_sha256": metadata_sha256,
         "max_pixels": config.max_pixels,
