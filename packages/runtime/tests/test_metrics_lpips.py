@@ -186,3 +186,21 @@ def test_score_command_prints_the_distance(tmp_path, alex_file, capsys):
     assert "do not fit LPIPSModel" in capsys.readouterr().err  # an AlexNet file is not a VGG one
     assert main(["score", "--metric", "aesthetic", "--target-size", "64", str(a)]) == 2
     assert "takes no --target-size" in capsys.readouterr().err
+
+
+def test_a_photo_stored_sideways_is_compared_upright(tmp_path, alex_file):
+    """Two files of one header size, one a JPEG stored sideways with an EXIF orientation: they are compared as the
+    pictures they show (resized as two sizes), exactly as the upright pictures given directly."""
+    metric = LPIPSMetric.from_pretrained(model_config=alex_file, device="cpu", target_size=48)
+    upright = picture(3, size=(40, 48))  # a portrait
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 48 x 40, turned back by orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "portrait.jpg", exif=exif, quality=100)
+    picture(4).save(tmp_path / "landscape.png")  # 48 x 40 as stored
+    from diffsynth.runtime.media import load_image
+
+    shown = load_image(tmp_path / "portrait.jpg")
+    assert shown.size == (40, 48)
+    score = metric.compute(tmp_path / "portrait.jpg", tmp_path / "landscape.png")
+    assert abs(score - metric.compute(shown, picture(4))) < 1e-7

@@ -47,6 +47,16 @@ def test_yaml_file_with_flags_overriding_it(tmp_path):
     assert config.lora_formats == ["diffsynth", "kohya"] and config.use_gradient_checkpointing is True
 
 
+def test_whole_number_lists_from_flags_and_yaml(tmp_path):
+    config, _ = parse_args([*BASE, "--resolutions", "512, 768"])
+    assert config.resolutions == [512, 768]
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndataset_base_path: data\nresolutions: [512, 1024]\n")
+    assert parse_args(["--config", str(path)])[0].resolutions == [512, 1024]
+    with pytest.raises(ConfigError, match="--resolutions 512,big: give whole numbers"):
+        parse_args([*BASE, "--resolutions", "512,big"])
+
+
 def test_unknown_yaml_key_lists_the_accepted_ones(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: x\nlora_rnak: 4\n")

@@ -190,23 +190,28 @@ def test_rows_with_repeats_are_planned_that_many_times():
 
 def test_kohya_folders_repeat_their_rows_and_caption_them_with_their_words(tmp_path):
     folder = tmp_path / "train"
-    for sub, names in (("10_sks dog", ["a.png", "b.png"]), ("1_dog", ["c.png"]), ("extra", ["d.png"])):
+    for sub, names in (("10_sks dog", ["a.png", "b.png"]), ("1_dog", ["c.png"])):
         (folder / sub).mkdir(parents=True)
         for name in names:
             Image.new("RGB", (64, 64), "red").save(folder / sub / name)
     (folder / "10_sks dog" / "b.txt").write_text("sks dog on a sofa")
-    (folder / "extra" / "d.txt").write_text("a plain dog")
     dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
     by_name = {Path(row["image"]).name: (row["prompt"], dataset.repeats[i]) for i, row in enumerate(dataset.rows)}
     assert by_name == {
         "a.png": ("sks dog", 10),  # no caption file: the folder's words
         "b.png": ("sks dog on a sofa", 10),
         "c.png": ("dog", 1),
-        "d.png": ("a plain dog", 1),  # not a kohya folder
     }
-    (folder / "extra" / "d.txt").unlink()
-    with pytest.raises(ConfigError, match=r"1 files have no caption file beside them: .*d.png"):
+    # a folder beside them that is not `<repeats>_<words>`: not kohya's layout, so no repeats and no folder captions
+    (folder / "extra").mkdir()
+    Image.new("RGB", (64, 64), "blue").save(folder / "extra" / "d.png")
+    (folder / "extra" / "d.txt").write_text("a plain dog")
+    with pytest.raises(ConfigError, match=r"2 files have no caption file beside them: .*a.png.*c.png"):
         MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
+    for name in ("a", "c"):
+        (folder / ("10_sks dog" if name == "a" else "1_dog") / f"{name}.txt").write_text(f"picture {name}")
+    dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
+    assert dataset.repeats == [1, 1, 1, 1]  # `10_sks dog/` is an ordinary subfolder now
 
 
 @pytest.mark.parametrize("value", ["0", "two", "1.5", "-3"])
@@ -330,12 +335,12 @@ def test_resolutions_are_checked_and_change_the_step_count(tmp_path, dataset):
 def test_kohya_class_folders_without_any_caption_file_and_caption_extension(tmp_path):
     folder = tmp_path / "train"
     (folder / "5_ohwx cat").mkdir(parents=True)
-    (folder / "plain").mkdir()
+    (folder / "1_cat").mkdir()
     Image.new("RGB", (64, 64), "red").save(folder / "5_ohwx cat" / "a.png")
     dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)  # no .txt anywhere
     assert [(row["prompt"], n) for row, n in zip(dataset.rows, dataset.repeats, strict=True)] == [("ohwx cat", 5)]
-    Image.new("RGB", (64, 64), "blue").save(folder / "plain" / "b.png")
-    (folder / "plain" / "b.caption").write_text("a blue square")  # kohya's default caption extension
+    Image.new("RGB", (64, 64), "blue").save(folder / "1_cat" / "b.png")
+    (folder / "1_cat" / "b.caption").write_text("a blue square")  # kohya's default caption extension
     dataset = MetadataDataset(folder, media=("image",), max_pixels=64 * 64, step=16)
     assert sorted(row["prompt"] for row in dataset.rows) == ["a blue square", "ohwx cat"]
 

@@ -192,3 +192,13 @@ def test_the_cache_keeps_the_masks(tmp_path):
     run_stage(replace(plain, stage="encode"))
     with pytest.raises(ConfigError, match="encoded with --masked_loss None, this run has --masked_loss True"):
         first_losses(replace(plain, masked_loss=True), steps=1)  # a cache without masks
+
+
+def test_a_cache_of_transparency_masks_is_refused_by_a_run_with_mask_files(tmp_path):
+    pictures = [np.dstack([noise(i), left_half_mask()]) for i in range(2)]
+    folder = captioned_folder(tmp_path / "data", pictures, [None, None])
+    cfg = toy_config(tmp_path, folder, "run", masked_loss=False, alpha_mask=True, cache_dir=str(tmp_path / "cache"))
+    run_stage(replace(cfg, stage="encode"))
+    first_losses(cfg, steps=1)  # the same settings: taken
+    with pytest.raises(ConfigError, match="encoded with --alpha_mask True, this run has --alpha_mask False"):
+        first_losses(replace(cfg, alpha_mask=False, masked_loss=True), steps=1)

@@ -162,3 +162,21 @@ def test_cli_and_errors_name_the_key(tmp_path):
         convert_wan_naming(bad)
     with pytest.raises(LoRAError, match="unknown LoRA naming 'comfy'"):
         convert_wan_naming(state, "comfy")
+
+
+def test_wan_animate_layers_are_known_without_a_model(tmp_path):
+    """The default layer names cover Wan2.2-Animate's face adapter beside the VACE blocks (both kohya-underscored)."""
+    from diffsynth.wan.lora import convert_wan_naming
+
+    state = {}
+    for name, (rows, cols) in {
+        "face_adapter.fuser_blocks.0.linear1_kv": (10240, 5120),
+        "vace_blocks.0.cross_attn.q": (5120, 5120),
+    }.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = torch.zeros(2, cols)
+        state[f"{key}.lora_up.weight"] = torch.zeros(rows, 2)
+    assert sorted(convert_wan_naming(state).targets) == [
+        "face_adapter.fuser_blocks.0.linear1_kv",
+        "vace_blocks.0.cross_attn.q",
+    ]

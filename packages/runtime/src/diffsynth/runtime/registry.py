@@ -240,8 +240,9 @@ def find_preset(name: str) -> tuple[Family, Preset]:
 
 
 def family_for_folder(folder: str | os.PathLike, *, kind: str = "pipeline") -> Family:
-    """The installed family with a `kind` ("pipeline" or "training") whose denoiser spec recognises a weight file in
-    the local model folder (or one of its subfolders), so a folder needs no family name."""
+    """The first installed family with a `kind` ("pipeline" or "training") one of whose model specs recognises a
+    weight file in the local model folder (or one of its subfolders), so a folder needs no family name. Families are
+    asked in registration order; a folder of only a text encoder two families share goes to the first."""
     from .checkpoint import open_checkpoint
     from .errors import ConfigError
     from .pipeline import WEIGHT_SUFFIXES

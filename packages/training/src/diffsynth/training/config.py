@@ -845,6 +845,18 @@ def _base_type(hint) -> tuple[type, tuple | None]:
     return hint, None
 
 
+def _list_items(name: str, hint, items: list[str], where: str) -> list:
+    """A list setting's items as its element type (`list[int]`: whole numbers; else the strings)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    element = typing.get_args(args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint)
+    if element != (int,):
+        return items
+    try:
+        return [int(item.strip()) for item in items]
+    except ValueError:
+        raise ConfigError(f"{where}--{name} {','.join(items)}: give whole numbers, comma-separated") from None
+
+
 def _optional(hint) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
@@ -855,9 +867,9 @@ def _coerce(name: str, hint, value, where: str):
         return None
     if kind is list:
         if isinstance(value, str):
-            return _split(value, _SEPARATORS.get(name, ","))
+            return _list_items(name, hint, _split(value, _SEPARATORS.get(name, ",")), where)
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
-            return [str(v) for v in value]
+            return _list_items(name, hint, [str(v) for v in value], where)
     elif kind is dict:
         if isinstance(value, str):
             return _parse_options(value, name)

@@ -79,8 +79,7 @@ def metadata_file(base: Path, explicit: str | None = None) -> Path:
     for name in METADATA_NAMES:
         if (base / name).is_file():
             return base / name
-    kohya = any(p.is_dir() and KOHYA_FOLDER.fullmatch(p.name) for p in base.iterdir())
-    if kohya or any(p.suffix.lower() in CAPTION_SUFFIXES for p in base.rglob("*")):
+    if kohya_layout(base) or any(p.suffix.lower() in CAPTION_SUFFIXES for p in base.rglob("*")):
         return base  # captioned files, or kohya's class folders (`caption_rows`)
     listing = preview(sorted(p.name for p in base.iterdir()), 10)
     raise ConfigError(
@@ -90,9 +89,16 @@ def metadata_file(base: Path, explicit: str | None = None) -> Path:
     )
 
 
+def kohya_layout(base: Path) -> bool:
+    """Whether `base` is laid out as kohya's DreamBooth datasets are: subfolders only, each `<repeats>_<words>`
+    (so a `2024_holiday/` beside other folders is not read as 2024 repeats)."""
+    folders = [p for p in base.iterdir() if p.is_dir()]
+    return bool(folders) and all(KOHYA_FOLDER.fullmatch(p.name) and int(p.name.split("_")[0]) >= 1 for p in folders)
+
+
 def kohya_folder(relative: Path) -> tuple[int, str] | None:
     """(repeats, class words) of a file in a kohya DreamBooth folder (`10_sks dog/cat.png` -> (10, "sks dog")),
-    None elsewhere."""
+    None elsewhere. Only for a `kohya_layout` folder."""
     if len(relative.parts) < 2:
         return None
     match = KOHYA_FOLDER.fullmatch(relative.parts[0])
@@ -105,12 +111,13 @@ def caption_rows(base: Path) -> list[dict[str, Any]]:
     kohya `N_words/` folder a row repeats N times and a file without a caption takes the words; elsewhere a media
     file without a caption is an error naming it."""
     rows, uncaptioned = [], []
+    kohya_dataset = kohya_layout(base)
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
         if (suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_SUFFIXES) or is_mask_file(path):
             continue
         relative = path.relative_to(base)
-        kohya = kohya_folder(relative)
+        kohya = kohya_folder(relative) if kohya_dataset else None
         caption = next((c for c in map(path.with_suffix, CAPTION_SUFFIXES) if c.is_file()), None)
         if caption is not None:
             prompt = caption.read_text(encoding="utf-8").strip()
@@ -132,6 +139,9 @@ def caption_rows(base: Path) -> list[dict[str, Any]]:
         )
     if not rows:
         raise ConfigError(f"--dataset_base_path {base}: its caption files name no picture or video")
+    if kohya_dataset:
+        counts = {Path(r.get("image") or r.get("video")).parts[0]: r.get(REPEATS_COLUMN, 1) for r in rows}
+        logger.info("kohya folders (repeats): %s", ", ".join(f"{name} ({n})" for name, n in sorted(counts.items())))
     return rows
 
 
@@ -291,7 +301,7 @@ class MetadataDataset(Dataset):
         self.file_keys = tuple(dict.fromkeys([*file_keys, *self.conditioning]))
         self.masked_loss = masked_loss or alpha_mask
         self.alpha_masked: set[int] = set()  # rows whose mask is their picture's transparency
-        checked = (*self.file_keys, MASK_COLUMN) if masked_loss else self.file_keys
+        checked = (*self.file_keys, MASK_COLUMN) if self.masked_loss else self.file_keys
         self.num_frames = num_frames
         sizes = (max_pixels,) if isinstance(max_pixels, int) else tuple(max_pixels)
         self.step = step
@@ -521,7 +531,7 @@ class CachedDataset(Dataset):
 
 # settings a cache written before they existed did not record, as they were then (a run's value is compared even
 # when it is the default: a cache made with --resolutions is refused by a run without)
-UNRECORDED: dict[str, Any] = {"task_options": {}, "resolutions": [], "trigger_word": None}
+UNRECORDED: dict[str, Any] = {"task_options": {}, "resolutions": [], "trigger_word": None, "alpha_mask": False}
 
 
 def cache_settings(config, family: str) -> dict[str, Any]:

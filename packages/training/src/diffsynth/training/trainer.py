@@ -1067,8 +1067,7 @@ def encoding_settings(cfg: TrainConfig, task: TrainingTask) -> dict[str, Any]:
     loss_only = set(getattr(task, "loss_options", ()))
     options = {k: v for k, v in sorted(cfg.task_options.items()) if k not in loss_only}
     masked = {"masked_loss": True} if cfg.uses_loss_masks else {}  # a cache without masks is refused then
-    if cfg.alpha_mask:
-        masked["alpha_mask"] = True
+    masked["alpha_mask"] = cfg.alpha_mask  # the masks a cache holds: files, or the pictures' transparency
     return {**cache_settings(cfg, task.family), "task_options": options, **masked}
 
 

@@ -71,7 +71,8 @@ def convert_wan_naming(
 ) -> LoRAWeights:
     """A Wan DiT LoRA in any layout we read (also LongCat-Video's) with dotted names in the authors' naming
     (`to="official"`) or diffusers' (`to="diffusers"`). Kohya's underscored names are resolved against `model`'s
-    Linears (default: a 14B I2V DiT with VACE blocks on the meta device, the union of the Wan DiTs' layer names);
+    Linears (default: a 14B I2V DiT with VACE blocks and Wan2.2-Animate's, on the meta device: every Wan DiT's
+    layer names);
     a target that is no Linear of it is an error naming its key."""
     from .longcat import is_longcat_lora, longcat_lora_to_standard
 
@@ -82,7 +83,7 @@ def convert_wan_naming(
     if is_longcat_lora(state):
         state = longcat_lora_to_standard(state, source)
     lora = convert_wan_lora(read_lora(state, source=source))
-    linears = {n for n, m in (model or _meta_model()).named_modules() if isinstance(m, nn.Linear)}
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} if model else _meta_linears()
     underscored = {n.replace(".", "_"): n for n in linears}
     targets, keys, unknown = {}, {}, []
     for raw, target in lora.targets.items():
@@ -108,12 +109,19 @@ def convert_wan_naming(
     return LoRAWeights(targets=targets, source=source, skipped=list(lora.skipped), keys=keys)
 
 
-def _meta_model() -> nn.Module:
+def _meta_linears() -> set[str]:
+    """The Linear names of a 14B I2V DiT with VACE blocks and of Wan2.2-Animate's (face adapter, motion and face
+    encoders), built on the meta device: between them every Wan DiT's layer names."""
     from .dit import WanDiT, WanDiTConfig
 
-    config = WanDiTConfig(has_image_input=True, model_type="i2v", image_pos_len=514, vace_layers=tuple(range(0, 40, 2)))
-    with torch.device("meta"):
-        return WanDiT(config)
+    common = {"has_image_input": True, "model_type": "i2v", "image_pos_len": 514}
+    configs = (WanDiTConfig(**common, vace_layers=tuple(range(0, 40, 2))), WanDiTConfig(**common, animate=True))
+    names: set[str] = set()
+    for config in configs:
+        with torch.device("meta"):
+            model = WanDiT(config)
+        names |= {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return names
 
 
 __all__ = ["convert_wan_lora", "convert_wan_naming", "wan_module_name"]

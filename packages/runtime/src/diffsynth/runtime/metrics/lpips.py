@@ -257,11 +257,14 @@ def pair_folders(folder_a, folder_b) -> list[tuple[Path, Path]]:
 
 
 def _image_size(image) -> tuple[int, int]:
-    """(width, height) of a PIL image or an image file (its header only)."""
+    """(width, height) of a PIL image or an image file once upright (its header only: `load_image` turns EXIF-rotated
+    photos upright)."""
+    from ..media import upright_size
+
     if isinstance(image, Image.Image):
-        return image.size
+        return upright_size(image)
     with Image.open(image) as opened:
-        return opened.size
+        return upright_size(opened)
 
 
 def _kind(value, what: str) -> str:
