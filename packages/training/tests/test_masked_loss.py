@@ -202,3 +202,26 @@ def test_a_cache_of_transparency_masks_is_refused_by_a_run_with_mask_files(tmp_p
     first_losses(cfg, steps=1)  # the same settings: taken
     with pytest.raises(ConfigError, match="encoded with --alpha_mask True, this run has --alpha_mask False"):
         first_losses(replace(cfg, alpha_mask=False, masked_loss=True), steps=1)
+
+
+def test_a_task_without_a_latent_grid_refuses_masks_before_loading(tmp_path, monkeypatch):
+    from diffsynth_training_toy import ToyTask
+
+    from diffsynth.training import trainer
+
+    monkeypatch.setattr(ToyTask, "takes_loss_masks", False, raising=False)
+    monkeypatch.setattr(trainer, "build_task", lambda *a, **k: pytest.fail("models were loaded"))
+    folder = captioned_folder(tmp_path / "data", [noise(0)], [left_half_mask()])
+    with pytest.raises(ConfigError, match="latents are a token sequence"):
+        trainer.setup(toy_config(tmp_path, folder, "run"))
+
+
+@pytest.mark.integration
+def test_ltx2_refuses_masks(tmp_path):
+    """LTX-2's latents are video + audio tokens: its task says so, and `--masked_loss` is refused by name."""
+    from diffsynth.training.trainer import check_loss_masks
+
+    ltx2 = pytest.importorskip("diffsynth.ltx2.training")
+    with pytest.raises(ConfigError, match="the ltx2 training task's latents are a token sequence"):
+        check_loss_masks(toy_config(tmp_path, tmp_path, "run"), ltx2.LTX2TrainingTask)
+    check_loss_masks(toy_config(tmp_path, tmp_path, "run", masked_loss=False), ltx2.LTX2TrainingTask)

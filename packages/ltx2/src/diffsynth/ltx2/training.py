@@ -188,6 +188,8 @@ class LTX2TrainingTask(PipelineTrainingTask):
     # a batch of clips without sound skips the audio->video attentions, whose weights then get no gradient
     # (DiffSynth-Studio's video-only LTX-2 recipe passes --find_unused_parameters for the same reason)
     ddp_find_unused_parameters: ClassVar[bool] = True
+    # the trainer's `--masked_loss` weighs a grid of latent cells; these latents are a token sequence (video + audio)
+    takes_loss_masks: ClassVar[bool] = False
     # the batch entries `draw_choices` draws (copied onto a teacher's negative batch)
     batch_choices: ClassVar[tuple[str, ...]] = ("first_frame",)
 

@@ -117,6 +117,9 @@ class TrainingTask(Protocol):
 # elements. For latents the model is given rather than asked for: Wan2.2-TI2V's clean first frame, which its
 # `velocity` puts in place of the noisy one. Without the method (or when it returns None) every element counts.
 #
+# Optional: `takes_loss_masks: ClassVar[bool]` (default True), False when the latents are no `[..., h, w]` grid of
+# latent cells (LTX-2's token sequence): `--masked_loss` is then refused before any model loads.
+#
 # Optional: `draw_choices(batch, generator) -> dict` and `batch_choices: ClassVar[tuple[str, ...]]`, the random
 # choices a task makes per batch (LTX-2's first-frame conditioning draw), drawn from `generator`, which the trainer
 # keys by the micro-batch (like its noise), and added to the batch under the `batch_choices` keys; a teacher's

@@ -226,6 +226,7 @@ def setup(config: TrainConfig) -> Run:
     cfg.check_data_paths()
     tracking.check_trackers(cfg.report_to)
     cls = task_class(cfg)
+    check_loss_masks(cfg, cls)
     denoiser = getattr(cls, "denoiser_slot", "dit")
     if cfg.enable_model_cpu_offload and denoiser not in cfg.offload_models:  # DiffSynth-Studio's flag
         cfg = replace(cfg, offload_models=[*cfg.offload_models, denoiser]).check()
@@ -386,6 +387,16 @@ def timestep_distribution(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.timestep_sampling == "uniform":
         return {}
     return {"distribution": cfg.timestep_sampling, "logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std}
+
+
+def check_loss_masks(cfg: TrainConfig, cls: type) -> None:
+    """`--masked_loss` / `--alpha_mask` with a task whose latents are no grid of cells (its optional
+    `takes_loss_masks = False`, LTX-2's tokens) is refused before any model loads."""
+    if cfg.uses_loss_masks and not getattr(cls, "takes_loss_masks", True):
+        raise ConfigError(
+            f"--masked_loss: the {getattr(cls, 'family', cls.__name__)} training task's latents are a token "
+            "sequence, not a grid a picture's mask can weigh; train without --masked_loss / --alpha_mask"
+        )
 
 
 def check_timestep_sampling(cfg: TrainConfig, task: TrainingTask) -> None:
