@@ -192,7 +192,8 @@ def test_diffsynth_studio_commands_parse_and_fold_into_our_settings():
     config, _ = parse_args(
         [*BASE, "--remove_prefix_in_ckpt", "pipe.dit.", "--extra_inputs", "edit_image", "--lora_base_model", "dit",
          "--enable_tensorboard_log", "--enable_swanlab_log", "--swanlab_project", "cats",
-         "--resume_from_checkpoint", "old.safetensors", "--preset_lora_model", "dit"]
+         "--resume_from_checkpoint", "old.safetensors", "--preset_lora_model", "dit",
+         "--audio_processor_path", "Wan-AI/Wan2.2-S2V-14B:wav2vec2-large-xlsr-53-english/"]
     )  # fmt: skip
     assert config.report_to == ["tensorboard", "swanlab"] and config.tracker_project_name == "cats"
     assert config.lora_checkpoint == "old.safetensors" and config.extra_inputs == ["edit_image"]
@@ -205,6 +206,7 @@ def test_diffsynth_studio_commands_parse_and_fold_into_our_settings():
     [
         (["--remove_prefix_in_ckpt", "model."], "DiffSynth-Studio's form is pipe.<model>."),
         (["--preset_lora_model", "text_encoder"], "fuses into the trained model"),
+        (["--framewise_decoding"], "Wan-Dancer's global model recipe .* is not trained here"),
         (["--wandb_project", "a", "--swanlab_project", "b"], "one run has one project name"),
         (["--resume_from_checkpoint", "w.safetensors", "--trainable_models", "dit"], "pass the file as the model's"),
         (["--resume_from_checkpoint", "a.safetensors", "--lora_checkpoint", "b.safetensors"], "name two files"),

@@ -375,6 +375,18 @@ class TrainConfig:
         "it when loaded)",
         "DiffSynth-Studio's names",
     )
+    audio_processor_path: str | None = _arg(
+        None,
+        "DiffSynth-Studio's Wan2.2-S2V wav2vec2 processor folder: accepted; its preprocessing (zero mean, unit "
+        "variance at 16 kHz) is built in here",
+        "DiffSynth-Studio's names",
+    )
+    framewise_decoding: bool = _arg(
+        False,
+        "DiffSynth-Studio's Wan-Dancer global-model recipe (one keyframe per latent frame): not trained here; "
+        "refused by name",
+        "DiffSynth-Studio's names",
+    )
     preset_lora_model: str | None = _arg(
         None,
         "DiffSynth-Studio's: the model --preset_lora_path fuses into; here always the trained model (dit)",
@@ -549,6 +561,11 @@ class TrainConfig:
             self.lora_formats = [*self.lora_formats, "kohya"]
         if self.zero_cond_t:
             self.task_options = {**self.task_options, "zero_cond_t": True}
+        if self.framewise_decoding:
+            raise ConfigError(
+                "--framewise_decoding: Wan-Dancer's global model recipe (a video of one keyframe per latent frame, "
+                "each encoded alone) is not trained here; train the local model's recipe on continuous videos"
+            )
         if self.preset_lora_model not in (None, "dit", self.lora_base_model):
             raise ConfigError(
                 f"--preset_lora_model {self.preset_lora_model}: --preset_lora_path fuses into the trained model "
