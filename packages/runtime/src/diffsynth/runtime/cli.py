@@ -707,13 +707,13 @@ def check_device(device, given: str | None) -> None:
         raise ConfigError(f"--device {given}: the Apple GPU (mps) is not available to this torch; use --device cpu")
 
 
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 OTHER_OUTPUT_SUFFIXES = (".mp4", ".wav", ".safetensors")  # videos; --audio-only's sound; image-to-LoRA's LoRA
 
 
 def check_generation_numbers(args) -> None:
     """The sizes, steps and output file type of `diffsynth generate`, checked before any model loads."""
     from .errors import ConfigError
+    from .media import IMAGE_SUFFIXES
 
     for flag, value in (
         ("--steps", args.steps),
@@ -725,10 +725,10 @@ def check_generation_numbers(args) -> None:
             raise ConfigError(f"{flag} {value} must be >= 1")
     if args.output is not None:
         suffix = Path(args.output).suffix.lower()
-        if suffix not in PICTURE_SUFFIXES + OTHER_OUTPUT_SUFFIXES:
+        if suffix not in IMAGE_SUFFIXES + OTHER_OUTPUT_SUFFIXES:
             raise ConfigError(
                 f"--output {args.output}: {suffix or 'no file extension'} is not a type diffsynth writes; use "
-                f"{', '.join(PICTURE_SUFFIXES)} for pictures, .mp4 for videos, .wav for sound, .safetensors for an "
+                f"{', '.join(IMAGE_SUFFIXES)} for pictures, .mp4 for videos, .wav for sound, .safetensors for an "
                 "image-to-LoRA preset's LoRA"
             )
 

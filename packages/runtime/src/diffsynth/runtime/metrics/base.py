@@ -186,3 +186,15 @@ class Metric(torch.nn.Module):
             keep_float32(self)
         self.requires_grad_(False)
         return self.eval()
+
+
+def grid_side(positions: int) -> int:
+    """The side of a ViT's square patch grid from its position count (the grid plus one class token)."""
+    import math
+
+    from ..errors import CheckpointError
+
+    side = math.isqrt(positions - 1)
+    if side * side != positions - 1:
+        raise CheckpointError(f"{positions} vision positions is not a square grid plus the class token")
+    return side

@@ -15,7 +15,6 @@ HPSv2 files are in open_clip's layout and are converted to transformers' names.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Mapping
 
@@ -28,6 +27,7 @@ from .base import (
     build_on_meta,
     convert_keys,
     default_config,
+    grid_side,
     load_strict,
     pair_prompts,
     pick_device,
@@ -70,9 +70,7 @@ def vision_config_from_shapes(shapes: Mapping[str, tuple], prefix: str, hidden_a
         inner = shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0]
     except KeyError as exc:
         raise CheckpointError(f"the CLIP vision tower has no {exc.args[0]!r}") from None
-    side = math.isqrt(positions - 1)
-    if side * side != positions - 1:
-        raise CheckpointError(f"{positions} vision positions is not a square grid plus the class token")
+    side = grid_side(positions)
     return {
         "hidden_size": hidden,
         "intermediate_size": inner,

@@ -17,7 +17,6 @@ beside the weights (`vision_config` / `text_config` entries override) or derived
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from .base import (
     build_on_meta,
     convert_keys,
     default_config,
+    grid_side,
     load_strict,
     pick_device,
     pick_dtype,
@@ -124,9 +124,7 @@ def blip_config_from_shapes(shapes: Mapping[str, tuple]) -> dict:
         encoder_width = shapes[t + "encoder.layer.0.crossattention.self.key.weight"][1]
     except KeyError as exc:
         raise CheckpointError(f"the ImageReward BLIP has no {exc.args[0]!r}") from None
-    side = math.isqrt(positions - 1)
-    if side * side != positions - 1:
-        raise CheckpointError(f"{positions} vision positions is not a square grid plus the class token")
+    side = grid_side(positions)
     vision = {
         "hidden_size": width,
         "intermediate_size": vision_inner,
