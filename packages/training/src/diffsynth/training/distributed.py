@@ -279,6 +279,28 @@ def load_optimizer(module: nn.Module, optimizer, state: dict[str, Any]) -> None:
         set_optimizer_state_dict(module, optimizer, state, options=_options(full_state_dict=True, strict=False))
     except KeyError:  # group settings an optimizer adds at its first step (Prodigy's d_denom), unknown before it
         optimizer.load_state_dict(_by_index(module, optimizer, state))
+        return
+    _forget_unsaved_state(module, optimizer, state)
+
+
+def _forget_unsaved_state(module: nn.Module, optimizer, state: dict[str, Any]) -> None:
+    """torch's `set_optimizer_state_dict` first gives every parameter a state (a step with zero gradients), then
+    overwrites the saved ones: a parameter that had no state when saved (no gradient yet: a layer a module dropout
+    left out, an unused token) would resume with one more Adam step counted than the run it continues. Drop those."""
+    saved = set(state.get("state", {}))
+    named = {_state_dict_name(name): p for name, p in module.named_parameters() if p.requires_grad}
+    if not saved & named.keys():  # names that do not line up (a wrapper we do not know): leave the state alone
+        return
+    for name, param in named.items():
+        if name not in saved:
+            optimizer.state.pop(param, None)
+
+
+def _state_dict_name(name: str) -> str:
+    """A parameter's name as torch's distributed state dicts write it (without the wrappers' path segments)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _by_index(module: nn.Module, optimizer, state: dict[str, Any]) -> dict[str, Any]:
