@@ -41,7 +41,7 @@ def readme_yaml(tmp_path, monkeypatch) -> Path:
 
 def test_readme_commands_parse(readme_yaml):
     commands = readme_commands()
-    assert len(commands) == 17
+    assert len(commands) == 18
     for argv in commands:
         parse_args(argv)  # raises on an unknown flag or a value that does not check
 

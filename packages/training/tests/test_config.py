@@ -249,3 +249,12 @@ def test_diffsynth_studio_family_flags_fold_too(tmp_path):
     config.tokenizer_path = "no/such/folder"
     with pytest.raises(ConfigError, match="--tokenizer_path no/such/folder: no such folder"):
         model_sources(config)
+    config.tokenizer_path = None
+    config.model_id_with_origin_paths = ["Tongyi-MAI/Z-Image-Turbo:transformer/*.safetensors"]
+    assert model_sources(config)[0] == [
+        ModelConfig(model_id="Tongyi-MAI/Z-Image-Turbo", origin_file_pattern="transformer/*.safetensors")
+    ]
+    for bad in ("Z-Image-Turbo:transformer/", "Tongyi-MAI/Z-Image-Turbo", "/Z-Image:vae/", "Org/Model:"):
+        config.model_id_with_origin_paths = [bad]
+        with pytest.raises(ConfigError, match="must look like Org/Model:path/pattern"):
+            model_sources(config)

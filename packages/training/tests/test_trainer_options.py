@@ -9,10 +9,9 @@ from safetensors.torch import load_file
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.lora import load_lora
-from diffsynth.training import trainer
 from diffsynth.training.config import TrainConfig
 from diffsynth.training.data import batch_plan
-from diffsynth.training.testing import first_losses
+from diffsynth.training.testing import first_losses, resume_after_crash
 from diffsynth.training.trainer import TrainState, save, setup, train, train_step
 
 
@@ -31,38 +30,23 @@ def toy_inputs():
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0.3, 0.8]), [torch.randn(3, 8, generator=g)] * 2
 
 
-class Crash(Exception):
-    pass
-
-
-def straight_and_resumed(tmp_path, dataset, monkeypatch, **settings):
+def straight_and_resumed(tmp_path, dataset, **settings):
     """5 steps straight, and 2 steps + a crash + --resume latest: the two runs' output folders."""
     settings = dict(save_steps=2, max_steps=5, **settings)
     train(toy_config(tmp_path, dataset, "straight", **settings))
-    real_step = trainer.train_step
-
-    def crash_after_two(run, state, group):
-        if state.step == 2:
-            raise Crash
-        return real_step(run, state, group)
-
-    monkeypatch.setattr(trainer, "train_step", crash_after_two)
-    with pytest.raises(Crash):
-        train(toy_config(tmp_path, dataset, "resumed", **settings))
-    monkeypatch.setattr(trainer, "train_step", real_step)
-    train(toy_config(tmp_path, dataset, "resumed", resume="latest", **settings))
+    resume_after_crash(toy_config(tmp_path, dataset, "resumed", **settings))
     return tmp_path / "straight", tmp_path / "resumed"
 
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor", "prodigy"])
-def test_each_optimizer_trains_and_resumes_exactly(tmp_path, dataset, monkeypatch, optimizer):
+def test_each_optimizer_trains_and_resumes_exactly(tmp_path, dataset, optimizer):
     pytest.importorskip({"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(optimizer, "torch"))
     options = {"optimizer": optimizer, "learning_rate": 1.0 if optimizer == "prodigy" else 1e-2}
     run = setup(toy_config(tmp_path, dataset, "probe", **options))
     assert type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer).__name__ == {
         "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "prodigy": "Prodigy"
     }[optimizer]  # fmt: skip
-    straight, resumed = straight_and_resumed(tmp_path, dataset, monkeypatch, **options)
+    straight, resumed = straight_and_resumed(tmp_path, dataset, **options)
     a = load_file(str(straight / "checkpoints" / "step-000005" / "trainable.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step-000005" / "trainable.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
@@ -76,7 +60,7 @@ def test_optimizer_options_reach_the_optimizer_and_bad_ones_are_named(tmp_path, 
         setup(toy_config(tmp_path, dataset, "bad", optimizer_options={"momentum": 0.9}))
 
 
-def test_the_saved_average_is_the_ema_recurrence_and_resumes_exactly(tmp_path, dataset, monkeypatch):
+def test_the_saved_average_is_the_ema_recurrence_and_resumes_exactly(tmp_path, dataset):
     run = setup(toy_config(tmp_path, dataset, ema_decay=0.8))
     expected = {k: p.detach().clone() for k, p in run.trainable.items()}
     state = TrainState()
@@ -96,7 +80,7 @@ def test_the_saved_average_is_the_ema_recurrence_and_resumes_exactly(tmp_path, d
         torch.testing.assert_close(averaged(x, sigma, text), module(x, sigma, text), rtol=1e-5, atol=1e-6)
         assert (averaged(x, sigma, text) - live(x, sigma, text)).abs().max() > 1e-4
 
-    straight, resumed = straight_and_resumed(tmp_path / "r", dataset, monkeypatch, ema_decay=0.8)
+    straight, resumed = straight_and_resumed(tmp_path / "r", dataset, ema_decay=0.8)
     a = torch.load(straight / "checkpoints" / "step-000005" / "ema.pt", weights_only=True)
     b = torch.load(resumed / "checkpoints" / "step-000005" / "ema.pt", weights_only=True)
     assert a["updates"] == b["updates"] == 5 and all(torch.equal(a["shadow"][k], b["shadow"][k]) for k in a["shadow"])

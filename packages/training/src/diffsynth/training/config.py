@@ -85,9 +85,31 @@ class TrainConfig:
     caption_dropout: float = _arg(
         0.0, "chance that a row trains with an empty prompt (what classifier-free guidance contrasts with)", "data"
     )
+    shuffle_caption: bool = _arg(
+        False, "shuffle each caption's comma-separated tags every time its row is drawn (kohya's flag)", "data"
+    )
+    keep_tokens: int = _arg(
+        0,
+        "with --shuffle_caption / --caption_tag_dropout: a caption's first N tags stay in front, in order (kohya's; "
+        "the word --trigger_word puts in front counts as one)",
+        "data",
+    )
+    keep_tokens_separator: str | None = _arg(
+        None,
+        "a caption holding this (e.g. |||) keeps the tags before it in front, in order, and shuffles or drops only "
+        "those after it; it is removed (kohya's)",
+        "data",
+    )
+    caption_tag_dropout: float = _arg(
+        0.0,
+        "chance that each tag --keep_tokens does not keep is left out of the caption, every time its row is drawn "
+        "(kohya's caption_tag_dropout_rate)",
+        "data",
+    )
     masked_loss: bool = _arg(
         False,
-        "the loss counts where each row's mask is white: its loss_mask column (a grayscale picture) or, in a folder "
+        "the loss counts where each row's mask is white: its loss_mask column (a grayscale picture; for a video "
+        "row, a picture or a mask video of its frames) or, in a folder "
         "of captioned pictures, cat-masklabel.png beside cat.png; rows without one count everywhere",
         "data",
     )
@@ -134,6 +156,15 @@ class TrainConfig:
     )
     lora_rank: int = _arg(32, "LoRA rank", "adapter")
     lora_alpha: float | None = _arg(None, "LoRA alpha (default: the rank, i.e. scale 1)", "adapter")
+    lora_dropout: float = _arg(
+        0.0, "lora / dora: dropout on each LoRA layer's input in training (peft's lora_dropout)", "adapter"
+    )
+    rank_dropout: float = _arg(
+        0.0, "loha / lokr: chance that a rank of the change is dropped in a training step (LyCORIS's)", "adapter"
+    )
+    module_dropout: float = _arg(
+        0.0, "loha / lokr: chance that a whole layer's change is left out of a training step (LyCORIS's)", "adapter"
+    )
     lora_plus_ratio: float | None = _arg(
         None, "LoRA+: the LoRA's B (up) matrices learn this many times faster than --learning_rate (e.g. 16)", "adapter"
     )
@@ -174,8 +205,18 @@ class TrainConfig:
         "them as *-ema files",
         "optimisation",
     )
-    lr_scheduler: Literal["constant", "linear", "cosine"] = _arg(
-        "constant", "learning rate after warm-up", "optimisation"
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = _arg(
+        "constant",
+        "learning rate after warm-up: constant, or decaying over the remaining steps (cosine_with_restarts: "
+        "--lr_scheduler_num_cycles cosines; polynomial: to the power --lr_scheduler_power)",
+        "optimisation",
+    )
+    lr_scheduler_num_cycles: int = _arg(
+        1, "cosine_with_restarts: how many cosine cycles (restarts + 1)", "optimisation"
+    )
+    lr_scheduler_power: float = _arg(1.0, "polynomial: the power of the decay (1: linear)", "optimisation")
+    lr_scheduler_min_lr_ratio: float = _arg(
+        0.0, "the decaying schedules end at this fraction of --learning_rate instead of 0", "optimisation"
     )
     lr_warmup_steps: int = _arg(0, "linear warm-up steps", "optimisation")
     max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)", "optimisation")
@@ -288,8 +329,15 @@ class TrainConfig:
     dmd2_discriminator_learning_rate: float | None = _arg(
         None, "dmd2: AdamW learning rate of the discriminator (default: --learning_rate)", "dmd2"
     )
+    loss_type: Literal["mse", "l1", "huber", "smooth_l1"] = _arg(
+        "mse",
+        "each element's loss: mse, l1, or kohya's pseudo-Huber forms huber / smooth_l1 (square for errors below "
+        "about --huber_c, linear above: far-off samples pull less); sft and direct_distill",
+        "optimisation",
+    )
+    huber_c: float = _arg(0.1, "huber / smooth_l1: where the loss turns from square to linear", "optimisation")
     loss_weighting: Literal["scheduler", "none"] = _arg(
-        "scheduler", "scheduler: the family's timestep loss weights; none: plain MSE", "optimisation"
+        "scheduler", "scheduler: the family's timestep loss weights; none: every timestep alike", "optimisation"
     )
     timestep_sampling: Literal["uniform", "logit_normal"] = _arg(
         "uniform",
@@ -328,6 +376,13 @@ class TrainConfig:
         "recognised as long as the file exists); relative paths are read against --dataset_base_path",
         "output",
     )
+    validation_prompts_file: str | None = _arg(
+        None,
+        "a file of validation prompts, one a line, each with its own options in kohya's / musubi-tuner's format "
+        "(PROMPT --w 1024 --h 768 --s 28 --d 42 --l 4.0 --n NEGATIVE --f FRAMES --i REFERENCE.png); sampled after "
+        "--validation_prompts",
+        "output",
+    )
     validation_steps: int | None = _arg(None, "sample the validation prompts every N steps (and at the end)", "output")
     validation_seed: int = _arg(0, "seed of the validation samples (the same each time, to compare)", "output")
     validation_height: int | None = _arg(None, "height of the validation samples (default: the pipeline's)", "output")
@@ -335,6 +390,24 @@ class TrainConfig:
     validation_num_inference_steps: int | None = _arg(
         None, "denoising steps of the validation samples (default: the pipeline's)", "output"
     )
+    validation_dataset_base_path: str | None = _arg(
+        None,
+        "held-out dataset folder, read as --dataset_base_path is: its flow-matching loss (val_loss in "
+        "metrics.jsonl and the trackers) at fixed noise levels and noise, no gradient; encoded once at setup, so not "
+        "with --cache_dir; --task sft only",
+        "output",
+    )
+    validation_dataset_metadata_path: str | None = _arg(
+        None, "metadata file of the held-out dataset (default: metadata.* in its folder)", "output"
+    )
+    validation_loss_steps: int | None = _arg(
+        None, "compute the validation loss every N optimizer steps, and at the last (default: --validation_steps)",
+        "output",
+    )  # fmt: skip
+    validation_loss_sigmas: int = _arg(
+        4, "noise levels of the validation loss, spread evenly over the family's training grid (losses averaged)",
+        "output",
+    )  # fmt: skip
 
     # ------------------------------------------------------------------ DiffSynth-Studio's other names
     # so its training commands run unchanged: folded into the settings above by `check`
@@ -445,6 +518,8 @@ class TrainConfig:
             raise ConfigError(f"--lora_alpha {self.lora_alpha} must be > 0")
         self._check_lora_type()
         self._check_lora_plus_and_captions()
+        self._check_caption_tags()
+        self._check_schedule_and_loss()
         if not 0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1:
             raise ConfigError(
                 f"--min_timestep_boundary {self.min_timestep_boundary} and --max_timestep_boundary "
@@ -500,11 +575,19 @@ class TrainConfig:
                 f"{len(self.validation_prompts)} prompts; give one item per prompt, separated by | (several images "
                 "for one prompt joined by ,)"
             )
-        if self.validation_prompts and self.cache_dir is not None and self.stage == "train":
+        if self.validation_prompts_file is not None:
+            from .sample_prompts import read_prompts_file
+
+            read_prompts_file(self.validation_prompts_file)  # a bad line fails now, before any model loads
+        if self.samples_validation and self.cache_dir is not None and self.stage == "train":
+            flag = "--validation_prompts" if self.validation_prompts else "--validation_prompts_file"
             raise ConfigError(
-                "--validation_prompts needs the text encoders and the VAE, which training from --cache_dir does not "
+                f"{flag} needs the text encoders and the VAE, which training from --cache_dir does not "
                 "load; sample the saved LoRA / weights with the pipeline instead"
             )
+        from .validation_loss import check as check_validation_loss
+
+        check_validation_loss(self)  # the --validation_dataset_* / --validation_loss_* settings
         if self.task == "direct_distill" and self.cache_dir is not None:
             raise ConfigError(
                 "--task direct_distill reads each row's seed and steps, which --cache_dir does not keep; train "
@@ -585,11 +668,19 @@ class TrainConfig:
             raise ConfigError(f"--dataset_base_path {self.dataset_base_path}: no such folder")
         if self.dataset_metadata_path is not None and not Path(self.dataset_metadata_path).is_file():
             raise ConfigError(f"--dataset_metadata_path {self.dataset_metadata_path}: no such file")
+        from .validation_loss import check_paths
+
+        check_paths(self)  # --validation_dataset_base_path / --validation_dataset_metadata_path
 
     @property
     def training_pixels(self) -> int | list[int]:
         """The pixel budget of a sample: `--max_pixels`, or one per `--resolutions` size."""
         return [r * r for r in self.resolutions] if self.resolutions else self.max_pixels
+
+    @property
+    def samples_validation(self) -> bool:
+        """Whether validation samples are drawn: `--validation_prompts` or `--validation_prompts_file`."""
+        return bool(self.validation_prompts) or self.validation_prompts_file is not None
 
     @property
     def uses_loss_masks(self) -> bool:
@@ -640,9 +731,72 @@ class TrainConfig:
         if self.caption_dropout and self.task == "dmd2":
             raise ConfigError("--caption_dropout: --task dmd2 draws its own unconditional branch (the teacher's CFG)")
 
+    def _check_caption_tags(self) -> None:
+        _at_least("keep_tokens", self.keep_tokens, 0)
+        if not 0.0 <= self.caption_tag_dropout < 1.0:
+            raise ConfigError(f"--caption_tag_dropout {self.caption_tag_dropout} must be a probability in [0, 1)")
+        given = [
+            flag
+            for flag, on in (
+                ("--shuffle_caption", self.shuffle_caption),
+                ("--caption_tag_dropout", self.caption_tag_dropout > 0),
+                ("--keep_tokens_separator", bool(self.keep_tokens_separator)),
+            )
+            if on
+        ]
+        if self.keep_tokens and not (self.shuffle_caption or self.caption_tag_dropout):
+            raise ConfigError(
+                f"--keep_tokens {self.keep_tokens} keeps tags out of --shuffle_caption and --caption_tag_dropout; "
+                "give one of them"
+            )
+        if given and self.cache_dir is not None:
+            raise ConfigError(
+                f"{given[0]} rewrites each caption every time its row is drawn, before it is encoded; --cache_dir "
+                "holds the prompts encoded once. Train without --cache_dir (the encoders run on the fly)"
+            )
+        if given and self.task == "dmd2":
+            raise ConfigError(f"{given[0]}: --task dmd2 encodes its rows' prompts as they are")
+
+    def _check_schedule_and_loss(self) -> None:
+        _at_least("lr_scheduler_num_cycles", self.lr_scheduler_num_cycles, 1)
+        if self.lr_scheduler_power <= 0:
+            raise ConfigError(f"--lr_scheduler_power {self.lr_scheduler_power} must be > 0")
+        if not 0.0 <= self.lr_scheduler_min_lr_ratio < 1.0:
+            raise ConfigError(f"--lr_scheduler_min_lr_ratio {self.lr_scheduler_min_lr_ratio} must be in [0, 1)")
+        if self.huber_c <= 0:
+            raise ConfigError(f"--huber_c {self.huber_c} must be > 0")
+        if self.loss_type != "mse" and self.task not in ("sft", "direct_distill"):
+            raise ConfigError(
+                f"--loss_type {self.loss_type} replaces the flow-matching and direct-distillation losses' squares; "
+                f"--task {self.task} has its own objective"
+            )
+
     def _check_lora_type(self) -> None:
         if self.lora_type not in LORA_TYPES:
             raise ConfigError(f"--lora_type {self.lora_type!r}: choose from {', '.join(LORA_TYPES)}")
+        for name in ("lora_dropout", "rank_dropout", "module_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} {getattr(self, name)} must be a probability in [0, 1)")
+        if self.trainable_models and (self.lora_dropout or self.rank_dropout or self.module_dropout):
+            raise ConfigError(
+                "--lora_dropout / --rank_dropout / --module_dropout act on LoRA layers; --trainable_models trains the "
+                "weights in full"
+            )
+        if self.lora_dropout and self.lora_type not in ("lora", "dora"):
+            raise ConfigError(
+                f"--lora_dropout is LoRA's (peft's lora_dropout); --lora_type {self.lora_type} takes --rank_dropout "
+                "and --module_dropout"
+            )
+        if (self.lora_dropout or self.rank_dropout or self.module_dropout) and self.task == "dmd2":
+            raise ConfigError(
+                "--lora_dropout / --rank_dropout / --module_dropout: not with --task dmd2 (its student and fake-score "
+                "updates are not seeded per micro-batch, so a resumed run would drop other units)"
+            )
+        if (self.rank_dropout or self.module_dropout) and self.lora_type not in ("loha", "lokr"):
+            raise ConfigError(
+                f"--rank_dropout / --module_dropout are LoHa's and LoKr's; --lora_type {self.lora_type} takes "
+                "--lora_dropout"
+            )
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"--lokr_factor {self.lokr_factor} must be a positive size, or -1 (automatic)")
         if self.lora_type == "lora":

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from diffsynth.runtime.errors import ConfigError, preview
 
-from .masks import MASK_COLUMN, alpha_mask, has_alpha, is_mask_file, mask_file_for, read_mask
+from .masks import MASK_COLUMN, alpha_mask, has_alpha, is_mask_file, mask_file_for, read_mask, read_mask_video
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,8 @@ class MetadataDataset(Dataset):
     one gets an opaque alpha); video frames stay RGB.
     A video row also carries its sound and frame rate (see the module docstring; `audio_rate` resamples).
     With `masked_loss` a row's `loss_mask` file is loaded as `[1, H, W]` in [0, 1] cropped as its media
-    (`masks.read_mask`); without it the column is left as it is. `alpha_mask` (which implies `masked_loss`) takes
+    (`masks.read_mask`), a video row's mask video as `[1, F, H, W]` from the same frames as its video
+    (`masks.read_mask_video`); without it the column is left as it is. `alpha_mask` (which implies `masked_loss`) takes
     a maskless row's picture transparency as its mask."""
 
     def __init__(
@@ -350,8 +351,8 @@ class MetadataDataset(Dataset):
             self._check_masks(alpha_mask)
 
     def _check_masks(self, alpha: bool) -> None:
-        """`--masked_loss` needs some rows with a mask file (each one picture) or, with `--alpha_mask`, a
-        transparent picture."""
+        """`--masked_loss` needs some rows with a mask file (each one picture, or a video for a video row) or, with
+        `--alpha_mask`, a transparent picture."""
         masked = [i for i, row in enumerate(self.rows) if row.get(MASK_COLUMN)]
         if alpha:
             for i, row in enumerate(self.rows):
@@ -367,10 +368,17 @@ class MetadataDataset(Dataset):
             )
         for i in masked:
             value = self.rows[i][MASK_COLUMN]
-            if isinstance(value, list) or Path(str(value)).suffix.lower() not in IMAGE_SUFFIXES:
+            suffix = Path(str(value)).suffix.lower()
+            if isinstance(value, list) or suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
                 raise ConfigError(
                     f"{self.metadata} row {i + 1} column {MASK_COLUMN}: {value!r} is not one picture file "
-                    f"({', '.join(IMAGE_SUFFIXES)}); a video row's mask is one picture for all its frames"
+                    f"({', '.join(IMAGE_SUFFIXES)}) or, for a video row, one video file ({', '.join(VIDEO_SUFFIXES)})"
+                )
+            main = next(k for k in self.media if self.rows[i].get(k))
+            if suffix in VIDEO_SUFFIXES and Path(str(self.rows[i][main])).suffix.lower() not in VIDEO_SUFFIXES:
+                raise ConfigError(
+                    f"{self.metadata} row {i + 1} column {MASK_COLUMN}: the mask video {value!r} is for a video row; "
+                    f"this row's {main} is a picture, so give it a mask picture ({', '.join(IMAGE_SUFFIXES)})"
                 )
         logger.info(
             "--masked_loss: %d of %d rows have a mask, %d their transparency (the others count everywhere)",
@@ -383,7 +391,7 @@ class MetadataDataset(Dataset):
         return len(self.buckets)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from diffsynth.runtime.media import load_image, load_video, pil_to_tensor
+        from diffsynth.runtime.media import load_image, pil_to_tensor
 
         size, pixels = self.buckets[index], self.sample_pixels[index]
         index = self.sample_rows[index]  # the metadata row of the sample
@@ -402,7 +410,7 @@ class MetadataDataset(Dataset):
                     at = size
                     if key in self.conditioning:  # e.g. square face crops beside a wide video
                         at = bucket_for(*media_size(path), max_pixels=pixels, step=self.step)
-                    frames = [fit(f, at) for f in load_video(path, num_frames=self.num_frames)]
+                    frames = [fit(f, at) for f in self._frames(path)]
                     loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
                     continue
                 image = load_image(path, self.image_mode)
@@ -415,12 +423,29 @@ class MetadataDataset(Dataset):
         if self.masked_loss and (row.get(MASK_COLUMN) or index in self.alpha_masked):
             main = next(k for k in self.media if self.rows[index].get(k))
             source = self.base / str(self.rows[index][main])
+            mask = self.base / str(row.get(MASK_COLUMN))
             if index in self.alpha_masked:
                 row[MASK_COLUMN] = alpha_mask(source, size, fit)
+            elif mask.suffix.lower() in VIDEO_SUFFIXES:  # a mask video: the frames the row's video is read with
+                try:
+                    frames = self._frames(mask)
+                except ConfigError as error:
+                    raise ConfigError(
+                        f"{self.metadata} row {index + 1} column {MASK_COLUMN}: the mask video {mask} must give the "
+                        f"{self.num_frames} frames its row's video is read with (--num_frames): {error}"
+                    ) from None
+                row[MASK_COLUMN] = read_mask_video(mask, frames, media_size(source), size, fit)
             else:
-                row[MASK_COLUMN] = read_mask(self.base / str(row[MASK_COLUMN]), media_size(source), size, fit)
+                row[MASK_COLUMN] = read_mask(mask, media_size(source), size, fit)
         self._add_sound(row, index)
         return row
+
+    def _frames(self, path: Path) -> list[Image.Image]:
+        """The frames a video is trained on (a row's video, a conditioning video, a mask video alike): its first
+        `num_frames`."""
+        from diffsynth.runtime.media import load_video
+
+        return load_video(path, num_frames=self.num_frames)
 
     def _add_sound(self, row: dict[str, Any], index: int) -> None:
         """A video row's `frame_rate` and `audio` / `audio_sample_rate` (see the module docstring)."""

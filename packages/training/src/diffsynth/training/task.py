@@ -237,23 +237,32 @@ def model_sources(config: TrainConfig) -> tuple[list[ModelConfig], ModelConfig |
             tokenizer = tokenizer or preset_tokenizer
     configs += [ModelConfig(path=p) for p in config.model_paths]
     for item in config.model_id_with_origin_paths:
-        model_id, sep, pattern = item.partition(":")
-        if not sep or not model_id or not pattern:
+        source = hub_source(item)
+        if source is None:
             raise ConfigError(
                 f"--model_id_with_origin_paths entry {item!r} must look like Org/Model:path/pattern*.safetensors"
             )
-        configs.append(ModelConfig(model_id=model_id, origin_file_pattern=pattern))
+        configs.append(source)
     return configs, tokenizer
+
+
+def hub_source(spec: str) -> ModelConfig | None:
+    """DiffSynth-Studio's hub form `Org/Model:pattern` (the files of a hub repo the pattern matches) as a
+    `ModelConfig`; None when `spec` is not in that form."""
+    model_id, sep, pattern = spec.partition(":")
+    if sep and model_id.count("/") == 1 and all(model_id.split("/")) and pattern:
+        return ModelConfig(model_id=model_id, origin_file_pattern=pattern)
+    return None
 
 
 def tokenizer_source(spec: str) -> ModelConfig:
     """`--tokenizer_path`: a local folder, or DiffSynth-Studio's hub form `Org/Model:tokenizer/`."""
     if Path(spec).exists():
         return ModelConfig(path=spec)
-    model_id, sep, pattern = spec.partition(":")
-    if sep and model_id.count("/") == 1 and pattern:
-        return ModelConfig(model_id=model_id, origin_file_pattern=pattern)
-    raise ConfigError(f"--tokenizer_path {spec}: no such folder (or give the hub form Org/Model:tokenizer/)")
+    source = hub_source(spec)
+    if source is None:
+        raise ConfigError(f"--tokenizer_path {spec}: no such folder (or give the hub form Org/Model:tokenizer/)")
+    return source
 
 
 def check_task(task, target: str) -> None:

@@ -144,6 +144,35 @@ def first_losses(config: TrainConfig, steps: int = 2, batch_size: int = 2) -> tu
     return losses, run
 
 
+class Crash(Exception):
+    """What `resume_after_crash` stops a run with."""
+
+
+def resume_after_crash(config: TrainConfig, crash_after: int = 2) -> Any:
+    """Train `config` until `crash_after` optimizer steps are done, stop it there as a crash would (an exception
+    out of the training loop, after that step's saves), then run it again with `--resume latest`: the resumed
+    run's last `TrainState`, for comparing with the same run trained without a stop."""
+    from diffsynth.training import trainer
+
+    real_step = trainer.train_step
+
+    def crashing_step(run, state, group):
+        if state.step == crash_after:
+            raise Crash
+        return real_step(run, state, group)
+
+    trainer.train_step = crashing_step
+    try:
+        trainer.train(config)
+    except Crash:
+        pass
+    else:
+        raise AssertionError(f"the run ended before step {crash_after}: it never stopped")
+    finally:
+        trainer.train_step = real_step
+    return trainer.train(replace(config, resume="latest"))
+
+
 def assert_overfits(state: Any, curve: Sequence[float], steps: int, last: int) -> None:
     """The run took `steps` steps, logged each, and the mean loss of its `last` steps is under half the first's."""
     assert state.step == steps and len(curve) == steps
@@ -276,9 +305,9 @@ def train_with_cli(
 
 
 def logged_losses(output: str | PathLike) -> list[float]:
-    """The loss of every logged step, from the run's `metrics.jsonl`."""
-    lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines]
+    """The loss of every logged step, from the run's `metrics.jsonl` (not its `val_loss` records)."""
+    records = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]
 
 
 def load_module(path: str | PathLike, name: str) -> ModuleType:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from diffsynth.runtime.media import upright
 from diffsynth.runtime.pipeline import seeded_noise
 
 from . import dmd2 as dmd2_task
-from . import offload, tracking, trajectory
+from . import offload, tracking, trajectory, validation_loss
+from .captions import augment_rows
 from .checkpoint import (
     CHECKPOINTS,
     find_checkpoint,
@@ -90,9 +92,10 @@ from .distributed import (
 )
 from .ema import EMA
 from .lora_checkpoint import load_into_lora_layers, read_lora_checkpoint
-from .masks import MASK_COLUMN, WEIGHTS_KEY, attach_masks, batch_weights, take_masks
+from .masks import MASK_COLUMN, WEIGHTS_KEY, attach_masks, batch_weights, take_masks, temporal_compression
 from .optimizers import make_optimizer
 from .quantize import quantized_sources
+from .sample_prompts import SamplePrompt, read_prompts_file
 from .task import TrainingTask, check_task, model_sources, task_class
 
 logger = logging.getLogger(__name__)
@@ -141,6 +144,9 @@ class Run:
     dmd2: dmd2_task.DMD2 | None = None  # --task dmd2: the fake score (and teacher copy) with its optimizer
     ema: EMA | None = None  # --ema_decay: the moving average of the trained weights
     teacher: nn.Module | None = None  # --task trajectory_imitation: the frozen copy (None: the base, LoRA off)
+    validation_set: validation_loss.HeldOut | None = None  # --validation_dataset_base_path: its rows, encoded
+    # --validation_prompts_file: each line and its reference pictures (loaded; None where it gives none)
+    prompt_lines: list[tuple[SamplePrompt, list | None]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------- the recipe
@@ -203,10 +209,12 @@ def train(config: TrainConfig) -> TrainState:
                 _log(run, state, (time.perf_counter() - started) / max(state.step - since, 1))
             if epoch_done or state.step == run.total_steps or (cfg.save_steps and state.step % cfg.save_steps == 0):
                 save(run, state)
-            if cfg.validation_prompts and (
+            if cfg.samples_validation and (
                 state.step == run.total_steps or (cfg.validation_steps and state.step % cfg.validation_steps == 0)
             ):
                 validate(run, state)
+            if validation_loss.due(run, state.step):  # --validation_dataset_base_path (validation_loss.py)
+                validation_loss.validate_loss(run, state)
             if state.step >= run.total_steps:
                 break
     progress.close()
@@ -257,9 +265,10 @@ def setup(config: TrainConfig) -> Run:
     if cfg.task == "trajectory_imitation":
         trajectory.check_run(cfg, task)
     check_timestep_sampling(cfg, task)
-    if cfg.validation_prompts and not callable(getattr(task, "sample", None)):
+    if cfg.samples_validation and not callable(getattr(task, "sample", None)):
         raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
     references = validation_references(cfg, task)
+    prompt_lines = prompts_file_samples(cfg, task)
     if cfg.use_gradient_checkpointing:
         if not hasattr(module, "gradient_checkpointing"):
             raise ConfigError(f"--use_gradient_checkpointing: {type(module).__name__} has no gradient_checkpointing")
@@ -333,6 +342,8 @@ def setup(config: TrainConfig) -> Run:
     trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
     store_in_fp8(cfg, task, acc.device, all_loaded=not cached)
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay is not None else None
+    # the held-out rows encoded once, now that the encoders are where training runs them (fp8, streamed)
+    held_out = validation_loss.build(cfg, task, acc) if cfg.validation_dataset_base_path else None
 
     output = Path(cfg.output_path)
     if acc.is_main_process:
@@ -356,6 +367,8 @@ def setup(config: TrainConfig) -> Run:
         dmd2,
         ema,
         teacher,
+        validation_set=held_out,
+        prompt_lines=prompt_lines,
     )
 
 
@@ -370,7 +383,8 @@ def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 # the streams a micro-batch draws from besides its noise (stream 0): each its own generator, independent of the others
-CHOICES_STREAM, CAPTIONS_STREAM, FLIPS_STREAM = 1, 2, 3
+# (a task's choices, --caption_dropout, --flip_aug, the adapter dropouts, --shuffle_caption / --caption_tag_dropout)
+CHOICES_STREAM, CAPTIONS_STREAM, FLIPS_STREAM, DROPOUT_STREAM, TAGS_STREAM = 1, 2, 3, 4, 5
 
 
 def micro_batch_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:
@@ -457,6 +471,14 @@ def _mirrored(value):
     return value  # a path the task reads itself (a sound file)
 
 
+def seed_adapter_dropout(cfg: TrainConfig, epoch: int, index: int) -> None:
+    """`--lora_dropout` / `--rank_dropout` / `--module_dropout` draw from torch's global generators (peft's layers
+    do): seed them from the micro-batch's key (another stream) so reruns and resumes drop the same units."""
+    if cfg.lora_dropout or cfg.rank_dropout or cfg.module_dropout:
+        generator = micro_batch_generator(cfg.seed, epoch, index, DROPOUT_STREAM)
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+
+
 def draw_batch_choices(run: Run, batch: dict[str, Any], epoch: int, index: int) -> dict[str, Any]:
     """`batch` with the random choices a task makes per batch (its optional `draw_choices(batch, generator)`, e.g.
     LTX-2's first-frame conditioning) drawn from a generator keyed by the micro-batch like its noise (another key:
@@ -479,9 +501,11 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     losses = []
     for k, items in enumerate(group):
         index = (state.batches_done + k) * acc.num_processes + acc.process_index  # batch_plan's order
+        items = augment_rows(cfg, items, micro_batch_generator(cfg.seed, state.epoch, index, TAGS_STREAM))
         items = flip_rows(run, drop_captions(cfg, items, state.epoch, index), state.epoch, index)
         batch = draw_batch_choices(run, prepare_batch(run, items), state.epoch, index)
         last = k == len(group) - 1
+        seed_adapter_dropout(cfg, state.epoch, index)
         sync = acc.no_sync(run.model) if not last else contextlib.nullcontext()
         with sync:
             with acc.autocast():
@@ -512,24 +536,28 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     return replace(state, step=state.step + 1, batches_done=state.batches_done + len(group), loss=float(loss))
 
 
-def flow_matching_loss(run: Run, model: nn.Module, batch: dict[str, Any], noise_rng: torch.Generator) -> torch.Tensor:
-    """Weighted MSE between the predicted and the true velocity at sigmas drawn from the family's training grid.
+def flow_matching_loss(
+    run: Run, model: nn.Module, batch: dict[str, Any], noise_rng: torch.Generator, sigma: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted loss (`--loss_type`; MSE by default) between the predicted and the true velocity at sigmas drawn
+    from the family's training grid (or the given `sigma`, one per sample: the validation loss's fixed levels).
     Sigmas and noise are drawn on the CPU from `noise_rng`, so a run is reproducible on any device. Each sample's
     error is the mean over the elements a task's `loss_mask` and the `--masked_loss` masks count (`weighted_mean`)."""
     cfg, scheduler = run.config, run.task.scheduler
     x0 = batch["latents"].float()
-    sigma = scheduler.sample_training_sigmas(
-        x0.shape[0],
-        noise_rng,
-        min_boundary=cfg.min_timestep_boundary,
-        max_boundary=cfg.max_timestep_boundary,
-        **timestep_distribution(cfg),
-    )
+    if sigma is None:
+        sigma = scheduler.sample_training_sigmas(
+            x0.shape[0],
+            noise_rng,
+            min_boundary=cfg.min_timestep_boundary,
+            max_boundary=cfg.max_timestep_boundary,
+            **timestep_distribution(cfg),
+        )
     noise = torch.randn(x0.shape, generator=noise_rng).to(x0.device)
     noisy = scheduler.add_noise(x0, noise, sigma.to(x0.device))
     with _saved_activations(cfg, x0.device):
         predicted = run.task.velocity(model, batch, noisy, sigma.to(x0.device))
-    error = weighted_mean(run, batch, (predicted.float() - scheduler.training_target(x0, noise)).pow(2))
+    error = weighted_mean(run, batch, elementwise_loss(cfg, predicted.float() - scheduler.training_target(x0, noise)))
     if cfg.loss_weighting == "scheduler":
         error = error * scheduler.training_weight(sigma).to(x0.device)
     return error.mean()
@@ -589,21 +617,36 @@ def direct_distill_loss(run: Run, model: nn.Module, batch: dict[str, Any], plan:
     """DiffSynth-Studio's direct distillation: sample each row in `plan.steps` Euler steps from its seed's noise
     (the pipeline's `seeded_noise`) on the family's inference schedule for that size (`task.inference_sigmas`),
     without CFG and with gradients through every step, and take the MSE between the result and the row's
-    latents (an image the model made with many steps from the same seed)."""
-    return weighted_mean(run, batch, (distill_sample(run, model, batch, plan) - batch["latents"].float()).pow(2)).mean()
+    latents (an image the model made with many steps from the same seed); `--loss_type` other than mse in its place."""
+    difference = distill_sample(run, model, batch, plan) - batch["latents"].float()
+    return weighted_mean(run, batch, elementwise_loss(run.config, difference)).mean()
 
 
-def weighted_mean(run: Run, batch: dict[str, Any], squared: torch.Tensor) -> torch.Tensor:
-    """Each sample's mean of `squared` over the elements that count: the task's `loss_mask` (Wan TI2V leaves out
+def elementwise_loss(cfg: TrainConfig, difference: torch.Tensor) -> torch.Tensor:
+    """Each element's loss for a prediction's `difference` from its target (`--loss_type`): mse (the square), l1
+    (the absolute value), or kohya's pseudo-Huber forms, which are square near 0 and grow linearly beyond about
+    `--huber_c`, so a few far-off elements (a noisy sample, a badly cropped picture) pull the weights less:
+    huber `2c(sqrt(d^2 + c^2) - c)` and smooth_l1 `2(sqrt(d^2 + c^2) - c)`."""
+    if cfg.loss_type == "mse":
+        return difference.pow(2)
+    if cfg.loss_type == "l1":
+        return difference.abs()
+    c = cfg.huber_c
+    pseudo_huber = torch.sqrt(difference.pow(2) + c * c) - c
+    return 2 * c * pseudo_huber if cfg.loss_type == "huber" else 2 * pseudo_huber
+
+
+def weighted_mean(run: Run, batch: dict[str, Any], losses: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean of `losses` over the elements that count: the task's `loss_mask` (Wan TI2V leaves out
     its given first frame) times the `--masked_loss` weights, each element at its weight."""
     mask = run.task.loss_mask(batch) if callable(getattr(run.task, "loss_mask", None)) else None
     weights = batch.get(WEIGHTS_KEY)
     if weights is not None:
         mask = weights if mask is None else mask.to(weights) * weights
     if mask is None:
-        return squared.flatten(1).mean(1)
-    mask = mask.to(squared).expand_as(squared).flatten(1)
-    return (squared.flatten(1) * mask).sum(1) / mask.sum(1)
+        return losses.flatten(1).mean(1)
+    mask = mask.to(losses).expand_as(losses).flatten(1)
+    return (losses.flatten(1) * mask).sum(1) / mask.sum(1)
 
 
 def distill_sample(run: Run, model: nn.Module, batch: dict[str, Any], plan: DistillPlan) -> torch.Tensor:
@@ -623,7 +666,8 @@ def distill_sample(run: Run, model: nn.Module, batch: dict[str, Any], plan: Dist
 def validate(run: Run, state: TrainState) -> list[Path]:
     """Sample `--validation_prompts` with the weights as they are now (main process; the same seed each time;
     `--validation_height/width/num_inference_steps` when given, each prompt's `--validation_images` as its
-    references) into OUTPUT/validation/step-N-K.png (or .mp4 for a video family, with its sound when the
+    references), then each line of `--validation_prompts_file` with its own settings over those, into
+    OUTPUT/validation/step-N-K.png (or .mp4 for a video family, with its sound when the
     family makes one, at the task's `sample_fps` when it has one)."""
     from diffsynth.runtime.media import mux_video_audio, save_image, save_video
 
@@ -633,15 +677,22 @@ def validate(run: Run, state: TrainState) -> list[Path]:
         for name in ("height", "width", "num_inference_steps")
         if (value := getattr(cfg, f"validation_{name}")) is not None
     }
-    if run.validation_references is not None:  # tasks that take no references need not know the keyword
-        options["references"] = run.validation_references
     written: list[Path] = []
     if acc.is_main_process or is_sharded(run.accelerator):  # a sharded model's forward needs every process
         module = acc.unwrap_model(run.model)
         module.eval()
         try:
             with torch.no_grad():
-                samples = run.task.sample(module, validation_prompts(cfg), seed=cfg.validation_seed, **options)
+                samples = []
+                if cfg.validation_prompts:
+                    given = {} if run.validation_references is None else {"references": run.validation_references}
+                    prompts = validation_prompts(cfg)
+                    samples += run.task.sample(module, prompts, seed=cfg.validation_seed, **options, **given)
+                for line, references in run.prompt_lines:  # --validation_prompts_file: one call a line
+                    given = {} if references is None else {"references": [references]}
+                    seed = cfg.validation_seed if line.seed is None else line.seed
+                    prompt = with_trigger(cfg, line.prompt)
+                    samples += run.task.sample(module, [prompt], seed=seed, **{**options, **line.options}, **given)
         finally:
             module.train()
     if acc.is_main_process:
@@ -669,9 +720,53 @@ def validate(run: Run, state: TrainState) -> list[Path]:
 
 def validation_prompts(cfg: TrainConfig) -> list[str]:
     """`--validation_prompts`, with `--trigger_word` in place of their `[trigger]`."""
-    if not cfg.trigger_word:
-        return list(cfg.validation_prompts)
-    return [p.replace(TRIGGER_PLACEHOLDER, cfg.trigger_word) for p in cfg.validation_prompts]
+    return [with_trigger(cfg, p) for p in cfg.validation_prompts]
+
+
+def with_trigger(cfg: TrainConfig, prompt: str) -> str:
+    """A validation prompt with `--trigger_word` in place of its `[trigger]`."""
+    return prompt.replace(TRIGGER_PLACEHOLDER, cfg.trigger_word) if cfg.trigger_word else prompt
+
+
+def prompts_file_samples(cfg: TrainConfig, task: TrainingTask) -> list[tuple[SamplePrompt, list | None]]:
+    """`--validation_prompts_file`'s lines, each with its `--i` pictures loaded (as `validation_references` loads
+    `--validation_images`, None where a line gives none) and checked against the task now: a task that takes no
+    references, one that requires them, a count its model cannot take, and an option its pipeline has no
+    setting for (e.g. `--f` frames for a picture family) fail at setup, naming the line."""
+    if cfg.validation_prompts_file is None:
+        return []
+    kind = getattr(task, "validation_references", "none")
+    check = getattr(task, "reference_arguments", None)
+    accepted = _pipeline_settings(task)
+    mode = getattr(task, "image_mode", "RGB")
+    lines = []
+    for line in read_prompts_file(cfg.validation_prompts_file):
+        unknown = [name for name in line.options if accepted is not None and name not in accepted]
+        if unknown:
+            raise ConfigError(f"{line.where}: the {task.family} pipeline has no setting {unknown[0]!r}")
+        if line.images and kind == "none":
+            raise ConfigError(f"{line.where}: --i: the {task.family} training task samples without reference images")
+        if not line.images and kind == "required":
+            raise ConfigError(f"{line.where}: the {task.family} model samples from reference images; give --i IMAGE")
+        references = [_validation_image(Path("."), str(path), mode) for path in line.images] or None
+        if references is not None and callable(check):
+            try:
+                check(references)
+            except ConfigError as exc:
+                raise ConfigError(f"{line.where}: --i: {exc}") from None
+        lines.append((line, references))
+    return lines
+
+
+def _pipeline_settings(task: TrainingTask) -> set[str] | None:
+    """The keyword arguments the task's pipeline call takes; None when it takes any (or the task has no pipeline)."""
+    pipe = getattr(task, "pipe", None)
+    if pipe is None:
+        return None
+    parameters = inspect.signature(pipe.__call__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
 
 
 def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | None:
@@ -936,7 +1031,7 @@ def encode_dataset(config: TrainConfig) -> Path:
         recorded.write_text(json.dumps(settings, indent=1))
     acc.wait_for_everyone()
     count = write_cache(
-        functools.partial(encode_with_masks, task.encode),
+        functools.partial(encode_with_masks, task),
         dataset,
         cache,
         batch_size=cfg.batch_size,
@@ -1126,7 +1221,7 @@ def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
     if run.cached:
         samples = [dict(item) for item in items]
     else:
-        samples = encode_with_masks(run.task.encode, items)
+        samples = encode_with_masks(run.task, items)
     masks = take_masks(samples)
     batch = _to_device(run.task.collate(samples), run.accelerator.device)
     if run.config.uses_loss_masks:
@@ -1136,11 +1231,12 @@ def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
     return batch
 
 
-def encode_with_masks(encode, rows: list[dict]) -> list[dict]:
-    """The task's encoded samples (no grad), with the rows' `--masked_loss` masks on their latent grids."""
+def encode_with_masks(task: TrainingTask, rows: list[dict]) -> list[dict]:
+    """The task's encoded samples (no grad), with the rows' `--masked_loss` masks on their latent grids (a mask
+    video's frames grouped as the task says, `masks.temporal_compression`)."""
     with torch.no_grad():
-        samples = encode(rows)
-    attach_masks(rows, samples)
+        samples = task.encode(rows)
+    attach_masks(rows, samples, temporal_compression(task))
     return samples
 
 
@@ -1198,8 +1294,8 @@ def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> 
 
 
 def adapter_config(module: nn.Module, cfg: TrainConfig, targets: list[str]):
-    """peft's config for `--lora_type`: LoRA or DoRA, or LyCORIS LoHa / LoKr (no dropout; their change starts at
-    zero, a DoRA's magnitudes at the base weight's row norms)."""
+    """peft's config for `--lora_type`: LoRA or DoRA (`--lora_dropout`), or LyCORIS LoHa / LoKr (`--rank_dropout`,
+    `--module_dropout`); their change starts at zero, a DoRA's magnitudes at the base weight's row norms."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     from diffsynth.runtime.quant import is_quantized_linear
@@ -1207,16 +1303,19 @@ def adapter_config(module: nn.Module, cfg: TrainConfig, targets: list[str]):
     rank, alpha = cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank
     if cfg.lora_type in ("lora", "dora"):
         use_dora = cfg.lora_type == "dora"
-        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=use_dora)
+        return LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=cfg.lora_dropout, use_dora=use_dora
+        )
     packed = [name for name in targets if is_quantized_linear(module.get_submodule(name))]
     if packed:
         raise ConfigError(
             f"--lora_type {cfg.lora_type}: {packed[0]} is a quantized layer (--quantize); peft's LoHa / LoKr layers "
             "build their change from the base weight, which quantized storage packs. Train --lora_type lora on it"
         )
+    dropout = dict(rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout)
     if cfg.lora_type == "loha":
-        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets)
-    return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=cfg.lokr_factor)
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, **dropout)
+    return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=cfg.lokr_factor, **dropout)
 
 
 def _check_slots(cfg: TrainConfig, task: TrainingTask) -> None:
@@ -1245,7 +1344,19 @@ def trained_parts(cfg: TrainConfig, task: TrainingTask) -> tuple[str, ...]:
 
 
 def _lr_lambda(cfg: TrainConfig, total: int):
-    warmup, kind = cfg.lr_warmup_steps, cfg.lr_scheduler
+    """The learning rate's factor at each optimizer step: a linear warm-up over `--lr_warmup_steps`, then
+    `--lr_scheduler` over the remaining steps, decaying to `--lr_scheduler_min_lr_ratio` of the rate."""
+    warmup, kind, floor = cfg.lr_warmup_steps, cfg.lr_scheduler, cfg.lr_scheduler_min_lr_ratio
+
+    def decay(progress: float) -> float:  # 1 at the start of the decay, 0 at its end
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "polynomial":
+            return (1.0 - progress) ** cfg.lr_scheduler_power
+        if kind == "cosine_with_restarts":  # each of the cycles a full cosine from 1 to 0, the last ending at 0
+            phase = 1.0 if progress >= 1.0 else (cfg.lr_scheduler_num_cycles * progress) % 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * phase))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -1253,7 +1364,7 @@ def _lr_lambda(cfg: TrainConfig, total: int):
         if kind == "constant" or total <= warmup:
             return 1.0
         progress = min(1.0, (step - warmup) / (total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * decay(progress)
 
     return factor
 

@@ -1,0 +1,179 @@
+"""`--validation_prompts_file`: kohya's / musubi-tuner's sample-prompt lines parsed into the pipeline's settings,
+checked before any model loads or at setup (naming file, line and option), and sampled one call a line with the
+line's settings over the `--validation_*` ones (the toy task, made to record its calls)."""
+
+import json
+
+import pytest
+from diffsynth_training_toy import TASK, ToyTask, write_images
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.training.config import TrainConfig, parse_args
+from diffsynth.training.sample_prompts import SamplePrompt, parse_line, read_prompts_file
+from diffsynth.training.trainer import TrainState, prompts_file_samples, setup, train, validate
+
+
+def toy_config(tmp_path, dataset, **overrides) -> TrainConfig:
+    values = dict(
+        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / "out"), max_pixels=64 * 128,
+        bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4, max_steps=2,
+        num_epochs=10,
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def write_prompts(folder, *lines) -> str:
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_a_line_gives_the_pipeline_settings(tmp_path):
+    write_images(tmp_path / "refs", [(8, 8)])
+    line = parse_line(
+        "a photo of sks dog, on a beach --w 1024 --h 768 --s 28 --d 42 --l 4.5 --n blurry, low quality --f 33 "
+        "--i refs/img0.png",
+        tmp_path,
+        "here",
+    )
+    assert line.prompt == "a photo of sks dog, on a beach" and line.seed == 42
+    assert line.options == dict(
+        width=1024, height=768, num_inference_steps=28, cfg_scale=4.5, negative_prompt="blurry, low quality", num_frames=33
+    )  # fmt: skip
+    assert line.images == (tmp_path / "refs" / "img0.png",)
+    assert parse_line("dashes -- and --not-options stay", tmp_path, "here").prompt == "dashes -- and --not-options stay"
+
+
+def test_the_file_skips_comments_and_blank_lines(tmp_path):
+    path = write_prompts(tmp_path, "# my prompts", "", "a cat --s 4", "  ", "a dog")
+    assert read_prompts_file(path) == [
+        SamplePrompt("a cat", {"num_inference_steps": 4}, where=f"--validation_prompts_file {path} line 3"),
+        SamplePrompt("a dog", {}, where=f"--validation_prompts_file {path} line 5"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("a cat --x 3", "line 2: unknown option --x; the options are --w, --h"),
+        ("a cat --w wide", "line 2: --w 'wide': width must be an integer"),
+        ("a cat --l high", "line 2: --l 'high': cfg_scale must be a number"),
+        ("a cat --s 0", "line 2: --s 0: num_inference_steps must be at least 1"),
+        ("a cat --w 512 --w 768", "line 2: --w is given twice"),
+        ("a cat --n", "line 2: --n \\(negative_prompt\\) has no value"),
+        ("--w 512", "line 2: no prompt before the options"),
+        ("a cat --i nowhere.png", "line 2: --i nowhere.png: no such file"),
+    ],
+)
+def test_bad_lines_are_named_before_any_model_loads(tmp_path, dataset, line, message):
+    path = write_prompts(tmp_path, "a fine line", line)
+    with pytest.raises(ConfigError, match=message):
+        toy_config(tmp_path, dataset, validation_prompts_file=path).check()
+
+
+def test_an_empty_file_a_missing_file_and_the_cache_are_refused(tmp_path, dataset):
+    with pytest.raises(ConfigError, match="no prompts"):
+        toy_config(tmp_path, dataset, validation_prompts_file=write_prompts(tmp_path, "# nothing")).check()
+    with pytest.raises(ConfigError, match="cannot be read"):
+        toy_config(tmp_path, dataset, validation_prompts_file=str(tmp_path / "none.txt")).check()
+    path = write_prompts(tmp_path, "a cat")
+    with pytest.raises(ConfigError, match="--validation_prompts_file needs the text encoders"):
+        toy_config(
+            tmp_path, dataset, validation_prompts_file=path, cache_dir=str(tmp_path / "c"), stage="train"
+        ).check()
+    assert parse_args(["--family", TASK, "--dataset_base_path", str(dataset), "--validation_prompts_file", path])
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    """The toy task recording each `sample` call: its prompts, seed, references and settings."""
+    calls = []
+    toy_sample = ToyTask.sample
+
+    def sample(self, denoiser, prompts, *, seed, references=None, **options):
+        calls.append(dict(prompts=list(prompts), seed=seed, references=references, **options))
+        return toy_sample(self, denoiser, prompts, seed=seed, **options)
+
+    monkeypatch.setattr(ToyTask, "sample", sample)
+    return calls
+
+
+def test_each_line_is_sampled_with_its_settings_over_the_flags(tmp_path, dataset, recording):
+    path = write_prompts(tmp_path, "[trigger] on a red sofa --d 7 --s 3 --n blurry", "a blue square --h 48")
+    config = toy_config(
+        tmp_path,
+        dataset,
+        validation_prompts=["a green triangle"],
+        validation_prompts_file=path,
+        validation_num_inference_steps=5,
+        validation_width=40,
+        validation_seed=11,
+        trigger_word="sks cat",
+    )
+    run = setup(config)
+    written = validate(run, TrainState(step=2))
+    assert recording == [
+        dict(prompts=["a green triangle"], seed=11, references=None, num_inference_steps=5, width=40),
+        dict(prompts=["sks cat on a red sofa"], seed=7, references=None, num_inference_steps=3, width=40,
+             negative_prompt="blurry"),
+        dict(prompts=["a blue square"], seed=11, references=None, num_inference_steps=5, width=40, height=48),
+    ]  # fmt: skip
+    assert [p.name for p in written] == ["step-000002-0.png", "step-000002-1.png", "step-000002-2.png"]
+    # each picture is the task's sample for its line's seed: the seed reached the sampler
+    recording.clear()
+    module = run.accelerator.unwrap_model(run.model).eval()
+    expected = ToyTask.sample(run.task, module, ["sks cat on a red sofa"], seed=7)[0]
+    assert list(Image.open(written[1]).getdata()) == list(expected.getdata())
+
+
+def test_training_samples_the_file_at_the_validation_steps(tmp_path, dataset, recording):
+    path = write_prompts(tmp_path, "a cat", "a dog --d 3")
+    train(toy_config(tmp_path, dataset, max_steps=4, validation_steps=2, validation_prompts_file=path))
+    assert [(c["prompts"], c["seed"]) for c in recording] == [(["a cat"], 0), (["a dog"], 3)] * 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == [
+        "step-000002-0.png", "step-000002-1.png", "step-000004-0.png", "step-000004-1.png"
+    ]  # fmt: skip
+
+
+class _Pipeline:
+    def __call__(self, prompt, *, height=None, width=None, num_inference_steps=None, seed=0, cfg_scale=1.0):
+        raise AssertionError("not called at setup")
+
+
+class _Task:
+    family = "stub"
+    pipe = _Pipeline()
+
+    def __init__(self, kind="optional", count=None):
+        self.validation_references, self.count = kind, count
+
+    def reference_arguments(self, images):
+        if self.count is not None and len(images) != self.count:
+            raise ConfigError(f"takes {self.count} pictures")
+        return {}
+
+
+def test_lines_are_checked_against_the_task_at_setup(tmp_path):
+    write_images(tmp_path, [(8, 8), (8, 8)])
+
+    def lines(*text, task=None):
+        config = TrainConfig(
+            family=TASK, dataset_base_path=str(tmp_path), validation_prompts_file=write_prompts(tmp_path, *text)
+        )
+        return prompts_file_samples(config, task or _Task())
+
+    ((line, references),) = lines("a cat --l 3 --i img0.png --i img1.png")
+    assert line.options == {"cfg_scale": 3.0} and [r.size for r in references] == [(8, 8), (8, 8)]
+    assert lines("a cat")[0][1] is None
+    with pytest.raises(ConfigError, match="line 2: the stub pipeline has no setting 'num_frames'"):
+        lines("a cat", "a dog --f 9")
+    with pytest.raises(ConfigError, match="line 1: --i: the stub training task samples without reference images"):
+        lines("a cat --i img0.png", task=_Task("none"))
+    with pytest.raises(ConfigError, match="line 1: the stub model samples from reference images; give --i"):
+        lines("a cat", task=_Task("required"))
+    with pytest.raises(ConfigError, match="line 1: --i: takes 2 pictures"):
+        lines("a cat --i img0.png", task=_Task(count=2))
