@@ -34,13 +34,14 @@ def test_a_line_gives_the_pipeline_settings(tmp_path):
     write_images(tmp_path / "refs", [(8, 8)])
     line = parse_line(
         "a photo of sks dog, on a beach --w 1024 --h 768 --s 28 --d 42 --l 4.5 --n blurry, low quality --f 33 "
-        "--i refs/img0.png",
+        "--g 3.5 --ss unipc --i refs/img0.png",
         tmp_path,
         "here",
     )
     assert line.prompt == "a photo of sks dog, on a beach" and line.seed == 42
     assert line.options == dict(
-        width=1024, height=768, num_inference_steps=28, cfg_scale=4.5, negative_prompt="blurry, low quality", num_frames=33
+        width=1024, height=768, num_inference_steps=28, cfg_scale=4.5, negative_prompt="blurry, low quality", num_frames=33,
+        embedded_guidance=3.5, sampler="unipc",
     )  # fmt: skip
     assert line.images == (tmp_path / "refs" / "img0.png",)
     assert parse_line("dashes -- and --not-options stay", tmp_path, "here").prompt == "dashes -- and --not-options stay"

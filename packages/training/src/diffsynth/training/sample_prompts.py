@@ -8,8 +8,9 @@ users already have work unchanged:
 
 One prompt a line (blank lines and lines starting with # are skipped); after it, options ` --KEY VALUE`: `w` / `h`
 the width / height, `s` the steps, `d` the seed, `l` the CFG scale, `n` the negative prompt (the rest up to the
-next option, commas included), `f` the frames of a video family, `i` a reference picture (repeatable; a path
-relative to the file's folder). An option not given takes the `--validation_*` setting or the pipeline's default.
+next option, commas included), `f` the frames of a video family, `g` the distilled guidance of the FLUX models
+(their `embedded_guidance`), `ss` the sampler (e.g. `unipc`, where the pipeline offers one), `i` a reference picture
+(repeatable; a path relative to the file's folder). An option not given takes the `--validation_*` setting or the pipeline's default.
 The file is read when the settings are checked, so a bad line fails before any model loads, naming file, line and
 option.
 """
@@ -32,6 +33,8 @@ OPTIONS: dict[str, tuple[str, type, float | None]] = {
     "l": ("cfg_scale", float, None),
     "n": ("negative_prompt", str, None),
     "f": ("num_frames", int, 1),
+    "g": ("embedded_guidance", float, None),
+    "ss": ("sampler", str, None),
     "i": ("images", str, None),
 }
 _OPTION = re.compile(r"\s--([a-z]+)(?=\s|$)")
