@@ -5,7 +5,7 @@ line's settings over the `--validation_*` ones (the toy task, made to record its
 import json
 
 import pytest
-from diffsynth_training_toy import TASK, ToyTask, write_images
+from diffsynth_training_toy import TASK, ToyTask, build, write_images
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
@@ -178,3 +178,15 @@ def test_lines_are_checked_against_the_task_at_setup(tmp_path):
         lines("a cat", task=_Task("required"))
     with pytest.raises(ConfigError, match="line 1: --i: takes 2 pictures"):
         lines("a cat --i img0.png", task=_Task(count=2))
+
+
+def test_sample_at_first_draws_the_base_models_pictures_before_training(tmp_path, dataset, recording):
+    path = write_prompts(tmp_path, "a cat")
+    train(toy_config(tmp_path, dataset, max_steps=2, validation_prompts_file=path, sample_at_first=True))
+    assert [c["prompts"] for c in recording] == [["a cat"], ["a cat"]]  # before step 1, and at the end
+    folder = tmp_path / "out" / "validation"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000000-0.png", "step-000002-0.png"]
+    base = ToyTask.sample(setup(toy_config(tmp_path, dataset)).task, build("denoiser").eval(), ["a cat"], seed=0)[0]
+    assert list(Image.open(folder / "step-000000-0.png").getdata()) == list(base.getdata())  # the untrained model's
+    with pytest.raises(ConfigError, match="--sample_at_first samples the validation prompts"):
+        toy_config(tmp_path, dataset, sample_at_first=True).check()

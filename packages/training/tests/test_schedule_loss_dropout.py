@@ -221,3 +221,38 @@ def test_a_resumed_optimizer_has_no_state_for_parameters_that_had_none():
         optimizer_.step()
     for name, param in model.named_parameters():
         assert torch.equal(param, names[name]), name
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e9, 1e-3])
+def test_the_logged_gradient_norm_is_the_norm_before_clipping(tmp_path, dataset, max_grad_norm):
+    """The optimizer's spy sees the gradients after clipping: unclipped (a huge limit) their norm is the logged one;
+    clipped, it is the limit, while the logged norm stays the one before clipping."""
+    from diffsynth.training.data import batch_plan
+    from diffsynth.training.trainer import TrainState, setup, train_step
+
+    run = setup(toy_config(tmp_path, dataset, max_grad_norm=max_grad_norm))
+    seen, real_step = [], run.optimizer.step
+
+    def spy(*args, **kwargs):
+        grads = [p.grad.flatten() for p in run.trainable.values() if p.grad is not None]
+        seen.append(float(torch.cat(grads).norm()))
+        return real_step(*args, **kwargs)
+
+    run.optimizer.step = spy
+    batch = batch_plan(run.dataset.buckets, batch_size=2)[0]
+    state = train_step(run, TrainState(), [[run.dataset[i] for i in batch]])
+    if max_grad_norm > 1:
+        assert state.grad_norm == pytest.approx(seen[0], rel=1e-5) and state.grad_norm > 1e-3
+    else:
+        assert seen[0] == pytest.approx(max_grad_norm, rel=1e-3) and state.grad_norm > 10 * max_grad_norm
+    train(toy_config(tmp_path, dataset, "logged", max_steps=2, max_grad_norm=max_grad_norm))
+    records = [json.loads(line) for line in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["grad_norm"] == pytest.approx(state.grad_norm, rel=1e-6)  # the same first step, logged
+    assert "grad_norm" not in json.loads(  # no clipping, no norm
+        train_and_read_first_record(tmp_path, dataset, max_grad_norm=0.0)
+    )
+
+
+def train_and_read_first_record(tmp_path, dataset, **settings) -> str:
+    train(toy_config(tmp_path, dataset, "unclipped", max_steps=1, **settings))
+    return (tmp_path / "unclipped" / "metrics.jsonl").read_text().splitlines()[0]

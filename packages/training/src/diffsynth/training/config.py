@@ -384,6 +384,12 @@ class TrainConfig:
         "output",
     )
     validation_steps: int | None = _arg(None, "sample the validation prompts every N steps (and at the end)", "output")
+    sample_at_first: bool = _arg(
+        False,
+        "also sample the validation prompts, and take the validation loss, before the first step: the base model's, "
+        "to compare the run with (kohya's / musubi-tuner's flag; not when resuming)",
+        "output",
+    )
     validation_seed: int = _arg(0, "seed of the validation samples (the same each time, to compare)", "output")
     validation_height: int | None = _arg(None, "height of the validation samples (default: the pipeline's)", "output")
     validation_width: int | None = _arg(None, "width of the validation samples (default: the pipeline's)", "output")
@@ -574,6 +580,11 @@ class TrainConfig:
                 f"--validation_images has {len(self.validation_images)} items and --validation_prompts "
                 f"{len(self.validation_prompts)} prompts; give one item per prompt, separated by | (several images "
                 "for one prompt joined by ,)"
+            )
+        if self.sample_at_first and not (self.samples_validation or self.validation_dataset_base_path):
+            raise ConfigError(
+                "--sample_at_first samples the validation prompts before training; give --validation_prompts, "
+                "--validation_prompts_file or --validation_dataset_base_path"
             )
         if self.validation_prompts_file is not None:
             from .sample_prompts import read_prompts_file

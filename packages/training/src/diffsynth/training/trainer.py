@@ -121,6 +121,7 @@ class TrainState:
     epoch: int = 0  # epoch in progress
     batches_done: int = 0  # micro-batches of this epoch each process has trained on
     loss: float = math.nan  # mean loss of the last step, over micro-batches and processes
+    grad_norm: float | None = None  # the last step's gradient norm before clipping (None: not clipped)
 
 
 @dataclass
@@ -173,6 +174,11 @@ def train(config: TrainConfig) -> TrainState:
         cfg.max_steps,
         state.step,
     )
+    if cfg.sample_at_first and state.step == 0:  # the base model's samples and loss, to compare the run with
+        if cfg.samples_validation:
+            validate(run, state)
+        if run.validation_set is not None:
+            validation_loss.validate_loss(run, state)
     progress = _progress(run, state)
     started, since = time.perf_counter(), state.step
     while state.step < run.total_steps and state.epoch < cfg.num_epochs:
@@ -522,9 +528,10 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
             else:
                 acc.backward(loss / len(group))
         losses.append(loss.detach().float())
+    grad_norm = None
     if not is_deepspeed(acc):
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:  # the total norm before clipping, logged (a spike shows a bad batch or rate)
+            grad_norm = float(acc.clip_grad_norm_(list(run.trainable.values()), cfg.max_grad_norm))
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
@@ -533,7 +540,8 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
     if not torch.isfinite(loss):
         logger.warning("step %d: the loss is %s", state.step + 1, float(loss))
-    return replace(state, step=state.step + 1, batches_done=state.batches_done + len(group), loss=float(loss))
+    done = state.batches_done + len(group)
+    return replace(state, step=state.step + 1, batches_done=done, loss=float(loss), grad_norm=grad_norm)
 
 
 def flow_matching_loss(
@@ -1399,6 +1407,8 @@ def _log(run: Run, state: TrainState, seconds_per_step: float) -> None:
         seconds_per_step,
     )
     record = {"step": state.step, "epoch": state.epoch, "loss": state.loss, "lr": lr, "time": time.time()}
+    if state.grad_norm is not None:
+        record["grad_norm"] = state.grad_norm
     record.update(dmd2_task.log_record(run.dmd2))  # --task dmd2: the fake score's and the student's losses
     with (run.output / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
