@@ -300,3 +300,27 @@ def test_wan_groups_a_mask_video_as_its_vae_groups_frames(tmp_path):
     expected = cell_and_group_means(decoded_mask(data / "mask.mp4"), 8, 4)
     torch.testing.assert_close(sample[MASK_KEY], expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(expected[0, 1, 0], torch.tensor([0.0, 0.25, 0.25, 0.25, 0.25, 0.0]), rtol=0, atol=0.02)
+
+
+def test_a_captioned_folder_finds_a_mask_video_beside_its_video(tmp_path):
+    """`clip-masklabel.mp4` beside `clip.mp4` is the clip's mask (not a sample); a picture keeps its `-masklabel.png`;
+    a video without a mask video takes a `-masklabel.png`."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, seed in (("clip", 1), ("still", 2)):
+        save_video(list(noise_video(seed)), folder / f"{name}.mp4", fps=8, quality=10)
+        (folder / f"{name}.txt").write_text(f"a {name}")
+    save_video(list(column_mask_video(FRAMES)), folder / "clip-masklabel.mp4", fps=8, quality=10)
+    Image.fromarray(column_mask_video(1)[0]).save(folder / "still-masklabel.png")
+    Image.fromarray(noise_video(3, frames=1)[0]).save(folder / "photo.png")
+    (folder / "photo.txt").write_text("a photo")
+    Image.fromarray(column_mask_video(1)[0]).save(folder / "photo-masklabel.png")
+    dataset = video_dataset(folder)
+    masks = {row.get("video", row.get("image")): row.get("loss_mask") for row in dataset.rows}
+    assert masks == {
+        "clip.mp4": "clip-masklabel.mp4",
+        "photo.png": "photo-masklabel.png",
+        "still.mp4": "still-masklabel.png",
+    }
+    index = next(i for i, k in enumerate(dataset.sample_rows) if dataset.rows[k].get("video") == "clip.mp4")
+    torch.testing.assert_close(dataset[index]["loss_mask"], decoded_mask(folder / "clip-masklabel.mp4"))

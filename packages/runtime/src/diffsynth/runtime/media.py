@@ -36,6 +36,7 @@ def _existing(path: PathLike, what: str) -> Path:
 
 # ----------------------------------------------------------------------------------- images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # files read as one image
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")  # files read as frames (`load_video`)
 
 
 def load_image(image: PathLike | Image.Image, mode: str = "RGB") -> Image.Image:

@@ -28,7 +28,8 @@
   is given `audio_rate`), covering the frames read. A video row also gets `"frame_rate"`: its own column's
   value if it has one, else the file's rate. Tasks that train without sound ignore the three keys.
 - The cache (`--stage encode`) stores each encoded sample as `items/NNNNNN.safetensors` and an `index.json`
-  with the buckets and the settings that shaped them; training from it needs neither encoders nor VAE.
+  with the buckets and the settings that shaped them; training from it needs neither encoders nor VAE. The
+  held-out rows of the validation loss are a cache of their own in its `validation/` (`validation_loss.py`).
 """
 
 from __future__ import annotations
@@ -49,14 +50,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 from .masks import MASK_COLUMN, alpha_mask, has_alpha, is_mask_file, mask_file_for, read_mask, read_mask_video
 
 logger = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
 CAPTION_SUFFIXES = (".txt", ".caption")  # a picture's caption file (kohya's two extensions), first found wins
 SOUND_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac")  # file columns handed on as absolute paths
 AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`), and the loaded row's key for it
@@ -107,7 +107,8 @@ def kohya_folder(relative: Path) -> tuple[int, str] | None:
 
 def caption_rows(base: Path) -> list[dict[str, Any]]:
     """Rows of a folder of captioned pictures or videos: each media file (subfolders included, in name order)
-    with the text of the `.txt` file of its name as its prompt, and its `-masklabel.png` mask if it has one. In a
+    with the text of the `.txt` file of its name as its prompt, and its `-masklabel.png` mask (a video's may be a
+    `-masklabel.mp4` mask video) if it has one. In a
     kohya `N_words/` folder a row repeats N times and a file without a caption takes the words; elsewhere a media
     file without a caption is an error naming it."""
     rows, uncaptioned = [], []

@@ -3,7 +3,7 @@
 Users train a subject or a style on pictures whose background should not be learned (a product on a cluttered
 table, a face in a crowd); kohya, OneTrainer and ai-toolkit call this masked training. A row's mask is its
 `loss_mask` metadata column, or in a folder of captioned pictures the file `<name>-masklabel.png` beside
-`<name>.png` (OneTrainer's name). White counts fully, black not at all (grays between); a row without a mask
+`<name>.png` (OneTrainer's name; beside a video `<name>.mp4` also a mask video `<name>-masklabel.mp4`). White counts fully, black not at all (grays between); a row without a mask
 counts everywhere. With `--alpha_mask` (kohya's flag) a picture's transparency is the mask of a row that names no
 mask file: opaque counts, transparent does not.
 
@@ -33,21 +33,30 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import upright
+from diffsynth.runtime.media import VIDEO_SUFFIXES, upright
 
 MASK_COLUMN = "loss_mask"  # the metadata column of a row's mask file
-MASK_FILE_SUFFIX = "-masklabel.png"  # a captioned folder's mask beside its picture (OneTrainer's name)
+MASK_NAME = "-masklabel"  # a captioned folder's mask beside its picture or video (OneTrainer's name)
+MASK_FILE_SUFFIX = MASK_NAME + ".png"
 MASK_KEY = "masked_loss_mask"  # an encoded sample's mask on its latent grid, [1, ..., 1, h, w]
 WEIGHTS_KEY = "masked_loss_weights"  # a batch's loss weights, [B, 1, ..., 1, h, w]
 
 
 def mask_file_for(media: Path) -> Path:
-    """Where a captioned folder keeps the mask of `media` (`cat.png` -> `cat-masklabel.png`)."""
-    return media.with_name(media.stem + MASK_FILE_SUFFIX)
+    """Where a captioned folder keeps the mask of `media`: `cat.png` -> `cat-masklabel.png`; a video's is a mask
+    video of its name where one exists (`clip.mp4` -> `clip-masklabel.mp4`, its own suffix first, then the others),
+    else a mask picture (`clip-masklabel.png`)."""
+    picture = media.with_name(media.stem + MASK_FILE_SUFFIX)
+    if media.suffix.lower() not in VIDEO_SUFFIXES:
+        return picture
+    suffixes = dict.fromkeys((media.suffix, *VIDEO_SUFFIXES))
+    return next((v for s in suffixes if (v := media.with_name(media.stem + MASK_NAME + s)).is_file()), picture)
 
 
 def is_mask_file(path: Path) -> bool:
-    return path.name.lower().endswith(MASK_FILE_SUFFIX)
+    """Whether a captioned folder's file is a mask (of a picture or a video), not a training sample."""
+    suffix = path.suffix.lower()
+    return path.stem.lower().endswith(MASK_NAME) and (suffix == ".png" or suffix in VIDEO_SUFFIXES)
 
 
 def read_mask(path: Path, media_size: tuple[int, int], bucket: tuple[int, int], fit) -> torch.Tensor:
@@ -194,6 +203,7 @@ def batch_weights(masks: Sequence[torch.Tensor | None], latents: torch.Tensor, u
 __all__ = [
     "MASK_COLUMN",
     "MASK_FILE_SUFFIX",
+    "MASK_NAME",
     "MASK_KEY",
     "WEIGHTS_KEY",
     "alpha_mask",
