@@ -10,6 +10,7 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import (
+    frame_indices,
     h264_frame,
     load_audio,
     load_image,
@@ -17,11 +18,13 @@ from diffsynth.runtime.media import (
     mux_video_audio,
     pil_to_tensor,
     quality_to_crf,
+    resampled_length,
     save_audio,
     save_image,
     save_video,
     tensor_to_output,
     tensor_to_pil,
+    video_frame_count,
 )
 
 
@@ -218,3 +221,38 @@ def test_photos_are_turned_upright_as_their_exif_says(tmp_path):
     plain = tmp_path / "plain.png"
     stored.save(plain)  # no EXIF: as stored
     assert load_image(plain).size == (64, 32)
+
+
+def numbered_video(path, count: int, fps: int) -> None:
+    """A video whose frame k is the gray level 10 * k: which file frame a reader returned shows in its pixels."""
+    save_video([Image.new("RGB", (16, 16), (10 * k,) * 3) for k in range(count)], path, fps=fps, quality=10)
+
+
+def frame_numbers(frames) -> list[int]:
+    return [round(float(np.asarray(f, np.float32).mean()) / 10) for f in frames]
+
+
+def test_frames_from_a_start_and_at_another_rate(tmp_path):
+    numbered_video(tmp_path / "v.mp4", 20, fps=30)
+    assert video_frame_count(tmp_path / "v.mp4") == 20
+    assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=4, start=5)) == [5, 6, 7, 8]
+    # at 15 fps every other frame of the 30 fps file; at 60 fps each frame twice
+    assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=4, start=2, fps=15)) == [4, 6, 8, 10]
+    assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=5, fps=60)) == [0, 0, 1, 1, 2]
+    assert frame_numbers(load_video(tmp_path / "v.mp4", start=15)) == [15, 16, 17, 18, 19]
+    assert len(load_video(tmp_path / "v.mp4", fps=16)) == resampled_length(20, 30, 16) == 11
+    with pytest.raises(ConfigError, match="20 frames; 4 frames from frame 9 at 15 fps \\(the file's 30\\) need 25"):
+        load_video(tmp_path / "v.mp4", num_frames=4, start=9, fps=15)
+    with pytest.raises(ConfigError, match="none from frame 20"):
+        load_video(tmp_path / "v.mp4", start=20)
+
+
+def test_frame_indices_follow_the_timeline():
+    """Frame k of the resampled video is the file's frame on screen at k / fps, for rates that do not divide."""
+    for source, target in ((30, 16), (24, 16), (16, 24), (25, 30)):
+        got = frame_indices(40, start=3, source_fps=source, fps=target)
+        assert got == [int((3 + k) / target * source + 1e-9) for k in range(40)]
+        assert all(b >= a for a, b in zip(got, got[1:]))
+        last = got[-1]
+        assert resampled_length(last + 1, source, target) >= 43 > resampled_length(last, source, target)
+    assert frame_indices(3, start=2) == [2, 3, 4]

@@ -265,25 +265,51 @@ def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5) -> N
 
 
 def load_video(
-    path: PathLike, num_frames: int | None = None, height: int | None = None, width: int | None = None
+    path: PathLike,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    *,
+    start: int = 0,
+    fps: float | None = None,
 ) -> list[Image.Image]:
-    """The first `num_frames` frames (all when None) as RGB images, resized to height x width when given
-    (one of them alone keeps the aspect ratio)."""
+    """`num_frames` frames (all when None) from frame `start` as RGB images, resized to height x width when given
+    (one of them alone keeps the aspect ratio). With `fps` the video is first resampled to that rate: frame k is
+    the one shown at time k / fps (`frame_indices`), so a 30 fps clip read at 16 fps moves at its real speed."""
     import av
 
     path = _existing(path, "video")
+    if (num_frames is not None and num_frames < 1) or start < 0 or (fps is not None and not fps > 0):
+        raise ConfigError(
+            f"{path}: num_frames={num_frames}, start={start}, fps={fps}: use num_frames >= 1, start >= 0, fps > 0"
+        )
+    source_fps = video_frame_rate(path) if fps is not None else None
+    wanted = None if num_frames is None else frame_indices(num_frames, start=start, source_fps=source_fps, fps=fps)
     frames: list[Image.Image] = []
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ConfigError(f"{path} holds no video stream")
         for frame in container.decode(video=0):
             frames.append(frame.to_image().convert("RGB"))
-            if num_frames is not None and len(frames) >= num_frames:
+            if wanted is not None and len(frames) > wanted[-1]:
                 break
     if not frames:
         raise ConfigError(f"{path} holds no decodable video frames")
-    if num_frames is not None and len(frames) < num_frames:
-        raise ConfigError(f"{path} has {len(frames)} frames, fewer than num_frames={num_frames}")
+    if wanted is None:
+        count = len(frames) if fps is None else resampled_length(len(frames), source_fps, fps)
+        if start >= count:
+            raise ConfigError(
+                f"{path} has {count} frames{'' if fps is None else f' at {fps:g} fps'}; none from frame {start}"
+            )
+        wanted = frame_indices(count - start, start=start, source_fps=source_fps, fps=fps)
+    elif len(frames) <= wanted[-1]:
+        if start == 0 and fps is None:
+            raise ConfigError(f"{path} has {len(frames)} frames, fewer than num_frames={num_frames}")
+        at = "" if fps is None else f" at {fps:g} fps (the file's {source_fps:g})"
+        raise ConfigError(
+            f"{path} has {len(frames)} frames; {num_frames} frames from frame {start}{at} need {wanted[-1] + 1}"
+        )
+    frames = [frames[i] for i in wanted]
     if height is None and width is None:
         return frames
     w0, h0 = frames[0].size
@@ -292,6 +318,36 @@ def load_video(
     if width is None:
         width = round(w0 * height / h0)
     return [f.resize((int(width), int(height)), Image.BICUBIC) for f in frames]
+
+
+def frame_indices(
+    count: int, *, start: int = 0, source_fps: float | None = None, fps: float | None = None
+) -> list[int]:
+    """The file's frame numbers of `count` frames from frame `start`: `start, start + 1, ...`, or with `fps` (and
+    the file's `source_fps`) on a timeline resampled to `fps`, frame k being the file's frame on screen at time
+    k / fps (the last one begun by then), repeated or skipped as the rates differ."""
+    if fps is None or source_fps is None:
+        return list(range(start, start + count))
+    return [math.floor((start + k) * source_fps / fps + 1e-6) for k in range(count)]
+
+
+def resampled_length(source_frames: int, source_fps: float, fps: float) -> int:
+    """How many frames a video of `source_frames` frames at `source_fps` has on a timeline resampled to `fps`
+    (those `frame_indices` finds a frame of the file for)."""
+    return max(0, math.ceil(source_frames * fps / source_fps - 1e-6))  # the k with k / fps < source_frames / source_fps
+
+
+def video_frame_count(path: PathLike) -> int:
+    """The frames a video file holds, from its packets (no decoding; a container that lists no count, such as
+    WebM, is counted the same way)."""
+    import av
+
+    path = _existing(path, "video")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ConfigError(f"{path} holds no video stream")
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def video_frame_rate(path: PathLike) -> float:
