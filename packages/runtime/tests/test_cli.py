@@ -409,3 +409,114 @@ def test_bad_row_settings_are_named_before_loading(recorder, tmp_path, capsys, r
     assert main(["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows)]) == 2
     assert f"line 1: {message}" in capsys.readouterr().err
     assert recorder.loads == 0
+
+
+class LineRecorder(Recorder):
+    """`Recorder` of a picture pipeline that takes every setting a kohya sample-prompt line can give but frames."""
+
+    def __call__(self, prompt, seed=None, negative_prompt=None, cfg_scale=None, height=None, width=None,
+                 num_inference_steps=None, embedded_guidance=None, sampler=None, input_image=None,
+                 denoising_strength=None):  # fmt: skip
+        from PIL import Image
+
+        type(self).calls.append({k: v for k, v in locals().items() if k not in ("self", "Image")})
+        return Image.new("RGB", (8, 8), (seed % 256, 0, 0))
+
+
+@pytest.fixture
+def line_recorder(monkeypatch):
+    from diffsynth.runtime import cli
+
+    LineRecorder.loads, LineRecorder.calls = 0, []
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: LineRecorder)
+    return LineRecorder
+
+
+def generate_from(folder, name, content, *extra):
+    """`diffsynth generate --prompts-file FOLDER/NAME` into FOLDER/out; its pipeline calls, listing and PNG records."""
+    from PIL import Image
+
+    (folder / name).write_text(content)
+    calls_before = len(LineRecorder.calls)
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(folder / name)]
+    assert main([*args, *extra, "--output", str(folder / "out" / "img.png")]) == 0
+    listing = [json.loads(line) for line in (folder / "out" / "img.jsonl").read_text().splitlines()]
+    records = [json.loads(Image.open(folder / "out" / row["file"]).text["parameters"]) for row in listing]
+    return LineRecorder.calls[calls_before:], listing, records
+
+
+def test_a_kohya_line_makes_the_generations_of_its_jsonl_row(line_recorder, tmp_path):
+    """`--w --h --s --l --n` are the row's width/height/steps/cfg/negative_prompt and `--d` its seed, which
+    `--num-images` counts on from; a line without options is its prompt, with the flags' settings."""
+    line = "a fox, at dusk --w 96 --h 48 --s 3 --d 7 --l 2.5 --n blurry, dark\n# a comment\na plain cat\n"
+    row = {"prompt": "a fox, at dusk", "width": 96, "height": 48, "steps": 3, "seed": 7, "cfg": 2.5}
+    rows = json.dumps(row | {"negative_prompt": "blurry, dark"}) + '\n{"prompt": "a plain cat"}\n'
+    flags = ["--num-images", "2", "--seed", "3", "--steps", "5"]
+    for folder in ("txt", "jsonl"):
+        (tmp_path / folder).mkdir()
+    from_line = generate_from(tmp_path / "txt", "prompts.txt", line, *flags)
+    from_row = generate_from(tmp_path / "jsonl", "prompts.jsonl", rows, *flags)
+    assert from_line == from_row
+    calls = from_line[0]
+    assert [c["seed"] for c in calls] == [row["seed"], row["seed"] + 1, 3, 4]
+    assert calls[0]["width"] == row["width"] and calls[2]["num_inference_steps"] == 5  # the line's, the flags'
+    assert line_recorder.loads == 2
+
+
+def test_a_kohya_lines_guidance_sampler_and_image_reach_the_pipeline(line_recorder, tmp_path):
+    """`--g` is the pipeline's `embedded_guidance`, `--ss` its sampler, `--i` (read against the file's folder) its
+    input image with `--denoising-strength`, as `--sampler` / `--input-image` give them; all are recorded."""
+    from PIL import Image
+
+    (tmp_path / "refs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "refs" / "start.png")
+    line = "a fox --g 3.5 --ss unipc --i refs/start.png --d 2\n"
+    calls, listing, records = generate_from(tmp_path, "prompts.txt", line, "--denoising-strength", "0.6")
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompt", "a fox", "--seed", "2", "--sampler", "unipc"]
+    args += ["--input-image", str(tmp_path / "refs" / "start.png"), "--denoising-strength", "0.6"]
+    assert main([*args, "--output", str(tmp_path / "flags.png")]) == 0
+    from_flags = line_recorder.calls[-1]
+    assert calls == [from_flags | {"embedded_guidance": 3.5}] and from_flags["denoising_strength"] == 0.6
+    settings = {"embedded_guidance": 3.5, "sampler": "unipc", "input_image": str(tmp_path / "refs" / "start.png")}
+    assert listing == [{"file": "img_0000.png", "prompt": "a fox", "seed": 2, **settings}]
+    assert records == [{"model": "x", "prompt": "a fox", "seed": 2, **settings}]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("a fox --w wide", "line 2: --w 'wide': width must be an integer"),
+        ("a fox --q 3", "line 2: unknown option --q; the options are --w, --h"),
+        ("a fox --ss ddim", "line 2: --ss 'ddim': the samplers are euler, unipc"),
+        ("a fox --i a.png --i a.png", "line 2: --i is given 2 times; a generation starts from one input image"),
+        ("a fox --i b.png", "line 2: --i b.png: no such file"),
+        ("a fox --f 9", r"line 2: --f \(num_frames\) is not used by LineRecorder \(model 'x'\)"),
+    ],
+)
+def test_bad_kohya_lines_are_named_before_loading(line_recorder, tmp_path, capsys, content, message):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "prompts.txt").write_text("a fine line\n" + content + "\n")
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(tmp_path / "prompts.txt")]
+    assert main([*args, "--output", str(tmp_path / "o.png")]) == 2  # (written here should the check fail)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(
+        f"error: --prompts-file {re.escape(str(tmp_path))}/prompts.txt, {message}", err[0]
+    )
+    assert line_recorder.loads == 0
+
+
+def test_settings_the_pipeline_does_not_take_are_refused_before_loading(recorder, tmp_path, capsys):
+    """`Recorder` takes no embedded_guidance and no width: a line's `--g`, a row's `width` are refused."""
+    (tmp_path / "p.txt").write_text("a fox --l 2\na cat --g 3.5\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a fox", "width": 64}\n')
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompts-file"]
+    assert main([*args, str(tmp_path / "p.txt")]) == 2
+    assert "p.txt, line 2: --g (embedded_guidance) is not used by Recorder" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "p.jsonl")]) == 2
+    assert "p.jsonl, line 1: width is not used by Recorder" in capsys.readouterr().err
+    assert recorder.loads == 0
+    (tmp_path / "p.txt").write_text("a fox --l 2 --n dark --d 5\n")  # what it takes goes through
+    assert main([*args, str(tmp_path / "p.txt"), "--output", str(tmp_path / "a.png")]) == 0
+    assert recorder.calls == [{"prompt": "a fox", "seed": 5, "negative_prompt": "dark", "cfg": 2.0}]

@@ -252,7 +252,7 @@ def test_frame_indices_follow_the_timeline():
     for source, target in ((30, 16), (24, 16), (16, 24), (25, 30)):
         got = frame_indices(40, start=3, source_fps=source, fps=target)
         assert got == [int((3 + k) / target * source + 1e-9) for k in range(40)]
-        assert all(b >= a for a, b in zip(got, got[1:]))
+        assert got == sorted(got)
         last = got[-1]
         assert resampled_length(last + 1, source, target) >= 43 > resampled_length(last, source, target)
     assert frame_indices(3, start=2) == [2, 3, 4]

@@ -9,6 +9,8 @@ import diffsynth_training_toy as toy
 import numpy as np
 import pytest
 import torch
+from diffsynth_training_toy import TC, ToyVideoTask
+from diffsynth_training_toy import VIDEO_TASK as TASK
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
@@ -19,39 +21,7 @@ from diffsynth.training.masks import MASK_KEY, batch_weights, latent_mask, tempo
 from diffsynth.training.testing import first_losses, train_direct_and_cached, write_metadata
 from diffsynth.training.trainer import encode_with_masks
 
-TC = 2  # the toy video VAE's frames per latent frame after the first (not Wan's 4: nothing may assume it)
-FRAMES = 5  # --num_frames: 1 + 2 x 2, three latent frames
-TASK = "diffsynth_training_toy:ToyVideoTask"
-
-
-class ToyVideoTask(toy.ToyTask):
-    """The toy family on videos `[3, F, H, W]` (a picture is one frame): each frame pooled by the toy VAE, then
-    latent frame 0 is frame 0 and latent frame j > 0 the mean of frames 1 + 2(j - 1) and 2 + 2(j - 1), a causal video
-    VAE's chunks; latents `[4, T, h, w]`. The per-cell denoiser sees the latent frames as more rows of cells."""
-
-    family = "toy_video"
-    media = ("video", "image")
-    temporal_compression = TC
-
-    def encode(self, rows):
-        text = [t * self.text_scale for t in self._models["text_encoder"].encode([r["prompt"] for r in rows])]
-        samples = []
-        for row, prompt in zip(rows, text, strict=True):
-            video = row["video"] if isinstance(row.get("video"), torch.Tensor) else row["image"][:, None]
-            frames = self._models["vae"].encode(video.transpose(0, 1).to(self.device))  # [F, 4, h, w]
-            groups = [frames[:1]] + [frames[1 + k * TC : 1 + (k + 1) * TC] for k in range((len(frames) - 1) // TC)]
-            samples.append({"latents": torch.stack([g.mean(0) for g in groups], dim=1), "text": prompt})
-        return samples
-
-    def velocity(self, denoiser, batch, noisy_latents, sigma):
-        b, c, t, h, w = noisy_latents.shape
-        flat = noisy_latents.reshape(b, c, t * h, w).to(denoiser.proj_in.weight.dtype)
-        return denoiser(flat, sigma, batch["text"]).reshape(b, c, t, h, w)
-
-
-@pytest.fixture(autouse=True)
-def _video_task(monkeypatch):
-    monkeypatch.setattr(toy, "ToyVideoTask", ToyVideoTask, raising=False)  # the family "module:Class" names it
+FRAMES = 5  # --num_frames: 1 + 2 x 2, three latent frames (the toy video VAE's first frame, then TC = 2 a latent frame)
 
 
 def noise_video(seed: int, frames: int = FRAMES, height: int = 64, width: int = 64) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""`--validation_prompts_file`: kohya's / musubi-tuner's sample-prompt lines parsed into the pipeline's settings,
-checked before any model loads or at setup (naming file, line and option), and sampled one call a line with the
-line's settings over the `--validation_*` ones (the toy task, made to record its calls)."""
+"""`--validation_prompts_file`: kohya's / musubi-tuner's sample-prompt lines (parsed by the runtime's
+`prompt_lines`, tested there) checked before any model loads or at setup (naming file, line and option), and sampled
+one call a line with the line's settings over the `--validation_*` ones (the toy task, made to record its calls)."""
 
 import json
 
@@ -10,7 +10,6 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.training.config import TrainConfig, parse_args
-from diffsynth.training.sample_prompts import SamplePrompt, parse_line, read_prompts_file
 from diffsynth.training.trainer import TrainState, prompts_file_samples, setup, train, validate
 
 
@@ -28,31 +27,6 @@ def write_prompts(folder, *lines) -> str:
     path = folder / "prompts.txt"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
-
-
-def test_a_line_gives_the_pipeline_settings(tmp_path):
-    write_images(tmp_path / "refs", [(8, 8)])
-    line = parse_line(
-        "a photo of sks dog, on a beach --w 1024 --h 768 --s 28 --d 42 --l 4.5 --n blurry, low quality --f 33 "
-        "--g 3.5 --ss unipc --i refs/img0.png",
-        tmp_path,
-        "here",
-    )
-    assert line.prompt == "a photo of sks dog, on a beach" and line.seed == 42
-    assert line.options == dict(
-        width=1024, height=768, num_inference_steps=28, cfg_scale=4.5, negative_prompt="blurry, low quality", num_frames=33,
-        embedded_guidance=3.5, sampler="unipc",
-    )  # fmt: skip
-    assert line.images == (tmp_path / "refs" / "img0.png",)
-    assert parse_line("dashes -- and --not-options stay", tmp_path, "here").prompt == "dashes -- and --not-options stay"
-
-
-def test_the_file_skips_comments_and_blank_lines(tmp_path):
-    path = write_prompts(tmp_path, "# my prompts", "", "a cat --s 4", "  ", "a dog")
-    assert read_prompts_file(path) == [
-        SamplePrompt("a cat", {"num_inference_steps": 4}, where=f"--validation_prompts_file {path} line 3"),
-        SamplePrompt("a dog", {}, where=f"--validation_prompts_file {path} line 5"),
-    ]
 
 
 @pytest.mark.parametrize(

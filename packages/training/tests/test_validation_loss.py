@@ -1,7 +1,8 @@
 """`--validation_dataset_base_path`: the flow-matching loss of a held-out dataset at fixed noise levels and noise
 (`validation_loss.py`), on the toy family: it is the loss written out by hand, the same for the same weights, it
 falls as the LoRA learns the rows, it is logged at the expected steps, two processes give one process's number,
-and bad settings are named."""
+the cached two-stage mode gives the direct run's numbers from held-out rows of its own, and bad settings are
+named."""
 
 import json
 import logging
@@ -25,8 +26,9 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.training import validation_loss
 from diffsynth.training.config import TrainConfig, parse_args
 from diffsynth.training.data import MetadataDataset
+from diffsynth.training.masks import MASK_KEY
 from diffsynth.training.testing import first_losses
-from diffsynth.training.trainer import setup, train
+from diffsynth.training.trainer import run_stage, setup, train
 
 
 @pytest.fixture
@@ -79,6 +81,27 @@ def by_hand(run, folder: Path, seed: int, positions: list[int]) -> float:
                 error = (velocity - (noise - x0)).pow(2).mean() * scheduler.training_weight(sigma)
                 errors.append(float(error))
     return sum(errors) / len(errors)
+
+
+def masked_folders(tmp_path) -> tuple[Path, Path]:
+    """Two captioned folders of two 64x64 pictures each with the same mask (left half white), that differ only where
+    the masks are black."""
+    rng = np.random.default_rng(7)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, :32] = 255
+    base = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    other = base.copy()
+    other[:, :, 32:] = rng.integers(0, 256, (2, 64, 32, 3), dtype=np.uint8)  # the right halves, masked out
+    folders = []
+    for name, pictures in (("a", base), ("b", other)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, picture in enumerate(pictures):
+            Image.fromarray(picture).save(folder / f"img{i}.png")
+            Image.fromarray(mask).save(folder / f"img{i}-masklabel.png")
+            (folder / f"img{i}.txt").write_text(f"picture {i}")
+        folders.append(folder)
+    return folders[0], folders[1]
 
 
 # ----------------------------------------------------------------------------------- the number
@@ -195,8 +218,6 @@ def test_two_processes_give_one_process_number(tmp_path, dataset, held_out):
         ({"validation_loss_steps": 5}, "--validation_loss_steps belongs to"),
         ({"validation_dataset_base_path": "v", "validation_loss_steps": 0}, "--validation_loss_steps 0 must be >= 1"),
         ({"validation_dataset_base_path": "v", "validation_loss_sigmas": 0}, "--validation_loss_sigmas 0 must be >= 1"),
-        ({"validation_dataset_base_path": "v", "cache_dir": "c"}, r"--validation_dataset_base_path: .*--cache_dir"),
-        ({"validation_dataset_base_path": "v", "cache_dir": "c", "stage": "encode"}, "without --cache_dir"),
         ({"validation_dataset_base_path": "v", "task": "dmd2"}, "--task dmd2 does not learn"),
         ({"validation_dataset_base_path": "v", "task": "direct_distill"}, "--task direct_distill does not learn"),
         ({"validation_dataset_base_path": "v", "task": "trajectory_imitation"}, "--task trajectory_imitation does"),
@@ -231,25 +252,100 @@ def test_missing_paths_are_named_before_any_model_loads(tmp_path, dataset, held_
 def test_the_masks_of_held_out_rows_weigh_their_loss(tmp_path):
     """Two held-out folders that differ only where their masks are black give the same loss with --masked_loss,
     and different losses without."""
-    rng = np.random.default_rng(7)
-    mask = np.zeros((64, 64), dtype=np.uint8)
-    mask[:, :32] = 255
-    base = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    other = base.copy()
-    other[:, :, 32:] = rng.integers(0, 256, (2, 64, 32, 3), dtype=np.uint8)  # the right halves, masked out
-    folders = []
-    for name, pictures in (("a", base), ("b", other)):
-        folder = tmp_path / name
-        folder.mkdir()
-        for i, picture in enumerate(pictures):
-            Image.fromarray(picture).save(folder / f"img{i}.png")
-            Image.fromarray(mask).save(folder / f"img{i}-masklabel.png")
-            (folder / f"img{i}.txt").write_text(f"picture {i}")
-        folders.append(folder)
-    a, b = folders
+    a, b = masked_folders(tmp_path)
 
     def value(held_out, **overrides):
         return validation_loss.evaluate(setup(toy_config(tmp_path, a, held_out, max_pixels=64 * 64, **overrides)))
 
     assert value(a, masked_loss=True) == value(b, masked_loss=True)
     assert value(a) != value(b)  # the right halves count without the masks
+
+
+# ----------------------------------------------------------------------------------- the cached two-stage mode
+def encode_and_train(config: TrainConfig, cache: Path) -> None:
+    """`--stage encode` into `cache`, then training from it (the two commands of the cached mode)."""
+    run_stage(replace(config, cache_dir=str(cache), stage="encode"))
+    run_stage(replace(config, cache_dir=str(cache)))
+
+
+def test_a_cached_run_logs_the_direct_runs_val_loss(tmp_path, dataset, held_out):
+    """The same val_loss at the same steps with and without the cache, to 1e-6 relative: the held-out rows are
+    encoded alone in both (so the samples are equal bit for bit, checked below), but the training samples are
+    encoded in other batches (the cache's by bucket, a direct run's by the shuffled plan), so the weights, and with
+    them the loss, may differ in the last bits; the stage that trains from the cache loads no encoders."""
+    config = toy_config(tmp_path, dataset, held_out, "direct", max_steps=4, validation_loss_steps=2, seed=5)
+    train(config)
+    ToyTask.builds.clear()
+    cache = tmp_path / "cache"
+    encode_and_train(replace(config, output_path=str(tmp_path / "cached")), cache)
+    assert ToyTask.builds == [{"encoders": True, "denoiser": False}, {"encoders": False, "denoiser": True}]
+    direct, cached = val_losses(tmp_path / "direct"), val_losses(tmp_path / "cached")
+    assert [s for s, _ in cached] == [s for s, _ in direct] == [2, 4]
+    assert [v for _, v in cached] == pytest.approx([v for _, v in direct], rel=1e-6, abs=0)
+    assert direct[0][1] != pytest.approx(direct[1][1], rel=1e-4)  # the weights changed between the two
+
+    # the held-out rows have their own place, index and recorded settings beside the training samples
+    index = json.loads((cache / "validation" / "index.json").read_text())
+    assert index["count"] == 3 and json.loads((cache / "index.json").read_text())["count"] == 6
+    assert sorted(p.name for p in (cache / "validation" / "items").iterdir()) == [
+        f"{i:06d}.safetensors" for i in range(3)
+    ]
+    assert index["settings"] == json.loads((cache / "validation" / "settings.json").read_text())
+    assert (
+        index["settings"]["metadata_sha256"]
+        != json.loads((cache / "index.json").read_text())["settings"]["metadata_sha256"]
+    )
+    stored = setup(replace(config, cache_dir=str(cache))).validation_set
+    encoded = setup(config).validation_set
+    assert stored.rows == encoded.rows == [0, 1, 2]
+    for a, b in zip(stored.samples, encoded.samples, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cached_held_out_set_keeps_its_masks(tmp_path):
+    """With --masked_loss the cached held-out rows carry their masks, and give the direct numbers."""
+    a, b = masked_folders(tmp_path)
+    cache = tmp_path / "cache"
+    config = toy_config(tmp_path, a, b, max_pixels=64 * 64, masked_loss=True)
+    run_stage(replace(config, cache_dir=str(cache), stage="encode"))
+    cached = setup(replace(config, cache_dir=str(cache)))
+    assert all(MASK_KEY in sample for sample in cached.validation_set.samples)
+    direct = setup(config)
+    assert validation_loss.evaluate(cached) == validation_loss.evaluate(direct)  # the same weights: bit for bit
+
+
+def test_a_cache_without_the_held_out_rows_is_refused_and_the_encode_stage_adds_them(tmp_path, dataset, held_out):
+    config = toy_config(tmp_path, dataset, held_out, max_steps=1)
+    cache = tmp_path / "cache"
+    run_stage(replace(config, cache_dir=str(cache), stage="encode", validation_dataset_base_path=None))
+    assert not (cache / "validation").exists()
+    with pytest.raises(
+        ConfigError,
+        match=r"--validation_dataset_base_path .*held_out: --cache_dir .*cache holds no encoded held-out rows .*"
+        r"run --stage encode with --validation_dataset_base_path .*held_out into this --cache_dir",
+    ):
+        train(replace(config, cache_dir=str(cache)))
+    items = {p.name: p.stat().st_mtime_ns for p in (cache / "items").iterdir()}
+    encode_and_train(config, cache)  # the training samples kept, the held-out rows added
+    assert {p.name: p.stat().st_mtime_ns for p in (cache / "items").iterdir()} == items
+    assert [s for s, _ in val_losses(config.output_path)] == [1]
+
+
+def test_a_cache_of_another_held_out_folder_is_refused(tmp_path, dataset, held_out):
+    """As a cache of other settings is: by the training stage and by an encode stage into the same --cache_dir."""
+    other = write_dataset(tmp_path / "other", [(64, 64)] * 2, fmt="jsonl")  # other rows, other metadata
+    config = toy_config(tmp_path, dataset, held_out, max_steps=1)
+    cache = tmp_path / "cache"
+    run_stage(replace(config, cache_dir=str(cache), stage="encode", validation_dataset_base_path=str(other)))
+    with pytest.raises(
+        ConfigError,
+        match=r"--validation_dataset_base_path .*held_out: the held-out rows in .*validation were encoded from "
+        "another held-out folder",
+    ):
+        setup(replace(config, cache_dir=str(cache)))
+    with pytest.raises(
+        ConfigError, match=r"--validation_dataset_base_path .*held_out: --cache_dir .* holds held-out rows encoded from"
+    ):
+        run_stage(replace(config, cache_dir=str(cache), stage="encode"))
+    assert json.loads((cache / "validation" / "index.json").read_text())["count"] == 2  # left as it was
+    setup(replace(config, cache_dir=str(cache), validation_dataset_base_path=str(other)))  # its own folder: taken

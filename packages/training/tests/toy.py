@@ -169,6 +169,35 @@ class ToyTask:
         return [Image.fromarray(p).resize((32, 32)) for p in pixels]
 
 
+VIDEO_TASK = "diffsynth_training_toy:ToyVideoTask"
+TC = 2  # the toy video VAE's frames per latent frame after the first (not Wan's 4: nothing may assume it)
+
+
+class ToyVideoTask(ToyTask):
+    """The toy family on videos `[3, F, H, W]` (a picture is one frame): each frame pooled by the toy VAE, then
+    latent frame 0 is frame 0 and latent frame j > 0 the mean of frames 1 + 2(j - 1) and 2 + 2(j - 1), a causal video
+    VAE's chunks; latents `[4, T, h, w]`. The per-cell denoiser sees the latent frames as more rows of cells."""
+
+    family = "toy_video"
+    media = ("video", "image")
+    temporal_compression = TC
+
+    def encode(self, rows):
+        text = [t * self.text_scale for t in self._models["text_encoder"].encode([r["prompt"] for r in rows])]
+        samples = []
+        for row, prompt in zip(rows, text, strict=True):
+            video = row["video"] if isinstance(row.get("video"), torch.Tensor) else row["image"][:, None]
+            frames = self._models["vae"].encode(video.transpose(0, 1).to(self.device))  # [F, 4, h, w]
+            groups = [frames[:1]] + [frames[1 + k * TC : 1 + (k + 1) * TC] for k in range((len(frames) - 1) // TC)]
+            samples.append({"latents": torch.stack([g.mean(0) for g in groups], dim=1), "text": prompt})
+        return samples
+
+    def velocity(self, denoiser, batch, noisy_latents, sigma):
+        b, c, t, h, w = noisy_latents.shape
+        flat = noisy_latents.reshape(b, c, t * h, w).to(denoiser.proj_in.weight.dtype)
+        return denoiser(flat, sigma, batch["text"]).reshape(b, c, t, h, w)
+
+
 # ----------------------------------------------------------------------------------- datasets
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a black line", "a white dot"]
 

@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 from .errors import DiffSynthError
+from .prompt_lines import OPTIONS, SamplePrompt, read_prompts_file
 
 logger = logging.getLogger("diffsynth")
 
 DEFAULT_MODEL = "demo"  # shipped with diffsynth-z-image, runs anywhere without downloads
+SAMPLERS = ("euler", "unipc")  # --sampler, and a prompts file line's --ss
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-file",
         default=None,
         metavar="FILE",
-        help="many generations with the model loaded once: a .txt of prompts (one a line; # comments) or a .jsonl "
-        "of rows {prompt, seed?, negative_prompt?, height?, width?, steps?, cfg?}; outputs OUTPUT_0000.png, ... and "
-        "OUTPUT.jsonl listing them",
+        help="many generations with the model loaded once: a .txt of prompts (one a line; # comments; kohya's "
+        "sample-prompt options after the prompt: --w W --h H --s STEPS --d SEED --l CFG --n NEGATIVE --f FRAMES "
+        "--g GUIDANCE --ss SAMPLER --i IMAGE) or a .jsonl of rows {prompt, seed?, negative_prompt?, height?, width?, "
+        "steps?, cfg?}; outputs OUTPUT_0000.png, ... and OUTPUT.jsonl listing them",
     )
     gen.add_argument(
         "--no-metadata",
@@ -241,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--sampler",
         default=None,
-        choices=("euler", "unipc"),
+        choices=SAMPLERS,
         help="Wan, Z-Image, Qwen-Image, FLUX.1: the sampler (default Euler, as DiffSynth-Studio; unipc: the multistep "
         "UniPC solver the Wan authors use, accurate in fewer steps)",
     )
@@ -552,7 +555,7 @@ def _generate(args) -> int:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cls = _pipeline_class(args.model)
     inserting = args.insert_anything_source_image is not None  # Insert Anything reads no prompt
-    jobs = generation_jobs(args)  # a prompts file is read (and checked) before any model loads
+    jobs = generation_jobs(args, cls)  # a prompts file is read (and checked) before any model loads
     single = [f for f, on in (("--audio-only", args.audio_only), ("--dub-video", args.dub_video)) if on]
     if single and (len(jobs) > 1 or args.prompts_file is not None):
         raise ConfigError(f"{single[0]} makes one output: leave out --prompts-file / --num-images")
@@ -677,7 +680,10 @@ def _generate(args) -> int:
     manifest = []
     for i, job in enumerate(jobs):
         path = output.with_name(f"{output.stem}_{i:04d}{output.suffix}")
-        result = pipe(**{**options, **pipeline_arguments(job)})
+        arguments = {**options, **pipeline_arguments(job)}
+        if "input_image" in job and "denoising_strength" in accepted:  # a line's --i, as --input-image
+            arguments["denoising_strength"] = args.denoising_strength
+        result = pipe(**arguments)
         if writes:
             _write_result(pipe, args, result, path, makes_video, job)
             manifest.append({"file": path.name, **{k: v for k, v in job.items()}})
@@ -733,9 +739,9 @@ def check_generation_numbers(args) -> None:
             )
 
 
-def generation_jobs(args) -> list[dict]:
-    """The (prompt, seed[, negative_prompt]) of each generation `--prompts-file` / `--num-images` ask for, in order;
-    a bad file or row is an error naming it."""
+def generation_jobs(args, pipeline=None) -> list[dict]:
+    """The prompt, seed and settings (`JOB_KEYS`) of each generation `--prompts-file` / `--num-images` ask for, in
+    order; a bad file or row, or a row's setting the `pipeline` class does not take, is an error naming it."""
     from .errors import ConfigError
 
     if args.num_images < 1:
@@ -747,39 +753,93 @@ def generation_jobs(args) -> list[dict]:
     path = Path(args.prompts_file)
     if not path.is_file():
         raise ConfigError(f"--prompts-file {path} does not exist")
-    rows: list[dict] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
-            continue
-        if path.suffix != ".jsonl":
-            rows.append({"prompt": line})
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--prompts-file {path}, line {number}: not JSON ({exc})") from None
-        unknown = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, dict) else None
-        if unknown is None or "prompt" not in row or unknown:
-            what = f"unknown keys {unknown}" if unknown else "no prompt"
-            raise ConfigError(
-                f"--prompts-file {path}, line {number}: {what}; a row is {{prompt, seed?, negative_prompt?, "
-                "height?, width?, steps?, cfg?}"
-            )
-        rows.append(_checked_row(row, f"--prompts-file {path}, line {number}"))
-    if not rows:
-        raise ConfigError(f"--prompts-file {path} holds no prompts")
+    kohya = path.suffix != ".jsonl"  # a prompt a line, with kohya's sample-prompt options after it
+    if kohya:
+        lines = read_prompts_file(path, flag="--prompts-file", at="{file}, line {number}")
+        rows = [(_line_row(line), line.where) for line in lines]  # each row with where it is, for messages
+    else:
+        rows = _jsonl_rows(path)
+    if pipeline is not None and not hasattr(pipeline, "run_cli"):
+        for row, where in rows:
+            _check_row_settings(pipeline, row, where, args.model, kohya)
     jobs = []
-    for row in rows:
+    for row, _ in rows:
         first = int(row.get("seed", args.seed))
         extra = {k: v for k, v in row.items() if k not in ("prompt", "seed")}
         jobs += [{"prompt": row["prompt"], "seed": first + n, **extra} for n in range(args.num_images)]
     return jobs
 
 
+def _jsonl_rows(path: Path) -> list[tuple[dict, str]]:
+    """The checked rows of a .jsonl prompts file, each with where it is (`--prompts-file FILE, line N`)."""
+    from .errors import ConfigError
+
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        where = f"--prompts-file {path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not JSON ({exc})") from None
+        unknown = sorted(set(row) - set(ROW_KEYS)) if isinstance(row, dict) else None
+        if unknown is None or "prompt" not in row or unknown:
+            what = f"unknown keys {unknown}" if unknown else "no prompt"
+            raise ConfigError(
+                f"{where}: {what}; a row is {{prompt, seed?, negative_prompt?, height?, width?, steps?, cfg?}}"
+            )
+        rows.append((_checked_row(row, where), where))
+    if not rows:
+        raise ConfigError(f"--prompts-file {path} holds no prompts")
+    return rows
+
+
 # a prompts file row's keys (the flags' names), and the pipeline arguments they stand for
 ROW_KEYS = {"prompt": "prompt", "seed": "seed", "negative_prompt": "negative_prompt", "height": "height"}
 ROW_KEYS.update(width="width", steps="num_inference_steps", cfg="cfg_scale")
+# a generation's keys: a row's, and the settings a .txt line's kohya options add (--f, --g, --ss, --i)
+JOB_KEYS = {**ROW_KEYS, "num_frames": "num_frames", "embedded_guidance": "embedded_guidance", "sampler": "sampler"}
+JOB_KEYS["input_image"] = "input_image"
+
+
+def _line_row(line: SamplePrompt) -> dict:
+    """A kohya sample-prompt line as a row under `JOB_KEYS`' names: `--d` its seed (so `--num-images` counts on
+    from it, as from a .jsonl row's), `--ss` one of `SAMPLERS`, one `--i` its input image (as `--input-image`)."""
+    from .errors import ConfigError
+
+    keys = {name: key for key, name in JOB_KEYS.items()}
+    row: dict = {"prompt": line.prompt} | ({} if line.seed is None else {"seed": line.seed})
+    row.update({keys[name]: value for name, value in line.options.items()})
+    if row.get("sampler", SAMPLERS[0]) not in SAMPLERS:
+        raise ConfigError(f"{line.where}: --ss {row['sampler']!r}: the samplers are {', '.join(SAMPLERS)}")
+    if len(line.images) > 1:
+        raise ConfigError(
+            f"{line.where}: --i is given {len(line.images)} times; a generation starts from one input image"
+        )
+    if line.images:
+        row["input_image"] = str(line.images[0])
+    return row
+
+
+def _check_row_settings(pipeline, row: dict, where: str, model: str, kohya: bool) -> None:
+    """A row's setting the pipeline class's call has no keyword for is refused before any model loads, named as
+    the row spells it (a .txt line's `--f`, a .jsonl row's `width`); a call taking `**kwargs` takes any."""
+    import inspect
+
+    from .errors import ConfigError
+
+    parameters = inspect.signature(pipeline.__call__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = {p.name for p in parameters}
+    options = {name: f"--{key}" for key, (name, _, _) in OPTIONS.items()} | {"input_image": "--i"}
+    for key in row:
+        name = JOB_KEYS[key]
+        if key not in ("prompt", "seed") and name not in accepted:
+            said = f"{options[name]} ({name})" if kohya else key if key == name else f"{key} ({name})"
+            raise ConfigError(f"{where}: {said} is not used by {pipeline.__name__} (model {model!r})")
 
 
 def _checked_row(row: dict, where: str) -> dict:
@@ -800,7 +860,7 @@ def _checked_row(row: dict, where: str) -> dict:
 
 def pipeline_arguments(job: dict) -> dict:
     """A generation's keys (the flags' names: steps, cfg) as the pipeline's arguments."""
-    return {ROW_KEYS[key]: value for key, value in job.items()}
+    return {JOB_KEYS[key]: value for key, value in job.items()}
 
 
 def generation_record(args, job: dict | None = None) -> dict:

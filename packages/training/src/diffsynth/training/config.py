@@ -74,7 +74,22 @@ class TrainConfig:
     height: int | None = _arg(None, "fixed training height (with --width); default: buckets under --max_pixels", "data")
     width: int | None = _arg(None, "fixed training width (with --height)", "data")
     bucket_step: int = _arg(64, "bucket sizes are multiples of this many pixels", "data")
-    num_frames: int = _arg(81, "frames read from each video", "data")
+    num_frames: int = _arg(81, "frames of each video clip", "data")
+    video_frame_extraction: Literal["head", "chunk", "slide", "uniform"] = _arg(
+        "head",
+        "the clips a video trains on (musubi-tuner's names): head, its first --num_frames; chunk, all of it cut into "
+        "--num_frames pieces; slide, a clip every --video_frame_stride frames; uniform, --video_frame_samples clips "
+        "spread evenly from start to end",
+        "data",
+    )
+    video_frame_stride: int | None = _arg(None, "slide: frames from one clip's start to the next's", "data")
+    video_frame_samples: int = _arg(1, "uniform: clips per video", "data")
+    video_fps: float | None = _arg(
+        None,
+        "read every video at this frame rate (frames repeated or skipped on its timeline), e.g. 16 for Wan: a 30 fps "
+        "clip then moves at its real speed; default: each video's own rate",
+        "data",
+    )
     dataset_repeat: int = _arg(1, "times each sample is seen per epoch", "data")
     trigger_word: str | None = _arg(
         None,
@@ -399,8 +414,8 @@ class TrainConfig:
     validation_dataset_base_path: str | None = _arg(
         None,
         "held-out dataset folder, read as --dataset_base_path is: its flow-matching loss (val_loss in "
-        "metrics.jsonl and the trackers) at fixed noise levels and noise, no gradient; encoded once at setup, so not "
-        "with --cache_dir; --task sft only",
+        "metrics.jsonl and the trackers) at fixed noise levels and noise, no gradient; encoded once at setup, or by "
+        "--stage encode into --cache_dir/validation for training from the cache; --task sft only",
         "output",
     )
     validation_dataset_metadata_path: str | None = _arg(
@@ -525,6 +540,7 @@ class TrainConfig:
         self._check_lora_type()
         self._check_lora_plus_and_captions()
         self._check_caption_tags()
+        self._check_video_clips()
         self._check_schedule_and_loss()
         if not 0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1:
             raise ConfigError(
@@ -741,6 +757,21 @@ class TrainConfig:
             raise ConfigError(f"--flip_aug: --task {self.task} learns from the pictures as they are (or none)")
         if self.caption_dropout and self.task == "dmd2":
             raise ConfigError("--caption_dropout: --task dmd2 draws its own unconditional branch (the teacher's CFG)")
+
+    def _check_video_clips(self) -> None:
+        _at_least("video_frame_samples", self.video_frame_samples, 1)
+        if self.video_frame_stride is not None:
+            _at_least("video_frame_stride", self.video_frame_stride, 1)
+        if self.video_fps is not None and not self.video_fps > 0:
+            raise ConfigError(f"--video_fps {self.video_fps} must be > 0")
+        if self.video_frame_extraction == "slide" and self.video_frame_stride is None:
+            raise ConfigError("--video_frame_extraction slide starts a clip every --video_frame_stride frames; give it")
+        if self.video_frame_stride is not None and self.video_frame_extraction != "slide":
+            raise ConfigError("--video_frame_stride spaces the clips of --video_frame_extraction slide; give that too")
+        if self.video_frame_samples > 1 and self.video_frame_extraction != "uniform":
+            raise ConfigError(
+                "--video_frame_samples spreads the clips of --video_frame_extraction uniform; give that too"
+            )
 
     def _check_caption_tags(self) -> None:
         _at_least("keep_tokens", self.keep_tokens, 0)

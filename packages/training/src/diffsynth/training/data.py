@@ -222,11 +222,11 @@ def video_frame_rate(path: Path) -> float:
 
 
 def read_audio(
-    path: str | os.PathLike, *, seconds: float | None = None, rate: int | None = None
+    path: str | os.PathLike, *, seconds: float | None = None, rate: int | None = None, offset: float = 0.0
 ) -> tuple[torch.Tensor, int] | None:
     """The first audio stream of `path` (a sound file or a video) as (float32 `[channels, samples]` in [-1, 1],
-    sample rate), from time 0 (an AAC encoder's priming samples before it are dropped); at most `seconds` long,
-    resampled to `rate` Hz when given. None when the file has no audio stream."""
+    sample rate), from time `offset` (0: the start; an AAC encoder's priming samples before it are dropped); at
+    most `seconds` long, resampled to `rate` Hz when given. None when the file has no audio stream."""
     import av
     import numpy as np
 
@@ -242,7 +242,7 @@ def read_audio(
         for frame in container.decode(stream):
             if skip is None:  # a negative first timestamp: samples before time 0 (encoder priming)
                 start = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
-                skip = max(0, round(-start * out_rate))
+                skip = max(0, round(-start * out_rate)) + round(offset * out_rate)
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray())
                 total += chunks[-1].shape[1]
@@ -288,6 +288,10 @@ class MetadataDataset(Dataset):
         masked_loss: bool = False,
         alpha_mask: bool = False,
         trigger_word: str | None = None,
+        frame_extraction: str = "head",
+        frame_stride: int | None = None,
+        frame_samples: int = 1,
+        fps: float | None = None,
     ):
         if image_mode not in ("RGB", "RGBA"):
             raise ConfigError(f"image_mode={image_mode!r} is not accepted; use 'RGB' or 'RGBA'")
@@ -305,6 +309,8 @@ class MetadataDataset(Dataset):
         self.alpha_masked: set[int] = set()  # rows whose mask is their picture's transparency
         checked = (*self.file_keys, MASK_COLUMN) if self.masked_loss else self.file_keys
         self.num_frames = num_frames
+        self.frame_extraction, self.frame_stride, self.frame_samples = frame_extraction, frame_stride, frame_samples
+        self.fps = fps  # None: each video at its own frame rate
         sizes = (max_pixels,) if isinstance(max_pixels, int) else tuple(max_pixels)
         self.step = step
         self.buckets: list[Bucket] = []
@@ -333,9 +339,12 @@ class MetadataDataset(Dataset):
                 f"{self.metadata} names {len(missing)} files missing from {self.base}: {preview(missing, 5)} "
                 f"(at {', '.join(where[:5])})"
             )
-        # a sample is a row at one of the training sizes (several with `--resolutions`), rows in order
-        self.sample_rows = [i for i in range(len(self.rows)) for _ in sizes]
-        self.sample_pixels = [pixels for _ in self.rows for pixels in sizes]
+        # a sample is a row at one of the training sizes (several with `--resolutions`) and, for a video, one of its
+        # clips (several with --video_frame_extraction), rows in order
+        starts = [self._clip_starts(i) for i in range(len(self.rows))]
+        self.sample_rows = [i for i in range(len(self.rows)) for _ in sizes for _ in starts[i]]
+        self.sample_pixels = [pixels for i in range(len(self.rows)) for pixels in sizes for _ in starts[i]]
+        self.sample_starts = [start for i in range(len(self.rows)) for _ in sizes for start in starts[i]]
         self.max_pixels = sizes[0]
         for i, pixels in zip(self.sample_rows, self.sample_pixels, strict=True):
             bucket = fixed if fixed is not None else bucket_for(*dims[i], max_pixels=pixels, step=step)
@@ -395,6 +404,7 @@ class MetadataDataset(Dataset):
         from diffsynth.runtime.media import load_image, pil_to_tensor
 
         size, pixels = self.buckets[index], self.sample_pixels[index]
+        start = self.sample_starts[index]  # the first frame of the sample's clip
         index = self.sample_rows[index]  # the metadata row of the sample
         row = dict(self.rows[index])
         for key in self.file_keys:
@@ -411,7 +421,7 @@ class MetadataDataset(Dataset):
                     at = size
                     if key in self.conditioning:  # e.g. square face crops beside a wide video
                         at = bucket_for(*media_size(path), max_pixels=pixels, step=self.step)
-                    frames = [fit(f, at) for f in self._frames(path)]
+                    frames = [fit(f, at) for f in self._frames(path, start)]
                     loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
                     continue
                 image = load_image(path, self.image_mode)
@@ -429,7 +439,7 @@ class MetadataDataset(Dataset):
                 row[MASK_COLUMN] = alpha_mask(source, size, fit)
             elif mask.suffix.lower() in VIDEO_SUFFIXES:  # a mask video: the frames the row's video is read with
                 try:
-                    frames = self._frames(mask)
+                    frames = self._frames(mask, start)
                 except ConfigError as error:
                     raise ConfigError(
                         f"{self.metadata} row {index + 1} column {MASK_COLUMN}: the mask video {mask} must give the "
@@ -438,27 +448,58 @@ class MetadataDataset(Dataset):
                 row[MASK_COLUMN] = read_mask_video(mask, frames, media_size(source), size, fit)
             else:
                 row[MASK_COLUMN] = read_mask(mask, media_size(source), size, fit)
-        self._add_sound(row, index)
+        self._add_sound(row, index, start)
         return row
 
-    def _frames(self, path: Path) -> list[Image.Image]:
-        """The frames a video is trained on (a row's video, a conditioning video, a mask video alike): its first
-        `num_frames`."""
+    def _frames(self, path: Path, start: int = 0) -> list[Image.Image]:
+        """The frames a video is trained on (a row's video, a conditioning video, a mask video alike): the
+        `num_frames` of a clip from frame `start`, at `fps` when given."""
         from diffsynth.runtime.media import load_video
 
-        return load_video(path, num_frames=self.num_frames)
+        return load_video(path, num_frames=self.num_frames, start=start, fps=self.fps)
 
-    def _add_sound(self, row: dict[str, Any], index: int) -> None:
-        """A video row's `frame_rate` and `audio` / `audio_sample_rate` (see the module docstring)."""
+    def _clip_starts(self, index: int) -> list[int]:
+        """The first frames of a row's clips (`--video_frame_extraction`, on the `fps` timeline): `[0]` for a
+        picture and for `head`; `chunk` cuts the video into `num_frames` pieces, `slide` starts one every
+        `frame_stride` frames, `uniform` spreads `frame_samples` clips evenly from start to end."""
+        from diffsynth.runtime.media import resampled_length, video_frame_count
+
+        row = self.rows[index]
+        main = next(k for k in self.media if row.get(k))
+        path = self.base / str(row[main])
+        if self.frame_extraction == "head" or isinstance(row[main], list) or path.suffix.lower() not in VIDEO_SUFFIXES:
+            return [0]
+        count = video_frame_count(path)
+        if self.fps is not None:
+            count = resampled_length(count, video_frame_rate(path), self.fps)
+        room = count - self.num_frames  # the last start that leaves a whole clip
+        if room < 0:
+            at = "" if self.fps is None else f" at {self.fps:g} fps"
+            raise ConfigError(
+                f"{self.metadata} row {index + 1}: {row[main]} has {count} frames{at}, fewer than one clip of "
+                f"--num_frames {self.num_frames}"
+            )
+        if self.frame_extraction == "chunk":
+            return list(range(0, room + 1, self.num_frames))
+        if self.frame_extraction == "slide":
+            return list(range(0, room + 1, self.frame_stride or self.num_frames))
+        samples = self.frame_samples
+        return sorted({round(k * room / (samples - 1)) for k in range(samples)}) if samples > 1 else [0]
+
+    def _add_sound(self, row: dict[str, Any], index: int, start: int = 0) -> None:
+        """A video row's `frame_rate` (`fps` when the videos are resampled) and `audio` / `audio_sample_rate` (see
+        the module docstring), the sound of the clip from frame `start`."""
         source = self.rows[index]
         main = next((k for k in self.media if source.get(k)), None)
         video = self.base / str(source[main]) if main is not None else None
         if video is None or isinstance(source[main], list) or video.suffix.lower() not in VIDEO_SUFFIXES:
             return
-        if row.get("frame_rate") in (None, ""):
+        if self.fps is not None:
+            row["frame_rate"] = self.fps
+        elif row.get("frame_rate") in (None, ""):
             row["frame_rate"] = video_frame_rate(video)
         try:
-            seconds = row[main].shape[1] / float(row["frame_rate"])
+            seconds, offset = row[main].shape[1] / float(row["frame_rate"]), start / float(row["frame_rate"])
         except (TypeError, ValueError, ZeroDivisionError):
             raise ConfigError(
                 f"{self.metadata} row {index + 1}: frame_rate {row['frame_rate']!r} is not a number of frames per second"
@@ -467,7 +508,7 @@ class MetadataDataset(Dataset):
         own = source.get(column)
         if own and column not in self.file_keys:
             return  # a path the task cannot read: it says to list the column in --data_file_keys
-        track = read_audio(self.base / str(own) if own else video, seconds=seconds, rate=self.audio_rate)
+        track = read_audio(self.base / str(own) if own else video, seconds=seconds, rate=self.audio_rate, offset=offset)
         row.pop(column, None)  # DiffSynth-Studio's `input_audio` path: loaded as the row's `audio`
         row[AUDIO_KEY] = None if track is None else track[0]
         if track is not None:
@@ -557,7 +598,16 @@ class CachedDataset(Dataset):
 
 # settings a cache written before they existed did not record, as they were then (a run's value is compared even
 # when it is the default: a cache made with --resolutions is refused by a run without)
-UNRECORDED: dict[str, Any] = {"task_options": {}, "resolutions": [], "trigger_word": None, "alpha_mask": False}
+UNRECORDED: dict[str, Any] = {
+    "task_options": {},
+    "resolutions": [],
+    "trigger_word": None,
+    "alpha_mask": False,
+    "video_frame_extraction": "head",
+    "video_frame_stride": None,
+    "video_frame_samples": 1,
+    "video_fps": None,
+}
 
 
 def cache_settings(config, family: str) -> dict[str, Any]:
@@ -577,6 +627,10 @@ def cache_settings(config, family: str) -> dict[str, Any]:
         "height": config.height,
         "width": config.width,
         "num_frames": config.num_frames,
+        "video_frame_extraction": config.video_frame_extraction,
+        "video_frame_stride": config.video_frame_stride,
+        "video_frame_samples": config.video_frame_samples,
+        "video_fps": config.video_fps,
     }
 
 

@@ -348,7 +348,8 @@ def setup(config: TrainConfig) -> Run:
     trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
     store_in_fp8(cfg, task, acc.device, all_loaded=not cached)
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay is not None else None
-    # the held-out rows encoded once, now that the encoders are where training runs them (fp8, streamed)
+    # the held-out rows encoded once, now that the encoders are where training runs them (fp8, streamed), or read
+    # from --cache_dir
     held_out = validation_loss.build(cfg, task, acc) if cfg.validation_dataset_base_path else None
 
     output = Path(cfg.output_path)
@@ -1016,7 +1017,8 @@ def _mode_name(deepspeed: dict[str, int] | None) -> str:
 # ----------------------------------------------------------------------------------- cached mode, stage 1
 def encode_dataset(config: TrainConfig) -> Path:
     """Stage 1 of cached training: encode every sample into `--cache_dir` (resumable: finished samples are
-    kept). Loads the encoders and the VAE, not the denoiser."""
+    kept), and the `--validation_dataset_base_path` rows into its `validation/` (`validation_loss.rows_to_cache`).
+    Loads the encoders and the VAE, not the denoiser."""
     cfg = config.check()
     cfg.check_data_paths()
     cls = task_class(cfg)
@@ -1033,26 +1035,44 @@ def encode_dataset(config: TrainConfig) -> Path:
         raise ConfigError(
             f"--cache_dir {cache} holds samples encoded with other settings ({recorded}); use a new --cache_dir"
         )
+    held_out = validation_loss.rows_to_cache(cfg, task) if cfg.validation_dataset_base_path else None
+    write_encoded(cfg, acc, task, dataset, cache, settings, batch_size=cfg.batch_size)
+    if held_out is not None:  # one at a time, as `validation_loss.build` encodes them: the same samples
+        write_encoded(cfg, acc, task, *held_out, batch_size=1)
+    return cache
+
+
+def write_encoded(
+    cfg: TrainConfig,
+    acc,
+    task: TrainingTask,
+    dataset: MetadataDataset,
+    folder: Path,
+    settings: dict[str, Any],
+    *,
+    batch_size: int,
+) -> None:
+    """Record `settings` in `folder`, encode `dataset` into it over every process (`write_cache`), then write its
+    index (`write_cache_index`)."""
     acc.wait_for_everyone()
     if acc.is_main_process:
-        cache.mkdir(parents=True, exist_ok=True)
-        recorded.write_text(json.dumps(settings, indent=1))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "settings.json").write_text(json.dumps(settings, indent=1))
     acc.wait_for_everyone()
     count = write_cache(
         functools.partial(encode_with_masks, task),
         dataset,
-        cache,
-        batch_size=cfg.batch_size,
+        folder,
+        batch_size=batch_size,
         rank=acc.process_index,
         world=acc.num_processes,
         num_workers=cfg.dataset_num_workers,
     )
-    logger.info("encoded %d samples into %s", count, cache)
+    logger.info("encoded %d samples into %s", count, folder)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_cache_index(cache, dataset, settings)
+        write_cache_index(folder, dataset, settings)
     acc.wait_for_everyone()
-    return cache
 
 
 def run_stage(config: TrainConfig) -> TrainState | Path:
@@ -1206,6 +1226,10 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         masked_loss=cfg.masked_loss,
         alpha_mask=cfg.alpha_mask,
         trigger_word=cfg.trigger_word,
+        frame_extraction=cfg.video_frame_extraction,
+        frame_stride=cfg.video_frame_stride,
+        frame_samples=cfg.video_frame_samples,
+        fps=cfg.video_fps,
     )
 
 

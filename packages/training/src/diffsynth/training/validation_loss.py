@@ -12,8 +12,12 @@ in eval mode; the value logged is their mean.
 
 The rows are read as `--dataset_base_path` is (a metadata file or a folder of captioned pictures, the same sizes,
 `--trigger_word` and masks; no `--caption_dropout`, no `--flip_aug`), encoded once at setup with the task's
-encoders and kept in memory (CPU): a held-out set is small. Training from `--cache_dir` (no encoders) is refused.
-Over several processes each takes every N-th row and the sums are added up, so the number is one process's.
+encoders and kept in memory (CPU): a held-out set is small. In the cached mode `--stage encode` encodes them too,
+one at a time as here, into `--cache_dir`'s own `validation/` (its `items/` and `index.json`, written as the
+training samples are, with the held-out folder's settings: `read_cached` refuses a cache encoded without them or
+from another held-out folder), and training from the cache reads them from there, masks included: the same
+samples, so the same numbers. Over several processes each takes every N-th row and the sums are added up, so the
+number is one process's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,11 +36,13 @@ from diffsynth.runtime.errors import ConfigError
 
 if TYPE_CHECKING:  # the trainer and the config import this module; the trainer's functions are imported where used
     from .config import TrainConfig
+    from .data import CachedDataset, MetadataDataset
     from .task import TrainingTask
     from .trainer import Run, TrainState
 
 logger = logging.getLogger(__name__)
 METRIC = "val_loss"  # the key in OUTPUT/metrics.jsonl and in the trackers
+CACHE_FOLDER = "validation"  # the held-out rows' place in --cache_dir (`--stage encode`)
 
 
 @dataclass
@@ -89,28 +96,96 @@ def noise_generator(seed: int, row: int, level: int, stream: int = 0) -> torch.G
     return micro_batch_generator(seed, -1 - level, row, stream)
 
 
-def build(cfg: TrainConfig, task: TrainingTask, accelerator) -> HeldOut:
-    """Read `--validation_dataset_base_path` and encode this process's rows (every `num_processes`-th from its
-    index) with the task's encoders, once; call it when the encoders are where training runs them."""
-    from .trainer import _to_device, encode_with_masks, make_dataset
-
-    held_out = replace(
+def held_out_config(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the held-out folder as its dataset (read and encoded with the same settings)."""
+    return replace(
         cfg,
         dataset_base_path=cfg.validation_dataset_base_path,
         dataset_metadata_path=cfg.validation_dataset_metadata_path,
     )
+
+
+def cache_folder(cfg: TrainConfig) -> Path:
+    """Where `--stage encode` writes the held-out rows: `--cache_dir`/validation."""
+    return Path(cfg.cache_dir) / CACHE_FOLDER
+
+
+def read_rows(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
+    """The rows of `--validation_dataset_base_path`, read as the training dataset is; errors name the flag."""
+    from .trainer import make_dataset
+
+    flag = f"--validation_dataset_base_path {cfg.validation_dataset_base_path}"
     try:
-        dataset = make_dataset(held_out, task)
+        dataset = make_dataset(held_out_config(cfg), task)
     except ConfigError as error:
-        raise ConfigError(f"--validation_dataset_base_path {cfg.validation_dataset_base_path}: {error}") from None
+        raise ConfigError(f"{flag}: {error}") from None
+    if len(dataset) == 0:
+        raise ConfigError(f"{flag}: no rows")
+    return dataset
+
+
+def rows_to_cache(cfg: TrainConfig, task: TrainingTask) -> tuple[MetadataDataset, Path, dict[str, Any]]:
+    """For `--stage encode`: the held-out rows, their folder in the cache and the settings to record there (the
+    training samples' with the held-out folder's metadata), refused when the folder holds rows encoded with others
+    (another held-out folder) before anything is written."""
+    from .trainer import encoding_settings
+
+    dataset, folder = read_rows(cfg, task), cache_folder(cfg)
+    settings = encoding_settings(held_out_config(cfg), task)
+    recorded = folder / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise ConfigError(
+            f"--validation_dataset_base_path {cfg.validation_dataset_base_path}: --cache_dir {cfg.cache_dir} holds "
+            f"held-out rows encoded from another held-out folder or with other settings ({recorded}); delete "
+            f"{folder} to encode these in its place, or use a new --cache_dir"
+        )
+    return dataset, folder, settings
+
+
+def read_cached(cfg: TrainConfig, task: TrainingTask) -> CachedDataset:
+    """The held-out rows `--stage encode` wrote into `--cache_dir` (`rows_to_cache`), refused when it wrote none
+    or encoded them from another held-out folder (its metadata) or with other settings."""
+    from .data import CachedDataset
+    from .trainer import encoding_settings
+
+    flag = f"--validation_dataset_base_path {cfg.validation_dataset_base_path}"
+    folder = cache_folder(cfg)
+    index = folder / "index.json"
+    if not index.is_file():
+        raise ConfigError(
+            f"{flag}: --cache_dir {cfg.cache_dir} holds no encoded held-out rows ({index}); run --stage encode with "
+            f"{flag} into this --cache_dir first (the training samples encoded there are kept)"
+        )
+    expected = encoding_settings(held_out_config(cfg), task)
+    if json.loads(index.read_text()).get("settings", {}).get("metadata_sha256") != expected["metadata_sha256"]:
+        raise ConfigError(
+            f"{flag}: the held-out rows in {folder} were encoded from another held-out folder (or another version of "
+            f"its metadata); delete {folder} and run --stage encode with {flag} into this --cache_dir again, or use "
+            "a new --cache_dir"
+        )
+    try:
+        return CachedDataset(folder, expected=expected)
+    except ConfigError as error:
+        raise ConfigError(f"{flag}: {error}") from None
+
+
+def build(cfg: TrainConfig, task: TrainingTask, accelerator) -> HeldOut:
+    """Read `--validation_dataset_base_path` and encode this process's rows (every `num_processes`-th from its
+    index) with the task's encoders, once (call it when the encoders are where training runs them), or, training
+    from `--cache_dir`, read them from there as `--stage encode` wrote them."""
+    from .trainer import _to_device, encode_with_masks
+
+    cached = cfg.cache_dir is not None
+    dataset = read_cached(cfg, task) if cached else read_rows(cfg, task)
     size, world, rank = len(dataset), accelerator.num_processes, accelerator.process_index
-    if size == 0:
-        raise ConfigError(f"--validation_dataset_base_path {cfg.validation_dataset_base_path}: no rows")
     share = [rank + world * j for j in range(math.ceil(size / world))]
     counted = [i < size for i in share]
     rows = [i if i < size else i % size for i in share]
     samples = []
     for index in rows:
+        if cached:  # CPU tensors, with the mask where the cache has one
+            samples.append(dataset[index])
+            continue
         (sample,) = encode_with_masks(task, [dataset[index]])
         samples.append(_to_device(sample, "cpu"))
     sigmas = fixed_sigmas(cfg, task.scheduler)
@@ -199,18 +274,10 @@ def check(cfg: TrainConfig) -> None:
             f"--validation_dataset_base_path: --task {cfg.task} does not learn the flow-matching loss this measures; "
             "use it with --task sft"
         )
-    if cfg.cache_dir is not None:  # the encode stage does not write the held-out rows either
-        raise ConfigError(
-            "--validation_dataset_base_path: the held-out rows are encoded with the text encoders and the VAE, "
-            "which training from --cache_dir does not load; train without --cache_dir to get the validation loss "
-            "(or drop --validation_dataset_base_path)"
-        )
 
 
 def check_paths(cfg: TrainConfig) -> None:
     """The validation folder and metadata file exist (before any model loads, as `check_data_paths`)."""
-    from pathlib import Path
-
     folder = cfg.validation_dataset_base_path
     if folder is not None and not Path(folder).is_dir():
         raise ConfigError(f"--validation_dataset_base_path {folder}: no such folder")
@@ -220,17 +287,23 @@ def check_paths(cfg: TrainConfig) -> None:
 
 
 __all__ = [
+    "CACHE_FOLDER",
     "METRIC",
     "HeldOut",
     "build",
+    "cache_folder",
     "check",
     "check_paths",
     "due",
     "evaluate",
     "every",
     "fixed_sigmas",
+    "held_out_config",
     "log",
     "losses",
     "noise_generator",
+    "read_cached",
+    "read_rows",
+    "rows_to_cache",
     "validate_loss",
 ]

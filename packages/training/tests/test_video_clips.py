@@ -1,0 +1,139 @@
+"""`--video_frame_extraction` / `--video_fps`: a video trains on several clips (musubi-tuner's head, chunk, slide,
+uniform) read on its timeline at one frame rate; a clip's mask video, conditioning video and sound come from the
+same span; the cache records the settings. Videos whose frame k shows the gray level 16 k tell which frames came."""
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffsynth_training_toy import VIDEO_TASK
+from PIL import Image
+
+from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.media import save_audio, save_video
+from diffsynth.training.config import TrainConfig
+from diffsynth.training.data import MetadataDataset, read_audio
+from diffsynth.training.testing import write_metadata
+from diffsynth.training.trainer import make_dataset, run_stage, setup
+
+FRAMES = 4  # --num_frames of the clips
+
+
+def numbered_video(path, count: int, fps: int = 8) -> None:
+    save_video([Image.new("RGB", (32, 32), (16 * k,) * 3) for k in range(count)], path, fps=fps, quality=10)
+
+
+def numbers(video: torch.Tensor) -> list[int]:
+    """The frame numbers a loaded `[3, F, H, W]` clip in [-1, 1] shows."""
+    return [round(((float(frame.mean()) + 1) * 127.5) / 16) for frame in video.transpose(0, 1)]
+
+
+def dataset(folder, **options) -> MetadataDataset:
+    values = dict(media=("video",), file_keys=("video", "control_video"), max_pixels=32 * 32, step=16)
+    return MetadataDataset(folder, num_frames=FRAMES, **{**values, **options})
+
+
+@pytest.fixture
+def clips(tmp_path):
+    """`long.mp4` (12 frames at 8 fps) with a control video numbered alike, and `short.mp4` (5 frames)."""
+    numbered_video(tmp_path / "long.mp4", 12)
+    numbered_video(tmp_path / "control.mp4", 12)
+    numbered_video(tmp_path / "short.mp4", 5)
+    rows = [{"video": "long.mp4", "control_video": "control.mp4", "prompt": "a"}, {"video": "short.mp4", "prompt": "b"}]
+    return write_metadata(tmp_path, rows)
+
+
+@pytest.mark.parametrize(
+    ("options", "long_starts"),
+    [
+        ({}, [0]),  # head: today's first clip
+        ({"frame_extraction": "chunk"}, [0, 4, 8]),
+        ({"frame_extraction": "slide", "frame_stride": 3}, [0, 3, 6]),  # 6 + 4 <= 12, 9 + 4 > 12
+        ({"frame_extraction": "uniform", "frame_samples": 3}, [0, 4, 8]),  # first, middle and last clip
+        ({"frame_extraction": "uniform", "frame_samples": 2}, [0, 8]),
+    ],
+)
+def test_each_mode_cuts_the_clips_it_says(clips, options, long_starts):
+    data = dataset(clips, **options)
+    # 5 frames hold one clip of 4, or two overlapping ones where the mode spreads several from start to end
+    short_starts = [0, 1] if options.get("frame_extraction") == "uniform" else [0]
+    assert data.sample_starts == long_starts + short_starts
+    assert data.sample_rows == [0] * len(long_starts) + [1] * len(short_starts)
+    for k, start in enumerate(long_starts):
+        sample = data[k]
+        assert numbers(sample["video"]) == list(range(start, start + FRAMES))
+        assert numbers(sample["control_video"]) == numbers(sample["video"])  # the same span of the parallel video
+
+
+def test_a_frame_rate_resamples_the_timeline_before_cutting(clips):
+    write_metadata(clips, [{"video": "long.mp4", "control_video": "control.mp4", "prompt": "a"}])
+    data = dataset(clips, fps=4, frame_extraction="chunk")  # 12 frames at 8 fps are 6 at 4 fps: one clip of 4
+    assert data.sample_starts == [0]
+    assert numbers(data[0]["video"]) == [0, 2, 4, 6]
+    assert data[0]["frame_rate"] == 4  # what the frames now are, for the families that condition on it
+    data = dataset(clips, fps=16)  # upsampled: each frame twice
+    assert numbers(data[0]["video"]) == [0, 0, 1, 1]
+
+
+def test_a_video_too_short_for_one_clip_is_named(tmp_path):
+    numbered_video(tmp_path / "tiny.mp4", 3)
+    write_metadata(tmp_path, [{"video": "tiny.mp4", "prompt": "a"}])
+    with pytest.raises(ConfigError, match="row 1: tiny.mp4 has 3 frames, fewer than one clip of --num_frames 4"):
+        dataset(tmp_path, frame_extraction="chunk")
+    with pytest.raises(ConfigError, match="tiny.mp4 has 2 frames at 4 fps, fewer than one clip"):
+        dataset(tmp_path, frame_extraction="uniform", frame_samples=2, fps=4)
+    assert dataset(tmp_path, frame_extraction="chunk", fps=12).sample_starts == [0]  # 3 at 8 fps: 5 at 12 fps
+
+
+def test_a_clips_sound_starts_where_its_frames_do(tmp_path):
+    rate = 8000
+    ramp = torch.arange(rate * 2, dtype=torch.float32)[None] / (rate * 2)  # 2 s: the value tells the time
+    save_audio(ramp, tmp_path / "sound.wav", rate)
+    whole, _ = read_audio(tmp_path / "sound.wav")
+    part, _ = read_audio(tmp_path / "sound.wav", offset=0.5, seconds=0.25)
+    torch.testing.assert_close(part, whole[:, rate // 2 : rate // 2 + rate // 4])
+    numbered_video(tmp_path / "clip.mp4", 12)
+    write_metadata(tmp_path, [{"video": "clip.mp4", "audio": "sound.wav", "prompt": "a"}])
+    data = dataset(tmp_path, file_keys=("video", "audio"), frame_extraction="chunk")
+    third = data[2]  # frames 8..11 at 8 fps: from 1 s, half a second long
+    torch.testing.assert_close(third["audio"], whole[:, rate : rate + rate // 2])
+
+
+def test_the_trainer_reads_the_flags_and_the_cache_keeps_them(clips, tmp_path):
+    cfg = TrainConfig(
+        family=VIDEO_TASK, dataset_base_path=str(clips), output_path=str(tmp_path / "out"), max_pixels=32 * 32,
+        bucket_step=16, batch_size=1, mixed_precision="no", dtype="float32", lora_rank=4, num_frames=5,
+        video_frame_extraction="slide", video_frame_stride=2, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    task = SimpleNamespace(media=("video", "image"), size_multiple=16, family="toy_video")
+    assert make_dataset(cfg, task).sample_starts == [0, 2, 4, 6, 0]  # 12 frames: clips of 5 from 0, 2, 4, 6
+    run_stage(replace(cfg, stage="encode"))
+    assert setup(cfg).dataset.buckets == [(32, 32)] * 5
+    with pytest.raises(ConfigError, match="encoded with --video_frame_extraction 'slide', this run has"):
+        setup(replace(cfg, video_frame_extraction="head", video_frame_stride=None))
+    with pytest.raises(ConfigError, match="encoded with --video_fps None, this run has --video_fps 4"):
+        setup(replace(cfg, video_fps=4.0))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(video_frame_extraction="slide"), "--video_frame_extraction slide starts a clip every"),
+        (dict(video_frame_stride=2), "--video_frame_stride spaces the clips of --video_frame_extraction slide"),
+        (dict(video_frame_samples=3), "--video_frame_samples spreads the clips"),
+        (dict(video_frame_extraction="slide", video_frame_stride=0), "--video_frame_stride"),
+        (dict(video_fps=0.0), "--video_fps 0.0 must be > 0"),
+    ],
+)
+def test_bad_settings_name_their_flag(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(family=VIDEO_TASK, dataset_base_path=str(tmp_path), **settings).check()
+
+
+def test_pictures_are_one_sample_whatever_the_mode(tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    numbered_video(tmp_path / "v.mp4", 8)
+    write_metadata(tmp_path, [{"video": "a.png", "prompt": "a"}, {"video": "v.mp4", "prompt": "b"}])
+    assert dataset(tmp_path, frame_extraction="chunk").sample_starts == [0, 0, 4]
