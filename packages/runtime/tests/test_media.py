@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from diffsynth.runtime.media import (
     tensor_to_output,
     tensor_to_pil,
     video_frame_count,
+    video_frame_times,
 )
 
 
@@ -223,36 +226,77 @@ def test_photos_are_turned_upright_as_their_exif_says(tmp_path):
     assert load_image(plain).size == (64, 32)
 
 
-def numbered_video(path, count: int, fps: int) -> None:
-    """A video whose frame k is the gray level 10 * k: which file frame a reader returned shows in its pixels."""
-    save_video([Image.new("RGB", (16, 16), (10 * k,) * 3) for k in range(count)], path, fps=fps, quality=10)
+def numbered_video(path, count: int, fps: int, step: int = 10) -> None:
+    """A video whose frame k is the gray level step * k: which file frame a reader returned shows in its pixels."""
+    save_video([Image.new("RGB", (16, 16), (step * k,) * 3) for k in range(count)], path, fps=fps, quality=10)
 
 
-def frame_numbers(frames) -> list[int]:
-    return [round(float(np.asarray(f, np.float32).mean()) / 10) for f in frames]
+def frame_numbers(frames, step: int = 10) -> list[int]:
+    return [round(float(np.asarray(f, np.float32).mean()) / step) for f in frames]
 
 
 def test_frames_from_a_start_and_at_another_rate(tmp_path):
     numbered_video(tmp_path / "v.mp4", 20, fps=30)
     assert video_frame_count(tmp_path / "v.mp4") == 20
+    times, end = video_frame_times(tmp_path / "v.mp4")
+    assert times == pytest.approx([k / 30 for k in range(20)]) and end == pytest.approx(20 / 30)
     assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=4, start=5)) == [5, 6, 7, 8]
     # at 15 fps every other frame of the 30 fps file; at 60 fps each frame twice
     assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=4, start=2, fps=15)) == [4, 6, 8, 10]
     assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=5, fps=60)) == [0, 0, 1, 1, 2]
     assert frame_numbers(load_video(tmp_path / "v.mp4", start=15)) == [15, 16, 17, 18, 19]
-    assert len(load_video(tmp_path / "v.mp4", fps=16)) == resampled_length(20, 30, 16) == 11
-    with pytest.raises(ConfigError, match="20 frames; 4 frames from frame 9 at 15 fps \\(the file's 30\\) need 25"):
+    assert len(load_video(tmp_path / "v.mp4", fps=16)) == resampled_length(end, 16) == 11  # 0.667 s at 16 fps
+    with pytest.raises(ConfigError, match="lasts 0.6667 s, 10 frames at 15 fps; 4 from frame 9 need 13"):
         load_video(tmp_path / "v.mp4", num_frames=4, start=9, fps=15)
-    with pytest.raises(ConfigError, match="none from frame 20"):
+    with pytest.raises(ConfigError, match="has 20 frames; none from frame 20"):
         load_video(tmp_path / "v.mp4", start=20)
+
+
+def test_a_variable_rate_video_is_read_by_its_timestamps(tmp_path):
+    """Frames at 0, 100, ..., 500 ms, then a pause: 700, 800, ..., 1300 ms (as a phone records). Frame k at 10 fps
+    is the one on screen at k / 10 s, and the file lasts 1.4 s."""
+    stamps = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13]  # in tenths of a second
+    with av.open(str(tmp_path / "vfr.mp4"), mode="w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 10)
+        stream.options = {"crf": "0"}
+        for k, stamp in enumerate(stamps):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (16, 16), (10 * k,) * 3))
+            frame.pts, frame.time_base = stamp, Fraction(1, 10)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    times, end = video_frame_times(tmp_path / "vfr.mp4")
+    assert times == pytest.approx([t / 10 for t in stamps]) and end == pytest.approx(1.4)
+    on_screen = [max(k for k, t in enumerate(stamps) if t <= moment) for moment in range(14)]
+    assert frame_numbers(load_video(tmp_path / "vfr.mp4", fps=10)) == on_screen  # 5 shows twice, through the pause
+    assert frame_indices(14, times=times, fps=10) == on_screen
 
 
 def test_frame_indices_follow_the_timeline():
     """Frame k of the resampled video is the file's frame on screen at k / fps, for rates that do not divide."""
     for source, target in ((30, 16), (24, 16), (16, 24), (25, 30)):
-        got = frame_indices(40, start=3, source_fps=source, fps=target)
+        times = [k / source for k in range(200)]
+        got = frame_indices(40, start=3, times=times, fps=target)
         assert got == [int((3 + k) / target * source + 1e-9) for k in range(40)]
         assert got == sorted(got)
-        last = got[-1]
-        assert resampled_length(last + 1, source, target) >= 43 > resampled_length(last, source, target)
+        assert resampled_length(len(times) / source, target) == int(200 / source * target - 1e-9) + 1
     assert frame_indices(3, start=2) == [2, 3, 4]
+
+
+def test_a_late_clip_keeps_only_its_frames(tmp_path, monkeypatch):
+    """Reading frames 40..43 converts those four to pictures, not the forty before them."""
+    numbered_video(tmp_path / "v.mp4", 48, fps=24, step=5)
+    converted = []
+    real = av.VideoFrame.to_image
+
+    def counting(frame, *args, **kwargs):
+        converted.append(frame.pts)
+        return real(frame, *args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "to_image", counting)
+    assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=4, start=40), step=5) == [40, 41, 42, 43]
+    assert len(converted) == 4

@@ -34,7 +34,7 @@ def test_a_line_gives_the_pipeline_settings(tmp_path):
 
 
 def test_a_line_without_options_is_all_prompt(tmp_path):
-    for text in ("a red circle", "dashes -- and --not-options stay", "a --W b"):
+    for text in ("a red circle", "dashes -- and --not-options stay", "a --3d render"):
         assert parse_line(text, tmp_path, "here") == SamplePrompt(text, where="here")
 
 
@@ -60,6 +60,8 @@ def test_the_file_skips_comments_and_blank_lines_and_names_lines_as_the_caller_d
         ("a cat --n", "line 2: --n \\(negative_prompt\\) has no value"),
         ("--w 512", "line 2: no prompt before the options"),
         ("a cat --i nowhere.png", "line 2: --i nowhere.png: no such file"),
+        ("a cat --ss euler_a", "line 2: --ss 'euler_a': the samplers are euler, unipc"),
+        ("a cat --W 512 --w 768", "line 2: --w is given twice"),  # kohya's keys in either case
     ],
 )
 def test_bad_lines_are_named(tmp_path, line, message):
@@ -76,3 +78,9 @@ def test_an_empty_or_unreadable_file_is_named_with_the_callers_flag(tmp_path):
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(ConfigError, match="^--validation_prompts_file .*latin1.txt: cannot be read"):
         read_prompts_file(tmp_path / "latin1.txt")
+
+
+def test_keys_in_upper_case_are_read_as_kohya_reads_them(tmp_path):
+    line = parse_line("a dog --W 1024 --H 768 --S 28 --D 3", tmp_path, "here")
+    assert (line.prompt, line.seed) == ("a dog", 3)
+    assert line.options == {"width": 1024, "height": 768, "num_inference_steps": 28}

@@ -96,6 +96,28 @@ def test_a_trigger_tag_among_the_kept_ones_stays_where_it_is():
         assert out[:2] == ["1girl", "sks girl"]
 
 
+def test_a_second_separator_keeps_the_ending_fixed():
+    """kohya's `fixed ||| shuffled ||| fixed ending`: the ending stays last, in order, never dropped."""
+    caption = "sks, 1girl ||| red hair, smiling, sky, wind ||| best quality, masterpiece"
+    outs = [tags(draw(caption, seed, shuffle=True, separator="|||", dropout=0.5)) for seed in range(30)]
+    for out in outs:
+        assert out[:2] == ["sks", "1girl"] and out[-2:] == ["best quality", "masterpiece"]
+        assert not any("|||" in t for t in out)
+    assert len({tuple(out[2:-2]) for out in outs}) > 5  # the middle is drawn
+
+
+def test_the_trigger_is_matched_as_whole_words_and_by_each_of_its_parts():
+    for seed in range(20):  # "catwalk" holds "cat" only as letters: it is shuffled and dropped like any tag
+        out = tags(draw("a dog, catwalk, cat, sky, wind", seed, shuffle=True, dropout=0.5, trigger="cat"))
+        assert out[0] == "cat"
+    assert any(
+        "catwalk" not in tags(draw("a dog, catwalk, cat, sky", seed, dropout=0.6, trigger="cat")) for seed in range(20)
+    )
+    for seed in range(20):  # a trigger with a comma: each part is kept, in front
+        out = tags(draw("sks, dog, sitting, red hair, grass", seed, shuffle=True, dropout=0.7, trigger="sks, dog"))
+        assert out[:2] == ["sks", "dog"]
+
+
 def config(**overrides) -> TrainConfig:
     return TrainConfig(**{"family": TASK, "dataset_base_path": "data", **overrides})
 

@@ -22,3 +22,13 @@ def test_two_processes_equal_one_process_accumulating_two_micro_batches(tmp_path
     one, ddp = final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp")
     assert max(v.abs().max().item() for k, v in one.items() if "lora_B" in k) > 1e-4  # B starts at zero: it trained
     assert_same_tensors(one, ddp)
+
+
+def test_module_dropout_trains_under_ddp_as_one_process_does(tmp_path, dataset):
+    """A LoHa layer `--module_dropout` leaves out gets no gradient in that process: DDP is told to expect unused
+    parameters, and the dropout draws follow the micro-batch, so two processes equal one accumulating two."""
+    dropout = {"lora_type": "loha", "module_dropout": 0.5}
+    train_one_process(tmp_path, dataset, accumulation=2, **dropout)
+    settings = {**DISTRIBUTED_SETTINGS, "dataset_base_path": dataset, "output_path": tmp_path / "ddp", **dropout}
+    run_two_processes(tmp_path, settings)
+    assert_same_tensors(final_weights(tmp_path / "one"), final_weights(tmp_path / "ddp"))

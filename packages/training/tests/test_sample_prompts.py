@@ -43,16 +43,18 @@ def write_prompts(folder, *lines) -> str:
     ],
 )
 def test_bad_lines_are_named_before_any_model_loads(tmp_path, dataset, line, message):
+    """Read with the data paths (`check_data_paths`, before any model loads), not by `check`, which also reads
+    configs written for another machine."""
     path = write_prompts(tmp_path, "a fine line", line)
     with pytest.raises(ConfigError, match=message):
-        toy_config(tmp_path, dataset, validation_prompts_file=path).check()
+        toy_config(tmp_path, dataset, validation_prompts_file=path).check().check_data_paths()
 
 
 def test_an_empty_file_a_missing_file_and_the_cache_are_refused(tmp_path, dataset):
     with pytest.raises(ConfigError, match="no prompts"):
-        toy_config(tmp_path, dataset, validation_prompts_file=write_prompts(tmp_path, "# nothing")).check()
+        toy_config(tmp_path, dataset, validation_prompts_file=write_prompts(tmp_path, "# nothing")).check_data_paths()
     with pytest.raises(ConfigError, match="cannot be read"):
-        toy_config(tmp_path, dataset, validation_prompts_file=str(tmp_path / "none.txt")).check()
+        toy_config(tmp_path, dataset, validation_prompts_file=str(tmp_path / "none.txt")).check_data_paths()
     path = write_prompts(tmp_path, "a cat")
     with pytest.raises(ConfigError, match="--validation_prompts_file needs the text encoders"):
         toy_config(

@@ -127,10 +127,10 @@ def test_the_trainer_takes_the_chosen_loss_of_the_same_prediction_error(tmp_path
         return real(cfg, difference)
 
     monkeypatch.setattr(trainer, "elementwise_loss", spy)
-    settings = dict(loss_weighting="none", huber_c=0.5)
-    (mse_loss, *_), _ = first_losses(toy_config(tmp_path, dataset, "mse", **settings), steps=1)
+    (mse_loss, *_), _ = first_losses(toy_config(tmp_path, dataset, "mse", loss_weighting="none"), steps=1)
     difference = seen[0]
-    (loss, *_), _ = first_losses(toy_config(tmp_path, dataset, loss_type, loss_type=loss_type, **settings), steps=1)
+    settings = dict(loss_weighting="none", loss_type=loss_type) | ({} if loss_type == "l1" else {"huber_c": 0.5})
+    (loss, *_), _ = first_losses(toy_config(tmp_path, dataset, loss_type, **settings), steps=1)
     torch.testing.assert_close(seen[1], difference)  # the same step, only the loss differs
     assert mse_loss == pytest.approx(difference.double().pow(2).mean().item(), rel=1e-5)
     expected = _float64_loss(loss_type, difference, 0.5).flatten(1).mean(1).mean().item()
@@ -185,6 +185,10 @@ def test_dropout_reaches_peft_layers_and_is_off_outside_training(tmp_path, datas
         (dict(lr_scheduler_power=0.0), "--lr_scheduler_power"),
         (dict(lr_scheduler_min_lr_ratio=1.0), "--lr_scheduler_min_lr_ratio"),
         (dict(huber_c=0.0), "--huber_c"),
+        (dict(huber_c=0.5), "--huber_c 0.5 shapes --loss_type huber or smooth_l1; this run has none"),
+        (dict(lr_scheduler_num_cycles=3, lr_scheduler="cosine"), "--lr_scheduler_num_cycles 3 shapes --lr_scheduler"),
+        (dict(lr_scheduler_power=2.0, lr_scheduler="linear"), "--lr_scheduler_power 2.0 shapes --lr_scheduler poly"),
+        (dict(lr_scheduler_min_lr_ratio=0.1), "--lr_scheduler_min_lr_ratio 0.1 shapes a decaying --lr_scheduler"),
         (dict(loss_type="l1", task="dmd2"), "--loss_type l1"),
         (dict(lora_dropout=1.0), "--lora_dropout 1.0"),
         (dict(lora_dropout=0.1, lora_type="loha"), "--lora_type loha takes --rank_dropout"),

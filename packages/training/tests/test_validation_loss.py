@@ -259,6 +259,12 @@ def test_the_masks_of_held_out_rows_weigh_their_loss(tmp_path):
 
     assert value(a, masked_loss=True) == value(b, masked_loss=True)
     assert value(a) != value(b)  # the right halves count without the masks
+    plain = tmp_path / "plain"  # folder a without its masks: held-out rows without one count everywhere
+    plain.mkdir()
+    for source in a.iterdir():
+        if not source.name.endswith("-masklabel.png"):
+            (plain / source.name).write_bytes(source.read_bytes())
+    assert value(plain, masked_loss=True) == value(plain) != value(a, masked_loss=True)
 
 
 # ----------------------------------------------------------------------------------- the cached two-stage mode

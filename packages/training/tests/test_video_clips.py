@@ -80,8 +80,9 @@ def test_a_frame_rate_resamples_the_timeline_before_cutting(clips):
 def test_a_video_too_short_for_one_clip_is_named(tmp_path):
     numbered_video(tmp_path / "tiny.mp4", 3)
     write_metadata(tmp_path, [{"video": "tiny.mp4", "prompt": "a"}])
-    with pytest.raises(ConfigError, match="row 1: tiny.mp4 has 3 frames, fewer than one clip of --num_frames 4"):
-        dataset(tmp_path, frame_extraction="chunk")
+    for mode in ("head", "chunk"):  # the default mode too, from the file's header, before training
+        with pytest.raises(ConfigError, match="row 1 column video: tiny.mp4 has 3 frames, fewer than one clip of"):
+            dataset(tmp_path, frame_extraction=mode)
     with pytest.raises(ConfigError, match="tiny.mp4 has 2 frames at 4 fps, fewer than one clip"):
         dataset(tmp_path, frame_extraction="uniform", frame_samples=2, fps=4)
     assert dataset(tmp_path, frame_extraction="chunk", fps=12).sample_starts == [0]  # 3 at 8 fps: 5 at 12 fps
@@ -137,3 +138,16 @@ def test_pictures_are_one_sample_whatever_the_mode(tmp_path):
     numbered_video(tmp_path / "v.mp4", 8)
     write_metadata(tmp_path, [{"video": "a.png", "prompt": "a"}, {"video": "v.mp4", "prompt": "b"}])
     assert dataset(tmp_path, frame_extraction="chunk").sample_starts == [0, 0, 4]
+
+
+def test_the_clips_fit_the_rows_shortest_video(tmp_path):
+    """A conditioning video shorter than the row's video bounds its clips, and one too short is named by column."""
+    numbered_video(tmp_path / "long.mp4", 12)
+    numbered_video(tmp_path / "control.mp4", 6)
+    write_metadata(tmp_path, [{"video": "long.mp4", "control_video": "control.mp4", "prompt": "a"}])
+    data = dataset(tmp_path, frame_extraction="chunk")
+    assert data.sample_starts == [0]  # 6 control frames hold one clip of 4, not the video's three
+    assert numbers(data[0]["control_video"]) == numbers(data[0]["video"]) == [0, 1, 2, 3]
+    numbered_video(tmp_path / "control.mp4", 3)
+    with pytest.raises(ConfigError, match="row 1 column control_video: control.mp4 has 3 frames, fewer than one clip"):
+        dataset(tmp_path)

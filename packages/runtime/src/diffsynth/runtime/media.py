@@ -274,8 +274,9 @@ def load_video(
     fps: float | None = None,
 ) -> list[Image.Image]:
     """`num_frames` frames (all when None) from frame `start` as RGB images, resized to height x width when given
-    (one of them alone keeps the aspect ratio). With `fps` the video is first resampled to that rate: frame k is
-    the one shown at time k / fps (`frame_indices`), so a 30 fps clip read at 16 fps moves at its real speed."""
+    (one of them alone keeps the aspect ratio). With `fps` the video is read on its timeline at that rate: frame k
+    is the one on screen at time k / fps (by the frames' timestamps, so a variable-rate phone clip too), and a
+    30 fps clip read at 16 fps moves at its real speed. Only the frames returned are kept while decoding."""
     import av
 
     path = _existing(path, "video")
@@ -283,33 +284,41 @@ def load_video(
         raise ConfigError(
             f"{path}: num_frames={num_frames}, start={start}, fps={fps}: use num_frames >= 1, start >= 0, fps > 0"
         )
-    source_fps = video_frame_rate(path) if fps is not None else None
-    wanted = None if num_frames is None else frame_indices(num_frames, start=start, source_fps=source_fps, fps=fps)
-    frames: list[Image.Image] = []
+    wanted = None if num_frames is None else list(range(start, start + num_frames))
+    if fps is not None:
+        times, end = video_frame_times(path)
+        length = resampled_length(end, fps)
+        count = length - start if num_frames is None else num_frames
+        if count < 1 or start + count > length:
+            raise ConfigError(
+                f"{path} lasts {end:.4g} s, {length} frames at {fps:g} fps; {count if count > 0 else 'frames'} from "
+                f"frame {start} need {start + max(count, 1)}"
+            )
+        wanted = frame_indices(count, start=start, times=times, fps=fps)
+    keep = None if wanted is None else set(wanted)
+    picked: dict[int, Image.Image] = {}
+    decoded = 0
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ConfigError(f"{path} holds no video stream")
-        for frame in container.decode(video=0):
-            frames.append(frame.to_image().convert("RGB"))
-            if wanted is not None and len(frames) > wanted[-1]:
+        for index, frame in enumerate(container.decode(video=0)):
+            decoded = index + 1
+            if (keep is None and index >= start) or (keep is not None and index in keep):
+                picked[index] = frame.to_image().convert("RGB")
+            if wanted is not None and index >= wanted[-1]:
                 break
-    if not frames:
+    if not decoded:
         raise ConfigError(f"{path} holds no decodable video frames")
     if wanted is None:
-        count = len(frames) if fps is None else resampled_length(len(frames), source_fps, fps)
-        if start >= count:
-            raise ConfigError(
-                f"{path} has {count} frames{'' if fps is None else f' at {fps:g} fps'}; none from frame {start}"
-            )
-        wanted = frame_indices(count - start, start=start, source_fps=source_fps, fps=fps)
-    elif len(frames) <= wanted[-1]:
+        if not picked:
+            raise ConfigError(f"{path} has {decoded} frames; none from frame {start}")
+        frames = [picked[i] for i in sorted(picked)]
+    elif len(picked) < len(keep):
         if start == 0 and fps is None:
-            raise ConfigError(f"{path} has {len(frames)} frames, fewer than num_frames={num_frames}")
-        at = "" if fps is None else f" at {fps:g} fps (the file's {source_fps:g})"
-        raise ConfigError(
-            f"{path} has {len(frames)} frames; {num_frames} frames from frame {start}{at} need {wanted[-1] + 1}"
-        )
-    frames = [frames[i] for i in wanted]
+            raise ConfigError(f"{path} has {decoded} frames, fewer than num_frames={num_frames}")
+        raise ConfigError(f"{path} has {decoded} frames; {num_frames} frames from frame {start} need {wanted[-1] + 1}")
+    else:
+        frames = [picked[i] for i in wanted]
     if height is None and width is None:
         return frames
     w0, h0 = frames[0].size
@@ -320,26 +329,10 @@ def load_video(
     return [f.resize((int(width), int(height)), Image.BICUBIC) for f in frames]
 
 
-def frame_indices(
-    count: int, *, start: int = 0, source_fps: float | None = None, fps: float | None = None
-) -> list[int]:
-    """The file's frame numbers of `count` frames from frame `start`: `start, start + 1, ...`, or with `fps` (and
-    the file's `source_fps`) on a timeline resampled to `fps`, frame k being the file's frame on screen at time
-    k / fps (the last one begun by then), repeated or skipped as the rates differ."""
-    if fps is None or source_fps is None:
-        return list(range(start, start + count))
-    return [math.floor((start + k) * source_fps / fps + 1e-6) for k in range(count)]
-
-
-def resampled_length(source_frames: int, source_fps: float, fps: float) -> int:
-    """How many frames a video of `source_frames` frames at `source_fps` has on a timeline resampled to `fps`
-    (those `frame_indices` finds a frame of the file for)."""
-    return max(0, math.ceil(source_frames * fps / source_fps - 1e-6))  # the k with k / fps < source_frames / source_fps
-
-
-def video_frame_count(path: PathLike) -> int:
-    """The frames a video file holds, from its packets (no decoding; a container that lists no count, such as
-    WebM, is counted the same way)."""
+def video_frame_times(path: PathLike) -> tuple[list[float], float]:
+    """A video file's frames' presentation times in seconds from its first frame, in order, and the time its last
+    frame ends, from the packets' timestamps (no decoding); a stream without timestamps counts at its average
+    rate."""
     import av
 
     path = _existing(path, "video")
@@ -347,7 +340,61 @@ def video_frame_count(path: PathLike) -> int:
         if not container.streams.video:
             raise ConfigError(f"{path} holds no video stream")
         stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        packets = [(p.pts, p.duration) for p in container.demux(stream) if p.size]
+        base = stream.time_base
+    if not packets:
+        raise ConfigError(f"{path} holds no video frames")
+    if any(pts is None for pts, _ in packets) or base is None:
+        if rate is None:
+            raise ConfigError(f"{path}: its video stream gives neither timestamps nor a frame rate")
+        return [k / rate for k in range(len(packets))], len(packets) / rate
+    packets.sort()
+    first = packets[0][0]
+    times = [float((pts - first) * base) for pts, _ in packets]
+    last = float(packets[-1][1] * base) if packets[-1][1] else (1 / rate if rate else 0.0)
+    return times, times[-1] + last
+
+
+def frame_indices(
+    count: int, *, start: int = 0, times: Sequence[float] | None = None, fps: float | None = None
+) -> list[int]:
+    """The file's frame numbers of `count` frames from frame `start`: `start, start + 1, ...`, or with `fps` (and
+    the file's frame `times`, `video_frame_times`) on a timeline resampled to `fps`: frame k is the file's frame on
+    screen at time k / fps (the last one begun by then), repeated or skipped as the rates differ."""
+    if fps is None or times is None:
+        return list(range(start, start + count))
+    picked, j = [], 0
+    for k in range(start, start + count):
+        moment = k / fps + 1e-6
+        while j + 1 < len(times) and times[j + 1] <= moment:
+            j += 1
+        picked.append(j)
+    return picked
+
+
+def resampled_length(end: float, fps: float) -> int:
+    """How many frames a video lasting `end` seconds (`video_frame_times`) has on a timeline at `fps`: the k with
+    k / fps before its end."""
+    return max(0, math.ceil(end * fps - 1e-6))
+
+
+def video_header_frames(path: PathLike) -> int | None:
+    """The frame count a video file's header states (MP4 and MOV keep one; WebM does not: None), without reading
+    the file through."""
+    import av
+
+    path = _existing(path, "video")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ConfigError(f"{path} holds no video stream")
+        return int(container.streams.video[0].frames) or None
+
+
+def video_frame_count(path: PathLike) -> int:
+    """The frames a video file holds, from its packets (no decoding; a container that lists no count, such as
+    WebM, is counted the same way)."""
+    return len(video_frame_times(path)[0])
 
 
 def video_frame_rate(path: PathLike) -> float:

@@ -8,8 +8,9 @@
 One prompt a line (blank lines and lines starting with # are skipped); after it, options ` --KEY VALUE`: `w` / `h`
 the width / height, `s` the steps, `d` the seed, `l` the CFG scale, `n` the negative prompt (the rest up to the
 next option, commas included), `f` the frames of a video family, `g` the distilled guidance of the FLUX models
-(their `embedded_guidance`), `ss` the sampler (e.g. `unipc`, where the pipeline offers one), `i` a reference picture
-(repeatable; a path relative to the file's folder). A line without options is all prompt. Each caller decides what
+(their `embedded_guidance`), `ss` the sampler (`euler` or `unipc`, where the pipeline offers one), `i` a reference
+picture (repeatable; a path relative to the file's folder); keys in either case. A line without options is all
+prompt. Each caller decides what
 an option not given takes (its flags, the pipeline's default) and which options its pipeline has a setting for.
 A bad line is a `ConfigError` naming file, line and option, in the caller's words (`read_prompts_file`'s `flag`
 and `at`).
@@ -37,7 +38,8 @@ OPTIONS: dict[str, tuple[str, type, float | None]] = {
     "ss": ("sampler", str, None),
     "i": ("images", str, None),
 }
-_OPTION = re.compile(r"\s--([a-z]+)(?=\s|$)")
+SAMPLERS = ("euler", "unipc")  # the samplers the pipelines offer (`--ss`, and the CLI's --sampler)
+_OPTION = re.compile(r"\s--([a-zA-Z]+)(?=\s|$)")  # kohya reads the keys in either case (--W 1024)
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def parse_line(line: str, folder: Path, where: str) -> SamplePrompt:
     options: dict[str, Any] = {}
     seed, images, seen = None, [], set()
     for k, mark in enumerate(marks):
-        key = mark.group(1)
+        key = mark.group(1).lower()
         end = marks[k + 1].start() if k + 1 < len(marks) else len(line) + 1
         raw = (" " + line)[mark.end() : end].strip()
         if key not in OPTIONS:
@@ -102,6 +104,8 @@ def parse_line(line: str, folder: Path, where: str) -> SamplePrompt:
             raise ConfigError(f"{where}: --{key} {raw!r}: {name} must be {what}") from None
         if least is not None and value < least:
             raise ConfigError(f"{where}: --{key} {value}: {name} must be at least {least}")
+        if key == "ss" and value not in SAMPLERS:
+            raise ConfigError(f"{where}: --ss {value!r}: the samplers are {', '.join(SAMPLERS)}")
         if key == "i":
             image = folder / raw
             if not image.is_file():
@@ -114,4 +118,4 @@ def parse_line(line: str, folder: Path, where: str) -> SamplePrompt:
     return SamplePrompt(prompt, options, seed, tuple(images), where)
 
 
-__all__ = ["OPTIONS", "SamplePrompt", "parse_line", "read_prompts_file"]
+__all__ = ["OPTIONS", "SAMPLERS", "SamplePrompt", "parse_line", "read_prompts_file"]

@@ -2,12 +2,15 @@
 
 `--shuffle_caption` shuffles a caption's comma-separated tags each time its row is drawn; `--keep_tokens N` keeps
 the first N in front, in order; `--keep_tokens_separator S` keeps what a caption holds before S instead (S removed);
-`--caption_tag_dropout p` drops each shuffled tag with chance p. The `--trigger_word` is always kept, in front.
+`--caption_tag_dropout p` drops each shuffled tag with chance p; a second S keeps what follows it fixed at the end
+(kohya's `fixed ||| shuffled ||| fixed ending`). The `--trigger_word` (its words, in a tag of their own or within
+one) is always kept, in front.
 The draws come from the micro-batch's generator (trainer.py), so reruns, resumes and DDP draw alike.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,22 +39,34 @@ def augment_caption(
     """`caption`'s tags with the kept ones first, in order (the part before `separator` where the caption holds it,
     else the first `keep_tokens`, and any tag holding `trigger`), then the others shuffled (`shuffle`), each
     dropped with chance `dropout`; joined with ", "."""
-    if separator and separator in caption:
+    ending: list[str] = []
+    if separator and separator in caption:  # kohya's "fixed ||| shuffled ||| fixed ending"
         head, rest = caption.split(separator, 1)
+        if separator in rest:
+            rest, tail = rest.split(separator, 1)
+            ending = tags(tail.replace(separator, ","))
         kept, free = tags(head), tags(rest)
     else:
         free = tags(caption)
         kept, free = free[:keep_tokens], free[keep_tokens:]
     if trigger:  # never dropped nor moved back: in front, or after the kept tags when they hold it already
-        pinned = [t for t in free if trigger in t]
-        free = [t for t in free if trigger not in t]
-        kept = kept + pinned if any(trigger in t for t in kept) else pinned + kept
+        holds = _holds(trigger)
+        pinned = [t for t in free if holds(t)]
+        free = [t for t in free if not holds(t)]
+        kept = kept + pinned if any(holds(t) for t in kept + ending) else pinned + kept
     if shuffle:
         free = [free[i] for i in torch.randperm(len(free), generator=generator).tolist()]
     if dropout:
         draws = torch.rand(len(free), generator=generator).tolist()
         free = [t for t, u in zip(free, draws, strict=True) if u >= dropout]
-    return TAG_SEPARATOR.join(kept + free)
+    return TAG_SEPARATOR.join(kept + free + ending)
+
+
+def _holds(trigger: str):
+    """Whether a tag holds the trigger word: one of its comma-separated parts as whole words (`cat` is in
+    `a cat, sitting` and `photo of cat`, not in `catwalk`)."""
+    parts = [re.compile(rf"(?<!\w){re.escape(part)}(?!\w)") for part in tags(trigger)]
+    return lambda tag: any(part.search(tag) for part in parts)
 
 
 def augments_captions(cfg: TrainConfig) -> bool:

@@ -61,6 +61,13 @@ class TrainConfig:
         None, "dataset folder: metadata.csv/.json/.jsonl and the files it names", "data"
     )
     dataset_metadata_path: str | None = _arg(None, "metadata file (default: metadata.* in the dataset folder)", "data")
+    dataset_config: str | None = _arg(
+        None,
+        "several datasets in one run (in place of --dataset_base_path): a .yaml (or .toml) file listing them, each "
+        "with its base_path and optionally metadata_path, repeats, loss_weight, trigger_word and its own sizes and "
+        "video clips (see datasets.py)",
+        "data",
+    )
     data_file_keys: list[str] = _arg(["image", "video"], "metadata columns that hold file paths", "data")
     max_pixels: int = _arg(
         1024 * 1024, "largest training size in pixels (height * width); larger images shrink", "data"
@@ -602,10 +609,6 @@ class TrainConfig:
                 "--sample_at_first samples the validation prompts before training; give --validation_prompts, "
                 "--validation_prompts_file or --validation_dataset_base_path"
             )
-        if self.validation_prompts_file is not None:
-            from .sample_prompts import read_prompts_file
-
-            read_prompts_file(self.validation_prompts_file)  # a bad line fails now, before any model loads
         if self.samples_validation and self.cache_dir is not None and self.stage == "train":
             flag = "--validation_prompts" if self.validation_prompts else "--validation_prompts_file"
             raise ConfigError(
@@ -637,8 +640,20 @@ class TrainConfig:
             raise ConfigError(f"--distill_num_inference_steps {self.distill_num_inference_steps} must be >= 1")
         if self.stage == "encode" and self.cache_dir is None:
             raise ConfigError("--stage encode writes the encoded dataset to --cache_dir; give --cache_dir")
-        if self.dataset_base_path is None and not (self.cache_dir and self.stage == "train"):
-            raise ConfigError("--dataset_base_path is required (the folder holding metadata.csv/.json/.jsonl)")
+        if self.dataset_config is not None and (self.dataset_base_path or self.dataset_metadata_path):
+            flag = "--dataset_base_path" if self.dataset_base_path else "--dataset_metadata_path"
+            raise ConfigError(
+                f"--dataset_config {self.dataset_config} and {flag} both name the data; give one (a dataset's folder "
+                "and metadata file are its base_path and metadata_path in the config file)"
+            )
+        if (
+            self.dataset_base_path is None
+            and self.dataset_config is None
+            and not (self.cache_dir and self.stage == "train")
+        ):
+            raise ConfigError(
+                "--dataset_base_path is required (the folder holding metadata.csv/.json/.jsonl), or --dataset_config"
+            )
         if not (self.model or self.model_paths or self.model_id_with_origin_paths or ":" in (self.family or "")):
             raise ConfigError(
                 "no model given: pass --model (a preset or a local folder), --model_paths or --model_id_with_origin_paths"
@@ -695,9 +710,15 @@ class TrainConfig:
             raise ConfigError(f"--dataset_base_path {self.dataset_base_path}: no such folder")
         if self.dataset_metadata_path is not None and not Path(self.dataset_metadata_path).is_file():
             raise ConfigError(f"--dataset_metadata_path {self.dataset_metadata_path}: no such file")
+        from .datasets import check_paths as check_dataset_paths
         from .validation_loss import check_paths
 
+        check_dataset_paths(self)  # --dataset_config: each dataset's base_path and metadata_path
         check_paths(self)  # --validation_dataset_base_path / --validation_dataset_metadata_path
+        if self.validation_prompts_file is not None:
+            from .sample_prompts import read_prompts_file
+
+            read_prompts_file(self.validation_prompts_file)  # a bad line fails now, before any model loads
 
     @property
     def training_pixels(self) -> int | list[int]:
@@ -807,6 +828,17 @@ class TrainConfig:
             raise ConfigError(f"--lr_scheduler_min_lr_ratio {self.lr_scheduler_min_lr_ratio} must be in [0, 1)")
         if self.huber_c <= 0:
             raise ConfigError(f"--huber_c {self.huber_c} must be > 0")
+        for flag, value, default, needs, on in (
+            ("lr_scheduler_num_cycles", self.lr_scheduler_num_cycles, 1, "--lr_scheduler cosine_with_restarts",
+             self.lr_scheduler == "cosine_with_restarts"),
+            ("lr_scheduler_power", self.lr_scheduler_power, 1.0, "--lr_scheduler polynomial",
+             self.lr_scheduler == "polynomial"),
+            ("lr_scheduler_min_lr_ratio", self.lr_scheduler_min_lr_ratio, 0.0, "a decaying --lr_scheduler",
+             self.lr_scheduler != "constant"),
+            ("huber_c", self.huber_c, 0.1, "--loss_type huber or smooth_l1", self.loss_type in ("huber", "smooth_l1")),
+        ):  # fmt: skip
+            if value != default and not on:
+                raise ConfigError(f"--{flag} {value} shapes {needs}; this run has none, so it would do nothing")
         if self.loss_type != "mse" and self.task not in ("sft", "direct_distill"):
             raise ConfigError(
                 f"--loss_type {self.loss_type} replaces the flow-matching and direct-distillation losses' squares; "

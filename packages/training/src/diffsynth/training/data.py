@@ -30,6 +30,7 @@
 - The cache (`--stage encode`) stores each encoded sample as `items/NNNNNN.safetensors` and an `index.json`
   with the buckets and the settings that shaped them; training from it needs neither encoders nor VAE. The
   held-out rows of the validation loss are a cache of their own in its `validation/` (`validation_loss.py`).
+- Several datasets in one run (`--dataset_config`), each a `MetadataDataset` of its own settings: `datasets.py`.
 """
 
 from __future__ import annotations
@@ -269,7 +270,8 @@ class MetadataDataset(Dataset):
     With `masked_loss` a row's `loss_mask` file is loaded as `[1, H, W]` in [0, 1] cropped as its media
     (`masks.read_mask`), a video row's mask video as `[1, F, H, W]` from the same frames as its video
     (`masks.read_mask_video`); without it the column is left as it is. `alpha_mask` (which implies `masked_loss`) takes
-    a maskless row's picture transparency as its mask."""
+    a maskless row's picture transparency as its mask. A dataset with no mask at all is an error unless not
+    `require_masks` (one of several datasets, `datasets.CombinedDataset`, where another has them)."""
 
     def __init__(
         self,
@@ -292,6 +294,7 @@ class MetadataDataset(Dataset):
         frame_stride: int | None = None,
         frame_samples: int = 1,
         fps: float | None = None,
+        require_masks: bool = True,
     ):
         if image_mode not in ("RGB", "RGBA"):
             raise ConfigError(f"image_mode={image_mode!r} is not accepted; use 'RGB' or 'RGBA'")
@@ -358,9 +361,9 @@ class MetadataDataset(Dataset):
             preview(sorted(set(self.buckets)), 6),
         )
         if self.masked_loss:
-            self._check_masks(alpha_mask)
+            self._check_masks(alpha_mask, require_masks)
 
-    def _check_masks(self, alpha: bool) -> None:
+    def _check_masks(self, alpha: bool, required: bool = True) -> None:
         """`--masked_loss` needs some rows with a mask file (each one picture, or a video for a video row) or, with
         `--alpha_mask`, a transparent picture."""
         masked = [i for i, row in enumerate(self.rows) if row.get(MASK_COLUMN)]
@@ -370,7 +373,7 @@ class MetadataDataset(Dataset):
                 path = self.base / str(row[main])
                 if not row.get(MASK_COLUMN) and path.suffix.lower() in IMAGE_SUFFIXES and has_alpha(path):
                     self.alpha_masked.add(i)
-        if not masked and not self.alpha_masked:
+        if not masked and not self.alpha_masked and required:
             transparency = " or transparency (--alpha_mask)" if alpha else ""
             raise ConfigError(
                 f"--masked_loss: no row of {self.metadata} has a mask{transparency}; give rows a {MASK_COLUMN!r} "
@@ -461,30 +464,59 @@ class MetadataDataset(Dataset):
     def _clip_starts(self, index: int) -> list[int]:
         """The first frames of a row's clips (`--video_frame_extraction`, on the `fps` timeline): `[0]` for a
         picture and for `head`; `chunk` cuts the video into `num_frames` pieces, `slide` starts one every
-        `frame_stride` frames, `uniform` spreads `frame_samples` clips evenly from start to end."""
-        from diffsynth.runtime.media import resampled_length, video_frame_count
-
-        row = self.rows[index]
-        main = next(k for k in self.media if row.get(k))
-        path = self.base / str(row[main])
-        if self.frame_extraction == "head" or isinstance(row[main], list) or path.suffix.lower() not in VIDEO_SUFFIXES:
+        `frame_stride` frames, `uniform` spreads `frame_samples` clips evenly from start to end. The clips fit the
+        shortest of the row's videos (its video, conditioning videos and mask video), frames counted from their
+        timestamps; for `head` at the files' own rates only from the frame counts their headers state (a long file
+        is not read through then; one without a count fails when read, naming it)."""
+        videos = self._row_videos(index)
+        if not videos:
             return [0]
-        count = video_frame_count(path)
-        if self.fps is not None:
-            count = resampled_length(count, video_frame_rate(path), self.fps)
+        counted = [(self._frame_count(path), column, name) for column, name, path in videos]
+        counted = [entry for entry in counted if entry[0] is not None]
+        if not counted:
+            return [0]
+        count, column, name = min(counted)
         room = count - self.num_frames  # the last start that leaves a whole clip
         if room < 0:
             at = "" if self.fps is None else f" at {self.fps:g} fps"
             raise ConfigError(
-                f"{self.metadata} row {index + 1}: {row[main]} has {count} frames{at}, fewer than one clip of "
-                f"--num_frames {self.num_frames}"
+                f"{self.metadata} row {index + 1} column {column}: {name} has {count} frames{at}, fewer than one "
+                f"clip of --num_frames {self.num_frames}"
             )
+        if self.frame_extraction == "head":
+            return [0]
         if self.frame_extraction == "chunk":
             return list(range(0, room + 1, self.num_frames))
         if self.frame_extraction == "slide":
             return list(range(0, room + 1, self.frame_stride or self.num_frames))
         samples = self.frame_samples
         return sorted({round(k * room / (samples - 1)) for k in range(samples)}) if samples > 1 else [0]
+
+    def _row_videos(self, index: int) -> list[tuple[str, str, Path]]:
+        """(column, name, path) of each video file a video row's sample reads with its frames: its video,
+        conditioning videos and (with --masked_loss) mask video; lists of files are left out (each is read alone)."""
+        row = self.rows[index]
+        main = row[next(k for k in self.media if row.get(k))]
+        if not isinstance(main, str) or Path(main).suffix.lower() not in VIDEO_SUFFIXES:
+            return []  # a picture row: one sample (its mask is checked as a picture's)
+        columns = [*self.file_keys, *([MASK_COLUMN] if self.masked_loss else [])]
+        videos = []
+        for column in dict.fromkeys(columns):
+            value = row.get(column)
+            if column in AUDIO_KEYS or not isinstance(value, str) or Path(value).suffix.lower() not in VIDEO_SUFFIXES:
+                continue
+            videos.append((column, value, self.base / value))
+        return videos
+
+    def _frame_count(self, path: Path) -> int | None:
+        """The frames a video gives a clip: all its frames, or those of its timeline at `fps`; for `head` at its own
+        rate the header's count (None where it states none)."""
+        from diffsynth.runtime.media import resampled_length, video_frame_times, video_header_frames
+
+        if self.frame_extraction == "head" and self.fps is None:
+            return video_header_frames(path)
+        times, end = video_frame_times(path)
+        return len(times) if self.fps is None else resampled_length(end, self.fps)
 
     def _add_sound(self, row: dict[str, Any], index: int, start: int = 0) -> None:
         """A video row's `frame_rate` (`fps` when the videos are resampled) and `audio` / `audio_sample_rate` (see
@@ -565,7 +597,14 @@ class CachedDataset(Dataset):
         index = json.loads(index_path.read_text())
         if index.get("version") != CACHE_VERSION:
             raise ConfigError(f"--cache_dir {self.root} was written by another version; encode it again")
+        datasets = index["settings"].get("datasets")  # --dataset_config: each dataset's settings (datasets.py)
+        if expected is not None and datasets != expected.get("datasets"):
+            from .datasets import changed_dataset
+
+            raise ConfigError(changed_dataset(self.root, datasets, expected.get("datasets")))
         for name, value in (expected or {}).items():
+            if name == "datasets":
+                continue
             if name == "metadata_sha256" and value is not None and index["settings"].get(name) != value:
                 raise ConfigError(
                     f"--cache_dir {self.root} was encoded from another version of the dataset's metadata; "

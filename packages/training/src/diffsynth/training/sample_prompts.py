@@ -1,6 +1,6 @@
 """`--validation_prompts_file`: validation prompts, each with its own size, steps, seed, guidance, negative prompt
 and reference pictures, in the sample-prompt format kohya's sd-scripts and musubi-tuner read, so the files their
-users already have work unchanged:
+users already have work here too (the options this engine has a setting for; others are refused by name):
 
     # a comment
     a photo of sks dog on a beach --w 1024 --h 768 --s 28 --d 42 --l 4.0 --n blurry, low quality

@@ -70,6 +70,17 @@ from .data import (
     write_cache,
     write_cache_index,
 )
+from .datasets import (
+    LOSS_WEIGHTS_KEY,
+    CombinedDataset,
+    attach_loss_weights,
+    dataset_entries,
+    dataset_settings,
+    take_loss_weights,
+    take_row_weights,
+    uses_dataset_config,
+    weighted_by_dataset,
+)
 from .distributed import (
     DEEPSPEED_FOLDER,
     PreparedDenoiser,
@@ -110,7 +121,22 @@ _RESUMABLE_CHANGES = {
     "keep_last",
     "log_every",
     "dataset_num_workers",
-}
+    "report_to",
+    "tracker_project_name",
+    "validation_prompts",
+    "validation_prompts_file",
+    "validation_images",
+    "validation_steps",
+    "validation_seed",
+    "validation_height",
+    "validation_width",
+    "validation_num_inference_steps",
+    "sample_at_first",
+    "validation_dataset_base_path",
+    "validation_dataset_metadata_path",
+    "validation_loss_steps",
+    "validation_loss_sigmas",
+}  # what a resumed run may change without training differently (what it saves, logs and samples)
 
 
 @dataclass
@@ -245,7 +271,9 @@ def setup(config: TrainConfig) -> Run:
     if cfg.enable_model_cpu_offload and denoiser not in cfg.offload_models:  # DiffSynth-Studio's flag
         cfg = replace(cfg, offload_models=[*cfg.offload_models, denoiser]).check()
     # a family whose denoiser has weights that never get a gradient says so (Qwen-Image's last text stream)
-    find_unused = cfg.find_unused_parameters or getattr(cls, "ddp_find_unused_parameters", False)
+    # a LoHa / LoKr layer --module_dropout leaves out of a step gets no gradient in that step's process
+    find_unused = cfg.find_unused_parameters or cfg.module_dropout > 0
+    find_unused = find_unused or getattr(cls, "ddp_find_unused_parameters", False)
     acc = make_accelerator(cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
     offload.check_processes(cfg, acc)
     set_seed(cfg.seed)
@@ -272,7 +300,8 @@ def setup(config: TrainConfig) -> Run:
         trajectory.check_run(cfg, task)
     check_timestep_sampling(cfg, task)
     if cfg.samples_validation and not callable(getattr(task, "sample", None)):
-        raise ConfigError(f"--validation_prompts: the {task.family} training task cannot sample images yet")
+        flag = "--validation_prompts" if cfg.validation_prompts else "--validation_prompts_file"
+        raise ConfigError(f"{flag}: the {task.family} training task cannot sample images yet")
     references = validation_references(cfg, task)
     prompt_lines = prompts_file_samples(cfg, task)
     if cfg.use_gradient_checkpointing:
@@ -569,7 +598,7 @@ def flow_matching_loss(
     error = weighted_mean(run, batch, elementwise_loss(cfg, predicted.float() - scheduler.training_target(x0, noise)))
     if cfg.loss_weighting == "scheduler":
         error = error * scheduler.training_weight(sigma).to(x0.device)
-    return error.mean()
+    return weighted_by_dataset(batch, error).mean()  # --dataset_config loss_weight
 
 
 @dataclass(frozen=True)
@@ -628,7 +657,8 @@ def direct_distill_loss(run: Run, model: nn.Module, batch: dict[str, Any], plan:
     without CFG and with gradients through every step, and take the MSE between the result and the row's
     latents (an image the model made with many steps from the same seed); `--loss_type` other than mse in its place."""
     difference = distill_sample(run, model, batch, plan) - batch["latents"].float()
-    return weighted_mean(run, batch, elementwise_loss(run.config, difference)).mean()
+    error = weighted_mean(run, batch, elementwise_loss(run.config, difference))
+    return weighted_by_dataset(batch, error).mean()  # --dataset_config loss_weight
 
 
 def elementwise_loss(cfg: TrainConfig, difference: torch.Tensor) -> torch.Tensor:
@@ -997,11 +1027,12 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     set_rng_state(rng)
     before, now = saved["config"], run.config.to_dict()
-    changed = [k for k in now if k not in _RESUMABLE_CHANGES and before.get(k) != now[k]]
+    defaults = TrainConfig().to_dict()  # a setting newer than the checkpoint took its default there
+    changed = [k for k in now if k not in _RESUMABLE_CHANGES and before.get(k, defaults[k]) != now[k]]
     if changed:
         logger.warning(
             "resuming with changed settings (the run will not match an uninterrupted one): %s",
-            ", ".join(f"--{k} {before.get(k)!r} -> {now[k]!r}" for k in changed),
+            ", ".join(f"--{k} {before.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed),
         )
     progress = saved["progress"]
     logger.info("resumed from %s: step %d, epoch %d", folder, progress["step"], progress["epoch"] + 1)
@@ -1202,10 +1233,20 @@ def encoding_settings(cfg: TrainConfig, task: TrainingTask) -> dict[str, Any]:
     options = {k: v for k, v in sorted(cfg.task_options.items()) if k not in loss_only}
     masked = {"masked_loss": True} if cfg.uses_loss_masks else {}  # a cache without masks is refused then
     masked["alpha_mask"] = cfg.alpha_mask  # the masks a cache holds: files, or the pictures' transparency
-    return {**cache_settings(cfg, task.family), "task_options": options, **masked}
+    datasets = dataset_settings(cfg, task.family)  # --dataset_config: each dataset's settings and metadata
+    listed = {} if datasets is None else {"datasets": datasets}
+    return {**cache_settings(cfg, task.family), "task_options": options, **masked, **listed}
 
 
-def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
+def make_dataset(
+    cfg: TrainConfig, task: TrainingTask, *, require_masks: bool = True
+) -> MetadataDataset | CombinedDataset:
+    """The run's dataset: `--dataset_base_path`, or each dataset of `--dataset_config` with its own settings, one
+    after the other (`datasets.CombinedDataset`; with `--masked_loss` some dataset, not each, must have masks)."""
+    if uses_dataset_config(cfg):
+        entries = dataset_entries(cfg)
+        parts = [make_dataset(e.config, task, require_masks=False) for e in entries]
+        return CombinedDataset(parts, entries, cfg.dataset_config)
     m = task.size_multiple
     for name in ("height", "width", "bucket_step"):
         value = getattr(cfg, name)
@@ -1230,6 +1271,7 @@ def make_dataset(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
         frame_stride=cfg.video_frame_stride,
         frame_samples=cfg.video_frame_samples,
         fps=cfg.video_fps,
+        require_masks=require_masks,
     )
 
 
@@ -1255,7 +1297,10 @@ def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
     else:
         samples = encode_with_masks(run.task, items)
     masks = take_masks(samples)
+    loss_weights = take_loss_weights(samples, run.accelerator.device)  # --dataset_config loss_weight
     batch = _to_device(run.task.collate(samples), run.accelerator.device)
+    if loss_weights is not None:
+        batch[LOSS_WEIGHTS_KEY] = loss_weights
     if run.config.uses_loss_masks:
         weights = batch_weights(masks, batch["latents"], run.config.unmasked_weight)
         if weights is not None:
@@ -1266,9 +1311,11 @@ def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
 def encode_with_masks(task: TrainingTask, rows: list[dict]) -> list[dict]:
     """The task's encoded samples (no grad), with the rows' `--masked_loss` masks on their latent grids (a mask
     video's frames grouped as the task says, `masks.temporal_compression`)."""
+    rows, loss_weights = take_row_weights(rows)  # --dataset_config loss_weight: kept with the encoded sample
     with torch.no_grad():
         samples = task.encode(rows)
     attach_masks(rows, samples, temporal_compression(task))
+    attach_loss_weights(loss_weights, samples)
     return samples
 
 

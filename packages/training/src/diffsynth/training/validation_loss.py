@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the trainer and the config import this module; the trainer'
 
 logger = logging.getLogger(__name__)
 METRIC = "val_loss"  # the key in OUTPUT/metrics.jsonl and in the trackers
+DEFAULT_SIGMAS = 4  # --validation_loss_sigmas' default
 CACHE_FOLDER = "validation"  # the held-out rows' place in --cache_dir (`--stage encode`)
 
 
@@ -102,6 +103,7 @@ def held_out_config(cfg: TrainConfig) -> TrainConfig:
         cfg,
         dataset_base_path=cfg.validation_dataset_base_path,
         dataset_metadata_path=cfg.validation_dataset_metadata_path,
+        dataset_config=None,
     )
 
 
@@ -116,7 +118,7 @@ def read_rows(cfg: TrainConfig, task: TrainingTask) -> MetadataDataset:
 
     flag = f"--validation_dataset_base_path {cfg.validation_dataset_base_path}"
     try:
-        dataset = make_dataset(held_out_config(cfg), task)
+        dataset = make_dataset(held_out_config(cfg), task, require_masks=False)  # rows without masks count fully
     except ConfigError as error:
         raise ConfigError(f"{flag}: {error}") from None
     if len(dataset) == 0:
@@ -260,8 +262,9 @@ def check(cfg: TrainConfig) -> None:
     """The `--validation_dataset_*` / `--validation_loss_*` settings, each error naming its flag (from
     `TrainConfig.check`)."""
     given = cfg.validation_dataset_base_path is not None
-    for name in ("validation_dataset_metadata_path", "validation_loss_steps"):
-        if getattr(cfg, name) is not None and not given:
+    for name in ("validation_dataset_metadata_path", "validation_loss_steps", "validation_loss_sigmas"):
+        default = DEFAULT_SIGMAS if name == "validation_loss_sigmas" else None
+        if getattr(cfg, name) != default and not given:
             raise ConfigError(f"--{name} belongs to the validation loss; give --validation_dataset_base_path too")
     for name in ("validation_loss_steps", "validation_loss_sigmas"):
         value = getattr(cfg, name)
