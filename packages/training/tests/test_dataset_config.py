@@ -107,9 +107,12 @@ def test_a_cached_run_equals_the_direct_run_and_keeps_the_loss_weights(tmp_path,
     config = toy_config(tmp_path / "runs", dataset_config=write_config(tmp_path / "d.yaml", entries))
     runs = train_direct_and_cached(config)
     direct, cached = runs.losses()
-    assert len(direct) == 3 and direct == cached
+    # the two encode in different batches, so the float sums may round apart in the last bits (as test_trainer's)
+    assert len(direct) == 3 and cached == pytest.approx(direct, rel=1e-6)
     want, got = runs.checkpoints(3)
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
     assert LOSS_WEIGHT_KEY not in runs.cached_item(0) and float(runs.cached_item(3)[LOSS_WEIGHT_KEY]) == 2.0
 
 
@@ -247,3 +250,200 @@ def test_direct_distillation_weighs_each_sample_by_its_dataset(tmp_path):
     first, second = loss([0]), loss([1])  # rows 0 and 1 at weight 1
     assert loss([2]) == 3 * first and first > 0
     torch.testing.assert_close(loss([0, 3]), (first + 3 * second) / 2, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------------- musubi-tuner's and kohya's files
+def write_toml(path, general, datasets) -> str:
+    """A dataset config TOML as musubi-tuner and kohya write them (`subsets` become `[[datasets.subsets]]`)."""
+
+    def table(values, indent=""):
+        return "".join(f"{indent}{k} = {json.dumps(v)}\n" for k, v in values.items() if k != "subsets")
+
+    text = f"[general]\n{table(general)}"
+    for dataset in datasets:
+        text += f"\n[[datasets]]\n{table(dataset)}"
+        for subset in dataset.get("subsets", []):
+            text += f"\n  [[datasets.subsets]]\n{table(subset, '  ')}"
+    path.write_text(text)
+    return str(path)
+
+
+def captioned(folder, count, seed=0, uncaptioned=0):
+    """`count` captioned 64x64 pictures (`img{i}.png` + `img{i}.txt`), then `uncaptioned` without a caption."""
+    names = write_images(folder, [(64, 64)] * (count + uncaptioned), seed=seed)
+    for i, name in enumerate(names[:count]):
+        (folder / name).with_suffix(".txt").write_text(PROMPTS[i % len(PROMPTS)])
+    return folder
+
+
+def captioned_videos(folder, frames=(12, 9)):
+    """Videos `clip{i}.mp4` (32x32, 8 fps, `frames[i]` frames) each captioned by `clip{i}.txt`."""
+    from PIL import Image
+
+    from diffsynth.runtime.media import save_video
+
+    folder.mkdir(parents=True)
+    for i, count in enumerate(frames):
+        pictures = [Image.new("RGB", (32, 32), (16 * k, 8 * i, 0)) for k in range(count)]
+        save_video(pictures, folder / f"clip{i}.mp4", fps=8, quality=10)
+        (folder / f"clip{i}.txt").write_text(PROMPTS[i])
+    return folder
+
+
+def same_datasets(tmp_path, theirs, ours, **run):
+    """The entries and the combined datasets of their file and of ours are the same: settings, repeats, loss
+    weights, buckets, samples."""
+    got = dataset_entries(toy_config(tmp_path, dataset_config=theirs, **run))
+    want = dataset_entries(toy_config(tmp_path, dataset_config=ours, **run))
+    assert [(e.config, e.repeats, e.loss_weight) for e in got] == [(e.config, e.repeats, e.loss_weight) for e in want]
+    a, b = (
+        setup(toy_config(tmp_path, dataset_config=theirs, **run)),
+        setup(toy_config(tmp_path, dataset_config=ours, **run)),
+    )
+    assert len(a.dataset) == len(b.dataset) and a.dataset.buckets == b.dataset.buckets
+    assert a.dataset.repeats == b.dataset.repeats and a.steps_per_epoch == b.steps_per_epoch
+    for i in range(len(a.dataset)):
+        x, y = a.dataset[i], b.dataset[i]
+        assert x.keys() == y.keys() and x["prompt"] == y["prompt"]
+        assert all(torch.equal(x[k], y[k]) for k in x if isinstance(x[k], torch.Tensor))
+    return got
+
+
+def test_a_musubi_file_reads_as_the_same_datasets_in_our_names(tmp_path):
+    from diffsynth_training_toy import VIDEO_TASK
+
+    pictures, videos = captioned(tmp_path / "pictures", 3), captioned_videos(tmp_path / "videos")
+    general = {"resolution": [32, 32], "caption_extension": ".txt", "batch_size": 2, "enable_bucket": True}
+    general |= {"bucket_no_upscale": True, "num_repeats": 2}
+    musubi = [
+        {"image_directory": str(pictures), "cache_directory": str(tmp_path / "cache")},
+        {"video_directory": str(videos), "cache_directory": str(tmp_path / "cache2"), "target_frames": [4]}
+        | {"frame_extraction": "chunk", "num_repeats": 3, "enable_bucket": False, "resolution": [32, 16]},
+    ]
+    ours = [
+        {"base_path": str(pictures), "repeats": 2, "max_pixels": 32 * 32},
+        {"base_path": str(videos), "repeats": 3, "width": 32, "height": 16, "num_frames": 4}
+        | {"video_frame_extraction": "chunk"},
+    ]
+    theirs = write_toml(tmp_path / "musubi.toml", general, musubi)
+    entries = same_datasets(tmp_path, theirs, write_config(tmp_path / "ours.yaml", ours), family=VIDEO_TASK)
+    assert [e.repeats for e in entries] == [2, 3]  # and the clips: 12 frames in 3 chunks of 4, 9 in 2
+    assert len(setup(toy_config(tmp_path, dataset_config=theirs, family=VIDEO_TASK)).dataset) == 3 + 3 + 2
+    # several target_frames: the dataset once per length (with batches of one)
+    several = write_toml(tmp_path / "several.toml", {}, [{"video_directory": str(videos), "target_frames": [1, 4]}])
+    ours = [{"base_path": str(videos), "num_frames": n} for n in (1, 4)]
+    same_datasets(tmp_path, several, write_config(tmp_path / "o.yaml", ours), family=VIDEO_TASK, batch_size=1)
+
+
+def test_a_musubi_jsonl_file_reads_its_image_path_and_caption(tmp_path):
+    folder = captioned(tmp_path / "pictures", 3)
+    rows = [{"image_path": str(folder / f"img{i}.png"), "caption": PROMPTS[i]} for i in range(3)]
+    (tmp_path / "musubi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    theirs = write_toml(tmp_path / "m.toml", {}, [{"image_jsonl_file": str(tmp_path / "musubi.jsonl")}])
+    got = setup(toy_config(tmp_path, dataset_config=theirs)).dataset
+    want = setup(toy_config(tmp_path, dataset_config=write_config(tmp_path / "o.yaml", [{"base_path": str(folder)}])))
+    assert [got[i]["prompt"] for i in range(3)] == PROMPTS[:3] and got.buckets == want.dataset.buckets
+    assert all(torch.equal(got[i]["image"], want.dataset[i]["image"]) for i in range(3))
+    rows[1]["control_path"] = rows[1]["image_path"]
+    (tmp_path / "musubi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"dataset 1: image_jsonl_file .*musubi.jsonl row 2 has control_path"):
+        dataset_entries(toy_config(tmp_path, dataset_config=theirs))
+
+
+def test_a_kohya_file_reads_its_subsets_repeats_and_regularization(tmp_path):
+    subject, reg = captioned(tmp_path / "subject", 2), captioned(tmp_path / "reg", 6, seed=1)
+    general = {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 0, "resolution": 64}
+    general |= {"enable_bucket": True, "bucket_no_upscale": True}
+    kohya = [
+        {"batch_size": 2, "prior_loss_weight": 0.5, "resolution": [64, 32]}
+        | {
+            "subsets": [
+                {"image_dir": str(subject), "num_repeats": 3, "class_tokens": "sks dog"},
+                {"image_dir": str(reg), "is_reg": True, "class_tokens": "dog", "cache_info": True},
+            ]
+        },
+        {"subsets": [{"image_dir": str(subject)}]},  # general's resolution, one repeat, a weight of 1
+    ]
+    ours = [
+        {"base_path": str(subject), "repeats": 3, "max_pixels": 64 * 32},
+        {"base_path": str(reg), "loss_weight": 0.5, "max_pixels": 64 * 32},
+        {"base_path": str(subject), "max_pixels": 64 * 64},
+    ]
+    theirs = write_toml(tmp_path / "kohya.toml", general, kohya)
+    entries = same_datasets(tmp_path, theirs, write_config(tmp_path / "ours.yaml", ours))
+    assert [(e.repeats, e.loss_weight) for e in entries] == [(3, 1.0), (1, 0.5), (1, 1.0)]
+    assert entries[1].where == f"--dataset_config {theirs} dataset 1 subset 2"
+    # kohya fits 6 regularization pictures to 2 x 3 training ones; with 4 repeats they would not fit: refused
+    kohya[0]["subsets"][0]["num_repeats"] = 4
+    write_toml(tmp_path / "kohya.toml", general, kohya)
+    with pytest.raises(
+        ConfigError, match=r"dataset 1: its regularization subsets \(is_reg\) give 6 .*training subsets 8"
+    ):
+        dataset_entries(toy_config(tmp_path, dataset_config=theirs))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"frame_extraction": "full"}, r"frame_extraction full \(each whole video, of its own length\) is not supp"),
+        ({"source_fps": 30.0}, r"source_fps is not supported here: .* give video_fps .* or --video_fps"),
+        ({"max_frames": 45}, r"max_frames is not supported here: it bounds frame_extraction full"),
+        ({"control_directory": "c"}, r"control_directory is not supported here"),
+        ({"metadata_file": "m.json"}, r"metadata_file is not supported here: kohya's fine-tuning metadata"),
+        ({"fp_latent_window_size": 9}, r"fp_latent_window_size is not supported here: FramePack's"),
+        ({"caption_extension": ".md"}, r"caption_extension '.md' is not read here; captions are .txt or .caption"),
+        ({"batch_size": 4}, r"batch_size 4 is the run's --batch_size here, which is 2 .*pass --batch_size 4"),
+        ({"shuffle_caption": True}, r"shuffle_caption True is the run's --shuffle_caption here, which is False"),
+        ({"caption_dropout_rate": 0.1}, r"caption_dropout_rate 0.1 is the run's --caption_dropout here"),
+        ({"keep_tokens": 1}, r"keep_tokens 1 is the run's --keep_tokens here"),
+        ({"color_aug": True}, r"color_aug True is not supported here \(only color_aug = False\)"),
+        ({"target_frames": [1, 5]}, r"target_frames \[1, 5\] trains clips of several lengths, .*--batch_size 2"),
+        ({"resolution": [64]}, r"resolution \[64\] must be a number of pixels or \[width, height\]"),
+        ({"num_repeats": 2, "repeats": 2}, r"num_repeats and repeats both give the dataset's repeats"),
+        ({"is_reg": True, "loss_weight": 2}, r"is_reg and loss_weight both give"),
+        ({"class_tokens": "dog"}, r"class_tokens 'dog' would caption 1 pictures without a caption file \('img3.png'\)"),
+        ({"repeet": 2}, r"unknown key 'repeet'; the known keys are base_path, .* and of musubi-tuner's and kohya's "),
+    ],
+)
+def test_what_their_files_cannot_mean_here_is_refused_by_name(tmp_path, values, message):
+    folder = captioned(tmp_path / "pictures", 3, uncaptioned=1 if "class_tokens" in values else 0)
+    path = write_toml(tmp_path / "d.toml", {}, [{"image_directory": str(captioned(tmp_path / "a", 1))},
+                                                {"image_directory": str(folder), **values}])  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"--dataset_config {path} dataset 2: {message}"):
+        toy_config(tmp_path, dataset_config=path).check().check_data_paths()
+
+
+def test_a_folder_with_a_metadata_file_or_two_caption_extensions_is_refused(tmp_path):
+    folder = captioned(tmp_path / "pictures", 2)
+    (folder / "img0.caption").write_text("another caption")  # read after img0.txt: .txt is taken as it is
+    dataset_entries(toy_config(tmp_path, dataset_config=write_toml(tmp_path / "t.toml", {}, [{"image_dir": str(folder)}
+        | {"caption_extension": ".txt"}])))  # fmt: skip
+    path = write_toml(tmp_path / "d.toml", {"caption_extension": ".caption"}, [{"image_dir": str(folder)}])
+    with pytest.raises(
+        ConfigError,
+        match=r"'.caption', but 2 pictures \('img0.png', 'img1.png'\) would be captioned here by their .txt",
+    ):
+        dataset_entries(toy_config(tmp_path, dataset_config=path))
+    write_dataset(folder, [(64, 64)])  # metadata.csv, which would be read in place of the captions
+    path = write_toml(tmp_path / "d.toml", {}, [{"image_dir": str(folder)}])
+    with pytest.raises(ConfigError, match=r"dataset 1: image_dir .* holds metadata.csv, which is read here in place"):
+        dataset_entries(toy_config(tmp_path, dataset_config=path))
+
+
+def test_the_readme_toml_example_reads(tmp_path, monkeypatch):
+    from diffsynth.runtime.testing.readme import blocks
+
+    readme = Path(__file__).parents[1] / "README.md"
+    (example,) = [b.code for b in blocks(readme.read_text()) if b.lang == "toml" and "[[datasets]]" in b.code]
+    monkeypatch.chdir(tmp_path)
+    captioned(tmp_path / "data" / "subject", 2)
+    (tmp_path / "data" / "clips").mkdir()
+    (tmp_path / "datasets.toml").write_text(example)
+    config = toy_config(tmp_path, dataset_config="datasets.toml", batch_size=1).check()
+    config.check_data_paths()
+    entries = dataset_entries(config)
+    assert [(e.config.dataset_base_path, e.repeats, e.config.max_pixels) for e in entries] == [
+        ("data/subject", 10, 960 * 544),
+        ("data/clips", 1, 960 * 544),
+    ]
+    assert (entries[1].config.num_frames, entries[1].config.video_frame_extraction) == (33, "chunk")

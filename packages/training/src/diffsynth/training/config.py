@@ -65,7 +65,7 @@ class TrainConfig:
         None,
         "several datasets in one run (in place of --dataset_base_path): a .yaml (or .toml) file listing them, each "
         "with its base_path and optionally metadata_path, repeats, loss_weight, trigger_word and its own sizes and "
-        "video clips (see datasets.py)",
+        "video clips; musubi-tuner's and kohya's dataset config files read as they are (see datasets.py)",
         "data",
     )
     data_file_keys: list[str] = _arg(["image", "video"], "metadata columns that hold file paths", "data")

@@ -5,6 +5,7 @@
   `{"image" or "video": file, "prompt": caption}`, with `"loss_mask"` where a `cat_01-masklabel.png` is beside
   it (see `masks.py`). kohya's DreamBooth layout works too: a top-level subfolder `10_sks dog/` repeats its rows
   10 times an epoch, and a picture there without a caption file takes the folder's words (`sks dog`) as prompt.
+- musubi-tuner's JSONL rows (`{"image_path" or "video_path": file, "caption": text}`) read as ours (`COLUMN_ALIASES`).
 - A row's optional `repeats` column (a whole number >= 1) shows it that many times an epoch (times
   `--dataset_repeat`), e.g. to balance a few pictures of a subject against many regularisation pictures.
 
@@ -64,6 +65,7 @@ AUDIO_KEY = "audio"  # the metadata column of a row's sound (see `read_audio`), 
 AUDIO_KEYS = (AUDIO_KEY, "input_audio")  # the sound's columns: ours, DiffSynth-Studio's
 REPEATS_COLUMN = "repeats"  # a row's times per epoch
 KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")  # kohya's DreamBooth folder: `<repeats>_<class words>`
+COLUMN_ALIASES = {"image_path": "image", "video_path": "video", "caption": "prompt"}  # musubi-tuner's JSONL names
 CACHE_VERSION = 1
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -165,7 +167,15 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"{path} must hold a list of objects (one per sample)")
     if not rows:
         raise ConfigError(f"{path} holds no samples")
-    return rows
+    return [_our_columns(row) for row in rows]
+
+
+def _our_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with musubi-tuner's column names (`image_path`, `video_path`, `caption`) under ours, where it does not
+    also have ours."""
+    if not any(alias in row and name not in row for alias, name in COLUMN_ALIASES.items()):
+        return row
+    return {(COLUMN_ALIASES[k] if COLUMN_ALIASES.get(k) not in (None, *row) else k): v for k, v in row.items()}
 
 
 # ----------------------------------------------------------------------------------- sizes

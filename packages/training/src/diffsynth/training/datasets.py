@@ -15,6 +15,13 @@ A `.toml` file holds the same as `[[datasets]]` tables; a bare YAML list of the 
 `video_frame_extraction` / `video_frame_stride` / `video_frame_samples` (any of them replaces the run's three) and
 `video_fps`, and `trigger_word`; what it leaves out is the run's. Relative paths are read as on the command line.
 
+musubi-tuner's and kohya's dataset config files read as they are (`_our_names`): a `[general]` table gives every
+dataset its defaults, each of kohya's `[[datasets.subsets]]` is a dataset, and their keys become ours (`image_directory`,
+`video_directory`, `image_dir` -> base_path, `num_repeats` -> repeats, `resolution` with `enable_bucket` -> max_pixels
+or width + height, `target_frames` -> num_frames, `is_reg` -> loss_weight `prior_loss_weight`, ...). Their options that
+are the run's flags here (`batch_size`, kohya's caption options) are taken when they equal the flag; what cannot be
+honoured is refused naming the key (`REFUSED`, `INERT`).
+
 Each dataset is a `data.MetadataDataset` of its own settings; `CombinedDataset` puts their samples one after the
 other, each with its own bucket (a batch still holds one bucket, `data.batch_plan`). A sample of a dataset whose
 `loss_weight` is not 1 carries it (`LOSS_WEIGHT_KEY`) into its encoded sample and the cache, and the loss multiplies
@@ -25,8 +32,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,11 +44,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 from .config import TrainConfig, _coerce, _hints
-from .data import MetadataDataset, cache_settings
-from .masks import MASK_COLUMN
+from .data import CAPTION_SUFFIXES, METADATA_NAMES, MetadataDataset, cache_settings
+from .masks import MASK_COLUMN, is_mask_file
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +87,16 @@ def dataset_entries(cfg: TrainConfig) -> list[DatasetEntry]:
     if not uses_dataset_config(cfg):
         return []
     path = Path(cfg.dataset_config)
-    items = _read(path)
-    return [_entry(cfg, item, f"--dataset_config {path} dataset {i + 1}") for i, item in enumerate(items)]
+    items, general = _read(path)
+    return [
+        _entry(cfg, ours, where)
+        for i, item in enumerate(items)
+        for where, ours in _our_names(cfg, general, item, f"--dataset_config {path} dataset {i + 1}")
+    ]
 
 
-def _read(path: Path) -> list:
+def _read(path: Path) -> tuple[list, Mapping]:
+    """The file's datasets and its `general` table (musubi-tuner's and kohya's defaults of every dataset)."""
     if not path.is_file():
         raise ConfigError(f"--dataset_config {path}: no such file")
     if path.suffix.lower() == ".toml":
@@ -98,15 +113,18 @@ def _read(path: Path) -> list:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             raise ConfigError(f"--dataset_config {path}: {error}") from None
-    if isinstance(data, Mapping) and set(data) == {"datasets"}:
-        data = data["datasets"]
+    general: Any = {}
+    if isinstance(data, Mapping) and "datasets" in data and set(data) <= {"datasets", "general"}:
+        data, general = data["datasets"], data.get("general", {})
+    if not isinstance(general, Mapping):
+        raise ConfigError(f"--dataset_config {path}: general must be a table of key = value, got {general!r}")
     if not isinstance(data, list) or not data:
         got = f"the keys {', '.join(map(str, data))}" if isinstance(data, Mapping) else repr(data)
         raise ConfigError(
             f"--dataset_config {path}: expected a list of datasets under the key datasets (each a mapping with "
             f"base_path), got {got}"
         )
-    return data
+    return data, general
 
 
 def _entry(cfg: TrainConfig, item: Any, where: str) -> DatasetEntry:
@@ -114,7 +132,7 @@ def _entry(cfg: TrainConfig, item: Any, where: str) -> DatasetEntry:
         raise ConfigError(f"{where}: expected a mapping of key: value (base_path: ...), got {item!r}")
     for key in item:
         if key not in KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}; the known keys are {', '.join(KEYS)}")
+            raise ConfigError(f"{where}: unknown key {key!r}; {_known_keys()}")
     if item.get("base_path") in (None, ""):
         raise ConfigError(f"{where}: base_path is required (the dataset's folder)")
     overrides: dict[str, Any] = {}
@@ -142,6 +160,297 @@ def _entry(cfg: TrainConfig, item: Any, where: str) -> DatasetEntry:
             "own objective"
         )
     return DatasetEntry(where, config, repeats, float(weight))
+
+
+# ----------------------------------------------------------------------------------- musubi-tuner's and kohya's files
+FOLDER_KEYS = ("image_directory", "video_directory", "image_dir")  # -> base_path, a folder of captioned files
+JSONL_KEYS = ("image_jsonl_file", "video_jsonl_file")  # -> metadata_path (rows {"image_path", "caption"}, data.py)
+RUN_FLAGS = {  # their per-dataset options that are the run's flags here: taken when they equal the flag
+    "batch_size": "batch_size",
+    "bucket_reso_steps": "bucket_step",
+    "shuffle_caption": "shuffle_caption",
+    "keep_tokens": "keep_tokens",
+    "keep_tokens_separator": "keep_tokens_separator",
+    "caption_dropout_rate": "caption_dropout",
+    "caption_tag_dropout_rate": "caption_tag_dropout",
+    "flip_aug": "flip_aug",
+    "alpha_mask": "alpha_mask",
+}
+INERT = {  # their options taken at the value that does nothing (their default), refused at any other
+    "caption_separator": ",",
+    "caption_prefix": "",
+    "caption_suffix": "",
+    "enable_wildcard": False,
+    "color_aug": False,
+    "random_crop": False,
+    "caption_dropout_every_n_epochs": 0,
+    "token_warmup_min": 1,
+    "token_warmup_step": 0,
+    "validation_split": 0.0,
+    "network_multiplier": 1.0,
+    "multiple_target": False,
+    "no_resize_control": False,
+}
+IGNORED = {  # their options that change nothing here, with why (logged)
+    "cache_directory": "the encoded cache is the run's --cache_dir",
+    "cache_info": "kohya's record of the pictures' sizes",
+    "validation_seed": "it seeds validation_split, which is 0",
+    "min_bucket_reso": "buckets keep each picture's aspect ratio under the pixel budget, sides not bounded",
+    "max_bucket_reso": "buckets keep each picture's aspect ratio under the pixel budget, sides not bounded",
+}
+REFUSED = {  # their options this trainer cannot honour, with what to do instead
+    "source_fps": "musubi drops frames to the model's rate from this assumed file rate; give video_fps (the rate to "
+    "train at, e.g. 16 for Wan, read from each file's own timestamps) in the dataset or --video_fps for the run",
+    "max_frames": "it bounds frame_extraction full, which is not supported",
+    "control_directory": "control images or videos are not read from a folder; list them in a metadata file column "
+    "the family's task reads (e.g. edit_image) and give metadata_path",
+    "control_resolution": "control images are not read from a folder",
+    "metadata_file": "kohya's fine-tuning metadata (one JSON object keyed by picture) is not read; write a "
+    "metadata.jsonl of rows {image, prompt} and give metadata_path",
+    "conditioning_data_dir": "kohya's ControlNet datasets are not read",
+    "face_crop_aug_range": "there is no face-crop augmentation",
+    "resize_interpolation": "pictures are resized bicubic",
+    "custom_attributes": "kohya's custom attributes are not read",
+    **{
+        key: "FramePack's settings; there is no FramePack training here"
+        for key in (
+            "fp_latent_window_size",
+            "fp_1f_clean_indices",
+            "fp_1f_target_index",
+            "fp_1f_no_post",
+        )
+    },  # fmt: skip
+}
+FOREIGN_KEYS = (
+    *FOLDER_KEYS, *JSONL_KEYS, "subsets", "num_repeats", "resolution", "enable_bucket", "bucket_no_upscale",
+    "caption_extension", "target_frames", "frame_extraction", "frame_stride", "frame_sample", "class_tokens", "is_reg",
+    "prior_loss_weight", *RUN_FLAGS, *INERT, *IGNORED,
+)  # fmt: skip
+
+
+def _known_keys() -> str:
+    return f"the known keys are {', '.join(KEYS)}, and of musubi-tuner's and kohya's files {', '.join(FOREIGN_KEYS)}"
+
+
+def _our_names(cfg: TrainConfig, general: Mapping, item: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(where, entry in our names) of one dataset of the file: itself with the `general` defaults, or each of a
+    kohya dataset's `subsets` with the dataset's then the general settings; musubi-tuner's and kohya's keys become
+    ours (`_translate`)."""
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of key: value (base_path: ...), got {item!r}")
+    if "subsets" not in item:
+        return _translate(cfg, {**general, **item}, where)
+    subsets = item["subsets"]
+    if not isinstance(subsets, list) or not subsets or not all(isinstance(s, Mapping) for s in subsets):
+        raise ConfigError(f"{where}: subsets must be a list of tables ([[datasets.subsets]]), got {subsets!r}")
+    shared = {**general, **{k: v for k, v in item.items() if k != "subsets"}}
+    merged = [(f"{where} subset {j + 1}", {**shared, **subset}) for j, subset in enumerate(subsets)]
+    _check_regularization(merged, where)
+    return [entry for at, values in merged for entry in _translate(cfg, values, at)]
+
+
+def _translate(cfg: TrainConfig, values: Mapping, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """One dataset's keys in our names (several entries for several musubi `target_frames`)."""
+    rest = dict(values)
+    ours = {key: rest.pop(key) for key in list(rest) if key in KEYS}
+
+    def take(key: str, name: str, value: Any) -> None:
+        if name in ours:
+            raise ConfigError(f"{where}: {key} and {name} both give the dataset's {name}; give one")
+        ours[name] = value
+
+    for key in FOLDER_KEYS:
+        if key in rest:
+            take(key, "base_path", rest.pop(key))
+            _check_caption_folder(ours["base_path"], key, where)
+    for key in JSONL_KEYS:
+        if key in rest:
+            take(key, "metadata_path", rest.pop(key))
+            _check_musubi_rows(ours["metadata_path"], key, where)
+            ours.setdefault("base_path", ".")  # musubi's rows name their files as on its command line
+    if "num_repeats" in rest:
+        take("num_repeats", "repeats", rest.pop("num_repeats"))
+    prior = rest.pop("prior_loss_weight", 1.0)  # kohya's --prior_loss_weight, here in the file
+    is_reg = rest.pop("is_reg", False)
+    if not isinstance(is_reg, bool):
+        raise ConfigError(f"{where}: is_reg {is_reg!r} must be true or false")
+    if is_reg:
+        take("is_reg", "loss_weight", prior)
+    if "class_tokens" in rest:
+        _check_class_tokens(ours.get("base_path"), rest.pop("class_tokens"), where)
+    if "caption_extension" in rest:
+        _check_caption_extension(ours.get("base_path"), rest.pop("caption_extension"), where)
+    _take_resolution(rest, ours, where)
+    frames = _take_clips(rest, ours, where)
+    for key, flag in RUN_FLAGS.items():
+        if key in rest and rest[key] != getattr(cfg, flag):
+            raise ConfigError(
+                f"{where}: {key} {rest[key]!r} is the run's --{flag} here, which is {getattr(cfg, flag)!r} (one "
+                f"value for every dataset); pass --{flag} {rest[key]} or leave {key} out"
+            )
+        rest.pop(key, None)
+    for key, inert in INERT.items():
+        if key in rest and rest.pop(key) != inert:
+            raise ConfigError(f"{where}: {key} {values[key]!r} is not supported here (only {key} = {inert!r})")
+    for key, why in IGNORED.items():
+        if key in rest:
+            logger.info("%s: %s %r is not used (%s)", where, key, rest.pop(key), why)
+    for key in rest:
+        if key in REFUSED:
+            raise ConfigError(f"{where}: {key} is not supported here: {REFUSED[key]}")
+        raise ConfigError(f"{where}: unknown key {key!r}; {_known_keys()}")
+    if len(frames) > 1 and cfg.batch_size > 1:
+        raise ConfigError(
+            f"{where}: target_frames {frames} trains clips of several lengths, which a batch of --batch_size "
+            f"{cfg.batch_size} cannot mix here; list the dataset once per length (each with its num_frames) or use "
+            "--batch_size 1"
+        )
+    if len(frames) > 1:
+        return [(f"{where} (target_frames {n})", {**ours, "num_frames": n}) for n in frames]
+    return [(where, {**ours, **({"num_frames": frames[0]} if frames else {})})]
+
+
+def _take_resolution(rest: dict[str, Any], ours: dict[str, Any], where: str) -> None:
+    """`resolution` (W or [W, H]) with `enable_bucket` (their default: false) as our sizes: bucketing under W x H
+    pixels, or the fixed W x H."""
+    resolution = rest.pop("resolution", None)
+    bucket, no_upscale = rest.pop("enable_bucket", False), rest.pop("bucket_no_upscale", False)
+    if resolution is None:
+        return  # the run's sizes
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        resolution = [resolution, resolution]
+    if not (isinstance(resolution, list) and len(resolution) == 2 and all(type(v) is int for v in resolution)):
+        raise ConfigError(f"{where}: resolution {resolution!r} must be a number of pixels or [width, height]")
+    if any(key in ours for key in SIZE_KEYS):
+        raise ConfigError(f"{where}: resolution and {', '.join(k for k in SIZE_KEYS if k in ours)} both give sizes")
+    width, height = resolution
+    if not bucket:
+        ours.update(width=width, height=height)
+        return
+    ours["max_pixels"] = width * height
+    if not no_upscale:
+        logger.warning(
+            "%s: enable_bucket without bucket_no_upscale enlarges small pictures to %d pixels there; here a picture "
+            "is never enlarged (it trains at its own size, as with bucket_no_upscale = true)",
+            where,
+            width * height,
+        )
+
+
+def _take_clips(rest: dict[str, Any], ours: dict[str, Any], where: str) -> list[int]:
+    """musubi's `frame_extraction`, `frame_stride`, `frame_sample` as our clips; its `target_frames`, returned."""
+    frames = rest.pop("target_frames", [])
+    frames = [frames] if isinstance(frames, int) else frames
+    if not isinstance(frames, list) or not all(type(n) is int and n >= 1 for n in frames):
+        raise ConfigError(f"{where}: target_frames {frames!r} must be a list of frame counts")
+    if frames and "num_frames" in ours:
+        raise ConfigError(f"{where}: target_frames and num_frames both give the clips' length; give one")
+    mode = rest.pop("frame_extraction", None)
+    stride, samples = rest.pop("frame_stride", None), rest.pop("frame_sample", None)
+    if mode == "full":
+        raise ConfigError(
+            f"{where}: frame_extraction full (each whole video, of its own length) is not supported here; use head, "
+            "chunk, slide or uniform with target_frames"
+        )
+    if mode is not None:
+        ours["video_frame_extraction"] = mode  # checked with the run's settings
+        if mode == "slide":
+            ours["video_frame_stride"] = 1 if stride is None else stride  # musubi's default stride: 1
+        if mode == "uniform" and samples is not None:
+            ours["video_frame_samples"] = samples
+    for key, value, used in (("frame_stride", stride, "slide"), ("frame_sample", samples, "uniform")):
+        if value is not None and mode != used:
+            logger.info("%s: %s is not used (it is for frame_extraction %s)", where, key, used)
+    return frames
+
+
+def _check_caption_folder(base: Any, key: str, where: str) -> None:
+    """A musubi or kohya folder is read by its caption files: a metadata file there would be read instead."""
+    folder = Path(str(base))
+    for name in METADATA_NAMES if folder.is_dir() else ():
+        if (folder / name).is_file():
+            raise ConfigError(
+                f"{where}: {key} {base} holds {name}, which is read here in place of the caption files; move it "
+                "out, or give it as metadata_path"
+            )
+
+
+def _check_musubi_rows(path: Any, key: str, where: str) -> None:
+    """musubi's JSONL rows: control images and several targets are not read."""
+    file = Path(str(path))
+    lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:
+            return  # named when the rows are read
+        odd = [k for k in row if k.startswith("control_path") or re.fullmatch(r"image_path_\d+", k)]
+        if odd:
+            raise ConfigError(
+                f"{where}: {key} {path} row {n + 1} has {', '.join(odd)}: musubi's control images and several "
+                "targets are not read here"
+            )
+
+
+def _media_files(base: Path) -> list[Path]:
+    """The pictures and videos a folder of captioned files trains on (`data.caption_rows`)."""
+    suffixes = (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES)
+    return [p for p in sorted(base.rglob("*")) if p.suffix.lower() in suffixes and not is_mask_file(p)]
+
+
+def _check_class_tokens(base: Any, tokens: Any, where: str) -> None:
+    """kohya's `class_tokens` caption the pictures without a caption file: taken where every picture has one."""
+    folder = Path(str(base))
+    if base is None or not folder.is_dir():
+        return
+    bare = [p for p in _media_files(folder) if not any(p.with_suffix(s).is_file() for s in CAPTION_SUFFIXES)]
+    if bare:
+        raise ConfigError(
+            f"{where}: class_tokens {tokens!r} would caption {len(bare)} pictures without a caption file "
+            f"({preview([str(p.relative_to(folder)) for p in bare], 3)}); that is not supported in a listed folder: "
+            f"give each a .txt holding {tokens!r}, or put them in a folder named 1_{tokens} inside base_path "
+            "(kohya's folder layout: its words caption the uncaptioned pictures)"
+        )
+
+
+def _check_caption_extension(base: Any, extension: Any, where: str) -> None:
+    """Folders are read by their `.txt` or `.caption` files (`data.CAPTION_SUFFIXES`, the first found): a file
+    naming one is taken where no picture would be captioned by the other."""
+    if extension not in CAPTION_SUFFIXES:
+        raise ConfigError(
+            f"{where}: caption_extension {extension!r} is not read here; captions are {' or '.join(CAPTION_SUFFIXES)} "
+            "files"
+        )
+    folder = Path(str(base))
+    if base is None or not folder.is_dir():
+        return
+    read = {p: next((s for s in CAPTION_SUFFIXES if p.with_suffix(s).is_file()), None) for p in _media_files(folder)}
+    found = [p for p, suffix in read.items() if suffix not in (None, extension)]
+    if found:
+        raise ConfigError(
+            f"{where}: caption_extension {extension!r}, but {len(found)} pictures "
+            f"({preview([str(p.relative_to(folder)) for p in found], 3)}) would be captioned here by their "
+            f"{' / '.join(s for s in CAPTION_SUFFIXES if s != extension)} file; keep one extension in the folder"
+        )
+
+
+def _check_regularization(subsets: list[tuple[str, dict[str, Any]]], where: str) -> None:
+    """kohya fits a dataset's regularization pictures (`is_reg`) to its training pictures' count an epoch
+    (repeating or leaving out some); here each counts its num_repeats times, so the two counts must agree."""
+    counts = {True: 0, False: 0}
+    for _, values in subsets:
+        folder = values.get("image_dir", values.get("base_path"))
+        repeats = values.get("num_repeats", values.get("repeats", 1))
+        if folder is None or not Path(str(folder)).is_dir() or type(repeats) is not int:
+            return  # checked with the entry
+        counts[values.get("is_reg") is True] += repeats * len(_media_files(Path(str(folder))))
+    if counts[True] and counts[True] != counts[False]:
+        raise ConfigError(
+            f"{where}: its regularization subsets (is_reg) give {counts[True]} pictures an epoch (pictures x "
+            f"num_repeats), its training subsets {counts[False]}; kohya repeats or leaves out regularization pictures "
+            "to match, here each counts num_repeats times: set num_repeats so the counts agree, or write the "
+            "datasets in our names (repeats, loss_weight) to keep them as they are"
+        )
 
 
 def check_paths(cfg: TrainConfig) -> None:
