@@ -401,7 +401,8 @@ class TrainConfig:
     validation_prompts_file: str | None = _arg(
         None,
         "a file of validation prompts, one a line, each with its own options in kohya's / musubi-tuner's format "
-        "(PROMPT --w 1024 --h 768 --s 28 --d 42 --l 4.0 --n NEGATIVE --f FRAMES --i REFERENCE.png); sampled after "
+        "(PROMPT --w 1024 --h 768 --s 28 --d 42 --l 4.0 --n NEGATIVE --f FRAMES --g 3.5 --ss unipc --i REF.png); "
+        "sampled after "
         "--validation_prompts",
         "output",
     )
@@ -420,7 +421,7 @@ class TrainConfig:
     )
     validation_dataset_base_path: str | None = _arg(
         None,
-        "held-out dataset folder, read as --dataset_base_path is: its flow-matching loss (val_loss in "
+        "held-out dataset folder, read as --dataset_base_path is: its training loss (val_loss in "
         "metrics.jsonl and the trackers) at fixed noise levels and noise, no gradient; encoded once at setup, or by "
         "--stage encode into --cache_dir/validation for training from the cache; --task sft only",
         "output",
