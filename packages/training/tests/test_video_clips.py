@@ -151,3 +151,19 @@ def test_the_clips_fit_the_rows_shortest_video(tmp_path):
     numbered_video(tmp_path / "control.mp4", 3)
     with pytest.raises(ConfigError, match="row 1 column control_video: control.mp4 has 3 frames, fewer than one clip"):
         dataset(tmp_path)
+
+
+def test_a_batch_of_pictures_and_videos_of_one_size_is_refused_before_training(tmp_path):
+    """A batch holds one bucket and stacks its samples: a picture and a video of the same size cannot share one."""
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    numbered_video(tmp_path / "v.mp4", 8)
+    write_metadata(tmp_path, [{"video": "a.png", "prompt": "a"}, {"video": "v.mp4", "prompt": "b"}])
+    cfg = TrainConfig(
+        family=VIDEO_TASK, dataset_base_path=str(tmp_path), output_path=str(tmp_path / "out"), max_pixels=32 * 32,
+        bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4, num_frames=5,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="--batch_size 2: samples of 1 and 5 frames share the 32x32 bucket"):
+        setup(cfg)
+    with pytest.raises(ConfigError, match="--batch_size 2: samples of 1 and 5 frames"):  # the encode stage too
+        run_stage(replace(cfg, cache_dir=str(tmp_path / "cache"), stage="encode"))
+    assert setup(replace(cfg, batch_size=1)).dataset.sample_frames == [1, 5]

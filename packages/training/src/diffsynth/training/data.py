@@ -363,6 +363,8 @@ class MetadataDataset(Dataset):
             bucket = fixed if fixed is not None else bucket_for(*dims[i], max_pixels=pixels, step=step)
             self.buckets.append(bucket)
         self.repeats = [row_repeat[i] for i in self.sample_rows]
+        # the frames of each sample: a video row's clip length, a picture's one (`check_batch_shapes`)
+        self.sample_frames = [num_frames if self._row_videos(i) else 1 for i in self.sample_rows]
         logger.info(
             "dataset %s: %d samples in %d buckets %s",
             self.metadata,
@@ -746,6 +748,25 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- batch plans
+def check_batch_shapes(dataset, batch_size: int) -> None:
+    """A batch holds one bucket (`batch_plan`), and its samples are stacked: with `batch_size` > 1 the samples of a
+    bucket must also have one frame count (a picture beside a video of the same size, or videos of two
+    `num_frames`, cannot share a batch). Named before any training step."""
+    frames = getattr(dataset, "sample_frames", None)
+    if batch_size < 2 or frames is None:
+        return
+    counts: dict[Bucket, set[int]] = {}
+    for bucket, count in zip(dataset.buckets, frames, strict=True):
+        counts.setdefault(tuple(bucket), set()).add(count)
+    for (width, height), seen in counts.items():
+        if len(seen) > 1:
+            raise ConfigError(
+                f"--batch_size {batch_size}: samples of {' and '.join(map(str, sorted(seen)))} frames share the "
+                f"{width}x{height} bucket (pictures beside videos, or videos of another --num_frames), and a batch "
+                "holds one shape: train with --batch_size 1, or give them different sizes"
+            )
+
+
 def batch_plan(
     buckets: Sequence[Bucket],
     *,

@@ -514,6 +514,7 @@ class CombinedDataset(Dataset):
         self.metadata = Path(source)
         self.starts = list(itertools.accumulate((len(part) for part in self.parts), initial=0))
         self.buckets = [bucket for part in self.parts for bucket in part.buckets]
+        self.sample_frames = [count for part in self.parts for count in part.sample_frames]
         self.repeats = [
             r * entry.repeats for part, entry in zip(self.parts, self.entries, strict=True) for r in part.repeats
         ]

@@ -66,6 +66,7 @@ from .data import (
     MetadataDataset,
     batch_plan,
     cache_settings,
+    check_batch_shapes,
     steps_per_epoch,
     write_cache,
     write_cache_index,
@@ -281,6 +282,7 @@ def setup(config: TrainConfig) -> Run:
     with loading_whole_models(acc):
         task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
     dataset = CachedDataset(cfg.cache_dir, expected=encoding_settings(cfg, task)) if cached else make_dataset(cfg, task)
+    check_batch_shapes(dataset, cfg.batch_size)  # a cache was checked when it was encoded
     report_extra_inputs(cfg, dataset)
 
     slot = task.denoiser_slot
@@ -1059,6 +1061,7 @@ def encode_dataset(config: TrainConfig) -> Path:
     store_in_fp8(cfg, task, acc.device, all_loaded=False)
     stream_from_cpu(cfg, task, acc.device, all_loaded=False)
     dataset = make_dataset(cfg, task)
+    check_batch_shapes(dataset, cfg.batch_size)
     cache = Path(cfg.cache_dir)
     settings = encoding_settings(cfg, task)
     recorded = cache / "settings.json"
