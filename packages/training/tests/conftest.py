@@ -19,6 +19,20 @@ def dataset(tmp_path) -> Path:
     return toy.write_dataset(tmp_path / "data", [(64, 64)] * 4 + [(128, 64)] * 2)
 
 
+@pytest.fixture
+def encoded_prompts(monkeypatch) -> list[list[str]]:
+    """The prompts the toy task encodes, one list per `encode` call (each micro-batch's, as the trainer gives them)."""
+    seen: list[list[str]] = []
+    encode = toy.ToyTask.encode
+
+    def recording(self, rows):
+        seen.append([row["prompt"] for row in rows])
+        return encode(self, rows)
+
+    monkeypatch.setattr(toy.ToyTask, "encode", recording)
+    return seen
+
+
 def _z_image_test_helpers():
     pytest.importorskip("diffsynth.z_image")
     from diffsynth.training.testing import load_module

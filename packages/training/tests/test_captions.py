@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from diffsynth_training_toy import TASK, ToyTask, write_images
+from diffsynth_training_toy import TASK, write_images
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.training.captions import augment_caption, augment_rows, tags
@@ -150,15 +150,8 @@ def tag_dataset(folder):
     return folder
 
 
-def test_the_task_receives_the_prompts_as_the_function_draws_them(tmp_path, monkeypatch):
-    seen: list[list[str]] = []
-    encode = ToyTask.encode
-
-    def recording(self, rows):
-        seen.append([row["prompt"] for row in rows])
-        return encode(self, rows)
-
-    monkeypatch.setattr(ToyTask, "encode", recording)
+def test_the_task_receives_the_prompts_as_the_function_draws_them(tmp_path, encoded_prompts):
+    seen = encoded_prompts
     # --trigger_word puts "sks" first: --keep_tokens counts it, as the caption's first tag
     options = dict(shuffle_caption=True, keep_tokens=2, caption_tag_dropout=0.25, trigger_word="sks")
     cfg = TrainConfig(

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from diffsynth_training_toy import TASK
+from diffsynth_training_toy import TASK, toy_config
 from safetensors.torch import load_file
 
 from diffsynth.runtime.errors import ConfigError
@@ -17,16 +17,6 @@ from diffsynth.training import trainer
 from diffsynth.training.config import TrainConfig
 from diffsynth.training.testing import first_losses, resume_after_crash
 from diffsynth.training.trainer import _lr_lambda, elementwise_loss, train
-
-
-def toy_config(tmp_path, dataset, name="out", **overrides) -> TrainConfig:
-    values = dict(
-        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / name), max_pixels=64 * 128,
-        bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4, learning_rate=1e-2,
-        max_steps=4, num_epochs=10, log_every=1,
-    )  # fmt: skip
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def transformers_factors(name: str, warmup: int, total: int, **kwargs) -> list[float]:

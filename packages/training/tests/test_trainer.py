@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffsynth_training_toy import TASK, ToyTask, build
+from diffsynth_training_toy import ToyTask, build, toy_config
 from safetensors.torch import load_file
 
 import diffsynth.training.checkpoint as checkpoint_module
@@ -15,31 +15,10 @@ import diffsynth.training.trainer as trainer
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.lora import load_lora, read_lora
 from diffsynth.training.checkpoint import list_checkpoints
-from diffsynth.training.config import TrainConfig
 from diffsynth.training.data import batch_plan
 from diffsynth.training.task import TrainingTask
 from diffsynth.training.testing import first_losses, resume_after_crash
 from diffsynth.training.trainer import TrainState, save, setup, train, train_step
-
-
-def toy_config(tmp_path, dataset, name="out", **overrides) -> TrainConfig:
-    values = dict(
-        family=TASK,
-        dataset_base_path=str(dataset),
-        output_path=str(tmp_path / name),
-        max_pixels=64 * 128,
-        bucket_step=16,
-        batch_size=2,
-        mixed_precision="no",
-        dtype="float32",
-        lora_rank=4,
-        learning_rate=1e-2,
-        max_steps=4,
-        num_epochs=10,
-        log_every=1,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def trained(output_path, step: int) -> dict[str, torch.Tensor]:

@@ -4,25 +4,14 @@ resumes exactly; a LoRA started from a file computes what the trained LoRA compu
 
 import pytest
 import torch
-from diffsynth_training_toy import TASK, build
+from diffsynth_training_toy import build, toy_config
 from safetensors.torch import load_file
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.lora import load_lora
-from diffsynth.training.config import TrainConfig
 from diffsynth.training.data import batch_plan
 from diffsynth.training.testing import first_losses, resume_after_crash
 from diffsynth.training.trainer import TrainState, save, setup, train, train_step
-
-
-def toy_config(tmp_path, dataset, name="out", **overrides) -> TrainConfig:
-    values = dict(
-        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / name), max_pixels=64 * 128,
-        bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4, learning_rate=1e-2,
-        max_steps=4, num_epochs=10, log_every=1,
-    )  # fmt: skip
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def toy_inputs():

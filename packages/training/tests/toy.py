@@ -264,6 +264,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def toy_config(tmp_path: Path, dataset: Path, name: str = "out", **overrides):
+    """The trainer tests' usual run: LoRA rank 4 on the toy family, float32, batches of 2, logged every step, 4 steps
+    over up to 10 epochs, into `tmp_path / name`; `overrides` replace any setting."""
+    from diffsynth.training.config import TrainConfig
+
+    values = dict(
+        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / name), max_pixels=64 * 128,
+        bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4, learning_rate=1e-2,
+        max_steps=4, num_epochs=10, log_every=1,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
 def train_one_process(folder: Path, dataset: Path, accumulation: int = 2, **overrides) -> Path:
     """The reference of the multi-process tests: one process training `DISTRIBUTED_SETTINGS` (with `overrides`)
     and accumulating `accumulation` micro-batches per optimizer step, into `folder / "one"`."""

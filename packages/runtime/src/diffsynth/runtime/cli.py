@@ -823,14 +823,12 @@ def _line_row(line: SamplePrompt) -> dict:
 def _check_row_settings(pipeline, row: dict, where: str, model: str, kohya: bool) -> None:
     """A row's setting the pipeline class's call has no keyword for is refused before any model loads, named as
     the row spells it (a .txt line's `--f`, a .jsonl row's `width`); a call taking `**kwargs` takes any."""
-    import inspect
-
     from .errors import ConfigError
+    from .pipeline import call_keywords
 
-    parameters = inspect.signature(pipeline.__call__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    accepted = call_keywords(pipeline)
+    if accepted is None:
         return
-    accepted = {p.name for p in parameters}
     options = {name: f"--{key}" for key, (name, _, _) in OPTIONS.items()} | {"input_image": "--i"}
     for key in row:
         name = JOB_KEYS[key]

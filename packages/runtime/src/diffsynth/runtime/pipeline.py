@@ -772,6 +772,15 @@ def _cached_steps(bar, caches, steps: int | None):
             cache.end_loop()
 
 
+def call_keywords(pipeline) -> set[str] | None:
+    """The keyword arguments a pipeline's call takes (a pipeline class or object); None when it takes any
+    (`**kwargs`). Lets a prompts file's settings be checked before any model loads."""
+    parameters = inspect.signature(pipeline.__call__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
 def weight_paths(config: ModelConfig) -> list[str]:
     """The weight files (and weight folders) a `ModelConfig` resolves to."""
     return [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]

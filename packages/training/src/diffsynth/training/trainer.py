@@ -453,7 +453,6 @@ def check_loss_masks(cfg: TrainConfig, cls: type) -> None:
 
 def check_timestep_sampling(cfg: TrainConfig, task: TrainingTask) -> None:
     """A family whose scheduler draws its own noise levels (LTX-2's shifted logit-normal) takes no other draw."""
-    import inspect
 
     accepted = inspect.signature(task.scheduler.sample_training_sigmas).parameters
     takes = "distribution" in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values())
@@ -801,13 +800,10 @@ def prompts_file_samples(cfg: TrainConfig, task: TrainingTask) -> list[tuple[Sam
 
 def _pipeline_settings(task: TrainingTask) -> set[str] | None:
     """The keyword arguments the task's pipeline call takes; None when it takes any (or the task has no pipeline)."""
+    from diffsynth.runtime.pipeline import call_keywords
+
     pipe = getattr(task, "pipe", None)
-    if pipe is None:
-        return None
-    parameters = inspect.signature(pipe.__call__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters}
+    return None if pipe is None else call_keywords(pipe)
 
 
 def validation_references(cfg: TrainConfig, task: TrainingTask) -> list[list] | None:
@@ -1215,7 +1211,6 @@ def trained_model_option(cls: type, cfg: TrainConfig) -> dict[str, str]:
 
 def check_task_options(cls: type, options: dict[str, Any]) -> None:
     """`--task_options` names must be keyword settings of the task's constructor."""
-    import inspect
 
     params = inspect.signature(cls.__init__).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
