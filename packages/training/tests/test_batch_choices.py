@@ -36,7 +36,7 @@ def drawn_choices(cfg: TrainConfig, monkeypatch, micro_batches: int = 4) -> list
     monkeypatch.setattr(ToyTask, "draw_choices", draw_choices, raising=False)
     monkeypatch.setattr(ToyTask, "velocity", recording_velocity)
     run = setup(cfg)
-    plan = batch_plan(run.dataset.buckets, batch_size=1)[:micro_batches]
+    plan = batch_plan(run.dataset.batch_keys, batch_size=1)[:micro_batches]
     per_step = cfg.gradient_accumulation_steps
     state = TrainState()
     for start in range(0, len(plan), per_step):

@@ -161,7 +161,7 @@ def test_the_task_receives_the_prompts_as_the_function_draws_them(tmp_path, enco
     )  # fmt: skip
     _, run = first_losses(cfg, steps=3)
     expected = []
-    for index, batch in enumerate(batch_plan(run.dataset.buckets, batch_size=2)[:3]):
+    for index, batch in enumerate(batch_plan(run.dataset.batch_keys, batch_size=2)[:3]):
         rows = [run.dataset[i] for i in batch]
         assert all(row["prompt"].startswith("sks, tag") for row in rows)  # --trigger_word put it first
         generator = micro_batch_generator(cfg.seed, 0, index, TAGS_STREAM)

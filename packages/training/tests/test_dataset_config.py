@@ -61,8 +61,8 @@ def test_datasets_repeats_plan_the_samples_and_steps_of_their_rows_written_out(t
     # 64x64: 3 x 3 + 2 + 4 = 15 samples, 8 batches of 2; 128x64: 2 x 2 = 4 samples, 2 batches
     run = setup(toy_config(tmp_path, "combined_out", dataset_config=config, max_steps=None, num_epochs=2))
     assert run.steps_per_epoch == one.steps_per_epoch == 10 and run.total_steps == 20
-    plan = batch_plan(combined.buckets, batch_size=2, seed=0, repeats=combined.repeats)
-    assert plan == batch_plan(one.dataset.buckets, batch_size=2, seed=0, repeats=one.dataset.repeats)
+    plan = batch_plan(combined.batch_keys, batch_size=2, seed=0, repeats=combined.repeats)
+    assert plan == batch_plan(one.dataset.batch_keys, batch_size=2, seed=0, repeats=one.dataset.repeats)
     for i in range(7):
         assert torch.equal(combined[i]["image"], one.dataset[i]["image"])
 
@@ -292,7 +292,7 @@ def captioned_videos(folder, frames=(12, 9)):
 
 def same_datasets(tmp_path, theirs, ours, **run):
     """The entries and the combined datasets of their file and of ours are the same: settings, repeats, loss
-    weights, buckets, samples."""
+    weights, buckets and frame counts, samples; returns their entries."""
     got = dataset_entries(toy_config(tmp_path, dataset_config=theirs, **run))
     want = dataset_entries(toy_config(tmp_path, dataset_config=ours, **run))
     assert [(e.config, e.repeats, e.loss_weight) for e in got] == [(e.config, e.repeats, e.loss_weight) for e in want]
@@ -300,7 +300,7 @@ def same_datasets(tmp_path, theirs, ours, **run):
         setup(toy_config(tmp_path, dataset_config=theirs, **run)),
         setup(toy_config(tmp_path, dataset_config=ours, **run)),
     )
-    assert len(a.dataset) == len(b.dataset) and a.dataset.buckets == b.dataset.buckets
+    assert len(a.dataset) == len(b.dataset) and a.dataset.batch_keys == b.dataset.batch_keys
     assert a.dataset.repeats == b.dataset.repeats and a.steps_per_epoch == b.steps_per_epoch
     for i in range(len(a.dataset)):
         x, y = a.dataset[i], b.dataset[i]
@@ -317,22 +317,26 @@ def test_a_musubi_file_reads_as_the_same_datasets_in_our_names(tmp_path):
     general |= {"bucket_no_upscale": True, "num_repeats": 2}
     musubi = [
         {"image_directory": str(pictures), "cache_directory": str(tmp_path / "cache")},
-        {"video_directory": str(videos), "cache_directory": str(tmp_path / "cache2"), "target_frames": [4]}
+        {"video_directory": str(videos), "cache_directory": str(tmp_path / "cache2"), "target_frames": [3]}
         | {"frame_extraction": "chunk", "num_repeats": 3, "enable_bucket": False, "resolution": [32, 16]},
     ]
     ours = [
         {"base_path": str(pictures), "repeats": 2, "max_pixels": 32 * 32},
-        {"base_path": str(videos), "repeats": 3, "width": 32, "height": 16, "num_frames": 4}
+        {"base_path": str(videos), "repeats": 3, "width": 32, "height": 16, "num_frames": 3}
         | {"video_frame_extraction": "chunk"},
     ]
     theirs = write_toml(tmp_path / "musubi.toml", general, musubi)
     entries = same_datasets(tmp_path, theirs, write_config(tmp_path / "ours.yaml", ours), family=VIDEO_TASK)
-    assert [e.repeats for e in entries] == [2, 3]  # and the clips: 12 frames in 3 chunks of 4, 9 in 2
-    assert len(setup(toy_config(tmp_path, dataset_config=theirs, family=VIDEO_TASK)).dataset) == 3 + 3 + 2
-    # several target_frames: the dataset once per length (with batches of one)
-    several = write_toml(tmp_path / "several.toml", {}, [{"video_directory": str(videos), "target_frames": [1, 4]}])
-    ours = [{"base_path": str(videos), "num_frames": n} for n in (1, 4)]
-    same_datasets(tmp_path, several, write_config(tmp_path / "o.yaml", ours), family=VIDEO_TASK, batch_size=1)
+    assert [e.repeats for e in entries] == [2, 3]  # and the clips: 12 frames in 4 chunks of 3, 9 in 3
+    assert len(setup(toy_config(tmp_path, dataset_config=theirs, family=VIDEO_TASK)).dataset) == 3 + 4 + 3
+    musubi[1]["target_frames"] = [4]  # the toy video VAE encodes 2k + 1 frames: named with its dataset
+    four = write_toml(tmp_path / "four.toml", general, musubi)
+    with pytest.raises(ConfigError, match=rf"{four} dataset 2: num_frames 4: toy_video encodes videos of 2k \+ 1"):
+        setup(toy_config(tmp_path, dataset_config=four, family=VIDEO_TASK))
+    # several target_frames: the dataset once per length, each length in batches of its own
+    several = write_toml(tmp_path / "several.toml", {}, [{"video_directory": str(videos), "target_frames": [1, 3]}])
+    ours = [{"base_path": str(videos), "num_frames": n} for n in (1, 3)]
+    same_datasets(tmp_path, several, write_config(tmp_path / "o.yaml", ours), family=VIDEO_TASK, batch_size=2)
 
 
 def test_a_musubi_jsonl_file_reads_its_image_path_and_caption(tmp_path):
@@ -397,7 +401,6 @@ def test_a_kohya_file_reads_its_subsets_repeats_and_regularization(tmp_path):
         ({"caption_dropout_rate": 0.1}, r"caption_dropout_rate 0.1 is the run's --caption_dropout here"),
         ({"keep_tokens": 1}, r"keep_tokens 1 is the run's --keep_tokens here"),
         ({"color_aug": True}, r"color_aug True is not supported here \(only color_aug = False\)"),
-        ({"target_frames": [1, 5]}, r"target_frames \[1, 5\] trains clips of several lengths, .*--batch_size 2"),
         ({"resolution": [64]}, r"resolution \[64\] must be a number of pixels or \[width, height\]"),
         ({"num_repeats": 2, "repeats": 2}, r"num_repeats and repeats both give the dataset's repeats"),
         ({"is_reg": True, "loss_weight": 2}, r"is_reg and loss_weight both give"),

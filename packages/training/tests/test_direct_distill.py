@@ -80,7 +80,7 @@ def test_training_pulls_the_few_step_samples_toward_the_images(tmp_path):
     before = loss()
     state = TrainState()
     for step in range(30):
-        (group,) = batch_plan(run.dataset.buckets, batch_size=2)
+        (group,) = batch_plan(run.dataset.batch_keys, batch_size=2)
         state = train_step(run, state, [[run.dataset[i] for i in group]])
         if step == 0:
             assert state.loss == pytest.approx(before, rel=1e-5)  # the logged loss is this loss

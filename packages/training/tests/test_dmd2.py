@@ -203,7 +203,7 @@ def test_the_student_updates_every_n_steps_the_fake_score_every_step_the_teacher
     for step in range(6):
         student = {n: p.detach().clone() for n, p in run.trainable.items()}
         fake = [p.detach().clone() for p in run.dmd2.fake_score.parameters()]
-        (group,) = batch_plan(run.dataset.buckets[:1], batch_size=2)
+        (group,) = batch_plan(run.dataset.batch_keys[:1], batch_size=2)
         state = train_step(run, state, [[run.dataset[i] for i in group]])
         changed = [not torch.equal(p, student[n]) for n, p in run.trainable.items()]
         assert all(changed) if step % 3 == 0 else not any(changed), (step, changed)

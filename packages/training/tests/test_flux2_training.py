@@ -74,7 +74,7 @@ def test_lora_training_gives_a_lora_our_pipeline_applies_exactly(tiny_repo, data
     run = setup(config(tiny_repo, dataset, tmp_path / "out", lora_formats=["diffsynth", "kohya"]))
     assert run.task.max_sequence_length == TOKENS
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss) and state.loss > 0
     save(run, state)

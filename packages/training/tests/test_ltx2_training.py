@@ -127,7 +127,7 @@ def test_the_lora_loads_in_our_pipeline_exactly(dataset, tmp_path):
     run = setup(config(dataset, tmp_path / "out", lora_formats=["diffsynth", "peft"]))
     assert run.task.family == "ltx2" and run.task.max_sequence_length == TOKENS
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss) and state.loss > 0
     save(run, state)

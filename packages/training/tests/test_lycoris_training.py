@@ -46,7 +46,7 @@ def test_lycoris_training_gives_a_file_the_pipeline_applies_exactly(
     tag = {"loha": ".hada_", "lokr": ".lokr_", "dora": ".lora_"}[lora_type]
     assert run.trainable and all(tag in name for name in run.trainable)
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss) and state.loss > 0
     save(run, state)

@@ -143,7 +143,7 @@ def test_validation_samples_with_the_streamed_dit_and_training_goes_on(z_image_r
         first, run = first_losses(cfg)
         (path,) = trainer.validate(run, trainer.TrainState(step=2))
         pictures.append(np.asarray(Image.open(path)))
-        batch = batch_plan(run.dataset.buckets, batch_size=2)[0]
+        batch = batch_plan(run.dataset.batch_keys, batch_size=2)[0]
         state = trainer.train_step(run, trainer.TrainState(step=2), [[run.dataset[i] for i in batch]])
         losses.append([*first, state.loss])
     assert losses[1] == losses[0]

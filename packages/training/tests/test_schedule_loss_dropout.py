@@ -233,7 +233,7 @@ def test_the_logged_gradient_norm_is_the_norm_before_clipping(tmp_path, dataset,
         return real_step(*args, **kwargs)
 
     run.optimizer.step = spy
-    batch = batch_plan(run.dataset.buckets, batch_size=2)[0]
+    batch = batch_plan(run.dataset.batch_keys, batch_size=2)[0]
     state = train_step(run, TrainState(), [[run.dataset[i] for i in batch]])
     if max_grad_norm > 1:
         assert state.grad_norm == pytest.approx(seen[0], rel=1e-5) and state.grad_norm > 1e-3

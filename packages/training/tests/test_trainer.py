@@ -37,7 +37,7 @@ def test_lora_steps_log_a_finite_loss_and_export_lora_files_the_runtime_loads(tm
     run = setup(config)
     assert isinstance(run.task, TrainingTask)
     state = TrainState()
-    plan = batch_plan(run.dataset.buckets, batch_size=2)
+    plan = batch_plan(run.dataset.batch_keys, batch_size=2)
     for batch in plan[:2]:
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss)
@@ -63,7 +63,7 @@ def test_saved_lora_files_say_how_they_were_trained(tmp_path, dataset):
     config = toy_config(tmp_path, dataset, lora_formats=["diffsynth", "kohya"], lora_alpha=8.0)
     run = setup(config)
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:2]:
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2)[:2]:
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
     save(run, state)
     for suffix in ("", ".kohya"):

@@ -53,7 +53,7 @@ def test_the_saved_average_is_the_ema_recurrence_and_resumes_exactly(tmp_path, d
     run = setup(toy_config(tmp_path, dataset, ema_decay=0.8))
     expected = {k: p.detach().clone() for k, p in run.trainable.items()}
     state = TrainState()
-    for n, batch in enumerate(batch_plan(run.dataset.buckets, batch_size=2)[:3]):
+    for n, batch in enumerate(batch_plan(run.dataset.batch_keys, batch_size=2)[:3]):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         decay = min(0.8, (1 + n) / (10 + n))  # the warm-up
         expected = {k: decay * v + (1 - decay) * run.trainable[k].detach() for k, v in expected.items()}
@@ -87,7 +87,7 @@ def test_ema_of_full_weights_is_saved_beside_them(tmp_path, dataset):
 def test_a_lora_started_from_a_file_computes_what_the_trained_lora_computed(tmp_path, dataset):
     run = setup(toy_config(tmp_path, dataset, lora_alpha=8.0, lora_formats=["diffsynth", "kohya"]))
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:2]:
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2)[:2]:
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
     save(run, state)
     x, sigma, text = toy_inputs()
@@ -100,7 +100,7 @@ def test_a_lora_started_from_a_file_computes_what_the_trained_lora_computed(tmp_
         with torch.no_grad():
             torch.testing.assert_close(again.model(x, sigma, text), trained, rtol=1e-5, atol=1e-6)
         state = train_step(
-            again, TrainState(), [[again.dataset[i] for i in batch_plan(again.dataset.buckets, batch_size=2)[0]]]
+            again, TrainState(), [[again.dataset[i] for i in batch_plan(again.dataset.batch_keys, batch_size=2)[0]]]
         )
         assert state.step == 1  # and it trains on from there
     source = str(run.output / "step-000002.safetensors")

@@ -45,7 +45,7 @@ def test_the_teacher_grid_holds_the_student_sigmas(tmp_path, dataset):
 def test_the_loss_is_the_student_against_the_teachers_big_steps_written_out(tmp_path, dataset):
     run = setup(toy_config(tmp_path, dataset))
     perturb_lora(run)
-    items = [run.dataset[i] for i in batch_plan(run.dataset.buckets, batch_size=2)[0]]
+    items = [run.dataset[i] for i in batch_plan(run.dataset.batch_keys, batch_size=2)[0]]
     batch = prepare_batch(run, items)
     got = trajectory.trajectory_loss(run, run.model, items, batch, micro_batch_noise(3, 0, 0))
 
@@ -75,7 +75,7 @@ def test_the_loss_is_the_student_against_the_teachers_big_steps_written_out(tmp_
 def test_the_teacher_never_changes_and_a_lora_checkpoint_start_is_its_teacher(tmp_path, dataset):
     run = setup(toy_config(tmp_path, dataset, task="sft"))  # a LoRA to start from
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:2]:
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2)[:2]:
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
     save(run, state)
     lora = run.output / "step-000002.safetensors"
@@ -91,7 +91,7 @@ def test_the_teacher_never_changes_and_a_lora_checkpoint_start_is_its_teacher(tm
         before = {k: v.clone() for k, v in distil.teacher.state_dict().items()}
     state = TrainState()
     student_before = {k: p.detach().clone() for k, p in distil.trainable.items()}
-    for batch in batch_plan(distil.dataset.buckets, batch_size=2)[:2]:
+    for batch in batch_plan(distil.dataset.batch_keys, batch_size=2)[:2]:
         state = train_step(distil, state, [[distil.dataset[i] for i in batch]])
     assert all(torch.equal(v, distil.teacher.state_dict()[k]) for k, v in before.items())
     assert any(not torch.equal(p, student_before[k]) for k, p in distil.trainable.items())

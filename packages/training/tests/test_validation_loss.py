@@ -140,7 +140,7 @@ def test_the_same_weights_give_the_same_number_and_learning_lowers_it(tmp_path, 
     from diffsynth.training.trainer import TrainState, train_step
 
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2)[:2]:
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2)[:2]:
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
     assert validation_loss.evaluate(run) == first
     assert run.model.training  # the denoiser is back in training mode

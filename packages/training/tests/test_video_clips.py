@@ -2,6 +2,7 @@
 uniform) read on its timeline at one frame rate; a clip's mask video, conditioning video and sound come from the
 same span; the cache records the settings. Videos whose frame k shows the gray level 16 k tell which frames came."""
 
+import json
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -14,8 +15,8 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import save_audio, save_video
 from diffsynth.training.config import TrainConfig
-from diffsynth.training.data import MetadataDataset, read_audio
-from diffsynth.training.testing import write_metadata
+from diffsynth.training.data import MetadataDataset, batch_plan, read_audio
+from diffsynth.training.testing import train_direct_and_cached, write_metadata
 from diffsynth.training.trainer import make_dataset, run_stage, setup
 
 FRAMES = 4  # --num_frames of the clips
@@ -153,17 +154,50 @@ def test_the_clips_fit_the_rows_shortest_video(tmp_path):
         dataset(tmp_path)
 
 
-def test_a_batch_of_pictures_and_videos_of_one_size_is_refused_before_training(tmp_path):
-    """A batch holds one bucket and stacks its samples: a picture and a video of the same size cannot share one."""
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
-    numbered_video(tmp_path / "v.mp4", 8)
-    write_metadata(tmp_path, [{"video": "a.png", "prompt": "a"}, {"video": "v.mp4", "prompt": "b"}])
+def test_pictures_and_videos_of_one_size_train_in_batches_of_their_own(tmp_path):
+    """A batch stacks its samples: pictures and videos of one bucket batch apart by frame count, directly and from
+    the cache (which records the counts; an older cache without them is grouped by its latents' shapes)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((32, 32, 3), 60 * k, np.uint8)).save(data / f"p{k}.png")
+        numbered_video(data / f"v{k}.mp4", 8)
+    rows = [{"image": f"p{k}.png", "prompt": "a"} for k in range(2)]
+    write_metadata(data, rows + [{"video": f"v{k}.mp4", "prompt": "b"} for k in range(2)])
     cfg = TrainConfig(
-        family=VIDEO_TASK, dataset_base_path=str(tmp_path), output_path=str(tmp_path / "out"), max_pixels=32 * 32,
-        bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4, num_frames=5,
+        family=VIDEO_TASK, dataset_base_path=str(data), output_path=str(tmp_path / "out"),
+        max_pixels=32 * 32, bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4,
+        num_frames=5, num_epochs=2, log_every=1, learning_rate=1e-2,
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="--batch_size 2: samples of 1 and 5 frames share the 32x32 bucket"):
+    keys = setup(cfg).dataset.batch_keys
+    assert keys == [(32, 32, 1)] * 2 + [(32, 32, 5)] * 2
+    for epoch in range(3):
+        assert sorted(map(sorted, batch_plan(keys, batch_size=2, seed=cfg.seed, epoch=epoch))) == [[0, 1], [2, 3]]
+    runs = train_direct_and_cached(cfg)
+    direct, cached = runs.losses()
+    assert len(direct) == 4 and all(np.isfinite(direct))
+    np.testing.assert_allclose(cached, direct, rtol=0, atol=1e-6)
+    index = json.loads((runs.cache / "index.json").read_text())
+    assert index["frames"] == [1, 1, 5, 5]
+    del index["frames"]
+    (runs.cache / "index.json").write_text(json.dumps(index))
+    older = setup(runs.config).dataset.batch_keys
+    assert older[0] == older[1] != older[2] == older[3]
+
+
+def test_a_clip_length_the_vae_cannot_encode_is_named_before_training(clips, tmp_path):
+    """The toy video VAE encodes 2k + 1 frames (Wan's 4k + 1): --num_frames 4 is named at setup, with the lengths
+    around it; a dataset of pictures only does not care."""
+    cfg = TrainConfig(
+        family=VIDEO_TASK, dataset_base_path=str(clips), output_path=str(tmp_path / "out"), max_pixels=32 * 32,
+        bucket_step=16, mixed_precision="no", dtype="float32", lora_rank=4, num_frames=4,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--num_frames 4: toy_video encodes videos of 2k \+ 1 frames; use 3 or 5"):
         setup(cfg)
-    with pytest.raises(ConfigError, match="--batch_size 2: samples of 1 and 5 frames"):  # the encode stage too
+    with pytest.raises(ConfigError, match=r"--num_frames 4: toy_video encodes"):
         run_stage(replace(cfg, cache_dir=str(tmp_path / "cache"), stage="encode"))
-    assert setup(replace(cfg, batch_size=1)).dataset.sample_frames == [1, 5]
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(pictures / "a.png")
+    write_metadata(pictures, [{"image": "a.png", "prompt": "a"}])
+    assert setup(replace(cfg, dataset_base_path=str(pictures))).dataset.sample_frames == [1]

@@ -46,7 +46,7 @@ def config(repo, data, output, **overrides) -> TrainConfig:
 def test_lora_training_gives_a_lora_the_pipeline_applies_exactly(z_image_repo, z_image_dataset, tmp_path):
     run = setup(config(z_image_repo, z_image_dataset, tmp_path / "out", lora_formats=["diffsynth", "kohya"]))
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss) and state.loss > 0
     save(run, state)
@@ -182,7 +182,7 @@ def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactl
     packed = {n: m.weight.detach().clone() for n, m in dit.named_modules() if is_quantized_linear(m)}
     assert packed and all(".lora_" in n for n in run.trainable)
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss) and state.loss > 0
     assert all(torch.equal(m.weight, packed[n]) for n, m in dit.named_modules() if n in packed)
@@ -239,7 +239,7 @@ def test_lora_on_an_int8_dit_is_what_the_int8_pipeline_applies(z_image_repo, z_i
     before = {n: linear_weight(m).detach().clone() for n, m in dit.named_modules() if is_quantized_linear(m)}
     assert before and all(".lora_" in n for n in run.trainable)
     state = TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         assert math.isfinite(state.loss) and state.loss > 0
     assert all(torch.equal(linear_weight(m), before[n]) for n, m in dit.named_modules() if n in before)

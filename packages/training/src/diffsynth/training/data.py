@@ -43,7 +43,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -363,8 +363,9 @@ class MetadataDataset(Dataset):
             bucket = fixed if fixed is not None else bucket_for(*dims[i], max_pixels=pixels, step=step)
             self.buckets.append(bucket)
         self.repeats = [row_repeat[i] for i in self.sample_rows]
-        # the frames of each sample: a video row's clip length, a picture's one (`check_batch_shapes`)
+        # the frames of each sample: a video row's clip length, a picture's one; a batch holds one size and count
         self.sample_frames = [num_frames if self._row_videos(i) else 1 for i in self.sample_rows]
+        self.batch_keys = batch_keys(self.buckets, self.sample_frames)
         logger.info(
             "dataset %s: %d samples in %d buckets %s",
             self.metadata,
@@ -637,6 +638,9 @@ class CachedDataset(Dataset):
             raise ConfigError(
                 f"--cache_dir {self.root} lacks {len(missing)} samples ({preview(missing, 5)}); encode again"
             )
+        # older caches did not record the frame counts: their latents' shapes tell which samples stack
+        frames = index.get("frames") or [_latents_shape(path) for path in self.files]
+        self.batch_keys = batch_keys(self.buckets, frames)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -645,6 +649,13 @@ class CachedDataset(Dataset):
         from safetensors.torch import load_file
 
         return load_file(str(self.files[index]))
+
+
+def _latents_shape(path: Path) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return tuple(f.get_slice("latents").get_shape())
 
 
 # settings a cache written before they existed did not record, as they were then (a run's value is compared even
@@ -704,10 +715,10 @@ def write_cache(
     items = cache_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(rank, len(dataset), world) if not (items / f"{i:06d}.safetensors").is_file()]
-    by_bucket: dict[Bucket, list[int]] = {}
+    by_key: dict[Hashable, list[int]] = {}
     for i in todo:
-        by_bucket.setdefault(dataset.buckets[i], []).append(i)
-    batches = [group[k : k + batch_size] for group in by_bucket.values() for k in range(0, len(group), batch_size)]
+        by_key.setdefault(dataset.batch_keys[i], []).append(i)
+    batches = [group[k : k + batch_size] for group in by_key.values() for k in range(0, len(group), batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=list)
     for indices, rows in zip(batches, loader, strict=True):
         with torch.no_grad():
@@ -726,6 +737,7 @@ def write_cache_index(cache_dir: Path, dataset: MetadataDataset, settings: dict)
         "version": CACHE_VERSION,
         "count": len(dataset),
         "buckets": [list(b) for b in dataset.buckets],
+        "frames": list(dataset.sample_frames),
         "repeats": list(dataset.repeats),
         "settings": settings,
         "metadata": str(dataset.metadata),
@@ -748,27 +760,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- batch plans
-def check_batch_shapes(dataset, batch_size: int) -> None:
-    """A batch holds one bucket (`batch_plan`), and its samples are stacked: with `batch_size` > 1 the samples of a
-    bucket must also have one frame count (a picture beside a video of the same size, or videos of two
-    `num_frames`, cannot share a batch). Named before any training step."""
-    frames = getattr(dataset, "sample_frames", None)
-    if batch_size < 2 or frames is None:
-        return
-    counts: dict[Bucket, set[int]] = {}
-    for bucket, count in zip(dataset.buckets, frames, strict=True):
-        counts.setdefault(tuple(bucket), set()).add(count)
-    for (width, height), seen in counts.items():
-        if len(seen) > 1:
-            raise ConfigError(
-                f"--batch_size {batch_size}: samples of {' and '.join(map(str, sorted(seen)))} frames share the "
-                f"{width}x{height} bucket (pictures beside videos, or videos of another --num_frames), and a batch "
-                "holds one shape: train with --batch_size 1, or give them different sizes"
-            )
+def batch_keys(buckets: Sequence[Bucket], frames: Sequence[Any]) -> list[tuple]:
+    """What samples must share to stack into one batch: the bucket (width, height) and the frame count. With
+    pictures beside videos of one size (or videos of two `num_frames`) each count batches apart, as musubi-tuner's
+    buckets do."""
+    return [(*bucket, count) for bucket, count in zip(buckets, frames, strict=True)]
 
 
 def batch_plan(
-    buckets: Sequence[Bucket],
+    keys: Sequence[Hashable],
     *,
     batch_size: int,
     repeat: int = 1,
@@ -782,16 +782,17 @@ def batch_plan(
     """This process's batches (lists of sample indices) for `epoch`.
 
     Every process computes the same seeded plan: the `repeat`-times dataset (each sample `repeats[i]` times
-    more, the rows' `repeats`) is shuffled, grouped by bucket into batches of at most `batch_size`, the batches
+    more, the rows' `repeats`) is shuffled, grouped by key (a dataset's `batch_keys`: bucket and frame count) into
+    batches of at most `batch_size`, the batches
     shuffled; process `rank` takes every `world`-th batch, all processes the same count, cut to whole multiples
     of `accumulation` (the rest is dropped)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    each = repeats if repeats is not None else [1] * len(buckets)
-    samples = [i for _ in range(repeat) for i in range(len(buckets)) for _ in range(each[i])]
+    each = repeats if repeats is not None else [1] * len(keys)
+    samples = [i for _ in range(repeat) for i in range(len(keys)) for _ in range(each[i])]
     order = torch.randperm(len(samples), generator=generator).tolist()
-    groups: dict[Bucket, list[int]] = {}
+    groups: dict[Hashable, list[int]] = {}
     for j in order:
-        groups.setdefault(tuple(buckets[samples[j]]), []).append(samples[j])
+        groups.setdefault(_hashable(keys[samples[j]]), []).append(samples[j])
     batches = [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
     batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
     per_process = len(batches) // world
@@ -800,7 +801,7 @@ def batch_plan(
 
 
 def steps_per_epoch(
-    buckets: Sequence[Bucket],
+    keys: Sequence[Hashable],
     *,
     batch_size: int,
     repeat: int,
@@ -809,11 +810,16 @@ def steps_per_epoch(
     repeats: Sequence[int] | None = None,
 ) -> int:
     """Optimizer steps per epoch (the same for every epoch: only the order changes)."""
-    counts: dict[Bucket, int] = {}
-    for i, b in enumerate(buckets):
-        counts[tuple(b)] = counts.get(tuple(b), 0) + repeat * (repeats[i] if repeats is not None else 1)
+    counts: dict[Hashable, int] = {}
+    for i, key in enumerate(keys):
+        key = _hashable(key)
+        counts[key] = counts.get(key, 0) + repeat * (repeats[i] if repeats is not None else 1)
     batches = sum(math.ceil(n / batch_size) for n in counts.values())
     return batches // world // accumulation
+
+
+def _hashable(key):
+    return tuple(key) if isinstance(key, list) else key
 
 
 __all__ = [
@@ -822,6 +828,7 @@ __all__ = [
     "Bucket",
     "CachedDataset",
     "MetadataDataset",
+    "batch_keys",
     "batch_plan",
     "bucket_for",
     "cache_settings",

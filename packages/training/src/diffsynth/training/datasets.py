@@ -23,7 +23,7 @@ are the run's flags here (`batch_size`, kohya's caption options) are taken when 
 honoured is refused naming the key (`REFUSED`, `INERT`).
 
 Each dataset is a `data.MetadataDataset` of its own settings; `CombinedDataset` puts their samples one after the
-other, each with its own bucket (a batch still holds one bucket, `data.batch_plan`). A sample of a dataset whose
+other, each with its own bucket (a batch still holds one bucket and frame count, `data.batch_plan`). A sample of a dataset whose
 `loss_weight` is not 1 carries it (`LOSS_WEIGHT_KEY`) into its encoded sample and the cache, and the loss multiplies
 that sample's error by it (`weighted_by_dataset`); with every weight 1 nothing is added and nothing changes.
 """
@@ -299,13 +299,7 @@ def _translate(cfg: TrainConfig, values: Mapping, where: str) -> list[tuple[str,
         if key in REFUSED:
             raise ConfigError(f"{where}: {key} is not supported here: {REFUSED[key]}")
         raise ConfigError(f"{where}: unknown key {key!r}; {_known_keys()}")
-    if len(frames) > 1 and cfg.batch_size > 1:
-        raise ConfigError(
-            f"{where}: target_frames {frames} trains clips of several lengths, which a batch of --batch_size "
-            f"{cfg.batch_size} cannot mix here; list the dataset once per length (each with its num_frames) or use "
-            "--batch_size 1"
-        )
-    if len(frames) > 1:
+    if len(frames) > 1:  # each length batches apart (`data.batch_keys`)
         return [(f"{where} (target_frames {n})", {**ours, "num_frames": n}) for n in frames]
     return [(where, {**ours, **({"num_frames": frames[0]} if frames else {})})]
 
@@ -506,7 +500,7 @@ def changed_dataset(cache_dir: Path, recorded: list | None, expected: list | Non
 
 class CombinedDataset(Dataset):
     """The samples of several `MetadataDataset`s one after the other, with what the trainer reads of a dataset:
-    `buckets`, `repeats` (each dataset's times its entry's), `file_keys`, `rows`, `metadata` (the config file) and
+    `buckets`, `batch_keys`, `repeats` (each dataset's times its entry's), `file_keys`, `rows`, `metadata` (the config file) and
     the samples, a dataset's with its `loss_weight` (`LOSS_WEIGHT_KEY`) where that is not 1."""
 
     def __init__(self, parts: Sequence[MetadataDataset], entries: Sequence[DatasetEntry], source: str | Path):
@@ -515,6 +509,7 @@ class CombinedDataset(Dataset):
         self.starts = list(itertools.accumulate((len(part) for part in self.parts), initial=0))
         self.buckets = [bucket for part in self.parts for bucket in part.buckets]
         self.sample_frames = [count for part in self.parts for count in part.sample_frames]
+        self.batch_keys = [key for part in self.parts for key in part.batch_keys]
         self.repeats = [
             r * entry.repeats for part, entry in zip(self.parts, self.entries, strict=True) for r in part.repeats
         ]

@@ -138,7 +138,7 @@ def first_losses(config: TrainConfig, steps: int = 2, batch_size: int = 2) -> tu
 
     run = setup(config)
     state, losses = TrainState(), []
-    for batch in batch_plan(run.dataset.buckets, batch_size=batch_size)[:steps]:
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=batch_size)[:steps]:
         state = train_step(run, state, [[run.dataset[i] for i in batch]])
         losses.append(state.loss)
     return losses, run

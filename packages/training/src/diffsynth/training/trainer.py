@@ -66,7 +66,6 @@ from .data import (
     MetadataDataset,
     batch_plan,
     cache_settings,
-    check_batch_shapes,
     steps_per_epoch,
     write_cache,
     write_cache_index,
@@ -210,7 +209,7 @@ def train(config: TrainConfig) -> TrainState:
     started, since = time.perf_counter(), state.step
     while state.step < run.total_steps and state.epoch < cfg.num_epochs:
         plan = batch_plan(
-            run.dataset.buckets,
+            run.dataset.batch_keys,
             batch_size=cfg.batch_size,
             repeat=cfg.dataset_repeat,
             seed=cfg.seed,
@@ -282,7 +281,6 @@ def setup(config: TrainConfig) -> Run:
     with loading_whole_models(acc):
         task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
     dataset = CachedDataset(cfg.cache_dir, expected=encoding_settings(cfg, task)) if cached else make_dataset(cfg, task)
-    check_batch_shapes(dataset, cfg.batch_size)  # a cache was checked when it was encoded
     report_extra_inputs(cfg, dataset)
 
     slot = task.denoiser_slot
@@ -333,7 +331,7 @@ def setup(config: TrainConfig) -> Run:
     )
 
     per_epoch = steps_per_epoch(
-        dataset.buckets,
+        dataset.batch_keys,
         batch_size=cfg.batch_size,
         repeat=cfg.dataset_repeat,
         world=acc.num_processes,
@@ -1057,7 +1055,6 @@ def encode_dataset(config: TrainConfig) -> Path:
     store_in_fp8(cfg, task, acc.device, all_loaded=False)
     stream_from_cpu(cfg, task, acc.device, all_loaded=False)
     dataset = make_dataset(cfg, task)
-    check_batch_shapes(dataset, cfg.batch_size)
     cache = Path(cfg.cache_dir)
     settings = encoding_settings(cfg, task)
     recorded = cache / "settings.json"
@@ -1237,13 +1234,14 @@ def encoding_settings(cfg: TrainConfig, task: TrainingTask) -> dict[str, Any]:
 
 
 def make_dataset(
-    cfg: TrainConfig, task: TrainingTask, *, require_masks: bool = True
+    cfg: TrainConfig, task: TrainingTask, *, require_masks: bool = True, where: str = ""
 ) -> MetadataDataset | CombinedDataset:
     """The run's dataset: `--dataset_base_path`, or each dataset of `--dataset_config` with its own settings, one
-    after the other (`datasets.CombinedDataset`; with `--masked_loss` some dataset, not each, must have masks)."""
+    after the other (`datasets.CombinedDataset`; with `--masked_loss` some dataset, not each, must have masks).
+    `where` names a config's dataset in messages."""
     if uses_dataset_config(cfg):
         entries = dataset_entries(cfg)
-        parts = [make_dataset(e.config, task, require_masks=False) for e in entries]
+        parts = [make_dataset(e.config, task, require_masks=False, where=e.where) for e in entries]
         return CombinedDataset(parts, entries, cfg.dataset_config)
     m = task.size_multiple
     for name in ("height", "width", "bucket_step"):
@@ -1251,7 +1249,7 @@ def make_dataset(
         if value is not None and value % m:
             raise ConfigError(f"--{name} {value} must be a multiple of {m} for {task.family}")
     fixed = (cfg.width, cfg.height) if cfg.height is not None else None
-    return MetadataDataset(
+    dataset = MetadataDataset(
         cfg.dataset_base_path,
         media=task.media,
         file_keys=cfg.data_file_keys,
@@ -1271,6 +1269,19 @@ def make_dataset(
         fps=cfg.video_fps,
         require_masks=require_masks,
     )
+    check_clip_length(dataset, task, f"{where}: num_frames" if where else "--num_frames")
+    return dataset
+
+
+def check_clip_length(dataset: MetadataDataset, task: TrainingTask, flag: str) -> None:
+    """A video VAE encodes its first frame alone and then `temporal_compression` frames at a time (Wan's 4k + 1,
+    LTX-2's 8k + 1): a clip of another length is named before any model runs, not at its first batch."""
+    tc, frames = temporal_compression(task), dataset.num_frames
+    if tc and (frames - 1) % tc and max(dataset.sample_frames, default=1) > 1:
+        raise ConfigError(
+            f"{flag} {frames}: {task.family} encodes videos of {tc}k + 1 frames; use {frames - (frames - 1) % tc} "
+            f"or {frames - (frames - 1) % tc + tc}"
+        )
 
 
 def report_extra_inputs(cfg: TrainConfig, dataset) -> None:
