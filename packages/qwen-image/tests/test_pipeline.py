@@ -64,6 +64,7 @@ def test_cfg_off_ignores_the_negative_prompt(pipe):
         (dict(denoising_strength=0.0), "denoising_strength=0.0"),
         (dict(latents=torch.zeros(1, 16, 5, 5)), "latents must be a tensor of shape"),
         (dict(max_sequence_length=0), "max_sequence_length=0"),
+        (dict(num_inference_steps=2.5), "num_inference_steps=2.5 is not accepted"),  # not truncated to 2
     ],
 )
 def test_bad_inputs_name_the_value(pipe, kwargs, match):

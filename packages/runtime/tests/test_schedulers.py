@@ -405,6 +405,14 @@ def test_bad_num_inference_steps(steps):
         FlowMatchScheduler("flux1").set_timesteps(steps)
 
 
+def test_a_numpy_step_count_is_an_integer():
+    """A count read from a numpy array or config file counts as the int it is (and the grids agree)."""
+    ours, theirs = FlowMatchScheduler("flux1"), FlowMatchScheduler("flux1")
+    ours.set_timesteps(np.int64(4))
+    theirs.set_timesteps(4)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("strength", [0, -0.1, 1.5, float("nan"), None])
 def test_bad_denoising_strength(strength):
     with pytest.raises(ConfigError, match=r"denoising_strength=.*\(0, 1\]"):

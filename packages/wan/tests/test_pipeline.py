@@ -187,6 +187,11 @@ def test_unipc_grid_and_steps_match_diffusers_wan_scheduler(pipe):
         ({"prompt": [PROMPT, PROMPT], "negative_prompt": ["a", "b", "c"]}, "negative_prompt has 3"),
         ({"input_image": Image.new("RGB", (32, 32))}, "text-to-video"),
         ({"input_video": [Image.new("RGB", (32, 32))] * 2, "denoising_strength": 0.5}, "input_video has 2 frames"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps=2.5 is not accepted"),  # not truncated to 2
+        ({"max_sequence_length": 1000}, "max_sequence_length=1000 must be in 1..512"),
+        ({"max_sequence_length": 0}, "max_sequence_length=0 must be in 1..512"),
+        ({"cfg_scale_2": 3.0}, "cfg_scale_2: only a Wan 2.2 A14B pipeline has the low-noise expert"),
+        ({"switch_DiT_boundary": 0.5}, "switch_DiT_boundary: only a Wan 2.2 A14B"),
     ],
 )
 def test_bad_input_names_the_argument(pipe, kwargs, fragment):

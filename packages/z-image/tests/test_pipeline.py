@@ -89,6 +89,7 @@ def test_image_to_image_starts_from_the_noised_input(pipe):
         ({"prompt": PROMPT, "output_type": "jpeg"}, "output_type='jpeg'"),
         ({"prompt": PROMPT, "latents": torch.zeros(1, 4, 4, 4)}, "latents must be"),
         ({"prompt": [PROMPT, PROMPT], "negative_prompt": ["a", "b", "c"]}, "negative_prompt has 3"),
+        ({"prompt": PROMPT, "num_inference_steps": 2.5}, "num_inference_steps=2.5 is not accepted"),  # not 2
     ],
 )
 def test_bad_input_names_the_argument(pipe, kwargs, fragment):

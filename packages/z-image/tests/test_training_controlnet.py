@@ -328,7 +328,7 @@ def test_trainer_trains_the_controlnet_and_saves_a_file_the_pipeline_loads(tiny_
     dit_before = {k: v.clone() for k, v in run.task.pipe.dit.state_dict().items()}
     state = trainer.TrainState()
     for _ in range(2):
-        for batch in batch_plan(run.dataset.buckets, batch_size=2):
+        for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
             state = trainer.train_step(run, state, [[run.dataset[i] for i in batch]])
             assert np.isfinite(state.loss) and state.loss > 0
     trainer.save(run, state)

@@ -194,7 +194,7 @@ def test_lora_training_changes_only_the_lora_and_writes_a_file_the_pipeline_appl
     assert run.task.omni and run.dataset[1]["edit_image"][1].shape == (3, 80, 64)
     frozen = {k: v.clone() for k, v in run.model.state_dict().items() if "lora_" not in k}
     state = trainer.TrainState()
-    for batch in batch_plan(run.dataset.buckets, batch_size=2):
+    for batch in batch_plan(run.dataset.batch_keys, batch_size=2):
         state = trainer.train_step(run, state, [[run.dataset[i] for i in batch]])
         assert np.isfinite(state.loss) and state.loss > 0
     trainer.save(run, state)

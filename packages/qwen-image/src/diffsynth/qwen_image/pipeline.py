@@ -51,6 +51,7 @@ from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler, make_scheduler
+from diffsynth.runtime.schedulers.templates import check_steps
 from diffsynth.runtime.vram import module_dtype
 
 from .blockwise_controlnet import QwenImageBlockwiseControlNet, blockwise_residual
@@ -372,7 +373,7 @@ class QwenImagePipeline(BasePipeline):
         negative_prompt = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 4.0))
-        steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
+        steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 50))
         height, width = self.check_size(
             int(self.setting("height", height, 1328)), int(self.setting("width", width, 1328))
         )
@@ -521,7 +522,7 @@ class QwenImagePipeline(BasePipeline):
         normalize = self.setting("cfg_normalize", cfg_normalize, True)
         if not isinstance(normalize, bool):
             raise ConfigError(f"cfg_normalize={normalize!r} must be True or False")
-        steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
+        steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 50))
         template = self.setting("sigma_template", sigma_template, LAYERED_TEMPLATES[0])
         if template not in LAYERED_TEMPLATES:
             raise ConfigError(f"sigma_template={template!r} is not accepted here; use one of {LAYERED_TEMPLATES}")

@@ -43,6 +43,7 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults, weight_paths
 from diffsynth.runtime.schedulers import make_scheduler
+from diffsynth.runtime.schedulers.templates import check_steps
 from diffsynth.runtime.vram import module_dtype
 
 from .animate import (
@@ -358,9 +359,23 @@ class WanVideoPipeline(BasePipeline):
         prompts, negatives = self.check_prompt_pair(prompt, negative)
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
-        steps = int(self.setting("num_inference_steps", num_inference_steps, 50))
+        steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 50))
+        text_len = getattr(self.dit.config, "text_len", None) or 512  # the DiT pads the prompt to it
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
+            raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer")
+        if not 1 <= max_sequence_length <= text_len:
+            raise ConfigError(
+                f"max_sequence_length={max_sequence_length} must be in 1..{text_len} (the DiT's text_len)"
+            )
         shift = float(self.setting("sigma_shift", sigma_shift, 5.0))
         scale = float(self.setting("cfg_scale", cfg_scale, 5.0))
+        expert = {"cfg_scale_2": cfg_scale_2, "switch_DiT_boundary": switch_DiT_boundary}
+        if self.dit2 is None and any(value is not None for value in expert.values()):
+            given = " and ".join(name for name, value in expert.items() if value is not None)
+            raise ConfigError(
+                f"{given}: only a Wan 2.2 A14B pipeline has the low-noise expert (dit2) it sets, and this one has one "
+                "DiT; drop the argument"
+            )
         if cfg_scale_2 is None:  # an explicit cfg_scale applies to both experts, as in DiffSynth-Studio
             cfg_scale_2 = scale if cfg_scale is not None else self.defaults.get("cfg_scale_2", scale)
         scale_2 = float(cfg_scale_2)

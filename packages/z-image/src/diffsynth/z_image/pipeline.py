@@ -37,6 +37,7 @@ from diffsynth.runtime.lora import clear_loras, set_lora_scale
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import make_scheduler
+from diffsynth.runtime.schedulers.templates import check_steps
 from diffsynth.runtime.vram import module_dtype
 
 from .controlnet import ZImageControl, ZImageControlNet
@@ -227,7 +228,7 @@ class ZImagePipeline(BasePipeline):
         edits = self.check_edit_images(edit_image, controlnet_inputs)
         checked = self.check_control_inputs(controlnet_inputs)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
-        steps = int(self.setting("num_inference_steps", num_inference_steps, 9))
+        steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = float(self.setting("sigma_shift", sigma_shift, 3.0))
         auto_resize = self.setting("edit_image_auto_resize", edit_image_auto_resize, True)
         if not isinstance(auto_resize, bool):

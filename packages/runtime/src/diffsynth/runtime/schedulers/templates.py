@@ -13,6 +13,7 @@ grid is bent towards high noise.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -28,9 +29,11 @@ LTX2_STAGE2_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
 
 # ----------------------------------------------------------------------------------------------- building blocks
 def check_steps(num_inference_steps, name: str = "num_inference_steps") -> int:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ConfigError(f"{name}={num_inference_steps!r} is not accepted; use an integer >= 1")
-    return num_inference_steps
+    """A step count as an int: any integer (numpy's too) >= 1; 2.5 or True is refused, not truncated."""
+    value = num_inference_steps
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{name}={value!r} is not accepted; use an integer >= 1")
+    return int(value)
 
 
 def _positive(name: str, value) -> float:
