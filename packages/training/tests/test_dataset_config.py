@@ -337,6 +337,12 @@ def test_a_musubi_file_reads_as_the_same_datasets_in_our_names(tmp_path):
     several = write_toml(tmp_path / "several.toml", {}, [{"video_directory": str(videos), "target_frames": [1, 3]}])
     ours = [{"base_path": str(videos), "num_frames": n} for n in (1, 3)]
     same_datasets(tmp_path, several, write_config(tmp_path / "o.yaml", ours), family=VIDEO_TASK, batch_size=2)
+    # frame_extraction full: each whole video up to max_frames, its length cut to what the VAE encodes (2k + 1 here)
+    full = write_toml(tmp_path / "full.toml", {}, [{"video_directory": str(videos), "frame_extraction": "full"}
+                                                   | {"max_frames": 10, "target_frames": [3]}])  # fmt: skip
+    ours = [{"base_path": str(videos), "num_frames": 10, "video_frame_extraction": "full"}]
+    same_datasets(tmp_path, full, write_config(tmp_path / "f.yaml", ours), family=VIDEO_TASK, batch_size=2)
+    assert setup(toy_config(tmp_path, dataset_config=full, family=VIDEO_TASK)).dataset.sample_frames == [9, 9]
 
 
 def test_a_musubi_jsonl_file_reads_its_image_path_and_caption(tmp_path):
@@ -389,9 +395,9 @@ def test_a_kohya_file_reads_its_subsets_repeats_and_regularization(tmp_path):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"frame_extraction": "full"}, r"frame_extraction full \(each whole video, of its own length\) is not supp"),
+        ({"frame_extraction": "full", "max_frames": 0}, r"max_frames 0 must be a whole number of frames >= 1"),
+        ({"frame_extraction": "full", "max_frames": 9, "num_frames": 9}, r"max_frames and num_frames both bound"),
         ({"source_fps": 30.0}, r"source_fps is not supported here: .* give video_fps .* or --video_fps"),
-        ({"max_frames": 45}, r"max_frames is not supported here: it bounds frame_extraction full"),
         ({"control_directory": "c"}, r"control_directory is not supported here"),
         ({"metadata_file": "m.json"}, r"metadata_file is not supported here: kohya's fine-tuning metadata"),
         ({"fp_latent_window_size": 9}, r"fp_latent_window_size is not supported here: FramePack's"),

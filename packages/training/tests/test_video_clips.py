@@ -33,7 +33,7 @@ def numbers(video: torch.Tensor) -> list[int]:
 
 def dataset(folder, **options) -> MetadataDataset:
     values = dict(media=("video",), file_keys=("video", "control_video"), max_pixels=32 * 32, step=16)
-    return MetadataDataset(folder, num_frames=FRAMES, **{**values, **options})
+    return MetadataDataset(folder, **{**values, "num_frames": FRAMES, **options})
 
 
 @pytest.fixture
@@ -66,6 +66,18 @@ def test_each_mode_cuts_the_clips_it_says(clips, options, long_starts):
         sample = data[k]
         assert numbers(sample["video"]) == list(range(start, start + FRAMES))
         assert numbers(sample["control_video"]) == numbers(sample["video"])  # the same span of the parallel video
+
+
+@pytest.mark.parametrize(("longest", "multiple", "lengths"), [(10, 2, [9, 5]), (8, 4, [5, 5]), (20, None, [12, 5])])
+def test_full_takes_each_whole_video_up_to_num_frames_at_a_length_the_vae_encodes(clips, longest, multiple, lengths):
+    """`full` (musubi-tuner's): one clip per video from its first frame, at most `num_frames` long, cut to
+    1 + k x the VAE's temporal compression; the parallel control video gives the same frames."""
+    data = dataset(clips, frame_extraction="full", num_frames=longest, frame_multiple=multiple)
+    assert data.sample_starts == [0, 0] and data.sample_frames == lengths
+    assert data.batch_keys == [(32, 32, n) for n in lengths]
+    long, short = data[0], data[1]
+    assert numbers(long["video"]) == numbers(long["control_video"]) == list(range(lengths[0]))
+    assert numbers(short["video"]) == list(range(lengths[1]))
 
 
 def test_a_frame_rate_resamples_the_timeline_before_cutting(clips):
@@ -183,6 +195,18 @@ def test_pictures_and_videos_of_one_size_train_in_batches_of_their_own(tmp_path)
     (runs.cache / "index.json").write_text(json.dumps(index))
     older = setup(runs.config).dataset.batch_keys
     assert older[0] == older[1] != older[2] == older[3]
+
+
+def test_the_trainer_cuts_full_videos_to_the_tasks_vae_and_batches_them_by_length(clips, tmp_path):
+    cfg = TrainConfig(
+        family=VIDEO_TASK, dataset_base_path=str(clips), output_path=str(tmp_path / "out"), max_pixels=32 * 32,
+        bucket_step=16, batch_size=2, mixed_precision="no", dtype="float32", lora_rank=4, num_frames=10,
+        video_frame_extraction="full", cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    run_stage(replace(cfg, stage="encode"))
+    assert setup(cfg).dataset.batch_keys == [(32, 32, 9), (32, 32, 5)]  # the toy VAE encodes 2k + 1 frames
+    with pytest.raises(ConfigError, match="encoded with --video_frame_extraction 'full', this run has"):
+        setup(replace(cfg, video_frame_extraction="head"))
 
 
 def test_a_clip_length_the_vae_cannot_encode_is_named_before_training(clips, tmp_path):

@@ -82,11 +82,12 @@ class TrainConfig:
     width: int | None = _arg(None, "fixed training width (with --height)", "data")
     bucket_step: int = _arg(64, "bucket sizes are multiples of this many pixels", "data")
     num_frames: int = _arg(81, "frames of each video clip", "data")
-    video_frame_extraction: Literal["head", "chunk", "slide", "uniform"] = _arg(
+    video_frame_extraction: Literal["head", "chunk", "slide", "uniform", "full"] = _arg(
         "head",
         "the clips a video trains on (musubi-tuner's names): head, its first --num_frames; chunk, all of it cut into "
         "--num_frames pieces; slide, a clip every --video_frame_stride frames; uniform, --video_frame_samples clips "
-        "spread evenly from start to end",
+        "spread evenly from start to end; full, the whole video up to --num_frames frames (its length cut to one the "
+        "video VAE encodes)",
         "data",
     )
     video_frame_stride: int | None = _arg(None, "slide: frames from one clip's start to the next's", "data")

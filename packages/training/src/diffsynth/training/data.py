@@ -21,7 +21,8 @@
   resized to cover the bucket and centre-cropped. Sizes come from the file headers, so planning is cheap.
   Several pixel budgets (`--resolutions`) make each row a sample at each size.
 - `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
-  drawn from one bucket, cut to the same count on every process and to whole gradient-accumulation steps.
+  drawn from one bucket and frame count (`batch_keys`), cut to the same count on every process and to whole
+  gradient-accumulation steps.
   Resuming skips the batches already trained, without loading them.
 - Sound: a row's `audio` column, or DiffSynth-Studio's `input_audio` (a file path in `--data_file_keys`: a sound
   file, or a video whose track is meant) or else its video file's own audio track is read with `av` as `"audio"` `[channels, samples]` float32
@@ -305,6 +306,7 @@ class MetadataDataset(Dataset):
         frame_samples: int = 1,
         fps: float | None = None,
         require_masks: bool = True,
+        frame_multiple: int | None = None,
     ):
         if image_mode not in ("RGB", "RGBA"):
             raise ConfigError(f"image_mode={image_mode!r} is not accepted; use 'RGB' or 'RGBA'")
@@ -323,6 +325,7 @@ class MetadataDataset(Dataset):
         checked = (*self.file_keys, MASK_COLUMN) if self.masked_loss else self.file_keys
         self.num_frames = num_frames
         self.frame_extraction, self.frame_stride, self.frame_samples = frame_extraction, frame_stride, frame_samples
+        self.frame_multiple = frame_multiple  # `full` clips are 1 + k x this many frames (the video VAE's chunks)
         self.fps = fps  # None: each video at its own frame rate
         sizes = (max_pixels,) if isinstance(max_pixels, int) else tuple(max_pixels)
         self.step = step
@@ -354,17 +357,17 @@ class MetadataDataset(Dataset):
             )
         # a sample is a row at one of the training sizes (several with `--resolutions`) and, for a video, one of its
         # clips (several with --video_frame_extraction), rows in order
-        starts = [self._clip_starts(i) for i in range(len(self.rows))]
-        self.sample_rows = [i for i in range(len(self.rows)) for _ in sizes for _ in starts[i]]
-        self.sample_pixels = [pixels for i in range(len(self.rows)) for pixels in sizes for _ in starts[i]]
-        self.sample_starts = [start for i in range(len(self.rows)) for _ in sizes for start in starts[i]]
+        clips = [self._clips(i) for i in range(len(self.rows))]
+        self.sample_rows = [i for i in range(len(self.rows)) for _ in sizes for _ in clips[i]]
+        self.sample_pixels = [pixels for i in range(len(self.rows)) for pixels in sizes for _ in clips[i]]
+        self.sample_starts = [start for i in range(len(self.rows)) for _ in sizes for start, _ in clips[i]]
+        # the frames of each sample: a video row's clip length, a picture's one; a batch holds one size and count
+        self.sample_frames = [frames for i in range(len(self.rows)) for _ in sizes for _, frames in clips[i]]
         self.max_pixels = sizes[0]
         for i, pixels in zip(self.sample_rows, self.sample_pixels, strict=True):
             bucket = fixed if fixed is not None else bucket_for(*dims[i], max_pixels=pixels, step=step)
             self.buckets.append(bucket)
         self.repeats = [row_repeat[i] for i in self.sample_rows]
-        # the frames of each sample: a video row's clip length, a picture's one; a batch holds one size and count
-        self.sample_frames = [num_frames if self._row_videos(i) else 1 for i in self.sample_rows]
         self.batch_keys = batch_keys(self.buckets, self.sample_frames)
         logger.info(
             "dataset %s: %d samples in %d buckets %s",
@@ -420,7 +423,7 @@ class MetadataDataset(Dataset):
         from diffsynth.runtime.media import load_image, pil_to_tensor
 
         size, pixels = self.buckets[index], self.sample_pixels[index]
-        start = self.sample_starts[index]  # the first frame of the sample's clip
+        start, count = self.sample_starts[index], self.sample_frames[index]  # the sample's clip
         index = self.sample_rows[index]  # the metadata row of the sample
         row = dict(self.rows[index])
         for key in self.file_keys:
@@ -437,7 +440,7 @@ class MetadataDataset(Dataset):
                     at = size
                     if key in self.conditioning:  # e.g. square face crops beside a wide video
                         at = bucket_for(*media_size(path), max_pixels=pixels, step=self.step)
-                    frames = [fit(f, at) for f in self._frames(path, start)]
+                    frames = [fit(f, at) for f in self._frames(path, start, count)]
                     loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
                     continue
                 image = load_image(path, self.image_mode)
@@ -455,11 +458,11 @@ class MetadataDataset(Dataset):
                 row[MASK_COLUMN] = alpha_mask(source, size, fit)
             elif mask.suffix.lower() in VIDEO_SUFFIXES:  # a mask video: the frames the row's video is read with
                 try:
-                    frames = self._frames(mask, start)
+                    frames = self._frames(mask, start, count)
                 except ConfigError as error:
                     raise ConfigError(
                         f"{self.metadata} row {index + 1} column {MASK_COLUMN}: the mask video {mask} must give the "
-                        f"{self.num_frames} frames its row's video is read with (--num_frames): {error}"
+                        f"{count} frames its row's video is read with (--num_frames): {error}"
                     ) from None
                 row[MASK_COLUMN] = read_mask_video(mask, frames, media_size(source), size, fit)
             else:
@@ -467,28 +470,37 @@ class MetadataDataset(Dataset):
         self._add_sound(row, index, start)
         return row
 
-    def _frames(self, path: Path, start: int = 0) -> list[Image.Image]:
-        """The frames a video is trained on (a row's video, a conditioning video, a mask video alike): the
-        `num_frames` of a clip from frame `start`, at `fps` when given."""
+    def _frames(self, path: Path, start: int, count: int) -> list[Image.Image]:
+        """The frames a video is trained on (a row's video, a conditioning video, a mask video alike): the `count`
+        of a clip from frame `start`, at `fps` when given."""
         from diffsynth.runtime.media import load_video
 
-        return load_video(path, num_frames=self.num_frames, start=start, fps=self.fps)
+        return load_video(path, num_frames=count, start=start, fps=self.fps)
 
-    def _clip_starts(self, index: int) -> list[int]:
-        """The first frames of a row's clips (`--video_frame_extraction`, on the `fps` timeline): `[0]` for a
-        picture and for `head`; `chunk` cuts the video into `num_frames` pieces, `slide` starts one every
-        `frame_stride` frames, `uniform` spreads `frame_samples` clips evenly from start to end. The clips fit the
-        shortest of the row's videos (its video, conditioning videos and mask video), frames counted from their
-        timestamps; for `head` at the files' own rates only from the frame counts their headers state (a long file
-        is not read through then; one without a count fails when read, naming it)."""
+    def _clips(self, index: int) -> list[tuple[int, int]]:
+        """The (first frame, frame count) of a row's clips (`--video_frame_extraction`, on the `fps` timeline):
+        one frame for a picture; `head`, the first `num_frames`; `chunk` cuts the video into `num_frames` pieces,
+        `slide` starts one every `frame_stride` frames, `uniform` spreads `frame_samples` clips evenly from start to
+        end; `full` is the whole video up to `num_frames`, its length cut to 1 + k x `frame_multiple` frames. The
+        clips fit the shortest of the row's videos (its video, conditioning videos and mask video), frames counted
+        from their timestamps; for `head` at the files' own rates only from the frame counts their headers state
+        (a long file is not read through then; one without a count fails when read, naming it)."""
         videos = self._row_videos(index)
         if not videos:
-            return [0]
+            return [(0, 1)]
         counted = [(self._frame_count(path), column, name) for column, name, path in videos]
         counted = [entry for entry in counted if entry[0] is not None]
         if not counted:
-            return [0]
+            return [(0, self.num_frames)]
         count, column, name = min(counted)
+        if self.frame_extraction == "full":
+            frames = min(count, self.num_frames)
+            return [(0, frames - (frames - 1) % self.frame_multiple if self.frame_multiple else frames)]
+        return [(start, self.num_frames) for start in self._clip_starts(count, column, name, index)]
+
+    def _clip_starts(self, count: int, column: str, name: str, index: int) -> list[int]:
+        """The first frames of the clips of `num_frames` in `count` frames (row `index`'s shortest video, `name`
+        in `column`)."""
         room = count - self.num_frames  # the last start that leaves a whole clip
         if room < 0:
             at = "" if self.fps is None else f" at {self.fps:g} fps"

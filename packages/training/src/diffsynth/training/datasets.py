@@ -18,7 +18,8 @@ A `.toml` file holds the same as `[[datasets]]` tables; a bare YAML list of the 
 musubi-tuner's and kohya's dataset config files read as they are (`_our_names`): a `[general]` table gives every
 dataset its defaults, each of kohya's `[[datasets.subsets]]` is a dataset, and their keys become ours (`image_directory`,
 `video_directory`, `image_dir` -> base_path, `num_repeats` -> repeats, `resolution` with `enable_bucket` -> max_pixels
-or width + height, `target_frames` -> num_frames, `is_reg` -> loss_weight `prior_loss_weight`, ...). Their options that
+or width + height, `target_frames` -> num_frames, `frame_extraction = "full"` with `max_frames` -> full clips of at
+most num_frames, `is_reg` -> loss_weight `prior_loss_weight`, ...). Their options that
 are the run's flags here (`batch_size`, kohya's caption options) are taken when they equal the flag; what cannot be
 honoured is refused naming the key (`REFUSED`, `INERT`).
 
@@ -201,7 +202,6 @@ IGNORED = {  # their options that change nothing here, with why (logged)
 REFUSED = {  # their options this trainer cannot honour, with what to do instead
     "source_fps": "musubi drops frames to the model's rate from this assumed file rate; give video_fps (the rate to "
     "train at, e.g. 16 for Wan, read from each file's own timestamps) in the dataset or --video_fps for the run",
-    "max_frames": "it bounds frame_extraction full, which is not supported",
     "control_directory": "control images or videos are not read from a folder; list them in a metadata file column "
     "the family's task reads (e.g. edit_image) and give metadata_path",
     "control_resolution": "control images are not read from a folder",
@@ -223,8 +223,8 @@ REFUSED = {  # their options this trainer cannot honour, with what to do instead
 }
 FOREIGN_KEYS = (
     *FOLDER_KEYS, *JSONL_KEYS, "subsets", "num_repeats", "resolution", "enable_bucket", "bucket_no_upscale",
-    "caption_extension", "target_frames", "frame_extraction", "frame_stride", "frame_sample", "class_tokens", "is_reg",
-    "prior_loss_weight", *RUN_FLAGS, *INERT, *IGNORED,
+    "caption_extension", "target_frames", "frame_extraction", "frame_stride", "frame_sample", "max_frames",
+    "class_tokens", "is_reg", "prior_loss_weight", *RUN_FLAGS, *INERT, *IGNORED,
 )  # fmt: skip
 
 
@@ -341,11 +341,18 @@ def _take_clips(rest: dict[str, Any], ours: dict[str, Any], where: str) -> list[
         raise ConfigError(f"{where}: target_frames and num_frames both give the clips' length; give one")
     mode = rest.pop("frame_extraction", None)
     stride, samples = rest.pop("frame_stride", None), rest.pop("frame_sample", None)
-    if mode == "full":
-        raise ConfigError(
-            f"{where}: frame_extraction full (each whole video, of its own length) is not supported here; use head, "
-            "chunk, slide or uniform with target_frames"
-        )
+    longest = rest.pop("max_frames", None)
+    if longest is not None and mode != "full":
+        logger.info("%s: max_frames is not used (it is for frame_extraction full)", where)
+    if mode == "full":  # each whole video up to max_frames (musubi's default: 129), not target_frames' lengths
+        if longest is not None and (type(longest) is not int or longest < 1):
+            raise ConfigError(f"{where}: max_frames {longest!r} must be a whole number of frames >= 1")
+        if "num_frames" in ours and longest is not None:
+            raise ConfigError(f"{where}: max_frames and num_frames both bound the videos of frame_extraction full")
+        if frames:
+            logger.info("%s: target_frames is not used (frame_extraction full trains each whole video)", where)
+            frames = []
+        ours.setdefault("num_frames", 129 if longest is None else longest)
     if mode is not None:
         ours["video_frame_extraction"] = mode  # checked with the run's settings
         if mode == "slide":

@@ -1268,6 +1268,7 @@ def make_dataset(
         frame_samples=cfg.video_frame_samples,
         fps=cfg.video_fps,
         require_masks=require_masks,
+        frame_multiple=temporal_compression(task),
     )
     check_clip_length(dataset, task, f"{where}: num_frames" if where else "--num_frames")
     return dataset
@@ -1276,8 +1277,10 @@ def make_dataset(
 def check_clip_length(dataset: MetadataDataset, task: TrainingTask, flag: str) -> None:
     """A video VAE encodes its first frame alone and then `temporal_compression` frames at a time (Wan's 4k + 1,
     LTX-2's 8k + 1): a clip of another length is named before any model runs, not at its first batch."""
-    tc, frames = temporal_compression(task), dataset.num_frames
-    if tc and (frames - 1) % tc and max(dataset.sample_frames, default=1) > 1:
+    tc = temporal_compression(task)
+    wrong = sorted({frames for frames in dataset.sample_frames if tc and (frames - 1) % tc})
+    if wrong:
+        frames = wrong[0]
         raise ConfigError(
             f"{flag} {frames}: {task.family} encodes videos of {tc}k + 1 frames; use {frames - (frames - 1) % tc} "
             f"or {frames - (frames - 1) % tc + tc}"
