@@ -72,6 +72,14 @@ def test_the_given_sound_is_kept_clean_and_returned(tiny_ltx2_pipe, monkeypatch)
     assert (frames - text_only).abs().max() > 1e-3  # the video is made to the sound
 
 
+def test_a_short_sound_is_returned_zero_padded_to_the_clip(tiny_ltx2_pipe):
+    """A sound shorter than the clip is encoded zero-padded, and returned so: as long as the video."""
+    sound = tone(seconds=0.1)
+    _, audio = tiny_ltx2_pipe(CAPTIONS[0], retake_audio=sound, audio_sample_rate=RATE, cfg_scale=1.0, **SETTINGS)
+    expected = torch.nn.functional.pad(sound, (0, int(F / 24.0 * RATE) - sound.shape[1]))
+    torch.testing.assert_close(audio.waveform[0], expected, rtol=0, atol=0)
+
+
 def test_regions_are_remade_and_the_rest_is_kept(tiny_ltx2_pipe, monkeypatch):
     """A latent frame is re-made when its span overlaps a region (DiffSynth-Studio's rule): noisy and stepped
     there, given and at timestep 0 elsewhere; the sound is then decoded by the vocoder."""
@@ -149,6 +157,7 @@ def test_two_stages_keep_the_sound_in_both(tiny_ltx2_base, tiny_ltx2_pipe, monke
         (dict(retake_audio=torch.zeros(2, 2, 8000)), r"\[channels, samples\]"),
         (dict(retake_audio=tone(), retake_audio_regions=[(0.3, 0.1)]), r"\(0.3, 0.1\)"),
         (dict(retake_audio=tone(), audio_sample_rate=0), "sample_rate"),
+        (dict(retake_audio_regions=[(0.1, 0.2)]), "retake_audio_regions are regions of retake_audio"),
     ],
 )
 def test_bad_sound_is_refused(tiny_ltx2_pipe, kwargs, match):

@@ -226,6 +226,8 @@ def test_sizes_are_rounded_with_a_warning(tiny_ltx2_pipe, caplog):
         (dict(tile_size_in_pixels=64, tile_overlap_in_pixels=64), r"smaller than tile_size_in_pixels=64"),
         (dict(stage2_spatial_upsample_factor=4), r"stage2_spatial_upsample_factor=4"),
         (dict(denoising_strength=0.5), r"use retake_video"),
+        (dict(rand_device="tpu"), r"rand_device='tpu' is not accepted; use cpu, cuda, cuda:N or mps"),
+        (dict(rand_device="disk", seed=None), r"rand_device='disk' is not accepted"),
     ],
 )
 def test_bad_inputs_are_refused(tiny_ltx2_pipe, kwargs, match):

@@ -116,6 +116,8 @@ def test_given_noise_and_bad_input(tiny_ltx2_pipe):
         pipe.generate_audio(CAPTIONS[0], audio_guidance_rescale=1.5, **fast)
     with pytest.raises(ConfigError, match="max_sequence_length=0"):
         pipe.generate_audio(CAPTIONS[0], **dict(fast, max_sequence_length=0))
+    with pytest.raises(ConfigError, match="rand_device='tpu'"):
+        pipe.generate_audio(CAPTIONS[0], rand_device="tpu", **fast)
     pipe.enable_first_block_cache(0.1)
     try:
         with pytest.raises(ConfigError, match="disable_first_block_cache"):

@@ -69,3 +69,15 @@ def test_bad_device_lists_accepted_ones(bad):
     with pytest.raises(ConfigError) as info:
         parse_device(bad)
     assert "cuda:N" in str(info.value) and "disk" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["tpu", "disk", 3])
+def test_noise_is_drawn_on_a_device_that_holds_tensors(bad):
+    """`rand_device` draws noise: a bad one (or `disk`, which places weights) is named as the pipelines' argument."""
+    from diffsynth.runtime.pipeline import seeded_generator, seeded_noise
+
+    with pytest.raises(ConfigError, match=f"rand_device={bad!r} is not accepted; use cpu, cuda, cuda:N or mps"):
+        seeded_generator(0, bad)
+    generator, device = seeded_generator(7, "cpu")
+    torch.testing.assert_close(seeded_noise((2, 3), 7), torch.randn((2, 3), generator=generator))
+    assert device == torch.device("cpu") and seeded_generator(None, "cpu")[0] is None

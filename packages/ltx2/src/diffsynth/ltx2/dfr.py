@@ -30,6 +30,7 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import h264_frame, pil_to_tensor
+from diffsynth.runtime.pipeline import seeded_generator
 from diffsynth.runtime.vram import module_dtype
 
 from .audio_vae import pack_latents, unpack_latents
@@ -381,7 +382,7 @@ def refine_round(
         seq = seq.noised(draw_noise(seq.tokens.shape, generator, rand_device, pipe.device), float(sigmas[0]))
         length = round(window_frames / cfps * per_second)
         audio = unpack_latents(audio_window(tokens, tile.first_frame, window_frames, fps, seconds, length), bins)
-        draws = torch.Generator(rand_device).manual_seed(seed + 1000 * round_index + index)
+        draws, _ = seeded_generator(seed + 1000 * round_index + index, rand_device)
         noise = lambda shape=seq.tokens.shape, g=draws: draw_noise(shape, g, rand_device, pipe.device)  # noqa: E731
         pipe.load_models_to_device(["dit"])
         seq, _ = denoise_pass(

@@ -27,6 +27,7 @@ import torch
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import load_audio, load_video, video_frame_rate
+from diffsynth.runtime.pipeline import seeded_generator
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 
 from .audio_vae import pack_latents
@@ -102,7 +103,7 @@ def dub_video(
 
     pipe.load_models_to_device(["text_encoder", "connectors"])
     text = pipe.encode_prompt(prompts, max_len)
-    generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+    generator, rand_device = seeded_generator(seed, rand_device)
     unguided = (False, 1.0, 1.0, 0.0, None)
 
     # stage 1: half size, the new sound sampled beside the video, both references read

@@ -44,6 +44,7 @@ from safetensors import safe_open
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_frames, pil_to_tensor, save_video
+from diffsynth.runtime.pipeline import seeded_generator
 from diffsynth.runtime.schedulers import LTX2_DISTILLED_SIGMAS, FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -331,7 +332,7 @@ def generate_hdr(
     )
     stage_1 = FlowMatchScheduler("ltx2_distilled")
     stage_1.set_timesteps(len(STAGE_1_SIGMAS) - 1, sigmas=STAGE_1_SIGMAS if sigmas is None else sigmas)
-    generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+    generator, rand_device = seeded_generator(seed, rand_device)
 
     # stage 1 (half size with two stages)
     size = (gen_height // 2, gen_width // 2) if two_stage else (gen_height, gen_width)
@@ -348,7 +349,7 @@ def generate_hdr(
         reference = encode_reference(
             pipe, frames, generated, (gen_height, gen_width), factor, fps, (high_quality, tiled)
         )
-        fresh = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))  # the authors' tile 0
+        fresh, _ = seeded_generator(seed, rand_device)  # the authors' tile 0
         video = _noised(pipe, upsampled, reference, fresh, rand_device, float(stage_2.sigmas[0]))
         video = _denoise(pipe, video, stage_2, text, fps, reference, progress_bar)
 

@@ -32,7 +32,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import h264_frame, load_audio, load_image, pil_to_tensor, resample_audio, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline, lora_file
+from diffsynth.runtime.pipeline import BasePipeline, lora_file, seeded_generator
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -247,7 +247,8 @@ class LTX2Pipeline(BasePipeline):
         `audio_sample_rate` Hz, default 48000, or an audio or video file) is encoded by the audio VAE and
         kept: the DiT sees it clean (timestep 0) and no step changes it, so the video is made to its sound
         (the authors' `A2VidPipelineTwoStage`). `retake_audio_regions` (`[(start, end), ...]` seconds) re-makes
-        the sound there instead and keeps the rest. Kept whole, the given waveform is returned as the audio.
+        the sound there instead and keeps the rest. Kept whole, the given waveform (cut or zero-padded to the clip)
+        is returned as the audio.
 
         Video retake (DiffSynth-Studio's arguments, the authors' `RetakePipeline`): `retake_video` (a video file
         or a list of at least `num_frames` frames) is encoded at each stage's size and kept, except in
@@ -340,6 +341,11 @@ class LTX2Pipeline(BasePipeline):
             self.check_two_stage(height, width, distilled)
             fallback = res2s.HQ_STAGE_2_LORA_STRENGTH if hq else STAGE_2_LORA_STRENGTH
             lora_strength = float(self.setting("stage2_lora_strength", stage2_lora_strength, fallback))
+        elif not dfr_on and stage2_lora_strength is not None:
+            raise ConfigError(
+                "stage2_lora_strength is the second stage's and this call runs one stage: pass "
+                "use_two_stage_pipeline=True (use_hq_pipeline and use_dfr_pipeline run two stages too)"
+            )
         stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
         if num_frames is None and self.duration_head is not None and "num_frames" not in self.defaults:
             num_frames = self.predict_num_frames(prompts[0], max_len, fps, min_seconds, max_seconds)
@@ -367,6 +373,8 @@ class LTX2Pipeline(BasePipeline):
             retake = (retake_frames(retake_video, frames), retake_video_regions)
         elif retake_video_regions:
             raise ConfigError("retake_video_regions are regions of retake_video: give the video too")
+        if retake_audio_regions and retake_audio is None:
+            raise ConfigError("retake_audio_regions are regions of retake_audio: give the sound too")
         clear_lora_before_state_two = bool(self.setting("clear_lora_before_state_two", clear_lora_before_state_two, 0))
         if clear_lora_before_state_two:
             self.check_clearable_loras(two_stage)
@@ -405,7 +413,7 @@ class LTX2Pipeline(BasePipeline):
         else:
             tokens = res2s.hq_image_seq_len(self, frames, stage_height, stage_width) if hq else SCHEDULE_TOKENS
             scheduler.set_timesteps(steps, sigmas=sigmas, image_seq_len=tokens)
-        generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+        generator, rand_device = seeded_generator(seed, rand_device)
         images = first_frames is not None or keyframe_images
         crf = self.setting("image_crf", image_crf, self.default_image_crf) if images else 0
         keyframes = self.prepare_keyframes(keyframe_images, stage_height, stage_width, crf, fps)
@@ -482,7 +490,7 @@ class LTX2Pipeline(BasePipeline):
         height, width, frames, fps = size
         self.load_models_to_device(["text_encoder", "connectors"])
         text = self.encode_prompt(prompts, max_len)
-        generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
+        generator, rand_device = seeded_generator(seed, rand_device)
         loras = []
         if not distilled:
             strength = float(self.setting("stage2_lora_strength", lora_strength, DFR_DISTILLED_LORA_STRENGTH))
@@ -873,7 +881,7 @@ class LTX2Pipeline(BasePipeline):
         `LTX2ConditionPipeline` draw them; `token_layout` draws so without keyframes (a retake, as that pipeline
         draws a video condition's)."""
         if isinstance(generator, int):  # a seed
-            generator = torch.Generator(rand_device).manual_seed(generator)
+            generator, rand_device = seeded_generator(generator, rand_device)
         tc, sc = self.vae.temporal_compression, self.vae.spatial_compression
         video_shape = (batch, self.dit.config.in_channels, (num_frames - 1) // tc + 1, height // sc, width // sc)
         audio_shape = self.audio_latent_shape(batch, num_frames, frame_rate)
@@ -975,7 +983,8 @@ class LTX2Pipeline(BasePipeline):
                 mask[0, 0, (spans[:, 1] >= start) & (spans[:, 0] <= end), 0] = 1.0
             return LTX2AudioCondition(latents.to(like.device), mask)
         stereo = waveform.float().cpu().expand(2, -1)
-        kept = stereo[:, : int(num_frames / frame_rate * int(sample_rate))]
+        samples = int(num_frames / frame_rate * int(sample_rate))  # cut or zero-padded to the clip, as encoded
+        kept = torch.nn.functional.pad(stereo[:, :samples], (0, max(0, samples - stereo.shape[1])))
         return LTX2AudioCondition(latents.to(like.device), mask, kept, int(sample_rate))
 
     @staticmethod

@@ -33,12 +33,25 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def seeded_generator(
+    seed: int | None, rand_device: str | torch.device = "cpu"
+) -> tuple[torch.Generator | None, torch.device]:
+    """The generator a call draws its noise from, seeded with `seed` on `rand_device` (None: unseeded draws), and
+    that device; anything but cpu, cuda, cuda:N or mps (`disk` places weights, not noise) is refused by name."""
+    try:
+        device = parse_device(rand_device)
+    except ConfigError:
+        device = None
+    if not isinstance(device, torch.device):
+        raise ConfigError(f"rand_device={rand_device!r} is not accepted; use cpu, cuda, cuda:N or mps")
+    return (None if seed is None else torch.Generator(device).manual_seed(int(seed))), device
+
+
 def seeded_noise(shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu") -> torch.Tensor:
     """The pipelines' initial noise: float32 standard normal drawn on `rand_device` from `seed` (the trainer's
     direct distillation draws each row's noise with it, so a row's seed means the same noise as in `pipe(...)`)."""
-    rand_device = parse_device(rand_device)
-    generator = None if seed is None else torch.Generator(rand_device).manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=torch.float32)
+    generator, device = seeded_generator(seed, rand_device)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
 class BasePipeline:
