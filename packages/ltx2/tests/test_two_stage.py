@@ -182,6 +182,8 @@ def test_two_stage_errors_name_what_is_missing(tiny_ltx2_pipe, two_stage_pipe):
     for pipe, extra in ((tiny_ltx2_pipe, {}), (two_stage_pipe, {"use_two_stage_pipeline": False})):
         with pytest.raises(ConfigError, match="stage2_lora_strength .*one stage: pass use_two_stage_pipeline=True"):
             pipe(CAPTIONS[0], stage2_lora_strength=0.3, **SETTINGS, **extra)
+    with pytest.raises(ConfigError, match="stage2_lora_strength scales the distilled LoRA .* the distilled model"):
+        two_stage_pipe(CAPTIONS[0], use_distilled_pipeline=True, stage2_lora_strength=0.3, **SETTINGS)
     lora = two_stage_pipe.stage2_lora
     try:
         two_stage_pipe.stage2_lora = None

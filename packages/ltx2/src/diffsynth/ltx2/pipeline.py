@@ -346,6 +346,11 @@ class LTX2Pipeline(BasePipeline):
                 "stage2_lora_strength is the second stage's and this call runs one stage: pass "
                 "use_two_stage_pipeline=True (use_hq_pipeline and use_dfr_pipeline run two stages too)"
             )
+        if distilled and stage2_lora_strength is not None:
+            raise ConfigError(
+                "stage2_lora_strength scales the distilled LoRA that the full model's second stage runs with; the "
+                "distilled model runs without it: drop the argument"
+            )
         stage_height, stage_width = (height // 2, width // 2) if two_stage else (height, width)
         if num_frames is None and self.duration_head is not None and "num_frames" not in self.defaults:
             num_frames = self.predict_num_frames(prompts[0], max_len, fps, min_seconds, max_seconds)
