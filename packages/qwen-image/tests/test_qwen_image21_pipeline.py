@@ -127,6 +127,8 @@ def test_bad_inputs_are_named(pipe):
         pipe("a fox", height=64, width=64, latents=torch.zeros(1, 8, 2, 2), num_inference_steps=1)
     with pytest.raises(ConfigError, match="gave the condition images 16 vision slots.*need 1024"):  # 1024^2 pixels
         pipe("a fox", edit_image=condition_images()[1], output_resolution=1024, num_inference_steps=1)
+    with pytest.raises(ConfigError, match="use_kv_cache='no' is not accepted; use True or False"):
+        pipe("a fox", use_kv_cache="no", num_inference_steps=1)  # a non-empty string would turn the cache on
 
 
 def test_preset_loads_offline_with_the_schedule_beside_the_processor(repo, tmp_path, monkeypatch, one_thread):

@@ -169,6 +169,8 @@ class QwenImage21Pipeline(BasePipeline):
         height, width = self.check_size(
             self.setting("height", height, default_h), self.setting("width", width, default_w)
         )
+        if not isinstance(use_kv_cache, bool):  # "no" would be true
+            raise ConfigError(f"use_kv_cache={use_kv_cache!r} is not accepted; use True or False")
         use_cfg = cfg_scale != 1.0
         tiles = self.vae_tiling(tiled, tile_size, tile_stride)
         strength = self.check_strength(denoising_strength, inputs)
@@ -177,7 +179,7 @@ class QwenImage21Pipeline(BasePipeline):
 
         # 1. prompts, read together with the condition images
         self.load_models_to_device(["text_encoder"])
-        cache = bool(use_kv_cache) and self.dit.config.causal_condition
+        cache = use_kv_cache and self.dit.config.causal_condition
         text = self.encode_prompt(prompts, conditions, cache)
         negative_text = self.encode_prompt(negatives, conditions, cache) if use_cfg else None
 
