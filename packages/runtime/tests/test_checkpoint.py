@@ -124,6 +124,20 @@ def test_gap_in_numbered_shards_without_index_is_named(tmp_path):
         open_checkpoint(tmp_path)
 
 
+def test_a_numbered_shard_given_alone_names_the_missing_ones(tmp_path):
+    """A `-00001-of-00002` file passed on its own whose sibling is gone is named like a folder with a gap; with
+    the sibling there it still opens alone (per-file readers open one shard at a time)."""
+    from diffsynth.runtime.checkpoint import shards_not_given
+
+    names = _write_sharded(tmp_path, _tensors(), index=False)
+    assert len(open_checkpoint(tmp_path / names[0])) == 2
+    assert shards_not_given([str(tmp_path / names[0])]) == [str(tmp_path / names[1])]
+    assert shards_not_given([str(tmp_path / n) for n in names]) == []
+    (tmp_path / names[1]).unlink()
+    with pytest.raises(CheckpointError, match=f"shard '{names[1]}' is missing beside .*{names[0]}.*fetch"):
+        open_checkpoint(tmp_path / names[0])
+
+
 def test_duplicate_key_names_key_and_both_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.ones(2)}, str(tmp_path / "b.safetensors"))
@@ -184,6 +198,17 @@ def test_truncated_pickle_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="cut.pth looks truncated or corrupt.*Re-download"):
         open_checkpoint(path)
+
+
+def test_a_file_that_is_no_pickle_is_not_said_to_hold_python_objects(tmp_path):
+    """Garbage bytes fail the weights-only unpickler too, but they are no checkpoint, not an unsafe one."""
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"not a pickle at all" * 10)
+    with pytest.raises(CheckpointError) as info:
+        open_checkpoint(path)
+    message = str(info.value)
+    assert "garbage.pth looks truncated or corrupt: it is not a readable torch checkpoint" in message
+    assert "Python objects" not in message and "Re-download" in message
 
 
 class _NotAllowed:

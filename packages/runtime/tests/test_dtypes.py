@@ -81,3 +81,13 @@ def test_noise_is_drawn_on_a_device_that_holds_tensors(bad):
     generator, device = seeded_generator(7, "cpu")
     torch.testing.assert_close(seeded_noise((2, 3), 7), torch.randn((2, 3), generator=generator))
     assert device == torch.device("cpu") and seeded_generator(None, "cpu")[0] is None
+
+
+@pytest.mark.parametrize("bad", [torch.float8_e4m3fn, "float8_e5m2", "float64"])
+def test_a_pipeline_computes_in_float32_float16_or_bfloat16(bad):
+    """fp8 as a pipeline's torch_dtype crashed deep in the text encoder: it is a storage dtype (the VRAM keys)."""
+    from diffsynth.runtime.pipeline import BasePipeline
+
+    with pytest.raises(ConfigError, match=r"torch_dtype=float(8_e4m3fn|8_e5m2|64) is not accepted.*offload_dtype"):
+        BasePipeline(device="cpu", torch_dtype=bad)
+    assert BasePipeline(device="cpu", torch_dtype="fp16").torch_dtype is torch.float16

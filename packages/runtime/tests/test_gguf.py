@@ -246,6 +246,15 @@ def test_gguf_errors_name_the_file_and_the_tensor(tiny_repo, tmp_path, monkeypat
         ZImagePipeline.from_pretrained(model_configs=[ModelConfig(path=str(bad))], device="cpu")
 
 
+def test_quantize_by_slot_on_a_gguf_model_names_the_gguf_file(tiny_repo, monkeypatch):
+    """`from_pretrained(quantize={"dit": ...})` on a GGUF DiT blamed "its ModelConfig's quantize", which was unset."""
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    with pytest.raises(
+        ConfigError, match=r"slot 'dit', whose model is quantized already: .*dit\.gguf'\) is a GGUF file"
+    ):
+        pipeline(tiny_repo, "gguf/dit.gguf", quantize={"dit": "bitsandbytes_nf4"})
+
+
 def test_a_flux1_dit_in_bfl_names_loads_packed_and_dequantizes_to_its_reference_weights(tmp_path):
     """city96's FLUX files keep BFL's key names (our layout "original", a pure rename): every Linear whose rows are
     whole blocks is packed (Q4_K where rows hold 256-value blocks, Q5_1 elsewhere), and turned back into plain

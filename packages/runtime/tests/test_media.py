@@ -122,6 +122,37 @@ def test_video_round_trip(tmp_path):
         load_video(tmp_path / "v.mp4", num_frames=10)
 
 
+@pytest.mark.parametrize(("suffix", "codec"), [(".webm", "vp9"), (".gif", "gif"), (".mkv", "h264")])
+def test_every_video_suffix_read_is_written(tmp_path, suffix, codec):
+    """`.gif` and `.webm` are read as videos; writing them raised "'gif' format does not support 'libx264'"."""
+    frames = smooth_frames(5)
+    path = tmp_path / f"v{suffix}"
+    save_video(frames, path, fps=10, quality=9)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].codec_context.name == codec
+    back = load_video(path)
+    assert len(back) == 5 and back[0].size == (48, 32)
+    for a, b in zip(frames, back, strict=True):
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() < 6
+
+
+def test_a_video_suffix_that_is_not_written_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"save_video writes \.mp4.*\.gif files; .*v\.xyz ends in \.xyz"):
+        save_video(smooth_frames(2), tmp_path / "v.xyz")
+    with pytest.raises(ConfigError, match=r"mux_video_audio writes \.mp4, \.mov or \.mkv files"):
+        mux_video_audio(smooth_frames(2), torch.zeros(2, 1600), 16000, tmp_path / "v.webm")
+
+
+def test_load_image_of_a_video_or_other_file_is_named(tmp_path):
+    """PIL's bare UnidentifiedImageError named neither the file nor what it is."""
+    save_video(smooth_frames(2), tmp_path / "clip.mp4")
+    with pytest.raises(ConfigError, match=r"clip\.mp4 is not an image PIL can read .*it is a video: .*load_video"):
+        load_image(tmp_path / "clip.mp4")
+    (tmp_path / "notes.png").write_text("not pixels")
+    with pytest.raises(ConfigError, match=r"notes\.png is not an image PIL can read \(\.png"):
+        load_image(tmp_path / "notes.png")
+
+
 def test_video_from_arrays_and_odd_sizes(tmp_path):
     video = torch.zeros(3, 4, 15, 21)  # [3, F, H, W] in [0, 1], odd size
     video[0] = 1.0

@@ -204,6 +204,13 @@ def test_from_pretrained_quantize_by_slot_equals_the_model_config_route(tiny_rep
         ZImagePipeline.from_pretrained(str(tiny_repo), device="cpu", quantize={"unet": "bitsandbytes_nf4"})
     with pytest.raises(ConfigError, match="quantize must map model slots to methods"):
         ZImagePipeline.from_pretrained(str(tiny_repo), device="cpu", quantize="bitsandbytes_nf4")
+    # a quantized model names why it is: here its ModelConfig's quantize (a GGUF file: test_gguf.py)
+    configs = [
+        ModelConfig(path=str(tiny_repo / p), quantize="bitsandbytes_nf4" if s == "dit" else None)
+        for s, p in FILES.items()
+    ]
+    with pytest.raises(ConfigError, match=r"quantized already: ModelConfig\(path=.*\) asks for quantize \(bitsandb"):
+        ZImagePipeline.from_pretrained(model_configs=configs, device="cpu", quantize={"dit": "bitsandbytes_fp4"})
 
 
 def test_cli_quantize_flag_reaches_from_pretrained(monkeypatch):

@@ -172,6 +172,9 @@ def test_errors_name_the_problem():
         managed(DISK)
     with pytest.raises(ConfigError, match="vram_limit must be a number of GiB >= 0"):
         enable_vram_management(make(), STREAM, vram_limit=-1, device="cpu")
+    for limit in (float("nan"), float("inf")):  # NaN compared false with everything and ran as 0
+        with pytest.raises(ConfigError, match=r"got (nan|inf) \(not a finite number\)"):
+            enable_vram_management(make(), STREAM, vram_limit=limit, device="cpu")
     with pytest.raises(ConfigError, match="fp8_granularity='rows'"):
         enable_vram_management(make(), STREAM, device="cpu", fp8_granularity="rows")
     with pytest.raises(ConfigError, match="takes a torch.nn.Module"):

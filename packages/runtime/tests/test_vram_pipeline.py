@@ -67,3 +67,32 @@ def test_from_pretrained_applies_the_keys_and_stages_move_models(tiny_repo):
     assert handles["dit"].config.preparing_dtype == torch.float8_e4m3fn and handles["dit"].plan.streamed == ()
     out = pipe(PROMPT, **FAST)
     assert 0 < (out - expected).abs().max() < 0.25  # fp8 weights: close, not equal
+
+
+@pytest.mark.parametrize("managed_first", [False, True], ids=["unmanaged", "cpu-offload"])
+def test_a_fused_lora_survives_disk_offload_enabled_afterwards(tiny_repo, managed_first):
+    """Fusing a LoRA changes the weights in memory: disk offload enabled afterwards keeps those values instead
+    of reading the file again (which silently gave the base model's output)."""
+    pipe = ZImagePipeline.from_pretrained(
+        str(tiny_repo), torch_dtype="float32", device="cpu", vram_limit=0 if managed_first else None
+    )
+    base = pipe(PROMPT, **FAST)
+    pipe.load_lora(helpers.lora_state(pipe.dit), scale=0.8)
+    expected = pipe(PROMPT, **FAST)
+    assert (expected - base).abs().max() > 1e-3
+    pipe.enable_vram_management(vram_limit=0, **DISK)
+    torch.testing.assert_close(pipe(PROMPT, **FAST), expected)
+    pipe.enable_vram_management(vram_limit=None, **DISK)  # and again, from a disk store holding them
+    torch.testing.assert_close(pipe(PROMPT, **FAST), expected)
+
+
+def test_a_non_finite_vram_limit_is_refused(tiny_repo):
+    """NaN compares false with everything, so `vram_limit=nan` ran as 0 (everything streamed)."""
+    from diffsynth.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"vram_limit must be .*got nan \(not a finite number\)"):
+        ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu", vram_limit=float("nan"))
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    with pytest.raises(ConfigError, match=r"got inf \(not a finite number\)"):
+        pipe.enable_vram_management(vram_limit=float("inf"))
+    assert pipe.vram_limit is None and not pipe.vram_handles

@@ -159,16 +159,27 @@ def _torch_load(path: str):
         raise _load_error(path, exc) from None
 
 
+# what torch's weights-only unpickler says of a real pickle holding objects other than tensors and containers
+_OBJECT_REFUSALS = ("Unsupported global", "unrecognized function", "allowlisted", "Unsupported class")
+
+
 def _load_error(path: str, exc: Exception) -> CheckpointError:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    refused = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line]
-    if refused or "Weights only load failed" in lines[0]:
-        reason = (refused or lines)[0].split(" was not an allowed global")[0]
+    refused = [line for line in lines if any(word in line for word in _OBJECT_REFUSALS)]
+    if refused:
+        reason = refused[0].split(" was not an allowed global")[0]
         return CheckpointError(
             f"{path} holds Python objects besides tensors, which are not unpickled for safety "
             f"(torch.load weights_only=True refused: {reason}). Re-save its state dict as .safetensors "
             "with a tool you trust."
         )
+    if any("WeightsUnpickler" in line for line in lines) or "Weights only load failed" in lines[0]:
+        # not a pickle at all (e.g. "Unsupported operand 110": a byte no pickle starts with), or a broken one
+        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler" in line), None)
+        detail = lines[marker].partition("WeightsUnpickler error:")[2].strip() if marker is not None else ""
+        if not detail:
+            detail = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else lines[0]
+        return _corrupt(path, f"it is not a readable torch checkpoint (torch.load could not unpickle it: {detail})")
     return _corrupt(path, f"torch.load failed ({type(exc).__name__}: {lines[0]})")
 
 
@@ -328,6 +339,12 @@ def _expand(path: Path) -> list[str]:
         raise CheckpointError(
             f"{path} is not a weight file; accepted: {', '.join(WEIGHT_SUFFIXES)}, a *{INDEX_SUFFIX} or a folder"
         )
+    gaps = missing_shards([path])
+    if gaps:
+        raise CheckpointError(
+            f"shard {Path(gaps[0]).name!r} is missing beside {path} (its name says the set has more shards; "
+            f"missing: {preview(Path(g).name for g in gaps)}); fetch the missing shards again"
+        )
     return [str(path)]
 
 
@@ -399,13 +416,27 @@ def missing_shards(paths: Sequence[str | os.PathLike]) -> list[str]:
         if path.name.endswith(INDEX_SUFFIX) and path.is_file():
             missing += [str(path.parent / n) for n in sorted(set(read_index(path).values()))]
             continue
-        found = _SHARD_NAME.match(path.name)
-        if found:
-            width, total = len(found["i"]), int(found["n"])
-            for i in range(1, total + 1):
-                name = f"{found['stem']}-{i:0{width}d}-of-{found['n']}{found['ext']}"
-                missing.append(str(path.parent / name))
+        missing += _numbered_set(path)
     return sorted({p for p in missing if not Path(p).is_file()})
+
+
+def shards_not_given(files: Sequence[str | os.PathLike]) -> list[str]:
+    """The shards of the numbered sets among `files` (`<stem>-0000i-of-0000N<ext>`) that `files` leaves out
+    (present beside them or not): a model given as some of its shards only."""
+    given = {os.path.realpath(f) for f in files}
+    expected = {p for path in map(Path, files) for p in _numbered_set(path)}
+    return sorted(p for p in expected if os.path.realpath(p) not in given)
+
+
+def _numbered_set(path: Path) -> list[str]:
+    """Every shard of the set a `-0000i-of-0000N` file name belongs to ([] for other names)."""
+    found = _SHARD_NAME.match(path.name)
+    if not found:
+        return []
+    width, total = len(found["i"]), int(found["n"])
+    return [
+        str(path.parent / f"{found['stem']}-{i:0{width}d}-of-{found['n']}{found['ext']}") for i in range(1, total + 1)
+    ]
 
 
 def shard_groups(paths: Sequence[str | os.PathLike]) -> list[list[str]]:

@@ -51,7 +51,12 @@ def load_image(image: PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
     if not isinstance(image, (str, os.PathLike)):
         raise ConfigError(f"an image must be a file path or a PIL.Image, got {type(image).__name__}")
     path = _existing(image, "image")
-    with Image.open(path) as opened:
+    try:
+        opened = Image.open(path)
+    except Image.UnidentifiedImageError:
+        hint = "; it is a video: read its frames with load_video" if path.suffix.lower() in VIDEO_SUFFIXES else ""
+        raise ConfigError(f"{path} is not an image PIL can read ({', '.join(IMAGE_SUFFIXES)}){hint}") from None
+    with opened:
         return upright(opened).convert(mode)
 
 
@@ -207,14 +212,22 @@ def _rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _add_video_stream(container, arrays: list[np.ndarray], fps: float, quality: float):
+def _add_video_stream(container, arrays: list[np.ndarray], fps: float, quality: float, suffix: str = ".mp4"):
+    """H.264 (VP9 in a `.webm`), yuv420p, at the CRF `quality` maps to."""
     import av
 
-    codec = "libx264" if "libx264" in av.codecs_available else "h264"
+    options = {"crf": str(quality_to_crf(quality))}
+    if suffix == ".webm":
+        codec = "libvpx-vp9"
+        options["b:v"] = "0"  # constant quality: the CRF alone sets the rate
+    else:
+        codec = "libx264" if "libx264" in av.codecs_available else "h264"
+    if codec not in av.codecs_available:
+        raise ConfigError(f"this PyAV build has no {codec} encoder to write {suffix} videos; write .mp4 instead")
     stream = container.add_stream(codec, rate=_rate(fps))
     stream.height, stream.width = arrays[0].shape[:2]
     stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": str(quality_to_crf(quality))}
+    stream.options = options
     return stream
 
 
@@ -252,15 +265,35 @@ def h264_frame(image: Image.Image, crf: int) -> Image.Image:
 
 
 def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5) -> None:
-    """Write frames (list of PIL, or [F, H, W, 3] / [3, F, H, W] uint8 or [0, 1] floats) as H.264 mp4."""
+    """Write frames (list of PIL, or [F, H, W, 3] / [3, F, H, W] uint8 or [0, 1] floats) as a video whose format
+    follows the suffix: H.264 in `.mp4` / `.mov` / `.mkv` / `.avi`, VP9 in `.webm`, an animated `.gif` (256
+    colours, `quality` unused)."""
     import av
 
-    arrays = _even(_frames_uint8(frames))
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ConfigError(
+            f"save_video writes {', '.join(VIDEO_SUFFIXES)} files; {path} ends in {suffix or 'no suffix'}"
+        )
+    if suffix == ".gif":
+        _save_gif(_frames_uint8(frames), path, fps)
+        return
+    arrays = _even(_frames_uint8(frames))
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = _add_video_stream(container, arrays, fps, quality)
+        stream = _add_video_stream(container, arrays, fps, quality, suffix)
         _encode_video(container, stream, arrays)
+    logger.info("wrote %d frames to %s", len(arrays), path)
+
+
+def _save_gif(arrays: list[np.ndarray], path: Path, fps: float) -> None:
+    """An animated GIF looping forever (Pillow's: an adaptive palette per frame). GIF times frames in hundredths of
+    a second, so the rate is rounded, and Pillow writes a run of identical frames as one frame shown as long."""
+    _rate(fps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(a) for a in arrays]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     logger.info("wrote %d frames to %s", len(arrays), path)
 
 
@@ -516,6 +549,9 @@ def resample_audio(waveform: torch.Tensor, rate: int, target: int) -> torch.Tens
 def mux_video_audio(frames, waveform, sample_rate: int, path: PathLike, fps: float = 16, quality: float = 5) -> None:
     """Write an mp4 with the frames as H.264 and the waveform ([C, N] or [N], 1 or 2 channels) as AAC."""
     import av
+
+    if Path(path).suffix.lower() not in (".mp4", ".mov", ".mkv"):
+        raise ConfigError(f"mux_video_audio writes .mp4, .mov or .mkv files (H.264 and AAC); got {path}")
 
     arrays = _even(_frames_uint8(frames))
     audio = np.clip(_waveform(waveform), -1.0, 1.0)

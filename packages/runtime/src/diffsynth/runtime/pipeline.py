@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .dtypes import parse_device, parse_dtype
+from .dtypes import dtype_name, parse_device, parse_dtype
 from .errors import CheckpointError, ConfigError, preview
 from .hub import ModelConfig
 from .quant import check_vram_keys, quantize_config
@@ -27,6 +27,7 @@ from .quant import check_vram_keys, quantize_config
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # a pipeline's torch_dtype
 
 
 def _default_device() -> str:
@@ -73,6 +74,14 @@ class BasePipeline:
         if self.device.type == "cuda" and self.cuda_index is None and torch.cuda.is_available():
             self.cuda_index = torch.cuda.current_device()
         self.torch_dtype = parse_dtype(torch_dtype)
+        if self.torch_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"torch_dtype={dtype_name(self.torch_dtype)} is not accepted: the pipeline loads and computes in "
+                "float32, float16 or bfloat16. For fp8 weights keep torch_dtype=torch.bfloat16 and store them in fp8 "
+                "with the VRAM keys (ModelConfig(offload_dtype=..., onload_dtype=..., preparing_dtype=...) or "
+                "enable_vram_management(preparing_dtype=torch.float8_e4m3fn)), or quantize={'dit': "
+                "'torchao_fp8_w8a16'}"
+            )
         self.defaults: dict[str, Any] = {}
         self.tokenizer = None
         self.model_configs: dict[str, ModelConfig | None] = {}
@@ -135,8 +144,9 @@ class BasePipeline:
             raise ConfigError(
                 f"{cls.__name__}.from_pretrained needs a preset name, a folder or model_configs=[ModelConfig(...)]"
             )
-        if vram_limit is not None and (not isinstance(vram_limit, (int, float)) or vram_limit < 0):
-            raise ConfigError(f"vram_limit must be a number of GiB >= 0 (0 streams everything), got {vram_limit!r}")
+        from .vram.manager import check_vram_limit
+
+        check_vram_limit(vram_limit)
 
         pipe = cls(device=device, torch_dtype=torch_dtype)
         pipe.defaults.update(defaults)
@@ -195,9 +205,12 @@ class BasePipeline:
                 loaded = [s for s in self.model_slots if isinstance(getattr(self, s), torch.nn.Module)]
                 raise ConfigError(f"quantize names slot {slot!r}, which holds no loaded model; loaded: {loaded}")
             config = QuantizeConfig.parse(value)
-            if quantize_config(model) is not None:
-                raise ConfigError(f"the {slot} model is quantized already (its ModelConfig's quantize)")
             model_config = self.model_configs.get(slot)
+            if quantize_config(model) is not None:
+                raise ConfigError(
+                    f"quantize names slot {slot!r}, whose model is quantized already: "
+                    f"{_quantized_because(quantize_config(model), model_config)}; drop {slot!r} from quantize"
+                )
             check_vram_keys(slot, config, model_config.vram_config() if model_config is not None else {})
             config.quantize_model(model, compute_device=self.device)
 
@@ -359,11 +372,13 @@ class BasePipeline:
         model's `ModelConfig` keys. Models are parked afterwards; stages activate them.
         """
         from .vram import VramConfig, enable_vram_management, vram_handle
+        from .vram.manager import check_vram_limit
         from .vram.plan import GIB
         from .vram.report import device_bytes
 
         vram_keys = dict(settings)
         if "vram_limit" in vram_keys:
+            check_vram_limit(vram_keys["vram_limit"])
             self.vram_limit = vram_keys.pop("vram_limit")
         limit = self.vram_limit
         handles = self.vram_handles
@@ -391,8 +406,7 @@ class BasePipeline:
                 budget = max(0.0, limit - sum(b for s, b in staying.items() if s != slot) / GIB)
             checkpoint = None
             if config.offload_device == "disk" and self.model_configs.get(slot) is not None:
-                paths = self.model_configs[slot].resolve()
-                checkpoint = [p for p in paths if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+                checkpoint = weight_paths(self.model_configs[slot])
             handles[slot] = enable_vram_management(
                 model, config, vram_limit=budget, checkpoint=checkpoint, name=f"{type(self).__name__}.{slot}"
             )
@@ -598,7 +612,18 @@ class BasePipeline:
         if fuse and handle is not None:  # streamed / fp8 weights: fuse into the real values, stored back
             with handle.materialized():
                 return load_lora(model, path, scale=scale, fuse=True, name=name)
-        return load_lora(model, path, scale=scale, fuse=fuse, name=name)
+        if not fuse:
+            return load_lora(model, path, scale=scale, fuse=False, name=name)
+        from .vram.disk import mark_changed
+
+        # the fused weights differ from the files now: disk offload enabled later must not read them back
+        params = list(model.parameters())
+        versions = [p._version for p in params]
+        result = load_lora(model, path, scale=scale, fuse=True, name=name)
+        for param, version in zip(params, versions, strict=True):
+            if param._version != version:
+                mark_changed(param)
+        return result
 
     def read_lora(self, path, slot: str = "dit"):
         """The LoRA at `path` as `LoRAWeights` for the model in `slot`. The common layouts are read here;
@@ -795,8 +820,30 @@ def call_keywords(pipeline) -> set[str] | None:
 
 
 def weight_paths(config: ModelConfig) -> list[str]:
-    """The weight files (and weight folders) a `ModelConfig` resolves to."""
-    return [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+    """The weight files (and weight folders) a `ModelConfig` resolves to. Files named by `path=` are all kept: a
+    shard index (`*.index.json`) stands for its shards, and any other file is refused by name; a hub pattern's
+    matches are filtered to the weight files (a repo folder also holds configs and READMEs)."""
+    from .checkpoint import INDEX_SUFFIX, shards_not_given, weight_files
+
+    paths = config.resolve()
+    if config.path is None:
+        return [p for p in paths if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+    paths = [str(p) for p in paths]
+    for p in paths:
+        if not (p.endswith(WEIGHT_SUFFIXES + (INDEX_SUFFIX,)) or Path(p).is_dir()):
+            raise ConfigError(
+                f"ModelConfig(path=...): {p} is not a weight file; give {', '.join(WEIGHT_SUFFIXES)} files, a "
+                f"shard index (*{INDEX_SUFFIX}) or a folder holding them"
+            )
+    left_out = shards_not_given(weight_files(paths))
+    if left_out:
+        folder = Path(left_out[0]).parent
+        raise ConfigError(
+            f"ModelConfig(path=...) gives part of a sharded checkpoint: shard {Path(left_out[0]).name!r} is not "
+            f"among {preview(paths, 3)} (left out: {preview(Path(p).name for p in left_out)}); pass the folder "
+            f"{folder}, its *{INDEX_SUFFIX}, or every shard"
+        )
+    return paths
 
 
 def lora_file(source, what: str = "the LoRA's ModelConfig"):
@@ -925,6 +972,19 @@ def folder_defaults(folder: Path) -> dict[str, Any]:
 
     path = folder / "diffsynth.json"
     return dict(json.loads(path.read_text()).get("defaults", {})) if path.exists() else {}
+
+
+def _quantized_because(recorded, config: ModelConfig | None) -> str:
+    """Why a loaded model is quantized, for messages: a GGUF file, a file saved quantized, or its config."""
+    from .gguf import GGUFQuantization
+
+    where = _describe(config) if config is not None else "its file"
+    if isinstance(recorded, GGUFQuantization):
+        return f"{where} is a GGUF file, whose Linears stay packed as stored ({', '.join(recorded.types)})"
+    method = getattr(recorded, "method", type(recorded).__name__)
+    if config is not None and config.quantize is not None:
+        return f"{where} asks for quantize ({method})"
+    return f"{where} was saved quantized ({method}) and loads prequantized"
 
 
 def _describe(config: ModelConfig) -> str:

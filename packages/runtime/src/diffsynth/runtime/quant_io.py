@@ -139,9 +139,7 @@ class Packed:
 
 def file_quantization(paths: Sequence[str]) -> tuple[dict[str, Packed], dict[str, str], AnyQuantizeConfig | None]:
     """The packed weights of safetensors `paths` (by key), their merged header, and the config recorded in it."""
-    from safetensors import safe_open
-
-    from .checkpoint import checkpoint_label
+    from .checkpoint import checkpoint_label, open_checkpoint
 
     packed: dict[str, Packed] = {}
     header: dict[str, str] = {}
@@ -149,18 +147,18 @@ def file_quantization(paths: Sequence[str]) -> tuple[dict[str, Packed], dict[str
     for path in paths:
         if not str(path).endswith(".safetensors"):
             continue
-        with safe_open(str(path), framework="pt") as handle:
-            header.update(handle.metadata() or {})
-            file_keys = list(handle.keys())
-            keys += file_keys
-            for key in file_keys:
-                if BNB_STATE in key:
-                    weight = key.split(BNB_STATE)[0]
-                    record = json.loads(bytes(handle.get_tensor(key).tolist()).decode())
-                    parts = tuple(k for k in file_keys if k == weight or k.startswith(weight + "."))
-                    dtype = getattr(torch, record.get("dtype", "float32"))
-                    method = f"bitsandbytes_{record['quant_type']}"
-                    packed[weight] = Packed(weight, method, parts, tuple(record["shape"]), dtype)
+        handle = open_checkpoint(str(path))  # the checked header reader: a truncated file is named as such
+        header.update(handle.metadata)
+        file_keys = list(handle.keys())
+        keys += file_keys
+        for key in file_keys:
+            if BNB_STATE in key:
+                weight = key.split(BNB_STATE)[0]
+                record = json.loads(bytes(handle[key].tolist()).decode())
+                parts = tuple(k for k in file_keys if k == weight or k.startswith(weight + "."))
+                dtype = getattr(torch, record.get("dtype", "float32"))
+                method = f"bitsandbytes_{record['quant_type']}"
+                packed[weight] = Packed(weight, method, parts, tuple(record["shape"]), dtype)
     for name in json.loads(header.get("tensor_names", "[]")):
         record = json.loads(header.get(name, "{}"))
         kind = record.get("_type", "Tensor")
@@ -186,12 +184,12 @@ def file_quantization(paths: Sequence[str]) -> tuple[dict[str, Packed], dict[str
 
 
 def _shape_of(paths, key: str) -> tuple[int, ...]:
-    from safetensors import safe_open
+    from .checkpoint import open_checkpoint
 
     for path in paths:
-        with safe_open(str(path), framework="pt") as handle:
-            if key in handle.keys():
-                return tuple(handle.get_slice(key).get_shape())
+        shapes = open_checkpoint(str(path)).shapes()
+        if key in shapes:
+            return tuple(shapes[key])
     raise CheckpointError(f"{preview([str(p) for p in paths])}: torchao tensor {key!r} is missing")
 
 

@@ -10,6 +10,7 @@ Model parameter names are matched to file keys through one common prefix (e.g. `
 causal-LM text encoder), with the shape checked. Tensors a format conversion changed (renamed
 beyond a prefix, reshaped, split) are not in the file as the model uses them: those stay in host
 memory, as do tensors of `.pth/.bin/.ckpt` files, with a warning saying how many bytes that is.
+So do tensors changed in memory since they were loaded (a fused LoRA): `mark_changed` notes them.
 """
 
 from __future__ import annotations
@@ -68,6 +69,20 @@ def read_header(path: str) -> dict[str, DiskTensor]:
         if dtype is not None:
             found[key] = DiskTensor(path, 8 + n + int(info["data_offsets"][0]), dtype, tuple(info["shape"]))
     return found
+
+
+CHANGED_ATTR = "_diffsynth_changed"
+
+
+def mark_changed(param: torch.Tensor) -> None:
+    """Note that `param` no longer holds what its checkpoint file stores (e.g. a LoRA was fused into it):
+    a disk store keeps its current value in host memory instead of reading the file."""
+    setattr(param, CHANGED_ATTR, True)
+
+
+def is_changed(param: torch.Tensor) -> bool:
+    """Whether `mark_changed` noted `param`."""
+    return bool(getattr(param, CHANGED_ATTR, False))
 
 
 class DiskIndex:
@@ -197,4 +212,4 @@ class DiskUnit:
         self.fallbacks[i] = tensor.detach().to(device="cpu", dtype=slot.dtype).contiguous()
 
 
-__all__ = ["DiskIndex", "DiskReader", "DiskTensor", "DiskUnit", "read_header"]
+__all__ = ["DiskIndex", "DiskReader", "DiskTensor", "DiskUnit", "is_changed", "mark_changed", "read_header"]

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from . import fp8_matmul
 from .arena import HostArena
 from .config import VramConfig, is_fp8, is_host
-from .disk import DiskIndex, DiskReader, DiskUnit
+from .disk import DiskIndex, DiskReader, DiskUnit, is_changed, mark_changed
 from .parked import parked_parameter
 from .plan import GIB, IN_FLIGHT, Plan, UnitSize, activation_bytes, make_plan
 from .report import VramReport
@@ -67,10 +67,7 @@ def enable_vram_management(
             f"{name or type(model).__name__} is already VRAM-managed; call its handle's disable() before "
             "enabling it again with other settings"
         )
-    if vram_limit is not None and (
-        not isinstance(vram_limit, (int, float)) or isinstance(vram_limit, bool) or vram_limit < 0
-    ):
-        raise ConfigError(f"vram_limit must be a number of GiB >= 0 (or None for no limit), got {vram_limit!r}")
+    check_vram_limit(vram_limit)
     if not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ConfigError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
     check_granularity(fp8_granularity)
@@ -83,6 +80,20 @@ def enable_vram_management(
         )
     return VramHandle(
         model, config, vram_limit, name or type(model).__name__, checkpoint, fp8_granularity, max_in_flight, pin_memory
+    )
+
+
+def check_vram_limit(vram_limit) -> None:
+    """Refuse a `vram_limit` other than None (no limit) or a finite number of GiB >= 0: NaN compares false with
+    everything, so it would run as 0; infinity is not documented as "no limit" (None is)."""
+    if vram_limit is None:
+        return
+    number = isinstance(vram_limit, (int, float)) and not isinstance(vram_limit, bool)
+    if number and math.isfinite(vram_limit) and vram_limit >= 0:
+        return
+    why = " (not a finite number)" if number and not math.isfinite(vram_limit) else ""
+    raise ConfigError(
+        f"vram_limit must be a number of GiB >= 0 (0 streams everything; None for no limit), got {vram_limit!r}{why}"
     )
 
 
@@ -180,13 +191,28 @@ class VramHandle:
             index = self._disk_index(checkpoint)
             shapes = {t.name: tuple(t.param.shape) for u in self.units for t in u.targets}
             found = index.locate(shapes)
-            missing = [n for n in shapes if n not in found]
+            # changed in memory since loading (a fused LoRA): the file no longer holds their values
+            changed = [t for u in self.units for t in u.targets if t.name in found and is_changed(t.param)]
+            for t in changed:
+                del found[t.name]
+            if changed:
+                logger.info(
+                    "%s: %d unit tensors were changed in memory (e.g. a fused LoRA: %r) and are not read from %s; "
+                    "they stay in host memory (%.2f GiB)",
+                    self.name,
+                    len(changed),
+                    changed[0].name,
+                    index.files[0],
+                    sum(t.param.numel() * t.param.element_size() for t in changed) / GIB,
+                )
+            skipped = {t.name for t in changed}
+            missing = [n for n in shapes if n not in found and n not in skipped]
             if missing:
                 size = sum(
                     t.param.numel() * t.param.element_size()
                     for u in self.units
                     for t in u.targets
-                    if t.name not in found
+                    if t.name not in found and t.name not in skipped
                 )
                 logger.warning(
                     "%s: %d of %d unit tensors are not stored unchanged in %s (e.g. %r); they stay in host memory "
@@ -360,6 +386,7 @@ class VramHandle:
                 for i, (t, version) in enumerate(zip(unit.targets, versions, strict=True)):
                     if t.param._version != version:
                         unit.offload.update(i, t.param.data, self.granularity)
+                        mark_changed(t.param)
                     t.param.data = torch.empty(0, dtype=t.param.dtype)
                     for owner, attr in t.owners:
                         owner._parameters[attr] = t.placeholder
@@ -481,6 +508,7 @@ class VramHandle:
                 for i, t in enumerate(unit.targets):
                     if t.param._version != restored[t.name]:
                         unit.offload.update(i, t.param.data, self.granularity)
+                        mark_changed(t.param)
                     t.param.data = torch.empty(0, dtype=t.param.dtype)
                     for owner, attr in t.owners:
                         owner._parameters[attr] = t.placeholder
@@ -560,4 +588,4 @@ def _show(value) -> str:
     return dtype_name(value) if isinstance(value, torch.dtype) else str(value)
 
 
-__all__ = ["VramHandle", "enable_vram_management", "vram_handle"]
+__all__ = ["VramHandle", "check_vram_limit", "enable_vram_management", "vram_handle"]
