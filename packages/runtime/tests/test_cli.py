@@ -218,9 +218,11 @@ def test_prompts_file_generates_each_row_with_the_model_loaded_once(recorder, tm
     assert [row["file"] for row in listing] == [f"pic_{i:04d}.png" for i in range(4)]
     for row in listing:  # each file is the picture of its row's seed
         assert Image.open(tmp_path / "out" / row["file"]).getpixel((0, 0))[0] == row["seed"]
-    assert listing[2] == {"file": "pic_0002.png", "prompt": "a cat", "seed": 3, "negative_prompt": "blur"}
     record = json.loads(Image.open(tmp_path / "out" / "pic_0002.png").text["parameters"])
-    assert record == {"model": "x", "prompt": "a cat", "seed": 3, "negative_prompt": "blur", "cfg": 4.0}
+    assert record == {
+        "model": "x", "prompt": "a cat", "seed": 3, "negative_prompt": "blur", "cfg": 4.0, "width": 8, "height": 8,
+    }  # fmt: skip
+    assert listing[2] == {"file": "pic_0002.png", **record}  # the listing holds what each PNG carries
 
 
 def test_png_outputs_carry_what_made_them_unless_told_not_to(recorder, tmp_path):
@@ -229,7 +231,10 @@ def test_png_outputs_carry_what_made_them_unless_told_not_to(recorder, tmp_path)
     args = ["generate", "--model", "x", "--device", "cpu", "--prompt", "a fox", "--seed", "5", "--cfg", "2"]
     assert main([*args, "--lora", "style.safetensors:0.5", "--output", str(tmp_path / "a.png")]) == 0
     record = json.loads(Image.open(tmp_path / "a.png").text["parameters"])
-    assert record == {"model": "x", "prompt": "a fox", "seed": 5, "cfg": 2.0, "lora": ["style.safetensors:0.5"]}
+    assert record == {
+        "model": "x", "prompt": "a fox", "seed": 5, "cfg": 2.0, "lora": ["style.safetensors:0.5"], "width": 8,
+        "height": 8,
+    }  # fmt: skip
     assert main([*args, "--no-metadata", "--output", str(tmp_path / "b.png")]) == 0
     assert "parameters" not in Image.open(tmp_path / "b.png").text
 
@@ -305,6 +310,26 @@ def test_animate2_and_speed_flags_reach_the_pipeline(monkeypatch, tmp_path):
         (["--output", "noext"], "--output noext: no file extension is not a type"),
         (["--steps", "0"], "--steps 0 must be >= 1"),
         (["--width", "-64"], "--width -64 must be >= 1"),
+        (["--fps", "0"], "--fps 0 must be >= 1"),
+        # a picture pipeline writes pictures: an --output it cannot write is refused before it loads
+        (["--output", "out.mp4"], r"--output out.mp4: Recorder \(model 'x'\) writes images: use .png, .jpg"),
+        (["--output", "sound.wav"], r"--output sound.wav: Recorder \(model 'x'\) writes images"),
+        (["--output", "lora.safetensors"], r"--output lora.safetensors: Recorder \(model 'x'\) writes images"),
+        # numbers that are not finite, in every float flag and a LoRA's scale
+        (["--cfg", "nan"], "--cfg nan must be a finite number"),
+        (["--cfg=-inf"], "--cfg -inf must be a finite number"),
+        (["--vram-limit", "inf"], "--vram-limit inf must be a finite number"),
+        (["--first-block-cache", "nan"], "--first-block-cache nan must be a finite number"),
+        (["--value-controller-inputs", "0.5", "nan"], "--value-controller-inputs nan must be a finite number"),
+        (["--input-image", "a.png", "--denoising-strength", "nan"], "--denoising-strength nan must be a finite"),
+        (["--lora", "style.safetensors:nan"], "--lora style.safetensors:nan: the scale nan must be a finite number"),
+        (["--control-image", "depth.png:inf"], "--control-image depth.png:inf: the scale inf must be a finite"),
+        # the dtypes the models run in
+        (["--dtype", "float8_e4m3fn"], r"--dtype float8_e4m3fn: the models run in bfloat16, float16, float32"),
+        (["--dtype", "int8"], "--dtype int8: the models run in bfloat16, float16, float32"),
+        # settings this generation has no use for
+        (["--denoising-strength", "0.3"], "--denoising-strength is how far image-to-image moves from --input-image"),
+        (["--fps", "5"], r"--fps is not used by Recorder \(model 'x'\): it writes images"),
     ],
 )
 def test_bad_generation_settings_are_named_before_loading(recorder, capsys, extra, message):
@@ -350,7 +375,8 @@ def test_a_misspelt_preset_gets_suggestions(capsys):
 
 
 class SizedRecorder(Recorder):
-    """`Recorder` that also takes sizes and steps, as picture pipelines do."""
+    """`Recorder` that also takes sizes and steps, as picture pipelines do, and draws at the size asked rounded
+    down to a multiple of 16 (by default 16 x 16), as the pipelines round it."""
 
     def __call__(self, prompt, seed=None, negative_prompt=None, cfg_scale=None, height=None, width=None,
                  num_inference_steps=None):  # fmt: skip
@@ -359,7 +385,7 @@ class SizedRecorder(Recorder):
         type(self).calls.append(
             {"prompt": prompt, "seed": seed, "cfg": cfg_scale, "size": (width, height), "steps": num_inference_steps}
         )
-        return Image.new("RGB", (8, 8), (seed % 256, 0, 0))
+        return Image.new("RGB", ((width or 16) // 16 * 16, (height or 16) // 16 * 16), (seed % 256, 0, 0))
 
 
 def test_prompts_file_rows_carry_their_own_sizes_steps_and_guidance(monkeypatch, tmp_path):
@@ -391,7 +417,7 @@ def test_prompts_file_rows_carry_their_own_sizes_steps_and_guidance(monkeypatch,
         "cfg": 2.5,
     }
     listing = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-    assert listing[0]["steps"] == 3 and "steps" not in listing[1]
+    assert listing[0]["steps"] == 3 and listing[1]["steps"] == 7
 
 
 @pytest.mark.parametrize(
@@ -401,6 +427,10 @@ def test_prompts_file_rows_carry_their_own_sizes_steps_and_guidance(monkeypatch,
         ('{"prompt": "a", "width": 64.5}', "width 64.5 must be a whole number >= 1"),
         ('{"prompt": "a", "cfg": "high"}', "cfg 'high' must be a number"),
         ('{"prompt": "a", "seed": true}', "seed True must be a whole number"),
+        ('{"prompt": 5}', "prompt 5 must be a string"),
+        ('{"prompt": "a", "negative_prompt": 7}', "negative_prompt 7 must be a string"),
+        ('{"prompt": "a", "cfg": NaN}', "cfg nan must be a finite number"),
+        ('{"prompt": "a", "cfg": -Infinity}', "cfg -inf must be a finite number"),
     ],
 )
 def test_bad_row_settings_are_named_before_loading(recorder, tmp_path, capsys, row, message):
@@ -477,9 +507,11 @@ def test_a_kohya_lines_guidance_sampler_and_image_reach_the_pipeline(line_record
     assert main([*args, "--output", str(tmp_path / "flags.png")]) == 0
     from_flags = line_recorder.calls[-1]
     assert calls == [from_flags | {"embedded_guidance": 3.5}] and from_flags["denoising_strength"] == 0.6
-    settings = {"embedded_guidance": 3.5, "sampler": "unipc", "input_image": str(tmp_path / "refs" / "start.png")}
-    assert listing == [{"file": "img_0000.png", "prompt": "a fox", "seed": 2, **settings}]
-    assert records == [{"model": "x", "prompt": "a fox", "seed": 2, **settings}]
+    settings = {"sampler": "unipc", "input_image": str(tmp_path / "refs" / "start.png"), "denoising_strength": 0.6}
+    made = {"model": "x", "prompt": "a fox", "seed": 2, **settings, "width": 8, "height": 8}
+    assert records == [made | {"embedded_guidance": 3.5}]
+    assert listing == [{"file": "img_0000.png", **records[0]}]
+    assert json.loads(Image.open(tmp_path / "flags.png").text["parameters"]) == made  # the flags record the same
 
 
 @pytest.mark.parametrize(
@@ -491,6 +523,8 @@ def test_a_kohya_lines_guidance_sampler_and_image_reach_the_pipeline(line_record
         ("a fox --i a.png --i a.png", "line 2: --i is given 2 times; a generation starts from one input image"),
         ("a fox --i b.png", "line 2: --i b.png: no such file"),
         ("a fox --f 9", r"line 2: --f \(num_frames\) is not used by LineRecorder \(model 'x'\)"),
+        ("a fox --l nan", "line 2: --l nan: cfg_scale must be a finite number"),
+        ("a fox --g inf", "line 2: --g inf: embedded_guidance must be a finite number"),
     ],
 )
 def test_bad_kohya_lines_are_named_before_loading(line_recorder, tmp_path, capsys, content, message):
@@ -520,3 +554,87 @@ def test_settings_the_pipeline_does_not_take_are_refused_before_loading(recorder
     (tmp_path / "p.txt").write_text("a fox --l 2 --n dark --d 5\n")  # what it takes goes through
     assert main([*args, str(tmp_path / "p.txt"), "--output", str(tmp_path / "a.png")]) == 0
     assert recorder.calls == [{"prompt": "a fox", "seed": 5, "negative_prompt": "dark", "cfg": 2.0}]
+
+
+def test_the_record_holds_every_setting_that_changes_the_picture_and_the_size_made(monkeypatch, tmp_path):
+    """The PNG's record (and a prompts file's listing, through the same `generation_record`) holds the sampler,
+    the cache, the dtype, the input image and its strength as given, and the size the picture came out at (a
+    pipeline rounds --height 100 to 96), so the record makes the picture again; where it runs is left out."""
+    from PIL import Image
+
+    from diffsynth.runtime import cli
+
+    class Rounding(Recorder):
+        def enable_first_block_cache(self, threshold):
+            pass
+
+        def __call__(self, prompt, seed=None, height=None, width=None, sampler=None, input_image=None,
+                     denoising_strength=None):  # fmt: skip
+            return Image.new("RGB", (width // 16 * 16, height // 16 * 16))
+
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: Rounding)
+    Image.new("RGB", (8, 8)).save(tmp_path / "start.png")
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompt", "a fox", "--height", "100", "--width", "64"]
+    args += ["--sampler", "unipc", "--first-block-cache", "0.1", "--dtype", "float32", "--vram-limit", "4"]
+    args += ["--input-image", str(tmp_path / "start.png"), "--denoising-strength", "0.3"]
+    assert main([*args, "--output", str(tmp_path / "a.png")]) == 0
+    assert json.loads(Image.open(tmp_path / "a.png").text["parameters"]) == {
+        "model": "x", "prompt": "a fox", "seed": 0, "height": 96, "width": 64, "sampler": "unipc",
+        "first_block_cache": 0.1, "dtype": "float32", "input_image": str(tmp_path / "start.png"),
+        "denoising_strength": 0.3,
+    }  # fmt: skip
+
+
+def test_denoising_strength_goes_to_the_generations_with_a_start(line_recorder, monkeypatch, tmp_path, capsys):
+    """`--denoising-strength` reaches the lines of a prompts file that start from an image (`--i`), not the
+    others; with no start anywhere, or a start the pipeline takes as something else, it is refused."""
+    from PIL import Image
+
+    from diffsynth.runtime import cli
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    calls, listing, _ = generate_from(tmp_path, "p.txt", "a fox --i a.png\na cat\n", "--denoising-strength", "0.4")
+    assert [c["denoising_strength"] for c in calls] == [0.4, None]
+    assert listing[0]["denoising_strength"] == 0.4 and "denoising_strength" not in listing[1]
+    (tmp_path / "q.txt").write_text("a cat\n")
+    args = ["generate", "--model", "x", "--device", "cpu", "--denoising-strength", "0.4"]
+    assert main([*args, "--prompts-file", str(tmp_path / "q.txt")]) == 2
+    assert "--denoising-strength is how far image-to-image moves" in capsys.readouterr().err
+    assert line_recorder.loads == 1
+
+    class Fill(Recorder):  # takes --input-image as the picture to inpaint (as FLUX.1 Fill)
+        def cli_options(self, options):
+            return {("fill_image" if k == "input_image" else k): v for k, v in options.items()}
+
+        def __call__(self, prompt, seed=None, fill_image=None, denoising_strength=None):
+            raise AssertionError("refused before generating")
+
+    class FirstFrame(Recorder):  # takes --input-image as its first frame and no strength (image-to-video)
+        def __call__(self, prompt, seed=None, input_image=None):
+            raise AssertionError("refused before generating")
+
+    args += ["--prompt", "a fox", "--input-image", str(tmp_path / "a.png"), "--output", str(tmp_path / "o.png")]
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: Fill)
+    assert main(args) == 2
+    assert "--denoising-strength is not used by Fill (model 'x') with these inputs" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: FirstFrame)
+    assert main(args) == 2
+    assert "--denoising-strength is not used by FirstFrame (model 'x')" in capsys.readouterr().err
+
+
+def test_the_demo_model_refuses_what_it_cannot_write_before_loading(monkeypatch, capsys):
+    """The bundled demo (Z-Image) draws pictures: a video, sound or LoRA file name, or --fps, is refused before
+    the model loads (not PIL's `unknown file extension` after generating)."""
+    from diffsynth.runtime import cli
+    from diffsynth.runtime.errors import ConfigError
+
+    try:
+        demo = cli._pipeline_class(cli.DEFAULT_MODEL)
+    except ConfigError:
+        pytest.skip("diffsynth-z-image (the demo model) is not installed")
+    monkeypatch.setattr(demo, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    for extra in (["--output", "x.mp4"], ["--output", "x.wav"], ["--output", "x.safetensors"], ["--fps", "5"]):
+        assert main(["generate", "--prompt", "a red circle", "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{demo.__name__} (model 'demo')" in err and "Traceback" not in err
+        assert "writes images: use .png" in err if extra[0] == "--output" else "--fps is not used" in err

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffsynth.runtime.errors import LoRAError
+from diffsynth.runtime.errors import ConfigError, LoRAError
 from diffsynth.runtime.lora import (
     LoRATarget,
     LoRAWeights,
@@ -398,6 +400,23 @@ def test_unknown_names_for_scale_and_clear():
         set_lora_scale(model, "b", 1.0)
     with pytest.raises(LoRAError, match="no unfused LoRA named 'b'"):
         clear_loras(model, "b")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_a_scale_that_is_not_finite_is_refused_naming_the_lora(tmp_path, scale):
+    """A nan or inf scale would turn every weight it touches into nan: refused, the weights left as they were."""
+    path = tmp_path / "style.safetensors"
+    save_lora(make_lora(), path)
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for fuse in (True, False):
+        with pytest.raises(ConfigError, match=f"LoRA {re.escape(str(path))}: scale {scale} must be a finite number"):
+            load_lora(model, path, scale=scale, fuse=fuse)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not list_loras(model)
+    apply_lora(model, make_lora(), fuse=False, name="a")
+    with pytest.raises(ConfigError, match=f"LoRA 'a': scale {scale} must be a finite number"):
+        set_lora_scale(model, "a", scale)
+    assert list_loras(model) == {"a": 1.0}
 
 
 def test_bad_save_format(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--num-frames", type=int, default=None, help="video length in frames (video models; preset default)"
     )
-    gen.add_argument("--fps", type=int, default=None, help="frames per second of a written video (preset default)")
+    gen.add_argument(
+        "--fps", type=int, default=None, help="frames per second of a written video (video models; preset default)"
+    )
     gen.add_argument("--steps", type=int, default=None, help="number of denoising steps (preset default)")
     gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (preset default)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -75,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "outputs are numbered as with --prompts-file",
     )
     gen.add_argument("--input-image", default=None, help="image-to-image: the starting image")
-    gen.add_argument("--denoising-strength", type=float, default=1.0, help="image-to-image strength in (0, 1]")
+    gen.add_argument(
+        "--denoising-strength",
+        type=float,
+        default=None,
+        help="image-to-image strength in (0, 1] with --input-image (or --input-video); default 1",
+    )
     gen.add_argument(
         "--inpaint-mask",
         default=None,
@@ -395,15 +403,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def path_and_scale(spec: str, default: float = 1.0) -> tuple[str, float]:
+def path_and_scale(spec: str, default: float = 1.0, flag: str | None = None) -> tuple[str, float]:
     """`PATH[:SCALE]` (a LoRA, a control image) as (path, scale), `default` without one; a path that exists is
-    taken whole."""
+    taken whole. A scale that is not finite (nan, inf) is a `ConfigError` naming `flag` and `spec`."""
+    from .errors import ConfigError
+
     path, sep, scale = spec.rpartition(":")
     if sep and path and not Path(spec).exists():
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            return spec, default
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag + ' ' if flag else ''}{spec}: the scale {scale} must be a finite number")
+        return path, value
     return spec, default
 
 
@@ -431,7 +444,7 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
         )
     inputs = []
     for k, spec in enumerate(images):
-        path, scale = path_and_scale(spec)
+        path, scale = path_and_scale(spec, flag="--control-image")
         cid = k if len(controlnets) > 1 else 0
         inputs.append(ControlNetInput(image=path, scale=scale, controlnet_id=cid, processor_id=mode))
     blockwise = "blockwise_controlnet" in pipe.model_slots and pipe.controlnets("blockwise_controlnet")
@@ -442,14 +455,9 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
 
 def _generate_audio(pipe, args) -> int:
     """`--audio-only`: the pipeline's text-to-audio, written as a .wav."""
-    from .errors import ConfigError
     from .media import save_audio
 
-    if not hasattr(pipe, "generate_audio"):
-        raise ConfigError(f"--audio-only is not used by {type(pipe).__name__} (model {args.model!r}): it needs LTX-2")
-    output = Path(args.output or "output.wav")
-    if output.suffix.lower() != ".wav":
-        raise ConfigError(f"--audio-only writes sound: --output must name a .wav file, not {output}")
+    output = output_file(pipe, args)  # a .wav
     options = {"negative_prompt": args.negative_prompt, "num_frames": args.num_frames, "frame_rate": args.fps}
     options.update(num_inference_steps=args.steps, audio_cfg_scale=args.cfg)
     sound = pipe.generate_audio(args.prompt, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
@@ -461,14 +469,9 @@ def _generate_audio(pipe, args) -> int:
 
 def _dub_video(pipe, args) -> int:
     """`--dub-video FILE`: LTX-2.3 Dub-It, the re-voiced clip with its new sound in one mp4 at the source's rate."""
-    from .errors import ConfigError
     from .media import mux_video_audio, video_frame_rate
 
-    if not hasattr(pipe, "dub_video"):
-        raise ConfigError(f"--dub-video is not used by {type(pipe).__name__} (model {args.model!r}): it needs LTX-2.3")
-    output = Path(args.output or "output.mp4")
-    if output.suffix.lower() != ".mp4":
-        raise ConfigError(f"--dub-video makes a video with sound: --output must name an .mp4 file, not {output}")
+    output = output_file(pipe, args)  # an .mp4
     size = {name: value for name, value in (("height", args.height), ("width", args.width)) if value is not None}
     frames, sound = pipe.dub_video(args.prompt, args.dub_video, seed=args.seed, **size)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -560,6 +563,13 @@ def _generate(args) -> int:
         raise ConfigError(f"{single[0]} makes one output: leave out --prompts-file / --num-images")
     if args.prompt is None and not hasattr(cls, "run_cli") and not inserting and args.prompts_file is None:
         raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
+    output_file(cls, args)  # an --output (or --fps) the pipeline cannot write is refused before it loads
+    starts = args.input_image, args.input_video, *(job.get("input_image") for job in jobs)
+    if args.denoising_strength is not None and all(start is None for start in starts):
+        raise ConfigError(
+            "--denoising-strength is how far image-to-image moves from --input-image (or --input-video): give one, "
+            "or leave it out"
+        )
     options = {"quantize": quantize_options(args.quantize)} if args.quantize else {}
     pipe = cls.from_pretrained(
         args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit, **options
@@ -567,7 +577,7 @@ def _generate(args) -> int:
     if parallel:
         pipe.enable_parallel(sequence=args.sequence_parallel, batch=args.cfg_parallel or 1)
     for spec in args.lora:
-        path, scale = path_and_scale(spec)
+        path, scale = path_and_scale(spec, flag="--lora")
         pipe.load_lora(path, scale=scale)
     if args.controlnet:
         pipe.load_controlnet(args.controlnet)
@@ -647,8 +657,14 @@ def _generate(args) -> int:
         options["input_audio"] = options.pop("retake_audio")
     if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
         options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
-    given = "input_image" in options or "input_video" in options
-    if given and "denoising_strength" in accepted:  # image-to-video models take none
+    given = "input_image" in options or "input_video" in options  # a start for every generation
+    lines = any("input_image" in job for job in jobs)  # a start for a prompts file's lines with --i
+    if args.denoising_strength is not None and not (given or lines):
+        raise ConfigError(
+            f"--denoising-strength is not used by {type(pipe).__name__} (model {args.model!r}) with these inputs: "
+            "none of them is an image-to-image start"
+        )  # e.g. FLUX.1 Fill's --input-image, which is the picture to inpaint
+    if args.denoising_strength is not None:  # refused below where the call takes none (image-to-video models)
         options["denoising_strength"] = args.denoising_strength
     if args.fps is not None and "frame_rate" in accepted:  # models that place frames in time (LTX-2)
         options["frame_rate"] = args.fps
@@ -669,23 +685,23 @@ def _generate(args) -> int:
             flag = "--" + renamed.get(name, name).replace("_", "-")
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
     makes_video = "num_frames" in accepted
-    output = Path(args.output or ("output.mp4" if makes_video else "output.png"))
-    if makes_video and output.suffix.lower() != ".mp4":
-        raise ConfigError(f"{type(pipe).__name__} makes videos: --output must name an .mp4 file, not {output}")
+    output = output_file(pipe, args)
     writes = not parallel or int(os.environ.get("RANK", 0)) == 0  # every rank holds the same result; rank 0 writes
     if len(jobs) == 1 and args.prompts_file is None:
         result = pipe(prompt=args.prompt, seed=args.seed, **options)
-        return _write_result(pipe, args, result, output, makes_video) if writes else 0
+        if writes:
+            _write_result(pipe, args, result, output, makes_video)
+        return 0
     manifest = []
     for i, job in enumerate(jobs):
         path = output.with_name(f"{output.stem}_{i:04d}{output.suffix}")
         arguments = {**options, **pipeline_arguments(job)}
-        if "input_image" in job and "denoising_strength" in accepted:  # a line's --i, as --input-image
-            arguments["denoising_strength"] = args.denoising_strength
+        if not given and "input_image" not in job:  # --denoising-strength is for the lines with --i only
+            arguments.pop("denoising_strength", None)
         result = pipe(**arguments)
         if writes:
-            _write_result(pipe, args, result, path, makes_video, job)
-            manifest.append({"file": path.name, **{k: v for k, v in job.items()}})
+            record = _write_result(pipe, args, result, path, makes_video, job)
+            manifest.append({"file": path.name, **record})
     if writes:
         listing = output.with_suffix(".jsonl")
         listing.write_text("".join(json.dumps(row) + "\n" for row in manifest))
@@ -713,10 +729,13 @@ def check_device(device, given: str | None) -> None:
 
 
 OTHER_OUTPUT_SUFFIXES = (".mp4", ".wav", ".safetensors")  # videos; --audio-only's sound; image-to-LoRA's LoRA
+RUN_DTYPES = ("bfloat16", "float16", "float32")  # what --dtype may name: the dtypes the models compute in
 
 
 def check_generation_numbers(args) -> None:
-    """The sizes, steps and output file type of `diffsynth generate`, checked before any model loads."""
+    """The sizes, steps, numbers, dtype and output file type of `diffsynth generate`, checked before any model
+    loads: every number a flag gives (--cfg, --vram-limit, a LoRA's scale, ...) must be finite."""
+    from .dtypes import dtype_name, parse_dtype
     from .errors import ConfigError
     from .media import IMAGE_SUFFIXES
 
@@ -725,9 +744,27 @@ def check_generation_numbers(args) -> None:
         ("--height", args.height),
         ("--width", args.width),
         ("--num-frames", args.num_frames),
+        ("--fps", args.fps),
     ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
+    for name, value in vars(args).items():  # the float flags, by their dest: --cfg, --first-block-cache, ...
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"--{name.replace('_', '-')} {number} must be a finite number")
+    for flag, specs in (("--lora", args.lora), ("--control-image", args.control_image)):
+        for spec in specs:
+            path_and_scale(spec, flag=flag)  # a SCALE that is nan or inf is refused
+    if args.dtype is not None:
+        try:
+            name = dtype_name(parse_dtype(args.dtype))
+        except ConfigError:
+            name = None
+        if name not in RUN_DTYPES:
+            raise ConfigError(
+                f"--dtype {args.dtype}: the models run in {', '.join(RUN_DTYPES)} (to store weights in 8 or 4 bits, "
+                "see --quantize)"
+            )
     if args.output is not None:
         suffix = Path(args.output).suffix.lower()
         if suffix not in IMAGE_SUFFIXES + OTHER_OUTPUT_SUFFIXES:
@@ -736,6 +773,50 @@ def check_generation_numbers(args) -> None:
                 f"{', '.join(IMAGE_SUFFIXES)} for pictures, .mp4 for videos, .wav for sound, .safetensors for an "
                 "image-to-LoRA preset's LoRA"
             )
+
+
+def output_file(pipeline, args) -> Path | None:
+    """The file `diffsynth generate` writes with `pipeline` (its class, before the model loads, or the pipeline):
+    `--output`, else output.wav / output.mp4 / output.png by what it makes. An `--output` of another type, and an
+    `--fps` a picture has no use for, are refused, saying what the pipeline writes. None for a pipeline that
+    writes its own outputs (`run_cli`: an image-to-LoRA preset's .safetensors, LTX-2.3 HDR's EXR frames)."""
+    import inspect
+
+    from .errors import ConfigError
+    from .media import IMAGE_SUFFIXES
+
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    if args.audio_only:
+        if not hasattr(cls, "generate_audio"):
+            raise ConfigError(f"--audio-only is not used by {cls.__name__} (model {args.model!r}): it needs LTX-2")
+        output = Path(args.output or "output.wav")
+        if output.suffix.lower() != ".wav":
+            raise ConfigError(f"--audio-only writes sound: --output must name a .wav file, not {output}")
+        return output
+    if hasattr(cls, "run_cli"):
+        return None
+    if args.dub_video is not None:
+        if not hasattr(cls, "dub_video"):
+            raise ConfigError(f"--dub-video is not used by {cls.__name__} (model {args.model!r}): it needs LTX-2.3")
+        output = Path(args.output or "output.mp4")
+        if output.suffix.lower() != ".mp4":
+            raise ConfigError(f"--dub-video makes a video with sound: --output must name an .mp4 file, not {output}")
+        if args.fps is not None:
+            raise ConfigError("--fps is not used with --dub-video: the dubbed clip keeps its source's frame rate")
+        return output
+    if "num_frames" in inspect.signature(cls.__call__).parameters:
+        output = Path(args.output or "output.mp4")
+        if output.suffix.lower() != ".mp4":
+            raise ConfigError(f"{cls.__name__} makes videos: --output must name an .mp4 file, not {output}")
+        return output
+    output = Path(args.output or "output.png")
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(
+            f"--output {output}: {cls.__name__} (model {args.model!r}) writes images: use {', '.join(IMAGE_SUFFIXES)}"
+        )
+    if args.fps is not None:
+        raise ConfigError(f"--fps is not used by {cls.__name__} (model {args.model!r}): it writes images")
+    return output
 
 
 def generation_jobs(args, pipeline=None) -> list[dict]:
@@ -755,7 +836,8 @@ def generation_jobs(args, pipeline=None) -> list[dict]:
     kohya = path.suffix != ".jsonl"  # a prompt a line, with kohya's sample-prompt options after it
     if kohya:
         lines = read_prompts_file(path, flag="--prompts-file", at="{file}, line {number}")
-        rows = [(_line_row(line), line.where) for line in lines]  # each row with where it is, for messages
+        # each row with where it is, for messages
+        rows = [(_checked_row(_line_row(line), line.where, kohya=True), line.where) for line in lines]
     else:
         rows = _jsonl_rows(path)
     if pipeline is not None and not hasattr(pipeline, "run_cli"):
@@ -837,10 +919,15 @@ def _check_row_settings(pipeline, row: dict, where: str, model: str, kohya: bool
             raise ConfigError(f"{where}: {said} is not used by {pipeline.__name__} (model {model!r})")
 
 
-def _checked_row(row: dict, where: str) -> dict:
-    """A prompts-file row with its numbers checked: whole sizes, steps and seed, a number for cfg."""
+def _checked_row(row: dict, where: str, kohya: bool = False) -> dict:
+    """A prompts-file row with its values checked: text for the prompts, whole sizes, steps and seed, finite
+    numbers for cfg and guidance; a .txt line's value is named by its kohya option (`--l`)."""
     from .errors import ConfigError
 
+    for key in ("prompt", "negative_prompt"):
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} {value!r} must be a string")
     for key in ("seed", "height", "width", "steps"):
         value = row.get(key)
         if value is not None and (
@@ -850,6 +937,12 @@ def _checked_row(row: dict, where: str) -> dict:
     cfg = row.get("cfg")
     if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float))):
         raise ConfigError(f"{where}: cfg {cfg!r} must be a number")
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            if kohya:  # named as the line gives it: `--l nan: cfg_scale must be ...`
+                option = next(k for k, (name, _, _) in OPTIONS.items() if name == JOB_KEYS[key])
+                raise ConfigError(f"{where}: --{option} {value}: {JOB_KEYS[key]} must be a finite number")
+            raise ConfigError(f"{where}: {key} {value} must be a finite number")
     return row
 
 
@@ -858,28 +951,37 @@ def pipeline_arguments(job: dict) -> dict:
     return {JOB_KEYS[key]: value for key, value in job.items()}
 
 
-def generation_record(args, job: dict | None = None) -> dict:
-    """What made a picture, written into its PNG (`parameters` text chunk): model, prompt, seed and the settings
-    given on the command line, so the picture can be made again."""
+# `diffsynth generate`'s settings that leave the picture as it is, kept out of `generation_record`
+NOT_RECORDED = {"command", "verbose", "output", "prompts_file", "no_metadata", "num_images", "device", "vram_limit"}
+NOT_RECORDED |= {"sequence_parallel", "cfg_parallel"}
+
+
+def generation_record(args, job: dict | None = None, size: tuple[int, int] | None = None) -> dict:
+    """What made a picture, written into its PNG (`parameters` text chunk) and listed in a prompts file's
+    OUTPUT.jsonl: model, prompt, seed, the row's own settings, then every other setting given on the command line
+    that changes the picture (sampler, dtype, LoRAs, caches, input images, ...), and the `size` (width, height) it
+    came out at (a pipeline rounds a size to its multiple), so the picture can be made again."""
     job = job or {"prompt": args.prompt, "seed": args.seed}
     record = {"model": args.model, **job}
-    given = {
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "height": args.height,
-        "width": args.width,
-        "lora": list(args.lora) or None,
-        "quantize": list(args.quantize) or None,
-    }
-    record.update({k: v for k, v in given.items() if v is not None and k not in record})
+    started = "input_image" in job or args.input_image is not None or args.input_video is not None
+    for name, value in vars(args).items():
+        if name in NOT_RECORDED or name in record or value is None or value is False or value == []:
+            continue
+        if name == "denoising_strength" and not started:  # a prompts file's line without --i
+            continue
+        record[name] = list(value) if isinstance(value, list) else value
+    if size is not None:
+        record["width"], record["height"] = size
     return record
 
 
-def _write_result(pipe, args, result, output: Path, makes_video: bool, job: dict | None = None) -> int:
+def _write_result(pipe, args, result, output: Path, makes_video: bool, job: dict | None = None) -> dict:
     """Write one generation's result (a picture, pictures, frames, or frames with sound) to `output`; pictures
-    saved as PNG carry `generation_record` (`--no-metadata` leaves it out)."""
-    record = None if args.no_metadata else generation_record(args, job)
+    saved as PNG carry its `generation_record` (`--no-metadata` leaves it out), which is returned."""
+    picture = result[0] if isinstance(result, list) and result and not makes_video else result
+    size = picture.size if hasattr(picture, "getpixel") else None  # a PIL image: the size it came out at
+    record = generation_record(args, job, size)
+    carried = None if args.no_metadata else record
     for slot, cache in pipe.step_caches().items():
         kind = "TeaCache" if type(cache).__name__ == "TeaCache" else "first-block cache"
         logger.info("%s (%s): %d of %d model calls reused", kind, slot, cache.skipped, cache.calls)
@@ -893,17 +995,17 @@ def _write_result(pipe, args, result, output: Path, makes_video: bool, job: dict
         mux_video_audio(frames, waveform, sample_rate, str(output), fps=fps)
     elif isinstance(result, list) and not makes_video:  # several pictures (Qwen-Image-Layered's layers)
         for i, image in enumerate(result):
-            _save_picture(image, output.with_name(f"{output.stem}_{i}{output.suffix}"), record)
+            _save_picture(image, output.with_name(f"{output.stem}_{i}{output.suffix}"), carried)
         logger.info("wrote %d images %s_*%s", len(result), output.with_name(output.stem), output.suffix)
-        return 0
+        return record
     elif isinstance(result, list):  # video frames
         from .media import save_video
 
         save_video(result, str(output), fps=fps)
     else:
-        _save_picture(result, output, record)
+        _save_picture(result, output, carried)
     logger.info("wrote %s", output)
-    return 0
+    return record
 
 
 def _save_picture(image, output: Path, record: dict | None = None) -> None:

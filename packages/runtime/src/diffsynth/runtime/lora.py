@@ -29,6 +29,7 @@ and dtype on first use and cached, so a model moved or offloaded after the LoRA 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, LoRAError, preview
+from .errors import CheckpointError, ConfigError, LoRAError, preview
 from .lora_dora import check_magnitude, decomposition_scale, fused_weight, read_magnitude, unfused_extra
 from .lora_factors import FIELDS as FACTOR_FIELDS
 from .lora_factors import HadamardDelta, KroneckerDelta, WeightDelta, lycoris_tensors, read_factors
@@ -387,8 +388,11 @@ def apply_lora(
 ) -> str | None:
     """Apply a LoRA to `model`. Fused: added into the weights for good (returns None). Unfused: attached
     under `name` (default `lora_<n>`; re-using a name replaces that LoRA) and returned, for
-    `set_lora_scale` / `clear_loras`."""
-    resolved = resolve_lora(model, read_lora(lora), key_map)
+    `set_lora_scale` / `clear_loras`. A scale that is not a finite number is a `ConfigError` naming the LoRA."""
+    lora = read_lora(lora)
+    if not math.isfinite(scale):
+        raise ConfigError(f"LoRA {lora.source}: scale {scale} must be a finite number")
+    resolved = resolve_lora(model, lora, key_map)
     if fuse and any(is_quantized_linear(model.get_submodule(n)) for n in resolved.targets):
         # a LoRA's delta is far below a 4-bit step: fused into the rounded weights it would mostly vanish
         logger.info("LoRA %s kept apart (not fused): the model's Linears are quantized", resolved.source)
@@ -563,6 +567,8 @@ def list_loras(model: nn.Module) -> dict[str, float]:
 
 def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
     """Change the scale of the unfused LoRA `name` (0 switches it off without removing it)."""
+    if not math.isfinite(scale):
+        raise ConfigError(f"LoRA {name!r}: scale {scale} must be a finite number")
     hits = 0
     for _, stack in _stacks(model):
         if name in stack.adapters:
