@@ -189,6 +189,23 @@ def test_vram_keys_a_quantized_model_cannot_take_are_refused(tiny_repo):
         ZImagePipeline.from_pretrained(model_configs=[config], torch_dtype="bfloat16", device="cpu")
 
 
+def test_enable_vram_management_refuses_by_name_what_a_quantized_model_cannot_take(tiny_repo):
+    """The same keys given to `enable_vram_management` were dropped in silence for the quantized model (it was
+    filtered out), as was the quantized slot named in `slots`."""
+    pipe = pipeline(tiny_repo, "bitsandbytes_nf4", torch_dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"the dit model is quantized \(bitsandbytes_nf4\); enable_vram_management "
+                       r"also sets \{'offload_device': 'disk'\}.*drop one of the two"):  # fmt: skip
+        pipe.enable_vram_management(slots=["dit"], offload_device="disk")
+    with pytest.raises(ConfigError, match=r"enable_vram_management for every model \(slots=\['vae', 'text_encoder'\] "
+                       r"leaves dit out\) also sets \{'preparing_dtype': torch.float8_e4m3fn\}"):  # fmt: skip
+        pipe.enable_vram_management(preparing_dtype="float8_e4m3fn")
+    with pytest.raises(ConfigError, match=r"slots=\['dit'\]\): the dit model is quantized .* leave it out of slots"):
+        pipe.enable_vram_management(slots=["dit"], vram_limit=0)
+    assert not pipe.vram_handles and pipe.vram_limit is None  # refused calls change nothing
+    assert set(pipe.enable_vram_management(vram_limit=0)) == {"vae", "text_encoder"}  # all: dit moves whole
+    assert set(pipe.enable_vram_management(slots=["vae"], preparing_dtype="float8_e4m3fn")) == {"vae", "text_encoder"}
+
+
 def test_from_pretrained_quantize_by_slot_equals_the_model_config_route(tiny_repo):
     """`from_pretrained(folder, quantize={"dit": ...})` (presets and folders, whose ModelConfigs are not the
     user's) quantizes the same layers as `ModelConfig(quantize=...)`: the same image."""
@@ -238,3 +255,22 @@ def test_cli_quantize_flag_reaches_from_pretrained(monkeypatch):
     assert "quantize" not in seen  # pipelines are called as before without the flag
     with pytest.raises(ConfigError, match="--quantize names the dit model twice"):
         cli.quantize_options(["bitsandbytes_nf4", "dit=bitsandbytes_fp4"])
+
+
+def test_cli_quantize_flag_is_checked_before_any_model_loads(monkeypatch, capsys):
+    """A wrong method or slot was refused by from_pretrained, after every model had loaded."""
+    from diffsynth.runtime import cli
+    from diffsynth.z_image import ZImagePipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained ran")
+
+    monkeypatch.setattr(cli, "_pipeline_class", lambda model: ZImagePipeline)
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", never)
+    run = ["generate", "--model", "x", "--prompt", "a cat", "--device", "cpu", "--quantize"]
+    assert cli.main([*run, "foo"]) == 2
+    assert "--quantize foo: QuantizeConfig method='foo' is not supported; methods: [" in capsys.readouterr().err
+    assert cli.main([*run, "transformer=bitsandbytes_nf4"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize transformer=bitsandbytes_nf4: ZImagePipeline has no model slot 'transformer'; slots: [" in err
+    assert cli.quantize_options(["vae=bitsandbytes_fp4"], ZImagePipeline) == {"vae": "bitsandbytes_fp4"}

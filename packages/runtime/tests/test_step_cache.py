@@ -144,10 +144,44 @@ def test_other_shapes_at_a_position_are_not_reused_and_end_loop_frees():
     assert not cache._states and cache.calls == 2  # counts stay readable after the loop
 
 
-@pytest.mark.parametrize("threshold", [-0.1, float("nan")])
+@pytest.mark.parametrize("threshold", [-0.1, float("nan"), "abc", None])
 def test_bad_threshold_is_rejected(threshold):
-    with pytest.raises(ConfigError, match="threshold"):
+    """Not a number is a ConfigError naming the argument, like NaN (torch's bare ValueError before)."""
+    with pytest.raises(ConfigError, match="first-block cache threshold="):
         FirstBlockCache(threshold)
+    with pytest.raises(ConfigError, match="TeaCache threshold="):
+        TeaCache(threshold, IDENTITY)
+
+
+def test_tea_cache_call_arguments_are_checked_before_the_call():
+    """`tea_cache_model_id` alone did nothing (even a bogus id), and `tea_cache_l1_thresh="abc"` raised float()'s
+    ValueError: both are ConfigErrors naming the arguments, before the pipeline runs."""
+    import contextlib
+
+    from diffsynth.runtime.pipeline import accepts_tea_cache
+
+    class Toy:
+        used = []
+
+        @contextlib.contextmanager
+        def tea_cache_for_call(self, threshold, model_id):
+            self.used.append((threshold, model_id))
+            yield
+
+        @accepts_tea_cache
+        def __call__(self, prompt, tea_cache_l1_thresh=None, tea_cache_model_id=""):
+            return prompt
+
+    toy = Toy()
+    assert toy("a") == "a" and toy("a", tea_cache_model_id="") == "a" and toy.used == []
+    assert toy("a", tea_cache_l1_thresh="0.2", tea_cache_model_id="m") == "a" and toy.used == [(0.2, "m")]
+    with pytest.raises(ConfigError, match=r"tea_cache_model_id='no-such-model' .* without tea_cache_l1_thresh"):
+        toy("a", tea_cache_model_id="no-such-model")
+    with pytest.raises(ConfigError, match=r"TeaCache tea_cache_l1_thresh='abc' is not a number"):
+        toy("a", tea_cache_l1_thresh="abc")
+    with pytest.raises(ConfigError, match=r"tea_cache_l1_thresh=nan must be >= 0"):
+        toy("a", tea_cache_l1_thresh=float("nan"))
+    assert toy.used == [(0.2, "m")]
 
 
 # ----------------------------------------------------------------------------------------- TeaCache

@@ -96,3 +96,59 @@ def test_a_non_finite_vram_limit_is_refused(tiny_repo):
     with pytest.raises(ConfigError, match=r"got inf \(not a finite number\)"):
         pipe.enable_vram_management(vram_limit=float("inf"))
     assert pipe.vram_limit is None and not pipe.vram_handles
+
+
+def test_a_lora_fused_outside_the_pipeline_survives_disk_offload_enabled_afterwards(tiny_repo):
+    """`lora.load_lora(model, ..., fuse=True)` called directly marks the weights it changes as the pipeline's
+    `load_lora` did: disk offload enabled afterwards read the base weights back from the file."""
+    from diffsynth.runtime.lora import load_lora
+    from diffsynth.runtime.vram.disk import is_changed
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    base = pipe(PROMPT, **FAST)
+    load_lora(pipe.dit, helpers.lora_state(pipe.dit), scale=0.8, fuse=True)
+    assert all(is_changed(m.weight) for m in pipe.dit.modules() if isinstance(m, torch.nn.Linear))
+    expected = pipe(PROMPT, **FAST)
+    assert (expected - base).abs().max() > 1e-3
+    pipe.enable_vram_management(vram_limit=0, **DISK)
+    torch.testing.assert_close(pipe(PROMPT, **FAST), expected)
+
+
+def test_enable_vram_management_names_the_slots_it_cannot_manage(tiny_repo):
+    """A misspelled slot was dropped in silence (nothing managed), and `slots="dit"` was read letter by letter."""
+    from diffsynth.runtime.errors import ConfigError
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    with pytest.raises(ConfigError, match=r"unknown model slot\(s\) \['dti'\]; slots: \['dit', 'vae', "):
+        pipe.enable_vram_management(slots=["dti"], vram_limit=0)
+    with pytest.raises(ConfigError, match=r"unknown model slot\(s\) \['vea'\]"):
+        pipe.enable_vram_management(slots=["dit", "vea"], vram_limit=0)
+    with pytest.raises(ConfigError, match=r"\['controlnet'\] hold no loaded model; loaded: \['dit', 'vae', 'text_e"):
+        pipe.enable_vram_management(slots=["controlnet"], vram_limit=0)
+    assert not pipe.vram_handles and pipe.vram_limit is None  # refused calls change nothing
+    assert set(pipe.enable_vram_management(slots="dit", vram_limit=0)) == {"dit"}
+
+
+def test_a_gpu_torch_does_not_see_is_refused_before_anything_loads(tiny_repo, monkeypatch):
+    """`device="cuda"` without CUDA loaded every model, then failed in torch ("Found no NVIDIA driver")."""
+    from diffsynth.runtime.errors import ConfigError
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    def never(self, config):
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(ZImagePipeline, "_load_config", never)
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(ConfigError, match=r"device='cuda(:0)?': torch .* sees no CUDA GPU here .* device='cpu'"):
+            ZImagePipeline.from_pretrained(str(tiny_repo), device=device)
+    with pytest.raises(ConfigError, match=r"device='mps': the Apple GPU \(mps\) is not available .* device='cpu'"):
+        ZImagePipeline.from_pretrained(str(tiny_repo), device="mps")
+    with pytest.raises(ConfigError, match=r"ModelConfig computation_device='cuda': torch .* sees no CUDA GPU"):
+        ZImagePipeline.from_pretrained(model_configs=configs(tiny_repo, computation_device="cuda"), device="cpu")
+    with pytest.raises(ConfigError, match=r"^computation_device='cuda': torch .* use computation_device='cpu'"):
+        pipe.enable_vram_management(computation_device="cuda")
+    assert not pipe.vram_handles
+    assert set(pipe.enable_vram_management(computation_device="cpu", vram_limit=0)) == {"dit", "vae", "text_encoder"}

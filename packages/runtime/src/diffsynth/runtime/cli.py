@@ -365,16 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quantize_options(specs: list[str]) -> dict[str, str]:
-    """`--quantize [SLOT=]METHOD` values as `from_pretrained(quantize=...)` takes them (no slot: the DiT)."""
+def quantize_options(specs: list[str], pipeline_class: type | None = None) -> dict[str, str]:
+    """`--quantize [SLOT=]METHOD` values as `from_pretrained(quantize=...)` takes them (no slot: the DiT), each
+    method checked, and each slot against `pipeline_class`'s model slots when given, before any model loads."""
     from .errors import ConfigError
+    from .quant import QuantizeConfig
 
+    slots = list(getattr(pipeline_class, "model_slots", None) or ())
     chosen: dict[str, str] = {}
     for spec in specs:
         slot, _, method = spec.rpartition("=")
         slot = slot.strip() or "dit"
         if slot in chosen:
             raise ConfigError(f"--quantize names the {slot} model twice ({chosen[slot]}, {method})")
+        if slots and slot not in slots:
+            raise ConfigError(
+                f"--quantize {spec}: {pipeline_class.__name__} has no model slot {slot!r}; slots: {slots}"
+            )
+        try:
+            QuantizeConfig.parse(method.strip())
+        except ConfigError as exc:
+            raise ConfigError(f"--quantize {spec}: {exc}") from None
         chosen[slot] = method.strip()
     return chosen
 
@@ -534,7 +545,7 @@ def _generate(args) -> int:
 
     import torch
 
-    from .dtypes import parse_device, parse_dtype
+    from .dtypes import check_device, parse_device, parse_dtype
     from .errors import ConfigError
     from .hub import ModelConfig
     from .media import load_image, load_video
@@ -549,7 +560,7 @@ def _generate(args) -> int:
             f"--device {args.device} is where weights may be offloaded, not where models run; use cuda or cpu"
         )
     device = torch.device(device)
-    check_device(device, args.device)
+    check_device(device, "--device", args.device)
     check_generation_numbers(args)
     parallel = args.sequence_parallel is not None or args.cfg_parallel is not None
     if parallel and device.type == "cuda" and device.index is None:  # torchrun: one GPU per rank
@@ -570,7 +581,7 @@ def _generate(args) -> int:
             "--denoising-strength is how far image-to-image moves from --input-image (or --input-video): give one, "
             "or leave it out"
         )
-    options = {"quantize": quantize_options(args.quantize)} if args.quantize else {}
+    options = {"quantize": quantize_options(args.quantize, cls)} if args.quantize else {}
     pipe = cls.from_pretrained(
         args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit, **options
     )
@@ -707,25 +718,6 @@ def _generate(args) -> int:
         listing.write_text("".join(json.dumps(row) + "\n" for row in manifest))
         logger.info("wrote %d outputs and %s", len(manifest), listing)
     return 0
-
-
-def check_device(device, given: str | None) -> None:
-    """A `--device` this torch cannot run on is named before any model loads (not torch's traceback after)."""
-    import torch
-
-    from .errors import ConfigError
-
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(
-                f"--device {given}: torch {torch.__version__} sees no CUDA GPU here (CUDA build: "
-                f"{torch.version.cuda or 'none'}); use --device cpu, or install a torch build for this machine's GPU"
-            )
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"--device {given}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {given}: the Apple GPU (mps) is not available to this torch; use --device cpu")
 
 
 OTHER_OUTPUT_SUFFIXES = (".mp4", ".wav", ".safetensors")  # videos; --audio-only's sound; image-to-LoRA's LoRA

@@ -72,3 +72,27 @@ def parse_device(device: str | torch.device | None) -> torch.device | str:
         if found and (found.group(2) is None or found.group(1) == "cuda"):
             return torch.device(text)
     raise ConfigError(f"unknown device {device!r}; accepted: {', '.join(DEVICE_NAMES)} (or a torch.device)")
+
+
+def check_device(device: torch.device | str, name: str = "device", given=None) -> None:
+    """Refuse a device this torch cannot run on (a GPU it does not see), naming the argument that gave it (`name`:
+    "device", "computation_device", "--device"; `given`: what was typed, default `device`), before any model loads
+    rather than with torch's error after. "cpu", "disk" and devices that are there pass."""
+    if isinstance(device, str) and device.strip().lower() == DISK:
+        return
+    device = torch.device(device)
+    given = device if given is None else given
+    shown, cpu = (
+        (f"{name} {given}", f"{name} cpu") if name.startswith("--") else (f"{name}={str(given)!r}", f"{name}='cpu'")
+    )
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"{shown}: torch {torch.__version__} sees no CUDA GPU here (CUDA build: {torch.version.cuda or 'none'}); "
+                f"use {cpu}, or install a torch build for this machine's GPU"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{shown}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{shown}: the Apple GPU (mps) is not available to this torch; use {cpu}")

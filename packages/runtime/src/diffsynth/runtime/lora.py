@@ -45,6 +45,7 @@ from .lora_dora import check_magnitude, decomposition_scale, fused_weight, read_
 from .lora_factors import FIELDS as FACTOR_FIELDS
 from .lora_factors import HadamardDelta, KroneckerDelta, WeightDelta, lycoris_tensors, read_factors
 from .quant import is_quantized_linear, linear_weight
+from .vram.disk import mark_changed
 
 logger = logging.getLogger(__name__)
 
@@ -431,16 +432,21 @@ def load_lora(
 
 @torch.no_grad()
 def _fuse(module: nn.Linear, t: LoRATarget, scale: float) -> None:
+    """Add the LoRA into `module`'s weight (and bias); each tensor changed is marked (`vram.disk.mark_changed`):
+    it no longer holds what the checkpoint file stores, so disk offload enabled later keeps it in memory."""
     weight = module.weight
     delta = t.delta_weight()
     if delta is not None and t.magnitude is not None:
         weight.copy_(fused_weight(weight, delta.to(weight.device), t.magnitude, scale).to(weight.dtype))
+        mark_changed(weight)
     elif delta is not None:
         new = weight.float() + scale * delta.to(weight.device)
         weight.copy_(new.to(weight.dtype))
+        mark_changed(weight)
     if t.diff_b is not None:
         bias = module.bias
         bias.copy_((bias.float() + scale * t.diff_b.float().to(bias.device)).to(bias.dtype))
+        mark_changed(bias)
 
 
 class _Adapter:

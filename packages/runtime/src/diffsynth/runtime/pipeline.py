@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .dtypes import dtype_name, parse_device, parse_dtype
+from .dtypes import check_device, dtype_name, parse_device, parse_dtype
 from .errors import CheckpointError, ConfigError, preview
 from .hub import ModelConfig
 from .quant import check_vram_keys, quantize_config
@@ -69,6 +69,7 @@ class BasePipeline:
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
         self.device = torch.device(parse_device(device or _default_device()))
+        check_device(self.device, "device", device)  # a GPU torch does not see: refused before anything loads
         # the GPU a bare "cuda" meant when the models were placed (enable_parallel checks it is this rank's)
         self.cuda_index = self.device.index
         if self.device.type == "cuda" and self.cuda_index is None and torch.cuda.is_available():
@@ -147,6 +148,10 @@ class BasePipeline:
         from .vram.manager import check_vram_limit
 
         check_vram_limit(vram_limit)
+        for config in configs:  # a GPU torch does not see, named before anything loads
+            for key, value in config.vram_config().items():
+                if value is not None and key.endswith("_device"):
+                    check_device(value, f"ModelConfig {key}")
 
         pipe = cls(device=device, torch_dtype=torch_dtype)
         pipe.defaults.update(defaults)
@@ -361,7 +366,8 @@ class BasePipeline:
             for slot in configs:
                 getattr(self, slot).to(self.device)
             return
-        self.enable_vram_management(slots=list(configs))
+        # quantized models are not block-managed: they move as a whole between stages (`load_models_to_device`)
+        self.enable_vram_management(slots=[s for s in configs if quantize_config(getattr(self, s)) is None])
 
     def enable_vram_management(self, slots: Iterable[str] | None = None, **settings):
         """Put the pipeline's models (all, or `slots`) under the VRAM manager; returns handles by slot.
@@ -369,30 +375,50 @@ class BasePipeline:
         `vram_limit=` (GiB; None for no limit; when not given, the one from from_pretrained) bounds
         each model while its stage runs, minus what models that never leave the device hold. The
         eight DiffSynth-Studio keys (`offload_device=`, `preparing_dtype=`, ...) override each
-        model's `ModelConfig` keys. Models are parked afterwards; stages activate them.
+        model's `ModelConfig` keys. Models are parked afterwards; stages activate them. A quantized model is not
+        block-managed (it moves as a whole between stages): naming it in `slots`, or giving fp8 or disk keys that
+        would reach it, is refused.
         """
         from .vram import VramConfig, enable_vram_management, vram_handle
+        from .vram.config import parse_vram_keys
         from .vram.manager import check_vram_limit
         from .vram.plan import GIB
         from .vram.report import device_bytes
 
         vram_keys = dict(settings)
-        if "vram_limit" in vram_keys:
-            check_vram_limit(vram_keys["vram_limit"])
-            self.vram_limit = vram_keys.pop("vram_limit")
-        limit = self.vram_limit
-        handles = self.vram_handles
-        chosen = [s for s in (self.model_slots if slots is None else slots) if getattr(self, s, None) is not None]
-        unknown = [s for s in chosen if s not in self.model_slots]
+        limit = vram_keys.pop("vram_limit", self.vram_limit)
+        check_vram_limit(limit)
+        given = parse_vram_keys(vram_keys)
+        for key, value in given.items():  # a GPU torch does not see, named before any model moves
+            if key.endswith("_device"):
+                check_device(value, key, vram_keys[key])
+        named = [slots] if isinstance(slots, str) else None if slots is None else list(slots)
+        unknown = [s for s in named or () if s not in self.model_slots]
         if unknown:
             raise ConfigError(f"unknown model slot(s) {unknown}; slots: {list(self.model_slots)}")
-        # quantized models are not block-managed: they move as a whole between stages (`load_models_to_device`)
-        chosen = [s for s in chosen if quantize_config(getattr(self, s)) is None]
+        loaded = [s for s in self.model_slots if getattr(self, s, None) is not None]
+        empty = [s for s in named or () if s not in loaded]
+        if empty:
+            raise ConfigError(f"enable_vram_management: slot(s) {empty} hold no loaded model; loaded: {loaded}")
+        chosen = loaded if named is None else named
+        quantized = {s: q for s in chosen if (q := quantize_config(getattr(self, s))) is not None}
+        others = [s for s in chosen if s not in quantized]
+        for slot, method in quantized.items():
+            every = "" if named is not None else f" for every model (slots={others} leaves {slot} out)"
+            check_vram_keys(slot, method, given, f"enable_vram_management{every}")
+            if named is not None:
+                raise ConfigError(
+                    f"enable_vram_management(slots={named}): the {slot} model is quantized ({method.method}), so it "
+                    "is not block-managed: it moves to the device as a whole for its stage; leave it out of slots"
+                )
+        chosen = others
+        self.vram_limit = limit
+        handles = self.vram_handles
         resolved = {}
         for slot in chosen:
             model_config = self.model_configs.get(slot)
             keys = dict(model_config.vram_config()) if model_config is not None else {}
-            keys.update({k: v for k, v in vram_keys.items() if v is not None})
+            keys.update(given)
             resolved[slot] = VramConfig.resolve(
                 keys, device=self.device, dtype=self.torch_dtype, streaming=limit is not None
             )
@@ -612,18 +638,8 @@ class BasePipeline:
         if fuse and handle is not None:  # streamed / fp8 weights: fuse into the real values, stored back
             with handle.materialized():
                 return load_lora(model, path, scale=scale, fuse=True, name=name)
-        if not fuse:
-            return load_lora(model, path, scale=scale, fuse=False, name=name)
-        from .vram.disk import mark_changed
-
-        # the fused weights differ from the files now: disk offload enabled later must not read them back
-        params = list(model.parameters())
-        versions = [p._version for p in params]
-        result = load_lora(model, path, scale=scale, fuse=True, name=name)
-        for param, version in zip(params, versions, strict=True):
-            if param._version != version:
-                mark_changed(param)
-        return result
+        # a fused LoRA marks the weights it changes: disk offload enabled later keeps them (`lora._fuse`)
+        return load_lora(model, path, scale=scale, fuse=fuse, name=name)
 
     def read_lora(self, path, slot: str = "dit"):
         """The LoRA at `path` as `LoRAWeights` for the model in `slot`. The common layouts are read here;
@@ -879,16 +895,26 @@ def hub_lora(text: str) -> ModelConfig | None:
 
 def accepts_tea_cache(method):
     """For a pipeline's `__call__` that takes DiffSynth-Studio's `tea_cache_l1_thresh` (and, where the
-    model declares several polynomials, `tea_cache_model_id`): TeaCache for that call only."""
+    model declares several polynomials, `tea_cache_model_id`): TeaCache for that call only. A model id without
+    a threshold is refused (it would do nothing)."""
     signature = inspect.signature(method)
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
+        from .step_cache import TeaCache, check_threshold
+
         arguments = signature.bind(self, *args, **kwargs).arguments
         threshold = arguments.get("tea_cache_l1_thresh")
+        model_id = arguments.get("tea_cache_model_id") or None
         if threshold is None:
+            if model_id is not None:
+                raise ConfigError(
+                    f"tea_cache_model_id={model_id!r} picks TeaCache's polynomial, but TeaCache is off without "
+                    "tea_cache_l1_thresh: give tea_cache_l1_thresh=THRESHOLD with it, or leave both out"
+                )
             return method(self, *args, **kwargs)
-        with self.tea_cache_for_call(threshold, arguments.get("tea_cache_model_id") or None):
+        threshold = check_threshold("TeaCache", threshold, TeaCache.usual, "tea_cache_l1_thresh")
+        with self.tea_cache_for_call(threshold, model_id):
             return method(self, *args, **kwargs)
 
     return call

@@ -332,9 +332,12 @@ def dequantized_linear(layer: nn.Module) -> nn.Linear:
     return plain
 
 
-def check_vram_keys(slot: str, config: AnyQuantizeConfig, vram_keys: dict[str, Any]) -> None:
+def check_vram_keys(
+    slot: str, config: AnyQuantizeConfig, vram_keys: dict[str, Any], source: str = "its ModelConfig"
+) -> None:
     """Refuse VRAM settings a quantized model cannot honour: fp8 storage or disk offload of its weights (they are
-    quantized already, and not in the file's layout). Placement keys are fine: the model moves as a whole."""
+    quantized already, and not in the file's layout). Placement keys are fine: the model moves as a whole.
+    `source` says where the keys came from, for the message."""
     bad = {
         key: value
         for key, value in vram_keys.items()
@@ -343,7 +346,7 @@ def check_vram_keys(slot: str, config: AnyQuantizeConfig, vram_keys: dict[str, A
     }
     if bad:
         raise ConfigError(
-            f"the {slot} model is quantized ({config.method}); its ModelConfig also sets {bad}, which a quantized "
+            f"the {slot} model is quantized ({config.method}); {source} also sets {bad}, which a quantized "
             "model cannot take (fp8 storage and disk offload apply to unquantized weights): drop one of the two"
         )
 

@@ -41,11 +41,15 @@ Streams = tuple[torch.Tensor, ...]
 Indicator = Callable[[], torch.Tensor]
 
 
-def _check_threshold(name: str, threshold: float, usual: str) -> float:
-    threshold = float(threshold)
-    if not threshold >= 0.0:
-        raise ConfigError(f"{name} threshold={threshold} must be >= 0 ({usual} are usual)")
-    return threshold
+def check_threshold(name: str, threshold: float, usual: str, argument: str = "threshold") -> float:
+    """`threshold` as a float >= 0; anything else (NaN, negative, not a number) a ConfigError naming `argument`."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} {argument}={threshold!r} is not a number ({usual} are usual)") from None
+    if not value >= 0.0:
+        raise ConfigError(f"{name} {argument}={value} must be >= 0 ({usual} are usual)")
+    return value
 
 
 def _relative_change(now: torch.Tensor, previous: torch.Tensor) -> float:
@@ -115,9 +119,11 @@ class _FirstBlockState:
 class FirstBlockCache(_StepCache):
     """Per-model state of the first-block cache; `threshold` 0 only reuses exactly repeated inputs."""
 
+    usual = "0.05 to 0.2"  # thresholds, for messages
+
     def __init__(self, threshold: float = 0.05):
         super().__init__()
-        self.threshold = _check_threshold("first-block cache", threshold, "0.05 to 0.2")
+        self.threshold = check_threshold("first-block cache", threshold, self.usual)
 
     def _cached_call(self, key: int, streams: Streams, first, rest, indicator) -> Streams:
         head = tuple(first(streams))
@@ -156,9 +162,11 @@ class TeaCache(_StepCache):
     map the indicator's relative change to an estimate of the output's; a call is skipped while their
     sum since the last full call stays below `threshold` (DiffSynth-Studio's `tea_cache_l1_thresh`)."""
 
+    usual = "0.05 to 0.3"  # thresholds, for messages
+
     def __init__(self, threshold: float, coefficients: Sequence[float]):
         super().__init__()
-        self.threshold = _check_threshold("TeaCache", threshold, "0.05 to 0.3")
+        self.threshold = check_threshold("TeaCache", threshold, self.usual)
         self.coefficients = tuple(float(c) for c in coefficients)
         if not self.coefficients:
             raise ConfigError("TeaCache needs at least one rescaling coefficient")

@@ -68,7 +68,7 @@ class VramConfig:
         `device`/`dtype` are the pipeline's (the defaults of the computation keys); `streaming`
         says a `vram_limit` was given, which makes an unset onload device "cpu".
         """
-        given = _parse_keys(keys)
+        given = parse_vram_keys(keys)
         comp_device = given.get("computation_device") or _device(device, "device")
         if comp_device == DISK:
             raise ConfigError("computation_device='disk' is not accepted: computation runs on cpu or cuda")
@@ -148,7 +148,9 @@ class VramConfig:
                 raise ConfigError(f"{key}='disk' is not accepted; 'disk' is a dtype of offload/onload only")
 
 
-def _parse_keys(keys: Mapping | None) -> dict:
+def parse_vram_keys(keys: Mapping | None) -> dict:
+    """The VRAM keys of `keys` that are set, parsed (devices as strings, dtypes as torch dtypes or "disk");
+    an unknown key or value is a `ConfigError` naming it."""
     if keys is None:
         return {}
     if not isinstance(keys, Mapping):
@@ -218,4 +220,4 @@ def _show(value) -> str:
     return dtype_name(value) if isinstance(value, torch.dtype) else str(value)
 
 
-__all__ = ["FP8_DTYPES", "VRAM_KEYS", "VramConfig", "is_fp8", "is_host"]
+__all__ = ["FP8_DTYPES", "VRAM_KEYS", "VramConfig", "is_fp8", "is_host", "parse_vram_keys"]
