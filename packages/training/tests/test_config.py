@@ -1,5 +1,7 @@
 """TrainConfig from flags and YAML: types, overrides, and messages that name the flag to change."""
 
+import re
+
 import pytest
 
 from diffsynth.runtime.errors import ConfigError
@@ -81,6 +83,53 @@ def test_unknown_yaml_key_lists_the_accepted_ones(tmp_path):
 def test_bad_values_name_the_flag(values, message):
     with pytest.raises(ConfigError, match=message):
         from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"logit_mean": 0.5}, r"--logit_mean 0.5 shapes --timestep_sampling logit_normal; .*would do nothing"),
+        ({"logit_std": 2.0}, r"--logit_std 2.0 shapes --timestep_sampling logit_normal"),
+        ({"lokr_factor": 4}, r"--lokr_factor 4 sizes the Kronecker factors of --lora_type lokr; --lora_type lora has"),
+        ({"lokr_factor": 4, "lora_type": "loha"}, r"--lokr_factor 4 .*; --lora_type loha has none"),
+        ({"lora_alpha": 8, "trainable_models": "dit"}, r"--lora_alpha 8.0 scales a LoRA; --trainable_models trains"),
+        ({"validation_height": 64, "validation_width": 64}, r"--validation_height 64 shapes the validation samples; "
+         "give --validation_prompts or --validation_prompts_file too"),
+        ({"validation_num_inference_steps": 4}, r"--validation_num_inference_steps 4 shapes the validation samples"),
+        ({"validation_seed": 3}, r"--validation_seed 3 shapes the validation samples"),
+        ({"validation_steps": 100}, r"--validation_steps 100 times the validation samples; give --validation_prompts"),
+        ({"validation_steps": 100, "validation_dataset_base_path": "v", "validation_loss_steps": 50},
+         r"--validation_steps 100 times the validation samples \(--validation_loss_steps times the validation loss\)"),
+    ],
+)  # fmt: skip
+def test_settings_that_would_do_nothing_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 2.0},
+        {"lora_type": "lokr", "lokr_factor": 4},
+        {"lora_alpha": 8},
+        {"validation_prompts": "a cat", "validation_steps": 100, "validation_height": 64, "validation_width": 64},
+        {"validation_prompts_file": "prompts.txt", "validation_seed": 3, "validation_num_inference_steps": 4},
+        {"validation_dataset_base_path": "v", "validation_steps": 100},  # the validation loss's default interval
+    ],
+)
+def test_the_same_settings_where_they_act_are_accepted(values):
+    from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
+
+
+def test_a_config_file_with_a_byte_order_mark_reads_and_a_broken_one_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"\xef\xbb\xbfmodel: x\ndataset_base_path: d\nlora_rank: 4\n")
+    config, _ = parse_args(["--config", str(path)])
+    assert (config.model, config.lora_rank) == ("x", 4)
+    path.write_text("model: [x\n")
+    with pytest.raises(ConfigError, match=rf"--config {re.escape(str(path))} is not YAML"):
+        parse_args(["--config", str(path)])
 
 
 def test_a_dataset_and_a_model_are_required():

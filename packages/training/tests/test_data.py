@@ -115,6 +115,76 @@ def test_missing_files_and_metadata_are_reported(tmp_path, dataset):
         MetadataDataset(dataset, media=("video",))
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("img2.png", b"not a picture"),  # a corrupt picture
+        ("img2.png", "half"),  # a truncated one: its header reads, its pixels do not
+        ("notes.txt", b"a red circle\n"),  # a caption file named in the image column
+    ],
+)
+def test_unreadable_pictures_are_named_with_their_row_and_column(dataset, name, content):
+    data = dataset / name
+    data.write_bytes(content if isinstance(content, bytes) else data.read_bytes()[:200])
+    if name != "img2.png":
+        metadata = dataset / "metadata.csv"
+        metadata.write_text(metadata.read_text().replace("img2.png", name))
+    # ours, or the runtime's ConfigError ("... is not an image PIL can read"), with the row and column
+    message = rf"metadata.csv row 3 column image: .*{re.escape(name)} (cannot be read as a picture|is not an image)"
+    with pytest.raises(ConfigError, match=message):
+        MetadataDataset(dataset, media=("image",), max_pixels=64 * 128, step=16)[2]  # truncated: when loaded
+    if name == "img2.png" and content != "half":  # the header fails as the dataset is read, before any training
+        with pytest.raises(ConfigError, match=message):
+            MetadataDataset(dataset, media=("image",))
+    fixed = MetadataDataset(dataset, media=("image",), fixed=(64, 64))  # no header read: named when loaded
+    with pytest.raises(ConfigError, match=message):
+        fixed[2]
+
+
+def test_reading_errors_of_the_runtime_get_the_row_and_column(tmp_path):
+    from diffsynth.training.data import reading
+
+    with pytest.raises(ConfigError, match=r"^m.csv row 1 column image: x.png is not a picture$"):
+        with reading(tmp_path / "x.png", "m.csv row 1 column image"):
+            raise ConfigError("x.png is not a picture")
+    with pytest.raises(ZeroDivisionError):  # not a reading error: as it is
+        with reading(tmp_path / "x.png", "m.csv row 1 column image"):
+            _ = 1 / 0
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("metadata.json", '[{"image": "img0.png", "prompt": "a"},\n {"image": }]', r"line 2 column 12: not JSON"),
+        ("metadata.jsonl", '{"image": "img0.png", "prompt": "a"}\n\n{image: "img1.png"}\n', "line 3 column 2: not"),
+        ("metadata.csv", f"image,prompt\nimg0.png,a\nimg1.png,{'x' * 200_000}\n", r"row 2: not readable as CSV"),
+        ("metadata.csv", b"image,prompt\nimg0.png,caf\xe9\n", r"metadata file .*metadata.csv is not UTF-8 text"),
+    ],
+)
+def test_malformed_metadata_is_named_with_its_line(tmp_path, name, text, message):
+    write_dataset(tmp_path, [(64, 64)] * 2)
+    (tmp_path / "metadata.csv").unlink()
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path)) if 'UTF' not in message else ''}.*{message}"):
+        MetadataDataset(tmp_path, media=("image",))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "captions"])
+def test_a_byte_order_mark_is_not_read_into_the_first_column_or_caption(tmp_path, dataset, fmt):
+    """Windows Notepad and Excel's "CSV UTF-8" start a file with a UTF-8 byte-order mark."""
+    if fmt == "captions":
+        folder, _ = caption_folder(tmp_path / "captions", dataset)
+        caption = folder / "img0.txt"
+    else:
+        folder = write_dataset(tmp_path / fmt, [(64, 64)] * 3, fmt=fmt)
+        caption = next(folder.glob("metadata.*"))
+    caption.write_bytes(b"\xef\xbb\xbf" + caption.read_bytes())
+    rows = MetadataDataset(folder, media=("image",)).rows
+    assert rows[0]["prompt"] == "a red circle" and rows[0]["image"] == "img0.png"
+    assert all(not key.startswith("\ufeff") for row in rows for key in row)
+
+
 def test_conditioning_columns_keep_their_own_size_and_may_list_several_files(tmp_path, dataset):
     """A task's reference-image column (here "edit_image") is read whatever --data_file_keys says: one path or a
     JSON list of paths, each image at its own bucket under max_pixels, not the row's bucket."""

@@ -185,6 +185,22 @@ def test_the_config_file_is_checked_and_exclusive_with_dataset_base_path(tmp_pat
     ]
 
 
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_a_config_file_with_a_byte_order_mark_reads(tmp_path, two, suffix):
+    """Windows Notepad saves UTF-8 with a byte-order mark first, which TOML's parser refuses."""
+    a, _ = two
+    path = tmp_path / f"d{suffix}"
+    text = (
+        f'[[datasets]]\nbase_path = "{a}"\nrepeats = 2\n' if suffix == ".toml" else f"- base_path: {a}\n  repeats: 2\n"
+    )
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (entry,) = dataset_entries(toy_config(tmp_path, dataset_config=str(path)))
+    assert (entry.config.dataset_base_path, entry.repeats) == (str(a), 2)
+    path.write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))  # "Unicode" in Notepad's list
+    with pytest.raises(ConfigError, match=rf"--dataset_config {path} is not UTF-8 text"):
+        dataset_entries(toy_config(tmp_path, dataset_config=str(path)))
+
+
 def test_the_readme_example_reads(tmp_path, monkeypatch):
     from diffsynth.runtime.testing.readme import blocks
 

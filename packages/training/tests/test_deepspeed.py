@@ -98,16 +98,15 @@ def test_zero3_full_fine_tuning_accumulates_writes_the_gathered_model_validates_
     # 2 processes x 2 accumulated micro-batches against one process accumulating 4, over two epochs, with
     # gradient checkpointing (recomputing a block whose weights ZeRO-3 gathers again)
     settings = dict(
-        max_steps=2, num_epochs=2, learning_rate=1e-3, validation_steps=2, max_grad_norm=0.05,
-        use_gradient_checkpointing=True,
+        max_steps=2, num_epochs=2, learning_rate=1e-3, max_grad_norm=0.05, use_gradient_checkpointing=True,
     )  # fmt: skip
     one = train_one_process(
-        tmp_path, dataset, 4, trainable_models=["denoiser"], validation_prompts=["a red circle"], **settings
-    )
+        tmp_path, dataset, 4, trainable_models=["denoiser"], validation_prompts=["a red circle"], validation_steps=2,
+        **settings,
+    )  # fmt: skip
     full = dict(trainable_models="denoiser", gradient_accumulation_steps=2, **settings)
-    zero3 = train_deepspeed(
-        tmp_path, dataset, "zero3", "deepspeed_zero3", validation_prompts="a red circle", save_steps=1, **full
-    )
+    validation = dict(validation_prompts="a red circle", validation_steps=2)  # not the resumed run's: it samples none
+    zero3 = train_deepspeed(tmp_path, dataset, "zero3", "deepspeed_zero3", save_steps=1, **validation, **full)
     name = "step-000002/denoiser/diffusion_pytorch_model.safetensors"
     final = load_file(str(zero3 / name))
     assert_same_tensors(load_file(str(one / name)), final)

@@ -190,7 +190,7 @@ def test_the_cache_keeps_the_masks(tmp_path):
     assert MASK_KEY not in runs.cached_item(1)
     plain = toy_config(tmp_path, folder, "plain", masked_loss=False, cache_dir=str(tmp_path / "plain_cache"))
     run_stage(replace(plain, stage="encode"))
-    with pytest.raises(ConfigError, match="encoded with --masked_loss None, this run has --masked_loss True"):
+    with pytest.raises(ConfigError, match="encoded with --masked_loss False, this run has --masked_loss True"):
         first_losses(replace(plain, masked_loss=True), steps=1)  # a cache without masks
 
 

@@ -179,6 +179,14 @@ def test_too_short_or_black_mask_videos_and_a_picture_rows_mask_video_are_named(
         video_dataset(tmp_path)
 
 
+def test_an_unreadable_mask_video_is_named_before_training(tmp_path):
+    rows = [{"video": "clip.mp4", "prompt": "p", "loss_mask": "mask.mp4"}]
+    folder = write_rows(tmp_path, {"clip.mp4": noise_video(3, frames=FRAMES)}, rows)
+    (folder / "mask.mp4").write_bytes(b"not a video")
+    with pytest.raises(ConfigError, match=r"row 1 column loss_mask: .*mask\.mp4 cannot be read as a video"):
+        video_dataset(folder)
+
+
 # ----------------------------------------------------------------------------------- training
 def moving_mask_dataset(folder: Path, videos: list[np.ndarray]) -> Path:
     """Videos with the moving band mask (`column_mask_video`), one row each."""

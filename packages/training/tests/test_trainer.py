@@ -110,6 +110,30 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, dataset, batch_size
         assert torch.equal(straight[name], resumed[name]), name
 
 
+def test_a_resume_logs_each_step_once_and_says_what_changed_under_it(tmp_path, dataset, caplog):
+    """A crash after step 3 with a checkpoint at step 2: the resumed run trains and logs step 3 again, and
+    metrics.jsonl keeps one record per step. Resumed later with more steps under a cosine schedule, or on a dataset
+    with a row more, the run says it will differ from an uninterrupted one."""
+    import csv
+    import logging
+    from dataclasses import replace
+
+    cfg = toy_config(tmp_path, dataset, save_steps=2, lr_scheduler="cosine", max_steps=4)
+    resume_after_crash(cfg, crash_after=3)
+    records = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in records] == [1, 2, 3, 4]
+    with caplog.at_level(logging.WARNING, logger="diffsynth.training.trainer"):
+        train(replace(cfg, max_steps=6, resume="latest"))
+    assert "resuming with 6 steps in all where the checkpoint's run had 4" in caplog.text
+    assert "another dataset" not in caplog.text
+    caplog.clear()
+    with (dataset / "metadata.csv").open("a", newline="") as f:
+        csv.writer(f).writerow(["img0.png", "one row more"])
+    with caplog.at_level(logging.WARNING, logger="diffsynth.training.trainer"):
+        train(replace(cfg, max_steps=7, lr_scheduler="constant", resume="latest"))
+    assert "resuming on another dataset" in caplog.text and "steps in all" not in caplog.text
+
+
 def test_resume_with_another_lora_rank_is_refused(tmp_path, dataset):
     train(toy_config(tmp_path, dataset, max_steps=1))
     with pytest.raises(ConfigError, match="--resume .*has shape .*another --lora_rank"):

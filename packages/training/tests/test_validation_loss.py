@@ -164,7 +164,7 @@ def test_the_same_weights_give_the_same_number_and_learning_lowers_it(tmp_path, 
     [
         ({"validation_loss_steps": 2}, [2, 4, 5]),
         ({"validation_steps": 3}, [3, 5]),  # --validation_steps is the default interval
-        ({"validation_steps": 3, "validation_loss_steps": 4}, [4, 5]),
+        ({"validation_steps": 3, "validation_loss_steps": 4, "validation_prompts": ["a cat"]}, [4, 5]),  # samples: 3
         ({}, [5]),  # neither: the last step only
     ],
 )
@@ -247,6 +247,14 @@ def test_missing_paths_are_named_before_any_model_loads(tmp_path, dataset, held_
     assert len(ToyTask.builds) == builds  # refused before the task was built
     with pytest.raises(ConfigError, match="--validation_loss_sigmas 20: the training grid has 10 noise levels"):
         setup(toy_config(tmp_path, dataset, held_out, validation_loss_sigmas=20, max_timestep_boundary=0.01))
+
+
+def test_an_unreadable_held_out_picture_is_named_with_the_flag_before_training(tmp_path, dataset, held_out):
+    picture = next(held_out.glob("*.png"))
+    picture.write_bytes(b"not a picture")
+    message = rf"--validation_dataset_base_path .*: .*row \d column image: .*{picture.name} cannot be read as a picture"
+    with pytest.raises(ConfigError, match=message):
+        setup(toy_config(tmp_path, dataset, held_out))
 
 
 def test_the_masks_of_held_out_rows_weigh_their_loss(tmp_path):

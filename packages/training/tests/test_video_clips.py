@@ -15,7 +15,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import save_audio, save_video
 from diffsynth.training.config import TrainConfig
-from diffsynth.training.data import MetadataDataset, batch_plan, read_audio
+from diffsynth.training.data import MetadataDataset, batch_plan, plan_keys, read_audio
 from diffsynth.training.testing import train_direct_and_cached, write_metadata
 from diffsynth.training.trainer import make_dataset, run_stage, setup
 
@@ -101,6 +101,13 @@ def test_a_video_too_short_for_one_clip_is_named(tmp_path):
     assert dataset(tmp_path, frame_extraction="chunk", fps=12).sample_starts == [0]  # 3 at 8 fps: 5 at 12 fps
 
 
+def test_an_unreadable_video_is_named_with_its_row_and_column_before_training(clips):
+    (clips / "control.mp4").write_bytes(b"not a video")
+    for options in ({}, {"frame_extraction": "chunk"}, {"fps": 4}):  # its header, or its frames' timestamps
+        with pytest.raises(ConfigError, match=r"row 1 column control_video: .*control.mp4 cannot be read as a video"):
+            dataset(clips, **options)
+
+
 def test_a_clips_sound_starts_where_its_frames_do(tmp_path):
     rate = 8000
     ramp = torch.arange(rate * 2, dtype=torch.float32)[None] / (rate * 2)  # 2 s: the value tells the time
@@ -183,6 +190,8 @@ def test_pictures_and_videos_of_one_size_train_in_batches_of_their_own(tmp_path)
     )  # fmt: skip
     keys = setup(cfg).dataset.batch_keys
     assert keys == [(32, 32, 1)] * 2 + [(32, 32, 5)] * 2
+    # batches of one stack nothing: their plans group by bucket alone, as before frame counts were keys
+    assert plan_keys(setup(replace(cfg, batch_size=1)).dataset, 1) == [(32, 32)] * 4
     for epoch in range(3):
         assert sorted(map(sorted, batch_plan(keys, batch_size=2, seed=cfg.seed, epoch=epoch))) == [[0, 1], [2, 3]]
     runs = train_direct_and_cached(cfg)

@@ -595,6 +595,7 @@ class TrainConfig:
                 "--preset_lora_path fuses a LoRA into the frozen base of a new LoRA; with --trainable_models (full "
                 "fine-tuning) fuse it into the weights you start from instead"
             )
+        self._check_validation_samples()
         if self.validation_images and not self.validation_prompts:
             raise ConfigError(
                 "--validation_images gives the reference images of --validation_prompts (one item per prompt); "
@@ -737,6 +738,24 @@ class TrainConfig:
         """`--masked_loss`, or `--alpha_mask` (which implies it)."""
         return self.masked_loss or self.alpha_mask
 
+    def _check_validation_samples(self) -> None:
+        """The settings of the validation samples without prompts to sample (--validation_steps also times the
+        validation loss, where --validation_loss_steps does not)."""
+        if self.samples_validation:
+            return
+        prompts = "--validation_prompts or --validation_prompts_file"
+        for name in ("validation_height", "validation_width", "validation_num_inference_steps", "validation_seed"):
+            value = getattr(self, name)
+            if value != (0 if name == "validation_seed" else None):
+                raise ConfigError(f"--{name} {value} shapes the validation samples; give {prompts} too")
+        times_loss = self.validation_dataset_base_path is not None and self.validation_loss_steps is None
+        if self.validation_steps is not None and not times_loss:
+            loss = " (--validation_loss_steps times the validation loss)" if self.validation_loss_steps else ""
+            raise ConfigError(
+                f"--validation_steps {self.validation_steps} times the validation samples{loss}; give {prompts}, or "
+                "--validation_dataset_base_path for the validation loss"
+            )
+
     def _check_lora_plus_and_captions(self) -> None:
         if self.lora_plus_ratio is not None:
             if self.lora_plus_ratio <= 0:
@@ -838,6 +857,10 @@ class TrainConfig:
             ("lr_scheduler_min_lr_ratio", self.lr_scheduler_min_lr_ratio, 0.0, "a decaying --lr_scheduler",
              self.lr_scheduler != "constant"),
             ("huber_c", self.huber_c, 0.1, "--loss_type huber or smooth_l1", self.loss_type in ("huber", "smooth_l1")),
+            ("logit_mean", self.logit_mean, 0.0, "--timestep_sampling logit_normal",
+             self.timestep_sampling == "logit_normal"),
+            ("logit_std", self.logit_std, 1.0, "--timestep_sampling logit_normal",
+             self.timestep_sampling == "logit_normal"),
         ):  # fmt: skip
             if value != default and not on:
                 raise ConfigError(f"--{flag} {value} shapes {needs}; this run has none, so it would do nothing")
@@ -875,6 +898,19 @@ class TrainConfig:
             )
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"--lokr_factor {self.lokr_factor} must be a positive size, or -1 (automatic)")
+        if self.lokr_factor != -1 and (self.lora_type != "lokr" or self.trainable_models):
+            what = "--trainable_models trains the weights in full" if self.trainable_models else (
+                f"--lora_type {self.lora_type} has none"
+            )  # fmt: skip
+            raise ConfigError(
+                f"--lokr_factor {self.lokr_factor} sizes the Kronecker factors of --lora_type lokr; {what}, so it "
+                "would do nothing"
+            )
+        if self.lora_alpha is not None and self.trainable_models:
+            raise ConfigError(
+                f"--lora_alpha {self.lora_alpha} scales a LoRA; --trainable_models trains the weights in full, so it "
+                "would do nothing"
+            )
         if self.lora_type == "lora":
             return
         given = "--lora_type " + self.lora_type
@@ -1045,7 +1081,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--config {path} is not UTF-8 text ({error}); save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path} is not YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(data).__name__}")
     return dict(data)

@@ -39,12 +39,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Hashable, Sequence
+import struct
+import sys
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +129,7 @@ def caption_rows(base: Path) -> list[dict[str, Any]]:
         kohya = kohya_folder(relative) if kohya_dataset else None
         caption = next((c for c in map(path.with_suffix, CAPTION_SUFFIXES) if c.is_file()), None)
         if caption is not None:
-            prompt = caption.read_text(encoding="utf-8").strip()
+            prompt = read_text_file(caption, "caption file").strip()
         elif kohya is not None:
             prompt = kohya[1]
         else:
@@ -150,18 +154,45 @@ def caption_rows(base: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_text_file(path: Path, what: str = "file") -> str:
+    """The text of a user's UTF-8 file (a metadata or caption file), without the byte-order mark some editors
+    write first (Windows Notepad, Excel's "CSV UTF-8"); a file in another encoding is an error naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({error}); save it as UTF-8") from None
+
+
 def read_metadata(path: Path) -> list[dict[str, Any]]:
     """The rows of a metadata file: CSV with a header, a JSON list of objects, or JSON lines; a folder's rows
-    are its captioned files (`caption_rows`)."""
+    are its captioned files (`caption_rows`). A line that is not JSON is an error naming the file and line."""
     if path.is_dir():
         return caption_rows(path)
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        reader = csv.DictReader(io.StringIO(read_text_file(path, "metadata file"), newline=""))
+        rows = []
+        try:
+            rows.extend(reader)
+        except csv.Error as error:
+            raise ConfigError(f"{path} row {len(rows) + 1}: not readable as CSV ({error})") from None
     elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(read_text_file(path, "metadata file").splitlines(), start=1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as error:
+                raise ConfigError(
+                    f"{path} line {number} column {error.colno}: not JSON ({error.msg}); each line holds one row, "
+                    'a JSON object such as {"image": "cat.png", "prompt": "a cat"}'
+                ) from None
     elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(read_text_file(path, "metadata file"))
+        except json.JSONDecodeError as error:
+            raise ConfigError(
+                f"{path} line {error.lineno} column {error.colno}: not JSON ({error.msg}); the file holds a JSON "
+                "list of rows, each an object"
+            ) from None
     else:
         raise ConfigError(f"metadata file {path} must be .csv, .json or .jsonl")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -205,6 +236,29 @@ def fit(image: Image.Image, size: Bucket) -> Image.Image:
     )
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
+
+
+@contextmanager
+def reading(path: Path, where: str) -> Iterator[None]:
+    """Reads of the file `path` (a picture, video or sound file of a row) whose failure is an error naming it and
+    `where` (the metadata file, row and column): a corrupt or truncated picture or video, a text file named as a
+    picture. A `ConfigError` the runtime raises about the file gets `where` in front (one that starts with it
+    already passes as it is)."""
+    try:
+        yield
+    except ConfigError as error:
+        if str(error).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {error}") from None
+    except Exception as error:
+        av = sys.modules.get("av")  # PyAV's errors, where a video was read
+        # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors; its broken chunks SyntaxErrors
+        unreadable = (OSError, ValueError, EOFError, SyntaxError, struct.error, Image.DecompressionBombError)
+        if not isinstance(error, unreadable) and not (av is not None and isinstance(error, av.error.FFmpegError)):
+            raise
+        suffix = path.suffix.lower()
+        what = "a video" if suffix in VIDEO_SUFFIXES else "a sound file" if suffix in SOUND_SUFFIXES else "a picture"
+        raise ConfigError(f"{where}: {path} cannot be read as {what} ({type(error).__name__}: {error})") from None
 
 
 def media_size(path: Path) -> tuple[int, int]:
@@ -349,7 +403,8 @@ class MetadataDataset(Dataset):
                         missing.append(name)
                         where.append(f"row {i + 1} column {key}")
             if fixed is None and not missing:
-                dims.append(media_size(self.base / str(row[main])))
+                with reading(self.base / str(row[main]), f"{self.metadata} row {i + 1} column {main}"):
+                    dims.append(media_size(self.base / str(row[main])))
         if missing:
             raise ConfigError(
                 f"{self.metadata} names {len(missing)} files missing from {self.base}: {preview(missing, 5)} "
@@ -387,8 +442,11 @@ class MetadataDataset(Dataset):
             for i, row in enumerate(self.rows):
                 main = next(k for k in self.media if row.get(k))
                 path = self.base / str(row[main])
-                if not row.get(MASK_COLUMN) and path.suffix.lower() in IMAGE_SUFFIXES and has_alpha(path):
-                    self.alpha_masked.add(i)
+                if row.get(MASK_COLUMN) or path.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                with reading(path, f"{self.metadata} row {i + 1} column {main}"):
+                    if has_alpha(path):
+                        self.alpha_masked.add(i)
         if not masked and not self.alpha_masked and required:
             transparency = " or transparency (--alpha_mask)" if alpha else ""
             raise ConfigError(
@@ -420,8 +478,6 @@ class MetadataDataset(Dataset):
         return len(self.buckets)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from diffsynth.runtime.media import load_image, pil_to_tensor
-
         size, pixels = self.buckets[index], self.sample_pixels[index]
         start, count = self.sample_starts[index], self.sample_frames[index]  # the sample's clip
         index = self.sample_rows[index]  # the metadata row of the sample
@@ -436,39 +492,47 @@ class MetadataDataset(Dataset):
                 if path.suffix.lower() in SOUND_SUFFIXES:  # the task reads it (e.g. music features)
                     loaded.append(str(path.resolve()))
                     continue
-                if path.suffix.lower() in VIDEO_SUFFIXES:
-                    at = size
-                    if key in self.conditioning:  # e.g. square face crops beside a wide video
-                        at = bucket_for(*media_size(path), max_pixels=pixels, step=self.step)
-                    frames = [fit(f, at) for f in self._frames(path, start, count)]
-                    loaded.append(pil_to_tensor(frames).transpose(0, 1))  # [3, F, H, W]
-                    continue
-                image = load_image(path, self.image_mode)
-                if key in self.conditioning:
-                    own = bucket_for(*image.size, max_pixels=pixels, step=self.step)
-                    loaded.append(pil_to_tensor(fit(image, own), mode=self.image_mode)[0])
-                else:
-                    loaded.append(pil_to_tensor(fit(image, size), mode=self.image_mode)[0])
+                with reading(path, f"{self.metadata} row {index + 1} column {key}"):
+                    loaded.append(self._load(path, key, size, pixels, start, count))
             row[key] = loaded if isinstance(value, list) else loaded[0]
         if self.masked_loss and (row.get(MASK_COLUMN) or index in self.alpha_masked):
             main = next(k for k in self.media if self.rows[index].get(k))
             source = self.base / str(self.rows[index][main])
             mask = self.base / str(row.get(MASK_COLUMN))
             if index in self.alpha_masked:
-                row[MASK_COLUMN] = alpha_mask(source, size, fit)
+                with reading(source, f"{self.metadata} row {index + 1} column {main}"):
+                    row[MASK_COLUMN] = alpha_mask(source, size, fit)
             elif mask.suffix.lower() in VIDEO_SUFFIXES:  # a mask video: the frames the row's video is read with
-                try:
-                    frames = self._frames(mask, start, count)
-                except ConfigError as error:
-                    raise ConfigError(
-                        f"{self.metadata} row {index + 1} column {MASK_COLUMN}: the mask video {mask} must give the "
-                        f"{count} frames its row's video is read with (--num_frames): {error}"
-                    ) from None
+                where = f"{self.metadata} row {index + 1} column {MASK_COLUMN}"
+                with reading(mask, where):
+                    try:
+                        frames = self._frames(mask, start, count)
+                    except ConfigError as error:
+                        raise ConfigError(
+                            f"{where}: the mask video {mask} must give the {count} frames its row's video is read "
+                            f"with (--num_frames): {error}"
+                        ) from None
                 row[MASK_COLUMN] = read_mask_video(mask, frames, media_size(source), size, fit)
             else:
                 row[MASK_COLUMN] = read_mask(mask, media_size(source), size, fit)
         self._add_sound(row, index, start)
         return row
+
+    def _load(self, path: Path, key: str, size: Bucket, pixels: int, start: int, count: int) -> torch.Tensor:
+        """A row's picture as `[C, H, W]` or video clip (`count` frames from `start`) as `[3, F, H, W]` at the
+        sample's `size` (a conditioning column's at its own bucket under `pixels`)."""
+        from diffsynth.runtime.media import load_image, pil_to_tensor
+
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            at = size
+            if key in self.conditioning:  # e.g. square face crops beside a wide video
+                at = bucket_for(*media_size(path), max_pixels=pixels, step=self.step)
+            frames = [fit(f, at) for f in self._frames(path, start, count)]
+            return pil_to_tensor(frames).transpose(0, 1)  # [3, F, H, W]
+        image = load_image(path, self.image_mode)
+        if key in self.conditioning:
+            size = bucket_for(*image.size, max_pixels=pixels, step=self.step)
+        return pil_to_tensor(fit(image, size), mode=self.image_mode)[0]
 
     def _frames(self, path: Path, start: int, count: int) -> list[Image.Image]:
         """The frames a video is trained on (a row's video, a conditioning video, a mask video alike): the `count`
@@ -488,7 +552,10 @@ class MetadataDataset(Dataset):
         videos = self._row_videos(index)
         if not videos:
             return [(0, 1)]
-        counted = [(self._frame_count(path), column, name) for column, name, path in videos]
+        counted = []
+        for column, name, path in videos:
+            with reading(path, f"{self.metadata} row {index + 1} column {column}"):
+                counted.append((self._frame_count(path), column, name))
         counted = [entry for entry in counted if entry[0] is not None]
         if not counted:
             return [(0, self.num_frames)]
@@ -554,7 +621,8 @@ class MetadataDataset(Dataset):
         if self.fps is not None:
             row["frame_rate"] = self.fps
         elif row.get("frame_rate") in (None, ""):
-            row["frame_rate"] = video_frame_rate(video)
+            with reading(video, f"{self.metadata} row {index + 1} column {main}"):
+                row["frame_rate"] = video_frame_rate(video)
         try:
             seconds, offset = row[main].shape[1] / float(row["frame_rate"]), start / float(row["frame_rate"])
         except (TypeError, ValueError, ZeroDivisionError):
@@ -565,7 +633,9 @@ class MetadataDataset(Dataset):
         own = source.get(column)
         if own and column not in self.file_keys:
             return  # a path the task cannot read: it says to list the column in --data_file_keys
-        track = read_audio(self.base / str(own) if own else video, seconds=seconds, rate=self.audio_rate, offset=offset)
+        sound = self.base / str(own) if own else video
+        with reading(sound, f"{self.metadata} row {index + 1} column {column if own else main}"):
+            track = read_audio(sound, seconds=seconds, rate=self.audio_rate, offset=offset)
         row.pop(column, None)  # DiffSynth-Studio's `input_audio` path: loaded as the row's `audio`
         row[AUDIO_KEY] = None if track is None else track[0]
         if track is not None:
@@ -637,6 +707,7 @@ class CachedDataset(Dataset):
                 )
             recorded = index["settings"].get(name, UNRECORDED.get(name))  # what older caches did not record
             if (value is not None or name in UNRECORDED) and recorded != value:
+                recorded = False if recorded is None and isinstance(value, bool) else recorded  # a flag left off
                 raise ConfigError(
                     f"--cache_dir {self.root} was encoded with --{name} {recorded!r}, this run has --{name} "
                     f"{value!r}; use the same setting or encode again into a new --cache_dir"
@@ -779,6 +850,19 @@ def batch_keys(buckets: Sequence[Bucket], frames: Sequence[Any]) -> list[tuple]:
     return [(*bucket, count) for bucket, count in zip(buckets, frames, strict=True)]
 
 
+def plan_keys(dataset, batch_size: int) -> list:
+    """The keys `batch_plan` groups `dataset`'s samples by: bucket and frame count (`batch_keys`); with batches of
+    one nothing is stacked, so the buckets alone, whose plans runs from before frame counts were keys resume."""
+    return list(dataset.batch_keys) if batch_size > 1 else [tuple(b) for b in dataset.buckets]
+
+
+def plan_fingerprint(keys: Sequence[Hashable], repeats: Sequence[int] | None) -> str:
+    """What fixes an epoch's plan besides the run's settings (seed, batch size, processes): each sample's key and
+    repeats, hashed. A resume compares it: another dataset draws other batches from the same position."""
+    text = json.dumps([list(keys), list(repeats or [])])  # tuples as lists
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def batch_plan(
     keys: Sequence[Hashable],
     *,
@@ -842,6 +926,8 @@ __all__ = [
     "MetadataDataset",
     "batch_keys",
     "batch_plan",
+    "plan_fingerprint",
+    "plan_keys",
     "bucket_for",
     "cache_settings",
     "fit",

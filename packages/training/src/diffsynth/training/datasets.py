@@ -49,7 +49,7 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 from .config import TrainConfig, _coerce, _hints
-from .data import CAPTION_SUFFIXES, METADATA_NAMES, MetadataDataset, cache_settings
+from .data import CAPTION_SUFFIXES, METADATA_NAMES, MetadataDataset, cache_settings, read_text_file
 from .masks import MASK_COLUMN, is_mask_file
 
 logger = logging.getLogger(__name__)
@@ -104,14 +104,14 @@ def _read(path: Path) -> tuple[list, Mapping]:
         import tomllib
 
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(read_text_file(path, "--dataset_config"))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"--dataset_config {path}: {error}") from None
     else:
         import yaml
 
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.safe_load(read_text_file(path, "--dataset_config"))
         except yaml.YAMLError as error:
             raise ConfigError(f"--dataset_config {path}: {error}") from None
     general: Any = {}
@@ -379,7 +379,7 @@ def _check_caption_folder(base: Any, key: str, where: str) -> None:
 def _check_musubi_rows(path: Any, key: str, where: str) -> None:
     """musubi's JSONL rows: control images and several targets are not read."""
     file = Path(str(path))
-    lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+    lines = read_text_file(file, "metadata file").splitlines() if file.is_file() else []
     for n, line in enumerate(lines):
         try:
             row = json.loads(line) if line.strip() else {}

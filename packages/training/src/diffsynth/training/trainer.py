@@ -64,8 +64,11 @@ from .data import (
     TRIGGER_PLACEHOLDER,
     CachedDataset,
     MetadataDataset,
+    atomic_write_text,
     batch_plan,
     cache_settings,
+    plan_fingerprint,
+    plan_keys,
     steps_per_epoch,
     write_cache,
     write_cache_index,
@@ -111,6 +114,7 @@ from .task import TrainingTask, check_task, model_sources, task_class
 
 logger = logging.getLogger(__name__)
 EMA_FILE = "ema.pt"  # in a resume checkpoint: the moving average's state (--ema_decay)
+METRICS_FILE = "metrics.jsonl"  # in the output folder: a JSON record per logged step (and validation loss)
 
 # Settings that may change between a checkpoint and the run that resumes it without a warning.
 _RESUMABLE_CHANGES = {
@@ -188,16 +192,19 @@ def train(config: TrainConfig) -> TrainState:
             logger.info("--resume latest: no checkpoint in %s yet, starting from scratch", run.output / CHECKPOINTS)
         else:
             state = resume(run, found, state)
+            if acc.is_main_process:
+                forget_metrics_after(run.output / METRICS_FILE, state.step)
     if cfg.report_to:  # accelerate starts them on the main process only
         acc.init_trackers(cfg.tracker_project_name, config=tracking.hyperparameters(dataclasses.asdict(cfg)))
+    capped = run.total_steps < run.steps_per_epoch * cfg.num_epochs
     logger.info(
-        "training %s %s: %d steps (%d per epoch x %d epochs, capped by --max_steps %s), from step %d",
+        "training %s %s: %d steps (%d per epoch x %d epochs%s), from step %d",
         run.task.family,
         "LoRA" if run.lora else "full weights",
         run.total_steps,
         run.steps_per_epoch,
         cfg.num_epochs,
-        cfg.max_steps,
+        f", capped by --max_steps {cfg.max_steps}" if capped else "",
         state.step,
     )
     if cfg.sample_at_first and state.step == 0:  # the base model's samples and loss, to compare the run with
@@ -209,7 +216,7 @@ def train(config: TrainConfig) -> TrainState:
     started, since = time.perf_counter(), state.step
     while state.step < run.total_steps and state.epoch < cfg.num_epochs:
         plan = batch_plan(
-            run.dataset.batch_keys,
+            plan_keys(run.dataset, cfg.batch_size),
             batch_size=cfg.batch_size,
             repeat=cfg.dataset_repeat,
             seed=cfg.seed,
@@ -331,7 +338,7 @@ def setup(config: TrainConfig) -> Run:
     )
 
     per_epoch = steps_per_epoch(
-        dataset.batch_keys,
+        plan_keys(dataset, cfg.batch_size),
         batch_size=cfg.batch_size,
         repeat=cfg.dataset_repeat,
         world=acc.num_processes,
@@ -951,6 +958,7 @@ def save(run: Run, state: TrainState) -> None:
                 written.append(save_full_weights(averaged, run.output / f"{name}-ema" / slot, dtype, files))
         logger.info("step %d: wrote %s", state.step, ", ".join(str(p) for p in written))
     progress = {"step": state.step, "epoch": state.epoch, "batches_done": state.batches_done}
+    progress.update(total_steps=run.total_steps, plan=_plan_fingerprint(run))  # what a resume compares
     saved_state = {
         "optimizer": optimizer_state,
         "lr_scheduler": run.lr_scheduler.state_dict(),
@@ -1031,8 +1039,54 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
             ", ".join(f"--{k} {before.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed),
         )
     progress = saved["progress"]
+    _warn_of_another_plan(run, progress)
     logger.info("resumed from %s: step %d, epoch %d", folder, progress["step"], progress["epoch"] + 1)
     return replace(state, step=progress["step"], epoch=progress["epoch"], batches_done=progress["batches_done"])
+
+
+def forget_metrics_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` from `path` (`metrics.jsonl`): a run killed after its last checkpoint
+    logged steps that the resumed run trains and logs again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+        logger.info("%s: dropped %d records of steps after %d (trained again now)", path, len(lines) - len(kept), step)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):  # a torn last line from the kill, or a stray one: kept out
+        return math.inf
+
+
+def _plan_fingerprint(run: Run) -> str:
+    return plan_fingerprint(plan_keys(run.dataset, run.config.batch_size), run.dataset.repeats)
+
+
+def _warn_of_another_plan(run: Run, progress: Mapping[str, Any]) -> None:
+    """A checkpoint's position is an index into its epoch's batch plan and its LR curve: a dataset that changed
+    (rows added, other sizes or repeats) or a new total of steps under a decaying schedule is said, since the run
+    then goes on differently from an uninterrupted one (checkpoints from before these were recorded say nothing)."""
+    plan = progress.get("plan")
+    if plan is not None and plan != _plan_fingerprint(run):
+        logger.warning(
+            "resuming on another dataset (its samples, sizes or repeats changed since the checkpoint): the rest of "
+            "epoch %d is drawn from a new batch plan, so some samples may repeat or be skipped in it",
+            progress["epoch"] + 1,
+        )
+    total = progress.get("total_steps")
+    if total is not None and total != run.total_steps and run.config.lr_scheduler != "constant":
+        logger.warning(
+            "resuming with %d steps in all where the checkpoint's run had %d: the --lr_scheduler %s curve is "
+            "stretched to the new total, so the learning rate jumps from here",
+            run.total_steps,
+            total,
+            run.config.lr_scheduler,
+        )
 
 
 def _mode_name(deepspeed: dict[str, int] | None) -> str:
@@ -1084,7 +1138,7 @@ def write_encoded(
     acc.wait_for_everyone()
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+        atomic_write_text(folder / "settings.json", json.dumps(settings, indent=1))
     acc.wait_for_everyone()
     count = write_cache(
         functools.partial(encode_with_masks, task),
@@ -1493,7 +1547,7 @@ def _log(run: Run, state: TrainState, seconds_per_step: float) -> None:
     if state.grad_norm is not None:
         record["grad_norm"] = state.grad_norm
     record.update(dmd2_task.log_record(run.dmd2))  # --task dmd2: the fake score's and the student's losses
-    with (run.output / "metrics.jsonl").open("a") as f:
+    with (run.output / METRICS_FILE).open("a") as f:
         f.write(json.dumps(record) + "\n")
     if run.config.report_to:
         run.accelerator.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=state.step)
