@@ -203,7 +203,8 @@ def test_prompts_file_generates_each_row_with_the_model_loaded_once(recorder, tm
     from PIL import Image
 
     rows = tmp_path / "prompts.jsonl"
-    rows.write_text('{"prompt": "a fox", "seed": 7}\n\n{"prompt": "a cat", "negative_prompt": "blur"}\n')
+    text = '{"prompt": "a fox", "seed": 7}\n\n{"prompt": "a cat", "negative_prompt": "blur"}\n'
+    rows.write_bytes(text.encode("utf-8-sig"))  # with the byte-order mark Windows editors write first
     out = tmp_path / "out" / "pic.png"
     args = ["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), "--num-images", "2"]
     assert main([*args, "--seed", "3", "--cfg", "4", "--output", str(out)]) == 0

@@ -38,6 +38,14 @@ def test_a_line_without_options_is_all_prompt(tmp_path):
         assert parse_line(text, tmp_path, "here") == SamplePrompt(text, where="here")
 
 
+def test_a_byte_order_mark_is_not_read_into_the_first_prompt(tmp_path):
+    """Windows Notepad starts a UTF-8 file with a byte-order mark: it is not part of the first line's prompt."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red circle --w 64\na blue square\n".encode("utf-8-sig"))
+    first, second = read_prompts_file(path)
+    assert (first.prompt, first.options, second.prompt) == ("a red circle", {"width": 64}, "a blue square")
+
+
 def test_the_file_skips_comments_and_blank_lines_and_names_lines_as_the_caller_does(tmp_path):
     path = write_prompts(tmp_path, "# my prompts", "", "a cat --s 4", "  ", "a dog")
     assert read_prompts_file(path) == [

@@ -260,13 +260,19 @@ def test_cli_quantize_flag_reaches_from_pretrained(monkeypatch):
 def test_cli_quantize_flag_is_checked_before_any_model_loads(monkeypatch, capsys):
     """A wrong method or slot was refused by from_pretrained, after every model had loaded."""
     from diffsynth.runtime import cli
-    from diffsynth.z_image import ZImagePipeline
+    from diffsynth.runtime.pipeline import BasePipeline
 
-    def never(*args, **kwargs):
-        raise AssertionError("from_pretrained ran")
+    class ZImagePipeline(BasePipeline):  # a family's slots, without the family package
+        model_slots = {"text_encoder": "text_encoder", "dit": "dit", "vae": "vae"}
+
+        def __call__(self, prompt, seed=0):
+            raise AssertionError("the pipeline ran")
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise AssertionError("from_pretrained ran")
 
     monkeypatch.setattr(cli, "_pipeline_class", lambda model: ZImagePipeline)
-    monkeypatch.setattr(ZImagePipeline, "from_pretrained", never)
     run = ["generate", "--model", "x", "--prompt", "a cat", "--device", "cpu", "--quantize"]
     assert cli.main([*run, "foo"]) == 2
     assert "--quantize foo: QuantizeConfig method='foo' is not supported; methods: [" in capsys.readouterr().err

@@ -220,6 +220,24 @@ def test_a_lora_preset_is_refused_as_a_training_model(monkeypatch):
     assert [c.model_id for c in model_sources(TrainConfig(model="Org/Base", dataset_base_path="d"))[0]] == ["Org/Base"]
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"num_frames": 17}, "--num_frames 17"), ({"video_fps": 16.0}, "--video_fps 16.0"),
+     ({"video_frame_extraction": "chunk"}, "--video_frame_extraction chunk")],
+)  # fmt: skip
+def test_clip_settings_for_a_family_of_pictures_are_refused_before_it_loads(tmp_path, dataset, values, message):
+    from diffsynth_training_toy import VIDEO_TASK, ToyTask, toy_config
+
+    from diffsynth.training.trainer import run_stage, setup
+
+    ToyTask.builds.clear()
+    for stage in ({}, {"stage": "encode", "cache_dir": str(tmp_path / "cache")}):
+        with pytest.raises(ConfigError, match=rf"{message}: the toy training task trains on pictures; video clip"):
+            run_stage(toy_config(tmp_path, dataset, **values, **stage))
+    assert ToyTask.builds == []  # before any model loads
+    setup(toy_config(tmp_path, dataset, family=VIDEO_TASK, **values))  # a video family reads them
+
+
 def test_a_missing_dataset_is_named_before_any_model_loads(tmp_path, monkeypatch):
     from diffsynth.training import trainer
 

@@ -848,7 +848,7 @@ def _jsonl_rows(path: Path) -> list[tuple[dict, str]]:
     from .errors import ConfigError
 
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         line = line.strip()
         if not line:
             continue

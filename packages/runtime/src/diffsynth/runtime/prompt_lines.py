@@ -62,7 +62,7 @@ def read_prompts_file(
     path = Path(path)
     file = f"{flag} {path}"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # without the byte-order mark of Notepad
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{file}: cannot be read ({error})") from None
     prompts = []

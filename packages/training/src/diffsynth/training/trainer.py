@@ -274,6 +274,7 @@ def setup(config: TrainConfig) -> Run:
     tracking.check_trackers(cfg.report_to)
     cls = task_class(cfg)
     check_loss_masks(cfg, cls)
+    check_video_settings(cfg, cls)
     denoiser = getattr(cls, "denoiser_slot", "dit")
     if cfg.enable_model_cpu_offload and denoiser not in cfg.offload_models:  # DiffSynth-Studio's flag
         cfg = replace(cfg, offload_models=[*cfg.offload_models, denoiser]).check()
@@ -287,6 +288,7 @@ def setup(config: TrainConfig) -> Run:
     cached = cfg.cache_dir is not None
     with loading_whole_models(acc):
         task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
+    check_video_settings(cfg, task)
     dataset = CachedDataset(cfg.cache_dir, expected=encoding_settings(cfg, task)) if cached else make_dataset(cfg, task)
     report_extra_inputs(cfg, dataset)
 
@@ -453,6 +455,26 @@ def check_loss_masks(cfg: TrainConfig, cls: type) -> None:
         raise ConfigError(
             f"--masked_loss: the {getattr(cls, 'family', cls.__name__)} training task's latents are a token "
             "sequence, not a grid a picture's mask can weigh; train without --masked_loss / --alpha_mask"
+        )
+
+
+VIDEO_SETTINGS = ("num_frames", "video_frame_extraction", "video_frame_stride", "video_frame_samples", "video_fps")
+
+
+def check_video_settings(cfg: TrainConfig, task: Any) -> None:
+    """A family that trains on pictures only (its `media` lists no "video") reads no clips: a clip setting given
+    would do nothing, so it is refused. `task` is the task class, before any model loads, where it states its media
+    (else the built task: Qwen-Image's depend on the model)."""
+    media = getattr(task, "media", None)
+    if not isinstance(media, (tuple, list)) or "video" in media:
+        return
+    defaults = TrainConfig()
+    given = [name for name in VIDEO_SETTINGS if getattr(cfg, name) != getattr(defaults, name)]
+    if given:
+        family = getattr(task, "family", type(task).__name__)
+        raise ConfigError(
+            f"--{given[0]} {getattr(cfg, given[0])}: the {family} training task trains on pictures; video clip "
+            "settings do nothing there"
         )
 
 
@@ -1104,8 +1126,10 @@ def encode_dataset(config: TrainConfig) -> Path:
     cfg.check_data_paths()
     cls = task_class(cfg)
     acc = make_accelerator(cfg)
+    check_video_settings(cfg, cls)
     with loading_whole_models(acc):
         task = build_task(cls, cfg, acc.device, encoders=True, denoiser=False)
+    check_video_settings(cfg, task)
     store_in_fp8(cfg, task, acc.device, all_loaded=False)
     stream_from_cpu(cfg, task, acc.device, all_loaded=False)
     dataset = make_dataset(cfg, task)
