@@ -63,6 +63,15 @@ def test_a_shard_index_loads_its_shards(tiny_repo, shards):
     assert all(torch.equal(state[k], v) for k, v in expected.items())
 
 
+def test_the_trainer_reads_the_roles_of_a_shard_index(shards):
+    """The trainer tells a config's models from their headers (`model_roles`), through the same path filter."""
+    from diffsynth.runtime.hub import ModelConfig
+    from diffsynth.runtime.training_support import model_roles
+
+    index = ModelConfig(path=str(shards / "diffusion_pytorch_model.safetensors.index.json"))
+    assert model_roles(index) == {"dit"} == model_roles(ModelConfig(path=str(shards)))
+
+
 def test_part_of_a_shard_set_is_named(tiny_repo, shards):
     """One shard of two gave an UnknownModelError (half the keys); the folder, the index or all shards load."""
     first = str(shards / "diffusion_pytorch_model-00001-of-00002.safetensors")

@@ -20,7 +20,6 @@ import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 from .errors import ConfigError, preview
 from .hub import ModelConfig
-from .pipeline import WEIGHT_SUFFIXES, BasePipeline, source_defaults
+from .pipeline import BasePipeline, source_defaults, weight_paths
 
 _HOST_SLOTS: ContextVar[frozenset[str]] = ContextVar("diffsynth_host_slots", default=frozenset())
 
@@ -56,7 +55,7 @@ def model_roles(config: ModelConfig) -> set[str]:
     from .checkpoint import checkpoint_label, open_checkpoint
     from .loading import recognise
 
-    paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+    paths = weight_paths(config)  # shard indexes too
     if not paths:
         return set()
     state = open_checkpoint(paths)

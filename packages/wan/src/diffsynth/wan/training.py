@@ -139,7 +139,7 @@ from torch import nn
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import tensor_to_pil
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
+from diffsynth.runtime.pipeline import weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles, row_video
 from diffsynth.runtime.vram import module_dtype
@@ -1303,7 +1303,7 @@ def _dit_config(config: ModelConfig) -> WanDiTConfig | WanS2VConfig | Animate2Co
     from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
     from diffsynth.runtime.loading import config_json_beside, derive_config, recognise
 
-    paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+    paths = weight_paths(config)
     state = open_checkpoint(paths)
     label = checkpoint_label(state.files)
     meta = state.meta_state_dict()

@@ -57,7 +57,7 @@ from diffsynth.runtime.controlnet import ControlNetInput, ControlNetSlot
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import tensor_to_pil
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
+from diffsynth.runtime.pipeline import weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline
 from diffsynth.runtime.vram import module_dtype
@@ -471,7 +471,7 @@ def _omni_dit_in(model_configs: Sequence[ModelConfig]) -> bool | None:
     from diffsynth.runtime.loading import recognise
 
     for config in model_configs:
-        paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        paths = weight_paths(config)
         if not paths:
             continue
         state = open_checkpoint(paths)

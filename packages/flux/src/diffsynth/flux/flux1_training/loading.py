@@ -9,7 +9,7 @@ from pathlib import Path
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES
+from diffsynth.runtime.pipeline import weight_paths
 from diffsynth.runtime.training_support import model_roles
 
 from ..pipeline import FluxImagePipeline
@@ -33,7 +33,7 @@ def header_configs(model_configs: Sequence[ModelConfig], slot: str) -> list:
     for config in model_configs:
         if role not in model_roles(config):
             continue
-        paths = [p for p in config.resolve() if p.endswith(WEIGHT_SUFFIXES) or Path(p).is_dir()]
+        paths = weight_paths(config)
         state = open_checkpoint(paths)
         label = checkpoint_label(state.files)
         meta = state.meta_state_dict()
