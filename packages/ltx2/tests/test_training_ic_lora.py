@@ -169,8 +169,8 @@ def test_clear_errors(task, tiny_ltx2_pipe):
     with pytest.raises(ConfigError, match="mixes rows with and without in_context_videos.*--batch_size 1"):
         task.collate([with_reference, without])
     half = task.encode([row(14, [pixels(3)], 2)])[0]
-    with pytest.raises(ConfigError, match="mixes reference_grid"):
-        task.collate([with_reference, half])
+    with pytest.raises(ConfigError, match=r"mixes IC-LoRA reference factors \[1, 2\] \(the rows' in_context_down"):
+        task.collate([with_reference, half])  # the factor, not the latent grids it sets, is named
 
 
 def test_the_task_option_sets_the_factor_of_rows_without_one(tiny_ltx2_pipe):

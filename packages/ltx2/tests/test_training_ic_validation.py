@@ -89,6 +89,70 @@ def clip(seed: int) -> dict:
     return {"prompt": CAPTIONS[seed % 3], "video": video}
 
 
+class Rows(list):
+    """A dataset as the trainer gives `prepare_dataset`: its items, and its metadata `rows`."""
+
+    def __init__(self, items, rows):
+        super().__init__(items)
+        self.rows = rows
+
+
+def ic_clip(seed: int, factor=None) -> dict:
+    """A 12 fps clip with a control video, at `factor` (else the task option's)."""
+    out = {**clip(seed), "frame_rate": 12.0, "in_context_videos": [clip(seed + 50)["video"]]}
+    return out if factor is None else {**out, "in_context_downsample_factor": factor}
+
+
+def metadata(item: dict) -> dict:
+    """`item`'s metadata row: file columns still paths."""
+    return {**item, "video": "clip.mp4", "in_context_videos": "control.mp4"}
+
+
+def trained(task, items) -> None:
+    """One training step's model call per item."""
+    for item in items:
+        batch = task.collate(task.encode([item]))
+        noisy = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
+        task.velocity(task.pipe.dit, batch, noisy, torch.tensor([0.5]))
+
+
+def test_samples_before_any_step_follow_the_dataset(tiny_ltx2_pipe, control, monkeypatch):
+    """`--sample_at_first`: samples at step 0 (before any batch) take the clip length, frame rate and IC factor
+    the rows train at, as the samples after a step do, once the trainer gave the task its dataset."""
+    from diffsynth.runtime.training_support import PipelineTrainingTask
+
+    calls = []
+    monkeypatch.setattr(
+        PipelineTrainingTask, "sample", lambda self, dit, prompts, **options: calls.append(options) or []
+    )
+    task = LTX2TrainingTask(tiny_ltx2_pipe, validation_ic_video=control, max_sequence_length=MAX_LEN)
+    items = [ic_clip(1, "2"), ic_clip(2, 2)]
+    task.prepare_dataset(Rows(items, [metadata(item) for item in items]))
+    task.sample(tiny_ltx2_pipe.dit, [CAPTIONS[0]], seed=4)  # step 0
+    trained(task, items)
+    task.sample(tiny_ltx2_pipe.dit, [CAPTIONS[0]], seed=4)  # after a step
+    keys = ("num_frames", "frame_rate", "in_context_downsample_factor")
+    assert [[call[k] for k in keys] for call in calls] == [[F, 12.0, 2]] * 2
+    assert task.sample_fps == 12.0
+
+
+def test_the_lora_header_factor_follows_the_dataset_not_the_batches_seen(tiny_ltx2_pipe):
+    """The IC-LoRA header's `reference_downscale_factor` is the rows' factor, whatever rows a process trained
+    (a resumed run, one DDP process): rows at one factor declare it, rows at several declare none."""
+    from diffsynth.ltx2.in_context import METADATA_KEY
+
+    def header(items, seen):
+        task = LTX2TrainingTask(tiny_ltx2_pipe, max_sequence_length=MAX_LEN)
+        task.prepare_dataset(Rows(items, [metadata(item) for item in items]))
+        trained(task, seen)
+        return task.lora_metadata()
+
+    mixed = [ic_clip(1, 2), ic_clip(2)]  # the second at the option's factor 1
+    assert header(mixed, mixed) == header(mixed, mixed[1:]) == header(mixed, mixed[:1]) == {}
+    halves = [ic_clip(1, 2), ic_clip(2, "2")]
+    assert header(halves, halves) == header(halves, halves[1:]) == header(halves, []) == {METADATA_KEY: "2"}
+
+
 def test_first_frame_probability_draws_per_batch(tiny_ltx2_pipe):
     """`first_frame=0.5`: each batch gets one draw (all rows alike) from the generator it is given, the same for
     the same generator; a conditioned batch's velocity and loss mask are `first_frame=true`'s, an unconditioned

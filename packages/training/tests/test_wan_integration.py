@@ -99,3 +99,19 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tiny_repo, dataset, tmp_pa
     straight, resumed = load_file(str(tmp_path / "straight" / step)), load_file(str(tmp_path / "resumed" / step))
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_validation_samples_are_as_long_as_the_training_clips(tiny_repo, dataset, tmp_path):
+    """Validation videos, from the first one (--sample_at_first) on, have the clips' 5 frames, not the pipeline's
+    81; a prompts-file line's --f still wins."""
+    from diffsynth.runtime.media import load_video
+
+    size = {"validation_height": 32, "validation_width": 32, "validation_num_inference_steps": 2}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[1]} --f 9\n")
+    train(config(tiny_repo, dataset, tmp_path / "out", max_steps=1, validation_prompts=[PROMPTS[0]], **size,
+                 sample_at_first=True))  # fmt: skip
+    folder = tmp_path / "out" / "validation"
+    assert [len(load_video(folder / f"step-00000{k}-0.mp4")) for k in (0, 1)] == [5, 5]
+    train(config(tiny_repo, dataset, tmp_path / "file", max_steps=1, validation_prompts_file=str(prompts), **size))
+    assert len(load_video(tmp_path / "file" / "validation" / "step-000001-0.mp4")) == 9

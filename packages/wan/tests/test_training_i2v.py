@@ -251,6 +251,10 @@ def test_a14b_expert_from_the_folder_or_the_option(tiny_repo_factory):
     assert folder.scheduler.expert == "low" and set(folder.models) == {"dit"}
     with pytest.raises(ConfigError, match="direct_distill: a Wan 2.2 A14B expert samples only part"):
         folder.inference_sigmas((1, 16, 1, 4, 4), 4)
+    # validation samples likewise: the trainer checks `reference_arguments` at setup ("required")
+    assert folder.validation_references == "required"
+    with pytest.raises(ConfigError, match="validation_prompts: a Wan 2.2 A14B expert samples only part"):
+        folder.reference_arguments([])
     plain = load_task(tiny_repo_factory("t2v"), encoders=False)  # Wan 2.1: the whole range
     assert type(plain.scheduler).__name__ == "FlowMatchScheduler"
     with pytest.raises(ConfigError, match="train one expert at a time"):
@@ -273,6 +277,12 @@ def test_clear_errors(i2v, tiny_repo_factory, tiny_repo):
     t2v = load_task(tiny_repo, encoders=True, denoiser=False)
     with pytest.raises(ConfigError, match="row 0 has input_image.*text-to-video"):
         t2v.encode([{"prompt": "x", "video": video, "input_image": video[:, 0]}])
+    # Fun Control's columns on a DiT without its control channels: refused by name, not ignored
+    control = {"control_video": video, "reference_image": video[:, 0]}
+    with pytest.raises(ConfigError, match="row 0 has control_video, reference_image, but this 't2v' Wan DiT is not a"):
+        t2v.encode([{"prompt": "x", "video": video, **control}])
+    with pytest.raises(ConfigError, match="row 0 has control_video, but this 'i2v' Wan DiT is not a Fun Control"):
+        task.encode([{"prompt": "x", "video": video, "control_video": video}])
     ti2v = load_task(tiny_repo_factory("ti2v"), denoiser=False)
     with pytest.raises(ConfigError, match="row 0 has an end_image; Wan2.2-TI2V"):
         ti2v.encode([{"prompt": "x", "video": video, "end_image": video[:, 0]}])

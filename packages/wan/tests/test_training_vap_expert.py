@@ -150,6 +150,8 @@ def test_ddp_needs_find_unused_parameters(vap, tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    PreparedDenoiser = pytest.importorskip("diffsynth.training.distributed").PreparedDenoiser  # the trainer's
+
     pipe, task, batch = vap
     model = task.models["vap"]
     noisy, sigma = noise((2, 16, 2, 4, 4), 4), torch.tensor([0.5, 0.3])
@@ -158,7 +160,9 @@ def test_ddp_needs_find_unused_parameters(vap, tmp_path):
     try:
         with pytest.raises(ConfigError, match="needs --find_unused_parameters"):
             task.velocity(DistributedDataParallel(model), batch, noisy, sigma)
-        wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+        with pytest.raises(ConfigError, match="needs --find_unused_parameters"):  # as the trainer passes it
+            task.velocity(PreparedDenoiser(DistributedDataParallel(model), model), batch, noisy, sigma)
+        wrapped = PreparedDenoiser(DistributedDataParallel(model, find_unused_parameters=True), model)
         for _ in range(2):
             task.velocity(wrapped, batch, noisy, sigma).square().mean().backward()
         assert model.patch_embedding.weight.grad.abs().sum() > 0

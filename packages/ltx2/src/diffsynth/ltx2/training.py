@@ -72,7 +72,10 @@ target's velocity alone: the references are outside `"latents"`, so they are nev
 the target only (the authors and DiffSynth-Studio both leave them out of the loss). The authors train IC-LoRAs
 video-only; DiffSynth-Studio's recipes train the sound too: here the sound follows `with_audio` as for any clip.
 The LoRA file declares the factor it trained at as `reference_downscale_factor` in its header (`lora_metadata`,
-the authors' key), which the pipeline reads when it loads the IC-LoRA. Validation samples take their control
+the authors' key), which the pipeline reads when it loads the IC-LoRA: the factor of the dataset's rows, which
+`prepare_dataset` reads before any step (none when they differ), so a resumed run and every DDP process declare
+the same; without that call (or from a cache, whose items have no metadata rows) it is the factors of the
+batches this process trained. Validation samples take their control
 video from `--task_options validation_ic_video=control.mp4` (a video file, relative to the working directory;
 several joined by '|'; `--validation_images` reads pictures only), the same for every prompt: the pipeline's
 `in_context_videos`, at the factor the rows trained at (else the `in_context_downsample_factor` option's).
@@ -81,7 +84,8 @@ LoRA: the trainer wraps `LTX2DiT.lora_target_modules` (ltx-core's names: q/k/v/o
 both feed-forwards), so the LoRA file loads in `LTX2Pipeline.load_lora`; `--lora_formats peft` adds one
 with `diffusion_model.` names, the layout ComfyUI and diffusers' `LTX2Pipeline.load_lora_weights` read.
 Validation samples are the pipeline's with CFG, STG and modality guidance off (cfg 1, stg 0, modality 1), as
-long as the clips trained and at their frame rate; the trainer writes them with their sound.
+long as the clips trained and at their frame rate (the dataset's first item's, from `prepare_dataset`, so a
+`--sample_at_first` sample too; else the last batch's); the trainer writes them with their sound.
 """
 
 from __future__ import annotations
@@ -225,6 +229,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
         self.in_context_downsample_factor = _factor(in_context_downsample_factor, f"{FACTOR}=")
         self.reference_factors: set[int] = set()  # the IC-LoRA factors trained at (`lora_metadata`)
+        self.factors_from_data = False  # `prepare_dataset` read them from the rows: batches add none
         self.pipe = pipe
         self.with_audio = with_audio
         self.max_sequence_length = max_sequence_length
@@ -277,6 +282,36 @@ class LTX2TrainingTask(PipelineTrainingTask):
         if len(images) > 1:
             raise ConfigError(f"{len(images)} reference images for one LTX-2 validation sample; it takes a first frame")
         return {"input_image": images[0]} if images else {}
+
+    def prepare_dataset(self, dataset: Any) -> None:
+        """Read what validation samples and the LoRA header follow from the run's dataset, before any step (so a
+        `--sample_at_first` sample, a resumed run and every DDP process see the same): the clip length and frame
+        rate of its first item (a row, or a cached sample), and the IC-LoRA factors of its rows (`rows`: the
+        metadata; a row with `in_context_videos` trains at its `in_context_downsample_factor`, else the option's).
+        A dataset without `rows` (a cache) leaves the factors to the batches trained."""
+        if len(dataset) == 0:
+            return
+        first = dataset[0]
+        if "video_shape" in first:  # a cached sample
+            frames = (int(first["video_shape"][0]) - 1) * self.temporal_compression + 1
+            rate = float(torch.as_tensor(first["frame_rate"]).flatten()[0])
+        else:
+            video = first.get("video", first.get("image"))
+            frames = int(video.shape[1]) if isinstance(video, torch.Tensor) and video.dim() == 4 else 1
+            rate = _frame_rate(0, first)
+        self.clip = {"num_frames": frames, "frame_rate": rate}
+        rows = getattr(dataset, "rows", None)
+        if rows is None:
+            return
+        factors = set()
+        for i, row in enumerate(rows):
+            value = row.get(IN_CONTEXT)
+            if value is None or (isinstance(value, (str, list, tuple)) and not value):
+                continue
+            raw = row.get(FACTOR)
+            unset = raw is None or (isinstance(raw, str) and not raw.strip())
+            factors.add(self.in_context_downsample_factor if unset else _factor(raw, f"row {i}: {FACTOR} "))
+        self.reference_factors, self.factors_from_data = factors, True
 
     @property
     def validation_factor(self) -> int:
@@ -441,7 +476,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
             )
         keys = ["latents", "video_shape", "audio_shape", "text_video", "frame_rate"]
         if REFERENCE_KEYS[0] in samples[0]:
-            keys += ["reference_grid", "reference_factor"]
+            keys += ["reference_factor", "reference_grid"]  # the factor first: it sets the grids too
         for key in keys:
             values = {
                 tuple(s[key].flatten().tolist())
@@ -449,6 +484,12 @@ class LTX2TrainingTask(PipelineTrainingTask):
                 else tuple(s[key].shape)
                 for s in samples
             }
+            if len(values) > 1 and key == "reference_factor":
+                raise ConfigError(
+                    f"an LTX-2 batch mixes IC-LoRA reference factors {sorted(v[0] for v in values)} (the rows' "
+                    f"{FACTOR} column, else --task_options {FACTOR}=): give every row of a batch one factor, or "
+                    "use --batch_size 1"
+                )
             if len(values) > 1:
                 raise ConfigError(
                     f"an LTX-2 batch mixes {key} {sorted(values)}: give every row of a batch one size, frame count "
@@ -492,7 +533,8 @@ class LTX2TrainingTask(PipelineTrainingTask):
         references = None
         if REFERENCE_KEYS[0] in batch:  # IC-LoRA: clean tokens after the video's, not returned
             grid, factor = batch["reference_grid"][0].tolist(), int(batch["reference_factor"][0, 0])
-            self.reference_factors.add(factor)
+            if not self.factors_from_data:
+                self.reference_factors.add(factor)
             coords = reference_positions(dit.config, grid, factor, frame_rate, device)
             references = LTX2Keyframes(batch["reference_tokens"].to(device), coords)
         v_video, v_audio = ltx2_velocity(

@@ -722,8 +722,8 @@ class CachedDataset(Dataset):
                 f"--cache_dir {self.root} lacks {len(missing)} samples ({preview(missing, 5)}); encode again"
             )
         # older caches did not record the frame counts: their latents' shapes tell which samples stack
-        frames = index.get("frames") or [_latents_shape(path) for path in self.files]
-        self.batch_keys = batch_keys(self.buckets, frames)
+        self.sample_frames = index.get("frames")  # each sample's frames, as `MetadataDataset.sample_frames`
+        self.batch_keys = batch_keys(self.buckets, self.sample_frames or [_latents_shape(p) for p in self.files])
 
     def __len__(self) -> int:
         return len(self.files)

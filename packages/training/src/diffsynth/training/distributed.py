@@ -198,6 +198,11 @@ class PreparedDenoiser:
     def __call__(self, *args, **kwargs):
         return self._prepared(*args, **kwargs)
 
+    @property
+    def prepared(self) -> nn.Module:
+        """The wrapper that runs the call (DDP, DeepSpeed's engine), e.g. for a task to read DDP's settings."""
+        return self._prepared
+
     def __getattr__(self, name: str):
         return getattr(self._module, name)
 

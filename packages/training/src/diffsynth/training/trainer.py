@@ -290,6 +290,9 @@ def setup(config: TrainConfig) -> Run:
         task = build_task(cls, cfg, acc.device, encoders=not cached, denoiser=True)
     check_video_settings(cfg, task)
     dataset = CachedDataset(cfg.cache_dir, expected=encoding_settings(cfg, task)) if cached else make_dataset(cfg, task)
+    prepare = getattr(task, "prepare_dataset", None)  # optional: a task that reads settings from the data up front
+    if callable(prepare):
+        prepare(dataset)
     report_extra_inputs(cfg, dataset)
 
     slot = task.denoiser_slot

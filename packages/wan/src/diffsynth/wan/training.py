@@ -195,6 +195,7 @@ MODEL_COLUMNS = {
         "animate2_refert_images",
     ),
     "vap": ("vap_video", "vap_prompt"),
+    "fun": ("control_video", "reference_image"),
     "dancer": (
         "wantodance_music_path",
         "wantodance_reference_image",
@@ -214,6 +215,7 @@ NOT_FOR = {
     "dancer": "this Wan DiT is not Wan-Dancer (Wan-AI/Wan-Dancer-14B:global_model / local_model.safetensors takes it)",
     "vap": "it needs the Video-As-Prompt expert among the model files (the `*_mot_ref*` keys of "
     "ByteDance/Video-As-Prompt-Wan2.1-14B:transformer/diffusion_pytorch_model*.safetensors)",
+    "fun": "this {kind} Wan DiT is not a Fun Control model (e.g. PAI/Wan2.1-Fun-V1.1-1.3B-Control takes it)",
 }
 # a row's vap_prompt when it has none: what DiffSynth-Studio's training encodes (its trainer never passes one on)
 VAP_DEFAULT_PROMPT = ""
@@ -391,8 +393,8 @@ class WanTrainingTask(PipelineTrainingTask):
         self.validation_references = {"i2v": "required", "ti2v": "expected"}.get(self.kind, "none")
         if self._field("vace_layers"):  # VACE: optional reference images of the subjects
             self.validation_references = "optional"
-        if self._no_samples() is not None:  # refused at setup, in the family's words (`reference_arguments`)
-            self.validation_references = "required"
+        if self._no_samples() is not None or isinstance(self.scheduler, ExpertScheduler):
+            self.validation_references = "required"  # refused at setup, in the family's words (`reference_arguments`)
 
     @property
     def conditioning(self) -> tuple[str, ...]:
@@ -484,6 +486,20 @@ class WanTrainingTask(PipelineTrainingTask):
         if unknown:
             raise ConfigError(f"the Video-As-Prompt expert's weights {unknown[:5]} have no released key")
         return {released[key]: value for key, value in state.items()}
+
+    def prepare_dataset(self, dataset: Any) -> None:
+        """The trainer's hook before any step: validation samples are as long as the longest training clip (its
+        `sample_frames`; a cache from before they were recorded says none), not the pipeline's 81 frames."""
+        clips = [frames for frames in getattr(dataset, "sample_frames", None) or () if frames > 1]
+        self.sample_frames = max(clips) if clips else None
+
+    def sample(
+        self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, references=None, **options: Any
+    ) -> list:
+        """`PipelineTrainingTask.sample` at the training clips' length unless a prompts-file line gives its own."""
+        if getattr(self, "sample_frames", None) and options.get("num_frames") is None:
+            options = {**options, "num_frames": self.sample_frames}
+        return super().sample(denoiser, prompts, seed=seed, references=references, **options)
 
     def _no_samples(self) -> str | None:
         """Why validation samples cannot be drawn from --validation_prompts / --validation_images, or None."""
@@ -603,6 +619,12 @@ class WanTrainingTask(PipelineTrainingTask):
         """A validation sample's frames as the pipeline's `input_image` (the first frame) and, when two are
         given, `end_image` (the last, FLF2V)."""
         images = list(images)
+        if isinstance(self.scheduler, ExpertScheduler):  # as --task direct_distill (`inference_sigmas`)
+            raise ConfigError(
+                "--validation_prompts: a Wan 2.2 A14B expert samples only part of the schedule, so its validation "
+                "samples would be drawn by the one expert at every step; drop --validation_prompts (sample with both "
+                "experts after training)"
+            )
         reason = self._no_samples()
         if reason is not None:
             raise ConfigError(
@@ -671,12 +693,14 @@ class WanTrainingTask(PipelineTrainingTask):
             "s2v": self.kind == "s2v",
             "animate2": self.kind == "animate2",
             "vap": self.vap,
+            "fun": self.kind == "i2v" and not self._field("animate") and bool(control_channels(self.dit_config)),
             "dancer": self.kind == "dancer",
         }
         for model, keys in MODEL_COLUMNS.items():
             named = [key for key in keys if _given(row.get(key))]
             if named and not takes[model]:
-                raise ConfigError(f"row {index} has {', '.join(named)}, but {NOT_FOR[model]}; drop the column")
+                reason = NOT_FOR[model].format(kind=repr(self.kind))
+                raise ConfigError(f"row {index} has {', '.join(named)}, but {reason}; drop the column")
         if self.speed_control and not _given(row.get("motion_bucket_id")):
             raise ConfigError(
                 f"row {index} has no motion_bucket_id: with the speed-control model every row gives the speed of "
@@ -1260,10 +1284,12 @@ class WanTrainingTask(PipelineTrainingTask):
 
 def _check_unused_parameters_found(model: nn.Module) -> None:
     """A DDP-wrapped expert must be told that some of its weights get no gradient: the reference tokens stop at
-    the last joint layer, so its expert block's output projection, cross-attention and feed-forward feed nothing."""
+    the last joint layer, so its expert block's output projection, cross-attention and feed-forward feed nothing.
+    The trainer passes its `PreparedDenoiser`, whose `prepared` is the DDP wrapper."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+    wrapper = getattr(model, "prepared", model)
+    if isinstance(wrapper, DistributedDataParallel) and not wrapper.find_unused_parameters:
         raise ConfigError(
             "training the Video-As-Prompt expert on several processes needs --find_unused_parameters: the last "
             "expert block's cross-attention and feed-forward feed no output, so their weights get no gradient"
