@@ -331,6 +331,8 @@ def test_animate2_and_speed_flags_reach_the_pipeline(monkeypatch, tmp_path):
         # settings this generation has no use for
         (["--denoising-strength", "0.3"], "--denoising-strength is how far image-to-image moves from --input-image"),
         (["--fps", "5"], r"--fps is not used by Recorder \(model 'x'\): it writes images"),
+        (["--audio-only", "--height", "64"], r"--height is not used with --audio-only, which makes sound alone"),
+        (["--audio-only", "--input-image", "a.png"], r"--input-image is not used with --audio-only"),
     ],
 )
 def test_bad_generation_settings_are_named_before_loading(recorder, capsys, extra, message):

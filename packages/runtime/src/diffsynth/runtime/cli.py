@@ -572,6 +572,14 @@ def _generate(args) -> int:
     single = [f for f, on in (("--audio-only", args.audio_only), ("--dub-video", args.dub_video)) if on]
     if single and (len(jobs) > 1 or args.prompts_file is not None):
         raise ConfigError(f"{single[0]} makes one output: leave out --prompts-file / --num-images")
+    pictures = (("--height", args.height), ("--width", args.width), ("--input-image", args.input_image),
+                ("--input-video", args.input_video), ("--inpaint-mask", args.inpaint_mask))  # fmt: skip
+    unused = [flag for flag, value in pictures if value is not None]
+    if args.audio_only and unused:
+        raise ConfigError(
+            f"{unused[0]} is not used with --audio-only, which makes sound alone (from --prompt, --negative-prompt, "
+            "--num-frames, --fps, --steps, --cfg and --seed)"
+        )
     if args.prompt is None and not hasattr(cls, "run_cli") and not inserting and args.prompts_file is None:
         raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
     output_file(cls, args)  # an --output (or --fps) the pipeline cannot write is refused before it loads
