@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,20 @@ def test_single_safetensors_keys_only_for_one_readable_file(tmp_path):
     )
     assert checkpoint.single_safetensors_keys([str(tmp_path / "c.bin")]) is None
     assert checkpoint.single_safetensors_keys([str(tmp_path / "broken.safetensors")]) is None
+
+
+def test_a_save_killed_while_writing_leaves_no_file_a_rerun_would_keep(tmp_path, monkeypatch):
+    """The trainer's cache items, checkpoints and LoRAs, and the demo's stages, are skipped or trusted when their
+    file exists: a write cut short leaves only a `.tmp` beside it."""
+    import safetensors.torch
+
+    from diffsynth.runtime.checkpoint import save_safetensors
+
+    def torn(state, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", torn)
+    with pytest.raises(KeyboardInterrupt):
+        save_safetensors({}, tmp_path / "diffusion_pytorch_model.safetensors")
+    assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()

@@ -3,7 +3,7 @@ generator keyed by the micro-batch: the same with or without gradient accumulati
 stream than the batch's noise, and copied onto a teacher's negative batch."""
 
 import torch
-from diffsynth_training_toy import TASK, ToyTask
+from diffsynth_training_toy import ToyTask, toy_config
 
 from diffsynth.training.config import TrainConfig
 from diffsynth.training.data import batch_plan
@@ -14,12 +14,8 @@ TOY_VELOCITY = ToyTask.velocity  # before any test wraps it
 
 
 def config(tmp_path, dataset, name: str, **overrides) -> TrainConfig:
-    values = dict(
-        family=TASK, dataset_base_path=str(dataset), output_path=str(tmp_path / name), max_pixels=64 * 128,
-        bucket_step=16, batch_size=1, mixed_precision="no", dtype="float32", lora_rank=4, learning_rate=1e-2,
-        max_steps=4, num_epochs=10, log_every=1,
-    )  # fmt: skip
-    return TrainConfig(**{**values, **overrides})
+    """The toy run with batches of one: each micro-batch draws its own choice."""
+    return toy_config(tmp_path, dataset, name, **{"batch_size": 1, **overrides})
 
 
 def drawn_choices(cfg: TrainConfig, monkeypatch, micro_batches: int = 4) -> list[float]:

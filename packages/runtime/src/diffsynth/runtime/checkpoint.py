@@ -291,6 +291,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # ----------------------------------------------------------------------------------- paths
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """Write `tensors` to the safetensors file `path` whole or not at all: under `path.tmp`, renamed into place once
+    complete (a run killed while writing leaves no torn file for a rerun to trust)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(dict(tensors), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def open_checkpoint(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> LazyStateDict:
     """A lazy state dict over a file, shards, a folder of weight files, or a `*.index.json`."""
     return LazyStateDict(weight_files(paths))

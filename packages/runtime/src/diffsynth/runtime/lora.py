@@ -625,7 +625,7 @@ def save_lora(
     LyCORIS factors (`<key name>.hada_w1_a`, `.lokr_w1`, ..., `.alpha`), or, once placed on rows of a fused layer,
     built in full as a `.diff`; a DoRA's magnitude as `.dora_scale`. Names should be resolved (dotted,
     `resolve_lora`) for the first two."""
-    from safetensors.torch import save_file
+    from .checkpoint import save_safetensors
 
     lora = read_lora(lora_state)
     if format not in SAVE_FORMATS:
@@ -664,9 +664,6 @@ def save_lora(
                 )
             tensors[f"{key}.dora_scale"] = t.magnitude
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     header = {**{str(k): str(v) for k, v in (metadata or {}).items()}, "format": "pt", "diffsynth_lora_format": format}
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, metadata=header)
     logger.info("wrote %d LoRA targets to %s (%s layout)", len(lora), path, format)

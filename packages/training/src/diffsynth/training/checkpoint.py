@@ -268,15 +268,13 @@ def save_full_weights(
 ) -> Path:
     """`folder/diffusion_pytorch_model.safetensors` with a module's state dict (or the given full state) in
     `dtype`, plus the `config.json` that was beside the loaded weights, written atomically."""
-    from safetensors.torch import save_file
+    from diffsynth.runtime.checkpoint import save_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     items = weights.state_dict().items() if isinstance(weights, nn.Module) else weights.items()
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in items}
     path = folder / "diffusion_pytorch_model.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    save_safetensors(state, path, metadata={"format": "pt"})
     for source in source_files or []:
         source = Path(source)
         config = (source if source.is_dir() else source.parent) / "config.json"

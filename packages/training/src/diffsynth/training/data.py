@@ -792,8 +792,9 @@ def write_cache(
     """Encode this process's share of `dataset` (samples `i % world == rank`) into `cache_dir/items`, skipping
     samples already there; returns how many were encoded. `encode(rows)` gives one tensor dict per row.
     The caller writes the index (`write_cache_index`) once every process is done."""
-    from safetensors.torch import save_file
     from torch.utils.data import DataLoader
+
+    from diffsynth.runtime.checkpoint import save_safetensors
 
     items = cache_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
@@ -808,10 +809,9 @@ def write_cache(
             samples = encode(rows)
         for i, sample in zip(indices, samples, strict=True):
             _check_sample(sample, i)
-            path = items / f"{i:06d}.safetensors"
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in sample.items()}, str(tmp))
-            os.replace(tmp, path)
+            save_safetensors(
+                {k: v.detach().cpu().contiguous() for k, v in sample.items()}, items / f"{i:06d}.safetensors"
+            )
     return len(todo)
 
 
@@ -926,12 +926,12 @@ __all__ = [
     "MetadataDataset",
     "batch_keys",
     "batch_plan",
-    "plan_fingerprint",
-    "plan_keys",
     "bucket_for",
     "cache_settings",
     "fit",
     "metadata_file",
+    "plan_fingerprint",
+    "plan_keys",
     "read_audio",
     "read_metadata",
     "steps_per_epoch",

@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -33,7 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from diffsynth.runtime.checkpoint import save_safetensors
 
 logger = logging.getLogger("diffsynth.training.demo")
 
@@ -184,14 +185,6 @@ def _captions(data: Path) -> list[str]:
         return sorted({row["prompt"] for row in csv.DictReader(f) if row["prompt"]})
 
 
-def _save_whole(state: dict, path: str) -> None:
-    """A stage's weights, written beside and renamed into place: a stage is skipped when its file exists, so a
-    run killed while writing it must not leave a torn one."""
-    tmp = f"{path}.tmp"
-    save_file(state, tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------ 2. tokenizer and text encoder
 def write_text_encoder(model: Path, data: Path, seed: int) -> None:
     from diffsynth.runtime.models.qwen3 import QWEN3_SPEC
@@ -208,7 +201,7 @@ def write_text_encoder(model: Path, data: Path, seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     state = {"model." + k: v.to(torch.float16).contiguous() for k, v in encoder.state_dict().items()}
-    _save_whole(state, str(folder / "model.safetensors"))
+    save_safetensors(state, str(folder / "model.safetensors"))
     logger.info("text encoder: random Qwen3, vocabulary of %d tokens", len(tokenizer))
 
 
@@ -257,7 +250,7 @@ def train_vae(folder: Path, data: Path, steps: int, batch_size: int, seed: int, 
     )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    _save_whole({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(folder / WEIGHTS))
+    save_safetensors({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(folder / WEIGHTS))
     logger.info("vae: shift %.4f, scale %.4f", config["shift_factor"], config["scaling_factor"])
 
 
@@ -271,7 +264,7 @@ def write_initial_dit(folder: Path, seed: int) -> None:
     dit = DIT_SPEC.build(DIT_SPEC.config_from_state({}, DIT_CONFIG))  # torch's default init, seeded
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(DIT_CONFIG, indent=2))
-    _save_whole({k: v.contiguous() for k, v in dit.state_dict().items()}, str(folder / WEIGHTS))
+    save_safetensors({k: v.contiguous() for k, v in dit.state_dict().items()}, str(folder / WEIGHTS))
 
 
 def train_dit(out: Path, args, device: str) -> None:
@@ -326,7 +319,7 @@ def export(out: Path, steps: int) -> None:
     folder = out / "model" / "transformer"
     folder.mkdir(parents=True, exist_ok=True)
     state = load_file(str(trained / WEIGHTS))
-    _save_whole({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
+    save_safetensors({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
     shutil.copy(trained / "config.json", folder / "config.json")
     defaults = {
         "description": "DiffSynth demo: a tiny Z-Image trained from scratch on shapes (diffsynth-train-demo)",

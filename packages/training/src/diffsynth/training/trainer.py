@@ -483,7 +483,6 @@ def check_video_settings(cfg: TrainConfig, task: Any) -> None:
 
 def check_timestep_sampling(cfg: TrainConfig, task: TrainingTask) -> None:
     """A family whose scheduler draws its own noise levels (LTX-2's shifted logit-normal) takes no other draw."""
-
     accepted = inspect.signature(task.scheduler.sample_training_sigmas).parameters
     takes = "distribution" in accepted or any(p.kind is p.VAR_KEYWORD for p in accepted.values())
     if timestep_distribution(cfg) and not takes:
@@ -1289,7 +1288,6 @@ def trained_model_option(cls: type, cfg: TrainConfig) -> dict[str, str]:
 
 def check_task_options(cls: type, options: dict[str, Any]) -> None:
     """`--task_options` names must be keyword settings of the task's constructor."""
-
     params = inspect.signature(cls.__init__).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return
