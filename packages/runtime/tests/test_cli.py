@@ -331,6 +331,8 @@ def test_animate2_and_speed_flags_reach_the_pipeline(monkeypatch, tmp_path):
         # settings this generation has no use for
         (["--denoising-strength", "0.3"], "--denoising-strength is how far image-to-image moves from --input-image"),
         (["--fps", "5"], r"--fps is not used by Recorder \(model 'x'\): it writes images"),
+        (["--num-frames", "9"], r"--num-frames is not used by Recorder \(model 'x'\): it writes images"),
+        (["--lora-image", "a.png"], r"--lora-image is for image-to-LoRA presets \(e.g. Qwen-Image-i2L\), not Recorder"),
         (["--audio-only", "--height", "64"], r"--height is not used with --audio-only, which makes sound alone"),
         (["--audio-only", "--input-image", "a.png"], r"--input-image is not used with --audio-only"),
     ],

@@ -583,6 +583,8 @@ def _generate(args) -> int:
     if args.prompt is None and not hasattr(cls, "run_cli") and not inserting and args.prompts_file is None:
         raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
     output_file(cls, args)  # an --output (or --fps) the pipeline cannot write is refused before it loads
+    if args.lora_image and not hasattr(cls, "run_cli"):
+        raise ConfigError(f"--lora-image is for image-to-LoRA presets (e.g. Qwen-Image-i2L), not {cls.__name__}")
     starts = args.input_image, args.input_video, *(job.get("input_image") for job in jobs)
     if args.denoising_strength is not None and all(start is None for start in starts):
         raise ConfigError(
@@ -613,8 +615,6 @@ def _generate(args) -> int:
         return _generate_audio(pipe, args)
     if hasattr(pipe, "run_cli"):  # a pipeline whose inputs and outputs are its own (LTX-2.3 HDR: EXR frames)
         return pipe.run_cli(args)
-    if args.lora_image:
-        raise ConfigError(f"--lora-image is for image-to-LoRA presets (e.g. Qwen-Image-i2L), not {type(pipe).__name__}")
     if args.dub_video is not None:
         return _dub_video(pipe, args)
     options = {
@@ -777,8 +777,8 @@ def check_generation_numbers(args) -> None:
 
 def output_file(pipeline, args) -> Path | None:
     """The file `diffsynth generate` writes with `pipeline` (its class, before the model loads, or the pipeline):
-    `--output`, else output.wav / output.mp4 / output.png by what it makes. An `--output` of another type, and an
-    `--fps` a picture has no use for, are refused, saying what the pipeline writes. None for a pipeline that
+    `--output`, else output.wav / output.mp4 / output.png by what it makes. An `--output` of another type, and the
+    `--fps` / `--num-frames` a picture has no use for, are refused, saying what the pipeline writes. None for a pipeline that
     writes its own outputs (`run_cli`: an image-to-LoRA preset's .safetensors, LTX-2.3 HDR's EXR frames)."""
     import inspect
 
@@ -814,8 +814,9 @@ def output_file(pipeline, args) -> Path | None:
         raise ConfigError(
             f"--output {output}: {cls.__name__} (model {args.model!r}) writes images: use {', '.join(IMAGE_SUFFIXES)}"
         )
-    if args.fps is not None:
-        raise ConfigError(f"--fps is not used by {cls.__name__} (model {args.model!r}): it writes images")
+    for flag, value in (("--fps", args.fps), ("--num-frames", args.num_frames)):
+        if value is not None:
+            raise ConfigError(f"{flag} is not used by {cls.__name__} (model {args.model!r}): it writes images")
     return output
 
 
