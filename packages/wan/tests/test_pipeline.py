@@ -192,6 +192,7 @@ def test_unipc_grid_and_steps_match_diffusers_wan_scheduler(pipe):
         ({"max_sequence_length": 0}, "max_sequence_length=0 must be in 1..512"),
         ({"cfg_scale_2": 3.0}, "cfg_scale_2: only a Wan 2.2 A14B pipeline has the low-noise expert"),
         ({"switch_DiT_boundary": 0.5}, "switch_DiT_boundary: only a Wan 2.2 A14B"),
+        ({"denoising_strength": 0.5}, "denoising_strength=0.5 is how far video-to-video moves from input_video"),
     ],
 )
 def test_bad_input_names_the_argument(pipe, kwargs, fragment):

@@ -360,6 +360,11 @@ class WanVideoPipeline(BasePipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 50))
+        if input_video is None and denoising_strength != 1.0:  # an input_image is a first frame, never noised
+            raise ConfigError(
+                f"denoising_strength={denoising_strength!r} is how far video-to-video moves from input_video, and "
+                "none is given: pass input_video or leave denoising_strength at 1.0"
+            )
         text_len = getattr(self.dit.config, "text_len", None) or 512  # the DiT pads the prompt to it
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer")
