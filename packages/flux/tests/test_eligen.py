@@ -64,8 +64,12 @@ def test_joint_text_puts_entities_before_the_global_prompt():
     for i in range(3):
         torch.testing.assert_close(txt[:, 5 * i : 5 * i + 5], entities.t5[:, i].expand(2, -1, -1), atol=0, rtol=0)
     torch.testing.assert_close(txt[:, 15:], prompt, atol=0, rtol=0)
+    longer = torch.randn(2, 7, 8)  # tokens appended to the global prompt (Redux, AttriCtrl, LoRA Encoder)
+    txt = joint_text(longer, entities)
+    assert txt.shape == (2, 22, 8)
+    torch.testing.assert_close(txt[:, 15:], longer, atol=0, rtol=0)
     with pytest.raises(ValueError, match="same t5_sequence_length"):
-        joint_text(torch.randn(2, 6, 8), entities)
+        joint_text(torch.randn(2, 4, 8), entities)
 
 
 def _visible_keys(query, regions, prompt_len, image_len):
@@ -248,3 +252,81 @@ def test_entity_input_errors(tiny_pipe, tmp_path):
     path = tmp_path / "mask.png"
     masks[0].save(path)
     assert check_entity_inputs(["a hat"], [path])[1][0].size == (32, 32)
+
+
+# ------------------------------------------------------------------ with tokens appended to the global prompt
+@pytest.fixture(scope="module")
+def addon_pipe(tiny_repo, tmp_path_factory):
+    """A pipeline with an AttriCtrl encoder (4 tokens after both prompts) and a LoRA Encoder (one token per LoRA
+    after the positive prompt), and a LoRA for the latter."""
+    from diffsynth_flux_test_helpers import our_pipeline
+    from safetensors.torch import save_file
+
+    from diffsynth.flux.flux1.lora_encoder import FluxLoRAEncoder, LoRAEncoderConfig
+    from diffsynth.flux.flux1.value_control import ValueEncoder, ValueEncoderConfig
+    from diffsynth.runtime.hub import ModelConfig
+    from diffsynth.runtime.testing.weights import random_weights
+
+    root = tmp_path_factory.mktemp("eligen-addons")
+    value = random_weights(ValueEncoder(ValueEncoderConfig(embedding_dim=16, dim=32, tokens=4)), 0, scale=0.3)
+    sizes = dict(double_blocks=1, single_blocks=2, hidden=256, mlp_hidden=1024, dim=32, intermediate=64)
+    encoder = random_weights(FluxLoRAEncoder(LoRAEncoderConfig(**sizes, head_dim=16, tokens_per_layer=4)), 8, scale=0.2)
+    for module, name in ((value, "value.safetensors"), (encoder, "lora_encoder.safetensors")):
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(root / name))
+    configs = [ModelConfig(path=str(root / name)) for name in ("value.safetensors", "lora_encoder.safetensors")]
+    pipe = our_pipeline(tiny_repo, model_configs=configs)
+    g, lora = torch.Generator().manual_seed(1), {}
+    for name, module in pipe.dit.named_modules():
+        if isinstance(module, torch.nn.Linear) and "blocks." in name:
+            lora[f"{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.1
+            lora[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    save_file(lora, str(root / "lora.safetensors"))
+    return pipe, str(root / "lora.safetensors")
+
+
+def _dit_calls(pipe, **kwargs):
+    seen = []
+    hook = pipe.dit.register_forward_pre_hook(lambda m, args, kw: seen.append((args[2], kw.get("attn_mask"))),
+                                              with_kwargs=True)  # fmt: skip
+    try:
+        out = pipe("a cat", seed=0, output_type="pt", **{**FAST, **kwargs})
+    finally:
+        hook.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("addon", ["value_controller", "lora_encoder"])
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"cfg_scale": 2.0}, {"cfg_scale": 2.0, "eligen_enable_on_negative": True}],
+    ids=["no-cfg", "cfg", "cfg-on-negative"],
+)
+def test_entities_with_tokens_appended_to_the_global_prompt(addon_pipe, one_thread, addon, cfg):
+    """AttriCtrl's / the LoRA Encoder's tokens extend the global prompt's segment (the entities stay at
+    t5_sequence_length): the DiT's text ends in the text it reads without entities, and in the joint mask the
+    appended tokens are global-prompt tokens (every token sees them as it sees the global prompt)."""
+    pipe, lora = addon_pipe
+    extra = {"value_controller": dict(value_controller_inputs=[0.7]), "lora_encoder": dict(lora_encoder_inputs=lora)}
+    extra = {**extra[addon], **cfg, "negative_prompt": "blurry"}
+    prompts, masks = _entities()
+    plain, _ = _dit_calls(pipe, **extra)
+    seen, image = _dit_calls(pipe, eligen_entity_prompts=prompts, eligen_entity_masks=masks, **extra)
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    entity_len = FAST["t5_sequence_length"]
+    start = len(prompts) * entity_len  # the global prompt's segment starts here
+    positive_len = plain[0][0].shape[1]
+    assert positive_len == entity_len + (4 if addon == "value_controller" else 1)
+    torch.testing.assert_close(seen[0][0][:1, start:], plain[0][0][:1], atol=0, rtol=0)  # row 0: positive
+    masked = [(txt, mask) for txt, mask in seen if mask is not None]
+    assert masked and all(txt.shape[1] > start for txt, _ in masked)
+    if cfg.get("eligen_enable_on_negative"):
+        assert len(masked) == len(seen)  # both branches have the entities
+    for txt, mask in masked:
+        text_len = txt.shape[1]
+        assert mask.shape[-1] == text_len + 4  # 2x2 image tokens
+        glob = mask[..., start:text_len]  # every query's view of the global segment (appended tokens included)
+        assert torch.equal(glob, glob[..., :1].expand_as(glob))
+        rows = mask[..., start:text_len, :]  # what each token of the global segment sees
+        assert torch.equal(rows, rows[..., :1, :].expand_as(rows))
+        assert mask[..., text_len:, start:text_len].all()  # image tokens see the whole global segment
+        assert not mask[..., start:text_len, :start].any()  # which sees no entity text

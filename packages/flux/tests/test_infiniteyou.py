@@ -337,6 +337,62 @@ def test_infusenet_reads_the_id_tokens_and_its_own_guidance(iy_pipe):
     assert dit_kwargs["controlnet_block_samples"] is not None
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_other_controlnets_keep_the_prompt_and_both_branches(tiny_repo, tiny_configs, infusenet, tmp_path, cfg_scale):
+    """A Union net loaded before InfuseNet (recognised by its `InfuseNetModel` folder): only InfuseNet reads the id
+    tokens at `infiniteyou_guidance` (positive branch only); the Union net reads the prompt at the DiT's guidance on
+    both CFG branches, as when it is the only ControlNet; InfuseNet without an input of its own gets the black one."""
+    from diffsynth.flux.pipeline import ControlNetInput
+
+    net_folder, projector = infusenet
+    union_cfg = repo_controlnet_config(tiny_configs["dit"], num_modes=4)
+    union_folder = write_controlnet_folder(tmp_path / "union", make_controlnet(union_cfg, seed=2), None)
+    pipe = our_pipeline(tiny_repo, controlnet=[str(union_folder), str(net_folder)])
+    pipe.load_infiniteyou(str(projector))
+    assert pipe.infusenet_id() == 1
+    union, net = pipe.controlnets()
+    embedding = torch.randn(512, generator=torch.Generator().manual_seed(4))
+    run = dict(RUN, embedded_guidance=3.5, cfg_scale=cfg_scale, negative_prompt="blurry")
+    control = [ControlNetInput(image=_photo(7), processor_id="depth", controlnet_id=0)]
+    union_calls, h1 = _calls(union)
+    net_calls, h2 = _calls(net)
+    try:
+        pipe(
+            "a portrait", infiniteyou_id_embedding=embedding, infiniteyou_guidance=1.5, controlnet_inputs=control, **run
+        )
+    finally:
+        h1.remove()
+        h2.remove()
+    with torch.no_grad():
+        tokens = pipe.infiniteyou_projector(embedding.reshape(1, 1, 512))
+    branches = 2 if cfg_scale != 1 else 1
+    assert len(net_calls) == 2  # two steps, the positive branch only
+    for args, _ in net_calls:
+        torch.testing.assert_close(args[2], tokens)
+        assert torch.equal(args[6], torch.full((1,), 1.5))
+    torch.testing.assert_close(net_calls[0][1]["cond"], pack_latents(pipe.vae_encode([Image.new("RGB", (32, 32))])))
+    assert len(union_calls) == 2 * branches  # both branches (apart: InfuseNet steers the positive one), every step
+    alone = our_pipeline(tiny_repo, controlnet=[str(union_folder)])
+    alone_calls, h3 = _calls(alone.controlnets()[0])
+    try:
+        alone("a portrait", controlnet_inputs=control, **run)
+    finally:
+        h3.remove()
+    assert len(alone_calls) == 2  # one call a step (with CFG both branches batched)
+
+    def joined(calls, index):  # the calls' argument `index`, batch rows in order (positive, negative per step)
+        return torch.cat([args[index].reshape(args[0].shape[0], -1) for args, _ in calls])
+
+    for index in (2, 5, 6):  # the prompt's T5 states (not the 8 id tokens), pooled CLIP, the DiT's guidance 3.5
+        torch.testing.assert_close(joined(union_calls, index), joined(alone_calls, index), atol=0, rtol=0)
+    assert union_calls[0][0][2].shape[1] == 16 and (joined(union_calls, 6) == 3.5).all()
+    for index in (0, 4):  # the first step's image tokens and noise level: the same inputs as alone
+        torch.testing.assert_close(joined(union_calls[:branches], index), joined(alone_calls[:1], index))
+    for (_, kwargs), (_, want) in zip(union_calls[::branches], alone_calls, strict=True):
+        torch.testing.assert_close(kwargs["cond"], want["cond"], atol=0, rtol=0)
+        assert kwargs["mode"] == want["mode"] and kwargs["scale"] == want["scale"]
+
+
 def test_a_photo_goes_through_the_face_encoder(iy_pipe):
     """`infiniteyou_id_image` (and DiffSynth-Studio's `infinityou_id_image`) give the image that the embedding
     the face encoder makes of it gives; a photo without a face is an error naming the argument."""

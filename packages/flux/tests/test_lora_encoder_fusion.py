@@ -252,6 +252,9 @@ def test_lora_encoder_tokens_follow_the_positive_prompt(tiny_repo, tmp_path):
     assert abs(image - plain_image).max() > 1e-4
     cfg, _ = _dit_texts(pipe, lora_encoder_inputs=str(first), cfg_scale=2.0, negative_prompt="dark")
     assert sorted(t.shape[1] for t in cfg[:2]) == [length, length + 1]  # the branches run apart
+    # scale 0 appends nothing: zero tokens would still be real ones after the DiT's text embedding (its bias)
+    zero, zero_image = _dit_texts(pipe, lora_encoder_inputs=[str(first), str(second)], lora_encoder_scale=0)
+    assert zero[0].shape == plain[0].shape and (zero_image == plain_image).all()
 
 
 def test_lora_fusion_gates_kept_apart_loras(tiny_repo, tmp_path):

@@ -361,6 +361,22 @@ def test_pipeline_is_the_authors_loop(step1x_pipe, cfg_scale):
     assert out.size == photo.size
 
 
+def test_every_output_type_is_at_the_reference_size(step1x_pipe):
+    """A reference of another size than the generated one (100x60 -> 80x48 at size 64) comes back at its own size
+    as pil, np and pt alike, with the same pixels."""
+    import numpy as np
+
+    photo = _photo(100, 60)
+    run = dict(seed=1, size_level=64, num_inference_steps=1, cfg_scale=1.0, progress_bar=False)
+    image = step1x_pipe("make it red", reference_image=photo, **run)
+    array = step1x_pipe("make it red", reference_image=photo, output_type="np", **run)
+    tensor = step1x_pipe("make it red", reference_image=photo, output_type="pt", **run)
+    assert image.size == photo.size
+    assert array.shape == (1, 60, 100, 3) and tuple(tensor.shape) == (1, 3, 60, 100)
+    want = np.asarray(image, dtype=np.float32) / 255.0
+    assert np.array_equal(array[0], want) and np.array_equal(tensor[0].permute(1, 2, 0).numpy(), want)
+
+
 def test_quoted_text_is_tokenised_per_character(step1x_pipe):
     """Past the template's head, a quoted word's characters are tokenised one by one, without the curly quotes
     the authors wrap them in (their rule for text rendering): the text stays the same, its ids do not."""

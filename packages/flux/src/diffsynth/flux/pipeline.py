@@ -311,6 +311,7 @@ class FluxImagePipeline(BasePipeline):
         self.infiniteyou_projector = None  # InfiniteYou's id resampler (`load_infiniteyou`)
         self.infiniteyou_insightface_root = None
         self.infiniteyou_face_encoder = None  # `flux1.infiniteyou.FaceEncoder`, built at the first face photo
+        self.infusenet_ids: list[int] = []  # controlnet_ids of nets loaded from an `InfuseNet*` file or folder
         self.timestep_loras = []  # `flux1.timestep_lora.TimestepLoRA`s attached to the DiT (`load_timestep_lora`)
         self.nexus_gen_processor = None  # `flux1.nexus_gen.NexusGenProcessor` (`load_nexus_gen_processor`)
 
@@ -402,6 +403,17 @@ class FluxImagePipeline(BasePipeline):
 
     def describe_controlnet(self, net: Flux1ControlNet) -> str:
         return _describe_net(net)
+
+    def _add_controlnet(self, net, config: ModelConfig | None, slot: str = "controlnet") -> int:
+        index = super()._add_controlnet(net, config, slot)
+        if slot == "controlnet" and config is not None and _names_infusenet(config):
+            self.infusenet_ids.append(index)
+        return index
+
+    def infusenet_id(self) -> int:
+        """The `controlnet_id` of InfiniteYou's InfuseNet: the first net loaded from a file or folder whose path
+        names InfuseNet (the released `InfuseNetModel/`), else ControlNet 0."""
+        return self.infusenet_ids[0] if self.infusenet_ids else 0
 
     def _load_config(self, config: ModelConfig) -> None:
         """ControlNet files among `model_configs` (once their spec is registered) join the `controlnet` slot; an
@@ -607,14 +619,15 @@ class FluxImagePipeline(BasePipeline):
         the `diffsynth-flux[infiniteyou]` extra, see `flux1/infiniteyou.py`), or its ArcFace embedding
         `infiniteyou_id_embedding` `[512]`, becomes InfuseNet's text tokens, with InfuseNet guided at
         `infiniteyou_guidance` (default 1); its control image (`controlnet_inputs`) defaults to a black one (no
-        pose), and with true CFG the negative branch runs without InfuseNet, as the authors'. DiffSynth-Studio's
-        spellings `infinityou_id_image` / `infinityou_guidance` are accepted too.
+        pose), and with true CFG the negative branch runs without InfuseNet, as the authors'. InfuseNet is the net
+        loaded from a path naming it (`infusenet_id`); other ControlNets keep the prompt and `embedded_guidance`
+        on both branches. DiffSynth-Studio's spellings `infinityou_id_image` / `infinityou_guidance` are accepted too.
         AttriCtrl (`load_value_controller`; DiffSynth-Studio's name): `value_controller_inputs`, one number in
         [0, 1] per loaded attribute encoder, appends its tokens to both prompts' T5 states (`flux1/value_control.py`).
         LoRA Encoder (`load_lora_encoder`; DiffSynth-Studio's names): `lora_encoder_inputs`, one LoRA or a list (a
         file, `ModelConfig`, hub name or state dict; usually the LoRA also loaded into the DiT), appends one token
         per LoRA, times `lora_encoder_scale`, to the positive prompt's T5 states, so the LoRA acts without its
-        trigger words (`flux1/lora_encoder.py`).
+        trigger words (`flux1/lora_encoder.py`); `lora_encoder_scale=0` appends nothing (the call without them).
         `tea_cache_l1_thresh` turns on TeaCache for this call (DiffSynth-Studio's argument; see
         `enable_tea_cache`).
         Insert Anything (a Fill DiT with the authors' LoRA and `load_redux`; DiffSynth-Studio's names, see
@@ -697,8 +710,14 @@ class FluxImagePipeline(BasePipeline):
             infiniteyou_id_image, infinityou_id_image, infiniteyou_guidance, infinityou_guidance
         )
         identity = self.prepare_infiniteyou(id_image, infiniteyou_id_embedding, id_guidance)
-        if identity is not None and controlnet_inputs is None:  # the authors' default: a black control image
-            controlnet_inputs = [ControlNetInput(image=Image.new("RGB", (width, height)))]
+        infusenet = self.infusenet_id() if identity is not None else None
+        given = _as_list(controlnet_inputs) if controlnet_inputs else []
+        if identity is not None and not any(getattr(c, "controlnet_id", None) == infusenet for c in given):
+            # the authors' default for InfuseNet: a black control image
+            controlnet_inputs = [
+                *given,
+                ControlNetInput(image=Image.new("RGB", (width, height)), controlnet_id=infusenet),
+            ]
         uses_vae = input_image is not None or references or controlnet_inputs or channel_inputs is not None
         uses_vae = uses_vae or (flex is not None and flex.first_image() is not None)
         self.load_models_to_device(["vae"] if uses_vae else [])
@@ -717,8 +736,11 @@ class FluxImagePipeline(BasePipeline):
         )
         kontext = self.encode_kontext(references, tiled, tile_size, tile_stride) if references else None
         controls = self.prepare_controls(controlnet_inputs, height, width, tiled, tile_size, tile_stride)
-        if identity is not None:
-            controls = [replace(c, text=identity, guidance=float(id_guidance)) for c in controls]
+        if identity is not None:  # InfuseNet alone reads the id tokens at its own guidance; other nets the prompt
+            net = self.controlnets()[infusenet]
+            controls = [
+                replace(c, text=identity, guidance=float(id_guidance)) if c.model is net else c for c in controls
+            ]
         condition = None
         if channel_inputs is not None:
             condition = self.encode_channel_condition(
@@ -1020,8 +1042,9 @@ class FluxImagePipeline(BasePipeline):
     def prepare_eligen(
         self, prompts, masks, negative_text, on_negative: bool, height: int, width: int, text_len: int
     ) -> tuple[EliGenEntities | None, EliGenEntities | None]:
-        """Entity prompts T5-encoded (their CLIP vectors are not used) and masks reduced to token regions,
-        for the positive branch and, with `on_negative` and true CFG, the negative prompt in every region."""
+        """Entity prompts T5-encoded at `text_len` (their CLIP vectors are not used) and masks reduced to token
+        regions, for the positive branch and, with `on_negative` and true CFG, the negative prompt in every region.
+        Tokens appended to a prompt's T5 states (Redux, AttriCtrl, LoRA Encoder) stay in its global segment only."""
         if not prompts:
             return None, None
         regions = entity_regions(masks, height, width).to(self.device)
@@ -1034,7 +1057,8 @@ class FluxImagePipeline(BasePipeline):
         if not on_negative or negative_text is None:
             return positive, None
         n = len(prompts)
-        return positive, EliGenEntities(negative_text.t5[:, None].expand(-1, n, -1, -1), regions[None])
+        negative = negative_text.t5[:, None, :text_len]  # without appended tokens, like the entity prompts
+        return positive, EliGenEntities(negative.expand(-1, n, -1, -1), regions[None])
 
     # ------------------------------------------------------------------ IP-Adapter
     def load_ip_adapter(
@@ -1168,12 +1192,12 @@ class FluxImagePipeline(BasePipeline):
         nets = self.controlnets()
         if not nets:
             raise ConfigError("infiniteyou_id_* steers the InfuseNet ControlNet: load it (pipe.load_controlnet(...))")
-        for net in nets:
-            if getattr(net, "config", projector.config).context_in_dim != projector.config.output_dim:
-                raise ConfigError(
-                    f"InfiniteYou's projector makes {projector.config.output_dim}-wide id tokens but a loaded "
-                    f"ControlNet reads {net.config.context_in_dim}-wide text: load the projector of its InfuseNet"
-                )
+        net = nets[self.infusenet_id()]
+        if getattr(net, "config", projector.config).context_in_dim != projector.config.output_dim:
+            raise ConfigError(
+                f"InfiniteYou's projector makes {projector.config.output_dim}-wide id tokens but a loaded "
+                f"ControlNet reads {net.config.context_in_dim}-wide text: load the projector of its InfuseNet"
+            )
         if image is not None:
             if self.infiniteyou_face_encoder is None:
                 face_libraries()  # what to install, before any fetch
@@ -1324,7 +1348,8 @@ class FluxImagePipeline(BasePipeline):
         return not (slot == "dit" and getattr(self, "lora_merger_enabled", False))
 
     def prepare_lora_encoding(self, loras, scale, text: FluxPromptEmbeds) -> FluxPromptEmbeds:
-        """The positive prompt with one LoRA Encoder token per LoRA of `loras` appended (unchanged without)."""
+        """The positive prompt with one LoRA Encoder token per LoRA of `loras` appended (unchanged without, and
+        with `scale` 0: no token is appended, as the DiT's text embedding would make zero tokens real ones)."""
         if loras is None:
             return text
         if self.lora_encoder is None:
@@ -1337,6 +1362,8 @@ class FluxImagePipeline(BasePipeline):
         items = list(loras) if isinstance(loras, (list, tuple)) else [loras]
         if not items:
             raise ConfigError("lora_encoder_inputs is empty; give one LoRA or a list of them")
+        if scale == 0:
+            return text
         self.load_models_to_device(["lora_encoder"])
         with torch.no_grad():
             tokens = torch.cat([self.lora_encoder(self.read_lora(lora_file(item), "dit")) for item in items], dim=1)
@@ -1631,6 +1658,12 @@ class FluxImagePipeline(BasePipeline):
 
 def _as_list(items) -> list:
     return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _names_infusenet(config: ModelConfig) -> bool:
+    """Whether a ControlNet's `ModelConfig` (its path or hub pattern) names InfiniteYou's InfuseNet."""
+    names = [*_as_list(config.path or []), *_as_list(config.origin_file_pattern or [])]
+    return any("infusenet" in str(name).lower() for name in names)
 
 
 def insert_anything_output(images: torch.Tensor, insert, output_type: str):

@@ -29,6 +29,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -382,7 +383,12 @@ class Step1XEditPipeline(BasePipeline):
         self.load_models_to_device(["vae"])
         out = self.vae.decode(unpack_latents(x, height // 8, width // 8).to(module_dtype(self.vae)))
         self.load_models_to_device([])
-        if output_type != "pil":
-            return tensor_to_output(out.float(), output_type)
-        result = tensor_to_output(out.float(), "pil")[0]
-        return result.resize(original, Image.BICUBIC) if result.size != original else result
+        if tuple(out.shape[-2:]) == (original[1], original[0]):
+            images = tensor_to_output(out.float(), output_type)
+            return images[0] if output_type == "pil" else images
+        # back to the reference's size (bicubic, through PIL) whatever the output type, so all three agree
+        result = tensor_to_output(out.float(), "pil")[0].resize(original, Image.BICUBIC)
+        if output_type == "pil":
+            return result
+        unit = torch.from_numpy(np.asarray(result, dtype=np.float32) / 255.0)[None]
+        return unit.numpy() if output_type == "np" else unit.permute(0, 3, 1, 2).contiguous()

@@ -1,10 +1,12 @@
 """EliGen entity control for FLUX.1: regional prompts through a masked joint attention.
 
 Each entity is a prompt and a region of the image (a mask, white = entity). Every entity prompt is
-encoded by T5 on its own (same length as the global prompt; its CLIP vector is not used: the
+encoded by T5 on its own (at the global prompt's T5 sequence length; its CLIP vector is not used: the
 pooled vector stays the global prompt's) and the DiT reads the text sequence
 `[entity 0, ..., entity N-1, global]`, all with zero position ids, followed by the image tokens.
-Attention over that joint sequence, in the double and the single blocks, is restricted so that:
+Tokens appended to the global prompt's T5 states (Redux, AttriCtrl, LoRA Encoder) belong to its
+segment, which is then longer than the entities'. Attention over that joint sequence, in the double
+and the single blocks, is restricted so that:
 
 - an entity's text tokens and the image tokens inside its region see each other; image tokens
   outside the region do not see that entity's text (nor does it see them);
@@ -28,8 +30,9 @@ from diffsynth.runtime.eligen import check_entity_inputs, entity_regions, segmen
 
 @dataclass
 class EliGenEntities:
-    """Entity prompts prepared for a batch: T5 states `[B or 1, N, L, D]` (L = the global prompt's
-    length) and token regions `[B or 1, N, L_img]` (bool, True = image token j lies in entity i)."""
+    """Entity prompts prepared for a batch: T5 states `[B or 1, N, L, D]` (L = the T5 sequence length, the
+    global prompt's without appended tokens) and token regions `[B or 1, N, L_img]` (bool, True = image token j
+    lies in entity i)."""
 
     t5: torch.Tensor
     regions: torch.Tensor
@@ -55,9 +58,10 @@ class EliGenEntities:
 
 
 def joint_text(prompt_t5: torch.Tensor, entities: EliGenEntities) -> torch.Tensor:
-    """The DiT's text `[B, (N + 1) * L, D]`: the entity prompts in order, then the global prompt."""
+    """The DiT's text `[B, N * L + L_global, D]`: the entity prompts in order, then the global prompt (which may
+    be longer than L: tokens appended to its T5 states stay in its segment)."""
     b, length, dim = prompt_t5.shape
-    if entities.t5.shape[2:] != (length, dim) or entities.t5.shape[0] not in (1, b):
+    if entities.t5.shape[3] != dim or entities.t5.shape[2] > length or entities.t5.shape[0] not in (1, b):
         raise ValueError(
             f"entity T5 states {tuple(entities.t5.shape)} do not fit the prompt's {tuple(prompt_t5.shape)}: "
             "entity prompts must be encoded with the same t5_sequence_length"
@@ -66,11 +70,14 @@ def joint_text(prompt_t5: torch.Tensor, entities: EliGenEntities) -> torch.Tenso
     return torch.cat([entity, prompt_t5], dim=1)
 
 
-def attention_mask(regions: torch.Tensor, prompt_len: int, image_len: int) -> torch.Tensor:
+def attention_mask(
+    regions: torch.Tensor, prompt_len: int, image_len: int, entity_len: int | None = None
+) -> torch.Tensor:
     """Bool mask `[B or 1, 1, S, S]` (True = may attend) over `[entities, global, image]`, S =
-    (N + 1) * prompt_len + image_len (`segment_attention_mask` with every prompt as long as the global one);
-    image tokens past the regions' length (Kontext references) see only the global prompt."""
-    return segment_attention_mask(regions, [prompt_len] * (regions.shape[1] + 1), image_len)
+    N * entity_len + prompt_len + image_len (`segment_attention_mask`; `entity_len` defaults to the global
+    prompt's length); image tokens past the regions' length (Kontext references) see only the global prompt."""
+    entity_len = prompt_len if entity_len is None else entity_len
+    return segment_attention_mask(regions, [entity_len] * regions.shape[1] + [prompt_len], image_len)
 
 
 def joint_inputs(
@@ -78,7 +85,8 @@ def joint_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DiT's text states and its joint attention mask for a call with `image_len` image tokens."""
     txt = joint_text(prompt_t5, entities)
-    mask = attention_mask(entities.regions.to(prompt_t5.device), prompt_t5.shape[1], image_len)
+    regions = entities.regions.to(prompt_t5.device)
+    mask = attention_mask(regions, prompt_t5.shape[1], image_len, entity_len=entities.t5.shape[2])
     return txt, mask
 
 
