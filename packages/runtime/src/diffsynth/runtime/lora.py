@@ -17,6 +17,8 @@ dotted, without `.weight`). Recognised layouts:
 - DoRA: any of the above plus a magnitude, peft's `.lora_magnitude_vector` or LyCORIS' `.dora_scale`
   (`lora_dora`).
 Text-encoder entries (`lora_te*_`, `text_encoder*.`) are skipped: a denoiser LoRA is applied to the denoiser.
+diffusers' own files keep their alphas in the safetensors header (`lora_adapter_metadata`, its peft config) instead
+of `.alpha` keys; those are read too (`diffusers_alphas`), so such a file has the strength diffusers gives it.
 
 Unfused LoRAs are attached with a forward hook on the target `nn.Linear` and kept in a plain attribute of it,
 not in a wrapper module or a parametrization. That keeps the module object, its class and its state-dict keys
@@ -28,6 +30,7 @@ and dtype on first use and cached, so a model moved or offloaded after the LoRA 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -120,30 +123,108 @@ class LoRAWeights:
     source: str = "<state dict>"
     skipped: list[str] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # target -> one key of the file, for messages
+    header: dict[str, str] = field(default_factory=dict)  # the file's safetensors header (metadata)
+    prefix: str | None = None  # the prefix every name was read under ("transformer.", "lora_unet_", ""); None: mixed
 
     def __len__(self) -> int:
         return len(self.targets)
 
 
 # ----------------------------------------------------------------------------------- reading
+class LoRAState(dict):
+    """The raw tensors of a LoRA file (`read_lora_state`), with the file's safetensors header in `header`, so a
+    family that rewrites keys before `read_lora` still hands the header (diffusers' alphas) on when it passes the
+    same dict (a new dict needs `header=` given to `read_lora`)."""
+
+    header: dict[str, str]
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str] | None = None):
+        super().__init__(tensors)
+        self.header = dict(header or {})
+
+
 def read_lora(
-    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights, *, source: str | None = None
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights,
+    *,
+    source: str | None = None,
+    header: Mapping[str, str] | None = None,
 ) -> LoRAWeights:
     """Read a LoRA file (safetensors or torch pickle) or state dict into `LoRAWeights`; `source` names a
-    state dict in messages (a family converter passes the file it rewrote keys of)."""
+    state dict in messages (a family converter passes the file it rewrote keys of), `header` gives a state dict's
+    safetensors header (default: a file's own, or that of a `LoRAState`), whose diffusers alphas are applied."""
     if isinstance(path_or_state_dict, LoRAWeights):
         return path_or_state_dict
     state, read_from = read_lora_state(path_or_state_dict)
-    return _normalise(state, source or read_from)
+    if header is None:
+        header = state.header if isinstance(state, LoRAState) else {}
+    return _normalise(state, source or read_from, dict(header))
 
 
 def read_lora_state(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict, str]:
-    """The raw tensors of a LoRA file or state dict, and the name to use for it in messages."""
+    """The raw tensors of a LoRA file or state dict (a `LoRAState`, with the file's header), and the name to use for
+    it in messages."""
     if isinstance(path_or_state_dict, Mapping):
-        return dict(path_or_state_dict), "<state dict>"
+        return LoRAState(path_or_state_dict, getattr(path_or_state_dict, "header", None)), "<state dict>"
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        return _read_file(Path(path_or_state_dict)), str(path_or_state_dict)
+        path = Path(path_or_state_dict)
+        return LoRAState(_read_file(path), read_lora_header(path)), str(path_or_state_dict)
     raise LoRAError(f"a LoRA must be a file path, a state dict or LoRAWeights, got {type(path_or_state_dict).__name__}")
+
+
+def read_lora_header(path: str | os.PathLike | object) -> dict[str, str]:
+    """The safetensors header (metadata) of the LoRA file `path`; empty for anything else (a state dict, a pickle)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).endswith(".safetensors") or not Path(path).is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # a broken file is reported by the tensor read, with its listing
+        logger.debug("cannot read the header of %s: %s", path, exc)
+        return {}
+
+
+def diffusers_alphas(lora: LoRAWeights, header: Mapping[str, str] | None = None) -> LoRAWeights:
+    """`lora` with the alphas diffusers keeps out of the tensors filled in (from `header`, default `lora.header`).
+
+    diffusers' `save_lora_weights` (and its training scripts) write no `.alpha` keys: the peft config goes into
+    the safetensors header (`lora_adapter_metadata`: `<component>.lora_alpha`, `.alpha_pattern`, `.use_rslora` for a
+    pipeline's file, the same without `<component>.` for a model's), and its loader scales each layer by that
+    alpha / rank. Low-rank targets without an alpha of their own get the one peft would use (the first
+    `alpha_pattern` key matching the module name's end, else `lora_alpha`); without that header nothing changes."""
+    config = _diffusers_lora_config(lora.header if header is None else header, lora.source)
+    if config is None or config.get("lora_alpha") is None:
+        return lora
+    patterns = config.get("alpha_pattern") or {}
+    for name, target in lora.targets.items():
+        if target.alpha is not None or target.down is None:
+            continue
+        key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+        alpha = float(patterns[key] if key is not None else config["lora_alpha"])
+        target.alpha = alpha * math.sqrt(target.rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha/sqrt(r)
+    return lora
+
+
+_DENOISER_COMPONENTS = ("transformer", "unet")  # the names diffusers' pipelines give the denoiser's config
+
+
+def _diffusers_lora_config(header: Mapping[str, str], source: str) -> dict | None:
+    raw = header.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LoRAError(f"{source}: its lora_adapter_metadata header is not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{source}: its lora_adapter_metadata header is not a JSON object")
+    for component in _DENOISER_COMPONENTS:  # a pipeline's file: one config per model
+        if any(key.startswith(f"{component}.") for key in config):
+            return {k.removeprefix(f"{component}."): v for k, v in config.items() if k.startswith(f"{component}.")}
+    if "lora_alpha" not in config and any("." in key for key in config):
+        return None  # only other models' configs (text encoders)
+    return config
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -158,8 +239,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         raise LoRAError(f"cannot read LoRA file {path}: {exc}") from None
 
 
-def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
+def _normalise(state: dict[str, torch.Tensor], source: str, header: dict[str, str] | None = None) -> LoRAWeights:
     targets: dict[str, LoRATarget] = {}
+    prefixes: set[str] = set()  # what the names were read under
     origin: dict[tuple[str, str], str] = {}  # (target, field) -> key, to name keys in errors
     skipped: list[str] = []
     unknown: list[str] = []
@@ -175,10 +257,11 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
         if parsed is None:
             unknown.append(key)
             continue
-        name, kind, field_name = parsed
+        name, kind, field_name, prefix = parsed
         if name is None:
             skipped.append(key)
             continue
+        prefixes.add(prefix)
         if kind == "factor":
             kind = field_name
         if (name, kind) in origin:
@@ -228,7 +311,9 @@ def _normalise(state: dict[str, torch.Tensor], source: str) -> LoRAWeights:
     if skipped:
         logger.info("%s: skipped %d text-encoder LoRA keys (e.g. %s)", source, len(skipped), skipped[0])
     keys = {name: _first_key(name, origin, first_keys) for name in targets}
-    return LoRAWeights(targets=targets, source=source, skipped=skipped, keys=keys)
+    prefix = next(iter(prefixes)) if len(prefixes) == 1 else None
+    lora = LoRAWeights(targets, source, skipped, keys, header=dict(header or {}), prefix=prefix)
+    return diffusers_alphas(lora)
 
 
 def _first_key(name: str, origin: dict, first_keys: dict) -> str:
@@ -236,13 +321,16 @@ def _first_key(name: str, origin: dict, first_keys: dict) -> str:
     return next((origin[(name, k)] for k in kinds if (name, k) in origin), first_keys.get(name, name))
 
 
-def _parse_key(key: str) -> tuple[str | None, str, str | None] | None:
-    """(target name, field, LyCORIS factor name or None) of a LoRA key; the name is None for keys of other
-    models; None if unrecognised."""
+def _parse_key(key: str) -> tuple[str | None, str, str | None, str] | None:
+    """(target name, field, LyCORIS factor name or None, the prefix dropped from the name) of a LoRA key; the name
+    is None for keys of other models; None if unrecognised."""
     for pattern, kind in _SUFFIXES:
         match = pattern.match(key)
         if match:
-            return _target_name(match.group(1)), kind, match.group(2) if kind == "factor" else None
+            raw = match.group(1)
+            name = _target_name(raw)
+            prefix = "" if name is None else raw[: len(raw) - len(name)]
+            return name, kind, match.group(2) if kind == "factor" else None, prefix
     return None
 
 

@@ -1,12 +1,20 @@
 """`diffsynth lora extract | resize | merge | convert`: the `lora_tools` operations on files, and a file renamed to
-another naming (`lora_convert`), written with `save_lora`."""
+another naming (`lora_convert`), written with `save_lora`.
+
+The written file keeps the input's safetensors header (merged for `merge`, `lora_tools`), its names' prefix
+(`transformer.`, `lora_unet_`, ... when all inputs share one that fits `--format`; `--prefix` to choose) and its
+dtype (`--dtype` to choose). `--format` and `-o` are checked before any work."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+FORMATS = ("diffsynth", "peft", "kohya")  # `lora.SAVE_FORMATS`, spelled here so `--help` imports no torch
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # `lora_tools.DTYPES`
 
 
 def add_lora_parser(commands) -> None:
@@ -16,7 +24,12 @@ def add_lora_parser(commands) -> None:
     actions = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
 
     def common(
-        parser: argparse.ArgumentParser, default_format: str | None = "diffsynth", help_format: str = ""
+        parser: argparse.ArgumentParser,
+        default_format: str | None = "diffsynth",
+        help_format: str = "",
+        *,
+        prefix: bool = True,
+        text_encoder: bool = True,
     ) -> None:
         parser.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
         parser.add_argument(
@@ -24,6 +37,24 @@ def add_lora_parser(commands) -> None:
             default=default_format,
             help=help_format or "key layout: diffsynth (default), peft (ComfyUI names) or kohya",
         )
+        parser.add_argument(
+            "--dtype",
+            default=None,
+            help="dtype of the written tensors: float32, float16 or bfloat16 (default: the inputs')",
+        )
+        if prefix:
+            parser.add_argument(
+                "--prefix",
+                default=None,
+                help="prefix of the written names (default: the one the inputs were read with when they share one "
+                "that fits --format, e.g. transformer. or lora_unet_; else the format's)",
+            )
+        if text_encoder:
+            parser.add_argument(
+                "--drop-text-encoder",
+                action="store_true",
+                help="write the denoiser's part of a LoRA that also changes text encoders (refused otherwise)",
+            )
 
     ext = actions.add_parser("extract", help="a LoRA of a fine-tune's weight differences from its base (SVD)")
     ext.add_argument("base", help="the base checkpoint (file, shards' index or folder)")
@@ -31,7 +62,7 @@ def add_lora_parser(commands) -> None:
     ext.add_argument("--rank", type=int, required=True, help="rank of every extracted layer")
     ext.add_argument("--threshold", type=float, default=0.0, help="skip layers that changed by at most this much")
     ext.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster for large models)")
-    common(ext)
+    common(ext, text_encoder=False)
 
     res = actions.add_parser("resize", help="a LoRA (any kind) as a plain LoRA of another rank (SVD)")
     res.add_argument("lora", help="the LoRA file")
@@ -58,6 +89,7 @@ def add_lora_parser(commands) -> None:
     )
     common(
         con,
+        prefix=False,
         default_format=None,
         help_format="key layout: diffsynth (default for --to official), peft (default for --to diffusers: "
         "transformer.<name>; and for --to comfyui: diffusion_model.<name>; also for official names) or kohya "
@@ -66,22 +98,47 @@ def add_lora_parser(commands) -> None:
 
 
 def run_lora(args) -> int:
+    from .errors import ConfigError
+
+    if Path(args.output).suffix != ".safetensors":
+        raise ConfigError(f"-o {args.output}: LoRA files are written as .safetensors; give a path ending in it")
+    if args.format is not None and args.format not in FORMATS:  # checked here to be one line like the others
+        raise ConfigError(f"--format {args.format!r} is not a LoRA key layout; accepted: {', '.join(FORMATS)}")
+    if args.dtype is not None and args.dtype not in DTYPE_NAMES:
+        raise ConfigError(f"--dtype {args.dtype!r} is not accepted; choose one of {', '.join(DTYPE_NAMES)}")
+
     from .cli import path_and_scale
     from .lora import save_lora
-    from .lora_tools import extract_lora, merge_loras, resize_lora
+    from .lora_tools import DTYPES, extract_lora, merge_loras, resize_lora
 
+    dtype = None if args.dtype is None else DTYPES[args.dtype]
     if args.lora_command == "convert":
         from .lora_convert import convert_lora_file
 
-        lora = convert_lora_file(args.lora, args.output, args.family, to=args.to, format=args.format)
+        lora = convert_lora_file(
+            args.lora, args.output, args.family, to=args.to, format=args.format, dtype=dtype,
+            drop_text_encoder=args.drop_text_encoder,
+        )  # fmt: skip
         logger.info("wrote %s (%d layers, %s names)", args.output, len(lora), args.to)
         return 0
     if args.lora_command == "extract":
-        lora = extract_lora(args.base, args.tuned, args.rank, threshold=args.threshold, device=args.device)
+        lora = extract_lora(args.base, args.tuned, args.rank, threshold=args.threshold, device=args.device, dtype=dtype)
     elif args.lora_command == "resize":
-        lora = resize_lora(args.lora, args.rank)
+        lora = resize_lora(args.lora, args.rank, dtype=dtype, drop_text_encoder=args.drop_text_encoder)
     else:
-        lora = merge_loras([path_and_scale(spec) for spec in args.loras], rank=args.rank)
-    save_lora(lora, args.output, format=args.format)
+        specs = [path_and_scale(spec) for spec in args.loras]
+        lora = merge_loras(specs, rank=args.rank, dtype=dtype, drop_text_encoder=args.drop_text_encoder)
+    prefix = save_prefix(lora.prefix, args.format) if args.prefix is None else args.prefix
+    save_lora(lora, args.output, format=args.format, prefix=prefix, metadata=lora.header)
     logger.info("wrote %s (%d layers)", args.output, len(lora))
     return 0
+
+
+def save_prefix(read_with: str | None, format: str) -> str | None:
+    """The prefix to write names under in `format`: the one they were read with when it fits the format (a kohya
+    prefix for kohya, a dotted one for the others), else None (the format's own)."""
+    from .lora import KOHYA_PREFIXES
+
+    if not read_with:
+        return None
+    return read_with if (format == "kohya") == (read_with in KOHYA_PREFIXES) else None

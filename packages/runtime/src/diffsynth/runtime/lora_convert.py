@@ -7,15 +7,20 @@ names (what ComfyUI, the original repos and kohya-style tools read), `to="diffus
 keys under `diffusion_model.` by default (for FLUX and Wan the official names; Z-Image's is Lumina's NextDiT layout,
 with a fused `attention.qkv`). The renaming is the family's own (fused layers, swapped
 halves), reached through its registry entry (`Family.lora_converter`): the runtime imports no family package.
+The file keeps the input's safetensors header (less what the rewrite makes wrong, `lora_tools.carried_header`:
+diffusers' alphas are folded into the tensors) and its dtype; text-encoder entries are refused unless dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
+
+import torch
 
 from .errors import ConfigError, LoRAError
-from .lora import SAVE_FORMATS, LoRAWeights, save_lora
+from .lora import SAVE_FORMATS, LoRAWeights, read_lora_header, save_lora
 from .registry import installed_families
 
 logger = logging.getLogger(__name__)
@@ -49,10 +54,16 @@ def convert_lora_file(
     family: str,
     to: str = "official",
     format: str | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    drop_text_encoder: bool = False,
 ) -> LoRAWeights:
     """Write `lora` in the naming `to` as `output`, in the key layout `format` (`save_lora`'s; default diffsynth
     for official names, peft with the `transformer.` prefix for diffusers names, peft with `diffusion_model.` for
-    ComfyUI's). Returns what was written."""
+    ComfyUI's), in `dtype` (default the input's). A file that also changes text encoders is refused unless
+    `drop_text_encoder`. Returns what was written."""
+    from .lora_tools import carried_header, cast_targets, lora_dtype, refuse_text_encoder
+
     if format is not None and format not in SAVE_FORMATS:
         raise ConfigError(f"--format {format!r} is not a LoRA key layout; accepted: {', '.join(SAVE_FORMATS)}")
     prefix = None
@@ -67,7 +78,16 @@ def convert_lora_file(
     elif to == "comfyui":
         format = format or "peft"  # save_lora's peft prefix is `diffusion_model.`, ComfyUI's
     converted = convert_lora_naming(lora, family, to)
+    if not drop_text_encoder:
+        refuse_text_encoder(converted, "lora convert")
     if not converted.targets:
         raise LoRAError(f"{converted.source} has no LoRA targets left to write")
-    save_lora(converted, output, format=format or "diffsynth", prefix=prefix)
+    written_dtype = dtype or lora_dtype(converted)
+    converted = LoRAWeights(
+        cast_targets({name: replace(t) for name, t in converted.targets.items()}, written_dtype),
+        converted.source,
+        keys=dict(converted.keys),
+        header=carried_header(read_lora_header(lora)),
+    )
+    save_lora(converted, output, format=format or "diffsynth", prefix=prefix, metadata=converted.header)
     return converted

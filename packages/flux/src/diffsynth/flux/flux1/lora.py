@@ -38,11 +38,8 @@ of a fused layer and splitting it back are the runtime's (`diffsynth.runtime.lor
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -170,7 +167,7 @@ def read_flux1_lora(
         return convert_flux1_lora(path_or_state_dict, model)
     state, source = read_lora_state(path_or_state_dict)
     state, norms = split_control_parts(state, source)
-    lora = with_diffusers_alphas(read_lora(_xlabs_to_peft(state), source=source), path_or_state_dict)
+    lora = read_lora(_xlabs_to_peft(state), source=source, header=getattr(state, "header", None))
     return convert_flux1_lora(lora, model, norms)
 
 
@@ -278,47 +275,6 @@ def widen_img_in(model: nn.Module, in_channels: int) -> None:
     model.img_in = new
     model.config.in_channels = in_channels
     logger.info("widened the DiT's img_in from %d to %d input features", old.in_features, in_channels)
-
-
-def with_diffusers_alphas(lora: LoRAWeights, path: object, prefix: str = "transformer") -> LoRAWeights:
-    """`lora` with the alphas diffusers keeps out of the tensors filled in.
-
-    diffusers' `save_lora_weights` (and its training scripts) write no `.alpha` keys: the peft config goes into
-    the safetensors header (`lora_adapter_metadata`: `<prefix>.lora_alpha`, `.alpha_pattern`, `.use_rslora`), and
-    its loader scales each layer by that alpha / rank. Targets without an alpha of their own get the one peft
-    would use (the first `alpha_pattern` key matching the module name's end, else `lora_alpha`); a file without
-    that header is returned as is."""
-    config = _diffusers_lora_config(path, prefix, lora.source)
-    if config is None or config.get("lora_alpha") is None:
-        return lora
-    patterns = config.get("alpha_pattern") or {}
-    for name, target in lora.targets.items():
-        if target.alpha is not None or target.down is None:
-            continue
-        key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
-        alpha = float(patterns[key] if key is not None else config["lora_alpha"])
-        target.alpha = alpha * math.sqrt(target.rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha/sqrt(r)
-    return lora
-
-
-def _diffusers_lora_config(path: object, prefix: str, source: str) -> dict | None:
-    if not isinstance(path, (str, os.PathLike)) or not str(path).endswith(".safetensors"):
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
-    if not raw:
-        return None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LoRAError(f"{source}: its lora_adapter_metadata header is not JSON ({exc})") from None
-    if any(key.startswith(f"{prefix}.") for key in config):  # a pipeline's file: one config per model
-        config = {
-            key.removeprefix(f"{prefix}."): value for key, value in config.items() if key.startswith(f"{prefix}.")
-        }
-    return config
 
 
 def _xlabs_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

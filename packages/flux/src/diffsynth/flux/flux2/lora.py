@@ -35,7 +35,7 @@ from torch import nn
 from diffsynth.runtime.errors import LoRAError
 from diffsynth.runtime.lora import LoRAWeights, read_lora
 
-from ..flux1.lora import LoRANaming, convert_lora, rename_lora, with_diffusers_alphas
+from ..flux1.lora import LoRANaming, convert_lora, rename_lora
 from .formats import DIFFUSERS_TO_OURS, OURS_FUSED, SWAPPED, _template
 
 FLUX2_NAMING = LoRANaming(
@@ -58,7 +58,7 @@ def read_flux2_lora(
 
     Raises `LoRAError` naming the file and key for an entry that is no layer of the FLUX.2 DiT or does not fit
     its shape (a FLUX.1 LoRA, or one for another FLUX.2 size)."""
-    lora = with_diffusers_alphas(read_lora(path_or_state_dict), path_or_state_dict)
+    lora = read_lora(path_or_state_dict)  # with diffusers' header alphas
     return convert_lora(lora, model, FLUX2_NAMING)
 
 
@@ -70,7 +70,7 @@ def convert_flux2_naming(
     """A FLUX.2 DiT LoRA in any layout above renamed to BFL's names (`to="official"`) or diffusers'
     (`to="diffusers"`), exactly (`flux1.lora.rename_lora`). `model` gives the shapes; by default each released
     size (dev, klein-4b, klein-9b) is built on the meta device (no memory) and the first the LoRA fits is used."""
-    lora = with_diffusers_alphas(read_lora(path_or_state_dict), path_or_state_dict)
+    lora = read_lora(path_or_state_dict)  # with diffusers' header alphas
     if model is not None:
         return rename_lora(convert_lora(lora, model, FLUX2_NAMING), model, FLUX2_NAMING, to)
     from .dit import Flux2DiT, Flux2DiTConfig
