@@ -395,7 +395,7 @@ def test_hdr_preset_is_one_call(hdr_base, hdr_pipe, tmp_path, monkeypatch):
     from diffsynth.runtime.cli import main
     from diffsynth.runtime.media import save_video, video_frame_rate
 
-    save_video(video, tmp_path / "sdr.mp4", fps=12, quality=10)
+    save_video(video, tmp_path / "sdr.mp4", fps=12, lossless=True)
     args = ["generate", "--model", "Lightricks/LTX-2.3:hdr", "--input-video", str(tmp_path / "sdr.mp4")]
     args += ["--device", "cpu", "--dtype", "float32", "--seed", "2"]
     assert main([*args, "--output", str(tmp_path / "hdr.mp4")]) == 0

@@ -253,6 +253,28 @@ def test_text_prompts_file_and_num_images(recorder, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("b_*.png")) == ["b_0000.png", "b_0001.png", "b_0002.png"]
 
 
+def test_an_upper_case_jsonl_prompts_file_is_read_as_rows(recorder, tmp_path):
+    """`prompts.JSONL` (as Windows tools name files) was read as a kohya text file: each row its literal prompt."""
+    rows = tmp_path / "prompts.JSONL"
+    rows.write_text('{"prompt": "a fox", "seed": 7}\n')
+    assert main(["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), "--output",
+                 str(tmp_path / "a.png")]) == 0  # fmt: skip
+    assert [(c["prompt"], c["seed"]) for c in recorder.calls] == [("a fox", 7)]
+
+
+def test_a_seed_run_past_64_bits_is_named_with_its_row(recorder, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "seed": 18446744073709551615}\n')
+    args = ["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), "--output",
+            str(tmp_path / "a.png")]  # fmt: skip
+    assert main([*args, "--num-images", "2"]) == 2
+    assert "line 1: with --num-images 2, seed 18446744073709551615 reaches 18446744073709551616: outside" in (
+        capsys.readouterr().err
+    )
+    assert recorder.loads == 0
+    assert main(args) == 0 and [c["seed"] for c in recorder.calls] == [2**64 - 1]
+
+
 @pytest.mark.parametrize(
     ("content", "extra", "message"),
     [
@@ -335,6 +357,12 @@ def test_animate2_and_speed_flags_reach_the_pipeline(monkeypatch, tmp_path):
         (["--lora-image", "a.png"], r"--lora-image is for image-to-LoRA presets \(e.g. Qwen-Image-i2L\), not Recorder"),
         (["--audio-only", "--height", "64"], r"--height is not used with --audio-only, which makes sound alone"),
         (["--audio-only", "--input-image", "a.png"], r"--input-image is not used with --audio-only"),
+        # seeds torch.Generator cannot take (a bare "Overflow when unpacking long long" when the noise was drawn)
+        (["--seed", "18446744073709551616"], r"--seed 18446744073709551616: outside the seeds torch accepts, -2\*\*63"),
+        (
+            ["--seed", "18446744073709551615", "--num-images", "2"],
+            r"--num-images 2 reaches seed 18446744073709551616: o",
+        ),
     ],
 )
 def test_bad_generation_settings_are_named_before_loading(recorder, capsys, extra, message):
@@ -432,6 +460,8 @@ def test_prompts_file_rows_carry_their_own_sizes_steps_and_guidance(monkeypatch,
         ('{"prompt": "a", "width": 64.5}', "width 64.5 must be a whole number >= 1"),
         ('{"prompt": "a", "cfg": "high"}', "cfg 'high' must be a number"),
         ('{"prompt": "a", "seed": true}', "seed True must be a whole number"),
+        ('{"prompt": "a", "seed": 18446744073709551616}', "seed 18446744073709551616: outside the seeds torch accepts"),
+        ('{"prompt": "a", "seed": -9223372036854775809}', "seed -9223372036854775809: outside the seeds torch"),
         ('{"prompt": 5}', "prompt 5 must be a string"),
         ('{"prompt": "a", "negative_prompt": 7}', "negative_prompt 7 must be a string"),
         ('{"prompt": "a", "cfg": NaN}', "cfg nan must be a finite number"),

@@ -3,6 +3,7 @@
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,7 +241,7 @@ def test_hub_clients_get_local_dir_and_patterns(tmp_path, monkeypatch, source, m
     )
     assert config.resolve() == [str(tmp_path / "Org" / "Model" / "model.safetensors")]
     assert seen["local_dir"] == str(tmp_path / "Org" / "Model")
-    assert seen["allow_patterns"] == ["*.safetensors"] and seen["ignore_patterns"] is None
+    assert seen["allow_patterns"] == ["*.safetensors"] and seen["ignore_patterns"] == ["*/*"]  # root files only
     assert "Org/Model" in (*seen["args"], seen.get(first_arg))
 
 
@@ -251,3 +252,82 @@ def test_explicit_path(tmp_path, no_network):
     assert ModelConfig(path=[str(file), tmp_path]).resolve() == [str(file), str(tmp_path)]
     with pytest.raises(CheckpointError, match="other.safetensors does not exist.*model.safetensors"):
         ModelConfig(path=str(tmp_path / "other.safetensors")).resolve()
+
+
+REMOTE = {
+    "README.md": b"x",
+    "config.json": b"{}",
+    "lora.safetensors": b"lora",
+    "full_model/diffusion_pytorch_model.safetensors": b"big",
+    "checkpoints/step-1000/lora.safetensors": b"old",
+    "vae/diffusion_pytorch_model.safetensors": b"vae",
+}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A hub holding REMOTE that filters as both hubs do (fnmatch, where '*' crosses '/'); records each call."""
+    import fnmatch
+
+    calls = []
+
+    def fake_download(source, model_id, local_dir, allow_patterns, ignore_patterns):
+        calls.append((allow_patterns, ignore_patterns))
+        for name, data in REMOTE.items():
+            if allow_patterns is not None and not any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                continue
+            if any(fnmatch.fnmatch(name, p) for p in ignore_patterns or []):
+                continue
+            target = Path(local_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+    monkeypatch.setattr(hub, "_download", fake_download)
+    return calls
+
+
+def downloaded(root) -> list[str]:
+    return sorted(f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file())
+
+
+def test_a_root_pattern_downloads_root_files_only(tmp_path, fake_hub):
+    """ "*.safetensors" (what `load_lora("Org/Name")` asks for) brought every .safetensors of the repo's subfolders
+    too, since the hubs' fnmatch lets '*' cross '/', while only the root file is used."""
+    config = ModelConfig(model_id="Org/Lora", origin_file_pattern="*.safetensors", local_model_path=str(tmp_path))
+    assert config.resolve() == [str(tmp_path / "Org" / "Lora" / "lora.safetensors")]
+    assert downloaded(tmp_path / "Org" / "Lora") == ["lora.safetensors"]
+    mixed = ModelConfig(
+        model_id="Org/Mixed", origin_file_pattern=["*.json", "vae/*.safetensors"], local_model_path=str(tmp_path)
+    )
+    mixed.resolve()
+    assert downloaded(tmp_path / "Org" / "Mixed") == ["config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert fake_hub[-2:] == [(["vae/*.safetensors"], None), (["*.json"], ["*/*"])]
+
+
+@pytest.mark.parametrize("pattern", [None, "", ".", "./", ["./"]])
+def test_diffsynth_studio_whole_repo_patterns_download_the_repo(tmp_path, fake_hub, pattern):
+    """DiffSynth-Studio treats None, "" and "./" alike (the whole repo); "./" downloaded nothing ("no match")."""
+    config = ModelConfig(model_id="Org/Repo", origin_file_pattern=pattern, local_model_path=str(tmp_path))
+    assert config.resolve() == [str(tmp_path / "Org" / "Repo")]
+    assert fake_hub == [(None, None)] and downloaded(tmp_path / "Org" / "Repo") == sorted(REMOTE)
+
+
+def test_a_leading_dot_slash_is_dropped(tmp_path, fake_hub):
+    config = ModelConfig(model_id="Org/Repo", origin_file_pattern="./vae/", local_model_path=str(tmp_path))
+    assert config.resolve() == [str(tmp_path / "Org" / "Repo" / "vae")]
+    assert fake_hub == [(["vae/*"], None)]
+
+
+def test_a_tilde_in_paths_is_the_home_folder(tmp_path, monkeypatch, no_network):
+    """`~` from a .env file or a config (no shell to expand it) was taken literally: files under ~ were not found
+    and downloads went into a './~' folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "Org" / "M").mkdir(parents=True)
+    (tmp_path / "models" / "Org" / "M" / "a.safetensors").write_bytes(b"x")
+    expected = [str(tmp_path / "models" / "Org" / "M" / "a.safetensors")]
+    given = ModelConfig(model_id="Org/M", origin_file_pattern="a.safetensors", local_model_path="~/models")
+    assert given.local_model_path == str(tmp_path / "models") and given.resolve() == expected
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", "~/models")
+    assert ModelConfig(model_id="Org/M", origin_file_pattern="a.safetensors").resolve() == expected
+    assert ModelConfig(path="~/models/Org/M/a.safetensors").resolve() == expected
+    assert ModelConfig(path=["~/models/Org/M/a.safetensors"]).resolve() == expected

@@ -175,7 +175,7 @@ def test_video_errors(tmp_path):
         load_video(tmp_path / "missing.mp4")
     with pytest.raises(ConfigError, match=r"nope\.png does not exist"):
         load_image(tmp_path / "nope.png")
-    assert quality_to_crf(10) == 0 and quality_to_crf(5) == 25 and quality_to_crf(0) == 51
+    assert quality_to_crf(10) == 1 and quality_to_crf(5) == 25 and quality_to_crf(0) == 51
 
 
 def test_audio_round_trip_is_exact_for_pcm16_values(tmp_path):
@@ -331,3 +331,112 @@ def test_a_late_clip_keeps_only_its_frames(tmp_path, monkeypatch):
     monkeypatch.setattr(av.VideoFrame, "to_image", counting)
     assert frame_numbers(load_video(tmp_path / "v.mp4", num_frames=4, start=40), step=5) == [40, 41, 42, 43]
     assert len(converted) == 4
+
+
+def test_deep_grey_images_are_scaled_to_eight_bits(tmp_path):
+    """PIL's convert clipped 16-bit and float grey to 0..255: a 16-bit mid-grey PNG read white, a 0.5 float black."""
+    half = np.full((4, 8), 32768, np.uint16)
+    half[:, :4] = 0
+    Image.fromarray(half).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as opened:
+        assert opened.mode == "I;16"
+    rgb = np.asarray(load_image(tmp_path / "grey16.png"))
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 7].tolist() == [128, 128, 128]
+    big_endian = Image.frombytes("I;16B", (2, 1), bytes([0x80, 0x00, 0xFF, 0xFF]))
+    assert np.asarray(load_image(big_endian))[0].tolist() == [[128] * 3, [255] * 3]
+    as_int = Image.fromarray(half.astype(np.int32))  # mode I, as 16-bit PNGs open in some Pillow versions
+    assert as_int.mode == "I" and np.asarray(load_image(as_int))[0, 7].tolist() == [128, 128, 128]
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "half.tif")
+    assert np.asarray(load_image(tmp_path / "half.tif", "RGBA"))[0, 0].tolist() == [128, 128, 128, 255]
+    Image.fromarray(np.linspace(0, 255, 16, dtype=np.float32).reshape(4, 4)).save(tmp_path / "wide.tif")
+    with pytest.raises(ConfigError, match=r"wide\.tif: a float image \(mode F\) with values 0\.\.255; it is read as 0"):
+        load_image(tmp_path / "wide.tif")
+    with pytest.raises(ConfigError, match=r"32-bit integer image \(mode I\) with values -5\.\.70000"):
+        load_image(Image.fromarray(np.array([[-5, 70000]], np.int32)))
+
+
+def test_quality_ten_writes_a_playable_high_profile(tmp_path):
+    """quality >= 9.9 was CRF 0 (lossless), which x264 writes as High 4:4:4 Predictive: browsers do not play it."""
+    frames = [random_image(k, (32, 32)) for k in range(3)]
+    for quality in (9.9, 10):
+        assert quality_to_crf(quality) == 1
+        save_video(frames, tmp_path / f"q{quality}.mp4", fps=8, quality=quality)
+        with av.open(str(tmp_path / f"q{quality}.mp4")) as c:
+            context = c.streams.video[0].codec_context
+            assert (context.profile, context.pix_fmt) == ("High", "yuv420p")
+    save_video(frames, tmp_path / "exact.mp4", fps=8, lossless=True)  # asked for: CRF 0, exact luma
+    with av.open(str(tmp_path / "exact.mp4")) as c:
+        assert c.streams.video[0].codec_context.profile == "High 4:4:4 Predictive"
+    grey = [Image.new("RGB", (32, 32), (k * 37,) * 3) for k in range(4)]
+    save_video(grey, tmp_path / "grey.mp4", fps=8, lossless=True)
+    back = np.stack([np.asarray(f, np.int16) for f in load_video(tmp_path / "grey.mp4")])
+    assert np.abs(back - np.arange(4).reshape(4, 1, 1, 1) * 37).max() <= 1  # only the RGB <-> YUV rounding
+
+
+def test_a_rotated_video_is_turned_upright(tmp_path):
+    """A phone's portrait clip is stored landscape with a display matrix saying to turn it; players do."""
+    from diffsynth.runtime.media import video_size
+
+    path = tmp_path / "portrait.mp4"
+    stored = np.zeros((3, 32, 64, 3), np.uint8)
+    stored[:, :, :32, 2] = 255  # left half blue
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):
+            pytest.skip(f"PyAV {av.__version__} cannot write a display rotation")
+        stream.set_display_rotation(-90)  # counter-clockwise degrees: turn clockwise to show
+        for k, array in enumerate(stored):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = k
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        rotation = getattr(next(container.decode(video=0)), "rotation", None)
+    if rotation is None:
+        pytest.skip(f"PyAV {av.__version__} does not read frame.rotation")
+    assert rotation == -90
+    frames = load_video(path)
+    assert len(frames) == 3 and frames[0].size == (32, 64) == video_size(path)
+    top, bottom = frames[0].getpixel((16, 4)), frames[0].getpixel((16, 60))
+    assert top[2] > 200 and bottom[2] < 60  # turned clockwise: the stored left half is on top
+    assert load_video(path, height=32)[0].size == (16, 32)
+    save_video(stored, tmp_path / "plain.mp4", fps=8)
+    assert load_video(tmp_path / "plain.mp4")[0].size == (64, 32) == video_size(tmp_path / "plain.mp4")
+
+
+def test_damaged_media_are_config_errors_naming_the_file(tmp_path):
+    """A truncated PNG raised a bare OSError without the file; broken videos and sound files PyAV's InvalidDataError."""
+    from diffsynth.runtime.media import video_size
+
+    random_image(0, (128, 128)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ConfigError, match=r"cut\.png cannot be read as a picture: the file is damaged or truncated"
+    ) as error:
+        load_image(tmp_path / "cut.png")
+    assert isinstance(error.value.__cause__, OSError)
+    (tmp_path / "text.mp4").write_bytes(b"not a video at all " * 20)
+    for read in (load_video, video_frame_count, video_frame_times, video_size):
+        with pytest.raises(
+            ConfigError, match=r"text\.mp4 cannot be read as a video: the file is damaged or is not a video \("
+        ):
+            read(tmp_path / "text.mp4")
+    save_video(np.zeros((4, 32, 32, 3), np.uint8), tmp_path / "clip.mp4")
+    data = (tmp_path / "clip.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ConfigError, match=r"cut\.mp4 cannot be read as a video: the file is damaged"):
+        load_video(tmp_path / "cut.mp4")
+    (tmp_path / "text.wav").write_bytes(b"not a sound either " * 20)
+    with pytest.raises(
+        ConfigError, match=r"text\.wav cannot be read as a sound file: the file is damaged or is not a sound"
+    ):
+        load_audio(tmp_path / "text.wav")
+    save_audio(torch.zeros(2, 1001), tmp_path / "whole.wav", 16000)
+    data = (tmp_path / "whole.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2 + 1])
+    with pytest.raises(
+        ConfigError, match=r"cut\.wav cannot be read as a sound file: .*truncated: its header states 1001 samples"
+    ):
+        load_audio(tmp_path / "cut.wav")

@@ -254,13 +254,38 @@ def test_tea_cache_first_and_last_steps_run_and_positions_keep_their_states():
     assert (cache.calls, cache.skipped) == (3, 2)
 
 
-def test_tea_cache_negative_polynomial_values_reuse_even_at_threshold_zero():
-    """DiffSynth-Studio's rule compares the sum with `<`: a polynomial negative at 0 change (the Wan 1.3B one
-    is -0.05 there) reuses identical inputs even at threshold 0; a positive one does not."""
+# Wan2.1's published TeaCache polynomials that are negative for small changes (diffsynth.wan.dit holds them too).
+NEGATIVE_NEAR_ZERO = {
+    "Wan2.1-T2V-1.3B": (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+    "Wan2.1-T2V-14B": (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+    "Wan2.1-I2V-14B-720P": (8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02),
+}
+
+
+@pytest.mark.parametrize("model_id", sorted(NEGATIVE_NEAR_ZERO))
+def test_tea_cache_threshold_zero_never_reuses_even_with_negative_polynomials(model_id):
+    """These polynomials are negative for small changes, so the accumulated sum drops below 0; threshold 0 must
+    still run every call in full and give exactly the uncached outputs."""
+    coefficients = NEGATIVE_NEAR_ZERO[model_id]
+    assert TeaCache(0.0, coefficients).rescale(0.001) < 0
+    stack = Stack()
+    base = inputs(1)
+    xs = [(base[0] * (1 + 0.001 * i), base[1]) for i in range(6)]  # slowly changing indicator
+    cache = TeaCache(0.0, coefficients)
+    outs = tea_loop(cache, [[x] for x in xs], stack)
+    assert (cache.calls, cache.skipped, stack.rest_calls) == (6, 0, 6)
+    for x, out in zip(xs, outs, strict=True):
+        for got, want in zip(out[0], stack.plain(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_tea_cache_negative_polynomial_values_still_accumulate_above_threshold_zero():
+    """Above 0 the rule is DiffSynth-Studio's (`sum < threshold`, negative terms included): a polynomial negative at
+    0 change reuses identical inputs at a tiny threshold; a positive one does not; at 0 neither does."""
     stack = Stack()
     a = inputs(1)
-    for constant, reused in ((-0.05, 1), (0.05, 0)):
-        cache = TeaCache(0.0, (1.0, constant))
+    for threshold, constant, reused in ((1e-6, -0.05, 1), (1e-6, 0.05, 0), (0.0, -0.05, 0)):
+        cache = TeaCache(threshold, (1.0, constant))
         tea_loop(cache, [[a], [a], [a]], stack)
         assert cache.skipped == reused
 

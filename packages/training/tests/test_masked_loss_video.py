@@ -39,7 +39,7 @@ def column_mask_video(frames: int, height: int = 64, width: int = 64) -> np.ndar
 def write_rows(folder: Path, videos: dict[str, np.ndarray], rows: list[dict]) -> Path:
     """`videos` as near-lossless H.264 files (crf 0), `rows` as metadata.csv."""
     for name, frames in videos.items():
-        save_video(list(frames), folder / name, fps=8, quality=10)
+        save_video(list(frames), folder / name, fps=8, lossless=True)
     return write_metadata(folder, rows)
 
 
@@ -169,7 +169,7 @@ def test_too_short_or_black_mask_videos_and_a_picture_rows_mask_video_are_named(
         ConfigError, match=r"row 1 column loss_mask: short\.mp4 has 3 frames, fewer than one clip of --num_frames 5"
     ):
         video_dataset(folder)
-    save_video([np.zeros((64, 64, 3), dtype=np.uint8)] * FRAMES, tmp_path / "black.mp4", fps=8, quality=10)
+    save_video([np.zeros((64, 64, 3), dtype=np.uint8)] * FRAMES, tmp_path / "black.mp4", fps=8, lossless=True)
     write_metadata(tmp_path, [{"video": "clip.mp4", "prompt": "p", "loss_mask": "black.mp4"}])
     with pytest.raises(ConfigError, match=r"the mask video .*black\.mp4 is black over the training crop"):
         video_dataset(folder)[0]
@@ -286,9 +286,9 @@ def test_a_captioned_folder_finds_a_mask_video_beside_its_video(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     for name, seed in (("clip", 1), ("still", 2)):
-        save_video(list(noise_video(seed)), folder / f"{name}.mp4", fps=8, quality=10)
+        save_video(list(noise_video(seed)), folder / f"{name}.mp4", fps=8, lossless=True)
         (folder / f"{name}.txt").write_text(f"a {name}")
-    save_video(list(column_mask_video(FRAMES)), folder / "clip-masklabel.mp4", fps=8, quality=10)
+    save_video(list(column_mask_video(FRAMES)), folder / "clip-masklabel.mp4", fps=8, lossless=True)
     Image.fromarray(column_mask_video(1)[0]).save(folder / "still-masklabel.png")
     Image.fromarray(noise_video(3, frames=1)[0]).save(folder / "photo.png")
     (folder / "photo.txt").write_text("a photo")

@@ -23,7 +23,7 @@ FRAMES = 4  # --num_frames of the clips
 
 
 def numbered_video(path, count: int, fps: int = 8) -> None:
-    save_video([Image.new("RGB", (32, 32), (16 * k,) * 3) for k in range(count)], path, fps=fps, quality=10)
+    save_video([Image.new("RGB", (32, 32), (16 * k,) * 3) for k in range(count)], path, fps=fps, lossless=True)
 
 
 def numbers(video: torch.Tensor) -> list[int]:

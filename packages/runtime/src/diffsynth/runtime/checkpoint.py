@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .dtypes import dtype_name
-from .errors import CheckpointError, ConfigError, UnknownModelError, preview
+from .errors import CheckpointError, ConfigError, DiffSynthError, UnknownModelError, preview
 
 logger = logging.getLogger(__name__)
 
@@ -395,6 +395,38 @@ def _expand_dir(folder: Path) -> list[str]:
     return [str(p) for p in files]
 
 
+def folder_weights(folder: Path) -> list[str]:
+    """The weight files of a model folder as `from_pretrained(folder)` takes them: per model name (the file name
+    without its format suffix and shard numbers; transformers' `pytorch_model` is `model`), the shards its index
+    lists (the .safetensors index first), else its .safetensors files, else its other files. As `load_model(folder)`
+    for one model (no .bin beside the .safetensors of the same model, no consolidated file beside its shard set);
+    files of different names are different models, all kept (Wan's DiT shards beside CLIP, T5 and VAE .pth files)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if name.endswith(WEIGHT_SUFFIXES):
+            groups.setdefault(_model_name(name), []).append(name)
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    chosen: list[str] = []
+    for model, group in groups.items():
+        mine = [n for n in indexes if _model_name(n[: -len(INDEX_SUFFIX)]) == model]
+        preferred = [n for n in mine if n.endswith(".safetensors" + INDEX_SUFFIX)] or mine
+        if preferred:
+            chosen += [s for s in _shards_of(folder / preferred[0]) if s not in chosen]
+            continue
+        safetensors = [n for n in group if n.endswith(SAFETENSORS_SUFFIXES)]
+        chosen += [str(folder / n) for n in safetensors or group]
+    return chosen
+
+
+def _model_name(file_name: str) -> str:
+    found = _SHARD_NAME.match(file_name)
+    stem = found["stem"] if found else file_name
+    for suffix in WEIGHT_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    return "model" if stem == "pytorch_model" else stem
+
+
 def read_index(index: Path) -> dict[str, str]:
     """The `weight_map` (key -> shard file name) of a `*.index.json`."""
     try:
@@ -477,27 +509,42 @@ def folder_listing(folder: Path) -> str:
 
 # ----------------------------------------------------------------------------------- inspect
 def describe_checkpoint(paths, *, specs=None) -> dict:
-    """What `diffsynth inspect` prints: files, counts, dtypes and the models recognised in them."""
+    """What `diffsynth inspect` prints: files, counts, storage types and the models recognised in them. Counts are
+    of the model's parameters (a packed weight counts its unpacked shape), `bytes` and the `dtypes` keys are as
+    stored: a GGUF block type ("Q8_0"), a prequantized layer's method ("bitsandbytes_nf4") or a dtype."""
     from .loading import config_json_beside, derive_config, recognise
+    from .quant_io import CONFIG_KEY, file_quantization
 
     state = open_checkpoint(paths)
+    label = checkpoint_label(state.files)
+    info: dict = {"files": state.files, "tensors": len(state)}
+    try:  # a file saved quantized: its packed weights, as `quant_io.load_prequantized` reads them
+        packed = file_quantization(state.files)[0]
+    except DiffSynthError as exc:  # inspect reports, it does not stop
+        packed, info["quantization_error"] = {}, str(exc)
+    method_of = {part: p.method for p in packed.values() for part in p.parts}
     histogram: dict[str, dict[str, int]] = {}
-    for dtype, shape, *_ in (e for _, e in state._entries()):
-        slot = histogram.setdefault(dtype_name(dtype), {"tensors": 0, "parameters": 0})
+    stored = 0
+    for key, (dtype, shape, *_) in state._entries():
+        kind, size = _storage(state, key)
+        stored += size
+        slot = histogram.setdefault(method_of.get(key) or kind or dtype_name(dtype), {"tensors": 0, "parameters": 0})
         slot["tensors"] += 1
-        slot["parameters"] += _numel(shape)
-    info: dict = {
-        "files": state.files,
-        "tensors": len(state),
-        "parameters": state.parameter_count(),
-        "bytes": state.nbytes(),
-        "dtypes": histogram,
-    }
+        slot["parameters"] += 0 if key in method_of else _numel(shape)
+    for p in packed.values():
+        histogram[p.method]["parameters"] += _numel(p.shape)
+    info.update(parameters=sum(s["parameters"] for s in histogram.values()), bytes=stored, dtypes=histogram)
+    if packed:
+        layers: dict[str, int] = {}
+        for p in packed.values():
+            layers[p.method] = layers.get(p.method, 0) + 1
+        info["quantized_layers"] = layers
     if state.metadata:
         info["metadata"] = {k: v if len(v) <= 120 else v[:120] + "..." for k, v in state.metadata.items()}
-    meta = state.meta_state_dict()
+    meta = {k: v for k, v in state.meta_state_dict().items() if k not in method_of}
+    meta.update({p.key: torch.empty(p.shape, dtype=p.dtype, device="meta") for p in packed.values()})
     try:
-        found = recognise(meta, specs=specs, label=checkpoint_label(state.files))
+        found = recognise(meta, specs=specs, label=label)
     except UnknownModelError as exc:
         info["models"] = []
         lora = _lora_description(state)
@@ -507,11 +554,15 @@ def describe_checkpoint(paths, *, specs=None) -> dict:
             info["unrecognised"] = str(exc)
         return info
     config_json = config_json_beside(state.files) if len(found) == 1 else None
+    if config_json is None and len(found) == 1 and packed and CONFIG_KEY in state.metadata:
+        config_json = json.loads(state.metadata[CONFIG_KEY])  # recorded by save_quantized_model
+    if config_json is not None and packed:
+        config_json = {k: v for k, v in config_json.items() if k != "quantization_config"}
     models = []
     for item in found:
         entry = {"spec": item.spec.name, "role": item.spec.role, "layout": item.layout.name, "keys": len(item.keys)}
         try:
-            config = derive_config(item, meta, config_json, checkpoint_label(state.files))
+            config = derive_config(item, meta, config_json, label)
             entry["config"] = asdict(config) if is_dataclass(config) and not isinstance(config, type) else repr(config)
         except Exception as exc:  # inspect reports, it does not stop
             entry["config_error"] = str(exc)
@@ -520,11 +571,24 @@ def describe_checkpoint(paths, *, specs=None) -> dict:
     return info
 
 
-def _lora_description(state) -> dict | None:
-    """`describe_lora` of a checkpoint that reads as a LoRA (its tensors loaded: LoRA files are small), else None."""
-    from .errors import LoRAError
-    from .lora import describe_lora, read_lora
+def _storage(state: LazyStateDict, key: str) -> tuple[str | None, int]:
+    """How `key` is stored, without reading it: a GGUF block type (None for a plain dtype) and its bytes on disk."""
+    reader = state._readers[state._where[key]]
+    if hasattr(reader, "storage"):  # gguf.GGUFFile
+        return reader.storage(key)
+    dtype, shape, *_ = reader.entries[key]
+    return None, _numel(shape) * dtype.itemsize
 
+
+def _lora_description(state) -> dict | None:
+    """`describe_lora` of a checkpoint that reads as a LoRA, else None. Decided from the key names first: only a
+    file whose every key is a LoRA key (LoRA files are small) has its tensors loaded."""
+    from .errors import LoRAError
+    from .lora import _parse_key, describe_lora, read_lora
+
+    parsed = [_parse_key(key) for key in state]
+    if not parsed or None in parsed or all(p[0] is None for p in parsed):
+        return None
     try:
         return describe_lora(read_lora({key: state[key] for key in state}, source=checkpoint_label(state.files)))
     except LoRAError:

@@ -824,17 +824,22 @@ def generation_jobs(args, pipeline=None) -> list[dict]:
     """The prompt, seed and settings (`JOB_KEYS`) of each generation `--prompts-file` / `--num-images` ask for, in
     order; a bad file or row, or a row's setting the `pipeline` class does not take, is an error naming it."""
     from .errors import ConfigError
+    from .pipeline import check_seed
 
     if args.num_images < 1:
         raise ConfigError(f"--num-images {args.num_images} must be >= 1")
+    check_seed(args.seed, "--seed")
     if args.prompts_file is None:
+        check_seed(
+            args.seed + args.num_images - 1, f"--seed {args.seed} with --num-images {args.num_images} reaches seed"
+        )
         return [{"prompt": args.prompt, "seed": args.seed + n} for n in range(args.num_images)]
     if args.prompt is not None:
         raise ConfigError("--prompt and --prompts-file both give the prompt: use one")
     path = Path(args.prompts_file)
     if not path.is_file():
         raise ConfigError(f"--prompts-file {path} does not exist")
-    kohya = path.suffix != ".jsonl"  # a prompt a line, with kohya's sample-prompt options after it
+    kohya = path.suffix.lower() != ".jsonl"  # a prompt a line, with kohya's sample-prompt options after it
     if kohya:
         lines = read_prompts_file(path, flag="--prompts-file", at="{file}, line {number}")
         # each row with where it is, for messages
@@ -845,8 +850,12 @@ def generation_jobs(args, pipeline=None) -> list[dict]:
         for row, where in rows:
             _check_row_settings(pipeline, row, where, args.model, kohya)
     jobs = []
-    for row, _ in rows:
+    for row, where in rows:
         first = int(row.get("seed", args.seed))
+        if args.num_images > 1:  # the run's last seed, counted on from the row's (or --seed)
+            check_seed(
+                first + args.num_images - 1, f"{where}: with --num-images {args.num_images}, seed {first} reaches"
+            )
         extra = {k: v for k, v in row.items() if k not in ("prompt", "seed")}
         jobs += [{"prompt": row["prompt"], "seed": first + n, **extra} for n in range(args.num_images)]
     return jobs
@@ -935,6 +944,10 @@ def _checked_row(row: dict, where: str, kohya: bool = False) -> dict:
             isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 1)
         ):
             raise ConfigError(f"{where}: {key} {value!r} must be a whole number{'' if key == 'seed' else ' >= 1'}")
+    if row.get("seed") is not None:
+        from .pipeline import check_seed
+
+        check_seed(row["seed"], f"{where}: {'--d' if kohya else 'seed'}")
     cfg = row.get("cfg")
     if cfg is not None and (isinstance(cfg, bool) or not isinstance(cfg, (int, float))):
         raise ConfigError(f"{where}: cfg {cfg!r} must be a number")

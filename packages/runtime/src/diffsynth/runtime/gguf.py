@@ -339,6 +339,14 @@ class GGUFFile:
     def is_quantized(self, key: str) -> bool:
         return self._tensors[key][0] in FORMATS
 
+    def storage(self, key: str) -> tuple[str | None, int]:
+        """How `key` is stored, without reading it: its block type ("Q8_0"; None for a plain dtype, which `entries`
+        gives) and its bytes in the file."""
+        qtype, shape, data = self._tensors[key]
+        if qtype in FORMATS:
+            return qtype, int(data.nbytes)
+        return None, _numel(shape) * PLAIN[qtype].itemsize
+
     def packed(self, key: str) -> torch.Tensor:
         """The raw uint8 data of `key` (a view of the file map), one row per leading index."""
         qtype, shape, data = self._tensors[key]

@@ -80,8 +80,9 @@ class ModelConfig:
             self.local_model_path = os.environ.get(ENV_MODEL_BASE_PATH) or "./models"
         elif not isinstance(self.local_model_path, (str, os.PathLike)):
             raise ConfigError(f"local_model_path must be a folder path, got {self.local_model_path!r}")
-        self.local_model_path = os.fspath(self.local_model_path)
+        self.local_model_path = os.path.expanduser(os.fspath(self.local_model_path))
         self.skip_download = _skip_download(self.skip_download)
+        self._downloaded = False  # set once `resolve` had to fetch files (companion configs follow it)
         if self.quantize is not None:
             from .quant import QuantizeConfig
 
@@ -123,6 +124,7 @@ class ModelConfig:
         gaps = self._gaps(patterns, found)
         if gaps and not self.skip_download:
             self._fetch(patterns, found)
+            self._downloaded = True
             found = self._find(patterns)
             gaps = self._gaps(patterns, found)
         if gaps:
@@ -137,8 +139,11 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ internals
     def _patterns(self) -> list[str]:
+        """The patterns, "" standing for the whole repo (DiffSynth-Studio's None, "", "." and "./");
+        a leading "./" is dropped ("./vae/" is "vae/")."""
         pattern = self.origin_file_pattern
         patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+        patterns = [_strip_dot(p) for p in patterns]
         return [p for p in patterns if p] or [""]
 
     def _find(self, patterns: list[str]) -> dict[str, list[str]]:
@@ -167,6 +172,7 @@ class ModelConfig:
 
     def _fetch(self, patterns: list[str], found: dict[str, list[str]]) -> None:
         root = self.local_folder
+        calls = [(None, [])] if "" in patterns else _download_calls(patterns)
         allow = None if "" in patterns else [p + "*" if p.endswith("/") else p for p in patterns]
         present = []
         for hits in found.values():
@@ -182,7 +188,9 @@ class ModelConfig:
             len(present),
         )
         try:
-            _download(self.download_source, self.model_id, root, allow, sorted(set(present)) or None)
+            for allow_patterns, ignore in calls:
+                ignore_patterns = sorted(set(present)) + ignore
+                _download(self.download_source, self.model_id, root, allow_patterns, ignore_patterns or None)
         except DiffSynthError:
             raise
         except Exception as exc:  # network, auth, unknown repo: one clear message
@@ -227,17 +235,32 @@ def _download(source: str, model_id: str, local_dir: str, allow_patterns, ignore
         )
 
 
+def _strip_dot(pattern: str) -> str:
+    while pattern.startswith("./"):
+        pattern = pattern[2:]
+    return "" if pattern == "." else pattern
+
+
+def _download_calls(patterns: list[str]) -> list[tuple[list[str], list[str]]]:
+    """(allow_patterns, extra ignore_patterns) per hub call. Locally a pattern without '/' matches root files only
+    (glob), but both hubs match allow patterns with fnmatch, where '*' crosses '/': such patterns go in a call
+    that ignores every file below a subfolder ("*/*"), so "*.safetensors" brings the root files only."""
+    nested = [p + "*" if p.endswith("/") else p for p in patterns if "/" in p]
+    root = [p for p in patterns if "/" not in p]
+    return [(allow, ignore) for allow, ignore in ((nested, []), (root, ["*/*"])) if allow]
+
+
 def _other(source: str) -> str:
     return DOWNLOAD_SOURCES[1 - DOWNLOAD_SOURCES.index(source)]
 
 
 def _check_path(path):
-    if path is None or isinstance(path, str):
+    if path is None:
         return path
-    if isinstance(path, os.PathLike):
-        return os.fspath(path)
+    if isinstance(path, (str, os.PathLike)):
+        return os.path.expanduser(os.fspath(path))
     if isinstance(path, (list, tuple)) and path and all(isinstance(p, (str, os.PathLike)) for p in path):
-        return [os.fspath(p) for p in path]
+        return [os.path.expanduser(os.fspath(p)) for p in path]
     raise ConfigError(f"ModelConfig path must be a path or a non-empty list of paths, got {path!r}")
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import wave
 from collections.abc import Sequence
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,6 +26,17 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 PathLike = str | os.PathLike
+
+
+@contextmanager
+def damaged_as_config_error(path: Path, what: str):
+    """PIL's and PyAV's errors while reading `path` (OSError, av.error.FFmpegError) as a ConfigError naming it."""
+    import av
+
+    try:
+        yield
+    except (OSError, av.error.FFmpegError) as error:
+        raise ConfigError(f"{path} cannot be read as {what}: the file is damaged or is not {what} ({error})") from error
 
 
 def _existing(path: PathLike, what: str) -> Path:
@@ -42,11 +54,14 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")  # files read
 def load_image(image: PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
     """A PIL image in `mode` ("RGB", or "RGBA" for models that read transparency) from a path or an image
     (any mode: RGBA, L, P ... are converted; RGB gains an opaque alpha), turned upright as its EXIF orientation
-    says (a phone's portrait photo is stored sideways with a tag saying so; diffusers' `load_image` does the same)."""
+    says (a phone's portrait photo is stored sideways with a tag saying so; diffusers' `load_image` does the same).
+    Grey images deeper than 8 bits are scaled to 8 bits first (`eight_bit`): 16-bit ones (modes I;16*, and I with
+    values in 0..65535, as a 16-bit PNG can open) keep their top 8 bits, float ones (mode F) must hold 0..1.
+    A damaged or truncated file is a ConfigError naming it."""
     if mode not in ("RGB", "RGBA"):
         raise ConfigError(f"load_image mode={mode!r} is not accepted; use 'RGB' or 'RGBA'")
     if isinstance(image, Image.Image):
-        image = upright(image)
+        image = eight_bit(upright(image), "the image")
         return image if image.mode == mode else image.convert(mode)
     if not isinstance(image, (str, os.PathLike)):
         raise ConfigError(f"an image must be a file path or a PIL.Image, got {type(image).__name__}")
@@ -56,8 +71,45 @@ def load_image(image: PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
     except Image.UnidentifiedImageError:
         hint = "; it is a video: read its frames with load_video" if path.suffix.lower() in VIDEO_SUFFIXES else ""
         raise ConfigError(f"{path} is not an image PIL can read ({', '.join(IMAGE_SUFFIXES)}){hint}") from None
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read as a picture: the file is damaged or is not one ({error})") from error
     with opened:
-        return upright(opened).convert(mode)
+        try:
+            return eight_bit(upright(opened), str(path)).convert(mode)
+        except OSError as error:  # PIL decodes lazily: a truncated file fails here
+            raise ConfigError(
+                f"{path} cannot be read as a picture: the file is damaged or truncated ({error})"
+            ) from error
+
+
+def eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """`image` as 8-bit grey (mode L) when it is a deeper grey image, else itself. PIL's own `convert` clips such
+    values to 0..255 (a 16-bit mid-grey turns white). Modes I;16, I;16B, I;16L, I;16N keep their top 8 bits; mode I
+    is read as 16-bit (0..65535, how a 16-bit PNG can open) and refused when its values fall outside that; mode F
+    is read as 0..1 (0 black, 1 white) and refused otherwise. `name` (the file) is named in errors."""
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image).astype(np.uint16) >> 8
+    elif image.mode == "I":
+        low, high = image.getextrema()
+        if low < 0 or high > 65535:
+            raise ConfigError(
+                f"{name}: a 32-bit integer image (mode I) with values {low}..{high}; it is read as 16-bit "
+                f"(0..65535), so scale it to 8 bits (mode L) first"
+            )
+        array = np.asarray(image).astype(np.int64) >> 8
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        finite = bool(np.isfinite(array).all())
+        if not (finite and array.min() >= 0.0 and array.max() <= 1.0):
+            values = f"{float(array.min()):g}..{float(array.max()):g}" if finite else "NaN or infinite"
+            raise ConfigError(
+                f"{name}: a float image (mode F) with values {values}; it is read as 0 (black) to 1 (white), "
+                f"so scale it to that range or to 8 bits (mode L) first"
+            )
+        array = np.round(array * 255.0)
+    else:
+        return image
+    return Image.fromarray(array.astype(np.uint8))  # 2-D uint8: mode L
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned
@@ -200,10 +252,12 @@ def _even(arrays: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def quality_to_crf(quality: float) -> int:
-    """imageio's 0-10 quality scale (10 best, DiffSynth-Studio's default 5) as an x264 CRF (51 worst, 0 lossless)."""
+    """imageio's 0-10 quality scale (10 best, DiffSynth-Studio's default 5) as an x264 CRF (51 worst), at least 1:
+    CRF 0 (lossless) makes x264 write the High 4:4:4 Predictive profile, which browsers and QuickTime do not play,
+    so quality 9.9 and 10 give CRF 1 (High profile)."""
     if not 0 <= quality <= 10:
         raise ConfigError(f"quality must be between 0 (smallest file) and 10 (best), got {quality}")
-    return int((1.0 - quality / 10.0) * 51)
+    return max(1, int((1.0 - quality / 10.0) * 51))
 
 
 def _rate(fps: float) -> Fraction:
@@ -212,14 +266,18 @@ def _rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _add_video_stream(container, arrays: list[np.ndarray], fps: float, quality: float, suffix: str = ".mp4"):
-    """H.264 (VP9 in a `.webm`), yuv420p, at the CRF `quality` maps to."""
+def _add_video_stream(
+    container, arrays: list[np.ndarray], fps: float, quality: float, suffix: str = ".mp4", lossless: bool = False
+):
+    """H.264 (VP9 in a `.webm`), yuv420p, at the CRF `quality` maps to (CRF 0 / VP9 lossless when `lossless`)."""
     import av
 
-    options = {"crf": str(quality_to_crf(quality))}
+    options = {"crf": "0" if lossless else str(quality_to_crf(quality))}
     if suffix == ".webm":
         codec = "libvpx-vp9"
         options["b:v"] = "0"  # constant quality: the CRF alone sets the rate
+        if lossless:
+            options["lossless"] = "1"
     else:
         codec = "libx264" if "libx264" in av.codecs_available else "h264"
     if codec not in av.codecs_available:
@@ -264,10 +322,12 @@ def h264_frame(image: Image.Image, crf: int) -> Image.Image:
         return Image.fromarray(next(container.decode(video=0)).to_ndarray(format="rgb24"))
 
 
-def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5) -> None:
+def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5, *, lossless: bool = False) -> None:
     """Write frames (list of PIL, or [F, H, W, 3] / [3, F, H, W] uint8 or [0, 1] floats) as a video whose format
     follows the suffix: H.264 in `.mp4` / `.mov` / `.mkv` / `.avi`, VP9 in `.webm`, an animated `.gif` (256
-    colours, `quality` unused)."""
+    colours, `quality` unused). The best `quality` (10) is x264 CRF 1, which players take; `lossless` writes CRF 0
+    instead (exact luma, for masks and tests; x264 then uses the High 4:4:4 Predictive profile, which browsers and
+    QuickTime do not play) and ignores `quality`."""
     import av
 
     path = Path(path)
@@ -282,7 +342,7 @@ def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5) -> N
     arrays = _even(_frames_uint8(frames))
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = _add_video_stream(container, arrays, fps, quality, suffix)
+        stream = _add_video_stream(container, arrays, fps, quality, suffix, lossless)
         _encode_video(container, stream, arrays)
     logger.info("wrote %d frames to %s", len(arrays), path)
 
@@ -331,13 +391,13 @@ def load_video(
     keep = None if wanted is None else set(wanted)
     picked: dict[int, Image.Image] = {}
     decoded = 0
-    with av.open(str(path)) as container:
+    with damaged_as_config_error(path, "a video"), av.open(str(path)) as container:
         if not container.streams.video:
             raise ConfigError(f"{path} holds no video stream")
         for index, frame in enumerate(container.decode(video=0)):
             decoded = index + 1
             if (keep is None and index >= start) or (keep is not None and index in keep):
-                picked[index] = frame.to_image().convert("RGB")
+                picked[index] = upright_frame(frame)
             if wanted is not None and index >= wanted[-1]:
                 break
     if not decoded:
@@ -362,6 +422,34 @@ def load_video(
     return [f.resize((int(width), int(height)), Image.BICUBIC) for f in frames]
 
 
+QUARTER_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
+
+
+def upright_frame(frame) -> Image.Image:
+    """A decoded `av.VideoFrame` as an RGB image turned as its display matrix says, the nearest quarter turn (a
+    phone's portrait clip is stored sideways with a rotation tag, which players and ffmpeg obey; flips in the matrix
+    are not applied). PyAV before 14 gives no `frame.rotation`: the frame is returned as stored."""
+    image = frame.to_image().convert("RGB")
+    turn = QUARTER_TURNS.get(round((getattr(frame, "rotation", 0) or 0) / 90) % 4)  # counter-clockwise degrees
+    return image if turn is None else image.transpose(turn)
+
+
+def video_size(path: PathLike) -> tuple[int, int]:
+    """(width, height) of a video's frames as `load_video` returns them: upright, after the rotation its display
+    matrix gives (the first frame is decoded to read it)."""
+    import av
+
+    path = _existing(path, "video")
+    with damaged_as_config_error(path, "a video"), av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ConfigError(f"{path} holds no video stream")
+        frame = next(container.decode(video=0), None)
+    if frame is None:
+        raise ConfigError(f"{path} holds no decodable video frames")
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+    return (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+
+
 def video_frame_times(path: PathLike) -> tuple[list[float], float]:
     """A video file's frames' presentation times in seconds from its first frame, in order, and the time its last
     frame ends, from the packets' timestamps (no decoding); a stream without timestamps counts at its average
@@ -369,7 +457,7 @@ def video_frame_times(path: PathLike) -> tuple[list[float], float]:
     import av
 
     path = _existing(path, "video")
-    with av.open(str(path)) as container:
+    with damaged_as_config_error(path, "a video"), av.open(str(path)) as container:
         if not container.streams.video:
             raise ConfigError(f"{path} holds no video stream")
         stream = container.streams.video[0]
@@ -418,7 +506,7 @@ def video_header_frames(path: PathLike) -> int | None:
     import av
 
     path = _existing(path, "video")
-    with av.open(str(path)) as container:
+    with damaged_as_config_error(path, "a video"), av.open(str(path)) as container:
         if not container.streams.video:
             raise ConfigError(f"{path} holds no video stream")
         return int(container.streams.video[0].frames) or None
@@ -435,7 +523,7 @@ def video_frame_rate(path: PathLike) -> float:
     import av
 
     path = _existing(path, "video")
-    with av.open(str(path)) as container:
+    with damaged_as_config_error(path, "a video"), av.open(str(path)) as container:
         if not container.streams.video:
             raise ConfigError(f"{path} holds no video stream")
         stream = container.streams.video[0]
@@ -489,14 +577,25 @@ def save_audio(waveform, path: PathLike, sample_rate: int) -> None:
 
 
 def load_audio(path: PathLike) -> tuple[torch.Tensor, int]:
-    """(float32 waveform [C, N] in [-1, 1], sample rate): PCM wav directly, anything else through av."""
+    """(float32 waveform [C, N] in [-1, 1], sample rate): PCM wav directly, anything else through av. A damaged or
+    truncated file (fewer samples than its header states) is a ConfigError naming it."""
     path = _existing(path, "audio")
     try:
         with wave.open(str(path), "rb") as src:
             width, channels, rate = src.getsampwidth(), src.getnchannels(), src.getframerate()
-            raw = src.readframes(src.getnframes())
+            expected = src.getnframes()
+            raw = src.readframes(expected)
     except (wave.Error, EOFError):
         return _load_audio_av(path)
+    frame_bytes = width * channels
+    if expected * frame_bytes > 0xFFFFFFFF - frame_bytes:  # size left at its placeholder (a streamed wav): read all
+        raw = raw[: len(raw) // frame_bytes * frame_bytes]
+    elif len(raw) != expected * frame_bytes:
+        raise ConfigError(
+            f"{path} cannot be read as a sound file: it is damaged or truncated: its header states {expected} samples "
+            f"per channel, "
+            f"it holds {len(raw) / frame_bytes:g}"
+        )
     if width == 1:
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width in (2, 4):
@@ -514,7 +613,7 @@ def _load_audio_av(path: Path) -> tuple[torch.Tensor, int]:
     import av
 
     chunks: list[np.ndarray] = []
-    with av.open(str(path)) as container:
+    with damaged_as_config_error(path, "a sound file"), av.open(str(path)) as container:
         if not container.streams.audio:
             raise ConfigError(f"{path} holds no audio stream")
         rate = container.streams.audio[0].rate

@@ -34,18 +34,35 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+SEEDS = (-(2**63), 2**64 - 1)  # the seeds torch.Generator.manual_seed takes (a negative one counts modulo 2**64)
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """`seed` as an int within `SEEDS`; otherwise a ConfigError naming `what` (the argument, or file and line), the
+    seed and the range (torch raised a bare "Overflow when unpacking long long" when the noise was drawn)."""
+    try:
+        value = int(seed)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} {seed!r} is not a whole number") from None
+    if not SEEDS[0] <= value <= SEEDS[1]:
+        raise ConfigError(f"{what} {value}: outside the seeds torch accepts, -2**63 to 2**64 - 1 (64 bits)")
+    return value
+
+
 def seeded_generator(
     seed: int | None, rand_device: str | torch.device = "cpu"
 ) -> tuple[torch.Generator | None, torch.device]:
     """The generator a call draws its noise from, seeded with `seed` on `rand_device` (None: unseeded draws), and
-    that device; anything but cpu, cuda, cuda:N or mps (`disk` places weights, not noise) is refused by name."""
+    that device; anything but cpu, cuda, cuda:N or mps (`disk` places weights, not noise) is refused by name, and so
+    is a seed outside -2**63 .. 2**64 - 1 (`check_seed`)."""
+    seed = None if seed is None else check_seed(seed)
     try:
         device = parse_device(rand_device)
     except ConfigError:
         device = None
     if not isinstance(device, torch.device):
         raise ConfigError(f"rand_device={rand_device!r} is not accepted; use cpu, cuda, cuda:N or mps")
-    return (None if seed is None else torch.Generator(device).manual_seed(int(seed))), device
+    return (None if seed is None else torch.Generator(device).manual_seed(seed)), device
 
 
 def seeded_noise(shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu") -> torch.Tensor:
@@ -938,12 +955,15 @@ def _tea_cache_coefficients(model, model_id: str | None, coefficients: Sequence[
 
 
 def configs_from_folder(folder: Path) -> tuple[list[ModelConfig], ModelConfig | None]:
-    """ModelConfigs for each subfolder (or the folder itself) that holds weight files."""
+    """ModelConfigs for each subfolder (or the folder itself) that holds weight files, as `checkpoint.folder_weights`
+    picks them (an index's shards, not the consolidated file beside them; .safetensors over a .bin of one model)."""
+    from .checkpoint import folder_weights
+
     configs: list[ModelConfig] = []
     tokenizer = None
     candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
     for sub in candidates:
-        weights = sorted(str(p) for p in sub.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        weights = folder_weights(sub)
         if weights:
             configs.append(ModelConfig(path=weights))
         if sub != folder and (sub / "tokenizer_config.json").exists():
@@ -1020,20 +1040,21 @@ def _describe(config: ModelConfig) -> str:
 
 
 def fetch_companion_config(config: ModelConfig) -> None:
-    """Fetch the `config.json` beside a model's weights when they come from a hub repo."""
+    """Fetch the `config.json` beside a model's weights (in the folder of each of its patterns) when they come from
+    a hub repo. Called after the weights were resolved: when they were all found locally, the config is looked for
+    locally only (a folder filled once loads offline; without the config, shapes decide)."""
     if config.model_id is None or config.path is not None:
         return
-    folder = os.path.dirname(config.origin_file_pattern or "")
-    if not folder:
-        return None
-    companion = ModelConfig(
-        model_id=config.model_id,
-        origin_file_pattern=f"{folder}/config.json",
-        download_source=config.download_source,
-        local_model_path=config.local_model_path,
-        skip_download=config.skip_download,
-    )
-    try:
-        companion.resolve()
-    except Exception as exc:  # the config is optional: shapes decide when it is absent
-        logger.info("no %s/config.json for %s (%s); deriving the config from shapes", folder, config.model_id, exc)
+    folders = dict.fromkeys(os.path.dirname(p) for p in config._patterns() if not p.endswith("/"))
+    for folder in filter(None, folders):
+        companion = ModelConfig(
+            model_id=config.model_id,
+            origin_file_pattern=f"{folder}/config.json",
+            download_source=config.download_source,
+            local_model_path=config.local_model_path,
+            skip_download=config.skip_download or not config._downloaded,
+        )
+        try:
+            companion.resolve()
+        except Exception as exc:  # the config is optional: shapes decide when it is absent
+            logger.info("no %s/config.json for %s (%s); deriving the config from shapes", folder, config.model_id, exc)

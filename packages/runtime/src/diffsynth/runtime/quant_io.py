@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, preview
+from .errors import CheckpointError, ConfigError, DiffSynthError, preview
 from .quant import (
     AnyQuantizeConfig,
     MixedQuantizeConfig,
@@ -138,12 +138,14 @@ class Packed:
 
 
 def file_quantization(paths: Sequence[str]) -> tuple[dict[str, Packed], dict[str, str], AnyQuantizeConfig | None]:
-    """The packed weights of safetensors `paths` (by key), their merged header, and the config recorded in it."""
+    """The packed weights of safetensors `paths` (by key), their merged header, and the config recorded in it.
+    A weight's parts are gathered over all `paths`: a shard boundary may fall between them."""
     from .checkpoint import checkpoint_label, open_checkpoint
 
     packed: dict[str, Packed] = {}
     header: dict[str, str] = {}
     keys: list[str] = []
+    records: list[tuple[str, str, Any]] = []  # (weight, quant-state key, its file)
     for path in paths:
         if not str(path).endswith(".safetensors"):
             continue
@@ -151,14 +153,16 @@ def file_quantization(paths: Sequence[str]) -> tuple[dict[str, Packed], dict[str
         header.update(handle.metadata)
         file_keys = list(handle.keys())
         keys += file_keys
-        for key in file_keys:
-            if BNB_STATE in key:
-                weight = key.split(BNB_STATE)[0]
-                record = json.loads(bytes(handle[key].tolist()).decode())
-                parts = tuple(k for k in file_keys if k == weight or k.startswith(weight + "."))
-                dtype = getattr(torch, record.get("dtype", "float32"))
-                method = f"bitsandbytes_{record['quant_type']}"
-                packed[weight] = Packed(weight, method, parts, tuple(record["shape"]), dtype)
+        records += [(key.split(BNB_STATE)[0], key, handle) for key in file_keys if BNB_STATE in key]
+    for weight, key, handle in records:
+        try:
+            record = json.loads(bytes(handle[key].tolist()).decode())
+            dtype = getattr(torch, record.get("dtype", "float32"))
+            method, shape = f"bitsandbytes_{record['quant_type']}", tuple(record["shape"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{handle.files[0]}: key {key!r} is no bitsandbytes quant state ({exc!r})") from None
+        parts = tuple(k for k in keys if k == weight or k.startswith(weight + "."))
+        packed[weight] = Packed(weight, method, parts, shape, dtype)
     for name in json.loads(header.get("tensor_names", "[]")):
         record = json.loads(header.get(name, "{}"))
         kind = record.get("_type", "Tensor")
@@ -198,7 +202,6 @@ def prequantized_config(paths: Sequence[str], quantize: AnyQuantizeConfig | None
     must then say `load_prequantized=True`, or else the one recorded in the file (ours) or derived from its
     layers (a diffusers bnb-4bit file). A folder stands for the weight files in it."""
     from .checkpoint import weight_files
-    from .errors import DiffSynthError
 
     try:
         paths = weight_files(list(paths))
@@ -271,10 +274,13 @@ def load_prequantized(paths: Sequence[str], quantize, *, torch_dtype=None, roles
         config_json = json.loads(header[CONFIG_KEY])
     if config_json is not None:
         config_json = {k: v for k, v in config_json.items() if k != "quantization_config"}
-    built = load_models(
-        meta, torch_dtype=dtype, device="cpu", config=config_json if len(found) == 1 else None,
-        roles=[rec.spec.role for rec in found],
-    )  # fmt: skip
+    try:  # built on meta from the shapes; its messages name the files, not "the given state dict"
+        built = load_models(
+            meta, torch_dtype=dtype, device="cpu", config=config_json if len(found) == 1 else None,
+            roles=[rec.spec.role for rec in found],
+        )  # fmt: skip
+    except DiffSynthError as exc:
+        raise type(exc)(str(exc).replace("the given state dict", label)) from None
     wanted = quantize.config if isinstance(quantize, _FromFile) else quantize
     for rec, item in zip(found, built, strict=True):
         source = {k: meta[k] for k in rec.keys}

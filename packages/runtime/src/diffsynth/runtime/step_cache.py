@@ -14,6 +14,8 @@ blocks of a call may be skipped and what they made reused instead:
   change, mapped through a polynomial fitted per model, is accumulated, and while the sum stays below
   `threshold` every block is skipped and the whole stack's difference from the last full call is
   added to the input. The first call at a position in a loop and the last step always run in full.
+  Threshold 0 never skips (some fitted polynomials are negative for small changes, so the sum can
+  fall below 0; above 0 the reference's accumulation is kept as it is, negative terms included).
 
 Under sequence or batch parallelism the measured change is summed over every rank's part, so all
 ranks take the decision one process would take.
@@ -160,7 +162,9 @@ class _TeaState:
 class TeaCache(_StepCache):
     """Per-model state of TeaCache. `coefficients` (highest power first, as `numpy.poly1d` takes them)
     map the indicator's relative change to an estimate of the output's; a call is skipped while their
-    sum since the last full call stays below `threshold` (DiffSynth-Studio's `tea_cache_l1_thresh`)."""
+    sum since the last full call stays below `threshold` (DiffSynth-Studio's `tea_cache_l1_thresh`).
+    `threshold` 0 runs every call in full, even where the polynomial (Wan2.1 T2V-1.3B, T2V-14B,
+    I2V-720P) makes the sum negative, so its outputs equal the uncached ones."""
 
     usual = "0.05 to 0.3"  # thresholds, for messages
 
@@ -188,7 +192,7 @@ class TeaCache(_StepCache):
         if state is not None and _same_layout(streams, state.residuals) and not self._last_step():
             if state.indicator.shape == now.shape:
                 state.accumulated += self.rescale(_relative_change(now, state.indicator))
-                reuse = state.accumulated < self.threshold
+                reuse = self.threshold > 0.0 and state.accumulated < self.threshold
         if reuse:
             state.indicator = now
             self.skipped += 1
