@@ -184,6 +184,7 @@ def test_the_task_receives_the_prompts_as_the_function_draws_them(tmp_path, enco
         ({"caption_tag_dropout": -0.1}, r"--caption_tag_dropout -0.1 must be a probability"),
         ({"keep_tokens": 2}, "--keep_tokens 2 keeps tags out of --shuffle_caption and --caption_tag_dropout"),
         ({"shuffle_caption": True, "task": "dmd2"}, "--shuffle_caption: --task dmd2 encodes its rows' prompts"),
+        ({"keep_tokens_separator": "|||", "task": "dmd2"}, "--keep_tokens_separator: --task dmd2 encodes"),
     ],
 )
 def test_bad_settings_are_named(overrides, message):
@@ -191,7 +192,21 @@ def test_bad_settings_are_named(overrides, message):
         config(**overrides).check()
 
 
+@pytest.mark.parametrize("task", ["direct_distill", "trajectory_imitation", "dmd2"])
+@pytest.mark.parametrize(
+    ("overrides", "flag"),
+    [
+        ({"caption_dropout": 0.1}, "--caption_dropout 0.1"),
+        ({"shuffle_caption": True}, "--shuffle_caption"),
+        ({"caption_tag_dropout": 0.1}, "--caption_tag_dropout"),
+    ],
+)
+def test_caption_augmentation_is_sfts_alone(task, overrides, flag):
+    with pytest.raises(ConfigError, match=f"{flag}: --task {task} "):
+        config(task=task, **overrides).check()
+
+
 def test_good_settings_pass():
     config(shuffle_caption=True, keep_tokens=1, keep_tokens_separator="|||", caption_tag_dropout=0.1).check()
-    config(shuffle_caption=True, task="direct_distill").check()
+    config(keep_tokens_separator="|||", task="direct_distill").check()  # only strips itself from the captions
     config(cache_dir="cache").check()  # no caption flag: the cache is fine

@@ -122,6 +122,48 @@ def test_the_same_settings_where_they_act_are_accepted(values):
     from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"preset_lora_scale": 0.5}, r"--preset_lora_scale 0.5 scales --preset_lora_path; this run has none"),
+        ({"dmd2_student_update_freq": 3}, r"--dmd2_student_update_freq 3 shapes --task dmd2; --task sft"),
+        ({"dmd2_teacher_cfg_scale": 4.0, "task": "trajectory_imitation"}, r"--dmd2_teacher_cfg_scale 4.0 shapes"),
+        ({"dmd2_student_t_list": "0.9,0"}, r"--dmd2_student_t_list 0.9,0 shapes --task dmd2"),
+        ({"trajectory_teacher_cfg_scale": 5.0}, r"--trajectory_teacher_cfg_scale 5.0 shapes --task trajectory_imi"),
+        ({"trajectory_student_steps": 4, "task": "dmd2"}, r"--trajectory_student_steps 4 shapes"),
+        ({"distill_num_inference_steps": 8}, r"--distill_num_inference_steps 8 shapes --task direct_distill"),
+        ({"distill_num_inference_steps": 8, "task": "dmd2"}, r"--distill_num_inference_steps 8 .*--task dmd2 does"),
+        ({"task": "direct_distill", "timestep_sampling": "logit_normal"}, r"--timestep_sampling logit_normal .*"
+         "--task direct_distill samples each row from its seed"),
+        ({"task": "direct_distill", "min_timestep_boundary": 0.5}, r"--min_timestep_boundary 0.5 shapes --task sft"),
+        ({"task": "direct_distill", "max_timestep_boundary": 0.5}, r"--max_timestep_boundary 0.5 shapes"),
+        ({"task": "direct_distill", "loss_weighting": "none"}, r"--loss_weighting none shapes --task sft / dmd2 /"),
+        ({"task": "trajectory_imitation", "timestep_sampling": "logit_normal"}, r"--timestep_sampling logit_normal "
+         "shapes --task sft / dmd2; --task trajectory_imitation trains at the student's sigmas"),
+        ({"task": "trajectory_imitation", "min_timestep_boundary": 0.2}, r"--min_timestep_boundary 0.2 shapes"),
+    ],
+)  # fmt: skip
+def test_settings_of_another_task_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"preset_lora_path": "p.safetensors", "preset_lora_scale": 0.5},
+        {"task": "dmd2", "dmd2_student_update_freq": 3, "timestep_sampling": "logit_normal", "logit_mean": 0.5,
+         "min_timestep_boundary": 0.2, "loss_weighting": "none"},  # the fake score's flow-matching loss reads them
+        {"task": "trajectory_imitation", "trajectory_teacher_cfg_scale": 5.0, "loss_weighting": "none"},
+        {"task": "direct_distill", "distill_num_inference_steps": 8},
+        {"timestep_sampling": "logit_normal", "max_timestep_boundary": 0.5, "loss_weighting": "none"},
+        {"task": "direct_distill", "dmd2_student_update_freq": 5},  # a default value is not a setting given
+    ],
+)  # fmt: skip
+def test_settings_of_the_task_itself_are_accepted(values):
+    from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
+
+
 def test_a_config_file_with_a_byte_order_mark_reads_and_a_broken_one_is_named(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_bytes(b"\xef\xbb\xbfmodel: x\ndataset_base_path: d\nlora_rank: 4\n")

@@ -301,7 +301,7 @@ def captioned_videos(folder, frames=(12, 9)):
     folder.mkdir(parents=True)
     for i, count in enumerate(frames):
         pictures = [Image.new("RGB", (32, 32), (16 * k, 8 * i, 0)) for k in range(count)]
-        save_video(pictures, folder / f"clip{i}.mp4", fps=8, quality=10)
+        save_video(pictures, folder / f"clip{i}.mp4", fps=8, lossless=True)
         (folder / f"clip{i}.txt").write_text(PROMPTS[i])
     return folder
 

@@ -216,6 +216,28 @@ def test_the_student_updates_every_n_steps_the_fake_score_every_step_the_teacher
     assert state.step == 6
 
 
+def test_the_ema_moves_only_on_the_students_steps(tmp_path, dataset):
+    run = setup(dmd2_config(tmp_path, dataset, dmd2_student_update_freq=3, ema_decay=0.9))
+    state = TrainState()
+    (group,) = batch_plan(run.dataset.batch_keys[:1], batch_size=2)
+    for step in range(7):
+        shadow = {n: v.clone() for n, v in run.ema.shadow.items()}
+        state = train_step(run, state, [[run.dataset[i] for i in group]])
+        assert run.ema.updates == step // 3 + 1, step
+        if step % 3:  # no student step: the average stays as it was
+            assert all(torch.equal(v, shadow[n]) for n, v in run.ema.shadow.items()), step
+    assert run.ema.updates == 3  # steps 1, 4 and 7 updated the student
+
+
+def test_a_step_logs_the_rate_it_used(tmp_path, dataset):
+    run = setup(dmd2_config(tmp_path, dataset, lr_warmup_steps=3))
+    (group,) = batch_plan(run.dataset.batch_keys[:1], batch_size=2)
+    state = TrainState()
+    for _ in range(2):
+        state = train_step(run, state, [[run.dataset[i] for i in group]])
+    assert state.lr == pytest.approx(1e-2 * 2 / 4)  # the warm-up's second factor, not the third that comes next
+
+
 def test_resume_continues_bit_identically_fake_score_included(tmp_path, dataset, monkeypatch):
     from safetensors.torch import load_file
 
@@ -265,7 +287,7 @@ def test_resume_continues_bit_identically_fake_score_included(tmp_path, dataset,
 
 
 def test_a_checkpoint_of_another_task_is_refused(tmp_path, dataset):
-    train(dmd2_config(tmp_path, dataset, task="sft", max_steps=1))
+    train(dmd2_config(tmp_path, dataset, task="sft", max_steps=1, dmd2_student_update_freq=5))  # sft's default
     with pytest.raises(ConfigError, match="no dmd2-fake_score.safetensors .* which --task dmd2"):
         train(dmd2_config(tmp_path, dataset, max_steps=2, resume="latest"))
 
@@ -524,6 +546,7 @@ def test_the_readme_command_parses():
     cfg, _ = parse_args(words[words.index("diffsynth-train") + 1 :])
     assert (cfg.task, cfg.model, cfg.trainable_models) == ("dmd2", "black-forest-labs/FLUX.2-klein-base-4B", ["dit"])
     assert (cfg.dmd2_teacher_cfg_scale, cfg.dmd2_student_sample_steps, cfg.dmd2_student_update_freq) == (4.0, 4, 5)
+    assert cfg.dmd2_student_schedule == "pipeline"  # the sigmas the README's 4-step sampling uses
 
 
 _FEATURES_PRELUDE = """

@@ -71,6 +71,21 @@ def test_state_round_trips_so_a_resumed_run_continues_exactly(name):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"optimizer": "adafactor", "optimizer_options": "relative_step=true"},
+         r"--optimizer_options relative_step=True: Adafactor says Cannot combine manual `lr`"),
+        ({"optimizer_options": "eps=-1"}, r"--optimizer_options eps=-1: AdamW says Invalid epsilon value"),
+        ({"optimizer_options": "betas=0.9:2.0"}, r"--optimizer_options betas=0.9:2.0: AdamW says"),
+    ],
+)  # fmt: skip
+def test_values_the_optimizer_refuses_are_named_by_the_config_check(values, message):
+    """The optimizer is built over a stand-in parameter as the settings are checked, before any model loads."""
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": "m", "dataset_base_path": "d", **values}).check()
+
+
 def test_options_and_errors(monkeypatch):
     def flag(text):  # --optimizer_options as the trainer's config reads it, then as the optimizer takes it
         return optimizer_arguments(from_dict({"optimizer_options": text}).optimizer_options)
@@ -88,8 +103,10 @@ def test_options_and_errors(monkeypatch):
         flag("eps=small")
     with pytest.raises(ConfigError, match="--optimizer 'lion' is not known; optimizers: adamw, adamw8bit"):
         make_optimizer("lion", params(), 1e-4, 0.0)
-    with pytest.raises(ConfigError, match=r"--optimizer_options \['momentum'\]: AdamW says"):
+    with pytest.raises(ConfigError, match=r"--optimizer_options momentum=0.9: AdamW says"):
         make_optimizer("adamw", params(), 1e-4, 0.0, {"momentum": 0.9})
     monkeypatch.setitem(__import__("sys").modules, "prodigyopt", None)
+    with pytest.raises(ConfigError, match="--optimizer prodigy needs the prodigyopt package"):  # before any load
+        from_dict({"optimizer": "prodigy", "optimizer_options": "d_coef=2"}).check()
     with pytest.raises(ConfigError, match="--optimizer prodigy needs the prodigyopt package: pip install prodigyopt"):
         make_optimizer("prodigy", params(), 1.0, 0.0)

@@ -70,9 +70,20 @@ def test_the_trainer_logs_the_schedules_rates(tmp_path, dataset):
     )
     train(config)
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    expected = transformers_factors("polynomial_decay", 1, 6, power=3.0, lr_end=0.0)[1:] + [0.0]
+    # step N logs the rate it used: factor(N - 1), ours warming up from 1 / 2 where transformers' starts at 0
+    expected = [0.5, *transformers_factors("polynomial_decay", 1, 6, power=3.0, lr_end=0.0)[1:]]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(torch.tensor([r["lr"] for r in records]), 1e-2 * torch.tensor(expected))
+
+
+def test_the_logged_rate_is_the_one_the_step_used(tmp_path, dataset):
+    """AdamW's first step from B = 0 moves each entry by the rate (without weight decay): the one logged at step 1."""
+    settings = dict(lr_warmup_steps=3, max_steps=1, learning_rate=1e-2, weight_decay=0.0, max_grad_norm=0.0)
+    train(toy_config(tmp_path, dataset, **settings))
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(str(tmp_path / "out" / "step-000001.safetensors"))
+    moved = max(float(v.abs().max()) for k, v in weights.items() if ".up" in k or "lora_B" in k)
+    assert record["lr"] == pytest.approx(moved, rel=1e-3)
 
 
 def _float64_loss(kind: str, d: torch.Tensor, c: float) -> torch.Tensor:
@@ -151,6 +162,25 @@ def test_dropout_changes_training_reproducibly_and_resumes_exactly(tmp_path, dat
     resume_after_crash(toy_config(tmp_path, dataset, "resumed", **common, **settings))
     resumed = _weights(tmp_path / "resumed", 4)
     assert all(torch.equal(a[k], resumed[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora_type", ["loha", "lokr"])
+def test_a_micro_batch_that_drops_every_module_gives_zero_gradients(tmp_path, dataset, monkeypatch, lora_type):
+    """With one adapter layer and a high --module_dropout many micro-batches drop all of it: the output then holds
+    no trained weight, and the step takes zero gradients (it must not fail in backward)."""
+    grads = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        grads.append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    settings = dict(lora_type=lora_type, module_dropout=0.6, lora_target_modules=["proj_out"], max_steps=6)
+    train(toy_config(tmp_path, dataset, **settings))
+    dropped = [g for g in grads if all(x is not None and not x.any() for x in g)]
+    assert len(grads) == 6 and dropped  # some steps had every layer left out: zero gradients, no error
+    assert len(dropped) < 6  # and some did not
 
 
 def test_dropout_reaches_peft_layers_and_is_off_outside_training(tmp_path, dataset):

@@ -210,6 +210,18 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, dataset):
     assert len(list(out.glob("step-*.safetensors"))) == 4  # LoRA exports are all kept
 
 
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, dataset, caplog):
+    train(toy_config(tmp_path, dataset, save_steps=1, max_steps=4))
+    checkpoints = tmp_path / "out" / "checkpoints"
+    older = checkpoints / "step-000002"
+    train(toy_config(tmp_path, dataset, save_steps=1, max_steps=3, keep_last=1, resume=str(older)))
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000003"]  # this run's, not the old branch's
+    (aside,) = checkpoints.glob("abandoned-from-step-000002-*")
+    assert [p.name for p in list_checkpoints(aside)] == ["step-000003", "step-000004"]  # kept, not deleted
+    assert "step-000003, step-000004" in caplog.text and aside.name in caplog.text
+    assert checkpoint_module.find_checkpoint("latest", tmp_path / "out").name == "step-000003"
+
+
 def test_an_interrupted_save_leaves_no_partial_checkpoint(tmp_path, dataset, monkeypatch):
     config = toy_config(tmp_path, dataset, save_steps=1, max_steps=2)
     real_save = torch.save

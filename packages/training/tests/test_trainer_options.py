@@ -45,7 +45,7 @@ def test_optimizer_options_reach_the_optimizer_and_bad_ones_are_named(tmp_path, 
     run = setup(toy_config(tmp_path, dataset, optimizer_options={"betas": "0.8:0.95", "eps": 1e-6}))
     group = run.optimizer.param_groups[0]
     assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
-    with pytest.raises(ConfigError, match=r"--optimizer_options \['momentum'\]: AdamW says"):
+    with pytest.raises(ConfigError, match=r"--optimizer_options momentum=0.9: AdamW says"):
         setup(toy_config(tmp_path, dataset, "bad", optimizer_options={"momentum": 0.9}))
 
 

@@ -227,6 +227,15 @@ def test_qlora_trains_a_lora_on_a_4bit_dit_that_the_4bit_pipeline_applies_exactl
         setup(config(z_image_repo, z_image_dataset, tmp_path / "z", quantize=["vae=int3"]))
 
 
+@pytest.mark.parametrize("quantize", [["dit=bitsandbytes_nf4"], ["torchao_int8_w8a16"]])
+def test_dmd2_refuses_a_quantized_denoiser_before_loading(z_image_repo, z_image_dataset, tmp_path, quantize):
+    """DMD2's fake score is a trainable full copy of the denoiser: a quantized one is refused by its flag."""
+    from diffsynth.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"--quantize {quantize[0]} with --task dmd2: .*fake score"):
+        setup(config(z_image_repo, z_image_dataset, tmp_path, task="dmd2", quantize=quantize))
+
+
 def test_lora_on_an_int8_dit_is_what_the_int8_pipeline_applies(z_image_repo, z_image_dataset, tmp_path):
     """`--quantize dit=torchao_int8_w8a16`: the DiT's Linears hold torchao int8 weights that do not change, only the
     LoRA trains, and the pipeline with the same int8 DiT and the saved LoRA computes the trained velocity."""

@@ -1,8 +1,10 @@
 """Step1X-Edit training: the `TrainingTask` of `Step1XEditPipeline` (the preset's `training`).
 
 Rows are (instruction, edited image, source image) triples: `prompt`, `image` (the target) and
-`step1x_reference_image` (DiffSynth-Studio's column; `reference_image` works too), the source resized to the
-target's size as the pipeline resizes it to the generated size. Each row is encoded as the pipeline encodes a call:
+`step1x_reference_image` (DiffSynth-Studio's column; `reference_image` works too). The source is pixel-aligned with
+the target (`aligned_conditioning`): the trainer's dataset reads it as it reads the target, covering the row's size
+and centre-cropped alike (a fixed `--height`/`--width` crops both the same way); a source of another size, given
+directly, is resized to the target's as the pipeline resizes it to the generated size. Each row is encoded as the pipeline encodes a call:
 the instruction through Qwen2.5-VL with the source image (`encode_instructions`: 217 states dropped, 640 kept with
 their mask), the source's VAE latent packed, and the target's VAE latent, giving
 `{"latents": [16, H/8, W/8], "states": [640, D], "mask": [640], "reference": [H/16 * W/16, 64]}`.
@@ -46,6 +48,7 @@ class Step1XTrainingTask(PipelineTrainingTask):
     size_multiple: ClassVar[int] = Step1XEditPipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("image",)
     conditioning: ClassVar[tuple[str, ...]] = REFERENCE_COLUMNS
+    aligned_conditioning: ClassVar[tuple[str, ...]] = REFERENCE_COLUMNS  # read at the target's size, cropped alike
     loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift",)
     validation_references = "required"  # a sample edits its image
 

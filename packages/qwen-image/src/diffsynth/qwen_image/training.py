@@ -14,8 +14,8 @@ the pipeline encodes: the image as a one-frame video through the Wan-style causa
 normalised by the per-channel mean/std) and the prompt through `QwenImagePipeline.encode_prompt`: without edit
 images the text-to-image template (34 leading tokens dropped); with them `prepare_edit_images` (each resized to
 about 1024x1024 pixels for the VAE and, with the "plus" template of 2509/2511, to 384x384 for the vision tower)
-and the Edit template with the images through the Qwen2.5-VL vision tower (64 tokens dropped), at most
-`max_sequence_length` tokens. That gives `{"latents": [16, H/8, W/8], "text": [L, D]}` with L the prompt's own
+and the Edit template with the images through the Qwen2.5-VL vision tower (64 tokens dropped; not cut to
+`max_sequence_length`, which would drop the instruction after the vision tokens). That gives `{"latents": [16, H/8, W/8], "text": [L, D]}` with L the prompt's own
 token count, and `"edit_0"`, `"edit_1"`, ... ([16, h, w], `encode_edit_images`) per edit image. `collate`
 zero-pads the prompts of a batch to the longest with a mask, as the pipeline's batched encoding does. The model
 call is `qwen_image_velocity`, the pipeline's per-step call, with the edit latents appended to the image tokens
@@ -34,14 +34,17 @@ Qwen-Image-Layered (a `use_layer3d_rope` DiT or a 4-channel VAE) trains on DiffS
 where `image` lists the frames the model draws, the whole image first and then its N layers (DiffSynth-Studio's
 noise has `layer_num + 1` frames for its N + 1 `image` latents; an optional `layer_num` column must say N). The
 task reads pictures as RGBA (`image_mode`), takes its main size from `layer_input_image` (`media`; its `conditioning`
-column, read as files without `--data_file_keys`) and resizes that image to the frames' size (Lanczos) as
-`decompose` does. Each frame is encoded as a one-frame video (posterior mode, normalised), giving
+column, read as files without `--data_file_keys`, and pixel-aligned with the frames, `aligned_conditioning`: the
+dataset crops it as it crops the frames, also to a fixed `--height`/`--width`; an input image of another size, given
+directly, is resized to the frames' (Lanczos) as `decompose` resizes it). A row's frames and input image must be one
+size, and an optional `layer_num` must count its layers: `check_row` checks both at setup, from the file headers. Each frame is encoded as a one-frame video (posterior mode, normalised), giving
 `{"latents": [N + 1, 16, H/8, W/8], "condition": [16, H/8, W/8], "text": [L, D]}` with the text-to-image
 template. The model call is `layered_velocity`, the pipeline's per-step call: the N + 1 noisy frames packed frame
 after frame, the clean input image's tokens after them (their predictions dropped), the additional timestep
 embedding's entry 0; the loss counts every generated frame, frame 0 included, as DiffSynth-Studio's does (the
 clean input image is not among them, so no `loss_mask` is needed). Rows of one batch need the same layer count
-(`--batch_size 1` always has it). Validation samples take the input image from `--validation_images` (required)
+(`--batch_size 1` always has it). Validation samples take the input image from `--validation_images` (required;
+Layered-Control-V2's `in.png,mask.png` adds the mask as `decompose`'s `context_image`, with `layer_num=0`)
 and `layer_num` from `--task_options layer_num=N` (else the pipeline's 4); they are written as one RGBA picture,
 the layers side by side. DiffSynth-Studio's Qwen-Image-Layered-Control rows (`layer_num` 0: `image` lists one
 frame, the layer the prompt names) train the same way, and its V2 rows' `context_image` (the mask of the region to
@@ -406,20 +409,48 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         return ("layer_input_image",) if self.layered else ("edit_image",)
 
     @property
+    def aligned_conditioning(self) -> tuple[str, ...]:
+        """The conditioning columns pixel-aligned with the target, which the dataset reads as it reads the target
+        (at the row's size, cropped alike): a Layered model's input image, the frames' whole image."""
+        return ("layer_input_image",) if self.layered else ()
+
+    def check_row(self, row: Mapping[str, Any], size: Any) -> None:
+        """A metadata row checked at setup (the trainer's dataset calls it; `size(column, name)` is a file's
+        (width, height) from its header): a Layered row's `layer_num` against its `image` frames and the sizes of
+        its frames and input image, which must be one (the dataset crops them alike); an Edit model's row needs
+        `edit_image`. Errors start with the column: the dataset puts the metadata file and row in front."""
+        if self.layered:
+            _check_layered_row(row, size)
+        elif self.edit and _empty_cell(row.get("edit_image")):
+            raise ConfigError(
+                "column edit_image: empty; a Qwen-Image-Edit model trains on rows with image, prompt and edit_image "
+                "(one path, or a list of paths in JSON metadata)"
+            )
+
+    @property
     def image_mode(self) -> str:
         """ "RGBA" for Qwen-Image-Layered (its VAE reads and draws alpha), else "RGB"."""
         return "RGBA" if self.layered else "RGB"
 
     def reference_arguments(self, images: Sequence[Any]) -> dict[str, Any]:
         """A validation sample's references as the pipeline's `edit_image` (one or several, for 2509/2511), or
-        for Qwen-Image-Layered its one `layer_input_image` (with `layer_num` when the task was given one)."""
+        for Qwen-Image-Layered its `layer_input_image` (with `layer_num` when the task was given one) and, second,
+        an optional `context_image` (Layered-Control-V2's mask of the region to pull out, with `layer_num=0`)."""
         if self.layered:
-            if len(images) != 1:
+            if len(images) not in (1, 2):
                 raise ConfigError(
-                    f"Qwen-Image-Layered decomposes one input image per validation prompt; got {len(images)}"
+                    "Qwen-Image-Layered decomposes one input image per validation prompt (with Layered-Control-V2 "
+                    f"and layer_num=0, then the mask of the layer to pull out: in.png,mask.png); got {len(images)}"
+                )
+            if len(images) == 2 and self.layer_num != 0:
+                raise ConfigError(
+                    "Qwen-Image-Layered decomposes one input image per validation prompt; a second, the mask of the "
+                    "layer to pull out (context_image), is Layered-Control-V2's, which draws one layer: add "
+                    "--task_options layer_num=0"
                 )
             layer_num = {} if self.layer_num is None else {"layer_num": self.layer_num}  # 0: Layered-Control
-            return {"layer_input_image": images[0], **layer_num}
+            context = {CONTEXT_COLUMN: images[1]} if len(images) == 2 else {}
+            return {"layer_input_image": images[0], **layer_num, **context}
         if self.validation_entity_prompts is not None:
             return self._entity_references(images)
         if self.control:
@@ -505,10 +536,11 @@ class QwenImageTrainingTask(PipelineTrainingTask):
                     f"Qwen-Image trains on rows with an image and a prompt; row {i} of the batch has {preview(row)}"
                 )
             if self.edit and not _edit_images(row):
+                filled = [k for k, v in row.items() if not _empty_cell(v)]
                 raise ConfigError(
                     f"row {i} of the batch (prompt {str(row['prompt'])[:60]!r}) has no edit_image: a Qwen-Image-Edit "
                     "model trains on rows with image, prompt and edit_image (one path, or a list of paths in JSON "
-                    f"metadata); its columns are {', '.join(row)}"
+                    f"metadata); the row has {', '.join(filled)}"
                 )
             if entities[i] is not None:
                 clash = [CONTEXT_COLUMN] if not _empty(row.get(CONTEXT_COLUMN)) else []
@@ -754,6 +786,55 @@ def _empty(value) -> bool:
     return value is None or (isinstance(value, str) and not value)
 
 
+def _empty_cell(value) -> bool:
+    """Whether a row's cell holds nothing: no value, an empty text, or an empty list."""
+    return (
+        _empty(value)
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, (list, tuple)) and not value)
+    )
+
+
+def _check_layered_row(row: Mapping[str, Any], size: Any) -> None:
+    """A Layered metadata row (see `QwenImageTrainingTask.check_row`): `image` a list of frames, as many as
+    `layer_num` + 1 (one with `layer_num` 0), all of one header size with `layer_input_image`."""
+    frames = row.get("image")
+    if not isinstance(frames, list) or not frames:
+        raise ConfigError(
+            f"column image: {str(frames)[:80]!r} is not a list of frames; a Qwen-Image-Layered row lists the whole "
+            "image, then its N layers (JSON/JSONL metadata)"
+        )
+    layer_num = row.get("layer_num")
+    if layer_num not in (None, ""):
+        try:
+            count = int(str(layer_num).strip())
+        except ValueError:
+            raise ConfigError(f"column layer_num: {layer_num!r} is not a whole number of layers") from None
+        if len(frames) != (1 if count == 0 else count + 1):  # Layered-Control: one frame, the layer
+            raise ConfigError(
+                f"column layer_num: {layer_num} but image lists {len(frames)} frames; layer_num counts the layers "
+                f"after the whole image ({len(frames) - 1} here), or is 0 for Layered-Control's one layer"
+            )
+    elif len(frames) < 2:
+        raise ConfigError(
+            "column image: lists one frame; a Qwen-Image-Layered row lists the whole image, then its N layers (or "
+            "says layer_num 0 for Layered-Control's one layer)"
+        )
+    inputs = row.get("layer_input_image")
+    files = [("image", str(name)) for name in frames] + [
+        ("layer_input_image", str(name)) for name in (inputs if isinstance(inputs, list) else [inputs]) if name
+    ]
+    first = (*files[0], size(*files[0]))
+    for column, name in files[1:]:
+        found = size(column, name)
+        if found != first[2]:
+            raise ConfigError(
+                f"column {column}: {name} is {found[0]}x{found[1]} where {first[1]} (column {first[0]}) is "
+                f"{first[2][0]}x{first[2][1]}; a Qwen-Image-Layered row's frames and input image must be one size "
+                "(they are cropped alike to the training size)"
+            )
+
+
 def _picture(value, column: str, index: int):
     """A control column's value as a PIL image: a dataset tensor ([3, H, W] in [-1, 1], lossless for 8-bit files),
     a PIL image, or an existing file."""
@@ -863,8 +944,8 @@ def _layer_frames(row: Mapping[str, Any], index: int) -> list[torch.Tensor]:
 
 
 def _input_image(row: Mapping[str, Any], size: tuple[int, int]):
-    """A Layered row's input image as an RGBA PIL image of the frames' (height, width), resized (Lanczos) as
-    `decompose` resizes it."""
+    """A Layered row's input image as an RGBA PIL image of the frames' (height, width): the dataset reads it so
+    (`aligned_conditioning`); another size (a row given directly) is resized (Lanczos) as `decompose` resizes it."""
     from PIL import Image
 
     value = row["layer_input_image"]

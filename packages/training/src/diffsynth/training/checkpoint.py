@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,30 @@ def load_checkpoint(folder: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor
     return trainable, state, rng
 
 
+def set_aside_later(root: Path, step: int) -> Path | None:
+    """Move the checkpoints of steps after `step` under `root` (those of a run that went on past the checkpoint a
+    run resumes from: an abandoned branch) into `root/abandoned-from-step-NNNNNN-<time>/`, where `--resume latest`
+    and `--keep_last` do not look; the folder, or None when there were none. Nothing is deleted."""
+    later = [p for p in list_checkpoints(root) if int(_STEP.match(p.name).group(1)) > step]
+    if not later:
+        return None
+    folder = root / f"abandoned-from-{step_name(step)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    while folder.exists():  # two resumes within a second
+        folder = folder.with_name(folder.name + "-1")
+    folder.mkdir()
+    for path in later:
+        os.replace(path, folder / path.name)
+    logger.warning(
+        "resumed from step %d while %s had later checkpoints (%s): moved them to %s so that --resume latest and "
+        "--keep_last see this run's",
+        step,
+        root,
+        ", ".join(p.name for p in later),
+        folder,
+    )
+    return folder
+
+
 def prune_checkpoints(root: Path, keep_last: int | None) -> None:
     """Delete all but the newest `keep_last` checkpoints (and any temporary folder left by a crash)."""
     for stale in root.glob(".step-*.tmp") if root.is_dir() else []:
@@ -297,6 +322,7 @@ __all__ = [
     "save_checkpoint",
     "save_full_weights",
     "save_lora_files",
+    "set_aside_later",
     "set_rng_state",
     "step_name",
     "write_auxiliary",

@@ -546,11 +546,15 @@ class TrainConfig:
             )
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"--lora_alpha {self.lora_alpha} must be > 0")
+        from .optimizers import check_optimizer
+
+        check_optimizer(self.optimizer, self.learning_rate, self.weight_decay, self.optimizer_options)
         self._check_lora_type()
         self._check_lora_plus_and_captions()
         self._check_caption_tags()
         self._check_video_clips()
         self._check_schedule_and_loss()
+        self._check_task_flags()
         if not 0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1:
             raise ConfigError(
                 f"--min_timestep_boundary {self.min_timestep_boundary} and --max_timestep_boundary "
@@ -797,8 +801,8 @@ class TrainConfig:
             )
         if self.flip_aug and self.task != "sft":
             raise ConfigError(f"--flip_aug: --task {self.task} learns from the pictures as they are (or none)")
-        if self.caption_dropout and self.task == "dmd2":
-            raise ConfigError("--caption_dropout: --task dmd2 draws its own unconditional branch (the teacher's CFG)")
+        if self.caption_dropout and self.task != "sft":
+            raise ConfigError(f"--caption_dropout {self.caption_dropout}: {_KEEPS_ITS_PROMPTS[self.task]}")
 
     def _check_video_clips(self) -> None:
         _at_least("video_frame_samples", self.video_frame_samples, 1)
@@ -838,8 +842,11 @@ class TrainConfig:
                 f"{given[0]} rewrites each caption every time its row is drawn, before it is encoded; --cache_dir "
                 "holds the prompts encoded once. Train without --cache_dir (the encoders run on the fly)"
             )
-        if given and self.task == "dmd2":
-            raise ConfigError(f"{given[0]}: --task dmd2 encodes its rows' prompts as they are")
+        # the distillation tasks learn each row's prompt as it is; --keep_tokens_separator alone only strips itself
+        # from the captions (which --task dmd2, encoding its rows' prompts itself, does not do either)
+        refused = given if self.task == "dmd2" else [f for f in given if f != "--keep_tokens_separator"]
+        if refused and self.task != "sft":
+            raise ConfigError(f"{refused[0]}: {_KEEPS_ITS_PROMPTS[self.task]}")
 
     def _check_schedule_and_loss(self) -> None:
         _at_least("lr_scheduler_num_cycles", self.lr_scheduler_num_cycles, 1)
@@ -868,6 +875,25 @@ class TrainConfig:
             raise ConfigError(
                 f"--loss_type {self.loss_type} replaces the flow-matching and direct-distillation losses' squares; "
                 f"--task {self.task} has its own objective"
+            )
+
+    def _check_task_flags(self) -> None:
+        """A setting given (not its default) that this run's --task does not read would do nothing: refused."""
+        if self.preset_lora_scale != 1.0 and self.preset_lora_path is None:
+            raise ConfigError(
+                f"--preset_lora_scale {self.preset_lora_scale} scales --preset_lora_path; this run has none, so it "
+                "would do nothing"
+            )
+        for f in fields(self):
+            tasks = _TASKS_READING.get(f.name) or _TASKS_READING.get(f.name.split("_")[0] + "_*")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            value = getattr(self, f.name)
+            if tasks is None or self.task in tasks or value == default:
+                continue
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            raise ConfigError(
+                f"--{f.name} {shown} shapes --task {' / '.join(tasks)}; --task {self.task} "
+                f"{_DOES_NOT_READ.get(self.task, 'does not read it')}, so it would do nothing"
             )
 
     def _check_lora_type(self) -> None:
@@ -1099,6 +1125,31 @@ def dump_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------------------------- helpers
+# the settings only some tasks read (`_check_task_flags`); "dmd2_*": every --dmd2_ flag. DMD2's fake score learns
+# the flow-matching loss, so it reads the timestep settings too; the trajectory loss is weighted by the scheduler.
+_TASKS_READING = {
+    "dmd2_*": ("dmd2",),
+    "trajectory_*": ("trajectory_imitation",),
+    "distill_num_inference_steps": ("direct_distill",),
+    **dict.fromkeys(
+        ("timestep_sampling", "logit_mean", "logit_std", "min_timestep_boundary", "max_timestep_boundary"),
+        ("sft", "dmd2"),
+    ),
+    "loss_weighting": ("sft", "dmd2", "trajectory_imitation"),
+}
+_DOES_NOT_READ = {
+    "direct_distill": "samples each row from its seed at the pipeline's sigmas (it draws no noise levels)",
+    "trajectory_imitation": "trains at the student's sigmas on the family's inference schedule",
+}
+# why each task but sft refuses the caption augmentations (--caption_dropout, --shuffle_caption, ...)
+_KEEPS_ITS_PROMPTS = {
+    "dmd2": "--task dmd2 encodes its rows' prompts as they are and draws its own unconditional branch (the "
+    "teacher's CFG)",
+    "direct_distill": "--task direct_distill pulls each row's sampling from its prompt toward its picture, so the "
+    "prompt must stay the one the picture was made from",
+    "trajectory_imitation": "--task trajectory_imitation imitates the teacher's sampling from each row's prompt as "
+    "it is",
+}
 _SEPARATORS = {"validation_prompts": "|", "validation_images": "|"}  # list flags whose items may hold commas
 
 

@@ -15,13 +15,17 @@
   path, for the task to read (as DiffSynth-Studio passes such paths on).
 - A task's `conditioning` columns (reference images such as `kontext_images`, `edit_image`, or videos such as
   Wan2.2-Animate's face crops) are file columns too; each of their images or videos keeps its own size (its own
-  bucket under `--max_pixels`), not the row's.
+  bucket under `--max_pixels`), not the row's. Those of its `aligned_conditioning` columns are pixel-aligned with
+  the target (Qwen-Image-Layered's input image, Step1X-Edit's source picture): they are read as the target is,
+  covering the sample's size and centre-cropped, so a fixed `--height`/`--width` crops both alike. A task's
+  `check_row(row, size)` checks each row at setup, its files' sizes read from their headers (`size(column, name)`).
 - Each sample gets a bucket, a (width, height) in multiples of `--bucket_step` with at most `--max_pixels` (the
   image is shrunk keeping its aspect ratio, never enlarged), or the fixed `--height`/`--width`. Images are
   resized to cover the bucket and centre-cropped. Sizes come from the file headers, so planning is cheap.
   Several pixel budgets (`--resolutions`) make each row a sample at each size.
 - `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
-  drawn from one bucket and frame count (`batch_keys`), cut to the same count on every process and to whole
+  drawn from one bucket and frame count (`batch_keys`; with conditioning columns also each of their pictures' size
+  as read and their count, so their stacks agree), cut to the same count on every process and to whole
   gradient-accumulation steps.
   Resuming skips the batches already trained, without loading them.
 - Sound: a row's `audio` column, or DiffSynth-Studio's `input_audio` (a file path in `--data_file_keys`: a sound
@@ -47,7 +51,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -262,17 +266,15 @@ def reading(path: Path, where: str) -> Iterator[None]:
 
 
 def media_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header."""
-    if path.suffix.lower() in VIDEO_SUFFIXES:
-        import av
+    """(width, height) from the file header, upright as the frames are read (a phone's portrait picture or video is
+    stored sideways, tagged: EXIF, or a display matrix, which needs a video's first frame decoded)."""
+    from diffsynth.runtime.media import upright_size, video_size
 
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            return stream.codec_context.width, stream.codec_context.height
-    from diffsynth.runtime.media import upright_size
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return video_size(path)
 
     with Image.open(path) as image:
-        return upright_size(image)  # a phone's portrait photo is stored sideways, tagged (EXIF)
+        return upright_size(image)
 
 
 def video_frame_rate(path: Path) -> float:
@@ -291,8 +293,11 @@ def read_audio(
     path: str | os.PathLike, *, seconds: float | None = None, rate: int | None = None, offset: float = 0.0
 ) -> tuple[torch.Tensor, int] | None:
     """The first audio stream of `path` (a sound file or a video) as (float32 `[channels, samples]` in [-1, 1],
-    sample rate), from time `offset` (0: the start; an AAC encoder's priming samples before it are dropped); at
-    most `seconds` long, resampled to `rate` Hz when given. None when the file has no audio stream."""
+    sample rate), from time `offset`, resampled to `rate` Hz when given. Time 0 is a video's first frame (by the
+    streams' timestamps: a track that starts after the picture gets silence before it, one that starts before is
+    cut) or a sound file's first sample (an AAC encoder's priming samples before time 0 are dropped). With `seconds`
+    exactly that long: zeros where the track has no sound (past its end, or a clip wholly after it). None when the
+    file has no audio stream."""
     import av
     import numpy as np
 
@@ -301,14 +306,19 @@ def read_audio(
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
+        video = container.streams.video[0] if container.streams.video else None
+        picture = None  # the time of the video's first frame, time 0 of its clips
+        if video is not None and video.start_time is not None and video.time_base:
+            picture = float(video.start_time * video.time_base)
         out_rate = int(rate or stream.rate)
         resampler = av.AudioResampler(format="fltp", rate=out_rate)
         limit = None if seconds is None else math.ceil(seconds * out_rate)
-        skip, total = None, 0
+        skip, total = None, 0  # skip: the track's samples before the clip (negative: the silence before the track)
         for frame in container.decode(stream):
-            if skip is None:  # a negative first timestamp: samples before time 0 (encoder priming)
-                start = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
-                skip = max(0, round(-start * out_rate)) + round(offset * out_rate)
+            if skip is None:
+                first = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else 0.0
+                lead = max(0.0, -first) if picture is None else picture - first
+                skip = round((lead + offset) * out_rate)
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray())
                 total += chunks[-1].shape[1]
@@ -319,16 +329,57 @@ def read_audio(
         skip = skip or 0
     if not chunks:
         return None
-    waveform = torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))[:, skip:]
-    return (waveform if limit is None else waveform[:, :limit]).contiguous(), out_rate
+    waveform = torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))
+    waveform = waveform[:, skip:] if skip >= 0 else torch.nn.functional.pad(waveform, (-skip, 0))
+    if limit is not None:
+        waveform = torch.nn.functional.pad(waveform[:, :limit], (0, max(0, limit - waveform.shape[1])))
+    return waveform.contiguous(), out_rate
 
 
 # ----------------------------------------------------------------------------------- datasets
+class Row(dict):
+    """A dataset item: a metadata row with its files loaded, and `source`, the metadata file and row it came from
+    ("metadata.csv row 3"), which an error about its batch names (`naming_rows`)."""
+
+    def __init__(self, *args, source: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+
+BATCH_ROW = re.compile(r"\brow (\d+) of the batch\b")  # how a task's `encode` names a row in its errors
+
+
+@contextmanager
+def naming_rows(sources: Sequence[str | None]) -> Iterator[None]:
+    """A `ConfigError` raised about a batch of items (a task's `encode`) with its "row k of the batch" replaced by
+    the item's metadata file and row (`Row.source`), or those of the batch's items added when it names none."""
+    try:
+        yield
+    except ConfigError as error:
+        message, known = str(error), [s for s in sources if s]
+        if not known:
+            raise
+
+        def named(match: re.Match) -> str:
+            k = int(match[1])
+            return f"{sources[k]} (row {k} of the batch)" if k < len(sources) and sources[k] else match[0]
+
+        renamed = BATCH_ROW.sub(named, message)
+        if renamed == message:
+            renamed = f"{message} (the batch holds {', '.join(known)})"
+        raise ConfigError(renamed) from None
+
+
 class MetadataDataset(Dataset):
     """Rows of a metadata file with their files loaded: images as [3, H, W] and videos as [3, F, H, W] float32
     tensors in [-1, 1] at the row's bucket size (a list of paths gives a list); other columns as they are.
     `conditioning` columns hold images (and videos) loaded at their own bucket (`bucket_for` their size), not the
-    row's.
+    row's; `aligned` columns (pixel-aligned with the target: a task's `aligned_conditioning`) are file columns
+    loaded at the row's bucket as its media are, whatever `file_keys` says. With `ragged_conditioning` the task
+    takes rows whose conditioning pictures differ in count and size in one batch, so they do not split batches.
+    `check_row(row, size)`, a task's check of a metadata row, runs on every row at setup; `size(column, name)` is
+    the header size of one of its files.
+    Items are `Row`s, which name their metadata file and row.
     `image_mode="RGBA"` reads the images and conditioning images as [4, H, W] with their alpha (an image without
     one gets an opaque alpha); video frames stay RGB.
     A video row also carries its sound and frame rate (see the module docstring; `audio_rate` resamples).
@@ -345,6 +396,9 @@ class MetadataDataset(Dataset):
         media: Sequence[str],
         file_keys: Sequence[str] = ("image", "video"),
         conditioning: Sequence[str] = (),
+        aligned: Sequence[str] = (),
+        ragged_conditioning: bool = False,
+        check_row: Callable[[dict[str, Any], Callable[[str, str], tuple[int, int]]], None] | None = None,
         metadata_path: str | None = None,
         max_pixels: int | Sequence[int] = 1024 * 1024,
         step: int = 64,
@@ -372,8 +426,9 @@ class MetadataDataset(Dataset):
         self.rows = read_metadata(self.metadata)
         if trigger_word:
             self.rows = [with_trigger(row, trigger_word) for row in self.rows]
-        self.conditioning = tuple(conditioning)
-        self.file_keys = tuple(dict.fromkeys([*file_keys, *self.conditioning]))
+        self.aligned = tuple(aligned)  # read at the row's bucket, as its media
+        self.conditioning = tuple(c for c in conditioning if c not in self.aligned)  # each at its own bucket
+        self.file_keys = tuple(dict.fromkeys([*file_keys, *conditioning, *self.aligned]))
         self.masked_loss = masked_loss or alpha_mask
         self.alpha_masked: set[int] = set()  # rows whose mask is their picture's transparency
         checked = (*self.file_keys, MASK_COLUMN) if self.masked_loss else self.file_keys
@@ -405,6 +460,8 @@ class MetadataDataset(Dataset):
             if fixed is None and not missing:
                 with reading(self.base / str(row[main]), f"{self.metadata} row {i + 1} column {main}"):
                     dims.append(media_size(self.base / str(row[main])))
+            if check_row is not None and not missing:
+                self._check_row(check_row, i)
         if missing:
             raise ConfigError(
                 f"{self.metadata} names {len(missing)} files missing from {self.base}: {preview(missing, 5)} "
@@ -423,7 +480,13 @@ class MetadataDataset(Dataset):
             bucket = fixed if fixed is not None else bucket_for(*dims[i], max_pixels=pixels, step=step)
             self.buckets.append(bucket)
         self.repeats = [row_repeat[i] for i in self.sample_rows]
-        self.batch_keys = batch_keys(self.buckets, self.sample_frames)
+        # each sample's conditioning pictures as read (their count and sizes): one batch stacks them, unless the
+        # task takes each row's own list (`ragged_conditioning`: Z-Image Omni)
+        self.sample_conditioning = [
+            () if ragged_conditioning else self._conditioning_sizes(i, p)
+            for i, p in zip(self.sample_rows, self.sample_pixels, strict=True)
+        ]
+        self.batch_keys = batch_keys(self.buckets, self.sample_frames, self.sample_conditioning)
         logger.info(
             "dataset %s: %d samples in %d buckets %s",
             self.metadata,
@@ -433,6 +496,32 @@ class MetadataDataset(Dataset):
         )
         if self.masked_loss:
             self._check_masks(alpha_mask, require_masks)
+
+    def _header_size(self, index: int, column: str, name: str) -> tuple[int, int]:
+        """(width, height) of the file `name` of row `index`'s `column`, from its header (errors name them)."""
+        path = self.base / name
+        with reading(path, f"{self.metadata} row {index + 1} column {column}"):
+            return media_size(path)
+
+    def _check_row(self, check: Callable, index: int) -> None:
+        """A task's `check_row` on row `index`, its errors ("column c: ...") naming the metadata file and row."""
+        where = f"{self.metadata} row {index + 1}"
+        try:
+            check(dict(self.rows[index]), lambda column, name: self._header_size(index, column, name))
+        except ConfigError as error:
+            raise ConfigError(str(error) if str(error).startswith(str(self.metadata)) else f"{where} {error}") from None
+
+    def _conditioning_sizes(self, index: int, pixels: int) -> tuple[int, ...]:
+        """The pictures and videos of row `index`'s conditioning columns as a sample at `pixels` reads them: per
+        column their count, then each one's bucket (width, height), from the headers; () without such columns."""
+        sizes: list[int] = []
+        for column in self.conditioning:
+            names = [n for n in _paths(self.rows[index].get(column)) if Path(n).suffix.lower() not in SOUND_SUFFIXES]
+            sizes.append(len(names))
+            for name in names:
+                width, height = self._header_size(index, column, name)
+                sizes += bucket_for(width, height, max_pixels=pixels, step=self.step)
+        return tuple(sizes)
 
     def _check_masks(self, alpha: bool, required: bool = True) -> None:
         """`--masked_loss` needs some rows with a mask file (each one picture, or a video for a video row) or, with
@@ -481,7 +570,7 @@ class MetadataDataset(Dataset):
         size, pixels = self.buckets[index], self.sample_pixels[index]
         start, count = self.sample_starts[index], self.sample_frames[index]  # the sample's clip
         index = self.sample_rows[index]  # the metadata row of the sample
-        row = dict(self.rows[index])
+        row = Row(self.rows[index], source=f"{self.metadata} row {index + 1}")
         for key in self.file_keys:
             value = row.get(key)
             if not value or key in AUDIO_KEYS or (key == MASK_COLUMN and self.masked_loss):
@@ -520,7 +609,7 @@ class MetadataDataset(Dataset):
 
     def _load(self, path: Path, key: str, size: Bucket, pixels: int, start: int, count: int) -> torch.Tensor:
         """A row's picture as `[C, H, W]` or video clip (`count` frames from `start`) as `[3, F, H, W]` at the
-        sample's `size` (a conditioning column's at its own bucket under `pixels`)."""
+        sample's `size` (a conditioning column's at its own bucket under `pixels`; an aligned column's at `size`)."""
         from diffsynth.runtime.media import load_image, pil_to_tensor
 
         if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -723,7 +812,9 @@ class CachedDataset(Dataset):
             )
         # older caches did not record the frame counts: their latents' shapes tell which samples stack
         self.sample_frames = index.get("frames")  # each sample's frames, as `MetadataDataset.sample_frames`
-        self.batch_keys = batch_keys(self.buckets, self.sample_frames or [_latents_shape(p) for p in self.files])
+        conditioning = index.get("conditioning")  # its conditioning pictures' sizes (older caches: none recorded)
+        frames = self.sample_frames or [_latents_shape(p) for p in self.files]
+        self.batch_keys = batch_keys(self.buckets, frames, conditioning and [tuple(c) for c in conditioning])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -821,6 +912,7 @@ def write_cache_index(cache_dir: Path, dataset: MetadataDataset, settings: dict)
         "count": len(dataset),
         "buckets": [list(b) for b in dataset.buckets],
         "frames": list(dataset.sample_frames),
+        "conditioning": [list(c) for c in dataset.sample_conditioning],
         "repeats": list(dataset.repeats),
         "settings": settings,
         "metadata": str(dataset.metadata),
@@ -843,11 +935,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- batch plans
-def batch_keys(buckets: Sequence[Bucket], frames: Sequence[Any]) -> list[tuple]:
+def batch_keys(
+    buckets: Sequence[Bucket], frames: Sequence[Any], conditioning: Sequence[tuple[int, ...]] | None = None
+) -> list[tuple]:
     """What samples must share to stack into one batch: the bucket (width, height) and the frame count. With
     pictures beside videos of one size (or videos of two `num_frames`) each count batches apart, as musubi-tuner's
-    buckets do."""
-    return [(*bucket, count) for bucket, count in zip(buckets, frames, strict=True)]
+    buckets do. `conditioning`: each sample's conditioning pictures as read (`MetadataDataset.sample_conditioning`:
+    count and sizes per column), which a task stacks too (edit images of 2 sizes batch apart)."""
+    extra = conditioning if conditioning is not None else [()] * len(buckets)
+    return [(*bucket, count, *more) for bucket, count, more in zip(buckets, frames, extra, strict=True)]
 
 
 def plan_keys(dataset, batch_size: int) -> list:
@@ -924,12 +1020,14 @@ __all__ = [
     "Bucket",
     "CachedDataset",
     "MetadataDataset",
+    "Row",
     "batch_keys",
     "batch_plan",
     "bucket_for",
     "cache_settings",
     "fit",
     "metadata_file",
+    "naming_rows",
     "plan_fingerprint",
     "plan_keys",
     "read_audio",

@@ -49,7 +49,7 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 from .config import TrainConfig, _coerce, _hints
-from .data import CAPTION_SUFFIXES, METADATA_NAMES, MetadataDataset, cache_settings, read_text_file
+from .data import CAPTION_SUFFIXES, METADATA_NAMES, MetadataDataset, Row, cache_settings, read_text_file
 from .masks import MASK_COLUMN, is_mask_file
 
 logger = logging.getLogger(__name__)
@@ -516,6 +516,7 @@ class CombinedDataset(Dataset):
         self.starts = list(itertools.accumulate((len(part) for part in self.parts), initial=0))
         self.buckets = [bucket for part in self.parts for bucket in part.buckets]
         self.sample_frames = [count for part in self.parts for count in part.sample_frames]
+        self.sample_conditioning = [sizes for part in self.parts for sizes in part.sample_conditioning]
         self.batch_keys = [key for part in self.parts for key in part.batch_keys]
         self.repeats = [
             r * entry.repeats for part, entry in zip(self.parts, self.entries, strict=True) for r in part.repeats
@@ -548,7 +549,7 @@ class CombinedDataset(Dataset):
         k = bisect.bisect_right(self.starts, index) - 1
         row = self.parts[k][index - self.starts[k]]
         weight = self.entries[k].loss_weight
-        return row if weight == 1 else {**row, LOSS_WEIGHT_KEY: weight}
+        return row if weight == 1 else Row({**row, LOSS_WEIGHT_KEY: weight}, source=row.source)
 
 
 # ----------------------------------------------------------------------------------- loss weights

@@ -327,6 +327,11 @@ def micro_batch_losses(
     return loss, fake, judged
 
 
+def student_updates(cfg: TrainConfig, step: int) -> bool:
+    """Whether the step after `step` steps done updates the student (every `--dmd2_student_update_freq`-th)."""
+    return step % cfg.dmd2_student_update_freq == 0
+
+
 def dmd2_step(run, state, group: list[list[dict]]):
     """One DMD2 step over `group` (micro-batches): the student's update on every `--dmd2_student_update_freq`-th
     step (counting from the first), the fake score's every step."""
@@ -335,7 +340,7 @@ def dmd2_step(run, state, group: list[list[dict]]):
     from .trainer import draw_batch_choices, micro_batch_noise, prepare_batch
 
     acc, cfg, dmd = run.accelerator, run.config, run.dmd2
-    update = state.step % cfg.dmd2_student_update_freq == 0
+    update = student_updates(cfg, state.step)
     # the student runs through its DDP wrapper only when its gradients are wanted
     student = PreparedDenoiser(run.model, acc.unwrap_model(run.model)) if update else acc.unwrap_model(run.model)
     dmd_losses, fake_losses, judge_losses = [], [], []
@@ -381,6 +386,7 @@ def dmd2_step(run, state, group: list[list[dict]]):
             torch.nn.utils.clip_grad_norm_(list(dmd.discriminator.parameters()), cfg.max_grad_norm)
         dmd.discriminator_optimizer.step()
         dmd.discriminator_optimizer.zero_grad(set_to_none=True)
+    lr = run.lr_scheduler.get_last_lr()[0]  # this step's rate, logged
     with warnings.catch_warnings():  # the student's LR follows the steps, also those it does not update on
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
         run.lr_scheduler.step()
@@ -396,7 +402,8 @@ def dmd2_step(run, state, group: list[list[dict]]):
         dmd.metrics["discriminator_loss"] = mean(judge_losses)
     if not torch.isfinite(torch.tensor(fake_loss)):
         logger.warning("step %d: the fake score's loss is %s", state.step + 1, fake_loss)
-    return replace(state, step=state.step + 1, batches_done=state.batches_done + len(group), loss=fake_loss)
+    done = state.batches_done + len(group)
+    return replace(state, step=state.step + 1, batches_done=done, loss=fake_loss, lr=lr)
 
 
 def average_gradients(accelerator, params: Sequence[nn.Parameter]) -> None:
@@ -471,5 +478,6 @@ __all__ = [
     "save_state",
     "student_sample",
     "student_sigmas",
+    "student_updates",
     "teacher_velocity",
 ]

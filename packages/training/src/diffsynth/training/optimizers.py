@@ -37,7 +37,7 @@ def make_optimizer(
 
         # the trainer's learning rate and schedule, not Adafactor's own relative step size
         defaults = {"relative_step": False, "scale_parameter": False, "warmup_init": False}
-        return _built(Adafactor, params, {**defaults, **options}, lr=lr, weight_decay=weight_decay)
+        return _built(Adafactor, params, options, defaults, lr=lr, weight_decay=weight_decay)
     if name == "prodigy":
         prodigy = _import("prodigyopt", "--optimizer prodigy", "pip install prodigyopt")
         return _built(prodigy.Prodigy, params, options, lr=lr, weight_decay=weight_decay)
@@ -69,11 +69,19 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-def _built(cls, params, options: dict, **given) -> torch.optim.Optimizer:
+def _built(cls, params, options: dict, defaults: dict | None = None, **given) -> torch.optim.Optimizer:
     try:
-        return cls(params, **given, **options)
-    except TypeError as exc:  # an option the optimizer does not take
-        raise ConfigError(f"--optimizer_options {sorted(options)}: {cls.__name__} says {exc}") from None
+        return cls(params, **given, **{**(defaults or {}), **options})
+    except (TypeError, ValueError) as exc:  # an option the optimizer does not take, or a value it refuses
+        shown = ",".join(f"{k}={':'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in options.items())
+        raise ConfigError(f"--optimizer_options {shown}: {cls.__name__} says {exc}") from None
+
+
+def check_optimizer(name: str, lr: float, weight_decay: float, options: Mapping[str, Any] | None) -> None:
+    """Build the optimizer over one stand-in parameter, so that a bad `--optimizer_options` value is named before
+    any model loads."""
+    if options:
+        make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], lr, weight_decay, options)
 
 
 def _import(module: str, what: str, hint: str):
@@ -85,4 +93,4 @@ def _import(module: str, what: str, hint: str):
         raise ConfigError(f"{what} needs the {module} package: {hint}") from None
 
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "optimizer_arguments"]
+__all__ = ["OPTIMIZERS", "check_optimizer", "make_optimizer", "optimizer_arguments"]

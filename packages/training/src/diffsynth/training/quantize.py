@@ -65,6 +65,11 @@ def quantized_sources(cfg: TrainConfig, configs: Sequence[ModelConfig], denoiser
                 f"{flag}: {clash[0]} is trained in full (--trainable_models) or stored in fp8 (--fp8_models); only a "
                 "frozen model is quantized (e.g. the denoiser under a LoRA)"
             )
+        if cfg.task == "dmd2" and (denoiser_slot in roles or slot == denoiser_slot):
+            raise ConfigError(
+                f"{flag} with --task dmd2: DMD2's fake score is a trainable full copy of the denoiser "
+                f"({denoiser_slot}), which quantized weights cannot give; drop {flag.split()[0]} for it"
+            )
         if config.quantize is not None and config.quantize != quant:
             raise ConfigError(f"{flag}: {_names(config)} is quantized twice (by --quantize and --quant_options)")
         config.quantize = quant

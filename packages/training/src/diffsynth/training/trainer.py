@@ -55,6 +55,7 @@ from .checkpoint import (
     save_checkpoint,
     save_full_weights,
     save_lora_files,
+    set_aside_later,
     set_rng_state,
     step_name,
 )
@@ -152,6 +153,7 @@ class TrainState:
     batches_done: int = 0  # micro-batches of this epoch each process has trained on
     loss: float = math.nan  # mean loss of the last step, over micro-batches and processes
     grad_norm: float | None = None  # the last step's gradient norm before clipping (None: not clipped)
+    lr: float | None = None  # the learning rate the last step used (the scheduler has moved on to the next)
 
 
 @dataclass
@@ -194,6 +196,9 @@ def train(config: TrainConfig) -> TrainState:
             state = resume(run, found, state)
             if acc.is_main_process:
                 forget_metrics_after(run.output / METRICS_FILE, state.step)
+                # a run that went on past this checkpoint is a branch left: its later checkpoints are moved aside
+                set_aside_later(run.output / CHECKPOINTS, state.step)
+            acc.wait_for_everyone()
     if cfg.report_to:  # accelerate starts them on the main process only
         acc.init_trackers(cfg.tracker_project_name, config=tracking.hyperparameters(dataclasses.asdict(cfg)))
     capped = run.total_steps < run.steps_per_epoch * cfg.num_epochs
@@ -387,6 +392,8 @@ def setup(config: TrainConfig) -> Run:
     # FSDP replaces the parameters with sharded ones: name the ones the optimizer now holds (ZeRO-3 keeps the
     # objects and empties them)
     trainable = {name: p for name, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+    if cfg.module_dropout:
+        keep_trained_weights_in_graph(acc.unwrap_model(model), list(trainable.values()))
     store_in_fp8(cfg, task, acc.device, all_loaded=not cached)
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay is not None else None
     # the held-out rows encoded once, now that the encoders are where training runs them (fp8, streamed), or read
@@ -537,6 +544,32 @@ def _mirrored(value):
     return value  # a path the task reads itself (a sound file)
 
 
+def keep_trained_weights_in_graph(module: nn.Module, trained: list[nn.Parameter]) -> None:
+    """`--module_dropout` may leave out every LoHa / LoKr layer in a micro-batch: the denoiser's output then holds
+    no trained weight and its backward pass would fail. A forward hook adds `0 * sum` of the trained weights to such
+    an output (a tensor, or the first of a tuple) inside the call, so the micro-batch gives them zero gradients and
+    DDP, which finds the weights an output used as the call returns, reduces them as in any other step (added to the
+    loss after the call, DDP would count them unused and then see their gradients: an error)."""
+
+    def hook(mod: nn.Module, args, output):
+        many = type(output) in (tuple, list) and len(output) > 0
+        first = output[0] if many else output
+        if not (mod.training and torch.is_grad_enabled() and isinstance(first, torch.Tensor)) or first.requires_grad:
+            return None
+        first = first + 0 * sum(p.sum() for p in trained).to(first.dtype)
+        return type(output)([first, *output[1:]]) if many else first
+
+    module.register_forward_hook(hook)
+
+
+def untouched_weights_as_zero(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """`loss` on which a backward pass runs: one that holds no trained weight (`--module_dropout` left out every
+    layer of a family call that bypasses the denoiser's forward hook) gets `0 * sum` of them added, zero gradients."""
+    if loss.requires_grad or not run.config.module_dropout:
+        return loss
+    return loss + 0 * sum(p.sum() for p in run.trainable.values()).to(loss.dtype)
+
+
 def seed_adapter_dropout(cfg: TrainConfig, epoch: int, index: int) -> None:
     """`--lora_dropout` / `--rank_dropout` / `--module_dropout` draw from torch's global generators (peft's layers
     do): seed them from the micro-batch's key (another stream) so reruns and resumes drop the same units."""
@@ -559,8 +592,9 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
     """One optimizer step over `group`, a list of micro-batches (each a list of dataset items)."""
     acc, cfg = run.accelerator, run.config
     if run.dmd2 is not None:  # the student's and the fake score's updates (dmd2.py)
+        student_stepped = dmd2_task.student_updates(cfg, state.step)
         state = dmd2_task.dmd2_step(run, state, group)
-        if run.ema is not None:
+        if run.ema is not None and student_stepped:  # the average moves only when the student does
             run.ema.update(run.trainable)
         return state
     denoiser = PreparedDenoiser(run.model, acc.unwrap_model(run.model))
@@ -583,6 +617,7 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
                         loss = trajectory.trajectory_loss(run, denoiser, items, batch, noise)
                 else:
                     loss = flow_matching_loss(run, denoiser, batch, micro_batch_noise(cfg.seed, state.epoch, index))
+            loss = untouched_weights_as_zero(run, loss)
             if is_deepspeed(acc):  # DeepSpeed steps (and clips) inside the last backward pass
                 deepspeed_backward(acc, loss / len(group), last=last)
             else:
@@ -596,12 +631,13 @@ def train_step(run: Run, state: TrainState, group: list[list[dict]]) -> TrainSta
         run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update(run.trainable)
+    lr = run.lr_scheduler.get_last_lr()[0]  # this step's rate, logged
     run.lr_scheduler.step()
     loss = acc.reduce(torch.stack(losses).mean(), reduction="mean")
     if not torch.isfinite(loss):
         logger.warning("step %d: the loss is %s", state.step + 1, float(loss))
     done = state.batches_done + len(group)
-    return replace(state, step=state.step + 1, batches_done=done, loss=float(loss), grad_norm=grad_norm)
+    return replace(state, step=state.step + 1, batches_done=done, loss=float(loss), grad_norm=grad_norm, lr=lr)
 
 
 def flow_matching_loss(
@@ -1333,6 +1369,9 @@ def make_dataset(
         media=task.media,
         file_keys=cfg.data_file_keys,
         conditioning=getattr(task, "conditioning", ()),  # a task's reference-image columns (optional attribute)
+        aligned=getattr(task, "aligned_conditioning", ()),  # those pixel-aligned with the target: read as it is
+        ragged_conditioning=getattr(task, "ragged_conditioning", False),  # a batch may mix their sizes
+        check_row=getattr(task, "check_row", None),  # a task's setup check of each metadata row (optional)
         metadata_path=cfg.dataset_metadata_path,
         max_pixels=cfg.training_pixels,
         step=cfg.bucket_step,
@@ -1401,9 +1440,13 @@ def prepare_batch(run: Run, items: list[dict]) -> dict[str, Any]:
 
 def encode_with_masks(task: TrainingTask, rows: list[dict]) -> list[dict]:
     """The task's encoded samples (no grad), with the rows' `--masked_loss` masks on their latent grids (a mask
-    video's frames grouped as the task says, `masks.temporal_compression`)."""
+    video's frames grouped as the task says, `masks.temporal_compression`). A `ConfigError` of `encode` names the
+    items' metadata rows (`data.naming_rows`)."""
+    from .data import naming_rows
+
+    sources = [getattr(row, "source", None) for row in rows]  # each item's metadata file and row (`data.Row`)
     rows, loss_weights = take_row_weights(rows)  # --dataset_config loss_weight: kept with the encoded sample
-    with torch.no_grad():
+    with torch.no_grad(), naming_rows(sources):
         samples = task.encode(rows)
     attach_masks(rows, samples, temporal_compression(task))
     attach_loss_weights(loss_weights, samples)
@@ -1558,7 +1601,7 @@ def _progress(run: Run, state: TrainState):
 def _log(run: Run, state: TrainState, seconds_per_step: float) -> None:
     if not run.accelerator.is_main_process:
         return
-    lr = run.lr_scheduler.get_last_lr()[0]
+    lr = state.lr if state.lr is not None else run.lr_scheduler.get_last_lr()[0]
     logger.info(
         "step %d/%d (%d epochs done) loss %.5f lr %.3g (%.2f s/step)",
         state.step,

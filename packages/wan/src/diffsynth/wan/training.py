@@ -45,7 +45,9 @@ adds the controller's offset to the DiT's modulation as the pipeline does. Train
 controller frozen; `trained_model="motion_controller"` (what `--trainable_models motion_controller` asks the
 trainer for: the controller is one of the task's `trainable_slots`) trains the controller alone under the frozen DiT: the trainer's model is then
 the controller, saved as `<step>/motion_controller/diffusion_pytorch_model.safetensors`, which the pipeline
-recognises from its keys like DiffSynth-Studio's `model.safetensors`.
+recognises from its keys like DiffSynth-Studio's `model.safetensors`. Validation samples of a DiT in training follow
+the controller too, at `validation_motion_bucket_id` (a task option; default: the dataset's first row's
+`motion_bucket_id`, read by `prepare_dataset`).
 
 Video-As-Prompt (ByteDance/Video-As-Prompt-Wan2.1-14B: its `transformer/` files hold the Wan2.1 I2V 14B DiT and the
 MoT expert, which load into `dit` and `vap`): with the expert among the model files, every row gives `vap_video`
@@ -69,7 +71,9 @@ columns: `wantodance_music_path` (an audio file as long as the video, read by th
 reads it: listed in --data_file_keys the dataset hands on its absolute path, as DiffSynth-Studio does; else an
 absolute path or one relative to the working directory), `wantodance_keyframes` (a video, or a list of images, of the video's frames:
 the keyframes, black elsewhere) with `wantodance_keyframes_mask` (one 0 / 1 a frame), an optional
-`wantodance_reference_image` and `wantodance_fps` (default 30, the pipeline's). The conditions are the pipeline's
+`wantodance_reference_image` and `wantodance_fps` (default: the rate the clips are read at, the row's `frame_rate`:
+`--video_fps`, else a `frame_rate` column or the file's; 30, the pipeline's, only without one; a `wantodance_fps` that
+disagrees with `--video_fps` is refused when training starts). The conditions are the pipeline's
 (`check_dancer_call`, then `dancer_conditions`) at the video's size and frame count: `clip_feature`, `y`,
 `music_feature`, `refimage_feature` and the frame rate, cached per row; the model call is the pipeline's positive
 `dancer_velocity` (every block; a batch takes one frame rate and one music length). This is the local model's recipe
@@ -342,7 +346,13 @@ class WanTrainingTask(PipelineTrainingTask):
     size_multiple: ClassVar[int] = WanVideoPipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("video", "image")
     # --task_options that leave a cache valid: they act only on the noise levels drawn or on the model call
-    loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift", "expert", "expert_boundary", "trained_model")
+    loss_options: ClassVar[tuple[str, ...]] = (
+        "sigma_shift",
+        "expert",
+        "expert_boundary",
+        "trained_model",
+        "validation_motion_bucket_id",
+    )
     # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
     trainable_slots: ClassVar[tuple[str, ...]] = ("motion_controller", "vap")
     vap: bool = False  # whether the Video-As-Prompt expert is among the model files (set per task in __init__)
@@ -360,10 +370,13 @@ class WanTrainingTask(PipelineTrainingTask):
         expert: str | None = None,
         expert_boundary: float | None = None,
         trained_model: str = "dit",
+        validation_motion_bucket_id: float | str | None = None,
     ):
         """`speed_control`: whether the speed-control model is among the model files (default: whether `pipe` has
         it loaded); `trained_model` "motion_controller" makes it the model the trainer trains (see the module
-        docstring); `vap` likewise, whether the Video-As-Prompt expert is (default: whether `pipe.vap` is loaded)."""
+        docstring); `vap` likewise, whether the Video-As-Prompt expert is (default: whether `pipe.vap` is loaded).
+        `validation_motion_bucket_id`: the speed of validation samples with the speed-control model (default: the
+        dataset's first row's, see `prepare_dataset`)."""
         self.pipe = pipe
         self.dit_config = dit_config if dit_config is not None else pipe.dit.config
         own = {Animate2Config: "animate2", DancerConfig: "dancer"}  # one-mode DiTs without a model_type
@@ -373,6 +386,7 @@ class WanTrainingTask(PipelineTrainingTask):
         self.vap = pipe.vap is not None if vap is None else bool(vap)
         self._in_training = None
         self._check_trained_model(trained_model)
+        self.validation_motion_bucket_id = self._validation_speed(validation_motion_bucket_id)
         if self.vap:
             self._check_vap(expert)
         if trained_model == "vap" and pipe.vap is not None:
@@ -441,6 +455,23 @@ class WanTrainingTask(PipelineTrainingTask):
         if controller is not None:  # --use_gradient_checkpointing reaches the DiT through it (see `velocity`)
             controller.gradient_checkpointing = False
 
+    def _validation_speed(self, value: float | str | None) -> float | None:
+        """The `validation_motion_bucket_id` task option as a number; refused without the speed-control model."""
+        if not _given(value):
+            return None
+        if not self.speed_control:
+            raise ConfigError(
+                f"--task_options validation_motion_bucket_id={value!r} needs DiffSynth-Studio's speed-control model "
+                "(DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1:model.safetensors) among the models: add its file or "
+                "drop the option"
+            )
+        try:
+            return _number(0, "validation_motion_bucket_id", value, None)
+        except ConfigError:
+            raise ConfigError(
+                f"--task_options validation_motion_bucket_id={value!r} is not a number (0 slow ... 100 fast)"
+            ) from None
+
     def _check_vap(self, expert: str | None) -> None:
         """The Video-As-Prompt expert runs beside a plain Wan 2.1 I2V DiT with CLIP input, as the pipeline's
         `check_vap_call` requires, and with nothing else in the model call."""
@@ -492,13 +523,48 @@ class WanTrainingTask(PipelineTrainingTask):
         `sample_frames`; a cache from before they were recorded says none), not the pipeline's 81 frames."""
         clips = [frames for frames in getattr(dataset, "sample_frames", None) or () if frames > 1]
         self.sample_frames = max(clips) if clips else None
+        if self.kind == "dancer":
+            self._check_dancer_rates(dataset)
+        if self.speed_control and self.validation_motion_bucket_id is None and len(dataset):
+            # the speed of validation samples: the first row's (a metadata row, or a cached sample's id)
+            rows = getattr(dataset, "rows", None)
+            value = rows[0].get("motion_bucket_id") if rows else dataset[0].get("motion_bucket_id")
+            if isinstance(value, torch.Tensor):
+                value = float(value.flatten()[0])
+            if _given(value):
+                self.validation_motion_bucket_id = _number(0, "motion_bucket_id", value, None)
+
+    @staticmethod
+    def _check_dancer_rates(dataset: Any) -> None:
+        """Refuse, before any step, a Wan-Dancer row whose `wantodance_fps` disagrees with `--video_fps` (the rate
+        its clips are read at): the DiT would be told another frame rate than its frames have."""
+        for part in getattr(dataset, "parts", None) or [dataset]:  # several datasets (--dataset_config), or one
+            fps, rows = getattr(part, "fps", None), getattr(part, "rows", None)
+            for i, row in enumerate(rows if fps is not None and rows is not None else ()):
+                value = row.get("wantodance_fps")
+                if not _given(value):
+                    continue
+                where = f"{getattr(part, 'metadata', 'the metadata')} row {i + 1} column wantodance_fps"
+                try:
+                    rate = _number(i, "wantodance_fps", value, None)
+                except ConfigError:
+                    raise ConfigError(f"{where}: {value!r} is not a number of frames per second") from None
+                if abs(rate - float(fps)) > 1e-6:
+                    raise ConfigError(
+                        f"{where}: {value!r} disagrees with --video_fps {float(fps):g}, the rate the clips are read "
+                        "at; drop the column (the row then takes --video_fps) or make the two agree"
+                    )
 
     def sample(
         self, denoiser: nn.Module, prompts: Sequence[str], *, seed: int, references=None, **options: Any
     ) -> list:
-        """`PipelineTrainingTask.sample` at the training clips' length unless a prompts-file line gives its own."""
+        """`PipelineTrainingTask.sample` at the training clips' length unless a prompts-file line gives its own,
+        and with the speed-control model at `validation_motion_bucket_id`."""
         if getattr(self, "sample_frames", None) and options.get("num_frames") is None:
             options = {**options, "num_frames": self.sample_frames}
+        speed = getattr(self, "validation_motion_bucket_id", None)
+        if self.speed_control and speed is not None and options.get("motion_bucket_id") is None:
+            options = {**options, "motion_bucket_id": speed}  # the controller on, as the DiT trains with it
         return super().sample(denoiser, prompts, seed=seed, references=references, **options)
 
     def _no_samples(self) -> str | None:
@@ -537,7 +603,8 @@ class WanTrainingTask(PipelineTrainingTask):
         and, for a DiT with CLIP input, the CLIP image encoder (`encoders`). Files of models not needed are
         recognised from their headers and not loaded; the DiT's header alone says how to condition it.
         `task_options`: `sigma_shift`, `max_sequence_length`, `expert` ("high" / "low", read from the DiT's
-        folder when not given), `expert_boundary` (the preset's by default) and `trained_model`. The S2V DiT's
+        folder when not given), `expert_boundary` (the preset's by default), `trained_model` and
+        `validation_motion_bucket_id`. The S2V DiT's
         wav2vec2 audio encoder is an encoder; the speed-control model loads with the denoiser."""
         configs = _one_model_each(model_configs)
         roles = [model_roles(c) for c in configs]
@@ -800,7 +867,9 @@ class WanTrainingTask(PipelineTrainingTask):
             reference = reference[0] if reference else None
         reference = self._image(index, {"wantodance_reference_image": reference}, "wantodance_reference_image")
         reference = None if reference is None else tensor_to_pil(reference)[0]
-        fps = _number(index, "wantodance_fps", row.get("wantodance_fps"), 30.0)
+        # the column, else the rate the clip's frames are at (--video_fps, a frame_rate column, the file's), else 30
+        column = "wantodance_fps" if _given(row.get("wantodance_fps")) else "frame_rate"
+        fps = _number(index, column, row.get(column), 30.0)
         try:
             music, reference, keyframes, flags, fps = check_dancer_call(
                 pipe, str(music), None, reference, fps, keyframes, flags, frames

@@ -86,6 +86,7 @@ class ZImageTrainingTask(PipelineTrainingTask):
     size_multiple: ClassVar[int] = ZImagePipeline.size_multiple
     media: ClassVar[tuple[str, ...]] = ("image",)
     conditioning: ClassVar[tuple[str, ...]] = (EDIT_COLUMN,)  # Omni's condition images, read as files
+    ragged_conditioning: ClassVar[bool] = True  # each row's own list: a batch mixes their counts and sizes
     loss_options: ClassVar[tuple[str, ...]] = ("sigma_shift", "trained_model")  # options that leave a cache valid
     # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
     trainable_slots: ClassVar[tuple[str, ...]] = ("controlnet",)
