@@ -297,6 +297,8 @@ class QwenImagePipeline(BasePipeline):
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
         `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
+        `max_sequence_length` cuts a text-to-image prompt; an edit prompt, which carries the edit images' vision
+        tokens before the instruction, is kept whole (as the authors' Edit pipelines do).
         `edit_rope_interpolation` (DiffSynth-Studio's, for its Qwen-Image-Edit-Lowres-Fix LoRA) spreads a smaller
         edit image's rotary positions over the generated image's grid, so a low-resolution image edits a larger one.
         `zero_cond_t` (DiffSynth-Studio's argument) modulates the edit images' tokens with timestep 0, as
@@ -324,6 +326,12 @@ class QwenImagePipeline(BasePipeline):
                     "edit_rope_interpolation": edit_rope_interpolation or None,
                     "sampler": None if sampler in (None, "euler") else sampler,
                     "eligen_entity_prompts": eligen_entity_prompts,
+                    "eligen_entity_masks": eligen_entity_masks,
+                    "eligen_enable_on_negative": eligen_enable_on_negative,
+                    "inpaint_blur_size": inpaint_blur_size,
+                    "inpaint_blur_sigma": inpaint_blur_sigma,
+                    "edit_image_auto_resize": edit_image_auto_resize is not None,
+                    "zero_cond_t": zero_cond_t is not None,
                     "controlnet_inputs": controlnet_inputs,
                     "blockwise_controlnet_inputs": blockwise_controlnet_inputs,
                     "denoising_strength < 1": denoising_strength != 1.0,
@@ -361,6 +369,11 @@ class QwenImagePipeline(BasePipeline):
                 "cfg_normalize belongs to layer decomposition (Qwen-Image-Layered); Qwen-Image's true CFG always "
                 "rescales to the conditional norm, as the authors do"
             )
+        if edit_rope_interpolation and edit_image is None and context_image is None:  # a preset's default may stay
+            raise ConfigError(
+                "edit_rope_interpolation=True spreads the edit images' rotary positions over the output's grid: "
+                "give edit_image, or leave it out"
+            )
         edit_image_auto_resize = bool(self.setting("edit_image_auto_resize", edit_image_auto_resize, True))
         edit_rope_interpolation = bool(self.setting("edit_rope_interpolation", edit_rope_interpolation, False))
         zero_cond_t = self.setting("zero_cond_t", zero_cond_t, None)
@@ -381,6 +394,11 @@ class QwenImagePipeline(BasePipeline):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         if not 0.0 < denoising_strength <= 1.0:
             raise ConfigError(f"denoising_strength={denoising_strength!r} must be in (0, 1]")
+        if denoising_strength != 1.0 and input_image is None:
+            raise ConfigError(
+                f"denoising_strength={denoising_strength!r} is image-to-image (how far it moves from input_image): "
+                "give input_image, or leave it at 1"
+            )
         use_cfg = cfg_scale > 1.0
         template = self.setting("sigma_template", sigma_template, "qwen_image")
         if template not in SIGMA_TEMPLATES:
@@ -413,9 +431,11 @@ class QwenImagePipeline(BasePipeline):
 
         # 2. schedule and latents
         scheduler = make_scheduler(SIGMA_TEMPLATES[template], str(self.setting("sampler", sampler, "euler")))
-        strength = denoising_strength if input_image is not None else 1.0
         scheduler.set_timesteps(
-            steps, denoising_strength=strength, image_seq_len=(height // 16) * (width // 16), mu=exponential_shift_mu
+            steps,
+            denoising_strength=denoising_strength,
+            image_seq_len=(height // 16) * (width // 16),
+            mu=exponential_shift_mu,
         )
         uses_vae = input_image is not None or edits is not None or bool(control_inputs or blockwise_inputs)
         uses_vae = uses_vae or context_image is not None
@@ -595,7 +615,8 @@ class QwenImagePipeline(BasePipeline):
         self, prompts: list[str], max_sequence_length: int = 512, edits: list | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings `[B, L, 3584]` and their mask `[B, L]`, on the pipeline's device; with
-        `edits` (from `prepare_edit_images`) the images are encoded with the prompt."""
+        `edits` (from `prepare_edit_images`) the images are encoded with the prompt, and `max_sequence_length`
+        cuts nothing (`encode_prompts_with_images`)."""
         if edits is not None:
             if self.processor is None:
                 raise ConfigError(

@@ -76,9 +76,9 @@ def edit_image_prefix(count: int, numbered: bool) -> str:
 
 
 def split_and_pad(
-    hidden: torch.Tensor, mask: torch.Tensor, drop: int, max_sequence_length: int
+    hidden: torch.Tensor, mask: torch.Tensor, drop: int, max_sequence_length: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per prompt: keep the real tokens after the first `drop`, cut to `max_sequence_length`,
+    """Per prompt: keep the real tokens after the first `drop`, cut to `max_sequence_length` (None: no cut),
     zero-pad to the longest; returns `[B, L, D]` states and the `[B, L]` bool mask."""
     rows = [h[m.bool()][drop:][:max_sequence_length] for h, m in zip(hidden, mask, strict=True)]
     length = max(max(r.shape[0] for r in rows), 1)
@@ -184,7 +184,11 @@ def encode_prompts_with_images(
     device=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Edit prompt embeddings: every prompt sees all `images` (PIL, already at the size the vision
-    tower should get) through the Qwen2-VL `processor`; the Edit template's 64 tokens are dropped."""
+    tower should get) through the Qwen2-VL `processor`; the Edit template's 64 tokens are dropped.
+
+    `max_sequence_length` is checked (1..1024) but cuts nothing: the sequence holds the images' vision tokens
+    (1369 for one 1024x1024 image at Qwen-Image-Edit's size) before the instruction, and the authors' Edit
+    pipelines (diffusers' `QwenImageEditPipeline` / `QwenImageEditPlusPipeline`) keep it whole."""
     if not 1 <= max_sequence_length <= TOKENIZER_MAX_LENGTH:
         raise ConfigError(f"max_sequence_length={max_sequence_length} must be in 1..{TOKENIZER_MAX_LENGTH}")
     device = device if device is not None else next(text_encoder.parameters()).device
@@ -199,7 +203,7 @@ def encode_prompts_with_images(
         pixel_values=inputs["pixel_values"].to(device, dtype),
         image_grid_thw=inputs["image_grid_thw"].to(device),
     )
-    return split_and_pad(hidden, mask, template.drop, max_sequence_length)
+    return split_and_pad(hidden, mask, template.drop, None)
 
 
 __all__ = [

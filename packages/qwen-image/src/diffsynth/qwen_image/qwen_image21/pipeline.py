@@ -32,6 +32,7 @@ from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers.flow_match import _check_sigmas as check_sigmas
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import PrefixCache
@@ -171,9 +172,10 @@ class QwenImage21Pipeline(BasePipeline):
         )
         if not isinstance(use_kv_cache, bool):  # "no" would be true
             raise ConfigError(f"use_kv_cache={use_kv_cache!r} is not accepted; use True or False")
-        use_cfg = cfg_scale != 1.0
+        use_cfg = cfg_scale > 1.0  # as the authors (diffusers: true_cfg_scale > 1); at or below 1, no CFG
         tiles = self.vae_tiling(tiled, tile_size, tile_stride)
         strength = self.check_strength(denoising_strength, inputs)
+        sigmas = None if sigmas is None else check_sigmas(sigmas)  # before the encoders run
         blur = check_blur(inpaint_blur_size, inpaint_blur_sigma)
         repaint = self.inpaint_tokens(inpaint_mask, inputs, len(prompts), height, width, blur)
 
@@ -302,8 +304,8 @@ class QwenImage21Pipeline(BasePipeline):
         tail from the level at `strength` (`apply_strength`)."""
         scheduler = FlowMatchScheduler("qwen_image")
         if sigmas is not None:
-            values = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-            steps = max(1, len(values) - int(values[-1] == 0))
+            values = check_sigmas(sigmas)  # ends with 0
+            steps = len(values) - 1
             scheduler.set_timesteps(steps, sigmas=values, denoising_strength=strength)
             return scheduler
         requested = self.setting("num_inference_steps", num_inference_steps, None)
