@@ -154,3 +154,23 @@ def test_images_match_diffusers(pipe, reference, n_images, guidance):
     assert got.shape == expected.shape == (2, *size, 3)
     diff = np.abs(got - expected).max()
     assert diff <= 1e-4, f"{n_images} edit images, guidance {guidance}: max abs diff {diff:.3g} vs diffusers"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "I;16"])
+def test_edit_image_of_another_mode_is_read_as_rgb(pipe, mode):
+    """SigLIP2 and the VAE read three channels: an RGBA, grey, palette or 16-bit grey edit image is converted to RGB
+    as PIL's plain `convert("RGB")` does (alpha dropped; 16-bit grey scaled to 8 bits, not clipped to white)."""
+    rgb = edit_images()[0]
+    if mode == "I;16":
+        grey = np.asarray(rgb.convert("L")).astype(np.uint16)
+        image, expected = Image.fromarray(grey * 257), Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    else:
+        image = rgb.convert(mode)
+        expected = image.convert("RGB")
+    assert image.mode == mode
+    ((siglip_image, pixels),) = pipe.prepare_edit_images([image], None, None)[0]
+    assert siglip_image.mode == "RGB" and np.array_equal(np.asarray(siglip_image), np.asarray(expected))
+    args = dict(num_inference_steps=1, cfg_scale=1.0, seed=0, output_type="np", progress_bar=False)
+    got = pipe("a cat", edit_image=image, **args)
+    want = pipe("a cat", edit_image=expected, **args)
+    np.testing.assert_array_equal(got, want)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.z_image import ZImagePipeline
@@ -96,6 +97,46 @@ def test_bad_input_names_the_argument(pipe, kwargs, fragment):
     args = dict(FAST, seed=0, **{k: v for k, v in kwargs.items() if k != "prompt"})
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
         pipe(kwargs["prompt"], **args)
+
+
+TWO_IMAGES = [Image.new("RGB", (64, 64), (40, 80, 220)), Image.new("RGB", (64, 64), (220, 40, 40))]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"prompt": 3}, "prompt must be a string or a non-empty list of strings, got 3"),
+        ({"prompt": PROMPT, "cfg_scale": float("nan")}, "cfg_scale=nan must be a finite number"),
+        ({"prompt": PROMPT, "cfg_scale": float("inf")}, "cfg_scale=inf must be a finite number"),
+        ({"prompt": PROMPT, "cfg_scale": "3"}, "cfg_scale='3' must be a finite number"),
+        ({"prompt": PROMPT, "cfg_scale": 3.0, "cfg_normalization": float("nan")}, "cfg_normalization=nan must be"),
+        ({"prompt": PROMPT, "cfg_scale": 3.0, "cfg_truncation": float("-inf")}, "cfg_truncation=-inf must be"),
+        ({"prompt": PROMPT, "denoising_strength": 0.3}, "denoising_strength=0.3 is how far image-to-image moves"),
+        ({"prompt": PROMPT, "input_image": TWO_IMAGES}, "input_image has 2 images for 1 prompts: give 1 or one per"),
+        ({"prompt": [PROMPT] * 3, "input_image": TWO_IMAGES}, "input_image has 2 images for 3 prompts"),
+        ({"prompt": PROMPT, "input_image": []}, "input_image has 0 images for 1 prompts"),
+    ],
+)
+def test_bad_call_is_refused_before_any_model_runs(pipe, kwargs, fragment):
+    """Python-API input the CLI would refuse, or that would fail deep in a model (or give a black image)."""
+
+    def ran(module, args):
+        raise AssertionError(f"{type(module).__name__} ran before the input was checked")
+
+    hooks = [m.register_forward_pre_hook(ran) for m in (pipe.text_encoder, pipe.vae, pipe.dit)]
+    args = dict(FAST, seed=0, **{k: v for k, v in kwargs.items() if k != "prompt"})
+    try:
+        with pytest.raises(ConfigError, match=fragment):
+            pipe(kwargs["prompt"], **args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_one_input_image_or_one_per_prompt(pipe):
+    one = pipe([PROMPT, PROMPT], input_image=TWO_IMAGES[:1], denoising_strength=0.6, seed=0, output_type="np", **FAST)
+    each = pipe([PROMPT, PROMPT], input_image=TWO_IMAGES, denoising_strength=0.6, seed=0, output_type="np", **FAST)
+    assert one.shape == each.shape == (2, 64, 64, 3)
 
 
 def test_size_off_the_grid_is_rounded_with_warning(pipe, caplog):

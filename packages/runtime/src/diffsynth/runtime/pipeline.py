@@ -525,7 +525,7 @@ class BasePipeline:
 
     @staticmethod
     def check_prompts(prompt: str | Sequence[str], name: str = "prompt", allow_empty: bool = False) -> list[str]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
         if not allow_empty and any(not p.strip() for p in prompts):

@@ -16,14 +16,22 @@ Stages, each skipped when its output already exists so an interrupted run picks 
 
 Copy `OUTPUT/model/` over `packages/z-image/src/diffsynth/z_image/demo_model/` to ship a new demo. The number
 of steps depends on the device (`SCHEDULES`); the shipped demo is a GPU run.
+
+`--device` (cpu, cuda or cuda:N; default cuda when available) is checked before any stage runs and is where each
+stage computes: the VAE training, both `diffsynth-train` runs of the DiT (told through accelerate's
+ACCELERATE_USE_CPU / ACCELERATE_TORCH_DEVICE; bf16 mixed precision on CUDA, none on CPU) and the final check.
+A rerun in the same folder resumes each stage; one with a smaller `--steps` than the DiT run already reached is
+refused (give a new `--output_path`, or `--steps` at least that far).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -111,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="DiT optimizer steps (default: SCHEDULES)")
     p.add_argument("--batch_size", type=int, default=None, help="DiT batch size (default: SCHEDULES)")
     p.add_argument("--learning_rate", type=float, default=5e-4, help="DiT peak learning rate (cosine decay)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N: where the VAE, the DiT (its encode and train runs) and the final check run, and "
+        "which SCHEDULES entry gives the defaults (default: cuda when available)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     return p
 
@@ -124,12 +137,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("error: the demo recipe trains a Z-Image model: pip install diffsynth-z-image", file=sys.stderr)
         return 2
+    from diffsynth.runtime.errors import DiffSynthError
+
+    try:  # refused before any stage runs
+        device = check_demo_device(args.device)
+        for name, value in SCHEDULES["cpu" if device == "cpu" else "cuda"].items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        check_previous_run(Path(args.output_path), args.steps)
+    except DiffSynthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for name, value in SCHEDULES["cpu" if device == "cpu" else "cuda"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
     logger.info(
         "demo on %s: VAE %d steps x %d, DiT %d steps x %d",
         device,
@@ -155,6 +175,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.perf_counter() - started,
     )
     return 0
+
+
+def check_demo_device(given: str | None) -> str:
+    """`--device` as "cpu", "cuda" or "cuda:N" (None: cuda when available), refused (ConfigError naming the flag)
+    when it is no device name or a GPU this torch does not see. mps and disk are refused: the demo's schedules and
+    mixed precision are set for CPU and CUDA runs only."""
+    from diffsynth.runtime.dtypes import check_device, parse_device
+    from diffsynth.runtime.errors import ConfigError
+
+    try:
+        device = parse_device(given)
+    except ConfigError:
+        device = None
+    if not isinstance(device, torch.device) or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {given}: not a device the demo trains on; use cpu, cuda or cuda:N")
+    check_device(device, "--device", given)
+    return str(device)
+
+
+def check_previous_run(out: Path, steps: int) -> None:
+    """Refuse a rerun in a folder whose DiT training already went past `--steps` (it would resume there, train
+    nothing and have no step-`steps` weights to export), unless those weights were exported on the way."""
+    from diffsynth.runtime.errors import ConfigError
+
+    from .checkpoint import list_checkpoints, step_name
+
+    found = list_checkpoints(out / "train" / "checkpoints")
+    if not found:
+        return
+    latest = int(found[-1].name.split("-")[1])
+    if latest > steps and not (out / "train" / step_name(steps) / "dit" / WEIGHTS).is_file():
+        raise ConfigError(
+            f"--steps {steps}: the DiT run in {out / 'train'} is already at step {latest}; give --steps {latest} "
+            "or more to continue it, or a new --output_path to train a shorter run from scratch"
+        )
 
 
 # ------------------------------------------------------------------ 1. data
@@ -267,7 +322,30 @@ def write_initial_dit(folder: Path, seed: int) -> None:
     save_safetensors({k: v.contiguous() for k, v in dit.state_dict().items()}, str(folder / WEIGHTS))
 
 
+@contextlib.contextmanager
+def accelerate_device(device: str):
+    """`diffsynth-train` picks its device through accelerate (CUDA when available): point it at `device` for the
+    DiT stage with accelerate's own environment variables (ACCELERATE_USE_CPU for cpu, ACCELERATE_TORCH_DEVICE for
+    cuda:N), put back as they were after."""
+    names = {"cpu": {"ACCELERATE_USE_CPU": "true"}, "cuda": {}}.get(device, {"ACCELERATE_TORCH_DEVICE": device})
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def train_dit(out: Path, args, device: str) -> None:
+    with accelerate_device(device):
+        _train_dit(out, args, device)
+
+
+def _train_dit(out: Path, args, device: str) -> None:
     from .cli import main as train
 
     model = out / "model"

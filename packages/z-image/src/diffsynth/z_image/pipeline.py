@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_input
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import clear_loras, set_lora_scale
-from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import eight_bit, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.schedulers.templates import check_steps
@@ -227,7 +228,18 @@ class ZImagePipeline(BasePipeline):
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         edits = self.check_edit_images(edit_image, controlnet_inputs)
         checked = self.check_control_inputs(controlnet_inputs)
-        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
+        cfg_scale = _finite("cfg_scale", self.setting("cfg_scale", cfg_scale, 1.0))
+        cfg_normalization = _finite("cfg_normalization", cfg_normalization)
+        cfg_truncation = _finite("cfg_truncation", cfg_truncation)
+        if input_image is None and denoising_strength != 1.0:
+            raise ConfigError(
+                f"denoising_strength={denoising_strength!r} is how far image-to-image moves from input_image: give "
+                "input_image, or leave denoising_strength at 1"
+            )
+        if isinstance(input_image, (list, tuple)) and len(input_image) not in (1, len(prompts)):
+            raise ConfigError(
+                f"input_image has {len(input_image)} images for {len(prompts)} prompts: give 1 or one per prompt"
+            )
         steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = float(self.setting("sigma_shift", sigma_shift, 3.0))
         auto_resize = self.setting("edit_image_auto_resize", edit_image_auto_resize, True)
@@ -437,10 +449,10 @@ class ZImagePipeline(BasePipeline):
         return images
 
     def prepare_edit_images(self, images: list, height: int | None, width: int | None, auto_resize: bool = True):
-        """Each image as diffusers' `ZImageOmniPipeline` prepares it: one over 1024x1024 pixels is scaled
-        (Lanczos) to that area (to `height * width` when both are given; not with `auto_resize` False); that
-        image goes to SigLIP2, and its
-        center crop to multiples of 16 to the VAE. Returns `(siglip image, pixels [1, 3, h, w] in [-1, 1])` pairs
+        """Each image as diffusers' `ZImageOmniPipeline` prepares it, in RGB (another mode is converted first:
+        `_open_image`): one over 1024x1024 pixels is scaled (Lanczos) to that area (to `height * width` when both
+        are given; not with `auto_resize` False); that image goes to SigLIP2, and its center crop to multiples of
+        16 to the VAE. Returns `(siglip image, pixels [1, 3, h, w] in [-1, 1])` pairs
         and the last crop's `(height, width)` (None without images)."""
         prepared, size = [], None
         for i, image in enumerate(images):
@@ -459,7 +471,7 @@ class ZImagePipeline(BasePipeline):
             m = self.size_multiple
             cw, ch = w // m * m, h // m * m
             left, top = (w - cw) // 2, (h - ch) // 2
-            crop = image.crop((left, top, left + cw, top + ch)).convert("RGB")
+            crop = image.crop((left, top, left + cw, top + ch))
             pixels = torch.from_numpy(np.asarray(crop).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
             prepared.append((image, 2.0 * pixels - 1.0))
             size = (ch, cw)
@@ -544,17 +556,30 @@ class ZImagePipeline(BasePipeline):
         return ControlCondition(ZImageControl(net, control, float(item.scale)), float(item.start), float(item.end))
 
 
+def _finite(name: str, value) -> float:
+    """`value` as a float, refused (ConfigError naming `name`) unless it is a finite number: NaN or infinite
+    guidance turns every prediction into NaN, which decodes to a black image."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
 def _open_image(image, name: str) -> Image.Image:
-    """A PIL image as given (its mode kept: the reference resizes it as it is), or opened from a path."""
-    if isinstance(image, Image.Image):
+    """An RGB PIL image, as given or opened from a path. An RGB image is returned as it is (as the reference takes
+    it); any other mode is converted with PIL's plain `convert("RGB")` (SigLIP2 and the VAE both read three
+    channels): an RGBA image's alpha is dropped, not composited on a background; grey images deeper than 8 bits
+    are scaled to 8 bits first (`media.eight_bit`: PIL's `convert` would clip them to white)."""
+    if not isinstance(image, Image.Image):
+        if not isinstance(image, (str, os.PathLike)):
+            raise ConfigError(f"{name} must be a PIL.Image or a file path, got {type(image).__name__}")
+        if not os.path.isfile(image):
+            raise ConfigError(f"{name}: no image file at {os.fspath(image)!r}")
+        with Image.open(image) as opened:
+            opened.load()
+            image = opened.copy()
+    if image.mode == "RGB":
         return image
-    if not isinstance(image, (str, os.PathLike)):
-        raise ConfigError(f"{name} must be a PIL.Image or a file path, got {type(image).__name__}")
-    if not os.path.isfile(image):
-        raise ConfigError(f"{name}: no image file at {os.fspath(image)!r}")
-    with Image.open(image) as opened:
-        opened.load()
-        return opened.copy()
+    return eight_bit(image, name).convert("RGB")
 
 
 def _load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
