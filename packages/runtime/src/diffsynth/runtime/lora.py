@@ -340,13 +340,19 @@ def _target_name(raw: str) -> str | None:
     for prefix in KOHYA_PREFIXES:
         if raw.startswith(prefix):
             return raw[len(prefix) :]
+    return without_dotted_prefixes(raw)
+
+
+def without_dotted_prefixes(name: str) -> str:
+    """`name` without the leading `DOTTED_PREFIXES` (`transformer.`, a ComfyUI checkpoint's `model.diffusion_model.`,
+    ...), however many are stacked."""
     stripped = True
     while stripped:
         stripped = False
         for prefix in DOTTED_PREFIXES:
-            if raw.startswith(prefix) and len(raw) > len(prefix):
-                raw, stripped = raw[len(prefix) :], True
-    return raw
+            if name.startswith(prefix) and len(name) > len(prefix):
+                name, stripped = name[len(prefix) :], True
+    return name
 
 
 def _check_target(name: str, t: LoRATarget, origin: dict, source: str) -> None:

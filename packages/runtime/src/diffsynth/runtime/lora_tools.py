@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 
 from .errors import LoRAError, preview
-from .lora import DOTTED_PREFIXES, LoRATarget, LoRAWeights, read_lora
+from .lora import LoRATarget, LoRAWeights, read_lora, without_dotted_prefixes
 from .lora_factors import HadamardDelta, KroneckerDelta, lycoris_tensors
 
 # header entries the new tensors make wrong: diffusers' peft config (its alphas are folded in), kohya's rank / alpha
@@ -91,7 +91,7 @@ def extract_lora(
                 f"{key!r} is {tuple(before.shape)} in the base and {tuple(after.shape)} in the fine-tune: "
                 "they are not checkpoints of one model"
             )
-        name = _module_name(key.removesuffix(".weight"))
+        name = without_dotted_prefixes(key.removesuffix(".weight"))
         if linears is not None:
             linear = name in linears and before.dim() == 2
         else:
@@ -122,17 +122,6 @@ def extract_lora(
         len(targets), rank, unchanged, sum(errors) / len(errors), max(errors),
     )  # fmt: skip
     return LoRAWeights(targets=targets, source="extracted", keys={n: f"{k} (extracted)" for n, k in from_key.items()})
-
-
-def _module_name(name: str) -> str:
-    """`name` without the prefixes `read_lora` drops (a ComfyUI checkpoint's `model.diffusion_model.`, ...)."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in DOTTED_PREFIXES:
-            if name.startswith(prefix) and len(name) > len(prefix):
-                name, stripped = name[len(prefix) :], True
-    return name
 
 
 def _looks_like_embedding(key: str, keys: Collection[str]) -> bool:

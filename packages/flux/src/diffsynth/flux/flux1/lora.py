@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsynth.runtime.errors import LoRAError, preview
-from diffsynth.runtime.lora import DOTTED_PREFIXES, LoRATarget, LoRAWeights, read_lora, read_lora_state
+from diffsynth.runtime.lora import LoRATarget, LoRAWeights, read_lora, read_lora_state, without_dotted_prefixes
 from diffsynth.runtime.lora_factors import RowStackedDelta
 from diffsynth.runtime.lora_fused import merge_parts, split_fused
 
@@ -194,7 +194,7 @@ def split_control_parts(state: Mapping[str, torch.Tensor], source: str) -> tuple
     lora: dict[str, torch.Tensor] = {}
     norms: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        name = _without_prefixes(key)
+        name = without_dotted_prefixes(key)
         if key.endswith(".lora_B.bias"):
             base = key.removesuffix(".lora_B.bias")
             alpha, down = state.get(f"{base}.alpha"), state.get(f"{base}.lora_A.weight")
@@ -214,16 +214,6 @@ def split_control_parts(state: Mapping[str, torch.Tensor], source: str) -> tuple
         else:
             lora[key] = value
     return lora, norms
-
-
-def _without_prefixes(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in DOTTED_PREFIXES:
-            if key.startswith(prefix) and len(key) > len(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
 
 
 @torch.no_grad()
