@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 
 from diffsynth.runtime.controlnet import ControlNetInput, ControlNetSlot
-from diffsynth.runtime.errors import ConfigError, preview
+from diffsynth.runtime.errors import ConfigError, LoRAError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
@@ -521,6 +521,33 @@ class FluxTrainingTask(PipelineTrainingTask):
             prepare_model(dit, lora)  # the widened img_in keeps the frozen base's requires_grad
             logger.info("%s is a control LoRA: the DiT is now %s", lora.source, describe_widths(dit.config))
         return lora
+
+    def lora_target_names(self, names: Sequence[str], module: nn.Module) -> list[str]:
+        """The trainer's `--lora_target_modules` on `module`: DiffSynth-Studio's FLUX.1 layer names (its default
+        and example list `a_to_qkv,b_to_qkv,ff_a.0,...,to_qkv_mlp`) become ours, so they select the Linears they
+        select in DiffSynth-Studio; a name that ends one of `module`'s Linears stays as given."""
+        from .flux1.lora_layers import studio_target_names
+
+        linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+        return studio_target_names(names, linears)
+
+    def lora_layout(self, fmt: str, lora: Any) -> tuple[Any, str | None]:
+        """The trained LoRA as the trainer writes it in `--lora_formats fmt`, with the key prefix (None: the
+        format's own): a DiT LoRA's `peft` file in diffusers' names under `transformer.` (fused layers split
+        exactly), which diffusers' FLUX.1 loader and ComfyUI read; every other file in our (BFL) names. A LoRA
+        diffusers' names cannot hold (a LoHa / LoKr or DoRA on a fused layer) stays in BFL names (ComfyUI's)."""
+        if fmt != "peft" or self.denoiser_slot != "dit" or self.pipe.dit is None:
+            return lora, None
+        from .flux1.dit import Flux1DiT
+        from .flux1.lora import FLUX1_NAMING, rename_lora
+
+        with torch.device("meta"):
+            layout = Flux1DiT(self.pipe.dit.config)
+        try:
+            return rename_lora(lora, layout, FLUX1_NAMING, "diffusers"), "transformer."
+        except LoRAError as error:
+            logger.warning("the peft LoRA file keeps BFL names (diffusers' FLUX.1 loader skips them): %s", error)
+            return lora, None
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:

@@ -271,16 +271,21 @@ def save_lora_files(
     formats: list[str],
     state: Mapping[str, torch.Tensor] | None = None,
     metadata: Mapping[str, str] | None = None,
+    task: Any = None,
 ) -> list[Path]:
     """`<name>.safetensors` in our format (first of `formats`), plus `<name>.<format>.safetensors` for the rest
-    (the matrices from `state` when given, see `lora_weights`), each with `metadata` in its header."""
+    (the matrices from `state` when given, see `lora_weights`), each with `metadata` in its header. A task with
+    `lora_layout(format, weights)` gives each file's names and key prefix (FLUX.1: its `peft` file in diffusers'
+    names under `transformer.`); otherwise every file has our names."""
     from diffsynth.runtime.lora import save_lora
 
     weights = lora_weights(model, state)
+    layout = getattr(task, "lora_layout", None)
     written = []
     for i, fmt in enumerate(formats):
         path = output_path / (f"{name}.safetensors" if i == 0 else f"{name}.{fmt}.safetensors")
-        save_lora(weights, path, format=fmt, metadata=metadata)
+        lora, prefix = layout(fmt, weights) if callable(layout) else (weights, None)
+        save_lora(lora, path, format=fmt, prefix=prefix, metadata=metadata)
         written.append(path)
     return written
 

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -149,9 +150,7 @@ def _entry(cfg: TrainConfig, item: Any, where: str) -> DatasetEntry:
         config = replace(cfg, dataset_config=None, **overrides).check()
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
-    repeats = item.get("repeats", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"{where}: repeats {repeats!r} is not a whole number >= 1")
+    repeats = _whole_repeats(item.get("repeats", 1), "repeats", where)
     weight = item.get("loss_weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (weight > 0 and math.isfinite(weight)):
         raise ConfigError(f"{where}: loss_weight {weight!r} is not a number > 0")
@@ -268,8 +267,8 @@ def _translate(cfg: TrainConfig, values: Mapping, where: str) -> list[tuple[str,
             take(key, "metadata_path", rest.pop(key))
             _check_musubi_rows(ours["metadata_path"], key, where)
             ours.setdefault("base_path", ".")  # musubi's rows name their files as on its command line
-    if "num_repeats" in rest:
-        take("num_repeats", "repeats", rest.pop("num_repeats"))
+    if "num_repeats" in rest:  # checked here, so an error names the file's key
+        take("num_repeats", "repeats", _whole_repeats(rest.pop("num_repeats"), "num_repeats", where))
     prior = rest.pop("prior_loss_weight", 1.0)  # kohya's --prior_loss_weight, here in the file
     is_reg = rest.pop("is_reg", False)
     if not isinstance(is_reg, bool):
@@ -283,10 +282,10 @@ def _translate(cfg: TrainConfig, values: Mapping, where: str) -> list[tuple[str,
     _take_resolution(rest, ours, where)
     frames = _take_clips(rest, ours, where)
     for key, flag in RUN_FLAGS.items():
-        if key in rest and rest[key] != getattr(cfg, flag):
+        if key in rest and not _same_run_value(rest[key], getattr(cfg, flag)):
             raise ConfigError(
                 f"{where}: {key} {rest[key]!r} is the run's --{flag} here, which is {getattr(cfg, flag)!r} (one "
-                f"value for every dataset); pass --{flag} {rest[key]} or leave {key} out"
+                f"value for every dataset); pass {_flag_for(flag, rest[key], getattr(cfg, flag))} or leave {key} out"
             )
         rest.pop(key, None)
     for key, inert in INERT.items():
@@ -304,11 +303,35 @@ def _translate(cfg: TrainConfig, values: Mapping, where: str) -> list[tuple[str,
     return [(where, {**ours, **({"num_frames": frames[0]} if frames else {})})]
 
 
+def _whole_repeats(value: Any, key: str, where: str) -> int:
+    """A dataset's repeat count (`key`: the file's name for it), checked."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {key} {value!r} is not a whole number >= 1")
+    return value
+
+
+def _same_run_value(value: Any, run: Any) -> bool:
+    """Whether a file's per-dataset value is the run's flag value; an empty string is no value (kohya's
+    `keep_tokens_separator = ""` default is the run's unset --keep_tokens_separator)."""
+    return value == run or (value in ("", None) and run in ("", None))
+
+
+def _flag_for(flag: str, value: Any, run: Any) -> str:
+    """The command-line spelling that sets --`flag` to `value`: `--flag` / `--no-flag` for a switch, a quoted
+    string (an empty one too), else the value."""
+    if isinstance(value, bool) and isinstance(run, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {shlex.quote(value) if isinstance(value, str) else value}"
+
+
 def _take_resolution(rest: dict[str, Any], ours: dict[str, Any], where: str) -> None:
     """`resolution` (W or [W, H]) with `enable_bucket` (their default: false) as our sizes: bucketing under W x H
     pixels, or the fixed W x H."""
     resolution = rest.pop("resolution", None)
     bucket, no_upscale = rest.pop("enable_bucket", False), rest.pop("bucket_no_upscale", False)
+    for key, value in (("enable_bucket", bucket), ("bucket_no_upscale", no_upscale)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} {value!r} must be true or false")
     if resolution is None:
         return  # the run's sizes
     if isinstance(resolution, int) and not isinstance(resolution, bool):

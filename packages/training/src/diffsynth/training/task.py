@@ -129,6 +129,17 @@ class TrainingTask(Protocol):
 # "kontext_images", Qwen-Image-Edit's "edit_image"): the dataset reads them as file columns whatever
 # `--data_file_keys` says, one path or a JSON list of paths per row, each image at its own size (see `data.py`).
 #
+# Optional: `aligned_conditioning: tuple[str, ...]`, those of them pixel-aligned with the target (Qwen-Image-
+# Layered's input image, Step1X-Edit's source): read as the target is, at the sample's size and crop.
+# `ragged_conditioning: ClassVar[bool]` (default False), True when a batch may mix rows whose conditioning pictures
+# differ in count and size (Z-Image Omni's lists); otherwise such rows batch apart.
+# `check_row(row, size) -> None`, a check of each metadata row at setup (`size(column, name)`: a file's header
+# size), raising `ConfigError` ("column c: ...") that the dataset prefixes with the file and row.
+#
+# Optional: `lora_target_names(names, module) -> list[str]`, `--lora_target_modules` in the family's own names
+# (FLUX.1 takes DiffSynth-Studio's); `lora_layout(format, weights) -> (weights, prefix)`, the names and prefix a
+# saved LoRA layout is written in (FLUX.1's peft file in diffusers' names).
+#
 # Optional: `image_mode: ClassVar[str]`, "RGB" (the default) or "RGBA": the mode the dataset and
 # `--validation_images` read pictures in; Qwen-Image 2.1 trains on RGBA ([4, H, W] rows, alpha kept).
 

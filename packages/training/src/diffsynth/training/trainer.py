@@ -331,7 +331,7 @@ def setup(config: TrainConfig) -> Run:
     dmd2 = dmd2_task.build(cfg, module, lora) if cfg.task == "dmd2" else None
     if lora:
         start = read_lora_checkpoint(task, module, cfg.lora_checkpoint) if cfg.lora_checkpoint else None
-        add_lora(module, cfg, parts)
+        add_lora(module, cfg, parts, task)
         if start is not None:
             load_into_lora_layers(module, start, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_checkpoint)
     else:  # the whole denoiser in the trainable dtype (its layers run in one dtype); only `parts` learn
@@ -995,11 +995,11 @@ def save(run: Run, state: TrainState) -> None:
             # factor: `lora_metadata()`)
             metadata = getattr(run.task, "lora_metadata", None)
             header = {**training_metadata(run, state), **(metadata() if metadata is not None else {})}
-            written = save_lora_files(module, run.output, name, cfg.lora_formats, state=weights, metadata=header)
+            written = save_lora_files(module, run.output, name, cfg.lora_formats, weights, header, run.task)
             if run.ema is not None:  # the average, beside: step-N-ema.safetensors
                 averaged = {k: run.ema.shadow.get(k, v) for k, v in weights.items()}
                 written += save_lora_files(
-                    module, run.output, f"{name}-ema", cfg.lora_formats, state=averaged, metadata=header
+                    module, run.output, f"{name}-ema", cfg.lora_formats, averaged, header, run.task
                 )
         else:
             dtype = parse_dtype(cfg.save_dtype or cfg.dtype)
@@ -1467,10 +1467,12 @@ def fuse_preset_lora(module: nn.Module, cfg: TrainConfig, task: TrainingTask) ->
     logger.info("fused --preset_lora_path %s (scale %g) into the base", cfg.preset_lora_path, cfg.preset_lora_scale)
 
 
-def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> None:
+def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = (), task: Any = None) -> None:
     """Inject peft LoRA layers (LoHa / LoKr with `--lora_type`) into `module`'s target Linears (module replacement;
     names keep our keys); with
-    `parts` (submodule paths, see `trained_parts`) only into the targets inside them."""
+    `parts` (submodule paths, see `trained_parts`) only into the targets inside them. A task with
+    `lora_target_names(names, module)` translates `--lora_target_modules` first (FLUX.1: DiffSynth-Studio's
+    layer names to ours)."""
     from peft import inject_adapter_in_model
 
     targets = cfg.lora_target_modules or list(getattr(module, "lora_target_modules", ()))
@@ -1480,7 +1482,11 @@ def add_lora(module: nn.Module, cfg: TrainConfig, parts: Sequence[str] = ()) -> 
             "Linear layers (e.g. --lora_target_modules to_q,to_k,to_v)"
         )
     given = list(targets)
-    names = "|".join(re.escape(t) for t in given)
+    translate = getattr(task, "lora_target_names", None) if cfg.lora_target_modules else None
+    wanted = translate(given, module) if callable(translate) else given
+    if wanted != given:
+        logger.info("--lora_target_modules %s: %s's layers %s", ",".join(given), task.family, ",".join(wanted))
+    names = "|".join(re.escape(t) for t in wanted)
     # a target name at the end of a module path (inside one of the parts, when given); only Linear layers: a name
     # such as "proj" may also end a convolution's path (LongCat-Video's x_embedder.proj), which LoRA files do not take
     within = "|".join(re.escape(p) for p in parts)

@@ -3,11 +3,13 @@
 DiffSynth-Studio's LoRA Encoder and LoRA Fusion (LoRAFusion-preview) checkpoints hold one entry per DiT Linear a
 LoRA may change, named after its own FLUX.1 module names with dots written `___` (`blocks___0___attn___a_to_qkv`,
 `single_blocks___3___to_qkv_mlp`). Those layers are the same fused Linears as ours (BFL names; the modulation
-outputs in the same order), so each maps one-to-one onto a module of `Flux1DiT`.
+outputs in the same order), so each maps one-to-one onto a module of `Flux1DiT`. The same table turns
+DiffSynth-Studio's `--lora_target_modules` names into ours for the trainer (`studio_target_names`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # DiffSynth-Studio's layer suffix -> ours, (in, out) as multiples of (hidden, mlp_hidden): (a, b) means a * hidden +
@@ -80,3 +82,24 @@ def block_counts(keys, prefix: str) -> tuple[int, int]:
         elif head[0] == "single_blocks":
             single.add(int(head[1]))
     return len(double), len(single)
+
+
+def studio_target_names(names: Sequence[str], linears: Iterable[str]) -> list[str]:
+    """LoRA target names (`--lora_target_modules`, each the end of a module path) with DiffSynth-Studio's FLUX.1
+    layer names, or their endings, replaced by ours: its default list `a_to_qkv,b_to_qkv,ff_a.0,...,
+    norm.linear,to_qkv_mlp` selects the same Linears as in DiffSynth-Studio (`a_to_qkv` -> `img_attn.qkv`,
+    `norm.linear` -> `modulation.lin`, `to_qkv_mlp` -> `linear1`). A name that ends one of `linears` (our
+    module names) stays ours."""
+
+    def ends(path: str, name: str) -> bool:
+        return path == name or path.endswith("." + name)
+
+    linears = list(linears)
+    table = {**DOUBLE_LAYERS, **SINGLE_LAYERS}
+    result: list[str] = []
+    for name in names:
+        theirs = (
+            [] if any(ends(path, name) for path in linears) else [o for s, (o, _) in table.items() if ends(s, name)]
+        )
+        result.extend(n for n in theirs or [name] if n not in result)
+    return result
