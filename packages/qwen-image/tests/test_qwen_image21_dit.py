@@ -380,3 +380,17 @@ def test_parallel_is_refused():
     model.parallel = object()
     with pytest.raises(ConfigError, match="sequence parallelism"):
         _call(model)
+
+
+@pytest.mark.parametrize("layout", [{"sequence": 1, "batch": 2}, {"sequence": 2}, {}])
+def test_enable_parallel_refuses_the_pipeline_at_once(monkeypatch, layout):
+    """Neither kind of parallelism is built for Qwen-Image 2.1: `enable_parallel` refuses it before any process
+    group forms (batch parallelism was accepted, then the first DiT call named sequence parallelism)."""
+    from diffsynth.qwen_image import QwenImage21Pipeline
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    pipe = QwenImage21Pipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = make_model()
+    with pytest.raises(ConfigError, match="no model of this pipeline supports parallel sampling .*batch"):
+        pipe.enable_parallel(**layout)

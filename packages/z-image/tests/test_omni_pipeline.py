@@ -174,3 +174,27 @@ def test_edit_image_of_another_mode_is_read_as_rgb(pipe, mode):
     got = pipe("a cat", edit_image=image, **args)
     want = pipe("a cat", edit_image=expected, **args)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ({"batch_size": 2}, r"batch \(CFG\) parallelism over 2 ranks \(enable_parallel\(batch=2\), --cfg-parallel 2\)"),
+        ({"sequence_size": 2}, r"sequence parallelism over 2 ranks .*--sequence-parallel 2"),
+        (None, "without step caches"),
+    ],
+)
+def test_parallel_and_step_caches_are_refused_before_any_model_runs(pipe, monkeypatch, groups, message):
+    """Omni calls divide nothing over ranks and cache no steps: the call names what is on before the text encoder
+    runs (the DiT refused it only after the encoders, and called batch parallelism "sequence parallelism")."""
+    from diffsynth.runtime.parallel import ParallelGroups
+    from diffsynth.runtime.step_cache import FirstBlockCache
+
+    def encoder_ran(*args, **kwargs):
+        raise AssertionError("the text encoder ran before the refusal")
+
+    monkeypatch.setattr(pipe, "encode_omni_prompt", encoder_ran)
+    monkeypatch.setattr(pipe.dit, "parallel", None if groups is None else ParallelGroups(**groups))
+    monkeypatch.setattr(pipe.dit, "step_cache", FirstBlockCache(0.1) if groups is None else None)
+    with pytest.raises(ConfigError, match=message):
+        pipe("a cat", edit_image=edit_images()[0], num_inference_steps=1, cfg_scale=2.0, seed=0, progress_bar=False)

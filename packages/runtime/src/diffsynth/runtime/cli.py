@@ -464,27 +464,32 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
     return {"blockwise_controlnet_inputs" if blockwise else "controlnet_inputs": inputs}
 
 
-def _generate_audio(pipe, args) -> int:
-    """`--audio-only`: the pipeline's text-to-audio, written as a .wav."""
+def _generate_audio(pipe, args, writes: bool = True) -> int:
+    """`--audio-only`: the pipeline's text-to-audio, written as a .wav (by rank 0 alone under torchrun: `writes`)."""
     from .media import save_audio
 
     output = output_file(pipe, args)  # a .wav
     options = {"negative_prompt": args.negative_prompt, "num_frames": args.num_frames, "frame_rate": args.fps}
     options.update(num_inference_steps=args.steps, audio_cfg_scale=args.cfg)
     sound = pipe.generate_audio(args.prompt, seed=args.seed, **{k: v for k, v in options.items() if v is not None})
+    if not writes:
+        return 0
     output.parent.mkdir(parents=True, exist_ok=True)
     save_audio(sound.waveform, output, sound.sample_rate)
     logger.info("wrote %s", output)
     return 0
 
 
-def _dub_video(pipe, args) -> int:
-    """`--dub-video FILE`: LTX-2.3 Dub-It, the re-voiced clip with its new sound in one mp4 at the source's rate."""
+def _dub_video(pipe, args, writes: bool = True) -> int:
+    """`--dub-video FILE`: LTX-2.3 Dub-It, the re-voiced clip with its new sound in one mp4 at the source's rate
+    (written by rank 0 alone under torchrun: `writes`)."""
     from .media import mux_video_audio, video_frame_rate
 
     output = output_file(pipe, args)  # an .mp4
     size = {name: value for name, value in (("height", args.height), ("width", args.width)) if value is not None}
     frames, sound = pipe.dub_video(args.prompt, args.dub_video, seed=args.seed, **size)
+    if not writes:
+        return 0
     output.parent.mkdir(parents=True, exist_ok=True)
     mux_video_audio(frames, sound.waveform, sound.sample_rate, str(output), fps=video_frame_rate(args.dub_video))
     logger.info("wrote %s", output)
@@ -549,6 +554,7 @@ def _generate(args) -> int:
     from .errors import ConfigError
     from .hub import ModelConfig
     from .media import load_image, load_video
+    from .parallel import saves_outputs
 
     if args.first_block_cache is not None and args.tea_cache is not None:
         raise ConfigError("--first-block-cache and --tea-cache are two ways to skip blocks: choose one")
@@ -596,7 +602,8 @@ def _generate(args) -> int:
         args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit, **options
     )
     if parallel:
-        pipe.enable_parallel(sequence=args.sequence_parallel, batch=args.cfg_parallel or 1)
+        batch = 1 if args.cfg_parallel is None else args.cfg_parallel
+        pipe.enable_parallel(sequence=args.sequence_parallel, batch=batch)
     for spec in args.lora:
         path, scale = path_and_scale(spec, flag="--lora")
         pipe.load_lora(path, scale=scale)
@@ -611,12 +618,13 @@ def _generate(args) -> int:
         pipe.enable_first_block_cache(args.first_block_cache)
     if args.tea_cache is not None:
         pipe.enable_tea_cache(args.tea_cache, model_id=args.tea_cache_model_id)
+    writes = saves_outputs()  # every rank holds the same result: under torchrun rank 0 alone writes it
     if args.audio_only:
-        return _generate_audio(pipe, args)
+        return _generate_audio(pipe, args, writes)
     if hasattr(pipe, "run_cli"):  # a pipeline whose inputs and outputs are its own (LTX-2.3 HDR: EXR frames)
-        return pipe.run_cli(args)
+        return pipe.run_cli(args)  # which writes on rank 0 alone too (`parallel.saves_outputs`)
     if args.dub_video is not None:
-        return _dub_video(pipe, args)
+        return _dub_video(pipe, args, writes)
     options = {
         "negative_prompt": args.negative_prompt,
         "cfg_scale": args.cfg,
@@ -705,7 +713,6 @@ def _generate(args) -> int:
             raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
     makes_video = "num_frames" in accepted
     output = output_file(pipe, args)
-    writes = not parallel or int(os.environ.get("RANK", 0)) == 0  # every rank holds the same result; rank 0 writes
     if len(jobs) == 1 and args.prompts_file is None:
         result = pipe(prompt=args.prompt, seed=args.seed, **options)
         if writes:
@@ -748,6 +755,7 @@ def check_generation_numbers(args) -> None:
     ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
+    check_parallel_layout(args.sequence_parallel, args.cfg_parallel)
     for name, value in vars(args).items():  # the float flags, by their dest: --cfg, --first-block-cache, ...
         for number in value if isinstance(value, list) else [value]:
             if isinstance(number, float) and not math.isfinite(number):
@@ -773,6 +781,35 @@ def check_generation_numbers(args) -> None:
                 f"{', '.join(IMAGE_SUFFIXES)} for pictures, .mp4 for videos, .wav for sound, .safetensors for an "
                 "image-to-LoRA preset's LoRA"
             )
+
+
+def check_parallel_layout(sequence: int | None, batch: int | None) -> None:
+    """`--sequence-parallel` / `--cfg-parallel`, checked before any model loads: each >= 1, run under torchrun, and
+    their product (a missing one: what the other leaves of the ranks) equal to torchrun's WORLD_SIZE."""
+    from .errors import ConfigError
+
+    if sequence is None and batch is None:
+        return
+    for flag, value in (("--sequence-parallel", sequence), ("--cfg-parallel", batch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1 (ranks)")
+    given = [f"{f} {v}" for f, v in (("--sequence-parallel", sequence), ("--cfg-parallel", batch)) if v is not None]
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        raise ConfigError(
+            f"{' '.join(given)} divides each DiT call over torchrun's ranks: launch one process per GPU, e.g. "
+            "`torchrun --nproc_per_node 2 -m diffsynth.runtime.cli generate ...` (WORLD_SIZE is not set)"
+        )
+    world, batch = int(world), 1 if batch is None else batch
+    if sequence is None:  # the sequence takes the ranks the batch leaves
+        if world % batch:
+            raise ConfigError(f"--cfg-parallel {batch} does not divide the {world} ranks torchrun started (WORLD_SIZE)")
+        return
+    if sequence * batch != world:
+        raise ConfigError(
+            f"--sequence-parallel {sequence} x --cfg-parallel {batch} = {sequence * batch} ranks, but torchrun "
+            f"started WORLD_SIZE={world}: the product must equal the number of ranks (--nproc_per_node x nodes)"
+        )
 
 
 def output_file(pipeline, args) -> Path | None:

@@ -1,7 +1,8 @@
 """Sampling on several GPUs: Ulysses sequence parallelism and batch (CFG) parallelism.
 
 Launch with `torchrun --nproc_per_node N script.py`; every rank loads the pipeline and calls it with
-the same arguments (the seeded noise is the same everywhere) and gets the same result.
+the same arguments (the seeded noise is the same everywhere; a call without a seed uses one drawn on
+rank 0 and shared, `shared_seed`) and gets the same result.
 `pipe.enable_parallel(sequence=S, batch=B)` (S * B = N) splits the work of each denoiser call:
 - batch: the samples of a call (the positive and negative halves of a batched CFG call, several
   prompts) are divided over B ranks and gathered afterwards;
@@ -97,6 +98,43 @@ def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups
         if rank in ranks:
             groups.batch_group, groups.batch_rank = group, ranks.index(rank)
     return groups
+
+
+def shared_seed() -> int | None:
+    """A seed for a call made without one: drawn on rank 0 (from torch's default generator, as an unseeded draw
+    would be) and broadcast, while this process samples in parallel (`init_parallel` made groups and the process
+    group has several ranks); None otherwise (draw unseeded). Without it every rank would draw its own noise and
+    the divided denoiser calls would mix shards of different latents. Collective: every rank calls it together,
+    as every rank makes the same pipeline call."""
+    import torch.distributed as dist
+
+    if not _MADE or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    seed = [int(torch.randint(0, 2**63 - 1, ())) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(seed, src=0)
+    return seed[0]
+
+
+def saves_outputs() -> bool:
+    """Whether this process writes a call's outputs: under torchrun every rank holds the same result and rank 0
+    alone writes it (files, previews, logs of what was written); a process run alone always writes."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK") or 0) == 0
+
+
+def describe_parallel(groups: ParallelGroups) -> str:
+    """The parallelism `groups` enable, in the words of `enable_parallel` and of the CLI flags (for refusals)."""
+    kinds = []
+    if groups.sequence_size > 1:
+        n = groups.sequence_size
+        kinds.append(f"sequence parallelism over {n} ranks (enable_parallel(sequence={n}), --sequence-parallel {n})")
+    if groups.batch_size > 1:
+        n = groups.batch_size
+        kinds.append(f"batch (CFG) parallelism over {n} ranks (enable_parallel(batch={n}), --cfg-parallel {n})")
+    return " and ".join(kinds) or "parallel sampling (enable_parallel)"
 
 
 def _destroy_process_group() -> None:

@@ -54,7 +54,13 @@ def seeded_generator(
 ) -> tuple[torch.Generator | None, torch.device]:
     """The generator a call draws its noise from, seeded with `seed` on `rand_device` (None: unseeded draws), and
     that device; anything but cpu, cuda, cuda:N or mps (`disk` places weights, not noise) is refused by name, and so
-    is a seed outside -2**63 .. 2**64 - 1 (`check_seed`)."""
+    is a seed outside -2**63 .. 2**64 - 1 (`check_seed`). Under parallel sampling (`enable_parallel` in a process
+    group of several ranks) a call without a seed draws one on rank 0 and shares it, so that every rank starts from
+    the same noise (`parallel.shared_seed`): the divided denoiser calls must see one latent, not one per rank."""
+    if seed is None:
+        from .parallel import shared_seed
+
+        seed = shared_seed()
     seed = None if seed is None else check_seed(seed)
     try:
         device = parse_device(rand_device)
@@ -753,6 +759,14 @@ class BasePipeline:
         0). Returns this rank's `ParallelGroups`. See `diffsynth.runtime.parallel`."""
         from .parallel import init_parallel
 
+        # a model divides its calls when it holds a `parallel` attribute; refused before any process group forms
+        models = [getattr(self, s) for s in self.model_slots if hasattr(getattr(self, s, None), "parallel")]
+        if not models:
+            raise ConfigError(
+                f"{type(self).__name__}: no model of this pipeline supports parallel sampling (neither sequence "
+                "nor batch (CFG) parallelism): sample in one process, without enable_parallel / use_usp / "
+                "--sequence-parallel / --cfg-parallel"
+            )
         groups = init_parallel(sequence, batch)
         local = int(os.environ.get("LOCAL_RANK", 0))
         if self.device.type == "cuda" and self.cuda_index != local:
@@ -760,12 +774,17 @@ class BasePipeline:
                 f"rank {local} holds its models on {self.device}: load the pipeline with device='cuda:{local}' "
                 "(or from_pretrained(..., use_usp=True)) so that every rank uses its own GPU"
             )
-        models = [getattr(self, s) for s in self.model_slots if hasattr(getattr(self, s, None), "parallel")]
-        if not models:
-            raise ConfigError(f"{type(self).__name__}: no model of this pipeline supports parallel sampling")
         for model in models:
             model.parallel = groups
         return groups
+
+    def disable_parallel(self) -> None:
+        """Run every denoiser call whole on this rank again (after `enable_parallel`); nothing to do when parallel
+        sampling is off. The process group and its communicators stay, for a later `enable_parallel`."""
+        for slot in self.model_slots:
+            model = getattr(self, slot, None)
+            if hasattr(model, "parallel"):
+                model.parallel = None
 
     def disable_first_block_cache(self) -> None:
         from .step_cache import FirstBlockCache

@@ -36,6 +36,7 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import clear_loras, set_lora_scale
 from diffsynth.runtime.media import eight_bit, load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.parallel import describe_parallel
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.schedulers.templates import check_steps
@@ -254,6 +255,8 @@ class ZImagePipeline(BasePipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         use_cfg = cfg_scale != 1.0
+        if self.dit is not None and self.dit.config.omni:
+            self.check_omni_call()
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
@@ -418,6 +421,21 @@ class ZImagePipeline(BasePipeline):
         return guided
 
     # ------------------------------------------------------------------ Z-Image Omni
+    def check_omni_call(self) -> None:
+        """Omni calls run on one rank's whole sequence and batch, without step caches: refused before any model runs
+        when the pipeline divides its DiT calls (`enable_parallel`) or caches steps."""
+        if self.dit.parallel is not None:
+            raise ConfigError(
+                f"Z-Image Omni does not run under {describe_parallel(self.dit.parallel)}: its DiT calls are not divided "
+                "over ranks; call pipe.disable_parallel() (leave out --sequence-parallel / --cfg-parallel) and run "
+                "it in one process"
+            )
+        if self.dit.step_cache is not None:
+            raise ConfigError(
+                "Z-Image Omni runs without step caches: call pipe.disable_first_block_cache() / "
+                "pipe.disable_tea_cache() (leave out --first-block-cache / --tea-cache)"
+            )
+
     def encode_omni_prompt(self, prompts: list[str], n_images: int, max_sequence_length: int = 512):
         """Per prompt, the Omni template's segments (`omni_segments`) encoded one by one."""
         if self.tokenizer is None:

@@ -427,7 +427,8 @@ class QwenImage21DiT(nn.Module):
         self.proj_out = nn.Linear(dim, config.out_dim, bias=False)
         self.gradient_checkpointing = False
         self.step_cache = None  # a FirstBlockCache over `transformer_blocks` (BasePipeline.enable_first_block_cache)
-        self.parallel = None  # sequence parallelism is not supported for this model (forward refuses it)
+        # no `parallel` attribute: neither sequence nor batch (CFG) parallelism is built for this model, so
+        # `BasePipeline.enable_parallel` refuses the pipeline at once
 
     def forward(
         self,
@@ -449,8 +450,11 @@ class QwenImage21DiT(nn.Module):
         `cache`: a `PrefixCache` (needs `causal_condition`); filled by the first call, then read: later calls
         compute the target's tokens only (their prefix inputs must not change)."""
         cfg = self.config
-        if self.parallel is not None:
-            raise ConfigError("Qwen-Image 2.1 DiT does not support sequence parallelism yet; sample in one process")
+        if getattr(self, "parallel", None) is not None:  # groups set by hand: nothing here divides the call
+            raise ConfigError(
+                "Qwen-Image 2.1 DiT does not support parallel sampling (sequence parallelism or batch (CFG) "
+                "parallelism) yet; sample in one process"
+            )
         if cache is not None:
             if not cfg.causal_condition:
                 raise ConfigError(
