@@ -450,3 +450,19 @@ def test_unipc_sampler_steps_every_step(animate_pipe):
 
     common = dict(input_image=P.image(3), seed=1, output_type="pt", **{**FAST, "num_inference_steps": 3}, **driving(5))
     check_unipc_sampling(lambda sampler: animate_pipe(P.PROMPT, sampler=sampler, **common))
+
+
+def test_sequence_parallelism_is_refused_before_any_model_runs(animate_pipe, monkeypatch):
+    """Animate calls do not divide their tokens: the call names the parallelism on before the encoders run (the DiT
+    refused it with a bare ValueError after them)."""
+    from diffsynth.runtime.parallel import ParallelGroups
+
+    def encoder_ran(*args, **kwargs):
+        raise AssertionError("a model ran before the refusal")
+
+    monkeypatch.setattr(animate_pipe, "encode_prompt", encoder_ran)
+    monkeypatch.setattr(animate_pipe, "animate_character", encoder_ran)
+    monkeypatch.setattr(animate_pipe.dit, "parallel", ParallelGroups(sequence_size=2))
+    message = r"Wan2.2-Animate does not run under sequence parallelism over 2 ranks .*--sequence-parallel 2"
+    with pytest.raises(ConfigError, match=message):
+        animate_pipe(P.PROMPT, **FAST, input_image=P.image(3), seed=1, **driving(5))

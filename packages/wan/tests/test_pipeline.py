@@ -441,10 +441,10 @@ def test_i2v_conditions_on_mask_latent_and_clip(tiny_repo_factory):
     video[:, :, 0] = pil_to_tensor(image(1))
     torch.testing.assert_close(y[:, 4:], pipe.vae.encode(video, tiled=True), atol=1e-5, rtol=1e-5)
 
-    with Calls(pipe.dit) as calls:  # first and last frame (FLF2V conditioning)
+    with Calls(pipe.dit) as calls:  # first and last frame: the last in y; CLIP sees it only for FLF2V DiTs
         pipe(PROMPT, input_image=image(1), end_image=image(2), seed=0, **FAST)
     y, clip = calls[0][2]["y"], calls[0][2]["clip_feature"]
-    assert clip.shape == (1, 10, 128)
+    assert clip.shape == (1, 5, 128)
     assert torch.equal(y[:, :4, 1, 0, 0], torch.tensor([[0.0, 0.0, 0.0, 1.0]]))  # the last of 4 folded frames
 
 

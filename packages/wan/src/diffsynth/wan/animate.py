@@ -25,6 +25,7 @@ kept background), with the overlap frames first and marked given.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -308,6 +309,28 @@ def segment_starts(frames: int, segment: int, overlap: int) -> list[int]:
     return [i * step for i in range(count)]
 
 
+def segment_noise(
+    shape: tuple[int, ...], segments: int, seed: int | None, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Each segment's noise `shape` (`[B, ...]`), drawn on `device` from one generator seeded with `seed`: with one
+    segment, one draw of the batch (as the other Wan modes); with several, prompt b's noise for segment k is the
+    generator's draw `b * segments + k` of one prompt's noise, so a prompt's video does not depend on the batch it
+    is in (prompt 0's is the one-prompt call's: the k-th draw)."""
+    if seed is None or segments == 1:
+        generator = None if seed is None else torch.Generator(device).manual_seed(int(seed))
+        for _ in range(segments):
+            yield torch.randn(shape, generator=generator, device=device)
+        return
+    one, generator, generators = (1, *shape[1:]), torch.Generator(device).manual_seed(int(seed)), []
+    for b in range(shape[0]):
+        generators.append(torch.Generator(device).set_state(generator.get_state()))
+        if b < shape[0] - 1:  # the next prompt starts where this one's draws end
+            for _ in range(segments):
+                torch.randn(one, generator=generator, device=device)
+    for _ in range(segments):
+        yield torch.cat([torch.randn(one, generator=g, device=device) for g in generators])
+
+
 def reflect_pad(items: list, length: int) -> list:
     """`items` extended to `length` by bouncing back and forth over it (1 2 3 -> 1 2 3 2 1 2 ...)."""
     if len(items) == 1:
@@ -395,5 +418,6 @@ __all__ = [
     "motion_channels",
     "reflect_pad",
     "segment_condition",
+    "segment_noise",
     "segment_starts",
 ]

@@ -14,6 +14,8 @@ first frame is repeated four times and each group of four frames is stacked on c
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +33,7 @@ _MOVES = {"Left": (9, 1), "Right": (9, -1), "Up": (13, 1), "Down": (13, -1), "In
 
 def check_direction(direction) -> tuple[str, ...]:
     """The moves a direction names ("Left", "RightUp", ...), refused by name when it names none or an unknown one."""
-    if not isinstance(direction, str):
+    if not isinstance(direction, str) or not direction:  # "" names no move: a static camera the DiTs never saw
         raise ConfigError(f"camera_control_direction={direction!r} is not accepted; give e.g. 'Left' or 'LeftUp'")
     rest, moves = direction, []
     while rest:
@@ -46,12 +48,40 @@ def check_direction(direction) -> tuple[str, ...]:
     return tuple(moves)
 
 
+def check_origin(origin) -> tuple[float, ...]:
+    """The starting pose: `DEFAULT_ORIGIN` for None, else 19 finite real numbers (the CameraCtrl pose above)."""
+    if origin is None:
+        return tuple(float(v) for v in DEFAULT_ORIGIN)
+    origin = origin.tolist() if hasattr(origin, "tolist") else origin  # a numpy array or tensor of 19
+    values = list(origin) if isinstance(origin, Sequence) and not isinstance(origin, str) else None
+    if values is not None and len(values) != 19 and all(_real(v) for v in values):
+        raise ConfigError(f"camera_control_origin has {len(values)} numbers; a pose has 19 (see wan/camera.py)")
+    if values is None or len(values) != 19 or not all(_real(v) for v in values):
+        shown = repr(origin) if len(repr(origin)) <= 60 else repr(origin)[:57] + "..."
+        raise ConfigError(
+            f"camera_control_origin={shown} is not accepted; give a pose of 19 numbers [time, fx, fy, cx, cy, 0, 0, "
+            "w2c (3 x 4, row-major)] (default: camera.DEFAULT_ORIGIN)"
+        )
+    return tuple(float(v) for v in values)
+
+
+def check_speed(speed) -> float:
+    """The move per frame: `DEFAULT_SPEED` for None, else a finite real number."""
+    if speed is None:
+        return DEFAULT_SPEED
+    if not _real(speed):
+        raise ConfigError(f"camera_control_speed={speed!r} is not accepted; use a number (DiffSynth-Studio: 1/54)")
+    return float(speed)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def camera_path(direction: str, num_frames: int, speed: float = DEFAULT_SPEED, origin: Sequence[float] | None = None):
     """`num_frames` poses starting at `origin`, each moved by `speed` from the one before along `direction`."""
     moves = check_direction(direction)
-    pose = [float(v) for v in (DEFAULT_ORIGIN if origin is None else origin)]
-    if len(pose) != 19:
-        raise ConfigError(f"camera_control_origin has {len(pose)} numbers; a pose has 19 (see wan/camera.py)")
+    pose = list(check_origin(origin))
     poses = [pose]
     for _ in range(num_frames - 1):
         pose = list(pose)
@@ -102,10 +132,17 @@ def pack_frames(embedding: torch.Tensor) -> torch.Tensor:
 
 def camera_control_input(direction, num_frames: int, height: int, width: int, speed=None, origin=None) -> torch.Tensor:
     """What a Control-Camera DiT's adapter reads for a camera move: `[1, 24, (num_frames - 1) / 4 + 1, H, W]`."""
-    if speed is not None and (isinstance(speed, bool) or not isinstance(speed, (int, float))):
-        raise ConfigError(f"camera_control_speed={speed!r} is not accepted; use a number (DiffSynth-Studio: 1/54)")
-    poses = camera_path(direction, num_frames, DEFAULT_SPEED if speed is None else speed, origin)
+    poses = camera_path(direction, num_frames, check_speed(speed), origin)
     return pack_frames(plucker_embedding(poses, height, width))
 
 
-__all__ = ["DEFAULT_ORIGIN", "DEFAULT_SPEED", "DIRECTIONS", "camera_control_input", "camera_path", "check_direction"]
+__all__ = [
+    "DEFAULT_ORIGIN",
+    "DEFAULT_SPEED",
+    "DIRECTIONS",
+    "camera_control_input",
+    "camera_path",
+    "check_direction",
+    "check_origin",
+    "check_speed",
+]

@@ -41,6 +41,7 @@ from diffsynth.runtime.dtypes import parse_device
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.parallel import describe_parallel, shared_seed
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults, weight_paths
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.schedulers.templates import check_steps
@@ -52,10 +53,11 @@ from .animate import (
     frames_tensor,
     reflect_pad,
     segment_condition,
+    segment_noise,
     segment_starts,
 )
 from .animate2 import WanAnimate2DiT, check_animate2_arguments, generate_animate2
-from .camera import camera_control_input, check_direction
+from .camera import camera_control_input, check_direction, check_origin, check_speed
 from .dancer import WanDancerDiT, check_dancer_arguments, check_dancer_size, decode_latents, generate_dancer
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
 from .image_encoder import encode_image
@@ -678,6 +680,12 @@ class WanVideoPipeline(BasePipeline):
             raise ConfigError("this Wan model is image-to-video: pass input_image (the first frame)")
         if kind == "ti2v" and end_image is not None:
             raise ConfigError("Wan2.2-TI2V takes an input_image (first frame) but no end_image")
+        if end_image is not None and self.dit.config.camera_adapter_dim:  # its y holds the first frame only
+            raise ConfigError(
+                "a Wan Fun Control-Camera DiT takes no end_image: it moves the camera over input_image alone"
+            )
+        if end_image is not None and input_image is None:  # Fun Control: y holds both frames or neither
+            raise ConfigError("end_image needs input_image: the last frame is placed after a given first frame")
         if self.dit.config.image_pos_len and end_image is None:
             raise ConfigError(
                 "this Wan model is first-last-frame-to-video (FLF2V): pass end_image (the last frame) too"
@@ -690,7 +698,8 @@ class WanVideoPipeline(BasePipeline):
         return self._image_list(input_image, batch, "input_image"), self._image_list(end_image, batch, "end_image")
 
     def check_vace(self, video, mask, references, scale) -> float | tuple[float, ...] | None:
-        """The VACE scale (one number, or one per VACE layer) when VACE control is asked for, else None;
+        """The VACE scale (one number, or one per VACE layer) when VACE control is asked for, else None (also when
+        every scale is 0: the plain call, without the reference frames DiffSynth-Studio would still denoise);
         refused for DiTs without the control branch."""
         if video is None and mask is None and references is None:
             return None
@@ -707,6 +716,8 @@ class WanVideoPipeline(BasePipeline):
         if not numbers or len(scales) not in (1, layers):
             raise ConfigError(f"vace_scale={scale!r} must be a number or {layers} numbers (one per VACE layer)")
         check_vace_channels(self.dit.config, self.vae)
+        if not any(scales):  # no hint reaches the DiT: no VACE inputs at all, so the video is the plain model's
+            return None
         return float(scales[0]) if len(scales) == 1 else tuple(float(v) for v in scales)
 
     def check_animate(self, character, pose, faces, background, mask, overlap, frames: int):
@@ -718,6 +729,13 @@ class WanVideoPipeline(BasePipeline):
             )
         if self.dit2 is not None:
             raise ConfigError("Wan2.2-Animate is one DiT: remove the second DiT (dit2) from the pipeline")
+        groups = getattr(self.dit, "parallel", None)
+        if groups is not None and groups.sequence_size > 1:  # refused before the encoders run, not in the DiT
+            raise ConfigError(
+                f"Wan2.2-Animate does not run under {describe_parallel(groups)}: its face and motion inputs are not "
+                "divided over ranks; use batch (CFG) parallelism alone (enable_parallel(sequence=1, batch=2), "
+                "--cfg-parallel 2) or pipe.disable_parallel()"
+            )
         if character is None or isinstance(character, (list, tuple)):
             raise ConfigError("Wan2.2-Animate needs input_image: one image of the character to animate")
         if self.image_encoder is None:
@@ -739,8 +757,9 @@ class WanVideoPipeline(BasePipeline):
         """Wan2.2-Animate: the video `[B, 3, F, H, W]` (F = the pose video's length), segment by segment.
 
         Each segment's latents are one character frame then `(num_frames - 4 - 1) / 4 + 1` video frames; the
-        noise of segment k is the k-th draw of one generator seeded with `seed` (`latents` gives the first
-        segment's, for a one-segment video). The negative branch sees the negative prompt and blank (-1) face crops, as the authors'."""
+        noise of segment k is the k-th draw of one generator seeded with `seed`, each prompt's drawn on its own
+        (`segment_noise`: batching leaves a prompt's video as it is alone; `latents` gives the first segment's, for
+        a one-segment video). The negative branch sees the negative prompt and blank (-1) face crops, as the authors'."""
         steps, shift, sigmas, sampler = schedule
         scale, scale_2, boundary, cfg_merge = guidance
         batch, segment, overlap = len(prompts), frames - self.vae.temporal_compression, inputs.overlap
@@ -762,8 +781,9 @@ class WanVideoPipeline(BasePipeline):
             inputs = replace(
                 inputs, background=reflect_pad(inputs.background, length), mask=reflect_pad(inputs.mask, length)
             )
-        generator = None if seed is None else torch.Generator(parse_device(rand_device)).manual_seed(int(seed))
         shape = (batch, z, (segment - 1) // tc + 2, height // s, width // s)
+        seed = shared_seed() if seed is None else seed  # under parallel sampling every rank draws the same noise
+        noises = segment_noise(shape, len(starts), seed, parse_device(rand_device))
         scheduler = make_scheduler("wan", sampler)
         scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
         pieces, previous = [], None
@@ -775,10 +795,7 @@ class WanVideoPipeline(BasePipeline):
                 uncond = replace(
                     cond, context=negative_context, face_pixel_values=torch.full_like(cond.face_pixel_values, -1)
                 )
-            if latents is not None:
-                noise = self.check_latents(latents, shape)
-            else:
-                noise = torch.randn(shape, generator=generator, device=parse_device(rand_device))
+            noise = self.check_latents(latents, shape) if latents is not None else next(noises)
             x = self.denoise(
                 noise.to(self.device), scheduler, cond, uncond, scale, scale_2, boundary, None, cfg_merge, progress_bar
             )
@@ -862,11 +879,13 @@ class WanVideoPipeline(BasePipeline):
         )
 
     def encode_clip(self, first, last, height: int, width: int) -> torch.Tensor | None:
-        """CLIP features of the first frame `[B, 257, 1280]`, with the last frame's appended for FLF2V."""
+        """CLIP features of the first frame `[B, 257, 1280]`, with the last frame's appended for FLF2V (the DiTs
+        with CLIP positions for two images, `image_pos_len`); other I2V DiTs see the last frame in `y` only, as
+        DiffSynth-Studio's `WanVideoUnit_ImageEmbedderCLIP` (`has_image_pos_emb`)."""
         if first is None or not self.dit.config.has_image_input:
             return None
         self.load_models_to_device(["image_encoder"])
-        frames = [first] if last is None else [first, last]
+        frames = [first] if last is None or not self.dit.config.image_pos_len else [first, last]
         dtype = module_dtype(self.image_encoder)
         features = [
             encode_image(self.image_encoder, self._pixels(f, height, width, torch.float32), self.device, dtype)
@@ -936,7 +955,7 @@ class WanVideoPipeline(BasePipeline):
         check_direction(direction)
         if first is None:
             raise ConfigError("a Wan Fun Control-Camera DiT animates input_image: give the first frame")
-        return speed, origin
+        return check_speed(speed), check_origin(origin)  # refused by name before any encoder runs
 
     def encode_reference(self, reference, batch: int, height: int, width: int, vae_kwargs) -> torch.Tensor | None:
         """A Fun reference image's latent `[B, z, 1, h, w]` (resized to the video's size), or None."""
