@@ -224,6 +224,8 @@ def test_camera_rows_need_a_direction_and_other_dits_refuse_one(camera, tiny_rep
         task.encode([dict(row, camera_control_direction="Left", camera_control_speed="quick")])
     with pytest.raises(ConfigError, match="row 0: camera_control_origin has 2 numbers"):
         task.encode([dict(row, camera_control_direction="Left", camera_control_origin="0, 1")])
+    with pytest.raises(ConfigError, match="row 0 has an end_image; a Wan Fun Control-Camera DiT moves the camera"):
+        task.encode([dict(row, camera_control_direction="Left", end_image=as_video(frames(9))[:, 0])])
     i2v = WanTrainingTask(
         WanVideoPipeline.from_pretrained(str(tiny_repo_factory("i2v")), torch_dtype="float32", device="cpu")
     )

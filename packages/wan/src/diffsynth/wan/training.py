@@ -1192,6 +1192,11 @@ class WanTrainingTask(PipelineTrainingTask):
         if control_channels(self.dit_config):
             return latents, self._fun_conditions(index, row, video, given["input_image"])
         last = given["end_image"]
+        if last is not None and self.dit_config.camera_adapter_dim:  # as the pipeline: its y holds the first frame
+            raise ConfigError(
+                f"row {index} has an end_image; a Wan Fun Control-Camera DiT moves the camera over input_image alone "
+                "(the pipeline takes no end_image): drop the column"
+            )
         if last is None and self.dit_config.image_pos_len:  # FLF2V: the last frame is the second condition
             last = video[:, -1]
         last = None if last is None else tensor_to_pil(last)
