@@ -888,3 +888,13 @@ def write_diffusers_folder(pipe, base: Path, folder: Path) -> Path:
     shutil.copytree(gemma, folder / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "LTX2Pipeline"}))
     return folder
+
+
+def decoded_sound(waveform: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The part of our sound that a reference's (diffusers', the authors') stands for: they return the audio
+    decoder's `4 L - 3` mel frames, a few tens of milliseconds short of the clip; we zero-pad the end to the
+    video's duration (`LTX2Pipeline.finish`). Checks the padding is zeros and returns the first samples."""
+    samples = reference.shape[-1]
+    assert waveform.shape[:-1] == reference.shape[:-1] and waveform.shape[-1] >= samples
+    assert not waveform[..., samples:].any(), "the padding past the decoded sound must be silence"
+    return waveform[..., :samples]

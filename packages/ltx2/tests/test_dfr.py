@@ -528,3 +528,43 @@ def test_vram_managed_dfr_gives_the_same_video(dfr_folder, dfr_pipe):
     got, want = managed(CAPTIONS[1], **settings), dfr_pipe(CAPTIONS[1], **settings)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1].waveform, want[1].waveform, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"negative_prompt": "blurry"},
+        {"stg_scale": 1.0},
+        {"audio_stg_scale": 1.0},
+        {"modality_scale": 3.0},
+        {"audio_modality_scale": 3.0},
+        {"guidance_rescale": 0.5},
+        {"audio_guidance_rescale": 0.5},
+        {"spatio_temporal_guidance_blocks": [0]},
+        {"num_inference_steps": 2},
+        {"audio_cfg_scale": 5.0},
+    ],
+    ids=lambda extra: next(iter(extra)),
+)
+def test_arguments_dfr_does_not_read_are_refused_by_name(dfr_pipe, extra):
+    """DFR runs without guidance on fixed sigma tables: a guidance argument, a negative prompt or a step count
+    would change nothing, so each is refused naming it (before any model runs)."""
+    settings = dict(use_dfr_pipeline=True, use_distilled_pipeline=True, height=2 * H, width=2 * W, num_frames=9)
+    name = next(iter(extra))
+    with pytest.raises(ConfigError, match=f"use_dfr_pipeline does not take {name}"):
+        dfr_pipe(CAPTIONS[0], **settings, **extra)
+
+
+def test_detailing_at_strength_zero_is_no_detailing(dfr_folder, dfr_pipe):
+    """`detailing_lora_strength=0` runs the second pass as without `detailing_lora`: no LoRA, no reference."""
+    settings = dict(
+        use_dfr_pipeline=True, use_distilled_pipeline=True, height=2 * H, width=2 * W, num_frames=9, seed=1,
+        max_sequence_length=MAX_LEN, output_type="pt", progress_bar=False,
+    )  # fmt: skip
+    detailing = str(dfr_folder.parent.parent / "extras/detailing.safetensors")
+    plain, plain_audio = dfr_pipe(CAPTIONS[0], **settings)
+    off, off_audio = dfr_pipe(CAPTIONS[0], detailing_lora=detailing, detailing_lora_strength=0.0, **settings)
+    torch.testing.assert_close(off, plain, atol=0, rtol=0)
+    torch.testing.assert_close(off_audio.waveform, plain_audio.waveform, atol=0, rtol=0)
+    on, _ = dfr_pipe(CAPTIONS[0], detailing_lora=detailing, detailing_lora_strength=1.0, **settings)
+    assert (on - plain).abs().max() > 1e-3

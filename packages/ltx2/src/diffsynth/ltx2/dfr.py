@@ -435,7 +435,7 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' DFR recipe: the half-size pass with slots, the x2 upsampler on the video and the slots, and
     the full-size pass seeded from both (with the detailing reference when `detailing` = (LoRA weights, scale,
-    factor) is given), then `temporal_rounds` refine rounds (`refine_round`, each doubling the frame rate; `seed`
+    factor) is given with a scale other than 0; scale 0 is no detailing at all), then `temporal_rounds` refine rounds (`refine_round`, each doubling the frame rate; `seed`
     seeds their ancestral noise). `loras` are (weights, scale, name) attached for every pass (the distilled LoRA
     on the full model). Returns the normalised video latents cut to `(num_frames - 1) * 2 ** temporal_rounds + 1`
     frames and the first pass's audio latents."""
@@ -452,7 +452,7 @@ def generate(
     video, slots = pipe.upsample_latents(half), pipe.upsample_latents(seq.slot_latents())
     stage_2 = list(loras)
     reference = None
-    if detailing is not None:
+    if detailing is not None and detailing[1] != 0.0:  # at strength 0 the pass runs as without it: no reference
         weights, scale, factor = detailing
         stage_2.append((weights, scale, DETAILING_LORA_NAME))
         reference = (half, factor)

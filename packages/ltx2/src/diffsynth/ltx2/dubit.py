@@ -143,4 +143,4 @@ def dub_video(
         output_type == "pil", output_type, tiled, tile_size, tile_stride, uses_diffusion_decoder(pipe, None),
         diffusion_tiles(None, None, None, None),
     )  # fmt: skip
-    return pipe.finish(video, audio, decoding, generator=generator)
+    return pipe.finish(video, audio, decoding, seconds=frames / fps, generator=generator)

@@ -44,6 +44,7 @@ from safetensors import safe_open
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_frames, pil_to_tensor, save_video
+from diffsynth.runtime.parallel import saves_outputs
 from diffsynth.runtime.pipeline import seeded_generator
 from diffsynth.runtime.schedulers import LTX2_DISTILLED_SIGMAS, FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
@@ -313,6 +314,11 @@ def generate_hdr(
     wanted = pipe.setting("num_frames", num_frames, None)
     count = None if wanted is None else pipe.check_num_frames(wanted)
     frames, file_rate = read_reference(reference_video, DEFAULT_NUM_FRAMES if count is None else count)
+    if count is not None and len(frames) < count:  # high_quality shows each of the first `count` frames twice
+        raise ConfigError(
+            f"num_frames={count} needs {count} frames of reference_video, which has {len(frames)}: give "
+            f"num_frames <= {len(frames)} (8k + 1) or leave it out to follow the reference"
+        )
     two_stage = bool(pipe.setting("use_two_stage_pipeline", use_two_stage_pipeline, True))
     fps = pipe.check_frame_rate(pipe.setting("frame_rate", frame_rate, file_rate or DEFAULT_FRAME_RATE))
     ref_width, ref_height = frames[0].size
@@ -537,6 +543,8 @@ class LTX2HDRPipeline(LTX2Pipeline):
         options = {"height": args.height, "width": args.width, "num_frames": args.num_frames, "frame_rate": args.fps}
         options = {name: value for name, value in options.items() if value is not None}
         frames = self(args.input_video, seed=args.seed, **options)
+        if not saves_outputs():  # under torchrun every rank holds the frames: rank 0 alone writes them
+            return 0
         fps = args.fps or video_frame_rate(args.input_video)
         output.parent.mkdir(parents=True, exist_ok=True)
         exr = save_exr_frames(frames, output.with_name(f"{output.stem}_exr"))

@@ -70,7 +70,8 @@ def encode_references(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens `[1, K, C]` and positions `[1, 3, K, 2]` of the reference `videos` for a video of `height` x
     `width` (each reference at a `factor` of that size, encoded by the video VAE, its rows and columns
-    scaled back up by `factor`), in the order given."""
+    scaled back up by `factor`), in the order given. Each must hold at least `num_frames` frames (the clip's:
+    the factor scales rows and columns only): a shorter one would control only the clip's start."""
 
     m = pipe.size_multiple
     if height % factor or width % factor or (height // factor) % m or (width // factor) % m:
@@ -81,8 +82,14 @@ def encode_references(
     ref_height, ref_width = height // factor, width // factor
     pipe.load_models_to_device(["vae"])
     tokens, coords = [], []
-    for video in videos:
-        frames = reference_frames(video, ref_height, ref_width, num_frames, pipe.vae.temporal_compression)
+    for index, video in enumerate(videos):
+        given = load_frames(video, "each in_context_videos entry")
+        if len(given) < num_frames:
+            raise ConfigError(
+                f"in_context_videos[{index}] has {len(given)} frames, fewer than the clip's num_frames={num_frames}: "
+                "give a control video at least as long as the clip (or fewer num_frames)"
+            )
+        frames = reference_frames(given, ref_height, ref_width, num_frames, pipe.vae.temporal_compression)
         pixels = pil_to_tensor(frames, dtype=module_dtype(pipe.vae), device=pipe.device)  # [F, 3, h, w]
         latent = pipe.vae.encode(pixels.transpose(0, 1)[None]).float()  # [1, C, f, h', w']
         positions = video_positions(pipe.dit.config, 1, *latent.shape[2:], fps, pipe.device)

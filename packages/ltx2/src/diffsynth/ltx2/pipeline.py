@@ -159,7 +159,7 @@ class LTX2Pipeline(BasePipeline):
         latents: torch.Tensor | None = None,
         audio_latents: torch.Tensor | None = None,
         input_images: Sequence[ImageInput] | None = None,
-        input_images_indexes: Sequence[int] = (0,),
+        input_images_indexes: Sequence[int] | None = None,
         input_images_strength: float = 1.0,
         input_image: ImageInput | Sequence[ImageInput] | None = None,
         image_crf: int | None = None,
@@ -275,8 +275,9 @@ class LTX2Pipeline(BasePipeline):
         full model the distilled LoRA (`stage2_lora_config`) is attached in both passes at `stage2_lora_strength`
         (default 1, the authors'); with `use_distilled_pipeline` the DiT is the distilled one. `detailing_lora` (the
         authors' x2 detailing IC-LoRA, a file or `ModelConfig`) is attached in the second pass at
-        `detailing_lora_strength`, which then reads the first pass's video as its reference. `sigmas` replaces the
-        first pass's schedule. Images condition every pass (`input_images`, `input_image`). `temporal_upsample_rounds`
+        `detailing_lora_strength`, which then reads the first pass's video as its reference (strength 0 is no
+        detailing). `sigmas` replaces the first pass's schedule; guidance arguments, `negative_prompt` and
+        `num_inference_steps` are refused. Images condition every pass (`input_images`, `input_image`). `temporal_upsample_rounds`
         (1 or 2; the temporal upsampler `ltx-2.5-latent-temporal-upscaler-x2` must be loaded) then doubles the frame
         rate that many times: `(num_frames - 1) * 2 ** rounds + 1` frames, to be played at `frame_rate * 2 ** rounds`.
 
@@ -298,7 +299,14 @@ class LTX2Pipeline(BasePipeline):
         steps = self.setting("num_inference_steps", num_inference_steps, default_steps)
         scale = float(self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG))
         dfr_on = bool(self.setting("use_dfr_pipeline", use_dfr_pipeline, False))
-        guidance_given = {"cfg_scale": cfg_scale, "audio_cfg_scale": audio_cfg_scale}  # DFR refuses them
+        guidance_given = {  # the arguments DFR does not read (no guidance, fixed sigma tables): it refuses them
+            "negative_prompt": negative_prompt, "cfg_scale": cfg_scale, "audio_cfg_scale": audio_cfg_scale,
+            "guidance_rescale": guidance_rescale, "audio_guidance_rescale": audio_guidance_rescale,
+            "stg_scale": stg_scale, "audio_stg_scale": audio_stg_scale, "modality_scale": modality_scale,
+            "audio_modality_scale": audio_modality_scale,
+            "spatio_temporal_guidance_blocks": spatio_temporal_guidance_blocks,
+            "num_inference_steps": num_inference_steps,
+        }  # fmt: skip
         if audio_cfg_scale is None:  # an explicit cfg_scale guides both streams unless audio_cfg_scale is given
             fallback = 1.0 if distilled else DEFAULT_AUDIO_CFG
             audio_cfg_scale = scale if cfg_scale is not None else self.defaults.get("audio_cfg_scale", fallback)
@@ -464,12 +472,14 @@ class LTX2Pipeline(BasePipeline):
 
         # 4. decode
         kept = None if given is None or given.waveform is None else (given.waveform, given.sample_rate)
-        return self.finish(video, audio, decoding, kept, generator=generator)
+        return self.finish(video, audio, decoding, kept, seconds=frames / fps, generator=generator)
 
-    def finish(self, video, audio, decoding: Decoding, kept=None, samples: int | None = None, generator=None):
+    def finish(self, video, audio, decoding: Decoding, kept=None, seconds: float | None = None, generator=None):
         """Decode the final latents into `(frames, LTX2Audio)` (`decoding.py`: the video VAE, or the diffusion
         decoder drawing its noise from `generator`). `kept` (waveform, rate) is a given sound returned as it is
-        instead of re-synthesised; `samples` cuts the sound to that many samples."""
+        instead of re-synthesised; `seconds` (the video's duration) cuts or zero-pads the sound to
+        `round(seconds * sample_rate)` samples: the causal audio VAE decodes `4 L - 3` mel frames, a few tens of
+        milliseconds short of the clip (the authors return that; padded, the sound lasts as long as the video)."""
         single = decoding.single
         pixels = decode_video(self, video, decoding, generator)
         frames_out = tensor_to_output(pixels.float(), decoding.output_type)
@@ -478,8 +488,9 @@ class LTX2Pipeline(BasePipeline):
             waveform, sample_rate = kept[0].expand(waveform.shape[0], -1, -1), kept[1]
         else:
             sample_rate = self.sample_rate
-        if samples is not None:
-            waveform = waveform[..., :samples]
+        if seconds is not None:
+            samples = round(seconds * sample_rate)
+            waveform = torch.nn.functional.pad(waveform[..., :samples], (0, max(0, samples - waveform.shape[-1])))
         self.load_models_to_device([])
         sound = LTX2Audio(waveform[0] if single else waveform, sample_rate)
         return (frames_out[0] if single else frames_out), sound
@@ -513,7 +524,7 @@ class LTX2Pipeline(BasePipeline):
             temporal_rounds=rounds, seed=0 if seed is None else int(seed), progress_bar=progress_bar,
         )  # fmt: skip
         seconds = ((frames - 1) * 2**rounds + 1) / (fps * 2**rounds)
-        return self.finish(video, audio, decoding, samples=round(seconds * self.sample_rate), generator=generator)
+        return self.finish(video, audio, decoding, seconds=seconds, generator=generator)
 
     @torch.no_grad()
     def dub_video(self, prompt: str, reference_video, **kwargs):
@@ -644,7 +655,8 @@ class LTX2Pipeline(BasePipeline):
             items = list(input_image) if isinstance(input_image, (list, tuple)) else [input_image]
         elif input_images is not None:
             images = [input_images] if isinstance(input_images, (str, os.PathLike, Image.Image)) else input_images
-            items = [image for image, i in zip(images, input_images_indexes, strict=False) if i == 0][:1]
+            indexes = (0,) if input_images_indexes is None else input_images_indexes
+            items = [image for image, i in zip(images, indexes, strict=False) if i == 0][:1]
         else:
             items = []
         images = [load_image(item) for item in items]
@@ -722,7 +734,10 @@ class LTX2Pipeline(BasePipeline):
             )
         given = [name for name, value in refused.items() if value is not None]
         if given:
-            raise ConfigError(f"use_dfr_pipeline does not take {', '.join(given)} (DFR runs without guidance)")
+            raise ConfigError(
+                f"use_dfr_pipeline does not take {', '.join(given)}: DFR runs without guidance (so without a "
+                "negative prompt) on the authors' fixed sigma tables (sigmas replaces the first pass's)"
+            )
         self.check_two_stage(height, width, distilled)
 
     def check_temporal_rounds(self, rounds) -> int:
@@ -780,13 +795,18 @@ class LTX2Pipeline(BasePipeline):
     ) -> tuple[list[Image.Image] | None, list[tuple[Image.Image, int]]]:
         """(the first frame of each prompt's video, or None; the keyframes as (image, video frame)), from
         DiffSynth-Studio's `input_images` at `input_images_indexes` (video frames; index 0 is the first frame,
-        any other a keyframe) or our `input_image` (the first frame: one image, or one per prompt)."""
+        any other a keyframe; default [0]) or our `input_image` (the first frame: one image, or one per prompt)."""
         if input_images is not None and input_image is not None:
             raise ConfigError("pass the first frame as input_images=[image] or as input_image=image, not both")
+        if input_images_indexes is not None and input_images is None:
+            raise ConfigError(
+                f"input_images_indexes={list(input_images_indexes)!r} are the video frames of input_images: give "
+                "input_images too (input_image is always the first frame; a keyframe needs input_images)"
+            )
         keyframes: list[tuple[Image.Image, int]] = []
         if input_images is not None:
             images = [input_images] if isinstance(input_images, (str, os.PathLike, Image.Image)) else input_images
-            images, indexes = list(images), list(input_images_indexes)
+            images, indexes = list(images), [0] if input_images_indexes is None else list(input_images_indexes)
             if len(images) != len(indexes):
                 raise ConfigError(
                     f"input_images has {len(images)} images but input_images_indexes={indexes} has {len(indexes)} "
@@ -970,7 +990,8 @@ class LTX2Pipeline(BasePipeline):
     ) -> LTX2AudioCondition:
         """A given sound (`retake_audio`): a waveform `[C, N]` at `sample_rate`, or a file (its own rate),
         encoded for the clip; `regions` (seconds) are re-made, a latent frame counting as inside a region
-        when its span overlaps it (DiffSynth-Studio's rule); without regions all of it is kept."""
+        when its half-open span [s, e) overlaps it (e > start and s < end, the authors' `TemporalRegionMask`);
+        without regions all of it is kept."""
         if isinstance(audio_input, (str, os.PathLike)):
             audio_input, sample_rate = load_audio(audio_input)
         if not isinstance(audio_input, torch.Tensor) or audio_input.dim() not in (1, 2):
@@ -985,7 +1006,7 @@ class LTX2Pipeline(BasePipeline):
             spans = audio_positions(self.dit.config, 1, like.shape[2], like.device)[0, 0]  # [L, 2] seconds
             for region in regions:
                 start, end = self._region(region)
-                mask[0, 0, (spans[:, 1] >= start) & (spans[:, 0] <= end), 0] = 1.0
+                mask[0, 0, (spans[:, 1] > start) & (spans[:, 0] < end), 0] = 1.0  # touching is not overlapping
             return LTX2AudioCondition(latents.to(like.device), mask)
         stereo = waveform.float().cpu().expand(2, -1)
         samples = int(num_frames / frame_rate * int(sample_rate))  # cut or zero-padded to the clip, as encoded

@@ -2,8 +2,9 @@
 
 A given video is encoded at the stage's size and kept as it is, except in the time regions to re-make:
 its latent frames there start from noise and are denoised; the others the DiT sees clean (timestep 0)
-and no step changes them. A latent frame belongs to a region when its time span overlaps it (the rule
-DiffSynth-Studio and our audio retake use). Without regions the whole video is kept, and only the sound
+and no step changes them. A latent frame belongs to a region when its half-open time span [s, e) overlaps
+it: e > start and s < end, so a span that only touches a region's edge is kept (the authors'
+`TemporalRegionMask`; DiffSynth-Studio also re-makes the touching frame). Our audio retake uses the same rule. Without regions the whole video is kept, and only the sound
 is made for it (video-to-audio).
 """
 
@@ -35,7 +36,7 @@ def region_mask(config, shape, fps: float, regions, check_region, device) -> tor
     spans = video_positions(config, 1, frames, 1, 1, fps, device)[0, 0]  # [f, 2] seconds
     for region in regions or ():
         start, end = check_region(region, "retake_video_regions")
-        mask[0, 0, (spans[:, 1] >= start) & (spans[:, 0] <= end)] = 1.0
+        mask[0, 0, (spans[:, 1] > start) & (spans[:, 0] < end)] = 1.0  # half-open spans: touching is not overlapping
     return mask
 
 

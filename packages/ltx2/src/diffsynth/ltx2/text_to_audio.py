@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.parallel import describe_parallel
 from diffsynth.runtime.pipeline import seeded_generator
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 
@@ -65,8 +66,13 @@ def generate_audio(
         LTX2Guidance,
     )
 
-    if getattr(pipe.dit, "parallel", None) is not None:
-        raise ConfigError("text-to-audio runs on one GPU: its few audio tokens are not divided (disable_parallel())")
+    groups = getattr(pipe.dit, "parallel", None)
+    if groups is not None and groups.sequence_size > 1:  # batch (CFG) parallelism divides its rows as any call's
+        raise ConfigError(
+            f"text-to-audio does not run under {describe_parallel(groups)}: sequence parallelism divides the video "
+            "tokens, and text-to-audio has none; use batch (CFG) parallelism alone (enable_parallel(sequence=1, "
+            "batch=2), --cfg-parallel 2) or pipe.disable_parallel()"
+        )
     if pipe.step_caches():
         raise ConfigError(
             "the first-block cache decides on the video tokens, and text-to-audio has none: "
