@@ -78,8 +78,8 @@ def spy_dit(pipe, monkeypatch) -> list:
 
 
 def test_reference_tokens_follow_ltx_core(tiny_ltx2_pipe, monkeypatch):
-    """Two references (one longer: 25 frames, cut to the clip's 17) at factor 2 join the video's tokens in order, clean (timestep 0),
-    at the positions of their own latent grid (time at the video's frame rate, as ltx-core's
+    """Two references (one longer: 25 frames, cut to the clip's 17) at factor 2 join the video's tokens in order, clean
+    (timestep 0), at the positions of their own latent grid (time at the video's frame rate, as ltx-core's
     `VideoConditionByReferenceLatent`) with rows and columns scaled by 2; the video keeps its size."""
     seen = spy_dit(tiny_ltx2_pipe, monkeypatch)
     small = (W // 2, H // 2)

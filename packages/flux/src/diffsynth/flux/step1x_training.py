@@ -4,9 +4,9 @@ Rows are (instruction, edited image, source image) triples: `prompt`, `image` (t
 `step1x_reference_image` (DiffSynth-Studio's column; `reference_image` works too). The source is pixel-aligned with
 the target (`aligned_conditioning`): the trainer's dataset reads it as it reads the target, covering the row's size
 and centre-cropped alike (a fixed `--height`/`--width` crops both the same way); a source of another size, given
-directly, is resized to the target's as the pipeline resizes it to the generated size. Each row is encoded as the pipeline encodes a call:
-the instruction through Qwen2.5-VL with the source image (`encode_instructions`: 217 states dropped, 640 kept with
-their mask), the source's VAE latent packed, and the target's VAE latent, giving
+directly, is resized to the target's as the pipeline resizes it to the generated size. Each row is encoded as the
+pipeline encodes a call: the instruction through Qwen2.5-VL with the source image (`encode_instructions`: 217 states
+dropped, 640 kept with their mask), the source's VAE latent packed, and the target's VAE latent, giving
 `{"latents": [16, H/8, W/8], "states": [640, D], "mask": [640], "reference": [H/16 * W/16, 64]}`.
 
 `velocity` is the pipeline's per-step call (`step1x_velocity`: connector, then the DiT over the noisy tokens and

@@ -435,10 +435,10 @@ def generate(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' DFR recipe: the half-size pass with slots, the x2 upsampler on the video and the slots, and
     the full-size pass seeded from both (with the detailing reference when `detailing` = (LoRA weights, scale,
-    factor) is given with a scale other than 0; scale 0 is no detailing at all), then `temporal_rounds` refine rounds (`refine_round`, each doubling the frame rate; `seed`
-    seeds their ancestral noise). `loras` are (weights, scale, name) attached for every pass (the distilled LoRA
-    on the full model). Returns the normalised video latents cut to `(num_frames - 1) * 2 ** temporal_rounds + 1`
-    frames and the first pass's audio latents."""
+    factor) is given with a scale other than 0; scale 0 is no detailing at all), then `temporal_rounds` refine rounds
+    (`refine_round`, each doubling the frame rate; `seed` seeds their ancestral noise). `loras` are (weights, scale,
+    name) attached for every pass (the distilled LoRA on the full model). Returns the normalised video latents cut to
+    `(num_frames - 1) * 2 ** temporal_rounds + 1` frames and the first pass's audio latents."""
     canvas_frames, _, slot_frames = resolve_canvas(num_frames, pipe.vae.temporal_compression)
     common = dict(
         canvas_frames=canvas_frames, frame_rate=frame_rate, generator=generator, rand_device=rand_device, images=images

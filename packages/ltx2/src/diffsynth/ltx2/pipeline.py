@@ -277,9 +277,10 @@ class LTX2Pipeline(BasePipeline):
         authors' x2 detailing IC-LoRA, a file or `ModelConfig`) is attached in the second pass at
         `detailing_lora_strength`, which then reads the first pass's video as its reference (strength 0 is no
         detailing). `sigmas` replaces the first pass's schedule; guidance arguments, `negative_prompt` and
-        `num_inference_steps` are refused. Images condition every pass (`input_images`, `input_image`). `temporal_upsample_rounds`
-        (1 or 2; the temporal upsampler `ltx-2.5-latent-temporal-upscaler-x2` must be loaded) then doubles the frame
-        rate that many times: `(num_frames - 1) * 2 ** rounds + 1` frames, to be played at `frame_rate * 2 ** rounds`.
+        `num_inference_steps` are refused. Images condition every pass (`input_images`, `input_image`).
+        `temporal_upsample_rounds` (1 or 2; the temporal upsampler `ltx-2.5-latent-temporal-upscaler-x2` must be loaded)
+        then doubles the frame rate that many times: `(num_frames - 1) * 2 ** rounds + 1` frames, to be played at
+        `frame_rate * 2 ** rounds`.
 
         `enhance_prompt` rewrites each prompt with the enhancer loaded by `load_prompt_enhancer` before it is encoded
         (`prompt_enhancer.py`; the image-to-video recipe when a first frame is given), seeded by

@@ -4,8 +4,8 @@ A given video is encoded at the stage's size and kept as it is, except in the ti
 its latent frames there start from noise and are denoised; the others the DiT sees clean (timestep 0)
 and no step changes them. A latent frame belongs to a region when its half-open time span [s, e) overlaps
 it: e > start and s < end, so a span that only touches a region's edge is kept (the authors'
-`TemporalRegionMask`; DiffSynth-Studio also re-makes the touching frame). Our audio retake uses the same rule. Without regions the whole video is kept, and only the sound
-is made for it (video-to-audio).
+`TemporalRegionMask`; DiffSynth-Studio also re-makes the touching frame). Our audio retake uses the same rule. Without
+regions the whole video is kept, and only the sound is made for it (video-to-audio).
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ normalised by the per-channel mean/std) and the prompt through `QwenImagePipelin
 images the text-to-image template (34 leading tokens dropped); with them `prepare_edit_images` (each resized to
 about 1024x1024 pixels for the VAE and, with the "plus" template of 2509/2511, to 384x384 for the vision tower)
 and the Edit template with the images through the Qwen2.5-VL vision tower (64 tokens dropped; not cut to
-`max_sequence_length`, which would drop the instruction after the vision tokens). That gives `{"latents": [16, H/8, W/8], "text": [L, D]}` with L the prompt's own
-token count, and `"edit_0"`, `"edit_1"`, ... ([16, h, w], `encode_edit_images`) per edit image. `collate`
-zero-pads the prompts of a batch to the longest with a mask, as the pipeline's batched encoding does. The model
-call is `qwen_image_velocity`, the pipeline's per-step call, with the edit latents appended to the image tokens
-(Edit-2511's `zero_cond_t` DiT gives them timestep 0 itself). Noise levels and loss weights: the "qwen_image"
-template at mu = 0.8 (terminal sigma stretched to 0.02), DiffSynth-Studio's Qwen-Image training schedule.
+`max_sequence_length`, which would drop the instruction after the vision tokens). That gives `{"latents": [16, H/8,
+W/8], "text": [L, D]}` with L the prompt's own token count, and `"edit_0"`, `"edit_1"`, ... ([16, h, w],
+`encode_edit_images`) per edit image. `collate` zero-pads the prompts of a batch to the longest with a mask, as the
+pipeline's batched encoding does. The model call is `qwen_image_velocity`, the pipeline's per-step call, with the edit
+latents appended to the image tokens (Edit-2511's `zero_cond_t` DiT gives them timestep 0 itself). Noise levels and loss
+weights: the "qwen_image" template at mu = 0.8 (terminal sigma stretched to 0.02), DiffSynth-Studio's Qwen-Image
+training schedule.
 
 Edit images are sized as DiffSynth-Studio's trainer sizes them: the dataset shrinks each under `--max_pixels`
 keeping its aspect ratio (not to the target's size), then the pipeline's auto-resize above applies. The prompt
@@ -37,17 +38,17 @@ task reads pictures as RGBA (`image_mode`), takes its main size from `layer_inpu
 column, read as files without `--data_file_keys`, and pixel-aligned with the frames, `aligned_conditioning`: the
 dataset crops it as it crops the frames, also to a fixed `--height`/`--width`; an input image of another size, given
 directly, is resized to the frames' (Lanczos) as `decompose` resizes it). A row's frames and input image must be one
-size, and an optional `layer_num` must count its layers: `check_row` checks both at setup, from the file headers. Each frame is encoded as a one-frame video (posterior mode, normalised), giving
-`{"latents": [N + 1, 16, H/8, W/8], "condition": [16, H/8, W/8], "text": [L, D]}` with the text-to-image
-template. The model call is `layered_velocity`, the pipeline's per-step call: the N + 1 noisy frames packed frame
-after frame, the clean input image's tokens after them (their predictions dropped), the additional timestep
-embedding's entry 0; the loss counts every generated frame, frame 0 included, as DiffSynth-Studio's does (the
-clean input image is not among them, so no `loss_mask` is needed). Rows of one batch need the same layer count
-(`--batch_size 1` always has it). Validation samples take the input image from `--validation_images` (required;
-Layered-Control-V2's `in.png,mask.png` adds the mask as `decompose`'s `context_image`, with `layer_num=0`)
-and `layer_num` from `--task_options layer_num=N` (else the pipeline's 4); they are written as one RGBA picture,
-the layers side by side. DiffSynth-Studio's Qwen-Image-Layered-Control rows (`layer_num` 0: `image` lists one
-frame, the layer the prompt names) train the same way, and its V2 rows' `context_image` (the mask of the region to
+size, and an optional `layer_num` must count its layers: `check_row` checks both at setup, from the file headers. Each
+frame is encoded as a one-frame video (posterior mode, normalised), giving `{"latents": [N + 1, 16, H/8, W/8],
+"condition": [16, H/8, W/8], "text": [L, D]}` with the text-to-image template. The model call is `layered_velocity`, the
+pipeline's per-step call: the N + 1 noisy frames packed frame after frame, the clean input image's tokens after them
+(their predictions dropped), the additional timestep embedding's entry 0; the loss counts every generated frame, frame 0
+included, as DiffSynth-Studio's does (the clean input image is not among them, so no `loss_mask` is needed). Rows of one
+batch need the same layer count (`--batch_size 1` always has it). Validation samples take the input image from
+`--validation_images` (required; Layered-Control-V2's `in.png,mask.png` adds the mask as `decompose`'s `context_image`,
+with `layer_num=0`) and `layer_num` from `--task_options layer_num=N` (else the pipeline's 4); they are written as one
+RGBA picture, the layers side by side. DiffSynth-Studio's Qwen-Image-Layered-Control rows (`layer_num` 0: `image` lists
+one frame, the layer the prompt names) train the same way, and its V2 rows' `context_image` (the mask of the region to
 pull out, in `--data_file_keys`) is encoded in RGBA as `decompose` encodes it and its tokens go between the frame's
 and the input image's (`layered_velocity`'s `context`).
 

@@ -815,8 +815,8 @@ def check_parallel_layout(sequence: int | None, batch: int | None) -> None:
 def output_file(pipeline, args) -> Path | None:
     """The file `diffsynth generate` writes with `pipeline` (its class, before the model loads, or the pipeline):
     `--output`, else output.wav / output.mp4 / output.png by what it makes. An `--output` of another type, and the
-    `--fps` / `--num-frames` a picture has no use for, are refused, saying what the pipeline writes. None for a pipeline that
-    writes its own outputs (`run_cli`: an image-to-LoRA preset's .safetensors, LTX-2.3 HDR's EXR frames)."""
+    `--fps` / `--num-frames` a picture has no use for, are refused, saying what the pipeline writes. None for a pipeline
+    that writes its own outputs (`run_cli`: an image-to-LoRA preset's .safetensors, LTX-2.3 HDR's EXR frames)."""
     import inspect
 
     from .errors import ConfigError

@@ -759,7 +759,8 @@ class WanVideoPipeline(BasePipeline):
         Each segment's latents are one character frame then `(num_frames - 4 - 1) / 4 + 1` video frames; the
         noise of segment k is the k-th draw of one generator seeded with `seed`, each prompt's drawn on its own
         (`segment_noise`: batching leaves a prompt's video as it is alone; `latents` gives the first segment's, for
-        a one-segment video). The negative branch sees the negative prompt and blank (-1) face crops, as the authors'."""
+        a one-segment video). The negative branch sees the negative prompt and blank (-1) face crops, as the
+        authors'."""
         steps, shift, sigmas, sampler = schedule
         scale, scale_2, boundary, cfg_merge = guidance
         batch, segment, overlap = len(prompts), frames - self.vae.temporal_compression, inputs.overlap

@@ -426,9 +426,9 @@ class ZImagePipeline(BasePipeline):
         when the pipeline divides its DiT calls (`enable_parallel`) or caches steps."""
         if self.dit.parallel is not None:
             raise ConfigError(
-                f"Z-Image Omni does not run under {describe_parallel(self.dit.parallel)}: its DiT calls are not divided "
-                "over ranks; call pipe.disable_parallel() (leave out --sequence-parallel / --cfg-parallel) and run "
-                "it in one process"
+                f"Z-Image Omni does not run under {describe_parallel(self.dit.parallel)}: its DiT calls are not "
+                "divided over ranks; call pipe.disable_parallel() (leave out --sequence-parallel / --cfg-parallel) "
+                "and run it in one process"
             )
         if self.dit.step_cache is not None:
             raise ConfigError(
