@@ -30,6 +30,7 @@ and dtype on first use and cached, so a model moved or offloaded after the LoRA 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from .lora_dora import check_magnitude, decomposition_scale, fused_weight, read_
 from .lora_factors import FIELDS as FACTOR_FIELDS
 from .lora_factors import HadamardDelta, KroneckerDelta, WeightDelta, lycoris_tensors, read_factors
 from .quant import is_quantized_linear, linear_weight
+from .vram import vram_handle
 from .vram.disk import mark_changed
 
 logger = logging.getLogger(__name__)
@@ -493,8 +495,12 @@ def apply_lora(
         logger.info("LoRA %s kept apart (not fused): the model's Linears are quantized", resolved.source)
         fuse = False
     if fuse:
-        for target_name, target in resolved.targets.items():
-            _fuse(model.get_submodule(target_name), target, float(scale))
+        handle = vram_handle(model)
+        # a VRAM-managed model's weights are placeholders between forwards: fuse into the real values,
+        # all layers at once, stored back when the block ends (re-entrant, e.g. inside pipe.load_lora's)
+        with handle.materialized() if handle is not None else contextlib.nullcontext():
+            for target_name, target in resolved.targets.items():
+                _fuse(model.get_submodule(target_name), target, float(scale))
         logger.info("fused LoRA %s into %d layers (scale %g)", resolved.source, len(resolved), scale)
         return None
     loaded = list_loras(model)

@@ -184,10 +184,15 @@ class DiskUnit:
         return sum(t.numel() * t.element_size() for t in self.fallbacks if t is not None)
 
     def read_into(self, buffer: torch.Tensor, reader: DiskReader) -> int:
-        """Fill the flat uint8 CPU `buffer` (at least `nbytes`); returns the bytes read from disk."""
+        """Fill the flat uint8 CPU `buffer` (at least `nbytes`); returns the bytes read from disk.
+
+        An fp8 tensor here is stored unscaled (the file's own values), so its scale region gets ones:
+        the buffer may be new (`torch.empty`) or a reused staging buffer, never zeroed."""
         from_disk = 0
         for slot, ref, host in zip(self.slots, self.refs, self.fallbacks, strict=True):
-            data, _ = view(buffer, slot)
+            data, scale = view(buffer, slot)
+            if scale is not None:
+                scale.fill_(1.0)
             if ref is not None:
                 reader.read(ref, data)
                 from_disk += ref.nbytes
@@ -206,10 +211,14 @@ class DiskUnit:
             yield tmp.to(device=device, dtype=dtype)
 
     def update(self, i: int, tensor: torch.Tensor, granularity: str = "auto") -> None:
-        """Replace tensor i by a host copy (the file is never written); `granularity` is unused."""
-        slot = self.slots[i]
+        """Replace tensor i by a host copy in its own dtype (the file is never written, and a changed value,
+        e.g. a fused LoRA, is not rounded to the file's dtype); `granularity` is unused."""
         self.refs[i] = None
-        self.fallbacks[i] = tensor.detach().to(device="cpu", dtype=slot.dtype).contiguous()
+        self.fallbacks[i] = tensor.detach().to(device="cpu").contiguous()
+        shapes = [s.shape for s in self.slots]
+        dtypes = [s.dtype for s in self.slots]
+        dtypes[i] = self.fallbacks[i].dtype
+        self.slots, self.nbytes = layout(shapes, dtypes)
 
 
 __all__ = ["DiskIndex", "DiskReader", "DiskTensor", "DiskUnit", "is_changed", "mark_changed", "read_header"]

@@ -138,6 +138,7 @@ class VramHandle:
         self._calls = 0
         self._last_call_bytes = 0
         self._call_start = 0
+        self._materialized = False  # inside materialized()
         self._window = (0, 0)  # bytes moved when the model was last activated, and during its last stage
         self._hooks = [
             model.register_forward_pre_hook(self._before_call),
@@ -288,7 +289,8 @@ class VramHandle:
         c = self.config
         sizes = []
         for unit in self.units:
-            prep = layout([t.shape for t in unit.targets], self._storage_dtypes(unit, c.preparing_dtype))[1]
+            prep_dtypes = self._storage_dtypes(unit, c.preparing_dtype)
+            prep = layout([t.shape for t in unit.targets], prep_dtypes)[1]
             onload_dtypes = (
                 [s.dtype for s in unit.offload.slots]
                 if c.onload_dtype == DISK and unit.targets
@@ -300,7 +302,13 @@ class VramHandle:
                 for t, d in zip(unit.targets, onload_dtypes, strict=True)
                 if d != t.compute_dtype
             )
-            sizes.append(UnitSize(unit.name, prep, raw + converted))
+            # a resident unit that is not plain is converted to what the forward sees on each forward
+            per_forward = sum(
+                math.prod(t.shape) * t.compute_dtype.itemsize
+                for t, d in zip(unit.targets, prep_dtypes, strict=True)
+                if d != t.compute_dtype
+            )
+            sizes.append(UnitSize(unit.name, prep, raw + converted, held=raw, converted=per_forward))
         fixed = activation_bytes(model)
         fixed += sum(
             p.numel() * (self.act_dtype.itemsize if _castable(p) else p.element_size())
@@ -497,7 +505,20 @@ class VramHandle:
     @contextmanager
     def materialized(self):
         """Every managed parameter holds its real value (CPU, computation dtype) inside the block;
-        in-place changes (e.g. fusing a LoRA) are stored back on exit."""
+        in-place changes (e.g. fusing a LoRA) are stored back on exit. Re-entrant: a nested block
+        (e.g. `apply_lora` inside `pipe.load_lora`'s) just uses the outer one's values."""
+        if self._materialized:
+            yield self.model
+            return
+        self._materialized = True
+        try:
+            with self._materialized_once():
+                yield self.model
+        finally:
+            self._materialized = False
+
+    @contextmanager
+    def _materialized_once(self):
         was_active = self.state == "active"
         self._release_units()
         restored = self._materialize()

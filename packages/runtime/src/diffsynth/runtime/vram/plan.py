@@ -68,11 +68,22 @@ def activation_bytes(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class UnitSize:
-    """Bytes of one unit: on the device when resident, and while in flight when streamed."""
+    """Bytes of one unit: on the device when resident, and while in flight when streamed.
+
+    `held`: its onload store's bytes, what a streamed unit keeps off the device and moves each forward
+    (None: the same as `resident`). `converted`: the device copies a resident unit makes each forward
+    when its preparing dtype is not what the forward sees (e.g. fp8 dequantised to bf16); 0 when plain.
+    """
 
     name: str
     resident: int
     in_flight: int
+    held: int | None = None
+    converted: int = 0
+
+    @property
+    def held_bytes(self) -> int:
+        return self.resident if self.held is None else self.held
 
 
 @dataclass(frozen=True)
@@ -83,9 +94,9 @@ class Plan:
     streamed: tuple[str, ...]
     budget: int | None  # bytes; None = no limit
     fixed: int  # always on the device while the model runs (non-unit params, buffers, activations)
-    buffers: int  # device memory of the units in flight (0 when nothing is streamed)
+    buffers: int  # device memory of the units in flight (0 when nothing is streamed or converted per forward)
     resident_bytes: int
-    streamed_bytes: int  # unit bytes held off the device
+    streamed_bytes: int  # onload-store bytes of the streamed units (held off the device, moved each forward)
 
     @property
     def peak(self) -> int:
@@ -108,15 +119,18 @@ class Plan:
 def make_plan(units: Sequence[UnitSize], fixed: int, budget: int | None) -> Plan:
     """Resident units spread evenly in `units` order so their bytes fit `budget - fixed - buffers`.
 
+    Resident units whose weights are converted per forward (`converted`) have device copies in flight
+    too, so everything resident still reserves `BUFFERS` of the largest such copy.
     `budget` None keeps everything resident. When even the fixed part and the buffers exceed the
     budget, every unit is streamed and the plan says it does not fit (the model still runs).
     """
     total = sum(u.resident for u in units)
+    converted = BUFFERS * max((u.converted for u in units), default=0)
     if budget is None:
-        return Plan(tuple(u.name for u in units), (), None, fixed, 0, total, 0)
-    if fixed + total <= budget:
-        return Plan(tuple(u.name for u in units), (), budget, fixed, 0, total, 0)
-    buffers = BUFFERS * max((u.in_flight for u in units), default=0)
+        return Plan(tuple(u.name for u in units), (), None, fixed, converted, total, 0)
+    if fixed + converted + total <= budget:
+        return Plan(tuple(u.name for u in units), (), budget, fixed, converted, total, 0)
+    buffers = max(converted, BUFFERS * max((u.in_flight for u in units), default=0))
     room = max(0, budget - fixed - buffers)
     fraction = room / total if total else 0.0
     resident, streamed, credit = [], [], 0.0
@@ -132,9 +146,9 @@ def make_plan(units: Sequence[UnitSize], fixed: int, budget: int | None) -> Plan
         tuple(u.name for u in streamed),
         budget,
         fixed,
-        buffers if streamed else 0,
+        buffers if streamed else converted,
         sum(u.resident for u in resident),
-        sum(u.resident for u in streamed),
+        sum(u.held_bytes for u in streamed),
     )
     if not plan.fits:
         logger.warning(
