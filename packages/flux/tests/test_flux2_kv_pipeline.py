@@ -79,7 +79,7 @@ def test_editing_matches_diffusers_kv_pipeline(kv_pipe, tiny_kv_repo, one_thread
     assert max_abs(got, want) < 2e-5
 
 
-def test_kv_release_is_detected_and_cached_equals_recomputed(kv_pipe, tiny_klein_pipe, one_thread):
+def test_kv_release_is_detected_and_cached_equals_recomputed(kv_pipe, tiny_klein_pipe, one_thread, monkeypatch):
     assert kv_pipe.dit.config.causal_references
     calls = []
     handle = count_reference_passes(kv_pipe, calls)
@@ -95,7 +95,10 @@ def test_kv_release_is_detected_and_cached_equals_recomputed(kv_pipe, tiny_klein
     assert max_abs(cached, ours(kv_pipe, CAPTIONS[3], x)) > 1e-3  # the references change the picture
     # the same weights as a plain klein model: references attended to at the step's timestep, a different picture
     assert max_abs(cached, ours(tiny_klein_pipe, CAPTIONS[3], x, edit_image=refs())) > 1e-3
-    # true CFG: both halves of the batch read the same cache
+    # true CFG: both halves of the batch read the same cache (the release is step-distilled and would ignore
+    # cfg_scale: `test_flux2_call_checks`; taken as undistilled here to run the two halves)
+    assert kv_pipe.step_distilled
+    monkeypatch.setattr(kv_pipe, "step_distilled", False)
     cfg = ours(kv_pipe, CAPTIONS[3], x, edit_image=refs(), cfg_scale=3.0)
     assert max_abs(cfg, ours(kv_pipe, CAPTIONS[3], x, edit_image=refs(), cfg_scale=3.0, use_kv_cache=False)) == 0
     assert max_abs(cfg, cached) > 1e-3
@@ -124,7 +127,7 @@ def test_kv_preset_has_the_authors_defaults_and_marks_the_dit(tiny_klein_repo, t
     monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(base))
     monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
     pipe = Flux2ImagePipeline.from_pretrained(KV_REPO, device="cpu", torch_dtype=torch.float32)
-    assert pipe.dit.config.causal_references and pipe.kv_cache_setting(None)
+    assert pipe.dit.config.causal_references and pipe.kv_cache_setting(None) and pipe.step_distilled
 
 
 def test_vram_managed_kv_pipeline_gives_the_same_image(tiny_kv_repo, kv_pipe, one_thread):

@@ -27,8 +27,11 @@ def inpaint_velocity(
     `(1 - sigma_next) * clean + sigma_next * noise` when `latents` is `clean` noised to `sigma` with `noise`:
     the input image latent re-noised to each sigma, and `clean` itself after the last step.
     `mask` `[B or 1, 1, H, W]` in [0, 1]: 1 repaints (the model's velocity), fractions blend.
+    At `sigma` 0 (a schedule reaching 0 before its end) the clean latent is already there: the kept velocity is 0.
     """
-    keep = (latents.float() - clean.float()) / torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+    delta = latents.float() - clean.float()
+    keep = torch.where(sigma == 0, torch.zeros_like(delta), delta / torch.where(sigma == 0, 1.0, sigma))
     return mask * velocity.float() + (1 - mask) * keep
 
 

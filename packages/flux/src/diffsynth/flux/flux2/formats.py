@@ -159,20 +159,45 @@ def config_from_state(state: StateDict, config_json: dict | None = None) -> Flux
 
 KV_PIPELINE_CLASS = "Flux2KleinKVPipeline"  # model_index.json `_class_name` of the KV releases' diffusers folders
 KV_REPOS = ("black-forest-labs/FLUX.2-klein-9b-kv",)  # hub repos of KV DiTs
+# hub repos of step-distilled DiTs (their model_index.json says `"is_distilled": true`)
+DISTILLED_REPOS = ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B", *KV_REPOS)
 
 
-def released_as_kv(model_id: str | None, files: Sequence[str]) -> bool:
-    """Whether DiT weights come from a FLUX.2 KV release: `model_id` is a KV repo, or a `model_index.json` beside
-    `files` or one folder up (a diffusers `transformer/` folder) names the KV pipeline."""
-    if model_id is not None and model_id.lower() in {repo.lower() for repo in KV_REPOS}:
-        return True
+def _model_indexes(files: Sequence[str]) -> list[dict]:
+    """The readable `model_index.json` files beside `files` or one folder up (a diffusers `transformer/` folder)."""
+    found = []
     for folder in {folder for f in files for folder in (Path(f).parent, Path(f).parent.parent)}:
         index = folder / "model_index.json"
         try:
             data = json.loads(index.read_text()) if index.is_file() else {}
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and data.get("_class_name") == KV_PIPELINE_CLASS:
+        if isinstance(data, dict) and data:
+            found.append(data)
+    return found
+
+
+def _is_repo(model_id: str | None, repos: Sequence[str]) -> bool:
+    return model_id is not None and model_id.lower() in {repo.lower() for repo in repos}
+
+
+def released_as_kv(model_id: str | None, files: Sequence[str]) -> bool:
+    """Whether DiT weights come from a FLUX.2 KV release: `model_id` is a KV repo, or a `model_index.json` beside
+    `files` or one folder up (a diffusers `transformer/` folder) names the KV pipeline."""
+    if _is_repo(model_id, KV_REPOS):
+        return True
+    return any(data.get("_class_name") == KV_PIPELINE_CLASS for data in _model_indexes(files))
+
+
+def released_as_distilled(model_id: str | None, files: Sequence[str]) -> bool:
+    """Whether DiT weights come from a step-distilled FLUX.2 release (klein-4B, klein-9B, klein-9B-KV): `model_id`
+    is one of their repos, or a `model_index.json` beside `files` or one folder up says `"is_distilled": true`
+    (diffusers' `Flux2KleinPipeline` reads the same field; its KV pipeline assumes true when the field is absent)."""
+    if _is_repo(model_id, DISTILLED_REPOS):
+        return True
+    for data in _model_indexes(files):
+        default = data.get("_class_name") == KV_PIPELINE_CLASS
+        if data.get("is_distilled", default) is True:
             return True
     return False
 

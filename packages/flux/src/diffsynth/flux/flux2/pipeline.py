@@ -36,7 +36,7 @@ from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
 from .dit import Flux2DiT, ReferenceCache
-from .formats import released_as_kv
+from .formats import released_as_distilled, released_as_kv
 from .text_encoder import load_mistral_tokenizer, mistral_prompt_embeds, qwen3_prompt_embeds
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,9 @@ class Flux2ImagePipeline(BasePipeline):
     family = "flux2"
     model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder"}
     size_multiple = 16  # VAE 8x, 2x2 packing
+    # A step-distilled DiT (klein-4B/9B/9B-KV, model_index.json `is_distilled`) ignores cfg_scale, as diffusers'
+    # Flux2KleinPipeline does; set on loading the DiT (`_load_config`), True by hand for a single file.
+    step_distilled: bool = False
 
     @torch.no_grad()
     def __call__(
@@ -188,7 +191,8 @@ class Flux2ImagePipeline(BasePipeline):
 
         `embedded_guidance` is FLUX.2-dev's distilled guidance (4 by default; klein has none).
         `cfg_scale` > 1 adds true classifier-free guidance with `negative_prompt` (the klein base
-        models' preset uses 4; the distilled models 1 = off). `edit_image` (one image or a list) are
+        models' preset uses 4; the step-distilled models ignore it with a warning: `step_distilled`).
+        `edit_image` (one image or a list) are
         reference images for editing, used at their own size (scaled down to 1024x1024 pixels of area
         when larger, cut to multiples of 16); without `height`/`width` the output takes the first one's
         size. `edit_image_auto_resize` (DiffSynth-Studio's argument) True scales each reference to about 1024x1024
@@ -208,6 +212,12 @@ class Flux2ImagePipeline(BasePipeline):
             latents = initial_noise
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
+        if embedded_guidance is not None and not self.dit.config.guidance_embed:
+            raise ConfigError(
+                f"embedded_guidance={embedded_guidance!r} is FLUX.2-dev's distilled guidance; this DiT (klein) has no "
+                "guidance embedder, so it would change nothing. klein has no distilled guidance: the klein base "
+                "models take cfg_scale (true CFG), the step-distilled ones neither"
+            )
         guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
         steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
         max_sequence_length = self.setting("max_sequence_length", max_sequence_length, 512)
@@ -221,6 +231,12 @@ class Flux2ImagePipeline(BasePipeline):
         height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
+        if cfg_scale != 1.0 and self.step_distilled:
+            logger.warning(
+                "cfg_scale=%s is ignored for step-distilled FLUX.2 models (klein-4B/9B/9B-KV): sampling without CFG",
+                cfg_scale,
+            )
+            cfg_scale = 1.0
         if cfg_scale != 1.0 and self.dit.config.guidance_embed:
             logger.warning("cfg_scale=%s on a guidance-distilled FLUX.2 model doubles the compute", cfg_scale)
         use_cfg = cfg_scale != 1.0
@@ -229,6 +245,11 @@ class Flux2ImagePipeline(BasePipeline):
             raise ConfigError("inpaint_blur_size / inpaint_blur_sigma blur inpaint_mask: give the mask too")
         if inpaint_mask is not None and input_image is None:
             raise ConfigError("inpaint_mask needs input_image: the mask says which part of input_image to repaint")
+        if input_image is None and denoising_strength != 1.0:
+            raise ConfigError(
+                f"denoising_strength={denoising_strength!r} is how far image-to-image moves from input_image: give "
+                "input_image, or leave denoising_strength at 1"
+            )
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
@@ -237,8 +258,9 @@ class Flux2ImagePipeline(BasePipeline):
 
         # 2. schedule, latents and reference tokens
         scheduler = FlowMatchScheduler("flux2")
-        strength = denoising_strength if input_image is not None else 1.0
-        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, image_seq_len=height * width // 256)
+        scheduler.set_timesteps(
+            steps, denoising_strength=denoising_strength, sigmas=sigmas, image_seq_len=height * width // 256
+        )
         self.load_models_to_device(["vae"] if input_image is not None or references else [])
         x, clean = self.prepare_latents(
             len(prompts),
@@ -303,6 +325,7 @@ class Flux2ImagePipeline(BasePipeline):
         if self.dit is not held and isinstance(self.dit, Flux2DiT):
             if released_as_kv(config.model_id, weight_paths(config)):
                 self.dit.config.causal_references = True
+            self.step_distilled = released_as_distilled(config.model_id, weight_paths(config))
 
     def _load_tokenizer(self, config: ModelConfig):
         """klein's Qwen tokenizer as is; FLUX.2-dev's Pixtral folder with the processor's chat template
