@@ -111,3 +111,30 @@ def test_a_sound_file_in_another_column_becomes_its_absolute_path(tmp_path):
     (tmp_path / "metadata.csv").write_text("video,wantodance_music_path,prompt\ndance.mp4,music/none.wav,y\n")
     with pytest.raises(ConfigError, match="'music/none.wav' .at row 1 column wantodance_music_path"):
         MetadataDataset(tmp_path, media=("video",), file_keys=keys, max_pixels=64 * 32, step=32, num_frames=9)
+
+
+def test_a_file_in_the_audio_column_that_is_no_sound_is_named_as_one(tmp_path):
+    """A text file in the `audio` column is read for its sound, so the error says it cannot be read as a sound file
+    (it said "a picture", from its suffix)."""
+    save_video(frames(9), tmp_path / "clip.mp4", fps=12)
+    (tmp_path / "notes.txt").write_text("not a sound")
+    (tmp_path / "metadata.csv").write_text("video,audio,prompt\nclip.mp4,notes.txt,a voice\n")
+    data = MetadataDataset(
+        tmp_path, media=("video",), file_keys=("video", "audio"), max_pixels=64 * 32, step=32, num_frames=9
+    )
+    with pytest.raises(ConfigError, match=r"row 1 column audio: .*notes.txt cannot be read as a sound file"):
+        data[0]
+
+
+def test_a_file_named_for_its_sound_must_hold_one(tmp_path):
+    """A silent video in the `audio` column is refused (it trained video-only without a word); a silent video row
+    without an `audio` column still gets no sound."""
+    save_video(frames(9), tmp_path / "clip.mp4", fps=12)
+    save_video(frames(9), tmp_path / "mute.mp4", fps=12)
+    (tmp_path / "metadata.csv").write_text("video,audio,prompt\nclip.mp4,mute.mp4,a voice\nclip.mp4,,quiet\n")
+    data = MetadataDataset(
+        tmp_path, media=("video",), file_keys=("video", "audio"), max_pixels=64 * 32, step=32, num_frames=9
+    )
+    with pytest.raises(ConfigError, match=r"row 1 column audio: .*mute.mp4 holds no audio stream"):
+        data[0]
+    assert data[1]["audio"] is None

@@ -243,11 +243,11 @@ def fit(image: Image.Image, size: Bucket) -> Image.Image:
 
 
 @contextmanager
-def reading(path: Path, where: str) -> Iterator[None]:
+def reading(path: Path, where: str, what: str | None = None) -> Iterator[None]:
     """Reads of the file `path` (a picture, video or sound file of a row) whose failure is an error naming it and
     `where` (the metadata file, row and column): a corrupt or truncated picture or video, a text file named as a
-    picture. A `ConfigError` the runtime raises about the file gets `where` in front (one that starts with it
-    already passes as it is)."""
+    picture. `what` is what the file was read as ("a sound file"; default: by its suffix). A `ConfigError` the
+    runtime raises about the file gets `where` in front (one that starts with it already passes as it is)."""
     try:
         yield
     except ConfigError as error:
@@ -261,7 +261,10 @@ def reading(path: Path, where: str) -> Iterator[None]:
         if not isinstance(error, unreadable) and not (av is not None and isinstance(error, av.error.FFmpegError)):
             raise
         suffix = path.suffix.lower()
-        what = "a video" if suffix in VIDEO_SUFFIXES else "a sound file" if suffix in SOUND_SUFFIXES else "a picture"
+        if what is None:
+            what = (
+                "a video" if suffix in VIDEO_SUFFIXES else "a sound file" if suffix in SOUND_SUFFIXES else "a picture"
+            )
         raise ConfigError(f"{where}: {path} cannot be read as {what} ({type(error).__name__}: {error})") from None
 
 
@@ -723,8 +726,11 @@ class MetadataDataset(Dataset):
         if own and column not in self.file_keys:
             return  # a path the task cannot read: it says to list the column in --data_file_keys
         sound = self.base / str(own) if own else video
-        with reading(sound, f"{self.metadata} row {index + 1} column {column if own else main}"):
+        what = "a sound file" if own else None  # an `audio` column's file is read for its sound, whatever its suffix
+        with reading(sound, f"{self.metadata} row {index + 1} column {column if own else main}", what):
             track = read_audio(sound, seconds=seconds, rate=self.audio_rate, offset=offset)
+        if own and track is None:  # a silent video alone means no sound; a file named for its sound must hold one
+            raise ConfigError(f"{self.metadata} row {index + 1} column {column}: {sound} holds no audio stream")
         row.pop(column, None)  # DiffSynth-Studio's `input_audio` path: loaded as the row's `audio`
         row[AUDIO_KEY] = None if track is None else track[0]
         if track is not None:
