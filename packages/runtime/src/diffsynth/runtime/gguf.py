@@ -398,7 +398,7 @@ def load_gguf(paths, quantize=None, *, torch_dtype=None, roles=None, mode: str |
     models, which a `quantize=` config may then quantize as any file)."""
     from .checkpoint import checkpoint_label, open_checkpoint
     from .dtypes import parse_dtype
-    from .loading import _convert, _materialize_buffers, config_json_beside, load_models, recognise
+    from .loading import _convert, _materialize_buffers, config_json_beside, load_models, load_on_meta, recognise
 
     mode = mode or os.environ.get(MODE_ENV) or "packed"
     if mode not in MODES:
@@ -419,13 +419,7 @@ def load_gguf(paths, quantize=None, *, torch_dtype=None, roles=None, mode: str |
     if roles is not None:
         found = [rec for rec in found if rec.spec.role in set(roles)]
     config_json = config_json_beside(files)
-    try:  # built on meta from the shapes: key and shape errors before any tensor is read
-        built = load_models(
-            meta, torch_dtype=dtype, device="cpu", config=config_json if len(found) == 1 else None,
-            roles=[rec.spec.role for rec in found],
-        )  # fmt: skip
-    except DiffSynthError as exc:
-        raise type(exc)(str(exc).replace("the given state dict", label)) from None
+    built = load_on_meta(meta, found, dtype, config_json, label)
     types: set[str] = set()
     for rec, item in zip(found, built, strict=True):
         module = item.module

@@ -189,6 +189,20 @@ def load_model(
     return {item.role: item.module for item in loaded}
 
 
+def load_on_meta(meta: Mapping[str, torch.Tensor], found: Sequence, torch_dtype, config: dict | None, label: str):
+    """The models `found` (`recognise`) in `meta`, a state dict of meta tensors read from file headers, built on the
+    meta device from their shapes (`config`, a `config.json`'s, for a single model): key and shape errors come before
+    any tensor is read, naming `label` (the files) rather than "the given state dict". GGUF and prequantized files
+    load this way."""
+    try:
+        return load_models(
+            meta, torch_dtype=torch_dtype, device="cpu", config=config if len(found) == 1 else None,
+            roles=[rec.spec.role for rec in found],
+        )  # fmt: skip
+    except DiffSynthError as exc:
+        raise type(exc)(str(exc).replace("the given state dict", label)) from None
+
+
 def load_models(
     source: Source,
     torch_dtype: torch.dtype | str | None = None,

@@ -254,7 +254,7 @@ def load_prequantized(paths: Sequence[str], quantize, *, torch_dtype=None, roles
     targets, by the same methods."""
     from .checkpoint import checkpoint_label, open_checkpoint
     from .dtypes import parse_dtype
-    from .loading import config_json_beside, load_models, recognise
+    from .loading import config_json_beside, load_on_meta, recognise
 
     dtype = None if torch_dtype is None else parse_dtype(torch_dtype)
     state = open_checkpoint(list(paths))
@@ -274,13 +274,7 @@ def load_prequantized(paths: Sequence[str], quantize, *, torch_dtype=None, roles
         config_json = json.loads(header[CONFIG_KEY])
     if config_json is not None:
         config_json = {k: v for k, v in config_json.items() if k != "quantization_config"}
-    try:  # built on meta from the shapes; its messages name the files, not "the given state dict"
-        built = load_models(
-            meta, torch_dtype=dtype, device="cpu", config=config_json if len(found) == 1 else None,
-            roles=[rec.spec.role for rec in found],
-        )  # fmt: skip
-    except DiffSynthError as exc:
-        raise type(exc)(str(exc).replace("the given state dict", label)) from None
+    built = load_on_meta(meta, found, dtype, config_json, label)
     wanted = quantize.config if isinstance(quantize, _FromFile) else quantize
     for rec, item in zip(found, built, strict=True):
         source = {k: meta[k] for k in rec.keys}
