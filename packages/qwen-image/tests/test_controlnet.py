@@ -380,6 +380,34 @@ def test_controls_without_a_controlnet_and_unknown_sources_are_refused(tiny_repo
     assert union.origin_file_pattern == ["diffusion_pytorch_model.safetensors", "config.json"]
 
 
+@pytest.mark.parametrize("kind", ["Canny", "Depth", "Inpaint"])
+def test_blockwise_repo_ids_fetch_their_model_safetensors(kind):
+    """DiffSynth-Studio's Blockwise repos ship a root model.safetensors, not diffusers' file name."""
+    from diffsynth.qwen_image import QwenImagePipeline
+
+    repo = f"DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-{kind}"
+    source = QwenImagePipeline.controlnet_source(repo)  # the hub files, not fetched here
+    assert (source.model_id, source.origin_file_pattern) == (repo, ["model.safetensors"])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(num_attention_heads=3), "inner_dim 48 .the DiT's: 32."),
+        (dict(joint_attention_dim=48), "joint_attention_dim 48"),
+    ],
+)
+def test_controlnet_of_other_widths_than_the_dit_is_refused(tiny_repo, tmp_path, overrides, match):
+    from diffsynth.qwen_image import ControlNetInput, QwenImagePipeline
+
+    folder = write_folder(tmp_path / "net", make_net(repo_config(tiny_repo, num_layers=1, **overrides), seed=7))
+    pipe = QwenImagePipeline.from_pretrained(
+        str(tiny_repo), torch_dtype="float32", device="cpu", controlnet=str(folder)
+    )
+    with pytest.raises(ConfigError, match=rf"controlnet_inputs\[0\]: ControlNet 0 was made for another DiT: {match}"):
+        run(pipe, [ControlNetInput(image=random_image(64, 64, 1))], steps=1)
+
+
 def test_controlnet_files_among_model_configs_join_the_slot(tiny_repo, nets):
     import diffsynth.runtime.registry as registry
     from diffsynth.qwen_image import QwenImagePipeline

@@ -59,6 +59,14 @@ def test_checked_inputs_name_the_field(item, message):
         checked_inputs([item], 2, "load one")
 
 
+@pytest.mark.parametrize("field", ["scale", "start", "end"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_checked_inputs_refuse_non_finite_numbers(field, value):
+    """NaN slips past the [0, 1] range check (every comparison is False) and makes the image all NaN."""
+    with pytest.raises(ConfigError, match=rf"controlnet_inputs\[1\]\.{field}={value!r} must be a finite number"):
+        checked_inputs([ControlNetInput(), ControlNetInput(**{field: value})], 2, "load one")
+
+
 def test_checked_inputs_accept_one_input_or_a_list_and_need_a_net():
     one = ControlNetInput(start=1.0, end=0.0)  # DiffSynth-Studio's defaults
     assert checked_inputs(one, 1, "") == [one] and checked_inputs(None, 0, "") == []

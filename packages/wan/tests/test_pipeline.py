@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -252,6 +253,66 @@ def test_model_configs_in_order_fill_dit_then_dit2(tiny_repo_factory):
         tokenizer_config=ModelConfig(path=str(repo / "google" / "umt5-xxl")),
     )
     assert pipe.model_configs["dit2"] is configs[0] and pipe.model_configs["dit"] is configs[1]
+
+
+def expert_configs(repo: Path) -> dict:
+    """The A14B repo's files as ModelConfigs (DiffSynth-Studio's way of loading it), so no preset default applies."""
+    from diffsynth.runtime.hub import ModelConfig
+
+    names = (
+        "high_noise_model/diffusion_pytorch_model.safetensors",
+        "low_noise_model/diffusion_pytorch_model.safetensors",
+    )
+    files = (*names, "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth")
+    return dict(
+        model_configs=[ModelConfig(path=str(repo / name)) for name in files],
+        tokenizer_config=ModelConfig(path=str(repo / "google" / "umt5-xxl")),
+    )
+
+
+@pytest.mark.parametrize("value", [875, 1.5, -0.2, float("nan"), "0.9", True])
+def test_a14b_boundary_outside_0_1_is_refused(tiny_repo_factory, value):
+    """t / 1000 never leaves [0, 1]: 875 (meant 0.875) would run the high-noise expert for every step."""
+    pipe = load(tiny_repo_factory("a14b"))
+    with pytest.raises(ConfigError, match=re.escape(f"switch_DiT_boundary={value!r}")):
+        pipe(PROMPT, seed=0, switch_DiT_boundary=value, **FAST)
+
+
+def test_i2v_a14b_from_model_configs_hands_over_at_0_9(tiny_repo_factory, monkeypatch):
+    """Without a preset the I2V experts hand over at 0.9 (the authors' I2V boundary), T2V and Fun ones at 0.875:
+    at t = 890 the low-noise expert already runs."""
+    pipe = WanVideoPipeline.from_pretrained(
+        torch_dtype="float32", device="cpu", **expert_configs(tiny_repo_factory("i2v_a14b"))
+    )
+    assert "switch_DiT_boundary" not in pipe.defaults
+    seen = []
+    real = WanVideoPipeline.predict
+
+    def spy(self, dit, *args):
+        seen.append("dit" if dit is self.dit else "dit2")
+        return real(self, dit, *args)
+
+    monkeypatch.setattr(WanVideoPipeline, "predict", spy)
+    pipe(PROMPT, seed=0, input_image=image(1), sigmas=[1.0, 0.89, 0.5], **dict(FAST, num_inference_steps=3))
+    assert seen == ["dit", "dit2", "dit2"]
+    for kind in ("a14b", "fun_a14b"):
+        t2v_or_fun = WanVideoPipeline.from_pretrained(
+            torch_dtype="float32", device="cpu", **expert_configs(tiny_repo_factory(kind))
+        )
+        assert t2v_or_fun.default_boundary() == 0.875
+
+
+def test_input_video_file_is_read_as_its_frames(pipe, tmp_path):
+    """A path to a video is loaded like vace_video / control_video, not split into characters."""
+    from diffsynth.runtime.media import load_video, save_video
+
+    path = tmp_path / "input.mp4"
+    save_video([image(k) for k in range(5)], path, fps=16)
+    run = dict(FAST, num_inference_steps=2)
+    frames = pipe(PROMPT, input_video=load_video(path), denoising_strength=0.5, seed=3, output_type="pt", **run)
+    for given in (str(path), path):
+        got = pipe(PROMPT, input_video=given, denoising_strength=0.5, seed=3, output_type="pt", **run)
+        torch.testing.assert_close(got, frames, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------- first-block cache

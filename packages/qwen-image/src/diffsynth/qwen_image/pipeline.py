@@ -218,8 +218,8 @@ class QwenImagePipeline(BasePipeline):
     def controlnet_spec(self):
         """InstantX Qwen-Image ControlNets (diffusers `QwenImageControlNetModel` files): a `ModelConfig`, a local
         file or folder (with its `config.json`), or a hub repo id: "InstantX/Qwen-Image-ControlNet-Union",
-        "InstantX/Qwen-Image-ControlNet-Inpainting" (`presets.CONTROLNETS`), or another repo with a root
-        `diffusion_pytorch_model.safetensors`."""
+        "InstantX/Qwen-Image-ControlNet-Inpainting", DiffSynth-Studio's Blockwise repos (`presets.CONTROLNETS`),
+        or another repo with a root `diffusion_pytorch_model.safetensors`."""
         from .blockwise_controlnet import BLOCKWISE_CONTROLNET_SPEC
         from .controlnet_formats import CONTROLNET_SPEC
 
@@ -766,6 +766,7 @@ class QwenImagePipeline(BasePipeline):
                     "`image` where `inpaint_mask` is white"
                 )
             net = nets[cid]
+            self.check_controlnet_widths(net, f"{where}: ControlNet {cid}")
             if net.takes_mask and item.inpaint_mask is None:
                 raise ConfigError(
                     f"{where}: ControlNet {cid} is an inpainting net; give inpaint_mask (white = repaint)"
@@ -778,6 +779,14 @@ class QwenImagePipeline(BasePipeline):
             mask = None if item.inpaint_mask is None else load_image(item.inpaint_mask).convert("L")
             checked.append((net, item, load_image(item.image), mask))
         return checked
+
+    def check_controlnet_widths(self, net: QwenImageControlNet, what: str) -> None:
+        """A net made for another DiT would fail deep in torch (a layer-norm shape); say which widths differ."""
+        names = ("inner_dim", "joint_attention_dim", "in_channels", "patch_size")
+        ours, dits = ({n: getattr(c, n) for n in names} for c in (net.config, self.dit.config))
+        if ours != dits:
+            differ = ", ".join(f"{n} {ours[n]} (the DiT's: {dits[n]})" for n in names if ours[n] != dits[n])
+            raise ConfigError(f"{what} was made for another DiT: {differ}")
 
     def check_blockwise(self, inputs) -> list[tuple[QwenImageBlockwiseControlNet, ControlNetInput]]:
         """`blockwise_controlnet_inputs` checked against the loaded Blockwise ControlNets, with each one's net."""

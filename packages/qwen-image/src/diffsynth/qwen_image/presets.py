@@ -20,8 +20,8 @@ does; its V2 LoRA (`DiffSynth-Studio/Qwen-Image-Layered-Control-V2`, `load_lora`
 mask. FireRedTeam/FireRed-Image-Edit-1.0 / 1.1 (a Qwen-Image-Edit-2509-style fine-tune, several edit images) load
 their DiT with Qwen-Image's text encoder and VAE and Qwen-Image-Edit's processor, as DiffSynth-Studio's examples do.
 
-`CONTROLNETS` are the ControlNet repos `load_controlnet("Org/Name")` knows: their files (each a diffusers
-`QwenImageControlNetModel` folder at the repo root).
+`CONTROLNETS` are the ControlNet repos `load_controlnet("Org/Name")` knows: their files (InstantX's: a diffusers
+`QwenImageControlNetModel` folder at the repo root; DiffSynth-Studio's Blockwise nets: a root `model.safetensors`).
 """
 
 from __future__ import annotations
@@ -268,6 +268,11 @@ CONTROLNETS: dict[str, tuple[str, ...]] = {
     "InstantX/Qwen-Image-ControlNet-Union": ("diffusion_pytorch_model.safetensors", "config.json"),
     # 6 blocks; the image with the region to repaint and the mask (68 condition features)
     "InstantX/Qwen-Image-ControlNet-Inpainting": ("diffusion_pytorch_model.safetensors", "config.json"),
+    # DiffSynth-Studio's Blockwise ControlNets: one root `model.safetensors` each, no config.json
+    **{
+        f"DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-{kind}": ("model.safetensors",)
+        for kind in ("Canny", "Depth", "Inpaint")
+    },
 }
 
 

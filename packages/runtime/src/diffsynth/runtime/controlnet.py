@@ -6,6 +6,7 @@ into the slot (`load_controlnet`); each family says which spec and hub repos its
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,10 +30,14 @@ class ControlNetInput:
     `scale` multiplies the net's residuals; `start` / `end` say in which steps it acts (`acts_at`), in
     either of two forms: `start < end` are diffusers' `control_guidance_start/end` (fractions of the
     steps, the default 0 and 1: every step); `start > end` are DiffSynth-Studio's (the progress from
-    1 at the first step to 0 at the last, its default 1 and 0: every step), so its scripts run unchanged. `processor_id` is the control mode of a union net
+    1 at the first step to 0 at the last, its default 1 and 0: every step). The defaults are diffusers', so a
+    DiffSynth-Studio script that sets only one of the two must add the other at Studio's default (`start=1.0`
+    beside `end`, `end=0.0` beside `start`): alone, Studio's `end=0.3` (the first 70% of the steps) reads here
+    as diffusers' (the first 30%). `processor_id` is the control mode of a union net
     that takes one (FLUX.1 Union: a mode name such as "canny" or "depth", or its index); nets without
-    modes ignore or refuse it (see the family's README). `inpaint_mask` (white = repaint) is needed by inpainting nets; `inpaint_image` is the
-    image to repaint for nets that take it apart from the control image (Z-Image Fun Union 2.x).
+    modes ignore or refuse it (see the family's README). `inpaint_mask` (white = repaint) is needed by inpainting
+    nets; `inpaint_image` is the image to repaint for nets that take it apart from the control image (Z-Image Fun
+    Union 2.x).
     `controlnet_id` picks the loaded ControlNet (in load order); several inputs may share one net.
     Which fields a family reads is in its README.
     """
@@ -89,6 +94,8 @@ def checked_inputs(inputs, loaded: int, how_to_load: str) -> list[ControlNetInpu
             value = getattr(item, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.{name}={value!r} must be a number")
+            if not math.isfinite(value):  # NaN would pass the range check below and turn the image to NaN
+                raise ConfigError(f"{where}.{name}={value!r} must be a finite number")
         if not (0.0 <= min(item.start, item.end) and max(item.start, item.end) <= 1.0 and item.start != item.end):
             raise ConfigError(
                 f"{where}: start={item.start!r}, end={item.end!r} must be two different numbers in [0, 1] "

@@ -27,6 +27,7 @@ beside a Wan 2.1 I2V DiT, a reference video `vap_video` with its caption `vap_pr
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,7 @@ from diffsynth.runtime.checkpoint import shard_groups
 from diffsynth.runtime.dtypes import parse_device
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import load_frames, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.parallel import describe_parallel, shared_seed
 from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults, weight_paths
 from diffsynth.runtime.schedulers import make_scheduler
@@ -301,11 +302,12 @@ class WanVideoPipeline(BasePipeline):
         prompts); "np" gives `[B, F, H, W, 3]` and "pt" `[B, 3, F, H, W]`, floats in [0, 1].
 
         `negative_prompt` None means the preset's (the authors' negative prompt), else "" (no text).
-        `input_image` is the first frame (I2V, TI2V), `end_image` the last (FLF2V); `input_video` with
-        `denoising_strength` < 1 starts from that video noised (video-to-video). `num_frames` is rounded
-        to 4k + 1 and height/width to the model's multiple, with a warning. `cfg_scale` guides the
-        (high-noise) `dit`, `cfg_scale_2` the low-noise expert `dit2` (default: `cfg_scale` when that
-        is given, else the preset's). `switch_DiT_boundary` is the t / 1000 below which `dit2` takes over.
+        `input_image` is the first frame (I2V, TI2V), `end_image` the last (FLF2V); `input_video` (a video file
+        or a list of frames) with `denoising_strength` < 1 starts from that video noised (video-to-video).
+        `num_frames` is rounded to 4k + 1 and height/width to the model's multiple, with a warning. `cfg_scale`
+        guides the (high-noise) `dit`, `cfg_scale_2` the low-noise expert `dit2` (default: `cfg_scale` when that
+        is given, else the preset's). `switch_DiT_boundary` is the t / 1000 below which `dit2` takes over, in
+        [0, 1] (without a preset: 0.9 for Wan2.2-I2V-A14B's experts, else 0.875).
         `cfg_merge` runs the two guidance branches as one batch (always so under batch parallelism).
         `latents` is the initial noise `[B, z, 1 + (F-1)/4, H/s, W/s]`; `sigmas` an explicit schedule (N
         values, the terminal 0 is appended). `sampler` "euler" (default, as DiffSynth-Studio) or "unipc" (the
@@ -386,7 +388,7 @@ class WanVideoPipeline(BasePipeline):
         if cfg_scale_2 is None:  # an explicit cfg_scale applies to both experts, as in DiffSynth-Studio
             cfg_scale_2 = scale if cfg_scale is not None else self.defaults.get("cfg_scale_2", scale)
         scale_2 = float(cfg_scale_2)
-        boundary = float(self.setting("switch_DiT_boundary", switch_DiT_boundary, 0.875))
+        boundary = check_boundary(self.setting("switch_DiT_boundary", switch_DiT_boundary, self.default_boundary()))
         sampler = str(self.setting("sampler", sampler, "euler"))
         make_scheduler("wan", sampler)  # an unknown sampler is refused before any work
         self.size_multiple = self.vae.spatial_compression * max(self.dit.config.patch_size[1:])
@@ -999,7 +1001,11 @@ class WanVideoPipeline(BasePipeline):
             noise = torch.cat([noise[:, :, noise.shape[2] - refs :], noise[:, :, : noise.shape[2] - refs]], dim=2)
         if input_video is None:
             return noise
-        video = list(input_video)
+        video = (
+            load_frames(input_video, "input_video")
+            if isinstance(input_video, (str, os.PathLike))
+            else list(input_video)
+        )
         if len(video) < frames:
             raise ConfigError(f"input_video has {len(video)} frames, fewer than num_frames={frames}")
         self.load_models_to_device(["vae"])
@@ -1008,6 +1014,14 @@ class WanVideoPipeline(BasePipeline):
         if refs:
             clean = torch.cat([vace.references.to(clean.device), clean], dim=2)
         return scheduler.add_noise(clean.expand(batch, -1, -1, -1, -1), noise, scheduler.sigmas[0])
+
+    def default_boundary(self) -> float:
+        """The hand-over when no preset sets one (models loaded from ModelConfigs): 0.9 for Wan2.2-I2V-A14B's
+        experts (an I2V DiT without Wan Fun's reference or camera inputs), else Wan2.2-T2V-A14B's 0.875."""
+        config = self.dit.config if self.dit2 is not None else None
+        if getattr(config, "model_type", None) != "i2v":
+            return 0.875
+        return 0.875 if getattr(config, "ref_conv", False) or getattr(config, "camera_adapter_dim", 0) else 0.9
 
     def denoise(
         self, x, scheduler, cond, uncond, scale, scale_2, boundary, first_latent, cfg_merge, progress_bar, windows=None
@@ -1085,6 +1099,18 @@ class WanVideoPipeline(BasePipeline):
         if cond.vap is None:
             return wan_velocity(dit, x, timestep, cond.context, **cond.extras())
         return vap_velocity(dit, self.vap, x, timestep, cond.context, cond.vap, **cond.extras())
+
+
+def check_boundary(value) -> float:
+    """`switch_DiT_boundary` as a float in [0, 1]: t / 1000 cannot leave it, so a value outside (875 for 0.875)
+    would silently run one expert for the whole schedule."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"switch_DiT_boundary={value!r} must be a number in [0, 1] (t / 1000, e.g. 0.875)")
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ConfigError(
+            f"switch_DiT_boundary={value!r} must be in [0, 1]: the t / 1000 below which dit2 takes over (e.g. 0.875)"
+        )
+    return float(value)
 
 
 def finished(video: torch.Tensor, prompt, output_type: str):
