@@ -527,6 +527,10 @@ class LTX2HDRPipeline(LTX2Pipeline):
         """`generate_hdr(self, reference_video, prompt_embeddings, **kwargs)`: linear HDR frames."""
         return generate_hdr(self, reference_video, prompt_embeddings, **kwargs)
 
+    # the `diffsynth generate` flags `run_cli` and the load read (dests; --prompt only to warn): others are refused
+    cli_flags = frozenset({"input_video", "height", "width", "num_frames", "fps", "seed", "prompt", "lora"})
+    cli_flags |= {"sequence_parallel", "cfg_parallel", "first_block_cache", "tea_cache", "tea_cache_model_id"}
+
     def run_cli(self, args) -> int:
         """`diffsynth generate --model Lightricks/LTX-2.3:hdr --input-video clip.mp4 --output hdr.mp4`: the linear HDR
         frames as half-float EXR files in `<output stem>_exr/` and a tone-mapped H.264 preview at `--output`, at the

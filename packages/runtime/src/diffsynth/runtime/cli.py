@@ -7,6 +7,7 @@ Families are discovered through entry points and imported only when a command ne
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DiffSynthError
+from .errors import ConfigError, DiffSynthError
 from .prompt_lines import OPTIONS, SAMPLERS, SamplePrompt, read_prompts_file
 
 logger = logging.getLogger("diffsynth")
@@ -431,13 +432,11 @@ def path_and_scale(spec: str, default: float = 1.0, flag: str | None = None) -> 
     return spec, default
 
 
-def _control_options(pipe, controlnets: list[str], images: list[str], mode: str | None = None) -> dict:
+def _control_options(pipe, controlnets: list[str], images: list[str], mode: str | None = None, mask=None) -> dict:
     """`--control-image`s as the pipeline's ControlNet inputs: the k-th image for the k-th `--controlnet` (all for
-    the only one), to `blockwise_controlnet_inputs` when the nets went to that slot (Qwen-Image's Blockwise)."""
-    import inspect
-
+    the only one), to `blockwise_controlnet_inputs` when the nets went to that slot (Qwen-Image's Blockwise). An
+    inpainting net (`takes_mask`) gets `--inpaint-mask` in its input (`mask_taken` then says so)."""
     from .controlnet import ControlNetInput
-    from .errors import ConfigError
 
     if not images:
         if mode is not None:
@@ -453,15 +452,25 @@ def _control_options(pipe, controlnets: list[str], images: list[str], mode: str 
         raise ConfigError(
             f"{len(images)} --control-image for {len(controlnets)} --controlnet: give one image per net (in order)"
         )
-    inputs = []
-    for k, spec in enumerate(images):
-        path, scale = path_and_scale(spec, flag="--control-image")
-        cid = k if len(controlnets) > 1 else 0
-        inputs.append(ControlNetInput(image=path, scale=scale, controlnet_id=cid, processor_id=mode))
     blockwise = "blockwise_controlnet" in pipe.model_slots and pipe.controlnets("blockwise_controlnet")
     if blockwise and pipe.controlnets("controlnet"):
         raise ConfigError("--controlnet: give either Blockwise ControlNets or others in one run, not both")
-    return {"blockwise_controlnet_inputs" if blockwise else "controlnet_inputs": inputs}
+    nets = pipe.controlnets("blockwise_controlnet" if blockwise else "controlnet")
+    inputs, taken = [], False
+    for k, spec in enumerate(images):
+        path, scale = path_and_scale(spec, flag="--control-image")
+        cid = k if len(controlnets) > 1 else 0
+        inpainting = cid < len(nets) and getattr(nets[cid], "takes_mask", False) is True
+        if inpainting and mask is None:
+            raise ConfigError(
+                f"--controlnet {controlnets[cid]} is an inpainting ControlNet: give --inpaint-mask MASK (white = "
+                "repaint) for the picture in its --control-image"
+            )
+        item = ControlNetInput(image=path, scale=scale, controlnet_id=cid, processor_id=mode)
+        if inpainting:
+            item.inpaint_mask, taken = mask, True
+        inputs.append(item)
+    return {"blockwise_controlnet_inputs" if blockwise else "controlnet_inputs": inputs, "mask_taken": taken}
 
 
 def _generate_audio(pipe, args, writes: bool = True) -> int:
@@ -573,8 +582,11 @@ def _generate(args) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     cls = _pipeline_class(args.model)
+    if hasattr(cls, "run_cli"):  # its own inputs and outputs: a flag it does not read is refused before loading
+        check_run_cli_flags(cls, args)
     inserting = args.insert_anything_source_image is not None  # Insert Anything reads no prompt
-    jobs = generation_jobs(args, cls)  # a prompts file is read (and checked) before any model loads
+    places: list[str] = []  # where each job's row is, for messages
+    jobs = generation_jobs(args, cls, places)  # a prompts file is read (and checked) before any model loads
     single = [f for f, on in (("--audio-only", args.audio_only), ("--dub-video", args.dub_video)) if on]
     if single and (len(jobs) > 1 or args.prompts_file is not None):
         raise ConfigError(f"{single[0]} makes one output: leave out --prompts-file / --num-images")
@@ -588,7 +600,7 @@ def _generate(args) -> int:
         )
     if args.prompt is None and not hasattr(cls, "run_cli") and not inserting and args.prompts_file is None:
         raise ConfigError(f"--prompt is required: what {cls.__name__} should make")
-    output_file(cls, args)  # an --output (or --fps) the pipeline cannot write is refused before it loads
+    output = output_file(cls, args)  # an --output (or --fps) the pipeline cannot write is refused before it loads
     if args.lora_image and not hasattr(cls, "run_cli"):
         raise ConfigError(f"--lora-image is for image-to-LoRA presets (e.g. Qwen-Image-i2L), not {cls.__name__}")
     starts = args.input_image, args.input_video, *(job.get("input_image") for job in jobs)
@@ -597,6 +609,14 @@ def _generate(args) -> int:
             "--denoising-strength is how far image-to-image moves from --input-image (or --input-video): give one, "
             "or leave it out"
         )
+    many = len(jobs) > 1 or args.prompts_file is not None
+    if many and output is not None:
+        check_listing(output, args.prompts_file)
+    flags = flag_options(args)
+    if not (args.audio_only or args.dub_video is not None or hasattr(cls, "run_cli")):
+        check_flags_taken(cls, args, flags)
+    if args.prompt_enhancer is not None and not hasattr(cls, "load_prompt_enhancer"):
+        raise ConfigError(f"--prompt-enhancer is not used by {cls.__name__} (model {args.model!r})")
     options = {"quantize": quantize_options(args.quantize, cls)} if args.quantize else {}
     pipe = cls.from_pretrained(
         args.model, torch_dtype=parse_dtype(dtype), device=device, vram_limit=args.vram_limit, **options
@@ -610,14 +630,12 @@ def _generate(args) -> int:
     if args.controlnet:
         pipe.load_controlnet(args.controlnet)
     if args.prompt_enhancer is not None:
-        if not hasattr(pipe, "load_prompt_enhancer"):
-            raise ConfigError(f"--prompt-enhancer is not used by {type(pipe).__name__} (model {args.model!r})")
         source = args.prompt_enhancer
         pipe.load_prompt_enhancer(source if Path(source).exists() else ModelConfig(model_id=source))
     if args.first_block_cache is not None:
         pipe.enable_first_block_cache(args.first_block_cache)
     if args.tea_cache is not None:
-        pipe.enable_tea_cache(args.tea_cache, model_id=args.tea_cache_model_id)
+        _enable_tea_cache(pipe, args)
     writes = saves_outputs()  # every rank holds the same result: under torchrun rank 0 alone writes it
     if args.audio_only:
         return _generate_audio(pipe, args, writes)
@@ -625,6 +643,51 @@ def _generate(args) -> int:
         return pipe.run_cli(args)  # which writes on rank 0 alone too (`parallel.saves_outputs`)
     if args.dub_video is not None:
         return _dub_video(pipe, args, writes)
+    if args.inpaint_mask is not None:
+        flags["inpaint_mask"] = load_image(args.inpaint_mask).convert("L")
+    control = _control_options(pipe, args.controlnet, args.control_image, args.control_mode, flags.get("inpaint_mask"))
+    if control.pop("mask_taken", False):  # an inpainting ControlNet repaints with the mask, not the pipeline
+        flags.pop("inpaint_mask")
+    flags.update(control)
+    video = None if args.input_video is None else load_video(args.input_video)
+    options = call_options(pipe, args, flags, video)
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    given = "input_image" in options or "input_video" in options  # a start for every generation
+    lines = any("input_image" in job for job in jobs)  # a start for a prompts file's lines with --i
+    if args.denoising_strength is not None and not (given or lines):
+        raise ConfigError(
+            f"--denoising-strength is not used by {type(pipe).__name__} (model {args.model!r}) with these inputs: "
+            "none of them is an image-to-image start"
+        )  # e.g. FLUX.1 Fill's --input-image, which is the picture to inpaint
+    if args.denoising_strength is not None:  # refused below where the call takes none (image-to-video models)
+        options["denoising_strength"] = args.denoising_strength
+    refuse_unused(options, accepted, type(pipe), args.model)
+    makes_video = "num_frames" in accepted
+    if not many:
+        result = pipe(prompt=args.prompt, seed=args.seed, **options)
+        if writes:
+            _write_result(pipe, args, result, output, makes_video)
+        return 0
+    calls = [
+        job_arguments(pipe, args, (flags, video, options), job, where) for job, where in zip(jobs, places, strict=True)
+    ]
+    manifest: list[dict] = []
+    listing = output.with_suffix(".jsonl")
+    for i, (job, arguments) in enumerate(zip(jobs, calls, strict=True)):
+        path = output.with_name(f"{output.stem}_{i:04d}{output.suffix}")
+        result = pipe(**arguments)
+        if writes:  # the listing is rewritten after each output, so a failure later keeps those made listed
+            record = _write_result(pipe, args, result, path, makes_video, job)
+            manifest.append({"file": path.name, **record})
+            write_listing(listing, manifest)
+    if writes:
+        logger.info("wrote %d outputs and %s", len(manifest), listing)
+    return 0
+
+
+def flag_options(args) -> dict:
+    """The pipeline arguments the flags give (only those given, so the preset's defaults are left alone), under
+    the generic names a family's `cli_options` may rename; `--inpaint-mask` is still its path."""
     options = {
         "negative_prompt": args.negative_prompt,
         "cfg_scale": args.cfg,
@@ -634,7 +697,7 @@ def _generate(args) -> int:
         "num_inference_steps": args.steps,
         "input_image": args.input_image,
         "edit_image": args.edit_image,
-        "inpaint_mask": None if args.inpaint_mask is None else load_image(args.inpaint_mask).convert("L"),
+        "inpaint_mask": args.inpaint_mask,
         "animate_pose_video": args.animate_pose_video,
         "animate_face_video": args.animate_face_video,
         "animate_inpaint_video": args.animate_inpaint_video,
@@ -674,65 +737,143 @@ def _generate(args) -> int:
         "size_level": args.size_level,
         **_sliding_window(args.sliding_window),
     }
-    # only what the user gave, so the preset's defaults (and image-only pipelines) are left alone
-    options = {name: value for name, value in options.items() if value is not None}
-    options.update(_control_options(pipe, args.controlnet, args.control_image, args.control_mode))
-    if hasattr(pipe, "cli_options"):  # a family's own names for generic flags (FLUX.1 Kontext, Fill, Flex.2)
-        options = pipe.cli_options(options)
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def call_options(pipe, args, flags: dict, video=None) -> dict:
+    """`flags` (generic names) as the loaded pipeline's keywords: its `cli_options` renames (FLUX.1 Kontext, Fill,
+    Flex.2, Step1X, Wan-Dancer), `--input-audio` / `--input-video` under the name its call takes, `--fps` where it
+    places frames in time (LTX-2)."""
+    options = pipe.cli_options(flags) if hasattr(pipe, "cli_options") else dict(flags)
     accepted = inspect.signature(type(pipe).__call__).parameters
     if "retake_audio" in options and "retake_audio" not in accepted and "input_audio" in accepted:  # Wan2.2-S2V
         options["input_audio"] = options.pop("retake_audio")
-    if args.input_video is not None:  # Wan's video-to-video, else LTX-2's retake
-        options["retake_video" if "retake_video" in accepted else "input_video"] = load_video(args.input_video)
-    given = "input_image" in options or "input_video" in options  # a start for every generation
-    lines = any("input_image" in job for job in jobs)  # a start for a prompts file's lines with --i
-    if args.denoising_strength is not None and not (given or lines):
-        raise ConfigError(
-            f"--denoising-strength is not used by {type(pipe).__name__} (model {args.model!r}) with these inputs: "
-            "none of them is an image-to-image start"
-        )  # e.g. FLUX.1 Fill's --input-image, which is the picture to inpaint
-    if args.denoising_strength is not None:  # refused below where the call takes none (image-to-video models)
-        options["denoising_strength"] = args.denoising_strength
+    if video is not None:  # Wan's video-to-video, else LTX-2's retake
+        options["retake_video" if "retake_video" in accepted else "input_video"] = video
     if args.fps is not None and "frame_rate" in accepted:  # models that place frames in time (LTX-2)
         options["frame_rate"] = args.fps
+    return options
+
+
+def job_arguments(pipe, args, made: tuple, job: dict, where: str) -> dict:
+    """One prompts-file generation's call: its row's settings over the flags', mapped as the flags are (a line's
+    `--i` is Step1X's reference_image as `--input-image` is); a setting the call does not take names the row.
+    `made`: the flags' options, the loaded --input-video and the flags' call options."""
+    flags, video, options = made
+    own = {key: value for key, value in job.items() if key not in ("prompt", "seed")}
+    if own:
+        arguments = call_options(pipe, args, {**flags, **pipeline_arguments(own)}, video)
+        if "denoising_strength" in options:
+            arguments["denoising_strength"] = options["denoising_strength"]
+    else:
+        arguments = dict(options)
+    started = "input_image" in job or "input_image" in options or "input_video" in options
+    if not started:  # --denoising-strength is for the lines with --i only
+        arguments.pop("denoising_strength", None)
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    for name in arguments:
+        if name not in accepted:
+            raise ConfigError(f"{where}: {flag_of(name)} is not used by {type(pipe).__name__} (model {args.model!r})")
+    return {**arguments, "prompt": job["prompt"], "seed": job["seed"]}
+
+
+def check_listing(output: Path, prompts_file: str | None) -> None:
+    """The listing OUTPUT.jsonl of a run of many outputs must not be the prompts file it reads (it would be lost)."""
+    if prompts_file is None:
+        return
+    listing = output.with_suffix(".jsonl")
+    if listing.resolve() == Path(prompts_file).resolve():
+        raise ConfigError(
+            f"--output {output} lists its outputs in {listing}, which is --prompts-file {prompts_file}: it would be "
+            "written over; name the output otherwise (e.g. --output out/img.png)"
+        )
+
+
+def write_listing(listing: Path, manifest: list[dict]) -> None:
+    """`manifest` as OUTPUT.jsonl, replaced whole (a partial file never stands in for it)."""
+    partial = listing.with_name(listing.name + ".partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in manifest))
+    os.replace(partial, listing)
+
+
+def _enable_tea_cache(pipe, args) -> None:
+    """TeaCache from `--tea-cache`, its messages in the flags' names (`--tea-cache-model-id`)."""
+    try:
+        pipe.enable_tea_cache(args.tea_cache, model_id=args.tea_cache_model_id)
+    except ConfigError as exc:
+        text = str(exc).replace("tea_cache_model_id", "--tea-cache-model-id")
+        raise ConfigError(f"--tea-cache {args.tea_cache}: {text}") from None
+
+
+# flags every pipeline's load reads (`run_cli` pipelines' too), by dest
+LOAD_FLAGS = {"command", "verbose", "model", "output", "device", "dtype", "vram_limit", "quantize"}
+
+
+def check_run_cli_flags(cls: type, args) -> None:
+    """A pipeline with its own `run_cli` reads the flags its `cli_flags` names (dests) and the load's: any other
+    flag set away from its default is refused before loading, naming it; --prompts-file and --num-images > 1 too,
+    as it makes one output. A class that declares no `cli_flags` is not checked flag by flag."""
+    if args.prompts_file is not None or args.num_images != 1:
+        flag = "--prompts-file" if args.prompts_file is not None else f"--num-images {args.num_images}"
+        raise ConfigError(f"{flag}: {cls.__name__} (model {args.model!r}) makes one output; leave it out")
+    declared = getattr(cls, "cli_flags", None)
+    if declared is None:
+        return
+    defaults = vars(build_parser().parse_args(["generate"]))
+    own = ", ".join("--" + name.replace("_", "-") for name in sorted(declared))
+    for name, value in vars(args).items():
+        if name not in LOAD_FLAGS and name not in declared and value != defaults.get(name):
+            flag = "--" + name.replace("insert_anything_", "insert_").replace("_", "-")
+            raise ConfigError(f"{flag} is not used by {cls.__name__} (model {args.model!r}), which reads {own}")
+
+
+# the pipeline arguments that a flag of another name gives, by that flag's dest (others: the flag's own name)
+CALL_FLAGS = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
+CALL_FLAGS.update(vace_video_mask="vace_mask", controlnet_inputs="control_image")
+CALL_FLAGS.update(blockwise_controlnet_inputs="control_image", in_context_videos="control_video")
+CALL_FLAGS.update(flux_fill_mask="inpaint_mask", flux_fill_image="input_image")
+CALL_FLAGS.update(flex_inpaint_mask="inpaint_mask", flex_inpaint_image="input_image")
+CALL_FLAGS.update(flex_control_image="control_image", flex_control_strength="control_image")
+CALL_FLAGS["retake_video"] = "input_video"
+CALL_FLAGS.update({f"insert_anything_{p}": f"insert_{p}" for p in ("source_image", "source_mask")})
+CALL_FLAGS.update({f"insert_anything_{p}": f"insert_{p}" for p in ("ref_image", "ref_mask")})
+CALL_FLAGS.update(camera_control_direction="camera_direction", camera_control_speed="camera_speed")
+CALL_FLAGS.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds", use_hq_pipeline="hq")
+CALL_FLAGS.update(sliding_window_size="sliding_window", sliding_window_stride="sliding_window")
+# the generic options a family's `cli_options` may give under its own names (Step1X's reference_image, FLUX.1
+# Fill's flux_fill_*, Wan-Dancer's wantodance_*, LTX-2's in_context_videos): known only once the model loaded
+CLI_RENAMED = {"input_image", "edit_image", "inpaint_mask", "control_image", "control_video", "retake_audio"}
+
+
+def flag_of(name: str) -> str:
+    """The `diffsynth generate` flag that gives the pipeline argument `name` (`cfg_scale`: `--cfg`)."""
+    return "--" + CALL_FLAGS.get(name, name).replace("_", "-")
+
+
+def refuse_unused(options: dict, accepted, cls: type, model: str) -> None:
+    """An option the pipeline's call has no keyword for is refused, named by its flag."""
     for name in options:
         if name not in accepted:
-            renamed = {"num_inference_steps": "steps", "cfg_scale": "cfg", "retake_audio": "input_audio"}
-            renamed.update(vace_video_mask="vace_mask", controlnet_inputs="control_image")
-            renamed.update(in_context_videos="control_video")
-            renamed.update(flux_fill_mask="inpaint_mask", flux_fill_image="input_image")
-            renamed.update(flex_inpaint_mask="inpaint_mask", flex_inpaint_image="input_image")
-            renamed.update(flex_control_image="control_image", flex_control_strength="control_image")
-            renamed["retake_video"] = "input_video"
-            renamed.update({f"insert_anything_{p}": f"insert_{p}" for p in ("source_image", "source_mask")})
-            renamed.update({f"insert_anything_{p}": f"insert_{p}" for p in ("ref_image", "ref_mask")})
-            renamed.update(camera_control_direction="camera_direction", camera_control_speed="camera_speed")
-            renamed.update(use_dfr_pipeline="dfr", temporal_upsample_rounds="temporal_rounds", use_hq_pipeline="hq")
-            renamed.update(sliding_window_size="sliding_window", sliding_window_stride="sliding_window")
-            flag = "--" + renamed.get(name, name).replace("_", "-")
-            raise ConfigError(f"{flag} is not used by {type(pipe).__name__} (model {args.model!r})")
-    makes_video = "num_frames" in accepted
-    output = output_file(pipe, args)
-    if len(jobs) == 1 and args.prompts_file is None:
-        result = pipe(prompt=args.prompt, seed=args.seed, **options)
-        if writes:
-            _write_result(pipe, args, result, output, makes_video)
-        return 0
-    manifest = []
-    for i, job in enumerate(jobs):
-        path = output.with_name(f"{output.stem}_{i:04d}{output.suffix}")
-        arguments = {**options, **pipeline_arguments(job)}
-        if not given and "input_image" not in job:  # --denoising-strength is for the lines with --i only
-            arguments.pop("denoising_strength", None)
-        result = pipe(**arguments)
-        if writes:
-            record = _write_result(pipe, args, result, path, makes_video, job)
-            manifest.append({"file": path.name, **record})
-    if writes:
-        listing = output.with_suffix(".jsonl")
-        listing.write_text("".join(json.dumps(row) + "\n" for row in manifest))
-        logger.info("wrote %d outputs and %s", len(manifest), listing)
-    return 0
+            raise ConfigError(f"{flag_of(name)} is not used by {cls.__name__} (model {model!r})")
+
+
+def check_flags_taken(cls: type, args, options: dict) -> None:
+    """The flags the pipeline class's call takes no keyword for, refused before any model loads; those a family's
+    `cli_options` may rename (`CLI_RENAMED`) and the ControlNet inputs wait for the loaded pipeline."""
+    from .pipeline import call_keywords
+
+    accepted = call_keywords(cls)
+    if accepted is None:
+        return
+    waits = CLI_RENAMED if hasattr(cls, "cli_options") else set()
+    known = {name: value for name, value in options.items() if name not in waits}
+    if "retake_audio" in known and "input_audio" in accepted:  # Wan2.2-S2V's name for --input-audio
+        known.pop("retake_audio")
+    if args.input_video is not None and not {"retake_video", "input_video"} & accepted:
+        known["input_video"] = args.input_video
+    if args.denoising_strength is not None:
+        known["denoising_strength"] = args.denoising_strength
+    refuse_unused(known, accepted, cls, args.model)
 
 
 OTHER_OUTPUT_SUFFIXES = (".mp4", ".wav", ".safetensors")  # videos; --audio-only's sound; image-to-LoRA's LoRA
@@ -756,6 +897,10 @@ def check_generation_numbers(args) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
     check_parallel_layout(args.sequence_parallel, args.cfg_parallel)
+    for flag, value, usual in (("--first-block-cache", args.first_block_cache, "0.05 to 0.2"),
+                               ("--tea-cache", args.tea_cache, "0.05 to 0.8")):  # fmt: skip
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} {value}: the threshold must be >= 0 ({usual} are usual)")
     for name, value in vars(args).items():  # the float flags, by their dest: --cfg, --first-block-cache, ...
         for number in value if isinstance(value, list) else [value]:
             if isinstance(number, float) and not math.isfinite(number):
@@ -857,9 +1002,10 @@ def output_file(pipeline, args) -> Path | None:
     return output
 
 
-def generation_jobs(args, pipeline=None) -> list[dict]:
+def generation_jobs(args, pipeline=None, places: list[str] | None = None) -> list[dict]:
     """The prompt, seed and settings (`JOB_KEYS`) of each generation `--prompts-file` / `--num-images` ask for, in
-    order; a bad file or row, or a row's setting the `pipeline` class does not take, is an error naming it."""
+    order; a bad file or row, or a row's setting the `pipeline` class does not take, is an error naming it.
+    `places` (when given) gets where each generation's row is, for later messages."""
     from .errors import ConfigError
     from .pipeline import check_seed
 
@@ -870,6 +1016,8 @@ def generation_jobs(args, pipeline=None) -> list[dict]:
         check_seed(
             args.seed + args.num_images - 1, f"--seed {args.seed} with --num-images {args.num_images} reaches seed"
         )
+        if places is not None:
+            places += ["--prompt"] * args.num_images
         return [{"prompt": args.prompt, "seed": args.seed + n} for n in range(args.num_images)]
     if args.prompt is not None:
         raise ConfigError("--prompt and --prompts-file both give the prompt: use one")
@@ -895,6 +1043,8 @@ def generation_jobs(args, pipeline=None) -> list[dict]:
             )
         extra = {k: v for k, v in row.items() if k not in ("prompt", "seed")}
         jobs += [{"prompt": row["prompt"], "seed": first + n, **extra} for n in range(args.num_images)]
+        if places is not None:
+            places += [where] * args.num_images
     return jobs
 
 
@@ -945,8 +1095,20 @@ def _line_row(line: SamplePrompt) -> dict:
             f"{line.where}: --i is given {len(line.images)} times; a generation starts from one input image"
         )
     if line.images:
+        check_picture(line.images[0], f"{line.where}: --i {line.images[0]}")
         row["input_image"] = str(line.images[0])
     return row
+
+
+def check_picture(path, what: str) -> None:
+    """A picture file checked readable before any model loads (a bad one would fail a batch half done)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ConfigError(f"{what}: not a picture that can be read ({exc})") from None
 
 
 def _check_row_settings(pipeline, row: dict, where: str, model: str, kohya: bool) -> None:
@@ -958,10 +1120,11 @@ def _check_row_settings(pipeline, row: dict, where: str, model: str, kohya: bool
     accepted = call_keywords(pipeline)
     if accepted is None:
         return
+    waits = CLI_RENAMED if hasattr(pipeline, "cli_options") else set()  # checked once loaded, as renamed
     options = {name: f"--{key}" for key, (name, _, _) in OPTIONS.items()} | {"input_image": "--i"}
     for key in row:
         name = JOB_KEYS[key]
-        if key not in ("prompt", "seed") and name not in accepted:
+        if key not in ("prompt", "seed") and name not in accepted and name not in waits:
             said = f"{options[name]} ({name})" if kohya else key if key == name else f"{key} ({name})"
             raise ConfigError(f"{where}: {said} is not used by {pipeline.__name__} (model {model!r})")
 
@@ -971,10 +1134,11 @@ def _checked_row(row: dict, where: str, kohya: bool = False) -> dict:
     numbers for cfg and guidance; a .txt line's value is named by its kohya option (`--l`)."""
     from .errors import ConfigError
 
-    for key in ("prompt", "negative_prompt"):
-        value = row.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} {value!r} must be a string")
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise ConfigError(f"{where}: prompt {row.get('prompt')!r} must be a string that is not empty")
+    value = row.get("negative_prompt")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: negative_prompt {value!r} must be a string")
     for key in ("seed", "height", "width", "steps"):
         value = row.get(key)
         if value is not None and (

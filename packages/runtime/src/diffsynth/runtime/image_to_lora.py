@@ -104,6 +104,8 @@ class ImageToLoRAPipeline(BasePipeline):
     generator_slots: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[Mapping[str, Preset]] = {}
     dit_pipeline: ClassVar[str] = "the family's pipeline"  # named in messages
+    # the `diffsynth generate` flags `run_cli` reads (dests; --prompt only to warn): the CLI refuses others
+    cli_flags: ClassVar[frozenset[str]] = frozenset({"lora_image", "prompt"})
 
     # ------------------------------------------------------------------ loading
     @classmethod
