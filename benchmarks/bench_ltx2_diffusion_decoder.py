@@ -9,7 +9,10 @@ with the card and torch version. diffusers' neighbourhood attention without NATT
 unless compiled materialises every score: a failure on its side is recorded, not raised.
 
     python benchmarks/bench_ltx2_diffusion_decoder.py [--height 512 --width 768 --num-frames 121] [--steps 2]
-    python benchmarks/bench_ltx2_diffusion_decoder.py --tiny --device cpu   # a dry run, nothing recorded
+    python benchmarks/bench_ltx2_diffusion_decoder.py --tiny --device cpu --num-frames 17   # dry run, not recorded
+
+A `--tiny` run fails unless both decoders agree to `TINY_TOLERANCE` (fp32), so the dry run catches a regression.
+Give it at least 17 frames (3 latent frames): with 2 the authors' and diffusers' decoders differ by design.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 from common import max_abs_diff, parse_step_args, random_model, record, share_weights, step_parser, timed
 
+TINY_TOLERANCE = 1e-4  # fp32 max abs difference the tiny dry run allows (it measures ~1e-5)
 TILES = dict(frames=80, frame_stride=56, height=768, height_stride=704, width=768, width_stride=704)
 
 
@@ -50,6 +54,17 @@ def diffusers_decoder(cfg, tiles: dict):
         tile_sample_min_width=tiles["width"], tile_sample_stride_width=tiles["width_stride"],
     )  # fmt: skip
     return model
+
+
+def check_tiny_agreement(agreement: dict | None, diffusers_result: dict) -> None:
+    """In fp32 the two decoders compute the same thing: a dry run that disagrees (or fails) is a regression."""
+    if agreement is None:
+        raise RuntimeError(f"tiny run: diffusers' decoder failed: {diffusers_result.get('error')}")
+    if not agreement["finite"] or not agreement["max_abs_diff"] <= TINY_TOLERANCE:
+        raise RuntimeError(
+            f"tiny run: ours and diffusers' decoders differ by {agreement['max_abs_diff']:.3g} "
+            f"(allowed {TINY_TOLERANCE}); with fewer than 17 frames they differ by design"
+        )
 
 
 def main() -> None:
@@ -106,6 +121,8 @@ def main() -> None:
         },
         save=not args.tiny,
     )
+    if args.tiny:
+        check_tiny_agreement(agreement, results["diffusers"])
 
 
 if __name__ == "__main__":

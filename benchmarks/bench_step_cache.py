@@ -5,7 +5,9 @@ not have; what a benchmark can measure is the price of each kind of call, and th
 the speed-up for a given reuse rate:
 - `full`: the plain call (no cache);
 - `checked`: a call with the cache on that runs every block (threshold 0): the plain call plus the
-  residual bookkeeping and the host-side decision;
+  residual bookkeeping and the host-side decision. Its calls alternate between the latents and their negation
+  (identical inputs would change nothing, and even threshold 0 would then skip); the script checks that no
+  call was skipped, ours or diffusers';
 - `reused`: a call that runs the first block only (threshold inf): what a skipped step costs.
 The same for diffusers (`enable_cache(FirstBlockCacheConfig(...))` on the same weights, calls in a `cache_context`).
 Ours also for TeaCache (`tea_checked`, `tea_reused`; diffusers has none): a reused TeaCache call runs the first
@@ -23,6 +25,53 @@ from __future__ import annotations
 import torch
 from bench_flux import setup
 from common import max_abs_diff, parse_step_args, record, step_parser, timed
+
+
+class AlternatingLatents:
+    """A forward pre-hook feeding `model` its latents (`keyword`, or the first positional argument) on odd calls
+    and their negation on even ones, so a cache at threshold 0 sees a change on every call."""
+
+    def __init__(self, model: torch.nn.Module, keyword: str | None = None):
+        self.calls = 0
+        self.keyword = keyword
+        self._negated = None
+        self._handle = model.register_forward_pre_hook(self._swap, with_kwargs=True)
+
+    def _swap(self, module, args, kwargs):
+        self.calls += 1
+        if self.calls % 2:
+            return None
+        latents = kwargs[self.keyword] if self.keyword else args[0]
+        if self._negated is None:
+            self._negated = -latents
+        if self.keyword:
+            return args, {**kwargs, self.keyword: self._negated}
+        return (self._negated, *args[1:]), kwargs
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class CallCounter:
+    """Counts the forward calls of a module that only runs when its block is not skipped."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def check_nothing_skipped(side: str, skipped: int, calls: int) -> None:
+    """`checked` measures calls that run every block: a skipped one would make its time a mix of both kinds."""
+    if skipped:
+        raise RuntimeError(
+            f"{side}: {skipped} of {calls} calls at threshold 0 were skipped; `checked` is not a full call"
+        )
 
 
 def main() -> None:
@@ -44,6 +93,10 @@ def main() -> None:
         results["diffsynth"]["full"] = timed(ours_call, args.steps, args.warmup)
         results["diffusers"]["full"] = timed(reference_call, args.steps, args.warmup)
         for kind, threshold in (("checked", 0.0), ("reused", float("inf"))):
+            checked = kind == "checked"
+            if checked:
+                ours_inputs, reference_inputs = AlternatingLatents(ours), AlternatingLatents(reference, "hidden_states")
+                reference_tail = CallCounter(reference.single_transformer_blocks[-1].attn)
             cache = ours.step_cache = FirstBlockCache(threshold)
             cache.begin_loop()
 
@@ -63,6 +116,12 @@ def main() -> None:
             if kind == "reused":
                 reused_reference = reference_call()
             reference.disable_cache()
+            if checked:
+                check_nothing_skipped("diffsynth FirstBlockCache", cache.skipped, cache.calls)
+                calls = reference_inputs.calls
+                check_nothing_skipped("diffusers FirstBlockCache", calls - reference_tail.calls, calls)
+                reference_inputs.remove()
+                reference_tail.remove()
 
             # TeaCache: at threshold 0 the FLUX.1 polynomial (positive) runs every call, at inf it reuses them
             # (a loop of unknown length has no last step to run in full)
@@ -76,6 +135,9 @@ def main() -> None:
             ours_tea()
             results["diffsynth"][f"tea_{kind}"] = timed(ours_tea, args.steps, args.warmup)
             ours.step_cache = None
+            if checked:
+                check_nothing_skipped("diffsynth TeaCache", tea.skipped, tea.calls)
+                ours_inputs.remove()
     record(
         "step_cache",
         {

@@ -20,7 +20,7 @@ RUNS = [
     ("bench_flux.py", [*TINY, "--warmup", "0"]),
     ("bench_flux2.py", [*TINY, "--warmup", "0"]),
     ("bench_ltx2.py", [*TINY, "--warmup", "0"]),
-    ("bench_ltx2_diffusion_decoder.py", [*TINY, "--warmup", "0", "--num-frames", "9"]),
+    ("bench_ltx2_diffusion_decoder.py", [*TINY, "--warmup", "0", "--num-frames", "17"]),
     ("bench_qwen_image.py", [*TINY, "--warmup", "0"]),
     ("bench_step_cache.py", [*TINY, "--warmup", "0"]),
     ("bench_training.py", [*TINY, "--warmup", "0"]),

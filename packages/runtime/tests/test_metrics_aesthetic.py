@@ -3,6 +3,8 @@ normalisation, then the five Linears of the LAION MLP written out here as matrix
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,23 @@ def test_aesthetic_refuses_a_file_without_the_mlp(tmp_path, aesthetic_files):
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
     with pytest.raises(CheckpointError, match="layers.0.weight"):
         AestheticMetric.from_pretrained(model_config=str(tmp_path / "clip.safetensors"), processor_config=str(folder))
+
+
+def test_score_json_keeps_every_path_in_order(tmp_path, capsys, aesthetic_files):
+    """`--json` lists {"path", "score"} entries in input order: a path given twice keeps both (a dict dropped one)."""
+    from diffsynth.runtime.cli import main
+
+    folder, clip, mlp = aesthetic_files
+    state = {"vision_model." + k: v for k, v in clip.state_dict().items() if not k.startswith("visual_projection")}
+    state["visual_projection.weight"] = clip.visual_projection.weight
+    save_file({k: v.contiguous() for k, v in {**state, **mlp}.items()}, str(tmp_path / "model.safetensors"))
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for path, picture in zip(paths, images(2), strict=True):
+        picture.save(path)
+    given = [paths[0], paths[1], paths[0]]  # a path given twice
+    files = ["--model-path", str(tmp_path / "model.safetensors"), "--processor-path", str(folder), "--device", "cpu"]
+    assert main(["score", "--metric", "aesthetic", *files, "--json", *given]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "aesthetic"
+    assert [entry["path"] for entry in out["scores"]] == given
+    assert out["scores"][0]["score"] == pytest.approx(out["scores"][2]["score"], abs=1e-5)

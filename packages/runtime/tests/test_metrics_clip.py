@@ -239,6 +239,7 @@ def test_score_command_prints_the_metric_scores(tmp_path, clip_files, capsys):
     prompts = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
     assert main(["score", "--metric", "clip", *prompts, *files, "--json", *paths]) == 0
     scores = json.loads(capsys.readouterr().out)["scores"]
-    np.testing.assert_allclose([scores[p] for p in paths], torch.diagonal(logits).numpy(), atol=1e-4)
+    assert [entry["path"] for entry in scores] == paths
+    np.testing.assert_allclose([e["score"] for e in scores], torch.diagonal(logits).numpy(), atol=1e-4)
     assert main(["score", "--metric", "clip", *files, *paths]) == 2
     assert "--metric clip needs --prompt" in capsys.readouterr().err

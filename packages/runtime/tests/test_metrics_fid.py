@@ -241,3 +241,14 @@ def test_score_command_prints_the_fid(tmp_path, capsys):
     assert float(capsys.readouterr().out) == pytest.approx(expected, abs=1e-6)
     assert main(["score", "--metric", "fid", *model, str(tmp_path / "a")]) == 2
     assert "takes two folders" in capsys.readouterr().err
+
+
+def test_fid_refuses_a_batch_size_below_one_per_call(tmp_path):
+    torch.manual_seed(0)
+    save_fid_file(random_inception(5), tmp_path / "model.safetensors")
+    write_images(tmp_path / "a", 12, [(32, 32), (40, 30)])
+    metric = FIDMetric.from_pretrained(model_config=str(tmp_path / "model.safetensors"), device="cpu")
+    with pytest.raises(ConfigError, match="batch_size=-1"):
+        metric.features(str(tmp_path / "a"), batch_size=-1)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        metric.features(str(tmp_path / "a"), batch_size=0)

@@ -209,6 +209,14 @@ def test_ltx2_matches_authors_formula(n, tokens):
     assert ltx2(n)[-2].item() == pytest.approx(0.1, abs=1e-7)
 
 
+def test_terminal_zero_means_no_stretch():
+    """diffusers treats shift_terminal=0 as off; a stretch to 0 would end on [..., 0, 0] (a model call at sigma 0)."""
+    assert qwen_image(4, shift_terminal=0.0).tolist() == qwen_image(4, shift_terminal=None).tolist()
+    assert ltx2(4, terminal=0.0).tolist() == ltx2(4, stretch=False).tolist()
+    for sigmas in (qwen_image(4, shift_terminal=0.0), ltx2(4, terminal=0.0)):
+        assert (sigmas[1:] < sigmas[:-1]).all()
+
+
 def test_ltx2_fixed_tables():
     s = FlowMatchScheduler("ltx2_distilled")
     s.set_timesteps(8)

@@ -93,3 +93,21 @@ def test_make_scheduler_picks_the_sampler_by_name():
     assert isinstance(unipc, UniPCScheduler) and unipc.template_defaults == {"shift": 3.0}
     with pytest.raises(ConfigError, match="sampler='dpm' is not known; use one of euler, unipc"):
         make_scheduler("wan", "dpm")
+
+
+@pytest.mark.parametrize(
+    ("sigmas", "position"),
+    [([1.0, 0.5, 0.5, 0.2], 2), ([0.9, 0.6, 0.3, 0.0, 0.0], 4), ([1.0, 1.0, 0.5], 1)],
+)
+def test_a_repeated_sigma_is_refused_naming_its_position(sigmas, position):
+    """UniPC divides by the log-SNR step, which a repeated sigma makes 0 (ZeroDivisionError or NaN before)."""
+    with pytest.raises(ConfigError, match=rf"sigmas=.*sigmas\[{position}\]"):
+        UniPCScheduler("wan").set_timesteps(len(sigmas), sigmas=sigmas)
+
+
+@pytest.mark.parametrize(("template", "setting"), [("qwen_image", "shift_terminal"), ("ltx2", "terminal")])
+def test_unipc_runs_a_template_with_terminal_zero(template, setting):
+    """A terminal of 0 is no stretch (as diffusers' shift_terminal=0): no repeated sigma 0 for UniPC to trip on."""
+    scheduler = UniPCScheduler(template, **{setting: 0.0})
+    x = sample(scheduler, 4, torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(x).all()

@@ -17,6 +17,7 @@ from .base import (
     Metric,
     as_images,
     build_on_meta,
+    check_batch_size,
     convert_keys,
     default_config,
     load_strict,
@@ -64,7 +65,7 @@ class AestheticMetric(Metric):
         self.clip = clip
         self.layers = layers
         self.processor = processor
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
 
     @classmethod
     def from_pretrained(
@@ -78,6 +79,7 @@ class AestheticMetric(Metric):
         batch_size: int = 16,
     ):
         """Load the CLIP tower + MLP file and the image processor folder (DiffSynth-Studio's `Aesthetic/`)."""
+        check_batch_size(batch_size)
         from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
         model_config = model_config or default_config("Aesthetic/model.safetensors")

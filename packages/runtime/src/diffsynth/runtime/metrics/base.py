@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -128,6 +129,13 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     if not isinstance(parsed, torch.device):
         raise ConfigError(f"device={device!r} is not accepted for a metric; use 'cuda', 'cuda:1' or 'cpu'")
     return parsed
+
+
+def check_batch_size(batch_size) -> int:
+    """Images per forward pass: an int >= 1, refused up front (0 or -1 would fail deep inside a batching loop)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is not accepted; use an integer >= 1 (images per forward pass)")
+    return int(batch_size)
 
 
 def pick_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype:

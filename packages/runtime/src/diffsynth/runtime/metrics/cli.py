@@ -20,6 +20,17 @@ PROMPTED = ("pickscore", "clip", "hpsv2", "image_reward")
 PAIRED = ("fid", "lpips")  # metrics of two image sets: one number
 
 
+def positive_int(text: str) -> int:
+    """argparse type of --batch-size: 0 or -1 would only fail deep inside a metric's batching loop."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted; use an integer >= 1")
+    return value
+
+
 def add_score_parser(commands) -> argparse.ArgumentParser:
     """Register `score` on the `diffsynth` command's subparsers."""
     score = commands.add_parser(
@@ -45,7 +56,7 @@ def add_score_parser(commands) -> argparse.ArgumentParser:
         help="the folder of its processor (CLIP-based metrics) or tokenizer (image_reward)",
     )
     score.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    score.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    score.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     score.add_argument(
         "--fid-resize",
         default=None,
@@ -59,7 +70,11 @@ def add_score_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="lpips: the square size images of different sizes are resized and centre-cropped to (default 512)",
     )
-    score.add_argument("--json", action="store_true", help="print JSON")
+    score.add_argument(
+        "--json",
+        action="store_true",
+        help='print JSON: {"metric", "scores": [{"path", "score"}, ...]} in input order (fid/lpips: {METRIC: value})',
+    )
     return score
 
 
@@ -111,7 +126,8 @@ def run_score(args) -> int:
     else:
         scores = metric.compute(args.images)
     if args.json:
-        print(json.dumps({"metric": name, "scores": dict(zip(args.images, scores, strict=True))}))
+        entries = [{"path": path, "score": value} for path, value in zip(args.images, scores, strict=True)]
+        print(json.dumps({"metric": name, "scores": entries}))  # a list: a path given twice keeps both scores
     else:
         for path, value in zip(args.images, scores, strict=True):
             print(f"{path}\t{value:.6f}")

@@ -25,6 +25,7 @@ from ..hub import ModelConfig
 from .base import (
     Metric,
     build_on_meta,
+    check_batch_size,
     convert_keys,
     default_config,
     grid_side,
@@ -172,7 +173,7 @@ class CLIPMetric(Metric):
         self.model = model
         self.processor = processor
         self.max_length = max_length
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
 
     @classmethod
     def from_pretrained(
@@ -191,6 +192,7 @@ class CLIPMetric(Metric):
         Defaults are DiffSynth-Studio's files in the `DiffSynth-Studio/ImageMetrics` repo. `hidden_act` is used
         only when no `config.json` is found ("quick_gelu" for OpenAI's CLIP weights).
         """
+        check_batch_size(batch_size)
         from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
         model_config = model_config or default_config(cls.default_model)

@@ -28,6 +28,7 @@ from ..media import IMAGE_SUFFIXES, load_image
 from .base import (
     Metric,
     build_on_meta,
+    check_batch_size,
     convert_keys,
     default_config,
     load_strict,
@@ -160,7 +161,7 @@ class FIDMetric(Metric):
     def __init__(self, model: FIDInceptionV3, batch_size: int = 16, resize: str = "bilinear"):
         super().__init__()
         self.model = model
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.resize = check_resize(resize)
 
     @classmethod
@@ -174,6 +175,7 @@ class FIDMetric(Metric):
         """Load the FID Inception weights (DiffSynth-Studio's `FID/model.safetensors` by default); float32.
         `resize`: "bilinear" (pytorch-fid's) or "bicubic" (DiffSynth-Studio's), see the module docstring."""
         check_resize(resize)
+        check_batch_size(batch_size)
         files = resolve_files(model_config or default_config("FID/model.safetensors"), "model_config")
         label = ", ".join(files)
         state = read_state_dict(files)
@@ -193,7 +195,7 @@ class FIDMetric(Metric):
         inputs = _as_inputs(images, what)
         if not inputs:
             raise ConfigError(f"{what} is empty: give at least 2 images")
-        size = batch_size or self.batch_size
+        size = self.batch_size if batch_size is None else check_batch_size(batch_size)
         out = []
         for start in range(0, len(inputs), size):
             # resized one by one, so a batch may mix sizes; the model's own resize is then the identity

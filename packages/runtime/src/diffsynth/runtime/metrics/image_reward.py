@@ -30,6 +30,7 @@ from .base import (
     Metric,
     as_images,
     build_on_meta,
+    check_batch_size,
     convert_keys,
     default_config,
     grid_side,
@@ -217,7 +218,7 @@ class ImageRewardMetric(Metric):
         self.mlp = mlp
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.batch_size = max(1, batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.score_mean = mean
         self.score_std = std
         self.image_size = blip.vision_model.config.image_size
@@ -234,6 +235,7 @@ class ImageRewardMetric(Metric):
         batch_size: int = 16,
     ):
         """Load the weights (`ImageReward/model.safetensors`) and the BERT tokenizer folder (`ImageReward/`)."""
+        check_batch_size(batch_size)
         from transformers import BertTokenizer
 
         files = resolve_files(model_config or default_config("ImageReward/model.safetensors"), "model_config")

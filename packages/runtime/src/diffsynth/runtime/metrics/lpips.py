@@ -30,6 +30,7 @@ from ..media import IMAGE_SUFFIXES, load_image
 from .base import (
     Metric,
     build_on_meta,
+    check_batch_size,
     convert_keys,
     default_config,
     load_strict,
@@ -288,7 +289,7 @@ class LPIPSMetric(Metric):
         if target_size is not None and (not isinstance(target_size, int) or target_size < 1):
             raise ConfigError(f"target_size={target_size!r} must be a positive int (pixels), or None for no resize")
         self.model = model
-        self.batch_size = max(1, batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.target_size = target_size
 
     @classmethod
@@ -303,6 +304,7 @@ class LPIPSMetric(Metric):
         """Load one LPIPS file (DiffSynth-Studio's `LPIPS/alexnet.safetensors` for net="alex", `vgg.safetensors`,
         `squeezenet.safetensors`); float32, as theirs."""
         check_net(net)
+        check_batch_size(batch_size)
         files = resolve_files(model_config or default_config(DEFAULT_FILES[net]), "model_config")
         label = ", ".join(files)
         state = convert_keys(read_state_dict(files), LPIPS_RULES, label)

@@ -97,10 +97,11 @@ def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
     """Scale `1 - sigma` so the last (non-terminal) sigma lands on `terminal`; the first stays where it is.
 
     LTX-Video `rf.py` / LTX-2 `LTX2Scheduler` / diffusers `shift_terminal`. With a single step (last sigma 1)
-    the scale is 0/0 in the references; we leave that schedule unchanged.
+    the scale is 0/0 in the references; we leave that schedule unchanged. `terminal=0` means no stretch, as in
+    diffusers (a stretch to 0 would put the last model call at sigma 0, a wasted call and a repeated sigma).
     """
     one_minus = 1 - sigmas
-    if one_minus[-1] <= 0:
+    if terminal == 0 or one_minus[-1] <= 0:
         return sigmas
     return 1 - one_minus * ((1 - terminal) / one_minus[-1])
 
@@ -171,7 +172,7 @@ def qwen_image(
 
     The authors ship diffusers: QwenImagePipeline with the Qwen/Qwen-Image `scheduler_config.json`
     (`use_dynamic_shifting`, `time_shift_type="exponential"`, `shift_terminal=0.02`). `image_seq_len` is
-    H/16 * W/16. `shift_terminal=None` skips the stretch.
+    H/16 * W/16. `shift_terminal=None` (or 0, as in diffusers) skips the stretch.
     """
     if mu is None:
         mu = linear_mu(_seq_len(image_seq_len), 256, 8192, base_shift, max_shift)
@@ -230,6 +231,7 @@ def ltx2(
 
     Lightricks/LTX-2 `ltx_core/components/schedulers.py` `LTX2Scheduler`. `image_seq_len` is the number of video
     latent positions (frames * height * width); the authors' pipelines call it without a latent, i.e. 4096.
+    `stretch=False` or `terminal=0` skips the stretch.
     """
     mu = linear_mu(_seq_len(image_seq_len), 1024, 4096, base_shift, max_shift)
     sigmas = exponential_shift(linear_grid(num_inference_steps), mu)

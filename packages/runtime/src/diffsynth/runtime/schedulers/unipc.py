@@ -38,6 +38,7 @@ class UniPCScheduler(FlowMatchScheduler):
 
     def set_timesteps(self, num_inference_steps: int, **kwargs) -> None:
         super().set_timesteps(num_inference_steps, **kwargs)
+        _check_strictly_decreasing(self.sigmas)
         self._reset()
 
     def _lambda(self, i: int) -> float:
@@ -102,6 +103,17 @@ class UniPCScheduler(FlowMatchScheduler):
         rhos = [0.5] if not differences else _solve(r_rows, b)  # UniC
         residual = sum((rho * d for rho, d in zip(rhos[:-1], differences, strict=True)), torch.zeros_like(x))
         return base - alpha_t * b_h * (residual + rhos[-1] * (new - m0))
+
+
+def _check_strictly_decreasing(sigmas: torch.Tensor) -> None:
+    """UniPC steps in log-SNR and divides by its change: a repeated sigma (a zero step) has no such step."""
+    values = sigmas.tolist()
+    for i in range(1, len(values)):
+        if not values[i] < values[i - 1]:
+            raise ConfigError(
+                f"sigmas={[round(v, 6) for v in values]!r} is not accepted by UniPC: sigmas[{i}]={values[i]:.6g} is "
+                f"not below sigmas[{i - 1}]={values[i - 1]:.6g}; use a strictly decreasing schedule (or sampler euler)"
+            )
 
 
 def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
