@@ -49,7 +49,7 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline, finite_number
 from diffsynth.runtime.schedulers import FlowMatchScheduler, make_scheduler
 from diffsynth.runtime.schedulers.templates import check_steps
 from diffsynth.runtime.vram import module_dtype
@@ -72,6 +72,7 @@ from .presets import CONTROLNETS
 from .text_encoder import (
     T2I_TEMPLATE,
     VisionPromptProcessor,
+    check_max_sequence_length,
     encode_prompts,
     encode_prompts_with_images,
     processor_folder,
@@ -312,6 +313,9 @@ class QwenImagePipeline(BasePipeline):
         instead; `layer_resolution` and `cfg_normalize` belong to that mode.
         """
         exponential_shift_mu = self.setting("exponential_shift_mu", exponential_shift_mu, None)
+        if exponential_shift_mu is not None:  # NaN would make every sigma NaN
+            exponential_shift_mu = finite_number(exponential_shift_mu, "exponential_shift_mu")
+        check_max_sequence_length(max_sequence_length)
         if layer_input_image is not None or getattr(getattr(self.dit, "config", None), "use_layer3d_rope", False):
             if layer_input_image is None:
                 raise ConfigError(
@@ -385,11 +389,9 @@ class QwenImagePipeline(BasePipeline):
             height, width = height // 16 * 16, width // 16 * 16
         negative_prompt = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
-        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 4.0))
+        cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 4.0), "cfg_scale")  # NaN: CFG silently off
         steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 50))
-        height, width = self.check_size(
-            int(self.setting("height", height, 1328)), int(self.setting("width", width, 1328))
-        )
+        height, width = self.check_size(self.setting("height", height, 1328), self.setting("width", width, 1328))
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         if not 0.0 < denoising_strength <= 1.0:
@@ -538,7 +540,10 @@ class QwenImagePipeline(BasePipeline):
         check_layer_prompts(prompt)
         prompts, negatives = self.check_prompt_pair(prompt, self.setting("negative_prompt", negative_prompt, " "))
         batch, n = len(prompts), check_layer_num(self.setting("layer_num", layer_num, 4))
-        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 4.0))
+        cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 4.0), "cfg_scale")
+        if exponential_shift_mu is not None:  # decompose is also called directly, not only through __call__
+            exponential_shift_mu = finite_number(exponential_shift_mu, "exponential_shift_mu")
+        check_max_sequence_length(max_sequence_length)
         normalize = self.setting("cfg_normalize", cfg_normalize, True)
         if not isinstance(normalize, bool):
             raise ConfigError(f"cfg_normalize={normalize!r} must be True or False")

@@ -93,6 +93,13 @@ def split_and_pad(
 TOKENIZER_MAX_LENGTH = 1024  # the authors tokenize up to 1024 prompt tokens past the template
 
 
+def check_max_sequence_length(max_sequence_length) -> None:
+    """Refuse a prompt length outside 1..1024 or not an integer ("a" and 1.5 failed deep in the slicing)."""
+    value = max_sequence_length
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= TOKENIZER_MAX_LENGTH:
+        raise ConfigError(f"max_sequence_length={value!r} is not accepted; use an integer in 1..{TOKENIZER_MAX_LENGTH}")
+
+
 @torch.no_grad()
 def encode_prompts(
     text_encoder: QwenImageTextEncoder,
@@ -106,8 +113,7 @@ def encode_prompts(
     """Text-to-image prompt embeddings `[B, L, 3584]` and mask `[B, L]` (True = real token)."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not 1 <= max_sequence_length <= TOKENIZER_MAX_LENGTH:
-        raise ConfigError(f"max_sequence_length={max_sequence_length} must be in 1..{TOKENIZER_MAX_LENGTH}")
+    check_max_sequence_length(max_sequence_length)
     device = device if device is not None else next(text_encoder.parameters()).device
     tokens = tokenizer(
         [template.format(p) for p in prompts],
@@ -189,8 +195,7 @@ def encode_prompts_with_images(
     `max_sequence_length` is checked (1..1024) but cuts nothing: the sequence holds the images' vision tokens
     (1369 for one 1024x1024 image at Qwen-Image-Edit's size) before the instruction, and the authors' Edit
     pipelines (diffusers' `QwenImageEditPipeline` / `QwenImageEditPlusPipeline`) keep it whole."""
-    if not 1 <= max_sequence_length <= TOKENIZER_MAX_LENGTH:
-        raise ConfigError(f"max_sequence_length={max_sequence_length} must be in 1..{TOKENIZER_MAX_LENGTH}")
+    check_max_sequence_length(max_sequence_length)
     device = device if device is not None else next(text_encoder.parameters()).device
     prefix = edit_image_prefix(len(images), numbered)
     texts = [template.format(p, images=prefix) for p in prompts]

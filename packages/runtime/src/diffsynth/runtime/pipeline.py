@@ -12,6 +12,8 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -41,12 +43,22 @@ def check_seed(seed, what: str = "seed") -> int:
     """`seed` as an int within `SEEDS`; otherwise a ConfigError naming `what` (the argument, or file and line), the
     seed and the range (torch raised a bare "Overflow when unpacking long long" when the noise was drawn)."""
     try:
-        value = int(seed)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} {seed!r} is not a whole number") from None
+        value = None if isinstance(seed, bool) else int(seed)  # True is no seed: int() would make it 1
+    except (TypeError, ValueError, OverflowError):
+        value = None
+    if value is None or (not isinstance(seed, str) and value != seed):  # int() cut 1.5 to 1
+        raise ConfigError(f"{what} {seed!r} is not a whole number")
     if not SEEDS[0] <= value <= SEEDS[1]:
         raise ConfigError(f"{what} {value}: outside the seeds torch accepts, -2**63 to 2**64 - 1 (64 bits)")
     return value
+
+
+def finite_number(value, name: str) -> float:
+    """`value` as a float, refused (ConfigError naming `name`) unless it is a real finite number: a NaN or infinite
+    guidance scale or shift turns every prediction into NaN (a black image), or silently counts as "off"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    return float(value)
 
 
 def seeded_generator(
@@ -153,7 +165,10 @@ class BasePipeline:
         preset_loras = ()
         if isinstance(model_id_or_configs, (list, tuple)):
             configs = list(model_id_or_configs) + configs
-        elif model_id_or_configs is not None:
+            defaults = studio_defaults(cls, configs)
+        elif model_id_or_configs is None:
+            defaults = studio_defaults(cls, configs)
+        else:
             source = str(model_id_or_configs)
             if Path(source).is_dir():
                 found, tok = configs_from_folder(Path(source))
@@ -562,6 +577,8 @@ class BasePipeline:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(expected):
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ConfigError(f"latents must be a tensor of shape {tuple(expected)} (unpacked layout), got {got}")
+        if not bool(torch.isfinite(latents).all()):  # NaN noise gives a NaN (black) image with no word why
+            raise ConfigError("latents contain NaN or infinite values; give finite initial noise")
         return latents.to(device=self.device, dtype=torch.float32)
 
     @staticmethod
@@ -1029,6 +1046,25 @@ def source_defaults(pipeline_cls: type[BasePipeline], model_configs: Sequence[Mo
                 if (folder / "diffsynth.json").is_file():
                     return folder_defaults(folder)
     return {}
+
+
+def studio_defaults(pipeline_cls: type[BasePipeline], model_configs: Sequence[ModelConfig]) -> dict[str, Any]:
+    """The generation defaults of a load given as hub `ModelConfig`s only (DiffSynth-Studio's way): those of the one
+    preset whose repo is among them and which loads from every repo they name (FLUX.1-schnell's own files, Flex.2's
+    with FLUX.1-dev's encoders), so the model samples with its own steps and shift as under its preset name. A local
+    file, or a repo no such preset loads from (an adapter, another model's DiT), may change the model: none then."""
+    if not model_configs or any(config.model_id is None for config in model_configs):
+        return {}
+    repos = {config.model_id.lower() for config in model_configs}
+    matches = []
+    for repo in sorted(repos):
+        try:
+            preset = pipeline_cls._preset(repo)
+        except ConfigError:  # not a preset, or one needing another pipeline class
+            continue
+        if repos <= {preset.name.lower(), *(file.model_id.lower() for file in preset.files)}:
+            matches.append(preset)
+    return preset_sources(matches[0])[2] if len(matches) == 1 else {}
 
 
 def folder_defaults(folder: Path) -> dict[str, Any]:

@@ -43,7 +43,14 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_frames, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.parallel import describe_parallel, shared_seed
-from diffsynth.runtime.pipeline import WEIGHT_SUFFIXES, BasePipeline, accepts_tea_cache, folder_defaults, weight_paths
+from diffsynth.runtime.pipeline import (
+    WEIGHT_SUFFIXES,
+    BasePipeline,
+    accepts_tea_cache,
+    finite_number,
+    folder_defaults,
+    weight_paths,
+)
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.schedulers.templates import check_steps
 from diffsynth.runtime.vram import module_dtype
@@ -376,8 +383,8 @@ class WanVideoPipeline(BasePipeline):
             raise ConfigError(
                 f"max_sequence_length={max_sequence_length} must be in 1..{text_len} (the DiT's text_len)"
             )
-        shift = float(self.setting("sigma_shift", sigma_shift, 5.0))
-        scale = float(self.setting("cfg_scale", cfg_scale, 5.0))
+        shift = finite_number(self.setting("sigma_shift", sigma_shift, 5.0), "sigma_shift")
+        scale = finite_number(self.setting("cfg_scale", cfg_scale, 5.0), "cfg_scale")
         expert = {"cfg_scale_2": cfg_scale_2, "switch_DiT_boundary": switch_DiT_boundary}
         if self.dit2 is None and any(value is not None for value in expert.values()):
             given = " and ".join(name for name, value in expert.items() if value is not None)
@@ -387,7 +394,7 @@ class WanVideoPipeline(BasePipeline):
             )
         if cfg_scale_2 is None:  # an explicit cfg_scale applies to both experts, as in DiffSynth-Studio
             cfg_scale_2 = scale if cfg_scale is not None else self.defaults.get("cfg_scale_2", scale)
-        scale_2 = float(cfg_scale_2)
+        scale_2 = finite_number(cfg_scale_2, "cfg_scale_2")
         boundary = check_boundary(self.setting("switch_DiT_boundary", switch_DiT_boundary, self.default_boundary()))
         sampler = str(self.setting("sampler", sampler, "euler"))
         make_scheduler("wan", sampler)  # an unknown sampler is refused before any work
@@ -396,9 +403,7 @@ class WanVideoPipeline(BasePipeline):
             check_dancer_size(
                 self.setting("height", height, 480), self.setting("width", width, 832), self.size_multiple
             )
-        height, width = self.check_size(
-            int(self.setting("height", height, 480)), int(self.setting("width", width, 832))
-        )
+        height, width = self.check_size(self.setting("height", height, 480), self.setting("width", width, 832))
         frames = self.check_num_frames(self.setting("num_frames", num_frames, 81))
         vae_kwargs = {"tiled": bool(self.setting("tiled", tiled, True))}
         framewise = bool(self.setting("framewise_decoding", framewise_decoding, False))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,14 +36,14 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import clear_loras, set_lora_scale
 from diffsynth.runtime.media import eight_bit, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.parallel import describe_parallel
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline, finite_number
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.schedulers.templates import check_steps
 from diffsynth.runtime.vram import module_dtype
 
 from .controlnet import ZImageControl, ZImageControlNet
 from .presets import CONTROLNET_FILES
-from .text_encoder import encode_omni_prompts, encode_prompts
+from .text_encoder import check_max_length, encode_omni_prompts, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +228,10 @@ class ZImagePipeline(BasePipeline):
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         edits = self.check_edit_images(edit_image, controlnet_inputs)
         checked = self.check_control_inputs(controlnet_inputs)
-        cfg_scale = _finite("cfg_scale", self.setting("cfg_scale", cfg_scale, 1.0))
-        cfg_normalization = _finite("cfg_normalization", cfg_normalization)
-        cfg_truncation = _finite("cfg_truncation", cfg_truncation)
+        cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 1.0), "cfg_scale")
+        cfg_normalization = finite_number(cfg_normalization, "cfg_normalization")
+        cfg_truncation = finite_number(cfg_truncation, "cfg_truncation")
+        check_max_length(max_sequence_length, "max_sequence_length")  # refused before any model runs
         if input_image is None and denoising_strength != 1.0:
             raise ConfigError(
                 f"denoising_strength={denoising_strength!r} is how far image-to-image moves from input_image: give "
@@ -242,16 +242,14 @@ class ZImagePipeline(BasePipeline):
                 f"input_image has {len(input_image)} images for {len(prompts)} prompts: give 1 or one per prompt"
             )
         steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 9))
-        shift = float(self.setting("sigma_shift", sigma_shift, 3.0))
+        shift = finite_number(self.setting("sigma_shift", sigma_shift, 3.0), "sigma_shift")
         auto_resize = self.setting("edit_image_auto_resize", edit_image_auto_resize, True)
         if not isinstance(auto_resize, bool):
             raise ConfigError(f"edit_image_auto_resize={auto_resize!r} must be True or False")
         edits, edit_size = self.prepare_edit_images(edits, height, width, auto_resize)
         if edit_size is not None:  # as diffusers' Omni pipeline: the output defaults to the last image's size
             height, width = height or edit_size[0], width or edit_size[1]
-        height, width = self.check_size(
-            int(self.setting("height", height, 1024)), int(self.setting("width", width, 1024))
-        )
+        height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         use_cfg = cfg_scale != 1.0
@@ -574,14 +572,6 @@ class ZImagePipeline(BasePipeline):
         return ControlCondition(ZImageControl(net, control, float(item.scale)), float(item.start), float(item.end))
 
 
-def _finite(name: str, value) -> float:
-    """`value` as a float, refused (ConfigError naming `name`) unless it is a finite number: NaN or infinite
-    guidance turns every prediction into NaN, which decodes to a black image."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} must be a finite number")
-    return float(value)
-
-
 def _open_image(image, name: str) -> Image.Image:
     """An RGB PIL image, as given or opened from a path. An RGB image is returned as it is (as the reference takes
     it); any other mode is converted with PIL's plain `convert("RGB")` (SigLIP2 and the VAE both read three
@@ -601,13 +591,12 @@ def _open_image(image, name: str) -> Image.Image:
 
 
 def _load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
-    """`[1, 1, H, W]` float: 1 where the mask (a path or PIL image, white = repaint) is at least half white."""
-    if isinstance(mask, (str, os.PathLike)):
-        with Image.open(mask) as opened:
-            mask = opened.convert("L")
-    if not isinstance(mask, Image.Image):
+    """`[1, 1, H, W]` float: 1 where the mask (a path or PIL image, white = repaint) is at least half white. It is
+    read as the inpaint image is (`load_image`: upright as its EXIF says, 16-bit grey scaled to 8 bits, not clipped
+    to white by PIL's `convert("L")`; a missing file is a ConfigError naming it)."""
+    if not isinstance(mask, (str, os.PathLike, Image.Image)):
         raise ConfigError(f"inpaint_mask must be a file path or a PIL.Image, got {type(mask).__name__}")
-    gray = np.asarray(mask.convert("L").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0
+    gray = np.asarray(load_image(mask).convert("L").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0
     return torch.from_numpy((gray >= 0.5).astype(np.float32))[None, None]
 
 

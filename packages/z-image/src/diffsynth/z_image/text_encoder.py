@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from diffsynth.runtime.errors import ConfigError
+
 HIDDEN_STATE_INDEX = -2  # Z-Image reads the output of the second-to-last layer
+
+
+def check_max_length(max_length, name: str = "max_length") -> None:
+    """Refuse a prompt length the tokenizer cannot cut to (0, -5, "a", 1.5) with a ConfigError naming `name`."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ConfigError(f"{name}={max_length!r} is not accepted; use an integer >= 1")
 
 
 def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
@@ -52,8 +60,7 @@ def encode_prompts(
         prompts = [prompts]
     if not prompts:
         return []
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    check_max_length(max_length)
     if device is None:
         device = next(text_encoder.parameters()).device
     input_ids, mask = tokenize(tokenizer, list(prompts), max_length)
@@ -90,8 +97,7 @@ def encode_omni_prompts(
 ) -> list[list[torch.Tensor]]:
     """Per prompt, one `[L, hidden]` tensor per segment of `omni_segments` (each segment is encoded on its own,
     as plain text: the template's special tokens are written out, no chat template is applied)."""
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    check_max_length(max_length)
     if device is None:
         device = next(text_encoder.parameters()).device
     per_prompt = [omni_segments(p, n_images) for p in prompts]
