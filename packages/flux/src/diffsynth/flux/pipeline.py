@@ -591,7 +591,8 @@ class FluxImagePipeline(BasePipeline):
 
         `embedded_guidance` is the distilled guidance the DiT is conditioned on (dev: 3.5);
         `cfg_scale` > 1 adds true classifier-free guidance with `negative_prompt` (twice the compute).
-        `sigma_shift` replaces the resolution-dependent FLUX.1 shift by a fixed one. `kontext_images`
+        `sigma_shift` replaces the resolution-dependent FLUX.1 shift by a fixed one (a DiT without guidance
+        embedding, schnell, samples unshifted, as BFL's); `denoising_strength` needs `input_image`. `kontext_images`
         (one image or a list; Kontext-dev) are used at their own size rounded down to multiples of 16, or with
         `kontext_auto_resize` (the Kontext preset's default) at the training resolution nearest their aspect;
         without `height`/`width` the output takes the first one's size. `latents` is the initial
@@ -664,7 +665,12 @@ class FluxImagePipeline(BasePipeline):
         cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
         fill = channel_inputs is not None and channel_inputs[0] == FILL
         guidance = self.setting("embedded_guidance", embedded_guidance, FILL_GUIDANCE if fill else DEFAULT_GUIDANCE)
-        guidance = float(guidance)
+        guidance = check_guidance(guidance)
+        if input_image is None and denoising_strength != 1.0:
+            raise ConfigError(
+                f"denoising_strength={denoising_strength!r} is how far image-to-image moves from input_image: give "
+                "input_image, or leave denoising_strength at 1"
+            )
         text_len = self.setting("t5_sequence_length", t5_sequence_length, T5_SEQUENCE_LENGTH)
         if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1:
             raise ConfigError(f"t5_sequence_length={text_len!r} is not accepted; use an integer >= 1 (512 for dev)")
@@ -704,8 +710,9 @@ class FluxImagePipeline(BasePipeline):
             if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
                 raise ConfigError(f"sigma_shift={shift!r} is not accepted; use a number > 0 (or None for FLUX.1's)")
             shape = {"mu": math.log(shift)}  # e^mu / (e^mu + 1/t - 1) is the static shift by e^mu
-        strength = denoising_strength if input_image is not None else 1.0
-        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, **shape)
+        elif not self.dit.config.guidance_embed:  # schnell: BFL and diffusers sample it unshifted
+            shape = {"mu": 0.0}
+        scheduler.set_timesteps(steps, denoising_strength=denoising_strength, sigmas=sigmas, **shape)
         id_image, id_guidance = infinityou_spellings(
             infiniteyou_id_image, infinityou_id_image, infiniteyou_guidance, infinityou_guidance
         )
@@ -1654,6 +1661,17 @@ class FluxImagePipeline(BasePipeline):
         z = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
         keep = 1.0 - F.interpolate(repaint, size=z.shape[-2:]).to(z.device)
         return pack_latents(torch.cat([z, keep], dim=1))
+
+
+def check_guidance(value) -> float:
+    """`embedded_guidance` as the float the DiT embeds; a list or NaN was a bare TypeError or a NaN image."""
+    try:
+        guidance = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        guidance = math.nan
+    if not math.isfinite(guidance):
+        raise ConfigError(f"embedded_guidance={value!r} is not accepted; use a finite number (dev: 3.5, Fill: 30)")
+    return guidance
 
 
 def _as_list(items) -> list:
