@@ -22,6 +22,8 @@ import contextlib
 import functools
 import logging
 import math
+import numbers
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +72,43 @@ STAGE_2_LORA_NAME = "stage_2_distilled"
 DFR_DISTILLED_LORA_STRENGTH = 1.0  # ltx-pipelines' DFRPipeline runs the distilled LoRA at the default strength, 1
 SCHEDULE_TOKENS = 4096  # the authors call LTX2Scheduler without a latent: the shift of 4096 tokens
 ImageInput = str | os.PathLike | Image.Image
+MAX_WAVEFORM_PEAK = 2.0  # a float waveform is in [-1, 1]; peaks past this are PCM-scaled (x 32767), not sound
+
+
+def finite_number(name: str, value) -> float:
+    """`value` as a float; a NaN or infinite scale or rate makes NaN frames or an empty clip, so it is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not accepted; use a finite number")
+    return float(value)
+
+
+def frame_index(value) -> int | None:
+    """A video frame index as an int (numpy integers too, via `operator.index`); None for bools, floats and the
+    rest."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_waveform(waveform: torch.Tensor) -> None:
+    """`retake_audio` must be float sound in [-1, 1]: integer PCM, or floats at PCM scale, would be encoded and
+    returned thousands of times too loud; the peak check leaves room for a little overshoot."""
+    if not waveform.dtype.is_floating_point:
+        raise ConfigError(
+            f"retake_audio is a {waveform.dtype} tensor; give float samples in [-1, 1] (integer PCM divided by its "
+            "full scale, e.g. int16 / 32768) or an audio file"
+        )
+    if not torch.isfinite(waveform).all():
+        raise ConfigError("retake_audio holds NaN or infinite samples; give float samples in [-1, 1]")
+    peak = float(waveform.abs().max()) if waveform.numel() else 0.0
+    if peak > MAX_WAVEFORM_PEAK:
+        raise ConfigError(
+            f"retake_audio peaks at {peak:g}, far outside [-1, 1]: a PCM-scaled waveform? Divide it by its full "
+            "scale (e.g. 32768 for 16-bit)"
+        )
 
 
 def pixel_tiles(tile_size, tile_stride, size_in_pixels, overlap_in_pixels, cell: int):
@@ -298,7 +337,7 @@ class LTX2Pipeline(BasePipeline):
         hq = bool(self.setting("use_hq_pipeline", use_hq_pipeline, False))
         default_steps = 8 if distilled else res2s.HQ_STEPS if hq else self.default_steps
         steps = self.setting("num_inference_steps", num_inference_steps, default_steps)
-        scale = float(self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG))
+        scale = finite_number("cfg_scale", self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG))
         dfr_on = bool(self.setting("use_dfr_pipeline", use_dfr_pipeline, False))
         guidance_given = {  # the arguments DFR does not read (no guidance, fixed sigma tables): it refuses them
             "negative_prompt": negative_prompt, "cfg_scale": cfg_scale, "audio_cfg_scale": audio_cfg_scale,
@@ -311,7 +350,7 @@ class LTX2Pipeline(BasePipeline):
         if audio_cfg_scale is None:  # an explicit cfg_scale guides both streams unless audio_cfg_scale is given
             fallback = 1.0 if distilled else DEFAULT_AUDIO_CFG
             audio_cfg_scale = scale if cfg_scale is not None else self.defaults.get("audio_cfg_scale", fallback)
-        audio_scale = float(audio_cfg_scale)
+        audio_scale = finite_number("audio_cfg_scale", audio_cfg_scale)
         rescale = float(self.setting("guidance_rescale", guidance_rescale, res2s.HQ_RESCALE if hq else DEFAULT_RESCALE))
         if audio_guidance_rescale is None:  # follows an explicit guidance_rescale, as the audio scales do
             fallback = res2s.HQ_AUDIO_RESCALE if hq else rescale
@@ -331,15 +370,18 @@ class LTX2Pipeline(BasePipeline):
         max_len = self.setting("max_sequence_length", max_sequence_length, DEFAULT_MAX_SEQUENCE_LENGTH)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ConfigError(f"max_sequence_length={max_len!r} is not accepted; use an integer >= 1")
-        height, width = self.check_size(self.setting("height", height, 512), self.setting("width", width, 768))
+        height, width = self.setting("height", height, 512), self.setting("width", width, 768)
+        two_stage = self.setting("use_two_stage_pipeline", use_two_stage_pipeline, None)
+        two_stage = (distilled or hq) if two_stage is None else bool(two_stage)
+        if two_stage or dfr_on:  # half-size first passes: refused now rather than rounded to 32 and refused later
+            self.check_half_size(height, width)
+        height, width = self.check_size(height, width)
         diffusion_decoding = uses_diffusion_decoder(self, use_diffusion_decoder)  # refused early when not loaded
         if not diffusion_decoding:  # (the diffusion decoder reads the pixel tiles itself: `decoding.py`)
             tile_size, tile_stride = pixel_tiles(
                 tile_size, tile_stride, tile_size_in_pixels, tile_overlap_in_pixels, self.vae.spatial_compression
             )
         check_diffsynth_settings(stage2_spatial_upsample_factor, denoising_strength)
-        two_stage = self.setting("use_two_stage_pipeline", use_two_stage_pipeline, None)
-        two_stage = (distilled or hq) if two_stage is None else bool(two_stage)
         if hq:  # the first stage's LoRA strength (the second's is stage2_lora_strength)
             refused = {"use_distilled_pipeline": distilled or None, "use_dfr_pipeline": dfr_on or None}
             res2s.check_hq({**refused, "use_two_stage_pipeline=False": None if two_stage else 0})
@@ -705,12 +747,7 @@ class LTX2Pipeline(BasePipeline):
                 "the latent upsampler: add ModelConfig(model_id='Lightricks/LTX-2', origin_file_pattern="
                 "'ltx-2-spatial-upscaler-x2-1.0.safetensors') to model_configs, or pass use_two_stage_pipeline=False"
             )
-        multiple = 2 * self.size_multiple
-        if height % multiple or width % multiple:
-            raise ConfigError(
-                f"height={height}, width={width}: the two-stage pipeline samples at half size first, so both must "
-                f"be multiples of {multiple} (e.g. 1024 x 1536)"
-            )
+        self.check_half_size(height, width)
         factor = self.upsampler.config.spatial_factor
         if factor != 2.0 or self.upsampler.config.temporal_upsample:
             raise ConfigError(
@@ -722,6 +759,18 @@ class LTX2Pipeline(BasePipeline):
                 "the full model's second stage runs with the distilled LoRA: pass stage2_lora_config=ModelConfig("
                 "model_id='Lightricks/LTX-2', origin_file_pattern='ltx-2-19b-distilled-lora-384.safetensors') to "
                 "from_pretrained (the 'Lightricks/LTX-2:two-stage' preset does), or use the distilled model"
+            )
+
+    def check_half_size(self, height, width) -> None:
+        """A run whose first pass is at half size (two stages, DFR) needs sizes that halve to the VAE's multiple;
+        checked before `check_size` rounds (to multiples of 32 only), so other sizes are refused, not rounded."""
+        multiple = 2 * self.size_multiple
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (height, width)):
+            return  # `check_size` refuses these
+        if height % multiple or width % multiple:
+            raise ConfigError(
+                f"height={height}, width={width}: the two-stage pipeline samples at half size first, so both must "
+                f"be multiples of {multiple} (e.g. 1024 x 1536)"
             )
 
     def check_dfr(self, height, width, distilled, refused: dict) -> None:
@@ -813,10 +862,11 @@ class LTX2Pipeline(BasePipeline):
                     f"input_images has {len(images)} images but input_images_indexes={indexes} has {len(indexes)} "
                     "frame indexes; give one video frame index per image"
                 )
-            bad = [i for i in indexes if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_frames]
+            given, indexes = indexes, [frame_index(i) for i in indexes]
+            bad = [i for i in indexes if i is None or not 0 <= i < num_frames]
             if bad or len(set(indexes)) != len(indexes):
                 raise ConfigError(
-                    f"input_images_indexes={indexes}: use distinct video frame indexes in [0, {num_frames - 1}] "
+                    f"input_images_indexes={given}: use distinct video frame indexes in [0, {num_frames - 1}] "
                     f"(num_frames={num_frames})"
                 )
             keyframes = [(load_image(image), i) for image, i in zip(images, indexes, strict=True) if i != 0]
@@ -833,7 +883,7 @@ class LTX2Pipeline(BasePipeline):
     @staticmethod
     def check_frame_rate(frame_rate) -> float:
         ok = isinstance(frame_rate, (int, float)) and not isinstance(frame_rate, bool) and frame_rate > 0
-        if not ok:
+        if not ok or not math.isfinite(frame_rate):
             raise ConfigError(f"frame_rate={frame_rate!r} is not accepted; use a positive number (frames per second)")
         return float(frame_rate)
 
@@ -1001,23 +1051,44 @@ class LTX2Pipeline(BasePipeline):
         waveform = audio_input[None] if audio_input.dim() == 1 else audio_input
         if waveform.shape[0] not in (1, 2):
             raise ConfigError(f"retake_audio has {waveform.shape[0]} channels; give mono or stereo sound")
+        check_waveform(waveform)
+        self.check_audio_duration(num_frames, frame_rate)
         latents = self.encode_audio(waveform, sample_rate, num_frames, frame_rate, like.shape[2])
         mask = torch.zeros((1, 1, like.shape[2], 1), device=like.device)
         if regions:
             spans = audio_positions(self.dit.config, 1, like.shape[2], like.device)[0, 0]  # [L, 2] seconds
             for region in regions:
                 start, end = self._region(region)
-                mask[0, 0, (spans[:, 1] > start) & (spans[:, 0] < end), 0] = 1.0  # touching is not overlapping
+                inside = (spans[:, 1] > start) & (spans[:, 0] < end)  # touching is not overlapping
+                if not inside.any():
+                    raise ConfigError(
+                        f"retake_audio_regions entry {region!r} overlaps no audio latent frame of the "
+                        f"{num_frames / frame_rate:g} s clip; give (start, end) seconds inside it"
+                    )
+                mask[0, 0, inside, 0] = 1.0
             return LTX2AudioCondition(latents.to(like.device), mask)
         stereo = waveform.float().cpu().expand(2, -1)
         samples = int(num_frames / frame_rate * int(sample_rate))  # cut or zero-padded to the clip, as encoded
         kept = torch.nn.functional.pad(stereo[:, :samples], (0, max(0, samples - stereo.shape[1])))
         return LTX2AudioCondition(latents.to(like.device), mask, kept, int(sample_rate))
 
+    def check_audio_duration(self, num_frames: int, frame_rate: float) -> None:
+        """A given sound is cut to the clip, whose log-mel (reflect-padded STFT) needs more than `n_fft / 2`
+        samples at the audio VAE's rate: a shorter clip (e.g. 1 frame at 50 fps) is refused by name, as the
+        authors' STFT would fail on it too."""
+        config = self.audio_vae.config
+        samples, needed = int(num_frames / frame_rate * config.sample_rate), config.n_fft // 2 + 1
+        if samples < needed:
+            raise ConfigError(
+                f"retake_audio: the clip (num_frames={num_frames} at frame_rate={frame_rate:g}) lasts "
+                f"{num_frames / frame_rate * 1000:g} ms, {samples} samples at {config.sample_rate} Hz; the audio VAE "
+                f"needs at least {needed} ({needed / config.sample_rate * 1000:g} ms): give more frames"
+            )
+
     @staticmethod
     def _region(region, name: str = "retake_audio_regions") -> tuple[float, float]:
         ok = isinstance(region, (tuple, list)) and len(region) == 2
-        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in region)
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in region)
         if not ok or region[0] > region[1]:
             raise ConfigError(f"{name} entry {region!r} is not accepted; give (start, end) seconds")
         return float(region[0]), float(region[1])
@@ -1312,10 +1383,7 @@ class LTX2Pipeline(BasePipeline):
         video = self.setting(name, value, fallback)
         if audio_value is None:
             audio_value = video if value is not None else self.defaults.get(audio_name, fallback)
-        for key, v in ((name, video), (audio_name, audio_value)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{key}={v!r} is not accepted; use a number")
-        return float(video), float(audio_value)
+        return finite_number(name, video), finite_number(audio_name, audio_value)
 
     @property
     def is_ltx23(self) -> bool:
