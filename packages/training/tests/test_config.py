@@ -78,6 +78,12 @@ def test_unknown_yaml_key_lists_the_accepted_ones(tmp_path):
         ({"stage": "cache"}, "--stage 'cache': choose from train, encode"),
         ({"dtype": "bf17"}, "--dtype 'bf17' is not a dtype"),
         ({"min_timestep_boundary": 0.8, "max_timestep_boundary": 0.2}, "--min_timestep_boundary 0.8"),
+        ({"seed": -1}, r"--seed -1 must be between 0 and 2\*\*32 - 1"),
+        ({"seed": 2**32}, r"--seed 4294967296 must be between"),
+        ({"learning_rate": "inf"}, "--learning_rate inf: give a finite number"),
+        ({"learning_rate": "nan"}, "--learning_rate nan: give a finite number"),
+        ({"weight_decay": "nan"}, "--weight_decay nan: give a finite number"),
+        ({"max_grad_norm": "inf"}, "--max_grad_norm inf: give a finite number"),
     ],
 )
 def test_bad_values_name_the_flag(values, message):

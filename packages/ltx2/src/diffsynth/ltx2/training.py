@@ -300,6 +300,7 @@ class LTX2TrainingTask(PipelineTrainingTask):
             frames = int(video.shape[1]) if isinstance(video, torch.Tensor) and video.dim() == 4 else 1
             rate = _frame_rate(0, first)
         self.clip = {"num_frames": frames, "frame_rate": rate}
+        rates_batch_apart(dataset)
         rows = getattr(dataset, "rows", None)
         if rows is None:
             return
@@ -646,6 +647,58 @@ def _control_videos(value: str | Sequence[str] | None) -> list[str] | None:
             f"{Path.cwd()}); give the control video (e.g. an .mp4) the validation samples follow"
         )
     return paths
+
+
+def rates_batch_apart(dataset: Any) -> None:
+    """Samples of different frame rates never share a batch (`collate` stacks one rate, and would stop the run at
+    the first mixed batch): where the dataset holds several rates, each sample's joins its `batch_keys`."""
+    rates = sample_rates(dataset)
+    if rates is None or len(set(rates)) < 2:
+        return
+    dataset.batch_keys = [(*key, rate) for key, rate in zip(dataset.batch_keys, rates, strict=True)]
+    logger.info("LTX-2: the clips' frame rates %s batch apart", sorted(set(rates)))
+
+
+def sample_rates(dataset: Any) -> list[float] | None:
+    """Each sample's frame rate, as the dataset gives it (`fps`, a row's `frame_rate` column, else its video's
+    header) or a cached sample holds it; None for a dataset of another kind."""
+    if hasattr(dataset, "parts"):  # several datasets (--dataset_config), one after the other
+        rates = [sample_rates(part) for part in dataset.parts]
+        return None if None in rates else [rate for part in rates for rate in part]
+    if hasattr(dataset, "sample_rows") and hasattr(dataset, "rows"):
+        per_row = [_row_rate(dataset, i) for i in range(len(dataset.rows))]
+        return [per_row[i] for i in dataset.sample_rows]
+    if hasattr(dataset, "files"):  # an encoded cache
+        from safetensors import safe_open
+
+        rates = []
+        for path in dataset.files:
+            with safe_open(str(path), framework="pt") as f:
+                rates.append(float(f.get_tensor("frame_rate").flatten()[0]) if "frame_rate" in f.keys() else None)
+        return None if None in rates else rates
+    return None
+
+
+def _row_rate(dataset: Any, index: int) -> float:
+    """The frame rate a metadata row's samples are read at (as the dataset's `_add_sound` sets it)."""
+    from diffsynth.runtime.media import VIDEO_SUFFIXES
+    from diffsynth.training.data import reading, video_frame_rate
+
+    row = dataset.rows[index]
+    where = f"{dataset.metadata} row {index + 1}"
+    main = next((k for k in dataset.media if row.get(k)), None)
+    video = row.get(main)
+    if not isinstance(video, str) or Path(video).suffix.lower() not in VIDEO_SUFFIXES:
+        return _frame_rate(index, row)  # a picture: it batches apart from the clips anyway (one frame)
+    if getattr(dataset, "fps", None) is not None:
+        return float(dataset.fps)
+    if row.get("frame_rate") not in (None, ""):
+        try:
+            return _frame_rate(index, row)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {str(error).split(': ', 1)[-1]}") from None
+    with reading(dataset.base / video, f"{where} column {main}"):
+        return video_frame_rate(dataset.base / video)
 
 
 def _frame_rate(index: int, row: Mapping[str, Any]) -> float:

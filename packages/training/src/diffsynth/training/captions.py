@@ -65,8 +65,13 @@ def augment_caption(
 def _holds(trigger: str):
     """Whether a tag holds the trigger word: one of its comma-separated parts as whole words (`cat` is in
     `a cat, sitting` and `photo of cat`, not in `catwalk`)."""
-    parts = [re.compile(rf"(?<!\w){re.escape(part)}(?!\w)") for part in tags(trigger)]
-    return lambda tag: any(part.search(tag) for part in parts)
+    parts = tags(trigger)
+    return lambda tag: any(holds_word(tag, part) for part in parts)
+
+
+def holds_word(text: str, word: str) -> bool:
+    """Whether `text` holds `word` as whole words (`TOK` is in `TOK, a street`, not in `a street in TOKYO`)."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
 
 
 def augments_captions(cfg: TrainConfig) -> bool:

@@ -172,10 +172,27 @@ def load_checkpoint(folder: Path, rank: int = 0) -> tuple[dict[str, torch.Tensor
     return trainable, state, rng
 
 
+def refuse_older_run(root: Path) -> None:
+    """A run started without `--resume` into an output folder whose `root` (its checkpoints folder) holds an older
+    run's checkpoints is refused: `--keep_last` would count the older steps as newer and delete the new run's,
+    `--resume latest` would pick the older run, and the exports and metrics of both would mix."""
+    found = list_checkpoints(root)
+    if found:
+        raise ConfigError(
+            f"--output_path {root.parent} holds checkpoints of an earlier run ({preview(p.name for p in found)} in "
+            f"{root}): pass --resume latest to continue it, or another --output_path"
+        )
+
+
+_EXPORT = re.compile(r"^step-(\d+)(?:-ema)?(?:\..+)?$")  # step-N(.fmt).safetensors, step-N(-ema)/ of the output
+_PICTURE = re.compile(r"^step-(\d+)-\d+\.\w+$")  # validation/step-N-K.png (.mp4)
+
+
 def set_aside_later(root: Path, step: int) -> Path | None:
     """Move the checkpoints of steps after `step` under `root` (those of a run that went on past the checkpoint a
     run resumes from: an abandoned branch) into `root/abandoned-from-step-NNNNNN-<time>/`, where `--resume latest`
-    and `--keep_last` do not look; the folder, or None when there were none. Nothing is deleted."""
+    and `--keep_last` do not look, with that branch's exports (`exports/`) and validation pictures (`validation/`)
+    from the output folder; the folder, or None when there were no later checkpoints. Nothing is deleted."""
     later = [p for p in list_checkpoints(root) if int(_STEP.match(p.name).group(1)) > step]
     if not later:
         return None
@@ -185,15 +202,31 @@ def set_aside_later(root: Path, step: int) -> Path | None:
     folder.mkdir()
     for path in later:
         os.replace(path, folder / path.name)
+    moved = _move_later(root.parent, _EXPORT, step, folder / "exports")
+    moved += _move_later(root.parent / "validation", _PICTURE, step, folder / "validation")
     logger.warning(
-        "resumed from step %d while %s had later checkpoints (%s): moved them to %s so that --resume latest and "
-        "--keep_last see this run's",
+        "resumed from step %d while %s had later checkpoints (%s): moved them%s to %s so that --resume latest, "
+        "--keep_last and the output folder hold this run's",
         step,
         root,
         ", ".join(p.name for p in later),
+        f" and {moved} exports / validation pictures of those steps" if moved else "",
         folder,
     )
     return folder
+
+
+def _move_later(source: Path, pattern: re.Pattern, step: int, target: Path) -> int:
+    """Move the entries of `source` whose name `pattern` matches with a step (its first group) after `step` into
+    `target`; how many."""
+    if not source.is_dir():
+        return 0
+    later = [p for p in source.iterdir() if (m := pattern.match(p.name)) and int(m.group(1)) > step]
+    if later:
+        target.mkdir(parents=True, exist_ok=True)
+    for path in later:
+        os.replace(path, target / path.name)
+    return len(later)
 
 
 def prune_checkpoints(root: Path, keep_last: int | None) -> None:
@@ -323,6 +356,7 @@ __all__ = [
     "lora_weights",
     "prune_checkpoints",
     "read_auxiliary",
+    "refuse_older_run",
     "rng_state",
     "save_checkpoint",
     "save_full_weights",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
@@ -507,6 +508,9 @@ class TrainConfig:
 
         for f in fields(self):
             _check_type(f, getattr(self, f.name))
+        _check_finite(self)
+        if not 0 <= self.seed < 2**32:  # numpy's seeds (accelerate's set_seed seeds it too)
+            raise ConfigError(f"--seed {self.seed} must be between 0 and 2**32 - 1")
         for name in ("max_pixels", "bucket_step", "num_frames", "dataset_repeat", "lora_rank", "batch_size"):
             _at_least(name, getattr(self, name), 1)
         for name in ("gradient_accumulation_steps", "num_epochs", "log_every"):
@@ -1250,6 +1254,15 @@ def _check_type(f: dataclasses.Field, value) -> None:
 @functools.cache
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """A float setting that is inf or nan (which YAML and the command line both accept) is refused by name: it would
+    train to NaN, or be blamed on another flag later."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} {value}: give a finite number")
 
 
 def _at_least(name: str, value, low: int) -> None:

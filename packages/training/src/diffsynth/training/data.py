@@ -41,6 +41,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import io
@@ -63,6 +64,7 @@ from torch.utils.data import Dataset
 from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
+from .captions import holds_word
 from .masks import MASK_COLUMN, alpha_mask, has_alpha, is_mask_file, mask_file_for, read_mask, read_mask_video
 
 logger = logging.getLogger(__name__)
@@ -102,10 +104,28 @@ def metadata_file(base: Path, explicit: str | None = None) -> Path:
 
 
 def kohya_layout(base: Path) -> bool:
-    """Whether `base` is laid out as kohya's DreamBooth datasets are: subfolders only, each `<repeats>_<words>`
-    (so a `2024_holiday/` beside other folders is not read as 2024 repeats)."""
+    """Whether `base` is laid out as kohya's DreamBooth datasets are: subfolders `<repeats>_<words>`, besides which
+    only `kohya_strays` (so a `2024_holiday/` beside a folder of pictures is not read as 2024 repeats)."""
     folders = [p for p in base.iterdir() if p.is_dir()]
-    return bool(folders) and all(KOHYA_FOLDER.fullmatch(p.name) and int(p.name.split("_")[0]) >= 1 for p in folders)
+    repeated = [p for p in folders if _repeats_folder(p.name)]
+    return bool(repeated) and len(repeated) + len(kohya_strays(base)) == len(folders)
+
+
+def _repeats_folder(name: str) -> bool:
+    return bool(KOHYA_FOLDER.fullmatch(name)) and int(name.split("_")[0]) >= 1
+
+
+def kohya_strays(base: Path) -> list[str]:
+    """The subfolders of `base` that a kohya layout ignores, as kohya's loader does: not `<repeats>_<words>` and
+    hidden (Jupyter's `.ipynb_checkpoints`, a macOS zip's `__MACOSX`) or holding no picture or video (`logs/`)."""
+    media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+    return sorted(
+        p.name
+        for p in base.iterdir()
+        if p.is_dir()
+        and not _repeats_folder(p.name)
+        and (p.name.startswith(".") or p.name == "__MACOSX" or not any(f.suffix.lower() in media for f in p.rglob("*")))
+    )
 
 
 def kohya_folder(relative: Path) -> tuple[int, str] | None:
@@ -125,11 +145,18 @@ def caption_rows(base: Path) -> list[dict[str, Any]]:
     file without a caption is an error naming it."""
     rows, uncaptioned = [], []
     kohya_dataset = kohya_layout(base)
+    strays = set(kohya_strays(base)) if kohya_dataset else set()
+    if strays:
+        logger.info(
+            "kohya folders: ignoring %s beside them (hidden, or no pictures or videos)", ", ".join(sorted(strays))
+        )
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
         if (suffix not in IMAGE_SUFFIXES and suffix not in VIDEO_SUFFIXES) or is_mask_file(path):
             continue
         relative = path.relative_to(base)
+        if len(relative.parts) > 1 and relative.parts[0] in strays:
+            continue
         kohya = kohya_folder(relative) if kohya_dataset else None
         caption = next((c for c in map(path.with_suffix, CAPTION_SUFFIXES) if c.is_file()), None)
         if caption is not None:
@@ -179,6 +206,7 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
             rows.extend(reader)
         except csv.Error as error:
             raise ConfigError(f"{path} row {len(rows) + 1}: not readable as CSV ({error})") from None
+        _check_csv_fields(path, rows, reader.fieldnames or [])
     elif path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(read_text_file(path, "metadata file").splitlines(), start=1):
@@ -203,7 +231,35 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"{path} must hold a list of objects (one per sample)")
     if not rows:
         raise ConfigError(f"{path} holds no samples")
-    return [_our_columns(row) for row in rows]
+    rows = [_our_columns(row) for row in rows]
+    _check_prompts(path, rows)
+    return rows
+
+
+def _check_csv_fields(path: Path, rows: list[dict[str, Any]], header: Sequence[str]) -> None:
+    """Each CSV row has as many fields as the header: an unquoted comma in a prompt would put its end in no
+    column (`csv` keys it None) and a short row would leave columns None, training on a cut or "None" caption."""
+    for number, row in enumerate(rows, start=1):
+        extra = row.get(None) or []  # the fields past the header's columns
+        short = [key for key, value in row.items() if key is not None and value is None]  # columns with no field
+        if extra or short:
+            count = len(header) + len(extra) - len(short)
+            raise ConfigError(
+                f"{path} row {number}: {count} fields for the {len(header)} columns of its header "
+                f"({', '.join(map(str, header))}); put a value holding commas in double quotes "
+                '(a,"a cat, fluffy") and give every row a field per column (an empty one: a,,c)'
+            )
+
+
+def _check_prompts(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A row's prompt is text: a JSON null, number or list would be trained on as "None", "5" or "['a', 'b']"."""
+    for number, row in enumerate(rows, start=1):
+        prompt = row.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise ConfigError(
+                f"{path} row {number} column prompt: {prompt!r} is not text; give the prompt as a JSON string "
+                '("" for none)'
+            )
 
 
 def _our_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -451,7 +507,7 @@ class MetadataDataset(Dataset):
             if main is None:
                 raise ConfigError(
                     f"{self.metadata} row {i + 1} has no {' or '.join(media)} column value; this model trains on "
-                    f"{', '.join(media)} (columns found: {', '.join(row)})"
+                    f"{', '.join(media)} (columns found: {', '.join(map(str, row))})"
                 )
             if main not in self.file_keys:
                 raise ConfigError(f"--data_file_keys {','.join(self.file_keys)} must include {main!r}")
@@ -754,7 +810,7 @@ def with_trigger(row: dict[str, Any], word: str) -> dict[str, Any]:
     if not isinstance(prompt, str):
         return row
     prompt = prompt.replace(TRIGGER_PLACEHOLDER, word)
-    if word not in prompt:
+    if not holds_word(prompt, word):  # as a whole word: "TOK" is not in "a street in TOKYO"
         prompt = f"{word}, {prompt}" if prompt.strip() else word
     return {**row, "prompt": prompt}
 
@@ -793,8 +849,8 @@ class CachedDataset(Dataset):
 
             raise ConfigError(changed_dataset(self.root, datasets, expected.get("datasets")))
         for name, value in (expected or {}).items():
-            if name == "datasets":
-                continue
+            if name == "datasets" or (name == "dataset_base_path" and name not in index["settings"]):
+                continue  # a cache written before the folder was recorded: its metadata's hash is checked
             if name == "metadata_sha256" and value is not None and index["settings"].get(name) != value:
                 raise ConfigError(
                     f"--cache_dir {self.root} was encoded from another version of the dataset's metadata; "
@@ -808,6 +864,7 @@ class CachedDataset(Dataset):
                     f"{value!r}; use the same setting or encode again into a new --cache_dir"
                 )
         self.settings = index["settings"]
+        check_sources(self.root, index.get("sources"))
         self.buckets = [tuple(b) for b in index["buckets"]]
         self.repeats = list(index.get("repeats") or [1] * len(self.buckets))  # older caches: none
         self.files = [self.root / "items" / f"{i:06d}.safetensors" for i in range(len(self.buckets))]
@@ -853,13 +910,16 @@ UNRECORDED: dict[str, Any] = {
 
 
 def cache_settings(config, family: str) -> dict[str, Any]:
-    """What shapes the encoded samples: a cache is reused only with the same values."""
-    metadata_sha256 = None
+    """What shapes the encoded samples: a cache is reused only with the same values. The dataset folder is one
+    (resolved): another folder's metadata may be byte for byte the same, its pictures not."""
+    metadata_sha256 = base = None
     if config.dataset_base_path:
         path = metadata_file(Path(config.dataset_base_path), config.dataset_metadata_path)
         data = json.dumps(caption_rows(path)).encode() if path.is_dir() else path.read_bytes()
         metadata_sha256 = hashlib.sha256(data).hexdigest()
+        base = str(Path(config.dataset_base_path).resolve())
     return {
+        "dataset_base_path": base,
         "resolutions": list(config.resolutions),
         "trigger_word": config.trigger_word,
         "family": family,
@@ -887,7 +947,8 @@ def write_cache(
     num_workers: int = 0,
 ) -> int:
     """Encode this process's share of `dataset` (samples `i % world == rank`) into `cache_dir/items`, skipping
-    samples already there; returns how many were encoded. `encode(rows)` gives one tensor dict per row.
+    samples already there whose files are unchanged (each item records its `source_stamps`); returns how many were
+    encoded. `encode(rows)` gives one tensor dict per row.
     The caller writes the index (`write_cache_index`) once every process is done."""
     from torch.utils.data import DataLoader
 
@@ -895,7 +956,8 @@ def write_cache(
 
     items = cache_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(rank, len(dataset), world) if not (items / f"{i:06d}.safetensors").is_file()]
+    stamps = {i: json.dumps(source_stamps(dataset, i)) for i in range(rank, len(dataset), world)}
+    todo = [i for i in stamps if _item_stamps(items / f"{i:06d}.safetensors") != stamps[i]]
     by_key: dict[Hashable, list[int]] = {}
     for i in todo:
         by_key.setdefault(dataset.batch_keys[i], []).append(i)
@@ -907,9 +969,74 @@ def write_cache(
         for i, sample in zip(indices, samples, strict=True):
             _check_sample(sample, i)
             save_safetensors(
-                {k: v.detach().cpu().contiguous() for k, v in sample.items()}, items / f"{i:06d}.safetensors"
+                {k: v.detach().cpu().contiguous() for k, v in sample.items()},
+                items / f"{i:06d}.safetensors",
+                metadata={SOURCES_KEY: stamps[i]},
             )
     return len(todo)
+
+
+SOURCES_KEY = "sources"  # an item's header entry (and the index's list): its files' `source_stamps`
+
+
+def sample_sources(dataset, index: int) -> list[Path]:
+    """The files sample `index` of `dataset` is read from: its row's file columns and, with `--masked_loss`, its
+    mask (a `datasets.CombinedDataset`'s from the dataset that holds it; none for a dataset of another kind)."""
+    parts = getattr(dataset, "parts", None)
+    if parts is not None:
+        k = bisect.bisect_right(dataset.starts, index) - 1
+        return sample_sources(parts[k], index - dataset.starts[k])
+    if not hasattr(dataset, "sample_rows"):
+        return []
+    row = dataset.rows[dataset.sample_rows[index]]
+    columns = (*dataset.file_keys, MASK_COLUMN) if dataset.masked_loss else dataset.file_keys
+    return [dataset.base / name for column in dict.fromkeys(columns) for name in _paths(row.get(column))]
+
+
+def source_stamps(dataset, index: int) -> list[list]:
+    """[path, size, modification time (ns)] of each file of sample `index`: a file replaced since it was encoded
+    (another picture under the same name) shows as another stamp."""
+    stamps = []
+    for path in sample_sources(dataset, index):
+        stat = path.stat()
+        stamps.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return stamps
+
+
+def _item_stamps(path: Path) -> str | None:
+    """The `source_stamps` an encoded item records (None: no item, or one from before items recorded them)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(SOURCES_KEY)
+
+
+def check_sources(root: Path, sources: list | None) -> None:
+    """Training from a cache whose samples' files changed since they were encoded is refused, naming the first
+    such file; files no longer there are a warning (the cache may be used without its dataset). Older caches
+    recorded no stamps and are read as they are."""
+    changed, missing = [], []
+    for stamp in {tuple(s) for sample in sources or [] for s in sample}:
+        path = Path(stamp[0])
+        if not path.is_file():
+            missing.append(stamp[0])
+        elif [path.stat().st_size, path.stat().st_mtime_ns] != list(stamp[1:]):
+            changed.append(stamp[0])
+    if changed:
+        raise ConfigError(
+            f"--cache_dir {root}: {len(changed)} dataset files changed since they were encoded "
+            f"({preview(sorted(changed), 3)}); run --stage encode again into this --cache_dir (it re-encodes "
+            "the samples of changed files) before training from it"
+        )
+    if missing:
+        logger.warning(
+            "--cache_dir %s: %d files it was encoded from are gone (%s); training on the samples as encoded",
+            root,
+            len(missing),
+            preview(sorted(missing), 3),
+        )
 
 
 def write_cache_index(cache_dir: Path, dataset: MetadataDataset, settings: dict) -> None:
@@ -920,6 +1047,7 @@ def write_cache_index(cache_dir: Path, dataset: MetadataDataset, settings: dict)
         "frames": list(dataset.sample_frames),
         "conditioning": [list(c) for c in dataset.sample_conditioning],
         "repeats": list(dataset.repeats),
+        SOURCES_KEY: [source_stamps(dataset, i) for i in range(len(dataset))],
         "settings": settings,
         "metadata": str(dataset.metadata),
     }
@@ -998,6 +1126,23 @@ def batch_plan(
     return mine[: len(mine) // accumulation * accumulation]
 
 
+def left_out_samples(
+    keys: Sequence[Hashable],
+    *,
+    batch_size: int,
+    repeat: int,
+    seed: int,
+    world: int,
+    accumulation: int,
+    repeats: Sequence[int] | None = None,
+) -> tuple[int, int]:
+    """(samples left out, samples) of the first epoch's plan: `batch_plan` deals the batches out in whole groups of
+    `world` processes x `accumulation` steps, so the batches past the last whole group are not trained on."""
+    batches = batch_plan(keys, batch_size=batch_size, repeat=repeat, seed=seed, repeats=repeats)
+    used = len(batches) // (world * accumulation) * world * accumulation
+    return sum(len(b) for b in batches[used:]), sum(len(b) for b in batches)
+
+
 def steps_per_epoch(
     keys: Sequence[Hashable],
     *,
@@ -1032,6 +1177,7 @@ __all__ = [
     "bucket_for",
     "cache_settings",
     "fit",
+    "left_out_samples",
     "metadata_file",
     "naming_rows",
     "plan_fingerprint",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,15 @@ def is_sharded(acc) -> bool:
 
 
 def check_mode(acc) -> None:
-    """Refuse the accelerate modes whose state the trainer cannot save and resume."""
+    """Refuse the accelerate modes whose state the trainer cannot save and resume, and a launch configured for
+    FSDP or DeepSpeed that accelerate runs as another mode without CUDA (plain DDP on the CPU: not what was asked)."""
     kind = distributed_kind(acc)
+    for variable, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if _env_flag(variable) and kind != wanted and not torch.cuda.is_available():
+            raise ConfigError(
+                f"the accelerate config asks for {wanted} ({variable}), but accelerate runs this as {kind}: "
+                f"{wanted} needs GPUs (CUDA); launch it on GPUs, or without that config for DDP"
+            )
     if kind == "FSDP" and getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", 1) != 2:
         raise ConfigError(
             "accelerate is configured for FSDP version 1; the trainer runs FSDP2 (fully_shard): set "
@@ -100,6 +108,11 @@ def check_mode(acc) -> None:
         raise ConfigError(
             f"accelerate is configured for {kind}; the trainer runs single-process, DDP, FSDP2 or DeepSpeed"
         )
+
+
+def _env_flag(name: str) -> bool:
+    """An environment switch as accelerate reads them (true, 1, yes, on)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "t", "yes", "y", "on")
 
 
 def configure_deepspeed(acc, cfg) -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import VIDEO_SUFFIXES, upright
+from diffsynth.runtime.media import VIDEO_SUFFIXES, eight_bit, upright
 
 MASK_COLUMN = "loss_mask"  # the metadata column of a row's mask file
 MASK_NAME = "-masklabel"  # a captioned folder's mask beside its picture or video (OneTrainer's name)
@@ -64,7 +64,7 @@ def read_mask(path: Path, media_size: tuple[int, int], bucket: tuple[int, int], 
     row's media first, then `fit` to the bucket as the media is, so both are cropped alike."""
     try:
         with Image.open(path) as image:
-            gray = upright(image).convert("L")
+            gray = eight_bit(upright(image), f"the mask {path}").convert("L")  # 16-bit grey scaled, not clipped
     except (OSError, ValueError) as error:
         raise ConfigError(f"--masked_loss: the mask {path} cannot be read as a picture ({error})") from None
     return _nonzero(_fitted(gray, media_size, bucket, fit), bucket, f"the mask {path}")

@@ -51,6 +51,7 @@ from .checkpoint import (
     find_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    refuse_older_run,
     rng_state,
     save_checkpoint,
     save_full_weights,
@@ -68,6 +69,7 @@ from .data import (
     atomic_write_text,
     batch_plan,
     cache_settings,
+    left_out_samples,
     plan_fingerprint,
     plan_keys,
     steps_per_epoch,
@@ -141,6 +143,10 @@ _RESUMABLE_CHANGES = {
     "validation_dataset_metadata_path",
     "validation_loss_steps",
     "validation_loss_sigmas",
+    "output_path",  # a copy of the output folder resumed in another place
+    "lora_formats",
+    "align_to_opensource_format",  # DiffSynth-Studio's name for --lora_formats kohya
+    "save_dtype",
 }  # what a resumed run may change without training differently (what it saves, logs and samples)
 
 
@@ -150,7 +156,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch in progress
-    batches_done: int = 0  # micro-batches of this epoch each process has trained on
+    batches_done: int = 0  # micro-batches of this epoch each process has trained on (all: this x processes)
     loss: float = math.nan  # mean loss of the last step, over micro-batches and processes
     grad_norm: float | None = None  # the last step's gradient norm before clipping (None: not clipped)
     lr: float | None = None  # the learning rate the last step used (the scheduler has moved on to the next)
@@ -185,6 +191,8 @@ class Run:
 # ----------------------------------------------------------------------------------- the recipe
 def train(config: TrainConfig) -> TrainState:
     """Train as `config` says; returns the final state."""
+    if not config.check().resume:
+        refuse_older_run(Path(config.output_path) / CHECKPOINTS)
     run = setup(config)
     acc, cfg = run.accelerator, run.config
     state = TrainState()
@@ -361,6 +369,8 @@ def setup(config: TrainConfig) -> Run:
             f"{cfg.batch_size} over {acc.num_processes} processes give less than one step of "
             f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower those or raise --dataset_repeat"
         )
+    if acc.is_main_process:
+        report_left_out(cfg, dataset, acc.num_processes)
     total = per_epoch * cfg.num_epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.num_epochs)
     if (is_sharded(acc) or is_deepspeed(acc)) and (cfg.optimizer != "adamw" or cfg.ema_decay is not None):
         raise ConfigError(
@@ -425,6 +435,31 @@ def setup(config: TrainConfig) -> Run:
         validation_set=held_out,
         prompt_lines=prompt_lines,
     )
+
+
+def report_left_out(cfg: TrainConfig, dataset: Dataset, world: int) -> None:
+    """Say once how many samples each epoch leaves out: batches are trained in whole groups of processes x
+    accumulation steps, and the rest of an epoch's batches is dropped."""
+    left_out, samples = left_out_samples(
+        plan_keys(dataset, cfg.batch_size),
+        batch_size=cfg.batch_size,
+        repeat=cfg.dataset_repeat,
+        seed=cfg.seed,
+        world=world,
+        accumulation=cfg.gradient_accumulation_steps,
+        repeats=dataset.repeats,
+    )
+    if left_out:
+        logger.info(
+            "%d of %d samples per epoch are left out (about as many each epoch, other ones each time): the batches "
+            "of --batch_size %d are trained in whole groups of %d processes x --gradient_accumulation_steps %d; "
+            "another --dataset_repeat or --batch_size may leave fewer out",
+            left_out,
+            samples,
+            cfg.batch_size,
+            world,
+            cfg.gradient_accumulation_steps,
+        )
 
 
 def micro_batch_noise(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -1018,6 +1053,8 @@ def save(run: Run, state: TrainState) -> None:
                 written.append(save_full_weights(averaged, run.output / f"{name}-ema" / slot, dtype, files))
         logger.info("step %d: wrote %s", state.step, ", ".join(str(p) for p in written))
     progress = {"step": state.step, "epoch": state.epoch, "batches_done": state.batches_done}
+    # the position over all processes, so that a resume by another number of processes finds it (`_resumed_position`)
+    progress.update(processes=acc.num_processes, all_batches_done=state.batches_done * acc.num_processes)
     progress.update(total_steps=run.total_steps, plan=_plan_fingerprint(run))  # what a resume compares
     saved_state = {
         "optimizer": optimizer_state,
@@ -1086,22 +1123,54 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
     if run.ema is not None:
         if (folder / EMA_FILE).is_file():
             run.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True))
-        else:
-            logger.warning("--ema_decay: %s holds no average (trained without it): it starts from the weights", folder)
+        else:  # the average set up before the weights came back: it starts over from the resumed ones
+            run.ema = EMA(run.trainable, run.config.ema_decay)
+            logger.warning(
+                "--ema_decay: %s holds no average (trained without it): it starts from the resumed weights", folder
+            )
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     set_rng_state(rng)
     before, now = saved["config"], run.config.to_dict()
+    progress = saved["progress"]
+    batches_done = _resumed_position(run, folder, progress, before)
     defaults = TrainConfig().to_dict()  # a setting newer than the checkpoint took its default there
-    changed = [k for k in now if k not in _RESUMABLE_CHANGES and before.get(k, defaults[k]) != now[k]]
+    resumable = set(_RESUMABLE_CHANGES)
+    if progress.get("processes", acc.num_processes) != acc.num_processes:  # the same global batch: the same steps
+        resumable.add("gradient_accumulation_steps")
+    changed = [k for k in now if k not in resumable and before.get(k, defaults[k]) != now[k]]
     if changed:
         logger.warning(
             "resuming with changed settings (the run will not match an uninterrupted one): %s",
             ", ".join(f"--{k} {before.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed),
         )
-    progress = saved["progress"]
     _warn_of_another_plan(run, progress)
     logger.info("resumed from %s: step %d, epoch %d", folder, progress["step"], progress["epoch"] + 1)
-    return replace(state, step=progress["step"], epoch=progress["epoch"], batches_done=progress["batches_done"])
+    return replace(state, step=progress["step"], epoch=progress["epoch"], batches_done=batches_done)
+
+
+def _resumed_position(run: Run, folder: Path, progress: Mapping[str, Any], before: Mapping[str, Any]) -> int:
+    """The micro-batches of the checkpoint's epoch each process of this run has done. Batches are dealt out to the
+    processes in turn, so a checkpoint written by N processes resumes on M when the global batch (processes x
+    --gradient_accumulation_steps x --batch_size) is the same: its position over all processes, divided by M.
+    Otherwise the plan and the steps differ and the run is refused. Checkpoints from before the process count was
+    recorded are taken as written by as many processes as this run."""
+    here = run.accelerator.num_processes
+    there = progress.get("processes", here)
+    if there == here:
+        return progress["batches_done"]
+    cfg = run.config
+    global_batch = here * cfg.gradient_accumulation_steps * cfg.batch_size
+    saved_batch = there * before.get("gradient_accumulation_steps", 1) * before.get("batch_size", 1)
+    done = progress.get("all_batches_done", progress["batches_done"] * there)
+    if saved_batch != global_batch or done % here:
+        raise ConfigError(
+            f"--resume {folder}: written by {there} processes, resumed by {here}; the global batch (processes x "
+            f"--gradient_accumulation_steps x --batch_size) was {saved_batch} there and is {global_batch} here: "
+            "resume with the same global batch (e.g. raise --gradient_accumulation_steps as processes go) or "
+            f"with {there} processes"
+        )
+    logger.info("resumed by %d processes a checkpoint of %d: %d batches of the epoch done in all", here, there, done)
+    return done // here
 
 
 def forget_metrics_after(path: Path, step: int) -> None:
@@ -1211,6 +1280,7 @@ def write_encoded(
         world=acc.num_processes,
         num_workers=cfg.dataset_num_workers,
     )
+    count = int(acc.reduce(torch.tensor(count, device=acc.device), reduction="sum"))  # every process's share
     logger.info("encoded %d samples into %s", count, folder)
     acc.wait_for_everyone()
     if acc.is_main_process:
