@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffsynth_flux2_test_repo import CAPTIONS, our_pipeline
+from diffsynth_flux2_test_repo import CAPTIONS, build_tiny_dev_repo, our_pipeline
 from diffsynth_flux_test_helpers import max_abs, random_image
 from PIL import Image
 
@@ -31,6 +31,12 @@ def distilled_pipe(tiny_klein_repo, tmp_path_factory):
     shutil.copytree(tiny_klein_repo, root)
     (root / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
     return our_pipeline(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_dev_pipe(tmp_path_factory):
+    """A tiny FLUX.2-dev: its DiT embeds the distilled guidance."""
+    return our_pipeline(build_tiny_dev_repo(tmp_path_factory.mktemp("tiny-flux2-dev") / "repo"))
 
 
 def noise(seed: int = 5) -> torch.Tensor:
@@ -113,6 +119,20 @@ def test_embedded_guidance_on_klein_is_refused(tiny_klein_pipe):
     assert not tiny_klein_pipe.dit.config.guidance_embed
     with pytest.raises(ConfigError, match=r"embedded_guidance=9.0.*no guidance embedder.*cfg_scale"):
         ours(tiny_klein_pipe, embedded_guidance=9.0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), True, "4"])
+def test_non_finite_cfg_scale_is_refused_by_name(tiny_klein_pipe, value):
+    """NaN or infinite guidance made every prediction NaN: a black image and no error."""
+    with pytest.raises(ConfigError, match=rf"cfg_scale={value!r} must be a finite number"):
+        ours(tiny_klein_pipe, cfg_scale=value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_non_finite_embedded_guidance_on_dev_is_refused_by_name(tiny_dev_pipe, value):
+    assert tiny_dev_pipe.dit.config.guidance_embed
+    with pytest.raises(ConfigError, match=rf"embedded_guidance={value!r} must be a finite number"):
+        ours(tiny_dev_pipe, embedded_guidance=value)
 
 
 @pytest.mark.parametrize("sigmas", [[1.0, 0.5, 0.0, 0.0], [1.0, 0.5, 0.0]])

@@ -62,19 +62,21 @@ def test_regions_outside_the_clip_or_not_finite_are_refused(tiny_ltx2_pipe, regi
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "reason"),
     [
-        dict(frame_rate=float("inf")),
-        dict(cfg_scale=float("nan")),
-        dict(audio_cfg_scale=float("nan")),
-        dict(modality_scale=float("nan")),
-        dict(audio_modality_scale=float("inf")),
-        dict(stg_scale=float("nan")),
+        (dict(frame_rate=float("inf")), "is not accepted; use a positive number"),
+        (dict(cfg_scale=float("nan")), "must be a finite number"),
+        (dict(audio_cfg_scale=float("nan")), "must be a finite number"),
+        (dict(modality_scale=float("nan")), "must be a finite number"),
+        (dict(audio_modality_scale=float("inf")), "must be a finite number"),
+        (dict(stg_scale=float("nan")), "must be a finite number"),
+        (dict(cfg_scale=True), "must be a finite number"),
     ],
 )
-def test_non_finite_numbers_are_refused_by_name(tiny_ltx2_pipe, kwargs):
+def test_non_finite_numbers_are_refused_by_name(tiny_ltx2_pipe, kwargs, reason):
+    """Guidance scales go through the runtime's `finite_number`, with its message (as the other families)."""
     ((name, value),) = kwargs.items()
-    with pytest.raises(ConfigError, match=rf"{name}={value!r}"):
+    with pytest.raises(ConfigError, match=rf"{name}={value!r} {reason}"):
         tiny_ltx2_pipe(CAPTIONS[0], **{**SETTINGS, **kwargs})
 
 

@@ -55,11 +55,12 @@ from PIL import Image
 from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_inputs, model_source
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import eight_bit, load_image, pil_to_tensor, tensor_to_output, upright
 from diffsynth.runtime.pipeline import (
     BasePipeline,
     accepts_tea_cache,
     fetch_companion_config,
+    finite_number,
     lora_file,
     weight_paths,
 )
@@ -662,7 +663,7 @@ class FluxImagePipeline(BasePipeline):
             self.dit, flex_inpaint_image, flex_inpaint_mask, flex_control_image, flex_control_strength,
             flex_control_stop, kontext_images,
         )  # fmt: skip
-        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
+        cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 1.0), "cfg_scale")
         fill = channel_inputs is not None and channel_inputs[0] == FILL
         guidance = self.setting("embedded_guidance", embedded_guidance, FILL_GUIDANCE if fill else DEFAULT_GUIDANCE)
         guidance = check_guidance(guidance)
@@ -707,7 +708,7 @@ class FluxImagePipeline(BasePipeline):
         shift = self.setting("sigma_shift", sigma_shift, None)
         shape = {"image_seq_len": (height // 16) * (width // 16)}
         if shift is not None:
-            if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+            if not finite_number(shift, "sigma_shift") > 0:
                 raise ConfigError(f"sigma_shift={shift!r} is not accepted; use a number > 0 (or None for FLUX.1's)")
             shape = {"mu": math.log(shift)}  # e^mu / (e^mu + 1/t - 1) is the static shift by e^mu
         elif not self.dit.config.guidance_embed:  # schnell: BFL and diffusers sample it unshifted
@@ -1188,8 +1189,7 @@ class FluxImagePipeline(BasePipeline):
             return None
         if image is not None and embedding is not None:
             raise ConfigError("give infiniteyou_id_image or infiniteyou_id_embedding, not both")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-            raise ConfigError(f"infiniteyou_guidance={guidance!r} must be a number")
+        finite_number(guidance, "infiniteyou_guidance")
         projector = self.infiniteyou_projector
         if projector is None:
             raise ConfigError(
@@ -1649,12 +1649,7 @@ class FluxImagePipeline(BasePipeline):
     def encode_inpaint_control(self, image: Image.Image, mask, tiled=False, tile_size=512, tile_stride=384):
         """alimama's inpainting condition: the image with the masked pixels black, VAE-encoded, and the
         kept region (1 - mask, nearest-resized to the latent grid) as a 17th channel, packed (68 features)."""
-        if isinstance(mask, (str, os.PathLike)):
-            with Image.open(mask) as opened:
-                mask = opened.convert("L")
-        if not isinstance(mask, Image.Image):
-            raise ConfigError(f"inpaint_mask must be a file path or a PIL.Image, got {type(mask).__name__}")
-        gray = mask.convert("L").resize(image.size, Image.LANCZOS)
+        gray = _load_mask(mask, "inpaint_mask").resize(image.size, Image.LANCZOS)
         repaint = torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0 >= 0.5).float()[None, None]
         pixels = pil_to_tensor([image], dtype=module_dtype(self.vae), device=self.device)
         pixels = pixels.masked_fill(repaint.to(self.device).bool(), -1.0)
@@ -1696,13 +1691,14 @@ def insert_anything_output(images: torch.Tensor, insert, output_type: str):
 
 
 def _load_mask(mask, name: str) -> Image.Image:
-    """A mask (PIL image of any mode, or a file path) as a grayscale image; white = repaint."""
+    """A mask (PIL image of any mode, or a file path) as a grayscale image; white = repaint. It is read upright as
+    its EXIF says, and 16-bit grey is scaled to 8 bits (`media.eight_bit`): PIL's `convert("L")` would clip it to
+    white, so a soft mask would repaint everything. A missing or unreadable file is a ConfigError naming it."""
     if isinstance(mask, (str, os.PathLike)):
-        with Image.open(mask) as opened:
-            return opened.convert("L")
+        return load_image(mask).convert("L")
     if not isinstance(mask, Image.Image):
         raise ConfigError(f"{name} must be a file path or a PIL.Image (white = repaint), got {type(mask).__name__}")
-    return mask.convert("L")
+    return eight_bit(upright(mask), name).convert("L")
 
 
 def _binary_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ import contextlib
 import functools
 import logging
 import math
-import numbers
 import operator
 import os
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import h264_frame, load_audio, load_image, pil_to_tensor, resample_audio, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline, lora_file, seeded_generator
+from diffsynth.runtime.pipeline import BasePipeline, finite_number, lora_file, seeded_generator
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -73,13 +72,6 @@ DFR_DISTILLED_LORA_STRENGTH = 1.0  # ltx-pipelines' DFRPipeline runs the distill
 SCHEDULE_TOKENS = 4096  # the authors call LTX2Scheduler without a latent: the shift of 4096 tokens
 ImageInput = str | os.PathLike | Image.Image
 MAX_WAVEFORM_PEAK = 2.0  # a float waveform is in [-1, 1]; peaks past this are PCM-scaled (x 32767), not sound
-
-
-def finite_number(name: str, value) -> float:
-    """`value` as a float; a NaN or infinite scale or rate makes NaN frames or an empty clip, so it is refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} is not accepted; use a finite number")
-    return float(value)
 
 
 def frame_index(value) -> int | None:
@@ -337,7 +329,7 @@ class LTX2Pipeline(BasePipeline):
         hq = bool(self.setting("use_hq_pipeline", use_hq_pipeline, False))
         default_steps = 8 if distilled else res2s.HQ_STEPS if hq else self.default_steps
         steps = self.setting("num_inference_steps", num_inference_steps, default_steps)
-        scale = finite_number("cfg_scale", self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG))
+        scale = finite_number(self.setting("cfg_scale", cfg_scale, 1.0 if distilled else DEFAULT_CFG), "cfg_scale")
         dfr_on = bool(self.setting("use_dfr_pipeline", use_dfr_pipeline, False))
         guidance_given = {  # the arguments DFR does not read (no guidance, fixed sigma tables): it refuses them
             "negative_prompt": negative_prompt, "cfg_scale": cfg_scale, "audio_cfg_scale": audio_cfg_scale,
@@ -350,7 +342,7 @@ class LTX2Pipeline(BasePipeline):
         if audio_cfg_scale is None:  # an explicit cfg_scale guides both streams unless audio_cfg_scale is given
             fallback = 1.0 if distilled else DEFAULT_AUDIO_CFG
             audio_cfg_scale = scale if cfg_scale is not None else self.defaults.get("audio_cfg_scale", fallback)
-        audio_scale = finite_number("audio_cfg_scale", audio_cfg_scale)
+        audio_scale = finite_number(audio_cfg_scale, "audio_cfg_scale")
         rescale = float(self.setting("guidance_rescale", guidance_rescale, res2s.HQ_RESCALE if hq else DEFAULT_RESCALE))
         if audio_guidance_rescale is None:  # follows an explicit guidance_rescale, as the audio scales do
             fallback = res2s.HQ_AUDIO_RESCALE if hq else rescale
@@ -1383,7 +1375,7 @@ class LTX2Pipeline(BasePipeline):
         video = self.setting(name, value, fallback)
         if audio_value is None:
             audio_value = video if value is not None else self.defaults.get(audio_name, fallback)
-        return finite_number(name, video), finite_number(audio_name, audio_value)
+        return finite_number(video, name), finite_number(audio_value, audio_name)
 
     @property
     def is_ltx23(self) -> bool:

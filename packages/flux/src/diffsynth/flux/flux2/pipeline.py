@@ -31,7 +31,7 @@ from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.models.qwen3 import Qwen3TextEncoder
-from diffsynth.runtime.pipeline import BasePipeline, weight_paths
+from diffsynth.runtime.pipeline import BasePipeline, finite_number, weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -211,14 +211,16 @@ class Flux2ImagePipeline(BasePipeline):
                 raise ConfigError("give latents or DiffSynth-Studio's initial_noise (the same thing), not both")
             latents = initial_noise
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
-        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
+        cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 1.0), "cfg_scale")
         if embedded_guidance is not None and not self.dit.config.guidance_embed:
             raise ConfigError(
                 f"embedded_guidance={embedded_guidance!r} is FLUX.2-dev's distilled guidance; this DiT (klein) has no "
                 "guidance embedder, so it would change nothing. klein has no distilled guidance: the klein base "
                 "models take cfg_scale (true CFG), the step-distilled ones neither"
             )
-        guidance = float(self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE))
+        guidance = finite_number(
+            self.setting("embedded_guidance", embedded_guidance, DEFAULT_GUIDANCE), "embedded_guidance"
+        )
         steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
         max_sequence_length = self.setting("max_sequence_length", max_sequence_length, 512)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
