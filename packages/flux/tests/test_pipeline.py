@@ -242,7 +242,9 @@ def test_model_configs_with_tokenizer_configs(tiny_repo):
         tokenizer_2_config=ModelConfig(path=str(tiny_repo / "tokenizer_2")),
     )
     assert pipe("a cat", seed=0, **FAST).size == (32, 32)
-    bare = FluxImagePipeline.from_pretrained(model_configs=configs, torch_dtype="float32", device="cpu")
+    bare = FluxImagePipeline.from_pretrained(
+        model_configs=configs, torch_dtype="float32", device="cpu", tokenizer_1_config=None, tokenizer_2_config=None
+    )  # explicit None: none loaded (left out, they are FLUX.1-dev's: test_studio_model_configs.py)
     with pytest.raises(ConfigError, match="tokenizer_2_config"):
         bare("a cat", **FAST)
 

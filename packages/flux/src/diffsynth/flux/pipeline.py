@@ -46,6 +46,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_inputs, model_source
-from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.errors import ConfigError, DiffSynthError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import eight_bit, load_image, pil_to_tensor, tensor_to_output, upright
 from diffsynth.runtime.pipeline import (
@@ -270,6 +271,38 @@ def infinityou_spellings(image, studio_image, guidance, studio_guidance) -> tupl
     return (studio_image if image is None else image), (1.0 if guidance is None else guidance)
 
 
+class _NotGiven:
+    """The default of arguments whose explicit None means "none" (DiffSynth-Studio's), unlike leaving them out."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+NOT_GIVEN: Any = _NotGiven()
+STUDIO_TOKENIZER_REPO = "black-forest-labs/FLUX.1-dev"  # DiffSynth-Studio's tokenizer_1/2_config repo
+
+
+def load_flux_tokenizer(pipe: BasePipeline, config: ModelConfig, argument: str):
+    """A tokenizer folder loaded with `AutoTokenizer`; a missing folder names the argument it came from."""
+    try:
+        return BasePipeline._load_tokenizer(pipe, config)
+    except DiffSynthError as exc:
+        raise type(exc)(f"{argument}: {exc}") from exc
+
+
+def holds_qwen25vl(config: ModelConfig) -> bool:
+    """Whether a config's files hold a Qwen2.5-VL (read from their headers): Step1X-Edit's text encoder."""
+    from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
+    from diffsynth.runtime.loading import recognise
+
+    try:
+        state = open_checkpoint(weight_paths(config))
+        found = recognise(state.meta_state_dict(), label=checkpoint_label(state.files))
+    except DiffSynthError:  # unreadable or unknown files: the caller's own error says so
+        return False
+    return any(rec.spec.name == "qwen25vl" for rec in found)
+
+
 def kontext_resolution(width: int, height: int) -> tuple[int, int]:
     """The (width, height) of `KONTEXT_RESOLUTIONS` whose aspect ratio is nearest `width / height`."""
     return min(KONTEXT_RESOLUTIONS, key=lambda wh: (abs(width / height - wh[0] / wh[1]), wh))
@@ -326,21 +359,30 @@ class FluxImagePipeline(BasePipeline):
         device: str | torch.device | None = None,
         model_configs: Sequence[ModelConfig] = (),
         tokenizer_config: ModelConfig | None = None,
-        tokenizer_1_config: ModelConfig | None = None,
-        tokenizer_2_config: ModelConfig | None = None,
+        tokenizer_1_config: ModelConfig | None = NOT_GIVEN,
+        tokenizer_2_config: ModelConfig | None = NOT_GIVEN,
         vram_limit: float | None = None,
         controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
         nexus_gen_processor_config: ModelConfig | None = None,
+        step1x_processor_config: ModelConfig | None = None,
         quantize=None,
     ):
         """As `BasePipeline.from_pretrained`, with FLUX.1's two tokenizers.
 
         `tokenizer_1_config` (CLIP, `tokenizer/`; `tokenizer_config` is accepted for it too) and
         `tokenizer_2_config` (T5, `tokenizer_2/`) default to those folders of the given local folder
-        or preset repo. `controlnet` loads one or several ControlNets (see `load_controlnet`).
+        or preset repo; with `model_configs`, to those of black-forest-labs/FLUX.1-dev, as DiffSynth-Studio's
+        (only the tokenizer files are fetched). An explicit None loads none (as DiffSynth-Studio).
+        `step1x_processor_config` (DiffSynth-Studio's) is refused: Step1X-Edit is `Step1XEditPipeline`.
+        `controlnet` loads one or several ControlNets (see `load_controlnet`).
         `nexus_gen_processor_config` (DiffSynth-Studio's name) is Nexus-Gen's processor folder; with its model
         loaded it defaults to `processor/` of DiffSynth-Studio/Nexus-GenV2.
         """
+        if step1x_processor_config is not None:
+            raise ConfigError(
+                "step1x_processor_config is for Step1X-Edit, which loads with "
+                "diffsynth.flux.step1x.Step1XEditPipeline.from_pretrained(model_configs=..., processor_config=...)"
+            )
         pipe = super().from_pretrained(
             model_id_or_configs,
             torch_dtype=torch_dtype,
@@ -350,24 +392,6 @@ class FluxImagePipeline(BasePipeline):
             controlnet=controlnet,
             quantize=quantize,
         )
-        first = tokenizer_1_config or tokenizer_config
-        second = tokenizer_2_config
-        if isinstance(model_id_or_configs, (str, os.PathLike)):
-            source = str(model_id_or_configs)
-            if Path(source).is_dir():
-                found = [Path(source) / name for name in ("tokenizer", "tokenizer_2")]
-                defaults = [ModelConfig(path=str(p)) if p.is_dir() else None for p in found]
-            else:
-                preset = cls._preset(source)
-                repo = preset.tokenizer.model_id if preset.tokenizer is not None else preset.name
-                defaults = [
-                    ModelConfig(model_id=repo, origin_file_pattern=f"{n}/") for n in ("tokenizer", "tokenizer_2")
-                ]
-            first, second = first or defaults[0], second or defaults[1]
-        if first is not None:
-            pipe.tokenizer_1 = BasePipeline._load_tokenizer(pipe, first)
-        if second is not None:
-            pipe.tokenizer_2 = BasePipeline._load_tokenizer(pipe, second)
         sources, pipe._ip_adapter_sources = pipe._ip_adapter_sources, {}
         redux, pipe._redux_source = pipe._redux_source, None
         if sources and "adapter" not in sources and redux is None:
@@ -376,6 +400,15 @@ class FluxImagePipeline(BasePipeline):
                 "Redux embedder; add the adapter (ip-adapter.bin / ip_adapter.safetensors) or the Redux embedder "
                 "(flux1-redux-dev.safetensors), or drop the encoder"
             )
+        if tokenizer_1_config is NOT_GIVEN and tokenizer_config is not None:
+            tokenizer_1_config = tokenizer_config
+        defaults = cls._default_tokenizers(model_id_or_configs)
+        for attribute, given, default in zip(
+            ("tokenizer_1", "tokenizer_2"), (tokenizer_1_config, tokenizer_2_config), defaults, strict=True
+        ):
+            config = default if given is NOT_GIVEN else given
+            if config is not None:
+                setattr(pipe, attribute, load_flux_tokenizer(pipe, config, f"{attribute}_config"))
         # an IP-Adapter or Redux among model_configs, as DiffSynth-Studio lists them: loaded once the DiT is
         if "adapter" in sources:
             pipe.load_ip_adapter(sources["adapter"], image_encoder=sources.get("image_encoder"))
@@ -393,6 +426,20 @@ class FluxImagePipeline(BasePipeline):
                 "ModelConfig(model_id='DiffSynth-Studio/Nexus-GenV2', origin_file_pattern='model*.safetensors')"
             )
         return pipe
+
+    @classmethod
+    def _default_tokenizers(cls, source) -> list[ModelConfig | None]:
+        """The (CLIP, T5) tokenizer configs a left-out `tokenizer_1/2_config` means: the folder's or preset repo's
+        `tokenizer/` and `tokenizer_2/`; for `model_configs`, black-forest-labs/FLUX.1-dev's (DiffSynth-Studio's
+        defaults: every FLUX.1 model shares these tokenizers)."""
+        names = ("tokenizer", "tokenizer_2")
+        if not isinstance(source, (str, os.PathLike)):
+            return [ModelConfig(model_id=STUDIO_TOKENIZER_REPO, origin_file_pattern=f"{n}/") for n in names]
+        if Path(source).is_dir():
+            return [ModelConfig(path=str(p)) if p.is_dir() else None for p in (Path(source) / n for n in names)]
+        preset = cls._preset(str(source))
+        repo = preset.tokenizer.model_id if preset.tokenizer is not None else preset.name
+        return [ModelConfig(model_id=repo, origin_file_pattern=f"{n}/") for n in names]
 
     def controlnet_spec(self):
         """FLUX.1 ControlNets: diffusers `FluxControlNetModel` files (`controlnet=` / `load_controlnet` take a
@@ -458,7 +505,15 @@ class FluxImagePipeline(BasePipeline):
                 )
             self._ip_adapter_sources[part] = config
             return
-        super()._load_config(config)
+        try:
+            super()._load_config(config)
+        except ConfigError as exc:
+            if not holds_qwen25vl(config):
+                raise
+            raise ConfigError(
+                f"{exc}. Qwen2.5-VL is Step1X-Edit's text encoder: load DiffSynth-Studio's Step1X-Edit model_configs "
+                "with diffsynth.flux.step1x.Step1XEditPipeline.from_pretrained (or the stepfun-ai/Step1X-Edit preset)"
+            ) from None
 
     def _load_tokenizer(self, config: ModelConfig):
         """The base class finds at most one tokenizer; `from_pretrained` loads FLUX.1's two itself."""

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.errors import ConfigError, DiffSynthError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.pipeline import BasePipeline
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
-from .pipeline import latent_ids, pack_latents, unpack_latents
+from .pipeline import NOT_GIVEN, latent_ids, pack_latents, unpack_latents
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ VISION_FACTOR = 28  # Qwen2.5-VL's 14 px patches, merged 2 x 2
 # qwen_vl_utils' own limits (4 to 16384 merged patches), applied before the processor's in the authors' code
 FETCH_MIN_PIXELS, FETCH_MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28
 QUOTE_OPEN_ID, QUOTE_CLOSE_ID = 2073, 854  # Qwen2.5 token ids of the curly quotes wrapped around quoted characters
+PROCESSOR_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"  # DiffSynth-Studio's step1x_processor_config default
 QUOTE_AFTER = 155  # quotes are only honoured past this character of the templated text (the authors' rule)
 
 # The authors' prompt-enhancer prefix, put before the image in the user turn (their `Qwen25VL_7b_PREFIX`).
@@ -239,6 +240,18 @@ def step1x_velocity(dit, connector, x, reference, ids, states, mask, sigma) -> t
     return out[:, :n].float()
 
 
+def one_processor_config(ours, studio, kwargs: dict):
+    """The processor config given under one of its names (ours, DiffSynth-Studio's `step1x_processor_config`, or
+    `tokenizer_config` in `kwargs`, popped), NOT_GIVEN when none is."""
+    given = {"processor_config": ours, "step1x_processor_config": studio}
+    if "tokenizer_config" in kwargs:
+        given["tokenizer_config"] = kwargs.pop("tokenizer_config")
+    named = {name: value for name, value in given.items() if value is not NOT_GIVEN}
+    if len(named) > 1:
+        raise ConfigError(f"give one of {sorted(named)}: they all name Step1X-Edit's Qwen2.5-VL processor")
+    return next(iter(named.values()), NOT_GIVEN)
+
+
 class Step1XEditPipeline(BasePipeline):
     """Step1X-Edit: `pipe(prompt, reference_image=image)` edits the image as the instruction says."""
 
@@ -260,19 +273,28 @@ class Step1XEditPipeline(BasePipeline):
         cls,
         model_id_or_configs: str | os.PathLike | Sequence[ModelConfig] | None = None,
         *,
-        processor_config: ModelConfig | None = None,
+        processor_config: ModelConfig | None = NOT_GIVEN,
+        step1x_processor_config: ModelConfig | None = NOT_GIVEN,
         **kwargs,
     ):
-        """As `BasePipeline.from_pretrained`; `processor_config` (or the preset's tokenizer entry: the
-        Qwen2.5-VL-7B-Instruct repo root) gives the image processor and tokenizer."""
-        processor_config = processor_config or kwargs.pop("tokenizer_config", None)
+        """As `BasePipeline.from_pretrained`; `processor_config` (DiffSynth-Studio's `step1x_processor_config` and
+        `tokenizer_config` are taken too) gives the image processor and tokenizer. Left out, it is the preset's
+        tokenizer entry, or with `model_configs` Qwen/Qwen2.5-VL-7B-Instruct's `*.json` files (DiffSynth-Studio's
+        default repo); an explicit None loads none."""
+        processor_config = one_processor_config(processor_config, step1x_processor_config, kwargs)
+        if processor_config is NOT_GIVEN:
+            preset = isinstance(model_id_or_configs, (str, os.PathLike))
+            processor_config = None if preset else ModelConfig(model_id=PROCESSOR_REPO, origin_file_pattern="*.json")
         pipe = super().from_pretrained(model_id_or_configs, tokenizer_config=processor_config, **kwargs)
         if pipe.dit is not None and pipe.dit.guidance_in is not None:
             raise ConfigError("Step1XEditPipeline: the DiT has a guidance embedder; Step1X-Edit's has none")
         return pipe
 
     def _load_tokenizer(self, config: ModelConfig):
-        paths = config.resolve()
+        try:
+            paths = config.resolve()
+        except DiffSynthError as exc:
+            raise type(exc)(f"processor_config: {exc}") from exc
         folder = paths[0] if Path(paths[0]).is_dir() else str(Path(paths[0]).parent)
         self.processor = Step1XProcessor.from_folder(folder)
         return self.processor.tokenizer
