@@ -143,6 +143,14 @@ def test_refusals(flex_pipe, tiny_pipe):
         flex_pipe("a cat", flux_fill_image=random_image(32, 32), flux_fill_mask=mask_image(32, 32), **FAST)
 
 
+@pytest.mark.parametrize("name", ["flex_control_strength", "flex_control_stop"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.5"], ids=str)
+def test_control_strength_and_stop_must_be_finite_numbers(flex_pipe, name, value):
+    """A NaN or infinite strength scaled the control latents into a NaN image; a NaN stop passed the range check."""
+    with pytest.raises(ConfigError, match=rf"{name}=.* must be a finite number"):
+        flex_pipe("a cat", flex_control_image=random_image(32, 32), height=32, width=32, **{name: value}, **FAST)
+
+
 def test_cli_maps_inpaint_and_control_flags_to_flex_inputs(flex_repo, tiny_repo, tmp_path, capsys):
     """`--input-image` + `--inpaint-mask` are Flex.2's `flex_inpaint_*` and `--control-image MAP:STRENGTH` its
     `flex_control_*`: the written picture is the pipeline call with those arguments; a plain DiT refuses them."""

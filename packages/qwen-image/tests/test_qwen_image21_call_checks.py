@@ -1,5 +1,5 @@
-"""`QwenImage21Pipeline.__call__` argument handling: when true CFG runs, and explicit `sigmas` checked before any
-model runs."""
+"""`QwenImage21Pipeline.__call__` argument handling: when true CFG runs, and `cfg_scale` and explicit `sigmas`
+checked before any model runs."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def test_cfg_scale_above_one_reads_the_negative_prompt(pipe, one_thread):
     plain = pipe("a red fox in the snow", negative_prompt="an owl", cfg_scale=1.0, **FAST)
     guided = pipe("a red fox in the snow", negative_prompt="an owl", cfg_scale=2.0, **FAST)
     assert (guided - plain).abs().max() > 0
+
+
+@pytest.mark.parametrize("cfg_scale", [float("nan"), float("inf"), "abc", "4", True], ids=str)
+def test_cfg_scale_that_is_not_a_finite_number_is_named_before_the_encoders_run(pipe, monkeypatch, cfg_scale):
+    """NaN would compare as "no CFG" and inf make a NaN image; a string was a bare ValueError (or read as a number)."""
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the text encoder ran before cfg_scale was checked")
+
+    monkeypatch.setattr(pipe, "encode_prompt", no_encoding)
+    with pytest.raises(ConfigError, match=r"cfg_scale=.* must be a finite number"):
+        pipe("a fox", negative_prompt="an owl", cfg_scale=cfg_scale, **FAST)
 
 
 @pytest.mark.parametrize(

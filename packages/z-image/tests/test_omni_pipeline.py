@@ -198,3 +198,38 @@ def test_parallel_and_step_caches_are_refused_before_any_model_runs(pipe, monkey
     monkeypatch.setattr(pipe.dit, "step_cache", FirstBlockCache(0.1) if groups is None else None)
     with pytest.raises(ConfigError, match=message):
         pipe("a cat", edit_image=edit_images()[0], num_inference_steps=1, cfg_scale=2.0, seed=0, progress_bar=False)
+
+
+def _controlnet_helpers():
+    """`make_net` / `write_net` / `tiny_config` live in test_controlnet.py; load that module by path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("test_controlnet.py")
+    spec = importlib.util.spec_from_file_location("z_image_test_controlnet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_controlnets_are_refused_with_an_omni_dit(pipe, omni_repo, tmp_path, monkeypatch):
+    """The Omni forward takes no control: `controlnet_inputs` in an Omni call (with or without edit_image) and a
+    net loaded on an Omni DiT are refused, not VAE-encoded and silently dropped."""
+    from diffsynth.z_image import ControlNetInput
+
+    C = _controlnet_helpers()
+
+    def encoder_ran(*args, **kwargs):
+        raise AssertionError("the text encoder ran before the refusal")
+
+    monkeypatch.setattr(pipe, "encode_omni_prompt", encoder_ran)
+    control = [ControlNetInput(image=C.picture(1))]
+    for edit in (None, edit_images()[0]):
+        with pytest.raises(ConfigError, match="controlnet_inputs with a Z-Image Omni DiT.*not Omni nets"):
+            pipe("a cat", controlnet_inputs=control, edit_image=edit, num_inference_steps=1, progress_bar=False)
+    net = C.write_net(tmp_path / "net", C.make_net(C.tiny_config("2.1", places=(0, 1), refiner=(0,)), seed=7))
+    with pytest.raises(ConfigError, match="a loaded ControlNet with a Z-Image Omni DiT"):
+        ZImagePipeline.from_pretrained(str(omni_repo), torch_dtype="float32", device="cpu", controlnet=str(net))
+    fresh = ZImagePipeline.from_pretrained(str(omni_repo), torch_dtype="float32", device="cpu")
+    with pytest.raises(ConfigError, match="a loaded ControlNet with a Z-Image Omni DiT"):
+        fresh.load_controlnet(str(net))

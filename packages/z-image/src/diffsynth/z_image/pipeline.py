@@ -11,9 +11,10 @@ through `controlnet_inputs=[ControlNetInput(...)]`: each input's condition is VA
 (`encode_control`) and the DiT adds the net's hints, times the input's scale, on the steps where it acts.
 
 Z-Image Omni (a DiT with `siglip_feat_dim`, e.g. Tongyi-MAI/Z-Image-Omni-Base) generates from text alone or edits:
-`edit_image=` (one image or a list) are prepared as diffusers' `ZImageOmniPipeline` prepares them (capped at
-1024x1024 pixels, center-cropped to multiples of 16), encoded by the VAE and by the SigLIP2 image encoder
-(`image_encoder` slot), and join the prompt's segments in the DiT's joint sequence (`omni.py`).
+`edit_image=` (one image or a list) are prepared as diffusers' `ZImageOmniPipeline` prepares them (over
+1024x1024 pixels scaled to that area or to height*width, center-cropped to multiples of 16), encoded by the VAE
+and by the SigLIP2 image encoder (`image_encoder` slot), and join the prompt's segments in the DiT's joint
+sequence (`omni.py`). The Fun ControlNets are refused with an Omni DiT (`check_no_omni_controlnet`).
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class ZImagePipeline(BasePipeline):
         latents' C for Union 1.0; C + 1 + C, control + mask + masked image, for the 2.x nets)."""
         if self.dit is None:
             return
+        self.check_no_omni_controlnet(bool(self.controlnets()), "a loaded ControlNet")
         channels = self.dit.config.in_channels
         for i, net in enumerate(self.controlnets()):
             try:
@@ -214,8 +216,8 @@ class ZImagePipeline(BasePipeline):
 
         `edit_image` (Z-Image Omni only: one image or a list, PIL images or paths) are the images to edit or
         combine; without `height`/`width` the output takes the last one's (cropped) size. An image over
-        1024x1024 pixels is scaled down to that area first unless `edit_image_auto_resize=False` (DiffSynth-Studio's
-        argument; True by default).
+        1024x1024 pixels is first scaled to that area, or to `height * width` pixels when both are given (which can
+        scale it up), unless `edit_image_auto_resize=False` (DiffSynth-Studio's argument; True by default).
 
         `positive_only_lora` (DiffSynth-Studio's; a LoRA file, state dict or `LoRAWeights`, e.g. what
         `ZImageI2LPipeline.image_to_lora` makes) acts on the conditional branch of guidance only, for this call;
@@ -226,7 +228,8 @@ class ZImagePipeline(BasePipeline):
                 raise ConfigError("give positive_only_lora or DiffSynth-Studio's lora (the same thing), not both")
             positive_only_lora = lora
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
-        edits = self.check_edit_images(edit_image, controlnet_inputs)
+        self.check_no_omni_controlnet(bool(controlnet_inputs), "controlnet_inputs")
+        edits = self.check_edit_images(edit_image)
         checked = self.check_control_inputs(controlnet_inputs)
         cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 1.0), "cfg_scale")
         cfg_normalization = finite_number(cfg_normalization, "cfg_normalization")
@@ -443,7 +446,16 @@ class ZImagePipeline(BasePipeline):
         )
         return [[e.to(self.device) for e in segments] for segments in embeds]
 
-    def check_edit_images(self, edit_image, controlnet_inputs=None) -> list:
+    def check_no_omni_controlnet(self, given: bool, what: str) -> None:
+        """The Fun ControlNets were trained beside the plain Z-Image DiT: the Omni forward has no control hooks, so
+        a net or its inputs with an Omni DiT would be encoded and then silently dropped. Refused instead."""
+        if given and self.dit is not None and self.dit.config.omni:
+            raise ConfigError(
+                f"{what} with a Z-Image Omni DiT: the Fun ControlNets are not Omni nets and Omni calls take no "
+                "control; use them with a plain Z-Image DiT (e.g. Tongyi-MAI/Z-Image-Turbo)"
+            )
+
+    def check_edit_images(self, edit_image) -> list:
         """`edit_image` as a list, refused where the loaded models cannot take it (before any model runs)."""
         if edit_image is None:
             return []
@@ -458,8 +470,6 @@ class ZImagePipeline(BasePipeline):
                 "edit_image needs the SigLIP2 image encoder of Z-Image Omni: add "
                 "ModelConfig(model_id='Tongyi-MAI/Z-Image-Omni-Base', origin_file_pattern='siglip/model.safetensors')"
             )
-        if controlnet_inputs:
-            raise ConfigError("controlnet_inputs and edit_image do not combine: the Fun ControlNets are not Omni nets")
         if not images:
             raise ConfigError("edit_image is an empty list; pass an image, a list of images, or None")
         return images

@@ -22,6 +22,7 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import load_image, pil_to_tensor
+from diffsynth.runtime.pipeline import finite_number
 from diffsynth.runtime.vram import module_dtype
 
 from .channels import FLEX, condition_kind, describe_widths, flex_condition
@@ -78,9 +79,9 @@ def check_flex_inputs(dit, inpaint_image, inpaint_mask, control_image, strength,
         raise ConfigError(
             "kontext_images need FLUX.1-Kontext-dev; Flex.2 takes flex_inpaint_image / flex_control_image"
         )
-    for name, value in (("flex_control_strength", strength), ("flex_control_stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}={value!r} is not a number")
+    # a NaN or infinite strength scales the control latents into a NaN image; a NaN stop passes the range check
+    strength = finite_number(strength, "flex_control_strength")
+    stop = finite_number(stop, "flex_control_stop")
     if not 0.0 <= stop <= 1.0:
         raise ConfigError(f"flex_control_stop={stop!r} must be in [0, 1]: the part of the steps that see the control")
     for name, value in (("flex_inpaint_image", inpaint_image), ("flex_control_image", control_image)):
@@ -92,8 +93,8 @@ def check_flex_inputs(dit, inpaint_image, inpaint_mask, control_image, strength,
         None if inpaint_image is None else load_image(inpaint_image),
         mask,
         None if control_image is None else load_image(control_image),
-        float(strength),
-        float(stop),
+        strength,
+        stop,
     )
 
 

@@ -30,7 +30,7 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
 from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline, finite_number
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.schedulers.flow_match import _check_sigmas as check_sigmas
 from diffsynth.runtime.vram import module_dtype
@@ -153,7 +153,7 @@ class QwenImage21Pipeline(BasePipeline):
         `inpaint_blur_size` with `inpaint_blur_sigma` blur it on the latent grid.
         """
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
-        cfg_scale = float(self.setting("cfg_scale", cfg_scale, 1.0))
+        cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 1.0), "cfg_scale")  # NaN would turn CFG off
         output_resolution = self.setting("output_resolution", output_resolution, DEFAULT_RESOLUTION)
         if isinstance(output_resolution, bool) or not isinstance(output_resolution, int) or output_resolution < 32:
             raise ConfigError(f"output_resolution={output_resolution!r} is not accepted; use an integer >= 32")
