@@ -4,6 +4,7 @@ against the decomposition written out here, fused and unfused, at several streng
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -108,6 +109,21 @@ def test_saved_dora_reads_back_as_the_same_change(tmp_path, fmt):
     apply_lora(model, tmp_path / "dora.safetensors")
     want = written_out(state, 1.0)(X)
     assert (model(X) - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["diffsynth", "peft", "kohya"])
+def test_saving_a_dora_for_other_tools_says_diffusers_would_drop_its_magnitudes(tmp_path, caplog, fmt):
+    """diffusers' loaders filter `.dora_scale` out and apply the rest as a plain LoRA: the peft / kohya files say so
+    when written (our own format is for `load_lora`); a plain LoRA says nothing."""
+    model = make_model()
+    plain = {k: v for k, v in dora_file().items() if not k.endswith(".dora_scale")}
+    with caplog.at_level(logging.WARNING, logger="diffsynth.runtime.lora"):
+        save_lora(resolve_lora(model, read_lora(plain)), tmp_path / "plain.safetensors", format=fmt)
+        assert "diffusers" not in caplog.text
+        save_lora(resolve_lora(model, read_lora(dora_file())), tmp_path / "dora.safetensors", format=fmt)
+    noted = "dora.safetensors: a DoRA's magnitudes are written as .dora_scale" in caplog.text
+    assert noted == (fmt != "diffsynth")
+    assert not noted or "diffusers' load_lora_weights drops them" in caplog.text
 
 
 def test_a_magnitude_of_the_wrong_shape_names_the_layer():

@@ -6,6 +6,7 @@ and an FSDP / DeepSpeed launch that accelerate would run as plain DDP is refused
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import replace
@@ -49,6 +50,44 @@ def test_going_back_sets_the_abandoned_steps_exports_and_pictures_aside(tmp_path
         f"step-00000{s}{suffix}.safetensors" for s in (2, 3) for suffix in ("", ".kohya")
     }
     assert sorted(p.name for p in (aside / "validation").iterdir()) == ["step-000002-0.png", "step-000003-0.png"]
+
+
+def test_validation_a_crash_skipped_after_a_checkpoint_runs_at_resume(tmp_path, dataset, monkeypatch):
+    """A crash inside validate at step 2, after step 2's checkpoint: the resumed run draws step 2's samples and
+    validation loss before going on, and ends with the pictures, metrics and weights of a straight run."""
+    settings = dict(
+        save_steps=1, max_steps=3, seed=0, validation_prompts=["a cat"], validation_steps=1,
+        validation_dataset_base_path=str(dataset),
+    )  # fmt: skip
+    train(toy_config(tmp_path, dataset, "straight", **settings))
+    real = trainer.validate
+
+    def crashing(run, state):
+        if state.step == 2:
+            raise RuntimeError("crash in validate")
+        return real(run, state)
+
+    monkeypatch.setattr(trainer, "validate", crashing)
+    with pytest.raises(RuntimeError, match="crash in validate"):
+        train(toy_config(tmp_path, dataset, "resumed", **settings))
+    monkeypatch.setattr(trainer, "validate", real)
+    train(toy_config(tmp_path, dataset, "resumed", resume="latest", **settings))
+
+    def outcome(output: Path):
+        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        pictures = {p.name: p.read_bytes() for p in (output / "validation").iterdir()}
+        return [{k: v for k, v in r.items() if k != "time"} for r in records], pictures
+
+    (straight_metrics, straight_pictures), (metrics, pictures) = (
+        outcome(tmp_path / "straight"),
+        outcome(tmp_path / "resumed"),
+    )
+    assert sorted(pictures) == [f"step-00000{s}-0.png" for s in (1, 2, 3)]
+    assert pictures == straight_pictures
+    assert [(r["step"], "val_loss" in r) for r in metrics] == [(s, v) for s in (1, 2, 3) for v in (False, True)]
+    assert metrics == straight_metrics
+    for name, value in weights(tmp_path / "straight", 3).items():
+        assert torch.equal(value, weights(tmp_path / "resumed", 3)[name]), name
 
 
 def as_written_by_two_processes(checkpoint: Path) -> None:

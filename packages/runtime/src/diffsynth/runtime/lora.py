@@ -704,6 +704,16 @@ def clear_loras(model: nn.Module, name: str | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------- saving
+def _note_dora_outside_diffusers(path: Path) -> None:
+    """diffusers' LoRA loaders drop `.dora_scale` (and refuse peft's `lora_magnitude_vector` in files with ComfyUI's
+    `diffusion_model.` names), so they would load a DoRA file as a plain LoRA: say where it does load."""
+    logger.warning(
+        "%s: a DoRA's magnitudes are written as .dora_scale, which pipe.load_lora and ComfyUI read; diffusers' "
+        "load_lora_weights drops them and would apply a plain LoRA (a different model)",
+        path,
+    )
+
+
 def save_lora(
     lora_state: LoRAWeights | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -723,8 +733,9 @@ def save_lora(
     - "kohya": `lora_unet_<name with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
     `diff` / `diff_b` are written as `<key name>.diff` / `.diff_b` in every format; a LoHa / LoKr change as its
     LyCORIS factors (`<key name>.hada_w1_a`, `.lokr_w1`, ..., `.alpha`), or, once placed on rows of a fused layer,
-    built in full as a `.diff`; a DoRA's magnitude as `.dora_scale`. Names should be resolved (dotted,
-    `resolve_lora`) for the first two."""
+    built in full as a `.diff`; a DoRA's magnitude as `.dora_scale` (what `load_lora` and ComfyUI read; diffusers'
+    loaders drop it and would apply a plain LoRA, so a DoRA "peft" / "kohya" file logs a note). Names should be
+    resolved (dotted, `resolve_lora`) for the first two."""
     from .checkpoint import save_safetensors
 
     lora = read_lora(lora_state)
@@ -763,6 +774,8 @@ def save_lora(
                     "as it was read, before a family's conversion"
                 )
             tensors[f"{key}.dora_scale"] = t.magnitude
+    if format != "diffsynth" and any(t.magnitude is not None for t in lora.targets.values()):
+        _note_dora_outside_diffusers(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header = {**{str(k): str(v) for k, v in (metadata or {}).items()}, "format": "pt", "diffsynth_lora_format": format}
     save_safetensors(tensors, path, metadata=header)

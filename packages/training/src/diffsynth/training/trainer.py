@@ -209,6 +209,8 @@ def train(config: TrainConfig) -> TrainState:
             acc.wait_for_everyone()
     if cfg.report_to:  # accelerate starts them on the main process only
         acc.init_trackers(cfg.tracker_project_name, config=tracking.hyperparameters(dataclasses.asdict(cfg)))
+    if cfg.resume and state.step > 0:
+        catch_up_validation(run, state)
     capped = run.total_steps < run.steps_per_epoch * cfg.num_epochs
     logger.info(
         "training %s %s: %d steps (%d per epoch x %d epochs%s), from step %d",
@@ -261,9 +263,7 @@ def train(config: TrainConfig) -> TrainState:
                 _log(run, state, (time.perf_counter() - started) / max(state.step - since, 1))
             if epoch_done or state.step == run.total_steps or (cfg.save_steps and state.step % cfg.save_steps == 0):
                 save(run, state)
-            if cfg.samples_validation and (
-                state.step == run.total_steps or (cfg.validation_steps and state.step % cfg.validation_steps == 0)
-            ):
+            if samples_due(run, state.step):
                 validate(run, state)
             if validation_loss.due(run, state.step):  # --validation_dataset_base_path (validation_loss.py)
                 validation_loss.validate_loss(run, state)
@@ -856,6 +856,66 @@ def validate(run: Run, state: TrainState) -> list[Path]:
             tracking.log_pictures(acc, samples, state.step)
     acc.wait_for_everyone()
     return written
+
+
+def samples_due(run: Run, step: int) -> bool:
+    """Whether validation samples are drawn after optimizer step `step`: every `--validation_steps` and at the last."""
+    cfg = run.config
+    every = cfg.validation_steps
+    return cfg.samples_validation and (step == run.total_steps or bool(every and step % every == 0))
+
+
+def catch_up_validation(run: Run, state: TrainState) -> None:
+    """A run stopped between writing a checkpoint and validating it (a crash in the sampling or the loss) left that
+    step without its samples or validation loss for good: the resumed run starts after it. Run what was due there
+    and is missing now, with the random states put back afterwards, so training goes on as from the checkpoint."""
+    samples, loss = _missing_validation(run, state.step)
+    if not (samples or loss):
+        return
+    logger.info("step %d: validation due at the resumed checkpoint was not done; running it now", state.step)
+    saved = rng_state()
+    try:
+        if samples:
+            validate(run, state)
+        if loss:
+            validation_loss.validate_loss(run, state)
+    finally:
+        set_rng_state(saved)
+
+
+def _missing_validation(run: Run, step: int) -> list[bool]:
+    """[samples missing, validation loss missing] for `step`, as the main process sees the output folder (every
+    process takes its answer: sampling and the loss may need them all)."""
+    missing = [
+        samples_due(run, step) and not _has_samples(run, step),
+        validation_loss.due(run, step) and not _has_validation_loss(run.output / METRICS_FILE, step),
+    ]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(missing)
+    return missing
+
+
+def _has_samples(run: Run, step: int) -> bool:
+    """Whether OUTPUT/validation holds every picture (or video) `validate` writes for `step`."""
+    folder, count = run.output / "validation", len(run.config.validation_prompts or []) + len(run.prompt_lines)
+    names = (f"{step_name(step)}-{k}" for k in range(count))
+    return all((folder / f"{name}.png").is_file() or (folder / f"{name}.mp4").is_file() for name in names)
+
+
+def _has_validation_loss(metrics: Path, step: int) -> bool:
+    """Whether `metrics` (OUTPUT/metrics.jsonl) holds a validation loss record of `step`."""
+    if not metrics.is_file():
+        return False
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn last line from the crash
+            continue
+        if isinstance(record, dict) and record.get("step") == step and validation_loss.METRIC in record:
+            return True
+    return False
 
 
 def validation_prompts(cfg: TrainConfig) -> list[str]:
