@@ -169,3 +169,15 @@ def test_first_frame_strength_zero_is_text_to_video_and_bad_values_are_refused(t
         tiny_ltx2_pipe(CAPTIONS[0], input_images=[picture(1)], input_images_strength=1.5, **common)
     with pytest.raises(ConfigError, match="input_images_strength"):
         tiny_ltx2_pipe(CAPTIONS[0], input_images_strength=0.5, **common)
+
+
+@pytest.mark.parametrize("strength", [[1.0, 0.5], (0.5,), "0.5", float("inf")], ids=["list", "tuple", "str", "inf"])
+def test_first_frame_strength_must_be_one_finite_number(tiny_ltx2_pipe, strength):
+    """A list of per-image strengths failed in float() with a bare TypeError; it is refused by name, saying the
+    strength is one number for the first frame (keyframes are kept exactly)."""
+    from diffsynth.runtime.errors import ConfigError
+
+    given = dict(input_images=[picture(1), picture(2)], input_images_indexes=[0, 16], input_images_strength=strength)
+    message = "one number, the first frame's" if isinstance(strength, (list, tuple)) else "must be a finite number"
+    with pytest.raises(ConfigError, match=f"input_images_strength=.*{message}"):
+        tiny_ltx2_pipe(CAPTIONS[0], seed=0, num_inference_steps=1, **given, **SETTINGS)

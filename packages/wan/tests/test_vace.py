@@ -109,6 +109,7 @@ def test_control_blocks_run_right_after_their_main_layer():
         ({"vace_context": torch.zeros(2, VACE_IN, 3, 4, 4)}, r"\(H, W\)"),
         ({"vace_context": torch.zeros(2, VACE_IN, 4, 4, 6)}, "frames"),
         ({"vace_context": torch.zeros(2, VACE_IN, 3, 4, 6), "vace_scale": (1.0, 2.0, 3.0)}, "vace_scale"),
+        ({"vace_context": torch.zeros(2, VACE_IN, 3, 4, 6), "vace_scale": float("nan")}, "vace_scale=nan"),
     ],
 )
 def test_bad_control_inputs_name_the_argument(kwargs, message):
@@ -361,6 +362,8 @@ def test_vram_managed_and_cached_pipelines_give_the_same_video(vace_repo, vace_p
     [
         ({"vace_scale": (1.0, 2.0, 3.0)}, "vace_scale"),
         ({"vace_scale": "strong"}, "vace_scale"),
+        ({"vace_scale": float("nan")}, "vace_scale=nan must be finite"),
+        ({"vace_scale": [1.0, float("inf")]}, r"vace_scale=\[1.0, inf\] must be finite"),
         ({"vace_video": [P.image(0)] * 3}, "fewer than num_frames"),
         ({"vace_video_mask": [P.image(0)] * 3}, "fewer than num_frames"),
         ({"vace_reference_image": []}, "empty"),

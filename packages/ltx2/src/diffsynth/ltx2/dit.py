@@ -702,7 +702,8 @@ class LTX2DiT(nn.Module):
         `video_context` / `audio_context` are the text connectors' outputs `[B, L_text, caption_channels]`
         (with `caption_projection=False`, LTX-2.3: `[B, L_text, width]` of each stream), with optional masks
         `[B, L_text]` (bool, or 1 = keep / 0 = drop). `timestep` is the scheduler's `t` = sigma * 1000: a
-        scalar, `[B]`, or per token `[B, L_v]`; `audio_timestep` (default: `timestep`) likewise for audio.
+        scalar, `[B]`, or per token `[B, L_v]`; `audio_timestep` likewise for audio (scalar, `[B]` or
+        `[B, L_a]`): by default `timestep`, so it must be given when `timestep` is per video token.
         `sigma` / `audio_sigma` (scalar or `[B]`, in the same units as `timestep`) are each sample's noise
         level of a stream, which LTX-2.3 uses for the text K/V modulation and (`cross_modal_timestep`) the
         other stream's audio<->video AdaLN; when absent, each is its stream's largest per-token timestep

@@ -85,6 +85,17 @@ def frame_index(value) -> int | None:
         return None
 
 
+def first_frame_strength(value) -> float:
+    """`input_images_strength` as a float: one number, for the image at index 0 (keyframes are always kept whole),
+    so a list (DiffSynth-Studio-style per-image strengths) is refused by name instead of failing in float()."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        raise ConfigError(
+            f"input_images_strength={value!r} must be one number, the first frame's (index 0); per-keyframe "
+            "strengths are not supported: the other input_images are kept exactly"
+        )
+    return finite_number(value, "input_images_strength")
+
+
 def check_waveform(waveform: torch.Tensor) -> None:
     """`retake_audio` must be float sound in [-1, 1]: integer PCM, or floats at PCM scale, would be encoded and
     returned thousands of times too loud; the peak check leaves room for a little overshoot."""
@@ -408,7 +419,7 @@ class LTX2Pipeline(BasePipeline):
         first_frames, keyframe_images = self.check_input_images(
             input_images, input_images_indexes, input_image, len(prompts), frames
         )
-        strength = float(input_images_strength)
+        strength = first_frame_strength(input_images_strength)
         if not 0.0 <= strength <= 1.0:
             raise ConfigError(f"input_images_strength={input_images_strength} must be in [0, 1] (1 keeps the image)")
         if strength != 1.0 and first_frames is None:
@@ -1428,7 +1439,8 @@ class LTX2Pipeline(BasePipeline):
 
 @dataclass
 class LTX2Audio:
-    """Generated sound: `waveform` `[2, N]` (or `[B, 2, N]` for a batch) in [-1, 1] at `sample_rate` Hz."""
+    """Generated sound: `waveform` `[2, N]` for one prompt with `output_type="pil"`, else `[B, 2, N]` (also
+    `[1, 2, N]` for one prompt with "np" / "pt"), in [-1, 1] at `sample_rate` Hz."""
 
     waveform: torch.Tensor
     sample_rate: int

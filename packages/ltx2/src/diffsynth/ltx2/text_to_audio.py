@@ -4,9 +4,11 @@ The audio-video DiT runs with no video tokens: each block leaves the empty strea
 between the streams, so the audio tokens see only themselves and the text (ltx-core's audio-only forward). One
 stage on the full model's schedule (shifted as for 4096 tokens), with the audio stream's guidance: CFG with the
 rescale, and STG on the audio self-attentions of the STG blocks; modality isolation has nothing to isolate.
-The duration is `num_frames / frame_rate` seconds, as for a video of that many frames (LTX-2.5's duration head
-predicts it from the prompt when loaded and `num_frames` is left out). Used for speech or sound alone, and to
-try an audio LoRA (an accent, a voice) without making a video.
+The length follows `num_frames / frame_rate` seconds (LTX-2.5's duration head predicts `num_frames` from the prompt
+when loaded and it is left out): `L = round(num_frames / frame_rate * 25)` audio latent frames, decoded to `4L - 3`
+mel frames of 10 ms (`240 * (4L - 3)` samples at 24 kHz, 480 per mel frame at 48 kHz) and returned unpadded, a
+few tens of milliseconds shorter than the zero-padded sound of a video call. Used for speech or sound alone, and
+to try an audio LoRA (an accent, a voice) without making a video.
 """
 
 from __future__ import annotations

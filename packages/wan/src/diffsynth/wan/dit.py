@@ -785,6 +785,8 @@ class WanDiT(nn.Module):
         scales = [vace_scale] * n if isinstance(vace_scale, (int, float)) else list(vace_scale)
         if len(scales) != n or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in scales):
             raise ValueError(f"vace_scale={vace_scale!r} must be a number or {n} numbers (one per VACE layer)")
+        if not all(math.isfinite(v) for v in scales):  # a NaN or infinite scale makes every token NaN
+            raise ValueError(f"vace_scale={vace_scale!r} must be finite")
         return tuple(float(v) for v in scales)
 
     def _vace_tokens(
