@@ -46,3 +46,12 @@ def test_flux2_family_is_discoverable_beside_flux1():
     assert family.pipeline_class() is Flux2ImagePipeline
     found, preset = find_preset("black-forest-labs/FLUX.2-klein-4B")
     assert found is family and preset.defaults["num_inference_steps"] == 4
+
+
+def test_studio_import_changes_in_one_line():
+    """DiffSynth-Studio's `from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig` becomes
+    `from diffsynth.flux import FluxImagePipeline, ModelConfig`: the family re-exports the runtime's ModelConfig."""
+    from diffsynth.runtime import ModelConfig
+
+    family = importlib.import_module("diffsynth.flux")
+    assert family.ModelConfig is ModelConfig and "ModelConfig" in family.__all__

@@ -21,3 +21,16 @@ def test_family_is_discoverable():
     assert family.pipeline_class() is LTX2Pipeline
     found, preset = find_preset("Lightricks/LTX-2")
     assert found is family and preset.defaults["num_frames"] == 121
+
+
+def test_studio_import_changes_in_one_line():
+    """Studio's `from diffsynth.pipelines.ltx2_audio_video import LTX2AudioVideoPipeline, ModelConfig` becomes
+    `from diffsynth.ltx2 import LTX2AudioVideoPipeline, ModelConfig`: the runtime's ModelConfig, re-exported."""
+    from diffsynth.runtime import ModelConfig
+
+    family = importlib.import_module("diffsynth.ltx2")
+    assert family.ModelConfig is ModelConfig and "ModelConfig" in family.__all__
+    from diffsynth.ltx2 import LTX2Pipeline
+
+    assert family.LTX2AudioVideoPipeline is LTX2Pipeline  # DiffSynth-Studio's name
+    assert "LTX2AudioVideoPipeline" in family.__all__

@@ -438,7 +438,7 @@ def test_first_block_cache_with_controls(pipe):
     """The nets run every step; only the DiT's later blocks (with their residuals) are reused."""
     from diffsynth.qwen_image import ControlNetInput
 
-    controls = [ControlNetInput(image=random_image(64, 64, 1), end=0.75)]
+    controls = [ControlNetInput(image=random_image(64, 64, 1), start=0.0, end=0.75)]
     plain = run(pipe, controls, steps=4)
     try:
         cache = pipe.enable_first_block_cache(0.0)["dit"]

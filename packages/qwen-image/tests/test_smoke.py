@@ -30,3 +30,12 @@ def test_family_is_discoverable_and_a_tiny_dit_runs():
     with torch.no_grad():
         out = model(torch.randn(1, 16, 16), torch.tensor([0.5]), torch.randn(1, 5, 8), None, [(1, 4, 4)])
     assert out.shape == (1, 16, 16) and torch.isfinite(out).all()
+
+
+def test_studio_import_changes_in_one_line():
+    """Studio's `from diffsynth.pipelines.qwen_image import QwenImagePipeline, ModelConfig` becomes
+    `from diffsynth.qwen_image import QwenImagePipeline, ModelConfig`: the runtime's ModelConfig, re-exported."""
+    from diffsynth.runtime import ModelConfig
+
+    family = importlib.import_module("diffsynth.qwen_image")
+    assert family.ModelConfig is ModelConfig and "ModelConfig" in family.__all__

@@ -51,7 +51,8 @@ def test_slot_collects_each_nets_units_in_load_order():
         (ControlNetInput(scale="big"), "scale='big' must be a number"),
         (ControlNetInput(start=0.5, end=0.5), "two different numbers"),
         (ControlNetInput(start=-0.1, end=1.0), "two different numbers"),
-        (ControlNetInput(start=None, end=1.0), "start=None must be a number"),
+        (ControlNetInput(start="0.5", end=1.0), "start='0.5' must be a number"),
+        (ControlNetInput(end=1.5), r"end=1.5 must be in \[0, 1\]"),
     ],
 )
 def test_checked_inputs_name_the_field(item, message):
@@ -65,6 +66,36 @@ def test_checked_inputs_refuse_non_finite_numbers(field, value):
     """NaN slips past the [0, 1] range check (every comparison is False) and makes the image all NaN."""
     with pytest.raises(ConfigError, match=rf"controlnet_inputs\[1\]\.{field}={value!r} must be a finite number"):
         checked_inputs([ControlNetInput(), ControlNetInput(**{field: value})], 2, "load one")
+
+
+def _active(item: ControlNetInput, steps: int) -> list[int]:
+    (checked,) = checked_inputs([item], 1, "")
+    return [i for i in range(steps) if acts_at(checked.start, checked.end, i, steps)]
+
+
+@pytest.mark.parametrize(
+    ("item", "steps", "active"),
+    [
+        (ControlNetInput(), 10, list(range(10))),  # neither given: every step
+        (ControlNetInput(end=0.3), 10, list(range(7))),  # DiffSynth-Studio: progress 1 down to 0.3
+        (ControlNetInput(start=0.7), 10, list(range(3, 10))),  # DiffSynth-Studio: progress 0.7 down to 0
+        (ControlNetInput(end=1.0), 4, [0]),  # Studio's start=1.0, end=1.0: progress 1 only
+        (ControlNetInput(start=0.0, end=0.3), 10, [0, 1, 2]),  # both given: diffusers' fractions, as before
+        (ControlNetInput(start=0.7, end=1.0), 10, [7, 8, 9]),
+        (ControlNetInput(start=1.0, end=0.3), 10, list(range(7))),  # both given: Studio's progress, as before
+        (ControlNetInput(start=0.7, end=0.0), 10, list(range(3, 10))),
+    ],
+)
+def test_one_bound_reads_as_diffsynth_studio_and_both_as_given(item, steps, active):
+    """A Studio script that sets one bound keeps Studio's meaning (the other at its default 1.0 / 0.0)."""
+    assert _active(item, steps) == active
+
+
+def test_bounds_not_given_are_filled_so_every_reader_gets_numbers():
+    """Families and trainers read `.start` / `.end` directly (some without `checked_inputs`)."""
+    assert (ControlNetInput().start, ControlNetInput().end) == (0.0, 1.0)
+    assert (ControlNetInput(end=0.3).start, ControlNetInput(start=0.7).end) == (1.0, 0.0)
+    assert ControlNetInput(end=0.3) == ControlNetInput(start=1.0, end=0.3)
 
 
 def test_checked_inputs_accept_one_input_or_a_list_and_need_a_net():

@@ -508,6 +508,36 @@ def test_pipeline_takes_diffsynth_studios_load_lora_form(tmp_path):
         pipe.load_lora(str(path), alpha=0.7)
 
 
+@pytest.mark.parametrize("managed_by", ["model_config", "handle"])
+def test_diffsynth_studios_load_lora_keeps_it_apart_under_vram_management(tmp_path, managed_by):
+    """DiffSynth-Studio hot-loads (`hotload=None`) onto a VRAM-managed module, so its `clear_lora()` restores the
+    base model; fused, the LoRA would stay after `clear_lora()`. Without VRAM management it is fused, as before."""
+    from diffsynth.runtime.hub import ModelConfig
+    from diffsynth.runtime.pipeline import BasePipeline
+
+    class Pipe(BasePipeline):
+        model_slots = {"dit": "dit"}
+
+    path = tmp_path / "style.safetensors"
+    save_file(to_state_dict(make_lora(), "peft"), str(path))
+    x = torch.randn(2, 3, 4)
+    plain = make_model()(x)
+    pipe = Pipe(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = make_model()
+    if managed_by == "model_config":
+        pipe.model_configs["dit"] = ModelConfig(path=str(path), offload_device="cpu", offload_dtype=torch.float32)
+    else:
+        pipe.vram_handles["dit"] = object()
+    pipe.load_lora(pipe.dit, str(path))
+    assert len(list_loras(pipe.dit)) == 1 and not torch.equal(pipe.dit(x), plain)
+    pipe.clear_lora()
+    assert torch.equal(pipe.dit(x), plain)
+    pipe.model_configs.clear()
+    pipe.vram_handles.clear()
+    pipe.load_lora(pipe.dit, str(path))
+    assert list_loras(pipe.dit) == {} and not torch.equal(pipe.dit(x), plain)  # fused without VRAM management
+
+
 def _hub_pipe():
     from diffsynth.runtime.pipeline import BasePipeline
 

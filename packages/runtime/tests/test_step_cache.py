@@ -319,3 +319,25 @@ def test_tea_cache_other_shapes_run_in_full_and_bad_settings_are_refused():
         TeaCache(-0.1, IDENTITY)
     with pytest.raises(ConfigError, match="coefficient"):
         TeaCache(0.1, ())
+
+
+def test_tea_cache_refusal_suggests_the_first_block_cache_only_where_a_model_supports_it():
+    """The refusal said "enable_first_block_cache works for every DiT", also for DiTs (e.g. Wan-Dancer's) that
+    have no step cache at all: it names the slots that do, or says none does."""
+    from diffsynth.runtime.pipeline import BasePipeline
+
+    class Pipe(BasePipeline):
+        model_slots = {"dit": "dit", "text_encoder": "text_encoder"}
+
+    class CacheableDiT(torch.nn.Module):
+        step_cache = None
+
+    pipe = Pipe(device="cpu", torch_dtype=torch.float32)
+    pipe.dit, pipe.text_encoder = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="supports TeaCache") as refused:
+        pipe.enable_tea_cache(0.2)
+    assert "none supports enable_first_block_cache either" in str(refused.value)
+    assert "every DiT" not in str(refused.value)
+    pipe.dit = CacheableDiT()
+    with pytest.raises(ConfigError, match=r"enable_first_block_cache works for \['dit'\]"):
+        pipe.enable_tea_cache(0.2)

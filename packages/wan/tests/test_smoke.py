@@ -35,3 +35,12 @@ def test_tiny_repo_generates_a_video(tiny_repo):
     assert len(frames) == 5 and all(f.size == (32, 32) for f in frames)
     pixels = np.stack([np.asarray(f) for f in frames])
     assert pixels.dtype == np.uint8 and pixels.std() > 0
+
+
+def test_studio_import_changes_in_one_line():
+    """DiffSynth-Studio's `from diffsynth.pipelines.wan_video import WanVideoPipeline, ModelConfig` becomes
+    `from diffsynth.wan import WanVideoPipeline, ModelConfig`: the family re-exports the runtime's ModelConfig."""
+    from diffsynth.runtime import ModelConfig
+
+    family = importlib.import_module("diffsynth.wan")
+    assert family.ModelConfig is ModelConfig and "ModelConfig" in family.__all__

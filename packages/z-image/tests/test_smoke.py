@@ -1,5 +1,7 @@
 """Smoke test (also run by the isolation session): the family installs, loads a tiny repo and draws."""
 
+import importlib
+
 import numpy as np
 
 import diffsynth.z_image
@@ -23,3 +25,12 @@ def test_tiny_repo_generates_an_image(tiny_repo):
     assert image.size == (64, 64)
     pixels = np.asarray(image)
     assert pixels.dtype == np.uint8 and pixels.std() > 0
+
+
+def test_studio_import_changes_in_one_line():
+    """DiffSynth-Studio's `from diffsynth.pipelines.z_image import ZImagePipeline, ModelConfig` becomes
+    `from diffsynth.z_image import ZImagePipeline, ModelConfig`: the family re-exports the runtime's ModelConfig."""
+    from diffsynth.runtime import ModelConfig
+
+    family = importlib.import_module("diffsynth.z_image")
+    assert family.ModelConfig is ModelConfig and "ModelConfig" in family.__all__

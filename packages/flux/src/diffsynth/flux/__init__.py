@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "ModelConfig":  # so a DiffSynth-Studio import changes in one line
+        from diffsynth.runtime.hub import ModelConfig
+
+        return ModelConfig
     if name == "Flux2ImagePipeline":
         from .flux2 import pipeline as flux2_pipeline
 
@@ -20,4 +24,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'diffsynth.flux' has no attribute {name!r}")
 
 
-__all__ = ["ControlNetInput", "Flux2ImagePipeline", "FluxImagePipeline"]
+__all__ = ["ControlNetInput", "Flux2ImagePipeline", "FluxImagePipeline", "ModelConfig"]

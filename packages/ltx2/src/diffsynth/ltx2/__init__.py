@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ModelConfig": "diffsynth.runtime.hub",  # so a DiffSynth-Studio import changes in one line
     "LTX2Pipeline": "pipeline",
+    "LTX2AudioVideoPipeline": "pipeline",  # DiffSynth-Studio's name of LTX2Pipeline
     "LTX2Audio": "pipeline",
     "LTX2HDRPipeline": "hdr",
     "ltx2_velocity": "velocity",
@@ -18,7 +20,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_ALIASES = {"LTX2AudioVideoPipeline": "LTX2Pipeline"}
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = _EXPORTS[name]
+        module = importlib.import_module(module if module.startswith("diffsynth.") else f".{module}", __name__)
+        return getattr(module, _ALIASES.get(name, name))
     raise AttributeError(f"module 'diffsynth.ltx2' has no attribute {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ModelConfig": "diffsynth.runtime.hub",  # so a DiffSynth-Studio import changes in one line
     "QwenImageI2LPipeline": "image_to_lora",
     "ControlNetInput": "pipeline",
     "QwenImageBlockwiseControlNet": "blockwise_controlnet",
@@ -32,5 +33,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = _EXPORTS[name]
+        module = importlib.import_module(module if module.startswith("diffsynth.") else f".{module}", __name__)
+        return getattr(module, name)
     raise AttributeError(f"module 'diffsynth.qwen_image' has no attribute {name!r}")

@@ -216,6 +216,32 @@ class QwenImagePipeline(BasePipeline):
         self.processor = None  # VisionPromptProcessor (tokenizer + image preprocessing) for editing
 
     # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, *args, processor_config: ModelConfig | None = None, **kwargs):
+        """`BasePipeline.from_pretrained`, plus DiffSynth-Studio's `processor_config`: the Edit models' Qwen2-VL
+        `processor/` folder (e.g. `ModelConfig(model_id="Qwen/Qwen-Image-Edit", origin_file_pattern="processor/")`),
+        which `edit_image` needs. Without a `tokenizer_config` (or a preset / folder giving one) its tokenizer
+        is the prompt tokenizer too, as Studio scripts that pass only `processor_config` expect."""
+        if processor_config is None:
+            return super().from_pretrained(*args, **kwargs)
+        if not isinstance(processor_config, ModelConfig):
+            raise ConfigError(
+                f"processor_config must be a ModelConfig naming the processor/ folder, got "
+                f"{type(processor_config).__name__}: ModelConfig(model_id='Qwen/Qwen-Image-Edit', "
+                "origin_file_pattern='processor/')"
+            )
+        folder, processor = processor_folder(processor_config)  # checked before any model loads
+        if processor is None:
+            raise ConfigError(
+                f"processor_config: {folder} holds no Qwen2-VL processor (preprocessor_config.json, in it or in a "
+                "processor/ beside it); name the Edit model's processor/ folder"
+            )
+        pipe = super().from_pretrained(*args, **kwargs)
+        pipe.processor = VisionPromptProcessor.from_folder(processor)
+        if pipe.tokenizer is None:
+            pipe.tokenizer = pipe.processor.tokenizer
+        return pipe
+
     def controlnet_spec(self):
         """InstantX Qwen-Image ControlNets (diffusers `QwenImageControlNetModel` files): a `ModelConfig`, a local
         file or folder (with its `config.json`), or a hub repo id: "InstantX/Qwen-Image-ControlNet-Union",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -27,13 +27,13 @@ class ControlNetInput:
 
     `image` is the control image as the net expects it (a canny/depth/pose map, the low-resolution
     image for an upscaler, the image to inpaint; no annotator is run), resized to the output size.
-    `scale` multiplies the net's residuals; `start` / `end` say in which steps it acts (`acts_at`), in
-    either of two forms: `start < end` are diffusers' `control_guidance_start/end` (fractions of the
-    steps, the default 0 and 1: every step); `start > end` are DiffSynth-Studio's (the progress from
-    1 at the first step to 0 at the last, its default 1 and 0: every step). The defaults are diffusers', so a
-    DiffSynth-Studio script that sets only one of the two must add the other at Studio's default (`start=1.0`
-    beside `end`, `end=0.0` beside `start`): alone, Studio's `end=0.3` (the first 70% of the steps) reads here
-    as diffusers' (the first 30%). `processor_id` is the control mode of a union net
+    `scale` multiplies the net's residuals; `start` / `end` say in which steps it acts (`acts_at`). Both None
+    (the default): every step. Both given, in either of two forms: `start < end` are diffusers'
+    `control_guidance_start/end` (fractions of the steps); `start > end` are DiffSynth-Studio's (the progress
+    from 1 at the first step to 0 at the last). Only one given is read as DiffSynth-Studio reads it, the other
+    at Studio's default (`start=1.0`, `end=0.0`), so Studio scripts port unchanged: `end=0.3` alone acts down
+    to progress 0.3 (the first 70% of the steps), `start=0.7` alone from progress 0.7 on (the last 70%).
+    `processor_id` is the control mode of a union net
     that takes one (FLUX.1 Union: a mode name such as "canny" or "depth", or its index); nets without
     modes ignore or refuse it (see the family's README). `inpaint_mask` (white = repaint) is needed by inpainting
     nets; `inpaint_image` is the image to repaint for nets that take it apart from the control image (Z-Image Fun
@@ -44,12 +44,24 @@ class ControlNetInput:
 
     image: ImageInput | None = None
     scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
+    start: float | None = None
+    end: float | None = None
     processor_id: str | int | None = None
     inpaint_mask: ImageInput | None = None
     inpaint_image: ImageInput | None = None
     controlnet_id: int = 0
+    _one_bound: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        """Fill the bounds not given, so every family reads two numbers: neither given is every step (0 to 1);
+        one given takes DiffSynth-Studio's default for the other (start 1.0, end 0.0), its progress form."""
+        self._one_bound = (self.start is None) != (self.end is None)
+        if self.start is None and self.end is None:
+            self.start, self.end = 0.0, 1.0
+        elif self.start is None:
+            self.start = 1.0
+        elif self.end is None:
+            self.end = 0.0
 
 
 class ControlNetSlot(nn.Module):
@@ -96,9 +108,16 @@ def checked_inputs(inputs, loaded: int, how_to_load: str) -> list[ControlNetInpu
                 raise ConfigError(f"{where}.{name}={value!r} must be a number")
             if not math.isfinite(value):  # NaN would pass the range check below and turn the image to NaN
                 raise ConfigError(f"{where}.{name}={value!r} must be a finite number")
-        if not (0.0 <= min(item.start, item.end) and max(item.start, item.end) <= 1.0 and item.start != item.end):
+        start, end = item.start, item.end
+        outside = [name for name, value in (("start", start), ("end", end)) if not 0.0 <= value <= 1.0]
+        if item._one_bound and outside:  # the bound filled in is Studio's default, so this one was given
             raise ConfigError(
-                f"{where}: start={item.start!r}, end={item.end!r} must be two different numbers in [0, 1] "
+                f"{where}.{outside[0]}={getattr(item, outside[0])!r} must be in [0, 1] (alone it is "
+                "DiffSynth-Studio's progress, 1 at the first step to 0 at the last)"
+            )
+        if not (0.0 <= min(start, end) and max(start, end) <= 1.0 and (start != end or item._one_bound)):
+            raise ConfigError(
+                f"{where}: start={start!r}, end={end!r} must be two different numbers in [0, 1] "
                 "(start < end: fractions of the steps; start > end: DiffSynth-Studio's progress, 1 to 0)"
             )
     return items
@@ -123,10 +142,11 @@ def model_source(item, name: str, hub_files: Callable[[str], object], hub_hint: 
 
 
 def acts_at(start: float, end: float, step: int, steps: int) -> bool:
-    """Whether a control acts at step `step` of `steps` (see `ControlNetInput`). `start < end`: step i of n acts
-    when `start <= i / n` and `(i + 1) / n <= end` (diffusers). `start > end`: when the progress
-    `(n - 1 - i) / (n - 1)` lies within [end, start], with DiffSynth-Studio's 1e-4 slack."""
-    if start > end:
+    """Whether a control acts at step `step` of `steps` (`start` / `end` as `ControlNetInput` fills them; see
+    there). `start < end`: step i of n acts when `start <= i / n` and `(i + 1) / n <= end`
+    (diffusers). `start >= end`: when the progress `(n - 1 - i) / (n - 1)` lies within [end, start], with
+    DiffSynth-Studio's 1e-4 slack (equal bounds come only from one bound given, e.g. Studio's `end=1.0`)."""
+    if start >= end:
         progress = (steps - 1 - step) / max(steps - 1, 1)
         return end - 1e-4 <= progress <= start + 1e-4
     return not (step / steps < start or (step + 1) / steps > end)

@@ -622,7 +622,8 @@ class BasePipeline:
         denoiser by default), fused into its weights or, with `fuse=False`, kept apart (`set_lora_scale`,
         `clear_loras`); by default fused (`default_lora_fuse`). DiffSynth-Studio's form `load_lora(pipe.dit,
         lora_config, alpha=1, hotload=None)` is accepted too: the model names the slot, `alpha` is the scale and
-        `hotload=True` keeps it apart."""
+        `hotload=True` keeps it apart; `hotload=None` keeps it apart when the model is under VRAM management (as
+        Studio does, so its `clear_lora()` restores the base model), else `fuse=None`'s default."""
         if isinstance(path, torch.nn.Module):
             path, scale, fuse, slot = self._diffsynth_lora_call(path, scale, fuse, slot, diffsynth)
         elif diffsynth:
@@ -654,7 +655,17 @@ class BasePipeline:
             raise ConfigError("load_lora(module, lora_config): give the LoRA file or ModelConfig (or state_dict=)")
         alpha = given.get("alpha", third if positional_number else 1.0)
         hotload = given.get("hotload", fourth if isinstance(fourth, bool) else None)
+        if hotload is None and self.vram_managed(slots[0]):
+            hotload = True  # Studio hot-loads onto VRAM-managed modules; a fused LoRA would outlive clear_lora()
         return source, float(alpha), None if hotload is None else not hotload, slots[0]
+
+    def vram_managed(self, slot: str) -> bool:
+        """Whether the model in `slot` is under VRAM management (DiffSynth-Studio's `vram_management_enabled`):
+        it has a VRAM handle, or its `ModelConfig` carries VRAM keys (offload_dtype, offload_device, ...)."""
+        if self.vram_handles.get(slot) is not None:
+            return True
+        config = self.model_configs.get(slot)
+        return config is not None and any(v is not None for v in config.vram_config().values())
 
     def apply_lora(self, source, scale: float, fuse: bool, slot: str, name: str | None):
         """`load_lora` once its arguments are ours (`source`: a path, state dict or `LoRAWeights`); a family
@@ -739,9 +750,15 @@ class BasePipeline:
             if hasattr(m := getattr(self, s, None), "step_cache") and hasattr(m, "tea_cache_coefficients")
         }
         if not models:
+            cacheable = [s for s in chosen if hasattr(getattr(self, s, None), "step_cache")]
+            fallback = (
+                f"enable_first_block_cache works for {cacheable}"
+                if cacheable
+                else "none supports enable_first_block_cache either"
+            )
             raise ConfigError(
                 f"{type(self).__name__}: no model in {chosen} supports TeaCache (FLUX.1's and Wan's DiTs do; "
-                "enable_first_block_cache works for every DiT)"
+                f"{fallback})"
             )
         caches = {
             slot: TeaCache(threshold, _tea_cache_coefficients(model, model_id, coefficients))
