@@ -18,7 +18,7 @@ from diffsynth_flux2_test_repo import CAPTIONS, build_tiny_dev_repo
 from PIL import Image
 
 from diffsynth.flux.flux2.dit import Flux2DiT
-from diffsynth.flux.flux2.pipeline import Flux2ImagePipeline
+from diffsynth.flux.flux2.pipeline import Flux2ImagePipeline, flux2_velocity
 from diffsynth.flux.flux2.training import Flux2TrainingTask
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
@@ -29,6 +29,7 @@ PROMPTS = CAPTIONS[:2]
 TOKENS = 64
 SIZE = {"height": 64, "width": 64, "num_inference_steps": 2}
 FAST = {**SIZE, "progress_bar": False}
+DIT_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def with_settings(repo: Path, target: Path) -> Path:
@@ -224,6 +225,62 @@ def test_validation_samples_are_the_pipeline_with_the_same_references(task, tiny
     assert np.abs(np.asarray(plain[0], dtype=int) - np.asarray(drawn[0], dtype=int)).max() > 8
 
 
+def perturbed_dit_state(dit: Flux2DiT) -> dict[str, torch.Tensor]:
+    """The DiT's weights moved by seeded noise, as a full fine-tune would leave them."""
+    generator = torch.Generator().manual_seed(7)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in dit.state_dict().items()}
+
+
+def test_full_export_replaces_the_diffusers_transformer_folder(task, klein_repo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    original = load_file(str(klein_repo / "transformer" / DIT_FILE))
+    untouched = task.export_state("dit", task.pipe.dit.state_dict())
+    assert set(untouched) == set(original)  # diffusers' names: the fused qkv split into to_q / to_k / to_v
+    assert all(torch.equal(untouched[k], original[k]) for k in original)  # untrained: the very file
+    tuned = perturbed_dit_state(task.pipe.dit)
+    exported = task.export_state("dit", tuned)
+    export = shutil.copytree(klein_repo, tmp_path / "tuned")  # the export in place of transformer/'s weights
+    save_file({k: v.contiguous() for k, v in exported.items()}, str(export / "transformer" / DIT_FILE))
+    pipe = Flux2ImagePipeline.from_pretrained(str(export), torch_dtype="float32", device="cpu")
+    assert all(torch.equal(pipe.dit.state_dict()[k], v) for k, v in tuned.items())  # our pipeline reads it back
+
+
+def test_diffusers_loads_the_full_export_strictly_and_predicts_as_our_dit(task, klein_repo, tmp_path):
+    from safetensors.torch import save_file
+
+    from diffsynth.flux.flux2.pipeline import grid_ids, latents_to_tokens, text_ids
+
+    diffusers = pytest.importorskip("diffusers")
+    tuned = perturbed_dit_state(task.pipe.dit)
+    export = shutil.copytree(klein_repo / "transformer", tmp_path / "transformer")
+    save_file({k: v.contiguous() for k, v in task.export_state("dit", tuned).items()}, str(export / DIT_FILE))
+    dit = Flux2DiT(task.pipe.dit.config)
+    dit.load_state_dict(tuned)
+    theirs, info = diffusers.Flux2Transformer2DModel.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    generator = torch.Generator().manual_seed(3)
+    latents, sigma = torch.randn(1, 16, 4, 4, generator=generator), torch.tensor([0.6])
+    text = torch.randn(1, 8, dit.txt_in.in_features, generator=generator)
+    with torch.no_grad():
+        ours = latents_to_tokens(flux2_velocity(dit, latents, sigma, text))
+        reference = theirs(
+            hidden_states=latents_to_tokens(latents), timestep=sigma, guidance=None, encoder_hidden_states=text,
+            txt_ids=text_ids(8)[None], img_ids=grid_ids(4, 4)[None], return_dict=False,
+        )[0]  # fmt: skip
+    torch.testing.assert_close(reference, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_full_export_from_bfl_weights_keeps_bfl_names(task, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    single = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in task.pipe.dit.state_dict().items()}, str(single))
+    monkeypatch.setattr(Flux2TrainingTask, "model_files", property(lambda self: {"dit": [str(single)]}))
+    state = task.pipe.dit.state_dict()
+    assert task.export_state("dit", state) is state  # BFL's single file holds our names: the export replaces it
+
+
 # ----------------------------------------------------------------------------------------- the trainer
 def write_edit_dataset(folder: Path) -> Path:
     """Two recolouring edits of plain pictures: `ref{i}.png` in `edit_image`, the target in `image`, all 64x64
@@ -263,10 +320,14 @@ def test_lora_training_gives_a_lora_the_pipeline_loads(klein_repo, train, tmp_pa
 
 @pytest.mark.integration
 def test_full_training_writes_weights_the_pipeline_loads(klein_repo, train, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
     from diffsynth.training.testing import configs_with_trained_weights
 
     losses = train(tmp_path / "out", "--trainable_models", "dit", "--max_steps", "1")
     assert len(losses) == 1 and np.isfinite(losses[0])
+    saved = load_file(str(tmp_path / "out" / "step-000001" / "dit" / DIT_FILE))
+    assert set(saved) == set(load_file(str(klein_repo / "transformer" / DIT_FILE)))  # diffusers' names
     configs = configs_with_trained_weights(klein_repo, tmp_path / "out" / "step-000001" / "dit")
     tuned = Flux2ImagePipeline.from_pretrained(
         configs, tokenizer_config=ModelConfig(path=str(klein_repo / "tokenizer")), torch_dtype="float32", device="cpu"

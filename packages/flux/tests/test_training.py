@@ -5,6 +5,8 @@ The trainer tests are `integration` (they need diffsynth-training installed, whi
 not install); the task tests need only this package and the runtime.
 """
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -119,6 +121,33 @@ def test_clear_errors(task, tiny_repo, tmp_path):
     dit_only = [c for c in configs if "transformer" in str(c.path)]
     with pytest.raises(ConfigError, match="needs"):
         FluxTrainingTask.from_pretrained(dit_only, torch_dtype="float32", device="cpu")
+
+
+def test_full_export_replaces_the_diffusers_transformer_folder(task, tiny_repo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    name = "diffusion_pytorch_model.safetensors"
+    original = load_file(str(tiny_repo / "transformer" / name))
+    untouched = task.export_state("dit", task.pipe.dit.state_dict())
+    assert set(untouched) == set(original)  # diffusers' names: fused qkv and linear1 split
+    assert all(torch.equal(untouched[k], original[k]) for k in original)  # untrained: the very file
+    generator = torch.Generator().manual_seed(7)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in task.pipe.dit.state_dict().items()}
+    repo = shutil.copytree(tiny_repo, tmp_path / "tuned")  # the export in place of transformer/'s weights
+    save_file({k: v.contiguous() for k, v in task.export_state("dit", tuned).items()}, str(repo / "transformer" / name))
+    ours = FluxImagePipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
+    assert all(torch.equal(ours.dit.state_dict()[k], v) for k, v in tuned.items())  # our pipeline reads it back
+
+
+def test_diffusers_loads_the_full_export_strictly(task, tiny_repo, tmp_path):
+    from safetensors.torch import save_file
+
+    diffusers = pytest.importorskip("diffusers")
+    export = shutil.copytree(tiny_repo / "transformer", tmp_path / "transformer")
+    exported = task.export_state("dit", task.pipe.dit.state_dict())
+    save_file({k: v.contiguous() for k, v in exported.items()}, str(export / "diffusion_pytorch_model.safetensors"))
+    _, info = diffusers.FluxTransformer2DModel.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
 # ----------------------------------------------------------------------------------------- the trainer

@@ -482,10 +482,14 @@ class FluxTrainingTask(PipelineTrainingTask):
 
     def export_state(self, slot: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The trainer's full weights in the official keys: a trained ControlNet in diffusers' `FluxControlNetModel`
-        names (the layout its hub files have), an XLabs IP-Adapter in XLabs' names; the DiT, an AttriCtrl encoder,
-        an InstantX IP-Adapter (`ip-adapter.bin`'s groups flattened) and the LoRA Encoder as they are (our names
-        are BFL's and the released files'); InfiniteYou's InfuseNet and projector each in its released keys under
-        its part's name (`export_infiniteyou_state`)."""
+        names (the layout its hub files have), an XLabs IP-Adapter in XLabs' names; the DiT in the layout of the
+        file it was trained from (diffusers' `FluxTransformer2DModel` names for a `transformer/` folder, whose
+        `config.json` the trainer copies beside; BFL's, ours, for a single file); an AttriCtrl encoder, an InstantX
+        IP-Adapter (`ip-adapter.bin`'s groups flattened) and the LoRA Encoder as they are (our names are BFL's and
+        the released files'); InfiniteYou's InfuseNet and projector each in its released keys under its part's name
+        (`export_infiniteyou_state`)."""
+        if slot == "dit":
+            return self._export_dit(state)
         if slot == IY_SLOT:
             return export_infiniteyou_state(state)
         if slot == "ipadapter":
@@ -497,6 +501,15 @@ class FluxTrainingTask(PipelineTrainingTask):
             return state
         from .flux1.controlnet_formats import ours_to_diffusers
 
+        return ours_to_diffusers(dict(state))
+
+    def _export_dit(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The DiT in diffusers' names when it was loaded from them (fused qkv / linear1 split), else as it is."""
+        from .flux1.formats import DIFFUSERS_SIGNATURE, ours_to_diffusers
+        from .flux2.training import loaded_from_diffusers_layout
+
+        if not loaded_from_diffusers_layout(self.model_files.get("dit"), DIFFUSERS_SIGNATURE[0]):
+            return state
         return ours_to_diffusers(dict(state))
 
     def saved_full_weights(self, slot: str, path: Path) -> list[Path]:

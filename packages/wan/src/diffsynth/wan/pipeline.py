@@ -27,6 +27,7 @@ beside a Wan 2.1 I2V DiT, a reference video `vap_video` with its caption `vap_pr
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import re
@@ -585,6 +586,44 @@ class WanVideoPipeline(BasePipeline):
         return finished(video, prompt, output_type)
 
     # ------------------------------------------------------------------ checks
+    LORA_EXPERT_KEY = "diffsynth_wan_expert"  # a LoRA header's Wan 2.2 A14B expert: "high" (dit) or "low" (dit2)
+
+    def load_lora(
+        self,
+        path,
+        scale: float = 1.0,
+        fuse: bool | None = None,
+        slot: str | None = None,
+        name: str | None = None,
+        **diffsynth,
+    ):
+        """The base class's `load_lora`, with the slot of a LoRA trained on one Wan 2.2 A14B expert taken from its
+        header (`diffsynth_wan_expert`, which the trainer writes): without `slot`, a low-noise expert's LoRA goes to
+        `dit2` (when loaded), any other to `dit`; a `slot` naming the other expert is obeyed with a warning."""
+        from diffsynth.runtime.pipeline import lora_file
+
+        if not isinstance(path, torch.nn.Module):  # DiffSynth-Studio's form: the module given names the slot
+            path = lora_file(path)
+            slot = self._lora_expert_slot(path, slot)
+        return super().load_lora(path, scale, fuse, "dit" if slot is None else slot, name, **diffsynth)
+
+    def _lora_expert_slot(self, path, slot: str | None) -> str | None:
+        """The slot for a LoRA whose header names the expert it was trained on (`slot` when it names none)."""
+        from diffsynth.runtime.lora import read_lora_header
+
+        expert = read_lora_header(path).get(self.LORA_EXPERT_KEY)
+        if expert not in ("high", "low"):
+            return slot
+        trained = "dit2" if expert == "low" and self.dit2 is not None else "dit"
+        if slot is None:
+            return trained
+        if slot in ("dit", "dit2") and slot != trained:
+            logger.warning(
+                "%s was trained on the %s-noise expert (%s), but load_lora(slot=%r) applies it to the other one",
+                path, expert, trained, slot,
+            )  # fmt: skip
+        return slot
+
     def read_lora(self, path, slot: str = "dit"):
         """The common LoRA layouts (diffusers' module names renamed to ours: `lora.convert_wan_lora`), and
         LongCat-Video's own (`longcat.longcat_lora_to_standard`: the authors' `lora/cfg_step_lora.safetensors`; their
@@ -722,6 +761,8 @@ class WanVideoPipeline(BasePipeline):
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scales)
         if not numbers or len(scales) not in (1, layers):
             raise ConfigError(f"vace_scale={scale!r} must be a number or {layers} numbers (one per VACE layer)")
+        if not all(math.isfinite(v) for v in scales):  # a NaN or infinite scale turns the whole video into NaN
+            raise ConfigError(f"vace_scale={scale!r} must be finite (no NaN or infinity)")
         check_vace_channels(self.dit.config, self.vae)
         if not any(scales):  # no hint reaches the DiT: no VACE inputs at all, so the video is the plain model's
             return None

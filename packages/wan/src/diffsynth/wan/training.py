@@ -124,7 +124,9 @@ Animate-2: `animate2_velocity`), with the timestep `1000 * sigma`; the noise lev
 A Wan 2.2 A14B model trains one expert at a time; each expert trains only on its own noise levels: the
 high-noise one on `sigma >= boundary`, the low-noise one below (0.875 for T2V, 0.9 for I2V: the presets'
 `switch_DiT_boundary`, where the pipeline hands over). The expert is read from the DiT's folder
-(`high_noise_model/`, `low_noise_model/`), as the pipeline reads it, or given as `expert="high"|"low"`.
+(`high_noise_model/`, `low_noise_model/`), as the pipeline reads it, or given as `expert="high"|"low"`. A DiT LoRA
+records its expert in its header (`diffsynth_wan_expert`: `lora_metadata`), so the pipeline's `load_lora` applies a
+low-noise expert's LoRA to `dit2` unless told another slot.
 """
 
 from __future__ import annotations
@@ -517,6 +519,13 @@ class WanTrainingTask(PipelineTrainingTask):
         if unknown:
             raise ConfigError(f"the Video-As-Prompt expert's weights {unknown[:5]} have no released key")
         return {released[key]: value for key, value in state.items()}
+
+    def lora_metadata(self) -> dict[str, str]:
+        """For a DiT LoRA trained on one Wan 2.2 A14B expert, that expert ("high" / "low") in its file's header, so
+        `WanVideoPipeline.load_lora` applies it to that expert (`dit` / `dit2`) by default; nothing otherwise."""
+        if self.denoiser_slot != "dit" or not isinstance(self.scheduler, ExpertScheduler):
+            return {}
+        return {WanVideoPipeline.LORA_EXPERT_KEY: self.scheduler.expert}
 
     def prepare_dataset(self, dataset: Any) -> None:
         """The trainer's hook before any step: validation samples are as long as the longest training clip (its

@@ -37,6 +37,10 @@ LoRA: the trainer wraps `Flux2DiT.lora_target_modules` (BFL's module names: fuse
 ...). `--lora_formats diffsynth` (the default) is what our pipeline's `load_lora` reads; add `kohya` for a file
 diffusers' `Flux2Pipeline.load_lora_weights` / `Flux2KleinPipeline.load_lora_weights` and ComfyUI load (diffusers
 splits the fused qkv LoRAs into its to_q / to_k / to_v itself).
+
+Full fine-tuning: the trainer's `step-N/dit/` file is in the layout of the DiT file it trained from
+(`export_state`): diffusers' `Flux2Transformer2DModel` names beside the `transformer/` folder's `config.json`, so
+it replaces that folder's weights for diffusers and our pipeline alike; BFL's names for a BFL single file.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from diffsynth.runtime.vram import module_dtype
 
 from ..reference_batches import collate_references, row_references
 from .dit import Flux2DiT
+from .formats import DIFFUSERS_SIGNATURE, ours_to_diffusers
 from .pipeline import Flux2ImagePipeline, ReferenceLatents, flux2_velocity
 from .text_encoder import MAX_SEQUENCE_LENGTH
 from .vae import Flux2VAE
@@ -184,6 +189,14 @@ class Flux2TrainingTask(PipelineTrainingTask):
         references = ReferenceLatents(batch["references"], batch["reference_ids"]) if "references" in batch else None
         return flux2_velocity(dit, noisy_latents, sigma, batch["prompt_embeds"], self.embedded_guidance, references)
 
+    def export_state(self, slot: str, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """A full fine-tune's DiT in the layout of the file it was trained from, so the export replaces it: diffusers'
+        `Flux2Transformer2DModel` names (fused qkv split into to_q / to_k / to_v, ...) for a `transformer/` folder,
+        whose `config.json` the trainer copies beside; our (BFL) names, as they are, for BFL's single files."""
+        if slot != "dit" or not loaded_from_diffusers_layout(self.model_files.get(slot), DIFFUSERS_SIGNATURE[0]):
+            return state
+        return ours_to_diffusers(dict(state))
+
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
         """FLUX.2's sampling schedule for this size (BFL's empirical shift of its H/16 * W/16 tokens and the step
         count, the pipeline's): what `--task direct_distill` steps along, at the task's embedded guidance."""
@@ -232,6 +245,16 @@ class Flux2TrainingTask(PipelineTrainingTask):
             for handle in handles:
                 handle.remove()
         return [found[i] for i in indices]
+
+
+def loaded_from_diffusers_layout(files: Sequence[str] | None, signature_key: str) -> bool:
+    """Whether a model's files hold diffusers' names (`signature_key`, e.g. `x_embedder.weight`), read from their
+    headers: the trainer's full-weight export is written back in that layout."""
+    if not files:
+        return False
+    from diffsynth.runtime.checkpoint import open_checkpoint
+
+    return signature_key in open_checkpoint(list(files))
 
 
 def _check_models(pipe: Flux2ImagePipeline) -> None:
