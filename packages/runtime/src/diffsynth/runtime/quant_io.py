@@ -13,6 +13,7 @@ renames keys is fine; one that reshapes or splits a quantized weight cannot be a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 HEADER_KEY = "diffsynth_quantize"
 CONFIG_KEY = "diffsynth_config_json"
+MODULE_CONFIG_KEY = "diffsynth_module_config"  # the module's config dataclass, when no config.json is known
 BNB_STATE = ".quant_state.bitsandbytes__"
 TORCHAO_TYPES = {"Int8Tensor": "torchao_int8_w8a16", "Float8Tensor": "torchao_fp8_w8a16"}
 
@@ -66,6 +68,7 @@ def save_quantized_model(model_or_model_config, path: str | os.PathLike, *, torc
     config = quantize_config(model)
     if config is None:
         raise ConfigError(f"save_quantized_model: the {type(model).__name__} is not quantized (QuantizeConfig)")
+    _refuse_gguf(model, config)
     if config.mode != "dynamic":
         raise ConfigError(
             f"save_quantized_model: the {type(model).__name__} was quantized with mode={config.mode!r}, whose layers "
@@ -78,6 +81,8 @@ def save_quantized_model(model_or_model_config, path: str | os.PathLike, *, torc
     metadata = {HEADER_KEY: json.dumps({**config.to_dict(), "load_prequantized": True})}
     if config_json is not None:  # the source's config.json, for loading the file from anywhere
         metadata[CONFIG_KEY] = json.dumps(config_json)
+    else:
+        metadata.update(_module_config_header(model))
     if any(type(v).__module__.startswith("torchao.") for v in state.values()):
         try:
             from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
@@ -100,6 +105,82 @@ def save_quantized_model(model_or_model_config, path: str | os.PathLike, *, torc
             os.remove(temporary)
     logger.info("saved %s (%d tensors, %s)", path, len(state), config.method)
     return path
+
+
+def _refuse_gguf(model: nn.Module, config) -> None:
+    """GGUF blocks have no safetensors form a loader reads back: the .gguf file is already the packed model."""
+    from .gguf import MODE_ENV, GGUFQuantization
+
+    if isinstance(config, GGUFQuantization):
+        raise ConfigError(
+            f"save_quantized_model: the {type(model).__name__} is GGUF-packed ({', '.join(config.types)}); a "
+            "GGUF-packed model cannot be saved as safetensors; keep the .gguf, or load it with "
+            f"{MODE_ENV}=dequantize (load_gguf(mode='dequantize')) and quantize it with a QuantizeConfig"
+        )
+
+
+def _module_config_header(model: nn.Module) -> dict[str, str]:
+    """The module's own config dataclass as a header entry: without a config.json, shapes alone may not give the
+    model's config back (RoPE widths, eps), so the file records the config it was built with."""
+    config = getattr(model, "config", None)
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        logger.warning("%s has no config dataclass: the saved file needs its config.json beside it to load "
+                       "when shapes do not give the config", type(model).__name__)  # fmt: skip
+        return {}
+    try:
+        return {MODULE_CONFIG_KEY: json.dumps(_encode_config(config))}
+    except TypeError as exc:
+        logger.warning("%s's config is not recorded (%s): the saved file needs its config.json beside it to load "
+                       "when shapes do not give the config", type(model).__name__, exc)  # fmt: skip
+        return {}
+
+
+DATACLASS_TAG, TUPLE_TAG, DTYPE_TAG = "diffsynth.dataclass", "diffsynth.tuple", "diffsynth.dtype"
+
+
+def _encode_config(value: Any) -> Any:
+    """A config value as JSON, dataclasses (by class path), tuples and torch dtypes as tagged records."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = type(value)
+        fields = {f.name: _encode_config(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return {DATACLASS_TAG: f"{kind.__module__}:{kind.__qualname__}", "fields": fields}
+    if isinstance(value, tuple):
+        return {TUPLE_TAG: [_encode_config(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode_config(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _encode_config(v) for k, v in value.items()}
+    if isinstance(value, torch.dtype):
+        return {DTYPE_TAG: str(value).removeprefix("torch.")}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a {type(value).__name__} value has no JSON form")
+
+
+def _decode_config(value: Any, label: str) -> Any:
+    """`_encode_config`'s inverse; only diffsynth's own dataclasses are rebuilt (a header names no other code)."""
+    if isinstance(value, list):
+        return [_decode_config(v, label) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if TUPLE_TAG in value:
+        return tuple(_decode_config(v, label) for v in value[TUPLE_TAG])
+    if DTYPE_TAG in value:
+        return getattr(torch, value[DTYPE_TAG])
+    if DATACLASS_TAG not in value:
+        return {k: _decode_config(v, label) for k, v in value.items()}
+    module_name, _, qualname = str(value[DATACLASS_TAG]).partition(":")
+    if not module_name.startswith("diffsynth."):
+        raise CheckpointError(f"{label} (header {MODULE_CONFIG_KEY!r}) names {value[DATACLASS_TAG]!r}, not a "
+                              "diffsynth config class")  # fmt: skip
+    import importlib
+
+    kind: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        kind = getattr(kind, part)
+    if not dataclasses.is_dataclass(kind):
+        raise CheckpointError(f"{label} (header {MODULE_CONFIG_KEY!r}): {value[DATACLASS_TAG]!r} is no dataclass")
+    return kind(**{k: _decode_config(v, label) for k, v in value["fields"].items()})
 
 
 def _load_and_quantize(model_config, torch_dtype, device) -> nn.Module:
@@ -261,6 +342,7 @@ def load_prequantized(paths: Sequence[str], quantize, *, torch_dtype=None, roles
     files = list(state.files)
     label = checkpoint_label(files)
     packed, header, _ = file_quantization(files)
+    _check_compute_dtype(packed, dtype, label)
     hidden = {part for p in packed.values() for part in p.parts}
     meta = {k: v for k, v in state.meta_state_dict().items() if k not in hidden}
     for p in packed.values():
@@ -274,6 +356,8 @@ def load_prequantized(paths: Sequence[str], quantize, *, torch_dtype=None, roles
         config_json = json.loads(header[CONFIG_KEY])
     if config_json is not None:
         config_json = {k: v for k, v in config_json.items() if k != "quantization_config"}
+    elif MODULE_CONFIG_KEY in header and len(found) == 1:
+        config_json = _recorded_module_config(header[MODULE_CONFIG_KEY], label)  # a config object, used as is
     built = load_on_meta(meta, found, dtype, config_json, label)
     wanted = quantize.config if isinstance(quantize, _FromFile) else quantize
     for rec, item in zip(found, built, strict=True):
@@ -314,6 +398,14 @@ def load_prequantized(paths: Sequence[str], quantize, *, torch_dtype=None, roles
         module._diffsynth_quantize = wanted  # noqa: SLF001 - read by `quant.quantize_config`
         logger.info("loaded %s prequantized (%d quantized layers) from %s", rec.spec.name, len(mine), label)
     return built
+
+
+def _recorded_module_config(text: str, label: str):
+    """The config dataclass `save_quantized_model` recorded from a module (a file saved without a config.json)."""
+    try:
+        return _decode_config(json.loads(text), label)
+    except (ValueError, TypeError, AttributeError, ImportError, KeyError) as exc:
+        raise CheckpointError(f"{label} (header {MODULE_CONFIG_KEY!r}) holds no readable config ({exc})") from None
 
 
 def _check_layers(module: nn.Module, mine: dict[str, Packed], chosen, label: str, config) -> None:
@@ -367,13 +459,36 @@ def _packed_linear(state, header, shell: nn.Linear, p: Packed, dtype) -> nn.Modu
     else:
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-        record = {"tensor_names": json.dumps([p.key]), p.key: p.header}
+        record = {"tensor_names": json.dumps([p.key]), p.key: _torchao_header(p, dtype)}
         rebuilt, _ = unflatten_tensor_state_dict({k: state[k] for k in p.parts}, record)
         layer = nn.Linear(shell.in_features, shell.out_features, bias=shell.bias is not None, device="meta")
         layer.weight = nn.Parameter(rebuilt[p.key], requires_grad=False)
     if layer_method(layer) != p.method:  # pragma: no cover - a library that changed its format
         raise CheckpointError(f"key {p.key!r} did not rebuild as {p.method}")
     return layer
+
+
+def _check_compute_dtype(packed: dict[str, Packed], dtype: torch.dtype | None, label: str) -> None:
+    """torchao layers compute in a float dtype, as quantizing in memory requires: say so before building any."""
+    torchao = [p for p in packed.values() if p.header is not None]
+    if dtype is None or not torchao or dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return
+    first = torchao[0]
+    raise ConfigError(
+        f"{label}: key {first.key!r} is a {first.method} weight saved in {first.dtype}; it cannot compute in "
+        f"torch_dtype={dtype} (float16 / bfloat16 / float32 only)"
+    )
+
+
+def _torchao_header(p: Packed, dtype: torch.dtype | None) -> str:
+    """torchao's type record of `p`, reporting `dtype` (the requested compute dtype) instead of the saved one: the
+    packed data and scales do not depend on it (torchao keeps int8 / fp8 scales in float32 whatever the weight's
+    dtype), so the layer equals one quantized in memory at `dtype` up to the saved weights' own rounding."""
+    if dtype is None or dtype == p.dtype:
+        return p.header
+    record = json.loads(p.header)
+    record["_data"]["dtype"] = {"_type": "torch.dtype", "_data": str(dtype).removeprefix("torch.")}
+    return json.dumps(record)
 
 
 def _materialize(module: nn.Module) -> None:
