@@ -144,6 +144,15 @@ def test_prompt_cleaning_as_the_authors():
     assert clean_prompt("  a   cat\n\tsits &amp;amp; waits ") == "a cat sits & waits"
 
 
+@pytest.mark.parametrize("text", ["it\u2019s a \u201ccat\u201d", "caf\u00c3\u00a9 latte", "\ufb01sh  &amp; chips"])
+def test_prompt_cleaning_fixes_text_as_diffusers(text):
+    """Curly quotes, mojibake and ligatures are made plain as the authors' (and diffusers') ftfy step does: umT5's
+    tokenizer does not, so an LLM-written prompt would get other tokens than the model was trained with."""
+    wan = pytest.importorskip("diffusers.pipelines.wan.pipeline_wan")
+    assert clean_prompt(text) == wan.prompt_clean(text)
+    assert "\u2019" not in clean_prompt(text) and "\u00c3" not in clean_prompt(text)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one prompt"):
         encode_prompts(None, None, [])

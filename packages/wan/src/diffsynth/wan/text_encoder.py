@@ -48,13 +48,11 @@ def _tie_after_load(module: WanTextEncoder, incompatible_keys) -> None:
 
 
 def clean_prompt(text: str) -> str:
-    """The authors' prompt cleaning: fix mojibake (when ftfy is installed), unescape HTML, collapse spaces."""
-    try:
-        import ftfy
-    except ImportError:
-        pass
-    else:
-        text = ftfy.fix_text(text)
+    """The authors' prompt cleaning: ftfy's fixes (curly quotes made straight, mojibake undone), HTML unescaped,
+    spaces collapsed; the model was trained on text cleaned so."""
+    import ftfy
+
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 
