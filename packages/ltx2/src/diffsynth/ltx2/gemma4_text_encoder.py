@@ -5,8 +5,8 @@
 by `text_encoder_formats.py`). What changes for a hand-run forward: global layers may have their own head width
 and key/value heads (and reuse keys as values), late layers may reuse the keys and values of earlier ones, each
 layer's output is multiplied by a stored `layer_scalar`, and the masks are built as the multimodal model builds
-them for text-only input. A module of its own, imported only when a Gemma 4 is loaded: transformers releases
-before Gemma 4 still load the rest of the package.
+them for text-only input. A module of its own, imported only when a Gemma 4 is loaded; with a transformers older
+than 5.23 it still imports, and building the encoder raises a ConfigError naming the release needed.
 """
 
 from __future__ import annotations
@@ -14,14 +14,44 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import Gemma4UnifiedTextModel
-from transformers.cache_utils import KVSharingDict
 from transformers.masking_utils import create_masks_for_generate
+
+from diffsynth.runtime.errors import ConfigError
 
 from .text_encoder import GemmaTextEncoder, resolve_hidden_state_index
 
+GEMMA4_TRANSFORMERS = "5.23"  # Gemma4UnifiedTextModel came in 5.10, the KVSharingDict its forward needs in 5.23
 
-class Gemma4TextEncoder(GemmaTextEncoder, Gemma4UnifiedTextModel):
+
+def require_gemma4_transformers() -> None:
+    """The packages allow transformers>=5.0, older than Gemma 4: say which release is needed instead of letting an
+    ImportError surface from inside the build."""
+    try:
+        from transformers import Gemma4UnifiedTextConfig, Gemma4UnifiedTextModel  # noqa: F401
+        from transformers.cache_utils import KVSharingDict  # noqa: F401
+    except ImportError as error:
+        import transformers
+
+        raise ConfigError(
+            f"LTX-2.5's Gemma 4 text encoder needs transformers>={GEMMA4_TRANSFORMERS} "
+            f"(installed {transformers.__version__}): pip install -U transformers"
+        ) from error
+
+
+try:
+    from transformers import Gemma4UnifiedTextModel as _Gemma4Base
+    from transformers.cache_utils import KVSharingDict
+except ImportError:  # transformers < 5.23
+
+    class _Gemma4Base(torch.nn.Module):
+        """Stands in for `Gemma4UnifiedTextModel` so that this module still imports; building the encoder says
+        which transformers it needs."""
+
+        def __init__(self, *args, **kwargs):
+            require_gemma4_transformers()
+
+
+class Gemma4TextEncoder(GemmaTextEncoder, _Gemma4Base):
     """Gemma 4's language model (transformers' `Gemma4UnifiedTextModel`, the text part of LTX-2.5's
     `Gemma4UnifiedForConditionalGeneration`) with runtime capabilities and a forward that returns the
     hidden states LTX reads, as the whole multimodal model computes them for a text-only prompt (`layer_scalar`

@@ -276,6 +276,9 @@ def _gemma4_text_json(config_json: dict | None) -> dict:
 def gemma4_text_config(state: StateDict, config_json: dict | None = None):
     """`Gemma4UnifiedTextConfig` from the config.json's `text_config`, checked against the shapes: the
     model-wide sizes first, then each layer's head width (global layers may be wider)."""
+    from .gemma4_text_encoder import require_gemma4_transformers
+
+    require_gemma4_transformers()
     from transformers import Gemma4UnifiedTextConfig
 
     given = _gemma4_text_json(config_json)
@@ -301,8 +304,9 @@ def gemma4_text_config(state: StateDict, config_json: dict | None = None):
 
 
 def build_gemma4_text(config):
-    from .gemma4_text_encoder import Gemma4TextEncoder
+    from .gemma4_text_encoder import Gemma4TextEncoder, require_gemma4_transformers
 
+    require_gemma4_transformers()
     return Gemma4TextEncoder(config)
 
 

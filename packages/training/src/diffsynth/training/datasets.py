@@ -97,13 +97,27 @@ def dataset_entries(cfg: TrainConfig) -> list[DatasetEntry]:
     ]
 
 
+def _toml_parser(path: Path):
+    """The stdlib `tomllib` (Python 3.11+), else `tomli` (the same parser, for Python 3.10)."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(
+                f"--dataset_config {path}: a .toml dataset config needs Python 3.11+ or `pip install tomli` "
+                "(or use the .yaml / .json form)"
+            ) from None
+    return tomllib
+
+
 def _read(path: Path) -> tuple[list, Mapping]:
     """The file's datasets and its `general` table (musubi-tuner's and kohya's defaults of every dataset)."""
     if not path.is_file():
         raise ConfigError(f"--dataset_config {path}: no such file")
     if path.suffix.lower() == ".toml":
-        import tomllib
-
+        tomllib = _toml_parser(path)
         try:
             data = tomllib.loads(read_text_file(path, "--dataset_config"))
         except tomllib.TOMLDecodeError as error:

@@ -76,6 +76,22 @@ def is_sharded(acc) -> bool:
     return distributed_kind(acc) == "FSDP" or zero_stage(acc) == 3
 
 
+def _check_fsdp_version(plugin) -> None:
+    """The trainer runs FSDP2 only. accelerate before 1.6 has no `fsdp_version` (it reads the config's as FSDP1):
+    there upgrading is the fix, not the config."""
+    if plugin is not None and not hasattr(plugin, "fsdp_version"):
+        import accelerate
+
+        raise ConfigError(
+            f"FSDP2 needs accelerate>=1.6 (installed {accelerate.__version__}): pip install -U accelerate"
+        )
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ConfigError(
+            "accelerate is configured for FSDP version 1; the trainer runs FSDP2 (fully_shard): set "
+            f"fsdp_version: 2 in the accelerate config (shipped: {FSDP_CONFIGS})"
+        )
+
+
 def check_mode(acc) -> None:
     """Refuse the accelerate modes whose state the trainer cannot save and resume, and a launch configured for
     FSDP or DeepSpeed that accelerate runs as another mode without CUDA (plain DDP on the CPU: not what was asked)."""
@@ -86,11 +102,8 @@ def check_mode(acc) -> None:
                 f"the accelerate config asks for {wanted} ({variable}), but accelerate runs this as {kind}: "
                 f"{wanted} needs GPUs (CUDA); launch it on GPUs, or without that config for DDP"
             )
-    if kind == "FSDP" and getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", 1) != 2:
-        raise ConfigError(
-            "accelerate is configured for FSDP version 1; the trainer runs FSDP2 (fully_shard): set "
-            f"fsdp_version: 2 in the accelerate config (shipped: {FSDP_CONFIGS})"
-        )
+    if kind == "FSDP":
+        _check_fsdp_version(getattr(acc.state, "fsdp_plugin", None))
     if kind == "DEEPSPEED":
         zero = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
         offloaded = [

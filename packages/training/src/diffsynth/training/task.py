@@ -192,10 +192,7 @@ def task_class(config: TrainConfig) -> type:
         name = next(iter(families))
     target = families.get(name, name if ":" in name else None)
     if target is None:
-        raise ConfigError(
-            f"--family {name!r} has no training task; installed families with one: {preview(sorted(families))} "
-            "(or pass 'module:Class' of your own task)"
-        )
+        raise _no_training_task(name, families)
     module, _, attr = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
@@ -205,6 +202,29 @@ def task_class(config: TrainConfig) -> type:
     if missing:
         raise ConfigError(f"training task {target!r} does not implement {', '.join(missing)} (see TrainingTask)")
     return cls
+
+
+# Trainable family name -> the package that installs it: a --family whose package is missing names what to install
+FAMILY_PACKAGES = {
+    "z_image": "diffsynth-z-image",
+    "flux": "diffsynth-flux",
+    "flux2": "diffsynth-flux",
+    "qwen_image": "diffsynth-qwen-image",
+    "qwen_image21": "diffsynth-qwen-image",
+    "wan": "diffsynth-wan",
+    "ltx2": "diffsynth-ltx2",
+}
+
+
+def _no_training_task(name: str, families: Mapping[str, str]) -> ConfigError:
+    """The error for a --family without a task: a known family not installed names its package."""
+    package = FAMILY_PACKAGES.get(name.replace("-", "_"))
+    if package and name.replace("-", "_") not in families:
+        return ConfigError(f"--family {name} needs the {package} package: pip install {package}")
+    return ConfigError(
+        f"--family {name!r} has no training task; installed families with one: {preview(sorted(families))} "
+        "(or pass 'module:Class' of your own task)"
+    )
 
 
 def _folder_family(folder: Path, families: Mapping[str, str]) -> str | None:
