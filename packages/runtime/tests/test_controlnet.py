@@ -49,8 +49,7 @@ def test_slot_collects_each_nets_units_in_load_order():
         (ControlNetInput(controlnet_id=2), r"controlnet_id=2: 2 ControlNet"),
         (ControlNetInput(controlnet_id=True), "controlnet_id=True"),
         (ControlNetInput(scale="big"), "scale='big' must be a number"),
-        (ControlNetInput(start=0.5, end=0.5), "two different numbers"),
-        (ControlNetInput(start=-0.1, end=1.0), "two different numbers"),
+        (ControlNetInput(start=-0.1, end=1.0), r"must be numbers in \[0, 1\]"),
         (ControlNetInput(start="0.5", end=1.0), "start='0.5' must be a number"),
         (ControlNetInput(end=1.5), r"end=1.5 must be in \[0, 1\]"),
     ],
@@ -115,3 +114,15 @@ def test_model_source(tmp_path):
         model_source("Org/Unknown", "controlnet", lambda repo: None, "a known repo")
     with pytest.raises(ConfigError, match="must be a path, a hub repo id or a ModelConfig"):
         model_source(3, "controlnet", lambda repo: None, "")
+
+
+def test_a_copied_input_acts_as_its_original():
+    """`dataclasses.replace` passes the filled-in bounds back as if both were given: Studio's `end=1.0` alone (the
+    first step only) must stay accepted and act at the same steps."""
+    import dataclasses
+
+    one = ControlNetInput(end=1.0)
+    copy = dataclasses.replace(one, scale=0.5)
+    assert checked_inputs([one, copy], 1, "") == [one, copy]
+    steps = [[acts_at(item.start, item.end, i, 10) for i in range(10)] for item in (one, copy)]
+    assert steps[0] == steps[1] == [True] + [False] * 9

@@ -115,9 +115,9 @@ def checked_inputs(inputs, loaded: int, how_to_load: str) -> list[ControlNetInpu
                 f"{where}.{outside[0]}={getattr(item, outside[0])!r} must be in [0, 1] (alone it is "
                 "DiffSynth-Studio's progress, 1 at the first step to 0 at the last)"
             )
-        if not (0.0 <= min(start, end) and max(start, end) <= 1.0 and (start != end or item._one_bound)):
+        if not (0.0 <= min(start, end) and max(start, end) <= 1.0):  # equal: Studio's one progress point
             raise ConfigError(
-                f"{where}: start={start!r}, end={end!r} must be two different numbers in [0, 1] "
+                f"{where}: start={start!r}, end={end!r} must be numbers in [0, 1] "
                 "(start < end: fractions of the steps; start > end: DiffSynth-Studio's progress, 1 to 0)"
             )
     return items
