@@ -115,7 +115,7 @@ def test_denoising_strength_without_input_image_is_refused(tiny_pipe, strength):
         tiny_pipe("a cat", denoising_strength=strength, seed=0, **FAST)
 
 
-@pytest.mark.parametrize("guidance", [[1.0, 2.0], math.nan, math.inf, "high", True])
+@pytest.mark.parametrize("guidance", [[1.0, 2.0], math.nan, math.inf, "high", "3.5", True])
 def test_embedded_guidance_that_is_no_finite_number_is_refused(tiny_pipe, guidance):
     """A list was a bare TypeError inside float(); NaN and infinity gave NaN images."""
     with pytest.raises(ConfigError, match=r"embedded_guidance=.*finite number"):

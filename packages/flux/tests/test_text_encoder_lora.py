@@ -88,3 +88,53 @@ def test_a_pipeline_without_the_encoder_warns_and_applies_the_rest(base, caplog)
         pipe.load_lora(state)
     assert "no text_encoder_2 loaded" in caplog.text
     assert not torch.equal(pipe.dit.double_blocks[0].img_attn.proj.weight, before)
+
+
+def expected(base, changes):
+    """`base` with each text-encoder layer's change added by hand."""
+    want = copy.deepcopy(base)
+    with torch.no_grad():
+        for slot, layers in changes.items():
+            for name, change in layers.items():
+                getattr(want, slot).get_submodule(name).weight += change
+    return want
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_text_encoder_only_file_reaches_the_encoders(base, tmp_path, fuse):
+    """kohya's --network_train_text_encoder_only writes no DiT entries: the encoders get the file, the DiT
+    nothing (before, reading the DiT's part refused it)."""
+    from safetensors.torch import save_file
+
+    pipe = copy.deepcopy(base)
+    state, changes = lora_file(pipe, "kohya")
+    path = tmp_path / "te_only.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("lora_unet_")}, str(path))
+    name = pipe.load_lora(str(path), scale=SCALE, fuse=fuse)
+    for got, want in zip(embeds(pipe), embeds(expected(base, changes)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    assert torch.equal(pipe.dit.double_blocks[0].img_attn.proj.weight, base.dit.double_blocks[0].img_attn.proj.weight)
+    if not fuse:
+        assert pipe.list_loras() == {name: SCALE}
+        pipe.clear_loras()
+        for got, plain in zip(embeds(pipe), embeds(base), strict=True):
+            assert torch.equal(got, plain)
+
+
+def test_pipe_set_lora_scale_switches_the_encoders_part_too(base):
+    """A file's DiT and text-encoder parts share its name: `pipe.set_lora_scale` sets both (the runtime's
+    `set_lora_scale(pipe.dit, ...)` left the encoders at the old scale)."""
+    from diffsynth.runtime.lora import list_loras
+
+    pipe = copy.deepcopy(base)
+    state, changes = lora_file(pipe, "kohya")
+    pipe.load_lora(state, scale=SCALE, fuse=False, name="style")
+    assert pipe.list_loras() == {"style": SCALE}
+    pipe.set_lora_scale("style", 0.0)
+    for slot in ("dit", "text_encoder_1", "text_encoder_2"):
+        assert list_loras(getattr(pipe, slot)) == {"style": 0.0}
+    for got, plain in zip(embeds(pipe), embeds(base), strict=True):
+        assert torch.equal(got, plain)
+    pipe.set_lora_scale("style", SCALE)
+    for got, want in zip(embeds(pipe), embeds(expected(base, changes)), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)

@@ -540,6 +540,8 @@ class FluxImagePipeline(BasePipeline):
         model = getattr(self, slot, None)
         if not isinstance(model, Flux1DiT):
             return super().apply_lora(source, scale, fuse, slot, name)
+        if _text_encoder_only(source):  # kohya's --network_train_text_encoder_only: nothing for the DiT
+            return self._apply_text_encoder_loras(source, scale, fuse, name, required=True)
         lora = self.read_lora(source, slot)
         if isinstance(lora, Flux1LoRAWeights) and lora.changes_model:
             changes = [
@@ -559,20 +561,32 @@ class FluxImagePipeline(BasePipeline):
                 )
             prepare_model(model, lora)
         result = super().apply_lora(lora, scale, fuse, slot, name)
-        self._apply_text_encoder_loras(source, scale, fuse, result or name)
+        self._apply_text_encoder_loras(source, scale, fuse, None if fuse else result or name)
         return result
 
-    def _apply_text_encoder_loras(self, source, scale: float, fuse: bool, name: str | None) -> None:
+    def _apply_text_encoder_loras(
+        self, source, scale: float, fuse: bool, name: str | None, required: bool = False
+    ) -> str | None:
         """A DiT LoRA file's CLIP-L / T5 entries (`flux1/text_encoder_lora.py`) applied to those encoders, at the
-        same scale, fused or kept apart (under the DiT LoRA's name) like the DiT's part."""
+        same scale, fused or kept apart (under the DiT LoRA's name, else the first encoder's) like the DiT's part.
+        Returns the name it is kept apart under (None when fused); `required` (a file with nothing else) makes
+        a file none of whose encoders is loaded a `ConfigError`."""
         from .flux1.text_encoder_lora import text_encoder_loras
 
+        applied = 0
         for slot, lora in text_encoder_loras(source).items():
             if getattr(self, slot, None) is None:
                 logger.warning("%s: no %s loaded; its %d LoRA layers there are left out", lora.source, slot, len(lora))
                 continue
-            super().apply_lora(lora, scale, fuse, slot, name)
+            name = super().apply_lora(lora, scale, fuse, slot, name) or name
+            applied += 1
             logger.info("%s: applied to %s (%d layers)", lora.source, slot, len(lora))
+        if required and not applied:
+            raise ConfigError(
+                f"LoRA {source if isinstance(source, (str, os.PathLike)) else '<state dict>'} holds only text-encoder "
+                "weights, and none of its encoders (text_encoder_1: CLIP-L, text_encoder_2: T5) is loaded"
+            )
+        return name
 
     def clear_loras(self, slot: str = "dit") -> None:
         """As `BasePipeline.clear_loras`; for the DiT also the text encoders' unfused LoRAs (a file's CLIP / T5
@@ -1714,14 +1728,12 @@ class FluxImagePipeline(BasePipeline):
 
 
 def check_guidance(value) -> float:
-    """`embedded_guidance` as the float the DiT embeds; a list or NaN was a bare TypeError or a NaN image."""
+    """`embedded_guidance` as the float the DiT embeds (a finite number, as every scale: `finite_number`); a list
+    or NaN was a bare TypeError or a NaN image."""
     try:
-        guidance = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        guidance = math.nan
-    if not math.isfinite(guidance):
-        raise ConfigError(f"embedded_guidance={value!r} is not accepted; use a finite number (dev: 3.5, Fill: 30)")
-    return guidance
+        return finite_number(value, "embedded_guidance")
+    except ConfigError as error:
+        raise ConfigError(f"{error} (dev: 3.5, Fill: 30)") from None
 
 
 def _as_list(items) -> list:
@@ -1814,3 +1826,41 @@ __all__ = [
     "pack_latents",
     "unpack_latents",
 ]
+
+
+def _text_encoder_only(source) -> bool:
+    """Whether the LoRA `source` (a file or state dict) has text-encoder entries and nothing for the DiT, as kohya's
+    `--network_train_text_encoder_only` writes."""
+    from collections.abc import Mapping
+
+    from diffsynth.runtime.lora import SKIPPED_PREFIXES
+
+    from .flux1.text_encoder_lora import PREFIXES
+
+    if isinstance(source, Mapping):
+        keys = list(source)
+    elif isinstance(source, (str, os.PathLike)):
+        keys = _lora_file_keys(source)
+    else:  # LoRAWeights: already a DiT's
+        return False
+    return (
+        bool(keys)
+        and all(k.startswith(SKIPPED_PREFIXES) for k in keys)
+        and any(k.startswith(tuple(PREFIXES)) for k in keys)
+    )
+
+
+def _lora_file_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a LoRA file (a safetensors file's from its header, without reading the tensors); empty
+    when it cannot be read (the DiT's reader then reports why)."""
+    from diffsynth.runtime.lora import read_lora_state
+
+    try:
+        if str(path).endswith(".safetensors") and Path(path).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        return list(read_lora_state(path)[0])
+    except Exception:
+        return []

@@ -50,6 +50,7 @@ from .lora_factors import FIELDS as FACTOR_FIELDS
 from .lora_factors import HadamardDelta, KroneckerDelta, WeightDelta, lycoris_tensors, read_factors
 from .quant import is_quantized_linear, linear_weight
 from .vram import vram_handle
+from .vram.config import is_fp8
 from .vram.disk import mark_changed
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ SAVE_FORMATS = ("diffsynth", "peft", "kohya")
 _DEFAULT_SAVE_PREFIX = {"diffsynth": "", "peft": "diffusion_model.", "kohya": "lora_unet_"}
 _ATTR = "_diffsynth_loras"
 _MERGER_ATTR = "_diffsynth_lora_merger"
+_FUSED_ATTR = "_diffsynth_fused_lora"  # set on a Linear once a LoRA was fused into it
 
 # (regex, field): the suffix that says what a tensor is; the name in front of it is the target.
 _SUFFIXES = (
@@ -479,28 +481,29 @@ def apply_lora(
     lora: LoRAWeights | str | os.PathLike | Mapping[str, torch.Tensor],
     *,
     scale: float = 1.0,
-    fuse: bool = True,
+    fuse: bool | None = None,
     name: str | None = None,
     key_map: KeyMap | None = None,
 ) -> str | None:
     """Apply a LoRA to `model`. Fused: added into the weights for good (returns None). Unfused: attached
     under `name` (default `lora_<n>`; re-using a name replaces that LoRA) and returned, for
-    `set_lora_scale` / `clear_loras`. A scale that is not a finite number is a `ConfigError` naming the LoRA."""
+    `set_lora_scale` / `clear_loras`. A scale that is not a finite number is a `ConfigError` naming the LoRA.
+
+    `fuse=None` (the default) fuses, except into weights that would round most of the change away: quantized
+    Linears (always kept apart) and weights the VRAM manager stores in fp8 (`stores_fp8`; `fuse=True` fuses
+    those anyway, with a warning). Fusing a DoRA onto layers another fused LoRA changed is order-dependent and
+    differs from keeping both apart (each DoRA then sees the base weight): a warning says so."""
     lora = read_lora(lora)
     if not math.isfinite(scale):
         raise ConfigError(f"LoRA {lora.source}: scale {scale} must be a finite number")
     resolved = resolve_lora(model, lora, key_map)
-    if fuse and any(is_quantized_linear(model.get_submodule(n)) for n in resolved.targets):
-        # a LoRA's delta is far below a 4-bit step: fused into the rounded weights it would mostly vanish
-        logger.info("LoRA %s kept apart (not fused): the model's Linears are quantized", resolved.source)
-        fuse = False
+    fuse = _fuse_or_keep_apart(model, resolved, fuse)
     if fuse:
-        handle = vram_handle(model)
-        # a VRAM-managed model's weights are placeholders between forwards: fuse into the real values,
-        # all layers at once, stored back when the block ends (re-entrant, e.g. inside pipe.load_lora's)
-        with handle.materialized() if handle is not None else contextlib.nullcontext():
-            for target_name, target in resolved.targets.items():
-                _fuse(model.get_submodule(target_name), target, float(scale))
+        if name is not None:
+            logger.warning(
+                "LoRA %s: name %r is ignored: names are for LoRAs kept apart (fuse=False)", lora.source, name
+            )
+        _fuse_all(model, resolved, float(scale))
         logger.info("fused LoRA %s into %d layers (scale %g)", resolved.source, len(resolved), scale)
         return None
     loaded = list_loras(model)
@@ -518,11 +521,75 @@ def apply_lora(
     return name
 
 
+def _fuse_or_keep_apart(model: nn.Module, lora: LoRAWeights, fuse: bool | None) -> bool:
+    """Whether to fuse `lora` (resolved) into `model`: a LoRA's change is far below a 4-bit or fp8 step, so
+    fused into such weights it would mostly vanish; it is kept apart unless `fuse=True` asked for fp8."""
+    if fuse is False:
+        return False
+    if any(is_quantized_linear(model.get_submodule(n)) for n in lora.targets):
+        logger.info("LoRA %s kept apart (not fused): the model's Linears are quantized", lora.source)
+        return False
+    if not stores_fp8(vram_handle(model), [model.get_submodule(n) for n in lora.targets]):
+        return True
+    if fuse is None:
+        logger.info("LoRA %s kept apart (not fused): the VRAM manager stores the model's weights in fp8", lora.source)
+        return False
+    logger.warning(
+        "LoRA %s fused (fuse=True) into weights the VRAM manager stores in fp8: most of its change is lost to "
+        "fp8 rounding; leave fuse unset (or fuse=False) to keep it apart",
+        lora.source,
+    )
+    return True
+
+
+def stores_fp8(handle, modules: list[nn.Module] | None = None) -> bool:
+    """Whether the VRAM manager `handle` keeps weights in fp8: its config's offload / onload / preparing /
+    computation dtype is fp8, or it stores a weight of `modules` (default: any) in fp8 (e.g. an fp8 file on disk)."""
+    config = getattr(handle, "config", None)
+    if config is None:
+        return False
+    keys = ("offload_dtype", "onload_dtype", "preparing_dtype", "computation_dtype")
+    if any(is_fp8(getattr(config, key, None)) for key in keys):
+        return True
+    owners = None if modules is None else {id(m) for m in modules}
+    for unit in getattr(handle, "units", ()):
+        slots = getattr(unit.offload, "slots", ())
+        for target, slot in zip(unit.targets, slots, strict=False):
+            mine = owners is None or any(id(owner) in owners for owner, _ in target.owners)
+            if mine and is_fp8(slot.dtype):
+                return True
+    return False
+
+
+def _fuse_all(model: nn.Module, lora: LoRAWeights, scale: float) -> None:
+    """Fuse every target of `lora` (resolved); a DoRA onto layers changed by an earlier fused LoRA is warned about."""
+    handle = vram_handle(model)
+    stacked = [
+        n for n, t in lora.targets.items() if t.magnitude is not None and _FUSED_ATTR in vars(model.get_submodule(n))
+    ]
+    if stacked:
+        logger.warning(
+            "DoRA %s fused onto %d layers already changed by another fused LoRA (e.g. %r): its norms are taken of "
+            "the changed weight, so the result depends on the order of loading and differs from keeping the LoRAs "
+            "apart (fuse=False)",
+            lora.source,
+            len(stacked),
+            stacked[0],
+        )
+    # a VRAM-managed model's weights are placeholders between forwards: fuse into the real values,
+    # all layers at once, stored back when the block ends (re-entrant, e.g. inside pipe.load_lora's)
+    with handle.materialized() if handle is not None else contextlib.nullcontext():
+        for target_name, target in lora.targets.items():
+            module = model.get_submodule(target_name)
+            _fuse(module, target, scale)
+            module.__dict__[_FUSED_ATTR] = True
+
+
 def load_lora(
     model: nn.Module,
     path: str | os.PathLike | Mapping[str, torch.Tensor] | LoRAWeights,
     scale: float = 1.0,
-    fuse: bool = True,
+    fuse: bool | None = None,
     name: str | None = None,
     key_map: KeyMap | None = None,
 ) -> str | None:
@@ -617,15 +684,16 @@ class _LoRAStack:
 
     def __init__(self, module: nn.Linear):
         self.adapters: dict[str, _Adapter] = {}
-        self.handle = module.register_forward_hook(self._hook)
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         merger = module.__dict__.get(_MERGER_ATTR)
         outputs = []
         own = output
+        x = args[0] if args else kwargs["input"]  # nn.Linear.forward(input): also called as layer(input=x)
         for adapter in self.adapters.values():
             if adapter.scale != 0.0:
-                y = adapter(args[0], module, own)
+                y = adapter(x, module, own)
                 if y is None:
                     continue
                 if merger is None:

@@ -619,8 +619,13 @@ class BasePipeline:
         **diffsynth,
     ):
         """Apply a LoRA (a file, a `ModelConfig` naming one, a state dict or `LoRAWeights`) to one model (the
-        denoiser by default), fused into its weights or, with `fuse=False`, kept apart (`set_lora_scale`,
-        `clear_loras`); by default fused (`default_lora_fuse`). DiffSynth-Studio's form `load_lora(pipe.dit,
+        denoiser by default), fused into its weights or, with `fuse=False`, kept apart under `name` (returned):
+        `pipe.set_lora_scale(name, scale)` changes its strength (0: off), `pipe.list_loras()` lists them and
+        `pipe.clear_loras()` removes them, on every model the file reached (a FLUX.1 file's text encoders too).
+        By default fused (`default_lora_fuse`), except into weights the VRAM manager stores in fp8, where most of
+        the change would round away: there it is kept apart (`fuse=True` fuses anyway, with a warning). A DoRA
+        fused onto layers another fused LoRA changed depends on the order of loading (a warning says so).
+        DiffSynth-Studio's form `load_lora(pipe.dit,
         lora_config, alpha=1, hotload=None)` is accepted too: the model names the slot, `alpha` is the scale and
         `hotload=True` keeps it apart; `hotload=None` keeps it apart when the model is under VRAM management (as
         Studio does, so its `clear_lora()` restores the base model), else `fuse=None`'s default."""
@@ -628,8 +633,19 @@ class BasePipeline:
             path, scale, fuse, slot = self._diffsynth_lora_call(path, scale, fuse, slot, diffsynth)
         elif diffsynth:
             raise TypeError(f"load_lora() got unexpected keyword arguments {sorted(diffsynth)}")
-        fuse = self.default_lora_fuse(slot) if fuse is None else fuse
+        if fuse is None:
+            fuse = self.default_lora_fuse(slot) and not self._fp8_keeps_lora_apart(slot)
         return self.apply_lora(lora_file(path), scale, fuse, slot, name)
+
+    def _fp8_keeps_lora_apart(self, slot: str) -> bool:
+        """Whether a LoRA loaded without `fuse` stays apart because the slot's VRAM manager stores fp8 weights: a
+        LoRA's change is mostly below an fp8 step, so fused it would largely vanish."""
+        from .lora import stores_fp8
+
+        if not stores_fp8(self.vram_handles.get(slot)):
+            return False
+        logger.info("%s: a LoRA is kept apart (not fused): its VRAM manager stores the weights in fp8", slot)
+        return True
 
     def default_lora_fuse(self, slot: str) -> bool:
         """Whether `load_lora` fuses a LoRA into the model in `slot` when not told (yes: no cost per step)."""
@@ -690,7 +706,7 @@ class BasePipeline:
             with handle.materialized():
                 return load_lora(model, path, scale=scale, fuse=True, name=name)
         # a fused LoRA marks the weights it changes: disk offload enabled later keeps them (`lora._fuse`)
-        return load_lora(model, path, scale=scale, fuse=fuse, name=name)
+        return load_lora(model, path, scale=scale, fuse=bool(fuse), name=name)
 
     def read_lora(self, path, slot: str = "dit"):
         """The LoRA at `path` as `LoRAWeights` for the model in `slot`. The common layouts are read here;
@@ -709,10 +725,39 @@ class BasePipeline:
         """DiffSynth-Studio's name: remove the LoRAs kept apart (`fuse=False`, its `hotload`) from every model."""
         from .lora import clear_loras
 
+        for model in self._lora_models():
+            clear_loras(model)
+
+    def _lora_models(self):
+        """Every model of the pipeline a LoRA may sit on, one per slot."""
         for slot in self.model_slots:
             model = getattr(self, slot, None)
             if isinstance(model, torch.nn.Module):
-                clear_loras(model)
+                yield model
+
+    def list_loras(self) -> dict[str, float]:
+        """The LoRAs kept apart (`load_lora(..., fuse=False)`) on any model of the pipeline: name -> scale."""
+        from .lora import list_loras
+
+        found: dict[str, float] = {}
+        for model in self._lora_models():
+            for name, scale in list_loras(model).items():
+                found.setdefault(name, scale)
+        return found
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Set the strength of the LoRA kept apart as `name` on every model it reached (a FLUX.1 file's DiT and
+        text encoders alike); 0 switches it off without removing it. An unknown name is a `LoRAError`."""
+        from .errors import LoRAError
+        from .lora import list_loras, set_lora_scale
+
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ConfigError(f"set_lora_scale({name!r}, {scale!r}): the scale must be a finite number")
+        holders = [model for model in self._lora_models() if name in list_loras(model)]
+        if not holders:
+            raise LoRAError(f"no LoRA kept apart is named {name!r}; loaded: {preview(list(self.list_loras()))}")
+        for model in holders:
+            set_lora_scale(model, name, float(scale))
 
     def enable_first_block_cache(self, threshold: float = 0.05, slots: Iterable[str] | None = None) -> dict:
         """Skip the denoisers' later blocks on steps where the first block's residual changed by at most
