@@ -112,6 +112,37 @@ def test_missing_shard_is_named_with_its_index(tmp_path):
     assert names[1] in message and "model.safetensors.index.json" in message and "1 of 2" in message
 
 
+def _index_with(folder, **extra: str) -> Path:
+    """The folder's index, rewritten with `extra` keys (key -> shard name) added to its weight_map."""
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"].update(extra)
+    index.write_text(json.dumps(data))
+    return index
+
+
+@pytest.mark.parametrize("given", ["folder", "index"])
+def test_index_key_no_shard_holds_is_named_with_its_shard(tmp_path, given):
+    """A shard of another version (or a partial download) beside the index lacks keys the index lists: refused by
+    name rather than loaded without them."""
+    names = _write_sharded(tmp_path, _tensors())
+    index = _index_with(tmp_path, **{"c.weight": names[1]})
+    with pytest.raises(CheckpointError, match=r"1 key\(s\).*'c\.weight' expected in 'model-00002-of-00002") as info:
+        open_checkpoint(tmp_path if given == "folder" else index)
+    assert "model.safetensors.index.json" in str(info.value) and "mixed download" in str(info.value)
+
+
+def test_shard_keys_the_index_does_not_list_are_loaded_with_a_warning(tmp_path, caplog):
+    tensors = _tensors()
+    _write_sharded(tmp_path, tensors)
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"]["ids"]
+    index.write_text(json.dumps(data))
+    assert sorted(open_checkpoint(tmp_path)) == sorted(tensors)
+    assert "does not list" in caplog.text and "'ids'" in caplog.text
+
+
 def test_shards_without_index_are_loaded_together(tmp_path):
     tensors = _tensors()
     _write_sharded(tmp_path, tensors, index=False)

@@ -225,6 +225,20 @@ def test_unknown_checkpoint_names_the_closest_spec_and_missing_keys(tmp_path):
     assert message.index("'toy'") < message.index("'toy_vae'")  # closest first
 
 
+def test_a_lora_file_given_as_a_model_says_to_load_it_as_a_lora(tmp_path):
+    """A LoRA is not a model with 0% of some spec's signature: the message says what it is and how to load it."""
+    torch.manual_seed(0)
+    path = tmp_path / "style_lora.safetensors"
+    lora = {}
+    for name in ("proj_in", "blocks.0", "blocks.1"):
+        lora[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(2, 4)
+        lora[f"diffusion_model.{name}.lora_B.weight"] = torch.zeros(4, 2)
+    lora["diffusion_model.proj_in.alpha"] = torch.tensor(2.0)
+    save_file(lora, str(path))
+    with pytest.raises(UnknownModelError, match=r"style_lora\.safetensors is a LoRA file.*pipe\.load_lora\(path\)"):
+        load_model(path, specs=SPECS)
+
+
 def test_no_specs_installed():
     with pytest.raises(UnknownModelError, match="no model specs are installed"):
         load_model(toy_state(), specs=[])

@@ -439,7 +439,8 @@ def read_index(index: Path) -> dict[str, str]:
 
 
 def _shards_of(index: Path) -> list[str]:
-    names = sorted(set(read_index(index).values()))
+    weight_map = read_index(index)
+    names = sorted(set(weight_map.values()))
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:
         raise CheckpointError(
@@ -447,7 +448,31 @@ def _shards_of(index: Path) -> list[str]:
             f"({len(names) - len(missing)} of {len(names)} shards present; missing: {preview(missing)}); "
             "the download is incomplete: fetch the missing shards again"
         )
+    _check_index_keys(index, weight_map)
     return [str(index.parent / n) for n in names]
+
+
+def _check_index_keys(index: Path, weight_map: dict[str, str]) -> None:
+    """Refuse an index naming keys its .safetensors shards lack (they would be left out silently): shards of another
+    version or a partial download beside it. Only headers are read; pickle shards are not opened twice."""
+    names = sorted(set(weight_map.values()))
+    if not all(n.endswith(SAFETENSORS_SUFFIXES) for n in names):
+        return
+    held = {n: set(_SafetensorsFile(str(index.parent / n)).entries) for n in names}
+    every = set().union(*held.values())
+    absent = [(k, n) for k, n in weight_map.items() if k not in every]
+    if absent:
+        raise CheckpointError(
+            f"{index} lists {len(absent)} key(s) that none of its shards holds, e.g. {absent[0][0]!r} expected in "
+            f"{absent[0][1]!r} (missing: {preview(f'{k} in {n}' for k, n in absent)}); the shards do not match "
+            "the index (a partial or mixed download): fetch the index and its shards again"
+        )
+    unlisted = sorted(every - weight_map.keys())
+    if unlisted:
+        logger.warning(
+            "%s: the shards hold %d keys its weight_map does not list (%s); they are loaded too",
+            index, len(unlisted), preview(unlisted),
+        )  # fmt: skip
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]+)$")

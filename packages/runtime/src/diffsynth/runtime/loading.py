@@ -105,6 +105,11 @@ def _check_specs(specs) -> list[ModelSpec]:
 
 
 def _unknown_message(keys: set[str], specs: list[ModelSpec], label: str) -> str:
+    if _all_lora_keys(keys):  # a LoRA given where a model is expected: the closest specs would all be at 0%
+        return (
+            f"{label} is a LoRA file ({len(keys)} LoRA keys, e.g. {preview(sorted(keys), 3)}), not a model: "
+            "load it with pipe.load_lora(path) (--lora on the command line), after loading the model it adapts"
+        )
     head = f"{label} is not a model this installation recognises ({len(keys)} keys, e.g. {preview(sorted(keys), 5)})"
     if not specs:
         return head + "; no model specs are installed (pip install diffsynth-z-image, diffsynth-wan, ...)"
@@ -119,6 +124,15 @@ def _unknown_message(keys: set[str], specs: list[ModelSpec], label: str) -> str:
             f"missing {preview(missing, 5)}; keys it would not take: {preview(extra, 5)}"
         )
     return head + ". Closest specs:\n" + "\n".join(lines)
+
+
+def _all_lora_keys(keys: set[str]) -> bool:
+    """Whether every key names a LoRA (or LyCORIS / DoRA) tensor, some of them for a target layer: the test
+    `diffsynth inspect` applies to the key names before it reads a file as a LoRA."""
+    from .lora import _parse_key
+
+    parsed = [_parse_key(key) for key in keys]
+    return bool(parsed) and None not in parsed and any(p[0] is not None and p[1] != "alpha" for p in parsed)
 
 
 # ----------------------------------------------------------------------------------- config
