@@ -314,7 +314,7 @@ def test_control_step_range():
     [
         (dict(processor_id=None), "needs a control mode"),
         (dict(processor_id="sketch"), "needs a control mode"),
-        (dict(processor_id="canny", start=0.5, end=0.5), "start < end"),
+        (dict(processor_id="canny", start=0.5, end=1.5), "start < end"),
         (dict(processor_id="canny", controlnet_id=5), "controlnet_id=5"),
         (dict(processor_id="canny", inpaint_mask=Image.new("L", (32, 32))), "takes no mask"),
         (dict(controlnet_id=1), "give inpaint_mask"),

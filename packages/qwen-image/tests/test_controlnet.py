@@ -347,7 +347,7 @@ def test_controls_compose_with_the_other_conditionings(pipe, monkeypatch, mode):
 @pytest.mark.parametrize(
     "fields, match",
     [
-        (dict(start=0.5, end=0.5), "start < end"),
+        (dict(start=0.5, end=1.5), "start < end"),
         (dict(scale="1"), "scale='1' must be a number"),
         (dict(controlnet_id=5), "controlnet_id=5"),
         (dict(image=None), "image is missing"),

@@ -479,7 +479,7 @@ def test_vram_managed_controlnets_give_the_same_image(tiny_repo, net_files, pipe
         (dict(processor_id="canny"), "processor_id='canny' is not read"),
         (dict(controlnet_id=2), "controlnet_id=2"),
         (dict(scale="strong"), "scale='strong'"),
-        (dict(start=0.5, end=0.5), "start < end"),
+        (dict(start=0.5, end=1.5), "start < end"),
         (dict(image=None), "give the control image, or inpaint_mask"),
         (dict(inpaint_mask=Image.new("L", (64, 64))), "inpaint_mask and inpaint_image go together"),
         (dict(inpaint_image=picture()), "inpaint_mask and inpaint_image go together"),
