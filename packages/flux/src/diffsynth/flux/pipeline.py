@@ -334,6 +334,12 @@ class FluxImagePipeline(BasePipeline):
         "value_controller", "lora_encoder", "lora_fusion", "nexus_gen", "nexus_gen_generation_adapter",
         "nexus_gen_editing_adapter",
     )  # fmt: skip
+    slot_specs = {
+        "dit": ("flux1_dit",),
+        "vae": ("autoencoder_kl",),
+        "text_encoder_1": ("clip_text_encoder",),
+        "text_encoder_2": ("t5_encoder",),
+    }
     size_multiple = 16  # VAE 8x, 2x2 packing
 
     def __init__(self, device=None, torch_dtype=torch.bfloat16):

@@ -262,6 +262,12 @@ class Step1XEditPipeline(BasePipeline):
         "vae": "vae",
         "text_encoder": "text_encoder",
     }
+    slot_specs = {
+        "dit": ("flux1_dit",),
+        "step1x_connector": ("step1x_connector",),
+        "vae": ("autoencoder_kl",),
+        "text_encoder": ("qwen25vl",),
+    }
     size_multiple = 16
 
     def __init__(self, device=None, torch_dtype=torch.bfloat16):

@@ -160,6 +160,14 @@ class LTX2Pipeline(BasePipeline):
         "diffusion_decoder": "diffusion_decoder",
     }
     optional_slots = ("upsampler", "temporal_upsampler", "duration_head", "diffusion_decoder")  # some pipelines
+    slot_specs = {
+        "dit": ("ltx2_dit",),
+        "vae": ("ltx2_video_vae",),
+        "audio_vae": ("ltx2_audio_vae",),
+        "vocoder": ("ltx2_vocoder",),
+        "connectors": ("ltx2_connectors",),
+        "text_encoder": ("gemma3_text_encoder", "gemma4_text_encoder"),
+    }
     size_multiple = 32  # the video VAE's spatial compression
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):

@@ -209,6 +209,7 @@ class QwenImagePipeline(BasePipeline):
     }
     optional_slots = ("controlnet", "blockwise_controlnet")
     controlnet_slots = ("controlnet", "blockwise_controlnet")
+    slot_specs = {"dit": ("qwen_image_dit",), "vae": ("wan21_vae",), "text_encoder": ("qwen25vl",)}
     size_multiple = 16  # VAE 8x, patch 2
 
     def __init__(self, *args, **kwargs):

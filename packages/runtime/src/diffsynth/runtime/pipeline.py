@@ -100,6 +100,9 @@ class BasePipeline:
     stage_order: ClassVar[tuple[str, ...]] = ()  # model-level offload follows the stages
     # slots holding a `ControlNetSlot`: each net loaded there joins it (in order) instead of replacing it
     controlnet_slots: ClassVar[tuple[str, ...]] = ("controlnet",)
+    # slot -> the spec names it accepts: a recognised model of another spec (another family's DiT or VAE of the
+    # same role) is refused at load time instead of failing in the call; a slot not listed is not checked
+    slot_specs: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     size_multiple: ClassVar[int] = 16
 
     def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype | str = torch.bfloat16):
@@ -298,6 +301,7 @@ class BasePipeline:
                     f"{_describe(config)} holds a {item.role!r} model ({item.spec}), which {type(self).__name__} "
                     f"does not use; it takes {sorted(roles)}"
                 )
+            self._check_slot_spec(config, item, slot)
             if getattr(self, slot) is not None:
                 logger.warning("%s replaces an earlier %s model", _describe(config), slot)
             module = item.module.eval().requires_grad_(False)
@@ -308,6 +312,23 @@ class BasePipeline:
                 config.quantize.quantize_model(module, compute_device=self.device)
             setattr(self, slot, module)
             self.model_configs[slot] = config
+
+    def _check_slot_spec(self, config: ModelConfig, item, slot: str) -> None:
+        """Refuse a model whose spec `slot_specs` does not list for `slot`: a model of the right role from another
+        family (a FLUX.2 DiT in FLUX.1) loads fine and fails only in the call, with a bare AttributeError."""
+        accepted = self.slot_specs.get(slot)
+        if accepted is None or item.spec in accepted:
+            return
+        from .registry import installed_families
+
+        families = [f.name for f in installed_families().values() if any(s.name == item.spec for s in f.specs)]
+        owner = f" (family {families[0]})" if families else ""
+        names = list(getattr(item, "files", None) or []) if config.path is None else []  # a path names them
+        files = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+        raise ConfigError(
+            f"{_describe(config)}{files} holds the {item.spec} model{owner}; {type(self).__name__}'s {slot} slot "
+            f"takes {', '.join(accepted)}"
+        )
 
     # ------------------------------------------------------------------ ControlNets
     def controlnet_spec(self):

@@ -156,6 +156,13 @@ class WanVideoPipeline(BasePipeline):
         "vap": "vap",  # Video-As-Prompt's MoT expert (beside the Wan2.1-I2V-14B DiT)
     }
     optional_slots = ("dit2", "image_encoder", "audio_encoder", "motion_controller", "vap")
+    slot_specs = {
+        "dit": ("wan_dit", "wan_s2v_dit", "wan_animate2_dit", "wan_dancer_dit", "longcat_video_dit"),
+        "dit2": ("wan_dit", "wan_s2v_dit", "wan_animate2_dit", "wan_dancer_dit", "longcat_video_dit"),
+        "vae": ("wan21_vae", "wan22_vae"),
+        "text_encoder": ("umt5_encoder",),
+        "image_encoder": ("clip_vision",),
+    }
     stage_order = (
         "audio_encoder", "text_encoder", "image_encoder", "vae", "motion_controller", "dit", "vap", "dit2", "vae"
     )  # fmt: skip
@@ -216,6 +223,25 @@ class WanVideoPipeline(BasePipeline):
                 "runs two (its experts). Wan-Dancer's global and local DiTs, and Animate-2 and its distilled DiT, "
                 "are separate models: load one (e.g. the presets Wan-AI/Wan-Dancer-14B:global / :local, "
                 "Wan-AI/Wan2.2-Animate-2-14B / :distilled, or ModelConfigs naming one file)"
+            )
+        self._check_latent_channels()
+
+    def _check_latent_channels(self) -> None:
+        """Refuse a VAE whose latents the DiT does not make (Wan 2.1's 16 channels vs Wan2.2-TI2V-5B's 48) when
+        loading, not at the call, where the mismatch would read as a missing `y`."""
+        if self.vae is None:
+            return
+        z_dim = getattr(self.vae, "z_dim", None)
+        for slot in ("dit", "dit2"):
+            made = _latent_channels(getattr(self, slot))
+            if z_dim is None or made is None or made == z_dim:
+                continue
+            variant = getattr(getattr(self.vae, "config", None), "variant", None)
+            whose = f"Wan {variant}'s" if variant else "a Wan VAE"
+            raise ConfigError(
+                f"the VAE ({_source(self.model_configs.get('vae'))}) is {whose} ({z_dim} latent channels) but the "
+                f"{slot} ({_source(self.model_configs.get(slot))}) makes {made}-channel latents"
+                f"{_VAE_FOR_CHANNELS.get(made, f' (use a VAE with {made} latent channels)')}"
             )
 
     def _dit_slot(self, config: ModelConfig) -> str:
@@ -1145,6 +1171,27 @@ class WanVideoPipeline(BasePipeline):
         if cond.vap is None:
             return wan_velocity(dit, x, timestep, cond.context, **cond.extras())
         return vap_velocity(dit, self.vap, x, timestep, cond.context, cond.vap, **cond.extras())
+
+
+_VAE_FOR_CHANNELS = {
+    16: " (Wan 2.1 and the Wan 2.2 A14B DiTs: use Wan2.1_VAE.pth)",
+    48: " (Wan2.2-TI2V-5B: use Wan2.2_VAE.pth)",
+}
+
+
+def _latent_channels(dit) -> int | None:
+    """The channels of the latents a loaded DiT denoises (None when not loaded or not known)."""
+    config = getattr(dit, "config", None)
+    return getattr(config, "out_dim", None) or getattr(config, "out_channels", None)
+
+
+def _source(config: ModelConfig | None) -> str:
+    """The files a `ModelConfig` names, for messages."""
+    if config is None:
+        return "?"
+    if config.path is not None:
+        return str(config.path)
+    return f"{config.model_id}: {config.origin_file_pattern}"
 
 
 def check_boundary(value) -> float:

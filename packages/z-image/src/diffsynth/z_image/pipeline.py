@@ -127,6 +127,7 @@ class ZImagePipeline(BasePipeline):
         "image_encoder": "image_encoder",  # Z-Image Omni's SigLIP2 tower, read for `edit_image`
     }
     optional_slots = ("controlnet", "image_encoder")
+    slot_specs = {"dit": ("z_image_dit",), "vae": ("autoencoder_kl",), "text_encoder": ("qwen3",)}
     size_multiple = 16  # VAE 8x, patch 2
 
     # ------------------------------------------------------------------ loading (ControlNets: `BasePipeline`)

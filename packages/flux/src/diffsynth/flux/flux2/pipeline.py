@@ -152,6 +152,8 @@ class Flux2ImagePipeline(BasePipeline):
 
     family = "flux2"
     model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+    # klein's text encoder is a Qwen3 (the runtime's spec), the others a Mistral 3
+    slot_specs = {"dit": ("flux2_dit",), "vae": ("flux2_vae",), "text_encoder": ("mistral3_text_encoder", "qwen3")}
     size_multiple = 16  # VAE 8x, 2x2 packing
     # A step-distilled DiT (klein-4B/9B/9B-KV, model_index.json `is_distilled`) ignores cfg_scale, as diffusers'
     # Flux2KleinPipeline does; set on loading the DiT (`_load_config`), True by hand for a single file.

@@ -102,6 +102,7 @@ class QwenImage21Pipeline(BasePipeline):
 
     family = "qwen_image21"
     model_slots = {"dit": "dit", "vae": "vae", "text_encoder": "text_encoder"}
+    slot_specs = {"dit": ("qwen_image21_dit",), "vae": ("qwen_image21_vae",), "text_encoder": ("qwen3vl",)}
     size_multiple = COMPRESSION * SLOT_SIZE
 
     def __init__(self, *args, **kwargs):
