@@ -110,3 +110,17 @@ def test_flux_pipeline_names_step1x_for_its_qwen25vl(step1x_env):
     """Studio's Step1X-Edit example uses FluxImagePipeline: ours names the class that loads Step1X-Edit."""
     with pytest.raises(ConfigError, match=r"qwen25vl.*diffsynth\.flux\.step1x\.Step1XEditPipeline"):
         FluxImagePipeline.from_pretrained(model_configs=_step1x_configs(), **LOAD)
+
+
+def test_local_model_configs_take_the_tokenizers_beside_them_without_a_download(tiny_repo, monkeypatch):
+    """Local files only (a hub clone's folders): the tokenizers beside them, no hub default and no network."""
+    from diffsynth.runtime import hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local load must not download")
+
+    monkeypatch.setattr(hub, "_download_calls", no_download)
+    configs = [ModelConfig(path=str(tiny_repo / d)) for d in ("transformer", "vae", "text_encoder", "text_encoder_2")]
+    pipe = FluxImagePipeline.from_pretrained(model_configs=configs, **LOAD)
+    assert pipe.tokenizer_1.name_or_path == str((tiny_repo / "tokenizer").resolve())
+    assert pipe.tokenizer_2.name_or_path == str((tiny_repo / "tokenizer_2").resolve())

@@ -290,6 +290,17 @@ def load_flux_tokenizer(pipe: BasePipeline, config: ModelConfig, argument: str):
         raise type(exc)(f"{argument}: {exc}") from exc
 
 
+def local_tokenizer(configs: Sequence[ModelConfig], name: str) -> ModelConfig | None:
+    """The `name` folder (`tokenizer` / `tokenizer_2`) beside local model files (a hub clone's `text_encoder/...`
+    has them one folder up), or None."""
+    for config in configs:
+        for path in [config.path] if isinstance(config.path, (str, os.PathLike)) else list(config.path or ()):
+            for folder in Path(path).expanduser().resolve().parents[:2]:
+                if (folder / name).is_dir():
+                    return ModelConfig(path=str(folder / name))
+    return None
+
+
 def holds_qwen25vl(config: ModelConfig) -> bool:
     """Whether a config's files hold a Qwen2.5-VL (read from their headers): Step1X-Edit's text encoder."""
     from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
@@ -408,7 +419,7 @@ class FluxImagePipeline(BasePipeline):
             )
         if tokenizer_1_config is NOT_GIVEN and tokenizer_config is not None:
             tokenizer_1_config = tokenizer_config
-        defaults = cls._default_tokenizers(model_id_or_configs)
+        defaults = cls._default_tokenizers(model_id_or_configs, model_configs)
         for attribute, given, default in zip(
             ("tokenizer_1", "tokenizer_2"), (tokenizer_1_config, tokenizer_2_config), defaults, strict=True
         ):
@@ -434,13 +445,17 @@ class FluxImagePipeline(BasePipeline):
         return pipe
 
     @classmethod
-    def _default_tokenizers(cls, source) -> list[ModelConfig | None]:
+    def _default_tokenizers(cls, source, model_configs=()) -> list[ModelConfig | None]:
         """The (CLIP, T5) tokenizer configs a left-out `tokenizer_1/2_config` means: the folder's or preset repo's
-        `tokenizer/` and `tokenizer_2/`; for `model_configs`, black-forest-labs/FLUX.1-dev's (DiffSynth-Studio's
-        defaults: every FLUX.1 model shares these tokenizers)."""
+        `tokenizer/` and `tokenizer_2/`; for hub `model_configs`, black-forest-labs/FLUX.1-dev's (DiffSynth-Studio's
+        defaults: every FLUX.1 model shares these tokenizers); for local files only, the `tokenizer/` and
+        `tokenizer_2/` folders beside them (a hub clone's layout), never a download."""
         names = ("tokenizer", "tokenizer_2")
         if not isinstance(source, (str, os.PathLike)):
-            return [ModelConfig(model_id=STUDIO_TOKENIZER_REPO, origin_file_pattern=f"{n}/") for n in names]
+            configs = [*(source or ()), *model_configs]
+            if any(config.model_id is not None for config in configs):
+                return [ModelConfig(model_id=STUDIO_TOKENIZER_REPO, origin_file_pattern=f"{n}/") for n in names]
+            return [local_tokenizer(configs, name) for name in names]
         if Path(source).is_dir():
             return [ModelConfig(path=str(p)) if p.is_dir() else None for p in (Path(source) / n for n in names)]
         preset = cls._preset(str(source))
