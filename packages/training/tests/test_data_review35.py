@@ -35,6 +35,19 @@ def test_a_quoted_comma_and_an_empty_field_still_read(tmp_path):
     assert read_metadata(tmp_path / "metadata.csv") == [{"image": "a.png", "prompt": "a cat, fluffy", "extra": ""}]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "image,prompt\na.png,a cat,\n",  # a row ending with a stray comma
+        "image,prompt,\na.png,a cat\n",  # a header ending with one (spreadsheet exports)
+        "image,prompt,\na.png,a cat,\n",
+    ],
+)
+def test_a_stray_trailing_comma_in_a_csv_row_or_header_is_ignored(tmp_path, text):
+    (tmp_path / "metadata.csv").write_text(text)
+    assert read_metadata(tmp_path / "metadata.csv") == [{"image": "a.png", "prompt": "a cat"}]
+
+
 @pytest.mark.parametrize("prompt", [None, ["a", "list"], 5])
 @pytest.mark.parametrize("name", ["metadata.json", "metadata.jsonl"])
 def test_a_json_prompt_that_is_not_text_is_refused(tmp_path, prompt, name):
@@ -148,6 +161,38 @@ def test_a_cache_written_before_the_folder_and_files_were_recorded_still_trains(
     del index["sources"], index["settings"]["dataset_base_path"]
     (cache / "index.json").write_text(json.dumps(index))
     assert len(setup(replace(cfg, stage="train")).dataset) == 2
+
+
+def test_a_cache_of_its_dataset_moved_with_its_files_unchanged_trains(encoded, tmp_path, caplog):
+    import shutil
+
+    from diffsynth.training.trainer import setup
+
+    folder, _, cfg = encoded
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)  # copy2: sizes and modification times kept
+    shutil.rmtree(folder)
+    with caplog.at_level("INFO", logger="diffsynth.training.data"):
+        assert len(setup(replace(cfg, dataset_base_path=str(moved), stage="train")).dataset) == 2
+    assert "the dataset moved" in caplog.text
+    assert "gone" not in caplog.text  # its files are found under the new folder
+
+
+def test_an_unchanged_cache_from_before_items_recorded_their_files_is_not_re_encoded(encoded, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import diffsynth.training.trainer as trainer
+
+    folder, cache, cfg = encoded
+    for item in (cache / "items").iterdir():  # as items were written before they recorded their files
+        save_file(load_file(str(item)), str(item))
+    later = (cache / "items" / "000000.safetensors").stat().st_mtime_ns + 10**9
+    os.utime(folder / "img0.png", ns=(later, later))  # a picture newer than its encoded sample
+    counts = []
+    write_cache = trainer.write_cache
+    monkeypatch.setattr(trainer, "write_cache", lambda *a, **k: counts.append(write_cache(*a, **k)) or counts[-1])
+    trainer.encode_dataset(cfg)
+    assert counts == [1]  # the sample of the newer picture only
 
 
 # ----------------------------------------------------------------------------------- LTX-2 frame rates

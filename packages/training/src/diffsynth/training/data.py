@@ -206,7 +206,7 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
             rows.extend(reader)
         except csv.Error as error:
             raise ConfigError(f"{path} row {len(rows) + 1}: not readable as CSV ({error})") from None
-        _check_csv_fields(path, rows, reader.fieldnames or [])
+        rows = _fit_csv_fields(path, rows, reader.fieldnames or [])
     elif path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(read_text_file(path, "metadata file").splitlines(), start=1):
@@ -236,19 +236,24 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_csv_fields(path: Path, rows: list[dict[str, Any]], header: Sequence[str]) -> None:
-    """Each CSV row has as many fields as the header: an unquoted comma in a prompt would put its end in no
-    column (`csv` keys it None) and a short row would leave columns None, training on a cut or "None" caption."""
+def _fit_csv_fields(path: Path, rows: list[dict[str, Any]], header: Sequence[str]) -> list[dict[str, Any]]:
+    """Each CSV row has a field per named column: an unquoted comma in a prompt would put its end in no column
+    (`csv` keys it None) and a short row would leave a column None, training on a cut or "None" caption. A stray
+    trailing comma is harmless (spreadsheet exports): empty fields past the header and unnamed columns a row
+    leaves empty are dropped."""
+    fitted = []
     for number, row in enumerate(rows, start=1):
-        extra = row.get(None) or []  # the fields past the header's columns
-        short = [key for key, value in row.items() if key is not None and value is None]  # columns with no field
+        extra = [field for field in row.get(None) or [] if field.strip()]  # non-empty fields past the header
+        short = [key for key, value in row.items() if key is not None and key.strip() and value is None]
         if extra or short:
-            count = len(header) + len(extra) - len(short)
+            count = len(header) + len(row.get(None) or []) - sum(value is None for value in row.values())
             raise ConfigError(
                 f"{path} row {number}: {count} fields for the {len(header)} columns of its header "
                 f"({', '.join(map(str, header))}); put a value holding commas in double quotes "
                 '(a,"a cat, fluffy") and give every row a field per column (an empty one: a,,c)'
             )
+        fitted.append({k: v for k, v in row.items() if k is not None and (k.strip() or v not in (None, ""))})
+    return fitted
 
 
 def _check_prompts(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -848,9 +853,13 @@ class CachedDataset(Dataset):
             from .datasets import changed_dataset
 
             raise ConfigError(changed_dataset(self.root, datasets, expected.get("datasets")))
+        sources = index.get("sources")
         for name, value in (expected or {}).items():
             if name == "datasets" or (name == "dataset_base_path" and name not in index["settings"]):
                 continue  # a cache written before the folder was recorded: its metadata's hash is checked
+            if name == "dataset_base_path" and value is not None and index["settings"][name] not in (None, value):
+                sources = moved_sources(self.root, index["settings"][name], value, sources)
+                continue
             if name == "metadata_sha256" and value is not None and index["settings"].get(name) != value:
                 raise ConfigError(
                     f"--cache_dir {self.root} was encoded from another version of the dataset's metadata; "
@@ -864,7 +873,7 @@ class CachedDataset(Dataset):
                     f"{value!r}; use the same setting or encode again into a new --cache_dir"
                 )
         self.settings = index["settings"]
-        check_sources(self.root, index.get("sources"))
+        check_sources(self.root, sources)
         self.buckets = [tuple(b) for b in index["buckets"]]
         self.repeats = list(index.get("repeats") or [1] * len(self.buckets))  # older caches: none
         self.files = [self.root / "items" / f"{i:06d}.safetensors" for i in range(len(self.buckets))]
@@ -956,8 +965,8 @@ def write_cache(
 
     items = cache_dir / "items"
     items.mkdir(parents=True, exist_ok=True)
-    stamps = {i: json.dumps(source_stamps(dataset, i)) for i in range(rank, len(dataset), world)}
-    todo = [i for i in stamps if _item_stamps(items / f"{i:06d}.safetensors") != stamps[i]]
+    stamps = {i: source_stamps(dataset, i) for i in range(rank, len(dataset), world)}
+    todo = [i for i in stamps if not _item_current(items / f"{i:06d}.safetensors", stamps[i])]
     by_key: dict[Hashable, list[int]] = {}
     for i in todo:
         by_key.setdefault(dataset.batch_keys[i], []).append(i)
@@ -971,7 +980,7 @@ def write_cache(
             save_safetensors(
                 {k: v.detach().cpu().contiguous() for k, v in sample.items()},
                 items / f"{i:06d}.safetensors",
-                metadata={SOURCES_KEY: stamps[i]},
+                metadata={SOURCES_KEY: json.dumps(stamps[i])},
             )
     return len(todo)
 
@@ -1011,6 +1020,52 @@ def _item_stamps(path: Path) -> str | None:
         return None
     with safe_open(str(path), framework="pt") as f:
         return (f.metadata() or {}).get(SOURCES_KEY)
+
+
+def moved_sources(root: Path, recorded: str, base: str, sources: list | None) -> list:
+    """The cache's `source_stamps` with the dataset folder moved from `recorded` to `base`: accepted only if each
+    file is under `base` at its old relative path with its recorded size and modification time (a copy that kept
+    them); another folder with the same metadata but other pictures is refused, naming a differing file."""
+    moved, differing = [], None
+    for sample in sources or []:
+        stamps = [_moved_stamp(stamp, Path(recorded), Path(base)) for stamp in sample]
+        pairs = zip(sample, stamps, strict=True)
+        bad = [(new or old)[0] for old, new in pairs if not _stamp_holds(new)]  # not under `recorded`: as recorded
+        differing = differing or next(iter(bad), None)
+        moved.append(stamps)
+    if not sources or differing is not None:
+        found = f" ({differing} is not the file encoded)" if differing else ""
+        raise ConfigError(
+            f"--cache_dir {root} was encoded with --dataset_base_path {recorded!r}, this run has "
+            f"--dataset_base_path {base!r}{found}; use the same folder or encode again into a new --cache_dir"
+        )
+    logger.info("--cache_dir %s: the dataset moved from %s to %s (its files unchanged)", root, recorded, base)
+    return moved
+
+
+def _moved_stamp(stamp: list, recorded: Path, base: Path) -> list | None:
+    """`stamp` with its file at the same path under `base` as under `recorded` (None: not under `recorded`)."""
+    path = Path(stamp[0])
+    if not path.is_relative_to(recorded):
+        return None
+    return [str(base / path.relative_to(recorded)), *stamp[1:]]
+
+
+def _stamp_holds(stamp: list | None) -> bool:
+    if stamp is None:
+        return False
+    path = Path(stamp[0])
+    return path.is_file() and [path.stat().st_size, path.stat().st_mtime_ns] == list(stamp[1:])
+
+
+def _item_current(path: Path, stamps: list[list]) -> bool:
+    """Whether the encoded item at `path` is of its sample's files as they are: its recorded stamps are theirs or,
+    an item written before items recorded them, no file is newer than it (its stamps are then left unrecorded:
+    the index records them, and rewriting the item's header would rewrite the item)."""
+    recorded = _item_stamps(path)
+    if recorded is not None:
+        return recorded == json.dumps(stamps)
+    return path.is_file() and all(mtime_ns <= path.stat().st_mtime_ns for _, _, mtime_ns in stamps)
 
 
 def check_sources(root: Path, sources: list | None) -> None:
