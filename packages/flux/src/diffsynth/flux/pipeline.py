@@ -290,17 +290,6 @@ def load_flux_tokenizer(pipe: BasePipeline, config: ModelConfig, argument: str):
         raise type(exc)(f"{argument}: {exc}") from exc
 
 
-def local_tokenizer(configs: Sequence[ModelConfig], name: str) -> ModelConfig | None:
-    """The `name` folder (`tokenizer` / `tokenizer_2`) beside local model files (a hub clone's `text_encoder/...`
-    has them one folder up), or None."""
-    for config in configs:
-        for path in [config.path] if isinstance(config.path, (str, os.PathLike)) else list(config.path or ()):
-            for folder in Path(path).expanduser().resolve().parents[:2]:
-                if (folder / name).is_dir():
-                    return ModelConfig(path=str(folder / name))
-    return None
-
-
 def holds_qwen25vl(config: ModelConfig) -> bool:
     """Whether a config's files hold a Qwen2.5-VL (read from their headers): Step1X-Edit's text encoder."""
     from diffsynth.runtime.checkpoint import checkpoint_label, open_checkpoint
@@ -455,7 +444,9 @@ class FluxImagePipeline(BasePipeline):
             configs = [*(source or ()), *model_configs]
             if any(config.model_id is not None for config in configs):
                 return [ModelConfig(model_id=STUDIO_TOKENIZER_REPO, origin_file_pattern=f"{n}/") for n in names]
-            return [local_tokenizer(configs, name) for name in names]
+            from .flux1_training.loading import tokenizer_pair  # the trainer's search beside the files
+
+            return list(tokenizer_pair(None, configs))
         if Path(source).is_dir():
             return [ModelConfig(path=str(p)) if p.is_dir() else None for p in (Path(source) / n for n in names)]
         preset = cls._preset(str(source))

@@ -284,7 +284,7 @@ class BasePipeline:
 
         paths = weight_paths(config)
         fetch_companion_config(config)  # the loader reads config.json beside the weights
-        prequantized = prequantized_config(paths, config.quantize, _describe(config))  # a file saved quantized
+        prequantized = prequantized_config(paths, config.quantize, describe_config(config))  # a file saved quantized
         if prequantized is None and is_gguf(paths):  # GGUF: its quantized Linears stay packed (`gguf.py`)
             prequantized, loaded = load_gguf(
                 paths, config.quantize, torch_dtype=self.torch_dtype, roles=self.load_roles
@@ -298,12 +298,12 @@ class BasePipeline:
             slot = roles.get(item.role)
             if slot is None:
                 raise ConfigError(
-                    f"{_describe(config)} holds a {item.role!r} model ({item.spec}), which {type(self).__name__} "
+                    f"{describe_config(config)} holds a {item.role!r} model ({item.spec}), which {type(self).__name__} "
                     f"does not use; it takes {sorted(roles)}"
                 )
             self._check_slot_spec(config, item, slot)
             if getattr(self, slot) is not None:
-                logger.warning("%s replaces an earlier %s model", _describe(config), slot)
+                logger.warning("%s replaces an earlier %s model", describe_config(config), slot)
             module = item.module.eval().requires_grad_(False)
             if prequantized is not None:
                 check_vram_keys(slot, prequantized, config.vram_config())
@@ -326,7 +326,7 @@ class BasePipeline:
         names = list(getattr(item, "files", None) or []) if config.path is None else []  # a path names them
         files = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
         raise ConfigError(
-            f"{_describe(config)}{files} holds the {item.spec} model{owner}; {type(self).__name__}'s {slot} slot "
+            f"{describe_config(config)}{files} holds the {item.spec} model{owner}; {type(self).__name__}'s {slot} slot "
             f"takes {', '.join(accepted)}"
         )
 
@@ -1162,7 +1162,7 @@ def _quantized_because(recorded, config: ModelConfig | None) -> str:
     """Why a loaded model is quantized, for messages: a GGUF file, a file saved quantized, or its config."""
     from .gguf import GGUFQuantization
 
-    where = _describe(config) if config is not None else "its file"
+    where = describe_config(config) if config is not None else "its file"
     if isinstance(recorded, GGUFQuantization):
         return f"{where} is a GGUF file, whose Linears stay packed as stored ({', '.join(recorded.types)})"
     method = getattr(recorded, "method", type(recorded).__name__)
@@ -1171,7 +1171,8 @@ def _quantized_because(recorded, config: ModelConfig | None) -> str:
     return f"{where} was saved quantized ({method}) and loads prequantized"
 
 
-def _describe(config: ModelConfig) -> str:
+def describe_config(config: ModelConfig) -> str:
+    """A `ModelConfig` as messages name it: its path, or its repo and file pattern."""
     if config.path is not None:
         return f"ModelConfig(path={config.path!r})"
     return f"ModelConfig(model_id={config.model_id!r}, origin_file_pattern={config.origin_file_pattern!r})"

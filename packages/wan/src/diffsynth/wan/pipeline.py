@@ -48,6 +48,7 @@ from diffsynth.runtime.pipeline import (
     WEIGHT_SUFFIXES,
     BasePipeline,
     accepts_tea_cache,
+    describe_config,
     finite_number,
     folder_defaults,
     weight_paths,
@@ -239,8 +240,8 @@ class WanVideoPipeline(BasePipeline):
             variant = getattr(getattr(self.vae, "config", None), "variant", None)
             whose = f"Wan {variant}'s" if variant else "a Wan VAE"
             raise ConfigError(
-                f"the VAE ({_source(self.model_configs.get('vae'))}) is {whose} ({z_dim} latent channels) but the "
-                f"{slot} ({_source(self.model_configs.get(slot))}) makes {made}-channel latents"
+                f"the VAE ({describe_config(self.model_configs['vae'])}) is {whose} ({z_dim} latent channels) but the "
+                f"{slot} ({describe_config(self.model_configs[slot])}) makes {made}-channel latents"
                 f"{_VAE_FOR_CHANNELS.get(made, f' (use a VAE with {made} latent channels)')}"
             )
 
@@ -1183,15 +1184,6 @@ def _latent_channels(dit) -> int | None:
     """The channels of the latents a loaded DiT denoises (None when not loaded or not known)."""
     config = getattr(dit, "config", None)
     return getattr(config, "out_dim", None) or getattr(config, "out_channels", None)
-
-
-def _source(config: ModelConfig | None) -> str:
-    """The files a `ModelConfig` names, for messages."""
-    if config is None:
-        return "?"
-    if config.path is not None:
-        return str(config.path)
-    return f"{config.model_id}: {config.origin_file_pattern}"
 
 
 def check_boundary(value) -> float:
