@@ -118,6 +118,27 @@ def test_generate_sound_for_a_video_from_the_command_line(tiny_ltx2_base, tmp_pa
     assert (sounds[0] - sounds[1]).abs().max() > 1e-3
 
 
+def test_a_retake_without_fps_is_timed_at_the_input_videos_rate(tiny_ltx2_base, tmp_path, monkeypatch):
+    """Without `--fps` the pipeline places the --input-video's frames at the file's rate, and the mp4 plays them at
+    it: a 12 fps file's sound lasts `frames / 12` seconds, not `frames / 24` (the default)."""
+    from PIL import Image
+
+    from diffsynth.runtime.media import load_audio, save_video
+
+    monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tiny_ltx2_base))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    h, w = repo_module.HEIGHT, repo_module.WIDTH
+    frames = [Image.new("RGB", (w, h), (20 * k, 100, 250 - 20 * k)) for k in range(repo_module.FRAMES)]
+    given, out = tmp_path / "given.mp4", tmp_path / "v2a.mp4"
+    save_video(frames, given, fps=12)
+    args = ["generate", "--model", "Lightricks/LTX-2", "--prompt", repo_module.CAPTIONS[2], "--output", str(out)]
+    assert main([*args, "--input-video", str(given), *FAST[: FAST.index("--fps")]]) == 0
+    sound, rate = load_audio(out)
+    assert sound.shape[-1] / rate == pytest.approx(repo_module.FRAMES / 12, abs=0.05)
+    with av.open(str(out)) as container:
+        assert float(container.streams.video[0].average_rate) == 12  # the mp4 plays the frames at it too
+
+
 @pytest.mark.parametrize(
     "flags, given, refusal",
     [

@@ -32,7 +32,15 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import h264_frame, load_audio, load_image, pil_to_tensor, resample_audio, tensor_to_output
+from diffsynth.runtime.media import (
+    h264_frame,
+    load_audio,
+    load_image,
+    pil_to_tensor,
+    resample_audio,
+    tensor_to_output,
+    video_frame_rate,
+)
 from diffsynth.runtime.pipeline import BasePipeline, finite_number, lora_file, seeded_generator
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 from diffsynth.runtime.vram import module_dtype
@@ -303,8 +311,8 @@ class LTX2Pipeline(BasePipeline):
         Video retake (DiffSynth-Studio's arguments, the authors' `RetakePipeline`): `retake_video` (a video file
         or a list of at least `num_frames` frames) is encoded at each stage's size and kept, except in
         `retake_video_regions` (`[(start, end), ...]` seconds), which are re-made (`retake.py`); without regions
-        the whole video is kept and only its sound is made (video-to-audio). With `retake_audio` too, both
-        streams keep what is given outside their regions.
+        the whole video is kept and only its sound is made (video-to-audio). A file's frame rate is `frame_rate`
+        unless the call gives one. With `retake_audio` too, both streams keep what is given outside their regions.
 
         IC-LoRA (DiffSynth-Studio's arguments; load the IC-LoRA with `load_lora` first): `in_context_videos`
         are control videos (each a list of frames or a video file) whose clean tokens join the video's in the
@@ -377,6 +385,8 @@ class LTX2Pipeline(BasePipeline):
             "modality_scale", modality_scale, audio_modality_scale, 1.0 if distilled else DEFAULT_MODALITY
         )
         guidance = LTX2Guidance(*stg, *modality, self.check_stg_blocks(spatio_temporal_guidance_blocks))
+        if frame_rate is None and isinstance(retake_video, (str, os.PathLike)):  # the file's rate, as the authors'
+            frame_rate = video_frame_rate(retake_video)
         fps = self.check_frame_rate(self.setting("frame_rate", frame_rate, DEFAULT_FRAME_RATE))
         max_len = self.setting("max_sequence_length", max_sequence_length, DEFAULT_MAX_SEQUENCE_LENGTH)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -465,8 +475,14 @@ class LTX2Pipeline(BasePipeline):
                 prompts, max_len, images, (height, width, frames, fps), seed, rand_device, sigmas, distilled,
                 stage2_lora_strength, (detailing_lora, detailing_lora_strength), rounds, progress_bar, decoding,
             )  # fmt: skip
-        if temporal_upsample_rounds:
-            raise ConfigError("temporal_upsample_rounds belongs to the DFR pipeline: pass use_dfr_pipeline=True")
+        dfr_only = {  # the DFR pipeline's own arguments, given (not at their defaults) on another pipeline
+            "temporal_upsample_rounds": temporal_upsample_rounds not in (0, None),
+            "detailing_lora": detailing_lora is not None,
+            "detailing_lora_strength": detailing_lora_strength != 1.0,
+        }
+        given = [name for name, on in dfr_only.items() if on]
+        if given:
+            raise ConfigError(f"{given[0]} belongs to the DFR pipeline: pass use_dfr_pipeline=True")
 
         # 1. prompts
         self.load_models_to_device(["text_encoder", "connectors"])
@@ -1100,8 +1116,8 @@ class LTX2Pipeline(BasePipeline):
     def _region(region, name: str = "retake_audio_regions") -> tuple[float, float]:
         ok = isinstance(region, (tuple, list)) and len(region) == 2
         ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in region)
-        if not ok or region[0] > region[1]:
-            raise ConfigError(f"{name} entry {region!r} is not accepted; give (start, end) seconds")
+        if not ok or region[0] >= region[1]:  # an empty or reversed region re-makes nothing: refused, as the authors'
+            raise ConfigError(f"{name} entry {region!r} is not accepted; give (start, end) seconds, start < end")
         return float(region[0]), float(region[1])
 
     def prepare_keyframes(

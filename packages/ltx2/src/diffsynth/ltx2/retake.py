@@ -30,13 +30,20 @@ def retake_frames(video, num_frames: int) -> list[Image.Image]:
 
 
 def region_mask(config, shape, fps: float, regions, check_region, device) -> torch.Tensor:
-    """`[1, 1, f, h, w]`: 1 on the latent frames whose time span overlaps one of `regions` (seconds), else 0."""
+    """`[1, 1, f, h, w]`: 1 on the latent frames whose time span overlaps one of `regions` (seconds), else 0.
+    A region that selects no frame (outside the clip) is refused, as for audio: it would silently keep it all."""
     frames, height, width = shape
     mask = torch.zeros((1, 1, frames, height, width), device=device)
     spans = video_positions(config, 1, frames, 1, 1, fps, device)[0, 0]  # [f, 2] seconds
     for region in regions or ():
         start, end = check_region(region, "retake_video_regions")
-        mask[0, 0, (spans[:, 1] > start) & (spans[:, 0] < end)] = 1.0  # half-open spans: touching is not overlapping
+        inside = (spans[:, 1] > start) & (spans[:, 0] < end)  # half-open spans: touching is not overlapping
+        if not inside.any():
+            raise ConfigError(
+                f"retake_video_regions entry {region!r} overlaps no video latent frame of the "
+                f"{float(spans[-1, 1]):g} s clip (at {fps:g} fps); give (start, end) seconds inside it"
+            )
+        mask[0, 0, inside] = 1.0
     return mask
 
 

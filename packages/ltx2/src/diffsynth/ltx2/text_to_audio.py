@@ -20,7 +20,7 @@ import torch
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.parallel import describe_parallel
-from diffsynth.runtime.pipeline import seeded_generator
+from diffsynth.runtime.pipeline import finite_number, seeded_generator
 from diffsynth.runtime.schedulers import FlowMatchScheduler
 
 if TYPE_CHECKING:
@@ -87,13 +87,14 @@ def generate_audio(
         prompts = pipe.enhance_prompts(prompts, [None] * len(prompts), enhance_seed)
     distilled = bool(pipe.setting("use_distilled_pipeline", None, False))
     steps = pipe.setting("num_inference_steps", num_inference_steps, 8 if distilled else pipe.default_steps)
-    scale = float(pipe.setting("audio_cfg_scale", audio_cfg_scale, 1.0 if distilled else DEFAULT_AUDIO_CFG))
+    scale = pipe.setting("audio_cfg_scale", audio_cfg_scale, 1.0 if distilled else DEFAULT_AUDIO_CFG)
+    scale = finite_number(scale, "audio_cfg_scale")  # a NaN scale gives a NaN waveform
     rescale = pipe.setting("audio_guidance_rescale", audio_guidance_rescale, None)
     rescale = float(pipe.setting("guidance_rescale", None, DEFAULT_RESCALE) if rescale is None else rescale)
     if not 0.0 <= rescale <= 1.0:
         raise ConfigError(f"audio_guidance_rescale={rescale!r} is not accepted; use a number in [0, 1]")
     stg_default = 0.0 if distilled else pipe.setting("stg_scale", None, DEFAULT_STG)
-    stg = float(pipe.setting("audio_stg_scale", audio_stg_scale, stg_default))
+    stg = finite_number(pipe.setting("audio_stg_scale", audio_stg_scale, stg_default), "audio_stg_scale")
     guidance = LTX2Guidance(audio_stg_scale=stg, blocks=pipe.check_stg_blocks(spatio_temporal_guidance_blocks))
     fps = pipe.check_frame_rate(pipe.setting("frame_rate", frame_rate, DEFAULT_FRAME_RATE))
     max_len = pipe.setting("max_sequence_length", max_sequence_length, DEFAULT_MAX_SEQUENCE_LENGTH)

@@ -743,13 +743,17 @@ def flag_options(args) -> dict:
 def call_options(pipe, args, flags: dict, video=None) -> dict:
     """`flags` (generic names) as the loaded pipeline's keywords: its `cli_options` renames (FLUX.1 Kontext, Fill,
     Flex.2, Step1X, Wan-Dancer), `--input-audio` / `--input-video` under the name its call takes, `--fps` where it
-    places frames in time (LTX-2)."""
+    places frames in time (LTX-2; without it a retake sets it to the --input-video file's rate)."""
     options = pipe.cli_options(flags) if hasattr(pipe, "cli_options") else dict(flags)
     accepted = inspect.signature(type(pipe).__call__).parameters
     if "retake_audio" in options and "retake_audio" not in accepted and "input_audio" in accepted:  # Wan2.2-S2V
         options["input_audio"] = options.pop("retake_audio")
     if video is not None:  # Wan's video-to-video, else LTX-2's retake
         options["retake_video" if "retake_video" in accepted else "input_video"] = video
+    if args.fps is None and video is not None and {"retake_video", "frame_rate"} <= accepted.keys():
+        from .media import video_frame_rate  # a retake keeps the given video's timing (the authors' RetakePipeline)
+
+        args.fps = video_frame_rate(args.input_video)  # as --fps: the mp4 is written at that rate too
     if args.fps is not None and "frame_rate" in accepted:  # models that place frames in time (LTX-2)
         options["frame_rate"] = args.fps
     return options
