@@ -223,3 +223,18 @@ def test_module_dtype_is_the_compute_dtype_when_weights_are_stored_in_fp8():
     assert module_dtype(model) == torch.float32
     handle.disable()
     assert module_dtype(model) == torch.float32 and vram_handle(model) is None
+
+
+def test_weights_stored_in_fp8_keep_their_rounding_after_disable_even_on_disk(tmp_path, caplog):
+    """Disabling an fp8 store leaves its rounded values as the model's weights: it says so, and a disk store
+    enabled afterwards keeps them (it silently read the file's full-precision values back)."""
+    path = tmp_path / "stack.safetensors"
+    save_file({k: v.contiguous() for k, v in make().state_dict().items()}, str(path))
+    model, handle = managed({**STREAM, "offload_dtype": "float8_e4m3fn"}, name="dit")
+    with caplog.at_level("WARNING"):
+        handle.disable()
+    assert "dit: VRAM management is off" in caplog.text and "rounding of their float8_e4m3fn store" in caplog.text
+    rounded = model(X)
+    assert (rounded - make()(X)).abs().max() > 1e-4
+    enable_vram_management(model, DISK, vram_limit=0, device="cpu", checkpoint=str(path), name="dit")
+    torch.testing.assert_close(model(X), rounded, rtol=0, atol=0)

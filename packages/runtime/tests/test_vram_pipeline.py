@@ -152,3 +152,28 @@ def test_a_gpu_torch_does_not_see_is_refused_before_anything_loads(tiny_repo, mo
         pipe.enable_vram_management(computation_device="cuda")
     assert not pipe.vram_handles
     assert set(pipe.enable_vram_management(computation_device="cpu", vram_limit=0)) == {"dit", "vae", "text_encoder"}
+
+
+def test_disabled_handles_leave_an_unmanaged_pipeline(tiny_repo):
+    """Handles disabled directly were still driven by the stages (AttributeError in activate, or 'parked' in the
+    report with disk offload); `disable_vram_management` drops them and stops moving the models between stages."""
+    from diffsynth.runtime.errors import ConfigError
+
+    pipe = ZImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu", vram_limit=1e-6)
+    expected = pipe(PROMPT, **FAST)
+    for keys in ({}, DISK):
+        pipe.enable_vram_management(**keys)
+        for handle in pipe.vram_handles.values():
+            handle.disable()
+        torch.testing.assert_close(pipe(PROMPT, **FAST), expected, rtol=0, atol=0)
+        assert {r.state for r in pipe.vram_report().values()} == {"unmanaged"}
+    pipe.enable_vram_management(**DISK)
+    pipe.disable_vram_management(slots=["dit"])
+    assert set(pipe.vram_handles) == {"vae", "text_encoder"} and pipe.model_offload
+    torch.testing.assert_close(pipe(PROMPT, **FAST), expected, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"unknown model slot\(s\) \['dti'\]"):
+        pipe.disable_vram_management(slots=["dti"])
+    pipe.disable_vram_management()
+    assert pipe.vram_handles == {} and not pipe.model_offload
+    torch.testing.assert_close(pipe(PROMPT, **FAST), expected, rtol=0, atol=0)
+    assert {r.state for r in pipe.vram_report().values()} == {"unmanaged"}

@@ -79,6 +79,17 @@ def test_heterogeneous_sizes_never_exceed_the_room():
         assert plan.fits and plan.peak <= budget
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_an_exact_fit_keeps_every_block_that_fits(count):
+    """Budgets that are exact multiples of the block size: float credit lost the last block (7 blocks with room
+    for exactly one kept none)."""
+    size = 189_799_856
+    units = [UnitSize(f"b{i}", size, size) for i in range(7)]
+    budget = BUFFERS * size + count * size
+    plan = make_plan(units, fixed=0, budget=budget)
+    assert len(plan.resident) == count and plan.peak == budget
+
+
 def test_zero_budget_streams_everything_and_says_it_does_not_fit(caplog):
     units = [UnitSize(f"u{i}", 100, 100) for i in range(3)]
     with caplog.at_level(logging.WARNING):

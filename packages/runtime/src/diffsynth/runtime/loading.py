@@ -253,13 +253,17 @@ def load_models(
             cfg = _config_from_state(rec, ours_meta, dict(given) if given is not None else config_json, label)
         module = _build(rec, cfg, label)
         _check_keys(module, ours_meta, rec, label)
-        real = ours_meta if meta_source else _convert(rec, {k: state[k] for k in rec.keys}, label)
+        stored = {k: state[k] for k in rec.keys} if not meta_source else {}
+        real = ours_meta if meta_source else _convert(rec, stored, label)
+        unchanged = _unchanged_sources(state, stored, real)
         place = torch.device("cpu") if target == DISK else target
         real = {k: _prepare(v, dtype, None if meta_source else place) for k, v in real.items()}
         module.load_state_dict(real, strict=True, assign=True)
         if not meta_source:
             _materialize_buffers(module, rec, label)
             module.to(place)
+        if isinstance(state, LazyStateDict):
+            _mark_sources(module, unchanged)
         logger.info("loaded %s (%s, layout %s) from %s", rec.spec.name, rec.spec.role, rec.layout.name, label)
         result.append(LoadedModel(rec.spec.name, rec.spec.role, module.eval(), cfg, rec.layout.name, list(files)))
     return result
@@ -343,6 +347,33 @@ def _check_keys(module: torch.nn.Module, ours: Mapping[str, torch.Tensor], rec: 
     if wrong:
         more = f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else ""
         raise CheckpointError(f"{where} has shape mismatches: {'; '.join(wrong[:8])}{more}")
+
+
+def _unchanged_sources(state, stored: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor]):
+    """our name -> (safetensors file, key) for the tensors the format conversion passed through unchanged: the
+    stored tensor itself, renamed, or a view of all its bytes in another shape (a conv weight as a linear one).
+    Split, concatenated, transposed or cast tensors are new memory, so they are not listed."""
+    if not isinstance(state, LazyStateDict):
+        return {}
+
+    def whole(t: torch.Tensor):
+        return (t.data_ptr(), t.dtype, t.numel()) if t.numel() and t.is_contiguous() else None
+
+    by_bytes = {whole(t): key for key, t in stored.items() if whole(t) is not None}
+    found = {}
+    for name, tensor in ours.items():
+        key = by_bytes.get(whole(tensor)) if whole(tensor) is not None else None
+        if key is not None and state.file_of(key).endswith(".safetensors"):
+            found[name] = (state.file_of(key), key)
+    return found
+
+
+def _mark_sources(module: torch.nn.Module, unchanged: Mapping[str, tuple[str, str]]) -> None:
+    """Note on each parameter the file key it holds unchanged, or that it was computed (for offload to disk)."""
+    from .vram.disk import mark_stored
+
+    for name, param in module.named_parameters():
+        mark_stored(param, unchanged.get(name))
 
 
 def _prepare(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> torch.Tensor:

@@ -499,6 +499,39 @@ class BasePipeline:
         self.model_offload = True
         return dict(handles)
 
+    def disable_vram_management(self, slots: Iterable[str] | None = None) -> None:
+        """Take the models in `slots` (all managed ones when None) off the VRAM manager: their weights become
+        real tensors again (in the computation dtype; weights it stored in fp8 keep that rounding) and their
+        handles leave `vram_handles`. Disabling handles one by one (`handle.disable()`) leaves them there, where
+        the stages would still drive them; this also resets what enabling set: with no managed model left, the
+        models no longer move between stages and go to the device, as in a pipeline loaded without VRAM keys."""
+        from .training_support import host_slots
+        from .vram import vram_handle
+
+        named = [slots] if isinstance(slots, str) else None if slots is None else list(slots)
+        unknown = [s for s in named or () if s not in self.model_slots]
+        if unknown:
+            raise ConfigError(
+                f"disable_vram_management: unknown model slot(s) {unknown}; slots: {list(self.model_slots)}"
+            )
+        for slot in list(self.vram_handles) if named is None else named:
+            handle = self.vram_handles.pop(slot, None)
+            if handle is not None:
+                handle.disable()
+        if self._live_vram_handles():
+            return
+        self.vram_handles.clear()  # only handles disabled directly were left
+        self.model_offload = False
+        kept = host_slots()
+        for slot in self.model_slots:
+            model = getattr(self, slot)
+            if model is not None and slot not in kept and vram_handle(model) is None:
+                model.to(self.device)
+
+    def _live_vram_handles(self) -> dict:
+        """`vram_handles` less those disabled directly (`handle.disable()`): their models are unmanaged again."""
+        return {slot: h for slot, h in self.vram_handles.items() if h.state != "disabled"}
+
     def load_models_to_device(self, slots: Iterable[str]) -> None:
         """Move the models a stage needs to the device and park the others (when offloading). A model VRAM-managed
         from outside the pipeline (a trainer's streamed or fp8 model) is activated by its own handle, never moved
@@ -506,7 +539,7 @@ class BasePipeline:
         from .vram import vram_handle
 
         slots = set(slots)
-        handles = self.vram_handles
+        handles = self._live_vram_handles()
         parked = False
         for slot in self.model_slots:  # free memory first, then fill it
             model = getattr(self, slot)
@@ -535,7 +568,7 @@ class BasePipeline:
         seconds waiting on copies, the plan); unmanaged models report their resident bytes only."""
         from .vram import VramReport
 
-        handles = self.vram_handles
+        handles = self._live_vram_handles()
         reports = {}
         for slot in self.model_slots:
             model = getattr(self, slot)

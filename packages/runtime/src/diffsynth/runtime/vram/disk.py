@@ -6,10 +6,12 @@ there. Reading with `pread` rather than through a memory map keeps the pages out
 space: the kernel's page cache may keep them, but they are never counted as the process's memory
 and are dropped under pressure. Only the header is parsed here (the loader validated the files).
 
-Model parameter names are matched to file keys through one common prefix (e.g. `model.` for a
-causal-LM text encoder), with the shape checked. Tensors a format conversion changed (renamed
-beyond a prefix, reshaped, split) are not in the file as the model uses them: those stay in host
-memory, as do tensors of `.pth/.bin/.ckpt` files, with a warning saying how many bytes that is.
+The loader notes on each parameter the file key whose bytes it holds unchanged (`mark_stored`), so a
+tensor a format conversion only renamed (or viewed in another shape) is read from its own key. Other
+names are matched to file keys through one common prefix (e.g. `model.` for a causal-LM text
+encoder), with the shape checked. Tensors a conversion changed (split, concatenated, transposed,
+cast) are not in the file as the model uses them: those stay in host memory, as do tensors of
+`.pth/.bin/.ckpt` files, with a warning saying how many bytes that is.
 So do tensors changed in memory since they were loaded (a fused LoRA): `mark_changed` notes them.
 """
 
@@ -20,8 +22,8 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -85,10 +87,28 @@ def is_changed(param: torch.Tensor) -> bool:
     return bool(getattr(param, CHANGED_ATTR, False))
 
 
-class DiskIndex:
-    """The tensors of a checkpoint's safetensors files, and where a model's parameters are in them."""
+STORED_ATTR = "_diffsynth_stored_at"
 
-    def __init__(self, files: Sequence[str]):
+
+def mark_stored(param: torch.Tensor, where: tuple[str, str] | None) -> None:
+    """Note what the loader put in `param`: the bytes of tensor `key` of the safetensors file `path`
+    (`where` = (path, key), even when the model's name for it is another), or, with None, a tensor its
+    format conversion computed (not in the file as the model uses it, whatever its name)."""
+    setattr(param, STORED_ATTR, None if where is None else (os.path.realpath(where[0]), where[1]))
+
+
+def stored_places(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, tuple[str, str] | None]:
+    """name -> what `mark_stored` noted, for the parameters it noted (others were not loaded from files)."""
+    return {name: getattr(p, STORED_ATTR) for name, p in named if hasattr(p, STORED_ATTR)}
+
+
+class DiskIndex:
+    """The tensors of a checkpoint's safetensors files, and where a model's parameters are in them.
+
+    `stored` (`stored_places` of the model) says which file key each parameter was loaded from unchanged,
+    and which ones the loader computed; parameters it does not name are matched by a common prefix."""
+
+    def __init__(self, files: Sequence[str], stored: Mapping[str, tuple[str, str] | None] | None = None):
         from ..checkpoint import weight_files
 
         self.files = weight_files(list(files))
@@ -97,16 +117,35 @@ class DiskIndex:
         for path in self.files:
             if path not in self.skipped:
                 self.entries.update(read_header(path))
+        self.stored = dict(stored or {})
+        self._real_files = {os.path.realpath(f) for f in self.files}
 
     def locate(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, DiskTensor]:
-        """name -> file tensor for the parameters found unchanged (same shape) under one common prefix."""
-        prefix = self._prefix(shapes)
-        found = {}
-        for name, shape in shapes.items():
+        """name -> file tensor for the parameters found unchanged: where the loader read them, else (same shape)
+        under one common prefix."""
+        found = {n: e for n, s in shapes.items() if (e := self._recorded(n, s)) is not None}
+        guess = {n: s for n, s in shapes.items() if n not in found and not self._computed(n)}
+        prefix = self._prefix(guess) if guess else None
+        for name, shape in guess.items():
             entry = self.entries.get(prefix + name) if prefix is not None else None
             if entry is not None and entry.shape == tuple(shape):
                 found[name] = entry
         return found
+
+    def _computed(self, name: str) -> bool:
+        """Whether the loader computed `name` from these files (or read it from a key not found there)."""
+        if name not in self.stored:
+            return False
+        where = self.stored[name]
+        return where is None or where[0] in self._real_files
+
+    def _recorded(self, name: str, shape: tuple[int, ...]) -> DiskTensor | None:
+        """The file tensor `name` was loaded from unchanged, read in the model's shape (the bytes are the same)."""
+        where = self.stored.get(name)
+        entry = self.entries.get(where[1]) if where is not None else None
+        if entry is None or os.path.realpath(entry.path) != where[0] or math.prod(entry.shape) != math.prod(shape):
+            return None
+        return replace(entry, shape=tuple(shape))
 
     def _prefix(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
         names = list(shapes)
@@ -221,4 +260,14 @@ class DiskUnit:
         self.slots, self.nbytes = layout(shapes, dtypes)
 
 
-__all__ = ["DiskIndex", "DiskReader", "DiskTensor", "DiskUnit", "is_changed", "mark_changed", "read_header"]
+__all__ = [
+    "DiskIndex",
+    "DiskReader",
+    "DiskTensor",
+    "DiskUnit",
+    "is_changed",
+    "mark_changed",
+    "mark_stored",
+    "read_header",
+    "stored_places",
+]

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from . import fp8_matmul
 from .arena import HostArena
 from .config import VramConfig, is_fp8, is_host
-from .disk import DiskIndex, DiskReader, DiskUnit, is_changed, mark_changed
+from .disk import DiskIndex, DiskReader, DiskUnit, is_changed, mark_changed, stored_places
 from .parked import parked_parameter
 from .plan import GIB, IN_FLIGHT, Plan, UnitSize, activation_bytes, make_plan
 from .report import VramReport
@@ -283,7 +283,9 @@ class VramHandle:
                 "enable_vram_management(model, config, checkpoint=[paths]) (pipelines do this for you)"
             )
         files = getattr(checkpoint, "files", checkpoint)
-        return DiskIndex([files] if isinstance(files, str) else list(files))
+        # where the loader read each parameter: keys a format conversion renamed are found through it
+        stored = stored_places((t.name, t.param) for u in self.units for t in u.targets)
+        return DiskIndex([files] if isinstance(files, str) else list(files), stored)
 
     def _make_plan(self, model: nn.Module) -> Plan:
         c = self.config
@@ -338,8 +340,9 @@ class VramHandle:
 
     # ------------------------------------------------------------------ states
     def activate(self) -> None:
-        """The model's stage starts: resident parts onto the compute device, streamed units ready to stream."""
-        if self.state == "active":
+        """The model's stage starts: resident parts onto the compute device, streamed units ready to stream.
+        A disabled handle does nothing: the model is unmanaged again (its weights are real tensors)."""
+        if self.state in ("active", "disabled"):
             return
         with torch.no_grad(), torch.inference_mode(False):
             for _, p in self._resident_params:
@@ -352,8 +355,9 @@ class VramHandle:
         self._window = (self.streamer.stats.bytes_moved, self._window[1])
 
     def park(self) -> None:
-        """The model's stage ends: free its device memory (a model offloaded to the device stays)."""
-        if self.state == "parked" or not self.config.parks:
+        """The model's stage ends: free its device memory (a model offloaded to the device stays). A disabled
+        handle does nothing (it no longer owns the weights)."""
+        if self.state in ("parked", "disabled") or not self.config.parks:
             return
         self._window = (self._window[0], self.streamer.stats.bytes_moved - self._window[0])
         self._release_units()
@@ -574,9 +578,14 @@ class VramHandle:
         return {k: out[k] for k in self.model.state_dict(keep_vars=True)}
 
     def disable(self) -> nn.Module:
-        """Stop managing: every parameter real again (CPU, computation dtype); returns the model."""
+        """Stop managing: every parameter real again (CPU, computation dtype); returns the model. Weights the
+        offload store kept narrower than the model's dtype (fp8) keep that rounding: see `_keep_rounding`."""
+        if self.state == "disabled":
+            return self.model
         self._release_units()
+        rounded = self._rounded_targets()
         self._materialize()
+        self._keep_rounding(rounded)
         self.streamer.close()
         for unit in self.units:
             for t in unit.targets:
@@ -594,6 +603,41 @@ class VramHandle:
         self.model.__dict__.pop(HANDLE_ATTR, None)
         self.state = "disabled"
         return self.model
+
+    def _rounded_targets(self) -> list[tuple[Target, torch.dtype]]:
+        """Unit tensors whose offload store holds them narrower than the model's own dtype (e.g. fp8), with that
+        dtype: their full-precision values are gone, as the store was all that held them."""
+        rounded = []
+        for unit in self.units:
+            if isinstance(unit.offload, Packed):
+                pairs = zip(unit.targets, unit.offload.slots, strict=True)
+                rounded += [(t, s.dtype) for t, s in pairs if _narrows(s.dtype, t.param.dtype)]
+        return rounded
+
+    def _keep_rounding(self, rounded: list[tuple[Target, torch.dtype]]) -> None:
+        """The materialised weights of `rounded` are the store's rounded values: say so once, and mark them changed
+        so a later disk store keeps them (rather than silently reading the file's full-precision values)."""
+        if not rounded:
+            return
+        for t, _ in rounded:
+            mark_changed(t.param)
+        logger.warning(
+            "%s: VRAM management is off (disabled or enabled again), and %d weights (e.g. %r) keep the rounding "
+            "of their %s store in memory; load the model again for its full-precision weights",
+            self.name,
+            len(rounded),
+            rounded[0][0].name,
+            "/".join(sorted({dtype_name(d) for _, d in rounded})),
+        )
+
+
+def _narrows(stored: torch.dtype, original: torch.dtype) -> bool:
+    """Whether storing a tensor of dtype `original` as `stored` loses precision or range."""
+    if stored == original:
+        return False
+    if is_fp8(stored) or is_fp8(original):
+        return is_fp8(stored)  # a wider store holds fp8 values exactly
+    return torch.promote_types(stored, original) != stored
 
 
 def vram_handle(model: nn.Module) -> VramHandle | None:

@@ -132,13 +132,13 @@ def make_plan(units: Sequence[UnitSize], fixed: int, budget: int | None) -> Plan
         return Plan(tuple(u.name for u in units), (), budget, fixed, converted, total, 0)
     buffers = max(converted, BUFFERS * max((u.in_flight for u in units), default=0))
     room = max(0, budget - fixed - buffers)
-    fraction = room / total if total else 0.0
-    resident, streamed, credit = [], [], 0.0
+    # credit in units of 1/total byte, in integers: a float share loses the last block of an exact fit
+    resident, streamed, credit = [], [], 0
     for u in units:
-        credit += fraction * u.resident
-        if u.resident and credit >= u.resident:
+        credit += room * u.resident
+        if u.resident and credit >= u.resident * total:
             resident.append(u)
-            credit -= u.resident
+            credit -= u.resident * total
         else:
             streamed.append(u)
     plan = Plan(
