@@ -283,3 +283,37 @@ def test_tools_write_the_inputs_dtype(tmp_path, dtype):
     fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in base.items() if v.dim() == 2}
     lora = extract_lora(fp8, {k: v.to(torch.float8_e4m3fn) for k, v in tuned.items() if k in fp8}, 2)
     assert lora.targets["proj"].down.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------- 10. kohya names, replaced -o
+def kohya_file(tmp_path):
+    down, up = pair()
+    path = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_blocks_0.lora_down.weight": down, "lora_unet_blocks_0.lora_up.weight": up}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("format", ["peft", "diffsynth"])
+@pytest.mark.parametrize("command", [["resize", "--rank", "4"], ["merge"]])
+def test_kohya_names_are_refused_in_a_dotted_format_and_nothing_is_written(tmp_path, capsys, format, command):
+    path, out = kohya_file(tmp_path), tmp_path / "out.safetensors"
+    args = ["lora", command[0], str(path), *command[1:], "--format", format, "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "kohya.safetensors has kohya names ('lora_unet_blocks_0.lora_down.weight'" in err
+    assert "Keep --format kohya" in err and "diffsynth lora convert" in err
+    assert not out.exists()
+    assert main([*args[:-4], "--format", "kohya", "-o", str(out)]) == 0
+    assert "lora_unet_blocks_0.lora_down.weight" in load_file(out)
+
+
+def test_an_existing_output_is_replaced_with_a_warning(tmp_path, caplog):
+    down, up = pair()
+    path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file({"proj.lora_A.weight": down, "proj.lora_B.weight": up}, str(path))
+    assert main(["lora", "resize", str(path), "--rank", "4", "-o", str(out)]) == 0
+    assert "replacing" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert main(["lora", "resize", str(path), "--rank", "2", "-o", str(out)]) == 0
+    assert f"-o {out} exists; replacing it" in caplog.text
+    assert load_file(out)["proj.lora_A.weight"].shape[0] == 2

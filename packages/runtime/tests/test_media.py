@@ -153,6 +153,19 @@ def test_load_image_of_a_video_or_other_file_is_named(tmp_path):
         load_image(tmp_path / "notes.png")
 
 
+def test_load_image_names_the_callers_argument(tmp_path):
+    """A list or array given for an image named no argument: `name` says which one; without it the old words."""
+    wrong = r"^controlnet_inputs\[0\]\.image must be a file path or a PIL\.Image, got list"
+    with pytest.raises(ConfigError, match=wrong):
+        load_image([random_image(4)], name="controlnet_inputs[0].image")
+    with pytest.raises(ConfigError, match=r"^input_image must be a file path or a PIL\.Image, got ndarray"):
+        load_image(np.zeros((4, 4, 3), np.uint8), name="input_image")
+    with pytest.raises(ConfigError, match=r"^input_image file .*nope\.png does not exist"):
+        load_image(tmp_path / "nope.png", name="input_image")
+    with pytest.raises(ConfigError, match=r"^an image must be a file path or a PIL\.Image, got list"):
+        load_image([])
+
+
 def test_video_from_arrays_and_odd_sizes(tmp_path):
     video = torch.zeros(3, 4, 15, 21)  # [3, F, H, W] in [0, 1], odd size
     video[0] = 1.0
@@ -440,3 +453,23 @@ def test_damaged_media_are_config_errors_naming_the_file(tmp_path):
         ConfigError, match=r"cut\.wav cannot be read as a sound file: .*truncated: its header states 1001 samples"
     ):
         load_audio(tmp_path / "cut.wav")
+
+
+def test_a_gif_keeps_identical_frames(tmp_path):
+    """Pillow's `save` folds a run of identical frames into one shown as long: 6 frames read back as 4."""
+    frames = [Image.new("RGB", (16, 16), (red, 0, 0)) for red in (0, 0, 0, 100, 200, 200)]
+    save_video(frames, tmp_path / "dup.gif", fps=10)
+    back = load_video(tmp_path / "dup.gif")
+    assert len(back) == 6 and video_frame_count(tmp_path / "dup.gif") == 6
+    assert [img.getpixel((0, 0))[0] for img in back] == [0, 0, 0, 100, 200, 200]
+
+
+def test_muxed_audio_reads_back_without_the_codecs_end_padding(tmp_path):
+    """AAC fills its last frame past the end: 2.0 s at 16 kHz decoded to 32768 samples; the start stays aligned."""
+    rate = 16000
+    wave = torch.zeros(1, 2 * rate)
+    wave[0, 8000:8400] = 0.8  # a click at 0.5 s
+    mux_video_audio(smooth_frames(32, 32, 32), wave, rate, tmp_path / "click.mp4", fps=16)
+    audio, got_rate = load_audio(tmp_path / "click.mp4")
+    assert got_rate == rate and audio.shape == (1, 2 * rate)
+    assert int((audio[0].abs() > 0.3).nonzero()[0]) == 8000

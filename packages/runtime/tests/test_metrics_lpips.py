@@ -204,3 +204,16 @@ def test_a_photo_stored_sideways_is_compared_upright(tmp_path, alex_file):
     assert shown.size == (40, 48)
     score = metric.compute(tmp_path / "portrait.jpg", tmp_path / "landscape.png")
     assert abs(score - metric.compute(shown, picture(4))) < 1e-7
+
+
+def test_a_file_that_is_no_image_is_a_config_error_naming_it(tmp_path, alex_file, capsys):
+    from diffsynth.runtime.cli import main
+
+    picture(1).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    metric = LPIPSMetric.from_pretrained(model_config=alex_file, device="cpu")
+    with pytest.raises(ConfigError, match=r"notes\.txt is not an image PIL can read"):
+        metric.compute(tmp_path / "a.png", tmp_path / "notes.txt")
+    model = ["--model-path", str(alex_file), "--device", "cpu"]
+    assert main(["score", "--metric", "lpips", *model, str(tmp_path / "a.png"), str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is not an image PIL can read" in capsys.readouterr().err

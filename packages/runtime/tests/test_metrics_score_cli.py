@@ -30,3 +30,23 @@ def test_score_command_refuses_a_batch_size_below_one(batch_size, tmp_path, caps
               batch_size, str(tmp_path / "a"), str(tmp_path / "b")])  # fmt: skip
     assert exit_info.value.code == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "inputs", "message"),
+    [
+        ("lpips", ["a.png", "missing.png"], "missing.png does not exist; "),
+        ("fid", ["folder", "gone"], "gone does not exist; "),
+        ("aesthetic", ["a.png", "folder"], "folder is a folder; --metric aesthetic scores image files"),
+    ],
+)
+def test_score_checks_its_inputs_before_loading_the_model(tmp_path, monkeypatch, capsys, name, inputs, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the metric's model was loaded (maybe downloaded) before its inputs were checked")
+
+    for class_name in METRIC_CLASSES:
+        monkeypatch.setattr(getattr(metrics, class_name), "from_pretrained", no_model)
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    assert main(["score", "--metric", name, *(str(tmp_path / path) for path in inputs)]) == 2
+    assert message in capsys.readouterr().err

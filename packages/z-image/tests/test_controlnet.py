@@ -485,11 +485,29 @@ def test_vram_managed_controlnets_give_the_same_image(tiny_repo, net_files, pipe
         (dict(inpaint_image=picture()), "inpaint_mask and inpaint_image go together"),
         (dict(controlnet_id=1, inpaint_mask=Image.new("L", (64, 64))), r"\(Union 1.0\) takes no inpainting"),
         (dict(controlnet_id=1, image=None), "image is missing"),
+        # a wrong type of image was "an image must be a file path or a PIL.Image, got list", naming no field
+        (dict(image=[picture(0), picture(1)]), r"^controlnet_inputs\[0\]\.image must be a file path or a PIL\.Image"),
+        (dict(image=np.zeros((64, 64, 3), np.uint8)), r"^controlnet_inputs\[0\]\.image must be .*, got ndarray"),
+        (
+            dict(inpaint_image=np.zeros((64, 64, 3), np.uint8), inpaint_mask=mask()),
+            r"^controlnet_inputs\[0\]\.inpaint_image must be .*, got ndarray",
+        ),
+        (
+            dict(inpaint_image=picture(1), inpaint_mask=np.zeros((64, 64), np.uint8)),
+            r"^controlnet_inputs\[0\]\.inpaint_mask must be .*, got ndarray",
+        ),
     ],
 )
 def test_bad_controlnet_inputs_are_refused(pipe, fields, match):
     with pytest.raises(ConfigError, match=match):
         run(pipe, [ControlNetInput(**{"image": picture(), **fields})], steps=1)
+
+
+def test_a_wrong_image_type_names_its_input(pipe):
+    """The second input's tensor image is named by its place in controlnet_inputs."""
+    controls = [ControlNetInput(image=picture()), ControlNetInput(image=torch.zeros(3, 64, 64), controlnet_id=1)]
+    with pytest.raises(ConfigError, match=r"^controlnet_inputs\[1\]\.image must be a file path .*, got Tensor"):
+        run(pipe, controls, steps=1)
 
 
 def test_refusals_without_a_net_and_for_foreign_inputs(tiny_repo, pipe, tmp_path):

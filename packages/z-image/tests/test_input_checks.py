@@ -91,5 +91,5 @@ def test_a_mask_turns_upright_as_its_exif_says(tmp_path):
 def test_a_missing_mask_file_is_a_config_error_naming_it(tmp_path):
     """It was a bare FileNotFoundError from PIL."""
     missing = tmp_path / "no-mask.png"
-    with pytest.raises(ConfigError, match=f"image file {missing} does not exist"):
+    with pytest.raises(ConfigError, match=f"inpaint_mask file {missing} does not exist"):
         _load_mask(missing, (32, 32))

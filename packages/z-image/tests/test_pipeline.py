@@ -115,6 +115,14 @@ TWO_IMAGES = [Image.new("RGB", (64, 64), (40, 80, 220)), Image.new("RGB", (64, 6
         ({"prompt": PROMPT, "input_image": TWO_IMAGES}, "input_image has 2 images for 1 prompts: give 1 or one per"),
         ({"prompt": [PROMPT] * 3, "input_image": TWO_IMAGES}, "input_image has 2 images for 3 prompts"),
         ({"prompt": PROMPT, "input_image": []}, "input_image has 0 images for 1 prompts"),
+        (
+            {"prompt": PROMPT, "input_image": np.zeros((64, 64, 3), np.uint8), "denoising_strength": 0.5},
+            r"^input_image must be a file path or a PIL\.Image, got ndarray",
+        ),
+        (
+            {"prompt": [PROMPT] * 2, "input_image": [TWO_IMAGES[0], torch.zeros(3, 64, 64)]},
+            r"^input_image\[1\] must be a file path or a PIL\.Image, got Tensor",
+        ),
     ],
 )
 def test_bad_call_is_refused_before_any_model_runs(pipe, kwargs, fragment):
@@ -188,3 +196,36 @@ def test_unipc_sampler_steps_every_step(pipe):
     check_unipc_sampling(
         lambda sampler: pipe("a cat", seed=0, output_type="pt", sampler=sampler, **{**FAST, "num_inference_steps": 4})
     )
+
+
+def img2img_size(pipe, image, **size):
+    """The output size and the first DiT call's latents shape of a one-step image-to-image call."""
+    shapes = []
+    hook = pipe.dit.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        out = pipe(PROMPT, input_image=image, denoising_strength=0.5, seed=0, num_inference_steps=2, **size)
+    finally:
+        hook.remove()
+    return out.size, shapes[0]
+
+
+def test_image_to_image_takes_the_input_image_size(pipe, caplog):
+    """Without height/width the input image was stretched to 1024x1024; diffusers' ZImageImg2ImgPipeline (and the
+    Omni path with edit_image) take its size. Given sizes are kept; an off-grid image size is rounded with a warning."""
+    wide = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 160, 3), dtype=np.uint8))
+    assert img2img_size(pipe, wide, progress_bar=False) == ((160, 64), (1, 4, 8, 20))
+    assert img2img_size(pipe, [wide], progress_bar=False, height=32, width=48) == ((48, 32), (1, 4, 4, 6))
+    assert img2img_size(pipe, wide, progress_bar=False, height=32) == ((160, 32), (1, 4, 4, 20))
+    assert "rounded" not in caplog.text
+    assert img2img_size(pipe, wide.resize((70, 44)), progress_bar=False)[0] == (64, 48)
+    assert "44x70 rounded to 48x64" in caplog.text
+
+
+def test_an_input_image_too_small_to_size_the_output_is_named(pipe):
+    with pytest.raises(ConfigError, match=r"width=10 is not accepted.*\(the size of input_image, 10x64; give height"):
+        pipe(
+            PROMPT,
+            input_image=Image.new("RGB", (10, 64)),
+            denoising_strength=0.5,
+            **{**FAST, "height": None, "width": None},
+        )

@@ -3,7 +3,8 @@ another naming (`lora_convert`), written with `save_lora`.
 
 The written file keeps the input's safetensors header (merged for `merge`, `lora_tools`), its names' prefix
 (`transformer.`, `lora_unet_`, ... when all inputs share one that fits `--format`; `--prefix` to choose) and its
-dtype (`--dtype` to choose). `--format` and `-o` are checked before any work."""
+dtype (`--dtype` to choose). `--format` and `-o` are checked before any work; an existing `-o` is replaced (with a
+warning), and kohya names are written in kohya's layout only (their dots need the family: `convert` first)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ def add_lora_parser(commands) -> None:
         prefix: bool = True,
         text_encoder: bool = True,
     ) -> None:
-        parser.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
+        parser.add_argument(
+            "--output",
+            "-o",
+            required=True,
+            help="the .safetensors file to write (replaced, with a warning, if it exists)",
+        )
         parser.add_argument(
             "--format",
             default=default_format,
@@ -108,13 +114,14 @@ def run_lora(args) -> int:
         raise ConfigError(f"--dtype {args.dtype!r} is not accepted; choose one of {', '.join(DTYPE_NAMES)}")
 
     from .cli import path_and_scale
-    from .lora import save_lora
+    from .lora import read_lora, save_lora
     from .lora_tools import DTYPES, extract_lora, merge_loras, resize_lora
 
     dtype = None if args.dtype is None else DTYPES[args.dtype]
     if args.lora_command == "convert":
         from .lora_convert import convert_lora_file
 
+        warn_if_replacing(args.output)
         lora = convert_lora_file(
             args.lora, args.output, args.family, to=args.to, format=args.format, dtype=dtype,
             drop_text_encoder=args.drop_text_encoder,
@@ -124,11 +131,15 @@ def run_lora(args) -> int:
     if args.lora_command == "extract":
         lora = extract_lora(args.base, args.tuned, args.rank, threshold=args.threshold, device=args.device, dtype=dtype)
     elif args.lora_command == "resize":
-        lora = resize_lora(args.lora, args.rank, dtype=dtype, drop_text_encoder=args.drop_text_encoder)
+        read = read_lora(args.lora)
+        refuse_kohya_names([read], args.format)
+        lora = resize_lora(read, args.rank, dtype=dtype, drop_text_encoder=args.drop_text_encoder)
     else:
-        specs = [path_and_scale(spec) for spec in args.loras]
+        specs = [(read_lora(path), scale) for path, scale in map(path_and_scale, args.loras)]
+        refuse_kohya_names([read for read, _ in specs], args.format)
         lora = merge_loras(specs, rank=args.rank, dtype=dtype, drop_text_encoder=args.drop_text_encoder)
     prefix = save_prefix(lora.prefix, args.format) if args.prefix is None else args.prefix
+    warn_if_replacing(args.output)
     save_lora(lora, args.output, format=args.format, prefix=prefix, metadata=lora.header)
     logger.info("wrote %s (%d layers)", args.output, len(lora))
     return 0
@@ -142,3 +153,28 @@ def save_prefix(read_with: str | None, format: str) -> str | None:
     if not read_with:
         return None
     return read_with if (format == "kohya") == (read_with in KOHYA_PREFIXES) else None
+
+
+def warn_if_replacing(output: str) -> None:
+    """Say so when `-o` names a file that is there: it is replaced, as `diffsynth generate` replaces its outputs."""
+    if Path(output).exists():
+        logger.warning("-o %s exists; replacing it", output)
+
+
+def refuse_kohya_names(loras, format: str) -> None:
+    """Refuse writing kohya-read names (`lora_unet_blocks_0_proj`) in a dotted layout: `blocks_0_proj` is no module
+    name, so peft and ComfyUI would drop those layers without a word. Only the family's converter knows the dots."""
+    from .errors import ConfigError
+    from .lora import KOHYA_PREFIXES
+
+    if format == "kohya":
+        return
+    for lora in loras:
+        underscored = [key for name, key in lora.keys.items() if key.startswith(KOHYA_PREFIXES) and "_" in name]
+        if underscored:
+            raise ConfigError(
+                f"{lora.source} has kohya names ({underscored[0]!r}, ...), whose dots only the model tells; "
+                f"--format {format} would write them underscored, names peft and ComfyUI do not find (they drop those "
+                "layers). Keep --format kohya, or first run `diffsynth lora convert FILE --family FAMILY "
+                "-o NEW.safetensors` (official, dotted names) and use NEW.safetensors"
+            )

@@ -51,21 +51,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")  # files read as frames (`load_video`)
 
 
-def load_image(image: PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
+def load_image(image: PathLike | Image.Image, mode: str = "RGB", *, name: str | None = None) -> Image.Image:
     """A PIL image in `mode` ("RGB", or "RGBA" for models that read transparency) from a path or an image
     (any mode: RGBA, L, P ... are converted; RGB gains an opaque alpha), turned upright as its EXIF orientation
     says (a phone's portrait photo is stored sideways with a tag saying so; diffusers' `load_image` does the same).
     Grey images deeper than 8 bits are scaled to 8 bits first (`eight_bit`): 16-bit ones (modes I;16*, and I with
     values in 0..65535, as a 16-bit PNG can open) keep their top 8 bits, float ones (mode F) must hold 0..1.
-    A damaged or truncated file is a ConfigError naming it."""
+    A damaged or truncated file is a ConfigError naming it; a missing file, an unreadable deep image or another type
+    of value (a list, an array, a tensor) one naming `name`, the caller's argument (e.g.
+    "controlnet_inputs[0].image"), where given."""
     if mode not in ("RGB", "RGBA"):
         raise ConfigError(f"load_image mode={mode!r} is not accepted; use 'RGB' or 'RGBA'")
     if isinstance(image, Image.Image):
-        image = eight_bit(upright(image), "the image")
+        image = eight_bit(upright(image), name or "the image")
         return image if image.mode == mode else image.convert(mode)
     if not isinstance(image, (str, os.PathLike)):
-        raise ConfigError(f"an image must be a file path or a PIL.Image, got {type(image).__name__}")
-    path = _existing(image, "image")
+        what = name if name is not None else "an image"
+        raise ConfigError(f"{what} must be a file path or a PIL.Image, got {type(image).__name__}")
+    path = _existing(image, name or "image")
     try:
         opened = Image.open(path)
     except Image.UnidentifiedImageError:
@@ -325,8 +328,8 @@ def h264_frame(image: Image.Image, crf: int) -> Image.Image:
 def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5, *, lossless: bool = False) -> None:
     """Write frames (list of PIL, or [F, H, W, 3] / [3, F, H, W] uint8 or [0, 1] floats) as a video whose format
     follows the suffix: H.264 in `.mp4` / `.mov` / `.mkv` / `.avi`, VP9 in `.webm`, an animated `.gif` (256
-    colours, `quality` unused). The best `quality` (10) is x264 CRF 1, which players take; `lossless` writes CRF 0
-    instead (exact luma, for masks and tests; x264 then uses the High 4:4:4 Predictive profile, which browsers and
+    colours per frame, every frame kept, identical ones too; `quality` unused). The best `quality` (10) is x264
+    CRF 1, which players take; `lossless` writes CRF 0 instead (exact luma, for masks and tests; x264 then uses the High 4:4:4 Predictive profile, which browsers and
     QuickTime do not play) and ignores `quality`."""
     import av
 
@@ -348,12 +351,22 @@ def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5, *, l
 
 
 def _save_gif(arrays: list[np.ndarray], path: Path, fps: float) -> None:
-    """An animated GIF looping forever (Pillow's: an adaptive palette per frame). GIF times frames in hundredths of
-    a second, so the rate is rounded, and Pillow writes a run of identical frames as one frame shown as long."""
+    """An animated GIF looping forever, every frame whole with its own adaptive palette. GIF times frames in
+    hundredths of a second, so the rate is rounded. Written frame by frame with Pillow's GIF pieces (`getheader`,
+    `getdata`) because `Image.save` folds a run of identical frames into one shown as long, and the file would read
+    back with fewer frames than were written."""
+    from PIL import GifImagePlugin
+
     _rate(fps)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(a) for a in arrays]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    duration = round(1000 / fps)
+    images = [Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE) for a in arrays]
+    header, _ = GifImagePlugin.getheader(images[0], info={"loop": 0, "duration": duration})
+    with open(path, "wb") as out:
+        out.write(b"".join(header))
+        for image in images:
+            out.write(b"".join(GifImagePlugin.getdata(image, duration=duration, include_color_table=True)))
+        out.write(b";")  # the GIF trailer
     logger.info("wrote %d frames to %s", len(arrays), path)
 
 
@@ -616,14 +629,26 @@ def _load_audio_av(path: Path) -> tuple[torch.Tensor, int]:
     with damaged_as_config_error(path, "a sound file"), av.open(str(path)) as container:
         if not container.streams.audio:
             raise ConfigError(f"{path} holds no audio stream")
-        rate = container.streams.audio[0].rate
+        stream = container.streams.audio[0]
+        rate = stream.rate
+        stated = None if stream.duration is None else round(stream.duration * stream.time_base * rate)
         resampler = av.AudioResampler(format="fltp")
         for frame in container.decode(audio=0):
             for planar in resampler.resample(frame):
                 chunks.append(planar.to_ndarray())
     if not chunks:
         raise ConfigError(f"{path} holds no decodable audio")
-    return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), int(rate)
+    samples = np.concatenate(chunks, axis=1).astype(np.float32)
+    return torch.from_numpy(_without_end_padding(samples, stated, chunks[-1].shape[1])), int(rate)
+
+
+def _without_end_padding(samples: np.ndarray, stated: int | None, last_frame: int) -> np.ndarray:
+    """`samples` cut to the `stated` length (the stream's duration x rate), when the cut falls inside the last
+    decoded frame: codecs such as AAC fill their last frame with silence past the end (2.0 s at 16 kHz decodes to
+    32768 samples, not 32000). A length that would cut more is an estimate (an mp3's, from its bitrate): kept."""
+    if stated is not None and 0 < samples.shape[1] - stated <= last_frame:
+        return samples[:, :stated]
+    return samples
 
 
 def resample_audio(waveform: torch.Tensor, rate: int, target: int) -> torch.Tensor:

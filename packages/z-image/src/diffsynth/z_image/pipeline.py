@@ -213,7 +213,9 @@ class ZImagePipeline(BasePipeline):
         unpacked layout `[B, 16, H/8, W/8]`; `sigmas` an explicit schedule (N values, the
         terminal 0 is appended); `sampler` "euler" (default) or "unipc" (`diffsynth.runtime.schedulers.UniPCScheduler`:
         fewer steps for the same accuracy). `controlnet_inputs` are `ControlNetInput`s for the loaded Fun
-        ControlNets (several at once; see the README for the fields each net reads).
+        ControlNets (several at once; see the README for the fields each net reads). With `input_image`
+        (image-to-image, one image or one per prompt) and without `height`/`width`, the output takes the first
+        image's size, rounded to a multiple of 16 (as diffusers' ZImageImg2ImgPipeline), not the preset's default.
 
         `edit_image` (Z-Image Omni only: one image or a list, PIL images or paths) are the images to edit or
         combine; without `height`/`width` the output takes the last one's (cropped) size. An image over
@@ -245,6 +247,7 @@ class ZImagePipeline(BasePipeline):
             raise ConfigError(
                 f"input_image has {len(input_image)} images for {len(prompts)} prompts: give 1 or one per prompt"
             )
+        starts = self.load_input_images(input_image)
         steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = finite_number(self.setting("sigma_shift", sigma_shift, 3.0), "sigma_shift")
         auto_resize = self.setting("edit_image_auto_resize", edit_image_auto_resize, True)
@@ -253,7 +256,7 @@ class ZImagePipeline(BasePipeline):
         edits, edit_size = self.prepare_edit_images(edits, height, width, auto_resize)
         if edit_size is not None:  # as diffusers' Omni pipeline: the output defaults to the last image's size
             height, width = height or edit_size[0], width or edit_size[1]
-        height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
+        height, width = self.output_size(height, width, starts)
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         use_cfg = cfg_scale != 1.0
@@ -283,14 +286,15 @@ class ZImagePipeline(BasePipeline):
             seed,
             rand_device,
             latents,
-            input_image,
+            starts,
             scheduler,
             tiled,
             tile_size,
             tile_stride,
         )
         controls = [
-            self.encode_control(item, net, height, width, tiled, tile_size, tile_stride) for item, net in checked
+            self.encode_control(item, net, height, width, tiled, tile_size, tile_stride, f"controlnet_inputs[{i}]")
+            for i, (item, net) in enumerate(checked)
         ]
         condition = None
         if omni:
@@ -338,6 +342,30 @@ class ZImagePipeline(BasePipeline):
 
         return convert_z_image_lora(lora)
 
+    @staticmethod
+    def load_input_images(input_image) -> list[Image.Image] | None:
+        """`input_image` (one image or a list; paths or PIL images) read as RGB images, before any model runs."""
+        if input_image is None:
+            return None
+        if not isinstance(input_image, (list, tuple)):
+            return [load_image(input_image, name="input_image")]
+        return [load_image(image, name=f"input_image[{i}]") for i, image in enumerate(input_image)]
+
+    def output_size(self, height: int | None, width: int | None, starts: list[Image.Image] | None) -> tuple[int, int]:
+        """The checked `(height, width)`: the call's, else (as diffusers' ZImageImg2ImgPipeline) the first input
+        image's, rounded to the size multiple as a given size is; else the preset's, else 1024."""
+        if not starts or (height is not None and width is not None):
+            return self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
+        image_w, image_h = starts[0].size
+        height, width = height if height is not None else image_h, width if width is not None else image_w
+        try:
+            return self.check_size(height, width)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (the size of input_image, {image_w}x{image_h}; give height and width to generate at another "
+                "size)"
+            ) from None
+
     def check_size(self, height: int, width: int) -> tuple[int, int]:
         """The base rounding, then the DiT's RoPE range: it places at most `axes_lens` rows and columns of patches."""
         height, width = super().check_size(height, width)
@@ -366,8 +394,7 @@ class ZImagePipeline(BasePipeline):
         )
         if input_image is None:
             return noise
-        images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
-        images = [load_image(im).resize((width, height)) for im in images]
+        images = [image.resize((width, height), Image.LANCZOS) for image in input_image]  # as diffusers resizes
         pixels = pil_to_tensor(images, dtype=module_dtype(self.vae), device=self.device)
         clean = self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
         if clean.shape[0] == 1 and batch > 1:
@@ -552,14 +579,23 @@ class ZImagePipeline(BasePipeline):
         return checked
 
     def encode_control(
-        self, item: ControlNetInput, net: ZImageControlNet, height, width, tiled=False, tile_size=512, tile_stride=384
+        self,
+        item: ControlNetInput,
+        net: ZImageControlNet,
+        height,
+        width,
+        tiled=False,
+        tile_size=512,
+        tile_stride=384,
+        where: str = "ControlNetInput",
     ) -> ControlCondition:
         """The condition latents `[1, C(, 1 + C), H/8, W/8]` of one checked input, as the authors build them.
 
         The control image's VAE latents; for the 2.x nets then the kept region (1 - mask, binarised at
         0.5, nearest-resized to the latent grid) and the latents of `inpaint_image` with the repainted
         pixels zeroed. A missing part is what the authors' pipeline and training use: zero control
-        latents, and without a mask a zero mask channel and the latents of an all-zero image.
+        latents, and without a mask a zero mask channel and the latents of an all-zero image. `where` names the
+        input in errors (e.g. "controlnet_inputs[1]").
         """
         size, shape = (width, height), (1, self.dit.config.in_channels, height // 8, width // 8)
         dtype = module_dtype(self.vae)
@@ -567,17 +603,21 @@ class ZImagePipeline(BasePipeline):
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return self.vae.encode(pixels, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride).float()
 
-        def pixels(image) -> torch.Tensor:
-            return pil_to_tensor([load_image(image).resize(size, Image.LANCZOS)], dtype=dtype, device=self.device)
+        def pixels(image, field: str) -> torch.Tensor:
+            image = load_image(image, name=f"{where}.{field}").resize(size, Image.LANCZOS)
+            return pil_to_tensor([image], dtype=dtype, device=self.device)
 
-        control = encode(pixels(item.image)) if item.image is not None else torch.zeros(shape, device=self.device)
+        if item.image is not None:
+            control = encode(pixels(item.image, "image"))
+        else:
+            control = torch.zeros(shape, device=self.device)
         if net.takes_inpaint:
             if item.inpaint_mask is None:
                 keep = torch.zeros(1, 1, *shape[2:], device=self.device)
                 masked = torch.zeros(1, 3, height, width, dtype=dtype, device=self.device)
             else:
-                repaint = _load_mask(item.inpaint_mask, size).to(self.device)
-                masked = pixels(item.inpaint_image) * (repaint < 0.5).to(dtype)
+                repaint = _load_mask(item.inpaint_mask, size, f"{where}.inpaint_mask").to(self.device)
+                masked = pixels(item.inpaint_image, "inpaint_image") * (repaint < 0.5).to(dtype)
                 keep = F.interpolate(1.0 - repaint, size=shape[2:], mode="nearest")
             control = torch.cat([control, keep, encode(masked)], dim=1)
         return ControlCondition(ZImageControl(net, control, float(item.scale)), float(item.start), float(item.end))
@@ -601,13 +641,13 @@ def _open_image(image, name: str) -> Image.Image:
     return eight_bit(image, name).convert("RGB")
 
 
-def _load_mask(mask, size: tuple[int, int]) -> torch.Tensor:
+def _load_mask(mask, size: tuple[int, int], name: str = "inpaint_mask") -> torch.Tensor:
     """`[1, 1, H, W]` float: 1 where the mask (a path or PIL image, white = repaint) is at least half white. It is
     read as the inpaint image is (`load_image`: upright as its EXIF says, 16-bit grey scaled to 8 bits, not clipped
     to white by PIL's `convert("L")`; a missing file is a ConfigError naming it)."""
     if not isinstance(mask, (str, os.PathLike, Image.Image)):
-        raise ConfigError(f"inpaint_mask must be a file path or a PIL.Image, got {type(mask).__name__}")
-    gray = np.asarray(load_image(mask).convert("L").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0
+        raise ConfigError(f"{name} must be a file path or a PIL.Image, got {type(mask).__name__}")
+    gray = np.asarray(load_image(mask, name=name).convert("L").resize(size, Image.LANCZOS), dtype=np.float32) / 255.0
     return torch.from_numpy((gray >= 0.5).astype(np.float32))[None, None]
 
 

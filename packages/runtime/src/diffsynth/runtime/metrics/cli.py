@@ -78,6 +78,21 @@ def add_score_parser(commands) -> argparse.ArgumentParser:
     return score
 
 
+def check_inputs(name: str, paths: list[str]) -> None:
+    """Refuse a missing input (or a folder where image files are scored) before the metric's model is loaded, which
+    can mean a download."""
+    from pathlib import Path
+
+    from ..checkpoint import folder_listing
+
+    for path in map(Path, paths):
+        if path.is_file() or (name in PAIRED and path.is_dir()):
+            continue
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; --metric {name} scores image files (fid and lpips take folders)")
+        raise ConfigError(f"{path} does not exist; {folder_listing(path.parent)}")
+
+
 def run_score(args) -> int:
     """Build the metric named by `--metric` and print its scores."""
     from .. import metrics
@@ -115,6 +130,7 @@ def run_score(args) -> int:
         if name in PAIRED:
             raise ConfigError(f"--metric {name} takes no --processor-path")
         options["tokenizer_config" if name == "image_reward" else "processor_config"] = args.processor_path
+    check_inputs(name, args.images)
     metric = getattr(metrics, METRICS[name]).from_pretrained(**options)
     if name in PAIRED:
         value = metric.compute(*args.images)

@@ -264,7 +264,12 @@ def _image_size(image) -> tuple[int, int]:
 
     if isinstance(image, Image.Image):
         return upright_size(image)
-    with Image.open(image) as opened:
+    try:
+        opened = Image.open(image)
+    except OSError:  # not an image (UnidentifiedImageError is one) or damaged: load_image's error names the file
+        load_image(image)
+        raise
+    with opened:
         return upright_size(opened)
 
 
