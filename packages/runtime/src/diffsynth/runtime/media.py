@@ -329,8 +329,8 @@ def save_video(frames, path: PathLike, fps: float = 16, quality: float = 5, *, l
     """Write frames (list of PIL, or [F, H, W, 3] / [3, F, H, W] uint8 or [0, 1] floats) as a video whose format
     follows the suffix: H.264 in `.mp4` / `.mov` / `.mkv` / `.avi`, VP9 in `.webm`, an animated `.gif` (256
     colours per frame, every frame kept, identical ones too; `quality` unused). The best `quality` (10) is x264
-    CRF 1, which players take; `lossless` writes CRF 0 instead (exact luma, for masks and tests; x264 then uses the High 4:4:4 Predictive profile, which browsers and
-    QuickTime do not play) and ignores `quality`."""
+    CRF 1, which players take; `lossless` writes CRF 0 instead (exact luma, for masks and tests; x264 then uses the
+    High 4:4:4 Predictive profile, which browsers and QuickTime do not play) and ignores `quality`."""
     import av
 
     path = Path(path)
