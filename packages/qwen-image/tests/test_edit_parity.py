@@ -95,8 +95,8 @@ def test_edit_matches_diffusers_edit_plus(tiny_repo, tmp_path, small_areas, zero
     assert np.abs(got - expected).max() <= 1e-4
 
 
-def test_first_edit_matches_diffusers_edit(tiny_repo, monkeypatch):
-    """Qwen-Image-Edit (one image, unnumbered template, the vision tower sees the VAE-sized image)."""
+def _first_edit_outputs(repo, monkeypatch, defaults=None, **call):
+    """Our pipeline loaded from `repo` (its `defaults` updated) and diffusers' QwenImageEditPipeline, on one image."""
     import diffusers
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as reference
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -107,15 +107,15 @@ def test_first_edit_matches_diffusers_edit(tiny_repo, monkeypatch):
     sizes = reference.calculate_dimensions
     monkeypatch.setattr(reference, "calculate_dimensions", lambda area, ratio: sizes(64 * 64, ratio))
     monkeypatch.setattr(module, "EDIT_AREA", 64 * 64)
-    ours = QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
-    ours.defaults["edit_template"] = "edit"
+    ours = QwenImagePipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
+    ours.defaults.update(defaults or {})
     ref = diffusers.QwenImageEditPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_repo / "scheduler"),
-        vae=diffusers.AutoencoderKLQwenImage.from_pretrained(tiny_repo / "vae"),
-        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_repo / "text_encoder"),
-        tokenizer=AutoTokenizer.from_pretrained(tiny_repo / "tokenizer"),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(repo / "scheduler"),
+        vae=diffusers.AutoencoderKLQwenImage.from_pretrained(repo / "vae"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(repo / "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(repo / "tokenizer"),
         processor=ours.processor,
-        transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(tiny_repo / "transformer"),
+        transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(repo / "transformer"),
     )
     ref.set_progress_bar_config(disable=True)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8))
@@ -128,6 +128,26 @@ def test_first_edit_matches_diffusers_edit(tiny_repo, monkeypatch):
         latents=ref._pack_latents(noise.clone(), 1, 16, 8, 8),
         **common,
     ).images
-    got = ours("make it red", edit_image=image, cfg_scale=4.0, latents=noise.clone(), progress_bar=False, **common)
+    got = ours(
+        "make it red", edit_image=image, cfg_scale=4.0, latents=noise.clone(), progress_bar=False, **common, **call
+    )
     assert got.shape == expected.shape == (1, 64, 64, 3)
+    return got, expected
+
+
+def test_first_edit_matches_diffusers_edit(tiny_repo, monkeypatch):
+    """Qwen-Image-Edit (one image, unnumbered template, the vision tower sees the VAE-sized image)."""
+    got, expected = _first_edit_outputs(tiny_repo, monkeypatch, {"edit_template": "edit"})
     assert np.abs(got - expected).max() <= 1e-4
+    got, expected = _first_edit_outputs(tiny_repo, monkeypatch, edit_template="edit")  # the call's keyword
+    assert np.abs(got - expected).max() <= 1e-6
+
+
+def test_first_edit_folder_takes_its_template_from_model_index(tiny_repo, tmp_path, monkeypatch):
+    """A local snapshot of Qwen/Qwen-Image-Edit (model_index.json: QwenImageEditPipeline) matches no preset, yet
+    edits with the first Edit's template; without that file it was Edit-2509's (about 1e-3 off diffusers)."""
+    repo = tmp_path / "Qwen-Image-Edit"
+    shutil.copytree(tiny_repo, repo)
+    (repo / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPipeline"}))
+    got, expected = _first_edit_outputs(repo, monkeypatch)
+    assert np.abs(got - expected).max() <= 1e-6

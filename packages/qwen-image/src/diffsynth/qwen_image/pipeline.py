@@ -16,7 +16,8 @@ Editing: each edit image is resized to about 1024x1024 pixels (aspect kept), VAE
 tokens follow the generated image's in the DiT; the prompt is encoded together with the images by the
 Qwen2.5-VL vision tower (the `processor/` folder), with the Edit template (64 tokens dropped). Edit-2509
 and 2511 number the images ("Picture 1: ...") and show the vision tower a 384x384-pixel version; the
-first Edit shows it the 1024x1024 one (the `edit_template` default: "plus" or "edit").
+first Edit shows it the 1024x1024 one (`edit_template`: "plus" or "edit"; by default the preset's, else the one
+the DiT's hub repo or diffusers folder implies, else "plus").
 
 Layer decomposition (Qwen-Image-Layered; `layered.py`): `layer_input_image` (an RGBA image) and `layer_num`, as in
 DiffSynth-Studio, return `layer_num` RGBA layers per prompt (`decompose`), as diffusers'
@@ -35,8 +36,11 @@ prompt, and the sum of the nets' scaled residuals goes into both the positive an
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,6 +89,44 @@ SIGMA_TEMPLATES = {"qwen_image": "qwen_image", "lightning": "qwen_image_lightnin
 
 CONDITION_AREA = 384 * 384  # Edit-2509/2511: what the vision tower sees of each edit image
 EDIT_AREA = 1024 * 1024  # edit images' VAE size, and the default output size, for every Edit model
+MAX_VISION_ASPECT = 200  # the Qwen2-VL image processor refuses images more elongated than this
+
+# `edit_template=`: "edit" (the first Qwen-Image-Edit) or "plus" (Edit-2509/2511: numbered, 384x384 vision images)
+EDIT_TEMPLATES = ("edit", "plus")
+# the template of an Edit DiT loaded from one of these hub repos (lower case: repo ids match case-insensitively) ...
+EDIT_TEMPLATE_OF_REPO = {
+    "qwen/qwen-image-edit": "edit",
+    "qwen/qwen-image-edit-2509": "plus",
+    "qwen/qwen-image-edit-2511": "plus",
+}
+# ... or from a diffusers folder whose model_index.json names one of these pipeline classes
+EDIT_TEMPLATE_OF_CLASS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "plus"}
+
+
+def source_edit_template(config: ModelConfig | None) -> str | None:
+    """The edit template the DiT's source implies, None when it says nothing: its hub repo (`EDIT_TEMPLATE_OF_REPO`)
+    or the `model_index.json` of the diffusers folder its files are in. A local snapshot or DiffSynth-Studio's
+    model_configs of the first Qwen-Image-Edit match no preset, yet need its unnumbered template."""
+    if config is None:
+        return None
+    if config.model_id is not None:
+        return EDIT_TEMPLATE_OF_REPO.get(config.model_id.strip().lower())
+    paths = [config.path] if isinstance(config.path, (str, os.PathLike)) else list(config.path or ())
+    for path in paths[:1]:
+        for folder in (Path(path), Path(path).parent, Path(path).parent.parent):  # the weights' folder, one above
+            index = folder / "model_index.json"
+            if index.is_file():
+                return EDIT_TEMPLATE_OF_CLASS.get(pipeline_class_name(index))
+    return None
+
+
+def pipeline_class_name(index: Path) -> str | None:
+    """The `_class_name` of a diffusers `model_index.json` (None when it cannot be read: it only picks a default)."""
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def pack(latents: torch.Tensor, patch: int = 2) -> torch.Tensor:
@@ -288,6 +330,7 @@ class QwenImagePipeline(BasePipeline):
         edit_image_auto_resize: bool | None = None,
         edit_rope_interpolation: bool | None = None,
         zero_cond_t: bool | None = None,
+        edit_template: str | None = None,
         context_image=None,
         eligen_entity_prompts: Sequence[str] | None = None,
         eligen_entity_masks: Sequence[Image.Image] | None = None,
@@ -324,7 +367,10 @@ class QwenImagePipeline(BasePipeline):
         for DiffSynth-Studio's Blockwise ControlNets (`blockwise_controlnet.py`), run in one process.
         Tiles are in latent cells. `edit_image` (one image or a list) switches to editing; without
         `edit_image_auto_resize` the images keep their size (rounded down to multiples of 16).
-        `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio.
+        `height`/`width` then default to about 1024x1024 with the last edit image's aspect ratio (a side not
+        given is that size's). `edit_template` ("edit" for the first Qwen-Image-Edit, "plus" for Edit-2509/2511)
+        picks the prompt template; by default the preset's, else the one the DiT's source implies (its hub repo, or
+        a diffusers folder's `model_index.json`), else "plus".
         `max_sequence_length` cuts a text-to-image prompt; an edit prompt, which carries the edit images' vision
         tokens before the instruction, is kept whole (as the authors' Edit pipelines do).
         `edit_rope_interpolation` (DiffSynth-Studio's, for its Qwen-Image-Edit-Lowres-Fix LoRA) spreads a smaller
@@ -363,6 +409,7 @@ class QwenImagePipeline(BasePipeline):
                     "inpaint_blur_sigma": inpaint_blur_sigma,
                     "edit_image_auto_resize": edit_image_auto_resize is not None,
                     "zero_cond_t": zero_cond_t is not None,
+                    "edit_template": edit_template,
                     "controlnet_inputs": controlnet_inputs,
                     "blockwise_controlnet_inputs": blockwise_controlnet_inputs,
                     "denoising_strength < 1": denoising_strength != 1.0,
@@ -405,15 +452,29 @@ class QwenImagePipeline(BasePipeline):
                 "edit_rope_interpolation=True spreads the edit images' rotary positions over the output's grid: "
                 "give edit_image, or leave it out"
             )
-        edit_image_auto_resize = bool(self.setting("edit_image_auto_resize", edit_image_auto_resize, True))
-        edit_rope_interpolation = bool(self.setting("edit_rope_interpolation", edit_rope_interpolation, False))
+        if edit_template is not None and edit_image is None:
+            raise ConfigError(
+                f"edit_template={edit_template!r} picks the prompt template of edit_image: give edit_image, or leave "
+                "it out"
+            )
+        edit_image_auto_resize = self.setting("edit_image_auto_resize", edit_image_auto_resize, True)
+        if not isinstance(edit_image_auto_resize, bool):  # "no" would be true
+            raise ConfigError(
+                f"edit_image_auto_resize={edit_image_auto_resize!r} must be True, False or None (True: about "
+                "1024x1024 pixels)"
+            )
+        edit_rope_interpolation = self.setting("edit_rope_interpolation", edit_rope_interpolation, False)
+        if not isinstance(edit_rope_interpolation, bool):  # "no" would be true
+            raise ConfigError(f"edit_rope_interpolation={edit_rope_interpolation!r} must be True, False or None")
         zero_cond_t = self.setting("zero_cond_t", zero_cond_t, None)
         if zero_cond_t is not None and not isinstance(zero_cond_t, bool):
             raise ConfigError(f"zero_cond_t={zero_cond_t!r} must be True, False or None (the DiT's config decides)")
-        edits = self.prepare_edit_images(edit_image, edit_image_auto_resize)
-        if edits is not None and height is None and width is None:
-            width, height = area_size(*edits[-1][2], EDIT_AREA)
-            height, width = height // 16 * 16, width // 16 * 16
+        style = self.edit_template(edit_template) if edit_image is not None else None
+        edits = self.prepare_edit_images(edit_image, edit_image_auto_resize, style)
+        if edits is not None and (height is None or width is None):  # as diffusers' Edit pipelines, side by side
+            edit_width, edit_height = self.edit_size(edits[-1][2], EDIT_AREA, len(edits) - 1)
+            height = edit_height if height is None else height
+            width = edit_width if width is None else width
         negative_prompt = self.setting("negative_prompt", negative_prompt, "")
         prompts, negatives = self.check_prompt_pair(prompt, negative_prompt)
         cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, 4.0), "cfg_scale")  # NaN: CFG silently off
@@ -448,8 +509,8 @@ class QwenImagePipeline(BasePipeline):
 
         # 1. prompts
         self.load_models_to_device(["text_encoder"])
-        text, text_mask = self.encode_prompt(prompts, max_sequence_length, edits)
-        negative = self.encode_prompt(negatives, max_sequence_length, edits) if use_cfg else None
+        text, text_mask = self.encode_prompt(prompts, max_sequence_length, edits, style)
+        negative = self.encode_prompt(negatives, max_sequence_length, edits, style) if use_cfg else None
         entities = negative_entities = None
         if entity_prompts:
             regions = entity_regions(entity_masks, height, width).to(self.device)
@@ -644,11 +705,15 @@ class QwenImagePipeline(BasePipeline):
 
     # ------------------------------------------------------------------ stages
     def encode_prompt(
-        self, prompts: list[str], max_sequence_length: int = 512, edits: list | None = None
+        self,
+        prompts: list[str],
+        max_sequence_length: int = 512,
+        edits: list | None = None,
+        edit_template: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings `[B, L, 3584]` and their mask `[B, L]`, on the pipeline's device; with
-        `edits` (from `prepare_edit_images`) the images are encoded with the prompt, and `max_sequence_length`
-        cuts nothing (`encode_prompts_with_images`)."""
+        `edits` (from `prepare_edit_images`) the images are encoded with the prompt in `edit_template` (None: the
+        pipeline's, `edit_template`), and `max_sequence_length` cuts nothing (`encode_prompts_with_images`)."""
         if edits is not None:
             if self.processor is None:
                 raise ConfigError(
@@ -659,7 +724,7 @@ class QwenImagePipeline(BasePipeline):
                 self.processor,
                 prompts,
                 [edit[0] for edit in edits],
-                numbered=self.setting("edit_template", None, "plus") == "plus",
+                numbered=self.edit_template(edit_template) == "plus",
                 max_sequence_length=max_sequence_length,
                 device=self.device,
             )
@@ -679,30 +744,60 @@ class QwenImagePipeline(BasePipeline):
         )
         return embeds.to(self.device), mask.to(self.device)
 
-    def prepare_edit_images(self, edit_image, auto_resize: bool) -> list[tuple] | None:
-        """(vision-tower image, VAE image, original size) per edit image, at the sizes the authors use."""
+    def edit_template(self, value: str | None = None) -> str:
+        """The edit prompt template: `value`, else the preset's or folder's default, else the one the DiT's source
+        implies (`source_edit_template`), else "plus" (Edit-2509/2511, and their fine-tunes)."""
+        style = self.setting("edit_template", value, None)
+        if style is None:
+            style = source_edit_template(self.model_configs.get("dit")) or "plus"
+        if style not in EDIT_TEMPLATES:
+            raise ConfigError(
+                f"edit_template={style!r} is not known; use 'edit' (the first Qwen-Image-Edit) or 'plus' "
+                "(Edit-2509/2511)"
+            )
+        return style
+
+    def prepare_edit_images(self, edit_image, auto_resize: bool, edit_template: str | None = None) -> list | None:
+        """(vision-tower image, VAE image, original size) per edit image, at the sizes the authors use for
+        `edit_template` (None: the pipeline's, `edit_template`)."""
         if edit_image is None:
             return None
         images = list(edit_image) if isinstance(edit_image, (list, tuple)) else [edit_image]
         if not images:
             raise ConfigError("edit_image is an empty list; pass one image or a list of images")
-        style = self.setting("edit_template", None, "plus")
-        if style not in ("plus", "edit"):
-            raise ConfigError(f"edit_template={style!r} is not known; use 'plus' (Edit-2509/2511) or 'edit'")
+        style = self.edit_template(edit_template)
         pairs = []
-        for image in images:
-            image = load_image(image)
+        for i, image in enumerate(images):
+            image = load_image(image, name=f"edit_image[{i}]")
             if auto_resize:
-                vae_size = area_size(*image.size, EDIT_AREA)
+                vae_size = self.edit_size(image.size, EDIT_AREA, i)
             else:
                 vae_size = (max(16, image.width // 16 * 16), max(16, image.height // 16 * 16))
             vae_image = image.resize(vae_size, Image.LANCZOS)
             if style == "plus":
-                vision = image.resize(area_size(*image.size, CONDITION_AREA), Image.LANCZOS)
+                vision = image.resize(self.edit_size(image.size, CONDITION_AREA, i), Image.LANCZOS)
             else:
                 vision = vae_image
+            if max(vision.size) > MAX_VISION_ASPECT * min(vision.size):  # else a bare ValueError in the processor
+                raise ConfigError(
+                    f"edit_image[{i}] is {image.width}x{image.height}: too elongated for the vision tower (its "
+                    f"{vision.width}x{vision.height} image is over {MAX_VISION_ASPECT}:1)"
+                )
             pairs.append((vision, vae_image, image.size))
         return pairs
+
+    def edit_size(self, image_size: tuple[int, int], area: int, index: int) -> tuple[int, int]:
+        """`(width, height)` of about `area` pixels with the aspect ratio of edit_image[index] (`image_size`), sides
+        multiples of 32; a picture so elongated that a side would round to nothing is refused (as
+        `QwenImage21Pipeline` does)."""
+        size = area_size(*image_size, area)
+        if min(size) < self.size_multiple:
+            side = round(area**0.5)
+            raise ConfigError(
+                f"edit_image[{index}] is {image_size[0]}x{image_size[1]}: too elongated for {side}x{side} pixels "
+                f"(it would be {size[0]}x{size[1]})"
+            )
+        return size
 
     def encode_edit_images(self, edits, batch, tiled, tile_size, tile_stride) -> list[torch.Tensor]:
         """Normalised VAE latents `[B, 16, h, w]` of each edit image (the posterior mode)."""
