@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.testing import conformance as cf
-from diffsynth.wan.animate import reflect_pad, segment_starts
+from diffsynth.wan.animate import fit_character, reflect_pad, segment_starts
 from diffsynth.wan.dit import WanDiT, WanDiTConfig
 from diffsynth.wan.formats import DIT_SPEC, config_from_state, diffusers_to_ours, ours_to_diffusers
 
@@ -237,6 +237,31 @@ def test_diffusers_names_without_a_mapping_are_refused():
 
 
 # ------------------------------------------------------------------ segments
+def authors_padding(size: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """Where the authors' `padding_resize` (Wan2.2 `wan/animate.py`) puts an image of `size` (w, h): its left, top,
+    width, height, with their float arithmetic."""
+    ori_width, ori_height = size
+    if ori_height / ori_width > height / width:
+        new_width = int(height / ori_height * ori_width)
+        return int((width - new_width) / 2), 0, new_width, height
+    new_height = int(width / ori_width * ori_height)
+    return 0, int((height - new_height) / 2), width, new_height
+
+
+@pytest.mark.parametrize(
+    ("size", "frame"),
+    [((1005, 1000), (1280, 720)), ((333, 1000), (96, 64)), ((201, 100), (64, 64)), ((64, 63), (96, 64))],
+)
+def test_character_is_letterboxed_where_the_authors_put_it(size, frame):
+    """An odd margin (1280 - 723 = 557) puts the extra column right of the image, as `int((width - w) / 2)`."""
+    width, height = frame
+    fitted = np.asarray(fit_character(Image.new("RGB", size, (200, 200, 200)), height, width))[..., 0] > 100
+    cols, rows = np.nonzero(fitted.any(0))[0], np.nonzero(fitted.any(1))[0]
+    left, top, w, h = authors_padding(size, height, width)
+    assert (cols[0], rows[0], len(cols), len(rows)) == (left, top, w, h)
+    assert fitted[top : top + h, left : left + w].all() and fitted.sum() == w * h
+
+
 def test_segments_cover_the_pose_video_as_the_authors_do():
     assert segment_starts(77, 77, 1) == [0]
     assert segment_starts(78, 77, 1) == [0, 76]

@@ -1,10 +1,11 @@
 """Wan2.2-Animate-2: the DiT (both token streams, the reference key/value cache), its checkpoint layout, the
 pipeline's `animate2_*` arguments and the clip-by-clip long video helper.
 
-The DiT is compared with DiffSynth-Studio's `WanAnimate2Transformer` (the only public implementation), read from
-its local git mirror into a package of its own with small stubs for what it imports: its flex-attention call
-(block mask + `score_mod`) becomes a dense explicit softmax, itself checked against torch's `flex_attention`.
-Those tests skip where the mirror is absent (as in CI); everything else runs anywhere.
+The DiT is compared with diffusers' `WanAnimate2Transformer3DModel` (diffusers 0.42, on weights converted by its
+own converter; skipped without diffusers) and with DiffSynth-Studio's `WanAnimate2Transformer`, read from its local
+git mirror into a package of its own with small stubs for what it imports: its flex-attention call (block mask +
+`score_mod`) becomes a dense explicit softmax, itself checked against torch's `flex_attention`. The DiffSynth-Studio
+tests skip where the mirror is absent (as in CI); everything else runs anywhere.
 """
 
 from __future__ import annotations
@@ -240,6 +241,55 @@ def test_one_call_with_both_streams_matches_forward_origin(studio):
             origin_len=4 * (frames - 2) + 1, origin_area=[8 * w, 8 * h], log_scale=-1.3,
         )[0]  # fmt: skip
     assert (got[0] - want).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------- diffusers'
+@pytest.mark.parity
+@pytest.mark.parametrize(("layers", "negative"), [(2, False), (10, True)])
+def test_dit_matches_diffusers(layers, negative, monkeypatch):
+    """diffusers' `WanAnimate2Transformer3DModel` on the same weights (converted with diffusers' own
+    `convert_wan_animate_2_transformer_to_diffusers`): its "extract" pass over the driving video fills the
+    key/value cache, its "cached" pass (flex attention) makes the velocity at two timesteps; the negative branch
+    leaves out block 9."""
+    pytest.importorskip("diffusers")
+    theirs_module = pytest.importorskip("diffusers.models.transformers.transformer_wan_animate_2")
+    from diffusers.loaders.single_file_utils import convert_wan_animate_2_transformer_to_diffusers
+    from diffusers.models.attention_dispatch import attention_backend
+
+    block_mask = theirs_module.create_block_mask  # diffusers compiles the mask builder; eager is enough on CPU
+    monkeypatch.setattr(theirs_module, "create_block_mask", lambda *a, **k: block_mask(*a, **{**k, "_compile": False}))
+    ours = tiny_model(num_layers=layers)
+    cfg = ours.config
+    theirs = theirs_module.WanAnimate2Transformer3DModel(
+        patch_size=(1, 2, 2), text_len=cfg.text_len, in_dim=36, dim=cfg.dim, ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim,
+        text_dim=cfg.text_dim, out_dim=16, num_heads=cfg.num_heads, num_layers=layers,
+    ).eval()  # fmt: skip
+    state = convert_wan_animate_2_transformer_to_diffusers({k: v.clone() for k, v in ours.state_dict().items()})
+    theirs.load_state_dict(state, strict=True)
+    (x, _, context, clip, y), reference = tiny_inputs()
+    frames, h, w = LATENT
+    grid = torch.tensor([[frames, h // 2, w // 2]])
+    with torch.no_grad():
+        cache = ours.encode_reference(reference)
+        for t in (999.0, 250.3):
+            got = ours(x, torch.tensor([t]), context, clip, y, cache, 0.0, [NEGATIVE_SKIP_BLOCK] if negative else [])
+            kv = theirs_module.WanAnimate2KVCache(layers)
+            theirs(
+                hidden_states=[reference.latents[0]], timestep=torch.tensor([t]),
+                encoder_hidden_states=[reference.context[0]], condition_latents=[reference.y[0]], kv_cache=kv,
+                kv_cache_mode="extract", seq_len=frames * (h // 2) * (w // 2),
+                encoder_hidden_states_image=reference.clip_feature, offset_grid_sizes=grid,
+            )  # fmt: skip
+            with attention_backend("flex"):
+                want = theirs(
+                    hidden_states=[x[0]], timestep=torch.tensor([t]), encoder_hidden_states=[context[0]],
+                    condition_latents=[y[0]], kv_cache=kv, kv_cache_mode="cached",
+                    seq_len=(frames + 1) * (h // 2) * (w // 2), encoder_hidden_states_image=clip,
+                    reference_grid_sizes=grid, origin_len=4 * (frames - 1) + 1, origin_area=[8 * h, 8 * w],
+                    is_uncondtion=negative,
+                ).sample[0]  # fmt: skip
+            assert got.shape[1:] == want.shape
+            assert (got[0] - want).abs().max().item() <= 5e-5, (got[0] - want).abs().max()
 
 
 @pytest.mark.parity

@@ -129,6 +129,28 @@ def test_video_to_video_starts_from_the_noised_input(pipe, reference):
     torch.testing.assert_close(calls[0][1][1], scheduler.timesteps[:1])
 
 
+@pytest.mark.parity
+@pytest.mark.parametrize(("steps", "strength"), [(4, 0.3), (10, 0.25), (20, 0.33), (4, 0.5), (3, 1.0)])
+def test_video_to_video_runs_as_many_steps_as_diffusers(pipe, reference, steps, strength):
+    """diffusers' `WanVideoToVideoPipeline.get_timesteps` keeps the last int(N * strength) steps (the Flux / SD3
+    image-to-image rule, int(N - N * strength) skipped, runs one more when N * strength is not whole); the DiT sees
+    the tail of our full schedule."""
+    from types import SimpleNamespace
+
+    diffusers = pytest.importorskip("diffusers")
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
+    theirs.set_timesteps(steps)
+    wan_v2v = SimpleNamespace(scheduler=theirs)  # get_timesteps reads only self.scheduler
+    _, kept = diffusers.WanVideoToVideoPipeline.get_timesteps(wan_v2v, steps, theirs.timesteps, strength, "cpu")
+    video = [Image.fromarray(f) for f in (reference[0].permute(1, 2, 3, 0).numpy() * 255).round().astype(np.uint8)]
+    with Calls(pipe.dit) as calls:
+        pipe(PROMPT, input_video=video, denoising_strength=strength, seed=5, **dict(FAST, num_inference_steps=steps))
+    full = FlowMatchScheduler("wan")
+    full.set_timesteps(steps, shift=5.0)
+    assert len(calls) == kept
+    torch.testing.assert_close(torch.cat([call[1][1] for call in calls]), full.timesteps[steps - kept :])
+
+
 def _unipc_run(pipe, steps: int):
     """The DiT's inputs and outputs over a `sampler="unipc"` call (no guidance: the output is the velocity)."""
     seen = []
@@ -194,6 +216,10 @@ def test_unipc_grid_and_steps_match_diffusers_wan_scheduler(pipe):
         ({"cfg_scale_2": 3.0}, "cfg_scale_2: only a Wan 2.2 A14B pipeline has the low-noise expert"),
         ({"switch_DiT_boundary": 0.5}, "switch_DiT_boundary: only a Wan 2.2 A14B"),
         ({"denoising_strength": 0.5}, "denoising_strength=0.5 is how far video-to-video moves from input_video"),
+        (
+            {"input_video": [Image.new("RGB", (32, 32))] * 5, "denoising_strength": 0.1, "num_inference_steps": 4},
+            "denoising_strength=0.1 with num_inference_steps=4 runs int",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(pipe, kwargs, fragment):

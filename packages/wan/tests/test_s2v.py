@@ -579,6 +579,21 @@ def test_audio_embeds_path_and_resampling_give_the_same_clip(pooled_pipe):
     assert call(s2v_pipe, input_audio=at_8k, audio_sample_rate=8000).shape == want.shape
 
 
+@pytest.mark.parametrize("samples", [320, 640])
+def test_audio_shorter_than_two_wav2vec_states_is_padded_with_silence(pooled_pipe, samples):
+    """Under 720 samples at 16 kHz (two hidden states of the xlsr-53 convolutions) the waveform gets trailing zeros
+    up to 720: the clip of the padded waveform, not a torch error from the convolutions or the resampling."""
+    wave = speech(samples / 16000)
+    got = call(pooled_pipe, input_audio=wave)
+    padded = np.concatenate([wave, np.zeros(720 - samples, np.float32)])
+    torch.testing.assert_close(got, call(pooled_pipe, input_audio=padded), atol=0, rtol=0)
+    encoder = pooled_pipe.audio_encoder
+    assert AE.min_waveform_length(encoder.config) == 720
+    with torch.no_grad():
+        assert encoder(torch.zeros(1, 720)).shape[2] == 2 and encoder(torch.zeros(1, 719)).shape[2] == 1
+    assert AE.resample_features(torch.zeros(3, 1, 4)).shape == (3, 1, 4)
+
+
 def test_guidance_silences_the_audio_of_the_negative_branch(pooled_pipe):
     s2v_pipe = pooled_pipe
     seen = []

@@ -349,7 +349,7 @@ def fit_character(image: Image.Image, height: int, width: int) -> Image.Image:
     w = width if wide else image.width * height // image.height
     h = height if not wide else image.height * width // image.width
     canvas = Image.new("RGB", (width, height), 0)
-    canvas.paste(image.resize((w, h), Image.BILINEAR), (width // 2 - w // 2, height // 2 - h // 2))
+    canvas.paste(image.resize((w, h), Image.BILINEAR), ((width - w) // 2, (height - h) // 2))  # the authors' offset
     return canvas
 
 

@@ -11,7 +11,8 @@ Features, as the authors' `AudioEncoder` makes them: the 16 kHz waveform normali
 50 per second, linearly resampled (`align_corners=True`) to 30 per second, then one vector per video frame at
 `fps`: frame i takes feature `round(i * 30 / fps)` (numpy's round-half-to-even), and frames past the audio's end
 get zeros. The frames are cut into clips of `batch_frames`; there is always one clip more than whole clips fit
-(`int(T / (batch_frames * 30 / fps)) + 1`), padded with zeros.
+(`int(T / (batch_frames * 30 / fps)) + 1`), padded with zeros. A waveform too short for two hidden states (under 720
+samples, 45 ms, for xlsr-53) is first padded with silence to that length, so the resampling has two to interpolate.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def config_from_state(state, config_json: dict | None = None):
 
 # ----------------------------------------------------------------------------------------- features
 def resample_features(features: torch.Tensor, rate_in: float = WAV2VEC_RATE, rate_out: float = FEATURE_RATE):
-    """`[L, T, D]` at `rate_in` per second -> `[L, int(T / rate_in * rate_out), D]`, linear with aligned corners."""
-    length = int(features.shape[1] / float(rate_in) * rate_out)
+    """`[L, T, D]` at `rate_in` per second -> `[L, int(T / rate_in * rate_out), D]` (at least 1), linear with aligned
+    corners."""
+    length = max(int(features.shape[1] / float(rate_in) * rate_out), 1)
     out = F.interpolate(features.transpose(1, 2).float(), size=length, mode="linear", align_corners=True)
     return out.transpose(1, 2)
 
@@ -141,11 +143,26 @@ def prepare_waveform(audio, sample_rate: int) -> torch.Tensor:
     return resample_audio(wave, int(sample_rate), SAMPLE_RATE)
 
 
+def min_waveform_length(config, states: int = 2) -> int:
+    """The fewest 16 kHz samples from which the feature extractor's convolutions (each `(n - kernel) // stride + 1`
+    long) make `states` hidden states: 720 for xlsr-53's two."""
+    length = states
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride, strict=True))):
+        length = (length - 1) * stride + kernel
+    return length
+
+
+def pad_waveform(waveform: torch.Tensor, length: int) -> torch.Tensor:
+    """`[B, N]` with zeros (silence) appended up to `length` samples; a long enough waveform is returned as is."""
+    return F.pad(waveform, (0, length - waveform.shape[-1])) if waveform.shape[-1] < length else waveform
+
+
 @torch.no_grad()
 def audio_clips(
     encoder: Wav2VecAudioEncoder, waveform: torch.Tensor, fps: float, batch_frames: int, device
 ) -> list[torch.Tensor]:
     """The S2V DiT's `audio_embeds` for each clip of `batch_frames` video frames: `[1, 25, 1024, batch_frames]`."""
+    waveform = pad_waveform(waveform, min_waveform_length(encoder.config))
     hidden = encoder(waveform.to(device))[0]  # [L, T, D]
     return bucket_features(resample_features(hidden), fps, batch_frames)
 
@@ -156,6 +173,8 @@ __all__ = [
     "bucket_features",
     "config_from_state",
     "frame_indices",
+    "min_waveform_length",
+    "pad_waveform",
     "prepare_waveform",
     "resample_features",
     "to_ours",

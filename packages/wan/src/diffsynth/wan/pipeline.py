@@ -338,7 +338,8 @@ class WanVideoPipeline(BasePipeline):
 
         `negative_prompt` None means the preset's (the authors' negative prompt), else "" (no text).
         `input_image` is the first frame (I2V, TI2V), `end_image` the last (FLF2V); `input_video` (a video file
-        or a list of frames) with `denoising_strength` < 1 starts from that video noised (video-to-video).
+        or a list of frames) with `denoising_strength` < 1 starts from that video noised (video-to-video) and runs
+        the last `int(num_inference_steps * denoising_strength)` steps, as diffusers' `WanVideoToVideoPipeline`.
         `num_frames` is rounded to 4k + 1 and height/width to the model's multiple, with a warning. `cfg_scale`
         guides the (high-noise) `dit`, `cfg_scale_2` the low-noise expert `dit2` (default: `cfg_scale` when that
         is given, else the preset's). `switch_DiT_boundary` is the t / 1000 below which `dit2` takes over, in
@@ -593,8 +594,9 @@ class WanVideoPipeline(BasePipeline):
 
         # 3. schedule and latents
         scheduler = make_scheduler("wan", sampler)
-        strength = denoising_strength if input_video is not None else 1.0
-        scheduler.set_timesteps(steps, denoising_strength=strength, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
+        scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
+        if input_video is not None:
+            keep_video_to_video_steps(scheduler, denoising_strength)
         x = self.prepare_latents(
             len(prompts), frames, height, width, seed, rand_device, latents, input_video, scheduler, vae_kwargs, vace
         )
@@ -1203,6 +1205,24 @@ def finished(video: torch.Tensor, prompt, output_type: str):
     the "np" / "pt" batch."""
     out = tensor_to_output(video.float(), output_type)
     return out[0] if isinstance(prompt, str) and output_type == "pil" else out
+
+
+def keep_video_to_video_steps(scheduler, denoising_strength) -> None:
+    """Keep the last `int(N * denoising_strength)` of the scheduler's N steps, as diffusers' `WanVideoToVideoPipeline`
+    (`get_timesteps`) does; the runtime's image-to-image rule (skip `int(N - N * strength)`) runs one step more when
+    `N * strength` is not whole. A strength that keeps no step is refused."""
+    strength = denoising_strength
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+        raise ConfigError(f"denoising_strength={strength!r} is not accepted; use a number in (0, 1]")
+    total = scheduler.num_inference_steps
+    kept = int(total * strength)
+    if kept == 0:
+        raise ConfigError(
+            f"denoising_strength={strength!r} with num_inference_steps={total} runs int({total} * {strength}) = 0 "
+            "steps of video-to-video (diffusers' Wan rule); raise denoising_strength or num_inference_steps"
+        )
+    if kept < total:  # the same sigmas, as given: the tail of the full schedule
+        scheduler.set_timesteps(kept, sigmas=scheduler.sigmas[total - kept :])
 
 
 # ----------------------------------------------------------------------------------------- folders

@@ -17,7 +17,8 @@ Defaults follow the authors' `generate.py` and `wan/configs/` (Wan-Video/Wan2.1 
 - Wan2.2-S2V-14B (`wan/configs/wan_s2v_14B.py`): 40 steps, guide scale 4.5, shift 3, clips of 80 frames
   (`num_frames=81`: the reference frame + 80) at 16 fps, its own negative prompt; 448x832 as DiffSynth-Studio's
   example (the authors fit the reference image's size into 720*1280 pixels).
-- Wan2.2-Animate-2-14B (DiffSynth-Studio's examples; no other implementation is public): 40 steps, guidance 3,
+- Wan2.2-Animate-2-14B (DiffSynth-Studio's examples; diffusers 0.42 also implements it, as
+  `WanAnimate2Transformer3DModel` and modular pipelines, default height 800 x width 640): 40 steps, guidance 3,
   shift 5, 81 frames, height 1280 x width 720, 24 fps, the driving video's keys / values kept on the CPU
   (`animate2_offload_kv`, as the examples); the distilled DiT (`...:distilled`) 10 steps without guidance and
   `animate2_log_scale=-1.3`.
