@@ -286,6 +286,30 @@ def test_resume_continues_bit_identically_fake_score_included(tmp_path, dataset,
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed[3]["state"][index][key])), (index, key)
 
 
+def test_a_lora_checkpoint_start_is_the_teacher_and_the_fake_scores_start(tmp_path, dataset):
+    """Started from --lora_checkpoint, the teacher (a frozen copy) and the fake score are the denoiser with the
+    file's LoRA (the model the student starts as), not the base with the LoRA off; and the run resumes."""
+    from diffsynth.runtime.lora import load_lora
+
+    train(
+        dmd2_config(tmp_path, dataset, "sft", task="sft", max_steps=2, learning_rate=5e-2, dmd2_student_update_freq=5)
+    )
+    lora = tmp_path / "sft" / "step-000002.safetensors"
+    run = setup(dmd2_config(tmp_path, dataset, lora_checkpoint=str(lora)))
+    assert run.dmd2.teacher is not None and not any(p.requires_grad for p in run.dmd2.teacher.parameters())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma, text = torch.tensor([0.4, 0.9]), [torch.randn(3, 8)] * 2
+    reference, base = build("denoiser"), build("denoiser")
+    load_lora(reference, lora)
+    with torch.no_grad():
+        assert not torch.allclose(reference(x, sigma, text), base(x, sigma, text), atol=1e-3)  # the LoRA matters
+        for model in (run.dmd2.teacher, run.dmd2.fake_score):
+            torch.testing.assert_close(model(x, sigma, text), reference(x, sigma, text), rtol=1e-5, atol=1e-5)
+    settings = dict(lora_checkpoint=str(lora), max_steps=3, save_steps=2)
+    train(dmd2_config(tmp_path, dataset, "dmd2", **settings))
+    assert train(dmd2_config(tmp_path, dataset, "dmd2", resume="latest", **{**settings, "max_steps": 4})).step == 4
+
+
 def test_a_checkpoint_of_another_task_is_refused(tmp_path, dataset):
     train(dmd2_config(tmp_path, dataset, task="sft", max_steps=1, dmd2_student_update_freq=5))  # sft's default
     with pytest.raises(ConfigError, match="no dmd2-fake_score.safetensors .* which --task dmd2"):

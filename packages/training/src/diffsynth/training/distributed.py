@@ -290,11 +290,32 @@ def full_optimizer_state(module: nn.Module, optimizer) -> dict[str, Any]:
     return get_optimizer_state_dict(module, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
 
 
-def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_trainable(module: nn.Module, state: dict[str, torch.Tensor], *, sharded: bool) -> None:
     """Copy full tensors into the module's trainable weights (each process keeps its own shard under FSDP)."""
+    if not sharded:
+        _copy_into_parameters(module, state)
+        return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     set_model_state_dict(module, state, options=_options(full_state_dict=True, strict=False))
+
+
+def _copy_into_parameters(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy in place, so the optimizer, the EMA and the run's table of trained weights keep the parameters they
+    hold: torch's `set_model_state_dict` assigns new ones when some weights are meta placeholders (the frozen
+    blocks the VRAM manager streams under --offload_models / --fp8_models)."""
+    params = {_state_dict_name(name): p for name, p in module.named_parameters()}
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ConfigError(f"the checkpoint holds weights the model lacks: {', '.join(unknown[:5])}")
+    with torch.no_grad():
+        for name, value in state.items():
+            param = params[name]
+            if param.shape != value.shape:
+                raise ConfigError(
+                    f"the checkpoint's {name} has shape {tuple(value.shape)}, the model's {tuple(param.shape)}"
+                )
+            param.copy_(value)
 
 
 def load_optimizer(module: nn.Module, optimizer, state: dict[str, Any]) -> None:

@@ -130,18 +130,21 @@ def check_run(cfg: TrainConfig, task, accelerator) -> None:
         )
 
 
-def build(cfg: TrainConfig, module: nn.Module, lora: bool) -> DMD2:
+def build(cfg: TrainConfig, module: nn.Module, lora: bool, started_from_file: bool = False) -> DMD2:
     """The fake score (a trainable copy of `module` in `--trainable_dtype`) and, for full fine-tuning, the frozen
-    teacher copy. Called on the denoiser as loaded, before the LoRA goes in or its dtype changes."""
+    teacher copy. Called on the denoiser as loaded, before the LoRA goes in or its dtype changes; for a LoRA
+    started from `--lora_checkpoint` (`started_from_file`), once that LoRA is in: both start from the model the
+    student starts as (the teacher a frozen copy, as the base with the LoRA off would be another model)."""
     fake = copy.deepcopy(module).to(parse_dtype(cfg.trainable_dtype)).requires_grad_(True).train()
-    teacher = None if lora else copy.deepcopy(module).requires_grad_(False).eval()
+    copied = not lora or started_from_file
+    teacher = copy.deepcopy(module).requires_grad_(False).eval() if copied else None
     lr = cfg.dmd2_fake_score_learning_rate or cfg.learning_rate
     optimizer = torch.optim.AdamW(fake.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     logger.info(
         "dmd2: fake score %.2fM parameters (lr %g); teacher: %s",
         sum(p.numel() for p in fake.parameters()) / 1e6,
         lr,
-        "the base with the LoRA off" if lora else "a frozen copy of the denoiser",
+        "a frozen copy of the denoiser" if copied else "the base with the LoRA off",
     )
     return DMD2(fake, optimizer, teacher)
 

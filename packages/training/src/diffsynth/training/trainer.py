@@ -119,6 +119,9 @@ logger = logging.getLogger(__name__)
 EMA_FILE = "ema.pt"  # in a resume checkpoint: the moving average's state (--ema_decay)
 METRICS_FILE = "metrics.jsonl"  # in the output folder: a JSON record per logged step (and validation loss)
 
+# Restored with the optimizer's param groups and the LR schedule's base rates: a changed value is not applied.
+_KEPT_FROM_CHECKPOINT = ("learning_rate", "weight_decay", "optimizer_options", "lora_plus_ratio")
+
 # Settings that may change between a checkpoint and the run that resumes it without a warning.
 _RESUMABLE_CHANGES = {
     "resume",
@@ -335,8 +338,10 @@ def setup(config: TrainConfig) -> Run:
         module.gradient_checkpointing = True
     if lora:
         fuse_preset_lora(module, cfg, task)
-    # DMD2's fake score (and, for full fine-tuning, its teacher) copy the denoiser as loaded (with a fused preset)
-    dmd2 = dmd2_task.build(cfg, module, lora) if cfg.task == "dmd2" else None
+    # DMD2's fake score (and, for full fine-tuning, its teacher) copy the denoiser as loaded (with a fused preset);
+    # a LoRA started from --lora_checkpoint: the denoiser with that file's LoRA, built once it is in
+    dmd2_from_file = cfg.task == "dmd2" and lora and cfg.lora_checkpoint is not None
+    dmd2 = dmd2_task.build(cfg, module, lora) if cfg.task == "dmd2" and not dmd2_from_file else None
     if lora:
         start = read_lora_checkpoint(task, module, cfg.lora_checkpoint) if cfg.lora_checkpoint else None
         add_lora(module, cfg, parts, task)
@@ -346,6 +351,8 @@ def setup(config: TrainConfig) -> Run:
         module.to(parse_dtype(cfg.trainable_dtype))
         for path in parts or ("",):
             module.get_submodule(path).requires_grad_(True)
+    if dmd2_from_file:
+        dmd2 = dmd2_task.build(cfg, module, lora, started_from_file=True)
     teacher = None
     if cfg.task == "trajectory_imitation":  # the model as the run starts (before any step, or a resume)
         teacher = trajectory.make_teacher(module, lora, cfg.lora_checkpoint is not None)
@@ -1172,11 +1179,12 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
             "own optimizer files, so resume a DeepSpeed checkpoint with the same stage and number of processes "
             "(other modes resume each other's checkpoints)"
         )
+    _check_same_optimizer(folder, saved["config"], run.config)
     module = acc.unwrap_model(run.model)
     if is_deepspeed(acc):  # the weights come back from DeepSpeed's fp32 masters, with its optimizer partitions
         load_deepspeed_state(acc, folder / DEEPSPEED_FOLDER)
     else:
-        load_trainable(module, trainable)
+        load_trainable(module, trainable, sharded=is_sharded(acc))
         load_optimizer(module, run.optimizer, saved["optimizer"])
     if run.dmd2 is not None:
         dmd2_task.load_state(run.dmd2, folder, run.config)
@@ -1198,14 +1206,36 @@ def resume(run: Run, folder: Path, state: TrainState) -> TrainState:
     if progress.get("processes", acc.num_processes) != acc.num_processes:  # the same global batch: the same steps
         resumable.add("gradient_accumulation_steps")
     changed = [k for k in now if k not in resumable and before.get(k, defaults[k]) != now[k]]
-    if changed:
+    kept = [k for k in changed if k in _KEPT_FROM_CHECKPOINT]
+    applied = [k for k in changed if k not in _KEPT_FROM_CHECKPOINT]
+    if applied:
         logger.warning(
             "resuming with changed settings (the run will not match an uninterrupted one): %s",
-            ", ".join(f"--{k} {before.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed),
+            ", ".join(f"--{k} {before.get(k, defaults[k])!r} -> {now[k]!r}" for k in applied),
+        )
+    if kept:
+        logger.warning(
+            "resuming: %s changed but NOT applied: the optimizer's settings and the LR schedule's base rates are "
+            "kept from the checkpoint (%s); to train with new ones, start a new run from the trained weights "
+            "(--lora_checkpoint for a LoRA)",
+            ", ".join(f"--{k}" for k in kept),
+            ", ".join(f"--{k} {before.get(k, defaults[k])!r}" for k in kept),
         )
     _warn_of_another_plan(run, progress)
     logger.info("resumed from %s: step %d, epoch %d", folder, progress["step"], progress["epoch"] + 1)
     return replace(state, step=progress["step"], epoch=progress["epoch"], batches_done=batches_done)
+
+
+def _check_same_optimizer(folder: Path, before: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """A checkpoint's optimizer state fits only the optimizer that wrote it (another one fails deep inside its
+    `load_state_dict`, e.g. Prodigy's missing group settings). Checkpoints without the record pass."""
+    there = before.get("optimizer")
+    if there is not None and there != cfg.optimizer:
+        raise ConfigError(
+            f"--resume {folder}: trained with --optimizer {there}, resumed with --optimizer {cfg.optimizer}; its "
+            f"saved optimizer state fits {there} only: resume with --optimizer {there}, or start a new run from "
+            "the trained weights (--lora_checkpoint for a LoRA)"
+        )
 
 
 def _resumed_position(run: Run, folder: Path, progress: Mapping[str, Any], before: Mapping[str, Any]) -> int:
