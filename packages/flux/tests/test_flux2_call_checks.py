@@ -155,3 +155,45 @@ def test_inpainting_with_a_schedule_reaching_zero_early_is_finite(tiny_klein_pip
         del tiny_klein_pipe.vae.decode
     assert torch.isfinite(decoded[0]).all()
     assert np.isfinite(out).all()
+
+
+def image_to_image(pipe, source, **kwargs) -> torch.Tensor:
+    """One step of image-to-image from `source`, sizes left to the pipeline unless given."""
+    options = {"denoising_strength": 0.5, "num_inference_steps": 1, "progress_bar": False, "seed": 0, **kwargs}
+    return pipe(CAPTIONS[0], input_image=source, output_type="pt", **options)
+
+
+def test_image_to_image_without_a_size_takes_the_input_image_size(tiny_klein_pipe, one_thread):
+    """As diffusers' Flux2KleinInpaintPipeline: not the 1024x1024 default, which stretched the input."""
+    source = random_image(96, 64, seed=3)
+    assert image_to_image(tiny_klein_pipe, source).shape[-2:] == (64, 96)
+    assert image_to_image(tiny_klein_pipe, source, height=48).shape[-2:] == (48, 96)
+    mask = Image.new("L", source.size, 255)
+    assert image_to_image(tiny_klein_pipe, source, inpaint_mask=mask, width=64).shape[-2:] == (64, 64)
+    # the input image decides ahead of a reference image
+    out = image_to_image(tiny_klein_pipe, source, edit_image=random_image(64, 64, seed=4))
+    assert out.shape[-2:] == (64, 96)
+
+
+def test_the_input_image_size_is_capped_and_cut_as_a_reference_is(tiny_klein_pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert tiny_klein_pipe.output_size(None, None, [Image.new("RGB", (2048, 1024))], []) == (720, 1440)
+        assert tiny_klein_pipe.output_size(None, None, [Image.new("RGB", (100, 70))], []) == (64, 96)
+    assert "input_image 100x70 used at 96x64" in caplog.text
+    assert tiny_klein_pipe.output_size(80, 48, [Image.new("RGB", (100, 70))], []) == (80, 48)
+    with pytest.raises(ConfigError, match="input_image, 10x40"):
+        tiny_klein_pipe.output_size(None, None, [Image.new("RGB", (10, 40))], [])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(edit_image=[random_image(W, H, seed=1), None]), r"edit_image\[1\] must be a file path"),
+        (dict(edit_image=[random_image(W, H, seed=1), np.zeros((H, W, 3), np.uint8)]), r"edit_image\[1\] .*ndarray"),
+        (dict(input_image=np.zeros((H, W, 3), np.uint8), denoising_strength=0.5), r"input_image must be a file"),
+        (dict(input_image=[random_image(W, H, seed=1), None], denoising_strength=0.5), r"input_image\[1\] must"),
+    ],
+)
+def test_bad_items_in_image_arguments_are_named(tiny_klein_pipe, kwargs, name):
+    with pytest.raises(ConfigError, match=name):
+        ours(tiny_klein_pipe, **kwargs)

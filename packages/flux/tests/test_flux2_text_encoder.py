@@ -301,13 +301,14 @@ def test_mistral_prompt_embeds_match_diffusers(tmp_path, mistral_tokenizer, side
     assert got.dtype == want.dtype
     assert (got - want).abs().max() <= 1e-6
 
-    # a short length truncates inside the system turn; other layers; a plain transformers encoder
+    # a short length truncates inside the prompt (after the 142-token system turn); other layers; a plain
+    # transformers encoder
     want = pipeline_flux2.Flux2Pipeline._get_mistral_3_small_prompt_embeds(
-        text_encoder=ref, tokenizer=mistral_tokenizer, prompt=PROMPTS[1], max_sequence_length=40,
+        text_encoder=ref, tokenizer=mistral_tokenizer, prompt=PROMPTS[1], max_sequence_length=150,
         hidden_states_layers=(1, 31),
     )  # fmt: skip
-    got = mistral_prompt_embeds(ref, mistral_tokenizer, PROMPTS[1], max_sequence_length=40, layers=(1, 31))
-    assert got.shape == (1, 40, 2 * 32)
+    got = mistral_prompt_embeds(ref, mistral_tokenizer, PROMPTS[1], max_sequence_length=150, layers=(1, 31))
+    assert got.shape == (1, 150, 2 * 32)
     assert (got - want).abs().max() <= 1e-6
 
 
@@ -342,6 +343,23 @@ def test_prompt_embeds_reject_bad_arguments(mistral_tokenizer):
         mistral_prompt_embeds(model, mistral_tokenizer, "a cat", max_sequence_length=0)
     with pytest.raises(ValueError, match="max_sequence_length"):
         qwen3_prompt_embeds(model, mistral_tokenizer, "a cat", max_sequence_length=True)
+
+
+def test_a_length_keeping_only_the_template_is_refused(mistral_tokenizer, qwen_tokenizer):
+    """A max_sequence_length ending inside the chat template (dev: its system turn, 142 tiny tokens; klein: the
+    5-token user header) would drop the prompt and give the same embeddings for every prompt."""
+    with pytest.raises(ConfigError, match=r"max_sequence_length=142 keeps none of prompt 1's.* > 142"):
+        mistral_prompt_embeds(None, mistral_tokenizer, ["", PROMPTS[0]], max_sequence_length=142)
+    with pytest.raises(ConfigError, match=r"max_sequence_length=5 keeps none of prompt 0's.* > 5"):
+        qwen3_prompt_embeds(None, qwen_tokenizer, PROMPTS[0], max_sequence_length=5)
+
+
+def test_a_length_keeping_part_of_the_prompt_or_an_empty_prompt_runs(mistral_tokenizer, qwen_tokenizer):
+    mistral = Mistral3TextEncoder(Mistral3Config(**tiny_mistral3_json(num_hidden_layers=2)).text_config)
+    assert mistral_prompt_embeds(mistral, mistral_tokenizer, PROMPTS[0], 143, layers=(1,)).shape == (1, 143, 32)
+    assert mistral_prompt_embeds(mistral, mistral_tokenizer, "", 100, layers=(1,)).shape == (1, 100, 32)
+    qwen = Qwen3TextEncoder(Qwen3Config(**tiny_qwen3_json(num_hidden_layers=2)))
+    assert qwen3_prompt_embeds(qwen, qwen_tokenizer, [PROMPTS[0], ""], 6, layers=(1,)).shape == (2, 6, 32)
 
 
 def test_load_mistral_tokenizer_takes_the_processor_chat_template(tmp_path, mistral_tokenizer):

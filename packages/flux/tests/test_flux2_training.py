@@ -125,7 +125,10 @@ def test_guidance_distilled_models_train_at_embedded_guidance_one(tmp_path):
     """FLUX.2-dev (guidance embedder, Mistral prompts): the task embeds 1.0, which the output depends on."""
     repo = with_settings(build_tiny_dev_repo(tmp_path / "src", seed=3), tmp_path / "FLUX.2-dev-tiny")
     configs, tokenizer = configs_from_folder(repo)
-    task = Flux2TrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu")
+    # past the tiny tokenizer's system turn (142 tokens), which a shorter length would keep alone (refused)
+    task = Flux2TrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu", max_sequence_length=192
+    )
     assert task.models["dit"].config.guidance_embed
     batch = task.collate(task.encode(rows()))
     noisy = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(2))

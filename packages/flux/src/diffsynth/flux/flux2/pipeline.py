@@ -199,7 +199,10 @@ class Flux2ImagePipeline(BasePipeline):
         when larger, cut to multiples of 16); without `height`/`width` the output takes the first one's
         size. `edit_image_auto_resize` (DiffSynth-Studio's argument) True scales each reference to about 1024x1024
         pixels of area (up or down, sides multiples of 32: `fit_to_area`), False keeps it as given (cut to
-        multiples of 16). `input_image` with `denoising_strength` < 1 is image-to-image; with `inpaint_mask` (a PIL "L" image
+        multiples of 16). `input_image` with `denoising_strength` < 1 is image-to-image; without `height`/`width` the
+        output takes the first input image's size (scaled down to 1024x1024 pixels of area when larger, cut to
+        multiples of 16, as diffusers' Flux2KleinInpaintPipeline), ahead of `edit_image`'s; a side given is kept.
+        With `inpaint_mask` (a PIL "L" image
         of its size, or one per input image; white = repaint) the rest of it is kept, the mask optionally
         blurred by `inpaint_blur_size` / `inpaint_blur_sigma` on the token grid (DiffSynth-Studio's arguments,
         `diffsynth.runtime.inpaint`). `latents` (or DiffSynth-Studio's `initial_noise`) is the initial
@@ -228,11 +231,9 @@ class Flux2ImagePipeline(BasePipeline):
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
         kv_cache = self.kv_cache_setting(use_kv_cache)
+        starts = self.load_input_images(input_image)
         references = self.load_edit_images(edit_image, edit_image_auto_resize)
-        if references:
-            height = height if height is not None else references[0].height
-            width = width if width is not None else references[0].width
-        height, width = self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
+        height, width = self.output_size(height, width, starts, references)
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
         if cfg_scale != 1.0 and self.step_distilled:
@@ -273,7 +274,7 @@ class Flux2ImagePipeline(BasePipeline):
             seed,
             rand_device,
             latents,
-            input_image,
+            starts,
             scheduler,
             tiled,
             tile_size,
@@ -282,10 +283,7 @@ class Flux2ImagePipeline(BasePipeline):
         refs = self.encode_references(references, tiled, tile_size, tile_stride) if references else None
         repaint = None
         if inpaint_mask is not None:
-            images = [
-                load_image(im) for im in (input_image if isinstance(input_image, (list, tuple)) else [input_image])
-            ]
-            repaint = mask_grid(inpaint_mask, images, len(prompts), (height // 16, width // 16), self.device, blur)
+            repaint = mask_grid(inpaint_mask, starts, len(prompts), (height // 16, width // 16), self.device, blur)
 
         # 3. denoise
         self.load_models_to_device(["dit"])
@@ -370,18 +368,53 @@ class Flux2ImagePipeline(BasePipeline):
             )
         return embeds.to(self.device)
 
+    @staticmethod
+    def load_input_images(input_image) -> list[Image.Image] | None:
+        """`input_image` (one image or a list; paths or PIL images) read as RGB, each bad item named."""
+        if input_image is None:
+            return None
+        if not isinstance(input_image, (list, tuple)):
+            return [load_image(input_image, name="input_image")]
+        return [load_image(image, name=f"input_image[{i}]") for i, image in enumerate(input_image)]
+
+    def output_size(self, height, width, starts, references) -> tuple[int, int]:
+        """The checked `(height, width)`: the call's; a side not given comes from the first input image (at the size a
+        reference is used at: `reference_size`, cut to multiples of 16, as diffusers' Flux2KleinInpaintPipeline),
+        else from the first reference image; else the preset's, else 1024."""
+        if starts:
+            image_w, image_h = starts[0].size
+            size_w, size_h = reference_size(image_w, image_h)
+            size_w, size_h = size_w // 16 * 16, size_h // 16 * 16
+            if (height is None or width is None) and (size_w, size_h) != (image_w, image_h):
+                logger.warning(
+                    "input_image %dx%d used at %dx%d (at most 1024x1024 pixels of area, multiples of 16); "
+                    "give height and width for another size",
+                    image_w, image_h, size_w, size_h,
+                )  # fmt: skip
+            height, width = height if height is not None else size_h, width if width is not None else size_w
+            try:
+                return self.check_size(height, width)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{exc} (from the size of input_image, {image_w}x{image_h}; give height and width)"
+                ) from None
+        if references:
+            height = height if height is not None else references[0].height
+            width = width if width is not None else references[0].width
+        return self.check_size(self.setting("height", height, 1024), self.setting("width", width, 1024))
+
     def prepare_latents(
-        self, batch, height, width, seed, rand_device, latents, input_image, scheduler, tiled, tile_size, tile_stride
+        self, batch, height, width, seed, rand_device, latents, input_images, scheduler, tiled, tile_size, tile_stride
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The starting latents, and the input image's clean latents (None without one)."""
+        """The starting latents, and the input images' clean latents (None without any); `input_images` are
+        loaded RGB images (`load_input_images`), resized to the output size."""
         shape = (batch, self.dit.config.in_channels, height // 16, width // 16)
         noise = (
             self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
         )
-        if input_image is None:
+        if input_images is None:
             return noise, None
-        images = input_image if isinstance(input_image, (list, tuple)) else [input_image]
-        images = [load_image(im).resize((width, height), Image.LANCZOS) for im in images]
+        images = [image.resize((width, height), Image.LANCZOS) for image in input_images]
         if len(images) not in (1, batch):
             raise ConfigError(f"input_image has {len(images)} images for {batch} prompts; give one or one per prompt")
         clean = self.vae_encode(images, tiled, tile_size, tile_stride)
@@ -404,7 +437,7 @@ class Flux2ImagePipeline(BasePipeline):
         items = list(edit_image) if isinstance(edit_image, (list, tuple)) else [edit_image]
         images = []
         for i, item in enumerate(items):
-            image = load_image(item)
+            image = load_image(item, name=f"edit_image[{i}]" if isinstance(edit_image, (list, tuple)) else "edit_image")
             w, h = image.size
             if min(w, h) < REFERENCE_MIN_SIDE:
                 raise ConfigError(f"edit_image[{i}] is {w}x{h}; both sides need at least {REFERENCE_MIN_SIDE} pixels")

@@ -65,6 +65,37 @@ def _check_length(max_sequence_length) -> None:
         raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")
 
 
+def _token_lists(ids) -> list[list[int]]:
+    return [list(row) for row in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+
+
+def _prompt_span(ids: list[int], empty: list[int]) -> tuple[int, int]:
+    """Where a prompt's own tokens lie in its rendered chat `ids`: between what it shares with the chat of an
+    empty prompt `empty` at the start and at the end (the template: FLUX.2-dev's system turn, the chat markers)."""
+    start = 0
+    while start < min(len(ids), len(empty)) and ids[start] == empty[start]:
+        start += 1
+    tail = 0
+    while tail < len(empty) - start and len(ids) - tail > start and ids[-1 - tail] == empty[-1 - tail]:
+        tail += 1
+    return start, len(ids) - tail
+
+
+def _check_prompts_kept(ids: list[list[int]], empty: list[int], max_sequence_length: int, side: str) -> None:
+    """Refuse a `max_sequence_length` that cuts away all of a prompt's own tokens, keeping only the template:
+    the prompt would silently change nothing. `ids` are the untruncated chats, `side` the tokenizer's
+    truncation side."""
+    for i, row in enumerate(ids):
+        start, end = _prompt_span(row, empty)
+        first = len(row) - max_sequence_length if side == "left" else 0
+        if start < end and (end <= first or start >= first + max_sequence_length):
+            raise ConfigError(
+                f"max_sequence_length={max_sequence_length} keeps none of prompt {i}'s own tokens: the chat template "
+                f"(with FLUX.2-dev's system prompt) alone takes {len(empty)} tokens, {start} of them before the "
+                f"prompt; use max_sequence_length > {start} (the whole chat of this prompt is {len(row)} tokens)"
+            )
+
+
 def _stacked_states(encoder, input_ids, attention_mask, layers: Sequence[int], dtype, device) -> torch.Tensor:
     """Hidden states of `layers` concatenated per token: `[B, L, len(layers) * hidden]`, layer-major."""
     layers = tuple(layers)
@@ -139,7 +170,8 @@ def mistral_prompt_embeds(
     Pixtral processor (`AutoProcessor`, needs torchvision): both render the processor's chat template
     into the same ids. `encoder` is our `Mistral3TextEncoder` or any transformers model
     returning `hidden_states`. Inputs and result go to `device` (default: the encoder's weights);
-    the result keeps the dtype the encoder computes in unless `dtype` is given.
+    the result keeps the dtype the encoder computes in unless `dtype` is given. A `max_sequence_length` that
+    leaves none of a prompt's own tokens after the system turn is a ConfigError naming the length it needs.
     """
     prompts = _prompt_list(prompts)
     _check_length(max_sequence_length)
@@ -158,6 +190,11 @@ def mistral_prompt_embeds(
         truncation=True,
         max_length=max_sequence_length,
     )
+    full = tokenizer.apply_chat_template(
+        mistral_chat([*prompts, ""], system_message), add_generation_prompt=False, tokenize=True, return_dict=True
+    )
+    *ids, empty = _token_lists(full["input_ids"])
+    _check_prompts_kept(ids, empty, max_sequence_length, getattr(tokenizer, "truncation_side", "right"))
     return _stacked_states(encoder, batch["input_ids"], batch["attention_mask"], layers, dtype, device)
 
 
@@ -185,17 +222,16 @@ def qwen3_prompt_embeds(
     """FLUX.2-klein prompt embeddings `[B, max_sequence_length, 3 x hidden]` from Qwen3 (`AutoTokenizer`).
 
     `encoder` is the runtime's `Qwen3TextEncoder` or any transformers model returning
-    `hidden_states`; `device` and `dtype` as in `mistral_prompt_embeds`.
+    `hidden_states`; `device` and `dtype` as in `mistral_prompt_embeds`, and so is a too short `max_sequence_length`.
     """
     prompts = _prompt_list(prompts)
     _check_length(max_sequence_length)
+    chats = qwen3_chat(tokenizer, [*prompts, ""])
     batch = tokenizer(
-        qwen3_chat(tokenizer, prompts),
-        return_tensors="pt",
-        padding="max_length",
-        truncation=True,
-        max_length=max_sequence_length,
+        chats[:-1], return_tensors="pt", padding="max_length", truncation=True, max_length=max_sequence_length
     )
+    *ids, empty = _token_lists(tokenizer(chats)["input_ids"])
+    _check_prompts_kept(ids, empty, max_sequence_length, getattr(tokenizer, "truncation_side", "right"))
     return _stacked_states(encoder, batch["input_ids"], batch["attention_mask"], layers, dtype, device)
 
 
