@@ -183,6 +183,7 @@ def test_only_missing_shards_are_downloaded(repo, monkeypatch):
     ((source, model_id, local_dir, allow, ignore),) = calls
     assert (source, model_id, local_dir, allow) == ("modelscope", "Org/Model", str(repo), ["transformer/*"])
     assert sorted(ignore) == [
+        "transformer/*/*",  # what "transformer/*" matches locally: no deeper files
         "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
         "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
         "transformer/diffusion_pytorch_model.safetensors.index.json",
@@ -261,6 +262,7 @@ REMOTE = {
     "full_model/diffusion_pytorch_model.safetensors": b"big",
     "checkpoints/step-1000/lora.safetensors": b"old",
     "vae/diffusion_pytorch_model.safetensors": b"vae",
+    "vae/old/diffusion_pytorch_model.safetensors": b"old vae",
 }
 
 
@@ -301,7 +303,7 @@ def test_a_root_pattern_downloads_root_files_only(tmp_path, fake_hub):
     )
     mixed.resolve()
     assert downloaded(tmp_path / "Org" / "Mixed") == ["config.json", "vae/diffusion_pytorch_model.safetensors"]
-    assert fake_hub[-2:] == [(["vae/*.safetensors"], None), (["*.json"], ["*/*"])]
+    assert fake_hub[-2:] == [(["vae/*.safetensors"], ["vae/*/*"]), (["*.json"], ["*/*"])]
 
 
 @pytest.mark.parametrize("pattern", [None, "", ".", "./", ["./"]])
@@ -331,3 +333,132 @@ def test_a_tilde_in_paths_is_the_home_folder(tmp_path, monkeypatch, no_network):
     assert ModelConfig(model_id="Org/M", origin_file_pattern="a.safetensors").resolve() == expected
     assert ModelConfig(path="~/models/Org/M/a.safetensors").resolve() == expected
     assert ModelConfig(path=["~/models/Org/M/a.safetensors"]).resolve() == expected
+
+
+def test_a_subfolder_pattern_downloads_that_folder_s_files_only(tmp_path, fake_hub):
+    """ "vae/*.safetensors" also brought vae/old/... (the hubs' '*' crosses '/'), which the local glob never uses."""
+    config = ModelConfig(model_id="Org/Vae", origin_file_pattern="vae/*.safetensors", local_model_path=str(tmp_path))
+    assert config.resolve() == [str(tmp_path / "Org" / "Vae" / "vae" / "diffusion_pytorch_model.safetensors")]
+    assert downloaded(tmp_path / "Org" / "Vae") == ["vae/diffusion_pytorch_model.safetensors"]
+    assert fake_hub == [(["vae/*.safetensors"], ["vae/*/*"])]
+    both = ["vae/*.safetensors", "vae/old/*.safetensors"]  # the deeper one must not be ignored by the first
+    ModelConfig(model_id="Org/Both", origin_file_pattern=both, local_model_path=str(tmp_path)).resolve()
+    assert downloaded(tmp_path / "Org" / "Both") == [
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/old/diffusion_pytorch_model.safetensors",
+    ]
+
+
+def test_a_modelscope_incomplete_file_is_no_download(repo, monkeypatch):
+    """ModelScope writes `<file>.incomplete` while downloading: "transformer/*.safetensors*" matched it, so the
+    cut-off download counted as done, and a stale shard's .incomplete invented a shard set."""
+    transformer = repo / "transformer"
+    for shard in transformer.glob("*-of-00003.safetensors"):
+        (transformer / (shard.name + ".incomplete")).write_bytes(b"stale")
+    config = ModelConfig(
+        model_id="Org/Model", origin_file_pattern="transformer/*.safetensors*", local_model_path=str(repo.parents[1])
+    )
+    config.skip_download = True
+    assert sorted(Path(p).name for p in config.resolve()) == sorted(
+        p.name for p in transformer.glob("*") if not p.name.endswith(".incomplete")
+    )
+    (repo / "vae" / "diffusion_pytorch_model.safetensors").rename(repo / "vae" / "model.safetensors.incomplete")
+    calls = []
+
+    def fake_download(source, model_id, local_dir, allow, ignore):
+        calls.append(allow)
+        (Path(local_dir) / "vae" / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(hub, "_download", fake_download)
+    vae = ModelConfig(
+        model_id="Org/Model", origin_file_pattern="vae/*.safetensors*", local_model_path=str(repo.parents[1])
+    )
+    assert vae.resolve() == [str(repo / "vae" / "model.safetensors")] and calls == [["vae/*.safetensors*"]]
+
+
+@pytest.mark.parametrize("pattern", ["tokenizer/", None])
+def test_an_interrupted_folder_download_is_resumed(tmp_path, monkeypatch, pattern):
+    """A folder (or whole repo) counted as present once any file was there: a download cut off between files was
+    never completed. Our pending marker tells it from a folder copied by hand."""
+    remote = {"tokenizer/tokenizer.json": b"{}", "tokenizer/vocab.json": b"{}", "tokenizer/merges.txt": b"x"}
+    calls = []
+
+    def cut_off(source, model_id, local_dir, allow, ignore):
+        calls.append(ignore)
+        (Path(local_dir) / "tokenizer").mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / "tokenizer" / "tokenizer.json").write_bytes(b"{}")
+        raise ConnectionError("connection reset")
+
+    def complete(source, model_id, local_dir, allow, ignore):
+        calls.append(ignore)
+        for name, data in remote.items():
+            if name not in (ignore or []):
+                (Path(local_dir) / name).write_bytes(data)
+
+    root = tmp_path / "Org" / "Tok"
+    monkeypatch.setattr(hub, "_download", cut_off)
+    config = ModelConfig(model_id="Org/Tok", origin_file_pattern=pattern, local_model_path=str(tmp_path))
+    with pytest.raises(CheckpointError, match="connection reset"):
+        config.resolve()
+    config.skip_download = True
+    with pytest.raises(CheckpointError, match="not fully downloaded .*download marker"):
+        config.resolve()
+    config.skip_download = False
+    monkeypatch.setattr(hub, "_download", complete)
+    assert config.resolve() == [str(root / "tokenizer" if pattern else root)]
+    assert calls[-1] == ["tokenizer/tokenizer.json"]  # the present file is not fetched again
+    assert downloaded(root) == sorted(remote)  # the marker is gone
+    config.resolve()
+    assert len(calls) == 2
+
+
+def test_a_folder_copied_by_hand_is_used_as_is_but_temp_files_mean_cut_off(repo, monkeypatch, no_network):
+    config = ModelConfig(model_id="Org/Model", origin_file_pattern="tokenizer/", local_model_path=str(repo.parents[1]))
+    assert config.resolve() == [str(repo / "tokenizer")]  # no marker: no network asked
+    (repo / "tokenizer" / "vocab.json.incomplete").write_bytes(b"x")
+    config.skip_download = True
+    with pytest.raises(CheckpointError, match="not fully downloaded .*vocab.json.incomplete"):
+        config.resolve()
+
+
+def test_markers_of_pending_downloads_are_not_loaded(repo):
+    """A whole-repo config returns the folder: the marker folder of another pattern's cut-off download is no file
+    the loader reads."""
+    from safetensors.torch import save_file
+
+    from diffsynth.runtime.checkpoint import weight_files
+
+    save_file({"w": torch.zeros(2)}, str(repo / "model.safetensors"))
+    whole = ModelConfig(model_id="Org/Model", local_model_path=str(repo.parents[1]), skip_download=True)
+    ModelConfig(
+        model_id="Org/Model", origin_file_pattern="text_encoder/", local_model_path=str(repo.parents[1])
+    )._mark_pending(["text_encoder/"])
+    assert list((repo / hub.MARKER_FOLDER).iterdir())
+    assert whole.resolve() == [str(repo)]
+    assert weight_files(whole.resolve()) == [str(repo / "model.safetensors")]
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "model_id", "asked"),
+    [
+        ("huggingface", "huggingface_hub", "PAI/Wan2.1-Fun-1.3B-InP", "alibaba-pai/Wan2.1-Fun-1.3B-InP"),
+        ("huggingface", "huggingface_hub", "pai/X", "alibaba-pai/X"),
+        ("huggingface", "huggingface_hub", "alibaba-pai/X", "alibaba-pai/X"),  # Z-Image's CONTROLNET_FILES names
+        ("modelscope", "modelscope", "PAI/Wan2.1-Fun-1.3B-InP", "PAI/Wan2.1-Fun-1.3B-InP"),
+    ],
+)
+def test_modelscope_org_ids_are_renamed_for_hugging_face(tmp_path, monkeypatch, source, module, model_id, asked):
+    """`PAI/...` (ModelScope) is `alibaba-pai/...` on Hugging Face; the local folder keeps the id as given."""
+    seen = []
+
+    def snapshot_download(*args, **kwargs):
+        seen.append(kwargs.get("repo_id") or kwargs.get("model_id") or args[0])
+        raise OSError("offline")
+
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(snapshot_download=snapshot_download))
+    config = ModelConfig(
+        model_id=model_id, origin_file_pattern="*.safetensors", local_model_path=str(tmp_path), download_source=source
+    )
+    with pytest.raises(CheckpointError, match=f"downloading '{asked}'"):
+        config.resolve()
+    assert seen == [asked] and config.local_folder == str(tmp_path / model_id)

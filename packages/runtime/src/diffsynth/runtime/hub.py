@@ -3,14 +3,21 @@
 Files live under `local_model_path/model_id/` (as DiffSynth-Studio lays them out), so a folder
 filled once works offline. Downloads go through modelscope (default) or huggingface_hub, imported
 only when something is missing; a shard set is complete only when every shard its `*.index.json`
-(or its `-0000i-of-0000N` names) lists is present.
+(or its `-0000i-of-0000N` names) lists is present. Hub temp files (a ModelScope `*.incomplete`, anything under
+`.cache/`) never count as present; a folder or whole-repo pattern whose download was cut off (its pending marker
+under `.diffsynth_download/` is still there, or temp files lie in it) is fetched again.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import hashlib
 import logging
 import os
+import posixpath
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,12 @@ VRAM_KEYS = (
     "computation_device",
 )
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+MARKER_FOLDER = ".diffsynth_download"  # a dot folder: loaders and globs skip it
+# folders the hubs (and we) keep bookkeeping in: nothing under them is a model file
+HUB_FOLDERS = (".cache", "._____temp", MARKER_FOLDER)
+HUB_TEMP_SUFFIXES = (".incomplete", ".parallel_tmp", ".tmp")  # files still being written by a hub client
+# orgs spelled differently on a hub than on ModelScope (the local folder keeps the id as given, as DiffSynth-Studio)
+HUB_ORGS = {"huggingface": {"pai": "alibaba-pai"}}
 
 
 @dataclass
@@ -152,23 +165,62 @@ class ModelConfig:
         found: dict[str, list[str]] = {}
         for pattern in patterns:
             if not pattern:
-                hits = [root] if os.path.isdir(root) and os.listdir(root) else []
+                hits = [root] if _finished_files(root, root) else []
             elif pattern.endswith("/"):
                 hits = [h.rstrip("/\\") for h in glob.glob(os.path.join(glob.escape(root), pattern))]
-                hits = [h for h in hits if os.path.isdir(h) and os.listdir(h)]
+                hits = [h for h in hits if not _is_hub_file(h, root) and _finished_files(h, root)]
             else:
                 hits = glob.glob(os.path.join(glob.escape(root), pattern))
+                hits = [h for h in hits if not _is_hub_file(h, root)]
             found[pattern] = sorted(hits)
         return found
 
     def _gaps(self, patterns: list[str], found: dict[str, list[str]]) -> list[str]:
         """What is missing: patterns with no match, then shards missing beside the matches."""
         gaps = [f"no match for {p!r}" for p in patterns if not found[p]]
+        gaps += [f"{p or 'the whole repo'!r} was not fully downloaded ({why})" for p, why in self._cut_off(found)]
         files = []
         for hits in found.values():
             for hit in hits:
-                files += [str(f) for f in Path(hit).iterdir() if f.is_file()] if os.path.isdir(hit) else [hit]
+                if os.path.isdir(hit):
+                    files += [str(f) for f in Path(hit).iterdir() if f.is_file() and not _is_hub_file(f, hit)]
+                else:
+                    files.append(hit)
         return gaps + [f"missing shard {m}" for m in missing_shards(files)]
+
+    def _cut_off(self, found: dict[str, list[str]]) -> list[tuple[str, str]]:
+        """(pattern, why) for present folder / whole-repo patterns whose download was interrupted: our pending
+        marker is still there, or hub temp files lie in them. A folder without either (copied by hand) is kept."""
+        cut = []
+        for pattern, hits in found.items():
+            if not hits or not _is_folder_pattern(pattern):
+                continue
+            marker = self._marker(pattern)
+            temps = [t for hit in hits for t in _hub_temp_files(hit, self.local_folder)]
+            if os.path.isfile(marker):
+                cut.append(
+                    (pattern, f"the download marker {marker} is still there: delete it if the files are complete")
+                )
+            elif temps:
+                cut.append((pattern, f"hub temp file {temps[0]}"))
+        return cut
+
+    def _marker(self, pattern: str) -> str:
+        """Where the pending-download marker of a folder / whole-repo pattern lives."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", pattern).strip("_.") or "whole_repo"
+        digest = hashlib.sha1(pattern.encode()).hexdigest()[:8]
+        return os.path.join(self.local_folder, MARKER_FOLDER, f"{slug}-{digest}.pending")
+
+    def _mark_pending(self, patterns: list[str]) -> list[str]:
+        """Write (atomically) the pending markers of `patterns`; removed once the hub call succeeds."""
+        markers = [self._marker(p) for p in patterns]
+        for marker in markers:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(marker), suffix=".tmp")
+            with os.fdopen(fd, "w") as out:
+                out.write(f"{self.model_id}\n")
+            os.replace(tmp, marker)
+        return markers
 
     def _fetch(self, patterns: list[str], found: dict[str, list[str]]) -> None:
         root = self.local_folder
@@ -177,28 +229,37 @@ class ModelConfig:
         present = []
         for hits in found.values():
             for hit in hits:
-                targets = [f for f in Path(hit).rglob("*") if f.is_file()] if os.path.isdir(hit) else [Path(hit)]
+                targets = _finished_files(hit, root) if os.path.isdir(hit) else [Path(hit)]
                 present += [glob.escape(f.relative_to(root).as_posix()) for f in targets]
+        # folder / whole-repo patterns not complete now: marked pending until the hub calls succeed
+        cut_off = {p for p, _ in self._cut_off(found)}
+        pending = [p for p in patterns if _is_folder_pattern(p) and (not found[p] or p in cut_off)]
+        hub_id = _hub_id(self.download_source, self.model_id)
         logger.info(
             "fetching %s %s from %s into %s (%d files already there)",
-            self.model_id,
+            hub_id,
             allow or "(whole repo)",
             self.download_source,
             root,
             len(present),
         )
+        markers = self._mark_pending(pending)
         try:
             for allow_patterns, ignore in calls:
                 ignore_patterns = sorted(set(present)) + ignore
-                _download(self.download_source, self.model_id, root, allow_patterns, ignore_patterns or None)
+                _download(self.download_source, hub_id, root, allow_patterns, ignore_patterns or None)
         except DiffSynthError:
             raise
         except Exception as exc:  # network, auth, unknown repo: one clear message
+            other = _other(self.download_source)
+            asked = f" (model_id {self.model_id!r})" if hub_id != self.model_id else ""
             raise CheckpointError(
-                f"downloading {self.model_id!r} ({allow or 'whole repo'}) from {self.download_source} failed: "
+                f"downloading {hub_id!r}{asked} ({allow or 'whole repo'}) from {self.download_source} failed: "
                 f"{type(exc).__name__}: {exc}. Check model_id and your connection, try "
-                f"download_source='{_other(self.download_source)}', or set {ENV_SKIP_DOWNLOAD}=1 to use local files only"
+                f"download_source='{other}' (asks it for {_hub_id(other, self.model_id)!r}), or set "
+                f"{ENV_SKIP_DOWNLOAD}=1 to use local files only"
             ) from exc
+        _clear_markers(markers)
 
     def _gap_message(self, gaps: list[str]) -> str:
         head = (
@@ -235,6 +296,49 @@ def _download(source: str, model_id: str, local_dir: str, allow_patterns, ignore
         )
 
 
+def _hub_id(source: str, model_id: str) -> str:
+    """The repo id `source` knows `model_id` by (ModelScope's `PAI/...` is `alibaba-pai/...` on Hugging Face)."""
+    org, slash, name = model_id.partition("/")
+    renamed = HUB_ORGS.get(source, {}).get(org.lower())
+    return f"{renamed}/{name}" if slash and renamed else model_id
+
+
+def _is_folder_pattern(pattern: str) -> bool:
+    return not pattern or pattern.endswith("/")
+
+
+def _is_hub_file(path, root) -> bool:
+    """A hub client's bookkeeping or unfinished file (or folder), never a model file."""
+    parts = Path(os.path.relpath(path, root)).parts
+    return any(part in HUB_FOLDERS for part in parts) or parts[-1].endswith(HUB_TEMP_SUFFIXES)
+
+
+def _finished_files(folder, root) -> list[Path]:
+    """The finished files under `folder` (hub bookkeeping and temp files left out)."""
+    if not os.path.isdir(folder):
+        return []
+    return [f for f in Path(folder).rglob("*") if f.is_file() and not _is_hub_file(f, root)]
+
+
+def _hub_temp_files(folder, root) -> list[str]:
+    """Unfinished downloads under `folder`, and those Hugging Face keeps for it under `root/.cache/`."""
+    places = [Path(folder)]
+    relative = os.path.relpath(folder, root)
+    places.append(Path(root, ".cache", "huggingface", "download", "" if relative == "." else relative))
+    files = [f for place in places if place.is_dir() for f in place.rglob("*") if f.is_file()]
+    return sorted(str(f) for f in files if f.name.endswith(HUB_TEMP_SUFFIXES) or "._____temp" in f.parts)
+
+
+def _clear_markers(markers: list[str]) -> None:
+    for marker in markers:
+        Path(marker).unlink(missing_ok=True)
+    if markers:
+        try:
+            os.rmdir(os.path.dirname(markers[0]))  # only when empty: another pattern may still be pending
+        except OSError:
+            pass
+
+
 def _strip_dot(pattern: str) -> str:
     while pattern.startswith("./"):
         pattern = pattern[2:]
@@ -242,12 +346,17 @@ def _strip_dot(pattern: str) -> str:
 
 
 def _download_calls(patterns: list[str]) -> list[tuple[list[str], list[str]]]:
-    """(allow_patterns, extra ignore_patterns) per hub call. Locally a pattern without '/' matches root files only
-    (glob), but both hubs match allow patterns with fnmatch, where '*' crosses '/': such patterns go in a call
-    that ignores every file below a subfolder ("*/*"), so "*.safetensors" brings the root files only."""
-    nested = [p + "*" if p.endswith("/") else p for p in patterns if "/" in p]
+    """(allow_patterns, extra ignore_patterns) per hub call. Locally a glob's '*' stays in one folder, but both hubs
+    match allow patterns with fnmatch, where '*' crosses '/': a pattern without '/' goes in a call ignoring every
+    file below a subfolder ("*/*"), and `dir/glob` (no '**') in one ignoring `dir/*/*`, so each brings the files
+    it matches locally only. Folder patterns ("dir/": all of it) and '**' patterns go in a call without these."""
+    flat = [p for p in patterns if "/" in p and not p.endswith("/") and "**" not in p]
+    deeper = {p: posixpath.dirname(p) + "/*/*" for p in flat}
+    flat = [p for p in flat if not any(fnmatch.fnmatch(p, deeper[q]) for q in flat if q != p)]
+    rest = [p + "*" if p.endswith("/") else p for p in patterns if "/" in p and p not in flat]
     root = [p for p in patterns if "/" not in p]
-    return [(allow, ignore) for allow, ignore in ((nested, []), (root, ["*/*"])) if allow]
+    calls = ((flat, sorted({deeper[p] for p in flat})), (rest, []), (root, ["*/*"]))
+    return [(allow, ignore) for allow, ignore in calls if allow]
 
 
 def _other(source: str) -> str:
