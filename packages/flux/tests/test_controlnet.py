@@ -336,6 +336,37 @@ def test_controlnet_inputs_without_a_controlnet_are_refused(tiny_pipe):
         _run(tiny_pipe, [ControlNetInput(image=_image())], steps=1)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(hidden_size=128, num_heads=1), "hidden_size is 128, the DiT's hidden_size is 256"),
+        (dict(context_in_dim=48), "context_in_dim is 48, the DiT's context_in_dim is 32"),
+        (dict(vec_in_dim=16), "vec_in_dim is 16, the DiT's vec_in_dim is 32"),
+    ],
+)
+def test_a_controlnet_that_does_not_fit_the_dit_is_refused_at_load(
+    tiny_pipe, tiny_configs, tmp_path, overrides, message
+):
+    """Named by its file at load, not by a shape error from the DiT's blocks at the first step; nothing joins."""
+    folder = write_controlnet_folder(
+        tmp_path / "net", make_controlnet(repo_controlnet_config(tiny_configs["dit"], **overrides)), None
+    )
+    before = len(tiny_pipe.controlnets())
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'net'}.* does not fit the DiT: the ControlNet's {message}"):
+        tiny_pipe.load_controlnet(str(folder))
+    assert len(tiny_pipe.controlnets()) == before
+
+
+def test_union_mode_may_be_a_numpy_integer():
+    from types import SimpleNamespace
+
+    from diffsynth.flux.pipeline import _control_mode
+
+    union = SimpleNamespace(is_union=True, config=SimpleNamespace(num_modes=4))
+    mode = _control_mode(union, np.int64(1), "controlnet_inputs[0]")
+    assert mode == 1 and type(mode) is int
+
+
 def test_unknown_controlnet_source_is_refused(tiny_pipe):
     with pytest.raises(ConfigError, match="neither an existing file"):
         tiny_pipe.load_controlnet("no/such/thing")

@@ -19,6 +19,7 @@ from diffsynth.flux.flux1.redux import (
     FLUX_REDUX_SPEC,
     FluxReduxConfig,
     FluxReduxEmbedder,
+    check_scales,
     config_from_state,
     load_redux_model,
 )
@@ -228,8 +229,18 @@ def test_images_without_redux_are_refused(tiny_pipe):
 def test_bad_scales_are_refused(pipe):
     with pytest.raises(ConfigError, match="flux_redux_scale has 1 values for 2"):
         _run(pipe, flux_redux_image=IMAGES, flux_redux_scale=[0.5])
-    with pytest.raises(ConfigError, match="flux_redux_pooled_scale='high' must be a number"):
+    with pytest.raises(ConfigError, match="flux_redux_pooled_scale='high' must be a finite number"):
         _run(pipe, flux_redux_image=IMAGES[0], flux_redux_pooled_scale="high")
+
+
+def test_scales_must_be_finite_numbers_named_per_item():
+    """NaN / inf scales would make the Redux tokens, so the whole image, NaN; numpy scalars are numbers."""
+    with pytest.raises(ConfigError, match="flux_redux_scale=nan must be a finite number"):
+        check_scales(float("nan"), 2, "flux_redux_scale")
+    with pytest.raises(ConfigError, match=r"flux_redux_pooled_scale\[1\]=inf must be a finite number"):
+        check_scales([0.5, float("inf")], 2, "flux_redux_pooled_scale")
+    assert check_scales(np.float32(0.5), 2, "flux_redux_scale") == [0.5, 0.5]
+    assert check_scales([np.float64(0.25), 1], 2, "flux_redux_scale") == [0.25, 1.0]
 
 
 def test_wrong_sources_are_refused_with_what_is_accepted(tiny_pipe, files):

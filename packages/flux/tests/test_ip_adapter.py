@@ -347,6 +347,20 @@ def test_instantx_pipeline_runs_and_scale_zero_changes_nothing(pipe, encoders, t
     assert (one - other).abs().max().item() > 1e-3
 
 
+def test_ipadapter_scale_must_be_a_finite_number(pipe, encoders, tmp_path):
+    """NaN / inf would make every IP key and value, so the whole image, NaN; a numpy scalar is a number."""
+    d = pipe.dit.config
+    cfg = tiny_adapter_config(
+        image_embed_dim=32, hidden_size=d.hidden_size, double_blocks=d.depth, single_blocks=d.depth_single_blocks
+    )
+    path = _instantx_file(make_adapter(cfg, seed=7), tmp_path / "ip-adapter.bin")
+    pipe.load_ip_adapter(str(path), image_encoder=str(encoders["siglip"]))
+    for scale in (float("nan"), float("inf"), "0.8"):
+        with pytest.raises(ConfigError, match=f"ipadapter_scale={scale!r} must be a finite number"):
+            pipe.check_ip_adapter_inputs([_image(3)], scale)
+    assert len(pipe.check_ip_adapter_inputs([_image(3)], np.float32(0.8))) == 1
+
+
 def test_first_block_cache_with_an_ip_adapter(pipe, encoders, tmp_path, one_thread):
     """The adapter's keys/values reach the first block; with true CFG (zero-image keys on the negative
     branch) both branches run as one batch, one DiT call per step."""

@@ -302,8 +302,12 @@ def test_errors_name_the_argument(tiny_repo, tmp_path):
     with pytest.raises(ConfigError, match="1 double and 3 single blocks"):
         pipe.load_lora_fusion(str(write_model(other, tmp_path / "other.safetensors")))
     pipe.load_lora_encoder(str(write_model(tiny_encoder(seed=1, dim=32, head_dim=16), tmp_path / "e.safetensors")))
+    lora = str(write_lora(pipe, tmp_path / "l.safetensors", 1))
     with pytest.raises(ConfigError, match="lora_encoder_scale"):
-        pipe("a", lora_encoder_inputs=str(write_lora(pipe, tmp_path / "l.safetensors", 1)), lora_encoder_scale="x")
+        pipe("a", lora_encoder_inputs=lora, lora_encoder_scale="x")
+    for scale in (float("nan"), float("inf")):  # else the appended tokens, so the image, are NaN
+        with pytest.raises(ConfigError, match=f"lora_encoder_scale={scale!r} must be a finite number"):
+            pipe("a", lora_encoder_inputs=lora, lora_encoder_scale=scale, **{**RUN, "num_inference_steps": 1})
     assert LORA_ENCODER_SPEC.role == "lora_encoder" and LORA_FUSION_SPEC.role == "lora_fusion"
 
 

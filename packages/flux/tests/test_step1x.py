@@ -517,6 +517,9 @@ def _to_pil(tensor):
         ({"negative_prompt": 3}, "negative_prompt must be a string"),
         ({"output_type": "latent"}, "output_type='latent'"),
         ({"prompt": "  "}, "prompt must be a non-empty string"),
+        ({"cfg_scale": float("nan")}, "cfg_scale=nan must be a finite number"),  # else an all-NaN image
+        ({"cfg_scale": float("inf")}, "cfg_scale=inf must be a finite number"),
+        ({"cfg_scale": "6"}, "cfg_scale='6' must be a finite number"),
     ],
 )
 def test_bad_calls_name_the_argument(step1x_pipe, kwargs, message):

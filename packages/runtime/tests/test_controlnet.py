@@ -67,6 +67,15 @@ def test_checked_inputs_refuse_non_finite_numbers(field, value):
         checked_inputs([ControlNetInput(), ControlNetInput(**{field: value})], 2, "load one")
 
 
+def test_checked_inputs_take_numpy_numbers():
+    """A scale or bound read from a numpy array is a number like any other."""
+    np = pytest.importorskip("numpy")
+    (checked,) = checked_inputs(
+        [ControlNetInput(scale=np.float32(0.5), start=np.float64(0.25), end=np.int64(1))], 1, ""
+    )
+    assert (float(checked.scale), float(checked.start), float(checked.end)) == (0.5, 0.25, 1.0)
+
+
 def _active(item: ControlNetInput, steps: int) -> list[int]:
     (checked,) = checked_inputs([item], 1, "")
     return [i for i in range(steps) if acts_at(checked.start, checked.end, i, steps)]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -60,6 +61,7 @@ from diffsynth.runtime.media import eight_bit, load_image, pil_to_tensor, tensor
 from diffsynth.runtime.pipeline import (
     BasePipeline,
     accepts_tea_cache,
+    describe_config,
     fetch_companion_config,
     finite_number,
     lora_file,
@@ -465,10 +467,16 @@ class FluxImagePipeline(BasePipeline):
         return _describe_net(net)
 
     def _add_controlnet(self, net, config: ModelConfig | None, slot: str = "controlnet") -> int:
+        check_controlnet_fits(net, self.dit, describe_config(config) if config is not None else "the ControlNet")
         index = super()._add_controlnet(net, config, slot)
         if slot == "controlnet" and config is not None and _names_infusenet(config):
             self.infusenet_ids.append(index)
         return index
+
+    def controlnets_changed(self) -> None:
+        """Nets listed in `model_configs` before the DiT were not checked as they joined: check them now."""
+        for i, net in enumerate(self.controlnets()):
+            check_controlnet_fits(net, self.dit, f"ControlNet {i}")
 
     def infusenet_id(self) -> int:
         """The `controlnet_id` of InfiniteYou's InfuseNet: the first net loaded from a file or folder whose path
@@ -1211,8 +1219,7 @@ class FluxImagePipeline(BasePipeline):
                 "ipadapter_images were given but no IP-Adapter is loaded: use "
                 "pipe.load_ip_adapter('InstantX/FLUX.1-dev-IP-Adapter') (or a local file / ModelConfig)"
             )
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ConfigError(f"ipadapter_scale={scale!r} must be a number")
+        finite_number(scale, "ipadapter_scale")  # NaN / inf would turn every image token, so the image, to NaN
         return [load_image(item) for item in items]
 
     def prepare_ip_adapter(
@@ -1445,8 +1452,7 @@ class FluxImagePipeline(BasePipeline):
                 "lora_encoder_inputs needs the LoRA Encoder: pipe.load_lora_encoder(<model.safetensors of "
                 "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev>), or list it among model_configs"
             )
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ConfigError(f"lora_encoder_scale={scale!r} must be a number")
+        scale = finite_number(scale, "lora_encoder_scale")  # NaN / inf tokens would make the image NaN
         items = list(loras) if isinstance(loras, (list, tuple)) else [loras]
         if not items:
             raise ConfigError("lora_encoder_inputs is empty; give one LoRA or a list of them")
@@ -1812,6 +1818,8 @@ def _control_mode(net: Flux1ControlNet, processor_id, where: str) -> int | None:
     n = net.config.num_modes
     if isinstance(processor_id, str) and processor_id.lower() in UNION_MODES:
         processor_id = UNION_MODES[processor_id.lower()]
+    if isinstance(processor_id, numbers.Integral) and not isinstance(processor_id, bool):
+        processor_id = int(processor_id)  # a numpy integer too
     if isinstance(processor_id, bool) or not isinstance(processor_id, int) or not 0 <= processor_id < n:
         given = "is missing" if processor_id is None else f"={processor_id!r} is not one of its modes"
         raise ConfigError(
@@ -1819,6 +1827,28 @@ def _control_mode(net: Flux1ControlNet, processor_id, where: str) -> int | None:
             f"one of {UNION_MODES} (those below {n}) or an index in [0, {n})"
         )
     return processor_id
+
+
+def check_controlnet_fits(net: Flux1ControlNet, dit, source: str) -> None:
+    """Refuse (naming `source` and the width) a net that does not fit `dit` (None: not loaded yet) at load time,
+    rather than at the first step: its residuals join the DiT's hidden states, and it reads the DiT's noisy latent
+    tokens, T5 text and pooled CLIP vector. Its own attention (heads, rope axes) is its own business."""
+    dit_config = getattr(dit, "config", None)
+    if dit_config is None:
+        return
+    widths = (
+        ("hidden_size", "hidden_size"),
+        ("context_in_dim", "context_in_dim"),
+        ("vec_in_dim", "vec_in_dim"),
+        ("in_channels", "out_channels"),  # the noisy latent tokens, without a Fill / Control DiT's extra channels
+    )
+    for net_field, dit_field in widths:
+        ours, theirs = getattr(net.config, net_field), getattr(dit_config, dit_field)
+        if ours != theirs:
+            raise ConfigError(
+                f"{source} does not fit the DiT: the ControlNet's {net_field} is {ours}, the DiT's {dit_field} "
+                f"is {theirs} (a ControlNet for another FLUX.1 model?)"
+            )
 
 
 def _describe_net(net: Flux1ControlNet) -> str:

@@ -36,7 +36,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError, DiffSynthError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_output
-from diffsynth.runtime.pipeline import BasePipeline
+from diffsynth.runtime.pipeline import BasePipeline, finite_number
 from diffsynth.runtime.schedulers import make_scheduler
 from diffsynth.runtime.vram import module_dtype
 
@@ -359,7 +359,7 @@ class Step1XEditPipeline(BasePipeline):
             raise ConfigError("Step1XEditPipeline has no Qwen2.5-VL processor: pass processor_config=ModelConfig(...)")
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type={output_type!r} is not accepted; use 'pil', 'np' or 'pt'")
-        cfg_scale = float(self.setting("cfg_scale", cfg_scale, DEFAULT_CFG))
+        cfg_scale = finite_number(self.setting("cfg_scale", cfg_scale, DEFAULT_CFG), "cfg_scale")  # NaN: NaN image
         steps = self.setting("num_inference_steps", num_inference_steps, DEFAULT_STEPS)
         level = self.setting("size_level", size_level, DEFAULT_SIZE_LEVEL)
         if isinstance(level, bool) or not isinstance(level, int) or level < 16:

@@ -7,6 +7,7 @@ into the slot (`load_controlnet`); each family says which spec and hub repos its
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def checked_inputs(inputs, loaded: int, how_to_load: str) -> list[ControlNetInpu
             raise ConfigError(f"{where}.controlnet_id={cid!r}: {loaded} ControlNet(s) are loaded (ids 0..)")
         for name in ("scale", "start", "end"):
             value = getattr(item, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are numbers too
                 raise ConfigError(f"{where}.{name}={value!r} must be a number")
             if not math.isfinite(value):  # NaN would pass the range check below and turn the image to NaN
                 raise ConfigError(f"{where}.{name}={value!r} must be a finite number")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffsynth.runtime.errors import ConfigError, DiffSynthError
+from diffsynth.runtime.pipeline import finite_number
 from diffsynth.runtime.registry import KeyLayout, ModelSpec, StateDict
 
 from .text_encoder import FluxPromptEmbeds
@@ -110,10 +111,9 @@ def check_scales(value, n_images: int, name: str) -> list[float]:
     items = list(value) if isinstance(value, (list, tuple)) else [value] * n_images
     if len(items) != n_images:
         raise ConfigError(f"{name} has {len(items)} values for {n_images} flux_redux_image(s); give one or one each")
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ConfigError(f"{name}={value!r} must be a number or a list of numbers, one per image")
-    return [float(item) for item in items]
+    if not isinstance(value, (list, tuple)):  # one number, named as given
+        return [finite_number(value, name)] * n_images
+    return [finite_number(item, f"{name}[{i}]") for i, item in enumerate(items)]  # NaN / inf: a NaN image
 
 
 def redux_prompt(
