@@ -82,6 +82,26 @@ def test_direct_distillation_samples_on_the_pipelines_schedule(task, tiny_pipe):
     check_distill_matches_pipeline(task, tiny_pipe, row, timestep_arg=4, height=64, width=48, embedded_guidance=1.0)
 
 
+@pytest.mark.parametrize("schnell", ["preset", "no_guidance_embedding"])
+def test_direct_distillation_follows_the_presets_schedule(task, tiny_pipe, schnell, monkeypatch):
+    """FLUX.1-schnell samples unshifted: by its preset's `sigma_shift` 1 (which `load_partial_pipeline` puts in
+    the task's `pipe.defaults`), or from any folder by its DiT having no guidance embedding; `inference_sigmas`
+    is that schedule, and an explicit `sigma_shift` task option wins over both."""
+    from diffsynth.runtime.testing.distill import check_distill_matches_pipeline
+
+    for pipe in (task.pipe, tiny_pipe):
+        if schnell == "preset":
+            monkeypatch.setitem(pipe.defaults, "sigma_shift", 1.0)
+        else:  # the schedule's rule only: the tiny DiT keeps its guidance embedder
+            monkeypatch.setattr(pipe.dit.config, "guidance_embed", False)
+    row = {"prompt": PROMPTS[0], "image": torch.zeros(3, 64, 48)}
+    check_distill_matches_pipeline(task, tiny_pipe, row, timestep_arg=4, height=64, width=48, embedded_guidance=1.0)
+    unshifted = torch.linspace(1, 0, 5)
+    torch.testing.assert_close(task.inference_sigmas((1, 16, 128, 128), 4), unshifted)
+    monkeypatch.setattr(task, "sigma_shift", 3.0)  # --task_options sigma_shift=3
+    torch.testing.assert_close(task.inference_sigmas((1, 16, 128, 128), 4), 3 * unshifted / (1 + 2 * unshifted))
+
+
 def test_stages_load_only_what_they_need(tiny_repo):
     configs, tokenizer = configs_from_folder(tiny_repo)
     trainer_side = FluxTrainingTask.from_pretrained(

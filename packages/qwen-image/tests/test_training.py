@@ -83,6 +83,21 @@ def test_direct_distillation_samples_on_the_pipelines_schedule(task, pipe):
     check_distill_matches_pipeline(task, pipe, row, timestep_arg=1, height=64, width=48)
 
 
+@pytest.mark.parametrize(
+    "preset", [{"exponential_shift_mu": 0.9162907318741551}, {"sigma_template": "lightning"}], ids=["mu", "lightning"]
+)
+def test_direct_distillation_follows_the_presets_schedule(task, pipe, preset, monkeypatch):
+    """A preset's schedule settings (Qwen-Image-Distill's `exponential_shift_mu` ln 2.5, the Lightning presets'
+    `sigma_template`), which `load_partial_pipeline` puts in the task's `pipe.defaults`, are what it samples with."""
+    from diffsynth.runtime.testing.distill import check_distill_matches_pipeline
+
+    for name, value in preset.items():
+        monkeypatch.setitem(task.pipe.defaults, name, value)
+        monkeypatch.setitem(pipe.defaults, name, value)
+    row = {"prompt": PROMPTS[0], "image": torch.zeros(3, 64, 48)}
+    check_distill_matches_pipeline(task, pipe, row, timestep_arg=1, height=64, width=48)
+
+
 def test_stages_load_only_what_they_need(tiny_repo):
     configs, tokenizer = configs_from_folder(tiny_repo)
     trainer_side = QwenImageTrainingTask.from_pretrained(

@@ -213,3 +213,15 @@ def test_validation_samples_are_the_pipeline_with_the_same_edit_images(repo):
             theirs = pipe(prompt, edit_image=images, seed=3, progress_bar=False, **size)
             assert ours.shape == (1, 32, 32, 3) and np.abs(ours - theirs).max() <= 1e-5
     assert np.abs(plain[0] - drawn[0]).max() > 1e-4  # deterministic: equal pictures would differ by 0
+
+
+def test_both_stages_of_a_first_edit_folder_take_its_template(tiny_repo, tmp_path):
+    """A local Qwen-Image-Edit folder (model_index.json names QwenImageEditPipeline): the encoder-only stage of
+    cached training loads no DiT, yet prompts with the "edit" template the DiT's stage reads from its source."""
+    folder = shutil.copytree(tiny_repo, tmp_path / "Qwen-Image-Edit")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPipeline"}))
+    encoding = make_task(folder, denoiser=False)
+    assert encoding.pipe.dit is None
+    assert encoding.pipe.edit_template() == "edit"
+    assert make_task(folder, encoders=False).pipe.edit_template() == "edit"
+    assert make_task(tiny_repo, denoiser=False).pipe.edit_template() == "plus"  # no model_index.json: "plus"

@@ -73,6 +73,25 @@ def test_direct_distillation_samples_on_the_pipelines_schedule(loaded):
     check_distill_matches_pipeline(task, pipe, row, timestep_arg=1, timestep_scale=1000, **options)
 
 
+@pytest.mark.parametrize("shift", [3.0, 16.0])
+def test_direct_distillation_follows_the_presets_sigma_shift(loaded, shift, monkeypatch):
+    """A preset's `sigma_shift` (Wan2.1-I2V-480P's 3, FLF2V's 16), which `load_partial_pipeline` puts in the
+    task's `pipe.defaults`, is the shift of the schedule the pipeline samples and `inference_sigmas` steps along;
+    an explicit `sigma_shift` task option wins."""
+    from diffsynth.runtime.testing.distill import check_distill_matches_pipeline
+
+    task, pipe = loaded
+    for defaults in (task.pipe.defaults, pipe.defaults):
+        monkeypatch.setitem(defaults, "sigma_shift", shift)
+    row = {"prompt": PROMPTS[0], "image": torch.zeros(3, 32, 48)}
+    options = dict(height=32, width=48, num_frames=1, tiled=False)
+    check_distill_matches_pipeline(task, pipe, row, timestep_arg=1, timestep_scale=1000, **options)
+    t = torch.linspace(1, 0, 5)
+    torch.testing.assert_close(task.inference_sigmas((1, 16, 1, 4, 4), 4), shift * t / (1 + (shift - 1) * t))
+    monkeypatch.setattr(task, "sigma_shift", 5.0)  # --task_options sigma_shift=5
+    torch.testing.assert_close(task.inference_sigmas((1, 16, 1, 4, 4), 4), 5 * t / (1 + 4 * t))
+
+
 def test_stages_load_only_what_they_need(tiny_repo):
     configs, tokenizer = folder_model_configs(tiny_repo)
     trainer_side = WanTrainingTask.from_pretrained(configs, torch_dtype="float32", device="cpu", encoders=False)

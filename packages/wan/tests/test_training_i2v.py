@@ -67,8 +67,10 @@ def i2v(tiny_repo_factory):
 
 @pytest.fixture(scope="module")
 def ti2v(tiny_repo_factory):
+    """TI2V trained image-to-video (`first_frame=true`, DiffSynth-Studio's `--extra_inputs input_image`)."""
     repo = tiny_repo_factory("ti2v")
-    return load_task(repo), WanVideoPipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
+    task = load_task(repo, first_frame=True)
+    return task, WanVideoPipeline.from_pretrained(str(repo), torch_dtype="float32", device="cpu")
 
 
 # ----------------------------------------------------------------------------------------- (a) the pipeline's call
@@ -120,6 +122,59 @@ def test_ti2v_velocity_is_the_pipeline_prediction_with_the_clean_first_frame(ti2
         torch.testing.assert_close(ours[k : k + 1], theirs, rtol=1e-5, atol=1e-5)
     image_row = task.encode([{"prompt": PROMPTS[0], "image": as_video(videos[0][:1])[:, 0]}])[0]
     assert set(image_row) == {"latents", "text"}  # one frame: nothing to condition on, trains as text-to-image
+
+
+def test_ti2v_trains_text_to_video_by_default(ti2v, caplog):
+    """As DiffSynth-Studio without `--extra_inputs input_image`: no first latent, the whole clip in the loss, the
+    pipeline's text-to-video call (no input_image), and a row's input_image ignored with a warning naming the
+    option; validation samples take a first frame only when given one."""
+    pipe = ti2v[0].pipe
+    with caplog.at_level("INFO", logger="diffsynth.wan.training"):
+        task = WanTrainingTask(pipe)
+    assert "first_frame=true" in caplog.text and task.validation_references == "optional"
+    video = frames(14, size=64)
+    row = {"prompt": PROMPTS[0], "video": as_video(video), "input_image": pil_to_tensor(video[0])[0]}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="diffsynth.wan.training"):
+        batch = task.collate(task.encode([row, row]))
+    assert set(batch) == {"latents", "text"} and task.loss_mask(batch) is None
+    assert caplog.text.count("--task_options first_frame=true") == 1  # once, not per row
+    assert task.draw_choices(batch, torch.Generator().manual_seed(0)) == {}
+    noisy = torch.randn(1, 48, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = task.velocity(task.models["dit"], {k: v[:1] for k, v in batch.items()}, noisy, torch.tensor([0.7]))
+    torch.testing.assert_close(ours, pipeline_velocity(pipe, PROMPTS[0], noisy, 0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_ti2v_first_frame_probability_draws_per_batch(ti2v, i2v):
+    """`first_frame=0.5`: every clip is encoded with its first latent; one draw per batch (`draw_choices`) says
+    whether the batch trains image-to-video, and `velocity` and `loss_mask` follow it."""
+    task, _ = ti2v
+    mixed = WanTrainingTask(task.pipe, first_frame=0.5)
+    batch = mixed.collate(mixed.encode([{"prompt": PROMPTS[0], "video": as_video(frames(15, size=64))}]))
+    assert "first_latent" in batch and mixed.validation_references == "optional"
+    draws = [mixed.draw_choices(batch, torch.Generator().manual_seed(k))["first_frame"] for k in range(8)]
+    assert {bool(d.all()) for d in draws} == {True, False}
+    noisy = torch.randn(1, 48, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    sigma = torch.tensor([0.6])
+    with torch.no_grad():
+        conditioned = mixed.velocity(mixed.models["dit"], {**batch, "first_frame": torch.tensor([True])}, noisy, sigma)
+        plain = mixed.velocity(mixed.models["dit"], {**batch, "first_frame": torch.tensor([False])}, noisy, sigma)
+        torch.testing.assert_close(conditioned, task.velocity(task.models["dit"], batch, noisy, sigma))
+        batch_t2v = {k: v for k, v in batch.items() if k != "first_latent"}
+        torch.testing.assert_close(
+            plain, WanTrainingTask(task.pipe).velocity(task.models["dit"], batch_t2v, noisy, sigma)
+        )
+    assert mixed.loss_mask({**batch, "first_frame": torch.tensor([False])}) is None
+    assert mixed.loss_mask({**batch, "first_frame": torch.tensor([True])})[0, 0, 0].item() == 0
+    with pytest.raises(ConfigError, match="first_frame=0.5 draws per batch"):
+        mixed.loss_mask(batch)
+    for bad in (2, "yes", -0.1):
+        with pytest.raises(ConfigError, match=f"first_frame={bad!r} is not accepted"):
+            WanTrainingTask(task.pipe, first_frame=bad)
+    assert WanTrainingTask(i2v[0].pipe, first_frame=True).first_frame_p == 0.0  # I2V always takes its frame
+    with pytest.raises(ConfigError, match="first_frame=0.5 picks text- or image-to-video .* 'i2v' Wan DiT"):
+        WanTrainingTask(i2v[0].pipe, first_frame=0.5)
 
 
 def test_encoding_without_the_dit_gives_the_same_samples(i2v, tiny_repo_factory):
@@ -283,7 +338,7 @@ def test_clear_errors(i2v, tiny_repo_factory, tiny_repo):
         t2v.encode([{"prompt": "x", "video": video, **control}])
     with pytest.raises(ConfigError, match="row 0 has control_video, but this 'i2v' Wan DiT is not a Fun Control"):
         task.encode([{"prompt": "x", "video": video, "control_video": video}])
-    ti2v = load_task(tiny_repo_factory("ti2v"), denoiser=False)
+    ti2v = load_task(tiny_repo_factory("ti2v"), denoiser=False, first_frame=True)
     with pytest.raises(ConfigError, match="row 0 has an end_image; Wan2.2-TI2V"):
         ti2v.encode([{"prompt": "x", "video": video, "end_image": video[:, 0]}])
     with pytest.raises(ConfigError, match="row 0 is a single frame with an input_image"):
@@ -323,7 +378,8 @@ def test_trainer_overfits_two_videos(tiny_repo_factory, tmp_path, kind, size, st
     """Full fine-tuning at a narrow noise band; seeded: i2v 4.47 -> 2.02, ti2v 171 -> 55.9 (mean of the last 3)."""
     testing = pytest.importorskip("diffsynth.training.testing")
     dataset = video_dataset(tmp_path, size)
-    config = train_config(tiny_repo_factory(kind), dataset, tmp_path / "out", size, max_steps=steps)
+    options = {"task_options": {"first_frame": True}} if kind == "ti2v" else {}  # TI2V trained image-to-video
+    config = train_config(tiny_repo_factory(kind), dataset, tmp_path / "out", size, max_steps=steps, **options)
     testing.assert_overfits(*testing.train_and_log(config), steps=steps, last=3)
 
 

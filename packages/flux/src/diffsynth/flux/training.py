@@ -51,7 +51,7 @@ from torch import nn
 from diffsynth.runtime.controlnet import ControlNetInput, ControlNetSlot
 from diffsynth.runtime.errors import ConfigError, LoRAError, preview
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers import FlowMatchScheduler, make_scheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 from diffsynth.runtime.vram import module_dtype
 
@@ -129,6 +129,7 @@ logger = logging.getLogger(__name__)
 
 ENCODER_SLOTS = ("vae", "text_encoder_1", "text_encoder_2")
 TRAINING_GUIDANCE = 1.0  # DiffSynth-Studio's FLUX.1 training scripts: embedded_guidance=1
+TRAINING_SHIFT = 3.0  # DiffSynth-Studio's FLUX.1 training grid: static shift 3
 # `trained_model`: what the trainer trains
 TRAINED_MODELS = ("dit", "controlnet", "value_controller", "ipadapter", "lora_encoder")
 UNDER_FROZEN_DIT = ("value_controller", "ipadapter", "lora_encoder")  # trained models the frozen DiT reads
@@ -165,7 +166,7 @@ class FluxTrainingTask(PipelineTrainingTask):
         lora_encoder: bool = False,
         infiniteyou: bool = False,
         *,
-        sigma_shift: float = 3.0,
+        sigma_shift: float | None = None,
         embedded_guidance: float = TRAINING_GUIDANCE,
         t5_sequence_length: int = T5_SEQUENCE_LENGTH,
         kontext: bool | None = None,
@@ -198,7 +199,10 @@ class FluxTrainingTask(PipelineTrainingTask):
         if insert_anything_size < 16 or insert_anything_size % 16:
             raise ConfigError(f"insert_anything_size={insert_anything_size} must be a multiple of 16 (768)")
         self.insert_anything_size = insert_anything_size
-        self.scheduler = FlowMatchScheduler("flux1", mu=math.log(sigma_shift))
+        self.sigma_shift = sigma_shift  # given: the training grid's and `inference_sigmas`' shift
+        self.scheduler = FlowMatchScheduler(
+            "flux1", mu=math.log(TRAINING_SHIFT if sigma_shift is None else sigma_shift)
+        )
         self.embedded_guidance = embedded_guidance
         self.t5_sequence_length = t5_sequence_length
         self.kontext = kontext
@@ -765,11 +769,21 @@ class FluxTrainingTask(PipelineTrainingTask):
         return infiniteyou(embeds, tokens, mode, guidance, call)
 
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
-        """FLUX.1's sampling schedule for this image size (BFL's shift by its H/16 * W/16 tokens, what the
-        pipeline uses): what `--task direct_distill` steps along. The DiT call keeps the task's
-        `embedded_guidance` (1; give `--task_options embedded_guidance=3.5` to distill FLUX.1-dev as it samples)."""
-        scheduler = FlowMatchScheduler("flux1")
-        scheduler.set_timesteps(num_inference_steps, image_seq_len=(latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+        """FLUX.1's sampling schedule for this image size, as the pipeline resolves it: the task's `sigma_shift` when
+        given, else the preset's (`pipe.defaults`: schnell's 1), else unshifted for a DiT without guidance embedding
+        (schnell), else BFL's shift by its H/16 * W/16 tokens. What `--task direct_distill` steps along. The DiT
+        call keeps the task's `embedded_guidance` (1; give `--task_options embedded_guidance=3.5` to distill
+        FLUX.1-dev as it samples)."""
+        pipe = self.pipe
+        scheduler = make_scheduler("flux1", str(pipe.setting("sampler", None, "euler")))
+        shift = pipe.setting("sigma_shift", self.sigma_shift, None)
+        if shift is not None:
+            shape = {"mu": math.log(shift)}  # the pipeline's static shift by e^mu
+        elif not getattr(getattr(pipe.dit, "config", None), "guidance_embed", True):
+            shape = {"mu": 0.0}  # schnell: BFL and diffusers sample it unshifted
+        else:
+            shape = {"image_seq_len": (latent_shape[-2] // 2) * (latent_shape[-1] // 2)}
+        scheduler.set_timesteps(num_inference_steps, **shape)
         return scheduler.sigmas
 
 

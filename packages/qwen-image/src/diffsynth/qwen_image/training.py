@@ -107,7 +107,7 @@ from diffsynth.runtime.errors import ConfigError, preview
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import load_image, pil_to_tensor, tensor_to_pil
 from diffsynth.runtime.pipeline import folder_defaults
-from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers import FlowMatchScheduler, make_scheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles
 from diffsynth.runtime.vram import module_dtype
 
@@ -115,7 +115,14 @@ from .blockwise_controlnet import QwenImageBlockwiseControlNet, blockwise_residu
 from .controlnet import ControlCondition
 from .eligen import entity_text, real_tokens
 from .layered import check_layer_num, check_layer_prompts, layered_velocity
-from .pipeline import QwenImagePipeline, controlnet_residuals, pack, qwen_image_velocity
+from .pipeline import (
+    SIGMA_TEMPLATES,
+    QwenImagePipeline,
+    controlnet_residuals,
+    pack,
+    qwen_image_velocity,
+    source_edit_template,
+)
 from .presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -391,6 +398,8 @@ class QwenImageTrainingTask(PipelineTrainingTask):
             device=device,
         )
         pipe.defaults.update(_tokenizer_defaults(tokenizer_config))
+        if "edit_template" not in pipe.defaults:  # an encoder-only stage has no DiT for `edit_template` to read
+            pipe.defaults.update(_dit_source_defaults(model_configs))
         edit_model = (
             (tokenizer_config is not None and _is_edit_processor(tokenizer_config))
             or bool(task_options.get("zero_cond_t"))
@@ -774,12 +783,20 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         return torch.cat(out)
 
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
-        """The pipeline's schedule for this image size (the authors' dynamic shift of its H/16 * W/16 tokens):
+        """The pipeline's schedule for this image size (the authors' dynamic shift of its H/16 * W/16 tokens, or
+        the preset's `exponential_shift_mu`, `sigma_template` and `sampler`, as the pipeline reads its settings):
         what `--task direct_distill` samples along, as DiffSynth-Studio distilled Qwen-Image-Distill-Full/-LoRA."""
         if self.layered:
             raise ConfigError("--task direct_distill: Qwen-Image-Layered samples on its own schedule; use --task sft")
-        scheduler = FlowMatchScheduler("qwen_image")
-        scheduler.set_timesteps(num_inference_steps, image_seq_len=(latent_shape[-2] // 2) * (latent_shape[-1] // 2))
+        pipe = self.pipe
+        template = pipe.setting("sigma_template", None, "qwen_image")
+        if template not in SIGMA_TEMPLATES:
+            raise ConfigError(f"sigma_template={template!r} is not known; use one of {', '.join(SIGMA_TEMPLATES)}")
+        scheduler = make_scheduler(SIGMA_TEMPLATES[template], str(pipe.setting("sampler", None, "euler")))
+        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        scheduler.set_timesteps(
+            num_inference_steps, image_seq_len=tokens, mu=pipe.setting("exponential_shift_mu", None, None)
+        )
         return scheduler.sigmas
 
 
@@ -981,6 +998,15 @@ def _tokenizer_defaults(config: ModelConfig | None) -> dict[str, Any]:
         return {}
     folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
     return {k: v for k, v in folder_defaults(folder.parent).items() if k == "edit_template"}
+
+
+def _dit_source_defaults(configs: Sequence[ModelConfig]) -> dict[str, Any]:
+    """The `edit_template` the DiT's source implies (`source_edit_template`: the first Qwen-Image-Edit's hub repo
+    or diffusers folder), read from the given files whether or not this stage loads the DiT, so an encoder-only
+    stage prompts with the template the DiT's stage (and a one-process run) uses."""
+    dits = [c for c in configs if "dit" in model_roles(c)]
+    template = source_edit_template(dits[0]) if len(dits) == 1 else None
+    return {"edit_template": template} if template is not None else {}
 
 
 def _is_edit_processor(config: ModelConfig) -> bool:

@@ -22,10 +22,13 @@ the DiT's `model_type` asks for, built by the pipeline's own stages at the video
   `input_image` (else the video's first frame) and, for FLF2V (a DiT with CLIP positions for two images)
   or a row with an `end_image`, its `end_image` (else the video's last frame), as DiffSynth-Studio's
   `--extra_inputs input_image,end_image` take them from the video;
-- "ti2v" (Wan2.2-TI2V-5B): `"first_latent"` `[z, 1, h, w]` (`encode_first_latent` of the `input_image`,
-  else of the first frame). The model sees it in place of the first noisy latent frame, with timestep 0
-  on that frame's tokens (`timestep_input`), and `loss_mask` leaves that frame out of the loss, as the
-  pipeline keeps the frame fixed while it denoises the rest. One-frame rows train as text-to-image.
+- "ti2v" (Wan2.2-TI2V-5B, one model for text- and image-to-video): by default nothing more, text-to-video, as
+  DiffSynth-Studio trains it without `--extra_inputs input_image` (a row's `input_image` is then ignored, with a
+  warning). With the task option `first_frame=true` (image-to-video; a probability in [0, 1] draws it per batch,
+  `draw_choices`): `"first_latent"` `[z, 1, h, w]` (`encode_first_latent` of the `input_image`, else of the first
+  frame). The model sees it in place of the first noisy latent frame, with timestep 0 on that frame's tokens
+  (`timestep_input`), and `loss_mask` leaves that frame out of the loss, as the pipeline keeps the frame fixed
+  while it denoises the rest. One-frame rows train as text-to-image.
 
 A VACE DiT (Wan2.1-VACE) also reads a row's `vace_video` (`[3, F, H, W]`, the control video),
 `vace_video_mask` (`[3, F, H, W]`, white = generate) and `vace_reference_image` (`[3, H, W]`, or a list),
@@ -146,7 +149,7 @@ from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import tensor_to_pil
 from diffsynth.runtime.pipeline import weight_paths
-from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.schedulers import FlowMatchScheduler, make_scheduler
 from diffsynth.runtime.training_support import PipelineTrainingTask, load_partial_pipeline, model_roles, row_video
 from diffsynth.runtime.vram import module_dtype
 
@@ -171,7 +174,7 @@ from .dancer import (
 )
 from .dit import WanDiTConfig
 from .fun_control import control_channels, control_y, encode_control_video, zero_clip
-from .pipeline import WanConditions, WanVideoPipeline
+from .pipeline import WanConditions, WanVideoPipeline, sampler_grid
 from .presets import PRESETS
 from .s2v import S2VConditions, WanS2VConfig, _pose_latents, s2v_velocity
 from .vace import check_vace_channels, prepare_vace
@@ -180,6 +183,7 @@ from .video_as_prompt import VapInputs, VideoAsPromptExpert, encode_vap, officia
 logger = logging.getLogger(__name__)
 
 ENCODER_SLOTS = ("vae", "text_encoder")
+TRAINING_SHIFT = 5.0  # the "wan" template's shift: the training grid, and the pipeline's default
 EXPERTS = ("high", "low")
 # Where the pipeline hands a Wan 2.2 A14B model from the high-noise expert to the low-noise one (t / 1000).
 EXPERT_BOUNDARY = {
@@ -357,6 +361,9 @@ class WanTrainingTask(PipelineTrainingTask):
     )
     # models the trainer may train in the denoiser's place (`trained_model`, from --trainable_models)
     trainable_slots: ClassVar[tuple[str, ...]] = ("motion_controller", "vap")
+    # TI2V's per-batch draw with a first-frame probability (`draw_choices`): whether the batch trains from its frame
+    batch_choices: ClassVar[tuple[str, ...]] = ("first_frame",)
+    first_frame_p: float = 0.0  # TI2V: the chance a batch trains image-to-video (the `first_frame` option)
     vap: bool = False  # whether the Video-As-Prompt expert is among the model files (set per task in __init__)
     _in_training: VapExpertInTraining | None = None  # the trainer's model with trained_model="vap"
 
@@ -367,18 +374,21 @@ class WanTrainingTask(PipelineTrainingTask):
         speed_control: bool | None = None,
         vap: bool | None = None,
         *,
-        sigma_shift: float = 5.0,
+        sigma_shift: float | None = None,
         max_sequence_length: int = 512,
         expert: str | None = None,
         expert_boundary: float | None = None,
         trained_model: str = "dit",
         validation_motion_bucket_id: float | str | None = None,
+        first_frame: bool | float | None = None,
     ):
         """`speed_control`: whether the speed-control model is among the model files (default: whether `pipe` has
         it loaded); `trained_model` "motion_controller" makes it the model the trainer trains (see the module
         docstring); `vap` likewise, whether the Video-As-Prompt expert is (default: whether `pipe.vap` is loaded).
         `validation_motion_bucket_id`: the speed of validation samples with the speed-control model (default: the
-        dataset's first row's, see `prepare_dataset`)."""
+        dataset's first row's, see `prepare_dataset`). `first_frame` (Wan2.2-TI2V-5B): true trains image-to-video
+        from each clip's `input_image` (else its first frame), a probability in [0, 1] draws that per batch, false
+        (the default, as DiffSynth-Studio without `--extra_inputs input_image`) trains text-to-video."""
         self.pipe = pipe
         self.dit_config = dit_config if dit_config is not None else pipe.dit.config
         own = {Animate2Config: "animate2", DancerConfig: "dancer"}  # one-mode DiTs without a model_type
@@ -393,6 +403,9 @@ class WanTrainingTask(PipelineTrainingTask):
             self._check_vap(expert)
         if trained_model == "vap" and pipe.vap is not None:
             self._in_training = VapExpertInTraining(pipe.vap, pipe)
+        self.sigma_shift = sigma_shift  # given: the training grid's and `inference_sigmas`' shift
+        if sigma_shift is None:
+            sigma_shift = TRAINING_SHIFT
         if expert is None:
             if expert_boundary is not None:
                 raise ConfigError("expert_boundary needs expert='high' or 'low' (which Wan 2.2 A14B expert this is)")
@@ -405,12 +418,66 @@ class WanTrainingTask(PipelineTrainingTask):
         if pipe.vae is not None:  # VAE compression x patch size: 16, or 32 for Wan2.2-TI2V-5B
             self.size_multiple = pipe.vae.spatial_compression * max(self.dit_config.patch_size[1:])
         self._shape = _DitShape(self.dit_config)
-        # validation samples: I2V / FLF2V cannot draw without their frames; TI2V trains on a given first frame
-        self.validation_references = {"i2v": "required", "ti2v": "expected"}.get(self.kind, "none")
+        self.first_frame_p = self._first_frame_chance(first_frame)
+        self._ignored_input_image = False  # warned once: TI2V trains text-to-video past a row's input_image
+        # validation samples: I2V / FLF2V cannot draw without their frames; TI2V trained on a first frame expects one
+        self.validation_references = {"i2v": "required"}.get(self.kind, "none")
+        if self.kind == "ti2v":
+            self.validation_references = "expected" if self.first_frame_p == 1.0 else "optional"
         if self._field("vace_layers"):  # VACE: optional reference images of the subjects
             self.validation_references = "optional"
         if self._no_samples() is not None or isinstance(self.scheduler, ExpertScheduler):
             self.validation_references = "required"  # refused at setup, in the family's words (`reference_arguments`)
+
+    def _first_frame_chance(self, first_frame: bool | float | None) -> float:
+        """The `first_frame` option as the chance a batch trains image-to-video: TI2V's choice (unset, it trains
+        text-to-video as DiffSynth-Studio does by default). The other image DiTs always take their frames: true is
+        accepted there and changes nothing (what `--extra_inputs input_image` means for them)."""
+        if self.kind != "ti2v":
+            if first_frame is not None and not (first_frame is True and self.kind != "t2v"):
+                raise ConfigError(
+                    f"first_frame={first_frame!r} picks text- or image-to-video training for Wan2.2-TI2V-5B; this "
+                    f"{self.kind!r} Wan DiT takes no such choice: drop the task option"
+                )
+            return 0.0
+        if first_frame is None:
+            logger.info(
+                "Wan2.2-TI2V-5B trains text-to-video, as DiffSynth-Studio without --extra_inputs input_image; "
+                "--task_options first_frame=true trains image-to-video (each clip's input_image, else its first "
+                "frame), first_frame=0.5 half the batches"
+            )
+            return 0.0
+        if isinstance(first_frame, int) and not isinstance(first_frame, bool) and first_frame in (0, 1):
+            first_frame = bool(first_frame)
+        if not isinstance(first_frame, (bool, float)) or not 0.0 <= first_frame <= 1.0:
+            raise ConfigError(
+                f"first_frame={first_frame!r} is not accepted; use true (image-to-video), false (text-to-video) or "
+                "a probability in [0, 1] that a batch trains image-to-video"
+            )
+        return float(first_frame)
+
+    def draw_choices(self, batch: Mapping[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """TI2V with a first-frame probability: one draw per batch, whether all its rows train from their first
+        frame (`"first_frame"`, one bool per row), so `velocity` and `loss_mask` agree; nothing otherwise."""
+        if not 0.0 < self.first_frame_p < 1.0:
+            return {}
+        drawn = torch.rand((), generator=generator) < self.first_frame_p
+        return {"first_frame": drawn.expand(batch["latents"].shape[0]).clone()}
+
+    def _first_latent(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """TI2V's clean first latent frames `[B, z, 1, h, w]` when this batch trains image-to-video, else None."""
+        first = batch.get("first_latent")
+        if first is None:
+            return None
+        drawn = batch.get("first_frame")
+        if drawn is None:
+            if 0.0 < self.first_frame_p < 1.0:
+                raise ConfigError(
+                    f"first_frame={self.first_frame_p:g} draws per batch (draw_choices, which the trainer calls); "
+                    "this batch has no draw"
+                )
+            return first
+        return first if bool(drawn.bool().all()) else None
 
     @property
     def conditioning(self) -> tuple[str, ...]:
@@ -612,8 +679,8 @@ class WanTrainingTask(PipelineTrainingTask):
         and, for a DiT with CLIP input, the CLIP image encoder (`encoders`). Files of models not needed are
         recognised from their headers and not loaded; the DiT's header alone says how to condition it.
         `task_options`: `sigma_shift`, `max_sequence_length`, `expert` ("high" / "low", read from the DiT's
-        folder when not given), `expert_boundary` (the preset's by default), `trained_model` and
-        `validation_motion_bucket_id`. The S2V DiT's
+        folder when not given), `expert_boundary` (the preset's by default), `trained_model`,
+        `validation_motion_bucket_id` and `first_frame` (TI2V). The S2V DiT's
         wav2vec2 audio encoder is an encoder; the speed-control model loads with the denoiser."""
         configs = _one_model_each(model_configs)
         roles = [model_roles(c) for c in configs]
@@ -1183,6 +1250,9 @@ class WanTrainingTask(PipelineTrainingTask):
         if kind == "ti2v":
             if given["end_image"] is not None:
                 raise ConfigError(f"row {index} has an end_image; Wan2.2-TI2V takes a first frame only")
+            if self.first_frame_p == 0.0:  # text-to-video (the `first_frame` option)
+                self._warn_input_image_ignored(index, given["input_image"])
+                return latents, {}
             if latents.shape[1] == 1:  # one frame: nothing after the first to learn; train it as text-to-image
                 if given["input_image"] is not None:
                     raise ConfigError(
@@ -1216,6 +1286,17 @@ class WanTrainingTask(PipelineTrainingTask):
         if self.dit_config.camera_adapter_dim:
             conditions.update(self._camera(index, row, frames, height, width))
         return latents, conditions
+
+    def _warn_input_image_ignored(self, index: int, image: torch.Tensor | None) -> None:
+        """Once: a TI2V row's input_image is not used when the task trains text-to-video."""
+        if image is None or self._ignored_input_image:
+            return
+        self._ignored_input_image = True
+        logger.warning(
+            "row %d has an input_image, which Wan2.2-TI2V-5B training ignores: it trains text-to-video unless "
+            "--task_options first_frame=true (DiffSynth-Studio's --extra_inputs input_image) asks for image-to-video",
+            index,
+        )
 
     @staticmethod
     def _image(index: int, row: Mapping[str, Any], key: str) -> torch.Tensor | None:
@@ -1257,15 +1338,19 @@ class WanTrainingTask(PipelineTrainingTask):
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
     def inference_sigmas(self, latent_shape: Sequence[int], num_inference_steps: int) -> torch.Tensor:
-        """Wan's sampling schedule at the task's `sigma_shift` (the pipeline's, 5 by default): what `--task
-        direct_distill` steps along. A Wan 2.2 A14B expert samples only its half of the schedule: refused."""
+        """Wan's sampling schedule as the pipeline resolves it: at the task's `sigma_shift` when given, else the
+        preset's (`pipe.defaults`, e.g. Wan2.1-I2V-480P's 3, FLF2V's 16), else 5, with the preset's sampler. What
+        `--task direct_distill` steps along. A Wan 2.2 A14B expert samples only its half of the schedule: refused."""
         if isinstance(self.scheduler, ExpertScheduler):
             raise ConfigError(
                 "--task direct_distill: a Wan 2.2 A14B expert samples only part of the schedule; distil a one-DiT "
                 "Wan model, or train the expert with --task sft"
             )
-        scheduler = FlowMatchScheduler("wan", **self.scheduler.template_defaults)
-        scheduler.set_timesteps(num_inference_steps)
+        pipe = self.pipe
+        shift = pipe.setting("sigma_shift", self.sigma_shift, TRAINING_SHIFT)
+        sampler = str(pipe.setting("sampler", None, "euler"))
+        scheduler = make_scheduler("wan", sampler)
+        scheduler.set_timesteps(num_inference_steps, shift=shift, **sampler_grid(sampler))
         return scheduler.sigmas
 
     def velocity(
@@ -1322,11 +1407,11 @@ class WanTrainingTask(PipelineTrainingTask):
                 f"this batch was encoded for another kind of Wan model than this {self.kind!r} DiT (I2V conditions "
                 f"{'missing' if conditions.y is None else 'present'}): encode the cache again with this model"
             )
-        first = given("first_latent")
+        first = self._first_latent(batch)
         if first is None:
             timestep = t
         else:  # TI2V: the clean first frame in place, at timestep 0 token by token, as the pipeline denoises
-            noisy_latents = torch.cat([first.to(noisy_latents.dtype), noisy_latents[:, :, 1:]], dim=2)
+            noisy_latents = torch.cat([first.to(device, noisy_latents.dtype), noisy_latents[:, :, 1:]], dim=2)
             timestep = torch.cat(
                 [self.pipe.timestep_input(self._shape, noisy_latents[k : k + 1], t[k], True) for k in range(len(t))]
             )
@@ -1356,8 +1441,9 @@ class WanTrainingTask(PipelineTrainingTask):
         return dit, model(ids.to(device)[:, 0]).float()
 
     def loss_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
-        """TI2V: 0 on the first latent frame (given, not learned), 1 on the rest; None (all count) otherwise."""
-        if "first_latent" not in batch:
+        """TI2V trained from the first frame: 0 on that latent frame (given, not learned), 1 on the rest; None (all
+        count) otherwise."""
+        if self._first_latent(batch) is None:
             return None
         latents = batch["latents"]
         mask = torch.ones(latents.shape[0], 1, latents.shape[2], 1, 1, device=latents.device)
