@@ -133,3 +133,31 @@ def test_offloaded_base_streams_its_blocks_and_trains_exactly_as_resident(tmp_pa
         setup(toy_config(tmp_path, dataset, "x", offload_models=["nope"]))
     with pytest.raises(ConfigError, match="--offload_models denoiser: a model trained in full or stored in fp8"):
         toy_config(tmp_path, dataset, offload_models=["denoiser"], fp8_models=["denoiser"]).check()
+
+
+def test_extra_inputs_input_image_points_first_frame_tasks_to_their_option(caplog):
+    """Studio's `--extra_inputs input_image` switches image-to-video on; tasks with `first_frame` need the option."""
+    from types import SimpleNamespace
+
+    from diffsynth.training.trainer import note_first_frame_option
+
+    class FirstFrameTask:
+        family = "video"
+
+        def __init__(self, *, first_frame=False):
+            pass
+
+    class PlainTask:
+        def __init__(self, *, sigma_shift=3.0):
+            pass
+
+    def warned(cls, extra_inputs, task_options):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="diffsynth.training.trainer"):
+            note_first_frame_option(cls, SimpleNamespace(extra_inputs=extra_inputs, task_options=task_options))
+        return "--task_options first_frame=true" in caplog.text
+
+    assert warned(FirstFrameTask, ["input_image"], {})
+    assert not warned(FirstFrameTask, ["input_image"], {"first_frame": True})
+    assert not warned(FirstFrameTask, [], {})
+    assert not warned(PlainTask, ["input_image"], {})

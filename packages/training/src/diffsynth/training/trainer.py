@@ -1449,6 +1449,8 @@ def make_accelerator(cfg: TrainConfig, **kwargs):
 def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser: bool) -> TrainingTask:
     """The family's task for this stage; the `--offload_models` models stay in CPU memory (`stream_from_cpu`)."""
     check_task_options(cls, cfg.task_options)
+    if denoiser:
+        note_first_frame_option(cls, cfg)
     options = {**trained_model_option(cls, cfg), **cfg.task_options}
     configs, tokenizer = model_sources(cfg)
     configs = quantized_sources(cfg, configs, getattr(cls, "denoiser_slot", "dit"))
@@ -1465,6 +1467,18 @@ def build_task(cls: type, cfg: TrainConfig, device, *, encoders: bool, denoiser:
     if denoiser:
         check_task(task, f"{cls.__module__}:{cls.__qualname__}")
     return task
+
+
+def note_first_frame_option(cls: type, cfg: TrainConfig) -> None:
+    """DiffSynth-Studio switches image-to-video training on by naming `input_image` in `--extra_inputs`; the tasks
+    with a `first_frame` setting (Wan2.2-TI2V, LTX-2) take it from `--task_options first_frame=true` instead."""
+    takes = "first_frame" in inspect.signature(cls.__init__).parameters
+    if takes and "input_image" in cfg.extra_inputs and "first_frame" not in cfg.task_options:
+        logger.warning(
+            "--extra_inputs input_image does not switch image-to-video training on for the %s task: pass "
+            "--task_options first_frame=true (or a probability such as 0.1)",
+            getattr(cls, "family", cls.__name__),
+        )
 
 
 def trained_model_option(cls: type, cfg: TrainConfig) -> dict[str, str]:
