@@ -1189,12 +1189,16 @@ class LTX2Pipeline(BasePipeline):
     def _load_into_slots(self, config) -> None:
         """A temporal latent upsampler (`ltx-2.5-latent-temporal-upscaler-x2`) goes to `temporal_upsampler`: both
         upsamplers share one role and are told apart by their config. LTX-2.5's split files (`split_files.py`)
-        load with the configs their metadata holds."""
+        load with the configs their metadata holds; DiffSynth-Studio's LTX-2 repack files by `_load_repack_files`."""
         from diffsynth.runtime.pipeline import weight_paths
 
+        from .repackage import repack_kinds
         from .split_files import file_kinds
 
         paths = weight_paths(config)
+        repack = repack_kinds(paths)
+        if repack is not None:
+            return self._load_repack_files(config, repack)
         kinds = file_kinds(paths)
         if any(kind is not None for kind in kinds.values()):
             return self._load_split_files(config, kinds)
@@ -1242,6 +1246,36 @@ class LTX2Pipeline(BasePipeline):
             if getattr(self, slot, None) is not None:
                 logger.warning("%s replaces an earlier %s model", config, slot)
             setattr(self, slot, item.module.eval().requires_grad_(False))
+            self.model_configs[slot] = config
+
+    def _load_repack_files(self, config, kinds: dict) -> None:
+        """DiffSynth-Studio's `LTX-2-Repackage` files of one `ModelConfig` (`repackage.py`): whole parts load as
+        the single file's; a VAE half goes with the other half of that VAE, whichever `ModelConfig` gave it."""
+        from dataclasses import replace
+
+        from diffsynth.runtime.quant import check_vram_keys
+
+        from .repackage import VAE_HALVES, load_vae
+
+        halves = self.__dict__.setdefault("_repack_halves", {})
+        given = set()
+        for path, kind in kinds.items():
+            if kind not in VAE_HALVES:
+                one = config if len(kinds) == 1 else replace(config, path=path, model_id=None, origin_file_pattern=None)
+                super()._load_into_slots(one)
+                continue
+            slot, half = VAE_HALVES[kind]
+            if self.load_roles is None or slot in self.load_roles:
+                halves.setdefault(slot, {})[half] = path
+                given.add(slot)
+        for slot in sorted(given):
+            module = load_vae(halves[slot], self.torch_dtype).requires_grad_(False)
+            if getattr(self, slot) is not None and len(halves[slot]) == 1:
+                logger.warning("%s replaces an earlier %s model", config, slot)
+            if config.quantize is not None:
+                check_vram_keys(slot, config.quantize, config.vram_config())
+                config.quantize.quantize_model(module, compute_device=self.device)
+            setattr(self, slot, module)
             self.model_configs[slot] = config
 
     def _load_tokenizer(self, config):
