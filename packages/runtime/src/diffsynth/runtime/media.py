@@ -85,6 +85,16 @@ def load_image(image: PathLike | Image.Image, mode: str = "RGB", *, name: str | 
             ) from error
 
 
+def load_images(images, name: str) -> list[Image.Image] | None:
+    """One image or a list of them (paths or PIL images) as RGB images, read before any model runs: None stays
+    None, and a bad item is named as the caller's argument `name` (`name[i]` in a list)."""
+    if images is None:
+        return None
+    if not isinstance(images, (list, tuple)):
+        return [load_image(images, name=name)]
+    return [load_image(image, name=f"{name}[{i}]") for i, image in enumerate(images)]
+
+
 def eight_bit(image: Image.Image, name: str) -> Image.Image:
     """`image` as 8-bit grey (mode L) when it is a deeper grey image, else itself. PIL's own `convert` clips such
     values to 0..255 (a 16-bit mid-grey turns white). Modes I;16, I;16B, I;16L, I;16N keep their top 8 bits; mode I

@@ -35,7 +35,7 @@ from diffsynth.runtime.controlnet import ControlNetInput, acts_at, checked_input
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.lora import clear_loras, set_lora_scale
-from diffsynth.runtime.media import eight_bit, load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import eight_bit, load_image, load_images, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.parallel import describe_parallel
 from diffsynth.runtime.pipeline import BasePipeline, finite_number
 from diffsynth.runtime.schedulers import make_scheduler
@@ -247,7 +247,7 @@ class ZImagePipeline(BasePipeline):
             raise ConfigError(
                 f"input_image has {len(input_image)} images for {len(prompts)} prompts: give 1 or one per prompt"
             )
-        starts = self.load_input_images(input_image)
+        starts = load_images(input_image, "input_image")
         steps = check_steps(self.setting("num_inference_steps", num_inference_steps, 9))
         shift = finite_number(self.setting("sigma_shift", sigma_shift, 3.0), "sigma_shift")
         auto_resize = self.setting("edit_image_auto_resize", edit_image_auto_resize, True)
@@ -341,15 +341,6 @@ class ZImagePipeline(BasePipeline):
         from .lora import convert_z_image_lora
 
         return convert_z_image_lora(lora)
-
-    @staticmethod
-    def load_input_images(input_image) -> list[Image.Image] | None:
-        """`input_image` (one image or a list; paths or PIL images) read as RGB images, before any model runs."""
-        if input_image is None:
-            return None
-        if not isinstance(input_image, (list, tuple)):
-            return [load_image(input_image, name="input_image")]
-        return [load_image(image, name=f"input_image[{i}]") for i, image in enumerate(input_image)]
 
     def output_size(self, height: int | None, width: int | None, starts: list[Image.Image] | None) -> tuple[int, int]:
         """The checked `(height, width)`: the call's, else (as diffusers' ZImageImg2ImgPipeline) the first input

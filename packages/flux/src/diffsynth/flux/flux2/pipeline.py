@@ -29,7 +29,7 @@ from PIL import Image
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.inpaint import check_blur, inpaint_velocity, mask_grid
-from diffsynth.runtime.media import area_size, load_image, pil_to_tensor, tensor_to_output
+from diffsynth.runtime.media import area_size, load_image, load_images, pil_to_tensor, tensor_to_output
 from diffsynth.runtime.models.qwen3 import Qwen3TextEncoder
 from diffsynth.runtime.pipeline import BasePipeline, finite_number, weight_paths
 from diffsynth.runtime.schedulers import FlowMatchScheduler
@@ -231,7 +231,7 @@ class Flux2ImagePipeline(BasePipeline):
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length={max_sequence_length!r} is not accepted; use an integer >= 1")
         kv_cache = self.kv_cache_setting(use_kv_cache)
-        starts = self.load_input_images(input_image)
+        starts = load_images(input_image, "input_image")
         references = self.load_edit_images(edit_image, edit_image_auto_resize)
         height, width = self.output_size(height, width, starts, references)
         if output_type not in ("pil", "np", "pt"):
@@ -368,15 +368,6 @@ class Flux2ImagePipeline(BasePipeline):
             )
         return embeds.to(self.device)
 
-    @staticmethod
-    def load_input_images(input_image) -> list[Image.Image] | None:
-        """`input_image` (one image or a list; paths or PIL images) read as RGB, each bad item named."""
-        if input_image is None:
-            return None
-        if not isinstance(input_image, (list, tuple)):
-            return [load_image(input_image, name="input_image")]
-        return [load_image(image, name=f"input_image[{i}]") for i, image in enumerate(input_image)]
-
     def output_size(self, height, width, starts, references) -> tuple[int, int]:
         """The checked `(height, width)`: the call's; a side not given comes from the first input image (at the size a
         reference is used at: `reference_size`, cut to multiples of 16, as diffusers' Flux2KleinInpaintPipeline),
@@ -407,7 +398,7 @@ class Flux2ImagePipeline(BasePipeline):
         self, batch, height, width, seed, rand_device, latents, input_images, scheduler, tiled, tile_size, tile_stride
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The starting latents, and the input images' clean latents (None without any); `input_images` are
-        loaded RGB images (`load_input_images`), resized to the output size."""
+        loaded RGB images (`load_images`), resized to the output size."""
         shape = (batch, self.dit.config.in_channels, height // 16, width // 16)
         noise = (
             self.check_latents(latents, shape) if latents is not None else self.generate_noise(shape, seed, rand_device)
