@@ -417,8 +417,70 @@ def test_a_folder_copied_by_hand_is_used_as_is_but_temp_files_mean_cut_off(repo,
     assert config.resolve() == [str(repo / "tokenizer")]  # no marker: no network asked
     (repo / "tokenizer" / "vocab.json.incomplete").write_bytes(b"x")
     config.skip_download = True
-    with pytest.raises(CheckpointError, match="not fully downloaded .*vocab.json.incomplete"):
+    with pytest.raises(CheckpointError, match="not fully downloaded .*vocab.json.incomplete is there: delete it if"):
         config.resolve()
+
+
+def test_another_hub_s_temp_files_are_removed_once_a_download_succeeds(tmp_path, monkeypatch):
+    """A ModelScope download cut off leaves `vocab.json.incomplete`; Hugging Face then completes the folder. The stale
+    temp file (no client removes it) kept the folder 'cut off' for ever: each resolve asked the hub and failed."""
+    remote = {"tokenizer/tokenizer.json": b"{}", "tokenizer/vocab.json": b"{}", "tokenizer/merges.txt": b"x"}
+    root = tmp_path / "Org" / "Tok"
+    hf_temp = root / ".cache" / "huggingface" / "download" / "tokenizer" / "abc.merges.txt.incomplete"
+    calls = []
+
+    def modelscope_cut_off(source, model_id, local_dir, allow, ignore):
+        calls.append(source)
+        (root / "tokenizer").mkdir(parents=True)
+        (root / "tokenizer" / "tokenizer.json").write_bytes(b"{}")
+        (root / "tokenizer" / "vocab.json.incomplete").write_bytes(b"{")
+        hf_temp.parent.mkdir(parents=True)
+        hf_temp.write_bytes(b"x")
+        raise ConnectionError("connection reset")
+
+    def huggingface_ok(source, model_id, local_dir, allow, ignore):
+        calls.append(source)
+        for name, data in remote.items():
+            (root / name).write_bytes(data)
+
+    config = dict(model_id="Org/Tok", origin_file_pattern="tokenizer/", local_model_path=str(tmp_path))
+    monkeypatch.setattr(hub, "_download", modelscope_cut_off)
+    with pytest.raises(CheckpointError, match="connection reset"):
+        ModelConfig(**config).resolve()
+    monkeypatch.setattr(hub, "_download", huggingface_ok)
+    assert ModelConfig(**config, download_source="huggingface").resolve() == [str(root / "tokenizer")]
+    assert not hf_temp.exists() and sorted(p.name for p in (root / "tokenizer").iterdir()) == [
+        "merges.txt",
+        "tokenizer.json",
+        "vocab.json",
+    ]
+    assert ModelConfig(**config, skip_download=True).resolve() == [str(root / "tokenizer")]
+    assert calls == ["modelscope", "huggingface"]
+
+
+@pytest.mark.parametrize("error", [ConfigError("pip install modelscope"), OSError("unknown repo")])
+def test_a_download_that_brought_nothing_leaves_no_marker(tmp_path, monkeypatch, error):
+    """A failed call that fetched nothing (no client, unknown repo, no network) left its pending marker: a complete
+    folder copied there by hand later was refused offline and downloaded again online."""
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(hub, "_download", fail)
+    config = dict(
+        model_id="Org/Tok", origin_file_pattern=["tokenizer/", "text_encoder/"], local_model_path=str(tmp_path)
+    )
+    with pytest.raises((ConfigError, CheckpointError)):
+        ModelConfig(**config).resolve()
+    root = tmp_path / "Org" / "Tok"
+    assert not (root / hub.MARKER_FOLDER).exists()
+    for folder in ("tokenizer", "text_encoder"):
+        (root / folder).mkdir()
+        (root / folder / "config.json").write_text("{}")
+    monkeypatch.setattr(hub, "_download", lambda *args: pytest.fail("a folder copied by hand was downloaded again"))
+    expected = [str(root / "tokenizer"), str(root / "text_encoder")]
+    assert ModelConfig(**config, skip_download=True).resolve() == expected
+    assert ModelConfig(**config).resolve() == expected
 
 
 def test_markers_of_pending_downloads_are_not_loaded(repo):

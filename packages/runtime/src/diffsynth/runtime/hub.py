@@ -164,16 +164,21 @@ class ModelConfig:
         root = self.local_folder
         found: dict[str, list[str]] = {}
         for pattern in patterns:
-            if not pattern:
-                hits = [root] if _finished_files(root, root) else []
-            elif pattern.endswith("/"):
-                hits = [h.rstrip("/\\") for h in glob.glob(os.path.join(glob.escape(root), pattern))]
-                hits = [h for h in hits if not _is_hub_file(h, root) and _finished_files(h, root)]
+            if _is_folder_pattern(pattern):
+                hits = [h for h in self._folders(pattern) if _finished_files(h, root)]
             else:
                 hits = glob.glob(os.path.join(glob.escape(root), pattern))
                 hits = [h for h in hits if not _is_hub_file(h, root)]
             found[pattern] = sorted(hits)
         return found
+
+    def _folders(self, pattern: str) -> list[str]:
+        """The local folders a folder pattern ("dir/", a glob allowed) or the whole repo ("") stands for."""
+        root = self.local_folder
+        if not pattern:
+            return [root] if os.path.isdir(root) else []
+        hits = [h.rstrip("/\\") for h in glob.glob(os.path.join(glob.escape(root), pattern))]
+        return [h for h in hits if os.path.isdir(h) and not _is_hub_file(h, root)]
 
     def _gaps(self, patterns: list[str], found: dict[str, list[str]]) -> list[str]:
         """What is missing: patterns with no match, then shards missing beside the matches."""
@@ -202,7 +207,8 @@ class ModelConfig:
                     (pattern, f"the download marker {marker} is still there: delete it if the files are complete")
                 )
             elif temps:
-                cut.append((pattern, f"hub temp file {temps[0]}"))
+                more = f" (and {len(temps) - 1} more)" if len(temps) > 1 else ""
+                cut.append((pattern, f"hub temp file {temps[0]}{more} is there: delete it if the files are complete"))
         return cut
 
     def _marker(self, pattern: str) -> str:
@@ -245,9 +251,19 @@ class ModelConfig:
         )
         markers = self._mark_pending(pending)
         try:
+            self._call_hub(hub_id, calls, present, allow)
+        except BaseException:
+            self._unmark_untouched(pending)
+            raise
+        _clear_markers(markers)
+        self._remove_stale_temp_files(patterns)
+
+    def _call_hub(self, hub_id: str, calls, present: list[str], allow) -> None:
+        """The hub calls of one fetch; a failure other than ours is one CheckpointError saying what to try."""
+        try:
             for allow_patterns, ignore in calls:
                 ignore_patterns = sorted(set(present)) + ignore
-                _download(self.download_source, hub_id, root, allow_patterns, ignore_patterns or None)
+                _download(self.download_source, hub_id, self.local_folder, allow_patterns, ignore_patterns or None)
         except DiffSynthError:
             raise
         except Exception as exc:  # network, auth, unknown repo: one clear message
@@ -259,7 +275,21 @@ class ModelConfig:
                 f"download_source='{other}' (asks it for {_hub_id(other, self.model_id)!r}), or set "
                 f"{ENV_SKIP_DOWNLOAD}=1 to use local files only"
             ) from exc
-        _clear_markers(markers)
+
+    def _unmark_untouched(self, pending: list[str]) -> None:
+        """After a failed fetch, drop the markers of folders that still hold no finished file (nothing arrived:
+        no repo, no network, no client), so a folder copied there by hand later is used as is."""
+        found = self._find(pending)
+        _clear_markers([self._marker(p) for p in pending if not found[p]])
+
+    def _remove_stale_temp_files(self, patterns: list[str]) -> None:
+        """After the hub calls succeeded, hub temp files left in the patterns' folders (another client's, or an
+        earlier cut-off's) are stale: removed, so they do not mark the complete folder as cut off."""
+        root = self.local_folder
+        for pattern in filter(_is_folder_pattern, patterns):
+            for folder in self._folders(pattern):
+                for temp in _hub_temp_files(folder, root):
+                    Path(temp).unlink(missing_ok=True)
 
     def _gap_message(self, gaps: list[str]) -> str:
         head = (
