@@ -262,6 +262,20 @@ def test_an_upper_case_jsonl_prompts_file_is_read_as_rows(recorder, tmp_path):
     assert [(c["prompt"], c["seed"]) for c in recorder.calls] == [("a fox", 7)]
 
 
+def test_a_null_seed_in_a_row_counts_on_from_the_seed_flag(recorder, tmp_path):
+    """`"seed": null` is no seed of the row's own, as a null negative_prompt is none: it was a bare TypeError."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a fox", "seed": null, "negative_prompt": null}\n{"prompt": "a cat", "seed": 7}\n')
+    assert main(["generate", "--model", "x", "--device", "cpu", "--prompts-file", str(rows), "--seed", "3",
+                 "--num-images", "2", "--output", str(tmp_path / "a.png")]) == 0  # fmt: skip
+    assert [(c["prompt"], c["seed"]) for c in recorder.calls] == [
+        ("a fox", 3),
+        ("a fox", 4),
+        ("a cat", 7),
+        ("a cat", 8),
+    ]
+
+
 def test_a_seed_run_past_64_bits_is_named_with_its_row(recorder, tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "a", "seed": 18446744073709551615}\n')

@@ -34,3 +34,13 @@ def test_a_seed_outside_64_bits_is_named_with_the_range(seed):
         check_seed(2**64, "--seed")
     with pytest.raises(ConfigError, match=r"seed 'x' is not a whole number"):
         seeded_noise((1,), "x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no CUDA GPU")
+@pytest.mark.parametrize("rand_device", ["cuda", "cuda:3", torch.device("cuda")])
+def test_a_rand_device_gpu_torch_does_not_see_is_named(rand_device):
+    """It was torch's AcceleratorError from torch.Generator(device), deep in the call, where `device=` is named."""
+    with pytest.raises(ConfigError, match=r"rand_device='cuda(:3)?': torch .* sees no CUDA GPU here"):
+        seeded_generator(0, rand_device)
+    with pytest.raises(ConfigError, match="rand_device="):
+        seeded_noise((1, 4), None, rand_device)

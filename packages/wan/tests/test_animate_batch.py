@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
+from diffsynth.runtime.errors import ConfigError
 from diffsynth.wan.animate import segment_noise
 
 
@@ -36,6 +38,31 @@ def test_segment_noise_draws_each_prompt_on_its_own():
     assert torch.equal(torch.cat([b[1:] for b in batch]), later)
     (whole,) = segment_noise((2, *ONE[1:]), 1, 5, CPU)  # one segment: one draw of the batch
     assert torch.equal(whole, torch.randn((2, *ONE[1:]), generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize(
+    ("seed", "rand_device", "message"),
+    [
+        (1.5, CPU, r"seed 1\.5 is not a whole number"),
+        (True, CPU, r"seed True is not a whole number"),
+        (2**64, CPU, r"seed 18446744073709551616: outside the seeds torch accepts"),
+        (1, "disk", r"rand_device='disk' is not accepted"),
+    ],
+)
+def test_segment_noise_checks_the_seed_and_rand_device_as_every_mode(seed, rand_device, message):
+    """Animate seeded its own generator with int(seed): 1.5 and True drew seed 1's noise, 2**64 and disk were bare
+    torch errors; now the runtime's `seeded_generator` names them, before a segment is drawn."""
+    for segments in (1, 3):
+        with pytest.raises(ConfigError, match=message):
+            list(segment_noise(ONE, segments, seed, rand_device))
+
+
+def test_an_animate_call_with_a_fractional_seed_is_refused(animate_pipe):
+    inputs = dict(input_image=A.P.image(9, (32, 32)), output_type="pt", **A.FAST, **A.driving(5))
+    with pytest.raises(ConfigError, match=r"seed 1\.5 is not a whole number"):
+        animate_pipe(A.P.PROMPT, seed=1.5, **inputs)
+    with pytest.raises(ConfigError, match=r"rand_device='disk' is not accepted"):
+        animate_pipe(A.P.PROMPT, seed=1, rand_device="disk", **inputs)
 
 
 def test_batch_of_three_segments_gives_each_prompt_its_own_video(animate_pipe):

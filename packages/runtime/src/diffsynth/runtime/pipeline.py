@@ -65,10 +65,11 @@ def seeded_generator(
     seed: int | None, rand_device: str | torch.device = "cpu"
 ) -> tuple[torch.Generator | None, torch.device]:
     """The generator a call draws its noise from, seeded with `seed` on `rand_device` (None: unseeded draws), and
-    that device; anything but cpu, cuda, cuda:N or mps (`disk` places weights, not noise) is refused by name, and so
-    is a seed outside -2**63 .. 2**64 - 1 (`check_seed`). Under parallel sampling (`enable_parallel` in a process
-    group of several ranks) a call without a seed draws one on rank 0 and shares it, so that every rank starts from
-    the same noise (`parallel.shared_seed`): the divided denoiser calls must see one latent, not one per rank."""
+    that device; anything but cpu, cuda, cuda:N or mps (`disk` places weights, not noise), or a GPU this torch does
+    not see (`check_device`), is refused by name, and so is a seed outside -2**63 .. 2**64 - 1 (`check_seed`).
+    Under parallel sampling (`enable_parallel` in a process group of several ranks) a call without a seed draws one
+    on rank 0 and shares it, so that every rank starts from the same noise (`parallel.shared_seed`): the divided
+    denoiser calls must see one latent, not one per rank."""
     if seed is None:
         from .parallel import shared_seed
 
@@ -80,6 +81,7 @@ def seeded_generator(
         device = None
     if not isinstance(device, torch.device):
         raise ConfigError(f"rand_device={rand_device!r} is not accepted; use cpu, cuda, cuda:N or mps")
+    check_device(device, "rand_device", given=rand_device)  # a GPU torch does not see: named, not torch's error
     return (None if seed is None else torch.Generator(device).manual_seed(seed)), device
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from diffsynth.runtime.attention import attention
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.media import load_frames, load_image, pil_to_tensor
+from diffsynth.runtime.pipeline import seeded_generator
 from diffsynth.runtime.vram import module_dtype
 
 # StyleGAN channel widths by resolution: the motion encoder's conv pyramid in the released checkpoint
@@ -315,13 +316,21 @@ def segment_noise(
     """Each segment's noise `shape` (`[B, ...]`), drawn on `device` from one generator seeded with `seed`: with one
     segment, one draw of the batch (as the other Wan modes); with several, prompt b's noise for segment k is the
     generator's draw `b * segments + k` of one prompt's noise, so a prompt's video does not depend on the batch it
-    is in (prompt 0's is the one-prompt call's: the k-th draw)."""
-    if seed is None or segments == 1:
-        generator = None if seed is None else torch.Generator(device).manual_seed(int(seed))
+    is in (prompt 0's is the one-prompt call's: the k-th draw). The seed and device are checked as every mode's
+    (`seeded_generator`: a seed of 1.5 or True, or a rand_device of disk, is refused by name) when it is called."""
+    generator, device = seeded_generator(seed, device)
+    return _segment_draws(shape, segments, generator, device)
+
+
+def _segment_draws(
+    shape: tuple[int, ...], segments: int, generator: torch.Generator | None, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """`segment_noise`'s draws from its checked `generator` (None: unseeded)."""
+    if generator is None or segments == 1:
         for _ in range(segments):
             yield torch.randn(shape, generator=generator, device=device)
         return
-    one, generator, generators = (1, *shape[1:]), torch.Generator(device).manual_seed(int(seed)), []
+    one, generators = (1, *shape[1:]), []
     for b in range(shape[0]):
         generators.append(torch.Generator(device).set_state(generator.get_state()))
         if b < shape[0] - 1:  # the next prompt starts where this one's draws end
