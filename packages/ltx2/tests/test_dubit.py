@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 
 from diffsynth.ltx2.audio_vae import pack_latents
 from diffsynth.ltx2.dit import audio_positions
-from diffsynth.ltx2.dubit import REFERENCE_GAP, audio_reference, frame_count
+from diffsynth.ltx2.dubit import REFERENCE_GAP, audio_reference, encode_whole_track, frame_count
 from diffsynth.ltx2.pipeline import LTX2Keyframes, ltx2_velocity
 from diffsynth.runtime.errors import ConfigError
 from diffsynth.runtime.hub import ModelConfig
-from diffsynth.runtime.media import mux_video_audio
+from diffsynth.runtime.media import load_audio, mux_video_audio
 
 CAPTIONS = repo_module.CAPTIONS
 SIZE = dict(height=128, width=128)  # stage 1 at 64 x 64
@@ -111,11 +111,56 @@ def test_dub_video_runs_two_stages_on_the_source(dub_pipe, source, monkeypatch):
     assert shape_1[2:] == (2, 2, 2) and shape_2[2:] == (2, 4, 4)
     assert len(references_1) == 2 * 1 * 1 and len(references_2) == 2 * 2 * 2  # the source at 32 and 64 pixels
     expected_length = dub_pipe.audio_latent_shape(1, 9, FPS)[2]
-    assert len(sound_1) == expected_length and audio_1.shape[2] == expected_length
+    assert audio_1.shape[2] == expected_length
+    # the reference is the source's whole sound (13 frames' worth), not cut to the 9-frame clip: the authors'
+    # `_encode_reference_audio_vae_latent` encodes the whole decoded track
+    whole = encode_whole_track(dub_pipe, *load_audio(source))
+    assert len(sound_1) == whole.shape[2] > expected_length
+    torch.testing.assert_close(sound_1.tokens, pack_latents(whole))
     torch.testing.assert_close(audio_in_2, audio_1, atol=0, rtol=0)  # stage 2 starts from the new sound
     torch.testing.assert_close(audio_2, audio_1, atol=0, rtol=0)  # and keeps it
     torch.testing.assert_close(sound_2.tokens, pack_latents(audio_1))
     assert sound.waveform.shape[-1] == round(9 / FPS * sound.sample_rate)  # as long as the video, to the sample
+
+
+def test_reference_sound_is_the_whole_track(dub_pipe, tmp_path, monkeypatch):
+    """A source whose sound outlasts its 9 frames (3 s): the reference holds all of it (about 75 latent frames at
+    25 a second), where cutting it to the clip's 0.75 s gave 19."""
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)) for _ in range(9)]
+    t = torch.arange(48000 * 3) / 48000
+    path = tmp_path / "long-sound.mp4"
+    mux_video_audio(frames, (torch.sin(2 * torch.pi * 330 * t) * 0.5)[None], 48000, str(path), fps=FPS)
+    seen = []
+    real = audio_reference
+
+    def spy(pipe, latents):
+        seen.append(latents.shape[2])
+        return real(pipe, latents)
+
+    monkeypatch.setattr("diffsynth.ltx2.dubit.audio_reference", spy)
+    dub_pipe.dub_video(CAPTIONS[0], path, seed=0, max_sequence_length=16, output_type="pt", progress_bar=False, **SIZE)
+    assert seen[0] >= 74 and seen[1] == dub_pipe.audio_latent_shape(1, 9, FPS)[2]
+
+
+def test_enhancer_sees_no_image(dub_pipe, source):
+    """As the authors' Dub-It (`images=[]`): the enhancer gets no image, so it writes a text-to-video prompt."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(prompts, images, seed=None):
+        seen.append((prompts, images, seed))
+        raise Stop
+
+    dub_pipe.enhance_prompts = spy
+    try:
+        with pytest.raises(Stop):
+            dub_pipe.dub_video(CAPTIONS[0], source, seed=3, enhance_prompt=True, progress_bar=False, **SIZE)
+    finally:
+        del dub_pipe.enhance_prompts
+    assert seen == [([CAPTIONS[0]], [None], 3)]
 
 
 def test_bad_input(dub_pipe, tiny_ltx2_pipe, source):

@@ -155,3 +155,50 @@ def test_pipeline_predicts_num_frames_when_left_out(ltx25_with_head):
     assert pipe.predict_num_frames(CAPTIONS[0], 16, 24.0, 0.2, 20.0) == 17  # 22 frames floored to the grid
     frames, _ = pipe(CAPTIONS[0], num_frames=9, **settings)  # given: used as is
     assert frames.shape[2] == 9
+
+
+def authors_seconds(head: LTX2DurationHead, video, audio) -> float:
+    """ltx-core's `DurationHead.forward`, re-written on torch's multi-head attention: a stream given as None is
+    left out of the pooled tokens (its projection and modality embedding unused)."""
+    groups = []
+    if video is not None:
+        groups.append(head.video_input_proj(video) + head.video_modality_emb)
+    if audio is not None:
+        groups.append(head.audio_input_proj(audio) + head.audio_modality_emb)
+    tokens = torch.cat(groups, dim=1).transpose(0, 1)  # [L, B, D]
+    pooler = head.attention_pooler
+    queries = pooler.query_tokens[:, None].expand(-1, tokens.shape[1], -1)
+    attention = pooler.cross_attn
+    pooled, _ = torch.nn.functional.multi_head_attention_forward(
+        queries, tokens, tokens, tokens.shape[-1], attention.heads, attention.in_proj_weight, attention.in_proj_bias,
+        None, None, False, 0.0, attention.out_proj.weight, attention.out_proj.bias, need_weights=False,
+    )  # fmt: skip
+    hidden = torch.nn.functional.gelu(head.mlp_hidden(pooled.transpose(0, 1).flatten(1)), approximate="tanh")
+    return float(head.mlp_out(hidden).squeeze(-1).exp()[0])
+
+
+def test_text_to_audio_predicts_from_the_audio_stream_only(ltx25_with_head, monkeypatch):
+    """`generate_audio` with `num_frames` left out: the clip length from the audio connector's output alone, as
+    ltx-pipelines' text-to-audio (`resolve_num_frames(..., video_encoding=None, audio_encoding=...)`)."""
+    pipe = ltx25_with_head
+    text = pipe.encode_prompt([CAPTIONS[0]], 16)
+    config = LTX2DurationHeadConfig(video_dim=text.video.shape[-1], audio_dim=text.audio.shape[-1], hidden_dim=16)
+    head = random_head(config, seed=0).requires_grad_(False)  # as a loaded model
+    with torch.no_grad():
+        head.mlp_out.bias.fill_(math.log(4.0))  # this head: 5.3 s from both streams, 7.4 s from the audio alone
+    monkeypatch.setattr(pipe, "duration_head", head)
+    with torch.no_grad():
+        audio_only = num_frames_from_seconds(authors_seconds(head, None, text.audio), 24.0)
+        both = num_frames_from_seconds(authors_seconds(head, text.video, text.audio), 24.0)
+    assert audio_only != both
+    assert pipe.predict_num_frames(CAPTIONS[0], 16, 24.0, 1.0, 20.0, video=False) == audio_only
+    lengths = []
+    real = type(pipe).audio_latent_shape
+
+    def spy(self, batch, num_frames, frame_rate):
+        lengths.append(num_frames)
+        return real(self, batch, num_frames, frame_rate)
+
+    monkeypatch.setattr(type(pipe), "audio_latent_shape", spy)
+    pipe.generate_audio(CAPTIONS[0], num_inference_steps=1, seed=0, max_sequence_length=16, progress_bar=False)
+    assert lengths == [audio_only]

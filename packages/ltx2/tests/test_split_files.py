@@ -318,3 +318,81 @@ def test_presets_resolve_to_the_authors_files(tiny_25, monkeypatch):
     assert quick.model_configs["diffusion_decoder"].origin_file_pattern == FILES["video_vae"]
     assert quick.model_configs["vae"].origin_file_pattern == FILES["video_vae"]  # the encoder, from the same file
     assert quick.diffusion_decoder is not None and quick.defaults["use_distilled_pipeline"]
+
+
+# ----------------------------------------------------------------------------------------- load-time checks
+def with_metadata(src, dst, **changes):
+    """`src` saved as `dst` with metadata entries replaced (JSON-encoded) or, given None, dropped."""
+    with safe_open(str(src), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = dict(f.metadata())
+    for key, value in changes.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    save_file(state, str(dst), metadata=metadata)
+    return dst
+
+
+def test_text_encoder_of_another_gemma_version_is_refused(tiny_25, tmp_path):
+    """ltx-core's `_check_gemma_version`: the transformer names the Gemma it was trained with
+    (`gemma_source_checkpoint.gemma_version`); a text encoder file of another version is refused, by `load_split`
+    and by the pipeline, naming both files and versions."""
+    from diffsynth.ltx2.pipeline import LTX2Pipeline
+    from diffsynth.runtime.hub import ModelConfig
+
+    _, paths = tiny_25
+    gemma = json.loads(safe_open(str(paths["text_encoder"]), "pt").metadata()["gemma_config"])
+    other = with_metadata(paths["text_encoder"], tmp_path / "stock.safetensors",
+                          gemma_config={**gemma, "gemma_version": "gemma4-12b-stock"})  # fmt: skip
+    pattern = r"gemma_version='gemma4-12b-ltx-v1'.*stock.safetensors has gemma_version='gemma4-12b-stock'"
+    with pytest.raises(ConfigError, match=pattern) as caught:
+        load_split([paths["transformer_dev"], other], F32)
+    assert str(paths["transformer_dev"]) in str(caught.value)
+    configs = [ModelConfig(path=str(paths["transformer_dev"])), ModelConfig(path=str(other))]
+    with pytest.raises(ConfigError, match=pattern):
+        LTX2Pipeline.from_pretrained(model_configs=configs, device="cpu", torch_dtype=F32)
+
+
+def test_gemma_version_rule():
+    """The rest of ltx-core's rule: from model_version 2.4 a transformer must name its Gemma; older ones take
+    Gemma 3 only."""
+    from diffsynth.ltx2.split_files import check_gemma_version
+
+    gemma4, gemma3 = {"model_type": "gemma4_unified", "gemma_version": "v1"}, {"model_type": "gemma3"}
+    check_gemma_version({"gemma_source_checkpoint": '{"gemma_version": "v1"}'}, gemma4, "dit.st", "te.st")
+    check_gemma_version({"model_version": "2.3.0"}, gemma3, "dit.st", "te.st")
+    check_gemma_version({"model_version": "2.5.0"}, {"model_type": "gemma4_unified"}, "dit.st", "te.st")  # warns
+    with pytest.raises(ConfigError, match=r"dit.st: model_version='2.5.0' must name gemma_source_checkpoint"):
+        check_gemma_version({"model_version": "2.5.0"}, gemma4, "dit.st", "te.st")
+    with pytest.raises(ConfigError, match=r"takes a Gemma 3 text encoder, but te.st is model_type='gemma4_unified'"):
+        check_gemma_version({"config": "{}"}, gemma4, "dit.st", "te.st")
+
+
+def test_text_encoder_too_narrow_for_the_connectors_is_refused(tiny_ltx2_base, tiny_25):
+    """A 2.x single file with LTX-2.5's text encoder file: the encoder's hidden states (width x (layers + 1)) do
+    not fit the single file's connectors; refused at load, naming both files, not at the first call."""
+    from diffsynth.ltx2.pipeline import LTX2Pipeline
+    from diffsynth.runtime.hub import ModelConfig
+
+    _, paths = tiny_25
+    single = tiny_ltx2_base / repo.LTX_REPO / repo.SINGLE_FILE
+    configs = [ModelConfig(path=str(single)), ModelConfig(path=str(paths["text_encoder"]))]
+    pattern = r"gemma4-12b-with-proj.*gives 32 channels x 7 hidden states.*ltx-2-19b.*take 128 x 3"
+    with pytest.raises(ConfigError, match=pattern):
+        LTX2Pipeline.from_pretrained(model_configs=configs, device="cpu", torch_dtype=F32,
+                                     tokenizer_config=ModelConfig(path=str(paths["text_encoder"])))  # fmt: skip
+
+
+def test_unknown_role_and_missing_gemma_config_are_named(tiny_25, tmp_path):
+    """A mistyped role is refused with the roles there are (it loaded nothing); a text encoder file without its
+    `gemma_config` metadata is named with that key (the error named the transformer file)."""
+    _, paths = tiny_25
+    with pytest.raises(ConfigError, match=r"\['vea'\] is not a role.*'vae'"):
+        load_split(paths["video_vae_conv"], F32, roles={"vea"})
+    with pytest.raises(ConfigError, match=r"\['vea'\] is not a role"):
+        load_split(paths["video_vae"], F32, roles={"vea"})
+    bare = with_metadata(paths["text_encoder"], tmp_path / "bare.safetensors", gemma_config=None)
+    with pytest.raises(ConfigError, match=r"bare.safetensors: no 'gemma_config' metadata"):
+        load_split([paths["transformer_dev"], bare], F32)

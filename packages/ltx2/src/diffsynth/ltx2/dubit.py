@@ -6,9 +6,9 @@ The Dub-It IC-LoRA (loaded with `load_lora`, in both stages) reads two reference
 
 - its video, as any IC-LoRA reference (`in_context.py`: clean tokens beside the video's, at the LoRA's
   `reference_downscale_factor` below each stage's size);
-- its sound, encoded by the audio VAE: clean audio tokens appended after the audio's, at timestep 0, placed
-  before the clip in time (their positions shifted back by the sound's length plus 0.04 s), so the model hears
-  the voice without taking it for the new sound.
+- its whole sound track (not cut to the clip), encoded by the audio VAE: clean audio tokens appended after the
+  audio's, at timestep 0, placed before the clip in time (their positions shifted back by the sound's length plus
+  0.04 s), so the model hears the voice without taking it for the new sound.
 
 The clip's length and frame rate are the source's (its frame count rounded down to 8k + 1). Stage 1 samples the
 video and the new sound at half size on the distilled schedule; stage 2 doubles the video latents (the latent
@@ -26,11 +26,12 @@ from collections.abc import Sequence
 import torch
 
 from diffsynth.runtime.errors import ConfigError
-from diffsynth.runtime.media import load_audio, load_video, video_frame_rate
+from diffsynth.runtime.media import load_audio, load_video, resample_audio, video_frame_rate
 from diffsynth.runtime.pipeline import seeded_generator
 from diffsynth.runtime.schedulers import FlowMatchScheduler
+from diffsynth.runtime.vram import module_dtype
 
-from .audio_vae import pack_latents
+from .audio_vae import mel_spectrogram, pack_latents
 from .decoding import Decoding, diffusion_tiles, uses_diffusion_decoder
 from .dit import audio_positions
 from .in_context import encode_references
@@ -46,6 +47,16 @@ def frame_count(frames: int, temporal: int = 8) -> int:
     if frames < 1:
         raise ConfigError("the reference video holds no frames")
     return (frames - 1) // temporal * temporal + 1
+
+
+def encode_whole_track(pipe, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Normalised audio latents `[1, C, L, M]` of the source's whole sound track `[C, N]`, neither cut nor padded to
+    the clip (the authors' `_encode_reference_audio_vae_latent` encodes all of it): the voice to keep."""
+    config = pipe.audio_vae.config
+    waveform = resample_audio(waveform.detach().float().cpu(), int(sample_rate), config.sample_rate)
+    pipe.load_models_to_device(["audio_vae"])
+    mel = mel_spectrogram(waveform[None].to(pipe.device), config.sample_rate, config)
+    return pipe.audio_vae.encode(mel.to(module_dtype(pipe.audio_vae))).float()
 
 
 def audio_reference(pipe, latents: torch.Tensor):
@@ -99,7 +110,7 @@ def dub_video(
     max_len = pipe.setting("max_sequence_length", max_sequence_length, DEFAULT_MAX_SEQUENCE_LENGTH)
     prompts = [prompt]
     if enhance_prompt:
-        prompts = pipe.enhance_prompts(prompts, [source[0]], seed)
+        prompts = pipe.enhance_prompts(prompts, [None], seed)  # no image: the authors' text-to-video prompt
 
     pipe.load_models_to_device(["text_encoder", "connectors"])
     text = pipe.encode_prompt(prompts, max_len)
@@ -110,7 +121,7 @@ def dub_video(
     stage_height, stage_width = height // 2, width // 2
     video_tokens, video_coords = encode_references(pipe, [source], stage_height, stage_width, frames, fps, factor)
     video_reference = LTX2Keyframes(video_tokens, video_coords)
-    heard = pipe.encode_audio(waveform, rate, frames, fps)  # the source's sound over the clip's span
+    heard = encode_whole_track(pipe, waveform, rate)
     sound_reference = audio_reference(pipe, heard)
     scheduler = FlowMatchScheduler("ltx2_distilled")
     scheduler.set_timesteps(8, sigmas=stage_1_sigmas)

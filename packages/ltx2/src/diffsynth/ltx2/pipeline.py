@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import operator
@@ -102,6 +103,21 @@ def first_frame_strength(value) -> float:
             "strengths are not supported: the other input_images are kept exactly"
         )
     return finite_number(value, "input_images_strength")
+
+
+def _gemma_config_of(paths: Sequence[str]) -> dict | None:
+    """Gemma's config.json of a text encoder: LTX-2.5's file carries it as `gemma_config` metadata, a Hugging Face
+    folder beside its weights; None where neither is there."""
+    from .split_files import GEMMA_CONFIG_KEY, file_metadata
+
+    for path in paths:
+        if str(path).endswith(".safetensors") and GEMMA_CONFIG_KEY in (metadata := file_metadata(path)):
+            return json.loads(metadata[GEMMA_CONFIG_KEY])
+    config_json = os.path.join(os.path.dirname(str(paths[0])), "config.json") if paths else ""
+    if not os.path.isfile(config_json):
+        return None
+    with open(config_json, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def check_waveform(waveform: torch.Tensor) -> None:
@@ -657,7 +673,48 @@ class LTX2Pipeline(BasePipeline):
         pipe.stage2_lora = stage2_lora_config
         if stage2_lora_strength is not None:
             pipe.defaults["stage2_lora_strength"] = float(stage2_lora_strength)
+        pipe.check_text_encoder_fits()
         return pipe
+
+    def check_text_encoder_fits(self) -> None:
+        """Refuse, at load, a text encoder the DiT and connectors cannot take (e.g. LTX-2.3's file beside LTX-2.5's
+        text encoder): its hidden states must be the connectors' input width, and its Gemma version the one the
+        transformer file's metadata names (ltx-core's `_check_gemma_version`)."""
+        from diffsynth.runtime.pipeline import describe_config
+
+        if self.text_encoder is None or self.connectors is None:
+            return
+        encoder_config = self.model_configs.get("text_encoder")
+        encoder_name = describe_config(encoder_config) if encoder_config is not None else "the text encoder"
+        gemma = getattr(self.text_encoder.config, "text_config", self.text_encoder.config)
+        given = (gemma.hidden_size, gemma.num_hidden_layers + 1)
+        wanted = (self.connectors.config.caption_channels, self.connectors.config.text_proj_in_factor)
+        if given != wanted:
+            connectors_config = self.model_configs.get("connectors")
+            connectors_name = describe_config(connectors_config) if connectors_config is not None else "connectors"
+            raise ConfigError(
+                f"the text encoder ({encoder_name}) gives {given[0]} channels x {given[1]} hidden states (layers + "
+                f"1), but the text connectors ({connectors_name}) take {wanted[0]} x {wanted[1]}: load the text "
+                "encoder released with the DiT"
+            )
+        self._check_gemma_version(encoder_name)
+
+    def _check_gemma_version(self, encoder_name: str) -> None:
+        """`split_files.check_gemma_version` on the DiT's file and the text encoder's config, where the DiT's file
+        carries ltx-core's metadata (a diffusers folder has none to check against)."""
+        from diffsynth.runtime.pipeline import weight_paths
+
+        from .split_files import check_gemma_version, file_metadata, has_ltx_core_metadata
+
+        dit_config, encoder_config = self.model_configs.get("dit"), self.model_configs.get("text_encoder")
+        if dit_config is None or encoder_config is None:
+            return
+        dit_files = [p for p in weight_paths(dit_config) if str(p).endswith(".safetensors")]
+        dit_files = [(p, meta) for p in dit_files if has_ltx_core_metadata(meta := file_metadata(p))]
+        gemma = _gemma_config_of(weight_paths(encoder_config)) if dit_files else None
+        if gemma is not None:
+            path, metadata = dit_files[0]
+            check_gemma_version(metadata, gemma, str(path), encoder_name)
 
     def read_lora(self, path, slot: str = "dit"):
         """The part of an LTX-2 LoRA for `slot` in our names (see `lora.split_lora`): ltx-core / ComfyUI
@@ -916,15 +973,24 @@ class LTX2Pipeline(BasePipeline):
 
     # ------------------------------------------------------------------ stages
     def predict_num_frames(
-        self, prompt: str, max_sequence_length: int, frame_rate: float, min_seconds: float, max_seconds: float
+        self,
+        prompt: str,
+        max_sequence_length: int,
+        frame_rate: float,
+        min_seconds: float,
+        max_seconds: float,
+        *,
+        video: bool = True,
     ) -> int:
         """The clip length LTX-2.5's duration head (`duration_head.py`) gives `prompt`: its seconds at `frame_rate`,
-        clamped to `[min_seconds, max_seconds]` and floored onto the VAE's `8k + 1` grid, as ltx-pipelines does."""
+        clamped to `[min_seconds, max_seconds]` and floored onto the VAE's `8k + 1` grid, as ltx-pipelines does.
+        `video=False` reads the audio connector's output only (ltx-pipelines' text-to-audio passes no video)."""
         self.load_models_to_device(["text_encoder", "connectors"])
         text = self.encode_prompt([prompt], max_sequence_length)
         self.load_models_to_device(["duration_head"])
         head_dtype = module_dtype(self.duration_head)
-        seconds = float(self.duration_head(text.video.to(head_dtype), text.audio.to(head_dtype))[0])
+        video_tokens = text.video.to(head_dtype) if video else None
+        seconds = float(self.duration_head(video_tokens, text.audio.to(head_dtype))[0])
         frames = num_frames_from_seconds(seconds, frame_rate, min_seconds, max_seconds, self.vae.temporal_compression)
         logger.info("the duration head gives %.2f s: %d frames at %g fps", seconds, frames, frame_rate)
         return frames

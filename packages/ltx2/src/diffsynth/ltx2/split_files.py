@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -268,6 +269,56 @@ def vae_fields(vae: Mapping) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------- Gemma version
+GEMMA_SOURCE_KEY = "gemma_source_checkpoint"  # metadata of a transformer file: the Gemma it was trained with
+MODEL_VERSION_KEY = "model_version"
+_GEMMA_SOURCE_REQUIRED_SINCE = (2, 4, 0)  # ltx-core: from here a checkpoint must name its Gemma
+_GEMMA3_TYPES = ("gemma3", "gemma3_text")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", str(version))[:3])
+
+
+def check_gemma_version(transformer_metadata: Mapping[str, str], gemma_config: Mapping, transformer: str, encoder: str):
+    """ltx-core's rule (`_check_gemma_version`), so a text encoder the DiT was not trained on is refused at load
+    rather than giving wrong contexts: a transformer whose metadata names `gemma_source_checkpoint.gemma_version`
+    needs a text encoder whose config has that `gemma_version`; one from 2.4 on that names none needs a text
+    encoder without a version (a warning); older ones need Gemma 3. `transformer` / `encoder` name the sources."""
+    source = _json(transformer_metadata, GEMMA_SOURCE_KEY, transformer)
+    actual = gemma_config.get("gemma_version")
+    if source is not None:
+        expected = source.get("gemma_version")
+        if expected != actual:
+            raise ConfigError(
+                f"Gemma version mismatch: {transformer} was trained with gemma_version={expected!r} "
+                f"({GEMMA_SOURCE_KEY}), but the text encoder {encoder} has gemma_version={actual!r}; load the text "
+                f"encoder file released with it ({FILES['text_encoder']} for LTX-2.5)"
+            )
+        return
+    version = transformer_metadata.get(MODEL_VERSION_KEY)
+    if version is not None and _version_tuple(version) >= _GEMMA_SOURCE_REQUIRED_SINCE:
+        if actual is None:
+            logger.warning("%s (model_version=%r) names no Gemma version, nor does %s: not checked", transformer,
+                           version, encoder)  # fmt: skip
+            return
+        raise ConfigError(
+            f"{transformer}: model_version={version!r} must name {GEMMA_SOURCE_KEY}.gemma_version to be checked "
+            f"against the text encoder {encoder} (gemma_version={actual!r}), and does not"
+        )
+    kind = gemma_config.get("model_type")
+    if kind not in _GEMMA3_TYPES:
+        raise ConfigError(
+            f"{transformer} names no {GEMMA_SOURCE_KEY} (model_version={version!r}): it takes a Gemma 3 text "
+            f"encoder, but {encoder} is model_type={kind!r}"
+        )
+
+
+def has_ltx_core_metadata(metadata: Mapping[str, str]) -> bool:
+    """Whether a file carries ltx-core's metadata (the authors' files do; diffusers' and tiny test files not)."""
+    return any(key in metadata for key in (CONFIG_KEY, GEMMA_SOURCE_KEY, MODEL_VERSION_KEY))
+
+
 # ----------------------------------------------------------------------------------- tokenizer
 def gemma_assets(path: str | os.PathLike) -> tuple[dict, bytes, dict[str, bytes]]:
     """(Gemma's config.json, tokenizer.json bytes, sidecar files by name) packed in LTX-2.5's text encoder file."""
@@ -380,9 +431,12 @@ def load_split(
         if kind == "video_vae_diffusion":
             if len(kinds) > 1:
                 raise ConfigError(f"{path} is the diffusion-decoder video VAE: load it on its own")
-            return _load_diffusion_vae(path, torch_dtype, device, KIND_ROLES[kind] if roles is None else set(roles))
-    wanted = set(roles) if roles is not None else None
+            wanted = _check_roles(roles)
+            return _load_diffusion_vae(path, torch_dtype, device, KIND_ROLES[kind] if wanted is None else wanted)
+    wanted = _check_roles(roles)
+    _check_gemma_configs(kinds)
     _check_connectors(kinds, wanted)
+    _check_pair_versions(kinds)
     configs = configs_from_metadata(state.metadata, label)
     try:
         found = [rec.spec.role for rec in recognise(state.meta_state_dict(), FAMILY.specs, label)]
@@ -425,6 +479,39 @@ def _load_diffusion_vae(path, torch_dtype, device, roles) -> list:
             LoadedModel(name, "diffusion_decoder", module.to(device).eval(), module.config, layout, [str(path)])
         )
     return loaded
+
+
+def _check_roles(roles: Iterable[str] | None) -> set[str] | None:
+    """`roles` as a set, refusing a name no split file gives (a typo would otherwise load nothing)."""
+    if roles is None:
+        return None
+    wanted = {roles} if isinstance(roles, str) else set(roles)
+    known = {role for kind_roles in KIND_ROLES.values() for role in kind_roles}
+    unknown = sorted(wanted - known, key=str)
+    if unknown:
+        raise ConfigError(f"roles={sorted(wanted, key=str)}: {unknown} is not a role of LTX-2.5's split files; "
+                          f"use {sorted(known)}")  # fmt: skip
+    return wanted
+
+
+def _check_gemma_configs(kinds: dict[str, str | None]) -> None:
+    """A text encoder file must carry Gemma's config (the encoder and the connectors' input width come from it)."""
+    for path, kind in kinds.items():
+        if kind == "text_encoder" and _json(open_checkpoint(path).metadata, GEMMA_CONFIG_KEY, path) is None:
+            raise ConfigError(
+                f"{path}: no {GEMMA_CONFIG_KEY!r} metadata (Gemma's config.json); LTX-2.5's text encoder file "
+                f"({FILES['text_encoder']}) carries it"
+            )
+
+
+def _check_pair_versions(kinds: dict[str, str | None]) -> None:
+    """The transformer and text encoder files given together: the text encoder's Gemma version checked."""
+    transformers = [f for f, kind in kinds.items() if kind == "transformer"]
+    encoders = [f for f, kind in kinds.items() if kind == "text_encoder"]
+    for transformer in transformers:
+        for encoder in encoders:
+            gemma = _json(open_checkpoint(encoder).metadata, GEMMA_CONFIG_KEY, encoder) or {}
+            check_gemma_version(open_checkpoint(transformer).metadata, gemma, transformer, encoder)
 
 
 def _keys_of(state: LazyStateDict, path: str) -> list[str]:
@@ -505,6 +592,7 @@ def load_video_encoder(
 __all__ = [
     "FILES",
     "KIND_ROLES",
+    "check_gemma_version",
     "REPO",
     "SPLIT_CONNECTOR_LAYOUTS",
     "configs_from_metadata",
@@ -514,6 +602,7 @@ __all__ = [
     "file_metadata",
     "gemma_assets",
     "gemma_tokenizer",
+    "has_ltx_core_metadata",
     "load_split",
     "load_video_encoder",
     "split_kind",

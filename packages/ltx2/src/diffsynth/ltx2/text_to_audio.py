@@ -101,7 +101,8 @@ def generate_audio(
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ConfigError(f"max_sequence_length={max_len!r} is not accepted; use an integer >= 1")
     if num_frames is None and pipe.duration_head is not None and "num_frames" not in pipe.defaults:
-        num_frames = pipe.predict_num_frames(prompts[0], max_len, fps, min_seconds, max_seconds)
+        # from the audio connector's output only, as ltx-pipelines' text-to-audio (it passes no video encoding)
+        num_frames = pipe.predict_num_frames(prompts[0], max_len, fps, min_seconds, max_seconds, video=False)
     frames = pipe.check_num_frames(pipe.setting("num_frames", num_frames, 121))
     use_cfg = scale != 1.0
 
