@@ -155,6 +155,33 @@ def test_clear_errors(task):
         task.collate(task.encode([row, plain]))
 
 
+def test_bad_entity_rows_are_refused_at_setup(task, tmp_path):
+    """`check_row`, which the trainer's dataset runs on each metadata row before training, refuses what the
+    metadata alone shows: one column without the other, counts that differ, prompts that are not strings, and a
+    mask file that is missing (read through the dataset's `size`, which names the file)."""
+    mask(BOXES[0][0]).save(tmp_path / "m0.png")
+
+    def size(column: str, name: str) -> tuple[int, int]:
+        if not (tmp_path / name).is_file():
+            raise ConfigError(f"column {column}: {name} is missing")
+        with Image.open(tmp_path / name) as picture:
+            return picture.size
+
+    row = {"image": "img0.png", "prompt": "x", "eligen_entity_prompts": ["a", "b"], "eligen_entity_masks": ["m0.png"]}
+    bad = [
+        (row, "has 2 eligen_entity_prompts and 1 eligen_entity_masks; give one mask"),
+        ({**row, "eligen_entity_prompts": ["a"], "eligen_entity_masks": []}, "has eligen_entity_prompts but no"),
+        ({**row, "eligen_entity_prompts": None}, "has eligen_entity_masks but no eligen_entity_prompts"),
+        ({**row, "eligen_entity_prompts": [3]}, "eligen_entity_prompts must be a list of strings"),
+        ({**row, "eligen_entity_prompts": ["a"], "eligen_entity_masks": ["m9.png"]}, "m9.png is missing"),
+    ]
+    for bad_row, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            task.check_row(bad_row, size)
+    task.check_row({**row, "eligen_entity_prompts": "a cat", "eligen_entity_masks": "m0.png"}, size)
+    task.check_row({"image": "img0.png", "prompt": "x"}, size)
+
+
 # ------------------------------------------------------------------ the trainer
 def write_dataset(folder: Path) -> Path:
     """DiffSynth-Studio's EliGen layout: metadata.json rows with `image`, `prompt`, `eligen_entity_prompts` (a list

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from diffsynth.flux.flux1.text_encoder import FluxPromptEmbeds
+from diffsynth.flux.flux1_training.kontext import names_kontext
 from diffsynth.flux.pipeline import FluxImagePipeline, latent_ids
 from diffsynth.flux.training import FluxTrainingTask
 from diffsynth.runtime.errors import ConfigError
+from diffsynth.runtime.hub import ModelConfig
 from diffsynth.runtime.media import pil_to_tensor
 from diffsynth.runtime.pipeline import configs_from_folder
 
@@ -69,6 +71,30 @@ def test_a_kontext_named_model_makes_a_kontext_task(task, tiny_repo):
     configs, tokenizer = configs_from_folder(tiny_repo)
     plain = FluxTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, encoders=False)
     assert plain.kontext is None  # FLUX.1-dev: references only where rows have them
+
+
+def test_a_kontext_repo_in_the_hugging_face_cache_makes_a_kontext_task(tiny_repo, tmp_path):
+    """A snapshot folder of the hub cache is named by its hash: the repo folder above `snapshots/` names the model.
+    Folders higher up, or a cache repo of another model, do not make a Kontext task."""
+    cache = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-Kontext-dev" / "snapshots" / "af58063aeed7f4"
+    snapshot = shutil.copytree(tiny_repo, cache)
+    configs, tokenizer = configs_from_folder(snapshot)
+    assert FluxTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, encoders=False).kontext is True
+    assert names_kontext(ModelConfig(path=str(cache / "flux1-dev.safetensors")))
+    for path in (
+        "/data/kontext-runs/FLUX.1-dev/transformer/model.safetensors",
+        "/hub/models--black-forest-labs--FLUX.1-dev/snapshots/af58/transformer/model.safetensors",
+    ):
+        assert not names_kontext(ModelConfig(path=path)), path
+
+
+def test_rows_without_references_are_refused_at_setup(task):
+    """`check_row`, which the trainer's dataset runs on each metadata row before training (see the trainer test
+    below), refuses a Kontext model's row without references; a model not named Kontext takes it."""
+    with pytest.raises(ConfigError, match="column kontext_images: empty; a FLUX.1 Kontext model trains on rows"):
+        task.check_row({"image": "t0.png", "prompt": "edit", "kontext_images": []}, None)
+    task.check_row({"image": "t0.png", "prompt": "edit", "kontext_images": "r0.png"}, None)
+    FluxTrainingTask(task.pipe).check_row({"image": "t0.png", "prompt": "edit"}, None)
 
 
 def test_references_are_encoded_as_the_pipeline_encodes_them(task, kontext_pipe):
@@ -152,6 +178,20 @@ def test_cached_training_gives_the_online_losses(kontext_repo, dataset, tmp_path
     assert set(stored) == {"latents", "t5", "pooled", "kontext", "kontext_ids"} and stored["kontext"].shape == (6, 64)
     online, cached = runs.losses()
     assert cached == pytest.approx(online, rel=1e-5)
+
+
+@pytest.mark.integration
+def test_a_row_without_references_stops_the_run_before_step_1(kontext_repo, dataset, tmp_path):
+    """The last of 8 rows has no kontext_images: the trainer refuses it at setup, naming the metadata file and row,
+    not when its batch comes (hours into a run)."""
+    trainer = pytest.importorskip("diffsynth.training.trainer")
+    testing = pytest.importorskip("diffsynth.training.testing")
+    folder = shutil.copytree(dataset, tmp_path / "late")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    testing.write_metadata(folder, [*(rows * 4)[:7], {k: v for k, v in rows[0].items() if k != "kontext_images"}])
+    with pytest.raises(ConfigError, match=r"metadata.jsonl row 8 column kontext_images: empty"):
+        trainer.train(train_config(kontext_repo, folder, tmp_path / "out", max_steps=1, batch_size=1))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("step-*"))
 
 
 def test_validation_samples_are_the_pipeline_with_the_same_references(task, kontext_pipe):

@@ -171,9 +171,24 @@ def build_tiny_repo(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory) -> Path:
+def built_repo(tmp_path_factory) -> Path:
+    """The tiny repo with both `tokenizer/` and Edit's `processor/` (tests override `tiny_repo`, not this)."""
     torch.manual_seed(0)
     return build_tiny_repo(tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(built_repo) -> Path:
+    return built_repo
+
+
+@pytest.fixture(scope="session")
+def t2i_repo(built_repo, tmp_path_factory) -> Path:
+    """The tiny repo laid out as Qwen/Qwen-Image's: no Edit `processor/` folder, which makes a training task Edit."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-qwen-image-t2i") / "Qwen-Image"
+    return shutil.copytree(built_repo, folder, ignore=shutil.ignore_patterns("processor"))
 
 
 @pytest.fixture

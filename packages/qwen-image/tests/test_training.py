@@ -7,6 +7,7 @@ not install); the task tests need only this package and the runtime.
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +30,8 @@ def pipe(tiny_repo):
 
 
 @pytest.fixture(scope="module")
-def task(tiny_repo):
-    configs, tokenizer = configs_from_folder(tiny_repo)
+def task(t2i_repo):
+    configs, tokenizer = configs_from_folder(t2i_repo)
     return QwenImageTrainingTask.from_pretrained(
         configs, tokenizer_config=tokenizer, torch_dtype="float32", device="cpu"
     )
@@ -131,13 +132,30 @@ def test_edit_models_are_recognised(task, tiny_repo, tmp_path):
         task.encode([{"prompt": "x"}])
 
 
+@pytest.mark.parametrize("stage", [{"denoiser": False}, {"encoders": False}])
+def test_a_local_edit_folder_is_an_edit_model(tiny_repo, t2i_repo, stage):
+    """A local folder laid out as Qwen-Image-Edit's hub repo (`processor/` beside `tokenizer/`, which the folder's
+    configs name) makes an Edit task in both stages: rows without edit_image are refused at setup. Qwen/Qwen-Image's
+    layout (no `processor/`) stays text-to-image."""
+    configs, tokenizer = configs_from_folder(tiny_repo)
+    assert Path(tokenizer.path).name == "tokenizer"
+    edit = QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", **stage)
+    assert edit.edit is True and edit.validation_references == "expected"
+    with pytest.raises(ConfigError, match="column edit_image: empty"):
+        edit.check_row({"image": "0.png", "prompt": "x"}, None)
+    configs, tokenizer = configs_from_folder(t2i_repo)
+    plain = QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32", **stage)
+    assert plain.edit is None
+    plain.check_row({"image": "0.png", "prompt": "x"}, None)
+
+
 # ----------------------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
-def train(tiny_repo, tmp_path_factory):
+def train(t2i_repo, tmp_path_factory):
     """`diffsynth-train --family qwen_image` on the tiny repo and two captioned noise pictures, each seen twice."""
     testing = pytest.importorskip("diffsynth.training.testing")
     dataset = testing.write_caption_dataset(tmp_path_factory.mktemp("qwen-data"), PROMPTS)
-    return testing.CliTrainer(tiny_repo, "qwen_image", dataset, "--dataset_repeat", "2")
+    return testing.CliTrainer(t2i_repo, "qwen_image", dataset, "--dataset_repeat", "2")
 
 
 @pytest.mark.integration

@@ -34,6 +34,12 @@ def picture(seed: int, size=(64, 64)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
+def tiny_repo(t2i_repo):
+    """Qwen/Qwen-Image's layout (no Edit `processor/` folder, which would make the task Edit's)."""
+    return t2i_repo
+
+
+@pytest.fixture(scope="module")
 def pipe(tiny_repo):
     return QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
 

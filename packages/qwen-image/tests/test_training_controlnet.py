@@ -65,6 +65,12 @@ def instantx_net(dit_json: dict, extra: int) -> QwenImageControlNet:
 
 
 @pytest.fixture(scope="module")
+def tiny_repo(t2i_repo):
+    """Qwen/Qwen-Image's layout (no Edit `processor/` folder, which would make the task Edit's)."""
+    return t2i_repo
+
+
+@pytest.fixture(scope="module")
 def net_files(tiny_repo, tmp_path_factory):
     """Tiny nets for the tiny DiT (2 blocks of width 32) in the released layouts: DiffSynth-Studio's Blockwise
     `model.safetensors` (control-image and Inpaint, 68 condition features), and InstantX's diffusers folders

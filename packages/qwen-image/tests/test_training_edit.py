@@ -141,9 +141,11 @@ def test_clear_errors(tiny_repo):
     del no_edit[1]["edit_image"]
     with pytest.raises(ConfigError, match=r"row 1 of the batch \(prompt 'a small green.*has no edit_image"):
         task.encode(no_edit)
-    configs, tokenizer = configs_from_folder(tiny_repo)  # tokenizer/: rows decide
-    plain = QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, torch_dtype="float32")
-    assert plain.edit is None
+    configs, tokenizer = configs_from_folder(tiny_repo)  # processor/ beside tokenizer/: Edit unless edit=False
+    plain = QwenImageTrainingTask.from_pretrained(
+        configs, tokenizer_config=tokenizer, torch_dtype="float32", edit=False
+    )
+    assert plain.edit is False  # rows decide
     with pytest.raises(ConfigError, match="different edit images.*--batch_size 1"):
         plain.collate(plain.encode(no_edit))
     with pytest.raises(ConfigError, match="different edit images"):

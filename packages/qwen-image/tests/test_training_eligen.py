@@ -37,6 +37,12 @@ MASKS = [[mask("left"), mask("top")], [mask("right")]]
 
 
 @pytest.fixture(scope="module")
+def tiny_repo(t2i_repo):
+    """Qwen/Qwen-Image's layout (no Edit `processor/` folder, which would make the task Edit's)."""
+    return t2i_repo
+
+
+@pytest.fixture(scope="module")
 def pipe(tiny_repo):
     return QwenImagePipeline.from_pretrained(str(tiny_repo), torch_dtype="float32", device="cpu")
 

@@ -95,7 +95,7 @@ def test_encode_collate_and_velocity_are_what_decompose_feeds_the_dit(task, monk
     torch.testing.assert_close(ours, predicted, rtol=0, atol=1e-6)
 
 
-def test_bad_rows_and_batches_are_named(task, tiny_repo):
+def test_bad_rows_and_batches_are_named(task, t2i_repo):
     good = rows()[0]
     with pytest.raises(ConfigError, match="list of N \\+ 1 RGBA frames.*row 0 of the batch"):
         task.encode([{**good, "image": good["image"][0]}])
@@ -112,7 +112,7 @@ def test_bad_rows_and_batches_are_named(task, tiny_repo):
     three, two = task.encode([rows(2)[0]]), task.encode([rows(1)[1]])
     with pytest.raises(ConfigError, match="--batch_size 1"):
         task.collate(three + two)
-    configs, tokenizer = configs_from_folder(tiny_repo)
+    configs, tokenizer = configs_from_folder(t2i_repo)
     plain = QwenImageTrainingTask.from_pretrained(configs, tokenizer_config=tokenizer, denoiser=False)
     assert not plain.layered and plain.image_mode == "RGB" and plain.media == ("image",)
     with pytest.raises(ConfigError, match="Qwen-Image-Layered"):

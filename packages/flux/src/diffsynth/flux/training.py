@@ -77,7 +77,7 @@ from .flux1_training.controlnet import (
     encode_control,
 )
 from .flux1_training.eligen import ELIGEN_COLUMNS as ELIGEN_COLUMNS
-from .flux1_training.eligen import collate_entities, encode_entities
+from .flux1_training.eligen import check_entity_row, collate_entities, encode_entities
 from .flux1_training.infiniteyou import (
     IY_EMBEDDING_COLUMNS,
     IY_HINT,
@@ -565,6 +565,18 @@ class FluxTrainingTask(PipelineTrainingTask):
         except LoRAError as error:
             logger.warning("the peft LoRA file keeps BFL names (diffusers' FLUX.1 loader skips them): %s", error)
             return lora, None
+
+    def check_row(self, row: Mapping[str, Any], size: Any) -> None:
+        """A metadata row checked at setup (the trainer's dataset calls it; `size(column, name)` is a file's
+        (width, height) from its header), so that a bad row stops the run before training, not when its batch
+        comes: a Kontext model's row needs `kontext_images`, and EliGen columns come together, one readable mask
+        per entity prompt. `encode` checks the same of each batch. The dataset puts the file and row in front."""
+        if self.kontext and not has(row, "kontext_images"):
+            raise ConfigError(
+                "column kontext_images: empty; a FLUX.1 Kontext model trains on rows with image, prompt and "
+                "kontext_images (one path, or a list of paths in JSON metadata)"
+            )
+        check_entity_row(row, size)
 
     # ------------------------------------------------------------------ the protocol
     def encode(self, rows: list[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:

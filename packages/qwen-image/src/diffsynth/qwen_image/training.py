@@ -27,8 +27,9 @@ Edit images are sized as DiffSynth-Studio's trainer sizes them: the dataset shri
 keeping its aspect ratio (not to the target's size), then the pipeline's auto-resize above applies. The prompt
 template is the pipeline's `edit_template` setting: the Edit preset's ("edit" for Qwen/Qwen-Image-Edit, "plus"
 for 2509/2511) when the tokenizer comes from the hub repo, a local folder's `diffsynth.json` default, else
-"plus". An Edit model (a `processor/` tokenizer or a `zero_cond_t` DiT) refuses rows without `edit_image`; rows
-of one batch must agree on their edit images' count and sizes (`--batch_size 1` always does).
+"plus". An Edit model (a `processor/` tokenizer or one beside it, as a local Edit folder has, or a `zero_cond_t`
+DiT) refuses rows without `edit_image`; rows of one batch must agree on their edit images' count and sizes
+(`--batch_size 1` always does).
 
 Qwen-Image-Layered (a `use_layer3d_rope` DiT or a 4-channel VAE) trains on DiffSynth-Studio's rows:
 `{"prompt": a caption of the input image, "image": [N + 1 RGBA frames], "layer_input_image": the input image}`,
@@ -401,7 +402,8 @@ class QwenImageTrainingTask(PipelineTrainingTask):
         if "edit_template" not in pipe.defaults:  # an encoder-only stage has no DiT for `edit_template` to read
             pipe.defaults.update(_dit_source_defaults(model_configs))
         edit_model = (
-            (tokenizer_config is not None and _is_edit_processor(tokenizer_config))
+            pipe.processor is not None  # a processor/ beside the tokenizer, as a local Edit repo has
+            or (tokenizer_config is not None and _is_edit_processor(tokenizer_config))
             or bool(task_options.get("zero_cond_t"))
             or (pipe.dit is not None and pipe.dit.config.zero_cond_t)
         )
@@ -1010,14 +1012,16 @@ def _dit_source_defaults(configs: Sequence[ModelConfig]) -> dict[str, Any]:
 
 
 def _is_edit_processor(config: ModelConfig) -> bool:
-    """Whether a tokenizer config is an Edit repo's `processor/` (a hub pattern or a local folder)."""
+    """Whether a tokenizer config is an Edit repo's `processor/` (a hub pattern), or a local folder that is one or
+    has one beside it (an Edit repo's `tokenizer/`, which a local folder's configs name): read without downloads,
+    for the DiT's stage, which loads no tokenizer."""
     if config.model_id is not None:
         return (config.origin_file_pattern or "").rstrip("/").rsplit("/", 1)[-1] == "processor"
     paths = [config.path] if isinstance(config.path, str) else list(config.path or ())
     if not paths:
         return False
     folder = Path(paths[0]) if Path(paths[0]).is_dir() else Path(paths[0]).parent
-    return (folder / "preprocessor_config.json").is_file()
+    return any((f / "preprocessor_config.json").is_file() for f in (folder, folder.parent / "processor"))
 
 
 __all__ = ["BlockwiseControlNetInTraining", "QwenImageTrainingTask", "blockwise_velocity", "controlnet_velocity"]

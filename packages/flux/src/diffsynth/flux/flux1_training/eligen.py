@@ -12,6 +12,7 @@ the joint attention mask). Rows of one batch stack only with the same entity cou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -44,28 +45,49 @@ def encode_entities(task: FluxTrainingTask, index: int, row: Mapping[str, Any]) 
 def row_entities(index: int, row: Mapping[str, Any]) -> tuple[list[str], list[Image.Image]] | None:
     """A row's EliGen entity prompts and masks (RGB pictures at the row's size) as the pipeline checks them, or None
     for a row without any; one column without the other, or counts that differ, are errors naming the row."""
+    entities = entity_columns(row, f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})")
+    if entities is None:
+        return None
+    prompts, masks = entities
+    pictures = [picture(index, m, f"eligen_entity_masks[{k}]", "eligen_entity_masks") for k, m in enumerate(masks)]
+    return check_entity_inputs(prompts, pictures)
+
+
+def check_entity_row(row: Mapping[str, Any], size: Any) -> None:
+    """A metadata row's EliGen columns checked at setup (the task's `check_row`): both or neither, one mask per
+    entity prompt, each mask a readable picture (`size(column, name)` reads its header), so that a bad row stops
+    the run before training rather than when its batch comes. The dataset puts the file and row in front."""
+    entities = entity_columns(row, "")
+    for mask in entities[1] if entities is not None else ():
+        if isinstance(mask, (str, os.PathLike)):
+            size(ELIGEN_COLUMNS[1], str(mask))
+
+
+def entity_columns(row: Mapping[str, Any], where: str) -> tuple[list[str], list[Any]] | None:
+    """A row's entity prompts and masks (as given: paths or pictures), None for a row without either; one column
+    without the other, prompts that are not strings, or counts that differ are errors starting with `where` (empty
+    at setup, where the dataset names the metadata file and row)."""
     given = [has(row, column) for column in ELIGEN_COLUMNS]
     if not any(given):
         return None
-    where = f"row {index} of the batch (prompt {str(row['prompt'])[:60]!r})"
+    lead = f"{where} " if where else ""
     if not all(given):
         have, lack = ELIGEN_COLUMNS if given[0] else ELIGEN_COLUMNS[::-1]
         raise ConfigError(
-            f"{where} has {have} but no {lack}: EliGen trains on one mask (white = the entity's region) per entity "
+            f"{lead}has {have} but no {lack}: EliGen trains on one mask (white = the entity's region) per entity "
             "prompt (the masks listed in --data_file_keys, e.g. --data_file_keys image,eligen_entity_masks)"
         )
     prompts, masks = (row[column] for column in ELIGEN_COLUMNS)
     prompts = [prompts] if isinstance(prompts, str) else prompts
     masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"{where}: eligen_entity_prompts must be a list of strings, got {preview(prompts)}")
+        raise ConfigError(f"{lead}eligen_entity_prompts must be a list of strings, got {preview(prompts)}")
     if len(prompts) != len(masks):
         raise ConfigError(
-            f"{where} has {len(prompts)} eligen_entity_prompts and {len(masks)} eligen_entity_masks; give one mask "
+            f"{lead}has {len(prompts)} eligen_entity_prompts and {len(masks)} eligen_entity_masks; give one mask "
             "per entity prompt, in the same order"
         )
-    pictures = [picture(index, m, f"eligen_entity_masks[{k}]", "eligen_entity_masks") for k, m in enumerate(masks)]
-    return check_entity_inputs(list(prompts), pictures)
+    return list(prompts), masks
 
 
 def collate_entities(samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
