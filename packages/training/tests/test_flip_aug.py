@@ -68,3 +68,20 @@ def test_flip_aug_needs_the_encoders_and_plain_training(tmp_path):
         toy_config(tmp_path, tmp_path, "x", cache_dir=str(tmp_path / "cache")).check()
     with pytest.raises(ConfigError, match="--flip_aug: --task direct_distill"):
         toy_config(tmp_path, tmp_path, "x", task="direct_distill", masked_loss=False).check()
+
+
+def test_a_flipped_rows_stereo_sound_swaps_channels_and_the_task_mirrors_its_own_columns():
+    import types
+
+    from diffsynth.training.trainer import flip_rows
+
+    task = types.SimpleNamespace(flip_row=lambda row: {**row, "side": "right"})
+    run = types.SimpleNamespace(
+        config=types.SimpleNamespace(flip_aug=True, seed=0), dataset=types.SimpleNamespace(file_keys=("video",)),
+        task=task,
+    )  # fmt: skip
+    sound = torch.stack([torch.ones(8), torch.zeros(8)])  # heard on the left
+    row = {"video": torch.rand(3, 1, 4, 8), "audio": sound, "side": "left"}
+    flipped = next(out for i in range(20) for out in flip_rows(run, [row], 0, i) if out is not row)
+    assert torch.equal(flipped["audio"], sound.flip(0)) and flipped["side"] == "right"  # now on the right
+    assert torch.equal(flipped["video"], row["video"].flip(-1))

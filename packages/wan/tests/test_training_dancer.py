@@ -215,7 +215,7 @@ def test_validation_samples_mixed_batches_and_other_dits_are_refused(task, music
     assert task.validation_references == "required"
     with pytest.raises(ConfigError, match="validation samples of a Wan-Dancer model follow music and keyframes"):
         task.reference_arguments([])
-    with pytest.raises(ConfigError, match="mixes samples encoded with different inputs"):  # with / without reference
+    with pytest.raises(ConfigError, match="mixes rows with and without wantodance_reference_image"):
         task.collate(task.encode([row(music_dir, 0), row(music_dir, 1, reference=False)]))
     with pytest.raises(ConfigError, match=r"mixes music_feature shapes \[\(5, 35\), \(20, 35\)\]: .*music of one"):
         task.collate(task.encode([row(music_dir, 0), row(music_dir, 2)]))

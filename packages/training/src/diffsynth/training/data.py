@@ -25,8 +25,8 @@
   Several pixel budgets (`--resolutions`) make each row a sample at each size.
 - `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
   drawn from one bucket and frame count (`batch_keys`; with conditioning columns also each of their pictures' size
-  as read and their count, so their stacks agree), cut to the same count on every process and to whole
-  gradient-accumulation steps.
+  as read and their count, so their stacks agree; where rows differ in it, each aligned column's file count), cut
+  to the same count on every process and to whole gradient-accumulation steps.
   Resuming skips the batches already trained, without loading them.
 - Sound: a row's `audio` column, or DiffSynth-Studio's `input_audio` (a file path in `--data_file_keys`: a sound
   file, or a video whose track is meant) or else its video file's own audio track is read with `av` as `"audio"` `[channels, samples]` float32
@@ -550,6 +550,11 @@ class MetadataDataset(Dataset):
             () if ragged_conditioning else self._conditioning_sizes(i, p)
             for i, p in zip(self.sample_rows, self.sample_pixels, strict=True)
         ]
+        # where rows differ in it, the file count of each aligned column too (Wan VACE rows with a control video and
+        # rows without encode apart); datasets whose rows agree keep their keys (and resumed runs their plans)
+        counts = [tuple(len(_paths(self.rows[i].get(c))) for c in self.aligned) for i in self.sample_rows]
+        if len(set(counts)) > 1 and not ragged_conditioning:
+            self.sample_conditioning = [(*c, *n) for c, n in zip(self.sample_conditioning, counts, strict=True)]
         self.batch_keys = batch_keys(self.buckets, self.sample_frames, self.sample_conditioning)
         logger.info(
             "dataset %s: %d samples in %d buckets %s",

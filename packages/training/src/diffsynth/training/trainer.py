@@ -566,15 +566,25 @@ def drop_captions(cfg: TrainConfig, items: list[dict], epoch: int, index: int) -
 
 def flip_rows(run: Run, items: list[dict], epoch: int, index: int) -> list[dict]:
     """`--flip_aug`: each row's pictures, videos, masks and reference pictures mirrored left to right together
-    with chance 1/2, drawn per micro-batch (another stream), so reruns, resumes and DDP flip the same rows."""
+    with chance 1/2, drawn per micro-batch (another stream), so reruns, resumes and DDP flip the same rows. A
+    flipped row's stereo sound swaps its channels (what was heard on the left now is on the right), and a task's
+    `flip_row(row)` (optional) mirrors what the row's other columns say (Wan Control-Camera's camera direction)."""
     if not run.config.flip_aug:
         return items
     flips = torch.rand(len(items), generator=micro_batch_generator(run.config.seed, epoch, index, FLIPS_STREAM)) < 0.5
     keys = [k for k in (*run.dataset.file_keys, MASK_COLUMN) if k not in AUDIO_KEYS]
-    return [
-        {**item, **{k: _mirrored(item[k]) for k in keys if k in item}} if flip else item
-        for item, flip in zip(items, flips.tolist(), strict=True)
-    ]
+    own = getattr(run.task, "flip_row", None)
+    return [_flipped(item, keys, own) if flip else item for item, flip in zip(items, flips.tolist(), strict=True)]
+
+
+def _flipped(item: dict, keys: list[str], own: Any) -> dict:
+    """One row mirrored: its `keys` files along their width, its loaded sound's channels swapped, then the task's
+    `own` change of its columns."""
+    row = {**item, **{k: _mirrored(item[k]) for k in keys if k in item}}
+    for key in AUDIO_KEYS:
+        if isinstance(row.get(key), torch.Tensor) and row[key].dim() == 2:  # [channels, samples]: left <-> right
+            row[key] = row[key].flip(0)
+    return own(row) if own is not None else row
 
 
 def _mirrored(value):

@@ -163,7 +163,7 @@ from .animate2 import (
     check_animate2_channels,
 )
 from .audio_encoder import audio_clips, prepare_waveform
-from .camera import DEFAULT_SPEED, camera_path, pack_frames, plucker_embedding
+from .camera import DEFAULT_SPEED, camera_path, check_direction, check_origin, pack_frames, plucker_embedding
 from .dancer import (
     DancerConditions,
     DancerConfig,
@@ -191,6 +191,14 @@ EXPERT_BOUNDARY = {
     "i2v": PRESETS["Wan-AI/Wan2.2-I2V-A14B"].defaults["switch_DiT_boundary"],
 }
 CONDITION_KEYS = ("input_image", "end_image")
+# the row columns an encoded sample's optional entries come from (named when a batch mixes rows with and without)
+SAMPLE_COLUMNS = {
+    "vace_context": "vace_video / vace_video_mask / vace_reference_image",
+    "reference_latents": "reference_image",
+    "pose_latents": "s2v_pose_video",
+    "refimage_feature": "wantodance_reference_image",
+    "clip_feature": "input_image",
+}
 VACE_KEYS = ("vace_video", "vace_video_mask", "vace_reference_image")
 # the columns of the models below, each refused by name for a DiT that cannot use it (see `_check_columns`)
 MODEL_COLUMNS = {
@@ -482,8 +490,71 @@ class WanTrainingTask(PipelineTrainingTask):
     @property
     def conditioning(self) -> tuple[str, ...]:
         """Columns the dataset reads at their own size, not the video's: an Animate DiT's face crops (square, and
-        taken whole by the pipeline at 512 x 512; fitted to a wide video they would lose their top and bottom)."""
-        return ("animate_face_video",) if self._field("animate") else ()
+        taken whole by the pipeline at 512 x 512; fitted to a wide video they would lose their top and bottom), a
+        VACE DiT's and a Fun Control DiT's reference images (the pipeline fits them to the video's size itself).
+        Their count is part of a sample's batch key, so rows with 1 and 2 references (or none) batch apart."""
+        columns = ("animate_face_video",) if self._field("animate") else ()
+        if self._field("vace_layers"):
+            columns += ("vace_reference_image",)
+        if self._fun_control():
+            columns += ("reference_image",)
+        return columns
+
+    @property
+    def aligned_conditioning(self) -> tuple[str, ...]:
+        """A VACE DiT's control video and mask, read as the video is (pixel-aligned with it); a row with them and a
+        row without encode apart (`vace_context`), so the dataset batches them apart."""
+        return ("vace_video", "vace_video_mask") if self._field("vace_layers") else ()
+
+    def _fun_control(self) -> bool:
+        """Whether this is a Fun Control DiT (control video channels, not Animate)."""
+        return self.kind == "i2v" and not self._field("animate") and bool(control_channels(self.dit_config))
+
+    def check_row(self, row: Mapping[str, Any], size: Any = None) -> None:
+        """The trainer's check of each metadata row at setup: a row without a column this DiT needs (Fun Control's
+        control_video, Control-Camera's camera_control_direction, ...) is refused before any step, naming it."""
+        for key, need in self._required_columns().items():
+            if not _given(row.get(key)):
+                raise ConfigError(f"has no {key}: {need}")
+        if self._field("camera_adapter_dim"):
+            direction, origin = row.get("camera_control_direction"), row.get("camera_control_origin")
+            check_direction(direction)
+            try:
+                check_origin(_numbers(0, "camera_control_origin", origin) if _given(origin) else None)
+            except ConfigError as error:  # the dataset names the metadata row
+                raise ConfigError(str(error).removeprefix("row 0: ")) from None
+
+    def _required_columns(self) -> dict[str, str]:
+        """Column -> why this DiT needs it in every row."""
+        needs = {}
+        if self._fun_control():
+            needs["control_video"] = "a Wan Fun Control model trains on a control video (add it to --data_file_keys)"
+        if self._field("camera_adapter_dim"):
+            needs["camera_control_direction"] = "a Wan Fun Control-Camera model learns to move the camera along one"
+        if self.speed_control:
+            needs["motion_bucket_id"] = "with the speed-control model every row gives the speed of its motion"
+        if self.vap:
+            needs["vap_video"] = "with the Video-As-Prompt expert every row gives its reference video"
+        if self._field("animate"):
+            for key in ("animate_pose_video", "animate_face_video"):
+                needs[key] = "a Wan2.2-Animate model trains on a pose video and a face video"
+        if self.kind == "dancer":
+            for key in ("wantodance_music_path", "wantodance_keyframes", "wantodance_keyframes_mask"):
+                needs[key] = "a Wan-Dancer model trains on music, keyframes and their mask"
+        return needs
+
+    def flip_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """`--flip_aug` mirrored this row's pictures: a Control-Camera row's camera path is mirrored with them
+        ("Left" and "Right" swapped, the origin pose reflected), so the clip is taught the motion it now shows."""
+        if not self._field("camera_adapter_dim"):
+            return row
+        row = dict(row)
+        direction, origin = row.get("camera_control_direction"), row.get("camera_control_origin")
+        if isinstance(direction, str) and direction:
+            row["camera_control_direction"] = mirrored_direction(direction)
+        if _given(origin):
+            row["camera_control_origin"] = mirrored_origin(_numbers(0, "camera_control_origin", origin))
+        return row
 
     def _field(self, name: str):
         """A `WanDiTConfig` field of the DiT, or None for a DiT whose config has no such field (S2V)."""
@@ -1321,13 +1392,18 @@ class WanTrainingTask(PipelineTrainingTask):
     def collate(self, samples: list[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
         shapes = {tuple(s["latents"].shape) for s in samples}
         if len(shapes) > 1:
-            raise ConfigError(
-                f"a Wan batch mixes latent shapes {sorted(shapes)}: use one --num_frames for every video, and "
-                "do not mix images and videos in one batch (or use --batch_size 1)"
-            )
+            cause = "use one --num_frames for every video, and do not mix images and videos in one batch"
+            if any("vace_context" in s for s in samples):  # VACE reference frames lead the latents
+                cause = f"the rows differ in their vace_reference_image count or their frames; {cause}"
+            raise ConfigError(f"a Wan batch mixes latent shapes {sorted(shapes)}: {cause} (or use --batch_size 1)")
         keys = {tuple(sorted(s)) for s in samples}
         if len(keys) > 1:
-            raise ConfigError(f"a Wan batch mixes samples encoded with different inputs: {sorted(keys)}")
+            some = sorted(set().union(*keys) - set.intersection(*(set(k) for k in keys)))
+            columns = sorted({SAMPLE_COLUMNS.get(key, key) for key in some})
+            raise ConfigError(
+                f"a Wan batch mixes rows with and without {', '.join(columns)} (encoded as {', '.join(some)}): give "
+                "every row of a batch the same inputs, or use --batch_size 1"
+            )
         for key in samples[0]:
             shapes = {tuple(s[key].shape) for s in samples}
             if len(shapes) > 1:  # CLIP features of one image or two (rows with and without an end_image)
@@ -1483,6 +1559,26 @@ def _number(index: int, key: str, value: Any, default: float | None) -> float:
     except (TypeError, ValueError):
         raise ConfigError(f"row {index}: {key}={value!r} is not a number") from None
     return number
+
+
+def mirrored_direction(direction: str) -> str:
+    """A camera direction seen in a mirror: "Left" and "Right" swapped ("LeftUp" -> "RightUp")."""
+    swap = {"Left": "Right", "Right": "Left"}
+    return "".join(swap.get(move, move) for move in check_direction(direction))
+
+
+# the pose entries a left-right mirror negates: w2c (0, 1), (0, 2), (1, 0), (2, 0) and the x translation (0, 3)
+MIRRORED_POSE_ENTRIES = (8, 9, 11, 15, 10)
+
+
+def mirrored_origin(origin: Sequence[float]) -> list[float]:
+    """A CameraCtrl starting pose (see `camera.py`) seen in a mirror: x flipped in the camera's frame (w2c' = S w2c S,
+    S = diag(-1, 1, 1)) and the principal point cx moved to 1 - cx."""
+    pose = list(check_origin(origin))
+    for entry in MIRRORED_POSE_ENTRIES:
+        pose[entry] = -pose[entry]
+    pose[3] = 1.0 - pose[3]
+    return pose
 
 
 def _numbers(index: int, key: str, value: Any) -> list[float]:
