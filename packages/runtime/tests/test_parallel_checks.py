@@ -15,7 +15,12 @@ SEED_WORKER = Path(__file__).with_name("parallel_seed_worker.py")
 
 
 def test_unseeded_calls_draw_the_same_noise_on_every_rank():
-    run_ranks(SEED_WORKER, 2)
+    run_ranks(SEED_WORKER, 2, "shared", timeout=90)
+
+
+def test_unseeded_call_of_a_pipeline_not_parallel_does_not_wait_for_the_other_ranks():
+    """After disable_parallel, or on a pipeline never made parallel, rank 0 alone (a preview) draws without a seed."""
+    run_ranks(SEED_WORKER, 2, "alone", timeout=90)
 
 
 class Voices:

@@ -370,6 +370,7 @@ class FluxImagePipeline(BasePipeline):
         tokenizer_1_config: ModelConfig | None = NOT_GIVEN,
         tokenizer_2_config: ModelConfig | None = NOT_GIVEN,
         vram_limit: float | None = None,
+        use_usp: bool = False,
         controlnet: str | os.PathLike | ModelConfig | Sequence[str | os.PathLike | ModelConfig] | None = None,
         nexus_gen_processor_config: ModelConfig | None = None,
         step1x_processor_config: ModelConfig | None = None,
@@ -397,6 +398,7 @@ class FluxImagePipeline(BasePipeline):
             device=device,
             model_configs=model_configs,
             vram_limit=vram_limit,
+            use_usp=use_usp,
             controlnet=controlnet,
             quantize=quantize,
         )

@@ -114,7 +114,7 @@ def dub_video(
 
     pipe.load_models_to_device(["text_encoder", "connectors"])
     text = pipe.encode_prompt(prompts, max_len)
-    generator, rand_device = seeded_generator(seed, rand_device)
+    generator, rand_device = seeded_generator(seed, rand_device, pipe.samples_in_parallel())
     unguided = (False, 1.0, 1.0, 0.0, None)
 
     # stage 1: half size, the new sound sampled beside the video, both references read

@@ -338,7 +338,7 @@ def generate_hdr(
     )
     stage_1 = FlowMatchScheduler("ltx2_distilled")
     stage_1.set_timesteps(len(STAGE_1_SIGMAS) - 1, sigmas=STAGE_1_SIGMAS if sigmas is None else sigmas)
-    generator, rand_device = seeded_generator(seed, rand_device)
+    generator, rand_device = seeded_generator(seed, rand_device, pipe.samples_in_parallel())
 
     # stage 1 (half size with two stages)
     size = (gen_height // 2, gen_width // 2) if two_stage else (gen_height, gen_width)
@@ -355,7 +355,7 @@ def generate_hdr(
         reference = encode_reference(
             pipe, frames, generated, (gen_height, gen_width), factor, fps, (high_quality, tiled)
         )
-        fresh, _ = seeded_generator(seed, rand_device)  # the authors' tile 0
+        fresh, _ = seeded_generator(seed, rand_device, pipe.samples_in_parallel())  # the authors' tile 0
         video = _noised(pipe, upsampled, reference, fresh, rand_device, float(stage_2.sigmas[0]))
         video = _denoise(pipe, video, stage_2, text, fps, reference, progress_bar)
 

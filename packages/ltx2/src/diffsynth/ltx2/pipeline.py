@@ -512,7 +512,7 @@ class LTX2Pipeline(BasePipeline):
         else:
             tokens = res2s.hq_image_seq_len(self, frames, stage_height, stage_width) if hq else SCHEDULE_TOKENS
             scheduler.set_timesteps(steps, sigmas=sigmas, image_seq_len=tokens)
-        generator, rand_device = seeded_generator(seed, rand_device)
+        generator, rand_device = seeded_generator(seed, rand_device, self.samples_in_parallel())
         images = first_frames is not None or keyframe_images
         crf = self.setting("image_crf", image_crf, self.default_image_crf) if images else 0
         keyframes = self.prepare_keyframes(keyframe_images, stage_height, stage_width, crf, fps)
@@ -592,7 +592,7 @@ class LTX2Pipeline(BasePipeline):
         height, width, frames, fps = size
         self.load_models_to_device(["text_encoder", "connectors"])
         text = self.encode_prompt(prompts, max_len)
-        generator, rand_device = seeded_generator(seed, rand_device)
+        generator, rand_device = seeded_generator(seed, rand_device, self.samples_in_parallel())
         loras = []
         if not distilled:
             strength = float(self.setting("stage2_lora_strength", lora_strength, DFR_DISTILLED_LORA_STRENGTH))
@@ -649,6 +649,7 @@ class LTX2Pipeline(BasePipeline):
         model_configs: Sequence[ModelConfig] = (),
         tokenizer_config: ModelConfig | None = None,
         vram_limit: float | None = None,
+        use_usp: bool = False,
         stage2_lora_config: ModelConfig | str | os.PathLike | None = None,
         stage2_lora_strength: float | None = None,
         quantize=None,
@@ -665,6 +666,7 @@ class LTX2Pipeline(BasePipeline):
             model_configs=model_configs,
             tokenizer_config=tokenizer_config,
             vram_limit=vram_limit,
+            use_usp=use_usp,
             quantize=quantize,
         )
         preset_lora = pipe.defaults.pop("stage2_lora", None)
@@ -1050,7 +1052,7 @@ class LTX2Pipeline(BasePipeline):
         `LTX2ConditionPipeline` draw them; `token_layout` draws so without keyframes (a retake, as that pipeline
         draws a video condition's)."""
         if isinstance(generator, int):  # a seed
-            generator, rand_device = seeded_generator(generator, rand_device)
+            generator, rand_device = seeded_generator(generator, rand_device, self.samples_in_parallel())
         tc, sc = self.vae.temporal_compression, self.vae.spatial_compression
         video_shape = (batch, self.dit.config.in_channels, (num_frames - 1) // tc + 1, height // sc, width // sc)
         audio_shape = self.audio_latent_shape(batch, num_frames, frame_rate)

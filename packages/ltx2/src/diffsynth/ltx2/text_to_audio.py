@@ -120,7 +120,7 @@ def generate_audio(
     if audio_latents is not None:
         audio = pipe._check_initial(audio_latents, shape, "audio_latents")
     else:  # only the audio noise is drawn: there is no video to draw first
-        generator, rand_device = seeded_generator(seed, rand_device)
+        generator, rand_device = seeded_generator(seed, rand_device, pipe.samples_in_parallel())
         audio = torch.randn(shape, generator=generator, device=rand_device, dtype=torch.float32).to(pipe.device)
     no_video = audio.new_zeros(len(prompts), pipe.dit.config.in_channels, 0, 1, 1)
     guided = (use_cfg, 1.0, scale, (0.0, rescale), guidance)  # (video, audio) rescale: there is no video

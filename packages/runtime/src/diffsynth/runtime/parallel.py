@@ -2,7 +2,7 @@
 
 Launch with `torchrun --nproc_per_node N script.py`; every rank loads the pipeline and calls it with
 the same arguments (the seeded noise is the same everywhere; a call without a seed uses one drawn on
-rank 0 and shared, `shared_seed`) and gets the same result.
+rank 0 and shared while the pipeline is parallel, `shared_seed`) and gets the same result.
 `pipe.enable_parallel(sequence=S, batch=B)` (S * B = N) splits the work of each denoiser call:
 - batch: the samples of a call (the positive and negative halves of a batched CFG call, several
   prompts) are divided over B ranks and gathered afterwards;
@@ -27,6 +27,7 @@ import contextlib
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -100,15 +101,37 @@ def init_parallel(sequence: int | None = None, batch: int = 1) -> ParallelGroups
     return groups
 
 
-def shared_seed() -> int | None:
+_PARALLEL_MODELS: weakref.WeakSet = weakref.WeakSet()  # every model `enable_parallel` divided (None: undone)
+
+
+def register_parallel_models(models) -> None:
+    """Remember the models `enable_parallel` divides: a seed drawn by code that does not say whose call it serves
+    is shared only while one of them is still parallel (`shared_seed(None)`)."""
+    _PARALLEL_MODELS.update(models)
+
+
+def any_model_parallel() -> bool:
+    """Whether some model of this process divides its calls now (enabled and not disabled since)."""
+    return any(getattr(model, "parallel", None) is not None for model in list(_PARALLEL_MODELS))
+
+
+def shared_seed(parallel: bool | None = None) -> int | None:
     """A seed for a call made without one: drawn on rank 0 (from torch's default generator, as an unseeded draw
-    would be) and broadcast, while this process samples in parallel (`init_parallel` made groups and the process
-    group has several ranks); None otherwise (draw unseeded). Without it every rank would draw its own noise and
-    the divided denoiser calls would mix shards of different latents. Collective: every rank calls it together,
-    as every rank makes the same pipeline call."""
+    would be) and broadcast, while the call samples in parallel; None otherwise (draw unseeded). Without it every
+    rank would draw its own noise and the divided denoiser calls would mix shards of different latents.
+
+    `parallel` says whether the calling pipeline's models are parallel now (`BasePipeline.generate_noise` passes
+    it); None (a caller that does not say) means "while any model of this process is". Only such calls share:
+    an unseeded call of a pipeline after `disable_parallel`, or of one never made parallel, may be made by one rank
+    alone (a preview on rank 0) and must not wait for the others. Collective when it shares: every rank calls it
+    together, as every rank makes the same call of a parallel pipeline."""
     import torch.distributed as dist
 
-    if not _MADE or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    if parallel is None:
+        parallel = any_model_parallel()
+    if not parallel or not _MADE or not dist.is_available() or not dist.is_initialized():
+        return None
+    if dist.get_world_size() == 1:
         return None
     seed = [int(torch.randint(0, 2**63 - 1, ())) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(seed, src=0)

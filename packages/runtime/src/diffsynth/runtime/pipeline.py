@@ -62,18 +62,19 @@ def finite_number(value, name: str) -> float:
 
 
 def seeded_generator(
-    seed: int | None, rand_device: str | torch.device = "cpu"
+    seed: int | None, rand_device: str | torch.device = "cpu", parallel: bool | None = None
 ) -> tuple[torch.Generator | None, torch.device]:
     """The generator a call draws its noise from, seeded with `seed` on `rand_device` (None: unseeded draws), and
     that device; anything but cpu, cuda, cuda:N or mps (`disk` places weights, not noise), or a GPU this torch does
     not see (`check_device`), is refused by name, and so is a seed outside -2**63 .. 2**64 - 1 (`check_seed`).
     Under parallel sampling (`enable_parallel` in a process group of several ranks) a call without a seed draws one
     on rank 0 and shares it, so that every rank starts from the same noise (`parallel.shared_seed`): the divided
-    denoiser calls must see one latent, not one per rank."""
+    denoiser calls must see one latent, not one per rank. `parallel`: whether the calling pipeline is parallel now
+    (None: whether any pipeline of this process is); a call that is not draws on its own rank, without waiting."""
     if seed is None:
         from .parallel import shared_seed
 
-        seed = shared_seed()
+        seed = shared_seed(parallel)
     seed = None if seed is None else check_seed(seed)
     try:
         device = parse_device(rand_device)
@@ -85,10 +86,13 @@ def seeded_generator(
     return (None if seed is None else torch.Generator(device).manual_seed(seed)), device
 
 
-def seeded_noise(shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu") -> torch.Tensor:
+def seeded_noise(
+    shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu", parallel: bool | None = None
+) -> torch.Tensor:
     """The pipelines' initial noise: float32 standard normal drawn on `rand_device` from `seed` (the trainer's
-    direct distillation draws each row's noise with it, so a row's seed means the same noise as in `pipe(...)`)."""
-    generator, device = seeded_generator(seed, rand_device)
+    direct distillation draws each row's noise with it, so a row's seed means the same noise as in `pipe(...)`);
+    `parallel` as for `seeded_generator`."""
+    generator, device = seeded_generator(seed, rand_device, parallel)
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
@@ -626,8 +630,9 @@ class BasePipeline:
     def generate_noise(
         self, shape: Sequence[int], seed: int | None, rand_device: str | torch.device = "cpu"
     ) -> torch.Tensor:
-        """Seeded float32 noise drawn on `rand_device`: the same seed gives the same noise on any compute device."""
-        return seeded_noise(shape, seed, rand_device).to(self.device)
+        """Seeded float32 noise drawn on `rand_device`: the same seed gives the same noise on any compute device.
+        Without a seed, the ranks share one only while this pipeline is parallel (`samples_in_parallel`)."""
+        return seeded_noise(shape, seed, rand_device, self.samples_in_parallel()).to(self.device)
 
     def check_latents(self, latents: torch.Tensor, expected: Sequence[int]) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(expected):
@@ -892,7 +897,7 @@ class BasePipeline:
         parallelism: positive and negative halves), `sequence` ranks its tokens (Ulysses; default: the
         ranks `batch` leaves). Every rank runs the same script and gets the same result (save it on rank
         0). Returns this rank's `ParallelGroups`. See `diffsynth.runtime.parallel`."""
-        from .parallel import init_parallel
+        from .parallel import init_parallel, register_parallel_models
 
         # a model divides its calls when it holds a `parallel` attribute; refused before any process group forms
         models = [getattr(self, s) for s in self.model_slots if hasattr(getattr(self, s, None), "parallel")]
@@ -911,6 +916,7 @@ class BasePipeline:
             )
         for model in models:
             model.parallel = groups
+        register_parallel_models(models)
         return groups
 
     def disable_parallel(self) -> None:
@@ -920,6 +926,12 @@ class BasePipeline:
             model = getattr(self, slot, None)
             if hasattr(model, "parallel"):
                 model.parallel = None
+
+    def samples_in_parallel(self) -> bool:
+        """Whether a model of this pipeline divides its calls now (`enable_parallel`, not undone): only then do the
+        ranks share an unseeded call's seed, which every rank must draw together."""
+        models = (getattr(self, slot, None) for slot in self.model_slots)
+        return any(getattr(model, "parallel", None) is not None for model in models)
 
     def disable_first_block_cache(self) -> None:
         from .step_cache import FirstBlockCache
