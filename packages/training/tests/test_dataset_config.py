@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from diffsynth.training.config import TrainConfig
 from diffsynth.training.data import batch_plan
 from diffsynth.training.datasets import LOSS_WEIGHT_KEY, dataset_entries
 from diffsynth.training.testing import first_losses, train_direct_and_cached
-from diffsynth.training.trainer import run_stage, setup, train
+from diffsynth.training.trainer import make_dataset, run_stage, setup, train
 
 
 def toy_config(tmp_path, name="out", **data) -> TrainConfig:
@@ -472,3 +473,28 @@ def test_the_readme_toml_example_reads(tmp_path, monkeypatch):
         ("data/clips", 1, 960 * 544),
     ]
     assert (entries[1].config.num_frames, entries[1].config.video_frame_extraction) == (33, "chunk")
+
+
+def test_several_musubi_target_frames_leave_out_the_lengths_a_video_is_too_short_for(tmp_path, caplog):
+    from diffsynth_training_toy import VIDEO_TASK
+
+    videos = captioned_videos(tmp_path / "videos", frames=(4, 6))  # musubi: 4 frames give 1 and 3, 6 give 1, 3, 5
+    several = write_toml(tmp_path / "s.toml", {}, [{"video_directory": str(videos), "target_frames": [1, 3, 5]}])
+    run = setup(toy_config(tmp_path, dataset_config=several, family=VIDEO_TASK, batch_size=1))
+    dataset = run.dataset
+    assert len(dataset) == 5 and dataset.sample_frames == [1, 1, 3, 3, 5]
+    assert [dataset[i]["prompt"] for i in range(5)] == [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    assert [dataset[i]["video"].shape[1] for i in range(5)] == [1, 1, 3, 3, 5]  # [3, F, H, W]
+    assert [len(part) for part in dataset.parts] == [2, 2, 1] and run.steps_per_epoch == 5
+    plan = batch_plan(dataset.batch_keys, batch_size=1, seed=0, repeats=dataset.repeats)
+    assert sorted(i for batch in plan for i in batch) == list(range(5))
+    assert "1 of 2 rows have a video of fewer than 5 frames ('clip0.mp4')" in caplog.text
+    task = SimpleNamespace(media=("video", "image"), size_multiple=16, family=VIDEO_TASK)  # the data's settings
+    # one length (and --num_frames) still refuses a video too short for it
+    one = write_toml(tmp_path / "one.toml", {}, [{"video_directory": str(videos), "target_frames": [5]}])
+    with pytest.raises(ConfigError, match=r"clip0.mp4 has 4 frames, fewer than one clip of --num_frames 5"):
+        make_dataset(toy_config(tmp_path, dataset_config=one, family=VIDEO_TASK), task)
+    # a dataset whose videos are all too short for every length gives nothing: refused, naming it
+    long = write_toml(tmp_path / "long.toml", {}, [{"video_directory": str(videos), "target_frames": [7, 9]}])
+    with pytest.raises(ConfigError, match=rf"{long} dataset 1: every video is shorter than each of its target_frames"):
+        make_dataset(toy_config(tmp_path, dataset_config=long, family=VIDEO_TASK), task)

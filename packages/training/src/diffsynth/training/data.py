@@ -451,7 +451,9 @@ class MetadataDataset(Dataset):
     (`masks.read_mask`), a video row's mask video as `[1, F, H, W]` from the same frames as its video
     (`masks.read_mask_video`); without it the column is left as it is. `alpha_mask` (which implies `masked_loss`) takes
     a maskless row's picture transparency as its mask. A dataset with no mask at all is an error unless not
-    `require_masks` (one of several datasets, `datasets.CombinedDataset`, where another has them)."""
+    `require_masks` (one of several datasets, `datasets.CombinedDataset`, where another has them).
+    With `skip_short` a video too short for one clip of `num_frames` gives no sample (`short_rows` lists those rows)
+    rather than being refused: one length of a musubi `target_frames` list, where it trains at the shorter ones."""
 
     def __init__(
         self,
@@ -479,6 +481,7 @@ class MetadataDataset(Dataset):
         fps: float | None = None,
         require_masks: bool = True,
         frame_multiple: int | None = None,
+        skip_short: bool = False,
     ):
         if image_mode not in ("RGB", "RGBA"):
             raise ConfigError(f"image_mode={image_mode!r} is not accepted; use 'RGB' or 'RGBA'")
@@ -500,6 +503,7 @@ class MetadataDataset(Dataset):
         self.frame_extraction, self.frame_stride, self.frame_samples = frame_extraction, frame_stride, frame_samples
         self.frame_multiple = frame_multiple  # `full` clips are 1 + k x this many frames (the video VAE's chunks)
         self.fps = fps  # None: each video at its own frame rate
+        self.skip_short = skip_short
         sizes = (max_pixels,) if isinstance(max_pixels, int) else tuple(max_pixels)
         self.step = step
         self.buckets: list[Bucket] = []
@@ -534,6 +538,9 @@ class MetadataDataset(Dataset):
         # a sample is a row at one of the training sizes (several with `--resolutions`) and, for a video, one of its
         # clips (several with --video_frame_extraction), rows in order
         clips = [self._clips(i) for i in range(len(self.rows))]
+        self.short_rows = [i for i, row_clips in enumerate(clips) if not row_clips]  # only with `skip_short`
+        if self.short_rows:
+            self._log_short_rows()
         self.sample_rows = [i for i in range(len(self.rows)) for _ in sizes for _ in clips[i]]
         self.sample_pixels = [pixels for i in range(len(self.rows)) for pixels in sizes for _ in clips[i]]
         self.sample_starts = [start for i in range(len(self.rows)) for _ in sizes for start, _ in clips[i]]
@@ -565,6 +572,22 @@ class MetadataDataset(Dataset):
         )
         if self.masked_loss:
             self._check_masks(alpha_mask, require_masks)
+
+    def _log_short_rows(self) -> None:
+        """Name the videos left out of this length (`skip_short`) once, so a missing length is not a surprise."""
+        at = "" if self.fps is None else f" at {self.fps:g} fps"
+        names = [str(self.rows[i][next(k for k in self.media if self.rows[i].get(k))]) for i in self.short_rows]
+        logger.warning(
+            "%s: %d of %d rows have a video of fewer than %d frames%s (%s), left out of the %d-frame clips "
+            "(musubi's target_frames: they train at its shorter lengths)",
+            self.metadata,
+            len(self.short_rows),
+            len(self.rows),
+            self.num_frames,
+            at,
+            preview(names, 5),
+            self.num_frames,
+        )
 
     def _header_size(self, index: int, column: str, name: str) -> tuple[int, int]:
         """(width, height) of the file `name` of row `index`'s `column`, from its header (errors name them)."""
@@ -727,6 +750,8 @@ class MetadataDataset(Dataset):
         """The first frames of the clips of `num_frames` in `count` frames (row `index`'s shortest video, `name`
         in `column`)."""
         room = count - self.num_frames  # the last start that leaves a whole clip
+        if room < 0 and self.skip_short:
+            return []  # this length is left out for the row (`short_rows`)
         if room < 0:
             at = "" if self.fps is None else f" at {self.fps:g} fps"
             raise ConfigError(

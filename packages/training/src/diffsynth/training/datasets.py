@@ -65,17 +65,20 @@ SETTINGS = {  # an entry's keys that are the run's settings, and those settings'
 KEYS = (*SETTINGS, "repeats", "loss_weight")
 LOSS_WEIGHT_KEY = "dataset_loss_weight"  # a row's and its encoded sample's loss weight (only where it is not 1)
 LOSS_WEIGHTS_KEY = "dataset_loss_weights"  # a batch's, [B]
+LENGTH_OF_KEY = "_one_length_of"  # set by `_translate` only (a file's own key of this name is unknown there)
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
     """One dataset of `--dataset_config`: where it is in the file, the run's settings with its own, its repeats
-    and its loss weight."""
+    and its loss weight; `one_length_of` names the musubi dataset whose several `target_frames` this is one
+    length of (as musubi, its videos too short for that length are left out of it, not refused)."""
 
     where: str  # "--dataset_config FILE dataset N", for messages
     config: TrainConfig
     repeats: int = 1
     loss_weight: float = 1.0
+    one_length_of: str | None = None
 
 
 def uses_dataset_config(cfg: TrainConfig) -> bool:
@@ -146,6 +149,8 @@ def _read(path: Path) -> tuple[list, Mapping]:
 def _entry(cfg: TrainConfig, item: Any, where: str) -> DatasetEntry:
     if not isinstance(item, Mapping):
         raise ConfigError(f"{where}: expected a mapping of key: value (base_path: ...), got {item!r}")
+    item = dict(item)
+    one_length_of = item.pop(LENGTH_OF_KEY, None)
     for key in item:
         if key not in KEYS:
             raise ConfigError(f"{where}: unknown key {key!r}; {_known_keys()}")
@@ -173,7 +178,7 @@ def _entry(cfg: TrainConfig, item: Any, where: str) -> DatasetEntry:
             f"{where}: loss_weight weighs the flow-matching and direct-distillation losses; --task {cfg.task} has its "
             "own objective"
         )
-    return DatasetEntry(where, config, repeats, float(weight))
+    return DatasetEntry(where, config, repeats, float(weight), one_length_of)
 
 
 # ----------------------------------------------------------------------------------- musubi-tuner's and kohya's files
@@ -312,8 +317,8 @@ def _translate(cfg: TrainConfig, values: Mapping, where: str) -> list[tuple[str,
         if key in REFUSED:
             raise ConfigError(f"{where}: {key} is not supported here: {REFUSED[key]}")
         raise ConfigError(f"{where}: unknown key {key!r}; {_known_keys()}")
-    if len(frames) > 1:  # each length batches apart (`data.batch_keys`)
-        return [(f"{where} (target_frames {n})", {**ours, "num_frames": n}) for n in frames]
+    if len(frames) > 1:  # each length batches apart (`data.batch_keys`); a video trains at the lengths it holds
+        return [(f"{where} (target_frames {n})", {**ours, "num_frames": n, LENGTH_OF_KEY: where}) for n in frames]
     return [(where, {**ours, **({"num_frames": frames[0]} if frames else {})})]
 
 
@@ -565,6 +570,7 @@ class CombinedDataset(Dataset):
                 f"--masked_loss: no dataset of --dataset_config {source} has a mask; give rows a {MASK_COLUMN!r} "
                 "column (a grayscale picture, white where the loss counts) or put cat-masklabel.png beside cat.png"
             )
+        _check_some_length(self.parts, self.entries)
         for part, entry in zip(self.parts, self.entries, strict=True):
             logger.info(
                 "%s (%s): %d samples x repeats %d, loss weight %g",
@@ -587,6 +593,22 @@ class CombinedDataset(Dataset):
         row = self.parts[k][index - self.starts[k]]
         weight = self.entries[k].loss_weight
         return row if weight == 1 else Row({**row, LOSS_WEIGHT_KEY: weight}, source=row.source)
+
+
+def _check_some_length(parts: Sequence[MetadataDataset], entries: Sequence[DatasetEntry]) -> None:
+    """A musubi dataset of several `target_frames` whose videos are all too short for every length gives nothing to
+    train on: refused, naming it and its lengths."""
+    groups: dict[str, list[MetadataDataset]] = {}
+    for part, entry in zip(parts, entries, strict=True):
+        if entry.one_length_of is not None:
+            groups.setdefault(entry.one_length_of, []).append(part)
+    for where, lengths in groups.items():
+        if any(len(part) for part in lengths):
+            continue
+        raise ConfigError(
+            f"{where}: every video is shorter than each of its target_frames "
+            f"{[part.num_frames for part in lengths]}, so it gives no clip to train on; give a shorter length"
+        )
 
 
 # ----------------------------------------------------------------------------------- loss weights

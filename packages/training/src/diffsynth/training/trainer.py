@@ -1533,14 +1533,18 @@ def encoding_settings(cfg: TrainConfig, task: TrainingTask) -> dict[str, Any]:
 
 
 def make_dataset(
-    cfg: TrainConfig, task: TrainingTask, *, require_masks: bool = True, where: str = ""
+    cfg: TrainConfig, task: TrainingTask, *, require_masks: bool = True, where: str = "", skip_short: bool = False
 ) -> MetadataDataset | CombinedDataset:
     """The run's dataset: `--dataset_base_path`, or each dataset of `--dataset_config` with its own settings, one
     after the other (`datasets.CombinedDataset`; with `--masked_loss` some dataset, not each, must have masks).
-    `where` names a config's dataset in messages."""
+    `where` names a config's dataset in messages; `skip_short` leaves out the videos too short for a clip (one
+    length of a musubi dataset's several `target_frames`) rather than refusing them."""
     if uses_dataset_config(cfg):
         entries = dataset_entries(cfg)
-        parts = [make_dataset(e.config, task, require_masks=False, where=e.where) for e in entries]
+        parts = [
+            make_dataset(e.config, task, require_masks=False, where=e.where, skip_short=e.one_length_of is not None)
+            for e in entries
+        ]
         return CombinedDataset(parts, entries, cfg.dataset_config)
     m = task.size_multiple
     for name in ("height", "width", "bucket_step"):
@@ -1571,6 +1575,7 @@ def make_dataset(
         fps=cfg.video_fps,
         require_masks=require_masks,
         frame_multiple=temporal_compression(task),
+        skip_short=skip_short,
     )
     check_clip_length(dataset, task, f"{where}: num_frames" if where else "--num_frames")
     return dataset
