@@ -74,3 +74,15 @@ def test_batch_of_three_segments_gives_each_prompt_its_own_video(animate_pipe):
     assert alone.shape == (1, 3, 13, 32, 32) and batch.shape == (2, 3, 13, 32, 32)
     torch.testing.assert_close(batch[:1], alone, atol=1e-4, rtol=0)  # batched matmuls round differently
     assert (batch[1] - batch[0]).abs().max() > 1e-4  # the second prompt's noise is its own
+
+
+def test_segment_noise_never_shares_an_unseeded_call_itself(monkeypatch):
+    """The pipeline shares an unseeded call's seed when it is parallel; segment_noise's own draw must not broadcast
+    (a rank-0-alone call would wait for ranks that never come while another pipeline of the process is parallel)."""
+    import diffsynth.runtime.parallel as parallel
+    from diffsynth.wan.animate import segment_noise
+
+    asked = []
+    monkeypatch.setattr(parallel, "shared_seed", lambda flag=None: asked.append(flag))
+    draws = list(segment_noise((1, 2, 3), 2, None, torch.device("cpu")))
+    assert asked == [False] and len(draws) == 2

@@ -317,8 +317,10 @@ def segment_noise(
     segment, one draw of the batch (as the other Wan modes); with several, prompt b's noise for segment k is the
     generator's draw `b * segments + k` of one prompt's noise, so a prompt's video does not depend on the batch it
     is in (prompt 0's is the one-prompt call's: the k-th draw). The seed and device are checked as every mode's
-    (`seeded_generator`: a seed of 1.5 or True, or a rand_device of disk, is refused by name) when it is called."""
-    generator, device = seeded_generator(seed, device)
+    (`seeded_generator`: a seed of 1.5 or True, or a rand_device of disk, is refused by name) when it is called.
+    The caller has shared an unseeded call's seed already when its pipeline is parallel (`shared_seed`): None here
+    draws unseeded on this rank, never waiting for the others."""
+    generator, device = seeded_generator(seed, device, parallel=False)
     return _segment_draws(shape, segments, generator, device)
 
 
