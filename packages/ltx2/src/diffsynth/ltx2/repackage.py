@@ -178,99 +178,77 @@ def _missing(what: str, file: str):
     )
 
 
-class LTX2VideoDecoderVAE(video.LTX2VideoVAE):
+class _OneHalf:
+    """A VAE built with one of its halves (`half`: "encoder" or "decoder") and its latent statistics, what one
+    repack file holds; each class refuses the other direction with `_missing`."""
+
+    half: str
+
+    def _build_half(self, config, half_module: type[nn.Module], statistics_size: int) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        setattr(self, self.half, half_module(config))
+        self.per_channel_statistics = PerChannelStatistics(statistics_size)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return getattr(self, self.half).gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        getattr(self, self.half).gradient_checkpointing = bool(value)
+
+
+class LTX2VideoDecoderVAE(_OneHalf, video.LTX2VideoVAE):
     """The video VAE of `video_vae_decoder.safetensors` alone: decodes (text-to-video); encoding (image or video
     conditioning) is refused, naming `video_vae_encoder.safetensors`."""
 
+    half = "decoder"
     offload_units = ("decoder.up_blocks",)
     compile_units = ("decoder.up_blocks",)
 
     def __init__(self, config: video.LTX2VideoVAEConfig | None = None):
-        nn.Module.__init__(self)
-        self.config = config = config if config is not None else video.LTX2VideoVAEConfig()
-        self.decoder = video.Decoder(config)
-        self.per_channel_statistics = PerChannelStatistics(config.latent_channels)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.decoder.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.decoder.gradient_checkpointing = bool(value)
+        config = config if config is not None else video.LTX2VideoVAEConfig()
+        self._build_half(config, video.Decoder, config.latent_channels)
 
     def encode(self, *args, **kwargs):
         _missing("video VAE encoder (image / video conditioning)", "video_vae_encoder.safetensors")
 
 
-class LTX2VideoEncoderHalfVAE(video.LTX2VideoVAE):
-    """The video VAE of `video_vae_encoder.safetensors` alone: decoding is refused, naming the decoder file."""
-
-    offload_units = ("encoder.down_blocks",)
-    compile_units = ("encoder.down_blocks",)
-
-    def __init__(self, config: video.LTX2VideoVAEConfig | None = None):
-        nn.Module.__init__(self)
-        self.config = config = config if config is not None else video.LTX2VideoVAEConfig()
-        self.encoder = video.Encoder(config)
-        self.per_channel_statistics = PerChannelStatistics(config.latent_channels)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.encoder.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.encoder.gradient_checkpointing = bool(value)
+class LTX2VideoEncoderHalfVAE(video.LTX2VideoEncoderVAE):
+    """The video VAE of `video_vae_encoder.safetensors` alone (LTX-2.5's encoder-only VAE, as its keys are):
+    decoding is refused, naming the decoder file."""
 
     def decode(self, *args, **kwargs):
         _missing("video VAE decoder", "video_vae_decoder.safetensors")
 
 
-class LTX2AudioDecoderVAE(audio.LTX2AudioVAE):
+class LTX2AudioDecoderVAE(_OneHalf, audio.LTX2AudioVAE):
     """The audio VAE of `audio_vae_decoder.safetensors` alone (what Studio's examples load): decodes; encoding
     (audio conditioning) is refused, naming `audio_vae_encoder.safetensors`."""
 
+    half = "decoder"
     offload_units = ("decoder.up",)
     compile_units = ("decoder.up",)
 
     def __init__(self, config: audio.LTX2AudioVAEConfig | None = None):
-        nn.Module.__init__(self)
-        self.config = config = config if config is not None else audio.LTX2AudioVAEConfig()
-        self.decoder = audio.Decoder(config)
-        self.per_channel_statistics = PerChannelStatistics(config.statistics_size)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.decoder.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.decoder.gradient_checkpointing = bool(value)
+        config = config if config is not None else audio.LTX2AudioVAEConfig()
+        self._build_half(config, audio.Decoder, config.statistics_size)
 
     def encode(self, *args, **kwargs):
         _missing("audio VAE encoder (audio conditioning)", "audio_vae_encoder.safetensors")
 
 
-class LTX2AudioEncoderVAE(audio.LTX2AudioVAE):
+class LTX2AudioEncoderVAE(_OneHalf, audio.LTX2AudioVAE):
     """The audio VAE of `audio_vae_encoder.safetensors` alone: decoding is refused, naming the decoder file."""
 
+    half = "encoder"
     offload_units = ("encoder.down",)
     compile_units = ("encoder.down",)
 
     def __init__(self, config: audio.LTX2AudioVAEConfig | None = None):
-        nn.Module.__init__(self)
-        self.config = config = config if config is not None else audio.LTX2AudioVAEConfig()
-        self.encoder = audio.Encoder(config)
-        self.per_channel_statistics = PerChannelStatistics(config.statistics_size)
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.encoder.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.encoder.gradient_checkpointing = bool(value)
+        config = config if config is not None else audio.LTX2AudioVAEConfig()
+        self._build_half(config, audio.Encoder, config.statistics_size)
 
     def decode(self, *args, **kwargs):
         _missing("audio VAE decoder", "audio_vae_decoder.safetensors")
