@@ -35,7 +35,8 @@ def dataset(folder, rows, task, keys) -> MetadataDataset:
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return MetadataDataset(
         folder, media=task.media, file_keys=keys, conditioning=task.conditioning,
-        aligned=getattr(task, "aligned_conditioning", ()), check_row=getattr(task, "check_row", None),
+        aligned=getattr(task, "aligned_conditioning", ()), counted=getattr(task, "conditioning_counts", ()),
+        check_row=getattr(task, "check_row", None),
         max_pixels=32 * 32, step=16, num_frames=5,
     )  # fmt: skip
 
@@ -109,3 +110,45 @@ def test_control_camera_rows_are_checked_at_setup_naming_the_metadata_row(tiny_r
         dataset(tmp_path, [*rows, {"video": "v.mp4", "prompt": "b"}], task, ("video",))
     with pytest.raises(ConfigError, match=r"metadata.jsonl row 1 camera_control_origin='x' is not a number"):
         dataset(tmp_path, [{**rows[0], "camera_control_origin": "0, x"}], task, ("video",))
+
+
+def test_vace_references_of_other_sizes_stack_and_keep_the_keys_a_dataset_had(tiny_repo_factory, tmp_path):
+    """One reference each at four sizes (the pipeline fits each to the video's): one batch key, the key of rows
+    without references (as before they were conditioning columns); one row with two references batches apart."""
+    task = task_of(tiny_repo_factory("vace"))
+    rows = []
+    for i, size in enumerate([(32, 32), (64, 32), (32, 64), (48, 48)]):
+        video(tmp_path / f"v{i}.mp4", i)
+        Image.new("RGB", size, (255, 0, 0)).save(tmp_path / f"r{i}.png")
+        rows.append({"video": f"v{i}.mp4", "prompt": "p", "vace_reference_image": f"r{i}.png"})
+    data = dataset(tmp_path, rows, task, ("video",))
+    assert data.batch_keys == [(32, 32, 5)] * 4
+    batch = task.collate(task.encode([data[0], data[1]]))
+    assert batch["vace_context"].shape[0] == 2
+    more = dataset(tmp_path, [*rows, {**rows[0], "vace_reference_image": ["r0.png", "r1.png"]}], task, ("video",))
+    assert more.batch_keys == [(32, 32, 5, 0, 0, 1)] * 4 + [(32, 32, 5, 0, 0, 2)]
+
+
+def test_two_vace_datasets_with_and_without_a_control_video_batch_apart(tiny_repo_factory, tmp_path):
+    """--dataset_config with a dataset whose rows all have a vace_video and one whose rows have none: each agrees
+    within itself, but their samples encode apart, so no batch of the run mixes them."""
+    from diffsynth.training.config import TrainConfig
+    from diffsynth.training.data import batch_plan
+    from diffsynth.training.datasets import CombinedDataset, DatasetEntry
+
+    task = task_of(tiny_repo_factory("vace"))
+    parts = []
+    for name, control in (("a", True), ("b", False)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            video(tmp_path / name / f"v{i}.mp4", i)
+        rows = [{"video": f"v{i}.mp4", "prompt": "p", **({"vace_video": f"v{1 - i}.mp4"} if control else {})}
+                for i in range(2)]  # fmt: skip
+        parts.append(dataset(tmp_path / name, rows, task, ("video",)))
+    assert parts[0].batch_keys == parts[1].batch_keys == [(32, 32, 5)] * 2  # each alone: its keys as before
+    entries = [DatasetEntry(f"dataset {i}", TrainConfig(family="wan", output_path=str(tmp_path))) for i in (1, 2)]
+    both = CombinedDataset(parts, entries, tmp_path / "d.yaml")
+    assert both.batch_keys == [(32, 32, 5, 1, 0, 0)] * 2 + [(32, 32, 5, 0, 0, 0)] * 2
+    for seed in range(10):
+        for batch in batch_plan(both.batch_keys, batch_size=2, seed=seed):
+            assert len({i // 2 for i in batch}) == 1, batch

@@ -25,8 +25,10 @@
   Several pixel budgets (`--resolutions`) make each row a sample at each size.
 - `batch_plan` gives each process its batches for an epoch: the same seeded shuffle on every process, batches
   drawn from one bucket and frame count (`batch_keys`; with conditioning columns also each of their pictures' size
-  as read and their count, so their stacks agree; where rows differ in it, each aligned column's file count), cut
-  to the same count on every process and to whole gradient-accumulation steps.
+  as read and their count, so their stacks agree; where rows differ in it, even across the datasets of a
+  `--dataset_config`, each aligned or count-only column's file count), cut to the same count on every process and
+  to whole gradient-accumulation steps. A task's `conditioning_counts` columns (Wan's reference images, fitted to
+  the video by the pipeline) join the keys by their count alone.
   Resuming skips the batches already trained, without loading them.
 - Sound: a row's `audio` column, or DiffSynth-Studio's `input_audio` (a file path in `--data_file_keys`: a sound
   file, or a video whose track is meant) or else its video file's own audio track is read with `av` as `"audio"` `[channels, samples]` float32
@@ -463,6 +465,7 @@ class MetadataDataset(Dataset):
         file_keys: Sequence[str] = ("image", "video"),
         conditioning: Sequence[str] = (),
         aligned: Sequence[str] = (),
+        counted: Sequence[str] = (),
         ragged_conditioning: bool = False,
         check_row: Callable[[dict[str, Any], Callable[[str, str], tuple[int, int]]], None] | None = None,
         metadata_path: str | None = None,
@@ -495,6 +498,8 @@ class MetadataDataset(Dataset):
             self.rows = [with_trigger(row, trigger_word) for row in self.rows]
         self.aligned = tuple(aligned)  # read at the row's bucket, as its media
         self.conditioning = tuple(c for c in conditioning if c not in self.aligned)  # each at its own bucket
+        self.count_only = tuple(c for c in counted if c in self.conditioning)  # by their file count, not size
+        self.counted = (*self.aligned, *self.count_only)  # their file counts join the keys where rows differ
         self.file_keys = tuple(dict.fromkeys([*file_keys, *conditioning, *self.aligned]))
         self.masked_loss = masked_loss or alpha_mask
         self.alpha_masked: set[int] = set()  # rows whose mask is their picture's transparency
@@ -557,11 +562,13 @@ class MetadataDataset(Dataset):
             () if ragged_conditioning else self._conditioning_sizes(i, p)
             for i, p in zip(self.sample_rows, self.sample_pixels, strict=True)
         ]
-        # where rows differ in it, the file count of each aligned column too (Wan VACE rows with a control video and
-        # rows without encode apart); datasets whose rows agree keep their keys (and resumed runs their plans)
-        counts = [tuple(len(_paths(self.rows[i].get(c))) for c in self.aligned) for i in self.sample_rows]
-        if len(set(counts)) > 1 and not ragged_conditioning:
-            self.sample_conditioning = [(*c, *n) for c, n in zip(self.sample_conditioning, counts, strict=True)]
+        # where rows differ in it, the file count of each aligned and count-only column too (Wan VACE rows with a
+        # control video and rows without encode apart); datasets whose rows agree keep their keys (and resumed runs
+        # their plans). `CombinedDataset` adds them where its datasets differ from one another.
+        self.sample_counts = [() if ragged_conditioning else self._file_counts(i) for i in self.sample_rows]
+        self.counts_joined = len(set(self.sample_counts)) > 1
+        if self.counts_joined:
+            self.sample_conditioning = with_counts(self.sample_conditioning, self.sample_counts)
         self.batch_keys = batch_keys(self.buckets, self.sample_frames, self.sample_conditioning)
         logger.info(
             "dataset %s: %d samples in %d buckets %s",
@@ -607,13 +614,17 @@ class MetadataDataset(Dataset):
         """The pictures and videos of row `index`'s conditioning columns as a sample at `pixels` reads them: per
         column their count, then each one's bucket (width, height), from the headers; () without such columns."""
         sizes: list[int] = []
-        for column in self.conditioning:
+        for column in (c for c in self.conditioning if c not in self.count_only):
             names = [n for n in _paths(self.rows[index].get(column)) if Path(n).suffix.lower() not in SOUND_SUFFIXES]
             sizes.append(len(names))
             for name in names:
                 width, height = self._header_size(index, column, name)
                 sizes += bucket_for(width, height, max_pixels=pixels, step=self.step)
         return tuple(sizes)
+
+    def _file_counts(self, index: int) -> tuple[int, ...]:
+        """How many files row `index` gives each aligned and count-only conditioning column (`counted`)."""
+        return tuple(len(_paths(self.rows[index].get(column))) for column in self.counted)
 
     def _check_masks(self, alpha: bool, required: bool = True) -> None:
         """`--masked_loss` needs some rows with a mask file (each one picture, or a video for a video row) or, with
@@ -826,6 +837,11 @@ class MetadataDataset(Dataset):
         row[AUDIO_KEY] = None if track is None else track[0]
         if track is not None:
             row["audio_sample_rate"] = track[1]
+
+
+def with_counts(conditioning: Sequence[tuple[int, ...]], counts: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Each sample's conditioning sizes followed by its file counts (`MetadataDataset.sample_counts`)."""
+    return [(*sizes, *n) for sizes, n in zip(conditioning, counts, strict=True)]
 
 
 def _paths(value) -> list[str]:

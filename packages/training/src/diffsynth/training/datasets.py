@@ -560,6 +560,9 @@ class CombinedDataset(Dataset):
         self.sample_frames = [count for part in self.parts for count in part.sample_frames]
         self.sample_conditioning = [sizes for part in self.parts for sizes in part.sample_conditioning]
         self.batch_keys = [key for part in self.parts for key in part.batch_keys]
+        if _counts_differ(self.parts):
+            self.sample_conditioning = _joined(self.parts, "sample_conditioning")
+            self.batch_keys = _joined(self.parts, "batch_keys")
         self.repeats = [
             r * entry.repeats for part, entry in zip(self.parts, self.entries, strict=True) for r in part.repeats
         ]
@@ -593,6 +596,22 @@ class CombinedDataset(Dataset):
         row = self.parts[k][index - self.starts[k]]
         weight = self.entries[k].loss_weight
         return row if weight == 1 else Row({**row, LOSS_WEIGHT_KEY: weight}, source=row.source)
+
+
+def _counts_differ(parts: Sequence[MetadataDataset]) -> bool:
+    """Whether the datasets' samples differ in their aligned / count-only file counts (`sample_counts`): a Wan VACE
+    dataset whose rows all have a control video beside one whose rows have none, each agreeing within itself."""
+    return len({counts for part in parts for counts in part.sample_counts}) > 1
+
+
+def _joined(parts: Sequence[MetadataDataset], name: str) -> list[tuple]:
+    """The parts' `name` (batch keys or conditioning sizes), each sample's file counts added where its dataset has
+    not added them itself (it does when its own rows differ), so samples of other counts batch apart."""
+    return [
+        item if part.counts_joined else (*item, *counts)
+        for part in parts
+        for item, counts in zip(getattr(part, name), part.sample_counts, strict=True)
+    ]
 
 
 def _check_some_length(parts: Sequence[MetadataDataset], entries: Sequence[DatasetEntry]) -> None:

@@ -1558,6 +1558,7 @@ def make_dataset(
         file_keys=cfg.data_file_keys,
         conditioning=getattr(task, "conditioning", ()),  # a task's reference-image columns (optional attribute)
         aligned=getattr(task, "aligned_conditioning", ()),  # those pixel-aligned with the target: read as it is
+        counted=getattr(task, "conditioning_counts", ()),  # those whose count, not size, must agree in a batch
         ragged_conditioning=getattr(task, "ragged_conditioning", False),  # a batch may mix their sizes
         check_row=getattr(task, "check_row", None),  # a task's setup check of each metadata row (optional)
         metadata_path=cfg.dataset_metadata_path,

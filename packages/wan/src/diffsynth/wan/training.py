@@ -490,10 +490,18 @@ class WanTrainingTask(PipelineTrainingTask):
     @property
     def conditioning(self) -> tuple[str, ...]:
         """Columns the dataset reads at their own size, not the video's: an Animate DiT's face crops (square, and
-        taken whole by the pipeline at 512 x 512; fitted to a wide video they would lose their top and bottom), a
-        VACE DiT's and a Fun Control DiT's reference images (the pipeline fits them to the video's size itself).
-        Their count is part of a sample's batch key, so rows with 1 and 2 references (or none) batch apart."""
+        taken whole by the pipeline at 512 x 512; fitted to a wide video they would lose their top and bottom), and
+        the reference images of `conditioning_counts`."""
         columns = ("animate_face_video",) if self._field("animate") else ()
+        return columns + self.conditioning_counts
+
+    @property
+    def conditioning_counts(self) -> tuple[str, ...]:
+        """A VACE DiT's and a Fun Control DiT's reference images: the pipeline fits them to the video's size itself,
+        so rows with one reference each of any size stack, but not rows with 1 and 2 references (or none): the
+        trainer's dataset adds their count alone to the batch keys, where rows differ in it (a dataset whose rows
+        agree keeps the keys it had before they were conditioning columns)."""
+        columns: tuple[str, ...] = ()
         if self._field("vace_layers"):
             columns += ("vace_reference_image",)
         if self._fun_control():
