@@ -121,6 +121,17 @@ def test_video_decoder_alone_does_text_to_video_and_refuses_an_image(repack, tin
         pipe(repo_module.CAPTIONS[0], input_images=[image], **FAST)
 
 
+def test_video_encoder_alone_names_the_decoder_file_and_stays_a_module(repack, tiny_ltx2_base):
+    """Not taken for LTX-2.5's encoder-only VAE (whose decoder is the diffusion decoder): the error names the
+    repack's decoder file; and `.half()` is still `nn.Module.half` on every half VAE."""
+    files = ("transformer", "text_encoder_post_modules", "video_vae_encoder", "audio_vae_decoder", "audio_vocoder")
+    pipe = load(studio_configs(repack, files), tiny_ltx2_base)
+    with pytest.raises(ConfigError, match="video_vae_decoder.safetensors"):
+        pipe(repo_module.CAPTIONS[0], **FAST)
+    for module in (pipe.vae, pipe.audio_vae):
+        assert module.half() is module and next(module.parameters()).dtype == torch.float16
+
+
 def test_half_files_are_loaded_strictly(repack, tmp_path):
     """A decoder file lacking a key, halves whose statistics differ, and two transformers are refused by name."""
     decoder = dict(open_checkpoint(str(repack / REPO / "video_vae_decoder.safetensors")))

@@ -179,31 +179,32 @@ def _missing(what: str, file: str):
 
 
 class _OneHalf:
-    """A VAE built with one of its halves (`half`: "encoder" or "decoder") and its latent statistics, what one
-    repack file holds; each class refuses the other direction with `_missing`."""
+    """A VAE built with one of its halves (`built_half`: "encoder" or "decoder") and its latent statistics, what
+    one repack file holds; each class refuses the other direction with `_missing`. (Not named `half`: that is
+    `nn.Module.half()`.)"""
 
-    half: str
+    built_half: str
 
     def _build_half(self, config, half_module: type[nn.Module], statistics_size: int) -> None:
         nn.Module.__init__(self)
         self.config = config
-        setattr(self, self.half, half_module(config))
+        setattr(self, self.built_half, half_module(config))
         self.per_channel_statistics = PerChannelStatistics(statistics_size)
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return getattr(self, self.half).gradient_checkpointing
+        return getattr(self, self.built_half).gradient_checkpointing
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value: bool) -> None:
-        getattr(self, self.half).gradient_checkpointing = bool(value)
+        getattr(self, self.built_half).gradient_checkpointing = bool(value)
 
 
 class LTX2VideoDecoderVAE(_OneHalf, video.LTX2VideoVAE):
     """The video VAE of `video_vae_decoder.safetensors` alone: decodes (text-to-video); encoding (image or video
     conditioning) is refused, naming `video_vae_encoder.safetensors`."""
 
-    half = "decoder"
+    built_half = "decoder"
     offload_units = ("decoder.up_blocks",)
     compile_units = ("decoder.up_blocks",)
 
@@ -215,9 +216,17 @@ class LTX2VideoDecoderVAE(_OneHalf, video.LTX2VideoVAE):
         _missing("video VAE encoder (image / video conditioning)", "video_vae_encoder.safetensors")
 
 
-class LTX2VideoEncoderHalfVAE(video.LTX2VideoEncoderVAE):
-    """The video VAE of `video_vae_encoder.safetensors` alone (LTX-2.5's encoder-only VAE, as its keys are):
-    decoding is refused, naming the decoder file."""
+class LTX2VideoEncoderHalfVAE(_OneHalf, video.LTX2VideoVAE):
+    """The video VAE of `video_vae_encoder.safetensors` alone: decoding is refused, naming the decoder file. Not
+    LTX-2.5's encoder-only `LTX2VideoEncoderVAE` (the same keys), whose decoder is the diffusion decoder."""
+
+    built_half = "encoder"
+    offload_units = ("encoder.down_blocks",)
+    compile_units = ("encoder.down_blocks",)
+
+    def __init__(self, config: video.LTX2VideoVAEConfig | None = None):
+        config = config if config is not None else video.LTX2VideoVAEConfig()
+        self._build_half(config, video.Encoder, config.latent_channels)
 
     def decode(self, *args, **kwargs):
         _missing("video VAE decoder", "video_vae_decoder.safetensors")
@@ -227,7 +236,7 @@ class LTX2AudioDecoderVAE(_OneHalf, audio.LTX2AudioVAE):
     """The audio VAE of `audio_vae_decoder.safetensors` alone (what Studio's examples load): decodes; encoding
     (audio conditioning) is refused, naming `audio_vae_encoder.safetensors`."""
 
-    half = "decoder"
+    built_half = "decoder"
     offload_units = ("decoder.up",)
     compile_units = ("decoder.up",)
 
@@ -242,7 +251,7 @@ class LTX2AudioDecoderVAE(_OneHalf, audio.LTX2AudioVAE):
 class LTX2AudioEncoderVAE(_OneHalf, audio.LTX2AudioVAE):
     """The audio VAE of `audio_vae_encoder.safetensors` alone: decoding is refused, naming the decoder file."""
 
-    half = "encoder"
+    built_half = "encoder"
     offload_units = ("encoder.down",)
     compile_units = ("encoder.down",)
 

@@ -586,7 +586,7 @@ class MetadataDataset(Dataset):
         names = [str(self.rows[i][next(k for k in self.media if self.rows[i].get(k))]) for i in self.short_rows]
         logger.warning(
             "%s: %d of %d rows have a video of fewer than %d frames%s (%s), left out of the %d-frame clips "
-            "(musubi's target_frames: they train at its shorter lengths)",
+            "(musubi's target_frames: a video trains at the lengths it holds, none if it is shorter than all)",
             self.metadata,
             len(self.short_rows),
             len(self.rows),
