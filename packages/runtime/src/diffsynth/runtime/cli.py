@@ -1040,7 +1040,7 @@ def generation_jobs(args, pipeline=None, places: list[str] | None = None) -> lis
             _check_row_settings(pipeline, row, where, args.model, kohya)
     jobs = []
     for row, where in rows:
-        first = args.seed if row.get("seed") is None else row["seed"]  # null: no seed of its own, as other keys
+        first = int(args.seed if row.get("seed") is None else row["seed"])  # null: no seed of its own
         if args.num_images > 1:  # the run's last seed, counted on from the row's (or --seed)
             check_seed(
                 first + args.num_images - 1, f"{where}: with --num-images {args.num_images}, seed {first} reaches"
