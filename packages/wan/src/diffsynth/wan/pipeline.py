@@ -860,9 +860,8 @@ class WanVideoPipeline(BasePipeline):
                 inputs, background=reflect_pad(inputs.background, length), mask=reflect_pad(inputs.mask, length)
             )
         shape = (batch, z, (segment - 1) // tc + 2, height // s, width // s)
-        seed = (
-            shared_seed(self.samples_in_parallel()) if seed is None else seed
-        )  # under parallel sampling every rank draws the same noise
+        if seed is None:  # under parallel sampling every rank draws the same noise
+            seed = shared_seed(self.samples_in_parallel())
         noises = segment_noise(shape, len(starts), seed, parse_device(rand_device))
         scheduler = make_scheduler("wan", sampler)
         scheduler.set_timesteps(steps, sigmas=sigmas, shift=shift, **sampler_grid(sampler))
