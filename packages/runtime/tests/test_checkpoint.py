@@ -341,3 +341,19 @@ def test_a_save_killed_while_writing_leaves_no_file_a_rerun_would_keep(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         save_safetensors({}, tmp_path / "diffusion_pytorch_model.safetensors")
     assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_saved_weights_are_readable_as_any_new_file(tmp_path):
+    """safetensors creates 0600 files; an export on a shared server must get the mode the umask gives (0644)."""
+    import os
+
+    import torch
+
+    from diffsynth.runtime.checkpoint import save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "lora.safetensors").stat().st_mode & 0o777 == 0o644

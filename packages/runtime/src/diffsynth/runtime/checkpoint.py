@@ -300,7 +300,15 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(dict(tensors), str(tmp), metadata=metadata)
+    os.chmod(tmp, new_file_mode())  # safetensors writes 0600: others on a shared server could not read the export
     os.replace(tmp, path)
+
+
+def new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file here: 0666 less the process umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def open_checkpoint(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> LazyStateDict:

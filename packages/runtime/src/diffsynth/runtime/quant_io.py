@@ -92,13 +92,15 @@ def save_quantized_model(model_or_model_config, path: str | os.PathLike, *, torc
         metadata.update(torchao_metadata)
     from safetensors.torch import save_file
 
+    from .checkpoint import new_file_mode
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".quantized-", suffix=".safetensors", dir=folder)
     os.close(handle)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, temporary, metadata=metadata)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 is for the temporary only
+        os.chmod(temporary, new_file_mode())  # mkstemp's 0600 is for the temporary only
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
