@@ -208,6 +208,12 @@ def test_conditioning_columns_keep_their_own_size_and_may_list_several_files(tmp
         (3, 32, 80),
     ]
     assert torch.allclose(second["edit_image"][0][2], torch.ones(80, 48))  # blue, in [-1, 1]
+    # a task that prepares them itself (`ragged_conditioning`, Z-Image Omni) gets them at their file's size
+    ragged = MetadataDataset(
+        dataset, media=("image",), conditioning=("edit_image",), max_pixels=64 * 64, step=16, ragged_conditioning=True
+    )
+    assert ragged[0]["edit_image"].shape == (3, 100, 200) and ragged[0]["image"].shape == (3, 64, 64)
+    assert [t.shape for t in ragged[1]["edit_image"]] == [(3, 80, 48), (3, 100, 200)]
     rows[1]["edit_image"] = ["tall.png", "gone.png"]
     (dataset / "metadata.json").write_text(json.dumps(rows))
     with pytest.raises(ConfigError, match=r"names 1 files missing .*'gone.png' \(at row 2 column edit_image\)"):

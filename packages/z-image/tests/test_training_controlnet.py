@@ -273,6 +273,10 @@ def test_clear_errors(tiny_repo, net_files, task):
         trained.velocity(trained.models["controlnet"], batch, noisy, sigma)
     with pytest.raises(ConfigError, match="has controlnet_image conditions but no Z-Image ControlNet is loaded"):
         plain.velocity(plain.models["dit"], batch, noisy, sigma)
+    # a cache encoded with a Union 2.1 net (9 control channels) trained with a 1.0 net (4)
+    union_1_0 = make_task(tiny_repo, net_files["1.0"])
+    with pytest.raises(ConfigError, match="cache.* for a net taking 9 control channels; the loaded ControlNet takes 4"):
+        union_1_0.collate(task.encode(make_rows([CONTROLS[0], None])))
 
     with pytest.raises(ConfigError, match=r"row 0 .*controlnet_scale='strong' is not a number"):
         task.encode(make_rows([dict(CONTROLS[0], controlnet_scale="strong")]))

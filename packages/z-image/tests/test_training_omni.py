@@ -252,3 +252,23 @@ def test_full_finetune_saves_the_omni_dit_in_its_official_layout(omni_repo, data
         device="cpu",
     )
     assert tuned.dit.config.omni
+
+
+@pytest.mark.parametrize("bucket_step, max_pixels", [(64, 96 * 96), (16, 64 * 64)])
+def test_the_dataset_gives_the_task_edit_images_as_the_pipeline_prepares_them(
+    omni_repo, pipe, tmp_path, bucket_step, max_pixels
+):
+    """A 100x72 edit image reaches the DiT as the pipeline's own preparation of the file (centre-cropped to 96x64,
+    SigLIP on the whole picture), whatever --bucket_step and --max_pixels make of the target: not at a bucket."""
+    trainer = pytest.importorskip("diffsynth.training.trainer")
+    testing = pytest.importorskip("diffsynth.training.testing")
+    data = testing.write_caption_dataset(tmp_path / "data", [PROMPTS[0]], seed=1, extra=[{"edit_image": "edit.png"}])
+    picture(21, 100, 72).save(tmp_path / "data" / "edit.png")
+    config = train_config(omni_repo, data, tmp_path / "out", bucket_step=bucket_step, max_pixels=max_pixels)
+    run = trainer.setup(config)
+    item = run.dataset[0]
+    assert item["edit_image"].shape == (3, 72, 100)
+    batch = trainer.prepare_batch(run, [item])
+    expected = condition(pipe, [Image.open(tmp_path / "data" / "edit.png")])
+    torch.testing.assert_close(batch["edit_latents"][0][0], expected.latents[0], rtol=0, atol=0)
+    torch.testing.assert_close(batch["siglip"][0][0], expected.siglip[0], rtol=0, atol=0)

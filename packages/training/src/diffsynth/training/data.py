@@ -442,7 +442,8 @@ class MetadataDataset(Dataset):
     `conditioning` columns hold images (and videos) loaded at their own bucket (`bucket_for` their size), not the
     row's; `aligned` columns (pixel-aligned with the target: a task's `aligned_conditioning`) are file columns
     loaded at the row's bucket as its media are, whatever `file_keys` says. With `ragged_conditioning` the task
-    takes rows whose conditioning pictures differ in count and size in one batch, so they do not split batches.
+    takes rows whose conditioning pictures differ in count and size in one batch, so they do not split batches,
+    and prepares those pictures itself: they are read at their file's size (no bucket, no crop).
     `check_row(row, size)`, a task's check of a metadata row, runs on every row at setup; `size(column, name)` is
     the header size of one of its files.
     Items are `Row`s, which name their metadata file and row.
@@ -497,6 +498,7 @@ class MetadataDataset(Dataset):
         if trigger_word:
             self.rows = [with_trigger(row, trigger_word) for row in self.rows]
         self.aligned = tuple(aligned)  # read at the row's bucket, as its media
+        self.ragged = ragged_conditioning  # conditioning pictures at their own size: the task prepares them
         self.conditioning = tuple(c for c in conditioning if c not in self.aligned)  # each at its own bucket
         self.count_only = tuple(c for c in counted if c in self.conditioning)  # by their file count, not size
         self.counted = (*self.aligned, *self.count_only)  # their file counts join the keys where rows differ
@@ -712,7 +714,9 @@ class MetadataDataset(Dataset):
 
     def _load(self, path: Path, key: str, size: Bucket, pixels: int, start: int, count: int) -> torch.Tensor:
         """A row's picture as `[C, H, W]` or video clip (`count` frames from `start`) as `[3, F, H, W]` at the
-        sample's `size` (a conditioning column's at its own bucket under `pixels`; an aligned column's at `size`)."""
+        sample's `size` (a conditioning column's at its own bucket under `pixels`; an aligned column's at `size`).
+        With `ragged_conditioning` a conditioning picture keeps its file's size: the task resizes it as its
+        pipeline does at inference (Z-Image Omni's `prepare_edit_images`), which a bucket crop would not match."""
         from diffsynth.runtime.media import load_image, pil_to_tensor
 
         if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -722,6 +726,8 @@ class MetadataDataset(Dataset):
             frames = [fit(f, at) for f in self._frames(path, start, count)]
             return pil_to_tensor(frames).transpose(0, 1)  # [3, F, H, W]
         image = load_image(path, self.image_mode)
+        if key in self.conditioning and self.ragged:  # as the file is: the task prepares it as its pipeline does
+            return pil_to_tensor(image, mode=self.image_mode)[0]
         if key in self.conditioning:
             size = bucket_for(*image.size, max_pixels=pixels, step=self.step)
         return pil_to_tensor(fit(image, size), mode=self.image_mode)[0]

@@ -294,6 +294,7 @@ class ZImageTrainingTask(PipelineTrainingTask):
         if not self.omni:
             batch = {"latents": latents, "text": [s["text"] for s in samples]}
             if any("control" in s for s in samples):  # per sample: rows without a control image train plainly
+                self._check_control_channels(samples)
                 batch["control"] = [s.get("control") for s in samples]
                 batch["control_scale"] = [float(s.get("control_scale", 1.0)) for s in samples]
             return batch
@@ -337,6 +338,21 @@ class ZImageTrainingTask(PipelineTrainingTask):
             return dit()
         finally:
             net.__dict__.pop("forward", None)
+
+    def _check_control_channels(self, samples: list[Mapping[str, torch.Tensor]]) -> None:
+        """Control latents (from a cache) encoded for another ControlNet version (Union 2.x: 9 channels, 1.0: 4)
+        than the loaded net are refused here, not deep in the DiT's call."""
+        net = self.controlnet
+        if net is None:
+            return  # refused by the model call, which names the missing net
+        want = net.config.control_in_dim
+        found = sorted({int(s["control"].shape[0]) for s in samples if "control" in s} - {want})
+        if found:
+            raise ConfigError(
+                f"the samples' {CONTROL_COLUMN} latents (the cache in --cache_dir) were encoded for a net taking "
+                f"{found[0]} control channels; the loaded ControlNet takes {want}: encode the cache again with this "
+                "net (a new --cache_dir, with this net's file among the models)"
+            )
 
     def _controlled_velocity(self, dit, net, batch, noisy_latents, sigma, controls) -> torch.Tensor:
         """`z_image_velocity` with each sample's control; one DiT call per group of samples that share a scale (a
