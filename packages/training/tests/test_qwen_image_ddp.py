@@ -8,6 +8,7 @@ config with transformers, which would build the text encoder for partitioning: t
 Integration: needs diffsynth-qwen-image installed (the `integration` nox session installs every package).
 """
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 def test_two_processes_equal_one_process_accumulating_two_micro_batches(tmp_path, mode):
     qwen_tests = load_module(Path(__file__).parents[2] / "qwen-image" / "tests" / "conftest.py", "qwen_tiny_repo")
     repo = qwen_tests.build_tiny_repo(tmp_path / "repo")
+    shutil.rmtree(Path(repo) / "processor")  # Qwen/Qwen-Image's layout: an Edit `processor/` makes an Edit task
     dataset = write_caption_dataset(tmp_path / "data", PROMPTS)
     # no weight decay: DeepSpeed gives the unused weights zero gradients where torch's AdamW skips them, and only
     # decay would tell those apart
