@@ -9,19 +9,12 @@ from __future__ import annotations
 import pytest
 from diffsynth_flux_test_helpers import our_pipeline
 
-import diffsynth.runtime.parallel as parallel
+from diffsynth.runtime.testing.distributed import one_rank_layout as single_rank_layout
 
 
 @pytest.fixture
 def one_rank_layout(monkeypatch) -> list[tuple]:
-    calls = []
-
-    def init_parallel(sequence=None, batch=1):
-        calls.append((sequence, batch))
-        return parallel.ParallelGroups()
-
-    monkeypatch.setattr(parallel, "init_parallel", init_parallel)
-    return calls
+    return single_rank_layout(monkeypatch)
 
 
 @pytest.mark.parametrize("use_usp", [True, False])

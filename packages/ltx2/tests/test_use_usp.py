@@ -11,22 +11,15 @@ import diffsynth_ltx2_test_repo as ltx2_repo  # loaded by conftest
 import pytest
 import torch
 
-import diffsynth.runtime.parallel as parallel
 from diffsynth.ltx2.hdr import LTX2HDRPipeline
 from diffsynth.ltx2.pipeline import LTX2Pipeline
 from diffsynth.runtime.hub import ModelConfig
+from diffsynth.runtime.testing.distributed import one_rank_layout as single_rank_layout
 
 
 @pytest.fixture
 def one_rank_layout(monkeypatch) -> list[tuple]:
-    calls = []
-
-    def init_parallel(sequence=None, batch=1):
-        calls.append((sequence, batch))
-        return parallel.ParallelGroups()
-
-    monkeypatch.setattr(parallel, "init_parallel", init_parallel)
-    return calls
+    return single_rank_layout(monkeypatch)
 
 
 def load(cls, base, use_usp: bool):

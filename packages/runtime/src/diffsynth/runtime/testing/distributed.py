@@ -13,6 +13,21 @@ import sys
 from pathlib import Path
 
 
+def one_rank_layout(monkeypatch) -> list[tuple]:
+    """Replace `parallel.init_parallel` (which would join a torchrun process group) by one returning a single-rank
+    layout, so one process sees what `enable_parallel` / `use_usp` ask for; returns the (sequence, batch) calls."""
+    from .. import parallel
+
+    calls = []
+
+    def init_parallel(sequence=None, batch=1):
+        calls.append((sequence, batch))
+        return parallel.ParallelGroups()
+
+    monkeypatch.setattr(parallel, "init_parallel", init_parallel)
+    return calls
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
